@@ -1,0 +1,158 @@
+"""The gRPC door: a servicer over the generated sluice.v1 contract. pb <-> model, one Broker call
+per RPC, errors rendered by api/render.py.
+
+Requests are registered with a tolerant deserializer: garbage bytes become an INVALID_ARGUMENT
+with DIS.4300 instead of grpc's generic INTERNAL "Exception deserializing request!".
+Bulk responses are built columnar (see the .proto): a few list extends per batch.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from typing import Any, Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from broker.api.render import grpc_status, grpc_trailers
+from broker.core.broker import Broker
+from broker.core.routing import format_partition_id
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.model import PutEntry, StreamConfig
+from client._pb.sluice.v1 import sluice_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sluice"].full_name
+_CURSOR_TYPES = {v: k for k, v in pb.CursorType.items()}
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return _Undecodable(str(exc) or "malformed protobuf")
+    return deserialize
+
+
+Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(method: Rpc) -> Rpc:
+    """Decode check + the one error mapping for every RPC."""
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        error: BrokerError
+        if isinstance(request, _Undecodable):
+            error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
+        else:
+            try:
+                return await method(self, request, context)
+            except BrokerError as exc:
+                error = exc
+            except Exception:
+                request_id = uuid.uuid4().hex
+                log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
+                error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+        await context.abort(grpc_status(error), error.message, trailing_metadata=grpc_trailers(error))
+    return wrapper
+
+
+def _stream_info(c: StreamConfig) -> pb.StreamInfo:
+    return pb.StreamInfo(stream_name=c.name, partition_count=c.partition_count, retention_hours=c.retention_hours,
+                         data_type=c.data_type, stream_type=c.stream_type, create_time=c.created_ms,
+                         status="RUNNING", stream_id=c.stream_id)
+
+
+class SluiceServicer:
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    @rpc
+    async def CreateStream(self, request: pb.CreateStreamRequest, context: Any) -> pb.CreateStreamResponse:
+        await self._broker.create_stream(request.stream_name, request.partition_count,
+                                         request.retention_hours or None, request.data_type or None,
+                                         request.stream_type or None)
+        return pb.CreateStreamResponse()
+
+    @rpc
+    async def ListStreams(self, request: pb.ListStreamsRequest, context: Any) -> pb.ListStreamsResponse:
+        page = self._broker.list_streams(request.limit or None, request.start_stream_name or None)
+        return pb.ListStreamsResponse(total_number=page.total, stream_names=[c.name for c in page.streams],
+                                      has_more_streams=page.has_more,
+                                      streams=[_stream_info(c) for c in page.streams])
+
+    @rpc
+    async def DescribeStream(self, request: pb.DescribeStreamRequest, context: Any) -> pb.DescribeStreamResponse:
+        desc = await self._broker.describe_stream(request.stream_name, request.start_partition_id or None,
+                                                  request.limit_partitions or None)
+        return pb.DescribeStreamResponse(
+            stream=_stream_info(desc.config), has_more_partitions=desc.has_more_partitions,
+            partitions=[pb.PartitionInfo(partition_id=format_partition_id(p.partition), status="ACTIVE",
+                                         hash_range_start=p.hash_lo, hash_range_end=p.hash_hi,
+                                         first_sequence_number=p.bounds.first_seq,
+                                         next_sequence_number=p.bounds.next_seq)
+                        for p in desc.partitions])
+
+    @rpc
+    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any) -> pb.DeleteStreamResponse:
+        await self._broker.delete_stream(request.stream_name)
+        return pb.DeleteStreamResponse()
+
+    @rpc
+    async def PutRecords(self, request: pb.PutRecordsRequest, context: Any) -> pb.PutRecordsResponse:
+        entries = [PutEntry(r.data, r.partition_key or None,
+                            r.explicit_hash_key if r.HasField("explicit_hash_key") else None,
+                            r.partition_id if r.HasField("partition_id") else None)
+                   for r in request.records]
+        result = await self._broker.put_records(request.stream_name, entries)
+        return pb.PutRecordsResponse(
+            failed_record_count=result.failed_record_count, partition_ids=result.partitions,
+            sequence_numbers=result.seqs,
+            failures=[pb.RecordFailure(index=i, error_code=e.code.dis_code, error_message=e.message)
+                      for i, e in result.failures])
+
+    @rpc
+    async def GetCursor(self, request: pb.GetCursorRequest, context: Any) -> pb.GetCursorResponse:
+        kind = request.cursor_type
+        cursor_type = None if kind == pb.CURSOR_TYPE_UNSPECIFIED else _CURSOR_TYPES.get(kind, f"#{kind}")
+        cursor = await self._broker.get_cursor(
+            request.stream_name, request.partition_id, cursor_type,
+            request.starting_sequence_number if request.HasField("starting_sequence_number") else None,
+            request.timestamp if request.HasField("timestamp") else None)
+        return pb.GetCursorResponse(partition_cursor=cursor)
+
+    @rpc
+    async def GetRecords(self, request: pb.GetRecordsRequest, context: Any) -> pb.GetRecordsResponse:
+        result = await self._broker.get_records(request.partition_cursor, request.limit or None,
+                                                request.max_fetch_bytes or None)
+        response = pb.GetRecordsResponse(next_partition_cursor=result.next_cursor,
+                                         millis_behind_latest=result.millis_behind_latest)
+        if result.records:
+            seqs, timestamps, keys, data = zip(*result.records)
+            response.sequence_numbers.extend(seqs)
+            response.timestamps.extend(timestamps)
+            response.partition_keys.extend(k or "" for k in keys)
+            response.data.extend(data)
+        return response
+
+
+def add_servicer(servicer: SluiceServicer, server: grpc.aio.Server) -> None:
+    """Register every method of the service with tolerant request parsing."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Sluice"].methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name), request_deserializer=_tolerant(request_cls.FromString),
+            response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,0 +1,134 @@
+"""Composition root and lifecycle: open the store, build the Broker, start the front doors and the
+retention task; on stop, shut down gracefully. The only module that knows every layer.
+
+Graceful stop, in order: mark health NOT_SERVING; stop accepting on both doors and let in-flight
+requests finish (up to `shutdown_grace`); stop the retention task; drain the group committer so
+every accepted batch is committed; flush and close the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
+from broker.api.http_app import build_http_app
+from broker.core.broker import Broker
+from broker.settings import Settings
+from broker.storage import STORES
+from broker.storage.base import Store
+
+log = logging.getLogger("sluice")
+
+
+@dataclass
+class Running:
+    """What a started broker exposes to its caller (tests, the ready line)."""
+    broker: Broker
+    grpc_port: int
+    http_port: int
+
+
+def open_store(settings: Settings) -> Store:
+    module, _, cls = STORES[settings.store].partition(":")
+    store_cls = getattr(importlib.import_module(module), cls)
+    if settings.store == "memory":
+        return store_cls()  # type: ignore[no-any-return]
+    return store_cls(os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync)  # type: ignore[no-any-return]
+
+
+def cursor_secret(settings: Settings) -> bytes:
+    """Cursors must stay valid across a restart, so the key lives beside the data."""
+    if settings.store == "memory":
+        return secrets.token_bytes(32)
+    path = os.path.join(settings.data_dir, "cursor.key")
+    os.makedirs(settings.data_dir, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def _retention_loop(broker: Broker, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            moved = await broker.enforce_retention()
+            if moved:
+                log.info("retention trimmed %d partitions", moved)
+        except Exception:
+            log.exception("retention pass failed; will retry")
+
+
+def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
+    idle_ms = int(settings.idle_timeout * 1000)
+    return grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.max_connection_idle_ms", idle_ms),          # close connections that carry no RPC
+        ("grpc.keepalive_time_ms", 30_000),                 # detect dead peers under long RPCs
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ])
+
+
+async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
+    """Run a broker until `stop` is set, then shut it down gracefully."""
+    store = await asyncio.to_thread(open_store, settings)
+    broker = Broker(store, cursor_secret=await asyncio.to_thread(cursor_secret, settings))
+    await broker.start()
+    max_message = broker.limits.max_http_body_bytes + 1024 * 1024
+
+    runner = web.AppRunner(build_http_app(broker, body_timeout_s=settings.body_timeout),
+                           keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
+                           access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.http_port)
+    await site.start()
+    http_port = runner.addresses[0][1]
+
+    server = _grpc_server(settings, max_message)
+    add_servicer(SluiceServicer(broker), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
+    running = Running(broker, grpc_port, http_port)
+    log.info("sluice ready grpc=%s:%d http=%s:%d data_dir=%s store=%s", settings.host, grpc_port,
+             settings.host, http_port, settings.data_dir, settings.store)
+    if on_ready:
+        on_ready(running)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining in-flight requests")
+        await health.enter_graceful_shutdown()
+        await asyncio.gather(runner.cleanup(), server.stop(settings.shutdown_grace))
+        retention.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retention
+        await broker.close()
+        await asyncio.to_thread(store.close)
+        log.info("stopped; store closed")

@@ -1,0 +1,324 @@
+"""class Broker: the verbs of the API, the one place where the rules live.
+
+Front doors decode wire formats into these calls and render what comes back; storage only stores.
+Every method documents what it returns and which `ErrorCode`s it raises. Blocking store calls run
+on worker threads (appends on the group committer's writer thread), never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import time
+from typing import Callable, Sequence
+
+from broker.core import routing
+from broker.core.cursors import CursorPosition, decode_cursor, encode_cursor
+from broker.core.limits import DEFAULT_LIMITS, SEQUENCE_MAX, Limits, check_stream_name, clip_page
+from broker.core.writer import GroupCommitter
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import (AppendBatch, CursorType, GetRecordsResult, PartitionBounds, PartitionInfo,
+                          PutEntry, PutRecordsResult, Record, StreamConfig, StreamDescription, StreamPage)
+from broker.storage.base import Store
+
+DATA_TYPES = ("BLOB", "JSON", "CSV")
+STREAM_TYPES = ("COMMON", "ADVANCED")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Broker:
+    def __init__(self, store: Store, *, cursor_secret: bytes, limits: Limits = DEFAULT_LIMITS,
+                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+        self._store = store
+        self._secret = cursor_secret
+        self.limits = limits
+        self._now = clock_ms
+        self._committer = GroupCommitter(store)
+        self._streams: dict[str, StreamConfig] = {}
+        self._by_id: dict[int, StreamConfig] = {}
+        self._admin = asyncio.Lock()        # orders create/delete; guards no blocking call on the loop
+        self._spread = itertools.count()    # rotates where unkeyed records start
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for config in await asyncio.to_thread(self._store.list_streams):
+            self._remember(config)
+        self._committer.start()
+
+    async def close(self) -> None:
+        """Refuse new appends, commit those already accepted. The store is closed by its owner."""
+        await self._committer.close()
+
+    @property
+    def commits(self) -> int:
+        return self._committer.commits
+
+    def _remember(self, config: StreamConfig) -> None:
+        self._streams[config.name] = config
+        self._by_id[config.stream_id] = config
+
+    def _stream(self, name: object) -> StreamConfig:
+        config = self._streams.get(name) if isinstance(name, str) else None
+        if config is None:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=name)
+        return config
+
+    # -- streams -------------------------------------------------------------------------------
+
+    async def create_stream(self, name: object, partition_count: object, retention_hours: object = None,
+                            data_type: object = None, stream_type: object = None) -> StreamConfig:
+        """Create a stream. Raises INVALID_REQUEST, QUOTA_EXCEEDED, STREAM_EXISTS."""
+        lim = self.limits
+        name = check_stream_name(name)
+        if not isinstance(partition_count, int) or isinstance(partition_count, bool) or partition_count < 1:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"partition_count must be a positive integer, "
+                                                                 f"got {partition_count!r:.40}")
+        if partition_count > lim.max_partitions:
+            raise client_error(ErrorCode.QUOTA_EXCEEDED,
+                               detail=f"partition_count {partition_count} exceeds the quota of {lim.max_partitions}")
+        retention = lim.default_retention_hours if retention_hours is None else retention_hours
+        if not isinstance(retention, int) or isinstance(retention, bool) or \
+                not lim.min_retention_hours <= retention <= lim.max_retention_hours:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_duration must be within "
+                               f"[{lim.min_retention_hours}, {lim.max_retention_hours}] hours, got {retention!r:.40}")
+        data_type = data_type or "BLOB"
+        stream_type = stream_type or "COMMON"
+        if data_type not in DATA_TYPES:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_type must be one of {DATA_TYPES}")
+        if stream_type not in STREAM_TYPES:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream_type must be one of {STREAM_TYPES}")
+        config = StreamConfig(name, partition_count, retention, str(data_type), str(stream_type), self._now())
+        async with self._admin:
+            if name in self._streams:
+                raise client_error(ErrorCode.STREAM_EXISTS, stream=name)
+            stored = await self._committer.run_blocking(self._store.create_stream, config)
+            self._remember(stored)
+        return stored
+
+    async def delete_stream(self, name: object) -> None:
+        """Delete a stream and its records; the name is free again at once. Raises STREAM_NOT_FOUND."""
+        async with self._admin:
+            config = self._stream(name)
+            # Forget it first so no new put reaches the writer; puts already queued are written
+            # before the drop (same writer thread) and removed with it.
+            del self._streams[config.name]
+            del self._by_id[config.stream_id]
+            try:
+                await self._committer.run_blocking(self._store.drop_stream, config.name)
+            except BrokerError:
+                self._remember(config)
+                raise
+
+    def list_streams(self, limit: int | None = None, start_after: str | None = None) -> StreamPage:
+        """One page of streams in name order, after `start_after` (exclusive). Raises INVALID_REQUEST."""
+        limit = clip_page(limit, self.limits.default_list_limit, self.limits.max_list_limit, "limit")
+        names = sorted(self._streams)
+        start = bisect.bisect_right(names, start_after) if start_after else 0
+        page = names[start:start + limit]
+        return StreamPage(len(names), [self._streams[n] for n in page], start + limit < len(names))
+
+    async def describe_stream(self, name: object, start_after_partition: str | None = None,
+                              limit: int | None = None) -> StreamDescription:
+        """Config plus a page of partitions with hash ranges and sequence bounds.
+        Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, INVALID_REQUEST."""
+        config = self._stream(name)
+        limit = clip_page(limit, self.limits.default_partition_page, self.limits.max_partition_page,
+                          "limit_partitions")
+        start = 0
+        if start_after_partition:
+            after = routing.parse_partition_id(start_after_partition, config.partition_count)
+            if after is None:
+                raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=start_after_partition)
+            start = after + 1
+        chosen = range(start, min(start + limit, config.partition_count))
+        ranges = routing.hash_ranges(config.partition_count)
+
+        def collect() -> list[PartitionInfo]:
+            return [PartitionInfo(p, *ranges[p], self._store.bounds(config.stream_id, p)) for p in chosen]
+
+        partitions = await asyncio.to_thread(collect)
+        return StreamDescription(config, partitions, chosen.stop < config.partition_count)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def put_records(self, stream_name: object, entries: Sequence[PutEntry]) -> PutRecordsResult:
+        """Route and append a batch. Per-record problems are failures in the result, the rest is
+        written. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST, INVALID_REQUEST,
+        REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL."""
+        config = self._stream(stream_name)
+        lim = self.limits
+        if not entries:
+            raise client_error(ErrorCode.EMPTY_REQUEST, detail="records must not be empty")
+        if len(entries) > lim.max_records_per_put:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"at most {lim.max_records_per_put} records per request, got {len(entries)}")
+        if sum(len(e.data) for e in entries) > lim.max_put_payload_bytes:
+            raise client_error(ErrorCode.REQUEST_TOO_LARGE,
+                               detail=f"total record payload exceeds {lim.max_put_payload_bytes} bytes")
+        n = len(entries)
+        partitions = [-1] * n
+        failures: list[tuple[int, BrokerError]] = []
+        by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]] = {}
+        count = config.partition_count
+        spread = next(self._spread) * 7919  # a prime step, so consecutive requests start apart
+        for i, entry in enumerate(entries):
+            error = entry.rejected
+            p = -1
+            if error is None:
+                p, error = self._route(entry, count, spread + i)
+            if error is not None:
+                failures.append((i, error))
+                continue
+            partitions[i] = p
+            slot = by_partition.get(p)
+            if slot is None:
+                slot = by_partition[p] = ([], [])
+            slot[0].append(i)
+            slot[1].append((entry.partition_key or None, entry.data))
+        seqs = [-1] * n
+        if by_partition:
+            now = self._now()
+            order = list(by_partition.items())
+            firsts = await self._committer.append(
+                [AppendBatch(config.stream_id, p, now, items) for p, (_, items) in order])
+            if any(first is None for first in firsts):  # deleted while we were queued
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.name)
+            for (_, (indices, _)), first in zip(order, firsts):
+                for k, i in enumerate(indices):
+                    seqs[i] = first + k  # type: ignore[operator]
+        return PutRecordsResult(partitions, seqs, failures)
+
+    def _route(self, entry: PutEntry, count: int, spread: int) -> tuple[int, BrokerError | None]:
+        lim = self.limits
+        if len(entry.data) > lim.max_record_bytes:
+            return -1, client_error(ErrorCode.INVALID_REQUEST,
+                                    detail=f"record size {len(entry.data)} exceeds {lim.max_record_bytes} bytes")
+        key = entry.partition_key
+        if key is not None and len(key) > lim.max_partition_key_chars:
+            return -1, client_error(ErrorCode.INVALID_REQUEST,
+                                    detail=f"partition_key longer than {lim.max_partition_key_chars} characters")
+        if entry.partition_id is not None:
+            p = routing.parse_partition_id(entry.partition_id, count)
+            if p is None:
+                return -1, client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=entry.partition_id)
+            if p >= count:
+                return -1, client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=entry.partition_id)
+            return p, None
+        if entry.explicit_hash_key is not None:
+            h = routing.parse_hash_key(entry.explicit_hash_key)
+            if h is None:
+                return -1, client_error(ErrorCode.INVALID_REQUEST, detail=f"explicit_hash_key must be a decimal "
+                                        f"within [0, 9223372036854775807], got {entry.explicit_hash_key!r:.40}")
+            return routing.partition_for_hash(h, count), None
+        if key:
+            return routing.partition_for_hash(routing.key_hash(key), count), None
+        return spread % count, None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _partition_of(self, config: StreamConfig, partition_id: object) -> int:
+        if not isinstance(partition_id, str):
+            raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=partition_id)
+        p = routing.parse_partition_id(partition_id, config.partition_count)
+        if p is None:
+            raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=partition_id)
+        if p >= config.partition_count:
+            raise client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=partition_id)
+        return p
+
+    async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
+                         starting_sequence_number: object = None, timestamp_ms: object = None) -> str:
+        """An opaque cursor. Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, PARTITION_NOT_FOUND,
+        INVALID_CURSOR_TYPE, INVALID_SEQUENCE, SEQUENCE_OUT_OF_RANGE, INVALID_REQUEST, TIMESTAMP_EXPIRED."""
+        config = self._stream(stream_name)
+        p = self._partition_of(config, partition_id)
+        try:
+            kind = CursorType(cursor_type or "AT_SEQUENCE_NUMBER")
+        except ValueError:
+            raise client_error(ErrorCode.INVALID_CURSOR_TYPE, cursor_type=cursor_type) from None
+        now = self._now()
+        sid = config.stream_id
+        if kind is CursorType.AT_TIMESTAMP:
+            if not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool) or timestamp_ms < 0:
+                raise client_error(ErrorCode.INVALID_REQUEST,
+                                   detail="AT_TIMESTAMP needs timestamp, milliseconds since epoch")
+            earliest = now - config.retention_ms
+            if timestamp_ms < earliest:
+                raise client_error(ErrorCode.TIMESTAMP_EXPIRED, earliest=earliest)
+            seq = await asyncio.to_thread(self._store.seq_at_time, sid, p, timestamp_ms)
+        else:
+            bounds = await asyncio.to_thread(self._store.bounds, sid, p)
+            seq = self._position(kind, bounds, starting_sequence_number)
+        return encode_cursor(self._secret, CursorPosition(sid, p, seq, now))
+
+    @staticmethod
+    def _position(kind: CursorType, bounds: PartitionBounds, starting: object) -> int:
+        if kind is CursorType.TRIM_HORIZON:
+            return bounds.first_seq
+        if kind is CursorType.LATEST:
+            return bounds.next_seq
+        if not isinstance(starting, str) or not starting.isascii() or not starting.isdigit() \
+                or int(starting) > SEQUENCE_MAX:
+            raise client_error(ErrorCode.INVALID_SEQUENCE, value=starting)
+        given = int(starting)
+        seq = given + 1 if kind is CursorType.AFTER_SEQUENCE_NUMBER else given
+        if not bounds.first_seq <= seq <= bounds.next_seq:
+            raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=given, earliest=bounds.first_seq,
+                               latest=max(bounds.first_seq, bounds.last_seq))
+        return seq
+
+    async def get_records(self, cursor: object, limit: int | None = None,
+                          max_fetch_bytes: int | None = None) -> GetRecordsResult:
+        """Records from the cursor on, and the cursor after them. `limit` and `max_fetch_bytes` are
+        clipped into range; at least one record is returned when one exists, even if it is larger
+        than max_fetch_bytes (DIS would never return it - a documented deviation).
+        Raises INVALID_CURSOR, CURSOR_EXPIRED, CURSOR_RECORD_EXPIRED, STREAM_NOT_FOUND."""
+        lim = self.limits
+        now = self._now()
+        pos = decode_cursor(self._secret, cursor, now, lim.cursor_ttl_ms)
+        config = self._by_id.get(pos.stream_id)
+        if config is None:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {pos.stream_id})")
+        limit = min(max(limit or lim.default_read_limit, 1), lim.max_read_limit)
+        max_bytes = min(max(max_fetch_bytes or lim.default_fetch_bytes, 1), lim.max_fetch_bytes)
+        sid, p = pos.stream_id, pos.partition
+
+        def read() -> tuple[PartitionBounds, list[Record]]:
+            bounds = self._store.bounds(sid, p)
+            if pos.seq < bounds.first_seq:
+                raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=pos.seq, earliest=bounds.first_seq)
+            return bounds, self._store.read(sid, p, pos.seq, limit, max_bytes)
+
+        bounds, records = await asyncio.to_thread(read)
+        next_seq = records[-1].seq + 1 if records else pos.seq
+        behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
+        return GetRecordsResult(records, encode_cursor(self._secret, CursorPosition(sid, p, next_seq, now)), behind)
+
+    # -- retention -----------------------------------------------------------------------------
+
+    async def enforce_retention(self) -> int:
+        """Trim records older than each stream's retention. Returns how many partitions moved."""
+        now = self._now()
+        trimmed = 0
+        for config in list(self._streams.values()):
+            cutoff = now - config.retention_ms
+
+            def trim_stream(config: StreamConfig = config, cutoff: int = cutoff) -> int:
+                moved = 0
+                for p in range(config.partition_count):
+                    try:
+                        before = self._store.bounds(config.stream_id, p).first_seq
+                        self._store.trim(config.stream_id, p, self._store.seq_at_time(config.stream_id, p, cutoff))
+                        moved += self._store.bounds(config.stream_id, p).first_seq != before
+                    except BrokerError as exc:
+                        if exc.code is not ErrorCode.STREAM_NOT_FOUND:  # deleted meanwhile: fine
+                            raise
+                        break
+                return moved
+
+            trimmed += await asyncio.to_thread(trim_stream)
+        return trimmed

@@ -1,0 +1,71 @@
+"""Every limit the broker enforces, in one table, each with its reason.
+
+Numbers come from shared/spec/dis-api.md section 5 unless marked [ours].
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from broker.errors import ErrorCode, client_error
+
+STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # DIS create-stream rule
+HASH_KEY_MAX = 2**63 - 1                           # DIS hash space is unsigned 63-bit (Java Long.MAX_VALUE)
+SEQUENCE_MAX = 2**63 - 1                           # DIS sequence numbers: 0 .. 2^63-1
+
+
+@dataclass(frozen=True)
+class Limits:
+    # A record's payload, before base64: DIS allows 1 MB.
+    max_record_bytes: int = 1024 * 1024
+    # Records in one PutRecords. DIS documents no server cap; its clients send up to 1000 (Java)
+    # or partitions x 1000 (old Python SDK). [ours] 10,000 bounds the work of one request while
+    # admitting every client batch we know of.
+    max_records_per_put: int = 10_000
+    # Payload bytes in one PutRecords: DIS ADVANCED streams take 5 MB per request (Kinesis: 5 MiB).
+    # [ours] we apply the ADVANCED figure to every stream rather than throttle COMMON ones to 1 MB.
+    max_put_payload_bytes: int = 5 * 1024 * 1024
+    # HTTP body size: Huawei's API gateway rejects bodies over 12 MB with 413. Base64 inflates the
+    # 5 MB payload cap to ~6.7 MB, so this never bites a valid request first.
+    max_http_body_bytes: int = 12 * 1024 * 1024
+    # partition_key length: undocumented in DIS; Kinesis allows 256.
+    max_partition_key_chars: int = 256
+    # Partitions per stream: DIS's default account quota is 50 COMMON partitions; [ours] a single
+    # stream may use up to 256 before we answer DIS.4308.
+    max_partitions: int = 256
+    # Retention: DIS accepts 24..72 hours, default 24.
+    min_retention_hours: int = 24
+    max_retention_hours: int = 72
+    default_retention_hours: int = 24
+    # GetRecords: Kinesis returns at most 10,000 records per call; DIS clients send limit 1000.
+    default_read_limit: int = 1000
+    max_read_limit: int = 10_000
+    # max_fetch_bytes default: the SDK sends 1 MiB; [ours] cap a single read at 10 MiB (Kinesis).
+    default_fetch_bytes: int = 1024 * 1024
+    max_fetch_bytes: int = 10 * 1024 * 1024
+    # Cursors are valid 5 minutes (DIS and Kinesis).
+    cursor_ttl_ms: int = 5 * 60 * 1000
+    # Page sizes: ListStreams 1..100 (default 10); DescribeStream partitions 1..1000 (default 100).
+    default_list_limit: int = 10
+    max_list_limit: int = 100
+    default_partition_page: int = 100
+    max_partition_page: int = 1000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def clip_page(value: int | None, default: int, maximum: int, name: str) -> int:
+    """A page size: None means default; outside 1..maximum is a client error (DIS rejects it)."""
+    if value is None:
+        return default
+    if not 1 <= value <= maximum:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be within [1, {maximum}], got {value}")
+    return value
+
+
+def check_stream_name(name: object) -> str:
+    if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
+        raise client_error(ErrorCode.INVALID_REQUEST,
+                           detail=f"stream_name must be 1-64 characters of [A-Za-z0-9_-], got {name!r:.80}")
+    return name

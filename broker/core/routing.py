@@ -1,0 +1,54 @@
+"""Partition choice, pure functions. Precedence: partition_id > explicit_hash_key >
+hash(partition_key) > none (spread by the caller).
+
+The hash and the ranges reproduce what DIS clients compute on their side (shared/spec/dis-api.md
+section 6) so a client that groups records by partition agrees with the broker:
+hash(key) = first 8 bytes of MD5(utf-8 key), big-endian, sign bit cleared;
+avg = (2^63-1) // N; partition 0 = [0 : avg], partition i = [i*avg+1 : (i+1)*avg], and the last
+partition also takes the sliver up to 2^63-1 that the integer division leaves over.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from broker.core.limits import HASH_KEY_MAX
+
+_SHARD_ID = re.compile(r"(?:shardId-)?(\d{1,10})", re.IGNORECASE)
+
+
+def format_partition_id(partition: int) -> str:
+    return f"shardId-{partition:010d}"
+
+
+def parse_partition_id(text: str, partition_count: int) -> int | None:
+    """"2" or "shardId-0000000002" -> 2. None when malformed; the caller checks the range."""
+    m = _SHARD_ID.fullmatch(text.strip()) if isinstance(text, str) else None
+    return int(m.group(1)) if m else None
+
+
+def key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.md5(key.encode()).digest()[:8], "big") & HASH_KEY_MAX
+
+
+def partition_for_hash(h: int, partition_count: int) -> int:
+    avg = HASH_KEY_MAX // partition_count
+    i = h // avg
+    if i > 0 and h % avg == 0:
+        i -= 1
+    return min(i, partition_count - 1)
+
+
+def hash_ranges(partition_count: int) -> list[tuple[int, int]]:
+    avg = HASH_KEY_MAX // partition_count
+    ranges = [(0 if i == 0 else i * avg + 1, (i + 1) * avg) for i in range(partition_count)]
+    ranges[-1] = (ranges[-1][0], HASH_KEY_MAX)
+    return ranges
+
+
+def parse_hash_key(text: str) -> int | None:
+    """Decimal 0..2^63-1, else None."""
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 19:
+        return None
+    value = int(text)
+    return value if value <= HASH_KEY_MAX else None

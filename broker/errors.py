@@ -1,0 +1,89 @@
+"""The one error taxonomy of the broker.
+
+Every error a client can see is a row of `ErrorCode`: HTTP status, gRPC status *name* (a string,
+so the core never imports grpc), DIS error code and a message template. The front doors read the
+protocol columns in exactly one place each (`broker/api/render.py`). Nothing in here imports from
+the rest of the broker.
+
+DIS codes and their meanings come from shared/spec/dis-api.md section 4. DIS answers HTTP 400 for
+almost every client error (including "stream does not exist"), and we keep that: DIS clients key
+on the DIS code, and the official SDK turns every 4xx into the same exception type anyway.
+Statuses that DIS leaves unspecified are marked [ours].
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(Enum):
+    #                        http  grpc status            DIS code    message template
+    INVALID_REQUEST        = (400, "INVALID_ARGUMENT",    "DIS.4200", "Invalid request. {detail}")
+    INVALID_PARTITION_ID   = (400, "INVALID_ARGUMENT",    "DIS.4201", "Invalid partition_id [{partition_id}]")
+    EMPTY_REQUEST          = (400, "INVALID_ARGUMENT",    "DIS.4202", "Empty request. {detail}")
+    INVALID_CURSOR_TYPE    = (400, "INVALID_ARGUMENT",    "DIS.4215", "Invalid cursor type [{cursor_type}]")
+    INVALID_SEQUENCE       = (400, "INVALID_ARGUMENT",    "DIS.4216", "Invalid sequence_number [{value}]")
+    INVALID_CURSOR         = (400, "INVALID_ARGUMENT",    "DIS.4217", "Invalid partition cursor. {detail}")
+    # The message format is DIS's own; the Java SDK parses given/earliest/latest out of it.
+    SEQUENCE_OUT_OF_RANGE  = (400, "OUT_OF_RANGE",        "DIS.4224",
+                              "Sequence_number out of range. [{given}][ should be within ][{earliest}][ ][{latest}]")
+    CURSOR_EXPIRED         = (400, "FAILED_PRECONDITION", "DIS.4225", "Partition cursor has expired, get a new cursor")
+    CURSOR_RECORD_EXPIRED  = (400, "OUT_OF_RANGE",        "DIS.4226",
+                              "The record the cursor points at has expired [{seq}], the earliest retained is "
+                              "[{earliest}]; get a new cursor")
+    BAD_BODY               = (400, "INVALID_ARGUMENT",    "DIS.4300", "Request error. {detail}")
+    TIMESTAMP_EXPIRED      = (400, "OUT_OF_RANGE",        "DIS.4300",
+                              "timestamp is expired, timestamp should be larger than {earliest}")
+    STREAM_NOT_FOUND       = (400, "NOT_FOUND",           "DIS.4301", "Stream [{stream}] does not exist")
+    PARTITION_NOT_FOUND    = (400, "NOT_FOUND",           "DIS.4302", "Partition [{partition_id}] does not exist")
+    STREAM_EXISTS          = (400, "ALREADY_EXISTS",      "DIS.4307", "Stream [{stream}] already exists")
+    QUOTA_EXCEEDED         = (400, "RESOURCE_EXHAUSTED",  "DIS.4308", "Insufficient quota. {detail}")
+    # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
+    REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300", "Request too large. {detail}")
+    # [ours] unknown routes and methods; DIS has no code of its own for these.
+    UNKNOWN_ROUTE          = (404, "UNIMPLEMENTED",       "DIS.4200", "Unsupported operation [{method} {path}]")
+    METHOD_NOT_ALLOWED     = (405, "UNIMPLEMENTED",       "DIS.4200", "Method [{method}] not allowed on [{path}]")
+    REQUEST_TIMEOUT        = (408, "DEADLINE_EXCEEDED",   "DIS.4200", "Request body not received in time")
+    # Server side. DIS.5250 is the code DIS clients retry per record; we use it for "try again".
+    UNAVAILABLE            = (503, "UNAVAILABLE",         "DIS.5250", "Service unavailable, retry later. {detail}")
+    STORAGE_FULL           = (507, "RESOURCE_EXHAUSTED",  "DIS.5250", "Storage is full, retry later")
+    INTERNAL               = (500, "INTERNAL",            "DIS.5000", "System error (request id {request_id})")
+
+    def __init__(self, http_status: int, grpc_status: str, dis_code: str, template: str) -> None:
+        self.http_status = http_status
+        self.grpc_status = grpc_status
+        self.dis_code = dis_code
+        self.template = template
+
+
+class BrokerError(Exception):
+    """An error with a catalogue entry. `fields` fill the message template."""
+
+    def __init__(self, code: ErrorCode, **fields: object) -> None:
+        self.code = code
+        self.fields = fields
+        try:
+            message = code.template.format(**fields)
+        except (KeyError, IndexError):  # a missing field must not turn one error into another
+            message = code.template
+        self.message = message.replace(". {detail}", ".").strip() if "{detail}" in message else message
+        super().__init__(self.message)
+
+    @property
+    def is_server_fault(self) -> bool:
+        return self.code.http_status >= 500
+
+
+class ClientError(BrokerError):
+    """The request was wrong; retrying it unchanged will fail again."""
+
+
+class ServerError(BrokerError):
+    """The broker could not do it now; the same request may succeed later."""
+
+
+def client_error(code: ErrorCode, **fields: object) -> ClientError:
+    return ClientError(code, **fields)
+
+
+def server_error(code: ErrorCode, **fields: object) -> ServerError:
+    return ServerError(code, **fields)

@@ -1,0 +1,116 @@
+"""Plain values shared by the core and storage. No behaviour beyond tiny derived properties.
+
+What a user declares (`StreamConfig`) is kept apart from what the log derives
+(`PartitionBounds`). Records are NamedTuples: they are created by the thousand on the read path
+and a tuple is the cheapest Python object that still has names.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from broker.errors import BrokerError
+
+
+class CursorType(enum.Enum):
+    AT_SEQUENCE_NUMBER = "AT_SEQUENCE_NUMBER"
+    AFTER_SEQUENCE_NUMBER = "AFTER_SEQUENCE_NUMBER"
+    TRIM_HORIZON = "TRIM_HORIZON"
+    LATEST = "LATEST"
+    AT_TIMESTAMP = "AT_TIMESTAMP"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    name: str
+    partition_count: int
+    retention_hours: int = 24
+    data_type: str = "BLOB"
+    stream_type: str = "COMMON"
+    created_ms: int = 0
+    stream_id: int = 0  # assigned by the store; never reused, so a recreated name is a new log
+
+    @property
+    def retention_ms(self) -> int:
+        return self.retention_hours * 3_600_000
+
+
+class Record(NamedTuple):
+    seq: int
+    timestamp_ms: int
+    partition_key: str | None
+    data: bytes
+
+
+class PartitionBounds(NamedTuple):
+    first_seq: int   # oldest retained record; == next_seq when the partition is empty
+    next_seq: int    # the number the next appended record gets (the high-water mark)
+    last_ts: int     # write time of the newest record, 0 if none was ever written
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+
+class AppendBatch(NamedTuple):
+    """Records for one partition, appended atomically with consecutive sequence numbers."""
+    stream_id: int
+    partition: int
+    timestamp_ms: int                         # the store raises it to keep time monotonic
+    items: list[tuple[str | None, bytes]]     # (partition_key, data)
+
+
+@dataclass(slots=True)
+class PutEntry:
+    """One record of a PutRecords request, as decoded by a front door.
+
+    `rejected` is set by the door when the record could not even be decoded (bad base64); the
+    core then reports it as that record's failure without looking further.
+    """
+    data: bytes
+    partition_key: str | None = None
+    explicit_hash_key: str | None = None
+    partition_id: str | None = None
+    rejected: BrokerError | None = None
+
+
+@dataclass(slots=True)
+class PutRecordsResult:
+    """Per-record outcome, in request order; failures are values, not exceptions."""
+    partitions: list[int]                     # -1 for a failed record
+    seqs: list[int]                           # -1 for a failed record
+    failures: list[tuple[int, BrokerError]] = field(default_factory=list)  # (index, error), ascending
+
+    @property
+    def failed_record_count(self) -> int:
+        return len(self.failures)
+
+
+@dataclass(frozen=True, slots=True)
+class GetRecordsResult:
+    records: list[Record]
+    next_cursor: str
+    millis_behind_latest: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    partition: int
+    hash_lo: int
+    hash_hi: int
+    bounds: PartitionBounds
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPage:
+    total: int
+    streams: list[StreamConfig]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDescription:
+    config: StreamConfig
+    partitions: list[PartitionInfo]
+    has_more_partitions: bool

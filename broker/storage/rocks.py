@@ -1,0 +1,230 @@
+"""RocksDB store (rocksdict). The only module that imports rocksdict.
+
+Threading: every method is blocking and is called from worker threads, never on the event loop.
+Mutations (append, trim, create/drop) take `self._lock`, a plain threading.Lock held across the
+RocksDB write: the core sends all appends through one writer thread, so the lock is uncontended on
+the hot path and only orders appends against the retention trimmer and admin calls. An asyncio
+lock would not help here - the blocking call must leave the event loop anyway. Reads take no lock:
+RocksDB reads are thread-safe, and the caches they consult are replaced atomically.
+
+Durability: records and the partition's high-water mark go into one WriteBatch with the WAL on, so
+an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
+fsynced, so it survives power loss too; group commit amortises that fsync over every producer
+waiting at the time.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, replace
+from typing import Iterator, Sequence
+
+import rocksdict
+
+from broker.errors import ErrorCode, client_error, server_error
+from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.storage import keys
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """Translate backend failures into the catalogue, once, at the boundary."""
+    try:
+        yield
+    except Exception as exc:  # rocksdict raises plain Exception for RocksDB status errors
+        if getattr(exc, "code", None) is not None:  # a BrokerError passing through
+            raise
+        text = str(exc)
+        log.error("rocksdb %s failed: %s", what, text)
+        if "No space left" in text or "ENOSPC" in text:
+            raise server_error(ErrorCode.STORAGE_FULL) from exc
+        raise server_error(ErrorCode.UNAVAILABLE, detail=f"storage {what} failed") from exc
+
+
+class RocksStore:
+    def __init__(self, path: str, *, sync: bool = False) -> None:
+        os.makedirs(path, exist_ok=True)
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.increase_parallelism(max(2, os.cpu_count() or 2))
+        opts.set_compression_type(rocksdict.DBCompressionType.lz4())
+        with _io_errors("open"):
+            self._db = rocksdict.Rdict(path, opts)
+        self._write_opts = rocksdict.WriteOptions()
+        self._write_opts.sync = sync
+        self._lock = threading.Lock()
+        self._closed = False
+        self._streams: dict[str, StreamConfig] = {}
+        self._live_ids: set[int] = set()
+        self._hwm: dict[tuple[int, int], tuple[int, int]] = {}   # (sid, p) -> (next_seq, last_ts)
+        self._first: dict[tuple[int, int], int] = {}             # (sid, p) -> first retained seq
+        self._load_catalogue()
+
+    # -- catalogue -----------------------------------------------------------------------------
+
+    def _load_catalogue(self) -> None:
+        ro = rocksdict.ReadOptions()
+        ro.set_iterate_upper_bound(keys.STREAM + b"\xff")
+        for _, value in self._db.items(from_key=keys.STREAM, read_opt=ro):
+            config = StreamConfig(**json.loads(value))
+            self._streams[config.name] = config
+            self._live_ids.add(config.stream_id)
+
+    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+        if self._closed:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+        with _io_errors(what):
+            self._db.write(batch, self._write_opts)
+
+    def create_stream(self, config: StreamConfig) -> StreamConfig:
+        with self._lock:
+            if config.name in self._streams:
+                raise client_error(ErrorCode.STREAM_EXISTS, stream=config.name)
+            raw = self._db.get(keys.NEXT_STREAM_ID)
+            stream_id = keys.U64.unpack(raw)[0] if raw else 1
+            stored = replace(config, stream_id=stream_id)
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.put(keys.NEXT_STREAM_ID, keys.U64.pack(stream_id + 1))
+            wb.put(keys.stream_key(config.name), json.dumps(asdict(stored)).encode())
+            self._write(wb, "create_stream")
+            self._streams[config.name] = stored
+            self._live_ids.add(stream_id)
+            return stored
+
+    def drop_stream(self, name: str) -> None:
+        with self._lock:
+            config = self._streams.get(name)
+            if config is None:
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=name)
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.delete(keys.stream_key(name))
+            for kind in (keys.RECORD, keys.HWM, keys.TRIM):
+                wb.delete_range(*keys.stream_range(kind, config.stream_id))
+            self._write(wb, "drop_stream")
+            del self._streams[name]
+            self._live_ids.discard(config.stream_id)
+            for p in range(config.partition_count):
+                self._hwm.pop((config.stream_id, p), None)
+                self._first.pop((config.stream_id, p), None)
+
+    def list_streams(self) -> list[StreamConfig]:
+        return sorted(self._streams.values(), key=lambda c: c.name)
+
+    # -- partition state -----------------------------------------------------------------------
+
+    def _hwm_of(self, sid: int, partition: int) -> tuple[int, int]:
+        state = self._hwm.get((sid, partition))
+        if state is None:
+            raw = self._db.get(keys.partition_key(keys.HWM, sid, partition))
+            state = keys.decode_hwm(raw) if raw else (0, 0)
+            self._hwm[(sid, partition)] = state
+        return state
+
+    def _first_of(self, sid: int, partition: int) -> int:
+        first = self._first.get((sid, partition))
+        if first is None:
+            raw = self._db.get(keys.partition_key(keys.TRIM, sid, partition))
+            first = keys.U64.unpack(raw)[0] if raw else 0
+            self._first[(sid, partition)] = first
+        return first
+
+    def _check_partition(self, sid: int, partition: int) -> None:
+        if sid not in self._live_ids:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {sid}")
+        # partition ranges are validated by the core against the stream config
+
+    # -- the log -------------------------------------------------------------------------------
+
+    def append(self, batches: Sequence[AppendBatch]) -> list[int | None]:
+        with self._lock:
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            staged: dict[tuple[int, int], tuple[int, int]] = {}
+            firsts: list[int | None] = []
+            encode, rkey = keys.encode_record, keys.record_key
+            for batch in batches:
+                sid, p = batch.stream_id, batch.partition
+                if sid not in self._live_ids:
+                    firsts.append(None)
+                    continue
+                next_seq, last_ts = staged.get((sid, p)) or self._hwm_of(sid, p)
+                ts = max(batch.timestamp_ms, last_ts)
+                firsts.append(next_seq)
+                for key, data in batch.items:
+                    wb.put(rkey(sid, p, next_seq), encode(ts, key, data))
+                    next_seq += 1
+                staged[(sid, p)] = (next_seq, ts)
+            for (sid, p), (next_seq, ts) in staged.items():
+                wb.put(keys.partition_key(keys.HWM, sid, p), keys.encode_hwm(next_seq, ts))
+            if staged:
+                self._write(wb, "append")
+                self._hwm.update(staged)
+            return firsts
+
+    def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
+        self._check_partition(stream_id, partition)
+        next_seq, _ = self._hwm_of(stream_id, partition)
+        start = max(start_seq, self._first_of(stream_id, partition))
+        if start >= next_seq or limit <= 0:
+            return []
+        ro = rocksdict.ReadOptions()
+        ro.set_iterate_upper_bound(keys.record_key(stream_id, partition, min(next_seq, start + limit)))
+        out: list[Record] = []
+        total = 0
+        decode, seq_of = keys.decode_record, keys.record_seq
+        with _io_errors("read"):
+            for key, value in self._db.items(from_key=keys.record_key(stream_id, partition, start), read_opt=ro):
+                ts, pkey, data = decode(value)
+                total += len(data)
+                if out and total > max_bytes:
+                    break
+                out.append(Record(seq_of(key), ts, pkey, data))
+        return out
+
+    def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        self._check_partition(stream_id, partition)
+        next_seq, last_ts = self._hwm_of(stream_id, partition)
+        return PartitionBounds(min(self._first_of(stream_id, partition), next_seq), next_seq, last_ts)
+
+    def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
+        first, next_seq, _ = self.bounds(stream_id, partition)
+        lo, hi = first, next_seq
+        with _io_errors("read"):
+            while lo < hi:  # first seq in [lo, hi) whose timestamp >= timestamp_ms
+                mid = (lo + hi) // 2
+                raw = self._db.get(keys.record_key(stream_id, partition, mid))
+                if raw is None:  # trimmed under us: everything before it is gone too
+                    lo = mid + 1
+                elif keys.decode_record_ts(raw) < timestamp_ms:
+                    lo = mid + 1
+                else:
+                    hi = mid
+        return lo
+
+    def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
+        with self._lock:
+            self._check_partition(stream_id, partition)
+            first = self._first_of(stream_id, partition)
+            next_seq, _ = self._hwm_of(stream_id, partition)
+            cut = min(before_seq, next_seq)
+            if cut <= first:
+                return
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.delete_range(keys.record_key(stream_id, partition, first), keys.record_key(stream_id, partition, cut))
+            wb.put(keys.partition_key(keys.TRIM, stream_id, partition), keys.U64.pack(cut))
+            self._write(wb, "trim")
+            self._first[(stream_id, partition)] = cut
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with _io_errors("close"):
+                self._db.flush_wal(True)
+                self._db.flush()
+                self._db.close()

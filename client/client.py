@@ -1,0 +1,114 @@
+"""`Client`: a thin, typed, synchronous wrapper over the generated gRPC stubs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
+
+import grpc
+
+from client._pb.sluice.v1 import sluice_pb2 as pb
+from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
+from client.errors import from_rpc_error
+
+T = TypeVar("T")
+CURSOR_TYPES = ("AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER", "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP")
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """Outcome of one record: a partition and sequence number, or a DIS error code and message."""
+    partition_id: int
+    sequence_number: int
+    error_code: str = ""
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_code
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    sequence_number: int
+    timestamp: int
+    data: bytes
+    partition_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsPage:
+    records: list[Record]
+    next_cursor: str
+    millis_behind_latest: int
+
+
+class Client:
+    """Connects to a broker's gRPC port. Every call raises `client.errors.SluiceError` on refusal."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float = 30.0) -> None:
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024)])
+        self._stub = pb_grpc.SluiceStub(self._channel)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def create_stream(self, name: str, partitions: int, *, retention_hours: int = 0, data_type: str = "") -> None:
+        self._call(self._stub.CreateStream, pb.CreateStreamRequest(
+            stream_name=name, partition_count=partitions, retention_hours=retention_hours, data_type=data_type))
+
+    def list_streams(self, limit: int = 100, start_after: str = "") -> pb.ListStreamsResponse:
+        return self._call(self._stub.ListStreams, pb.ListStreamsRequest(limit=limit, start_stream_name=start_after))
+
+    def describe_stream(self, name: str) -> pb.DescribeStreamResponse:
+        return self._call(self._stub.DescribeStream, pb.DescribeStreamRequest(stream_name=name))
+
+    def delete_stream(self, name: str) -> None:
+        self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=name))
+
+    def put_records(self, stream: str, records: Iterable[bytes | tuple[bytes, str]],
+                    *, partition_id: int | None = None) -> list[PutResult]:
+        """Send one batch: each item is a payload, or (payload, partition_key)."""
+        entries = []
+        for item in records:
+            data, key = (item, "") if isinstance(item, bytes) else item
+            entry = pb.PutRecordsEntry(data=data, partition_key=key)
+            if partition_id is not None:
+                entry.partition_id = str(partition_id)
+            entries.append(entry)
+        resp = self._call(self._stub.PutRecords, pb.PutRecordsRequest(stream_name=stream, records=entries))
+        results = [PutResult(p, s) for p, s in zip(resp.partition_ids, resp.sequence_numbers)]
+        for f in resp.failures:
+            results[f.index] = PutResult(-1, -1, f.error_code, f.error_message)
+        return results
+
+    def get_cursor(self, stream: str, partition_id: int | str, cursor_type: str = "TRIM_HORIZON",
+                   sequence_number: int | None = None, timestamp: int | None = None) -> str:
+        request = pb.GetCursorRequest(stream_name=stream, partition_id=str(partition_id),
+                                      cursor_type=pb.CursorType.Value(cursor_type))
+        if sequence_number is not None:
+            request.starting_sequence_number = str(sequence_number)
+        if timestamp is not None:
+            request.timestamp = timestamp
+        return self._call(self._stub.GetCursor, request).partition_cursor
+
+    def get_records(self, cursor: str, *, limit: int = 0, max_fetch_bytes: int = 0) -> RecordsPage:
+        resp = self._call(self._stub.GetRecords, pb.GetRecordsRequest(
+            partition_cursor=cursor, limit=limit, max_fetch_bytes=max_fetch_bytes))
+        records = [Record(s, t, d, k or None) for s, t, d, k in
+                   zip(resp.sequence_numbers, resp.timestamps, resp.data, resp.partition_keys)]
+        return RecordsPage(records, resp.next_partition_cursor, resp.millis_behind_latest)

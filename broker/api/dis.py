@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import re
 from typing import Any, Mapping
 
 import orjson
@@ -22,6 +23,7 @@ BROKER = web.AppKey("broker", Broker)
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 
 _EMPTY = b""
+_DECIMAL = re.compile(r"-?[0-9]+")
 _JSON = "application/json"
 
 
@@ -70,6 +72,8 @@ def _query_int(request: web.Request, name: str) -> int | None:
     if raw is None or raw == "":
         return None
     try:
+        if not _DECIMAL.fullmatch(raw):  # int() alone also takes " 5", "1_0" and non-ASCII digits
+            raise ValueError(raw)
         return int(raw)
     except ValueError:
         raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be an integer, got {raw!r:.40}") from None

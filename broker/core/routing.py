@@ -14,7 +14,7 @@ import re
 
 from broker.core.limits import HASH_KEY_MAX
 
-_SHARD_ID = re.compile(r"(?:shardId-)?(\d{1,10})", re.IGNORECASE)
+_SHARD_ID = re.compile(r"(?:shardId-)?([0-9]{1,10})", re.IGNORECASE)  # ASCII digits only: \d takes "٢"
 
 
 def format_partition_id(partition: int) -> str:

@@ -1,7 +1,7 @@
 """Opaque, tamper-evident, expiring partition cursors. Pure functions.
 
 A cursor is base64url( version | stream_id u64 | partition u32 | seq u64 | issued_ms i64 | tag ),
-where tag = first 16 bytes of HMAC-SHA256(secret, everything before it). 61 characters, well
+where tag = first 16 bytes of HMAC-SHA256(secret, everything before it). 60 characters, well
 within DIS's 512. The stream id (not the name) is inside, so a cursor cannot be edited into
 another stream or partition without breaking the tag, and a cursor of a deleted stream stays dead
 even if the name is recreated. Expiry is checked against `issued_ms` (DIS: 5 minutes).
@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import struct
 from typing import NamedTuple
 
@@ -20,6 +21,9 @@ from broker.errors import ErrorCode, client_error
 _VERSION = 1
 _BODY = struct.Struct(">BQIQq")
 _TAG_LEN = 16
+# Only the url-safe alphabet: the lenient base64 decoder would also take '+' '/' and skip
+# whitespace or junk, so an edited token could otherwise still decode to a valid cursor.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class CursorPosition(NamedTuple):
@@ -37,7 +41,7 @@ def encode_cursor(secret: bytes, pos: CursorPosition) -> str:
 
 def decode_cursor(secret: bytes, token: object, now_ms: int, ttl_ms: int) -> CursorPosition:
     """Raises INVALID_CURSOR (malformed or forged) or CURSOR_EXPIRED."""
-    if not isinstance(token, str) or not token or len(token) > 512:
+    if not isinstance(token, str) or len(token) > 512 or not _TOKEN.fullmatch(token):
         raise client_error(ErrorCode.INVALID_CURSOR, detail="cursor is missing or malformed")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))

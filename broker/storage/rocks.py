@@ -121,16 +121,16 @@ class RocksStore:
         state = self._hwm.get((sid, partition))
         if state is None:
             raw = self._db.get(keys.partition_key(keys.HWM, sid, partition))
-            state = keys.decode_hwm(raw) if raw else (0, 0)
-            self._hwm[(sid, partition)] = state
+            # setdefault, not assignment: a lock-free reader may have read the value before a
+            # concurrent append committed; it must not overwrite what that append cached since.
+            state = self._hwm.setdefault((sid, partition), keys.decode_hwm(raw) if raw else (0, 0))
         return state
 
     def _first_of(self, sid: int, partition: int) -> int:
         first = self._first.get((sid, partition))
         if first is None:
             raw = self._db.get(keys.partition_key(keys.TRIM, sid, partition))
-            first = keys.U64.unpack(raw)[0] if raw else 0
-            self._first[(sid, partition)] = first
+            first = self._first.setdefault((sid, partition), keys.U64.unpack(raw)[0] if raw else 0)
         return first
 
     def _check_partition(self, sid: int, partition: int) -> None:

@@ -1,0 +1,498 @@
+"""The Broker in-process, over a real RocksStore on disk, with a clock the test moves.
+
+Covers group commit under concurrent producers, retention, the five cursor types, routing
+precedence and spread, per-record failures, delete/recreate, draining on close, cursor expiry.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from pathlib import Path
+from typing import AsyncIterator, Awaitable
+
+import pytest
+
+from broker.core import routing
+from broker.core.broker import Broker
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import PutEntry, PutRecordsResult, Record
+from broker.storage.memory import MemoryStore
+from broker.storage.rocks import RocksStore
+
+SECRET = b"broker-test-secret"
+T0 = 1_700_000_000_000
+SECOND = 1000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+
+
+class FakeClock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "db")
+
+
+@pytest.fixture
+async def broker(db_path: str, clock: FakeClock) -> AsyncIterator[Broker]:
+    store = RocksStore(db_path)
+    b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+    await b.start()
+    yield b
+    await b.close()
+    store.close()
+
+
+async def raises(awaitable: Awaitable[object], code: ErrorCode) -> BrokerError:
+    with pytest.raises(BrokerError) as exc_info:
+        await awaitable
+    assert exc_info.value.code is code, exc_info.value
+    return exc_info.value
+
+
+async def put(broker: Broker, stream: str, *payloads: bytes, partition_id: str | None = "0") -> PutRecordsResult:
+    result = await broker.put_records(stream, [PutEntry(p, partition_id=partition_id) for p in payloads])
+    assert result.failures == []
+    return result
+
+
+async def read_all(broker: Broker, cursor: str, limit: int | None = None) -> tuple[list[Record], str]:
+    """Follow next_cursor until a read comes back empty."""
+    out: list[Record] = []
+    while True:
+        result = await broker.get_records(cursor, limit)
+        cursor = result.next_cursor
+        if not result.records:
+            return out, cursor
+        out.extend(result.records)
+
+
+async def read_from(broker: Broker, stream: str, partition: str, cursor_type: str, **kw: object) -> list[Record]:
+    cursor = await broker.get_cursor(stream, partition, cursor_type, **kw)  # type: ignore[arg-type]
+    return (await read_all(broker, cursor))[0]
+
+
+def data_of(records: list[Record]) -> list[bytes]:
+    return [r.data for r in records]
+
+
+# -- (a) group commit under concurrent producers --------------------------------------------------
+
+
+async def test_concurrent_producers_get_unique_gap_free_sequence_numbers(broker: Broker) -> None:
+    await broker.create_stream("s", 3)
+    producers, calls_each, per_call = 8, 30, 5
+
+    async def produce(i: int) -> list[tuple[int, bytes]]:
+        acked: list[tuple[int, bytes]] = []
+        for c in range(calls_each):
+            payloads = [f"p{i}-c{c}-r{r}".encode() for r in range(per_call)]
+            result = await put(broker, "s", *payloads, partition_id="shardId-0000000001")
+            assert result.partitions == [1] * per_call
+            assert result.seqs == list(range(result.seqs[0], result.seqs[0] + per_call))  # one request: one run
+            acked.extend(zip(result.seqs, payloads))
+        return acked
+
+    commits_before = broker.commits
+    acked = await asyncio.gather(*(produce(i) for i in range(producers)))
+    calls = producers * calls_each
+    total = calls * per_call
+
+    every_seq = [seq for mine in acked for seq, _ in mine]
+    assert sorted(every_seq) == list(range(total))            # unique and gap-free
+    for mine in acked:
+        seqs = [seq for seq, _ in mine]
+        assert all(a < b for a, b in zip(seqs, seqs[1:]))     # each producer's own seqs increase
+    assert broker.commits - commits_before < calls            # group commit folded requests together
+
+    records, _ = await read_all(broker, await broker.get_cursor("s", "1", "TRIM_HORIZON"))
+    assert [(r.seq, r.data) for r in records] == sorted(pair for mine in acked for pair in mine)
+    for other in ("0", "2"):
+        assert await read_from(broker, "s", other, "TRIM_HORIZON") == []
+
+
+# -- (b) retention --------------------------------------------------------------------------------
+
+
+async def test_retention_trims_expired_records_and_numbering_continues(broker: Broker, clock: FakeClock) -> None:
+    await broker.create_stream("s", 1)                       # retention 24 h
+    assert (await put(broker, "s", b"old0", b"old1", b"old2")).seqs == [0, 1, 2]     # written at T0
+    clock.advance(2 * HOUR)
+    assert (await put(broker, "s", b"new3", b"new4")).seqs == [3, 4]                 # at T0 + 2 h
+    clock.advance(23 * HOUR)                                 # now T0 + 25 h: only the first write expired
+    stale = await broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "1")            # fresh cursor at seq 1
+
+    assert await broker.enforce_retention() == 1
+    assert await broker.enforce_retention() == 0             # nothing more to do
+
+    horizon = await read_from(broker, "s", "0", "TRIM_HORIZON")
+    assert [(r.seq, r.data) for r in horizon] == [(3, b"new3"), (4, b"new4")]
+
+    err = await raises(broker.get_records(stale), ErrorCode.CURSOR_RECORD_EXPIRED)
+    assert err.code.dis_code == "DIS.4226"
+    assert (err.fields["seq"], err.fields["earliest"]) == (1, 3)
+
+    err = await raises(broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "1"), ErrorCode.SEQUENCE_OUT_OF_RANGE)
+    assert err.code.dis_code == "DIS.4224"
+    assert "[1][ should be within ][3][ ][4]" in err.message
+    await raises(broker.get_cursor("s", "0", "AFTER_SEQUENCE_NUMBER", "1"), ErrorCode.SEQUENCE_OUT_OF_RANGE)
+    assert data_of(await read_from(broker, "s", "0", "AFTER_SEQUENCE_NUMBER", starting_sequence_number="2")) \
+        == [b"new3", b"new4"]
+
+    err = await raises(broker.get_cursor("s", "0", "AT_TIMESTAMP", timestamp_ms=T0), ErrorCode.TIMESTAMP_EXPIRED)
+    assert err.code.dis_code == "DIS.4300"
+    assert str(clock.now - 24 * HOUR) in err.message
+    await raises(broker.get_cursor("s", "0", "AT_TIMESTAMP", timestamp_ms=clock.now - 24 * HOUR - 1),
+                 ErrorCode.TIMESTAMP_EXPIRED)
+    assert data_of(await read_from(broker, "s", "0", "AT_TIMESTAMP", timestamp_ms=clock.now - 24 * HOUR)) \
+        == [b"new3", b"new4"]                                # the oldest timestamp still accepted
+
+    assert (await put(broker, "s", b"new5")).seqs == [5]     # numbering continues after a trim
+
+    clock.advance(25 * HOUR)                                 # everything is now expired
+    assert await broker.enforce_retention() == 1
+    assert await read_from(broker, "s", "0", "TRIM_HORIZON") == []
+    description = await broker.describe_stream("s")
+    assert (description.partitions[0].bounds.first_seq, description.partitions[0].bounds.next_seq) == (6, 6)
+    assert (await put(broker, "s", b"new6")).seqs == [6]     # never reused, even with nothing retained
+    assert [(r.seq, r.data) for r in await read_from(broker, "s", "0", "TRIM_HORIZON")] == [(6, b"new6")]
+
+
+async def test_retention_cutoff_is_exact_and_per_stream(broker: Broker, clock: FakeClock) -> None:
+    await broker.create_stream("day", 1)
+    await broker.create_stream("three-days", 1, retention_hours=72)
+    await put(broker, "day", b"d0")
+    await put(broker, "three-days", b"t0")
+    clock.advance(24 * HOUR)                                 # age == retention: still kept
+    assert await broker.enforce_retention() == 0
+    assert data_of(await read_from(broker, "day", "0", "TRIM_HORIZON")) == [b"d0"]
+    clock.advance(1)                                         # one millisecond older: gone
+    assert await broker.enforce_retention() == 1
+    assert await read_from(broker, "day", "0", "TRIM_HORIZON") == []
+    assert data_of(await read_from(broker, "three-days", "0", "TRIM_HORIZON")) == [b"t0"]
+    clock.advance(48 * HOUR)
+    assert await broker.enforce_retention() == 1
+    assert await read_from(broker, "three-days", "0", "TRIM_HORIZON") == []
+
+
+# -- (c) the five cursor types --------------------------------------------------------------------
+
+
+async def test_all_cursor_types_position_correctly(broker: Broker, clock: FakeClock) -> None:
+    await broker.create_stream("s", 2)
+    for i in range(5):                                       # r0..r4 at T0+1s .. T0+5s
+        clock.advance(SECOND)
+        await put(broker, "s", f"r{i}".encode())
+
+    assert data_of(await read_from(broker, "s", "0", "TRIM_HORIZON")) == [b"r0", b"r1", b"r2", b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", "AT_SEQUENCE_NUMBER", starting_sequence_number="2")) \
+        == [b"r2", b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", None, starting_sequence_number="3")) == [b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", "AFTER_SEQUENCE_NUMBER", starting_sequence_number="2")) \
+        == [b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", "AT_TIMESTAMP", timestamp_ms=T0 + 3 * SECOND)) \
+        == [b"r2", b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", "AT_TIMESTAMP", timestamp_ms=T0 + 3 * SECOND + 1)) \
+        == [b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", "AT_TIMESTAMP", timestamp_ms=T0 - HOUR)) \
+        == [b"r0", b"r1", b"r2", b"r3", b"r4"]
+    assert await read_from(broker, "s", "0", "AT_TIMESTAMP", timestamp_ms=T0 + HOUR) == []
+    assert await read_from(broker, "s", "1", "TRIM_HORIZON") == []
+
+    latest = await broker.get_cursor("s", "0", "LATEST")
+    after_last = await broker.get_cursor("s", "0", "AFTER_SEQUENCE_NUMBER", "4")
+    at_future = await broker.get_cursor("s", "0", "AT_TIMESTAMP", timestamp_ms=clock.now + 1)
+    empty = await broker.get_records(latest)
+    assert empty.records == []
+    clock.advance(SECOND)
+    await put(broker, "s", b"r5")
+    for cursor in (latest, empty.next_cursor, after_last, at_future):
+        records, _ = await read_all(broker, cursor)
+        assert [(r.seq, r.data) for r in records] == [(5, b"r5")]
+
+
+async def test_reading_in_pages_follows_next_cursor(broker: Broker, clock: FakeClock) -> None:
+    await broker.create_stream("s", 1)
+    for i in range(7):
+        clock.advance(SECOND)
+        await put(broker, "s", f"r{i}".encode())
+    first = await broker.get_records(await broker.get_cursor("s", "0", "TRIM_HORIZON"), limit=3)
+    assert [r.seq for r in first.records] == [0, 1, 2]
+    assert first.millis_behind_latest == 4 * SECOND          # newest is r6, 4 s after r2
+    rest, end = await read_all(broker, first.next_cursor, limit=3)
+    assert [r.seq for r in rest] == [3, 4, 5, 6]
+    assert (await broker.get_records(end)).records == []     # an empty read keeps its place
+    await put(broker, "s", b"r7")
+    assert data_of((await broker.get_records(end)).records) == [b"r7"]
+
+
+async def test_get_cursor_rejects_bad_arguments(broker: Broker) -> None:
+    await broker.create_stream("s", 2)
+    await put(broker, "s", b"a", b"b")
+    cases = [
+        (dict(cursor_type="BOGUS"), ErrorCode.INVALID_CURSOR_TYPE, "DIS.4215"),
+        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_sequence_number="abc"), ErrorCode.INVALID_SEQUENCE,
+         "DIS.4216"),
+        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_sequence_number="-1"), ErrorCode.INVALID_SEQUENCE,
+         "DIS.4216"),
+        (dict(cursor_type="AT_SEQUENCE_NUMBER"), ErrorCode.INVALID_SEQUENCE, "DIS.4216"),
+        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_sequence_number="3"), ErrorCode.SEQUENCE_OUT_OF_RANGE,
+         "DIS.4224"),
+        (dict(cursor_type="AFTER_SEQUENCE_NUMBER", starting_sequence_number="2"), ErrorCode.SEQUENCE_OUT_OF_RANGE,
+         "DIS.4224"),
+        (dict(cursor_type="AT_TIMESTAMP"), ErrorCode.INVALID_REQUEST, "DIS.4200"),
+    ]
+    for kwargs, code, dis in cases:
+        err = await raises(broker.get_cursor("s", "0", **kwargs), code)  # type: ignore[arg-type]
+        assert err.code.dis_code == dis
+    # next_seq itself is a valid AT position (the same as LATEST)
+    await broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "2")
+    await raises(broker.get_cursor("s", "2", "TRIM_HORIZON"), ErrorCode.PARTITION_NOT_FOUND)
+    await raises(broker.get_cursor("s", "x", "TRIM_HORIZON"), ErrorCode.INVALID_PARTITION_ID)
+    await raises(broker.get_cursor("nope", "0", "TRIM_HORIZON"), ErrorCode.STREAM_NOT_FOUND)
+
+
+async def test_get_records_rejects_forged_and_foreign_cursors(broker: Broker, clock: FakeClock) -> None:
+    sid = (await broker.create_stream("s", 1)).stream_id
+    await put(broker, "s", b"a")
+    cursor = await broker.get_cursor("s", "0", "TRIM_HORIZON")
+    for bad in ("", "garbage", cursor[:-1], cursor[:-1] + ("A" if cursor[-1] != "A" else "B"), None, 42):
+        err = await raises(broker.get_records(bad), ErrorCode.INVALID_CURSOR)
+        assert err.code.dis_code == "DIS.4217"
+    # another broker with the same stream id but another secret: only the secret differs
+    other = Broker(MemoryStore(), cursor_secret=b"another secret", clock_ms=clock)
+    await other.start()
+    try:
+        assert (await other.create_stream("s", 1)).stream_id == sid
+        await raises(other.get_records(cursor), ErrorCode.INVALID_CURSOR)
+        await raises(broker.get_records(await other.get_cursor("s", "0", "TRIM_HORIZON")), ErrorCode.INVALID_CURSOR)
+    finally:
+        await other.close()
+    assert data_of((await broker.get_records(cursor)).records) == [b"a"]
+
+
+# -- (d) routing ----------------------------------------------------------------------------------
+
+
+def key_for_partition(partition: int, count: int) -> str:
+    return next(k for k in (f"key-{i}" for i in itertools.count())
+                if routing.partition_for_hash(routing.key_hash(k), count) == partition)
+
+
+async def test_routing_precedence_partition_id_then_hash_key_then_partition_key(broker: Broker) -> None:
+    await broker.create_stream("s", 4)
+    key = key_for_partition(3, 4)
+    hash_key = str(routing.hash_ranges(4)[2][0])            # the first hash of partition 2
+    result = await broker.put_records("s", [
+        PutEntry(b"a", partition_key=key, explicit_hash_key=hash_key, partition_id="shardId-0000000001"),
+        PutEntry(b"b", partition_key=key, explicit_hash_key=hash_key),
+        PutEntry(b"c", partition_key=key),
+        PutEntry(b"d", explicit_hash_key=str(routing.hash_ranges(4)[0][1])),   # last hash of partition 0
+        PutEntry(b"e", explicit_hash_key="9223372036854775807"),
+        PutEntry(b"f", partition_id="0"),
+    ])
+    assert result.failures == []
+    assert result.partitions == [1, 2, 3, 0, 3, 0]
+    assert result.seqs == [0, 0, 0, 0, 1, 1]
+    by_partition = {p: await read_from(broker, "s", str(p), "TRIM_HORIZON") for p in range(4)}
+    assert [(r.data, r.partition_key) for r in by_partition[1]] == [(b"a", key)]   # the key is kept
+    assert [(r.data, r.partition_key) for r in by_partition[2]] == [(b"b", key)]
+    assert [(r.data, r.partition_key) for r in by_partition[3]] == [(b"c", key), (b"e", None)]
+    assert [(r.data, r.partition_key) for r in by_partition[0]] == [(b"d", None), (b"f", None)]
+
+
+async def test_a_key_always_lands_in_the_same_partition(broker: Broker) -> None:
+    await broker.create_stream("s", 7)
+    keys = [f"user-{i}" for i in range(40)]
+    first = await broker.put_records("s", [PutEntry(b"1", partition_key=k) for k in keys])
+    second = await broker.put_records("s", [PutEntry(b"2", partition_key=k) for k in reversed(keys)])
+    assert first.partitions == [routing.partition_for_hash(routing.key_hash(k), 7) for k in keys]
+    assert second.partitions == first.partitions[::-1]
+    assert len(set(first.partitions)) > 1
+
+
+async def test_unkeyed_records_spread_evenly_over_all_partitions(broker: Broker) -> None:
+    count = 5
+    await broker.create_stream("s", count)
+    one_request = await broker.put_records("s", [PutEntry(b"x") for _ in range(100)])
+    assert one_request.failures == []
+    assert Counter(one_request.partitions) == {p: 20 for p in range(count)}
+
+    single = Counter()
+    for _ in range(100):                                     # one record per request
+        single.update((await broker.put_records("s", [PutEntry(b"y")])).partitions)
+    assert set(single) == set(range(count))
+    assert max(single.values()) - min(single.values()) <= 10, single
+
+    empty_key = await broker.put_records("s", [PutEntry(b"z", partition_key="") for _ in range(10)])
+    assert set(empty_key.partitions) == set(range(count))   # "" is no key: spread, not hashed
+
+
+# -- (e) per-record failures ----------------------------------------------------------------------
+
+
+async def test_per_record_failures_do_not_stop_the_batch_and_keep_input_order(broker: Broker) -> None:
+    await broker.create_stream("s", 4)
+    rejected = client_error(ErrorCode.BAD_BODY, detail="data is not valid base64")
+    entries = [
+        PutEntry(b"ok0", partition_id="0"),
+        PutEntry(b"bad-id", partition_id="zero"),                    # DIS.4201
+        PutEntry(b"missing", partition_id="shardId-0000000009"),     # DIS.4302
+        PutEntry(b"ok1", partition_id="0"),
+        PutEntry(b"bad-hash", explicit_hash_key="abc"),              # DIS.4200
+        PutEntry(b"x" * (1024 * 1024 + 1), partition_id="1"),        # DIS.4200: over 1 MB
+        PutEntry(b"hash-too-big", explicit_hash_key=str(2**63)),    # DIS.4200
+        PutEntry(b"long-key", partition_key="k" * 257),              # DIS.4200
+        PutEntry(b"undecodable", partition_id="2", rejected=rejected),  # the door's verdict stands
+        PutEntry(b"ok2", partition_id="2"),
+        PutEntry(b"ok3", partition_id="0"),
+    ]
+    result = await broker.put_records("s", entries)
+    assert result.partitions == [0, -1, -1, 0, -1, -1, -1, -1, -1, 2, 0]
+    assert result.seqs == [0, -1, -1, 1, -1, -1, -1, -1, -1, 0, 2]
+    assert [(i, e.code.dis_code) for i, e in result.failures] == [
+        (1, "DIS.4201"), (2, "DIS.4302"), (4, "DIS.4200"), (5, "DIS.4200"), (6, "DIS.4200"), (7, "DIS.4200"),
+        (8, "DIS.4300")]
+    assert result.failures[0][1].code is ErrorCode.INVALID_PARTITION_ID
+    assert result.failures[1][1].code is ErrorCode.PARTITION_NOT_FOUND
+    assert result.failures[-1][1] is rejected
+    assert result.failed_record_count == 7
+    assert data_of(await read_from(broker, "s", "0", "TRIM_HORIZON")) == [b"ok0", b"ok1", b"ok3"]
+    assert data_of(await read_from(broker, "s", "1", "TRIM_HORIZON")) == []
+    assert data_of(await read_from(broker, "s", "2", "TRIM_HORIZON")) == [b"ok2"]
+    assert data_of(await read_from(broker, "s", "3", "TRIM_HORIZON")) == []
+
+
+async def test_a_batch_where_every_record_fails_writes_nothing(broker: Broker) -> None:
+    await broker.create_stream("s", 2)
+    commits = broker.commits
+    result = await broker.put_records("s", [PutEntry(b"a", partition_id="5"), PutEntry(b"b", partition_id="?")])
+    assert result.seqs == [-1, -1] and result.failed_record_count == 2
+    assert broker.commits == commits
+    assert (await put(broker, "s", b"c")).seqs == [0]
+
+
+async def test_whole_request_errors(broker: Broker) -> None:
+    await broker.create_stream("s", 1)
+    err = await raises(broker.put_records("nope", [PutEntry(b"a")]), ErrorCode.STREAM_NOT_FOUND)
+    assert err.code.dis_code == "DIS.4301"
+    err = await raises(broker.put_records("s", []), ErrorCode.EMPTY_REQUEST)
+    assert err.code.dis_code == "DIS.4202"
+    await raises(broker.put_records("s", [PutEntry(b"x" * (1024 * 1024)) for _ in range(6)]),
+                 ErrorCode.REQUEST_TOO_LARGE)
+    assert await read_from(broker, "s", "0", "TRIM_HORIZON") == []
+
+
+# -- (f) delete and recreate ----------------------------------------------------------------------
+
+
+async def test_delete_then_recreate_starts_a_new_log(broker: Broker) -> None:
+    old = await broker.create_stream("s", 2)
+    await put(broker, "s", b"a", b"b", b"c")
+    horizon = await broker.get_cursor("s", "0", "TRIM_HORIZON")
+    _, after = await read_all(broker, horizon)
+
+    await broker.delete_stream("s")
+    for cursor in (horizon, after):
+        err = await raises(broker.get_records(cursor), ErrorCode.STREAM_NOT_FOUND)
+        assert err.code.dis_code == "DIS.4301"
+    await raises(broker.put_records("s", [PutEntry(b"x")]), ErrorCode.STREAM_NOT_FOUND)
+    await raises(broker.get_cursor("s", "0", "TRIM_HORIZON"), ErrorCode.STREAM_NOT_FOUND)
+    await raises(broker.delete_stream("s"), ErrorCode.STREAM_NOT_FOUND)
+    assert broker.list_streams().total == 0
+
+    new = await broker.create_stream("s", 2)
+    assert new.stream_id != old.stream_id
+    for cursor in (horizon, after):                          # old cursors stay dead
+        await raises(broker.get_records(cursor), ErrorCode.STREAM_NOT_FOUND)
+    assert await read_from(broker, "s", "0", "TRIM_HORIZON") == []
+    assert (await put(broker, "s", b"fresh")).seqs == [0]
+    assert [(r.seq, r.data) for r in await read_from(broker, "s", "0", "TRIM_HORIZON")] == [(0, b"fresh")]
+    await raises(broker.create_stream("s", 1), ErrorCode.STREAM_EXISTS)
+
+
+# -- (g) close drains -----------------------------------------------------------------------------
+
+
+async def test_close_commits_every_queued_put_and_they_survive_a_reopen(db_path: str, clock: FakeClock) -> None:
+    store = RocksStore(db_path)
+    b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+    await b.start()
+    await b.create_stream("s", 2)
+    tasks = [asyncio.create_task(b.put_records("s", [PutEntry(f"m{i}".encode(), partition_id=str(i % 2)),
+                                                     PutEntry(f"n{i}".encode(), partition_id=str(i % 2))]))
+             for i in range(40)]
+    await asyncio.sleep(0)                                   # every task has queued its append...
+    assert b.commits == 0                                    # ...and none has been committed yet
+    await b.close()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert all(r.failures == [] for r in results)
+    await raises(b.put_records("s", [PutEntry(b"late")]), ErrorCode.UNAVAILABLE)
+    store.close()
+
+    store = RocksStore(db_path)
+    try:
+        b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+        await b.start()
+        for p in (0, 1):
+            stored = {(r.seq, r.data) for r in await read_from(b, "s", str(p), "TRIM_HORIZON")}
+            acked = {(seq, data) for i, r in enumerate(results) if i % 2 == p
+                     for seq, data in zip(r.seqs, (f"m{i}".encode(), f"n{i}".encode()))}
+            assert len(acked) == 40
+            assert stored == acked
+        assert (await put(b, "s", b"after-restart")).seqs == [40]
+        await b.close()
+    finally:
+        store.close()
+
+
+async def test_a_cursor_survives_a_broker_restart(db_path: str, clock: FakeClock) -> None:
+    store = RocksStore(db_path)
+    b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+    await b.start()
+    await b.create_stream("s", 1)
+    await put(b, "s", b"a", b"b")
+    cursor = await b.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "1")
+    await b.close()
+    store.close()
+    store = RocksStore(db_path)
+    try:
+        b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+        await b.start()
+        assert data_of((await b.get_records(cursor)).records) == [b"b"]
+        await b.close()
+    finally:
+        store.close()
+
+
+# -- (h) cursor expiry ----------------------------------------------------------------------------
+
+
+async def test_cursors_expire_five_minutes_after_they_were_issued(broker: Broker, clock: FakeClock) -> None:
+    await broker.create_stream("s", 1)
+    await put(broker, "s", b"a")
+    cursor = await broker.get_cursor("s", "0", "TRIM_HORIZON")
+    clock.advance(5 * MINUTE)                                # exactly the TTL: still valid
+    result = await broker.get_records(cursor)
+    assert data_of(result.records) == [b"a"]
+    clock.advance(1)
+    err = await raises(broker.get_records(cursor), ErrorCode.CURSOR_EXPIRED)
+    assert err.code.dis_code == "DIS.4225"
+    assert (await broker.get_records(result.next_cursor)).records == []   # next_cursor was issued later
+    clock.advance(5 * MINUTE)
+    await raises(broker.get_records(result.next_cursor), ErrorCode.CURSOR_EXPIRED)

@@ -1,0 +1,415 @@
+"""The Store contract (broker/storage/base.py), run over every implementation.
+
+`store` is parametrized over the in-memory reference model and the RocksDB store on a real
+directory; every test in the first part runs against both. The last part is RocksDB only: it
+closes and reopens the directory and checks that nothing the contract promises was lost.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from broker.errors import BrokerError, ErrorCode
+from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.storage import keys
+from broker.storage.base import Store
+from broker.storage.memory import MemoryStore
+from broker.storage.rocks import RocksStore
+
+BIG = 1 << 30  # a max_bytes / limit that never binds
+
+
+@pytest.fixture(params=["memory", "rocks"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else RocksStore(str(tmp_path / "db"))
+    yield s
+    s.close()
+
+
+def batch(sid: int, partition: int, ts: int, *payloads: bytes, key: str | None = None) -> AppendBatch:
+    return AppendBatch(sid, partition, ts, [(key, p) for p in payloads])
+
+
+def seqs(records: list[Record]) -> list[int]:
+    return [r.seq for r in records]
+
+
+def payloads(records: list[Record]) -> list[bytes]:
+    return [r.data for r in records]
+
+
+def fill(store: Store, sid: int, partition: int, n: int, ts: int = 1000, size: int = 1) -> None:
+    """n records numbered by payload: b"0", b"1", ... (padded to `size` bytes)."""
+    store.append([batch(sid, partition, ts, *(str(i).encode().ljust(size, b".") for i in range(n)))])
+
+
+def assert_code(exc_info: pytest.ExceptionInfo[BrokerError], code: ErrorCode) -> None:
+    assert isinstance(exc_info.value, BrokerError)
+    assert exc_info.value.code is code
+
+
+# -- streams ---------------------------------------------------------------------------------------
+
+
+def test_create_assigns_fresh_ids_and_list_is_sorted_by_name(store: Store) -> None:
+    b = store.create_stream(StreamConfig("beta", 2, retention_hours=48, data_type="JSON", created_ms=7))
+    a = store.create_stream(StreamConfig("alpha", 1))
+    assert a.stream_id > 0 and b.stream_id > 0 and a.stream_id != b.stream_id
+    assert (b.name, b.partition_count, b.retention_hours, b.data_type, b.created_ms) == ("beta", 2, 48, "JSON", 7)
+    assert store.list_streams() == [a, b]
+
+
+def test_create_existing_name_is_stream_exists(store: Store) -> None:
+    first = store.create_stream(StreamConfig("s", 1))
+    with pytest.raises(BrokerError) as exc_info:
+        store.create_stream(StreamConfig("s", 3))
+    assert_code(exc_info, ErrorCode.STREAM_EXISTS)
+    assert store.list_streams() == [first]  # the failed create changed nothing
+
+
+def test_drop_unknown_is_stream_not_found(store: Store) -> None:
+    with pytest.raises(BrokerError) as exc_info:
+        store.drop_stream("nope")
+    assert_code(exc_info, ErrorCode.STREAM_NOT_FOUND)
+
+
+def test_drop_removes_stream_and_its_partitions(store: Store) -> None:
+    keep = store.create_stream(StreamConfig("keep", 1))
+    gone = store.create_stream(StreamConfig("gone", 2))
+    fill(store, gone.stream_id, 1, 3)
+    fill(store, keep.stream_id, 0, 2)
+    store.drop_stream("gone")
+    assert store.list_streams() == [keep]
+    for call in (lambda: store.bounds(gone.stream_id, 1), lambda: store.read(gone.stream_id, 1, 0, 10, BIG)):
+        with pytest.raises(BrokerError) as exc_info:
+            call()
+        assert_code(exc_info, ErrorCode.STREAM_NOT_FOUND)
+    with pytest.raises(BrokerError) as exc_info:
+        store.drop_stream("gone")
+    assert_code(exc_info, ErrorCode.STREAM_NOT_FOUND)
+    assert payloads(store.read(keep.stream_id, 0, 0, 10, BIG)) == [b"0", b"1"]
+
+
+def test_stream_ids_are_never_reused_and_a_recreated_name_starts_empty(store: Store) -> None:
+    old = store.create_stream(StreamConfig("s", 1))
+    fill(store, old.stream_id, 0, 5, ts=5000)
+    store.drop_stream("s")
+    new = store.create_stream(StreamConfig("s", 1))
+    assert new.stream_id not in (0, old.stream_id)
+    assert store.bounds(new.stream_id, 0) == PartitionBounds(0, 0, 0)
+    assert store.read(new.stream_id, 0, 0, 10, BIG) == []
+    assert store.append([batch(new.stream_id, 0, 10, b"x")]) == [0]
+    other = store.create_stream(StreamConfig("other", 1))
+    assert other.stream_id not in (old.stream_id, new.stream_id)
+
+
+# -- append ----------------------------------------------------------------------------------------
+
+
+def test_append_numbers_from_zero_consecutively_per_partition(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 3)).stream_id
+    assert store.append([batch(sid, 0, 1, b"a", b"b", b"c")]) == [0]
+    assert store.append([batch(sid, 1, 1, b"p1")]) == [0]        # partitions number independently
+    assert store.append([batch(sid, 0, 1, b"d")]) == [3]
+    assert store.append([batch(sid, 1, 1, b"q1", b"r1")]) == [1]
+    assert seqs(store.read(sid, 0, 0, 10, BIG)) == [0, 1, 2, 3]
+    assert payloads(store.read(sid, 0, 0, 10, BIG)) == [b"a", b"b", b"c", b"d"]
+    assert payloads(store.read(sid, 1, 0, 10, BIG)) == [b"p1", b"q1", b"r1"]
+    assert store.bounds(sid, 2) == PartitionBounds(0, 0, 0)
+
+
+def test_append_several_batches_for_one_partition_in_one_call(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 2)).stream_id
+    firsts = store.append([batch(sid, 0, 1, b"a", b"b"), batch(sid, 1, 1, b"x"), batch(sid, 0, 1, b"c", b"d", b"e"),
+                           batch(sid, 0, 1, b"f")])
+    assert firsts == [0, 0, 2, 5]
+    recs = store.read(sid, 0, 0, 100, BIG)
+    assert seqs(recs) == list(range(6))
+    assert payloads(recs) == [b"a", b"b", b"c", b"d", b"e", b"f"]
+    assert store.bounds(sid, 0).next_seq == 6 and store.bounds(sid, 1).next_seq == 1
+
+
+def test_append_to_a_dropped_stream_yields_none_and_writes_the_rest(store: Store) -> None:
+    live = store.create_stream(StreamConfig("live", 1)).stream_id
+    dead = store.create_stream(StreamConfig("dead", 1)).stream_id
+    fill(store, live, 0, 2)
+    store.drop_stream("dead")
+    firsts = store.append([batch(live, 0, 1, b"x"), batch(dead, 0, 1, b"lost"), batch(live, 0, 1, b"y", b"z")])
+    assert firsts == [2, None, 3]
+    assert payloads(store.read(live, 0, 0, 10, BIG)) == [b"0", b"1", b"x", b"y", b"z"]
+    assert store.append([batch(dead, 0, 1, b"lost")]) == [None]
+    assert [c.name for c in store.list_streams()] == ["live"]  # the dropped stream did not come back
+
+
+# -- read ------------------------------------------------------------------------------------------
+
+
+def test_read_start_and_limit(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    fill(store, sid, 0, 10)
+    assert seqs(store.read(sid, 0, 3, 4, BIG)) == [3, 4, 5, 6]
+    assert payloads(store.read(sid, 0, 3, 4, BIG)) == [b"3", b"4", b"5", b"6"]
+    assert seqs(store.read(sid, 0, 8, 100, BIG)) == [8, 9]
+    assert seqs(store.read(sid, 0, 0, 1, BIG)) == [0]
+    assert store.read(sid, 0, 10, 5, BIG) == []   # at next_seq
+    assert store.read(sid, 0, 50, 5, BIG) == []   # beyond it
+
+
+def test_read_max_bytes_stops_before_exceeding(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    fill(store, sid, 0, 6, size=10)               # six records of exactly 10 bytes
+    assert seqs(store.read(sid, 0, 0, 100, 30)) == [0, 1, 2]    # exactly at the limit: included
+    assert seqs(store.read(sid, 0, 0, 100, 29)) == [0, 1]
+    assert seqs(store.read(sid, 0, 2, 100, 25)) == [2, 3]
+    assert seqs(store.read(sid, 0, 0, 2, 1000)) == [0, 1]       # limit binds before max_bytes
+
+
+def test_read_returns_one_record_even_when_it_exceeds_max_bytes(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    store.append([batch(sid, 0, 1, b"x" * 100, b"y", b"z")])
+    assert payloads(store.read(sid, 0, 0, 10, 10)) == [b"x" * 100]
+    assert payloads(store.read(sid, 0, 0, 10, 0)) == [b"x" * 100]
+    assert payloads(store.read(sid, 0, 1, 10, 1)) == [b"y"]
+
+
+def test_read_empty_payloads_never_exceed_max_bytes(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    store.append([batch(sid, 0, 1, b"", b"", b"", b"a")])
+    assert payloads(store.read(sid, 0, 0, 10, 0)) == [b"", b"", b""]
+
+
+@pytest.mark.parametrize("key", [None, "", "k", "ключ-🔑", "x" * 256])
+def test_partition_key_and_payload_round_trip(store: Store, key: str | None) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    data = bytes(range(256))
+    store.append([batch(sid, 0, 42, data, key=key)])
+    assert store.read(sid, 0, 0, 10, BIG) == [Record(0, 42, key, data)]
+
+
+def test_mixed_keys_in_one_batch_round_trip(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    store.append([AppendBatch(sid, 0, 5, [(None, b"a"), ("k1", b"b"), (None, b""), ("k2", b"\x00\xff")])])
+    assert store.read(sid, 0, 0, 10, BIG) == [Record(0, 5, None, b"a"), Record(1, 5, "k1", b"b"),
+                                              Record(2, 5, None, b""), Record(3, 5, "k2", b"\x00\xff")]
+
+
+# -- bounds and time -------------------------------------------------------------------------------
+
+
+def test_bounds_track_first_next_and_last_timestamp(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 2)).stream_id
+    assert store.bounds(sid, 0) == PartitionBounds(0, 0, 0)
+    store.append([batch(sid, 0, 1000, b"a", b"b", b"c")])
+    assert store.bounds(sid, 0) == PartitionBounds(0, 3, 1000)
+    assert store.bounds(sid, 0).last_seq == 2
+    store.append([batch(sid, 0, 2500, b"d")])
+    assert store.bounds(sid, 0) == PartitionBounds(0, 4, 2500)
+    assert store.bounds(sid, 1) == PartitionBounds(0, 0, 0)
+
+
+def test_timestamps_never_decrease_within_a_partition(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 2)).stream_id
+    store.append([batch(sid, 0, 5000, b"a")])
+    store.append([batch(sid, 0, 1000, b"b")])                       # older clock: raised to 5000
+    store.append([batch(sid, 0, 7000, b"c"), batch(sid, 0, 6000, b"d"), batch(sid, 1, 1000, b"other")])
+    recs = store.read(sid, 0, 0, 10, BIG)
+    assert [r.timestamp_ms for r in recs] == [5000, 5000, 7000, 7000]
+    assert store.bounds(sid, 0).last_ts == 7000
+    assert store.read(sid, 1, 0, 10, BIG)[0].timestamp_ms == 1000   # partitions keep their own clock
+    assert store.bounds(sid, 1).last_ts == 1000
+
+
+def test_seq_at_time(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 2)).stream_id
+    assert store.seq_at_time(sid, 0, 123) == 0                      # empty partition: next_seq
+    store.append([batch(sid, 0, 100, b"0", b"1"), batch(sid, 0, 200, b"2"), batch(sid, 0, 300, b"3", b"4")])
+    expected = {0: 0, 99: 0, 100: 0, 101: 2, 150: 2, 200: 2, 201: 3, 299: 3, 300: 3, 301: 5, 10**12: 5}
+    assert {t: store.seq_at_time(sid, 0, t) for t in expected} == expected
+    store.trim(sid, 0, 2)
+    assert store.seq_at_time(sid, 0, 50) == 2                       # before all retained: first retained
+    assert store.seq_at_time(sid, 0, 250) == 3
+    assert store.seq_at_time(sid, 1, 50) == 0
+
+
+# -- trim ------------------------------------------------------------------------------------------
+
+
+def test_trim_drops_records_and_keeps_numbering(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 2)).stream_id
+    fill(store, sid, 0, 10, ts=100)
+    fill(store, sid, 1, 3, ts=100)
+    store.trim(sid, 0, 4)
+    assert store.bounds(sid, 0) == PartitionBounds(4, 10, 100)
+    assert seqs(store.read(sid, 0, 0, 100, BIG)) == list(range(4, 10))   # start before first: from first
+    assert payloads(store.read(sid, 0, 4, 1, BIG)) == [b"4"]
+    assert store.bounds(sid, 1) == PartitionBounds(0, 3, 100)           # other partition untouched
+    assert store.append([batch(sid, 0, 200, b"new")]) == [10]
+    assert store.read(sid, 0, 10, 1, BIG) == [Record(10, 200, None, b"new")]
+
+
+def test_trim_beyond_next_clamps_and_numbering_continues(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    fill(store, sid, 0, 5, ts=100)
+    store.trim(sid, 0, 1000)
+    assert store.bounds(sid, 0) == PartitionBounds(5, 5, 100)
+    assert store.read(sid, 0, 0, 100, BIG) == []
+    assert store.seq_at_time(sid, 0, 0) == 5
+    assert store.append([batch(sid, 0, 50, b"a", b"b")]) == [5]
+    assert store.bounds(sid, 0) == PartitionBounds(5, 7, 100)
+    assert seqs(store.read(sid, 0, 0, 100, BIG)) == [5, 6]
+
+
+def test_trim_is_idempotent_and_never_moves_backwards(store: Store) -> None:
+    sid = store.create_stream(StreamConfig("s", 1)).stream_id
+    store.trim(sid, 0, 3)                                             # empty partition: clamps to 0
+    assert store.bounds(sid, 0) == PartitionBounds(0, 0, 0)
+    fill(store, sid, 0, 8)
+    store.trim(sid, 0, 5)
+    store.trim(sid, 0, 5)
+    assert store.bounds(sid, 0).first_seq == 5
+    store.trim(sid, 0, 2)
+    store.trim(sid, 0, 0)
+    assert store.bounds(sid, 0).first_seq == 5
+    assert seqs(store.read(sid, 0, 0, 100, BIG)) == [5, 6, 7]
+    store.trim(sid, 0, 6)
+    assert seqs(store.read(sid, 0, 0, 100, BIG)) == [6, 7]
+
+
+# -- RocksDB only: restarts ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rocks_dir(tmp_path: Path) -> str:
+    return str(tmp_path / "rocks")
+
+
+@pytest.fixture
+def open_rocks(rocks_dir: str) -> Iterator[Callable[[], RocksStore]]:
+    """Open the directory; every store opened through this is closed after the test."""
+    opened: list[RocksStore] = []
+
+    def open_() -> RocksStore:
+        s = RocksStore(rocks_dir)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+def test_restart_keeps_streams_records_bounds_and_trim_point(open_rocks: Callable[[], RocksStore]) -> None:
+    s = open_rocks()
+    a = s.create_stream(StreamConfig("a", 2, retention_hours=72, created_ms=99))
+    b = s.create_stream(StreamConfig("b", 1))
+    s.append([batch(a.stream_id, 0, 1000, b"a0", b"a1", b"a2", b"a3", key="k"),
+              batch(a.stream_id, 1, 2000, b"x"), batch(b.stream_id, 0, 3000, b"b0")])
+    s.trim(a.stream_id, 0, 2)
+    s.drop_stream("b")
+    s.close()
+
+    s = open_rocks()
+    assert s.list_streams() == [a]
+    assert s.bounds(a.stream_id, 0) == PartitionBounds(2, 4, 1000)
+    assert s.bounds(a.stream_id, 1) == PartitionBounds(0, 1, 2000)
+    assert s.read(a.stream_id, 0, 0, 10, BIG) == [Record(2, 1000, "k", b"a2"), Record(3, 1000, "k", b"a3")]
+    assert s.read(a.stream_id, 1, 0, 10, BIG) == [Record(0, 2000, None, b"x")]
+    assert s.seq_at_time(a.stream_id, 0, 0) == 2
+    # numbering continues, the time floor survived, a dropped id stays dead
+    assert s.append([batch(a.stream_id, 0, 500, b"a4"), batch(b.stream_id, 0, 1, b"lost")]) == [4, None]
+    assert s.read(a.stream_id, 0, 4, 10, BIG) == [Record(4, 1000, None, b"a4")]
+    c = s.create_stream(StreamConfig("b", 1))
+    assert c.stream_id not in (a.stream_id, b.stream_id)
+    assert s.bounds(c.stream_id, 0) == PartitionBounds(0, 0, 0)
+
+
+def test_restart_after_trimming_everything_never_reuses_seqs(open_rocks: Callable[[], RocksStore]) -> None:
+    s = open_rocks()
+    sid = s.create_stream(StreamConfig("s", 1)).stream_id
+    fill(s, sid, 0, 7, ts=100)
+    s.trim(sid, 0, 7)
+    s.close()
+    s = open_rocks()
+    assert s.bounds(sid, 0) == PartitionBounds(7, 7, 100)
+    assert s.append([batch(sid, 0, 200, b"after")]) == [7]
+    s.close()
+    s = open_rocks()
+    assert s.read(sid, 0, 0, 10, BIG) == [Record(7, 200, None, b"after")]
+    assert s.bounds(sid, 0) == PartitionBounds(7, 8, 200)
+
+
+def test_restart_many_times_keeps_counting(open_rocks: Callable[[], RocksStore]) -> None:
+    s = open_rocks()
+    sid = s.create_stream(StreamConfig("s", 1)).stream_id
+    for round_ in range(5):
+        assert s.append([batch(sid, 0, round_, str(round_).encode())]) == [round_]
+        s.close()
+        s = open_rocks()
+    assert payloads(s.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_close_is_idempotent(open_rocks: Callable[[], RocksStore]) -> None:
+    s = open_rocks()
+    sid = s.create_stream(StreamConfig("s", 1)).stream_id
+    s.append([batch(sid, 0, 1, b"x")])
+    s.close()
+    s.close()
+    assert payloads(open_rocks().read(sid, 0, 0, 10, BIG)) == [b"x"]
+
+
+class _PausingDb:
+    """The real Rdict with one interleaving point: the reader thread's first `get` of `key`
+    reads, then waits until the test lets it go on. Everything else passes straight through."""
+
+    def __init__(self, db: object, key: bytes, reader: threading.Thread) -> None:
+        self._db = db
+        self._key = key
+        self._reader = reader
+        self.has_read = threading.Event()
+        self.resume = threading.Event()
+
+    def get(self, key: bytes, *args: object) -> object:
+        value = self._db.get(key, *args)  # type: ignore[attr-defined]
+        if key == self._key and threading.current_thread() is self._reader and not self.has_read.is_set():
+            self.has_read.set()
+            assert self.resume.wait(10)
+        return value
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("what", ["hwm", "trim"])
+def test_cold_cache_read_racing_a_write_never_rolls_the_cache_back(open_rocks: Callable[[], RocksStore],
+                                                                   what: str) -> None:
+    """A lock-free reader fills the partition cache from a value it read before a concurrent
+    append/trim committed; it must not overwrite the newer value the writer cached meanwhile
+    (a stale high-water mark would make the next append reuse sequence numbers)."""
+    s = open_rocks()
+    sid = s.create_stream(StreamConfig("s", 1)).stream_id
+    fill(s, sid, 0, 5)
+    s.close()
+    s = open_rocks()                                   # caches are cold after a reopen
+    kind = keys.HWM if what == "hwm" else keys.TRIM
+    reader = threading.Thread(target=s.bounds, args=(sid, 0))
+    db = _PausingDb(s._db, keys.partition_key(kind, sid, 0), reader)
+    s._db = db  # type: ignore[assignment]
+    reader.start()
+    assert db.has_read.wait(10)                        # the reader holds the old value...
+    if what == "hwm":
+        assert s.append([batch(sid, 0, 2000, b"5")]) == [5]
+    else:
+        s.trim(sid, 0, 3)
+    db.resume.set()                                    # ...and now stores it
+    reader.join(10)
+    assert not reader.is_alive()
+    if what == "hwm":
+        assert s.bounds(sid, 0) == PartitionBounds(0, 6, 2000)
+        assert s.append([batch(sid, 0, 2000, b"6")]) == [6]
+        assert payloads(s.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2", b"3", b"4", b"5", b"6"]
+    else:
+        assert s.bounds(sid, 0) == PartitionBounds(3, 5, 1000)
+        assert seqs(s.read(sid, 0, 0, 10, BIG)) == [3, 4]

@@ -2,8 +2,9 @@
 retention task; on stop, shut down gracefully. The only module that knows every layer.
 
 Graceful stop, in order: mark health NOT_SERVING; stop accepting on both doors and let in-flight
-requests finish (up to `shutdown_grace`); stop the retention task; drain the group committer so
-every accepted batch is committed; flush and close the store.
+requests finish (up to `shutdown_grace`; the gRPC door first answers new calls UNAVAILABLE until the
+running ones are done, see api/grpc_service.py); stop the retention task; drain the group committer
+so every accepted batch is committed; flush and close the store.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +32,11 @@ from broker.storage import STORES
 from broker.storage.base import Store
 
 log = logging.getLogger("sluice")
+
+# On shutdown the gRPC door stops once no RPC ran for this long: long enough for the calls grpc core
+# has already received to be taken and answered (on loopback: microseconds), short enough not to
+# slow an idle broker's stop noticeably.
+_DRAIN_QUIET_S = 0.1
 
 
 @dataclass
@@ -104,7 +111,8 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     http_port = runner.addresses[0][1]
 
     server = _grpc_server(settings, max_message)
-    add_servicer(SluiceServicer(broker), server)
+    servicer = SluiceServicer(broker)
+    add_servicer(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -125,7 +133,14 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     finally:
         log.info("shutting down: draining in-flight requests")
         await health.enter_graceful_shutdown()
-        await asyncio.gather(runner.cleanup(), server.stop(settings.shutdown_grace))
+        servicer.start_draining()
+
+        async def stop_grpc() -> None:
+            began = time.monotonic()
+            await servicer.drained(_DRAIN_QUIET_S, settings.shutdown_grace)
+            await server.stop(max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
+
+        await asyncio.gather(runner.cleanup(), stop_grpc())
         retention.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await retention

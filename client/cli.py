@@ -65,13 +65,24 @@ def _streams(client: Client, args: argparse.Namespace) -> int:
     elif args.action == "delete":
         client.delete_stream(args.name)
     elif args.action == "list":
-        for name in client.list_streams().stream_names:
-            print(name)
+        start = ""
+        while True:  # one page holds at most 100 names: follow has_more_streams to the end
+            page = client.list_streams(start_after=start)
+            for name in page.stream_names:
+                print(name)
+            if not page.has_more_streams or not page.stream_names:
+                break
+            start = page.stream_names[-1]
     else:
-        desc = client.describe_stream(args.name)
-        for p in desc.partitions:
-            print(f"{p.partition_id}  hash [{p.hash_range_start} : {p.hash_range_end}]  "
-                  f"seq [{p.first_sequence_number} : {p.next_sequence_number - 1}]")
+        after = ""
+        while True:  # one page holds at most 100 partitions by default: follow has_more_partitions
+            desc = client.describe_stream(args.name, start_after_partition=after)
+            for p in desc.partitions:
+                print(f"{p.partition_id}  hash [{p.hash_range_start} : {p.hash_range_end}]  "
+                      f"seq [{p.first_sequence_number} : {p.next_sequence_number - 1}]")
+            if not desc.has_more_partitions or not desc.partitions:
+                break
+            after = desc.partitions[-1].partition_id
     return 0
 
 

@@ -74,8 +74,11 @@ class Client:
     def list_streams(self, limit: int = 100, start_after: str = "") -> pb.ListStreamsResponse:
         return self._call(self._stub.ListStreams, pb.ListStreamsRequest(limit=limit, start_stream_name=start_after))
 
-    def describe_stream(self, name: str) -> pb.DescribeStreamResponse:
-        return self._call(self._stub.DescribeStream, pb.DescribeStreamRequest(stream_name=name))
+    def describe_stream(self, name: str, *, start_after_partition: str = "",
+                        limit_partitions: int = 0) -> pb.DescribeStreamResponse:
+        """One page of partitions (default 100), after `start_after_partition` (exclusive)."""
+        return self._call(self._stub.DescribeStream, pb.DescribeStreamRequest(
+            stream_name=name, start_partition_id=start_after_partition, limit_partitions=limit_partitions))
 
     def delete_stream(self, name: str) -> None:
         self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=name))

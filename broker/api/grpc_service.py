@@ -4,11 +4,19 @@ per RPC, errors rendered by api/render.py.
 Requests are registered with a tolerant deserializer: garbage bytes become an INVALID_ARGUMENT
 with DIS.4300 instead of grpc's generic INTERNAL "Exception deserializing request!".
 Bulk responses are built columnar (see the .proto): a few list extends per batch.
+
+Shutdown drains before it stops: grpc core answers CANCELLED to every call it has received but not
+yet handed to the application when the server stops, and the aio server hands calls over one at a
+time, so under load most requests in flight at SIGTERM would be cancelled despite the grace period.
+`start_draining()` keeps the server taking calls but refuses new work with UNAVAILABLE (DIS.5250, as
+the group committer does once closed) and `drained()` waits until the calls already running finish.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -52,18 +60,25 @@ def rpc(method: Rpc) -> Rpc:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         error: BrokerError
-        if isinstance(request, _Undecodable):
-            error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
-        else:
-            try:
-                return await method(self, request, context)
-            except BrokerError as exc:
-                error = exc
-            except Exception:
-                request_id = uuid.uuid4().hex
-                log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
-                error = server_error(ErrorCode.INTERNAL, request_id=request_id)
-        await context.abort(grpc_status(error), error.message, trailing_metadata=grpc_trailers(error))
+        self._active += 1
+        try:
+            if self._draining:
+                error = server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+            elif isinstance(request, _Undecodable):
+                error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
+            else:
+                try:
+                    return await method(self, request, context)
+                except BrokerError as exc:
+                    error = exc
+                except Exception:
+                    request_id = uuid.uuid4().hex
+                    log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
+                    error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+            await context.abort(grpc_status(error), error.message, trailing_metadata=grpc_trailers(error))
+        finally:
+            self._active -= 1
+            self._last_activity = time.monotonic()
     return wrapper
 
 
@@ -76,6 +91,26 @@ def _stream_info(c: StreamConfig) -> pb.StreamInfo:
 class SluiceServicer:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+        self._draining = False
+        self._active = 0                          # RPCs inside a handler right now
+        self._last_activity = time.monotonic()    # when one last finished
+
+    def start_draining(self) -> None:
+        """Shutdown step: from now on every RPC is answered UNAVAILABLE; running ones go on."""
+        self._draining = True
+        self._last_activity = time.monotonic()  # quiet is counted from here at the earliest
+
+    async def drained(self, quiet: float, timeout: float) -> bool:
+        """Wait until no RPC has run for `quiet` seconds (so the calls grpc core had queued have
+        been taken and answered), at most `timeout` seconds. True when quiet was reached."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if self._active == 0 and now - self._last_activity >= quiet:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(quiet / 4, max(deadline - now, 0.001)))
 
     @rpc
     async def CreateStream(self, request: pb.CreateStreamRequest, context: Any) -> pb.CreateStreamResponse:

@@ -1,0 +1,87 @@
+"""The layering and the error catalogue, checked rather than hoped for.
+
+Import direction: api -> core -> storage.base <- storage.rocks|memory; model and errors under all.
+The core never sees a wire format or a storage engine; only storage/rocks.py imports rocksdict.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.api.render import dis_error_body, grpc_status, http_status
+from broker.errors import BrokerError, ErrorCode
+
+BROKER = Path(__file__).resolve().parents[1] / "broker"
+WIRE = ("grpc", "aiohttp", "google.protobuf", "client", "orjson")
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def modules(sub: str) -> list[Path]:
+    return sorted((BROKER / sub).rglob("*.py")) if (BROKER / sub).is_dir() else [BROKER / sub]
+
+
+def _hits(path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return [m for m in imports_of(path) if any(m == p or m.startswith(p + ".") for p in prefixes)]
+
+
+@pytest.mark.parametrize("path", modules("core") + modules("storage") + [BROKER / "model.py"], ids=str)
+def test_core_and_storage_know_no_wire_format(path: Path) -> None:
+    assert _hits(path, WIRE) == []
+
+
+@pytest.mark.parametrize("path", modules("core") + modules("api"), ids=str)
+def test_core_and_doors_never_touch_a_storage_engine(path: Path) -> None:
+    assert _hits(path, ("rocksdict", "broker.storage.rocks", "broker.storage.memory")) == []
+
+
+@pytest.mark.parametrize("path", modules("api"), ids=str)
+def test_doors_do_not_import_storage(path: Path) -> None:
+    assert _hits(path, ("broker.storage",)) == []
+
+
+def test_only_rocks_module_imports_rocksdict() -> None:
+    users = [p.name for p in BROKER.rglob("*.py") if _hits(p, ("rocksdict",))]
+    assert users == ["rocks.py"]
+
+
+def test_errors_module_imports_nothing_from_broker() -> None:
+    assert _hits(BROKER / "errors.py", ("broker",)) == []
+
+
+def test_only_app_imports_the_doors() -> None:
+    users = {p.relative_to(BROKER).as_posix() for p in BROKER.rglob("*.py")
+             if p.parent.name != "api" and _hits(p, ("broker.api",))}
+    assert users == {"app.py"}
+
+
+@pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.name)
+def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
+    assert re.fullmatch(r"DIS\.\d{4}", code.dis_code)
+    assert 400 <= code.http_status <= 599
+    error = BrokerError(code, detail="d", stream="s", partition_id="p", cursor_type="c", value="v", given=1,
+                        earliest=0, latest=2, seq=0, method="GET", path="/x", request_id="r")
+    assert grpc_status(error) in set(grpc.StatusCode)
+    assert grpc_status(error) not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
+    assert http_status(error) == code.http_status
+    body = dis_error_body(error)
+    assert body == {"error_code": code.dis_code, "error_msg": error.message,
+                    "errorCode": code.dis_code, "message": error.message}
+    assert "{" not in error.message, "a template placeholder was left unfilled"
+
+
+def test_client_and_server_faults_are_split_by_status() -> None:
+    for code in ErrorCode:
+        assert BrokerError(code).is_server_fault == (code.http_status >= 500)

@@ -25,9 +25,7 @@ import base64
 import http.client
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from broker.launcher import BrokerProcess  # noqa: E402
 from client._pb.sluice.v1 import sluice_pb2 as pb  # noqa: E402
 from client._pb.sluice.v1 import sluice_pb2_grpc  # noqa: E402
 
@@ -53,7 +52,6 @@ try:
 except ImportError:  # pragma: no cover - orjson is a broker dependency, but stay runnable without it
     _loads = json.loads
 
-READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
 PROJECT = "bench"
 CALL_TIMEOUT = 60.0
 VARIANTS_PER_PRODUCER = 4   # distinct pre-built requests per producer, sent round robin
@@ -62,46 +60,24 @@ VARIANTS_PER_PRODUCER = 4   # distinct pre-built requests per producer, sent rou
 # -- a broker of our own -----------------------------------------------------------------------
 
 class OwnBroker:
-    """`python -m broker` on a temp dir; the ready line gives the ports."""
+    """A broker started here on a temp dir (broker.launcher: ports from its ready line)."""
 
     def __init__(self, fsync: bool) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-        self.log_path = self.dir / "broker.log"
-        cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.dir / "data"), "--grpc-port", "0",
-               "--http-port", "0", "--log-level", "WARNING", *(["--fsync"] if fsync else [])]
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        found: list[re.Match[str]] = []
-
-        def read_ready() -> None:
-            assert self.proc.stdout
-            for line in self.proc.stdout:
-                m = READY.search(line)
-                if m:
-                    found.append(m)
-                    return
-
-        reader = threading.Thread(target=read_ready, daemon=True)
-        reader.start()
-        reader.join(60)
-        if not found:
-            self.stop()
-            raise SystemExit(f"broker did not become ready; its log:\n{self.log_path.read_text()[-3000:]}")
-        m = found[0]
-        self.grpc_target = f"{m.group(1)}:{m.group(2)}"
-        self.http_target = f"{m.group(3)}:{m.group(4)}"
+        self.broker = BrokerProcess(self.dir / "data", "--log-level", "WARNING", *(["--fsync"] if fsync else []))
+        try:
+            self.broker.start(timeout=60)
+        except RuntimeError as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise SystemExit(str(exc)) from None
+        self.grpc_target = self.broker.grpc_target
+        self.http_target = self.broker.http_target
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self._log.close()
+        try:
+            self.broker.stop(60)
+        except subprocess.TimeoutExpired:
+            self.broker.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -10,11 +10,7 @@ import tempfile
 os.environ["HOME"] = tempfile.mkdtemp(prefix="sluice-test-home-")
 
 import itertools
-import re
-import signal
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,84 +19,9 @@ from typing import Callable, Iterator
 import grpc
 import pytest
 
+from broker.launcher import BrokerProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
-
-
-class BrokerProcess:
-    """`python -m broker` as a child process. `start()` returns once both doors accept."""
-
-    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.extra_args = extra_args
-        self.env = env or {}
-        self.proc: subprocess.Popen[str] | None = None
-        self.grpc_port = 0
-        self.http_port = 0
-        self.stderr_lines: list[str] = []
-
-    def start(self, timeout: float = 30.0) -> "BrokerProcess":
-        cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.data_dir), "--grpc-port", "0",
-               "--http-port", "0", *self.extra_args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **self.env})
-        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._stderr_reader.start()
-        found: list[re.Match[str]] = []
-
-        def read_ready() -> None:
-            assert self.proc and self.proc.stdout
-            for line in self.proc.stdout:
-                m = READY.search(line)
-                if m:
-                    found.append(m)
-                    return
-
-        reader = threading.Thread(target=read_ready, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not found:
-            self.kill()
-            raise RuntimeError("broker did not become ready:\n" + "".join(self.stderr_lines[-40:]))
-        self.grpc_port, self.http_port = int(found[0].group(2)), int(found[0].group(4))
-        return self
-
-    def _drain_stderr(self) -> None:
-        assert self.proc and self.proc.stderr
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait: the graceful path."""
-        assert self.proc
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._close_pipes()
-        return code
-
-    def _close_pipes(self) -> None:
-        assert self.proc
-        self._stderr_reader.join(5)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe:
-                pipe.close()
-
-    def kill(self) -> None:
-        """SIGKILL: the crash path."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if self.proc:
-            self._close_pipes()
 
 
 @pytest.fixture

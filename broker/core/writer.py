@@ -69,7 +69,7 @@ class GroupCommitter:
             except BrokerError as exc:
                 self._fail(group, exc)
                 continue
-            except Exception as exc:  # a bug, not a storage condition: never leave producers hanging
+            except Exception:  # a bug, not a storage condition: never leave producers hanging
                 log.exception("group commit failed")
                 self._fail(group, server_error(ErrorCode.UNAVAILABLE, detail="commit failed"))
                 continue

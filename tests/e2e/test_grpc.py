@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
-from client._pb.sluice.v1 import sluice_pb2_grpc
 
 HASH_MAX = 2**63 - 1
 TIMEOUT = 10.0  # every RPC in this module: a hang is a failure, never a stuck suite

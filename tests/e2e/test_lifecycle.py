@@ -19,12 +19,12 @@ from typing import Iterator
 import grpc
 import pytest
 
+from broker.launcher import READY
 from broker.settings import Settings
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
-READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
 TIMEOUT = 10.0
 
 

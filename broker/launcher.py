@@ -1,0 +1,106 @@
+"""Run a broker as a child process and wait until it is ready - for tests, benchmarks and scripts.
+
+Readiness is the ready line `sluice ready grpc=HOST:PORT http=HOST:PORT` that `python -m broker`
+prints on stdout once both doors accept connections, so callers never guess with a sleep and can
+use port 0 (the OS picks free ports, the line says which). Imports nothing else from the broker.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BrokerProcess:
+    """`python -m broker --data-dir DIR --grpc-port 0 --http-port 0 *extra_args` as a child.
+
+    stderr (the log) is collected in `stderr_lines`. `start()` returns once the broker is ready;
+    `stop()` is the graceful path (SIGTERM), `kill()` the crash path (SIGKILL).
+    """
+
+    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.extra_args = extra_args
+        self.env = env or {}
+        self.proc: subprocess.Popen[str] | None = None
+        self.host = "127.0.0.1"
+        self.grpc_port = 0
+        self.http_port = 0
+        self.stderr_lines: list[str] = []
+        self._stderr_reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 30.0) -> "BrokerProcess":
+        cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.data_dir), "--grpc-port", "0",
+               "--http-port", "0", *self.extra_args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **self.env})
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_reader.start()
+        found: list[re.Match[str]] = []
+
+        def read_ready() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                m = READY.search(line)
+                if m:
+                    found.append(m)
+                    return
+
+        reader = threading.Thread(target=read_ready, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            self.kill()
+            raise RuntimeError("broker did not become ready:\n" + "".join(self.stderr_lines[-40:]))
+        self.host = found[0].group(1)
+        self.grpc_port, self.http_port = int(found[0].group(2)), int(found[0].group(4))
+        return self
+
+    def _drain_stderr(self) -> None:
+        assert self.proc and self.proc.stderr
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the graceful path. Returns the exit code."""
+        assert self.proc
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._close_pipes()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: the crash path."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc:
+            self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        assert self.proc
+        if self._stderr_reader:
+            self._stderr_reader.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()

@@ -102,7 +102,8 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     await broker.start()
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
 
-    runner = web.AppRunner(build_http_app(broker, body_timeout_s=settings.body_timeout),
+    runner = web.AppRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
+                                          stall_timeout_s=settings.idle_timeout),
                            keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                            access_log=None, handle_signals=False)
     await runner.setup()
@@ -133,6 +134,7 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     finally:
         log.info("shutting down: draining in-flight requests")
         await health.enter_graceful_shutdown()
+        broker.begin_shutdown()   # long polls answer now, subscriptions end
         servicer.start_draining()
 
         async def stop_grpc() -> None:

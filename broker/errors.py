@@ -37,6 +37,11 @@ class ErrorCode(Enum):
     PARTITION_NOT_FOUND    = (400, "NOT_FOUND",           "DIS.4302", "Partition [{partition_id}] does not exist")
     STREAM_EXISTS          = (400, "ALREADY_EXISTS",      "DIS.4307", "Stream [{stream}] already exists")
     QUOTA_EXCEEDED         = (400, "RESOURCE_EXHAUSTED",  "DIS.4308", "Insufficient quota. {detail}")
+    APP_QUOTA_EXCEEDED     = (400, "RESOURCE_EXHAUSTED",  "DIS.4329", "Insufficient app quota. {detail}")
+    APP_EXISTS             = (400, "ALREADY_EXISTS",      "DIS.4330", "App [{app}] already exists")
+    APP_NOT_FOUND          = (400, "NOT_FOUND",           "DIS.4332", "App [{app}] does not exist")
+    APP_NO_CHECKPOINT      = (400, "FAILED_PRECONDITION", "DIS.4375",
+                              "App [{app}] has not committed a checkpoint on stream [{stream}]")
     # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
     REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300", "Request too large. {detail}")
     # [ours] unknown routes and methods; DIS has no code of its own for these.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import grpc
 
@@ -109,9 +109,102 @@ class Client:
             request.timestamp = timestamp
         return self._call(self._stub.GetCursor, request).partition_cursor
 
-    def get_records(self, cursor: str, *, limit: int = 0, max_fetch_bytes: int = 0) -> RecordsPage:
-        resp = self._call(self._stub.GetRecords, pb.GetRecordsRequest(
-            partition_cursor=cursor, limit=limit, max_fetch_bytes=max_fetch_bytes))
-        records = [Record(s, t, d, k or None) for s, t, d, k in
-                   zip(resp.sequence_numbers, resp.timestamps, resp.data, resp.partition_keys)]
-        return RecordsPage(records, resp.next_partition_cursor, resp.millis_behind_latest)
+    def get_records(self, cursor: str, *, limit: int = 0, max_fetch_bytes: int = 0, wait_ms: int = 0) -> RecordsPage:
+        """One page from `cursor`. With `wait_ms` (long poll, max 20000) an empty read waits for data."""
+        timeout = self._timeout + wait_ms / 1000
+        try:
+            resp = self._stub.GetRecords(pb.GetRecordsRequest(
+                partition_cursor=cursor, limit=limit, max_fetch_bytes=max_fetch_bytes, wait_ms=wait_ms),
+                timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return _page(resp)
+
+    def subscribe(self, stream: str = "", partition_id: int | str = "", cursor_type: str = "LATEST", *,
+                  cursor: str = "", sequence_number: int | None = None, timestamp: int | None = None,
+                  max_records: int = 0, max_wait_ms: int = 0) -> Iterator[RecordsPage]:
+        """Push consumption: yields pages as records are written (empty pages are heartbeats).
+        Start from `cursor`, or from stream/partition/cursor_type like get_cursor. Iterate in
+        your own pace: the broker waits for you (HTTP/2 flow control). Close the iterator or
+        call `.cancel()` on it to stop."""
+        request = pb.SubscribeRequest(partition_cursor=cursor, stream_name=stream, partition_id=str(partition_id),
+                                      cursor_type=pb.CursorType.Value(cursor_type), max_records=max_records,
+                                      max_wait_ms=max_wait_ms)
+        if sequence_number is not None:
+            request.starting_sequence_number = str(sequence_number)
+        if timestamp is not None:
+            request.timestamp = timestamp
+        responses = self._stub.Subscribe(request)
+        try:
+            for resp in responses:
+                yield _page(resp)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise from_rpc_error(exc) from None
+        finally:
+            responses.cancel()
+
+    # -- apps and checkpoints ------------------------------------------------------------------
+
+    def create_app(self, name: str) -> None:
+        self._call(self._stub.CreateApp, pb.CreateAppRequest(app_name=name))
+
+    def list_apps(self, limit: int = 100, start_after: str = "", stream: str = "") -> pb.ListAppsResponse:
+        return self._call(self._stub.ListApps, pb.ListAppsRequest(limit=limit, start_app_name=start_after,
+                                                                  stream_name=stream))
+
+    def describe_app(self, name: str) -> pb.AppInfo:
+        return self._call(self._stub.DescribeApp, pb.DescribeAppRequest(app_name=name))
+
+    def delete_app(self, name: str) -> None:
+        self._call(self._stub.DeleteApp, pb.DeleteAppRequest(app_name=name))
+
+    def commit_checkpoint(self, app: str, stream: str, partition_id: int | str, sequence_number: int,
+                          metadata: str = "") -> None:
+        """Record that `app` processed `partition_id` up to and including `sequence_number`."""
+        self._call(self._stub.CommitCheckpoint, pb.CommitCheckpointRequest(
+            app_name=app, stream_name=stream, partition_id=str(partition_id),
+            sequence_number=str(sequence_number), metadata=metadata))
+
+    def get_checkpoint(self, app: str, stream: str, partition_id: int | str) -> tuple[int, str] | None:
+        """(sequence_number, metadata) of the committed checkpoint, or None."""
+        resp = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(
+            app_name=app, stream_name=stream, partition_id=str(partition_id)))
+        return (resp.sequence_number, resp.metadata) if resp.found else None
+
+    def delete_checkpoint(self, app: str, stream: str, partition_id: int | str | None = None) -> None:
+        request = pb.DeleteCheckpointRequest(app_name=app, stream_name=stream)
+        if partition_id is not None:
+            request.partition_id = str(partition_id)
+        self._call(self._stub.DeleteCheckpoint, request)
+
+    def consumer_state(self, app: str, stream: str) -> list[pb.PartitionConsumingState]:
+        """Every partition's checkpoint, retained range and lag (all pages)."""
+        out: list[pb.PartitionConsumingState] = []
+        after = ""
+        while True:
+            resp = self._call(self._stub.GetConsumerState, pb.GetConsumerStateRequest(
+                app_name=app, stream_name=stream, start_partition_id=after))
+            out.extend(resp.partitions)
+            if not resp.has_more or not resp.partitions:
+                return out
+            after = resp.partitions[-1].partition_id
+
+    # -- consumer groups -----------------------------------------------------------------------
+
+    def heartbeat(self, app: str, stream: str, member_id: str, held: Iterable[int] = (),
+                  lease_ms: int = 0) -> tuple[list[int], int]:
+        """(partitions this member may work on now, lease_ms). See broker/core/leases.py."""
+        resp = self._call(self._stub.Heartbeat, pb.HeartbeatRequest(
+            app_name=app, stream_name=stream, member_id=member_id, held=list(held), lease_ms=lease_ms))
+        return list(resp.partitions), resp.lease_ms
+
+    def leave_group(self, app: str, stream: str, member_id: str) -> None:
+        self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app, stream_name=stream, member_id=member_id))
+
+
+def _page(resp: pb.GetRecordsResponse) -> RecordsPage:
+    records = [Record(s, t, d, k or None) for s, t, d, k in
+               zip(resp.sequence_numbers, resp.timestamps, resp.data, resp.partition_keys)]
+    return RecordsPage(records, resp.next_partition_cursor, resp.millis_behind_latest)

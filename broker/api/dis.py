@@ -17,7 +17,8 @@ from aiohttp import web
 from broker.core.broker import Broker
 from broker.core.routing import format_partition_id
 from broker.errors import ErrorCode, client_error
-from broker.model import PutEntry, StreamConfig
+from broker.core.apps import AppInfo
+from broker.model import GetRecordsResult, PutEntry, StreamConfig
 
 BROKER = web.AppKey("broker", Broker)
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
@@ -172,10 +173,8 @@ async def get_cursor(request: web.Request) -> web.Response:
     return _json({"partition_cursor": cursor})
 
 
-async def get_records(request: web.Request) -> web.Response:
-    result = await request.app[BROKER].get_records(
-        _required_query(request, "partition-cursor"), _query_int(request, "limit"),
-        _query_int(request, "max_fetch_bytes"))
+def records_body(result: GetRecordsResult) -> dict[str, Any]:
+    """A GetRecords result as DIS renders it (also the payload of an SSE tail event)."""
     b64 = binascii.b2a_base64
     records = []
     for r in result.records:
@@ -184,8 +183,87 @@ async def get_records(request: web.Request) -> web.Response:
         if r.partition_key is not None:
             item["partition_key"] = r.partition_key
         records.append(item)
-    return _json({"records": records, "next_partition_cursor": result.next_cursor,
-                  "millis_behind_latest": result.millis_behind_latest})
+    return {"records": records, "next_partition_cursor": result.next_cursor,
+            "millis_behind_latest": result.millis_behind_latest}
+
+
+async def get_records(request: web.Request) -> web.Response:
+    # `wait_ms` is ours (long poll); DIS clients never send it and get an immediate answer.
+    result = await request.app[BROKER].get_records(
+        _required_query(request, "partition-cursor"), _query_int(request, "limit"),
+        _query_int(request, "max_fetch_bytes"), _query_int(request, "wait_ms"))
+    return _json(records_body(result))
+
+
+# -- apps, checkpoints, consumer state (spec section 2.9, 2.10) -------------------------------------
+
+def _app_body(info: AppInfo) -> dict[str, Any]:
+    return {"app_name": info.name, "app_id": info.app_id, "create_time": info.created_ms,
+            "commit_checkpoint_stream_names": list(info.stream_names)}
+
+
+async def create_app(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    await request.app[BROKER].create_app(_typed(body, "app_name", str, required=True))
+    return web.Response(status=201)
+
+
+async def list_apps(request: web.Request) -> web.Response:
+    total, page, more = await request.app[BROKER].list_apps(
+        _query_int(request, "limit"), request.query.get("start_app_name"), request.query.get("stream_name"))
+    return _json({"has_more_app": more, "apps": [_app_body(a) for a in page], "total_number": total})
+
+
+async def describe_app(request: web.Request) -> web.Response:
+    return _json(_app_body(await request.app[BROKER].describe_app(request.match_info["app_name"])))
+
+
+async def delete_app(request: web.Request) -> web.Response:
+    await request.app[BROKER].delete_app(request.match_info["app_name"])
+    return web.Response(status=204)
+
+
+async def consumer_state(request: web.Request) -> web.Response:
+    kind = _required_query(request, "checkpoint_type")
+    app, stream = request.match_info["app_name"], request.match_info["stream_name"]
+    states, more = await request.app[BROKER].consumer_state(
+        app, stream, kind, request.query.get("start_partition_id"), _query_int(request, "limit"))
+    rows = []
+    for st in states:
+        row: dict[str, Any] = {"partition_id": format_partition_id(st.partition), "latest_offset": st.latest,
+                               "earliest_offset": st.earliest, "checkpoint_type": kind, "status": "ACTIVE"}
+        if st.checkpoint is not None:
+            row["sequence_number"] = str(st.checkpoint.seq)
+        rows.append(row)
+    return _json({"has_more": more, "stream_name": stream, "app_name": app, "partition_consuming_states": rows})
+
+
+async def commit_checkpoint(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    pid = _typed(body, "partition_id", (str, int), required=True)
+    seq = _typed(body, "sequence_number", (str, int), required=True)
+    await request.app[BROKER].commit_checkpoint(
+        _typed(body, "app_name", str, required=True), _typed(body, "stream_name", str, required=True),
+        str(pid), str(seq), _typed(body, "metadata", str), _typed(body, "checkpoint_type", str, required=True))
+    return web.Response(status=201)
+
+
+def _checkpoint_query(request: web.Request) -> tuple[str, str, str]:
+    return (_required_query(request, "app_name"), _required_query(request, "stream_name"),
+            _required_query(request, "checkpoint_type"))
+
+
+async def get_checkpoint(request: web.Request) -> web.Response:
+    app, stream, kind = _checkpoint_query(request)
+    mark = await request.app[BROKER].get_checkpoint(app, stream, _required_query(request, "partition_id"), kind)
+    # No checkpoint yet: 200 without sequence_number (DIS leaves this undocumented; the SDK gives None).
+    return _json({} if mark is None else {"sequence_number": str(mark.seq), "metadata": mark.metadata})
+
+
+async def delete_checkpoint(request: web.Request) -> web.Response:
+    app, stream, kind = _checkpoint_query(request)
+    await request.app[BROKER].delete_checkpoint(app, stream, request.query.get("partition_id") or None, kind)
+    return web.Response(status=204)
 
 
 def add_routes(app: web.Application) -> None:
@@ -198,6 +276,14 @@ def add_routes(app: web.Application) -> None:
         ("POST", "/v2/{project_id}/records", put_records),
         ("GET", "/v2/{project_id}/records", get_records),
         ("GET", "/v2/{project_id}/cursors", get_cursor),
+        ("POST", "/v2/{project_id}/apps", create_app),
+        ("GET", "/v2/{project_id}/apps", list_apps),
+        ("GET", "/v2/{project_id}/apps/{app_name}", describe_app),
+        ("DELETE", "/v2/{project_id}/apps/{app_name}", delete_app),
+        ("GET", "/v2/{project_id}/apps/{app_name}/streams/{stream_name}", consumer_state),
+        ("POST", "/v2/{project_id}/checkpoints", commit_checkpoint),
+        ("GET", "/v2/{project_id}/checkpoints", get_checkpoint),
+        ("DELETE", "/v2/{project_id}/checkpoints", delete_checkpoint),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)

@@ -14,6 +14,7 @@ the group committer does once closed) and `drained()` waits until the calls alre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -27,7 +28,8 @@ from broker.api.render import grpc_status, grpc_trailers
 from broker.core.broker import Broker
 from broker.core.routing import format_partition_id
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
-from broker.model import PutEntry, StreamConfig
+from broker.core.apps import AppInfo
+from broker.model import GetRecordsResult, PutEntry, StreamConfig
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,27 @@ def rpc(method: Rpc) -> Rpc:
     return wrapper
 
 
+def _records_response(result: GetRecordsResult) -> pb.GetRecordsResponse:
+    response = pb.GetRecordsResponse(next_partition_cursor=result.next_cursor,
+                                     millis_behind_latest=result.millis_behind_latest)
+    if result.records:
+        seqs, timestamps, keys, data = zip(*result.records)
+        response.sequence_numbers.extend(seqs)
+        response.timestamps.extend(timestamps)
+        response.partition_keys.extend(k or "" for k in keys)
+        response.data.extend(data)
+    return response
+
+
+def _cursor_type(kind: int) -> str | None:
+    return None if kind == pb.CURSOR_TYPE_UNSPECIFIED else _CURSOR_TYPES.get(kind, f"#{kind}")
+
+
+def _app_info(info: AppInfo) -> pb.AppInfo:
+    return pb.AppInfo(app_name=info.name, app_id=info.app_id, create_time=info.created_ms,
+                      commit_checkpoint_stream_names=info.stream_names)
+
+
 def _stream_info(c: StreamConfig) -> pb.StreamInfo:
     return pb.StreamInfo(stream_name=c.name, partition_count=c.partition_count, retention_hours=c.retention_hours,
                          data_type=c.data_type, stream_type=c.stream_type, create_time=c.created_ms,
@@ -96,7 +119,8 @@ class SluiceServicer:
         self._last_activity = time.monotonic()    # when one last finished
 
     def start_draining(self) -> None:
-        """Shutdown step: from now on every RPC is answered UNAVAILABLE; running ones go on."""
+        """Shutdown step: from now on every RPC is answered UNAVAILABLE; running ones go on.
+        (Subscriptions end by themselves once the broker begins shutting down.)"""
         self._draining = True
         self._last_activity = time.monotonic()  # quiet is counted from here at the earliest
 
@@ -158,10 +182,8 @@ class SluiceServicer:
 
     @rpc
     async def GetCursor(self, request: pb.GetCursorRequest, context: Any) -> pb.GetCursorResponse:
-        kind = request.cursor_type
-        cursor_type = None if kind == pb.CURSOR_TYPE_UNSPECIFIED else _CURSOR_TYPES.get(kind, f"#{kind}")
         cursor = await self._broker.get_cursor(
-            request.stream_name, request.partition_id, cursor_type,
+            request.stream_name, request.partition_id, _cursor_type(request.cursor_type),
             request.starting_sequence_number if request.HasField("starting_sequence_number") else None,
             request.timestamp if request.HasField("timestamp") else None)
         return pb.GetCursorResponse(partition_cursor=cursor)
@@ -169,16 +191,86 @@ class SluiceServicer:
     @rpc
     async def GetRecords(self, request: pb.GetRecordsRequest, context: Any) -> pb.GetRecordsResponse:
         result = await self._broker.get_records(request.partition_cursor, request.limit or None,
-                                                request.max_fetch_bytes or None)
-        response = pb.GetRecordsResponse(next_partition_cursor=result.next_cursor,
-                                         millis_behind_latest=result.millis_behind_latest)
-        if result.records:
-            seqs, timestamps, keys, data = zip(*result.records)
-            response.sequence_numbers.extend(seqs)
-            response.timestamps.extend(timestamps)
-            response.partition_keys.extend(k or "" for k in keys)
-            response.data.extend(data)
-        return response
+                                                request.max_fetch_bytes or None, request.wait_ms or None)
+        return _records_response(result)
+
+    @rpc
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
+        cursor = request.partition_cursor or await self._broker.get_cursor(
+            request.stream_name, request.partition_id, _cursor_type(request.cursor_type),
+            request.starting_sequence_number if request.HasField("starting_sequence_number") else None,
+            request.timestamp if request.HasField("timestamp") else None)
+        batches = self._broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                # write() waits for HTTP/2 flow control: a consumer that stops reading stops us here
+                await context.write(_records_response(batch))
+        raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+
+    @rpc
+    async def CreateApp(self, request: pb.CreateAppRequest, context: Any) -> pb.CreateAppResponse:
+        await self._broker.create_app(request.app_name)
+        return pb.CreateAppResponse()
+
+    @rpc
+    async def ListApps(self, request: pb.ListAppsRequest, context: Any) -> pb.ListAppsResponse:
+        total, page, more = await self._broker.list_apps(request.limit or None, request.start_app_name or None,
+                                                         request.stream_name or None)
+        return pb.ListAppsResponse(total_number=total, apps=[_app_info(a) for a in page], has_more_app=more)
+
+    @rpc
+    async def DescribeApp(self, request: pb.DescribeAppRequest, context: Any) -> pb.AppInfo:
+        return _app_info(await self._broker.describe_app(request.app_name))
+
+    @rpc
+    async def DeleteApp(self, request: pb.DeleteAppRequest, context: Any) -> pb.DeleteAppResponse:
+        await self._broker.delete_app(request.app_name)
+        return pb.DeleteAppResponse()
+
+    @rpc
+    async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context: Any) -> pb.CommitCheckpointResponse:
+        await self._broker.commit_checkpoint(request.app_name, request.stream_name, request.partition_id,
+                                             request.sequence_number, request.metadata or None,
+                                             request.checkpoint_type or "LAST_READ")
+        return pb.CommitCheckpointResponse()
+
+    @rpc
+    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any) -> pb.GetCheckpointResponse:
+        mark = await self._broker.get_checkpoint(request.app_name, request.stream_name, request.partition_id,
+                                                 request.checkpoint_type or "LAST_READ")
+        if mark is None:
+            return pb.GetCheckpointResponse(found=False)
+        return pb.GetCheckpointResponse(found=True, sequence_number=mark.seq, metadata=mark.metadata)
+
+    @rpc
+    async def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Any) -> pb.DeleteCheckpointResponse:
+        await self._broker.delete_checkpoint(
+            request.app_name, request.stream_name,
+            request.partition_id if request.HasField("partition_id") else None, request.checkpoint_type or "LAST_READ")
+        return pb.DeleteCheckpointResponse()
+
+    @rpc
+    async def GetConsumerState(self, request: pb.GetConsumerStateRequest, context: Any) -> pb.GetConsumerStateResponse:
+        kind = request.checkpoint_type or "LAST_READ"
+        states, more = await self._broker.consumer_state(request.app_name, request.stream_name, kind,
+                                                         request.start_partition_id or None, request.limit or None)
+        return pb.GetConsumerStateResponse(
+            app_name=request.app_name, stream_name=request.stream_name, has_more=more,
+            partitions=[pb.PartitionConsumingState(
+                partition_id=format_partition_id(st.partition), has_checkpoint=st.checkpoint is not None,
+                sequence_number=st.checkpoint.seq if st.checkpoint else -1, earliest_offset=st.earliest,
+                latest_offset=st.latest, lag=st.lag, checkpoint_type=kind, status="ACTIVE") for st in states])
+
+    @rpc
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        mine, lease = await self._broker.heartbeat(request.app_name, request.stream_name, request.member_id,
+                                                   list(request.held), request.lease_ms or None)
+        return pb.HeartbeatResponse(partitions=mine, lease_ms=lease)
+
+    @rpc
+    async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any) -> pb.LeaveGroupResponse:
+        await self._broker.leave_group(request.app_name, request.stream_name, request.member_id)
+        return pb.LeaveGroupResponse()
 
 
 def add_servicer(servicer: SluiceServicer, server: grpc.aio.Server) -> None:
@@ -187,7 +279,8 @@ def add_servicer(servicer: SluiceServicer, server: grpc.aio.Server) -> None:
     for method in pb.DESCRIPTOR.services_by_name["Sluice"].methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
             getattr(servicer, method.name), request_deserializer=_tolerant(request_cls.FromString),
             response_serializer=response_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from broker.api import dis
+from broker.api import dis, tail
 from broker.api.render import dis_error_body, http_status
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
@@ -52,10 +52,12 @@ async def errors_and_request_id(request: web.Request, handler: Handler) -> web.S
     return response
 
 
-def build_http_app(broker: Broker, *, body_timeout_s: float) -> web.Application:
+def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0) -> web.Application:
     app = web.Application(middlewares=[errors_and_request_id],
                           client_max_size=broker.limits.max_http_body_bytes)
     app[dis.BROKER] = broker
     app[dis.BODY_TIMEOUT] = body_timeout_s
+    app[tail.STALL_TIMEOUT] = stall_timeout_s
     dis.add_routes(app)
+    tail.add_routes(app)
     return app

@@ -10,11 +10,15 @@ import asyncio
 import bisect
 import itertools
 import time
-from typing import Callable, Sequence
+import uuid
+from typing import AsyncIterator, Callable, Sequence
 
-from broker.core import routing
+from broker.core import apps, routing
+from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
 from broker.core.cursors import CursorPosition, decode_cursor, encode_cursor
 from broker.core.limits import DEFAULT_LIMITS, SEQUENCE_MAX, Limits, check_stream_name, clip_page
+from broker.core.leases import LeaseTable
+from broker.core.notify import WriteNotifier
 from broker.core.writer import GroupCommitter
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import (AppendBatch, CursorType, GetRecordsResult, PartitionBounds, PartitionInfo,
@@ -41,6 +45,8 @@ class Broker:
         self._by_id: dict[int, StreamConfig] = {}
         self._admin = asyncio.Lock()        # orders create/delete; guards no blocking call on the loop
         self._spread = itertools.count()    # rotates where unkeyed records start
+        self._notifier = WriteNotifier()
+        self._leases = LeaseTable()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -49,8 +55,17 @@ class Broker:
             self._remember(config)
         self._committer.start()
 
+    def begin_shutdown(self) -> None:
+        """Wake every long poll and end every subscription; writes still go on until close()."""
+        self._notifier.close()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._notifier.closed
+
     async def close(self) -> None:
         """Refuse new appends, commit those already accepted. The store is closed by its owner."""
+        self.begin_shutdown()
         await self._committer.close()
 
     @property
@@ -112,6 +127,14 @@ class Broker:
             except BrokerError:
                 self._remember(config)
                 raise
+            self._leases.forget_stream(config.stream_id)
+            # checkpoints are keyed by stream id; drop them so they do not linger
+            doomed: dict[bytes, bytes | None] = {}
+            for app_key, _ in await asyncio.to_thread(self._store.meta_scan, apps.APP_PREFIX):
+                prefix = apps.checkpoint_stream_prefix(app_key[1:].decode(), config.stream_id)
+                doomed.update((k, None) for k, _ in await asyncio.to_thread(self._store.meta_scan, prefix))
+            if doomed:
+                await self._committer.run_blocking(self._store.meta_write, doomed)
 
     def list_streams(self, limit: int | None = None, start_after: str | None = None) -> StreamPage:
         """One page of streams in name order, after `start_after` (exclusive). Raises INVALID_REQUEST."""
@@ -190,6 +213,7 @@ class Broker:
             for (_, (indices, _)), first in zip(order, firsts):
                 for k, i in enumerate(indices):
                     seqs[i] = first + k  # type: ignore[operator]
+            self._notifier.notify((config.stream_id, p) for p, _ in order)
         return PutRecordsResult(partitions, seqs, failures)
 
     def _route(self, entry: PutEntry, count: int, spread: int) -> tuple[int, BrokerError | None]:
@@ -271,32 +295,244 @@ class Broker:
                                latest=max(bounds.first_seq, bounds.last_seq))
         return seq
 
-    async def get_records(self, cursor: object, limit: int | None = None,
-                          max_fetch_bytes: int | None = None) -> GetRecordsResult:
+    async def get_records(self, cursor: object, limit: int | None = None, max_fetch_bytes: int | None = None,
+                          wait_ms: int | None = None) -> GetRecordsResult:
         """Records from the cursor on, and the cursor after them. `limit` and `max_fetch_bytes` are
         clipped into range; at least one record is returned when one exists, even if it is larger
-        than max_fetch_bytes (DIS would never return it - a documented deviation).
+        than max_fetch_bytes (DIS would never return it - a documented deviation). With `wait_ms`
+        (long poll) an empty read waits up to that long for a record to be written.
         Raises INVALID_CURSOR, CURSOR_EXPIRED, CURSOR_RECORD_EXPIRED, STREAM_NOT_FOUND."""
         lim = self.limits
-        now = self._now()
-        pos = decode_cursor(self._secret, cursor, now, lim.cursor_ttl_ms)
-        config = self._by_id.get(pos.stream_id)
-        if config is None:
+        pos = decode_cursor(self._secret, cursor, self._now(), lim.cursor_ttl_ms)
+        if pos.stream_id not in self._by_id:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {pos.stream_id})")
         limit = min(max(limit or lim.default_read_limit, 1), lim.max_read_limit)
         max_bytes = min(max(max_fetch_bytes or lim.default_fetch_bytes, 1), lim.max_fetch_bytes)
-        sid, p = pos.stream_id, pos.partition
+        wait_s = min(max(wait_ms or 0, 0), lim.max_wait_ms) / 1000
+        return await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
+
+    async def _fetch(self, sid: int, p: int, seq: int, limit: int, max_bytes: int, wait_s: float) -> GetRecordsResult:
+        """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
 
         def read() -> tuple[PartitionBounds, list[Record]]:
             bounds = self._store.bounds(sid, p)
-            if pos.seq < bounds.first_seq:
-                raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=pos.seq, earliest=bounds.first_seq)
-            return bounds, self._store.read(sid, p, pos.seq, limit, max_bytes)
+            if seq < bounds.first_seq:
+                raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=seq, earliest=bounds.first_seq)
+            return bounds, self._store.read(sid, p, seq, limit, max_bytes)
 
-        bounds, records = await asyncio.to_thread(read)
-        next_seq = records[-1].seq + 1 if records else pos.seq
+        while True:
+            waiter = self._notifier.register(sid, p) if wait_s > 0 else None
+            try:
+                bounds, records = await asyncio.to_thread(read)
+                remaining = deadline - loop.time()
+                if records or waiter is None or remaining <= 0 or self._notifier.closed:
+                    break
+                try:
+                    await asyncio.wait_for(waiter, remaining)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                if waiter is not None:
+                    self._notifier.discard(sid, p, waiter)
+            if sid not in self._by_id:
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+        next_seq = records[-1].seq + 1 if records else seq
         behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
-        return GetRecordsResult(records, encode_cursor(self._secret, CursorPosition(sid, p, next_seq, now)), behind)
+        cursor = encode_cursor(self._secret, CursorPosition(sid, p, next_seq, self._now()))
+        return GetRecordsResult(records, cursor, behind)
+
+    async def subscribe(self, cursor: object, max_records: int | None = None,
+                        max_wait_ms: int | None = None) -> AsyncIterator[GetRecordsResult]:
+        """Push consumption from a cursor: yields batches of at most `max_records` as records are
+        written. Once a record is available, a batch is sent when it is full or `max_wait_ms`
+        after that record was first seen, whichever is first (0 = send at once). After
+        `subscribe_heartbeat_ms` of silence an empty batch is yielded as a heartbeat.
+
+        Flow control is the consumer's: the generator reads the next batch only when the caller
+        asks for it, so a stalled consumer holds one batch in memory and never slows producers.
+        Ends (returns) when the broker begins shutting down. Raises what get_records raises."""
+        lim = self.limits
+        pos = decode_cursor(self._secret, cursor, self._now(), lim.cursor_ttl_ms)
+        if pos.stream_id not in self._by_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {pos.stream_id})")
+        count = min(max(max_records or lim.default_read_limit, 1), lim.max_read_limit)
+        linger = min(max(max_wait_ms or 0, 0), lim.max_wait_ms) / 1000
+        sid, p, seq = pos.stream_id, pos.partition, pos.seq
+        loop = asyncio.get_running_loop()
+        while not self._notifier.closed:
+            batch = await self._fetch(sid, p, seq, count, lim.max_fetch_bytes, lim.subscribe_heartbeat_ms / 1000)
+            records = batch.records
+            if records and len(records) < count and linger > 0:
+                deadline = loop.time() + linger
+                while len(records) < count and (remaining := deadline - loop.time()) > 0:
+                    more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
+                                             lim.max_fetch_bytes, remaining)
+                    records = records + more.records
+                    batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest)
+            if records:
+                seq = records[-1].seq + 1
+            elif self._notifier.closed:
+                return
+            yield batch
+
+    # -- apps and checkpoints ------------------------------------------------------------------
+
+    async def _app(self, name: object) -> tuple[str, bytes]:
+        name = apps.check_app_name(name)
+        raw = await asyncio.to_thread(self._store.meta_get, apps.app_key(name))
+        if raw is None:
+            raise client_error(ErrorCode.APP_NOT_FOUND, app=name)
+        return name, raw
+
+    async def create_app(self, name: object) -> AppInfo:
+        """Raises INVALID_REQUEST, APP_EXISTS, APP_QUOTA_EXCEEDED."""
+        name = apps.check_app_name(name)
+        async with self._admin:
+            existing = await asyncio.to_thread(self._store.meta_scan, apps.APP_PREFIX)
+            if any(k == apps.app_key(name) for k, _ in existing):
+                raise client_error(ErrorCode.APP_EXISTS, app=name)
+            if len(existing) >= self.limits.max_apps:
+                raise client_error(ErrorCode.APP_QUOTA_EXCEEDED, detail=f"at most {self.limits.max_apps} apps")
+            info = AppInfo(name, uuid.uuid4().hex, self._now())
+            await self._committer.run_blocking(self._store.meta_write,
+                                               {apps.app_key(name): apps.encode_app(info.app_id, info.created_ms)})
+        return info
+
+    async def _app_streams(self, name: str) -> tuple[str, ...]:
+        keys = await asyncio.to_thread(self._store.meta_scan, apps.checkpoint_prefix(name))
+        ids = {apps.checkpoint_ref(k)[0] for k, _ in keys}
+        return tuple(sorted(self._by_id[i].name for i in ids if i in self._by_id))
+
+    async def describe_app(self, name: object) -> AppInfo:
+        """Raises INVALID_REQUEST, APP_NOT_FOUND."""
+        name, raw = await self._app(name)
+        return apps.decode_app(name, raw, await self._app_streams(name))
+
+    async def list_apps(self, limit: int | None = None, start_after: str | None = None,
+                        stream_name: str | None = None) -> tuple[int, list[AppInfo], bool]:
+        """(total, page, has_more) in name order; with `stream_name`, only apps that committed a
+        checkpoint on that stream. Raises INVALID_REQUEST, STREAM_NOT_FOUND."""
+        limit = clip_page(limit, self.limits.default_app_page, self.limits.max_app_page, "limit")
+        rows = await asyncio.to_thread(self._store.meta_scan, apps.APP_PREFIX)
+        infos = [apps.decode_app(k[1:].decode(), v, await self._app_streams(k[1:].decode())) for k, v in rows]
+        if stream_name:
+            self._stream(stream_name)
+            infos = [i for i in infos if stream_name in i.stream_names]
+        start = bisect.bisect_right([i.name for i in infos], start_after) if start_after else 0
+        return len(infos), infos[start:start + limit], start + limit < len(infos)
+
+    async def delete_app(self, name: object) -> None:
+        """Delete an app and all its checkpoints. Raises INVALID_REQUEST, APP_NOT_FOUND."""
+        async with self._admin:
+            name, _ = await self._app(name)
+            doomed: dict[bytes, bytes | None] = {apps.app_key(name): None}
+            for key, _ in await asyncio.to_thread(self._store.meta_scan, apps.checkpoint_prefix(name)):
+                doomed[key] = None
+            await self._committer.run_blocking(self._store.meta_write, doomed)
+
+    async def commit_checkpoint(self, app_name: object, stream_name: object, partition_id: object,
+                                sequence_number: object, metadata: object = None,
+                                checkpoint_type: object = "LAST_READ") -> None:
+        """Record that `app` has processed `partition` up to and including `sequence_number`.
+        Raises APP_NOT_FOUND, STREAM_NOT_FOUND, INVALID_PARTITION_ID, PARTITION_NOT_FOUND,
+        INVALID_SEQUENCE, SEQUENCE_OUT_OF_RANGE, INVALID_REQUEST."""
+        apps.check_checkpoint_type(checkpoint_type)
+        name, _ = await self._app(app_name)
+        config = self._stream(stream_name)
+        p = self._partition_of(config, partition_id)
+        if metadata is not None and (not isinstance(metadata, str) or len(metadata) > apps.MAX_METADATA_CHARS):
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"metadata must be a string of at most {apps.MAX_METADATA_CHARS} characters")
+        if not isinstance(sequence_number, str) or not sequence_number.isascii() or not sequence_number.isdigit() \
+                or int(sequence_number) > SEQUENCE_MAX:
+            raise client_error(ErrorCode.INVALID_SEQUENCE, value=sequence_number)
+        seq = int(sequence_number)
+        bounds = await asyncio.to_thread(self._store.bounds, config.stream_id, p)
+        if not max(bounds.first_seq - 1, 0) <= seq <= bounds.last_seq:
+            raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=seq, earliest=bounds.first_seq,
+                               latest=max(bounds.first_seq, bounds.last_seq))
+        await self._committer.run_blocking(self._store.meta_write, {
+            apps.checkpoint_key(name, config.stream_id, p): apps.encode_checkpoint(seq, metadata or "", config.name)})
+
+    async def get_checkpoint(self, app_name: object, stream_name: object, partition_id: object,
+                             checkpoint_type: object = "LAST_READ") -> Checkpoint | None:
+        """The committed checkpoint, or None. Raises APP_NOT_FOUND, STREAM_NOT_FOUND,
+        INVALID_PARTITION_ID, PARTITION_NOT_FOUND, INVALID_REQUEST."""
+        apps.check_checkpoint_type(checkpoint_type)
+        name, _ = await self._app(app_name)
+        config = self._stream(stream_name)
+        p = self._partition_of(config, partition_id)
+        raw = await asyncio.to_thread(self._store.meta_get, apps.checkpoint_key(name, config.stream_id, p))
+        return apps.decode_checkpoint(raw) if raw is not None else None
+
+    async def delete_checkpoint(self, app_name: object, stream_name: object, partition_id: object = None,
+                                checkpoint_type: object = "LAST_READ") -> None:
+        """Delete one partition's checkpoint, or every partition's when `partition_id` is None."""
+        apps.check_checkpoint_type(checkpoint_type)
+        name, _ = await self._app(app_name)
+        config = self._stream(stream_name)
+        if partition_id is None:
+            rows = await asyncio.to_thread(self._store.meta_scan, apps.checkpoint_stream_prefix(name, config.stream_id))
+            doomed: dict[bytes, bytes | None] = {k: None for k, _ in rows}
+        else:
+            doomed = {apps.checkpoint_key(name, config.stream_id, self._partition_of(config, partition_id)): None}
+        if doomed:
+            await self._committer.run_blocking(self._store.meta_write, doomed)
+
+    async def consumer_state(self, app_name: object, stream_name: object, checkpoint_type: object = "LAST_READ",
+                             start_after_partition: str | None = None, limit: int | None = None
+                             ) -> tuple[list[PartitionConsumerState], bool]:
+        """Per partition: checkpoint vs. retained range (lag). Raises APP_NOT_FOUND,
+        STREAM_NOT_FOUND, APP_NO_CHECKPOINT, INVALID_PARTITION_ID, INVALID_REQUEST."""
+        apps.check_checkpoint_type(checkpoint_type)
+        name, _ = await self._app(app_name)
+        config = self._stream(stream_name)
+        limit = clip_page(limit, self.limits.default_partition_page, self.limits.max_partition_page, "limit")
+        start = 0
+        if start_after_partition:
+            start = self._partition_of(config, start_after_partition) + 1
+        chosen = range(start, min(start + limit, config.partition_count))
+        sid = config.stream_id
+
+        def collect() -> list[PartitionConsumerState]:
+            marks = {apps.checkpoint_ref(k)[1]: apps.decode_checkpoint(v)
+                     for k, v in self._store.meta_scan(apps.checkpoint_stream_prefix(name, sid))}
+            if not marks:
+                raise client_error(ErrorCode.APP_NO_CHECKPOINT, app=name, stream=config.name)
+            out = []
+            for p in chosen:
+                b = self._store.bounds(sid, p)
+                out.append(PartitionConsumerState(p, marks.get(p), b.first_seq, b.last_seq))
+            return out
+
+        return await asyncio.to_thread(collect), chosen.stop < config.partition_count
+
+    # -- consumer groups -----------------------------------------------------------------------
+
+    async def heartbeat(self, app_name: object, stream_name: object, member_id: object,
+                        held: Sequence[int] = (), lease_ms: int | None = None) -> tuple[list[int], int]:
+        """A consumer-group member's heartbeat (see core/leases.py). Returns (partitions it may
+        work on now, lease_ms). Raises APP_NOT_FOUND, STREAM_NOT_FOUND, INVALID_REQUEST."""
+        lim = self.limits
+        name, _ = await self._app(app_name)
+        config = self._stream(stream_name)
+        if not isinstance(member_id, str) or not 1 <= len(member_id) <= 200:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="member_id must be 1-200 characters")
+        lease = lease_ms or lim.default_lease_ms
+        if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
+        mine = self._leases.heartbeat(name, config.stream_id, config.partition_count, member_id,
+                                      set(held), lease, self._now())
+        return mine, lease
+
+    async def leave_group(self, app_name: object, stream_name: object, member_id: object) -> None:
+        """Release every lease of a member at once (a clean shutdown, no lease timeout to wait)."""
+        name, _ = await self._app(app_name)
+        config = self._stream(stream_name)
+        self._leases.leave(name, config.stream_id, str(member_id))
 
     # -- retention -----------------------------------------------------------------------------
 

@@ -45,11 +45,26 @@ class Limits:
     max_fetch_bytes: int = 10 * 1024 * 1024
     # Cursors are valid 5 minutes (DIS and Kinesis).
     cursor_ttl_ms: int = 5 * 60 * 1000
+    # Long-poll GetRecords / push batching: [ours] at most 20 s of waiting per call, well inside the
+    # official SDK's 120 s read timeout (and our client's 30 s), so a waiting poll never looks dead.
+    max_wait_ms: int = 20_000
+    # Push subscriptions send an empty message after this much silence so a dead consumer is noticed
+    # and proxies keep the connection open.
+    subscribe_heartbeat_ms: int = 15_000
+    # Apps: DIS's default app quota is undocumented; [ours] 1000 per broker.
+    max_apps: int = 1000
+    # Consumer-group lease: [ours] 1..300 s, default 10 s; members heartbeat every lease/3.
+    min_lease_ms: int = 1_000
+    max_lease_ms: int = 300_000
+    default_lease_ms: int = 10_000
     # Page sizes: ListStreams 1..100 (default 10); DescribeStream partitions 1..1000 (default 100).
     default_list_limit: int = 10
     max_list_limit: int = 100
     default_partition_page: int = 100
     max_partition_page: int = 1000
+    # ListApp 1..100 (default 10); ShowConsumerState 1..1000 (default 100).
+    default_app_page: int = 10
+    max_app_page: int = 100
 
 
 DEFAULT_LIMITS = Limits()

@@ -44,5 +44,14 @@ class Store(Protocol):
     def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
         """Drop records with seq < before_seq (clamped to next_seq). Numbering is unaffected."""
 
+    def meta_get(self, key: bytes) -> bytes | None:
+        """A small metadata value (apps, checkpoints: the core owns their layout), or None."""
+
+    def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every metadata (key, value) whose key starts with `prefix`, in key order."""
+
+    def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        """Apply puts (bytes) and deletes (None) atomically."""
+
     def close(self) -> None:
         """Flush and release. Idempotent."""

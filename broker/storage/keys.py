@@ -9,6 +9,8 @@ migration.
     b"T" + stream_id u64 + partition u32           u64 BE first retained seq (absent = 0)
     b"R" + stream_id u64 + partition u32 + seq u64 record: i64 BE timestamp ms, u16 BE key length
                                                    (0xFFFF = no key), key utf-8, payload bytes
+    b"X" + core-defined key                        core-defined value: apps, checkpoints (layout in
+                                                   broker/core/apps.py); the store treats it as opaque
 
 All integers are fixed-width big-endian, so byte order is numeric order: one partition's records
 are one contiguous prefix scan in sequence order, and a stream's keys of a kind are one range
@@ -25,6 +27,7 @@ STREAM = b"S"
 HWM = b"H"
 TRIM = b"T"
 RECORD = b"R"
+META = b"X"
 
 _PART = struct.Struct(">QI")
 _REC = struct.Struct(">QIQ")
@@ -53,6 +56,14 @@ def record_seq(key: bytes) -> int:
 def stream_range(kind: bytes, stream_id: int) -> tuple[bytes, bytes]:
     """[start, end) covering every key of `kind` that belongs to the stream."""
     return kind + U64.pack(stream_id), kind + U64.pack(stream_id + 1)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with `prefix` (an exclusive upper bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\xff" * (len(prefix) + 1)
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 def encode_hwm(next_seq: int, last_ts: int) -> bytes:

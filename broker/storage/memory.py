@@ -29,6 +29,7 @@ class MemoryStore:
         self._streams: dict[str, StreamConfig] = {}
         self._partitions: dict[tuple[int, int], _Partition] = {}
         self._next_stream_id = 1
+        self._meta: dict[bytes, bytes] = {}
 
     def create_stream(self, config: StreamConfig) -> StreamConfig:
         with self._lock:
@@ -110,6 +111,22 @@ class MemoryStore:
             del part.records[:cut]
             del part.timestamps[:cut]
             part.first_seq += cut
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            return self._meta.get(key)
+
+    def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))
+
+    def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                if value is None:
+                    self._meta.pop(key, None)
+                else:
+                    self._meta[key] = value
 
     def close(self) -> None:
         pass

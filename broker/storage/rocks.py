@@ -219,6 +219,28 @@ class RocksStore:
             self._write(wb, "trim")
             self._first[(stream_id, partition)] = cut
 
+    # -- metadata (opaque to the store) ------------------------------------------------------------
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        with _io_errors("read"):
+            return self._db.get(keys.META + key)  # type: ignore[no-any-return]
+
+    def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        ro = rocksdict.ReadOptions()
+        ro.set_iterate_upper_bound(keys.prefix_end(keys.META + prefix))
+        with _io_errors("read"):
+            return [(k[1:], v) for k, v in self._db.items(from_key=keys.META + prefix, read_opt=ro)]
+
+    def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in changes.items():
+            if value is None:
+                wb.delete(keys.META + key)
+            else:
+                wb.put(keys.META + key, value)
+        with self._lock:
+            self._write(wb, "meta_write")
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

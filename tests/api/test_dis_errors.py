@@ -465,7 +465,7 @@ def test_fuzz_cursor_and_record_queries(broker, stream):
 @pytest.mark.parametrize("method, path, status", [
     ("GET", "/", 404),
     ("GET", f"/v2/{PID}/nope", 404),
-    ("GET", f"/v2/{PID}/apps", 404),
+    ("GET", f"/v2/{PID}/streams/s1/transfer-tasks", 404),
     ("PUT", f"/v3/{PID}/streams/s", 404),
     ("GET", f"/v2/{PID}/streams/s/partitions/0/metrics", 404),
     ("GET", "/v1/x/streams", 404),

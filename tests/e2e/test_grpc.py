@@ -23,7 +23,9 @@ from client._pb.sluice.v1 import sluice_pb2 as pb
 
 HASH_MAX = 2**63 - 1
 TIMEOUT = 10.0  # every RPC in this module: a hang is a failure, never a stuck suite
-METHODS = ("CreateStream", "ListStreams", "DescribeStream", "DeleteStream", "PutRecords", "GetCursor", "GetRecords")
+METHODS = ("CreateStream", "ListStreams", "DescribeStream", "DeleteStream", "PutRecords", "GetCursor", "GetRecords",
+           "Subscribe", "CreateApp", "ListApps", "DescribeApp", "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
+           "DeleteCheckpoint", "GetConsumerState", "Heartbeat", "LeaveGroup")
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""Server-sent-events tail over HTTP: push consumption for clients without gRPC. [ours, not DIS]
+
+    GET /sluice/v1/tail?partition-cursor=...                       (a cursor from GetCursor), or
+    GET /sluice/v1/tail?stream-name=S&partition-id=0&cursor-type=LATEST[&starting-sequence-number=N]
+        [&max_records=100][&max_wait_ms=0]
+
+Each batch is one event: `id:` the next sequence number, `event: records`, `data:` the DIS
+GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. A consumer that stops
+reading is disconnected after the stall timeout instead of making the broker buffer: each write
+waits for the socket to drain, and a write that cannot drain in time ends the stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import orjson
+from aiohttp import web
+
+from broker.api.dis import BROKER, _query_int, records_body
+from broker.errors import ErrorCode, server_error
+
+STALL_TIMEOUT = web.AppKey("stall_timeout", float)
+
+
+async def tail(request: web.Request) -> web.StreamResponse:
+    broker = request.app[BROKER]
+    q = request.query
+    cursor = q.get("partition-cursor") or await broker.get_cursor(
+        q.get("stream-name"), q.get("partition-id"), q.get("cursor-type") or "LATEST",
+        q.get("starting-sequence-number"), _query_int(request, "timestamp"))
+    batches = broker.subscribe(cursor, _query_int(request, "max_records"), _query_int(request, "max_wait_ms"))
+    stall = request.app[STALL_TIMEOUT]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    async with contextlib.aclosing(batches):
+        # the first batch before the headers, so a bad cursor still gets a DIS error response
+        batch = await anext(batches, None)
+        if batch is None:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+        await response.prepare(request)
+        while batch is not None:
+            if batch.records:
+                event = b"id: %d\nevent: records\ndata: " % (batch.records[-1].seq + 1)
+                event += orjson.dumps(records_body(batch)) + b"\n\n"
+            else:
+                event = b": heartbeat\n\n"
+            try:
+                await asyncio.wait_for(response.write(event), stall)
+            except (asyncio.TimeoutError, ConnectionResetError):
+                return response  # a stalled or vanished consumer: end the stream, free its batch
+            batch = await anext(batches, None)
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/sluice/v1/tail", tail)

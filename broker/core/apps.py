@@ -1,0 +1,109 @@
+"""Consumer apps and their checkpoints, stored as opaque metadata in the Store.
+
+Metadata key layout (under the store's metadata namespace; see storage/keys.py):
+
+    b"A" + app name                                     JSON {"app_id", "created_ms"}
+    b"C" + app name + b"\\0" + stream_id u64 + part u32  JSON {"seq", "metadata", "stream"}
+
+Checkpoints are keyed by the stream's id, not its name, so a deleted-and-recreated stream never
+inherits the old stream's positions; delete_stream removes them. App names are [A-Za-z0-9_-], so
+the NUL separator cannot occur inside one. Pure functions and values; the Broker does the I/O.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+
+from broker.errors import ErrorCode, client_error
+
+APP_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")   # DIS CreateApp rule
+CHECKPOINT_TYPES = ("LAST_READ",)                # the only type DIS defines
+MAX_METADATA_CHARS = 1000                        # DIS CommitCheckpoint limit
+
+_PART = struct.Struct(">QI")
+
+
+@dataclass(frozen=True, slots=True)
+class AppInfo:
+    name: str
+    app_id: str
+    created_ms: int
+    stream_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    metadata: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionConsumerState:
+    partition: int
+    checkpoint: Checkpoint | None
+    earliest: int        # first retained seq
+    latest: int          # newest seq (-1 when nothing was ever written)
+
+    @property
+    def lag(self) -> int:
+        """Records after the checkpoint (all retained records when there is none)."""
+        done = self.checkpoint.seq if self.checkpoint else self.earliest - 1
+        return max(0, self.latest - done)
+
+
+def check_app_name(name: object) -> str:
+    if not isinstance(name, str) or not APP_NAME.fullmatch(name):
+        raise client_error(ErrorCode.INVALID_REQUEST,
+                           detail=f"app_name must be 1-200 characters of [A-Za-z0-9_-], got {name!r:.80}")
+    return name
+
+
+def check_checkpoint_type(kind: object) -> str:
+    if kind not in CHECKPOINT_TYPES:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"checkpoint_type must be LAST_READ, got {kind!r:.40}")
+    return "LAST_READ"
+
+
+def app_key(name: str) -> bytes:
+    return b"A" + name.encode()
+
+
+APP_PREFIX = b"A"
+
+
+def encode_app(app_id: str, created_ms: int) -> bytes:
+    return json.dumps({"app_id": app_id, "created_ms": created_ms}).encode()
+
+
+def decode_app(name: str, raw: bytes, stream_names: tuple[str, ...] = ()) -> AppInfo:
+    obj = json.loads(raw)
+    return AppInfo(name, obj["app_id"], obj["created_ms"], stream_names)
+
+
+def checkpoint_prefix(app: str) -> bytes:
+    return b"C" + app.encode() + b"\0"
+
+
+def checkpoint_key(app: str, stream_id: int, partition: int) -> bytes:
+    return checkpoint_prefix(app) + _PART.pack(stream_id, partition)
+
+
+def checkpoint_stream_prefix(app: str, stream_id: int) -> bytes:
+    return checkpoint_prefix(app) + struct.pack(">Q", stream_id)
+
+
+def checkpoint_ref(key: bytes) -> tuple[int, int]:
+    """(stream_id, partition) of a checkpoint key."""
+    stream_id, partition = _PART.unpack_from(key, len(key) - _PART.size)
+    return stream_id, partition
+
+
+def encode_checkpoint(seq: int, metadata: str, stream: str) -> bytes:
+    return json.dumps({"seq": seq, "metadata": metadata, "stream": stream}).encode()
+
+
+def decode_checkpoint(raw: bytes) -> Checkpoint:
+    obj = json.loads(raw)
+    return Checkpoint(obj["seq"], obj["metadata"])

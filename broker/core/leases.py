@@ -1,0 +1,88 @@
+"""Consumer-group leases: the members of one app share a stream's partitions, no coordinator needed.
+
+Each member heartbeats every lease/3 with the partitions it is still working on (`held`). The table
+answers with the partitions it may work on now, leased until now + lease_ms. Rules:
+
+* A member that misses its lease is dead: its partitions become free.
+* The target is a sticky balance: every live member gets floor or ceil of P/n partitions, and a
+  partition stays with its current owner while that owner is within its share.
+* Hand-over is clean: a partition moving away from a live member is first *revoked* (left out of
+  that member's answer) and stays owned until the member heartbeats without it in `held` - it has
+  stopped and committed its checkpoint - or its lease runs out. Only then is it granted to the new
+  owner, so two live members never work on one partition at once (at-least-once, order kept).
+* After a broker restart the table is empty; a member's `held` claims re-establish its leases.
+
+In memory on purpose: leases are only meaningful while a broker is serving, and expire in seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Group:
+    members: dict[str, int] = field(default_factory=dict)          # member -> lease expiry (ms)
+    owners: dict[int, tuple[str, int]] = field(default_factory=dict)  # partition -> (member, expiry ms)
+
+
+class LeaseTable:
+    def __init__(self) -> None:
+        self._groups: dict[tuple[str, int], _Group] = {}
+
+    def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
+                  lease_ms: int, now: int) -> list[int]:
+        """Record a heartbeat; return the partitions `member` may work on, sorted."""
+        group = self._groups.setdefault((app, stream_id), _Group())
+        group.members[member] = now + lease_ms
+        for m in [m for m, expiry in group.members.items() if expiry < now]:
+            del group.members[m]
+        for p, (owner, expiry) in list(group.owners.items()):
+            if expiry < now or owner not in group.members or (owner == member and p not in held) \
+                    or p >= partition_count:
+                del group.owners[p]
+        for p in held:  # claims after a broker restart, or from a member whose lease just lapsed
+            if 0 <= p < partition_count and p not in group.owners:
+                group.owners[p] = (member, now + lease_ms)
+        target = self._target(group, partition_count)
+        mine = []
+        for p in range(partition_count):
+            owner = group.owners.get(p)
+            if target.get(p) != member:
+                continue
+            if owner is None or owner[0] == member:
+                group.owners[p] = (member, now + lease_ms)
+                mine.append(p)
+        return mine
+
+    @staticmethod
+    def _target(group: _Group, partition_count: int) -> dict[int, str]:
+        live = sorted(group.members)
+        n = len(live)
+        share = {m: partition_count // n + (1 if i < partition_count % n else 0) for i, m in enumerate(live)}
+        target: dict[int, str] = {}
+        count = dict.fromkeys(live, 0)
+        for p in range(partition_count):
+            owner = group.owners.get(p)
+            if owner and count[owner[0]] < share[owner[0]]:
+                target[p] = owner[0]
+                count[owner[0]] += 1
+        hungry = [m for m in live for _ in range(share[m] - count[m])]
+        free = [p for p in range(partition_count) if p not in target]
+        for p, m in zip(free, hungry):
+            target[p] = m
+        return target
+
+    def leave(self, app: str, stream_id: int, member: str) -> None:
+        group = self._groups.get((app, stream_id))
+        if group:
+            group.members.pop(member, None)
+            for p in [p for p, (owner, _) in group.owners.items() if owner == member]:
+                del group.owners[p]
+
+    def owners(self, app: str, stream_id: int) -> dict[int, str]:
+        group = self._groups.get((app, stream_id))
+        return {p: owner for p, (owner, _) in group.owners.items()} if group else {}
+
+    def forget_stream(self, stream_id: int) -> None:
+        for key in [k for k in self._groups if k[1] == stream_id]:
+            del self._groups[key]

@@ -139,8 +139,10 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
 
         async def stop_grpc() -> None:
             began = time.monotonic()
-            await servicer.drained(_DRAIN_QUIET_S, settings.shutdown_grace)
-            await server.stop(max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
+            quiet = await servicer.drained(_DRAIN_QUIET_S, settings.shutdown_grace)
+            # Drained: all that may still run are subscriptions whose consumer stopped reading;
+            # they would hold the stop for the whole grace period. Otherwise: what is left of it.
+            await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
         await asyncio.gather(runner.cleanup(), stop_grpc())
         retention.cancel()

@@ -63,8 +63,9 @@ def rpc(method: Rpc) -> Rpc:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         error: BrokerError
         self._active += 1
+        refused = self._draining
         try:
-            if self._draining:
+            if refused:
                 error = server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
             elif isinstance(request, _Undecodable):
                 error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
@@ -80,7 +81,8 @@ def rpc(method: Rpc) -> Rpc:
             await context.abort(grpc_status(error), error.message, trailing_metadata=grpc_trailers(error))
         finally:
             self._active -= 1
-            self._last_activity = time.monotonic()
+            if not refused:  # a client retrying refused calls in a loop must not hold the stop open
+                self._last_activity = time.monotonic()
     return wrapper
 
 
@@ -116,6 +118,7 @@ class SluiceServicer:
         self._broker = broker
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
+        self._pushing = 0                         # of those, Subscribe handlers waiting in context.write
         self._last_activity = time.monotonic()    # when one last finished
 
     def start_draining(self) -> None:
@@ -126,11 +129,17 @@ class SluiceServicer:
 
     async def drained(self, quiet: float, timeout: float) -> bool:
         """Wait until no RPC has run for `quiet` seconds (so the calls grpc core had queued have
-        been taken and answered), at most `timeout` seconds. True when quiet was reached."""
+        been taken and answered), at most `timeout` seconds. True when quiet was reached.
+
+        A subscription waiting in `context.write` is not waited for: once shutdown began it ends
+        right after that write, and if its consumer has stopped reading the write never completes
+        (the status cannot overtake the data HTTP/2 flow control holds back). Nothing is lost by
+        not waiting - the records are stored, the consumer resumes from its cursor - so such
+        streams are left to `server.stop()` to cancel."""
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            if self._active == 0 and now - self._last_activity >= quiet:
+            if self._active - self._pushing == 0 and now - self._last_activity >= quiet:
                 return True
             if now >= deadline:
                 return False
@@ -204,7 +213,11 @@ class SluiceServicer:
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 # write() waits for HTTP/2 flow control: a consumer that stops reading stops us here
-                await context.write(_records_response(batch))
+                self._pushing += 1
+                try:
+                    await context.write(_records_response(batch))
+                finally:
+                    self._pushing -= 1
         raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
 
     @rpc

@@ -5,7 +5,9 @@
         [&max_records=100][&max_wait_ms=0]
 
 Each batch is one event: `id:` the next sequence number, `event: records`, `data:` the DIS
-GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. A consumer that stops
+GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. An error after the
+stream has begun (say, the stream was deleted) is sent as `event: error` with the DIS error body as
+`data:`, and ends the stream; a broker shutdown ends it without one. A consumer that stops
 reading is disconnected after the stall timeout instead of making the broker buffer: each write
 waits for the socket to drain, and a write that cannot drain in time ends the stream.
 """
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 
 import orjson
 from aiohttp import web
 
-from broker.api.dis import BROKER, _query_int, records_body
-from broker.errors import ErrorCode, server_error
+from broker.api.dis import BROKER, _query_int, _required_query, records_body
+from broker.api.render import dis_error_body
+from broker.errors import BrokerError, ErrorCode, server_error
 
 STALL_TIMEOUT = web.AppKey("stall_timeout", float)
 
@@ -27,11 +31,13 @@ async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query
     cursor = q.get("partition-cursor") or await broker.get_cursor(
-        q.get("stream-name"), q.get("partition-id"), q.get("cursor-type") or "LATEST",
-        q.get("starting-sequence-number"), _query_int(request, "timestamp"))
+        _required_query(request, "stream-name"), _required_query(request, "partition-id"),
+        q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), _query_int(request, "timestamp"))
     batches = broker.subscribe(cursor, _query_int(request, "max_records"), _query_int(request, "max_wait_ms"))
     stall = request.app[STALL_TIMEOUT]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    # The headers go out before the error middleware sees the response, so the request id is set here.
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex})
     async with contextlib.aclosing(batches):
         # the first batch before the headers, so a bad cursor still gets a DIS error response
         batch = await anext(batches, None)
@@ -48,7 +54,13 @@ async def tail(request: web.Request) -> web.StreamResponse:
                 await asyncio.wait_for(response.write(event), stall)
             except (asyncio.TimeoutError, ConnectionResetError):
                 return response  # a stalled or vanished consumer: end the stream, free its batch
-            batch = await anext(batches, None)
+            try:
+                batch = await anext(batches, None)
+            except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionResetError):
+                    await asyncio.wait_for(response.write(
+                        b"event: error\ndata: " + orjson.dumps(dis_error_body(exc)) + b"\n\n"), stall)
+                break
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response

@@ -11,6 +11,10 @@ answers with the partitions it may work on now, leased until now + lease_ms. Rul
   stopped and committed its checkpoint - or its lease runs out. Only then is it granted to the new
   owner, so two live members never work on one partition at once (at-least-once, order kept).
 * After a broker restart the table is empty; a member's `held` claims re-establish its leases.
+  Members still working on what they held before the restart re-claim it with their first
+  heartbeat, which comes within a lease; so for one lease after the broker started (`started_ms`)
+  a partition nobody claimed is not granted - else the first member to heartbeat would be given
+  partitions another live member is still working on.
 
 In memory on purpose: leases are only meaningful while a broker is serving, and expire in seconds.
 """
@@ -26,8 +30,9 @@ class _Group:
 
 
 class LeaseTable:
-    def __init__(self) -> None:
+    def __init__(self, started_ms: int | None = None) -> None:
         self._groups: dict[tuple[str, int], _Group] = {}
+        self._started_ms = started_ms   # None: no restart grace (a table that starts empty for sure)
 
     def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
                   lease_ms: int, now: int) -> list[int]:
@@ -40,14 +45,18 @@ class LeaseTable:
             if expiry < now or owner not in group.members or (owner == member and p not in held) \
                     or p >= partition_count:
                 del group.owners[p]
-        for p in held:  # claims after a broker restart, or from a member whose lease just lapsed
-            if 0 <= p < partition_count and p not in group.owners:
+        # Claims after a broker restart, or from a member whose lease just lapsed; and renewal of
+        # what the member still owns and holds - a revoked partition it is still finishing must
+        # stay its for as long as it heartbeats, not lapse one lease after it was last granted.
+        for p in held:
+            if 0 <= p < partition_count and group.owners.get(p, (member,))[0] == member:
                 group.owners[p] = (member, now + lease_ms)
         target = self._target(group, partition_count)
+        recovering = self._started_ms is not None and now < self._started_ms + lease_ms
         mine = []
         for p in range(partition_count):
             owner = group.owners.get(p)
-            if target.get(p) != member:
+            if target.get(p) != member or (owner is None and recovering):
                 continue
             if owner is None or owner[0] == member:
                 group.owners[p] = (member, now + lease_ms)

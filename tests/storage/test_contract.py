@@ -6,6 +6,7 @@ closes and reopens the directory and checks that nothing the contract promises w
 """
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -278,6 +279,109 @@ def test_trim_is_idempotent_and_never_moves_backwards(store: Store) -> None:
     assert seqs(store.read(sid, 0, 0, 100, BIG)) == [6, 7]
 
 
+# -- metadata: meta_get / meta_scan / meta_write -----------------------------------------------------
+
+
+def test_meta_get_of_a_missing_key_is_none_and_a_put_round_trips(store: Store) -> None:
+    assert store.meta_get(b"app/a") is None
+    store.meta_write({b"app/a": b"one", b"app/b": b""})
+    assert store.meta_get(b"app/a") == b"one"
+    assert store.meta_get(b"app/b") == b""                 # an empty value is a value, not a delete
+    assert store.meta_get(b"app/") is None                  # no prefix matching in meta_get
+    assert store.meta_get(b"app/aa") is None
+    store.meta_write({b"app/a": b"two"})                    # overwrite
+    assert store.meta_get(b"app/a") == b"two"
+
+
+def test_meta_write_applies_puts_and_deletes_together(store: Store) -> None:
+    store.meta_write({b"k1": b"v1", b"k2": b"v2", b"k3": b"v3"})
+    store.meta_write({b"k1": None, b"k2": b"v2'", b"k4": b"v4", b"never": None})  # deleting an absent key: fine
+    assert store.meta_scan(b"") == [(b"k2", b"v2'"), (b"k3", b"v3"), (b"k4", b"v4")]
+    assert store.meta_get(b"k1") is None and store.meta_get(b"never") is None
+    store.meta_write({})                                     # nothing to do: changes nothing
+    assert store.meta_scan(b"k") == [(b"k2", b"v2'"), (b"k3", b"v3"), (b"k4", b"v4")]
+    store.meta_write({b"k2": None, b"k3": None, b"k4": None})
+    assert store.meta_scan(b"") == []
+
+
+def test_meta_write_is_seen_whole_or_not_at_all_by_concurrent_readers(store: Store) -> None:
+    """Atomicity as a reader sees it: every write sets all of k0..k7 to round i and moves the one
+    "d" key from round i-1 to round i; a scan racing the writes must never see a mix of rounds."""
+    names = [b"k%d" % i for i in range(8)]
+    store.meta_write({**{k: b"0" for k in names}, b"d0": b"0"})
+    rounds = 1000
+    done = threading.Event()
+    torn: list[list[tuple[bytes, bytes]]] = []
+    scans = 0
+
+    def reader() -> None:
+        nonlocal scans
+        while not done.is_set() and len(torn) < 5:
+            rows = store.meta_scan(b"")
+            scans += 1
+            values = {v for k, v in rows if k.startswith(b"k")}
+            marks = [(k, v) for k, v in rows if k.startswith(b"d")]
+            if len(values) != 1 or len(rows) != 9 or len(marks) != 1 or marks[0] != (b"d" + marks[0][1], *values):
+                torn.append(rows)
+
+    thread = threading.Thread(target=reader)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # hand the GIL over often, so scans land between (and inside) writes
+    thread.start()
+    try:
+        for i in range(1, rounds + 1):
+            r = str(i).encode()
+            store.meta_write({**{k: r for k in names}, b"d" + str(i - 1).encode(): None, b"d" + r: r})
+    finally:
+        done.set()
+        thread.join(10)
+        sys.setswitchinterval(switch)
+    assert not thread.is_alive()
+    assert torn == [], torn[:2]
+    assert scans > 10
+    assert store.meta_scan(b"d") == [(b"d%d" % rounds, b"%d" % rounds)]
+
+
+def test_meta_scan_is_in_key_order_and_bounded_by_the_prefix(store: Store) -> None:
+    inside = [b"ab", b"ab\x00", b"ab\x00\xff", b"ab\x01", b"ab/x", b"abc", b"ab\xfe\xff", b"ab\xff", b"ab\xff\x00",
+              b"ab\xff\xff", b"ab\xff\xff\xff"]
+    outside = [b"", b"a", b"aa\xff", b"aa\xff\xff", b"a\xff", b"ac", b"ac\x00", b"b", b"AB", b"\xff", b"\xff\xff"]
+    store.meta_write({k: b"v" + k for k in inside + outside})
+    assert store.meta_scan(b"ab") == [(k, b"v" + k) for k in sorted(inside)]
+    assert [k for k, _ in store.meta_scan(b"ab\xff")] == [b"ab\xff", b"ab\xff\x00", b"ab\xff\xff", b"ab\xff\xff\xff"]
+    assert [k for k, _ in store.meta_scan(b"ab\xff\xff")] == [b"ab\xff\xff", b"ab\xff\xff\xff"]
+    assert [k for k, _ in store.meta_scan(b"\xff")] == [b"\xff", b"\xff\xff"]          # prefix of only 0xff bytes
+    assert [k for k, _ in store.meta_scan(b"a")] == sorted(k for k in inside + outside if k.startswith(b"a"))
+    assert [k for k, _ in store.meta_scan(b"")] == sorted(inside + outside)                # everything, in order
+    assert store.meta_scan(b"abd") == [] and store.meta_scan(b"zzz") == []
+
+
+def test_meta_is_isolated_from_streams_and_records(store: Store) -> None:
+    """Metadata keys live in their own space: a key spelled like a record, stream or high-water
+    mark key neither reads nor clobbers the log, and the log never shows up in a meta scan."""
+    sid = store.create_stream(StreamConfig("s", 2)).stream_id
+    fill(store, sid, 0, 3)
+    lookalikes = [keys.record_key(sid, 0, 0), keys.record_key(sid, 0, 3), keys.stream_key("s"),
+                  keys.partition_key(keys.HWM, sid, 0), keys.partition_key(keys.TRIM, sid, 0), keys.NEXT_STREAM_ID]
+    assert all(store.meta_get(k) is None for k in lookalikes)
+    assert store.meta_scan(b"") == []
+    store.meta_write({k: b"\x00" * 30 for k in lookalikes})
+    assert store.bounds(sid, 0) == PartitionBounds(0, 3, 1000)
+    assert payloads(store.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2"]
+    assert store.list_streams()[0].name == "s" and len(store.list_streams()) == 1
+    assert store.append([batch(sid, 0, 1000, b"3")]) == [3]                  # numbering untouched
+    other = store.create_stream(StreamConfig("t", 1))
+    assert other.stream_id != sid
+    store.meta_write({k: None for k in lookalikes})                          # deleting them spares the log
+    assert payloads(store.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2", b"3"]
+    assert [c.name for c in store.list_streams()] == ["s", "t"]
+    # and the other way round: dropping or trimming a stream leaves metadata alone
+    store.meta_write({b"R": b"r", b"S" + b"s": b"cfg?", b"ckpt/s": b"7"})
+    store.trim(sid, 0, 4)
+    store.drop_stream("s")
+    assert store.meta_scan(b"") == [(b"R", b"r"), (b"Ss", b"cfg?"), (b"ckpt/s", b"7")]
+
+
 # -- RocksDB only: restarts ------------------------------------------------------------------------
 
 
@@ -358,6 +462,23 @@ def test_close_is_idempotent(open_rocks: Callable[[], RocksStore]) -> None:
     s.close()
     s.close()
     assert payloads(open_rocks().read(sid, 0, 0, 10, BIG)) == [b"x"]
+
+
+def test_restart_keeps_metadata_puts_deletes_and_scan_order(open_rocks: Callable[[], RocksStore]) -> None:
+    s = open_rocks()
+    sid = s.create_stream(StreamConfig("s", 1)).stream_id
+    fill(s, sid, 0, 2)
+    s.meta_write({b"a/1": b"x", b"a/2": b"y", b"a\xff": b"z", b"b": b"w"})
+    s.meta_write({b"a/2": None, b"a/3": b"new"})
+    s.close()
+    s = open_rocks()
+    assert s.meta_scan(b"") == [(b"a/1", b"x"), (b"a/3", b"new"), (b"a\xff", b"z"), (b"b", b"w")]
+    assert s.meta_get(b"a/2") is None and s.meta_get(b"a/3") == b"new"
+    assert payloads(s.read(sid, 0, 0, 10, BIG)) == [b"0", b"1"]              # the log is intact beside it
+    s.meta_write({b"a/1": None})
+    s.close()
+    s = open_rocks()
+    assert s.meta_scan(b"a") == [(b"a/3", b"new"), (b"a\xff", b"z")]
 
 
 class _PausingDb:

@@ -1,6 +1,7 @@
 """`Client`: a thin, typed, synchronous wrapper over the generated gRPC stubs."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -61,6 +62,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def with_timeout(self, timeout: float) -> "Client":
+        """A view of this client on the same connection whose calls time out after `timeout`
+        seconds (e.g. heartbeats that must not outlive a lease). Close the original, not the view."""
+        view = copy.copy(self)
+        view._timeout = timeout
+        return view
+
     def _call(self, method: Callable[..., T], request: Any) -> T:
         try:
             return method(request, timeout=self._timeout)
@@ -90,6 +98,22 @@ class Client:
         for item in records:
             data, key = (item, "") if isinstance(item, bytes) else item
             entry = pb.PutRecordsEntry(data=data, partition_key=key)
+            if partition_id is not None:
+                entry.partition_id = str(partition_id)
+            entries.append(entry)
+        resp = self._call(self._stub.PutRecords, pb.PutRecordsRequest(stream_name=stream, records=entries))
+        results = [PutResult(p, s) for p, s in zip(resp.partition_ids, resp.sequence_numbers)]
+        for f in resp.failures:
+            results[f.index] = PutResult(-1, -1, f.error_code, f.error_message)
+        return results
+
+    def put_routed(self, stream: str,
+                   records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:
+        """Send one batch whose entries each choose their own route: (payload, partition_key,
+        partition_id); a partition_id wins over the key, neither means the broker spreads it."""
+        entries = []
+        for data, key, partition_id in records:
+            entry = pb.PutRecordsEntry(data=data, partition_key=key or "")
             if partition_id is not None:
                 entry.partition_id = str(partition_id)
             entries.append(entry)
@@ -144,6 +168,20 @@ class Client:
             raise from_rpc_error(exc) from None
         finally:
             responses.cancel()
+
+    def subscription(self, stream: str = "", partition_id: int | str = "", cursor_type: str = "LATEST", *,
+                     cursor: str = "", sequence_number: int | None = None, timestamp: int | None = None,
+                     max_records: int = 0, max_wait_ms: int = 0) -> "Subscription":
+        """Like `subscribe`, but returns a `Subscription`: an iterator of pages whose `cancel()`
+        may be called from any thread (e.g. to stop a reader blocked waiting for records)."""
+        request = pb.SubscribeRequest(partition_cursor=cursor, stream_name=stream, partition_id=str(partition_id),
+                                      cursor_type=pb.CursorType.Value(cursor_type), max_records=max_records,
+                                      max_wait_ms=max_wait_ms)
+        if sequence_number is not None:
+            request.starting_sequence_number = str(sequence_number)
+        if timestamp is not None:
+            request.timestamp = timestamp
+        return Subscription(self._stub.Subscribe(request))
 
     # -- apps and checkpoints ------------------------------------------------------------------
 
@@ -202,6 +240,36 @@ class Client:
 
     def leave_group(self, app: str, stream: str, member_id: str) -> None:
         self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app, stream_name=stream, member_id=member_id))
+
+
+class Subscription:
+    """A running Subscribe call: iterate for pages (empty pages are heartbeats); `cancel()` from
+    any thread ends the iteration quietly. Broker errors raise `SluiceError` from `next()`."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = False
+
+    def __iter__(self) -> "Subscription":
+        return self
+
+    def __next__(self) -> RecordsPage:
+        try:
+            return _page(next(self._call))
+        except grpc.RpcError as exc:
+            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
 
 
 def _page(resp: pb.GetRecordsResponse) -> RecordsPage:

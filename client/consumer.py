@@ -1,0 +1,495 @@
+"""`PartitionConsumer`: read one partition in order, by long poll or push; `AsyncPartitionConsumer`.
+
+    consumer = PartitionConsumer(target, "orders", 0, app="billing")   # resumes after its checkpoint
+    for record in consumer:                                            # blocks, waiting for records
+        handle(record)
+        consumer.commit()                                              # checkpoint = this record
+
+Where reading starts: with `app`, after the app's committed checkpoint if there is one (the app is
+created if missing); otherwise at `start`: "TRIM_HORIZON" (oldest retained record, the default),
+"LATEST" (records written from now on), ("AT_SEQUENCE_NUMBER", n), ("AFTER_SEQUENCE_NUMBER", n)
+or ("AT_TIMESTAMP", ms_since_epoch).
+
+`mode="pull"` reads with long-poll GetRecords (each call waits up to `wait_ms` for data);
+`mode="push"` keeps one Subscribe stream open, read by a small reader thread into a one-page
+queue (so `poll()` can time out and `close()` can stop it; the broker still only sends as fast as
+we take pages). Both modes keep the position (the next sequence number) themselves, so a cursor
+that expired (DIS.4225, cursors live 5 minutes) or stopped being valid (DIS.4217) is replaced by
+one at the same position, and a broken subscription is reopened where it stopped. If the position
+is no longer in the partition - its records were trimmed by retention (DIS.4226 / DIS.4224) - the
+consumer moves to TRIM_HORIZON and counts it in `resets`; an explicit `start` that is out of range
+is an error instead.
+
+Other errors propagate from `poll()` / iteration, among them `BrokerUnavailable` when the broker
+cannot be reached; the consumer stays usable and the next `poll()` goes on from the same position.
+
+`AsyncPartitionConsumer` is the asyncio flavour, on grpc.aio (native, no threads): cancelling a
+task in `poll()` cancels the RPC and loses no records.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Iterator, Union
+
+import grpc
+
+from client._pb.sluice.v1 import sluice_pb2 as pb
+from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
+from client.client import Client, Record, RecordsPage, Subscription, _page
+from client.errors import BrokerUnavailable, SluiceError, from_rpc_error
+
+StartPosition = Union[str, tuple[str, int]]
+""""TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
+
+APP_EXISTS = "DIS.4330"
+_CURSOR_GONE = ("DIS.4225", "DIS.4217")        # expired / no longer valid: same position, new cursor
+_POSITION_GONE = ("DIS.4224", "DIS.4226")      # the position is outside the retained records
+
+
+def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
+    """(cursor_type, sequence_number, timestamp)"""
+    if start in ("TRIM_HORIZON", "LATEST"):
+        return str(start), None, None
+    if isinstance(start, tuple) and len(start) == 2 and isinstance(start[1], int):
+        kind, value = start
+        if kind in ("AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER"):
+            return kind, value, None
+        if kind == "AT_TIMESTAMP":
+            return kind, None, value
+    raise ValueError(f"bad start position {start!r}: use 'TRIM_HORIZON', 'LATEST', ('AT_SEQUENCE_NUMBER', n), "
+                     f"('AFTER_SEQUENCE_NUMBER', n) or ('AT_TIMESTAMP', ms)")
+
+
+class _ConsumerState:
+    """What both flavours share: the position, the unyielded records, and the error rules."""
+
+    def __init__(self, stream: str, partition: int, app: str | None, start: StartPosition, mode: str,
+                 wait_ms: int, batch: int) -> None:
+        if mode not in ("pull", "push"):
+            raise ValueError("mode must be 'pull' or 'push'")
+        self.stream = stream
+        self.partition = partition
+        self.app = app
+        self.mode = mode
+        self.wait_ms = wait_ms
+        self.batch = batch
+        self._start = _parse_start(start)
+        self._next_seq: int | None = None   # next record to read, once known
+        self._derived = False                # _next_seq came from progress or a checkpoint, not `start`
+        self._opened = False
+        self._buffer: list[Record] = []      # fetched, not yet handed out
+        self.last_seq: int | None = None     # the last record handed out (poll() or iteration)
+        self.committed: int | None = None    # the last checkpoint this consumer committed
+        self.resets = 0                      # times the position had been trimmed away
+
+    @property
+    def position(self) -> int | None:
+        """The sequence number of the next record to read, if known yet."""
+        return self._buffer[0].sequence_number if self._buffer else self._next_seq
+
+    def _spec(self) -> tuple[str, int | None, int | None]:
+        if self._next_seq is not None:
+            return "AT_SEQUENCE_NUMBER", self._next_seq, None
+        return self._start
+
+    def _advance(self, records: list[Record]) -> None:
+        if records:
+            self._next_seq = records[-1].sequence_number + 1
+            self._derived = True
+
+    def _recoverable(self, exc: SluiceError) -> bool:
+        """Adjust the position after `exc` so the next attempt can work; False: re-raise it."""
+        if exc.code in _POSITION_GONE and (self._derived or self._start[0] in ("TRIM_HORIZON", "LATEST")):
+            self._next_seq = None
+            self._start = ("TRIM_HORIZON", None, None)
+            self.resets += 1
+            return True
+        return exc.code in _CURSOR_GONE
+
+    def _hand_out(self, records: list[Record]) -> list[Record]:
+        if records:
+            self.last_seq = records[-1].sequence_number
+        return records
+
+    def _commit_seq(self, seq: int | None) -> int:
+        if self.app is None:
+            raise ValueError("commit() needs an app: PartitionConsumer(..., app=NAME)")
+        seq = self.last_seq if seq is None else seq
+        if seq is None:
+            raise ValueError("nothing to commit: no record has been handed out yet")
+        return seq
+
+
+def _partition_info(resp: pb.DescribeStreamResponse, partition: int) -> pb.PartitionInfo:
+    for info in resp.partitions:
+        if info.partition_id.rsplit("-", 1)[-1].isdigit() and int(info.partition_id.rsplit("-", 1)[-1]) == partition:
+            return info
+    raise SluiceError(grpc.StatusCode.NOT_FOUND, "DIS.4302", f"partition {partition} not found")
+
+
+class PartitionConsumer(_ConsumerState):
+    """Reads one partition in order; see the module docstring.
+
+    `client_or_target`: a `Client` (shared, not closed here) or a "host:port" target. `batch`:
+    records per read at most; `wait_ms`: how long one `poll()` waits for records (long poll).
+    Use from one thread (`close()` may be called from another).
+    """
+
+    def __init__(self, client_or_target: Client | str, stream: str, partition: int, *, app: str | None = None,
+                 start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
+                 batch: int = 1000) -> None:
+        super().__init__(stream, partition, app, start, mode, wait_ms, batch)
+        self._own_client = isinstance(client_or_target, str)
+        self._client = Client(client_or_target) if isinstance(client_or_target, str) else client_or_target
+        self._cursor: str | None = None
+        self._closed = threading.Event()
+        # push mode: a reader thread fills a one-page queue from one Subscription
+        self._sub: Subscription | None = None
+        self._reader: threading.Thread | None = None
+        self._pages: queue.Queue[RecordsPage | BaseException] = queue.Queue(maxsize=1)
+        self._reader_stop = threading.Event()
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._opened:
+            return
+        if self.app is not None:
+            try:
+                self._client.create_app(self.app)
+            except SluiceError as exc:
+                if exc.code != APP_EXISTS:
+                    raise
+            mark = self._client.get_checkpoint(self.app, self.stream, self.partition)
+            if mark is not None:
+                self._next_seq, self._derived = mark[0] + 1, True
+        if self._next_seq is None and self._start[0] == "LATEST":
+            # pin LATEST to a number, so a replaced cursor cannot skip what was written meanwhile
+            resp = self._client.describe_stream(self.stream, start_after_partition=str(self.partition - 1)
+                                                if self.partition else "", limit_partitions=1)
+            self._next_seq, self._derived = _partition_info(resp, self.partition).next_sequence_number, True
+        self._opened = True
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def poll(self, wait_ms: int | None = None) -> list[Record]:
+        """The next records in order (at most `batch`), waiting up to `wait_ms` (default: the
+        consumer's) for some; [] if none came. They count as handed out: `commit()` commits the last."""
+        if self._closed.is_set():
+            raise RuntimeError("consumer is closed")
+        if self._buffer:
+            records, self._buffer = self._buffer, []
+            return self._hand_out(records)
+        self._open()
+        wait = self.wait_ms if wait_ms is None else wait_ms
+        for _ in range(4):
+            try:
+                records = self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait)
+            except SluiceError as exc:
+                if not self._recoverable(exc) or self._closed.is_set():
+                    raise
+                self._cursor = None
+                continue
+            self._advance(records)
+            return self._hand_out(records)
+        raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
+
+    def _fetch_pull(self, wait_ms: int) -> list[Record]:
+        if self._cursor is None:
+            kind, seq, ts = self._spec()
+            self._cursor = self._client.get_cursor(self.stream, self.partition, kind, seq, ts)
+        page = self._client.get_records(self._cursor, limit=self.batch, wait_ms=wait_ms)
+        self._cursor = page.next_cursor
+        return page.records
+
+    def _fetch_push(self, wait_ms: int) -> list[Record]:
+        if self._reader is None:
+            kind, seq, ts = self._spec()
+            self._reader_stop = threading.Event()
+            self._pages = queue.Queue(maxsize=1)
+            self._sub = self._client.subscription(self.stream, self.partition, kind, sequence_number=seq,
+                                                  timestamp=ts, max_records=self.batch)
+            self._reader = threading.Thread(target=self._read_subscription,
+                                            args=(self._sub, self._pages, self._reader_stop),
+                                            name=f"sluice-push-{self.stream}-{self.partition}", daemon=True)
+            self._reader.start()
+        try:
+            item = self._pages.get(timeout=wait_ms / 1000)
+        except queue.Empty:
+            return []
+        if isinstance(item, BaseException):
+            self._stop_reader()      # everything before the error was handed out: reopen from here
+            raise item
+        return item.records
+
+    @staticmethod
+    def _read_subscription(sub: Subscription, pages: "queue.Queue[RecordsPage | BaseException]",
+                           stop: threading.Event) -> None:
+        def put(item: RecordsPage | BaseException) -> None:
+            while not stop.is_set():
+                try:
+                    pages.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        try:
+            for page in sub:
+                if page.records:   # empty pages are the broker's heartbeats
+                    put(page)
+                if stop.is_set():
+                    return
+            if not stop.is_set():
+                put(BrokerUnavailable(grpc.StatusCode.UNAVAILABLE, "", "subscription ended"))
+        except SluiceError as exc:
+            put(exc)
+        except BaseException as exc:  # never die silently: hand it to poll()
+            put(exc)
+
+    def _stop_reader(self) -> None:
+        self._reader_stop.set()
+        if self._sub is not None:
+            self._sub.cancel()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
+        self._reader = None
+        self._sub = None
+
+    def iterate(self, idle_timeout: float | None = None) -> Iterator[Record]:
+        """Records one by one, in order. Ends after `idle_timeout` seconds without a record (None:
+        never; then it ends only when the consumer is closed). Breaking out loses nothing: the
+        rest of a fetched page comes first on the next poll()/iterate()."""
+        idle_since = time.monotonic()
+        while not self._closed.is_set():
+            if not self._buffer:
+                wait = self.wait_ms
+                if idle_timeout is not None:
+                    left = idle_timeout - (time.monotonic() - idle_since)
+                    if left <= 0:
+                        return
+                    wait = max(1, min(wait, int(left * 1000)))
+                try:
+                    fetched = self.poll(wait)
+                except SluiceError:
+                    if self._closed.is_set():
+                        return
+                    raise
+                self._buffer = fetched + self._buffer
+                if not self._buffer:
+                    continue
+            idle_since = time.monotonic()
+            record = self._buffer.pop(0)
+            self.last_seq = record.sequence_number
+            yield record
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.iterate()
+
+    # -- checkpoints and lifecycle ------------------------------------------------------------
+
+    def commit(self, seq: int | None = None) -> int:
+        """Commit the app's checkpoint: `seq`, or the last record handed out. Returns it."""
+        seq = self._commit_seq(seq)
+        self._client.commit_checkpoint(self.app, self.stream, self.partition, seq)  # type: ignore[arg-type]
+        self.committed = seq
+        return seq
+
+    def close(self) -> None:
+        """Stop reading (a push subscription is cancelled). Safe from another thread."""
+        self._closed.set()
+        self._stop_reader()
+        if self._own_client:
+            self._client.close()
+
+    def __enter__(self) -> "PartitionConsumer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _AioClient:
+    """The few calls the async consumer needs, on grpc.aio, with the same error mapping as Client."""
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+        self.stub = pb_grpc.SluiceStub(self.channel)
+        self.timeout = timeout
+
+    async def call(self, method: Any, request: Any, extra_s: float = 0.0) -> Any:
+        try:
+            return await method(request, timeout=self.timeout + extra_s)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class AsyncPartitionConsumer(_ConsumerState):
+    """The asyncio flavour of `PartitionConsumer` (same arguments, but a "host:port" target):
+    `async for record in consumer`, `await consumer.poll()`, `await consumer.commit()`,
+    `await consumer.close()` or `async with`. Runs on grpc.aio; create it inside the event loop."""
+
+    def __init__(self, target: str, stream: str, partition: int, *, app: str | None = None,
+                 start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
+                 batch: int = 1000, timeout: float = 30.0) -> None:
+        super().__init__(stream, partition, app, start, mode, wait_ms, batch)
+        self._rpc = _AioClient(target, timeout)
+        self._cursor: str | None = None
+        self._closed = False
+        self._call: Any = None                   # push: the Subscribe call
+        self._reader: asyncio.Task[None] | None = None
+        self._pages: asyncio.Queue[RecordsPage | BaseException] | None = None
+
+    async def _open(self) -> None:
+        if self._opened:
+            return
+        stub = self._rpc.stub
+        if self.app is not None:
+            try:
+                await self._rpc.call(stub.CreateApp, pb.CreateAppRequest(app_name=self.app))
+            except SluiceError as exc:
+                if exc.code != APP_EXISTS:
+                    raise
+            mark = await self._rpc.call(stub.GetCheckpoint, pb.GetCheckpointRequest(
+                app_name=self.app, stream_name=self.stream, partition_id=str(self.partition)))
+            if mark.found:
+                self._next_seq, self._derived = mark.sequence_number + 1, True
+        if self._next_seq is None and self._start[0] == "LATEST":
+            resp = await self._rpc.call(stub.DescribeStream, pb.DescribeStreamRequest(
+                stream_name=self.stream, start_partition_id=str(self.partition - 1) if self.partition else "",
+                limit_partitions=1))
+            self._next_seq, self._derived = _partition_info(resp, self.partition).next_sequence_number, True
+        self._opened = True
+
+    def _cursor_request(self) -> tuple[pb.CursorType, dict[str, Any]]:
+        kind, seq, ts = self._spec()
+        extra: dict[str, Any] = {}
+        if seq is not None:
+            extra["starting_sequence_number"] = str(seq)
+        if ts is not None:
+            extra["timestamp"] = ts
+        return pb.CursorType.Value(kind), extra
+
+    async def poll(self, wait_ms: int | None = None) -> list[Record]:
+        """See `PartitionConsumer.poll`. Cancelling it loses no records."""
+        if self._closed:
+            raise RuntimeError("consumer is closed")
+        if self._buffer:
+            records, self._buffer = self._buffer, []
+            return self._hand_out(records)
+        await self._open()
+        wait = self.wait_ms if wait_ms is None else wait_ms
+        for _ in range(4):
+            try:
+                records = await (self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait))
+            except SluiceError as exc:
+                if not self._recoverable(exc) or self._closed:
+                    raise
+                self._cursor = None
+                continue
+            self._advance(records)
+            return self._hand_out(records)
+        raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
+
+    async def _fetch_pull(self, wait_ms: int) -> list[Record]:
+        stub = self._rpc.stub
+        if self._cursor is None:
+            kind, extra = self._cursor_request()
+            resp = await self._rpc.call(stub.GetCursor, pb.GetCursorRequest(
+                stream_name=self.stream, partition_id=str(self.partition), cursor_type=kind, **extra))
+            self._cursor = resp.partition_cursor
+        resp = await self._rpc.call(stub.GetRecords, pb.GetRecordsRequest(
+            partition_cursor=self._cursor, limit=self.batch, wait_ms=wait_ms), extra_s=wait_ms / 1000)
+        page = _page(resp)
+        self._cursor = page.next_cursor
+        return page.records
+
+    async def _fetch_push(self, wait_ms: int) -> list[Record]:
+        if self._reader is None:
+            kind, extra = self._cursor_request()
+            self._pages = asyncio.Queue(maxsize=1)
+            self._call = self._rpc.stub.Subscribe(pb.SubscribeRequest(
+                stream_name=self.stream, partition_id=str(self.partition), cursor_type=kind,
+                max_records=self.batch, **extra))
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pages))
+        assert self._pages is not None
+        try:
+            item = await asyncio.wait_for(self._pages.get(), wait_ms / 1000)
+        except asyncio.TimeoutError:
+            return []
+        if isinstance(item, BaseException):
+            await self._stop_reader()
+            raise item
+        return item.records
+
+    @staticmethod
+    async def _read(call: Any, pages: "asyncio.Queue[RecordsPage | BaseException]") -> None:
+        try:
+            async for resp in call:
+                page = _page(resp)
+                if page.records:
+                    await pages.put(page)
+            await pages.put(BrokerUnavailable(grpc.StatusCode.UNAVAILABLE, "", "subscription ended"))
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as exc:
+            await pages.put(from_rpc_error(exc))
+        except Exception as exc:
+            await pages.put(exc)
+
+    async def _stop_reader(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._reader = None
+        self._call = None
+
+    async def iterate(self, idle_timeout: float | None = None) -> AsyncIterator[Record]:
+        """See `PartitionConsumer.iterate`."""
+        idle_since = time.monotonic()
+        while not self._closed:
+            if not self._buffer:
+                wait = self.wait_ms
+                if idle_timeout is not None:
+                    left = idle_timeout - (time.monotonic() - idle_since)
+                    if left <= 0:
+                        return
+                    wait = max(1, min(wait, int(left * 1000)))
+                self._buffer = (await self.poll(wait)) + self._buffer
+                if not self._buffer:
+                    continue
+            idle_since = time.monotonic()
+            record = self._buffer.pop(0)
+            self.last_seq = record.sequence_number
+            yield record
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        return self.iterate()
+
+    async def commit(self, seq: int | None = None) -> int:
+        """See `PartitionConsumer.commit`."""
+        seq = self._commit_seq(seq)
+        await self._rpc.call(self._rpc.stub.CommitCheckpoint, pb.CommitCheckpointRequest(
+            app_name=self.app, stream_name=self.stream, partition_id=str(self.partition),
+            sequence_number=str(seq)))
+        self.committed = seq
+        return seq
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._stop_reader()
+        await self._rpc.channel.close()
+
+    async def __aenter__(self) -> "AsyncPartitionConsumer":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

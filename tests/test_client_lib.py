@@ -1,0 +1,573 @@
+"""The client library above `Client`: Producer / AsyncProducer, PartitionConsumer /
+AsyncPartitionConsumer and GroupConsumer, against real broker processes on loopback."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from broker.launcher import BrokerProcess
+from client import (AsyncPartitionConsumer, AsyncProducer, Client, GroupConsumer, PartitionConsumer, Producer,
+                    PutResult, Record, SluiceError, StreamNotFound)
+from conftest import eventually
+
+
+@pytest.fixture
+def client(broker: BrokerProcess) -> Iterator[Client]:
+    with Client(broker.grpc_target, timeout=10) as c:
+        yield c
+
+
+def read_partition(client: Client, stream: str, partition: int) -> list[Record]:
+    cursor = client.get_cursor(stream, partition, "TRIM_HORIZON")
+    out: list[Record] = []
+    while True:
+        page = client.get_records(cursor, limit=1000)
+        if not page.records:
+            return out
+        out.extend(page.records)
+        cursor = page.next_cursor
+
+
+def read_all(client: Client, stream: str, partitions: int) -> dict[int, list[Record]]:
+    return {p: read_partition(client, stream, p) for p in range(partitions)}
+
+
+# -- Producer ------------------------------------------------------------------------------------
+
+def test_producer_batches_sends_and_resolves_each_record(client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 4)
+    n = 1000
+    with Producer(client, stream_name, linger_ms=200, max_batch_records=500) as producer:
+        futures = [producer.send(f"r{i}".encode(), partition_key=f"key-{i % 17}") for i in range(n)]
+        producer.flush(10)
+        assert all(f.done() for f in futures)
+        # 1000 records in 500-record batches (plus a partial one if the linger split them)
+        assert 2 <= producer.stats.requests <= 4, producer.stats
+    results = [f.result() for f in futures]
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    # each result names where its record is; the same key always lands on the same partition
+    stored = read_all(client, stream_name, 4)
+    assert sum(map(len, stored.values())) == n
+    by_pos = {(p, r.sequence_number): r.data for p, recs in stored.items() for r in recs}
+    for i, res in enumerate(results):
+        assert by_pos[(res.partition_id, res.sequence_number)] == f"r{i}".encode()
+    key_partition: dict[str, set[int]] = defaultdict(set)
+    for i, res in enumerate(results):
+        key_partition[f"key-{i % 17}"].add(res.partition_id)
+    assert all(len(ps) == 1 for ps in key_partition.values())
+
+
+@pytest.mark.parametrize("limits, per_request", [({"max_batch_records": 10}, 10),
+                                                 ({"max_batch_bytes": 1000}, 10)])
+def test_producer_respects_batch_limits(client: Client, stream_name: str, limits: dict, per_request: int) -> None:
+    client.create_stream(stream_name, 1)
+    with Producer(client, stream_name, linger_ms=1000, **limits) as producer:
+        futures = [producer.send(b"x" * 100) for _ in range(200)]
+        producer.flush(10)
+        assert producer.stats.requests >= 200 // per_request
+        assert producer.stats.records_sent == 200
+    assert [f.result().sequence_number for f in futures] == list(range(200))
+
+
+def test_flush_does_not_wait_for_the_linger(client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 1)
+    with Producer(client, stream_name, linger_ms=60_000) as producer:
+        futures = [producer.send(b"a"), producer.send(b"b")]
+        time.sleep(0.05)
+        assert not any(f.done() for f in futures)   # lingering: the batch is not full
+        started = time.monotonic()
+        producer.flush(5)
+        assert time.monotonic() - started < 5
+        assert [f.result().sequence_number for f in futures] == [0, 1]
+
+
+def test_non_retriable_failures_resolve_at_once_and_the_rest_is_written(client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 2)
+    with Producer(client, stream_name, linger_ms=50, backoff_ms=1000) as producer:
+        good1 = producer.send(b"good1", partition_id=1)
+        bad_id = producer.send(b"bad", partition_id=-1)
+        missing = producer.send(b"missing", partition_id=7)
+        good2 = producer.send(b"good2", partition_id=1)
+        producer.flush(5)
+        assert producer.stats.requests == 1 and producer.stats.retries == 0
+    assert bad_id.result().error_code == "DIS.4201" and not bad_id.result().ok
+    assert missing.result().error_code == "DIS.4302"
+    assert (good1.result().partition_id, good1.result().sequence_number) == (1, 0)
+    assert (good2.result().partition_id, good2.result().sequence_number) == (1, 1)
+    assert [r.data for r in read_partition(client, stream_name, 1)] == [b"good1", b"good2"]
+
+
+def test_whole_request_refusal_resolves_every_record(client: Client, stream_name: str) -> None:
+    with Producer(client, stream_name) as producer:   # the stream does not exist
+        futures = [producer.send(b"x") for _ in range(3)]
+        producer.flush(5)
+        assert producer.stats.retries == 0
+    assert {f.result().error_code for f in futures} == {"DIS.4301"}
+
+
+def test_send_type_checks_and_closed_producer(client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 1)
+    producer = Producer(client, stream_name)
+    with pytest.raises(TypeError):
+        producer.send("not bytes")  # type: ignore[arg-type]
+    producer.close()
+    with pytest.raises(RuntimeError):
+        producer.send(b"late")
+
+
+def restartable_broker(start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> tuple[BrokerProcess, Callable]:
+    """A broker whose restart (same data dir, same gRPC port) returns a new BrokerProcess."""
+    data = tmp_path / "restartable"
+    first = start_broker(data_dir=data)
+
+    def restart() -> BrokerProcess:
+        return start_broker("--grpc-port", str(first.grpc_port), data_dir=data)
+    return first, restart
+
+
+@pytest.mark.slow
+def test_producer_retries_through_a_broker_restart(start_broker: Callable[..., BrokerProcess], tmp_path: Path,
+                                                   stream_name: str) -> None:
+    first, restart = restartable_broker(start_broker, tmp_path)
+    with Client(first.grpc_target, timeout=5) as c:
+        c.create_stream(stream_name, 3)
+    producer = Producer(first.grpc_target, stream_name, max_retries=40, backoff_ms=50, max_backoff_ms=300)
+    try:
+        assert producer.send(b"before", partition_id=0).result(10).ok
+        first.stop(15)
+        futures = [producer.send(f"r{i}".encode(), partition_key=f"k{i % 5}") for i in range(300)]
+        # the broker is down: the first attempts fail UNAVAILABLE and are retried, none resolves
+        eventually(lambda: producer.stats.retries >= 300 and producer.stats.failed_requests >= 2, timeout=10)
+        assert not any(f.done() for f in futures)
+        second = restart()
+        producer.flush(30)
+    finally:
+        producer.close(10)
+    results = [f.result() for f in futures]
+    assert all(r.ok for r in results), {r.error_code for r in results}
+    with Client(second.grpc_target, timeout=5) as c:
+        stored = read_all(c, stream_name, 3)
+    payloads = sorted(r.data for recs in stored.values() for r in recs)
+    assert payloads == sorted([b"before"] + [f"r{i}".encode() for i in range(300)])   # each exactly once
+
+
+@pytest.mark.slow
+def test_ordered_producer_keeps_per_key_order_across_an_outage(start_broker: Callable[..., BrokerProcess],
+                                                                tmp_path: Path, stream_name: str) -> None:
+    first, restart = restartable_broker(start_broker, tmp_path)
+    with Client(first.grpc_target, timeout=5) as c:
+        c.create_stream(stream_name, 4)
+    keys = [f"key{k}" for k in range(8)]
+    sent = 0
+    stop = threading.Event()
+    futures: list = []
+
+    def produce(producer: Producer) -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < 5000:
+            futures.append(producer.send(f"{keys[sent % 8]}:{sent}".encode(), partition_key=keys[sent % 8]))
+            sent += 1
+            if sent % 20 == 0:
+                time.sleep(0.002)
+
+    producer = Producer(first.grpc_target, stream_name, ordered=True, linger_ms=2, max_batch_records=50,
+                        max_retries=60, backoff_ms=20, max_backoff_ms=200)
+    writer = threading.Thread(target=produce, args=(producer,), daemon=True)
+    try:
+        writer.start()
+        eventually(lambda: producer.stats.delivered >= 200, timeout=10)
+        first.stop(15)          # records keep coming while the broker is down
+        eventually(lambda: producer.stats.failed_requests >= 3, timeout=10)
+        second = restart()
+        eventually(lambda: producer.stats.delivered >= sent > 0 and producer.stats.requests > 10, timeout=20)
+        stop.set()
+        writer.join(10)
+        producer.flush(30)
+    finally:
+        stop.set()
+        writer.join(10)
+        producer.close(10)
+    assert producer.stats.retries > 0
+    assert all(f.result().ok for f in futures)
+    with Client(second.grpc_target, timeout=5) as c:
+        stored = read_all(c, stream_name, 4)
+    per_key: dict[str, list[int]] = defaultdict(list)
+    for recs in stored.values():
+        for r in recs:
+            key, n = r.data.decode().split(":")
+            assert r.partition_key == key
+            per_key[key].append(int(n))
+    for key in keys:
+        assert per_key[key] == sorted(per_key[key]), f"{key} out of order"
+        assert per_key[key] == list(range(keys.index(key), sent, 8)), f"{key} lost or duplicated records"
+
+
+def test_close_resolves_undeliverable_records(start_broker: Callable[..., BrokerProcess], tmp_path: Path,
+                                              stream_name: str) -> None:
+    dead = start_broker(data_dir=tmp_path / "dead")
+    target = dead.grpc_target
+    dead.stop(15)
+    producer = Producer(target, stream_name, max_retries=1000, backoff_ms=50)
+    futures = [producer.send(b"x") for _ in range(5)]
+    started = time.monotonic()
+    producer.close(timeout=0.5)
+    assert time.monotonic() - started < 5
+    codes = {f.result(5).error_code for f in futures}
+    assert codes <= {"CLOSED", "UNAVAILABLE"} and "CLOSED" in codes
+
+
+async def test_async_producer(broker: BrokerProcess, client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 2)
+    async with AsyncProducer(broker.grpc_target, stream_name, linger_ms=20) as producer:
+        first = await producer.send_and_wait(b"first", partition_id=1)
+        futures = [await producer.send(f"n{i}".encode(), partition_id=1) for i in range(100)]
+        bad = await producer.send(b"bad", partition_id=-3)
+        results: list[PutResult] = list(await asyncio.gather(*futures))
+        await producer.flush(5)
+        assert producer.stats.requests < 20
+    assert (first.partition_id, first.sequence_number) == (1, 0)
+    assert [r.sequence_number for r in results] == list(range(1, 101))
+    assert (await bad).error_code == "DIS.4201"
+
+
+# -- PartitionConsumer ---------------------------------------------------------------------------
+
+def fill(client: Client, stream: str, partition: int, n: int, prefix: str = "m") -> list[bytes]:
+    payloads = [f"{prefix}{i}".encode() for i in range(n)]
+    for i in range(0, n, 1000):
+        results = client.put_records(stream, payloads[i:i + 1000], partition_id=partition)
+        assert all(r.ok for r in results)
+    return payloads
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_partition_consumer_reads_everything_in_order(client: Client, stream_name: str, mode: str) -> None:
+    client.create_stream(stream_name, 2)
+    payloads = fill(client, stream_name, 1, 2500)
+    fill(client, stream_name, 0, 10, "other")
+    with PartitionConsumer(client, stream_name, 1, mode=mode, batch=300, wait_ms=200) as consumer:
+        got = list(consumer.iterate(idle_timeout=1.0))
+        assert [r.data for r in got] == payloads
+        assert [r.sequence_number for r in got] == list(range(2500))
+        # records written later arrive too (long poll / push)
+        more = threading.Timer(0.2, fill, args=(client, stream_name, 1, 5, "late"))
+        more.start()
+        late = []
+        for record in consumer.iterate(idle_timeout=5.0):
+            late.append(record.data)
+            if len(late) == 5:
+                break
+        more.join()
+        assert late == [f"late{i}".encode() for i in range(5)]
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_partition_consumer_start_positions(client: Client, stream_name: str, mode: str) -> None:
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 20)
+
+    def first(start: object) -> int | None:
+        with PartitionConsumer(client, stream_name, 0, start=start, mode=mode, wait_ms=300) as c:  # type: ignore
+            records = c.poll()
+            return records[0].sequence_number if records else None
+
+    assert first("TRIM_HORIZON") == 0
+    assert first(("AT_SEQUENCE_NUMBER", 7)) == 7
+    assert first(("AFTER_SEQUENCE_NUMBER", 7)) == 8
+    with PartitionConsumer(client, stream_name, 0, start="LATEST", mode=mode, wait_ms=300) as c:
+        assert c.poll(100) == []          # opens at the end
+        fill(client, stream_name, 0, 3, "new")
+        got = []
+        for r in c.iterate(idle_timeout=5):
+            got.append(r.data)
+            if len(got) == 3:
+                break
+        assert got == [b"new0", b"new1", b"new2"]
+    with pytest.raises(ValueError):
+        PartitionConsumer(client, stream_name, 0, start="SOMEWHERE")
+    with PartitionConsumer(client, stream_name, 0, start=("AT_SEQUENCE_NUMBER", 99), mode=mode) as c:
+        with pytest.raises(SluiceError) as err:
+            c.poll(300)
+        assert err.value.code == "DIS.4224"   # an explicit start out of range is an error, not a reset
+
+
+def test_timestamp_start_before_retention_is_refused(client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 1)
+    with PartitionConsumer(client, stream_name, 0, start=("AT_TIMESTAMP", 1)) as c:
+        with pytest.raises(Exception) as err:
+            c.poll(100)
+        assert getattr(err.value, "code", "") == "DIS.4300"
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_partition_consumer_resumes_after_its_checkpoint(client: Client, stream_name: str, mode: str) -> None:
+    client.create_stream(stream_name, 1)
+    payloads = fill(client, stream_name, 0, 100)
+    app = f"app-{stream_name}"
+    with PartitionConsumer(client, stream_name, 0, app=app, mode=mode, batch=30) as c:
+        for record in c:
+            if record.sequence_number == 41:
+                break
+        assert c.commit() == 41
+    assert client.get_checkpoint(app, stream_name, 0) == (41, "")
+    with PartitionConsumer(client, stream_name, 0, app=app, mode=mode, batch=30) as c:
+        rest = list(c.iterate(idle_timeout=1.0))
+        assert [r.data for r in rest] == payloads[42:]
+        c.commit(60)                       # an explicit sequence number
+    with PartitionConsumer(client, stream_name, 0, app=app, mode=mode) as c:
+        assert c.poll()[0].sequence_number == 61
+    # another app has its own checkpoint: starts at `start`
+    with PartitionConsumer(client, stream_name, 0, app=app + "-other", mode=mode) as c:
+        assert c.poll()[0].sequence_number == 0
+        with pytest.raises(ValueError):
+            PartitionConsumer(client, stream_name, 0).commit()
+
+
+def test_breaking_out_of_iteration_loses_nothing(client: Client, stream_name: str) -> None:
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 50)
+    with PartitionConsumer(client, stream_name, 0, batch=20) as c:
+        seen = []
+        for _ in range(5):
+            for record in c.iterate(idle_timeout=1):
+                seen.append(record.sequence_number)
+                if len(seen) % 7 == 0:
+                    break
+        seen += [r.sequence_number for r in c.iterate(idle_timeout=0.5)]
+        assert seen == list(range(50))
+
+
+def test_pull_consumer_replaces_a_rejected_cursor_at_its_position(client: Client, stream_name: str) -> None:
+    """A cursor the broker refuses (here DIS.4217; DIS.4225 when older than 5 minutes) is replaced
+    by a new one at the consumer's own position: nothing skipped, nothing repeated."""
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 30)
+    with PartitionConsumer(client, stream_name, 0, batch=10) as c:
+        assert [r.sequence_number for r in c.poll()] == list(range(10))
+        c._cursor = "A" * 60      # what the broker says about a forged or foreign cursor: DIS.4217
+        assert [r.sequence_number for r in c.poll()] == list(range(10, 20))
+
+
+@pytest.mark.slow
+def test_push_consumer_reopens_its_subscription_after_a_broker_restart(
+        start_broker: Callable[..., BrokerProcess], tmp_path: Path, stream_name: str) -> None:
+    first, restart = restartable_broker(start_broker, tmp_path)
+    client = Client(first.grpc_target, timeout=5)
+    try:
+        client.create_stream(stream_name, 1)
+        fill(client, stream_name, 0, 10)
+        with PartitionConsumer(client, stream_name, 0, mode="push", wait_ms=200) as c:
+            assert [r.sequence_number for r in c.iterate(idle_timeout=1)] == list(range(10))
+            first.stop(15)
+            with pytest.raises(Exception) as err:
+                for _ in range(50):
+                    c.poll(200)
+            assert type(err.value).__name__ == "BrokerUnavailable"
+            restart()
+            fill(client, stream_name, 0, 5, "after")
+            got = []
+
+            def more() -> bool:
+                try:
+                    got.extend(c.poll(200))
+                except Exception:
+                    pass
+                return len(got) >= 5
+            eventually(more, timeout=15)
+            assert [r.sequence_number for r in got] == list(range(10, 15))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_async_partition_consumer(broker: BrokerProcess, client: Client, stream_name: str, mode: str) -> None:
+    client.create_stream(stream_name, 2)
+    payloads = fill(client, stream_name, 1, 1200)
+    app = f"app-{stream_name}"
+    async with AsyncPartitionConsumer(broker.grpc_target, stream_name, 1, app=app, mode=mode, batch=500,
+                                      wait_ms=200) as c:
+        got = [r async for r in c.iterate(idle_timeout=1.0)]
+        assert [r.data for r in got] == payloads
+        # cancelling a waiting poll loses nothing
+        task = asyncio.ensure_future(c.poll(5000))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        fill(client, stream_name, 1, 3, "late")
+        late = []
+        async for r in c.iterate(idle_timeout=5.0):
+            late.append(r.data)
+            if len(late) == 3:
+                break
+        assert late == [b"late0", b"late1", b"late2"]
+        assert await c.commit() == 1202
+    async with AsyncPartitionConsumer(broker.grpc_target, stream_name, 1, app=app, mode=mode) as c:
+        assert await c.poll(200) == []
+    assert client.get_checkpoint(app, stream_name, 1) == (1202, "")
+
+
+async def test_async_partition_consumer_raises_broker_errors(broker: BrokerProcess, client: Client,
+                                                              stream_name: str) -> None:
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 5)
+    async with AsyncPartitionConsumer(broker.grpc_target, stream_name, 0, start=("AT_SEQUENCE_NUMBER", 99)) as c:
+        with pytest.raises(SluiceError) as err:
+            await c.poll(100)
+        assert err.value.code == "DIS.4224"     # an explicit start out of range is an error, not a reset
+    async with AsyncPartitionConsumer(broker.grpc_target, stream_name + "-missing", 0) as c:
+        with pytest.raises(StreamNotFound):
+            await c.poll(100)
+
+
+# -- GroupConsumer (in process; the multi-process crash test is tests/e2e/test_consumer_group.py) ---
+
+class Collector:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: list[tuple[str, int, int]] = []   # (member, partition, seq)
+
+    def handler(self, member: str) -> Callable[[int, list[Record]], None]:
+        def handle(partition: int, records: list[Record]) -> None:
+            with self.lock:
+                self.seen.extend((member, partition, r.sequence_number) for r in records)
+        return handle
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.seen)
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_group_members_share_partitions_with_clean_handover(broker: BrokerProcess, client: Client,
+                                                            stream_name: str, mode: str) -> None:
+    """A second member joins while the first works: partitions move with a commit before the
+    release, so no record is handled twice, and order per partition holds."""
+    client.create_stream(stream_name, 4)
+    app = f"app-{stream_name}"
+    collected = Collector()
+    a = GroupConsumer(broker.grpc_target, app, stream_name, collected.handler("a"), member_id="a",
+                      lease_ms=1500, checkpoint_every=10, checkpoint_interval=0.1, mode=mode)
+    b = GroupConsumer(broker.grpc_target, app, stream_name, collected.handler("b"), member_id="b",
+                      lease_ms=1500, checkpoint_every=10, checkpoint_interval=0.1, mode=mode)
+    stop = threading.Event()
+    written = [0]
+
+    def produce() -> None:
+        with Producer(client, stream_name, linger_ms=5) as producer:
+            while not stop.is_set():
+                for i in range(20):
+                    producer.send(b"x", partition_id=(written[0] + i) % 4)
+                written[0] += 20
+                producer.flush(10)
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=produce, daemon=True)
+    try:
+        a.start()
+        writer.start()
+        eventually(lambda: a.assignment == {0, 1, 2, 3} and collected.count() > 50, timeout=10)
+        b.start()
+        eventually(lambda: len(a.assignment) == 2 and len(b.assignment) == 2, timeout=10)
+        handled_by_b = lambda: sum(1 for m, _, _ in collected.seen if m == "b")  # noqa: E731
+        eventually(lambda: handled_by_b() > 50, timeout=10)
+        stop.set()
+        writer.join(10)
+        total = written[0]
+        eventually(lambda: collected.count() >= total, timeout=10)
+    finally:
+        stop.set()
+        writer.join(10)
+        a.stop()
+        b.stop()
+    assert a.assignment == set() and b.assignment == set()
+    positions = [(p, s) for _, p, s in collected.seen]
+    assert len(positions) == len(set(positions)) == total, "a record was handled twice or lost"
+    for p in range(4):
+        seqs = [s for _, q, s in collected.seen if q == p]
+        assert seqs == list(range(len(seqs)))     # one partition is only ever handled in order
+        # clean stop: the last checkpoint is the last record
+        assert client.get_checkpoint(app, stream_name, p)[0] == len(seqs) - 1  # type: ignore[index]
+
+
+def test_group_handler_error_is_fatal_and_not_committed(broker: BrokerProcess, client: Client,
+                                                       stream_name: str) -> None:
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 30)
+    app = f"app-{stream_name}"
+    calls = []
+
+    def handle(partition: int, records: list[Record]) -> None:
+        calls.append(records[0].sequence_number)
+        if len(calls) == 2:
+            raise KeyError("boom")
+
+    group = GroupConsumer(broker.grpc_target, app, stream_name, handle, lease_ms=1500, batch=10,
+                          checkpoint_every=1000, checkpoint_interval=60)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            group.run()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(15)
+    assert not runner.is_alive()
+    assert isinstance(outcome[0], KeyError) and calls == [0, 10]
+    # the first batch (0..9) was handled and committed; the failed one (10..19) was not
+    assert client.get_checkpoint(app, stream_name, 0) == (9, "")
+
+
+@pytest.mark.slow
+def test_group_keeps_its_assignment_through_a_broker_restart(start_broker: Callable[..., BrokerProcess],
+                                                             tmp_path: Path, stream_name: str) -> None:
+    """After a restart the broker's lease table is empty. The members re-claim what they hold; the
+    first one to heartbeat must not be given partitions the other is still working on (it was,
+    before the broker's restart grace: see broker/core/leases.py)."""
+    first, restart = restartable_broker(start_broker, tmp_path)
+    with Client(first.grpc_target, timeout=5) as c:
+        c.create_stream(stream_name, 4)
+    events: list[tuple[str, str, int]] = []
+    lock = threading.Lock()
+
+    def member(name: str) -> GroupConsumer:
+        def note(what: str) -> Callable[[int], None]:
+            def f(p: int) -> None:
+                with lock:
+                    events.append((name, what, p))
+            return f
+        return GroupConsumer(first.grpc_target, "app", stream_name, lambda p, r: None, member_id=name,
+                             lease_ms=3000, on_assign=note("assign"), on_release=note("release"))
+
+    a, b = member("a"), member("b")
+    try:
+        a.start()
+        b.start()
+        eventually(lambda: len(a.assignment) == 2 and len(b.assignment) == 2, timeout=15)
+        before = (a.assignment, b.assignment)
+        first.stop(15)
+        restart()
+        restarted = time.monotonic()
+        # both members heartbeat successfully after the restart, and again once the broker's
+        # grace (one lease) is over: any double grant would have happened by then
+        eventually(lambda: min(a.last_heartbeat or 0, b.last_heartbeat or 0) > restarted + 3.0, timeout=10)
+        assert (a.assignment, b.assignment) == before
+    finally:
+        a.stop()
+        b.stop()
+    owner: dict[int, str] = {}
+    for name, what, p in events:        # replayed in the order the members reported them
+        if what == "assign":
+            assert p not in owner, f"{name} was given partition {p} while {owner[p]} still held it"
+            owner[p] = name
+        else:
+            assert owner.pop(p) == name

@@ -1,44 +1,233 @@
 """`sluice`: a small command line over `client.Client`. No wire code of its own.
 
 Exit codes: 0 success, 1 the broker refused (or some records failed), 2 usage error,
-3 broker unreachable.
+3 broker unreachable, 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import queue
 import sys
-from typing import Iterator, Sequence, TextIO
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, BinaryIO, Sequence
 
-from client.client import CURSOR_TYPES, Client
-from client.errors import BrokerUnavailable, SluiceError
+from client.client import CURSOR_TYPES, Client, Record
+from client.errors import BrokerUnavailable, SluiceError, StreamNotFound
 
-BATCH = 500
+BATCH = 500                       # records per PutRecords call
+BATCH_BYTES = 4 * 1024 * 1024     # payload per call: stays under the broker's 5 MiB request cap
+PROGRESS_EVERY_S = 0.2            # how often the TTY progress line is redrawn
+MALFORMED = "malformed input"     # the failure group of lines `put --jsonl` could not parse
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def _lines(source: TextIO) -> Iterator[bytes]:
-    for line in source:
-        line = line.rstrip("\n")
-        if line:
-            yield line.encode()
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _say(*parts: object) -> None:
+    print("sluice:", *parts, file=sys.stderr, flush=True)
+
+
+def _partition_name(partition: str) -> str:
+    """'3' or 'shardId-0000000003' -> 'shardId-0000000003'; anything else is left for the broker to judge."""
+    text = partition.strip()
+    if text.isascii() and text.isdigit():
+        return f"shardId-{int(text):010d}"
+    prefix, _, index = text.partition("-")
+    if prefix.lower() == "shardid" and index.isascii() and index.isdigit():
+        return f"shardId-{int(index):010d}"
+    return partition
+
+
+def _all_partitions(client: Client, stream: str) -> list[str]:
+    ids: list[str] = []
+    while True:  # one DescribeStream page holds at most 100 partitions: follow has_more_partitions
+        desc = client.describe_stream(stream, start_after_partition=ids[-1] if ids else "")
+        ids += [p.partition_id for p in desc.partitions]
+        if not desc.has_more_partitions or not desc.partitions:
+            return ids
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+# -- put ---------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Item:
+    data: bytes
+    key: str | None
+    partition: str | None
+
+
+def _split_line(raw: bytes) -> bytes:
+    if raw.endswith(b"\r\n"):
+        return raw[:-2]
+    return raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, str | None]:
+    """data / partition_key / partition_id of one JSON line. Raises ValueError saying what is wrong."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object with a 'data' string")
+    data, key, pid = obj.get("data"), obj.get("partition_key"), obj.get("partition_id")
+    if not isinstance(data, str):
+        raise ValueError("'data' is required and must be a string")
+    if key is not None and not isinstance(key, str):
+        raise ValueError("'partition_key' must be a string")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int))):
+        raise ValueError("'partition_id' must be a string or an integer")
+    try:
+        payload = data.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \udxxx escape
+        raise ValueError("'data' is not encodable as UTF-8") from None
+    return payload, key, None if pid is None else str(pid)
+
+
+class _Progress:
+    """`N records sent (R rec/s)` redrawn in place on stderr; only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.drawn = float("-inf")  # the first update draws at once
+
+    def update(self, sent: int, failed: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.drawn < PROGRESS_EVERY_S:
+            return
+        self.drawn = now
+        rate = sent / max(now - self.started, 1e-6)
+        failures = f", {failed} failed" if failed else ""
+        sys.stderr.write(f"\r\033[K{sent} records sent{failures} ({rate:,.0f} rec/s)")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+class _PutStats:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.failed = 0
+        self.by_code: Counter[str] = Counter()
+        self.example: dict[str, str] = {}
+
+    def fail(self, code: str, message: str, count: int = 1) -> None:
+        code = code or "error"
+        self.sent += count
+        self.failed += count
+        self.by_code[code] += count
+        self.example.setdefault(code, message)
+
+    def summary(self) -> None:
+        print(f"sent {self.sent} records, {self.failed} failed", file=sys.stderr)
+        for code, count in sorted(self.by_code.items()):
+            example = self.example.get(code, "")
+            print(f"  {code}: {count}" + (f" (e.g. {example})" if example else ""), file=sys.stderr)
+        sys.stderr.flush()
+
+
+def _send(client: Client, stream: str, batch: list[_Item], stats: _PutStats) -> None:
+    """One PutRecords call for the batch; each record keeps its own route (key and/or partition)."""
+    routed = [(i.data, i.key, i.partition) for i in batch]  # partition ids as given: "1" or "shardId-..."
+    try:
+        results = client.put_routed(stream, routed)  # type: ignore[arg-type]
+    except (BrokerUnavailable, StreamNotFound):
+        raise  # nothing further can succeed
+    except SluiceError as exc:  # the whole request was refused: every record of it failed
+        stats.fail(exc.code, exc.message, len(batch))
+        return
+    for r in results:
+        if r.ok:
+            stats.sent += 1
+        else:
+            stats.fail(r.error_code, r.error_message)
 
 
 def _put(client: Client, args: argparse.Namespace) -> int:
-    source = sys.stdin if args.file in (None, "-") else open(args.file, encoding="utf-8")
-    sent = failed = 0
-    with source:
-        batch: list[bytes | tuple[bytes, str]] = []
-        for data in _lines(source):
-            batch.append((data, args.key) if args.key else data)
-            if len(batch) == BATCH:
-                results = client.put_records(args.stream, batch)
-                sent, failed, batch = sent + len(results), failed + sum(not r.ok for r in results), []
-        if batch:
-            results = client.put_records(args.stream, batch)
-            sent, failed = sent + len(results), failed + sum(not r.ok for r in results)
-    print(f"sent {sent} records, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    source: BinaryIO = args.source
+    name = "<stdin>" if source is sys.stdin.buffer else args.file
+    stats, progress = _PutStats(), _Progress()
+    batch: list[_Item] = []
+    size = 0
+    try:
+        with source:
+            for lineno, raw in enumerate(source, 1):
+                line = _split_line(raw)
+                if not (line.strip() if args.jsonl else line):
+                    continue  # blank lines are not records
+                key, partition = args.key, None
+                if args.jsonl:
+                    try:
+                        line, own_key, partition = _parse_jsonl(line)
+                    except ValueError as exc:
+                        progress.clear()
+                        _say(f"{name} line {lineno}: {exc}; skipped")
+                        stats.fail(MALFORMED, "")
+                        continue
+                    if own_key is not None or partition is not None:
+                        key = own_key
+                if batch and (len(batch) == BATCH or size + len(line) > BATCH_BYTES):
+                    _send(client, args.stream, batch, stats)
+                    progress.update(stats.sent, stats.failed)
+                    batch, size = [], 0
+                batch.append(_Item(line, key, partition))
+                size += len(line)
+            if batch:
+                _send(client, args.stream, batch, stats)
+    except SluiceError:
+        progress.clear()
+        if stats.sent:
+            stats.summary()  # what was acknowledged before the request that failed
+        raise
+    progress.clear()
+    stats.summary()
+    return EXIT_FAILED if stats.failed else EXIT_OK
+
+
+# -- get and tail ------------------------------------------------------------------------------
+
+def _record_json(r: Record, **extra: Any) -> str:
+    return json.dumps({**extra, "sequence_number": r.sequence_number, "timestamp": r.timestamp,
+                       "partition_key": r.partition_key, "data": _text(r.data)})
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
@@ -47,17 +236,82 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     while args.max is None or shown < args.max:
         page = client.get_records(cursor, limit=1000 if args.max is None else min(1000, args.max - shown))
         for r in page.records:
-            if args.json:
-                print(json.dumps({"sequence_number": r.sequence_number, "timestamp": r.timestamp,
-                                  "partition_key": r.partition_key, "data": r.data.decode("utf-8", "replace")}))
-            else:
-                print(r.data.decode("utf-8", "replace"))
+            print(_record_json(r) if args.json else _text(r.data))
             shown += 1
         cursor = page.next_cursor
         if not page.records:
             break
-    return 0
+    return EXIT_OK
 
+
+def _follow(client: Client, partition: str, cursor: str, out: "queue.Queue[tuple]", stop: threading.Event) -> None:
+    """One partition's push subscription, feeding `out`; ends when the channel is closed."""
+    def put(item: tuple) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.2)  # bounded: a slow terminal slows the subscription (flow control)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        for page in client.subscribe(cursor=cursor):
+            if stop.is_set():
+                return
+            if page.records:
+                put(("records", partition, page.records))
+        put(("end", partition, None))
+    except Exception as exc:  # noqa: BLE001 - the main thread reports it: never a silent thread death
+        put(("error", partition, exc))
+
+
+def _tail(client: Client, args: argparse.Namespace) -> int:
+    partitions = [_partition_name(args.partition)] if args.partition else _all_partitions(client, args.stream)
+    # Cursors first, so "LATEST" means "from when this command started" on every partition.
+    cursors = [(p, client.get_cursor(args.stream, p, args.start)) for p in partitions]
+    which = partitions[0] if args.partition else f"{len(partitions)} partition(s)"
+    _say(f"tailing {args.stream} ({which}) from {args.start}; Ctrl-C to stop")
+    out: queue.Queue[tuple] = queue.Queue(maxsize=max(8, 2 * len(cursors)))
+    stop = threading.Event()
+    for partition, cursor in cursors:
+        threading.Thread(target=_follow, args=(client, partition, cursor, out, stop), daemon=True,
+                         name=f"tail-{partition}").start()
+    shown, live = 0, len(cursors)
+    last = time.monotonic()
+    try:
+        while live:
+            wait = 0.5 if args.timeout is None else min(0.5, max(last + args.timeout - time.monotonic(), 0))
+            try:
+                kind, partition, payload = out.get(timeout=wait)
+            except queue.Empty:
+                if args.timeout is not None and time.monotonic() - last >= args.timeout:
+                    return EXIT_OK  # silence for --timeout seconds
+                continue
+            if kind == "error":
+                if isinstance(payload, SluiceError):
+                    raise payload
+                _say(f"following {partition} failed: {payload!r}")
+                return EXIT_FAILED
+            if kind == "end":
+                live -= 1
+                continue
+            for r in payload:
+                if args.json:
+                    print(_record_json(r, stream=args.stream, partition=partition))
+                else:
+                    print(f"[{partition}] {_text(r.data)}")
+                shown += 1
+                if args.max is not None and shown >= args.max:
+                    sys.stdout.flush()
+                    return EXIT_OK
+            sys.stdout.flush()
+            last = time.monotonic()
+        return EXIT_OK
+    finally:
+        stop.set()  # the caller closes the client, which cancels the subscriptions
+
+
+# -- streams, apps, checkpoints, lag -----------------------------------------------------------
 
 def _streams(client: Client, args: argparse.Namespace) -> int:
     if args.action == "create":
@@ -83,48 +337,240 @@ def _streams(client: Client, args: argparse.Namespace) -> int:
             if not desc.has_more_partitions or not desc.partitions:
                 break
             after = desc.partitions[-1].partition_id
-    return 0
+    return EXIT_OK
+
+
+def _app_dict(info: Any) -> dict[str, Any]:
+    return {"app_name": info.app_name, "app_id": info.app_id, "create_time": info.create_time,
+            "commit_checkpoint_stream_names": list(info.commit_checkpoint_stream_names)}
+
+
+def _apps(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        client.create_app(args.name)
+    elif args.action == "delete":
+        client.delete_app(args.name)
+    elif args.action == "describe":
+        info = _app_dict(client.describe_app(args.name))
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"app_name     {info['app_name']}\napp_id       {info['app_id']}\n"
+                  f"create_time  {_iso(info['create_time'])} ({info['create_time']})\n"
+                  f"streams      {', '.join(info['commit_checkpoint_stream_names']) or '-'}")
+    else:
+        start = ""
+        while True:  # pages of at most 100 apps: follow has_more_app
+            page = client.list_apps(start_after=start, stream=args.stream or "")
+            for app in page.apps:
+                print(json.dumps(_app_dict(app)) if args.json else app.app_name)
+            if not page.has_more_app or not page.apps:
+                break
+            start = page.apps[-1].app_name
+    return EXIT_OK
+
+
+def _checkpoints(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "commit":
+        client.commit_checkpoint(args.app, args.stream, args.partition, args.sequence_number, args.metadata)
+    elif args.action == "delete":
+        client.delete_checkpoint(args.app, args.stream, args.partition)
+    else:
+        found = client.get_checkpoint(args.app, args.stream, args.partition)
+        if args.json:
+            seq, meta = found if found else (None, None)
+            print(json.dumps({"app_name": args.app, "stream_name": args.stream,
+                              "partition_id": _partition_name(args.partition), "sequence_number": seq,
+                              "metadata": meta}))
+        elif found is None:
+            print("no checkpoint")
+        else:
+            print(f"sequence_number  {found[0]}\nmetadata         {found[1]}")
+    return EXIT_OK
+
+
+def _lag(client: Client, args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    try:
+        for st in client.consumer_state(args.app, args.stream):
+            rows.append({"partition_id": st.partition_id,
+                         "checkpoint": st.sequence_number if st.has_checkpoint else None,
+                         "earliest": st.earliest_offset, "latest": st.latest_offset, "lag": st.lag})
+    except SluiceError as exc:
+        if exc.code != "DIS.4375":
+            raise
+        # The app has committed nothing on this stream yet (the broker checked both exist):
+        # every retained record is still to be read.
+        _say(f"app {args.app} has not committed a checkpoint on stream {args.stream} yet; "
+             f"lag counts every retained record")
+        after = ""
+        while True:
+            desc = client.describe_stream(args.stream, start_after_partition=after)
+            for p in desc.partitions:
+                first, latest = p.first_sequence_number, p.next_sequence_number - 1
+                rows.append({"partition_id": p.partition_id, "checkpoint": None, "earliest": first,
+                             "latest": latest, "lag": max(0, latest - first + 1)})
+            if not desc.has_more_partitions or not desc.partitions:
+                break
+            after = desc.partitions[-1].partition_id
+    total = sum(r["lag"] for r in rows)
+    if args.json:
+        print(json.dumps({"app_name": args.app, "stream_name": args.stream, "partitions": rows, "total_lag": total}))
+        return EXIT_OK
+    header = ("PARTITION", "CHECKPOINT", "EARLIEST", "LATEST", "LAG")
+    table = [header] + [(r["partition_id"], "-" if r["checkpoint"] is None else str(r["checkpoint"]),
+                         str(r["earliest"]), "-" if r["latest"] < 0 else str(r["latest"]), str(r["lag"]))
+                        for r in rows]
+    table.append(("TOTAL", "", "", "", str(total)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]).rstrip())
+    return EXIT_OK
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+_EPILOG = """\
+exit codes: 0 ok, 1 the broker refused the request (or some records failed),
+            2 usage error, 3 broker unreachable, 130 interrupted
+
+examples:
+  sluice streams create orders --partitions 4
+  sluice put orders lines.txt                 # one record per line
+  sluice put orders events.jsonl --jsonl      # {"data": "...", "partition_key": "k"} per line
+  sluice get orders 0 --json
+  sluice tail orders --from TRIM_HORIZON --max 10
+  sluice apps create billing
+  sluice checkpoints commit billing orders 0 41
+  sluice lag billing orders
+"""
+
+
+_CHECKPOINT_ARGS = (("app", "consumer app name"), ("stream", "stream name"),
+                    ("partition", "partition id, e.g. 0 or shardId-0000000000"))
+
+
+def _add(sub: Any, name: str, text: str, **kw: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluice", description="Command line client for a Sluice broker (gRPC).")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="sluice", description="Command line client for a Sluice broker (gRPC).",
+                                     epilog=_EPILOG, formatter_class=fmt)
     parser.add_argument("--target", default=os.environ.get("SLUICE_TARGET", "127.0.0.1:50051"),
                         help="broker gRPC address [env SLUICE_TARGET; default 127.0.0.1:50051]")
-    sub = parser.add_subparsers(dest="command", required=True)
-    streams = sub.add_parser("streams", help="create, list, describe or delete streams")
-    ssub = streams.add_subparsers(dest="action", required=True)
-    create = ssub.add_parser("create", help="create a stream")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    streams = _add(sub, "streams", "create, list, describe or delete streams")
+    ssub = streams.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = _add(ssub, "create", "create a stream")
     create.add_argument("name")
-    create.add_argument("--partitions", type=int, default=1)
-    ssub.add_parser("list", help="list stream names")
-    for action in ("describe", "delete"):
-        ssub.add_parser(action, help=f"{action} a stream").add_argument("name")
-    put = sub.add_parser("put", help="send records, one per line, from a file or stdin")
-    put.add_argument("stream")
-    put.add_argument("file", nargs="?", help="file to read (default: stdin)")
-    put.add_argument("--key", help="partition key for every record (default: spread over partitions)")
-    get = sub.add_parser("get", help="read a partition from a cursor to its current end")
-    get.add_argument("stream")
+    create.add_argument("--partitions", type=int, default=1, help="number of partitions (default 1)")
+    _add(ssub, "list", "list every stream name")
+    _add(ssub, "describe", "show each partition's hash range and sequence range").add_argument("name")
+    _add(ssub, "delete", "delete a stream and all its records").add_argument("name")
+
+    put = _add(sub, "put", "send records from a file or stdin, one record per line",
+               epilog="Blank lines are skipped. Records go out in batches of 500. The summary "
+                      "'sent N records, M failed' (N counts every input record, M those not stored, "
+                      "grouped by DIS error code) goes to stderr; exit 1 if any failed.")
+    put.set_defaults(parser=put)
+    put.add_argument("stream", help="stream name")
+    put.add_argument("file", nargs="?", default="-", help="file to read, or - for stdin (the default)")
+    put.add_argument("--jsonl", action="store_true",
+                     help="each line is a JSON object: data (string, sent as UTF-8) and optional partition_key "
+                          "and partition_id; malformed lines are reported with their line number and skipped")
+    put.add_argument("--key", help="partition key for records that name no partition of their own "
+                                   "(default: spread over partitions)")
+
+    get = _add(sub, "get", "read one partition from a cursor to its current end")
+    get.add_argument("stream", help="stream name")
     get.add_argument("partition", help="partition id, e.g. 0 or shardId-0000000000")
     get.add_argument("--cursor-type", default="TRIM_HORIZON", choices=CURSOR_TYPES)
     get.add_argument("--sequence-number", type=int, help="for AT_/AFTER_SEQUENCE_NUMBER")
     get.add_argument("--max", type=int, help="stop after this many records")
     get.add_argument("--json", action="store_true", help="one JSON object per record")
+
+    tail = _add(sub, "tail", "follow a partition, or every partition of a stream, printing records as they arrive",
+                epilog="Human output prefixes each record with [shardId-...]; records of different "
+                       "partitions interleave in arrival order. Runs until Ctrl-C, --max or --timeout.")
+    tail.add_argument("stream", help="stream name")
+    tail.add_argument("partition", nargs="?", help="one partition (0 or shardId-0000000000); default: all")
+    tail.add_argument("--from", dest="start", default="LATEST", choices=("TRIM_HORIZON", "LATEST"),
+                      help="LATEST (default): only records written from now on; TRIM_HORIZON: everything retained")
+    tail.add_argument("--max", type=_positive_int, help="stop after this many records")
+    tail.add_argument("--timeout", type=_positive_float, metavar="S", help="stop after S seconds without a record")
+    tail.add_argument("--json", action="store_true",
+                      help="one JSON object per record: stream, partition, sequence_number, timestamp, "
+                           "partition_key, data")
+
+    apps = _add(sub, "apps", "create, list, describe or delete consumer apps")
+    asub = apps.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add(asub, "create", "create an app (1-200 characters of [A-Za-z0-9_-])").add_argument("name")
+    alist = _add(asub, "list", "list every app name")
+    alist.add_argument("--stream", help="only apps with a checkpoint on this stream")
+    alist.add_argument("--json", action="store_true", help="one JSON object per app")
+    adesc = _add(asub, "describe", "show an app: id, creation time, streams it has checkpoints on")
+    adesc.add_argument("name")
+    adesc.add_argument("--json", action="store_true")
+    _add(asub, "delete", "delete an app and all its checkpoints").add_argument("name")
+
+    cps = _add(sub, "checkpoints", "commit, show or delete an app's checkpoints (type LAST_READ)")
+    csub = cps.add_subparsers(dest="action", required=True, metavar="ACTION")
+    commit = _add(csub, "commit", "record that APP processed PARTITION up to and including SEQ")
+    for name, text in _CHECKPOINT_ARGS:
+        commit.add_argument(name, help=text)
+    commit.add_argument("sequence_number", metavar="seq", type=int, help="sequence number of the last record processed")
+    commit.add_argument("--metadata", default="", help="free text stored with the checkpoint (<= 1000 chars)")
+    cget = _add(csub, "get", "show the committed checkpoint of one partition")
+    for name, text in _CHECKPOINT_ARGS:
+        cget.add_argument(name, help=text)
+    cget.add_argument("--json", action="store_true")
+    cdel = _add(csub, "delete", "delete one partition's checkpoint, or every partition's")
+    cdel.add_argument("app")
+    cdel.add_argument("stream", help="stream name")
+    cdel.add_argument("partition", nargs="?", help="default: every partition of the stream")
+
+    lag = _add(sub, "lag", "per partition: the app's checkpoint, the retained range and the lag")
+    lag.add_argument("app")
+    lag.add_argument("stream", help="stream name")
+    lag.add_argument("--json", action="store_true")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"streams": _streams, "put": _put, "get": _get}
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (e.g. `| head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "put":
+        try:
+            args.source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+        except OSError as exc:
+            args.parser.error(f"cannot open {args.file}: {exc.strerror}")
+    commands = {"streams": _streams, "put": _put, "get": _get, "tail": _tail, "apps": _apps,
+                "checkpoints": _checkpoints, "lag": _lag}
     try:
         with Client(args.target) as client:
             return commands[args.command](client, args)
     except BrokerUnavailable as exc:
-        print(f"sluice: cannot reach the broker at {args.target}: {exc.message}", file=sys.stderr)
-        return 3
+        _say(f"cannot reach the broker at {args.target}: {exc.message}")
+        return EXIT_UNREACHABLE
     except SluiceError as exc:
-        print(f"sluice: {exc}", file=sys.stderr)
-        return 1
+        _say(exc)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
+from client.client import Client
 from client._pb.sluice.v1 import sluice_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,3 +218,418 @@ def test_list_shows_every_stream_not_just_one_page(start_broker):
     finally:
         channel.close()
     assert ok(sluice("streams", "list", target=own.grpc_target)).splitlines() == names
+
+
+# -- put --jsonl, tail, apps, checkpoints, lag ---------------------------------------------------
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def tail_json(result: subprocess.CompletedProcess[str]) -> list[dict]:
+    return [json.loads(line) for line in ok(result).splitlines()]
+
+
+class Background:
+    """A `sluice` command running while the test does other things. stdout goes to a file,
+    stderr is read line by line so the test can wait for a line (bounded, never a sleep)."""
+
+    def __init__(self, tmp_path: Path, target: str, *args: str) -> None:
+        self.out_path = tmp_path / f"bg-{uuid.uuid4().hex[:6]}.out"
+        self._out = open(self.out_path, "w", encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
+        self.proc = subprocess.Popen([*COMMAND, "--target", target, *args], stdout=self._out,
+                                     stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        self.err: list[str] = []
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr
+        for line in self.proc.stderr:
+            self.err.append(line)
+            self._lines.put(line)
+
+    def wait_for_stderr(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if text in self._lines.get(timeout=max(deadline - time.monotonic(), 0.01)):
+                    return
+            except queue.Empty:
+                break
+        raise AssertionError(f"{text!r} not on stderr within {timeout}s: {''.join(self.err)!r}")
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, str, str]:
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            self.stop()
+        return code, self.out_path.read_text(encoding="utf-8"), "".join(self.err)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(10)  # stderr fully read
+        assert self.proc.stderr
+        self.proc.stderr.close()
+        self._out.close()
+
+
+@pytest.fixture
+def client(broker):  # type: ignore[no-untyped-def]
+    """For setting things up and checking them quickly; the commands under test run as processes."""
+    with Client(broker.grpc_target) as c:
+        yield c
+
+
+@pytest.fixture
+def background(broker, tmp_path):  # type: ignore[no-untyped-def]
+    started: list[Background] = []
+
+    def start(*args: str) -> Background:
+        bg = Background(tmp_path, broker.grpc_target, *args)
+        started.append(bg)
+        return bg
+    yield start
+    for bg in started:
+        bg.stop()
+
+
+def in_parallel(run, calls):  # type: ignore[no-untyped-def]
+    """Independent invocations at once (each is a process start): results in the order of `calls`."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda args: run(*args), calls))
+
+
+def test_help_everywhere():
+    top = ok(sluice("--help"))
+    for command in ("streams", "put", "get", "tail", "apps", "checkpoints", "lag", "exit codes"):
+        assert command in top
+    calls = [("put",), ("tail",), ("lag",), ("apps", "list"), ("checkpoints", "commit")]
+    helps = dict(zip(calls, in_parallel(sluice, [(*args, "--help") for args in calls])))
+    for args, result in helps.items():
+        assert ok(result).startswith(f"usage: sluice {' '.join(args)}"), result.stdout[:200]
+    assert "--jsonl" in helps[("put",)].stdout and "partition_key" in helps[("put",)].stdout
+    for option in ("--from", "--max", "--timeout", "--json", "TRIM_HORIZON", "LATEST"):
+        assert option in helps[("tail",)].stdout
+    assert "--metadata" in helps[("checkpoints", "commit")].stdout
+
+
+def test_put_jsonl_reports_malformed_lines_and_groups_failures(cli, stream_name, tmp_path):
+    ok(cli("streams", "create", stream_name, "--partitions", "3"))
+    source = _write_lines(tmp_path / "records.jsonl", [
+        json.dumps({"data": "keyed ✓", "partition_key": "k1", "partition_id": "0"}),
+        '{"data": "unterminated',                                    # line 2: not JSON
+        json.dumps({"data": "to one", "partition_id": "1"}),
+        json.dumps({"data": 42}),                                    # line 4: data is not a string
+        "",                                                          # blank: skipped, not a record
+        json.dumps({"data": "to two", "partition_id": 2}),
+        json.dumps(["not", "an", "object"]),                         # line 7
+        json.dumps({"data": "no such partition", "partition_id": "9"}),  # refused by the broker
+        json.dumps({"data": "also one", "partition_id": "shardId-0000000001", "partition_key": "kk"}),
+    ])
+    put = cli("put", stream_name, str(source), "--jsonl")
+    assert put.returncode == 1, put.stderr
+    err = put.stderr
+    assert "sent 8 records, 4 failed" in err
+    for line in (2, 4, 7):
+        assert f"line {line}:" in err, err
+    assert "line 1:" not in err and "line 3:" not in err and "line 8:" not in err
+    assert "malformed input: 3" in err
+    assert "DIS.4302: 1" in err and "Partition [9] does not exist" in err
+    assert "Traceback" not in err
+
+    ones = tail_json(cli("tail", stream_name, "1", "--from", "TRIM_HORIZON", "--max", "2", "--json"))
+    assert [(r["data"], r["partition_key"], r["sequence_number"]) for r in ones] == \
+        [("to one", None, 0), ("also one", "kk", 1)]
+    assert all(r["partition"] == "shardId-0000000001" and r["stream"] == stream_name for r in ones)
+    everything = tail_json(cli("tail", stream_name, "--from", "TRIM_HORIZON", "--max", "4", "--json"))
+    assert sorted(r["data"] for r in everything) == sorted(["keyed ✓", "to one", "to two", "also one"])
+    assert {r["data"]: r["partition"] for r in everything}["to two"] == "shardId-0000000002"
+    keyed = next(r for r in everything if r["data"] == "keyed ✓")
+    assert keyed["partition_key"] == "k1"
+    assert set(keyed) == {"stream", "partition", "sequence_number", "timestamp", "partition_key", "data"}
+    assert isinstance(keyed["timestamp"], int) and keyed["timestamp"] > 1_600_000_000_000
+
+
+def test_put_jsonl_all_good_exits_0(cli, stream_name):
+    ok(cli("streams", "create", stream_name, "--partitions", "2"))
+    lines = "".join(json.dumps({"data": f"v{i}", "partition_id": str(i % 2)}) + "\r\n" for i in range(700))
+    put = cli("put", stream_name, "-", "--jsonl", stdin=lines)  # more than one batch of 500
+    assert put.returncode == 0 and "sent 700 records, 0 failed" in put.stderr, put.stderr
+    assert ok(cli("get", stream_name, "1")).splitlines() == [f"v{i}" for i in range(1, 700, 2)]
+
+
+def test_put_batches_by_size_too(cli, stream_name, tmp_path):
+    """Ten 900 KB records are 9 MB: more than one request may carry (5 MiB), fewer than 500."""
+    ok(cli("streams", "create", stream_name))
+    big = [f"{i}" + "x" * 900_000 for i in range(10)]
+    put = cli("put", stream_name, str(_write_lines(tmp_path / "big.txt", big)))
+    assert put.returncode == 0 and "sent 10 records, 0 failed" in put.stderr, put.stderr
+    assert ok(cli("get", stream_name, "0")).splitlines() == big
+
+
+def test_put_shows_progress_only_on_a_terminal(broker, stream_name):
+    ok(sluice("streams", "create", stream_name, target=broker.grpc_target))
+    lines = "".join(f"r{i}\n" for i in range(1500)).encode()
+    main, child = pty.openpty()
+    try:
+        proc = subprocess.run([*COMMAND, "--target", broker.grpc_target, "put", stream_name], input=lines,
+                              stdout=subprocess.PIPE, stderr=child, timeout=60, cwd=ROOT)
+        os.close(child)
+        child = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the child side is closed and drained
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if child >= 0:
+            os.close(child)
+        os.close(main)
+    assert proc.returncode == 0
+    text = seen.decode()
+    assert "records sent" in text and "rec/s" in text, text  # the progress line
+    assert "sent 1500 records, 0 failed" in text
+    piped = sluice("put", stream_name, target=broker.grpc_target, stdin="one\n")
+    assert piped.returncode == 0 and "rec/s" not in piped.stderr and "\r" not in piped.stderr
+
+
+def test_tail_human_output_prefixes_the_partition(cli, stream_name):
+    ok(cli("streams", "create", stream_name, "--partitions", "3"))
+    ok(cli("put", stream_name, stdin="".join(f"line {i}\n" for i in range(12))))
+    lines = ok(cli("tail", stream_name, "--from", "TRIM_HORIZON", "--max", "12")).splitlines()
+    assert len(lines) == 12
+    by_partition: dict[str, list[str]] = {}
+    for line in lines:
+        prefix, _, data = line.partition("] ")
+        assert prefix.startswith("[shardId-00000000"), line
+        by_partition.setdefault(prefix[1:], []).append(data)
+    assert sorted(by_partition) == [f"shardId-{i:010d}" for i in range(3)]
+    for partition, data in by_partition.items():  # each partition in its own write order
+        assert data == ok(cli("get", stream_name, partition)).splitlines()
+    one = ok(cli("tail", stream_name, "shardId-0000000002", "--from", "TRIM_HORIZON", "--max", "2")).splitlines()
+    assert one == [f"[shardId-0000000002] {d}" for d in by_partition["shardId-0000000002"][:2]]
+
+
+def test_tail_timeout_ends_after_silence(cli, client, stream_name):
+    client.create_stream(stream_name, 2)
+    client.put_records(stream_name, [(b"a", "k"), (b"b", "k")])
+    began = time.monotonic()
+    old, new = in_parallel(cli, [("tail", stream_name, "--from", "TRIM_HORIZON", "--timeout", "0.6", "--json"),
+                                 ("tail", stream_name, "0", "--timeout", "0.6")])
+    elapsed = time.monotonic() - began
+    assert [r["data"] for r in tail_json(old)] == ["a", "b"]
+    assert ok(new) == ""  # LATEST: nothing new came
+    assert 0.55 <= elapsed < 8, elapsed
+
+
+def test_tail_latest_sees_records_put_by_another_process(cli, background, stream_name):
+    ok(cli("streams", "create", stream_name, "--partitions", "3"))
+    ok(cli("put", stream_name, stdin="old 1\nold 2\nold 3\n"))      # before the tail: not shown
+    tail = background("tail", stream_name, "--json", "--max", "4", "--timeout", "20")
+    tail.wait_for_stderr("tailing")                                 # cursors are taken: LATEST is fixed
+    ok(cli("put", stream_name, stdin="new 1\nnew 2\nnew 3\nnew 4\n"))
+    code, out, err = tail.finish()
+    assert code == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["data"] for r in got) == ["new 1", "new 2", "new 3", "new 4"]
+    assert {r["partition"] for r in got} <= {f"shardId-{i:010d}" for i in range(3)}
+    assert "Traceback" not in err
+
+
+def test_tail_one_partition_latest(cli, background, stream_name):
+    ok(cli("streams", "create", stream_name, "--partitions", "2"))
+    tail = background("tail", stream_name, "1", "--json", "--max", "2", "--timeout", "20")
+    tail.wait_for_stderr("tailing")
+    ok(cli("put", stream_name, "--jsonl", stdin="".join(
+        json.dumps({"data": f"p{i % 2}-{i}", "partition_id": str(i % 2)}) + "\n" for i in range(6))))
+    code, out, err = tail.finish()
+    assert code == 0, err
+    assert [(r["partition"], r["data"], r["sequence_number"]) for r in map(json.loads, out.splitlines())] == \
+        [("shardId-0000000001", "p1-1", 0), ("shardId-0000000001", "p1-3", 1)]
+
+
+def test_tail_ctrl_c_exits_130_quietly(background, stream_name, cli):
+    ok(cli("streams", "create", stream_name, "--partitions", "2"))
+    tail = background("tail", stream_name)
+    tail.wait_for_stderr("tailing")
+    began = time.monotonic()
+    tail.proc.send_signal(signal.SIGINT)
+    code, out, err = tail.finish(timeout=10)
+    assert code == 130, err
+    assert time.monotonic() - began < 5
+    assert out == "" and "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_tail_ends_with_exit_1_when_the_stream_is_deleted(background, stream_name, cli):
+    ok(cli("streams", "create", stream_name, "--partitions", "2"))
+    tail = background("tail", stream_name, "--timeout", "20")
+    tail.wait_for_stderr("tailing")
+    began = time.monotonic()
+    ok(cli("streams", "delete", stream_name))
+    code, _, err = tail.finish()
+    assert code == 1, err
+    assert time.monotonic() - began < 8  # the broker ends the subscriptions at once
+    assert "DIS.4301" in err and "Traceback" not in err
+
+
+def test_apps_commands(cli, client, stream_name):
+    app = f"app-{uuid.uuid4().hex[:10]}"
+    assert ok(cli("apps", "create", app)) == ""
+    again, listed, described, as_json = in_parallel(cli, [
+        ("apps", "create", app), ("apps", "list"), ("apps", "describe", app), ("apps", "describe", app, "--json")])
+    assert again.returncode == 1 and "DIS.4330" in again.stderr and app in again.stderr
+    assert app in ok(listed).splitlines()
+    assert app in ok(described) and "streams      -" in described.stdout
+    info = json.loads(ok(as_json))
+    assert info["app_name"] == app and info["app_id"] and info["commit_checkpoint_stream_names"] == []
+    assert abs(info["create_time"] - time.time() * 1000) < 60_000
+
+    client.create_stream(stream_name, 1)
+    client.put_records(stream_name, [b"x"])
+    client.commit_checkpoint(app, stream_name, 0, 0)
+    as_json, names, listed = in_parallel(cli, [("apps", "describe", app, "--json"),
+                                               ("apps", "list", "--stream", stream_name),
+                                               ("apps", "list", "--stream", stream_name, "--json")])
+    assert json.loads(ok(as_json))["commit_checkpoint_stream_names"] == [stream_name]
+    assert ok(names).splitlines() == [app]
+    assert [(a["app_name"], a["app_id"]) for a in map(json.loads, ok(listed).splitlines())] == [(app, info["app_id"])]
+
+    assert ok(cli("apps", "delete", app)) == ""
+    listed, *refused = in_parallel(cli, [("apps", "list"), ("apps", "describe", app), ("apps", "delete", app),
+                                         ("apps", "create", "no spaces")])
+    assert app not in ok(listed).splitlines()
+    for result, code in zip(refused, ("DIS.4332", "DIS.4332", "DIS.4200")):
+        assert result.returncode == 1 and code in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_apps_list_pages_through_everything(start_broker):
+    own = start_broker("--store", "memory")
+    names = [f"app-{i:03d}" for i in range(105)]  # more than one page of 100
+    with Client(own.grpc_target) as client:
+        for name in reversed(names):
+            client.create_app(name)
+    assert ok(sluice("apps", "list", target=own.grpc_target)).splitlines() == names
+
+
+def test_checkpoints_commands(cli, client, stream_name):
+    app = f"app-{uuid.uuid4().hex[:10]}"
+    client.create_app(app)
+    client.create_stream(stream_name, 2)
+    for p in (0, 1):
+        client.put_records(stream_name, [b"%d" % i for i in range(5)], partition_id=p)  # 0..4 in each
+
+    assert ok(cli("checkpoints", "commit", app, stream_name, "0", "3", "--metadata", "batch 7")) == ""
+    human, as_json, none, none_json, *refused = in_parallel(cli, [
+        ("checkpoints", "get", app, stream_name, "0"),
+        ("checkpoints", "get", app, stream_name, "shardId-0000000000", "--json"),
+        ("checkpoints", "get", app, stream_name, "1"),
+        ("checkpoints", "get", app, stream_name, "1", "--json"),
+        ("checkpoints", "commit", app, stream_name, "1", "5"),                       # 1 past the end
+        ("checkpoints", "commit", app, stream_name, "1", "0", "--metadata", "m" * 1001),
+        ("checkpoints", "get", "no-such-app", stream_name, "0"),
+        ("checkpoints", "delete", app, stream_name + "x")])
+    assert ok(human).split() == ["sequence_number", "3", "metadata", "batch", "7"]
+    assert json.loads(ok(as_json)) == {"app_name": app, "stream_name": stream_name,
+                                       "partition_id": "shardId-0000000000", "sequence_number": 3,
+                                       "metadata": "batch 7"}
+    assert ok(none).strip() == "no checkpoint"
+    assert json.loads(ok(none_json))["sequence_number"] is None
+    for result, code in zip(refused, ("DIS.4224", "DIS.4200", "DIS.4332", "DIS.4301")):
+        assert result.returncode == 1 and code in result.stderr, (code, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert client.get_checkpoint(app, stream_name, 1) is None  # nothing refused was stored
+
+    client.commit_checkpoint(app, stream_name, 1, 4)
+    assert ok(cli("checkpoints", "delete", app, stream_name, "0")) == ""
+    assert client.get_checkpoint(app, stream_name, 0) is None
+    assert client.get_checkpoint(app, stream_name, 1) == (4, "")
+    assert ok(cli("checkpoints", "delete", app, stream_name)) == ""   # every partition
+    assert client.get_checkpoint(app, stream_name, 1) is None
+
+
+def _lag_table(text: str) -> dict[str, list[str]]:
+    lines = text.splitlines()
+    assert lines[0].split() == ["PARTITION", "CHECKPOINT", "EARLIEST", "LATEST", "LAG"], lines
+    return {line.split()[0]: line.split()[1:] for line in lines[1:]}
+
+
+def test_lag_matches_what_was_committed(cli, client, stream_name):
+    app, fresh = f"app-{uuid.uuid4().hex[:10]}", f"app-{uuid.uuid4().hex[:10]}"
+    client.create_app(app)
+    client.create_app(fresh)
+    client.create_stream(stream_name, 3)
+    client.put_records(stream_name, [b"r"] * 7, partition_id=0)
+    client.put_records(stream_name, [b"r"] * 4, partition_id=1)   # partition 2 stays empty
+    ok(cli("checkpoints", "commit", app, stream_name, "0", "2"))
+    ok(cli("checkpoints", "commit", app, stream_name, "1", "3"))
+
+    human, as_json = in_parallel(cli, [("lag", app, stream_name), ("lag", app, stream_name, "--json")])
+    assert _lag_table(ok(human)) == {"shardId-0000000000": ["2", "0", "6", "4"],
+                                     "shardId-0000000001": ["3", "0", "3", "0"],
+                                     "shardId-0000000002": ["-", "0", "-", "0"],
+                                     "TOTAL": ["4"]}
+    data = json.loads(ok(as_json))
+    assert (data["app_name"], data["stream_name"], data["total_lag"]) == (app, stream_name, 4)
+    assert [(p["partition_id"], p["checkpoint"], p["earliest"], p["latest"], p["lag"]) for p in data["partitions"]] \
+        == [("shardId-0000000000", 2, 0, 6, 4), ("shardId-0000000001", 3, 0, 3, 0),
+            ("shardId-0000000002", None, 0, -1, 0)]
+
+    # lag follows new writes; a partition without a checkpoint counts every record
+    client.put_records(stream_name, [b"z"], partition_id=2)
+    client.delete_checkpoint(app, stream_name, 0)
+    human, never, *refused = in_parallel(cli, [
+        ("lag", app, stream_name), ("lag", fresh, stream_name, "--json"),
+        ("lag", "no-such-app", stream_name), ("lag", app, stream_name + "x")])
+    table = _lag_table(ok(human))
+    assert table["shardId-0000000000"] == ["-", "0", "6", "7"]
+    assert table["shardId-0000000002"] == ["-", "0", "0", "1"]
+    assert table["TOTAL"] == ["8"]
+    # an app that never committed on the stream (the broker says DIS.4375): everything retained is lag
+    assert never.returncode == 0 and "has not committed" in never.stderr
+    assert json.loads(never.stdout)["total_lag"] == 7 + 4 + 1
+    for result, code in zip(refused, ("DIS.4332", "DIS.4301")):
+        assert result.returncode == 1 and code in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_stream_or_app_in_new_commands_exit_1(cli, client, stream_name):
+    calls = [(("tail", stream_name), "DIS.4301"), (("tail", stream_name, "0"), "DIS.4301"),
+             (("apps", "describe", "no-such-app-q"), "DIS.4332")]
+    for (args, code), result in zip(calls, in_parallel(cli, [args for args, _ in calls])):
+        assert result.returncode == 1, (args, result.returncode, result.stderr)
+        assert code in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    client.create_stream(stream_name, 2)
+    bad = cli("tail", stream_name, "5")
+    assert bad.returncode == 1 and "DIS.4302" in bad.stderr
+
+
+def test_unreachable_broker_exit_3_for_new_commands():
+    port = closed_port()
+    calls = [("tail", "anything"), ("tail", "anything", "0", "--from", "TRIM_HORIZON"), ("apps", "list"),
+             ("checkpoints", "get", "a", "s", "0"), ("lag", "a", "s"), ("put", "anything", "-", "--jsonl")]
+    began = time.monotonic()
+    results = in_parallel(lambda *a: sluice(*a, target=f"127.0.0.1:{port}", stdin='{"data": "x"}\n'), calls)
+    assert time.monotonic() - began < 20
+    for args, result in zip(calls, results):
+        assert result.returncode == 3, (args, result.returncode, result.stderr)
+        assert f"cannot reach the broker at 127.0.0.1:{port}" in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_of_new_commands_exit_2():
+    calls = [("tail", "s", "--max", "0"), ("tail", "s", "--timeout", "-1"), ("tail", "s", "--from", "AT_TIMESTAMP"),
+             ("apps",), ("checkpoints", "commit", "a", "s", "0", "not-a-number"), ("lag", "only-app"),
+             ("put", "s", "/no/such/file")]
+    target = f"127.0.0.1:{closed_port()}"
+    for args, result in zip(calls, in_parallel(lambda *a: sluice(*a, target=target), calls)):
+        assert result.returncode == 2, (args, result.returncode, result.stderr)
+        assert "usage: sluice" in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

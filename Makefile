@@ -1,6 +1,8 @@
 # `make run`  : create .venv, install, generate stubs, start the broker (RocksDB under ./data)
 # `make test` : create .venv, install with test deps, generate stubs, run the whole suite
-# `make bench`: throughput benchmark (bench/put_records.py) against a fresh broker
+# `make bench`: both benchmarks against fresh brokers: throughput (bench/put_records.py, takes
+#               ARGS) then tail latency (bench/tail_latency.py, takes LATENCY_ARGS)
+# `make bench-latency`: only the tail-latency benchmark (ARGS go to bench/tail_latency.py)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,9 +10,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
+LATENCY_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test bench wheel clean
+.PHONY: install proto run test bench bench-latency wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +39,10 @@ test: proto
 
 bench: proto
 	$(PY) bench/put_records.py $(ARGS)
+	$(PY) bench/tail_latency.py $(LATENCY_ARGS)
+
+bench-latency: proto
+	$(PY) bench/tail_latency.py $(ARGS)
 
 wheel: proto
 	$(PY) -m build --wheel --no-isolation --outdir dist .

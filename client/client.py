@@ -94,18 +94,8 @@ class Client:
     def put_records(self, stream: str, records: Iterable[bytes | tuple[bytes, str]],
                     *, partition_id: int | None = None) -> list[PutResult]:
         """Send one batch: each item is a payload, or (payload, partition_key)."""
-        entries = []
-        for item in records:
-            data, key = (item, "") if isinstance(item, bytes) else item
-            entry = pb.PutRecordsEntry(data=data, partition_key=key)
-            if partition_id is not None:
-                entry.partition_id = str(partition_id)
-            entries.append(entry)
-        resp = self._call(self._stub.PutRecords, pb.PutRecordsRequest(stream_name=stream, records=entries))
-        results = [PutResult(p, s) for p, s in zip(resp.partition_ids, resp.sequence_numbers)]
-        for f in resp.failures:
-            results[f.index] = PutResult(-1, -1, f.error_code, f.error_message)
-        return results
+        return self.put_routed(stream, ((item, None, partition_id) if isinstance(item, bytes)
+                                        else (item[0], item[1], partition_id) for item in records))
 
     def put_routed(self, stream: str,
                    records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:

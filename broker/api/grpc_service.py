@@ -191,11 +191,14 @@ class SluiceServicer:
 
     @rpc
     async def GetCursor(self, request: pb.GetCursorRequest, context: Any) -> pb.GetCursorResponse:
-        cursor = await self._broker.get_cursor(
+        return pb.GetCursorResponse(partition_cursor=await self._get_cursor(request))
+
+    async def _get_cursor(self, request: pb.GetCursorRequest | pb.SubscribeRequest) -> str:
+        """GetCursor's fields, which SubscribeRequest repeats, to a cursor."""
+        return await self._broker.get_cursor(
             request.stream_name, request.partition_id, _cursor_type(request.cursor_type),
             request.starting_sequence_number if request.HasField("starting_sequence_number") else None,
             request.timestamp if request.HasField("timestamp") else None)
-        return pb.GetCursorResponse(partition_cursor=cursor)
 
     @rpc
     async def GetRecords(self, request: pb.GetRecordsRequest, context: Any) -> pb.GetRecordsResponse:
@@ -205,10 +208,7 @@ class SluiceServicer:
 
     @rpc
     async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
-        cursor = request.partition_cursor or await self._broker.get_cursor(
-            request.stream_name, request.partition_id, _cursor_type(request.cursor_type),
-            request.starting_sequence_number if request.HasField("starting_sequence_number") else None,
-            request.timestamp if request.HasField("timestamp") else None)
+        cursor = request.partition_cursor or await self._get_cursor(request)
         batches = self._broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None)
         async with contextlib.aclosing(batches):
             async for batch in batches:

@@ -12,68 +12,19 @@ import json
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-PID = "proj1"
+from dis_http import PID, Reply, addr as _addr, assert_dis_error, call  # noqa: F401
 MIB = 1024 * 1024
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
-@dataclass
-class Reply:
-    status: int
-    headers: http.client.HTTPMessage
-    raw: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.raw)
-
-
-def _addr(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    assert parts.hostname and parts.port
-    return parts.hostname, parts.port
-
-
-def call(broker, method: str, path: str, body: bytes | str | dict | list | None = None,  # type: ignore[no-untyped-def]
-         query: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Reply:
-    """One request on a fresh connection. dict/list bodies are sent as JSON, str/bytes as is."""
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body)
-    if isinstance(body, str):
-        body = body.encode()
-    if query is not None:
-        path += "?" + urlencode(query, quote_via=quote)
-    conn = http.client.HTTPConnection(*_addr(broker.http_url), timeout=30)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return Reply(resp.status, resp.headers, resp.read())
-    finally:
-        conn.close()
-
-
-def assert_dis_error(reply: Reply, status: int, code: str | None = None) -> dict[str, str]:
-    """The one shape every error must have. Returns the body."""
-    assert 400 <= reply.status < 500, (reply.status, reply.raw[:300])
-    assert reply.status == status, (reply.status, reply.raw[:300])
-    assert reply.headers.get_content_type() == "application/json"
-    body = reply.json
-    assert isinstance(body, dict) and set(body) == {"error_code", "error_msg", "errorCode", "message"}, body
-    assert body["error_code"] == body["errorCode"] and body["error_msg"] == body["message"]
-    assert body["error_code"].startswith("DIS.") and body["error_msg"], body
-    if code is not None:
-        assert body["error_code"] == code, body
-    assert reply.headers.get("X-Request-Id"), dict(reply.headers)
-    return body
 
 
 def create(broker, name: str, partitions: int = 1) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -309,7 +310,6 @@ def test_meta_write_is_seen_whole_or_not_at_all_by_concurrent_readers(store: Sto
     "d" key from round i-1 to round i; a scan racing the writes must never see a mix of rounds."""
     names = [b"k%d" % i for i in range(8)]
     store.meta_write({**{k: b"0" for k in names}, b"d0": b"0"})
-    rounds = 1000
     done = threading.Event()
     torn: list[list[tuple[bytes, bytes]]] = []
     scans = 0
@@ -328,17 +328,22 @@ def test_meta_write_is_seen_whole_or_not_at_all_by_concurrent_readers(store: Sto
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # hand the GIL over often, so scans land between (and inside) writes
     thread.start()
+    rounds = 0
+    deadline = time.monotonic() + 20
     try:
-        for i in range(1, rounds + 1):
-            r = str(i).encode()
-            store.meta_write({**{k: r for k in names}, b"d" + str(i - 1).encode(): None, b"d" + r: r})
+        # write until the reader has raced enough scans against us (a fixed round count finished
+        # before the reader was ever scheduled on a loaded machine), bounded in time
+        while (rounds < 1000 or scans <= 50) and time.monotonic() < deadline:
+            rounds += 1
+            r = str(rounds).encode()
+            store.meta_write({**{k: r for k in names}, b"d" + str(rounds - 1).encode(): None, b"d" + r: r})
     finally:
         done.set()
         thread.join(10)
         sys.setswitchinterval(switch)
     assert not thread.is_alive()
     assert torn == [], torn[:2]
-    assert scans > 10
+    assert scans > 50
     assert store.meta_scan(b"d") == [(b"d%d" % rounds, b"%d" % rounds)]
 
 

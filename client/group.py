@@ -204,8 +204,16 @@ class GroupConsumer:
             self._wake.clear()
             held = self.assignment
             sent = time.monotonic()
+            if lease_until is not None and sent >= lease_until - margin:
+                # the lease ends before any answer could renew it: stop now, not after the call
+                log.warning("member %s lost its lease: stopping every partition", self.member_id)
+                self._revoke(set(), commit=False)
+                lease_until = None
+            # a heartbeat must not outlive the lease it renews: the answer would come too late
+            budget = interval if lease_until is None else max(min(interval, lease_until - margin - sent), 0.05)
             try:
-                mine, lease_ms = self._fast.heartbeat(self.app, self.stream, self.member_id, held, self.lease_ms)
+                mine, lease_ms = self._client.with_timeout(budget).heartbeat(
+                    self.app, self.stream, self.member_id, held, self.lease_ms)
             except BrokerUnavailable as exc:
                 if lease_until is not None and time.monotonic() >= lease_until - margin:
                     log.warning("member %s lost its lease (%s): stopping every partition", self.member_id, exc)

@@ -53,7 +53,10 @@ async def tail(request: web.Request) -> web.StreamResponse:
             try:
                 await asyncio.wait_for(response.write(event), stall)
             except (asyncio.TimeoutError, ConnectionResetError):
-                return response  # a stalled or vanished consumer: end the stream, free its batch
+                # a stalled or vanished consumer: drop the connection, and with it what is queued
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             try:
                 batch = await anext(batches, None)
             except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band

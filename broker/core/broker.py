@@ -106,19 +106,28 @@ class Broker(ConsumerVerbs):
         if stream_type not in STREAM_TYPES:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream_type must be one of {STREAM_TYPES}")
         config = StreamConfig(name, partition_count, retention, str(data_type), str(stream_type), self._now())
+        # shielded: a caller that goes away (gRPC deadline) must not leave the store holding a
+        # stream the catalogue does not know
+        return await asyncio.shield(self._create_stream(config))
+
+    async def _create_stream(self, config: StreamConfig) -> StreamConfig:
         async with self._admin:
-            if name in self._streams:
-                raise client_error(ErrorCode.STREAM_EXISTS, stream=name)
+            if config.name in self._streams:
+                raise client_error(ErrorCode.STREAM_EXISTS, stream=config.name)
             stored = await self._committer.run_blocking(self._store.create_stream, config)
             self._remember(stored)
         return stored
 
     async def delete_stream(self, name: object) -> None:
         """Delete a stream and its records; the name is free again at once. Raises STREAM_NOT_FOUND."""
+        await asyncio.shield(self._delete_stream(name))  # all of it, even if the caller goes away
+
+    async def _delete_stream(self, name: object) -> None:
         async with self._admin:
             config = self._stream(name)
-            # Forget it first so no new put reaches the writer; puts already queued are written
-            # before the drop (same writer thread) and removed with it.
+            # Forget it first so no new put reaches the writer. A put already queued is either
+            # written before the drop (and dropped with it) or finds the stream id gone and is
+            # answered STREAM_NOT_FOUND - never acknowledged and then lost.
             del self._streams[config.name]
             del self._by_id[config.stream_id]
             try:
@@ -320,9 +329,12 @@ class Broker(ConsumerVerbs):
 
         def read() -> tuple[PartitionBounds, list[Record]]:
             bounds = self._store.bounds(sid, p)
-            if seq < bounds.first_seq:
-                raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=seq, earliest=bounds.first_seq)
-            return bounds, self._store.read(sid, p, seq, limit, max_bytes)
+            records = self._store.read(sid, p, seq, limit, max_bytes) if seq >= bounds.first_seq else []
+            # checked after the read too: a trim between the two would otherwise skip records silently
+            if seq < bounds.first_seq or (records and records[0].seq != seq):
+                raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=seq,
+                                   earliest=self._store.bounds(sid, p).first_seq)
+            return bounds, records
 
         while True:
             waiter = self._notifier.register(sid, p) if wait_s > 0 else None

@@ -50,7 +50,8 @@ class GroupCommitter:
         return await asyncio.shield(future)
 
     async def run_blocking(self, fn, *args):  # type: ignore[no-untyped-def]
-        """Run a store mutation on the writer thread, ordered with the appends."""
+        """Run a store mutation on the writer thread: serialised with the commits, though not
+        necessarily after appends still waiting to form their group."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _run(self) -> None:

@@ -85,7 +85,8 @@ class RocksStore:
         with self._lock:
             if config.name in self._streams:
                 raise client_error(ErrorCode.STREAM_EXISTS, stream=config.name)
-            raw = self._db.get(keys.NEXT_STREAM_ID)
+            with _io_errors("read"):
+                raw = self._db.get(keys.NEXT_STREAM_ID)
             stream_id = keys.U64.unpack(raw)[0] if raw else 1
             stored = replace(config, stream_id=stream_id)
             wb = rocksdict.WriteBatch(raw_mode=True)
@@ -120,7 +121,8 @@ class RocksStore:
     def _hwm_of(self, sid: int, partition: int) -> tuple[int, int]:
         state = self._hwm.get((sid, partition))
         if state is None:
-            raw = self._db.get(keys.partition_key(keys.HWM, sid, partition))
+            with _io_errors("read"):
+                raw = self._db.get(keys.partition_key(keys.HWM, sid, partition))
             # setdefault, not assignment: a lock-free reader may have read the value before a
             # concurrent append committed; it must not overwrite what that append cached since.
             state = self._hwm.setdefault((sid, partition), keys.decode_hwm(raw) if raw else (0, 0))
@@ -129,7 +131,8 @@ class RocksStore:
     def _first_of(self, sid: int, partition: int) -> int:
         first = self._first.get((sid, partition))
         if first is None:
-            raw = self._db.get(keys.partition_key(keys.TRIM, sid, partition))
+            with _io_errors("read"):
+                raw = self._db.get(keys.partition_key(keys.TRIM, sid, partition))
             first = self._first.setdefault((sid, partition), keys.U64.unpack(raw)[0] if raw else 0)
         return first
 

@@ -496,3 +496,63 @@ async def test_cursors_expire_five_minutes_after_they_were_issued(broker: Broker
     assert (await broker.get_records(result.next_cursor)).records == []   # next_cursor was issued later
     clock.advance(5 * MINUTE)
     await raises(broker.get_records(result.next_cursor), ErrorCode.CURSOR_EXPIRED)
+
+
+# -- found in review: cancellation and races at the edges ----------------------------------------
+
+class SlowCreateStore(MemoryStore):
+    """A real store whose create_stream takes a while, so a caller can go away in the middle."""
+
+    def create_stream(self, config):  # type: ignore[no-untyped-def]
+        import time
+        time.sleep(0.3)
+        return super().create_stream(config)
+
+
+async def test_a_cancelled_create_stream_still_leaves_a_usable_stream() -> None:
+    broker = Broker(SlowCreateStore(), cursor_secret=b"k" * 32)
+    await broker.start()
+    try:
+        task = asyncio.ensure_future(broker.create_stream("s", 2))
+        await asyncio.sleep(0.05)
+        task.cancel()                     # e.g. the gRPC client's deadline passed
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):              # the store call finishes on the writer thread
+            if broker.list_streams().streams:
+                break
+            await asyncio.sleep(0.02)
+        assert [c.name for c in broker.list_streams().streams] == ["s"]
+        result = await broker.put_records("s", [PutEntry(b"x", partition_id="1")])
+        assert result.seqs == [0] and not result.failures
+        await broker.delete_stream("s")
+        assert broker.list_streams().streams == []
+    finally:
+        await broker.close()
+
+
+class TrimDuringReadStore(MemoryStore):
+    """A real store where a retention trim lands between the broker's bounds check and its read."""
+
+    trim_on_read = False
+
+    def read(self, stream_id, partition, start_seq, limit, max_bytes):  # type: ignore[no-untyped-def]
+        if self.trim_on_read:
+            self.trim(stream_id, partition, start_seq + 2)
+        return super().read(stream_id, partition, start_seq, limit, max_bytes)
+
+
+async def test_a_trim_between_bounds_and_read_is_reported_not_skipped() -> None:
+    store = TrimDuringReadStore()
+    broker = Broker(store, cursor_secret=b"k" * 32)
+    await broker.start()
+    try:
+        await broker.create_stream("s", 1)
+        await broker.put_records("s", [PutEntry(b"%d" % i, partition_id="0") for i in range(5)])
+        cursor = await broker.get_cursor("s", "0", "TRIM_HORIZON")
+        store.trim_on_read = True
+        with pytest.raises(BrokerError) as info:
+            await broker.get_records(cursor)
+        assert info.value.code is ErrorCode.CURSOR_RECORD_EXPIRED
+    finally:
+        await broker.close()

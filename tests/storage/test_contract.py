@@ -539,3 +539,14 @@ def test_cold_cache_read_racing_a_write_never_rolls_the_cache_back(open_rocks: C
     else:
         assert s.bounds(sid, 0) == PartitionBounds(3, 5, 1000)
         assert seqs(s.read(sid, 0, 0, 10, BIG)) == [3, 4]
+
+
+def test_rocks_reads_after_close_are_catalogued_errors(tmp_path: Path) -> None:
+    """A read still running when shutdown closes the store gets a retriable ServerError
+    (DIS.5250), never a raw backend exception that would become INTERNAL."""
+    store = RocksStore(str(tmp_path / "db"))
+    config = store.create_stream(StreamConfig("s", 2))
+    store.close()
+    with pytest.raises(BrokerError) as info:
+        store.bounds(config.stream_id, 1)   # cold cache: this goes to RocksDB
+    assert info.value.code is ErrorCode.UNAVAILABLE

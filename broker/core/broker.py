@@ -45,6 +45,7 @@ class Broker(ConsumerVerbs):
         self._admin = asyncio.Lock()        # orders create/delete; guards no blocking call on the loop
         self._spread = itertools.count()    # rotates where unkeyed records start
         self._notifier = WriteNotifier()
+        self._routers: dict[int, routing.KeyRouter] = {}   # stream id -> memoised key routing
         self._leases = LeaseTable(started_ms=clock_ms())  # see leases.py: the restart grace
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Broker(ConsumerVerbs):
                 self._remember(config)
                 raise
             self._leases.forget_stream(config.stream_id)
+            self._routers.pop(config.stream_id, None)
             # wake long polls and subscriptions waiting on it: they answer STREAM_NOT_FOUND now,
             # not when their wait runs out
             self._notifier.notify((config.stream_id, p) for p in range(config.partition_count))
@@ -199,20 +201,30 @@ class Broker(ConsumerVerbs):
         by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]] = {}
         count = config.partition_count
         spread = next(self._spread) * 7919  # a prime step, so consecutive requests start apart
+        router = self._routers.get(config.stream_id)
+        if router is None:
+            router = self._routers[config.stream_id] = routing.KeyRouter(count)
+        max_record, max_key = lim.max_record_bytes, lim.max_partition_key_chars
         for i, entry in enumerate(entries):
-            error = entry.rejected
-            p = -1
-            if error is None:
-                p, error = self._route(entry, count, spread + i)
-            if error is not None:
-                failures.append((i, error))
-                continue
+            key = entry.partition_key
+            # the common case inline (a short key and nothing else): one dict hit per record
+            if key and entry.partition_id is None and entry.explicit_hash_key is None \
+                    and entry.rejected is None and len(entry.data) <= max_record and len(key) <= max_key:
+                p = router(key)
+            else:
+                error = entry.rejected
+                p = -1
+                if error is None:
+                    p, error = self._route(entry, count, spread + i, router)
+                if error is not None:
+                    failures.append((i, error))
+                    continue
             partitions[i] = p
             slot = by_partition.get(p)
             if slot is None:
                 slot = by_partition[p] = ([], [])
             slot[0].append(i)
-            slot[1].append((entry.partition_key or None, entry.data))
+            slot[1].append((key or None, entry.data))
         seqs = [-1] * n
         if by_partition:
             now = self._now()
@@ -227,7 +239,8 @@ class Broker(ConsumerVerbs):
             self._notifier.notify((config.stream_id, p) for p, _ in order)
         return PutRecordsResult(partitions, seqs, failures)
 
-    def _route(self, entry: PutEntry, count: int, spread: int) -> tuple[int, BrokerError | None]:
+    def _route(self, entry: PutEntry, count: int, spread: int,
+               router: routing.KeyRouter) -> tuple[int, BrokerError | None]:
         lim = self.limits
         if len(entry.data) > lim.max_record_bytes:
             return -1, client_error(ErrorCode.INVALID_REQUEST,
@@ -250,7 +263,7 @@ class Broker(ConsumerVerbs):
                                         f"within [0, 9223372036854775807], got {entry.explicit_hash_key!r:.40}")
             return routing.partition_for_hash(h, count), None
         if key:
-            return routing.partition_for_hash(routing.key_hash(key), count), None
+            return router(key), None
         return spread % count, None
 
     # -- reading -------------------------------------------------------------------------------

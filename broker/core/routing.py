@@ -52,3 +52,24 @@ def parse_hash_key(text: str) -> int | None:
         return None
     value = int(text)
     return value if value <= HASH_KEY_MAX else None
+
+
+class KeyRouter:
+    """`partition_for_hash(key_hash(key), N)` with a bounded memo. Producers reuse keys (customer
+    ids, device ids), and the MD5 is most of what routing costs per record; a dict hit is a tenth
+    of it. The memo is per partition count and simply starts over when full."""
+
+    __slots__ = ("partition_count", "_memo", "_max_entries")
+
+    def __init__(self, partition_count: int, max_entries: int = 65_536) -> None:
+        self.partition_count = partition_count
+        self._memo: dict[str, int] = {}
+        self._max_entries = max_entries
+
+    def __call__(self, key: str) -> int:
+        p = self._memo.get(key)
+        if p is None:
+            if len(self._memo) >= self._max_entries:
+                self._memo.clear()
+            p = self._memo[key] = partition_for_hash(key_hash(key), self.partition_count)
+        return p

@@ -179,3 +179,11 @@ def test_parse_hash_key_never_accepts_anything_but_ascii_decimal(text: str) -> N
     if result is not None:
         assert re.fullmatch(r"[0-9]+", text, re.ASCII)
         assert int(text) == result <= MAX
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=60), st.integers(1, 300))
+def test_key_router_memo_agrees_with_the_hash_even_when_it_starts_over(keys: list[str], n: int) -> None:
+    router = routing.KeyRouter(n, max_entries=7)   # tiny: the memo is cleared many times
+    for key in keys + keys[::-1]:
+        assert router(key) == routing.partition_for_hash(routing.key_hash(key), n)

@@ -1,26 +1,58 @@
-"""The byte layout of every RocksDB key. This is an on-disk contract: change it only with a
-migration.
+"""The byte layout of every RocksDB key and value. This is an on-disk contract: change it only with
+a migration.
 
-    key                                            value
-    ---------------------------------------------  -----------------------------------------------
-    b"M" + b"next_stream_id"                       u64 BE: next stream id to hand out (ids are never reused)
-    b"S" + name (utf-8)                            JSON StreamConfig (with its stream_id)
-    b"H" + stream_id u64 + partition u32           u64 BE next_seq + i64 BE last_ts (the high-water mark)
-    b"T" + stream_id u64 + partition u32           u64 BE first retained seq (absent = 0)
-    b"R" + stream_id u64 + partition u32 + seq u64 record: i64 BE timestamp ms, u16 BE key length
-                                                   (0xFFFF = no key), key utf-8, payload bytes
-    b"X" + core-defined key                        core-defined value: apps, checkpoints (layout in
-                                                   broker/core/apps.py); the store treats it as opaque
+    key                                               value
+    ------------------------------------------------  --------------------------------------------
+    b"M" + b"next_stream_id"                          u64 BE: next stream id to hand out (ids are never reused)
+    b"S" + name (utf-8)                               JSON StreamConfig (with its stream_id)
+    b"H" + stream_id u64 + partition u32              u64 BE next_seq + i64 BE last_ts (the high-water mark)
+    b"T" + stream_id u64 + partition u32              u64 BE first retained seq (absent = 0)
+    b"R" + stream_id u64 + partition u32 + first_seq  one appended batch: its records first_seq ..
+           u64                                        first_seq + count - 1 (the batch layout below)
+    b"X" + core-defined key                           core-defined value: apps, checkpoints (layout in
+                                                      broker/core/apps.py); the store treats it as opaque
 
-All integers are fixed-width big-endian, so byte order is numeric order: one partition's records
-are one contiguous prefix scan in sequence order, and a stream's keys of a kind are one range
-(delete_range drops a stream). The high-water mark "H" is written in the same WriteBatch as the
-records it covers, so after a crash the two always agree; it is kept apart from the records so a
-trim can never lower it and a sequence number is never reused.
+All integers in keys are fixed-width big-endian, so byte order is numeric order: one partition's
+batches are one contiguous prefix scan in sequence order, and a stream's keys of a kind are one
+range (delete_range drops a stream). The high-water mark "H" is written in the same WriteBatch as
+the records it covers, so after a crash the two always agree; it is kept apart from the records so
+a trim can never lower it and a sequence number is never reused.
+
+Batch value ("R"): every AppendBatch is one value, so an append costs one put per batch instead of
+one per record, and a read decodes a batch with a few struct calls and slices. All of a batch's
+records share one timestamp (the store stamps a batch, never a record).
+
+    header     u32 count n, i64 timestamp ms, u8 key mode       (">IqB", 13 bytes)
+    offsets    (n + 1) x u32: offsets[0] is where the payload blob starts in the value, and
+               record i's payload is value[offsets[i]:offsets[i + 1]]
+    keys       key mode 0: no key section (every record has key None)
+               key mode 1: (n + 1) x u32 key offsets k in code points (k[0] = 0), then the keys
+                           joined as one utf-8 blob up to offsets[0]:
+                           key i = blob.decode()[k[i]:k[i + 1]]
+               key mode 2: as mode 1 (a None key is stored as ""), but n bytes sit between the
+                           key offsets and the blob: byte i is 1 when key i is None
+    payloads   the records' payloads back to back, up to the end of the value
+
+Integers in values are big-endian too. Consequences the store relies on:
+* Reads can start inside a batch: seek_for_prev(record_key(start)) within the partition finds the
+  batch holding `start`; records before `start` in it are skipped.
+* Trim deletes only whole batches below the cut. A batch straddling the cut stays stored, and its
+  records below the trim point are never returned: "T" (first retained seq) is the truth, not
+  the lowest stored key.
+* seq_at_time binary-searches batches by their one timestamp.
+
+Format history: until 2026-11 "R" keys held one record each (i64 ts, u16 key length, key,
+payload). That layout was never deployed, so there is no migration; a directory written by it
+must be recreated.
 """
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
+from itertools import accumulate, repeat
+from typing import Sequence
+
+from broker.model import Record
 
 NEXT_STREAM_ID = b"Mnext_stream_id"
 STREAM = b"S"
@@ -32,9 +64,10 @@ META = b"X"
 _PART = struct.Struct(">QI")
 _REC = struct.Struct(">QIQ")
 _HWM_VALUE = struct.Struct(">Qq")
-_REC_HEADER = struct.Struct(">qH")
-NO_KEY = 0xFFFF
+_BATCH_HEADER = struct.Struct(">IqB")
 U64 = struct.Struct(">Q")
+
+KEYS_NONE, KEYS_ALL, KEYS_MIXED = 0, 1, 2   # the batch header's key mode
 
 
 def stream_key(name: str) -> bytes:
@@ -46,10 +79,12 @@ def partition_key(kind: bytes, stream_id: int, partition: int) -> bytes:
 
 
 def record_key(stream_id: int, partition: int, seq: int) -> bytes:
+    """The key of the batch whose first record is `seq` (and the seek target for any seq)."""
     return RECORD + _REC.pack(stream_id, partition, seq)
 
 
 def record_seq(key: bytes) -> int:
+    """The first seq of the batch stored under `key`."""
     return U64.unpack_from(key, 13)[0]
 
 
@@ -75,19 +110,63 @@ def decode_hwm(value: bytes) -> tuple[int, int]:
     return next_seq, last_ts
 
 
-def encode_record(timestamp_ms: int, key: str | None, data: bytes) -> bytes:
-    if key is None:
-        return _REC_HEADER.pack(timestamp_ms, NO_KEY) + data
-    kb = key.encode()
-    return _REC_HEADER.pack(timestamp_ms, len(kb)) + kb + data
+# -- batch values ------------------------------------------------------------------------------------
 
 
-def decode_record_ts(value: bytes) -> int:
-    return _REC_HEADER.unpack_from(value)[0]
+def encode_batch(timestamp_ms: int, items: Sequence[tuple[str | None, bytes]]) -> bytes:
+    """One batch value (layout in the module docstring). `items` must not be empty."""
+    n = len(items)
+    pkeys, datas = zip(*items)
+    nones = pkeys.count(None)
+    if nones == n:
+        mode, key_section = KEYS_NONE, b""
+    else:
+        names = [k or "" for k in pkeys] if nones else pkeys
+        mode = KEYS_MIXED if nones else KEYS_ALL
+        mask = bytes([k is None for k in pkeys]) if nones else b""
+        key_section = (struct.pack(f">{n + 1}I", *accumulate(map(len, names), initial=0)) + mask
+                       + "".join(names).encode())
+    start = _BATCH_HEADER.size + 4 * (n + 1) + len(key_section)
+    offsets = struct.pack(f">{n + 1}I", *accumulate(map(len, datas), initial=start))
+    return b"".join((_BATCH_HEADER.pack(n, timestamp_ms, mode), offsets, key_section, *datas))
 
 
-def decode_record(value: bytes) -> tuple[int, str | None, bytes]:
-    ts, klen = _REC_HEADER.unpack_from(value)
-    if klen == NO_KEY:
-        return ts, None, value[10:]
-    return ts, value[10:10 + klen].decode(), value[10 + klen:]
+def batch_header(value: bytes) -> tuple[int, int]:
+    """(record count, timestamp ms) of a batch value."""
+    count, ts, _ = _BATCH_HEADER.unpack_from(value)
+    return count, ts
+
+
+def decode_batch(value: bytes, first_seq: int, lo: int, hi: int, budget: int,
+                 at_least_one: bool) -> tuple[list[Record], int]:
+    """Records lo..hi-1 (indexes into the batch stored at `first_seq`, 0 <= lo < hi <= count),
+    stopping before their payloads would total more than `budget` bytes - but returning record
+    `lo` regardless when `at_least_one`. Returns (records, payload bytes returned); fewer records
+    than hi - lo means the budget ran out."""
+    n, ts, mode = _BATCH_HEADER.unpack_from(value)
+    offsets = struct.unpack_from(f">{n + 1}I", value, _BATCH_HEADER.size)
+    base = offsets[lo]
+    end = bisect_right(offsets, base + budget, lo, hi + 1) - 1 if budget >= 0 else lo
+    if end == lo and at_least_one:
+        end = lo + 1
+    if end <= lo:
+        return [], 0
+    datas = [value[a:b] for a, b in zip(offsets[lo:end], offsets[lo + 1:end + 1])]
+    if mode == KEYS_NONE:
+        pkeys = repeat(None)
+    else:
+        at = _BATCH_HEADER.size + 4 * (n + 1)
+        ends = struct.unpack_from(f">{n + 1}I", value, at)
+        at += 4 * (n + 1)
+        if mode == KEYS_ALL:
+            names = value[at:offsets[0]].decode()
+            pkeys = [names[a:b] for a, b in zip(ends[lo:end], ends[lo + 1:end + 1])]
+        else:
+            mask = value[at:at + n]
+            names = value[at + n:offsets[0]].decode()
+            pkeys = [None if none else names[a:b]
+                     for none, a, b in zip(mask[lo:end], ends[lo:end], ends[lo + 1:end + 1])]
+    # tuple.__new__ builds the NamedTuple without running its Python-level __new__ per record
+    records = list(map(tuple.__new__, repeat(Record),
+                       zip(range(first_seq + lo, first_seq + end), repeat(ts), pkeys, datas)))
+    return records, offsets[end] - base

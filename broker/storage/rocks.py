@@ -7,6 +7,9 @@ the hot path and only orders appends against the retention trimmer and admin cal
 lock would not help here - the blocking call must leave the event loop anyway. Reads take no lock:
 RocksDB reads are thread-safe, and the caches they consult are replaced atomically.
 
+Layout: each appended batch is one RocksDB value (broker/storage/keys.py), so reads seek to the
+batch holding their start and skip into it, and a trim drops whole batches only.
+
 Durability: records and the partition's high-water mark go into one WriteBatch with the WAL on, so
 an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
 fsynced, so it survives power loss too; group commit amortises that fsync over every producer
@@ -148,7 +151,7 @@ class RocksStore:
             wb = rocksdict.WriteBatch(raw_mode=True)
             staged: dict[tuple[int, int], tuple[int, int]] = {}
             firsts: list[int | None] = []
-            encode, rkey = keys.encode_record, keys.record_key
+            encode, rkey = keys.encode_batch, keys.record_key
             for batch in batches:
                 sid, p = batch.stream_id, batch.partition
                 if sid not in self._live_ids:
@@ -157,9 +160,9 @@ class RocksStore:
                 next_seq, last_ts = staged.get((sid, p)) or self._hwm_of(sid, p)
                 ts = max(batch.timestamp_ms, last_ts)
                 firsts.append(next_seq)
-                for key, data in batch.items:
-                    wb.put(rkey(sid, p, next_seq), encode(ts, key, data))
-                    next_seq += 1
+                if batch.items:  # one value per batch, keyed by its first seq
+                    wb.put(rkey(sid, p, next_seq), encode(ts, batch.items))
+                    next_seq += len(batch.items)
                 staged[(sid, p)] = (next_seq, ts)
             for (sid, p), (next_seq, ts) in staged.items():
                 wb.put(keys.partition_key(keys.HWM, sid, p), keys.encode_hwm(next_seq, ts))
@@ -168,24 +171,68 @@ class RocksStore:
                 self._hwm.update(staged)
             return firsts
 
+    @staticmethod
+    def _upper_bound(stream_id: int, partition: int, end_seq: int | None = None) -> rocksdict.ReadOptions:
+        """Read options bounding an iterator to the partition's batches that start before
+        `end_seq` (default: the whole partition). The caller must keep the options alive as long
+        as its iterator: rocksdict does not, and a freed bound silently unbounds (or breaks) it.
+        rocksdict ignores an iterate lower bound, so callers that seek backwards check with
+        `_in_partition` that they did not land in an earlier partition."""
+        ro = rocksdict.ReadOptions()
+        prefix = keys.partition_key(keys.RECORD, stream_id, partition)
+        ro.set_iterate_upper_bound(keys.prefix_end(prefix) if end_seq is None
+                                   else keys.record_key(stream_id, partition, end_seq))
+        return ro
+
+    @staticmethod
+    def _in_partition(it: rocksdict.RdictIter, prefix: bytes) -> bool:
+        if not it.valid():
+            it.status()  # an I/O error invalidates the iterator: raise it, never read it as "no batch"
+            return False
+        return bool(it.key().startswith(prefix))
+
+    def _batch_at(self, it: rocksdict.RdictIter, stream_id: int, partition: int,
+                  seq: int) -> tuple[int, int, int] | None:
+        """Position `it` on the stored batch holding `seq`: (its first seq, count, timestamp), or
+        None when no stored batch holds it (trimmed, or at/after next_seq)."""
+        it.seek_for_prev(keys.record_key(stream_id, partition, seq))
+        if not self._in_partition(it, keys.partition_key(keys.RECORD, stream_id, partition)):
+            return None
+        first = keys.record_seq(it.key())
+        count, ts = keys.batch_header(it.value())
+        return (first, count, ts) if seq < first + count else None
+
     def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
         self._check_partition(stream_id, partition)
         next_seq, _ = self._hwm_of(stream_id, partition)
         start = max(start_seq, self._first_of(stream_id, partition))
         if start >= next_seq or limit <= 0:
             return []
-        ro = rocksdict.ReadOptions()
-        ro.set_iterate_upper_bound(keys.record_key(stream_id, partition, min(next_seq, start + limit)))
+        end = min(next_seq, start + limit)
         out: list[Record] = []
         total = 0
-        decode, seq_of = keys.decode_record, keys.record_seq
+        decode, seq_of = keys.decode_batch, keys.record_seq
         with _io_errors("read"):
-            for key, value in self._db.items(from_key=keys.record_key(stream_id, partition, start), read_opt=ro):
-                ts, pkey, data = decode(value)
-                total += len(data)
-                if out and total > max_bytes:
-                    break
-                out.append(Record(seq_of(key), ts, pkey, data))
+            ro = self._upper_bound(stream_id, partition, end)
+            it = self._db.iter(ro)
+            # the batch holding `start` may begin before it (reads start inside batches); if
+            # none holds it (trimmed under us), go on from the next stored batch
+            it.seek_for_prev(keys.record_key(stream_id, partition, start))
+            if not self._in_partition(it, keys.partition_key(keys.RECORD, stream_id, partition)):
+                it.seek(keys.record_key(stream_id, partition, start))
+            while it.valid():
+                first = seq_of(it.key())
+                value = it.value()
+                count, _ = keys.batch_header(value)
+                lo, hi = max(start - first, 0), min(count, end - first)
+                if lo < hi:
+                    records, used = decode(value, first, lo, hi, max_bytes - total, not out)
+                    out += records
+                    total += used
+                    if len(records) < hi - lo:  # max_bytes reached
+                        break
+                it.next()
+            it.status()  # the loop also ends on an I/O error: raise it rather than return a short read
         return out
 
     def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
@@ -197,15 +244,21 @@ class RocksStore:
         first, next_seq, _ = self.bounds(stream_id, partition)
         lo, hi = first, next_seq
         with _io_errors("read"):
-            while lo < hi:  # first seq in [lo, hi) whose timestamp >= timestamp_ms
+            ro = self._upper_bound(stream_id, partition)
+            it = self._db.iter(ro)
+            # first seq in [lo, hi) whose timestamp >= timestamp_ms; a batch has one timestamp,
+            # so each probe settles the whole batch holding `mid`
+            while lo < hi:
                 mid = (lo + hi) // 2
-                raw = self._db.get(keys.record_key(stream_id, partition, mid))
-                if raw is None:  # trimmed under us: everything before it is gone too
+                found = self._batch_at(it, stream_id, partition, mid)
+                if found is None:  # trimmed under us: everything before it is gone too
                     lo = mid + 1
-                elif keys.decode_record_ts(raw) < timestamp_ms:
-                    lo = mid + 1
+                    continue
+                batch_first, count, ts = found
+                if ts < timestamp_ms:
+                    lo = min(batch_first + count, hi)
                 else:
-                    hi = mid
+                    hi = max(batch_first, lo)
         return lo
 
     def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
@@ -216,8 +269,16 @@ class RocksStore:
             cut = min(before_seq, next_seq)
             if cut <= first:
                 return
+            # drop whole batches only: one straddling the cut stays stored, and the "T" key
+            # (first retained seq) hides its records below the cut
+            with _io_errors("trim"):
+                ro = self._upper_bound(stream_id, partition)
+                straddling = self._batch_at(self._db.iter(ro), stream_id, partition, cut)
+            drop_to = straddling[0] if straddling is not None else cut
             wb = rocksdict.WriteBatch(raw_mode=True)
-            wb.delete_range(keys.record_key(stream_id, partition, first), keys.record_key(stream_id, partition, cut))
+            if drop_to > 0:
+                wb.delete_range(keys.record_key(stream_id, partition, 0),
+                                keys.record_key(stream_id, partition, drop_to))
             wb.put(keys.partition_key(keys.TRIM, stream_id, partition), keys.U64.pack(cut))
             self._write(wb, "trim")
             self._first[(stream_id, partition)] = cut

@@ -1,7 +1,10 @@
 # `make run`  : create .venv, install, generate stubs, start the broker (RocksDB under ./data)
 # `make test` : create .venv, install with test deps, generate stubs, run the whole suite
-# `make bench`: both benchmarks against fresh brokers: throughput (bench/put_records.py, takes
-#               ARGS) then tail latency (bench/tail_latency.py, takes LATENCY_ARGS)
+# `make bench`: the W1/W2/W3 suite (issue 4) against fresh brokers, both doors, WAL and fsync:
+#               bench/run.py (takes ARGS, e.g. ARGS=--quick); a table + bench/results/<time>.json
+# `make bench-compare`: installs nats-server (apt), kinesalite (npm, bench/.peers) and nats-py
+#               (the `bench` extra), then the same suite plus the peers: bench/run.py --compare
+# `make bench-put`: the older fixed-time PutRecords benchmark (bench/put_records.py, takes ARGS)
 # `make bench-latency`: only the tail-latency benchmark (ARGS go to bench/tail_latency.py)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,10 +13,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut -c1-12)
 STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
-LATENCY_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test bench bench-latency wheel clean
+.PHONY: install proto run test bench bench-compare bench-put bench-latency bench-peers wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +40,19 @@ test: proto
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: proto
+	$(PY) bench/run.py $(ARGS)
+
+# peers for bench-compare (not part of CI): Debian's nats-server, npm's kinesalite, PyPI's nats-py
+bench-peers: proto
+	command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+	test -f bench/.peers/node_modules/kinesalite/cli.js || npm install --silent --prefix bench/.peers kinesalite
+	$(PY) -c 'import nats' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+
+bench-compare: bench-peers
+	$(PY) bench/run.py --compare $(ARGS)
+
+bench-put: proto
 	$(PY) bench/put_records.py $(ARGS)
-	$(PY) bench/tail_latency.py $(LATENCY_ARGS)
 
 bench-latency: proto
 	$(PY) bench/tail_latency.py $(ARGS)

@@ -1,6 +1,7 @@
 """bench/put_records.py still runs: a 1-second smoke run through both doors against its own broker."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -45,3 +46,28 @@ def test_tail_latency_quick(tmp_path):
         assert 0 < float(p50) <= float(p90) <= float(p99) <= float(worst), mode
         assert float(put_p50) > 0 and verified == "ok", mode
     assert not list(tmp_path.iterdir()), "the benchmark must clean up after itself"
+
+
+SUITE_ROW = re.compile(r"^Sluice\s*\|\s*(gRPC|REST)\s*\|\s*wal\s*\|\s*(W1 put|W2 read|W3 push|W3 long-poll)\s*\|"
+                       r"\s*([\d,]+)\s*\|.*\|\s*(ok|FAIL.*)$", re.MULTILINE)
+
+
+def test_bench_suite_quick(tmp_path):
+    """bench/run.py --quick (make bench's runner): W1/W2/W3 over gRPC and REST in WAL mode, a JSON file."""
+    results = tmp_path / "results"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--durability", "wal",
+                          "--w3-seconds", "0.5", "--results-dir", str(results)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
+    rows = {(m.group(1), m.group(2)): (int(m.group(3).replace(",", "")), m.group(4))
+            for m in SUITE_ROW.finditer(out.stdout)}
+    assert set(rows) == {("gRPC", "W1 put"), ("gRPC", "W2 read"), ("gRPC", "W3 push"), ("gRPC", "W3 long-poll"),
+                         ("REST", "W1 put"), ("REST", "W2 read"), ("REST", "W3 long-poll")}, out.stdout
+    for key, (records, verdict) in rows.items():
+        assert verdict == "ok" and records > 0, key
+    assert rows[("gRPC", "W1 put")][0] == rows[("gRPC", "W2 read")][0] == 20_000
+    files = list(results.glob("*.json"))
+    assert len(files) == 1, files
+    doc = json.loads(files[0].read_text())
+    assert len(doc["rows"]) == 7 and all(r["ok"] for r in doc["rows"])
+    assert all(r["client_cpu_s"] is not None and r["server_cpu_s"] is not None for r in doc["rows"])

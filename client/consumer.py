@@ -32,6 +32,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from typing import Any, AsyncIterator, Iterator, Union
 
 import grpc
@@ -80,7 +81,7 @@ class _ConsumerState:
         self._next_seq: int | None = None   # next record to read, once known
         self._derived = False                # _next_seq came from progress or a checkpoint, not `start`
         self._opened = False
-        self._buffer: list[Record] = []      # fetched, not yet handed out
+        self._buffer: deque[Record] = deque()   # fetched, not yet handed out (popleft: O(1))
         self.last_seq: int | None = None     # the last record handed out (poll() or iteration)
         self.committed: int | None = None    # the last checkpoint this consumer committed
         self.resets = 0                      # times the position had been trimmed away
@@ -181,7 +182,7 @@ class PartitionConsumer(_ConsumerState):
         if self._closed.is_set():
             raise RuntimeError("consumer is closed")
         if self._buffer:
-            records, self._buffer = self._buffer, []
+            records, self._buffer = list(self._buffer), deque()
             return self._hand_out(records)
         self._open()
         wait = self.wait_ms if wait_ms is None else wait_ms
@@ -277,11 +278,11 @@ class PartitionConsumer(_ConsumerState):
                     if self._closed.is_set():
                         return
                     raise
-                self._buffer = fetched + self._buffer
+                self._buffer.extendleft(reversed(fetched))
                 if not self._buffer:
                     continue
             idle_since = time.monotonic()
-            record = self._buffer.pop(0)
+            record = self._buffer.popleft()
             self.last_seq = record.sequence_number
             yield record
 
@@ -378,7 +379,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         if self._closed:
             raise RuntimeError("consumer is closed")
         if self._buffer:
-            records, self._buffer = self._buffer, []
+            records, self._buffer = list(self._buffer), deque()
             return self._hand_out(records)
         await self._open()
         wait = self.wait_ms if wait_ms is None else wait_ms
@@ -463,11 +464,11 @@ class AsyncPartitionConsumer(_ConsumerState):
                     if left <= 0:
                         return
                     wait = max(1, min(wait, int(left * 1000)))
-                self._buffer = (await self.poll(wait)) + self._buffer
+                self._buffer.extendleft(reversed(await self.poll(wait)))
                 if not self._buffer:
                     continue
             idle_since = time.monotonic()
-            record = self._buffer.pop(0)
+            record = self._buffer.popleft()
             self.last_seq = record.sequence_number
             yield record
 

@@ -277,7 +277,7 @@ def _nats_w1(url: str, port: int, data: wl.Dataset, pid: int) -> wl.Row:
             conn.close()
         fns.append(run)
     meter = wl.CpuMeter(pid).start()
-    errors = _threads(fns)
+    errors = wl.run_threads(fns)
     meter.stop()
     stored = asyncio.run(_nats_stored(url, "W1"))
     lat = [x for ls in lats for x in ls]
@@ -316,7 +316,7 @@ def _nats_w2(url: str, port: int, expected_total: int, pid: int) -> wl.Row:
             conn.close()
         fns.append(run)
     meter = wl.CpuMeter(pid).start()
-    errors = _threads(fns)
+    errors = wl.run_threads(fns)
     meter.stop()
     row.records = sum(counts.values())
     row.measure(meter)
@@ -492,26 +492,6 @@ def run_kinesalite(data: wl.Dataset, w3_seconds: float, workloads: list[str]) ->
     return rows
 
 
-def _threads(fns: list[Any]) -> list[str]:
-    errors: list[str] = []
-    gate = threading.Barrier(len(fns) + 1)
-
-    def wrap(fn: Any) -> None:
-        try:
-            gate.wait()
-            fn()
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}"[:300])
-
-    ts = [threading.Thread(target=wrap, args=(f,), daemon=True) for f in fns]
-    for t in ts:
-        t.start()
-    gate.wait()
-    for t in ts:
-        t.join()
-    return errors
-
-
 def _kin_w1(k: Kinesis, data: wl.Dataset, pid: int) -> wl.Row:
     row = wl.Row(KIN, "kinesis-json", "memory", "W1 put")
     bodies = [orjson.dumps({"StreamName": "w1", "Records": [
@@ -543,7 +523,7 @@ def _kin_w1(k: Kinesis, data: wl.Dataset, pid: int) -> wl.Row:
             conn.close()
         fns.append(run)
     meter = wl.CpuMeter(pid).start()
-    errors = _threads(fns)
+    errors = wl.run_threads(fns)
     meter.stop()
     failed = sum(orjson.loads(r).get("FailedRecordCount", 0) for rs in raws for r in rs)
     all_lat = [x for ls in lats for x in ls]
@@ -583,7 +563,7 @@ def _kin_w2(k: Kinesis, shards: list[str], expected: int, pid: int) -> wl.Row:
             conn.close()
         fns.append(run)
     meter = wl.CpuMeter(pid).start()
-    errors = _threads(fns)
+    errors = wl.run_threads(fns)
     meter.stop()
     row.records = sum(counts.values())
     row.measure(meter)

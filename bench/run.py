@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,27 +57,6 @@ def _channel(target: str) -> grpc.Channel:
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-
-
-def _run_threads(fns: list[Callable[[], None]]) -> list[str]:
-    """Runs fns on threads released together; returns their errors."""
-    errors: list[str] = []
-    gate = threading.Barrier(len(fns) + 1)
-
-    def wrap(fn: Callable[[], None]) -> None:
-        try:
-            gate.wait()
-            fn()
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}"[:300])
-
-    threads = [threading.Thread(target=wrap, args=(f,), daemon=True) for f in fns]
-    for t in threads:
-        t.start()
-    gate.wait()
-    for t in threads:
-        t.join()
-    return errors
 
 
 # -- the doors ----------------------------------------------------------------------------------
@@ -259,7 +237,7 @@ def w1(door: GrpcDoor | RestDoor, durability: str, stream: str, bodies: list[byt
     producers = [door.producer([bodies[i] for i in wl.producer_batches(len(bodies), p)])
                  for p in range(wl.PRODUCERS)]
     meter = wl.CpuMeter(pid).start()
-    errors = _run_threads([run for run, _, _ in producers])
+    errors = wl.run_threads([run for run, _, _ in producers])
     meter.stop()
     failed = sum(sum(f()) for _, f, _ in producers)
     lat = [x for _, _, ls in producers for x in ls]
@@ -279,7 +257,7 @@ def w2(door: GrpcDoor | RestDoor, durability: str, stream: str, pid: int) -> wl.
     counts: dict[str, int] = {}
     readers = [door.reader(stream, p, n, counts) for p, n in per_partition.items()]
     meter = wl.CpuMeter(pid).start()
-    errors = _run_threads(readers)
+    errors = wl.run_threads(readers)
     meter.stop()
     row.records = sum(counts.values())
     row.measure(meter)

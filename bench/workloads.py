@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 SEED = 20261121
 RECORD_SIZE = 256
@@ -194,3 +195,24 @@ def format_ratios(rs: list[tuple[str, str, float, float, float]]) -> str:
         fmt = ",.0f" if "rec/s" in wl else ".2f"
         lines.append(f"| {wl} | {peer} | {format(s, fmt)} | {format(p, fmt)} | {ratio:.2f}x |")
     return "\n".join(lines)
+
+
+def run_threads(fns: list[Callable[[], None]]) -> list[str]:
+    """Runs fns on threads released together; returns their errors."""
+    errors: list[str] = []
+    gate = threading.Barrier(len(fns) + 1)
+
+    def wrap(fn: Callable[[], None]) -> None:
+        try:
+            gate.wait()
+            fn()
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    threads = [threading.Thread(target=wrap, args=(f,), daemon=True) for f in fns]
+    for t in threads:
+        t.start()
+    gate.wait()
+    for t in threads:
+        t.join()
+    return errors

@@ -63,9 +63,8 @@ def rpc(method: Rpc) -> Rpc:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         error: BrokerError
         self._active += 1
-        refused = self._draining
         try:
-            if refused:
+            if self._draining:
                 error = server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
             elif isinstance(request, _Undecodable):
                 error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
@@ -81,8 +80,10 @@ def rpc(method: Rpc) -> Rpc:
             await context.abort(grpc_status(error), error.message, trailing_metadata=grpc_trailers(error))
         finally:
             self._active -= 1
-            if not refused:  # a client retrying refused calls in a loop must not hold the stop open
-                self._last_activity = time.monotonic()
+            # refused calls count too: while clients keep calling, grpc core holds calls it has not
+            # handed over yet, and stopping then would answer those CANCELLED (not retried by
+            # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.
+            self._last_activity = time.monotonic()
     return wrapper
 
 

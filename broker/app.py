@@ -52,7 +52,8 @@ def open_store(settings: Settings) -> Store:
     store_cls = getattr(importlib.import_module(module), cls)
     if settings.store == "memory":
         return store_cls()  # type: ignore[no-any-return]
-    return store_cls(os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync)  # type: ignore[no-any-return]
+    return store_cls(os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync,  # type: ignore[no-any-return]
+                     memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)
 
 
 def cursor_secret(settings: Settings) -> bytes:

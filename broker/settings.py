@@ -18,6 +18,9 @@ class Settings:
     http_port: int = 8080
     store: str = "rocksdb"
     fsync: bool = False
+    memtable_mb: int = 32
+    block_cache_mb: int = 64
+    malloc_arenas: int = 2
     idle_timeout: float = 60.0
     body_timeout: float = 30.0
     shutdown_grace: float = 10.0
@@ -33,6 +36,10 @@ _HELP = {
     "store": "storage engine: rocksdb (durable, default) or memory (nothing survives a restart)",
     "fsync": "fsync every group commit (survives power loss); by default an acknowledged batch is in "
              "the RocksDB write-ahead log, which survives a process crash",
+    "memtable_mb": "RocksDB memtable size in MiB; at most two exist at once (one filling, one flushing)",
+    "block_cache_mb": "RocksDB block cache in MiB, shared by all partitions (reads of flushed data)",
+    "malloc_arenas": "glibc malloc arenas (0 = glibc default of 8 per core); few arenas keep RSS from "
+                     "growing with thread count",
     "idle_timeout": "seconds before an idle or silent connection (HTTP keep-alive, gRPC) is closed",
     "body_timeout": "seconds a client may take to send a request body",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGTERM",
@@ -81,4 +88,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | 
     for name in ("grpc_port", "http_port"):
         if not 0 <= getattr(args, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')} must be within 0..65535")
+    for name in ("memtable_mb", "block_cache_mb"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.malloc_arenas < 0:
+        parser.error("--malloc-arenas must be 0 (glibc default) or more")
     return Settings(**vars(args))

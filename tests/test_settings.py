@@ -19,6 +19,9 @@ def test_env_sets_and_flag_overrides() -> None:
     (["--store", "leveldb"], {}),
     ([], {"SLUICE_HTTP_PORT": "eighty"}),
     ([], {"SLUICE_FSYNC": "maybe"}),
+    (["--memtable-mb", "0"], {}),
+    ([], {"SLUICE_BLOCK_CACHE_MB": "-5"}),
+    (["--malloc-arenas", "-1"], {}),
 ])
 def test_bad_values_are_usage_errors(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

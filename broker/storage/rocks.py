@@ -49,13 +49,29 @@ def _io_errors(what: str) -> Iterator[None]:
         raise server_error(ErrorCode.UNAVAILABLE, detail=f"storage {what} failed") from exc
 
 
+def _options(memtable_mb: int, block_cache_mb: int) -> rocksdict.Options:
+    """Bounded memory: at most two memtables (one filling, one flushing) plus a fixed block cache.
+
+    RocksDB's defaults (64 MiB memtables, caches sized per table) let a busy broker's RSS wander by
+    hundreds of MiB; a broker needs a budget an operator can reason about (see --memtable-mb).
+    """
+    opts = rocksdict.Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.increase_parallelism(max(2, os.cpu_count() or 2))
+    opts.set_compression_type(rocksdict.DBCompressionType.lz4())
+    opts.set_write_buffer_size(memtable_mb << 20)
+    opts.set_max_write_buffer_number(2)
+    table = rocksdict.BlockBasedOptions()
+    table.set_block_cache(rocksdict.Cache(block_cache_mb << 20))
+    table.set_cache_index_and_filter_blocks(True)   # index/filter blocks count against the cache too
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
 class RocksStore:
-    def __init__(self, path: str, *, sync: bool = False) -> None:
+    def __init__(self, path: str, *, sync: bool = False, memtable_mb: int = 32, block_cache_mb: int = 64) -> None:
         os.makedirs(path, exist_ok=True)
-        opts = rocksdict.Options(raw_mode=True)
-        opts.create_if_missing(True)
-        opts.increase_parallelism(max(2, os.cpu_count() or 2))
-        opts.set_compression_type(rocksdict.DBCompressionType.lz4())
+        opts = _options(memtable_mb, block_cache_mb)
         with _io_errors("open"):
             self._db = rocksdict.Rdict(path, opts)
         self._write_opts = rocksdict.WriteOptions()

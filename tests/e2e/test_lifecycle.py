@@ -448,7 +448,8 @@ def test_help_documents_every_option_and_env_var():
                          timeout=30, env=clean_env(COLUMNS="100"))
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    expected = {"data_dir", "host", "grpc_port", "http_port", "store", "fsync", "idle_timeout", "body_timeout",
+    expected = {"data_dir", "host", "grpc_port", "http_port", "store", "fsync", "memtable_mb",
+                "block_cache_mb", "malloc_arenas", "idle_timeout", "body_timeout",
                 "shutdown_grace", "retention_interval", "log_level"}
     assert {f.name for f in dataclasses.fields(Settings)} == expected, "a new setting needs a line here"
     for name in expected:

@@ -79,8 +79,9 @@ class GrpcDoor:
         return {p.partition_id: p.next_sequence_number - p.first_sequence_number for p in desc.partitions}
 
     def bodies(self, stream: str, data: wl.Dataset) -> list[bytes]:
-        return [pb.PutRecordsRequest(stream_name=stream, records=[
-            pb.PutRecordsEntry(data=d, partition_key=k) for k, d in batch]).SerializeToString()
+        # the columnar form, as client.Client sends it: parallel arrays, not a message per record
+        return [pb.PutRecordsRequest(stream_name=stream, columns=pb.RecordColumns(
+            data=[d for _, d in batch], partition_keys=[k for k, _ in batch])).SerializeToString()
             for batch in data.batches]
 
     def producer(self, bodies: list[bytes]) -> tuple[Callable[[], None], Callable[[], list[int]], list[float]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from broker.errors import BrokerError
 
@@ -73,6 +73,28 @@ class PutEntry:
     explicit_hash_key: str | None = None
     partition_id: str | None = None
     rejected: BrokerError | None = None
+
+
+@dataclass(slots=True)
+class PutColumns:
+    """A PutRecords batch as parallel arrays (the gRPC door's columnar form), so the core can route
+    a batch without a Python object per record. Each routing list is None (no record uses it) or
+    one entry per record, "" meaning not set. Lengths are checked by the core."""
+    data: Sequence[bytes]
+    partition_keys: Sequence[str] | None = None
+    explicit_hash_keys: Sequence[str] | None = None
+    partition_ids: Sequence[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def entries(self) -> list[PutEntry]:
+        """The record-at-a-time form, for batches the fast path does not take."""
+        n = len(self.data)
+        keys, hashes, pids = (col or [""] * n for col in
+                              (self.partition_keys, self.explicit_hash_keys, self.partition_ids))
+        return [PutEntry(d, k or None, h or None, p or None)
+                for d, k, h, p in zip(self.data, keys, hashes, pids)]
 
 
 @dataclass(slots=True)

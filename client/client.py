@@ -101,13 +101,17 @@ class Client:
                    records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:
         """Send one batch whose entries each choose their own route: (payload, partition_key,
         partition_id); a partition_id wins over the key, neither means the broker spreads it."""
-        entries = []
-        for data, key, partition_id in records:
-            entry = pb.PutRecordsEntry(data=data, partition_key=key or "")
-            if partition_id is not None:
-                entry.partition_id = str(partition_id)
-            entries.append(entry)
-        resp = self._call(self._stub.PutRecords, pb.PutRecordsRequest(stream_name=stream, records=entries))
+        data: list[bytes] = []
+        keys: list[str] = []
+        partition_ids: list[str] = []
+        for payload, key, partition_id in records:
+            data.append(payload)
+            keys.append(key or "")
+            partition_ids.append("" if partition_id is None else str(partition_id))
+        # the columnar form: parallel arrays, no message per record to build here or parse there
+        columns = pb.RecordColumns(data=data, partition_keys=keys if any(keys) else (),
+                                   partition_ids=partition_ids if any(partition_ids) else ())
+        resp = self._call(self._stub.PutRecords, pb.PutRecordsRequest(stream_name=stream, columns=columns))
         results = [PutResult(p, s) for p, s in zip(resp.partition_ids, resp.sequence_numbers)]
         for f in resp.failures:
             results[f.index] = PutResult(-1, -1, f.error_code, f.error_message)

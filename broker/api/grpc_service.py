@@ -29,7 +29,7 @@ from broker.core.broker import Broker
 from broker.core.routing import format_partition_id
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.core.apps import AppInfo
-from broker.model import GetRecordsResult, PutEntry, StreamConfig
+from broker.model import GetRecordsResult, PutColumns, PutEntry, StreamConfig
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -179,10 +179,18 @@ class SluiceServicer:
 
     @rpc
     async def PutRecords(self, request: pb.PutRecordsRequest, context: Any) -> pb.PutRecordsResponse:
-        entries = [PutEntry(r.data, r.partition_key or None,
-                            r.explicit_hash_key if r.HasField("explicit_hash_key") else None,
-                            r.partition_id if r.HasField("partition_id") else None)
-                   for r in request.records]
+        entries: list[PutEntry] | PutColumns
+        if request.HasField("columns"):
+            if request.records:
+                raise client_error(ErrorCode.INVALID_REQUEST, detail="send records or columns, not both")
+            cols = request.columns   # list() copies each repeated field in C: no object per record
+            entries = PutColumns(list(cols.data), list(cols.partition_keys) or None,
+                                 list(cols.explicit_hash_keys) or None, list(cols.partition_ids) or None)
+        else:
+            entries = [PutEntry(r.data, r.partition_key or None,
+                                r.explicit_hash_key if r.HasField("explicit_hash_key") else None,
+                                r.partition_id if r.HasField("partition_id") else None)
+                       for r in request.records]
         result = await self._broker.put_records(request.stream_name, entries)
         return pb.PutRecordsResponse(
             failed_record_count=result.failed_record_count, partition_ids=result.partitions,

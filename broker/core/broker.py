@@ -10,6 +10,7 @@ import asyncio
 import bisect
 import itertools
 import time
+from collections import Counter
 from typing import AsyncIterator, Callable, Sequence
 
 from broker.core import apps, routing
@@ -21,8 +22,21 @@ from broker.core.notify import WriteNotifier
 from broker.core.writer import GroupCommitter
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import (AppendBatch, CursorType, GetRecordsResult, PartitionBounds, PartitionInfo,
-                          PutEntry, PutRecordsResult, Record, StreamConfig, StreamDescription, StreamPage)
+                          PutColumns, PutEntry, PutRecordsResult, Record, StreamConfig, StreamDescription, StreamPage)
 from broker.storage.base import Store
+
+# (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
+_Grouped = tuple[list[int], list[tuple[int, BrokerError]],
+                 dict[int, tuple[list[int], list[tuple[str | None, bytes]]]]]
+
+
+def _check_columns(columns: PutColumns) -> None:
+    n = len(columns.data)
+    for name in ("partition_keys", "explicit_hash_keys", "partition_ids"):
+        column = getattr(columns, name)
+        if column is not None and len(column) != n:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"columns.{name} has {len(column)} entries for "
+                               f"{n} records: it must be empty or have one per record")
 
 DATA_TYPES = ("BLOB", "JSON", "CSV")
 STREAM_TYPES = ("COMMON", "ADVANCED")
@@ -181,29 +195,61 @@ class Broker(ConsumerVerbs):
 
     # -- writing -------------------------------------------------------------------------------
 
-    async def put_records(self, stream_name: object, entries: Sequence[PutEntry]) -> PutRecordsResult:
+    async def put_records(self, stream_name: object, entries: Sequence[PutEntry] | PutColumns) -> PutRecordsResult:
         """Route and append a batch. Per-record problems are failures in the result, the rest is
         written. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST, INVALID_REQUEST,
         REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL."""
         config = self._stream(stream_name)
         lim = self.limits
-        if not entries:
+        n = len(entries)
+        if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="records must not be empty")
-        if len(entries) > lim.max_records_per_put:
+        if n > lim.max_records_per_put:
             raise client_error(ErrorCode.INVALID_REQUEST,
-                               detail=f"at most {lim.max_records_per_put} records per request, got {len(entries)}")
-        if sum(len(e.data) for e in entries) > lim.max_put_payload_bytes:
+                               detail=f"at most {lim.max_records_per_put} records per request, got {n}")
+        if isinstance(entries, PutColumns):
+            _check_columns(entries)
+            payload = sum(map(len, entries.data))
+        else:
+            payload = sum(len(e.data) for e in entries)
+        if payload > lim.max_put_payload_bytes:
             raise client_error(ErrorCode.REQUEST_TOO_LARGE,
                                detail=f"total record payload exceeds {lim.max_put_payload_bytes} bytes")
+        router = self._routers.get(config.stream_id)
+        if router is None:
+            router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
+        grouped = None
+        if isinstance(entries, PutColumns):
+            grouped = self._group_keyed_columns(entries, router)
+            if grouped is None:
+                entries = entries.entries()
+        if grouped is None:
+            grouped = self._group_entries(config, entries, router)  # type: ignore[arg-type]
+        partitions, failures, by_partition = grouped
+        seqs = [-1] * n
+        if by_partition:
+            now = self._now()
+            order = list(by_partition.items())
+            firsts = await self._committer.append(
+                [AppendBatch(config.stream_id, p, now, items) for p, (_, items) in order])
+            if any(first is None for first in firsts):  # deleted while we were queued
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.name)
+            for (_, (indices, _)), first in zip(order, firsts):
+                for k, i in enumerate(indices):
+                    seqs[i] = first + k  # type: ignore[operator]
+            self._notifier.notify((config.stream_id, p) for p, _ in order)
+        return PutRecordsResult(partitions, seqs, failures)
+
+    def _group_entries(self, config: StreamConfig, entries: Sequence[PutEntry],
+                       router: routing.KeyRouter) -> _Grouped:
+        """Route record by record: (partition per record, failures, partition -> (indices, items))."""
+        lim = self.limits
         n = len(entries)
         partitions = [-1] * n
         failures: list[tuple[int, BrokerError]] = []
         by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]] = {}
         count = config.partition_count
         spread = next(self._spread) * 7919  # a prime step, so consecutive requests start apart
-        router = self._routers.get(config.stream_id)
-        if router is None:
-            router = self._routers[config.stream_id] = routing.KeyRouter(count)
         max_record, max_key = lim.max_record_bytes, lim.max_partition_key_chars
         for i, entry in enumerate(entries):
             key = entry.partition_key
@@ -225,19 +271,28 @@ class Broker(ConsumerVerbs):
                 slot = by_partition[p] = ([], [])
             slot[0].append(i)
             slot[1].append((key or None, entry.data))
-        seqs = [-1] * n
-        if by_partition:
-            now = self._now()
-            order = list(by_partition.items())
-            firsts = await self._committer.append(
-                [AppendBatch(config.stream_id, p, now, items) for p, (_, items) in order])
-            if any(first is None for first in firsts):  # deleted while we were queued
-                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.name)
-            for (_, (indices, _)), first in zip(order, firsts):
-                for k, i in enumerate(indices):
-                    seqs[i] = first + k  # type: ignore[operator]
-            self._notifier.notify((config.stream_id, p) for p, _ in order)
-        return PutRecordsResult(partitions, seqs, failures)
+        return partitions, failures, by_partition
+
+    def _group_keyed_columns(self, columns: PutColumns, router: routing.KeyRouter) -> _Grouped | None:
+        """The fast path for the common batch: every record has a partition key and nothing else,
+        and all are within limits. Whole-list operations instead of a loop per record: the key
+        routes map through the router, a stable sort groups indices by partition. None when the
+        batch needs the record-at-a-time path (other routing, or a record that will fail)."""
+        lim = self.limits
+        keys, data = columns.partition_keys, columns.data
+        if keys is None or columns.explicit_hash_keys is not None or columns.partition_ids is not None \
+                or not all(keys) or max(map(len, keys)) > lim.max_partition_key_chars \
+                or max(map(len, data)) > lim.max_record_bytes:
+            return None
+        partitions = router.route_all(keys)
+        order = sorted(range(len(partitions)), key=partitions.__getitem__)  # stable: ascending per partition
+        by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]] = {}
+        at = 0
+        for p, size in sorted(Counter(partitions).items()):
+            indices = order[at:at + size]
+            at += size
+            by_partition[p] = (indices, list(zip(map(keys.__getitem__, indices), map(data.__getitem__, indices))))
+        return partitions, [], by_partition
 
     def _route(self, entry: PutEntry, count: int, spread: int,
                router: routing.KeyRouter) -> tuple[int, BrokerError | None]:

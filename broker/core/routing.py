@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Sequence
 
 from broker.core.limits import HASH_KEY_MAX
 
@@ -73,3 +74,10 @@ class KeyRouter:
                 self._memo.clear()
             p = self._memo[key] = partition_for_hash(key_hash(key), self.partition_count)
         return p
+
+    def route_all(self, keys: Sequence[str]) -> list[int]:
+        """`[self(k) for k in keys]`, with the memo hits looked up by one C-level map."""
+        partitions: list[int | None] = list(map(self._memo.get, keys))
+        if None in partitions:
+            partitions = [self(k) if p is None else p for k, p in zip(keys, partitions)]
+        return partitions  # type: ignore[return-value]

@@ -447,6 +447,53 @@ def test_per_record_failures_are_columnar_and_the_rest_is_written(sluice_stub, s
     assert drain(sluice_stub, cursor(sluice_stub, stream_name, 0))[0] == []
 
 
+def put_columns(stub, name: str, **columns: list) -> pb.PutRecordsResponse:  # type: ignore[no-untyped-def,type-arg]
+    return stub.PutRecords(pb.PutRecordsRequest(stream_name=name, columns=pb.RecordColumns(**columns)),
+                           timeout=TIMEOUT)
+
+
+def test_the_columnar_form_routes_numbers_and_fails_like_records(sluice_stub, stream_name):
+    create(sluice_stub, stream_name, 4)
+    keys = [f"user-{i % 37}" for i in range(300)]
+    data = [f"r{i}".encode() for i in range(300)]
+    resp = put_columns(sluice_stub, stream_name, data=data, partition_keys=keys)    # the keyed fast path
+    assert resp.failed_record_count == 0
+    assert list(resp.partition_ids) == [key_partition(k, 4) for k in keys]
+    for p in range(4):
+        mine = [d for d, q in zip(data, resp.partition_ids) if q == p]
+        assert [s for s, q in zip(resp.sequence_numbers, resp.partition_ids) if q == p] == list(range(len(mine)))
+        seqs, got, got_keys, _, _ = drain(sluice_stub, cursor(sluice_stub, stream_name, p))
+        assert got == mine and got_keys == [k for k, q in zip(keys, resp.partition_ids) if q == p]
+    # every routing at once, "" = not set, with per-record failures in place
+    resp = put_columns(sluice_stub, stream_name,
+                       data=[b"pid", b"hash", b"key", b"bad-pid", b"bad-hash", b"spread"],
+                       partition_ids=["2", "", "", "nine", "", ""],
+                       explicit_hash_keys=["0", "0", "", "", "-1", ""],
+                       partition_keys=["user-1", "user-1", "user-1", "", "", ""])
+    assert {f.index: f.error_code for f in resp.failures} == {3: "DIS.4201", 4: "DIS.4200"}
+    assert list(resp.partition_ids)[:3] == [2, 0, key_partition("user-1", 4)]
+    assert resp.partition_ids[3] == resp.partition_ids[4] == -1 and 0 <= resp.partition_ids[5] < 4
+
+
+@pytest.mark.parametrize("request_fields, detail", [
+    ({"records": [pb.PutRecordsEntry(data=b"a")], "columns": pb.RecordColumns(data=[b"b"])}, "not both"),
+    ({"columns": pb.RecordColumns(data=[b"a", b"b"], partition_keys=["k"])}, "one per record"),
+    ({"columns": pb.RecordColumns(data=[b"a"], partition_ids=["1", "2"])}, "one per record"),
+])
+def test_malformed_columns_are_invalid_argument(sluice_stub, stream_name, request_fields, detail):
+    create(sluice_stub, stream_name, 2)
+    err = expect_error(sluice_stub.PutRecords, pb.PutRecordsRequest(stream_name=stream_name, **request_fields),
+                       grpc.StatusCode.INVALID_ARGUMENT, "DIS.4200")
+    assert detail in err.details()
+    assert drain(sluice_stub, cursor(sluice_stub, stream_name, 0))[0] == []
+
+
+def test_empty_columns_are_an_empty_request(sluice_stub, stream_name):
+    create(sluice_stub, stream_name, 1)
+    expect_error(sluice_stub.PutRecords, pb.PutRecordsRequest(stream_name=stream_name, columns=pb.RecordColumns()),
+                 grpc.StatusCode.INVALID_ARGUMENT, "DIS.4202")
+
+
 def test_all_records_failing_writes_nothing(sluice_stub, stream_name):
     create(sluice_stub, stream_name, 1)
     resp = put(sluice_stub, stream_name, [pb.PutRecordsEntry(data=b"a", partition_id="5"),

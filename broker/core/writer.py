@@ -4,6 +4,8 @@ Producers call `append(batches)` and await a future. A single task takes *everyt
 since the last commit and hands it to the store in one `append` call (one RocksDB WriteBatch, one
 WAL write, one fsync when enabled) on a dedicated thread. While that commit runs, new requests
 queue up and form the next group, so the commit rate adapts to load without a timer.
+The one exception: a lone group of a few records in WAL mode is committed on the event loop
+itself (see `_inline`), because the thread hops would cost more than the write.
 
 Why a single dedicated thread and no asyncio.Lock: the RocksDB write blocks, so it must leave the
 event loop; running every write on the same thread gives a total order of commits for free
@@ -23,6 +25,9 @@ from broker.storage.base import Store
 
 log = logging.getLogger(__name__)
 
+# A group of at most this many records, in WAL mode, is committed on the event loop (see _inline).
+INLINE_COMMIT_RECORDS = 4
+
 _Pending = tuple[Sequence[AppendBatch], "asyncio.Future[list[int | None]]"]
 
 
@@ -34,6 +39,7 @@ class GroupCommitter:
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-writer")
         self._task: asyncio.Task[None] | None = None
+        self._blocking = 0   # run_blocking calls in flight
         self.commits = 0   # observability and tests: how many store commits were made
 
     def start(self) -> None:
@@ -52,7 +58,19 @@ class GroupCommitter:
     async def run_blocking(self, fn, *args):  # type: ignore[no-untyped-def]
         """Run a store mutation on the writer thread: serialised with the commits, though not
         necessarily after appends still waiting to form their group."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._blocking += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._blocking -= 1
+
+    def _inline(self, batches: Sequence[AppendBatch]) -> bool:
+        """Whether to commit this group on the event loop itself: a lone small write to the WAL
+        (tens of microseconds) costs less than the two thread hops to the writer thread and back,
+        which are a large part of a trickle producer's latency. Never with fsync (milliseconds),
+        and never while a store mutation runs on the writer thread (it holds the store's lock)."""
+        return not self._store.fsync and self._blocking == 0 \
+            and sum(len(b.items) for b in batches) <= INLINE_COMMIT_RECORDS
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,7 +84,10 @@ class GroupCommitter:
             group, self._pending = self._pending, []
             flat = [b for batches, _ in group for b in batches]
             try:
-                firsts = await loop.run_in_executor(self._executor, self._store.append, flat)
+                if self._inline(flat):
+                    firsts = self._store.append(flat)
+                else:
+                    firsts = await loop.run_in_executor(self._executor, self._store.append, flat)
             except BrokerError as exc:
                 self._fail(group, exc)
                 continue

@@ -18,6 +18,9 @@ from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 
 
 class Store(Protocol):
+    # True when every append is fsynced (milliseconds): the core then never commits on its event loop
+    fsync: bool
+
     def create_stream(self, config: StreamConfig) -> StreamConfig:
         """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS."""
 

@@ -24,6 +24,8 @@ class _Partition:
 
 
 class MemoryStore:
+    fsync = False
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._streams: dict[str, StreamConfig] = {}

@@ -76,6 +76,7 @@ class RocksStore:
             self._db = rocksdict.Rdict(path, opts)
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.sync = sync
+        self.fsync = sync
         self._lock = threading.Lock()
         self._closed = False
         self._streams: dict[str, StreamConfig] = {}

@@ -16,6 +16,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from broker.core import broker as broker_module
 from broker.core.broker import Broker
 from broker.core.limits import Limits
 from broker.model import GetRecordsResult, PutEntry, Record
@@ -144,7 +145,10 @@ class _PausingStore:
         return getattr(self._store, name)
 
 
-async def test_a_write_between_the_empty_read_and_the_wait_wakes_the_poll(tmp_path: Path) -> None:
+async def test_a_write_between_the_empty_read_and_the_wait_wakes_the_poll(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the gap exists only for reads that leave the event loop (tail reads run on it): force those
+    monkeypatch.setattr(broker_module, "INLINE_READ_RECORDS", -1)
     store = RocksStore(str(tmp_path / "paused"))
     paused = _PausingStore(store)
     broker = Broker(paused, cursor_secret=SECRET)  # type: ignore[arg-type]

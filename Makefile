@@ -6,6 +6,8 @@
 #               (the `bench` extra), then the same suite plus the peers: bench/run.py --compare
 # `make bench-put`: the older fixed-time PutRecords benchmark (bench/put_records.py, takes ARGS)
 # `make bench-latency`: only the tail-latency benchmark (ARGS go to bench/tail_latency.py)
+# `make bench-memory`: broker RSS with 1,000,000 records stored, then over a 5-minute W1 loop
+#               (bench/memory.py, takes ARGS, e.g. ARGS='--minutes 0.5 --records 400000')
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +17,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test bench bench-compare bench-put bench-latency bench-peers wheel clean
+.PHONY: install proto run test bench bench-compare bench-put bench-latency bench-memory bench-peers wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +58,9 @@ bench-put: proto
 
 bench-latency: proto
 	$(PY) bench/tail_latency.py $(ARGS)
+
+bench-memory: proto
+	$(PY) bench/memory.py $(ARGS)
 
 wheel: proto
 	$(PY) -m build --wheel --no-isolation --outdir dist .

@@ -71,3 +71,20 @@ def test_bench_suite_quick(tmp_path):
     doc = json.loads(files[0].read_text())
     assert len(doc["rows"]) == 7 and all(r["ok"] for r in doc["rows"])
     assert all(r["client_cpu_s"] is not None and r["server_cpu_s"] is not None for r in doc["rows"])
+
+
+def test_memory_bench_quick(tmp_path):
+    """bench/memory.py (make bench-memory) still runs: a short fill and a few seconds of W1 loop."""
+    results = tmp_path / "results"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--minutes", "0.05",
+                          "--records", "200000", "--results-dir", str(results)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
+    [path] = list(results.glob("memory-*.json"))
+    res = json.loads(path.read_text())
+    fill, loop = res["fill"], res["loop"]
+    assert fill["records_stored"] == 200_000 and 20 < fill["rss_mib"] < 2000
+    assert loop["records_stored_end"] == 200_000 + loop["records_written"] and loop["records_written"] > 0
+    assert loop["samples"] and loop["rss_min_mib"] <= loop["rss_max_mib"]
+    assert "VmRSS < 300 MiB" in out.stdout and "not judged" in out.stdout   # 200,000 < 1,000,000 stored
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"

@@ -221,14 +221,7 @@ class Broker(ConsumerVerbs):
         router = self._routers.get(config.stream_id)
         if router is None:
             router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
-        grouped = None
-        if isinstance(entries, PutColumns):
-            grouped = self._group_keyed_columns(entries, router)
-            if grouped is None:
-                entries = entries.entries()
-        if grouped is None:
-            grouped = self._group_entries(config, entries, router)  # type: ignore[arg-type]
-        partitions, failures, by_partition = grouped
+        partitions, failures, by_partition = self._group(config, entries, router)
         seqs = [-1] * n
         if by_partition:
             now = self._now()
@@ -242,6 +235,16 @@ class Broker(ConsumerVerbs):
                     seqs[i] = first + k  # type: ignore[operator]
             self._notifier.notify((config.stream_id, p) for p, _ in order)
         return PutRecordsResult(partitions, seqs, failures)
+
+    def _group(self, config: StreamConfig, entries: Sequence[PutEntry] | PutColumns,
+               router: routing.KeyRouter) -> _Grouped:
+        """Route a batch: columns take the keyed fast path when they can, else record by record."""
+        if isinstance(entries, PutColumns):
+            fast = self._group_keyed_columns(entries, router)
+            if fast is not None:
+                return fast
+            entries = entries.entries()
+        return self._group_entries(config, entries, router)
 
     def _group_entries(self, config: StreamConfig, entries: Sequence[PutEntry],
                        router: routing.KeyRouter) -> _Grouped:

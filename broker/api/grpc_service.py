@@ -1,9 +1,15 @@
 """The gRPC door: a servicer over the generated sluice.v1 contract. pb <-> model, one Broker call
-per RPC, errors rendered by api/render.py.
+per RPC, errors rendered by api/grpc_render.py.
+
+The project of a call is the request metadata key "sluice-project" ("default" when absent); the
+core validates it. Wire enums map to the core's strings here, by name minus the enum's prefix
+(DATA_TYPE_JSON <-> "JSON"); 0 (`*_UNSPECIFIED`) means "the default", and a number outside the
+enum is handed to the core as "#<number>", which it refuses like any other bad value.
 
 Requests are registered with a tolerant deserializer: garbage bytes become an INVALID_ARGUMENT
 with DIS.4300 instead of grpc's generic INTERNAL "Exception deserializing request!".
-Bulk responses are built columnar (see the .proto): a few list extends per batch.
+Bulk responses are built columnar (see the .proto): a few list extends per batch, no Python object
+per record.
 
 Shutdown drains before it stops: grpc core answers CANCELLED to every call it has received but not
 yet handed to the application when the server stops, and the aio server hands calls over one at a
@@ -16,26 +22,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 import grpc
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError
 
-from broker.api.render import grpc_status, grpc_trailers
-from broker.core.broker import Broker
-from broker.core.routing import format_partition_id
-from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.api.grpc_render import record_failure, status_code, trailers
 from broker.core.apps import AppInfo
+from broker.core.broker import Broker
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import GetRecordsResult, PutColumns, PutEntry, StreamConfig
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sluice"].full_name
-_CURSOR_TYPES = {v: k for k, v in pb.CursorType.items()}
+PROJECT_KEY = "sluice-project"
+DEFAULT_PROJECT = "default"
+LAST_READ = "LAST_READ"
+
+
+class _Vocabulary:
+    """A wire enum <-> the core's strings: DATA_TYPE_JSON (2) <-> "JSON"."""
+
+    def __init__(self, enum: EnumTypeWrapper, prefix: str) -> None:
+        self._names = {number: name.removeprefix(prefix) for name, number in enum.items() if number}
+        self._numbers = {text: number for number, text in self._names.items()}
+
+    def decode(self, number: int) -> str | None:
+        """None for 0 (the default); "#n" for a number outside the enum (the core refuses it)."""
+        return None if number == 0 else self._names.get(number, f"#{number}")
+
+    def encode(self, text: str) -> int:
+        return self._numbers.get(text, 0)
+
+
+DATA_TYPES = _Vocabulary(pb.DataType, "DATA_TYPE_")
+STREAM_TYPES = _Vocabulary(pb.StreamType, "STREAM_TYPE_")
+CURSOR_TYPES = _Vocabulary(pb.CursorType, "CURSOR_TYPE_")
+CHECKPOINT_TYPES = _Vocabulary(pb.CheckpointType, "CHECKPOINT_TYPE_")
 
 
 class _Undecodable:
@@ -54,11 +84,19 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-Rpc = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Rpc = Callable[..., Awaitable[Any]]
+
+
+def project_of(context: grpc.aio.ServicerContext) -> str:
+    """The "sluice-project" request metadata, "default" when absent (the core validates it)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PROJECT_KEY:
+            return str(value)
+    return DEFAULT_PROJECT
 
 
 def rpc(method: Rpc) -> Rpc:
-    """Decode check + the one error mapping for every RPC."""
+    """Decode check, the project, and the one error mapping for every RPC."""
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         error: BrokerError
@@ -70,14 +108,14 @@ def rpc(method: Rpc) -> Rpc:
                 error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
             else:
                 try:
-                    return await method(self, request, context)
+                    return await method(self, request, context, self._scope(project_of(context)))
                 except BrokerError as exc:
                     error = exc
                 except Exception:
                     request_id = uuid.uuid4().hex
                     log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
                     error = server_error(ErrorCode.INTERNAL, request_id=request_id)
-            await context.abort(grpc_status(error), error.message, trailing_metadata=grpc_trailers(error))
+            await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
         finally:
             self._active -= 1
             # refused calls count too: while clients keep calling, grpc core holds calls it has not
@@ -87,40 +125,92 @@ def rpc(method: Rpc) -> Rpc:
     return wrapper
 
 
-def _records_response(result: GetRecordsResult) -> pb.GetRecordsResponse:
-    response = pb.GetRecordsResponse(next_partition_cursor=result.next_cursor,
-                                     millis_behind_latest=result.millis_behind_latest)
+def _fill(out: Any, result: GetRecordsResult) -> Any:
+    """The columns of a GetRecordsResponse or RecordBatch (same field names): one extend each."""
+    out.next_cursor = result.next_cursor
+    out.millis_behind_latest = result.millis_behind_latest
     if result.records:
         seqs, timestamps, keys, data = zip(*result.records)
-        response.sequence_numbers.extend(seqs)
-        response.timestamps.extend(timestamps)
-        response.partition_keys.extend(k or "" for k in keys)
-        response.data.extend(data)
-    return response
+        out.seqs.extend(seqs)
+        out.timestamps_ms.extend(timestamps)
+        out.partition_keys.extend(k or "" for k in keys)
+        out.data.extend(data)
+    return out
 
 
-def _cursor_type(kind: int) -> str | None:
-    return None if kind == pb.CURSOR_TYPE_UNSPECIFIED else _CURSOR_TYPES.get(kind, f"#{kind}")
+def _subscribe_response(result: GetRecordsResult) -> pb.SubscribeResponse:
+    out = pb.SubscribeResponse()
+    if result.records:
+        _fill(out.records, result)
+    else:   # the core's heartbeat: an empty batch after a quiet spell
+        out.heartbeat.next_cursor = result.next_cursor
+        out.heartbeat.millis_behind_latest = result.millis_behind_latest
+    return out
 
 
 def _app_info(info: AppInfo) -> pb.AppInfo:
-    return pb.AppInfo(app_name=info.name, app_id=info.app_id, create_time=info.created_ms,
-                      commit_checkpoint_stream_names=info.stream_names)
+    return pb.AppInfo(app_name=getattr(info, "app_name", None) or info.name, app_id=info.app_id,
+                      created_ms=info.created_ms, checkpoint_stream_names=info.stream_names)
+
+
+def _stream_name(c: StreamConfig) -> str:
+    return getattr(c, "stream_name", None) or c.name   # `name` until the core renames it
 
 
 def _stream_info(c: StreamConfig) -> pb.StreamInfo:
-    return pb.StreamInfo(stream_name=c.name, partition_count=c.partition_count, retention_hours=c.retention_hours,
-                         data_type=c.data_type, stream_type=c.stream_type, create_time=c.created_ms,
-                         status="RUNNING", stream_id=c.stream_id)
+    return pb.StreamInfo(stream_name=_stream_name(c), partition_count=c.partition_count,
+                         retention_hours=c.retention_hours, data_type=DATA_TYPES.encode(c.data_type),
+                         stream_type=STREAM_TYPES.encode(c.stream_type), created_ms=c.created_ms,
+                         status=pb.STREAM_STATUS_RUNNING, stream_id=c.stream_id)
+
+
+def _optional(request: Any, field: str) -> Any:
+    return getattr(request, field) if request.HasField(field) else None
+
+
+def _partition(number: int | None) -> str | None:
+    """A wire partition id for the core ("2"; the core takes both forms)."""
+    return None if number is None else str(number)
+
+
+def _seq(number: int | None) -> str | None:
+    """A wire sequence number for the core, which validates it (negative -> INVALID_SEQUENCE)."""
+    return None if number is None else str(number)
+
+
+class _Scope:
+    """The Broker as seen from one project: the `project` keyword added to every verb."""
+
+    __slots__ = ("_broker", "_kw")
+
+    def __init__(self, broker: Broker, kw: dict[str, str]) -> None:
+        self._broker = broker
+        self._kw = kw
+
+    def __getattr__(self, verb: str) -> Callable[..., Any]:
+        return functools.partial(getattr(self._broker, verb), **self._kw)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 class SluiceServicer:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+        # the core takes `project=` on every verb; a core without it serves only "default"
+        self._projects = "project" in inspect.signature(broker.create_stream).parameters
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
         self._pushing = 0                         # of those, Subscribe handlers waiting in context.write
         self._last_activity = time.monotonic()    # when one last finished
+
+    def _scope(self, project: str) -> Any:
+        if self._projects:
+            return _Scope(self._broker, {"project": project})
+        if project != DEFAULT_PROJECT:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="this broker serves only the default project")
+        return self._broker
 
     def start_draining(self) -> None:
         """Shutdown step: from now on every RPC is answered UNAVAILABLE; running ones go on.
@@ -146,152 +236,169 @@ class SluiceServicer:
                 return False
             await asyncio.sleep(min(quiet / 4, max(deadline - now, 0.001)))
 
+    # -- streams -----------------------------------------------------------------------------------
+
     @rpc
-    async def CreateStream(self, request: pb.CreateStreamRequest, context: Any) -> pb.CreateStreamResponse:
-        await self._broker.create_stream(request.stream_name, request.partition_count,
-                                         request.retention_hours or None, request.data_type or None,
-                                         request.stream_type or None)
+    async def CreateStream(self, request: pb.CreateStreamRequest, context: Any, broker: Any) -> pb.CreateStreamResponse:
+        await broker.create_stream(request.stream_name, request.partition_count, request.retention_hours or None,
+                                   DATA_TYPES.decode(request.data_type), STREAM_TYPES.decode(request.stream_type))
         return pb.CreateStreamResponse()
 
     @rpc
-    async def ListStreams(self, request: pb.ListStreamsRequest, context: Any) -> pb.ListStreamsResponse:
-        page = self._broker.list_streams(request.limit or None, request.start_stream_name or None)
-        return pb.ListStreamsResponse(total_number=page.total, stream_names=[c.name for c in page.streams],
-                                      has_more_streams=page.has_more,
+    async def ListStreams(self, request: pb.ListStreamsRequest, context: Any, broker: Any) -> pb.ListStreamsResponse:
+        page = await _maybe_await(broker.list_streams(request.limit or None, request.start_after or None))
+        return pb.ListStreamsResponse(total=page.total, has_more=page.has_more,
                                       streams=[_stream_info(c) for c in page.streams])
 
     @rpc
-    async def DescribeStream(self, request: pb.DescribeStreamRequest, context: Any) -> pb.DescribeStreamResponse:
-        desc = await self._broker.describe_stream(request.stream_name, request.start_partition_id or None,
-                                                  request.limit_partitions or None)
+    async def DescribeStream(self, request: pb.DescribeStreamRequest, context: Any,
+                             broker: Any) -> pb.DescribeStreamResponse:
+        desc = await broker.describe_stream(request.stream_name,
+                                            _partition(_optional(request, "start_after_partition")),
+                                            request.limit or None)
         return pb.DescribeStreamResponse(
-            stream=_stream_info(desc.config), has_more_partitions=desc.has_more_partitions,
-            partitions=[pb.PartitionInfo(partition_id=format_partition_id(p.partition), status="ACTIVE",
+            stream=_stream_info(desc.config), has_more=desc.has_more_partitions,
+            partitions=[pb.PartitionInfo(partition_id=p.partition, status=pb.PARTITION_STATUS_ACTIVE,
                                          hash_range_start=p.hash_lo, hash_range_end=p.hash_hi,
-                                         first_sequence_number=p.bounds.first_seq,
-                                         next_sequence_number=p.bounds.next_seq)
+                                         first_seq=p.bounds.first_seq, next_seq=p.bounds.next_seq)
                         for p in desc.partitions])
 
     @rpc
-    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any) -> pb.DeleteStreamResponse:
-        await self._broker.delete_stream(request.stream_name)
+    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any, broker: Any) -> pb.DeleteStreamResponse:
+        await broker.delete_stream(request.stream_name)
         return pb.DeleteStreamResponse()
 
+    # -- writing -----------------------------------------------------------------------------------
+
     @rpc
-    async def PutRecords(self, request: pb.PutRecordsRequest, context: Any) -> pb.PutRecordsResponse:
+    async def PutRecords(self, request: pb.PutRecordsRequest, context: Any, broker: Any) -> pb.PutRecordsResponse:
         entries: list[PutEntry] | PutColumns
-        if request.HasField("columns"):
-            if request.records:
-                raise client_error(ErrorCode.INVALID_REQUEST, detail="send records or columns, not both")
+        if request.WhichOneof("batch") == "columns":
             cols = request.columns   # list() copies each repeated field in C: no object per record
+            pids = cols.partition_ids
             entries = PutColumns(list(cols.data), list(cols.partition_keys) or None,
-                                 list(cols.explicit_hash_keys) or None, list(cols.partition_ids) or None)
+                                 list(cols.explicit_hash_keys) or None,
+                                 # a partition id routes record by record in the core anyway
+                                 [str(p) for p in pids] if pids else None)
         else:
-            entries = [PutEntry(r.data, r.partition_key or None,
-                                r.explicit_hash_key if r.HasField("explicit_hash_key") else None,
-                                r.partition_id if r.HasField("partition_id") else None)
-                       for r in request.records]
-        result = await self._broker.put_records(request.stream_name, entries)
-        return pb.PutRecordsResponse(
-            failed_record_count=result.failed_record_count, partition_ids=result.partitions,
-            sequence_numbers=result.seqs,
-            failures=[pb.RecordFailure(index=i, error_code=e.code.dis_code, error_message=e.message)
-                      for i, e in result.failures])
+            entries = [PutEntry(r.data, r.partition_key or None, _optional(r, "explicit_hash_key"),
+                                _partition(_optional(r, "partition_id")))
+                       for r in request.records.entries]
+        result = await broker.put_records(request.stream_name, entries)
+        partitions = result.partitions
+        if result.failures:  # the core says -1, the wire's uint32 says 0 (and seq -1)
+            partitions = list(partitions)
+            for i, _ in result.failures:
+                partitions[i] = 0
+        return pb.PutRecordsResponse(failed_record_count=result.failed_record_count, partition_ids=partitions,
+                                     seqs=result.seqs, failures=[record_failure(i, e) for i, e in result.failures])
+
+    # -- reading -----------------------------------------------------------------------------------
 
     @rpc
-    async def GetCursor(self, request: pb.GetCursorRequest, context: Any) -> pb.GetCursorResponse:
-        return pb.GetCursorResponse(partition_cursor=await self._get_cursor(request))
+    async def GetCursor(self, request: pb.GetCursorRequest, context: Any, broker: Any) -> pb.GetCursorResponse:
+        return pb.GetCursorResponse(cursor=await self._get_cursor(broker, request))
 
-    async def _get_cursor(self, request: pb.GetCursorRequest | pb.SubscribeRequest) -> str:
+    @staticmethod
+    async def _get_cursor(broker: Any, request: pb.GetCursorRequest | pb.SubscribeRequest) -> str:
         """GetCursor's fields, which SubscribeRequest repeats, to a cursor."""
-        return await self._broker.get_cursor(
-            request.stream_name, request.partition_id, _cursor_type(request.cursor_type),
-            request.starting_sequence_number if request.HasField("starting_sequence_number") else None,
-            request.timestamp if request.HasField("timestamp") else None)
+        return str(await broker.get_cursor(request.stream_name, str(request.partition_id),
+                                           CURSOR_TYPES.decode(request.cursor_type),
+                                           _seq(_optional(request, "starting_seq")),
+                                           _optional(request, "timestamp_ms")))
 
     @rpc
-    async def GetRecords(self, request: pb.GetRecordsRequest, context: Any) -> pb.GetRecordsResponse:
-        result = await self._broker.get_records(request.partition_cursor, request.limit or None,
-                                                request.max_fetch_bytes or None, request.wait_ms or None)
-        return _records_response(result)
+    async def GetRecords(self, request: pb.GetRecordsRequest, context: Any, broker: Any) -> pb.GetRecordsResponse:
+        result = await broker.get_records(request.cursor, request.limit or None, request.max_fetch_bytes or None,
+                                          request.wait_ms or None)
+        return _fill(pb.GetRecordsResponse(), result)
 
     @rpc
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:
-        cursor = request.partition_cursor or await self._get_cursor(request)
-        batches = self._broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None)
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext, broker: Any) -> None:
+        cursor = request.cursor or await self._get_cursor(broker, request)
+        batches = broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None)
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 # write() waits for HTTP/2 flow control: a consumer that stops reading stops us here
                 self._pushing += 1
                 try:
-                    await context.write(_records_response(batch))
+                    await context.write(_subscribe_response(batch))
                 finally:
                     self._pushing -= 1
         raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
 
+    # -- apps and checkpoints ----------------------------------------------------------------------
+
     @rpc
-    async def CreateApp(self, request: pb.CreateAppRequest, context: Any) -> pb.CreateAppResponse:
-        await self._broker.create_app(request.app_name)
+    async def CreateApp(self, request: pb.CreateAppRequest, context: Any, broker: Any) -> pb.CreateAppResponse:
+        await broker.create_app(request.app_name)
         return pb.CreateAppResponse()
 
     @rpc
-    async def ListApps(self, request: pb.ListAppsRequest, context: Any) -> pb.ListAppsResponse:
-        total, page, more = await self._broker.list_apps(request.limit or None, request.start_app_name or None,
-                                                         request.stream_name or None)
-        return pb.ListAppsResponse(total_number=total, apps=[_app_info(a) for a in page], has_more_app=more)
+    async def ListApps(self, request: pb.ListAppsRequest, context: Any, broker: Any) -> pb.ListAppsResponse:
+        total, page, more = await broker.list_apps(request.limit or None, request.start_after or None,
+                                                   request.stream_name or None)
+        return pb.ListAppsResponse(total=total, apps=[_app_info(a) for a in page], has_more=more)
 
     @rpc
-    async def DescribeApp(self, request: pb.DescribeAppRequest, context: Any) -> pb.AppInfo:
-        return _app_info(await self._broker.describe_app(request.app_name))
+    async def DescribeApp(self, request: pb.DescribeAppRequest, context: Any, broker: Any) -> pb.DescribeAppResponse:
+        return pb.DescribeAppResponse(app=_app_info(await broker.describe_app(request.app_name)))
 
     @rpc
-    async def DeleteApp(self, request: pb.DeleteAppRequest, context: Any) -> pb.DeleteAppResponse:
-        await self._broker.delete_app(request.app_name)
+    async def DeleteApp(self, request: pb.DeleteAppRequest, context: Any, broker: Any) -> pb.DeleteAppResponse:
+        await broker.delete_app(request.app_name)
         return pb.DeleteAppResponse()
 
     @rpc
-    async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context: Any) -> pb.CommitCheckpointResponse:
-        await self._broker.commit_checkpoint(request.app_name, request.stream_name, request.partition_id,
-                                             request.sequence_number, request.metadata or None,
-                                             request.checkpoint_type or "LAST_READ")
+    async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context: Any,
+                               broker: Any) -> pb.CommitCheckpointResponse:
+        await broker.commit_checkpoint(request.app_name, request.stream_name, str(request.partition_id),
+                                       _seq(request.seq), request.metadata or None,
+                                       CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
         return pb.CommitCheckpointResponse()
 
     @rpc
-    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any) -> pb.GetCheckpointResponse:
-        mark = await self._broker.get_checkpoint(request.app_name, request.stream_name, request.partition_id,
-                                                 request.checkpoint_type or "LAST_READ")
+    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any, broker: Any) -> pb.GetCheckpointResponse:
+        mark = await broker.get_checkpoint(request.app_name, request.stream_name, str(request.partition_id),
+                                           CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
         if mark is None:
-            return pb.GetCheckpointResponse(found=False)
-        return pb.GetCheckpointResponse(found=True, sequence_number=mark.seq, metadata=mark.metadata)
+            return pb.GetCheckpointResponse(found=False, seq=-1)
+        return pb.GetCheckpointResponse(found=True, seq=mark.seq, metadata=mark.metadata)
 
     @rpc
-    async def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Any) -> pb.DeleteCheckpointResponse:
-        await self._broker.delete_checkpoint(
-            request.app_name, request.stream_name,
-            request.partition_id if request.HasField("partition_id") else None, request.checkpoint_type or "LAST_READ")
+    async def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Any,
+                               broker: Any) -> pb.DeleteCheckpointResponse:
+        await broker.delete_checkpoint(request.app_name, request.stream_name,
+                                       _partition(_optional(request, "partition_id")),
+                                       CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
         return pb.DeleteCheckpointResponse()
 
     @rpc
-    async def GetConsumerState(self, request: pb.GetConsumerStateRequest, context: Any) -> pb.GetConsumerStateResponse:
-        kind = request.checkpoint_type or "LAST_READ"
-        states, more = await self._broker.consumer_state(request.app_name, request.stream_name, kind,
-                                                         request.start_partition_id or None, request.limit or None)
+    async def GetConsumerState(self, request: pb.GetConsumerStateRequest, context: Any,
+                               broker: Any) -> pb.GetConsumerStateResponse:
+        kind = CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ
+        states, more = await broker.consumer_state(request.app_name, request.stream_name, kind,
+                                                   _partition(_optional(request, "start_after_partition")),
+                                                   request.limit or None)
         return pb.GetConsumerStateResponse(
             app_name=request.app_name, stream_name=request.stream_name, has_more=more,
-            partitions=[pb.PartitionConsumingState(
-                partition_id=format_partition_id(st.partition), has_checkpoint=st.checkpoint is not None,
-                sequence_number=st.checkpoint.seq if st.checkpoint else -1, earliest_offset=st.earliest,
-                latest_offset=st.latest, lag=st.lag, checkpoint_type=kind, status="ACTIVE") for st in states])
+            partitions=[pb.PartitionConsumerState(
+                partition_id=st.partition, has_checkpoint=st.checkpoint is not None,
+                checkpoint_seq=st.checkpoint.seq if st.checkpoint else -1, first_seq=st.earliest,
+                last_seq=st.latest, lag=st.lag, checkpoint_type=CHECKPOINT_TYPES.encode(kind),
+                status=pb.PARTITION_STATUS_ACTIVE) for st in states])
+
+    # -- consumer groups ---------------------------------------------------------------------------
 
     @rpc
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
-        mine, lease = await self._broker.heartbeat(request.app_name, request.stream_name, request.member_id,
-                                                   list(request.held), request.lease_ms or None)
-        return pb.HeartbeatResponse(partitions=mine, lease_ms=lease)
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any, broker: Any) -> pb.HeartbeatResponse:
+        mine, lease = await broker.heartbeat(request.app_name, request.stream_name, request.member_id,
+                                             list(request.held), request.lease_ms or None)
+        return pb.HeartbeatResponse(partition_ids=mine, lease_ms=lease)
 
     @rpc
-    async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any) -> pb.LeaveGroupResponse:
-        await self._broker.leave_group(request.app_name, request.stream_name, request.member_id)
+    async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any, broker: Any) -> pb.LeaveGroupResponse:
+        await broker.leave_group(request.app_name, request.stream_name, request.member_id)
         return pb.LeaveGroupResponse()
 
 

@@ -1,17 +1,29 @@
 """Sluice Python client. Public API: the names in `__all__`; everything else is private.
 
-* `Client`: thin synchronous wrapper over every RPC.
+* `Client` / `AsyncClient`: thin wrappers over every RPC (sync, and asyncio on grpc.aio). Both
+  take `project=` (default $SLUICE_PROJECT, else "default") and return the dataclasses of
+  client/model.py, never protobuf messages.
 * `Producer` / `AsyncProducer`: batched, retrying writes (client/producer.py).
 * `PartitionConsumer` / `AsyncPartitionConsumer`: read one partition in order, pull or push,
   resuming after an app's checkpoint (client/consumer.py).
 * `GroupConsumer`: consumer-group member sharing a stream's partitions by leases (client/group.py).
+* Errors (client/errors.py): `SluiceError` and its subclasses, chosen by the broker's reason
+  (`SluiceError.reason`, e.g. STREAM_NOT_FOUND) through one table, `ERRORS`.
 """
-from client.client import Client, PutResult, Record, RecordsPage, Subscription
+from client.aio import AsyncClient, AsyncSubscription
+from client.client import Client, Subscription
 from client.consumer import AsyncPartitionConsumer, PartitionConsumer, StartPosition
-from client.errors import BrokerUnavailable, SluiceError, StreamNotFound
+from client.errors import (ERRORS, AlreadyExists, BrokerUnavailable, CursorInvalid, InvalidRequest, NotFound,
+                           PositionGone, SluiceError, StreamNotFound, is_retriable)
 from client.group import GroupConsumer
+from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PartitionInfo, PutResult,
+                          Record, RecordsPage, StreamDescription, StreamInfo, StreamPage)
 from client.producer import AsyncProducer, BufferFullError, Producer, ProducerStats
 
-__all__ = ["Client", "PutResult", "Record", "RecordsPage", "Subscription", "SluiceError", "StreamNotFound",
-           "BrokerUnavailable", "Producer", "AsyncProducer", "ProducerStats", "BufferFullError",
+__all__ = ["Client", "AsyncClient", "Subscription", "AsyncSubscription",
+           "PutResult", "Record", "RecordsPage", "StreamInfo", "StreamPage", "PartitionInfo", "StreamDescription",
+           "AppInfo", "AppPage", "Checkpoint", "PartitionConsumerState", "Assignment",
+           "SluiceError", "NotFound", "StreamNotFound", "AlreadyExists", "InvalidRequest", "CursorInvalid",
+           "PositionGone", "BrokerUnavailable", "ERRORS", "is_retriable",
+           "Producer", "AsyncProducer", "ProducerStats", "BufferFullError",
            "PartitionConsumer", "AsyncPartitionConsumer", "StartPosition", "GroupConsumer"]

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, BinaryIO, Sequence
 
-from client.client import CURSOR_TYPES, Client, Record
+from client.client import CURSOR_TYPES, Client
 from client.errors import BrokerUnavailable, SluiceError, StreamNotFound
+from client.model import AppInfo, Record
 
 BATCH = 500                       # records per PutRecords call
 BATCH_BYTES = 4 * 1024 * 1024     # payload per call: stays under the broker's 5 MiB request cap
@@ -52,23 +53,35 @@ def _say(*parts: object) -> None:
     print("sluice:", *parts, file=sys.stderr, flush=True)
 
 
-def _partition_name(partition: str) -> str:
-    """'3' or 'shardId-0000000003' -> 'shardId-0000000003'; anything else is left for the broker to judge."""
-    text = partition.strip()
-    if text.isascii() and text.isdigit():
-        return f"shardId-{int(text):010d}"
-    prefix, _, index = text.partition("-")
-    if prefix.lower() == "shardid" and index.isascii() and index.isdigit():
-        return f"shardId-{int(index):010d}"
-    return partition
+def _failure_group(reason: str, dis_code: str) -> str:
+    """How `put` groups failed records: the broker's reason, with the DIS code when there is one."""
+    return f"{reason} ({dis_code})" if dis_code else reason
 
 
-def _all_partitions(client: Client, stream: str) -> list[str]:
-    ids: list[str] = []
-    while True:  # one DescribeStream page holds at most 100 partitions: follow has_more_partitions
-        desc = client.describe_stream(stream, start_after_partition=ids[-1] if ids else "")
+def parse_partition_id(text: str) -> int | None:
+    """'3' or 'shardId-0000000003' (the DIS spelling, accepted for convenience) -> 3; else None."""
+    text = text.strip()
+    prefix, _, index = text.rpartition("-")
+    if prefix and prefix.lower() != "shardid":
+        return None
+    if not (index.isascii() and index.isdigit()) or int(index) >= 2**32:
+        return None
+    return int(index)
+
+
+def _partition_arg(text: str) -> int:
+    value = parse_partition_id(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not a partition id: {text!r} (use e.g. 3 or shardId-0000000003)")
+    return value
+
+
+def _all_partitions(client: Client, stream: str) -> list[int]:
+    ids: list[int] = []
+    while True:  # one DescribeStream page holds at most 100 partitions: follow has_more
+        desc = client.describe_stream(stream, start_after_partition=ids[-1] if ids else None)
         ids += [p.partition_id for p in desc.partitions]
-        if not desc.has_more_partitions or not desc.partitions:
+        if not desc.has_more or not desc.partitions:
             return ids
 
 
@@ -86,7 +99,7 @@ def _text(data: bytes) -> str:
 class _Item:
     data: bytes
     key: str | None
-    partition: str | None
+    partition: int | None
 
 
 def _split_line(raw: bytes) -> bytes:
@@ -95,7 +108,7 @@ def _split_line(raw: bytes) -> bytes:
     return raw[:-1] if raw.endswith(b"\n") else raw
 
 
-def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, str | None]:
+def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, int | None]:
     """data / partition_key / partition_id of one JSON line. Raises ValueError saying what is wrong."""
     try:
         obj = json.loads(raw)
@@ -108,13 +121,16 @@ def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, str | None]:
         raise ValueError("'data' is required and must be a string")
     if key is not None and not isinstance(key, str):
         raise ValueError("'partition_key' must be a string")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int))):
-        raise ValueError("'partition_id' must be a string or an integer")
+    if pid is not None:
+        number = None if isinstance(pid, bool) or not isinstance(pid, (str, int)) else parse_partition_id(str(pid))
+        if number is None:
+            raise ValueError("'partition_id' must be a partition id: 3, \"3\" or \"shardId-0000000003\"")
+        pid = number
     try:
         payload = data.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a \udxxx escape
         raise ValueError("'data' is not encodable as UTF-8") from None
-    return payload, key, None if pid is None else str(pid)
+    return payload, key, pid
 
 
 class _Progress:
@@ -167,19 +183,19 @@ class _PutStats:
 
 def _send(client: Client, stream: str, batch: list[_Item], stats: _PutStats) -> None:
     """One PutRecords call for the batch; each record keeps its own route (key and/or partition)."""
-    routed = [(i.data, i.key, i.partition) for i in batch]  # partition ids as given: "1" or "shardId-..."
+    routed = [(i.data, i.key, i.partition) for i in batch]
     try:
-        results = client.put_routed(stream, routed)  # type: ignore[arg-type]
+        results = client.put_routed(stream, routed)
     except (BrokerUnavailable, StreamNotFound):
         raise  # nothing further can succeed
     except SluiceError as exc:  # the whole request was refused: every record of it failed
-        stats.fail(exc.code, exc.message, len(batch))
+        stats.fail(_failure_group(exc.reason, exc.code), exc.message, len(batch))
         return
     for r in results:
         if r.ok:
             stats.sent += 1
         else:
-            stats.fail(r.error_code, r.error_message)
+            stats.fail(_failure_group(r.reason, r.dis_code), r.message)
 
 
 def _put(client: Client, args: argparse.Namespace) -> int:
@@ -226,12 +242,12 @@ def _put(client: Client, args: argparse.Namespace) -> int:
 # -- get and tail ------------------------------------------------------------------------------
 
 def _record_json(r: Record, **extra: Any) -> str:
-    return json.dumps({**extra, "sequence_number": r.sequence_number, "timestamp": r.timestamp,
+    return json.dumps({**extra, "seq": r.seq, "timestamp_ms": r.timestamp_ms,
                        "partition_key": r.partition_key, "data": _text(r.data)})
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
-    cursor = client.get_cursor(args.stream, args.partition, args.cursor_type, args.sequence_number)
+    cursor = client.get_cursor(args.stream, args.partition, args.cursor_type, args.starting_seq)
     shown = 0
     while args.max is None or shown < args.max:
         page = client.get_records(cursor, limit=1000 if args.max is None else min(1000, args.max - shown))
@@ -244,7 +260,7 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(client: Client, partition: str, cursor: str, out: "queue.Queue[tuple]", stop: threading.Event) -> None:
+def _follow(client: Client, partition: int, cursor: str, out: "queue.Queue[tuple]", stop: threading.Event) -> None:
     """One partition's push subscription, feeding `out`; ends when the channel is closed."""
     def put(item: tuple) -> None:
         while not stop.is_set():
@@ -266,10 +282,10 @@ def _follow(client: Client, partition: str, cursor: str, out: "queue.Queue[tuple
 
 
 def _tail(client: Client, args: argparse.Namespace) -> int:
-    partitions = [_partition_name(args.partition)] if args.partition else _all_partitions(client, args.stream)
+    partitions = [args.partition] if args.partition is not None else _all_partitions(client, args.stream)
     # Cursors first, so "LATEST" means "from when this command started" on every partition.
     cursors = [(p, client.get_cursor(args.stream, p, args.start)) for p in partitions]
-    which = partitions[0] if args.partition else f"{len(partitions)} partition(s)"
+    which = f"partition {partitions[0]}" if args.partition is not None else f"{len(partitions)} partition(s)"
     _say(f"tailing {args.stream} ({which}) from {args.start}; Ctrl-C to stop")
     out: queue.Queue[tuple] = queue.Queue(maxsize=max(8, 2 * len(cursors)))
     stop = threading.Event()
@@ -297,7 +313,7 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
                 continue
             for r in payload:
                 if args.json:
-                    print(_record_json(r, stream=args.stream, partition=partition))
+                    print(_record_json(r, stream=args.stream, partition_id=partition))
                 else:
                     print(f"[{partition}] {_text(r.data)}")
                 shown += 1
@@ -320,29 +336,29 @@ def _streams(client: Client, args: argparse.Namespace) -> int:
         client.delete_stream(args.name)
     elif args.action == "list":
         start = ""
-        while True:  # one page holds at most 100 names: follow has_more_streams to the end
+        while True:  # one page holds at most 100 names: follow has_more to the end
             page = client.list_streams(start_after=start)
             for name in page.stream_names:
                 print(name)
-            if not page.has_more_streams or not page.stream_names:
+            if not page.has_more or not page.stream_names:
                 break
             start = page.stream_names[-1]
     else:
-        after = ""
-        while True:  # one page holds at most 100 partitions by default: follow has_more_partitions
+        after: int | None = None
+        while True:  # one page holds at most 100 partitions by default: follow has_more
             desc = client.describe_stream(args.name, start_after_partition=after)
             for p in desc.partitions:
                 print(f"{p.partition_id}  hash [{p.hash_range_start} : {p.hash_range_end}]  "
-                      f"seq [{p.first_sequence_number} : {p.next_sequence_number - 1}]")
-            if not desc.has_more_partitions or not desc.partitions:
+                      f"seq [{p.first_seq} : {p.next_seq - 1}]")
+            if not desc.has_more or not desc.partitions:
                 break
             after = desc.partitions[-1].partition_id
     return EXIT_OK
 
 
-def _app_dict(info: Any) -> dict[str, Any]:
-    return {"app_name": info.app_name, "app_id": info.app_id, "create_time": info.create_time,
-            "commit_checkpoint_stream_names": list(info.commit_checkpoint_stream_names)}
+def _app_dict(info: AppInfo) -> dict[str, Any]:
+    return {"app_name": info.app_name, "app_id": info.app_id, "created_ms": info.created_ms,
+            "checkpoint_stream_names": info.checkpoint_stream_names}
 
 
 def _apps(client: Client, args: argparse.Namespace) -> int:
@@ -356,15 +372,15 @@ def _apps(client: Client, args: argparse.Namespace) -> int:
             print(json.dumps(info))
         else:
             print(f"app_name     {info['app_name']}\napp_id       {info['app_id']}\n"
-                  f"create_time  {_iso(info['create_time'])} ({info['create_time']})\n"
-                  f"streams      {', '.join(info['commit_checkpoint_stream_names']) or '-'}")
+                  f"created      {_iso(info['created_ms'])} ({info['created_ms']})\n"
+                  f"streams      {', '.join(info['checkpoint_stream_names']) or '-'}")
     else:
         start = ""
         while True:  # pages of at most 100 apps: follow has_more_app
-            page = client.list_apps(start_after=start, stream=args.stream or "")
+            page = client.list_apps(start_after=start, stream_name=args.stream or "")
             for app in page.apps:
                 print(json.dumps(_app_dict(app)) if args.json else app.app_name)
-            if not page.has_more_app or not page.apps:
+            if not page.has_more or not page.apps:
                 break
             start = page.apps[-1].app_name
     return EXIT_OK
@@ -372,20 +388,18 @@ def _apps(client: Client, args: argparse.Namespace) -> int:
 
 def _checkpoints(client: Client, args: argparse.Namespace) -> int:
     if args.action == "commit":
-        client.commit_checkpoint(args.app, args.stream, args.partition, args.sequence_number, args.metadata)
+        client.commit_checkpoint(args.app, args.stream, args.partition, args.seq, args.metadata)
     elif args.action == "delete":
         client.delete_checkpoint(args.app, args.stream, args.partition)
     else:
         found = client.get_checkpoint(args.app, args.stream, args.partition)
         if args.json:
-            seq, meta = found if found else (None, None)
-            print(json.dumps({"app_name": args.app, "stream_name": args.stream,
-                              "partition_id": _partition_name(args.partition), "sequence_number": seq,
-                              "metadata": meta}))
+            print(json.dumps({"app_name": args.app, "stream_name": args.stream, "partition_id": args.partition,
+                              "seq": found.seq if found else None, "metadata": found.metadata if found else None}))
         elif found is None:
             print("no checkpoint")
         else:
-            print(f"sequence_number  {found[0]}\nmetadata         {found[1]}")
+            print(f"seq       {found.seq}\nmetadata  {found.metadata}")
     return EXIT_OK
 
 
@@ -393,24 +407,23 @@ def _lag(client: Client, args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     try:
         for st in client.consumer_state(args.app, args.stream):
-            rows.append({"partition_id": st.partition_id,
-                         "checkpoint": st.sequence_number if st.has_checkpoint else None,
-                         "earliest": st.earliest_offset, "latest": st.latest_offset, "lag": st.lag})
+            rows.append({"partition_id": st.partition_id, "checkpoint": st.checkpoint_seq,
+                         "earliest": st.first_seq, "latest": st.last_seq, "lag": st.lag})
     except SluiceError as exc:
-        if exc.code != "DIS.4375":
+        if exc.reason != "APP_NO_CHECKPOINT":
             raise
         # The app has committed nothing on this stream yet (the broker checked both exist):
         # every retained record is still to be read.
         _say(f"app {args.app} has not committed a checkpoint on stream {args.stream} yet; "
              f"lag counts every retained record")
-        after = ""
+        after: int | None = None
         while True:
             desc = client.describe_stream(args.stream, start_after_partition=after)
             for p in desc.partitions:
-                first, latest = p.first_sequence_number, p.next_sequence_number - 1
+                first, latest = p.first_seq, p.next_seq - 1
                 rows.append({"partition_id": p.partition_id, "checkpoint": None, "earliest": first,
                              "latest": latest, "lag": max(0, latest - first + 1)})
-            if not desc.has_more_partitions or not desc.partitions:
+            if not desc.has_more or not desc.partitions:
                 break
             after = desc.partitions[-1].partition_id
     total = sum(r["lag"] for r in rows)
@@ -418,7 +431,7 @@ def _lag(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps({"app_name": args.app, "stream_name": args.stream, "partitions": rows, "total_lag": total}))
         return EXIT_OK
     header = ("PARTITION", "CHECKPOINT", "EARLIEST", "LATEST", "LAG")
-    table = [header] + [(r["partition_id"], "-" if r["checkpoint"] is None else str(r["checkpoint"]),
+    table = [header] + [(str(r["partition_id"]), "-" if r["checkpoint"] is None else str(r["checkpoint"]),
                          str(r["earliest"]), "-" if r["latest"] < 0 else str(r["latest"]), str(r["lag"]))
                         for r in rows]
     table.append(("TOTAL", "", "", "", str(total)))
@@ -446,8 +459,8 @@ examples:
 """
 
 
-_CHECKPOINT_ARGS = (("app", "consumer app name"), ("stream", "stream name"),
-                    ("partition", "partition id, e.g. 0 or shardId-0000000000"))
+_PARTITION_HELP = "partition id, e.g. 0 (shardId-0000000000 is accepted too)"
+_CHECKPOINT_ARGS = (("app", "consumer app name"), ("stream", "stream name"))
 
 
 def _add(sub: Any, name: str, text: str, **kw: Any) -> argparse.ArgumentParser:
@@ -460,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=_EPILOG, formatter_class=fmt)
     parser.add_argument("--target", default=os.environ.get("SLUICE_TARGET", "127.0.0.1:50051"),
                         help="broker gRPC address [env SLUICE_TARGET; default 127.0.0.1:50051]")
+    parser.add_argument("--project", default=os.environ.get("SLUICE_PROJECT") or "default",
+                        help="project (namespace) of streams and apps [env SLUICE_PROJECT; default 'default']")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     streams = _add(sub, "streams", "create, list, describe or delete streams")
@@ -474,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     put = _add(sub, "put", "send records from a file or stdin, one record per line",
                epilog="Blank lines are skipped. Records go out in batches of 500. The summary "
                       "'sent N records, M failed' (N counts every input record, M those not stored, "
-                      "grouped by DIS error code) goes to stderr; exit 1 if any failed.")
+                      "grouped by reason and DIS error code) goes to stderr; exit 1 if any failed.")
     put.set_defaults(parser=put)
     put.add_argument("stream", help="stream name")
     put.add_argument("file", nargs="?", default="-", help="file to read, or - for stdin (the default)")
@@ -486,9 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = _add(sub, "get", "read one partition from a cursor to its current end")
     get.add_argument("stream", help="stream name")
-    get.add_argument("partition", help="partition id, e.g. 0 or shardId-0000000000")
+    get.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
     get.add_argument("--cursor-type", default="TRIM_HORIZON", choices=CURSOR_TYPES)
-    get.add_argument("--sequence-number", type=int, help="for AT_/AFTER_SEQUENCE_NUMBER")
+    get.add_argument("--starting-seq", "--sequence-number", dest="starting_seq", type=int,
+                     help="for AT_/AFTER_SEQUENCE_NUMBER")
     get.add_argument("--max", type=int, help="stop after this many records")
     get.add_argument("--json", action="store_true", help="one JSON object per record")
 
@@ -496,13 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="Human output prefixes each record with [shardId-...]; records of different "
                        "partitions interleave in arrival order. Runs until Ctrl-C, --max or --timeout.")
     tail.add_argument("stream", help="stream name")
-    tail.add_argument("partition", nargs="?", help="one partition (0 or shardId-0000000000); default: all")
+    tail.add_argument("partition", nargs="?", type=_partition_arg, help="one partition id (e.g. 0); default: all")
     tail.add_argument("--from", dest="start", default="LATEST", choices=("TRIM_HORIZON", "LATEST"),
                       help="LATEST (default): only records written from now on; TRIM_HORIZON: everything retained")
     tail.add_argument("--max", type=_positive_int, help="stop after this many records")
     tail.add_argument("--timeout", type=_positive_float, metavar="S", help="stop after S seconds without a record")
     tail.add_argument("--json", action="store_true",
-                      help="one JSON object per record: stream, partition, sequence_number, timestamp, "
+                      help="one JSON object per record: stream, partition_id, seq, timestamp_ms, "
                            "partition_key, data")
 
     apps = _add(sub, "apps", "create, list, describe or delete consumer apps")
@@ -521,16 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     commit = _add(csub, "commit", "record that APP processed PARTITION up to and including SEQ")
     for name, text in _CHECKPOINT_ARGS:
         commit.add_argument(name, help=text)
-    commit.add_argument("sequence_number", metavar="seq", type=int, help="sequence number of the last record processed")
+    commit.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
+    commit.add_argument("seq", type=int, help="sequence number of the last record processed")
     commit.add_argument("--metadata", default="", help="free text stored with the checkpoint (<= 1000 chars)")
     cget = _add(csub, "get", "show the committed checkpoint of one partition")
     for name, text in _CHECKPOINT_ARGS:
         cget.add_argument(name, help=text)
+    cget.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
     cget.add_argument("--json", action="store_true")
     cdel = _add(csub, "delete", "delete one partition's checkpoint, or every partition's")
     cdel.add_argument("app")
     cdel.add_argument("stream", help="stream name")
-    cdel.add_argument("partition", nargs="?", help="default: every partition of the stream")
+    cdel.add_argument("partition", nargs="?", type=_partition_arg, help="default: every partition of the stream")
 
     lag = _add(sub, "lag", "per partition: the app's checkpoint, the retained range and the lag")
     lag.add_argument("app")
@@ -563,7 +581,7 @@ def _main(argv: Sequence[str] | None) -> int:
     commands = {"streams": _streams, "put": _put, "get": _get, "tail": _tail, "apps": _apps,
                 "checkpoints": _checkpoints, "lag": _lag}
     try:
-        with Client(args.target) as client:
+        with Client(args.target, project=args.project) as client:
             return commands[args.command](client, args)
     except BrokerUnavailable as exc:
         _say(f"cannot reach the broker at {args.target}: {exc.message}")

@@ -14,17 +14,19 @@ or ("AT_TIMESTAMP", ms_since_epoch).
 `mode="push"` keeps one Subscribe stream open, read by a small reader thread into a one-page
 queue (so `poll()` can time out and `close()` can stop it; the broker still only sends as fast as
 we take pages). Both modes keep the position (the next sequence number) themselves, so a cursor
-that expired (DIS.4225, cursors live 5 minutes) or stopped being valid (DIS.4217) is replaced by
+that expired (CURSOR_EXPIRED, cursors live 5 minutes) or stopped being valid (INVALID_CURSOR) is
+replaced by
 one at the same position, and a broken subscription is reopened where it stopped. If the position
-is no longer in the partition - its records were trimmed by retention (DIS.4226 / DIS.4224) - the
+is no longer in the partition - its records were trimmed by retention (CURSOR_RECORD_EXPIRED /
+SEQUENCE_OUT_OF_RANGE) - the
 consumer moves to TRIM_HORIZON and counts it in `resets`; an explicit `start` that is out of range
 is an error instead.
 
 Other errors propagate from `poll()` / iteration, among them `BrokerUnavailable` when the broker
 cannot be reached; the consumer stays usable and the next `poll()` goes on from the same position.
 
-`AsyncPartitionConsumer` is the asyncio flavour, on grpc.aio (native, no threads): cancelling a
-task in `poll()` cancels the RPC and loses no records.
+`AsyncPartitionConsumer` is the asyncio flavour, on `AsyncClient` (grpc.aio, no threads):
+cancelling a task in `poll()` cancels the RPC and loses no records.
 """
 from __future__ import annotations
 
@@ -33,25 +35,23 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Iterator, Union
+from typing import AsyncIterator, Iterator, Union
 
 import grpc
 
-from client._pb.sluice.v1 import sluice_pb2 as pb
-from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
-from client.client import Client, Record, RecordsPage, Subscription, _page
-from client.errors import BrokerUnavailable, SluiceError, from_rpc_error
+from client.aio import AsyncClient, AsyncSubscription
+from client.client import Client, Record, RecordsPage, Subscription
+from client.errors import CURSOR_GONE, POSITION_GONE, BrokerUnavailable, SluiceError, make_error
+from client.model import PartitionInfo, StreamDescription
 
 StartPosition = Union[str, tuple[str, int]]
 """"TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
 
-APP_EXISTS = "DIS.4330"
-_CURSOR_GONE = ("DIS.4225", "DIS.4217")        # expired / no longer valid: same position, new cursor
-_POSITION_GONE = ("DIS.4224", "DIS.4226")      # the position is outside the retained records
+APP_EXISTS = "APP_EXISTS"
 
 
 def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
-    """(cursor_type, sequence_number, timestamp)"""
+    """(cursor_type, starting_seq, timestamp_ms)"""
     if start in ("TRIM_HORIZON", "LATEST"):
         return str(start), None, None
     if isinstance(start, tuple) and len(start) == 2 and isinstance(start[1], int):
@@ -89,7 +89,7 @@ class _ConsumerState:
     @property
     def position(self) -> int | None:
         """The sequence number of the next record to read, if known yet."""
-        return self._buffer[0].sequence_number if self._buffer else self._next_seq
+        return self._buffer[0].seq if self._buffer else self._next_seq
 
     def _spec(self) -> tuple[str, int | None, int | None]:
         if self._next_seq is not None:
@@ -98,21 +98,21 @@ class _ConsumerState:
 
     def _advance(self, records: list[Record]) -> None:
         if records:
-            self._next_seq = records[-1].sequence_number + 1
+            self._next_seq = records[-1].seq + 1
             self._derived = True
 
     def _recoverable(self, exc: SluiceError) -> bool:
         """Adjust the position after `exc` so the next attempt can work; False: re-raise it."""
-        if exc.code in _POSITION_GONE and (self._derived or self._start[0] in ("TRIM_HORIZON", "LATEST")):
+        if exc.reason in POSITION_GONE and (self._derived or self._start[0] in ("TRIM_HORIZON", "LATEST")):
             self._next_seq = None
             self._start = ("TRIM_HORIZON", None, None)
             self.resets += 1
             return True
-        return exc.code in _CURSOR_GONE
+        return exc.reason in CURSOR_GONE  # expired / no longer valid: same position, new cursor
 
     def _hand_out(self, records: list[Record]) -> list[Record]:
         if records:
-            self.last_seq = records[-1].sequence_number
+            self.last_seq = records[-1].seq
         return records
 
     def _commit_seq(self, seq: int | None) -> int:
@@ -124,27 +124,29 @@ class _ConsumerState:
         return seq
 
 
-def _partition_info(resp: pb.DescribeStreamResponse, partition: int) -> pb.PartitionInfo:
-    for info in resp.partitions:
-        if info.partition_id.rsplit("-", 1)[-1].isdigit() and int(info.partition_id.rsplit("-", 1)[-1]) == partition:
+def _partition_info(desc: StreamDescription, partition: int) -> PartitionInfo:
+    for info in desc.partitions:
+        if info.partition_id == partition:
             return info
-    raise SluiceError(grpc.StatusCode.NOT_FOUND, "DIS.4302", f"partition {partition} not found")
+    raise make_error(grpc.StatusCode.NOT_FOUND, "PARTITION_NOT_FOUND", f"partition {partition} not found")
 
 
 class PartitionConsumer(_ConsumerState):
     """Reads one partition in order; see the module docstring.
 
-    `client_or_target`: a `Client` (shared, not closed here) or a "host:port" target. `batch`:
+    `client_or_target`: a `Client` (shared, not closed here) or a "host:port" target (a new
+    `Client` in `project`). `batch`:
     records per read at most; `wait_ms`: how long one `poll()` waits for records (long poll).
     Use from one thread (`close()` may be called from another).
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
-                 batch: int = 1000) -> None:
+                 batch: int = 1000, project: str | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
         self._own_client = isinstance(client_or_target, str)
-        self._client = Client(client_or_target) if isinstance(client_or_target, str) else client_or_target
+        self._client = Client(client_or_target, project=project) if isinstance(client_or_target, str) \
+            else client_or_target
         self._cursor: str | None = None
         self._closed = threading.Event()
         # push mode: a reader thread fills a one-page queue from one Subscription
@@ -162,16 +164,16 @@ class PartitionConsumer(_ConsumerState):
             try:
                 self._client.create_app(self.app)
             except SluiceError as exc:
-                if exc.code != APP_EXISTS:
+                if exc.reason != APP_EXISTS:
                     raise
             mark = self._client.get_checkpoint(self.app, self.stream, self.partition)
             if mark is not None:
-                self._next_seq, self._derived = mark[0] + 1, True
+                self._next_seq, self._derived = mark.seq + 1, True
         if self._next_seq is None and self._start[0] == "LATEST":
             # pin LATEST to a number, so a replaced cursor cannot skip what was written meanwhile
-            resp = self._client.describe_stream(self.stream, start_after_partition=str(self.partition - 1)
-                                                if self.partition else "", limit_partitions=1)
-            self._next_seq, self._derived = _partition_info(resp, self.partition).next_sequence_number, True
+            desc = self._client.describe_stream(self.stream, start_after_partition=self.partition - 1
+                                                if self.partition else None, limit=1)
+            self._next_seq, self._derived = _partition_info(desc, self.partition).next_seq, True
         self._opened = True
 
     # -- reading -------------------------------------------------------------------------------
@@ -211,8 +213,8 @@ class PartitionConsumer(_ConsumerState):
             kind, seq, ts = self._spec()
             self._reader_stop = threading.Event()
             self._pages = queue.Queue(maxsize=1)
-            self._sub = self._client.subscription(self.stream, self.partition, kind, sequence_number=seq,
-                                                  timestamp=ts, max_records=self.batch)
+            self._sub = self._client.subscription(self.stream, self.partition, kind, starting_seq=seq,
+                                                  timestamp_ms=ts, max_records=self.batch)
             self._reader = threading.Thread(target=self._read_subscription,
                                             args=(self._sub, self._pages, self._reader_stop),
                                             name=f"sluice-push-{self.stream}-{self.partition}", daemon=True)
@@ -283,7 +285,7 @@ class PartitionConsumer(_ConsumerState):
                     continue
             idle_since = time.monotonic()
             record = self._buffer.popleft()
-            self.last_seq = record.sequence_number
+            self.last_seq = record.seq
             yield record
 
     def __iter__(self) -> Iterator[Record]:
@@ -312,67 +314,42 @@ class PartitionConsumer(_ConsumerState):
         self.close()
 
 
-class _AioClient:
-    """The few calls the async consumer needs, on grpc.aio, with the same error mapping as Client."""
-
-    def __init__(self, target: str, timeout: float) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
-        self.stub = pb_grpc.SluiceStub(self.channel)
-        self.timeout = timeout
-
-    async def call(self, method: Any, request: Any, extra_s: float = 0.0) -> Any:
-        try:
-            return await method(request, timeout=self.timeout + extra_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-
-
 class AsyncPartitionConsumer(_ConsumerState):
-    """The asyncio flavour of `PartitionConsumer` (same arguments, but a "host:port" target):
-    `async for record in consumer`, `await consumer.poll()`, `await consumer.commit()`,
-    `await consumer.close()` or `async with`. Runs on grpc.aio; create it inside the event loop."""
+    """The asyncio flavour of `PartitionConsumer` (same arguments): `async for record in consumer`,
+    `await consumer.poll()`, `await consumer.commit()`, `await consumer.close()` or `async with`.
+    `client_or_target`: an `AsyncClient` (shared, not closed here) or a "host:port" target (then
+    `project` and `timeout` are the new client's). Create it inside the event loop."""
 
-    def __init__(self, target: str, stream: str, partition: int, *, app: str | None = None,
+    def __init__(self, client_or_target: AsyncClient | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
-                 batch: int = 1000, timeout: float = 30.0) -> None:
+                 batch: int = 1000, timeout: float = 30.0, project: str | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
-        self._rpc = _AioClient(target, timeout)
+        self._own_client = isinstance(client_or_target, str)
+        self._client = AsyncClient(client_or_target, project=project, timeout=timeout) \
+            if isinstance(client_or_target, str) else client_or_target
         self._cursor: str | None = None
         self._closed = False
-        self._call: Any = None                   # push: the Subscribe call
+        self._sub: AsyncSubscription | None = None   # push: the Subscribe call
         self._reader: asyncio.Task[None] | None = None
         self._pages: asyncio.Queue[RecordsPage | BaseException] | None = None
 
     async def _open(self) -> None:
         if self._opened:
             return
-        stub = self._rpc.stub
         if self.app is not None:
             try:
-                await self._rpc.call(stub.CreateApp, pb.CreateAppRequest(app_name=self.app))
+                await self._client.create_app(self.app)
             except SluiceError as exc:
-                if exc.code != APP_EXISTS:
+                if exc.reason != APP_EXISTS:
                     raise
-            mark = await self._rpc.call(stub.GetCheckpoint, pb.GetCheckpointRequest(
-                app_name=self.app, stream_name=self.stream, partition_id=str(self.partition)))
-            if mark.found:
-                self._next_seq, self._derived = mark.sequence_number + 1, True
+            mark = await self._client.get_checkpoint(self.app, self.stream, self.partition)
+            if mark is not None:
+                self._next_seq, self._derived = mark.seq + 1, True
         if self._next_seq is None and self._start[0] == "LATEST":
-            resp = await self._rpc.call(stub.DescribeStream, pb.DescribeStreamRequest(
-                stream_name=self.stream, start_partition_id=str(self.partition - 1) if self.partition else "",
-                limit_partitions=1))
-            self._next_seq, self._derived = _partition_info(resp, self.partition).next_sequence_number, True
+            desc = await self._client.describe_stream(self.stream, start_after_partition=self.partition - 1
+                                                      if self.partition else None, limit=1)
+            self._next_seq, self._derived = _partition_info(desc, self.partition).next_seq, True
         self._opened = True
-
-    def _cursor_request(self) -> tuple[pb.CursorType, dict[str, Any]]:
-        kind, seq, ts = self._spec()
-        extra: dict[str, Any] = {}
-        if seq is not None:
-            extra["starting_sequence_number"] = str(seq)
-        if ts is not None:
-            extra["timestamp"] = ts
-        return pb.CursorType.Value(kind), extra
 
     async def poll(self, wait_ms: int | None = None) -> list[Record]:
         """See `PartitionConsumer.poll`. Cancelling it loses no records."""
@@ -396,26 +373,20 @@ class AsyncPartitionConsumer(_ConsumerState):
         raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
 
     async def _fetch_pull(self, wait_ms: int) -> list[Record]:
-        stub = self._rpc.stub
         if self._cursor is None:
-            kind, extra = self._cursor_request()
-            resp = await self._rpc.call(stub.GetCursor, pb.GetCursorRequest(
-                stream_name=self.stream, partition_id=str(self.partition), cursor_type=kind, **extra))
-            self._cursor = resp.partition_cursor
-        resp = await self._rpc.call(stub.GetRecords, pb.GetRecordsRequest(
-            partition_cursor=self._cursor, limit=self.batch, wait_ms=wait_ms), extra_s=wait_ms / 1000)
-        page = _page(resp)
+            kind, seq, ts = self._spec()
+            self._cursor = await self._client.get_cursor(self.stream, self.partition, kind, seq, ts)
+        page = await self._client.get_records(self._cursor, limit=self.batch, wait_ms=wait_ms)
         self._cursor = page.next_cursor
         return page.records
 
     async def _fetch_push(self, wait_ms: int) -> list[Record]:
         if self._reader is None:
-            kind, extra = self._cursor_request()
+            kind, seq, ts = self._spec()
             self._pages = asyncio.Queue(maxsize=1)
-            self._call = self._rpc.stub.Subscribe(pb.SubscribeRequest(
-                stream_name=self.stream, partition_id=str(self.partition), cursor_type=kind,
-                max_records=self.batch, **extra))
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._call, self._pages))
+            self._sub = self._client.subscribe(self.stream, self.partition, kind, starting_seq=seq, timestamp_ms=ts,
+                                               max_records=self.batch)
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._sub, self._pages))
         assert self._pages is not None
         try:
             item = await asyncio.wait_for(self._pages.get(), wait_ms / 1000)
@@ -427,23 +398,20 @@ class AsyncPartitionConsumer(_ConsumerState):
         return item.records
 
     @staticmethod
-    async def _read(call: Any, pages: "asyncio.Queue[RecordsPage | BaseException]") -> None:
+    async def _read(sub: AsyncSubscription, pages: "asyncio.Queue[RecordsPage | BaseException]") -> None:
         try:
-            async for resp in call:
-                page = _page(resp)
-                if page.records:
+            async for page in sub:
+                if page.records:   # empty pages are the broker's heartbeats
                     await pages.put(page)
             await pages.put(BrokerUnavailable(grpc.StatusCode.UNAVAILABLE, "", "subscription ended"))
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError as exc:
-            await pages.put(from_rpc_error(exc))
-        except Exception as exc:
+        except Exception as exc:   # SluiceError and anything else: poll() raises it
             await pages.put(exc)
 
     async def _stop_reader(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
+        if self._sub is not None:
+            self._sub.cancel()
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -451,7 +419,7 @@ class AsyncPartitionConsumer(_ConsumerState):
             except (asyncio.CancelledError, Exception):
                 pass
         self._reader = None
-        self._call = None
+        self._sub = None
 
     async def iterate(self, idle_timeout: float | None = None) -> AsyncIterator[Record]:
         """See `PartitionConsumer.iterate`."""
@@ -469,7 +437,7 @@ class AsyncPartitionConsumer(_ConsumerState):
                     continue
             idle_since = time.monotonic()
             record = self._buffer.popleft()
-            self.last_seq = record.sequence_number
+            self.last_seq = record.seq
             yield record
 
     def __aiter__(self) -> AsyncIterator[Record]:
@@ -478,16 +446,15 @@ class AsyncPartitionConsumer(_ConsumerState):
     async def commit(self, seq: int | None = None) -> int:
         """See `PartitionConsumer.commit`."""
         seq = self._commit_seq(seq)
-        await self._rpc.call(self._rpc.stub.CommitCheckpoint, pb.CommitCheckpointRequest(
-            app_name=self.app, stream_name=self.stream, partition_id=str(self.partition),
-            sequence_number=str(seq)))
+        await self._client.commit_checkpoint(self.app, self.stream, self.partition, seq)  # type: ignore[arg-type]
         self.committed = seq
         return seq
 
     async def close(self) -> None:
         self._closed = True
         await self._stop_reader()
-        await self._rpc.channel.close()
+        if self._own_client:
+            await self._client.close()
 
     async def __aenter__(self) -> "AsyncPartitionConsumer":
         return self

@@ -60,7 +60,8 @@ class _Worker:
 class GroupConsumer:
     """One member of `app`'s consumer group on `stream`; see the module docstring.
 
-    `target`: a "host:port" target or a `Client` (shared, not closed here). `member_id`: unique per
+    `target`: a "host:port" target (a new `Client` in `project`) or a `Client` (shared, not
+    closed here). `member_id`: unique per
     member (default a uuid). `on_assign(partition)`, `on_release(partition)` and
     `on_commit(partition, seq)` are optional callbacks (called on the worker and heartbeat
     threads) for logging and tests.
@@ -71,11 +72,11 @@ class GroupConsumer:
                  checkpoint_interval: float = 1.0, mode: str = "pull", start: StartPosition = "TRIM_HORIZON",
                  batch: int = 1000, wait_ms: int | None = None,
                  on_assign: Callable[[int], None] | None = None, on_release: Callable[[int], None] | None = None,
-                 on_commit: Callable[[int, int], None] | None = None) -> None:
+                 on_commit: Callable[[int, int], None] | None = None, project: str | None = None) -> None:
         if checkpoint_every < 1 or checkpoint_interval < 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval >= 0")
         self._own_client = isinstance(target, str)
-        self._client = Client(target) if isinstance(target, str) else target
+        self._client = Client(target, project=project) if isinstance(target, str) else target
         # heartbeats and commits must not outlive the lease they protect
         self._fast = self._client.with_timeout(max(lease_ms / 3000, 0.5))
         self.app = app
@@ -124,7 +125,7 @@ class GroupConsumer:
         try:
             self._client.create_app(self.app)
         except SluiceError as exc:
-            if exc.code != APP_EXISTS:
+            if exc.reason != APP_EXISTS:
                 raise
         self._heartbeats = threading.Thread(target=self._heartbeat_loop, name=f"sluice-group-{self.member_id}",
                                             daemon=True)
@@ -212,8 +213,9 @@ class GroupConsumer:
             # a heartbeat must not outlive the lease it renews: the answer would come too late
             budget = interval if lease_until is None else max(min(interval, lease_until - margin - sent), 0.05)
             try:
-                mine, lease_ms = self._client.with_timeout(budget).heartbeat(
+                granted = self._client.with_timeout(budget).heartbeat(
                     self.app, self.stream, self.member_id, held, self.lease_ms)
+                mine, lease_ms = granted.partition_ids, granted.lease_ms
             except BrokerUnavailable as exc:
                 if lease_until is not None and time.monotonic() >= lease_until - margin:
                     log.warning("member %s lost its lease (%s): stopping every partition", self.member_id, exc)
@@ -291,7 +293,7 @@ class GroupConsumer:
                 backoff = 0.05
                 if records:
                     self.handler(p, records)
-                    handled = records[-1].sequence_number
+                    handled = records[-1].seq
                     since_commit += len(records)
                 if since_commit and (since_commit >= self.checkpoint_every
                                      or time.monotonic() - last_commit >= self.checkpoint_interval):

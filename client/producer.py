@@ -2,8 +2,8 @@
 
     with Producer("127.0.0.1:50051", "orders") as producer:
         future = producer.send(b"payload", partition_key="customer-7")
-        result = future.result()          # PutResult: .ok, .partition_id, .sequence_number
-                                          # or .error_code / .error_message
+        result = future.result()          # PutResult: .ok, .partition_id, .seq
+                                          # or .reason / .message / .dis_code
 
 How it works: `send()` appends the record to a buffer and returns a `concurrent.futures.Future`.
 One sender thread takes batches off the buffer - a batch is sent once it holds
@@ -12,14 +12,15 @@ One sender thread takes batches off the buffer - a batch is sent once it holds
 
 Every future resolves to a `PutResult`, never to an exception:
 
-* success: `partition_id`, `sequence_number`;
-* a non-retriable refusal (e.g. DIS.4201 bad partition id, DIS.4200 record too large, DIS.4301
-  no such stream): at once, with the broker's DIS code and message;
-* a retriable one - per record DIS.4303 or any DIS.5xxx (the broker's "try again", DIS.5250), or
-  the whole request failing UNAVAILABLE / DEADLINE_EXCEEDED (broker down, restarting, draining) -
-  is retried with exponential backoff (`backoff_ms`, doubling, capped at `max_backoff_ms`) up to
-  `max_retries` times; after that the last failure is the result. When the broker could not be
-  reached there is no DIS code: `error_code` is then the gRPC status name ("UNAVAILABLE").
+* success: `partition_id`, `seq`;
+* a non-retriable refusal (e.g. INVALID_PARTITION_ID, INVALID_REQUEST for a record too large,
+  STREAM_NOT_FOUND): at once, with the broker's reason, message and DIS code;
+* a retriable one (client/errors.py's table says which: UNAVAILABLE, STORAGE_FULL, INTERNAL, ...),
+  per record or for the whole request, including a request that never reached the broker (down,
+  restarting, draining) - is retried with exponential backoff (`backoff_ms`, doubling, capped at
+  `max_backoff_ms`) up to `max_retries` times; after that the last failure is the result. When
+  the broker could not be reached the reason is the gRPC status name ("UNAVAILABLE") and there
+  is no DIS code.
   A whole request failing that way also pauses the producer (nothing is sent for a backoff that
   doubles with each failed request in a row), so a down or draining broker is not hammered.
 * "CLOSED": the producer was closed (and its `close` timeout ran out) before the record was
@@ -52,14 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.client import Client, PutResult
-from client.errors import BrokerUnavailable, SluiceError
+from client.errors import SluiceError, is_retriable
 
 CLOSED = "CLOSED"
-
-
-def is_retriable_code(code: str) -> bool:
-    """DIS codes worth retrying: DIS.4303 and every server-side DIS.5xxx (DIS.5250 "retry later")."""
-    return code == "DIS.4303" or code.startswith("DIS.5")
 
 
 class BufferFullError(Exception):
@@ -110,20 +106,21 @@ class Producer:
     """Batches records sent from any thread into PutRecords requests; see the module docstring.
 
     `client_or_target`: a `Client` (shared, not closed by the producer) or a "host:port" target
-    (the producer opens and closes its own connection). `max_buffered_records` bounds the records
+    (the producer opens and closes its own connection, in `project`: see `Client`). `max_buffered_records` bounds the records
     not yet resolved; `send()` blocks while it is reached.
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
                  max_batch_bytes: int = 1_000_000, linger_ms: float = 5, max_retries: int = 5,
                  backoff_ms: float = 50, max_backoff_ms: float = 2_000, ordered: bool = False,
-                 max_buffered_records: int = 100_000) -> None:
+                 max_buffered_records: int = 100_000, project: str | None = None) -> None:
         if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1:
             raise ValueError("batch and buffer limits must be positive")
         if max_retries < 0 or backoff_ms < 0 or linger_ms < 0:
             raise ValueError("max_retries, backoff_ms and linger_ms must not be negative")
         self._own_client = isinstance(client_or_target, str)
-        self._client = Client(client_or_target) if isinstance(client_or_target, str) else client_or_target
+        self._client = Client(client_or_target, project=project) if isinstance(client_or_target, str) \
+            else client_or_target
         self.stream = stream
         self._opt = _Options(max_batch_records, max_batch_bytes, linger_ms / 1000, max_retries, backoff_ms / 1000,
                              max(max_backoff_ms, backoff_ms) / 1000, ordered, max_buffered_records)
@@ -199,7 +196,7 @@ class Producer:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (waiting at most `timeout` seconds), then stop the sender thread. Records still
-        undelivered when the timeout runs out resolve with error_code "CLOSED". Idempotent."""
+        undelivered when the timeout runs out resolve with reason "CLOSED". Idempotent."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._closing = True
@@ -309,12 +306,11 @@ class Producer:
         retriable: list[bool]
         try:
             results = self._client.put_routed(self.stream, [(r.data, r.key, r.partition_id) for r in live])
-            retriable = [not res.ok and is_retriable_code(res.error_code) for res in results]
+            retriable = [not res.ok and is_retriable(res.reason) for res in results]
             failed_request = False
         except SluiceError as exc:
-            code = exc.code or exc.status.name
-            again = isinstance(exc, BrokerUnavailable) or is_retriable_code(exc.code)
-            results = [PutResult(-1, -1, code, exc.message)] * len(live)
+            again = exc.retriable
+            results = [PutResult(-1, -1, exc.reason, exc.message, exc.code)] * len(live)
             retriable = [again] * len(live)
             failed_request = True
         except Exception as exc:  # a bug or a bad argument: fail these records loudly

@@ -1,0 +1,193 @@
+"""Everything `Client` and `AsyncClient` share: channel options, the project metadata, and the
+translation between the client's dataclasses (client/model.py) and the generated messages. The
+two clients differ only in how they wait for an answer.
+
+Channel options, chosen for a broker that restarts (deploys, crashes) while clients stay up:
+* reconnect backoff: gRPC's default grows to 120 s (x1.6 from 1 s), so after a 20 s outage a
+  channel may wait ~7 s more before it tries again. Here a broken channel retries every 100 ms
+  at first, then at most every second: a client is back within about a second of the broker.
+  `grpc.min_reconnect_backoff_ms` is, despite its name, the least time one connection attempt may
+  take (default 20 s); 1 s is plenty on the networks a broker lives on.
+* keepalive: while calls are open (long polls, subscriptions), ping every 30 s and give up on a
+  connection that does not answer within 10 s, so a broker host that vanished without a FIN is
+  noticed. No pings without calls: the broker's default ping policy (one per 5 minutes on an idle
+  connection) would answer those with GOAWAY.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from client._pb.sluice.v1 import sluice_pb2 as pb
+from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PartitionInfo,
+                          PutResult, Record, RecordsPage, StreamDescription, StreamInfo, StreamPage)
+
+PROJECT_KEY = "sluice-project"
+DEFAULT_PROJECT = "default"
+MAX_MESSAGE = 16 * 1024 * 1024
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+CURSOR_TYPES = ("AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER", "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP")
+
+
+def project_metadata(project: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata of every call: `project`, else $SLUICE_PROJECT, else "default"."""
+    return ((PROJECT_KEY, project or os.environ.get("SLUICE_PROJECT") or DEFAULT_PROJECT),)
+
+
+def _enum(enum: Any, prefix: str, text: str) -> Any:
+    """"JSON" -> DATA_TYPE_JSON; "" -> 0 (the broker's default). ValueError for an unknown name."""
+    if not text:
+        return 0
+    try:
+        return enum.Value(prefix + text)
+    except ValueError:
+        raise ValueError(f"unknown {prefix.rstrip('_').lower()} {text!r}") from None
+
+
+def _name(enum: Any, prefix: str, number: int) -> str:
+    return str(enum.Name(number)).removeprefix(prefix) if number in enum.values() else str(number)
+
+
+def cursor_type(text: str) -> Any:
+    return _enum(pb.CursorType, "CURSOR_TYPE_", text)
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+def create_stream(stream_name: str, partition_count: int, retention_hours: int, data_type: str,
+                  stream_type: str) -> pb.CreateStreamRequest:
+    return pb.CreateStreamRequest(stream_name=stream_name, partition_count=partition_count,
+                                  retention_hours=retention_hours,
+                                  data_type=_enum(pb.DataType, "DATA_TYPE_", data_type),
+                                  stream_type=_enum(pb.StreamType, "STREAM_TYPE_", stream_type))
+
+
+def describe_stream(stream_name: str, start_after_partition: int | None, limit: int) -> pb.DescribeStreamRequest:
+    request = pb.DescribeStreamRequest(stream_name=stream_name, limit=limit)
+    if start_after_partition is not None:
+        request.start_after_partition = start_after_partition
+    return request
+
+
+def put_records(stream_name: str, records: Iterable[tuple[bytes, str | None, int | None]]) -> pb.PutRecordsRequest:
+    """(payload, partition_key, partition_id) per record. The columnar form (parallel arrays, no
+    message per record to build here or parse there) unless only some records name a partition."""
+    data: list[bytes] = []
+    keys: list[str] = []
+    partition_ids: list[Any] = []   # int, or None for "not given"
+    for payload, key, partition_id in records:
+        data.append(payload)
+        keys.append(key or "")
+        partition_ids.append(partition_id)
+    pinned = sum(p is not None for p in partition_ids)
+    if pinned and pinned != len(data):
+        entries = [pb.PutRecordsEntry(data=d, partition_key=k, partition_id=p) if p is not None
+                   else pb.PutRecordsEntry(data=d, partition_key=k) for d, k, p in zip(data, keys, partition_ids)]
+        return pb.PutRecordsRequest(stream_name=stream_name, records=pb.RecordList(entries=entries))
+    columns = pb.RecordColumns(data=data, partition_keys=keys if any(keys) else (),
+                               partition_ids=partition_ids if pinned else ())
+    return pb.PutRecordsRequest(stream_name=stream_name, columns=columns)
+
+
+def get_cursor(stream_name: str, partition_id: int, kind: str, starting_seq: int | None,
+               timestamp_ms: int | None) -> pb.GetCursorRequest:
+    request = pb.GetCursorRequest(stream_name=stream_name, partition_id=partition_id, cursor_type=cursor_type(kind))
+    if starting_seq is not None:
+        request.starting_seq = starting_seq
+    if timestamp_ms is not None:
+        request.timestamp_ms = timestamp_ms
+    return request
+
+
+def subscribe(stream_name: str, partition_id: int, kind: str, cursor: str, starting_seq: int | None,
+              timestamp_ms: int | None, max_records: int, max_wait_ms: int) -> pb.SubscribeRequest:
+    request = pb.SubscribeRequest(cursor=cursor, stream_name=stream_name, partition_id=partition_id,
+                                  cursor_type=cursor_type(kind), max_records=max_records, max_wait_ms=max_wait_ms)
+    if starting_seq is not None:
+        request.starting_seq = starting_seq
+    if timestamp_ms is not None:
+        request.timestamp_ms = timestamp_ms
+    return request
+
+
+def delete_checkpoint(app_name: str, stream_name: str, partition_id: int | None) -> pb.DeleteCheckpointRequest:
+    request = pb.DeleteCheckpointRequest(app_name=app_name, stream_name=stream_name)
+    if partition_id is not None:
+        request.partition_id = partition_id
+    return request
+
+
+def consumer_state(app_name: str, stream_name: str, start_after_partition: int | None) -> pb.GetConsumerStateRequest:
+    request = pb.GetConsumerStateRequest(app_name=app_name, stream_name=stream_name)
+    if start_after_partition is not None:
+        request.start_after_partition = start_after_partition
+    return request
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+def stream_info(s: pb.StreamInfo) -> StreamInfo:
+    return StreamInfo(s.stream_name, s.partition_count, s.retention_hours, _name(pb.DataType, "DATA_TYPE_", s.data_type),
+                      _name(pb.StreamType, "STREAM_TYPE_", s.stream_type), s.created_ms,
+                      _name(pb.StreamStatus, "STREAM_STATUS_", s.status), s.stream_id)
+
+
+def stream_page(resp: pb.ListStreamsResponse) -> StreamPage:
+    return StreamPage(resp.total, [stream_info(s) for s in resp.streams], resp.has_more)
+
+
+def stream_description(resp: pb.DescribeStreamResponse) -> StreamDescription:
+    return StreamDescription(stream_info(resp.stream), [
+        PartitionInfo(p.partition_id, _name(pb.PartitionStatus, "PARTITION_STATUS_", p.status), p.hash_range_start,
+                      p.hash_range_end, p.first_seq, p.next_seq) for p in resp.partitions], resp.has_more)
+
+
+def put_results(resp: pb.PutRecordsResponse) -> list[PutResult]:
+    results = [PutResult(p, s) for p, s in zip(resp.partition_ids, resp.seqs)]
+    for f in resp.failures:
+        results[f.index] = PutResult(-1, -1, f.reason, f.message, f.dis_code)
+    return results
+
+
+def records_page(resp: pb.GetRecordsResponse | pb.RecordBatch) -> RecordsPage:
+    records = [Record(s, t, d, k or None) for s, t, d, k in
+               zip(resp.seqs, resp.timestamps_ms, resp.data, resp.partition_keys)]
+    return RecordsPage(records, resp.next_cursor, resp.millis_behind_latest)
+
+
+def subscribe_page(resp: pb.SubscribeResponse) -> RecordsPage:
+    """A batch, or a heartbeat as an empty page."""
+    if resp.WhichOneof("event") == "heartbeat":
+        return RecordsPage([], resp.heartbeat.next_cursor, resp.heartbeat.millis_behind_latest)
+    return records_page(resp.records)
+
+
+def app_info(a: pb.AppInfo) -> AppInfo:
+    return AppInfo(a.app_name, a.app_id, a.created_ms, list(a.checkpoint_stream_names))
+
+
+def app_page(resp: pb.ListAppsResponse) -> AppPage:
+    return AppPage(resp.total, [app_info(a) for a in resp.apps], resp.has_more)
+
+
+def checkpoint(resp: pb.GetCheckpointResponse) -> Checkpoint | None:
+    return Checkpoint(resp.seq, resp.metadata) if resp.found else None
+
+
+def consumer_states(resp: pb.GetConsumerStateResponse) -> list[PartitionConsumerState]:
+    return [PartitionConsumerState(p.partition_id, p.checkpoint_seq if p.has_checkpoint else None, p.first_seq,
+                                   p.last_seq, p.lag) for p in resp.partitions]
+
+
+def assignment(resp: pb.HeartbeatResponse) -> Assignment:
+    return Assignment(list(resp.partition_ids), resp.lease_ms)

@@ -1,0 +1,210 @@
+"""`AsyncClient`: `Client` for asyncio, on grpc.aio (no threads). Same methods, same arguments,
+same dataclasses and exceptions, awaited; `subscribe()` returns an `AsyncSubscription` to iterate
+with `async for`. Create it inside the running event loop; close it with `await client.close()`
+or `async with`. Cancelling a task that awaits a call cancels the RPC."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Iterable, TypeVar
+
+import grpc
+
+from client import _wire
+from client._pb.sluice.v1 import sluice_pb2 as pb
+from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
+from client.errors import from_rpc_error
+from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PutResult,
+                          RecordsPage, StreamDescription, StreamPage)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class AsyncClient:
+    """See `client.Client`: the same calls, awaited."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, project: str | None = None, timeout: float = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
+        self._stub = pb_grpc.SluiceStub(self._channel)
+        self._metadata = _wire.project_metadata(project)
+        self._timeout = timeout
+
+    @property
+    def project(self) -> str:
+        return self._metadata[0][1]
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Any], request: Any, decode: Callable[[Any], R],
+                    extra_s: float = 0.0) -> R:
+        try:
+            return decode(await method(request, timeout=self._timeout + extra_s, metadata=self._metadata))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # -- streams -------------------------------------------------------------------------------
+
+    async def create_stream(self, stream_name: str, partition_count: int, *, retention_hours: int = 0,
+                            data_type: str = "", stream_type: str = "") -> None:
+        await self._call(self._stub.CreateStream, _wire.create_stream(stream_name, partition_count, retention_hours,
+                                                                      data_type, stream_type), _none)
+
+    async def list_streams(self, limit: int = 100, start_after: str = "") -> StreamPage:
+        return await self._call(self._stub.ListStreams, pb.ListStreamsRequest(limit=limit, start_after=start_after),
+                                _wire.stream_page)
+
+    async def describe_stream(self, stream_name: str, *, start_after_partition: int | None = None,
+                              limit: int = 0) -> StreamDescription:
+        return await self._call(self._stub.DescribeStream,
+                                _wire.describe_stream(stream_name, start_after_partition, limit),
+                                _wire.stream_description)
+
+    async def delete_stream(self, stream_name: str) -> None:
+        await self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _none)
+
+    # -- writing and reading -------------------------------------------------------------------
+
+    async def put_records(self, stream_name: str, records: Iterable[bytes | tuple[bytes, str]],
+                          *, partition_id: int | None = None) -> list[PutResult]:
+        return await self.put_routed(stream_name, ((item, None, partition_id) if isinstance(item, bytes)
+                                                   else (item[0], item[1], partition_id) for item in records))
+
+    async def put_routed(self, stream_name: str,
+                         records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:
+        return await self._call(self._stub.PutRecords, _wire.put_records(stream_name, records), _wire.put_results)
+
+    async def get_cursor(self, stream_name: str, partition_id: int, cursor_type: str = "TRIM_HORIZON",
+                         starting_seq: int | None = None, timestamp_ms: int | None = None) -> str:
+        return await self._call(self._stub.GetCursor, _wire.get_cursor(stream_name, partition_id, cursor_type,
+                                                                       starting_seq, timestamp_ms), _cursor)
+
+    async def get_records(self, cursor: str, *, limit: int = 0, max_fetch_bytes: int = 0,
+                          wait_ms: int = 0) -> RecordsPage:
+        return await self._call(self._stub.GetRecords, pb.GetRecordsRequest(
+            cursor=cursor, limit=limit, max_fetch_bytes=max_fetch_bytes, wait_ms=wait_ms),
+            _wire.records_page, wait_ms / 1000)
+
+    def subscribe(self, stream_name: str = "", partition_id: int = 0, cursor_type: str = "LATEST", *,
+                  cursor: str = "", starting_seq: int | None = None, timestamp_ms: int | None = None,
+                  max_records: int = 0, max_wait_ms: int = 0) -> "AsyncSubscription":
+        """Push consumption: `async for page in client.subscribe(...)` (empty pages are heartbeats);
+        `cancel()` ends it quietly."""
+        request = _wire.subscribe(stream_name, partition_id, cursor_type, cursor, starting_seq, timestamp_ms,
+                                  max_records, max_wait_ms)
+        return AsyncSubscription(self._stub.Subscribe(request, metadata=self._metadata))
+
+    # -- apps and checkpoints ------------------------------------------------------------------
+
+    async def create_app(self, app_name: str) -> None:
+        await self._call(self._stub.CreateApp, pb.CreateAppRequest(app_name=app_name), _none)
+
+    async def list_apps(self, limit: int = 100, start_after: str = "", stream_name: str = "") -> AppPage:
+        return await self._call(self._stub.ListApps, pb.ListAppsRequest(limit=limit, start_after=start_after,
+                                                                        stream_name=stream_name), _wire.app_page)
+
+    async def describe_app(self, app_name: str) -> AppInfo:
+        return await self._call(self._stub.DescribeApp, pb.DescribeAppRequest(app_name=app_name), _app)
+
+    async def delete_app(self, app_name: str) -> None:
+        await self._call(self._stub.DeleteApp, pb.DeleteAppRequest(app_name=app_name), _none)
+
+    async def commit_checkpoint(self, app_name: str, stream_name: str, partition_id: int, seq: int,
+                                metadata: str = "") -> None:
+        await self._call(self._stub.CommitCheckpoint, pb.CommitCheckpointRequest(
+            app_name=app_name, stream_name=stream_name, partition_id=partition_id, seq=seq, metadata=metadata), _none)
+
+    async def get_checkpoint(self, app_name: str, stream_name: str, partition_id: int) -> Checkpoint | None:
+        return await self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(
+            app_name=app_name, stream_name=stream_name, partition_id=partition_id), _wire.checkpoint)
+
+    async def delete_checkpoint(self, app_name: str, stream_name: str, partition_id: int | None = None) -> None:
+        await self._call(self._stub.DeleteCheckpoint, _wire.delete_checkpoint(app_name, stream_name, partition_id),
+                         _none)
+
+    async def consumer_state(self, app_name: str, stream_name: str) -> list[PartitionConsumerState]:
+        out: list[PartitionConsumerState] = []
+        after: int | None = None
+        while True:
+            resp = await self._call(self._stub.GetConsumerState, _wire.consumer_state(app_name, stream_name, after),
+                                    _same)
+            out.extend(_wire.consumer_states(resp))
+            if not resp.has_more or not resp.partitions:
+                return out
+            after = resp.partitions[-1].partition_id
+
+    # -- consumer groups -----------------------------------------------------------------------
+
+    async def heartbeat(self, app_name: str, stream_name: str, member_id: str, held: Iterable[int] = (),
+                        lease_ms: int = 0) -> Assignment:
+        return await self._call(self._stub.Heartbeat, pb.HeartbeatRequest(
+            app_name=app_name, stream_name=stream_name, member_id=member_id, held=list(held), lease_ms=lease_ms),
+            _wire.assignment)
+
+    async def leave_group(self, app_name: str, stream_name: str, member_id: str) -> None:
+        await self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app_name, stream_name=stream_name,
+                                                                     member_id=member_id), _none)
+
+
+def _none(_: object) -> None:
+    return None
+
+
+def _same(resp: T) -> T:
+    return resp
+
+
+def _cursor(resp: pb.GetCursorResponse) -> str:
+    return str(resp.cursor)
+
+
+def _app(resp: pb.DescribeAppResponse) -> AppInfo:
+    return _wire.app_info(resp.app)
+
+
+class AsyncSubscription:
+    """A running Subscribe call: `async for page in sub` (empty pages are heartbeats); `cancel()`
+    ends the iteration quietly. Broker errors raise `SluiceError`."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = False
+
+    def __aiter__(self) -> "AsyncSubscription":
+        return self
+
+    async def __anext__(self) -> RecordsPage:
+        if self._cancelled:
+            raise StopAsyncIteration
+        try:
+            resp = await self._call.read()
+        except grpc.RpcError as exc:
+            if self._cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopAsyncIteration from None
+            raise from_rpc_error(exc) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError from read() on a call cancelled by cancel(); a
+            # cancellation of the task itself goes on
+            task = asyncio.current_task()
+            if self._cancelled and task is not None and not task.cancelling():
+                raise StopAsyncIteration from None
+            raise
+        if resp is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return _wire.subscribe_page(resp)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    async def __aenter__(self) -> "AsyncSubscription":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()

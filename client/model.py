@@ -1,0 +1,124 @@
+"""The values the client library returns: its own frozen dataclasses, never protobuf messages, so
+callers do not depend on the generated stubs (client/_pb is private and regenerated at will).
+
+Names follow the wire contract (protos/sluice/v1/sluice.proto): `stream_name`, `partition_id`
+(an int), `seq` (an int; -1 where a value must say "none"), `timestamp_ms`, `cursor`.
+Enumerations are their value names without the enum prefix: data_type "BLOB" | "JSON" | "CSV",
+stream_type "COMMON" | "ADVANCED", cursor types "TRIM_HORIZON", "LATEST", ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """Outcome of one record: where it was stored (`partition_id`, `seq`), or why not: `reason`
+    (the broker's catalogue name, e.g. PARTITION_NOT_FOUND; the gRPC status name or "CLOSED"
+    when the request itself failed), `message` and the DIS code."""
+    partition_id: int
+    seq: int
+    reason: str = ""
+    message: str = ""
+    dis_code: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    seq: int
+    timestamp_ms: int
+    data: bytes
+    partition_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsPage:
+    """One GetRecords answer, or one Subscribe message: an empty page from Subscribe is a heartbeat."""
+    records: list[Record]
+    next_cursor: str
+    millis_behind_latest: int
+
+    @property
+    def heartbeat(self) -> bool:
+        return not self.records
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    stream_name: str
+    partition_count: int
+    retention_hours: int
+    data_type: str
+    stream_type: str
+    created_ms: int
+    status: str
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPage:
+    total: int
+    streams: list[StreamInfo]
+    has_more: bool
+
+    @property
+    def stream_names(self) -> list[str]:
+        return [s.stream_name for s in self.streams]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    partition_id: int
+    status: str
+    hash_range_start: int
+    hash_range_end: int
+    first_seq: int      # oldest retained record (== next_seq when empty)
+    next_seq: int       # the number the next record will get
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDescription:
+    stream: StreamInfo
+    partitions: list[PartitionInfo]
+    has_more: bool      # more partitions after this page
+
+
+@dataclass(frozen=True, slots=True)
+class AppInfo:
+    app_name: str
+    app_id: str
+    created_ms: int
+    checkpoint_stream_names: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class AppPage:
+    total: int
+    apps: list[AppInfo]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    metadata: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionConsumerState:
+    partition_id: int
+    checkpoint_seq: int | None   # None without a committed checkpoint
+    first_seq: int               # first retained record
+    last_seq: int                # newest record, -1 if none
+    lag: int                     # records after the checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A consumer-group heartbeat's answer: work on exactly these partitions until the next one."""
+    partition_ids: list[int]
+    lease_ms: int

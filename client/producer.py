@@ -145,13 +145,16 @@ class Producer:
         """Queue one record; the future resolves to its `PutResult`. With `partition_id` the record
         goes to that partition (wins over the key); with only `partition_key` the broker hashes the
         key; with neither it spreads records. Blocks while the buffer is full - at most `timeout`
-        seconds, then raises `BufferFullError`. Raises RuntimeError once the producer is closed."""
+        seconds, then raises `BufferFullError`. Raises RuntimeError once the producer is closed, and
+        TypeError / ValueError for arguments no broker could take (a partition id is a uint32)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
         if partition_key is not None and not isinstance(partition_key, str):
             raise TypeError("partition_key must be a str")
         if partition_id is not None and (not isinstance(partition_id, int) or isinstance(partition_id, bool)):
             raise TypeError("partition_id must be an int")
+        if partition_id is not None and not 0 <= partition_id < 2**32:
+            raise ValueError(f"partition_id must be within [0, 2^32), got {partition_id}")
         future: Future[PutResult] = Future()
         record = _Pending(bytes(data), partition_key, partition_id, future, 0.0)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -61,8 +61,8 @@ def _failure_group(reason: str, dis_code: str) -> str:
 def parse_partition_id(text: str) -> int | None:
     """'3' or 'shardId-0000000003' (the DIS spelling, accepted for convenience) -> 3; else None."""
     text = text.strip()
-    prefix, _, index = text.rpartition("-")
-    if prefix and prefix.lower() != "shardid":
+    prefix, dash, index = text.rpartition("-")
+    if dash and prefix.lower() != "shardid":
         return None
     if not (index.isascii() and index.isdigit()) or int(index) >= 2**32:
         return None

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import Checkpoint, Client
 from client._pb.sluice.v1 import sluice_pb2 as pb
-from client.client import Client
 from client._pb.sluice.v1 import sluice_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_streams_create_list_describe_delete(cli, stream_name):
 
     lines = ok(cli("streams", "describe", stream_name)).splitlines()
     assert len(lines) == 3
-    assert [line.split()[0] for line in lines] == [f"shardId-{i:010d}" for i in range(3)]
+    assert [line.split()[0] for line in lines] == ["0", "1", "2"]
     assert lines[0].split("hash [")[1].startswith("0 : ")
     assert "9223372036854775807]" in lines[2]
     assert all("seq [0 : -1]" in line for line in lines), lines  # empty partitions
@@ -113,9 +113,9 @@ def test_get_json(cli, stream_name, tmp_path):
     for p in ("0", "1"):
         found += [json.loads(line) for line in ok(cli("get", stream_name, p, "--json")).splitlines()]
     assert [r["data"] for r in found] == ["alpha", "beta", '{"quoted": 1}']  # one key: one partition, in order
-    assert [r["sequence_number"] for r in found] == [0, 1, 2]
+    assert [r["seq"] for r in found] == [0, 1, 2]
     assert all(r["partition_key"] == "same-key" for r in found)
-    assert all(isinstance(r["timestamp"], int) and r["timestamp"] > 1_600_000_000_000 for r in found)
+    assert all(isinstance(r["timestamp_ms"], int) and r["timestamp_ms"] > 1_600_000_000_000 for r in found)
 
 
 def test_put_from_stdin_spreads_without_key(cli, stream_name):
@@ -202,7 +202,7 @@ def test_describe_shows_every_partition_not_just_one_page(cli, stream_name):
     """More partitions than one DescribeStream page (100) holds."""
     ok(cli("streams", "create", stream_name, "--partitions", "150"))
     lines = ok(cli("streams", "describe", stream_name)).splitlines()
-    assert [line.split()[0] for line in lines] == [f"shardId-{i:010d}" for i in range(150)]
+    assert [line.split()[0] for line in lines] == [str(i) for i in range(150)]
     assert "9223372036854775807]" in lines[-1]
 
 
@@ -340,20 +340,20 @@ def test_put_jsonl_reports_malformed_lines_and_groups_failures(cli, stream_name,
         assert f"line {line}:" in err, err
     assert "line 1:" not in err and "line 3:" not in err and "line 8:" not in err
     assert "malformed input: 3" in err
-    assert "DIS.4302: 1" in err and "Partition [9] does not exist" in err
+    assert "PARTITION_NOT_FOUND (DIS.4302): 1" in err and "Partition [9] does not exist" in err
     assert "Traceback" not in err
 
     ones = tail_json(cli("tail", stream_name, "1", "--from", "TRIM_HORIZON", "--max", "2", "--json"))
-    assert [(r["data"], r["partition_key"], r["sequence_number"]) for r in ones] == \
+    assert [(r["data"], r["partition_key"], r["seq"]) for r in ones] == \
         [("to one", None, 0), ("also one", "kk", 1)]
-    assert all(r["partition"] == "shardId-0000000001" and r["stream"] == stream_name for r in ones)
+    assert all(r["partition_id"] == 1 and r["stream"] == stream_name for r in ones)
     everything = tail_json(cli("tail", stream_name, "--from", "TRIM_HORIZON", "--max", "4", "--json"))
     assert sorted(r["data"] for r in everything) == sorted(["keyed ✓", "to one", "to two", "also one"])
-    assert {r["data"]: r["partition"] for r in everything}["to two"] == "shardId-0000000002"
+    assert {r["data"]: r["partition_id"] for r in everything}["to two"] == 2
     keyed = next(r for r in everything if r["data"] == "keyed ✓")
     assert keyed["partition_key"] == "k1"
-    assert set(keyed) == {"stream", "partition", "sequence_number", "timestamp", "partition_key", "data"}
-    assert isinstance(keyed["timestamp"], int) and keyed["timestamp"] > 1_600_000_000_000
+    assert set(keyed) == {"stream", "partition_id", "seq", "timestamp_ms", "partition_key", "data"}
+    assert isinstance(keyed["timestamp_ms"], int) and keyed["timestamp_ms"] > 1_600_000_000_000
 
 
 def test_put_jsonl_all_good_exits_0(cli, stream_name):
@@ -411,13 +411,14 @@ def test_tail_human_output_prefixes_the_partition(cli, stream_name):
     by_partition: dict[str, list[str]] = {}
     for line in lines:
         prefix, _, data = line.partition("] ")
-        assert prefix.startswith("[shardId-00000000"), line
+        assert prefix in ("[0", "[1", "[2"), line
         by_partition.setdefault(prefix[1:], []).append(data)
-    assert sorted(by_partition) == [f"shardId-{i:010d}" for i in range(3)]
+    assert sorted(by_partition) == ["0", "1", "2"]
     for partition, data in by_partition.items():  # each partition in its own write order
         assert data == ok(cli("get", stream_name, partition)).splitlines()
+    # the DIS spelling of a partition id is accepted on input
     one = ok(cli("tail", stream_name, "shardId-0000000002", "--from", "TRIM_HORIZON", "--max", "2")).splitlines()
-    assert one == [f"[shardId-0000000002] {d}" for d in by_partition["shardId-0000000002"][:2]]
+    assert one == [f"[2] {d}" for d in by_partition["2"][:2]]
 
 
 def test_tail_timeout_ends_after_silence(cli, client, stream_name):
@@ -442,7 +443,7 @@ def test_tail_latest_sees_records_put_by_another_process(cli, background, stream
     assert code == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     assert sorted(r["data"] for r in got) == ["new 1", "new 2", "new 3", "new 4"]
-    assert {r["partition"] for r in got} <= {f"shardId-{i:010d}" for i in range(3)}
+    assert {r["partition_id"] for r in got} <= {0, 1, 2}
     assert "Traceback" not in err
 
 
@@ -454,8 +455,8 @@ def test_tail_one_partition_latest(cli, background, stream_name):
         json.dumps({"data": f"p{i % 2}-{i}", "partition_id": str(i % 2)}) + "\n" for i in range(6))))
     code, out, err = tail.finish()
     assert code == 0, err
-    assert [(r["partition"], r["data"], r["sequence_number"]) for r in map(json.loads, out.splitlines())] == \
-        [("shardId-0000000001", "p1-1", 0), ("shardId-0000000001", "p1-3", 1)]
+    assert [(r["partition_id"], r["data"], r["seq"]) for r in map(json.loads, out.splitlines())] == \
+        [(1, "p1-1", 0), (1, "p1-3", 1)]
 
 
 def test_tail_ctrl_c_exits_130_quietly(background, stream_name, cli):
@@ -491,8 +492,8 @@ def test_apps_commands(cli, client, stream_name):
     assert app in ok(listed).splitlines()
     assert app in ok(described) and "streams      -" in described.stdout
     info = json.loads(ok(as_json))
-    assert info["app_name"] == app and info["app_id"] and info["commit_checkpoint_stream_names"] == []
-    assert abs(info["create_time"] - time.time() * 1000) < 60_000
+    assert info["app_name"] == app and info["app_id"] and info["checkpoint_stream_names"] == []
+    assert abs(info["created_ms"] - time.time() * 1000) < 60_000
 
     client.create_stream(stream_name, 1)
     client.put_records(stream_name, [b"x"])
@@ -500,7 +501,7 @@ def test_apps_commands(cli, client, stream_name):
     as_json, names, listed = in_parallel(cli, [("apps", "describe", app, "--json"),
                                                ("apps", "list", "--stream", stream_name),
                                                ("apps", "list", "--stream", stream_name, "--json")])
-    assert json.loads(ok(as_json))["commit_checkpoint_stream_names"] == [stream_name]
+    assert json.loads(ok(as_json))["checkpoint_stream_names"] == [stream_name]
     assert ok(names).splitlines() == [app]
     assert [(a["app_name"], a["app_id"]) for a in map(json.loads, ok(listed).splitlines())] == [(app, info["app_id"])]
 
@@ -538,12 +539,11 @@ def test_checkpoints_commands(cli, client, stream_name):
         ("checkpoints", "commit", app, stream_name, "1", "0", "--metadata", "m" * 1001),
         ("checkpoints", "get", "no-such-app", stream_name, "0"),
         ("checkpoints", "delete", app, stream_name + "x")])
-    assert ok(human).split() == ["sequence_number", "3", "metadata", "batch", "7"]
-    assert json.loads(ok(as_json)) == {"app_name": app, "stream_name": stream_name,
-                                       "partition_id": "shardId-0000000000", "sequence_number": 3,
+    assert ok(human).split() == ["seq", "3", "metadata", "batch", "7"]
+    assert json.loads(ok(as_json)) == {"app_name": app, "stream_name": stream_name, "partition_id": 0, "seq": 3,
                                        "metadata": "batch 7"}
     assert ok(none).strip() == "no checkpoint"
-    assert json.loads(ok(none_json))["sequence_number"] is None
+    assert json.loads(ok(none_json))["seq"] is None
     for result, code in zip(refused, ("DIS.4224", "DIS.4200", "DIS.4332", "DIS.4301")):
         assert result.returncode == 1 and code in result.stderr, (code, result.stderr)
         assert "Traceback" not in result.stderr
@@ -552,7 +552,7 @@ def test_checkpoints_commands(cli, client, stream_name):
     client.commit_checkpoint(app, stream_name, 1, 4)
     assert ok(cli("checkpoints", "delete", app, stream_name, "0")) == ""
     assert client.get_checkpoint(app, stream_name, 0) is None
-    assert client.get_checkpoint(app, stream_name, 1) == (4, "")
+    assert client.get_checkpoint(app, stream_name, 1) == Checkpoint(4, "")
     assert ok(cli("checkpoints", "delete", app, stream_name)) == ""   # every partition
     assert client.get_checkpoint(app, stream_name, 1) is None
 
@@ -574,15 +574,14 @@ def test_lag_matches_what_was_committed(cli, client, stream_name):
     ok(cli("checkpoints", "commit", app, stream_name, "1", "3"))
 
     human, as_json = in_parallel(cli, [("lag", app, stream_name), ("lag", app, stream_name, "--json")])
-    assert _lag_table(ok(human)) == {"shardId-0000000000": ["2", "0", "6", "4"],
-                                     "shardId-0000000001": ["3", "0", "3", "0"],
-                                     "shardId-0000000002": ["-", "0", "-", "0"],
+    assert _lag_table(ok(human)) == {"0": ["2", "0", "6", "4"],
+                                     "1": ["3", "0", "3", "0"],
+                                     "2": ["-", "0", "-", "0"],
                                      "TOTAL": ["4"]}
     data = json.loads(ok(as_json))
     assert (data["app_name"], data["stream_name"], data["total_lag"]) == (app, stream_name, 4)
     assert [(p["partition_id"], p["checkpoint"], p["earliest"], p["latest"], p["lag"]) for p in data["partitions"]] \
-        == [("shardId-0000000000", 2, 0, 6, 4), ("shardId-0000000001", 3, 0, 3, 0),
-            ("shardId-0000000002", None, 0, -1, 0)]
+        == [(0, 2, 0, 6, 4), (1, 3, 0, 3, 0), (2, None, 0, -1, 0)]
 
     # lag follows new writes; a partition without a checkpoint counts every record
     client.put_records(stream_name, [b"z"], partition_id=2)
@@ -591,10 +590,10 @@ def test_lag_matches_what_was_committed(cli, client, stream_name):
         ("lag", app, stream_name), ("lag", fresh, stream_name, "--json"),
         ("lag", "no-such-app", stream_name), ("lag", app, stream_name + "x")])
     table = _lag_table(ok(human))
-    assert table["shardId-0000000000"] == ["-", "0", "6", "7"]
-    assert table["shardId-0000000002"] == ["-", "0", "0", "1"]
+    assert table["0"] == ["-", "0", "6", "7"]
+    assert table["2"] == ["-", "0", "0", "1"]
     assert table["TOTAL"] == ["8"]
-    # an app that never committed on the stream (the broker says DIS.4375): everything retained is lag
+    # an app that never committed on the stream (APP_NO_CHECKPOINT, DIS.4375): everything retained is lag
     assert never.returncode == 0 and "has not committed" in never.stderr
     assert json.loads(never.stdout)["total_lag"] == 7 + 4 + 1
     for result, code in zip(refused, ("DIS.4332", "DIS.4301")):
@@ -628,8 +627,29 @@ def test_unreachable_broker_exit_3_for_new_commands():
 def test_usage_errors_of_new_commands_exit_2():
     calls = [("tail", "s", "--max", "0"), ("tail", "s", "--timeout", "-1"), ("tail", "s", "--from", "AT_TIMESTAMP"),
              ("apps",), ("checkpoints", "commit", "a", "s", "0", "not-a-number"), ("lag", "only-app"),
-             ("put", "s", "/no/such/file")]
+             ("put", "s", "/no/such/file"), ("get", "s", "shard-1"), ("tail", "s", "-1"),
+             ("checkpoints", "get", "a", "s", "zz")]
     target = f"127.0.0.1:{closed_port()}"
     for args, result in zip(calls, in_parallel(lambda *a: sluice(*a, target=target), calls)):
         assert result.returncode == 2, (args, result.returncode, result.stderr)
         assert "usage: sluice" in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_project_option_and_environment(cli, stream_name):
+    one, two = f"pa-{stream_name}", f"pb-{stream_name}"
+    ok(cli("--project", one, "streams", "create", stream_name, "--partitions", "2"))
+    ok(cli("--project", one, "put", stream_name, stdin="in one\n"))
+    # the same name in another project (from the environment) is another stream
+    ok(cli("streams", "create", stream_name, "--partitions", "3", env={"SLUICE_PROJECT": two}))
+    assert len(ok(cli("streams", "describe", stream_name, env={"SLUICE_PROJECT": two})).splitlines()) == 3
+    assert ok(cli("--project", one, "streams", "list")).splitlines() == [stream_name]
+    got = [ok(cli("--project", one, "get", stream_name, p)).splitlines() for p in ("0", "1")]
+    assert sorted(got) == [[], ["in one"]]
+    # the flag wins over the environment; the default project has no such stream
+    assert ok(cli("--project", one, "streams", "list", env={"SLUICE_PROJECT": two})).splitlines() == [stream_name]
+    assert len(ok(cli("--project", one, "streams", "describe", stream_name,
+                      env={"SLUICE_PROJECT": two})).splitlines()) == 2
+    missing = cli("streams", "describe", stream_name)
+    assert missing.returncode == 1 and "DIS.4301" in missing.stderr
+    bad = cli("--project", "no spaces", "streams", "list")
+    assert bad.returncode == 1 and "DIS.4200" in bad.stderr and "Traceback" not in bad.stderr

@@ -43,7 +43,7 @@ def main() -> None:
     def handle(partition: int, records: list[Record]) -> None:
         with _out:
             for r in records:
-                sys.stdout.write(json.dumps({"member": member, "partition": partition, "seq": r.sequence_number,
+                sys.stdout.write(json.dumps({"member": member, "partition": partition, "seq": r.seq,
                                              "id": int(r.data)}, separators=(",", ":")) + "\n")
             sys.stdout.flush()
 

@@ -130,7 +130,7 @@ class Writer:
         for i, f in enumerate(self.futures):
             r = f.result(1)
             assert r.ok, r
-            written[(r.partition_id, r.sequence_number)] = i
+            written[(r.partition_id, r.seq)] = i
         return written
 
 
@@ -159,7 +159,7 @@ def test_group_survives_a_member_crash(broker: BrokerProcess, stream_name: str, 
         victim.kill()
         killed_at = time.monotonic()
         desc = client.describe_stream(stream_name)
-        after_kill = {p: desc.partitions[p].next_sequence_number for p in doomed}   # written after the kill
+        after_kill = {p: desc.partitions[p].next_seq for p in doomed}   # written after the kill
 
         def taken_over() -> bool:
             return all(any(r["partition"] == p and r["seq"] >= after_kill[p] for s in survivors for r in s.records())

@@ -47,10 +47,10 @@ def rss_mb(pid: int) -> float:
 
 
 def put(stub: sluice_pb2_grpc.SluiceStub, stream: str, partition: int, payloads: list[bytes]) -> list[int]:
-    resp = stub.PutRecords(pb.PutRecordsRequest(stream_name=stream, records=[
-        pb.PutRecordsEntry(data=d, partition_id=str(partition)) for d in payloads]), timeout=TIMEOUT)
+    resp = stub.PutRecords(pb.PutRecordsRequest(stream_name=stream, records=pb.RecordList(entries=[
+        pb.PutRecordsEntry(data=d, partition_id=partition) for d in payloads])), timeout=TIMEOUT)
     assert resp.failed_record_count == 0, resp.failures
-    return list(resp.sequence_numbers)
+    return list(resp.seqs)
 
 
 # -- in order, exactly once ------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_subscriber_gets_records_written_after_it_subscribed_in_order_exactly_on
         assert not errors, errors
         assert not thread.is_alive()
     records = [r for page in pages for r in page.records]
-    assert [r.sequence_number for r in records] == list(range(3, 3 + total))   # each once, in order, no gap
+    assert [r.seq for r in records] == list(range(3, 3 + total))   # each once, in order, no gap
     assert [r.data for r in records] == [b"r%05d" % j for j in range(total)]
     batches = [len(page.records) for page in pages if page.records]
     assert max(batches) <= cap
@@ -137,12 +137,12 @@ def test_a_stalled_subscriber_neither_slows_producers_nor_grows_broker_memory(
         for i in range(WARM_UP_PUTS):
             put(producer, stream_name + "-w", 0, payloads(i * PER_PUT, filler))
 
-        cursor = producer.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id="0",
-                                                        cursor_type=pb.LATEST), timeout=TIMEOUT).partition_cursor
-        call = subscriber.Subscribe(pb.SubscribeRequest(partition_cursor=cursor), timeout=120)
+        cursor = producer.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id=0,
+                                                        cursor_type=pb.CURSOR_TYPE_LATEST), timeout=TIMEOUT).cursor
+        call = subscriber.Subscribe(pb.SubscribeRequest(cursor=cursor), timeout=120)
         assert put(producer, stream_name, 0, payloads(0, filler)) == list(range(PER_PUT))
-        first = next(call)                      # one message - then this subscriber stops reading
-        assert list(first.sequence_numbers) == list(range(len(first.sequence_numbers))) and first.sequence_numbers
+        first = next(call).records              # one message - then this subscriber stops reading
+        assert list(first.seqs) == list(range(len(first.seqs))) and first.seqs
 
         before = rss_mb(pid)
         samples = [before]
@@ -179,10 +179,10 @@ def test_a_stalled_subscriber_neither_slows_producers_nor_grows_broker_memory(
 
         # reading again: it goes on right after the first message, every record once, in order
         expected_total = (STALLED_PUTS + 1) * PER_PUT
-        next_seq = first.sequence_numbers[-1] + 1
+        next_seq = first.seqs[-1] + 1
         resumed = time.monotonic()
         for message in call:
-            for seq, data in zip(message.sequence_numbers, message.data):
+            for seq, data in zip(message.records.seqs, message.records.data):
                 assert seq == next_seq, f"expected {next_seq}, got {seq}"
                 assert len(data) == RECORD and struct.unpack_from(">Q", data)[0] == seq and data[8:] == filler
                 next_seq += 1
@@ -214,31 +214,31 @@ def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
         for i in range(10):
             put(stub, stream_name, 3, payloads(i * PER_PUT, filler))
         stalled = sluice_pb2_grpc.SluiceStub(stalled_chan).Subscribe(pb.SubscribeRequest(
-            stream_name=stream_name, partition_id="3", cursor_type=pb.TRIM_HORIZON))
-        assert next(stalled).sequence_numbers
+            stream_name=stream_name, partition_id=3, cursor_type=pb.CURSOR_TYPE_TRIM_HORIZON))
+        assert next(stalled).records.seqs
 
         ended: dict[str, tuple[object, float]] = {}
-        calls = {f"idle-{p}": stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id=str(p),
-                                                                cursor_type=pb.LATEST)) for p in range(2)}
-        calls["lingering"] = stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id="2",
-                                                                cursor_type=pb.LATEST, max_wait_ms=20_000))
+        calls = {f"idle-{p}": stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id=p,
+                                                                cursor_type=pb.CURSOR_TYPE_LATEST)) for p in range(2)}
+        calls["lingering"] = stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id=2,
+                                                                cursor_type=pb.CURSOR_TYPE_LATEST, max_wait_ms=20_000))
 
         received: dict[str, int] = {}
 
         def follow(name: str, it: grpc.Call) -> None:
             try:
                 for message in it:
-                    received[name] = received.get(name, 0) + len(message.sequence_numbers)
+                    received[name] = received.get(name, 0) + len(message.records.seqs)
                 ended[name] = ("OK", time.monotonic())
             except grpc.RpcError as exc:
                 ended[name] = (exc.code(), time.monotonic())
 
         def long_poll() -> None:
-            cursor = stub.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id="0",
-                                                        cursor_type=pb.LATEST), timeout=TIMEOUT).partition_cursor
+            cursor = stub.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id=0,
+                                                        cursor_type=pb.CURSOR_TYPE_LATEST), timeout=TIMEOUT).cursor
             try:
-                resp = stub.GetRecords(pb.GetRecordsRequest(partition_cursor=cursor, wait_ms=20_000), timeout=60)
-                ended["long-poll"] = (f"OK {len(resp.sequence_numbers)} records", time.monotonic())
+                resp = stub.GetRecords(pb.GetRecordsRequest(cursor=cursor, wait_ms=20_000), timeout=60)
+                ended["long-poll"] = (f"OK {len(resp.seqs)} records", time.monotonic())
             except grpc.RpcError as exc:
                 ended["long-poll"] = (exc.code(), time.monotonic())
 

@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true", help="one JSON object per record")
 
     tail = _add(sub, "tail", "follow a partition, or every partition of a stream, printing records as they arrive",
-                epilog="Human output prefixes each record with [shardId-...]; records of different "
+                epilog="Human output prefixes each record with [partition id]; records of different "
                        "partitions interleave in arrival order. Runs until Ctrl-C, --max or --timeout.")
     tail.add_argument("stream", help="stream name")
     tail.add_argument("partition", nargs="?", type=_partition_arg, help="one partition id (e.g. 0); default: all")

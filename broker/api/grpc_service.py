@@ -58,7 +58,7 @@ class _Vocabulary:
         """None for 0 (the default); "#n" for a number outside the enum (the core refuses it)."""
         return None if number == 0 else self._names.get(number, f"#{number}")
 
-    def encode(self, text: str) -> int:
+    def encode(self, text: str) -> Any:
         return self._numbers.get(text, 0)
 
 

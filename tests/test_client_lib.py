@@ -690,6 +690,7 @@ def test_members_reconnect_within_seconds_after_a_long_outage(start_broker: Call
         plain_late = time.monotonic() - back
         eventually(lambda: (member.last_heartbeat or 0) > back, timeout=30, interval=0.05)
         member_late = time.monotonic() - back
+        print(f"\nafter a 15 s outage: client back {plain_late:.2f} s, member {member_late:.2f} s after the broker")
         assert plain_late < 3.0, f"the client answered {plain_late:.1f}s after the broker was back"
         assert member_late < 3.0, f"the member heartbeat {member_late:.1f}s after the broker was back"
     finally:

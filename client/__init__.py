@@ -13,11 +13,33 @@
 from client.aio import AsyncClient, AsyncSubscription
 from client.client import Client, Subscription
 from client.consumer import AsyncPartitionConsumer, PartitionConsumer, StartPosition
-from client.errors import (ERRORS, AlreadyExists, BrokerUnavailable, CursorInvalid, InvalidRequest, NotFound,
-                           PositionGone, SluiceError, StreamNotFound, is_retriable)
+from client.errors import (
+    ERRORS,
+    AlreadyExists,
+    BrokerUnavailable,
+    CursorInvalid,
+    InvalidRequest,
+    NotFound,
+    PositionGone,
+    SluiceError,
+    StreamNotFound,
+    is_retriable,
+)
 from client.group import GroupConsumer
-from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PartitionInfo, PutResult,
-                          Record, RecordsPage, StreamDescription, StreamInfo, StreamPage)
+from client.model import (
+    AppInfo,
+    AppPage,
+    Assignment,
+    Checkpoint,
+    PartitionConsumerState,
+    PartitionInfo,
+    PutResult,
+    Record,
+    RecordsPage,
+    StreamDescription,
+    StreamInfo,
+    StreamPage,
+)
 from client.producer import AsyncProducer, BufferFullError, Producer, ProducerStats
 
 __all__ = ["Client", "AsyncClient", "Subscription", "AsyncSubscription",

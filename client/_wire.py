@@ -19,8 +19,20 @@ import os
 from typing import Any, Iterable
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
-from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PartitionInfo,
-                          PutResult, Record, RecordsPage, StreamDescription, StreamInfo, StreamPage)
+from client.model import (
+    AppInfo,
+    AppPage,
+    Assignment,
+    Checkpoint,
+    PartitionConsumerState,
+    PartitionInfo,
+    PutResult,
+    Record,
+    RecordsPage,
+    StreamDescription,
+    StreamInfo,
+    StreamPage,
+)
 
 PROJECT_KEY = "sluice-project"
 DEFAULT_PROJECT = "default"
@@ -137,7 +149,8 @@ def consumer_state(app_name: str, stream_name: str, start_after_partition: int |
 # -- answers -----------------------------------------------------------------------------------
 
 def stream_info(s: pb.StreamInfo) -> StreamInfo:
-    return StreamInfo(s.stream_name, s.partition_count, s.retention_hours, _name(pb.DataType, "DATA_TYPE_", s.data_type),
+    return StreamInfo(s.stream_name, s.partition_count, s.retention_hours,
+                      _name(pb.DataType, "DATA_TYPE_", s.data_type),
                       _name(pb.StreamType, "STREAM_TYPE_", s.stream_type), s.created_ms,
                       _name(pb.StreamStatus, "STREAM_STATUS_", s.status), s.stream_id)
 

@@ -13,8 +13,17 @@ from client import _wire
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
 from client.errors import from_rpc_error
-from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PutResult,
-                          RecordsPage, StreamDescription, StreamPage)
+from client.model import (
+    AppInfo,
+    AppPage,
+    Assignment,
+    Checkpoint,
+    PartitionConsumerState,
+    PutResult,
+    RecordsPage,
+    StreamDescription,
+    StreamPage,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,7 +45,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -93,7 +102,7 @@ class AsyncClient:
 
     def subscribe(self, stream_name: str = "", partition_id: int = 0, cursor_type: str = "LATEST", *,
                   cursor: str = "", starting_seq: int | None = None, timestamp_ms: int | None = None,
-                  max_records: int = 0, max_wait_ms: int = 0) -> "AsyncSubscription":
+                  max_records: int = 0, max_wait_ms: int = 0) -> AsyncSubscription:
         """Push consumption: `async for page in client.subscribe(...)` (empty pages are heartbeats);
         `cancel()` ends it quietly."""
         request = _wire.subscribe(stream_name, partition_id, cursor_type, cursor, starting_seq, timestamp_ms,
@@ -176,7 +185,7 @@ class AsyncSubscription:
         self._call = call
         self._cancelled = False
 
-    def __aiter__(self) -> "AsyncSubscription":
+    def __aiter__(self) -> AsyncSubscription:
         return self
 
     async def __anext__(self) -> RecordsPage:
@@ -203,7 +212,7 @@ class AsyncSubscription:
         self._cancelled = True
         self._call.cancel()
 
-    async def __aenter__(self) -> "AsyncSubscription":
+    async def __aenter__(self) -> AsyncSubscription:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, Sequence
 
 from client.client import CURSOR_TYPES, Client
@@ -86,7 +86,7 @@ def _all_partitions(client: Client, stream: str) -> list[int]:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(data: bytes) -> str:
@@ -260,7 +260,7 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(client: Client, partition: int, cursor: str, out: "queue.Queue[tuple]", stop: threading.Event) -> None:
+def _follow(client: Client, partition: int, cursor: str, out: queue.Queue[tuple], stop: threading.Event) -> None:
     """One partition's push subscription, feeding `out`; ends when the channel is closed."""
     def put(item: tuple) -> None:
         while not stop.is_set():
@@ -277,7 +277,7 @@ def _follow(client: Client, partition: int, cursor: str, out: "queue.Queue[tuple
             if page.records:
                 put(("records", partition, page.records))
         put(("end", partition, None))
-    except Exception as exc:  # noqa: BLE001 - the main thread reports it: never a silent thread death
+    except Exception as exc:  # the main thread reports it: never a silent thread death
         put(("error", partition, exc))
 
 

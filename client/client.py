@@ -13,8 +13,18 @@ from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
 from client._wire import CURSOR_TYPES
 from client.errors import SluiceError, from_rpc_error
-from client.model import (AppInfo, AppPage, Assignment, Checkpoint, PartitionConsumerState, PutResult, Record,
-                          RecordsPage, StreamDescription, StreamPage)
+from client.model import (
+    AppInfo,
+    AppPage,
+    Assignment,
+    Checkpoint,
+    PartitionConsumerState,
+    PutResult,
+    Record,
+    RecordsPage,
+    StreamDescription,
+    StreamPage,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,13 +53,13 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def with_timeout(self, timeout: float) -> "Client":
+    def with_timeout(self, timeout: float) -> Client:
         """A view of this client on the same connection whose calls time out after `timeout`
         seconds (e.g. heartbeats that must not outlive a lease). Close the original, not the view."""
         view = copy.copy(self)
@@ -125,7 +135,7 @@ class Client:
 
     def subscription(self, stream_name: str = "", partition_id: int = 0, cursor_type: str = "LATEST", *,
                      cursor: str = "", starting_seq: int | None = None, timestamp_ms: int | None = None,
-                     max_records: int = 0, max_wait_ms: int = 0) -> "Subscription":
+                     max_records: int = 0, max_wait_ms: int = 0) -> Subscription:
         """Like `subscribe`, but returns a `Subscription`: an iterator of pages whose `cancel()`
         may be called from any thread (e.g. to stop a reader blocked waiting for records)."""
         request = _wire.subscribe(stream_name, partition_id, cursor_type, cursor, starting_seq, timestamp_ms,
@@ -210,7 +220,7 @@ class Subscription:
         self._call = call
         self._cancelled = False
 
-    def __iter__(self) -> "Subscription":
+    def __iter__(self) -> Subscription:
         return self
 
     def __next__(self) -> RecordsPage:
@@ -225,7 +235,7 @@ class Subscription:
         self._cancelled = True
         self._call.cancel()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import AsyncIterator, Iterator, Union
+from typing import AsyncIterator, Iterator
 
 import grpc
 
@@ -44,7 +44,7 @@ from client.client import Client, Record, RecordsPage, Subscription
 from client.errors import CURSOR_GONE, POSITION_GONE, BrokerUnavailable, SluiceError, make_error
 from client.model import PartitionInfo, StreamDescription
 
-StartPosition = Union[str, tuple[str, int]]
+StartPosition = str | tuple[str, int]
 """"TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
 
 APP_EXISTS = "APP_EXISTS"
@@ -229,7 +229,7 @@ class PartitionConsumer(_ConsumerState):
         return item.records
 
     @staticmethod
-    def _read_subscription(sub: Subscription, pages: "queue.Queue[RecordsPage | BaseException]",
+    def _read_subscription(sub: Subscription, pages: queue.Queue[RecordsPage | BaseException],
                            stop: threading.Event) -> None:
         def put(item: RecordsPage | BaseException) -> None:
             while not stop.is_set():
@@ -307,7 +307,7 @@ class PartitionConsumer(_ConsumerState):
         if self._own_client:
             self._client.close()
 
-    def __enter__(self) -> "PartitionConsumer":
+    def __enter__(self) -> PartitionConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -390,7 +390,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         assert self._pages is not None
         try:
             item = await asyncio.wait_for(self._pages.get(), wait_ms / 1000)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return []
         if isinstance(item, BaseException):
             await self._stop_reader()
@@ -398,7 +398,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         return item.records
 
     @staticmethod
-    async def _read(sub: AsyncSubscription, pages: "asyncio.Queue[RecordsPage | BaseException]") -> None:
+    async def _read(sub: AsyncSubscription, pages: asyncio.Queue[RecordsPage | BaseException]) -> None:
         try:
             async for page in sub:
                 if page.records:   # empty pages are the broker's heartbeats
@@ -456,7 +456,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         if self._own_client:
             await self._client.close()
 
-    async def __aenter__(self) -> "AsyncPartitionConsumer":
+    async def __aenter__(self) -> AsyncPartitionConsumer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

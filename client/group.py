@@ -117,7 +117,7 @@ class GroupConsumer:
         """The fatal error that stopped the consumer, if any."""
         return self._error
 
-    def start(self) -> "GroupConsumer":
+    def start(self) -> GroupConsumer:
         """Create the app if missing and start heartbeating; returns at once."""
         if self._started:
             raise RuntimeError("already started")
@@ -182,7 +182,7 @@ class GroupConsumer:
         if self._own_client:
             self._client.close()
 
-    def __enter__(self) -> "GroupConsumer":
+    def __enter__(self) -> GroupConsumer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

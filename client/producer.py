@@ -78,7 +78,7 @@ class _Pending:
     data: bytes
     key: str | None
     partition_id: int | None
-    future: "Future[PutResult]"
+    future: Future[PutResult]
     enqueued: float
     attempts: int = 0       # retries so far
     due: float = 0.0        # monotonic time before which a retry must not be sent
@@ -106,8 +106,8 @@ class Producer:
     """Batches records sent from any thread into PutRecords requests; see the module docstring.
 
     `client_or_target`: a `Client` (shared, not closed by the producer) or a "host:port" target
-    (the producer opens and closes its own connection, in `project`: see `Client`). `max_buffered_records` bounds the records
-    not yet resolved; `send()` blocks while it is reached.
+    (the producer opens and closes its own connection, in `project`: see `Client`).
+    `max_buffered_records` bounds the records not yet resolved; `send()` blocks while it is reached.
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
@@ -141,7 +141,7 @@ class Producer:
     # -- public API ------------------------------------------------------------------------------
 
     def send(self, data: bytes, partition_key: str | None = None, partition_id: int | None = None, *,
-             timeout: float | None = None) -> "Future[PutResult]":
+             timeout: float | None = None) -> Future[PutResult]:
         """Queue one record; the future resolves to its `PutResult`. With `partition_id` the record
         goes to that partition (wins over the key); with only `partition_key` the broker hashes the
         key; with neither it spreads records. Blocks while the buffer is full - at most `timeout`
@@ -224,7 +224,7 @@ class Producer:
         if self._own_client:
             self._client.close()  # cancels a request still in flight; its records resolve then
 
-    def __enter__(self) -> "Producer":
+    def __enter__(self) -> Producer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -403,7 +403,7 @@ class AsyncProducer:
         return self._producer.pending
 
     async def send(self, data: bytes, partition_key: str | None = None,
-                   partition_id: int | None = None) -> "asyncio.Future[PutResult]":
+                   partition_id: int | None = None) -> asyncio.Future[PutResult]:
         """Queue one record; returns an asyncio future of its `PutResult`. Awaits only while the
         buffer is full."""
         try:
@@ -425,7 +425,7 @@ class AsyncProducer:
         """See `Producer.close`."""
         await asyncio.to_thread(self._producer.close, timeout)
 
-    async def __aenter__(self) -> "AsyncProducer":
+    async def __aenter__(self) -> AsyncProducer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

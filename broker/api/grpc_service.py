@@ -358,7 +358,8 @@ class SluiceServicer:
         return pb.CommitCheckpointResponse()
 
     @rpc
-    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any, broker: Any) -> pb.GetCheckpointResponse:
+    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any,
+                            broker: Any) -> pb.GetCheckpointResponse:
         mark = await broker.get_checkpoint(request.app_name, request.stream_name, str(request.partition_id),
                                            CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
         if mark is None:

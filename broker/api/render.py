@@ -1,8 +1,9 @@
-"""BrokerError -> DIS wire errors. The only place the HTTP doors read the catalogue's protocol
-columns (the gRPC door's renderer is api/grpc_render.py)."""
+"""BrokerError -> wire errors. The only place that reads the catalogue's protocol columns."""
 from __future__ import annotations
 
 from typing import Any
+
+import grpc
 
 from broker.errors import BrokerError
 
@@ -17,3 +18,10 @@ def dis_error_body(error: BrokerError) -> dict[str, Any]:
 def http_status(error: BrokerError) -> int:
     return error.code.http_status
 
+
+def grpc_status(error: BrokerError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code.grpc_status]
+
+
+def grpc_trailers(error: BrokerError) -> tuple[tuple[str, str], ...]:
+    return (("dis-error-code", error.code.dis_code),)

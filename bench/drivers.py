@@ -603,7 +603,8 @@ class Nats:
         on a raw socket in batches of 10,000 ($JS.API.CONSUMER.MSG.NEXT)."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         name, jstream = "r" + partition.rsplit(".", 1)[1], stream.upper()
-        extra = {"max_batch": READ_LIMIT} if "max_batch" in getattr(ConsumerConfig, "__dataclass_fields__", {}) else {}
+        extra: dict[str, Any] = (   # older nats-py has no max_batch
+            {"max_batch": READ_LIMIT} if "max_batch" in getattr(ConsumerConfig, "__dataclass_fields__", {}) else {})
 
         async def add(js: Any) -> None:
             await js.add_consumer(jstream, ConsumerConfig(durable_name=name, filter_subject=partition,

@@ -102,10 +102,14 @@ def run_sluice(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
             suffix = f"-{uuid.uuid4().hex[:8]}"
             rows += run_sluice_doors(args, data, bodies, args.grpc, args.http, "external", None, suffix)
             continue
-        with drivers.sluice_broker(durability) as broker:
-            assert broker.proc
-            rows += run_sluice_doors(args, data, bodies, broker.grpc_target, broker.http_target, durability,
-                                     broker.proc.pid, "")
+        try:
+            with drivers.sluice_broker(durability) as broker:
+                assert broker.proc
+                rows += run_sluice_doors(args, data, bodies, broker.grpc_target, broker.http_target, durability,
+                                         broker.proc.pid, "")
+        except RuntimeError as exc:   # the broker did not start (its log tail is in the message)
+            rows.append(wl.Row("Sluice", "-", durability, "error", ok=False, note=str(exc)[:300]))
+            _say(f"Sluice/{durability}: {exc}")
     return rows
 
 
@@ -270,6 +274,9 @@ def memory_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+    except RuntimeError as exc:   # the broker did not start (its log tail is in the message)
+        _say(f"error: {exc}")
+        return 1
 
     checks = wl.memory_verdicts(res, args.minutes)
     print(f"Broker memory: W1 over gRPC ({data.records:,} records x {wl.RECORD_SIZE} B, keys from {wl.KEY_IDS:,} ids, "

@@ -77,10 +77,17 @@ class Tally(Protocol):
     done: threading.Event
     error: str
 
-    def take(self, payloads: list[bytes], now_ns: int) -> None: ...
+    def take(self, payloads: list[bytes], now: int) -> None: ...
 
 
 class Driver(Protocol):
+    """One door of one system. Set-up calls (create_stream, stored, bodies, and building a producer,
+    reader, tail or tail_sender) happen before a clock starts; what they return runs timed:
+    `Producer.run`, a reader (one partition until it has read `expected` records, or, with None,
+    until it reads nothing), a `Consumer` calling `tally.take(payloads, receive time)` per batch,
+    and `send(payload)` of a tail_sender (returns once the record is acknowledged, raises if not).
+    `stored` gives the records per partition, keyed by the ids `reader` takes (None: cannot tell).
+    """
     system: str                           # Sluice, NATS JetStream, kinesalite
     door: str                             # gRPC, REST, nats, kinesis-json
     durability: str                       # wal, fsync, file (no fsync), memory, external

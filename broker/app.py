@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,8 +25,7 @@ from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import build_http_app
 from broker.core.broker import Broker
 from broker.settings import Settings
-from broker.storage import STORES
-from broker.storage.base import Store
+from broker.storage import open_store
 
 log = logging.getLogger("sluice")
 
@@ -45,31 +41,6 @@ class Running:
     broker: Broker
     grpc_port: int
     http_port: int
-
-
-def open_store(settings: Settings) -> Store:
-    module, _, cls = STORES[settings.store].partition(":")
-    store_cls = getattr(importlib.import_module(module), cls)
-    if settings.store == "memory":
-        return store_cls()  # type: ignore[no-any-return]
-    return store_cls(os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync,  # type: ignore[no-any-return]
-                     memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)
-
-
-def cursor_secret(settings: Settings) -> bytes:
-    """Cursors must stay valid across a restart, so the key lives beside the data."""
-    if settings.store == "memory":
-        return secrets.token_bytes(32)
-    path = os.path.join(settings.data_dir, "cursor.key")
-    os.makedirs(settings.data_dir, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-            f.flush()
-            os.fsync(f.fileno())
-    with open(path, "rb") as f:
-        return f.read()
 
 
 async def _retention_loop(broker: Broker, interval: float) -> None:
@@ -98,8 +69,8 @@ def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
 
 async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
     """Run a broker until `stop` is set, then shut it down gracefully."""
-    store = await asyncio.to_thread(open_store, settings)
-    broker = Broker(store, cursor_secret=await asyncio.to_thread(cursor_secret, settings))
+    store = await open_store(settings)
+    broker = Broker(store)
     await broker.start()
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
 
@@ -150,5 +121,5 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
         with contextlib.suppress(asyncio.CancelledError):
             await retention
         await broker.close()
-        await asyncio.to_thread(store.close)
+        await store.close()
         log.info("stopped; store closed")

@@ -59,6 +59,12 @@ class ErrorCode(Enum):
         self.dis_code = dis_code
         self.template = template
 
+    @property
+    def reason(self) -> str:
+        """The row's unique, stable, machine-readable reason on every protocol (its name):
+        rows may share a DIS code (STORAGE_FULL and UNAVAILABLE are both DIS.5250), never a reason."""
+        return self.name
+
 
 class BrokerError(Exception):
     """An error with a catalogue entry. `fields` fill the message template."""

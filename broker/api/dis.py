@@ -110,7 +110,7 @@ def _decode_entry(raw: Any) -> PutEntry:
 
 
 def _stream_info(c: StreamConfig) -> dict[str, Any]:
-    return {"stream_name": c.name, "stream_id": str(c.stream_id), "create_time": c.created_ms,
+    return {"stream_name": c.stream_name, "stream_id": str(c.stream_id), "create_time": c.created_ms,
             "retention_period": c.retention_hours, "status": "RUNNING", "stream_type": c.stream_type,
             "data_type": c.data_type, "partition_count": c.partition_count, "auto_scale_enabled": False,
             "tags": [], "sys_tags": []}
@@ -127,8 +127,8 @@ async def create_stream(request: web.Request) -> web.Response:
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    page = request.app[BROKER].list_streams(_query_int(request, "limit"), request.query.get("start_stream_name"))
-    return _json({"total_number": page.total, "stream_names": [c.name for c in page.streams],
+    page = await request.app[BROKER].list_streams(_query_int(request, "limit"), request.query.get("start_stream_name"))
+    return _json({"total_number": page.total, "stream_names": [c.stream_name for c in page.streams],
                   "has_more_streams": page.has_more, "stream_info_list": [_stream_info(c) for c in page.streams]})
 
 

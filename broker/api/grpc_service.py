@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import time
 import uuid
@@ -36,14 +35,13 @@ from broker.api.grpc_render import record_failure, status_code, trailers
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
-from broker.model import GetRecordsResult, PutColumns, PutEntry, StreamConfig
+from broker.model import DEFAULT_PROJECT, GetRecordsResult, PutColumns, PutEntry, StreamConfig
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sluice"].full_name
 PROJECT_KEY = "sluice-project"
-DEFAULT_PROJECT = "default"
 LAST_READ = "LAST_READ"
 
 
@@ -108,7 +106,7 @@ def rpc(method: Rpc) -> Rpc:
                 error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
             else:
                 try:
-                    return await method(self, request, context, self._scope(project_of(context)))
+                    return await method(self, request, context, project_of(context))
                 except BrokerError as exc:
                     error = exc
                 except Exception:
@@ -149,16 +147,12 @@ def _subscribe_response(result: GetRecordsResult) -> pb.SubscribeResponse:
 
 
 def _app_info(info: AppInfo) -> pb.AppInfo:
-    return pb.AppInfo(app_name=getattr(info, "app_name", None) or info.name, app_id=info.app_id,
-                      created_ms=info.created_ms, checkpoint_stream_names=info.stream_names)
-
-
-def _stream_name(c: StreamConfig) -> str:
-    return getattr(c, "stream_name", None) or c.name   # `name` until the core renames it
+    return pb.AppInfo(app_name=info.name, app_id=info.app_id, created_ms=info.created_ms,
+                      checkpoint_stream_names=info.stream_names)
 
 
 def _stream_info(c: StreamConfig) -> pb.StreamInfo:
-    return pb.StreamInfo(stream_name=_stream_name(c), partition_count=c.partition_count,
+    return pb.StreamInfo(stream_name=c.stream_name, partition_count=c.partition_count,
                          retention_hours=c.retention_hours, data_type=DATA_TYPES.encode(c.data_type),
                          stream_type=STREAM_TYPES.encode(c.stream_type), created_ms=c.created_ms,
                          status=pb.STREAM_STATUS_RUNNING, stream_id=c.stream_id)
@@ -168,49 +162,17 @@ def _optional(request: Any, field: str) -> Any:
     return getattr(request, field) if request.HasField(field) else None
 
 
-def _partition(number: int | None) -> str | None:
-    """A wire partition id for the core ("2"; the core takes both forms)."""
-    return None if number is None else str(number)
-
-
-def _seq(number: int | None) -> str | None:
-    """A wire sequence number for the core, which validates it (negative -> INVALID_SEQUENCE)."""
-    return None if number is None else str(number)
-
-
-class _Scope:
-    """The Broker as seen from one project: the `project` keyword added to every verb."""
-
-    __slots__ = ("_broker", "_kw")
-
-    def __init__(self, broker: Broker, kw: dict[str, str]) -> None:
-        self._broker = broker
-        self._kw = kw
-
-    def __getattr__(self, verb: str) -> Callable[..., Any]:
-        return functools.partial(getattr(self._broker, verb), **self._kw)
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+def _checkpoint_type(number: int) -> str:
+    return CHECKPOINT_TYPES.decode(number) or LAST_READ
 
 
 class SluiceServicer:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        # the core takes `project=` on every verb; a core without it serves only "default"
-        self._projects = "project" in inspect.signature(broker.create_stream).parameters
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
         self._pushing = 0                         # of those, Subscribe handlers waiting in context.write
         self._last_activity = time.monotonic()    # when one last finished
-
-    def _scope(self, project: str) -> Any:
-        if self._projects:
-            return _Scope(self._broker, {"project": project})
-        if project != DEFAULT_PROJECT:
-            raise client_error(ErrorCode.INVALID_REQUEST, detail="this broker serves only the default project")
-        return self._broker
 
     def start_draining(self) -> None:
         """Shutdown step: from now on every RPC is answered UNAVAILABLE; running ones go on.
@@ -239,23 +201,24 @@ class SluiceServicer:
     # -- streams -----------------------------------------------------------------------------------
 
     @rpc
-    async def CreateStream(self, request: pb.CreateStreamRequest, context: Any, broker: Any) -> pb.CreateStreamResponse:
-        await broker.create_stream(request.stream_name, request.partition_count, request.retention_hours or None,
-                                   DATA_TYPES.decode(request.data_type), STREAM_TYPES.decode(request.stream_type))
+    async def CreateStream(self, request: pb.CreateStreamRequest, context: Any,
+                           project: str) -> pb.CreateStreamResponse:
+        await self._broker.create_stream(request.stream_name, request.partition_count, request.retention_hours or None,
+                                         DATA_TYPES.decode(request.data_type), STREAM_TYPES.decode(request.stream_type),
+                                         project=project)
         return pb.CreateStreamResponse()
 
     @rpc
-    async def ListStreams(self, request: pb.ListStreamsRequest, context: Any, broker: Any) -> pb.ListStreamsResponse:
-        page = await _maybe_await(broker.list_streams(request.limit or None, request.start_after or None))
+    async def ListStreams(self, request: pb.ListStreamsRequest, context: Any, project: str) -> pb.ListStreamsResponse:
+        page = await self._broker.list_streams(request.limit or None, request.start_after or None, project=project)
         return pb.ListStreamsResponse(total=page.total, has_more=page.has_more,
                                       streams=[_stream_info(c) for c in page.streams])
 
     @rpc
     async def DescribeStream(self, request: pb.DescribeStreamRequest, context: Any,
-                             broker: Any) -> pb.DescribeStreamResponse:
-        desc = await broker.describe_stream(request.stream_name,
-                                            _partition(_optional(request, "start_after_partition")),
-                                            request.limit or None)
+                             project: str) -> pb.DescribeStreamResponse:
+        desc = await self._broker.describe_stream(request.stream_name, _optional(request, "start_after_partition"),
+                                                  request.limit or None, project=project)
         return pb.DescribeStreamResponse(
             stream=_stream_info(desc.config), has_more=desc.has_more_partitions,
             partitions=[pb.PartitionInfo(partition_id=p.partition, status=pb.PARTITION_STATUS_ACTIVE,
@@ -264,27 +227,29 @@ class SluiceServicer:
                         for p in desc.partitions])
 
     @rpc
-    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any, broker: Any) -> pb.DeleteStreamResponse:
-        await broker.delete_stream(request.stream_name)
+    async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any,
+                           project: str) -> pb.DeleteStreamResponse:
+        await self._broker.delete_stream(request.stream_name, project=project)
         return pb.DeleteStreamResponse()
 
     # -- writing -----------------------------------------------------------------------------------
 
     @rpc
-    async def PutRecords(self, request: pb.PutRecordsRequest, context: Any, broker: Any) -> pb.PutRecordsResponse:
+    async def PutRecords(self, request: pb.PutRecordsRequest, context: Any, project: str) -> pb.PutRecordsResponse:
         entries: list[PutEntry] | PutColumns
         if request.WhichOneof("batch") == "columns":
             cols = request.columns   # list() copies each repeated field in C: no object per record
             pids = cols.partition_ids
             entries = PutColumns(list(cols.data), list(cols.partition_keys) or None,
                                  list(cols.explicit_hash_keys) or None,
-                                 # a partition id routes record by record in the core anyway
+                                 # PutColumns says "" for "not set", so ids travel as text; a batch
+                                 # routed by partition id is routed record by record in the core anyway
                                  [str(p) for p in pids] if pids else None)
         else:
             entries = [PutEntry(r.data, r.partition_key or None, _optional(r, "explicit_hash_key"),
-                                _partition(_optional(r, "partition_id")))
+                                _optional(r, "partition_id"))
                        for r in request.records.entries]
-        result = await broker.put_records(request.stream_name, entries)
+        result = await self._broker.put_records(request.stream_name, entries, project=project)
         partitions = result.partitions
         if result.failures:  # the core says -1, the wire's uint32 says 0 (and seq -1)
             partitions = list(partitions)
@@ -296,28 +261,30 @@ class SluiceServicer:
     # -- reading -----------------------------------------------------------------------------------
 
     @rpc
-    async def GetCursor(self, request: pb.GetCursorRequest, context: Any, broker: Any) -> pb.GetCursorResponse:
-        return pb.GetCursorResponse(cursor=await self._get_cursor(broker, request))
+    async def GetCursor(self, request: pb.GetCursorRequest, context: Any, project: str) -> pb.GetCursorResponse:
+        return pb.GetCursorResponse(cursor=await self._get_cursor(request, project))
 
-    @staticmethod
-    async def _get_cursor(broker: Any, request: pb.GetCursorRequest | pb.SubscribeRequest) -> str:
+    async def _get_cursor(self, request: pb.GetCursorRequest | pb.SubscribeRequest, project: str) -> str:
         """GetCursor's fields, which SubscribeRequest repeats, to a cursor."""
-        return str(await broker.get_cursor(request.stream_name, str(request.partition_id),
-                                           CURSOR_TYPES.decode(request.cursor_type),
-                                           _seq(_optional(request, "starting_seq")),
-                                           _optional(request, "timestamp_ms")))
+        return await self._broker.get_cursor(request.stream_name, request.partition_id,
+                                             CURSOR_TYPES.decode(request.cursor_type),
+                                             _optional(request, "starting_seq"), _optional(request, "timestamp_ms"),
+                                             project=project)
 
     @rpc
-    async def GetRecords(self, request: pb.GetRecordsRequest, context: Any, broker: Any) -> pb.GetRecordsResponse:
-        result = await broker.get_records(request.cursor, request.limit or None, request.max_fetch_bytes or None,
-                                          request.wait_ms or None)
+    async def GetRecords(self, request: pb.GetRecordsRequest, context: Any, project: str) -> pb.GetRecordsResponse:
+        result = await self._broker.get_records(request.cursor, request.limit or None,
+                                                request.max_fetch_bytes or None, request.wait_ms or None,
+                                                project=project)
         return _fill(pb.GetRecordsResponse(), result)
 
     @rpc
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext, broker: Any) -> None:
-        cursor = request.cursor or await self._get_cursor(broker, request)
-        batches = broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None)
-        async with contextlib.aclosing(batches):
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext, project: str) -> None:
+        cursor = request.cursor or await self._get_cursor(request, project)
+        batches = self._broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None,
+                                         project=project)
+        # the core's subscribe is an async generator (typed AsyncIterator): close it with the call
+        async with contextlib.aclosing(batches):  # type: ignore[type-var]
             async for batch in batches:
                 # write() waits for HTTP/2 flow control: a consumer that stops reading stops us here
                 self._pushing += 1
@@ -330,57 +297,57 @@ class SluiceServicer:
     # -- apps and checkpoints ----------------------------------------------------------------------
 
     @rpc
-    async def CreateApp(self, request: pb.CreateAppRequest, context: Any, broker: Any) -> pb.CreateAppResponse:
-        await broker.create_app(request.app_name)
+    async def CreateApp(self, request: pb.CreateAppRequest, context: Any, project: str) -> pb.CreateAppResponse:
+        await self._broker.create_app(request.app_name, project=project)
         return pb.CreateAppResponse()
 
     @rpc
-    async def ListApps(self, request: pb.ListAppsRequest, context: Any, broker: Any) -> pb.ListAppsResponse:
-        total, page, more = await broker.list_apps(request.limit or None, request.start_after or None,
-                                                   request.stream_name or None)
+    async def ListApps(self, request: pb.ListAppsRequest, context: Any, project: str) -> pb.ListAppsResponse:
+        total, page, more = await self._broker.list_apps(request.limit or None, request.start_after or None,
+                                                         request.stream_name or None, project=project)
         return pb.ListAppsResponse(total=total, apps=[_app_info(a) for a in page], has_more=more)
 
     @rpc
-    async def DescribeApp(self, request: pb.DescribeAppRequest, context: Any, broker: Any) -> pb.DescribeAppResponse:
-        return pb.DescribeAppResponse(app=_app_info(await broker.describe_app(request.app_name)))
+    async def DescribeApp(self, request: pb.DescribeAppRequest, context: Any, project: str) -> pb.DescribeAppResponse:
+        return pb.DescribeAppResponse(app=_app_info(await self._broker.describe_app(request.app_name,
+                                                                                    project=project)))
 
     @rpc
-    async def DeleteApp(self, request: pb.DeleteAppRequest, context: Any, broker: Any) -> pb.DeleteAppResponse:
-        await broker.delete_app(request.app_name)
+    async def DeleteApp(self, request: pb.DeleteAppRequest, context: Any, project: str) -> pb.DeleteAppResponse:
+        await self._broker.delete_app(request.app_name, project=project)
         return pb.DeleteAppResponse()
 
     @rpc
     async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context: Any,
-                               broker: Any) -> pb.CommitCheckpointResponse:
-        await broker.commit_checkpoint(request.app_name, request.stream_name, str(request.partition_id),
-                                       _seq(request.seq), request.metadata or None,
-                                       CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
+                               project: str) -> pb.CommitCheckpointResponse:
+        await self._broker.commit_checkpoint(request.app_name, request.stream_name, request.partition_id, request.seq,
+                                             request.metadata or None, _checkpoint_type(request.checkpoint_type),
+                                             project=project)
         return pb.CommitCheckpointResponse()
 
     @rpc
     async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any,
-                            broker: Any) -> pb.GetCheckpointResponse:
-        mark = await broker.get_checkpoint(request.app_name, request.stream_name, str(request.partition_id),
-                                           CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
+                            project: str) -> pb.GetCheckpointResponse:
+        mark = await self._broker.get_checkpoint(request.app_name, request.stream_name, request.partition_id,
+                                                 _checkpoint_type(request.checkpoint_type), project=project)
         if mark is None:
             return pb.GetCheckpointResponse(found=False, seq=-1)
         return pb.GetCheckpointResponse(found=True, seq=mark.seq, metadata=mark.metadata)
 
     @rpc
     async def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Any,
-                               broker: Any) -> pb.DeleteCheckpointResponse:
-        await broker.delete_checkpoint(request.app_name, request.stream_name,
-                                       _partition(_optional(request, "partition_id")),
-                                       CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ)
+                               project: str) -> pb.DeleteCheckpointResponse:
+        await self._broker.delete_checkpoint(request.app_name, request.stream_name, _optional(request, "partition_id"),
+                                             _checkpoint_type(request.checkpoint_type), project=project)
         return pb.DeleteCheckpointResponse()
 
     @rpc
     async def GetConsumerState(self, request: pb.GetConsumerStateRequest, context: Any,
-                               broker: Any) -> pb.GetConsumerStateResponse:
-        kind = CHECKPOINT_TYPES.decode(request.checkpoint_type) or LAST_READ
-        states, more = await broker.consumer_state(request.app_name, request.stream_name, kind,
-                                                   _partition(_optional(request, "start_after_partition")),
-                                                   request.limit or None)
+                               project: str) -> pb.GetConsumerStateResponse:
+        kind = _checkpoint_type(request.checkpoint_type)
+        states, more = await self._broker.consumer_state(request.app_name, request.stream_name, kind,
+                                                         _optional(request, "start_after_partition"),
+                                                         request.limit or None, project=project)
         return pb.GetConsumerStateResponse(
             app_name=request.app_name, stream_name=request.stream_name, has_more=more,
             partitions=[pb.PartitionConsumerState(
@@ -392,14 +359,14 @@ class SluiceServicer:
     # -- consumer groups ---------------------------------------------------------------------------
 
     @rpc
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any, broker: Any) -> pb.HeartbeatResponse:
-        mine, lease = await broker.heartbeat(request.app_name, request.stream_name, request.member_id,
-                                             list(request.held), request.lease_ms or None)
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any, project: str) -> pb.HeartbeatResponse:
+        mine, lease = await self._broker.heartbeat(request.app_name, request.stream_name, request.member_id,
+                                                   list(request.held), request.lease_ms or None, project=project)
         return pb.HeartbeatResponse(partition_ids=mine, lease_ms=lease)
 
     @rpc
-    async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any, broker: Any) -> pb.LeaveGroupResponse:
-        await broker.leave_group(request.app_name, request.stream_name, request.member_id)
+    async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any, project: str) -> pb.LeaveGroupResponse:
+        await self._broker.leave_group(request.app_name, request.stream_name, request.member_id, project=project)
         return pb.LeaveGroupResponse()
 
 

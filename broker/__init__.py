@@ -33,7 +33,8 @@
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
       render.py          BrokerError -> DIS body, HTTP and gRPC statuses
-      grpc_service.py    the gRPC door (sluice.v1)
+      grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
+      grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
 
 Import direction: api -> core -> storage.base <- storage.*; model and errors under all.
 Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id

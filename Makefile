@@ -1,5 +1,6 @@
 # `make run`  : create .venv, install, generate stubs, start the broker (RocksDB under ./data)
 # `make test` : create .venv, install with test deps, generate stubs, run the whole suite
+# `make lint` : ruff (rules in pyproject [tool.ruff]) and mypy ([tool.mypy]) over broker/ and client/
 # `make bench`: the W1/W2/W3 suite (issue 4) against fresh brokers, both doors, WAL and fsync:
 #               bench/run.py (takes ARGS, e.g. ARGS=--quick); a table + bench/results/<time>.json
 # `make bench-compare`: installs nats-server (apt), kinesalite (npm, bench/.peers) and nats-py
@@ -17,7 +18,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test bench bench-compare bench-put bench-latency bench-memory bench-peers wheel clean
+.PHONY: install proto run test lint bench bench-compare bench-put bench-latency bench-memory bench-peers wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,11 @@ run: proto
 
 test: proto
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# after proto: mypy reads the generated stubs' .pyi files
+lint: proto
+	$(PY) -m ruff check broker client
+	$(PY) -m mypy broker client
 
 bench: proto
 	$(PY) bench/run.py $(ARGS)

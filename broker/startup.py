@@ -110,7 +110,7 @@ def _posix_lock_holder(path: str) -> int | None:
         return None
     layout = "hhqqi4x"   # l_type, l_whence, l_start, l_len, l_pid (+ padding)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)   # F_GETLK needs no write access
     except OSError:
         return None
     try:

@@ -10,6 +10,7 @@ bad SLUICE_* values. Exit status 2 is a usage error, 1 a startup error.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -131,6 +132,7 @@ def test_a_data_dir_that_cannot_be_created_is_named(tmp_path: Path, below: str) 
     error_line(out, 1, f"data dir {data_dir}", "--data-dir", "SLUICE_DATA_DIR")
 
 
+@functools.cache
 def _can_mount() -> bool:
     if shutil.which("unshare") is None:
         return False
@@ -139,7 +141,10 @@ def _can_mount() -> bool:
     return probe.returncode == 0
 
 
-needs_mounts = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mount (root with CAP_SYS_ADMIN)")
+@pytest.fixture
+def mounts() -> None:
+    if not _can_mount():
+        pytest.skip("needs `unshare -m` and mount (root with CAP_SYS_ADMIN)")
 
 
 def in_private_mount(setup: str, *broker_args: str) -> subprocess.CompletedProcess[str]:
@@ -150,17 +155,15 @@ def in_private_mount(setup: str, *broker_args: str) -> subprocess.CompletedProce
                                                                       "--http-port", "0")])
 
 
-@needs_mounts
-def test_a_data_dir_on_a_read_only_mount_is_named(tmp_path: Path) -> None:
+def test_a_data_dir_on_a_read_only_mount_is_named(mounts: None, tmp_path: Path) -> None:
     mnt = tmp_path / "ro"
     mnt.mkdir()
     out = in_private_mount(f"mount -t tmpfs -o ro tmpfs {mnt}", "--data-dir", str(mnt / "data"))
     error_line(out, 1, f"data dir {mnt / 'data'}", "Read-only file system", "--data-dir", "SLUICE_DATA_DIR")
 
 
-@needs_mounts
 def test_an_existing_data_dir_remounted_read_only_is_named(
-        start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+        mounts: None, start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
     data_dir = tmp_path / "was-writable"
     assert start_broker(data_dir=data_dir).stop() == 0
     out = in_private_mount(f"mount --bind {data_dir} {data_dir}; mount -o remount,ro,bind {data_dir}",
@@ -168,8 +171,7 @@ def test_an_existing_data_dir_remounted_read_only_is_named(
     error_line(out, 1, f"data dir {data_dir}", "Read-only file system", "--data-dir")
 
 
-@needs_mounts
-def test_a_full_data_dir_says_it_is_full(tmp_path: Path) -> None:
+def test_a_full_data_dir_says_it_is_full(mounts: None, tmp_path: Path) -> None:
     mnt = tmp_path / "full"
     mnt.mkdir()
     out = in_private_mount(f"mount -t tmpfs -o size=64k tmpfs {mnt}; mkdir {mnt}/data; "
@@ -177,8 +179,7 @@ def test_a_full_data_dir_says_it_is_full(tmp_path: Path) -> None:
     error_line(out, 1, f"data dir {mnt / 'data'} is full", "--data-dir")
 
 
-@needs_mounts
-def test_a_data_dir_too_small_for_the_store_says_it_is_full(tmp_path: Path) -> None:
+def test_a_data_dir_too_small_for_the_store_says_it_is_full(mounts: None, tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     # room for the pid file, not for RocksDB's first files: the store's own open fails

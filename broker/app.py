@@ -3,7 +3,7 @@ retention task; on stop, shut down gracefully. The only module that knows every 
 
 Graceful stop, in order: mark health NOT_SERVING; stop accepting on both doors and let in-flight
 requests finish (up to `shutdown_grace`; the gRPC door first answers new calls UNAVAILABLE until the
-running ones are done, see api/grpc_service.py); stop the retention task; drain the group committer
+running ones are done, see api/grpc_service.py); stop the retention task; drain the committer
 so every accepted batch is committed; flush and close the store.
 
 Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable

@@ -14,7 +14,7 @@ batch holding their start and skip into it, and a trim drops whole batches only.
 
 Durability: records and the partition's high-water mark go into one WriteBatch with the WAL on, so
 an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
-fsynced, so it survives power loss too; group commit amortises that fsync over every producer
+fsynced, so it survives power loss too; the core's Committer amortises that fsync over every producer
 waiting at the time.
 """
 from __future__ import annotations

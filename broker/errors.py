@@ -59,6 +59,11 @@ class ErrorCode(Enum):
         self.dis_code = dis_code
         self.template = template
 
+    @property
+    def reason(self) -> str:
+        """The row's stable, unique machine-readable reason on every protocol: its name."""
+        return self.name
+
 
 class BrokerError(Exception):
     """An error with a catalogue entry. `fields` fill the message template."""

@@ -37,7 +37,8 @@ _DECIMAL = re.compile(r"-?[0-9]+")
 # Any other coding would hand the handler bytes that are not what the client meant.
 _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 _IDENTITY = frozenset({"", "identity"})
-_REQUEST_ID_SLOT = "sluice.request_id"
+# aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
+_REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

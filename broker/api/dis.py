@@ -13,8 +13,16 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.http import (BROKER, HttpConfig, door_app, field, json_response, query_int, query_str,
-                             read_json, required_query)
+from broker.api.http import (
+    BROKER,
+    HttpConfig,
+    door_app,
+    field,
+    json_response,
+    query_int,
+    read_json,
+    required_query,
+)
 from broker.api.render import DIS
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
@@ -40,7 +48,8 @@ def _decode_entry(raw: Any) -> PutEntry:
         return PutEntry(_EMPTY, rejected=client_error(ErrorCode.INVALID_REQUEST, detail="data is not valid base64"))
     key, hash_key, pid = raw.get("partition_key"), raw.get("explicit_hash_key"), raw.get("partition_id")
     if key is not None and not isinstance(key, str):
-        return PutEntry(_EMPTY, rejected=client_error(ErrorCode.INVALID_REQUEST, detail="partition_key must be a string"))
+        return PutEntry(_EMPTY, rejected=client_error(ErrorCode.INVALID_REQUEST,
+                                                      detail="partition_key must be a string"))
     # Numbers are accepted for the two numeric-string fields: some clients send them unquoted.
     for name, value in (("explicit_hash_key", hash_key), ("partition_id", pid)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):

@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
@@ -115,7 +116,7 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
     return client_error(ErrorCode.INVALID_REQUEST, detail=exc.reason)
 
 
-def error_middleware(doors: Sequence[tuple[str, Renderer]], fallback: Renderer) -> Any:
+def error_middleware(doors: Sequence[tuple[str, Renderer]], fallback: Renderer) -> Middleware:
     """The one error handler of the HTTP app: every response gets `X-Request-Id`; a BrokerError or
     an aiohttp routing error is rendered by the door that owns the path (`doors`: path prefix ->
     renderer, `fallback` for paths no door owns); anything unexpected is logged with its
@@ -161,12 +162,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Content-Encoding {encoding!r:.40}")
     try:
         body = await asyncio.wait_for(request.read(), config.body_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise client_error(ErrorCode.REQUEST_TIMEOUT) from None
     except web.HTTPRequestEntityTooLarge:
         raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes") from None
     except web.RequestPayloadError as exc:  # e.g. "gzip" that is not gzip; a broken chunked framing
-        raise client_error(ErrorCode.BAD_BODY, detail=f"body could not be read: {brief(exc.__cause__ or exc)}") from None
+        detail = f"body could not be read: {brief(exc.__cause__ or exc)}"
+        raise client_error(ErrorCode.BAD_BODY, detail=detail) from None
     if not body:
         raise client_error(ErrorCode.BAD_BODY, detail="request body is empty")
     try:
@@ -244,7 +246,7 @@ async def write_or_drop(request: web.Request, response: web.StreamResponse, data
     False then, and the handler should return."""
     try:
         await asyncio.wait_for(response.write(data), request.app[CONFIG].stall_timeout_s)
-    except (asyncio.TimeoutError, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         if request.transport is not None:
             request.transport.abort()
         return False

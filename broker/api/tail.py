@@ -37,7 +37,8 @@ async def tail(request: web.Request) -> web.StreamResponse:
     # The headers go out before the error middleware sees the response, so the request id is set here.
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
-    async with contextlib.aclosing(batches):
+    # subscribe() is an async generator typed as AsyncIterator: closing it ends the subscription now
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
         # the first batch before the headers, so a bad cursor still gets a DIS error response
         batch = await anext(batches, None)
         if batch is None:

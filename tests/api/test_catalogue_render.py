@@ -24,8 +24,9 @@ from broker.api.render import DIS
 from broker.errors import BrokerError, ErrorCode
 
 # Every placeholder any template uses, so no message keeps a "{...}".
-FIELDS: dict[str, object] = dict(detail="d", stream="s", partition_id="p", cursor_type="c", value="v", given=1,
-                                 earliest=0, latest=2, seq=0, method="GET", path="/x", request_id="r", app="a")
+FIELDS: dict[str, object] = {"detail": "d", "stream": "s", "partition_id": "p", "cursor_type": "c", "value": "v",
+                             "given": 1, "earliest": 0, "latest": 2, "seq": 0, "method": "GET", "path": "/x",
+                             "request_id": "r", "app": "a"}
 
 
 def dis_body(error: BrokerError) -> dict[str, Any]:

@@ -15,9 +15,9 @@ import socket
 import zlib
 
 import pytest
+from dis_http import PID, Reply, addr, assert_dis_error, call
 
 from broker.errors import ErrorCode
-from dis_http import PID, Reply, addr, assert_dis_error, call
 
 
 def exchange(broker, raw: bytes) -> Reply:  # type: ignore[no-untyped-def]

@@ -23,11 +23,11 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
+from dis_http import PID, Reply, addr, assert_dis_error, call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import ErrorCode
-from dis_http import PID, Reply, addr, assert_dis_error, call
 
 HUGE = "9" * 5000
 # Values every numeric field gets, as text (a query value, or a JSON string's content).

@@ -38,7 +38,7 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     root = web.Application(middlewares=[error_middleware([(prefix + "/", door[RENDERER])
                                                           for prefix, door in doors.items()], FALLBACK)],
                            client_max_size=config.max_body_bytes)
-    root[RENDERER] = FALLBACK
+    root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
     for prefix, door in doors.items():
         root.add_subapp(prefix, door)
     return root
@@ -78,14 +78,21 @@ class _RequestHandler(web.RequestHandler):
 class _Server(web.Server):
     """aiohttp's low-level server, building `_RequestHandler` connections."""
 
+    renderer: Renderer = FALLBACK
+
     def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.renderer = self.renderer
+        return handler
 
 
 class HttpRunner(web.AppRunner):
-    """`web.AppRunner` whose connections answer parser errors with the fallback door's body."""
+    """`web.AppRunner` whose connections answer parser errors with the body of the root app's
+    fallback door (`app[RENDERER]`, set by build_http_app)."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return _Server(server.request_handler, request_factory=server.request_factory,
+        ours = _Server(server.request_handler, request_factory=server.request_factory,
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
+        ours.renderer = self.app.get(RENDERER, FALLBACK)
+        return ours

@@ -1,13 +1,13 @@
 # `make run`  : create .venv, install, generate stubs, start the broker (RocksDB under ./data)
 # `make test` : create .venv, install with test deps, generate stubs, run the whole suite
-# `make bench`: the W1/W2/W3 suite (issue 4) against fresh brokers, both doors, WAL and fsync:
-#               bench/run.py (takes ARGS, e.g. ARGS=--quick); a table + bench/results/<time>.json
+# `make lint` : ruff (rules in pyproject [tool.ruff]) and mypy ([tool.mypy]) over broker/ and client/
+# `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
+#               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
+#               ARGS=--quick, ARGS='--workloads w3 --durability wal' (bench/README.md lists them)
 # `make bench-compare`: installs nats-server (apt), kinesalite (npm, bench/.peers) and nats-py
 #               (the `bench` extra), then the same suite plus the peers: bench/run.py --compare
-# `make bench-put`: the older fixed-time PutRecords benchmark (bench/put_records.py, takes ARGS)
-# `make bench-latency`: only the tail-latency benchmark (ARGS go to bench/tail_latency.py)
 # `make bench-memory`: broker RSS with 1,000,000 records stored, then over a 5-minute W1 loop
-#               (bench/memory.py, takes ARGS, e.g. ARGS='--minutes 0.5 --records 400000')
+#               (bench/run.py memory, takes ARGS, e.g. ARGS='--minutes 0.5 --records 400000')
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test bench bench-compare bench-put bench-latency bench-memory bench-peers wheel clean
+.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ run: proto
 test: proto
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# after proto: mypy reads the generated stubs' .pyi files
+lint: proto
+	$(PY) -m ruff check broker client
+	$(PY) -m mypy broker client
+
 bench: proto
 	$(PY) bench/run.py $(ARGS)
 
@@ -53,14 +58,8 @@ bench-peers: proto
 bench-compare: bench-peers
 	$(PY) bench/run.py --compare $(ARGS)
 
-bench-put: proto
-	$(PY) bench/put_records.py $(ARGS)
-
-bench-latency: proto
-	$(PY) bench/tail_latency.py $(ARGS)
-
 bench-memory: proto
-	$(PY) bench/memory.py $(ARGS)
+	$(PY) bench/run.py memory $(ARGS)
 
 wheel: proto
 	$(PY) -m build --wheel --no-isolation --outdir dist .

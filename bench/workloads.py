@@ -1,4 +1,5 @@
-"""Workloads W1/W2/W3 of issue 4, shared by bench/run.py (Sluice) and bench/peers.py (NATS, kinesalite).
+"""The workloads of bench/run.py, the same for every system and door (bench/drivers.py drives the
+doors; this module holds the clocks, the CPU meters, the data set and the verdicts).
 
     W1 put   200,000 records of 256 random bytes (fixed seed), partition keys drawn from 10,000 ids,
              a 4-partition stream, batches of 500, 4 concurrent producers each waiting for its ack.
@@ -7,6 +8,8 @@
              the largest GetRecords the system takes. records/s.
     W3 tail  one producer sends 1 record every 2 ms for 5 s, a consumer tails the partition:
              put-to-receive p50/p99 per consumer mode (push, long poll / poll).
+    memory   W1 rounds until N records are stored, then W1 in a loop for M minutes, the server's
+             VmRSS sampled every second (`memory_fill`, `memory_loop`).
 
 Every workload reports the client's CPU seconds (time.process_time: all threads of this process)
 and the server's (utime+stime from /proc/<pid>/stat), so a reader sees who was saturated on the
@@ -14,12 +17,20 @@ shared cores. Request bytes are built before the clock starts.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+import statistics
+import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:   # drivers imports this module; the workloads only call the drivers' methods
+    from drivers import Driver
 
 SEED = 20261121
 RECORD_SIZE = 256
@@ -30,6 +41,8 @@ PRODUCERS = 4
 W1_RECORDS = 200_000
 W3_INTERVAL_S = 0.002
 W3_SECONDS = 5.0
+W3_RECORD_SIZE = 100
+W3_WARM_UP_S = 0.2            # the first 0.2 s of records warm the path up and are not counted
 QUICK = {"w1_records": 20_000, "w3_seconds": 1.0}
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -76,11 +89,11 @@ class CpuMeter:
         self.pid = server_pid
         self.wall = self.client = self.server = 0.0
 
-    def start(self) -> "CpuMeter":
+    def start(self) -> CpuMeter:
         self._w, self._c, self._s = time.perf_counter(), time.process_time(), proc_cpu_seconds(self.pid)
         return self
 
-    def stop(self) -> "CpuMeter":
+    def stop(self) -> CpuMeter:
         self.wall = time.perf_counter() - self._w
         self.client = time.process_time() - self._c
         self.server = proc_cpu_seconds(self.pid) - self._s
@@ -89,7 +102,7 @@ class CpuMeter:
 
 # -- results ------------------------------------------------------------------------------------
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -115,7 +128,7 @@ class Row:
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def measure(self, meter: CpuMeter) -> "Row":
+    def measure(self, meter: CpuMeter) -> Row:
         self.seconds, self.client_cpu_s, self.server_cpu_s = meter.wall, meter.client, meter.server
         if self.workload.startswith(("W1", "W2")) and meter.wall > 0:
             self.rate = self.records / meter.wall
@@ -123,11 +136,11 @@ class Row:
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(self).items()}
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
 
 def _num(v: float, fmt: str) -> str:
-    return "-" if v != v or v == 0.0 and fmt != ".2f" else format(v, fmt)
+    return "-" if math.isnan(v) or v == 0.0 and fmt != ".2f" else format(v, fmt)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -151,8 +164,8 @@ def format_table(rows: list[Row]) -> str:
 
 
 def format_markdown(rows: list[Row]) -> str:
-    out = ["| system | door | durability | workload | records | rec/s | MB/s | p50 ms | p99 ms | client cpu s "
-           "| server cpu s | ok |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [("| system | door | durability | workload | records | rec/s | MB/s | p50 ms | p99 ms | client cpu s "
+           "| server cpu s | ok |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w3 = r.workload.startswith("W3")
         out.append(f"| {r.system} | {r.door} | {r.durability} | {r.workload} | {r.records:,} | "
@@ -206,7 +219,7 @@ def run_threads(fns: list[Callable[[], None]]) -> list[str]:
         try:
             gate.wait()
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
             errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
     threads = [threading.Thread(target=wrap, args=(f,), daemon=True) for f in fns]
@@ -216,3 +229,341 @@ def run_threads(fns: list[Callable[[], None]]) -> list[str]:
     for t in threads:
         t.join()
     return errors
+
+
+# -- W1, W2: throughput on one door ------------------------------------------------------------
+
+def w1(driver: Driver, stream: str, bodies: list[Any], data: Dataset) -> Row:
+    """PRODUCERS threads released together, producer p sending batches p, p+P, ... of the pre-built
+    bodies and waiting for each acknowledgement; then the store's count must equal the data set's."""
+    row = Row(driver.system, driver.door, driver.durability, "W1 put")
+    producers = [driver.producer([bodies[i] for i in producer_batches(len(bodies), p)]) for p in range(PRODUCERS)]
+    meter = CpuMeter(driver.pid).start()
+    errors = run_threads([p.run for p in producers])
+    meter.stop()
+    failed = sum(p.failed() for p in producers)
+    lat = [x for p in producers for x in p.latencies]
+    row.records = data.records - failed if not errors else len(lat) * BATCH
+    row.measure(meter)
+    row.p50_ms, row.p99_ms = pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000
+    counts = list(driver.stored(stream).values())
+    stored = None if None in counts else sum(counts)   # type: ignore[arg-type]
+    row.extra = {"batches": len(lat), "failed_records": failed, "stored": stored}
+    if errors or failed or (stored is not None and stored != data.records):
+        row.ok, row.note = False, (errors[0] if errors else f"failed={failed} stored={stored}/{data.records}")
+    return row
+
+
+def w1_round(driver: Driver, bodies: list[Any]) -> None:
+    """One W1 pass as w1() runs it (new connections per producer), unmeasured; raises unless all acked."""
+    producers = [driver.producer([bodies[i] for i in producer_batches(len(bodies), p)]) for p in range(PRODUCERS)]
+    errors = run_threads([p.run for p in producers])
+    failed = sum(p.failed() for p in producers)
+    if errors or failed:
+        raise RuntimeError(errors[0] if errors else f"{failed} records failed")
+
+
+def w2(driver: Driver, stream: str, written: int) -> Row:
+    """One reader thread per partition from TRIM_HORIZON, released together, until it has read the
+    partition's stored count (or, where the system cannot count, until it reads nothing)."""
+    row = Row(driver.system, driver.door, driver.durability, "W2 read")
+    per_partition = driver.stored(stream)
+    counts: dict[str, int] = {}
+    readers = [driver.reader(stream, p, n, counts) for p, n in per_partition.items()]
+    meter = CpuMeter(driver.pid).start()
+    errors = run_threads(readers)
+    meter.stop()
+    row.records = sum(counts.values())
+    row.measure(meter)
+    known = [n for n in per_partition.values() if n is not None]
+    expected = sum(known) if len(known) == len(per_partition) else written
+    row.extra = {"expected": expected, "per_partition": counts, "read_limit": driver.read_limit}
+    if errors or row.records != expected:
+        row.ok, row.note = False, (errors[0] if errors else f"read {row.records}/{expected}")
+    return row
+
+
+# -- W3: put-to-receive latency ----------------------------------------------------------------
+
+HEADER = struct.Struct(">Qq")   # a W3 payload starts with: index, send time (perf_counter_ns)
+
+
+@dataclass
+class Tally:
+    """What a W3 consumer saw: per counted record, receive - send in ns; and whether it was in order."""
+    expected: int
+    warm: int                     # records with index < warm are not counted
+    latencies: list[int] = field(default_factory=list)
+    received: int = 0
+    out_of_order: int = 0
+    error: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def take(self, payloads: list[bytes], now: int) -> None:
+        for data in payloads:
+            index, sent = HEADER.unpack_from(data)
+            if index != self.received:
+                self.out_of_order += 1
+            self.received += 1
+            if index >= self.warm:
+                self.latencies.append(now - sent)
+        if self.received >= self.expected:
+            self.done.set()
+
+
+@dataclass
+class TailRun:
+    tally: Tally
+    sent: int = 0
+    put_latencies: list[float] = field(default_factory=list)   # ms
+    late_sends: int = 0
+    error: str = ""
+
+    @property
+    def verdict(self) -> str:
+        t = self.tally
+        if self.error or t.error:
+            return self.error or t.error
+        if t.received != self.sent:
+            return f"LOST {self.sent - t.received}"
+        if t.out_of_order:
+            return f"DISORDER {t.out_of_order}"
+        return "ok" if t.latencies else "no records counted"
+
+
+def tail_run(driver: Driver, stream: str, partition: int, mode: str, seconds: float, rate: float) -> TailRun:
+    """One producer sends a record every 1/rate s to `partition`, its send time in the payload, while
+    one consumer (`mode`) tails the partition. The first W3_WARM_UP_S of records are not counted."""
+    interval_ns = int(1e9 / rate)
+    warm = max(1, int(W3_WARM_UP_S * rate))
+    tally = Tally(warm + int(seconds * rate), warm)
+    run = TailRun(tally)
+    send, close = driver.tail_sender(stream, partition)
+    try:
+        consumer = driver.tail(stream, partition, mode, tally)
+    except BaseException:
+        close()
+        raise
+    pad = os.urandom(W3_RECORD_SIZE - HEADER.size)
+    pack, clock, sleep, put_latencies = HEADER.pack, time.perf_counter_ns, time.sleep, run.put_latencies
+    try:
+        start = clock() + 50_000_000   # 50 ms from now: the consumer is in its first wait by then
+        for i in range(tally.expected):
+            due = start + i * interval_ns
+            now = clock()
+            if due > now:
+                sleep((due - now) / 1e9)
+            elif now - due > interval_ns:
+                run.late_sends += 1
+            sent = clock()
+            send(pack(i, sent) + pad)
+            if i >= warm:
+                put_latencies.append((clock() - sent) / 1e6)
+            run.sent += 1
+        tally.done.wait(10)
+    except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+        run.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        consumer.stop()
+        close()
+    return run
+
+
+def w3(driver: Driver, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> list[Row]:
+    """A stream with a partition per consumer mode of the door; the modes run one after the other."""
+    driver.create_stream(stream, len(driver.w3_modes))
+    rows = []
+    for partition, (mode, label) in enumerate(driver.w3_modes):
+        row = Row(driver.system, driver.door, driver.durability, label)
+        meter = CpuMeter(driver.pid).start()
+        res = tail_run(driver, stream, partition, mode, seconds, rate)
+        meter.stop()
+        lat = res.tally.latencies
+        row.records = len(lat)
+        row.measure(meter)
+        row.p50_ms, row.p99_ms = pct(lat, 0.5) / 1e6, pct(lat, 0.99) / 1e6
+        row.extra = {"mode": mode, "sent": res.sent, "received": res.tally.received, "rate": rate,
+                     "put_p50_ms": pct(res.put_latencies, 0.5), "p90_ms": pct(lat, 0.9) / 1e6,
+                     "max_ms": pct(lat, 1.0) / 1e6, "late_sends": res.late_sends, "producer": driver.w3_producer}
+        if res.verdict != "ok":
+            row.ok, row.note = False, res.verdict
+        rows.append(row)
+    return rows
+
+
+# -- memory: the server's RSS with N records stored, then over a W1 loop -----------------------
+
+MEMORY_RECORDS = 1_000_000
+MEMORY_MINUTES = 5.0
+TARGET_RSS_MIB = 300.0
+FLAT_SLOPE_MIB_MIN = 2.0    # second-half least-squares slope
+FLAT_GROWTH_MIB = 30.0      # median of the last minute - median of the first (single samples swing ±20 MiB)
+SETTLE_S = 2.0
+SAMPLE_S = 1.0
+
+
+def status_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a process in MiB (/proc reports kB)."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+class RssSampler:
+    """VmRSS of a pid every SAMPLE_S on a side thread, as (seconds since start, MiB).
+
+    Ticks are scheduled from the start time, not slept back to back, so a tick delayed by the
+    producers' threads (GIL, two shared cores) does not shift the rest; the regression uses the
+    actual times anyway.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = 0.0
+
+    def _sample(self) -> None:
+        self.samples.append((time.monotonic() - self._t0, status_mib(self.pid)["VmRSS"]))
+
+    def _run(self) -> None:
+        k = 0
+        while True:
+            self._sample()
+            k += 1
+            if self._stop.wait(max(0.0, self._t0 + k * SAMPLE_S - time.monotonic())):
+                return
+
+    def start(self) -> RssSampler:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._sample()   # the "end" figure is taken right after the last W1 round
+
+
+def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
+    if len(samples) < 2:
+        return float("nan")
+    return statistics.linear_regression([t for t, _ in samples], [r for _, r in samples]).slope * 60
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except FileNotFoundError:   # the running broker's compactions delete files under us
+            pass
+    return total
+
+
+def _stored_total(driver: Driver, stream: str) -> int:
+    return sum(n or 0 for n in driver.stored(stream).values())
+
+
+def memory(driver: Driver, stream: str, bodies: list[Any], per_round: int, records: int, minutes: float,
+           data_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """fill: W1 rounds until `records` are stored, SETTLE_S of rest, VmRSS/VmHWM. loop: W1 rounds back
+    to back for `minutes`, VmRSS sampled every SAMPLE_S; RSS start/end/min/max, the least-squares
+    slope over the second half (the first is warm-up), first/last minute medians."""
+    assert driver.pid
+    pid = driver.pid
+    say(f"fill: W1 until {records:,} records are stored")
+    t0, written, rounds = time.perf_counter(), 0, 0
+    while written < records:
+        w1_round(driver, bodies)
+        written, rounds = written + per_round, rounds + 1
+    fill_s = time.perf_counter() - t0
+    stored = _stored_total(driver, stream)
+    if stored != written:
+        raise RuntimeError(f"fill: stored {stored:,}, acknowledged {written:,}")
+    time.sleep(SETTLE_S)   # let the last flush/compaction and the gRPC threads settle
+    mem = status_mib(pid)
+    fill = {"records_stored": stored, "rounds": rounds, "seconds": fill_s, "rate": written / fill_s,
+            "rss_mib": mem["VmRSS"], "hwm_mib": mem["VmHWM"]}
+    say(f"  {stored:,} stored in {fill_s:.1f} s; VmRSS {mem['VmRSS']:.1f} MiB, VmHWM {mem['VmHWM']:.1f} MiB")
+
+    say(f"loop: W1 for {minutes:g} min, VmRSS every {SAMPLE_S:g} s")
+    sampler = RssSampler(pid).start()
+    try:
+        t0, written, rounds = time.perf_counter(), 0, 0
+        deadline = t0 + minutes * 60
+        while time.perf_counter() < deadline:   # the last round may run past the deadline (~1 s)
+            w1_round(driver, bodies)
+            written, rounds = written + per_round, rounds + 1
+        loop_s = time.perf_counter() - t0
+    finally:
+        sampler.stop()
+    end_stored = _stored_total(driver, stream)
+    if end_stored != stored + written:
+        raise RuntimeError(f"loop: stored {end_stored:,}, expected {stored + written:,}")
+    samples = sampler.samples
+    half, last = samples[-1][0] / 2, samples[-1][0]
+    rss = [r for _, r in samples]
+    first_minute = [r for t, r in samples if t <= 60] or rss[:1]
+    last_minute = [r for t, r in samples if t >= last - 60] or rss[-1:]
+    loop = {"seconds": loop_s, "rounds": rounds, "records_written": written, "rate": written / loop_s,
+            "records_stored_end": end_stored, "rss_start_mib": rss[0], "rss_end_mib": rss[-1],
+            "rss_min_mib": min(rss), "rss_max_mib": max(rss),
+            "rss_first_minute_median_mib": statistics.median(first_minute),
+            "rss_last_minute_median_mib": statistics.median(last_minute),
+            "slope_second_half_mib_per_min": slope_mib_per_min([s for s in samples if s[0] >= half]),
+            "hwm_end_mib": status_mib(pid)["VmHWM"],
+            "data_dir_bytes_end": dir_bytes(data_dir), "samples": samples}
+    return {"fill": fill, "loop": loop}
+
+
+def memory_verdicts(res: dict[str, Any], minutes: float) -> list[tuple[str, str, str]]:
+    fill, loop = res["fill"], res["loop"]
+    rss_ok = fill["rss_mib"] < TARGET_RSS_MIB
+    if fill["records_stored"] < MEMORY_RECORDS:   # fewer records than the target: shown, not judged
+        rss_v = f"not judged ({fill['records_stored']:,} < {MEMORY_RECORDS:,} stored)"
+    else:
+        rss_v = "met" if rss_ok else "NOT MET"
+    growth = loop["rss_last_minute_median_mib"] - loop["rss_first_minute_median_mib"]
+    slope = loop["slope_second_half_mib_per_min"]
+    flat_ok = slope < FLAT_SLOPE_MIB_MIN and growth < FLAT_GROWTH_MIB   # nan slope (too short) -> not met
+    flat_v = ("met" if flat_ok else "NOT MET") + ("" if minutes >= 5 else f" (over {minutes:g} min, not 5)")
+    return [
+        (f"VmRSS < {TARGET_RSS_MIB:g} MiB with {MEMORY_RECORDS:,} records stored",
+         f"{fill['rss_mib']:.1f} MiB with {fill['records_stored']:,}", rss_v),
+        ((f"flat: 2nd-half slope < {FLAT_SLOPE_MIB_MIN:g} MiB/min and last-minute median - first-minute "
+         f"median < {FLAT_GROWTH_MIB:g} MiB"),
+         f"{slope:+.2f} MiB/min, {growth:+.1f} MiB", flat_v),
+    ]
+
+
+def _plain_table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_memory(res: dict[str, Any], checks: list[tuple[str, str, str]]) -> str:
+    fill, loop = res["fill"], res["loop"]
+    rows = [("phase", "wall s", "W1 rounds", "records written", "rec/s", "records stored", "VmRSS MiB"),
+            ("fill", f"{fill['seconds']:.1f}", str(fill["rounds"]), f"{fill['records_stored']:,}",
+             f"{fill['rate']:,.0f}", f"{fill['records_stored']:,}",
+             f"{fill['rss_mib']:.1f} ({SETTLE_S:g} s after; VmHWM {fill['hwm_mib']:.1f})"),
+            ("loop", f"{loop['seconds']:.1f}", str(loop["rounds"]), f"{loop['records_written']:,}",
+             f"{loop['rate']:,.0f}", f"{loop['records_stored_end']:,}",
+             (f"start {loop['rss_start_mib']:.1f}, end {loop['rss_end_mib']:.1f}, min {loop['rss_min_mib']:.1f}, "
+             f"max {loop['rss_max_mib']:.1f}; VmHWM {loop['hwm_end_mib']:.1f}"))]
+    n_half = sum(1 for t, _ in loop["samples"] if t >= loop["samples"][-1][0] / 2)
+    return "\n".join([
+        _plain_table(rows),
+        (f"loop: {len(loop['samples'])} VmRSS samples, second-half slope {loop['slope_second_half_mib_per_min']:+.2f} "
+        f"MiB/min ({n_half} samples); data dir at the end {loop['data_dir_bytes_end'] / 2**30:.2f} GiB"),
+        "",
+        _plain_table([("target", "measured", "verdict"), *checks])])

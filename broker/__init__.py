@@ -1,14 +1,43 @@
-"""Sluice broker. Where things live:
+"""Sluice broker. Where things live (tests/test_architecture.py fails when a module is missing here):
 
-    __main__.py      `python -m broker`: settings -> app.serve(); signal handling
-    settings.py      the one Settings dataclass; CLI flags + SLUICE_* environment variables
-    app.py           composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
-    errors.py        the error catalogue: one row per error, a column per protocol
-    model.py         plain values shared by core and storage
-    core/            every rule: broker.py (the verbs), limits.py, routing.py, cursors.py,
-                     writer.py (group commit)
-    storage/         base.py (the Store protocol), keys.py (RocksDB key layout), rocks.py, memory.py
-    api/             front doors: grpc_service.py, http_app.py + dis.py, render.py (errors -> wire)
+    __main__.py          `python -m broker`: settings -> app.serve(); signal handling
+    settings.py          the one Settings dataclass; CLI flags + SLUICE_* environment variables
+    app.py               composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
+    startup.py           startup errors an operator can fix, as one line (StartupError); the data-dir claim
+    launcher.py          start a broker process and wait for its ready line (tests, benchmarks)
+    errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
+    model.py             plain values shared by core and storage
+    core/
+      broker.py          Broker: the facade the doors call; composes the parts below
+      catalogue.py       StreamCatalogue: streams per project; create, list, describe, delete
+      writes.py          WritePath: PutRecords validation, routing, per-record outcomes
+      writer.py          Committer: folds concurrent appends into one store append
+      reads.py           ReadPath: cursors, GetRecords and long polls, push subscriptions
+      consumers.py       Consumers: apps, checkpoints, consumer state (lag)
+      groups.py          ConsumerGroups: heartbeats and leave, over the Leases interface
+      leases.py          the lease rules (LeaseTable) and the Leases interface (LocalLeases)
+      apps.py            metadata key layout and values of apps, checkpoints and the cursor key
+      retention.py       trimming expired records
+      routing.py         partition choice: partition id, explicit hash key, key hash
+      cursors.py         opaque, signed, expiring cursors
+      notify.py          WriteNotifier: wake long polls and subscriptions on writes
+      limits.py          limits and validation of names, pages and sequence numbers
+    storage/
+      __init__.py        the registry: open_store(settings) builds the store a setting names
+      base.py            the async Store interface, its capabilities, its contract
+      memory.py          MemoryStore: the reference model; ephemeral brokers
+      rocks.py           RocksStore: the embedded default; runs the engine off the event loop
+      rocks_engine.py    RocksEngine: the blocking RocksDB engine (the only rocksdict user)
+      keys.py            RocksDB key and value layout, format version
+    api/                 front doors: thin, decode -> one Broker call -> render
+      http_app.py        the HTTP application: DIS routes, SSE tail, one error middleware
+      dis.py             the DIS v2 REST door
+      tail.py            server-sent-events tail (push over HTTP)
+      render.py          BrokerError -> DIS body, HTTP and gRPC statuses
+      grpc_service.py    the gRPC door (sluice.v1)
 
-Import direction: api -> core -> storage.base <- storage.rocks|memory; model and errors under all.
+Import direction: api -> core -> storage.base <- storage.*; model and errors under all.
+Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id
+(partition: its index), seq (a sequence number), timestamp_ms, app_name; "group" means a consumer
+group and nothing else.
 """

@@ -5,15 +5,17 @@ Graceful stop, in order: mark health NOT_SERVING; stop accepting on both doors a
 requests finish (up to `shutdown_grace`; the gRPC door first answers new calls UNAVAILABLE until the
 running ones are done, see api/grpc_service.py); stop the retention task; drain the group committer
 so every accepted batch is committed; flush and close the store.
+
+Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable
+or full - are raised as `startup.StartupError` with a one-line message that names the flag to
+change; `__main__` prints it and exits 1. Everything else that fails at startup is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,8 +30,8 @@ from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app
 from broker.core.broker import Broker
 from broker.settings import Settings
-from broker.storage import STORES
-from broker.storage.base import Store
+from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
+from broker.storage import open_store
 
 log = logging.getLogger("sluice")
 
@@ -45,31 +47,6 @@ class Running:
     broker: Broker
     grpc_port: int
     http_port: int
-
-
-def open_store(settings: Settings) -> Store:
-    module, _, cls = STORES[settings.store].partition(":")
-    store_cls = getattr(importlib.import_module(module), cls)
-    if settings.store == "memory":
-        return store_cls()  # type: ignore[no-any-return]
-    return store_cls(os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync,  # type: ignore[no-any-return]
-                     memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)
-
-
-def cursor_secret(settings: Settings) -> bytes:
-    """Cursors must stay valid across a restart, so the key lives beside the data."""
-    if settings.store == "memory":
-        return secrets.token_bytes(32)
-    path = os.path.join(settings.data_dir, "cursor.key")
-    os.makedirs(settings.data_dir, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-            f.flush()
-            os.fsync(f.fileno())
-    with open(path, "rb") as f:
-        return f.read()
 
 
 async def _retention_loop(broker: Broker, interval: float) -> None:
@@ -97,21 +74,34 @@ def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
 
 
 async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
-    """Run a broker until `stop` is set, then shut it down gracefully."""
-    store = await asyncio.to_thread(open_store, settings)
-    broker = Broker(store, cursor_secret=await asyncio.to_thread(cursor_secret, settings))
-    await broker.start()
+    """Run a broker until `stop` is set, then shut it down gracefully.
+
+    Raises StartupError (nothing started, nothing left open) when the data dir or a port is not
+    usable."""
+    claim = await asyncio.to_thread(DataDirClaim.take, settings)
+    try:
+        await _serve(settings, stop, on_ready)
+    finally:
+        claim.release()
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None) -> None:
+    with explain_store_failure(settings):
+        store = await open_store(settings)
+    broker = Broker(store)
+    try:
+        with explain_store_failure(settings):
+            await broker.start()   # reads the catalogue and the cursor key from the store
+    except StartupError:
+        await store.close()
+        raise
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
 
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
-                                          stall_timeout_s=settings.idle_timeout),
-                           keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
-                           access_log=None, handle_signals=False)
+                                       stall_timeout_s=settings.idle_timeout),
+                        keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
+                        access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.http_port)
-    await site.start()
-    http_port = runner.addresses[0][1]
-
     server = _grpc_server(settings, max_message)
     servicer = SluiceServicer(broker)
     add_servicer(servicer, server)
@@ -119,8 +109,19 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-    await server.start()
+    try:
+        with explain_bind_failure(settings, "http_port"):
+            await web.TCPSite(runner, settings.host, settings.http_port).start()
+        http_port = runner.addresses[0][1]
+        with explain_bind_failure(settings, "grpc_port"):
+            probe_port(settings.host, settings.grpc_port)
+            grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        await server.start()
+    except StartupError:   # undo what started, in the order of a graceful stop
+        await runner.cleanup()
+        await broker.close()
+        await store.close()
+        raise
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -150,5 +151,5 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
         with contextlib.suppress(asyncio.CancelledError):
             await retention
         await broker.close()
-        await asyncio.to_thread(store.close)
+        await store.close()
         log.info("stopped; store closed")

@@ -61,7 +61,8 @@ class ErrorCode(Enum):
 
     @property
     def reason(self) -> str:
-        """The row's stable, unique machine-readable reason on every protocol: its name."""
+        """The row's unique, stable, machine-readable reason on every protocol (its name):
+        rows may share a DIS code (STORAGE_FULL and UNAVAILABLE are both DIS.5250), never a reason."""
         return self.name
 
 

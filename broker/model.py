@@ -12,6 +12,11 @@ from typing import NamedTuple, Sequence
 
 from broker.errors import BrokerError
 
+# The project a request belongs to when its door names none (gRPC without `sluice-project`,
+# Timeplus paths without a workspace). Projects are namespaces: streams, apps and checkpoints
+# belong to one, and the same stream name in two projects is two streams.
+DEFAULT_PROJECT = "default"
+
 
 class CursorType(enum.Enum):
     AT_SEQUENCE_NUMBER = "AT_SEQUENCE_NUMBER"
@@ -23,13 +28,19 @@ class CursorType(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class StreamConfig:
-    name: str
+    stream_name: str
     partition_count: int
     retention_hours: int = 24
     data_type: str = "BLOB"
     stream_type: str = "COMMON"
     created_ms: int = 0
     stream_id: int = 0  # assigned by the store; never reused, so a recreated name is a new log
+    project: str = DEFAULT_PROJECT
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(project, stream_name): what names a stream uniquely."""
+        return self.project, self.stream_name
 
     @property
     def retention_ms(self) -> int:

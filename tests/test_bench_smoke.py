@@ -1,90 +1,124 @@
-"""bench/put_records.py still runs: a 1-second smoke run through both doors against its own broker."""
+"""bench/run.py, the one benchmark, still runs and reports real figures: a quick suite (W1/W2/W3 on
+both doors, WAL only), the suite against an already running broker, and a short memory run."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from broker.launcher import BrokerProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-ROW = re.compile(r"^(gRPC|REST)\s*\|\s*wal\s*\|\s*([\d,]+)\s*\|\s*([\d.]+)\s*\|\s*([\d,]+)\s*\|\s*([\d.]+)\s*\|"
-                 r"\s*([\d.]+)\s*\|\s*(\d+)\s*\|\s*(\S+)\s*$", re.MULTILINE)
+RUN = str(ROOT / "bench" / "run.py")
+COLUMNS = ("system", "door", "durability", "workload", "records", "rec/s", "MB/s", "p50 ms", "p99 ms", "wall s",
+           "client cpu s", "server cpu s", "ok")
+ROW_KEYS = {"system", "door", "durability", "workload", "records", "seconds", "rate", "mb_s", "p50_ms", "p99_ms",
+            "client_cpu_s", "server_cpu_s", "ok", "note", "extra"}
 
 
-def test_bench_quick_run_reports_both_doors(tmp_path):
+def _bench(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     # run from elsewhere: the script must find the repository and start its broker on its own
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "put_records.py"), "--quick", "--seconds", "1"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, RUN, *args, "--results-dir", str(tmp_path / "results")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=timeout, check=False)
     assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
-    assert "records/s" in out.stdout and "p99 ms" in out.stdout
-    rows = {m.group(1): m.groups() for m in ROW.finditer(out.stdout)}
-    assert set(rows) == {"gRPC", "REST"}, out.stdout
-    for door, (_, rate, mbs, batches, p50, p99, failed, verified) in rows.items():
-        assert int(rate.replace(",", "")) > 0, door
-        assert float(mbs) > 0 and int(batches.replace(",", "")) > 0, door
-        assert 0 < float(p50) <= float(p99), door
-        assert failed == "0" and verified == "ok", door
-    assert "1 s per door" in out.stdout
-    assert not list(tmp_path.iterdir()), "the benchmark must clean up after itself"
+    return out
 
 
-LATENCY_ROW = re.compile(r"^(push gRPC|long-poll gRPC|long-poll REST)\s*\|\s*([\d,]+)\s*\|\s*([\d.]+)\s*\|"
-                         r"\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*(\S+)\s*$", re.MULTILINE)
+def _table(stdout: str) -> dict[tuple[str, str, str], dict[str, str]]:
+    """The printed table: (door, durability, workload) -> {column: cell}."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("system |"))
+    assert [c.strip() for c in lines[start].split("|")] == list(COLUMNS)
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        cells = dict(zip(COLUMNS, (c.strip() for c in line.split("|"))))
+        rows[(cells["door"], cells["durability"], cells["workload"])] = cells
+    return rows
 
 
-def test_tail_latency_quick(tmp_path):
-    """bench/tail_latency.py still runs: 1 s per consumer mode against its own broker."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tail_latency.py"), "--seconds", "1"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=90)
-    assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
-    assert "p99 ms" in out.stdout and "500 records/s" in out.stdout
-    rows = {m.group(1): m.groups() for m in LATENCY_ROW.finditer(out.stdout)}
-    assert {"push gRPC", "long-poll gRPC"} <= set(rows), out.stdout
-    for mode, (_, records, p50, p90, p99, worst, put_p50, verified) in rows.items():
-        assert int(records.replace(",", "")) == 500, mode          # 1 s at 500 records/s, all received
-        assert 0 < float(p50) <= float(p90) <= float(p99) <= float(worst), mode
-        assert float(put_p50) > 0 and verified == "ok", mode
-    assert not list(tmp_path.iterdir()), "the benchmark must clean up after itself"
+def _num(cell: str) -> float:
+    return float(cell.replace(",", ""))
 
 
-SUITE_ROW = re.compile(r"^Sluice\s*\|\s*(gRPC|REST)\s*\|\s*wal\s*\|\s*(W1 put|W2 read|W3 push|W3 long-poll)\s*\|"
-                       r"\s*([\d,]+)\s*\|.*\|\s*(ok|FAIL.*)$", re.MULTILINE)
+def _check_figures(rows: dict[tuple[str, str, str], dict[str, str]]) -> None:
+    for key, r in rows.items():
+        assert r["ok"] == "ok", key
+        assert _num(r["records"]) > 0 and _num(r["wall s"]) > 0, key
+        if key[2].startswith("W3"):
+            assert r["rec/s"] == "-" and 0 < _num(r["p50 ms"]) <= _num(r["p99 ms"]), key
+        else:
+            assert _num(r["rec/s"]) > 0 and _num(r["MB/s"]) > 0, key
+        if key[2] == "W1 put":   # batch latency
+            assert 0 < _num(r["p50 ms"]) <= _num(r["p99 ms"]), key
 
 
-def test_bench_suite_quick(tmp_path):
-    """bench/run.py --quick (make bench's runner): W1/W2/W3 over gRPC and REST in WAL mode, a JSON file."""
-    results = tmp_path / "results"
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--durability", "wal",
-                          "--w3-seconds", "0.5", "--results-dir", str(results)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=90)
-    assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
-    rows = {(m.group(1), m.group(2)): (int(m.group(3).replace(",", "")), m.group(4))
-            for m in SUITE_ROW.finditer(out.stdout)}
-    assert set(rows) == {("gRPC", "W1 put"), ("gRPC", "W2 read"), ("gRPC", "W3 push"), ("gRPC", "W3 long-poll"),
-                         ("REST", "W1 put"), ("REST", "W2 read"), ("REST", "W3 long-poll")}, out.stdout
-    for key, (records, verdict) in rows.items():
-        assert verdict == "ok" and records > 0, key
-    assert rows[("gRPC", "W1 put")][0] == rows[("gRPC", "W2 read")][0] == 20_000
-    files = list(results.glob("*.json"))
-    assert len(files) == 1, files
-    doc = json.loads(files[0].read_text())
-    assert len(doc["rows"]) == 7 and all(r["ok"] for r in doc["rows"])
-    assert all(r["client_cpu_s"] is not None and r["server_cpu_s"] is not None for r in doc["rows"])
+def _result(tmp_path: Path, pattern: str = "*.json") -> dict:
+    [path] = list((tmp_path / "results").glob(pattern))
+    return json.loads(path.read_text())
 
 
-def test_memory_bench_quick(tmp_path):
-    """bench/memory.py (make bench-memory) still runs: a short fill and a few seconds of W1 loop."""
-    results = tmp_path / "results"
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--minutes", "0.05",
-                          "--records", "200000", "--results-dir", str(results)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
-    [path] = list(results.glob("memory-*.json"))
-    res = json.loads(path.read_text())
+def test_suite_quick_both_doors(tmp_path):
+    """make bench's runner, quick and WAL only: W1/W2/W3 over gRPC and REST, a table and a JSON file."""
+    out = _bench(tmp_path, "--quick", "--durability", "wal", "--w3-seconds", "0.5")
+    rows = _table(out.stdout)
+    assert set(rows) == {("gRPC", "wal", "W1 put"), ("gRPC", "wal", "W2 read"), ("gRPC", "wal", "W3 push"),
+                         ("gRPC", "wal", "W3 long-poll"), ("REST", "wal", "W1 put"), ("REST", "wal", "W2 read"),
+                         ("REST", "wal", "W3 long-poll")}, out.stdout
+    _check_figures(rows)
+    for door in ("gRPC", "REST"):
+        assert _num(rows[(door, "wal", "W1 put")]["records"]) == _num(rows[(door, "wal", "W2 read")]["records"]) == 20_000
+        assert _num(rows[(door, "wal", "W3 long-poll")]["records"]) == 250   # 0.5 s at 500 records/s, all received
+
+    doc = _result(tmp_path)
+    assert {"started_utc", "command", "cpus", "loadavg_before", "config", "rows", "ratios"} <= set(doc)
+    assert doc["config"]["records"] == 20_000 and doc["config"]["seed"] == 20261121
+    assert doc["config"]["doors"] == ["grpc", "rest"] and doc["config"]["durability"] == ["wal"]
+    assert len(doc["rows"]) == 7 and doc["ratios"] == []
+    for r in doc["rows"]:
+        assert ROW_KEYS <= set(r) and r["ok"] and r["system"] == "Sluice", r
+        assert r["client_cpu_s"] is not None and r["server_cpu_s"] is not None, r
+    w1 = next(r for r in doc["rows"] if r["door"] == "gRPC" and r["workload"] == "W1 put")
+    assert w1["extra"] == {"batches": 40, "failed_records": 0, "stored": 20_000} and w1["rate"] > 0
+    push = next(r for r in doc["rows"] if r["workload"] == "W3 push")
+    assert push["extra"]["sent"] == push["extra"]["received"] == 350 and push["extra"]["put_p50_ms"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
+def test_suite_against_a_running_broker(tmp_path):
+    """--grpc: the suite on a broker it did not start (fresh stream names, no server CPU figure)."""
+    broker = BrokerProcess(tmp_path / "data", "--log-level", "WARNING").start(timeout=60)
+    try:
+        for _ in range(2):   # twice on one broker: the stream names must not collide
+            out = _bench(tmp_path, "--grpc", broker.grpc_target, "--doors", "grpc", "--workloads", "w1,w2",
+                         "--records", "4000")
+            rows = _table(out.stdout)
+            assert set(rows) == {("gRPC", "external", "W1 put"), ("gRPC", "external", "W2 read")}, out.stdout
+            _check_figures(rows)
+            assert rows[("gRPC", "external", "W1 put")]["server cpu s"] == "-"
+            for path in (tmp_path / "results").glob("*.json"):
+                path.unlink()
+    finally:
+        broker.stop(30)
+
+
+def test_memory_quick(tmp_path):
+    """make bench-memory's runner: a short fill and a few seconds of W1 loop."""
+    out = _bench(tmp_path, "memory", "--minutes", "0.05", "--records", "200000")
+    res = _result(tmp_path, "memory-*.json")
+    assert {"config", "criteria", "fill", "loop", "verdicts", "broker_args"} <= set(res)
     fill, loop = res["fill"], res["loop"]
-    assert fill["records_stored"] == 200_000 and 20 < fill["rss_mib"] < 2000
+    assert fill["records_stored"] == 200_000 and 20 < fill["rss_mib"] < 2000 and fill["rate"] > 0
     assert loop["records_stored_end"] == 200_000 + loop["records_written"] and loop["records_written"] > 0
     assert loop["samples"] and loop["rss_min_mib"] <= loop["rss_max_mib"]
     assert "VmRSS < 300 MiB" in out.stdout and "not judged" in out.stdout   # 200,000 < 1,000,000 stored
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
+def test_bad_options_are_refused(tmp_path):
+    for args in (["--workloads", "w2"], ["--doors", "kafka"], ["--http", "127.0.0.1:1"], ["memory", "--minutes", "0"]):
+        out = subprocess.run([sys.executable, RUN, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 2 and "error:" in out.stderr, args

@@ -58,7 +58,7 @@ def _decode_entry(raw: Any) -> PutEntry:
 
 
 def _stream_info(c: StreamConfig) -> dict[str, Any]:
-    return {"stream_name": c.name, "stream_id": str(c.stream_id), "create_time": c.created_ms,
+    return {"stream_name": c.stream_name, "stream_id": str(c.stream_id), "create_time": c.created_ms,
             "retention_period": c.retention_hours, "status": "RUNNING", "stream_type": c.stream_type,
             "data_type": c.data_type, "partition_count": c.partition_count, "auto_scale_enabled": False,
             "tags": [], "sys_tags": []}
@@ -66,24 +66,35 @@ def _stream_info(c: StreamConfig) -> dict[str, Any]:
 
 # -- routes ------------------------------------------------------------------------------------
 
+def _door(request: web.Request) -> tuple[Broker, str]:
+    """The broker, and the project: the `{project_id}` path segment, a namespace of streams, apps
+    and checkpoints (the same stream name in two projects is two streams). The core checks it."""
+    return request.app[BROKER], request.match_info["project_id"]
+
+
 async def create_stream(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     body = await read_json(request)
-    await request.app[BROKER].create_stream(
+    await broker.create_stream(
         field(body, "stream_name", str, required=True), field(body, "partition_count", int, required=True),
-        field(body, "data_duration", int), field(body, "data_type", str), field(body, "stream_type", str))
+        field(body, "data_duration", int), field(body, "data_type", str), field(body, "stream_type", str),
+        project=project)
     return web.Response(status=201)
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    page = request.app[BROKER].list_streams(query_int(request, "limit"), request.query.get("start_stream_name"))
-    return json_response({"total_number": page.total, "stream_names": [c.name for c in page.streams],
-                  "has_more_streams": page.has_more, "stream_info_list": [_stream_info(c) for c in page.streams]})
+    broker, project = _door(request)
+    page = await broker.list_streams(query_int(request, "limit"), request.query.get("start_stream_name"),
+                                     project=project)
+    return json_response({"total_number": page.total, "stream_names": [c.stream_name for c in page.streams],
+                          "has_more_streams": page.has_more,
+                          "stream_info_list": [_stream_info(c) for c in page.streams]})
 
 
 async def describe_stream(request: web.Request) -> web.Response:
-    desc = await request.app[BROKER].describe_stream(
-        request.match_info["stream_name"], request.query.get("start_partitionId"),
-        query_int(request, "limit_partitions"))
+    broker, project = _door(request)
+    desc = await broker.describe_stream(request.match_info["stream_name"], request.query.get("start_partitionId"),
+                                        query_int(request, "limit_partitions"), project=project)
     c = desc.config
     partitions = [{"partition_id": format_partition_id(p.partition), "status": "ACTIVE",
                    "hash_range": f"[{p.hash_lo} : {p.hash_hi}]",
@@ -91,21 +102,23 @@ async def describe_stream(request: web.Request) -> web.Response:
                    "parent_partitions": ""}
                   for p in desc.partitions]
     return json_response({**_stream_info(c), "last_modified_time": c.created_ms, "partitions": partitions,
-                  "has_more_partitions": desc.has_more_partitions,
-                  "writable_partition_count": c.partition_count, "readable_partition_count": c.partition_count,
-                  "update_partition_counts": []})
+                          "has_more_partitions": desc.has_more_partitions,
+                          "writable_partition_count": c.partition_count,
+                          "readable_partition_count": c.partition_count, "update_partition_counts": []})
 
 
 async def delete_stream(request: web.Request) -> web.Response:
-    await request.app[BROKER].delete_stream(request.match_info["stream_name"])
+    broker, project = _door(request)
+    await broker.delete_stream(request.match_info["stream_name"], project=project)
     return web.Response(status=204)
 
 
 async def put_records(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     body = await read_json(request)
     stream_name = field(body, "stream_name", str, required=True)
     records = field(body, "records", list, required=True)
-    result = await request.app[BROKER].put_records(stream_name, [_decode_entry(r) for r in records])
+    result = await broker.put_records(stream_name, [_decode_entry(r) for r in records], project=project)
     out: list[dict[str, Any]] = [{"partition_id": format_partition_id(p), "sequence_number": str(s)}
                                  for p, s in zip(result.partitions, result.seqs)]
     for i, error in result.failures:
@@ -114,10 +127,11 @@ async def put_records(request: web.Request) -> web.Response:
 
 
 async def get_cursor(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     q = request.query
-    cursor = await request.app[BROKER].get_cursor(
+    cursor = await broker.get_cursor(
         required_query(request, "stream-name"), required_query(request, "partition-id"),
-        q.get("cursor-type"), q.get("starting-sequence-number"), query_int(request, "timestamp"))
+        q.get("cursor-type"), q.get("starting-sequence-number"), query_int(request, "timestamp"), project=project)
     return json_response({"partition_cursor": cursor})
 
 
@@ -136,10 +150,11 @@ def records_body(result: GetRecordsResult) -> dict[str, Any]:
 
 
 async def get_records(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     # `wait_ms` is ours (long poll); DIS clients never send it and get an immediate answer.
-    result = await request.app[BROKER].get_records(
+    result = await broker.get_records(
         required_query(request, "partition-cursor"), query_int(request, "limit"),
-        query_int(request, "max_fetch_bytes"), query_int(request, "wait_ms"))
+        query_int(request, "max_fetch_bytes"), query_int(request, "wait_ms"), project=project)
     return json_response(records_body(result))
 
 
@@ -151,31 +166,36 @@ def _app_body(info: AppInfo) -> dict[str, Any]:
 
 
 async def create_app(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     body = await read_json(request)
-    await request.app[BROKER].create_app(field(body, "app_name", str, required=True))
+    await broker.create_app(field(body, "app_name", str, required=True), project=project)
     return web.Response(status=201)
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    total, page, more = await request.app[BROKER].list_apps(
-        query_int(request, "limit"), request.query.get("start_app_name"), request.query.get("stream_name"))
+    broker, project = _door(request)
+    total, page, more = await broker.list_apps(query_int(request, "limit"), request.query.get("start_app_name"),
+                                               request.query.get("stream_name"), project=project)
     return json_response({"has_more_app": more, "apps": [_app_body(a) for a in page], "total_number": total})
 
 
 async def describe_app(request: web.Request) -> web.Response:
-    return json_response(_app_body(await request.app[BROKER].describe_app(request.match_info["app_name"])))
+    broker, project = _door(request)
+    return json_response(_app_body(await broker.describe_app(request.match_info["app_name"], project=project)))
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    await request.app[BROKER].delete_app(request.match_info["app_name"])
+    broker, project = _door(request)
+    await broker.delete_app(request.match_info["app_name"], project=project)
     return web.Response(status=204)
 
 
 async def consumer_state(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     kind = required_query(request, "checkpoint_type")
     app, stream = request.match_info["app_name"], request.match_info["stream_name"]
-    states, more = await request.app[BROKER].consumer_state(
-        app, stream, kind, request.query.get("start_partition_id"), query_int(request, "limit"))
+    states, more = await broker.consumer_state(app, stream, kind, request.query.get("start_partition_id"),
+                                               query_int(request, "limit"), project=project)
     rows = []
     for st in states:
         row: dict[str, Any] = {"partition_id": format_partition_id(st.partition), "latest_offset": st.latest,
@@ -183,16 +203,20 @@ async def consumer_state(request: web.Request) -> web.Response:
         if st.checkpoint is not None:
             row["sequence_number"] = str(st.checkpoint.seq)
         rows.append(row)
-    return json_response({"has_more": more, "stream_name": stream, "app_name": app, "partition_consuming_states": rows})
+    return json_response({"has_more": more, "stream_name": stream, "app_name": app,
+                          "partition_consuming_states": rows})
 
 
 async def commit_checkpoint(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     body = await read_json(request)
+    # numbers are taken for the two numeric strings, as in PutRecords; the core parses both
     pid = field(body, "partition_id", (str, int), required=True)
     seq = field(body, "sequence_number", (str, int), required=True)
-    await request.app[BROKER].commit_checkpoint(
+    await broker.commit_checkpoint(
         field(body, "app_name", str, required=True), field(body, "stream_name", str, required=True),
-        str(pid), str(seq), field(body, "metadata", str), field(body, "checkpoint_type", str, required=True))
+        str(pid), str(seq), field(body, "metadata", str), field(body, "checkpoint_type", str, required=True),
+        project=project)
     return web.Response(status=201)
 
 
@@ -202,15 +226,17 @@ def _checkpoint_query(request: web.Request) -> tuple[str, str, str]:
 
 
 async def get_checkpoint(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     app, stream, kind = _checkpoint_query(request)
-    mark = await request.app[BROKER].get_checkpoint(app, stream, required_query(request, "partition_id"), kind)
+    mark = await broker.get_checkpoint(app, stream, required_query(request, "partition_id"), kind, project=project)
     # No checkpoint yet: 200 without sequence_number (DIS leaves this undocumented; the SDK gives None).
     return json_response({} if mark is None else {"sequence_number": str(mark.seq), "metadata": mark.metadata})
 
 
 async def delete_checkpoint(request: web.Request) -> web.Response:
+    broker, project = _door(request)
     app, stream, kind = _checkpoint_query(request)
-    await request.app[BROKER].delete_checkpoint(app, stream, request.query.get("partition_id") or None, kind)
+    await broker.delete_checkpoint(app, stream, request.query.get("partition_id") or None, kind, project=project)
     return web.Response(status=204)
 
 

@@ -109,7 +109,7 @@ def _app_info(info: AppInfo) -> pb.AppInfo:
 
 
 def _stream_info(c: StreamConfig) -> pb.StreamInfo:
-    return pb.StreamInfo(stream_name=c.name, partition_count=c.partition_count, retention_hours=c.retention_hours,
+    return pb.StreamInfo(stream_name=c.stream_name, partition_count=c.partition_count, retention_hours=c.retention_hours,
                          data_type=c.data_type, stream_type=c.stream_type, create_time=c.created_ms,
                          status="RUNNING", stream_id=c.stream_id)
 
@@ -155,8 +155,8 @@ class SluiceServicer:
 
     @rpc
     async def ListStreams(self, request: pb.ListStreamsRequest, context: Any) -> pb.ListStreamsResponse:
-        page = self._broker.list_streams(request.limit or None, request.start_stream_name or None)
-        return pb.ListStreamsResponse(total_number=page.total, stream_names=[c.name for c in page.streams],
+        page = await self._broker.list_streams(request.limit or None, request.start_stream_name or None)
+        return pb.ListStreamsResponse(total_number=page.total, stream_names=[c.stream_name for c in page.streams],
                                       has_more_streams=page.has_more,
                                       streams=[_stream_info(c) for c in page.streams])
 

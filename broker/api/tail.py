@@ -2,7 +2,10 @@
 
     GET /sluice/v1/tail?partition-cursor=...                       (a cursor from GetCursor), or
     GET /sluice/v1/tail?stream-name=S&partition-id=0&cursor-type=LATEST[&starting-sequence-number=N]
-        [&max_records=100][&max_wait_ms=0]
+        [&max_records=100][&max_wait_ms=0][&project=P]
+
+`project` (default `default`) is the namespace of the stream, the `{project_id}` of the DIS
+paths; a cursor is valid only in the project of its stream.
 
 Each batch is one event: `id:` the next sequence number, `event: records`, `data:` the DIS
 GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. An error after the
@@ -23,6 +26,7 @@ from broker.api.http import BROKER, HttpConfig, door_app, query_int, request_id,
 from broker.api.render import DIS
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, server_error
+from broker.model import DEFAULT_PROJECT
 
 PREFIX = "/sluice"
 
@@ -30,10 +34,13 @@ PREFIX = "/sluice"
 async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query
+    project = q.get("project") or DEFAULT_PROJECT
     cursor = q.get("partition-cursor") or await broker.get_cursor(
         required_query(request, "stream-name"), required_query(request, "partition-id"),
-        q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), query_int(request, "timestamp"))
-    batches = broker.subscribe(cursor, query_int(request, "max_records"), query_int(request, "max_wait_ms"))
+        q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), query_int(request, "timestamp"),
+        project=project)
+    batches = broker.subscribe(cursor, query_int(request, "max_records"), query_int(request, "max_wait_ms"),
+                               project=project)
     # The headers go out before the error middleware sees the response, so the request id is set here.
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})

@@ -2,12 +2,16 @@
 
 Metadata key layout (under the store's metadata namespace; see storage/keys.py):
 
-    b"A" + app name                                     JSON {"app_id", "created_ms"}
-    b"C" + app name + b"\\0" + stream_id u64 + part u32  JSON {"seq", "metadata", "stream"}
+    b"A" + project + b"\\0" + app name                                JSON {"app_id", "created_ms"}
+    b"C" + project + b"\\0" + app name + b"\\0" + stream_id u64 + part u32
+                                                                  JSON {"seq", "metadata", "stream"}
+    b"K"                                                          the cursor key (32 random bytes)
 
-Checkpoints are keyed by the stream's id, not its name, so a deleted-and-recreated stream never
-inherits the old stream's positions; delete_stream removes them. App names are [A-Za-z0-9_-], so
-the NUL separator cannot occur inside one. Pure functions and values; the Broker does the I/O.
+Apps belong to a project, like streams. Checkpoints are keyed by the stream's id, not its name,
+so a deleted-and-recreated stream never inherits the old stream's positions; delete_stream
+removes them. Project and app names are [A-Za-z0-9_-], so the NUL separator cannot occur inside
+one. The cursor key lives in the store, not beside it, so every broker of a shared store issues
+cursors the others accept. Pure functions and values; core/consumers.py does the I/O.
 """
 from __future__ import annotations
 
@@ -66,11 +70,19 @@ def check_checkpoint_type(kind: object) -> str:
     return "LAST_READ"
 
 
-def app_key(name: str) -> bytes:
-    return b"A" + name.encode()
+CURSOR_KEY = b"K"
 
 
-APP_PREFIX = b"A"
+def app_prefix(project: str) -> bytes:
+    return b"A" + project.encode() + b"\0"
+
+
+def app_key(project: str, name: str) -> bytes:
+    return app_prefix(project) + name.encode()
+
+
+def app_name_of(key: bytes) -> str:
+    return key[key.index(b"\0") + 1:].decode()
 
 
 def encode_app(app_id: str, created_ms: int) -> bytes:
@@ -82,16 +94,16 @@ def decode_app(name: str, raw: bytes, stream_names: tuple[str, ...] = ()) -> App
     return AppInfo(name, obj["app_id"], obj["created_ms"], stream_names)
 
 
-def checkpoint_prefix(app: str) -> bytes:
-    return b"C" + app.encode() + b"\0"
+def checkpoint_prefix(project: str, app: str) -> bytes:
+    return b"C" + project.encode() + b"\0" + app.encode() + b"\0"
 
 
-def checkpoint_key(app: str, stream_id: int, partition: int) -> bytes:
-    return checkpoint_prefix(app) + _PART.pack(stream_id, partition)
+def checkpoint_key(project: str, app: str, stream_id: int, partition: int) -> bytes:
+    return checkpoint_prefix(project, app) + _PART.pack(stream_id, partition)
 
 
-def checkpoint_stream_prefix(app: str, stream_id: int) -> bytes:
-    return checkpoint_prefix(app) + struct.pack(">Q", stream_id)
+def checkpoint_stream_prefix(project: str, app: str, stream_id: int) -> bytes:
+    return checkpoint_prefix(project, app) + struct.pack(">Q", stream_id)
 
 
 def checkpoint_ref(key: bytes) -> tuple[int, int]:

@@ -1,192 +1,167 @@
-"""The consumer verbs of the Broker: apps, checkpoints, consumer state (lag) and group leases.
+"""Consumer apps, their checkpoints and consumer state (lag), per project.
 
-A mixin so that `Broker` stays one facade (front doors call `broker.<verb>`) while the file of
-stream and record verbs stays readable. It uses the Broker's store, writer, admin lock, clock,
-lease table and stream catalogue; it owns no state of its own.
+The key layout and the values are in core/apps.py; this module does the I/O through the store's
+metadata calls.
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
 import uuid
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable
 
 from broker.core import apps
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
-from broker.core.limits import SEQUENCE_MAX, Limits, clip_page
+from broker.core.catalogue import StreamCatalogue
+from broker.core.limits import Limits, check_project, clip_page, parse_seq
 from broker.errors import ErrorCode, client_error
 from broker.model import StreamConfig
-
-if TYPE_CHECKING:
-    from broker.core.leases import LeaseTable
-    from broker.core.writer import GroupCommitter
-    from broker.storage.base import Store
+from broker.storage.base import Store
 
 
-class ConsumerVerbs:
-    # provided by Broker
-    _store: "Store"
-    _committer: "GroupCommitter"
-    _admin: asyncio.Lock
-    _leases: "LeaseTable"
-    _now: Callable[[], int]
-    _by_id: dict[int, StreamConfig]
-    limits: Limits
+class Consumers:
+    def __init__(self, catalogue: StreamCatalogue, store: Store, limits: Limits, clock_ms: Callable[[], int]) -> None:
+        self._catalogue = catalogue
+        self._store = store
+        self._limits = limits
+        self._now = clock_ms
+        self._lock = asyncio.Lock()   # orders app creation and deletion
 
-    def _stream(self, name: object) -> StreamConfig: ...
-    def _partition_of(self, config: StreamConfig, partition_id: object) -> int: ...
-
-    async def _app(self, name: object) -> tuple[str, bytes]:
-        name = apps.check_app_name(name)
-        raw = await asyncio.to_thread(self._store.meta_get, apps.app_key(name))
-        if raw is None:
+    async def app(self, project: str, app_name: object) -> str:
+        """The name of an existing app. Raises INVALID_REQUEST, APP_NOT_FOUND."""
+        project = check_project(project)
+        name = apps.check_app_name(app_name)
+        if await self._store.meta_get(apps.app_key(project, name)) is None:
             raise client_error(ErrorCode.APP_NOT_FOUND, app=name)
-        return name, raw
+        return name
 
-    async def create_app(self, name: object) -> AppInfo:
+    async def create_app(self, project: str, app_name: object) -> AppInfo:
         """Raises INVALID_REQUEST, APP_EXISTS, APP_QUOTA_EXCEEDED."""
-        name = apps.check_app_name(name)
-        async with self._admin:
-            existing = await asyncio.to_thread(self._store.meta_scan, apps.APP_PREFIX)
-            if any(k == apps.app_key(name) for k, _ in existing):
+        project = check_project(project)
+        name = apps.check_app_name(app_name)
+        async with self._lock:
+            existing = await self._store.meta_scan(apps.app_prefix(project))
+            if any(k == apps.app_key(project, name) for k, _ in existing):
                 raise client_error(ErrorCode.APP_EXISTS, app=name)
-            if len(existing) >= self.limits.max_apps:
-                raise client_error(ErrorCode.APP_QUOTA_EXCEEDED, detail=f"at most {self.limits.max_apps} apps")
+            if len(existing) >= self._limits.max_apps:
+                raise client_error(ErrorCode.APP_QUOTA_EXCEEDED, detail=f"at most {self._limits.max_apps} apps")
             info = AppInfo(name, uuid.uuid4().hex, self._now())
-            await self._committer.run_blocking(self._store.meta_write,
-                                               {apps.app_key(name): apps.encode_app(info.app_id, info.created_ms)})
+            await self._store.meta_write({apps.app_key(project, name): apps.encode_app(info.app_id, info.created_ms)})
         return info
 
-    async def _app_streams(self, name: str) -> tuple[str, ...]:
-        keys = await asyncio.to_thread(self._store.meta_scan, apps.checkpoint_prefix(name))
-        ids = {apps.checkpoint_ref(k)[0] for k, _ in keys}
-        return tuple(sorted(self._by_id[i].name for i in ids if i in self._by_id))
+    async def _app_streams(self, project: str, name: str) -> tuple[str, ...]:
+        keys = await self._store.meta_scan(apps.checkpoint_prefix(project, name))
+        configs = (self._catalogue.by_id(i) for i in {apps.checkpoint_ref(k)[0] for k, _ in keys})
+        return tuple(sorted(c.stream_name for c in configs if c is not None))
 
-    async def describe_app(self, name: object) -> AppInfo:
+    async def describe_app(self, project: str, app_name: object) -> AppInfo:
         """Raises INVALID_REQUEST, APP_NOT_FOUND."""
-        name, raw = await self._app(name)
-        return apps.decode_app(name, raw, await self._app_streams(name))
+        project = check_project(project)
+        name = apps.check_app_name(app_name)
+        raw = await self._store.meta_get(apps.app_key(project, name))
+        if raw is None:
+            raise client_error(ErrorCode.APP_NOT_FOUND, app=name)
+        return apps.decode_app(name, raw, await self._app_streams(project, name))
 
-    async def list_apps(self, limit: int | None = None, start_after: str | None = None,
+    async def list_apps(self, project: str, limit: int | None = None, start_after: str | None = None,
                         stream_name: str | None = None) -> tuple[int, list[AppInfo], bool]:
         """(total, page, has_more) in name order; with `stream_name`, only apps that committed a
         checkpoint on that stream. Raises INVALID_REQUEST, STREAM_NOT_FOUND."""
-        limit = clip_page(limit, self.limits.default_app_page, self.limits.max_app_page, "limit")
-        rows = await asyncio.to_thread(self._store.meta_scan, apps.APP_PREFIX)
-        infos = [apps.decode_app(k[1:].decode(), v, await self._app_streams(k[1:].decode())) for k, v in rows]
+        project = check_project(project)
+        limit = clip_page(limit, self._limits.default_app_page, self._limits.max_app_page, "limit")
+        rows = await self._store.meta_scan(apps.app_prefix(project))
+        infos = []
+        for key, value in rows:
+            name = apps.app_name_of(key)
+            infos.append(apps.decode_app(name, value, await self._app_streams(project, name)))
         if stream_name:
-            self._stream(stream_name)
+            self._catalogue.get(project, stream_name)
             infos = [i for i in infos if stream_name in i.stream_names]
         start = bisect.bisect_right([i.name for i in infos], start_after) if start_after else 0
         return len(infos), infos[start:start + limit], start + limit < len(infos)
 
-    async def delete_app(self, name: object) -> None:
+    async def delete_app(self, project: str, app_name: object) -> None:
         """Delete an app and all its checkpoints. Raises INVALID_REQUEST, APP_NOT_FOUND."""
-        async with self._admin:
-            name, _ = await self._app(name)
-            doomed: dict[bytes, bytes | None] = {apps.app_key(name): None}
-            for key, _ in await asyncio.to_thread(self._store.meta_scan, apps.checkpoint_prefix(name)):
+        async with self._lock:
+            name = await self.app(project, app_name)
+            doomed: dict[bytes, bytes | None] = {apps.app_key(project, name): None}
+            for key, _ in await self._store.meta_scan(apps.checkpoint_prefix(project, name)):
                 doomed[key] = None
-            await self._committer.run_blocking(self._store.meta_write, doomed)
+            await self._store.meta_write(doomed)
 
-    async def commit_checkpoint(self, app_name: object, stream_name: object, partition_id: object,
-                                sequence_number: object, metadata: object = None,
-                                checkpoint_type: object = "LAST_READ") -> None:
-        """Record that `app` has processed `partition` up to and including `sequence_number`.
+    async def forget_stream(self, config: StreamConfig) -> None:
+        """Drop every app's checkpoints of a deleted stream, so they do not linger."""
+        doomed: dict[bytes, bytes | None] = {}
+        for key, _ in await self._store.meta_scan(apps.app_prefix(config.project)):
+            prefix = apps.checkpoint_stream_prefix(config.project, apps.app_name_of(key), config.stream_id)
+            doomed.update((k, None) for k, _ in await self._store.meta_scan(prefix))
+        if doomed:
+            await self._store.meta_write(doomed)
+
+    async def _target(self, project: str, app_name: object, stream_name: object,
+                      checkpoint_type: object) -> tuple[str, StreamConfig]:
+        apps.check_checkpoint_type(checkpoint_type)
+        name = await self.app(project, app_name)
+        return name, self._catalogue.get(project, stream_name)
+
+    async def commit_checkpoint(self, project: str, app_name: object, stream_name: object, partition_id: object,
+                                seq: object, metadata: object = None, checkpoint_type: object = "LAST_READ") -> None:
+        """Record that the app has processed the partition up to and including `seq`.
         Raises APP_NOT_FOUND, STREAM_NOT_FOUND, INVALID_PARTITION_ID, PARTITION_NOT_FOUND,
         INVALID_SEQUENCE, SEQUENCE_OUT_OF_RANGE, INVALID_REQUEST."""
-        apps.check_checkpoint_type(checkpoint_type)
-        name, _ = await self._app(app_name)
-        config = self._stream(stream_name)
-        p = self._partition_of(config, partition_id)
+        name, config = await self._target(project, app_name, stream_name, checkpoint_type)
+        p = self._catalogue.partition_of(config, partition_id)
         if metadata is not None and (not isinstance(metadata, str) or len(metadata) > apps.MAX_METADATA_CHARS):
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"metadata must be a string of at most {apps.MAX_METADATA_CHARS} characters")
-        if not isinstance(sequence_number, str) or not sequence_number.isascii() or not sequence_number.isdigit() \
-                or int(sequence_number) > SEQUENCE_MAX:
-            raise client_error(ErrorCode.INVALID_SEQUENCE, value=sequence_number)
-        seq = int(sequence_number)
-        bounds = await asyncio.to_thread(self._store.bounds, config.stream_id, p)
-        if not max(bounds.first_seq - 1, 0) <= seq <= bounds.last_seq:
-            raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=seq, earliest=bounds.first_seq,
+        value = parse_seq(seq)
+        bounds = await self._store.bounds(config.stream_id, p)
+        if not max(bounds.first_seq - 1, 0) <= value <= bounds.last_seq:
+            raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=value, earliest=bounds.first_seq,
                                latest=max(bounds.first_seq, bounds.last_seq))
-        await self._committer.run_blocking(self._store.meta_write, {
-            apps.checkpoint_key(name, config.stream_id, p): apps.encode_checkpoint(seq, metadata or "", config.name)})
+        await self._store.meta_write({apps.checkpoint_key(project, name, config.stream_id, p):
+                                      apps.encode_checkpoint(value, metadata or "", config.stream_name)})
 
-    async def get_checkpoint(self, app_name: object, stream_name: object, partition_id: object,
+    async def get_checkpoint(self, project: str, app_name: object, stream_name: object, partition_id: object,
                              checkpoint_type: object = "LAST_READ") -> Checkpoint | None:
         """The committed checkpoint, or None. Raises APP_NOT_FOUND, STREAM_NOT_FOUND,
         INVALID_PARTITION_ID, PARTITION_NOT_FOUND, INVALID_REQUEST."""
-        apps.check_checkpoint_type(checkpoint_type)
-        name, _ = await self._app(app_name)
-        config = self._stream(stream_name)
-        p = self._partition_of(config, partition_id)
-        raw = await asyncio.to_thread(self._store.meta_get, apps.checkpoint_key(name, config.stream_id, p))
+        name, config = await self._target(project, app_name, stream_name, checkpoint_type)
+        p = self._catalogue.partition_of(config, partition_id)
+        raw = await self._store.meta_get(apps.checkpoint_key(project, name, config.stream_id, p))
         return apps.decode_checkpoint(raw) if raw is not None else None
 
-    async def delete_checkpoint(self, app_name: object, stream_name: object, partition_id: object = None,
-                                checkpoint_type: object = "LAST_READ") -> None:
+    async def delete_checkpoint(self, project: str, app_name: object, stream_name: object,
+                                partition_id: object = None, checkpoint_type: object = "LAST_READ") -> None:
         """Delete one partition's checkpoint, or every partition's when `partition_id` is None."""
-        apps.check_checkpoint_type(checkpoint_type)
-        name, _ = await self._app(app_name)
-        config = self._stream(stream_name)
+        name, config = await self._target(project, app_name, stream_name, checkpoint_type)
         if partition_id is None:
-            rows = await asyncio.to_thread(self._store.meta_scan, apps.checkpoint_stream_prefix(name, config.stream_id))
+            rows = await self._store.meta_scan(apps.checkpoint_stream_prefix(project, name, config.stream_id))
             doomed: dict[bytes, bytes | None] = {k: None for k, _ in rows}
         else:
-            doomed = {apps.checkpoint_key(name, config.stream_id, self._partition_of(config, partition_id)): None}
+            p = self._catalogue.partition_of(config, partition_id)
+            doomed = {apps.checkpoint_key(project, name, config.stream_id, p): None}
         if doomed:
-            await self._committer.run_blocking(self._store.meta_write, doomed)
+            await self._store.meta_write(doomed)
 
-    async def consumer_state(self, app_name: object, stream_name: object, checkpoint_type: object = "LAST_READ",
-                             start_after_partition: str | None = None, limit: int | None = None
-                             ) -> tuple[list[PartitionConsumerState], bool]:
+    async def consumer_state(self, project: str, app_name: object, stream_name: object,
+                             checkpoint_type: object = "LAST_READ", start_after_partition: object = None,
+                             limit: int | None = None) -> tuple[list[PartitionConsumerState], bool]:
         """Per partition: checkpoint vs. retained range (lag). Raises APP_NOT_FOUND,
         STREAM_NOT_FOUND, APP_NO_CHECKPOINT, INVALID_PARTITION_ID, INVALID_REQUEST."""
-        apps.check_checkpoint_type(checkpoint_type)
-        name, _ = await self._app(app_name)
-        config = self._stream(stream_name)
-        limit = clip_page(limit, self.limits.default_partition_page, self.limits.max_partition_page, "limit")
+        name, config = await self._target(project, app_name, stream_name, checkpoint_type)
+        limit = clip_page(limit, self._limits.default_partition_page, self._limits.max_partition_page, "limit")
         start = 0
-        if start_after_partition:
-            start = self._partition_of(config, start_after_partition) + 1
+        if start_after_partition not in (None, ""):
+            start = self._catalogue.partition_of(config, start_after_partition) + 1
         chosen = range(start, min(start + limit, config.partition_count))
         sid = config.stream_id
-
-        def collect() -> list[PartitionConsumerState]:
-            marks = {apps.checkpoint_ref(k)[1]: apps.decode_checkpoint(v)
-                     for k, v in self._store.meta_scan(apps.checkpoint_stream_prefix(name, sid))}
-            if not marks:
-                raise client_error(ErrorCode.APP_NO_CHECKPOINT, app=name, stream=config.name)
-            out = []
-            for p in chosen:
-                b = self._store.bounds(sid, p)
-                out.append(PartitionConsumerState(p, marks.get(p), b.first_seq, b.last_seq))
-            return out
-
-        return await asyncio.to_thread(collect), chosen.stop < config.partition_count
-
-    # -- consumer groups -----------------------------------------------------------------------
-
-    async def heartbeat(self, app_name: object, stream_name: object, member_id: object,
-                        held: Sequence[int] = (), lease_ms: int | None = None) -> tuple[list[int], int]:
-        """A consumer-group member's heartbeat (see core/leases.py). Returns (partitions it may
-        work on now, lease_ms). Raises APP_NOT_FOUND, STREAM_NOT_FOUND, INVALID_REQUEST."""
-        lim = self.limits
-        name, _ = await self._app(app_name)
-        config = self._stream(stream_name)
-        if not isinstance(member_id, str) or not 1 <= len(member_id) <= 200:
-            raise client_error(ErrorCode.INVALID_REQUEST, detail="member_id must be 1-200 characters")
-        lease = lease_ms or lim.default_lease_ms
-        if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
-            raise client_error(ErrorCode.INVALID_REQUEST,
-                               detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
-        mine = self._leases.heartbeat(name, config.stream_id, config.partition_count, member_id,
-                                      set(held), lease, self._now())
-        return mine, lease
-
-    async def leave_group(self, app_name: object, stream_name: object, member_id: object) -> None:
-        """Release every lease of a member at once (a clean shutdown, no lease timeout to wait)."""
-        name, _ = await self._app(app_name)
-        config = self._stream(stream_name)
-        self._leases.leave(name, config.stream_id, str(member_id))
+        marks = {apps.checkpoint_ref(k)[1]: apps.decode_checkpoint(v)
+                 for k, v in await self._store.meta_scan(apps.checkpoint_stream_prefix(project, name, sid))}
+        if not marks:
+            raise client_error(ErrorCode.APP_NO_CHECKPOINT, app=name, stream=config.stream_name)
+        out = []
+        for p in chosen:
+            b = await self._store.bounds(sid, p)
+            out.append(PartitionConsumerState(p, marks.get(p), b.first_seq, b.last_seq))
+        return out, chosen.stop < config.partition_count

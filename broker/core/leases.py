@@ -17,10 +17,13 @@ answers with the partitions it may work on now, leased until now + lease_ms. Rul
   partitions another live member is still working on.
 
 In memory on purpose: leases are only meaningful while a broker is serving, and expire in seconds.
+The core reaches the table through the `Leases` interface below, so a multi-broker mode can keep
+it in the shared store instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -55,10 +58,10 @@ class LeaseTable:
         recovering = self._started_ms is not None and now < self._started_ms + lease_ms
         mine = []
         for p in range(partition_count):
-            owner = group.owners.get(p)
-            if target.get(p) != member or (owner is None and recovering):
+            current = group.owners.get(p)
+            if target.get(p) != member or (current is None and recovering):
                 continue
-            if owner is None or owner[0] == member:
+            if current is None or current[0] == member:
                 group.owners[p] = (member, now + lease_ms)
                 mine.append(p)
         return mine
@@ -95,3 +98,36 @@ class LeaseTable:
     def forget_stream(self, stream_id: int) -> None:
         for key in [k for k in self._groups if k[1] == stream_id]:
             del self._groups[key]
+
+
+class Leases(Protocol):
+    """Where consumer-group leases live. Today in one broker's memory (LocalLeases); a broker of
+    a shared, replicated store will keep them in that store, so every broker sees one table."""
+
+    async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
+                        lease_ms: int, now: int) -> list[int]:
+        """Record a heartbeat; return the partitions `member` may work on, sorted."""
+
+    async def leave(self, app: str, stream_id: int, member: str) -> None:
+        """Release every lease of the member at once."""
+
+    async def forget_stream(self, stream_id: int) -> None:
+        """Drop every group of a deleted stream."""
+
+
+class LocalLeases(Leases):
+    """The in-memory LeaseTable behind the Leases interface. `app` is project-qualified by the
+    caller, so groups of two projects never meet."""
+
+    def __init__(self, started_ms: int | None = None) -> None:
+        self.table = LeaseTable(started_ms)
+
+    async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
+                        lease_ms: int, now: int) -> list[int]:
+        return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now)
+
+    async def leave(self, app: str, stream_id: int, member: str) -> None:
+        self.table.leave(app, stream_id, member)
+
+    async def forget_stream(self, stream_id: int) -> None:
+        self.table.forget_stream(stream_id)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from broker.errors import ErrorCode, client_error
 
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # DIS create-stream rule
+# [ours] DIS project ids are 32 hex characters, Timeplus workspaces short alphanumerics: one rule
+# that takes both and keeps a project name safe inside store keys (no NUL, no separators).
+PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HASH_KEY_MAX = 2**63 - 1                           # DIS hash space is unsigned 63-bit (Java Long.MAX_VALUE)
 SEQUENCE_MAX = 2**63 - 1                           # DIS sequence numbers: 0 .. 2^63-1
 
@@ -84,3 +87,24 @@ def check_stream_name(name: object) -> str:
         raise client_error(ErrorCode.INVALID_REQUEST,
                            detail=f"stream_name must be 1-64 characters of [A-Za-z0-9_-], got {name!r:.80}")
     return name
+
+
+def check_project(project: object) -> str:
+    if not isinstance(project, str) or not PROJECT_NAME.fullmatch(project):
+        raise client_error(ErrorCode.INVALID_REQUEST,
+                           detail=f"project must be 1-64 characters of [A-Za-z0-9_-], got {project!r:.80}")
+    return project
+
+
+def parse_seq(value: object) -> int:
+    """A sequence number as a door hands it over: an int, or a decimal string of ASCII digits.
+    Raises INVALID_SEQUENCE for anything else, including values past SEQUENCE_MAX - checked on the
+    text's length first, so a 5,000-digit string never reaches int() (whose digit limit raises)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= SEQUENCE_MAX:
+            return value
+    elif isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
+        seq = int(value)
+        if seq <= SEQUENCE_MAX:
+            return seq
+    raise client_error(ErrorCode.INVALID_SEQUENCE, value=f"{value!s:.40}")

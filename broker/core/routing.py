@@ -22,8 +22,10 @@ def format_partition_id(partition: int) -> str:
     return f"shardId-{partition:010d}"
 
 
-def parse_partition_id(text: str, partition_count: int) -> int | None:
-    """"2" or "shardId-0000000002" -> 2. None when malformed; the caller checks the range."""
+def parse_partition_id(text: object, partition_count: int) -> int | None:
+    """2, "2" or "shardId-0000000002" -> 2. None when malformed; the caller checks the range."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text if 0 <= text <= 9_999_999_999 else None
     m = _SHARD_ID.fullmatch(text.strip()) if isinstance(text, str) else None
     return int(m.group(1)) if m else None
 

@@ -1,60 +1,96 @@
 """The Store interface: what the core needs from a log store, and nothing more.
 
-Contract shared by every implementation (tests/storage/test_contract.py runs it over all):
+Written so a network store (a replicated NATS JetStream cluster, where every call is network I/O)
+can implement it honestly:
+* Every method is a coroutine. An embedded store moves its blocking calls to threads behind it
+  (storage/rocks.py); the core never sees a thread.
 * The store assigns sequence numbers: per partition they start at 0, increase by one per record,
   and are never reused - not after a trim, a restart or a crash.
-* `append` is atomic over all its batches: after a crash either all of them are there or none.
-  It is called by one writer at a time (the core's group committer); reads may run concurrently.
+* `append` is atomic **per partition**: each batch is written whole or not at all, and the batches
+  of one partition keep their order. Batches for different partitions in one call may succeed and
+  fail independently (a store may do better - RocksDB commits a call in one WriteBatch - but the
+  core relies on no more). A batch's outcome is its first sequence number, `None` when its
+  stream no longer exists, or the `BrokerError` that refused it.
 * Record timestamps never decrease within a partition (the store raises a batch's timestamp to
   the partition's last one), so `seq_at_time` can binary-search.
-* Errors: unknown stream ids yield `None` from `append`; I/O failures raise `BrokerError`
-  (`STORAGE_FULL` / `UNAVAILABLE`), never a backend exception.
+* Durability is described by `capabilities`, not by engine flags: what an acknowledged append
+  survives.
+* Errors: I/O failures raise `BrokerError` (`STORAGE_FULL` / `UNAVAILABLE`), never a backend
+  exception; unknown stream ids raise STREAM_NOT_FOUND (reads) or yield None (appends).
+
+tests/storage/test_contract.py and test_stateful.py run over every registered store.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import enum
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
 
+from broker.errors import BrokerError
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 
+AppendOutcome = int | None | BrokerError
 
+
+class IncompatibleStore(Exception):
+    """The store holds data this broker must not touch (say, another on-disk format). Raised when
+    a store opens; the message says what was found and what to do."""
+
+
+class Durability(enum.Enum):
+    """What an acknowledged append survives."""
+    NONE = "none"                    # nothing: the store lives in memory
+    PROCESS_CRASH = "process_crash"  # a crash of the broker process (SIGKILL): a write-ahead log
+    POWER_LOSS = "power_loss"        # the machine losing power: fsynced before the acknowledgement
+    REPLICATED = "replicated"        # the loss of a minority of the replicas of a cluster
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCapabilities:
+    durability: Durability
+    shared: bool = False   # several brokers may serve the same store at once
+
+
+@runtime_checkable
 class Store(Protocol):
-    # True when every append is fsynced (milliseconds): the core then never commits on its event loop
-    fsync: bool
+    capabilities: StoreCapabilities
 
-    def create_stream(self, config: StreamConfig) -> StreamConfig:
-        """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS."""
+    async def create_stream(self, config: StreamConfig) -> StreamConfig:
+        """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS when the
+        project already has a stream of that name."""
 
-    def drop_stream(self, name: str) -> None:
+    async def drop_stream(self, stream_id: int) -> None:
         """Delete the stream and all its records. Raises STREAM_NOT_FOUND."""
 
-    def list_streams(self) -> list[StreamConfig]:
-        """All streams, sorted by name."""
+    async def list_streams(self) -> list[StreamConfig]:
+        """All streams of every project, sorted by (project, stream_name)."""
 
-    def append(self, batches: Sequence[AppendBatch]) -> list[int | None]:
-        """Write every batch in one atomic commit; return each batch's first sequence number,
-        or None for a batch whose stream no longer exists (nothing of it is written)."""
+    async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
+        """Write the batches (atomic per partition, see above); one outcome per batch."""
 
-    def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
+    async def read(self, stream_id: int, partition: int, start_seq: int, limit: int,
+                   max_bytes: int) -> list[Record]:
         """Records with seq >= start_seq in order: at most `limit`, and stopping before the
         total payload would exceed `max_bytes` - but always at least one record if any exists."""
 
-    def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+    async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         """First retained, next to assign, and the newest record's timestamp."""
 
-    def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
+    async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         """The first retained seq whose timestamp is >= timestamp_ms, else next_seq."""
 
-    def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
+    async def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
         """Drop records with seq < before_seq (clamped to next_seq). Numbering is unaffected."""
 
-    def meta_get(self, key: bytes) -> bytes | None:
-        """A small metadata value (apps, checkpoints: the core owns their layout), or None."""
+    async def meta_get(self, key: bytes) -> bytes | None:
+        """A small metadata value (apps, checkpoints, the cursor key: the core owns their
+        layout), or None."""
 
-    def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    async def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """Every metadata (key, value) whose key starts with `prefix`, in key order."""
 
-    def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+    async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         """Apply puts (bytes) and deletes (None) atomically."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Flush and release. Idempotent."""

@@ -3,14 +3,15 @@ a migration.
 
     key                                               value
     ------------------------------------------------  --------------------------------------------
+    b"M" + b"format_version"                          u64 BE: the layout of this directory (FORMAT below)
     b"M" + b"next_stream_id"                          u64 BE: next stream id to hand out (ids are never reused)
-    b"S" + name (utf-8)                               JSON StreamConfig (with its stream_id)
+    b"S" + project + b"\0" + stream name (utf-8)       JSON StreamConfig (with its stream_id and project)
     b"H" + stream_id u64 + partition u32              u64 BE next_seq + i64 BE last_ts (the high-water mark)
     b"T" + stream_id u64 + partition u32              u64 BE first retained seq (absent = 0)
     b"R" + stream_id u64 + partition u32 + first_seq  one appended batch: its records first_seq ..
            u64                                        first_seq + count - 1 (the batch layout below)
-    b"X" + core-defined key                           core-defined value: apps, checkpoints (layout in
-                                                      broker/core/apps.py); the store treats it as opaque
+    b"X" + core-defined key                           core-defined value: apps, checkpoints, the cursor
+                                                      key (layout in broker/core/apps.py); opaque here
 
 All integers in keys are fixed-width big-endian, so byte order is numeric order: one partition's
 batches are one contiguous prefix scan in sequence order, and a stream's keys of a kind are one
@@ -41,19 +42,24 @@ Integers in values are big-endian too. Consequences the store relies on:
   the lowest stored key.
 * seq_at_time binary-searches batches by their one timestamp.
 
-Format history: until 2026-11 "R" keys held one record each (i64 ts, u16 key length, key,
-payload). That layout was never deployed, so there is no migration; a directory written by it
-must be recreated.
+Format history (FORMAT is checked when the store opens; a directory of another format is refused
+with a clear message, never read):
+1  (no "format_version" key) streams keyed by name alone; until 2026-11 "R" keys held one record
+   each. Never deployed, so there is no migration; such a directory must be recreated.
+2  projects: stream keys are project + NUL + name (both [A-Za-z0-9_-], so NUL cannot occur in
+   either); apps and checkpoints are keyed by project too (broker/core/apps.py).
 """
 from __future__ import annotations
 
 import struct
 from bisect import bisect_right
 from itertools import accumulate, repeat
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from broker.model import Record
 
+FORMAT = 2
+FORMAT_VERSION = b"Mformat_version"
 NEXT_STREAM_ID = b"Mnext_stream_id"
 STREAM = b"S"
 HWM = b"H"
@@ -70,8 +76,8 @@ U64 = struct.Struct(">Q")
 KEYS_NONE, KEYS_ALL, KEYS_MIXED = 0, 1, 2   # the batch header's key mode
 
 
-def stream_key(name: str) -> bytes:
-    return STREAM + name.encode()
+def stream_key(project: str, stream_name: str) -> bytes:
+    return STREAM + project.encode() + b"\0" + stream_name.encode()
 
 
 def partition_key(kind: bytes, stream_id: int, partition: int) -> bytes:
@@ -152,6 +158,7 @@ def decode_batch(value: bytes, first_seq: int, lo: int, hi: int, budget: int,
     if end <= lo:
         return [], 0
     datas = [value[a:b] for a, b in zip(offsets[lo:end], offsets[lo + 1:end + 1])]
+    pkeys: Iterable[str | None]
     if mode == KEYS_NONE:
         pkeys = repeat(None)
     else:

@@ -1,333 +1,108 @@
-"""RocksDB store (rocksdict). The only module that imports rocksdict.
+"""RocksStore: the embedded, durable default store - the RocksDB engine (rocks_engine.py) behind
+the async Store interface.
 
-Threading: every method is blocking and is called from worker threads, never on the event loop.
-Mutations (append, trim, create/drop) take `self._lock`, a plain threading.Lock held across the
-RocksDB write: the core sends all appends through one writer thread, so the lock is uncontended on
-the hot path and only orders appends against the retention trimmer and admin calls. An asyncio
-lock would not help here - the blocking call must leave the event loop anyway. Reads take no lock:
-RocksDB reads are thread-safe, and the caches they consult are replaced atomically.
-
-Layout: each appended batch is one RocksDB value (broker/storage/keys.py), so reads seek to the
-batch holding their start and skip into it, and a trim drops whole batches only.
-
-Durability: records and the partition's high-water mark go into one WriteBatch with the WAL on, so
-an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
-fsynced, so it survives power loss too; group commit amortises that fsync over every producer
-waiting at the time.
+Where each blocking call runs:
+* Mutations (append, trim, create/drop, meta_write) run on one dedicated writer thread, so they
+  are totally ordered and the engine's lock is never contended on the hot path. The core's
+  Committer sends one append at a time, folding every producer's batches into it.
+* Reads run on the default thread pool: RocksDB reads are thread-safe and take no lock.
+* Two cases stay on the event loop, because the two thread hops would cost more than the work:
+  a small append in WAL mode (tens of microseconds; never with fsync, which takes milliseconds,
+  and never while a mutation holds the engine's lock on the writer thread), and a small tail read
+  (a few records just written, still in the memtable). These are most of a trickle producer's and
+  a push subscriber's latency.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
+import asyncio
 import os
-import threading
-from dataclasses import asdict, replace
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
 
-import rocksdict
-
-from broker.errors import ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
-from broker.storage import keys
+from broker.settings import Settings
+from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
+from broker.storage.rocks_engine import FormatMismatch, RocksEngine
 
-log = logging.getLogger(__name__)
+__all__ = ["RocksStore", "FormatMismatch", "INLINE_APPEND_RECORDS", "INLINE_READ_RECORDS"]
 
+# An append of at most this many records, in WAL mode, runs on the event loop.
+INLINE_APPEND_RECORDS = 4
+# A read of at most this many records from the tail of a partition runs on the event loop.
+INLINE_READ_RECORDS = 4
 
-@contextlib.contextmanager
-def _io_errors(what: str) -> Iterator[None]:
-    """Translate backend failures into the catalogue, once, at the boundary."""
-    try:
-        yield
-    except Exception as exc:  # rocksdict raises plain Exception for RocksDB status errors
-        if getattr(exc, "code", None) is not None:  # a BrokerError passing through
-            raise
-        text = str(exc)
-        log.error("rocksdb %s failed: %s", what, text)
-        if "No space left" in text or "ENOSPC" in text:
-            raise server_error(ErrorCode.STORAGE_FULL) from exc
-        raise server_error(ErrorCode.UNAVAILABLE, detail=f"storage {what} failed") from exc
+T = TypeVar("T")
 
 
-def _options(memtable_mb: int, block_cache_mb: int) -> rocksdict.Options:
-    """Bounded memory: at most two memtables (one filling, one flushing) plus a fixed block cache.
-
-    RocksDB's defaults (64 MiB memtables, caches sized per table) let a busy broker's RSS wander by
-    hundreds of MiB; a broker needs a budget an operator can reason about (see --memtable-mb).
-    """
-    opts = rocksdict.Options(raw_mode=True)
-    opts.create_if_missing(True)
-    opts.increase_parallelism(max(2, os.cpu_count() or 2))
-    opts.set_compression_type(rocksdict.DBCompressionType.lz4())
-    opts.set_write_buffer_size(memtable_mb << 20)
-    opts.set_max_write_buffer_number(2)
-    table = rocksdict.BlockBasedOptions()
-    table.set_block_cache(rocksdict.Cache(block_cache_mb << 20))
-    table.set_cache_index_and_filter_blocks(True)   # index/filter blocks count against the cache too
-    opts.set_block_based_table_factory(table)
-    return opts
-
-
-class RocksStore:
+class RocksStore(Store):
     def __init__(self, path: str, *, sync: bool = False, memtable_mb: int = 32, block_cache_mb: int = 64) -> None:
-        os.makedirs(path, exist_ok=True)
-        opts = _options(memtable_mb, block_cache_mb)
-        with _io_errors("open"):
-            self._db = rocksdict.Rdict(path, opts)
-        self._write_opts = rocksdict.WriteOptions()
-        self._write_opts.sync = sync
-        self.fsync = sync
-        self._lock = threading.Lock()
+        """Opens the database (blocking: call it from a thread, as `open` does)."""
+        self._engine = RocksEngine(path, sync=sync, memtable_mb=memtable_mb, block_cache_mb=block_cache_mb)
+        self.capabilities = StoreCapabilities(Durability.POWER_LOSS if sync else Durability.PROCESS_CRASH)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-writer")
+        self._mutating = 0   # mutations queued or running on the writer thread
         self._closed = False
-        self._streams: dict[str, StreamConfig] = {}
-        self._live_ids: set[int] = set()
-        self._hwm: dict[tuple[int, int], tuple[int, int]] = {}   # (sid, p) -> (next_seq, last_ts)
-        self._first: dict[tuple[int, int], int] = {}             # (sid, p) -> first retained seq
-        self._load_catalogue()
+        self.appends_inline = 0    # observability and tests: appends that ran on the event loop
 
-    # -- catalogue -----------------------------------------------------------------------------
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> RocksStore:
+        """The registry's factory (storage/__init__.py): the database lives in <data_dir>/rocksdb."""
+        return await asyncio.to_thread(cls, os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync,
+                                       memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)
 
-    def _load_catalogue(self) -> None:
-        ro = rocksdict.ReadOptions()
-        ro.set_iterate_upper_bound(keys.STREAM + b"\xff")
-        for _, value in self._db.items(from_key=keys.STREAM, read_opt=ro):
-            config = StreamConfig(**json.loads(value))
-            self._streams[config.name] = config
-            self._live_ids.add(config.stream_id)
+    async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
+        self._mutating += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        finally:
+            self._mutating -= 1
 
-    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+    async def create_stream(self, config: StreamConfig) -> StreamConfig:
+        return await self._mutate(self._engine.create_stream, config)
+
+    async def drop_stream(self, stream_id: int) -> None:
+        await self._mutate(self._engine.drop_stream, stream_id)
+
+    async def list_streams(self) -> list[StreamConfig]:
+        return self._engine.list_streams()   # from the engine's in-memory catalogue
+
+    async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
+        if not self._engine.sync and self._mutating == 0 \
+                and sum(len(b.items) for b in batches) <= INLINE_APPEND_RECORDS:
+            self.appends_inline += 1
+            return list(self._engine.append(batches))
+        return list(await self._mutate(self._engine.append, batches))
+
+    async def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
+        cached = self._engine.cached_bounds(stream_id, partition)
+        if cached is not None and cached[0] <= start_seq and cached[1] - start_seq <= INLINE_READ_RECORDS:
+            return self._engine.read(stream_id, partition, start_seq, limit, max_bytes)
+        return await asyncio.to_thread(self._engine.read, stream_id, partition, start_seq, limit, max_bytes)
+
+    async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        if self._engine.cached_bounds(stream_id, partition) is not None:
+            return self._engine.bounds(stream_id, partition)   # memory only: no thread hop
+        return await asyncio.to_thread(self._engine.bounds, stream_id, partition)
+
+    async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
+        return await asyncio.to_thread(self._engine.seq_at_time, stream_id, partition, timestamp_ms)
+
+    async def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
+        await self._mutate(self._engine.trim, stream_id, partition, before_seq)
+
+    async def meta_get(self, key: bytes) -> bytes | None:
+        return await asyncio.to_thread(self._engine.meta_get, key)
+
+    async def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        return await asyncio.to_thread(self._engine.meta_scan, prefix)
+
+    async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        await self._mutate(self._engine.meta_write, changes)
+
+    async def close(self) -> None:
+        """Waits for queued mutations, then flushes and closes the database."""
         if self._closed:
-            raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
-        with _io_errors(what):
-            self._db.write(batch, self._write_opts)
-
-    def create_stream(self, config: StreamConfig) -> StreamConfig:
-        with self._lock:
-            if config.name in self._streams:
-                raise client_error(ErrorCode.STREAM_EXISTS, stream=config.name)
-            with _io_errors("read"):
-                raw = self._db.get(keys.NEXT_STREAM_ID)
-            stream_id = keys.U64.unpack(raw)[0] if raw else 1
-            stored = replace(config, stream_id=stream_id)
-            wb = rocksdict.WriteBatch(raw_mode=True)
-            wb.put(keys.NEXT_STREAM_ID, keys.U64.pack(stream_id + 1))
-            wb.put(keys.stream_key(config.name), json.dumps(asdict(stored)).encode())
-            self._write(wb, "create_stream")
-            self._streams[config.name] = stored
-            self._live_ids.add(stream_id)
-            return stored
-
-    def drop_stream(self, name: str) -> None:
-        with self._lock:
-            config = self._streams.get(name)
-            if config is None:
-                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=name)
-            wb = rocksdict.WriteBatch(raw_mode=True)
-            wb.delete(keys.stream_key(name))
-            for kind in (keys.RECORD, keys.HWM, keys.TRIM):
-                wb.delete_range(*keys.stream_range(kind, config.stream_id))
-            self._write(wb, "drop_stream")
-            del self._streams[name]
-            self._live_ids.discard(config.stream_id)
-            for p in range(config.partition_count):
-                self._hwm.pop((config.stream_id, p), None)
-                self._first.pop((config.stream_id, p), None)
-
-    def list_streams(self) -> list[StreamConfig]:
-        return sorted(self._streams.values(), key=lambda c: c.name)
-
-    # -- partition state -----------------------------------------------------------------------
-
-    def _hwm_of(self, sid: int, partition: int) -> tuple[int, int]:
-        state = self._hwm.get((sid, partition))
-        if state is None:
-            with _io_errors("read"):
-                raw = self._db.get(keys.partition_key(keys.HWM, sid, partition))
-            # setdefault, not assignment: a lock-free reader may have read the value before a
-            # concurrent append committed; it must not overwrite what that append cached since.
-            state = self._hwm.setdefault((sid, partition), keys.decode_hwm(raw) if raw else (0, 0))
-        return state
-
-    def _first_of(self, sid: int, partition: int) -> int:
-        first = self._first.get((sid, partition))
-        if first is None:
-            with _io_errors("read"):
-                raw = self._db.get(keys.partition_key(keys.TRIM, sid, partition))
-            first = self._first.setdefault((sid, partition), keys.U64.unpack(raw)[0] if raw else 0)
-        return first
-
-    def _check_partition(self, sid: int, partition: int) -> None:
-        if sid not in self._live_ids:
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {sid}")
-        # partition ranges are validated by the core against the stream config
-
-    # -- the log -------------------------------------------------------------------------------
-
-    def append(self, batches: Sequence[AppendBatch]) -> list[int | None]:
-        with self._lock:
-            wb = rocksdict.WriteBatch(raw_mode=True)
-            staged: dict[tuple[int, int], tuple[int, int]] = {}
-            firsts: list[int | None] = []
-            encode, rkey = keys.encode_batch, keys.record_key
-            for batch in batches:
-                sid, p = batch.stream_id, batch.partition
-                if sid not in self._live_ids:
-                    firsts.append(None)
-                    continue
-                next_seq, last_ts = staged.get((sid, p)) or self._hwm_of(sid, p)
-                ts = max(batch.timestamp_ms, last_ts)
-                firsts.append(next_seq)
-                if batch.items:  # one value per batch, keyed by its first seq
-                    wb.put(rkey(sid, p, next_seq), encode(ts, batch.items))
-                    next_seq += len(batch.items)
-                staged[(sid, p)] = (next_seq, ts)
-            for (sid, p), (next_seq, ts) in staged.items():
-                wb.put(keys.partition_key(keys.HWM, sid, p), keys.encode_hwm(next_seq, ts))
-            if staged:
-                self._write(wb, "append")
-                self._hwm.update(staged)
-            return firsts
-
-    @staticmethod
-    def _upper_bound(stream_id: int, partition: int, end_seq: int | None = None) -> rocksdict.ReadOptions:
-        """Read options bounding an iterator to the partition's batches that start before
-        `end_seq` (default: the whole partition). The caller must keep the options alive as long
-        as its iterator: rocksdict does not, and a freed bound silently unbounds (or breaks) it.
-        rocksdict ignores an iterate lower bound, so callers that seek backwards check with
-        `_in_partition` that they did not land in an earlier partition."""
-        ro = rocksdict.ReadOptions()
-        prefix = keys.partition_key(keys.RECORD, stream_id, partition)
-        ro.set_iterate_upper_bound(keys.prefix_end(prefix) if end_seq is None
-                                   else keys.record_key(stream_id, partition, end_seq))
-        return ro
-
-    @staticmethod
-    def _in_partition(it: rocksdict.RdictIter, prefix: bytes) -> bool:
-        if not it.valid():
-            it.status()  # an I/O error invalidates the iterator: raise it, never read it as "no batch"
-            return False
-        return bool(it.key().startswith(prefix))
-
-    def _batch_at(self, it: rocksdict.RdictIter, stream_id: int, partition: int,
-                  seq: int) -> tuple[int, int, int] | None:
-        """Position `it` on the stored batch holding `seq`: (its first seq, count, timestamp), or
-        None when no stored batch holds it (trimmed, or at/after next_seq)."""
-        it.seek_for_prev(keys.record_key(stream_id, partition, seq))
-        if not self._in_partition(it, keys.partition_key(keys.RECORD, stream_id, partition)):
-            return None
-        first = keys.record_seq(it.key())
-        count, ts = keys.batch_header(it.value())
-        return (first, count, ts) if seq < first + count else None
-
-    def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
-        self._check_partition(stream_id, partition)
-        next_seq, _ = self._hwm_of(stream_id, partition)
-        start = max(start_seq, self._first_of(stream_id, partition))
-        if start >= next_seq or limit <= 0:
-            return []
-        end = min(next_seq, start + limit)
-        out: list[Record] = []
-        total = 0
-        decode, seq_of = keys.decode_batch, keys.record_seq
-        with _io_errors("read"):
-            ro = self._upper_bound(stream_id, partition, end)
-            it = self._db.iter(ro)
-            # the batch holding `start` may begin before it (reads start inside batches); if
-            # none holds it (trimmed under us), go on from the next stored batch
-            it.seek_for_prev(keys.record_key(stream_id, partition, start))
-            if not self._in_partition(it, keys.partition_key(keys.RECORD, stream_id, partition)):
-                it.seek(keys.record_key(stream_id, partition, start))
-            while it.valid():
-                first = seq_of(it.key())
-                value = it.value()
-                count, _ = keys.batch_header(value)
-                lo, hi = max(start - first, 0), min(count, end - first)
-                if lo < hi:
-                    records, used = decode(value, first, lo, hi, max_bytes - total, not out)
-                    out += records
-                    total += used
-                    if len(records) < hi - lo:  # max_bytes reached
-                        break
-                it.next()
-            it.status()  # the loop also ends on an I/O error: raise it rather than return a short read
-        return out
-
-    def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
-        self._check_partition(stream_id, partition)
-        next_seq, last_ts = self._hwm_of(stream_id, partition)
-        return PartitionBounds(min(self._first_of(stream_id, partition), next_seq), next_seq, last_ts)
-
-    def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
-        first, next_seq, _ = self.bounds(stream_id, partition)
-        lo, hi = first, next_seq
-        with _io_errors("read"):
-            ro = self._upper_bound(stream_id, partition)
-            it = self._db.iter(ro)
-            # first seq in [lo, hi) whose timestamp >= timestamp_ms; a batch has one timestamp,
-            # so each probe settles the whole batch holding `mid`
-            while lo < hi:
-                mid = (lo + hi) // 2
-                found = self._batch_at(it, stream_id, partition, mid)
-                if found is None:  # trimmed under us: everything before it is gone too
-                    lo = mid + 1
-                    continue
-                batch_first, count, ts = found
-                if ts < timestamp_ms:
-                    lo = min(batch_first + count, hi)
-                else:
-                    hi = max(batch_first, lo)
-        return lo
-
-    def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
-        with self._lock:
-            self._check_partition(stream_id, partition)
-            first = self._first_of(stream_id, partition)
-            next_seq, _ = self._hwm_of(stream_id, partition)
-            cut = min(before_seq, next_seq)
-            if cut <= first:
-                return
-            # drop whole batches only: one straddling the cut stays stored, and the "T" key
-            # (first retained seq) hides its records below the cut
-            with _io_errors("trim"):
-                ro = self._upper_bound(stream_id, partition)
-                straddling = self._batch_at(self._db.iter(ro), stream_id, partition, cut)
-            drop_to = straddling[0] if straddling is not None else cut
-            wb = rocksdict.WriteBatch(raw_mode=True)
-            if drop_to > 0:
-                wb.delete_range(keys.record_key(stream_id, partition, 0),
-                                keys.record_key(stream_id, partition, drop_to))
-            wb.put(keys.partition_key(keys.TRIM, stream_id, partition), keys.U64.pack(cut))
-            self._write(wb, "trim")
-            self._first[(stream_id, partition)] = cut
-
-    # -- metadata (opaque to the store) ------------------------------------------------------------
-
-    def meta_get(self, key: bytes) -> bytes | None:
-        with _io_errors("read"):
-            return self._db.get(keys.META + key)  # type: ignore[no-any-return]
-
-    def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        ro = rocksdict.ReadOptions()
-        ro.set_iterate_upper_bound(keys.prefix_end(keys.META + prefix))
-        with _io_errors("read"):
-            return [(k[1:], v) for k, v in self._db.items(from_key=keys.META + prefix, read_opt=ro)]
-
-    def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
-        wb = rocksdict.WriteBatch(raw_mode=True)
-        for key, value in changes.items():
-            if value is None:
-                wb.delete(keys.META + key)
-            else:
-                wb.put(keys.META + key, value)
-        with self._lock:
-            self._write(wb, "meta_write")
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            with _io_errors("close"):
-                self._db.flush_wal(True)
-                self._db.flush()
-                self._db.close()
+            return
+        self._closed = True
+        await self._mutate(self._engine.close)
+        self._writer.shutdown(wait=True)

@@ -55,7 +55,7 @@ async def broker(db_path: str, clock: FakeClock) -> AsyncIterator[Broker]:
     await b.start()
     yield b
     await b.close()
-    store.close()
+    await store.close()
 
 
 async def raises(awaitable: Awaitable[object], code: ErrorCode) -> BrokerError:
@@ -151,7 +151,7 @@ async def test_retention_trims_expired_records_and_numbering_continues(broker: B
     assert err.code.dis_code == "DIS.4224"
     assert "[1][ should be within ][3][ ][4]" in err.message
     await raises(broker.get_cursor("s", "0", "AFTER_SEQUENCE_NUMBER", "1"), ErrorCode.SEQUENCE_OUT_OF_RANGE)
-    assert data_of(await read_from(broker, "s", "0", "AFTER_SEQUENCE_NUMBER", starting_sequence_number="2")) \
+    assert data_of(await read_from(broker, "s", "0", "AFTER_SEQUENCE_NUMBER", starting_seq="2")) \
         == [b"new3", b"new4"]
 
     err = await raises(broker.get_cursor("s", "0", "AT_TIMESTAMP", timestamp_ms=T0), ErrorCode.TIMESTAMP_EXPIRED)
@@ -200,10 +200,10 @@ async def test_all_cursor_types_position_correctly(broker: Broker, clock: FakeCl
         await put(broker, "s", f"r{i}".encode())
 
     assert data_of(await read_from(broker, "s", "0", "TRIM_HORIZON")) == [b"r0", b"r1", b"r2", b"r3", b"r4"]
-    assert data_of(await read_from(broker, "s", "0", "AT_SEQUENCE_NUMBER", starting_sequence_number="2")) \
+    assert data_of(await read_from(broker, "s", "0", "AT_SEQUENCE_NUMBER", starting_seq="2")) \
         == [b"r2", b"r3", b"r4"]
-    assert data_of(await read_from(broker, "s", "0", None, starting_sequence_number="3")) == [b"r3", b"r4"]
-    assert data_of(await read_from(broker, "s", "0", "AFTER_SEQUENCE_NUMBER", starting_sequence_number="2")) \
+    assert data_of(await read_from(broker, "s", "0", None, starting_seq="3")) == [b"r3", b"r4"]
+    assert data_of(await read_from(broker, "s", "0", "AFTER_SEQUENCE_NUMBER", starting_seq="2")) \
         == [b"r3", b"r4"]
     assert data_of(await read_from(broker, "s", "0", "AT_TIMESTAMP", timestamp_ms=T0 + 3 * SECOND)) \
         == [b"r2", b"r3", b"r4"]
@@ -246,14 +246,14 @@ async def test_get_cursor_rejects_bad_arguments(broker: Broker) -> None:
     await put(broker, "s", b"a", b"b")
     cases = [
         (dict(cursor_type="BOGUS"), ErrorCode.INVALID_CURSOR_TYPE, "DIS.4215"),
-        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_sequence_number="abc"), ErrorCode.INVALID_SEQUENCE,
+        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_seq="abc"), ErrorCode.INVALID_SEQUENCE,
          "DIS.4216"),
-        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_sequence_number="-1"), ErrorCode.INVALID_SEQUENCE,
+        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_seq="-1"), ErrorCode.INVALID_SEQUENCE,
          "DIS.4216"),
         (dict(cursor_type="AT_SEQUENCE_NUMBER"), ErrorCode.INVALID_SEQUENCE, "DIS.4216"),
-        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_sequence_number="3"), ErrorCode.SEQUENCE_OUT_OF_RANGE,
+        (dict(cursor_type="AT_SEQUENCE_NUMBER", starting_seq="3"), ErrorCode.SEQUENCE_OUT_OF_RANGE,
          "DIS.4224"),
-        (dict(cursor_type="AFTER_SEQUENCE_NUMBER", starting_sequence_number="2"), ErrorCode.SEQUENCE_OUT_OF_RANGE,
+        (dict(cursor_type="AFTER_SEQUENCE_NUMBER", starting_seq="2"), ErrorCode.SEQUENCE_OUT_OF_RANGE,
          "DIS.4224"),
         (dict(cursor_type="AT_TIMESTAMP"), ErrorCode.INVALID_REQUEST, "DIS.4200"),
     ]
@@ -414,7 +414,7 @@ async def test_delete_then_recreate_starts_a_new_log(broker: Broker) -> None:
     await raises(broker.put_records("s", [PutEntry(b"x")]), ErrorCode.STREAM_NOT_FOUND)
     await raises(broker.get_cursor("s", "0", "TRIM_HORIZON"), ErrorCode.STREAM_NOT_FOUND)
     await raises(broker.delete_stream("s"), ErrorCode.STREAM_NOT_FOUND)
-    assert broker.list_streams().total == 0
+    assert (await broker.list_streams()).total == 0
 
     new = await broker.create_stream("s", 2)
     assert new.stream_id != old.stream_id
@@ -443,7 +443,7 @@ async def test_close_commits_every_queued_put_and_they_survive_a_reopen(db_path:
     results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert all(r.failures == [] for r in results)
     await raises(b.put_records("s", [PutEntry(b"late")]), ErrorCode.UNAVAILABLE)
-    store.close()
+    await store.close()
 
     store = RocksStore(db_path)
     try:
@@ -458,7 +458,7 @@ async def test_close_commits_every_queued_put_and_they_survive_a_reopen(db_path:
         assert (await put(b, "s", b"after-restart")).seqs == [40]
         await b.close()
     finally:
-        store.close()
+        await store.close()
 
 
 async def test_a_cursor_survives_a_broker_restart(db_path: str, clock: FakeClock) -> None:
@@ -469,7 +469,7 @@ async def test_a_cursor_survives_a_broker_restart(db_path: str, clock: FakeClock
     await put(b, "s", b"a", b"b")
     cursor = await b.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "1")
     await b.close()
-    store.close()
+    await store.close()
     store = RocksStore(db_path)
     try:
         b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
@@ -477,7 +477,7 @@ async def test_a_cursor_survives_a_broker_restart(db_path: str, clock: FakeClock
         assert data_of((await b.get_records(cursor)).records) == [b"b"]
         await b.close()
     finally:
-        store.close()
+        await store.close()
 
 
 # -- (h) cursor expiry ----------------------------------------------------------------------------
@@ -503,10 +503,9 @@ async def test_cursors_expire_five_minutes_after_they_were_issued(broker: Broker
 class SlowCreateStore(MemoryStore):
     """A real store whose create_stream takes a while, so a caller can go away in the middle."""
 
-    def create_stream(self, config):  # type: ignore[no-untyped-def]
-        import time
-        time.sleep(0.3)
-        return super().create_stream(config)
+    async def create_stream(self, config):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.3)
+        return await super().create_stream(config)
 
 
 async def test_a_cancelled_create_stream_still_leaves_a_usable_stream() -> None:
@@ -519,14 +518,14 @@ async def test_a_cancelled_create_stream_still_leaves_a_usable_stream() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         for _ in range(100):              # the store call finishes on the writer thread
-            if broker.list_streams().streams:
+            if (await broker.list_streams()).streams:
                 break
             await asyncio.sleep(0.02)
-        assert [c.name for c in broker.list_streams().streams] == ["s"]
+        assert [c.stream_name for c in (await broker.list_streams()).streams] == ["s"]
         result = await broker.put_records("s", [PutEntry(b"x", partition_id="1")])
         assert result.seqs == [0] and not result.failures
         await broker.delete_stream("s")
-        assert broker.list_streams().streams == []
+        assert (await broker.list_streams()).streams == []
     finally:
         await broker.close()
 
@@ -536,10 +535,10 @@ class TrimDuringReadStore(MemoryStore):
 
     trim_on_read = False
 
-    def read(self, stream_id, partition, start_seq, limit, max_bytes):  # type: ignore[no-untyped-def]
+    async def read(self, stream_id, partition, start_seq, limit, max_bytes):  # type: ignore[no-untyped-def]
         if self.trim_on_read:
-            self.trim(stream_id, partition, start_seq + 2)
-        return super().read(stream_id, partition, start_seq, limit, max_bytes)
+            await self.trim(stream_id, partition, start_seq + 2)
+        return await super().read(stream_id, partition, start_seq, limit, max_bytes)
 
 
 async def test_a_trim_between_bounds_and_read_is_reported_not_skipped() -> None:
@@ -556,3 +555,85 @@ async def test_a_trim_between_bounds_and_read_is_reported_not_skipped() -> None:
         assert info.value.code is ErrorCode.CURSOR_RECORD_EXPIRED
     finally:
         await broker.close()
+
+
+# -- projects are namespaces ---------------------------------------------------------------------
+
+
+async def test_the_same_stream_name_in_two_projects_is_two_streams(broker: Broker) -> None:
+    await broker.create_stream("s", 1, project="p1")
+    await broker.create_stream("s", 2, project="p2")
+    await raises(broker.create_stream("s", 1, project="p1"), ErrorCode.STREAM_EXISTS)
+    await raises(broker.describe_stream("s"), ErrorCode.STREAM_NOT_FOUND)       # not in "default"
+    assert [c.stream_name for c in (await broker.list_streams(project="p1")).streams] == ["s"]
+    assert (await broker.list_streams()).total == 0
+    assert (await broker.describe_stream("s", project="p2")).config.partition_count == 2
+
+    one = await broker.put_records("s", [PutEntry(b"one", partition_id="0")], project="p1")
+    two = await broker.put_records("s", [PutEntry(b"two", partition_id="0")], project="p2")
+    assert one.seqs == two.seqs == [0]                                            # separate logs
+    c1 = await broker.get_cursor("s", 0, "TRIM_HORIZON", project="p1")
+    assert data_of((await broker.get_records(c1, project="p1")).records) == [b"one"]
+    # a cursor is honoured only in its stream's project
+    await raises(broker.get_records(c1, project="p2"), ErrorCode.INVALID_CURSOR)
+    with pytest.raises(BrokerError) as info:
+        await anext(broker.subscribe(c1, project="p2"))
+    assert info.value.code is ErrorCode.INVALID_CURSOR
+
+    await broker.delete_stream("s", project="p1")
+    await raises(broker.get_cursor("s", "0", "TRIM_HORIZON", project="p1"), ErrorCode.STREAM_NOT_FOUND)
+    c2 = await broker.get_cursor("s", "0", "TRIM_HORIZON", project="p2")
+    assert data_of((await broker.get_records(c2, project="p2")).records) == [b"two"]
+
+
+async def test_apps_checkpoints_and_groups_belong_to_a_project(broker: Broker, clock: FakeClock) -> None:
+    for project in ("p1", "p2"):
+        await broker.create_stream("s", 2, project=project)
+        await broker.put_records("s", [PutEntry(b"x", partition_id="0")], project=project)
+    await broker.create_app("app", project="p1")
+    await raises(broker.describe_app("app", project="p2"), ErrorCode.APP_NOT_FOUND)
+    await broker.create_app("app", project="p2")                 # the same name, another project
+    await broker.commit_checkpoint("app", "s", "0", "0", "m1", project="p1")
+    assert (await broker.get_checkpoint("app", "s", 0, project="p1")).metadata == "m1"  # type: ignore[union-attr]
+    assert await broker.get_checkpoint("app", "s", 0, project="p2") is None
+    assert (await broker.describe_app("app", project="p1")).stream_names == ("s",)
+    assert (await broker.describe_app("app", project="p2")).stream_names == ()
+    assert [a.name for a in (await broker.list_apps(project="p1"))[1]] == ["app"]
+    assert (await broker.list_apps())[0] == 0
+    # one member id in two projects' groups: two groups, each hands out all its partitions
+    clock.advance(MINUTE)                                        # past the leases' restart grace
+    assert (await broker.heartbeat("app", "s", "m", project="p1"))[0] == [0, 1]
+    assert (await broker.heartbeat("app", "s", "m", project="p2"))[0] == [0, 1]
+    await broker.delete_app("app", project="p1")
+    assert (await broker.describe_app("app", project="p2")).name == "app"
+    await broker.delete_stream("s", project="p2")                # its checkpoints go with it
+    await broker.create_stream("s", 2, project="p2")
+    assert await broker.get_checkpoint("app", "s", 0, project="p2") is None
+
+
+@pytest.mark.parametrize("project", ["", "a/b", "x" * 65, "ü", None, "p\0"])
+async def test_a_malformed_project_is_invalid_request(broker: Broker, project: object) -> None:
+    await raises(broker.create_stream("s", 1, project=project), ErrorCode.INVALID_REQUEST)  # type: ignore[arg-type]
+    await raises(broker.list_streams(project=project), ErrorCode.INVALID_REQUEST)  # type: ignore[arg-type]
+    await raises(broker.describe_stream("s", project=project), ErrorCode.INVALID_REQUEST)  # type: ignore[arg-type]
+    await raises(broker.create_app("a", project=project), ErrorCode.INVALID_REQUEST)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seq", ["9" * 5000, "1" + "0" * 19, "9223372036854775808", "-1", "1e3", " 1", "١",
+                                 "", 2**63, -1, True, 1.5, None])
+async def test_sequence_numbers_of_any_size_or_shape_are_invalid_sequence(broker: Broker, seq: object) -> None:
+    await broker.create_stream("s", 1)
+    await broker.put_records("s", [PutEntry(b"x", partition_id="0")])
+    await broker.create_app("app")
+    await raises(broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", seq), ErrorCode.INVALID_SEQUENCE)
+    await raises(broker.commit_checkpoint("app", "s", "0", seq), ErrorCode.INVALID_SEQUENCE)
+
+
+async def test_integer_partition_ids_and_sequence_numbers_are_accepted(broker: Broker) -> None:
+    await broker.create_stream("s", 2)
+    await broker.put_records("s", [PutEntry(b"a", partition_id=1), PutEntry(b"b", partition_id=1)])  # type: ignore[arg-type]
+    cursor = await broker.get_cursor("s", 1, "AT_SEQUENCE_NUMBER", 1)
+    assert data_of((await broker.get_records(cursor)).records) == [b"b"]
+    await broker.create_app("app")
+    await broker.commit_checkpoint("app", "s", 1, 1)
+    assert (await broker.get_checkpoint("app", "s", 1)).seq == 1  # type: ignore[union-attr]

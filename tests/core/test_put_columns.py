@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.core.broker import Broker
+from broker.core.writes import WritePath
 from broker.errors import BrokerError, ErrorCode
 from broker.model import PutColumns, PutEntry, PutRecordsResult
 from broker.storage.memory import MemoryStore
@@ -84,13 +85,13 @@ def test_the_keyed_fast_path_routes_and_numbers_like_entries(batch: list[Row]) -
 
 def test_an_all_keyed_batch_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = Broker._group_entries
+    original = WritePath._route_entries
 
-    def spy(self: Broker, *args: object) -> object:
+    def spy(self: WritePath, *args: object) -> object:
         calls.append(1)
         return original(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Broker, "_group_entries", spy)
+    monkeypatch.setattr(WritePath, "_route_entries", spy)
     keyed = [(bytes([i]), f"key-{i % 7}", "", "") for i in range(50)]
     check_alike(keyed)
     assert len(calls) == 1          # only the entry form went record by record

@@ -142,9 +142,11 @@ def test_parse_partition_id_accepts_only_the_ascii_forms(text: str) -> None:
     assert result == (int(m.group(1)) if m else None)
 
 
-def test_parse_partition_id_rejects_non_strings() -> None:
-    for value in (None, 2, 2.0, b"2", ["2"]):
-        assert routing.parse_partition_id(value, 4) is None  # type: ignore[arg-type]
+def test_parse_partition_id_takes_ints_and_rejects_other_non_strings() -> None:
+    assert routing.parse_partition_id(2, 4) == 2              # the gRPC door's integer partition ids
+    assert routing.parse_partition_id(0, 4) == 0
+    for value in (None, -1, 10**10, True, 2.0, b"2", ["2"]):
+        assert routing.parse_partition_id(value, 4) is None
 
 
 # -- explicit hash keys ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 from broker.storage import keys
-from broker.storage.rocks import RocksStore
+from broker.storage.rocks_engine import RocksEngine
 
 BIG = 1 << 30
 
@@ -25,19 +25,19 @@ def path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(path: str) -> Iterator[RocksStore]:
-    s = RocksStore(path)
+def store(path: str) -> Iterator[RocksEngine]:
+    s = RocksEngine(path)
     yield s
     s.close()
 
 
-def stored_batches(store: RocksStore, sid: int, partition: int) -> list[int]:
+def stored_batches(store: RocksEngine, sid: int, partition: int) -> list[int]:
     """First seqs of the batch values physically stored for the partition."""
     prefix = keys.partition_key(keys.RECORD, sid, partition)
     return [keys.record_seq(k) for k in store._db.keys(from_key=prefix) if k.startswith(prefix)]
 
 
-def fill(store: RocksStore, sid: int, partition: int, sizes: list[int], ts: list[int] | None = None) -> None:
+def fill(store: RocksEngine, sid: int, partition: int, sizes: list[int], ts: list[int] | None = None) -> None:
     """One batch per entry of `sizes`; payload of record seq s is b"%d" % s."""
     seq = store.bounds(sid, partition).next_seq
     for i, n in enumerate(sizes):
@@ -81,7 +81,7 @@ def test_batch_decode_budget_and_at_least_one() -> None:
 # -- the store ---------------------------------------------------------------------------------------
 
 
-def test_one_value_per_batch_and_reads_start_inside_batches(store: RocksStore) -> None:
+def test_one_value_per_batch_and_reads_start_inside_batches(store: RocksEngine) -> None:
     sid = store.create_stream(StreamConfig("s", 2)).stream_id
     fill(store, sid, 0, [3, 4, 1, 5])                 # batches at 0, 3, 7, 8; next_seq 13
     fill(store, sid, 1, [2])
@@ -98,7 +98,7 @@ def test_one_value_per_batch_and_reads_start_inside_batches(store: RocksStore) -
 
 
 def test_trim_through_a_batch_keeps_it_stored_but_hidden_across_restarts(path: str) -> None:
-    store = RocksStore(path)
+    store = RocksEngine(path)
     sid = store.create_stream(StreamConfig("s", 2)).stream_id
     fill(store, sid, 0, [4])                           # the neighbouring partition has data
     fill(store, sid, 1, [3, 4, 3], ts=[100, 200, 300])  # batches at 0, 3, 7; next_seq 10
@@ -106,7 +106,7 @@ def test_trim_through_a_batch_keeps_it_stored_but_hidden_across_restarts(path: s
     assert stored_batches(store, sid, 1) == [3, 7]    # batch 0..2 dropped, 3..6 straddles the cut
     assert stored_batches(store, sid, 0) == [0]
 
-    def check(s: RocksStore) -> None:
+    def check(s: RocksEngine) -> None:
         assert s.bounds(sid, 1) == PartitionBounds(5, 10, 300)
         assert [r.seq for r in s.read(sid, 1, 0, 100, BIG)] == [5, 6, 7, 8, 9]
         assert s.read(sid, 1, 3, 1, BIG) == [Record(5, 200, None, b"5")]
@@ -118,7 +118,7 @@ def test_trim_through_a_batch_keeps_it_stored_but_hidden_across_restarts(path: s
 
     check(store)
     store.close()
-    store = RocksStore(path)                           # the "T" key, not the stored keys, is the truth
+    store = RocksEngine(path)                           # the "T" key, not the stored keys, is the truth
     check(store)
     store.trim(sid, 1, 6)                              # still inside the same batch: nothing dropped
     assert stored_batches(store, sid, 1) == [3, 7]
@@ -132,7 +132,7 @@ def test_trim_through_a_batch_keeps_it_stored_but_hidden_across_restarts(path: s
     store.close()
 
 
-def test_seq_at_time_binary_searches_batches(store: RocksStore) -> None:
+def test_seq_at_time_binary_searches_batches(store: RocksEngine) -> None:
     sid = store.create_stream(StreamConfig("s", 1)).stream_id
     stamps = [10, 20, 20, 30, 45, 45, 60]
     fill(store, sid, 0, [1, 5, 2, 7, 3, 1, 4], ts=stamps)   # firsts 0, 1, 6, 8, 15, 18, 19; next 23
@@ -142,7 +142,7 @@ def test_seq_at_time_binary_searches_batches(store: RocksStore) -> None:
         assert store.seq_at_time(sid, 0, t) == expected, t
 
 
-def test_a_read_racing_a_trim_never_strays_into_the_neighbouring_partition(store: RocksStore) -> None:
+def test_a_read_racing_a_trim_never_strays_into_the_neighbouring_partition(store: RocksEngine) -> None:
     """A lock-free read may use a first_seq read before a trim committed: the batch holding its
     start is gone, and a backwards seek from it lands in the partition before. It must go on from
     the partition's next stored batch, never decode a neighbour's batch."""

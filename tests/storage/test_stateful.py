@@ -7,8 +7,10 @@ full read agrees, and each partition's sequence numbers run first_seq .. next_se
 """
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
+from typing import Any, Awaitable
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -19,7 +21,8 @@ from broker.model import AppendBatch, StreamConfig
 from broker.storage.memory import MemoryStore
 from broker.storage.rocks import RocksStore
 
-NAMES = ("alpha", "beta")
+# (project, stream name): the same name in two projects is two streams
+NAMES = (("p1", "alpha"), ("p2", "alpha"), ("p1", "beta"))
 BIG = 1 << 30
 
 keys_ = st.none() | st.text(max_size=6)
@@ -31,20 +34,25 @@ class StoresAgree(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="sluice-stateful-")
+        self.loop = asyncio.new_event_loop()   # the stores are async; one loop for the whole run
         self.memory = MemoryStore()
         self.rocks = RocksStore(self.dir)
-        self.live: dict[str, tuple[int, int, int]] = {}      # name -> (memory id, rocks id, partitions)
+        self.live: dict[tuple[str, str], tuple[int, int, int]] = {}  # name -> (memory id, rocks id, partitions)
         self.dead: list[tuple[int, int]] = []                 # (memory id, rocks id) of dropped streams
         self.seen: dict[tuple[int, int], tuple[int, int]] = {}  # (memory id, p) -> highest (first, next) seen
         self.expected_next: dict[tuple[int, int], int] = {}   # the model's own count of appended records
 
     def teardown(self) -> None:
-        self.rocks.close()
+        self.run(self.rocks.close())
+        self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def run(self, call: Awaitable[Any]) -> Any:
+        return self.loop.run_until_complete(call)
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _pick(self, data: st.DataObject) -> tuple[str, int]:
+    def _pick(self, data: st.DataObject) -> tuple[tuple[str, str], int]:
         name = data.draw(st.sampled_from(sorted(self.live)), label="stream")
         partition = data.draw(st.integers(0, self.live[name][2] - 1), label="partition")
         return name, partition
@@ -55,7 +63,7 @@ class StoresAgree(RuleBasedStateMachine):
         outcomes = []
         for store, index in ((self.memory, 0), (self.rocks, 1)):
             try:
-                outcomes.append(("ok", call(store, index)))
+                outcomes.append(("ok", self.run(call(store, index))))
             except BrokerError as exc:
                 outcomes.append(("error", exc.code))
         assert outcomes[0] == outcomes[1]
@@ -64,15 +72,16 @@ class StoresAgree(RuleBasedStateMachine):
     # -- rules -------------------------------------------------------------------------------------
 
     @initialize(name=st.sampled_from(NAMES), partitions=st.integers(1, 2))
-    def first_stream(self, name: str, partitions: int) -> None:
+    def first_stream(self, name: tuple[str, str], partitions: int) -> None:
         self.create(name, partitions)
 
     @rule(name=st.sampled_from(NAMES), partitions=st.integers(1, 2))
-    def create(self, name: str, partitions: int) -> None:
+    def create(self, name: tuple[str, str], partitions: int) -> None:
         created = []
+        project, stream_name = name
         for store in (self.memory, self.rocks):
             try:
-                created.append(store.create_stream(StreamConfig(name, partitions)))
+                created.append(self.run(store.create_stream(StreamConfig(stream_name, partitions, project=project))))
             except BrokerError as exc:
                 assert exc.code is ErrorCode.STREAM_EXISTS
                 created.append(None)
@@ -81,7 +90,7 @@ class StoresAgree(RuleBasedStateMachine):
             return
         mem, rocks = created
         assert mem is not None and rocks is not None
-        assert (mem.name, mem.partition_count) == (rocks.name, rocks.partition_count) == (name, partitions)
+        assert (mem.key, mem.partition_count) == (rocks.key, rocks.partition_count) == (name, partitions)
         used = {i for ids in self.live.values() for i in ids[:2]} | {i for ids in self.dead for i in ids}
         assert mem.stream_id not in used and rocks.stream_id not in used   # ids are never reused
         self.live[name] = (mem.stream_id, rocks.stream_id, partitions)
@@ -89,8 +98,9 @@ class StoresAgree(RuleBasedStateMachine):
             self.expected_next[(mem.stream_id, p)] = 0
 
     @rule(name=st.sampled_from(NAMES))
-    def drop(self, name: str) -> None:
-        outcome = self._both(lambda store, _: store.drop_stream(name))
+    def drop(self, name: tuple[str, str]) -> None:
+        ids = self.live.get(name, (10**9, 10**9))
+        outcome = self._both(lambda store, index: store.drop_stream(ids[index]))
         if name in self.live:
             assert outcome == ("ok", None)
             mem_id, rocks_id, _ = self.live.pop(name)
@@ -127,7 +137,7 @@ class StoresAgree(RuleBasedStateMachine):
     def read(self, data: st.DataObject, offset: int, limit: int, max_bytes: int) -> None:
         name, p = self._pick(data)
         mem_id, rocks_id, _ = self.live[name]
-        first, next_seq, _ = self.memory.bounds(mem_id, p)
+        first, next_seq, _ = self.run(self.memory.bounds(mem_id, p))
         start = max(0, first + offset)
         outcome = self._both(lambda store, index: store.read((mem_id, rocks_id)[index], p, start, limit, max_bytes))
         records = outcome[1]
@@ -145,16 +155,16 @@ class StoresAgree(RuleBasedStateMachine):
     def seq_at_time(self, data: st.DataObject, ts: int, nudge: int | None) -> None:
         name, p = self._pick(data)
         mem_id, rocks_id, _ = self.live[name]
-        stamps = sorted({r.timestamp_ms for r in self.memory.read(mem_id, p, 0, BIG, BIG)})
+        stamps = sorted({r.timestamp_ms for r in self.run(self.memory.read(mem_id, p, 0, BIG, BIG))})
         if stamps and nudge is not None:  # exactly at, or just beside, a stored timestamp
             ts = data.draw(st.sampled_from(stamps), label="stored ts") + nudge
         outcome = self._both(lambda store, index: store.seq_at_time((mem_id, rocks_id)[index], p, ts))
-        first, next_seq, _ = self.memory.bounds(mem_id, p)
+        first, next_seq, _ = self.run(self.memory.bounds(mem_id, p))
         assert outcome[0] == "ok" and first <= outcome[1] <= next_seq
 
     def _non_empty(self) -> list[tuple[str, int]]:
         return [(name, p) for name, (mem_id, _, count) in sorted(self.live.items()) for p in range(count)
-                if self.memory.bounds(mem_id, p).first_seq < self.memory.bounds(mem_id, p).next_seq]
+                if self.run(self.memory.bounds(mem_id, p)).first_seq < self.run(self.memory.bounds(mem_id, p)).next_seq]
 
     @precondition(lambda self: self._non_empty())
     @rule(data=st.data())
@@ -162,10 +172,10 @@ class StoresAgree(RuleBasedStateMachine):
         """Cut at least one record, sometimes past next_seq (clamped)."""
         name, p = data.draw(st.sampled_from(self._non_empty()), label="partition")
         mem_id, rocks_id, _ = self.live[name]
-        first, next_seq, _ = self.memory.bounds(mem_id, p)
+        first, next_seq, _ = self.run(self.memory.bounds(mem_id, p))
         before = first + data.draw(st.integers(1, next_seq - first + 3), label="cut")
         assert self._both(lambda store, index: store.trim((mem_id, rocks_id)[index], p, before)) == ("ok", None)
-        assert self.memory.bounds(mem_id, p).first_seq == min(before, next_seq)
+        assert self.run(self.memory.bounds(mem_id, p)).first_seq == min(before, next_seq)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), back=st.integers(0, 3))
@@ -173,30 +183,30 @@ class StoresAgree(RuleBasedStateMachine):
         """A cut at or before first_seq changes nothing."""
         name, p = self._pick(data)
         mem_id, rocks_id, _ = self.live[name]
-        before = max(0, self.memory.bounds(mem_id, p).first_seq - back)
+        before = max(0, self.run(self.memory.bounds(mem_id, p)).first_seq - back)
         assert self._both(lambda store, index: store.trim((mem_id, rocks_id)[index], p, before)) == ("ok", None)
 
     @rule()
     def restart_rocks(self) -> None:
-        self.rocks.close()
+        self.run(self.rocks.close())
         self.rocks = RocksStore(self.dir)
 
     # -- invariants --------------------------------------------------------------------------------
 
     @invariant()
     def stores_agree(self) -> None:
-        assert [c.name for c in self.memory.list_streams()] == [c.name for c in self.rocks.list_streams()] \
-            == sorted(self.live)
+        assert [c.key for c in self.run(self.memory.list_streams())] \
+            == [c.key for c in self.run(self.rocks.list_streams())] == sorted(self.live)
         for mem_id, rocks_id, partitions in self.live.values():
             for p in range(partitions):
-                bounds = self.memory.bounds(mem_id, p)
-                assert self.rocks.bounds(rocks_id, p) == bounds
+                bounds = self.run(self.memory.bounds(mem_id, p))
+                assert self.run(self.rocks.bounds(rocks_id, p)) == bounds
                 assert bounds.next_seq == self.expected_next[(mem_id, p)]
                 seen_first, seen_next = self.seen.get((mem_id, p), (0, 0))
                 assert bounds.first_seq >= seen_first and bounds.next_seq >= seen_next
                 self.seen[(mem_id, p)] = (bounds.first_seq, bounds.next_seq)
-                everything = self.memory.read(mem_id, p, 0, BIG, BIG)
-                assert self.rocks.read(rocks_id, p, 0, BIG, BIG) == everything
+                everything = self.run(self.memory.read(mem_id, p, 0, BIG, BIG))
+                assert self.run(self.rocks.read(rocks_id, p, 0, BIG, BIG)) == everything
                 assert [r.seq for r in everything] == list(range(bounds.first_seq, bounds.next_seq))
                 stamps = [r.timestamp_ms for r in everything]
                 assert stamps == sorted(stamps)

@@ -1,0 +1,951 @@
+"""Door drivers for bench/run.py: one class per door of each system benchmarked, all with the one
+small interface below, so every workload in bench/workloads.py runs unchanged on any of them.
+
+    SluiceGrpc   Sluice's gRPC door. The timed loops send pre-serialised bytes through raw unary
+                 calls (`channel.unary_unary(..., request_serializer=None)`): the columnar
+                 PutRecords form, GetRecords; set-up, Subscribe and the long poll use the stubs.
+    SluiceRest   Sluice's DIS REST door: JSON + base64 over keep-alive http.client connections.
+                 Its W3 producer is SluiceGrpc's (W3 always produces over gRPC, one record a call).
+    Nats         NATS JetStream (`nats-server -js`): a lean raw-protocol client (RawNats) for W1/W2,
+                 nats-py for set-up and W3. One subject per partition: <stream>.<n>.
+    Kinesalite   kinesalite (the Kinesis JSON API over HTTP, `X-Amz-Target: Kinesis_20131202.*`).
+
+The interface (duck-typed; `Driver` spells it out): `create_stream`, `stored` (records per
+partition, None where the system cannot tell), `bodies` (every W1 request built before the clock),
+`producer` (a `Producer`: the timed loop, its batch latencies, the failures counted after the
+clock), `reader` (a W2 reader for one partition), `tail` (a W3 consumer thread feeding a tally)
+and `tail_sender` (W3's one-record producer). Drivers own connections, never measurements: the
+clocks, the CPU meters and the verdicts are in bench/workloads.py.
+
+The servers: `sluice_broker()`, `nats_server()`, `kinesalite_server()` (context managers).
+
+Every use of the generated gRPC code (`client._pb.sluice.v1`) is in this module, in the methods
+of `SluiceGrpc` and its two tail consumers (`_GrpcPush`, `_GrpcPoll`), and nowhere else in bench/.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from binascii import a2b_base64
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import grpc
+import orjson
+import workloads as wl
+
+from broker.launcher import BrokerProcess
+from client._pb.sluice.v1 import sluice_pb2 as pb
+from client._pb.sluice.v1 import sluice_pb2_grpc
+
+BENCH = Path(__file__).resolve().parent
+KINESALITE = BENCH / ".peers" / "node_modules" / "kinesalite" / "cli.js"
+PROJECT = "default"           # the DIS door's {project_id}; gRPC calls carry no project, i.e. "default"
+CALL_TIMEOUT = 120.0
+READ_LIMIT = 10_000           # W2: the largest GetRecords each system takes
+FETCH_BYTES = 10 * 1024 * 1024
+WAIT_MS = 1000                # W3 long polls
+
+
+@dataclass
+class Producer:
+    """A W1 producer: `run` is the timed loop (sends every body, appends each batch's latency in
+    seconds to `latencies`); `failed()`, called after the clock, counts the records refused."""
+    run: Callable[[], None]
+    failed: Callable[[], int]
+    latencies: list[float]
+
+
+class Tally(Protocol):
+    """What a W3 consumer feeds (bench/workloads.py's Tally)."""
+    expected: int
+    received: int
+    done: threading.Event
+    error: str
+
+    def take(self, payloads: list[bytes], now: int) -> None: ...
+
+
+class Driver(Protocol):
+    """One door of one system. Set-up calls (create_stream, stored, bodies, and building a producer,
+    reader, tail or tail_sender) happen before a clock starts; what they return runs timed:
+    `Producer.run`, a reader (one partition until it has read `expected` records, or, with None,
+    until it reads nothing), a `Consumer` calling `tally.take(payloads, receive time)` per batch,
+    and `send(payload)` of a tail_sender (returns once the record is acknowledged, raises if not).
+    `stored` gives the records per partition, keyed by the ids `reader` takes (None: cannot tell).
+    """
+    system: str                           # Sluice, NATS JetStream, kinesalite
+    door: str                             # gRPC, REST, nats, kinesis-json
+    durability: str                       # wal, fsync, file (no fsync), memory, external
+    pid: int | None                       # the server's pid, for its CPU seconds (None: unknown)
+    w3_modes: tuple[tuple[str, str], ...]  # (mode, row label) of the W3 consumers on this door
+    w3_producer: str                      # how W3 records are produced, for the JSON
+    read_limit: int
+
+    def create_stream(self, stream: str, partitions: int) -> None: ...
+    def stored(self, stream: str) -> dict[str, int | None]: ...
+    def bodies(self, stream: str, data: wl.Dataset) -> list[Any]: ...
+    def producer(self, bodies: list[Any]) -> Producer: ...
+    def reader(self, stream: str, partition: str, expected: int | None,
+               counts: dict[str, int]) -> Callable[[], None]: ...
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer: ...
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]: ...
+    def close(self) -> None: ...
+
+
+class Consumer:
+    """A W3 consumer tailing one partition on a thread of its own; `start()`, then `stop()`."""
+
+    join_s = 5.0
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.stopping = False
+
+    def _run(self) -> None:
+        try:
+            self.consume()
+        except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+            if not self.stopping:
+                self.tally.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            self.tally.done.set()
+
+    def consume(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Consumer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(self.join_s)
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+# -- Sluice, gRPC door: the only code in bench/ that touches client._pb ------------------------
+
+def _channel(target: str) -> grpc.Channel:
+    # a private subchannel pool: one HTTP/2 connection per channel, as separate clients would have
+    return grpc.insecure_channel(target, options=[
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+
+
+class SluiceGrpc:
+    system, door, read_limit = "Sluice", "gRPC", READ_LIMIT
+    w3_modes: tuple[tuple[str, str], ...] = (("push", "W3 push"), ("poll", "W3 long-poll"))
+    w3_producer = "gRPC PutRecords (one record per call)"
+
+    def __init__(self, target: str, durability: str, pid: int | None) -> None:
+        self.target, self.durability, self.pid = target, durability, pid
+        self.channel = _channel(target)
+        self.stub = sluice_pb2_grpc.SluiceStub(self.channel)
+
+    def create_stream(self, stream: str, partitions: int) -> None:
+        self.stub.CreateStream(pb.CreateStreamRequest(stream_name=stream, partition_count=partitions),
+                               timeout=CALL_TIMEOUT)
+
+    def stored(self, stream: str) -> dict[str, int | None]:
+        desc = self.stub.DescribeStream(pb.DescribeStreamRequest(stream_name=stream, limit_partitions=1000),
+                                        timeout=CALL_TIMEOUT)
+        return {p.partition_id: p.next_sequence_number - p.first_sequence_number for p in desc.partitions}
+
+    def bodies(self, stream: str, data: wl.Dataset) -> list[bytes]:
+        # the columnar form, as client.Client sends it: parallel arrays, not a message per record
+        return [pb.PutRecordsRequest(stream_name=stream, columns=pb.RecordColumns(
+            data=[d for _, d in batch], partition_keys=[k for k, _ in batch])).SerializeToString()
+            for batch in data.batches]
+
+    def producer(self, bodies: list[bytes]) -> Producer:
+        channel = _channel(self.target)
+        call = channel.unary_unary("/sluice.v1.Sluice/PutRecords", request_serializer=None,
+                                   response_deserializer=None)
+        warm = channel.unary_unary("/sluice.v1.Sluice/ListStreams", request_serializer=None,
+                                   response_deserializer=None)
+        warm(b"", timeout=CALL_TIMEOUT)   # connection up before the clock
+        raw: list[bytes] = []
+        lat: list[float] = []
+
+        def run() -> None:
+            clock = time.perf_counter
+            for body in bodies:
+                t = clock()
+                raw.append(call(body, timeout=CALL_TIMEOUT))
+                lat.append(clock() - t)
+            channel.close()
+
+        def failed() -> int:
+            return sum(pb.PutRecordsResponse.FromString(r).failed_record_count for r in raw)
+
+        return Producer(run, failed, lat)
+
+    def reader(self, stream: str, partition: str, expected: int | None,
+               counts: dict[str, int]) -> Callable[[], None]:
+        cursor = self._cursor(stream, partition, pb.TRIM_HORIZON)
+        channel = _channel(self.target)
+        call = channel.unary_unary("/sluice.v1.Sluice/GetRecords", request_serializer=None,
+                                   response_deserializer=pb.GetRecordsResponse.FromString)
+        call(pb.GetRecordsRequest(partition_cursor=cursor, limit=1).SerializeToString(), timeout=CALL_TIMEOUT)
+        want = expected if expected is not None else 1 << 62
+
+        def run() -> None:
+            n, c, empty = 0, cursor, 0
+            while n < want and empty < 3:
+                resp = call(pb.GetRecordsRequest(partition_cursor=c, limit=READ_LIMIT,
+                                                 max_fetch_bytes=FETCH_BYTES).SerializeToString(),
+                            timeout=CALL_TIMEOUT)
+                got = len(resp.sequence_numbers)
+                n += got
+                empty = empty + 1 if not got else 0
+                c = resp.next_partition_cursor
+            counts[partition] = n
+            channel.close()
+
+        return run
+
+    def _cursor(self, stream: str, partition: str, cursor_type: int) -> str:
+        return self.stub.GetCursor(pb.GetCursorRequest(stream_name=stream, partition_id=partition,
+                                                       cursor_type=cursor_type),
+                                   timeout=CALL_TIMEOUT).partition_cursor  # type: ignore[no-any-return]
+
+    def latest_cursor(self, stream: str, partition: int) -> str:
+        return self._cursor(stream, str(partition), pb.LATEST)
+
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
+        cursor = self.latest_cursor(stream, partition)
+        cls = _GrpcPush if mode == "push" else _GrpcPoll
+        return cls(tally, self.target, cursor).start()
+
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+        """One record per PutRecords, to a given partition; only the payload changes between calls."""
+        channel = _channel(self.target)
+        channel.unary_unary("/sluice.v1.Sluice/ListStreams", request_serializer=None,
+                            response_deserializer=None)(b"", timeout=CALL_TIMEOUT)   # connection up first
+        put = sluice_pb2_grpc.SluiceStub(channel).PutRecords
+        request = pb.PutRecordsRequest(stream_name=stream, records=[pb.PutRecordsEntry(partition_id=str(partition))])
+        entry = request.records[0]
+
+        def send(payload: bytes) -> None:
+            entry.data = payload
+            resp = put(request, timeout=CALL_TIMEOUT)
+            if resp.failed_record_count:
+                raise RuntimeError(f"a record failed: {resp.failures[0].error_code}")
+
+        return send, channel.close
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _GrpcPush(Consumer):
+    """Subscribe from a LATEST cursor, max_wait_ms=0 (each record pushed at once)."""
+
+    def __init__(self, tally: Tally, target: str, cursor: str) -> None:
+        super().__init__(tally)
+        self.channel = _channel(target)
+        self.call = sluice_pb2_grpc.SluiceStub(self.channel).Subscribe(
+            pb.SubscribeRequest(partition_cursor=cursor, max_wait_ms=0))
+
+    def consume(self) -> None:
+        take, clock, tally = self.tally.take, time.perf_counter_ns, self.tally
+        for message in self.call:
+            now = clock()
+            take(message.data, now)
+            if tally.received >= tally.expected:
+                return
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.call.cancel()
+        super().stop()
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _GrpcPoll(Consumer):
+    """GetRecords with wait_ms=1000, the next poll sent as soon as one returns."""
+    join_s = WAIT_MS / 1000 + 5
+
+    def __init__(self, tally: Tally, target: str, cursor: str) -> None:
+        super().__init__(tally)
+        self.channel = _channel(target)
+        self.get = sluice_pb2_grpc.SluiceStub(self.channel).GetRecords
+        self.request = pb.GetRecordsRequest(partition_cursor=cursor, wait_ms=WAIT_MS)
+
+    def consume(self) -> None:
+        take, clock, tally, request, get = self.tally.take, time.perf_counter_ns, self.tally, self.request, self.get
+        while tally.received < tally.expected and not self.stopping:
+            resp = get(request, timeout=CALL_TIMEOUT)
+            now = clock()
+            if resp.data:
+                take(resp.data, now)
+            request.partition_cursor = resp.next_partition_cursor
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# -- Sluice, DIS REST door ---------------------------------------------------------------------
+
+class SluiceRest:
+    system, door, read_limit = "Sluice", "REST", READ_LIMIT
+    w3_modes: tuple[tuple[str, str], ...] = (("rest", "W3 long-poll"),)
+    w3_producer = SluiceGrpc.w3_producer
+
+    def __init__(self, target: str, grpc_door: SluiceGrpc) -> None:
+        host, _, port = target.rpartition(":")
+        self.host, self.port = host, int(port)
+        self.grpc = grpc_door            # W3's producer
+        self.durability, self.pid = grpc_door.durability, grpc_door.pid
+
+    def _conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=CALL_TIMEOUT)
+
+    def _request(self, method: str, path: str, body: bytes | None = None, want: int = 200) -> bytes:
+        conn = self._conn()
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        if resp.status != want:
+            raise RuntimeError(f"{method} {path.split('?')[0]}: HTTP {resp.status} {raw[:300]!r}")
+        return raw
+
+    def create_stream(self, stream: str, partitions: int) -> None:
+        self._request("POST", f"/v2/{PROJECT}/streams",
+                      json.dumps({"stream_name": stream, "partition_count": partitions}).encode(), want=201)
+
+    def stored(self, stream: str) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for p in orjson.loads(self._request("GET", f"/v2/{PROJECT}/streams/{stream}?limit_partitions=1000"))[
+                "partitions"]:
+            first, last = (int(x) for x in p["sequence_number_range"].strip("[]").split(":"))
+            out[str(p["partition_id"])] = max(0, last - first + 1) if last >= first else 0
+        return out
+
+    def bodies(self, stream: str, data: wl.Dataset) -> list[bytes]:
+        return [orjson.dumps({"stream_name": stream, "records": [
+            {"data": base64.b64encode(d).decode(), "partition_key": k} for k, d in batch]}) for batch in data.batches]
+
+    def producer(self, bodies: list[bytes]) -> Producer:
+        conn = self._conn()
+        conn.request("GET", f"/v2/{PROJECT}/streams?limit=1")   # connection up before the clock
+        conn.getresponse().read()
+        path, headers = f"/v2/{PROJECT}/records", {"Content-Type": "application/json"}
+        raw: list[tuple[int, bytes]] = []
+        lat: list[float] = []
+
+        def run() -> None:
+            clock = time.perf_counter
+            for body in bodies:
+                t = clock()
+                conn.request("POST", path, body=body, headers=headers)
+                resp = conn.getresponse()
+                raw.append((resp.status, resp.read()))
+                lat.append(clock() - t)
+            conn.close()
+
+        def failed() -> int:
+            return sum(int(orjson.loads(b)["failed_record_count"]) if s == 200 else 1 << 30 for s, b in raw)
+
+        return Producer(run, failed, lat)
+
+    def _cursor(self, stream: str, partition: str, cursor_type: str) -> str:
+        raw = self._request("GET", f"/v2/{PROJECT}/cursors?stream-name={stream}&partition-id={partition}"
+                            f"&cursor-type={cursor_type}")
+        return orjson.loads(raw)["partition_cursor"]  # type: ignore[no-any-return]
+
+    def reader(self, stream: str, partition: str, expected: int | None,
+               counts: dict[str, int]) -> Callable[[], None]:
+        cursor = self._cursor(stream, partition, "TRIM_HORIZON")
+        conn = self._conn()
+        prefix = f"/v2/{PROJECT}/records?limit={READ_LIMIT}&max_fetch_bytes={FETCH_BYTES}&partition-cursor="
+        conn.request("GET", f"/v2/{PROJECT}/records?limit=1&partition-cursor={quote(cursor, safe='')}")
+        conn.getresponse().read()
+        want = expected if expected is not None else 1 << 62
+
+        def run() -> None:
+            n, c, empty = 0, cursor, 0
+            while n < want and empty < 3:
+                conn.request("GET", prefix + quote(c, safe=""))
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {body[:300]!r}")
+                doc = orjson.loads(body)
+                got = len(doc["records"])
+                n += got
+                empty = empty + 1 if not got else 0
+                c = doc["next_partition_cursor"]
+            counts[partition] = n
+            conn.close()
+
+        return run
+
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
+        return _RestPoll(tally, self._conn(), self._cursor(stream, str(partition), "LATEST")).start()
+
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+        return self.grpc.tail_sender(stream, partition)
+
+    def close(self) -> None:
+        pass
+
+
+class _RestPoll(Consumer):
+    """The DIS GetRecords route with our wait_ms=1000, on one keep-alive connection."""
+    join_s = WAIT_MS / 1000 + 5
+
+    def __init__(self, tally: Tally, conn: http.client.HTTPConnection, cursor: str) -> None:
+        super().__init__(tally)
+        self.conn, self.cursor = conn, cursor
+
+    def consume(self) -> None:
+        take, clock, tally, conn = self.tally.take, time.perf_counter_ns, self.tally, self.conn
+        prefix = f"/v2/{PROJECT}/records?wait_ms={WAIT_MS}&partition-cursor="
+        cursor = self.cursor
+        while tally.received < tally.expected and not self.stopping:
+            conn.request("GET", prefix + quote(cursor, safe=""))
+            resp = conn.getresponse()
+            raw = resp.read()
+            now = clock()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {raw[:300]!r}")
+            body = orjson.loads(raw)
+            records = body["records"]
+            if records:
+                take([a2b_base64(r["data"]) for r in records], now)
+            cursor = body["next_partition_cursor"]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- NATS JetStream ----------------------------------------------------------------------------
+
+def _partition(key: str) -> int:
+    return zlib.crc32(key.encode()) % wl.PARTITIONS
+
+
+class RawNats:
+    """A lean blocking NATS protocol client for the throughput workloads (nats-py builds a Msg object
+    and runs a coroutine per message, which made the client, not the server, the bottleneck)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.pos = 0
+        self._line()   # INFO
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\nPING\r\n')
+        while self._line() != b"PONG":
+            pass
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(4 << 20)
+        if not chunk:
+            raise ConnectionError("NATS server closed the connection")
+        self.buf += chunk
+
+    def _line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n", self.pos)
+            if i >= 0:
+                line = bytes(self.buf[self.pos:i])
+                self.pos = i + 2
+                return line
+            self._fill()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def subscribe(self, subject: str) -> None:
+        """SUB, then a PING/PONG round trip: the subscription is in place when this returns."""
+        self.send(f"SUB {subject} 1\r\nPING\r\n".encode())
+        while self._line() != b"PONG":
+            pass
+
+    def messages(self, n: int) -> tuple[int, int, bytes]:
+        """Reads until n MSG frames came: (messages, status frames, last status line or error payload)."""
+        got = status = 0
+        last = b""
+        buf = self.buf
+        while got < n:
+            if self.pos > 1 << 22:   # drop what was parsed (no offsets are held here)
+                del self.buf[:self.pos]
+                self.pos = 0
+                buf = self.buf
+            i = buf.find(b"\r\n", self.pos)
+            if i < 0:
+                self._fill()
+                buf = self.buf
+                continue
+            line = buf[self.pos:i]
+            if line.startswith(b"MSG "):
+                size = int(line[line.rfind(b" ") + 1:])
+                end = i + 2 + size + 2
+                while len(self.buf) < end:
+                    self._fill()
+                buf = self.buf
+                if b'"error"' in buf[i + 2:i + 2 + size]:
+                    last = bytes(buf[i + 2:i + 2 + size])
+                    status += 1
+                got += 1
+                self.pos = end
+            elif line.startswith(b"HMSG "):   # a status (e.g. 408 request timeout / 404 no messages)
+                size = int(line[line.rfind(b" ") + 1:])
+                end = i + 2 + size + 2
+                while len(self.buf) < end:
+                    self._fill()
+                buf = self.buf
+                last = bytes(buf[i + 2:i + 2 + size])
+                self.pos = end
+                status += 1
+                return got, status, last
+            else:
+                self.pos = i + 2
+                if line == b"PING":
+                    self.sock.sendall(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    raise RuntimeError(bytes(line).decode())
+        return got, status, last
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _nats_run(url: str, fn: Callable[[Any], Any]) -> Any:
+    """Runs `await fn(jetstream)` on a fresh nats-py connection (set-up and checks, never timed)."""
+    import nats
+
+    async def go() -> Any:
+        nc = await nats.connect(url)
+        try:
+            return await fn(nc.jetstream())
+        finally:
+            await nc.close()
+    return asyncio.run(go())
+
+
+class Nats:
+    """A JetStream stream per benchmark stream (name upper-cased), file storage, subjects <stream>.<n>."""
+    system, door, durability, read_limit = "NATS JetStream", "nats", "file (no fsync)", READ_LIMIT
+    w3_modes: tuple[tuple[str, str], ...] = (("push", "W3 push"), ("poll", "W3 poll (pull, 1 s wait)"))
+    w3_producer = "nats-py js.publish (waits for the PubAck)"
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port, self.pid, self.url = port, pid, f"nats://127.0.0.1:{port}"
+        self._producers = 0
+
+    def create_stream(self, stream: str, partitions: int) -> None:
+        from nats.js.api import StorageType, StreamConfig
+
+        async def add(js: Any) -> None:
+            await js.add_stream(StreamConfig(name=stream.upper(), subjects=[f"{stream}.*"], storage=StorageType.FILE))
+        _nats_run(self.url, add)
+
+    def stored(self, stream: str) -> dict[str, int | None]:
+        async def info(js: Any) -> dict[str, int | None]:
+            state = (await js.stream_info(stream.upper(), subjects_filter=f"{stream}.*")).state
+            return dict(state.subjects or {})
+        return _nats_run(self.url, info)  # type: ignore[no-any-return]
+
+    def bodies(self, stream: str, data: wl.Dataset) -> list[list[tuple[bytes, bytes]]]:
+        """Per batch, (subject, payload) per record; `producer` renders its frames (its own ack inbox)."""
+        return [[(f"{stream}.{_partition(k)}".encode(), d) for k, d in batch] for batch in data.batches]
+
+    def producer(self, bodies: list[list[tuple[bytes, bytes]]]) -> Producer:
+        """Per batch: its PUBs, each with a reply subject on this producer's ack inbox, in one write
+        (JetStream async publish: the batch is the window in flight), then wait for all PubAcks."""
+        p = self._producers
+        self._producers += 1
+        conn = RawNats(self.port)
+        conn.subscribe(f"_INBOX.w1p{p}.*")
+        frames = [b"".join(b"PUB %s _INBOX.w1p%d.%d %d\r\n%s\r\n" % (subject, p, i, len(d), d)
+                           for i, (subject, d) in enumerate(batch)) for batch in bodies]
+        sizes = [len(batch) for batch in bodies]
+        lat: list[float] = []
+        bad: list[bytes] = []
+
+        def run() -> None:
+            clock = time.perf_counter
+            for frame, n in zip(frames, sizes):
+                t = clock()
+                conn.send(frame)
+                _, errs, last = conn.messages(n)
+                lat.append(clock() - t)
+                if errs:
+                    bad.append(last)
+            conn.close()
+
+        return Producer(run, lambda: len(bad), lat)
+
+    def reader(self, stream: str, partition: str, expected: int | None,
+               counts: dict[str, int]) -> Callable[[], None]:
+        """A pull consumer on the partition's subject (AckPolicy none, from the first message), read
+        on a raw socket in batches of 10,000 ($JS.API.CONSUMER.MSG.NEXT)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        name, jstream = "r" + partition.rsplit(".", 1)[1], stream.upper()
+        extra: dict[str, Any] = (   # older nats-py has no max_batch
+            {"max_batch": READ_LIMIT} if "max_batch" in getattr(ConsumerConfig, "__dataclass_fields__", {}) else {})
+
+        async def add(js: Any) -> None:
+            await js.add_consumer(jstream, ConsumerConfig(durable_name=name, filter_subject=partition,
+                                                          ack_policy=AckPolicy.NONE,
+                                                          deliver_policy=DeliverPolicy.ALL, **extra))
+        _nats_run(self.url, add)
+        conn = RawNats(self.port)
+        conn.send(f"SUB _INBOX.{name} 1\r\n".encode())
+        n = expected or 0
+
+        def run() -> None:
+            got, misses = 0, 0
+            while got < n and misses < 3:
+                want = min(READ_LIMIT, n - got)
+                body = b'{"batch":%d,"expires":5000000000}' % want
+                conn.send(b"PUB $JS.API.CONSUMER.MSG.NEXT.%s.%s _INBOX.%s %d\r\n%s\r\n"
+                          % (jstream.encode(), name.encode(), name.encode(), len(body), body))
+                m, status, _ = conn.messages(want)
+                got += m
+                misses = misses + 1 if status and not m else 0
+            counts[partition] = got
+            conn.close()
+
+        return run
+
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
+        return _NatsTail(tally, self.url, stream, partition, mode).start()
+
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+        """js.publish, which waits for the PubAck, driven on this thread's own event loop."""
+        import nats
+        loop = asyncio.new_event_loop()
+        nc = loop.run_until_complete(nats.connect(self.url))
+        publish, subject, run = nc.jetstream().publish, f"{stream}.{partition}", loop.run_until_complete
+
+        def send(payload: bytes) -> None:
+            run(publish(subject, payload))
+
+        def close() -> None:
+            loop.run_until_complete(nc.close())
+            loop.close()
+
+        return send, close
+
+    def close(self) -> None:
+        pass
+
+
+class _NatsTail(Consumer):
+    """nats-py on this thread's own loop: an ordered push consumer, or a pull consumer fetching 1
+    at a time with a 1 s wait (NATS's long poll). `start()` returns once it is subscribed."""
+
+    def __init__(self, tally: Tally, url: str, stream: str, partition: int, mode: str) -> None:
+        super().__init__(tally)
+        self.url, self.jstream, self.subject, self.mode = url, stream.upper(), f"{stream}.{partition}", mode
+        self.ready = threading.Event()
+
+    def start(self) -> Consumer:
+        super().start()
+        self.ready.wait(10)
+        return self
+
+    def consume(self) -> None:
+        try:
+            asyncio.run(self._consume())
+        finally:
+            self.ready.set()
+
+    async def _consume(self) -> None:
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        take, clock, done = self.tally.take, time.perf_counter_ns, self.tally.done
+        nc = await nats.connect(self.url)
+        js = nc.jetstream()
+        if self.mode == "push":
+            async def cb(msg: Any) -> None:
+                take([msg.data], clock())
+            await js.subscribe(self.subject, stream=self.jstream, ordered_consumer=True,
+                               deliver_policy=DeliverPolicy.NEW, cb=cb)
+            self.ready.set()
+            while not done.is_set() and not self.stopping:
+                await asyncio.sleep(0.05)
+        else:
+            sub = await js.pull_subscribe(self.subject, stream=self.jstream, config=ConsumerConfig(
+                ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.NEW))
+            self.ready.set()
+            while not done.is_set() and not self.stopping:
+                try:
+                    msgs = await sub.fetch(batch=1, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                for m in msgs:
+                    take([m.data], clock())
+        await nc.close()
+
+
+# -- kinesalite --------------------------------------------------------------------------------
+
+class Kinesalite:
+    """Raw HTTP JSON, keep-alive http.client connections. Kinesis has no long poll: W3 polls back to back."""
+    system, door, durability, read_limit = "kinesalite", "kinesis-json", "memory", READ_LIMIT
+    w3_modes: tuple[tuple[str, str], ...] = (("poll", "W3 poll (back to back)"),)
+    w3_producer = "PutRecord over HTTP (one record per call)"
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port, self.pid = port, pid
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=CALL_TIMEOUT)
+
+    @staticmethod
+    def headers(action: str) -> dict[str, str]:
+        return {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": f"Kinesis_20131202.{action}",
+                "X-Amz-Date": "20261121T000000Z",
+                "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDBENCH/20261121/us-east-1/kinesis/aws4_request, "
+                                 "SignedHeaders=content-type;host;x-amz-date;x-amz-target, Signature=00"}
+
+    def call(self, action: str, body: dict[str, Any], conn: http.client.HTTPConnection | None = None) -> Any:
+        c = conn or self.conn()
+        try:
+            c.request("POST", "/", body=orjson.dumps(body), headers=self.headers(action))
+            resp = c.getresponse()
+            raw = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{action}: HTTP {resp.status} {raw[:300]!r}")
+            return orjson.loads(raw) if raw else {}
+        finally:
+            if conn is None:
+                c.close()
+
+    def create_stream(self, stream: str, partitions: int) -> None:
+        self.call("CreateStream", {"StreamName": stream, "ShardCount": partitions})
+        for _ in range(200):
+            if self.call("DescribeStream", {"StreamName": stream})["StreamDescription"]["StreamStatus"] == "ACTIVE":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("stream never became ACTIVE")
+
+    def _shards(self, stream: str) -> list[str]:
+        return [s["ShardId"] for s in self.call("DescribeStream", {"StreamName": stream})["StreamDescription"]["Shards"]]
+
+    def stored(self, stream: str) -> dict[str, int | None]:
+        return dict.fromkeys(self._shards(stream))   # Kinesis does not count a shard's records
+
+    def bodies(self, stream: str, data: wl.Dataset) -> list[bytes]:
+        return [orjson.dumps({"StreamName": stream, "Records": [
+            {"Data": base64.b64encode(d).decode(), "PartitionKey": key} for key, d in batch]})
+            for batch in data.batches]
+
+    def producer(self, bodies: list[bytes]) -> Producer:
+        conn = self.conn()
+        self.call("ListStreams", {}, conn)   # connection up before the clock
+        headers = self.headers("PutRecords")
+        raw: list[bytes] = []
+        lat: list[float] = []
+
+        def run() -> None:
+            clock = time.perf_counter
+            for body in bodies:
+                t = clock()
+                conn.request("POST", "/", body=body, headers=headers)
+                resp = conn.getresponse()
+                raw.append(resp.read())
+                lat.append(clock() - t)
+                if resp.status != 200:
+                    raise RuntimeError(f"PutRecords HTTP {resp.status}: {raw[-1][:200]!r}")
+            conn.close()
+
+        def failed() -> int:
+            return sum(orjson.loads(r).get("FailedRecordCount", 0) for r in raw)
+
+        return Producer(run, failed, lat)
+
+    def reader(self, stream: str, partition: str, expected: int | None,
+               counts: dict[str, int]) -> Callable[[], None]:
+        """GetShardIterator TRIM_HORIZON, then GetRecords Limit 10,000 until it comes back empty twice."""
+        conn = self.conn()
+        it = self.call("GetShardIterator", {"StreamName": stream, "ShardId": partition,
+                                            "ShardIteratorType": "TRIM_HORIZON"}, conn)["ShardIterator"]
+        headers = self.headers("GetRecords")
+
+        def run() -> None:
+            nonlocal it
+            n, empty = 0, 0
+            while empty < 2 and it:
+                conn.request("POST", "/", body=orjson.dumps({"ShardIterator": it, "Limit": READ_LIMIT}),
+                             headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"GetRecords HTTP {resp.status}: {raw[:200]!r}")
+                doc = orjson.loads(raw)
+                got = len(doc["Records"])
+                n += got
+                empty = 0 if got else empty + 1
+                it = doc.get("NextShardIterator")
+            counts[partition] = n
+            conn.close()
+
+        return run
+
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
+        conn = self.conn()
+        it = self.call("GetShardIterator", {"StreamName": stream, "ShardId": self._shards(stream)[partition],
+                                            "ShardIteratorType": "LATEST"}, conn)["ShardIterator"]
+        return _KinesisPoll(tally, conn, it, self.headers("GetRecords")).start()
+
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+        if partition:   # a fixed partition key lands on shard 0 only with one shard
+            raise ValueError("the kinesalite W3 producer writes to a one-shard stream")
+        conn, headers = self.conn(), self.headers("PutRecord")
+        prefix, suffix = b'{"StreamName":"' + stream.encode() + b'","PartitionKey":"k","Data":"', b'"}'
+
+        def send(payload: bytes) -> None:
+            conn.request("POST", "/", body=prefix + base64.b64encode(payload) + suffix, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"PutRecord HTTP {resp.status}: {raw[:200]!r}")
+
+        return send, conn.close
+
+    def close(self) -> None:
+        pass
+
+
+class _KinesisPoll(Consumer):
+    def __init__(self, tally: Tally, conn: http.client.HTTPConnection, it: str, headers: dict[str, str]) -> None:
+        super().__init__(tally)
+        self.conn, self.it, self.headers = conn, it, headers
+
+    def consume(self) -> None:
+        take, clock, done, conn, headers = self.tally.take, time.perf_counter_ns, self.tally.done, self.conn, self.headers
+        it = self.it
+        while not done.is_set() and not self.stopping:
+            conn.request("POST", "/", body=orjson.dumps({"ShardIterator": it, "Limit": READ_LIMIT}), headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            now = clock()
+            if resp.status != 200:
+                raise RuntimeError(f"GetRecords HTTP {resp.status}: {raw[:200]!r}")
+            doc = orjson.loads(raw)
+            if doc["Records"]:
+                take([base64.b64decode(r["Data"]) for r in doc["Records"]], now)
+            it = doc["NextShardIterator"]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- the servers -------------------------------------------------------------------------------
+
+BROKER_ARGS = ("--log-level", "WARNING")   # otherwise the broker's defaults (memory settings included)
+
+
+@contextlib.contextmanager
+def sluice_broker(durability: str) -> Iterator[BrokerProcess]:
+    """A fresh `python -m broker` on a temp dir (`--fsync` for fsync), stopped and removed after."""
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    broker = BrokerProcess(tmp / "data", *BROKER_ARGS, *(["--fsync"] if durability == "fsync" else []))
+    try:
+        broker.start(timeout=60)
+        yield broker
+    finally:
+        try:
+            code = broker.stop(60) if broker.proc else None
+            if code:
+                print(f"broker exited with {code}", file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+        except AssertionError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], port: int, cleanup: Path | None = None) -> Iterator[tuple[int, int]]:
+    """Starts cmd, waits until `port` accepts connections; yields (port, pid); stops it after."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nothing listening on {port} after 30 s") from None
+                time.sleep(0.05)
+        yield port, proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def nats_server() -> Iterator[Nats]:
+    """`nats-server -js -sd <tmp>` (Debian's package) on a free loopback port."""
+    exe = shutil.which("nats-server")
+    if not exe:
+        raise RuntimeError("nats-server not installed (make bench-compare)")
+    tmp, port = Path(tempfile.mkdtemp(prefix="bench-nats-")), _free_port()
+    with _server([exe, "-js", "-sd", str(tmp), "-a", "127.0.0.1", "-p", str(port)], port, tmp) as (port, pid):
+        yield Nats(port, pid)
+
+
+@contextlib.contextmanager
+def kinesalite_server() -> Iterator[Kinesalite]:
+    """`node bench/.peers/node_modules/kinesalite/cli.js` (its default in-memory store)."""
+    node = shutil.which("node")
+    if not node or not KINESALITE.exists():
+        raise RuntimeError(f"node or {KINESALITE} missing (make bench-compare installs it)")
+    port = _free_port()
+    with _server([node, str(KINESALITE), "--port", str(port), "--createStreamMs", "0", "--shardLimit", "100"],
+                 port) as (port, pid):
+        yield Kinesalite(port, pid)
+
+
+PEERS: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+    "nats": nats_server, "kinesalite": kinesalite_server}
+PEER_NAMES = {"nats": (Nats.system, Nats.door, Nats.durability),
+              "kinesalite": (Kinesalite.system, Kinesalite.door, Kinesalite.durability)}

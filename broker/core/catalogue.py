@@ -1,0 +1,146 @@
+"""The stream catalogue: which streams exist, in which project, with which configuration.
+
+Kept in memory (loaded from the store at start, changed only through here), so resolving a name
+on the write and read paths costs a dict lookup. Creates and deletes are ordered by one lock; the
+store call itself runs outside the event loop's way (it is awaited).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+from typing import Callable
+
+from broker.core import routing
+from broker.core.limits import Limits, check_project, check_stream_name, clip_page
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import PartitionInfo, StreamConfig, StreamDescription, StreamPage
+from broker.storage.base import Store
+
+DATA_TYPES = ("BLOB", "JSON", "CSV")
+STREAM_TYPES = ("COMMON", "ADVANCED")
+
+
+class StreamCatalogue:
+    def __init__(self, store: Store, limits: Limits, clock_ms: Callable[[], int]) -> None:
+        self._store = store
+        self._limits = limits
+        self._now = clock_ms
+        self._streams: dict[tuple[str, str], StreamConfig] = {}
+        self._by_id: dict[int, StreamConfig] = {}
+        self._lock = asyncio.Lock()   # orders creates and deletes
+
+    async def load(self) -> None:
+        for config in await self._store.list_streams():
+            self._remember(config)
+
+    def _remember(self, config: StreamConfig) -> None:
+        self._streams[config.key] = self._by_id[config.stream_id] = config
+
+    def get(self, project: str, stream_name: object) -> StreamConfig:
+        """The stream's config. Raises INVALID_REQUEST (bad project), STREAM_NOT_FOUND."""
+        config = self._streams.get((project, stream_name)) if isinstance(stream_name, str) else None
+        if config is None:
+            check_project(project)
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=stream_name)
+        return config
+
+    def by_id(self, stream_id: int) -> StreamConfig | None:
+        return self._by_id.get(stream_id)
+
+    def all(self) -> list[StreamConfig]:
+        return list(self._by_id.values())
+
+    async def create(self, project: str, stream_name: object, partition_count: object,
+                     retention_hours: object = None, data_type: object = None,
+                     stream_type: object = None) -> StreamConfig:
+        """Raises INVALID_REQUEST, QUOTA_EXCEEDED, STREAM_EXISTS."""
+        lim = self._limits
+        project = check_project(project)
+        stream_name = check_stream_name(stream_name)
+        if not isinstance(partition_count, int) or isinstance(partition_count, bool) or partition_count < 1:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"partition_count must be a positive integer, "
+                                                                 f"got {partition_count!r:.40}")
+        if partition_count > lim.max_partitions:
+            raise client_error(ErrorCode.QUOTA_EXCEEDED,
+                               detail=f"partition_count {partition_count} exceeds the quota of {lim.max_partitions}")
+        retention = lim.default_retention_hours if retention_hours is None else retention_hours
+        if not isinstance(retention, int) or isinstance(retention, bool) or \
+                not lim.min_retention_hours <= retention <= lim.max_retention_hours:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_duration must be within "
+                               f"[{lim.min_retention_hours}, {lim.max_retention_hours}] hours, got {retention!r:.40}")
+        data_type = data_type or "BLOB"
+        stream_type = stream_type or "COMMON"
+        if data_type not in DATA_TYPES:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_type must be one of {DATA_TYPES}")
+        if stream_type not in STREAM_TYPES:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream_type must be one of {STREAM_TYPES}")
+        config = StreamConfig(stream_name, partition_count, retention, str(data_type), str(stream_type),
+                              self._now(), project=project)
+        # shielded: a caller that goes away (gRPC deadline) must not leave the store holding a
+        # stream the catalogue does not know
+        return await asyncio.shield(self._create(config))
+
+    async def _create(self, config: StreamConfig) -> StreamConfig:
+        async with self._lock:
+            if config.key in self._streams:
+                raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name)
+            stored = await self._store.create_stream(config)
+            self._remember(stored)
+        return stored
+
+    async def delete(self, project: str, stream_name: object) -> StreamConfig:
+        """Forget the stream and drop it from the store; returns what it was. The name is free
+        again at once. Raises STREAM_NOT_FOUND."""
+        return await asyncio.shield(self._delete(project, stream_name))  # all of it, even if the caller goes
+
+    async def _delete(self, project: str, stream_name: object) -> StreamConfig:
+        async with self._lock:
+            config = self.get(project, stream_name)
+            # Forget it first so no new put reaches the committer. A put already queued is either
+            # written before the drop (and dropped with it) or finds the stream id gone and is
+            # answered STREAM_NOT_FOUND - never acknowledged and then lost.
+            del self._streams[config.key]
+            del self._by_id[config.stream_id]
+            try:
+                await self._store.drop_stream(config.stream_id)
+            except BrokerError:
+                self._remember(config)
+                raise
+        return config
+
+    def page(self, project: str, limit: int | None = None, start_after: str | None = None) -> StreamPage:
+        """One page of the project's streams in name order, after `start_after` (exclusive)."""
+        project = check_project(project)
+        limit = clip_page(limit, self._limits.default_list_limit, self._limits.max_list_limit, "limit")
+        names = sorted(name for p, name in self._streams if p == project)
+        start = bisect.bisect_right(names, start_after) if start_after else 0
+        page = names[start:start + limit]
+        return StreamPage(len(names), [self._streams[(project, n)] for n in page], start + limit < len(names))
+
+    async def describe(self, project: str, stream_name: object, start_after_partition: object = None,
+                       limit: int | None = None) -> StreamDescription:
+        """Config plus a page of partitions with hash ranges and sequence bounds.
+        Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, INVALID_REQUEST."""
+        config = self.get(project, stream_name)
+        limit = clip_page(limit, self._limits.default_partition_page, self._limits.max_partition_page,
+                          "limit_partitions")
+        start = 0
+        if start_after_partition not in (None, ""):
+            after = routing.parse_partition_id(start_after_partition, config.partition_count)
+            if after is None:
+                raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=start_after_partition)
+            start = after + 1
+        chosen = range(start, min(start + limit, config.partition_count))
+        ranges = routing.hash_ranges(config.partition_count)
+        partitions = [PartitionInfo(p, *ranges[p], await self._store.bounds(config.stream_id, p)) for p in chosen]
+        return StreamDescription(config, partitions, chosen.stop < config.partition_count)
+
+    def partition_of(self, config: StreamConfig, partition_id: object) -> int:
+        """A partition id as a door hands it over (int, "2", "shardId-0000000002") -> its index.
+        Raises INVALID_PARTITION_ID, PARTITION_NOT_FOUND."""
+        p = routing.parse_partition_id(partition_id, config.partition_count)
+        if p is None:
+            raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=partition_id)
+        if p >= config.partition_count:
+            raise client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=partition_id)
+        return p

@@ -1,0 +1,44 @@
+"""Consumer groups: the members of one app share a stream's partitions through leases
+(the rules are in core/leases.py; where the table lives is behind the `Leases` interface)."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from broker.core.catalogue import StreamCatalogue
+from broker.core.consumers import Consumers
+from broker.core.leases import Leases
+from broker.core.limits import Limits
+from broker.errors import ErrorCode, client_error
+
+
+class ConsumerGroups:
+    def __init__(self, catalogue: StreamCatalogue, consumers: Consumers, leases: Leases, limits: Limits,
+                 clock_ms: Callable[[], int]) -> None:
+        self._catalogue = catalogue
+        self._consumers = consumers
+        self.leases = leases
+        self._limits = limits
+        self._now = clock_ms
+
+    async def heartbeat(self, project: str, app_name: object, stream_name: object, member_id: object,
+                        held: Sequence[int] = (), lease_ms: int | None = None) -> tuple[list[int], int]:
+        """A member's heartbeat. Returns (partitions it may work on now, lease_ms).
+        Raises APP_NOT_FOUND, STREAM_NOT_FOUND, INVALID_REQUEST."""
+        lim = self._limits
+        name = await self._consumers.app(project, app_name)
+        config = self._catalogue.get(project, stream_name)
+        if not isinstance(member_id, str) or not 1 <= len(member_id) <= 200:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="member_id must be 1-200 characters")
+        lease = lease_ms or lim.default_lease_ms
+        if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
+        mine = await self.leases.heartbeat(f"{project}/{name}", config.stream_id, config.partition_count,
+                                           member_id, set(held), lease, self._now())
+        return mine, lease
+
+    async def leave(self, project: str, app_name: object, stream_name: object, member_id: object) -> None:
+        """Release every lease of a member at once (a clean shutdown, no lease timeout to wait)."""
+        name = await self._consumers.app(project, app_name)
+        config = self._catalogue.get(project, stream_name)
+        await self.leases.leave(f"{project}/{name}", config.stream_id, str(member_id))

@@ -1,0 +1,169 @@
+"""The read path: cursors, GetRecords (with long poll) and push subscriptions.
+
+A cursor names a stream by id, and is only honoured in the project of that stream. Waiting for
+writes goes through the WriteNotifier (core/notify.py); where a read runs (thread or event loop)
+is the store's business.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import AsyncGenerator, Callable
+
+from broker.core.apps import CURSOR_KEY
+from broker.core.catalogue import StreamCatalogue
+from broker.core.cursors import CursorPosition, decode_cursor, encode_cursor
+from broker.core.limits import Limits, parse_seq
+from broker.core.notify import WriteNotifier
+from broker.errors import ErrorCode, client_error
+from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, StreamConfig
+from broker.storage.base import Store
+
+
+class ReadPath:
+    def __init__(self, catalogue: StreamCatalogue, store: Store, notifier: WriteNotifier, limits: Limits,
+                 clock_ms: Callable[[], int]) -> None:
+        self._catalogue = catalogue
+        self._store = store
+        self._notifier = notifier
+        self._limits = limits
+        self._now = clock_ms
+        self.secret = b""   # the cursor key: see load_secret
+
+    async def load_secret(self) -> None:
+        """The key cursors are signed with, created on first use. It lives in the store, so that
+        cursors survive a restart and every broker of a shared store accepts the others'."""
+        secret = await self._store.meta_get(CURSOR_KEY)
+        if secret is None:
+            secret = secrets.token_bytes(32)
+            await self._store.meta_write({CURSOR_KEY: secret})
+        self.secret = secret
+
+    async def get_cursor(self, project: str, stream_name: object, partition_id: object, cursor_type: object = None,
+                         starting_seq: object = None, timestamp_ms: object = None) -> str:
+        """An opaque cursor. Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, PARTITION_NOT_FOUND,
+        INVALID_CURSOR_TYPE, INVALID_SEQUENCE, SEQUENCE_OUT_OF_RANGE, INVALID_REQUEST, TIMESTAMP_EXPIRED."""
+        config = self._catalogue.get(project, stream_name)
+        p = self._catalogue.partition_of(config, partition_id)
+        try:
+            kind = CursorType(cursor_type or "AT_SEQUENCE_NUMBER")
+        except ValueError:
+            raise client_error(ErrorCode.INVALID_CURSOR_TYPE, cursor_type=f"{cursor_type!s:.40}") from None
+        now = self._now()
+        sid = config.stream_id
+        if kind is CursorType.AT_TIMESTAMP:
+            if not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool) or timestamp_ms < 0:
+                raise client_error(ErrorCode.INVALID_REQUEST,
+                                   detail="AT_TIMESTAMP needs timestamp, milliseconds since epoch")
+            earliest = now - config.retention_ms
+            if timestamp_ms < earliest:
+                raise client_error(ErrorCode.TIMESTAMP_EXPIRED, earliest=earliest)
+            seq = await self._store.seq_at_time(sid, p, timestamp_ms)
+        else:
+            seq = self._position(kind, await self._store.bounds(sid, p), starting_seq)
+        return encode_cursor(self.secret, CursorPosition(sid, p, seq, now))
+
+    @staticmethod
+    def _position(kind: CursorType, bounds: PartitionBounds, starting: object) -> int:
+        if kind is CursorType.TRIM_HORIZON:
+            return bounds.first_seq
+        if kind is CursorType.LATEST:
+            return bounds.next_seq
+        given = parse_seq(starting)
+        seq = given + 1 if kind is CursorType.AFTER_SEQUENCE_NUMBER else given
+        if not bounds.first_seq <= seq <= bounds.next_seq:
+            raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=given, earliest=bounds.first_seq,
+                               latest=max(bounds.first_seq, bounds.last_seq))
+        return seq
+
+    def _open(self, project: str, cursor: object) -> tuple[StreamConfig, CursorPosition]:
+        pos = decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms)
+        config = self._catalogue.by_id(pos.stream_id)
+        if config is None:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {pos.stream_id})")
+        if config.project != project:
+            raise client_error(ErrorCode.INVALID_CURSOR, detail="the cursor belongs to a stream of another project")
+        return config, pos
+
+    async def get_records(self, project: str, cursor: object, limit: int | None = None,
+                          max_fetch_bytes: int | None = None, wait_ms: int | None = None) -> GetRecordsResult:
+        """Records from the cursor on, and the cursor after them. `limit` and `max_fetch_bytes` are
+        clipped into range; at least one record is returned when one exists, even if it is larger
+        than max_fetch_bytes (DIS would never return it - a documented deviation). With `wait_ms`
+        (long poll) an empty read waits up to that long for a record to be written.
+        Raises INVALID_CURSOR, CURSOR_EXPIRED, CURSOR_RECORD_EXPIRED, STREAM_NOT_FOUND."""
+        lim = self._limits
+        _, pos = self._open(project, cursor)
+        limit = min(max(limit or lim.default_read_limit, 1), lim.max_read_limit)
+        max_bytes = min(max(max_fetch_bytes or lim.default_fetch_bytes, 1), lim.max_fetch_bytes)
+        wait_s = min(max(wait_ms or 0, 0), lim.max_wait_ms) / 1000
+        return await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
+
+    async def _read(self, sid: int, p: int, seq: int, limit: int,
+                    max_bytes: int) -> tuple[PartitionBounds, list[Record]]:
+        bounds = await self._store.bounds(sid, p)
+        records = await self._store.read(sid, p, seq, limit, max_bytes) if seq >= bounds.first_seq else []
+        # checked after the read too: a trim between the two would otherwise skip records silently
+        if seq < bounds.first_seq or (records and records[0].seq != seq):
+            raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=seq,
+                               earliest=(await self._store.bounds(sid, p)).first_seq)
+        return bounds, records
+
+    async def _fetch(self, sid: int, p: int, seq: int, limit: int, max_bytes: int, wait_s: float) -> GetRecordsResult:
+        """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            waiter = self._notifier.register(sid, p) if wait_s > 0 else None
+            try:
+                bounds, records = await self._read(sid, p, seq, limit, max_bytes)
+                remaining = deadline - loop.time()
+                if records or waiter is None or remaining <= 0 or self._notifier.closed:
+                    break
+                try:
+                    await asyncio.wait_for(waiter, remaining)
+                except TimeoutError:
+                    pass
+            finally:
+                if waiter is not None:
+                    self._notifier.discard(sid, p, waiter)
+            if self._catalogue.by_id(sid) is None:
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+        next_seq = records[-1].seq + 1 if records else seq
+        behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
+        cursor = encode_cursor(self.secret, CursorPosition(sid, p, next_seq, self._now()))
+        return GetRecordsResult(records, cursor, behind)
+
+    async def subscribe(self, project: str, cursor: object, max_records: int | None = None,
+                        max_wait_ms: int | None = None) -> AsyncGenerator[GetRecordsResult, None]:
+        """Push consumption from a cursor: yields batches of at most `max_records` as records are
+        written. Once a record is available, a batch is sent when it is full or `max_wait_ms`
+        after that record was first seen, whichever is first (0 = send at once). After
+        `subscribe_heartbeat_ms` of silence an empty batch is yielded as a heartbeat.
+
+        Flow control is the consumer's: the generator reads the next batch only when the caller
+        asks for it, so a stalled consumer holds one batch in memory and never slows producers.
+        Ends (returns) when the broker begins shutting down. Raises what get_records raises."""
+        lim = self._limits
+        _, pos = self._open(project, cursor)
+        count = min(max(max_records or lim.default_read_limit, 1), lim.max_read_limit)
+        linger = min(max(max_wait_ms or 0, 0), lim.max_wait_ms) / 1000
+        sid, p, seq = pos.stream_id, pos.partition, pos.seq
+        loop = asyncio.get_running_loop()
+        while not self._notifier.closed:
+            batch = await self._fetch(sid, p, seq, count, lim.max_fetch_bytes, lim.subscribe_heartbeat_ms / 1000)
+            records = batch.records
+            if records and len(records) < count and linger > 0:
+                deadline = loop.time() + linger
+                # not once shutting down: every fetch would return at once, empty - a busy loop
+                while len(records) < count and not self._notifier.closed \
+                        and (remaining := deadline - loop.time()) > 0:
+                    more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
+                                             lim.max_fetch_bytes, remaining)
+                    records = records + more.records
+                    batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest)
+            if records:
+                seq = records[-1].seq + 1
+            elif self._notifier.closed:
+                return
+            yield batch

@@ -1,0 +1,183 @@
+"""The write path: PutRecords - validate, route each record to a partition, append through the
+committer, report per-record outcomes. Per-record problems are failures in the result, never an
+exception for the whole request."""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Callable, Sequence
+
+from broker.core import routing
+from broker.core.catalogue import StreamCatalogue
+from broker.core.limits import Limits
+from broker.core.notify import WriteNotifier
+from broker.core.writer import Committer
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, StreamConfig
+
+# (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
+_Routed = tuple[list[int], list[tuple[int, BrokerError]],
+                dict[int, tuple[list[int], list[tuple[str | None, bytes]]]]]
+
+
+def _check_columns(columns: PutColumns) -> None:
+    n = len(columns.data)
+    for name in ("partition_keys", "explicit_hash_keys", "partition_ids"):
+        column = getattr(columns, name)
+        if column is not None and len(column) != n:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"columns.{name} has {len(column)} entries for "
+                               f"{n} records: it must be empty or have one per record")
+
+
+class WritePath:
+    def __init__(self, catalogue: StreamCatalogue, committer: Committer, notifier: WriteNotifier,
+                 limits: Limits, clock_ms: Callable[[], int]) -> None:
+        self._catalogue = catalogue
+        self._committer = committer
+        self._notifier = notifier
+        self._limits = limits
+        self._now = clock_ms
+        self._spread = itertools.count()    # rotates where unkeyed records start
+        self._routers: dict[int, routing.KeyRouter] = {}   # stream id -> memoised key routing
+
+    def forget(self, stream_id: int) -> None:
+        self._routers.pop(stream_id, None)
+
+    async def put_records(self, project: str, stream_name: object,
+                          entries: Sequence[PutEntry] | PutColumns) -> PutRecordsResult:
+        """Route and append a batch. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST,
+        INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL."""
+        config = self._catalogue.get(project, stream_name)
+        lim = self._limits
+        n = len(entries)
+        if not n:
+            raise client_error(ErrorCode.EMPTY_REQUEST, detail="records must not be empty")
+        if n > lim.max_records_per_put:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"at most {lim.max_records_per_put} records per request, got {n}")
+        if isinstance(entries, PutColumns):
+            _check_columns(entries)
+            payload = sum(map(len, entries.data))
+        else:
+            payload = sum(len(e.data) for e in entries)
+        if payload > lim.max_put_payload_bytes:
+            raise client_error(ErrorCode.REQUEST_TOO_LARGE,
+                               detail=f"total record payload exceeds {lim.max_put_payload_bytes} bytes")
+        router = self._routers.get(config.stream_id)
+        if router is None:
+            router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
+        partitions, failures, by_partition = self._route_batch(config, entries, router)
+        seqs = [-1] * n
+        if by_partition:
+            order = list(by_partition.items())
+            outcomes = await self._committer.append(
+                [AppendBatch(config.stream_id, p, self._now(), items) for p, (_, items) in order])
+            if any(first is None for first in outcomes):  # deleted while we were queued
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+            refused = False
+            for (_, (indices, _)), first in zip(order, outcomes):
+                if isinstance(first, BrokerError):  # the store refused this partition's batch only
+                    refused = True
+                    failures.extend((i, first) for i in indices)
+                    for i in indices:
+                        partitions[i] = -1
+                    continue
+                for k, i in enumerate(indices):
+                    seqs[i] = first + k  # type: ignore[operator]
+            if refused:
+                if len(failures) == n:   # nothing written: the request failed, say so as such
+                    raise failures[0][1]
+                failures.sort(key=lambda f: f[0])
+            self._notifier.notify((config.stream_id, p) for (p, _), first in zip(order, outcomes)
+                                  if not isinstance(first, BrokerError))
+        return PutRecordsResult(partitions, seqs, failures)
+
+    def _route_batch(self, config: StreamConfig, entries: Sequence[PutEntry] | PutColumns,
+                     router: routing.KeyRouter) -> _Routed:
+        """Columns take the keyed fast path when they can, else record by record."""
+        if isinstance(entries, PutColumns):
+            fast = self._route_keyed_columns(entries, router)
+            if fast is not None:
+                return fast
+            entries = entries.entries()
+        return self._route_entries(config, entries, router)
+
+    def _route_entries(self, config: StreamConfig, entries: Sequence[PutEntry],
+                       router: routing.KeyRouter) -> _Routed:
+        lim = self._limits
+        n = len(entries)
+        partitions = [-1] * n
+        failures: list[tuple[int, BrokerError]] = []
+        by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]] = {}
+        count = config.partition_count
+        spread = next(self._spread) * 7919  # a prime step, so consecutive requests start apart
+        max_record, max_key = lim.max_record_bytes, lim.max_partition_key_chars
+        for i, entry in enumerate(entries):
+            key = entry.partition_key
+            # the common case inline (a short key and nothing else): one dict hit per record
+            if key and entry.partition_id is None and entry.explicit_hash_key is None \
+                    and entry.rejected is None and len(entry.data) <= max_record and len(key) <= max_key:
+                p = router(key)
+            else:
+                error = entry.rejected
+                p = -1
+                if error is None:
+                    p, error = self._route(entry, count, spread + i, router)
+                if error is not None:
+                    failures.append((i, error))
+                    continue
+            partitions[i] = p
+            slot = by_partition.get(p)
+            if slot is None:
+                slot = by_partition[p] = ([], [])
+            slot[0].append(i)
+            slot[1].append((key or None, entry.data))
+        return partitions, failures, by_partition
+
+    def _route_keyed_columns(self, columns: PutColumns, router: routing.KeyRouter) -> _Routed | None:
+        """The fast path for the common batch: every record has a partition key and nothing else,
+        and all are within limits. Whole-list operations instead of a loop per record: the key
+        routes map through the router, a stable sort groups indices by partition. None when the
+        batch needs the record-at-a-time path (other routing, or a record that will fail)."""
+        lim = self._limits
+        keys, data = columns.partition_keys, columns.data
+        if keys is None or columns.explicit_hash_keys is not None or columns.partition_ids is not None \
+                or not all(keys) or max(map(len, keys)) > lim.max_partition_key_chars \
+                or max(map(len, data)) > lim.max_record_bytes:
+            return None
+        partitions = router.route_all(keys)
+        order = sorted(range(len(partitions)), key=partitions.__getitem__)  # stable: ascending per partition
+        by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]] = {}
+        at = 0
+        for p, size in sorted(Counter(partitions).items()):
+            indices = order[at:at + size]
+            at += size
+            by_partition[p] = (indices, list(zip(map(keys.__getitem__, indices), map(data.__getitem__, indices))))
+        return partitions, [], by_partition
+
+    def _route(self, entry: PutEntry, count: int, spread: int,
+               router: routing.KeyRouter) -> tuple[int, BrokerError | None]:
+        lim = self._limits
+        if len(entry.data) > lim.max_record_bytes:
+            return -1, client_error(ErrorCode.INVALID_REQUEST,
+                                    detail=f"record size {len(entry.data)} exceeds {lim.max_record_bytes} bytes")
+        key = entry.partition_key
+        if key is not None and len(key) > lim.max_partition_key_chars:
+            return -1, client_error(ErrorCode.INVALID_REQUEST,
+                                    detail=f"partition_key longer than {lim.max_partition_key_chars} characters")
+        if entry.partition_id is not None:
+            p = routing.parse_partition_id(entry.partition_id, count)
+            if p is None:
+                return -1, client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=entry.partition_id)
+            if p >= count:
+                return -1, client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=entry.partition_id)
+            return p, None
+        if entry.explicit_hash_key is not None:
+            h = routing.parse_hash_key(entry.explicit_hash_key)
+            if h is None:
+                return -1, client_error(ErrorCode.INVALID_REQUEST, detail=f"explicit_hash_key must be a decimal "
+                                        f"within [0, 9223372036854775807], got {entry.explicit_hash_key!r:.40}")
+            return routing.partition_for_hash(h, count), None
+        if key:
+            return router(key), None
+        return spread % count, None

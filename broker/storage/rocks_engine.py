@@ -1,0 +1,370 @@
+"""The RocksDB engine (rocksdict): blocking calls, wrapped for the event loop by storage/rocks.py.
+The only module that imports rocksdict.
+
+Threading: every method is blocking; RocksStore calls it from worker threads, or on the event
+loop where it knows the call takes microseconds (see rocks.py).
+Mutations (append, trim, create/drop) take `self._lock`, a plain threading.Lock held across the
+RocksDB write: the core sends all appends through one writer thread, so the lock is uncontended on
+the hot path and only orders appends against the retention trimmer and admin calls. An asyncio
+lock would not help here - the blocking call must leave the event loop anyway. Reads take no lock:
+RocksDB reads are thread-safe, and the caches they consult are replaced atomically.
+
+Layout: each appended batch is one RocksDB value (broker/storage/keys.py), so reads seek to the
+batch holding their start and skip into it, and a trim drops whole batches only.
+
+Durability: records and the partition's high-water mark go into one WriteBatch with the WAL on, so
+an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
+fsynced, so it survives power loss too; group commit amortises that fsync over every producer
+waiting at the time.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, replace
+from typing import Iterator, Sequence, cast
+
+import rocksdict
+
+from broker.errors import ErrorCode, client_error, server_error
+from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.storage import keys
+from broker.storage.base import IncompatibleStore
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """Translate backend failures into the catalogue, once, at the boundary."""
+    try:
+        yield
+    except Exception as exc:  # rocksdict raises plain Exception for RocksDB status errors
+        if getattr(exc, "code", None) is not None:  # a BrokerError passing through
+            raise
+        text = str(exc)
+        log.error("rocksdb %s failed: %s", what, text)
+        if "No space left" in text or "ENOSPC" in text:
+            raise server_error(ErrorCode.STORAGE_FULL) from exc
+        raise server_error(ErrorCode.UNAVAILABLE, detail=f"storage {what} failed") from exc
+
+
+def _options(memtable_mb: int, block_cache_mb: int) -> rocksdict.Options:
+    """Bounded memory: at most two memtables (one filling, one flushing) plus a fixed block cache.
+
+    RocksDB's defaults (64 MiB memtables, caches sized per table) let a busy broker's RSS wander by
+    hundreds of MiB; a broker needs a budget an operator can reason about (see --memtable-mb).
+    """
+    opts = rocksdict.Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.increase_parallelism(max(2, os.cpu_count() or 2))
+    opts.set_compression_type(rocksdict.DBCompressionType.lz4())
+    opts.set_write_buffer_size(memtable_mb << 20)
+    opts.set_max_write_buffer_number(2)
+    table = rocksdict.BlockBasedOptions()
+    table.set_block_cache(rocksdict.Cache(block_cache_mb << 20))
+    table.set_cache_index_and_filter_blocks(True)   # index/filter blocks count against the cache too
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
+class FormatMismatch(IncompatibleStore):
+    """The directory holds data of another on-disk layout."""
+
+
+class RocksEngine:
+    def __init__(self, path: str, *, sync: bool = False, memtable_mb: int = 32, block_cache_mb: int = 64) -> None:
+        os.makedirs(path, exist_ok=True)
+        opts = _options(memtable_mb, block_cache_mb)
+        with _io_errors("open"):
+            self._db = rocksdict.Rdict(path, opts)
+        self._write_opts = rocksdict.WriteOptions()
+        self._write_opts.sync = sync
+        self.sync = sync
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self._check_format(path)
+        except BaseException:
+            self._db.close()
+            raise
+        self._streams: dict[tuple[str, str], StreamConfig] = {}
+        self._by_id: dict[int, StreamConfig] = {}
+        self._hwm: dict[tuple[int, int], tuple[int, int]] = {}   # (sid, p) -> (next_seq, last_ts)
+        self._first: dict[tuple[int, int], int] = {}             # (sid, p) -> first retained seq
+        self._load_catalogue()
+
+    # -- catalogue -----------------------------------------------------------------------------
+
+    def _check_format(self, path: str) -> None:
+        """A new directory gets the current format version; one written by another layout is
+        refused, never read as if it were ours (there is no migration: see keys.py)."""
+        with _io_errors("open"):
+            raw = self._db.get(keys.FORMAT_VERSION)
+            empty = raw is None and not any(True for _ in self._db.keys())
+        if raw is not None and keys.U64.unpack(raw)[0] == keys.FORMAT:
+            return
+        if empty:
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.put(keys.FORMAT_VERSION, keys.U64.pack(keys.FORMAT))
+            self._write(wb, "open")
+            return
+        found = keys.U64.unpack(raw)[0] if raw is not None else 1
+        raise FormatMismatch(
+            f"{path} holds data of on-disk format {found}, and this broker reads format {keys.FORMAT}; "
+            f"there is no migration: move the data dir away (or delete it) and start again")
+
+    def _load_catalogue(self) -> None:
+        ro = rocksdict.ReadOptions()
+        ro.set_iterate_upper_bound(keys.STREAM + b"\xff")
+        for _, value in self._db.items(from_key=keys.STREAM, read_opt=ro):
+            config = StreamConfig(**json.loads(value))
+            self._streams[config.key] = self._by_id[config.stream_id] = config
+
+    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+        if self._closed:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+        with _io_errors(what):
+            self._db.write(batch, self._write_opts)
+
+    def create_stream(self, config: StreamConfig) -> StreamConfig:
+        with self._lock:
+            if config.key in self._streams:
+                raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name)
+            with _io_errors("read"):
+                raw = self._db.get(keys.NEXT_STREAM_ID)
+            stream_id = keys.U64.unpack(raw)[0] if raw else 1
+            stored = replace(config, stream_id=stream_id)
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.put(keys.NEXT_STREAM_ID, keys.U64.pack(stream_id + 1))
+            wb.put(keys.stream_key(config.project, config.stream_name), json.dumps(asdict(stored)).encode())
+            self._write(wb, "create_stream")
+            self._streams[stored.key] = self._by_id[stream_id] = stored
+            return stored
+
+    def drop_stream(self, stream_id: int) -> None:
+        with self._lock:
+            config = self._by_id.get(stream_id)
+            if config is None:
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {stream_id}")
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.delete(keys.stream_key(config.project, config.stream_name))
+            for kind in (keys.RECORD, keys.HWM, keys.TRIM):
+                wb.delete_range(*keys.stream_range(kind, config.stream_id))
+            self._write(wb, "drop_stream")
+            del self._streams[config.key]
+            del self._by_id[stream_id]
+            for p in range(config.partition_count):
+                self._hwm.pop((config.stream_id, p), None)
+                self._first.pop((config.stream_id, p), None)
+
+    def list_streams(self) -> list[StreamConfig]:
+        return [self._streams[k] for k in sorted(self._streams)]
+
+    # -- partition state -----------------------------------------------------------------------
+
+    def _hwm_of(self, sid: int, partition: int) -> tuple[int, int]:
+        state = self._hwm.get((sid, partition))
+        if state is None:
+            with _io_errors("read"):
+                raw = self._db.get(keys.partition_key(keys.HWM, sid, partition))
+            # setdefault, not assignment: a lock-free reader may have read the value before a
+            # concurrent append committed; it must not overwrite what that append cached since.
+            state = self._hwm.setdefault((sid, partition), keys.decode_hwm(raw) if raw else (0, 0))
+        return state
+
+    def _first_of(self, sid: int, partition: int) -> int:
+        first = self._first.get((sid, partition))
+        if first is None:
+            with _io_errors("read"):
+                raw = self._db.get(keys.partition_key(keys.TRIM, sid, partition))
+            first = self._first.setdefault((sid, partition), keys.U64.unpack(raw)[0] if raw else 0)
+        return first
+
+    def cached_bounds(self, sid: int, partition: int) -> tuple[int, int] | None:
+        """(first retained, next) from memory only, or None when not cached yet: lets the caller
+        decide without I/O whether a read is a small tail read."""
+        state, first = self._hwm.get((sid, partition)), self._first.get((sid, partition))
+        if state is None or first is None or sid not in self._by_id:
+            return None
+        return min(first, state[0]), state[0]
+
+    def _check_partition(self, sid: int, partition: int) -> None:
+        if sid not in self._by_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {sid}")
+        # partition ranges are validated by the core against the stream config
+
+    # -- the log -------------------------------------------------------------------------------
+
+    def append(self, batches: Sequence[AppendBatch]) -> list[int | None]:
+        with self._lock:
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            staged: dict[tuple[int, int], tuple[int, int]] = {}
+            firsts: list[int | None] = []
+            encode, rkey = keys.encode_batch, keys.record_key
+            for batch in batches:
+                sid, p = batch.stream_id, batch.partition
+                if sid not in self._by_id:
+                    firsts.append(None)
+                    continue
+                next_seq, last_ts = staged.get((sid, p)) or self._hwm_of(sid, p)
+                ts = max(batch.timestamp_ms, last_ts)
+                firsts.append(next_seq)
+                if batch.items:  # one value per batch, keyed by its first seq
+                    wb.put(rkey(sid, p, next_seq), encode(ts, batch.items))
+                    next_seq += len(batch.items)
+                staged[(sid, p)] = (next_seq, ts)
+            for (sid, p), (next_seq, ts) in staged.items():
+                wb.put(keys.partition_key(keys.HWM, sid, p), keys.encode_hwm(next_seq, ts))
+            if staged:
+                self._write(wb, "append")
+                self._hwm.update(staged)
+            return firsts
+
+    @staticmethod
+    def _upper_bound(stream_id: int, partition: int, end_seq: int | None = None) -> rocksdict.ReadOptions:
+        """Read options bounding an iterator to the partition's batches that start before
+        `end_seq` (default: the whole partition). The caller must keep the options alive as long
+        as its iterator: rocksdict does not, and a freed bound silently unbounds (or breaks) it.
+        rocksdict ignores an iterate lower bound, so callers that seek backwards check with
+        `_in_partition` that they did not land in an earlier partition."""
+        ro = rocksdict.ReadOptions()
+        prefix = keys.partition_key(keys.RECORD, stream_id, partition)
+        ro.set_iterate_upper_bound(keys.prefix_end(prefix) if end_seq is None
+                                   else keys.record_key(stream_id, partition, end_seq))
+        return ro
+
+    @staticmethod
+    def _in_partition(it: rocksdict.RdictIter, prefix: bytes) -> bool:
+        if not it.valid():
+            it.status()  # an I/O error invalidates the iterator: raise it, never read it as "no batch"
+            return False
+        return bool(it.key().startswith(prefix))
+
+    def _batch_at(self, it: rocksdict.RdictIter, stream_id: int, partition: int,
+                  seq: int) -> tuple[int, int, int] | None:
+        """Position `it` on the stored batch holding `seq`: (its first seq, count, timestamp), or
+        None when no stored batch holds it (trimmed, or at/after next_seq)."""
+        it.seek_for_prev(keys.record_key(stream_id, partition, seq))
+        if not self._in_partition(it, keys.partition_key(keys.RECORD, stream_id, partition)):
+            return None
+        first = keys.record_seq(it.key())
+        count, ts = keys.batch_header(it.value())
+        return (first, count, ts) if seq < first + count else None
+
+    def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
+        self._check_partition(stream_id, partition)
+        next_seq, _ = self._hwm_of(stream_id, partition)
+        start = max(start_seq, self._first_of(stream_id, partition))
+        if start >= next_seq or limit <= 0:
+            return []
+        end = min(next_seq, start + limit)
+        out: list[Record] = []
+        total = 0
+        decode, seq_of = keys.decode_batch, keys.record_seq
+        with _io_errors("read"):
+            ro = self._upper_bound(stream_id, partition, end)
+            it = self._db.iter(ro)
+            # the batch holding `start` may begin before it (reads start inside batches); if
+            # none holds it (trimmed under us), go on from the next stored batch
+            it.seek_for_prev(keys.record_key(stream_id, partition, start))
+            if not self._in_partition(it, keys.partition_key(keys.RECORD, stream_id, partition)):
+                it.seek(keys.record_key(stream_id, partition, start))
+            while it.valid():
+                first = seq_of(it.key())
+                value = it.value()
+                count, _ = keys.batch_header(value)
+                lo, hi = max(start - first, 0), min(count, end - first)
+                if lo < hi:
+                    records, used = decode(value, first, lo, hi, max_bytes - total, not out)
+                    out += records
+                    total += used
+                    if len(records) < hi - lo:  # max_bytes reached
+                        break
+                it.next()
+            it.status()  # the loop also ends on an I/O error: raise it rather than return a short read
+        return out
+
+    def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        self._check_partition(stream_id, partition)
+        next_seq, last_ts = self._hwm_of(stream_id, partition)
+        return PartitionBounds(min(self._first_of(stream_id, partition), next_seq), next_seq, last_ts)
+
+    def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
+        first, next_seq, _ = self.bounds(stream_id, partition)
+        lo, hi = first, next_seq
+        with _io_errors("read"):
+            ro = self._upper_bound(stream_id, partition)
+            it = self._db.iter(ro)
+            # first seq in [lo, hi) whose timestamp >= timestamp_ms; a batch has one timestamp,
+            # so each probe settles the whole batch holding `mid`
+            while lo < hi:
+                mid = (lo + hi) // 2
+                found = self._batch_at(it, stream_id, partition, mid)
+                if found is None:  # trimmed under us: everything before it is gone too
+                    lo = mid + 1
+                    continue
+                batch_first, count, ts = found
+                if ts < timestamp_ms:
+                    lo = min(batch_first + count, hi)
+                else:
+                    hi = max(batch_first, lo)
+        return lo
+
+    def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
+        with self._lock:
+            self._check_partition(stream_id, partition)
+            first = self._first_of(stream_id, partition)
+            next_seq, _ = self._hwm_of(stream_id, partition)
+            cut = min(before_seq, next_seq)
+            if cut <= first:
+                return
+            # drop whole batches only: one straddling the cut stays stored, and the "T" key
+            # (first retained seq) hides its records below the cut
+            with _io_errors("trim"):
+                ro = self._upper_bound(stream_id, partition)
+                straddling = self._batch_at(self._db.iter(ro), stream_id, partition, cut)
+            drop_to = straddling[0] if straddling is not None else cut
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            if drop_to > 0:
+                wb.delete_range(keys.record_key(stream_id, partition, 0),
+                                keys.record_key(stream_id, partition, drop_to))
+            wb.put(keys.partition_key(keys.TRIM, stream_id, partition), keys.U64.pack(cut))
+            self._write(wb, "trim")
+            self._first[(stream_id, partition)] = cut
+
+    # -- metadata (opaque to the store) ------------------------------------------------------------
+
+    def meta_get(self, key: bytes) -> bytes | None:
+        with _io_errors("read"):
+            return self._db.get(keys.META + key)  # type: ignore[no-any-return]
+
+    def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        ro = rocksdict.ReadOptions()
+        ro.set_iterate_upper_bound(keys.prefix_end(keys.META + prefix))
+        with _io_errors("read"):
+            items = self._db.items(from_key=keys.META + prefix, read_opt=ro)
+            return [(cast(bytes, k)[1:], cast(bytes, v)) for k, v in items]   # raw mode: bytes in, bytes out
+
+    def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in changes.items():
+            if value is None:
+                wb.delete(keys.META + key)
+            else:
+                wb.put(keys.META + key, value)
+        with self._lock:
+            self._write(wb, "meta_write")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with _io_errors("close"):
+                self._db.flush_wal(True)
+                self._db.flush()
+                self._db.close()

@@ -1,0 +1,87 @@
+"""RocksStore: where a blocking engine call runs. A lone small WAL-mode append runs on the event
+loop (no thread hops); anything bigger, anything fsynced, and anything that meets a mutation in
+flight on the writer thread goes to the writer thread. Appends through the core's Committer."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from broker.core.writer import Committer
+from broker.model import AppendBatch, StreamConfig
+from broker.storage.rocks import INLINE_APPEND_RECORDS, RocksStore
+from broker.storage.rocks_engine import RocksEngine
+
+
+class ThreadRecordingEngine(RocksEngine):
+    """The real engine, noting which thread ran each append."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.append_threads: list[str] = []
+
+    def append(self, batches: Sequence[AppendBatch]) -> list[int | None]:
+        self.append_threads.append(threading.current_thread().name)
+        return super().append(batches)
+
+
+def recording_store(path: Path, *, sync: bool = False) -> tuple[RocksStore, ThreadRecordingEngine]:
+    store = RocksStore(str(path), sync=sync)
+    store._engine.close()
+    engine = store._engine = ThreadRecordingEngine(str(path), sync=sync)
+    return store, engine
+
+
+def batch(sid: int, records: int) -> AppendBatch:
+    return AppendBatch(sid, 0, 1, [(None, b"r%d" % i) for i in range(records)])
+
+
+async def commit_threads(tmp_path: Path, *, sync: bool, sizes: list[int]) -> list[str]:
+    store, engine = recording_store(tmp_path / "db", sync=sync)
+    committer = Committer(store)
+    committer.start()
+    try:
+        sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+        firsts = [(await asyncio.wait_for(committer.append([batch(sid, n)]), 10))[0] for n in sizes]
+        assert firsts == [sum(sizes[:i]) for i in range(len(sizes))]   # numbering is the same either way
+        return engine.append_threads
+    finally:
+        await committer.close()
+        await store.close()
+
+
+async def test_a_small_append_runs_on_the_event_loop(tmp_path: Path) -> None:
+    loop_thread = threading.current_thread().name
+    threads = await commit_threads(tmp_path, sync=False, sizes=[1, INLINE_APPEND_RECORDS, INLINE_APPEND_RECORDS + 1])
+    assert threads[:2] == [loop_thread, loop_thread]
+    assert threads[2].startswith("sluice-writer")
+
+
+async def test_fsync_appends_never_run_on_the_event_loop(tmp_path: Path) -> None:
+    threads = await commit_threads(tmp_path, sync=True, sizes=[1, 1])
+    assert all(t.startswith("sluice-writer") for t in threads), threads
+
+
+async def test_an_append_waits_for_a_mutation_on_the_writer_thread(tmp_path: Path) -> None:
+    # while a mutation holds the writer thread, a one-record append must queue behind it there,
+    # not run on the loop (where it could block on the engine's lock)
+    store, engine = recording_store(tmp_path / "db")
+    committer = Committer(store)
+    committer.start()
+    release = threading.Event()
+    try:
+        sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+        blocker = asyncio.ensure_future(store._mutate(release.wait, 10))
+        await asyncio.sleep(0.01)
+        append = asyncio.ensure_future(committer.append([batch(sid, 1)]))
+        await asyncio.sleep(0.1)
+        assert not append.done() and engine.append_threads == []
+        release.set()
+        assert await blocker is True
+        assert await asyncio.wait_for(append, 10) == [0]
+        assert len(engine.append_threads) == 1 and engine.append_threads[0].startswith("sluice-writer")
+    finally:
+        release.set()
+        await committer.close()
+        await store.close()

@@ -9,6 +9,9 @@ aiohttp answers those from `RequestHandler.handle_error` as text/plain and offer
 them (aio-libs/aiohttp#3287), so `HttpRunner` serves connections with a `RequestHandler`
 subclass whose `handle_error` renders a catalogue row instead. The path of such a request is not
 known (the parser failed), so it gets the fallback door's body: DIS, the broker's first door.
+This leans on aiohttp internals (`AppRunner._make_server`, `Server._loop/_kwargs`, the
+`handle_error` signature, stable through 3.x); tests/api/test_http_envelope.py sends the raw
+bytes, so an aiohttp upgrade that changes them fails there, not in front of a client.
 """
 from __future__ import annotations
 

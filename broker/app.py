@@ -27,7 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
-from broker.api.http_app import build_http_app
+from broker.api.http_app import HttpRunner, build_http_app
 from broker.core.broker import Broker
 from broker.settings import Settings
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
@@ -97,10 +97,10 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         raise
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
 
-    runner = web.AppRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
-                                          stall_timeout_s=settings.idle_timeout),
-                           keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
-                           access_log=None, handle_signals=False)
+    runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
+                                       stall_timeout_s=settings.idle_timeout),
+                        keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
+                        access_log=None, handle_signals=False)
     await runner.setup()
     server = _grpc_server(settings, max_message)
     servicer = SluiceServicer(broker)

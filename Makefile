@@ -1,5 +1,6 @@
 # `make run`  : create .venv, install, generate stubs, start the broker (RocksDB under ./data)
 # `make test` : create .venv, install with test deps, generate stubs, run the whole suite
+# `make lint` : ruff (rules in pyproject [tool.ruff]) and mypy ([tool.mypy]) over broker/ and client/
 # `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
 #               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
 #               ARGS=--quick, ARGS='--workloads w3 --durability wal' (bench/README.md lists them)
@@ -16,7 +17,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test bench bench-compare bench-memory bench-peers wheel clean
+.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,11 @@ run: proto
 
 test: proto
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# after proto: mypy reads the generated stubs' .pyi files
+lint: proto
+	$(PY) -m ruff check broker client
+	$(PY) -m mypy broker client
 
 bench: proto
 	$(PY) bench/run.py $(ARGS)

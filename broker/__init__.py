@@ -3,6 +3,7 @@
     __main__.py          `python -m broker`: settings -> app.serve(); signal handling
     settings.py          the one Settings dataclass; CLI flags + SLUICE_* environment variables
     app.py               composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
+    startup.py           startup errors an operator can fix, as one line (StartupError); the data-dir claim
     launcher.py          start a broker process and wait for its ready line (tests, benchmarks)
     errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
     model.py             plain values shared by core and storage

@@ -2,6 +2,10 @@
 
 Prints one line `sluice ready grpc=HOST:PORT http=HOST:PORT` on stdout once both doors accept
 connections (tests and scripts wait for it instead of sleeping).
+
+Exit status: 0 after a graceful stop; 2 for a bad flag or SLUICE_* value (settings.py); 1 when the
+broker cannot start for a reason its operator can fix (startup.StartupError: a port in use, a data dir
+held by another broker, not writable or full) - each a single line on stderr, never a traceback.
 """
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import ctypes.util
 import logging
 import signal
 import sys
+from typing import Callable
 
 from broker.app import Running, serve
 from broker.settings import Settings, parse_settings
+from broker.startup import StartupError
 
 
-def _announce(settings: Settings) -> "callable[[Running], None]":  # type: ignore[valid-type]
+def _announce(settings: Settings) -> Callable[[Running], None]:
     def ready(running: Running) -> None:
         print(f"sluice ready grpc={settings.host}:{running.grpc_port} http={settings.host}:{running.http_port}",
               flush=True)
@@ -57,7 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     _limit_malloc_arenas(settings.malloc_arenas)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(settings))
+    try:
+        asyncio.run(_main(settings))
+    except StartupError as exc:
+        print(f"sluice-broker: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@ retention task; on stop, shut down gracefully. The only module that knows every 
 
 Graceful stop, in order: mark health NOT_SERVING; stop accepting on both doors and let in-flight
 requests finish (up to `shutdown_grace`; the gRPC door first answers new calls UNAVAILABLE until the
-running ones are done, see api/grpc_service.py); stop the retention task; drain the group committer
+running ones are done, see api/grpc_service.py); stop the retention task; drain the committer
 so every accepted batch is committed; flush and close the store.
+
+Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable
+or full - are raised as `startup.StartupError` with a one-line message that names the flag to
+change; `__main__` prints it and exits 1. Everything else that fails at startup is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
-from broker.api.http_app import build_http_app
+from broker.api.http_app import HttpRunner, build_http_app
 from broker.core.broker import Broker
 from broker.settings import Settings
+from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
 from broker.storage import open_store
 
 log = logging.getLogger("sluice")
@@ -68,21 +74,34 @@ def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
 
 
 async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
-    """Run a broker until `stop` is set, then shut it down gracefully."""
-    store = await open_store(settings)
+    """Run a broker until `stop` is set, then shut it down gracefully.
+
+    Raises StartupError (nothing started, nothing left open) when the data dir or a port is not
+    usable."""
+    claim = await asyncio.to_thread(DataDirClaim.take, settings)
+    try:
+        await _serve(settings, stop, on_ready)
+    finally:
+        claim.release()
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None) -> None:
+    with explain_store_failure(settings):
+        store = await open_store(settings)
     broker = Broker(store)
-    await broker.start()
+    try:
+        with explain_store_failure(settings):
+            await broker.start()   # reads the catalogue and the cursor key from the store
+    except StartupError:
+        await store.close()
+        raise
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
 
-    runner = web.AppRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
-                                          stall_timeout_s=settings.idle_timeout),
-                           keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
-                           access_log=None, handle_signals=False)
+    runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
+                                       stall_timeout_s=settings.idle_timeout),
+                        keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
+                        access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.http_port)
-    await site.start()
-    http_port = runner.addresses[0][1]
-
     server = _grpc_server(settings, max_message)
     servicer = SluiceServicer(broker)
     add_servicer(servicer, server)
@@ -90,8 +109,19 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-    await server.start()
+    try:
+        with explain_bind_failure(settings, "http_port"):
+            await web.TCPSite(runner, settings.host, settings.http_port).start()
+        http_port = runner.addresses[0][1]
+        with explain_bind_failure(settings, "grpc_port"):
+            probe_port(settings.host, settings.grpc_port)
+            grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        await server.start()
+    except StartupError:   # undo what started, in the order of a graceful stop
+        await runner.cleanup()
+        await broker.close()
+        await store.close()
+        raise
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

@@ -36,7 +36,7 @@ class BrokerProcess:
         self.stderr_lines: list[str] = []
         self._stderr_reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 30.0) -> "BrokerProcess":
+    def start(self, timeout: float = 30.0) -> BrokerProcess:
         cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.data_dir), "--grpc-port", "0",
                "--http-port", "0", *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -57,8 +57,10 @@ class BrokerProcess:
         reader.start()
         reader.join(timeout)
         if not found:
-            self.kill()
-            raise RuntimeError("broker did not become ready:\n" + "".join(self.stderr_lines[-40:]))
+            status = self.proc.poll()   # a broker that cannot start exits with one line on stderr
+            self.kill()                 # (and waits for the stderr reader: the lines below are complete)
+            raise RuntimeError(f"broker did not become ready (exit status {status}):\n"
+                               + "".join(self.stderr_lines[-40:]))
         self.host = found[0].group(1)
         self.grpc_port, self.http_port = int(found[0].group(2)), int(found[0].group(4))
         return self

@@ -5,9 +5,11 @@ Every option has an environment variable (SLUICE_<NAME>); a command-line flag wi
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ _HELP = {
     "grpc_port": "gRPC port (0 = any free port; the chosen port is printed in the ready line)",
     "http_port": "HTTP port of the DIS REST API (0 = any free port)",
     "store": "storage engine: rocksdb (durable, default) or memory (nothing survives a restart)",
-    "fsync": "fsync every group commit (survives power loss); by default an acknowledged batch is in "
+    "fsync": "fsync every commit, one per batch of concurrent appends (survives power loss); by default an acknowledged batch is in "
              "the RocksDB write-ahead log, which survives a process crash",
     "memtable_mb": "RocksDB memtable size in MiB; at most two exist at once (one filling, one flushing)",
     "block_cache_mb": "RocksDB block cache in MiB, shared by all partitions (reads of flushed data)",
@@ -48,8 +50,20 @@ _HELP = {
 }
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def _env_name(name: str) -> str:
     return "SLUICE_" + name.upper()
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_hint(name: str) -> str:
+    """How an operator sets a setting, for error messages: `--http-port (env SLUICE_HTTP_PORT)`."""
+    return f"{_flag_name(name)} (env {_env_name(name)})"
 
 
 def _parse_bool(text: str) -> bool:
@@ -61,36 +75,86 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
 
 
-def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+_parse_float.__name__ = "number"   # argparse says "invalid number value: 'nan'"
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean (true/false, 1/0, yes/no, on/off)",
+               str: "a string"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is in --help) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# name -> (check, what the value must be); checked whichever way the value was given
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data_dir": (lambda v: v.strip() != "", "a directory path, not empty"),
+    "host": (lambda v: v.strip() != "", "an address or host name, not empty"),
+    "store": (lambda v: v in ("rocksdb", "memory"), "rocksdb or memory"),
+    "grpc_port": (lambda v: 0 <= v <= 65535, "within 0..65535"),
+    "http_port": (lambda v: 0 <= v <= 65535, "within 0..65535"),
+    "memtable_mb": (lambda v: v >= 1, "at least 1"),
+    "block_cache_mb": (lambda v: v >= 1, "at least 1"),
+    "malloc_arenas": (lambda v: v >= 0, "0 (glibc default) or more"),
+    "idle_timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "body_timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "shutdown_grace": (lambda v: v >= 0, "0 seconds or more"),
+    "retention_interval": (lambda v: v > 0, "more than 0 seconds"),
+    "log_level": (lambda v: v.upper() in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
+}
+
+
+def _given_on_command_line(flag: str, argv: Sequence[str]) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") or (flag.startswith("--") and arg == "--no-" + flag[2:])
+               for arg in argv)
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the command line over the environment over the defaults.
+
+    A bad value - a flag's or an environment variable's - is a usage error: one line on stderr that
+    names the flag or the variable, and SystemExit(2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sluice-broker", description="Sluice: a partitioned record-stream broker with gRPC and DIS REST APIs.",
-        epilog="Every option can also be set by the environment variable shown; a flag wins over it.")
+        epilog="Every option can also be set by the environment variable shown; a flag wins over it. "
+               "SIGTERM or SIGINT stops the broker gracefully.")
     defaults = Settings()
     for f in fields(Settings):
         env = _env_name(f.name)
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag_name(f.name)
         default = getattr(defaults, f.name)
-        kind = _parse_bool if f.type in (bool, "bool") else type(default)
+        kind: Callable[[str], Any] = {bool: _parse_bool, float: _parse_float}.get(type(default), type(default))
         raw = environ.get(env)
         try:
             value = kind(raw) if raw is not None else default
         except (ValueError, argparse.ArgumentTypeError):
-            parser.error(f"environment variable {env}={raw!r} is not a valid {type(default).__name__}")
+            parser.error(f"environment variable {env}={raw!r} is not {_KIND_NAMES[type(default)]} "
+                         f"(it sets {flag})")
         help_text = f"{_HELP[f.name]} [env {env}; default {default}]"
         if kind is _parse_bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=value, help=help_text)
     args = parser.parse_args(argv)
-    if args.store not in ("rocksdb", "memory"):
-        parser.error("--store must be rocksdb or memory")
-    for name in ("grpc_port", "http_port"):
-        if not 0 <= getattr(args, name) <= 65535:
-            parser.error(f"--{name.replace('_', '-')} must be within 0..65535")
-    for name in ("memtable_mb", "block_cache_mb"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.malloc_arenas < 0:
-        parser.error("--malloc-arenas must be 0 (glibc default) or more")
+    for name, (check, must_be) in _CHECKS.items():
+        value = getattr(args, name)
+        if not check(value):
+            flag, env = _flag_name(name), _env_name(name)
+            source = flag if _given_on_command_line(flag, argv) or env not in environ else f"environment variable {env}"
+            parser.error(f"{source} must be {must_be}, not {value!r}")
+    if args.grpc_port == args.http_port != 0:
+        parser.error(f"--grpc-port and --http-port are both {args.grpc_port}: each door needs its own port")
+    args.log_level = args.log_level.upper()
     return Settings(**vars(args))

@@ -1,6 +1,6 @@
 import pytest
 
-from broker.settings import Settings, parse_settings
+from broker.settings import Settings, option_hint, parse_settings
 
 
 def test_defaults_without_flags_or_env() -> None:
@@ -28,3 +28,33 @@ def test_bad_values_are_usage_errors(argv: list[str], env: dict[str, str], capsy
         parse_settings(argv, environ=env)
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    ([], {"SLUICE_GRPC_PORT": "70000"}, "environment variable SLUICE_GRPC_PORT"),
+    (["--grpc-port", "70000"], {"SLUICE_GRPC_PORT": "1"}, "--grpc-port"),
+    (["--grpc-port=70000"], {}, "--grpc-port"),
+    ([], {"SLUICE_LOG_LEVEL": "loud"}, "environment variable SLUICE_LOG_LEVEL"),
+    ([], {"SLUICE_MALLOC_ARENAS": "many"}, "SLUICE_MALLOC_ARENAS='many' is not an integer (it sets --malloc-arenas)"),
+    (["--retention-interval", "0"], {}, "--retention-interval"),
+    (["--body-timeout", "inf"], {}, "--body-timeout"),
+])
+def test_a_bad_value_is_one_line_naming_where_it_came_from(argv: list[str], env: dict[str, str], named: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(argv, environ=env)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sluice-broker: error: "), err
+    assert named in err
+
+
+def test_log_level_is_case_insensitive_and_ports_must_differ_unless_zero() -> None:
+    assert parse_settings(["--log-level", "debug"], environ={}).log_level == "DEBUG"
+    assert parse_settings(["--grpc-port", "0", "--http-port", "0"], environ={}).grpc_port == 0
+    with pytest.raises(SystemExit):
+        parse_settings(["--grpc-port", "9000", "--http-port", "9000"], environ={})
+
+
+def test_option_hint_names_flag_and_environment_variable() -> None:
+    assert option_hint("http_port") == "--http-port (env SLUICE_HTTP_PORT)"

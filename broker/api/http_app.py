@@ -1,63 +1,101 @@
-"""Builds the HTTP application: mounts the DIS routes and installs the one error handler.
+"""Builds the HTTP application: one root app, each door mounted as its own sub-application
+(DIS under `/v2`, the SSE tail under `/sluice`; Timeplus and OpenTSDB come next), and the one
+error middleware of http.py rendering with the renderer of the door that owns the path.
 
-Every response carries `X-Request-Id`. A BrokerError is rendered as DIS JSON with its catalogue
-status; an unknown route or method gets a DIS-style 404/405; anything unexpected is logged with its
-traceback and answered 500 DIS.5000 with the request id - internals never reach the client.
+Every response carries `X-Request-Id`, including the answers to requests aiohttp's HTTP parser
+rejects before any handler or middleware runs (duplicate Content-Length, too many or too long
+headers, a body that does not decode as its Content-Encoding says, a broken chunked framing...).
+aiohttp answers those from `RequestHandler.handle_error` as text/plain and offers no hook for
+them (aio-libs/aiohttp#3287), so `HttpRunner` serves connections with a `RequestHandler`
+subclass whose `handle_error` renders a catalogue row instead. The path of such a request is not
+known (the parser failed), so it gets the fallback door's body: DIS, the broker's first door.
+This leans on aiohttp internals (`AppRunner._make_server`, `Server._loop/_kwargs`, the
+`handle_error` signature, stable through 3.x); tests/api/test_http_envelope.py sends the raw
+bytes, so an aiohttp upgrade that changes them fails there, not in front of a client.
 """
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Awaitable, Callable
+from typing import Any
 
-import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from broker.api import dis, tail
-from broker.api.render import dis_error_body, http_status
+from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, error_middleware, error_response
+from broker.api.render import DIS
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error_response(error: BrokerError, request_id: str) -> web.Response:
-    return web.Response(body=orjson.dumps(dis_error_body(error)), status=http_status(error),
-                        content_type="application/json", headers={"X-Request-Id": request_id})
-
-
-@web.middleware
-async def errors_and_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-    try:
-        response = await handler(request)
-    except BrokerError as exc:
-        return _error_response(exc, request_id)
-    except web.HTTPException as exc:  # routing errors raised by aiohttp itself
-        if exc.status == 405:
-            error: BrokerError = client_error(ErrorCode.METHOD_NOT_ALLOWED, method=request.method, path=request.path)
-        elif exc.status == 413:
-            error = client_error(ErrorCode.REQUEST_TOO_LARGE, detail="body too large")
-        elif exc.status == 404:
-            error = client_error(ErrorCode.UNKNOWN_ROUTE, method=request.method, path=request.path)
-        else:
-            error = client_error(ErrorCode.INVALID_REQUEST, detail=exc.reason)
-        return _error_response(error, request_id)
-    except Exception:
-        log.exception("unhandled error, request id %s", request_id)
-        return _error_response(server_error(ErrorCode.INTERNAL, request_id=request_id), request_id)
-    response.headers["X-Request-Id"] = request_id
-    return response
+FALLBACK = DIS  # the renderer for paths no door owns, and for requests the parser rejected
 
 
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0) -> web.Application:
-    app = web.Application(middlewares=[errors_and_request_id],
-                          client_max_size=broker.limits.max_http_body_bytes)
-    app[dis.BROKER] = broker
-    app[dis.BODY_TIMEOUT] = body_timeout_s
-    app[tail.STALL_TIMEOUT] = stall_timeout_s
-    dis.add_routes(app)
-    tail.add_routes(app)
-    return app
+    config = HttpConfig(max_body_bytes=broker.limits.max_http_body_bytes, body_timeout_s=body_timeout_s,
+                        stall_timeout_s=stall_timeout_s)
+    doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
+    # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
+    root = web.Application(middlewares=[error_middleware([(prefix + "/", door[RENDERER])
+                                                          for prefix, door in doors.items()], FALLBACK)],
+                           client_max_size=config.max_body_bytes)
+    root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
+    for prefix, door in doors.items():
+        root.add_subapp(prefix, door)
+    return root
+
+
+# -- errors of aiohttp's own HTTP parser -----------------------------------------------------------
+
+def _parser_error(status: int, exc: BaseException | None, message: str | None, rid: str) -> BrokerError:
+    """A catalogue row for what aiohttp's parser (or its last-resort handler) rejected."""
+    if status >= 500:
+        return server_error(ErrorCode.INTERNAL, request_id=rid)
+    detail = brief(message or exc or "malformed HTTP request")
+    if isinstance(exc, ContentEncodingError):
+        return client_error(ErrorCode.BAD_BODY, detail=f"body does not decode: {detail}")
+    return client_error(ErrorCode.INVALID_REQUEST, detail=f"malformed HTTP request: {detail}")
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, with the error answer of the fallback door."""
+
+    renderer: Renderer = FALLBACK
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # too late for any answer: aiohttp raises and closes
+            return super().handle_error(request, status, exc, message)
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # for its log line with the traceback
+        else:
+            log.debug("rejected a malformed HTTP request from %s: %s", request.remote, message or exc)
+        rid = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        response = error_response(self.renderer, _parser_error(status, exc, message, rid), rid)
+        response.force_close()  # the parser's state is unknown: this connection ends here
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, building `_RequestHandler` connections."""
+
+    renderer: Renderer = FALLBACK
+
+    def __call__(self) -> web.RequestHandler:
+        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.renderer = self.renderer
+        return handler
+
+
+class HttpRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer parser errors with the body of the root app's
+    fallback door (`app[RENDERER]`, set by build_http_app)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        ours = _Server(server.request_handler, request_factory=server.request_factory,
+                       handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
+        ours.renderer = self.app.get(RENDERER, FALLBACK)
+        return ours

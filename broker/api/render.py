@@ -1,4 +1,12 @@
-"""BrokerError -> wire errors. The only place that reads the catalogue's protocol columns."""
+"""BrokerError -> wire errors: the only place that reads the catalogue's protocol columns.
+
+`DIS` is the DIS door's renderer (the shape broker/api/http.py's `Renderer` asks for); the next
+doors add theirs here (Timeplus `{"code","message"}`, OpenTSDB `{"error":{...}}`). Every body
+carries the row's stable `reason` (its name), the one field that tells rows apart when their
+protocol codes coincide (STORAGE_FULL and UNAVAILABLE are both DIS.5250). Unknown keys are
+ignored by every DIS client (shared/spec/dis-api.md sections 1 and 8.2), so adding it changes
+nothing they see.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -8,17 +16,38 @@ import grpc
 from broker.errors import BrokerError
 
 
+class DisRenderer:
+    """DIS error bodies (shared/spec/dis-api.md section 1) and PutRecords failed entries (2.6)."""
+
+    content_type = "application/json"
+
+    def status(self, error: BrokerError) -> int:
+        return error.code.http_status
+
+    def body(self, error: BrokerError) -> dict[str, Any]:
+        """All four code/message keys: the v3 Python SDK reads error_code/error_msg, the Java SDK
+        and real DIS use errorCode/message."""
+        code, message = error.code.dis_code, error.message
+        return {"error_code": code, "error_msg": message, "errorCode": code, "message": message,
+                "reason": error.code.reason}
+
+    def record_failure(self, error: BrokerError) -> dict[str, Any]:
+        """A failed PutRecords entry: `error_message` there, not `error_msg` (spec 2.6)."""
+        return {"error_code": error.code.dis_code, "error_message": error.message, "reason": error.code.reason}
+
+
+DIS = DisRenderer()
+
+
 def dis_error_body(error: BrokerError) -> dict[str, Any]:
-    """All four keys: the v3 Python SDK reads error_code/error_msg, the Java SDK and real DIS
-    use errorCode/message (shared/spec/dis-api.md section 1)."""
-    code = error.code.dis_code
-    return {"error_code": code, "error_msg": error.message, "errorCode": code, "message": error.message}
+    return DIS.body(error)
 
 
 def http_status(error: BrokerError) -> int:
-    return error.code.http_status
+    return DIS.status(error)
 
 
+# gRPC rendering: moves to the gRPC door's own module with the google.rpc.Status work (helper A).
 def grpc_status(error: BrokerError) -> grpc.StatusCode:
     return grpc.StatusCode[error.code.grpc_status]
 

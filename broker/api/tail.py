@@ -2,7 +2,10 @@
 
     GET /sluice/v1/tail?partition-cursor=...                       (a cursor from GetCursor), or
     GET /sluice/v1/tail?stream-name=S&partition-id=0&cursor-type=LATEST[&starting-sequence-number=N]
-        [&max_records=100][&max_wait_ms=0]
+        [&max_records=100][&max_wait_ms=0][&project=P]
+
+`project` (default `default`) is the namespace of the stream, the `{project_id}` of the DIS
+paths; a cursor is valid only in the project of its stream.
 
 Each batch is one event: `id:` the next sequence number, `event: records`, `data:` the DIS
 GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. An error after the
@@ -13,32 +16,36 @@ waits for the socket to drain, and a write that cannot drain in time ends the st
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import uuid
 
 import orjson
 from aiohttp import web
 
-from broker.api.dis import BROKER, _query_int, _required_query, records_body
-from broker.api.render import dis_error_body
+from broker.api.dis import records_body
+from broker.api.http import BROKER, HttpConfig, door_app, query_int, request_id, required_query, write_or_drop
+from broker.api.render import DIS
+from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, server_error
+from broker.model import DEFAULT_PROJECT
 
-STALL_TIMEOUT = web.AppKey("stall_timeout", float)
+PREFIX = "/sluice"
 
 
 async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query
+    project = q.get("project") or DEFAULT_PROJECT
     cursor = q.get("partition-cursor") or await broker.get_cursor(
-        _required_query(request, "stream-name"), _required_query(request, "partition-id"),
-        q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), _query_int(request, "timestamp"))
-    batches = broker.subscribe(cursor, _query_int(request, "max_records"), _query_int(request, "max_wait_ms"))
-    stall = request.app[STALL_TIMEOUT]
+        required_query(request, "stream-name"), required_query(request, "partition-id"),
+        q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), query_int(request, "timestamp"),
+        project=project)
+    batches = broker.subscribe(cursor, query_int(request, "max_records"), query_int(request, "max_wait_ms"),
+                               project=project)
     # The headers go out before the error middleware sees the response, so the request id is set here.
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Request-Id": request.headers.get("X-Request-Id") or uuid.uuid4().hex})
-    async with contextlib.aclosing(batches):
+                                           "X-Request-Id": request_id(request)})
+    # subscribe() is an async generator typed as AsyncIterator: closing it ends the subscription now
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
         # the first batch before the headers, so a bad cursor still gets a DIS error response
         batch = await anext(batches, None)
         if batch is None:
@@ -50,24 +57,22 @@ async def tail(request: web.Request) -> web.StreamResponse:
                 event += orjson.dumps(records_body(batch)) + b"\n\n"
             else:
                 event = b": heartbeat\n\n"
-            try:
-                await asyncio.wait_for(response.write(event), stall)
-            except (asyncio.TimeoutError, ConnectionResetError):
-                # a stalled or vanished consumer: drop the connection, and with it what is queued
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
+            if not await write_or_drop(request, response, event):
+                return response  # a stalled or vanished consumer: dropped, and with it what is queued
             try:
                 batch = await anext(batches, None)
             except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band
-                with contextlib.suppress(asyncio.TimeoutError, ConnectionResetError):
-                    await asyncio.wait_for(response.write(
-                        b"event: error\ndata: " + orjson.dumps(dis_error_body(exc)) + b"\n\n"), stall)
+                if not await write_or_drop(request, response,
+                                           b"event: error\ndata: " + orjson.dumps(DIS.body(exc)) + b"\n\n"):
+                    return response
                 break
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/sluice/v1/tail", tail)
+def build_app(broker: Broker, config: HttpConfig) -> web.Application:
+    """The tail door, mounted at `PREFIX`; its errors are DIS bodies like its payloads."""
+    app = door_app(broker, config, DIS)
+    app.router.add_get("/v1/tail", tail)
+    return app

@@ -15,7 +15,7 @@ returns and which `ErrorCode`s it raises; none blocks the event loop (the store 
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncGenerator, Callable, Sequence
 
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
 from broker.core.catalogue import StreamCatalogue
@@ -28,8 +28,16 @@ from broker.core.reads import ReadPath
 from broker.core.retention import enforce_retention
 from broker.core.writer import Committer
 from broker.core.writes import WritePath
-from broker.model import (DEFAULT_PROJECT, GetRecordsResult, PutColumns, PutEntry, PutRecordsResult, StreamConfig,
-                          StreamDescription, StreamPage)
+from broker.model import (
+    DEFAULT_PROJECT,
+    GetRecordsResult,
+    PutColumns,
+    PutEntry,
+    PutRecordsResult,
+    StreamConfig,
+    StreamDescription,
+    StreamPage,
+)
 from broker.storage.base import Store
 
 
@@ -131,7 +139,7 @@ class Broker:
         return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms)
 
     def subscribe(self, cursor: object, max_records: int | None = None, max_wait_ms: int | None = None, *,
-                  project: str = DEFAULT_PROJECT) -> AsyncIterator[GetRecordsResult]:
+                  project: str = DEFAULT_PROJECT) -> AsyncGenerator[GetRecordsResult, None]:
         """See ReadPath.subscribe; an empty batch is a heartbeat."""
         return self.reads.subscribe(project, cursor, max_records, max_wait_ms)
 

@@ -58,10 +58,10 @@ class LeaseTable:
         recovering = self._started_ms is not None and now < self._started_ms + lease_ms
         mine = []
         for p in range(partition_count):
-            owner = group.owners.get(p)
-            if target.get(p) != member or (owner is None and recovering):
+            current = group.owners.get(p)
+            if target.get(p) != member or (current is None and recovering):
                 continue
-            if owner is None or owner[0] == member:
+            if current is None or current[0] == member:
                 group.owners[p] = (member, now + lease_ms)
                 mine.append(p)
         return mine

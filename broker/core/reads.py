@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import AsyncIterator, Callable
+from typing import AsyncGenerator, Callable
 
 from broker.core.apps import CURSOR_KEY
 from broker.core.catalogue import StreamCatalogue
@@ -99,7 +99,8 @@ class ReadPath:
         wait_s = min(max(wait_ms or 0, 0), lim.max_wait_ms) / 1000
         return await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
 
-    async def _read(self, sid: int, p: int, seq: int, limit: int, max_bytes: int) -> tuple[PartitionBounds, list[Record]]:
+    async def _read(self, sid: int, p: int, seq: int, limit: int,
+                    max_bytes: int) -> tuple[PartitionBounds, list[Record]]:
         bounds = await self._store.bounds(sid, p)
         records = await self._store.read(sid, p, seq, limit, max_bytes) if seq >= bounds.first_seq else []
         # checked after the read too: a trim between the two would otherwise skip records silently
@@ -121,7 +122,7 @@ class ReadPath:
                     break
                 try:
                     await asyncio.wait_for(waiter, remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             finally:
                 if waiter is not None:
@@ -134,7 +135,7 @@ class ReadPath:
         return GetRecordsResult(records, cursor, behind)
 
     async def subscribe(self, project: str, cursor: object, max_records: int | None = None,
-                        max_wait_ms: int | None = None) -> AsyncIterator[GetRecordsResult]:
+                        max_wait_ms: int | None = None) -> AsyncGenerator[GetRecordsResult, None]:
         """Push consumption from a cursor: yields batches of at most `max_records` as records are
         written. Once a record is available, a batch is sent when it is full or `max_wait_ms`
         after that record was first seen, whichever is first (0 = send at once). After

@@ -75,7 +75,7 @@ class WritePath:
             if any(first is None for first in outcomes):  # deleted while we were queued
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
             refused = False
-            for (p, (indices, _)), first in zip(order, outcomes):
+            for (_, (indices, _)), first in zip(order, outcomes):
                 if isinstance(first, BrokerError):  # the store refused this partition's batch only
                     refused = True
                     failures.extend((i, first) for i in indices)

@@ -32,6 +32,11 @@ from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 AppendOutcome = int | None | BrokerError
 
 
+class IncompatibleStore(Exception):
+    """The store holds data this broker must not touch (say, another on-disk format). Raised when
+    a store opens; the message says what was found and what to do."""
+
+
 class Durability(enum.Enum):
     """What an acknowledged append survives."""
     NONE = "none"                    # nothing: the store lives in memory

@@ -54,7 +54,7 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from itertools import accumulate, repeat
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from broker.model import Record
 
@@ -158,6 +158,7 @@ def decode_batch(value: bytes, first_seq: int, lo: int, hi: int, budget: int,
     if end <= lo:
         return [], 0
     datas = [value[a:b] for a, b in zip(offsets[lo:end], offsets[lo + 1:end + 1])]
+    pkeys: Iterable[str | None]
     if mode == KEYS_NONE:
         pkeys = repeat(None)
     else:

@@ -11,8 +11,8 @@ from dataclasses import replace
 from typing import Sequence
 
 from broker.errors import ErrorCode, client_error
-from broker.settings import Settings
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.settings import Settings
 from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
 
 
@@ -38,7 +38,7 @@ class MemoryStore(Store):
         self._meta: dict[bytes, bytes] = {}
 
     @classmethod
-    async def from_settings(cls, settings: Settings) -> "MemoryStore":
+    async def from_settings(cls, settings: Settings) -> MemoryStore:
         return cls()
 
     async def create_stream(self, config: StreamConfig) -> StreamConfig:

@@ -19,8 +19,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
-from broker.settings import Settings
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.settings import Settings
 from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
 from broker.storage.rocks_engine import FormatMismatch, RocksEngine
 
@@ -45,7 +45,7 @@ class RocksStore(Store):
         self.appends_inline = 0    # observability and tests: appends that ran on the event loop
 
     @classmethod
-    async def from_settings(cls, settings: Settings) -> "RocksStore":
+    async def from_settings(cls, settings: Settings) -> RocksStore:
         """The registry's factory (storage/__init__.py): the database lives in <data_dir>/rocksdb."""
         return await asyncio.to_thread(cls, os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync,
                                        memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)

@@ -14,7 +14,7 @@ batch holding their start and skip into it, and a trim drops whole batches only.
 
 Durability: records and the partition's high-water mark go into one WriteBatch with the WAL on, so
 an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
-fsynced, so it survives power loss too; group commit amortises that fsync over every producer
+fsynced, so it survives power loss too; the core's Committer amortises that fsync over every producer
 waiting at the time.
 """
 from __future__ import annotations
@@ -25,13 +25,14 @@ import logging
 import os
 import threading
 from dataclasses import asdict, replace
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import rocksdict
 
-from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.errors import ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 from broker.storage import keys
+from broker.storage.base import IncompatibleStore
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def _options(memtable_mb: int, block_cache_mb: int) -> rocksdict.Options:
     return opts
 
 
-class FormatMismatch(BrokerError):
-    """The directory holds data of another on-disk layout; the broker must not touch it."""
+class FormatMismatch(IncompatibleStore):
+    """The directory holds data of another on-disk layout."""
 
 
 class RocksEngine:
@@ -112,10 +113,9 @@ class RocksEngine:
             self._write(wb, "open")
             return
         found = keys.U64.unpack(raw)[0] if raw is not None else 1
-        raise FormatMismatch(ErrorCode.UNAVAILABLE, detail=(
-            f"the data dir {os.path.dirname(path) or path!r} holds data of on-disk format {found}, and this "
-            f"broker reads format {keys.FORMAT}; there is no migration: move the directory away (or "
-            f"delete it) and start again"))
+        raise FormatMismatch(
+            f"{path} holds data of on-disk format {found}, and this broker reads format {keys.FORMAT}; "
+            f"there is no migration: move the data dir away (or delete it) and start again")
 
     def _load_catalogue(self) -> None:
         ro = rocksdict.ReadOptions()
@@ -346,7 +346,8 @@ class RocksEngine:
         ro = rocksdict.ReadOptions()
         ro.set_iterate_upper_bound(keys.prefix_end(keys.META + prefix))
         with _io_errors("read"):
-            return [(k[1:], v) for k, v in self._db.items(from_key=keys.META + prefix, read_opt=ro)]
+            items = self._db.items(from_key=keys.META + prefix, read_opt=ro)
+            return [(cast(bytes, k)[1:], cast(bytes, v)) for k, v in items]   # raw mode: bytes in, bytes out
 
     def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         wb = rocksdict.WriteBatch(raw_mode=True)

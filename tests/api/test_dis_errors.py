@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.errors import ErrorCode
 from dis_http import PID, Reply, addr as _addr, assert_dis_error, call  # noqa: F401
 MIB = 1024 * 1024
 
@@ -57,7 +58,8 @@ def assert_put_result(reply: Reply, n_records: int) -> dict[str, Any]:
     failed = 0
     for r in body["records"]:
         if "error_code" in r:
-            assert set(r) == {"error_code", "error_message"} and r["error_code"].startswith("DIS.4"), r
+            assert set(r) == {"error_code", "error_message", "reason"} and r["error_code"].startswith("DIS.4"), r
+            assert ErrorCode[r["reason"]].dis_code == r["error_code"], r
             failed += 1
         else:
             assert set(r) == {"partition_id", "sequence_number"}, r

@@ -552,3 +552,54 @@ def test_request_id_comes_from_the_response_header(dis_client):
             describe(dis_client, "no-such-stream-for-request-id")
         ids.add(caught[0].request_id)
     assert len(ids) == 3  # one per request, not a constant
+
+
+# -- projects: the `{project_id}` path segment is a namespace (issue 7) -------------------------------
+
+def _project_client(broker):  # type: ignore[no-untyped-def]
+    """An SDK client of a project no other test uses, so its listings hold only our streams."""
+    from conftest import make_dis_client as client_for
+    return client_for(broker.http_url, f"proj-{uuid.uuid4().hex[:12]}")
+
+
+def test_two_projects_with_the_same_stream_name_are_isolated(broker, stream_name):
+    """list, put, read and delete in one project never see the other's stream of the same name."""
+    a, b = _project_client(broker), _project_client(broker)
+    assert create(a, stream_name, 1).status_code == 201
+    assert create(b, stream_name, 3).status_code == 201  # the same name again: another stream
+    with dis_error("DIS.4307"):
+        create(a, stream_name, 2)
+
+    # list and describe: each project sees its own stream only
+    assert a.list_streams(ListStreamsRequest(limit=100)).stream_names == [stream_name]
+    assert b.list_streams(ListStreamsRequest(limit=100)).stream_names == [stream_name]
+    assert describe(a, stream_name).writable_partition_count == 1
+    assert describe(b, stream_name).writable_partition_count == 3
+
+    # put: sequence numbers are per stream, so both start at 0
+    put_a = send(a, stream_name, [entry(b"only in A", partition_id="0")])
+    put_b = send(b, stream_name, [entry(b"in B", partition_id="0"), entry(b"B again", partition_id="0")])
+    assert [r.sequence_number for r in put_a.records] == ["0"]
+    assert [r.sequence_number for r in put_b.records] == ["0", "1"]
+
+    # read: each project reads only what was written to it
+    cursor_a = cursor(a, stream_name, "0", "TRIM_HORIZON")
+    cursor_b = cursor(b, stream_name, "0", "TRIM_HORIZON")
+    assert [base64.b64decode(r.data) for r in drain(a, cursor_a)[0]] == [b"only in A"]
+    assert [base64.b64decode(r.data) for r in drain(b, cursor_b)[0]] == [b"in B", b"B again"]
+    with dis_error("DIS.4217"):  # a cursor is only valid in the project of its stream
+        consume(b, cursor_a)
+
+    # delete in A: gone there, untouched in B
+    assert a.delete_stream(DeleteStreamRequest(stream_name=stream_name)).status_code == 204
+    assert a.list_streams(ListStreamsRequest(limit=100)).stream_names == []
+    with dis_error("DIS.4301"):
+        describe(a, stream_name)
+    with dis_error("DIS.4301"):
+        send(a, stream_name, [entry(b"x")])
+    assert b.list_streams(ListStreamsRequest(limit=100)).stream_names == [stream_name]
+    assert [base64.b64decode(r.data) for r in drain(b, cursor(b, stream_name, "0", "TRIM_HORIZON"))[0]] == [
+        b"in B", b"B again"]
+    # and the name is free again in A only: a new, empty stream
+    assert create(a, stream_name, 1).status_code == 201
+    assert drain(a, cursor(a, stream_name, "0", "TRIM_HORIZON"))[0] == []

@@ -412,3 +412,27 @@ def test_a_recreated_stream_does_not_inherit_checkpoints(dis_client, app_name, s
     assert show_checkpoint(dis_client, app_name, stream_name, "0").sequence_number is None
     with dis_error("DIS.4375"):
         consumer_state(dis_client, app_name, stream_name)
+
+
+def test_apps_and_checkpoints_are_per_project(broker, app_name, stream_name):
+    """The same app and stream names in two projects: two apps, two streams, separate checkpoints."""
+    a = make_dis_client(broker.http_url, f"proj-{uuid.uuid4().hex[:12]}")
+    b = make_dis_client(broker.http_url, f"proj-{uuid.uuid4().hex[:12]}")
+    for client in (a, b):
+        create_stream(client, stream_name, 1)
+        write(client, stream_name, "0", 3)
+        assert client.create_app(CreateAppRequest(body=CreateAppReq(app_name=app_name))).status_code == 201
+    commit = CommitCheckpointReq(app_name=app_name, checkpoint_type=LAST_READ, stream_name=stream_name,
+                                 partition_id="0", sequence_number="2", metadata="a's")
+    assert a.commit_checkpoint(CommitCheckpointRequest(body=commit)).status_code == 201
+    got_a = a.show_checkpoint(ShowCheckpointRequest(stream_name=stream_name, app_name=app_name,
+                                                    checkpoint_type=LAST_READ, partition_id="0"))
+    got_b = b.show_checkpoint(ShowCheckpointRequest(stream_name=stream_name, app_name=app_name,
+                                                    checkpoint_type=LAST_READ, partition_id="0"))
+    assert (got_a.sequence_number, got_a.metadata) == ("2", "a's")
+    assert got_b.sequence_number is None  # B's app has committed nothing
+    assert [x.app_name for x in a.list_app(ListAppRequest(limit=100)).apps] == [app_name]
+    assert a.delete_app(DeleteAppRequest(app_name=app_name)).status_code == 204
+    with dis_error("DIS.4332"):
+        a.show_app(ShowAppRequest(app_name=app_name))
+    assert b.show_app(ShowAppRequest(app_name=app_name)).app_name == app_name

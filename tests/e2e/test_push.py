@@ -220,8 +220,18 @@ def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
         ended: dict[str, tuple[object, float]] = {}
         calls = {f"idle-{p}": stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id=p,
                                                                 cursor_type=pb.CURSOR_TYPE_LATEST)) for p in range(2)}
-        calls["lingering"] = stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id=2,
-                                                                cursor_type=pb.CURSOR_TYPE_LATEST, max_wait_ms=20_000))
+        # The lingering subscription starts from a cursor taken before its record is written. With
+        # cursor_type=LATEST in the SubscribeRequest the broker looks the tail up when it handles the
+        # call - on a worker thread, while the put below commits on the writer thread - so on a busy
+        # machine the tail could already be past the record, and the subscription got nothing.
+        lingering_cursor = stub.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id=2,
+                                                              cursor_type=pb.CURSOR_TYPE_LATEST), timeout=TIMEOUT)
+        calls["lingering"] = stub.Subscribe(pb.SubscribeRequest(cursor=lingering_cursor.cursor, max_wait_ms=20_000))
+        # The long poll, too, is sent from here, before the put: a call the broker has taken before
+        # the put's answer came back cannot arrive after SIGTERM (and be refused as a new call).
+        poll_cursor = stub.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id=0,
+                                                         cursor_type=pb.CURSOR_TYPE_LATEST), timeout=TIMEOUT).cursor
+        long_poll = stub.GetRecords.future(pb.GetRecordsRequest(cursor=poll_cursor, wait_ms=20_000), timeout=60)
 
         received: dict[str, int] = {}
 
@@ -233,22 +243,23 @@ def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
             except grpc.RpcError as exc:
                 ended[name] = (exc.code(), time.monotonic())
 
-        def long_poll() -> None:
-            cursor = stub.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id=0,
-                                                        cursor_type=pb.CURSOR_TYPE_LATEST), timeout=TIMEOUT).cursor
+        long_poll_ended = threading.Event()
+
+        def long_poll_done(call: grpc.Future) -> None:
             try:
-                resp = stub.GetRecords(pb.GetRecordsRequest(cursor=cursor, wait_ms=20_000), timeout=60)
-                ended["long-poll"] = (f"OK {len(resp.seqs)} records", time.monotonic())
+                ended["long-poll"] = (f"OK {len(call.result().seqs)} records", time.monotonic())
             except grpc.RpcError as exc:
                 ended["long-poll"] = (exc.code(), time.monotonic())
+            long_poll_ended.set()
 
+        long_poll.add_done_callback(long_poll_done)
         threads = [threading.Thread(target=follow, args=item, daemon=True) for item in calls.items()]
-        threads.append(threading.Thread(target=long_poll, daemon=True))
         for t in threads:
             t.start()
-        # the lingering subscription has a record in hand and waits for more (max_wait_ms 20 s)
+        # the lingering subscription gets a record and waits for more (max_wait_ms 20 s); what it
+        # holds goes out at SIGTERM whether or not it had fetched the record by then
         put(stub, stream_name, 2, [b"lingering"])
-        time.sleep(0.5)                        # every call is inside the broker now
+        time.sleep(0.5)                        # usually long enough for it to be lingering: not relied on
         assert not ended, ended
 
         sent = time.monotonic()
@@ -260,6 +271,7 @@ def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
         exited = time.monotonic() - sent
         for t in threads:
             t.join(5)
+        long_poll_ended.wait(5)
         stalled_code = None
         try:
             for _ in stalled:

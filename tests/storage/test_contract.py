@@ -589,7 +589,7 @@ async def test_a_directory_of_an_older_layout_is_refused_untouched(rocks_dir: st
     old.close()
     with pytest.raises(FormatMismatch) as info:
         RocksStore(rocks_dir)
-    assert "format 1" in info.value.message and "format 2" in info.value.message
+    assert "format 1" in str(info.value) and "format 2" in str(info.value)
     old = rocksdict.Rdict(rocks_dir, rocksdict.Options(raw_mode=True))
     assert old[b"Sorders"] and old.get(keys.FORMAT_VERSION) is None     # nothing was written to it
     old.close()

@@ -1,0 +1,253 @@
+"""The HTTP plumbing every door shares; the doors themselves live in dis.py, tail.py (and next
+timeplus.py, tsdb.py), each an aiohttp sub-application built by http_app.py.
+
+What lives here: the keys a door reads from its app (the broker, the limits and timeouts),
+request ids, reading a JSON body (size cap, body timeout, Content-Encoding, payload errors),
+typed body fields and query parameters, the one error middleware, and the stall-bounded write
+of a streaming response. What must not: any door's wire format. Paths, parameter names and
+bodies belong to the door; how an error looks on the wire belongs to the door's `Renderer`.
+The catalogue row (broker/errors.py) decides what an error means; the renderer only spells it.
+
+Numbers from the wire are parsed here or in the core, never with a bare `int()` on client text:
+Python refuses to parse more than 4,300 digits (ValueError: a 500 if nobody catches it). Query
+integers are checked against their pattern and parsed with that error caught; JSON numbers are
+bounded by orjson itself (an integer beyond 64 bits decodes as a float, which no integer field
+accepts). Ranges are the core's to check.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from broker.core.broker import Broker
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = "X-Request-Id"
+_DECIMAL = re.compile(r"-?[0-9]+")
+# What aiohttp's parser decodes (it answers 400 itself for br/zstd when their library is absent).
+# Any other coding would hand the handler bytes that are not what the client meant.
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+_IDENTITY = frozenset({"", "identity"})
+# aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
+_REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Limits and timeouts of every door (from Settings and the core's limits)."""
+
+    max_body_bytes: int
+    body_timeout_s: float  # a client has this long to send its whole body: then 408
+    stall_timeout_s: float  # a streaming write that cannot drain this long drops the client
+
+
+class Renderer(Protocol):
+    """How one door spells a catalogue error on the wire (DIS today: render.py).
+
+    `status` and `body` make the response to a failed request; `record_failure` is one failed
+    item of a batch (a PutRecords record, a Timeplus row, a tsdb point) inside a 2xx answer.
+    Every one of them carries the row's `reason`, so rows that share a protocol code (DIS.5250
+    for both STORAGE_FULL and UNAVAILABLE) stay distinguishable.
+    """
+
+    content_type: str
+
+    def status(self, error: BrokerError) -> int: ...
+
+    def body(self, error: BrokerError) -> dict[str, Any]: ...
+
+    def record_failure(self, error: BrokerError) -> dict[str, Any]: ...
+
+
+BROKER = web.AppKey("broker", Broker)
+CONFIG = web.AppKey("http_config", HttpConfig)
+RENDERER = web.AppKey("renderer", Renderer)  # type: ignore[type-abstract]
+
+
+def door_app(broker: Broker, config: HttpConfig, renderer: Renderer) -> web.Application:
+    """An empty door: a sub-application that knows the broker, the limits and its renderer."""
+    app = web.Application()
+    app[BROKER] = broker
+    app[CONFIG] = config
+    app[RENDERER] = renderer
+    return app
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+
+
+# -- request ids and error responses --------------------------------------------------------------
+
+def request_id(request: web.Request) -> str:
+    """The client's `X-Request-Id` if it sent one, else a fresh one; the same for the whole request."""
+    rid: str | None = request.get(_REQUEST_ID_SLOT)
+    if rid is None:
+        rid = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request[_REQUEST_ID_SLOT] = rid
+    return rid
+
+
+def error_response(renderer: Renderer, error: BrokerError, rid: str) -> web.Response:
+    return web.Response(body=orjson.dumps(renderer.body(error)), status=renderer.status(error),
+                        headers={"Content-Type": renderer.content_type, REQUEST_ID: rid})
+
+
+def _routing_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
+    """aiohttp's own routing and body-size exceptions as catalogue rows."""
+    if exc.status == 404:
+        return client_error(ErrorCode.UNKNOWN_ROUTE, method=request.method, path=request.path)
+    if exc.status == 405:
+        return client_error(ErrorCode.METHOD_NOT_ALLOWED, method=request.method, path=request.path)
+    if exc.status == 413:
+        return client_error(ErrorCode.REQUEST_TOO_LARGE, detail="body too large")
+    return client_error(ErrorCode.INVALID_REQUEST, detail=exc.reason)
+
+
+def error_middleware(doors: Sequence[tuple[str, Renderer]], fallback: Renderer) -> Middleware:
+    """The one error handler of the HTTP app: every response gets `X-Request-Id`; a BrokerError or
+    an aiohttp routing error is rendered by the door that owns the path (`doors`: path prefix ->
+    renderer, `fallback` for paths no door owns); anything unexpected is logged with its
+    traceback and answered INTERNAL with the request id - internals never reach the client."""
+
+    def renderer_for(path: str) -> Renderer:
+        for prefix, renderer in doors:
+            if path.startswith(prefix):
+                return renderer
+        return fallback
+
+    @web.middleware
+    async def errors_and_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request_id(request)
+        try:
+            response = await handler(request)
+        except BrokerError as exc:
+            return error_response(renderer_for(request.path), exc, rid)
+        except web.HTTPException as exc:
+            return error_response(renderer_for(request.path), _routing_error(request, exc), rid)
+        except Exception:
+            log.exception("unhandled error, request id %s", rid)
+            return error_response(renderer_for(request.path), server_error(ErrorCode.INTERNAL, request_id=rid), rid)
+        response.headers[REQUEST_ID] = rid
+        return response
+
+    return errors_and_request_id
+
+
+# -- request bodies -------------------------------------------------------------------------------
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object. Raises REQUEST_TOO_LARGE (declared or actual size over the
+    cap, after decompression), REQUEST_TIMEOUT (not received within the body timeout), BAD_BODY
+    (unsupported Content-Encoding, a body that does not decode as its Content-Encoding says,
+    empty, not JSON, not an object)."""
+    config = request.app[CONFIG]
+    limit = config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes")
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None and encoding.lower() not in _DECODED and encoding.lower() not in _IDENTITY:
+        raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Content-Encoding {encoding!r:.40}")
+    try:
+        body = await asyncio.wait_for(request.read(), config.body_timeout_s)
+    except TimeoutError:
+        raise client_error(ErrorCode.REQUEST_TIMEOUT) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes") from None
+    except web.RequestPayloadError as exc:  # e.g. "gzip" that is not gzip; a broken chunked framing
+        detail = f"body could not be read: {brief(exc.__cause__ or exc)}"
+        raise client_error(ErrorCode.BAD_BODY, detail=detail) from None
+    if not body:
+        raise client_error(ErrorCode.BAD_BODY, detail="request body is empty")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise client_error(ErrorCode.BAD_BODY, detail=f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise client_error(ErrorCode.BAD_BODY, detail="request body must be a JSON object")
+    return obj
+
+
+def brief(exc: BaseException | str) -> str:
+    """The first words of an aiohttp error message, for a client: aiohttp's messages start with
+    the status ("400, message:") and end in a repr of the offending bytes (up to 8 KiB)."""
+    text = str(getattr(exc, "message", exc) or "").strip() or type(exc).__name__
+    line = text.split("\n", 1)[0]
+    for cut in (" b'", ' b"', " bytearray("):
+        line = line.split(cut, 1)[0]
+    return line.rstrip(": ")[:100]
+
+
+def field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...], required: bool = False) -> Any:
+    """`obj[name]` if it is of `kind` (None when absent and not required). JSON `true` is never
+    an integer, and a JSON number too big for 64 bits arrives as a float, so never one either."""
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} is required")
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = "/".join(k.__name__ for k in kinds)
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be of type {expected}")
+    return value
+
+
+# -- query parameters -----------------------------------------------------------------------------
+
+def query_int(request: web.Request, name: str) -> int | None:
+    """An optional decimal integer query parameter (absent or empty: None). Only ASCII `-?digits`:
+    `int()` alone also takes " 5", "+5", "1_0" and non-ASCII digits. Its range is the core's to
+    check (some parameters are clipped, not refused: shared/spec/dis-api.md 2.8)."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if _DECIMAL.fullmatch(raw):
+        try:
+            return int(raw)
+        except ValueError:  # more digits than the interpreter parses (4,300 by default)
+            pass
+    raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be an integer, got {raw!r:.40}")
+
+
+def query_str(request: web.Request, name: str, required: bool = False) -> str | None:
+    """A query parameter as sent; an empty value counts as absent."""
+    value = request.query.get(name)
+    if not value:
+        if required:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"query parameter {name} is required")
+        return None
+    return value
+
+
+def required_query(request: web.Request, name: str) -> str:
+    value = query_str(request, name, required=True)
+    assert value is not None
+    return value
+
+
+# -- streaming responses --------------------------------------------------------------------------
+
+async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
+    """Write one piece of a streaming response. A client that does not read for the stall
+    timeout (or is gone) is disconnected instead of making the broker buffer for it; returns
+    False then, and the handler should return."""
+    try:
+        await asyncio.wait_for(response.write(data), request.app[CONFIG].stall_timeout_s)
+    except (TimeoutError, ConnectionResetError):
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+    return True

@@ -1,0 +1,127 @@
+"""The HTTP envelope below the routes: what aiohttp's own parser rejects, and request bodies with a
+Content-Encoding. Raw bytes over a socket to a real broker, because no well-behaved client can
+send most of these.
+
+Every answer must be the DIS JSON error body with a 4xx status and an `X-Request-Id` - never
+aiohttp's text/plain, never a 5xx - and the broker must go on serving afterwards.
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import http.client
+import json
+import socket
+import zlib
+
+import pytest
+from dis_http import PID, Reply, addr, assert_dis_error, call
+
+from broker.errors import ErrorCode
+
+
+def exchange(broker, raw: bytes) -> Reply:  # type: ignore[no-untyped-def]
+    """Send raw bytes on a fresh connection and read one HTTP response."""
+    with socket.create_connection(addr(broker.http_url), timeout=10) as sock:
+        sock.sendall(raw)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return Reply(resp.status, resp.headers, resp.read())
+
+
+def request(method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: sluice\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return head.encode("latin-1") + b"\r\n" + body
+
+
+STREAMS = f"/v2/{PID}/streams"
+BODY = b'{"stream_name": "envelope", "partition_count": 1}'
+CL = ("Content-Length", str(len(BODY)))
+
+# name -> raw request that aiohttp's HTTP parser refuses before any handler runs
+PARSER_ERRORS = {
+    "duplicate Content-Length": request("POST", STREAMS, [CL, CL], BODY),
+    "conflicting Content-Length": request("POST", STREAMS, [CL, ("Content-Length", "3")], BODY),
+    "non-numeric Content-Length": request("POST", STREAMS, [("Content-Length", "12a")], BODY),
+    "5,000-digit Content-Length": request("POST", STREAMS, [("Content-Length", "9" * 5000)], BODY),
+    "negative Content-Length": request("POST", STREAMS, [("Content-Length", "-1")], BODY),
+    "Content-Length with chunked": request("POST", STREAMS, [CL, ("Transfer-Encoding", "chunked")], BODY),
+    "too many headers": request("GET", STREAMS, [(f"X-H{i}", "1") for i in range(200)]),
+    "header line too long": request("GET", STREAMS, [("X-Long", "a" * 10_000)]),
+    "request line too long": request("GET", "/v2/" + "a" * 10_000, []),
+    "bad header name": request("GET", STREAMS, [("X\x01Y", "1")]),
+    "header without colon": request("GET", STREAMS, [("Broken", "")]).replace(b"Broken: \r\n", b"Broken\r\n"),
+    "bad HTTP version": b"GET /v2/p/streams HTTP/9.9\r\nHost: x\r\n\r\n",
+    "bad method": b"G\x00T /v2/p/streams HTTP/1.1\r\nHost: x\r\n\r\n",
+    "TLS on the plain port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",
+    "bad chunk size": request("POST", STREAMS, [("Transfer-Encoding", "chunked")], b"zz\r\n{}\r\n0\r\n\r\n"),
+    "5,000-digit chunk size": request("POST", STREAMS, [("Transfer-Encoding", "chunked")],
+                                      b"f" * 5000 + b"\r\n{}\r\n0\r\n\r\n"),
+    "brotli without its library": request("POST", STREAMS, [CL, ("Content-Encoding", "br")], BODY),
+    "deflate that is not deflate": request("POST", STREAMS, [("Content-Length", "8"), ("Content-Encoding", "deflate")],
+                                           zlib.compress(b"{}")[:-2]),
+}
+
+
+@pytest.mark.parametrize("raw", PARSER_ERRORS.values(), ids=PARSER_ERRORS.keys())
+def test_parser_errors_get_the_dis_json_body(broker, raw: bytes) -> None:
+    reply = exchange(broker, raw)
+    body = assert_dis_error(reply, 400)
+    assert body["reason"] in (ErrorCode.INVALID_REQUEST.reason, ErrorCode.BAD_BODY.reason)
+    assert "b'" not in body["error_msg"] and len(body["error_msg"]) < 200, "no echo of the offending bytes"
+    assert reply.headers.get("Connection", "").lower() == "close" or reply.headers.get("Connection") is None
+    assert call(broker, "GET", STREAMS).status == 200, "the broker serves on after a malformed request"
+
+
+def test_a_client_request_id_header_is_kept_when_the_parser_fails_later(broker) -> None:
+    """The parser may fail before it has the headers: then the id is a fresh one, never empty."""
+    reply = exchange(broker, request("GET", STREAMS, [("X-Request-Id", "mine")] + [(f"X-H{i}", "1")
+                                                                                for i in range(200)]))
+    assert_dis_error(reply, 400, reason=ErrorCode.INVALID_REQUEST)
+    assert reply.headers["X-Request-Id"]
+
+
+def _put(broker, stream: str, data: bytes, encoding: str, compress) -> Reply:  # type: ignore[no-untyped-def]
+    body = json.dumps({"stream_name": stream, "records": [{"data": base64.b64encode(data).decode()}]}).encode()
+    return call(broker, "POST", f"/v2/{PID}/records", compress(body), headers={"Content-Encoding": encoding})
+
+
+@pytest.mark.parametrize("encoding, compress", [
+    ("gzip", gzip.compress), ("GZIP", gzip.compress), ("deflate", zlib.compress), ("identity", lambda b: b)])
+def test_bodies_in_a_supported_content_encoding_are_read(broker, stream_name, encoding, compress) -> None:
+    assert call(broker, "POST", STREAMS, {"stream_name": stream_name, "partition_count": 1}).status == 201
+    reply = _put(broker, stream_name, b"hello", encoding, compress)
+    assert reply.status == 200, reply.raw
+    assert reply.json["failed_record_count"] == 0
+
+
+@pytest.mark.parametrize("encoding, body", [
+    ("gzip", b'{"stream_name": "s", "records": []}'),          # the fuzzer's case: a 500 before
+    ("gzip", b"\x1f\x8b" + b"\x00" * 30),                        # gzip magic, garbage after
+    ("gzip", b"x" * 5000),
+    ("deflate", b"not deflate at all" * 10),
+    ("gzip", gzip.compress(b"{}") + b"trailing junk"),
+])
+def test_bodies_that_do_not_decode_are_bad_bodies(broker, encoding, body) -> None:
+    for path in (f"/v2/{PID}/records", f"/v2/{PID}/streams", f"/v2/{PID}/apps", f"/v2/{PID}/checkpoints"):
+        reply = call(broker, "POST", path, body, headers={"Content-Encoding": encoding})
+        assert_dis_error(reply, 400, "DIS.4300", reason=ErrorCode.BAD_BODY)
+
+
+@pytest.mark.parametrize("encoding", ["x-gzip", "gzip, gzip", "compress", "foo", "gzip;q=1", "gz\u00edp"])
+def test_unsupported_content_encodings_are_refused_not_read_as_plain(broker, stream_name, encoding) -> None:
+    """aiohttp passes a body with a coding it does not know through undecoded: reading it as JSON
+    anyway would accept bytes that are not what the client meant."""
+    body = json.dumps({"stream_name": stream_name, "partition_count": 1}).encode()
+    reply = call(broker, "POST", STREAMS, body, headers={"Content-Encoding": encoding})
+    error = assert_dis_error(reply, 400, "DIS.4300", reason=ErrorCode.BAD_BODY)
+    assert "Content-Encoding" in error["error_msg"]
+    assert_dis_error(call(broker, "GET", f"{STREAMS}/{stream_name}"), 400, "DIS.4301")  # nothing was created
+
+
+def test_a_gzip_bomb_is_refused_by_the_body_cap(broker) -> None:
+    """13 MiB of zeros compress to a few KiB: the cap applies to the decoded size."""
+    bomb = gzip.compress(b'{"stream_name": "' + b"0" * (13 * 1024 * 1024) + b'"}')
+    assert len(bomb) < 100_000
+    reply = call(broker, "POST", f"/v2/{PID}/records", bomb, headers={"Content-Encoding": "gzip"})
+    assert_dis_error(reply, 413, reason=ErrorCode.REQUEST_TOO_LARGE)

@@ -30,7 +30,8 @@
       rocks_engine.py    RocksEngine: the blocking RocksDB engine (the only rocksdict user)
       keys.py            RocksDB key and value layout, format version
     api/                 front doors: thin, decode -> one Broker call -> render
-      http_app.py        the HTTP application: DIS routes, SSE tail, one error middleware
+      http.py            shared HTTP plumbing: bodies, typed params, request ids, timeouts, the error middleware
+      http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
       render.py          BrokerError -> DIS body, HTTP and gRPC statuses

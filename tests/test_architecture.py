@@ -105,7 +105,7 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert http_status(error) == code.http_status
     body = dis_error_body(error)
     assert body == {"error_code": code.dis_code, "error_msg": error.message,
-                    "errorCode": code.dis_code, "message": error.message}
+                    "errorCode": code.dis_code, "message": error.message, "reason": code.name}
     assert "{" not in error.message, "a template placeholder was left unfilled"
 
 

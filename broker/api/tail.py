@@ -45,7 +45,7 @@ async def tail(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
     # subscribe() is an async generator typed as AsyncIterator: closing it ends the subscription now
-    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+    async with contextlib.aclosing(batches):
         # the first batch before the headers, so a bad cursor still gets a DIS error response
         batch = await anext(batches, None)
         if batch is None:

@@ -391,7 +391,7 @@ class RestProducer(threading.Thread):
                     {"data": base64.b64encode(d).decode(), "partition_key": f"{request_id}/{i}"}
                     for i, d in enumerate(payloads)]})
                 try:
-                    conn.request("POST", "/v2/p1/records", body=body, headers={"Content-Type": "application/json"})
+                    conn.request("POST", "/v2/default/records", body=body, headers={"Content-Type": "application/json"})
                     resp = conn.getresponse()
                     raw = resp.read()
                 except (OSError, http.client.HTTPException) as exc:

@@ -167,9 +167,9 @@ class SluiceGrpc:
                                timeout=CALL_TIMEOUT)
 
     def stored(self, stream: str) -> dict[str, int | None]:
-        desc = self.stub.DescribeStream(pb.DescribeStreamRequest(stream_name=stream, limit_partitions=1000),
+        desc = self.stub.DescribeStream(pb.DescribeStreamRequest(stream_name=stream, limit=1000),
                                         timeout=CALL_TIMEOUT)
-        return {p.partition_id: p.next_sequence_number - p.first_sequence_number for p in desc.partitions}
+        return {str(p.partition_id): p.next_seq - p.first_seq for p in desc.partitions}
 
     def bodies(self, stream: str, data: wl.Dataset) -> list[bytes]:
         # the columnar form, as client.Client sends it: parallel arrays, not a message per record
@@ -202,35 +202,35 @@ class SluiceGrpc:
 
     def reader(self, stream: str, partition: str, expected: int | None,
                counts: dict[str, int]) -> Callable[[], None]:
-        cursor = self._cursor(stream, partition, pb.TRIM_HORIZON)
+        cursor = self._cursor(stream, int(partition), pb.CURSOR_TYPE_TRIM_HORIZON)
         channel = _channel(self.target)
         call = channel.unary_unary("/sluice.v1.Sluice/GetRecords", request_serializer=None,
                                    response_deserializer=pb.GetRecordsResponse.FromString)
-        call(pb.GetRecordsRequest(partition_cursor=cursor, limit=1).SerializeToString(), timeout=CALL_TIMEOUT)
+        call(pb.GetRecordsRequest(cursor=cursor, limit=1).SerializeToString(), timeout=CALL_TIMEOUT)
         want = expected if expected is not None else 1 << 62
 
         def run() -> None:
             n, c, empty = 0, cursor, 0
             while n < want and empty < 3:
-                resp = call(pb.GetRecordsRequest(partition_cursor=c, limit=READ_LIMIT,
+                resp = call(pb.GetRecordsRequest(cursor=c, limit=READ_LIMIT,
                                                  max_fetch_bytes=FETCH_BYTES).SerializeToString(),
                             timeout=CALL_TIMEOUT)
-                got = len(resp.sequence_numbers)
+                got = len(resp.seqs)
                 n += got
                 empty = empty + 1 if not got else 0
-                c = resp.next_partition_cursor
+                c = resp.next_cursor
             counts[partition] = n
             channel.close()
 
         return run
 
-    def _cursor(self, stream: str, partition: str, cursor_type: int) -> str:
+    def _cursor(self, stream: str, partition: int, cursor_type: pb.CursorType) -> str:
         return self.stub.GetCursor(pb.GetCursorRequest(stream_name=stream, partition_id=partition,
                                                        cursor_type=cursor_type),
-                                   timeout=CALL_TIMEOUT).partition_cursor  # type: ignore[no-any-return]
+                                   timeout=CALL_TIMEOUT).cursor  # type: ignore[no-any-return]
 
     def latest_cursor(self, stream: str, partition: int) -> str:
-        return self._cursor(stream, str(partition), pb.LATEST)
+        return self._cursor(stream, partition, pb.CURSOR_TYPE_LATEST)
 
     def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
         cursor = self.latest_cursor(stream, partition)
@@ -243,14 +243,15 @@ class SluiceGrpc:
         channel.unary_unary("/sluice.v1.Sluice/ListStreams", request_serializer=None,
                             response_deserializer=None)(b"", timeout=CALL_TIMEOUT)   # connection up first
         put = sluice_pb2_grpc.SluiceStub(channel).PutRecords
-        request = pb.PutRecordsRequest(stream_name=stream, records=[pb.PutRecordsEntry(partition_id=str(partition))])
-        entry = request.records[0]
+        request = pb.PutRecordsRequest(stream_name=stream, records=pb.RecordList(
+            entries=[pb.PutRecordsEntry(partition_id=partition)]))
+        entry = request.records.entries[0]
 
         def send(payload: bytes) -> None:
             entry.data = payload
             resp = put(request, timeout=CALL_TIMEOUT)
             if resp.failed_record_count:
-                raise RuntimeError(f"a record failed: {resp.failures[0].error_code}")
+                raise RuntimeError(f"a record failed: {resp.failures[0].reason}")
 
         return send, channel.close
 
@@ -265,13 +266,14 @@ class _GrpcPush(Consumer):
         super().__init__(tally)
         self.channel = _channel(target)
         self.call = sluice_pb2_grpc.SluiceStub(self.channel).Subscribe(
-            pb.SubscribeRequest(partition_cursor=cursor, max_wait_ms=0))
+            pb.SubscribeRequest(cursor=cursor, max_wait_ms=0))
 
     def consume(self) -> None:
         take, clock, tally = self.tally.take, time.perf_counter_ns, self.tally
         for message in self.call:
             now = clock()
-            take(message.data, now)
+            if message.WhichOneof("event") == "records":   # not a heartbeat
+                take(message.records.data, now)
             if tally.received >= tally.expected:
                 return
 
@@ -292,7 +294,7 @@ class _GrpcPoll(Consumer):
         super().__init__(tally)
         self.channel = _channel(target)
         self.get = sluice_pb2_grpc.SluiceStub(self.channel).GetRecords
-        self.request = pb.GetRecordsRequest(partition_cursor=cursor, wait_ms=WAIT_MS)
+        self.request = pb.GetRecordsRequest(cursor=cursor, wait_ms=WAIT_MS)
 
     def consume(self) -> None:
         take, clock, tally, request, get = self.tally.take, time.perf_counter_ns, self.tally, self.request, self.get
@@ -301,7 +303,7 @@ class _GrpcPoll(Consumer):
             now = clock()
             if resp.data:
                 take(resp.data, now)
-            request.partition_cursor = resp.next_partition_cursor
+            request.cursor = resp.next_cursor
 
     def close(self) -> None:
         self.channel.close()

@@ -36,8 +36,8 @@ _HELP = {
     "grpc_port": "gRPC port (0 = any free port; the chosen port is printed in the ready line)",
     "http_port": "HTTP port of the DIS REST API (0 = any free port)",
     "store": "storage engine: rocksdb (durable, default) or memory (nothing survives a restart)",
-    "fsync": "fsync every commit, one per batch of concurrent appends (survives power loss); by default an acknowledged batch is in "
-             "the RocksDB write-ahead log, which survives a process crash",
+    "fsync": "fsync every commit, one per batch of concurrent appends (survives power loss); by default an "
+             "acknowledged batch is in the RocksDB write-ahead log, which survives a process crash",
     "memtable_mb": "RocksDB memtable size in MiB; at most two exist at once (one filling, one flushing)",
     "block_cache_mb": "RocksDB block cache in MiB, shared by all partitions (reads of flushed data)",
     "malloc_arenas": "glibc malloc arenas (0 = glibc default of 8 per core); few arenas keep RSS from "

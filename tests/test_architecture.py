@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.api.render import dis_error_body, grpc_status, http_status
+from broker.api.grpc_render import status_code as grpc_status
+from broker.api.render import dis_error_body, http_status
 from broker.errors import BrokerError, ErrorCode
 
 BROKER = Path(__file__).resolve().parents[1] / "broker"

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from broker.errors import BrokerError
 
 
@@ -45,12 +43,3 @@ def dis_error_body(error: BrokerError) -> dict[str, Any]:
 
 def http_status(error: BrokerError) -> int:
     return DIS.status(error)
-
-
-# gRPC rendering: moves to the gRPC door's own module with the google.rpc.Status work (helper A).
-def grpc_status(error: BrokerError) -> grpc.StatusCode:
-    return grpc.StatusCode[error.code.grpc_status]
-
-
-def grpc_trailers(error: BrokerError) -> tuple[tuple[str, str], ...]:
-    return (("dis-error-code", error.code.dis_code),)

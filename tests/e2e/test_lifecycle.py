@@ -50,34 +50,35 @@ class Conn:
         self.stub.CreateStream(pb.CreateStreamRequest(stream_name=name, partition_count=partitions), timeout=TIMEOUT)
 
     def put(self, name: str, entries: list[pb.PutRecordsEntry], timeout: float = TIMEOUT) -> pb.PutRecordsResponse:
-        return self.stub.PutRecords(pb.PutRecordsRequest(stream_name=name, records=entries), timeout=timeout)
+        return self.stub.PutRecords(pb.PutRecordsRequest(stream_name=name, records=pb.RecordList(entries=entries)),
+                                    timeout=timeout)
 
     def put_to(self, name: str, partition: int, payloads: list[bytes]) -> list[int]:
-        resp = self.put(name, [pb.PutRecordsEntry(data=d, partition_id=str(partition)) for d in payloads])
+        resp = self.put(name, [pb.PutRecordsEntry(data=d, partition_id=partition) for d in payloads])
         assert resp.failed_record_count == 0, resp.failures
-        return list(resp.sequence_numbers)
+        return list(resp.seqs)
 
     def next_seqs(self, name: str) -> list[int]:
         desc = self.stub.DescribeStream(pb.DescribeStreamRequest(stream_name=name), timeout=TIMEOUT)
-        assert all(p.first_sequence_number == 0 for p in desc.partitions)
-        return [p.next_sequence_number for p in desc.partitions]
+        assert all(p.first_seq == 0 for p in desc.partitions)
+        return [p.next_seq for p in desc.partitions]
 
-    def cursor(self, name: str, partition: int, kind: int = pb.TRIM_HORIZON, seq: str | None = None) -> str:
-        req = pb.GetCursorRequest(stream_name=name, partition_id=str(partition), cursor_type=kind)
+    def cursor(self, name: str, partition: int, kind: int = pb.CURSOR_TYPE_TRIM_HORIZON, seq: int | None = None) -> str:
+        req = pb.GetCursorRequest(stream_name=name, partition_id=partition, cursor_type=kind)
         if seq is not None:
-            req.starting_sequence_number = seq
-        return self.stub.GetCursor(req, timeout=TIMEOUT).partition_cursor
+            req.starting_seq = seq
+        return self.stub.GetCursor(req, timeout=TIMEOUT).cursor
 
     def read_from(self, token: str, max_pages: int = 10_000) -> tuple[list[int], list[bytes], str]:
         seqs: list[int] = []
         data: list[bytes] = []
         for _ in range(max_pages):
-            page = self.stub.GetRecords(pb.GetRecordsRequest(partition_cursor=token, limit=10_000,
+            page = self.stub.GetRecords(pb.GetRecordsRequest(cursor=token, limit=10_000,
                                                              max_fetch_bytes=10 * 1024 * 1024), timeout=TIMEOUT)
-            token = page.next_partition_cursor
-            if not page.sequence_numbers:
+            token = page.next_cursor
+            if not page.seqs:
                 return seqs, data, token
-            seqs += page.sequence_numbers
+            seqs += page.seqs
             data += page.data
         raise AssertionError("partition not drained")
 
@@ -167,14 +168,14 @@ def test_restart_keeps_every_record_seq_and_cursor(start_broker, tmp_path):
         # keyed records: wherever they land, they are acknowledged
         keyed = c.put("orders", [pb.PutRecordsEntry(data=f"k{i}".encode(), partition_key=f"key{i}") for i in range(20)])
         assert keyed.failed_record_count == 0
-        for i, (p, s) in enumerate(zip(keyed.partition_ids, keyed.sequence_numbers)):
+        for i, (p, s) in enumerate(zip(keyed.partition_ids, keyed.seqs)):
             assert s == len(written[p])
             written[p].append(f"k{i}".encode())
         c.put_to("other", 0, [b"lonely"])
         before = c.next_seqs("orders")
         assert before == [len(written[p]) for p in range(3)]
         # cursors taken before the restart: one from GetCursor, one from a GetRecords page
-        at_seq_cursor = c.cursor("orders", 2, pb.AT_SEQUENCE_NUMBER, "3")
+        at_seq_cursor = c.cursor("orders", 2, pb.CURSOR_TYPE_AT_SEQUENCE_NUMBER, 3)
         _, _, tail_cursor = c.read_from(c.cursor("orders", 0))
     stopped_cleanly(first)
 
@@ -185,7 +186,7 @@ def test_restart_keeps_every_record_seq_and_cursor(start_broker, tmp_path):
             assert c.read_all("orders", p) == (list(range(len(written[p]))), written[p])
         assert c.read_all("other", 0) == ([0], [b"lonely"])
         listed = c.stub.ListStreams(pb.ListStreamsRequest(), timeout=TIMEOUT)
-        assert list(listed.stream_names) == ["orders", "other"]
+        assert [s.stream_name for s in listed.streams] == ["orders", "other"]
         # the cursors still work: the cursor key is kept in the store
         assert c.read_from(at_seq_cursor)[0] == list(range(3, len(written[2])))
         assert c.read_from(tail_cursor)[0] == []
@@ -246,7 +247,7 @@ class Producer(threading.Thread):
                 n += 1
                 payloads = [_payload(request_id, i, self.batch, 64 + i % 50) for i in range(self.batch)]
                 if self.hot:
-                    entries = [pb.PutRecordsEntry(data=d, partition_id="0") for d in payloads]
+                    entries = [pb.PutRecordsEntry(data=d, partition_id=0) for d in payloads]
                 else:  # a request that spans every partition: must be atomic across them
                     entries = [pb.PutRecordsEntry(data=d, partition_key=f"{request_id}/{i}")
                                for i, d in enumerate(payloads)]
@@ -261,7 +262,7 @@ class Producer(threading.Thread):
                     continue
                 if resp.failed_record_count:
                     self.problems.append(f"{request_id}: {resp.failures[0]}")
-                self.acked.append(Acked(request_id, list(resp.partition_ids), list(resp.sequence_numbers), payloads))
+                self.acked.append(Acked(request_id, list(resp.partition_ids), list(resp.seqs), payloads))
 
 
 def _check_log(conn: Conn, stream: str, partitions: int, acked: list[Acked]) -> list[int]:

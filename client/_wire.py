@@ -16,7 +16,7 @@ Channel options, chosen for a broker that restarts (deploys, crashes) while clie
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client.model import (
@@ -204,3 +204,24 @@ def consumer_states(resp: pb.GetConsumerStateResponse) -> list[PartitionConsumer
 
 def assignment(resp: pb.HeartbeatResponse) -> Assignment:
     return Assignment(list(resp.partition_ids), resp.lease_ms)
+
+
+T = TypeVar("T")
+
+
+# -- response converters shared by Client and AsyncClient -------------------------------------------
+
+def nothing(_: object) -> None:
+    return None
+
+
+def same(resp: T) -> T:
+    return resp
+
+
+def cursor_of(resp: pb.GetCursorResponse) -> str:
+    return str(resp.cursor)
+
+
+def described_app(resp: pb.DescribeAppResponse) -> AppInfo:
+    return app_info(resp.app)

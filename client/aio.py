@@ -25,7 +25,6 @@ from client.model import (
     StreamPage,
 )
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
@@ -63,7 +62,7 @@ class AsyncClient:
     async def create_stream(self, stream_name: str, partition_count: int, *, retention_hours: int = 0,
                             data_type: str = "", stream_type: str = "") -> None:
         await self._call(self._stub.CreateStream, _wire.create_stream(stream_name, partition_count, retention_hours,
-                                                                      data_type, stream_type), _none)
+                                                                      data_type, stream_type), _wire.nothing)
 
     async def list_streams(self, limit: int = 100, start_after: str = "") -> StreamPage:
         return await self._call(self._stub.ListStreams, pb.ListStreamsRequest(limit=limit, start_after=start_after),
@@ -76,7 +75,7 @@ class AsyncClient:
                                 _wire.stream_description)
 
     async def delete_stream(self, stream_name: str) -> None:
-        await self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _none)
+        await self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _wire.nothing)
 
     # -- writing and reading -------------------------------------------------------------------
 
@@ -92,7 +91,7 @@ class AsyncClient:
     async def get_cursor(self, stream_name: str, partition_id: int, cursor_type: str = "TRIM_HORIZON",
                          starting_seq: int | None = None, timestamp_ms: int | None = None) -> str:
         return await self._call(self._stub.GetCursor, _wire.get_cursor(stream_name, partition_id, cursor_type,
-                                                                       starting_seq, timestamp_ms), _cursor)
+                                                                       starting_seq, timestamp_ms), _wire.cursor_of)
 
     async def get_records(self, cursor: str, *, limit: int = 0, max_fetch_bytes: int = 0,
                           wait_ms: int = 0) -> RecordsPage:
@@ -112,22 +111,23 @@ class AsyncClient:
     # -- apps and checkpoints ------------------------------------------------------------------
 
     async def create_app(self, app_name: str) -> None:
-        await self._call(self._stub.CreateApp, pb.CreateAppRequest(app_name=app_name), _none)
+        await self._call(self._stub.CreateApp, pb.CreateAppRequest(app_name=app_name), _wire.nothing)
 
     async def list_apps(self, limit: int = 100, start_after: str = "", stream_name: str = "") -> AppPage:
         return await self._call(self._stub.ListApps, pb.ListAppsRequest(limit=limit, start_after=start_after,
                                                                         stream_name=stream_name), _wire.app_page)
 
     async def describe_app(self, app_name: str) -> AppInfo:
-        return await self._call(self._stub.DescribeApp, pb.DescribeAppRequest(app_name=app_name), _app)
+        return await self._call(self._stub.DescribeApp, pb.DescribeAppRequest(app_name=app_name), _wire.described_app)
 
     async def delete_app(self, app_name: str) -> None:
-        await self._call(self._stub.DeleteApp, pb.DeleteAppRequest(app_name=app_name), _none)
+        await self._call(self._stub.DeleteApp, pb.DeleteAppRequest(app_name=app_name), _wire.nothing)
 
     async def commit_checkpoint(self, app_name: str, stream_name: str, partition_id: int, seq: int,
                                 metadata: str = "") -> None:
         await self._call(self._stub.CommitCheckpoint, pb.CommitCheckpointRequest(
-            app_name=app_name, stream_name=stream_name, partition_id=partition_id, seq=seq, metadata=metadata), _none)
+            app_name=app_name, stream_name=stream_name, partition_id=partition_id, seq=seq, metadata=metadata),
+            _wire.nothing)
 
     async def get_checkpoint(self, app_name: str, stream_name: str, partition_id: int) -> Checkpoint | None:
         return await self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest(
@@ -135,14 +135,14 @@ class AsyncClient:
 
     async def delete_checkpoint(self, app_name: str, stream_name: str, partition_id: int | None = None) -> None:
         await self._call(self._stub.DeleteCheckpoint, _wire.delete_checkpoint(app_name, stream_name, partition_id),
-                         _none)
+                         _wire.nothing)
 
     async def consumer_state(self, app_name: str, stream_name: str) -> list[PartitionConsumerState]:
         out: list[PartitionConsumerState] = []
         after: int | None = None
         while True:
             resp = await self._call(self._stub.GetConsumerState, _wire.consumer_state(app_name, stream_name, after),
-                                    _same)
+                                    _wire.same)
             out.extend(_wire.consumer_states(resp))
             if not resp.has_more or not resp.partitions:
                 return out
@@ -158,23 +158,8 @@ class AsyncClient:
 
     async def leave_group(self, app_name: str, stream_name: str, member_id: str) -> None:
         await self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app_name, stream_name=stream_name,
-                                                                     member_id=member_id), _none)
+                                                                     member_id=member_id), _wire.nothing)
 
-
-def _none(_: object) -> None:
-    return None
-
-
-def _same(resp: T) -> T:
-    return resp
-
-
-def _cursor(resp: pb.GetCursorResponse) -> str:
-    return str(resp.cursor)
-
-
-def _app(resp: pb.DescribeAppResponse) -> AppInfo:
-    return _wire.app_info(resp.app)
 
 
 class AsyncSubscription:

@@ -78,7 +78,7 @@ class Client:
                       data_type: str = "", stream_type: str = "") -> None:
         """data_type "BLOB" (default) | "JSON" | "CSV"; stream_type "COMMON" (default) | "ADVANCED"."""
         self._call(self._stub.CreateStream, _wire.create_stream(stream_name, partition_count, retention_hours,
-                                                                data_type, stream_type), _none)
+                                                                data_type, stream_type), _wire.nothing)
 
     def list_streams(self, limit: int = 100, start_after: str = "") -> StreamPage:
         return self._call(self._stub.ListStreams, pb.ListStreamsRequest(limit=limit, start_after=start_after),
@@ -91,7 +91,7 @@ class Client:
                           _wire.stream_description)
 
     def delete_stream(self, stream_name: str) -> None:
-        self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _none)
+        self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _wire.nothing)
 
     # -- writing and reading -------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ class Client:
     def get_cursor(self, stream_name: str, partition_id: int, cursor_type: str = "TRIM_HORIZON",
                    starting_seq: int | None = None, timestamp_ms: int | None = None) -> str:
         return self._call(self._stub.GetCursor, _wire.get_cursor(stream_name, partition_id, cursor_type, starting_seq,
-                                                                 timestamp_ms), _cursor)
+                                                                 timestamp_ms), _wire.cursor_of)
 
     def get_records(self, cursor: str, *, limit: int = 0, max_fetch_bytes: int = 0, wait_ms: int = 0) -> RecordsPage:
         """One page from `cursor`. With `wait_ms` (long poll, max 20000) an empty read waits for data."""
@@ -145,23 +145,24 @@ class Client:
     # -- apps and checkpoints ------------------------------------------------------------------
 
     def create_app(self, app_name: str) -> None:
-        self._call(self._stub.CreateApp, pb.CreateAppRequest(app_name=app_name), _none)
+        self._call(self._stub.CreateApp, pb.CreateAppRequest(app_name=app_name), _wire.nothing)
 
     def list_apps(self, limit: int = 100, start_after: str = "", stream_name: str = "") -> AppPage:
         return self._call(self._stub.ListApps, pb.ListAppsRequest(limit=limit, start_after=start_after,
                                                                   stream_name=stream_name), _wire.app_page)
 
     def describe_app(self, app_name: str) -> AppInfo:
-        return self._call(self._stub.DescribeApp, pb.DescribeAppRequest(app_name=app_name), _app)
+        return self._call(self._stub.DescribeApp, pb.DescribeAppRequest(app_name=app_name), _wire.described_app)
 
     def delete_app(self, app_name: str) -> None:
-        self._call(self._stub.DeleteApp, pb.DeleteAppRequest(app_name=app_name), _none)
+        self._call(self._stub.DeleteApp, pb.DeleteAppRequest(app_name=app_name), _wire.nothing)
 
     def commit_checkpoint(self, app_name: str, stream_name: str, partition_id: int, seq: int,
                           metadata: str = "") -> None:
         """Record that `app_name` processed `partition_id` up to and including `seq`."""
         self._call(self._stub.CommitCheckpoint, pb.CommitCheckpointRequest(
-            app_name=app_name, stream_name=stream_name, partition_id=partition_id, seq=seq, metadata=metadata), _none)
+            app_name=app_name, stream_name=stream_name, partition_id=partition_id, seq=seq, metadata=metadata),
+            _wire.nothing)
 
     def get_checkpoint(self, app_name: str, stream_name: str, partition_id: int) -> Checkpoint | None:
         """The committed checkpoint, or None."""
@@ -169,14 +170,16 @@ class Client:
             app_name=app_name, stream_name=stream_name, partition_id=partition_id), _wire.checkpoint)
 
     def delete_checkpoint(self, app_name: str, stream_name: str, partition_id: int | None = None) -> None:
-        self._call(self._stub.DeleteCheckpoint, _wire.delete_checkpoint(app_name, stream_name, partition_id), _none)
+        self._call(self._stub.DeleteCheckpoint, _wire.delete_checkpoint(app_name, stream_name, partition_id),
+                   _wire.nothing)
 
     def consumer_state(self, app_name: str, stream_name: str) -> list[PartitionConsumerState]:
         """Every partition's checkpoint, retained range and lag (all pages)."""
         out: list[PartitionConsumerState] = []
         after: int | None = None
         while True:
-            resp = self._call(self._stub.GetConsumerState, _wire.consumer_state(app_name, stream_name, after), _same)
+            resp = self._call(self._stub.GetConsumerState, _wire.consumer_state(app_name, stream_name, after),
+                              _wire.same)
             out.extend(_wire.consumer_states(resp))
             if not resp.has_more or not resp.partitions:
                 return out
@@ -193,23 +196,8 @@ class Client:
 
     def leave_group(self, app_name: str, stream_name: str, member_id: str) -> None:
         self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app_name, stream_name=stream_name,
-                                                               member_id=member_id), _none)
+                                                               member_id=member_id), _wire.nothing)
 
-
-def _none(_: object) -> None:
-    return None
-
-
-def _same(resp: T) -> T:
-    return resp
-
-
-def _cursor(resp: pb.GetCursorResponse) -> str:
-    return str(resp.cursor)
-
-
-def _app(resp: pb.DescribeAppResponse) -> AppInfo:
-    return _wire.app_info(resp.app)
 
 
 class Subscription:

@@ -14,6 +14,7 @@ returns and which `ErrorCode`s it raises; none blocks the event loop (the store 
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncGenerator, Callable, Sequence
 
@@ -101,6 +102,11 @@ class Broker:
 
     async def delete_stream(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> None:
         """Delete a stream, its records and its checkpoints. Raises STREAM_NOT_FOUND."""
+        # all of it, even if the caller goes away (a gRPC deadline): a half-done delete would leave
+        # checkpoints behind and long polls asleep
+        await asyncio.shield(self._delete_stream(project, stream_name))
+
+    async def _delete_stream(self, project: str, stream_name: object) -> None:
         config = await self.catalogue.delete(project, stream_name)
         self.writes.forget(config.stream_id)
         await self.groups.leases.forget_stream(config.stream_id)

@@ -119,8 +119,10 @@ class Consumers:
         if not max(bounds.first_seq - 1, 0) <= value <= bounds.last_seq:
             raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=value, earliest=bounds.first_seq,
                                latest=max(bounds.first_seq, bounds.last_seq))
-        await self._store.meta_write({apps.checkpoint_key(project, name, config.stream_id, p):
-                                      apps.encode_checkpoint(value, metadata or "", config.stream_name)})
+        async with self._lock:   # ordered against delete_app: never a checkpoint of a deleted app
+            await self.app(project, name)
+            await self._store.meta_write({apps.checkpoint_key(project, name, config.stream_id, p):
+                                          apps.encode_checkpoint(value, metadata or "", config.stream_name)})
 
     async def get_checkpoint(self, project: str, app_name: object, stream_name: object, partition_id: object,
                              checkpoint_type: object = "LAST_READ") -> Checkpoint | None:

@@ -19,6 +19,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
+from broker.errors import ErrorCode, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 from broker.settings import Settings
 from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
@@ -26,10 +27,13 @@ from broker.storage.rocks_engine import FormatMismatch, RocksEngine
 
 __all__ = ["RocksStore", "FormatMismatch", "INLINE_APPEND_RECORDS", "INLINE_READ_RECORDS"]
 
-# An append of at most this many records, in WAL mode, runs on the event loop.
+# An append of at most this many records and bytes, in WAL mode, runs on the event loop.
 INLINE_APPEND_RECORDS = 4
-# A read of at most this many records from the tail of a partition runs on the event loop.
+INLINE_APPEND_BYTES = 64 * 1024
+# A read of at most this many records from the tail of a partition, all in its newest stored batch
+# of at most INLINE_READ_BYTES (a read decodes a whole batch value), runs on the event loop.
 INLINE_READ_RECORDS = 4
+INLINE_READ_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -42,6 +46,7 @@ class RocksStore(Store):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-writer")
         self._mutating = 0   # mutations queued or running on the writer thread
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self.appends_inline = 0    # observability and tests: appends that ran on the event loop
 
     @classmethod
@@ -51,11 +56,17 @@ class RocksStore(Store):
                                        memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)
 
     async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+        done = asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        # counted until the thread is done with it, not until the caller stops waiting: a cancelled
+        # caller leaves the mutation running, holding the engine's lock
         self._mutating += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
-        finally:
-            self._mutating -= 1
+        done.add_done_callback(self._mutation_done)
+        return await asyncio.shield(done)
+
+    def _mutation_done(self, _: object) -> None:
+        self._mutating -= 1
 
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         return await self._mutate(self._engine.create_stream, config)
@@ -68,14 +79,17 @@ class RocksStore(Store):
 
     async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
         if not self._engine.sync and self._mutating == 0 \
-                and sum(len(b.items) for b in batches) <= INLINE_APPEND_RECORDS:
+                and sum(len(b.items) for b in batches) <= INLINE_APPEND_RECORDS \
+                and sum(len(data) for b in batches for _, data in b.items) <= INLINE_APPEND_BYTES \
+                and all(self._engine.hwm_cached(b.stream_id, b.partition) for b in batches):
             self.appends_inline += 1
             return list(self._engine.append(batches))
         return list(await self._mutate(self._engine.append, batches))
 
     async def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
         cached = self._engine.cached_bounds(stream_id, partition)
-        if cached is not None and cached[0] <= start_seq and cached[1] - start_seq <= INLINE_READ_RECORDS:
+        if cached is not None and cached[0] <= start_seq and cached[1] - start_seq <= INLINE_READ_RECORDS \
+                and self._engine.in_small_tail_batch(stream_id, partition, start_seq, INLINE_READ_BYTES):
             return self._engine.read(stream_id, partition, start_seq, limit, max_bytes)
         return await asyncio.to_thread(self._engine.read, stream_id, partition, start_seq, limit, max_bytes)
 
@@ -101,8 +115,11 @@ class RocksStore(Store):
 
     async def close(self) -> None:
         """Waits for queued mutations, then flushes and closes the database."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._mutate(self._engine.close)
-        self._writer.shutdown(wait=True)
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)   # a second caller waits for the same close
+
+    async def _close(self) -> None:
+        self._closed = True   # refuse new mutations; those queued run first (one thread, FIFO)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._engine.close)
+        self._writer.shutdown(wait=False)

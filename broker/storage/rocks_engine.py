@@ -95,6 +95,7 @@ class RocksEngine:
         self._by_id: dict[int, StreamConfig] = {}
         self._hwm: dict[tuple[int, int], tuple[int, int]] = {}   # (sid, p) -> (next_seq, last_ts)
         self._first: dict[tuple[int, int], int] = {}             # (sid, p) -> first retained seq
+        self._newest: dict[tuple[int, int], tuple[int, int]] = {}  # (sid, p) -> newest batch (first seq, bytes)
         self._load_catalogue()
 
     # -- catalogue -----------------------------------------------------------------------------
@@ -160,6 +161,7 @@ class RocksEngine:
             for p in range(config.partition_count):
                 self._hwm.pop((config.stream_id, p), None)
                 self._first.pop((config.stream_id, p), None)
+                self._newest.pop((config.stream_id, p), None)
 
     def list_streams(self) -> list[StreamConfig]:
         return [self._streams[k] for k in sorted(self._streams)]
@@ -184,6 +186,16 @@ class RocksEngine:
             first = self._first.setdefault((sid, partition), keys.U64.unpack(raw)[0] if raw else 0)
         return first
 
+    def hwm_cached(self, sid: int, partition: int) -> bool:
+        """Whether an append to the partition needs no read of RocksDB."""
+        return (sid, partition) in self._hwm or sid not in self._by_id
+
+    def in_small_tail_batch(self, sid: int, partition: int, start_seq: int, max_bytes: int) -> bool:
+        """Whether a read from `start_seq` touches only the partition's newest batch (as appended by
+        this process) and that batch is at most `max_bytes`: then it costs microseconds."""
+        newest = self._newest.get((sid, partition))
+        return newest is not None and newest[0] <= start_seq and newest[1] <= max_bytes
+
     def cached_bounds(self, sid: int, partition: int) -> tuple[int, int] | None:
         """(first retained, next) from memory only, or None when not cached yet: lets the caller
         decide without I/O whether a read is a small tail read."""
@@ -203,6 +215,7 @@ class RocksEngine:
         with self._lock:
             wb = rocksdict.WriteBatch(raw_mode=True)
             staged: dict[tuple[int, int], tuple[int, int]] = {}
+            newest: dict[tuple[int, int], tuple[int, int]] = {}
             firsts: list[int | None] = []
             encode, rkey = keys.encode_batch, keys.record_key
             for batch in batches:
@@ -214,7 +227,9 @@ class RocksEngine:
                 ts = max(batch.timestamp_ms, last_ts)
                 firsts.append(next_seq)
                 if batch.items:  # one value per batch, keyed by its first seq
-                    wb.put(rkey(sid, p, next_seq), encode(ts, batch.items))
+                    value = encode(ts, batch.items)
+                    wb.put(rkey(sid, p, next_seq), value)
+                    newest[(sid, p)] = (next_seq, len(value))
                     next_seq += len(batch.items)
                 staged[(sid, p)] = (next_seq, ts)
             for (sid, p), (next_seq, ts) in staged.items():
@@ -222,6 +237,7 @@ class RocksEngine:
             if staged:
                 self._write(wb, "append")
                 self._hwm.update(staged)
+                self._newest.update(newest)
             return firsts
 
     @staticmethod

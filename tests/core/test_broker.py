@@ -637,3 +637,32 @@ async def test_integer_partition_ids_and_sequence_numbers_are_accepted(broker: B
     await broker.create_app("app")
     await broker.commit_checkpoint("app", "s", 1, 1)
     assert (await broker.get_checkpoint("app", "s", 1)).seq == 1  # type: ignore[union-attr]
+
+
+class SlowDropStore(MemoryStore):
+    async def drop_stream(self, stream_id):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.2)
+        return await super().drop_stream(stream_id)
+
+
+async def test_a_cancelled_delete_still_drops_checkpoints_and_wakes_long_polls() -> None:
+    broker = Broker(SlowDropStore(), cursor_secret=b"k" * 32)
+    await broker.start()
+    try:
+        await broker.create_stream("s", 1)
+        await broker.put_records("s", [PutEntry(b"x", partition_id="0")])
+        await broker.create_app("app")
+        await broker.commit_checkpoint("app", "s", "0", "0")
+        poll = asyncio.ensure_future(broker.get_records(await broker.get_cursor("s", "0", "LATEST"), wait_ms=15000))
+        await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(broker.delete_stream("s"))
+        await asyncio.sleep(0.05)
+        task.cancel()                      # e.g. the gRPC client's deadline passed mid-drop
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(BrokerError) as info:
+            await asyncio.wait_for(poll, 5)    # woken by the delete, not at its 15 s deadline
+        assert info.value.code is ErrorCode.STREAM_NOT_FOUND
+        assert await broker.store.meta_scan(b"C") == []    # no checkpoint left behind
+    finally:
+        await broker.close()

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from broker.core.writer import Committer
 from broker.model import AppendBatch, StreamConfig
-from broker.storage.rocks import INLINE_APPEND_RECORDS, RocksStore
+from broker.storage.rocks import INLINE_APPEND_BYTES, INLINE_APPEND_RECORDS, RocksStore
 from broker.storage.rocks_engine import RocksEngine
 
 
@@ -33,17 +33,17 @@ def recording_store(path: Path, *, sync: bool = False) -> tuple[RocksStore, Thre
     return store, engine
 
 
-def batch(sid: int, records: int) -> AppendBatch:
-    return AppendBatch(sid, 0, 1, [(None, b"r%d" % i) for i in range(records)])
+def batch(sid: int, records: int, size: int = 2) -> AppendBatch:
+    return AppendBatch(sid, 0, 1, [(None, (b"r%d" % i).ljust(size, b".")) for i in range(records)])
 
 
-async def commit_threads(tmp_path: Path, *, sync: bool, sizes: list[int]) -> list[str]:
+async def commit_threads(tmp_path: Path, *, sync: bool, sizes: list[int], record_bytes: int = 2) -> list[str]:
     store, engine = recording_store(tmp_path / "db", sync=sync)
     committer = Committer(store)
     committer.start()
     try:
         sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
-        firsts = [(await asyncio.wait_for(committer.append([batch(sid, n)]), 10))[0] for n in sizes]
+        firsts = [(await asyncio.wait_for(committer.append([batch(sid, n, record_bytes)]), 10))[0] for n in sizes]
         assert firsts == [sum(sizes[:i]) for i in range(len(sizes))]   # numbering is the same either way
         return engine.append_threads
     finally:
@@ -53,9 +53,44 @@ async def commit_threads(tmp_path: Path, *, sync: bool, sizes: list[int]) -> lis
 
 async def test_a_small_append_runs_on_the_event_loop(tmp_path: Path) -> None:
     loop_thread = threading.current_thread().name
-    threads = await commit_threads(tmp_path, sync=False, sizes=[1, INLINE_APPEND_RECORDS, INLINE_APPEND_RECORDS + 1])
-    assert threads[:2] == [loop_thread, loop_thread]
-    assert threads[2].startswith("sluice-writer")
+    threads = await commit_threads(tmp_path, sync=False,
+                                   sizes=[1, 1, INLINE_APPEND_RECORDS, INLINE_APPEND_RECORDS + 1])
+    # the first append reads the partition's high-water mark from RocksDB: not on the loop
+    assert threads[0].startswith("sluice-writer")
+    assert threads[1:3] == [loop_thread, loop_thread]
+    assert threads[3].startswith("sluice-writer")
+
+
+async def test_a_few_big_records_are_not_appended_on_the_event_loop(tmp_path: Path) -> None:
+    threads = await commit_threads(tmp_path, sync=False, sizes=[1, 1, 1],
+                                   record_bytes=INLINE_APPEND_BYTES // 2 + 1)
+    assert threads[1] == threading.current_thread().name          # one record within the budget
+    threads = await commit_threads(tmp_path / "two", sync=False, sizes=[1, 2], record_bytes=INLINE_APPEND_BYTES // 2 + 1)
+    assert threads[1].startswith("sluice-writer")                # two of them are over it
+
+
+async def test_a_cancelled_mutation_still_keeps_appends_off_the_loop_until_it_is_done(tmp_path: Path) -> None:
+    store, engine = recording_store(tmp_path / "db")
+    committer = Committer(store)
+    committer.start()
+    release = threading.Event()
+    try:
+        sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+        await committer.append([batch(sid, 1)])                      # the high-water mark is cached now
+        caller = asyncio.ensure_future(store._mutate(release.wait, 10))
+        await asyncio.sleep(0.01)
+        caller.cancel()                                              # e.g. a gRPC deadline
+        await asyncio.sleep(0.01)
+        append = asyncio.ensure_future(committer.append([batch(sid, 1)]))
+        await asyncio.sleep(0.1)
+        assert not append.done()       # queued behind the mutation on the writer thread, loop free
+        release.set()
+        assert await asyncio.wait_for(append, 10) == [1]
+        assert engine.append_threads[-1].startswith("sluice-writer")
+    finally:
+        release.set()
+        await committer.close()
+        await store.close()
 
 
 async def test_fsync_appends_never_run_on_the_event_loop(tmp_path: Path) -> None:

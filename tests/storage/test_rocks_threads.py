@@ -4,9 +4,10 @@ flight on the writer thread goes to the writer thread. Appends through the core'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from broker.core.writer import Committer
 from broker.model import AppendBatch, StreamConfig
@@ -37,18 +38,27 @@ def batch(sid: int, records: int, size: int = 2) -> AppendBatch:
     return AppendBatch(sid, 0, 1, [(None, (b"r%d" % i).ljust(size, b".")) for i in range(records)])
 
 
-async def commit_threads(tmp_path: Path, *, sync: bool, sizes: list[int], record_bytes: int = 2) -> list[str]:
-    store, engine = recording_store(tmp_path / "db", sync=sync)
+@contextlib.asynccontextmanager
+async def committing(path: Path, *, sync: bool = False) -> AsyncIterator[tuple[RocksStore, ThreadRecordingEngine,
+                                                                            Committer, int]]:
+    """A recording store with a one-partition stream and a running Committer: (store, engine,
+    committer, stream id)."""
+    store, engine = recording_store(path, sync=sync)
     committer = Committer(store)
     committer.start()
     try:
         sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
-        firsts = [(await asyncio.wait_for(committer.append([batch(sid, n, record_bytes)]), 10))[0] for n in sizes]
-        assert firsts == [sum(sizes[:i]) for i in range(len(sizes))]   # numbering is the same either way
-        return engine.append_threads
+        yield store, engine, committer, sid
     finally:
         await committer.close()
         await store.close()
+
+
+async def commit_threads(tmp_path: Path, *, sync: bool, sizes: list[int], record_bytes: int = 2) -> list[str]:
+    async with committing(tmp_path / "db", sync=sync) as (_, engine, committer, sid):
+        firsts = [(await asyncio.wait_for(committer.append([batch(sid, n, record_bytes)]), 10))[0] for n in sizes]
+        assert firsts == [sum(sizes[:i]) for i in range(len(sizes))]   # numbering is the same either way
+        return engine.append_threads
 
 
 async def test_a_small_append_runs_on_the_event_loop(tmp_path: Path) -> None:
@@ -65,32 +75,28 @@ async def test_a_few_big_records_are_not_appended_on_the_event_loop(tmp_path: Pa
     threads = await commit_threads(tmp_path, sync=False, sizes=[1, 1, 1],
                                    record_bytes=INLINE_APPEND_BYTES // 2 + 1)
     assert threads[1] == threading.current_thread().name          # one record within the budget
-    threads = await commit_threads(tmp_path / "two", sync=False, sizes=[1, 2], record_bytes=INLINE_APPEND_BYTES // 2 + 1)
+    threads = await commit_threads(tmp_path / "two", sync=False, sizes=[1, 2],
+                                   record_bytes=INLINE_APPEND_BYTES // 2 + 1)
     assert threads[1].startswith("sluice-writer")                # two of them are over it
 
 
 async def test_a_cancelled_mutation_still_keeps_appends_off_the_loop_until_it_is_done(tmp_path: Path) -> None:
-    store, engine = recording_store(tmp_path / "db")
-    committer = Committer(store)
-    committer.start()
     release = threading.Event()
-    try:
-        sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
-        await committer.append([batch(sid, 1)])                      # the high-water mark is cached now
-        caller = asyncio.ensure_future(store._mutate(release.wait, 10))
-        await asyncio.sleep(0.01)
-        caller.cancel()                                              # e.g. a gRPC deadline
-        await asyncio.sleep(0.01)
-        append = asyncio.ensure_future(committer.append([batch(sid, 1)]))
-        await asyncio.sleep(0.1)
-        assert not append.done()       # queued behind the mutation on the writer thread, loop free
-        release.set()
-        assert await asyncio.wait_for(append, 10) == [1]
-        assert engine.append_threads[-1].startswith("sluice-writer")
-    finally:
-        release.set()
-        await committer.close()
-        await store.close()
+    async with committing(tmp_path / "db") as (store, engine, committer, sid):
+        try:
+            await committer.append([batch(sid, 1)])                  # the high-water mark is cached now
+            caller = asyncio.ensure_future(store._mutate(release.wait, 10))
+            await asyncio.sleep(0.01)
+            caller.cancel()                                          # e.g. a gRPC deadline
+            await asyncio.sleep(0.01)
+            append = asyncio.ensure_future(committer.append([batch(sid, 1)]))
+            await asyncio.sleep(0.1)
+            assert not append.done()   # queued behind the mutation on the writer thread, loop free
+            release.set()
+            assert await asyncio.wait_for(append, 10) == [1]
+            assert engine.append_threads[-1].startswith("sluice-writer")
+        finally:
+            release.set()
 
 
 async def test_fsync_appends_never_run_on_the_event_loop(tmp_path: Path) -> None:
@@ -101,22 +107,17 @@ async def test_fsync_appends_never_run_on_the_event_loop(tmp_path: Path) -> None
 async def test_an_append_waits_for_a_mutation_on_the_writer_thread(tmp_path: Path) -> None:
     # while a mutation holds the writer thread, a one-record append must queue behind it there,
     # not run on the loop (where it could block on the engine's lock)
-    store, engine = recording_store(tmp_path / "db")
-    committer = Committer(store)
-    committer.start()
     release = threading.Event()
-    try:
-        sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
-        blocker = asyncio.ensure_future(store._mutate(release.wait, 10))
-        await asyncio.sleep(0.01)
-        append = asyncio.ensure_future(committer.append([batch(sid, 1)]))
-        await asyncio.sleep(0.1)
-        assert not append.done() and engine.append_threads == []
-        release.set()
-        assert await blocker is True
-        assert await asyncio.wait_for(append, 10) == [0]
-        assert len(engine.append_threads) == 1 and engine.append_threads[0].startswith("sluice-writer")
-    finally:
-        release.set()
-        await committer.close()
-        await store.close()
+    async with committing(tmp_path / "db") as (store, engine, committer, sid):
+        try:
+            blocker = asyncio.ensure_future(store._mutate(release.wait, 10))
+            await asyncio.sleep(0.01)
+            append = asyncio.ensure_future(committer.append([batch(sid, 1)]))
+            await asyncio.sleep(0.1)
+            assert not append.done() and engine.append_threads == []
+            release.set()
+            assert await blocker is True
+            assert await asyncio.wait_for(append, 10) == [0]
+            assert len(engine.append_threads) == 1 and engine.append_threads[0].startswith("sluice-writer")
+        finally:
+            release.set()

@@ -1,7 +1,8 @@
 """The one error taxonomy of the broker.
 
 Every error a client can see is a row of `ErrorCode`: HTTP status, gRPC status *name* (a string,
-so the core never imports grpc), DIS error code and a message template. The front doors read the
+so the core never imports grpc), DIS error code, Timeplus (proton) error number and a message
+template. The front doors read the
 protocol columns in exactly one place each (`broker/api/render.py`). Nothing in here imports from
 the rest of the broker.
 
@@ -16,47 +17,60 @@ from enum import Enum
 
 
 class ErrorCode(Enum):
-    #                        http  grpc status            DIS code    message template
-    INVALID_REQUEST        = (400, "INVALID_ARGUMENT",    "DIS.4200", "Invalid request. {detail}")
-    INVALID_PARTITION_ID   = (400, "INVALID_ARGUMENT",    "DIS.4201", "Invalid partition_id [{partition_id}]")
-    EMPTY_REQUEST          = (400, "INVALID_ARGUMENT",    "DIS.4202", "Empty request. {detail}")
-    INVALID_CURSOR_TYPE    = (400, "INVALID_ARGUMENT",    "DIS.4215", "Invalid cursor type [{cursor_type}]")
-    INVALID_SEQUENCE       = (400, "INVALID_ARGUMENT",    "DIS.4216", "Invalid sequence_number [{value}]")
-    INVALID_CURSOR         = (400, "INVALID_ARGUMENT",    "DIS.4217", "Invalid partition cursor. {detail}")
+    #                        http  grpc status            DIS code  Timeplus  message template
+    INVALID_REQUEST        = (400, "INVALID_ARGUMENT",    "DIS.4200",   36, "Invalid request. {detail}")
+    INVALID_PARTITION_ID   = (400, "INVALID_ARGUMENT",    "DIS.4201",   36, "Invalid partition_id [{partition_id}]")
+    EMPTY_REQUEST          = (400, "INVALID_ARGUMENT",    "DIS.4202",   36, "Empty request. {detail}")
+    INVALID_CURSOR_TYPE    = (400, "INVALID_ARGUMENT",    "DIS.4215",   36, "Invalid cursor type [{cursor_type}]")
+    INVALID_SEQUENCE       = (400, "INVALID_ARGUMENT",    "DIS.4216",   36, "Invalid sequence_number [{value}]")
+    INVALID_CURSOR         = (400, "INVALID_ARGUMENT",    "DIS.4217",   36, "Invalid partition cursor. {detail}")
     # The message format is DIS's own; the Java SDK parses given/earliest/latest out of it.
-    SEQUENCE_OUT_OF_RANGE  = (400, "OUT_OF_RANGE",        "DIS.4224",
+    SEQUENCE_OUT_OF_RANGE  = (400, "OUT_OF_RANGE",        "DIS.4224",   36,
                               "Sequence_number out of range. [{given}][ should be within ][{earliest}][ ][{latest}]")
-    CURSOR_EXPIRED         = (400, "FAILED_PRECONDITION", "DIS.4225", "Partition cursor has expired, get a new cursor")
-    CURSOR_RECORD_EXPIRED  = (400, "OUT_OF_RANGE",        "DIS.4226",
+    CURSOR_EXPIRED         = (400, "FAILED_PRECONDITION", "DIS.4225",   36, "Partition cursor has expired, get a new cursor")
+    CURSOR_RECORD_EXPIRED  = (400, "OUT_OF_RANGE",        "DIS.4226",   36,
                               "The record the cursor points at has expired [{seq}], the earliest retained is "
                               "[{earliest}]; get a new cursor")
-    BAD_BODY               = (400, "INVALID_ARGUMENT",    "DIS.4300", "Request error. {detail}")
-    TIMESTAMP_EXPIRED      = (400, "OUT_OF_RANGE",        "DIS.4300",
+    BAD_BODY               = (400, "INVALID_ARGUMENT",    "DIS.4300",  117, "Request error. {detail}")
+    TIMESTAMP_EXPIRED      = (400, "OUT_OF_RANGE",        "DIS.4300",   36,
                               "timestamp is expired, timestamp should be larger than {earliest}")
-    STREAM_NOT_FOUND       = (400, "NOT_FOUND",           "DIS.4301", "Stream [{stream}] does not exist")
-    PARTITION_NOT_FOUND    = (400, "NOT_FOUND",           "DIS.4302", "Partition [{partition_id}] does not exist")
-    STREAM_EXISTS          = (400, "ALREADY_EXISTS",      "DIS.4307", "Stream [{stream}] already exists")
-    QUOTA_EXCEEDED         = (400, "RESOURCE_EXHAUSTED",  "DIS.4308", "Insufficient quota. {detail}")
-    APP_QUOTA_EXCEEDED     = (400, "RESOURCE_EXHAUSTED",  "DIS.4329", "Insufficient app quota. {detail}")
-    APP_EXISTS             = (400, "ALREADY_EXISTS",      "DIS.4330", "App [{app}] already exists")
-    APP_NOT_FOUND          = (400, "NOT_FOUND",           "DIS.4332", "App [{app}] does not exist")
-    APP_NO_CHECKPOINT      = (400, "FAILED_PRECONDITION", "DIS.4375",
+    STREAM_NOT_FOUND       = (400, "NOT_FOUND",           "DIS.4301",   60, "Stream [{stream}] does not exist")
+    PARTITION_NOT_FOUND    = (400, "NOT_FOUND",           "DIS.4302",   36, "Partition [{partition_id}] does not exist")
+    STREAM_EXISTS          = (400, "ALREADY_EXISTS",      "DIS.4307",   57, "Stream [{stream}] already exists")
+    QUOTA_EXCEEDED         = (400, "RESOURCE_EXHAUSTED",  "DIS.4308",   36, "Insufficient quota. {detail}")
+    APP_QUOTA_EXCEEDED     = (400, "RESOURCE_EXHAUSTED",  "DIS.4329",   36, "Insufficient app quota. {detail}")
+    APP_EXISTS             = (400, "ALREADY_EXISTS",      "DIS.4330",   36, "App [{app}] already exists")
+    APP_NOT_FOUND          = (400, "NOT_FOUND",           "DIS.4332",   36, "App [{app}] does not exist")
+    APP_NO_CHECKPOINT      = (400, "FAILED_PRECONDITION", "DIS.4375",   36,
                               "App [{app}] has not committed a checkpoint on stream [{stream}]")
+    # Typed streams and queries (the Timeplus door first). Timeplus numbers are proton's own
+    # (ClickHouse's) error codes for the same condition, so Timeplus users recognise them.
+    BAD_ROW                = (400, "INVALID_ARGUMENT",    "DIS.4200",  117,
+                              "Invalid row {row}, column [{column}]. {detail}")
+    SQL_SYNTAX             = (400, "INVALID_ARGUMENT",    "DIS.4200",   62, "Syntax error in SQL. {detail}")
+    UNKNOWN_COLUMN         = (400, "INVALID_ARGUMENT",    "DIS.4200",   47, "Unknown column [{column}]. {detail}")
+    UNKNOWN_FUNCTION       = (400, "INVALID_ARGUMENT",    "DIS.4200",   46, "Unknown function [{function}]")
+    TYPE_MISMATCH          = (400, "INVALID_ARGUMENT",    "DIS.4200",   53, "Type mismatch. {detail}")
+    UNSUPPORTED_SQL        = (400, "UNIMPLEMENTED",       "DIS.4200",   48, "Not supported. {detail}")
+    QUERY_NOT_FOUND        = (404, "NOT_FOUND",           "DIS.4200",   36, "Query [{query_id}] does not exist")
+    TOO_MANY_QUERIES       = (429, "RESOURCE_EXHAUSTED",  "DIS.4200",  202, "Too many running queries. {detail}")
     # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
-    REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300", "Request too large. {detail}")
+    REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300",   36, "Request too large. {detail}")
     # [ours] unknown routes and methods; DIS has no code of its own for these.
-    UNKNOWN_ROUTE          = (404, "UNIMPLEMENTED",       "DIS.4200", "Unsupported operation [{method} {path}]")
-    METHOD_NOT_ALLOWED     = (405, "UNIMPLEMENTED",       "DIS.4200", "Method [{method}] not allowed on [{path}]")
-    REQUEST_TIMEOUT        = (408, "DEADLINE_EXCEEDED",   "DIS.4200", "Request body not received in time")
+    UNKNOWN_ROUTE          = (404, "UNIMPLEMENTED",       "DIS.4200",   36, "Unsupported operation [{method} {path}]")
+    METHOD_NOT_ALLOWED     = (405, "UNIMPLEMENTED",       "DIS.4200",   36, "Method [{method}] not allowed on [{path}]")
+    REQUEST_TIMEOUT        = (408, "DEADLINE_EXCEEDED",   "DIS.4200",  159, "Request body not received in time")
     # Server side. DIS.5250 is the code DIS clients retry per record; we use it for "try again".
-    UNAVAILABLE            = (503, "UNAVAILABLE",         "DIS.5250", "Service unavailable, retry later. {detail}")
-    STORAGE_FULL           = (507, "RESOURCE_EXHAUSTED",  "DIS.5250", "Storage is full, retry later")
-    INTERNAL               = (500, "INTERNAL",            "DIS.5000", "System error (request id {request_id})")
+    UNAVAILABLE            = (503, "UNAVAILABLE",         "DIS.5250", 1000, "Service unavailable, retry later. {detail}")
+    STORAGE_FULL           = (507, "RESOURCE_EXHAUSTED",  "DIS.5250",  243, "Storage is full, retry later")
+    INTERNAL               = (500, "INTERNAL",            "DIS.5000", 1001, "System error (request id {request_id})")
 
-    def __init__(self, http_status: int, grpc_status: str, dis_code: str, template: str) -> None:
+    def __init__(self, http_status: int, grpc_status: str, dis_code: str, timeplus_code: int,
+                 template: str) -> None:
         self.http_status = http_status
         self.grpc_status = grpc_status
         self.dis_code = dis_code
+        self.timeplus_code = timeplus_code
         self.template = template
 
     @property

@@ -27,6 +27,34 @@ class CursorType(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ColumnDef:
+    name: str
+    type: str          # canonical type text (broker/rows/types.py), e.g. "int32", "nullable(string)"
+    default: str = ""  # the default as declared ("" none); kept and reported, not evaluated
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSchema:
+    """What makes a stream typed (a Timeplus stream): its columns and what Timeplus reports back.
+
+    A typed stream's records are UTF-8 JSON objects mapping column names to values, so every door
+    and consumer reads them; a stream without a schema is a plain log of bytes, which the typed
+    doors see as one `raw` string column. The implicit `_tp_time` column is not listed here.
+    """
+    columns: tuple[ColumnDef, ...]
+    description: str = ""
+    mode: str = "append"
+    event_time_column: str = ""
+    ttl_expression: str = ""
+    logstore_retention_bytes: int = -1
+    logstore_retention_ms: int = -1
+
+    @staticmethod
+    def from_dict(raw: dict) -> StreamSchema:
+        return StreamSchema(**{**raw, "columns": tuple(ColumnDef(**c) for c in raw["columns"])})
+
+
+@dataclass(frozen=True, slots=True)
 class StreamConfig:
     stream_name: str
     partition_count: int
@@ -36,6 +64,13 @@ class StreamConfig:
     created_ms: int = 0
     stream_id: int = 0  # assigned by the store; never reused, so a recreated name is a new log
     project: str = DEFAULT_PROJECT
+    schema: StreamSchema | None = None  # None: a plain log of bytes
+
+    @staticmethod
+    def from_dict(raw: dict) -> StreamConfig:
+        """The inverse of dataclasses.asdict, as stores keep configs (JSON)."""
+        schema = raw.get("schema")
+        return StreamConfig(**{**raw, "schema": StreamSchema.from_dict(schema) if schema else None})
 
     @property
     def key(self) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from broker.api.grpc_render import status_code as grpc_status
-from broker.api.render import dis_error_body, http_status
+from broker.api.render import TIMEPLUS, dis_error_body, http_status
 from broker.errors import BrokerError, ErrorCode
 
 BROKER = Path(__file__).resolve().parents[1] / "broker"
@@ -100,7 +100,8 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert re.fullmatch(r"DIS\.\d{4}", code.dis_code)
     assert 400 <= code.http_status <= 599
     error = BrokerError(code, detail="d", stream="s", partition_id="p", cursor_type="c", value="v", given=1,
-                        earliest=0, latest=2, seq=0, method="GET", path="/x", request_id="r", app="a")
+                        earliest=0, latest=2, seq=0, method="GET", path="/x", request_id="r", app="a",
+                        row=3, column="c", function="f", query_id="q")
     assert grpc_status(error) in set(grpc.StatusCode)
     assert grpc_status(error) not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
     assert http_status(error) == code.http_status
@@ -108,6 +109,8 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert body == {"error_code": code.dis_code, "error_msg": error.message,
                     "errorCode": code.dis_code, "message": error.message, "reason": code.name}
     assert "{" not in error.message, "a template placeholder was left unfilled"
+    assert TIMEPLUS.status(error) == code.http_status
+    assert TIMEPLUS.body(error) == {"code": code.timeplus_code, "message": error.message, "reason": code.name}
 
 
 def test_client_and_server_faults_are_split_by_status() -> None:

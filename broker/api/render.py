@@ -37,6 +37,25 @@ class DisRenderer:
 DIS = DisRenderer()
 
 
+class TimeplusRenderer:
+    """Timeplus ErrorResponse `{"code", "message"}` (shared/spec/timeplus-api.md section 7); the
+    SDK keeps the raw body of any non-2xx answer and raises ApiException, so extra keys are safe."""
+
+    content_type = "application/json"
+
+    def status(self, error: BrokerError) -> int:
+        return error.code.http_status
+
+    def body(self, error: BrokerError) -> dict[str, Any]:
+        return {"code": error.code.timeplus_code, "message": error.message, "reason": error.code.reason}
+
+    def record_failure(self, error: BrokerError) -> dict[str, Any]:
+        return self.body(error)
+
+
+TIMEPLUS = TimeplusRenderer()
+
+
 def dis_error_body(error: BrokerError) -> dict[str, Any]:
     return DIS.body(error)
 

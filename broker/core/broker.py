@@ -38,6 +38,7 @@ from broker.model import (
     StreamConfig,
     StreamDescription,
     StreamPage,
+    StreamSchema,
 )
 from broker.storage.base import Store
 
@@ -95,10 +96,11 @@ class Broker:
 
     async def create_stream(self, stream_name: object, partition_count: object, retention_hours: object = None,
                             data_type: object = None, stream_type: object = None, *,
-                            project: str = DEFAULT_PROJECT) -> StreamConfig:
-        """Raises INVALID_REQUEST, QUOTA_EXCEEDED, STREAM_EXISTS."""
+                            project: str = DEFAULT_PROJECT, schema: StreamSchema | None = None) -> StreamConfig:
+        """`schema`: a typed stream (see StreamSchema). Raises INVALID_REQUEST, QUOTA_EXCEEDED,
+        STREAM_EXISTS."""
         return await self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
-                                           stream_type)
+                                           stream_type, schema)
 
     async def delete_stream(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> None:
         """Delete a stream, its records and its checkpoints. Raises STREAM_NOT_FOUND."""

@@ -13,7 +13,7 @@ from typing import Callable
 from broker.core import routing
 from broker.core.limits import Limits, check_project, check_stream_name, clip_page
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import PartitionInfo, StreamConfig, StreamDescription, StreamPage
+from broker.model import PartitionInfo, StreamConfig, StreamDescription, StreamPage, StreamSchema
 from broker.storage.base import Store
 
 DATA_TYPES = ("BLOB", "JSON", "CSV")
@@ -52,8 +52,10 @@ class StreamCatalogue:
 
     async def create(self, project: str, stream_name: object, partition_count: object,
                      retention_hours: object = None, data_type: object = None,
-                     stream_type: object = None) -> StreamConfig:
-        """Raises INVALID_REQUEST, QUOTA_EXCEEDED, STREAM_EXISTS."""
+                     stream_type: object = None, schema: StreamSchema | None = None) -> StreamConfig:
+        """`schema` makes a typed stream (validated by its door: broker/rows/schema.py); its
+        records are JSON objects, so its data_type is JSON. Raises INVALID_REQUEST,
+        QUOTA_EXCEEDED, STREAM_EXISTS."""
         lim = self._limits
         project = check_project(project)
         stream_name = check_stream_name(stream_name)
@@ -68,14 +70,14 @@ class StreamCatalogue:
                 not lim.min_retention_hours <= retention <= lim.max_retention_hours:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_duration must be within "
                                f"[{lim.min_retention_hours}, {lim.max_retention_hours}] hours, got {retention!r:.40}")
-        data_type = data_type or "BLOB"
+        data_type = data_type or ("JSON" if schema is not None else "BLOB")
         stream_type = stream_type or "COMMON"
         if data_type not in DATA_TYPES:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_type must be one of {DATA_TYPES}")
         if stream_type not in STREAM_TYPES:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream_type must be one of {STREAM_TYPES}")
         config = StreamConfig(stream_name, partition_count, retention, str(data_type), str(stream_type),
-                              self._now(), project=project)
+                              self._now(), project=project, schema=schema)
         # shielded: a caller that goes away (gRPC deadline) must not leave the store holding a
         # stream the catalogue does not know
         return await asyncio.shield(self._create(config))

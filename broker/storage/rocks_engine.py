@@ -122,7 +122,7 @@ class RocksEngine:
         ro = rocksdict.ReadOptions()
         ro.set_iterate_upper_bound(keys.STREAM + b"\xff")
         for _, value in self._db.items(from_key=keys.STREAM, read_opt=ro):
-            config = StreamConfig(**json.loads(value))
+            config = StreamConfig.from_dict(json.loads(value))
             self._streams[config.key] = self._by_id[config.stream_id] = config
 
     def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:

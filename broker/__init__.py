@@ -29,6 +29,11 @@
       rocks.py           RocksStore: the embedded default; runs the engine off the event loop
       rocks_engine.py    RocksEngine: the blocking RocksDB engine (the only rocksdict user)
       keys.py            RocksDB key and value layout, format version
+    rows/                typed (Timeplus) rows: no I/O, used by the doors and queries
+      types.py           column types: parse what users type into one canonical text (ColumnType)
+      schema.py          build_schema (the create body -> StreamSchema), columns_of (with _tp_time)
+      encode.py          RowEncoder: check and coerce rows column-wise -> one JSON object per record
+      ingest.py          the four ingest formats: choose_format, decode(body) -> record data
     api/                 front doors: thin, decode -> one Broker call -> render
       http.py            shared HTTP plumbing: bodies, typed params, request ids, timeouts, the error middleware
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON

@@ -25,8 +25,10 @@ would change the data):
   input_format_json_read_{numbers,bools,objects,arrays}_as_strings defaults).
 - datetime64(3)/datetime: ISO 8601 `YYYY-MM-DD[(T| )HH:MM[:SS[.fraction]]][Z|+HH[:MM]]` (what
   Python's isoformat() and the Timeplus text form both are), a bare date meaning midnight. Text
-  without an offset is in the column's zone (UTC unless declared, as in ClickHouse); offsets are
-  converted to UTC; digits beyond milliseconds (beyond seconds for `datetime`) are truncated.
+  without an offset is UTC, whatever zone the column declares: records hold UTC text and queries
+  show it, so reading naive input in the column's zone (as ClickHouse does) would make a value read
+  back differ from the value written, and a record re-ingested shift. Offsets are converted to UTC;
+  digits beyond milliseconds (beyond seconds for `datetime`) are truncated.
   Numbers are epoch time: seconds when |n| < 1e11, milliseconds otherwise (1e11 s is past the
   year 5000, so a millisecond timestamp is never mistaken for seconds after March 1973); float
   seconds keep their milliseconds. Range: datetime64 1900-01-01..2299-12-31, datetime
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import math
 import re
-import zoneinfo
 from datetime import UTC as UTC_ZONE
 from datetime import date, datetime, timedelta
 from typing import Any, Callable, Sequence
@@ -54,7 +55,7 @@ import orjson
 from broker.errors import ErrorCode, client_error
 from broker.model import StreamSchema
 from broker.rows.schema import RAW, TP_TIME, columns_of
-from broker.rows.types import UTC, ColumnType, parse_type
+from broker.rows.types import ColumnType, parse_type
 
 _EPOCH = datetime(1970, 1, 1)
 _DATETIME64_RANGE = (datetime(1900, 1, 1), datetime(2299, 12, 31, 23, 59, 59, 999999))
@@ -113,16 +114,15 @@ def format_ms(ms: int) -> str:
 
 
 class _Times:
-    """Parses datetime values for one (kind, zone); remembers texts already parsed."""
+    """Parses datetime values for one column; remembers texts already parsed."""
 
     def __init__(self, ctype: ColumnType) -> None:
         self.seconds = ctype.kind == "datetime"
-        self.zone = zoneinfo.ZoneInfo(ctype.tz) if ctype.tz and ctype.tz != UTC else None
         self.lo, self.hi = _DATETIME_RANGE if self.seconds else _DATETIME64_RANGE
         self.spec = "seconds" if self.seconds else "milliseconds"
         self.cache: dict[str, str] = {}
         # the common case: text already in the stored form needs only a calendar check
-        self.canonical_ok = self.zone is None and not self.seconds
+        self.canonical_ok = not self.seconds
 
     def text(self, s: str) -> str:
         hit = self.cache.get(s)
@@ -135,8 +135,6 @@ class _Times:
             dt = datetime.fromisoformat(s)
             if dt.tzinfo is not None:
                 dt = dt.astimezone(UTC_ZONE).replace(tzinfo=None)
-            elif self.zone is not None:
-                dt = dt.replace(tzinfo=self.zone).astimezone(UTC_ZONE).replace(tzinfo=None)
         except (ValueError, OverflowError) as e:
             raise _Bad(f"{_describe(s)} is not a valid datetime ({e})") from None
         out = self._checked(dt, s)

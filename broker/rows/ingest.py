@@ -12,7 +12,8 @@ Malformed JSON is BAD_BODY naming the byte offset and, for streaming, the object
 `streaming` takes objects one per line (orjson per line, the fast path) or spread over lines or
 concatenated with no separator (an incremental decoder, the fallback); a top-level value that is
 not an object is refused. JSON numbers that are NaN/Infinity or overflow a double are refused
-rather than stored as null. `raw` and `lines` bodies must be UTF-8.
+rather than stored as null; integers beyond 64 bits are read as doubles (orjson's reading, on
+both paths, so a row does not depend on its layout). `raw` and `lines` bodies must be UTF-8.
 """
 from __future__ import annotations
 
@@ -105,7 +106,15 @@ def _finite(text: str) -> float:
     return value
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+def _int_like_orjson(text: str) -> int | float:
+    # orjson (the line fast path) reads integers beyond 64 bits as doubles; so does this path, so
+    # the same object gives the same row whatever its layout
+    value = int(text)
+    return value if _I64_MIN <= value <= _U64_MAX else float(value)
+
+
+_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite, parse_int=_int_like_orjson)
 
 
 def _objects_incremental(body: bytes) -> list:

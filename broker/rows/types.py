@@ -13,8 +13,8 @@ takes (Int8..UInt64, Float32/Float64, Bool, String, Date, DateTime, DateTime64).
 Decisions:
 - `datetime64` takes precision 3 only (a bare `datetime64` is `datetime64(3)`): records carry
   millisecond text, so accepting (6) or (9) would silently drop digits the user asked to keep.
-- A zone must be a known IANA name (zoneinfo); it says how naive input text is read (as in
-  ClickHouse), while stored values are always UTC.
+- A zone must be a known IANA name (zoneinfo). It is kept and reported; values are stored and
+  read as UTC whatever the zone (see encode.py for why naive input is UTC too).
 - `nullable(nullable(T))` is refused, as Timeplus does.
 """
 from __future__ import annotations

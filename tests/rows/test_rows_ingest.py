@@ -103,14 +103,16 @@ def test_streaming_missing_and_unknown_keys() -> None:
     assert rows[1]["data"] == "x"
 
 
-def test_big_numbers_in_the_incremental_path_are_checked() -> None:
-    enc = RowEncoder(StreamSchema((ColumnDef("i", "int64"), ColumnDef("j", "json"))))
-    with pytest.raises(ClientError) as info:     # spread over lines: the json module's arbitrary ints
-        decode("streaming", b'{"i":\n 99999999999999999999}', enc, NOW)
-    assert info.value.code is ErrorCode.BAD_ROW and info.value.fields["column"] == "i"
-    with pytest.raises(ClientError) as info:
-        decode("streaming", b'{"j":\n {"a": 99999999999999999999999}}', enc, NOW)
-    assert info.value.code is ErrorCode.BAD_ROW and info.value.fields["column"] == "j"
+def test_big_integers_read_the_same_on_both_paths() -> None:
+    enc = RowEncoder(StreamSchema((ColumnDef("i", "int64"), ColumnDef("j", "json"), ColumnDef("s", "string"))))
+    for body in (b'{"i": 99999999999999999999}', b'{"i":\n 99999999999999999999}'):   # per line; incremental
+        with pytest.raises(ClientError) as info:
+            decode("streaming", body, enc, NOW)
+        assert info.value.code is ErrorCode.BAD_ROW and info.value.fields["column"] == "i"
+    one_line = decode("streaming", b'{"j": {"a": 99999999999999999999999}, "s": -9223372036854775809}', enc, NOW)
+    spread = decode("streaming", b'{"j":\n {"a": 99999999999999999999999}, "s": -9223372036854775809}', enc, NOW)
+    assert one_line == spread
+    assert orjson.loads(one_line[0])["j"] == {"a": 1e23}
 
 
 # -- lines -----------------------------------------------------------------------------------------

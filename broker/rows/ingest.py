@@ -133,6 +133,9 @@ def _objects_incremental(body: bytes) -> list:
                             f"{e.msg}") from None
         except ValueError as e:   # from the number hooks
             raise _bad_body(f"object {len(rows)} at byte {_byte_offset(body, pos, text)}: {e}") from None
+        except RecursionError:    # orjson's line path stops at depth 1024; this one at the stack's limit
+            raise _bad_body(f"object {len(rows)} at byte {_byte_offset(body, pos, text)} is nested too deeply") \
+                from None
         if type(value) is not dict:
             raise _bad_body(f"object {len(rows)} at byte {_byte_offset(body, pos, text)} is not a JSON object")
         rows.append(value)

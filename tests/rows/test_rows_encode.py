@@ -183,6 +183,13 @@ def test_a_value_orjson_cannot_write_is_a_bad_row() -> None:
     with pytest.raises(ClientError) as info:
         enc.objects([{"s": "ok", "j": {"a": 1}}, {"s": "ok", "j": {"a": 2**70}}], NOW)
     assert info.value.code is ErrorCode.BAD_ROW and (info.value.fields["row"], info.value.fields["column"]) == (1, "j")
+    deep: Any = []
+    for _ in range(300):        # orjson reads 1024 levels but writes 254
+        deep = [deep]
+    for column in ("j", "s"):
+        with pytest.raises(ClientError) as info:
+            enc.objects([{column: deep}], NOW)
+        assert info.value.code is ErrorCode.BAD_ROW and info.value.fields["column"] == column
     with pytest.raises(ClientError) as info:
         enc.objects([{"s": "a\ud800b"}], NOW)    # a lone surrogate (the json module lets them through)
     assert (info.value.fields["row"], info.value.fields["column"]) == (0, "s")

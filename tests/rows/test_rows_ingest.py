@@ -155,6 +155,9 @@ def test_empty_body(fmt: str) -> None:
     ("streaming", b'{"data":\n 1e999}', "too large for a double"),
     ("streaming", b'{"data":"a"}\n\xff', "not valid UTF-8 (byte 13)"),
     ("streaming", b" \n\t", "no JSON object"),
+    ("streaming", b"[" * 100_000, "object 0 at byte 0 is nested too deeply"),
+    ("streaming", b'{"data":"a"}\n{"raw":\n' + b"[" * 5000 + b"]" * 5000 + b"}", "object 1 at byte 13 is nested too"),
+    ("compact", b'{"columns":' + b"[" * 5000, "depth limit exceeded"),
     ("raw", b"ok\xffnot", "not valid UTF-8 (byte 2)"),
     ("lines", b"a\nb\xc3", "not valid UTF-8 (byte 3)"),
 ])

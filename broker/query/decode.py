@@ -1,0 +1,112 @@
+"""Records -> a Polars frame of the columns a query reads, one vectorised parse per batch.
+
+A typed stream's record is a JSON object (broker/rows): the batch is parsed by `pl.read_ndjson`
+over the joined record data with an explicit schema of the needed columns only. If that parse
+fails (a record that is not a JSON object, a value of the wrong type, a record spanning lines),
+the batch is bisected so only the bad records take the slow path, where each is loaded on its own:
+not a JSON object -> skipped and counted; a value that does not fit its column -> null. A missing
+column is null (not the type's zero: a record put by another door may simply lack it), a missing
+`_tp_time` is the record's append time. A schemaless stream is `raw` (the data as UTF-8, errors
+replaced) and `_tp_time` (the append time).
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import orjson
+import polars as pl
+
+from broker.model import Record
+from broker.query import dtypes
+from broker.query.compile import parse_time
+
+TP_TIME = "_tp_time"
+
+
+class BatchDecoder:
+    def __init__(self, columns: dict[str, str], needed: Sequence[str]) -> None:
+        self.types = {name: columns[name] for name in needed}
+        self.wire = {name: dtypes.wire_dtype(t) for name, t in self.types.items()}
+        self.times = [name for name, t in self.types.items() if dtypes.is_time(t)]
+        self.skipped = 0   # records of the last decode() that were not JSON objects
+
+    def decode(self, records: Sequence[Record], raw: bool) -> pl.DataFrame:
+        self.skipped = 0
+        if raw:
+            return self._raw(records)
+        if not self.types:   # count(*) and the like: no column is read, every record is a row
+            return pl.DataFrame(height=len(records))
+        datas = [r.data for r in records]
+        df, keep = self._parse(datas, 0, len(datas))
+        if self.times:
+            df = df.with_columns(self._time(name) for name in self.times)
+        if TP_TIME in self.types:
+            stamps = pl.Series("__ts", [r.timestamp_ms for r in records], dtype=pl.Int64)
+            if keep is not None:
+                stamps = stamps.gather(keep)
+            df = df.with_columns(pl.coalesce(pl.col(TP_TIME), pl.from_epoch(stamps, "ms")))
+        return df
+
+    def _time(self, name: str) -> pl.Expr:
+        text = pl.col(name)
+        k = dtypes.kind(self.types[name])
+        if k == "date":
+            return text.str.strptime(pl.Date, "%Y-%m-%d", strict=False)
+        # the stored form is "YYYY-MM-DD HH:MM:SS[.mmm]"; ISO `T` from other doors also parses
+        return parse_time(text)
+
+    def _parse(self, datas: list[bytes], lo: int, hi: int) -> tuple[pl.DataFrame, pl.Series | None]:
+        """Rows of datas[lo:hi] and, if any record was skipped, the indexes of those kept."""
+        try:
+            df = pl.read_ndjson(io.BytesIO(b"\n".join(datas[lo:hi])), schema=self.wire)
+            if df.height == hi - lo:
+                return df, None
+        except Exception:   # any parse error: bisect, so only bad records take the slow path
+            pass
+        if hi - lo == 1:
+            row = self._lenient(datas[lo])
+            if row is None:
+                self.skipped += 1
+                return pl.DataFrame(schema=self.wire), pl.Series([], dtype=pl.UInt32)
+            return row, None
+        mid = (lo + hi) // 2
+        (a, ka), (b, kb) = self._parse(datas, lo, mid), self._parse(datas, mid, hi)
+        keep = None
+        if ka is not None or kb is not None:
+            keep = pl.concat([
+                ka if ka is not None else pl.Series(range(mid - lo), dtype=pl.UInt32),
+                (kb if kb is not None else pl.Series(range(hi - mid), dtype=pl.UInt32)) + (mid - lo),
+            ]).cast(pl.UInt32)
+        return pl.concat([a, b]), keep
+
+    def _lenient(self, data: bytes) -> pl.DataFrame | None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        cols = {}
+        for name, dtype in self.wire.items():
+            value = obj.get(name)
+            if dtype == pl.String() and value is not None and not isinstance(value, str):
+                value = orjson.dumps(value).decode()
+            try:
+                cols[name] = pl.Series(name, [value], dtype=dtype, strict=False)
+            except Exception:   # a value that does not fit its column is null
+                cols[name] = pl.Series(name, [None], dtype=dtype)
+        return pl.DataFrame(cols)
+
+    def _raw(self, records: Sequence[Record]) -> pl.DataFrame:
+        cols: dict[str, pl.Series] = {}
+        if "raw" in self.types:
+            binary = pl.Series("raw", [r.data for r in records], dtype=pl.Binary)
+            try:
+                cols["raw"] = binary.cast(pl.String)
+            except pl.exceptions.ComputeError:   # invalid UTF-8 somewhere: decode with replacement
+                cols["raw"] = pl.Series("raw", [r.data.decode("utf-8", "replace") for r in records])
+        if TP_TIME in self.types:
+            cols[TP_TIME] = pl.from_epoch(
+                pl.Series(TP_TIME, [r.timestamp_ms for r in records], dtype=pl.Int64), "ms")
+        return pl.DataFrame(cols) if cols else pl.DataFrame(height=len(records))

@@ -29,6 +29,8 @@ class BatchDecoder:
         self.types = {name: columns[name] for name in needed}
         self.wire = {name: dtypes.wire_dtype(t) for name, t in self.types.items()}
         self.times = [name for name, t in self.types.items() if dtypes.is_time(t)]
+        self.narrow = {name: dtypes.polars_dtype(t) for name, t in self.types.items()
+                       if not dtypes.is_time(t) and dtypes.polars_dtype(t) != self.wire[name]}
         self.skipped = 0   # records of the last decode() that were not JSON objects
 
     def decode(self, records: Sequence[Record], raw: bool) -> pl.DataFrame:
@@ -41,6 +43,8 @@ class BatchDecoder:
         df, keep = self._parse(datas, 0, len(datas))
         if self.times:
             df = df.with_columns(self._time(name) for name in self.times)
+        if self.narrow:   # out of range for the column's type: null
+            df = df.with_columns(pl.col(n).cast(d, strict=False) for n, d in self.narrow.items())
         if TP_TIME in self.types:
             stamps = pl.Series("__ts", [r.timestamp_ms for r in records], dtype=pl.Int64)
             if keep is not None:
@@ -62,7 +66,7 @@ class BatchDecoder:
             df = pl.read_ndjson(io.BytesIO(b"\n".join(datas[lo:hi])), schema=self.wire)
             if df.height == hi - lo:
                 return df, None
-        except Exception:   # any parse error: bisect, so only bad records take the slow path
+        except (Exception, pl.exceptions.PanicException):   # bisect: only bad records go slow
             pass
         if hi - lo == 1:
             row = self._lenient(datas[lo])
@@ -89,9 +93,7 @@ class BatchDecoder:
             return None
         cols = {}
         for name, dtype in self.wire.items():
-            value = obj.get(name)
-            if dtype == pl.String() and value is not None and not isinstance(value, str):
-                value = orjson.dumps(value).decode()
+            value = _coerce(obj.get(name), dtype)
             try:
                 cols[name] = pl.Series(name, [value], dtype=dtype, strict=False)
             except Exception:   # a value that does not fit its column is null
@@ -110,3 +112,20 @@ class BatchDecoder:
             cols[TP_TIME] = pl.from_epoch(
                 pl.Series(TP_TIME, [r.timestamp_ms for r in records], dtype=pl.Int64), "ms")
         return pl.DataFrame(cols) if cols else pl.DataFrame(height=len(records))
+
+
+def _coerce(value: object, dtype: pl.DataType) -> object:
+    """A JSON value for a column of `dtype`, or None where it does not fit (1.5 for an int)."""
+    if value is None:
+        return None
+    if dtype == pl.String():
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+    if dtype == pl.Boolean():
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if dtype.is_integer():
+        return value if isinstance(value, int) else None
+    if dtype.is_float():
+        return value if isinstance(value, (int, float)) else None
+    return None

@@ -62,5 +62,13 @@ def polars_dtype(type_text: str) -> pl.DataType:
 
 
 def wire_dtype(type_text: str) -> pl.DataType:
-    """The dtype a stored record's JSON value is read as: time values are stored as text."""
-    return pl.String() if is_time(type_text) else polars_dtype(type_text)
+    """The dtype a stored record's JSON value is read as: time values are stored as text, and
+    8/16-bit integers as 64-bit (Polars' ndjson reader panics on them), cast down afterwards."""
+    if is_time(type_text):
+        return pl.String()
+    dtype = polars_dtype(type_text)
+    if dtype in (pl.Int8(), pl.Int16()):
+        return pl.Int64()
+    if dtype in (pl.UInt8(), pl.UInt16()):
+        return pl.UInt64()
+    return dtype

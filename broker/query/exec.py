@@ -69,6 +69,10 @@ class Executor:
     def _batch(self, df: pl.DataFrame) -> list[list]:
         raise NotImplementedError
 
+    def _project(self, df: pl.DataFrame) -> list[list]:
+        """The result rows of `df`: one per row even when every output is a constant."""
+        return self._rows(df.select(_ROW, *self.plan.outputs).drop("__row"))
+
     def _rows(self, out: pl.DataFrame) -> list[list]:
         """Result rows, cut at LIMIT."""
         if self.plan.limit is not None:
@@ -76,6 +80,9 @@ class Executor:
             self.done = self.emitted + out.height >= self.plan.limit
         self.emitted += out.height
         return [list(row) for row in out.iter_rows()]
+
+
+_ROW = pl.int_range(pl.len()).alias("__row")
 
 
 def _now() -> object:
@@ -87,14 +94,13 @@ class ProjectExecutor(Executor):
     """SELECT without aggregation: filter and project each batch."""
 
     def _batch(self, df: pl.DataFrame) -> list[list]:
-        return self._rows(df.select(self.plan.outputs))
+        return self._project(df)
 
     def finish(self) -> list[list]:
         if self.plan.stream or self.emitted or self.done:
             return []
         # no FROM: one row of constants
-        return self._rows(pl.DataFrame(height=1).with_columns(
-            pl.lit(_now(), pl.Datetime("ms")).alias(NOW_COLUMN)).select(self.plan.outputs))
+        return self._project(pl.DataFrame({NOW_COLUMN: [_now()]}, schema={NOW_COLUMN: pl.Datetime("ms")}))
 
 
 class AggregateExecutor(Executor):
@@ -129,9 +135,8 @@ class AggregateExecutor(Executor):
         self.closed_upto = -(2**62)    # windows ending at or before this were emitted early
         self.dirty = False
         self.next_emit_ms: int | None = None
-        self.outputs = list(plan.outputs)
         empty = pl.DataFrame(schema={n: dtypes.polars_dtype(plan.columns[n]) for n in plan.needed})
-        self.empty_stage = empty.select(self.stage)
+        self.empty_stage = empty.select(_ROW, *self.stage).drop("__row")
 
     def _spec(self, i: int, fn: str, type_text: str) -> None:
         a, c = f"__a{i}", pl.col(f"__in{i}")
@@ -210,7 +215,7 @@ class AggregateExecutor(Executor):
         groups = groups.sort([c for c in self.group_cols if c != "__g"] or ["__g"], nulls_last=True)
         if self.plan.having is not None:
             groups = groups.filter(self.plan.having)
-        return self._rows(groups.select(self.outputs))
+        return self._project(groups)
 
     def _global(self) -> list[list]:
         if self.state is None:
@@ -223,7 +228,7 @@ class AggregateExecutor(Executor):
         return self._result(self._take(self.state, None))
 
     def _batch(self, df: pl.DataFrame) -> list[list]:
-        stage = df.select(self.stage)
+        stage = df.select(_ROW, *self.stage).drop("__row")
         if self.window is None:
             self._merge(stage)
             if self.state_rows() > self.max_groups:

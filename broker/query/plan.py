@@ -67,7 +67,7 @@ class QueryPlan:
     needed: tuple[str, ...] = ()          # columns the query reads
     uses_now: bool = False
     where: pl.Expr | None = None
-    outputs: list[pl.Expr] = field(default_factory=list)     # result columns, in header order
+    outputs: list[pl.Expr] = field(default_factory=list)     # result columns `__o{i}`, header order
     window: Window | None = None
     keys: list[Typed] = field(default_factory=list)          # GROUP BY keys (stage `__k{j}`)
     aggregates: list[Aggregate] = field(default_factory=list)
@@ -314,9 +314,9 @@ def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> Q
     result_types: list[str] = []
     group_names: list[str] = []
     if not has_aggr:
-        for name, node in items:
+        for _name, node in items:
             t = inputs.compile(node)
-            plan.outputs.append(output_expr(t).alias(name))
+            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
             result_types.append(t.type)
     else:
         if not stream:
@@ -354,7 +354,14 @@ def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> Q
 
         outputs = ExprCompiler(out_columns, stream)
 
-        def compile_outer(node: exp.Expression) -> Typed:
+        def unalias(n: exp.Expression) -> exp.Expression:
+            if isinstance(n, exp.Column) and n.name not in columns and n.name in aliases:
+                return aliases[n.name].copy()
+            return n
+
+        def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
+            if resolve_aliases:
+                node = node.copy().transform(unalias)
             rewritten = node.copy().transform(replace)
             for col in rewritten.find_all(exp.Column):
                 if col.name not in out_columns:
@@ -362,12 +369,12 @@ def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> Q
                     raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
             return outputs.compile(rewritten)
 
-        for name, node in items:
+        for _name, node in items:
             t = compile_outer(node)
-            plan.outputs.append(output_expr(t).alias(name))
+            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
             result_types.append(t.type)
         if having_node is not None:
-            plan.having = compile_outer(having_node.this).expr
+            plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
             if outputs.uses_now:
                 raise _unsupported("now() in HAVING")
         if outputs.uses_now:

@@ -42,7 +42,7 @@ class BatchDecoder:
         datas = [r.data for r in records]
         df, keep = self._parse(datas, 0, len(datas))
         if self.times:
-            df = df.with_columns(self._time(name) for name in self.times)
+            df = self._times(df)
         if self.narrow:   # out of range for the column's type: null
             df = df.with_columns(pl.col(n).cast(d, strict=False) for n, d in self.narrow.items())
         if TP_TIME in self.types:
@@ -52,13 +52,22 @@ class BatchDecoder:
             df = df.with_columns(pl.coalesce(pl.col(TP_TIME), pl.from_epoch(stamps, "ms")))
         return df
 
-    def _time(self, name: str) -> pl.Expr:
-        text = pl.col(name)
-        k = dtypes.kind(self.types[name])
-        if k == "date":
-            return text.str.strptime(pl.Date, "%Y-%m-%d", strict=False)
-        # the stored form is "YYYY-MM-DD HH:MM:SS[.mmm]"; ISO `T` from other doors also parses
-        return parse_time(text)
+    def _times(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Parse time columns: one strict format first (what broker/rows stores), the general
+        parse (ISO `T`, `Z`, other precisions, from other doors) only if a value needed it."""
+        fast = []
+        for name in self.times:
+            fmt = "%Y-%m-%d" if dtypes.kind(self.types[name]) == "date" else "%Y-%m-%d %H:%M:%S%.3f"
+            fast.append(pl.col(name).str.strptime(
+                pl.Date if fmt == "%Y-%m-%d" else pl.Datetime("ms"), fmt, strict=False))
+        parsed = df.select(fast)
+        slow = [name for name in self.times
+                if parsed.get_column(name).null_count() != df.get_column(name).null_count()]
+        if slow:
+            parsed = parsed.with_columns(df.select(
+                parse_time(pl.col(name)) if dtypes.kind(self.types[name]) != "date"
+                else parse_time(pl.col(name)).dt.date() for name in slow))
+        return df.with_columns(parsed)
 
     def _parse(self, datas: list[bytes], lo: int, hi: int) -> tuple[pl.DataFrame, pl.Series | None]:
         """Rows of datas[lo:hi] and, if any record was skipped, the indexes of those kept."""

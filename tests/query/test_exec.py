@@ -58,6 +58,15 @@ def test_missing_columns_are_null_and_tp_time_falls_back_to_the_append_time() ->
         ["x", None, "2024-01-01 00:00:00.005"], ["y", None, "2024-01-01 00:00:00.006"]]
 
 
+def test_time_values_from_other_doors_parse_too() -> None:
+    records = [raw(0, b'{"ts":"2024-01-01T00:00:01.25Z","d":"2024-01-02 00:00:00"}'),
+               raw(1, b'{"ts":"2024-01-01 00:00:02.500","d":"2024-01-03"}'),
+               raw(2, b'{"ts":"yesterday","d":null}')]
+    assert run("select ts, d from t", records) == [
+        ["2024-01-01 00:00:01.250", "2024-01-02"], ["2024-01-01 00:00:02.500", "2024-01-03"],
+        [None, None]]
+
+
 def test_a_bad_record_loses_only_itself() -> None:
     good = [row(i, T0 + i, i=i) for i in range(100)]
     bad = [raw(900, b"[1,2]"), raw(901, b""), raw(902, b'{"i": 1.5,\n "s": "multi-line"}'),

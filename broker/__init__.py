@@ -42,6 +42,13 @@
       render.py          BrokerError -> DIS body, HTTP and gRPC statuses
       grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
+    query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
+      sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
+      dtypes.py          canonical column types -> kind and Polars dtype
+      compile.py         sqlglot expressions -> typed Polars expressions (Timeplus semantics)
+      plan.py            compile_query: parse, resolve stream/window/settings, type-check -> QueryPlan
+      decode.py          records -> a frame of the needed columns (read_ndjson, bisecting fallback)
+      exec.py            Executors: projection, windowed and global aggregation, bounded state
 
 Import direction: api -> core -> storage.base <- storage.*; model and errors under all.
 Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id

@@ -22,6 +22,7 @@
       cursors.py         opaque, signed, expiring cursors
       notify.py          WriteNotifier: wake long polls and subscriptions on writes
       limits.py          limits and validation of names, pages and sequence numbers
+      queries.py         Queries: streaming SQL queries, one task each over the read path; bounded results
     storage/
       __init__.py        the registry: open_store(settings) builds the store a setting names
       base.py            the async Store interface, its capabilities, its contract
@@ -39,7 +40,8 @@
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
-      render.py          BrokerError -> DIS body, HTTP and gRPC statuses
+      timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE
+      render.py          BrokerError -> DIS and Timeplus bodies, HTTP and gRPC statuses
       grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
@@ -50,7 +52,8 @@
       decode.py          records -> a frame of the needed columns (read_ndjson, bisecting fallback)
       exec.py            Executors: projection, windowed and global aggregation, bounded state
 
-Import direction: api -> core -> storage.base <- storage.*; model and errors under all.
+Import direction: api -> core -> storage.base <- storage.*; api and core -> rows, query (pure:
+typed rows and streaming SQL, no I/O); model and errors under all.
 Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id
 (partition: its index), seq (a sequence number), timestamp_ms, app_name; "group" means a consumer
 group and nothing else.

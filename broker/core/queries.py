@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 RESULT_QUEUE = 16              # result batches buffered for a slow consumer before readers wait
 MAX_RUNNING = 64               # [ours] running queries per broker: each holds subscriptions and state
 KEEP_ENDED = 100               # ended queries kept per project for list/get
-GLOBAL_EMIT_S = 2.0            # a global aggregation emits its running result this often (Timeplus)
+TICK_S = 0.5                   # how often a streaming query's executor is ticked: a global aggregation
+                               # emits its running result every 2 s (exec.py keeps that clock)
 _READ_LIMIT = 10_000           # records per read of a scan or a subscription batch
 _THREAD_ROWS = 2_000           # batches bigger than this are evaluated off the event loop
 END = None                     # the result queue's last item
@@ -279,13 +280,13 @@ class Queries:
         readers = [asyncio.create_task(read(c)) for c in cursors]
         open_readers = len(readers)
         loop = asyncio.get_running_loop()
-        next_tick = loop.time() + GLOBAL_EMIT_S
+        next_tick = loop.time() + TICK_S
         try:
             while open_readers:
                 try:
                     item = await asyncio.wait_for(inbox.get(), max(next_tick - loop.time(), 0))
                 except TimeoutError:
-                    next_tick = loop.time() + GLOBAL_EMIT_S
+                    next_tick = loop.time() + TICK_S
                     await self._emit(run, run.executor.tick(self._now()))
                     continue
                 if item is None:
@@ -297,7 +298,7 @@ class Queries:
                 if self._limit_reached(run):
                     return
                 if loop.time() >= next_tick:
-                    next_tick = loop.time() + GLOBAL_EMIT_S
+                    next_tick = loop.time() + TICK_S
                     await self._emit(run, run.executor.tick(self._now()))
         finally:
             for task in readers:

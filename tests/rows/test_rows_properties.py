@@ -133,14 +133,16 @@ def test_streaming_layout_does_not_matter(objects: list[dict], seps: list[str], 
     lines = b"\n".join(json.dumps(o).encode() for o in objects)
     laid_out = b"".join(json.dumps(o, indent=2 if indent else None).encode() + sep.encode()
                         for o, sep in zip(objects, seps))
+    # an error names the same row and column whatever the layout; its detail may give a byte
+    # offset, which the layout moves
     try:
         expected: Any = decode("streaming", lines, enc, NOW)
     except ClientError as e:
-        expected = (e.code, e.fields)
+        expected = (e.code, {k: v for k, v in e.fields.items() if k != "detail"})
     try:
         got: Any = decode("streaming", laid_out, enc, NOW)
     except ClientError as e:
-        got = (e.code, e.fields)
+        got = (e.code, {k: v for k, v in e.fields.items() if k != "detail"})
     assert got == expected
 
 

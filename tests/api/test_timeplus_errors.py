@@ -411,6 +411,49 @@ def test_declared_oversize_body_is_413_without_reading_it(door, typed):
     tp_error(reply, 413, ErrorCode.REQUEST_TOO_LARGE)
 
 
+# -- ingest: the format is chosen by ?format= over Content-Type (spec section 4) -----------------
+
+FORMAT_BODIES = {
+    "compact": ('{"columns": ["raw", "n"], "data": [["c", 1]]}', [["c", 1]]),
+    "streaming": ('{"raw": "s", "n": 2}\n{"raw": "t", "n": 3}', [["s", 2], ["t", 3]]),
+    "raw": ("a\nb", [["a\nb", 0]]),
+    "lines": ("a\nb", [["a", 0], ["b", 0]]),
+}
+
+
+@pytest.mark.parametrize("fmt,content_type,expected", [
+    (None, "application/json", "compact"), (None, "application/json;format=compact", "compact"),
+    (None, "application/vnd.timeplus+json", "compact"),
+    (None, "application/vnd.timeplus+json;format=compact", "compact"),
+    (None, "application/json;format=compat", "compact"), (None, "application/x-ndjson", "streaming"),
+    (None, "application/json;format=streaming", "streaming"), (None, "application/json;format=stream", "streaming"),
+    (None, "application/vnd.timeplus+json;format=streaming", "streaming"), (None, "text/plain", "raw"),
+    (None, "text/plain;format=raw", "raw"), (None, "text/plain;format=lines", "lines"),
+    # what the SDK sends: ?format= with Content-Type application/json; the parameter wins
+    ("streaming", "application/json", "streaming"), ("raw", "application/json", "raw"),
+    ("lines", "application/json", "lines"), ("compact", "text/plain", "compact"), ("stream", "text/plain", "streaming"),
+    ("compat", "application/x-ndjson", "compact"), ("lines", "application/x-ndjson", "lines"),
+])
+def test_format_is_chosen_by_parameter_then_content_type(door, fmt, content_type, expected):
+    name = new_name("fmt")
+    door.create(name, [{"name": "raw", "type": "string"}, {"name": "n", "type": "int32"}])
+    body, rows = FORMAT_BODIES[expected]
+    reply = door.ingest(name, body, fmt, content_type)
+    assert reply.status == 200, (reply.status, reply.raw[:300])
+    assert door.rows(f"select raw, n from table({name})") == rows
+
+
+def test_the_v1beta1_ingest_path_and_the_default_workspace(broker):
+    name = new_name()
+    default = Door(broker, "default")
+    default.create(name, [{"name": "n", "type": "int32"}])
+    reply = call(broker, "POST", f"/api/v1beta1/streams/{name}/ingest", {"columns": ["n"], "data": [[1]]})
+    assert reply.status == 200, (reply.status, reply.raw[:300])
+    assert call(broker, "POST", f"/api/v1beta2/streams/{name}/ingest", {"columns": ["n"], "data": [[2]]}).status == 200
+    assert default.rows(f"select n from table({name})") == [[1], [2]]
+    assert default.call("DELETE", f"/streams/{name}", "null").status == 204
+
+
 # -- fuzz: no 5xx, no hang ---------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

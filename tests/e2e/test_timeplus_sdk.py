@@ -384,9 +384,15 @@ def test_dbapi_runs_a_bounded_query(broker, env, ws):
                            {"low": 2, "who": "a"})
             out["description"] = [d[:2] for d in cursor.description]
             out["rows"] = cursor.fetchall()
+            first = cursor.query
             cursor.execute(f"select n from table({name}) where name = %(who)s", {"who": "it's"})
             out["one"] = cursor.fetchone()
-            conn.close()                           # cancels the (finished) queries: must not raise
+            out["rest"] = cursor.fetchall()
+            conn.close()                           # cancels the (finished) query: must not raise
+            # the SDK never releases a query's SSE connection; hand them back to their pools so
+            # they are closed there, not reported as unclosed sockets in a later test
+            for query in (first, cursor.query):
+                query._create_response.release_conn()
         except BaseException as exc:
             out["error"] = exc
 
@@ -399,4 +405,67 @@ def test_dbapi_runs_a_bounded_query(broker, env, ws):
     rows = out["rows"]
     assert [(r.name, r.n) for r in rows] == [("a", 1), ("b", 2), ("it's", 3)]
     assert all(TP_TIME.fullmatch(r[2]) for r in rows)
-    assert tuple(out["one"]) == (3,)
+    assert tuple(out["one"]) == (3,) and out["rest"] == []
+
+
+def test_dbapi_without_a_path_uses_the_default_workspace(broker):
+    """`connect()`'s default path is "", so the SDK's Environment sends `<address>//api/...`:
+    the workspace segment is empty, which can only mean the default workspace."""
+    import timeplus.dbapi
+
+    name = new_name()
+    default = env_for(broker.http_url)
+    create_stream(default, name, [("n", "int32")])
+    try:
+        Stream(default).name(name).ingest(["n"], [[1], [2]])
+        host, port = broker.http_url.split("//")[1].rsplit(":", 1)
+        out: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                cursor = timeplus.dbapi.connect(host=host, port=int(port), scheme="http", password="k" * 60).cursor()
+                cursor.execute(f"select n from table({name})")
+                out["rows"] = [tuple(r) for r in cursor.fetchall()]
+                cursor.query._create_response.release_conn()
+            except BaseException as exc:
+                out["error"] = exc
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(DEADLINE)
+        assert not thread.is_alive(), "dbapi hung"
+        assert "error" not in out, out.get("error")
+        assert out["rows"] == [(1,), (2,)]
+    finally:
+        Stream(default).name(name).delete()
+
+
+def test_streaming_query_with_limit_ends_after_limit_rows(env, runs):
+    name = new_name()
+    stream = create_stream(env, name, [("n", "int32")])
+    run = QueryRun(env, f"select n from {name} where n % 2 = 0 limit 3", batching=(1, 10))
+    runs.append(run)
+    run.start()
+    stream.ingest(["n"], [[i] for i in range(5)])
+    stream.ingest(["n"], [[i] for i in range(5, 12)])
+    run.wait_end()
+    assert run.rows == [[0], [2], [4]]
+    assert Query(env).id(run.id).get().metadata().status == "finished"
+
+
+@pytest.mark.slow
+def test_broker_sigterm_ends_a_running_query(start_broker):
+    proc = start_broker()
+    env = env_for(proc.http_url, "wsterm")
+    name = new_name()
+    stream = create_stream(env, name, [("n", "int32")])
+    run = QueryRun(env, f"select n from {name}", batching=(1, 10))
+    try:
+        run.start()
+        stream.ingest(["n"], [[1]])
+        run.wait_rows(1)
+        assert proc.stop(20) == 0          # graceful: the query does not hold the broker up
+        assert run.ended.wait(10), "the SSE response did not end when the broker stopped"
+        assert run.rows == [[1]]
+    finally:
+        run.close()

@@ -14,7 +14,7 @@ from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkdis.v2 import (ConsumeRecordsRequest, CreateStreamReq, CreateStreamRequest, PutRecordsRequest,
                                   PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest, ShowStreamRequest)
 from timeplus import Stream
-from timeplus_sdk_helpers import QueryRun, bounded, create_stream, env_for, new_name
+from timeplus_sdk_helpers import QueryRun, bounded, create_stream, env_for, new_name, wait_until
 
 from client import Client
 from conftest import make_dis_client
@@ -159,3 +159,21 @@ def test_deleting_the_timeplus_stream_deletes_its_records(env, dis):
     create_stream(env, name, [("n", "int32")])
     assert dis_read_all(dis, name) == []
     assert bounded(env, f"select n from table({name})").rows == []
+
+
+def test_records_that_are_not_json_objects_are_skipped_and_counted(env, dis, runs):
+    name = new_name()
+    create_stream(env, name, [("n", "int32"), ("s", "string")])
+    run = QueryRun(env, f"select n, s from {name}", batching=(10, 10))
+    runs.append(run)
+    run.start()
+    dis_put(dis, name, [b"garbage", b"[1, 2]", b'"text"', b'{"n": 7, "s": "ok"}'])
+    assert run.wait_rows(1) == [[7, "ok"]]
+    dis_put(dis, name, [b'{"n": 8, "s": "next"}'])          # the query goes on
+    assert run.wait_rows(2) == [[7, "ok"], [8, "next"]]
+
+    def skipped() -> bool:
+        metrics = run.named("metrics")
+        return bool(metrics) and metrics[-1].get("skipped_rows") == 3
+    wait_until(skipped, what="metrics counting the 3 skipped records")
+    assert bounded(env, f"select n, s from table({name})").rows == [[7, "ok"], [8, "next"]]

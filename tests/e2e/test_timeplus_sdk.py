@@ -469,3 +469,44 @@ def test_broker_sigterm_ends_a_running_query(start_broker):
         assert run.rows == [[1]]
     finally:
         run.close()
+
+
+def test_seek_to_a_timestamp_replays_from_that_time(env, runs):
+    name = new_name()
+    stream = create_stream(env, name, [("n", "int32")])
+    stream.ingest(["n"], [[1], [2]])
+    mid = time.time_ns() // 1_000_000 + 1
+    while time.time_ns() // 1_000_000 <= mid:   # the next append is stamped after `mid`
+        time.sleep(0.001)
+    stream.ingest(["n"], [[3]])
+    iso = dt.datetime.fromtimestamp(mid / 1000, dt.UTC).isoformat(timespec="milliseconds")
+    run = QueryRun(env, f"select n from {name} settings seek_to='{iso}'", batching=(10, 10))
+    runs.append(run)
+    run.start()
+    stream.ingest(["n"], [[4]])
+    assert run.wait_rows(2) == [[3], [4]]
+
+
+def test_seek_to_a_timestamp_before_the_oldest_record_replays_everything(env, runs):
+    """Timeplus replays from the earliest record it still has; an old timestamp is not an error."""
+    name = new_name()
+    stream = create_stream(env, name, [("n", "int32")])
+    stream.ingest(["n"], [[1], [2]])
+    run = QueryRun(env, f"select n from {name} settings seek_to='2020-01-01T00:00:00Z'", batching=(10, 10))
+    runs.append(run)
+    run.start()
+    stream.ingest(["n"], [[3]])
+    assert run.wait_rows(3) == [[1], [2], [3]]
+
+
+def test_deleting_the_stream_ends_a_running_query(env, runs):
+    name = new_name()
+    stream = create_stream(env, name, [("n", "int32")])
+    run = QueryRun(env, f"select n from {name}", batching=(1, 10))
+    runs.append(run)
+    run.start()
+    stream.ingest(["n"], [[1]])
+    run.wait_rows(1)
+    Stream(env).name(name).delete()
+    run.wait_end(10)
+    assert Query(env).id(run.id).get().metadata().status in ("failed", "canceled", "finished")

@@ -1,0 +1,179 @@
+"""One log, three doors (issue 8 point 2): a Timeplus stream of workspace W is the DIS stream of
+project W with the same name. Rows the Timeplus door ingests are JSON records to the official DIS
+SDK and the gRPC API; JSON records those doors put are rows to a running Timeplus query; a stream
+created by DIS (no schema) is a `raw string` stream to the Timeplus door (issue8-plan.md
+"Record format of a typed stream")."""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Iterator
+
+import pytest
+from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
+from huaweicloudsdkdis.v2 import (ConsumeRecordsRequest, CreateStreamReq, CreateStreamRequest, PutRecordsRequest,
+                                  PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest, ShowStreamRequest)
+from timeplus import Stream
+from timeplus_sdk_helpers import QueryRun, bounded, create_stream, env_for, new_name, wait_until
+
+from client import Client
+from conftest import make_dis_client
+
+TP_TIME = "_tp_time"
+
+
+@pytest.fixture
+def ws() -> str:
+    return new_name("ws")
+
+
+@pytest.fixture
+def env(broker, ws):  # type: ignore[no-untyped-def]
+    return env_for(broker.http_url, ws)
+
+
+@pytest.fixture
+def dis(broker, ws):  # type: ignore[no-untyped-def]
+    return make_dis_client(broker.http_url, project_id=ws)
+
+
+@pytest.fixture
+def runs() -> Iterator[list[QueryRun]]:
+    started: list[QueryRun] = []
+    yield started
+    for run in started:
+        run.close()
+
+
+def dis_read_all(dis, name: str, partitions: int = 1) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """Every stored record's data, partition by partition, from TRIM_HORIZON."""
+    out: list[bytes] = []
+    for pid in range(partitions):
+        cursor = dis.show_cursor(ShowCursorRequest(stream_name=name, partition_id=str(pid),
+                                                   cursor_type="TRIM_HORIZON")).partition_cursor
+        for _ in range(1000):
+            got = dis.consume_records(ConsumeRecordsRequest(partition_cursor=cursor))
+            if not got.records:
+                break
+            out += [base64.b64decode(r.data) for r in got.records]
+            cursor = got.next_partition_cursor
+    return out
+
+
+def dis_put(dis, name: str, datas: list[bytes], **routing: str) -> None:  # type: ignore[no-untyped-def]
+    resp = dis.send_records(SendRecordsRequest(body=PutRecordsRequest(stream_name=name, records=[
+        PutRecordsRequestEntry(data=base64.b64encode(d).decode(), **routing) for d in datas])))
+    assert resp.failed_record_count == 0, resp
+
+
+def test_timeplus_rows_are_json_records_to_the_dis_sdk(env, dis):
+    name = new_name()
+    stream = create_stream(env, name, [("name", "string"), ("n", "int64"), ("x", "float64"), ("ok", "bool"),
+                                       ("time", "datetime64(3)"), ("d", "date"), ("j", "json"),
+                                       ("maybe", "nullable(int32)")])
+    stream.ingest(["name", "n", "x", "ok", "time", "d", "j", "maybe"], [
+        ["a", 1, 1.5, True, "2024-05-01T12:00:00.123456", "2024-05-01", {"k": [1, 2]}, None],
+        ["b", 2, -0.5, False, "2024-05-01 12:00:01.000", "2024-05-02", "text", 7],
+    ])
+    stream.ingest(payload='{"name":"c","n":3}', format="streaming")
+    records = [json.loads(d) for d in dis_read_all(dis, name)]
+    assert len(records) == 3
+    for rec in records:
+        assert isinstance(rec, dict)
+        assert set(rec) == {"name", "n", "x", "ok", "time", "d", "j", "maybe", TP_TIME}, rec
+        assert isinstance(rec[TP_TIME], str) and len(rec[TP_TIME]) == len("2024-05-01 12:00:00.000"), rec
+    first, second, third = records
+    assert {k: v for k, v in first.items() if k != TP_TIME} == {
+        "name": "a", "n": 1, "x": 1.5, "ok": True, "time": "2024-05-01 12:00:00.123", "d": "2024-05-01",
+        "j": {"k": [1, 2]}, "maybe": None}
+    assert (second["time"], second["j"], second["maybe"]) == ("2024-05-01 12:00:01.000", "text", 7)
+    assert (third["name"], third["n"], third["maybe"]) == ("c", 3, None)
+
+
+def test_dis_put_records_appear_in_a_running_query(env, dis, runs):
+    name = new_name()
+    create_stream(env, name, [("name", "string"), ("n", "int32")])
+    run = QueryRun(env, f"select name, n, _tp_time from {name}", batching=(10, 20))
+    runs.append(run)
+    run.start()
+    dis_put(dis, name, [b'{"name":"dis-1","n":1}', b'{"name":"dis-2","n":2,"unknown":true}',
+                        b'{"name":"dis-3","n":3,"_tp_time":"2024-05-01 00:00:00.000"}'])
+    rows = run.wait_rows(3)
+    assert [r[:2] for r in rows] == [["dis-1", 1], ["dis-2", 2], ["dis-3", 3]]
+    assert rows[2][2] == "2024-05-01 00:00:00.000"   # a given _tp_time is kept
+    assert rows[0][2] != "1970-01-01 00:00:00.000"   # a missing one is the record's timestamp
+
+
+def test_grpc_put_records_appear_in_a_running_query(broker, env, ws, runs):
+    name = new_name()
+    create_stream(env, name, [("name", "string"), ("n", "int32")])
+    run = QueryRun(env, f"select name, n from {name}", batching=(10, 20))
+    runs.append(run)
+    run.start()
+    with Client(broker.grpc_target, project=ws, timeout=10) as grpc_client:
+        grpc_client.put_records(name, [b'{"name":"g1","n":10}', (b'{"name":"g2","n":20}', "some-key")])
+    assert run.wait_rows(2) == [["g1", 10], ["g2", 20]]
+
+
+def test_a_running_query_reads_every_partition(env, dis, ws, runs):
+    name = new_name()
+    dis.create_stream(CreateStreamRequest(body=CreateStreamReq(stream_name=name, partition_count=3)))
+    run = QueryRun(env, f"select raw:p as p, raw:i::int as i from {name}", batching=(50, 20))
+    runs.append(run)
+    run.start()
+    for pid in range(3):
+        dis_put(dis, name, [json.dumps({"p": str(pid), "i": i}).encode() for i in range(4)], partition_id=str(pid))
+    rows = run.wait_rows(12)
+    assert sorted(map(tuple, rows)) == sorted((str(p), i) for p in range(3) for i in range(4))
+    for pid in range(3):                           # each partition's rows keep their order
+        assert [r[1] for r in rows if r[0] == str(pid)] == [0, 1, 2, 3]
+
+
+def test_a_dis_stream_is_a_raw_stream_to_the_timeplus_door(env, dis):
+    name = new_name()
+    dis.create_stream(CreateStreamRequest(body=CreateStreamReq(stream_name=name, partition_count=1)))
+    listed = {s.name: s for s in Stream(env).list()}
+    assert name in listed
+    assert [(c.name, c.type) for c in listed[name].columns] == [("raw", "string"), (TP_TIME, "datetime64(3, 'UTC')")]
+    dis_put(dis, name, [b'{"key1":"x","key2":5}', b"plain text", "ünï".encode()])
+    run = bounded(env, f"select raw, raw:key1 as k1, raw:key2::int as k2 from table({name}) where raw like '{{%'")
+    assert run.rows == [['{"key1":"x","key2":5}', "x", 5]]
+    every = bounded(env, f"select raw from table({name})")
+    assert every.rows == [['{"key1":"x","key2":5}'], ["plain text"], ["ünï"]]
+    # raw/lines ingest into a schemaless stream writes the text itself as the record data
+    Stream(env).name(name).ingest(payload="line-a\nline-b", format="lines")
+    Stream(env).name(name).ingest(payload="whole body\n", format="raw")
+    assert dis_read_all(dis, name)[3:] == [b"line-a", b"line-b", b"whole body\n"]
+
+
+def test_deleting_the_timeplus_stream_deletes_its_records(env, dis):
+    name = new_name()
+    stream = create_stream(env, name, [("n", "int32")])
+    stream.ingest(["n"], [[1], [2]])
+    assert len(dis_read_all(dis, name)) == 2
+    Stream(env).name(name).delete()
+    with pytest.raises(ClientRequestException) as info:
+        dis.show_stream(ShowStreamRequest(stream_name=name))
+    assert info.value.error_code == "DIS.4301"
+    # a new stream of the same name starts empty
+    create_stream(env, name, [("n", "int32")])
+    assert dis_read_all(dis, name) == []
+    assert bounded(env, f"select n from table({name})").rows == []
+
+
+def test_records_that_are_not_json_objects_are_skipped_and_counted(env, dis, runs):
+    name = new_name()
+    create_stream(env, name, [("n", "int32"), ("s", "string")])
+    run = QueryRun(env, f"select n, s from {name}", batching=(10, 10))
+    runs.append(run)
+    run.start()
+    dis_put(dis, name, [b"garbage", b"[1, 2]", b'"text"', b'{"n": 7, "s": "ok"}'])
+    assert run.wait_rows(1) == [[7, "ok"]]
+    dis_put(dis, name, [b'{"n": 8, "s": "next"}'])          # the query goes on
+    assert run.wait_rows(2) == [[7, "ok"], [8, "next"]]
+
+    def skipped() -> bool:
+        metrics = run.named("metrics")
+        return bool(metrics) and metrics[-1].get("skipped_rows") == 3
+    wait_until(skipped, what="metrics counting the 3 skipped records")
+    assert bounded(env, f"select n, s from table({name})").rows == [[7, "ok"], [8, "next"]]

@@ -39,12 +39,13 @@ DIS = DisRenderer()
 
 class TimeplusRenderer:
     """Timeplus ErrorResponse `{"code", "message"}` (shared/spec/timeplus-api.md section 7); the
-    SDK keeps the raw body of any non-2xx answer and raises ApiException, so extra keys are safe."""
+    SDK keeps the raw body of any non-2xx answer and raises ApiException, so extra keys are safe.
+    Something that does not exist is a 404 here (the spec's GET stream), where DIS says 400."""
 
     content_type = "application/json"
 
     def status(self, error: BrokerError) -> int:
-        return error.code.http_status
+        return 404 if error.code.grpc_status == "NOT_FOUND" else error.code.http_status
 
     def body(self, error: BrokerError) -> dict[str, Any]:
         return {"code": error.code.timeplus_code, "message": error.message, "reason": error.code.reason}

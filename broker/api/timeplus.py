@@ -45,7 +45,7 @@ from broker.rows.ingest import choose_format, decode
 from broker.rows.schema import build_schema, columns_of
 
 # The paths this door owns, for the error middleware and the sub-application's matching rule.
-PATHS = re.compile(r"/(?:[^/]+/)?api/v1beta[12](?:/|$)")
+PATHS = re.compile(r"/(?:[^/]*/)?api/v1beta[12](?:/|$)")
 STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # Timeplus' rule for new streams [docs]
 MAX_SHARDS_DEFAULT = 1
 # Batching policy defaults and bounds [ours]: the spec's defaults, a cap that keeps one SSE event
@@ -343,7 +343,8 @@ def build_app(broker: Broker, config: HttpConfig) -> web.Application:
         ("POST", "/v1beta2/sqlanalyze", analyze),
     ]
     for method, path, handler in routes:
-        for prefix in ("/api", "/{workspace}/api"):
+        # `//api`: the SDK's dbapi with its default path "" (the default workspace)
+        for prefix in ("/api", "//api", "/{workspace}/api"):
             app.router.add_route(method, prefix + path, handler)
     return app
 

@@ -125,8 +125,7 @@ class Queries:
         run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
                        start_ms=self._now(), executor=plan.executor(), raw=config.schema is None)
         # the readers start where the query says, before anything else can be written
-        cursors = [await self._reads.get_cursor(project, config.stream_name, p, *self._start_at(plan))
-                   for p in range(config.partition_count)]
+        cursors = [await self._cursor(project, config.stream_name, p, plan) for p in range(config.partition_count)]
         ends = None
         if plan.bounded:
             ends = [(await self._store.bounds(config.stream_id, p)).next_seq
@@ -140,15 +139,21 @@ class Queries:
         runs[run.id] = run
         self._forget_old(runs)
 
-    @staticmethod
-    def _start_at(plan: QueryPlan) -> tuple[str, None, int | None]:
-        """(cursor type, sequence, timestamp): `table(s)` and seek_to='earliest' from the oldest
-        record, a timestamp from the first record appended at or after it, else the newest."""
+    async def _cursor(self, project: str, stream_name: str, partition: int, plan: QueryPlan) -> str:
+        """Where a partition's reading starts: `table(s)` and seek_to='earliest' at the oldest
+        record, seek_to a time at the first record appended at or after it (at the oldest when
+        the time is before anything retained), else after the newest."""
         if plan.bounded or plan.seek_ms == 0:
-            return "TRIM_HORIZON", None, None
+            return await self._reads.get_cursor(project, stream_name, partition, "TRIM_HORIZON")
         if plan.seek_ms is not None:
-            return "AT_TIMESTAMP", None, plan.seek_ms
-        return "LATEST", None, None
+            try:
+                return await self._reads.get_cursor(project, stream_name, partition, "AT_TIMESTAMP", None,
+                                                    plan.seek_ms)
+            except BrokerError as exc:
+                if exc.code is not ErrorCode.TIMESTAMP_EXPIRED:
+                    raise
+                return await self._reads.get_cursor(project, stream_name, partition, "TRIM_HORIZON")
+        return await self._reads.get_cursor(project, stream_name, partition, "LATEST")
 
     def _forget_old(self, runs: OrderedDict[str, QueryRun]) -> None:
         ended = [qid for qid, r in runs.items() if not r.running]

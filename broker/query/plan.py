@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Callable
 import polars as pl
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import TokenType
 
 from broker.errors import ErrorCode, client_error
 from broker.model import ColumnDef
@@ -90,9 +92,27 @@ def _unsupported(detail: str) -> Exception:
     return client_error(ErrorCode.UNSUPPORTED_SQL, detail=detail)
 
 
+# sqlglot drops empty items of a comma list (`select a,, from s` parses as `select a from s`):
+# a comma before or after one of these tokens is a syntax error it would hide.
+_NOT_AFTER_COMMA = {TokenType.COMMA, TokenType.FROM, TokenType.R_PAREN}
+_NOT_BEFORE_COMMA = {TokenType.SELECT, TokenType.L_PAREN}
+
+
+def _check_commas(text: str) -> None:
+    tokens = Dialect.get_or_raise("clickhouse").tokenize(text)
+    for before, after in zip(tokens, tokens[1:]):
+        if (before.token_type == TokenType.COMMA and after.token_type in _NOT_AFTER_COMMA) or \
+                (after.token_type == TokenType.COMMA and before.token_type in _NOT_BEFORE_COMMA):
+            raise _syntax(f"unexpected ',' near line {after.line}, column {after.col}")
+    if tokens and tokens[-1].token_type == TokenType.COMMA:
+        raise _syntax("the query ends with ','")
+
+
 def _parse(sql: str) -> exp.Select:
     try:
-        statements = sqlglot.parse(rewrite(sql), read="clickhouse")
+        text = rewrite(sql)
+        _check_commas(text)
+        statements = sqlglot.parse(text, read="clickhouse")
     except (ParseError, TokenError) as e:
         raise _syntax(str(e).splitlines()[0]) from None
     statements = [s for s in statements if s is not None]
@@ -392,7 +412,7 @@ def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> Q
         "windowEnd": _index_of(items, "window_end") if window else -1,
     }
     plan.analysis = {
-        "is_streaming": not bounded, "query_type": "historical" if bounded else "streaming",
+        "is_streaming": not bounded, "query_type": "SELECT",
         "has_aggr": has_aggr, "has_subquery": False, "has_table_join": False, "has_union": False,
         "original_query": sql, "rewritten_query": sql,
         "required_columns": [{"database": "default", "table": stream, "column": c,

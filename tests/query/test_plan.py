@@ -32,7 +32,7 @@ def test_the_seed_query() -> None:
     assert p.header == [("k1", "string"), ("k2", "int32")]
     assert p.raw_stream and p.needed == ("raw",)
     assert p.time_columns == {"eventTime": -1, "windowStart": -1, "windowEnd": -1}
-    assert p.analysis["is_streaming"] and p.analysis["query_type"] == "streaming"
+    assert p.analysis["is_streaming"] and p.analysis["query_type"] == "SELECT"
     assert p.analysis["required_columns"][0]["column"] == "raw"
     assert p.analysis["result_columns"] == [{"column": "k1", "column_type": "string"},
                                             {"column": "k2", "column_type": "int32"}]
@@ -65,7 +65,7 @@ def test_expression_types(sql: str, expected: list[str] | None) -> None:
 def test_table_seek_to_and_limit() -> None:
     p = plan("select * from table(t) limit 5 settings seek_to='earliest'")
     assert p.bounded and p.seek_to == "earliest" and p.seek_ms == 0 and p.limit == 5
-    assert p.analysis["query_type"] == "historical"
+    assert p.analysis["query_type"] == "SELECT" and not p.analysis["is_streaming"]
     assert plan("select * from t settings seek_to='2024-01-01T00:00:01Z'").seek_ms == 1704067201000
     assert plan("select * from t settings seek_to='2024-01-01 00:00:01.5'").seek_ms == 1704067201500
     assert plan("select * from t settings seek_to='latest'").seek_ms is None

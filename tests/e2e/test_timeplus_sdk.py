@@ -510,3 +510,60 @@ def test_deleting_the_stream_ends_a_running_query(env, runs):
     Stream(env).name(name).delete()
     run.wait_end(10)
     assert Query(env).id(run.id).get().metadata().status in ("failed", "canceled", "finished")
+
+
+# -- windows and global aggregation through the door ----------------------------------------------
+
+def test_tumble_and_hop_windows_emit_exact_results_once_and_drop_late_rows(env, runs):
+    """Event times given in the rows (`_tp_time`), so windows are exact whatever the machine's pace."""
+    name = new_name()
+    stream = create_stream(env, name, [("k", "string"), ("v", "int64")])
+    tumble = QueryRun(env, f"select window_start, k, count(*), sum(v), avg(v), min(v), max(v) "
+                           f"from tumble({name}, 5s) group by window_start, k", batching=(100, 10))
+    hop = QueryRun(env, f"select window_start, window_end, count(*) from hop({name}, 2s, 4s) "
+                        f"group by window_start", batching=(100, 10))
+    runs += [tumble, hop]
+    tumble.start()
+    hop.start()
+    t = "2026-01-01 00:00:%s"
+    stream.ingest(["k", "v", "_tp_time"], [
+        ["a", 1, t % "01.000"], ["b", 10, t % "02.000"], ["a", 3, t % "04.999"],
+        ["a", 5, t % "03.000"],                      # out of order, its window still open: counted
+        ["a", 7, t % "06.000"],                      # next window
+        ["b", 20, t % "10.000"],                     # watermark 10 s: [0,5) and [5,10) are due
+        ["a", 100, t % "02.500"],                    # late: [0,5) was emitted
+        ["b", 30, t % "15.500"],                     # watermark 15.5 s: [10,15) is due
+    ])
+    rows = tumble.wait_rows(4)
+    assert rows == [[t % "00.000", "a", 3, 9, 3.0, 1, 5], [t % "00.000", "b", 1, 10, 10.0, 10, 10],
+                    [t % "05.000", "a", 1, 7, 7.0, 7, 7], [t % "10.000", "b", 1, 20, 20.0, 20, 20]]
+    wait_until(lambda: any(m.get("late_rows") == 1 for m in tumble.named("metrics")), what="late_rows 1")
+    # hop: 4 s windows every 2 s, aligned to the epoch. Each row is judged against the watermark
+    # of the rows before it: [0,4) is emitted at 4.999 s with the rows at 1 s and 2 s, so the row
+    # at 3 s only counts in [2,6); the row at 2.5 s comes after watermark 10 s: late for both.
+    got = hop.wait_rows(7)
+    assert [(row[0], row[2]) for row in got] == [
+        ("2025-12-31 23:59:58.000", 1), (t % "00.000", 2), (t % "02.000", 3), (t % "04.000", 2),
+        (t % "06.000", 1), (t % "08.000", 1), (t % "10.000", 1)]
+    assert all(row[1] == _plus(row[0], 4000) for row in got)
+    wait_until(lambda: any(m.get("late_rows") == 1 for m in hop.named("metrics")), what="hop late_rows 1")
+
+
+def _plus(text: str, ms: int) -> str:
+    when = dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f") + dt.timedelta(milliseconds=ms)
+    return when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}"
+
+
+def test_global_aggregation_emits_its_running_result_while_rows_arrive(env, runs):
+    name = new_name()
+    stream = create_stream(env, name, [("v", "int64")])
+    run = QueryRun(env, f"select count(*), sum(v) from {name}", batching=(100, 10))
+    runs.append(run)
+    run.start()
+    stream.ingest(["v"], [[1], [2], [3]])
+    assert run.wait_rows(1)[-1] == [3, 6]           # emitted within ~2 s of the rows
+    stream.ingest(["v"], [[10]])
+    wait_until(lambda: run.snapshot()[-1] == [4, 16], what="the running result after more rows")
+    emitted = len(run.snapshot())
+    time.sleep(4.5)                                 # no new rows: nothing new to emit
+    assert len(run.snapshot()) == emitted

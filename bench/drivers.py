@@ -112,6 +112,37 @@ class Driver(Protocol):
     def close(self) -> None: ...
 
 
+class TailDriver(Protocol):
+    """What W3's tail_run needs of a door (every Driver has it; so has TimeplusRest, for T2)."""
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer: ...
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]: ...
+
+
+class TableDriver(Protocol):
+    """A door taking typed rows (T1): TimeplusRest, ClickHouseHttp. `bodies` builds the requests of
+    `batch` rows each (before a clock), `producer` is T1's timed loop over some of them, `count` the
+    rows stored (`count_method` says how it was counted)."""
+    system: str
+    door: str
+    durability: str
+    pid: int | None
+    count_method: str
+
+    def create_table(self, name: str, schema: tuple[tuple[str, str], ...]) -> None: ...
+    def bodies(self, name: str, columns: list[str], rows: list[list[Any]], batch: int) -> list[bytes]: ...
+    def producer(self, name: str, bodies: list[bytes]) -> Producer: ...
+    def count(self, name: str) -> int: ...
+
+
+class QueryDriver(TableDriver, TailDriver, Protocol):
+    """A door with streaming SQL as well (T2-T4): TimeplusRest."""
+    framing: dict[str, Any]
+
+    def sender(self, name: str) -> tuple[Callable[[bytes], bytes], Callable[[], None]]: ...
+    def query(self, sql: str, batching: dict[str, int] | None) -> SseQuery: ...
+    def bounded(self, sql: str, batching: dict[str, int] | None) -> tuple[list[list[Any]], dict[str, Any]]: ...
+
+
 class Consumer:
     """A W3 consumer tailing one partition on a thread of its own; `start()`, then `stop()`."""
 
@@ -1019,6 +1050,7 @@ class TimeplusRest:
         host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
         self.host, self.port, self.durability, self.pid = host, int(port), durability, pid
         self.count_method = ""
+        self.framing: dict[str, Any] = {}   # the last query's Content-Type and chunking, for the JSON
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=CALL_TIMEOUT)
@@ -1069,7 +1101,9 @@ class TimeplusRest:
         return int(rows[0][0])
 
     def query(self, sql: str, batching: dict[str, int] | None) -> SseQuery:
-        return SseQuery(self.host, self.port, self.prefix, sql, batching)
+        q = SseQuery(self.host, self.port, self.prefix, sql, batching)
+        self.framing = {"content_type": q.content_type, "chunked": q.chunked}
+        return q
 
     def bounded(self, sql: str, batching: dict[str, int] | None) -> tuple[list[list[Any]], dict[str, Any]]:
         """A bounded query read to its end: (every row, the final `event: query` metadata)."""
@@ -1146,7 +1180,8 @@ class ClickHouseHttp:
                                        "datetime64(3)": "DateTime"}
 
     def __init__(self, port: int, pid: int, engine: str, version: str) -> None:
-        self.host, self.port, self.pid, self.engine, self.version = "127.0.0.1", port, pid, engine, version
+        self.host, self.port, self.engine, self.version = "127.0.0.1", port, engine, version
+        self.pid: int | None = pid
         self.durability = f"{engine} (tmpfs)"
         self.count_method = "select count()"
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:   # drivers imports this module; the workloads only call the drivers' methods
-    from drivers import Driver
+    from drivers import Driver, QueryDriver, TableDriver, TailDriver
 
 SEED = 20261121
 RECORD_SIZE = 256
@@ -337,7 +337,7 @@ class TailRun:
         return "ok" if t.latencies else "no records counted"
 
 
-def tail_run(driver: Driver, stream: str, partition: int, mode: str, seconds: float, rate: float) -> TailRun:
+def tail_run(driver: TailDriver, stream: str, partition: int, mode: str, seconds: float, rate: float) -> TailRun:
     """One producer sends a record every 1/rate s to `partition`, its send time in the payload, while
     one consumer (`mode`) tails the partition. The first W3_WARM_UP_S of records are not counted."""
     interval_ns = int(1e9 / rate)
@@ -628,7 +628,7 @@ def make_table_rows(rows: int, seed: int = SEED) -> list[list[Any]]:
     return out
 
 
-def t1(driver: Any, table: str, bodies: list[bytes], rows: int) -> Row:
+def t1(driver: TableDriver, table: str, bodies: list[bytes], rows: int) -> Row:
     """PRODUCERS threads released together, producer p POSTing bodies p, p+P, ..., each waiting for
     its answer; then the stored count must equal `rows`."""
     row = Row(driver.system, driver.door, driver.durability, "T1 ingest")
@@ -650,7 +650,7 @@ def t1(driver: Any, table: str, bodies: list[bytes], rows: int) -> Row:
     return row
 
 
-def t2(driver: Any, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> Row:
+def t2(driver: QueryDriver, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> Row:
     """tail_run over the Timeplus door: the consumer a streaming `select * from stream`, the
     producer one compact row (index, send time) per ingest request; latency = receive - send."""
     driver.create_table(stream, T2_SCHEMA)
@@ -670,7 +670,7 @@ def t2(driver: Any, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S
     return row
 
 
-def fill(driver: Any, table: str, bodies: list[bytes]) -> float:
+def fill(driver: TableDriver, table: str, bodies: list[bytes]) -> float:
     """Every body ingested by PRODUCERS threads (unmeasured set-up); returns the seconds it took."""
     producers = [driver.producer(table, [bodies[i] for i in producer_batches(len(bodies), p)])
                  for p in range(PRODUCERS)]
@@ -681,7 +681,7 @@ def fill(driver: Any, table: str, bodies: list[bytes]) -> float:
     return time.perf_counter() - t0
 
 
-def t3(driver: Any, stream: str, bodies: list[bytes], data: list[list[Any]]) -> Row:
+def t3(driver: QueryDriver, stream: str, bodies: list[bytes], data: list[list[Any]]) -> Row:
     """The rows stored, then one bounded `select * from table(stream) where i < T3_CUT`, timed from
     the request to the final `event: query`; every matching row must come back."""
     driver.create_table(stream, TP_SCHEMA)
@@ -698,20 +698,20 @@ def t3(driver: Any, stream: str, bodies: list[bytes], data: list[list[Any]]) -> 
     row.rate = stored / meter.wall if meter.wall > 0 else 0.0
     row.extra = {"sql": sql, "batching_policy": T3_BATCHING, "rows_returned": len(result), "expected": expected,
                  "stored": stored, "fill_seconds": fill_s, "fill_rate": len(data) / fill_s,
-                 "final_status": final.get("status"), "count_by": driver.count_method}
+                 "final_status": final.get("status"), "count_by": driver.count_method, "framing": driver.framing}
     if stored != len(data) or len(result) != expected:
         row.ok, row.note = False, f"stored={stored}/{len(data)} returned={len(result)}/{expected}"
     return row
 
 
-def t4_bodies(driver: Any, keys: int, batch: int = T4_BATCH) -> list[bytes]:
+def t4_bodies(driver: QueryDriver, keys: int, batch: int = T4_BATCH) -> list[bytes]:
     """Compact bodies covering keys k-0 .. k-(keys-1) once, `batch` rows each, in a shuffled order."""
     names = [f"k-{n}" for n in range(keys)]
     random.Random(SEED).shuffle(names)
     return driver.bodies("", [c for c, _ in T4_SCHEMA], [[k, n] for n, k in enumerate(names)], batch)
 
 
-def t4(driver: Any, stream: str, minutes: float, keys: int, rate: float, query: str,
+def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float, query: str,
        say: Callable[[str], None]) -> tuple[Row, dict[str, Any]]:
     """A grouped query (T4_QUERIES[query]) read by a thread of its own while one producer feeds
     `rate` rows/s cycling over `keys` distinct keys for `minutes`; the broker's VmRSS every second."""

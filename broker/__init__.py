@@ -22,6 +22,7 @@
       cursors.py         opaque, signed, expiring cursors
       notify.py          WriteNotifier: wake long polls and subscriptions on writes
       limits.py          limits and validation of names, pages and sequence numbers
+      queries.py         Queries: streaming SQL queries, one task each over the read path; bounded results
     storage/
       __init__.py        the registry: open_store(settings) builds the store a setting names
       base.py            the async Store interface, its capabilities, its contract
@@ -29,16 +30,30 @@
       rocks.py           RocksStore: the embedded default; runs the engine off the event loop
       rocks_engine.py    RocksEngine: the blocking RocksDB engine (the only rocksdict user)
       keys.py            RocksDB key and value layout, format version
+    rows/                typed (Timeplus) rows: no I/O, used by the doors and queries
+      types.py           column types: parse what users type into one canonical text (ColumnType)
+      schema.py          build_schema (the create body -> StreamSchema), columns_of (with _tp_time)
+      encode.py          RowEncoder: check and coerce rows column-wise -> one JSON object per record
+      ingest.py          the four ingest formats: choose_format, decode(body) -> record data
     api/                 front doors: thin, decode -> one Broker call -> render
       http.py            shared HTTP plumbing: bodies, typed params, request ids, timeouts, the error middleware
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
-      render.py          BrokerError -> DIS body, HTTP and gRPC statuses
+      timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE
+      render.py          BrokerError -> DIS and Timeplus bodies, HTTP and gRPC statuses
       grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
+    query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
+      sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
+      dtypes.py          canonical column types -> kind and Polars dtype
+      compile.py         sqlglot expressions -> typed Polars expressions (Timeplus semantics)
+      plan.py            compile_query: parse, resolve stream/window/settings, type-check -> QueryPlan
+      decode.py          records -> a frame of the needed columns (read_ndjson, bisecting fallback)
+      exec.py            Executors: projection, windowed and global aggregation, bounded state
 
-Import direction: api -> core -> storage.base <- storage.*; model and errors under all.
+Import direction: api -> core -> storage.base <- storage.*; api and core -> rows, query (pure:
+typed rows and streaming SQL, no I/O); model and errors under all.
 Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id
 (partition: its index), seq (a sequence number), timestamp_ms, app_name; "group" means a consumer
 group and nothing else.

@@ -27,7 +27,8 @@ class ErrorCode(Enum):
     # The message format is DIS's own; the Java SDK parses given/earliest/latest out of it.
     SEQUENCE_OUT_OF_RANGE  = (400, "OUT_OF_RANGE",        "DIS.4224",   36,
                               "Sequence_number out of range. [{given}][ should be within ][{earliest}][ ][{latest}]")
-    CURSOR_EXPIRED         = (400, "FAILED_PRECONDITION", "DIS.4225",   36, "Partition cursor has expired, get a new cursor")
+    CURSOR_EXPIRED         = (400, "FAILED_PRECONDITION", "DIS.4225",   36,
+                              "Partition cursor has expired, get a new cursor")
     CURSOR_RECORD_EXPIRED  = (400, "OUT_OF_RANGE",        "DIS.4226",   36,
                               "The record the cursor points at has expired [{seq}], the earliest retained is "
                               "[{earliest}]; get a new cursor")
@@ -61,7 +62,8 @@ class ErrorCode(Enum):
     METHOD_NOT_ALLOWED     = (405, "UNIMPLEMENTED",       "DIS.4200",   36, "Method [{method}] not allowed on [{path}]")
     REQUEST_TIMEOUT        = (408, "DEADLINE_EXCEEDED",   "DIS.4200",  159, "Request body not received in time")
     # Server side. DIS.5250 is the code DIS clients retry per record; we use it for "try again".
-    UNAVAILABLE            = (503, "UNAVAILABLE",         "DIS.5250", 1000, "Service unavailable, retry later. {detail}")
+    UNAVAILABLE            = (503, "UNAVAILABLE",         "DIS.5250", 1000,
+                              "Service unavailable, retry later. {detail}")
     STORAGE_FULL           = (507, "RESOURCE_EXHAUSTED",  "DIS.5250",  243, "Storage is full, retry later")
     INTERNAL               = (500, "INTERNAL",            "DIS.5000", 1001, "System error (request id {request_id})")
 

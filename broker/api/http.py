@@ -116,15 +116,15 @@ def _routing_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
     return client_error(ErrorCode.INVALID_REQUEST, detail=exc.reason)
 
 
-def error_middleware(doors: Sequence[tuple[str, Renderer]], fallback: Renderer) -> Middleware:
+def error_middleware(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fallback: Renderer) -> Middleware:
     """The one error handler of the HTTP app: every response gets `X-Request-Id`; a BrokerError or
-    an aiohttp routing error is rendered by the door that owns the path (`doors`: path prefix ->
-    renderer, `fallback` for paths no door owns); anything unexpected is logged with its
+    an aiohttp routing error is rendered by the door that owns the path (`doors`: path prefix or
+    pattern -> renderer, `fallback` for paths no door owns); anything unexpected is logged with its
     traceback and answered INTERNAL with the request id - internals never reach the client."""
 
     def renderer_for(path: str) -> Renderer:
         for prefix, renderer in doors:
-            if path.startswith(prefix):
+            if path.startswith(prefix) if isinstance(prefix, str) else prefix.match(path):
                 return renderer
         return fallback
 
@@ -149,10 +149,24 @@ def error_middleware(doors: Sequence[tuple[str, Renderer]], fallback: Renderer) 
 # -- request bodies -------------------------------------------------------------------------------
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object. Raises REQUEST_TOO_LARGE (declared or actual size over the
+    """The body as a JSON object. Raises what read_body raises, and BAD_BODY (empty, not JSON,
+    not an object)."""
+    body = await read_body(request)
+    if not body:
+        raise client_error(ErrorCode.BAD_BODY, detail="request body is empty")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise client_error(ErrorCode.BAD_BODY, detail=f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise client_error(ErrorCode.BAD_BODY, detail="request body must be a JSON object")
+    return obj
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body's bytes (maybe empty). Raises REQUEST_TOO_LARGE (declared or actual size over the
     cap, after decompression), REQUEST_TIMEOUT (not received within the body timeout), BAD_BODY
-    (unsupported Content-Encoding, a body that does not decode as its Content-Encoding says,
-    empty, not JSON, not an object)."""
+    (unsupported Content-Encoding, a body that does not decode as its Content-Encoding says)."""
     config = request.app[CONFIG]
     limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -169,15 +183,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     except web.RequestPayloadError as exc:  # e.g. "gzip" that is not gzip; a broken chunked framing
         detail = f"body could not be read: {brief(exc.__cause__ or exc)}"
         raise client_error(ErrorCode.BAD_BODY, detail=detail) from None
-    if not body:
-        raise client_error(ErrorCode.BAD_BODY, detail="request body is empty")
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise client_error(ErrorCode.BAD_BODY, detail=f"malformed JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise client_error(ErrorCode.BAD_BODY, detail="request body must be a JSON object")
-    return obj
+    return body
 
 
 def brief(exc: BaseException | str) -> str:

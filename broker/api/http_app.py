@@ -1,5 +1,6 @@
 """Builds the HTTP application: one root app, each door mounted as its own sub-application
-(DIS under `/v2`, the SSE tail under `/sluice`; Timeplus and OpenTSDB come next), and the one
+(DIS under `/v2`, the SSE tail under `/sluice`, Timeplus under `[/{workspace}]/api/v1beta2`;
+OpenTSDB comes next), and the one
 error middleware of http.py rendering with the renderer of the door that owns the path.
 
 Every response carries `X-Request-Id`, including the answers to requests aiohttp's HTTP parser
@@ -16,13 +17,14 @@ bytes, so an aiohttp upgrade that changes them fails there, not in front of a cl
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from broker.api import dis, tail
+from broker.api import dis, tail, timeplus
 from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, error_middleware, error_response
 from broker.api.render import DIS
 from broker.core.broker import Broker
@@ -37,13 +39,15 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     config = HttpConfig(max_body_bytes=broker.limits.max_http_body_bytes, body_timeout_s=body_timeout_s,
                         stall_timeout_s=stall_timeout_s)
     doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
+    tp = timeplus.build_app(broker, config)
+    owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER])]
+    owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
-    root = web.Application(middlewares=[error_middleware([(prefix + "/", door[RENDERER])
-                                                          for prefix, door in doors.items()], FALLBACK)],
-                           client_max_size=config.max_body_bytes)
+    root = web.Application(middlewares=[error_middleware(owners, FALLBACK)], client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
     for prefix, door in doors.items():
         root.add_subapp(prefix, door)
+    timeplus.mount(root, tp)   # its paths start with a workspace: matched by rule, not prefix
     return root
 
 

@@ -8,6 +8,7 @@ The rules live in parts, one per path, composed here (not inherited):
     consumers.py   Consumers         apps, checkpoints, consumer state (lag)
     groups.py      ConsumerGroups    consumer-group heartbeats over the Leases interface
     retention.py                     trimming expired records
+    queries.py     Queries           streaming SQL queries: one task each over the read path
 
 A verb that spans parts (deleting a stream) is orchestrated here. Every method documents what it
 returns and which `ErrorCode`s it raises; none blocks the event loop (the store is async).
@@ -25,6 +26,7 @@ from broker.core.groups import ConsumerGroups
 from broker.core.leases import Leases, LocalLeases
 from broker.core.limits import DEFAULT_LIMITS, Limits
 from broker.core.notify import WriteNotifier
+from broker.core.queries import Queries
 from broker.core.reads import ReadPath
 from broker.core.retention import enforce_retention
 from broker.core.writer import Committer
@@ -62,6 +64,7 @@ class Broker:
         self.reads = ReadPath(self.catalogue, store, self.notifier, limits, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
         # leases: see leases.py for the restart grace that started_ms enables
+        self.queries = Queries(self.catalogue, self.reads, store, clock_ms)
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases or LocalLeases(started_ms=clock_ms()),
                                      limits, clock_ms)
 
@@ -76,8 +79,10 @@ class Broker:
         self.committer.start()
 
     def begin_shutdown(self) -> None:
-        """Wake every long poll and end every subscription; writes still go on until close()."""
+        """Wake every long poll and end every subscription (and with them every streaming
+        query); writes still go on until close()."""
         self.notifier.close()
+        self.queries.shutdown()
 
     @property
     def shutting_down(self) -> bool:
@@ -86,6 +91,7 @@ class Broker:
     async def close(self) -> None:
         """Refuse new appends, commit those already accepted. The store is closed by its owner."""
         self.begin_shutdown()
+        await self.queries.close()
         await self.committer.close()
 
     @property
@@ -133,6 +139,10 @@ class Broker:
                           project: str = DEFAULT_PROJECT) -> PutRecordsResult:
         """See WritePath.put_records."""
         return await self.writes.put_records(project, stream_name, entries)
+
+    async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT) -> int:
+        """See WritePath.append_rows: unkeyed rows spread over the partitions, one batch each."""
+        return await self.writes.append_rows(project, stream_name, rows)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

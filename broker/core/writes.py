@@ -92,6 +92,41 @@ class WritePath:
                                   if not isinstance(first, BrokerError))
         return PutRecordsResult(partitions, seqs, failures)
 
+    async def append_rows(self, project: str, stream_name: object, rows: Sequence[bytes]) -> int:
+        """Append unkeyed records (the rows of a typed-stream ingest) as one batch per partition:
+        the rows are cut into contiguous runs, one per partition, starting at a rotating
+        partition, so a stream's partitions fill evenly and a request's rows keep their order
+        within each run. All or nothing per partition; returns how many rows were written.
+        Raises STREAM_NOT_FOUND, EMPTY_REQUEST, INVALID_REQUEST (a row over the record size),
+        UNAVAILABLE, STORAGE_FULL (nothing of the request is acknowledged then)."""
+        config = self._catalogue.get(project, stream_name)
+        n = len(rows)
+        if not n:
+            raise client_error(ErrorCode.EMPTY_REQUEST, detail="no rows")
+        biggest = max(map(len, rows))
+        if biggest > self._limits.max_record_bytes:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"a row encodes to {biggest} bytes, over the "
+                                                                 f"record limit of {self._limits.max_record_bytes}")
+        parts = min(config.partition_count, n)
+        start = next(self._spread) % config.partition_count
+        step, extra = divmod(n, parts)
+        now = self._now()
+        batches, lo = [], 0
+        for k in range(parts):
+            hi = lo + step + (k < extra)
+            batches.append(AppendBatch(config.stream_id, (start + k) % config.partition_count, now,
+                                       [(None, data) for data in rows[lo:hi]]))
+            lo = hi
+        outcomes = await self._committer.append(batches)
+        if any(first is None for first in outcomes):  # deleted while we were queued
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        written = [b.partition for b, first in zip(batches, outcomes) if not isinstance(first, BrokerError)]
+        self._notifier.notify((config.stream_id, p) for p in written)
+        for first in outcomes:
+            if isinstance(first, BrokerError):
+                raise first
+        return n
+
     def _route_batch(self, config: StreamConfig, entries: Sequence[PutEntry] | PutColumns,
                      router: routing.KeyRouter) -> _Routed:
         """Columns take the keyed fast path when they can, else record by record."""

@@ -1,0 +1,354 @@
+"""The Timeplus v1beta2 REST door: what the unmodified `timeplus` SDK (1.4.1) sends and reads, as
+shared/spec/timeplus-api.md gives it. Decoding and rendering only: typed rows are checked and
+encoded by broker/rows, queries compiled and run by the core (core/queries.py over broker/query).
+
+Paths: `/{workspace}/api/v1beta2/...` and `/api/v1beta2/...` (workspace `default`). The workspace
+is the project namespace: a Timeplus stream `s` in workspace `ws1` is the DIS stream `s` of
+project `ws1`. A stream made by another door (no schema) is listed with one `raw string` column.
+Workspaces named `v2` or `sluice` are shadowed by the DIS and tail doors' prefixes.
+
+The SDK sends `Content-Type: application/json` on every request (GET and raw ingest too) and
+the 4-byte body `null` on DELETE and cancel: neither is checked where it means nothing.
+Errors are Timeplus ErrorResponse bodies `{"code", "message"}` (render.py `TIMEPLUS`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
+
+from broker.api.http import (
+    BROKER,
+    HttpConfig,
+    door_app,
+    field,
+    json_response,
+    read_body,
+    read_json,
+    request_id,
+    write_or_drop,
+)
+from broker.api.render import TIMEPLUS
+from broker.core.broker import Broker
+from broker.core.queries import QueryRun
+from broker.errors import ErrorCode, client_error
+from broker.model import DEFAULT_PROJECT, StreamConfig
+from broker.rows.encode import RowEncoder
+from broker.rows.ingest import choose_format, decode
+from broker.rows.schema import build_schema, columns_of
+
+# The paths this door owns, for the error middleware and the sub-application's matching rule.
+PATHS = re.compile(r"/(?:[^/]+/)?api/v1beta[12](?:/|$)")
+STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # Timeplus' rule for new streams [docs]
+MAX_SHARDS_DEFAULT = 1
+# Batching policy defaults and bounds [ours]: the spec's defaults, a cap that keeps one SSE event
+# reasonable, and a floor of 1 ms for time_ms (0 would flush on every row anyway).
+DEFAULT_BATCH = (1000, 100)
+MAX_BATCH_COUNT = 100_000
+METRICS_EVERY_S = 1.0
+
+
+def _door(request: web.Request) -> tuple[Broker, str]:
+    return request.app[BROKER], request.match_info.get("workspace", DEFAULT_PROJECT)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- streams --------------------------------------------------------------------------------------
+
+def _stream_body(c: StreamConfig) -> dict[str, Any]:
+    """Stream JSON with every field the SDK's model requires (spec section 3)."""
+    s = c.schema
+    columns = [{"name": col.name, "type": col.type, "nullable": col.type.startswith("nullable("),
+                "default": col.default, "codec": ""} for col in columns_of(s)]
+    return {"name": c.stream_name, "columns": columns, "description": s.description if s else "",
+            "engine": "Stream", "logstore_retention_bytes": s.logstore_retention_bytes if s else -1,
+            "logstore_retention_ms": c.retention_ms, "mode": s.mode if s else "append", "ttl": "",
+            "ttl_expression": s.ttl_expression if s else "", "primary_key": "", "is_external": False,
+            "created_at": _iso(c.created_ms), "last_updated_at": _iso(c.created_ms), "shards": c.partition_count}
+
+
+async def create_stream(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    body = await read_json(request)
+    name = field(body, "name", str, required=True)
+    if not STREAM_NAME.fullmatch(name):
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="name must be 1-64 letters, digits or _, starting "
+                                                             "with a letter")
+    shards = field(body, "shards", int)
+    retention_ms = field(body, "logstore_retention_ms", int)
+    hours = None
+    if retention_ms is not None and retention_ms > 0:
+        if retention_ms % 3_600_000:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="logstore_retention_ms must be whole hours")
+        hours = retention_ms // 3_600_000
+    schema = build_schema(body)
+    config = await broker.create_stream(name, MAX_SHARDS_DEFAULT if shards is None else shards, hours,
+                                        project=workspace, schema=schema)
+    return json_response(_stream_body(config), status=201)
+
+
+async def list_streams(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    out: list[dict[str, Any]] = []
+    start_after = None
+    while True:
+        page = await broker.list_streams(broker.limits.max_list_limit, start_after, project=workspace)
+        out += (_stream_body(c) for c in page.streams)
+        if not page.has_more or not page.streams:
+            return json_response(out)
+        start_after = page.streams[-1].stream_name
+
+
+async def get_stream(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    described = await broker.describe_stream(request.match_info["name"], limit=1, project=workspace)
+    return json_response(_stream_body(described.config))
+
+
+async def delete_stream(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    await broker.delete_stream(request.match_info["name"], project=workspace)
+    return web.Response(status=204)
+
+
+async def stream_stats(request: web.Request) -> web.Response:
+    """StreamStats: rows retained; event times are the append times of the oldest and newest
+    records."""
+    broker, workspace = _door(request)
+    name = request.match_info["name"]
+    rows, first_ts, last_ts = 0, 0, 0
+    start_after: int | None = None
+    while True:
+        page = await broker.describe_stream(name, start_after, broker.limits.max_partition_page, project=workspace)
+        for p in page.partitions:
+            held = p.bounds.next_seq - p.bounds.first_seq
+            if held:
+                rows += held
+                last_ts = max(last_ts, p.bounds.last_ts)
+                cursor = await broker.get_cursor(name, p.partition, "TRIM_HORIZON", project=workspace)
+                oldest = (await broker.get_records(cursor, 1, project=workspace)).records
+                if oldest:
+                    first_ts = min(first_ts or oldest[0].timestamp_ms, oldest[0].timestamp_ms)
+        if not page.has_more_partitions:
+            break
+        start_after = page.partitions[-1].partition
+    return json_response({"row_count": rows, "historical_data_bytes": 0, "streaming_data_bytes": 0,
+                          "earliest_event": _iso(first_ts) if rows else "",
+                          "latest_event": _iso(last_ts) if rows else ""})
+
+
+# -- ingest ---------------------------------------------------------------------------------------
+
+_encoders: dict[tuple[str, str, int], tuple[StreamConfig, RowEncoder]] = {}
+
+
+def _encoder(config: StreamConfig) -> RowEncoder:
+    """One encoder per stream, rebuilt when the stream was recreated under the same name."""
+    key = (config.project, config.stream_name, config.stream_id)
+    cached = _encoders.get(key)
+    if cached is None:
+        if len(_encoders) > 4096:
+            _encoders.clear()
+        cached = _encoders[key] = (config, RowEncoder(config.schema))
+    return cached[1]
+
+
+async def ingest(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    name = request.match_info["name"]
+    config = broker.catalogue.get(workspace, name)
+    fmt = choose_format(request.query.get("format"), request.headers.get("Content-Type"))
+    body = await read_body(request)
+    rows = decode(fmt, body, _encoder(config), time.time_ns() // 1_000_000)
+    await broker.append_rows(name, rows, project=workspace)
+    return web.Response(status=200)
+
+
+# -- queries --------------------------------------------------------------------------------------
+
+def _query_body(run: QueryRun) -> dict[str, Any]:
+    """Query JSON (spec section 5): every field the SDK's model requires."""
+    plan = run.plan
+    end_ms = run.end_ms or 0
+    now_ms = end_ms or int(time.time() * 1000)
+    return {"id": run.id, "name": run.name, "description": run.description, "sql": run.sql, "tags": run.tags,
+            "status": run.status, "message": run.message, "start_time": run.start_ms // 1000,
+            "end_time": end_ms // 1000, "duration": (now_ms - run.start_ms) // 1000,
+            "response_time": now_ms - run.start_ms,
+            "result": {"header": [{"name": n, "type": t} for n, t in plan.header]},
+            "timeColumns": plan.time_columns, "analysis": plan.analysis,
+            "created_at": _iso(run.start_ms), "created_by": {"id": "", "name": ""}}
+
+
+def _batching(body: dict[str, Any]) -> tuple[int, float]:
+    policy = body.get("batching_policy")
+    if policy is None:
+        count, time_ms = DEFAULT_BATCH
+    elif not isinstance(policy, dict):
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="batching_policy must be an object")
+    else:
+        count = field(policy, "count", int) or DEFAULT_BATCH[0]
+        time_ms = field(policy, "time_ms", int) or DEFAULT_BATCH[1]
+        if not 1 <= count <= MAX_BATCH_COUNT or time_ms < 1:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"batching_policy.count must be within "
+                               f"[1, {MAX_BATCH_COUNT}] and time_ms at least 1")
+    return count, time_ms / 1000
+
+
+def _event(name: str | None, payload: Any) -> bytes:
+    head = b"event: %s\n" % name.encode() if name else b""
+    return head + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def create_query(request: web.Request) -> web.StreamResponse:
+    """Start a query and stream it as server-sent events: the query object, then row batches
+    honouring the batching policy, `metrics` every second, and for a bounded query the final
+    query object. Errors before any SSE byte are ErrorResponse bodies."""
+    broker, workspace = _door(request)
+    body = await read_json(request)
+    sql = field(body, "sql", str, required=True)
+    count, linger = _batching(body)
+    tags = body.get("tags")
+    tags = tags if isinstance(tags, list) else []
+    run = await broker.queries.start(workspace, sql, field(body, "name", str) or "",
+                                     field(body, "description", str) or "", [str(t) for t in tags])
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Request-Id": request_id(request)})
+    response.enable_chunked_encoding()  # urllib3 hands nothing over from a close-delimited body
+    try:
+        await response.prepare(request)
+        if not await write_or_drop(request, response, _event("query", _query_body(run))):
+            return response
+        if await _stream_results(request, response, run, count, linger) and run.plan.bounded:
+            await write_or_drop(request, response, _event("query", _query_body(run)))
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+    finally:
+        if run.running:   # the consumer went away (or we are being cancelled): stop the query
+            await broker.queries.cancel(workspace, run.id)
+    return response
+
+
+async def _stream_results(request: web.Request, response: web.StreamResponse, run: QueryRun, count: int,
+                          linger: float) -> bool:
+    """Rows as they come, in events of at most `count` rows, each sent `linger` after its first
+    row at the latest. False if the consumer was dropped."""
+    loop = asyncio.get_running_loop()
+    pending: list[list[Any]] = []
+    flush_at = None
+    next_metrics = loop.time() + METRICS_EVERY_S
+    ended = False
+    while True:
+        now = loop.time()
+        if pending and (len(pending) >= count or ended or (flush_at is not None and now >= flush_at)):
+            while pending and (len(pending) >= count or ended or now >= (flush_at or now)):
+                chunk, pending = pending[:count], pending[count:]
+                if not await write_or_drop(request, response, _event(None, chunk)):
+                    return False
+            flush_at = loop.time() + linger if pending else None
+        if ended:
+            return True
+        if now >= next_metrics:
+            if not await write_or_drop(request, response, _event("metrics", run.metrics())):
+                return False
+            next_metrics = loop.time() + METRICS_EVERY_S
+        wait = next_metrics - loop.time()
+        if flush_at is not None:
+            wait = min(wait, flush_at - loop.time())
+        try:
+            item = await asyncio.wait_for(run.results.get(), max(wait, 0))
+        except TimeoutError:
+            continue
+        if item is None:   # END
+            ended = True
+            continue
+        if not pending:
+            flush_at = loop.time() + linger
+        pending += item
+
+
+async def list_queries(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    tag = request.query.get("tag")
+    return json_response([_query_body(r) for r in broker.queries.runs(workspace) if not tag or tag in r.tags])
+
+
+async def get_query(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    return json_response(_query_body(broker.queries.get(workspace, request.match_info["id"])))
+
+
+async def cancel_query(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    await broker.queries.cancel(workspace, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def delete_query(request: web.Request) -> web.Response:
+    broker, workspace = _door(request)
+    await broker.queries.delete(workspace, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def analyze(request: web.Request) -> web.Response:
+    """SQLAnalyzeResult: what the dbapi reads (is_streaming, query_type) and the rest."""
+    broker, workspace = _door(request)
+    body = await read_json(request)
+    plan = broker.queries.compile(workspace, field(body, "sql", str, required=True))
+    return json_response(plan.analysis)
+
+
+# -- the sub-application --------------------------------------------------------------------------
+
+class _Paths(AbstractRuleMatching):
+    """Matches the door's paths with or without the workspace segment."""
+
+    async def match(self, request: web.Request) -> bool:
+        return PATHS.match(request.path) is not None
+
+    def get_info(self) -> Any:
+        return {"pattern": PATHS.pattern}
+
+    @property
+    def canonical(self) -> str:
+        return PATHS.pattern
+
+
+def build_app(broker: Broker, config: HttpConfig) -> web.Application:
+    """The Timeplus door; mount it with `mount` (its paths have a variable first segment)."""
+    app = door_app(broker, config, TIMEPLUS)
+    routes = [
+        ("POST", "/v1beta2/streams", create_stream),
+        ("GET", "/v1beta2/streams", list_streams),
+        ("GET", "/v1beta2/streams/{name}", get_stream),
+        ("DELETE", "/v1beta2/streams/{name}", delete_stream),
+        ("GET", "/v1beta2/streams/{name}/stats", stream_stats),
+        ("POST", "/v1beta2/streams/{name}/ingest", ingest),
+        ("POST", "/v1beta1/streams/{name}/ingest", ingest),   # the older docs' path
+        ("POST", "/v1beta2/queries", create_query),
+        ("GET", "/v1beta2/queries", list_queries),
+        ("GET", "/v1beta2/queries/{id}", get_query),
+        ("DELETE", "/v1beta2/queries/{id}", delete_query),
+        ("POST", "/v1beta2/queries/{id}/cancel", cancel_query),
+        ("POST", "/v1beta2/sqlanalyze", analyze),
+    ]
+    for method, path, handler in routes:
+        for prefix in ("/api", "/{workspace}/api"):
+            app.router.add_route(method, prefix + path, handler)
+    return app
+
+
+def mount(root: web.Application, door: web.Application) -> None:
+    """Mount the door on the root app under its paths (an aiohttp prefix cannot be variable, so
+    it is a rule-matched sub-application, like aiohttp's own add_domain)."""
+    root._add_subapp(lambda: MatchedSubAppResource(_Paths(), door), door)

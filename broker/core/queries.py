@@ -1,0 +1,308 @@
+"""Running streaming SQL queries over the log (the Timeplus door's `/queries`; any door may use it).
+
+A query is compiled once (broker/query: sqlglot -> Polars), then one task runs it: it reads the
+stream's partitions through the core's read path - push subscriptions for a streaming query, a
+snapshot scan for `table(s)` - feeds each batch of records to the query's executor, and puts the
+result rows on a bounded queue that the door drains. Nothing here knows HTTP.
+
+Flow control: the result queue holds at most `RESULT_QUEUE` batches and each partition reader
+hands over one batch at a time, so a consumer that stops reading stops the readers (a
+subscription reads only when asked), and memory stays bounded; the door drops a consumer that
+stalls past its timeout, which cancels the query.
+
+Lifecycle: a query ends `finished` (a bounded scan done, LIMIT reached, the broker shutting
+down), `canceled` (cancel, delete, the consumer went away) or `failed` (its stream was deleted, an
+evaluation error) with a message. Ended queries stay listable until deleted; the oldest are
+forgotten beyond `KEEP_ENDED` per project.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from broker.core.catalogue import StreamCatalogue
+from broker.core.reads import ReadPath
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import ColumnDef, GetRecordsResult, Record
+from broker.query import QueryPlan, compile_query
+from broker.rows.schema import columns_of
+from broker.storage.base import Store
+
+log = logging.getLogger(__name__)
+
+RESULT_QUEUE = 16              # result batches buffered for a slow consumer before readers wait
+MAX_RUNNING = 64               # [ours] running queries per broker: each holds subscriptions and state
+KEEP_ENDED = 100               # ended queries kept per project for list/get
+GLOBAL_EMIT_S = 2.0            # a global aggregation emits its running result this often (Timeplus)
+_READ_LIMIT = 10_000           # records per read of a scan or a subscription batch
+_THREAD_ROWS = 2_000           # batches bigger than this are evaluated off the event loop
+END = None                     # the result queue's last item
+
+
+@dataclass
+class QueryRun:
+    """One query: what list/get report, and the queue its results come out of."""
+    id: str
+    project: str
+    sql: str
+    plan: QueryPlan
+    name: str = ""
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+    status: str = "running"
+    message: str = ""
+    start_ms: int = 0
+    end_ms: int = 0
+    rows_out: int = 0
+    results: asyncio.Queue[list[list[Any]] | None] = field(default_factory=lambda: asyncio.Queue(RESULT_QUEUE))
+    task: asyncio.Task[None] | None = None
+    executor: Any = None
+    raw: bool = False          # a stream without a schema: records are seen as one `raw` column
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def end(self, status: str, message: str = "") -> None:
+        if self.running:
+            self.status, self.message, self.end_ms = status, message, int(time.time() * 1000)
+
+    def metrics(self) -> dict[str, Any]:
+        """The `metrics` event (shared/spec/timeplus-api.md section 5)."""
+        ex = self.executor
+        elapsed_ms = max((self.end_ms or int(time.time() * 1000)) - self.start_ms, 1)
+        return {"count": self.rows_out, "eps": round(self.rows_out * 1000 / elapsed_ms, 1),
+                "processing_time": elapsed_ms, "last_event_time": getattr(ex, "last_event_time_ms", 0),
+                "response_time": elapsed_ms, "scanned_rows": getattr(ex, "scanned_rows", 0),
+                "scanned_bytes": getattr(ex, "scanned_bytes", 0), "late_rows": getattr(ex, "late_rows", 0),
+                "skipped_rows": getattr(ex, "skipped_rows", 0)}
+
+
+class Queries:
+    def __init__(self, catalogue: StreamCatalogue, reads: ReadPath, store: Store,
+                 clock_ms: Callable[[], int]) -> None:
+        self._catalogue = catalogue
+        self._store = store
+        self._reads = reads
+        self._now = clock_ms
+        self._runs: dict[str, OrderedDict[str, QueryRun]] = {}   # project -> id -> run, oldest first
+        self._closed = False
+
+    def compile(self, project: str, sql: object) -> QueryPlan:
+        """Parse and check a query against the project's streams. Raises SQL_SYNTAX,
+        UNKNOWN_COLUMN, UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, STREAM_NOT_FOUND."""
+        if not isinstance(sql, str) or not sql.strip():
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="sql must be a non-empty string")
+
+        def lookup(stream_name: str) -> tuple[ColumnDef, ...]:
+            return columns_of(self._catalogue.get(project, stream_name).schema)
+        return compile_query(sql, lookup)
+
+    async def start(self, project: str, sql: object, name: str = "", description: str = "",
+                    tags: list[str] | None = None) -> QueryRun:
+        """Compile and start a query; its results come out of `run.results` (END last).
+        Raises what compile raises, TOO_MANY_QUERIES, UNAVAILABLE (shutting down)."""
+        plan = self.compile(project, sql)
+        if self._closed:
+            raise BrokerError(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+        running = sum(r.running for runs in self._runs.values() for r in runs.values())
+        if running >= MAX_RUNNING:
+            raise client_error(ErrorCode.TOO_MANY_QUERIES, detail=f"at most {MAX_RUNNING} queries run at once")
+        if not plan.stream:   # `select 1`: one row, no stream
+            run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
+                           start_ms=self._now(), executor=plan.executor())
+            self._remember(run)
+            run.task = asyncio.create_task(self._run(run, [], []), name=f"query {run.id}")
+            return run
+        config = self._catalogue.get(project, plan.stream)
+        run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
+                       start_ms=self._now(), executor=plan.executor(), raw=config.schema is None)
+        # the readers start where the query says, before anything else can be written
+        cursors = [await self._reads.get_cursor(project, config.stream_name, p, *self._start_at(plan))
+                   for p in range(config.partition_count)]
+        ends = None
+        if plan.bounded:
+            ends = [(await self._store.bounds(config.stream_id, p)).next_seq
+                    for p in range(config.partition_count)]
+        self._remember(run)
+        run.task = asyncio.create_task(self._run(run, cursors, ends), name=f"query {run.id}")
+        return run
+
+    def _remember(self, run: QueryRun) -> None:
+        runs = self._runs.setdefault(run.project, OrderedDict())
+        runs[run.id] = run
+        self._forget_old(runs)
+
+    @staticmethod
+    def _start_at(plan: QueryPlan) -> tuple[str, None, int | None]:
+        """(cursor type, sequence, timestamp): `table(s)` and seek_to='earliest' from the oldest
+        record, a timestamp from the first record appended at or after it, else the newest."""
+        if plan.bounded or plan.seek_ms == 0:
+            return "TRIM_HORIZON", None, None
+        if plan.seek_ms is not None:
+            return "AT_TIMESTAMP", None, plan.seek_ms
+        return "LATEST", None, None
+
+    def _forget_old(self, runs: OrderedDict[str, QueryRun]) -> None:
+        ended = [qid for qid, r in runs.items() if not r.running]
+        for qid in ended[:max(len(ended) - KEEP_ENDED, 0)]:
+            del runs[qid]
+
+    def get(self, project: str, query_id: str) -> QueryRun:
+        runs = self._runs.get(project)
+        run = runs.get(query_id) if runs is not None else None
+        if run is None:
+            raise client_error(ErrorCode.QUERY_NOT_FOUND, query_id=query_id)
+        return run
+
+    def runs(self, project: str) -> list[QueryRun]:
+        runs = self._runs.get(project)
+        return list(runs.values()) if runs is not None else []
+
+    async def cancel(self, project: str, query_id: str) -> None:
+        """Stop a running query (its results end); a no-op on an ended one."""
+        run = self.get(project, query_id)
+        run.end("canceled")
+        await self._stop(run)
+
+    async def delete(self, project: str, query_id: str) -> None:
+        run = self.get(project, query_id)
+        run.end("canceled")
+        await self._stop(run)
+        runs = self._runs.get(project)
+        if runs is not None:
+            runs.pop(query_id, None)
+
+    def shutdown(self) -> None:
+        """Refuse new queries and end every running one (`finished`): its consumer sees its
+        results end now, not when the HTTP server's grace period runs out."""
+        self._closed = True
+        for runs in self._runs.values():
+            for run in runs.values():
+                if run.running:
+                    run.end("finished", "broker is shutting down")
+                    if run.task is not None:
+                        run.task.cancel()
+
+    async def close(self) -> None:
+        self.shutdown()
+        for runs in list(self._runs.values()):
+            for run in list(runs.values()):
+                await self._stop(run)
+
+    @staticmethod
+    async def _stop(run: QueryRun) -> None:
+        task = run.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- the query task ------------------------------------------------------------------------
+
+    async def _run(self, run: QueryRun, cursors: list[str], ends: list[int] | None) -> None:
+        try:
+            if ends is not None:
+                await self._scan(run, cursors, ends)
+                await self._emit(run, run.executor.finish())
+                run.end("finished")
+            else:
+                await self._follow(run, cursors)
+                run.end("finished")
+        except asyncio.CancelledError:
+            run.end("canceled")
+        except BrokerError as exc:
+            run.end("failed", exc.message)
+        except Exception as exc:   # a bug in evaluation: the query fails, the broker goes on
+            log.exception("query %s failed", run.id)
+            run.end("failed", f"internal error: {type(exc).__name__}")
+        finally:
+            # END must reach the consumer even when the queue is full (it may have stopped reading)
+            with contextlib.suppress(asyncio.QueueFull):
+                while run.results.full():
+                    run.results.get_nowait()
+                run.results.put_nowait(END)
+
+    async def _emit(self, run: QueryRun, rows: list[list[Any]]) -> None:
+        if rows:
+            if run.plan.limit is not None:
+                rows = rows[:max(run.plan.limit - run.rows_out, 0)]
+            run.rows_out += len(rows)
+            await run.results.put(rows)
+
+    async def _feed(self, run: QueryRun, records: list[Record]) -> None:
+        ex, raw = run.executor, run.raw
+        if len(records) > _THREAD_ROWS:   # Polars releases the GIL: big batches don't stall the loop
+            rows = await asyncio.to_thread(ex.feed, records, raw)
+        else:
+            rows = ex.feed(records, raw)
+        await self._emit(run, rows)
+
+    def _limit_reached(self, run: QueryRun) -> bool:
+        return run.executor.done or (run.plan.limit is not None and run.rows_out >= run.plan.limit)
+
+    async def _scan(self, run: QueryRun, cursors: list[str], ends: list[int]) -> None:
+        """`table(s)`: every record stored when the query started, partition after partition."""
+        for cursor, end in zip(cursors, ends):
+            while True:
+                batch = await self._reads.get_records(run.project, cursor, _READ_LIMIT, None, 0)
+                records = [r for r in batch.records if r.seq < end]
+                if records:
+                    await self._feed(run, records)
+                    if self._limit_reached(run):
+                        return
+                if not batch.records or batch.records[-1].seq + 1 >= end:
+                    break
+                cursor = batch.next_cursor
+
+    async def _follow(self, run: QueryRun, cursors: list[str]) -> None:
+        """A streaming query: one subscription per partition feeding one evaluation loop."""
+        inbox: asyncio.Queue[GetRecordsResult | BaseException | None] = asyncio.Queue(len(cursors))
+
+        async def read(cursor: str) -> None:
+            batches = self._reads.subscribe(run.project, cursor, _READ_LIMIT, 0)
+            try:
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        if batch.records:
+                            await inbox.put(batch)
+            except BrokerError as exc:
+                await inbox.put(exc)
+            await inbox.put(None)
+
+        readers = [asyncio.create_task(read(c)) for c in cursors]
+        open_readers = len(readers)
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + GLOBAL_EMIT_S
+        try:
+            while open_readers:
+                try:
+                    item = await asyncio.wait_for(inbox.get(), max(next_tick - loop.time(), 0))
+                except TimeoutError:
+                    next_tick = loop.time() + GLOBAL_EMIT_S
+                    await self._emit(run, run.executor.tick(self._now()))
+                    continue
+                if item is None:
+                    open_readers -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    await self._feed(run, item.records)
+                if self._limit_reached(run):
+                    return
+                if loop.time() >= next_tick:
+                    next_tick = loop.time() + GLOBAL_EMIT_S
+                    await self._emit(run, run.executor.tick(self._now()))
+        finally:
+            for task in readers:
+                task.cancel()
+            for task in readers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+

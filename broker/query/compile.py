@@ -1,0 +1,451 @@
+"""sqlglot expressions -> typed Polars expressions, compiled once per query.
+
+`ExprCompiler.compile(node)` returns a `Typed` (a Polars expression and its canonical type), or
+raises the client error a user can act on (unknown column or function, type mismatch, unsupported
+construct) before any data is read. Semantics follow Timeplus: `/` divides as floats, LIKE is
+case-sensitive and ILIKE is not, `raw:key` is a string ('' for a missing key, the JSON text of
+a non-string), `::int` / `::float` are int32 / float32, and a cast that cannot convert gives
+null rather than failing the stream.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import polars as pl
+from sqlglot import exp
+
+from broker.errors import ErrorCode, client_error
+from broker.query import dtypes
+from broker.query.dtypes import DATETIME64, NULL, is_numeric, kind
+from broker.query.sqltext import JSON_FN
+
+NOW_COLUMN = "__now"   # the decoder adds it per batch when a query calls now()
+
+_NO_VALUE = object()
+
+# sqlglot's ClickHouse data types -> canonical types (Timeplus: `int` is int32, `float` float32).
+_CAST_TYPES: dict[object, str] = {
+    exp.DataType.Type.TINYINT: "int8", exp.DataType.Type.SMALLINT: "int16",
+    exp.DataType.Type.INT: "int32", exp.DataType.Type.BIGINT: "int64",
+    exp.DataType.Type.UTINYINT: "uint8", exp.DataType.Type.USMALLINT: "uint16",
+    exp.DataType.Type.UINT: "uint32", exp.DataType.Type.UBIGINT: "uint64",
+    exp.DataType.Type.FLOAT: "float32", exp.DataType.Type.DOUBLE: "float64",
+    exp.DataType.Type.TEXT: "string", exp.DataType.Type.VARCHAR: "string",
+    exp.DataType.Type.CHAR: "string", exp.DataType.Type.BOOLEAN: "bool",
+    exp.DataType.Type.DATETIME: "datetime", exp.DataType.Type.DATETIME64: DATETIME64,
+    exp.DataType.Type.TIMESTAMP: DATETIME64, exp.DataType.Type.DATE: "date",
+    exp.DataType.Type.JSON: "json",
+}
+# Timeplus's to_* conversion functions are casts by another name.
+_CONVERSIONS = {"to_string": "string", "to_int": "int32", "to_int32": "int32",
+                "to_int64": "int64", "to_float": "float32", "to_float32": "float32",
+                "to_float64": "float64", "to_bool": "bool", "to_datetime": "datetime",
+                "to_datetime64": DATETIME64, "to_date": "date"}
+_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
+_COMPARISONS: dict[type, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
+    exp.EQ: lambda a, b: a == b, exp.NEQ: lambda a, b: a != b, exp.GT: lambda a, b: a > b,
+    exp.GTE: lambda a, b: a >= b, exp.LT: lambda a, b: a < b, exp.LTE: lambda a, b: a <= b,
+}
+AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max)
+AGGREGATE_NAMES = {"count_distinct", "uniq", "uniq_exact"}
+
+
+@dataclass(frozen=True)
+class Typed:
+    expr: pl.Expr
+    type: str
+    value: object = _NO_VALUE   # the Python value when the expression is a literal
+
+    @property
+    def is_literal(self) -> bool:
+        return self.value is not _NO_VALUE
+
+
+def is_aggregate(node: exp.Expression) -> bool:
+    return isinstance(node, AGGREGATES) or (
+        isinstance(node, exp.Anonymous) and node.name.lower() in AGGREGATE_NAMES)
+
+
+def function_name(node: exp.Expression) -> str:
+    return node.name.lower() if isinstance(node, exp.Anonymous) else node.key
+
+
+def cast_target(to: exp.DataType) -> str:
+    target = _CAST_TYPES.get(to.this)
+    if target is None:
+        raise client_error(ErrorCode.UNSUPPORTED_SQL, detail=f"cast to {to.sql('clickhouse')}")
+    return target
+
+
+def parse_time(text: pl.Expr) -> pl.Expr:
+    """Text -> Datetime(ms): ISO 8601 with `T` or a space, optional fraction, `Z`, or a date."""
+    norm = text.str.strip_chars().str.replace("T", " ", literal=True).str.strip_suffix("Z")
+    return pl.coalesce([norm.str.strptime(pl.Datetime("ms"), f, strict=False) for f in _TIME_FORMATS])
+
+
+def cast(t: Typed, target: str) -> Typed:
+    """Convert to a canonical type the way Timeplus would, null where it cannot."""
+    src, dst = kind(t.type), kind(target)
+    dtype = dtypes.polars_dtype(target)
+    e = t.expr
+    if src == dst and src not in ("datetime", "datetime64"):
+        out = e.cast(dtype, strict=False)
+    elif dst in ("string", "json"):
+        if src in ("datetime64", "datetime", "date"):
+            out = e.dt.strftime(_FORMATS[src])
+        elif src == "bool":
+            out = pl.when(e).then(pl.lit("true")).when(e.not_()).then(pl.lit("false"))
+        else:
+            out = e.cast(pl.String, strict=False)
+    elif src in ("string", "json"):
+        if dst in ("datetime64", "datetime"):
+            out = parse_time(e)
+            if dst == "datetime":
+                out = out.dt.truncate("1s")
+        elif dst == "date":
+            out = parse_time(e).dt.date()
+        elif dst == "bool":
+            s = e.str.strip_chars().str.to_lowercase()
+            out = (pl.when(s.is_in(["true", "1"])).then(pl.lit(True))
+                   .when(s.is_in(["false", "0"])).then(pl.lit(False)))
+        else:
+            out = e.str.strip_chars().cast(dtype, strict=False)
+    elif dst in ("datetime64", "datetime"):
+        if src in ("int", "uint", "float"):   # numbers are Unix seconds, as toDateTime(n)
+            out = pl.from_epoch((e.cast(pl.Float64) * 1000).cast(pl.Int64), "ms")
+        elif src in ("datetime64", "datetime", "date", NULL):
+            out = e.cast(pl.Datetime("ms"))
+        else:
+            raise _mismatch(f"cannot cast {t.type} to {target}")
+        if dst == "datetime":
+            out = out.dt.truncate("1s")
+    elif dst == "date" and src in ("datetime64", "datetime", NULL):
+        out = e.cast(pl.Date)
+    elif dst == "bool" and src in ("int", "uint", "float"):
+        out = e != 0
+    elif src in ("datetime64", "datetime") and dst in ("int", "uint", "float"):
+        out = (e.dt.epoch("ms") // 1000).cast(dtype, strict=False)   # Unix seconds
+    elif src in ("int", "uint", "float", "bool", NULL) and dst in ("int", "uint", "float"):
+        out = e.cast(dtype, strict=False)
+    else:
+        raise _mismatch(f"cannot cast {t.type} to {target}")
+    return Typed(out.cast(dtype, strict=False), target)
+
+
+_FORMATS = {"datetime64": "%Y-%m-%d %H:%M:%S%.3f", "datetime": "%Y-%m-%d %H:%M:%S",
+            "date": "%Y-%m-%d"}
+
+
+def output_expr(t: Typed) -> pl.Expr:
+    """What a result column is sent as: time values as Timeplus's text form, the rest as is."""
+    fmt = _FORMATS.get(kind(t.type))
+    return t.expr.dt.strftime(fmt) if fmt else t.expr
+
+
+def _mismatch(detail: str) -> Exception:
+    return client_error(ErrorCode.TYPE_MISMATCH, detail=detail)
+
+
+def _like_regex(pattern: str, case_insensitive: bool) -> str:
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append(".*" if c == "%" else "." if c == "_" else re.escape(c))
+        i += 1
+    return ("(?is)" if case_insensitive else "(?s)") + "^" + "".join(out) + "$"
+
+
+def _numeric_result(a: str, b: str) -> str:
+    ka, kb = kind(a), kind(b)
+    if "float" in (ka, kb):
+        return "float64"
+    if ka == kb == "uint":
+        return "uint64"
+    return "int64"
+
+
+@dataclass
+class ExprCompiler:
+    """Compiles expressions over a frame whose columns (and canonical types) are `columns`."""
+    columns: dict[str, str]
+    stream: str = ""
+    used: set[str] = field(default_factory=set)   # input columns the expressions read
+    uses_now: bool = False
+
+    def compile(self, node: exp.Expression) -> Typed:
+        handler = getattr(self, f"_{type(node).__name__}", None)
+        if handler is not None:
+            result: Typed = handler(node)
+            return result
+        if isinstance(node, tuple(_COMPARISONS)):
+            return self._comparison(node)  # type: ignore[arg-type]
+        if isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Mod)):
+            return self._arithmetic(node)
+        if is_aggregate(node):
+            raise client_error(ErrorCode.UNSUPPORTED_SQL,
+                               detail=f"aggregate {node.sql('clickhouse')} is not allowed here")
+        if isinstance(node, exp.Func):
+            return self._function(node)
+        raise client_error(ErrorCode.UNSUPPORTED_SQL,
+                           detail=f"{node.key} ({node.sql('clickhouse')}) is not supported")
+
+    def compile_bool(self, node: exp.Expression) -> Typed:
+        t = self.compile(node)
+        k = kind(t.type)
+        if k in ("bool", NULL):
+            return t
+        if is_numeric(t.type):
+            return Typed(t.expr != 0, "bool")
+        raise _mismatch(f"{node.sql('clickhouse')} is {t.type}, a condition must be bool")
+
+    # leaves
+    def _Column(self, node: exp.Column) -> Typed:
+        name = node.name
+        if name not in self.columns:
+            known = ", ".join(c for c in self.columns if not c.startswith("__"))
+            raise client_error(ErrorCode.UNKNOWN_COLUMN, column=name,
+                               detail=f"{self.stream or 'the query'} has columns: {known}")
+        self.used.add(name)
+        return Typed(pl.col(name), self.columns[name])
+
+    def _Literal(self, node: exp.Literal) -> Typed:
+        if node.is_string:
+            return Typed(pl.lit(node.this, pl.String), "string", node.this)
+        text = node.this
+        try:
+            value: int | float = int(text)
+            if not -2**63 <= value < 2**63:
+                raise ValueError(text)
+            return Typed(pl.lit(value, pl.Int64), "int64", value)
+        except ValueError:
+            value = float(text)
+            return Typed(pl.lit(value, pl.Float64), "float64", value)
+
+    def _Boolean(self, node: exp.Boolean) -> Typed:
+        return Typed(pl.lit(bool(node.this), pl.Boolean), "bool", bool(node.this))
+
+    def _Null(self, node: exp.Null) -> Typed:
+        return Typed(pl.lit(None), NULL, None)
+
+    def _Paren(self, node: exp.Paren) -> Typed:
+        return self.compile(node.this)
+
+    # operators
+    def _Neg(self, node: exp.Neg) -> Typed:
+        t = self.compile(node.this)
+        if not is_numeric(t.type):
+            raise _mismatch(f"cannot negate {t.type}")
+        if t.is_literal and isinstance(t.value, (int, float)):
+            return Typed(pl.lit(-t.value), t.type, -t.value)
+        return Typed(-t.expr, "int64" if kind(t.type) == "uint" else t.type)
+
+    def _arithmetic(self, node: exp.Binary) -> Typed:
+        a, b = self.compile(node.this), self.compile(node.expression)
+        op = node.key
+        if not (is_numeric(a.type) and is_numeric(b.type)):
+            raise _mismatch(f"{op} of {a.type} and {b.type}")
+        result = _numeric_result(a.type, b.type)
+        dtype = dtypes.polars_dtype(result)
+        x, y = a.expr.cast(dtype), b.expr.cast(dtype)
+        out = {"add": x + y, "sub": x - y, "mul": x * y, "mod": x % y}[op]
+        return Typed(out, result)
+
+    def _Div(self, node: exp.Div) -> Typed:
+        a, b = self.compile(node.this), self.compile(node.expression)
+        if not (is_numeric(a.type) and is_numeric(b.type)):
+            raise _mismatch(f"division of {a.type} and {b.type}")
+        return Typed(a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64), "float64")
+
+    def _IntDiv(self, node: exp.IntDiv) -> Typed:
+        a, b = self.compile(node.this), self.compile(node.expression)
+        if not (is_numeric(a.type) and is_numeric(b.type)):
+            raise _mismatch(f"integer division of {a.type} and {b.type}")
+        return Typed((a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64)).floor().cast(
+            pl.Int64, strict=False), "int64")
+
+    def _comparable(self, a: Typed, b: Typed) -> tuple[pl.Expr, pl.Expr]:
+        ka, kb = kind(a.type), kind(b.type)
+        if NULL in (ka, kb) or (is_numeric(a.type) and is_numeric(b.type)) or ka == kb:
+            return a.expr, b.expr
+        if ka in ("string", "json") and kb in ("string", "json"):
+            return a.expr, b.expr
+        times = ("datetime64", "datetime", "date")
+        if ka in times and (kb in times or (b.is_literal and kb == "string")):
+            return a.expr.cast(pl.Datetime("ms")), cast(b, DATETIME64).expr
+        if kb in times and (ka in times or (a.is_literal and ka == "string")):
+            return cast(a, DATETIME64).expr, b.expr.cast(pl.Datetime("ms"))
+        raise _mismatch(f"cannot compare {a.type} with {b.type}")
+
+    def _comparison(self, node: exp.Binary) -> Typed:
+        a, b = self.compile(node.this), self.compile(node.expression)
+        x, y = self._comparable(a, b)
+        return Typed(_COMPARISONS[type(node)](x, y), "bool")
+
+    def _And(self, node: exp.And) -> Typed:
+        return Typed(self.compile_bool(node.this).expr & self.compile_bool(node.expression).expr,
+                     "bool")
+
+    def _Or(self, node: exp.Or) -> Typed:
+        return Typed(self.compile_bool(node.this).expr | self.compile_bool(node.expression).expr,
+                     "bool")
+
+    def _Not(self, node: exp.Not) -> Typed:
+        return Typed(self.compile_bool(node.this).expr.not_(), "bool")
+
+    def _Is(self, node: exp.Is) -> Typed:
+        if not isinstance(node.expression, exp.Null):
+            raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="IS is supported with NULL only")
+        return Typed(self.compile(node.this).expr.is_null(), "bool")
+
+    def _like(self, node: exp.Expression, case_insensitive: bool) -> Typed:
+        t = self.compile(node.this)
+        pattern = self.compile(node.expression)
+        if kind(t.type) not in ("string", "json", NULL):
+            raise _mismatch(f"LIKE needs a string, got {t.type}")
+        if not (pattern.is_literal and isinstance(pattern.value, str)):
+            raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="LIKE needs a constant pattern")
+        out = t.expr.str.contains(_like_regex(pattern.value, case_insensitive))
+        return Typed(out.not_() if node.args.get("negate") else out, "bool")
+
+    def _Like(self, node: exp.Like) -> Typed:
+        return self._like(node, False)
+
+    def _ILike(self, node: exp.ILike) -> Typed:
+        return self._like(node, True)
+
+    def _In(self, node: exp.In) -> Typed:
+        if node.args.get("query") or node.args.get("unnest") or node.args.get("field"):
+            raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="IN takes a list of constants")
+        t = self.compile(node.this)
+        items = [self.compile(e) for e in node.expressions]
+        if not all(i.is_literal for i in items):
+            raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="IN takes a list of constants")
+        values = [i.value for i in items if i.value is not None]
+        k = kind(t.type)
+        if k in ("string", "json"):
+            ok = all(isinstance(v, str) for v in values)
+        elif is_numeric(t.type) or k == "bool":
+            ok = all(isinstance(v, (int, float)) for v in values)
+        else:
+            ok = all(isinstance(v, str) for v in values)
+        if not ok:
+            raise _mismatch(f"IN list does not match {t.type}")
+        if kind(t.type) in ("datetime64", "datetime", "date"):
+            series = pl.Series(values, dtype=pl.String)
+            lit = pl.select(parse_time(pl.lit(series))).to_series()
+            return Typed(t.expr.cast(pl.Datetime("ms")).is_in(lit.implode()), "bool")
+        if k in ("int", "uint", "bool") and any(isinstance(v, float) for v in values):
+            return Typed(t.expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64).implode()),
+                         "bool")
+        dtype = dtypes.polars_dtype(t.type) if values else pl.String()
+        return Typed(t.expr.is_in(pl.Series(values, dtype=dtype, strict=False).implode()), "bool")
+
+    def _Cast(self, node: exp.Cast) -> Typed:
+        return cast(self.compile(node.this), cast_target(node.args["to"]))
+
+    def _TryCast(self, node: exp.TryCast) -> Typed:
+        return self._Cast(node)
+
+    # functions
+    def _args(self, node: exp.Expression) -> list[exp.Expression]:
+        if isinstance(node, exp.Anonymous):
+            return list(node.expressions)
+        args = [node.this] if node.this is not None else []
+        for key in ("expression", "decimals"):
+            if node.args.get(key) is not None:
+                args.append(node.args[key])
+        return args + list(node.expressions)
+
+    def _function(self, node: exp.Expression) -> Typed:
+        name = function_name(node)
+        if name == JSON_FN:
+            return self._json(node)  # type: ignore[arg-type]
+        args = self._args(node)
+
+        def arity(*allowed: int) -> None:
+            if len(args) not in allowed:
+                raise client_error(ErrorCode.SQL_SYNTAX,
+                                   detail=f"{name}() takes {' or '.join(map(str, allowed))} arguments")
+
+        if name in _CONVERSIONS:
+            arity(1)
+            return cast(self.compile(args[0]), _CONVERSIONS[name])
+        if name in ("lower", "upper"):
+            arity(1)
+            t = self._string_arg(name, args[0])
+            return Typed(t.expr.str.to_lowercase() if name == "lower" else t.expr.str.to_uppercase(),
+                         "string")
+        if name == "length":
+            arity(1)
+            return Typed(self._string_arg(name, args[0]).expr.str.len_bytes().cast(pl.UInt64),
+                         "uint64")
+        if name == "abs":
+            arity(1)
+            t = self._numeric_arg(name, args[0])
+            return Typed(t.expr.abs(), t.type)
+        if name == "round":
+            arity(1, 2)
+            t = self._numeric_arg(name, args[0])
+            digits = 0
+            if len(args) == 2:
+                d = self.compile(args[1])
+                if not (d.is_literal and isinstance(d.value, int)):
+                    raise _mismatch("round() takes a constant integer number of digits")
+                digits = d.value
+            if kind(t.type) == "float":
+                return Typed(t.expr.round(max(digits, 0)) if digits >= 0 else
+                             (t.expr / 10**-digits).round(0) * 10**-digits, t.type)
+            return t
+        if name in ("now", "currenttimestamp", "current_timestamp"):
+            arity(0)
+            self.uses_now = True
+            return Typed(pl.col(NOW_COLUMN).dt.truncate("1s"), "datetime")
+        if name in ("concat",):
+            parts = [cast(self.compile(a), "string").expr for a in args]
+            return Typed(pl.concat_str(parts), "string")
+        if name == "coalesce":
+            ts = [self.compile(a) for a in args]
+            typ = next((t.type for t in ts if kind(t.type) != NULL), NULL)
+            return Typed(pl.coalesce([t.expr for t in ts]), typ)
+        if name in ("if", "iff"):
+            if isinstance(node, exp.If):
+                args = [node.this, node.args["true"]] + (
+                    [node.args["false"]] if node.args.get("false") is not None else [])
+            arity(3)
+            cond = self.compile_bool(args[0])
+            a, b = self.compile(args[1]), self.compile(args[2])
+            typ = a.type if kind(a.type) != NULL else b.type
+            if kind(a.type) != kind(b.type) and NULL not in (kind(a.type), kind(b.type)) and not (
+                    is_numeric(a.type) and is_numeric(b.type)):
+                raise _mismatch(f"if() branches are {a.type} and {b.type}")
+            if is_numeric(a.type) and is_numeric(b.type) and kind(a.type) != kind(b.type):
+                typ = _numeric_result(a.type, b.type)
+            return Typed(pl.when(cond.expr).then(a.expr).otherwise(b.expr), typ)
+        raise client_error(ErrorCode.UNKNOWN_FUNCTION, function=name)
+
+    def _string_arg(self, name: str, node: exp.Expression) -> Typed:
+        t = self.compile(node)
+        if kind(t.type) not in ("string", "json", NULL):
+            raise _mismatch(f"{name}() takes a string, got {t.type}")
+        return t
+
+    def _numeric_arg(self, name: str, node: exp.Expression) -> Typed:
+        t = self.compile(node)
+        if not is_numeric(t.type):
+            raise _mismatch(f"{name}() takes a number, got {t.type}")
+        return t
+
+    def _json(self, node: exp.Anonymous) -> Typed:
+        column, path = node.expressions
+        t = self.compile(column)
+        if kind(t.type) not in ("string", "json"):
+            raise _mismatch(f"{column.name}:{path.this} needs a string or json column, "
+                            f"{column.name} is {t.type}")
+        return Typed(t.expr.str.json_path_match(f"$.{path.this}").fill_null(""), "string")

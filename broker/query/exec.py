@@ -1,0 +1,305 @@
+"""Executors: run a QueryPlan over batches of records. Synchronous, pure, no I/O.
+
+`feed(records, raw)` returns the result rows a batch produces (JSON-ready, header order),
+`tick(now_ms)` the periodic emission of a global aggregation, `finish()` what a bounded query
+still owes at its end; `done` turns true when LIMIT is reached. Every batch is evaluated with the
+plan's Polars expressions (compiled once); no Python runs per row.
+
+Windows (tumble/hop) are aligned to the epoch and keyed by their start. The watermark is the
+largest event time seen; a window is emitted once, when the watermark reaches its end. A row is
+late when every window it belongs to was already emitted (judged against the watermark of the
+rows before it, so how records are split into batches never changes the result): it is dropped
+and counted in `late_rows`. Rows with a null event time are skipped.
+
+State is bounded by `max_groups` (MAX_GROUPS by default) rows of aggregation state (groups, plus
+the distinct values kept for count_distinct). A windowed query over that many emits its oldest
+windows early (rows that arrive for them later are late); a global aggregation fails with
+UNSUPPORTED_SQL, since there is nothing it could emit early.
+"""
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Sequence
+
+import polars as pl
+
+from broker.errors import ErrorCode, client_error
+from broker.model import Record
+from broker.query import dtypes
+from broker.query.compile import NOW_COLUMN
+from broker.query.decode import BatchDecoder
+from broker.query.plan import QueryPlan
+
+MAX_GROUPS = 500_000
+GLOBAL_EMIT_MS = 2_000   # a global aggregation emits its running result this often
+
+
+class Executor:
+    def __init__(self, plan: QueryPlan) -> None:
+        self.plan = plan
+        self.decoder = BatchDecoder(plan.columns, plan.needed)
+        self.done = plan.limit == 0
+        self.emitted = 0
+        self.scanned_rows = 0
+        self.scanned_bytes = 0
+        self.late_rows = 0
+        self.skipped_rows = 0
+        self.last_event_time_ms = 0
+
+    def feed(self, records: Sequence[Record], raw: bool) -> list[list]:
+        if self.done or not records:
+            return []
+        self.scanned_rows += len(records)
+        self.scanned_bytes += sum(map(len, (r.data for r in records)))
+        self.last_event_time_ms = max(self.last_event_time_ms, records[-1].timestamp_ms)
+        df = self.decoder.decode(records, raw)
+        self.skipped_rows += self.decoder.skipped
+        if self.plan.uses_now:
+            df = df.with_columns(pl.lit(_now(), pl.Datetime("ms")).alias(NOW_COLUMN))
+        if self.plan.where is not None:
+            df = df.filter(self.plan.where)
+        return self._batch(df)
+
+    def tick(self, now_ms: int) -> list[list]:
+        return []
+
+    def finish(self) -> list[list]:
+        return []
+
+    def _batch(self, df: pl.DataFrame) -> list[list]:
+        raise NotImplementedError
+
+    def _project(self, df: pl.DataFrame) -> list[list]:
+        """The result rows of `df`: one per row even when every output is a constant."""
+        return self._rows(df.select(_ROW, *self.plan.outputs).drop("__row"))
+
+    def _rows(self, out: pl.DataFrame) -> list[list]:
+        """Result rows, cut at LIMIT."""
+        if self.plan.limit is not None:
+            out = out.head(self.plan.limit - self.emitted)
+            self.done = self.emitted + out.height >= self.plan.limit
+        self.emitted += out.height
+        return [list(row) for row in out.iter_rows()]
+
+
+_ROW = pl.int_range(pl.len()).alias("__row")
+
+
+def _now() -> object:
+    from datetime import datetime
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class ProjectExecutor(Executor):
+    """SELECT without aggregation: filter and project each batch."""
+
+    def _batch(self, df: pl.DataFrame) -> list[list]:
+        return self._project(df)
+
+    def finish(self) -> list[list]:
+        if self.plan.stream or self.emitted or self.done:
+            return []
+        # no FROM: one row of constants
+        return self._project(pl.DataFrame({NOW_COLUMN: [_now()]}, schema={NOW_COLUMN: pl.Datetime("ms")}))
+
+
+class AggregateExecutor(Executor):
+    """GROUP BY and aggregates, with or without a window. State: one frame of partial aggregates
+    per group (`__w` window start, `__k{j}` keys), merged with each batch's partials, plus one
+    frame of distinct (group, value) rows per count_distinct."""
+
+    def __init__(self, plan: QueryPlan, max_groups: int = MAX_GROUPS) -> None:
+        super().__init__(plan)
+        self.max_groups = max_groups
+        self.window = plan.window
+        self.key_names = [f"__k{j}" for j in range(len(plan.keys))]
+        self.group_cols = (["__w"] if self.window else []) + (self.key_names or (
+            [] if self.window else ["__g"]))
+        stage = [k.expr.alias(f"__k{j}") for j, k in enumerate(plan.keys)]
+        stage += [a.input.expr.alias(f"__in{i}") for i, a in enumerate(plan.aggregates)
+                  if a.input is not None]
+        if self.window:
+            stage.append(pl.col(self.window.time_column).cast(pl.Datetime("ms")).dt.epoch("ms")
+                         .cast(pl.Int64).alias("__t"))
+        elif not self.key_names:
+            stage.append(pl.lit(0, pl.Int8).alias("__g"))
+        self.stage = stage
+        self.partials: list[pl.Expr] = []
+        self.merges: list[pl.Expr] = []
+        self.finals: list[pl.Expr] = []
+        self.distinct: dict[int, pl.DataFrame | None] = {}
+        for i, a in enumerate(plan.aggregates):
+            self._spec(i, a.fn, a.type)
+        self.state: pl.DataFrame | None = None
+        self.watermark = -(2**62)      # largest event time seen
+        self.closed_upto = -(2**62)    # windows ending at or before this were emitted early
+        self.dirty = False
+        self.next_emit_ms: int | None = None
+        empty = pl.DataFrame(schema={n: dtypes.polars_dtype(plan.columns[n]) for n in plan.needed})
+        self.empty_stage = empty.select(_ROW, *self.stage).drop("__row")
+
+    def _spec(self, i: int, fn: str, type_text: str) -> None:
+        a, c = f"__a{i}", pl.col(f"__in{i}")
+        if fn == "count_star":
+            self.partials.append(pl.len().cast(pl.UInt64).alias(a))
+        elif fn == "count":
+            self.partials.append(c.count().cast(pl.UInt64).alias(a))
+        elif fn == "sum":
+            self.partials.append(c.cast(dtypes.polars_dtype(type_text)).sum().alias(a))
+        elif fn == "avg":
+            self.partials += [c.cast(pl.Float64).sum().alias(a + "_s"),
+                              c.count().cast(pl.UInt64).alias(a + "_n")]
+            self.merges += [pl.col(a + "_s").sum(), pl.col(a + "_n").sum()]
+            self.finals.append(pl.when(pl.col(a + "_n") > 0)
+                               .then(pl.col(a + "_s") / pl.col(a + "_n")).alias(a))
+            return
+        elif fn in ("min", "max"):
+            self.partials.append(getattr(c, fn)().alias(a))
+            self.merges.append(getattr(pl.col(a), fn)())
+            return
+        elif fn == "count_distinct":
+            self.distinct[i] = None
+            self.partials.append(pl.lit(0, pl.UInt64).alias(a))   # filled in when emitted
+            self.merges.append(pl.col(a).first())
+            return
+        self.merges.append(pl.col(a).sum())
+
+    # state
+    def state_rows(self) -> int:
+        n = self.state.height if self.state is not None else 0
+        return n + sum(d.height for d in self.distinct.values() if d is not None)
+
+    def _merge(self, stage: pl.DataFrame) -> None:
+        if stage.height == 0:
+            return
+        self.dirty = True
+        partial = stage.group_by(self.group_cols).agg(self.partials)
+        if self.state is None:
+            self.state = partial
+        else:
+            self.state = pl.concat([self.state, partial], how="vertical_relaxed") \
+                .group_by(self.group_cols).agg(self.merges)
+        for i, old in self.distinct.items():
+            values = stage.select(*self.group_cols, pl.col(f"__in{i}").alias("__v")) \
+                .drop_nulls("__v").unique()
+            self.distinct[i] = values if old is None else pl.concat(
+                [old, values], how="vertical_relaxed").unique()
+
+    def _take(self, groups: pl.DataFrame, rest: pl.DataFrame | None) -> pl.DataFrame:
+        """Finalise the aggregates of `groups`; keep `rest` as the state."""
+        for i, d in self.distinct.items():
+            if d is None:
+                continue
+            counts = d.join(groups.select(self.group_cols), on=self.group_cols, how="semi",
+                            nulls_equal=True) \
+                .group_by(self.group_cols).agg(pl.len().cast(pl.UInt64).alias(f"__d{i}"))
+            groups = groups.join(counts, on=self.group_cols, how="left", nulls_equal=True) \
+                .with_columns(pl.col(f"__d{i}").fill_null(0).alias(f"__a{i}")).drop(f"__d{i}")
+            if rest is not None:
+                self.distinct[i] = d.join(rest.select(self.group_cols), on=self.group_cols,
+                                          how="semi", nulls_equal=True)
+        if rest is not None:
+            self.state = rest
+        if self.finals:
+            groups = groups.with_columns(self.finals)
+        return groups
+
+    def _result(self, groups: pl.DataFrame) -> list[list]:
+        if groups.height == 0:
+            return []
+        if self.window:
+            size = self.window.size_ms
+            groups = groups.with_columns(
+                pl.from_epoch(pl.col("__w"), "ms").alias("window_start"),
+                pl.from_epoch(pl.col("__w") + size, "ms").alias("window_end"))
+        groups = groups.sort([c for c in self.group_cols if c != "__g"] or ["__g"], nulls_last=True)
+        if self.plan.having is not None:
+            groups = groups.filter(self.plan.having)
+        return self._project(groups)
+
+    def _global(self) -> list[list]:
+        if self.state is None:
+            if self.key_names:
+                return []
+            # no row yet: the aggregates of nothing (count 0, sum 0, the rest null)
+            groups = self.empty_stage.select(self.partials).with_columns(
+                pl.lit(0, pl.Int8).alias("__g"))
+            return self._result(self._take(groups, None))
+        return self._result(self._take(self.state, None))
+
+    def _batch(self, df: pl.DataFrame) -> list[list]:
+        stage = df.select(_ROW, *self.stage).drop("__row")
+        if self.window is None:
+            self._merge(stage)
+            if self.state_rows() > self.max_groups:
+                raise client_error(ErrorCode.UNSUPPORTED_SQL, detail=(
+                    f"the aggregation holds more than {self.max_groups} groups; aggregate over a "
+                    "window or fewer keys"))
+            return []
+        return self._window_batch(stage)
+
+    def _window_batch(self, stage: pl.DataFrame) -> list[list]:
+        assert self.window is not None
+        size, step = self.window.size_ms, self.window.step_ms
+        null_times = stage.get_column("__t").null_count()
+        if null_times:
+            self.skipped_rows += null_times
+            stage = stage.filter(pl.col("__t").is_not_null())
+        if stage.height == 0:
+            return []
+        mark = max(self.watermark, self.closed_upto)
+        # the watermark each row sees: the largest event time before it
+        stage = stage.with_columns(
+            pl.max_horizontal(pl.col("__t").cum_max().shift(1).fill_null(mark), pl.lit(mark))
+            .alias("__pw"),
+            ((pl.col("__t") // step) * step).alias("__base"))
+        self.late_rows += stage.filter(pl.col("__base") + size <= pl.col("__pw")).height
+        copies = -(-size // step)
+        pairs = pl.concat([
+            stage.with_columns((pl.col("__base") - k * step).alias("__w"))
+            .filter((pl.col("__w") + size > pl.col("__t")) & (pl.col("__w") + size > pl.col("__pw")))
+            for k in range(copies)])
+        self.watermark = max(self.watermark, int(stage.get_column("__t").max()))  # type: ignore[arg-type]
+        self._merge(pairs)
+        if self.state is None:
+            return []
+        closed = self.state.get_column("__w") + size <= self.watermark
+        ends = self.watermark
+        if self.state_rows() > self.max_groups:   # emit the oldest windows early
+            starts = self.state.group_by("__w").len().sort("__w")
+            over = self.state_rows() - self.max_groups
+            cum = starts.get_column("len").cum_sum()
+            n = int((cum < over).sum()) + 1
+            last = int(starts.get_column("__w")[min(n, starts.height) - 1])
+            self.closed_upto = max(self.closed_upto, last + size)
+            ends = max(ends, self.closed_upto)
+            closed = self.state.get_column("__w") + size <= ends
+        if not closed.any():
+            return []
+        return self._result(self._take(self.state.filter(closed), self.state.filter(~closed)))
+
+    def tick(self, now_ms: int) -> list[list]:
+        if self.window is not None or self.plan.bounded or self.done:
+            return []
+        if self.next_emit_ms is None:
+            self.next_emit_ms = now_ms + GLOBAL_EMIT_MS
+            return []
+        if now_ms < self.next_emit_ms or not self.dirty:
+            return []
+        self.next_emit_ms = now_ms + GLOBAL_EMIT_MS
+        self.dirty = False
+        return self._global()
+
+    def finish(self) -> list[list]:
+        if self.done:
+            return []
+        if self.window is None:
+            return self._global()
+        if self.state is None:
+            return []
+        return self._result(self._take(self.state, self.state.clear()))
+
+
+def make_executor(plan: QueryPlan) -> Executor:
+    return AggregateExecutor(plan) if plan.aggregating else ProjectExecutor(plan)
+

@@ -1,0 +1,410 @@
+"""SQL text -> QueryPlan: parse (sqlglot, ClickHouse dialect after broker/query/sqltext.py),
+resolve the stream and its columns, type-check and compile every expression once.
+
+Every error a user can make is raised here, before any data is read: SQL_SYNTAX, UNKNOWN_COLUMN,
+UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `lookup`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Callable
+
+import polars as pl
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+
+from broker.errors import ErrorCode, client_error
+from broker.model import ColumnDef
+from broker.query import dtypes
+from broker.query.compile import ExprCompiler, Typed, function_name, is_aggregate, output_expr
+from broker.query.dtypes import DATETIME64, NULL, kind
+from broker.query.sqltext import INTERVAL_FN, JSON_FN, rewrite
+
+if TYPE_CHECKING:
+    from broker.query.exec import Executor
+
+TP_TIME = "_tp_time"
+WINDOW_COLUMNS = ("window_start", "window_end")
+_INTERVAL_UNITS = {"millisecond": 1, "second": 1000, "minute": 60_000, "hour": 3_600_000,
+                   "day": 86_400_000}
+
+
+@dataclass(frozen=True)
+class Window:
+    """tumble (step == size) or hop; windows start at multiples of `step_ms` since the epoch."""
+    kind: str
+    time_column: str
+    size_ms: int
+    step_ms: int
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One aggregate call: `fn` in count_star, count, sum, avg, min, max, count_distinct; its
+    input is the stage column `__in{i}` (none for count_star)."""
+    fn: str
+    input: Typed | None
+    type: str
+
+
+@dataclass
+class QueryPlan:
+    sql: str
+    stream: str                           # "" for a query without FROM (`select 1`)
+    bounded: bool                         # FROM table(s): scan what is stored, then finish
+    seek_to: str | None                   # as written in SETTINGS seek_to
+    seek_ms: int | None                   # earliest -> 0; latest / absent -> None
+    header: list[tuple[str, str]]         # (name, canonical type) per result column
+    analysis: dict
+    time_columns: dict[str, int]          # eventTime / windowStart / windowEnd: index or -1
+    raw_stream: bool                      # the stream has no schema: records are raw text
+    limit: int | None
+    # what the executors run
+    columns: dict[str, str] = field(default_factory=dict)   # the stream's columns and types
+    needed: tuple[str, ...] = ()          # columns the query reads
+    uses_now: bool = False
+    where: pl.Expr | None = None
+    outputs: list[pl.Expr] = field(default_factory=list)     # result columns `__o{i}`, header order
+    window: Window | None = None
+    keys: list[Typed] = field(default_factory=list)          # GROUP BY keys (stage `__k{j}`)
+    aggregates: list[Aggregate] = field(default_factory=list)
+    having: pl.Expr | None = None
+
+    @property
+    def aggregating(self) -> bool:
+        return bool(self.aggregates or self.keys or self.window)
+
+    def executor(self) -> Executor:
+        from broker.query.exec import make_executor
+        return make_executor(self)
+
+
+def _syntax(detail: str) -> Exception:
+    return client_error(ErrorCode.SQL_SYNTAX, detail=detail)
+
+
+def _unsupported(detail: str) -> Exception:
+    return client_error(ErrorCode.UNSUPPORTED_SQL, detail=detail)
+
+
+def _parse(sql: str) -> exp.Select:
+    try:
+        statements = sqlglot.parse(rewrite(sql), read="clickhouse")
+    except (ParseError, TokenError) as e:
+        raise _syntax(str(e).splitlines()[0]) from None
+    statements = [s for s in statements if s is not None]
+    if len(statements) != 1:
+        raise _syntax("expected exactly one statement")
+    tree = statements[0]
+    assert tree is not None
+    if not isinstance(tree, exp.Select):
+        raise _unsupported(f"only SELECT queries are supported, not {tree.key.upper()}")
+    for key in ("joins", "with_", "order", "offset", "distinct", "laterals", "qualify", "windows"):
+        if tree.args.get(key):
+            raise _unsupported(f"{key.rstrip('_').upper()} is not supported")
+    if tree.find(exp.Subquery, exp.Window, exp.Union) is not None:
+        raise _unsupported("subqueries, window functions (OVER) and UNION are not supported")
+    return tree
+
+
+def _interval_ms(node: exp.Expression) -> int:
+    if isinstance(node, exp.Anonymous) and node.name == INTERVAL_FN:
+        ms = int(node.expressions[0].this)
+    elif isinstance(node, exp.Interval):
+        unit = node.text("unit").lower().rstrip("s")
+        if unit not in _INTERVAL_UNITS:
+            raise _unsupported(f"interval unit {unit}")
+        try:
+            ms = int(float(node.this.this) * _INTERVAL_UNITS[unit])
+        except (TypeError, ValueError):
+            raise _syntax(f"bad interval {node.sql('clickhouse')}") from None
+    else:
+        raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')}")
+    if ms <= 0:
+        raise _syntax("a window interval must be positive")
+    return ms
+
+
+def _stream_arg(node: exp.Expression) -> tuple[str, bool]:
+    """`s` or `table(s)` -> (name, bounded)."""
+    if isinstance(node, (exp.Column, exp.Table, exp.Identifier)) and node.name:
+        return node.name, False
+    if isinstance(node, exp.Anonymous) and node.name.lower() == "table" and len(node.expressions) == 1:
+        return _stream_arg(node.expressions[0])[0], True
+    raise _syntax(f"expected a stream name, got {node.sql('clickhouse')}")
+
+
+def _source(tree: exp.Select) -> tuple[str, bool, exp.Anonymous | None]:
+    """(stream, bounded, the tumble/hop call or None)."""
+    source = tree.args.get("from_")
+    if source is None:
+        return "", True, None
+    table = source.this
+    if not isinstance(table, exp.Table):
+        raise _unsupported(f"FROM {table.sql('clickhouse')}")
+    inner = table.this
+    if isinstance(inner, exp.Identifier):
+        return inner.name, False, None
+    if isinstance(inner, exp.Anonymous):
+        name = inner.name.lower()
+        if name == "table":
+            stream, bounded = _stream_arg(inner)
+            return stream, bounded, None
+        if name in ("tumble", "hop"):
+            if not inner.expressions:
+                raise _syntax(f"{name}() needs a stream")
+            stream, bounded = _stream_arg(inner.expressions[0])
+            return stream, bounded, inner
+    raise _unsupported(f"FROM {table.sql('clickhouse')}")
+
+
+def _window(call: exp.Anonymous, columns: dict[str, str]) -> Window:
+    name = call.name.lower()
+    args = list(call.expressions[1:])
+    intervals = 1 if name == "tumble" else 2
+    time_column = TP_TIME
+    if len(args) == intervals + 1:
+        col = args.pop(0)
+        if not isinstance(col, exp.Column):
+            raise _syntax(f"{name}(): expected a time column, got {col.sql('clickhouse')}")
+        time_column = col.name
+    if len(args) != intervals:
+        shape = "tumble(stream, [time_column], size)" if name == "tumble" else \
+            "hop(stream, [time_column], step, size)"
+        raise _syntax(f"expected {shape}")
+    if time_column not in columns:
+        raise client_error(ErrorCode.UNKNOWN_COLUMN, column=time_column,
+                           detail=f"{name}() needs an existing time column")
+    if kind(columns[time_column]) not in ("datetime64", "datetime", "date"):
+        raise client_error(ErrorCode.TYPE_MISMATCH,
+                           detail=f"{name}() time column {time_column} is {columns[time_column]}")
+    sizes = [_interval_ms(a) for a in args]
+    if name == "tumble":
+        return Window("tumble", time_column, sizes[0], sizes[0])
+    step, size = sizes
+    if step > size:
+        raise _syntax("hop(): the step must not exceed the size")
+    return Window("hop", time_column, size, step)
+
+
+def _settings(tree: exp.Select) -> tuple[str | None, int | None]:
+    seek_to: str | None = None
+    for item in tree.args.get("settings") or []:
+        if not (isinstance(item, exp.EQ) and isinstance(item.this, exp.Column)):
+            raise _syntax(f"bad setting {item.sql('clickhouse')}")
+        if item.this.name.lower() == "seek_to":   # other settings are accepted and ignored
+            value = item.expression
+            if not (isinstance(value, exp.Literal) and value.is_string):
+                raise _syntax("seek_to takes a string: 'earliest', 'latest' or an ISO 8601 time")
+            seek_to = value.this
+    if seek_to is None or seek_to.lower() == "latest":
+        return seek_to, None
+    if seek_to.lower() == "earliest":
+        return seek_to, 0
+    try:
+        when = datetime.fromisoformat(seek_to.strip().replace(" ", "T", 1))
+    except ValueError:
+        raise _syntax(f"seek_to='{seek_to}': expected 'earliest', 'latest' or an ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return seek_to, max(0, math.floor(when.timestamp() * 1000))
+
+
+def _limit(tree: exp.Select) -> int | None:
+    node = tree.args.get("limit")
+    if node is None:
+        return None
+    value = node.expression
+    if not (isinstance(value, exp.Literal) and not value.is_string and value.this.isdigit()):
+        raise _syntax("LIMIT takes a non-negative integer")
+    return int(value.this)
+
+
+def _display_name(node: exp.Expression) -> str:
+    """The name Timeplus gives an unaliased result column: the expression's text."""
+    if isinstance(node, exp.Column):
+        return node.name
+
+    def back(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Anonymous) and n.name == JSON_FN:
+            return exp.Var(this=f"{n.expressions[0].name}:{n.expressions[1].this}")
+        return n
+    return node.transform(back).sql("clickhouse")
+
+
+def _select_items(tree: exp.Select, columns: dict[str, str]) -> list[tuple[str, exp.Expression]]:
+    items: list[tuple[str, exp.Expression]] = []
+    for node in tree.expressions:
+        if isinstance(node, exp.Star):
+            if not columns:
+                raise _syntax("SELECT * needs FROM")
+            items.extend((name, exp.column(name)) for name in columns)
+        elif isinstance(node, exp.Alias):
+            items.append((node.alias, node.this))
+        else:
+            items.append((_display_name(node), node))
+    return items
+
+
+def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
+    name = function_name(node)
+    arg = node.this if not isinstance(node, exp.Anonymous) else (
+        node.expressions[0] if len(node.expressions) == 1 else None)
+    if isinstance(node, exp.Anonymous) and len(node.expressions) != 1:
+        raise _syntax(f"{name}() takes one argument")
+    if isinstance(node, exp.Count):
+        if arg is None or isinstance(arg, exp.Star):
+            return Aggregate("count_star", None, "uint64")
+        if isinstance(arg, exp.Distinct):
+            if len(arg.expressions) != 1:
+                raise _unsupported("count(DISTINCT ...) of more than one expression")
+            return Aggregate("count_distinct", compiler.compile(arg.expressions[0]), "uint64")
+        return Aggregate("count", compiler.compile(arg), "uint64")
+    if arg is None or isinstance(arg, exp.Star):
+        raise _syntax(f"{name}() needs an argument")
+    if any(is_aggregate(n) for n in arg.find_all(exp.Expression) if n is not arg):
+        raise _unsupported("aggregates inside aggregates")
+    t = compiler.compile(arg)
+    if name in AGG_DISTINCT:
+        return Aggregate("count_distinct", t, "uint64")
+    if name in ("sum", "avg"):
+        if not dtypes.is_numeric(t.type):
+            raise client_error(ErrorCode.TYPE_MISMATCH, detail=f"{name}() of {t.type}")
+        if name == "avg":
+            return Aggregate("avg", t, "float64")
+        k = kind(t.type)
+        return Aggregate("sum", t, "float64" if k in ("float", NULL) else
+                         "uint64" if k == "uint" else "int64")
+    if kind(t.type) == "json":
+        raise client_error(ErrorCode.TYPE_MISMATCH, detail=f"{name}() of json")
+    return Aggregate(name, t, t.type)
+
+
+AGG_DISTINCT = ("count_distinct", "uniq", "uniq_exact")
+
+
+def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
+    tree = _parse(sql)
+    stream, bounded, window_call = _source(tree)
+    seek_to, seek_ms = _settings(tree)
+    limit = _limit(tree)
+    defs = lookup(stream) if stream else ()
+    columns = {c.name: c.type for c in defs}
+    raw_stream = [c.name for c in defs] == ["raw", TP_TIME] and kind(defs[0].type) == "string"
+    window = _window(window_call, columns) if window_call is not None else None
+    items = _select_items(tree, columns)
+    group = tree.args.get("group")
+    having_node = tree.args.get("having")
+    where_node = tree.args.get("where")
+    inputs = ExprCompiler(columns, stream)
+
+    plan = QueryPlan(sql=sql, stream=stream, bounded=bounded, seek_to=seek_to, seek_ms=seek_ms,
+                     header=[], analysis={}, time_columns={}, raw_stream=raw_stream, limit=limit,
+                     columns=columns, window=window)
+    if where_node is not None:
+        if any(is_aggregate(n) for n in where_node.walk()):
+            raise _unsupported("aggregates in WHERE (use HAVING)")
+        plan.where = inputs.compile_bool(where_node.this).expr
+
+    has_aggr = bool(group or having_node or window or any(
+        is_aggregate(n) for _, node in items for n in node.find_all(exp.Expression)))
+    result_types: list[str] = []
+    group_names: list[str] = []
+    if not has_aggr:
+        for _name, node in items:
+            t = inputs.compile(node)
+            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
+            result_types.append(t.type)
+    else:
+        if not stream:
+            raise _unsupported("aggregation needs FROM")
+        aliases = dict(items)
+        key_nodes: list[exp.Expression] = []
+        for g in (group.expressions if group else []):
+            if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:
+                continue   # the window is always a key
+            if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
+                g = aliases[g.name]
+            if any(is_aggregate(n) for n in g.walk()):
+                raise _unsupported("aggregates in GROUP BY")
+            key_nodes.append(g)
+            group_names.append(_display_name(g))
+            plan.keys.append(inputs.compile(g))
+        agg_nodes: list[exp.Expression] = []
+        out_columns = {f"__k{j}": k.type for j, k in enumerate(plan.keys)}
+        if window:
+            out_columns.update(dict.fromkeys(WINDOW_COLUMNS, DATETIME64))
+
+        def replace(n: exp.Expression) -> exp.Expression:
+            for j, k in enumerate(key_nodes):
+                if n == k:
+                    return exp.column(f"__k{j}")
+            if is_aggregate(n):
+                for i, a in enumerate(agg_nodes):
+                    if n == a:
+                        return exp.column(f"__a{i}")
+                agg_nodes.append(n)
+                plan.aggregates.append(_aggregate_of(n, inputs))
+                out_columns[f"__a{len(agg_nodes) - 1}"] = plan.aggregates[-1].type
+                return exp.column(f"__a{len(agg_nodes) - 1}")
+            return n
+
+        outputs = ExprCompiler(out_columns, stream)
+
+        def unalias(n: exp.Expression) -> exp.Expression:
+            if isinstance(n, exp.Column) and n.name not in columns and n.name in aliases:
+                return aliases[n.name].copy()
+            return n
+
+        def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
+            if resolve_aliases:
+                node = node.copy().transform(unalias)
+            rewritten = node.copy().transform(replace)
+            for col in rewritten.find_all(exp.Column):
+                if col.name not in out_columns:
+                    inputs.compile(col)   # an unknown column is reported as such
+                    raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
+            return outputs.compile(rewritten)
+
+        for _name, node in items:
+            t = compile_outer(node)
+            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
+            result_types.append(t.type)
+        if having_node is not None:
+            plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
+            if outputs.uses_now:
+                raise _unsupported("now() in HAVING")
+        if outputs.uses_now:
+            raise _unsupported("now() over aggregates")
+    plan.uses_now = inputs.uses_now
+    needed = set(inputs.used)
+    if window:
+        needed.add(window.time_column)
+    plan.needed = tuple(c for c in columns if c in needed)
+    plan.header = [(name, t) for (name, _), t in zip(items, result_types)]
+    names = [name for name, _ in plan.header]
+    plan.time_columns = {
+        "eventTime": names.index(TP_TIME) if TP_TIME in names else -1,
+        "windowStart": _index_of(items, "window_start") if window else -1,
+        "windowEnd": _index_of(items, "window_end") if window else -1,
+    }
+    plan.analysis = {
+        "is_streaming": not bounded, "query_type": "historical" if bounded else "streaming",
+        "has_aggr": has_aggr, "has_subquery": False, "has_table_join": False, "has_union": False,
+        "original_query": sql, "rewritten_query": sql,
+        "required_columns": [{"database": "default", "table": stream, "column": c,
+                              "column_type": columns[c]} for c in plan.needed],
+        "result_columns": [{"column": n, "column_type": t} for n, t in plan.header],
+        "group_by_columns": group_names,
+    }
+    return plan
+
+
+def _index_of(items: list[tuple[str, exp.Expression]], column: str) -> int:
+    for i, (_, node) in enumerate(items):
+        if isinstance(node, exp.Column) and node.name == column:
+            return i
+    return -1

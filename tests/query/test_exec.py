@@ -1,0 +1,237 @@
+"""Executors: typed results, windows (exact aggregates, late rows), global emissions, LIMIT,
+and decoding that loses no good record to a bad one."""
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import ClientError
+from broker.query import compile_query
+from broker.query.exec import AggregateExecutor
+from tests.query.helpers import lookup, raw, row
+
+T0 = 1_704_067_200_000   # 2024-01-01 00:00:00 UTC, a multiple of every window size used here
+
+
+def run(sql: str, *batches: list, raw_stream: bool = False, finish: bool = True) -> list[list]:
+    ex = compile_query(sql, lookup).executor()
+    out = [r for b in batches for r in ex.feed(b, raw_stream)]
+    return out + (ex.finish() if finish else [])
+
+
+def test_seed_query_typed_values() -> None:
+    records = [raw(0, b'{"key1":"a","key2":42}'), raw(1, b'{"key1":3,"key2":"7"}'),
+               raw(2, b'{"key1":{"x":[1]}}'), raw(3, b'not json'), raw(4, b'\xff\xfe')]
+    assert run("select raw:key1 as k1, raw:key2::int as k2 from foo", records, raw_stream=True) == [
+        ["a", 42], ["3", 7], ['{"x":[1]}', None], ["", None], ["", None]]
+
+
+def test_json_paths_casts_and_scalar_functions() -> None:
+    records = [raw(0, b'{"a":{"b":"deep"},"f":"1.5","t":true,"d":"2024-01-01T00:00:01.25Z"}')]
+    sql = ("select raw:a.b, raw:f::float, raw:f::float * 2, raw:t::bool, raw:d::datetime, "
+           "to_string(1 / 4), lower('AbC'), upper(raw:a.b), length(raw:a.b), abs(-3), "
+           "round(2.567, 2), cast(raw:d as datetime64(3)) from foo")
+    assert run(sql, records, raw_stream=True) == [
+        ["deep", 1.5, 3.0, True, "2024-01-01 00:00:01", "0.25", "abc", "DEEP", 4, 3, 2.57,
+         "2024-01-01 00:00:01.250"]]
+
+
+def test_typed_stream_columns_and_filters() -> None:
+    records = [row(i, T0 + i * 1000, s=f"Key{i}", i=i, f=i / 2, b=i % 2 == 0, n=None if i % 3 else i,
+                   ts=f"2024-01-01 00:00:0{i}.500", d="2024-01-02", j={"x": i}, u=i)
+               for i in range(6)]
+    got = run("select s, i, f, b, ts, d, j:x, n, u, _tp_time from t where i >= 4", records)
+    assert got == [["Key4", 4, 2.0, True, "2024-01-01 00:00:04.500", "2024-01-02", "4", None, 4,
+                    "2024-01-01 00:00:04.000"],
+                   ["Key5", 5, 2.5, False, "2024-01-01 00:00:05.500", "2024-01-02", "5", None, 5,
+                    "2024-01-01 00:00:05.000"]]
+    assert run("select i from t where s like 'Key%' and s like '%1'", records) == [[1]]
+    assert run("select i from t where s like 'key%'", records) == []          # LIKE: case matters
+    assert run("select count(*) from t where s ilike 'key%'", records) == [[6]]   # ILIKE: not
+    assert run("select i from t where i in (2, 3) or n is not null", records) == [[0], [2], [3]]
+    assert run("select i / 4, i % 4 from t where i = 5", records) == [[1.25, 1]]
+    assert run("select i from t where ts > '2024-01-01 00:00:04' and not b", records) == [[5]]
+
+
+def test_missing_columns_are_null_and_tp_time_falls_back_to_the_append_time() -> None:
+    records = [raw(0, b'{"s":"x"}', ms=T0 + 5), raw(1, b'{"i":"not an int","s":"y"}', ms=T0 + 6)]
+    assert run("select s, i, _tp_time from t", records) == [
+        ["x", None, "2024-01-01 00:00:00.005"], ["y", None, "2024-01-01 00:00:00.006"]]
+
+
+def test_time_values_from_other_doors_parse_too() -> None:
+    records = [raw(0, b'{"ts":"2024-01-01T00:00:01.25Z","d":"2024-01-02 00:00:00"}'),
+               raw(1, b'{"ts":"2024-01-01 00:00:02.500","d":"2024-01-03"}'),
+               raw(2, b'{"ts":"yesterday","d":null}')]
+    assert run("select ts, d from t", records) == [
+        ["2024-01-01 00:00:01.250", "2024-01-02"], ["2024-01-01 00:00:02.500", "2024-01-03"],
+        [None, None]]
+
+
+def test_a_bad_record_loses_only_itself() -> None:
+    good = [row(i, T0 + i, i=i) for i in range(100)]
+    bad = [raw(900, b"[1,2]"), raw(901, b""), raw(902, b'{"i": 1.5,\n "s": "multi-line"}'),
+           raw(903, b"{broken")]
+    ex = compile_query("select i, s from t", lookup).executor()
+    out = ex.feed(good[:50] + bad + good[50:], False)
+    assert [r[0] for r in out] == [*list(range(50)), None, *list(range(50, 100))]
+    assert out[50] == [None, "multi-line"]
+    assert ex.skipped_rows == 3 and ex.scanned_rows == 104
+
+
+def tumbling(ms_list: list[int], keys: list[str] | None = None) -> list:
+    return [row(n, T0 + ms, i=n, s=(keys[n] if keys else "k"), f=float(n))
+            for n, ms in enumerate(ms_list)]
+
+
+def test_tumble_exact_aggregates_and_emission_on_watermark() -> None:
+    sql = ("select window_start, window_end, count(*), sum(i), avg(f), min(i), max(i), "
+           "count_distinct(s) from tumble(t, 5s) group by window_start")
+    ex = compile_query(sql, lookup).executor()
+    # window [0,5s): rows 0,1,2 ; [5s,10s): rows 3,4 ; [10s,15s): row 5
+    keys = ["a", "b", "a", "c", "c", "d"]
+    records = tumbling([0, 1000, 4999, 5000, 9000, 10_000], keys)
+    assert ex.feed(records[:3], False) == []           # watermark 4999 < 5000: still open
+    assert ex.feed(records[3:4], False) == [
+        ["2024-01-01 00:00:00.000", "2024-01-01 00:00:05.000", 3, 3, 1.0, 0, 2, 2]]
+    assert ex.feed(records[4:], False) == [
+        ["2024-01-01 00:00:05.000", "2024-01-01 00:00:10.000", 2, 7, 3.5, 3, 4, 1]]
+    assert ex.finish() == [
+        ["2024-01-01 00:00:10.000", "2024-01-01 00:00:15.000", 1, 5, 5.0, 5, 5, 1]]
+
+
+def test_tumble_by_key() -> None:
+    sql = "select window_start, s, count(*) as c from tumble(t, 5s) group by window_start, s"
+    records = tumbling([0, 100, 200, 5000, 5100], ["b", "a", "b", "a", "a"])
+    assert run(sql, records) == [["2024-01-01 00:00:00.000", "a", 1], ["2024-01-01 00:00:00.000", "b", 2],
+                                 ["2024-01-01 00:00:05.000", "a", 2]]
+
+
+def test_late_rows_are_dropped_and_counted_out_of_order_rows_are_not() -> None:
+    sql = "select window_start, count(*), sum(i) from tumble(t, 5s) group by window_start"
+    ex = compile_query(sql, lookup).executor()
+    records = [row(0, T0 + 3000, i=1), row(1, T0 + 1000, i=2),   # out of order, window open
+               row(2, T0 + 6000, i=4),                            # closes [0,5s)
+               row(3, T0 + 2000, i=8),                            # late: dropped
+               row(4, T0 + 5500, i=16)]                           # out of order, open window
+    out = ex.feed(records, False)
+    assert out == [["2024-01-01 00:00:00.000", 2, 3]]
+    assert ex.late_rows == 1
+    assert ex.finish() == [["2024-01-01 00:00:05.000", 2, 20]]
+
+
+def test_hop_exact_aggregates() -> None:
+    sql = ("select window_start, window_end, count(*), sum(i), avg(i) from hop(t, 2s, 6s) "
+           "group by window_start")
+    records = [row(n, T0 + ms, i=n + 1) for n, ms in enumerate([0, 1500, 2500, 4000, 7000])]
+    # windows start at multiples of 2s and last 6s; a row at t is in starts (t-6s, t]
+    out = run(sql, records)
+    expected = {-4000: [1, 2], -2000: [1, 2, 3], 0: [1, 2, 3, 4], 2000: [3, 4, 5],
+                4000: [4, 5], 6000: [5]}
+    got = {r[0]: r[2:] for r in out}
+    assert len(out) == len(expected)
+    for start, items in expected.items():
+        from tests.query.helpers import text
+        assert got[text(T0 + start)] == [len(items), sum(items), sum(items) / len(items)]
+    assert [r[0] for r in out] == sorted(r[0] for r in out)
+
+
+def test_hop_row_late_only_when_all_its_windows_closed() -> None:
+    sql = "select window_start, count(*) from hop(t, 2s, 4s) group by window_start"
+    ex = compile_query(sql, lookup).executor()
+    ex.feed([row(0, T0 + 5000, i=0)], False)   # closes windows ending <= 5s: [0,4s) only
+    ex.feed([row(1, T0 + 3000, i=1)], False)   # in [0,4s) (closed) and [2s,6s) (open): kept
+    ex.feed([row(2, T0 + 500, i=2)], False)    # in [-2s,2s) and [0,4s): both closed: late
+    assert ex.late_rows == 1
+    out = {r[0]: r[1] for r in ex.finish()}
+    assert out == {"2024-01-01 00:00:02.000": 2, "2024-01-01 00:00:04.000": 1}
+
+
+def test_window_on_a_named_time_column_skips_null_times() -> None:
+    sql = "select window_start, count(*) from tumble(table(t), ts, 10s) group by window_start"
+    records = [row(0, T0, ts="2024-01-01 00:00:11.000"), row(1, T0, ts=None),
+               row(2, T0, ts="2024-01-01 00:00:01.000")]
+    ex = compile_query(sql, lookup).executor()
+    assert ex.feed(records, False) == [] and ex.late_rows == 1 and ex.skipped_rows == 1
+    assert ex.finish() == [["2024-01-01 00:00:10.000", 1]]
+
+
+def test_global_aggregation_emits_every_two_seconds_while_rows_arrive() -> None:
+    ex = compile_query("select count(*), sum(i) from t", lookup).executor()
+    assert ex.tick(0) == []                            # starts the clock
+    assert ex.feed([row(0, T0, i=1), row(1, T0, i=2)], False) == []
+    assert ex.tick(1999) == []
+    assert ex.tick(2000) == [[2, 3]]
+    assert ex.tick(4000) == []                         # nothing new: nothing emitted
+    ex.feed([row(2, T0, i=4)], False)
+    assert ex.tick(4100) == [[3, 7]]                   # 2 s since the last emission
+    ex.feed([row(3, T0, i=8)], False)
+    assert ex.tick(6099) == []
+    assert ex.tick(6100) == [[4, 15]]
+
+
+def test_global_group_by_and_having() -> None:
+    sql = "select s, count(*) as c, max(i) from t group by s having c > 1"
+    records = [row(n, T0, s=k, i=n) for n, k in enumerate("abab c")]
+    ex = compile_query(sql, lookup).executor()
+    ex.tick(0)
+    ex.feed(records, False)
+    assert ex.tick(2000) == [["a", 2, 2], ["b", 2, 3]]
+
+
+def test_bounded_aggregation_over_nothing() -> None:
+    assert run("select count(*), sum(i), max(i) from table(t)") == [[0, 0, None]]
+    assert run("select count(*) from table(t)") == [[0]]
+
+
+def test_constant_outputs_give_one_row_per_input_row() -> None:
+    assert run("select 1, 'x' from t", [row(0, T0), row(1, T0)]) == [[1, "x"], [1, "x"]]
+    assert run("select i, i from t", [row(0, T0, i=3)]) == [[3, 3]]
+    assert run("select count(*) from t where s ilike 'KEY%'", [row(0, T0, s="key")]) == [[1]]
+    assert run("select s, count(*) from table(t) group by s") == []
+
+
+def test_bounded_queries_do_not_emit_on_tick() -> None:
+    ex = compile_query("select count(*) from table(t)", lookup).executor()
+    ex.tick(0)
+    ex.feed([row(0, T0)], False)
+    assert ex.tick(10_000) == [] and ex.finish() == [[1]]
+
+
+def test_limit_ends_the_query() -> None:
+    ex = compile_query("select i from t limit 3", lookup).executor()
+    assert ex.feed([row(0, T0, i=0), row(1, T0, i=1)], False) == [[0], [1]] and not ex.done
+    assert ex.feed([row(2, T0, i=2), row(3, T0, i=3)], False) == [[2]] and ex.done
+    assert ex.feed([row(4, T0, i=4)], False) == []
+    w = compile_query("select window_start, count(*) from tumble(t, 1s) group by window_start "
+                      "limit 1", lookup).executor()
+    assert len(w.feed([row(n, T0 + n * 1000) for n in range(5)], False)) == 1 and w.done
+
+
+def test_counters() -> None:
+    ex = compile_query("select i from t", lookup).executor()
+    records = [row(0, T0 + 7, i=1), row(1, T0 + 9, i=2)]
+    ex.feed(records, False)
+    assert ex.scanned_rows == 2 and ex.scanned_bytes == sum(len(r.data) for r in records)
+    assert ex.last_event_time_ms == T0 + 9
+
+
+def test_window_state_limit_emits_the_oldest_windows_early() -> None:
+    plan = compile_query("select window_start, s, count(*) from tumble(t, 10s) "
+                         "group by window_start, s", lookup)
+    ex = AggregateExecutor(plan, max_groups=4)
+    first = ex.feed([row(n, T0, s=f"k{n}") for n in range(3)], False)
+    assert first == []
+    out = ex.feed([row(10 + n, T0 + 10_000, s=f"k{n}") for n in range(3)], False)
+    # the watermark (10 s) closes [0,10s) anyway; then fill 2 windows over the limit
+    assert len(out) == 3
+    out = ex.feed([row(20 + n, T0 + 20_000 + n, s=f"x{n}") for n in range(3)]
+                  + [row(30, T0 + 15_000, s="late?")], False)
+    assert {r[0] for r in out} == {"2024-01-01 00:00:10.000"}     # emitted early, at the limit
+    assert ex.state_rows() <= 4
+
+
+def test_global_state_limit_fails_the_query() -> None:
+    plan = compile_query("select s, count(*) from t group by s", lookup)
+    ex = AggregateExecutor(plan, max_groups=10)
+    with pytest.raises(ClientError, match="more than 10 groups"):
+        ex.feed([row(n, T0, s=str(n)) for n in range(11)], False)

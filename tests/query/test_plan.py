@@ -1,0 +1,137 @@
+"""compile_query: the SQL subset, what the plan says about it, and every error before any data."""
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import ClientError, ErrorCode
+from broker.query import compile_query
+from broker.query.sqltext import rewrite
+from tests.query.helpers import lookup
+
+
+def plan(sql: str):
+    return compile_query(sql, lookup)
+
+
+def error(sql: str) -> ErrorCode:
+    with pytest.raises(ClientError) as info:
+        plan(sql)
+    return info.value.code
+
+
+def test_the_pre_pass_leaves_strings_and_comments_alone() -> None:
+    assert rewrite("select raw:a.b, 'x:y 5s' from hop(s, 2s, 1m) -- raw:z 5s") == (
+        "select __json(raw, 'a.b'), 'x:y 5s' from hop(s, __interval(2000), __interval(60000))"
+        " -- raw:z 5s")
+    assert rewrite("select x::int, \"a:b\", `c:d` from s") == "select x::int, \"a:b\", `c:d` from s"
+
+
+def test_the_seed_query() -> None:
+    p = plan("select raw:key1 as k1, raw:key2::int as k2 from foo")
+    assert p.stream == "foo" and not p.bounded and p.seek_ms is None and p.limit is None
+    assert p.header == [("k1", "string"), ("k2", "int32")]
+    assert p.raw_stream and p.needed == ("raw",)
+    assert p.time_columns == {"eventTime": -1, "windowStart": -1, "windowEnd": -1}
+    assert p.analysis["is_streaming"] and p.analysis["query_type"] == "streaming"
+    assert p.analysis["required_columns"][0]["column"] == "raw"
+    assert p.analysis["result_columns"] == [{"column": "k1", "column_type": "string"},
+                                            {"column": "k2", "column_type": "int32"}]
+
+
+def test_star_lists_every_column_with_tp_time() -> None:
+    p = plan("select * from t")
+    assert [n for n, _ in p.header] == ["s", "i", "f", "b", "ts", "d", "j", "n", "u", "_tp_time"]
+    assert p.time_columns["eventTime"] == 9 and not p.raw_stream
+
+
+@pytest.mark.parametrize("sql, expected", [
+    ("select i::int, f::float, i::string, s::bool, s::datetime, cast(i as double) from t",
+     ["int32", "float32", "string", "bool", "datetime", "float64"]),
+    ("select i + 1, i / 2, f * i, i % 3, -f, u + u from t",
+     ["int64", "float64", "float64", "int64", "float64", "uint64"]),
+    ("select i > 1 and not b or s like 'a%', s ilike 'A', i in (1, 2), n is null, n is not null "
+     "from t", ["bool"] * 5),
+    ("select lower(s), upper(s), length(s), abs(i), round(f, 1), to_string(i), now() from t",
+     ["string", "string", "uint64", "int64", "float64", "string", "datetime"]),
+    ("select raw:a.b, j:x from foo, t", None),
+])
+def test_expression_types(sql: str, expected: list[str] | None) -> None:
+    if expected is None:
+        assert error(sql) == ErrorCode.UNSUPPORTED_SQL   # a join
+        return
+    assert [t for _, t in plan(sql).header] == expected
+
+
+def test_table_seek_to_and_limit() -> None:
+    p = plan("select * from table(t) limit 5 settings seek_to='earliest'")
+    assert p.bounded and p.seek_to == "earliest" and p.seek_ms == 0 and p.limit == 5
+    assert p.analysis["query_type"] == "historical"
+    assert plan("select * from t settings seek_to='2024-01-01T00:00:01Z'").seek_ms == 1704067201000
+    assert plan("select * from t settings seek_to='2024-01-01 00:00:01.5'").seek_ms == 1704067201500
+    assert plan("select * from t settings seek_to='latest'").seek_ms is None
+    assert plan("select * from t settings max_threads=2").seek_to is None   # others: ignored
+
+
+def test_windows() -> None:
+    p = plan("select window_start, window_end, s, count(*) from tumble(t, 5s) group by window_start, s")
+    assert p.window is not None and (p.window.size_ms, p.window.step_ms) == (5000, 5000)
+    assert p.window.time_column == "_tp_time" and p.needed == ("s", "_tp_time")
+    assert p.time_columns == {"eventTime": -1, "windowStart": 0, "windowEnd": 1}
+    assert p.analysis["group_by_columns"] == ["s"] and p.analysis["has_aggr"]
+    h = plan("select window_start, sum(i) from hop(table(t), ts, 2s, 10s) group by window_start")
+    assert h.bounded and h.window is not None
+    assert (h.window.kind, h.window.time_column, h.window.step_ms, h.window.size_ms) == (
+        "hop", "ts", 2000, 10000)
+    i = plan("select count() from tumble(t, interval 1 minute) group by window_start")
+    assert i.window is not None and i.window.size_ms == 60000
+
+
+def test_aggregate_types_and_names() -> None:
+    p = plan("select count(*), count(n), sum(i), sum(f), sum(u), avg(i), min(s), max(ts), "
+             "count_distinct(s), count(distinct i), sum(i) / count(*) as mean from t")
+    assert [t for _, t in p.header] == ["uint64", "uint64", "int64", "float64", "uint64",
+                                        "float64", "string", "datetime64(3)", "uint64", "uint64",
+                                        "float64"]
+    assert p.header[0][0] == "count(*)" and p.header[-1][0] == "mean"
+
+
+@pytest.mark.parametrize("sql, code", [
+    ("selec * from t", ErrorCode.SQL_SYNTAX),
+    ("select from where", ErrorCode.SQL_SYNTAX),
+    ("select 1; select 2", ErrorCode.SQL_SYNTAX),
+    ("select * from t limit -1", ErrorCode.SQL_SYNTAX),
+    ("select * from t settings seek_to='yesterday'", ErrorCode.SQL_SYNTAX),
+    ("select count(*) from tumble(t) group by window_start", ErrorCode.SQL_SYNTAX),
+    ("select count(*) from hop(t, 10s, 2s) group by window_start", ErrorCode.SQL_SYNTAX),
+    ("select nope from t", ErrorCode.UNKNOWN_COLUMN),
+    ("select * from t where nope > 1", ErrorCode.UNKNOWN_COLUMN),
+    ("select count(*) from tumble(t, nope, 5s) group by window_start", ErrorCode.UNKNOWN_COLUMN),
+    ("select window_start from t", ErrorCode.UNKNOWN_COLUMN),
+    ("select frobnicate(s) from t", ErrorCode.UNKNOWN_FUNCTION),
+    ("select s + 1 from t", ErrorCode.TYPE_MISMATCH),
+    ("select * from t where s > 1", ErrorCode.TYPE_MISMATCH),
+    ("select * from t where s", ErrorCode.TYPE_MISMATCH),
+    ("select i:key from t", ErrorCode.TYPE_MISMATCH),
+    ("select lower(i) from t", ErrorCode.TYPE_MISMATCH),
+    ("select sum(s) from t", ErrorCode.TYPE_MISMATCH),
+    ("select * from t where i in ('a')", ErrorCode.TYPE_MISMATCH),
+    ("select count(*) from tumble(t, s, 5s) group by window_start", ErrorCode.TYPE_MISMATCH),
+    ("insert into t values (1)", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from t order by i", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from t join t as u on t.i = u.i", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from (select * from t)", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from t where i in (select i from t)", ErrorCode.UNSUPPORTED_SQL),
+    ("select s, count(*) from t", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from t where count(*) > 1", ErrorCode.UNSUPPORTED_SQL),
+    ("select s from t where s like s", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from t union all select * from t", ErrorCode.UNSUPPORTED_SQL),
+    ("select * from nowhere", ErrorCode.STREAM_NOT_FOUND),
+])
+def test_errors(sql: str, code: ErrorCode) -> None:
+    assert error(sql) == code
+
+
+def test_select_without_from() -> None:
+    p = plan("select 1")
+    assert p.stream == "" and p.bounded and p.header == [("1", "int64")]
+    assert p.executor().finish() == [[1]]

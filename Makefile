@@ -4,8 +4,12 @@
 # `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
 #               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
 #               ARGS=--quick, ARGS='--workloads w3 --durability wal' (bench/README.md lists them)
-# `make bench-compare`: installs nats-server (apt), kinesalite (npm, bench/.peers) and nats-py
-#               (the `bench` extra), then the same suite plus the peers: bench/run.py --compare
+# `make bench-compare`: installs nats-server and clickhouse-server (apt), kinesalite (npm,
+#               bench/.peers) and nats-py (the `bench` extra), then the same suite plus the peers:
+#               bench/run.py --compare, and the Timeplus door's T1 beside ClickHouse's insert
+#               (bench/run.py timeplus --workloads t1 --clickhouse yes)
+# `make bench-timeplus`: the Timeplus door's T1-T4 (issue 8) on fresh brokers, ClickHouse beside T1
+#               when clickhouse-server is installed; takes ARGS, e.g. ARGS='--quick', ARGS='--minutes 1'
 # `make bench-memory`: broker RSS with 1,000,000 records stored, then over a 5-minute W1 loop
 #               (bench/run.py memory, takes ARGS, e.g. ARGS='--minutes 0.5 --records 400000')
 SHELL := /bin/bash
@@ -17,7 +21,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers wheel clean
+.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers bench-timeplus wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,17 +53,25 @@ lint: proto
 bench: proto
 	$(PY) bench/run.py $(ARGS)
 
-# peers for bench-compare (not part of CI): Debian's nats-server, npm's kinesalite, PyPI's nats-py
+# peers for bench-compare (not part of CI): Debian's nats-server and clickhouse-server (18.16; only
+# its binary is used, run by bench/run.py on a config of its own, not the system service), npm's
+# kinesalite, PyPI's nats-py
 bench-peers: proto
 	command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+	PATH="$$PATH:/usr/sbin" command -v clickhouse-server >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq clickhouse-server; }
 	test -f bench/.peers/node_modules/kinesalite/cli.js || npm install --silent --prefix bench/.peers kinesalite
 	$(PY) -c 'import nats' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 
 bench-compare: bench-peers
 	$(PY) bench/run.py --compare $(ARGS)
+	$(PY) bench/run.py timeplus --workloads t1 --clickhouse yes
 
 bench-memory: proto
 	$(PY) bench/run.py memory $(ARGS)
+
+bench-timeplus: proto
+	$(PY) bench/run.py timeplus $(ARGS)
 
 wheel: proto
 	$(PY) -m build --wheel --no-isolation --outdir dist .

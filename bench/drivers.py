@@ -9,6 +9,10 @@ small interface below, so every workload in bench/workloads.py runs unchanged on
     Nats         NATS JetStream (`nats-server -js`): a lean raw-protocol client (RawNats) for W1/W2,
                  nats-py for set-up and W3. One subject per partition: <stream>.<n>.
     Kinesalite   kinesalite (the Kinesis JSON API over HTTP, `X-Amz-Target: Kinesis_20131202.*`).
+    TimeplusRest Sluice's Timeplus door (`/api/v1beta2`): typed streams, compact ingest, streaming
+                 SQL read as server-sent events (`SseQuery`); the T1-T4 workloads of
+                 `run.py timeplus`, T2 through W3's `tail`/`tail_sender` interface.
+    ClickHouseHttp  ClickHouse's HTTP interface (`INSERT ... FORMAT JSONEachRow`): T1's peer.
 
 The interface (duck-typed; `Driver` spells it out): `create_stream`, `stored` (records per
 partition, None where the system cannot tell), `bodies` (every W1 request built before the clock),
@@ -17,7 +21,8 @@ clock), `reader` (a W2 reader for one partition), `tail` (a W3 consumer thread f
 and `tail_sender` (W3's one-record producer). Drivers own connections, never measurements: the
 clocks, the CPU meters and the verdicts are in bench/workloads.py.
 
-The servers: `sluice_broker()`, `nats_server()`, `kinesalite_server()` (context managers).
+The servers: `sluice_broker()`, `nats_server()`, `kinesalite_server()`, `clickhouse_server()`
+(context managers).
 
 Every use of the generated gRPC code (`client._pb.sluice.v1`) is in this module, in the methods
 of `SluiceGrpc` and its two tail consumers (`_GrpcPush`, `_GrpcPoll`), and nowhere else in bench/.
@@ -41,7 +46,7 @@ from binascii import a2b_base64
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
 
 import grpc
@@ -105,6 +110,37 @@ class Driver(Protocol):
     def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer: ...
     def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]: ...
     def close(self) -> None: ...
+
+
+class TailDriver(Protocol):
+    """What W3's tail_run needs of a door (every Driver has it; so has TimeplusRest, for T2)."""
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer: ...
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]: ...
+
+
+class TableDriver(Protocol):
+    """A door taking typed rows (T1): TimeplusRest, ClickHouseHttp. `bodies` builds the requests of
+    `batch` rows each (before a clock), `producer` is T1's timed loop over some of them, `count` the
+    rows stored (`count_method` says how it was counted)."""
+    system: str
+    door: str
+    durability: str
+    pid: int | None
+    count_method: str
+
+    def create_table(self, name: str, schema: tuple[tuple[str, str], ...]) -> None: ...
+    def bodies(self, name: str, columns: list[str], rows: list[list[Any]], batch: int) -> list[bytes]: ...
+    def producer(self, name: str, bodies: list[bytes]) -> Producer: ...
+    def count(self, name: str) -> int: ...
+
+
+class QueryDriver(TableDriver, TailDriver, Protocol):
+    """A door with streaming SQL as well (T2-T4): TimeplusRest."""
+    framing: dict[str, Any]
+
+    def sender(self, name: str) -> tuple[Callable[[bytes], bytes], Callable[[], None]]: ...
+    def query(self, sql: str, batching: dict[str, int] | None) -> SseQuery: ...
+    def bounded(self, sql: str, batching: dict[str, int] | None) -> tuple[list[list[Any]], dict[str, Any]]: ...
 
 
 class Consumer:
@@ -862,6 +898,382 @@ class _KinesisPoll(Consumer):
 
     def close(self) -> None:
         self.conn.close()
+
+
+# -- Sluice's Timeplus door, and ClickHouse for T1 -----------------------------------------------
+
+class HttpStatusError(RuntimeError):
+    """A non-2xx answer, with the request that got it (the door's findings quote both)."""
+
+    def __init__(self, method: str, path: str, status: int, body: bytes, sent: bytes | None = None) -> None:
+        self.method, self.path, self.status, self.body = method, path, status, body
+        shown = "" if not sent else f" (request body {sent[:120]!r})"
+        super().__init__(f"{method} {path}{shown}: HTTP {status} {body[:300]!r}")
+
+
+def _http_sender(host: str, port: int, path: str,
+                 headers: dict[str, str]) -> tuple[Callable[[bytes], bytes], Callable[[], None]]:
+    """POST bodies to one path over one keep-alive connection; send(body) returns the response body
+    and raises HttpStatusError on anything but 2xx. The connection is opened before it returns."""
+    conn = http.client.HTTPConnection(host, port, timeout=CALL_TIMEOUT)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(body: bytes) -> bytes:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        if not 200 <= resp.status < 300:
+            raise HttpStatusError("POST", path, resp.status, raw, body)
+        return raw
+
+    return send, conn.close
+
+
+def _http_producer(host: str, port: int, path: str, headers: dict[str, str], bodies: list[bytes]) -> Producer:
+    """A T1 producer: every body POSTed in turn on its own keep-alive connection (opened before the
+    clock), each batch's latency kept; a non-2xx answer stops it with an error (nothing to count after)."""
+    send, close = _http_sender(host, port, path, headers)
+    lat: list[float] = []
+
+    def run() -> None:
+        clock = time.perf_counter
+        try:
+            for body in bodies:
+                t = clock()
+                send(body)
+                lat.append(clock() - t)
+        finally:
+            close()
+
+    return Producer(run, lambda: 0, lat)
+
+
+class SseQuery:
+    """One streaming query of the Timeplus door: `POST /api/v1beta2/queries` read as server-sent
+    events over its own connection. The constructor returns once the first event (the query's
+    metadata: `meta`, `header`) is in; `events()` yields (event name, data bytes, receive time in
+    perf_counter_ns) for the rest: name "message" for row batches (no `event:` line), "metrics",
+    and "query" for the final metadata of a bounded query. A non-200 answer raises HttpStatusError."""
+
+    def __init__(self, host: str, port: int, prefix: str, sql: str, batching: dict[str, int] | None,
+                 timeout: float = CALL_TIMEOUT) -> None:
+        self.host, self.port, self.prefix = host, port, prefix
+        body: dict[str, Any] = {"sql": sql}
+        if batching:
+            body["batching_policy"] = batching
+        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        self.conn.connect()
+        self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent = orjson.dumps(body)
+        self.conn.request("POST", f"{prefix}/queries", body=sent, headers=TP_HEADERS)
+        self.resp = self.conn.getresponse()
+        if self.resp.status != 200:
+            raw = self.resp.read()
+            self.conn.close()
+            raise HttpStatusError("POST", f"{prefix}/queries", self.resp.status, raw, sent)
+        self.chunked = self.resp.getheader("Transfer-Encoding", "").lower() == "chunked"
+        self.content_type = self.resp.getheader("Content-Type", "")
+        self._events = self._read()
+        first = next(self._events, None)
+        if first is None or first[0] != "query":
+            self.close()
+            raise RuntimeError(f"query {sql!r}: the first SSE event is not the metadata: {first!r}")
+        self.meta: dict[str, Any] = orjson.loads(first[1])
+        self.id: str = self.meta["id"]
+        self.header: list[str] = [c["name"] for c in self.meta["result"]["header"]]
+        self.closing = False
+
+    def _read(self) -> Iterator[tuple[str, bytes, int]]:
+        read, clock, buf = self.resp.read1, time.perf_counter_ns, b""
+        while True:
+            try:
+                chunk = read(1 << 16)
+            except (OSError, ValueError, http.client.HTTPException):
+                if self.closing:
+                    return
+                raise
+            now = clock()
+            if not chunk:
+                return
+            buf += chunk
+            if b"\r" in buf:
+                buf = buf.replace(b"\r\n", b"\n")
+            while True:
+                end = buf.find(b"\n\n")
+                if end < 0:
+                    break
+                block, buf = buf[:end], buf[end + 2:]
+                name, data = "message", []
+                for line in block.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        data.append(line[6:] if line[5:6] == b" " else line[5:])
+                    elif line.startswith(b"event:"):
+                        name = line[6:].strip().decode()
+                if data:
+                    yield name, b"\n".join(data), now
+
+    def events(self) -> Iterator[tuple[str, bytes, int]]:
+        return self._events
+
+    def cancel(self) -> None:
+        """POST .../queries/{id}/cancel (body `null`, as the SDK sends it) on a connection of its own."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request("POST", f"{self.prefix}/queries/{self.id}/cancel", body=b"null", headers=TP_HEADERS)
+            resp = conn.getresponse()
+            raw = resp.read()
+            if not 200 <= resp.status < 300:
+                raise HttpStatusError("POST", f"{self.prefix}/queries/{self.id}/cancel", resp.status, raw, b"null")
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Drops the connection; a thread blocked in events() gets the end of its iterator."""
+        self.closing = True
+        with contextlib.suppress(OSError, AttributeError):
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+
+
+TP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+class TimeplusRest:
+    """Sluice's Timeplus door (`/api/v1beta2/...`, workspace `default`), as the SDK's requests look
+    (Content-Type application/json everywhere), over keep-alive http.client connections: typed
+    streams, compact ingest, streaming queries read as SSE (`SseQuery`)."""
+    system, door = "Sluice", "Timeplus"
+    prefix = "/api/v1beta2"
+
+    def __init__(self, target: str, durability: str, pid: int | None) -> None:
+        host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
+        self.host, self.port, self.durability, self.pid = host, int(port), durability, pid
+        self.count_method = ""
+        self.framing: dict[str, Any] = {}   # the last query's Content-Type and chunking, for the JSON
+
+    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=CALL_TIMEOUT)
+        try:
+            conn.request(method, self.prefix + path, body=body, headers=TP_HEADERS)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def _ok(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        status, raw = self._request(method, path, body)
+        if not 200 <= status < 300:
+            raise HttpStatusError(method, self.prefix + path, status, raw, body)
+        return raw
+
+    def create_table(self, name: str, schema: tuple[tuple[str, str], ...]) -> None:
+        """A typed stream (dropped first if it exists): the SDK's create body with our columns."""
+        status, _ = self._request("GET", f"/streams/{name}")
+        if status == 200:
+            self._ok("DELETE", f"/streams/{name}", b"null")
+        self._ok("POST", "/streams", orjson.dumps({
+            "name": name, "columns": [{"name": c, "type": t} for c, t in schema], "event_time_column": None,
+            "event_time_timezone": None, "logstore_retention_bytes": None, "logstore_retention_ms": None,
+            "ttl_expression": None, "description": None, "mode": "append", "primary_key": None}))
+
+    def bodies(self, name: str, columns: list[str], rows: list[list[Any]], batch: int) -> list[bytes]:
+        """Compact-format bodies: {"columns": [...], "data": [[...], ...]}, `batch` rows each."""
+        return [orjson.dumps({"columns": columns, "data": rows[i:i + batch]}) for i in range(0, len(rows), batch)]
+
+    def _ingest_path(self, name: str) -> str:
+        return f"{self.prefix}/streams/{name}/ingest"
+
+    def producer(self, name: str, bodies: list[bytes]) -> Producer:
+        return _http_producer(self.host, self.port, self._ingest_path(name), TP_HEADERS, bodies)
+
+    def sender(self, name: str) -> tuple[Callable[[bytes], bytes], Callable[[], None]]:
+        return _http_sender(self.host, self.port, self._ingest_path(name), TP_HEADERS)
+
+    def count(self, name: str) -> int:
+        """row_count of GET .../streams/{name}/stats; if the door has no stats, a bounded count(*)."""
+        status, raw = self._request("GET", f"/streams/{name}/stats")
+        if status == 200:
+            self.count_method = "stats row_count"
+            return int(orjson.loads(raw)["row_count"])
+        self.count_method = f"select count(*) from table() (stats: HTTP {status})"
+        rows, _ = self.bounded(f"select count(*) from table({name})", None)
+        return int(rows[0][0])
+
+    def query(self, sql: str, batching: dict[str, int] | None) -> SseQuery:
+        q = SseQuery(self.host, self.port, self.prefix, sql, batching)
+        self.framing = {"content_type": q.content_type, "chunked": q.chunked}
+        return q
+
+    def bounded(self, sql: str, batching: dict[str, int] | None) -> tuple[list[list[Any]], dict[str, Any]]:
+        """A bounded query read to its end: (every row, the final `event: query` metadata)."""
+        q = self.query(sql, batching)
+        rows: list[list[Any]] = []
+        final: dict[str, Any] = {}
+        try:
+            for name, data, _ in q.events():
+                if name == "message":
+                    rows.extend(orjson.loads(data))
+                elif name == "query":
+                    final = orjson.loads(data)
+        finally:
+            q.close()
+        if not final:
+            raise RuntimeError(f"{sql!r}: the response ended without the final `event: query`")
+        return rows, final
+
+    # W3's interface, so bench/workloads.py's tail_run drives T2 unchanged: the consumer is a
+    # streaming query, the sender ingests one compact row (index, send time) per request.
+
+    def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
+        return _TimeplusTail(tally, self.query(f"select * from {stream}", T2_BATCHING)).start()
+
+    def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+        post, close = self.sender(stream)
+        unpack = wl.HEADER.unpack_from
+
+        def send(payload: bytes) -> None:
+            index, sent = unpack(payload)
+            post(b'{"columns":["seq","sent"],"data":[[%d,%d]]}' % (index, sent))
+
+        return send, close
+
+
+T2_BATCHING = {"count": 1, "time_ms": 1}
+
+
+class _TimeplusTail(Consumer):
+    """T2's consumer: the rows of a running `select * from s`, each turned back into W3's payload
+    header (index, send time) for the tally, with the time its SSE event was read."""
+
+    def __init__(self, tally: Tally, query: SseQuery) -> None:
+        super().__init__(tally)
+        self.query = query
+        self.events: dict[str, int] = {}
+
+    def consume(self) -> None:
+        seq, sent = self.query.header.index("seq"), self.query.header.index("sent")
+        take, pack, tally, events = self.tally.take, wl.HEADER.pack, self.tally, self.events
+        for name, data, now in self.query.events():
+            events[name] = events.get(name, 0) + 1
+            if name == "message":
+                take([pack(r[seq], r[sent]) for r in orjson.loads(data)], now)
+                if tally.received >= tally.expected:
+                    return
+
+    def stop(self) -> None:
+        self.stopping = True
+        with contextlib.suppress(Exception):
+            self.query.cancel()
+        self.thread.join(1.0)
+        self.query.close()
+        super().stop()
+
+
+class ClickHouseHttp:
+    """ClickHouse's HTTP interface: `INSERT INTO t FORMAT JSONEachRow` bodies over keep-alive
+    connections, T1 only. Debian's 18.16 has neither DateTime64 nor Bool: the table's `b` is UInt8
+    (it takes JSON true/false) and `ts` DateTime, fed the same `YYYY-MM-DD HH:MM:SS.mmm` text with
+    `date_time_input_format=best_effort` (which parses the milliseconds and keeps the seconds)."""
+    system, door = "ClickHouse", "HTTP JSONEachRow"
+    TYPES: ClassVar[dict[str, str]] = {"string": "String", "int64": "Int64", "float64": "Float64", "bool": "UInt8",
+                                       "datetime64(3)": "DateTime"}
+
+    def __init__(self, port: int, pid: int, engine: str, version: str) -> None:
+        self.host, self.port, self.engine, self.version = "127.0.0.1", port, engine, version
+        self.pid: int | None = pid
+        self.durability = f"{engine} (tmpfs)"
+        self.count_method = "select count()"
+
+    def sql(self, query: str, body: bytes = b"") -> bytes:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=CALL_TIMEOUT)
+        try:
+            conn.request("POST", "/?query=" + quote(query), body=body)
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise HttpStatusError("POST", query, resp.status, raw)
+        return raw
+
+    def create_table(self, name: str, schema: tuple[tuple[str, str], ...]) -> None:
+        cols = ", ".join(f"{c} {self.TYPES[t]}" for c, t in schema)
+        engine = "MergeTree() ORDER BY tuple()" if self.engine == "MergeTree" else "Memory"
+        self.sql(f"DROP TABLE IF EXISTS {name}")
+        self.sql(f"CREATE TABLE {name} ({cols}) ENGINE = {engine}")
+
+    def bodies(self, name: str, columns: list[str], rows: list[list[Any]], batch: int) -> list[bytes]:
+        """JSONEachRow: one object per row, a line each, `batch` rows a body."""
+        return [b"\n".join(orjson.dumps(dict(zip(columns, r))) for r in rows[i:i + batch])
+                for i in range(0, len(rows), batch)]
+
+    def _insert_path(self, name: str) -> str:
+        return "/?date_time_input_format=best_effort&query=" + quote(f"INSERT INTO {name} FORMAT JSONEachRow")
+
+    def producer(self, name: str, bodies: list[bytes]) -> Producer:
+        return _http_producer(self.host, self.port, self._insert_path(name), {}, bodies)
+
+    def count(self, name: str) -> int:
+        return int(self.sql(f"SELECT count() FROM {name}"))
+
+
+CLICKHOUSE_CONFIG = """<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{dir}/log/server.log</log><errorlog>{dir}/log/error.log</errorlog></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>{http_port}</http_port>
+  <tcp_port>{tcp_port}</tcp_port>
+  <keep_alive_timeout>60</keep_alive_timeout>
+  <path>{dir}/data/</path>
+  <tmp_path>{dir}/tmp/</tmp_path>
+  <user_files_path>{dir}/user_files/</user_files_path>
+  <format_schema_path>{dir}/format_schemas/</format_schema_path>
+  <mark_cache_size>268435456</mark_cache_size>
+  <users_config>{dir}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mlock_executable>false</mlock_executable>
+</yandex>
+"""
+CLICKHOUSE_USERS = """<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks>
+    <profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"""
+
+
+def clickhouse_exe() -> str | None:
+    """Debian's clickhouse-server is in /usr/sbin, which a non-root PATH may lack."""
+    return shutil.which("clickhouse-server") or shutil.which("clickhouse-server", path="/usr/sbin:/usr/local/sbin")
+
+
+@contextlib.contextmanager
+def clickhouse_server(engine: str = "MergeTree") -> Iterator[ClickHouseHttp]:
+    """`clickhouse-server --config-file=<generated>` as a plain process (not the system service),
+    its data, tmp and log directories on tmpfs (/dev/shm), on free loopback ports; removed after."""
+    exe = clickhouse_exe()
+    if not exe:
+        raise RuntimeError("clickhouse-server not installed (make bench-peers installs it)")
+    shm = Path("/dev/shm")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-clickhouse-", dir=shm if shm.is_dir() else None))
+    http_port, tcp_port = _free_port(), _free_port()
+    (tmp / "config.xml").write_text(CLICKHOUSE_CONFIG.format(dir=tmp, http_port=http_port, tcp_port=tcp_port))
+    (tmp / "users.xml").write_text(CLICKHOUSE_USERS)
+    with _server([exe, f"--config-file={tmp / 'config.xml'}"], http_port, tmp) as (port, pid):
+        probe = ClickHouseHttp(port, pid, engine, "")
+        for _ in range(100):   # the HTTP port accepts a little before queries work
+            try:
+                version = probe.sql("SELECT version()").decode().strip()
+                break
+            except (OSError, RuntimeError):
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("clickhouse-server answers no query")
+        yield ClickHouseHttp(port, pid, engine, version)
 
 
 # -- the servers -------------------------------------------------------------------------------

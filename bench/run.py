@@ -2,7 +2,8 @@
 """Sluice's benchmark, the one entry point: the W1/W2/W3 suite of issue 4 against Sluice through
 the gRPC and the DIS REST doors in both durability modes (WAL: the broker's default; fsync:
 `--fsync`), optionally against NATS JetStream and kinesalite in the same run, and the broker's
-memory over a long W1 loop. See bench/README.md.
+memory over a long W1 loop; and (`timeplus`) the Timeplus door's T1-T4 of issue 8, with ClickHouse's
+HTTP insert beside T1. See bench/README.md.
 
     .venv/bin/python bench/run.py                      # W1/W2/W3, both doors, WAL and fsync (make bench)
     .venv/bin/python bench/run.py --quick              # small counts: a smoke run
@@ -11,6 +12,8 @@ memory over a long W1 loop. See bench/README.md.
     .venv/bin/python bench/run.py --compare            # + the peers (make bench-compare installs them)
     .venv/bin/python bench/run.py --grpc HOST:PORT --http HOST:PORT   # a broker already running
     .venv/bin/python bench/run.py memory               # broker RSS, 1,000,000 records + 5 min (make bench-memory)
+    .venv/bin/python bench/run.py timeplus             # Timeplus door T1-T4, ClickHouse beside T1 (make bench-timeplus)
+    .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
 
 Modules: bench/workloads.py holds the workloads (the clocks, CPU meters, data set, verdicts and
 tables), bench/drivers.py a driver per door of each system (the only code here that speaks a wire
@@ -26,6 +29,7 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory")
+COMMANDS = ("suite", "memory", "timeplus")
 
 
 def _say(msg: str) -> None:
@@ -303,12 +307,246 @@ def memory_main(argv: list[str]) -> int:
     return 0
 
 
+# -- timeplus: T1-T4 over the Timeplus door (issue 8), ClickHouse's HTTP insert beside T1 ------
+
+TP_WORKLOADS = ("t1", "t2", "t3", "t4")
+T1_TARGET_RATIO = 0.4
+T2_TARGET_BEYOND_MS = 10.0
+T3_TARGET_RATE = 1_000_000
+
+
+def parse_timeplus(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py timeplus",
+                                description="The Timeplus door's figures (issue 8): T1 compact ingest (and "
+                                            "ClickHouse's JSONEachRow insert of the same rows), T2 query delivery "
+                                            "latency over SSE, T3 a bounded scan with a filter, T4 broker RSS under a "
+                                            "grouped query.")
+    q = wl.TP_QUICK
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: T1 {q['t1_rows']:,} rows, T2 {q['t2_seconds']:g} s, T3 {q['t3_rows']:,} rows, "
+                        f"T4 {q['t4_minutes']:g} min")
+    p.add_argument("--workloads", default=",".join(TP_WORKLOADS), help="comma-separated: t1, t2, t3, t4 (default all)")
+    p.add_argument("--rows", type=int, help=f"T1 rows (default {wl.TP_ROWS:,})")
+    p.add_argument("--t2-seconds", type=float, help=f"T2 seconds (default {wl.T2_SECONDS:g})")
+    p.add_argument("--t3-rows", type=int, help=f"T3 rows stored before the scan (default {wl.T3_ROWS:,})")
+    p.add_argument("--minutes", type=float, help=f"T4 minutes (default {wl.T4_MINUTES:g})")
+    p.add_argument("--t4-keys", type=int, default=wl.T4_KEYS, help=f"T4 distinct keys (default {wl.T4_KEYS:,})")
+    p.add_argument("--t4-rate", type=float, default=wl.T4_RATE, help=f"T4 rows/s fed (default {wl.T4_RATE:,})")
+    p.add_argument("--t4-query", choices=sorted(wl.T4_QUERIES), default="tumble",
+                   help="T4's query: tumble = " + wl.T4_QUERIES["tumble"].format(s="s") + "; global = "
+                        + wl.T4_QUERIES["global"].format(s="s") + " (default tumble)")
+    p.add_argument("--clickhouse", choices=("auto", "yes", "no"), default="auto",
+                   help="T1 into ClickHouse too: auto = if clickhouse-server is installed (default)")
+    p.add_argument("--clickhouse-engine", choices=("MergeTree", "Memory"), default="MergeTree",
+                   help="the ClickHouse table's engine (default MergeTree: stored parts, like Sluice's log)")
+    p.add_argument("--http", metavar="HOST:PORT", help="a running broker's HTTP port instead of fresh brokers")
+    p.add_argument("--pid", type=int, help="with --http: the broker's pid (server CPU; T4 needs it)")
+    p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    args = p.parse_args(argv)
+    items = [x.strip().lower() for x in args.workloads.split(",") if x.strip()]
+    if not items or set(items) - set(TP_WORKLOADS):
+        p.error(f"--workloads takes {', '.join(TP_WORKLOADS)}")
+    args.workloads = items
+    args.rows = args.rows or (q["t1_rows"] if args.quick else wl.TP_ROWS)
+    args.t2_seconds = args.t2_seconds or (q["t2_seconds"] if args.quick else wl.T2_SECONDS)
+    args.t3_rows = args.t3_rows or (q["t3_rows"] if args.quick else wl.T3_ROWS)
+    args.minutes = args.minutes or (q["t4_minutes"] if args.quick else wl.T4_MINUTES)
+    if min(args.rows, args.t3_rows, args.t4_keys) < 1 or min(args.t2_seconds, args.minutes, args.t4_rate) <= 0:
+        p.error("--rows, --t2-seconds, --t3-rows, --minutes, --t4-keys and --t4-rate must be positive")
+    if args.pid and not args.http:
+        p.error("--pid goes with --http")
+    if args.http and "t4" in args.workloads and not args.pid:
+        p.error("t4 on a running broker needs its --pid (its RSS is the figure)")
+    if args.http:
+        args.http = args.http.removeprefix("http://").rstrip("/")
+    return args
+
+
+def _tp_error(system: str, door: str, durability: str, workload: str, exc: BaseException) -> wl.Row:
+    row = wl.Row(system, door, durability, workload, ok=False, note=f"{type(exc).__name__}: {exc}"[:300])
+    _say(f"  {workload}: error: {row.note}")
+    return row
+
+
+def _tp_brief(r: wl.Row) -> str:
+    if r.workload.startswith("T2"):
+        s = f"p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms max {r.extra.get('max_ms', float('nan')):.2f} ms"
+    elif r.workload.startswith("T4"):
+        s = (f"VmRSS start {r.extra['rss_start_mib']:.1f} max {r.extra['rss_max_mib']:.1f} "
+             f"end {r.extra['rss_end_mib']:.1f} MiB, {r.extra['result_rows']:,} result rows")
+    else:
+        s = f"{r.rate:,.0f} rows/s"
+    return f"{r.workload}: {s} (wall {r.seconds:.2f} s)" + ("" if r.ok else f" FAIL {r.note}")
+
+
+def run_timeplus_sluice(driver: drivers.TimeplusRest, args: argparse.Namespace, data: list[list[Any]],
+                        suffix: str) -> list[wl.Row]:
+    """T1, T2, T3 (those chosen) on one broker's Timeplus door."""
+    rows: list[wl.Row] = []
+    columns = [c for c, _ in wl.TP_SCHEMA]
+    steps: list[tuple[str, str, Callable[[], wl.Row]]] = []
+    if "t1" in args.workloads:
+        def t1() -> wl.Row:
+            stream = f"t1_ingest{suffix}"
+            driver.create_table(stream, wl.TP_SCHEMA)
+            bodies = driver.bodies(stream, columns, data[:args.rows], wl.TP_BATCH)
+            return wl.t1(driver, stream, bodies, args.rows)
+        steps.append(("t1", f"T1 ingest {args.rows:,} rows", t1))
+    if "t2" in args.workloads:
+        steps.append(("t2", f"T2 query delivery, {args.t2_seconds:g} s",
+                      lambda: wl.t2(driver, f"t2_latency{suffix}", args.t2_seconds)))
+    if "t3" in args.workloads:
+        def t3() -> wl.Row:
+            bodies = driver.bodies("", columns, data[:args.t3_rows], wl.T3_BATCH)
+            return wl.t3(driver, f"t3_scan{suffix}", bodies, data[:args.t3_rows])
+        steps.append(("t3", f"T3 bounded scan of {args.t3_rows:,} rows", t3))
+    for key, label, step in steps:
+        _say(f"Sluice Timeplus: {label}")
+        try:
+            rows.append(step())
+            _say("  " + _tp_brief(rows[-1]))
+        except Exception as exc:  # a failure is reported, not raised
+            rows.append(_tp_error(driver.system, driver.door, driver.durability, key.upper(), exc))
+    return rows
+
+
+def run_timeplus_t4(driver: drivers.TimeplusRest, args: argparse.Namespace, suffix: str) -> tuple[wl.Row, Any]:
+    try:
+        row, res = wl.t4(driver, f"t4_memory{suffix}", args.minutes, args.t4_keys, args.t4_rate, args.t4_query, _say)
+        _say("  " + _tp_brief(row))
+        return row, res
+    except Exception as exc:  # a failure is reported, not raised
+        return _tp_error(driver.system, driver.door, driver.durability, "T4", exc), None
+
+
+def run_timeplus_clickhouse(args: argparse.Namespace, data: list[list[Any]]) -> list[wl.Row]:
+    if args.clickhouse == "no" or "t1" not in args.workloads:
+        return []
+    if args.clickhouse == "auto" and not drivers.clickhouse_exe():
+        _say("ClickHouse: clickhouse-server not installed, skipped (make bench-peers installs it)")
+        return []
+    _say(f"ClickHouse: T1 insert {args.rows:,} rows ({args.clickhouse_engine})")
+    try:
+        with drivers.clickhouse_server(args.clickhouse_engine) as ch:
+            columns = [c for c, _ in wl.TP_SCHEMA]
+            ch.create_table("t1_ingest", wl.TP_SCHEMA)
+            row = wl.t1(ch, "t1_ingest", ch.bodies("t1_ingest", columns, data[:args.rows], wl.TP_BATCH), args.rows)
+            row.extra["version"] = ch.version
+            _say("  " + _tp_brief(row))
+            return [row]
+    except Exception as exc:  # not installed, or would not start: a FAIL row
+        return [_tp_error("ClickHouse", "HTTP JSONEachRow", f"{args.clickhouse_engine} (tmpfs)", "T1", exc)]
+
+
+def timeplus_verdicts(rows: list[wl.Row], t4: dict[str, Any] | None, minutes: float) -> list[tuple[str, str, str]]:
+    """issue 8's figures: T1 >= 0.4x ClickHouse, T2 p99 <= time_ms + 10 ms, T3 >= 1M rows/s, T4 flat."""
+    out = []
+    get = {(r.system, r.workload): r for r in rows if r.ok}
+    s1, c1 = get.get(("Sluice", "T1 ingest")), get.get(("ClickHouse", "T1 ingest"))
+    if s1 and c1 and c1.rate > 0:
+        ratio = s1.rate / c1.rate
+        out.append((f"T1 ingest >= {T1_TARGET_RATIO:g}x ClickHouse's HTTP insert",
+                    f"{s1.rate:,.0f} / {c1.rate:,.0f} rows/s = {ratio:.2f}x",
+                    "met" if ratio >= T1_TARGET_RATIO else "NOT MET"))
+    t2 = get.get(("Sluice", "T2 query (SSE)"))
+    if t2:
+        limit = drivers.T2_BATCHING["time_ms"] + T2_TARGET_BEYOND_MS
+        out.append((f"T2 delivery p99 <= time_ms + {T2_TARGET_BEYOND_MS:g} ms = {limit:g} ms", f"{t2.p99_ms:.2f} ms",
+                    "met" if t2.p99_ms <= limit else "NOT MET"))
+    t3 = get.get(("Sluice", "T3 scan"))
+    if t3:
+        judged = t3.records >= wl.T3_ROWS
+        out.append((f"T3 bounded scan with a WHERE >= {T3_TARGET_RATE:,} rows/s",
+                    f"{t3.rate:,.0f} rows/s over {t3.records:,}",
+                    ("met" if t3.rate >= T3_TARGET_RATE else "NOT MET") + ("" if judged else " (not 1M rows)")))
+    if t4:
+        slope = t4["slope_second_half_mib_per_min"]
+        flat = slope < wl.FLAT_SLOPE_MIB_MIN
+        out.append((f"T4 RSS bounded: 2nd-half slope < {wl.FLAT_SLOPE_MIB_MIN:g} MiB/min",
+                    f"{t4['rss_start_mib']:.1f} -> max {t4['rss_max_mib']:.1f} -> {t4['rss_end_mib']:.1f} MiB, "
+                    f"{slope:+.2f} MiB/min", ("met" if flat else "NOT MET")
+                    + ("" if minutes >= wl.T4_MINUTES else f" (over {minutes:g} min, not {wl.T4_MINUTES:g})")))
+    return out
+
+
+def timeplus_main(argv: list[str]) -> int:
+    args = parse_timeplus(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # `kill` also stops the servers, like Ctrl-C
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    need = max(args.rows if "t1" in args.workloads else 0, args.t3_rows if "t3" in args.workloads else 0)
+    _say(f"building the rows: {need:,} x {len(wl.TP_SCHEMA)} columns, seed {wl.SEED}")
+    data = wl.make_table_rows(need)
+    rows: list[wl.Row] = []
+    t4: dict[str, Any] | None = None
+    early = [w for w in args.workloads if w != "t4"]
+    try:
+        if args.http:   # a broker of someone else's: fresh stream names
+            suffix = f"_{uuid.uuid4().hex[:8]}"
+            driver = drivers.TimeplusRest(args.http, "external", args.pid)
+            if early:
+                rows += run_timeplus_sluice(driver, args, data, suffix)
+            if "t4" in args.workloads:
+                row, t4 = run_timeplus_t4(driver, args, suffix)
+                rows.append(row)
+        else:
+            for phase in ([early] if early else []) + ([["t4"]] if "t4" in args.workloads else []):
+                try:   # T4 on a broker of its own: its RSS starts from a fresh process
+                    with drivers.sluice_broker("wal") as broker:
+                        assert broker.proc
+                        driver = drivers.TimeplusRest(broker.http_target, "wal", broker.proc.pid)
+                        if phase == ["t4"]:
+                            row, t4 = run_timeplus_t4(driver, args, "")
+                            rows.append(row)
+                        else:
+                            rows += run_timeplus_sluice(driver, args, data, "")
+                        if not all(r.ok for r in rows) and broker.stderr_lines:
+                            _say("broker log (tail):\n" + "".join(broker.stderr_lines[-20:]))
+                except RuntimeError as exc:   # the broker did not start (its log tail is in the message)
+                    rows.append(_tp_error("Sluice", "Timeplus", "wal", "broker", exc))
+        rows += run_timeplus_clickhouse(args, data)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+
+    checks = timeplus_verdicts(rows, t4, args.minutes)
+    print(f"Timeplus door: T1 {args.rows:,} rows x {len(wl.TP_SCHEMA)} columns "
+          f"({', '.join(t for _, t in wl.TP_SCHEMA)}), compact bodies of {wl.TP_BATCH} rows, {wl.PRODUCERS} producers; "
+          f"T2 1 row / {wl.W3_INTERVAL_S * 1000:g} ms for {args.t2_seconds:g} s, batching {drivers.T2_BATCHING}; "
+          f"T3 table() scan of {args.t3_rows:,} rows keeping i < {wl.T3_CUT:,}; T4 {args.t4_query} over "
+          f"{args.t4_keys:,} keys at {args.t4_rate:,.0f} rows/s for {args.minutes:g} min")
+    print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f}; started {started:%Y-%m-%d %H:%M:%S} UTC"
+          + (f"; broker: external http={args.http}" if args.http else ""))
+    print(wl.format_table(rows))
+    if checks:
+        print()
+        print(wl.format_verdicts(checks))
+    path = _results_path(args, started, "timeplus-")
+    path.write_text(json.dumps({
+        "started_utc": started.isoformat(), "command": [sys.executable, *sys.argv],
+        "cpus": os.cpu_count(), "loadavg_before": load_before, "broker_args": drivers.BROKER_ARGS,
+        "config": {"t1_rows": args.rows, "schema": wl.TP_SCHEMA, "batch": wl.TP_BATCH, "producers": wl.PRODUCERS,
+                   "seed": wl.SEED, "t2_seconds": args.t2_seconds, "t2_interval_s": wl.W3_INTERVAL_S,
+                   "t2_batching": drivers.T2_BATCHING, "t3_rows": args.t3_rows, "t3_batch": wl.T3_BATCH,
+                   "t3_cut": wl.T3_CUT, "t3_batching": wl.T3_BATCHING, "t4_minutes": args.minutes,
+                   "t4_keys": args.t4_keys, "t4_rate": args.t4_rate, "t4_query": args.t4_query,
+                   "t4_batching": wl.T4_BATCHING, "workloads": args.workloads, "clickhouse": args.clickhouse,
+                   "clickhouse_engine": args.clickhouse_engine, "external": args.http},
+        "rows": [r.as_dict() for r in rows],
+        "t4": t4,
+        "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],
+    }, indent=1))
+    print(f"\nresults: {path}")
+    return 0 if rows and all(r.ok for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`run.py [suite] [options]` or `run.py memory [options]`; the suite is the default command."""
+    """`run.py [suite] [options]`, `run.py memory [options]` or `run.py timeplus [options]`; the suite
+    is the default command."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    return memory_main(rest) if command == "memory" else suite_main(rest)
+    return {"memory": memory_main, "timeplus": timeplus_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ shared cores. Request bytes are built before the clock starts.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -29,8 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:   # drivers imports this module; the workloads only call the drivers' methods
-    from drivers import Driver
+    from drivers import Driver, QueryDriver, TableDriver, TailDriver
 
 SEED = 20261121
 RECORD_SIZE = 256
@@ -143,14 +146,17 @@ def _num(v: float, fmt: str) -> str:
     return "-" if math.isnan(v) or v == 0.0 and fmt != ".2f" else format(v, fmt)
 
 
+LATENCY_ROWS = ("W3", "T2")   # rows whose figure is a latency, not a rate
+
+
 def format_table(rows: list[Row]) -> str:
     header = ("system", "door", "durability", "workload", "records", "rec/s", "MB/s", "p50 ms", "p99 ms",
               "wall s", "client cpu s", "server cpu s", "ok")
     lines = [header]
     for r in rows:
-        w3 = r.workload.startswith("W3")
+        w3 = r.workload.startswith(LATENCY_ROWS)
         lines.append((r.system, r.door, r.durability, r.workload, f"{r.records:,}",
-                      "-" if w3 else f"{r.rate:,.0f}", "-" if w3 else f"{r.mb_s:.2f}",
+                      "-" if w3 else f"{r.rate:,.0f}", "-" if w3 or r.workload.startswith("T") else f"{r.mb_s:.2f}",
                       _num(r.p50_ms, ".2f"), _num(r.p99_ms, ".2f"), f"{r.seconds:.2f}",
                       _num(r.client_cpu_s, ".2f"), _num(r.server_cpu_s, ".2f"),
                       "ok" if r.ok else ("FAIL " + r.note)[:60]))
@@ -331,7 +337,7 @@ class TailRun:
         return "ok" if t.latencies else "no records counted"
 
 
-def tail_run(driver: Driver, stream: str, partition: int, mode: str, seconds: float, rate: float) -> TailRun:
+def tail_run(driver: TailDriver, stream: str, partition: int, mode: str, seconds: float, rate: float) -> TailRun:
     """One producer sends a record every 1/rate s to `partition`, its send time in the payload, while
     one consumer (`mode`) tails the partition. The first W3_WARM_UP_S of records are not counted."""
     interval_ns = int(1e9 / rate)
@@ -567,3 +573,224 @@ def format_memory(res: dict[str, Any], checks: list[tuple[str, str, str]]) -> st
         f"MiB/min ({n_half} samples); data dir at the end {loop['data_dir_bytes_end'] / 2**30:.2f} GiB"),
         "",
         _plain_table([("target", "measured", "verdict"), *checks])])
+
+
+# -- the Timeplus door: T1-T4 (issue 8), `run.py timeplus` ------------------------------------
+#
+#   T1 ingest  TP_ROWS rows of the 5-column schema below in compact bodies of TP_BATCH rows, 4
+#              producers (one keep-alive connection each), bodies built before the clock; rows/s,
+#              batch latency; then the stored count. ClickHouse takes the same rows (JSONEachRow).
+#   T2 query   `select * from s` with batching_policy {count: 1, time_ms: 1} read as SSE while one
+#              producer ingests a row (index, perf_counter_ns send time) every 2 ms: tail_run.
+#   T3 scan    T3_ROWS rows stored, then `select * from table(s) where i < ...` (~10 % kept) read
+#              to the final `event: query`; rows scanned/s = stored rows / seconds.
+#   T4 memory  a grouped query over rows of T4_KEYS distinct keys, fed at T4_RATE rows/s for M
+#              minutes; the broker's VmRSS every second: start, max, end, slope.
+
+TP_SCHEMA: tuple[tuple[str, str], ...] = (
+    ("s", "string"), ("i", "int64"), ("f", "float64"), ("b", "bool"), ("ts", "datetime64(3)"))
+TP_ROWS = 200_000
+TP_BATCH = 500
+TP_I_RANGE = 1_000_000           # `i` is uniform in [0, TP_I_RANGE): `i < TP_I_RANGE / 10` keeps ~10 %
+T2_SCHEMA: tuple[tuple[str, str], ...] = (("seq", "int64"), ("sent", "int64"))
+T2_SECONDS = 5.0
+T3_ROWS = 1_000_000
+T3_BATCH = 10_000                # the fill's compact requests
+T3_CUT = TP_I_RANGE // 10
+T3_BATCHING = {"count": 10_000, "time_ms": 100}
+T4_SCHEMA: tuple[tuple[str, str], ...] = (("k", "string"), ("v", "int64"))
+T4_KEYS = 100_000
+T4_RATE = 20_000                 # rows/s fed during T4
+T4_BATCH = 1_000
+T4_MINUTES = 5.0
+T4_QUERIES = {
+    "tumble": "select k, count(*) from tumble({s}, 1s) group by window_start, k",
+    "global": "select k, count(*) from {s} group by k",
+}
+T4_BATCHING = {"count": 10_000, "time_ms": 500}
+TP_QUICK = {"t1_rows": 20_000, "t2_seconds": 1.0, "t3_rows": 100_000, "t4_minutes": 0.25}
+_TS0_MS = 1_795_248_000_000      # 2026-11-21 00:00:00 UTC
+
+
+def make_table_rows(rows: int, seed: int = SEED) -> list[list[Any]]:
+    """T1/T3's rows in TP_SCHEMA order, from a fixed seed: s one of KEY_IDS ids, i uniform in
+    [0, TP_I_RANGE), f in [0, 1000) to 3 decimals, b a coin, ts one millisecond apart from 2026-11-21."""
+    rng = random.Random(seed)
+    rand, below = rng.random, rng.randrange
+    second = ""
+    out: list[list[Any]] = []
+    for n in range(rows):
+        ms = _TS0_MS + n
+        if n % 1000 == 0 or not second:
+            second = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms // 1000))
+        out.append([f"id-{below(KEY_IDS)}", below(TP_I_RANGE), round(rand() * 1000, 3), rand() < 0.5,
+                    f"{second}.{ms % 1000:03d}"])
+    return out
+
+
+def t1(driver: TableDriver, table: str, bodies: list[bytes], rows: int) -> Row:
+    """PRODUCERS threads released together, producer p POSTing bodies p, p+P, ..., each waiting for
+    its answer; then the stored count must equal `rows`."""
+    row = Row(driver.system, driver.door, driver.durability, "T1 ingest")
+    producers = [driver.producer(table, [bodies[i] for i in producer_batches(len(bodies), p)])
+                 for p in range(PRODUCERS)]
+    meter = CpuMeter(driver.pid).start()
+    errors = run_threads([p.run for p in producers])
+    meter.stop()
+    lat = [x for p in producers for x in p.latencies]
+    row.records = rows if not errors else sum(len(p.latencies) for p in producers) * TP_BATCH
+    row.measure(meter)
+    row.rate = row.records / meter.wall if meter.wall > 0 else 0.0
+    row.p50_ms, row.p99_ms = pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000
+    stored = None if errors else driver.count(table)
+    row.extra = {"requests": len(lat), "rows_per_request": TP_BATCH, "body_bytes": sum(len(b) for b in bodies),
+                 "stored": stored, "count_by": driver.count_method}
+    if errors or stored != rows:
+        row.ok, row.note = False, (errors[0] if errors else f"stored={stored}/{rows}")
+    return row
+
+
+def t2(driver: QueryDriver, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> Row:
+    """tail_run over the Timeplus door: the consumer a streaming `select * from stream`, the
+    producer one compact row (index, send time) per ingest request; latency = receive - send."""
+    driver.create_table(stream, T2_SCHEMA)
+    row = Row(driver.system, driver.door, driver.durability, "T2 query (SSE)")
+    meter = CpuMeter(driver.pid).start()
+    res = tail_run(driver, stream, 0, "sse", seconds, rate)
+    meter.stop()
+    lat = res.tally.latencies
+    row.records = len(lat)
+    row.measure(meter)
+    row.p50_ms, row.p99_ms = pct(lat, 0.5) / 1e6, pct(lat, 0.99) / 1e6
+    row.extra = {"sent": res.sent, "received": res.tally.received, "rate": rate, "batching_policy": {
+                 "count": 1, "time_ms": 1}, "ingest_p50_ms": pct(res.put_latencies, 0.5),
+                 "p90_ms": pct(lat, 0.9) / 1e6, "max_ms": pct(lat, 1.0) / 1e6, "late_sends": res.late_sends}
+    if res.verdict != "ok":
+        row.ok, row.note = False, res.verdict
+    return row
+
+
+def fill(driver: TableDriver, table: str, bodies: list[bytes]) -> float:
+    """Every body ingested by PRODUCERS threads (unmeasured set-up); returns the seconds it took."""
+    producers = [driver.producer(table, [bodies[i] for i in producer_batches(len(bodies), p)])
+                 for p in range(PRODUCERS)]
+    t0 = time.perf_counter()
+    errors = run_threads([p.run for p in producers])
+    if errors:
+        raise RuntimeError(f"fill: {errors[0]}")
+    return time.perf_counter() - t0
+
+
+def t3(driver: QueryDriver, stream: str, bodies: list[bytes], data: list[list[Any]]) -> Row:
+    """The rows stored, then one bounded `select * from table(stream) where i < T3_CUT`, timed from
+    the request to the final `event: query`; every matching row must come back."""
+    driver.create_table(stream, TP_SCHEMA)
+    fill_s = fill(driver, stream, bodies)
+    stored = driver.count(stream)
+    expected = sum(1 for r in data if r[1] < T3_CUT)
+    sql = f"select * from table({stream}) where i < {T3_CUT}"
+    row = Row(driver.system, driver.door, driver.durability, "T3 scan")
+    meter = CpuMeter(driver.pid).start()
+    result, final = driver.bounded(sql, T3_BATCHING)
+    meter.stop()
+    row.records = stored
+    row.measure(meter)
+    row.rate = stored / meter.wall if meter.wall > 0 else 0.0
+    row.extra = {"sql": sql, "batching_policy": T3_BATCHING, "rows_returned": len(result), "expected": expected,
+                 "stored": stored, "fill_seconds": fill_s, "fill_rate": len(data) / fill_s,
+                 "final_status": final.get("status"), "count_by": driver.count_method, "framing": driver.framing}
+    if stored != len(data) or len(result) != expected:
+        row.ok, row.note = False, f"stored={stored}/{len(data)} returned={len(result)}/{expected}"
+    return row
+
+
+def t4_bodies(driver: QueryDriver, keys: int, batch: int = T4_BATCH) -> list[bytes]:
+    """Compact bodies covering keys k-0 .. k-(keys-1) once, `batch` rows each, in a shuffled order."""
+    names = [f"k-{n}" for n in range(keys)]
+    random.Random(SEED).shuffle(names)
+    return driver.bodies("", [c for c, _ in T4_SCHEMA], [[k, n] for n, k in enumerate(names)], batch)
+
+
+def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float, query: str,
+       say: Callable[[str], None]) -> tuple[Row, dict[str, Any]]:
+    """A grouped query (T4_QUERIES[query]) read by a thread of its own while one producer feeds
+    `rate` rows/s cycling over `keys` distinct keys for `minutes`; the broker's VmRSS every second."""
+    assert driver.pid, "T4 needs the broker's pid"
+    driver.create_table(stream, T4_SCHEMA)
+    bodies = t4_bodies(driver, keys)
+    sql = T4_QUERIES[query].format(s=stream)
+    time.sleep(SETTLE_S)
+    rss0 = status_mib(driver.pid)["VmRSS"]
+    q = driver.query(sql, T4_BATCHING)
+    seen: dict[str, int] = {"rows": 0}
+    failure: list[str] = []
+
+    def read() -> None:
+        try:
+            for name, data, _ in q.events():
+                seen[name] = seen.get(name, 0) + 1
+                if name == "message":
+                    seen["rows"] += len(orjson.loads(data))
+        except Exception as exc:  # reported in the row
+            if not q.closing:
+                failure.append(f"query: {type(exc).__name__}: {exc}"[:300])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    say(f"T4: {sql!r}, {rate:,.0f} rows/s over {keys:,} keys for {minutes:g} min, VmRSS every {SAMPLE_S:g} s")
+    send, close = driver.sender(stream)
+    sampler = RssSampler(driver.pid).start()
+    meter = CpuMeter(driver.pid).start()
+    sent, late = 0, 0
+    try:
+        interval = T4_BATCH / rate
+        t0 = time.perf_counter()
+        deadline = t0 + minutes * 60
+        n = 0
+        while not failure:
+            due = t0 + n * interval
+            now = time.perf_counter()
+            if due >= deadline:
+                break
+            if due > now:
+                time.sleep(due - now)
+            elif now - due > 1.0:
+                late += 1
+            send(bodies[n % len(bodies)])
+            sent += T4_BATCH
+            n += 1
+    except Exception as exc:  # reported in the row
+        failure.append(f"ingest: {type(exc).__name__}: {exc}"[:300])
+    finally:
+        meter.stop()
+        sampler.stop()
+        close()
+        time.sleep(min(2.0, minutes * 60 / 10))   # the last window closes / last emission
+        q.closing = True
+        with contextlib.suppress(Exception):
+            q.cancel()
+        reader.join(5)
+        q.close()
+        reader.join(5)
+    samples = sampler.samples
+    rss = [r for _, r in samples]
+    half = samples[-1][0] / 2
+    row = Row(driver.system, driver.door, driver.durability, f"T4 memory ({query})")
+    row.records = sent
+    row.measure(meter)
+    row.rate = sent / meter.wall if meter.wall > 0 else 0.0
+    res = {"sql": sql, "keys": keys, "rate": rate, "minutes": minutes, "rows_sent": sent, "late_batches": late,
+           "result_rows": seen.pop("rows"), "events": seen, "rss_before_query_mib": rss0,
+           "rss_start_mib": rss[0], "rss_max_mib": max(rss), "rss_min_mib": min(rss), "rss_end_mib": rss[-1],
+           "slope_second_half_mib_per_min": slope_mib_per_min([s for s in samples if s[0] >= half]),
+           "hwm_end_mib": status_mib(driver.pid)["VmHWM"], "samples": samples}
+    row.extra = {k: v for k, v in res.items() if k != "samples"}
+    if failure:
+        row.ok, row.note = False, failure[0]
+    elif not res["result_rows"]:
+        row.ok, row.note = False, "the query returned no rows"
+    return row, res
+
+
+def format_verdicts(checks: list[tuple[str, str, str]]) -> str:
+    return _plain_table([("target", "measured", "verdict"), *checks])

@@ -117,8 +117,39 @@ def test_memory_quick(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
 
 
+def test_timeplus_quick(tmp_path):
+    """make bench-timeplus's runner, small and without ClickHouse: T1-T4 on the Timeplus door."""
+    out = _bench(tmp_path, "timeplus", "--quick", "--clickhouse", "no", "--rows", "4000", "--t2-seconds", "0.5",
+                 "--t3-rows", "20000", "--minutes", "0.05", "--t4-keys", "2000", "--t4-rate", "5000")
+    rows = _table(out.stdout)
+    assert set(rows) == {("Timeplus", "wal", "T1 ingest"), ("Timeplus", "wal", "T2 query (SSE)"),
+                         ("Timeplus", "wal", "T3 scan"), ("Timeplus", "wal", "T4 memory (tumble)")}, out.stdout
+    for key, r in rows.items():
+        assert r["ok"] == "ok" and _num(r["records"]) > 0 and _num(r["wall s"]) > 0, key
+    assert _num(rows[("Timeplus", "wal", "T1 ingest")]["records"]) == 4000
+    assert _num(rows[("Timeplus", "wal", "T1 ingest")]["rec/s"]) > 0
+    t2 = rows[("Timeplus", "wal", "T2 query (SSE)")]
+    assert _num(t2["records"]) == 250 and 0 < _num(t2["p50 ms"]) <= _num(t2["p99 ms"])   # 0.5 s at 500 rows/s
+    assert _num(rows[("Timeplus", "wal", "T3 scan")]["records"]) == 20_000
+    assert "T2 delivery p99" in out.stdout and "T3 bounded scan" in out.stdout   # the verdicts
+
+    doc = _result(tmp_path, "timeplus-*.json")
+    assert {"config", "rows", "t4", "verdicts", "broker_args"} <= set(doc)
+    by = {r["workload"]: r for r in doc["rows"]}
+    assert by["T1 ingest"]["extra"]["stored"] == 4000 and by["T1 ingest"]["extra"]["requests"] == 8
+    assert by["T2 query (SSE)"]["extra"]["sent"] == by["T2 query (SSE)"]["extra"]["received"] == 350
+    t3 = by["T3 scan"]["extra"]
+    assert t3["rows_returned"] == t3["expected"] > 0 and t3["stored"] == 20_000
+    t4 = doc["t4"]
+    assert t4["rows_sent"] > 0 and t4["result_rows"] > 0 and t4["samples"]
+    assert 20 < t4["rss_start_mib"] <= t4["rss_max_mib"] < 4000
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
 def test_bad_options_are_refused(tmp_path):
-    for args in (["--workloads", "w2"], ["--doors", "kafka"], ["--http", "127.0.0.1:1"], ["memory", "--minutes", "0"]):
+    for args in (["--workloads", "w2"], ["--doors", "kafka"], ["--http", "127.0.0.1:1"], ["memory", "--minutes", "0"],
+                 ["timeplus", "--workloads", "t9"], ["timeplus", "--pid", "1"],
+                 ["timeplus", "--http", "127.0.0.1:1", "--workloads", "t4"]):
         out = subprocess.run([sys.executable, RUN, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                              check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args

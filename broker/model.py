@@ -89,6 +89,19 @@ class Record(NamedTuple):
     data: bytes
 
 
+class RecordBlock(NamedTuple):
+    """Consecutive records of one partition as columns: what a scan evaluates whole (a query),
+    with no Python object per record. `data[i]` is the payload of record `first_seq + i`; a stored
+    batch has one timestamp, so times come as runs of (record count, timestamp_ms)."""
+    first_seq: int
+    data: list[bytes]
+    times: list[tuple[int, int]]
+
+    @property
+    def next_seq(self) -> int:
+        return self.first_seq + len(self.data)
+
+
 class PartitionBounds(NamedTuple):
     first_seq: int   # oldest retained record; == next_seq when the partition is empty
     next_seq: int    # the number the next appended record gets (the high-water mark)

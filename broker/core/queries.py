@@ -29,7 +29,7 @@ from typing import Any, Callable
 from broker.core.catalogue import StreamCatalogue
 from broker.core.reads import ReadPath
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import ColumnDef, GetRecordsResult, Record
+from broker.model import ColumnDef, GetRecordsResult, Record, RecordBlock
 from broker.query import QueryPlan, compile_query
 from broker.rows.schema import columns_of
 from broker.storage.base import Store
@@ -42,6 +42,7 @@ KEEP_ENDED = 100               # ended queries kept per project for list/get
 TICK_S = 0.5                   # how often a streaming query's executor is ticked: a global aggregation
                                # emits its running result every 2 s (exec.py keeps that clock)
 _READ_LIMIT = 10_000           # records per read of a scan or a subscription batch
+_SCAN_BYTES = 8 * 1024 * 1024  # bytes per read of a scan: the record count is what bounds a read
 _THREAD_ROWS = 2_000           # batches bigger than this are evaluated off the event loop
 END = None                     # the result queue's last item
 
@@ -254,18 +255,33 @@ class Queries:
         return run.executor.done or (run.plan.limit is not None and run.rows_out >= run.plan.limit)
 
     async def _scan(self, run: QueryRun, cursors: list[str], ends: list[int]) -> None:
-        """`table(s)`: every record stored when the query started, partition after partition."""
+        """`table(s)`: every record stored when the query started, partition after partition,
+        read as columns (no object per record). The next read runs while a block is evaluated:
+        both run off the event loop and mostly without the GIL (RocksDB, Polars), so on two
+        cores they overlap."""
         for cursor, end in zip(cursors, ends):
-            while True:
-                batch = await self._reads.get_records(run.project, cursor, _READ_LIMIT, None, 0)
-                records = [r for r in batch.records if r.seq < end]
-                if records:
-                    await self._feed(run, records)
-                    if self._limit_reached(run):
-                        return
-                if not batch.records or batch.records[-1].seq + 1 >= end:
-                    break
-                cursor = batch.next_cursor
+            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, _READ_LIMIT, _SCAN_BYTES))
+            try:
+                while True:
+                    block, cursor = await fetch
+                    last = not block.data or block.next_seq >= end
+                    if not last:
+                        fetch = asyncio.ensure_future(
+                            self._reads.read_block(run.project, cursor, _READ_LIMIT, _SCAN_BYTES))
+                    if block.next_seq > end:   # written after the query started
+                        block = _cut(block, end)
+                    if block.data:
+                        await self._evaluate(run, block)
+                        if self._limit_reached(run):
+                            return
+                    if last:
+                        break
+            finally:
+                fetch.cancel()
+
+    async def _evaluate(self, run: QueryRun, block: RecordBlock) -> None:
+        rows = await asyncio.to_thread(run.executor.feed_block, block, run.raw)
+        await self._emit(run, rows)
 
     async def _follow(self, run: QueryRun, cursors: list[str]) -> None:
         """A streaming query: one subscription per partition feeding one evaluation loop."""
@@ -312,3 +328,14 @@ class Queries:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+
+def _cut(block: RecordBlock, end: int) -> RecordBlock:
+    """The block's records before seq `end`."""
+    keep = max(end - block.first_seq, 0)
+    times, left = [], keep
+    for n, ts in block.times:
+        if left <= 0:
+            break
+        times.append((min(n, left), ts))
+        left -= n
+    return RecordBlock(block.first_seq, block.data[:keep], times)

@@ -16,7 +16,7 @@ from broker.core.cursors import CursorPosition, decode_cursor, encode_cursor
 from broker.core.limits import Limits, parse_seq
 from broker.core.notify import WriteNotifier
 from broker.errors import ErrorCode, client_error
-from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, StreamConfig
+from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage.base import Store
 
 
@@ -98,6 +98,25 @@ class ReadPath:
         max_bytes = min(max(max_fetch_bytes or lim.default_fetch_bytes, 1), lim.max_fetch_bytes)
         wait_s = min(max(wait_ms or 0, 0), lim.max_wait_ms) / 1000
         return await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
+
+    async def read_block(self, project: str, cursor: object, limit: int,
+                         max_bytes: int) -> tuple[RecordBlock, str]:
+        """get_records for a scan: the records as columns (no object per record; see
+        RecordBlock) and the cursor after them; no waiting. Raises what get_records raises."""
+        lim = self._limits
+        _, pos = self._open(project, cursor)
+        limit = min(max(limit, 1), lim.max_read_limit)
+        max_bytes = min(max(max_bytes, 1), lim.max_fetch_bytes)
+        sid, p, seq = pos.stream_id, pos.partition, pos.seq
+        bounds = await self._store.bounds(sid, p)
+        block = await self._store.read_block(sid, p, seq, limit, max_bytes) if seq >= bounds.first_seq \
+            else RecordBlock(seq, [], [])
+        if seq < bounds.first_seq or (block.data and block.first_seq != seq):
+            raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=seq,
+                               earliest=(await self._store.bounds(sid, p)).first_seq)
+        if self._catalogue.by_id(sid) is None:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+        return block, encode_cursor(self.secret, CursorPosition(sid, p, block.next_seq, self._now()))
 
     async def _read(self, sid: int, p: int, seq: int, limit: int,
                     max_bytes: int) -> tuple[PartitionBounds, list[Record]]:

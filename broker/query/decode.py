@@ -12,16 +12,16 @@ replaced) and `_tp_time` (the append time).
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Callable, Collection, Sequence
 
 import orjson
 import polars as pl
 
-from broker.model import Record
 from broker.query import dtypes
 from broker.query.compile import parse_time
 
 TP_TIME = "_tp_time"
+STORED_TIME = "%Y-%m-%d %H:%M:%S%.3f"   # how broker/rows writes datetime64(3) values
 
 
 class BatchDecoder:
@@ -33,35 +33,48 @@ class BatchDecoder:
                        if not dtypes.is_time(t) and dtypes.polars_dtype(t) != self.wire[name]}
         self.skipped = 0   # records of the last decode() that were not JSON objects
 
-    def decode(self, records: Sequence[Record], raw: bool) -> pl.DataFrame:
+    def decode(self, datas: Sequence[bytes], stamps: Callable[[], pl.Series], raw: bool,
+               times_now: Collection[str] | None = None) -> pl.DataFrame:
+        """A frame of the needed columns, a row per record; `stamps()` gives the records' append
+        times (ms, Int64), asked for only when a column needs them. Time columns not in
+        `times_now` (default: all) stay text until `parse_times`: parsing is the costly part of a
+        decode, so a filter that does not read them runs first and leaves fewer to parse."""
         self.skipped = 0
         if raw:
-            return self._raw(records)
+            return self._raw(datas, stamps)
         if not self.types:   # count(*) and the like: no column is read, every record is a row
-            return pl.DataFrame(height=len(records))
-        datas = [r.data for r in records]
+            return pl.DataFrame(height=len(datas))
         df, keep = self._parse(datas, 0, len(datas))
-        if self.times:
-            df = self._times(df)
+        now = self.times if times_now is None else [n for n in self.times if n in times_now]
+        if now:
+            df = self._times(df, now)
         if self.narrow:   # out of range for the column's type: null
             df = df.with_columns(pl.col(n).cast(d, strict=False) for n, d in self.narrow.items())
-        if TP_TIME in self.types:
-            stamps = pl.Series("__ts", [r.timestamp_ms for r in records], dtype=pl.Int64)
+        if TP_TIME in self.types and (TP_TIME in now or df.get_column(TP_TIME).null_count()):
+            times = stamps()
             if keep is not None:
-                stamps = stamps.gather(keep)
-            df = df.with_columns(pl.coalesce(pl.col(TP_TIME), pl.from_epoch(stamps, "ms")))
+                times = times.gather(keep)
+            appended = pl.from_epoch(times, "ms")
+            if TP_TIME not in now:   # still text: fill it with text of the stored form
+                appended = appended.dt.strftime(STORED_TIME)
+            df = df.with_columns(pl.coalesce(pl.col(TP_TIME), appended))
         return df
 
-    def _times(self, df: pl.DataFrame) -> pl.DataFrame:
+    def parse_times(self, df: pl.DataFrame, names: Collection[str]) -> pl.DataFrame:
+        """Parse the time columns among `names` that decode() left as text."""
+        todo = [n for n in self.times if n in names and df.schema.get(n) == pl.String]
+        return self._times(df, todo) if todo else df
+
+    def _times(self, df: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
         """Parse time columns: one strict format first (what broker/rows stores), the general
         parse (ISO `T`, `Z`, other precisions, from other doors) only if a value needed it."""
         fast = []
-        for name in self.times:
-            fmt = "%Y-%m-%d" if dtypes.kind(self.types[name]) == "date" else "%Y-%m-%d %H:%M:%S%.3f"
+        for name in names:
+            fmt = "%Y-%m-%d" if dtypes.kind(self.types[name]) == "date" else STORED_TIME
             fast.append(pl.col(name).str.strptime(
                 pl.Date if fmt == "%Y-%m-%d" else pl.Datetime("ms"), fmt, strict=False))
         parsed = df.select(fast)
-        slow = [name for name in self.times
+        slow = [name for name in names
                 if parsed.get_column(name).null_count() != df.get_column(name).null_count()]
         if slow:
             parsed = parsed.with_columns(df.select(
@@ -69,7 +82,7 @@ class BatchDecoder:
                 else parse_time(pl.col(name)).dt.date() for name in slow))
         return df.with_columns(parsed)
 
-    def _parse(self, datas: list[bytes], lo: int, hi: int) -> tuple[pl.DataFrame, pl.Series | None]:
+    def _parse(self, datas: Sequence[bytes], lo: int, hi: int) -> tuple[pl.DataFrame, pl.Series | None]:
         """Rows of datas[lo:hi] and, if any record was skipped, the indexes of those kept."""
         try:
             df = pl.read_ndjson(io.BytesIO(b"\n".join(datas[lo:hi])), schema=self.wire)
@@ -109,18 +122,17 @@ class BatchDecoder:
                 cols[name] = pl.Series(name, [None], dtype=dtype)
         return pl.DataFrame(cols)
 
-    def _raw(self, records: Sequence[Record]) -> pl.DataFrame:
+    def _raw(self, datas: Sequence[bytes], stamps: Callable[[], pl.Series]) -> pl.DataFrame:
         cols: dict[str, pl.Series] = {}
         if "raw" in self.types:
-            binary = pl.Series("raw", [r.data for r in records], dtype=pl.Binary)
+            binary = pl.Series("raw", datas, dtype=pl.Binary)
             try:
                 cols["raw"] = binary.cast(pl.String)
             except pl.exceptions.ComputeError:   # invalid UTF-8 somewhere: decode with replacement
-                cols["raw"] = pl.Series("raw", [r.data.decode("utf-8", "replace") for r in records])
+                cols["raw"] = pl.Series("raw", [d.decode("utf-8", "replace") for d in datas])
         if TP_TIME in self.types:
-            cols[TP_TIME] = pl.from_epoch(
-                pl.Series(TP_TIME, [r.timestamp_ms for r in records], dtype=pl.Int64), "ms")
-        return pl.DataFrame(cols) if cols else pl.DataFrame(height=len(records))
+            cols[TP_TIME] = pl.from_epoch(stamps().alias(TP_TIME), "ms")
+        return pl.DataFrame(cols) if cols else pl.DataFrame(height=len(datas))
 
 
 def _coerce(value: object, dtype: pl.DataType) -> object:

@@ -19,12 +19,12 @@ UNSUPPORTED_SQL, since there is nothing it could emit early.
 from __future__ import annotations
 
 from datetime import UTC
-from typing import Sequence
+from typing import Callable, Sequence
 
 import polars as pl
 
 from broker.errors import ErrorCode, client_error
-from broker.model import Record
+from broker.model import Record, RecordBlock
 from broker.query import dtypes
 from broker.query.compile import NOW_COLUMN
 from broker.query.decode import BatchDecoder
@@ -45,19 +45,39 @@ class Executor:
         self.late_rows = 0
         self.skipped_rows = 0
         self.last_event_time_ms = 0
+        # time columns the filter reads are parsed before it, the others after it (fewer rows)
+        self._where_columns = None if plan.where is None else set(plan.where.meta.root_names())
 
     def feed(self, records: Sequence[Record], raw: bool) -> list[list]:
+        """The result rows of a batch of records (`raw`: of a stream without a schema)."""
         if self.done or not records:
             return []
-        self.scanned_rows += len(records)
-        self.scanned_bytes += sum(map(len, (r.data for r in records)))
-        self.last_event_time_ms = max(self.last_event_time_ms, records[-1].timestamp_ms)
-        df = self.decoder.decode(records, raw)
+        return self._feed([r.data for r in records], records[-1].timestamp_ms,
+                          lambda: pl.Series("__ts", [r.timestamp_ms for r in records], dtype=pl.Int64), raw)
+
+    def feed_block(self, block: RecordBlock, raw: bool) -> list[list]:
+        """feed() for records read as columns (a scan): no Python object per record."""
+        if self.done or not block.data:
+            return []
+
+        def stamps() -> pl.Series:
+            runs = pl.DataFrame({"ts": [t for _, t in block.times], "n": [n for n, _ in block.times]},
+                                schema={"ts": pl.Int64, "n": pl.UInt32})
+            return runs.select(pl.col("ts").repeat_by("n").explode()).to_series().alias("__ts")
+        return self._feed(block.data, block.times[-1][1], stamps, raw)
+
+    def _feed(self, datas: Sequence[bytes], last_ms: int, stamps: Callable[[], pl.Series], raw: bool) -> list[list]:
+        self.scanned_rows += len(datas)
+        self.scanned_bytes += sum(map(len, datas))
+        self.last_event_time_ms = max(self.last_event_time_ms, last_ms)
+        where = self.plan.where
+        df = self.decoder.decode(datas, stamps, raw, self._where_columns)
         self.skipped_rows += self.decoder.skipped
         if self.plan.uses_now:
             df = df.with_columns(pl.lit(_now(), pl.Datetime("ms")).alias(NOW_COLUMN))
-        if self.plan.where is not None:
-            df = df.filter(self.plan.where)
+        if where is not None:
+            df = df.filter(where)
+            df = self.decoder.parse_times(df, self.plan.needed)   # of the rows kept only
         return self._batch(df)
 
     def tick(self, now_ms: int) -> list[list]:

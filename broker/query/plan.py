@@ -6,6 +6,7 @@ UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `loo
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -100,7 +101,7 @@ _NOT_BEFORE_COMMA = {TokenType.SELECT, TokenType.L_PAREN}
 
 def _check_commas(text: str) -> None:
     tokens = Dialect.get_or_raise("clickhouse").tokenize(text)
-    for before, after in zip(tokens, tokens[1:]):
+    for before, after in itertools.pairwise(tokens):
         if (before.token_type == TokenType.COMMA and after.token_type in _NOT_AFTER_COMMA) or \
                 (after.token_type == TokenType.COMMA and before.token_type in _NOT_BEFORE_COMMA):
             raise _syntax(f"unexpected ',' near line {after.line}, column {after.col}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 from broker.errors import BrokerError
-from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 
 AppendOutcome = int | None | BrokerError
 
@@ -72,6 +72,14 @@ class Store(Protocol):
                    max_bytes: int) -> list[Record]:
         """Records with seq >= start_seq in order: at most `limit`, and stopping before the
         total payload would exceed `max_bytes` - but always at least one record if any exists."""
+
+    async def read_block(self, stream_id: int, partition: int, start_seq: int, limit: int,
+                         max_bytes: int) -> RecordBlock:
+        """What read() returns, as columns (for scans that evaluate whole batches). This default
+        builds it from read(); a store that can skip the per-record objects overrides it."""
+        records = await self.read(stream_id, partition, start_seq, limit, max_bytes)
+        return RecordBlock(records[0].seq if records else start_seq, [r.data for r in records],
+                           [(1, r.timestamp_ms) for r in records])
 
     async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         """First retained, next to assign, and the newest record's timestamp."""

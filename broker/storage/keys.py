@@ -150,11 +150,7 @@ def decode_batch(value: bytes, first_seq: int, lo: int, hi: int, budget: int,
     `lo` regardless when `at_least_one`. Returns (records, payload bytes returned); fewer records
     than hi - lo means the budget ran out."""
     n, ts, mode = _BATCH_HEADER.unpack_from(value)
-    offsets = struct.unpack_from(f">{n + 1}I", value, _BATCH_HEADER.size)
-    base = offsets[lo]
-    end = bisect_right(offsets, base + budget, lo, hi + 1) - 1 if budget >= 0 else lo
-    if end == lo and at_least_one:
-        end = lo + 1
+    offsets, end = _within_budget(value, n, lo, hi, budget, at_least_one)
     if end <= lo:
         return [], 0
     datas = [value[a:b] for a, b in zip(offsets[lo:end], offsets[lo + 1:end + 1])]
@@ -176,4 +172,24 @@ def decode_batch(value: bytes, first_seq: int, lo: int, hi: int, budget: int,
     # tuple.__new__ builds the NamedTuple without running its Python-level __new__ per record
     records = list(map(tuple.__new__, repeat(Record),
                        zip(range(first_seq + lo, first_seq + end), repeat(ts), pkeys, datas)))
-    return records, offsets[end] - base
+    return records, offsets[end] - offsets[lo]
+
+
+def batch_payloads(value: bytes, lo: int, hi: int, budget: int,
+                   at_least_one: bool) -> tuple[list[bytes], int, int]:
+    """As decode_batch, the payloads only: (payloads, the batch's timestamp, bytes returned)."""
+    n, ts, _ = _BATCH_HEADER.unpack_from(value)
+    offsets, end = _within_budget(value, n, lo, hi, budget, at_least_one)
+    if end <= lo:
+        return [], ts, 0
+    return [value[a:b] for a, b in zip(offsets[lo:end], offsets[lo + 1:end + 1])], ts, offsets[end] - offsets[lo]
+
+
+def _within_budget(value: bytes, n: int, lo: int, hi: int, budget: int,
+                   at_least_one: bool) -> tuple[tuple[int, ...], int]:
+    """The batch's payload offsets, and the end (exclusive) of records lo.. that fit `budget`."""
+    offsets = struct.unpack_from(f">{n + 1}I", value, _BATCH_HEADER.size)
+    end = bisect_right(offsets, offsets[lo] + budget, lo, hi + 1) - 1 if budget >= 0 else lo
+    if end == lo and at_least_one:
+        end = lo + 1
+    return offsets, end

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 from broker.errors import ErrorCode, server_error
-from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.settings import Settings
 from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
 from broker.storage.rocks_engine import FormatMismatch, RocksEngine
@@ -92,6 +92,10 @@ class RocksStore(Store):
                 and self._engine.in_small_tail_batch(stream_id, partition, start_seq, INLINE_READ_BYTES):
             return self._engine.read(stream_id, partition, start_seq, limit, max_bytes)
         return await asyncio.to_thread(self._engine.read, stream_id, partition, start_seq, limit, max_bytes)
+
+    async def read_block(self, stream_id: int, partition: int, start_seq: int, limit: int,
+                         max_bytes: int) -> RecordBlock:
+        return await asyncio.to_thread(self._engine.read_block, stream_id, partition, start_seq, limit, max_bytes)
 
     async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         if self._engine.cached_bounds(stream_id, partition) is not None:

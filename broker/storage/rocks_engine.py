@@ -30,7 +30,7 @@ from typing import Iterator, Sequence, cast
 import rocksdict
 
 from broker.errors import ErrorCode, client_error, server_error
-from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage import keys
 from broker.storage.base import IncompatibleStore
 
@@ -272,15 +272,46 @@ class RocksEngine:
         return (first, count, ts) if seq < first + count else None
 
     def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
+        out: list[Record] = []
+        total = 0
+        for value, first, lo, hi in self._stored(stream_id, partition, start_seq, limit):
+            records, used = keys.decode_batch(value, first, lo, hi, max_bytes - total, not out)
+            out += records
+            total += used
+            if len(records) < hi - lo:  # max_bytes reached
+                break
+        return out
+
+    def read_block(self, stream_id: int, partition: int, start_seq: int, limit: int,
+                   max_bytes: int) -> RecordBlock:
+        """As read(), as columns: payloads and timestamp runs, no object per record (scans)."""
+        data: list[bytes] = []
+        times: list[tuple[int, int]] = []
+        first_seq, total = start_seq, 0
+        for value, first, lo, hi in self._stored(stream_id, partition, start_seq, limit):
+            if not data:
+                first_seq = first + lo
+            payloads, ts, used = keys.batch_payloads(value, lo, hi, max_bytes - total, not data)
+            data += payloads
+            total += used
+            if payloads:
+                times.append((len(payloads), ts))
+            if len(payloads) < hi - lo:  # max_bytes reached
+                break
+        return RecordBlock(first_seq, data, times)
+
+    def _stored(self, stream_id: int, partition: int, start_seq: int,
+                limit: int) -> Iterator[tuple[bytes, int, int, int]]:
+        """The stored batches a read of `limit` records from `start_seq` touches, as (value, its
+        first seq, lo, hi: the wanted records' indexes in it). Callers stop when their byte budget
+        runs out."""
         self._check_partition(stream_id, partition)
         next_seq, _ = self._hwm_of(stream_id, partition)
         start = max(start_seq, self._first_of(stream_id, partition))
         if start >= next_seq or limit <= 0:
-            return []
+            return
         end = min(next_seq, start + limit)
-        out: list[Record] = []
-        total = 0
-        decode, seq_of = keys.decode_batch, keys.record_seq
+        seq_of = keys.record_seq
         with _io_errors("read"):
             ro = self._upper_bound(stream_id, partition, end)
             it = self._db.iter(ro)
@@ -295,14 +326,9 @@ class RocksEngine:
                 count, _ = keys.batch_header(value)
                 lo, hi = max(start - first, 0), min(count, end - first)
                 if lo < hi:
-                    records, used = decode(value, first, lo, hi, max_bytes - total, not out)
-                    out += records
-                    total += used
-                    if len(records) < hi - lo:  # max_bytes reached
-                        break
+                    yield value, first, lo, hi
                 it.next()
             it.status()  # the loop also ends on an I/O error: raise it rather than return a short read
-        return out
 
     def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         self._check_partition(stream_id, partition)

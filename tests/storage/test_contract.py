@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 import pytest
 
 from broker.errors import BrokerError, ErrorCode
-from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
+from broker.model import AppendBatch, ColumnDef, PartitionBounds, Record, StreamConfig, StreamSchema
 from broker.settings import Settings
 from broker.storage import STORES, keys, open_store
 from broker.storage.base import Store
@@ -193,6 +193,33 @@ async def test_read_returns_one_record_even_when_it_exceeds_max_bytes(store: Sto
     assert payloads((await store.read(sid, 0, 0, 10, 10))) == [b"x" * 100]
     assert payloads((await store.read(sid, 0, 0, 10, 0))) == [b"x" * 100]
     assert payloads((await store.read(sid, 0, 1, 10, 1))) == [b"y"]
+
+
+async def test_read_block_is_read_as_columns(store: Store) -> None:
+    """read_block (the scan path) returns what read returns: the same records, payloads and
+    timestamps, for every start, limit and byte budget, across stored batch boundaries."""
+    sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+    for ts, n in ((100, 3), (200, 1), (300, 5)):
+        await store.append([batch(sid, 0, ts, *(f"{ts}-{i}".encode().ljust(4 + i, b"+") for i in range(n)))])
+    await store.trim(sid, 0, 1)
+    for start in range(0, 11):
+        for limit in (1, 2, 4, 9, 100):
+            for max_bytes in (0, 6, 13, 40, BIG):
+                records = await store.read(sid, 0, start, limit, max_bytes)
+                block = await store.read_block(sid, 0, start, limit, max_bytes)
+                assert block.data == payloads(records)
+                if records:
+                    assert block.first_seq == records[0].seq and block.next_seq == records[-1].seq + 1
+                stamps = [ts for n, ts in block.times for _ in range(n)]
+                assert stamps == [r.timestamp_ms for r in records]
+                assert all(n > 0 for n, _ in block.times)
+
+
+async def test_a_typed_stream_keeps_its_schema(store: Store) -> None:
+    schema = StreamSchema((ColumnDef("a", "int32"), ColumnDef("b", "nullable(string)", "'x'")), "d", "append", "a")
+    created = await store.create_stream(StreamConfig("typed", 2, project="ws", schema=schema))
+    assert created.schema == schema
+    assert [c.schema for c in await store.list_streams()] == [schema]
 
 
 async def test_read_empty_payloads_never_exceed_max_bytes(store: Store) -> None:
@@ -427,6 +454,15 @@ async def open_rocks(rocks_dir: str) -> AsyncIterator[Callable[[], RocksStore]]:
     yield open_
     for s in opened:
         await s.close()
+
+
+async def test_restart_keeps_a_typed_stream_schema(open_rocks: Callable[[], RocksStore]) -> None:
+    schema = StreamSchema((ColumnDef("t", "datetime64(3)"), ColumnDef("j", "json")), mode="append")
+    store = open_rocks()
+    await store.create_stream(StreamConfig("typed", 1, project="ws", schema=schema))
+    await store.close()
+    store = open_rocks()
+    assert [(c.key, c.schema) for c in await store.list_streams()] == [(("ws", "typed"), schema)]
 
 
 async def test_restart_keeps_streams_records_bounds_and_trim_point(open_rocks: Callable[[], RocksStore]) -> None:

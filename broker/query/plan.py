@@ -7,6 +7,7 @@ UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `loo
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,6 +94,9 @@ def _unsupported(detail: str) -> Exception:
     return client_error(ErrorCode.UNSUPPORTED_SQL, detail=detail)
 
 
+# sqlglot warns on its logger about statements it only half parses: client input, not our fault
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
 # sqlglot drops empty items of a comma list (`select a,, from s` parses as `select a from s`):
 # a comma before or after one of these tokens is a syntax error it would hide.
 _NOT_AFTER_COMMA = {TokenType.COMMA, TokenType.FROM, TokenType.R_PAREN}
@@ -122,7 +126,10 @@ def _parse(sql: str) -> exp.Select:
     tree = statements[0]
     assert tree is not None
     if not isinstance(tree, exp.Select):
-        raise _unsupported(f"only SELECT queries are supported, not {tree.key.upper()}")
+        if isinstance(tree, (exp.Insert, exp.Create, exp.Drop, exp.Delete, exp.Update, exp.Alter, exp.Command,
+                             exp.SetOperation)):
+            raise _unsupported(f"only SELECT queries are supported, not {tree.key.upper()}")
+        raise _syntax(f"expected a SELECT query: {sql.strip()[:40]!r}")   # `selec x` parses as an alias
     for key in ("joins", "with_", "order", "offset", "distinct", "laterals", "qualify", "windows"):
         if tree.args.get(key):
             raise _unsupported(f"{key.rstrip('_').upper()} is not supported")

@@ -47,7 +47,7 @@ from broker.rows.schema import build_schema, columns_of
 # The paths this door owns, for the error middleware and the sub-application's matching rule.
 PATHS = re.compile(r"/(?:[^/]*/)?api/v1beta[12](?:/|$)")
 STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # Timeplus' rule for new streams [docs]
-MAX_SHARDS_DEFAULT = 1
+DEFAULT_SHARDS = 1
 # Batching policy defaults and bounds [ours]: the spec's defaults, a cap that keeps one SSE event
 # reasonable, and a floor of 1 ms for time_ms (0 would flush on every row anyway).
 DEFAULT_BATCH = (1000, 100)
@@ -92,7 +92,7 @@ async def create_stream(request: web.Request) -> web.Response:
             raise client_error(ErrorCode.INVALID_REQUEST, detail="logstore_retention_ms must be whole hours")
         hours = retention_ms // 3_600_000
     schema = build_schema(body)
-    config = await broker.create_stream(name, MAX_SHARDS_DEFAULT if shards is None else shards, hours,
+    config = await broker.create_stream(name, DEFAULT_SHARDS if shards is None else shards, hours,
                                         project=workspace, schema=schema)
     return json_response(_stream_body(config), status=201)
 
@@ -149,28 +149,47 @@ async def stream_stats(request: web.Request) -> web.Response:
 
 # -- ingest ---------------------------------------------------------------------------------------
 
-_encoders: dict[tuple[str, str, int], tuple[StreamConfig, RowEncoder]] = {}
+# Bodies above this are decoded off the event loop: a 12 MiB `lines` body is a million rows,
+# about a second of encoding that other requests must not wait behind.
+_INLINE_DECODE_BYTES = 256 * 1024
 
 
-def _encoder(config: StreamConfig) -> RowEncoder:
-    """One encoder per stream, rebuilt when the stream was recreated under the same name."""
-    key = (config.project, config.stream_name, config.stream_id)
-    cached = _encoders.get(key)
-    if cached is None:
-        if len(_encoders) > 4096:
-            _encoders.clear()
-        cached = _encoders[key] = (config, RowEncoder(config.schema))
-    return cached[1]
+class _Encoders:
+    """One RowEncoder per stream (it caches parsed datetime texts), keyed by stream id, so a stream
+    recreated under the same name gets a new one; entries of deleted streams are dropped."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, RowEncoder] = {}
+
+    def of(self, broker: Broker, config: StreamConfig) -> RowEncoder:
+        encoder = self._by_id.get(config.stream_id)
+        if encoder is None:
+            live = {c.stream_id for c in broker.catalogue.all()}
+            self._by_id = {sid: e for sid, e in self._by_id.items() if sid in live}
+            encoder = self._by_id[config.stream_id] = RowEncoder(config.schema)
+        return encoder
+
+
+ENCODERS = web.AppKey("row_encoders", _Encoders)
 
 
 async def ingest(request: web.Request) -> web.Response:
+    """Rows in one of the four formats, checked against the schema, appended as one batch per
+    partition. The rows go to the stream they were checked against: if it was deleted (and
+    maybe recreated) meanwhile, the answer is STREAM_NOT_FOUND and nothing is written."""
     broker, workspace = _door(request)
     name = request.match_info["name"]
     config = broker.catalogue.get(workspace, name)
     fmt = choose_format(request.query.get("format"), request.headers.get("Content-Type"))
     body = await read_body(request)
-    rows = decode(fmt, body, _encoder(config), time.time_ns() // 1_000_000)
-    await broker.append_rows(name, rows, project=workspace)
+    encoder = request.app[ENCODERS].of(broker, config)
+    now_ms = time.time_ns() // 1_000_000
+    if len(body) > _INLINE_DECODE_BYTES:
+        rows = await asyncio.to_thread(decode, fmt, body, encoder, now_ms)
+    else:
+        rows = decode(fmt, body, encoder, now_ms)
+    if rows:
+        await broker.append_rows(name, rows, project=workspace, stream_id=config.stream_id)
     return web.Response(status=200)
 
 
@@ -236,44 +255,41 @@ async def create_query(request: web.Request) -> web.StreamResponse:
     finally:
         if run.running:   # the consumer went away (or we are being cancelled): stop the query
             await broker.queries.cancel(workspace, run.id)
+        run.release()
     return response
 
 
 async def _stream_results(request: web.Request, response: web.StreamResponse, run: QueryRun, count: int,
                           linger: float) -> bool:
-    """Rows as they come, in events of at most `count` rows, each sent `linger` after its first
-    row at the latest. False if the consumer was dropped."""
+    """Rows as they come, in events of at most `count` rows; no row waits more than `linger`
+    after it arrived (a partial event goes out when the oldest pending row's time is up), and
+    `metrics` every second. False if the consumer was dropped."""
     loop = asyncio.get_running_loop()
     pending: list[list[Any]] = []
-    flush_at = None
+    due = 0.0   # when the oldest pending row must be sent
     next_metrics = loop.time() + METRICS_EVERY_S
     ended = False
     while True:
-        now = loop.time()
-        if pending and (len(pending) >= count or ended or (flush_at is not None and now >= flush_at)):
-            while pending and (len(pending) >= count or ended or now >= (flush_at or now)):
-                chunk, pending = pending[:count], pending[count:]
-                if not await write_or_drop(request, response, _event(None, chunk)):
-                    return False
-            flush_at = loop.time() + linger if pending else None
+        while len(pending) >= count or (pending and (ended or loop.time() >= due)):
+            chunk, pending = pending[:count], pending[count:]
+            if not await write_or_drop(request, response, _event(None, chunk)):
+                return False
         if ended:
             return True
-        if now >= next_metrics:
+        if loop.time() >= next_metrics:
             if not await write_or_drop(request, response, _event("metrics", run.metrics())):
                 return False
             next_metrics = loop.time() + METRICS_EVERY_S
-        wait = next_metrics - loop.time()
-        if flush_at is not None:
-            wait = min(wait, flush_at - loop.time())
+        wait = min(next_metrics, due) if pending else next_metrics
         try:
-            item = await asyncio.wait_for(run.results.get(), max(wait, 0))
+            item = await asyncio.wait_for(run.results.get(), max(wait - loop.time(), 0))
         except TimeoutError:
             continue
         if item is None:   # END
             ended = True
             continue
         if not pending:
-            flush_at = loop.time() + linger
+            due = loop.time() + linger
         pending += item
 
 
@@ -296,7 +312,7 @@ async def cancel_query(request: web.Request) -> web.Response:
 
 async def delete_query(request: web.Request) -> web.Response:
     broker, workspace = _door(request)
-    await broker.queries.delete(workspace, request.match_info["id"])
+    await broker.queries.cancel(workspace, request.match_info["id"], forget=True)
     return web.Response(status=204)
 
 
@@ -327,6 +343,7 @@ class _Paths(AbstractRuleMatching):
 def build_app(broker: Broker, config: HttpConfig) -> web.Application:
     """The Timeplus door; mount it with `mount` (its paths have a variable first segment)."""
     app = door_app(broker, config, TIMEPLUS)
+    app[ENCODERS] = _Encoders()
     routes = [
         ("POST", "/v1beta2/streams", create_stream),
         ("GET", "/v1beta2/streams", list_streams),

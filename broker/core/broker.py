@@ -140,9 +140,10 @@ class Broker:
         """See WritePath.put_records."""
         return await self.writes.put_records(project, stream_name, entries)
 
-    async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT) -> int:
+    async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT,
+                          stream_id: int | None = None) -> int:
         """See WritePath.append_rows: unkeyed rows spread over the partitions, one batch each."""
-        return await self.writes.append_rows(project, stream_name, rows)
+        return await self.writes.append_rows(project, stream_name, rows, stream_id)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

@@ -64,8 +64,9 @@ class QueryRun:
     rows_out: int = 0
     results: asyncio.Queue[list[list[Any]] | None] = field(default_factory=lambda: asyncio.Queue(RESULT_QUEUE))
     task: asyncio.Task[None] | None = None
-    executor: Any = None
+    executor: Any = None       # None once ended and released: only `final` is kept
     raw: bool = False          # a stream without a schema: records are seen as one `raw` column
+    final: dict[str, Any] | None = None   # the metrics at release
 
     @property
     def running(self) -> bool:
@@ -78,12 +79,22 @@ class QueryRun:
     def metrics(self) -> dict[str, Any]:
         """The `metrics` event (shared/spec/timeplus-api.md section 5)."""
         ex = self.executor
+        if ex is None:
+            return dict(self.final or {})
         elapsed_ms = max((self.end_ms or int(time.time() * 1000)) - self.start_ms, 1)
         return {"count": self.rows_out, "eps": round(self.rows_out * 1000 / elapsed_ms, 1),
-                "processing_time": elapsed_ms, "last_event_time": getattr(ex, "last_event_time_ms", 0),
-                "response_time": elapsed_ms, "scanned_rows": getattr(ex, "scanned_rows", 0),
-                "scanned_bytes": getattr(ex, "scanned_bytes", 0), "late_rows": getattr(ex, "late_rows", 0),
-                "skipped_rows": getattr(ex, "skipped_rows", 0)}
+                "processing_time": elapsed_ms, "last_event_time": ex.last_event_time_ms,
+                "response_time": elapsed_ms, "scanned_rows": ex.scanned_rows, "scanned_bytes": ex.scanned_bytes,
+                "late_rows": ex.late_rows, "skipped_rows": ex.skipped_rows}
+
+    def release(self) -> None:
+        """Once ended and its consumer is done: drop the results not read and the executor's
+        state, keep the final metrics (an ended query stays listable)."""
+        if not self.running and self.executor is not None:
+            self.final = self.metrics()
+            self.executor = None
+            while not self.results.empty():
+                self.results.get_nowait()
 
 
 class Queries:
@@ -93,7 +104,7 @@ class Queries:
         self._store = store
         self._reads = reads
         self._now = clock_ms
-        self._runs: dict[str, OrderedDict[str, QueryRun]] = {}   # project -> id -> run, oldest first
+        self._runs: OrderedDict[str, QueryRun] = OrderedDict()   # id -> run, oldest first (every project)
         self._closed = False
 
     def compile(self, project: str, sql: object) -> QueryPlan:
@@ -113,7 +124,7 @@ class Queries:
         plan = self.compile(project, sql)
         if self._closed:
             raise BrokerError(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
-        running = sum(r.running for runs in self._runs.values() for r in runs.values())
+        running = sum(r.running for r in self._runs.values())
         if running >= MAX_RUNNING:
             raise client_error(ErrorCode.TOO_MANY_QUERIES, detail=f"at most {MAX_RUNNING} queries run at once")
         if not plan.stream:   # `select 1`: one row, no stream
@@ -136,9 +147,10 @@ class Queries:
         return run
 
     def _remember(self, run: QueryRun) -> None:
-        runs = self._runs.setdefault(run.project, OrderedDict())
-        runs[run.id] = run
-        self._forget_old(runs)
+        self._runs[run.id] = run
+        ended = [qid for qid, r in self._runs.items() if not r.running]
+        for qid in ended[:max(len(ended) - KEEP_ENDED, 0)]:
+            self._runs.pop(qid).release()
 
     async def _cursor(self, project: str, stream_name: str, partition: int, plan: QueryPlan) -> str:
         """Where a partition's reading starts: `table(s)` and seek_to='earliest' at the oldest
@@ -156,52 +168,40 @@ class Queries:
                 return await self._reads.get_cursor(project, stream_name, partition, "TRIM_HORIZON")
         return await self._reads.get_cursor(project, stream_name, partition, "LATEST")
 
-    def _forget_old(self, runs: OrderedDict[str, QueryRun]) -> None:
-        ended = [qid for qid, r in runs.items() if not r.running]
-        for qid in ended[:max(len(ended) - KEEP_ENDED, 0)]:
-            del runs[qid]
-
     def get(self, project: str, query_id: str) -> QueryRun:
-        runs = self._runs.get(project)
-        run = runs.get(query_id) if runs is not None else None
-        if run is None:
+        run = self._runs.get(query_id)
+        if run is None or run.project != project:
             raise client_error(ErrorCode.QUERY_NOT_FOUND, query_id=query_id)
         return run
 
     def runs(self, project: str) -> list[QueryRun]:
-        runs = self._runs.get(project)
-        return list(runs.values()) if runs is not None else []
+        return [r for r in self._runs.values() if r.project == project]
 
-    async def cancel(self, project: str, query_id: str) -> None:
-        """Stop a running query (its results end); a no-op on an ended one."""
+    async def cancel(self, project: str, query_id: str, forget: bool = False) -> None:
+        """Stop a running query (its results end; a no-op on an ended one); `forget`: and
+        delete it."""
         run = self.get(project, query_id)
         run.end("canceled")
         await self._stop(run)
-
-    async def delete(self, project: str, query_id: str) -> None:
-        run = self.get(project, query_id)
-        run.end("canceled")
-        await self._stop(run)
-        runs = self._runs.get(project)
-        if runs is not None:
-            runs.pop(query_id, None)
+        if forget:
+            self._runs.pop(query_id, None)
+            run.release()
 
     def shutdown(self) -> None:
-        """Refuse new queries and end every running one (`finished`): its consumer sees its
-        results end now, not when the HTTP server's grace period runs out."""
+        """Refuse new queries and end every running one: its consumer sees its results end now,
+        not when the HTTP server's grace period runs out."""
         self._closed = True
-        for runs in self._runs.values():
-            for run in runs.values():
-                if run.running:
-                    run.end("finished", "broker is shutting down")
-                    if run.task is not None:
-                        run.task.cancel()
+        for run in self._runs.values():
+            if run.running:
+                # a streaming query never completes anyway; a scan cut short did not
+                run.end("canceled" if run.plan.bounded else "finished", "broker is shutting down")
+                if run.task is not None:
+                    run.task.cancel()
 
     async def close(self) -> None:
         self.shutdown()
-        for runs in list(self._runs.values()):
-            for run in list(runs.values()):
-                await self._stop(run)
+        for run in list(self._runs.values()):
+            await self._stop(run)
 
     @staticmethod
     async def _stop(run: QueryRun) -> None:
@@ -214,24 +214,29 @@ class Queries:
     # -- the query task ------------------------------------------------------------------------
 
     async def _run(self, run: QueryRun, cursors: list[str], ends: list[int] | None) -> None:
+        delivered = False
         try:
             if ends is not None:
                 await self._scan(run, cursors, ends)
                 await self._emit(run, run.executor.finish())
-                run.end("finished")
             else:
                 await self._follow(run, cursors)
-                run.end("finished")
+            run.end("finished")
+            await run.results.put(END)   # after every result row: a slow consumer gets them all
+            delivered = True
         except asyncio.CancelledError:
             run.end("canceled")
         except BrokerError as exc:
-            run.end("failed", exc.message)
+            # the read path names a deleted stream by its id; the query knows its name
+            gone = exc.code is ErrorCode.STREAM_NOT_FOUND and run.plan.stream
+            run.end("failed", f"Stream [{run.plan.stream}] was deleted" if gone else exc.message)
         except Exception as exc:   # a bug in evaluation: the query fails, the broker goes on
             log.exception("query %s failed", run.id)
             run.end("failed", f"internal error: {type(exc).__name__}")
         finally:
-            # END must reach the consumer even when the queue is full (it may have stopped reading)
-            with contextlib.suppress(asyncio.QueueFull):
+            if not delivered:
+                # cut short: END must reach the consumer even if it stopped reading and the
+                # queue is full; what it did not read is dropped, and its status says why
                 while run.results.full():
                     run.results.get_nowait()
                 run.results.put_nowait(END)
@@ -245,11 +250,18 @@ class Queries:
 
     async def _feed(self, run: QueryRun, records: list[Record]) -> None:
         ex, raw = run.executor, run.raw
-        if len(records) > _THREAD_ROWS:   # Polars releases the GIL: big batches don't stall the loop
+        # off the event loop when the work is big (Polars releases the GIL): a large batch, or
+        # any batch of an aggregation (its merge grows with its state); a small projection stays
+        # inline, where a thread hop would cost more than it (the trickle path)
+        if len(records) > _THREAD_ROWS or run.plan.aggregating:
             rows = await asyncio.to_thread(ex.feed, records, raw)
         else:
             rows = ex.feed(records, raw)
         await self._emit(run, rows)
+
+    async def _tick(self, run: QueryRun) -> None:
+        if run.plan.aggregating:
+            await self._emit(run, await asyncio.to_thread(run.executor.tick, self._now()))
 
     def _limit_reached(self, run: QueryRun) -> bool:
         return run.executor.done or (run.plan.limit is not None and run.rows_out >= run.plan.limit)
@@ -303,12 +315,14 @@ class Queries:
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + TICK_S
         try:
-            while open_readers:
+            while open_readers and not self._limit_reached(run):
+                if loop.time() >= next_tick:
+                    next_tick = loop.time() + TICK_S
+                    await self._tick(run)
+                    continue
                 try:
                     item = await asyncio.wait_for(inbox.get(), max(next_tick - loop.time(), 0))
                 except TimeoutError:
-                    next_tick = loop.time() + TICK_S
-                    await self._emit(run, run.executor.tick(self._now()))
                     continue
                 if item is None:
                     open_readers -= 1
@@ -316,11 +330,6 @@ class Queries:
                     raise item
                 else:
                     await self._feed(run, item.records)
-                if self._limit_reached(run):
-                    return
-                if loop.time() >= next_tick:
-                    next_tick = loop.time() + TICK_S
-                    await self._emit(run, run.executor.tick(self._now()))
         finally:
             for task in readers:
                 task.cancel()

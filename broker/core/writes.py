@@ -92,14 +92,19 @@ class WritePath:
                                   if not isinstance(first, BrokerError))
         return PutRecordsResult(partitions, seqs, failures)
 
-    async def append_rows(self, project: str, stream_name: object, rows: Sequence[bytes]) -> int:
+    async def append_rows(self, project: str, stream_name: object, rows: Sequence[bytes],
+                          stream_id: int | None = None) -> int:
         """Append unkeyed records (the rows of a typed-stream ingest) as one batch per partition:
         the rows are cut into contiguous runs, one per partition, starting at a rotating
         partition, so a stream's partitions fill evenly and a request's rows keep their order
         within each run. All or nothing per partition; returns how many rows were written.
         Raises STREAM_NOT_FOUND, EMPTY_REQUEST, INVALID_REQUEST (a row over the record size),
-        UNAVAILABLE, STORAGE_FULL (nothing of the request is acknowledged then)."""
+        UNAVAILABLE, STORAGE_FULL (nothing of the request is acknowledged then). `stream_id`: the
+        stream the rows were made for (checked against its schema); a stream recreated under the
+        name since then is another stream: STREAM_NOT_FOUND."""
         config = self._catalogue.get(project, stream_name)
+        if stream_id is not None and config.stream_id != stream_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
         n = len(rows)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no rows")

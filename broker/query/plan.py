@@ -2,13 +2,18 @@
 resolve the stream and its columns, type-check and compile every expression once.
 
 Every error a user can make is raised here, before any data is read: SQL_SYNTAX, UNKNOWN_COLUMN,
-UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `lookup`.
+UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `lookup`. Hostile text
+is a client error too, never another exception: the text is at most MAX_SQL_BYTES, parentheses
+nest at most MAX_PAREN_DEPTH deep (sqlglot's parser spends ~20 Python frames per level), the
+parsed tree is at most MAX_DEPTH deep (a chain `a AND b AND ...` of n terms is n deep: the
+compiler recurses per level), and a RecursionError that still happens is UNSUPPORTED_SQL.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Callable
@@ -25,13 +30,17 @@ from broker.model import ColumnDef
 from broker.query import dtypes
 from broker.query.compile import ExprCompiler, Typed, function_name, is_aggregate, output_expr
 from broker.query.dtypes import DATETIME64, NULL, kind
-from broker.query.sqltext import INTERVAL_FN, JSON_FN, rewrite
+from broker.query.sqltext import INTERVAL_FN, JSON_FN, JSON_PATH, rewrite
 
 if TYPE_CHECKING:
     from broker.query.exec import Executor
 
 TP_TIME = "_tp_time"
 WINDOW_COLUMNS = ("window_start", "window_end")
+MAX_SQL_BYTES = 64 * 1024
+MAX_PAREN_DEPTH = 32
+MAX_DEPTH = 128
+MAX_INTERVAL_MS = 3650 * 86_400_000   # windows of at most ten years: no int64 overflow
 _INTERVAL_UNITS = {"millisecond": 1, "second": 1000, "minute": 60_000, "hour": 3_600_000,
                    "day": 86_400_000}
 
@@ -103,8 +112,25 @@ _NOT_AFTER_COMMA = {TokenType.COMMA, TokenType.FROM, TokenType.R_PAREN}
 _NOT_BEFORE_COMMA = {TokenType.SELECT, TokenType.L_PAREN}
 
 
-def _check_commas(text: str) -> None:
+def _too_deep(what: str, limit: int | None = None) -> Exception:
+    if limit is None:
+        return _unsupported(f"the query nests {what} too deeply")
+    return _unsupported(f"{what} nest more than {limit} levels deep (a chain such as a AND b AND ... "
+                        "counts a level per operator; write long lists as IN (...))")
+
+
+def _check_tokens(text: str) -> None:
+    """What sqlglot would silently accept (empty list items) or overflow the stack on (deep
+    parentheses)."""
     tokens = Dialect.get_or_raise("clickhouse").tokenize(text)
+    depth = 0
+    for token in tokens:
+        if token.token_type == TokenType.L_PAREN:
+            depth += 1
+            if depth > MAX_PAREN_DEPTH:
+                raise _too_deep("parentheses", MAX_PAREN_DEPTH)
+        elif token.token_type == TokenType.R_PAREN:
+            depth -= 1
     for before, after in itertools.pairwise(tokens):
         if (before.token_type == TokenType.COMMA and after.token_type in _NOT_AFTER_COMMA) or \
                 (after.token_type == TokenType.COMMA and before.token_type in _NOT_BEFORE_COMMA):
@@ -113,23 +139,46 @@ def _check_commas(text: str) -> None:
         raise _syntax("the query ends with ','")
 
 
+def _check_tree(tree: exp.Expr) -> None:
+    """Depth, and the shape of the pre-pass's functions (which a user can also write)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep("expressions", MAX_DEPTH)
+        if isinstance(node, exp.Anonymous) and node.name == JSON_FN:
+            args = node.expressions
+            if not (len(args) == 2 and isinstance(args[0], exp.Column) and isinstance(args[1], exp.Literal)
+                    and args[1].is_string and JSON_PATH.fullmatch(args[1].this)):
+                raise _syntax("JSON access is written column:key or column:a.b")
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
+
+
 def _parse(sql: str) -> exp.Select:
+    size = len(sql.encode("utf-8", "surrogatepass"))
+    if size > MAX_SQL_BYTES:
+        raise _unsupported(f"the SQL text is {size} bytes; at most {MAX_SQL_BYTES} are accepted")
     try:
         text = rewrite(sql)
-        _check_commas(text)
+        _check_tokens(text)
         statements = sqlglot.parse(text, read="clickhouse")
     except (ParseError, TokenError) as e:
-        raise _syntax(str(e).splitlines()[0]) from None
+        raise _syntax((str(e).splitlines() or ["cannot parse the query"])[0][:300]) from None
+    except RecursionError:
+        raise _too_deep("expressions") from None
     statements = [s for s in statements if s is not None]
     if len(statements) != 1:
         raise _syntax("expected exactly one statement")
     tree = statements[0]
     assert tree is not None
+    _check_tree(tree)
     if not isinstance(tree, exp.Select):
         if isinstance(tree, (exp.Insert, exp.Create, exp.Drop, exp.Delete, exp.Update, exp.Alter, exp.Command,
                              exp.SetOperation)):
             raise _unsupported(f"only SELECT queries are supported, not {tree.key.upper()}")
         raise _syntax(f"expected a SELECT query: {sql.strip()[:40]!r}")   # `selec x` parses as an alias
+    if not tree.expressions:
+        raise _syntax("the select list is empty")
     for key in ("joins", "with_", "order", "offset", "distinct", "laterals", "qualify", "windows"):
         if tree.args.get(key):
             raise _unsupported(f"{key.rstrip('_').upper()} is not supported")
@@ -140,20 +189,29 @@ def _parse(sql: str) -> exp.Select:
 
 def _interval_ms(node: exp.Expression) -> int:
     if isinstance(node, exp.Anonymous) and node.name == INTERVAL_FN:
-        ms = int(node.expressions[0].this)
+        arg = node.expressions[0] if len(node.expressions) == 1 else None
+        if not (isinstance(arg, exp.Literal) and not arg.is_string and _DIGITS.fullmatch(arg.this)):
+            raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')[:100]}")
+        ms = int(arg.this)
     elif isinstance(node, exp.Interval):
         unit = node.text("unit").lower().rstrip("s")
         if unit not in _INTERVAL_UNITS:
             raise _unsupported(f"interval unit {unit}")
-        try:
-            ms = int(float(node.this.this) * _INTERVAL_UNITS[unit])
-        except (TypeError, ValueError):
-            raise _syntax(f"bad interval {node.sql('clickhouse')}") from None
+        value = node.this.this if isinstance(node.this, exp.Literal) else None
+        if not (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+            raise _syntax(f"bad interval {node.sql('clickhouse')[:100]}")
+        ms = int(float(value) * _INTERVAL_UNITS[unit])
     else:
-        raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')}")
+        raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')[:100]}")
     if ms <= 0:
         raise _syntax("a window interval must be positive")
+    if ms > MAX_INTERVAL_MS:
+        raise _unsupported(f"a window interval is at most {MAX_INTERVAL_MS // 86_400_000} days")
     return ms
+
+
+_DIGITS = re.compile(r"[0-9]{1,30}")   # int() of more digits than 4300 is a ValueError
+_NUMBER = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,12})?")
 
 
 def _stream_arg(node: exp.Expression) -> tuple[str, bool]:
@@ -246,8 +304,9 @@ def _limit(tree: exp.Select) -> int | None:
     if node is None:
         return None
     value = node.expression
-    if not (isinstance(value, exp.Literal) and not value.is_string and value.this.isdigit()):
-        raise _syntax("LIMIT takes a non-negative integer")
+    if not (isinstance(value, exp.Literal) and not value.is_string and _DIGITS.fullmatch(value.this)
+            and int(value.this) < 2**63):
+        raise _syntax("LIMIT takes an integer from 0 to 2^63-1")
     return int(value.this)
 
 
@@ -315,6 +374,13 @@ AGG_DISTINCT = ("count_distinct", "uniq", "uniq_exact")
 
 
 def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
+    try:
+        return _compile(sql, lookup)
+    except RecursionError:   # the limits above should make this unreachable: still a 4xx
+        raise _too_deep("expressions") from None
+
+
+def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
     tree = _parse(sql)
     stream, bounded, window_call = _source(tree)
     seek_to, seek_ms = _settings(tree)

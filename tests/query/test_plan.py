@@ -98,6 +98,8 @@ def test_aggregate_types_and_names() -> None:
 @pytest.mark.parametrize("sql, code", [
     ("selec * from t", ErrorCode.SQL_SYNTAX),
     ("select from where", ErrorCode.SQL_SYNTAX),
+    ("select from t", ErrorCode.SQL_SYNTAX),
+    ("select -- nothing", ErrorCode.SQL_SYNTAX),
     ("select 1; select 2", ErrorCode.SQL_SYNTAX),
     ("select * from t limit -1", ErrorCode.SQL_SYNTAX),
     ("select * from t settings seek_to='yesterday'", ErrorCode.SQL_SYNTAX),

@@ -235,3 +235,22 @@ def test_global_state_limit_fails_the_query() -> None:
     ex = AggregateExecutor(plan, max_groups=10)
     with pytest.raises(ClientError, match="more than 10 groups"):
         ex.feed([row(n, T0, s=str(n)) for n in range(11)], False)
+
+
+def test_negating_an_unsigned_value_gives_int64() -> None:
+    assert run("select -length(s), -u, -(u + u) from t", [row(0, T0, s="abc", u=7)]) == [[-3, -7, -14]]
+
+
+def test_round_as_clickhouse() -> None:
+    records = [row(0, T0, i=25, f=2.5, u=250)]
+    assert run("select round(15, -1), round(-15, -1), round(14, -1), round(i, -1), round(i, 1), "
+               "round(f), round(3.5), round(15.0, -1), round(i, -40), round(f, 400) from t",
+               records) == [[20, -20, 10, 30, 25, 2.0, 4.0, 20.0, 0, 2.5]]
+
+
+def test_json_access_is_json_extract_string() -> None:
+    records = [raw(0, b'{"k":1.50}'), raw(1, b'{"k":null}'), raw(2, b'{"k": [1, 2]}'),
+               raw(3, b'{"k":"a\\"b"}'), raw(4, b'{"k":true}'), raw(5, b"{}"), raw(6, b'{"k":""}'),
+               raw(7, b'{"k":{"x": 1}}')]
+    assert run("select raw:k from foo", records, raw_stream=True) == [
+        ["1.5"], [""], ["[1,2]"], ['a"b'], ["true"], [""], [""], ['{"x":1}']]

@@ -274,11 +274,13 @@ class AggregateExecutor(Executor):
             .alias("__pw"),
             ((pl.col("__t") // step) * step).alias("__base"))
         self.late_rows += stage.filter(pl.col("__base") + size <= pl.col("__pw")).height
-        copies = -(-size // step)
-        pairs = pl.concat([
-            stage.with_columns((pl.col("__base") - k * step).alias("__w"))
-            .filter((pl.col("__w") + size > pl.col("__t")) & (pl.col("__w") + size > pl.col("__pw")))
-            for k in range(copies)])
+        # a row's open windows start at the multiples of step in (max(t, pw) - size, base]: at
+        # most size/step of them (plan.MAX_HOP_WINDOWS), made as a list per row and exploded
+        first = -((size - 1 - pl.max_horizontal("__t", "__pw")) // step) * step
+        pairs = stage.with_columns(first.alias("__first")) \
+            .filter(pl.col("__first") <= pl.col("__base")) \
+            .with_columns(pl.int_ranges("__first", pl.col("__base") + step, step).alias("__w")) \
+            .drop("__first").explode("__w")
         self.watermark = max(self.watermark, int(stage.get_column("__t").max()))  # type: ignore[arg-type]
         self._merge(pairs)
         if self.state is None:

@@ -40,6 +40,7 @@ WINDOW_COLUMNS = ("window_start", "window_end")
 MAX_SQL_BYTES = 64 * 1024
 MAX_PAREN_DEPTH = 32
 MAX_DEPTH = 128
+MAX_HOP_WINDOWS = 1000               # windows per row of hop(): size / step
 MAX_INTERVAL_MS = 3650 * 86_400_000   # windows of at most ten years: no int64 overflow
 _INTERVAL_UNITS = {"millisecond": 1, "second": 1000, "minute": 60_000, "hour": 3_600_000,
                    "day": 86_400_000}
@@ -273,6 +274,9 @@ def _window(call: exp.Anonymous, columns: dict[str, str]) -> Window:
     step, size = sizes
     if step > size:
         raise _syntax("hop(): the step must not exceed the size")
+    if -(-size // step) > MAX_HOP_WINDOWS:
+        raise _unsupported(f"hop(): a row would be in {-(-size // step)} windows (size / step); "
+                           f"at most {MAX_HOP_WINDOWS} are supported")
     return Window("hop", time_column, size, step)
 
 

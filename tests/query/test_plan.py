@@ -105,6 +105,7 @@ def test_aggregate_types_and_names() -> None:
     ("select * from t settings seek_to='yesterday'", ErrorCode.SQL_SYNTAX),
     ("select count(*) from tumble(t) group by window_start", ErrorCode.SQL_SYNTAX),
     ("select count(*) from hop(t, 10s, 2s) group by window_start", ErrorCode.SQL_SYNTAX),
+    ("select count(*) from hop(t, 1ms, 10s) group by window_start", ErrorCode.UNSUPPORTED_SQL),
     ("select nope from t", ErrorCode.UNKNOWN_COLUMN),
     ("select * from t where nope > 1", ErrorCode.UNKNOWN_COLUMN),
     ("select count(*) from tumble(t, nope, 5s) group by window_start", ErrorCode.UNKNOWN_COLUMN),

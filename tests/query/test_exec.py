@@ -6,7 +6,7 @@ import pytest
 
 from broker.errors import ClientError
 from broker.query import compile_query
-from broker.query.exec import AggregateExecutor
+from broker.query.exec import GLOBAL_EMIT_MS, AggregateExecutor
 from tests.query.helpers import lookup, raw, row, text
 
 T0 = 1_704_067_200_000   # 2024-01-01 00:00:00 UTC, a multiple of every window size used here
@@ -292,3 +292,27 @@ def test_lenient_values() -> None:
                                        [-5, 3, 2.0, False, "5", None],
                                        [None, None, None, None, None, None]]
     assert ex.skipped_rows == 1
+
+
+def test_a_small_batch_over_many_groups_does_not_cost_the_whole_state() -> None:
+    import time
+    ex = compile_query("select s, count(*), sum(i) from t group by s", lookup).executor()
+    for b in range(10):
+        ex.feed([row(n, T0, s=f"k{n}", i=n) for n in range(b * 10_000, (b + 1) * 10_000)], False)
+    began = time.perf_counter()
+    for n in range(100):
+        ex.feed([row(n, T0, s=f"k{n}", i=1)], False)
+    assert time.perf_counter() - began < 0.4   # was ~9 ms per batch: a merge with 100k groups
+    ex.tick(0)
+    out = ex.tick(GLOBAL_EMIT_MS)
+    assert len(out) == 100_000 and out[0] == ["k0", 2, 1] and out[-1] == ["k99999", 1, 99_999]
+
+
+def test_pending_partials_do_not_reach_the_group_limit_early() -> None:
+    plan = compile_query("select s, count(*), count_distinct(i) from t group by s", lookup)
+    ex = AggregateExecutor(plan, max_groups=10)
+    for n in range(20):   # the same 4 groups and values again and again: 8 rows of state
+        ex.feed([row(n, T0, s=str(n % 4), i=n % 2 * 4 + n % 4)], False)
+    assert ex.state_rows() == 8
+    ex.tick(0)
+    assert ex.tick(GLOBAL_EMIT_MS) == [["0", 5, 1], ["1", 5, 1], ["2", 5, 1], ["3", 5, 1]]

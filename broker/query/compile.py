@@ -57,7 +57,7 @@ _COMPARISONS: dict[type, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     exp.GTE: lambda a, b: a >= b, exp.LT: lambda a, b: a < b, exp.LTE: lambda a, b: a <= b,
 }
 AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max)
-AGGREGATE_NAMES = {"count_distinct", "uniq", "uniq_exact"}
+DISTINCT_AGGREGATES = ("count_distinct", "uniq", "uniq_exact")   # aggregates sqlglot does not know
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Typed:
 
 def is_aggregate(node: exp.Expression) -> bool:
     return isinstance(node, AGGREGATES) or (
-        isinstance(node, exp.Anonymous) and node.name.lower() in AGGREGATE_NAMES)
+        isinstance(node, exp.Anonymous) and node.name.lower() in DISTINCT_AGGREGATES)
 
 
 def function_name(node: exp.Expression) -> str:

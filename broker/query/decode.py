@@ -22,8 +22,8 @@ import polars as pl
 
 from broker.query import dtypes
 from broker.query.compile import parse_time
+from broker.rows.schema import RAW, TP_TIME
 
-TP_TIME = "_tp_time"
 STORED_TIME = "%Y-%m-%d %H:%M:%S%.3f"   # how broker/rows writes datetime64(3) values
 
 
@@ -115,12 +115,12 @@ class BatchDecoder:
 
     def _raw(self, datas: Sequence[bytes], stamps: Callable[[], pl.Series]) -> pl.DataFrame:
         cols: dict[str, pl.Series] = {}
-        if "raw" in self.types:
-            binary = pl.Series("raw", datas, dtype=pl.Binary)
+        if RAW in self.types:
+            binary = pl.Series(RAW, datas, dtype=pl.Binary)
             try:
-                cols["raw"] = binary.cast(pl.String)
+                cols[RAW] = binary.cast(pl.String)
             except pl.exceptions.ComputeError:   # invalid UTF-8 somewhere: decode with replacement
-                cols["raw"] = pl.Series("raw", [d.decode("utf-8", "replace") for d in datas])
+                cols[RAW] = pl.Series(RAW, [d.decode("utf-8", "replace") for d in datas])
         if TP_TIME in self.types:
             cols[TP_TIME] = pl.from_epoch(stamps().alias(TP_TIME), "ms")
         return pl.DataFrame(cols) if cols else pl.DataFrame(height=len(datas))

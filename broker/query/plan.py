@@ -28,14 +28,14 @@ from sqlglot.tokens import TokenType
 from broker.errors import ErrorCode, client_error
 from broker.model import ColumnDef
 from broker.query import dtypes
-from broker.query.compile import ExprCompiler, Typed, function_name, is_aggregate, output_expr
+from broker.query.compile import DISTINCT_AGGREGATES, ExprCompiler, Typed, function_name, is_aggregate, output_expr
 from broker.query.dtypes import DATETIME64, NULL, kind
 from broker.query.sqltext import INTERVAL_FN, JSON_FN, JSON_PATH, rewrite
+from broker.rows.schema import RAW, TP_TIME
 
 if TYPE_CHECKING:
     from broker.query.exec import Executor
 
-TP_TIME = "_tp_time"
 WINDOW_COLUMNS = ("window_start", "window_end")
 MAX_SQL_BYTES = 64 * 1024
 MAX_PAREN_DEPTH = 32
@@ -359,7 +359,7 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     if any(is_aggregate(n) for n in arg.find_all(exp.Expression) if n is not arg):
         raise _unsupported("aggregates inside aggregates")
     t = compiler.compile(arg)
-    if name in AGG_DISTINCT:
+    if name in DISTINCT_AGGREGATES:
         return Aggregate("count_distinct", t, "uint64")
     if name in ("sum", "avg"):
         if not dtypes.is_numeric(t.type):
@@ -374,9 +374,6 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     return Aggregate(name, t, t.type)
 
 
-AGG_DISTINCT = ("count_distinct", "uniq", "uniq_exact")
-
-
 def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
     try:
         return _compile(sql, lookup)
@@ -386,119 +383,133 @@ def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> Q
 
 def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
     tree = _parse(sql)
+    plan = _source_plan(sql, tree, lookup)
+    items = _select_items(tree, plan.columns)
+    inputs = ExprCompiler(plan.columns, plan.stream)
+    where_node = tree.args.get("where")
+    if where_node is not None:
+        if any(is_aggregate(n) for n in where_node.walk()):
+            raise _unsupported("aggregates in WHERE (use HAVING)")
+        plan.where = inputs.compile_bool(where_node.this).expr
+    has_aggr = bool(tree.args.get("group") or tree.args.get("having") or plan.window or any(
+        is_aggregate(n) for _, node in items for n in node.find_all(exp.Expression)))
+    group_names: list[str] = []
+    if has_aggr:
+        result_types, group_names = _compile_aggregation(plan, tree, items, inputs)
+    else:
+        result_types = [_add_output(plan, inputs.compile(node)) for _, node in items]
+    plan.uses_now = inputs.uses_now
+    needed = set(inputs.used) | ({plan.window.time_column} if plan.window else set())
+    plan.needed = tuple(c for c in plan.columns if c in needed)
+    plan.header = [(name, t) for (name, _), t in zip(items, result_types)]
+    _describe(plan, items, has_aggr, group_names)
+    return plan
+
+
+def _source_plan(sql: str, tree: exp.Select, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
+    """The plan of what the query reads (stream, columns, window, settings, LIMIT), no output yet."""
     stream, bounded, window_call = _source(tree)
     seek_to, seek_ms = _settings(tree)
     limit = _limit(tree)
     defs = lookup(stream) if stream else ()
     columns = {c.name: c.type for c in defs}
-    raw_stream = [c.name for c in defs] == ["raw", TP_TIME] and kind(defs[0].type) == "string"
+    raw_stream = [c.name for c in defs] == [RAW, TP_TIME] and kind(defs[0].type) == "string"
     window = _window(window_call, columns) if window_call is not None else None
-    items = _select_items(tree, columns)
-    group = tree.args.get("group")
-    having_node = tree.args.get("having")
-    where_node = tree.args.get("where")
-    inputs = ExprCompiler(columns, stream)
-
-    plan = QueryPlan(sql=sql, stream=stream, bounded=bounded, seek_to=seek_to, seek_ms=seek_ms,
+    return QueryPlan(sql=sql, stream=stream, bounded=bounded, seek_to=seek_to, seek_ms=seek_ms,
                      header=[], analysis={}, time_columns={}, raw_stream=raw_stream, limit=limit,
                      columns=columns, window=window)
-    if where_node is not None:
-        if any(is_aggregate(n) for n in where_node.walk()):
-            raise _unsupported("aggregates in WHERE (use HAVING)")
-        plan.where = inputs.compile_bool(where_node.this).expr
 
-    has_aggr = bool(group or having_node or window or any(
-        is_aggregate(n) for _, node in items for n in node.find_all(exp.Expression)))
-    result_types: list[str] = []
+
+def _add_output(plan: QueryPlan, t: Typed) -> str:
+    plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
+    return t.type
+
+
+def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[str, exp.Expression]],
+                         inputs: ExprCompiler) -> tuple[list[str], list[str]]:
+    """GROUP BY keys (stage `__k{j}`), aggregates (`__a{i}`), and the outputs and HAVING over
+    them -> (result types, GROUP BY names)."""
+    if not plan.stream:
+        raise _unsupported("aggregation needs FROM")
+    columns, window, group = plan.columns, plan.window, tree.args.get("group")
+    aliases = dict(items)
+    key_nodes: list[exp.Expression] = []
     group_names: list[str] = []
-    if not has_aggr:
-        for _name, node in items:
-            t = inputs.compile(node)
-            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
-            result_types.append(t.type)
-    else:
-        if not stream:
-            raise _unsupported("aggregation needs FROM")
-        aliases = dict(items)
-        key_nodes: list[exp.Expression] = []
-        for g in (group.expressions if group else []):
-            if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:
-                continue   # the window is always a key
-            if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
-                g = aliases[g.name]
-            if any(is_aggregate(n) for n in g.walk()):
-                raise _unsupported("aggregates in GROUP BY")
-            key_nodes.append(g)
-            group_names.append(_display_name(g))
-            plan.keys.append(inputs.compile(g))
-        agg_nodes: list[exp.Expression] = []
-        out_columns = {f"__k{j}": k.type for j, k in enumerate(plan.keys)}
-        if window:
-            out_columns.update(dict.fromkeys(WINDOW_COLUMNS, DATETIME64))
-
-        def replace(n: exp.Expression) -> exp.Expression:
-            for j, k in enumerate(key_nodes):
-                if n == k:
-                    return exp.column(f"__k{j}")
-            if is_aggregate(n):
-                for i, a in enumerate(agg_nodes):
-                    if n == a:
-                        return exp.column(f"__a{i}")
-                agg_nodes.append(n)
-                plan.aggregates.append(_aggregate_of(n, inputs))
-                out_columns[f"__a{len(agg_nodes) - 1}"] = plan.aggregates[-1].type
-                return exp.column(f"__a{len(agg_nodes) - 1}")
-            return n
-
-        outputs = ExprCompiler(out_columns, stream)
-
-        def unalias(n: exp.Expression) -> exp.Expression:
-            if isinstance(n, exp.Column) and n.name not in columns and n.name in aliases:
-                return aliases[n.name].copy()
-            return n
-
-        def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
-            if resolve_aliases:
-                node = node.copy().transform(unalias)
-            rewritten = node.copy().transform(replace)
-            for col in rewritten.find_all(exp.Column):
-                if col.name not in out_columns:
-                    inputs.compile(col)   # an unknown column is reported as such
-                    raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
-            return outputs.compile(rewritten)
-
-        for _name, node in items:
-            t = compile_outer(node)
-            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
-            result_types.append(t.type)
-        if having_node is not None:
-            plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
-            if outputs.uses_now:
-                raise _unsupported("now() in HAVING")
-        if outputs.uses_now:
-            raise _unsupported("now() over aggregates")
-    plan.uses_now = inputs.uses_now
-    needed = set(inputs.used)
+    for g in (group.expressions if group else []):
+        if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:
+            continue   # the window is always a key
+        if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
+            g = aliases[g.name]
+        if any(is_aggregate(n) for n in g.walk()):
+            raise _unsupported("aggregates in GROUP BY")
+        key_nodes.append(g)
+        group_names.append(_display_name(g))
+        plan.keys.append(inputs.compile(g))
+    agg_nodes: list[exp.Expression] = []
+    out_columns = {f"__k{j}": k.type for j, k in enumerate(plan.keys)}
     if window:
-        needed.add(window.time_column)
-    plan.needed = tuple(c for c in columns if c in needed)
-    plan.header = [(name, t) for (name, _), t in zip(items, result_types)]
+        out_columns.update(dict.fromkeys(WINDOW_COLUMNS, DATETIME64))
+
+    def replace(n: exp.Expression) -> exp.Expression:
+        for j, k in enumerate(key_nodes):
+            if n == k:
+                return exp.column(f"__k{j}")
+        if is_aggregate(n):
+            for i, a in enumerate(agg_nodes):
+                if n == a:
+                    return exp.column(f"__a{i}")
+            agg_nodes.append(n)
+            plan.aggregates.append(_aggregate_of(n, inputs))
+            out_columns[f"__a{len(agg_nodes) - 1}"] = plan.aggregates[-1].type
+            return exp.column(f"__a{len(agg_nodes) - 1}")
+        return n
+
+    outputs = ExprCompiler(out_columns, plan.stream)
+
+    def unalias(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column) and n.name not in columns and n.name in aliases:
+            return aliases[n.name].copy()
+        return n
+
+    def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
+        if resolve_aliases:
+            node = node.copy().transform(unalias)
+        rewritten = node.copy().transform(replace)
+        for col in rewritten.find_all(exp.Column):
+            if col.name not in out_columns:
+                inputs.compile(col)   # an unknown column is reported as such
+                raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
+        return outputs.compile(rewritten)
+
+    result_types = [_add_output(plan, compile_outer(node)) for _, node in items]
+    having_node = tree.args.get("having")
+    if having_node is not None:
+        plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
+        if outputs.uses_now:
+            raise _unsupported("now() in HAVING")
+    if outputs.uses_now:
+        raise _unsupported("now() over aggregates")
+    return result_types, group_names
+
+
+def _describe(plan: QueryPlan, items: list[tuple[str, exp.Expression]], has_aggr: bool,
+              group_names: list[str]) -> None:
+    """What the door reports about the query: time columns of the result, sqlanalyze's answer."""
     names = [name for name, _ in plan.header]
     plan.time_columns = {
         "eventTime": names.index(TP_TIME) if TP_TIME in names else -1,
-        "windowStart": _index_of(items, "window_start") if window else -1,
-        "windowEnd": _index_of(items, "window_end") if window else -1,
+        "windowStart": _index_of(items, "window_start") if plan.window else -1,
+        "windowEnd": _index_of(items, "window_end") if plan.window else -1,
     }
     plan.analysis = {
-        "is_streaming": not bounded, "query_type": "SELECT",
+        "is_streaming": not plan.bounded, "query_type": "SELECT",
         "has_aggr": has_aggr, "has_subquery": False, "has_table_join": False, "has_union": False,
-        "original_query": sql, "rewritten_query": sql,
-        "required_columns": [{"database": "default", "table": stream, "column": c,
-                              "column_type": columns[c]} for c in plan.needed],
+        "original_query": plan.sql, "rewritten_query": plan.sql,
+        "required_columns": [{"database": "default", "table": plan.stream, "column": c,
+                              "column_type": plan.columns[c]} for c in plan.needed],
         "result_columns": [{"column": n, "column_type": t} for n, t in plan.header],
         "group_by_columns": group_names,
     }
-    return plan
 
 
 def _index_of(items: list[tuple[str, exp.Expression]], column: str) -> int:

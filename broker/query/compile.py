@@ -3,9 +3,17 @@
 `ExprCompiler.compile(node)` returns a `Typed` (a Polars expression and its canonical type), or
 raises the client error a user can act on (unknown column or function, type mismatch, unsupported
 construct) before any data is read. Semantics follow Timeplus: `/` divides as floats, LIKE is
-case-sensitive and ILIKE is not, `raw:key` is a string ('' for a missing key, the JSON text of
-a non-string), `::int` / `::float` are int32 / float32, and a cast that cannot convert gives
-null rather than failing the stream.
+case-sensitive and ILIKE is not, `::int` / `::float` are int32 / float32, and a cast that cannot
+convert gives null rather than failing the stream.
+
+`raw:key` is Timeplus's json_extract_string: a JSON string is its unquoted text; JSON null, a
+missing key or a record that is not JSON is ''; any other value (number, bool, object, array) is
+its JSON text as ClickHouse's JSONExtractRaw gives it, i.e. re-serialised compactly rather than
+copied byte for byte: `1.50` reads as `1.5`, `1e3` as `1000.0`, `{"x": [1]}` as `{"x":[1]}`, an
+integer beyond 64 bits as a float. (Keeping the exact source text would need a JSON scanner of our
+own per row; the value, which is what a `::float` or a comparison reads, is the same.)
+`round(x, n)` is ClickHouse's: floats round half to even, integers half away from zero at n < 0
+(`round(15, -1)` is 20; a result that does not fit the integer type is null).
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ _COMPARISONS: dict[type, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     exp.GTE: lambda a, b: a >= b, exp.LT: lambda a, b: a < b, exp.LTE: lambda a, b: a <= b,
 }
 AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max)
-AGGREGATE_NAMES = {"count_distinct", "uniq", "uniq_exact"}
+DISTINCT_AGGREGATES = ("count_distinct", "uniq", "uniq_exact")   # aggregates sqlglot does not know
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class Typed:
 
 def is_aggregate(node: exp.Expression) -> bool:
     return isinstance(node, AGGREGATES) or (
-        isinstance(node, exp.Anonymous) and node.name.lower() in AGGREGATE_NAMES)
+        isinstance(node, exp.Anonymous) and node.name.lower() in DISTINCT_AGGREGATES)
 
 
 def function_name(node: exp.Expression) -> str:
@@ -136,6 +144,24 @@ def cast(t: Typed, target: str) -> Typed:
 
 _FORMATS = {"datetime64": "%Y-%m-%d %H:%M:%S%.3f", "datetime": "%Y-%m-%d %H:%M:%S",
             "date": "%Y-%m-%d"}
+
+
+_MAX_ROUND_DIGITS = 30   # round(x, n) with |n| beyond: as with 30 (no float64 or int has more)
+
+
+def _round(t: Typed, digits: int) -> pl.Expr:
+    """ClickHouse's round: floats to even at a tie (2.5 -> 2), integers away from zero (15 -> 20
+    at -1 digits); integers are unchanged by digits >= 0."""
+    if kind(t.type) in ("float", NULL):
+        if digits >= 0:
+            return t.expr.round(digits)
+        return (t.expr / 10**-digits).round(0) * 10**-digits
+    if digits >= 0:
+        return t.expr
+    scale, half = pl.lit(10**-digits, pl.Int128), pl.lit(10**-digits // 2, pl.Int128)
+    wide = t.expr.cast(pl.Int128)
+    rounded = (wide.abs() + half) // scale * scale * wide.sign()
+    return rounded.cast(dtypes.polars_dtype(t.type), strict=False)
 
 
 def output_expr(t: Typed) -> pl.Expr:
@@ -244,7 +270,9 @@ class ExprCompiler:
             raise _mismatch(f"cannot negate {t.type}")
         if t.is_literal and isinstance(t.value, (int, float)):
             return Typed(pl.lit(-t.value), t.type, -t.value)
-        return Typed(-t.expr, "int64" if kind(t.type) == "uint" else t.type)
+        if kind(t.type) == "uint":   # Polars cannot negate an unsigned column
+            return Typed(-t.expr.cast(pl.Int64, strict=False), "int64")
+        return Typed(-t.expr, t.type)
 
     def _arithmetic(self, node: exp.Binary) -> Typed:
         a, b = self.compile(node.this), self.compile(node.expression)
@@ -398,11 +426,8 @@ class ExprCompiler:
                 d = self.compile(args[1])
                 if not (d.is_literal and isinstance(d.value, int)):
                     raise _mismatch("round() takes a constant integer number of digits")
-                digits = d.value
-            if kind(t.type) == "float":
-                return Typed(t.expr.round(max(digits, 0)) if digits >= 0 else
-                             (t.expr / 10**-digits).round(0) * 10**-digits, t.type)
-            return t
+                digits = max(-_MAX_ROUND_DIGITS, min(d.value, _MAX_ROUND_DIGITS))
+            return Typed(_round(t, digits), t.type)
         if name in ("now", "currenttimestamp", "current_timestamp"):
             arity(0)
             self.uses_now = True

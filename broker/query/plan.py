@@ -2,13 +2,18 @@
 resolve the stream and its columns, type-check and compile every expression once.
 
 Every error a user can make is raised here, before any data is read: SQL_SYNTAX, UNKNOWN_COLUMN,
-UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `lookup`.
+UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `lookup`. Hostile text
+is a client error too, never another exception: the text is at most MAX_SQL_BYTES, parentheses
+nest at most MAX_PAREN_DEPTH deep (sqlglot's parser spends ~20 Python frames per level), the
+parsed tree is at most MAX_DEPTH deep (a chain `a AND b AND ...` of n terms is n deep: the
+compiler recurses per level), and a RecursionError that still happens is UNSUPPORTED_SQL.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Callable
@@ -23,15 +28,20 @@ from sqlglot.tokens import TokenType
 from broker.errors import ErrorCode, client_error
 from broker.model import ColumnDef
 from broker.query import dtypes
-from broker.query.compile import ExprCompiler, Typed, function_name, is_aggregate, output_expr
+from broker.query.compile import DISTINCT_AGGREGATES, ExprCompiler, Typed, function_name, is_aggregate, output_expr
 from broker.query.dtypes import DATETIME64, NULL, kind
-from broker.query.sqltext import INTERVAL_FN, JSON_FN, rewrite
+from broker.query.sqltext import INTERVAL_FN, JSON_FN, JSON_PATH, rewrite
+from broker.rows.schema import RAW, TP_TIME
 
 if TYPE_CHECKING:
     from broker.query.exec import Executor
 
-TP_TIME = "_tp_time"
 WINDOW_COLUMNS = ("window_start", "window_end")
+MAX_SQL_BYTES = 64 * 1024
+MAX_PAREN_DEPTH = 32
+MAX_DEPTH = 128
+MAX_HOP_WINDOWS = 1000               # windows per row of hop(): size / step
+MAX_INTERVAL_MS = 3650 * 86_400_000   # windows of at most ten years: no int64 overflow
 _INTERVAL_UNITS = {"millisecond": 1, "second": 1000, "minute": 60_000, "hour": 3_600_000,
                    "day": 86_400_000}
 
@@ -103,8 +113,25 @@ _NOT_AFTER_COMMA = {TokenType.COMMA, TokenType.FROM, TokenType.R_PAREN}
 _NOT_BEFORE_COMMA = {TokenType.SELECT, TokenType.L_PAREN}
 
 
-def _check_commas(text: str) -> None:
+def _too_deep(what: str, limit: int | None = None) -> Exception:
+    if limit is None:
+        return _unsupported(f"the query nests {what} too deeply")
+    return _unsupported(f"{what} nest more than {limit} levels deep (a chain such as a AND b AND ... "
+                        "counts a level per operator; write long lists as IN (...))")
+
+
+def _check_tokens(text: str) -> None:
+    """What sqlglot would silently accept (empty list items) or overflow the stack on (deep
+    parentheses)."""
     tokens = Dialect.get_or_raise("clickhouse").tokenize(text)
+    depth = 0
+    for token in tokens:
+        if token.token_type == TokenType.L_PAREN:
+            depth += 1
+            if depth > MAX_PAREN_DEPTH:
+                raise _too_deep("parentheses", MAX_PAREN_DEPTH)
+        elif token.token_type == TokenType.R_PAREN:
+            depth -= 1
     for before, after in itertools.pairwise(tokens):
         if (before.token_type == TokenType.COMMA and after.token_type in _NOT_AFTER_COMMA) or \
                 (after.token_type == TokenType.COMMA and before.token_type in _NOT_BEFORE_COMMA):
@@ -113,23 +140,46 @@ def _check_commas(text: str) -> None:
         raise _syntax("the query ends with ','")
 
 
+def _check_tree(tree: exp.Expr) -> None:
+    """Depth, and the shape of the pre-pass's functions (which a user can also write)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _too_deep("expressions", MAX_DEPTH)
+        if isinstance(node, exp.Anonymous) and node.name == JSON_FN:
+            args = node.expressions
+            if not (len(args) == 2 and isinstance(args[0], exp.Column) and isinstance(args[1], exp.Literal)
+                    and args[1].is_string and JSON_PATH.fullmatch(args[1].this)):
+                raise _syntax("JSON access is written column:key or column:a.b")
+        stack.extend((child, depth + 1) for child in node.iter_expressions())
+
+
 def _parse(sql: str) -> exp.Select:
+    size = len(sql.encode("utf-8", "surrogatepass"))
+    if size > MAX_SQL_BYTES:
+        raise _unsupported(f"the SQL text is {size} bytes; at most {MAX_SQL_BYTES} are accepted")
     try:
         text = rewrite(sql)
-        _check_commas(text)
+        _check_tokens(text)
         statements = sqlglot.parse(text, read="clickhouse")
     except (ParseError, TokenError) as e:
-        raise _syntax(str(e).splitlines()[0]) from None
+        raise _syntax((str(e).splitlines() or ["cannot parse the query"])[0][:300]) from None
+    except RecursionError:
+        raise _too_deep("expressions") from None
     statements = [s for s in statements if s is not None]
     if len(statements) != 1:
         raise _syntax("expected exactly one statement")
     tree = statements[0]
     assert tree is not None
+    _check_tree(tree)
     if not isinstance(tree, exp.Select):
         if isinstance(tree, (exp.Insert, exp.Create, exp.Drop, exp.Delete, exp.Update, exp.Alter, exp.Command,
                              exp.SetOperation)):
             raise _unsupported(f"only SELECT queries are supported, not {tree.key.upper()}")
         raise _syntax(f"expected a SELECT query: {sql.strip()[:40]!r}")   # `selec x` parses as an alias
+    if not tree.expressions:
+        raise _syntax("the select list is empty")
     for key in ("joins", "with_", "order", "offset", "distinct", "laterals", "qualify", "windows"):
         if tree.args.get(key):
             raise _unsupported(f"{key.rstrip('_').upper()} is not supported")
@@ -140,20 +190,29 @@ def _parse(sql: str) -> exp.Select:
 
 def _interval_ms(node: exp.Expression) -> int:
     if isinstance(node, exp.Anonymous) and node.name == INTERVAL_FN:
-        ms = int(node.expressions[0].this)
+        arg = node.expressions[0] if len(node.expressions) == 1 else None
+        if not (isinstance(arg, exp.Literal) and not arg.is_string and _DIGITS.fullmatch(arg.this)):
+            raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')[:100]}")
+        ms = int(arg.this)
     elif isinstance(node, exp.Interval):
         unit = node.text("unit").lower().rstrip("s")
         if unit not in _INTERVAL_UNITS:
             raise _unsupported(f"interval unit {unit}")
-        try:
-            ms = int(float(node.this.this) * _INTERVAL_UNITS[unit])
-        except (TypeError, ValueError):
-            raise _syntax(f"bad interval {node.sql('clickhouse')}") from None
+        value = node.this.this if isinstance(node.this, exp.Literal) else None
+        if not (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+            raise _syntax(f"bad interval {node.sql('clickhouse')[:100]}")
+        ms = int(float(value) * _INTERVAL_UNITS[unit])
     else:
-        raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')}")
+        raise _syntax(f"expected an interval such as 5s, got {node.sql('clickhouse')[:100]}")
     if ms <= 0:
         raise _syntax("a window interval must be positive")
+    if ms > MAX_INTERVAL_MS:
+        raise _unsupported(f"a window interval is at most {MAX_INTERVAL_MS // 86_400_000} days")
     return ms
+
+
+_DIGITS = re.compile(r"[0-9]{1,30}")   # int() of more digits than 4300 is a ValueError
+_NUMBER = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,12})?")
 
 
 def _stream_arg(node: exp.Expression) -> tuple[str, bool]:
@@ -215,6 +274,9 @@ def _window(call: exp.Anonymous, columns: dict[str, str]) -> Window:
     step, size = sizes
     if step > size:
         raise _syntax("hop(): the step must not exceed the size")
+    if -(-size // step) > MAX_HOP_WINDOWS:
+        raise _unsupported(f"hop(): a row would be in {-(-size // step)} windows (size / step); "
+                           f"at most {MAX_HOP_WINDOWS} are supported")
     return Window("hop", time_column, size, step)
 
 
@@ -246,8 +308,9 @@ def _limit(tree: exp.Select) -> int | None:
     if node is None:
         return None
     value = node.expression
-    if not (isinstance(value, exp.Literal) and not value.is_string and value.this.isdigit()):
-        raise _syntax("LIMIT takes a non-negative integer")
+    if not (isinstance(value, exp.Literal) and not value.is_string and _DIGITS.fullmatch(value.this)
+            and int(value.this) < 2**63):
+        raise _syntax("LIMIT takes an integer from 0 to 2^63-1")
     return int(value.this)
 
 
@@ -296,7 +359,7 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     if any(is_aggregate(n) for n in arg.find_all(exp.Expression) if n is not arg):
         raise _unsupported("aggregates inside aggregates")
     t = compiler.compile(arg)
-    if name in AGG_DISTINCT:
+    if name in DISTINCT_AGGREGATES:
         return Aggregate("count_distinct", t, "uint64")
     if name in ("sum", "avg"):
         if not dtypes.is_numeric(t.type):
@@ -311,124 +374,142 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     return Aggregate(name, t, t.type)
 
 
-AGG_DISTINCT = ("count_distinct", "uniq", "uniq_exact")
-
-
 def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
+    try:
+        return _compile(sql, lookup)
+    except RecursionError:   # the limits above should make this unreachable: still a 4xx
+        raise _too_deep("expressions") from None
+
+
+def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
     tree = _parse(sql)
+    plan = _source_plan(sql, tree, lookup)
+    items = _select_items(tree, plan.columns)
+    inputs = ExprCompiler(plan.columns, plan.stream)
+    where_node = tree.args.get("where")
+    if where_node is not None:
+        if any(is_aggregate(n) for n in where_node.walk()):
+            raise _unsupported("aggregates in WHERE (use HAVING)")
+        plan.where = inputs.compile_bool(where_node.this).expr
+    has_aggr = bool(tree.args.get("group") or tree.args.get("having") or plan.window or any(
+        is_aggregate(n) for _, node in items for n in node.find_all(exp.Expression)))
+    group_names: list[str] = []
+    if has_aggr:
+        result_types, group_names = _compile_aggregation(plan, tree, items, inputs)
+    else:
+        result_types = [_add_output(plan, inputs.compile(node)) for _, node in items]
+    plan.uses_now = inputs.uses_now
+    needed = set(inputs.used) | ({plan.window.time_column} if plan.window else set())
+    plan.needed = tuple(c for c in plan.columns if c in needed)
+    plan.header = [(name, t) for (name, _), t in zip(items, result_types)]
+    _describe(plan, items, has_aggr, group_names)
+    return plan
+
+
+def _source_plan(sql: str, tree: exp.Select, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
+    """The plan of what the query reads (stream, columns, window, settings, LIMIT), no output yet."""
     stream, bounded, window_call = _source(tree)
     seek_to, seek_ms = _settings(tree)
     limit = _limit(tree)
     defs = lookup(stream) if stream else ()
     columns = {c.name: c.type for c in defs}
-    raw_stream = [c.name for c in defs] == ["raw", TP_TIME] and kind(defs[0].type) == "string"
+    raw_stream = [c.name for c in defs] == [RAW, TP_TIME] and kind(defs[0].type) == "string"
     window = _window(window_call, columns) if window_call is not None else None
-    items = _select_items(tree, columns)
-    group = tree.args.get("group")
-    having_node = tree.args.get("having")
-    where_node = tree.args.get("where")
-    inputs = ExprCompiler(columns, stream)
-
-    plan = QueryPlan(sql=sql, stream=stream, bounded=bounded, seek_to=seek_to, seek_ms=seek_ms,
+    return QueryPlan(sql=sql, stream=stream, bounded=bounded, seek_to=seek_to, seek_ms=seek_ms,
                      header=[], analysis={}, time_columns={}, raw_stream=raw_stream, limit=limit,
                      columns=columns, window=window)
-    if where_node is not None:
-        if any(is_aggregate(n) for n in where_node.walk()):
-            raise _unsupported("aggregates in WHERE (use HAVING)")
-        plan.where = inputs.compile_bool(where_node.this).expr
 
-    has_aggr = bool(group or having_node or window or any(
-        is_aggregate(n) for _, node in items for n in node.find_all(exp.Expression)))
-    result_types: list[str] = []
+
+def _add_output(plan: QueryPlan, t: Typed) -> str:
+    plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
+    return t.type
+
+
+def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[str, exp.Expression]],
+                         inputs: ExprCompiler) -> tuple[list[str], list[str]]:
+    """GROUP BY keys (stage `__k{j}`), aggregates (`__a{i}`), and the outputs and HAVING over
+    them -> (result types, GROUP BY names)."""
+    if not plan.stream:
+        raise _unsupported("aggregation needs FROM")
+    columns, window, group = plan.columns, plan.window, tree.args.get("group")
+    aliases = dict(items)
+    key_nodes: list[exp.Expression] = []
     group_names: list[str] = []
-    if not has_aggr:
-        for _name, node in items:
-            t = inputs.compile(node)
-            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
-            result_types.append(t.type)
-    else:
-        if not stream:
-            raise _unsupported("aggregation needs FROM")
-        aliases = dict(items)
-        key_nodes: list[exp.Expression] = []
-        for g in (group.expressions if group else []):
-            if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:
-                continue   # the window is always a key
-            if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
-                g = aliases[g.name]
-            if any(is_aggregate(n) for n in g.walk()):
-                raise _unsupported("aggregates in GROUP BY")
-            key_nodes.append(g)
-            group_names.append(_display_name(g))
-            plan.keys.append(inputs.compile(g))
-        agg_nodes: list[exp.Expression] = []
-        out_columns = {f"__k{j}": k.type for j, k in enumerate(plan.keys)}
-        if window:
-            out_columns.update(dict.fromkeys(WINDOW_COLUMNS, DATETIME64))
-
-        def replace(n: exp.Expression) -> exp.Expression:
-            for j, k in enumerate(key_nodes):
-                if n == k:
-                    return exp.column(f"__k{j}")
-            if is_aggregate(n):
-                for i, a in enumerate(agg_nodes):
-                    if n == a:
-                        return exp.column(f"__a{i}")
-                agg_nodes.append(n)
-                plan.aggregates.append(_aggregate_of(n, inputs))
-                out_columns[f"__a{len(agg_nodes) - 1}"] = plan.aggregates[-1].type
-                return exp.column(f"__a{len(agg_nodes) - 1}")
-            return n
-
-        outputs = ExprCompiler(out_columns, stream)
-
-        def unalias(n: exp.Expression) -> exp.Expression:
-            if isinstance(n, exp.Column) and n.name not in columns and n.name in aliases:
-                return aliases[n.name].copy()
-            return n
-
-        def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
-            if resolve_aliases:
-                node = node.copy().transform(unalias)
-            rewritten = node.copy().transform(replace)
-            for col in rewritten.find_all(exp.Column):
-                if col.name not in out_columns:
-                    inputs.compile(col)   # an unknown column is reported as such
-                    raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
-            return outputs.compile(rewritten)
-
-        for _name, node in items:
-            t = compile_outer(node)
-            plan.outputs.append(output_expr(t).alias(f"__o{len(plan.outputs)}"))
-            result_types.append(t.type)
-        if having_node is not None:
-            plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
-            if outputs.uses_now:
-                raise _unsupported("now() in HAVING")
-        if outputs.uses_now:
-            raise _unsupported("now() over aggregates")
-    plan.uses_now = inputs.uses_now
-    needed = set(inputs.used)
+    for g in (group.expressions if group else []):
+        if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:
+            continue   # the window is always a key
+        if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
+            g = aliases[g.name]
+        if any(is_aggregate(n) for n in g.walk()):
+            raise _unsupported("aggregates in GROUP BY")
+        key_nodes.append(g)
+        group_names.append(_display_name(g))
+        plan.keys.append(inputs.compile(g))
+    agg_nodes: list[exp.Expression] = []
+    out_columns = {f"__k{j}": k.type for j, k in enumerate(plan.keys)}
     if window:
-        needed.add(window.time_column)
-    plan.needed = tuple(c for c in columns if c in needed)
-    plan.header = [(name, t) for (name, _), t in zip(items, result_types)]
+        out_columns.update(dict.fromkeys(WINDOW_COLUMNS, DATETIME64))
+
+    def replace(n: exp.Expression) -> exp.Expression:
+        for j, k in enumerate(key_nodes):
+            if n == k:
+                return exp.column(f"__k{j}")
+        if is_aggregate(n):
+            for i, a in enumerate(agg_nodes):
+                if n == a:
+                    return exp.column(f"__a{i}")
+            agg_nodes.append(n)
+            plan.aggregates.append(_aggregate_of(n, inputs))
+            out_columns[f"__a{len(agg_nodes) - 1}"] = plan.aggregates[-1].type
+            return exp.column(f"__a{len(agg_nodes) - 1}")
+        return n
+
+    outputs = ExprCompiler(out_columns, plan.stream)
+
+    def unalias(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column) and n.name not in columns and n.name in aliases:
+            return aliases[n.name].copy()
+        return n
+
+    def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
+        if resolve_aliases:
+            node = node.copy().transform(unalias)
+        rewritten = node.copy().transform(replace)
+        for col in rewritten.find_all(exp.Column):
+            if col.name not in out_columns:
+                inputs.compile(col)   # an unknown column is reported as such
+                raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
+        return outputs.compile(rewritten)
+
+    result_types = [_add_output(plan, compile_outer(node)) for _, node in items]
+    having_node = tree.args.get("having")
+    if having_node is not None:
+        plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
+        if outputs.uses_now:
+            raise _unsupported("now() in HAVING")
+    if outputs.uses_now:
+        raise _unsupported("now() over aggregates")
+    return result_types, group_names
+
+
+def _describe(plan: QueryPlan, items: list[tuple[str, exp.Expression]], has_aggr: bool,
+              group_names: list[str]) -> None:
+    """What the door reports about the query: time columns of the result, sqlanalyze's answer."""
     names = [name for name, _ in plan.header]
     plan.time_columns = {
         "eventTime": names.index(TP_TIME) if TP_TIME in names else -1,
-        "windowStart": _index_of(items, "window_start") if window else -1,
-        "windowEnd": _index_of(items, "window_end") if window else -1,
+        "windowStart": _index_of(items, "window_start") if plan.window else -1,
+        "windowEnd": _index_of(items, "window_end") if plan.window else -1,
     }
     plan.analysis = {
-        "is_streaming": not bounded, "query_type": "SELECT",
+        "is_streaming": not plan.bounded, "query_type": "SELECT",
         "has_aggr": has_aggr, "has_subquery": False, "has_table_join": False, "has_union": False,
-        "original_query": sql, "rewritten_query": sql,
-        "required_columns": [{"database": "default", "table": stream, "column": c,
-                              "column_type": columns[c]} for c in plan.needed],
+        "original_query": plan.sql, "rewritten_query": plan.sql,
+        "required_columns": [{"database": "default", "table": plan.stream, "column": c,
+                              "column_type": plan.columns[c]} for c in plan.needed],
         "result_columns": [{"column": n, "column_type": t} for n, t in plan.header],
         "group_by_columns": group_names,
     }
-    return plan
 
 
 def _index_of(items: list[tuple[str, exp.Expression]], column: str) -> int:

@@ -41,8 +41,11 @@ MAX_RUNNING = 64               # [ours] running queries per broker: each holds s
 KEEP_ENDED = 100               # ended queries kept per project for list/get
 TICK_S = 0.5                   # how often a streaming query's executor is ticked: a global aggregation
                                # emits its running result every 2 s (exec.py keeps that clock)
-_READ_LIMIT = 10_000           # records per read of a scan or a subscription batch
-_SCAN_BYTES = 8 * 1024 * 1024  # bytes per read of a scan: the record count is what bounds a read
+_READ_LIMIT = 10_000           # records per subscription batch
+# A scan reads blocks of up to 50,000 records / 16 MiB: Polars parses a block that big on all
+# cores (a 10,000-record one on one), and two blocks in flight stay a few tens of MiB.
+_SCAN_RECORDS = 50_000
+_SCAN_BYTES = 16 * 1024 * 1024
 _THREAD_ROWS = 2_000           # batches bigger than this are evaluated off the event loop
 END = None                     # the result queue's last item
 
@@ -272,14 +275,14 @@ class Queries:
         both run off the event loop and mostly without the GIL (RocksDB, Polars), so on two
         cores they overlap."""
         for cursor, end in zip(cursors, ends):
-            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, _READ_LIMIT, _SCAN_BYTES))
+            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES))
             try:
                 while True:
                     block, cursor = await fetch
                     last = not block.data or block.next_seq >= end
                     if not last:
                         fetch = asyncio.ensure_future(
-                            self._reads.read_block(run.project, cursor, _READ_LIMIT, _SCAN_BYTES))
+                            self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES))
                     if block.next_seq > end:   # written after the query started
                         block = _cut(block, end)
                     if block.data:

@@ -101,12 +101,12 @@ class ReadPath:
 
     async def read_block(self, project: str, cursor: object, limit: int,
                          max_bytes: int) -> tuple[RecordBlock, str]:
-        """get_records for a scan: the records as columns (no object per record; see
-        RecordBlock) and the cursor after them; no waiting. Raises what get_records raises."""
-        lim = self._limits
+        """get_records for a scan inside the broker (a query): the records as columns (no
+        object per record; see RecordBlock) and the cursor after them; no waiting. Not bound by
+        the GetRecords limits, which are a client's: a scan evaluates bigger blocks faster.
+        Raises what get_records raises."""
         _, pos = self._open(project, cursor)
-        limit = min(max(limit, 1), lim.max_read_limit)
-        max_bytes = min(max(max_bytes, 1), lim.max_fetch_bytes)
+        limit, max_bytes = max(limit, 1), max(max_bytes, 1)
         sid, p, seq = pos.stream_id, pos.partition, pos.seq
         bounds = await self._store.bounds(sid, p)
         block = await self._store.read_block(sid, p, seq, limit, max_bytes) if seq >= bounds.first_seq \

@@ -50,7 +50,7 @@ async def drain(run: queries.QueryRun, timeout: float = 20) -> list[list[Any]]:
 async def test_a_slow_consumer_of_a_bounded_scan_gets_every_row(broker: Broker,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # small reads and a small result queue, so the scan fills the queue long before the end
-    monkeypatch.setattr(queries, "_READ_LIMIT", 50)
+    monkeypatch.setattr(queries, "_SCAN_RECORDS", 50)
     monkeypatch.setattr(queries, "RESULT_QUEUE", 2)
     await typed_stream(broker, "big", 3_000)
     run = await broker.queries.start("default", "select v from table(big)")

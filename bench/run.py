@@ -335,6 +335,10 @@ def parse_timeplus(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--t4-query", choices=sorted(wl.T4_QUERIES), default="tumble",
                    help="T4's query: tumble = " + wl.T4_QUERIES["tumble"].format(s="s") + "; global = "
                         + wl.T4_QUERIES["global"].format(s="s") + " (default tumble)")
+    p.add_argument("--t4-control", choices=("yes", "no", "only"), default="yes",
+                   help="T4's control first: the same ingest with no query on a broker of its own (the log's own "
+                        "growth; the verdict judges the query's slope minus the control's); only = the control alone "
+                        "(default yes)")
     p.add_argument("--clickhouse", choices=("auto", "yes", "no"), default="auto",
                    help="T1 into ClickHouse too: auto = if clickhouse-server is installed (default)")
     p.add_argument("--clickhouse-engine", choices=("MergeTree", "Memory"), default="MergeTree",
@@ -373,7 +377,9 @@ def _tp_brief(r: wl.Row) -> str:
         s = f"p50 {r.p50_ms:.2f} ms p99 {r.p99_ms:.2f} ms max {r.extra.get('max_ms', float('nan')):.2f} ms"
     elif r.workload.startswith("T4"):
         s = (f"VmRSS start {r.extra['rss_start_mib']:.1f} max {r.extra['rss_max_mib']:.1f} "
-             f"end {r.extra['rss_end_mib']:.1f} MiB, {r.extra['result_rows']:,} result rows")
+             f"end {r.extra['rss_end_mib']:.1f} MiB, 2nd-half slope {r.extra['slope_second_half_mib_per_min']:+.2f} "
+             f"MiB/min, minute medians {' '.join(f'{m:.0f}' for m in r.extra['rss_minute_medians_mib'])}, "
+             f"{r.extra['result_rows']:,} result rows")
     else:
         s = f"{r.rate:,.0f} rows/s"
     return f"{r.workload}: {s} (wall {r.seconds:.2f} s)" + ("" if r.ok else f" FAIL {r.note}")
@@ -410,13 +416,17 @@ def run_timeplus_sluice(driver: drivers.TimeplusRest, args: argparse.Namespace, 
     return rows
 
 
-def run_timeplus_t4(driver: drivers.TimeplusRest, args: argparse.Namespace, suffix: str) -> tuple[wl.Row, Any]:
+def run_timeplus_t4(driver: drivers.TimeplusRest, args: argparse.Namespace, suffix: str,
+                    control: bool = False) -> tuple[wl.Row, Any]:
+    """T4 with the chosen query, or (`control`) the same ingest with none."""
+    query = None if control else args.t4_query
     try:
-        row, res = wl.t4(driver, f"t4_memory{suffix}", args.minutes, args.t4_keys, args.t4_rate, args.t4_query, _say)
+        row, res = wl.t4(driver, f"t4_{'control' if control else 'memory'}{suffix}", args.minutes, args.t4_keys,
+                         args.t4_rate, query, _say)
         _say("  " + _tp_brief(row))
         return row, res
     except Exception as exc:  # a failure is reported, not raised
-        return _tp_error(driver.system, driver.door, driver.durability, "T4", exc), None
+        return _tp_error(driver.system, driver.door, driver.durability, "T4 control" if control else "T4", exc), None
 
 
 def run_timeplus_clickhouse(args: argparse.Namespace, data: list[list[Any]]) -> list[wl.Row]:
@@ -438,8 +448,10 @@ def run_timeplus_clickhouse(args: argparse.Namespace, data: list[list[Any]]) -> 
         return [_tp_error("ClickHouse", "HTTP JSONEachRow", f"{args.clickhouse_engine} (tmpfs)", "T1", exc)]
 
 
-def timeplus_verdicts(rows: list[wl.Row], t4: dict[str, Any] | None, minutes: float) -> list[tuple[str, str, str]]:
-    """issue 8's figures: T1 >= 0.4x ClickHouse, T2 p99 <= time_ms + 10 ms, T3 >= 1M rows/s, T4 flat."""
+def timeplus_verdicts(rows: list[wl.Row], t4: dict[str, Any] | None, minutes: float,
+                      t4_control: dict[str, Any] | None = None, t4_query: str = "tumble") -> list[tuple[str, str, str]]:
+    """issue 8's figures: T1 >= 0.4x ClickHouse, T2 p99 <= time_ms + 10 ms, T3 >= 1M rows/s, T4 flat
+    (beyond the control's slope when there is one)."""
     out = []
     get = {(r.system, r.workload): r for r in rows if r.ok}
     s1, c1 = get.get(("Sluice", "T1 ingest")), get.get(("ClickHouse", "T1 ingest"))
@@ -460,12 +472,7 @@ def timeplus_verdicts(rows: list[wl.Row], t4: dict[str, Any] | None, minutes: fl
                     f"{t3.rate:,.0f} rows/s over {t3.records:,}",
                     ("met" if t3.rate >= T3_TARGET_RATE else "NOT MET") + ("" if judged else " (not 1M rows)")))
     if t4:
-        slope = t4["slope_second_half_mib_per_min"]
-        flat = slope < wl.FLAT_SLOPE_MIB_MIN
-        out.append((f"T4 RSS bounded: 2nd-half slope < {wl.FLAT_SLOPE_MIB_MIN:g} MiB/min",
-                    f"{t4['rss_start_mib']:.1f} -> max {t4['rss_max_mib']:.1f} -> {t4['rss_end_mib']:.1f} MiB, "
-                    f"{slope:+.2f} MiB/min", ("met" if flat else "NOT MET")
-                    + ("" if minutes >= wl.T4_MINUTES else f" (over {minutes:g} min, not {wl.T4_MINUTES:g})")))
+        out.append(wl.t4_verdict(t4, t4_control, t4_query, minutes))
     return out
 
 
@@ -479,25 +486,35 @@ def timeplus_main(argv: list[str]) -> int:
     data = wl.make_table_rows(need)
     rows: list[wl.Row] = []
     t4: dict[str, Any] | None = None
+    t4_control: dict[str, Any] | None = None
     early = [w for w in args.workloads if w != "t4"]
+    t4_phases = [] if "t4" not in args.workloads else \
+        {"yes": ["t4-control", "t4"], "no": ["t4"], "only": ["t4-control"]}[args.t4_control]
+
+    def t4_phase(driver: drivers.TimeplusRest, phase: str, suffix: str) -> None:
+        nonlocal t4, t4_control
+        row, res = run_timeplus_t4(driver, args, suffix, control=phase == "t4-control")
+        rows.append(row)
+        if phase == "t4-control":
+            t4_control = res
+        else:
+            t4 = res
     try:
         if args.http:   # a broker of someone else's: fresh stream names
             suffix = f"_{uuid.uuid4().hex[:8]}"
             driver = drivers.TimeplusRest(args.http, "external", args.pid)
             if early:
                 rows += run_timeplus_sluice(driver, args, data, suffix)
-            if "t4" in args.workloads:
-                row, t4 = run_timeplus_t4(driver, args, suffix)
-                rows.append(row)
+            for t4p in t4_phases:   # one broker: the control's log is still there under the query
+                t4_phase(driver, t4p, suffix)
         else:
-            for phase in ([early] if early else []) + ([["t4"]] if "t4" in args.workloads else []):
-                try:   # T4 on a broker of its own: its RSS starts from a fresh process
+            for phase in ([early] if early else []) + [[t4p] for t4p in t4_phases]:
+                try:   # each T4 run on a broker of its own: its RSS starts from a fresh process
                     with drivers.sluice_broker("wal") as broker:
                         assert broker.proc
                         driver = drivers.TimeplusRest(broker.http_target, "wal", broker.proc.pid)
-                        if phase == ["t4"]:
-                            row, t4 = run_timeplus_t4(driver, args, "")
-                            rows.append(row)
+                        if phase[0].startswith("t4"):
+                            t4_phase(driver, phase[0], "")
                         else:
                             rows += run_timeplus_sluice(driver, args, data, "")
                         if not all(r.ok for r in rows) and broker.stderr_lines:
@@ -509,12 +526,14 @@ def timeplus_main(argv: list[str]) -> int:
         _say("interrupted")
         return 130
 
-    checks = timeplus_verdicts(rows, t4, args.minutes)
+    checks = timeplus_verdicts(rows, t4, args.minutes, t4_control, args.t4_query)
     print(f"Timeplus door: T1 {args.rows:,} rows x {len(wl.TP_SCHEMA)} columns "
           f"({', '.join(t for _, t in wl.TP_SCHEMA)}), compact bodies of {wl.TP_BATCH} rows, {wl.PRODUCERS} producers; "
           f"T2 1 row / {wl.W3_INTERVAL_S * 1000:g} ms for {args.t2_seconds:g} s, batching {drivers.T2_BATCHING}; "
           f"T3 table() scan of {args.t3_rows:,} rows keeping i < {wl.T3_CUT:,}; T4 {args.t4_query} over "
-          f"{args.t4_keys:,} keys at {args.t4_rate:,.0f} rows/s for {args.minutes:g} min")
+          f"{args.t4_keys:,} keys at {args.t4_rate:,.0f} rows/s for {args.minutes:g} min"
+          + {"yes": ", after a control without the query", "no": "", "only": " (the control only: no query)"}[
+              args.t4_control])
     print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f}; started {started:%Y-%m-%d %H:%M:%S} UTC"
           + (f"; broker: external http={args.http}" if args.http else ""))
     print(wl.format_table(rows))
@@ -530,10 +549,12 @@ def timeplus_main(argv: list[str]) -> int:
                    "t2_batching": drivers.T2_BATCHING, "t3_rows": args.t3_rows, "t3_batch": wl.T3_BATCH,
                    "t3_cut": wl.T3_CUT, "t3_batching": wl.T3_BATCHING, "t4_minutes": args.minutes,
                    "t4_keys": args.t4_keys, "t4_rate": args.t4_rate, "t4_query": args.t4_query,
-                   "t4_batching": wl.T4_BATCHING, "workloads": args.workloads, "clickhouse": args.clickhouse,
+                   "t4_batching": wl.T4_BATCHING, "t4_control": args.t4_control, "workloads": args.workloads,
+                   "clickhouse": args.clickhouse,
                    "clickhouse_engine": args.clickhouse_engine, "external": args.http},
         "rows": [r.as_dict() for r in rows],
         "t4": t4,
+        "t4_control": t4_control,
         "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],
     }, indent=1))
     print(f"\nresults: {path}")

@@ -585,7 +585,10 @@ def format_memory(res: dict[str, Any], checks: list[tuple[str, str, str]]) -> st
 #   T3 scan    T3_ROWS rows stored, then `select * from table(s) where i < ...` (~10 % kept) read
 #              to the final `event: query`; rows scanned/s = stored rows / seconds.
 #   T4 memory  a grouped query over rows of T4_KEYS distinct keys, fed at T4_RATE rows/s for M
-#              minutes; the broker's VmRSS every second: start, max, end, slope.
+#              minutes; the broker's VmRSS every second: start, max, end, slope, per-minute medians.
+#              The control is the same ingest with no query, on a broker of its own: the log's own
+#              growth (6M records in 5 min: memtables, table readers, block cache), so the verdict
+#              judges the query by its slope minus the control's.
 
 TP_SCHEMA: tuple[tuple[str, str], ...] = (
     ("s", "string"), ("i", "int64"), ("f", "float64"), ("b", "bool"), ("ts", "datetime64(3)"))
@@ -711,17 +714,18 @@ def t4_bodies(driver: QueryDriver, keys: int, batch: int = T4_BATCH) -> list[byt
     return driver.bodies("", [c for c, _ in T4_SCHEMA], [[k, n] for n, k in enumerate(names)], batch)
 
 
-def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float, query: str,
+def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float, query: str | None,
        say: Callable[[str], None]) -> tuple[Row, dict[str, Any]]:
     """A grouped query (T4_QUERIES[query]) read by a thread of its own while one producer feeds
-    `rate` rows/s cycling over `keys` distinct keys for `minutes`; the broker's VmRSS every second."""
+    `rate` rows/s cycling over `keys` distinct keys for `minutes`; the broker's VmRSS every second.
+    `query` None is the control: the same ingest and sampling, no query."""
     assert driver.pid, "T4 needs the broker's pid"
     driver.create_table(stream, T4_SCHEMA)
     bodies = t4_bodies(driver, keys)
-    sql = T4_QUERIES[query].format(s=stream)
+    sql = T4_QUERIES[query].format(s=stream) if query else ""
     time.sleep(SETTLE_S)
     rss0 = status_mib(driver.pid)["VmRSS"]
-    q = driver.query(sql, T4_BATCHING)
+    q = driver.query(sql, T4_BATCHING) if query else None
     seen: dict[str, int] = {"rows": 0}
     failure: list[str] = []
 
@@ -736,8 +740,10 @@ def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float,
                 failure.append(f"query: {type(exc).__name__}: {exc}"[:300])
 
     reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    say(f"T4: {sql!r}, {rate:,.0f} rows/s over {keys:,} keys for {minutes:g} min, VmRSS every {SAMPLE_S:g} s")
+    if q is not None:
+        reader.start()
+    say(f"T4: {sql or 'control, no query'!r}, {rate:,.0f} rows/s over {keys:,} keys for {minutes:g} min, "
+        f"VmRSS every {SAMPLE_S:g} s")
     send, close = driver.sender(stream)
     sampler = RssSampler(driver.pid).start()
     meter = CpuMeter(driver.pid).start()
@@ -765,17 +771,18 @@ def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float,
         meter.stop()
         sampler.stop()
         close()
-        time.sleep(min(2.0, minutes * 60 / 10))   # the last window closes / last emission
-        q.closing = True
-        with contextlib.suppress(Exception):
-            q.cancel()
-        reader.join(5)
-        q.close()
-        reader.join(5)
+        if q is not None:
+            time.sleep(min(2.0, minutes * 60 / 10))   # the last window closes / last emission
+            q.closing = True
+            with contextlib.suppress(Exception):
+                q.cancel()
+            reader.join(5)
+            q.close()
+            reader.join(5)
     samples = sampler.samples
     rss = [r for _, r in samples]
     half = samples[-1][0] / 2
-    row = Row(driver.system, driver.door, driver.durability, f"T4 memory ({query})")
+    row = Row(driver.system, driver.door, driver.durability, f"T4 memory ({query or 'control'})")
     row.records = sent
     row.measure(meter)
     row.rate = sent / meter.wall if meter.wall > 0 else 0.0
@@ -783,13 +790,40 @@ def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float,
            "result_rows": seen.pop("rows"), "events": seen, "rss_before_query_mib": rss0,
            "rss_start_mib": rss[0], "rss_max_mib": max(rss), "rss_min_mib": min(rss), "rss_end_mib": rss[-1],
            "slope_second_half_mib_per_min": slope_mib_per_min([s for s in samples if s[0] >= half]),
+           "rss_minute_medians_mib": minute_medians(samples),
            "hwm_end_mib": status_mib(driver.pid)["VmHWM"], "samples": samples}
     row.extra = {k: v for k, v in res.items() if k != "samples"}
     if failure:
         row.ok, row.note = False, failure[0]
-    elif not res["result_rows"]:
+    elif query and not res["result_rows"]:
         row.ok, row.note = False, "the query returned no rows"
     return row, res
+
+
+def minute_medians(samples: list[tuple[float, float]]) -> list[float]:
+    """The median VmRSS of each whole or partial minute of (seconds, MiB) samples."""
+    minutes: dict[int, list[float]] = {}
+    for t, r in samples:
+        minutes.setdefault(int(t // 60), []).append(r)
+    return [statistics.median(v) for _, v in sorted(minutes.items())]
+
+
+def t4_verdict(res: dict[str, Any], control: dict[str, Any] | None, query: str, minutes: float,
+               full_minutes: float = T4_MINUTES) -> tuple[str, str, str]:
+    """RSS bounded under the query: its 2nd-half slope minus the control's (the log's own growth
+    under the same ingest) below FLAT_SLOPE_MIB_MIN; without a control, the query's slope alone."""
+    slope = res["slope_second_half_mib_per_min"]
+    short = "" if minutes >= full_minutes else f" (over {minutes:g} min, not {full_minutes:g})"
+    span = f"{res['rss_start_mib']:.1f} -> max {res['rss_max_mib']:.1f} -> {res['rss_end_mib']:.1f} MiB"
+    if control is None:
+        return (f"T4 RSS bounded: 2nd-half slope < {FLAT_SLOPE_MIB_MIN:g} MiB/min", f"{span}, {slope:+.2f} MiB/min",
+                ("met" if slope < FLAT_SLOPE_MIB_MIN else "NOT MET") + short)
+    own = slope - control["slope_second_half_mib_per_min"]   # nan (too short) -> not met
+    return (f"T4 RSS bounded: {query} query's 2nd-half slope - control's < {FLAT_SLOPE_MIB_MIN:g} MiB/min",
+            f"{slope:+.2f} - {control['slope_second_half_mib_per_min']:+.2f} = {own:+.2f} MiB/min; end "
+            f"{res['rss_end_mib']:.1f} vs {control['rss_end_mib']:.1f} MiB "
+            f"({res['rss_end_mib'] - control['rss_end_mib']:+.1f})", ("met" if own < FLAT_SLOPE_MIB_MIN else "NOT MET")
+            + short)
 
 
 def format_verdicts(checks: list[tuple[str, str, str]]) -> str:

@@ -123,7 +123,8 @@ def test_timeplus_quick(tmp_path):
                  "--t3-rows", "20000", "--minutes", "0.05", "--t4-keys", "2000", "--t4-rate", "5000")
     rows = _table(out.stdout)
     assert set(rows) == {("Timeplus", "wal", "T1 ingest"), ("Timeplus", "wal", "T2 query (SSE)"),
-                         ("Timeplus", "wal", "T3 scan"), ("Timeplus", "wal", "T4 memory (tumble)")}, out.stdout
+                         ("Timeplus", "wal", "T3 scan"), ("Timeplus", "wal", "T4 memory (tumble)"),
+                         ("Timeplus", "wal", "T4 memory (control)")}, out.stdout
     for key, r in rows.items():
         assert r["ok"] == "ok" and _num(r["records"]) > 0 and _num(r["wall s"]) > 0, key
     assert _num(rows[("Timeplus", "wal", "T1 ingest")]["records"]) == 4000
@@ -142,7 +143,10 @@ def test_timeplus_quick(tmp_path):
     assert t3["rows_returned"] == t3["expected"] > 0 and t3["stored"] == 20_000
     t4 = doc["t4"]
     assert t4["rows_sent"] > 0 and t4["result_rows"] > 0 and t4["samples"]
-    assert 20 < t4["rss_start_mib"] <= t4["rss_max_mib"] < 4000
+    assert 20 < t4["rss_start_mib"] <= t4["rss_max_mib"] < 4000 and t4["rss_minute_medians_mib"]
+    control = doc["t4_control"]   # the same ingest without the query, on a broker of its own
+    assert control["rows_sent"] > 0 and control["result_rows"] == 0 and control["samples"] and not control["sql"]
+    assert "query's 2nd-half slope - control's" in out.stdout   # the verdict compares the slopes
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
 
 

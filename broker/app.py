@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app
 from broker.core.broker import Broker
@@ -39,6 +40,7 @@ log = logging.getLogger("sluice")
 # has already received to be taken and answered (on loopback: microseconds), short enough not to
 # slow an idle broker's stop noticeably.
 _DRAIN_QUIET_S = 0.1
+_TRIM_EVERY_S = 30.0   # freed heap pages go back to the OS at most this late (malloc.py)
 
 
 @dataclass
@@ -58,6 +60,15 @@ async def _retention_loop(broker: Broker, interval: float) -> None:
                 log.info("retention trimmed %d partitions", moved)
         except Exception:
             log.exception("retention pass failed; will retry")
+
+
+async def _trim_loop(interval: float) -> None:
+    """Return freed heap pages to the OS now and then (see malloc.trim); off the event loop, as
+    trimming a large heap takes milliseconds."""
+    while True:
+        await asyncio.sleep(interval)
+        if not await asyncio.to_thread(malloc.trim):
+            return
 
 
 def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
@@ -126,6 +137,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
+    trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
     running = Running(broker, grpc_port, http_port)
     log.info("sluice ready grpc=%s:%d http=%s:%d data_dir=%s store=%s", settings.host, grpc_port,
              settings.host, http_port, settings.data_dir, settings.store)
@@ -147,9 +159,10 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
         await asyncio.gather(runner.cleanup(), stop_grpc())
-        retention.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retention
+        for task in (retention, trimming):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await broker.close()
         await store.close()
         log.info("stopped; store closed")

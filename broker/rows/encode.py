@@ -434,12 +434,7 @@ class RowEncoder:
             raise _invalid("the raw and lines formats need a string column named raw; this stream has: "
                            + ", ".join(self.names))
         if self.raw_only:
-            try:
-                return [s.encode() for s in lines]
-            except UnicodeEncodeError as e:
-                bad = next(i for i, s in enumerate(lines) if not _encodable(s))
-                raise client_error(ErrorCode.BAD_ROW, row=bad, column=RAW, detail=f"not valid text ({e.reason})") \
-                    from None
+            return self._raw_records(lines)
         return self._encode({RAW: lines}, len(lines), now_ms)
 
     # -- shared ------------------------------------------------------------------------------------

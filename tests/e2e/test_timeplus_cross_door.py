@@ -7,42 +7,32 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Iterator
 
 import pytest
+from conftest import make_dis_client
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkdis.v2 import (ConsumeRecordsRequest, CreateStreamReq, CreateStreamRequest, PutRecordsRequest,
-                                  PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest, ShowStreamRequest)
+from huaweicloudsdkdis.v2 import (
+    ConsumeRecordsRequest,
+    CreateStreamReq,
+    CreateStreamRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+    ShowCursorRequest,
+    ShowStreamRequest,
+)
 from timeplus import Stream
-from timeplus_sdk_helpers import QueryRun, bounded, create_stream, env_for, new_name, wait_until
+from timeplus_sdk_helpers import QueryRun, bounded, create_stream, new_name, wait_until
+from timeplus_sdk_helpers import env, runs, ws  # noqa: F401 (fixtures)
 
 from client import Client
-from conftest import make_dis_client
 
 TP_TIME = "_tp_time"
 
 
 @pytest.fixture
-def ws() -> str:
-    return new_name("ws")
-
-
-@pytest.fixture
-def env(broker, ws):  # type: ignore[no-untyped-def]
-    return env_for(broker.http_url, ws)
-
-
-@pytest.fixture
 def dis(broker, ws):  # type: ignore[no-untyped-def]
     return make_dis_client(broker.http_url, project_id=ws)
-
-
-@pytest.fixture
-def runs() -> Iterator[list[QueryRun]]:
-    started: list[QueryRun] = []
-    yield started
-    for run in started:
-        run.close()
 
 
 def dis_read_all(dis, name: str, partitions: int = 1) -> list[bytes]:  # type: ignore[no-untyped-def]

@@ -13,36 +13,19 @@ import json
 import re
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from swagger_client.rest import ApiException
 from timeplus import Query, Stream
 from timeplus.error import TimeplusAPIError
-from timeplus_sdk_helpers import DEADLINE, QueryRun, bounded, create_stream, env_for, new_name, wait_until
+from timeplus_sdk_helpers import (DEADLINE, QueryRun, bounded, create_stream, env_for, in_thread_with_deadline,
+                                  new_name, wait_until)
+from timeplus_sdk_helpers import env, runs, ws  # noqa: F401 (fixtures)
 
 TP_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}")
 PLUS_2H = dt.timezone(dt.timedelta(hours=2))
 TYPED = [("name", "string"), ("n", "int64"), ("x", "float64"), ("ok", "bool"), ("time", "datetime64(3)")]
-
-
-@pytest.fixture
-def ws() -> str:
-    return new_name("ws")
-
-
-@pytest.fixture
-def env(broker, ws):  # type: ignore[no-untyped-def]
-    return env_for(broker.http_url, ws)
-
-
-@pytest.fixture
-def runs() -> Iterator[list[QueryRun]]:
-    """Queries a test started; closed (cancelled, connection dropped) whatever the outcome."""
-    started: list[QueryRun] = []
-    yield started
-    for run in started:
-        run.close()
 
 
 def tp_ms(text: str) -> int:
@@ -374,33 +357,27 @@ def test_dbapi_runs_a_bounded_query(broker, env, ws):
     create_stream(env, name, [("name", "string"), ("n", "int32")])
     Stream(env).name(name).ingest(["name", "n"], [["a", 1], ["b", 2], ["it's", 3]])
     host, port = broker.http_url.split("//")[1].rsplit(":", 1)
-    out: dict[str, Any] = {}
 
-    def work() -> None:
-        try:
-            conn = timeplus.dbapi.connect(host=host, port=int(port), scheme="http", path=ws, password="k" * 60)
-            cursor = conn.cursor()
-            cursor.execute(f"select name, n, _tp_time from table({name}) where n >= %(low)s or name = %(who)s",
-                           {"low": 2, "who": "a"})
-            out["description"] = [d[:2] for d in cursor.description]
-            out["rows"] = cursor.fetchall()
-            first = cursor.query
-            cursor.execute(f"select n from table({name}) where name = %(who)s", {"who": "it's"})
-            out["one"] = cursor.fetchone()
-            out["rest"] = cursor.fetchall()
-            conn.close()                           # cancels the (finished) query: must not raise
-            # the SDK never releases a query's SSE connection; hand them back to their pools so
-            # they are closed there, not reported as unclosed sockets in a later test
-            for query in (first, cursor.query):
-                query._create_response.release_conn()
-        except BaseException as exc:
-            out["error"] = exc
+    def work() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        conn = timeplus.dbapi.connect(host=host, port=int(port), scheme="http", path=ws, password="k" * 60)
+        cursor = conn.cursor()
+        cursor.execute(f"select name, n, _tp_time from table({name}) where n >= %(low)s or name = %(who)s",
+                       {"low": 2, "who": "a"})
+        out["description"] = [d[:2] for d in cursor.description]
+        out["rows"] = cursor.fetchall()
+        first = cursor.query
+        cursor.execute(f"select n from table({name}) where name = %(who)s", {"who": "it's"})
+        out["one"] = cursor.fetchone()
+        out["rest"] = cursor.fetchall()
+        conn.close()                           # cancels the (finished) query: must not raise
+        # the SDK never releases a query's SSE connection; hand them back to their pools so
+        # they are closed there, not reported as unclosed sockets in a later test
+        for query in (first, cursor.query):
+            query._create_response.release_conn()
+        return out
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join(DEADLINE)
-    assert not thread.is_alive(), "dbapi hung"
-    assert "error" not in out, out.get("error")
+    out = in_thread_with_deadline(work)
     assert out["description"] == [("name", "string"), ("n", "int32"), ("_tp_time", "datetime64(3, 'UTC')")]
     rows = out["rows"]
     assert [(r.name, r.n) for r in rows] == [("a", 1), ("b", 2), ("it's", 3)]
@@ -419,22 +396,15 @@ def test_dbapi_without_a_path_uses_the_default_workspace(broker):
     try:
         Stream(default).name(name).ingest(["n"], [[1], [2]])
         host, port = broker.http_url.split("//")[1].rsplit(":", 1)
-        out: dict[str, Any] = {}
 
-        def work() -> None:
-            try:
-                cursor = timeplus.dbapi.connect(host=host, port=int(port), scheme="http", password="k" * 60).cursor()
-                cursor.execute(f"select n from table({name})")
-                out["rows"] = [tuple(r) for r in cursor.fetchall()]
-                cursor.query._create_response.release_conn()
-            except BaseException as exc:
-                out["error"] = exc
+        def work() -> dict[str, Any]:
+            cursor = timeplus.dbapi.connect(host=host, port=int(port), scheme="http", password="k" * 60).cursor()
+            cursor.execute(f"select n from table({name})")
+            rows = [tuple(r) for r in cursor.fetchall()]
+            cursor.query._create_response.release_conn()
+            return {"rows": rows}
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        thread.join(DEADLINE)
-        assert not thread.is_alive(), "dbapi hung"
-        assert "error" not in out, out.get("error")
+        out = in_thread_with_deadline(work)
         assert out["rows"] == [(1,), (2,)]
     finally:
         Stream(default).name(name).delete()

@@ -11,8 +11,9 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import pytest
 from timeplus import Environment, Query, Stream
 
 API_KEY = "k" * 60          # the SDK refuses any key that is not exactly 60 characters
@@ -167,3 +168,45 @@ def bounded(env: Environment, sql: str, batching: tuple[int, int] | None = None,
         return run.wait_end(timeout)
     finally:
         run.close()
+
+
+# -- fixtures (imported by the test modules that use them) -----------------------------------------
+
+@pytest.fixture
+def ws() -> str:
+    """A fresh workspace per test."""
+    return new_name("ws")
+
+
+@pytest.fixture
+def env(broker: Any, ws: str) -> Environment:
+    return env_for(broker.http_url, ws)
+
+
+@pytest.fixture
+def runs() -> Iterator[list[QueryRun]]:
+    """Queries a test started; closed (cancelled, connection dropped) whatever the outcome."""
+    started: list[QueryRun] = []
+    yield started
+    for run in started:
+        run.close()
+
+
+def in_thread_with_deadline(work: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    """`work()`'s result, run in a thread: an SDK call that blocks forever fails the test instead
+    of hanging the suite."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{getattr(work, '__name__', 'the call')} hung"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

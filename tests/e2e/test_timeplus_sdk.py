@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import threading
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from swagger_client.rest import ApiException
 from timeplus import Query, Stream
 from timeplus.error import TimeplusAPIError
-from timeplus_sdk_helpers import (DEADLINE, QueryRun, bounded, create_stream, env_for, in_thread_with_deadline,
+from timeplus_sdk_helpers import (QueryRun, bounded, create_stream, env_for, in_thread_with_deadline,
                                   new_name, wait_until)
 from timeplus_sdk_helpers import env, runs, ws  # noqa: F401 (fixtures)
 
@@ -315,21 +314,14 @@ def test_bad_sql_raises_api_exception_before_any_sse(env):
     name = new_name()
     create_stream(env, name, [("n", "int32")])
     for sql in ("selec n from " + name, f"select nope from {name}", "select n from no_such_stream_x"):
-        result: dict[str, Any] = {}
-
-        def attempt(sql: str = sql, result: dict[str, Any] = result) -> None:
+        def attempt(sql: str = sql) -> dict[str, Any]:
             try:
                 Query(env).sql(sql).create()
-                result["ok"] = True
+                return {"ok": True}
             except ApiException as exc:
-                result["exc"] = exc
-            except BaseException as exc:
-                result["other"] = exc
+                return {"exc": exc}
 
-        thread = threading.Thread(target=attempt, daemon=True)
-        thread.start()
-        thread.join(DEADLINE)
-        assert not thread.is_alive(), f"create() hung on bad SQL {sql!r}"
+        result = in_thread_with_deadline(attempt)
         assert "exc" in result, (sql, result)
         assert 400 <= result["exc"].status < 500, (sql, result["exc"].status)
         api_error(result["exc"])

@@ -46,7 +46,7 @@ from binascii import a2b_base64
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Sequence, TypeVar
 from urllib.parse import quote
 
 import grpc
@@ -64,6 +64,7 @@ CALL_TIMEOUT = 120.0
 READ_LIMIT = 10_000           # W2: the largest GetRecords each system takes
 FETCH_BYTES = 10 * 1024 * 1024
 WAIT_MS = 1000                # W3 long polls
+B = TypeVar("B")              # a producer's body: bytes, or what its wire needs (NATS: frame and count)
 
 
 @dataclass
@@ -73,6 +74,25 @@ class Producer:
     run: Callable[[], None]
     failed: Callable[[], int]
     latencies: list[float]
+
+
+def timed_producer(bodies: Sequence[B], send: Callable[[B], object], close: Callable[[], None],
+                   failed: Callable[[], int]) -> Producer:
+    """The timed loop every producer shares: each body sent in turn (`send` waits for its
+    acknowledgement), its latency kept; `close` after the last, also on an error."""
+    latencies: list[float] = []
+
+    def run() -> None:
+        clock = time.perf_counter
+        try:
+            for body in bodies:
+                t = clock()
+                send(body)
+                latencies.append(clock() - t)
+        finally:
+            close()
+
+    return Producer(run, failed, latencies)
 
 
 class Tally(Protocol):
@@ -221,20 +241,12 @@ class SluiceGrpc:
                                    response_deserializer=None)
         warm(b"", timeout=CALL_TIMEOUT)   # connection up before the clock
         raw: list[bytes] = []
-        lat: list[float] = []
-
-        def run() -> None:
-            clock = time.perf_counter
-            for body in bodies:
-                t = clock()
-                raw.append(call(body, timeout=CALL_TIMEOUT))
-                lat.append(clock() - t)
-            channel.close()
 
         def failed() -> int:
             return sum(pb.PutRecordsResponse.FromString(r).failed_record_count for r in raw)
 
-        return Producer(run, failed, lat)
+        return timed_producer(bodies, lambda body: raw.append(call(body, timeout=CALL_TIMEOUT)), channel.close,
+                              failed)
 
     def reader(self, stream: str, partition: str, expected: int | None,
                counts: dict[str, int]) -> Callable[[], None]:
@@ -395,22 +407,16 @@ class SluiceRest:
         conn.getresponse().read()
         path, headers = f"/v2/{PROJECT}/records", {"Content-Type": "application/json"}
         raw: list[tuple[int, bytes]] = []
-        lat: list[float] = []
 
-        def run() -> None:
-            clock = time.perf_counter
-            for body in bodies:
-                t = clock()
-                conn.request("POST", path, body=body, headers=headers)
-                resp = conn.getresponse()
-                raw.append((resp.status, resp.read()))
-                lat.append(clock() - t)
-            conn.close()
+        def send(body: bytes) -> None:
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            raw.append((resp.status, resp.read()))
 
         def failed() -> int:
             return sum(int(orjson.loads(b)["failed_record_count"]) if s == 200 else 1 << 30 for s, b in raw)
 
-        return Producer(run, failed, lat)
+        return timed_producer(bodies, send, conn.close, failed)
 
     def _cursor(self, stream: str, partition: str, cursor_type: str) -> str:
         raw = self._request("GET", f"/v2/{PROJECT}/cursors?stream-name={stream}&partition-id={partition}"
@@ -625,22 +631,17 @@ class Nats:
         conn.subscribe(f"_INBOX.w1p{p}.*")
         frames = [b"".join(b"PUB %s _INBOX.w1p%d.%d %d\r\n%s\r\n" % (subject, p, i, len(d), d)
                            for i, (subject, d) in enumerate(batch)) for batch in bodies]
-        sizes = [len(batch) for batch in bodies]
-        lat: list[float] = []
         bad: list[bytes] = []
 
-        def run() -> None:
-            clock = time.perf_counter
-            for frame, n in zip(frames, sizes):
-                t = clock()
-                conn.send(frame)
-                _, errs, last = conn.messages(n)
-                lat.append(clock() - t)
-                if errs:
-                    bad.append(last)
-            conn.close()
+        def send(frame_and_size: tuple[bytes, int]) -> None:
+            frame, n = frame_and_size
+            conn.send(frame)
+            _, errs, last = conn.messages(n)
+            if errs:
+                bad.append(last)
 
-        return Producer(run, lambda: len(bad), lat)
+        return timed_producer(list(zip(frames, [len(batch) for batch in bodies])), send, conn.close,
+                              lambda: len(bad))
 
     def reader(self, stream: str, partition: str, expected: int | None,
                counts: dict[str, int]) -> Callable[[], None]:
@@ -804,24 +805,18 @@ class Kinesalite:
         self.call("ListStreams", {}, conn)   # connection up before the clock
         headers = self.headers("PutRecords")
         raw: list[bytes] = []
-        lat: list[float] = []
 
-        def run() -> None:
-            clock = time.perf_counter
-            for body in bodies:
-                t = clock()
-                conn.request("POST", "/", body=body, headers=headers)
-                resp = conn.getresponse()
-                raw.append(resp.read())
-                lat.append(clock() - t)
-                if resp.status != 200:
-                    raise RuntimeError(f"PutRecords HTTP {resp.status}: {raw[-1][:200]!r}")
-            conn.close()
+        def send(body: bytes) -> None:
+            conn.request("POST", "/", body=body, headers=headers)
+            resp = conn.getresponse()
+            raw.append(resp.read())
+            if resp.status != 200:
+                raise RuntimeError(f"PutRecords HTTP {resp.status}: {raw[-1][:200]!r}")
 
         def failed() -> int:
             return sum(orjson.loads(r).get("FailedRecordCount", 0) for r in raw)
 
-        return Producer(run, failed, lat)
+        return timed_producer(bodies, send, conn.close, failed)
 
     def reader(self, stream: str, partition: str, expected: int | None,
                counts: dict[str, int]) -> Callable[[], None]:
@@ -934,19 +929,7 @@ def _http_producer(host: str, port: int, path: str, headers: dict[str, str], bod
     """A T1 producer: every body POSTed in turn on its own keep-alive connection (opened before the
     clock), each batch's latency kept; a non-2xx answer stops it with an error (nothing to count after)."""
     send, close = _http_sender(host, port, path, headers)
-    lat: list[float] = []
-
-    def run() -> None:
-        clock = time.perf_counter
-        try:
-            for body in bodies:
-                t = clock()
-                send(body)
-                lat.append(clock() - t)
-        finally:
-            close()
-
-    return Producer(run, lambda: 0, lat)
+    return timed_producer(bodies, send, close, lambda: 0)
 
 
 class SseQuery:

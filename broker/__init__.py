@@ -45,6 +45,16 @@
       render.py          BrokerError -> DIS and Timeplus bodies, HTTP and gRPC statuses
       grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
+    sources/             managed ingest jobs (generator, websocket, NATS, JetStream) appending like any producer
+      model.py           SourceDef (durable definition, in the store's metadata) and SourceState (live counters)
+      props.py           reading and checking a definition's properties: BAD_SOURCE naming the property
+      sink.py            messages -> rows of the target stream -> Broker.append_rows, durably, in batches
+      base.py            SourceType, Job, JobContext, Backoff: what every source type provides and gets
+      generator.py       stream_generator: template events on absolute deadlines
+      websocket.py       websocket: a client of a WebSocket server, reconnecting with backoff
+      nats.py            nats (core NATS) and nats_jetstream (pull consumer, ack after a durable append)
+      registry.py        TYPES: every source type by name
+      manager.py         Sources: create/list/get/update/delete/start/stop; supervised tasks; restart
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
       dtypes.py          canonical column types -> kind and Polars dtype
@@ -53,8 +63,9 @@
       decode.py          records -> a frame of the needed columns (read_ndjson, bisecting fallback)
       exec.py            Executors: projection, windowed and global aggregation, bounded state
 
-Import direction: api -> core -> storage.base <- storage.*; api and core -> rows, query (pure:
-typed rows and streaming SQL, no I/O); model and errors under all.
+Import direction: api -> sources -> core -> storage.base <- storage.*; api and core -> rows, query
+(pure: typed rows and streaming SQL, no I/O); model and errors under all. The core knows nothing
+of sources: they are producers of it.
 Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id
 (partition: its index), seq (a sequence number), timestamp_ms, app_name; "group" means a consumer
 group and nothing else.

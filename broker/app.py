@@ -31,6 +31,7 @@ from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app
 from broker.core.broker import Broker
 from broker.settings import Settings
+from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
 from broker.storage import open_store
 
@@ -107,14 +108,15 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await store.close()
         raise
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
+    sources = Sources(broker)   # started once the doors listen: a restarted source finds the broker ready
 
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
-                                       stall_timeout_s=settings.idle_timeout),
+                                       stall_timeout_s=settings.idle_timeout, sources=sources),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
     server = _grpc_server(settings, max_message)
-    servicer = SluiceServicer(broker)
+    servicer = SluiceServicer(broker, sources)
     add_servicer(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -135,6 +137,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         raise
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await sources.start()   # every source wanted running runs again
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
@@ -148,6 +151,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     finally:
         log.info("shutting down: draining in-flight requests")
         await health.enter_graceful_shutdown()
+        await sources.close()     # bounded: a stuck job does not hold the stop
         broker.begin_shutdown()   # long polls answer now, subscriptions end
         servicer.start_draining()
 

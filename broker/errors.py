@@ -55,6 +55,13 @@ class ErrorCode(Enum):
     UNSUPPORTED_SQL        = (400, "UNIMPLEMENTED",       "DIS.4200",   48, "Not supported. {detail}")
     QUERY_NOT_FOUND        = (404, "NOT_FOUND",           "DIS.4200",   36, "Query [{query_id}] does not exist")
     TOO_MANY_QUERIES       = (429, "RESOURCE_EXHAUSTED",  "DIS.4200",  202, "Too many running queries. {detail}")
+    # Sources (managed ingest jobs; the Timeplus door first). [ours] DIS has no sources: DIS.4200.
+    BAD_SOURCE             = (400, "INVALID_ARGUMENT",    "DIS.4200",   36,
+                              "Invalid source definition, property [{property}]. {detail}")
+    SOURCE_NOT_FOUND       = (404, "NOT_FOUND",           "DIS.4200",   36, "Source [{source}] does not exist")
+    SOURCE_EXISTS          = (409, "ALREADY_EXISTS",      "DIS.4200",   57, "Source [{source}] already exists")
+    SOURCE_RUNNING         = (400, "FAILED_PRECONDITION", "DIS.4200",   36,
+                              "Source [{source}] is running; stop it before updating it")
     # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
     REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300",   36, "Request too large. {detail}")
     # [ours] unknown routes and methods; DIS has no code of its own for these.

@@ -101,7 +101,7 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert 400 <= code.http_status <= 599
     error = BrokerError(code, detail="d", stream="s", partition_id="p", cursor_type="c", value="v", given=1,
                         earliest=0, latest=2, seq=0, method="GET", path="/x", request_id="r", app="a",
-                        row=3, column="c", function="f", query_id="q")
+                        row=3, column="c", function="f", query_id="q", property="p", source="src")
     assert grpc_status(error) in set(grpc.StatusCode)
     assert grpc_status(error) not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
     assert http_status(error) == code.http_status
@@ -116,3 +116,14 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
 def test_client_and_server_faults_are_split_by_status() -> None:
     for code in ErrorCode:
         assert BrokerError(code).is_server_fault == (code.http_status >= 500)
+
+
+@pytest.mark.parametrize("path", modules("core"), ids=str)
+def test_the_core_knows_nothing_of_sources(path: Path) -> None:
+    """Sources are producers of the core, like the doors: the dependency points one way."""
+    assert _hits(path, ("broker.sources", "broker.api")) == []
+
+
+@pytest.mark.parametrize("path", modules("sources"), ids=str)
+def test_sources_reach_the_core_not_doors_or_storage(path: Path) -> None:
+    assert _hits(path, ("broker.api", "broker.storage")) == []

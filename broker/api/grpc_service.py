@@ -36,6 +36,7 @@ from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import DEFAULT_PROJECT, GetRecordsResult, PutColumns, PutEntry, StreamConfig
+from broker.sources.manager import Sources
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,11 @@ def _checkpoint_type(number: int) -> str:
 
 
 class SluiceServicer:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, sources: Sources | None = None) -> None:
+        """`sources`: the broker's managed sources (app.py starts and closes them); without it, an
+        unstarted set of its own (tests of the other verbs)."""
         self._broker = broker
+        self._sources = sources or Sources(broker)
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
         self._pushing = 0                         # of those, Subscribe handlers waiting in context.write

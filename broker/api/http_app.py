@@ -29,17 +29,23 @@ from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, e
 from broker.api.render import DIS
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.sources.manager import Sources
 
 log = logging.getLogger(__name__)
 
 FALLBACK = DIS  # the renderer for paths no door owns, and for requests the parser rejected
 
 
-def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0) -> web.Application:
+def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
+                   sources: Sources | None = None) -> web.Application:
+    """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
+    makes its own, started and closed with the app."""
     config = HttpConfig(max_body_bytes=broker.limits.max_http_body_bytes, body_timeout_s=body_timeout_s,
                         stall_timeout_s=stall_timeout_s)
     doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
-    tp = timeplus.build_app(broker, config)
+    owned = sources is None
+    sources = sources or Sources(broker)
+    tp = timeplus.build_app(broker, config, sources)
     owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER])]
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
@@ -48,6 +54,15 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     for prefix, door in doors.items():
         root.add_subapp(prefix, door)
     timeplus.mount(root, tp)   # its paths start with a workspace: matched by rule, not prefix
+    if owned:
+        async def start_sources(_: web.Application) -> None:
+            await sources.start()
+
+        async def close_sources(_: web.Application) -> None:
+            await sources.close()
+
+        root.on_startup.append(start_sources)
+        root.on_cleanup.append(close_sources)
     return root
 
 

@@ -43,6 +43,7 @@ from broker.model import DEFAULT_PROJECT, StreamConfig
 from broker.rows.encode import RowEncoder
 from broker.rows.ingest import choose_format, decode
 from broker.rows.schema import build_schema, columns_of
+from broker.sources.manager import Source, Sources
 
 # The paths this door owns, for the error middleware and the sub-application's matching rule.
 PATHS = re.compile(r"/(?:[^/]*/)?api/v1beta[12](?:/|$)")
@@ -324,6 +325,81 @@ async def analyze(request: web.Request) -> web.Response:
     return json_response(plan.analysis)
 
 
+# -- sources ---------------------------------------------------------------------------------------
+
+SOURCES = web.AppKey("sources", Sources)
+
+
+def _source_body(source: Source) -> dict[str, Any]:
+    """Source JSON (spec section 6): the fields the SDK's model requires, and our counters."""
+    d, st = source.definition, source.state
+    return {"id": d.id, "name": d.name, "description": d.description, "type": d.type, "stream": d.stream,
+            "properties": d.properties, "status": st.status, "message": st.message,
+            "start_time": d.started_ms // 1000, "created_at": _iso(d.created_ms),
+            "last_updated_at": _iso(d.updated_ms), "created_by": {"id": "", "name": ""},
+            "last_updated_by": {"id": "", "name": ""}, "stats": _counters(source)}
+
+
+def _counters(source: Source) -> dict[str, Any]:
+    st = source.state
+    return {"messages_in": st.messages_in, "rows_written": st.rows_written, "error_count": st.errors,
+            "last_error": st.last_error, "last_error_time": _iso(st.last_error_ms) if st.last_error_ms else "",
+            "last_event_time": _iso(st.last_event_ms) if st.last_event_ms else "", "lag": st.lag}
+
+
+async def create_source(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    source = await request.app[SOURCES].create(workspace, await read_json(request))
+    return json_response(_source_body(source), status=201)
+
+
+async def list_sources(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    return json_response([_source_body(s) for s in request.app[SOURCES].list(workspace)])
+
+
+async def get_source(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    return json_response(_source_body(request.app[SOURCES].get(workspace, request.match_info["id"])))
+
+
+async def update_source(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    source = await request.app[SOURCES].update(workspace, request.match_info["id"], await read_json(request))
+    return json_response(_source_body(source))
+
+
+async def delete_source(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    await request.app[SOURCES].delete(workspace, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def start_source(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    await request.app[SOURCES].start_source(workspace, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def stop_source(request: web.Request) -> web.Response:
+    _, workspace = _door(request)
+    await request.app[SOURCES].stop_source(workspace, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def source_stats(request: web.Request) -> web.Response:
+    """Stats (the SDK's model: errors, failure_count, success_count, throughput) from this
+    broker's run of the source, plus our counters. The time-range parameters are accepted; the
+    log and the throughput cover what is kept (the last 20 errors, the last 60 seconds)."""
+    _, workspace = _door(request)
+    source = request.app[SOURCES].get(workspace, request.match_info["id"])
+    st = source.state
+    return json_response({"errors": [{"message": m, "time": _iso(ms)} for ms, m in st.error_log],
+                          "failure_count": st.errors, "success_count": st.rows_written,
+                          "throughput": [{"time": _iso(sec * 1000), "value": rows} for sec, rows in st.rates],
+                          "status": st.status, "message": st.message, **_counters(source)})
+
+
 # -- the sub-application --------------------------------------------------------------------------
 
 class _Paths(AbstractRuleMatching):
@@ -340,10 +416,11 @@ class _Paths(AbstractRuleMatching):
         return PATHS.pattern
 
 
-def build_app(broker: Broker, config: HttpConfig) -> web.Application:
+def build_app(broker: Broker, config: HttpConfig, sources: Sources) -> web.Application:
     """The Timeplus door; mount it with `mount` (its paths have a variable first segment)."""
     app = door_app(broker, config, TIMEPLUS)
     app[ENCODERS] = _Encoders()
+    app[SOURCES] = sources
     routes = [
         ("POST", "/v1beta2/streams", create_stream),
         ("GET", "/v1beta2/streams", list_streams),
@@ -358,6 +435,14 @@ def build_app(broker: Broker, config: HttpConfig) -> web.Application:
         ("DELETE", "/v1beta2/queries/{id}", delete_query),
         ("POST", "/v1beta2/queries/{id}/cancel", cancel_query),
         ("POST", "/v1beta2/sqlanalyze", analyze),
+        ("POST", "/v1beta2/sources", create_source),
+        ("GET", "/v1beta2/sources", list_sources),
+        ("GET", "/v1beta2/sources/{id}", get_source),
+        ("PUT", "/v1beta2/sources/{id}", update_source),
+        ("DELETE", "/v1beta2/sources/{id}", delete_source),
+        ("POST", "/v1beta2/sources/{id}/start", start_source),
+        ("POST", "/v1beta2/sources/{id}/stop", stop_source),
+        ("GET", "/v1beta2/sources/{id}/stats", source_stats),
     ]
     for method, path, handler in routes:
         # `//api`: the SDK's dbapi with its default path "" (the default workspace)

@@ -392,6 +392,11 @@ class RowEncoder:
         if self.raw_only and raw is not None:
             raw.default = None   # a row of a schemaless stream without raw has nothing to write
 
+    @property
+    def takes_text(self) -> bool:
+        """Whether texts() can write: the stream has a string column `raw`."""
+        return self._raw is not None
+
     # -- the three entry points --------------------------------------------------------------------
 
     def compact(self, columns: list, data: list, now_ms: int) -> list[bytes]:

@@ -1,0 +1,64 @@
+"""What every source type provides, and what its job gets to work with.
+
+A source type is a `SourceType`: `configure(props)` reads and checks the properties (raising
+BAD_SOURCE naming the property; nothing starts when it does) into a frozen config, and
+`job(config)` makes a `Job` from it. The manager (manager.py) runs `job.run(ctx)` in a supervising
+task: when run raises, the source shows `failed` with the reason and the job is run again after
+a capped, jittered exponential backoff (`Backoff`); a job that ran well for a while starts its
+backoff from the bottom again. Stopping cancels the task: a job must let CancelledError through
+and hold nothing that outlives the cancellation (close its connection in a `finally`).
+
+A job reports through `ctx`: `ctx.connected()` once it is receiving (status `running`, backoff
+reset), `ctx.state` for counters and lag, `ctx.sink.write(...)` to append a batch durably.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from broker.sources.model import SourceState
+from broker.sources.props import Props
+from broker.sources.sink import Sink
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: delays drawn from [base, min(cap, base*2^n)]."""
+
+    def __init__(self, base_s: float = 0.2, cap_s: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap = base_s, cap_s
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return self._rng.uniform(self.base, max(ceiling, self.base))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class JobContext:
+    sink: Sink
+    state: SourceState
+    backoff: Backoff
+
+    def connected(self, message: str = "") -> None:
+        """The job reached its origin and is receiving: status running, backoff from the bottom."""
+        self.state.running(message)
+        self.backoff.reset()
+
+
+class Job(Protocol):
+    async def run(self, ctx: JobContext) -> None:
+        """Receive and write until cancelled; raise to report a failure (the manager retries)."""
+
+
+@dataclass(frozen=True)
+class SourceType:
+    name: str
+    configure: Callable[[Props], Any]      # -> the type's frozen config; raises BAD_SOURCE
+    job: Callable[[Any], Job]
+    data_type: Callable[[Any], str]        # the config's data_type ("json" for the generator)

@@ -1,0 +1,146 @@
+"""Messages -> rows of the target stream -> one append through the core, as ingest does.
+
+`Sink.write(payloads)` maps a batch of messages by the source's `data_type` (shared/spec/sources.md
+section 1) and appends the rows with `Broker.append_rows`, the path every producer takes; it
+returns once the append is durable (the store's durability), so a job may acknowledge its origin
+then. A message that cannot be a row (not a JSON object, a value of the wrong type, not UTF-8) is
+counted in `SourceState.errors`, logged and skipped: the rest of the batch is written. An append
+that fails (the stream was deleted, the store is full or closing) raises the BrokerError: nothing
+of that batch may be acknowledged, and the job backs off and retries.
+
+Typed streams: `json` messages are rows by column name (like ingest `format=streaming`: missing
+columns take their defaults, unknown keys are ignored); `text` messages fill the string column
+`raw`. A stream without a schema (made by the DIS door) takes a `json` message's object as the
+record's data and a `text` message's bytes as they are.
+
+The batch is encoded as a whole (the column-wise encoder is fast); only when that refuses is each
+message encoded alone, to find the bad ones.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import orjson
+
+from broker.core.broker import Broker
+from broker.errors import ClientError, ErrorCode, client_error
+from broker.model import StreamConfig
+from broker.rows.encode import RowEncoder
+from broker.sources.model import SourceState
+
+DATA_TYPES = ("json", "text")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+class Sink:
+    def __init__(self, broker: Broker, project: str, stream: str, data_type: str, state: SourceState) -> None:
+        self.broker, self.project, self.stream, self.data_type = broker, project, stream, data_type
+        self.state = state
+        self._encoder: RowEncoder | None = None
+        self._stream_id = -1
+
+    def target(self) -> StreamConfig:
+        """The target stream now; STREAM_NOT_FOUND when it is gone (the job fails and retries)."""
+        return self.broker.catalogue.get(self.project, self.stream)
+
+    def _encoder_for(self, config: StreamConfig) -> RowEncoder:
+        if self._encoder is None or self._stream_id != config.stream_id:
+            self._encoder, self._stream_id = RowEncoder(config.schema), config.stream_id
+        return self._encoder
+
+    async def write(self, payloads: Sequence[bytes | str]) -> int:
+        """Map and append one batch of raw messages; returns the rows written."""
+        self.state.messages_in += len(payloads)
+        if self.data_type == "json":
+            objects: list[dict] = []
+            for p in payloads:
+                try:
+                    value = orjson.loads(p)
+                except orjson.JSONDecodeError as e:
+                    self.state.error(f"a message is not JSON ({e}); skipped")
+                    continue
+                if type(value) is not dict:
+                    self.state.error(f"a message is {_kind(value)}, not a JSON object; skipped")
+                    continue
+                objects.append(value)
+            return await self._append_objects(objects)
+        texts: list[str] = []
+        for p in payloads:
+            if isinstance(p, bytes):
+                try:
+                    p = p.decode()
+                except UnicodeDecodeError:
+                    self.state.error("a message is not valid UTF-8 text; skipped")
+                    continue
+            texts.append(p)
+        return await self._append_texts(texts)
+
+    async def write_objects(self, objects: list[dict]) -> int:
+        """Append rows given as objects (the generator); counted as messages in."""
+        self.state.messages_in += len(objects)
+        return await self._append_objects(objects)
+
+    async def _append_objects(self, objects: list[dict]) -> int:
+        if not objects:
+            return 0
+        config = self.target()
+        now_ms = time.time_ns() // 1_000_000
+        if config.schema is None:   # a plain log: the object itself is the record
+            return await self._append(config, [orjson.dumps(o) for o in objects])
+        encoder = self._encoder_for(config)
+        try:
+            rows = encoder.objects(objects, now_ms)
+        except ClientError:
+            rows = self._one_by_one(lambda o: encoder.objects([o], now_ms), objects)
+        return await self._append(config, rows)
+
+    async def _append_texts(self, texts: list[str]) -> int:
+        if not texts:
+            return 0
+        config = self.target()
+        now_ms = time.time_ns() // 1_000_000
+        encoder = self._encoder_for(config)
+        try:
+            rows = encoder.texts(texts, now_ms)
+        except ClientError:
+            rows = self._one_by_one(lambda t: encoder.texts([t], now_ms), texts)
+        return await self._append(config, rows)
+
+    def _one_by_one(self, encode: Any, items: list) -> list[bytes]:
+        rows: list[bytes] = []
+        for item in items:
+            try:
+                rows += encode(item)
+            except ClientError as e:
+                self.state.error(f"a message does not fit stream [{self.stream}]: {e.message}; skipped")
+        return rows
+
+    async def _append(self, config: StreamConfig, rows: list[bytes]) -> int:
+        if not rows:
+            return 0
+        limit = self.broker.limits.max_record_bytes
+        if max(map(len, rows)) > limit:
+            kept = [r for r in rows if len(r) <= limit]
+            for _ in range(len(rows) - len(kept)):
+                self.state.error(f"a message is over the record limit of {limit} bytes; skipped")
+            rows = kept
+            if not rows:
+                return 0
+        await self.broker.append_rows(self.stream, rows, project=self.project, stream_id=config.stream_id)
+        self.state.wrote(len(rows))
+        return len(rows)
+
+
+def check_target(config: StreamConfig, data_type: str) -> None:
+    """A `text` source needs a string column `raw` (or a stream without a schema): refused at
+    create time rather than failing every message later."""
+    if data_type == "text" and config.schema is not None:
+        if not RowEncoder(config.schema).takes_text:
+            raise client_error(ErrorCode.BAD_SOURCE, property="data_type",
+                               detail=f"text messages go to a string column named raw, and stream "
+                                      f"[{config.stream_name}] has none")

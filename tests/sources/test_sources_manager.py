@@ -1,0 +1,355 @@
+"""The sources manager and the stream_generator in-process, over a real RocksStore: templates and
+their fields, the schedule (absolute deadlines: no drift, no gaps), status and counters,
+stop/start/update/delete, definitions surviving a restart, a deleted target stream, values of the
+wrong type, and every bad definition refused before anything starts.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import orjson
+import pytest
+
+from broker.core.broker import Broker
+from broker.errors import BrokerError, ErrorCode
+from broker.model import ColumnDef, StreamSchema
+from broker.sources import base
+from broker.sources.generator import TEMPLATE_COLUMNS
+from broker.sources.manager import Sources
+from broker.storage.rocks import RocksStore
+
+P = "default"
+
+
+class Harness:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def open(self) -> None:
+        self.store = RocksStore(str(self.path))
+        self.broker = Broker(self.store, cursor_secret=b"sources-test")
+        await self.broker.start()
+        self.sources = Sources(self.broker)
+        await self.sources.start()
+
+    async def close(self) -> None:
+        await self.sources.close()
+        await self.broker.close()
+        await self.store.close()
+
+    async def rows(self, stream: str) -> list[dict[str, Any]]:
+        """Every record of the stream, all partitions, decoded."""
+        out: list[dict[str, Any]] = []
+        described = await self.broker.describe_stream(stream, project=P)
+        for p in range(described.config.partition_count):
+            cursor = await self.broker.get_cursor(stream, p, "TRIM_HORIZON", project=P)
+            while True:
+                got = await self.broker.get_records(cursor, 10_000, project=P)
+                out += [orjson.loads(r.data) for r in got.records]
+                if not got.records:
+                    break
+                cursor = got.next_cursor
+        return out
+
+
+@pytest.fixture
+async def h(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    # retries come quickly here: the tests wait for recoveries, not for backoff
+    monkeypatch.setattr(base.Backoff, "__init__", _fast_backoff)
+    harness = Harness(tmp_path / "db")
+    await harness.open()
+    yield harness
+    await harness.close()
+
+
+def _fast_backoff(self: base.Backoff, base_s: float = 0.05, cap_s: float = 0.3, rng: Any = None) -> None:
+    import random
+    self.base, self.cap, self.attempt, self._rng = 0.05, 0.3, 0, random.Random(1)
+
+
+async def eventually(check: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def typed(h: Harness, name: str, columns: list[tuple[str, str]], partitions: int = 1) -> None:
+    await h.broker.create_stream(name, partitions, project=P,
+                                 schema=StreamSchema(tuple(ColumnDef(n, t) for n, t in columns)))
+
+
+def gen(name: str, stream: str, template: str = "iot", interval: Any = "10ms", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "type": "stream_generator", "stream": stream,
+            "properties": {"template": template, "interval": interval, **extra}}
+
+
+# -- the templates and the schedule ------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["iot", "user_logins", "devops"])
+async def test_each_template_writes_its_documented_fields(h: Harness, template: str) -> None:
+    await typed(h, "t", [*TEMPLATE_COLUMNS[template], ("unrelated", "string")])
+    await h.sources.create(P, gen("g", "t", template))
+
+    async def enough() -> list[dict[str, Any]] | None:
+        rows = await h.rows("t")
+        return rows if len(rows) >= 30 else None
+    rows = await eventually(enough)
+    names = [c for c, _ in TEMPLATE_COLUMNS[template]]
+    for row in rows:
+        assert set(row) == {*names, "unrelated", "_tp_time"}
+        assert row["unrelated"] == ""    # a stream column the template does not make: its default
+    if template == "iot":
+        assert {r["device"] for r in rows} <= {"device_0", "device_1", "device_2"}
+        assert all(0 <= r["number"] <= 100 for r in rows)
+    elif template == "user_logins":
+        assert {r["username"] for r in rows} <= {"user1", "user2"}
+        assert {r["city"] for r in rows} <= {"Shanghai", "Beijing"}
+    else:
+        assert {r["hostname"] for r in rows} <= {"host_0", "host_1", "host_2"}
+        assert {r["region"] for r in rows} <= {"eu-central-1", "us-west-1", "sa-east-1"}
+        assert {r["rack"] for r in rows} <= {"1", "2", "3"}
+        assert all(0 <= r["usage_user"] <= 100 and 0 <= r["usage_system"] <= 100 for r in rows)
+    # the entity is drawn at random: 30 events show more than one of them
+    entity = {"iot": "device", "user_logins": "username", "devops": "hostname"}[template]
+    assert len({r[entity] for r in rows}) > 1
+
+
+async def test_events_follow_absolute_deadlines_without_gaps_or_drift(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    started = time.time_ns() // 1_000_000
+    await h.sources.create(P, gen("g", "t", interval="20ms"))
+
+    async def enough() -> list[dict[str, Any]] | None:
+        rows = await h.rows("t")
+        return rows if len(rows) >= 40 else None
+    await eventually(enough)
+    await h.sources.stop_source(P, "g")
+    stopped = time.time_ns() // 1_000_000
+    rows = await h.rows("t")
+    from datetime import datetime
+    times = sorted(int(datetime.fromisoformat(r["time"] + "+00:00").timestamp() * 1000) for r in rows)
+    steps = {b - a for a, b in zip(times, times[1:])}
+    assert steps == {20}, steps                          # one event per interval: none missed, none twice
+    assert started - 20 <= times[0] and times[-1] <= stopped
+    assert len(rows) <= (stopped - started) // 20 + 1    # never ahead of the schedule
+
+
+async def test_status_and_counters(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    created = await h.sources.create(P, {**gen("g", "t"), "description": "demo"})
+    d = created.definition
+    assert (d.name, d.type, d.stream, d.description) == ("g", "stream_generator", "t", "demo")
+    assert d.properties == {"template": "iot", "interval": "10ms"}   # as given
+    assert created.state.status == "running" and d.started_ms > 0
+
+    async def wrote() -> bool:
+        return h.sources.get(P, d.id).state.rows_written >= 10
+    await eventually(wrote)
+    st = h.sources.get(P, "g").state     # by name too
+    assert st.messages_in == st.rows_written and st.errors == 0 and st.last_event_ms > 0
+    assert st.lag is None
+    await h.sources.stop_source(P, d.id)
+    st = h.sources.get(P, d.id).state
+    assert st.status == "stopped"
+    assert len(await h.rows("t")) == st.rows_written
+
+
+async def test_stop_stops_rows_and_start_brings_them_back(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, gen("g", "t"))
+
+    async def count() -> int:
+        return len(await h.rows("t"))
+    await eventually(lambda: _at_least(count, 5))
+    first = await h.sources.stop_source(P, "g")
+    after_stop = await count()
+    await asyncio.sleep(0.3)                    # 30 intervals
+    assert await count() == after_stop
+    again = await h.sources.stop_source(P, "g")  # stop on a stopped source: no-op
+    assert again.state.status == "stopped"
+    restarted = await h.sources.start_source(P, "g")
+    assert restarted.state.status == "running"
+    assert restarted.definition.started_ms >= first.definition.started_ms
+    await eventually(lambda: _at_least(count, after_stop + 5))
+    same = await h.sources.start_source(P, "g")  # start on a running source: no-op
+    assert same.definition.started_ms == restarted.definition.started_ms
+
+
+async def _at_least(count: Any, n: int) -> bool:
+    return await count() >= n
+
+
+async def test_definitions_survive_a_restart_and_running_ones_run_again(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await typed(h, "u", TEMPLATE_COLUMNS["devops"])
+    running = await h.sources.create(P, gen("on", "t"))
+    stopped = await h.sources.create(P, gen("off", "u", "devops"))
+    await h.sources.stop_source(P, "off")
+    await h.close()
+    await h.open()
+    assert [s.definition.name for s in h.sources.list(P)] == ["off", "on"]
+    assert h.sources.get(P, "on").definition == running.definition
+    assert h.sources.get(P, "off").state.status == "stopped"
+    before_u = len(await h.rows("u"))
+    before_t = len(await h.rows("t"))
+
+    async def more() -> bool:
+        return len(await h.rows("t")) >= before_t + 5
+    await eventually(more)
+    assert h.sources.get(P, "on").state.status == "running"
+    assert len(await h.rows("u")) == before_u
+    assert stopped.definition.id == h.sources.get(P, "off").definition.id
+
+
+async def test_update_only_when_stopped_and_checked_like_create(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await typed(h, "u", TEMPLATE_COLUMNS["devops"])
+    await h.sources.create(P, gen("g", "t"))
+    with pytest.raises(BrokerError) as e:
+        await h.sources.update(P, "g", {"description": "x"})
+    assert e.value.code is ErrorCode.SOURCE_RUNNING
+    await h.sources.stop_source(P, "g")
+    with pytest.raises(BrokerError) as e:
+        await h.sources.update(P, "g", {"properties": {"template": "nope"}})
+    assert e.value.code is ErrorCode.BAD_SOURCE and "[template]" in e.value.message
+    updated = await h.sources.update(P, "g", {"stream": "u", "properties": {"template": "devops", "interval": 5},
+                                              "name": "g2", "description": "moved"})
+    d = updated.definition
+    assert (d.name, d.stream, d.description, d.properties["template"]) == ("g2", "u", "moved", "devops")
+    await h.sources.start_source(P, "g2")
+
+    async def rows_in_u() -> bool:
+        return len(await h.rows("u")) >= 5
+    await eventually(rows_in_u)
+    await h.close()
+    await h.open()
+    assert h.sources.get(P, "g2").definition.stream == "u"    # the update was stored
+
+
+async def test_names_are_unique_per_project_and_delete_forgets(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.broker.create_stream("t", 1, project="other",
+                                 schema=StreamSchema(tuple(ColumnDef(n, c) for n, c in TEMPLATE_COLUMNS["iot"])))
+    await h.sources.create(P, gen("g", "t"))
+    with pytest.raises(BrokerError) as e:
+        await h.sources.create(P, gen("g", "t"))
+    assert e.value.code is ErrorCode.SOURCE_EXISTS
+    await h.sources.create("other", gen("g", "t"))              # another project: another namespace
+    assert [s.definition.project for s in h.sources.list("other")] == ["other"]
+    await h.sources.delete(P, "g")
+    for ref in ("g", "no-such-id"):
+        with pytest.raises(BrokerError) as e:
+            h.sources.get(P, ref)
+        assert e.value.code is ErrorCode.SOURCE_NOT_FOUND
+    count = len(await h.rows("t"))
+    await asyncio.sleep(0.2)
+    assert len(await h.rows("t")) == count                      # its job is gone
+    await h.close()
+    await h.open()
+    assert h.sources.list(P) == [] and len(h.sources.list("other")) == 1
+
+
+async def test_a_deleted_target_fails_the_source_until_the_stream_is_back(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, gen("g", "t"))
+    await h.broker.delete_stream("t", project=P)
+
+    async def failed() -> bool:
+        st = h.sources.get(P, "g").state
+        return st.status == "failed" and "[t]" in st.message
+    await eventually(failed)
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+
+    async def back() -> bool:
+        return h.sources.get(P, "g").state.status == "running" and len(await h.rows("t")) >= 3
+    await eventually(back)
+
+
+async def test_values_of_the_wrong_type_are_counted_and_skipped(h: Harness) -> None:
+    # `number` is a fraction in [0, 100): an int32 column refuses almost every one of them
+    await typed(h, "t", [("device", "string"), ("number", "int32"), ("time", "datetime64(3)")])
+    await h.sources.create(P, gen("g", "t", interval="5ms"))
+
+    async def errors() -> bool:
+        return h.sources.get(P, "g").state.errors >= 20
+    await eventually(errors)
+    st = h.sources.get(P, "g").state
+    assert st.status == "running"                          # skipped, not stopped
+    assert "[number]" in st.last_error and st.messages_in >= st.errors + st.rows_written - 1
+    assert len(await h.rows("t")) == st.rows_written        # what was refused was not written
+
+
+async def test_a_stream_without_schema_takes_the_objects_as_records(h: Harness) -> None:
+    await h.broker.create_stream("plain", 2, project=P)
+    await h.sources.create(P, gen("g", "plain", "user_logins"))
+
+    async def enough() -> list[dict[str, Any]] | None:
+        rows = await h.rows("plain")
+        return rows if len(rows) >= 5 else None
+    rows = await eventually(enough)
+    assert all(set(r) == {"username", "city", "time"} for r in rows)
+
+
+@pytest.mark.parametrize("body, prop", [
+    ({"name": "g", "type": "kafka", "stream": "t", "properties": {"x": 1}}, "type"),
+    ({"name": "g", "stream": "t", "properties": {"template": "iot"}}, "type"),
+    ({"type": "stream_generator", "stream": "t", "properties": {"template": "iot"}}, "name"),
+    ({"name": "9g", "type": "stream_generator", "stream": "t", "properties": {"template": "iot"}}, "name"),
+    ({"name": "g" * 65, "type": "stream_generator", "stream": "t", "properties": {"template": "iot"}}, "name"),
+    ({"name": "g", "type": "stream_generator", "properties": {"template": "iot"}}, "stream"),
+    ({"name": "g", "type": "stream_generator", "stream": "missing", "properties": {"template": "iot"}}, "stream"),
+    ({"name": "g", "type": "stream_generator", "stream": "t"}, "properties"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": []}, "properties"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {}}, "properties"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {"interval": "1s"}}, "template"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {"template": "weather"}}, "template"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {"template": 3}}, "template"),
+    ({"name": "g", "type": "stream_generator", "stream": "t",
+      "properties": {"template": "iot", "interval": "fast"}}, "interval"),
+    ({"name": "g", "type": "stream_generator", "stream": "t",
+      "properties": {"template": "iot", "interval": "0s"}}, "interval"),
+    ({"name": "g", "type": "stream_generator", "stream": "t",
+      "properties": {"template": "iot", "interval": -5}}, "interval"),
+    ({"name": "g", "type": "stream_generator", "stream": "t",
+      "properties": {"template": "iot", "interval": True}}, "interval"),
+    ({"name": "g", "type": "stream_generator", "stream": "t",
+      "properties": {"template": "iot", "intreval": "1s"}}, "intreval"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "description": 5,
+      "properties": {"template": "iot"}}, "description"),
+])
+async def test_bad_definitions_are_refused_naming_the_property(h: Harness, body: dict[str, Any], prop: str) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    with pytest.raises(BrokerError) as e:
+        await h.sources.create(P, body)
+    assert e.value.code is ErrorCode.BAD_SOURCE, e.value.message
+    assert f"property [{prop}]" in e.value.message, e.value.message
+    assert h.sources.list(P) == []
+    assert await h.store.meta_scan(b"S") == []      # nothing stored, nothing started
+
+
+async def test_a_body_that_is_not_an_object_is_refused(h: Harness) -> None:
+    for body in (None, [], "x", 5):
+        with pytest.raises(BrokerError) as e:
+            await h.sources.create(P, body)
+        assert e.value.code is ErrorCode.BAD_BODY
+
+
+async def test_close_is_prompt_with_many_sources_running(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    for i in range(20):
+        await h.sources.create(P, gen(f"g{i}", "t", interval="1ms"))
+    await asyncio.sleep(0.2)
+    closing = asyncio.create_task(h.sources.close())
+    await asyncio.wait_for(closing, 10)     # a stop never waits on a job for long
+    assert all(s.state.status == "running" for s in h.sources.list(P))   # wanted running: they come back
+    await h.close()
+    await h.open()
+    assert len([s for s in h.sources.list(P) if s.state.status == "running"]) == 20

@@ -1,15 +1,20 @@
-# `make run`  : create .venv, install, generate stubs, start the broker (RocksDB under ./data)
-# `make test` : create .venv, install with test deps, generate stubs, run the whole suite
+# `make run`  : create .venv, install, generate stubs, install nats-server if missing (apt), start the
+#               broker (RocksDB under ./data)
+# `make test` : create .venv, install with test deps, generate stubs, install nats-server if missing
+#               (apt: the NATS/JetStream source tests run a real one), run the whole suite
 # `make lint` : ruff (rules in pyproject [tool.ruff]) and mypy ([tool.mypy]) over broker/ and client/
 # `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
 #               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
 #               ARGS=--quick, ARGS='--workloads w3 --durability wal' (bench/README.md lists them)
-# `make bench-compare`: installs nats-server and clickhouse-server (apt), kinesalite (npm,
-#               bench/.peers) and nats-py (the `bench` extra), then the same suite plus the peers:
+# `make bench-compare`: installs nats-server and clickhouse-server (apt) and kinesalite (npm,
+#               bench/.peers; nats-py is a runtime dependency), then the same suite plus the peers:
 #               bench/run.py --compare, and the Timeplus door's T1 beside ClickHouse's insert
 #               (bench/run.py timeplus --workloads t1 --clickhouse yes)
 # `make bench-timeplus`: the Timeplus door's T1-T4 (issue 8) on fresh brokers, ClickHouse beside T1
 #               when clickhouse-server is installed; takes ARGS, e.g. ARGS='--quick', ARGS='--minutes 1'
+# `make bench-sources`: rows/s from a JetStream source into Sluice (1 KiB JSON messages) beside a
+#               plain nats-py pull consumer draining the same stream (bench/run.py sources, takes ARGS,
+#               e.g. ARGS='--messages 50000')
 # `make bench-memory`: broker RSS with 1,000,000 records stored, then over a 5-minute W1 loop
 #               (bench/run.py memory, takes ARGS, e.g. ARGS='--minutes 0.5 --records 400000')
 SHELL := /bin/bash
@@ -21,7 +26,8 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers bench-timeplus wheel clean
+.PHONY: install proto nats-server run test lint bench bench-compare bench-memory bench-peers bench-sources \
+	bench-timeplus wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +45,17 @@ $(STUBS): $(STAMP) $(wildcard protos/sluice/v1/*.proto) tools/genproto.py
 
 proto: $(STUBS)
 
-run: proto
+# Debian's nats-server (in /usr/sbin, not always on a user's PATH): the `nats`/`nats_jetstream`
+# sources' tests and benchmark run a real one; CI installs it on a clean machine as root
+nats-server:
+	@PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v nats-server >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "nats-server missing and no apt-get: install it (https://nats.io)" >&2; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; }
+
+run: proto nats-server
 	$(PY) -m broker $(ARGS)
 
-test: proto
+test: proto nats-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # after proto: mypy reads the generated stubs' .pyi files
@@ -54,18 +67,19 @@ bench: proto
 	$(PY) bench/run.py $(ARGS)
 
 # peers for bench-compare (not part of CI): Debian's nats-server and clickhouse-server (18.16; only
-# its binary is used, run by bench/run.py on a config of its own, not the system service), npm's
-# kinesalite, PyPI's nats-py
-bench-peers: proto
-	command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
+# its binary is used, run by bench/run.py on a config of its own, not the system service) and npm's
+# kinesalite; nats-py, the JetStream peer's client, is a runtime dependency (the `bench` extra is empty)
+bench-peers: proto nats-server
 	PATH="$$PATH:/usr/sbin" command -v clickhouse-server >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq clickhouse-server; }
 	test -f bench/.peers/node_modules/kinesalite/cli.js || npm install --silent --prefix bench/.peers kinesalite
-	$(PY) -c 'import nats' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 
 bench-compare: bench-peers
 	$(PY) bench/run.py --compare $(ARGS)
 	$(PY) bench/run.py timeplus --workloads t1 --clickhouse yes
+
+bench-sources: proto nats-server
+	$(PY) bench/run.py sources $(ARGS)
 
 bench-memory: proto
 	$(PY) bench/run.py memory $(ARGS)

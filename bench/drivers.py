@@ -34,6 +34,7 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -747,6 +748,71 @@ class _NatsTail(Consumer):
         await nc.close()
 
 
+class JetStreamDrain:
+    """`run.py sources`: a JetStream stream filled before the clock (RawNats PUBs, no per-message
+    ack; the stream's count says when they are all in), durable pull consumers made on it, and the
+    peer figure: a plain nats-py pull consumer draining it (fetch + ack, as Sluice's source does)."""
+
+    def __init__(self, nats: Nats) -> None:
+        self.nats = nats
+
+    def fill(self, stream: str, subject: str, payloads: Sequence[bytes], chunk: int = 2000) -> None:
+        from nats.js.api import StorageType, StreamConfig
+
+        async def add(js: Any) -> None:
+            await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE))
+        _nats_run(self.nats.url, add)
+        conn = RawNats(self.nats.port)
+        try:
+            head = b"PUB %s %%d\r\n" % subject.encode()
+            for i in range(0, len(payloads), chunk):
+                conn.send(b"".join(head % len(p) + p + b"\r\n" for p in payloads[i:i + chunk]) + b"PING\r\n")
+                while conn._line() != b"PONG":   # one round trip per chunk: the server keeps up
+                    pass
+        finally:
+            conn.close()
+        deadline = time.monotonic() + 120
+        while (stored := self.count(stream)) < len(payloads):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"JetStream stream {stream} holds {stored:,} of {len(payloads):,} messages")
+            time.sleep(0.05)
+
+    def count(self, stream: str) -> int:
+        async def info(js: Any) -> int:
+            return int((await js.stream_info(stream)).state.messages)
+        return _nats_run(self.nats.url, info)  # type: ignore[no-any-return]
+
+    def add_consumer(self, stream: str, name: str, ack_policy: str, max_ack_pending: int) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        async def add(js: Any) -> None:
+            await js.add_consumer(stream, ConsumerConfig(durable_name=name, ack_policy=AckPolicy(ack_policy),
+                                                         max_ack_pending=max_ack_pending,
+                                                         deliver_policy=DeliverPolicy.ALL))
+        _nats_run(self.nats.url, add)
+
+    def drain(self, stream: str, consumer: str, n: int, batch: int) -> int:
+        """nats-py `pull_subscribe_bind` + `fetch(batch)` + an ack per message (the consumer's
+        policy `all`: the last of each batch), until n messages came; returns how many."""
+        from nats.js.api import AckPolicy
+
+        async def go(js: Any) -> int:
+            info = await js.consumer_info(stream, consumer)
+            sub = await js.pull_subscribe_bind(consumer, stream=stream)
+            got = 0
+            while got < n:
+                msgs = await sub.fetch(batch, timeout=10)
+                got += len(msgs)
+                if info.config.ack_policy == AckPolicy.EXPLICIT:
+                    for m in msgs:
+                        await m.ack()
+                elif info.config.ack_policy == AckPolicy.ALL:
+                    await msgs[-1].ack()
+            await js._nc.flush()
+            return got
+        return _nats_run(self.nats.url, go)  # type: ignore[no-any-return]
+
+
 # -- kinesalite --------------------------------------------------------------------------------
 
 class Kinesalite:
@@ -1105,6 +1171,17 @@ class TimeplusRest:
             raise RuntimeError(f"{sql!r}: the response ended without the final `event: query`")
         return rows, final
 
+    # `run.py sources`: a source created, watched through its counters, deleted
+
+    def create_source(self, body: dict[str, Any]) -> dict[str, Any]:
+        return orjson.loads(self._ok("POST", "/sources", orjson.dumps(body)))  # type: ignore[no-any-return]
+
+    def source(self, source_id: str) -> dict[str, Any]:
+        return orjson.loads(self._ok("GET", f"/sources/{source_id}"))  # type: ignore[no-any-return]
+
+    def delete_source(self, source_id: str) -> None:
+        self._ok("DELETE", f"/sources/{source_id}")
+
     # W3's interface, so bench/workloads.py's tail_run drives T2 unchanged: the consumer is a
     # streaming query, the sender ingests one compact row (index, send time) per request.
 
@@ -1319,12 +1396,20 @@ def _server(cmd: list[str], port: int, cleanup: Path | None = None) -> Iterator[
             shutil.rmtree(cleanup, ignore_errors=True)
 
 
+def nats_server_version() -> str:
+    exe = shutil.which("nats-server", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
+    if not exe:
+        return ""
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.strip().rpartition(" ")[2]
+
+
 @contextlib.contextmanager
 def nats_server() -> Iterator[Nats]:
     """`nats-server -js -sd <tmp>` (Debian's package) on a free loopback port."""
-    exe = shutil.which("nats-server")
+    exe = shutil.which("nats-server", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
     if not exe:
-        raise RuntimeError("nats-server not installed (make bench-compare)")
+        raise RuntimeError("nats-server not installed (make bench-peers, make bench-sources)")
     tmp, port = Path(tempfile.mkdtemp(prefix="bench-nats-")), _free_port()
     with _server([exe, "-js", "-sd", str(tmp), "-a", "127.0.0.1", "-p", str(port)], port, tmp) as (port, pid):
         yield Nats(port, pid)

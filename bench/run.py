@@ -2,8 +2,9 @@
 """Sluice's benchmark, the one entry point: the W1/W2/W3 suite of issue 4 against Sluice through
 the gRPC and the DIS REST doors in both durability modes (WAL: the broker's default; fsync:
 `--fsync`), optionally against NATS JetStream and kinesalite in the same run, and the broker's
-memory over a long W1 loop; and (`timeplus`) the Timeplus door's T1-T4 of issue 8, with ClickHouse's
-HTTP insert beside T1. See bench/README.md.
+memory over a long W1 loop; (`timeplus`) the Timeplus door's T1-T4 of issue 8, with ClickHouse's
+HTTP insert beside T1; and (`sources`) rows/s from a JetStream source into Sluice beside a plain
+nats-py pull consumer. See bench/README.md.
 
     .venv/bin/python bench/run.py                      # W1/W2/W3, both doors, WAL and fsync (make bench)
     .venv/bin/python bench/run.py --quick              # small counts: a smoke run
@@ -14,6 +15,8 @@ HTTP insert beside T1. See bench/README.md.
     .venv/bin/python bench/run.py memory               # broker RSS, 1,000,000 records + 5 min (make bench-memory)
     .venv/bin/python bench/run.py timeplus             # Timeplus door T1-T4, ClickHouse beside T1 (make bench-timeplus)
     .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
+    .venv/bin/python bench/run.py sources              # a JetStream source into Sluice, 1 KiB JSON (make bench-sources)
+    .venv/bin/python bench/run.py sources --quick --ack-policy both                     # a smoke run
 
 Modules: bench/workloads.py holds the workloads (the clocks, CPU meters, data set, verdicts and
 tables), bench/drivers.py a driver per door of each system (the only code here that speaks a wire
@@ -40,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory", "timeplus")
+COMMANDS = ("suite", "memory", "timeplus", "sources")
 
 
 def _say(msg: str) -> None:
@@ -561,13 +564,127 @@ def timeplus_main(argv: list[str]) -> int:
     return 0 if rows and all(r.ok for r in rows) else 1
 
 
+# -- sources: rows/s from a JetStream source into Sluice (issue 9), a plain pull consumer beside ---
+
+S1_ACK_POLICIES = ("explicit", "all")
+
+
+def parse_sources(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py sources",
+                                description="S1: a JetStream stream filled with 1 KiB JSON messages before the clock, "
+                                            "drained into a Sluice stream by a nats_jetstream source (rows/s until "
+                                            "the source wrote them all), and for comparison by a plain nats-py pull "
+                                            "consumer (fetch + ack) in the same run.")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {wl.S1_QUICK:,} messages")
+    p.add_argument("--messages", type=int, help=f"messages in the stream (default {wl.S1_MESSAGES:,})")
+    p.add_argument("--max-ack-pending", type=int, default=1024,
+                   help="the consumers' max_ack_pending (default 1024, the source's default; both pull half of it "
+                        "per request)")
+    p.add_argument("--ack-policy", choices=(*S1_ACK_POLICIES, "both"), default="explicit",
+                   help="the durable consumers' ack policy: explicit (what the source creates), all (made before "
+                        "the source starts; the source follows it), or both, one after the other (default explicit)")
+    p.add_argument("--peer", choices=("yes", "no"), default="yes", help="the nats-py pull consumer too (default yes)")
+    p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    args = p.parse_args(argv)
+    args.messages = args.messages or (wl.S1_QUICK if args.quick else wl.S1_MESSAGES)
+    if args.messages < 1 or args.max_ack_pending < 2:
+        p.error("--messages must be positive and --max-ack-pending at least 2")
+    args.policies = list(S1_ACK_POLICIES) if args.ack_policy == "both" else [args.ack_policy]
+    return args
+
+
+def sources_main(argv: list[str]) -> int:
+    args = parse_sources(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # `kill` also stops the servers, like Ctrl-C
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    n, batch = args.messages, max(1, args.max_ack_pending // 2)
+    _say(f"building {n:,} JSON messages of {wl.S1_SIZE} B, seed {wl.SEED}")
+    payloads = wl.s1_messages(n)
+    rows: list[wl.Row] = []
+    nats_version = ""
+    try:
+        with drivers.nats_server() as nats_srv, drivers.sluice_broker("wal") as broker:
+            assert broker.proc
+            tp = drivers.TimeplusRest(broker.http_target, "wal", broker.proc.pid)
+            drain = drivers.JetStreamDrain(nats_srv)
+            nats_version = drivers.nats_server_version()
+            _say(f"NATS: filling JetStream stream S1 with {n:,} messages")
+            drain.fill("S1", "s1.data", payloads)
+            for policy in args.policies:
+                table, label = f"s1_{policy}", f"S1 drain (ack {policy})"
+                tp.create_table(table, wl.S1_SCHEMA)
+                consumer = f"sluice_{policy}"
+                if policy != "explicit":   # the source follows an existing consumer's policy
+                    drain.add_consumer("S1", consumer, policy, args.max_ack_pending)
+                body = {"name": f"s1_{policy}", "type": "nats_jetstream", "stream": table,
+                        "properties": {"url": nats_srv.url, "stream": "S1", "data_type": "json", "durable": consumer,
+                                       "max_ack_pending": args.max_ack_pending}}
+                _say(f"Sluice: nats_jetstream source, {n:,} messages, ack {policy}")
+                try:
+                    rows.append(wl.s1_sluice(tp, table, body, n, nats_srv.pid, label))
+                    _say("  " + _brief_s1(rows[-1]))
+                except Exception as exc:  # a failure is reported, not raised
+                    rows.append(_tp_error("Sluice", "nats_jetstream source", "wal", label, exc))
+                    if broker.stderr_lines:
+                        _say("broker log (tail):\n" + "".join(broker.stderr_lines[-20:]))
+                if args.peer == "yes":
+                    peer = f"peer_{policy}"
+                    drain.add_consumer("S1", peer, policy, args.max_ack_pending)
+                    _say(f"nats-py: pull consumer, fetch({batch}) + ack, ack {policy}")
+                    try:
+                        rows.append(wl.s1_peer(drain, "S1", peer, n, batch, nats_srv.pid, label))
+                        _say("  " + _brief_s1(rows[-1]))
+                    except Exception as exc:  # a failure is reported, not raised
+                        rows.append(_tp_error("nats-py", "pull consumer (fetch+ack)", "-", label, exc))
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except RuntimeError as exc:   # a server did not start
+        _say(f"error: {exc}")
+        return 1
+
+    print(f"S1: a JetStream stream (file storage, nats-server {nats_version}) holding {n:,} JSON messages of "
+          f"{wl.S1_SIZE} B drained into a typed Sluice stream ({', '.join(c + ' ' + t for c, t in wl.S1_SCHEMA)}) by a "
+          f"nats_jetstream source (durable pull consumer, max_ack_pending {args.max_ack_pending}, pulls of {batch}, "
+          f"ack after the append); peer: a nats-py pull consumer, fetch({batch}) + ack, no Sluice. MB/s = 10^6 "
+          f"message bytes/s; server cpu = the broker (Sluice rows) or the nats-server (peer rows)")
+    print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f}; started {started:%Y-%m-%d %H:%M:%S} UTC")
+    print(wl.format_table(rows))
+    print()
+    for policy in args.policies:
+        get = {r.system: r for r in rows if r.ok and r.workload == f"S1 drain (ack {policy})"}
+        if "Sluice" in get and "nats-py" in get:
+            print(f"ack {policy}: Sluice's source / nats-py pull consumer alone = "
+                  f"{get['Sluice'].rate:,.0f} / {get['nats-py'].rate:,.0f} rows/s = "
+                  f"{get['Sluice'].rate / get['nats-py'].rate:.2f}x")
+    path = _results_path(args, started, "sources-")
+    path.write_text(json.dumps({
+        "started_utc": started.isoformat(), "command": [sys.executable, *sys.argv],
+        "cpus": os.cpu_count(), "loadavg_before": load_before, "broker_args": drivers.BROKER_ARGS,
+        "config": {"messages": n, "size": wl.S1_SIZE, "schema": wl.S1_SCHEMA, "seed": wl.SEED,
+                   "max_ack_pending": args.max_ack_pending, "pull_batch": batch, "ack_policies": args.policies,
+                   "peer": args.peer, "nats_server": nats_version},
+        "rows": [r.as_dict() for r in rows],
+    }, indent=1))
+    print(f"\nresults: {path}")
+    return 0 if rows and all(r.ok for r in rows) else 1
+
+
+def _brief_s1(r: wl.Row) -> str:
+    return (f"{r.workload}: {r.rate:,.0f} rows/s, {r.mb_s:.1f} MB/s (wall {r.seconds:.2f} s, client cpu "
+            f"{r.client_cpu_s:.2f} s, server cpu {r.server_cpu_s:.2f} s"
+            + (f", nats-server cpu {r.extra['nats_server_cpu_s']:.2f} s" if "nats_server_cpu_s" in r.extra else "")
+            + ")" + ("" if r.ok else f" FAIL {r.note}"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`run.py [suite] [options]`, `run.py memory [options]` or `run.py timeplus [options]`; the suite
-    is the default command."""
+    """`run.py [suite] [options]`, `run.py memory [options]`, `run.py timeplus [options]` or `run.py
+    sources [options]`; the suite is the default command."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    return {"memory": memory_main, "timeplus": timeplus_main}.get(command, suite_main)(rest)
+    return {"memory": memory_main, "timeplus": timeplus_main, "sources": sources_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

@@ -828,3 +828,80 @@ def t4_verdict(res: dict[str, Any], control: dict[str, Any] | None, query: str, 
 
 def format_verdicts(checks: list[tuple[str, str, str]]) -> str:
     return _plain_table([("target", "measured", "verdict"), *checks])
+
+
+# -- run.py sources: S1, a JetStream source draining a stream into Sluice ---------------------------
+
+S1_MESSAGES = 200_000
+S1_QUICK = 20_000
+S1_SIZE = 1024                 # bytes per JSON message
+S1_SCHEMA: tuple[tuple[str, str], ...] = (("i", "int64"), ("device", "string"), ("value", "float64"),
+                                          ("ok", "bool"), ("note", "string"))
+S1_POLL_S = 0.01
+S1_STALL_S = 30.0
+
+
+def s1_messages(n: int, size: int = S1_SIZE, seed: int = SEED) -> list[bytes]:
+    """n JSON objects of exactly `size` bytes (fixed seed): S1_SCHEMA's fields, `note` padding them
+    with letters sliced from a few random pools (random text without a random draw per byte)."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    pools = ["".join(rng.choices(letters, k=2 * size)) for _ in range(64)]
+    out = []
+    for i in range(n):
+        obj = {"i": i, "device": f"device_{rng.randrange(100)}", "value": round(rng.uniform(0, 100), 3),
+               "ok": rng.random() < 0.5, "note": ""}
+        pad = size - len(orjson.dumps(obj))
+        if pad < 0:
+            raise ValueError(f"messages of {size} bytes are too small for the fields")
+        start = rng.randrange(size)
+        obj["note"] = pools[i % len(pools)][start:start + pad]
+        out.append(orjson.dumps(obj))
+    return out
+
+
+def s1_sluice(tp: Any, table: str, body: dict[str, Any], n: int, nats_pid: int | None, label: str) -> Row:
+    """Create the source (the clock starts just before) and poll its counters every 10 ms until it
+    wrote n rows; then the stream's own count must be n. server cpu = the broker; the nats-server's
+    in extra."""
+    nats0 = proc_cpu_seconds(nats_pid)
+    meter = CpuMeter(tp.pid).start()
+    sid = tp.create_source(body)["id"]
+    last, stall_at = -1, 0.0
+    while True:
+        got = tp.source(sid)
+        written = got["stats"]["rows_written"]
+        if written >= n:
+            break
+        if written != last:
+            last, stall_at = written, time.monotonic() + S1_STALL_S
+        elif time.monotonic() > stall_at:
+            raise RuntimeError(f"no progress for {S1_STALL_S:g} s at {written:,} rows: {got['status']} "
+                               f"{got['message']}")
+        time.sleep(S1_POLL_S)
+    meter.stop()
+    nats_cpu = proc_cpu_seconds(nats_pid) - nats0
+    stored = tp.count(table)
+    final = tp.source(sid)
+    tp.delete_source(sid)
+    row = Row("Sluice", "nats_jetstream source", tp.durability, label, records=n).measure(meter)
+    row.rate, row.mb_s = n / meter.wall, n * S1_SIZE / meter.wall / 1e6
+    row.extra.update({"nats_server_cpu_s": nats_cpu, "stored": stored, "stats": final["stats"],
+                      "properties": body["properties"]})
+    if stored != n or final["stats"]["error_count"]:
+        row.ok, row.note = False, f"stored {stored:,} of {n:,}, {final['stats']['error_count']} errors"
+    return row
+
+
+def s1_peer(drain: Any, stream: str, consumer: str, n: int, batch: int, nats_pid: int | None, label: str) -> Row:
+    """The same stream drained by a plain nats-py pull consumer in this process (fetch + ack): client
+    cpu = that consumer, server cpu = the nats-server."""
+    meter = CpuMeter(nats_pid).start()
+    got = drain.drain(stream, consumer, n, batch)
+    meter.stop()
+    row = Row("nats-py", "pull consumer (fetch+ack)", "-", label, records=got).measure(meter)
+    row.rate, row.mb_s = got / meter.wall, got * S1_SIZE / meter.wall / 1e6
+    row.extra["batch"] = batch
+    if got != n:
+        row.ok, row.note = False, f"drained {got:,} of {n:,}"
+    return row

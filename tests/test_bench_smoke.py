@@ -150,10 +150,33 @@ def test_timeplus_quick(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
 
 
+def test_sources_quick(tmp_path):
+    """make bench-sources's runner, tiny: a JetStream source into Sluice and the nats-py peer, both ack
+    policies (needs nats-server, which `make test` installs)."""
+    out = _bench(tmp_path, "sources", "--messages", "3000", "--ack-policy", "both", "--max-ack-pending", "256")
+    # the system column is wider here ("nats-py"): the header is "system  |"
+    rows = _table("\n".join(line.replace("system  |", "system |", 1) if line.startswith("system  |") else
+                            line for line in out.stdout.splitlines()))
+    assert set(rows) == {(door, durability, f"S1 drain (ack {policy})") for policy in ("explicit", "all")
+                         for door, durability in (("nats_jetstream source", "wal"),
+                                                  ("pull consumer (fetch+ack)", "-"))}, out.stdout
+    for key, r in rows.items():
+        assert r["ok"] == "ok" and _num(r["records"]) == 3000 and _num(r["rec/s"]) > 0 and _num(r["MB/s"]) > 0, key
+    assert "Sluice's source / nats-py pull consumer alone" in out.stdout
+    doc = _result(tmp_path, "sources-*.json")
+    assert doc["config"]["messages"] == 3000 and doc["config"]["size"] == 1024 and doc["config"]["pull_batch"] == 128
+    for r in doc["rows"]:
+        if r["system"] == "Sluice":
+            assert r["extra"]["stored"] == 3000 and r["extra"]["stats"]["error_count"] == 0
+            assert r["extra"]["stats"]["rows_written"] == 3000 and r["extra"]["stats"]["lag"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
 def test_bad_options_are_refused(tmp_path):
     for args in (["--workloads", "w2"], ["--doors", "kafka"], ["--http", "127.0.0.1:1"], ["memory", "--minutes", "0"],
                  ["timeplus", "--workloads", "t9"], ["timeplus", "--pid", "1"],
-                 ["timeplus", "--http", "127.0.0.1:1", "--workloads", "t4"]):
+                 ["timeplus", "--http", "127.0.0.1:1", "--workloads", "t4"], ["sources", "--messages", "-1"],
+                 ["sources", "--ack-policy", "none"]):
         out = subprocess.run([sys.executable, RUN, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                              check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args

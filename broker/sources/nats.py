@@ -1,0 +1,620 @@
+"""`nats` (core NATS) and `nats_jetstream` (a JetStream pull consumer): shared/spec/sources.md
+sections 4 and 5, with nats-py.
+
+Connection (both types). One nats-py connection per job, to the servers of `url` (nats:// or
+tls://). The first connect tries each server twice with short timeouts and raises when none
+answers, so the source shows `failed` at once and the manager backs off and runs a new job. Once
+connected, nats-py reconnects on its own for a while (`RECONNECT_ATTEMPTS` x `RECONNECT_WAIT_S`
+per server); meanwhile the source shows `failed` ("disconnected ...; reconnecting") and `running`
+again once reconnected. When nats-py gives up it closes the connection, the job raises, and the
+manager's backoff takes over. The connection is closed in a `finally` with a bounded wait, so a
+stop, a delete or the broker's shutdown never waits on a server.
+
+TLS [ours; nats-py upgrades a connection to TLS only when the server's INFO says `tls_required`]:
+- `tls.disable: false` (the default) with a nats:// URL: TLS when the server requires it, plain
+  otherwise; with a tls:// URL: TLS is required, and a server that does not require TLS is refused
+  (the source fails with a message) rather than used in plain text.
+- `tls.disable: true`: never TLS. A tls:// URL is then refused at create time (BAD_SOURCE
+  `tls.disable`), and a server that requires TLS fails the source with a message.
+- `tls.skip_verify_server: true`: the server's certificate and host name are not checked.
+
+Core NATS (`nats`): a subscription (in the `queue` group when given: members share the messages)
+on `subject` (wildcards allowed). Received messages are buffered and each time the job wakes, all
+of them (up to `MAX_BATCH` per append) go to the sink as one batch: no fixed linger, a quiet
+subject costs one append per message, a busy one batches by itself while an append runs.
+`prefetch_count` is the subscription's pending-messages limit, and the job's own buffer holds at
+most as many again; beyond that nats-py drops messages (NATS's slow consumer; each drop is counted
+as an error). At-most-once: messages published while the source is stopped or disconnected are
+lost, and so is a batch whose append failed. `nak_delay` is checked and ignored. Lag: messages
+received and not yet appended.
+
+JetStream (`nats_jetstream`). Which consumer:
+- `stream` names the stream; without it the stream holding `subject` is looked up. `subject`
+  (wildcards allowed) filters the consumer; without it the consumer reads the whole stream.
+- `durable` names a durable pull consumer: its position lives in the server and survives stops,
+  broker restarts and server restarts. Created (`deliver`, `ack_wait`, `max_ack_pending`, the
+  filter) when it does not exist; an existing one is used with its own settings (delete it to
+  change them), and its ack policy is followed.
+- `queue` [ours]: a pull consumer has no deliver group; the members of a queue group share one
+  durable pull consumer instead, named by `durable` or, without it, by `queue`, and the server
+  spreads each member's pull requests' messages among them. Acks are explicit, so no member
+  acknowledges another's messages.
+- `bind: true`: attach to an existing consumer named by `durable` (or `queue`); nothing is
+  created. A missing consumer fails the source with a message naming it and the stream, and the
+  manager keeps retrying (the consumer may be created later).
+- neither `durable` nor `queue`: an ephemeral consumer (the server removes it after
+  `EPHEMERAL_INACTIVE_S` without us). Within one run of the source (start to stop) a retry resumes
+  after the last message appended; a stop/start or a broker restart starts again per `deliver`.
+- `deliver`: all | last | new, for a consumer being created.
+
+Delivery: messages are pulled in batches (requests of `min(max_ack_pending / 2, prefetch_count,
+JS_MAX_BATCH)` messages, one request open at a time, the next asked for while a batch is being
+appended), every batch goes to `ctx.sink.write` and is acknowledged only after the write returned,
+i.e. after the append is durable. A message that cannot be a row (bad JSON) is counted by the
+sink and acknowledged with its batch, so it does not come back. When the append fails the batch is
+negatively acknowledged (redelivered after `nak_delay`, at once without it) and the job raises, so
+the manager backs off. Messages pulled but not appended when the job stops are negatively
+acknowledged too, so a restart gets them without waiting for `ack_wait`. A crash between an append
+and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending` (the
+server delivers no more than that unacknowledged), nothing is lost. Consumers we create use
+explicit acks [ours: one ack per message costs ~10% of the rows/s against AckPolicy.ALL's one per
+batch (`bench/run.py sources --ack-policy both`: 44.6k against 49.4k rows/s of 1 KiB messages),
+and unlike ALL it stays right when several sources share the consumer: an ALL ack covers every
+lower sequence, including messages another member has not appended yet]; with an existing
+consumer, `all` acks the highest stream sequence of each batch and `none` acks nothing
+(at-most-once, the consumer's choice).
+`nak_delay` [ours for JetStream] is the redelivery delay of a batch whose append failed;
+`prefetch_count` [ours] bounds the pull batch. Lag: the consumer's pending count (`num_pending`)
+from each batch's last message, and from the consumer's info at most every `LAG_EVERY_S` while
+idle.
+
+Not supported: JetStream domains/API prefixes other than `$JS.API`, credentials (user/password in
+the URL work: nats-py reads them from it).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+
+from broker.sources.base import JobContext, SourceType
+from broker.sources.props import Props, bad
+from broker.sources.sink import DATA_TYPES
+
+log = logging.getLogger("sluice.sources.nats")
+
+SCHEMES = ("nats", "tls")
+CONNECT_TIMEOUT_S = 2.0        # one TCP connect (and TLS handshake)
+RECONNECT_WAIT_S = 0.5         # between nats-py's attempts on one server
+RECONNECT_ATTEMPTS = 20        # per server once connected (~10 s), then the job fails and backs off
+RECONNECT_GIVE_UP_S = 30.0     # reconnecting longer than this (nats-py stuck): the job fails all the same
+CONNECT_DEADLINE_S = 2 * (CONNECT_TIMEOUT_S + RECONNECT_WAIT_S) + 1   # the first connect, per server
+PING_INTERVAL_S = 10           # a silent dead connection is found within ~30 s
+MAX_OUTSTANDING_PINGS = 2
+CLOSE_WAIT_S = 2.0             # closing the connection at the end of a job, at most
+API_TIMEOUT_S = 5.0            # a JetStream API request (consumer info/create, stream lookup)
+MAX_BATCH = 5000               # core NATS: messages per append, at most
+JS_MAX_BATCH = 2000            # JetStream: messages per pull request, at most
+PULL_EXPIRES_S = 2.0           # a pull request waits this long for messages, then is asked again
+PULL_GRACE_S = 3.0             # no answer this long after a request expired: it was lost, ask again
+LAG_EVERY_S = 1.0              # consumer info while idle, at most this often
+EPHEMERAL_INACTIVE_S = 30.0    # an ephemeral consumer outlives its job this long
+DEFAULT_PREFETCH = 524_288     # spec section 4
+DEFAULT_ACK_WAIT_MS = 30_000   # spec section 5
+DEFAULT_MAX_ACK_PENDING = 1024
+DELIVER = {"all": DeliverPolicy.ALL, "last": DeliverPolicy.LAST, "new": DeliverPolicy.NEW}
+STREAM_NOT_FOUND = 10059       # JetStream's err_code
+
+_BAD_NAME = re.compile(r"[\s.*>/\\]")    # JetStream stream and consumer names
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+def _subject(props: Props, key: str, required: bool) -> str | None:
+    """A NATS subject: dot-separated non-empty tokens without spaces; `*` and `>` only as whole
+    tokens, `>` only last."""
+    value = props.text(key, required=required)
+    if value is None:
+        return None
+    tokens = value.split(".")
+    if any(not t or re.search(r"\s", t) for t in tokens):
+        raise bad(key, f"[{value[:200]}] is not a NATS subject: tokens separated by dots, none empty, no spaces")
+    for i, t in enumerate(tokens):
+        if ("*" in t and t != "*") or (">" in t and t != ">") or (t == ">" and i != len(tokens) - 1):
+            raise bad(key, f"[{value[:200]}] is not a NATS subject: `*` stands for one whole token and `>` "
+                           "for the last ones")
+    return value
+
+
+def _name(props: Props, key: str, what: str) -> str | None:
+    value = props.text(key)
+    if value is None:
+        return None
+    if not value or _BAD_NAME.search(value) or len(value) > 255:
+        raise bad(key, f"[{value[:200]}] is not a valid {what}: 1-255 characters, no spaces, dots, `*`, `>`, "
+                       "`/` or `\\`")
+    return value
+
+
+def _queue_group(props: Props) -> str | None:
+    value = props.text("queue")
+    if value is None:
+        return None
+    if not value or re.search(r"\s", value) or len(value) > 255:
+        raise bad("queue", f"[{value[:200]}] is not a valid queue group name: 1-255 characters, no spaces")
+    return value
+
+
+@dataclass(frozen=True)
+class Connection:
+    urls: tuple[str, ...]
+    tls_disable: bool
+    tls_skip_verify: bool
+
+    @property
+    def wants_tls(self) -> bool:
+        return any(u.lower().startswith("tls://") for u in self.urls)
+
+
+def _connection(props: Props) -> Connection:
+    urls = tuple(props.urls("url", SCHEMES))
+    tls_disable = props.boolean("tls.disable", False)
+    skip_verify = props.boolean("tls.skip_verify_server", False)
+    conn = Connection(urls, tls_disable, skip_verify)
+    if tls_disable and conn.wants_tls:
+        raise bad("tls.disable", "is true, but a tls:// URL asks for TLS; use nats:// or leave TLS on")
+    return conn
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    conn: Connection
+    subject: str
+    data_type: str
+    queue: str | None
+    nak_delay_ms: int | None
+    prefetch: int
+
+
+def configure_nats(props: Props) -> NatsConfig:
+    conn = _connection(props)
+    subject = _subject(props, "subject", True)
+    assert subject is not None
+    data_type = props.choice("data_type", DATA_TYPES, required=True)
+    queue = _queue_group(props)
+    nak_delay = props.duration_ms("nak_delay")   # checked; core NATS has no acknowledgements
+    prefetch = props.integer("prefetch_count", DEFAULT_PREFETCH, 1, 16 * 1024 * 1024)
+    props.finish()
+    return NatsConfig(conn, subject, data_type, queue, nak_delay, prefetch)
+
+
+class _Position:
+    """Where an ephemeral consumer's job got to (the next stream sequence), kept across the
+    retries of one run of the source: the config object lives as long as that run."""
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+
+
+@dataclass(frozen=True)
+class JetStreamConfig:
+    conn: Connection
+    subject: str | None
+    stream: str | None
+    data_type: str
+    queue: str | None
+    durable: str | None
+    deliver: str
+    bind: bool
+    ack_wait_ms: int
+    max_ack_pending: int
+    nak_delay_ms: int | None
+    prefetch: int
+    position: _Position = field(default_factory=_Position, compare=False, repr=False)
+
+    @property
+    def consumer_name(self) -> str | None:
+        return self.durable or self.queue
+
+
+def configure_jetstream(props: Props) -> JetStreamConfig:
+    conn = _connection(props)
+    subject = _subject(props, "subject", False)
+    stream = _name(props, "stream", "JetStream stream name")
+    if subject is None and stream is None:
+        raise bad("subject", "or stream is required: the subject to consume, or the JetStream stream (or both)")
+    data_type = props.choice("data_type", DATA_TYPES, required=True)
+    queue = _name(props, "queue", "queue group (it names the shared pull consumer)")
+    durable = _name(props, "durable", "durable consumer name")
+    deliver = props.choice("deliver", tuple(DELIVER), default="all")
+    bind = props.boolean("bind", False)
+    if bind and not (durable or queue):
+        raise bad("bind", "needs the name of the consumer to attach to: set durable")
+    ack_wait = props.duration_ms("ack_wait", DEFAULT_ACK_WAIT_MS)
+    assert ack_wait is not None
+    max_ack_pending = props.integer("max_ack_pending", DEFAULT_MAX_ACK_PENDING, 1, 1_000_000)
+    nak_delay = props.duration_ms("nak_delay")
+    prefetch = props.integer("prefetch_count", DEFAULT_PREFETCH, 1, 16 * 1024 * 1024)
+    props.finish()
+    return JetStreamConfig(conn, subject, stream, data_type, queue, durable, deliver, bind, ack_wait,
+                           max_ack_pending, nak_delay, prefetch)
+
+
+# -- the connection -----------------------------------------------------------------------------
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, nats.js.errors.APIError) and e.description:
+        text = e.description
+    return text if text and not text.startswith("nats: ") else (text[6:] if text else type(e).__name__)
+
+
+class _Link:
+    """One nats-py connection for one job, and what the source's status says about it."""
+
+    def __init__(self, conn: Connection, ctx: JobContext, wake: Callable[[], None]) -> None:
+        self.conn, self.ctx, self._wake = conn, ctx, wake
+        self.nc = NATS()
+        self.last_error: BaseException | None = None
+        self.closing = False
+        self.closed = False
+        self.connected = False
+        self.down_since = 0.0          # when the connection was lost; 0 while it is up
+        self._tls_failed = asyncio.Event()
+        self.on_reconnect: Callable[[], None] = lambda: None
+
+    def _where(self) -> str:
+        return ", ".join(self.conn.urls)
+
+    async def open(self) -> NATS:
+        tls: ssl.SSLContext | None = None
+        if not self.conn.tls_disable:
+            tls = ssl.create_default_context()
+            if self.conn.tls_skip_verify:
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        connecting = asyncio.ensure_future(self.nc.connect(
+            servers=list(self.conn.urls), name="sluice-source", tls=tls,
+            connect_timeout=CONNECT_TIMEOUT_S,  # type: ignore[arg-type]  # nats-py takes seconds
+            reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]
+            max_reconnect_attempts=1, allow_reconnect=True,
+            ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+            closed_cb=self._closed))
+        # Bounded: nats-py 2.16 can hang in its own clean-up after a failed TLS handshake, and a TLS
+        # failure will not go away by trying the server again.
+        fatal = asyncio.ensure_future(self._tls_failed.wait())
+        try:
+            done, _ = await asyncio.wait({connecting, fatal}, timeout=CONNECT_DEADLINE_S * len(self.conn.urls),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if connecting in done:
+                connecting.result()
+            else:
+                raise self.last_error or TimeoutError("no answer")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            cause = self.last_error or e
+            if self.conn.tls_disable and isinstance(cause, ssl.SSLError):
+                raise ConnectionError(f"the NATS server at {self._where()} requires TLS and tls.disable is "
+                                      "true") from None
+            raise ConnectionError(f"cannot connect to NATS at {self._where()}: {_describe(cause)}") from None
+        finally:
+            for f in (connecting, fatal):
+                if not f.done():
+                    f.cancel()
+        # from now on nats-py reconnects by itself for a while (the first connect tried each server twice)
+        self.nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
+        self.connected = True
+        info: dict[str, Any] = getattr(self.nc, "_server_info", None) or {}
+        if self.conn.wants_tls and not info.get("tls_required"):
+            raise ConnectionError(f"the url asks for TLS (tls://) but the NATS server at "
+                                  f"{self.nc.connected_url.netloc if self.nc.connected_url else self._where()} "
+                                  "does not use TLS")
+        if self.conn.tls_disable and info.get("tls_required"):
+            raise ConnectionError(f"the NATS server at {self._where()} requires TLS and tls.disable is true")
+        return self.nc
+
+    def check(self) -> None:
+        """Raise when nats-py gave up on the connection, or has been reconnecting for too long."""
+        lost = self.closed or self.nc.is_closed
+        if self.down_since and time.monotonic() - self.down_since > RECONNECT_GIVE_UP_S:
+            lost = True
+        if lost:
+            why = f": {_describe(self.last_error)}" if self.last_error else ""
+            raise ConnectionError(f"lost the connection to NATS at {self._where()}{why}")
+
+    async def close(self) -> None:
+        self.closing = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.close(), CLOSE_WAIT_S)
+
+    async def _error(self, e: Exception) -> None:
+        if isinstance(e, nats.errors.SlowConsumerError):
+            self.ctx.state.error("slow consumer: the source fell behind and NATS dropped a message")
+            return
+        self.last_error = e
+        if isinstance(e, ssl.SSLError) and not self.connected:
+            self._tls_failed.set()
+        log.debug("nats: %s", _describe(e))
+
+    async def _disconnected(self) -> None:
+        if not self.closing and not self.nc.is_closed:
+            self.down_since = self.down_since or time.monotonic()
+            why = f" ({_describe(self.last_error)})" if self.last_error else ""
+            self.ctx.state.failed(f"disconnected from NATS at {self._where()}{why}; reconnecting")
+
+    async def _reconnected(self) -> None:
+        self.down_since = 0.0
+        self.ctx.connected()
+        self.on_reconnect()
+        self._wake()
+
+    async def _closed(self) -> None:
+        self.closed = True
+        self._wake()
+
+
+# -- core NATS ----------------------------------------------------------------------------------
+
+class NatsJob:
+    def __init__(self, config: NatsConfig) -> None:
+        self.config = config
+        self._buf: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._buf.append(msg.data)
+        self._wake.set()
+        if len(self._buf) >= self.config.prefetch:   # full: hold nats-py's delivery until we caught up
+            self._room.clear()
+            await self._room.wait()
+
+    async def run(self, ctx: JobContext) -> None:
+        c = self.config
+        link = _Link(c.conn, ctx, self._wake.set)
+        try:
+            nc = await link.open()
+            sub: Subscription = await nc.subscribe(c.subject, queue=c.queue or "", cb=self._on_msg,
+                                                   pending_msgs_limit=c.prefetch)
+            await nc.flush(timeout=int(API_TIMEOUT_S))
+            ctx.connected()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                self._wake.clear()
+                while self._buf:
+                    batch = self._buf[:MAX_BATCH]
+                    del self._buf[:MAX_BATCH]
+                    self._room.set()
+                    ctx.state.lag = len(self._buf) + sub.pending_msgs
+                    await ctx.sink.write(batch)
+                ctx.state.lag = sub.pending_msgs
+                link.check()
+        finally:
+            self._room.set()
+            await link.close()
+
+
+# -- JetStream ----------------------------------------------------------------------------------
+
+class _Puller:
+    """Pull requests to one consumer on an inbox of our own: one request open at a time, the
+    messages handed out as they arrive (no waiting for a request to fill up)."""
+
+    def __init__(self, nc: NATS, stream: str, consumer: str, batch: int, wake: asyncio.Event) -> None:
+        self.nc, self.batch, self.wake = nc, batch, wake
+        self.consumer = consumer
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.inbox = ""
+        self.buf: list[Msg] = []
+        self.open = False          # a request is open (not yet filled, expired or refused)
+        self.left = 0              # messages the open request may still bring
+        self.asked_at = 0.0
+        self.fatal: str | None = None
+        self.stopping = False
+        self.sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self.inbox = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(self.inbox, cb=self._on_msg, pending_msgs_limit=4 * self.batch + 64)
+
+    async def stop(self) -> None:
+        """Ask no more, and take what is on its way: draining the inbox (UNSUB, then a round trip)
+        makes the server drop the open request and hands over every message it sent before, so
+        they can be given back rather than lost in the closing socket (and wait out ack_wait)."""
+        self.stopping = True
+        if self.sub is not None:
+            await self.sub.drain()
+
+    def reset(self) -> None:
+        """After a reconnect the open request is gone with the old connection."""
+        self.open = False
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self.buf.append(msg)
+            self.left -= 1
+            if self.left <= 0:
+                self.open = False
+                if len(self.buf) < self.batch and self.nc.is_connected and not self.stopping:
+                    await self._ask()   # the next batch comes while this one is appended
+        elif status == "100":      # idle heartbeat / flow control: nothing to do
+            return
+        else:
+            self.open = False
+            description = (msg.headers or {}).get("Description", "")
+            if status == "409" and ("Deleted" in description or "push" in description.lower()):
+                self.fatal = f"the consumer cannot be read: {description}"
+            elif status == "503":
+                self.fatal = f"pull requests get no answer: consumer [{self.consumer}] was deleted or JetStream is gone"
+            elif status not in ("404", "408", "409"):
+                log.debug("pull request answered %s %s", status, description)
+        self.wake.set()
+
+    async def _ask(self) -> None:
+        if self.stopping:
+            return
+        self.open, self.left, self.asked_at = True, self.batch, time.monotonic()
+        body = b'{"batch":%d,"expires":%d}' % (self.batch, int(PULL_EXPIRES_S * 1e9))
+        await self.nc.publish(self.next_subject, body, reply=self.inbox)
+
+    async def take(self, wait_s: float) -> list[Msg]:
+        """The messages received so far; waits up to `wait_s` for the first. Keeps a request open."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.fatal:
+                raise LookupError(self.fatal)
+            if self.open and time.monotonic() - self.asked_at > PULL_EXPIRES_S + PULL_GRACE_S:
+                self.open = False           # never answered (lost in a reconnect): ask again
+            if not self.open and len(self.buf) < self.batch and self.nc.is_connected:
+                await self._ask()
+            if self.buf:
+                out, self.buf = self.buf, []
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), min(left, PULL_EXPIRES_S + PULL_GRACE_S))
+
+
+class JetStreamJob:
+    def __init__(self, config: JetStreamConfig) -> None:
+        self.config = config
+        self._wake = asyncio.Event()
+
+    async def _stream(self, js: Any) -> str:
+        c = self.config
+        if c.stream:
+            return c.stream
+        assert c.subject
+        try:
+            return str(await js.find_stream_name_by_subject(c.subject))
+        except nats.js.errors.NotFoundError:
+            raise LookupError(f"no JetStream stream holds subject [{c.subject}]; create one or set stream") from None
+
+    async def _consumer(self, js: Any, stream: str) -> ConsumerInfo:
+        c = self.config
+        name = c.consumer_name
+        if name:
+            try:
+                return await js.consumer_info(stream, name)
+            except nats.js.errors.NotFoundError as e:
+                if e.err_code == STREAM_NOT_FOUND:
+                    raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+                if c.bind:
+                    raise LookupError(f"bind: consumer [{name}] does not exist on JetStream stream [{stream}]") \
+                        from None
+        config = ConsumerConfig(
+            durable_name=name, ack_policy=AckPolicy.EXPLICIT, ack_wait=c.ack_wait_ms / 1000,
+            max_ack_pending=c.max_ack_pending, filter_subject=c.subject, deliver_policy=DELIVER[c.deliver])
+        if not name:
+            config.inactive_threshold = EPHEMERAL_INACTIVE_S
+            if c.position.next_seq:   # a retry of this run: on from the last message appended
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = c.position.next_seq
+        try:
+            return await js.add_consumer(stream, config)
+        except nats.js.errors.NotFoundError:
+            raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+
+    async def run(self, ctx: JobContext) -> None:
+        c = self.config
+        link = _Link(c.conn, ctx, self._wake.set)
+        pulled: list[Msg] = []   # taken from the server, not yet acknowledged
+        puller: _Puller | None = None
+        policy = AckPolicy.EXPLICIT
+        try:
+            nc = await link.open()
+            js = nc.jetstream(timeout=API_TIMEOUT_S)
+            try:
+                stream = await self._stream(js)
+                info = await self._consumer(js, stream)
+            except nats.js.errors.ServiceUnavailableError:
+                raise ConnectionError("JetStream is not enabled on the NATS server") from None
+            except nats.errors.NoRespondersError:
+                raise ConnectionError("JetStream is not enabled on the NATS server (no responders)") from None
+            if info.config.deliver_subject:
+                raise LookupError(f"consumer [{info.name}] on JetStream stream [{stream}] is a push consumer; this "
+                                  "source reads pull consumers")
+            policy = info.config.ack_policy or AckPolicy.EXPLICIT
+            pending_limit = info.config.max_ack_pending if policy != AckPolicy.NONE else None
+            batch = min(c.prefetch, JS_MAX_BATCH)
+            if pending_limit and pending_limit > 0:
+                batch = min(batch, max(1, pending_limit // 2))
+            puller = _Puller(nc, stream, info.name, batch, self._wake)
+            link.on_reconnect = puller.reset
+            await puller.start()
+            ctx.state.lag = info.num_pending
+            ctx.connected()
+            lag_at = time.monotonic()
+            while True:
+                link.check()
+                pulled = await puller.take(LAG_EVERY_S)
+                if not pulled:
+                    if time.monotonic() - lag_at >= LAG_EVERY_S and nc.is_connected:
+                        lag_at = time.monotonic()
+                        with contextlib.suppress(nats.errors.Error, TimeoutError):
+                            ctx.state.lag = (await js.consumer_info(stream, info.name)).num_pending
+                    continue
+                try:
+                    await ctx.sink.write([m.data for m in pulled])
+                except Exception:
+                    await self._nak(pulled, policy, c.nak_delay_ms)
+                    pulled = []
+                    raise
+                await self._ack(ctx, pulled, policy)
+                pulled = []
+        finally:
+            # stopped (or failed) mid-batch: what was pulled and not appended goes back at once, so
+            # a restart need not wait for ack_wait
+            if puller and link.nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(puller.stop(), CLOSE_WAIT_S)
+            unwritten = pulled + (puller.buf if puller else [])
+            if unwritten and link.nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await self._nak(unwritten, policy, None)
+            await link.close()
+
+    async def _ack(self, ctx: JobContext, msgs: list[Msg], policy: AckPolicy) -> None:
+        """Acknowledge a batch whose rows are durable; the lag and an ephemeral consumer's position."""
+        if policy == AckPolicy.EXPLICIT:
+            for m in msgs:
+                await m.ack()
+        elif policy == AckPolicy.ALL:
+            await max(msgs, key=lambda m: m.metadata.sequence.stream).ack()
+        if self.config.consumer_name is None:
+            self.config.position.next_seq = max(m.metadata.sequence.stream for m in msgs) + 1
+        ctx.state.lag = msgs[-1].metadata.num_pending
+
+    async def _nak(self, msgs: list[Msg], policy: AckPolicy, delay_ms: int | None) -> None:
+        if policy == AckPolicy.NONE:
+            return
+        delay = delay_ms / 1000 if delay_ms else None
+        for m in msgs:
+            with contextlib.suppress(nats.errors.Error):
+                await m.nak(delay=delay)
+
+
+NATS_TYPE = SourceType("nats", configure_nats, NatsJob, lambda config: config.data_type)
+JETSTREAM_TYPE = SourceType("nats_jetstream", configure_jetstream, JetStreamJob, lambda config: config.data_type)
+
+__all__ = ["JETSTREAM_TYPE", "NATS_TYPE", "JetStreamConfig", "NatsConfig", "configure_jetstream", "configure_nats"]

@@ -1,0 +1,459 @@
+"""The `nats_jetstream` source against a real nats-server with JetStream: a pull consumer whose
+messages are acknowledged only once their rows are durable (shared/spec/sources.md section 5).
+
+In-process (fast retries): subject and/or stream, durable resume over stop/start, deliver
+all/last/new, bind to an existing consumer and to a missing one, a queue group sharing one durable,
+a bad JSON message acknowledged and skipped, an append that fails (the batch is not acknowledged and
+comes back), the server stopped and restarted, an ephemeral consumer resuming across a retry, and
+bad definitions. Over a broker process: rows read back through the Timeplus query and the DIS door,
+and the crash test - the broker SIGKILLed while messages flow and restarted on its data: every
+message arrives, duplicates bounded by max_ack_pending.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.js.errors
+import orjson
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from broker.errors import BrokerError, ErrorCode
+from sources.conftest import (
+    NatsServer,
+    Sluice,
+    consumer_info,
+    dis_read_all,
+    docs,
+    eventually,
+    js_publish,
+    js_stream,
+    rest,
+    tp_query,
+    with_js,
+)
+
+COLUMNS = [("i", "int64"), ("tag", "string")]
+
+
+async def rows_of(s: Sluice, stream: str, n: int, timeout: float = 30) -> list[Any]:
+    async def enough() -> list[Any] | None:
+        got = await s.column(stream)
+        return got if len(got) >= n else None
+    return await eventually(enough, timeout, what=f"{n} rows in {stream}")  # type: ignore[no-any-return]
+
+
+async def settled(s: Sluice, url: str, stream: str, consumer: str) -> Any:
+    """Everything delivered has been acknowledged and nothing waits: the consumer's info."""
+    async def check() -> Any:
+        info = await consumer_info(url, stream, consumer)
+        return info if info.num_ack_pending == 0 and info.num_pending == 0 else None
+    return await eventually(check, what=f"consumer {consumer} settled")
+
+
+def js(url: str, **more: Any) -> dict[str, Any]:
+    return {"url": url, "data_type": "json", **more}
+
+
+async def test_rows_arrive_and_are_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "ORDERS", ["orders.>"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "orders.eu", docs(300, tag="eu"))
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="orders.>", durable="sluice"))
+    assert sorted(await rows_of(sluice, "t", 300)) == list(range(300))
+    info = await settled(sluice, url, "ORDERS", "sluice")
+    assert info.num_redelivered == 0 and info.delivered.stream_seq == 300
+    assert info.config.ack_policy == AckPolicy.EXPLICIT and info.config.max_ack_pending == 1024
+    assert info.config.ack_wait == 30 and info.config.filter_subject == "orders.>"
+    await eventually(lambda: sluice.state("j").lag == 0, what="lag 0")
+    st = sluice.state("j")
+    assert (st.status, st.messages_in, st.rows_written, st.errors) == ("running", 300, 300, 0)
+    await js_publish(url, "orders.us", docs(5, 1000, tag="us"))     # and on, as they come
+    await rows_of(sluice, "t", 305)
+    rows = await sluice.query("select i, tag from table(t) where i >= 1000")
+    assert sorted(map(tuple, rows)) == [(1000 + k, "us") for k in range(5)]
+
+
+async def test_subject_and_or_stream(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "EVENTS", ["ev.*"])
+    for name in ("by_subject", "by_stream", "both"):
+        await sluice.typed(name, COLUMNS)
+    await js_publish(url, "ev.a", docs(3, 0, tag="a"))
+    await js_publish(url, "ev.b", docs(2, 10, tag="b"))
+    await sluice.create("s1", "nats_jetstream", "by_subject", **js(url, subject="ev.a"))     # stream looked up
+    await sluice.create("s2", "nats_jetstream", "by_stream", **js(url, stream="EVENTS"))     # the whole stream
+    await sluice.create("s3", "nats_jetstream", "both", **js(url, stream="EVENTS", subject="ev.b", deliver="all"))
+    assert sorted(await rows_of(sluice, "by_subject", 3)) == [0, 1, 2]
+    assert sorted(await rows_of(sluice, "by_stream", 5)) == [0, 1, 2, 10, 11]
+    assert sorted(await rows_of(sluice, "both", 2)) == [10, 11]
+    await sluice.create("none", "nats_jetstream", "both", **js(url, subject="nowhere.>"))
+    st = await eventually(lambda: sluice.state("none").status == "failed" and sluice.state("none"))
+    assert "no JetStream stream holds subject [nowhere.>]" in st.message, st.message
+    await sluice.create("gone", "nats_jetstream", "both", **js(url, stream="MISSING"))
+    st = await eventually(lambda: sluice.state("gone").status == "failed" and sluice.state("gone"))
+    assert "JetStream stream [MISSING] does not exist" in st.message, st.message
+    await sluice.create("gone2", "nats_jetstream", "both", **js(url, stream="MISSING", durable="d"))
+    st = await eventually(lambda: sluice.state("gone2").status == "failed" and sluice.state("gone2"))
+    assert "JetStream stream [MISSING] does not exist" in st.message, st.message
+
+
+async def test_a_durable_consumer_resumes_after_stop_and_start(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "S", ["s"])
+    await sluice.typed("t", COLUMNS)
+    # ack_wait beyond the test's deadlines: nothing may depend on the server's redelivery timer
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="s", durable="keep", ack_wait="10m"))
+    await js_publish(url, "s", docs(50))
+    await rows_of(sluice, "t", 50)
+    await settled(sluice, url, "S", "keep")
+    await sluice.sources.stop_source("default", "j")
+    await js_publish(url, "s", docs(50, 50))                 # published while stopped: kept by the server
+    await asyncio.sleep(0.3)
+    assert len(await sluice.column("t")) == 50
+    await sluice.sources.start_source("default", "j")
+    await rows_of(sluice, "t", 100)
+    await settled(sluice, url, "S", "keep")
+    assert sorted(await sluice.column("t")) == list(range(100))   # each once
+    # and across a broker restart (the consumer's position lives in the server)
+    await sluice.close()
+    await js_publish(url, "s", docs(10, 100))
+    await sluice.open()
+    await rows_of(sluice, "t", 110)
+    await settled(sluice, url, "S", "keep")
+    assert sorted(await sluice.column("t")) == list(range(110))
+
+
+async def test_deliver_all_last_new(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "D", ["d"])
+    await js_publish(url, "d", docs(5))
+    for policy in ("all", "last", "new"):
+        await sluice.typed(f"d_{policy}", COLUMNS)
+        await sluice.create(policy, "nats_jetstream", f"d_{policy}", **js(url, subject="d", deliver=policy,
+                                                                           durable=f"c_{policy}"))
+        await eventually(lambda p=policy: sluice.state(p).status == "running" and sluice.state(p).lag == 0)
+    assert sorted(await rows_of(sluice, "d_all", 5)) == [0, 1, 2, 3, 4]
+    assert await rows_of(sluice, "d_last", 1) == [4]
+    await js_publish(url, "d", docs(2, 5))
+    assert sorted(await rows_of(sluice, "d_all", 7)) == list(range(7))
+    assert sorted(await rows_of(sluice, "d_last", 3)) == [4, 5, 6]
+    assert sorted(await rows_of(sluice, "d_new", 2)) == [5, 6]
+    info = await consumer_info(url, "D", "c_new")
+    assert info.config.deliver_policy == DeliverPolicy.NEW
+
+
+async def test_bind_to_an_existing_consumer_and_to_a_missing_one(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "B", ["b.*"])
+    await sluice.typed("t", COLUMNS)
+    await sluice.typed("u", COLUMNS)
+    await js_publish(url, "b.x", docs(4))
+
+    async def add(name: str, policy: AckPolicy) -> None:
+        await with_js(url, lambda j: j.add_consumer("B", ConsumerConfig(
+            durable_name=name, ack_policy=policy, filter_subject="b.*", deliver_policy=DeliverPolicy.ALL)))
+    await add("theirs", AckPolicy.ALL)
+    await sluice.create("bound", "nats_jetstream", "t", **js(url, stream="B", durable="theirs", bind=True))
+    assert sorted(await rows_of(sluice, "t", 4)) == [0, 1, 2, 3]
+    info = await settled(sluice, url, "B", "theirs")
+    assert info.config.ack_policy == AckPolicy.ALL and info.ack_floor.stream_seq == 4   # its policy, followed
+
+    await sluice.create("missing", "nats_jetstream", "u", **js(url, subject="b.*", durable="later", bind="true"))
+    st = await eventually(lambda: sluice.state("missing").status == "failed" and sluice.state("missing"))
+    assert "bind: consumer [later] does not exist on JetStream stream [B]" in st.message, st.message
+    with pytest.raises(nats.js.errors.NotFoundError):   # nothing was created by the source
+        await consumer_info(url, "B", "later")
+    await add("later", AckPolicy.EXPLICIT)          # the manager keeps retrying: it attaches once it exists
+    assert sorted(await rows_of(sluice, "u", 4)) == [0, 1, 2, 3]
+    assert sluice.state("missing").status == "running"
+
+
+async def test_a_queue_group_shares_one_durable_consumer(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "Q", ["q"])
+    await sluice.typed("t", COLUMNS)
+    for name in ("a", "b"):   # small pulls, so that both members take part
+        await sluice.create(name, "nats_jetstream", "t", **js(url, subject="q", queue="workers", max_ack_pending=8))
+    await eventually(lambda: sluice.state("a").status == sluice.state("b").status == "running")
+    await js_publish(url, "q", docs(400))
+    await rows_of(sluice, "t", 400)
+    info = await settled(sluice, url, "Q", "workers")
+    assert info.num_redelivered == 0
+    assert sorted(await sluice.column("t")) == list(range(400))          # each once
+    a, b = sluice.state("a").rows_written, sluice.state("b").rows_written
+    assert a + b == 400 and a > 0 and b > 0, (a, b)
+
+
+async def test_a_bad_message_is_counted_skipped_and_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "X", ["x"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "x", ['{"i": 1}', "{broken", '"a string"', '{"i": "not a number"}', '{"i": 2}'])
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="x", durable="d"))
+    assert sorted(await rows_of(sluice, "t", 2)) == [1, 2]
+    info = await settled(sluice, url, "X", "d")
+    assert info.num_redelivered == 0                       # acknowledged: they do not come back
+    st = sluice.state("j")
+    assert (st.status, st.messages_in, st.rows_written, st.errors) == ("running", 5, 2, 3)
+    assert "[i]" in st.last_error
+
+
+async def test_a_failed_append_is_not_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "F", ["f"])
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="f", durable="d", nak_delay="100ms"))
+    await js_publish(url, "f", docs(10))
+    await rows_of(sluice, "t", 10)
+    await settled(sluice, url, "F", "d")
+    await sluice.broker.delete_stream("t", project="default")    # every append fails now
+    await js_publish(url, "f", docs(10, 10))
+    st = await eventually(lambda: sluice.state("j").status == "failed" and sluice.state("j"))
+    assert "[t]" in st.message, st.message
+    info = await consumer_info(url, "F", "d")
+    assert info.ack_floor.stream_seq == 10 and info.num_pending + info.num_ack_pending == 10   # none acked
+    await sluice.typed("t", COLUMNS)                               # back: the ten come again
+    assert sorted(await rows_of(sluice, "t", 10)) == list(range(10, 20))
+    await settled(sluice, url, "F", "d")
+    assert sluice.state("j").status == "running"
+
+
+async def test_the_server_restarting_shows_failed_then_running(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "R", ["r"])
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="r", durable="d"))
+    await js_publish(url, "r", docs(20))
+    await rows_of(sluice, "t", 20)
+    await settled(sluice, url, "R", "d")      # acknowledged before the server goes: nothing comes twice
+    nats_server.stop()
+    st = await eventually(lambda: sluice.state("j").status == "failed" and sluice.state("j"))
+    assert "NATS" in st.message, st.message
+    nats_server.start()
+    await eventually(lambda: sluice.state("j").status == "running", what="running again")
+    await js_publish(url, "r", docs(30, 20))                       # after the recovery: none lost
+    await rows_of(sluice, "t", 50)
+    await settled(sluice, url, "R", "d")
+    assert sorted(await sluice.column("t")) == list(range(50))
+
+
+async def test_an_ephemeral_consumer_resumes_across_a_retry(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "E", ["e"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "e", docs(10))
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="e"))
+    await rows_of(sluice, "t", 10)
+
+    async def names(j: Any) -> list[str]:
+        return [c.name for c in await j.consumers_info("E")]
+    [ephemeral] = await with_js(url, names)
+    await with_js(url, lambda j: j.delete_consumer("E", ephemeral))   # the job fails and is run again
+    await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
+    await js_publish(url, "e", docs(5, 10))
+    await rows_of(sluice, "t", 15)
+    [again] = await eventually(lambda: with_js(url, names), what="a new consumer")
+    assert again != ephemeral
+    await asyncio.sleep(0.3)
+    assert sorted(await sluice.column("t")) == list(range(15))     # on from where it was: none twice
+    assert sluice.state("j").status == "running"
+
+
+async def test_a_stop_mid_batch_hands_its_messages_back_at_once(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await js_stream(url, "M", ["m"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "m", docs(3000))
+    # ack_wait far beyond the test's deadline: what comes back after the restart was negatively
+    # acknowledged at the stop, not redelivered by the server's timer
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="m", durable="d", ack_wait="10m",
+                                                        max_ack_pending=400))
+    await eventually(lambda: sluice.state("j").rows_written >= 200, what="some rows")
+    await sluice.sources.stop_source("default", "j")
+    await sluice.sources.start_source("default", "j")
+
+    async def everything() -> list[Any] | None:
+        got = await sluice.column("t")
+        return got if set(got) == set(range(3000)) else None
+    got = await eventually(everything, 30, what="all 3000 (no wait for ack_wait)")
+    assert len(got) - 3000 <= 400                                   # at most one window again
+    await settled(sluice, url, "M", "d")
+
+
+# -- bad definitions ---------------------------------------------------------------------------------
+
+GOOD = {"url": "nats://127.0.0.1:4222", "subject": "a.b", "data_type": "json"}
+
+
+@pytest.mark.parametrize("props, prop", [
+    ({k: v for k, v in GOOD.items() if k != "url"}, "url"),
+    ({**GOOD, "url": "ws://127.0.0.1:4222"}, "url"),
+    ({"url": GOOD["url"], "data_type": "json"}, "subject"),
+    ({**GOOD, "subject": "a.*x"}, "subject"),
+    ({**GOOD, "stream": "has.dot"}, "stream"),
+    ({**GOOD, "stream": ""}, "stream"),
+    ({k: v for k, v in GOOD.items() if k != "data_type"}, "data_type"),
+    ({**GOOD, "durable": "a b"}, "durable"),
+    ({**GOOD, "durable": "x.y"}, "durable"),
+    ({**GOOD, "queue": "q*"}, "queue"),
+    ({**GOOD, "deliver": "first"}, "deliver"),
+    ({**GOOD, "bind": True}, "bind"),
+    ({**GOOD, "bind": "yes"}, "bind"),
+    ({**GOOD, "ack_wait": "30"}, "ack_wait"),
+    ({**GOOD, "ack_wait": "0ms"}, "ack_wait"),
+    ({**GOOD, "max_ack_pending": 0}, "max_ack_pending"),
+    ({**GOOD, "max_ack_pending": 1.5}, "max_ack_pending"),
+    ({**GOOD, "nak_delay": "-1s"}, "nak_delay"),
+    ({**GOOD, "tls": {"disable": "no"}}, "tls.disable"),
+    ({**GOOD, "url": "tls://h:1", "tls": {"disable": True}}, "tls.disable"),
+    ({**GOOD, "tls.verify": True}, "tls.verify"),
+])
+async def test_bad_definitions_are_refused_naming_the_property(sluice: Sluice, props: dict[str, Any],
+                                                               prop: str) -> None:
+    await sluice.typed("t", COLUMNS)
+    with pytest.raises(BrokerError) as e:
+        await sluice.create("j", "nats_jetstream", "t", **props)
+    assert e.value.code is ErrorCode.BAD_SOURCE, e.value.message
+    assert f"property [{prop}]" in e.value.message, e.value.message
+    assert sluice.sources.list("default") == []
+
+
+# -- over a broker process ---------------------------------------------------------------------------
+
+def _create_typed(broker: Any, name: str) -> None:
+    status, body = rest(broker.http_url, "POST", "/api/v1beta2/streams",
+                        {"name": name, "columns": [{"name": "i", "type": "int64"}, {"name": "tag", "type": "string"}]})
+    assert status == 201, body
+
+
+def _source(broker: Any, body: dict[str, Any]) -> dict[str, Any]:
+    status, got = rest(broker.http_url, "POST", "/api/v1beta2/sources", body)
+    assert status == 201, got
+    return got  # type: ignore[no-any-return]
+
+
+def test_rows_read_back_through_the_query_and_the_dis_door(start_broker: Any, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    broker = start_broker()
+    _create_typed(broker, "orders")
+    asyncio.run(js_stream(url, "ORDERS", ["orders.*"]))
+    asyncio.run(js_publish(url, "orders.new", docs(100, tag="n")))
+    status, body = rest(broker.http_url, "POST", "/api/v1beta2/sources", {
+        "name": "bad", "type": "nats_jetstream", "stream": "orders",
+        "properties": {"url": url, "subject": "orders.*", "data_type": "json", "deliver": "first"}})
+    assert status == 400 and "property [deliver]" in body["message"], body
+    sid = _source(broker, {"name": "j", "type": "nats_jetstream", "stream": "orders",
+                           "properties": {"url": [url], "subject": "orders.*", "data_type": "json",
+                                          "durable": "sluice"}})["id"]
+
+    def all_rows() -> list[list[Any]] | None:
+        rows = tp_query(broker.http_url, "select i, tag from table(orders)")
+        return rows if len(rows) >= 100 else None
+    rows = asyncio.run(eventually(all_rows, what="100 rows"))
+    assert sorted(map(tuple, rows)) == [(i, "n") for i in range(100)]
+    records = [orjson.loads(d) for d in dis_read_all(broker.http_url, "orders")]
+    assert sorted(r["i"] for r in records) == list(range(100))
+    _, got = rest(broker.http_url, "GET", f"/api/v1beta2/sources/{sid}")
+    assert got["status"] == "running" and got["stats"]["rows_written"] == 100 and got["stats"]["lag"] == 0
+
+
+class Publisher(threading.Thread):
+    """Publishes docs 0..n-1 with JetStream acks (each stored when counted), at a steady pace, on
+    a thread and loop of its own, so the test can kill and restart the broker meanwhile."""
+
+    def __init__(self, url: str, subject: str, n: int, per_second: float, backlog: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.subject, self.n, self.per_second, self.backlog = url, subject, n, per_second, backlog
+        self.sent = 0
+        self.backlog_done = threading.Event()   # the first `backlog` are published as fast as they go
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    async def _run(self) -> None:
+        nc = await nats.connect(self.url)
+        js_ctx = nc.jetstream()
+        for i in range(self.backlog):   # fast: plain publishes, then the stream's count says they are in
+            await nc.publish(self.subject, orjson.dumps({"i": i, "tag": "crash"}))
+        await nc.flush()
+        stream = await js_ctx.find_stream_name_by_subject(self.subject)
+        while (await js_ctx.stream_info(stream)).state.messages < self.backlog:  # noqa: ASYNC110 (polled)
+            await asyncio.sleep(0.02)
+        self.sent = self.backlog
+        self.backlog_done.set()
+        started = time.monotonic()
+        for i in range(self.backlog, self.n):   # then paced, each acknowledged by the stream
+            await js_ctx.publish(self.subject, orjson.dumps({"i": i, "tag": "crash"}))
+            self.sent = i + 1
+            ahead = started + (i + 1 - self.backlog) / self.per_second - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await nc.close()
+
+
+CRASH_N = 10_000
+CRASH_BACKLOG = 8000
+CRASH_MAX_ACK_PENDING = 200
+
+
+@pytest.mark.slow
+def test_a_broker_crash_loses_nothing_and_duplicates_are_bounded(start_broker: Any, nats_server: NatsServer,
+                                                                  tmp_path: Path) -> None:
+    url = nats_server.url
+    data = tmp_path / "crash-data"
+    broker = start_broker(data_dir=data)
+    _create_typed(broker, "crash")
+    asyncio.run(js_stream(url, "CRASH", ["crash.>"]))
+    # most messages wait in the stream when the source starts, so it drains them in full batches
+    # when the kills come; the rest are published while the broker is killed and restarted
+    publisher = Publisher(url, "crash.x", CRASH_N, per_second=1000, backlog=CRASH_BACKLOG)
+    publisher.start()
+    publisher.backlog_done.wait(60)
+
+    def rows_written(proc: Any) -> int:
+        try:
+            status, got = rest(proc.http_url, "GET", f"/api/v1beta2/sources/{sid}", timeout=5)
+        except OSError:
+            return 0
+        return int(got["stats"]["rows_written"]) if status == 200 else 0
+
+    sid = _source(broker, {"name": "j", "type": "nats_jetstream", "stream": "crash",
+                           "properties": {"url": url, "subject": "crash.>", "data_type": "json", "durable": "sluice",
+                                          "ack_wait": "2s", "max_ack_pending": CRASH_MAX_ACK_PENDING}})["id"]
+    kills = 0
+    for threshold in (2000, 2000):   # rows this broker run wrote (counters start at 0 per run)
+        asyncio.run(eventually(lambda b=broker, n=threshold: rows_written(b) >= n, 60,  # type: ignore[misc]
+                               what=f"{threshold} rows"))
+        broker.kill()
+        kills += 1
+        broker = start_broker(data_dir=data)             # the source runs again by itself
+    publisher.join(60)
+    assert publisher.error is None and publisher.sent == CRASH_N, publisher.error
+
+    def everything() -> list[bytes] | None:
+        got = dis_read_all(broker.http_url, "crash")
+        return got if len({orjson.loads(d)["i"] for d in got}) >= CRASH_N else None
+    records = asyncio.run(eventually(everything, 90, what="every message"))
+    seen = [orjson.loads(d)["i"] for d in records]
+    duplicates = len(seen) - len(set(seen))
+    print(f"\ncrash test: {CRASH_N} messages, {kills} broker kills, {len(seen)} rows, {duplicates} duplicates "
+          f"(bound {kills} x max_ack_pending = {kills * CRASH_MAX_ACK_PENDING})")
+    assert set(seen) == set(range(CRASH_N))                          # none lost
+    assert duplicates <= kills * CRASH_MAX_ACK_PENDING               # redeliveries bounded
+    _, got = rest(broker.http_url, "GET", f"/api/v1beta2/sources/{sid}")
+    assert got["status"] == "running", got
+    rows = tp_query(broker.http_url, "select i from table(crash)")
+    assert sorted(r[0] for r in rows) == sorted(seen)                # the query sees the same rows
+    info = asyncio.run(consumer_info(url, "CRASH", "sluice"))
+    assert info.num_pending == 0

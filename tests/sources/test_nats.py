@@ -1,0 +1,325 @@
+"""The `nats` source (core NATS) against a real nats-server on loopback: messages published arrive as
+rows, read back by a query (in-process, and over a broker process's Timeplus door) and through the
+DIS door; wildcard subjects, queue groups, text payloads, a bad JSON message counted and skipped,
+stop/start, the server going away and coming back, an unreachable server, TLS, and every bad
+definition refused naming the property (shared/spec/sources.md section 4).
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import pytest
+
+from broker.errors import BrokerError, ErrorCode
+from sources.conftest import (
+    NatsServer,
+    Sluice,
+    dis_read_all,
+    docs,
+    eventually,
+    free_port,
+    publish,
+    rest,
+    tp_query,
+)
+
+COLUMNS = [("i", "int64"), ("tag", "string")]
+
+
+async def rows_of(s: Sluice, stream: str, n: int) -> list[Any]:
+    """Waits until the stream holds at least n rows; its column i."""
+    async def enough() -> list[Any] | None:
+        got = await s.column(stream)
+        return got if len(got) >= n else None
+    return await eventually(enough, what=f"{n} rows in {stream}")  # type: ignore[no-any-return]
+
+
+async def subscribed(s: Sluice, name: str) -> None:
+    """Running (subscribed) and settled: core NATS drops what is published before the subscription."""
+    await eventually(lambda: s.state(name).status == "running" and s.state(name).message == "",
+                     what=f"{name} running")
+    await asyncio.sleep(0.2)
+
+
+async def test_messages_on_wildcard_subjects_arrive_as_rows(sluice: Sluice, nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    await sluice.typed("u", COLUMNS)
+    await sluice.create("one", "nats", "t", url=nats_server.url, subject="orders.*", data_type="json")
+    await sluice.create("rest", "nats", "u", url=[nats_server.url], subject="orders.>", data_type="json")
+    await subscribed(sluice, "one")
+    await subscribed(sluice, "rest")
+    await publish(nats_server.url, "orders.eu", docs(3, 0, tag="eu"))
+    await publish(nats_server.url, "orders.us.west", docs(2, 100, tag="us"))   # > only
+    await publish(nats_server.url, "invoices.eu", docs(2, 200, tag="no"))     # neither
+    assert sorted(await rows_of(sluice, "u", 5)) == [0, 1, 2, 100, 101]
+    assert sorted(await rows_of(sluice, "t", 3)) == [0, 1, 2]
+    rows = await sluice.query("select i, tag from table(t)")
+    assert sorted(map(tuple, rows)) == [(0, "eu"), (1, "eu"), (2, "eu")]
+    st = sluice.state("one")
+    assert (st.status, st.messages_in, st.rows_written, st.errors) == ("running", 3, 3, 0)
+    assert st.lag == 0 and st.last_event_ms > 0
+
+
+async def test_queue_group_members_share_the_messages(sluice: Sluice, nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    for name in ("a", "b"):
+        await sluice.create(name, "nats", "t", url=nats_server.url, subject="jobs", data_type="json",
+                            queue="workers")
+        await subscribed(sluice, name)
+    await publish(nats_server.url, "jobs", docs(400))
+    got = await rows_of(sluice, "t", 400)
+    await asyncio.sleep(0.3)
+    got = await sluice.column("t")
+    assert sorted(got) == list(range(400))                 # each message once, none twice
+    a, b = sluice.state("a").rows_written, sluice.state("b").rows_written
+    assert a + b == 400 and a > 0 and b > 0, (a, b)
+
+
+async def test_text_messages_and_a_bad_json_message(sluice: Sluice, nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    await sluice.typed("raw", [("raw", "string")])
+    await sluice.create("j", "nats", "t", url=nats_server.url, subject="in", data_type="json")
+    await sluice.create("x", "nats", "raw", url=nats_server.url, subject="in", data_type="text")
+    await subscribed(sluice, "j")
+    await subscribed(sluice, "x")
+    await publish(nats_server.url, "in", ['{"i": 1}', "not json", "[1, 2]", '{"i": 2, "tag": "ok"}'])
+    assert sorted(await rows_of(sluice, "t", 2)) == [1, 2]
+    texts = await eventually(lambda: _texts(sluice), what="4 text rows")
+    assert texts == ['{"i": 1}', "not json", "[1, 2]", '{"i": 2, "tag": "ok"}']
+    st = sluice.state("j")
+    assert (st.status, st.messages_in, st.rows_written, st.errors) == ("running", 4, 2, 2)
+    assert "not JSON" in st.error_log[0][1] and "not a JSON object" in st.last_error
+
+
+async def _texts(s: Sluice) -> list[str] | None:
+    rows = [r[0] for r in await s.query("select raw from table(raw)")]
+    return rows if len(rows) >= 4 else None
+
+
+async def test_prefetch_count_bounds_the_buffer_and_drops_are_counted(sluice: Sluice,
+                                                                     nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("n", "nats", "t", url=nats_server.url, subject="burst", data_type="json", prefetch_count=10)
+    await subscribed(sluice, "n")
+    await publish(nats_server.url, "burst", docs(5000))
+
+    async def accounted() -> bool:
+        st = sluice.state("n")
+        return bool(st.rows_written + st.errors == 5000)
+    await eventually(accounted, what="every message written or counted as dropped")
+    st = sluice.state("n")
+    assert st.errors > 0 and "slow consumer" in st.last_error and st.status == "running"
+    assert len(await sluice.column("t")) == st.rows_written
+
+
+async def test_stop_means_no_rows_and_start_means_rows_again(sluice: Sluice, nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("n", "nats", "t", url=nats_server.url, subject="s", data_type="json")
+    await subscribed(sluice, "n")
+    await publish(nats_server.url, "s", docs(5))
+    await rows_of(sluice, "t", 5)
+    stopped = await sluice.sources.stop_source("default", "n")
+    assert stopped.state.status == "stopped" and stopped.state.lag is None
+    await publish(nats_server.url, "s", docs(5, 100))      # core NATS: nobody listens, they are gone
+    await sluice.sources.start_source("default", "n")
+    await subscribed(sluice, "n")
+    await publish(nats_server.url, "s", docs(5, 200))
+    await rows_of(sluice, "t", 10)
+    await asyncio.sleep(0.2)
+    assert sorted(await sluice.column("t")) == [0, 1, 2, 3, 4, 200, 201, 202, 203, 204]
+
+
+async def test_the_server_going_away_shows_failed_then_running(sluice: Sluice, nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("n", "nats", "t", url=nats_server.url, subject="s", data_type="json")
+    await subscribed(sluice, "n")
+    await publish(nats_server.url, "s", docs(3))
+    await rows_of(sluice, "t", 3)
+    nats_server.stop()
+    st = await eventually(lambda: sluice.state("n").status == "failed" and sluice.state("n"), what="failed")
+    assert "NATS" in st.message and nats_server.url in st.message, st.message
+    nats_server.start()
+    await subscribed(sluice, "n")
+    await publish(nats_server.url, "s", docs(3, 10))
+    assert sorted(await rows_of(sluice, "t", 6)) == [0, 1, 2, 10, 11, 12]
+
+
+async def test_an_unreachable_server_fails_the_source_until_it_answers(sluice: Sluice, tmp_path: Path) -> None:
+    await sluice.typed("t", COLUMNS)
+    server = NatsServer(tmp_path / "late", free_port())
+    await sluice.create("n", "nats", "t", url=f"nats://127.0.0.1:{server.port}", subject="s", data_type="json")
+    st = await eventually(lambda: sluice.state("n").status == "failed" and sluice.state("n"), what="failed")
+    assert st.message.startswith(f"ConnectionError: cannot connect to NATS at nats://127.0.0.1:{server.port}"), \
+        st.message
+    await eventually(lambda: sluice.state("n").errors >= 2, what="retries")   # retried, not given up
+    server.start()
+    try:
+        await subscribed(sluice, "n")
+        await publish(server.url, "s", docs(2))
+        assert sorted(await rows_of(sluice, "t", 2)) == [0, 1]
+    finally:
+        server.stop()
+
+
+async def test_stopping_is_prompt_while_the_server_is_unreachable(sluice: Sluice) -> None:
+    await sluice.typed("t", COLUMNS)
+    # a black hole: a port nobody listens on, behind an address that drops packets is not portable;
+    # a closed port plus nats-py's own retries is what a stop must not wait on
+    for k in range(5):
+        await sluice.create(f"n{k}", "nats", "t", url=f"nats://127.0.0.1:{free_port()}", subject="s",
+                            data_type="json")
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for k in range(5):
+        await sluice.sources.stop_source("default", f"n{k}")
+    assert loop.time() - started < 10
+    assert all(sluice.state(f"n{k}").status == "stopped" for k in range(5))
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Any:
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = NatsServer(tmp_path / "tls-store", extra=("--tls", "--tlscert", str(cert), "--tlskey", str(key))).start()
+    yield server
+    server.stop()
+
+
+async def test_tls(sluice: Sluice, tls_server: NatsServer, nats_server: NatsServer) -> None:
+    await sluice.typed("t", COLUMNS)
+    tls_url = f"tls://127.0.0.1:{tls_server.port}"
+    await sluice.create("ok", "nats", "t", url=tls_url, subject="s", data_type="json",
+                        **{"tls.skip_verify_server": True})
+    # nats:// and tls.disable false: TLS because the server requires it (nested spelling of the key)
+    await sluice.create("ok2", "nats", "t", url=f"nats://127.0.0.1:{tls_server.port}", subject="s2",
+                        data_type="json", tls={"disable": False, "skip_verify_server": "true"})
+    await sluice.create("unverified", "nats", "t", url=tls_url, subject="s", data_type="json")
+    await sluice.create("disabled", "nats", "t", url=f"nats://127.0.0.1:{tls_server.port}", subject="s",
+                        data_type="json", **{"tls.disable": True})
+    await sluice.create("plain", "nats", "t", url=f"tls://127.0.0.1:{nats_server.port}", subject="s",
+                        data_type="json", **{"tls.skip_verify_server": True})
+    await subscribed(sluice, "ok")
+    await subscribed(sluice, "ok2")
+    st = await eventually(lambda: sluice.state("unverified").status == "failed" and sluice.state("unverified"))
+    assert "certificate" in st.message.lower(), st.message
+    st = await eventually(lambda: sluice.state("disabled").status == "failed" and sluice.state("disabled"))
+    assert "requires TLS and tls.disable is true" in st.message, st.message
+    st = await eventually(lambda: sluice.state("plain").status == "failed" and sluice.state("plain"))
+    assert "asks for TLS (tls://) but the NATS server" in st.message, st.message
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    nc = await nats.connect(tls_url, tls=ctx)
+    for d in docs(3):
+        await nc.publish("s", d)
+    await nc.publish("s2", orjson.dumps({"i": 9}))
+    await nc.flush()
+    await nc.close()
+    assert sorted(await rows_of(sluice, "t", 4)) == [0, 1, 2, 9]
+
+
+# -- bad definitions ---------------------------------------------------------------------------------
+
+GOOD = {"url": "nats://127.0.0.1:4222", "subject": "a.b", "data_type": "json"}
+
+
+@pytest.mark.parametrize("props, prop", [
+    ({k: v for k, v in GOOD.items() if k != "url"}, "url"),
+    ({**GOOD, "url": "http://127.0.0.1:4222"}, "url"),
+    ({**GOOD, "url": "nats://"}, "url"),
+    ({**GOOD, "url": 4222}, "url"),
+    ({**GOOD, "url": []}, "url"),
+    ({**GOOD, "url": ["nats://a:4222", "ws://b:80"]}, "url"),
+    ({**GOOD, "url": "nats://a:99999"}, "url"),
+    ({k: v for k, v in GOOD.items() if k != "subject"}, "subject"),
+    ({**GOOD, "subject": ""}, "subject"),
+    ({**GOOD, "subject": "a..b"}, "subject"),
+    ({**GOOD, "subject": "a.b*"}, "subject"),
+    ({**GOOD, "subject": "a.>.b"}, "subject"),
+    ({**GOOD, "subject": "a b"}, "subject"),
+    ({**GOOD, "subject": 5}, "subject"),
+    ({k: v for k, v in GOOD.items() if k != "data_type"}, "data_type"),
+    ({**GOOD, "data_type": "xml"}, "data_type"),
+    ({**GOOD, "queue": "two words"}, "queue"),
+    ({**GOOD, "queue": 7}, "queue"),
+    ({**GOOD, "nak_delay": "soon"}, "nak_delay"),
+    ({**GOOD, "prefetch_count": 0}, "prefetch_count"),
+    ({**GOOD, "prefetch_count": "many"}, "prefetch_count"),
+    ({**GOOD, "tls.disable": "maybe"}, "tls.disable"),
+    ({**GOOD, "tls": {"skip_verify_server": 1}}, "tls.skip_verify_server"),
+    ({**GOOD, "url": "tls://127.0.0.1:4222", "tls.disable": True}, "tls.disable"),
+    ({**GOOD, "durable": "d"}, "durable"),          # a JetStream property: not this type's
+    ({**GOOD, "subjet": "a"}, "subjet"),
+])
+async def test_bad_definitions_are_refused_naming_the_property(sluice: Sluice, props: dict[str, Any],
+                                                               prop: str) -> None:
+    await sluice.typed("t", COLUMNS)
+    with pytest.raises(BrokerError) as e:
+        await sluice.create("n", "nats", "t", **props)
+    assert e.value.code is ErrorCode.BAD_SOURCE, e.value.message
+    assert f"property [{prop}]" in e.value.message, e.value.message
+    assert sluice.sources.list("default") == []
+
+
+async def test_good_spellings_are_taken(sluice: Sluice) -> None:
+    await sluice.typed("t", COLUMNS)
+    await sluice.typed("raw", [("raw", "string")])
+    source = await sluice.create("n", "nats", "t", url="nats://127.0.0.1:1, tls://127.0.0.1:2", subject="a.*.>",
+                                 data_type="json", queue="q.1", nak_delay="1m30s", prefetch_count="100",
+                                 **{"tls.disable": "false", "tls.skip_verify_server": False})
+    assert source.definition.properties["url"] == "nats://127.0.0.1:1, tls://127.0.0.1:2"   # as given
+    with pytest.raises(BrokerError) as e:   # text goes to a column raw
+        await sluice.create("x", "nats", "t", url="nats://h:1", subject="a", data_type="text")
+    assert "property [data_type]" in e.value.message
+    await sluice.create("x", "nats", "raw", url="nats://h:1", subject="a", data_type="text")
+
+
+# -- over a broker process: REST, the Timeplus query, the DIS door -------------------------------------
+
+def test_over_a_broker_process(start_broker: Any, nats_server: NatsServer) -> None:
+    broker = start_broker()
+    status, body = rest(broker.http_url, "POST", "/api/v1beta2/streams", {
+        "name": "orders", "columns": [{"name": "i", "type": "int64"}, {"name": "tag", "type": "string"}]})
+    assert status == 201, body
+    status, body = rest(broker.http_url, "POST", "/api/v1beta2/sources",
+                        {"name": "bad", "type": "nats", "stream": "orders",
+                         "properties": {"url": nats_server.url, "subject": "a..b", "data_type": "json"}})
+    assert status == 400 and "property [subject]" in body["message"], body
+    status, body = rest(broker.http_url, "POST", "/api/v1beta2/sources",
+                        {"name": "n", "type": "nats", "stream": "orders",
+                         "properties": {"url": nats_server.url, "subject": "orders.*", "data_type": "json"}})
+    assert status == 201 and body["status"] == "running", body
+    sid = body["id"]
+
+    def running() -> bool:
+        _, got = rest(broker.http_url, "GET", f"/api/v1beta2/sources/{sid}")
+        return bool(got["status"] == "running" and got["message"] == "")
+    asyncio.run(eventually(running, what="running"))
+    asyncio.run(asyncio.sleep(0.3))
+    asyncio.run(publish(nats_server.url, "orders.x", docs(20, tag="x")))
+
+    def all_rows() -> list[list[Any]] | None:
+        rows = tp_query(broker.http_url, "select i, tag from table(orders)")
+        return rows if len(rows) >= 20 else None
+    rows = asyncio.run(eventually(all_rows, what="20 rows"))
+    assert sorted(map(tuple, rows)) == [(i, "x") for i in range(20)]
+    records = [orjson.loads(d) for d in dis_read_all(broker.http_url, "orders")]
+    assert sorted(r["i"] for r in records) == list(range(20)) and all(r["tag"] == "x" for r in records)
+    _, stats = rest(broker.http_url, "GET", f"/api/v1beta2/sources/{sid}/stats")
+    assert stats["messages_in"] == stats["rows_written"] == 20 and stats["error_count"] == 0
+    assert rest(broker.http_url, "DELETE", f"/api/v1beta2/sources/{sid}")[0] == 204

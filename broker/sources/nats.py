@@ -37,11 +37,12 @@ JetStream (`nats_jetstream`). Which consumer:
   change them), and its ack policy is followed.
 - `queue` [ours]: a pull consumer has no deliver group; the members of a queue group share one
   durable pull consumer instead, named by `durable` or, without it, by `queue`, and the server
-  spreads each member's pull requests' messages among them. Acks are explicit, so no member
-  acknowledges another's messages.
+  shares the stream's messages out over the members' pull requests. Acks are explicit, so no
+  member acknowledges another's messages.
 - `bind: true`: attach to an existing consumer named by `durable` (or `queue`); nothing is
-  created. A missing consumer fails the source with a message naming it and the stream, and the
-  manager keeps retrying (the consumer may be created later).
+  created, and the consumer's own filter applies (`subject` then only finds the stream). A missing
+  consumer fails the source with a message naming it and the stream, and the manager keeps
+  retrying (the consumer may be created later). A push consumer is refused the same way.
 - neither `durable` nor `queue`: an ephemeral consumer (the server removes it after
   `EPHEMERAL_INACTIVE_S` without us). Within one run of the source (start to stop) a retry resumes
   after the last message appended; a stop/start or a broker restart starts again per `deliver`.
@@ -108,6 +109,7 @@ API_TIMEOUT_S = 5.0            # a JetStream API request (consumer info/create, 
 MAX_BATCH = 5000               # core NATS: messages per append, at most
 JS_MAX_BATCH = 2000            # JetStream: messages per pull request, at most
 PULL_EXPIRES_S = 2.0           # a pull request waits this long for messages, then is asked again
+PULL_MAX_BYTES = 32 << 20      # and brings at most this much (the server ends it with a 409 status)
 PULL_GRACE_S = 3.0             # no answer this long after a request expired: it was lost, ask again
 LAG_EVERY_S = 1.0              # consumer info while idle, at most this often
 EPHEMERAL_INACTIVE_S = 30.0    # an ephemeral consumer outlives its job this long
@@ -463,7 +465,7 @@ class _Puller:
                 self.fatal = f"the consumer cannot be read: {description}"
             elif status == "503":
                 self.fatal = f"pull requests get no answer: consumer [{self.consumer}] was deleted or JetStream is gone"
-            elif status not in ("404", "408", "409"):
+            elif status not in ("404", "408", "409"):   # 409: max_bytes reached, among others
                 log.debug("pull request answered %s %s", status, description)
         self.wake.set()
 
@@ -471,7 +473,7 @@ class _Puller:
         if self.stopping:
             return
         self.open, self.left, self.asked_at = True, self.batch, time.monotonic()
-        body = b'{"batch":%d,"expires":%d}' % (self.batch, int(PULL_EXPIRES_S * 1e9))
+        body = b'{"batch":%d,"max_bytes":%d,"expires":%d}' % (self.batch, PULL_MAX_BYTES, int(PULL_EXPIRES_S * 1e9))
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
 
     async def take(self, wait_s: float) -> list[Msg]:
@@ -574,14 +576,18 @@ class JetStreamJob:
                         with contextlib.suppress(nats.errors.Error, TimeoutError):
                             ctx.state.lag = (await js.consumer_info(stream, info.name)).num_pending
                     continue
+                step = asyncio.ensure_future(self._deliver(ctx, pulled, policy))
                 try:
-                    await ctx.sink.write([m.data for m in pulled])
-                except Exception:
-                    await self._nak(pulled, policy, c.nak_delay_ms)
-                    pulled = []
+                    await asyncio.shield(step)
+                except asyncio.CancelledError:
+                    # stopping with a batch in hand: its append is under way, so let it finish and
+                    # be acknowledged (briefly), and a stop neither loses nor duplicates it
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(step, CLOSE_WAIT_S)
                     raise
-                await self._ack(ctx, pulled, policy)
-                pulled = []
+                finally:
+                    if step.done() and not step.cancelled():
+                        pulled = []    # acknowledged, or given back by _deliver
         finally:
             # stopped (or failed) mid-batch: what was pulled and not appended goes back at once, so
             # a restart need not wait for ack_wait
@@ -593,6 +599,16 @@ class JetStreamJob:
                 with contextlib.suppress(Exception):
                     await self._nak(unwritten, policy, None)
             await link.close()
+
+    async def _deliver(self, ctx: JobContext, msgs: list[Msg], policy: AckPolicy) -> None:
+        """Append a batch, then acknowledge it; if the append fails, give the batch back (after
+        nak_delay) and raise."""
+        try:
+            await ctx.sink.write([m.data for m in msgs])
+        except Exception:
+            await self._nak(msgs, policy, self.config.nak_delay_ms)
+            raise
+        await self._ack(ctx, msgs, policy)
 
     async def _ack(self, ctx: JobContext, msgs: list[Msg], policy: AckPolicy) -> None:
         """Acknowledge a batch whose rows are durable; the lag and an ephemeral consumer's position."""

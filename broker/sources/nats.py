@@ -54,10 +54,12 @@ appended), every batch goes to `ctx.sink.write` and is acknowledged only after t
 i.e. after the append is durable. A message that cannot be a row (bad JSON) is counted by the
 sink and acknowledged with its batch, so it does not come back. When the append fails the batch is
 negatively acknowledged (redelivered after `nak_delay`, at once without it) and the job raises, so
-the manager backs off. Messages pulled but not appended when the job stops are negatively
-acknowledged too, so a restart gets them without waiting for `ack_wait`. A crash between an append
-and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending` (the
-server delivers no more than that unacknowledged), nothing is lost. Consumers we create use
+the manager backs off. When the job is stopped, the batch being appended is finished and
+acknowledged first (waiting at most `CLOSE_WAIT_S`), so a stop or a graceful broker restart
+duplicates nothing; messages pulled and not yet appended are negatively acknowledged (after the
+pull inbox is drained), so a restart gets them without waiting for `ack_wait`. A crash between an
+append and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending`
+(the server delivers no more than that unacknowledged), nothing is lost. Consumers we create use
 explicit acks [ours: one ack per message costs ~10% of the rows/s against AckPolicy.ALL's one per
 batch (`bench/run.py sources --ack-policy both`: 44.6k against 49.4k rows/s of 1 KiB messages),
 and unlike ALL it stays right when several sources share the consumer: an ALL ack covers every

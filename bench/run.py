@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import os
 import signal
+import statistics
 import sys
 import uuid
 from collections.abc import Callable
@@ -584,11 +585,13 @@ def parse_sources(argv: list[str]) -> argparse.Namespace:
                    help="the durable consumers' ack policy: explicit (what the source creates), all (made before "
                         "the source starts; the source follows it), or both, one after the other (default explicit)")
     p.add_argument("--peer", choices=("yes", "no"), default="yes", help="the nats-py pull consumer too (default yes)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the drains (each policy in turn, a fresh broker each time; default 1)")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     args.messages = args.messages or (wl.S1_QUICK if args.quick else wl.S1_MESSAGES)
-    if args.messages < 1 or args.max_ack_pending < 2:
-        p.error("--messages must be positive and --max-ack-pending at least 2")
+    if args.messages < 1 or args.max_ack_pending < 2 or args.rounds < 1:
+        p.error("--messages and --rounds must be positive and --max-ack-pending at least 2")
     args.policies = list(S1_ACK_POLICIES) if args.ack_policy == "both" else [args.ack_policy]
     return args
 
@@ -604,39 +607,24 @@ def sources_main(argv: list[str]) -> int:
     rows: list[wl.Row] = []
     nats_version = ""
     try:
-        with drivers.nats_server() as nats_srv, drivers.sluice_broker("wal") as broker:
-            assert broker.proc
-            tp = drivers.TimeplusRest(broker.http_target, "wal", broker.proc.pid)
+        with drivers.nats_server() as nats_srv:
             drain = drivers.JetStreamDrain(nats_srv)
             nats_version = drivers.nats_server_version()
             _say(f"NATS: filling JetStream stream S1 with {n:,} messages")
             drain.fill("S1", "s1.data", payloads)
-            for policy in args.policies:
-                table, label = f"s1_{policy}", f"S1 drain (ack {policy})"
-                tp.create_table(table, wl.S1_SCHEMA)
-                consumer = f"sluice_{policy}"
-                if policy != "explicit":   # the source follows an existing consumer's policy
-                    drain.add_consumer("S1", consumer, policy, args.max_ack_pending)
-                body = {"name": f"s1_{policy}", "type": "nats_jetstream", "stream": table,
-                        "properties": {"url": nats_srv.url, "stream": "S1", "data_type": "json", "durable": consumer,
-                                       "max_ack_pending": args.max_ack_pending}}
-                _say(f"Sluice: nats_jetstream source, {n:,} messages, ack {policy}")
-                try:
-                    rows.append(wl.s1_sluice(tp, table, body, n, nats_srv.pid, label))
-                    _say("  " + _brief_s1(rows[-1]))
-                except Exception as exc:  # a failure is reported, not raised
-                    rows.append(_tp_error("Sluice", "nats_jetstream source", "wal", label, exc))
-                    if broker.stderr_lines:
-                        _say("broker log (tail):\n" + "".join(broker.stderr_lines[-20:]))
-                if args.peer == "yes":
-                    peer = f"peer_{policy}"
-                    drain.add_consumer("S1", peer, policy, args.max_ack_pending)
-                    _say(f"nats-py: pull consumer, fetch({batch}) + ack, ack {policy}")
-                    try:
-                        rows.append(wl.s1_peer(drain, "S1", peer, n, batch, nats_srv.pid, label))
-                        _say("  " + _brief_s1(rows[-1]))
-                    except Exception as exc:  # a failure is reported, not raised
-                        rows.append(_tp_error("nats-py", "pull consumer (fetch+ack)", "-", label, exc))
+            for rnd in range(args.rounds):
+                for policy in args.policies:
+                    label = f"S1 drain (ack {policy})"
+                    rows.append(_s1_sluice(args, nats_srv, drain, policy, rnd, label))
+                    if args.peer == "yes":
+                        peer = f"peer_{policy}_{rnd}"
+                        drain.add_consumer("S1", peer, policy, args.max_ack_pending)
+                        _say(f"nats-py: pull consumer, fetch({batch}) + ack, ack {policy}")
+                        try:
+                            rows.append(wl.s1_peer(drain, "S1", peer, n, batch, nats_srv.pid, label))
+                            _say("  " + _brief_s1(rows[-1]))
+                        except Exception as exc:  # a failure is reported, not raised
+                            rows.append(_tp_error("nats-py", "pull consumer (fetch+ack)", "-", label, exc))
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
@@ -653,22 +641,53 @@ def sources_main(argv: list[str]) -> int:
     print(wl.format_table(rows))
     print()
     for policy in args.policies:
-        get = {r.system: r for r in rows if r.ok and r.workload == f"S1 drain (ack {policy})"}
-        if "Sluice" in get and "nats-py" in get:
-            print(f"ack {policy}: Sluice's source / nats-py pull consumer alone = "
-                  f"{get['Sluice'].rate:,.0f} / {get['nats-py'].rate:,.0f} rows/s = "
-                  f"{get['Sluice'].rate / get['nats-py'].rate:.2f}x")
+        rates = {system: sorted(r.rate for r in rows if r.ok and r.system == system
+                                and r.workload == f"S1 drain (ack {policy})") for system in ("Sluice", "nats-py")}
+        if rates["Sluice"] and rates["nats-py"]:
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            print(f"ack {policy}: Sluice's source / nats-py pull consumer alone = {med['Sluice']:,.0f} / "
+                  f"{med['nats-py']:,.0f} rows/s = {med['Sluice'] / med['nats-py']:.2f}x"
+                  + (f" (medians of {args.rounds} rounds)" if args.rounds > 1 else ""))
     path = _results_path(args, started, "sources-")
     path.write_text(json.dumps({
         "started_utc": started.isoformat(), "command": [sys.executable, *sys.argv],
         "cpus": os.cpu_count(), "loadavg_before": load_before, "broker_args": drivers.BROKER_ARGS,
         "config": {"messages": n, "size": wl.S1_SIZE, "schema": wl.S1_SCHEMA, "seed": wl.SEED,
                    "max_ack_pending": args.max_ack_pending, "pull_batch": batch, "ack_policies": args.policies,
+                   "rounds": args.rounds,
                    "peer": args.peer, "nats_server": nats_version},
         "rows": [r.as_dict() for r in rows],
     }, indent=1))
     print(f"\nresults: {path}")
     return 0 if rows and all(r.ok for r in rows) else 1
+
+
+def _s1_sluice(args: argparse.Namespace, nats_srv: drivers.Nats, drain: drivers.JetStreamDrain, policy: str,
+               rnd: int, label: str) -> wl.Row:
+    """One drain by the source on a fresh broker (so no run inherits another's compactions)."""
+    n = args.messages
+    consumer = f"sluice_{policy}_{rnd}"
+    if policy != "explicit":   # the source follows an existing consumer's policy
+        drain.add_consumer("S1", consumer, policy, args.max_ack_pending)
+    body = {"name": "s1", "type": "nats_jetstream", "stream": "s1",
+            "properties": {"url": nats_srv.url, "stream": "S1", "data_type": "json", "durable": consumer,
+                           "max_ack_pending": args.max_ack_pending}}
+    _say(f"Sluice: nats_jetstream source, {n:,} messages, ack {policy}")
+    try:
+        with drivers.sluice_broker("wal") as broker:
+            assert broker.proc
+            tp = drivers.TimeplusRest(broker.http_target, "wal", broker.proc.pid)
+            tp.create_table("s1", wl.S1_SCHEMA)
+            try:
+                row = wl.s1_sluice(tp, "s1", body, n, nats_srv.pid, label)
+            except Exception:
+                if broker.stderr_lines:
+                    _say("broker log (tail):\n" + "".join(broker.stderr_lines[-20:]))
+                raise
+        _say("  " + _brief_s1(row))
+        return row
+    except Exception as exc:  # a failure is reported, not raised
+        return _tp_error("Sluice", "nats_jetstream source", "wal", label, exc)
 
 
 def _brief_s1(r: wl.Row) -> str:

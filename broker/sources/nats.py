@@ -60,12 +60,13 @@ duplicates nothing; messages pulled and not yet appended are negatively acknowle
 pull inbox is drained), so a restart gets them without waiting for `ack_wait`. A crash between an
 append and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending`
 (the server delivers no more than that unacknowledged), nothing is lost. Consumers we create use
-explicit acks [ours: one ack per message costs ~10% of the rows/s against AckPolicy.ALL's one per
-batch (`bench/run.py sources --ack-policy both`: 44.6k against 49.4k rows/s of 1 KiB messages),
-and unlike ALL it stays right when several sources share the consumer: an ALL ack covers every
-lower sequence, including messages another member has not appended yet]; with an existing
-consumer, `all` acks the highest stream sequence of each batch and `none` acks nothing
-(at-most-once, the consumer's choice).
+explicit acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover
+messages that another member sharing the consumer, or a run of this source that crashed, had
+pulled and not appended yet (the server redelivers those only after `ack_wait`, while newer ones
+flow at once): that would lose them. Explicit acks cost ~8% of the rows/s (`bench/run.py sources
+--ack-policy both`). With an existing consumer its policy is followed:
+`all` acks each batch's last message (so the caveat above is the consumer owner's choice), `none`
+acks nothing (at-most-once).
 `nak_delay` [ours for JetStream] is the redelivery delay of a batch whose append failed;
 `prefetch_count` [ours] bounds the pull batch. Lag: the consumer's pending count (`num_pending`)
 from each batch's last message, and from the consumer's info at most every `LAG_EVERY_S` while
@@ -617,8 +618,8 @@ class JetStreamJob:
         if policy == AckPolicy.EXPLICIT:
             for m in msgs:
                 await m.ack()
-        elif policy == AckPolicy.ALL:
-            await max(msgs, key=lambda m: m.metadata.sequence.stream).ack()
+        elif policy == AckPolicy.ALL:   # covers the lower sequences: the batch, in stream order
+            await msgs[-1].ack()
         if self.config.consumer_name is None:
             self.config.position.next_seq = max(m.metadata.sequence.stream for m in msgs) + 1
         ctx.state.lag = msgs[-1].metadata.num_pending

@@ -70,14 +70,18 @@ class Sources:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every definition; run again the ones wanted running."""
-        for _, raw in await self.broker.store.meta_scan(source_prefix()):
-            d = SourceDef.from_json(raw)
-            key = (d.project, d.id)
-            self._defs[key] = d
-            self._states[key] = SourceState()
-            if d.wanted == RUNNING:
-                self._spawn(d)
+        """Load every definition; run again the ones wanted running. (A source created through a
+        door that listened before this ran is already here: it is not started twice.)"""
+        async with self._lock:
+            for _, raw in await self.broker.store.meta_scan(source_prefix()):
+                d = SourceDef.from_json(raw)
+                key = (d.project, d.id)
+                if key in self._defs:
+                    continue
+                self._defs[key] = d
+                self._states[key] = SourceState()
+                if d.wanted == RUNNING:
+                    self._spawn(d)
 
     async def close(self) -> None:
         """Stop every job (bounded wait); definitions and wanted states stay as they are."""

@@ -108,7 +108,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await store.close()
         raise
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
-    sources = Sources(broker)   # started once the doors listen: a restarted source finds the broker ready
+    sources = Sources(broker)
 
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources),
@@ -122,6 +122,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    # definitions loaded (and every source wanted running started) before a door can take a verb
+    await sources.start()
     try:
         with explain_bind_failure(settings, "http_port"):
             await web.TCPSite(runner, settings.host, settings.http_port).start()
@@ -131,13 +133,13 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         await server.start()
     except StartupError:   # undo what started, in the order of a graceful stop
+        await sources.close()
         await runner.cleanup()
         await broker.close()
         await store.close()
         raise
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await sources.start()   # every source wanted running runs again
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import queue
 import sys
@@ -451,13 +452,21 @@ def _prop_arg(text: str) -> tuple[str, Any]:
     if not eq or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:   # NaN / Infinity are not JSON: kept as text
-        return key, json.loads(raw, parse_constant=_no_constant)
+        return key, json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except ValueError:
         return key, raw
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(name)
+
+
+def _finite(text: str) -> float:
+    """1e400 is valid JSON but not a number JSON can carry back: kept as text."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def _properties_arg(text: str) -> dict[str, Any]:

@@ -194,9 +194,12 @@ def _properties(text: str) -> Any:
     if not text:
         return None
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError as e:
         raise bad("properties", f"properties_json must be the text of a JSON object: {e}") from None
+    if not isinstance(value, dict):   # `null` is not "unchanged": leave the field out for that
+        raise bad("properties", "properties_json must be the text of a JSON object")
+    return value
 
 
 class SluiceServicer:

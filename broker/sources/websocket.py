@@ -6,8 +6,8 @@ One job run is one connection: connect (opening handshake bounded by `OPEN_TIMEO
 ends (the server closed it, went away, stopped answering pings) the run raises, the manager shows
 `failed` with the reason and runs a new job after its capped, jittered backoff, which connects
 again and sends `open_message` again: once per connection, never twice on one. A connection that
-stayed up for `STABLE_S` resets the backoff; one the server drops at once is retried ever more
-slowly instead of being hammered.
+stayed up for a while resets the backoff (manager.HEALTHY_S); one the server drops at once is
+retried ever more slowly instead of being hammered.
 
 Reading and writing overlap: a reader task moves messages into an `_Inbox` (bounded in bytes, so
 a fast server is slowed by TCP, not buffered without end) while the job appends what has arrived
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -50,7 +49,6 @@ OPEN_TIMEOUT_S = 10.0      # the opening handshake, TCP and TLS included
 PING_INTERVAL_S = 20.0     # a dead server (no pong within PING_TIMEOUT_S) ends the connection
 PING_TIMEOUT_S = 20.0
 CLOSE_TIMEOUT_S = 2.0      # the closing handshake on stop: bounded well inside the manager's wait
-STABLE_S = 5.0             # a connection up this long resets the backoff
 MAX_MESSAGE_FACTOR = 2     # messages up to 2 x the record limit are received (and skipped if too big)
 BATCH_MESSAGES = 1000      # one append at most
 BATCH_BYTES = 1024 * 1024
@@ -171,26 +169,19 @@ class WebSocketJob:
                                ping_timeout=PING_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S, max_size=max_size)
         except (OSError, WebSocketException) as e:   # refused, unreachable, timed out, not a WebSocket
             raise ConnectionError(f"cannot connect to {url}: {_why(e)}") from e
-        opened = time.monotonic()
         reader: asyncio.Task[None] | None = None
         try:
-            ctx.state.running()
+            ctx.connected()
             if self.config.open_message is not None:
                 await ws.send(self.config.open_message)
             inbox = _Inbox(INBOX_BYTES)
             reader = asyncio.create_task(self._read(ws, inbox), name=f"sluice-websocket-reader-{url}")
-            stable = False
             while True:
                 batch = await inbox.take(BATCH_MESSAGES, BATCH_BYTES)
                 await ctx.sink.write(batch)
-                if not stable and time.monotonic() - opened >= STABLE_S:
-                    stable = True
-                    ctx.backoff.reset()
         except ConnectionClosed as e:
             raise ConnectionError(_lost(url, e)) from e
         finally:
-            if time.monotonic() - opened >= STABLE_S:
-                ctx.backoff.reset()
             if reader is not None:
                 reader.cancel()
                 await asyncio.wait([reader])   # its end, not its outcome (it only feeds the inbox)

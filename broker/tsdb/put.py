@@ -1,0 +1,120 @@
+"""Writing checked points (shared/spec/tsdb-put.md sections 2, 3 rules 8-9, and 6): the series'
+value types checked in array order, the types of new series stored durably, then every accepted
+point appended in one `Broker.append_keyed`, each routed by its series key's hash.
+
+A `PutWrite` holds every point's outcome as the write goes: an error string, stored, or still
+pending (which is what a `sync_timeout` that runs out counts as `timeouts`). `run()` is meant to
+run to its end even when the request that started it is gone (the door shields it): the types a
+registry learns and what the store holds must not part ways.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from broker.core.routing import key_hash
+from broker.errors import BrokerError, ErrorCode
+from broker.tsdb.points import Point, type_conflict
+from broker.tsdb.series import TsdbStream, record_data
+
+_HASHES = 200_000    # bound of the series key -> hash memo (the MD5 is most of a point's routing)
+_hash_memo: dict[str, int] = {}
+
+
+def series_hash(key: str) -> int:
+    h = _hash_memo.get(key)
+    if h is None:
+        if len(_hash_memo) >= _HASHES:
+            _hash_memo.clear()
+        h = _hash_memo[key] = key_hash(key)
+    return h
+
+
+def storage_exception(error: BrokerError | str) -> str:
+    """Rule 9's string."""
+    return f"Storage exception: {error.message if isinstance(error, BrokerError) else error}"
+
+
+class PutWrite:
+    """The outcome of each point of one put: `errors[i]` its error string (None: none so far) and
+    `stored[i]` whether it is durably appended. A point with neither is still pending."""
+
+    def __init__(self, checked: Sequence[Point | str]) -> None:
+        self.checked = checked
+        self.errors: list[str | None] = [c if isinstance(c, str) else None for c in checked]
+        self.stored = [False] * len(checked)
+        self.done = False
+
+    @property
+    def success(self) -> int:
+        return sum(self.stored)
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for e, s in zip(self.errors, self.stored) if e is None and not s)
+
+    async def run(self, target: TsdbStream) -> None:
+        """Check types, fix new ones, append. A stream deleted under us is recreated once (its
+        registry starts empty, so the checks run again); other whole-call failures are every
+        accepted point's storage exception."""
+        try:
+            for attempt in (1, 2):
+                try:
+                    await self._attempt(target)
+                    return
+                except BrokerError as exc:
+                    if exc.code is not ErrorCode.STREAM_NOT_FOUND or attempt == 2:
+                        self._fail_pending(exc)
+                        return
+                    for i, c in enumerate(self.checked):   # a fresh registry: check again
+                        if not isinstance(c, str):
+                            self.errors[i] = None
+        finally:
+            self.done = True
+
+    def _fail_pending(self, error: BrokerError) -> None:
+        text = storage_exception(error)
+        for i, c in enumerate(self.checked):
+            if not isinstance(c, str) and self.errors[i] is None and not self.stored[i]:
+                self.errors[i] = text
+
+    async def _attempt(self, target: TsdbStream) -> None:
+        config, registry = await target.ensure()
+        accepted: list[int] = []
+        errors = self.errors
+        async with registry.lock:
+            new: dict[str, str] = {}
+            for i, point in enumerate(self.checked):
+                if isinstance(point, str):
+                    continue
+                key = point.key
+                kind = registry.kind_of(key) or new.get(key)
+                if kind is None:
+                    new[key] = point.kind
+                elif (conflict := type_conflict(kind, point.kind)) is not None:
+                    errors[i] = conflict
+                    continue
+                accepted.append(i)
+            try:
+                await registry.fix(new)
+            except BrokerError as exc:   # points of new series cannot go in without their type
+                if exc.code is ErrorCode.STREAM_NOT_FOUND:
+                    raise
+                text = storage_exception(exc)
+                kept = []
+                for i in accepted:
+                    if self.checked[i].key in new:   # type: ignore[union-attr]
+                        errors[i] = text
+                    else:
+                        kept.append(i)
+                accepted = kept
+        if not accepted:
+            return
+        points: list[Point] = [self.checked[i] for i in accepted]   # type: ignore[misc]
+        items = [(series_hash(p.key), record_data(p.metric, p.timestamp_ms, p.value, p.tags)) for p in points]
+        outcomes = await target.broker.append_keyed(config.stream_name, items, [p.timestamp_ms for p in points],
+                                                    project=config.project, stream_id=config.stream_id)
+        for i, outcome in zip(accepted, outcomes):
+            if isinstance(outcome, BrokerError):
+                errors[i] = storage_exception(outcome)
+            else:
+                self.stored[i] = True

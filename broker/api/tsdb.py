@@ -65,7 +65,7 @@ def _error(message: str, details: str | None = None, status: int = 400) -> web.R
 
 def _flags(request: web.Request) -> set[str]:
     """The names in the raw query string: flags are valueless (`?summary`, `?summary=false` are on)."""
-    return {unquote_plus(part.split("=", 1)[0]) for part in request.query_string.split("&") if part}
+    return {unquote_plus(part.split("=", 1)[0]) for part in request.rel_url.raw_query_string.split("&") if part}
 
 
 def _sync_timeout(request: web.Request) -> float | None:

@@ -33,8 +33,10 @@ fraction nor exponent and fits, else double) - stricter than float(): "+5", " 5"
 "5.", "NaN", "Infinity", "1,5" stay strings.
 
 Speed: names repeat from point to point and request to request, so each distinct metric, tag key
-and tag value is checked once (one regex search over the whole text) and remembered, in a map
-bounded by NAME_CACHE entries.
+and tag value is checked once (one regex search over the whole text) and remembered, and so is the
+verdict on each series as it arrives (metric and tags with text values: its normalised tags and
+series key, or its error), in maps bounded by NAME_CACHE entries each. A point of a known series
+costs a few dict lookups. The normalised tags dict is shared by the points of a series: read only.
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 # name -> "" when legal, else its first illegal character
 _names: dict[str, str] = {}
+# (metric, *tag items as received) -> (tags as text, sorted; series key) or the names' error
+_series: dict[tuple[Any, ...], tuple[dict[str, str], str] | str] = {}
 
 
 def illegal_character(name: str) -> str:
@@ -186,7 +190,32 @@ def check_point(raw: Any) -> Point | str:
         return MISSING_TAGS
     if len(tags) > MAX_TAGS:
         return f"Too many tags: {len(tags)}, max {MAX_TAGS}"
-    # 6. characters
+    # 6, 7 for the names: the verdict on these exact names is usually known
+    try:
+        names: tuple[Any, ...] = (metric, *tags.items())
+        verdict = _series.get(names)
+    except TypeError:   # an unhashable tag value (object, array): the long way
+        names, verdict = (), None
+    if verdict is None:
+        verdict = _check_names(metric, tags)
+        if names and all(type(v) is str for v in tags.values()):
+            # only all-text tags are remembered: 1, 1.0 and True are equal keys of a dict, "1" is not
+            if len(_series) >= NAME_CACHE:
+                _series.clear()
+            _series[names] = verdict
+    if isinstance(verdict, str):
+        return verdict
+    clean, key = verdict
+    # 7 for the value (a character is at most 4 bytes of UTF-8: short texts need no encoding)
+    value, kind = typed
+    if kind == STRING and isinstance(value, str) and len(value) > STRING_MAX_BYTES // 4 \
+            and len(value.encode()) > STRING_MAX_BYTES:
+        return STRING_TOO_LONG
+    return Point(metric, ts, value, kind, clean, key)
+
+
+def _check_names(metric: str, tags: dict[str, Any]) -> tuple[dict[str, str], str] | str:
+    """Rules 6 and the metric's 7 over the names: (the tags as text, sorted; the series key), or the error."""
     bad = illegal_character(metric)
     if bad:
         return f'Invalid metric name ("{metric}"): illegal character: {bad}'
@@ -209,16 +238,11 @@ def check_point(raw: Any) -> Point | str:
         if bad:
             return f'Invalid tag value ("{v}"): illegal character: {bad}'
         clean[k] = v
-    # 7. sizes (a character is at most 4 bytes of UTF-8: short texts need no encoding)
     if len(metric) > METRIC_MAX_BYTES // 4 and len(metric.encode()) > METRIC_MAX_BYTES:
         return METRIC_TOO_LONG
-    value, kind = typed
-    if isinstance(value, str) and kind == STRING and len(value) > STRING_MAX_BYTES // 4 \
-            and len(value.encode()) > STRING_MAX_BYTES:
-        return STRING_TOO_LONG
     if len(clean) > 1:
         clean = dict(sorted(clean.items()))
-    return Point(metric, ts, value, kind, clean, series_key(metric, clean))
+    return clean, series_key(metric, clean)
 
 
 def check_points(raw: list[Any]) -> list[Point | str]:

@@ -11,22 +11,31 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import orjson
+
 from broker.core.routing import key_hash
 from broker.errors import BrokerError, ErrorCode
 from broker.tsdb.points import Point, type_conflict
-from broker.tsdb.series import TsdbStream, record_data
+from broker.tsdb.series import TsdbStream, record_parts
 
-_HASHES = 200_000    # bound of the series key -> hash memo (the MD5 is most of a point's routing)
-_hash_memo: dict[str, int] = {}
+_SERIES_MEMO = 200_000   # bound of the series key -> (hash, record pieces) memo
+# the MD5 is most of a point's routing, and the series' part of its record is the same every time
+_memo: dict[str, tuple[int, bytes, bytes]] = {}
 
 
-def series_hash(key: str) -> int:
-    h = _hash_memo.get(key)
-    if h is None:
-        if len(_hash_memo) >= _HASHES:
-            _hash_memo.clear()
-        h = _hash_memo[key] = key_hash(key)
-    return h
+def _series_of(point: Point) -> tuple[int, bytes, bytes]:
+    known = _memo.get(point.key)
+    if known is None:
+        if len(_memo) >= _SERIES_MEMO:
+            _memo.clear()
+        known = _memo[point.key] = (key_hash(point.key), *record_parts(point.metric, point.tags))
+    return known
+
+
+def encode(point: Point) -> tuple[int, bytes]:
+    """(the series key's hash, the record: series.record_data's bytes) of a point."""
+    h, head, tail = _series_of(point)
+    return h, b'%s%d,"value":%s%s' % (head, point.timestamp_ms, orjson.dumps(point.value), tail)
 
 
 def storage_exception(error: BrokerError | str) -> str:
@@ -54,14 +63,17 @@ class PutWrite:
 
     async def run(self, target: TsdbStream) -> None:
         """Check types, fix new ones, append. A stream deleted under us is recreated once (its
-        registry starts empty, so the checks run again); other whole-call failures are every
-        accepted point's storage exception."""
+        registry starts empty, so the checks run again); the store's failures (UNAVAILABLE,
+        STORAGE_FULL) are every accepted point's storage exception; a client error of the whole
+        call (the name holds a typed stream) is raised."""
         try:
             for attempt in (1, 2):
                 try:
                     await self._attempt(target)
                     return
                 except BrokerError as exc:
+                    if not exc.is_server_fault and exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                        raise   # the request's or the configuration's fault (a typed stream): its error
                     if exc.code is not ErrorCode.STREAM_NOT_FOUND or attempt == 2:
                         self._fail_pending(exc)
                         return
@@ -81,16 +93,17 @@ class PutWrite:
         config, registry = await target.ensure()
         accepted: list[int] = []
         errors = self.errors
+        known = registry.kind_of
         async with registry.lock:
             new: dict[str, str] = {}
             for i, point in enumerate(self.checked):
                 if isinstance(point, str):
                     continue
                 key = point.key
-                kind = registry.kind_of(key) or new.get(key)
+                kind = known(key) or new.get(key)
                 if kind is None:
                     new[key] = point.kind
-                elif (conflict := type_conflict(kind, point.kind)) is not None:
+                elif kind != point.kind and (conflict := type_conflict(kind, point.kind)) is not None:
                     errors[i] = conflict
                     continue
                 accepted.append(i)
@@ -110,7 +123,7 @@ class PutWrite:
         if not accepted:
             return
         points: list[Point] = [self.checked[i] for i in accepted]   # type: ignore[misc]
-        items = [(series_hash(p.key), record_data(p.metric, p.timestamp_ms, p.value, p.tags)) for p in points]
+        items = [encode(p) for p in points]
         outcomes = await target.broker.append_keyed(config.stream_name, items, [p.timestamp_ms for p in points],
                                                     project=config.project, stream_id=config.stream_id)
         for i, outcome in zip(accepted, outcomes):

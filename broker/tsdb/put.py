@@ -52,6 +52,7 @@ class PutWrite:
         self.errors: list[str | None] = [c if isinstance(c, str) else None for c in checked]
         self.stored = [False] * len(checked)
         self.done = False
+        self._records: dict[int, tuple[int, bytes]] = {}   # point index -> (hash, record), the writable ones
 
     @property
     def success(self) -> int:
@@ -66,6 +67,15 @@ class PutWrite:
         registry starts empty, so the checks run again); the store's failures (UNAVAILABLE,
         STORAGE_FULL) are every accepted point's storage exception; a client error of the whole
         call (the name holds a typed stream) is raised."""
+        limit = target.broker.limits.max_record_bytes
+        for i, point in enumerate(self.checked):
+            if isinstance(point, Point):
+                h, data = encode(point)
+                if len(data) > limit:   # huge tags: refused before its type is fixed
+                    self.errors[i] = storage_exception(f"the point's record is {len(data)} bytes, over the "
+                                                       f"record limit of {limit}")
+                else:
+                    self._records[i] = (h, data)
         try:
             for attempt in (1, 2):
                 try:
@@ -77,16 +87,15 @@ class PutWrite:
                     if exc.code is not ErrorCode.STREAM_NOT_FOUND or attempt == 2:
                         self._fail_pending(exc)
                         return
-                    for i, c in enumerate(self.checked):   # a fresh registry: check again
-                        if not isinstance(c, str):
-                            self.errors[i] = None
+                    for i in self._records:   # nothing went in: a fresh registry checks them again
+                        self.errors[i] = None
         finally:
             self.done = True
 
     def _fail_pending(self, error: BrokerError) -> None:
         text = storage_exception(error)
-        for i, c in enumerate(self.checked):
-            if not isinstance(c, str) and self.errors[i] is None and not self.stored[i]:
+        for i in self._records:
+            if self.errors[i] is None and not self.stored[i]:
                 self.errors[i] = text
 
     async def _attempt(self, target: TsdbStream) -> None:
@@ -96,9 +105,9 @@ class PutWrite:
         known = registry.kind_of
         async with registry.lock:
             new: dict[str, str] = {}
-            for i, point in enumerate(self.checked):
-                if isinstance(point, str):
-                    continue
+            checked = self.checked
+            for i in self._records:
+                point: Point = checked[i]   # type: ignore[assignment]
                 key = point.key
                 kind = known(key) or new.get(key)
                 if kind is None:
@@ -122,10 +131,11 @@ class PutWrite:
                 accepted = kept
         if not accepted:
             return
-        points: list[Point] = [self.checked[i] for i in accepted]   # type: ignore[misc]
-        items = [encode(p) for p in points]
-        outcomes = await target.broker.append_keyed(config.stream_name, items, [p.timestamp_ms for p in points],
-                                                    project=config.project, stream_id=config.stream_id)
+        records = self._records
+        outcomes = await target.broker.append_keyed(
+            config.stream_name, [records[i] for i in accepted],
+            [checked[i].timestamp_ms for i in accepted],   # type: ignore[union-attr]
+            project=config.project, stream_id=config.stream_id)
         for i, outcome in zip(accepted, outcomes):
             if isinstance(outcome, BrokerError):
                 errors[i] = storage_exception(outcome)

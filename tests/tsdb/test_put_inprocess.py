@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import json
 from typing import Any, AsyncIterator, Sequence
 
@@ -85,7 +86,7 @@ def point(metric: str, value: Any = 1, ts: int = NOW_S, **tags: str) -> dict[str
 
 
 async def post(client: TestClient, points: Any, query: str = "") -> tuple[int, Any]:
-    resp = await client.post("/api/put" + query, data=json.dumps(points))
+    resp = await client.post("/api/put" + query, data=io.BytesIO(json.dumps(points).encode()))
     raw = await resp.read()
     if resp.status != 204:
         assert resp.headers["Content-Type"] == "application/json; charset=UTF-8"
@@ -241,3 +242,16 @@ async def test_query_routes_say_clearly_that_the_engine_is_missing(client: TestC
         resp = await client.request(method, path, data=b"{}")
         body = await resp.json()
         assert resp.status == 400 and "not available" in body["error"]["message"], body
+
+
+async def test_a_point_over_the_record_limit_fails_alone_and_fixes_no_type(client: TestClient, broker: Broker) -> None:
+    huge = {"a": "x" * 600_000, "b": "y" * 600_000}
+    sent = [point("big", 1, **huge), point("big", 2)]
+    status, body = await post(client, sent, "?details")
+    assert status == 400 and body["success"] == 1
+    [error] = body["errors"]
+    assert error["datapoint"] == sent[0]
+    assert error["error"].startswith("Storage exception: the point's record is ") and \
+        error["error"].endswith(" bytes, over the record limit of 1048576")
+    _, registry = await TsdbStream(broker, "default", "tsdb").lookup()
+    assert registry is not None and registry.type_of(series_key("big", huge)) is None

@@ -118,7 +118,11 @@ async def put(request: web.Request) -> web.StreamResponse:
     if any(e is None for e in write.errors):
         # runs to its end even if this request goes away: types and points must not part ways
         task = asyncio.ensure_future(write.run(request.app[TARGET]))
-        await asyncio.wait({task}, timeout=timeout)
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:   # the client went away: the write goes on, its failure is logged
+            task.add_done_callback(_log_failure)
+            raise
         if task.done():
             task.result()   # a bug in the write is a 500 (the middleware logs it), not pending points
         else:
@@ -146,7 +150,7 @@ async def put(request: web.Request) -> web.StreamResponse:
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("a put that outlived its sync_timeout failed", exc_info=task.exception())
+        log.error("a put that outlived its request failed", exc_info=task.exception())
 
 
 # -- queries (broker/tsdb/query.py) ---------------------------------------------------------------

@@ -2,6 +2,14 @@
 value types checked in array order, the types of new series stored durably, then every accepted
 point appended in one `Broker.append_keyed`, each routed by its series key's hash.
 
+Record times (core/writes.py append_keyed): a partition's batch is stored at the write time, or at
+its latest point's time when that is later, so `seq_at_time(start)` is a safe lower bound for
+every point timed `start` or later (what the query reads from). Consequences, by decision: the
+stream's retention counts from when points were written (a backfill of old points is kept like any
+record); a point timed in the future (the spec admits up to year 2286) is not clamped, as clamping
+would hide it from time-bounded queries: it holds its partition's clock, and so that partition's
+retention, up to its time.
+
 A `PutWrite` holds every point's outcome as the write goes: an error string, stored, or still
 pending (which is what a `sync_timeout` that runs out counts as `timeouts`). `run()` is meant to
 run to its end even when the request that started it is gone (the door shields it): the types a

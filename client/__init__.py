@@ -1,8 +1,9 @@
 """Sluice Python client. Public API: the names in `__all__`; everything else is private.
 
-* `Client` / `AsyncClient`: thin wrappers over every RPC (sync, and asyncio on grpc.aio). Both
-  take `project=` (default $SLUICE_PROJECT, else "default") and return the dataclasses of
-  client/model.py, never protobuf messages.
+* `Client` / `AsyncClient`: thin wrappers over every RPC (sync, and asyncio on grpc.aio) - streams,
+  records, apps, checkpoints, groups and the broker's sources. Both take `project=` (default
+  $SLUICE_PROJECT, else "default") and return the dataclasses of client/model.py, never protobuf
+  messages.
 * `Producer` / `AsyncProducer`: batched, retrying writes (client/producer.py).
 * `PartitionConsumer` / `AsyncPartitionConsumer`: read one partition in order, pull or push,
   resuming after an app's checkpoint (client/consumer.py).
@@ -36,6 +37,10 @@ from client.model import (
     PutResult,
     Record,
     RecordsPage,
+    SourceError,
+    SourceInfo,
+    SourceStats,
+    SourceThroughput,
     StreamDescription,
     StreamInfo,
     StreamPage,
@@ -45,6 +50,7 @@ from client.producer import AsyncProducer, BufferFullError, Producer, ProducerSt
 __all__ = ["Client", "AsyncClient", "Subscription", "AsyncSubscription",
            "PutResult", "Record", "RecordsPage", "StreamInfo", "StreamPage", "PartitionInfo", "StreamDescription",
            "AppInfo", "AppPage", "Checkpoint", "PartitionConsumerState", "Assignment",
+           "SourceInfo", "SourceStats", "SourceError", "SourceThroughput",
            "SluiceError", "NotFound", "StreamNotFound", "AlreadyExists", "InvalidRequest", "CursorInvalid",
            "PositionGone", "BrokerUnavailable", "ERRORS", "is_retriable",
            "Producer", "AsyncProducer", "ProducerStats", "BufferFullError",

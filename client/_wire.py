@@ -15,6 +15,7 @@ Channel options, chosen for a broker that restarts (deploys, crashes) while clie
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterable, TypeVar
 
@@ -29,6 +30,10 @@ from client.model import (
     PutResult,
     Record,
     RecordsPage,
+    SourceError,
+    SourceInfo,
+    SourceStats,
+    SourceThroughput,
     StreamDescription,
     StreamInfo,
     StreamPage,
@@ -146,6 +151,36 @@ def consumer_state(app_name: str, stream_name: str, start_after_partition: int |
     return request
 
 
+def properties_json(properties: Any) -> str:
+    """A source's properties object as the JSON text the wire carries (ints stay ints).
+    ValueError for what JSON cannot say (NaN, infinities, non-string keys of other types)."""
+    try:
+        return json.dumps(properties, allow_nan=False, ensure_ascii=False)
+    except TypeError as exc:
+        raise ValueError(f"source properties must be JSON values: {exc}") from None
+
+
+def create_source(source_name: str, source_type: str, stream_name: str, properties: Any,
+                  description: str) -> pb.CreateSourceRequest:
+    return pb.CreateSourceRequest(source_name=source_name, source_type=source_type, stream_name=stream_name,
+                                  properties_json=properties_json(properties), description=description)
+
+
+def update_source(source: str, source_name: str | None, description: str | None, stream_name: str | None,
+                  properties: Any | None) -> pb.UpdateSourceRequest:
+    """Only the fields given (not None) are sent: the broker keeps the others."""
+    request = pb.UpdateSourceRequest(source=source)
+    if source_name is not None:
+        request.source_name = source_name
+    if description is not None:
+        request.description = description
+    if stream_name is not None:
+        request.stream_name = stream_name
+    if properties is not None:
+        request.properties_json = properties_json(properties)
+    return request
+
+
 # -- answers -----------------------------------------------------------------------------------
 
 def stream_info(s: pb.StreamInfo) -> StreamInfo:
@@ -204,6 +239,28 @@ def consumer_states(resp: pb.GetConsumerStateResponse) -> list[PartitionConsumer
 
 def assignment(resp: pb.HeartbeatResponse) -> Assignment:
     return Assignment(list(resp.partition_ids), resp.lease_ms)
+
+
+def source_info(s: pb.SourceInfo) -> SourceInfo:
+    return SourceInfo(s.source_id, s.source_name, s.description, s.source_type, s.stream_name,
+                      json.loads(s.properties_json) if s.properties_json else {},
+                      _name(pb.SourceStatus, "SOURCE_STATUS_", s.status), s.message, s.started_ms, s.created_ms,
+                      s.updated_ms, s.messages_in, s.rows_written, s.error_count, s.last_error, s.last_error_ms,
+                      s.last_event_ms, s.lag if s.HasField("lag") else None)
+
+
+def sources_of(resp: pb.ListSourcesResponse) -> list[SourceInfo]:
+    return [source_info(s) for s in resp.sources]
+
+
+def source_of(resp: pb.CreateSourceResponse | pb.DescribeSourceResponse | pb.UpdateSourceResponse
+              | pb.StartSourceResponse | pb.StopSourceResponse) -> SourceInfo:
+    return source_info(resp.source)
+
+
+def source_stats(resp: pb.GetSourceStatsResponse) -> SourceStats:
+    return SourceStats(source_info(resp.source), [SourceError(e.time_ms, e.message) for e in resp.recent_errors],
+                       [SourceThroughput(t.time_ms, t.rows) for t in resp.throughput])
 
 
 T = TypeVar("T")

@@ -21,6 +21,8 @@ from client.model import (
     PartitionConsumerState,
     PutResult,
     RecordsPage,
+    SourceInfo,
+    SourceStats,
     StreamDescription,
     StreamPage,
 )
@@ -159,6 +161,37 @@ class AsyncClient:
     async def leave_group(self, app_name: str, stream_name: str, member_id: str) -> None:
         await self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app_name, stream_name=stream_name,
                                                                      member_id=member_id), _wire.nothing)
+
+    # -- sources -------------------------------------------------------------------------------
+
+    async def create_source(self, source_name: str, source_type: str, stream_name: str, properties: dict[str, Any],
+                            *, description: str = "") -> SourceInfo:
+        return await self._call(self._stub.CreateSource, _wire.create_source(source_name, source_type, stream_name,
+                                                                             properties, description), _wire.source_of)
+
+    async def list_sources(self) -> list[SourceInfo]:
+        return await self._call(self._stub.ListSources, pb.ListSourcesRequest(), _wire.sources_of)
+
+    async def describe_source(self, source: str) -> SourceInfo:
+        return await self._call(self._stub.DescribeSource, pb.DescribeSourceRequest(source=source), _wire.source_of)
+
+    async def update_source(self, source: str, *, source_name: str | None = None, description: str | None = None,
+                            stream_name: str | None = None, properties: dict[str, Any] | None = None) -> SourceInfo:
+        return await self._call(self._stub.UpdateSource, _wire.update_source(source, source_name, description,
+                                                                             stream_name, properties), _wire.source_of)
+
+    async def delete_source(self, source: str) -> None:
+        await self._call(self._stub.DeleteSource, pb.DeleteSourceRequest(source=source), _wire.nothing)
+
+    async def start_source(self, source: str) -> SourceInfo:
+        return await self._call(self._stub.StartSource, pb.StartSourceRequest(source=source), _wire.source_of)
+
+    async def stop_source(self, source: str) -> SourceInfo:
+        return await self._call(self._stub.StopSource, pb.StopSourceRequest(source=source), _wire.source_of)
+
+    async def source_stats(self, source: str) -> SourceStats:
+        return await self._call(self._stub.GetSourceStats, pb.GetSourceStatsRequest(source=source),
+                                _wire.source_stats)
 
 
 

@@ -6,7 +6,9 @@ Exit codes: 0 success, 1 the broker refused (or some records failed), 2 usage er
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import queue
 import sys
@@ -19,7 +21,7 @@ from typing import Any, BinaryIO, Sequence
 
 from client.client import CURSOR_TYPES, Client
 from client.errors import BrokerUnavailable, SluiceError, StreamNotFound
-from client.model import AppInfo, Record
+from client.model import AppInfo, Record, SourceInfo
 
 BATCH = 500                       # records per PutRecords call
 BATCH_BYTES = 4 * 1024 * 1024     # payload per call: stays under the broker's 5 MiB request cap
@@ -441,6 +443,132 @@ def _lag(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- sources -----------------------------------------------------------------------------------
+
+def _prop_arg(text: str) -> tuple[str, Any]:
+    """KEY=VALUE; the value as JSON when it parses as JSON (numbers, booleans, arrays, objects,
+    quoted strings), else the text as it is: --prop interval=200ms, --prop max_ack_pending=1024."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:   # NaN / Infinity are not JSON: kept as text
+        return key, json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except ValueError:
+        return key, raw
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _finite(text: str) -> float:
+    """1e400 is valid JSON but not a number JSON can carry back: kept as text."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _properties_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"template\": \"iot\"}'")
+    return value
+
+
+def _merged(base: dict[str, Any] | None, props: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    out = dict(base or {})
+    out.update(props or ())
+    return out
+
+
+def _source_dict(info: SourceInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
+
+
+def _when(ms: int) -> str:
+    return f"{_iso(ms)} ({ms})" if ms else "-"
+
+
+def _print_pairs(pairs: list[tuple[str, object]]) -> None:
+    width = max(len(k) for k, _ in pairs) + 2
+    for key, value in pairs:
+        print(f"{key.ljust(width)}{'-' if value in ('', None) else value}")
+
+
+def _source_pairs(s: SourceInfo) -> list[tuple[str, object]]:
+    return [("id", s.source_id), ("name", s.source_name), ("type", s.source_type), ("stream", s.stream_name),
+            ("status", s.status), ("message", s.message), ("description", s.description),
+            ("properties", json.dumps(s.properties, ensure_ascii=False)), ("started", _when(s.started_ms)),
+            ("created", _when(s.created_ms)), ("updated", _when(s.updated_ms))]
+
+
+def _counter_pairs(s: SourceInfo) -> list[tuple[str, object]]:
+    return [("messages_in", s.messages_in), ("rows_written", s.rows_written), ("errors", s.error_count),
+            ("last_error", s.last_error), ("last_error_at", _when(s.last_error_ms)),
+            ("last_event_at", _when(s.last_event_ms)), ("lag", s.lag)]
+
+
+def _sources(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        info = client.create_source(args.name, args.type, args.stream, _merged(args.properties, args.prop),
+                                    description=args.description)
+        print(json.dumps(_source_dict(info)) if args.json else info.source_id)
+    elif args.action == "list":
+        sources = client.list_sources()
+        if args.json:
+            for s in sources:
+                print(json.dumps(_source_dict(s)))
+        elif sources:
+            table = [("NAME", "TYPE", "STREAM", "STATUS", "ROWS", "ERRORS", "ID")] + [
+                (s.source_name, s.source_type, s.stream_name, s.status, str(s.rows_written), str(s.error_count),
+                 s.source_id) for s in sources]
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            for row in table:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    elif args.action == "get":
+        info = client.describe_source(args.ref)
+        if args.json:
+            print(json.dumps(_source_dict(info)))
+        else:
+            _print_pairs([*_source_pairs(info), *_counter_pairs(info)])
+    elif args.action == "update":
+        properties = None
+        if args.properties is not None or args.prop:
+            # --prop alone changes those keys of the stored properties; --properties replaces them
+            base = args.properties if args.properties is not None else client.describe_source(args.ref).properties
+            properties = _merged(base, args.prop)
+        info = client.update_source(args.ref, source_name=args.name, description=args.description,
+                                    stream_name=args.stream, properties=properties)
+        if args.json:
+            print(json.dumps(_source_dict(info)))
+    elif args.action == "delete":
+        client.delete_source(args.ref)
+    elif args.action == "start":
+        client.start_source(args.ref)
+    elif args.action == "stop":
+        client.stop_source(args.ref)
+    else:
+        stats = client.source_stats(args.ref)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(stats)))
+            return EXIT_OK
+        s = stats.source
+        rows = sum(t.rows for t in stats.throughput)
+        seconds = (stats.throughput[-1].time_ms - stats.throughput[0].time_ms) // 1000 + 1 if stats.throughput else 0
+        rate = f"{rows} rows in {seconds} s ({rows / seconds:,.1f} rows/s)" if seconds else "-"
+        _print_pairs([("name", s.source_name), ("status", s.status), ("message", s.message), *_counter_pairs(s),
+                      ("throughput", rate)])
+        if stats.recent_errors:
+            print("recent errors:")
+            for e in stats.recent_errors:
+                print(f"  {_iso(e.time_ms)}  {e.message}")
+    return EXIT_OK
+
+
 # -- the parser --------------------------------------------------------------------------------
 
 _EPILOG = """\
@@ -456,6 +584,8 @@ examples:
   sluice apps create billing
   sluice checkpoints commit billing orders 0 41
   sluice lag billing orders
+  sluice sources create gen --type stream_generator --stream readings --prop template=iot --prop interval=1s
+  sluice sources stats gen
 """
 
 
@@ -474,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=os.environ.get("SLUICE_TARGET", "127.0.0.1:50051"),
                         help="broker gRPC address [env SLUICE_TARGET; default 127.0.0.1:50051]")
     parser.add_argument("--project", default=os.environ.get("SLUICE_PROJECT") or "default",
-                        help="project (namespace) of streams and apps [env SLUICE_PROJECT; default 'default']")
+                        help="project (namespace) of streams, apps and sources [env SLUICE_PROJECT; default 'default']")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     streams = _add(sub, "streams", "create, list, describe or delete streams")
@@ -554,6 +684,43 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("app")
     lag.add_argument("stream", help="stream name")
     lag.add_argument("--json", action="store_true")
+
+    src = _add(sub, "sources", "create, list, show, update, delete, start or stop the broker's sources",
+               epilog="A source is a job of the broker that reads from elsewhere (stream_generator, websocket, "
+                      "nats, nats_jetstream) and appends rows to a stream. REF is a source's id or its name.")
+    rsub = src.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prop_help = ("a property, KEY=VALUE (repeatable); VALUE is read as JSON when it is JSON (1024, true, "
+                 "[\"nats://h:4222\"]), else taken as text (iot, 200ms)")
+    rcreate = _add(rsub, "create", "create a source and start it; prints its id")
+    rcreate.add_argument("name", help="1-64 letters, digits or _, starting with a letter")
+    rcreate.add_argument("--type", required=True, help="source type, e.g. stream_generator")
+    rcreate.add_argument("--stream", required=True, help="the stream to write to (must exist)")
+    rcreate.add_argument("--prop", action="append", type=_prop_arg, metavar="KEY=VALUE", help=prop_help)
+    rcreate.add_argument("--properties", type=_properties_arg, metavar="JSON",
+                         help="every property as one JSON object (--prop entries are applied on top)")
+    rcreate.add_argument("--description", default="")
+    rcreate.add_argument("--json", action="store_true", help="print the whole source as JSON")
+    _add(rsub, "list", "list the project's sources: name, type, stream, status, rows, errors, id") \
+        .add_argument("--json", action="store_true", help="one JSON object per source")
+    rget = _add(rsub, "get", "show a source: its definition, status and counters")
+    rget.add_argument("ref", metavar="REF")
+    rget.add_argument("--json", action="store_true")
+    rupdate = _add(rsub, "update", "change a stopped source (stop it first)")
+    rupdate.add_argument("ref", metavar="REF")
+    rupdate.add_argument("--name", help="a new name")
+    rupdate.add_argument("--description")
+    rupdate.add_argument("--stream", help="another target stream")
+    rupdate.add_argument("--prop", action="append", type=_prop_arg, metavar="KEY=VALUE",
+                         help=prop_help + "; changes those keys of the stored properties")
+    rupdate.add_argument("--properties", type=_properties_arg, metavar="JSON",
+                         help="replace every property (--prop entries are applied on top)")
+    rupdate.add_argument("--json", action="store_true", help="print the updated source as JSON")
+    _add(rsub, "delete", "stop and delete a source").add_argument("ref", metavar="REF")
+    _add(rsub, "start", "start a stopped source").add_argument("ref", metavar="REF")
+    _add(rsub, "stop", "stop a source").add_argument("ref", metavar="REF")
+    rstats = _add(rsub, "stats", "a source's counters, throughput and recent errors")
+    rstats.add_argument("ref", metavar="REF")
+    rstats.add_argument("--json", action="store_true")
     return parser
 
 
@@ -579,7 +746,7 @@ def _main(argv: Sequence[str] | None) -> int:
         except OSError as exc:
             args.parser.error(f"cannot open {args.file}: {exc.strerror}")
     commands = {"streams": _streams, "put": _put, "get": _get, "tail": _tail, "apps": _apps,
-                "checkpoints": _checkpoints, "lag": _lag}
+                "checkpoints": _checkpoints, "lag": _lag, "sources": _sources}
     try:
         with Client(args.target, project=args.project) as client:
             return commands[args.command](client, args)

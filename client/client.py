@@ -22,6 +22,8 @@ from client.model import (
     PutResult,
     Record,
     RecordsPage,
+    SourceInfo,
+    SourceStats,
     StreamDescription,
     StreamPage,
 )
@@ -197,6 +199,48 @@ class Client:
     def leave_group(self, app_name: str, stream_name: str, member_id: str) -> None:
         self._call(self._stub.LeaveGroup, pb.LeaveGroupRequest(app_name=app_name, stream_name=stream_name,
                                                                member_id=member_id), _wire.nothing)
+
+    # -- sources -------------------------------------------------------------------------------
+    # A source is named by its id or its name (`source`). Bad definitions raise InvalidRequest
+    # (reason BAD_SOURCE, the message names the property); unknown sources NotFound
+    # (SOURCE_NOT_FOUND); a taken name AlreadyExists (SOURCE_EXISTS); updating a running source
+    # SluiceError with reason SOURCE_RUNNING.
+
+    def create_source(self, source_name: str, source_type: str, stream_name: str, properties: dict[str, Any],
+                      *, description: str = "") -> SourceInfo:
+        """Create a source and start it: `source_type` e.g. "stream_generator", `properties` its
+        properties object (e.g. {"template": "iot", "interval": "1s"}); `stream_name` must exist."""
+        return self._call(self._stub.CreateSource, _wire.create_source(source_name, source_type, stream_name,
+                                                                       properties, description), _wire.source_of)
+
+    def list_sources(self) -> list[SourceInfo]:
+        """Every source of the project, in name order."""
+        return self._call(self._stub.ListSources, pb.ListSourcesRequest(), _wire.sources_of)
+
+    def describe_source(self, source: str) -> SourceInfo:
+        return self._call(self._stub.DescribeSource, pb.DescribeSourceRequest(source=source), _wire.source_of)
+
+    def update_source(self, source: str, *, source_name: str | None = None, description: str | None = None,
+                      stream_name: str | None = None, properties: dict[str, Any] | None = None) -> SourceInfo:
+        """Change a stopped source: the arguments given replace the stored values (`properties`
+        as a whole), the others stay."""
+        return self._call(self._stub.UpdateSource, _wire.update_source(source, source_name, description, stream_name,
+                                                                       properties), _wire.source_of)
+
+    def delete_source(self, source: str) -> None:
+        self._call(self._stub.DeleteSource, pb.DeleteSourceRequest(source=source), _wire.nothing)
+
+    def start_source(self, source: str) -> SourceInfo:
+        """Start a stopped source (nothing changes on a running one)."""
+        return self._call(self._stub.StartSource, pb.StartSourceRequest(source=source), _wire.source_of)
+
+    def stop_source(self, source: str) -> SourceInfo:
+        """Stop a source (nothing changes on a stopped one)."""
+        return self._call(self._stub.StopSource, pb.StopSourceRequest(source=source), _wire.source_of)
+
+    def source_stats(self, source: str) -> SourceStats:
+        """The source with its counters, its recent errors and its rows per second."""
+        return self._call(self._stub.GetSourceStats, pb.GetSourceStatsRequest(source=source), _wire.source_stats)
 
 
 

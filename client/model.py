@@ -4,11 +4,13 @@ callers do not depend on the generated stubs (client/_pb is private and regenera
 Names follow the wire contract (protos/sluice/v1/sluice.proto): `stream_name`, `partition_id`
 (an int), `seq` (an int; -1 where a value must say "none"), `timestamp_ms`, `cursor`.
 Enumerations are their value names without the enum prefix: data_type "BLOB" | "JSON" | "CSV",
-stream_type "COMMON" | "ADVANCED", cursor types "TRIM_HORIZON", "LATEST", ...
+stream_type "COMMON" | "ADVANCED", cursor types "TRIM_HORIZON", "LATEST", source status
+"RUNNING" | "STOPPED" | "FAILED".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +124,47 @@ class Assignment:
     """A consumer-group heartbeat's answer: work on exactly these partitions until the next one."""
     partition_ids: list[int]
     lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """A source of the broker: a background job appending rows to `stream_name`. `properties` is
+    the type's properties object as given at create/update; the counters describe the broker's
+    current run of the source (they restart from zero with the broker)."""
+    source_id: str
+    source_name: str
+    description: str
+    source_type: str         # "stream_generator", "websocket", "nats", "nats_jetstream"
+    stream_name: str
+    properties: dict[str, Any]
+    status: str              # "RUNNING" | "STOPPED" | "FAILED" (then `message` says why; it retries)
+    message: str
+    started_ms: int          # the last start, ms since epoch; 0 = never
+    created_ms: int
+    updated_ms: int
+    messages_in: int         # messages (or generated events) received
+    rows_written: int        # rows durably appended
+    error_count: int         # messages skipped and failed attempts
+    last_error: str
+    last_error_ms: int       # 0 = none
+    last_event_ms: int       # when the last row was appended; 0 = none
+    lag: int | None          # messages waiting at the origin where the protocol knows (JetStream), else None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceError:
+    time_ms: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceThroughput:
+    time_ms: int             # the start of a second
+    rows: int                # rows written in that second
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStats:
+    source: SourceInfo                      # with its counters
+    recent_errors: list[SourceError]        # the last 20, oldest first
+    throughput: list[SourceThroughput]      # the last 60 seconds that wrote rows, oldest first

@@ -6,6 +6,10 @@ core validates it. Wire enums map to the core's strings here, by name minus the 
 (DATA_TYPE_JSON <-> "JSON"); 0 (`*_UNSPECIFIED`) means "the default", and a number outside the
 enum is handed to the core as "#<number>", which it refuses like any other bad value.
 
+Sources (CreateSource ... GetSourceStats) are the broker's `Sources` manager, the same one the
+Timeplus door's /v1beta2/sources routes use; a source's properties travel as JSON object text
+(`properties_json`, see the .proto), parsed and shown here, checked by the manager.
+
 Requests are registered with a tolerant deserializer: garbage bytes become an INVALID_ARGUMENT
 with DIS.4300 instead of grpc's generic INTERNAL "Exception deserializing request!".
 Bulk responses are built columnar (see the .proto): a few list extends per batch, no Python object
@@ -28,15 +32,18 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import grpc
+import orjson
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError
 
 from broker.api.grpc_render import record_failure, status_code, trailers
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
+from broker.core.limits import check_project
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import DEFAULT_PROJECT, GetRecordsResult, PutColumns, PutEntry, StreamConfig
-from broker.sources.manager import Sources
+from broker.sources.manager import Source, Sources
+from broker.sources.props import bad
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,7 @@ DATA_TYPES = _Vocabulary(pb.DataType, "DATA_TYPE_")
 STREAM_TYPES = _Vocabulary(pb.StreamType, "STREAM_TYPE_")
 CURSOR_TYPES = _Vocabulary(pb.CursorType, "CURSOR_TYPE_")
 CHECKPOINT_TYPES = _Vocabulary(pb.CheckpointType, "CHECKPOINT_TYPE_")
+SOURCE_STATUSES = _Vocabulary(pb.SourceStatus, "SOURCE_STATUS_")
 
 
 class _Undecodable:
@@ -165,6 +173,33 @@ def _optional(request: Any, field: str) -> Any:
 
 def _checkpoint_type(number: int) -> str:
     return CHECKPOINT_TYPES.decode(number) or LAST_READ
+
+
+def _source_info(source: Source) -> pb.SourceInfo:
+    d, st = source.definition, source.state
+    info = pb.SourceInfo(source_id=d.id, source_name=d.name, description=d.description, source_type=d.type,
+                         stream_name=d.stream, properties_json=orjson.dumps(d.properties).decode(),
+                         status=SOURCE_STATUSES.encode(st.status.upper()), message=st.message,
+                         started_ms=d.started_ms, created_ms=d.created_ms, updated_ms=d.updated_ms,
+                         messages_in=st.messages_in, rows_written=st.rows_written, error_count=st.errors,
+                         last_error=st.last_error, last_error_ms=st.last_error_ms, last_event_ms=st.last_event_ms)
+    if st.lag is not None:
+        info.lag = st.lag
+    return info
+
+
+def _properties(text: str) -> Any:
+    """properties_json -> the object the manager checks ("" = not given: None). Text that is not
+    JSON is BAD_SOURCE naming the property; a JSON value that is not an object the manager refuses."""
+    if not text:
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise bad("properties", f"properties_json must be the text of a JSON object: {e}") from None
+    if not isinstance(value, dict):   # `null` is not "unchanged": leave the field out for that
+        raise bad("properties", "properties_json must be the text of a JSON object")
+    return value
 
 
 class SluiceServicer:
@@ -372,6 +407,71 @@ class SluiceServicer:
     async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any, project: str) -> pb.LeaveGroupResponse:
         await self._broker.leave_group(request.app_name, request.stream_name, request.member_id, project=project)
         return pb.LeaveGroupResponse()
+
+    # -- sources -----------------------------------------------------------------------------------
+    # The project is checked here: the manager takes any string, and a malformed project is a
+    # malformed request (as for streams and apps), not "no such source".
+
+    @rpc
+    async def CreateSource(self, request: pb.CreateSourceRequest, context: Any,
+                           project: str) -> pb.CreateSourceResponse:
+        body = {"name": request.source_name, "type": request.source_type, "stream": request.stream_name,
+                "properties": _properties(request.properties_json), "description": request.description}
+        source = await self._sources.create(check_project(project), body)
+        return pb.CreateSourceResponse(source=_source_info(source))
+
+    @rpc
+    async def ListSources(self, request: pb.ListSourcesRequest, context: Any, project: str) -> pb.ListSourcesResponse:
+        every = self._sources.list(check_project(project))   # in name order
+        after = [s for s in every if s.definition.name > request.start_after] if request.start_after else every
+        page = after[:request.limit] if request.limit else after
+        return pb.ListSourcesResponse(total=len(every), sources=[_source_info(s) for s in page],
+                                      has_more=len(page) < len(after))
+
+    @rpc
+    async def DescribeSource(self, request: pb.DescribeSourceRequest, context: Any,
+                             project: str) -> pb.DescribeSourceResponse:
+        return pb.DescribeSourceResponse(source=_source_info(self._sources.get(check_project(project),
+                                                                               request.source)))
+
+    @rpc
+    async def UpdateSource(self, request: pb.UpdateSourceRequest, context: Any,
+                           project: str) -> pb.UpdateSourceResponse:
+        body: dict[str, Any] = {}
+        for field, key in (("source_name", "name"), ("description", "description"), ("stream_name", "stream")):
+            if request.HasField(field):
+                body[key] = getattr(request, field)
+        if request.HasField("properties_json"):
+            # given but empty: the manager refuses it ("properties is required"), not "unchanged"
+            body["properties"] = _properties(request.properties_json) if request.properties_json else ""
+        source = await self._sources.update(check_project(project), request.source, body)
+        return pb.UpdateSourceResponse(source=_source_info(source))
+
+    @rpc
+    async def DeleteSource(self, request: pb.DeleteSourceRequest, context: Any,
+                           project: str) -> pb.DeleteSourceResponse:
+        await self._sources.delete(check_project(project), request.source)
+        return pb.DeleteSourceResponse()
+
+    @rpc
+    async def StartSource(self, request: pb.StartSourceRequest, context: Any, project: str) -> pb.StartSourceResponse:
+        source = await self._sources.start_source(check_project(project), request.source)
+        return pb.StartSourceResponse(source=_source_info(source))
+
+    @rpc
+    async def StopSource(self, request: pb.StopSourceRequest, context: Any, project: str) -> pb.StopSourceResponse:
+        source = await self._sources.stop_source(check_project(project), request.source)
+        return pb.StopSourceResponse(source=_source_info(source))
+
+    @rpc
+    async def GetSourceStats(self, request: pb.GetSourceStatsRequest, context: Any,
+                             project: str) -> pb.GetSourceStatsResponse:
+        source = self._sources.get(check_project(project), request.source)
+        st = source.state
+        return pb.GetSourceStatsResponse(
+            source=_source_info(source),
+            recent_errors=[pb.SourceError(time_ms=ms, message=m) for ms, m in st.error_log],
+            throughput=[pb.SourceThroughput(time_ms=sec * 1000, rows=rows) for sec, rows in st.rates])
 
 
 def add_servicer(servicer: SluiceServicer, server: grpc.aio.Server) -> None:

@@ -8,12 +8,14 @@ a capped, jittered exponential backoff (`Backoff`); a job that ran well for a wh
 backoff from the bottom again. Stopping cancels the task: a job must let CancelledError through
 and hold nothing that outlives the cancellation (close its connection in a `finally`).
 
-A job reports through `ctx`: `ctx.connected()` once it is receiving (status `running`, backoff
-reset), `ctx.state` for counters and lag, `ctx.sink.write(...)` to append a batch durably.
+A job reports through `ctx`: `ctx.connected()` once it is receiving (status `running`; the backoff
+restarts from the bottom once a run has lasted a while), `ctx.state` for counters and lag,
+`ctx.sink.write(...)` to append a batch durably.
 """
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -44,11 +46,18 @@ class JobContext:
     sink: Sink
     state: SourceState
     backoff: Backoff
+    since: float | None = None   # monotonic time of the last connected(), None: not connected in this run
 
     def connected(self, message: str = "") -> None:
-        """The job reached its origin and is receiving: status running, backoff from the bottom."""
+        """The job reached its origin and is receiving: status running. The backoff starts from the
+        bottom again only if this run then lasts HEALTHY_S (manager.py): a server that accepts and
+        drops every connection at once is retried ever more slowly, not in a tight loop."""
         self.state.running(message)
-        self.backoff.reset()
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def healthy_for(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
 
 
 class Job(Protocol):

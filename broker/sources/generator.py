@@ -1,9 +1,9 @@
 """`stream_generator`: random test events from one of three templates, one per `interval`
 (shared/spec/sources.md section 2).
 
-Events are scheduled on absolute deadlines (start + k * interval), never `sleep(interval)` after
-the work, so the rate does not drift with the time the appends take. Every event due when the job
-wakes is made and appended in one batch (so a 1 ms interval is 1,000 events a second in a few
+Events are scheduled on absolute deadlines (start + k * interval, on the monotonic clock), never
+`sleep(interval)` after the work, so the rate does not drift with the time the appends take. Every
+event due when the job wakes is made and appended in one batch (so a 1 ms interval is 1,000 events a second in a few
 appends, not 1,000 appends); each event's `time` is its own deadline. A job that fell more than
 `MAX_CATCH_UP` events behind (the machine stalled) skips ahead rather than bursting.
 """
@@ -69,22 +69,26 @@ class GeneratorJob:
         self._rng = rng or random.Random()
 
     async def run(self, ctx: JobContext) -> None:
+        # The schedule runs on the monotonic clock (a wall-clock step neither stalls nor bursts it);
+        # each event's `time` is the wall clock at the start plus its place in the schedule.
         interval = self.config.interval_ms
-        ctx.connected()
-        next_ms = time.time_ns() // 1_000_000   # the first event at once
+        start_mono = time.monotonic_ns() // 1_000_000
+        start_wall = time.time_ns() // 1_000_000
+        made = 0                      # events scheduled so far; the next one is due at start + made * interval
         while True:
-            now = time.time_ns() // 1_000_000
+            now = time.monotonic_ns() // 1_000_000 - start_mono
+            next_ms = made * interval
             if now < next_ms:
                 await asyncio.sleep((next_ms - now) / 1000)
                 continue
             due = (now - next_ms) // interval + 1
             if due > MAX_CATCH_UP:   # stalled: keep the newest events, skip the rest
-                next_ms += (due - MAX_CATCH_UP) * interval
+                made += due - MAX_CATCH_UP
                 due = MAX_CATCH_UP
-            events = [self._make(self._rng, next_ms + k * interval) for k in range(due)]
-            next_ms += due * interval
+            events = [self._make(self._rng, start_wall + (made + k) * interval) for k in range(due)]
+            made += due
             await ctx.sink.write_objects(events)
-            ctx.connected()   # a write that had failed before works again
+            ctx.connected()   # after a write that worked: a target that refuses every append backs off
 
 
 TYPE = SourceType("stream_generator", configure, GeneratorJob, lambda config: "json")

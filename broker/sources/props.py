@@ -21,6 +21,8 @@ from broker.errors import ClientError, ErrorCode, client_error
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_DURATION = re.compile(f"(?:{_DURATION_PART.pattern})+")
 _UNIT_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 MAX_DURATION_MS = 7 * 24 * 3_600_000   # a week: beyond it a duration is a typo, not a plan
 MAX_TEXT = 64 * 1024                   # any one string property
 
@@ -127,7 +129,7 @@ class Props:
         value = self._get(key, False)
         if value is None:
             return default
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
             value = int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad(key, f"must be a whole number, not {_kind(value)}")
@@ -145,6 +147,8 @@ class Props:
         if not isinstance(text, str):
             raise bad(key, f"must be a URL string, not {_kind(text)}")
         text = text.strip()
+        if _CONTROL_OR_SPACE.search(text):
+            raise bad(key, f"[{text[:200]!r}] holds a space or a control character; a URL cannot")
         try:
             parts = urlsplit(text)
             parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -2,7 +2,8 @@
 doors read. A type not here is refused at create time."""
 from __future__ import annotations
 
-from broker.sources import generator, nats
+from broker.sources import generator, nats, websocket
 from broker.sources.base import SourceType
 
-TYPES: dict[str, SourceType] = {t.name: t for t in (generator.TYPE, nats.NATS_TYPE, nats.JETSTREAM_TYPE)}
+TYPES: dict[str, SourceType] = {t.name: t for t in (generator.TYPE, websocket.TYPE, nats.NATS_TYPE,
+                                                    nats.JETSTREAM_TYPE)}

@@ -18,6 +18,7 @@ message encoded alone, to find the bad ones.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Sequence
 
@@ -105,6 +106,8 @@ class Sink:
         config = self.target()
         now_ms = time.time_ns() // 1_000_000
         encoder = self._encoder_for(config)
+        if not encoder.takes_text:   # the stream was recreated without `raw`: a failure, not bad messages
+            check_target(config, "text")
         try:
             rows = encoder.texts(texts, now_ms)
         except ClientError:
@@ -131,7 +134,18 @@ class Sink:
             rows = kept
             if not rows:
                 return 0
-        await self.broker.append_rows(self.stream, rows, project=self.project, stream_id=config.stream_id)
+        # The append runs to its end even if the job is cancelled meanwhile (stop, delete, shutdown):
+        # the committer would finish it anyway, and this way the rows are counted and a stop returns
+        # only after them. (The manager's wait for a cancelled job is bounded.)
+        append = asyncio.ensure_future(self.broker.append_rows(self.stream, rows, project=self.project,
+                                                               stream_id=config.stream_id))
+        try:
+            await asyncio.shield(append)
+        except asyncio.CancelledError:
+            await asyncio.wait({append})
+            if not append.cancelled() and append.exception() is None:
+                self.state.wrote(len(rows))
+            raise
         self.state.wrote(len(rows))
         return len(rows)
 

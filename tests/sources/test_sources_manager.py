@@ -353,3 +353,163 @@ async def test_close_is_prompt_with_many_sources_running(h: Harness) -> None:
     await h.close()
     await h.open()
     assert len([s for s in h.sources.list(P) if s.state.status == "running"]) == 20
+
+
+# -- supervision: fake source types whose jobs misbehave in known ways ---------------------------------
+
+class _Script:
+    """A job per run, scripted by the test: it records each run's backoff attempt and what ran."""
+
+    def __init__(self) -> None:
+        self.attempts: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.behaviour = "fail"        # fail | cancel_itself | linger | text
+
+    def type(self, data_type: str = "json") -> base.SourceType:
+        from broker.sources.props import Props
+
+        def configure(props: Props) -> str:
+            props.raw("x")
+            props.finish()
+            return "config"
+        return base.SourceType("scripted", configure, lambda config: _ScriptedJob(self), lambda config: data_type)
+
+
+class _ScriptedJob:
+    def __init__(self, script: _Script) -> None:
+        self.s = script
+
+    async def run(self, ctx: base.JobContext) -> None:
+        s = self.s
+        s.attempts.append(ctx.backoff.attempt)
+        s.running += 1
+        s.most_at_once = max(s.most_at_once, s.running)
+        try:
+            ctx.connected()
+            if s.behaviour == "fail":
+                raise OSError("refused")          # connects, then drops at once
+            if s.behaviour == "cancel_itself":
+                raise asyncio.CancelledError()    # a library's own cancellation, not ours
+            while s.behaviour == "text":
+                await ctx.sink.write([b"one", b"two"])
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(3600)
+        finally:
+            if s.behaviour == "linger":
+                await asyncio.shield(asyncio.sleep(0.3))   # slow to let go of its connection
+            s.running -= 1
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch) -> _Script:
+    from broker.sources import manager
+    s = _Script()
+    monkeypatch.setitem(manager.TYPES, "scripted", s.type())
+    return s
+
+
+def scripted(name: str = "s", stream: str = "t") -> dict[str, Any]:
+    return {"name": name, "type": "scripted", "stream": stream, "properties": {"x": 1}}
+
+
+async def test_a_job_that_connects_and_drops_at_once_backs_off_further_each_time(h: Harness, script: _Script) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, scripted())
+
+    async def runs() -> bool:
+        return len(script.attempts) >= 4
+    await eventually(runs)
+    assert script.attempts[:4] == [0, 1, 2, 3]     # never reset by a connection that did not last
+    st = h.sources.get(P, "s").state
+    assert st.status == "failed" and "refused" in st.message
+
+
+async def test_a_job_cancelled_by_its_library_is_a_failure_and_is_retried(h: Harness, script: _Script) -> None:
+    script.behaviour = "cancel_itself"
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, scripted())
+
+    async def retried() -> bool:
+        return len(script.attempts) >= 2
+    await eventually(retried)
+    assert "cancelled" in h.sources.get(P, "s").state.last_error
+
+
+async def test_one_job_per_source_even_when_a_job_is_slow_to_let_go(h: Harness, script: _Script,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.sources import manager
+    monkeypatch.setattr(manager, "STOP_WAIT_S", 0.05)   # stop gives up waiting long before the job lets go
+    script.behaviour = "linger"
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, scripted())
+    for _ in range(3):
+        await h.sources.stop_source(P, "s")
+        await h.sources.start_source(P, "s")
+
+    async def last_one_runs() -> bool:
+        return script.running == 1 and not h.sources._ending
+    await eventually(last_one_runs)
+    assert script.most_at_once == 1 and len(script.attempts) >= 2
+
+
+async def test_a_cancelled_verb_still_finishes_so_store_and_memory_agree(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, gen("g", "t"))
+    stop = asyncio.create_task(h.sources.stop_source(P, "g"))
+    await asyncio.sleep(0)          # the verb has begun ...
+    stop.cancel()                   # ... and its caller goes away (a gRPC deadline)
+    with pytest.raises(asyncio.CancelledError):
+        await stop
+
+    async def settled() -> bool:
+        return h.sources.get(P, "g").state.status == "stopped"
+    await eventually(settled)
+    await h.close()
+    await h.open()
+    assert h.sources.get(P, "g").definition.wanted == "stopped"
+
+
+async def test_a_text_source_whose_stream_lost_raw_fails_instead_of_dropping_messages(h: Harness,
+                                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                                     script: _Script) -> None:
+    from broker.sources import manager
+    monkeypatch.setitem(manager.TYPES, "scripted", script.type("text"))
+    script.behaviour = "text"
+    await typed(h, "t", [("raw", "string")])
+    await h.sources.create(P, scripted())
+
+    async def two() -> bool:
+        return len(await h.rows("t")) >= 2
+    await eventually(two)
+    await h.broker.delete_stream("t", project=P)
+    await typed(h, "t", [("other", "string")])     # recreated without raw, while the source runs
+
+    async def failed() -> bool:
+        st = h.sources.get(P, "s").state
+        return st.status == "failed" and "raw" in st.message
+    await eventually(failed)
+    assert await h.rows("t") == []                 # nothing was written as empty rows
+    skipped = [m for _, m in h.sources.get(P, "s").state.error_log if "skipped" in m]
+    assert skipped == []                           # and nothing was counted as a bad message
+
+
+async def test_stored_definitions_this_broker_cannot_run_do_not_stop_it(h: Harness) -> None:
+    await typed(h, "t", TEMPLATE_COLUMNS["iot"])
+    await h.sources.create(P, gen("g", "t"))
+    alien = orjson.loads(h.sources.get(P, "g").definition.to_json())
+    alien.update(id="alien-1", name="alien", type="kafka")
+    await h.store.meta_write({b"S" + P.encode() + b"\0alien-1": orjson.dumps(alien),
+                              b"S" + P.encode() + b"\0broken": b"{not json"})
+    await h.close()
+    await h.open()                                     # starts, skipping what it cannot read
+    assert sorted(s.definition.name for s in h.sources.list(P)) == ["alien", "g"]
+
+    async def alien_failed() -> bool:
+        return h.sources.get(P, "alien").state.status == "failed"
+    await eventually(alien_failed)
+    assert "kafka" in h.sources.get(P, "alien").state.message
+    await h.sources.stop_source(P, "alien")
+    with pytest.raises(BrokerError) as e:
+        await h.sources.start_source(P, "alien")
+    assert e.value.code is ErrorCode.BAD_SOURCE and "[type]" in e.value.message

@@ -30,7 +30,7 @@ from broker.api.http import BROKER, HttpConfig, door_app, read_body, read_json
 from broker.api.render import TSDB
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
-from broker.tsdb.points import check_points
+from broker.tsdb.points import Checked, check_batch
 from broker.tsdb.put import PutWrite
 from broker.tsdb.series import TsdbStream
 
@@ -86,8 +86,9 @@ class _BadBody(Exception):
         self.message, self.details = message, details
 
 
-def _parse(body: bytes) -> tuple[list[Any], list[Any]]:
-    """(the points as received, each one checked). Raises _BadBody (nothing is stored then)."""
+def _parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
+    """(the points as received, per point its error or None, the valid ones made into records:
+    points.check_batch). Raises _BadBody (nothing is stored then)."""
     if not body.strip():
         raise _BadBody("Missing request content")
     try:
@@ -102,7 +103,7 @@ def _parse(body: bytes) -> tuple[list[Any], list[Any]]:
         raise _BadBody("Unable to parse the given JSON", "expected an array of data points or one data point object")
     if not raw:
         raise _BadBody("No datapoints found in content")
-    return raw, check_points(raw)
+    return raw, *check_batch(raw)
 
 
 async def put(request: web.Request) -> web.StreamResponse:
@@ -111,11 +112,11 @@ async def put(request: web.Request) -> web.StreamResponse:
     timeout = _sync_timeout(request)   # `sync` and `ignoreErrors` are accepted: we always answer durably
     body = await read_body(request)
     try:
-        raw, checked = await asyncio.to_thread(_parse, body) if len(body) > _INLINE_BYTES else _parse(body)
+        raw, errors, checked = await asyncio.to_thread(_parse, body) if len(body) > _INLINE_BYTES else _parse(body)
     except _BadBody as exc:
         return _error(exc.message, exc.details)
-    write = PutWrite(checked)
-    if any(e is None for e in write.errors):
+    write = PutWrite(errors, checked)
+    if checked:
         # runs to its end even if this request goes away: types and points must not part ways
         task = asyncio.ensure_future(write.run(request.app[TARGET]))
         try:

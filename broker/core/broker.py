@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncGenerator, Callable, Sequence
+from typing import AsyncGenerator, Callable, Mapping, Sequence
 
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
 from broker.core.catalogue import StreamCatalogue
@@ -152,6 +152,14 @@ class Broker:
         """See WritePath.append_keyed: (hash, data) items routed by their hash, one batch per
         partition, per-item outcomes (seq or the error that refused it)."""
         return await self.writes.append_keyed(project, stream_name, items, timestamps_ms, stream_id)
+
+    async def append_partitioned(self, stream_name: object, batches: Mapping[int, tuple[Sequence[bytes], int]], *,
+                                 project: str = DEFAULT_PROJECT,
+                                 stream_id: int | None = None) -> dict[int, int | BrokerError]:
+        """See WritePath.append_partitioned: records the caller routed, partition -> (records, their
+        latest time in ms), one batch per partition; per partition its first seq or the error that
+        refused it."""
+        return await self.writes.append_partitioned(project, stream_name, batches, stream_id)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

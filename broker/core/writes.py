@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from broker.core import routing
 from broker.core.catalogue import StreamCatalogue
@@ -165,9 +165,8 @@ class WritePath:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{len(timestamps_ms)} timestamps for {n} records")
         outcomes: list[int | BrokerError] = [0] * n
         count, max_record = config.partition_count, self._limits.max_record_bytes
-        # partition -> (item indices, (None, data) items, [its batch's time])
-        groups: dict[int, tuple[list[int], list[tuple[str | None, bytes]], list[int]]] = {}
-        now = self._now()
+        # partition -> (item indices, records, [the latest item time])
+        groups: dict[int, tuple[list[int], list[bytes], list[int]]] = {}
         for i, (h, data) in enumerate(items):
             if not 0 <= h <= HASH_KEY_MAX:
                 raise client_error(ErrorCode.INVALID_REQUEST, detail=f"item {i}: hash {h} out of [0, {HASH_KEY_MAX}]")
@@ -178,30 +177,71 @@ class WritePath:
             p = routing.partition_for_hash(h, count)
             group = groups.get(p)
             if group is None:
-                group = groups[p] = ([], [], [now])
+                group = groups[p] = ([], [], [0])
             group[0].append(i)
-            group[1].append((None, data))
+            group[1].append(data)
             if timestamps_ms is not None and timestamps_ms[i] > group[2][0]:
                 group[2][0] = timestamps_ms[i]
         if not groups:
             return outcomes
-        order = sorted(groups.items())
-        batches = [AppendBatch(config.stream_id, p, ts[0], batch) for p, (_, batch, ts) in order]
-        firsts = await self._committer.append(batches)
-        if any(first is None for first in firsts):  # deleted while we were queued
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
-        written = []
-        for (p, (indices, _, _)), first in zip(order, firsts):
+        firsts = await self._append_to(config, {p: (records, ts[0]) for p, (_, records, ts) in groups.items()})
+        for p, (indices, _, _) in groups.items():
+            first = firsts[p]
             if isinstance(first, BrokerError):   # the store refused this partition's batch only
                 for i in indices:
                     outcomes[i] = first
                 continue
-            assert first is not None
-            written.append(p)
             for k, i in enumerate(indices):
                 outcomes[i] = first + k
-        self._notifier.notify((config.stream_id, p) for p in written)
         return outcomes
+
+    async def append_partitioned(self, project: str, stream_name: object,
+                                 batches: Mapping[int, tuple[Sequence[bytes], int]],
+                                 stream_id: int | None = None) -> dict[int, int | BrokerError]:
+        """Append records the caller routed already (e.g. by routing.partition_for_hash of a key's
+        hash, as append_keyed does): `batches` maps a partition to (its records in order, the
+        latest of their own times in ms, 0 for none), one AppendBatch each, timed as append_keyed
+        says. The records carry no partition key. Per partition: the first seq of its records, or
+        the error that refused its batch (the store's STORAGE_FULL/UNAVAILABLE) - the others are
+        written regardless.
+
+        Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
+        (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
+        records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        config = self._catalogue.get(project, stream_name)
+        if stream_id is not None and config.stream_id != stream_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        batches = {p: b for p, b in batches.items() if b[0]}
+        if not batches:
+            raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
+        max_record = self._limits.max_record_bytes
+        for p, (records, _) in batches.items():
+            if not (type(p) is int and 0 <= p < config.partition_count):
+                raise client_error(ErrorCode.INVALID_REQUEST,
+                                   detail=f"partition {p!r:.40} out of [0, {config.partition_count - 1}]")
+            biggest = max(map(len, records))
+            if biggest > max_record:
+                raise client_error(ErrorCode.INVALID_REQUEST,
+                                   detail=f"record size {biggest} exceeds {max_record} bytes")
+        return await self._append_to(config, batches)
+
+    async def _append_to(self, config: StreamConfig,
+                         batches: Mapping[int, tuple[Sequence[bytes], int]]) -> dict[int, int | BrokerError]:
+        """One AppendBatch per partition (in partition order) timed now or its records' latest
+        time, one committer append, the readers of the written partitions woken."""
+        now = self._now()
+        order = sorted(batches)
+        firsts = await self._committer.append([
+            AppendBatch(config.stream_id, p, max(now, batches[p][1]), [(None, data) for data in batches[p][0]])
+            for p in order])
+        if any(first is None for first in firsts):  # deleted while we were queued
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        out: dict[int, int | BrokerError] = {}
+        for p, first in zip(order, firsts):
+            assert first is not None
+            out[p] = first
+        self._notifier.notify((config.stream_id, p) for p, first in out.items() if not isinstance(first, BrokerError))
+        return out
 
     def _route_batch(self, config: StreamConfig, entries: Sequence[PutEntry] | PutColumns,
                      router: routing.KeyRouter) -> _Routed:

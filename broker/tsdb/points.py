@@ -34,20 +34,27 @@ fraction nor exponent and fits, else double) - stricter than float(): "+5", " 5"
 
 Speed: names repeat from point to point and request to request, so each distinct metric, tag key
 and tag value is checked once (one regex search over the whole text) and remembered, and so is the
-verdict on each series as it arrives (metric and tags with text values: its normalised tags and
-series key, or its error), in maps bounded by NAME_CACHE entries each. A point of a known series
-costs a few dict lookups. The normalised tags dict is shared by the points of a series: read only.
+verdict on each series as it arrives (metric and tags with text values, keyed by the tuple
+`(metric, *tag keys, *tag values)` as received: its series.SeriesForm, or its error), in maps
+bounded by NAME_CACHE entries each. The SeriesForm (normalised tags, key, record pieces, route) is
+shared by the points of a series: read only.
+
+`check_batch` is what the put path runs: for a point of a series whose form is known and whose
+timestamp and value are plain (an int in range; a float, an int, a boolean or a string value) it
+goes straight to the point's record - one tuple lookup, a few type checks and one bytes format -
+and any other point takes `check_point`, the rules in full, so both give the same verdict.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from broker.tsdb.series import BOOLEAN, DOUBLE, LONG, NUMERIC, STRING, TYPE_OF, series_key
+from broker.tsdb.series import BOOLEAN, DOUBLE, LONG, NUMERIC, STRING, TYPE_OF, SeriesForm, series_key
 
 MAX_TAGS = 16
 METRIC_MAX_BYTES = 255
@@ -78,8 +85,10 @@ _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 # name -> "" when legal, else its first illegal character
 _names: dict[str, str] = {}
-# (metric, *tag items as received) -> (tags as text, sorted; series key) or the names' error
-_series: dict[tuple[Any, ...], tuple[dict[str, str], str] | str] = {}
+# (metric, *tag keys, *tag values as received; text only) -> the series' form, or the names' error
+_series: dict[tuple[Any, ...], SeriesForm | str] = {}
+# series key -> its form, for points whose names are not remembered as received (a tag value 8080)
+_forms: dict[str, SeriesForm] = {}
 
 
 def illegal_character(name: str) -> str:
@@ -104,6 +113,7 @@ class Point:
     kind: str                 # long, double, string, boolean
     tags: dict[str, str]      # sorted by key
     key: str                  # series_key(metric, tags)
+    form: SeriesForm | None = field(default=None, compare=False, repr=False)   # the series' form
 
     @property
     def type(self) -> str:
@@ -129,9 +139,7 @@ def typed_value(value: Any) -> tuple[int | float | str | bool, str] | str:
     """(value, kind) of a JSON value that is not null or "", or the error string of rule 3."""
     t = type(value)
     if t is str:
-        if _NUMBER.fullmatch(value) is None:
-            return value, STRING
-        return _number(value)
+        return _typed_text(value)
     if t is int:
         if _LONG_MIN <= value <= _LONG_MAX:
             return value, LONG
@@ -141,6 +149,13 @@ def typed_value(value: Any) -> tuple[int | float | str | bool, str] | str:
     if t is bool:
         return value, BOOLEAN
     return BAD_VALUE_TYPE
+
+
+def _typed_text(text: str) -> tuple[int | float | str, str]:
+    """A string value: the number it spells when it is a plain decimal literal, else itself."""
+    if _NUMBER.fullmatch(text) is None:
+        return text, STRING
+    return _number(text)
 
 
 def _number(text: str) -> tuple[int | float | str, str]:
@@ -191,31 +206,39 @@ def check_point(raw: Any) -> Point | str:
     if len(tags) > MAX_TAGS:
         return f"Too many tags: {len(tags)}, max {MAX_TAGS}"
     # 6, 7 for the names: the verdict on these exact names is usually known
+    verdict = series_form(metric, tags)
+    if isinstance(verdict, str):
+        return verdict
+    # 7 for the value (a character is at most 4 bytes of UTF-8: short texts need no encoding)
+    value, kind = typed
+    if kind == STRING and isinstance(value, str) and len(value) > STRING_MAX_BYTES // 4 \
+            and len(value.encode()) > STRING_MAX_BYTES:
+        return STRING_TOO_LONG
+    return Point(metric, ts, value, kind, verdict.tags, verdict.key, verdict)
+
+
+def series_form(metric: str, tags: dict[Any, Any]) -> SeriesForm | str:
+    """Rules 6 and the metric's 7 for a metric (text) and a non-empty tags object: the series'
+    form, or the error. Remembered when every tag value is text: 1, 1.0 and True are equal keys
+    of a dict, "1" is not."""
     try:
-        names: tuple[Any, ...] = (metric, *tags.items())
+        names: tuple[Any, ...] = (metric, *tags, *tags.values())
         verdict = _series.get(names)
     except TypeError:   # an unhashable tag value (object, array): the long way
         names, verdict = (), None
     if verdict is None:
         verdict = _check_names(metric, tags)
         if names and all(type(v) is str for v in tags.values()):
-            # only all-text tags are remembered: 1, 1.0 and True are equal keys of a dict, "1" is not
             if len(_series) >= NAME_CACHE:
                 _series.clear()
-            _series[names] = verdict
-    if isinstance(verdict, str):
-        return verdict
-    clean, key = verdict
-    # 7 for the value (a character is at most 4 bytes of UTF-8: short texts need no encoding)
-    value, kind = typed
-    if kind == STRING and isinstance(value, str) and len(value) > STRING_MAX_BYTES // 4 \
-            and len(value.encode()) > STRING_MAX_BYTES:
-        return STRING_TOO_LONG
-    return Point(metric, ts, value, kind, clean, key)
+            # interned: the few distinct names are shared by the stored keys, so comparing a key
+            # found by its hash reads memory the last points read too
+            _series[tuple(map(sys.intern, names))] = verdict
+    return verdict
 
 
-def _check_names(metric: str, tags: dict[str, Any]) -> tuple[dict[str, str], str] | str:
-    """Rules 6 and the metric's 7 over the names: (the tags as text, sorted; the series key), or the error."""
+def _check_names(metric: str, tags: dict[str, Any]) -> SeriesForm | str:
+    """Rules 6 and the metric's 7 over the names: the series' form, or the error."""
     bad = illegal_character(metric)
     if bad:
         return f'Invalid metric name ("{metric}"): illegal character: {bad}'
@@ -242,12 +265,75 @@ def _check_names(metric: str, tags: dict[str, Any]) -> tuple[dict[str, str], str
         return METRIC_TOO_LONG
     if len(clean) > 1:
         clean = dict(sorted(clean.items()))
-    return clean, series_key(metric, clean)
+    key = series_key(metric, clean)
+    form = _forms.get(key)
+    if form is None:
+        if len(_forms) >= NAME_CACHE:
+            _forms.clear()
+        form = _forms[key] = SeriesForm(metric, clean, key)
+    return form
 
 
 def check_points(raw: list[Any]) -> list[Point | str]:
     """check_point for each element, in order."""
     return [check_point(p) for p in raw]
+
+
+# A checked point as the writer takes it: (its index in the request, its series' form, its kind,
+# its time in ms, its record: series.record_data's bytes).
+Checked = tuple[int, SeriesForm, str, int, bytes]
+
+
+def check_batch(raw: list[Any]) -> tuple[list[str | None], list[Checked]]:
+    """Every element of a put checked and, when valid, made into its record: (per element its
+    error string or None; the valid ones in order). The same verdicts as check_point."""
+    errors: list[str | None] = [None] * len(raw)
+    ok: list[Checked] = []
+    add = ok.append
+    known = _series.get
+    dumps, join = orjson.dumps, b"".join
+    last_ts, middle = -1, b""   # a record's bytes between its series' head and its value: per timestamp
+    for i, p in enumerate(raw):
+        # the fast path: a known series, a plain timestamp and value; anything else falls through
+        try:
+            if p.__class__ is dict and (tags := p["tags"]).__class__ is dict:
+                # only text metrics and tag values are stored keys: other JSON values find nothing
+                form = known((p["metric"], *tags, *tags.values()))
+                ts = p["timestamp"]
+                # the seconds' and the milliseconds' ranges meet: 9,999,999,999 s, 10,000,000,000 ms
+                if form.__class__ is SeriesForm and ts.__class__ is int and 4_284_768 <= ts <= 9_999_999_999_999:
+                    if ts <= 9_999_999_999:
+                        ts *= 1000
+                    value = p["value"]
+                    vt = value.__class__
+                    kind: str | None = None
+                    if vt is float:
+                        kind, vj = DOUBLE, dumps(value)
+                    elif vt is int:
+                        if _LONG_MIN <= value <= _LONG_MAX:
+                            kind, vj = LONG, b"%d" % value
+                    elif vt is bool:
+                        kind, vj = BOOLEAN, b"true" if value else b"false"
+                    elif vt is str and value and (len(value) <= STRING_MAX_BYTES // 4
+                                                  or len(value.encode()) <= STRING_MAX_BYTES):
+                        typed, kind = _typed_text(value)
+                        vj = dumps(typed)
+                    if kind is not None:
+                        # form.record(ts, vj), inline: points of a request mostly share their time
+                        if ts != last_ts:
+                            last_ts, middle = ts, b'%d,"value":' % ts
+                        add((i, form, kind, ts, join((form.head, middle, vj, form.tail))))
+                        continue
+        except (KeyError, TypeError):   # a field missing, an unhashable tag value: the long way
+            pass
+        checked = check_point(p)
+        if isinstance(checked, str):
+            errors[i] = checked
+        else:
+            form = checked.form
+            assert form is not None
+            add((i, form, checked.kind, checked.timestamp_ms, form.record(checked.timestamp_ms, dumps(checked.value))))
+    return errors, ok
 
 
 def type_conflict(series_kind: str, kind: str) -> str | None:
@@ -261,5 +347,6 @@ def type_conflict(series_kind: str, kind: str) -> str | None:
     return f"Value type mismatch: series holds {series_kind} values"
 
 
-__all__ = ["Point", "check_point", "check_points", "type_conflict", "illegal_character", "typed_value",
+__all__ = ["Point", "Checked", "check_point", "check_points", "check_batch", "series_form", "type_conflict",
+           "illegal_character", "typed_value",
            "NUMERIC", "STRING", "BOOLEAN", "LONG", "DOUBLE"]

@@ -1,6 +1,7 @@
 """Writing checked points (shared/spec/tsdb-put.md sections 2, 3 rules 8-9, and 6): the series'
 value types checked in array order, the types of new series stored durably, then every accepted
-point appended in one `Broker.append_keyed`, each routed by its series key's hash.
+point appended in one `Broker.append_partitioned`, each in the partition its series key's hash
+routes to (series.SeriesForm.partition: routing.partition_for_hash of routing.key_hash).
 
 Record times (core/writes.py append_keyed): a partition's batch is stored at the write time, or at
 its latest point's time when that is later, so `seq_at_time(start)` is a safe lower bound for
@@ -14,36 +15,29 @@ A `PutWrite` holds every point's outcome as the write goes: an error string, sto
 pending (which is what a `sync_timeout` that runs out counts as `timeouts`). `run()` is meant to
 run to its end even when the request that started it is gone (the door shields it): the types a
 registry learns and what the store holds must not part ways.
+
+Speed: points.check_batch hands over each valid point already made into its record, with its
+series' form (key, route); a write costs per point one dict lookup for its series' type and one
+list append into its partition's batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from operator import itemgetter
 
 import orjson
 
-from broker.core.routing import key_hash
 from broker.errors import BrokerError, ErrorCode
-from broker.tsdb.points import Point, type_conflict
-from broker.tsdb.series import TsdbStream, record_parts
+from broker.tsdb.points import Checked, Point, type_conflict
+from broker.tsdb.series import TYPE_OF, TsdbStream
 
-_SERIES_MEMO = 200_000   # bound of the series key -> (hash, record pieces) memo
-# the MD5 is most of a point's routing, and the series' part of its record is the same every time
-_memo: dict[str, tuple[int, bytes, bytes]] = {}
-
-
-def _series_of(point: Point) -> tuple[int, bytes, bytes]:
-    known = _memo.get(point.key)
-    if known is None:
-        if len(_memo) >= _SERIES_MEMO:
-            _memo.clear()
-        known = _memo[point.key] = (key_hash(point.key), *record_parts(point.metric, point.tags))
-    return known
+_record = itemgetter(4)
 
 
 def encode(point: Point) -> tuple[int, bytes]:
     """(the series key's hash, the record: series.record_data's bytes) of a point."""
-    h, head, tail = _series_of(point)
-    return h, b'%s%d,"value":%s%s' % (head, point.timestamp_ms, orjson.dumps(point.value), tail)
+    form = point.form
+    assert form is not None, "a Point made by check_point carries its series' form"
+    return form.hash, form.record(point.timestamp_ms, orjson.dumps(point.value))
 
 
 def storage_exception(error: BrokerError | str) -> str:
@@ -53,14 +47,16 @@ def storage_exception(error: BrokerError | str) -> str:
 
 class PutWrite:
     """The outcome of each point of one put: `errors[i]` its error string (None: none so far) and
-    `stored[i]` whether it is durably appended. A point with neither is still pending."""
+    `stored[i]` whether it is durably appended. A point with neither is still pending.
 
-    def __init__(self, checked: Sequence[Point | str]) -> None:
+    Made from points.check_batch's answer: `errors` (taken over, not copied) and the valid points."""
+
+    def __init__(self, errors: list[str | None], checked: list[Checked]) -> None:
+        self.errors = errors
         self.checked = checked
-        self.errors: list[str | None] = [c if isinstance(c, str) else None for c in checked]
-        self.stored = [False] * len(checked)
+        self.stored = [False] * len(errors)
         self.done = False
-        self._records: dict[int, tuple[int, bytes]] = {}   # point index -> (hash, record), the writable ones
+        self._writable: list[Checked] = checked   # those within the record size limit
 
     @property
     def success(self) -> int:
@@ -68,7 +64,8 @@ class PutWrite:
 
     @property
     def pending(self) -> int:
-        return sum(1 for e, s in zip(self.errors, self.stored) if e is None and not s)
+        # a point is stored, failed or pending, never two of them
+        return self.errors.count(None) - self.success
 
     async def run(self, target: TsdbStream) -> None:
         """Check types, fix new ones, append. A stream deleted under us is recreated once (its
@@ -76,14 +73,15 @@ class PutWrite:
         STORAGE_FULL) are every accepted point's storage exception; a client error of the whole
         call (the name holds a typed stream) is raised."""
         limit = target.broker.limits.max_record_bytes
-        for i, point in enumerate(self.checked):
-            if isinstance(point, Point):
-                h, data = encode(point)
-                if len(data) > limit:   # huge tags: refused before its type is fixed
-                    self.errors[i] = storage_exception(f"the point's record is {len(data)} bytes, over the "
-                                                       f"record limit of {limit}")
+        checked = self.checked
+        if checked and max(map(len, map(_record, checked))) > limit:   # huge tags: refused before its type is fixed
+            self._writable = []
+            for c in checked:
+                if len(c[4]) > limit:
+                    self.errors[c[0]] = storage_exception(f"the point's record is {len(c[4])} bytes, over the "
+                                                          f"record limit of {limit}")
                 else:
-                    self._records[i] = (h, data)
+                    self._writable.append(c)
         try:
             for attempt in (1, 2):
                 try:
@@ -95,57 +93,73 @@ class PutWrite:
                     if exc.code is not ErrorCode.STREAM_NOT_FOUND or attempt == 2:
                         self._fail_pending(exc)
                         return
-                    for i in self._records:   # nothing went in: a fresh registry checks them again
-                        self.errors[i] = None
+                    for c in self._writable:   # nothing went in: a fresh registry checks them again
+                        self.errors[c[0]] = None
         finally:
             self.done = True
 
     def _fail_pending(self, error: BrokerError) -> None:
         text = storage_exception(error)
-        for i in self._records:
-            if self.errors[i] is None and not self.stored[i]:
-                self.errors[i] = text
+        errors, stored = self.errors, self.stored
+        for c in self._writable:
+            i = c[0]
+            if errors[i] is None and not stored[i]:
+                errors[i] = text
 
     async def _attempt(self, target: TsdbStream) -> None:
         config, registry = await target.ensure()
-        accepted: list[int] = []
         errors = self.errors
-        known = registry.kind_of
+        # one batch per partition: its records in array order, their indices, the latest point time
+        count = config.partition_count
+        records: list[list[bytes]] = [[] for _ in range(count)]
+        indices: list[list[int]] = [[] for _ in range(count)]
+        latest = [0] * count
         async with registry.lock:
+            kind_of = registry.kinds().get
             new: dict[str, str] = {}
-            checked = self.checked
-            for i in self._records:
-                point: Point = checked[i]   # type: ignore[assignment]
-                key = point.key
-                kind = known(key) or new.get(key)
-                if kind is None:
-                    new[key] = point.kind
-                elif kind != point.kind and (conflict := type_conflict(kind, point.kind)) is not None:
-                    errors[i] = conflict
+            for i, form, kind, ts, record in self._writable:
+                have = kind_of(form.key)
+                if have is None:
+                    have = new.get(form.key)
+                    if have is None:
+                        have = new[form.key] = kind
+                # long and double mix: the same type is enough
+                if have != kind and TYPE_OF[have] != TYPE_OF[kind]:
+                    errors[i] = type_conflict(have, kind)
                     continue
-                accepted.append(i)
+                p = form.partition(count)
+                records[p].append(record)
+                indices[p].append(i)
+                if ts > latest[p]:
+                    latest[p] = ts
             try:
                 await registry.fix(new)
             except BrokerError as exc:   # points of new series cannot go in without their type
                 if exc.code is ErrorCode.STREAM_NOT_FOUND:
                     raise
                 text = storage_exception(exc)
-                kept = []
-                for i in accepted:
-                    if self.checked[i].key in new:   # type: ignore[union-attr]
+                records, indices, latest = [[] for _ in range(count)], [[] for _ in range(count)], [0] * count
+                for i, form, _, ts, record in self._writable:
+                    if errors[i] is not None:   # its type refused
+                        continue
+                    if form.key in new:
                         errors[i] = text
-                    else:
-                        kept.append(i)
-                accepted = kept
-        if not accepted:
+                        continue
+                    p = form.partition(count)
+                    records[p].append(record)
+                    indices[p].append(i)
+                    latest[p] = max(latest[p], ts)
+        batches = {p: (records[p], latest[p]) for p in range(count) if records[p]}
+        if not batches:
             return
-        records = self._records
-        outcomes = await target.broker.append_keyed(
-            config.stream_name, [records[i] for i in accepted],
-            [checked[i].timestamp_ms for i in accepted],   # type: ignore[union-attr]
-            project=config.project, stream_id=config.stream_id)
-        for i, outcome in zip(accepted, outcomes):
-            if isinstance(outcome, BrokerError):
-                errors[i] = storage_exception(outcome)
+        firsts = await target.broker.append_partitioned(config.stream_name, batches, project=config.project,
+                                                        stream_id=config.stream_id)
+        stored = self.stored
+        for p, first in firsts.items():
+            if isinstance(first, BrokerError):
+                text = storage_exception(first)
+                for i in indices[p]:
+                    errors[i] = text
             else:
-                self.stored[i] = True
+                for i in indices[p]:
+                    stored[i] = True

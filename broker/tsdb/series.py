@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass
+from typing import Mapping
 
 import orjson
 
@@ -72,6 +73,34 @@ def record_parts(metric: str, tags: dict[str, str]) -> tuple[bytes, bytes]:
             b',"tags":' + orjson.dumps(dict(sorted(tags.items()))) + b"}")
 
 
+class SeriesForm:
+    """What every point of one series shares, worked out once per series (points.py remembers it
+    per metric and tags as received): the metric and its tags as text, sorted; the series key; the
+    two pieces of its records (record_parts); the key's hash (routing.key_hash) and, per partition
+    count, the partition it routes to (remembered). Read only once made."""
+
+    __slots__ = ("metric", "tags", "key", "head", "tail", "hash", "_count", "_partition")
+
+    def __init__(self, metric: str, tags: dict[str, str], key: str | None = None) -> None:
+        """`tags` sorted by key, values text; `key` series_key(metric, tags) when the caller has it."""
+        self.metric, self.tags = metric, tags
+        self.key = series_key(metric, tags) if key is None else key
+        self.head, self.tail = record_parts(metric, tags)
+        self.hash = key_hash(self.key)
+        self._count = self._partition = 0
+
+    def partition(self, partition_count: int) -> int:
+        """series_partition(key, partition_count), remembered for the last count asked."""
+        if partition_count != self._count:
+            self._partition = partition_for_hash(self.hash, partition_count)
+            self._count = partition_count
+        return self._partition
+
+    def record(self, timestamp_ms: int, value_json: bytes) -> bytes:
+        """record_data's bytes for a point of this series; `value_json` the value as orjson writes it."""
+        return b'%s%d,"value":%s%s' % (self.head, timestamp_ms, value_json, self.tail)
+
+
 def _prefix(project: str, stream_id: int) -> bytes:
     return SERIES_PREFIX + project.encode() + b"\0" + _SID.pack(stream_id)
 
@@ -112,6 +141,11 @@ class SeriesRegistry:
     def kind_of(self, key: str) -> str | None:
         """long, double, string or boolean: the type, and for a numeric series its first value's kind."""
         return self._kinds.get(key)
+
+    def kinds(self) -> Mapping[str, str]:
+        """Every known series key -> its kind: kind_of for a writer checking many points. Read only;
+        it changes under the reader only when `fix` runs (writers hold `lock`)."""
+        return self._kinds
 
     async def fix(self, new: dict[str, str]) -> None:
         """Store the types (or kinds: LONG, DOUBLE) of series seen for the first time (one metadata

@@ -1,7 +1,8 @@
 """Broker.append_keyed: records routed by a hash the caller computed (tsdb series keys longer than
 the partition-key limit), one AppendBatch per partition, per-item outcomes, the batch time from
 the items' own times, the stream-id check, wake-ups and the record limit. In-process over the
-MemoryStore (and a RocksStore for the time lookup), with a clock the test sets."""
+MemoryStore (and a RocksStore for the time lookup), with a clock the test sets. And
+Broker.append_partitioned, the same write with the routing done by the caller (the tsdb put)."""
 from __future__ import annotations
 
 import asyncio
@@ -196,3 +197,38 @@ async def test_a_long_poll_wakes_on_a_keyed_append(broker: Broker) -> None:
     await broker.append_keyed("s", [(h[1], b"wake")])
     result = await asyncio.wait_for(poll, 10)
     assert [r.data for r in result.records] == [b"wake"]
+
+
+# -- Broker.append_partitioned: the same path with the routing done by the caller ---------------
+
+async def test_partitioned_batches_go_in_one_append_in_order(broker: Broker, store: RecordingStore,
+                                                              clock: Clock) -> None:
+    await broker.create_stream("s", 4)
+    firsts = await broker.append_partitioned("s", {2: ([b"a", b"b"], 0), 0: ([b"c"], T0 + 5_000), 3: ([], 0)})
+    assert firsts == {0: 0, 2: 0}                                   # an empty batch is left out
+    assert len(store.appends) == 1
+    assert [(b.partition, b.timestamp_ms, b.items) for b in store.appends[0]] == [
+        (0, T0 + 5_000, [(None, b"c")]), (2, T0, [(None, b"a"), (None, b"b")])]   # now, or the latest item time
+    assert [d for _, d, _, _ in await read(broker, "s", 2)] == [b"a", b"b"]
+    assert await broker.append_partitioned("s", {2: ([b"d"], 0)}) == {2: 2}
+
+
+async def test_partitioned_refusals(broker: Broker, store: RecordingStore) -> None:
+    cfg = await broker.create_stream("s", 2)
+    big = b"x" * (broker.limits.max_record_bytes + 1)
+    for batches, code in (({}, ErrorCode.EMPTY_REQUEST), ({0: ([], 0)}, ErrorCode.EMPTY_REQUEST),
+                          ({2: ([b"x"], 0)}, ErrorCode.INVALID_REQUEST), ({-1: ([b"x"], 0)}, ErrorCode.INVALID_REQUEST),
+                          ({True: ([b"x"], 0)}, ErrorCode.INVALID_REQUEST),
+                          ({0: ([b"x"], 0), 1: ([b"ok", big], 0)}, ErrorCode.INVALID_REQUEST)):
+        with pytest.raises(BrokerError) as exc:
+            await broker.append_partitioned("s", batches)
+        assert exc.value.code is code, batches
+    assert store.appends == []                                      # nothing of a refused call is written
+    store.refuse = {1}
+    firsts = await broker.append_partitioned("s", {0: ([b"a"], 0), 1: ([b"b"], 0)}, stream_id=cfg.stream_id)
+    assert firsts[0] == 0 and isinstance(firsts[1], BrokerError) and firsts[1].code is ErrorCode.STORAGE_FULL
+    await broker.delete_stream("s")
+    await broker.create_stream("s", 2)
+    with pytest.raises(BrokerError) as exc:
+        await broker.append_partitioned("s", {0: ([b"x"], 0)}, stream_id=cfg.stream_id)
+    assert exc.value.code is ErrorCode.STREAM_NOT_FOUND

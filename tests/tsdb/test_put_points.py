@@ -7,12 +7,13 @@ import math
 import re
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.core.routing import key_hash
 from broker.tsdb import points
-from broker.tsdb.points import Point, check_point, check_points, illegal_character, typed_value
+from broker.tsdb.points import Point, check_batch, check_point, check_points, illegal_character, typed_value
 from broker.tsdb.put import encode
 from broker.tsdb.series import record_data, series_key
 
@@ -121,3 +122,56 @@ def test_series_verdicts_do_not_confuse_equal_numbers() -> None:
     base = {"metric": "conf", "timestamp": 10_000_000_000, "value": 1}
     got = [check_point({**base, "tags": {"h": v}}) for v in ("1", 1, 1.0, True, "true", 0, False, "0")]
     assert [p.tags["h"] for p in got if isinstance(p, Point)] == ["1", "1", "1.0", "true", "true", "0", "false", "0"]
+
+
+_NAMES = st.sampled_from(["cpu", "sys.cpu", "温度", "a b", "", "x+y", "h1", "h2", "dc1", "long." * 60])
+_TAG_VALUES = st.one_of(_NAMES, st.sampled_from([1, 1.0, True, False, 0, None, [1], {"a": 1}, 8080]))
+_VALUES = st.one_of(st.integers(-2**64, 2**64), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                    st.sampled_from(["", "18", "-1.5e3", "NaN", "+5", " 5", "up", "1" * 400, "x" * 20480,
+                                     "x" * 20481, "é" * 10240, "é" * 10241, "9" * 30000]),
+                    st.none(), st.just([1]), st.just({"v": 1}))
+_TIMES = st.one_of(st.sampled_from([4_284_767, 4_284_768, 9_999_999_999, 10_000_000_000, 9_999_999_999_999,
+                                    10_000_000_000_000, -1, 0, True, 1.5, "1499158925", None]),
+                   st.integers(4_284_768, 9_999_999_999_999))
+_POINT = st.fixed_dictionaries({}, optional={
+    "metric": st.one_of(_NAMES, st.sampled_from([5, 1.5, True, None, ["m"]])), "timestamp": _TIMES, "value": _VALUES,
+    "tags": st.one_of(st.dictionaries(_NAMES, _TAG_VALUES, max_size=3), st.just({f"k{i}": "v" for i in range(17)}),
+                      st.sampled_from([None, [], "host=a", {}]))})
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(st.one_of(_POINT, JSON), max_size=12))
+def test_check_batch_gives_check_points_verdicts_and_records(raw: list[Any]) -> None:
+    """The batch path (known series straight to their records) agrees with check_point and
+    encode point for point: before the series are known and after (the fast path)."""
+    expected = check_points(raw)
+    for _ in range(2):   # the first pass teaches the series' forms, the second uses them
+        errors, ok = check_batch(raw)
+        assert len(errors) == len(raw)
+        valid = iter(ok)
+        for i, want in enumerate(expected):
+            if isinstance(want, str):
+                assert errors[i] == want
+                continue
+            assert errors[i] is None
+            index, form, kind, ts, record = next(valid)
+            assert (index, form.key, form.tags, kind, ts) == (i, want.key, want.tags, want.kind, want.timestamp_ms)
+            assert record == record_data(want.metric, want.timestamp_ms, want.value, want.tags)
+            assert form.hash == key_hash(want.key)
+        assert next(valid, None) is None
+
+
+def test_check_batch_takes_the_fast_path_for_known_series(monkeypatch: Any) -> None:
+    """A known series' point with a plain timestamp and value never reaches check_point."""
+    base = {"metric": "fast.m", "tags": {"host": "a", "dc": "b"}}
+    raw = [{**base, "timestamp": t, "value": v} for t, v in
+           ((1_700_000_000, 1.5), (1_700_000_000_123, 7), (1_700_000_001, True), (1_700_000_002, "18"),
+            (1_700_000_003, "up"), (1_700_000_004, "é" * 10240))]
+    check_batch(raw[:1])
+    monkeypatch.setattr(points, "check_point", lambda p: pytest.fail(f"slow path for {p}"))
+    errors, ok = check_batch(raw)
+    assert errors == [None] * len(raw)
+    assert [(kind, ts) for _, _, kind, ts, _ in ok] == [
+        ("double", 1_700_000_000_000), ("long", 1_700_000_000_123), ("boolean", 1_700_000_001_000),
+        ("long", 1_700_000_002_000), ("string", 1_700_000_003_000), ("string", 1_700_000_004_000)]
+    assert ok[3][4] == b'{"metric":"fast.m","timestamp":1700000002000,"value":18,"tags":{"dc":"b","host":"a"}}'

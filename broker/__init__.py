@@ -5,7 +5,7 @@
     app.py               composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
     startup.py           startup errors an operator can fix, as one line (StartupError); the data-dir claim
     launcher.py          start a broker process and wait for its ready line (tests, benchmarks)
-    malloc.py            glibc allocator knobs: fewer arenas at start, freed pages returned periodically
+    malloc.py            memory knobs: glibc arenas capped, freed pages given back, the GC settled once started
     errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
     model.py             plain values shared by core and storage
     core/

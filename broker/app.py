@@ -164,6 +164,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
     log.info("sluice ready grpc=%s:%d http=%s:%d%s data_dir=%s store=%s", settings.host, grpc_port,
              settings.host, http_port, tsdb_address, settings.data_dir, settings.store)
+    malloc.settle_gc()   # started: what is loaded by now stays
     if on_ready:
         on_ready(running)
     try:

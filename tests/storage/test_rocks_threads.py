@@ -1,6 +1,7 @@
-"""RocksStore: where a blocking engine call runs. A lone small WAL-mode append runs on the event
-loop (no thread hops); anything bigger, anything fsynced, and anything that meets a mutation in
-flight on the writer thread goes to the writer thread. Appends through the core's Committer."""
+"""RocksStore: where a blocking engine call runs. A WAL-mode append within the inline budget runs
+on the event loop (no thread hops); anything bigger, anything fsynced, and anything that meets a
+mutation in flight on the writer thread goes to the writer thread. Appends through the core's
+Committer."""
 from __future__ import annotations
 
 import asyncio

@@ -57,6 +57,7 @@
       manager.py         Sources: create/list/get/update/delete/start/stop; supervised tasks; restart
     tsdb/                OpenTSDB/HiTSDB points over the log (the /api/put and /api/query door)
       series.py          series keys, their partition, the record layout, SeriesRegistry (one type per series, durable)
+      query.py           /api/query and /api/suggest: OpenTSDB 2.x queries read from the series' partitions, in Polars
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
       dtypes.py          canonical column types -> kind and Polars dtype

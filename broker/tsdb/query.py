@@ -124,7 +124,13 @@ def _too_much(detail: str) -> ClientError:
 
 def _show(value: object) -> str:
     """A value quoted in an error message, cut short."""
-    text = value if isinstance(value, str) else orjson.dumps(value, default=repr).decode()
+    if isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = orjson.dumps(value, default=repr).decode()
+        except Exception:   # an integer beyond 64 bits, a nesting too deep: say what it was
+            text = f"a {type(value).__name__}"
     return repr(text[:60] + ("..." if len(text) > 60 else ""))
 
 
@@ -202,7 +208,7 @@ def _time(value: object, where: str, now_ms: int, tz: Callable[[], dt.tzinfo]) -
 
 def _absolute(n: int, where: str) -> int:
     if n < 0 or n > _MAX_MS:
-        raise _bad(where, f"timestamp {n} out of range (0 to 9999999999 seconds or 10000000000 to "
+        raise _bad(where, f"timestamp {_show(n)} out of range (0 to 9999999999 seconds or 10000000000 to "
                           f"9999999999999 milliseconds)")
     return n * 1000 if n <= 9_999_999_999 else n
 
@@ -359,7 +365,7 @@ def parse_body(body: object, now_ms: int) -> Query:
     if body.get("start") is None:
         raise _bad("start", "missing: a start time is required")
     start = _time(body["start"], "start", now_ms, tz)
-    end = now_ms if body.get("end") is None else _time(body["end"], "end", now_ms, tz)
+    end = now_ms if body.get("end") in (None, "") else _time(body["end"], "end", now_ms, tz)
     if end <= start:
         raise _bad("end", f"the end time ({end} ms) must be after the start time ({start} ms)")
     queries = body.get("queries")
@@ -580,9 +586,8 @@ def _layout(metric: str, tags: dict[str, str]) -> tuple[bytes, str]:
 
 @dataclass
 class _Budget:
-    scanned: int = 0
-    points: int = 0
-    records_read: int = 0   # observability and tests
+    scanned: int = 0   # records read
+    points: int = 0    # points of the matching series in range
 
 
 @dataclass
@@ -595,9 +600,6 @@ class _Target:
     hi_ms: int
     keep_text: bool        # non-numeric series are answered: keep the value text
     budget: _Budget = field(default_factory=_Budget)
-
-
-_FRAME = {"sidx": pl.UInt32, "ts": pl.Int64, "v": pl.Float64, "vi": pl.Int64}
 
 
 def _utf8(data: bytes) -> bool:
@@ -667,7 +669,6 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
             if datas:
                 b = t.budget
                 b.scanned += len(datas)
-                b.records_read += len(datas)
                 if b.scanned > MAX_SCANNED:
                     raise _too_much(f"Sorry, you have attempted to read more than our limit of {MAX_SCANNED} "
                                     f"records. Please try filtering using more tags or decrease your time range.")

@@ -64,23 +64,20 @@ async def main() -> None:
         await registry.fix({series_key("sys.cpu.user", {"host": f"h{i}", "dc": "lga"}): NUMERIC
                             for i in range(10_000)} if args.noise else {})
         t0 = time.perf_counter()
-        step = max(args.points // max(args.noise, 1), 1) if args.noise else args.points
-        written = noise = 0
-        while written < args.points:
-            n = min(step, args.points - written)
-            pts = [("sys.cpu.user", BASE_MS + i * 1000, float(i % 100), tags) for i in range(written, written + n)]
-            if args.noise and noise < args.noise:
-                k = min(max(args.noise // max(args.points // step, 1), 1), args.noise - noise)
-                pts += [("sys.cpu.user", BASE_MS + (written + j % n) * 1000, 1.0,
-                         {"host": f"h{(noise + j) % 10_000}", "dc": "lga"}) for j in range(k)]
-                noise += k
+        noise = 0
+        for lo in range(0, args.points, 10_000):   # the other series' points interleaved in time
+            n = min(10_000, args.points - lo)
+            pts = [("sys.cpu.user", BASE_MS + i * 1000, float(i % 100), tags) for i in range(lo, lo + n)]
+            k = args.noise * (lo + n) // args.points - noise
+            pts += [("sys.cpu.user", BASE_MS + (lo + j * n // k) * 1000, 1.0,
+                     {"host": f"h{(noise + j) % 10_000}", "dc": "lga"}) for j in range(k)]
+            noise += k
             await write(broker, clock, sorted(pts, key=lambda p: p[1]))
-            written += n
         print(f"wrote {args.points:,} points of one series + {noise:,} of others in {time.perf_counter() - t0:.1f} s")
         end_s = (BASE_MS + args.points * 1000) // 1000
         one = {"host": "web01", "dc": "lga"}
         shapes = {
-            "sum, raw (1M dps out)": {"aggregator": "sum", "tags": one},
+            "sum, raw (every point out)": {"aggregator": "sum", "tags": one},
             "sum:1m-avg": {"aggregator": "sum", "downsample": "1m-avg", "tags": one},
             "sum:1h-max": {"aggregator": "sum", "downsample": "1h-max", "tags": one},
             "count:0all-count": {"aggregator": "count", "downsample": "0all-count", "tags": one},

@@ -20,7 +20,7 @@ magnitude - as /api/put: up to 9999999999 seconds, from 10000000000 to 999999999
 (below put's lower bound 4284768 still seconds: a query range harms nothing), also as digit strings
 and `<10 digits>.<1-3 digits>` (seconds with milliseconds) - or relative `<n><unit>-ago` (ms, s, m,
 h, d, w, n = 30 d, y = 365 d; n > 0), `now`, or a date `yyyy/MM/dd[-HH:mm[:ss]]` (a space works
-for the dash) in `timezone` (default UTC; OpenTSDB uses the server's zone). `end` must be after
+for the dash) in `timezone` (default UTC; OpenTSDB uses the server's zone). `end` may not be before
 `start`. `delete` and `useCalendar` are refused rather than ignored; tsuids are not supported.
 
 Semantics, as OpenTSDB 2.x has them unless said otherwise:
@@ -366,8 +366,8 @@ def parse_body(body: object, now_ms: int) -> Query:
         raise _bad("start", "missing: a start time is required")
     start = _time(body["start"], "start", now_ms, tz)
     end = now_ms if body.get("end") in (None, "") else _time(body["end"], "end", now_ms, tz)
-    if end <= start:
-        raise _bad("end", f"the end time ({end} ms) must be after the start time ({start} ms)")
+    if end < start:
+        raise _bad("end", f"the end time ({end} ms) is before the start time ({start} ms)")
     queries = body.get("queries")
     if not isinstance(queries, list) or not queries:
         raise _bad("queries", "missing: a non-empty list of sub-queries is required")
@@ -595,7 +595,7 @@ class _Target:
     """What one sub-query reads: its series (index = position) and their bytes."""
     series: list[Series]
     prefix: bytes
-    tails: dict[str, int]
+    tails: dict[str, int]  # a record's text after `,"tags":` -> its series' index
     lo_ms: int
     hi_ms: int
     keep_text: bool        # non-numeric series are answered: keep the value text
@@ -622,13 +622,13 @@ def _decode(datas: list[bytes], t: _Target) -> pl.DataFrame:
 def _decode_utf8(datas: list[bytes], t: _Target) -> pl.DataFrame:
     d = pl.col("d")
     frame = pl.DataFrame({"d": pl.Series(datas, dtype=pl.Binary)}).lazy().filter(d.bin.starts_with(t.prefix))
-    frame = frame.select(d.cast(pl.String).str.strip_prefix(t.prefix.decode())
-                         .str.splitn(_VALUE_KEY, 2).alias("a")).unnest("a")
-    frame = frame.select(ts=pl.col("field_0").cast(pl.Int64, strict=False),
+    # prefix + T `,"value":` V `,"tags":` tags `}`: the first `,"value":` ends the timestamp (a metric
+    # holds no quote), the first `,"tags":` after it ends the value (a JSON string escapes its quotes)
+    frame = frame.select(d.cast(pl.String).str.splitn(_VALUE_KEY, 2).alias("a")).unnest("a")
+    frame = frame.select(ts=pl.col("field_0").str.slice(len(t.prefix.decode())).cast(pl.Int64, strict=False),
                          b=pl.col("field_1").str.splitn(_TAGS_KEY, 2)).unnest("b")
-    frame = frame.select(
-        sidx=pl.col("field_1").str.strip_suffix("}").replace_strict(t.tails, default=None, return_dtype=pl.UInt32),
-        ts="ts", vt=pl.col("field_0"))
+    frame = frame.select(sidx=pl.col("field_1").replace_strict(t.tails, default=None, return_dtype=pl.UInt32),
+                         ts="ts", vt=pl.col("field_0"))
     frame = frame.filter(pl.col("sidx").is_not_null() & pl.col("ts").is_between(t.lo_ms, t.hi_ms))
     frame = frame.with_columns(v=pl.col("vt").cast(pl.Float64, strict=False),
                                vi=pl.col("vt").cast(pl.Int64, strict=False))
@@ -899,7 +899,7 @@ async def _run_sub(broker: Broker, registry: SeriesRegistry, config: StreamConfi
         return []
     chosen.sort(key=lambda s: s.key)
     prefix = _layout(sub.metric, chosen[0].tags)[0]
-    tails = {_layout(sub.metric, s.tags)[1]: i for i, s in enumerate(chosen)}
+    tails = {_layout(sub.metric, s.tags)[1] + "}": i for i, s in enumerate(chosen)}
     t = _Target(chosen, prefix, tails, window[0], window[1], keep_text and any(s.type in (STRING, BOOLEAN)
                                                                                  for s in chosen), budget)
     frames: list[pl.DataFrame] = []

@@ -83,6 +83,10 @@ async def main() -> None:
             "count:0all-count": {"aggregator": "count", "downsample": "0all-count", "tags": one},
             "sum:rate:1m-avg": {"aggregator": "sum", "downsample": "1m-avg", "rate": True, "tags": one},
         }
+        if args.noise:   # every series of the metric: all partitions; zimsum: the noise series are
+            # sparse over the whole range, so lerping them (sum) would take 10,000 x 16,667 values: a 413
+            shapes["zimsum:1m-avg, all series"] = {"aggregator": "zimsum", "downsample": "1m-avg"}
+            shapes["sum:1h-sum by host"] = {"aggregator": "sum", "downsample": "1h-sum", "tags": {"host": "*"}}
         now = BASE_MS + args.points * 1000 + 1000
         for name, sub in shapes.items():
             body = {"start": BASE_MS // 1000, "end": end_s, "queries": [{"metric": "sys.cpu.user", **sub}]}

@@ -831,6 +831,46 @@ def test_suggest_sorts_and_caps_at_25_by_default() -> None:
     assert query.suggest(Registry(), {"type": "metrics"}) == [f"m{i:03d}" for i in range(25)]   # type: ignore[arg-type]
 
 
+# -- the engine against the model, on random series ------------------------------------------------
+
+_series = st.lists(st.dictionaries(st.integers(0, 100), st.integers(-1000, 1000) | st.floats(-1e3, 1e3),
+                                   min_size=1, max_size=8), min_size=1, max_size=4)
+
+
+def test_random_series_aggregate_as_the_model_says(tmp_path: Path) -> None:
+    """Random series (points at whole seconds of 100 s), every lerping and non-lerping aggregator,
+    with and without a downsample whose buckets do not align on the start: the engine's dps equal
+    the model's (values compared as numbers)."""
+    loop = asyncio.new_event_loop()
+    e = loop.run_until_complete(make_env(tmp_path / "db"))
+    count = iter(range(10 ** 6))
+    try:
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(_series, st.sampled_from(["sum", "avg", "min", "max", "zimsum", "mimmin", "mimmax", "count"]),
+               st.sampled_from([None, "10s-sum", "7s-avg", "20s-max", "15s-min", "10s-count", "13s-first"]))
+        def check(raw: list[dict[int, float]], agg: str, ds: str | None) -> None:
+            metric = f"prop{next(count)}"
+            series = [sorted((BASE + sec * 1000, float(v)) for sec, v in pts.items()) for pts in raw]
+            loop.run_until_complete(e.put([(metric, t, v, {"host": f"s{i}"}) for i, pts in enumerate(raw)
+                                           for t, v in sorted((BASE + sec * 1000, v) for sec, v in pts.items())]))
+            [out] = loop.run_until_complete(e.query(body(sub(agg, metric, downsample=ds), end=S + 100)))
+            if ds is not None:
+                interval = int(ds.split("s-")[0]) * 1000
+                first, last = -(-BASE // interval) * interval, (BASE + 100_000) // interval * interval
+                series = [list(buckets(pts, interval, first, last, ds.split("-")[1]).items()) for pts in series]
+                series = [pts for pts in series if pts]
+            model = {"zimsum": "sum", "mimmin": "min", "mimmax": "max"}.get(agg, agg)
+            want = secs(across(series, model, lerp=agg in ("sum", "avg", "min", "max")))
+            assert list(out["dps"]) == list(want), (out["dps"], want)
+            for k, w in want.items():
+                assert math.isclose(out["dps"][k], w, rel_tol=1e-9, abs_tol=1e-9), (k, out["dps"], want)
+
+        check()
+    finally:
+        loop.run_until_complete(close_env(e))
+        loop.close()
+
+
 # -- fuzz -----------------------------------------------------------------------------------------
 
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -10,8 +10,8 @@ the door adds the JSON rendering. bench/run.py tsdb measures the same over HTTP.
     .venv/bin/python bench/tsdb_query.py --points 100000 --repeat 3   # a smoke run
 
 Points are written the way the put path writes them: records laid out by series.record_data,
-routed by the series key's hash, a batch stored at its newest point's time (the broker's clock
-is set to it while writing, which is what Broker.append_keyed does).
+through Broker.append_keyed (routed by the series key's hash), the broker's clock set to each
+request's newest point as if the points were written as they happened.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.core.broker import Broker
 from broker.core.routing import key_hash
-from broker.model import PutEntry
 from broker.storage.rocks import RocksStore
 from broker.tsdb import query
 from broker.tsdb.series import NUMERIC, SeriesRegistry, record_data, series_key
@@ -40,9 +39,8 @@ async def write(broker: Broker, clock: dict[str, int], points: list[tuple[str, i
     for lo in range(0, len(points), PER_PUT):
         chunk = points[lo:lo + PER_PUT]
         clock["t"] = max(p[1] for p in chunk)
-        entries = [PutEntry(record_data(m, ts, v, tags), explicit_hash_key=str(key_hash(series_key(m, tags))))
-                   for m, ts, v, tags in chunk]
-        await broker.put_records("tsdb", entries)
+        await broker.append_keyed("tsdb", [(key_hash(series_key(m, tags)), record_data(m, ts, v, tags))
+                                           for m, ts, v, tags in chunk], [p[1] for p in chunk])
 
 
 async def main() -> None:

@@ -42,7 +42,8 @@
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
       timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE
-      render.py          BrokerError -> DIS and Timeplus bodies, HTTP and gRPC statuses
+      tsdb.py            the OpenTSDB/HiTSDB door: /api/put (flags, sync_timeout, exact bodies), query, suggest
+      render.py          BrokerError -> DIS, Timeplus and OpenTSDB bodies, HTTP and gRPC statuses
       grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
     sources/             managed ingest jobs (generator, websocket, NATS, JetStream) appending like any producer
@@ -56,7 +57,10 @@
       registry.py        TYPES: every source type by name
       manager.py         Sources: create/list/get/update/delete/start/stop; supervised tasks; restart
     tsdb/                OpenTSDB/HiTSDB points over the log (the /api/put and /api/query door)
-      series.py          series keys, their partition, the record layout, SeriesRegistry (one type per series, durable)
+      series.py          series keys, their partition, the record layout, SeriesRegistry (one type per series,
+                         durable), TsdbStream (the points' stream, created on first put, and its registry)
+      points.py          checking and normalising put points: the spec's rules in order, its exact error strings
+      put.py             writing checked points: type checks in array order, durable new types, one append_keyed
       query.py           /api/query and /api/suggest: OpenTSDB 2.x queries read from the series' partitions, in Polars
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
@@ -66,9 +70,9 @@
       decode.py          records -> a frame of the needed columns (read_ndjson, bisecting fallback)
       exec.py            Executors: projection, windowed and global aggregation, bounded state
 
-Import direction: api -> sources -> core -> storage.base <- storage.*; api and core -> rows, query
-(pure: typed rows and streaming SQL, no I/O); model and errors under all. The core knows nothing
-of sources: they are producers of it.
+Import direction: api -> sources -> core -> storage.base <- storage.*; api -> tsdb -> core; api and
+core -> rows, query (pure: typed rows and streaming SQL, no I/O); model and errors under all. The
+core knows nothing of sources or tsdb: they are producers of it.
 Vocabulary, one word per concept from the proto to the store: project, stream_name, partition_id
 (partition: its index), seq (a sequence number), timestamp_ms, app_name; "group" means a consumer
 group and nothing else.

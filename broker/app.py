@@ -28,12 +28,13 @@ from grpc_reflection.v1alpha import reflection
 
 from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
-from broker.api.http_app import HttpRunner, build_http_app
+from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.core.broker import Broker
 from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
 from broker.storage import open_store
+from broker.tsdb.series import TsdbStream
 
 log = logging.getLogger("sluice")
 
@@ -50,6 +51,7 @@ class Running:
     broker: Broker
     grpc_port: int
     http_port: int
+    tsdb_port: int | None = None
 
 
 async def _retention_loop(broker: Broker, interval: float) -> None:
@@ -110,11 +112,20 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     max_message = broker.limits.max_http_body_bytes + 1024 * 1024
     sources = Sources(broker)
 
+    tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
-                                       stall_timeout_s=settings.idle_timeout, sources=sources),
+                                       stall_timeout_s=settings.idle_timeout, sources=sources,
+                                       tsdb_stream=tsdb_stream),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
+    runners = [runner]
+    if settings.tsdb_port is not None:   # the OpenTSDB door alone on its own port, same stream and registry
+        runners.append(HttpRunner(build_tsdb_http_app(broker, tsdb_stream, body_timeout_s=settings.body_timeout,
+                                                      stall_timeout_s=settings.idle_timeout),
+                                  keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
+                                  access_log=None, handle_signals=False))
+        await runners[-1].setup()
     server = _grpc_server(settings, max_message)
     servicer = SluiceServicer(broker, sources)
     add_servicer(servicer, server)
@@ -128,13 +139,19 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         with explain_bind_failure(settings, "http_port"):
             await web.TCPSite(runner, settings.host, settings.http_port).start()
         http_port = runner.addresses[0][1]
+        tsdb_port = None
+        if settings.tsdb_port is not None:
+            with explain_bind_failure(settings, "tsdb_port"):
+                await web.TCPSite(runners[1], settings.host, settings.tsdb_port).start()
+            tsdb_port = runners[1].addresses[0][1]
         with explain_bind_failure(settings, "grpc_port"):
             probe_port(settings.host, settings.grpc_port)
             grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
         await server.start()
     except StartupError:   # undo what started, in the order of a graceful stop
         await sources.close()
-        await runner.cleanup()
+        for r in runners:
+            await r.cleanup()
         await broker.close()
         await store.close()
         raise
@@ -143,9 +160,10 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
-    running = Running(broker, grpc_port, http_port)
-    log.info("sluice ready grpc=%s:%d http=%s:%d data_dir=%s store=%s", settings.host, grpc_port,
-             settings.host, http_port, settings.data_dir, settings.store)
+    running = Running(broker, grpc_port, http_port, tsdb_port)
+    tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
+    log.info("sluice ready grpc=%s:%d http=%s:%d%s data_dir=%s store=%s", settings.host, grpc_port,
+             settings.host, http_port, tsdb_address, settings.data_dir, settings.store)
     if on_ready:
         on_ready(running)
     try:
@@ -164,7 +182,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             # they would hold the stop for the whole grace period. Otherwise: what is left of it.
             await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
-        await asyncio.gather(runner.cleanup(), stop_grpc())
+        await asyncio.gather(*(r.cleanup() for r in runners), stop_grpc())
         for task in (retention, trimming):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)")
+READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)(?: tsdb=\S+:(\d+))?")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +33,7 @@ class BrokerProcess:
         self.host = "127.0.0.1"
         self.grpc_port = 0
         self.http_port = 0
+        self.tsdb_port: int | None = None   # with --tsdb-port: the OpenTSDB door's own port
         self.stderr_lines: list[str] = []
         self._stderr_reader: threading.Thread | None = None
 
@@ -63,6 +64,7 @@ class BrokerProcess:
                                + "".join(self.stderr_lines[-40:]))
         self.host = found[0].group(1)
         self.grpc_port, self.http_port = int(found[0].group(2)), int(found[0].group(4))
+        self.tsdb_port = int(found[0].group(5)) if found[0].group(5) else None
         return self
 
     def _drain_stderr(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, NoReturn, Sequence
@@ -28,6 +29,9 @@ class Settings:
     shutdown_grace: float = 10.0
     retention_interval: float = 60.0
     log_level: str = "INFO"
+    tsdb_stream: str = "tsdb"
+    tsdb_project: str = "default"
+    tsdb_port: int | None = None
 
 
 _HELP = {
@@ -47,7 +51,14 @@ _HELP = {
     "shutdown_grace": "seconds in-flight requests get to finish on SIGTERM",
     "retention_interval": "seconds between background trims of expired records",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "tsdb_stream": "stream the OpenTSDB door (/api/put) writes points to; created on first put with 8 partitions",
+    "tsdb_project": "project of --tsdb-stream",
+    "tsdb_port": "also serve the OpenTSDB door alone on this port (HiTSDB's convention; 0 = any free port); "
+                 "by default it is served on --http-port only",
 }
+
+# Options without a default value: their type.
+_OPTIONAL = {"tsdb_port": int}
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -111,6 +122,12 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "shutdown_grace": (lambda v: v >= 0, "0 seconds or more"),
     "retention_interval": (lambda v: v > 0, "more than 0 seconds"),
     "log_level": (lambda v: v.upper() in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
+    # the broker's stream and project name rules (core/limits.py), not imported: settings stand alone
+    "tsdb_stream": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,
+                    "1-64 characters of A-Z, a-z, 0-9, _ and -"),
+    "tsdb_project": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,
+                     "1-64 characters of A-Z, a-z, 0-9, _ and -"),
+    "tsdb_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
 }
 
 
@@ -135,14 +152,18 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         env = _env_name(f.name)
         flag = _flag_name(f.name)
         default = getattr(defaults, f.name)
-        kind: Callable[[str], Any] = {bool: _parse_bool, float: _parse_float}.get(type(default), type(default))
+        kind_of: type = _OPTIONAL.get(f.name) or type(default)
+        parsers: dict[type, Callable[[str], Any]] = {bool: _parse_bool, float: _parse_float}
+        kind: Callable[[str], Any] = parsers.get(kind_of, kind_of)
         raw = environ.get(env)
+        if raw == "" and f.name in _OPTIONAL:   # an empty variable leaves an optional option unset
+            raw = None
         try:
             value = kind(raw) if raw is not None else default
         except (ValueError, argparse.ArgumentTypeError):
-            parser.error(f"environment variable {env}={raw!r} is not {_KIND_NAMES[type(default)]} "
+            parser.error(f"environment variable {env}={raw!r} is not {_KIND_NAMES[kind_of]} "
                          f"(it sets {flag})")
-        help_text = f"{_HELP[f.name]} [env {env}; default {default}]"
+        help_text = f"{_HELP[f.name]} [env {env}; default {'none' if default is None else default}]"
         if kind is _parse_bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         else:
@@ -154,7 +175,10 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
             flag, env = _flag_name(name), _env_name(name)
             source = flag if _given_on_command_line(flag, argv) or env not in environ else f"environment variable {env}"
             parser.error(f"{source} must be {must_be}, not {value!r}")
-    if args.grpc_port == args.http_port != 0:
-        parser.error(f"--grpc-port and --http-port are both {args.grpc_port}: each door needs its own port")
+    ports = [(name, getattr(args, name)) for name in ("grpc_port", "http_port", "tsdb_port")]
+    for i, (a, port_a) in enumerate(ports):
+        for b, port_b in ports[i + 1:]:
+            if port_a == port_b and port_a:   # 0 and None never clash
+                parser.error(f"{_flag_name(a)} and {_flag_name(b)} are both {port_a}: each door needs its own port")
     args.log_level = args.log_level.upper()
     return Settings(**vars(args))

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from broker.api.grpc_render import status_code as grpc_status
-from broker.api.render import TIMEPLUS, dis_error_body, http_status
+from broker.api.render import TIMEPLUS, TSDB, dis_error_body, http_status
 from broker.errors import BrokerError, ErrorCode
 
 BROKER = Path(__file__).resolve().parents[1] / "broker"
@@ -111,6 +111,8 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert "{" not in error.message, "a template placeholder was left unfilled"
     assert TIMEPLUS.status(error) == (404 if code.grpc_status == "NOT_FOUND" else code.http_status)
     assert TIMEPLUS.body(error) == {"code": code.timeplus_code, "message": error.message, "reason": code.name}
+    assert TSDB.status(error) == code.http_status
+    assert TSDB.body(error) == {"error": {"code": code.http_status, "message": error.message}, "reason": code.name}
 
 
 def test_client_and_server_faults_are_split_by_status() -> None:

@@ -22,6 +22,11 @@ def test_env_sets_and_flag_overrides() -> None:
     (["--memtable-mb", "0"], {}),
     ([], {"SLUICE_BLOCK_CACHE_MB": "-5"}),
     (["--malloc-arenas", "-1"], {}),
+    (["--tsdb-port", "70000"], {}),
+    ([], {"SLUICE_TSDB_PORT": "port"}),
+    (["--tsdb-stream", "a b"], {}),
+    (["--tsdb-stream", ""], {}),
+    ([], {"SLUICE_TSDB_PROJECT": "x/y"}),
 ])
 def test_bad_values_are_usage_errors(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -38,6 +43,9 @@ def test_bad_values_are_usage_errors(argv: list[str], env: dict[str, str], capsy
     ([], {"SLUICE_MALLOC_ARENAS": "many"}, "SLUICE_MALLOC_ARENAS='many' is not an integer (it sets --malloc-arenas)"),
     (["--retention-interval", "0"], {}, "--retention-interval"),
     (["--body-timeout", "inf"], {}, "--body-timeout"),
+    ([], {"SLUICE_TSDB_STREAM": "no spaces"}, "environment variable SLUICE_TSDB_STREAM"),
+    (["--tsdb-port", "-1"], {}, "--tsdb-port"),
+    ([], {"SLUICE_TSDB_PORT": "x"}, "SLUICE_TSDB_PORT='x' is not an integer (it sets --tsdb-port)"),
 ])
 def test_a_bad_value_is_one_line_naming_where_it_came_from(argv: list[str], env: dict[str, str], named: str,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,3 +66,17 @@ def test_log_level_is_case_insensitive_and_ports_must_differ_unless_zero() -> No
 
 def test_option_hint_names_flag_and_environment_variable() -> None:
     assert option_hint("http_port") == "--http-port (env SLUICE_HTTP_PORT)"
+
+
+def test_tsdb_options_default_set_and_clash() -> None:
+    s = parse_settings([], environ={})
+    assert (s.tsdb_stream, s.tsdb_project, s.tsdb_port) == ("tsdb", "default", None)
+    s = parse_settings(["--tsdb-port", "4242", "--tsdb-stream", "points"],
+                       environ={"SLUICE_TSDB_PROJECT": "metrics", "SLUICE_TSDB_PORT": "1"})
+    assert (s.tsdb_stream, s.tsdb_project, s.tsdb_port) == ("points", "metrics", 4242)
+    assert parse_settings([], environ={"SLUICE_TSDB_PORT": "8242"}).tsdb_port == 8242
+    assert parse_settings([], environ={"SLUICE_TSDB_PORT": ""}).tsdb_port is None   # empty: unset
+    assert parse_settings(["--tsdb-port", "0", "--http-port", "0"], environ={}).tsdb_port == 0
+    for argv in (["--tsdb-port", "8080"], ["--tsdb-port", "50051"]):   # the defaults of the other doors
+        with pytest.raises(SystemExit):
+            parse_settings(argv, environ={})

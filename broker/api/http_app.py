@@ -1,7 +1,9 @@
 """Builds the HTTP application: one root app, each door mounted as its own sub-application
-(DIS under `/v2`, the SSE tail under `/sluice`, Timeplus under `[/{workspace}]/api/v1beta2`;
-OpenTSDB comes next), and the one
-error middleware of http.py rendering with the renderer of the door that owns the path.
+(DIS under `/v2`, the SSE tail under `/sluice`, Timeplus under `[/{workspace}]/api/v1beta2`,
+OpenTSDB on `/api/put|query|suggest`), and the one error middleware of http.py rendering with
+the renderer of the door that owns the path (every other `/api/...` path is OpenTSDB's). With
+`--tsdb-port`, `build_tsdb_http_app` is a second root serving the OpenTSDB door alone, sharing
+the first one's tsdb stream (and so its series registry).
 
 Every response carries `X-Request-Id`, including the answers to requests aiohttp's HTTP parser
 rejects before any handler or middleware runs (duplicate Content-Length, too many or too long
@@ -24,29 +26,38 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from broker.api import dis, tail, timeplus
+from broker.api import dis, tail, timeplus, tsdb
 from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, error_middleware, error_response
-from broker.api.render import DIS
+from broker.api.render import DIS, TSDB
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.model import DEFAULT_PROJECT
 from broker.sources.manager import Sources
+from broker.tsdb.series import TsdbStream
 
 log = logging.getLogger(__name__)
 
 FALLBACK = DIS  # the renderer for paths no door owns, and for requests the parser rejected
 
 
+def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> HttpConfig:
+    return HttpConfig(max_body_bytes=broker.limits.max_http_body_bytes, body_timeout_s=body_timeout_s,
+                      stall_timeout_s=stall_timeout_s)
+
+
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
-                   sources: Sources | None = None) -> web.Application:
+                   sources: Sources | None = None, tsdb_stream: TsdbStream | None = None) -> web.Application:
     """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
-    makes its own, started and closed with the app."""
-    config = HttpConfig(max_body_bytes=broker.limits.max_http_body_bytes, body_timeout_s=body_timeout_s,
-                        stall_timeout_s=stall_timeout_s)
+    makes its own, started and closed with the app. `tsdb_stream`: where the OpenTSDB door writes
+    (default: stream `tsdb` of the default project)."""
+    config = _config(broker, body_timeout_s, stall_timeout_s)
     doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
     owned = sources is None
     sources = sources or Sources(broker)
     tp = timeplus.build_app(broker, config, sources)
-    owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER])]
+    ts = tsdb.build_app(broker, config, tsdb_stream or TsdbStream(broker, DEFAULT_PROJECT, "tsdb"))
+    # Timeplus' paths first: they start with /api too
+    owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER]), (tsdb.OWNED, TSDB)]
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
     root = web.Application(middlewares=[error_middleware(owners, FALLBACK)], client_max_size=config.max_body_bytes)
@@ -54,6 +65,7 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     for prefix, door in doors.items():
         root.add_subapp(prefix, door)
     timeplus.mount(root, tp)   # its paths start with a workspace: matched by rule, not prefix
+    tsdb.mount(root, ts)       # beside Timeplus under /api: matched by rule too
     if owned:
         async def start_sources(_: web.Application) -> None:
             await sources.start()
@@ -63,6 +75,17 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
 
         root.on_startup.append(start_sources)
         root.on_cleanup.append(close_sources)
+    return root
+
+
+def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout_s: float,
+                        stall_timeout_s: float = 60.0) -> web.Application:
+    """The OpenTSDB door alone (the HiTSDB port convention, `--tsdb-port`); every error on this
+    port, unknown paths and parser rejections included, is an OpenTSDB error object."""
+    config = _config(broker, body_timeout_s, stall_timeout_s)
+    root = web.Application(middlewares=[error_middleware([], TSDB)], client_max_size=config.max_body_bytes)
+    root[RENDERER] = TSDB
+    tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream))
     return root
 
 

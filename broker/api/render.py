@@ -1,7 +1,7 @@
 """BrokerError -> wire errors: the only place that reads the catalogue's protocol columns.
 
-`DIS` is the DIS door's renderer (the shape broker/api/http.py's `Renderer` asks for); the next
-doors add theirs here (Timeplus `{"code","message"}`, OpenTSDB `{"error":{...}}`). Every body
+`DIS` is the DIS door's renderer (the shape broker/api/http.py's `Renderer` asks for); the other
+doors have theirs here (Timeplus `{"code","message"}`, OpenTSDB `{"error":{...}}`). Every body
 carries the row's stable `reason` (its name), the one field that tells rows apart when their
 protocol codes coincide (STORAGE_FULL and UNAVAILABLE are both DIS.5250). Unknown keys are
 ignored by every DIS client (shared/spec/dis-api.md sections 1 and 8.2), so adding it changes
@@ -55,6 +55,28 @@ class TimeplusRenderer:
 
 
 TIMEPLUS = TimeplusRenderer()
+
+
+class TsdbRenderer:
+    """OpenTSDB error objects `{"error": {"code": <HTTP status>, "message"}}` plus the row's `reason`
+    (shared/spec/tsdb-put.md section 4), as `application/json; charset=UTF-8`. The put's own
+    answers (points with errors, a body that does not parse) are built by the door with the spec's
+    exact strings; this spells the catalogue rows (routing, body size and timeout, query errors).
+    A failed point of a put whose storage refused it: rule 9's `Storage exception: <reason>`."""
+
+    content_type = "application/json; charset=UTF-8"
+
+    def status(self, error: BrokerError) -> int:
+        return error.code.http_status
+
+    def body(self, error: BrokerError) -> dict[str, Any]:
+        return {"error": {"code": error.code.http_status, "message": error.message}, "reason": error.code.reason}
+
+    def record_failure(self, error: BrokerError) -> dict[str, Any]:
+        return {"error": f"Storage exception: {error.message}", "reason": error.code.reason}
+
+
+TSDB = TsdbRenderer()
 
 
 def dis_error_body(error: BrokerError) -> dict[str, Any]:

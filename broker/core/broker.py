@@ -31,6 +31,7 @@ from broker.core.reads import ReadPath
 from broker.core.retention import enforce_retention
 from broker.core.writer import Committer
 from broker.core.writes import WritePath
+from broker.errors import BrokerError
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
@@ -144,6 +145,13 @@ class Broker:
                           stream_id: int | None = None) -> int:
         """See WritePath.append_rows: unkeyed rows spread over the partitions, one batch each."""
         return await self.writes.append_rows(project, stream_name, rows, stream_id)
+
+    async def append_keyed(self, stream_name: object, items: Sequence[tuple[int, bytes]],
+                           timestamps_ms: Sequence[int] | None = None, *, project: str = DEFAULT_PROJECT,
+                           stream_id: int | None = None) -> list[int | BrokerError]:
+        """See WritePath.append_keyed: (hash, data) items routed by their hash, one batch per
+        partition, per-item outcomes (seq or the error that refused it)."""
+        return await self.writes.append_keyed(project, stream_name, items, timestamps_ms, stream_id)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

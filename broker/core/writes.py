@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from broker.core import routing
 from broker.core.catalogue import StreamCatalogue
-from broker.core.limits import Limits
+from broker.core.limits import HASH_KEY_MAX, Limits
 from broker.core.notify import WriteNotifier
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error
@@ -131,6 +131,77 @@ class WritePath:
             if isinstance(first, BrokerError):
                 raise first
         return n
+
+    async def append_keyed(self, project: str, stream_name: object, items: Sequence[tuple[int, bytes]],
+                           timestamps_ms: Sequence[int] | None = None,
+                           stream_id: int | None = None) -> list[int | BrokerError]:
+        """Append records routed by a hash the caller computed (`items`: (hash, data), the hash
+        within [0, 2^63-1], e.g. routing.key_hash of a key longer than the partition-key limit),
+        one AppendBatch per partition, each partition's items in their given order. The records
+        carry no partition key. Per item: its seq, or the error that refused it (INVALID_REQUEST
+        for a record over the size limit; the store's STORAGE_FULL/UNAVAILABLE for its partition's
+        batch) - the other items are written regardless.
+
+        `timestamps_ms`: one per item (the items' own times, e.g. a point's timestamp). A batch is
+        timed now, or later if one of its items is timed later (the largest item time), and the
+        store raises that to the partition's last time; so a record stored with a time before T
+        holds only items timed before T, and `seq_at_time(T)` is a safe lower bound for "every item
+        timed T or later". Items timed in the past are stored at the append time: retention counts
+        from when they were written (a backfill is not trimmed at the next pass). Items timed in the
+        future are not clamped, since clamping would break that bound: they hold the partition's
+        clock, and so its retention, up to their time. None: every batch is timed now.
+
+        Raises (whole call, nothing written): STREAM_NOT_FOUND (also when `stream_id` is given
+        and the name now holds another stream, or the stream was deleted while queued),
+        INVALID_REQUEST (bad project, a hash out of range, timestamps not one per item),
+        EMPTY_REQUEST, UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        config = self._catalogue.get(project, stream_name)
+        if stream_id is not None and config.stream_id != stream_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        n = len(items)
+        if not n:
+            raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
+        if timestamps_ms is not None and len(timestamps_ms) != n:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{len(timestamps_ms)} timestamps for {n} records")
+        outcomes: list[int | BrokerError] = [0] * n
+        count, max_record = config.partition_count, self._limits.max_record_bytes
+        # partition -> (item indices, (None, data) items, [its batch's time])
+        groups: dict[int, tuple[list[int], list[tuple[str | None, bytes]], list[int]]] = {}
+        now = self._now()
+        for i, (h, data) in enumerate(items):
+            if not 0 <= h <= HASH_KEY_MAX:
+                raise client_error(ErrorCode.INVALID_REQUEST, detail=f"item {i}: hash {h} out of [0, {HASH_KEY_MAX}]")
+            if len(data) > max_record:
+                outcomes[i] = client_error(ErrorCode.INVALID_REQUEST,
+                                           detail=f"record size {len(data)} exceeds {max_record} bytes")
+                continue
+            p = routing.partition_for_hash(h, count)
+            group = groups.get(p)
+            if group is None:
+                group = groups[p] = ([], [], [now])
+            group[0].append(i)
+            group[1].append((None, data))
+            if timestamps_ms is not None and timestamps_ms[i] > group[2][0]:
+                group[2][0] = timestamps_ms[i]
+        if not groups:
+            return outcomes
+        order = sorted(groups.items())
+        batches = [AppendBatch(config.stream_id, p, ts[0], batch) for p, (_, batch, ts) in order]
+        firsts = await self._committer.append(batches)
+        if any(first is None for first in firsts):  # deleted while we were queued
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        written = []
+        for (p, (indices, _, _)), first in zip(order, firsts):
+            if isinstance(first, BrokerError):   # the store refused this partition's batch only
+                for i in indices:
+                    outcomes[i] = first
+                continue
+            assert first is not None
+            written.append(p)
+            for k, i in enumerate(indices):
+                outcomes[i] = first + k
+        self._notifier.notify((config.stream_id, p) for p in written)
+        return outcomes
 
     def _route_batch(self, config: StreamConfig, entries: Sequence[PutEntry] | PutColumns,
                      router: routing.KeyRouter) -> _Routed:

@@ -2,7 +2,7 @@
 doors read. A type not here is refused at create time."""
 from __future__ import annotations
 
-from broker.sources import generator
+from broker.sources import generator, websocket
 from broker.sources.base import SourceType
 
-TYPES: dict[str, SourceType] = {t.name: t for t in (generator.TYPE,)}
+TYPES: dict[str, SourceType] = {t.name: t for t in (generator.TYPE, websocket.TYPE)}

@@ -11,16 +11,23 @@ Value types: "numeric" (long and double together), "string", "boolean". A series
 by the first point accepted for it and stored in the store's metadata before that point is
 appended, so no restart can let a second type in. (A crash between the two leaves a type with no
 point: a retry of the same type goes in, another type is refused; the point itself was never
-acknowledged.)
+acknowledged.) A numeric series also remembers the kind of its first value (long or double),
+for the put's error message (`series holds double values`); long and double still mix freely.
+
+`TsdbStream` is the one stream points go to (`--tsdb-stream` in `--tsdb-project`): created on
+first use with TSDB_PARTITIONS partitions, recreated if it was deleted, and the registry of its
+current incarnation, loaded once.
 
 Metadata key layout (beside apps.py's and sources' keys):
 
-    b"T" + project + b"\\0" + stream_id u64 + series key (UTF-8)      value: the type, one byte
+    b"T" + project + b"\\0" + stream_id u64 + series key (UTF-8)      value: the kind, one byte
+                                                                     (l long, d double, n numeric, s, b)
 
 Keyed by the stream's id: a tsdb stream deleted and recreated starts with no series.
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 from dataclasses import dataclass
 
@@ -28,11 +35,17 @@ import orjson
 
 from broker.core.broker import Broker
 from broker.core.routing import key_hash, partition_for_hash
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import StreamConfig
 
 SERIES_PREFIX = b"T"
 NUMERIC, STRING, BOOLEAN = "numeric", "string", "boolean"
-_CODE = {NUMERIC: b"n", STRING: b"s", BOOLEAN: b"b"}
-_TYPE = {v: k for k, v in _CODE.items()}
+LONG, DOUBLE = "long", "double"   # the kinds of numeric values
+TSDB_PARTITIONS = 8               # partitions of the tsdb stream when the door creates it
+_CODE = {NUMERIC: b"n", LONG: b"l", DOUBLE: b"d", STRING: b"s", BOOLEAN: b"b"}
+_KIND = {v: k for k, v in _CODE.items()}
+_KIND[b"n"] = LONG                # a numeric series stored without its kind
+TYPE_OF = {LONG: NUMERIC, DOUBLE: NUMERIC, NUMERIC: NUMERIC, STRING: STRING, BOOLEAN: BOOLEAN}
 _SID = struct.Struct(">Q")
 
 
@@ -49,6 +62,14 @@ def record_data(metric: str, timestamp_ms: int, value: int | float | str | bool,
     """A point as its record's data: `{"metric", "timestamp" (ms), "value", "tags"}`, tags sorted."""
     return orjson.dumps({"metric": metric, "timestamp": timestamp_ms, "value": value,
                          "tags": dict(sorted(tags.items()))})
+
+
+def record_parts(metric: str, tags: dict[str, str]) -> tuple[bytes, bytes]:
+    """record_data in two pieces that only depend on the series, for writers that make many
+    records of one series: `head + b"%d" % timestamp_ms + b',"value":' + orjson.dumps(value) +
+    tail` is byte for byte `record_data(metric, timestamp_ms, value, tags)`."""
+    return (b'{"metric":' + orjson.dumps(metric) + b',"timestamp":',
+            b',"tags":' + orjson.dumps(dict(sorted(tags.items()))) + b"}")
 
 
 def _prefix(project: str, stream_id: int) -> bytes:
@@ -68,31 +89,43 @@ class SeriesRegistry:
 
     def __init__(self, broker: Broker, project: str, stream_id: int) -> None:
         self.broker, self.project, self.stream_id = broker, project, stream_id
-        self._types: dict[str, str] = {}
+        self._kinds: dict[str, str] = {}
         self._by_metric: dict[str, dict[str, Series]] = {}
+        # writers hold it from checking their points' types to the end of `fix`, so two requests
+        # cannot both find a series new and fix two types for it
+        self.lock = asyncio.Lock()
 
     async def load(self) -> None:
         prefix = _prefix(self.project, self.stream_id)
         for key, value in await self.broker.store.meta_scan(prefix):
-            self._remember(key[len(prefix):].decode(), _TYPE.get(value, NUMERIC))
+            self._remember(key[len(prefix):].decode(), _KIND.get(value, LONG))
 
-    def _remember(self, key: str, type_: str) -> None:
-        self._types[key] = type_
+    def _remember(self, key: str, kind: str) -> None:
+        self._kinds[key] = kind
         metric, pairs = orjson.loads(key)
-        self._by_metric.setdefault(metric, {})[key] = Series(key, metric, dict(pairs), type_)
+        self._by_metric.setdefault(metric, {})[key] = Series(key, metric, dict(pairs), TYPE_OF[kind])
 
     def type_of(self, key: str) -> str | None:
-        return self._types.get(key)
+        kind = self._kinds.get(key)
+        return None if kind is None else TYPE_OF[kind]
+
+    def kind_of(self, key: str) -> str | None:
+        """long, double, string or boolean: the type, and for a numeric series its first value's kind."""
+        return self._kinds.get(key)
 
     async def fix(self, new: dict[str, str]) -> None:
-        """Store the types of series seen for the first time (one metadata write), then know them.
-        Raises what the store raises (STORAGE_FULL, UNAVAILABLE): nothing is known then."""
-        if not new:
-            return
+        """Store the types (or kinds: LONG, DOUBLE) of series seen for the first time (one metadata
+        write), then know them. Raises what the store raises (STORAGE_FULL, UNAVAILABLE): nothing
+        is known then. Shielded: a caller that goes away cannot leave the store holding a type
+        this registry does not know."""
+        if new:
+            await asyncio.shield(self._fix(dict(new)))
+
+    async def _fix(self, new: dict[str, str]) -> None:
         prefix = _prefix(self.project, self.stream_id)
         await self.broker.store.meta_write({prefix + k.encode(): _CODE[t] for k, t in new.items()})
         for k, t in new.items():
-            self._remember(k, t)
+            self._remember(k, _KIND[_CODE[t]])
 
     def metrics(self) -> list[str]:
         return sorted(self._by_metric)
@@ -101,4 +134,64 @@ class SeriesRegistry:
         return list(self._by_metric.get(metric, {}).values())
 
     def __len__(self) -> int:
-        return len(self._types)
+        return len(self._kinds)
+
+
+class TsdbStream:
+    """The stream points go to and the series registry of its current incarnation (by stream id:
+    a stream deleted and recreated starts with no series)."""
+
+    def __init__(self, broker: Broker, project: str, stream_name: str, partitions: int = TSDB_PARTITIONS) -> None:
+        self.broker, self.project, self.stream_name, self.partitions = broker, project, stream_name, partitions
+        self._registry: SeriesRegistry | None = None
+        self._creating = asyncio.Lock()
+        self._loading = asyncio.Lock()
+
+    def config(self) -> StreamConfig | None:
+        """The stream as it is now, or None when it does not exist."""
+        try:
+            return self.broker.catalogue.get(self.project, self.stream_name)
+        except BrokerError as exc:
+            if exc.code is ErrorCode.STREAM_NOT_FOUND:
+                return None
+            raise
+
+    async def ensure(self) -> tuple[StreamConfig, SeriesRegistry]:
+        """The stream (created now if it does not exist) and its registry. Raises INVALID_REQUEST
+        when the name holds a typed (Timeplus) stream, and what creating a stream raises."""
+        config = self.config()
+        if config is None:
+            async with self._creating:
+                config = self.config()
+                if config is None:
+                    try:
+                        config = await self.broker.create_stream(self.stream_name, self.partitions,
+                                                                 data_type="JSON", project=self.project)
+                    except BrokerError as exc:   # created meanwhile by another door (or broker)
+                        if exc.code is not ErrorCode.STREAM_EXISTS:
+                            raise
+                        config = self.broker.catalogue.get(self.project, self.stream_name)
+        if config.schema is not None:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"stream {self.stream_name} of project {self.project} is a typed stream; data "
+                                      f"points go to a schemaless one (--tsdb-stream, --tsdb-project)")
+        return config, await self.registry(config)
+
+    async def lookup(self) -> tuple[StreamConfig | None, SeriesRegistry | None]:
+        """The stream and its registry if the stream exists (for queries: nothing is created)."""
+        config = self.config()
+        if config is None or config.schema is not None:
+            return None, None
+        return config, await self.registry(config)
+
+    async def registry(self, config: StreamConfig) -> SeriesRegistry:
+        """The registry of this incarnation of the stream, loaded from the store once."""
+        registry = self._registry
+        if registry is None or registry.stream_id != config.stream_id:
+            async with self._loading:
+                registry = self._registry
+                if registry is None or registry.stream_id != config.stream_id:
+                    registry = SeriesRegistry(self.broker, config.project, config.stream_id)
+                    await registry.load()
+                    self._registry = registry
+        return registry

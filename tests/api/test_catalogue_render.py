@@ -5,8 +5,8 @@ fetched over real HTTP (aiohttp's test server on loopback): nothing is mocked, a
 renderer cannot spell fails here rather than in front of a client. Per-record failures go
 through the same renderer (`record_failure`) and are checked the same way.
 
-Doors today: DIS (`/v2`) and the SSE tail (`/sluice`), both DIS-bodied, and Timeplus (`/api`,
-ErrorResponse bodies). OpenTSDB adds a `DOORS` entry and an expected-body function here.
+Doors today: DIS (`/v2`) and the SSE tail (`/sluice`), both DIS-bodied, Timeplus (`/api`,
+ErrorResponse bodies) and OpenTSDB (`{"error": {...}}` bodies; mounted at `/tsdb` here).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.api.http import RENDERER, REQUEST_ID, Renderer, error_middleware
 from broker.api.http_app import FALLBACK
-from broker.api.render import DIS, TIMEPLUS
+from broker.api.render import DIS, TIMEPLUS, TSDB
 from broker.errors import BrokerError, ErrorCode
 
 # Every placeholder any template uses, so no message keeps a "{...}".
@@ -44,12 +44,21 @@ def timeplus_body(error: BrokerError) -> dict[str, Any]:
     return {"code": error.code.timeplus_code, "message": error.message, "reason": error.code.name}
 
 
+def tsdb_body(error: BrokerError) -> dict[str, Any]:
+    return {"error": {"code": error.code.http_status, "message": error.message}, "reason": error.code.name}
+
+
+def tsdb_record_failure(error: BrokerError) -> dict[str, Any]:
+    return {"error": f"Storage exception: {error.message}", "reason": error.code.name}
+
+
 # door prefix -> (its renderer, expected error body, expected per-record failure, content type)
 DOORS: dict[str, tuple[Renderer, Callable[[BrokerError], dict[str, Any]], Callable[[BrokerError], dict[str, Any]],
                        str]] = {
     "/v2": (DIS, dis_body, dis_record_failure, "application/json"),
     "/sluice": (DIS, dis_body, dis_record_failure, "application/json"),
     "/api": (TIMEPLUS, timeplus_body, timeplus_body, "application/json"),
+    "/tsdb": (TSDB, tsdb_body, tsdb_record_failure, "application/json; charset=UTF-8"),
 }
 
 

@@ -69,11 +69,11 @@ def busy_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-@pytest.mark.parametrize("door", ["http", "grpc"])
+@pytest.mark.parametrize("door", ["http", "grpc", "tsdb"])
 @pytest.mark.parametrize("given_by", ["flag", "env"])
 def test_a_port_in_use_names_the_flag_that_sets_it(busy_port: int, tmp_path: Path, door: str, given_by: str) -> None:
-    other = "grpc" if door == "http" else "http"
-    args = ["--data-dir", str(tmp_path / "d"), f"--{other}-port", "0"]
+    args = ["--data-dir", str(tmp_path / "d")] + [arg for other in ("http", "grpc") if other != door
+                                                  for arg in (f"--{other}-port", "0")]
     env: dict[str, str] = {}
     if given_by == "flag":
         args += [f"--{door}-port", str(busy_port)]

@@ -1,6 +1,6 @@
 """The OpenTSDB query engine (broker/tsdb/query.py) in-process over a real RocksStore: points are
-written as the put path writes them (series.record_data, routed by the series key's hash, a batch
-stored at its newest point's time) into a schemaless stream of 8 partitions, then queried.
+written as the put path writes them (series.record_data through Broker.append_keyed, routed by the
+series key's hash) into a schemaless stream of 8 partitions, then queried.
 
 Expected values are computed here from the points written (a small independent lerp/bucket
 model), not read back from the engine. Reading is checked too: only the partitions of the matching
@@ -55,8 +55,9 @@ class Env:
     partitions: list[int] = field(default_factory=list)        # every cursor it asked for
 
     async def put(self, points: list[Point], per_request: int = 500) -> None:
-        """As the put path: types fixed first, then the records, each batch stored at its newest
-        point's time (the broker's clock is set to it: what Broker.append_keyed does)."""
+        """As the put path: types fixed first, then the records through Broker.append_keyed, at a
+        clock set to the newest point's time (points written as they happen: a batch is stored at
+        that time)."""
         new = {}
         for metric, _, value, tags in points:
             key = series_key(metric, tags)
@@ -67,7 +68,10 @@ class Env:
         for lo in range(0, len(points), per_request):
             chunk = points[lo:lo + per_request]
             self.clock[0] = max(p[1] for p in chunk)
-            await self.put_raw([(record_data(m, ts, v, tags), series_key(m, tags)) for m, ts, v, tags in chunk])
+            outcomes = await self.broker.append_keyed(
+                STREAM, [(key_hash(series_key(m, tags)), record_data(m, ts, v, tags)) for m, ts, v, tags in chunk],
+                [p[1] for p in chunk])
+            assert all(isinstance(o, int) for o in outcomes), outcomes
 
     async def put_raw(self, items: list[tuple[bytes, str]]) -> None:
         """Records as they are, routed like the series key given."""

@@ -1,0 +1,213 @@
+"""The OpenTSDB/HiTSDB door: `POST /api/put` as shared/spec/tsdb-put.md gives it, and thin
+`/api/query` and `/api/suggest` handlers over broker/tsdb/query.py. Decoding and rendering only:
+points are checked by broker/tsdb/points.py and written by broker/tsdb/put.py into the one tsdb
+stream (broker/tsdb/series.py `TsdbStream`: `--tsdb-stream` in `--tsdb-project`, created on
+first put).
+
+Paths: `/api/put`, `/api/put/`, `/api/query` (GET and POST), `/api/query/`, `/api/suggest`,
+`/api/suggest/`; other methods on them are 405, other `/api/...` paths (not Timeplus') 404, both
+as this door's error object. The Timeplus door owns `[/{workspace}]/api/v1beta2`: this one is a
+rule-matched sub-application too (`mount`), never an `/api` prefix that would shadow it.
+
+Every JSON answer is `application/json; charset=UTF-8` (spec section 4); a put with every point
+stored and no flag is a 204 without a body.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import re
+import time
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
+
+from broker.api.http import BROKER, HttpConfig, door_app, read_body, read_json
+from broker.api.render import TSDB
+from broker.core.broker import Broker
+from broker.errors import ErrorCode, client_error
+from broker.tsdb.points import check_points
+from broker.tsdb.put import PutWrite
+from broker.tsdb.series import TsdbStream
+
+log = logging.getLogger(__name__)
+
+# The paths this door answers (the sub-application's rule), and those whose errors it renders.
+PATHS = re.compile(r"/api/(?:put|query|suggest)(?:/|$)")
+OWNED = re.compile(r"/api(?:/|$)")
+CONTENT_TYPE = "application/json; charset=UTF-8"
+TARGET = web.AppKey("tsdb_stream", TsdbStream)
+# Bodies above this are parsed and checked off the event loop (a 12 MiB body is ~100,000 points).
+_INLINE_BYTES = 256 * 1024
+_POINT_ERRORS = {"code": 400, "message": "One or more data points had errors",
+                 "details": "Please see the TSD logs or append \"details\" to the put request"}
+
+try:   # helper QUERY's engine; until it lands the query routes answer 501
+    _query: Any = importlib.import_module("broker.tsdb.query")
+except ImportError:   # pragma: no cover - present once broker/tsdb/query.py is merged
+    _query = None
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _error(message: str, details: str | None = None, status: int = 400) -> web.Response:
+    error: dict[str, Any] = {"code": status, "message": message}
+    if details is not None:
+        error["details"] = details
+    return _json({"error": error}, status)
+
+
+def _flags(request: web.Request) -> set[str]:
+    """The names in the raw query string: flags are valueless (`?summary`, `?summary=false` are on)."""
+    return {unquote_plus(part.split("=", 1)[0]) for part in request.rel_url.raw_query_string.split("&") if part}
+
+
+def _sync_timeout(request: web.Request) -> float | None:
+    """`sync_timeout` in ms as seconds; None (absent, empty or 0): wait as long as it takes."""
+    raw = request.query.get("sync_timeout")
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
+        raise client_error(ErrorCode.INVALID_REQUEST,
+                           detail=f"sync_timeout must be a non-negative integer (milliseconds), got {raw!r:.40}")
+    ms = int(raw)
+    return ms / 1000 if ms else None
+
+
+class _BadBody(Exception):
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.details = message, details
+
+
+def _parse(body: bytes) -> tuple[list[Any], list[Any]]:
+    """(the points as received, each one checked). Raises _BadBody (nothing is stored then)."""
+    if not body.strip():
+        raise _BadBody("Missing request content")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:   # strict JSON: bare NaN/Infinity are refused here
+        raise _BadBody("Unable to parse the given JSON", str(exc)) from None
+    if isinstance(parsed, dict):
+        raw = [parsed]
+    elif isinstance(parsed, list):
+        raw = parsed
+    else:
+        raise _BadBody("Unable to parse the given JSON", "expected an array of data points or one data point object")
+    if not raw:
+        raise _BadBody("No datapoints found in content")
+    return raw, check_points(raw)
+
+
+async def put(request: web.Request) -> web.StreamResponse:
+    flags = _flags(request)
+    details, summary = "details" in flags, "summary" in flags
+    timeout = _sync_timeout(request)   # `sync` and `ignoreErrors` are accepted: we always answer durably
+    body = await read_body(request)
+    try:
+        raw, checked = await asyncio.to_thread(_parse, body) if len(body) > _INLINE_BYTES else _parse(body)
+    except _BadBody as exc:
+        return _error(exc.message, exc.details)
+    write = PutWrite(checked)
+    if any(e is None for e in write.errors):
+        # runs to its end even if this request goes away: types and points must not part ways
+        task = asyncio.ensure_future(write.run(request.app[TARGET]))
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:   # the client went away: the write goes on, its failure is logged
+            task.add_done_callback(_log_failure)
+            raise
+        if task.done():
+            task.result()   # a bug in the write is a 500 (the middleware logs it), not pending points
+        else:
+            task.add_done_callback(_log_failure)
+    timeouts = write.pending
+    success = write.success
+    failed = len(raw) - success
+    if not failed:
+        if details:
+            return _json({"success": success, "failed": 0, "errors": []})
+        if summary:
+            return _json({"success": success, "failed": 0})
+        return web.Response(status=204)
+    if not (details or summary):
+        return _json({"error": _POINT_ERRORS}, 400)
+    answer: dict[str, Any] = {"success": success, "failed": failed}
+    if details:
+        pending = f"Storage exception: not durable within sync_timeout ({request.query.get('sync_timeout')} ms)"
+        answer["errors"] = [{"datapoint": raw[i], "error": error if error is not None else pending}
+                            for i, error in enumerate(write.errors) if not write.stored[i]]
+    if timeouts:
+        answer["timeouts"] = timeouts
+    return _json(answer, 400)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a put that outlived its request failed", exc_info=task.exception())
+
+
+# -- queries (broker/tsdb/query.py) ---------------------------------------------------------------
+
+def _engine() -> Any:
+    if _query is None:
+        raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="/api/query and /api/suggest are not available in this "
+                                                             "build (broker/tsdb/query.py is missing)")
+    return _query
+
+
+async def query(request: web.Request) -> web.Response:
+    engine = _engine()
+    broker: Broker = request.app[BROKER]
+    if request.method == "POST":
+        body: Any = await read_json(request)
+    else:
+        body = engine.body_from_params(request.query)
+    config, registry = await request.app[TARGET].lookup()
+    return _json(await engine.run_query(broker, registry, config, body, time.time_ns() // 1_000_000))
+
+
+async def suggest(request: web.Request) -> web.Response:
+    engine = _engine()
+    _, registry = await request.app[TARGET].lookup()
+    return _json(engine.suggest(registry, request.query))
+
+
+# -- the sub-application --------------------------------------------------------------------------
+
+class _Paths(AbstractRuleMatching):
+    async def match(self, request: web.Request) -> bool:
+        return PATHS.match(request.path) is not None
+
+    def get_info(self) -> Any:
+        return {"pattern": PATHS.pattern}
+
+    @property
+    def canonical(self) -> str:
+        return PATHS.pattern
+
+
+def build_app(broker: Broker, config: HttpConfig, target: TsdbStream) -> web.Application:
+    """The door; mount it with `mount`. `target`: the tsdb stream, shared by every app that serves
+    this door (the HTTP port and `--tsdb-port`), so one registry decides every series' type."""
+    app = door_app(broker, config, TSDB)
+    app[TARGET] = target
+    for path in ("/api/put", "/api/put/"):
+        app.router.add_route("POST", path, put)
+    for path in ("/api/query", "/api/query/"):
+        app.router.add_route("GET", path, query)
+        app.router.add_route("POST", path, query)
+    for path in ("/api/suggest", "/api/suggest/"):
+        app.router.add_route("GET", path, suggest)
+    return app
+
+
+def mount(root: web.Application, door: web.Application) -> None:
+    """Mount the door on the root app under its paths, by rule (see timeplus.mount)."""
+    root._add_subapp(lambda: MatchedSubAppResource(_Paths(), door), door)

@@ -1,0 +1,265 @@
+"""Checking and normalising the data points of one `/api/put` (shared/spec/tsdb-put.md sections 2
+and 3): each point on its own, the first failing rule wins, the error strings exactly the spec's.
+No I/O: the series' value types are checked against the registry by put.py.
+
+Rules in order (section 3), and what the spec leaves open [ours]:
+
+1. `metric` missing, null or "" -> `Metric name was empty`. A JSON number or boolean is turned
+   into text like a tag value [ours, the spec's rule for tags]; an object or array ->
+   `Invalid metric name: must be a string` [ours]. A list element that is not an object at
+   all has no metric: `Metric name was empty` [ours; the other points still go in].
+2. `timestamp`: a JSON integer (not a boolean, not a float such as 1.5 or 1.5e9, not a string),
+   4284768..9999999999 -> seconds (x 1000), 10000000000..9999999999999 -> milliseconds; anything
+   else -> `Invalid timestamp`.
+3. `value` missing, null or "" -> `Empty value` (rule 3 runs before the typing of section 2,
+   so "" is refused rather than stored as a string); object or array -> `Invalid value type`.
+4. `tags` missing, null, {} or not an object -> `Missing tags`.
+5. more than 16 tag keys -> `Too many tags: N, max 16`.
+6. characters: the metric, then each tag's key and value in the order received. Legal: ASCII
+   letters and digits, `- _ . / ( ) : , [ ] =`, and code points of the CJK Unified Ideographs
+   blocks (the main block and extensions A to I, whole blocks, whatever Unicode version Python
+   knows). `Invalid metric name ("cpu load"): illegal character:  ` (the character after the
+   colon and a space). Empty key or value -> `Invalid tag name: empty string` /
+   `Invalid tag value: empty string`; a null tag value is an empty one [ours]; a number or
+   boolean becomes its JSON text (`8080`, `1.5`, `true`); an object or array ->
+   `Invalid tag value: must be a string, number or boolean` [ours].
+7. metric over 255 bytes of UTF-8 -> `Metric name too long`; a string value over 20480 bytes of
+   UTF-8 -> `String value too long`.
+
+Value typing (section 2): a JSON integer within signed 64 bits is a long, any other JSON number a
+double; true/false a boolean; a string that is a plain decimal literal (`-?digits`, optional
+`.digits`, optional exponent; ASCII only; finite) the number it spells (long when it has neither
+fraction nor exponent and fits, else double) - stricter than float(): "+5", " 5", "1_000", ".5",
+"5.", "NaN", "Infinity", "1,5" stay strings.
+
+Speed: names repeat from point to point and request to request, so each distinct metric, tag key
+and tag value is checked once (one regex search over the whole text) and remembered, and so is the
+verdict on each series as it arrives (metric and tags with text values: its normalised tags and
+series key, or its error), in maps bounded by NAME_CACHE entries each. A point of a known series
+costs a few dict lookups. The normalised tags dict is shared by the points of a series: read only.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from broker.tsdb.series import BOOLEAN, DOUBLE, LONG, NUMERIC, STRING, TYPE_OF, series_key
+
+MAX_TAGS = 16
+METRIC_MAX_BYTES = 255
+STRING_MAX_BYTES = 20480
+SECONDS = (4_284_768, 9_999_999_999)
+MILLISECONDS = (10_000_000_000, 9_999_999_999_999)
+NAME_CACHE = 200_000
+_LONG_MIN, _LONG_MAX = -2**63, 2**63 - 1
+
+METRIC_EMPTY = "Metric name was empty"
+METRIC_NOT_TEXT = "Invalid metric name: must be a string"
+BAD_TIMESTAMP = "Invalid timestamp"
+EMPTY_VALUE = "Empty value"
+BAD_VALUE_TYPE = "Invalid value type"
+MISSING_TAGS = "Missing tags"
+EMPTY_TAG_NAME = "Invalid tag name: empty string"
+EMPTY_TAG_VALUE = "Invalid tag value: empty string"
+TAG_VALUE_NOT_TEXT = "Invalid tag value: must be a string, number or boolean"
+METRIC_TOO_LONG = "Metric name too long"
+STRING_TOO_LONG = "String value too long"
+NOT_A_NUMBER = "Unable to parse value to a number"
+
+# Everything that is not legal; the CJK Unified Ideographs blocks: main (4E00-9FFF), A (3400-4DBF),
+# B (20000-2A6DF), C D E F I (2A700-2EE5F, adjacent), G H (30000-323AF, adjacent).
+_ILLEGAL = re.compile("[^A-Za-z0-9\\-_./():,\\[\\]=\u3400-\u4dbf\u4e00-\u9fff"
+                      "\U00020000-\U0002a6df\U0002a700-\U0002ee5f\U00030000-\U000323af]")
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+# name -> "" when legal, else its first illegal character
+_names: dict[str, str] = {}
+# (metric, *tag items as received) -> (tags as text, sorted; series key) or the names' error
+_series: dict[tuple[Any, ...], tuple[dict[str, str], str] | str] = {}
+
+
+def illegal_character(name: str) -> str:
+    """"" when every character of `name` is legal, else the first one that is not."""
+    found = _names.get(name)
+    if found is None:
+        m = _ILLEGAL.search(name)
+        found = m.group() if m else ""
+        if len(_names) >= NAME_CACHE:
+            _names.clear()
+        _names[name] = found
+    return found
+
+
+@dataclass(slots=True)
+class Point:
+    """A valid point, normalised: time in ms, the value typed, tag values text, tags sorted."""
+
+    metric: str
+    timestamp_ms: int
+    value: int | float | str | bool
+    kind: str                 # long, double, string, boolean
+    tags: dict[str, str]      # sorted by key
+    key: str                  # series_key(metric, tags)
+
+    @property
+    def type(self) -> str:
+        return TYPE_OF[self.kind]
+
+
+def _as_text(value: Any) -> str | None:
+    """A JSON scalar as a name: text as is, numbers and booleans as their JSON text."""
+    if isinstance(value, str):
+        return value
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return orjson.dumps(value).decode()
+    return None
+
+
+def typed_value(value: Any) -> tuple[int | float | str | bool, str] | str:
+    """(value, kind) of a JSON value that is not null or "", or the error string of rule 3."""
+    t = type(value)
+    if t is str:
+        if _NUMBER.fullmatch(value) is None:
+            return value, STRING
+        return _number(value)
+    if t is int:
+        if _LONG_MIN <= value <= _LONG_MAX:
+            return value, LONG
+        return float(value), DOUBLE
+    if t is float:
+        return value, DOUBLE
+    if t is bool:
+        return value, BOOLEAN
+    return BAD_VALUE_TYPE
+
+
+def _number(text: str) -> tuple[int | float | str, str]:
+    """A plain decimal literal as a number: a long when it is an integer that fits, else a double;
+    a literal too big for a double stays a string (it is not a finite number)."""
+    if "." not in text and "e" not in text and "E" not in text:
+        digits = text.lstrip("-").lstrip("0")
+        if len(digits) <= 19:    # never hand int() thousands of digits
+            n = int(text[0] + digits if text[0] == "-" and digits else digits or "0")
+            if _LONG_MIN <= n <= _LONG_MAX:
+                return n, LONG
+    f = float(text)
+    if math.isinf(f):
+        return text, STRING
+    return f, DOUBLE
+
+
+def check_point(raw: Any) -> Point | str:
+    """A valid point, or the error string of the first rule it breaks."""
+    if type(raw) is not dict:
+        return METRIC_EMPTY
+    metric = raw.get("metric")
+    if metric is None or metric == "":
+        return METRIC_EMPTY
+    if type(metric) is not str:
+        metric = _as_text(metric)
+        if metric is None:
+            return METRIC_NOT_TEXT
+    # 2. timestamp
+    ts = raw.get("timestamp")
+    if type(ts) is not int:
+        return BAD_TIMESTAMP
+    if SECONDS[0] <= ts <= SECONDS[1]:
+        ts *= 1000
+    elif not MILLISECONDS[0] <= ts <= MILLISECONDS[1]:
+        return BAD_TIMESTAMP
+    # 3. value
+    value = raw.get("value")
+    if value is None or value == "":
+        return EMPTY_VALUE
+    typed = typed_value(value)
+    if isinstance(typed, str):
+        return typed
+    # 4, 5. tags
+    tags = raw.get("tags")
+    if type(tags) is not dict or not tags:
+        return MISSING_TAGS
+    if len(tags) > MAX_TAGS:
+        return f"Too many tags: {len(tags)}, max {MAX_TAGS}"
+    # 6, 7 for the names: the verdict on these exact names is usually known
+    try:
+        names: tuple[Any, ...] = (metric, *tags.items())
+        verdict = _series.get(names)
+    except TypeError:   # an unhashable tag value (object, array): the long way
+        names, verdict = (), None
+    if verdict is None:
+        verdict = _check_names(metric, tags)
+        if names and all(type(v) is str for v in tags.values()):
+            # only all-text tags are remembered: 1, 1.0 and True are equal keys of a dict, "1" is not
+            if len(_series) >= NAME_CACHE:
+                _series.clear()
+            _series[names] = verdict
+    if isinstance(verdict, str):
+        return verdict
+    clean, key = verdict
+    # 7 for the value (a character is at most 4 bytes of UTF-8: short texts need no encoding)
+    value, kind = typed
+    if kind == STRING and isinstance(value, str) and len(value) > STRING_MAX_BYTES // 4 \
+            and len(value.encode()) > STRING_MAX_BYTES:
+        return STRING_TOO_LONG
+    return Point(metric, ts, value, kind, clean, key)
+
+
+def _check_names(metric: str, tags: dict[str, Any]) -> tuple[dict[str, str], str] | str:
+    """Rules 6 and the metric's 7 over the names: (the tags as text, sorted; the series key), or the error."""
+    bad = illegal_character(metric)
+    if bad:
+        return f'Invalid metric name ("{metric}"): illegal character: {bad}'
+    clean: dict[str, str] = {}
+    for k, v in tags.items():
+        if not k:
+            return EMPTY_TAG_NAME
+        bad = illegal_character(k)
+        if bad:
+            return f'Invalid tag name ("{k}"): illegal character: {bad}'
+        if type(v) is not str:
+            if v is None:
+                return EMPTY_TAG_VALUE
+            v = _as_text(v)
+            if v is None:
+                return TAG_VALUE_NOT_TEXT
+        if not v:
+            return EMPTY_TAG_VALUE
+        bad = illegal_character(v)
+        if bad:
+            return f'Invalid tag value ("{v}"): illegal character: {bad}'
+        clean[k] = v
+    if len(metric) > METRIC_MAX_BYTES // 4 and len(metric.encode()) > METRIC_MAX_BYTES:
+        return METRIC_TOO_LONG
+    if len(clean) > 1:
+        clean = dict(sorted(clean.items()))
+    return clean, series_key(metric, clean)
+
+
+def check_points(raw: list[Any]) -> list[Point | str]:
+    """check_point for each element, in order."""
+    return [check_point(p) for p in raw]
+
+
+def type_conflict(series_kind: str, kind: str) -> str | None:
+    """The error string when a point of `kind` goes to a series holding `series_kind` values
+    (rule 8), None when it may (long and double mix)."""
+    series_type = TYPE_OF[series_kind]
+    if series_type == TYPE_OF[kind]:
+        return None
+    if series_type == NUMERIC and kind == STRING:
+        return NOT_A_NUMBER
+    return f"Value type mismatch: series holds {series_kind} values"
+
+
+__all__ = ["Point", "check_point", "check_points", "type_conflict", "illegal_character", "typed_value",
+           "NUMERIC", "STRING", "BOOLEAN", "LONG", "DOUBLE"]

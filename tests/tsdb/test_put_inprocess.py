@@ -1,0 +1,257 @@
+"""`/api/put` in-process (the real HTTP app behind aiohttp's test server, a Broker over a
+MemoryStore the test can stall or break): what a broker process cannot be made to do on cue -
+a `sync_timeout` that runs out while the store is stalled, storage refusing a partition, the whole
+append or the type write failing, the stream deleted in the middle of a put, two doors racing to
+create the stream, a typed stream under the tsdb name. No wall-clock assertions: a stalled store
+stays stalled until the test lets it go."""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import json
+from typing import Any, AsyncIterator, Sequence
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from broker.api.http_app import build_http_app
+from broker.core.broker import Broker
+from broker.errors import ErrorCode, server_error
+from broker.model import AppendBatch
+from broker.rows.schema import build_schema
+from broker.storage.base import AppendOutcome
+from broker.storage.memory import MemoryStore
+from broker.tsdb.series import TsdbStream, series_key, series_partition
+
+NOW_S = 1_700_000_000
+POINT_ERRORS = {"error": {"code": 400, "message": "One or more data points had errors",
+                          "details": "Please see the TSD logs or append \"details\" to the put request"}}
+
+
+class ControlledStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None     # set: appends wait for it
+        self.entered = asyncio.Event()
+        self.refuse: set[int] = set()              # partitions answered STORAGE_FULL
+        self.fail_appends = False                  # the whole append raises UNAVAILABLE
+        self.fail_meta = False                     # metadata writes raise STORAGE_FULL
+        self.slow_create = False
+
+    async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_appends:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="disk unplugged")
+        ok = iter(await super().append([b for b in batches if b.partition not in self.refuse]))
+        return [server_error(ErrorCode.STORAGE_FULL) if b.partition in self.refuse else next(ok) for b in batches]
+
+    async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        if self.fail_meta:
+            raise server_error(ErrorCode.STORAGE_FULL)
+        await super().meta_write(changes)
+
+    async def create_stream(self, config):  # type: ignore[no-untyped-def]
+        if self.slow_create:
+            await asyncio.sleep(0.05)
+        return await super().create_stream(config)
+
+
+@pytest.fixture
+async def store() -> ControlledStore:
+    return ControlledStore()
+
+
+@pytest.fixture
+async def broker(store: ControlledStore) -> AsyncIterator[Broker]:
+    b = Broker(store, cursor_secret=b"k" * 32)
+    await b.start()
+    yield b
+    if store.gate is not None:
+        store.gate.set()
+    await b.close()
+
+
+@pytest.fixture
+async def client(broker: Broker) -> AsyncIterator[TestClient]:
+    app = build_http_app(broker, body_timeout_s=10, tsdb_stream=TsdbStream(broker, "default", "tsdb"))
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+def point(metric: str, value: Any = 1, ts: int = NOW_S, **tags: str) -> dict[str, Any]:
+    return {"metric": metric, "timestamp": ts, "value": value, "tags": tags or {"host": "a"}}
+
+
+async def post(client: TestClient, points: Any, query: str = "") -> tuple[int, Any]:
+    resp = await client.post("/api/put" + query, data=io.BytesIO(json.dumps(points).encode()))
+    raw = await resp.read()
+    if resp.status != 204:
+        assert resp.headers["Content-Type"] == "application/json; charset=UTF-8"
+    return resp.status, json.loads(raw) if raw else None
+
+
+async def stored(broker: Broker, metric: str) -> list[dict[str, Any]]:
+    out = []
+    config = broker.catalogue.get("default", "tsdb")
+    for p in range(config.partition_count):
+        cursor = await broker.get_cursor("tsdb", str(p), "TRIM_HORIZON")
+        out += [json.loads(r.data) for r in (await broker.get_records(cursor, 10_000)).records]
+    return [r for r in out if r["metric"] == metric]
+
+
+async def eventually(check: Any) -> None:
+    for _ in range(500):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+# -- sync_timeout ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query, expected", [
+    ("?details&sync_timeout=50", {"success": 0, "failed": 3, "timeouts": 2, "errors": [
+        {"datapoint": point("st", 1, host="x"),
+         "error": "Storage exception: not durable within sync_timeout (50 ms)"},
+        {"datapoint": point("st", 2, 0), "error": "Invalid timestamp"},
+        {"datapoint": point("st", 3, host="y"),
+         "error": "Storage exception: not durable within sync_timeout (50 ms)"}]}),
+    ("?summary&sync_timeout=50", {"success": 0, "failed": 3, "timeouts": 2}),
+    ("?sync_timeout=50", POINT_ERRORS),
+])
+async def test_a_sync_timeout_that_runs_out_answers_400_with_timeouts(
+        client: TestClient, broker: Broker, store: ControlledStore, query: str, expected: Any) -> None:
+    # the stream and both series exist, so only the append is left to stall
+    assert (await post(client, [point("st", 0, host="x"), point("st", 0, host="y")]))[0] == 204
+    store.gate = asyncio.Event()
+    status, body = await post(client, [point("st", 1, host="x"), point("st", 2, 0), point("st", 3, host="y")], query)
+    assert (status, body) == (400, expected)
+    # the write went on: once the store moves, the points are there (not acknowledged, but durable)
+    store.gate.set()
+
+    async def landed() -> bool:
+        return sorted(p["value"] for p in await stored(broker, "st")) == [0, 0, 1, 3]
+    await eventually(landed)
+
+
+async def test_a_sync_timeout_while_the_stream_is_being_made(client: TestClient, store: ControlledStore) -> None:
+    store.gate = asyncio.Event()
+    status, body = await post(client, [point("first", 1)], "?summary&sync_timeout=20")
+    assert (status, body) == (400, {"success": 0, "failed": 1, "timeouts": 1})
+
+
+async def test_a_sync_timeout_long_enough_is_a_normal_answer(client: TestClient) -> None:
+    assert await post(client, [point("ok", 1)], "?summary&sync_timeout=600000") == (200, {"success": 1, "failed": 0})
+
+
+# -- storage failures -----------------------------------------------------------------------------
+
+async def test_a_refused_partition_fails_its_points_with_a_storage_exception(
+        client: TestClient, broker: Broker, store: ControlledStore) -> None:
+    hosts = [f"h{i}" for i in range(16)]
+    keys = {h: series_key("sf", {"host": h}) for h in hosts}
+    parts = {h: series_partition(keys[h], 8) for h in hosts}
+    refused = parts[hosts[0]]
+    store.refuse = {refused}
+    sent = [point("sf", i, host=h) for i, h in enumerate(hosts)]
+    status, body = await post(client, sent, "?details")
+    bad = [p for p in sent if parts[p["tags"]["host"]] == refused]
+    assert status == 400
+    assert body["success"] == len(sent) - len(bad) and body["failed"] == len(bad)
+    assert body["errors"] == [{"datapoint": p, "error": "Storage exception: Storage is full, retry later"}
+                              for p in bad]
+    assert len(await stored(broker, "sf")) == len(sent) - len(bad)
+    # the refused points' series got their type all the same (fixed before the append): a retry
+    # of the same type goes in, another type is refused
+    store.refuse = set()
+    assert (await post(client, bad))[0] == 204
+    assert (await post(client, [point("sf", "x", host=hosts[0])], "?details"))[1]["errors"][0]["error"] == \
+        "Unable to parse value to a number"
+
+
+async def test_a_failed_append_fails_every_accepted_point(client: TestClient, store: ControlledStore) -> None:
+    assert (await post(client, [point("fa", 1)]))[0] == 204
+    store.fail_appends = True
+    status, body = await post(client, [point("fa", 2), point("fa", 3, 0)], "?details")
+    assert (status, body) == (400, {"success": 0, "failed": 2, "errors": [
+        {"datapoint": point("fa", 2), "error": "Storage exception: Service unavailable, retry later. disk unplugged"},
+        {"datapoint": point("fa", 3, 0), "error": "Invalid timestamp"}]})
+    assert await post(client, [point("fa", 2)]) == (400, POINT_ERRORS)
+
+
+async def test_a_failed_type_write_fails_the_new_series_only(client: TestClient, broker: Broker,
+                                                              store: ControlledStore) -> None:
+    assert (await post(client, [point("tw", 1, host="known")]))[0] == 204
+    store.fail_meta = True
+    sent = [point("tw", 2, host="known"), point("tw", 3, host="new"), point("tw", "x", host="new")]
+    status, body = await post(client, sent, "?details")
+    assert (status, body) == (400, {"success": 1, "failed": 2, "errors": [
+        {"datapoint": sent[1], "error": "Storage exception: Storage is full, retry later"},
+        {"datapoint": sent[2], "error": "Unable to parse value to a number"}]})
+    assert sorted(p["value"] for p in await stored(broker, "tw")) == [1, 2]
+    # nothing was learnt about the new series: once the store takes writes, any type may come first
+    store.fail_meta = False
+    assert (await post(client, [point("tw", "x", host="new")]))[0] == 204
+
+
+# -- the stream ---------------------------------------------------------------------------------
+
+async def test_a_stream_deleted_during_a_put_is_recreated_and_the_put_lands_there(
+        client: TestClient, broker: Broker, store: ControlledStore) -> None:
+    assert (await post(client, [point("dd", "old")]))[0] == 204
+    old = broker.catalogue.get("default", "tsdb")
+    store.gate = asyncio.Event()
+    store.entered.clear()
+    put = asyncio.ensure_future(post(client, [point("dd", "new", NOW_S + 1)], "?summary"))
+    await asyncio.wait_for(store.entered.wait(), 30)   # the put's append is in the store
+    await broker.delete_stream("tsdb")                 # the stream goes away under it
+    store.gate.set()
+    # the append found no stream; the put made the stream again and wrote there
+    assert await put == (200, {"success": 1, "failed": 0})
+    new = broker.catalogue.get("default", "tsdb")
+    assert new.stream_id != old.stream_id
+    assert [p["value"] for p in await stored(broker, "dd")] == ["new"]
+    # the new incarnation learnt the series' type from that point
+    status, body = await post(client, [point("dd", 5, NOW_S + 2)], "?details")
+    assert status == 400 and body["errors"][0]["error"] == "Value type mismatch: series holds string values"
+
+
+async def test_two_doors_racing_to_create_the_stream_share_it(broker: Broker, store: ControlledStore) -> None:
+    store.slow_create = True
+    first, second = TsdbStream(broker, "p1", "tsdb"), TsdbStream(broker, "p1", "tsdb")
+    (c1, r1), (c2, r2) = await asyncio.gather(first.ensure(), second.ensure())
+    assert c1.stream_id == c2.stream_id and c1.partition_count == 8
+    assert r1.stream_id == r2.stream_id == c1.stream_id
+    assert [c.stream_name for c in (await broker.list_streams(project="p1")).streams] == ["tsdb"]
+
+
+async def test_a_typed_stream_under_the_tsdb_name_is_refused(client: TestClient, broker: Broker) -> None:
+    schema = build_schema({"columns": [{"name": "a", "type": "int"}]})
+    await broker.create_stream("tsdb", 1, schema=schema)
+    status, body = await post(client, [point("ty", 1)], "?details")
+    assert status == 400 and body["reason"] == "INVALID_REQUEST"
+    assert "typed stream" in body["error"]["message"] and "--tsdb-stream" in body["error"]["message"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("broker.tsdb.query") is not None, reason="the query engine is here")
+async def test_query_routes_say_clearly_that_the_engine_is_missing(client: TestClient) -> None:
+    for method, path in (("GET", "/api/query?start=1h-ago&m=sum:x"), ("POST", "/api/query"), ("GET", "/api/suggest")):
+        resp = await client.request(method, path, data=b"{}")
+        body = await resp.json()
+        assert resp.status == 400 and "not available" in body["error"]["message"], body
+
+
+async def test_a_point_over_the_record_limit_fails_alone_and_fixes_no_type(client: TestClient, broker: Broker) -> None:
+    huge = {"a": "x" * 600_000, "b": "y" * 600_000}
+    sent = [point("big", 1, **huge), point("big", 2)]
+    status, body = await post(client, sent, "?details")
+    assert status == 400 and body["success"] == 1
+    [error] = body["errors"]
+    assert error["datapoint"] == sent[0]
+    assert error["error"].startswith("Storage exception: the point's record is ") and \
+        error["error"].endswith(" bytes, over the record limit of 1048576")
+    _, registry = await TsdbStream(broker, "default", "tsdb").lookup()
+    assert registry is not None and registry.type_of(series_key("big", huge)) is None

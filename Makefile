@@ -7,7 +7,11 @@
 # `make bench-compare`: installs nats-server and clickhouse-server (apt), kinesalite (npm,
 #               bench/.peers) and nats-py (the `bench` extra), then the same suite plus the peers:
 #               bench/run.py --compare, and the Timeplus door's T1 beside ClickHouse's insert
-#               (bench/run.py timeplus --workloads t1 --clickhouse yes)
+#               (bench/run.py timeplus --workloads t1 --clickhouse yes); also victoria-metrics and
+#               influxdb (apt) for the OpenTSDB door's figures (bench/run.py tsdb --peers yes)
+# `make bench-tsdb`: the OpenTSDB door (issue 10): /api/put points/s over 10,000 series and the
+#               /api/query latency of one series (bench/run.py tsdb); takes ARGS, e.g. ARGS=--quick,
+#               ARGS='--peers yes' (VictoriaMetrics and InfluxDB beside; make bench-peers installs them)
 # `make bench-timeplus`: the Timeplus door's T1-T4 (issue 8) on fresh brokers, ClickHouse beside T1
 #               when clickhouse-server is installed; takes ARGS, e.g. ARGS='--quick', ARGS='--minutes 1'
 # `make bench-memory`: broker RSS with 1,000,000 records stored, then over a 5-minute W1 loop
@@ -21,7 +25,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers bench-timeplus wheel clean
+.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers bench-timeplus bench-tsdb wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,23 +59,30 @@ bench: proto
 
 # peers for bench-compare (not part of CI): Debian's nats-server and clickhouse-server (18.16; only
 # its binary is used, run by bench/run.py on a config of its own, not the system service), npm's
-# kinesalite, PyPI's nats-py
+# kinesalite, PyPI's nats-py; Debian's victoria-metrics and influxdb (1.x) for bench/run.py tsdb (their
+# binaries too, each run on a temp dir and free loopback ports; the packages' services are not started)
 bench-peers: proto
 	command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
 	PATH="$$PATH:/usr/sbin" command -v clickhouse-server >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq clickhouse-server; }
 	test -f bench/.peers/node_modules/kinesalite/cli.js || npm install --silent --prefix bench/.peers kinesalite
 	$(PY) -c 'import nats' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	command -v victoria-metrics >/dev/null || { apt-get update -qq && apt-get install -y -qq victoria-metrics; }
+	PATH="$$PATH:/usr/sbin" command -v influxd >/dev/null || { apt-get update -qq && apt-get install -y -qq influxdb; }
 
 bench-compare: bench-peers
 	$(PY) bench/run.py --compare $(ARGS)
 	$(PY) bench/run.py timeplus --workloads t1 --clickhouse yes
+	$(PY) bench/run.py tsdb --peers yes
 
 bench-memory: proto
 	$(PY) bench/run.py memory $(ARGS)
 
 bench-timeplus: proto
 	$(PY) bench/run.py timeplus $(ARGS)
+
+bench-tsdb: proto
+	$(PY) bench/run.py tsdb $(ARGS)
 
 wheel: proto
 	$(PY) -m build --wheel --no-isolation --outdir dist .

@@ -14,6 +14,8 @@ HTTP insert beside T1. See bench/README.md.
     .venv/bin/python bench/run.py memory               # broker RSS, 1,000,000 records + 5 min (make bench-memory)
     .venv/bin/python bench/run.py timeplus             # Timeplus door T1-T4, ClickHouse beside T1 (make bench-timeplus)
     .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
+    .venv/bin/python bench/run.py tsdb --peers yes     # OpenTSDB door: /api/put points/s, /api/query latency,
+                                                       # VictoriaMetrics and InfluxDB beside (make bench-tsdb)
 
 Modules: bench/workloads.py holds the workloads (the clocks, CPU meters, data set, verdicts and
 tables), bench/drivers.py a driver per door of each system (the only code here that speaks a wire
@@ -40,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory", "timeplus")
+COMMANDS = ("suite", "memory", "timeplus", "tsdb")
 
 
 def _say(msg: str) -> None:
@@ -561,13 +563,19 @@ def timeplus_main(argv: list[str]) -> int:
     return 0 if rows and all(r.ok for r in rows) else 1
 
 
+def tsdb_main(argv: list[str]) -> int:
+    """The OpenTSDB door's put and query figures, with VictoriaMetrics and InfluxDB (bench/tsdb.py)."""
+    import tsdb   # bench/tsdb.py
+    return tsdb.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`run.py [suite] [options]`, `run.py memory [options]` or `run.py timeplus [options]`; the suite
-    is the default command."""
+    """`run.py [suite] [options]`, `run.py memory [options]`, `run.py timeplus [options]` or `run.py tsdb
+    [options]`; the suite is the default command."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    return {"memory": memory_main, "timeplus": timeplus_main}.get(command, suite_main)(rest)
+    return {"memory": memory_main, "timeplus": timeplus_main, "tsdb": tsdb_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

@@ -738,10 +738,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--peers takes no, yes, or a list of vm, influxdb")
     if args.no_sluice and not args.peers:
         p.error("--no-sluice needs --peers")
-    args.points = args.points or (QUICK["points"] if args.quick else PUT_POINTS)
-    args.q2_points = args.q2_points or (QUICK["q2_points"] if args.quick else Q2_POINTS)
-    args.q1_repeat = args.q1_repeat or (QUICK["q1_repeat"] if args.quick else Q1_REPEAT)
-    args.q2_repeat = args.q2_repeat or (QUICK["q2_repeat"] if args.quick else Q2_REPEAT)
+    for name, default in (("points", PUT_POINTS), ("q2_points", Q2_POINTS), ("q1_repeat", Q1_REPEAT),
+                          ("q2_repeat", Q2_REPEAT)):
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK[name] if args.quick else default)
     if min(args.points, args.q2_points, args.q1_repeat, args.q2_repeat) < 1:
         p.error("--points, --q2-points, --q1-repeat and --q2-repeat must be positive")
     if args.points > SERIES * 8000:

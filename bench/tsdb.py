@@ -22,8 +22,9 @@ InfluxDB 1.x on the same workload in the same run.
 
 Systems, each a fresh server on a temp dir on disk, one after the other:
 - Sluice: `drivers.sluice_broker("wal")`: RocksDB, default durability (WAL without fsync; /api/put
-  answers once the points are appended). Points stored: the sequence ranges of the door's stream
-  (`tsdb`, project `default`) through the DIS door: every point is one record.
+  answers once the points are appended); `--durability fsync` (or `wal,fsync`) adds a broker with
+  `--fsync`, the like of InfluxDB's fsync per write. Points stored: the sequence ranges of the door's
+  stream (`tsdb`, project `default`) through the DIS door: every point is one record.
 - VictoriaMetrics (Debian `victoria-metrics`): its OpenTSDB HTTP listener
   (`-opentsdbHTTPListenAddr`, `/api/put`), `-retentionPeriod=100y`, `-search.disableCache` (a
   repeated query is not answered from its rollup result cache), `-search.latencyOffset=1s`. It
@@ -426,10 +427,11 @@ def influxd_exe() -> str | None:
 
 
 @contextlib.contextmanager
-def sluice_server() -> Iterator[SluiceTsdb]:
-    with drivers.sluice_broker("wal") as broker:
+def sluice_server(durability: str = "wal") -> Iterator[SluiceTsdb]:
+    """A fresh broker (`--fsync` for fsync) on a temp dir."""
+    with drivers.sluice_broker(durability) as broker:
         assert broker.proc
-        yield SluiceTsdb(broker.host, broker.http_port, broker.proc.pid)
+        yield SluiceTsdb(broker.host, broker.http_port, broker.proc.pid, durability)
 
 
 @contextlib.contextmanager
@@ -511,8 +513,10 @@ def influxdb_server() -> Iterator[InfluxDB]:
 
 
 SERVERS: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
-    "sluice": sluice_server, "vm": victoria_metrics_server, "influxdb": influxdb_server}
+    "sluice": sluice_server, "sluice-fsync": lambda: sluice_server("fsync"), "vm": victoria_metrics_server,
+    "influxdb": influxdb_server}
 ROW_NAMES = {"sluice": (SluiceTsdb.system, SluiceTsdb.door, "wal"),
+             "sluice-fsync": (SluiceTsdb.system, SluiceTsdb.door, "fsync"),
              "vm": (VictoriaMetrics.system, VictoriaMetrics.door, VictoriaMetrics.durability),
              "influxdb": (InfluxDB.system, InfluxDB.door, InfluxDB.durability)}
 
@@ -602,7 +606,7 @@ def query(t: Target, q: Query, repeat: int) -> wl.Row:
 def run_system(key: str, args: argparse.Namespace, plan: Plan, data: dict[str, list[bytes]]) -> list[wl.Row]:
     """The chosen workloads on one fresh server: put, q1 (over the put's points), q2 (fill, then query)."""
     rows: list[wl.Row] = []
-    name = PEER_NAMES.get(key, "Sluice")
+    name = PEER_NAMES[key] if key in PEER_NAMES else "Sluice" + ("" if key == "sluice" else f" ({key[7:]})")
     try:
         with SERVERS[key]() as t:
             stored = 0
@@ -673,7 +677,8 @@ def format_table(rows: list[wl.Row]) -> str:
 
 
 def ratios(rows: list[wl.Row]) -> list[tuple[str, str, float, float, float]]:
-    """(figure, peer, Sluice, peer, ratio): put points/s Sluice/peer; queries peer p50 / Sluice p50."""
+    """(figure, peer, Sluice, peer, ratio): put points/s Sluice/peer; queries peer p50 / Sluice p50. The
+    figure names Sluice's durability when it is not the default (wal)."""
     ok = [r for r in rows if r.ok]
     out = []
     for peer in ("VictoriaMetrics", "InfluxDB"):
@@ -681,10 +686,11 @@ def ratios(rows: list[wl.Row]) -> list[tuple[str, str, float, float, float]]:
             p = next((r for r in ok if r.system == peer and r.workload == s.workload), None)
             if not p:
                 continue
+            sluice = "Sluice" if s.durability == "wal" else f"Sluice {s.durability}"
             if s.workload == "put" and p.rate > 0:
-                out.append(("put points/s (Sluice/peer)", peer, s.rate, p.rate, s.rate / p.rate))
+                out.append((f"put points/s ({sluice}/peer)", peer, s.rate, p.rate, s.rate / p.rate))
             elif s.workload != "put" and s.p50_ms > 0:
-                out.append((f"{s.workload} p50 ms (peer/Sluice)", peer, s.p50_ms, p.p50_ms, p.p50_ms / s.p50_ms))
+                out.append((f"{s.workload} p50 ms (peer/{sluice})", peer, s.p50_ms, p.p50_ms, p.p50_ms / s.p50_ms))
     return out
 
 
@@ -699,7 +705,7 @@ def format_ratios(rs: list[tuple[str, str, float, float, float]]) -> str:
 def verdicts(rs: list[tuple[str, str, float, float, float]]) -> list[tuple[str, str, str]]:
     out = []
     for figure, peer, s, p, ratio in rs:
-        if figure.startswith("put"):
+        if figure == "put points/s (Sluice/peer)":   # the default durability
             target = TARGET_VM if peer == "VictoriaMetrics" else TARGET_INFLUX
             out.append((f"put >= {target:g}x {peer}", f"{s:,.0f} / {p:,.0f} points/s = {ratio:.2f}x",
                         "met" if ratio >= target else "NOT MET"))
@@ -722,6 +728,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--q2-repeat", type=int, help=f"timed q2 queries (default {Q2_REPEAT})")
     p.add_argument("--peers", default="no",
                    help="no (default), yes (VictoriaMetrics and InfluxDB), or comma-separated: vm, influxdb")
+    p.add_argument("--durability", default="wal",
+                   help="Sluice's: comma-separated wal (the broker's default), fsync (--fsync); a fresh broker each "
+                        "(default wal; the verdicts judge wal)")
     p.add_argument("--no-sluice", action="store_true", help="only the peers")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
@@ -736,6 +745,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         [x.strip() for x in peers.split(",") if x.strip()]
     if set(args.peers) - set(PEER_NAMES):
         p.error("--peers takes no, yes, or a list of vm, influxdb")
+    args.durability = [x.strip().lower() for x in args.durability.split(",") if x.strip()]
+    if not args.durability or set(args.durability) - {"wal", "fsync"}:
+        p.error("--durability takes wal, fsync")
     if args.no_sluice and not args.peers:
         p.error("--no-sluice needs --peers")
     for name, default in (("points", PUT_POINTS), ("q2_points", Q2_POINTS), ("q1_repeat", Q1_REPEAT),
@@ -759,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
             "q2": q2_bodies(plan) if "q2" in args.workloads else []}
     rows: list[wl.Row] = []
     try:
-        for key in ([] if args.no_sluice else ["sluice"]) + args.peers:
+        sluice = [] if args.no_sluice else ["sluice" if d == "wal" else f"sluice-{d}" for d in args.durability]
+        for key in sluice + args.peers:
             rows += run_system(key, args, plan, data)
     except KeyboardInterrupt:
         _say("interrupted")
@@ -791,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
                    "batch": BATCH, "producers": PRODUCERS, "step_s": STEP_S, "seed": SEED, "t0": plan.t0,
                    "q2_points": args.q2_points, "d0": plan.d0, "q1_repeat": args.q1_repeat,
                    "q2_repeat": args.q2_repeat, "downsample": DOWNSAMPLE, "aggregator": "sum",
-                   "workloads": args.workloads, "peers": args.peers, "sluice": not args.no_sluice},
+                   "workloads": args.workloads, "peers": args.peers, "sluice": not args.no_sluice,
+                   "durability": [] if args.no_sluice else args.durability},
         "rows": [r.as_dict() for r in rows],
         "ratios": [{"figure": f, "peer": p, "sluice": s, "peer_value": v, "ratio": r} for f, p, s, v, r in rs],
         "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],

@@ -188,7 +188,7 @@ def test_tsdb_small(tmp_path):
 
 def test_tsdb_bad_options_are_refused(tmp_path):
     for args in (["--workloads", "q1"], ["--workloads", "q9"], ["--peers", "kafka"], ["--no-sluice"],
-                 ["--points", "0"]):
+                 ["--points", "0"], ["--durability", "none"]):
         out = subprocess.run([sys.executable, RUN, "tsdb", *args], cwd=tmp_path, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args

@@ -25,7 +25,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers bench-timeplus bench-tsdb wheel clean
+.PHONY: install proto run test lint bench bench-compare bench-memory bench-peers bench-timeplus wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,16 +59,13 @@ bench: proto
 
 # peers for bench-compare (not part of CI): Debian's nats-server and clickhouse-server (18.16; only
 # its binary is used, run by bench/run.py on a config of its own, not the system service), npm's
-# kinesalite, PyPI's nats-py; Debian's victoria-metrics and influxdb (1.x) for bench/run.py tsdb (their
-# binaries too, each run on a temp dir and free loopback ports; the packages' services are not started)
+# kinesalite, PyPI's nats-py
 bench-peers: proto
 	command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
 	PATH="$$PATH:/usr/sbin" command -v clickhouse-server >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq clickhouse-server; }
 	test -f bench/.peers/node_modules/kinesalite/cli.js || npm install --silent --prefix bench/.peers kinesalite
 	$(PY) -c 'import nats' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
-	command -v victoria-metrics >/dev/null || { apt-get update -qq && apt-get install -y -qq victoria-metrics; }
-	PATH="$$PATH:/usr/sbin" command -v influxd >/dev/null || { apt-get update -qq && apt-get install -y -qq influxdb; }
 
 bench-compare: bench-peers
 	$(PY) bench/run.py --compare $(ARGS)
@@ -80,6 +77,15 @@ bench-memory: proto
 
 bench-timeplus: proto
 	$(PY) bench/run.py timeplus $(ARGS)
+
+# bench/run.py tsdb's peers, part of bench-peers (not of CI): Debian's victoria-metrics and influxdb (1.x);
+# only their binaries are used, each run by bench/tsdb.py on a temp dir and free loopback ports (never
+# the packages' own services)
+.PHONY: bench-tsdb tsdb-peers
+bench-peers: tsdb-peers
+tsdb-peers:
+	command -v victoria-metrics >/dev/null || { apt-get update -qq && apt-get install -y -qq victoria-metrics; }
+	PATH="$$PATH:/usr/sbin" command -v influxd >/dev/null || { apt-get update -qq && apt-get install -y -qq influxdb; }
 
 bench-tsdb: proto
 	$(PY) bench/run.py tsdb $(ARGS)

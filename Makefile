@@ -9,7 +9,11 @@
 # `make bench-compare`: installs nats-server and clickhouse-server (apt) and kinesalite (npm,
 #               bench/.peers; nats-py is a runtime dependency), then the same suite plus the peers:
 #               bench/run.py --compare, and the Timeplus door's T1 beside ClickHouse's insert
-#               (bench/run.py timeplus --workloads t1 --clickhouse yes)
+#               (bench/run.py timeplus --workloads t1 --clickhouse yes); also victoria-metrics and
+#               influxdb (apt) for the OpenTSDB door's figures (bench/run.py tsdb --peers yes)
+# `make bench-tsdb`: the OpenTSDB door (issue 10): /api/put points/s over 10,000 series and the
+#               /api/query latency of one series (bench/run.py tsdb); takes ARGS, e.g. ARGS=--quick,
+#               ARGS='--peers yes' (VictoriaMetrics and InfluxDB beside; make bench-peers installs them)
 # `make bench-timeplus`: the Timeplus door's T1-T4 (issue 8) on fresh brokers, ClickHouse beside T1
 #               when clickhouse-server is installed; takes ARGS, e.g. ARGS='--quick', ARGS='--minutes 1'
 # `make bench-sources`: rows/s from a JetStream source into Sluice (1 KiB JSON messages) beside a
@@ -77,6 +81,7 @@ bench-peers: proto nats-server
 bench-compare: bench-peers
 	$(PY) bench/run.py --compare $(ARGS)
 	$(PY) bench/run.py timeplus --workloads t1 --clickhouse yes
+	$(PY) bench/run.py tsdb --peers yes
 
 bench-sources: proto nats-server
 	$(PY) bench/run.py sources $(ARGS)
@@ -86,6 +91,18 @@ bench-memory: proto
 
 bench-timeplus: proto
 	$(PY) bench/run.py timeplus $(ARGS)
+
+# bench/run.py tsdb's peers, part of bench-peers (not of CI): Debian's victoria-metrics and influxdb (1.x);
+# only their binaries are used, each run by bench/tsdb.py on a temp dir and free loopback ports (never
+# the packages' own services)
+.PHONY: bench-tsdb tsdb-peers
+bench-peers: tsdb-peers
+tsdb-peers:
+	command -v victoria-metrics >/dev/null || { apt-get update -qq && apt-get install -y -qq victoria-metrics; }
+	PATH="$$PATH:/usr/sbin" command -v influxd >/dev/null || { apt-get update -qq && apt-get install -y -qq influxdb; }
+
+bench-tsdb: proto
+	$(PY) bench/run.py tsdb $(ARGS)
 
 wheel: proto
 	$(PY) -m build --wheel --no-isolation --outdir dist .

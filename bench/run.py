@@ -17,6 +17,8 @@ nats-py pull consumer. See bench/README.md.
     .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
     .venv/bin/python bench/run.py sources              # a JetStream source into Sluice, 1 KiB JSON (make bench-sources)
     .venv/bin/python bench/run.py sources --quick --ack-policy both                     # a smoke run
+    .venv/bin/python bench/run.py tsdb --peers yes     # OpenTSDB door: /api/put points/s, /api/query latency,
+                                                       # VictoriaMetrics and InfluxDB beside (make bench-tsdb)
 
 Modules: bench/workloads.py holds the workloads (the clocks, CPU meters, data set, verdicts and
 tables), bench/drivers.py a driver per door of each system (the only code here that speaks a wire
@@ -44,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory", "timeplus", "sources")
+COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb")
 
 
 def _say(msg: str) -> None:
@@ -697,13 +699,20 @@ def _brief_s1(r: wl.Row) -> str:
             + ")" + ("" if r.ok else f" FAIL {r.note}"))
 
 
+def tsdb_main(argv: list[str]) -> int:
+    """The OpenTSDB door's put and query figures, with VictoriaMetrics and InfluxDB (bench/tsdb.py)."""
+    import tsdb   # bench/tsdb.py
+    return tsdb.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`run.py [suite] [options]`, `run.py memory [options]`, `run.py timeplus [options]` or `run.py
-    sources [options]`; the suite is the default command."""
+    """`run.py [suite] [options]`, `run.py memory|timeplus|sources|tsdb [options]`; the suite is the
+    default command."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
-    return {"memory": memory_main, "timeplus": timeplus_main, "sources": sources_main}.get(command, suite_main)(rest)
+    return {"memory": memory_main, "timeplus": timeplus_main, "sources": sources_main,
+            "tsdb": tsdb_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

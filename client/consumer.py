@@ -389,7 +389,10 @@ class AsyncPartitionConsumer(_ConsumerState):
             self._reader = asyncio.get_running_loop().create_task(self._read(self._sub, self._pages))
         assert self._pages is not None
         try:
-            item = await asyncio.wait_for(self._pages.get(), wait_ms / 1000)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that arrives
+            # as a page does
+            async with asyncio.timeout(wait_ms / 1000):
+                item = await self._pages.get()
         except TimeoutError:
             return []
         if isinstance(item, BaseException):

@@ -180,3 +180,38 @@ def test_bad_options_are_refused(tmp_path):
         out = subprocess.run([sys.executable, RUN, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                              check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args
+
+
+TSDB_COLUMNS = ["system", "door", "durability", "workload", "points", "points/s", "p50 ms", "p99 ms", "wall s",
+                "client cpu s", "server cpu s", "ok"]
+
+
+def test_tsdb_small(tmp_path):
+    """bench/run.py tsdb at small sizes, Sluice only: put, q1 and q2 rows with real figures, and the JSON."""
+    out = _bench(tmp_path, "tsdb", "--points", "10000", "--q2-points", "5000", "--q1-repeat", "3", "--q2-repeat", "2")
+    lines = out.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("system |"))
+    assert [c.strip() for c in lines[start].split("|")] == TSDB_COLUMNS
+    rows = [dict(zip(TSDB_COLUMNS, (c.strip() for c in line.split("|")))) for line in lines[start + 2:start + 5]]
+    assert [r["workload"] for r in rows] == ["put", "q1 one of 10k series", "q2 one 5,000-point series"], out.stdout
+    assert all(r["system"] == "Sluice" and r["ok"] == "ok" for r in rows), out.stdout
+    assert _num(rows[0]["points"]) == 10_000 and _num(rows[0]["points/s"]) > 0
+    assert all(0 < _num(r["p50 ms"]) <= _num(r["p99 ms"]) for r in rows)
+    assert "load average before" in out.stdout
+
+    doc = _result(tmp_path, "tsdb-*.json")
+    assert doc["config"]["points"] == 10_000 and doc["config"]["series"] == 10_000 and doc["config"]["batch"] == 500
+    assert doc["config"]["peers"] == [] and doc["ratios"] == [] and len(doc["loadavg_after"]) == 3
+    put, q1, q2 = doc["rows"]
+    assert put["extra"]["stored"] == 10_000 and put["extra"]["requests"] == 20
+    assert q1["extra"]["dps_returned"] == 1 and q1["extra"]["repeat"] == 3   # one round: one point a series
+    assert q2["extra"]["dps_returned"] >= 80 and q2["extra"]["fill_rate"] > 0   # 5,000 s in 1-minute buckets
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
+def test_tsdb_bad_options_are_refused(tmp_path):
+    for args in (["--workloads", "q1"], ["--workloads", "q9"], ["--peers", "kafka"], ["--no-sluice"],
+                 ["--points", "0"], ["--durability", "none"]):
+        out = subprocess.run([sys.executable, RUN, "tsdb", *args], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 2 and "error:" in out.stderr, args

@@ -175,7 +175,8 @@ async def read_body(request: web.Request) -> bytes:
     if encoding is not None and encoding.lower() not in _DECODED and encoding.lower() not in _IDENTITY:
         raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Content-Encoding {encoding!r:.40}")
     try:
-        body = await asyncio.wait_for(request.read(), config.body_timeout_s)
+        async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch
+            body = await request.read()
     except TimeoutError:
         raise client_error(ErrorCode.REQUEST_TIMEOUT) from None
     except web.HTTPRequestEntityTooLarge:
@@ -251,7 +252,8 @@ async def write_or_drop(request: web.Request, response: web.StreamResponse, data
     timeout (or is gone) is disconnected instead of making the broker buffer for it; returns
     False then, and the handler should return."""
     try:
-        await asyncio.wait_for(response.write(data), request.app[CONFIG].stall_timeout_s)
+        async with asyncio.timeout(request.app[CONFIG].stall_timeout_s):
+            await response.write(data)
     except (TimeoutError, ConnectionResetError):
         if request.transport is not None:
             request.transport.abort()

@@ -283,7 +283,8 @@ async def _stream_results(request: web.Request, response: web.StreamResponse, ru
             next_metrics = loop.time() + METRICS_EVERY_S
         wait = min(next_metrics, due) if pending else next_metrics
         try:
-            item = await asyncio.wait_for(run.results.get(), max(wait - loop.time(), 0))
+            async with asyncio.timeout(max(wait - loop.time(), 0)):   # not wait_for: see core/reads._fetch
+                item = await run.results.get()
         except TimeoutError:
             continue
         if item is None:   # END

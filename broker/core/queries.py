@@ -324,7 +324,8 @@ class Queries:
                     await self._tick(run)
                     continue
                 try:
-                    item = await asyncio.wait_for(inbox.get(), max(next_tick - loop.time(), 0))
+                    async with asyncio.timeout(max(next_tick - loop.time(), 0)):   # not wait_for: see reads._fetch
+                        item = await inbox.get()
                 except TimeoutError:
                     continue
                 if item is None:

@@ -7,6 +7,7 @@ is the store's business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from typing import AsyncGenerator, Callable
 
@@ -139,10 +140,11 @@ class ReadPath:
                 remaining = deadline - loop.time()
                 if records or waiter is None or remaining <= 0 or self._notifier.closed:
                     break
-                try:
-                    await asyncio.wait_for(waiter, remaining)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+                # arrives as the waiter completes (a write notified it), and the reader never ends
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await waiter
             finally:
                 if waiter is not None:
                     self._notifier.discard(sid, p, waiter)

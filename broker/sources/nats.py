@@ -344,7 +344,8 @@ class _Link:
     async def close(self) -> None:
         self.closing = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.close(), CLOSE_WAIT_S)
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await self.nc.close()
 
     async def _error(self, e: Exception) -> None:
         if isinstance(e, nats.errors.SlowConsumerError):
@@ -399,8 +400,11 @@ class NatsJob:
             await nc.flush(timeout=int(API_TIMEOUT_S))
             ctx.connected()
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+                # arrives as the event is set, and a stopped job would go on consuming
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
                 self._wake.clear()
                 while self._buf:
                     batch = self._buf[:MAX_BATCH]
@@ -497,7 +501,8 @@ class _Puller:
                 return []
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), min(left, PULL_EXPIRES_S + PULL_GRACE_S))
+                async with asyncio.timeout(min(left, PULL_EXPIRES_S + PULL_GRACE_S)):   # not wait_for: see above
+                    await self.wake.wait()
 
 
 class JetStreamJob:
@@ -586,7 +591,8 @@ class JetStreamJob:
                     # stopping with a batch in hand: its append is under way, so let it finish and
                     # be acknowledged (briefly), and a stop neither loses nor duplicates it
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(step, CLOSE_WAIT_S)
+                        async with asyncio.timeout(CLOSE_WAIT_S):   # then cancelled, as wait_for did
+                            await step
                     raise
                 finally:
                     if step.done() and not step.cancelled():
@@ -596,7 +602,8 @@ class JetStreamJob:
             # a restart need not wait for ack_wait
             if puller and link.nc.is_connected:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(puller.stop(), CLOSE_WAIT_S)
+                    async with asyncio.timeout(CLOSE_WAIT_S):
+                        await puller.stop()
             unwritten = pulled + (puller.buf if puller else [])
             if unwritten and link.nc.is_connected:
                 with contextlib.suppress(Exception):

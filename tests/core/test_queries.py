@@ -134,3 +134,28 @@ async def test_a_deleted_stream_fails_its_query_by_name(broker: Broker) -> None:
     await broker.delete_stream("gone")
     await drain(run)
     assert run.status == "failed" and run.message == "Stream [gone] was deleted"
+
+
+async def test_a_reader_cancelled_as_a_write_wakes_it_still_ends(broker: Broker) -> None:
+    """On Python 3.11 asyncio.wait_for swallows a cancellation that arrives in the same loop turn
+    as the awaited future completes; a long poll woken by a write at the moment its reader was
+    cancelled then went back to sleep, and a streaming query with LIMIT never ended (found as a
+    flaky SDK test). The wait must end with the cancellation, deterministically."""
+    config = await broker.create_stream("w", 1)
+    task = asyncio.create_task(broker.reads._fetch(config.stream_id, 0, 0, 10, 1 << 20, 30.0))
+    await asyncio.sleep(0.05)                           # waiting for a write
+    broker.notifier.notify([(config.stream_id, 0)])     # a write wakes it ...
+    task.cancel()                                       # ... as its reader is cancelled
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done and task.cancelled()
+
+
+async def test_a_streaming_query_with_limit_ends_when_rows_and_writes_race(broker: Broker) -> None:
+    await broker.create_stream("lim", 1, schema=SCHEMA)
+    encoder = RowEncoder(SCHEMA)
+    for _ in range(10):
+        run = await broker.queries.start("default", "select v from lim where v % 2 = 0 limit 3")
+        await broker.append_rows("lim", encoder.compact(["k", "v"], [["a", i] for i in range(5)], 1_000))
+        await broker.append_rows("lim", encoder.compact(["k", "v"], [["a", i] for i in range(5, 12)], 1_000))
+        assert await drain(run, timeout=10) == [[0], [2], [4]]
+        assert run.status == "finished"

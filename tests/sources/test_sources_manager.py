@@ -13,32 +13,16 @@ from typing import Any, AsyncIterator
 import orjson
 import pytest
 
-from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode
 from broker.model import ColumnDef, StreamSchema
 from broker.sources import base
 from broker.sources.generator import TEMPLATE_COLUMNS
-from broker.sources.manager import Sources
-from broker.storage.rocks import RocksStore
 
-P = "default"
+from .conftest import P, Sluice, _fast_backoff, eventually
 
 
-class Harness:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    async def open(self) -> None:
-        self.store = RocksStore(str(self.path))
-        self.broker = Broker(self.store, cursor_secret=b"sources-test")
-        await self.broker.start()
-        self.sources = Sources(self.broker)
-        await self.sources.start()
-
-    async def close(self) -> None:
-        await self.sources.close()
-        await self.broker.close()
-        await self.store.close()
+class Harness(Sluice):
+    """The shared in-process broker with its sources (conftest.py), plus reading a stream back."""
 
     async def rows(self, stream: str) -> list[dict[str, Any]]:
         """Every record of the stream, all partitions, decoded."""
@@ -63,22 +47,6 @@ async def h(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Ha
     await harness.open()
     yield harness
     await harness.close()
-
-
-def _fast_backoff(self: base.Backoff, base_s: float = 0.05, cap_s: float = 0.3, rng: Any = None) -> None:
-    import random
-    self.base, self.cap, self.attempt, self._rng = 0.05, 0.3, 0, random.Random(1)
-
-
-async def eventually(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def typed(h: Harness, name: str, columns: list[tuple[str, str]], partitions: int = 1) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
 
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
@@ -259,3 +260,29 @@ async def write_or_drop(request: web.Request, response: web.StreamResponse, data
             request.transport.abort()
         return False
     return True
+
+
+# -- doors whose paths an aiohttp prefix cannot express -------------------------------------------
+
+class PathRule(AbstractRuleMatching):
+    """Matches requests whose path the door's regex matches from the start."""
+
+    def __init__(self, paths: re.Pattern[str]) -> None:
+        self.paths = paths
+
+    async def match(self, request: web.Request) -> bool:
+        return self.paths.match(request.path) is not None
+
+    def get_info(self) -> Any:
+        return {"pattern": self.paths.pattern}
+
+    @property
+    def canonical(self) -> str:
+        return self.paths.pattern
+
+
+def mount_by_rule(root: web.Application, paths: re.Pattern[str], door: web.Application) -> None:
+    """Mount `door` on `root` for the paths `paths` matches: a rule-matched sub-application, like
+    aiohttp's own add_domain, for doors with a variable first segment (Timeplus' workspace) or
+    paths under a prefix another door owns (OpenTSDB's /api/put beside Timeplus' /api/v1beta2)."""
+    root._add_subapp(lambda: MatchedSubAppResource(PathRule(paths), door), door)

@@ -22,7 +22,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
 
 from broker.api.http import (
     BROKER,
@@ -30,6 +29,7 @@ from broker.api.http import (
     door_app,
     field,
     json_response,
+    mount_by_rule,
     read_body,
     read_json,
     request_id,
@@ -403,20 +403,6 @@ async def source_stats(request: web.Request) -> web.Response:
 
 # -- the sub-application --------------------------------------------------------------------------
 
-class _Paths(AbstractRuleMatching):
-    """Matches the door's paths with or without the workspace segment."""
-
-    async def match(self, request: web.Request) -> bool:
-        return PATHS.match(request.path) is not None
-
-    def get_info(self) -> Any:
-        return {"pattern": PATHS.pattern}
-
-    @property
-    def canonical(self) -> str:
-        return PATHS.pattern
-
-
 def build_app(broker: Broker, config: HttpConfig, sources: Sources) -> web.Application:
     """The Timeplus door; mount it with `mount` (its paths have a variable first segment)."""
     app = door_app(broker, config, TIMEPLUS)
@@ -455,4 +441,4 @@ def build_app(broker: Broker, config: HttpConfig, sources: Sources) -> web.Appli
 def mount(root: web.Application, door: web.Application) -> None:
     """Mount the door on the root app under its paths (an aiohttp prefix cannot be variable, so
     it is a rule-matched sub-application, like aiohttp's own add_domain)."""
-    root._add_subapp(lambda: MatchedSubAppResource(_Paths(), door), door)
+    mount_by_rule(root, PATHS, door)

@@ -24,9 +24,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
-from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
 
-from broker.api.http import BROKER, HttpConfig, door_app, read_body, read_json
+from broker.api.http import BROKER, HttpConfig, door_app, mount_by_rule, read_body, read_json
 from broker.api.render import TSDB
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
@@ -182,18 +181,6 @@ async def suggest(request: web.Request) -> web.Response:
 
 # -- the sub-application --------------------------------------------------------------------------
 
-class _Paths(AbstractRuleMatching):
-    async def match(self, request: web.Request) -> bool:
-        return PATHS.match(request.path) is not None
-
-    def get_info(self) -> Any:
-        return {"pattern": PATHS.pattern}
-
-    @property
-    def canonical(self) -> str:
-        return PATHS.pattern
-
-
 def build_app(broker: Broker, config: HttpConfig, target: TsdbStream) -> web.Application:
     """The door; mount it with `mount`. `target`: the tsdb stream, shared by every app that serves
     this door (the HTTP port and `--tsdb-port`), so one registry decides every series' type."""
@@ -211,4 +198,4 @@ def build_app(broker: Broker, config: HttpConfig, target: TsdbStream) -> web.App
 
 def mount(root: web.Application, door: web.Application) -> None:
     """Mount the door on the root app under its paths, by rule (see timeplus.mount)."""
-    root._add_subapp(lambda: MatchedSubAppResource(_Paths(), door), door)
+    mount_by_rule(root, PATHS, door)

@@ -15,7 +15,6 @@ stored and no flag is a 204 without a body.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import re
 import time
@@ -29,6 +28,7 @@ from broker.api.http import BROKER, HttpConfig, door_app, mount_by_rule, read_bo
 from broker.api.render import TSDB
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
+from broker.tsdb import query as tsdb_query
 from broker.tsdb.points import Checked, check_batch
 from broker.tsdb.put import PutWrite
 from broker.tsdb.series import TsdbStream
@@ -44,12 +44,6 @@ TARGET = web.AppKey("tsdb_stream", TsdbStream)
 _INLINE_BYTES = 256 * 1024
 _POINT_ERRORS = {"code": 400, "message": "One or more data points had errors",
                  "details": "Please see the TSD logs or append \"details\" to the put request"}
-
-try:   # helper QUERY's engine; until it lands the query routes answer 501
-    _query: Any = importlib.import_module("broker.tsdb.query")
-except ImportError:   # pragma: no cover - present once broker/tsdb/query.py is merged
-    _query = None
-
 
 def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, headers={"Content-Type": CONTENT_TYPE})
@@ -155,28 +149,19 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 # -- queries (broker/tsdb/query.py) ---------------------------------------------------------------
 
-def _engine() -> Any:
-    if _query is None:
-        raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="/api/query and /api/suggest are not available in this "
-                                                             "build (broker/tsdb/query.py is missing)")
-    return _query
-
-
 async def query(request: web.Request) -> web.Response:
-    engine = _engine()
     broker: Broker = request.app[BROKER]
     if request.method == "POST":
         body: Any = await read_json(request)
     else:
-        body = engine.body_from_params(request.query)
+        body = tsdb_query.body_from_params(request.query)
     config, registry = await request.app[TARGET].lookup()
-    return _json(await engine.run_query(broker, registry, config, body, time.time_ns() // 1_000_000))
+    return _json(await tsdb_query.run_query(broker, registry, config, body, time.time_ns() // 1_000_000))
 
 
 async def suggest(request: web.Request) -> web.Response:
-    engine = _engine()
     _, registry = await request.app[TARGET].lookup()
-    return _json(engine.suggest(registry, request.query))
+    return _json(tsdb_query.suggest(registry, request.query))
 
 
 # -- the sub-application --------------------------------------------------------------------------

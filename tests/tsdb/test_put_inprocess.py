@@ -7,7 +7,6 @@ stays stalled until the test lets it go."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 from typing import Any, AsyncIterator, Sequence
@@ -234,14 +233,6 @@ async def test_a_typed_stream_under_the_tsdb_name_is_refused(client: TestClient,
     status, body = await post(client, [point("ty", 1)], "?details")
     assert status == 400 and body["reason"] == "INVALID_REQUEST"
     assert "typed stream" in body["error"]["message"] and "--tsdb-stream" in body["error"]["message"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("broker.tsdb.query") is not None, reason="the query engine is here")
-async def test_query_routes_say_clearly_that_the_engine_is_missing(client: TestClient) -> None:
-    for method, path in (("GET", "/api/query?start=1h-ago&m=sum:x"), ("POST", "/api/query"), ("GET", "/api/suggest")):
-        resp = await client.request(method, path, data=b"{}")
-        body = await resp.json()
-        assert resp.status == 400 and "not available" in body["error"]["message"], body
 
 
 async def test_a_point_over_the_record_limit_fails_alone_and_fixes_no_type(client: TestClient, broker: Broker) -> None:

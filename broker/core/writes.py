@@ -92,6 +92,14 @@ class WritePath:
                                   if not isinstance(first, BrokerError))
         return PutRecordsResult(partitions, seqs, failures)
 
+    def _target(self, project: str, stream_name: object, stream_id: int | None) -> StreamConfig:
+        """The stream by name; with `stream_id`, only if the name still holds that stream (records
+        made for a stream deleted and recreated under its name since are refused)."""
+        config = self._catalogue.get(project, stream_name)
+        if stream_id is not None and config.stream_id != stream_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        return config
+
     async def append_rows(self, project: str, stream_name: object, rows: Sequence[bytes],
                           stream_id: int | None = None) -> int:
         """Append unkeyed records (the rows of a typed-stream ingest) as one batch per partition:
@@ -102,9 +110,7 @@ class WritePath:
         UNAVAILABLE, STORAGE_FULL (nothing of the request is acknowledged then). `stream_id`: the
         stream the rows were made for (checked against its schema); a stream recreated under the
         name since then is another stream: STREAM_NOT_FOUND."""
-        config = self._catalogue.get(project, stream_name)
-        if stream_id is not None and config.stream_id != stream_id:
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        config = self._target(project, stream_name, stream_id)
         n = len(rows)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no rows")
@@ -155,9 +161,7 @@ class WritePath:
         and the name now holds another stream, or the stream was deleted while queued),
         INVALID_REQUEST (bad project, a hash out of range, timestamps not one per item),
         EMPTY_REQUEST, UNAVAILABLE (shutting down, or the store append failed as a whole)."""
-        config = self._catalogue.get(project, stream_name)
-        if stream_id is not None and config.stream_id != stream_id:
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        config = self._target(project, stream_name, stream_id)
         n = len(items)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
@@ -208,9 +212,7 @@ class WritePath:
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
         records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
-        config = self._catalogue.get(project, stream_name)
-        if stream_id is not None and config.stream_id != stream_id:
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        config = self._target(project, stream_name, stream_id)
         batches = {p: b for p, b in batches.items() if b[0]}
         if not batches:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")

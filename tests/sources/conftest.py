@@ -187,6 +187,20 @@ class Sluice:
     async def column(self, stream: str, col: str = "i") -> list[Any]:
         return [r[0] for r in await self.query(f"select {col} from table({stream})")]
 
+    async def rows(self, stream: str) -> list[dict[str, Any]]:
+        """Every record of the stream, all partitions, decoded (read as a DIS consumer would)."""
+        out: list[dict[str, Any]] = []
+        described = await self.broker.describe_stream(stream, project=P)
+        for p in range(described.config.partition_count):
+            cursor = await self.broker.get_cursor(stream, p, "TRIM_HORIZON", project=P)
+            while True:
+                got = await self.broker.get_records(cursor, 10_000, project=P)
+                out += [orjson.loads(r.data) for r in got.records]
+                if not got.records:
+                    break
+                cursor = got.next_cursor
+        return out
+
 
 def _fast_backoff(self: base.Backoff, base_s: float = 0.05, cap_s: float = 0.3, rng: Any = None) -> None:
     self.base, self.cap, self.attempt, self._rng = 0.05, 0.3, 0, random.Random(1)

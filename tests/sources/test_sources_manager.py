@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -18,38 +17,17 @@ from broker.model import ColumnDef, StreamSchema
 from broker.sources import base
 from broker.sources.generator import TEMPLATE_COLUMNS
 
-from .conftest import P, Sluice, _fast_backoff, eventually
+from .conftest import P, Sluice, eventually
 
-
-class Harness(Sluice):
-    """The shared in-process broker with its sources (conftest.py), plus reading a stream back."""
-
-    async def rows(self, stream: str) -> list[dict[str, Any]]:
-        """Every record of the stream, all partitions, decoded."""
-        out: list[dict[str, Any]] = []
-        described = await self.broker.describe_stream(stream, project=P)
-        for p in range(described.config.partition_count):
-            cursor = await self.broker.get_cursor(stream, p, "TRIM_HORIZON", project=P)
-            while True:
-                got = await self.broker.get_records(cursor, 10_000, project=P)
-                out += [orjson.loads(r.data) for r in got.records]
-                if not got.records:
-                    break
-                cursor = got.next_cursor
-        return out
 
 
 @pytest.fixture
-async def h(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
-    # retries come quickly here: the tests wait for recoveries, not for backoff
-    monkeypatch.setattr(base.Backoff, "__init__", _fast_backoff)
-    harness = Harness(tmp_path / "db")
-    await harness.open()
-    yield harness
-    await harness.close()
+def h(sluice: Sluice) -> Sluice:
+    """conftest's in-process broker with its sources (fast backoff), under a short name."""
+    return sluice
 
 
-async def typed(h: Harness, name: str, columns: list[tuple[str, str]], partitions: int = 1) -> None:
+async def typed(h: Sluice, name: str, columns: list[tuple[str, str]], partitions: int = 1) -> None:
     await h.broker.create_stream(name, partitions, project=P,
                                  schema=StreamSchema(tuple(ColumnDef(n, t) for n, t in columns)))
 
@@ -62,7 +40,7 @@ def gen(name: str, stream: str, template: str = "iot", interval: Any = "10ms", *
 # -- the templates and the schedule ------------------------------------------------------------------
 
 @pytest.mark.parametrize("template", ["iot", "user_logins", "devops"])
-async def test_each_template_writes_its_documented_fields(h: Harness, template: str) -> None:
+async def test_each_template_writes_its_documented_fields(h: Sluice, template: str) -> None:
     await typed(h, "t", [*TEMPLATE_COLUMNS[template], ("unrelated", "string")])
     await h.sources.create(P, gen("g", "t", template))
 
@@ -90,7 +68,7 @@ async def test_each_template_writes_its_documented_fields(h: Harness, template: 
     assert len({r[entity] for r in rows}) > 1
 
 
-async def test_events_follow_absolute_deadlines_without_gaps_or_drift(h: Harness) -> None:
+async def test_events_follow_absolute_deadlines_without_gaps_or_drift(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     started = time.time_ns() // 1_000_000
     await h.sources.create(P, gen("g", "t", interval="20ms"))
@@ -110,7 +88,7 @@ async def test_events_follow_absolute_deadlines_without_gaps_or_drift(h: Harness
     assert len(rows) <= (stopped - started) // 20 + 1    # never ahead of the schedule
 
 
-async def test_status_and_counters(h: Harness) -> None:
+async def test_status_and_counters(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     created = await h.sources.create(P, {**gen("g", "t"), "description": "demo"})
     d = created.definition
@@ -130,7 +108,7 @@ async def test_status_and_counters(h: Harness) -> None:
     assert st.messages_in == st.rows_written == len(await h.rows("t"))
 
 
-async def test_stop_stops_rows_and_start_brings_them_back(h: Harness) -> None:
+async def test_stop_stops_rows_and_start_brings_them_back(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.sources.create(P, gen("g", "t"))
 
@@ -155,7 +133,7 @@ async def _at_least(count: Any, n: int) -> bool:
     return await count() >= n
 
 
-async def test_definitions_survive_a_restart_and_running_ones_run_again(h: Harness) -> None:
+async def test_definitions_survive_a_restart_and_running_ones_run_again(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await typed(h, "u", TEMPLATE_COLUMNS["devops"])
     running = await h.sources.create(P, gen("on", "t"))
@@ -177,7 +155,7 @@ async def test_definitions_survive_a_restart_and_running_ones_run_again(h: Harne
     assert stopped.definition.id == h.sources.get(P, "off").definition.id
 
 
-async def test_update_only_when_stopped_and_checked_like_create(h: Harness) -> None:
+async def test_update_only_when_stopped_and_checked_like_create(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await typed(h, "u", TEMPLATE_COLUMNS["devops"])
     await h.sources.create(P, gen("g", "t"))
@@ -202,7 +180,7 @@ async def test_update_only_when_stopped_and_checked_like_create(h: Harness) -> N
     assert h.sources.get(P, "g2").definition.stream == "u"    # the update was stored
 
 
-async def test_names_are_unique_per_project_and_delete_forgets(h: Harness) -> None:
+async def test_names_are_unique_per_project_and_delete_forgets(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.broker.create_stream("t", 1, project="other",
                                  schema=StreamSchema(tuple(ColumnDef(n, c) for n, c in TEMPLATE_COLUMNS["iot"])))
@@ -225,7 +203,7 @@ async def test_names_are_unique_per_project_and_delete_forgets(h: Harness) -> No
     assert h.sources.list(P) == [] and len(h.sources.list("other")) == 1
 
 
-async def test_a_deleted_target_fails_the_source_until_the_stream_is_back(h: Harness) -> None:
+async def test_a_deleted_target_fails_the_source_until_the_stream_is_back(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.sources.create(P, gen("g", "t"))
     await h.broker.delete_stream("t", project=P)
@@ -241,7 +219,7 @@ async def test_a_deleted_target_fails_the_source_until_the_stream_is_back(h: Har
     await eventually(back)
 
 
-async def test_values_of_the_wrong_type_are_counted_and_skipped(h: Harness) -> None:
+async def test_values_of_the_wrong_type_are_counted_and_skipped(h: Sluice) -> None:
     # `number` is a fraction in [0, 100): an int32 column refuses almost every one of them
     await typed(h, "t", [("device", "string"), ("number", "int32"), ("time", "datetime64(3)")])
     await h.sources.create(P, gen("g", "t", interval="5ms"))
@@ -255,7 +233,7 @@ async def test_values_of_the_wrong_type_are_counted_and_skipped(h: Harness) -> N
     assert len(await h.rows("t")) == st.rows_written        # what was refused was not written
 
 
-async def test_a_stream_without_schema_takes_the_objects_as_records(h: Harness) -> None:
+async def test_a_stream_without_schema_takes_the_objects_as_records(h: Sluice) -> None:
     await h.broker.create_stream("plain", 2, project=P)
     await h.sources.create(P, gen("g", "plain", "user_logins"))
 
@@ -293,7 +271,7 @@ async def test_a_stream_without_schema_takes_the_objects_as_records(h: Harness) 
     ({"name": "g", "type": "stream_generator", "stream": "t", "description": 5,
       "properties": {"template": "iot"}}, "description"),
 ])
-async def test_bad_definitions_are_refused_naming_the_property(h: Harness, body: dict[str, Any], prop: str) -> None:
+async def test_bad_definitions_are_refused_naming_the_property(h: Sluice, body: dict[str, Any], prop: str) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     with pytest.raises(BrokerError) as e:
         await h.sources.create(P, body)
@@ -303,14 +281,14 @@ async def test_bad_definitions_are_refused_naming_the_property(h: Harness, body:
     assert await h.store.meta_scan(b"S") == []      # nothing stored, nothing started
 
 
-async def test_a_body_that_is_not_an_object_is_refused(h: Harness) -> None:
+async def test_a_body_that_is_not_an_object_is_refused(h: Sluice) -> None:
     for body in (None, [], "x", 5):
         with pytest.raises(BrokerError) as e:
             await h.sources.create(P, body)
         assert e.value.code is ErrorCode.BAD_BODY
 
 
-async def test_close_is_prompt_with_many_sources_running(h: Harness) -> None:
+async def test_close_is_prompt_with_many_sources_running(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     for i in range(20):
         await h.sources.create(P, gen(f"g{i}", "t", interval="1ms"))
@@ -381,7 +359,7 @@ def scripted(name: str = "s", stream: str = "t") -> dict[str, Any]:
     return {"name": name, "type": "scripted", "stream": stream, "properties": {"x": 1}}
 
 
-async def test_a_job_that_connects_and_drops_at_once_backs_off_further_each_time(h: Harness, script: _Script) -> None:
+async def test_a_job_that_connects_and_drops_at_once_backs_off_further_each_time(h: Sluice, script: _Script) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.sources.create(P, scripted())
 
@@ -393,7 +371,7 @@ async def test_a_job_that_connects_and_drops_at_once_backs_off_further_each_time
     assert st.status == "failed" and "refused" in st.message
 
 
-async def test_a_job_cancelled_by_its_library_is_a_failure_and_is_retried(h: Harness, script: _Script) -> None:
+async def test_a_job_cancelled_by_its_library_is_a_failure_and_is_retried(h: Sluice, script: _Script) -> None:
     script.behaviour = "cancel_itself"
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.sources.create(P, scripted())
@@ -404,7 +382,7 @@ async def test_a_job_cancelled_by_its_library_is_a_failure_and_is_retried(h: Har
     assert "cancelled" in h.sources.get(P, "s").state.last_error
 
 
-async def test_one_job_per_source_even_when_a_job_is_slow_to_let_go(h: Harness, script: _Script,
+async def test_one_job_per_source_even_when_a_job_is_slow_to_let_go(h: Sluice, script: _Script,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from broker.sources import manager
     monkeypatch.setattr(manager, "STOP_WAIT_S", 0.05)   # stop gives up waiting long before the job lets go
@@ -421,7 +399,7 @@ async def test_one_job_per_source_even_when_a_job_is_slow_to_let_go(h: Harness, 
     assert script.most_at_once == 1 and len(script.attempts) >= 2
 
 
-async def test_a_cancelled_verb_still_finishes_so_store_and_memory_agree(h: Harness) -> None:
+async def test_a_cancelled_verb_still_finishes_so_store_and_memory_agree(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.sources.create(P, gen("g", "t"))
     stop = asyncio.create_task(h.sources.stop_source(P, "g"))
@@ -438,7 +416,7 @@ async def test_a_cancelled_verb_still_finishes_so_store_and_memory_agree(h: Harn
     assert h.sources.get(P, "g").definition.wanted == "stopped"
 
 
-async def test_a_text_source_whose_stream_lost_raw_fails_instead_of_dropping_messages(h: Harness,
+async def test_a_text_source_whose_stream_lost_raw_fails_instead_of_dropping_messages(h: Sluice,
                                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                                      script: _Script) -> None:
     from broker.sources import manager
@@ -462,7 +440,7 @@ async def test_a_text_source_whose_stream_lost_raw_fails_instead_of_dropping_mes
     assert skipped == []                           # and nothing was counted as a bad message
 
 
-async def test_stored_definitions_this_broker_cannot_run_do_not_stop_it(h: Harness) -> None:
+async def test_stored_definitions_this_broker_cannot_run_do_not_stop_it(h: Sluice) -> None:
     await typed(h, "t", TEMPLATE_COLUMNS["iot"])
     await h.sources.create(P, gen("g", "t"))
     alien = orjson.loads(h.sources.get(P, "g").definition.to_json())

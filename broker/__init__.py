@@ -62,6 +62,9 @@
       points.py          checking and normalising put points: the spec's rules in order, its exact error strings
       put.py             writing checked points: type checks in array order, durable new types, one append_keyed
       query.py           /api/query and /api/suggest: OpenTSDB 2.x queries read from the series' partitions, in Polars
+    auth/                who may do what: credentials, roles, the DIS signature (no HTTP, no gRPC)
+      credentials.py     the auth file (access keys, API keys -> Principal of a project and a role); Auth
+      roles.py           Role, Action (one per verb of every door), permits(role, action)
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
       dtypes.py          canonical column types -> kind and Polars dtype

@@ -62,6 +62,27 @@ class ErrorCode(Enum):
     SOURCE_EXISTS          = (409, "ALREADY_EXISTS",      "DIS.4200",   57, "Source [{source}] already exists")
     SOURCE_RUNNING         = (400, "FAILED_PRECONDITION", "DIS.4200",   36,
                               "Source [{source}] is running; stop it before updating it")
+    # Authentication (shared/spec/dis-api.md section 7): DIS's own codes; [ours] HTTP 401 (the Java
+    # SDK's auth status; real DIS says 441). Timeplus 516 is proton's AUTHENTICATION_FAILED. The
+    # messages never say more than the code does (which of the AK or the signature was wrong).
+    AUTH_BAD_SIGNATURE     = (401, "UNAUTHENTICATED",     "DIS.4100",  516, "Signature does not match")
+    AUTH_MISSING           = (401, "UNAUTHENTICATED",     "DIS.4101",  516, "Authorization is missing. {detail}")
+    AUTH_MALFORMED         = (401, "UNAUTHENTICATED",     "DIS.4102",  516, "Authorization cannot be parsed. {detail}")
+    AUTH_DATE_MISSING      = (401, "UNAUTHENTICATED",     "DIS.4103",  516, "X-Sdk-Date is missing")
+    AUTH_DATE_MALFORMED    = (401, "UNAUTHENTICATED",     "DIS.4104",  516,
+                              "X-Sdk-Date cannot be parsed: it must be YYYYMMDDTHHMMSSZ (UTC)")
+    AUTH_DATE_SKEW         = (401, "UNAUTHENTICATED",     "DIS.4105",  516,
+                              "X-Sdk-Date is more than 15 minutes away from the server's time")
+    AUTH_UNKNOWN_KEY       = (401, "UNAUTHENTICATED",     "DIS.4107",  516, "The access key or API key is invalid")
+    AUTH_PROJECT_MISMATCH  = (401, "UNAUTHENTICATED",     "DIS.4117",  516, "Invalid project id. {detail}")
+    # A valid key asking for what its role or its project does not allow (DIS's RBAC code);
+    # Timeplus 497 is proton's ACCESS_DENIED.
+    PERMISSION_DENIED      = (403, "PERMISSION_DENIED",   "DIS.4116",  497, "Operation not permitted. {detail}")
+    # Throttling: a partition's write limit (per record, retriable: DIS.4303, "traffic control
+    # limit exceeded") and one client's share of the broker (connections, requests, subscriptions).
+    THROTTLED              = (400, "RESOURCE_EXHAUSTED",  "DIS.4303",  202,
+                              "Traffic control limit exceeded, retry later. {detail}")
+    TOO_MANY_REQUESTS      = (429, "RESOURCE_EXHAUSTED",  "DIS.4305",  202, "Too many requests. {detail}")
     # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
     REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300",   36, "Request too large. {detail}")
     # [ours] unknown routes and methods; DIS has no code of its own for these.

@@ -32,6 +32,14 @@ class Settings:
     tsdb_stream: str = "tsdb"
     tsdb_project: str = "default"
     tsdb_port: int | None = None
+    auth_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    partition_records_per_s: int = 20_000
+    partition_bytes_per_s: int = 20 * 1024 * 1024
+    max_connections_per_client: int = 256
+    max_requests_per_client: int = 256
+    max_subscriptions_per_client: int = 64
 
 
 _HELP = {
@@ -53,12 +61,23 @@ _HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tsdb_stream": "stream the OpenTSDB door (/api/put) writes points to; created on first put with 8 partitions",
     "tsdb_project": "project of --tsdb-stream",
+    "auth_file": "TOML file of access keys (DIS AK/SK signing) and API keys (Timeplus X-Api-Key, gRPC bearer), "
+                 "each bound to a project and a role; re-read on SIGHUP. Without it every door is open to anyone",
+    "tls_cert": "PEM certificate (chain) to serve the HTTP doors over HTTPS and gRPC over TLS; needs --tls-key",
+    "tls_key": "PEM private key of --tls-cert",
+    "partition_records_per_s": "write limit per partition in records per second (DIS ADVANCED: 2,000); records "
+                               "beyond it fail with the retriable throttling error (DIS.4303); 0 = no limit",
+    "partition_bytes_per_s": "write limit per partition in payload bytes per second (DIS ADVANCED: 5 MB); 0 = no limit",
+    "max_connections_per_client": "open connections one client address may hold on each door; more are refused",
+    "max_requests_per_client": "requests one client address may have in progress at once on each door; more get "
+                               "429 / RESOURCE_EXHAUSTED",
+    "max_subscriptions_per_client": "open push subscriptions, tails and streaming queries per client address",
     "tsdb_port": "also serve the OpenTSDB door alone on this port (HiTSDB's convention; 0 = any free port); "
                  "by default it is served on --http-port only",
 }
 
 # Options without a default value: their type.
-_OPTIONAL = {"tsdb_port": int}
+_OPTIONAL = {"tsdb_port": int, "auth_file": str, "tls_cert": str, "tls_key": str}
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -128,6 +147,14 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tsdb_project": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,
                      "1-64 characters of A-Z, a-z, 0-9, _ and -"),
     "tsdb_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
+    "auth_file": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
+    "tls_cert": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
+    "tls_key": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
+    "partition_records_per_s": (lambda v: v >= 0, "0 (no limit) or more"),
+    "partition_bytes_per_s": (lambda v: v >= 0, "0 (no limit) or more"),
+    "max_connections_per_client": (lambda v: v >= 1, "at least 1"),
+    "max_requests_per_client": (lambda v: v >= 1, "at least 1"),
+    "max_subscriptions_per_client": (lambda v: v >= 1, "at least 1"),
 }
 
 
@@ -180,5 +207,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         for b, port_b in ports[i + 1:]:
             if port_a == port_b and port_a:   # 0 and None never clash
                 parser.error(f"{_flag_name(a)} and {_flag_name(b)} are both {port_a}: each door needs its own port")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both or neither")
     args.log_level = args.log_level.upper()
     return Settings(**vars(args))

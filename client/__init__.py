@@ -21,9 +21,12 @@ from client.errors import (
     CursorInvalid,
     InvalidRequest,
     NotFound,
+    PermissionDenied,
     PositionGone,
     SluiceError,
     StreamNotFound,
+    Throttled,
+    Unauthenticated,
     is_retriable,
 )
 from client.group import GroupConsumer
@@ -52,6 +55,7 @@ __all__ = ["Client", "AsyncClient", "Subscription", "AsyncSubscription",
            "AppInfo", "AppPage", "Checkpoint", "PartitionConsumerState", "Assignment",
            "SourceInfo", "SourceStats", "SourceError", "SourceThroughput",
            "SluiceError", "NotFound", "StreamNotFound", "AlreadyExists", "InvalidRequest", "CursorInvalid",
-           "PositionGone", "BrokerUnavailable", "ERRORS", "is_retriable",
+           "PositionGone", "BrokerUnavailable", "Unauthenticated", "PermissionDenied", "Throttled",
+           "ERRORS", "is_retriable",
            "Producer", "AsyncProducer", "ProducerStats", "BufferFullError",
            "PartitionConsumer", "AsyncPartitionConsumer", "StartPosition", "GroupConsumer"]

@@ -58,6 +58,18 @@ class PositionGone(InvalidRequest):
     """The sequence number asked for is outside the retained records (trimmed, or not written yet)."""
 
 
+class Unauthenticated(SluiceError):
+    """The broker wants a valid API key (`api_key=`), and got none or an unknown one."""
+
+
+class PermissionDenied(SluiceError):
+    """The key is valid but bound to another project, or its role does not allow the call."""
+
+
+class Throttled(SluiceError):
+    """A write limit of the partition or of this client was reached: retry after a short wait."""
+
+
 class BrokerUnavailable(SluiceError):
     """The broker could not be reached, is shutting down or cannot take the request now;
     retrying later may succeed."""
@@ -97,6 +109,17 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "SOURCE_NOT_FOUND": (NotFound, False),
     "SOURCE_EXISTS": (AlreadyExists, False),
     "SOURCE_RUNNING": (SluiceError, False),
+    "AUTH_BAD_SIGNATURE": (Unauthenticated, False),
+    "AUTH_MISSING": (Unauthenticated, False),
+    "AUTH_MALFORMED": (Unauthenticated, False),
+    "AUTH_DATE_MISSING": (Unauthenticated, False),
+    "AUTH_DATE_MALFORMED": (Unauthenticated, False),
+    "AUTH_DATE_SKEW": (Unauthenticated, False),
+    "AUTH_UNKNOWN_KEY": (Unauthenticated, False),
+    "AUTH_PROJECT_MISMATCH": (Unauthenticated, False),
+    "PERMISSION_DENIED": (PermissionDenied, False),
+    "THROTTLED": (Throttled, True),
+    "TOO_MANY_REQUESTS": (Throttled, True),
     "REQUEST_TOO_LARGE": (InvalidRequest, False),
     "UNKNOWN_ROUTE": (SluiceError, False),
     "METHOD_NOT_ALLOWED": (SluiceError, False),
@@ -104,7 +127,9 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "UNAVAILABLE": (BrokerUnavailable, True),
     "STORAGE_FULL": (SluiceError, True),
     "INTERNAL": (SluiceError, True),
-    # no answer from the broker: the gRPC status name is the reason
+    # no answer from the broker: the gRPC status name is the reason (UNAUTHENTICATED when an
+    # interceptor refused the call before any handler ran and sent no ErrorInfo)
+    "UNAUTHENTICATED": (Unauthenticated, False),
     "DEADLINE_EXCEEDED": (BrokerUnavailable, True),
 }
 

@@ -264,7 +264,7 @@ def _mutate(mutation: str, method: str, t: str, body: bytes, junk: str, date: st
 def test_dis_credentials(fuzz_broker: BrokerProcess, enforced: bool) -> None:
     seen: Counter[int] = Counter()
 
-    @budget(200)
+    @budget(400)
     @given(request=REQUESTS, mutation=MUTATIONS, junk=JUNK, date=DATES)
     def one(request: tuple[str, str, bytes], mutation: str, junk: str, date: str) -> None:
         method, t, body = request
@@ -336,7 +336,7 @@ KEY_REQUESTS = st.sampled_from([
 def test_api_keys(fuzz_broker: BrokerProcess, enforced: bool) -> None:
     seen: Counter[int] = Counter()
 
-    @budget(150)
+    @budget(300)
     @given(request=KEY_REQUESTS, keys=KEY_HEADERS | st.text(
         alphabet=string.printable.strip("\r\n\x0b\x0c"), max_size=80).map(lambda v: [("X-Api-Key", v)]))
     def one(request: tuple[str, str, bytes], keys: list[Header]) -> None:
@@ -381,7 +381,7 @@ def test_grpc_authorization_metadata(fuzz_broker: BrokerProcess, grpc_enforced: 
         list_streams = channel.unary_unary("/sluice.v1.Sluice/ListStreams", request_serializer=None,
                                            response_deserializer=None)
 
-        @budget(120)
+        @budget(250)
         @given(value=st.none() | METADATA_VALUES, project=st.sampled_from([None, P1, P2, "default", "x y"]))
         def one(value: str | None, project: str | None) -> None:
             metadata: list[tuple[str, Any]] = []

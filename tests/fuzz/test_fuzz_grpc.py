@@ -230,7 +230,7 @@ def test_valid_messages_with_junk_fields(channel: grpc.Channel) -> None:
     cursor = _cursor(channel)
     seen: Counter[str] = Counter()
 
-    @budget(400)
+    @budget(1500)
     @given(request=REQUESTS, metadata=METADATA)
     def one(request: tuple[str, Any], metadata: tuple[tuple[str, Any], ...]) -> None:
         method, message = request
@@ -249,7 +249,7 @@ def test_valid_messages_with_junk_fields(channel: grpc.Channel) -> None:
 def test_random_bytes_to_every_method(channel: grpc.Channel) -> None:
     seen: Counter[str] = Counter()
 
-    @budget(250)
+    @budget(800)
     @given(method=st.sampled_from(METHODS), raw=st.binary(max_size=200) | st.sampled_from(
         [b"\xff" * 11, b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab", b"\x12\x7f" + b"\x00" * 5, b"\x00", b"\x07"]))
     def one(method: str, raw: bytes) -> None:

@@ -227,7 +227,7 @@ def test_every_route_and_method_with_junk(fuzz_broker: BrokerProcess) -> None:
     query = json.loads(ok(fuzz_broker, "GET", f"{BASE}/queries").raw or b"[]")
     query_id = query[0]["id"] if query else str(uuid.uuid4())
 
-    @budget(300)
+    @budget(1000)
     @given(request=ROUTE_REQUESTS, method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"] +
                                                           ["same"] * 6),
            workspace=WORKSPACES, name=NAMES, ident=IDS, query=st.sampled_from(["", "", "?format=streaming",
@@ -290,7 +290,7 @@ def _ingest_body(fmt: str | None, compact: dict[str, Any], objects: list[dict[st
 def test_ingest_under_odd_encodings(fuzz_broker: BrokerProcess) -> None:
     seen: Counter[int] = Counter()
 
-    @budget(250)
+    @budget(800)
     @given(fmt=FORMATS, compact=COMPACT, objects=STREAMING, text=st.text(max_size=60), special=SPECIAL,
            pick=st.integers(0, 5), raw_target=st.booleans(),
            encoding=st.sampled_from([None, None, "gzip", "gzip", "deflate", "identity", "br", "x-junk"]),
@@ -368,7 +368,7 @@ def test_bounded_queries_end(fuzz_broker: BrokerProcess) -> None:
                  ["b", -2**31, -1e300, False, "1970-01-01 00:00:00.000", 0, -128], ["", 0, 0.0, True, None, 1, 127]]})
     outcomes: Counter[int] = Counter()
 
-    @budget(120)
+    @budget(300)
     @given(sql=BOUNDED_SQL)
     def one(sql: str) -> None:
         reply = send(fuzz_broker, "POST", f"{BASE}/sqlanalyze", json_body({"sql": sql}))

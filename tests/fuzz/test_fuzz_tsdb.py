@@ -120,7 +120,7 @@ def test_routes_methods_and_headers(fuzz_broker: BrokerProcess, port_name: str) 
     assert port is not None
     seen: Counter[int] = Counter()
 
-    @budget(200)
+    @budget(600)
     @given(path=PATHS,
            method=st.sampled_from(["POST"] * 6 + ["GET", "PUT", "DELETE", "HEAD"]), body=BODIES,
            encoding=ENCODINGS, honest=st.booleans(), chunked=st.booleans(),

@@ -11,7 +11,7 @@ Every response of every example is also checked on the spot: an HTTP status < 50
 INTERNAL / UNKNOWN / DEADLINE_EXCEEDED on gRPC, and a socket timeout makes a hang a failure.
 
 Budget: examples are derandomized (the same inputs on every CI run, as the stateful tests do) and
-sized so tests/fuzz takes about two minutes on two cores. `SLUICE_FUZZ_SCALE=10` multiplies every
+sized so tests/fuzz takes about a minute on two cores (well under the three minutes allowed). `SLUICE_FUZZ_SCALE=10` multiplies every
 suite's examples, and `SLUICE_FUZZ_RANDOM=1` draws fresh ones, for a longer hunt by hand.
 Atheris is not used: it is not in the test dependencies, and its coverage guidance instruments the
 fuzzing process, not a broker in another process; hypothesis drives every door here.
@@ -41,7 +41,7 @@ from broker.launcher import BrokerProcess
 # same when tests/fuzz runs alone.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "api"))
 
-from dis_http import Reply, assert_dis_error  # noqa: E402
+from dis_http import Reply, assert_dis_error
 
 TIMEOUT = 15.0   # seconds for any one exchange: a hang fails the example, never the suite
 # Fuzz brokers: no write throttling (a fuzz is not a load test), short body and idle timeouts so a

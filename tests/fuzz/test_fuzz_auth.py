@@ -314,7 +314,7 @@ LENIENT_KEYS = ([("X-Api-Key", KEY), ("X-Api-Key", "junk")], [("X-Api-Key", "jun
 
 def expected_for_key(keys: list[Header], method: str, path: str) -> set[int]:
     """The answers the contract allows (issue11-plan.md: roles, project binding, credentials)."""
-    tsdb = path.startswith("/api/put") or path.startswith("/api/query")
+    tsdb = path.startswith(("/api/put", "/api/query"))
     ok = {200, 204, 400} if tsdb else {200}   # a tsdb body may be refused after the key was accepted
     if keys in LENIENT_KEYS:
         return ok | {401, 403}

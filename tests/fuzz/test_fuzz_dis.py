@@ -126,7 +126,8 @@ def _json_bytes(value: Any) -> bytes:
 BODIES = st.one_of(JSON_OBJECTS.map(_json_bytes), WILD.map(_json_bytes), st.binary(max_size=120), SPECIAL_BODIES,
                    JSON_OBJECTS.map(lambda o: json.dumps(o, ensure_ascii=False).encode("utf-8", "surrogatepass")))
 
-SEGMENT = st.sampled_from([STREAM, STREAM, STREAM, APP, APP, APP, "nosuch", "", "%00", "%FF", "%2F", "..", ".", "a b", "ünï", "x" * 300,
+SEGMENT = st.sampled_from([STREAM, STREAM, STREAM, APP, APP, APP, "nosuch", "", "%00", "%FF", "%2F", "..", ".", "a b",
+                           "ünï", "x" * 300,
                            "%", "%zz", "shardId-1"]) | st.text(max_size=12).map(lambda s: quote(s, safe=""))
 PROJECTS = st.sampled_from([PID] * 8 + ["default", "other", "has space", "x" * 65, "%00", "ünï"])
 QUERY_KEYS = st.sampled_from(["stream-name", "partition-id", "cursor-type", "starting-sequence-number", "timestamp",
@@ -136,7 +137,7 @@ QUERY_KEYS = st.sampled_from(["stream-name", "partition-id", "cursor-type", "sta
                               "max_wait_ms"]) | st.text(max_size=8)
 QUERY_VALUES = st.one_of(TEXT, st.integers(-2**70, 2**70).map(str), st.sampled_from(
     ["TRIM_HORIZON", "LATEST", "AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER", "AT_TIMESTAMP", "LAST_READ", "0", "2",
-     "1", "100", "9" * 5000, "1e3", "0x10", " 5", "５", "-0"]))
+     "1", "100", "9" * 5000, "1e3", "0x10", " 5", "\uff15", "-0"]))
 RAW_QUERIES = st.text(alphabet=string.ascii_letters + string.digits + "%&=+;-_.~!$'()*,:@/?[]", max_size=40)
 
 # A valid request of each route (by its path's last words): the fuzz starts from it and breaks a
@@ -226,7 +227,8 @@ def _body_for(route: tuple[str, str]) -> st.SearchStrategy[bytes]:
     return near(VALID_BODY[word], st.sampled_from(sorted(FIELDS)), WILD).map(_json_bytes) | BODIES
 
 
-ROUTE_REQUESTS = st.sampled_from(ROUTES).flatmap(lambda r: st.tuples(st.just(r), st.tuples(_query_for(r), _body_for(r))))
+ROUTE_REQUESTS = st.sampled_from(ROUTES).flatmap(
+    lambda r: st.tuples(st.just(r), st.tuples(_query_for(r), _body_for(r))))
 
 
 def test_every_route_and_method_with_junk(fuzz_broker: BrokerProcess, cursor: str) -> None:
@@ -247,7 +249,7 @@ def test_every_route_and_method_with_junk(fuzz_broker: BrokerProcess, cursor: st
         is_tail = template.startswith(tail.PREFIX)
         try:
             reply = send(fuzz_broker, method, t, body, timeout=1.0 if is_tail else 15)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             # a tail that was valid waits for records (a long poll, by design; a HEAD gets its
             # headers with the first body bytes, which a HEAD never has): only the tail may
             assert is_tail and method in ("GET", "HEAD"), (method, t)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
@@ -30,6 +30,7 @@ from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.core.broker import Broker
+from broker.core.limits import DEFAULT_LIMITS
 from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
@@ -102,7 +103,9 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
 async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None) -> None:
     with explain_store_failure(settings):
         store = await open_store(settings)
-    broker = Broker(store)
+    limits = replace(DEFAULT_LIMITS, partition_records_per_s=settings.partition_records_per_s,
+                     partition_bytes_per_s=settings.partition_bytes_per_s)
+    broker = Broker(store, limits=limits)
     try:
         with explain_store_failure(settings):
             await broker.start()   # reads the catalogue and the cursor key from the store

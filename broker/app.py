@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
+from broker.api.limits import ClientLimits, GrpcLimits
 from broker.core.broker import Broker
 from broker.core.limits import DEFAULT_LIMITS
 from broker.settings import Settings
@@ -75,12 +76,21 @@ async def _trim_loop(interval: float) -> None:
             return
 
 
+def _client_limits(settings: Settings) -> ClientLimits:
+    """One door's per-client limits (api/limits.py): each port counts on its own."""
+    return ClientLimits.of(settings.max_connections_per_client, settings.max_requests_per_client,
+                           settings.max_subscriptions_per_client)
+
+
 def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
     idle_ms = int(settings.idle_timeout * 1000)
-    return grpc.aio.server(options=[
+    return grpc.aio.server(interceptors=[GrpcLimits(_client_limits(settings), SERVICE_NAME)], options=[
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_connection_idle_ms", idle_ms),          # close connections that carry no RPC
+        # a client that connects and never completes the HTTP/2 (or TLS) handshake: closed after
+        # the idle timeout too (grpc's default is 120 s)
+        ("grpc.server_handshake_timeout_ms", idle_ms),
         ("grpc.keepalive_time_ms", 30_000),                 # detect dead peers under long RPCs
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
@@ -118,14 +128,15 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources,
-                                       tsdb_stream=tsdb_stream),
+                                       tsdb_stream=tsdb_stream, client_limits=_client_limits(settings)),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
     runners = [runner]
     if settings.tsdb_port is not None:   # the OpenTSDB door alone on its own port, same stream and registry
         runners.append(HttpRunner(build_tsdb_http_app(broker, tsdb_stream, body_timeout_s=settings.body_timeout,
-                                                      stall_timeout_s=settings.idle_timeout),
+                                                      stall_timeout_s=settings.idle_timeout,
+                                                      client_limits=_client_limits(settings)),
                                   keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                                   access_log=None, handle_signals=False))
         await runners[-1].setup()

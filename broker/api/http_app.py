@@ -18,6 +18,7 @@ bytes, so an aiohttp upgrade that changes them fails there, not in front of a cl
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -26,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from broker.api import dis, tail, timeplus, tsdb
+from broker.api import dis, limits, tail, timeplus, tsdb
 from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, error_middleware, error_response
 from broker.api.render import DIS, TSDB
 from broker.core.broker import Broker
@@ -46,10 +47,12 @@ def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> Ht
 
 
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
-                   sources: Sources | None = None, tsdb_stream: TsdbStream | None = None) -> web.Application:
+                   sources: Sources | None = None, tsdb_stream: TsdbStream | None = None,
+                   client_limits: limits.ClientLimits | None = None) -> web.Application:
     """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
     makes its own, started and closed with the app. `tsdb_stream`: where the OpenTSDB door writes
-    (default: stream `tsdb` of the default project)."""
+    (default: stream `tsdb` of the default project). `client_limits`: this port's per-client
+    limits (api/limits.py); None: none."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
     doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
     owned = sources is None
@@ -60,8 +63,11 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER]), (tsdb.OWNED, TSDB)]
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
-    root = web.Application(middlewares=[error_middleware(owners, FALLBACK)], client_max_size=config.max_body_bytes)
+    root = web.Application(middlewares=[error_middleware(owners, FALLBACK), *_limited(client_limits)],
+                           client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
+    if client_limits is not None:
+        root[limits.CLIENT_LIMITS] = client_limits
     for prefix, door in doors.items():
         root.add_subapp(prefix, door)
     timeplus.mount(root, tp)   # its paths start with a workspace: matched by rule, not prefix
@@ -79,14 +85,22 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
 
 
 def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout_s: float,
-                        stall_timeout_s: float = 60.0) -> web.Application:
+                        stall_timeout_s: float = 60.0,
+                        client_limits: limits.ClientLimits | None = None) -> web.Application:
     """The OpenTSDB door alone (the HiTSDB port convention, `--tsdb-port`); every error on this
     port, unknown paths and parser rejections included, is an OpenTSDB error object."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
-    root = web.Application(middlewares=[error_middleware([], TSDB)], client_max_size=config.max_body_bytes)
+    root = web.Application(middlewares=[error_middleware([], TSDB), *_limited(client_limits)],
+                           client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
+    if client_limits is not None:
+        root[limits.CLIENT_LIMITS] = client_limits
     tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream))
     return root
+
+
+def _limited(client_limits: limits.ClientLimits | None) -> list[Any]:
+    return [] if client_limits is None else [limits.middleware(client_limits)]
 
 
 # -- errors of aiohttp's own HTTP parser -----------------------------------------------------------
@@ -105,6 +119,22 @@ class _RequestHandler(web.RequestHandler):
     """aiohttp's connection handler, with the error answer of the fallback door."""
 
     renderer: Renderer = FALLBACK
+    client_limits: limits.ClientLimits | None = None
+    over_limit = False   # past the connection limit: its first request is answered 429 (api/limits.py)
+    _connection: limits.ConnectionCount | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.client_limits is not None:
+            self._connection = limits.ConnectionCount(self.client_limits, transport)
+            self.over_limit, flood = self._connection.made()
+            if flood:
+                self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._connection is not None:
+            self._connection.lost()
+        super().connection_lost(exc)
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -124,10 +154,12 @@ class _Server(web.Server):
     """aiohttp's low-level server, building `_RequestHandler` connections."""
 
     renderer: Renderer = FALLBACK
+    client_limits: limits.ClientLimits | None = None
 
     def __call__(self) -> web.RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
         handler.renderer = self.renderer
+        handler.client_limits = self.client_limits
         return handler
 
 
@@ -140,4 +172,5 @@ class HttpRunner(web.AppRunner):
         ours = _Server(server.request_handler, request_factory=server.request_factory,
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
         ours.renderer = self.app.get(RENDERER, FALLBACK)
+        ours.client_limits = self.app.get(limits.CLIENT_LIMITS)
         return ours

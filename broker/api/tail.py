@@ -23,6 +23,7 @@ from aiohttp import web
 
 from broker.api.dis import records_body
 from broker.api.http import BROKER, HttpConfig, door_app, query_int, request_id, required_query, write_or_drop
+from broker.api.limits import subscriber
 from broker.api.render import DIS
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, server_error
@@ -31,6 +32,7 @@ from broker.model import DEFAULT_PROJECT
 PREFIX = "/sluice"
 
 
+@subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query

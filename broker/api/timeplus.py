@@ -35,6 +35,7 @@ from broker.api.http import (
     request_id,
     write_or_drop,
 )
+from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
 from broker.core.broker import Broker
 from broker.core.queries import QueryRun
@@ -230,6 +231,7 @@ def _event(name: str | None, payload: Any) -> bytes:
     return head + b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+@subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def create_query(request: web.Request) -> web.StreamResponse:
     """Start a query and stream it as server-sent events: the query object, then row batches
     honouring the batching policy, `metrics` every second, and for a bounded query the final

@@ -32,9 +32,10 @@ before it is retried, so a record can be stored twice.
 `ordered=True` keeps the order of records with the same partition key (or partition id): when a
 batch comes back with retriable failures, those records - in their original order - are sent again
 before any newer record, and nothing is sent until their backoff has passed. (Without it, retried
-records may land after newer ones.) The broker fails retriable errors for a whole request, never
-for single records of a partition, so a retried record never has a later same-key record of its
-own batch already written ahead of it.
+records may land after newer ones.) The broker fails retriable errors for a whole request, or - a
+partition over its write limit (THROTTLED) - for a record and every later record of its partition
+in the batch, so a retried record never has a later same-key record of its own batch already
+written ahead of it. Under throttling, give `max_retries` room: a record may wait several rounds.
 
 `AsyncProducer` is the same producer for asyncio code: it wraps a `Producer` (its sender thread
 does the I/O) and hands out asyncio futures. That is the honest simple choice: the work is a

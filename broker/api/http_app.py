@@ -136,6 +136,19 @@ class _RequestHandler(web.RequestHandler):
             self._connection.lost()
         super().connection_lost(exc)
 
+    async def finish_response(self, request: Any, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """Writing the answer: a client that does not read it for the idle timeout is dropped, so
+        a 10 MiB GetRecords it never reads does not hold its buffer and connection for ever.
+        (Streaming answers bound each write themselves: http.write_or_drop.)"""
+        try:
+            async with asyncio.timeout(self._keepalive_timeout or None):
+                return await super().finish_response(request, resp, start_time)
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+            return resp, True
+
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:  # too late for any answer: aiohttp raises and closes

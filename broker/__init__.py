@@ -23,6 +23,7 @@
       cursors.py         opaque, signed, expiring cursors
       notify.py          WriteNotifier: wake long polls and subscriptions on writes
       limits.py          limits and validation of names, pages and sequence numbers
+      throttle.py        PartitionThrottle: write limits per partition (token buckets), THROTTLED for the excess
       queries.py         Queries: streaming SQL queries, one task each over the read path; bounded results
     storage/
       __init__.py        the registry: open_store(settings) builds the store a setting names
@@ -39,6 +40,7 @@
     api/                 front doors: thin, decode -> one Broker call -> render
       http.py            shared HTTP plumbing: bodies, typed params, request ids, timeouts, the error middleware
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
+      limits.py          per-client limits (connections, requests, subscriptions per peer address), HTTP and gRPC
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
       timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE

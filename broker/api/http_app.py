@@ -15,6 +15,9 @@ known (the parser failed), so it gets the fallback door's body: DIS, the broker'
 This leans on aiohttp internals (`AppRunner._make_server`, `Server._loop/_kwargs`, the
 `handle_error` signature, stable through 3.x); tests/api/test_http_envelope.py sends the raw
 bytes, so an aiohttp upgrade that changes them fails there, not in front of a client.
+
+The same handler counts the port's connections per client (api/limits.py) and drops a client
+that does not read its answer for the idle timeout (`finish_response`); tests/limits/ covers both.
 """
 from __future__ import annotations
 

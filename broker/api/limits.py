@@ -198,6 +198,7 @@ class GrpcLimits(grpc.aio.ServerInterceptor):
     def __init__(self, limits: ClientLimits, service: str) -> None:
         self._limits = limits
         self._prefix = f"/{service}/"
+        self._wrapped: dict[str, tuple[Any, Any]] = {}   # method -> (its handler, the limited one)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -205,6 +206,12 @@ class GrpcLimits(grpc.aio.ServerInterceptor):
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or not method.startswith(self._prefix):
             return handler
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:   # built once per method, not per call
+            known = self._wrapped[method] = (handler, self._limit(method, handler))
+        return known[1]
+
+    def _limit(self, method: str, handler: Any) -> Any:
         counter = self._limits.subscriptions if method.endswith("/Subscribe") else self._limits.requests
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(_limited(handler.unary_unary, counter),

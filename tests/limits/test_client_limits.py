@@ -227,8 +227,9 @@ def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: B
             eventually(refused, timeout=30)
             # both long polls answer (the record comes through the HTTP door: its limits are its own)
             conn = http.client.HTTPConnection(limited.host, limited.http_port, timeout=30)
+            record = {"data": "d2FrZQ==", "partition_id": "0"}   # b"wake"
             conn.request("POST", "/v2/default/records", headers={"Content-Type": "application/json"},
-                         body=json.dumps({"stream_name": stream, "records": [{"data": "d2FrZQ==", "partition_id": "0"}]}))
+                         body=json.dumps({"stream_name": stream, "records": [record]}))
             assert conn.getresponse().status == 200
             conn.close()
             for poll in polls:

@@ -100,7 +100,7 @@ async def test_only_the_excess_fails_and_the_admitted_are_gap_free(broker: Broke
     result = await broker.put_records("s", [PutEntry(b"r%d" % i, partition_id="0") for i in range(25)]
                                       + [PutEntry(b"x", partition_id="1")])
     assert result.seqs[:10] == list(range(10))
-    assert _codes(result.failures) == {i: "THROTTLED" for i in range(10, 25)}
+    assert _codes(result.failures) == dict.fromkeys(range(10, 25), "THROTTLED")
     assert result.failures[0][1].code.dis_code == "DIS.4303"
     assert result.partitions[25] == 1 and result.seqs[25] == 0      # the other partition is not touched
     assert [i for i, _ in result.failures] == sorted(i for i, _ in result.failures)
@@ -129,7 +129,7 @@ async def test_keyed_columns_are_cut_per_partition(broker: Broker) -> None:
     for i, k in enumerate(keys):
         by_partition.setdefault(routing.partition_for_hash(routing.key_hash(k), 4), []).append(i)
     failed = set(_codes(result.failures))
-    for p, indices in by_partition.items():
+    for indices in by_partition.values():
         admitted = indices[:10]
         assert [result.seqs[i] for i in admitted] == list(range(len(admitted)))
         assert set(indices[10:]) <= failed and not set(admitted) & failed

@@ -15,8 +15,13 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 import pytest
-from huaweicloudsdkdis.v2 import (CreateStreamReq, CreateStreamRequest, PutRecordsRequest, PutRecordsRequestEntry,
-                                  SendRecordsRequest)
+from huaweicloudsdkdis.v2 import (
+    CreateStreamReq,
+    CreateStreamRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+)
 
 from broker.launcher import BrokerProcess
 from client import Client
@@ -96,7 +101,7 @@ def test_a_retrying_producer_loses_nothing_and_keeps_per_key_order(slow: BrokerP
                 for record in page.records:
                     k, i = record.data.decode().split(":")
                     seen[k].append(int(i))
-        assert {k: v for k, v in seen.items()} == {str(k): list(range(per_key)) for k in range(keys)}
+        assert dict(seen) == {str(k): list(range(per_key)) for k in range(keys)}
 
 
 def test_timeplus_ingest_over_the_limit_is_refused_whole_with_429(slow: BrokerProcess) -> None:

@@ -22,8 +22,11 @@ that does not read its answer for the idle timeout (`finish_response`); tests/li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 import uuid
 from typing import Any
 
@@ -141,16 +144,35 @@ class _RequestHandler(web.RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        """Writing the answer: a client that does not read it for the idle timeout is dropped, so
-        a 10 MiB GetRecords it never reads does not hold its buffer and connection for ever.
+        """Writing the answer: a client that reads none of it for the idle timeout is dropped, so
+        a 10 MiB GetRecords it never reads does not hold its buffer and connection for ever. A
+        slow reader is not: the check is whether the transport's write buffer shrank meanwhile.
         (Streaming answers bound each write themselves: http.write_or_drop.)"""
+        writing = asyncio.ensure_future(super().finish_response(request, resp, start_time))
+        left: int | None = None   # bytes waiting in the transport at the last check
         try:
-            async with asyncio.timeout(self._keepalive_timeout or None):
-                return await super().finish_response(request, resp, start_time)
-        except TimeoutError:
-            if self.transport is not None:
-                self.transport.abort()
-            return resp, True
+            while True:
+                done, _ = await asyncio.wait({writing}, timeout=self._keepalive_timeout or None)
+                if done:
+                    return writing.result()
+                transport = self.transport
+                now_left = transport.get_write_buffer_size() if transport is not None else 0
+                if transport is None or (left is not None and now_left >= left):
+                    break
+                left = now_left
+        finally:
+            if not writing.done():
+                writing.cancel()
+        log.debug("dropped a client that read none of its answer for %ss", self._keepalive_timeout)
+        if self.transport is not None:
+            # a reset, not a close: a close would leave the kernel trying to deliver what it holds
+            # to a client that does not read (an orphan socket with full buffers, for minutes)
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+        return resp, True
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -49,6 +49,9 @@ StartPosition = str | tuple[str, int]
 """"TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
 
 APP_EXISTS = "APP_EXISTS"
+# What creating the app may meet and go on: it exists, or the API key's role (consumer) may not
+# create apps - then an admin made it, or the first checkpoint call says APP_NOT_FOUND.
+APP_THERE = frozenset({APP_EXISTS, "PERMISSION_DENIED"})
 
 
 def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
@@ -166,7 +169,7 @@ class PartitionConsumer(_ConsumerState):
             try:
                 self._client.create_app(self.app)
             except SluiceError as exc:
-                if exc.reason != APP_EXISTS:
+                if exc.reason not in APP_THERE:
                     raise
             mark = self._client.get_checkpoint(self.app, self.stream, self.partition)
             if mark is not None:
@@ -343,7 +346,7 @@ class AsyncPartitionConsumer(_ConsumerState):
             try:
                 await self._client.create_app(self.app)
             except SluiceError as exc:
-                if exc.reason != APP_EXISTS:
+                if exc.reason not in APP_THERE:
                     raise
             mark = await self._client.get_checkpoint(self.app, self.stream, self.partition)
             if mark is not None:

@@ -42,7 +42,7 @@ import uuid
 from typing import Callable
 
 from client.client import Client, Record
-from client.consumer import APP_EXISTS, PartitionConsumer, StartPosition
+from client.consumer import APP_THERE, PartitionConsumer, StartPosition
 from client.errors import BrokerUnavailable, SluiceError
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class GroupConsumer:
         try:
             self._client.create_app(self.app)
         except SluiceError as exc:
-            if exc.reason != APP_EXISTS:
+            if exc.reason not in APP_THERE:
                 raise
         self._heartbeats = threading.Thread(target=self._heartbeat_loop, name=f"sluice-group-{self.member_id}",
                                             daemon=True)

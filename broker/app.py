@@ -7,9 +7,9 @@ running ones are done, see api/grpc_service.py); stop the retention task; drain 
 so every accepted batch is committed; flush and close the store.
 
 Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable
-or full, TLS files that cannot be used (broker/tls.py) - are raised as `startup.StartupError` with a one-line message that names the flag to
-change; `__main__` prints it and exits 1. Everything else that fails at startup is a bug and keeps
-its traceback.
+or full, TLS files that cannot be used (broker/tls.py) - are raised as `startup.StartupError` with a
+one-line message that names the flag to change; `__main__` prints it and exits 1. Everything else
+that fails at startup is a bug and keeps its traceback.
 """
 from __future__ import annotations
 

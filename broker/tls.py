@@ -85,9 +85,9 @@ def load_tls(settings: Settings) -> Tls | None:
 
 
 class Site(web.TCPSite):
-    """`web.TCPSite` that, with TLS, also bounds the handshake (TCPSite has no parameter for it)."""
-
-    __slots__ = ()
+    """`web.TCPSite` that, with TLS, also bounds the handshake (TCPSite has no parameter for it).
+    No __slots__ here: the instance keeps a __dict__, so setting `_bound_port` works on aiohttp
+    releases whose TCPSite has no such slot."""
 
     async def start(self) -> None:
         if self._ssl_context is None:

@@ -1,8 +1,8 @@
 """`python -m broker` / `sluice-broker`: parse settings, run until SIGTERM/SIGINT. Signals live here only.
 
 Prints one line `sluice ready grpc=HOST:PORT http=HOST:PORT` (then ` tsdb=HOST:PORT` with
---tsdb-port) on stdout once the doors accept connections (tests and scripts wait for it instead of
-sleeping).
+--tsdb-port, ` tls=on` with --tls-cert) on stdout once the doors accept connections (tests and
+scripts wait for it instead of sleeping).
 
 Exit status: 0 after a graceful stop; 2 for a bad flag or SLUICE_* value (settings.py); 1 when the
 broker cannot start for a reason its operator can fix (startup.StartupError: a port in use, a data dir
@@ -26,7 +26,7 @@ def _announce(settings: Settings) -> Callable[[Running], None]:
     def ready(running: Running) -> None:
         tsdb = f" tsdb={settings.host}:{running.tsdb_port}" if running.tsdb_port is not None else ""
         print(f"sluice ready grpc={settings.host}:{running.grpc_port} http={settings.host}:{running.http_port}"
-              + tsdb, flush=True)
+              + tsdb + (" tls=on" if running.tls else ""), flush=True)
     return ready
 
 

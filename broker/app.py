@@ -7,9 +7,9 @@ running ones are done, see api/grpc_service.py); stop the retention task; drain 
 so every accepted batch is committed; flush and close the store.
 
 Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable
-or full - are raised as `startup.StartupError` with a one-line message that names the flag to
-change; `__main__` prints it and exits 1. Everything else that fails at startup is a bug and keeps
-its traceback.
+or full, TLS files that cannot be used (broker/tls.py) - are raised as `startup.StartupError` with a
+one-line message that names the flag to change; `__main__` prints it and exits 1. Everything else
+that fails at startup is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -29,11 +28,13 @@ from grpc_reflection.v1alpha import reflection
 from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
+from broker.auth import Auth
 from broker.core.broker import Broker
 from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
 from broker.storage import open_store
+from broker.tls import HANDSHAKE_TIMEOUT_S, Site, Tls, load_tls
 from broker.tsdb.series import TsdbStream
 
 log = logging.getLogger("sluice")
@@ -52,6 +53,7 @@ class Running:
     grpc_port: int
     http_port: int
     tsdb_port: int | None = None
+    tls: bool = False   # the doors serve TLS (--tls-cert/--tls-key)
 
 
 async def _retention_loop(broker: Broker, interval: float) -> None:
@@ -77,6 +79,7 @@ async def _trim_loop(interval: float) -> None:
 def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
     idle_ms = int(settings.idle_timeout * 1000)
     return grpc.aio.server(options=[
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),   # TLS / HTTP/2 preface
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_connection_idle_ms", idle_ms),          # close connections that carry no RPC
@@ -91,15 +94,17 @@ async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Run
     """Run a broker until `stop` is set, then shut it down gracefully.
 
     Raises StartupError (nothing started, nothing left open) when the data dir or a port is not
-    usable."""
+    usable (or the TLS files are not)."""
+    tls = load_tls(settings)   # before anything starts: a bad file leaves nothing to undo
     claim = await asyncio.to_thread(DataDirClaim.take, settings)
     try:
-        await _serve(settings, stop, on_ready)
+        await _serve(settings, stop, on_ready, tls)
     finally:
         claim.release()
 
 
-async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None) -> None:
+async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None,
+                 tls: Tls | None) -> None:
     with explain_store_failure(settings):
         store = await open_store(settings)
     broker = Broker(store)
@@ -127,7 +132,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
                                   access_log=None, handle_signals=False))
         await runners[-1].setup()
     server = _grpc_server(settings, max_message)
-    servicer = SluiceServicer(broker, sources)
+    auth = Auth(settings.auth_file) if settings.auth_file else None
+    servicer = SluiceServicer(broker, sources, auth=auth)
     add_servicer(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -135,18 +141,21 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     # definitions loaded (and every source wanted running started) before a door can take a verb
     await sources.start()
+    ssl_context = tls.context if tls else None
     try:
         with explain_bind_failure(settings, "http_port"):
-            await web.TCPSite(runner, settings.host, settings.http_port).start()
+            await Site(runner, settings.host, settings.http_port, ssl_context=ssl_context).start()
         http_port = runner.addresses[0][1]
         tsdb_port = None
         if settings.tsdb_port is not None:
             with explain_bind_failure(settings, "tsdb_port"):
-                await web.TCPSite(runners[1], settings.host, settings.tsdb_port).start()
+                await Site(runners[1], settings.host, settings.tsdb_port, ssl_context=ssl_context).start()
             tsdb_port = runners[1].addresses[0][1]
         with explain_bind_failure(settings, "grpc_port"):
             probe_port(settings.host, settings.grpc_port)
-            grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+            address = f"{settings.host}:{settings.grpc_port}"
+            grpc_port = server.add_secure_port(address, tls.grpc_credentials()) if tls \
+                else server.add_insecure_port(address)
         await server.start()
     except StartupError:   # undo what started, in the order of a graceful stop
         await sources.close()
@@ -160,10 +169,10 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
-    running = Running(broker, grpc_port, http_port, tsdb_port)
+    running = Running(broker, grpc_port, http_port, tsdb_port, tls is not None)
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
-    log.info("sluice ready grpc=%s:%d http=%s:%d%s data_dir=%s store=%s", settings.host, grpc_port,
-             settings.host, http_port, tsdb_address, settings.data_dir, settings.store)
+    log.info("sluice ready grpc=%s:%d http=%s:%d%s%s data_dir=%s store=%s", settings.host, grpc_port,
+             settings.host, http_port, tsdb_address, " tls=on" if tls else "", settings.data_dir, settings.store)
     malloc.settle_gc()   # started: what is loaded by now stays
     if on_ready:
         on_ready(running)

@@ -37,6 +37,7 @@ from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError
 
 from broker.api.grpc_render import record_failure, status_code, trailers
+from broker.auth import Auth
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.core.limits import check_project
@@ -203,10 +204,11 @@ def _properties(text: str) -> Any:
 
 
 class SluiceServicer:
-    def __init__(self, broker: Broker, sources: Sources | None = None) -> None:
+    def __init__(self, broker: Broker, sources: Sources | None = None, auth: Auth | None = None) -> None:
         """`sources`: the broker's managed sources (app.py starts and closes them); without it, an
         unstarted set of its own (tests of the other verbs)."""
         self._broker = broker
+        self._auth = auth
         self._sources = sources or Sources(broker)
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now

@@ -30,8 +30,7 @@ from broker.api.http import (
     required_query,
 )
 from broker.api.render import DIS
-from broker.auth import Action, Auth
-from broker.auth.signing import verify
+from broker.auth import Action, Auth, signing
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.core.routing import format_partition_id
@@ -251,18 +250,19 @@ async def delete_checkpoint(request: web.Request) -> web.Response:
 # -- credentials (spec section 7) -------------------------------------------------------------------
 
 def signature_guard(auth: Auth) -> Guard:
-    """The DIS door's check: the request's signature over the raw body (read here, before any
-    parsing; aiohttp keeps the bytes, so the handler's read_json reads the same ones), then
+    """The DIS door's check: the Authorization header, its AK and date (before reading the body,
+    so an unsigned request costs no body read), the signature over the raw body (read here, before
+    any parsing; aiohttp keeps the bytes, so the handler's read_json reads the same ones), then
     `X-Project-Id` against the path (401 DIS.4117), then the AK's project and role (403 DIS.4116)."""
 
     def guard(handler: Handler, action: Action) -> Handler:
         async def signed(request: web.Request) -> web.StreamResponse:
             credentials = auth.credentials
             assert credentials is not None
+            found = signing.claim(credentials, request.headers.get, time.time())   # before any body byte
             body = await read_body(request)
             url = request.rel_url
-            who = verify(credentials, request.method, url.raw_path, url.raw_query_string, request.headers.get,
-                         body, time.time())
+            who = signing.check(found, request.method, url.raw_path, url.raw_query_string, request.headers.get, body)
             project = request.match_info["project_id"]
             claimed = request.headers.get("X-Project-Id")
             if claimed is not None and claimed != project:

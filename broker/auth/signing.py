@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Callable
 from urllib.parse import quote, unquote
 
-from broker.auth.credentials import Credentials, Principal
+from broker.auth.credentials import AccessKey, Credentials, Principal
 from broker.errors import ErrorCode, client_error
 
 ALGORITHM = "SDK-HMAC-SHA256"
@@ -111,12 +112,20 @@ def _date(header: HeaderLookup, now: float) -> str:
     return value
 
 
-def verify(credentials: Credentials, method: str, raw_path: str, raw_query: str, header: HeaderLookup,
-           body: bytes, now: float) -> Principal:
-    """The principal of a signed DIS request. `raw_path` and `raw_query` as received (still
-    percent-encoded), `header` case-insensitive, `body` the bytes received, `now` Unix seconds.
-    Raises AUTH_MISSING, AUTH_MALFORMED, AUTH_UNKNOWN_KEY, AUTH_DATE_MISSING/MALFORMED/SKEW or
-    AUTH_BAD_SIGNATURE, in the spec's order."""
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a request's Authorization and X-Sdk-Date say, checked: all that can be known before
+    its body is read (a door refuses an unsigned request without reading a byte of its body)."""
+
+    key: AccessKey = field(repr=False)
+    signed: list[str]
+    given: str = field(repr=False)
+    date: str
+
+
+def claim(credentials: Credentials, header: HeaderLookup, now: float) -> Claim:
+    """Steps 1 and 2 of the spec: the Authorization header parsed, its AK known, the date fresh.
+    Raises AUTH_MISSING, AUTH_MALFORMED, AUTH_UNKNOWN_KEY, AUTH_DATE_MISSING/MALFORMED/SKEW."""
     authorization = header("Authorization")
     if authorization is None or not authorization.strip():
         raise client_error(ErrorCode.AUTH_MISSING, detail=f"sign the request ({ALGORITHM})")
@@ -133,9 +142,23 @@ def verify(credentials: Credentials, method: str, raw_path: str, raw_query: str,
     key = credentials.access_key(ak)
     if key is None:
         raise client_error(ErrorCode.AUTH_UNKNOWN_KEY)
-    date = _date(header, now)
-    request = canonical_request(method, raw_path, raw_query, signed, header, _payload_hash(signed, header, body))
-    expected = signature(key.sk, string_to_sign(date, request))
-    if not hmac.compare_digest(expected.encode(), given.lower().encode()):
+    return Claim(key, signed, given.lower(), _date(header, now))
+
+
+def check(found: Claim, method: str, raw_path: str, raw_query: str, header: HeaderLookup, body: bytes) -> Principal:
+    """Steps 3 to 5: the signature recomputed over the request and compared in constant time.
+    Raises AUTH_MALFORMED (a signed header is absent) or AUTH_BAD_SIGNATURE."""
+    payload = _payload_hash(found.signed, header, body)
+    request = canonical_request(method, raw_path, raw_query, found.signed, header, payload)
+    expected = signature(found.key.sk, string_to_sign(found.date, request))
+    if not hmac.compare_digest(expected.encode(), found.given.encode()):
         raise client_error(ErrorCode.AUTH_BAD_SIGNATURE)
-    return key.principal
+    return found.key.principal
+
+
+def verify(credentials: Credentials, method: str, raw_path: str, raw_query: str, header: HeaderLookup,
+           body: bytes, now: float) -> Principal:
+    """The principal of a signed DIS request (`claim`, then `check`). `raw_path` and `raw_query`
+    as received (still percent-encoded), `header` case-insensitive, `body` the bytes received,
+    `now` Unix seconds. Raises the 401 rows above, in the spec's order."""
+    return check(claim(credentials, header, now), method, raw_path, raw_query, header, body)

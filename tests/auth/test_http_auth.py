@@ -178,6 +178,24 @@ def test_a_stale_or_missing_date(broker: BrokerProcess, keys: Keys) -> None:
     dis_error(raw(broker.http_port, "GET", "/v2/p1/streams", undated), 401, "DIS.4103")
 
 
+def test_an_unsigned_request_is_refused_before_its_body_is_read(broker: BrokerProcess, keys: Keys) -> None:
+    """Headers announcing 10 MB and no body byte sent: the answer comes at once (not after the body
+    timeout, and not a 413 or 408), so a stranger cannot make the broker read bodies."""
+    stale = signed_headers(broker, keys, "admin", "POST", "/v2/p1/records", date=sdk_date(time.time() - 3600))
+    for headers, code in (({}, "DIS.4101"), ({"Authorization": "SDK-HMAC-SHA256 nonsense"}, "DIS.4102"),
+                          (stale, "DIS.4105")):
+        conn = http.client.HTTPConnection(broker.host, broker.http_port, timeout=10)
+        try:
+            conn.putrequest("POST", "/v2/p1/records", skip_host="Host" in headers)
+            for header, value in {**headers, "Content-Length": "10000000"}.items():
+                conn.putheader(header, value)
+            conn.endheaders()
+            resp = conn.getresponse()
+            assert resp.status == 401 and json.loads(resp.read())["error_code"] == code
+        finally:
+            conn.close()
+
+
 def test_a_body_changed_after_signing(broker: BrokerProcess, keys: Keys) -> None:
     admin, stream = client(broker, keys, "admin"), name()
     create(admin, stream)

@@ -66,6 +66,7 @@
     auth/                who may do what: credentials, roles, the DIS signature (no HTTP, no gRPC)
       credentials.py     the auth file (access keys, API keys -> Principal of a project and a role); Auth
       roles.py           Role, Action (one per verb of every door), permits(role, action)
+      signing.py         the DIS SDK-HMAC-SHA256 verifier (spec section 7): a signed request -> Principal
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
       dtypes.py          canonical column types -> kind and Polars dtype

@@ -7,7 +7,7 @@ running ones are done, see api/grpc_service.py); stop the retention task; drain 
 so every accepted batch is committed; flush and close the store.
 
 Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable
-or full, TLS files that cannot be used (broker/tls.py) - are raised as `startup.StartupError` with a
+or full, TLS files or an auth file that cannot be used - are raised as `startup.StartupError` with a
 one-line message that names the flag to change; `__main__` prints it and exits 1. Everything else
 that fails at startup is a bug and keeps its traceback.
 """
@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
-from broker.auth import Auth
+from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
 from broker.settings import Settings
 from broker.sources.manager import Sources
@@ -90,21 +90,33 @@ def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
     ])
 
 
-async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
-    """Run a broker until `stop` is set, then shut it down gracefully.
+def load_auth(settings: Settings) -> Auth:
+    """The credentials of `--auth-file` (none without it: an open broker). Raises StartupError,
+    one line naming the file and what is wrong with it (never a secret)."""
+    try:
+        return Auth(settings.auth_file)
+    except CredentialsError as exc:
+        raise StartupError(f"--auth-file {' '.join(str(exc).split())}") from None
 
-    Raises StartupError (nothing started, nothing left open) when the data dir or a port is not
-    usable (or the TLS files are not)."""
+
+async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None,
+                auth: Auth | None = None) -> None:
+    """Run a broker until `stop` is set, then shut it down gracefully. `auth`: the credentials
+    (loaded from `settings.auth_file` when not given; __main__ passes its own, to reload on SIGHUP).
+
+    Raises StartupError (nothing started, nothing left open) when the data dir, a port, the TLS
+    files or the auth file is not usable."""
     tls = load_tls(settings)   # before anything starts: a bad file leaves nothing to undo
+    auth = auth if auth is not None else load_auth(settings)
     claim = await asyncio.to_thread(DataDirClaim.take, settings)
     try:
-        await _serve(settings, stop, on_ready, tls)
+        await _serve(settings, stop, on_ready, tls, auth)
     finally:
         claim.release()
 
 
 async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None,
-                 tls: Tls | None) -> None:
+                 tls: Tls | None, auth: Auth) -> None:
     with explain_store_failure(settings):
         store = await open_store(settings)
     broker = Broker(store)
@@ -120,19 +132,18 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources,
-                                       tsdb_stream=tsdb_stream),
+                                       tsdb_stream=tsdb_stream, auth=auth),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
     runners = [runner]
     if settings.tsdb_port is not None:   # the OpenTSDB door alone on its own port, same stream and registry
         runners.append(HttpRunner(build_tsdb_http_app(broker, tsdb_stream, body_timeout_s=settings.body_timeout,
-                                                      stall_timeout_s=settings.idle_timeout),
+                                                      stall_timeout_s=settings.idle_timeout, auth=auth),
                                   keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                                   access_log=None, handle_signals=False))
         await runners[-1].setup()
     server = _grpc_server(settings, max_message)
-    auth = Auth(settings.auth_file) if settings.auth_file else None
     servicer = SluiceServicer(broker, sources, auth=auth)
     add_servicer(servicer, server)
     health = HealthServicer()
@@ -171,8 +182,11 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
     running = Running(broker, grpc_port, http_port, tsdb_port, tls is not None)
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
-    log.info("sluice ready grpc=%s:%d http=%s:%d%s%s data_dir=%s store=%s", settings.host, grpc_port,
-             settings.host, http_port, tsdb_address, " tls=on" if tls else "", settings.data_dir, settings.store)
+    log.info("sluice ready grpc=%s:%d http=%s:%d%s%s auth=%s data_dir=%s store=%s", settings.host, grpc_port,
+             settings.host, http_port, tsdb_address, " tls=on" if tls else "", "on" if auth.enabled else "off",
+             settings.data_dir, settings.store)
+    if not auth.enabled:
+        log.warning("no --auth-file: every door is open to anyone")
     malloc.settle_gc()   # started: what is loaded by now stays
     if on_ready:
         on_ready(running)

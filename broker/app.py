@@ -34,6 +34,7 @@ from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
 from broker.storage import open_store
+from broker.storage.base import StorageState
 from broker.tls import HANDSHAKE_TIMEOUT_S, Site, Tls, load_tls
 from broker.tsdb.series import TsdbStream
 
@@ -44,6 +45,7 @@ log = logging.getLogger("sluice")
 # slow an idle broker's stop noticeably.
 _DRAIN_QUIET_S = 0.1
 _TRIM_EVERY_S = 30.0   # freed heap pages go back to the OS at most this late (malloc.py)
+_STORAGE_HEALTH_EVERY_S = 0.5   # health follows the store's state at most this late
 
 
 @dataclass
@@ -65,6 +67,19 @@ async def _retention_loop(broker: Broker, interval: float) -> None:
                 log.info("retention trimmed %d partitions", moved)
         except Exception:
             log.exception("retention pass failed; will retry")
+
+
+async def _storage_health(broker: Broker, health: HealthServicer, interval: float) -> None:
+    """The service NOT_SERVING while the store refuses writes (a full disk), SERVING again once it
+    recovers; the store logs the changes. The overall "" stays SERVING: reads still work."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        ok = broker.storage_state is StorageState.OK
+        if ok != serving:
+            serving = ok
+            await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if ok
+                             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def _trim_loop(interval: float) -> None:
@@ -180,6 +195,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
+    storage_health = asyncio.create_task(_storage_health(broker, health, _STORAGE_HEALTH_EVERY_S),
+                                         name="sluice-storage-health")
     running = Running(broker, grpc_port, http_port, tsdb_port, tls is not None)
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
     log.info("sluice ready grpc=%s:%d http=%s:%d%s%s auth=%s data_dir=%s store=%s", settings.host, grpc_port,
@@ -207,7 +224,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
         await asyncio.gather(*(r.cleanup() for r in runners), stop_grpc())
-        for task in (retention, trimming):
+        for task in (retention, trimming, storage_health):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -133,15 +133,19 @@ class RocksStore(Store):
         backoff, reopen_at = PROBE_EVERY_S, 0.0
         while self._state is not StorageState.OK and not self._closed:
             await asyncio.sleep(PROBE_EVERY_S)
-            free, needed = await asyncio.to_thread(self._engine.room)
-            may_reopen = free >= needed and loop.time() >= reopen_at
+            may_reopen = False
             try:
+                free, needed = await asyncio.to_thread(self._engine.room)
+                may_reopen = free >= needed and loop.time() >= reopen_at
                 resumed = await self._submit(self._engine.recover, may_reopen)
             except BrokerError as exc:
                 if may_reopen:
                     log.info("reopening the store failed (%s); next try in %gs", exc.__cause__ or exc, backoff)
                     reopen_at, backoff = loop.time() + backoff, min(backoff * 2, REOPEN_BACKOFF_MAX_S)
                 self._refused(exc)
+                continue
+            except Exception:   # a bug or an unreadable data dir: this task must not end with writes refused
+                log.exception("store recovery step failed; retrying")
                 continue
             if resumed is None:   # still refused, and no room for a reopen yet
                 continue

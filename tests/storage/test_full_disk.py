@@ -11,14 +11,16 @@ reopen ruled out), and a real broker process with its health and log lines.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.errors import BrokerError, ErrorCode
@@ -284,6 +286,13 @@ class Producer:
             assert not {r.data for r in got} & self.ledger.refused
 
 
+def dis_put(broker: BrokerProcess, stream: str, payloads: list[bytes]) -> dict[str, Any]:
+    body = {"stream_name": stream, "records": [{"data": base64.b64encode(d).decode(), "partition_id": "0"}
+                                               for d in payloads]}
+    answer = requests.post(f"{broker.http_url}/v2/default/records", json=body, timeout=30)
+    return {"status": answer.status_code, **answer.json()}
+
+
 def test_a_broker_on_a_full_disk_recovers_without_a_restart(small_disk: Path) -> None:
     data_dir = small_disk / "data"
     broker = BrokerProcess(data_dir, "--memtable-mb", "16").start()
@@ -304,6 +313,10 @@ def test_a_broker_on_a_full_disk_recovers_without_a_restart(small_disk: Path) ->
         assert producer.reasons == {"STORAGE_FULL"}
         assert not producer.put() and producer.reasons == {"STORAGE_FULL"}
         wait_for(lambda: health_of(broker.grpc_target) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        # the DIS door too: every record of the request refused, so the request fails as a whole
+        refused = dis_put(broker, "full", [b"dis-1", b"dis-2"])
+        assert (refused["status"], refused["error_code"], refused["reason"]) == (507, "DIS.5250", "STORAGE_FULL")
+        producer.ledger.refused.update((b"dis-1", b"dis-2"))
         producer.check(client)                 # reads go on while writes are refused
 
         give_back(filler, 8 * MIB)             # less than a memtable: RocksDB alone would stay refused

@@ -117,7 +117,7 @@ class RocksEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._down = False                    # closed by a reopen that has not succeeded yet
-        self._gate = threading.Condition()    # readers in, a reopen waiting for them to leave
+        self._gate = threading.Condition(threading.Lock())   # readers in; a reopen waits for them to leave
         self._readers = 0
         self._reopening = False
         try:

@@ -5,6 +5,7 @@
     app.py               composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
     startup.py           startup errors an operator can fix, as one line (StartupError); the data-dir claim
     launcher.py          start a broker process and wait for its ready line (tests, benchmarks)
+    tls.py               --tls-cert/--tls-key checked at startup; HTTPS sites and gRPC server credentials
     malloc.py            memory knobs: glibc arenas capped, freed pages given back, the GC settled once started
     errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
     model.py             plain values shared by core and storage
@@ -46,7 +47,7 @@
       timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE
       tsdb.py            the OpenTSDB/HiTSDB door: /api/put (flags, sync_timeout, exact bodies), query, suggest
       render.py          BrokerError -> DIS, Timeplus and OpenTSDB bodies, HTTP and gRPC statuses
-      grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
+      grpc_service.py    the gRPC door (sluice.v1): @rpc(Action) per RPC; project from the bearer key or sluice-project
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
     sources/             managed ingest jobs (generator, websocket, NATS, JetStream) appending like any producer
       model.py           SourceDef (durable definition, in the store's metadata) and SourceState (live counters)
@@ -67,6 +68,7 @@
     auth/                who may do what: credentials, roles, the DIS signature (no HTTP, no gRPC)
       credentials.py     the auth file (access keys, API keys -> Principal of a project and a role); Auth
       roles.py           Role, Action (one per verb of every door), permits(role, action)
+      signing.py         the DIS SDK-HMAC-SHA256 verifier (spec section 7): a signed request -> Principal
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
       dtypes.py          canonical column types -> kind and Polars dtype

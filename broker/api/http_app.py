@@ -36,6 +36,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 from broker.api import dis, limits, tail, timeplus, tsdb
 from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, error_middleware, error_response
 from broker.api.render import DIS, TSDB
+from broker.auth import Auth
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import DEFAULT_PROJECT
@@ -54,17 +55,18 @@ def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> Ht
 
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
                    sources: Sources | None = None, tsdb_stream: TsdbStream | None = None,
-                   client_limits: limits.ClientLimits | None = None) -> web.Application:
+                   auth: Auth | None = None, client_limits: limits.ClientLimits | None = None) -> web.Application:
     """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
     makes its own, started and closed with the app. `tsdb_stream`: where the OpenTSDB door writes
-    (default: stream `tsdb` of the default project). `client_limits`: this port's per-client
-    limits (api/limits.py); None: none."""
+    (default: stream `tsdb` of the default project). `auth`: the credentials every door checks
+    (None or not enabled: an open broker, no check at all). `client_limits`: this port's
+    per-client limits (api/limits.py); None: none."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
-    doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
+    doors = {dis.PREFIX: dis.build_app(broker, config, auth), tail.PREFIX: tail.build_app(broker, config, auth)}
     owned = sources is None
     sources = sources or Sources(broker)
-    tp = timeplus.build_app(broker, config, sources)
-    ts = tsdb.build_app(broker, config, tsdb_stream or TsdbStream(broker, DEFAULT_PROJECT, "tsdb"))
+    tp = timeplus.build_app(broker, config, sources, auth)
+    ts = tsdb.build_app(broker, config, tsdb_stream or TsdbStream(broker, DEFAULT_PROJECT, "tsdb"), auth)
     # Timeplus' paths first: they start with /api too
     owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER]), (tsdb.OWNED, TSDB)]
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
@@ -91,7 +93,7 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
 
 
 def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout_s: float,
-                        stall_timeout_s: float = 60.0,
+                        stall_timeout_s: float = 60.0, auth: Auth | None = None,
                         client_limits: limits.ClientLimits | None = None) -> web.Application:
     """The OpenTSDB door alone (the HiTSDB port convention, `--tsdb-port`); every error on this
     port, unknown paths and parser rejections included, is an OpenTSDB error object."""
@@ -101,7 +103,7 @@ def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout
     root[RENDERER] = TSDB
     if client_limits is not None:
         root[limits.CLIENT_LIMITS] = client_limits
-    tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream))
+    tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream, auth))
     return root
 
 

@@ -8,8 +8,8 @@ Where each bound comes from: HTTP ports - aiohttp's keep-alive timer, armed when
 made (so also before the first request) and not extended by bytes of an unfinished head
 (`--idle-timeout`); bodies - http.read_body (`--body-timeout`, 408); answers not read -
 http_app._RequestHandler.finish_response and http.write_or_drop (`--idle-timeout`); gRPC - grpc
-core's handshake timeout (`grpc.server_handshake_timeout_ms` = `--idle-timeout`, also the TLS
-handshake) and `grpc.max_connection_idle_ms` for a connection that carries no call.
+core's handshake timeout (`grpc.server_handshake_timeout_ms`, 10 s: tls.HANDSHAKE_TIMEOUT_S, also
+the TLS handshake) and `grpc.max_connection_idle_ms` for a connection that carries no call.
 """
 from __future__ import annotations
 

@@ -222,6 +222,65 @@ def test_a_query_changed_after_signing(broker: BrokerProcess, keys: Keys) -> Non
     dis_error(raw(broker.http_port, "GET", f"/v2/p2/cursors?{query}", headers), 401, "DIS.4100")
 
 
+def sdk_with_request_hook(broker: BrokerProcess, keys: Keys, hook: Callable[..., None]):  # type: ignore[no-untyped-def]
+    """The official SDK as `client` makes it, plus a request handler: the SDK's own public hook
+    (`HttpHandler.add_request_handler`), which it calls after signing, just before sending."""
+    from huaweicloudsdkcore.auth.credentials import BasicCredentials
+    from huaweicloudsdkcore.http.http_config import HttpConfig
+    from huaweicloudsdkcore.http.http_handler import HttpHandler
+    from huaweicloudsdkdis.v2 import DisClient
+
+    ak, sk, project = keys.aks["admin"]
+    config = HttpConfig.get_default_config()
+    config.retry_times = 0
+    config.timeout = (5, 30)
+    return (DisClient.new_builder().with_http_config(config).with_credentials(BasicCredentials(ak, sk, project))
+            .with_http_handler(HttpHandler().add_request_handler(hook)).with_endpoints([broker.http_url]).build())
+
+
+def test_the_sdk_tampered_with_after_signing(broker: BrokerProcess, keys: Keys) -> None:
+    """What the SDK signed, changed on the way (body or query): DIS.4100, nothing written."""
+    admin, stream = client(broker, keys, "admin"), name()
+    create(admin, stream)
+
+    def evil_body(request: Any, **_: Any) -> None:
+        good, bad = base64.b64encode(b"hello"), base64.b64encode(b"evil!")
+        body = request.body
+        assert good in (body if isinstance(body, bytes) else body.encode())   # what the SDK signed
+        request.body = body.replace(good, bad) if isinstance(body, bytes) else body.replace(good.decode(), bad.decode())
+
+    dis_refused(lambda: put(sdk_with_request_hook(broker, keys, evil_body), stream, b"hello"), 401, "DIS.4100")
+    assert read(admin, cursor(admin, stream)) == []
+
+    def evil_query(request: Any, **_: Any) -> None:
+        request.uri = request.uri.replace("TRIM_HORIZON", "LATEST")
+
+    tampered = sdk_with_request_hook(broker, keys, evil_query)
+    dis_refused(lambda: cursor(tampered, stream), 401, "DIS.4100")
+    untouched = sdk_with_request_hook(broker, keys, lambda **_: None)   # the hook alone changes nothing
+    assert put(untouched, stream, b"hello").failed_record_count == 0
+    assert read(admin, cursor(untouched, stream)) == [b"hello"]
+
+
+def test_the_sdk_with_a_clock_20_minutes_off(broker: BrokerProcess, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's own signer on a host whose clock is wrong (its clock faked, its code untouched)."""
+    import datetime as real
+
+    from huaweicloudsdkcore.signer import signer as sdk_signer
+
+    admin = client(broker, keys, "admin")
+    for skew in (-20, 20):
+        class Skewed(real.datetime):
+            @classmethod
+            def utcnow(cls) -> real.datetime:  # type: ignore[override]
+                return real.datetime.now(real.UTC).replace(tzinfo=None) + real.timedelta(minutes=skew)
+
+        monkeypatch.setattr(sdk_signer, "datetime", Skewed)
+        dis_refused(lambda: admin.list_streams(ListStreamsRequest()), 401, "DIS.4105")
+    monkeypatch.undo()
+    admin.list_streams(ListStreamsRequest())   # the right clock again: accepted
+
+
 def test_another_projects_stream_is_refused(broker: BrokerProcess, keys: Keys) -> None:
     admin, stream = client(broker, keys, "admin"), name()
     create(admin, stream)

@@ -17,8 +17,11 @@ accepts). Ranges are the core's to check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
@@ -304,6 +307,19 @@ def required_query(request: web.Request, name: str) -> str:
 
 # -- streaming responses --------------------------------------------------------------------------
 
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a client that does not read: a reset, not a close. A close would leave the kernel
+    trying to deliver what it holds to a client that does not read (an orphan socket with full
+    buffers, for minutes)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()   # type: ignore[attr-defined]
+
+
 async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
     """Write one piece of a streaming response. A client that does not read for the stall
     timeout (or is gone) is disconnected instead of making the broker buffer for it; returns
@@ -312,8 +328,7 @@ async def write_or_drop(request: web.Request, response: web.StreamResponse, data
         async with asyncio.timeout(request.app[CONFIG].stall_timeout_s):
             await response.write(data)
     except (TimeoutError, ConnectionResetError):
-        if request.transport is not None:
-            request.transport.abort()
+        reset(request.transport)
         return False
     return True
 

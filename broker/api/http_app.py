@@ -22,11 +22,8 @@ that does not read its answer for the idle timeout (`finish_response`); tests/li
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-import socket
-import struct
 import uuid
 from typing import Any
 
@@ -34,7 +31,16 @@ from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
 from broker.api import dis, limits, tail, timeplus, tsdb
-from broker.api.http import RENDERER, REQUEST_ID, HttpConfig, Renderer, brief, error_middleware, error_response
+from broker.api.http import (
+    RENDERER,
+    REQUEST_ID,
+    HttpConfig,
+    Renderer,
+    brief,
+    error_middleware,
+    error_response,
+    reset,
+)
 from broker.api.render import DIS, TSDB
 from broker.auth import Auth
 from broker.core.broker import Broker
@@ -166,14 +172,7 @@ class _RequestHandler(web.RequestHandler):
             if not writing.done():
                 writing.cancel()
         log.debug("dropped a client that read none of its answer for %ss", self._keepalive_timeout)
-        if self.transport is not None:
-            # a reset, not a close: a close would leave the kernel trying to deliver what it holds
-            # to a client that does not read (an orphan socket with full buffers, for minutes)
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+        reset(self.transport)
         return resp, True
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,

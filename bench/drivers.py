@@ -1338,7 +1338,9 @@ def clickhouse_server(engine: str = "MergeTree") -> Iterator[ClickHouseHttp]:
 
 # -- the servers -------------------------------------------------------------------------------
 
-BROKER_ARGS = ("--log-level", "WARNING")   # otherwise the broker's defaults (memory settings included)
+# Otherwise the broker's defaults (memory settings included). The peers we compare with have no
+# write throttling, so neither does a bench broker: its per-partition limits are off (0).
+BROKER_ARGS = ("--log-level", "WARNING", "--partition-records-per-s", "0", "--partition-bytes-per-s", "0")
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@
     app.py               composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
     startup.py           startup errors an operator can fix, as one line (StartupError); the data-dir claim
     launcher.py          start a broker process and wait for its ready line (tests, benchmarks)
+    tls.py               --tls-cert/--tls-key checked at startup; HTTPS sites and gRPC server credentials
     malloc.py            memory knobs: glibc arenas capped, freed pages given back, the GC settled once started
     errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
     model.py             plain values shared by core and storage
@@ -23,6 +24,7 @@
       cursors.py         opaque, signed, expiring cursors
       notify.py          WriteNotifier: wake long polls and subscriptions on writes
       limits.py          limits and validation of names, pages and sequence numbers
+      throttle.py        PartitionThrottle: write limits per partition (token buckets), THROTTLED for the excess
       queries.py         Queries: streaming SQL queries, one task each over the read path; bounded results
     storage/
       __init__.py        the registry: open_store(settings) builds the store a setting names
@@ -39,12 +41,13 @@
     api/                 front doors: thin, decode -> one Broker call -> render
       http.py            shared HTTP plumbing: bodies, typed params, request ids, timeouts, the error middleware
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
+      limits.py          per-client limits (connections, requests, subscriptions per peer address), HTTP and gRPC
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
       timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE
       tsdb.py            the OpenTSDB/HiTSDB door: /api/put (flags, sync_timeout, exact bodies), query, suggest
       render.py          BrokerError -> DIS, Timeplus and OpenTSDB bodies, HTTP and gRPC statuses
-      grpc_service.py    the gRPC door (sluice.v1): project from the sluice-project metadata
+      grpc_service.py    the gRPC door (sluice.v1): @rpc(Action) per RPC; project from the bearer key or sluice-project
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
     sources/             managed ingest jobs (generator, websocket, NATS, JetStream) appending like any producer
       model.py           SourceDef (durable definition, in the store's metadata) and SourceState (live counters)
@@ -65,6 +68,7 @@
     auth/                who may do what: credentials, roles, the DIS signature (no HTTP, no gRPC)
       credentials.py     the auth file (access keys, API keys -> Principal of a project and a role); Auth
       roles.py           Role, Action (one per verb of every door), permits(role, action)
+      signing.py         the DIS SDK-HMAC-SHA256 verifier (spec section 7): a signed request -> Principal
     query/               the streaming SQL engine (Timeplus door): SQL -> QueryPlan -> Executor over Polars
       sqltext.py         Timeplus spellings sqlglot does not know (raw:key, 5s) rewritten before parsing
       dtypes.py          canonical column types -> kind and Polars dtype

@@ -1,12 +1,15 @@
 """`python -m broker` / `sluice-broker`: parse settings, run until SIGTERM/SIGINT. Signals live here only.
 
 Prints one line `sluice ready grpc=HOST:PORT http=HOST:PORT` (then ` tsdb=HOST:PORT` with
---tsdb-port) on stdout once the doors accept connections (tests and scripts wait for it instead of
-sleeping).
+--tsdb-port, ` tls=on` with --tls-cert, then ` auth=on` or ` auth=off`) on stdout once the doors
+accept connections (tests and scripts wait for it instead of sleeping). With --auth-file, SIGHUP
+re-reads the file: a file that cannot be used keeps the keys in force (the log says why, never
+naming a secret).
 
 Exit status: 0 after a graceful stop; 2 for a bad flag or SLUICE_* value (settings.py); 1 when the
 broker cannot start for a reason its operator can fix (startup.StartupError: a port in use, a data dir
-held by another broker, not writable or full) - each a single line on stderr, never a traceback.
+held by another broker, not writable or full, an auth file that cannot be used) - each a single line
+on stderr, never a traceback.
 """
 from __future__ import annotations
 
@@ -17,25 +20,30 @@ import sys
 from typing import Callable
 
 from broker import malloc
-from broker.app import Running, serve
+from broker.app import Running, load_auth, serve
+from broker.auth import Auth
 from broker.settings import Settings, parse_settings
 from broker.startup import StartupError
 
 
-def _announce(settings: Settings) -> Callable[[Running], None]:
+def _announce(settings: Settings, auth: Auth) -> Callable[[Running], None]:
     def ready(running: Running) -> None:
         tsdb = f" tsdb={settings.host}:{running.tsdb_port}" if running.tsdb_port is not None else ""
         print(f"sluice ready grpc={settings.host}:{running.grpc_port} http={settings.host}:{running.http_port}"
-              + tsdb, flush=True)
+              + tsdb + (" tls=on" if running.tls else "") + (" auth=on" if auth.enabled else " auth=off"),
+              flush=True)
     return ready
 
 
 async def _main(settings: Settings) -> None:
+    auth = load_auth(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop, _announce(settings))
+    if auth.enabled:   # Auth.reload logs what happened (counts or the file's problem, never a secret)
+        loop.add_signal_handler(signal.SIGHUP, auth.reload)
+    await serve(settings, stop, _announce(settings, auth), auth=auth)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,9 @@ running ones are done, see api/grpc_service.py); stop the retention task; drain 
 so every accepted batch is committed; flush and close the store.
 
 Startup errors an operator can fix - a port in use, a data dir held by another broker, not writable
-or full - are raised as `startup.StartupError` with a one-line message that names the flag to
-change; `__main__` prints it and exits 1. Everything else that fails at startup is a bug and keeps
-its traceback.
+or full, TLS files or an auth file that cannot be used - are raised as `startup.StartupError` with a
+one-line message that names the flag to change; `__main__` prints it and exits 1. Everything else
+that fails at startup is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -29,11 +28,16 @@ from grpc_reflection.v1alpha import reflection
 from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
+from broker.api.limits import ClientLimits, GrpcLimits
+from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
+from broker.core.limits import DEFAULT_LIMITS
 from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
 from broker.storage import open_store
+from broker.storage.base import StorageState
+from broker.tls import HANDSHAKE_TIMEOUT_S, Site, Tls, load_tls
 from broker.tsdb.series import TsdbStream
 
 log = logging.getLogger("sluice")
@@ -43,6 +47,7 @@ log = logging.getLogger("sluice")
 # slow an idle broker's stop noticeably.
 _DRAIN_QUIET_S = 0.1
 _TRIM_EVERY_S = 30.0   # freed heap pages go back to the OS at most this late (malloc.py)
+_STORAGE_HEALTH_EVERY_S = 0.5   # health follows the store's state at most this late
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Running:
     grpc_port: int
     http_port: int
     tsdb_port: int | None = None
+    tls: bool = False   # the doors serve TLS (--tls-cert/--tls-key)
 
 
 async def _retention_loop(broker: Broker, interval: float) -> None:
@@ -65,6 +71,19 @@ async def _retention_loop(broker: Broker, interval: float) -> None:
             log.exception("retention pass failed; will retry")
 
 
+async def _storage_health(broker: Broker, health: HealthServicer, interval: float) -> None:
+    """The service NOT_SERVING while the store refuses writes (a full disk), SERVING again once it
+    recovers; the store logs the changes. The overall "" stays SERVING: reads still work."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        ok = broker.storage_state is StorageState.OK
+        if ok != serving:
+            serving = ok
+            await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if ok
+                             else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 async def _trim_loop(interval: float) -> None:
     """Return freed heap pages to the OS now and then (see malloc.trim); off the event loop, as
     trimming a large heap takes milliseconds."""
@@ -74,9 +93,16 @@ async def _trim_loop(interval: float) -> None:
             return
 
 
+def _client_limits(settings: Settings) -> ClientLimits:
+    """One door's per-client limits (api/limits.py): each port counts on its own."""
+    return ClientLimits.of(settings.max_connections_per_client, settings.max_requests_per_client,
+                           settings.max_subscriptions_per_client)
+
+
 def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
     idle_ms = int(settings.idle_timeout * 1000)
-    return grpc.aio.server(options=[
+    return grpc.aio.server(interceptors=[GrpcLimits(_client_limits(settings), SERVICE_NAME)], options=[
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),   # TLS / HTTP/2 preface
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_connection_idle_ms", idle_ms),          # close connections that carry no RPC
@@ -87,22 +113,38 @@ def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
     ])
 
 
-async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
-    """Run a broker until `stop` is set, then shut it down gracefully.
+def load_auth(settings: Settings) -> Auth:
+    """The credentials of `--auth-file` (none without it: an open broker). Raises StartupError,
+    one line naming the file and what is wrong with it (never a secret)."""
+    try:
+        return Auth(settings.auth_file)
+    except CredentialsError as exc:
+        raise StartupError(f"--auth-file {' '.join(str(exc).split())}") from None
 
-    Raises StartupError (nothing started, nothing left open) when the data dir or a port is not
-    usable."""
+
+async def serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None,
+                auth: Auth | None = None) -> None:
+    """Run a broker until `stop` is set, then shut it down gracefully. `auth`: the credentials
+    (loaded from `settings.auth_file` when not given; __main__ passes its own, to reload on SIGHUP).
+
+    Raises StartupError (nothing started, nothing left open) when the data dir, a port, the TLS
+    files or the auth file is not usable."""
+    tls = load_tls(settings)   # before anything starts: a bad file leaves nothing to undo
+    auth = auth if auth is not None else load_auth(settings)
     claim = await asyncio.to_thread(DataDirClaim.take, settings)
     try:
-        await _serve(settings, stop, on_ready)
+        await _serve(settings, stop, on_ready, tls, auth)
     finally:
         claim.release()
 
 
-async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None) -> None:
+async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Running], None] | None,
+                 tls: Tls | None, auth: Auth) -> None:
     with explain_store_failure(settings):
         store = await open_store(settings)
-    broker = Broker(store)
+    limits = replace(DEFAULT_LIMITS, partition_records_per_s=settings.partition_records_per_s,
+                     partition_bytes_per_s=settings.partition_bytes_per_s)
+    broker = Broker(store, limits=limits)
     try:
         with explain_store_failure(settings):
             await broker.start()   # reads the catalogue and the cursor key from the store
@@ -115,19 +157,20 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources,
-                                       tsdb_stream=tsdb_stream),
+                                       tsdb_stream=tsdb_stream, auth=auth, client_limits=_client_limits(settings)),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
     runners = [runner]
     if settings.tsdb_port is not None:   # the OpenTSDB door alone on its own port, same stream and registry
         runners.append(HttpRunner(build_tsdb_http_app(broker, tsdb_stream, body_timeout_s=settings.body_timeout,
-                                                      stall_timeout_s=settings.idle_timeout),
+                                                      stall_timeout_s=settings.idle_timeout, auth=auth,
+                                                      client_limits=_client_limits(settings)),
                                   keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                                   access_log=None, handle_signals=False))
         await runners[-1].setup()
     server = _grpc_server(settings, max_message)
-    servicer = SluiceServicer(broker, sources)
+    servicer = SluiceServicer(broker, sources, auth=auth)
     add_servicer(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -135,18 +178,21 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     # definitions loaded (and every source wanted running started) before a door can take a verb
     await sources.start()
+    ssl_context = tls.context if tls else None
     try:
         with explain_bind_failure(settings, "http_port"):
-            await web.TCPSite(runner, settings.host, settings.http_port).start()
+            await Site(runner, settings.host, settings.http_port, ssl_context=ssl_context).start()
         http_port = runner.addresses[0][1]
         tsdb_port = None
         if settings.tsdb_port is not None:
             with explain_bind_failure(settings, "tsdb_port"):
-                await web.TCPSite(runners[1], settings.host, settings.tsdb_port).start()
+                await Site(runners[1], settings.host, settings.tsdb_port, ssl_context=ssl_context).start()
             tsdb_port = runners[1].addresses[0][1]
         with explain_bind_failure(settings, "grpc_port"):
             probe_port(settings.host, settings.grpc_port)
-            grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+            address = f"{settings.host}:{settings.grpc_port}"
+            grpc_port = server.add_secure_port(address, tls.grpc_credentials()) if tls \
+                else server.add_insecure_port(address)
         await server.start()
     except StartupError:   # undo what started, in the order of a graceful stop
         await sources.close()
@@ -160,10 +206,15 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
-    running = Running(broker, grpc_port, http_port, tsdb_port)
+    storage_health = asyncio.create_task(_storage_health(broker, health, _STORAGE_HEALTH_EVERY_S),
+                                         name="sluice-storage-health")
+    running = Running(broker, grpc_port, http_port, tsdb_port, tls is not None)
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
-    log.info("sluice ready grpc=%s:%d http=%s:%d%s data_dir=%s store=%s", settings.host, grpc_port,
-             settings.host, http_port, tsdb_address, settings.data_dir, settings.store)
+    log.info("sluice ready grpc=%s:%d http=%s:%d%s%s auth=%s data_dir=%s store=%s", settings.host, grpc_port,
+             settings.host, http_port, tsdb_address, " tls=on" if tls else "", "on" if auth.enabled else "off",
+             settings.data_dir, settings.store)
+    if not auth.enabled:
+        log.warning("no --auth-file: every door is open to anyone")
     malloc.settle_gc()   # started: what is loaded by now stays
     if on_ready:
         on_ready(running)
@@ -184,7 +235,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
         await asyncio.gather(*(r.cleanup() for r in runners), stop_grpc())
-        for task in (retention, trimming):
+        for task in (retention, trimming, storage_health):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

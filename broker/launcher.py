@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)(?: tsdb=\S+:(\d+))?")
+TLS_ON = re.compile(r" tls=on\b")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +35,7 @@ class BrokerProcess:
         self.grpc_port = 0
         self.http_port = 0
         self.tsdb_port: int | None = None   # with --tsdb-port: the OpenTSDB door's own port
+        self.tls = False                    # with --tls-cert: the doors speak TLS (https://)
         self.stderr_lines: list[str] = []
         self._stderr_reader: threading.Thread | None = None
 
@@ -65,6 +67,7 @@ class BrokerProcess:
         self.host = found[0].group(1)
         self.grpc_port, self.http_port = int(found[0].group(2)), int(found[0].group(4))
         self.tsdb_port = int(found[0].group(5)) if found[0].group(5) else None
+        self.tls = TLS_ON.search(found[0].string) is not None
         return self
 
     def _drain_stderr(self) -> None:
@@ -74,7 +77,7 @@ class BrokerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.http_port}"
 
     @property
     def http_target(self) -> str:

@@ -68,7 +68,8 @@ _HELP = {
     "partition_records_per_s": "write limit per partition in records per second (DIS ADVANCED: 2,000); records "
                                "beyond it fail with the retriable throttling error (DIS.4303); 0 = no limit",
     "partition_bytes_per_s": "write limit per partition in payload bytes per second (DIS ADVANCED: 5 MB); 0 = no limit",
-    "max_connections_per_client": "open connections one client address may hold on each door; more are refused",
+    "max_connections_per_client": "open HTTP connections one client address may hold on each HTTP port; more are "
+                                  "answered 429 and closed",
     "max_requests_per_client": "requests one client address may have in progress at once on each door; more get "
                                "429 / RESOURCE_EXHAUSTED",
     "max_subscriptions_per_client": "open push subscriptions, tails and streaming queries per client address",

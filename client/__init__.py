@@ -2,8 +2,9 @@
 
 * `Client` / `AsyncClient`: thin wrappers over every RPC (sync, and asyncio on grpc.aio) - streams,
   records, apps, checkpoints, groups and the broker's sources. Both take `project=` (default
-  $SLUICE_PROJECT, else "default") and return the dataclasses of client/model.py, never protobuf
-  messages.
+  $SLUICE_PROJECT, else "default"), `api_key=` (a broker with an auth file; the key's workspace is
+  then the project) and `tls_ca=` (a broker with TLS: the CA's PEM file or bytes), and return the
+  dataclasses of client/model.py, never protobuf messages.
 * `Producer` / `AsyncProducer`: batched, retrying writes (client/producer.py).
 * `PartitionConsumer` / `AsyncPartitionConsumer`: read one partition in order, pull or push,
   resuming after an app's checkpoint (client/consumer.py).

@@ -1,6 +1,6 @@
-"""Everything `Client` and `AsyncClient` share: channel options, the project metadata, and the
-translation between the client's dataclasses (client/model.py) and the generated messages. The
-two clients differ only in how they wait for an answer.
+"""Everything `Client` and `AsyncClient` share: channel options and TLS, the metadata of every
+call (project, API key), and the translation between the client's dataclasses (client/model.py)
+and the generated messages. The two clients differ only in how they wait for an answer.
 
 Channel options, chosen for a broker that restarts (deploys, crashes) while clients stay up:
 * reconnect backoff: gRPC's default grows to 120 s (x1.6 from 1 s), so after a 20 s outage a
@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Any, Iterable, TypeVar
+
+import grpc
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client.model import (
@@ -40,6 +42,8 @@ from client.model import (
 )
 
 PROJECT_KEY = "sluice-project"
+AUTHORIZATION_KEY = "authorization"
+_PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 DEFAULT_PROJECT = "default"
 MAX_MESSAGE = 16 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -56,9 +60,45 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 CURSOR_TYPES = ("AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER", "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP")
 
 
-def project_metadata(project: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata of every call: `project`, else $SLUICE_PROJECT, else "default"."""
-    return ((PROJECT_KEY, project or os.environ.get("SLUICE_PROJECT") or DEFAULT_PROJECT),)
+def call_metadata(project: str | None, api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata of every call (subscriptions included). Without an API key: the project -
+    `project`, else $SLUICE_PROJECT, else "default". With one: `authorization: Bearer KEY`, and
+    the project only when named (argument or $SLUICE_PROJECT): the broker takes the key's workspace
+    otherwise, and refuses a project that is not the key's."""
+    project = project or os.environ.get("SLUICE_PROJECT")
+    if api_key is None:
+        return ((PROJECT_KEY, project or DEFAULT_PROJECT),)
+    if not api_key or not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip():
+        raise ValueError("api_key must be non-empty printable ASCII without surrounding blanks")   # not echoed
+    bearer = (AUTHORIZATION_KEY, f"Bearer {api_key}")
+    return ((PROJECT_KEY, project), bearer) if project else (bearer,)
+
+
+def project_of(metadata: tuple[tuple[str, str], ...]) -> str | None:
+    return next((value for key, value in metadata if key == PROJECT_KEY), None)
+
+
+def root_certificates(tls_ca: str | bytes | os.PathLike[str]) -> bytes:
+    """`tls_ca`: PEM bytes (or text), or the path of a PEM file of the CA certificate(s) that
+    signed the broker's certificate. OSError when the file cannot be read; ValueError when it
+    holds no PEM certificate."""
+    if isinstance(tls_ca, bytes):
+        pem = tls_ca
+    elif isinstance(tls_ca, str) and _PEM_BEGIN in tls_ca:
+        pem = tls_ca.encode()
+    else:
+        with open(tls_ca, "rb") as f:
+            pem = f.read()
+    if _PEM_BEGIN.encode() not in pem:
+        raise ValueError("tls_ca holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return pem
+
+
+def channel_credentials(tls_ca: str | bytes | os.PathLike[str] | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials that trust `tls_ca` (see root_certificates), or None for plaintext."""
+    if tls_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates(tls_ca))
 
 
 def _enum(enum: Any, prefix: str, text: str) -> Any:

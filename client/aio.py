@@ -5,6 +5,7 @@ or `async with`. Cancelling a task that awaits a call cancels the RPC."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Callable, Iterable, TypeVar
 
 import grpc
@@ -33,15 +34,19 @@ R = TypeVar("R")
 class AsyncClient:
     """See `client.Client`: the same calls, awaited."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, project: str | None = None, timeout: float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
+    def __init__(self, target: str = "127.0.0.1:50051", *, project: str | None = None, timeout: float = 30.0,
+                 api_key: str | None = None, tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
+        self._metadata = _wire.call_metadata(project, api_key)
+        credentials = _wire.channel_credentials(tls_ca)
+        self._channel = grpc.aio.secure_channel(target, credentials, options=_wire.CHANNEL_OPTIONS) if credentials \
+            else grpc.aio.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SluiceStub(self._channel)
-        self._metadata = _wire.project_metadata(project)
         self._timeout = timeout
 
     @property
-    def project(self) -> str:
-        return self._metadata[0][1]
+    def project(self) -> str | None:
+        """The project named on every call; None with an API key and no project: the key's."""
+        return _wire.project_of(self._metadata)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -603,8 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=_EPILOG, formatter_class=fmt)
     parser.add_argument("--target", default=os.environ.get("SLUICE_TARGET", "127.0.0.1:50051"),
                         help="broker gRPC address [env SLUICE_TARGET; default 127.0.0.1:50051]")
-    parser.add_argument("--project", default=os.environ.get("SLUICE_PROJECT") or "default",
-                        help="project (namespace) of streams, apps and sources [env SLUICE_PROJECT; default 'default']")
+    parser.add_argument("--project", default=os.environ.get("SLUICE_PROJECT") or None,
+                        help="project (namespace) of streams, apps and sources [env SLUICE_PROJECT; default "
+                             "'default', or with --api-key the key's workspace]")
+    parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or None, metavar="KEY",
+                        help="API key for a broker with an auth file, sent as 'authorization: Bearer KEY' "
+                             "[env SLUICE_API_KEY, which keeps the key out of the process list]")
+    parser.add_argument("--tls-ca", default=os.environ.get("SLUICE_TLS_CA") or None, metavar="FILE",
+                        help="connect with TLS, trusting the CA certificate(s) in this PEM file (for a broker "
+                             "started with --tls-cert) [env SLUICE_TLS_CA]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     streams = _add(sub, "streams", "create, list, describe or delete streams")
@@ -748,7 +755,13 @@ def _main(argv: Sequence[str] | None) -> int:
     commands = {"streams": _streams, "put": _put, "get": _get, "tail": _tail, "apps": _apps,
                 "checkpoints": _checkpoints, "lag": _lag, "sources": _sources}
     try:
-        with Client(args.target, project=args.project) as client:
+        client = Client(args.target, project=args.project, api_key=args.api_key, tls_ca=args.tls_ca)
+    except OSError as exc:
+        parser.error(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror or exc}")
+    except ValueError as exc:   # names the option, never the key
+        parser.error(str(exc).replace("api_key", "--api-key").replace("tls_ca", f"--tls-ca {args.tls_ca}"))
+    try:
+        with client:
             return commands[args.command](client, args)
     except BrokerUnavailable as exc:
         _say(f"cannot reach the broker at {args.target}: {exc.message}")

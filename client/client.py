@@ -4,6 +4,7 @@ dataclasses of client/model.py; raises the exceptions of client/errors.py. `Asyn
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import grpc
@@ -40,17 +41,25 @@ class Client:
     `project`: the namespace of every call (the "sluice-project" metadata); default
     $SLUICE_PROJECT, else "default". The same stream name in two projects is two streams.
     `timeout`: seconds per call (long polls add their wait).
+    `api_key`: for a broker with an auth file, sent as `authorization: Bearer KEY` on every call;
+    the key's workspace is then the project (leave `project` out, or name that one).
+    `tls_ca`: for a broker with TLS (--tls-cert): the CA certificate that signed it, as a PEM
+    file's path or PEM bytes; the connection is then TLS and the broker's name is verified.
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, project: str | None = None, timeout: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
+    def __init__(self, target: str = "127.0.0.1:50051", *, project: str | None = None, timeout: float = 30.0,
+                 api_key: str | None = None, tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
+        self._metadata = _wire.call_metadata(project, api_key)
+        credentials = _wire.channel_credentials(tls_ca)
+        self._channel = grpc.secure_channel(target, credentials, options=_wire.CHANNEL_OPTIONS) if credentials \
+            else grpc.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SluiceStub(self._channel)
-        self._metadata = _wire.project_metadata(project)
         self._timeout = timeout
 
     @property
-    def project(self) -> str:
-        return self._metadata[0][1]
+    def project(self) -> str | None:
+        """The project named on every call; None with an API key and no project: the key's."""
+        return _wire.project_of(self._metadata)
 
     def close(self) -> None:
         self._channel.close()

@@ -31,6 +31,7 @@ cancelling a task in `poll()` cancels the RPC and loses no records.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -48,6 +49,9 @@ StartPosition = str | tuple[str, int]
 """"TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
 
 APP_EXISTS = "APP_EXISTS"
+# What creating the app may meet and go on: it exists, or the API key's role (consumer) may not
+# create apps - then an admin made it, or the first checkpoint call says APP_NOT_FOUND.
+APP_THERE = frozenset({APP_EXISTS, "PERMISSION_DENIED"})
 
 
 def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
@@ -135,18 +139,19 @@ class PartitionConsumer(_ConsumerState):
     """Reads one partition in order; see the module docstring.
 
     `client_or_target`: a `Client` (shared, not closed here) or a "host:port" target (a new
-    `Client` in `project`). `batch`:
+    `Client` with `project`, `api_key`, `tls_ca`). `batch`:
     records per read at most; `wait_ms`: how long one `poll()` waits for records (long poll).
     Use from one thread (`close()` may be called from another).
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
-                 batch: int = 1000, project: str | None = None) -> None:
+                 batch: int = 1000, project: str | None = None, api_key: str | None = None,
+                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
         self._own_client = isinstance(client_or_target, str)
-        self._client = Client(client_or_target, project=project) if isinstance(client_or_target, str) \
-            else client_or_target
+        self._client = Client(client_or_target, project=project, api_key=api_key, tls_ca=tls_ca) \
+            if isinstance(client_or_target, str) else client_or_target
         self._cursor: str | None = None
         self._closed = threading.Event()
         # push mode: a reader thread fills a one-page queue from one Subscription
@@ -164,7 +169,7 @@ class PartitionConsumer(_ConsumerState):
             try:
                 self._client.create_app(self.app)
             except SluiceError as exc:
-                if exc.reason != APP_EXISTS:
+                if exc.reason not in APP_THERE:
                     raise
             mark = self._client.get_checkpoint(self.app, self.stream, self.partition)
             if mark is not None:
@@ -318,15 +323,16 @@ class AsyncPartitionConsumer(_ConsumerState):
     """The asyncio flavour of `PartitionConsumer` (same arguments): `async for record in consumer`,
     `await consumer.poll()`, `await consumer.commit()`, `await consumer.close()` or `async with`.
     `client_or_target`: an `AsyncClient` (shared, not closed here) or a "host:port" target (then
-    `project` and `timeout` are the new client's). Create it inside the event loop."""
+    `project`, `timeout`, `api_key` and `tls_ca` are the new client's). Create it inside the event loop."""
 
     def __init__(self, client_or_target: AsyncClient | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
-                 batch: int = 1000, timeout: float = 30.0, project: str | None = None) -> None:
+                 batch: int = 1000, timeout: float = 30.0, project: str | None = None, api_key: str | None = None,
+                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
         self._own_client = isinstance(client_or_target, str)
-        self._client = AsyncClient(client_or_target, project=project, timeout=timeout) \
-            if isinstance(client_or_target, str) else client_or_target
+        self._client = AsyncClient(client_or_target, project=project, timeout=timeout, api_key=api_key,
+                                   tls_ca=tls_ca) if isinstance(client_or_target, str) else client_or_target
         self._cursor: str | None = None
         self._closed = False
         self._sub: AsyncSubscription | None = None   # push: the Subscribe call
@@ -340,7 +346,7 @@ class AsyncPartitionConsumer(_ConsumerState):
             try:
                 await self._client.create_app(self.app)
             except SluiceError as exc:
-                if exc.reason != APP_EXISTS:
+                if exc.reason not in APP_THERE:
                     raise
             mark = await self._client.get_checkpoint(self.app, self.stream, self.partition)
             if mark is not None:

@@ -34,6 +34,7 @@ lease. Revocation waits for the current poll (at most `wait_ms`, default lease/4
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -41,7 +42,7 @@ import uuid
 from typing import Callable
 
 from client.client import Client, Record
-from client.consumer import APP_EXISTS, PartitionConsumer, StartPosition
+from client.consumer import APP_THERE, PartitionConsumer, StartPosition
 from client.errors import BrokerUnavailable, SluiceError
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,10 @@ class _Worker:
 class GroupConsumer:
     """One member of `app`'s consumer group on `stream`; see the module docstring.
 
-    `target`: a "host:port" target (a new `Client` in `project`) or a `Client` (shared, not
-    closed here). `member_id`: unique per
-    member (default a uuid). `on_assign(partition)`, `on_release(partition)` and
-    `on_commit(partition, seq)` are optional callbacks (called on the worker and heartbeat
-    threads) for logging and tests.
+    `target`: a "host:port" target (a new `Client` with `project`, `api_key`, `tls_ca`) or a
+    `Client` (shared, not closed here). `member_id`: unique per member (default a uuid).
+    `on_assign(partition)`, `on_release(partition)` and `on_commit(partition, seq)` are optional
+    callbacks (called on the worker and heartbeat threads) for logging and tests.
     """
 
     def __init__(self, target: Client | str, app: str, stream: str, handler: Handler, *,
@@ -72,11 +72,13 @@ class GroupConsumer:
                  checkpoint_interval: float = 1.0, mode: str = "pull", start: StartPosition = "TRIM_HORIZON",
                  batch: int = 1000, wait_ms: int | None = None,
                  on_assign: Callable[[int], None] | None = None, on_release: Callable[[int], None] | None = None,
-                 on_commit: Callable[[int, int], None] | None = None, project: str | None = None) -> None:
+                 on_commit: Callable[[int, int], None] | None = None, project: str | None = None,
+                 api_key: str | None = None, tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
         if checkpoint_every < 1 or checkpoint_interval < 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval >= 0")
         self._own_client = isinstance(target, str)
-        self._client = Client(target, project=project) if isinstance(target, str) else target
+        self._client = Client(target, project=project, api_key=api_key, tls_ca=tls_ca) if isinstance(target, str) \
+            else target
         # heartbeats and commits must not outlive the lease they protect
         self._fast = self._client.with_timeout(max(lease_ms / 3000, 0.5))
         self.app = app
@@ -125,7 +127,7 @@ class GroupConsumer:
         try:
             self._client.create_app(self.app)
         except SluiceError as exc:
-            if exc.reason != APP_EXISTS:
+            if exc.reason not in APP_THERE:
                 raise
         self._heartbeats = threading.Thread(target=self._heartbeat_loop, name=f"sluice-group-{self.member_id}",
                                             daemon=True)

@@ -32,9 +32,10 @@ before it is retried, so a record can be stored twice.
 `ordered=True` keeps the order of records with the same partition key (or partition id): when a
 batch comes back with retriable failures, those records - in their original order - are sent again
 before any newer record, and nothing is sent until their backoff has passed. (Without it, retried
-records may land after newer ones.) The broker fails retriable errors for a whole request, never
-for single records of a partition, so a retried record never has a later same-key record of its
-own batch already written ahead of it.
+records may land after newer ones.) The broker fails retriable errors for a whole request, or - a
+partition over its write limit (THROTTLED) - for a record and every later record of its partition
+in the batch, so a retried record never has a later same-key record of its own batch already
+written ahead of it. Under throttling, give `max_retries` room: a record may wait several rounds.
 
 `AsyncProducer` is the same producer for asyncio code: it wraps a `Producer` (its sender thread
 does the I/O) and hands out asyncio futures. That is the honest simple choice: the work is a
@@ -45,6 +46,7 @@ thread).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -106,21 +108,23 @@ class Producer:
     """Batches records sent from any thread into PutRecords requests; see the module docstring.
 
     `client_or_target`: a `Client` (shared, not closed by the producer) or a "host:port" target
-    (the producer opens and closes its own connection, in `project`: see `Client`).
+    (the producer opens and closes its own connection, with `project`, `api_key` and `tls_ca`:
+    see `Client`).
     `max_buffered_records` bounds the records not yet resolved; `send()` blocks while it is reached.
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
                  max_batch_bytes: int = 1_000_000, linger_ms: float = 5, max_retries: int = 5,
                  backoff_ms: float = 50, max_backoff_ms: float = 2_000, ordered: bool = False,
-                 max_buffered_records: int = 100_000, project: str | None = None) -> None:
+                 max_buffered_records: int = 100_000, project: str | None = None, api_key: str | None = None,
+                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
         if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1:
             raise ValueError("batch and buffer limits must be positive")
         if max_retries < 0 or backoff_ms < 0 or linger_ms < 0:
             raise ValueError("max_retries, backoff_ms and linger_ms must not be negative")
         self._own_client = isinstance(client_or_target, str)
-        self._client = Client(client_or_target, project=project) if isinstance(client_or_target, str) \
-            else client_or_target
+        self._client = Client(client_or_target, project=project, api_key=api_key, tls_ca=tls_ca) \
+            if isinstance(client_or_target, str) else client_or_target
         self.stream = stream
         self._opt = _Options(max_batch_records, max_batch_bytes, linger_ms / 1000, max_retries, backoff_ms / 1000,
                              max(max_backoff_ms, backoff_ms) / 1000, ordered, max_buffered_records)

@@ -9,21 +9,28 @@ Note the mixed parameter naming is DIS's own: cursors use hyphens (`stream-name`
 from __future__ import annotations
 
 import binascii
+import time
 from typing import Any
 
 from aiohttp import web
 
 from broker.api.http import (
     BROKER,
+    Guard,
+    Handler,
     HttpConfig,
+    add_routes,
     door_app,
     field,
     json_response,
     query_int,
+    read_body,
     read_json,
+    remember_principal,
     required_query,
 )
 from broker.api.render import DIS
+from broker.auth import Action, Auth, signing
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.core.routing import format_partition_id
@@ -240,28 +247,59 @@ async def delete_checkpoint(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def build_app(broker: Broker, config: HttpConfig) -> web.Application:
+# -- credentials (spec section 7) -------------------------------------------------------------------
+
+def signature_guard(auth: Auth) -> Guard:
+    """The DIS door's check: the Authorization header, its AK and date (before reading the body,
+    so an unsigned request costs no body read), the signature over the raw body (read here, before
+    any parsing; aiohttp keeps the bytes, so the handler's read_json reads the same ones), then
+    `X-Project-Id` against the path (401 DIS.4117), then the AK's project and role (403 DIS.4116)."""
+
+    def guard(handler: Handler, action: Action) -> Handler:
+        async def signed(request: web.Request) -> web.StreamResponse:
+            credentials = auth.credentials
+            assert credentials is not None
+            found = signing.claim(credentials, request.headers.get, time.time())   # before any body byte
+            body = await read_body(request)
+            url = request.rel_url
+            who = signing.check(found, request.method, url.raw_path, url.raw_query_string, request.headers.get, body)
+            project = request.match_info["project_id"]
+            claimed = request.headers.get("X-Project-Id")
+            if claimed is not None and claimed != project:
+                raise client_error(ErrorCode.AUTH_PROJECT_MISMATCH,
+                                   detail="X-Project-Id differs from the project of the path")
+            Auth.check(who, project, action)
+            remember_principal(request, who)
+            return await handler(request)
+        return signed
+
+    return guard
+
+
+# Every verb of the door and its Action (broker/auth/roles.py).
+ROUTES: list[tuple[str, str, Handler, Action]] = [
+    ("POST", "/{project_id}/streams", create_stream, Action.MANAGE),
+    ("GET", "/{project_id}/streams", list_streams, Action.DESCRIBE),
+    ("GET", "/{project_id}/streams/{stream_name}", describe_stream, Action.DESCRIBE),
+    ("DELETE", "/{project_id}/streams/{stream_name}", delete_stream, Action.MANAGE),
+    ("POST", "/{project_id}/records", put_records, Action.WRITE),
+    ("GET", "/{project_id}/records", get_records, Action.READ),
+    ("GET", "/{project_id}/cursors", get_cursor, Action.READ),
+    ("POST", "/{project_id}/apps", create_app, Action.MANAGE),
+    ("GET", "/{project_id}/apps", list_apps, Action.DESCRIBE),
+    ("GET", "/{project_id}/apps/{app_name}", describe_app, Action.DESCRIBE),
+    ("DELETE", "/{project_id}/apps/{app_name}", delete_app, Action.MANAGE),
+    ("GET", "/{project_id}/apps/{app_name}/streams/{stream_name}", consumer_state, Action.DESCRIBE),
+    ("POST", "/{project_id}/checkpoints", commit_checkpoint, Action.CHECKPOINT),
+    ("GET", "/{project_id}/checkpoints", get_checkpoint, Action.READ),
+    ("DELETE", "/{project_id}/checkpoints", delete_checkpoint, Action.CHECKPOINT),
+]
+
+
+def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> web.Application:
     """The DIS door, to be mounted at `PREFIX`. Every path with and without a trailing slash:
-    older DIS clients append one."""
+    older DIS clients append one. With `auth` (enabled), every verb needs a signed request."""
     app = door_app(broker, config, DIS)
-    routes = [
-        ("POST", "/{project_id}/streams", create_stream),
-        ("GET", "/{project_id}/streams", list_streams),
-        ("GET", "/{project_id}/streams/{stream_name}", describe_stream),
-        ("DELETE", "/{project_id}/streams/{stream_name}", delete_stream),
-        ("POST", "/{project_id}/records", put_records),
-        ("GET", "/{project_id}/records", get_records),
-        ("GET", "/{project_id}/cursors", get_cursor),
-        ("POST", "/{project_id}/apps", create_app),
-        ("GET", "/{project_id}/apps", list_apps),
-        ("GET", "/{project_id}/apps/{app_name}", describe_app),
-        ("DELETE", "/{project_id}/apps/{app_name}", delete_app),
-        ("GET", "/{project_id}/apps/{app_name}/streams/{stream_name}", consumer_state),
-        ("POST", "/{project_id}/checkpoints", commit_checkpoint),
-        ("GET", "/{project_id}/checkpoints", get_checkpoint),
-        ("DELETE", "/{project_id}/checkpoints", delete_checkpoint),
-    ]
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-        app.router.add_route(method, path + "/", handler)
+    guard = signature_guard(auth) if auth is not None and auth.enabled else None
+    add_routes(app, [(m, p + tail, h, a) for m, p, h, a in ROUTES for tail in ("", "/")], guard)
     return app

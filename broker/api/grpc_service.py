@@ -2,7 +2,13 @@
 per RPC, errors rendered by api/grpc_render.py.
 
 The project of a call is the request metadata key "sluice-project" ("default" when absent); the
-core validates it. Wire enums map to the core's strings here, by name minus the enum's prefix
+core validates it. With an auth file (`--auth-file`) every RPC needs `authorization: Bearer KEY`
+metadata: the key's workspace is the project (a "sluice-project" naming another one is
+PERMISSION_DENIED) and its role must permit the RPC's Action (`@rpc(Action.X)`, the table of
+broker/auth/roles.py). Without one nothing is looked at beyond "sluice-project". gRPC health and
+reflection are other services: they stay open (they carry no data).
+
+Wire enums map to the core's strings here, by name minus the enum's prefix
 (DATA_TYPE_JSON <-> "JSON"); 0 (`*_UNSPECIFIED`) means "the default", and a number outside the
 enum is handed to the core as "#<number>", which it refuses like any other bad value.
 
@@ -37,6 +43,7 @@ from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError
 
 from broker.api.grpc_render import record_failure, status_code, trailers
+from broker.auth import Action, Auth
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.core.limits import check_project
@@ -50,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sluice"].full_name
 PROJECT_KEY = "sluice-project"
+AUTHORIZATION_KEY = "authorization"
 LAST_READ = "LAST_READ"
 
 
@@ -102,34 +110,67 @@ def project_of(context: grpc.aio.ServicerContext) -> str:
     return DEFAULT_PROJECT
 
 
-def rpc(method: Rpc) -> Rpc:
-    """Decode check, the project, and the one error mapping for every RPC."""
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        error: BrokerError
-        self._active += 1
-        try:
-            if self._draining:
-                error = server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
-            elif isinstance(request, _Undecodable):
-                error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
-            else:
-                try:
-                    return await method(self, request, context, project_of(context))
-                except BrokerError as exc:
-                    error = exc
-                except Exception:
-                    request_id = uuid.uuid4().hex
-                    log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
-                    error = server_error(ErrorCode.INTERNAL, request_id=request_id)
-            await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
-        finally:
-            self._active -= 1
-            # refused calls count too: while clients keep calling, grpc core holds calls it has not
-            # handed over yet, and stopping then would answer those CANCELLED (not retried by
-            # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.
-            self._last_activity = time.monotonic()
-    return wrapper
+def authorize(auth: Auth, context: grpc.aio.ServicerContext, action: Action) -> str:
+    """With an auth file: the caller's project, from its `authorization: Bearer KEY` metadata.
+    The key's workspace is the project; a "sluice-project" naming another one is refused (as is a
+    role that may not do `action`). Raises the catalogue's AUTH_* / PERMISSION_DENIED rows."""
+    bearer: str | None = None
+    asked: str | None = None
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION_KEY:
+            bearer = str(value)
+        elif key == PROJECT_KEY:
+            asked = str(value)
+    principal = auth.api_key(_bearer_token(bearer))
+    Auth.check(principal, principal.project if asked is None else asked, action)
+    return principal.project
+
+
+def _bearer_token(value: str | None) -> str | None:
+    """`Bearer KEY` -> KEY; None when absent. Another scheme is AUTH_MALFORMED (never echoed)."""
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise client_error(ErrorCode.AUTH_MALFORMED, detail="expected the metadata authorization: Bearer <API key>")
+    return token.strip()
+
+
+def rpc(action: Action) -> Callable[[Rpc], Rpc]:
+    """`@rpc(Action.X)`: the decode check, who may call (with auth on), the project, and the one
+    error mapping for every RPC. Every RPC is exactly one Action (see broker/auth/roles.py)."""
+    def decorate(method: Rpc) -> Rpc:
+        @functools.wraps(method)
+        async def wrapper(self: SluiceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            error: BrokerError
+            self._active += 1
+            try:
+                if self._draining:
+                    error = server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+                elif isinstance(request, _Undecodable):
+                    error = client_error(ErrorCode.BAD_BODY,
+                                         detail=f"malformed protobuf request: {request.reason}")
+                else:
+                    try:
+                        project = project_of(context) if self._auth is None \
+                            else authorize(self._auth, context, action)
+                        return await method(self, request, context, project)
+                    except BrokerError as exc:
+                        error = exc
+                    except Exception:
+                        request_id = uuid.uuid4().hex
+                        log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
+                        error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+                await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
+            finally:
+                self._active -= 1
+                # refused calls count too: while clients keep calling, grpc core holds calls it has not
+                # handed over yet, and stopping then would answer those CANCELLED (not retried by
+                # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.
+                self._last_activity = time.monotonic()
+        wrapper.action = action  # type: ignore[attr-defined]   # for tests and per-action hooks
+        return wrapper
+    return decorate
 
 
 def _fill(out: Any, result: GetRecordsResult) -> Any:
@@ -203,10 +244,12 @@ def _properties(text: str) -> Any:
 
 
 class SluiceServicer:
-    def __init__(self, broker: Broker, sources: Sources | None = None) -> None:
+    def __init__(self, broker: Broker, sources: Sources | None = None, auth: Auth | None = None) -> None:
         """`sources`: the broker's managed sources (app.py starts and closes them); without it, an
-        unstarted set of its own (tests of the other verbs)."""
+        unstarted set of its own (tests of the other verbs). `auth`: the broker's credentials;
+        None (or an Auth without a file) leaves every RPC open, as without --auth-file."""
         self._broker = broker
+        self._auth = auth if auth is not None and auth.enabled else None
         self._sources = sources or Sources(broker)
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
@@ -239,7 +282,7 @@ class SluiceServicer:
 
     # -- streams -----------------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def CreateStream(self, request: pb.CreateStreamRequest, context: Any,
                            project: str) -> pb.CreateStreamResponse:
         await self._broker.create_stream(request.stream_name, request.partition_count, request.retention_hours or None,
@@ -247,13 +290,13 @@ class SluiceServicer:
                                          project=project)
         return pb.CreateStreamResponse()
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def ListStreams(self, request: pb.ListStreamsRequest, context: Any, project: str) -> pb.ListStreamsResponse:
         page = await self._broker.list_streams(request.limit or None, request.start_after or None, project=project)
         return pb.ListStreamsResponse(total=page.total, has_more=page.has_more,
                                       streams=[_stream_info(c) for c in page.streams])
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def DescribeStream(self, request: pb.DescribeStreamRequest, context: Any,
                              project: str) -> pb.DescribeStreamResponse:
         desc = await self._broker.describe_stream(request.stream_name, _optional(request, "start_after_partition"),
@@ -265,7 +308,7 @@ class SluiceServicer:
                                          first_seq=p.bounds.first_seq, next_seq=p.bounds.next_seq)
                         for p in desc.partitions])
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any,
                            project: str) -> pb.DeleteStreamResponse:
         await self._broker.delete_stream(request.stream_name, project=project)
@@ -273,7 +316,7 @@ class SluiceServicer:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.WRITE)
     async def PutRecords(self, request: pb.PutRecordsRequest, context: Any, project: str) -> pb.PutRecordsResponse:
         entries: list[PutEntry] | PutColumns
         if request.WhichOneof("batch") == "columns":
@@ -299,7 +342,7 @@ class SluiceServicer:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.READ)
     async def GetCursor(self, request: pb.GetCursorRequest, context: Any, project: str) -> pb.GetCursorResponse:
         return pb.GetCursorResponse(cursor=await self._get_cursor(request, project))
 
@@ -310,14 +353,14 @@ class SluiceServicer:
                                              _optional(request, "starting_seq"), _optional(request, "timestamp_ms"),
                                              project=project)
 
-    @rpc
+    @rpc(Action.READ)
     async def GetRecords(self, request: pb.GetRecordsRequest, context: Any, project: str) -> pb.GetRecordsResponse:
         result = await self._broker.get_records(request.cursor, request.limit or None,
                                                 request.max_fetch_bytes or None, request.wait_ms or None,
                                                 project=project)
         return _fill(pb.GetRecordsResponse(), result)
 
-    @rpc
+    @rpc(Action.READ)
     async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext, project: str) -> None:
         cursor = request.cursor or await self._get_cursor(request, project)
         batches = self._broker.subscribe(cursor, request.max_records or None, request.max_wait_ms or None,
@@ -335,28 +378,28 @@ class SluiceServicer:
 
     # -- apps and checkpoints ----------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def CreateApp(self, request: pb.CreateAppRequest, context: Any, project: str) -> pb.CreateAppResponse:
         await self._broker.create_app(request.app_name, project=project)
         return pb.CreateAppResponse()
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def ListApps(self, request: pb.ListAppsRequest, context: Any, project: str) -> pb.ListAppsResponse:
         total, page, more = await self._broker.list_apps(request.limit or None, request.start_after or None,
                                                          request.stream_name or None, project=project)
         return pb.ListAppsResponse(total=total, apps=[_app_info(a) for a in page], has_more=more)
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def DescribeApp(self, request: pb.DescribeAppRequest, context: Any, project: str) -> pb.DescribeAppResponse:
         return pb.DescribeAppResponse(app=_app_info(await self._broker.describe_app(request.app_name,
                                                                                     project=project)))
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def DeleteApp(self, request: pb.DeleteAppRequest, context: Any, project: str) -> pb.DeleteAppResponse:
         await self._broker.delete_app(request.app_name, project=project)
         return pb.DeleteAppResponse()
 
-    @rpc
+    @rpc(Action.CHECKPOINT)
     async def CommitCheckpoint(self, request: pb.CommitCheckpointRequest, context: Any,
                                project: str) -> pb.CommitCheckpointResponse:
         await self._broker.commit_checkpoint(request.app_name, request.stream_name, request.partition_id, request.seq,
@@ -364,7 +407,7 @@ class SluiceServicer:
                                              project=project)
         return pb.CommitCheckpointResponse()
 
-    @rpc
+    @rpc(Action.READ)
     async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context: Any,
                             project: str) -> pb.GetCheckpointResponse:
         mark = await self._broker.get_checkpoint(request.app_name, request.stream_name, request.partition_id,
@@ -373,14 +416,14 @@ class SluiceServicer:
             return pb.GetCheckpointResponse(found=False, seq=-1)
         return pb.GetCheckpointResponse(found=True, seq=mark.seq, metadata=mark.metadata)
 
-    @rpc
+    @rpc(Action.CHECKPOINT)
     async def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Any,
                                project: str) -> pb.DeleteCheckpointResponse:
         await self._broker.delete_checkpoint(request.app_name, request.stream_name, _optional(request, "partition_id"),
                                              _checkpoint_type(request.checkpoint_type), project=project)
         return pb.DeleteCheckpointResponse()
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def GetConsumerState(self, request: pb.GetConsumerStateRequest, context: Any,
                                project: str) -> pb.GetConsumerStateResponse:
         kind = _checkpoint_type(request.checkpoint_type)
@@ -397,13 +440,13 @@ class SluiceServicer:
 
     # -- consumer groups ---------------------------------------------------------------------------
 
-    @rpc
+    @rpc(Action.CHECKPOINT)
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any, project: str) -> pb.HeartbeatResponse:
         mine, lease = await self._broker.heartbeat(request.app_name, request.stream_name, request.member_id,
                                                    list(request.held), request.lease_ms or None, project=project)
         return pb.HeartbeatResponse(partition_ids=mine, lease_ms=lease)
 
-    @rpc
+    @rpc(Action.CHECKPOINT)
     async def LeaveGroup(self, request: pb.LeaveGroupRequest, context: Any, project: str) -> pb.LeaveGroupResponse:
         await self._broker.leave_group(request.app_name, request.stream_name, request.member_id, project=project)
         return pb.LeaveGroupResponse()
@@ -412,7 +455,7 @@ class SluiceServicer:
     # The project is checked here: the manager takes any string, and a malformed project is a
     # malformed request (as for streams and apps), not "no such source".
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def CreateSource(self, request: pb.CreateSourceRequest, context: Any,
                            project: str) -> pb.CreateSourceResponse:
         body = {"name": request.source_name, "type": request.source_type, "stream": request.stream_name,
@@ -420,7 +463,7 @@ class SluiceServicer:
         source = await self._sources.create(check_project(project), body)
         return pb.CreateSourceResponse(source=_source_info(source))
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def ListSources(self, request: pb.ListSourcesRequest, context: Any, project: str) -> pb.ListSourcesResponse:
         every = self._sources.list(check_project(project))   # in name order
         after = [s for s in every if s.definition.name > request.start_after] if request.start_after else every
@@ -428,13 +471,13 @@ class SluiceServicer:
         return pb.ListSourcesResponse(total=len(every), sources=[_source_info(s) for s in page],
                                       has_more=len(page) < len(after))
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def DescribeSource(self, request: pb.DescribeSourceRequest, context: Any,
                              project: str) -> pb.DescribeSourceResponse:
         return pb.DescribeSourceResponse(source=_source_info(self._sources.get(check_project(project),
                                                                                request.source)))
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def UpdateSource(self, request: pb.UpdateSourceRequest, context: Any,
                            project: str) -> pb.UpdateSourceResponse:
         body: dict[str, Any] = {}
@@ -447,23 +490,23 @@ class SluiceServicer:
         source = await self._sources.update(check_project(project), request.source, body)
         return pb.UpdateSourceResponse(source=_source_info(source))
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def DeleteSource(self, request: pb.DeleteSourceRequest, context: Any,
                            project: str) -> pb.DeleteSourceResponse:
         await self._sources.delete(check_project(project), request.source)
         return pb.DeleteSourceResponse()
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def StartSource(self, request: pb.StartSourceRequest, context: Any, project: str) -> pb.StartSourceResponse:
         source = await self._sources.start_source(check_project(project), request.source)
         return pb.StartSourceResponse(source=_source_info(source))
 
-    @rpc
+    @rpc(Action.MANAGE)
     async def StopSource(self, request: pb.StopSourceRequest, context: Any, project: str) -> pb.StopSourceResponse:
         source = await self._sources.stop_source(check_project(project), request.source)
         return pb.StopSourceResponse(source=_source_info(source))
 
-    @rpc
+    @rpc(Action.DESCRIBE)
     async def GetSourceStats(self, request: pb.GetSourceStatsRequest, context: Any,
                              project: str) -> pb.GetSourceStatsResponse:
         source = self._sources.get(check_project(project), request.source)

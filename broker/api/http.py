@@ -17,8 +17,11 @@ accepts). Ranges are the core's to check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
@@ -28,6 +31,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
 
+from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 
@@ -44,8 +48,12 @@ _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 _IDENTITY = frozenset({"", "identity"})
 # aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
 _REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
+_PRINCIPAL_SLOT: Any = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "sluice.principal"
+_KEY_SCHEMES = ("apikey ", "bearer ")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Wraps a route's handler with the credential check of its door, for the route's Action.
+Guard = Callable[[Handler, Action], Handler]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +163,57 @@ def error_middleware(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fa
     return errors_and_request_id
 
 
+# -- credentials (issue 11) -----------------------------------------------------------------------
+
+def add_routes(app: web.Application, routes: Sequence[tuple[str, str, Handler, Action]], guard: Guard | None,
+               prefixes: Sequence[str] = ("",)) -> None:
+    """A door's route table: method, path, handler and the Action it is (broker/auth/roles.py).
+    With a guard (auth on) each handler is wrapped in its door's check for that Action; without
+    one the handler is registered as it is, so an open broker pays nothing per request."""
+    for method, path, handler, action in routes:
+        route = handler if guard is None else guard(handler, action)
+        for prefix in prefixes:
+            app.router.add_route(method, prefix + path, route)
+
+
+def presented_api_key(request: web.Request) -> str | None:
+    """The API key of a request: `X-Api-Key: K`, `Authorization: ApiKey K` or `Authorization: Bearer K`."""
+    key = request.headers.get("X-Api-Key")
+    if key:
+        return key.strip()
+    authorization = request.headers.get("Authorization", "")
+    if authorization[:7].lower() in _KEY_SCHEMES:   # both scheme names are 6 letters
+        return authorization[7:].strip()
+    return None
+
+
+def api_key_guard(auth: Auth, project: Callable[[web.Request, Principal], str]) -> Guard:
+    """The check of the doors that take an API key (Timeplus, OpenTSDB, the tail): the key's
+    principal (401 when missing or unknown), bound to the request's project (`project`: from the
+    path, the query or the door's settings; the key's own when the request names none) with a role
+    that permits the route's Action (403). The principal is kept on the request (`principal`)."""
+
+    def guard(handler: Handler, action: Action) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            who = auth.api_key(presented_api_key(request))
+            Auth.check(who, project(request, who), action)
+            remember_principal(request, who)
+            return await handler(request)
+        return guarded
+
+    return guard
+
+
+def remember_principal(request: web.Request, who: Principal) -> None:
+    request[_PRINCIPAL_SLOT] = who
+
+
+def principal(request: web.Request) -> Principal | None:
+    """Who made the request, when the broker checks credentials (None on an open broker)."""
+    found: Principal | None = request.get(_PRINCIPAL_SLOT)
+    return found
+
+
 # -- request bodies -------------------------------------------------------------------------------
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -256,6 +315,19 @@ def required_query(request: web.Request, name: str) -> str:
 
 # -- streaming responses --------------------------------------------------------------------------
 
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a client that does not read: a reset, not a close. A close would leave the kernel
+    trying to deliver what it holds to a client that does not read (an orphan socket with full
+    buffers, for minutes)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()   # type: ignore[attr-defined]
+
+
 async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
     """Write one piece of a streaming response. A client that does not read for the stall
     timeout (or is gone) is disconnected instead of making the broker buffer for it; returns
@@ -264,8 +336,7 @@ async def write_or_drop(request: web.Request, response: web.StreamResponse, data
         async with asyncio.timeout(request.app[CONFIG].stall_timeout_s):
             await response.write(data)
     except (TimeoutError, ConnectionResetError):
-        if request.transport is not None:
-            request.transport.abort()
+        reset(request.transport)
         return False
     return True
 

@@ -15,9 +15,13 @@ known (the parser failed), so it gets the fallback door's body: DIS, the broker'
 This leans on aiohttp internals (`AppRunner._make_server`, `Server._loop/_kwargs`, the
 `handle_error` signature, stable through 3.x); tests/api/test_http_envelope.py sends the raw
 bytes, so an aiohttp upgrade that changes them fails there, not in front of a client.
+
+The same handler counts the port's connections per client (api/limits.py) and drops a client
+that does not read its answer for the idle timeout (`finish_response`); tests/limits/ covers both.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -25,9 +29,19 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from broker.api import dis, tail, timeplus, tsdb
-from broker.api.http import RENDERER, HttpConfig, Renderer, brief, client_request_id, error_middleware, error_response
+from broker.api import dis, limits, tail, timeplus, tsdb
+from broker.api.http import (
+    RENDERER,
+    HttpConfig,
+    Renderer,
+    brief,
+    client_request_id,
+    error_middleware,
+    error_response,
+    reset,
+)
 from broker.api.render import DIS, TSDB
+from broker.auth import Auth
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import DEFAULT_PROJECT
@@ -45,22 +59,28 @@ def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> Ht
 
 
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
-                   sources: Sources | None = None, tsdb_stream: TsdbStream | None = None) -> web.Application:
+                   sources: Sources | None = None, tsdb_stream: TsdbStream | None = None,
+                   auth: Auth | None = None, client_limits: limits.ClientLimits | None = None) -> web.Application:
     """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
     makes its own, started and closed with the app. `tsdb_stream`: where the OpenTSDB door writes
-    (default: stream `tsdb` of the default project)."""
+    (default: stream `tsdb` of the default project). `auth`: the credentials every door checks
+    (None or not enabled: an open broker, no check at all). `client_limits`: this port's
+    per-client limits (api/limits.py); None: none."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
-    doors = {dis.PREFIX: dis.build_app(broker, config), tail.PREFIX: tail.build_app(broker, config)}
+    doors = {dis.PREFIX: dis.build_app(broker, config, auth), tail.PREFIX: tail.build_app(broker, config, auth)}
     owned = sources is None
     sources = sources or Sources(broker)
-    tp = timeplus.build_app(broker, config, sources)
-    ts = tsdb.build_app(broker, config, tsdb_stream or TsdbStream(broker, DEFAULT_PROJECT, "tsdb"))
+    tp = timeplus.build_app(broker, config, sources, auth)
+    ts = tsdb.build_app(broker, config, tsdb_stream or TsdbStream(broker, DEFAULT_PROJECT, "tsdb"), auth)
     # Timeplus' paths first: they start with /api too
     owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER]), (tsdb.OWNED, TSDB)]
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
-    root = web.Application(middlewares=[error_middleware(owners, FALLBACK)], client_max_size=config.max_body_bytes)
+    root = web.Application(middlewares=[error_middleware(owners, FALLBACK), *_limited(client_limits)],
+                           client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
+    if client_limits is not None:
+        root[limits.CLIENT_LIMITS] = client_limits
     for prefix, door in doors.items():
         root.add_subapp(prefix, door)
     timeplus.mount(root, tp)   # its paths start with a workspace: matched by rule, not prefix
@@ -78,14 +98,22 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
 
 
 def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout_s: float,
-                        stall_timeout_s: float = 60.0) -> web.Application:
+                        stall_timeout_s: float = 60.0, auth: Auth | None = None,
+                        client_limits: limits.ClientLimits | None = None) -> web.Application:
     """The OpenTSDB door alone (the HiTSDB port convention, `--tsdb-port`); every error on this
     port, unknown paths and parser rejections included, is an OpenTSDB error object."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
-    root = web.Application(middlewares=[error_middleware([], TSDB)], client_max_size=config.max_body_bytes)
+    root = web.Application(middlewares=[error_middleware([], TSDB), *_limited(client_limits)],
+                           client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
-    tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream))
+    if client_limits is not None:
+        root[limits.CLIENT_LIMITS] = client_limits
+    tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream, auth))
     return root
+
+
+def _limited(client_limits: limits.ClientLimits | None) -> list[Any]:
+    return [] if client_limits is None else [limits.middleware(client_limits)]
 
 
 # -- errors of aiohttp's own HTTP parser -----------------------------------------------------------
@@ -104,6 +132,47 @@ class _RequestHandler(web.RequestHandler):
     """aiohttp's connection handler, with the error answer of the fallback door."""
 
     renderer: Renderer = FALLBACK
+    client_limits: limits.ClientLimits | None = None
+    over_limit = False   # past the connection limit: its first request is answered 429 (api/limits.py)
+    _connection: limits.ConnectionCount | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.client_limits is not None:
+            self._connection = limits.ConnectionCount(self.client_limits, transport)
+            self.over_limit, flood = self._connection.made()
+            if flood:
+                self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._connection is not None:
+            self._connection.lost()
+        super().connection_lost(exc)
+
+    async def finish_response(self, request: Any, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """Writing the answer: a client that reads none of it for the idle timeout is dropped, so
+        a 10 MiB GetRecords it never reads does not hold its buffer and connection for ever. A
+        slow reader is not: the check is whether the transport's write buffer shrank meanwhile.
+        (Streaming answers bound each write themselves: http.write_or_drop.)"""
+        writing = asyncio.ensure_future(super().finish_response(request, resp, start_time))
+        left: int | None = None   # bytes waiting in the transport at the last check
+        try:
+            while True:
+                done, _ = await asyncio.wait({writing}, timeout=self._keepalive_timeout or None)
+                if done:
+                    return writing.result()
+                transport = self.transport
+                now_left = transport.get_write_buffer_size() if transport is not None else 0
+                if transport is None or (left is not None and now_left >= left):
+                    break
+                left = now_left
+        finally:
+            if not writing.done():
+                writing.cancel()
+        log.debug("dropped a client that read none of its answer for %ss", self._keepalive_timeout)
+        reset(self.transport)
+        return resp, True
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -133,10 +202,12 @@ class _Server(web.Server):
     """aiohttp's low-level server, building `_RequestHandler` connections."""
 
     renderer: Renderer = FALLBACK
+    client_limits: limits.ClientLimits | None = None
 
     def __call__(self) -> web.RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
         handler.renderer = self.renderer
+        handler.client_limits = self.client_limits
         return handler
 
 
@@ -149,4 +220,5 @@ class HttpRunner(web.AppRunner):
         ours = _Server(server.request_handler, request_factory=server.request_factory,
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
         ours.renderer = self.app.get(RENDERER, FALLBACK)
+        ours.client_limits = self.app.get(limits.CLIENT_LIMITS)
         return ours

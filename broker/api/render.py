@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorCode
 
 
 class DisRenderer:
@@ -40,11 +40,16 @@ DIS = DisRenderer()
 class TimeplusRenderer:
     """Timeplus ErrorResponse `{"code", "message"}` (shared/spec/timeplus-api.md section 7); the
     SDK keeps the raw body of any non-2xx answer and raises ApiException, so extra keys are safe.
-    Something that does not exist is a 404 here (the spec's GET stream), where DIS says 400."""
+    Something that does not exist is a 404 here (the spec's GET stream), where DIS says 400. An
+    ingest over its partitions' write limit (THROTTLED, all or nothing) is a 429: plain HTTP's
+    "send it again later", which the Timeplus SDK reads like any error (DIS keeps 400 because its
+    SDK never reads a 429's body)."""
 
     content_type = "application/json"
 
     def status(self, error: BrokerError) -> int:
+        if error.code is ErrorCode.THROTTLED:
+            return 429
         return 404 if error.code.grpc_status == "NOT_FOUND" else error.code.http_status
 
     def body(self, error: BrokerError) -> dict[str, Any]:

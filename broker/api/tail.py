@@ -4,8 +4,10 @@
     GET /sluice/v1/tail?stream-name=S&partition-id=0&cursor-type=LATEST[&starting-sequence-number=N]
         [&max_records=100][&max_wait_ms=0][&project=P]
 
-`project` (default `default`) is the namespace of the stream, the `{project_id}` of the DIS
-paths; a cursor is valid only in the project of its stream.
+`project` (default `default`; with an auth file, the API key's project) is the namespace of the
+stream, the `{project_id}` of the DIS paths; a cursor is valid only in the project of its stream.
+With an auth file the request carries an API key (`X-Api-Key`, `Authorization: ApiKey K` or
+`Bearer K`) whose role may read (broker/auth).
 
 Each batch is one event: `id:` the next sequence number, `event: records`, `data:` the DIS
 GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. An error after the
@@ -22,8 +24,20 @@ import orjson
 from aiohttp import web
 
 from broker.api.dis import records_body
-from broker.api.http import BROKER, HttpConfig, door_app, query_int, request_id, required_query, write_or_drop
+from broker.api.http import (
+    BROKER,
+    HttpConfig,
+    api_key_guard,
+    door_app,
+    principal,
+    query_int,
+    request_id,
+    required_query,
+    write_or_drop,
+)
+from broker.api.limits import subscriber
 from broker.api.render import DIS
+from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, server_error
 from broker.model import DEFAULT_PROJECT
@@ -31,10 +45,12 @@ from broker.model import DEFAULT_PROJECT
 PREFIX = "/sluice"
 
 
+@subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query
-    project = q.get("project") or DEFAULT_PROJECT
+    who = principal(request)
+    project = q.get("project") or (who.project if who is not None else DEFAULT_PROJECT)
     cursor = q.get("partition-cursor") or await broker.get_cursor(
         required_query(request, "stream-name"), required_query(request, "partition-id"),
         q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), query_int(request, "timestamp"),
@@ -74,8 +90,13 @@ async def tail(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def build_app(broker: Broker, config: HttpConfig) -> web.Application:
+def _project(request: web.Request, who: Principal) -> str:
+    return request.query.get("project") or who.project
+
+
+def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> web.Application:
     """The tail door, mounted at `PREFIX`; its errors are DIS bodies like its payloads."""
     app = door_app(broker, config, DIS)
-    app.router.add_get("/v1/tail", tail)
+    guard = api_key_guard(auth, _project) if auth is not None and auth.enabled else None
+    app.router.add_get("/v1/tail", tail if guard is None else guard(tail, Action.READ))
     return app

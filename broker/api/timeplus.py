@@ -10,6 +10,10 @@ Workspaces named `v2` or `sluice` are shadowed by the DIS and tail doors' prefix
 The SDK sends `Content-Type: application/json` on every request (GET and raw ingest too) and
 the 4-byte body `null` on DELETE and cancel: neither is checked where it means nothing.
 Errors are Timeplus ErrorResponse bodies `{"code", "message"}` (render.py `TIMEPLUS`).
+
+With an auth file every request carries an API key (`X-Api-Key`, as the SDK sends it, or
+`Authorization: ApiKey K` / `Bearer K`): its workspace must be the path's, and a path without a
+workspace means the key's own (not `default`); its role must permit the route's Action.
 """
 from __future__ import annotations
 
@@ -25,17 +29,23 @@ from aiohttp import web
 
 from broker.api.http import (
     BROKER,
+    Handler,
     HttpConfig,
+    add_routes,
+    api_key_guard,
     door_app,
     field,
     json_response,
     mount_by_rule,
+    principal,
     read_body,
     read_json,
     request_id,
     write_or_drop,
 )
+from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
+from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.core.queries import QueryRun
 from broker.errors import ErrorCode, client_error
@@ -57,7 +67,15 @@ METRICS_EVERY_S = 1.0
 
 
 def _door(request: web.Request) -> tuple[Broker, str]:
-    return request.app[BROKER], request.match_info.get("workspace", DEFAULT_PROJECT)
+    workspace = request.match_info.get("workspace")
+    if workspace is None:   # `/api/...`: the key's workspace when keys are checked, else `default`
+        who = principal(request)
+        workspace = who.project if who is not None else DEFAULT_PROJECT
+    return request.app[BROKER], workspace
+
+
+def _workspace(request: web.Request, who: Principal) -> str:
+    return request.match_info.get("workspace") or who.project
 
 
 def _iso(ms: int) -> str:
@@ -230,6 +248,7 @@ def _event(name: str | None, payload: Any) -> bytes:
     return head + b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+@subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def create_query(request: web.Request) -> web.StreamResponse:
     """Start a query and stream it as server-sent events: the query object, then row batches
     honouring the batching policy, `metrics` every second, and for a bounded query the final
@@ -403,38 +422,41 @@ async def source_stats(request: web.Request) -> web.Response:
 
 # -- the sub-application --------------------------------------------------------------------------
 
-def build_app(broker: Broker, config: HttpConfig, sources: Sources) -> web.Application:
-    """The Timeplus door; mount it with `mount` (its paths have a variable first segment)."""
+# Every verb of the door and its Action (broker/auth/roles.py).
+ROUTES: list[tuple[str, str, Handler, Action]] = [
+    ("POST", "/v1beta2/streams", create_stream, Action.MANAGE),
+    ("GET", "/v1beta2/streams", list_streams, Action.DESCRIBE),
+    ("GET", "/v1beta2/streams/{name}", get_stream, Action.DESCRIBE),
+    ("DELETE", "/v1beta2/streams/{name}", delete_stream, Action.MANAGE),
+    ("GET", "/v1beta2/streams/{name}/stats", stream_stats, Action.DESCRIBE),
+    ("POST", "/v1beta2/streams/{name}/ingest", ingest, Action.WRITE),
+    ("POST", "/v1beta1/streams/{name}/ingest", ingest, Action.WRITE),   # the older docs' path
+    ("POST", "/v1beta2/queries", create_query, Action.READ),
+    ("GET", "/v1beta2/queries", list_queries, Action.DESCRIBE),
+    ("GET", "/v1beta2/queries/{id}", get_query, Action.DESCRIBE),
+    ("DELETE", "/v1beta2/queries/{id}", delete_query, Action.READ),       # the reader's own work
+    ("POST", "/v1beta2/queries/{id}/cancel", cancel_query, Action.READ),
+    ("POST", "/v1beta2/sqlanalyze", analyze, Action.DESCRIBE),
+    ("POST", "/v1beta2/sources", create_source, Action.MANAGE),
+    ("GET", "/v1beta2/sources", list_sources, Action.DESCRIBE),
+    ("GET", "/v1beta2/sources/{id}", get_source, Action.DESCRIBE),
+    ("PUT", "/v1beta2/sources/{id}", update_source, Action.MANAGE),
+    ("DELETE", "/v1beta2/sources/{id}", delete_source, Action.MANAGE),
+    ("POST", "/v1beta2/sources/{id}/start", start_source, Action.MANAGE),
+    ("POST", "/v1beta2/sources/{id}/stop", stop_source, Action.MANAGE),
+    ("GET", "/v1beta2/sources/{id}/stats", source_stats, Action.DESCRIBE),
+]
+
+
+def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth | None = None) -> web.Application:
+    """The Timeplus door; mount it with `mount` (its paths have a variable first segment). With
+    `auth` (enabled), every verb needs an API key of the workspace whose role permits it."""
     app = door_app(broker, config, TIMEPLUS)
     app[ENCODERS] = _Encoders()
     app[SOURCES] = sources
-    routes = [
-        ("POST", "/v1beta2/streams", create_stream),
-        ("GET", "/v1beta2/streams", list_streams),
-        ("GET", "/v1beta2/streams/{name}", get_stream),
-        ("DELETE", "/v1beta2/streams/{name}", delete_stream),
-        ("GET", "/v1beta2/streams/{name}/stats", stream_stats),
-        ("POST", "/v1beta2/streams/{name}/ingest", ingest),
-        ("POST", "/v1beta1/streams/{name}/ingest", ingest),   # the older docs' path
-        ("POST", "/v1beta2/queries", create_query),
-        ("GET", "/v1beta2/queries", list_queries),
-        ("GET", "/v1beta2/queries/{id}", get_query),
-        ("DELETE", "/v1beta2/queries/{id}", delete_query),
-        ("POST", "/v1beta2/queries/{id}/cancel", cancel_query),
-        ("POST", "/v1beta2/sqlanalyze", analyze),
-        ("POST", "/v1beta2/sources", create_source),
-        ("GET", "/v1beta2/sources", list_sources),
-        ("GET", "/v1beta2/sources/{id}", get_source),
-        ("PUT", "/v1beta2/sources/{id}", update_source),
-        ("DELETE", "/v1beta2/sources/{id}", delete_source),
-        ("POST", "/v1beta2/sources/{id}/start", start_source),
-        ("POST", "/v1beta2/sources/{id}/stop", stop_source),
-        ("GET", "/v1beta2/sources/{id}/stats", source_stats),
-    ]
-    for method, path, handler in routes:
-        # `//api`: the SDK's dbapi with its default path "" (the default workspace)
-        for prefix in ("/api", "//api", "/{workspace}/api"):
-            app.router.add_route(method, prefix + path, handler)
+    guard = api_key_guard(auth, _workspace) if auth is not None and auth.enabled else None
+    # `//api`: the SDK's dbapi with its default path "" (the default workspace)
+    add_routes(app, ROUTES, guard, prefixes=("/api", "//api", "/{workspace}/api"))
     return app
 
 

@@ -11,6 +11,10 @@ rule-matched sub-application too (`mount`), never an `/api` prefix that would sh
 
 Every JSON answer is `application/json; charset=UTF-8` (spec section 4); a put with every point
 stored and no flag is a 204 without a body.
+
+With an auth file every request carries an API key (`X-Api-Key`, `Authorization: ApiKey K` or
+`Bearer K`) of the tsdb stream's project (`--tsdb-project`) whose role permits the verb: a put
+writes, a query or suggest reads.
 """
 from __future__ import annotations
 
@@ -24,8 +28,19 @@ from urllib.parse import unquote_plus
 import orjson
 from aiohttp import web
 
-from broker.api.http import BROKER, HttpConfig, door_app, mount_by_rule, read_body, read_json
+from broker.api.http import (
+    BROKER,
+    Handler,
+    HttpConfig,
+    add_routes,
+    api_key_guard,
+    door_app,
+    mount_by_rule,
+    read_body,
+    read_json,
+)
 from broker.api.render import TSDB
+from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
 from broker.tsdb import query as tsdb_query
@@ -166,18 +181,27 @@ async def suggest(request: web.Request) -> web.Response:
 
 # -- the sub-application --------------------------------------------------------------------------
 
-def build_app(broker: Broker, config: HttpConfig, target: TsdbStream) -> web.Application:
+# Every verb of the door and its Action (broker/auth/roles.py).
+ROUTES: list[tuple[str, str, Handler, Action]] = [
+    ("POST", "/api/put", put, Action.WRITE),
+    ("GET", "/api/query", query, Action.READ),
+    ("POST", "/api/query", query, Action.READ),
+    ("GET", "/api/suggest", suggest, Action.READ),
+]
+
+
+def build_app(broker: Broker, config: HttpConfig, target: TsdbStream, auth: Auth | None = None) -> web.Application:
     """The door; mount it with `mount`. `target`: the tsdb stream, shared by every app that serves
-    this door (the HTTP port and `--tsdb-port`), so one registry decides every series' type."""
+    this door (the HTTP port and `--tsdb-port`), so one registry decides every series' type. With
+    `auth` (enabled), every verb needs an API key of the stream's project."""
     app = door_app(broker, config, TSDB)
     app[TARGET] = target
-    for path in ("/api/put", "/api/put/"):
-        app.router.add_route("POST", path, put)
-    for path in ("/api/query", "/api/query/"):
-        app.router.add_route("GET", path, query)
-        app.router.add_route("POST", path, query)
-    for path in ("/api/suggest", "/api/suggest/"):
-        app.router.add_route("GET", path, suggest)
+
+    def project(_: web.Request, __: Principal) -> str:
+        return target.project
+
+    guard = api_key_guard(auth, project) if auth is not None and auth.enabled else None
+    add_routes(app, [(m, p + tail, h, a) for m, p, h, a in ROUTES for tail in ("", "/")], guard)
     return app
 
 

@@ -43,7 +43,7 @@ from broker.model import (
     StreamPage,
     StreamSchema,
 )
-from broker.storage.base import Store
+from broker.storage.base import StorageState, Store
 
 
 def wall_clock_ms() -> int:
@@ -98,6 +98,12 @@ class Broker:
     @property
     def commits(self) -> int:
         return self.committer.commits
+
+    @property
+    def storage_state(self) -> StorageState:
+        """OK, or FULL / FAILED while the store refuses writes (it recovers by itself): for
+        health and metrics."""
+        return self.store.storage_state
 
     # -- streams -------------------------------------------------------------------------------
 

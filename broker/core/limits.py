@@ -68,6 +68,12 @@ class Limits:
     # ListApp 1..100 (default 10); ShowConsumerState 1..1000 (default 100).
     default_app_page: int = 10
     max_app_page: int = 100
+    # Write throughput per partition (core/throttle.py), 0 = off: DIS ADVANCED allows 2,000
+    # records/s and 5 MB/s, Kinesis 1,000 and 1 MiB/s. [ours] ten times DIS's records and 20 MiB/s:
+    # enough for what one partition of this broker sustains, a guard against one hot partition.
+    # app.py sets both from --partition-records-per-s / --partition-bytes-per-s.
+    partition_records_per_s: int = 20_000
+    partition_bytes_per_s: int = 20 * 1024 * 1024
 
 
 DEFAULT_LIMITS = Limits()

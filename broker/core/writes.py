@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from operator import itemgetter
 from typing import Callable, Mapping, Sequence
 
 from broker.core import routing
 from broker.core.catalogue import StreamCatalogue
 from broker.core.limits import HASH_KEY_MAX, Limits
 from broker.core.notify import WriteNotifier
+from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, StreamConfig
@@ -18,6 +20,7 @@ from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, St
 # (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
 _Routed = tuple[list[int], list[tuple[int, BrokerError]],
                 dict[int, tuple[list[int], list[tuple[str | None, bytes]]]]]
+_data = itemgetter(1)
 
 
 def _check_columns(columns: PutColumns) -> None:
@@ -39,14 +42,18 @@ class WritePath:
         self._now = clock_ms
         self._spread = itertools.count()    # rotates where unkeyed records start
         self._routers: dict[int, routing.KeyRouter] = {}   # stream id -> memoised key routing
+        self._throttle = throttle_for(limits.partition_records_per_s, limits.partition_bytes_per_s)
 
     def forget(self, stream_id: int) -> None:
         self._routers.pop(stream_id, None)
+        if self._throttle is not None:
+            self._throttle.forget(stream_id)
 
     async def put_records(self, project: str, stream_name: object,
                           entries: Sequence[PutEntry] | PutColumns) -> PutRecordsResult:
         """Route and append a batch. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST,
-        INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL."""
+        INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL. Records over their
+        partition's write limit fail THROTTLED in the result (see _throttle_put)."""
         config = self._catalogue.get(project, stream_name)
         lim = self._limits
         n = len(entries)
@@ -67,6 +74,8 @@ class WritePath:
         if router is None:
             router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
         partitions, failures, by_partition = self._route_batch(config, entries, router)
+        throttled = self._throttle is not None and self._throttle_put(config.stream_id, by_partition, partitions,
+                                                                        failures)
         seqs = [-1] * n
         if by_partition:
             order = list(by_partition.items())
@@ -74,23 +83,48 @@ class WritePath:
                 [AppendBatch(config.stream_id, p, self._now(), items) for p, (_, items) in order])
             if any(first is None for first in outcomes):  # deleted while we were queued
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
-            refused = False
+            refused: BrokerError | None = None
             for (_, (indices, _)), first in zip(order, outcomes):
                 if isinstance(first, BrokerError):  # the store refused this partition's batch only
-                    refused = True
+                    refused = first
                     failures.extend((i, first) for i in indices)
                     for i in indices:
                         partitions[i] = -1
                     continue
                 for k, i in enumerate(indices):
                     seqs[i] = first + k  # type: ignore[operator]
-            if refused:
-                if len(failures) == n:   # nothing written: the request failed, say so as such
-                    raise failures[0][1]
-                failures.sort(key=lambda f: f[0])
+            if refused is not None and len(failures) == n:   # nothing written: the request failed, say so
+                raise refused
             self._notifier.notify((config.stream_id, p) for (p, _), first in zip(order, outcomes)
                                   if not isinstance(first, BrokerError))
+            throttled = throttled or refused is not None
+        if throttled:
+            failures.sort(key=lambda f: f[0])
         return PutRecordsResult(partitions, seqs, failures)
+
+    def _throttle_put(self, stream_id: int, by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]],
+                      partitions: list[int], failures: list[tuple[int, BrokerError]]) -> bool:
+        """Cut each partition's records to what its write limit admits now: the records past that
+        fail THROTTLED - a suffix of the partition's records, never one in the middle, so a
+        producer that retries them keeps each key's order. True if any record was refused."""
+        assert self._throttle is not None
+        throttle = self._throttle
+        cut = False
+        for p, (indices, items) in list(by_partition.items()):
+            sizes = list(map(len, map(_data, items)))
+            k = throttle.admit(stream_id, p, sizes, sum(sizes))
+            if k == len(items):
+                continue
+            cut = True
+            error = throttle.error(p)
+            for i in indices[k:]:
+                failures.append((i, error))
+                partitions[i] = -1
+            if k:
+                by_partition[p] = (indices[:k], items[:k])
+            else:
+                del by_partition[p]
+        return cut
 
     def _target(self, project: str, stream_name: object, stream_id: int | None) -> StreamConfig:
         """The stream by name; with `stream_id`, only if the name still holds that stream (records
@@ -107,7 +141,8 @@ class WritePath:
         partition, so a stream's partitions fill evenly and a request's rows keep their order
         within each run. All or nothing per partition; returns how many rows were written.
         Raises STREAM_NOT_FOUND, EMPTY_REQUEST, INVALID_REQUEST (a row over the record size),
-        UNAVAILABLE, STORAGE_FULL (nothing of the request is acknowledged then). `stream_id`: the
+        THROTTLED (a run over its partition's write limit), UNAVAILABLE, STORAGE_FULL (nothing of
+        the request is acknowledged then). `stream_id`: the
         stream the rows were made for (checked against its schema); a stream recreated under the
         name since then is another stream: STREAM_NOT_FOUND."""
         config = self._target(project, stream_name, stream_id)
@@ -128,6 +163,13 @@ class WritePath:
             batches.append(AppendBatch(config.stream_id, (start + k) % config.partition_count, now,
                                        [(None, data) for data in rows[lo:hi]]))
             lo = hi
+        # All or nothing, like the rest of a typed ingest: the request fails THROTTLED as a whole
+        # (nothing written, nothing spent) when one of its runs is over its partition's limit.
+        # A partial write would leave the client unable to tell which rows to send again.
+        if self._throttle is not None and not self._throttle.admit_all(
+                config.stream_id, [(b.partition, len(b.items), sum(map(len, map(_data, b.items)))) for b in batches]):
+            raise client_error(ErrorCode.THROTTLED, detail=f"stream [{config.stream_name}] is over its partitions' "
+                               f"write limit; send the rows again later")
         outcomes = await self._committer.append(batches)
         if any(first is None for first in outcomes):  # deleted while we were queued
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
@@ -145,8 +187,9 @@ class WritePath:
         within [0, 2^63-1], e.g. routing.key_hash of a key longer than the partition-key limit),
         one AppendBatch per partition, each partition's items in their given order. The records
         carry no partition key. Per item: its seq, or the error that refused it (INVALID_REQUEST
-        for a record over the size limit; the store's STORAGE_FULL/UNAVAILABLE for its partition's
-        batch) - the other items are written regardless.
+        for a record over the size limit; THROTTLED when its partition's batch is over the write
+        limit; the store's STORAGE_FULL/UNAVAILABLE for its partition's batch) - the other items
+        are written regardless.
 
         `timestamps_ms`: one per item (the items' own times, e.g. a point's timestamp). A batch is
         timed now, or later if one of its items is timed later (the largest item time), and the
@@ -206,8 +249,8 @@ class WritePath:
         hash, as append_keyed does): `batches` maps a partition to (its records in order, the
         latest of their own times in ms, 0 for none), one AppendBatch each, timed as append_keyed
         says. The records carry no partition key. Per partition: the first seq of its records, or
-        the error that refused its batch (the store's STORAGE_FULL/UNAVAILABLE) - the others are
-        written regardless.
+        the error that refused its batch (THROTTLED: over its write limit; the store's
+        STORAGE_FULL/UNAVAILABLE) - the others are written regardless.
 
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
@@ -233,12 +276,24 @@ class WritePath:
         time, one committer append, the readers of the written partitions woken."""
         now = self._now()
         order = sorted(batches)
+        out: dict[int, int | BrokerError] = {}
+        if self._throttle is not None:
+            # per partition, all or nothing: a partition over its limit fails as a whole (its
+            # items each get THROTTLED, e.g. an OpenTSDB point's "Storage exception"), the others go in
+            throttle = self._throttle
+            for p in order:
+                records = batches[p][0]
+                if not throttle.admit_whole(config.stream_id, p, len(records), sum(map(len, records))):
+                    out[p] = throttle.error(p)
+            if out:
+                order = [p for p in order if p not in out]
+                if not order:
+                    return out
         firsts = await self._committer.append([
             AppendBatch(config.stream_id, p, max(now, batches[p][1]), [(None, data) for data in batches[p][0]])
             for p in order])
         if any(first is None for first in firsts):  # deleted while we were queued
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
-        out: dict[int, int | BrokerError] = {}
         for p, first in zip(order, firsts):
             assert first is not None
             out[p] = first

@@ -6,7 +6,8 @@ returns once the append is durable (the store's durability), so a job may acknow
 then. A message that cannot be a row (not a JSON object, a value of the wrong type, not UTF-8) is
 counted in `SourceState.errors`, logged and skipped: the rest of the batch is written. An append
 that fails (the stream was deleted, the store is full or closing) raises the BrokerError: nothing
-of that batch may be acknowledged, and the job backs off and retries.
+of that batch may be acknowledged, and the job backs off and retries. An append over the stream's
+write limit (THROTTLED) is sent again after a short wait instead: the source slows to the limit.
 
 Typed streams: `json` messages are rows by column name (like ingest `format=streaming`: missing
 columns take their defaults, unknown keys are ignored); `text` messages fill the string column
@@ -31,6 +32,7 @@ from broker.rows.encode import RowEncoder
 from broker.sources.model import SourceState
 
 DATA_TYPES = ("json", "text")
+THROTTLED_WAIT_S = 0.05   # a throttled batch is sent again this much later
 
 
 def _kind(value: Any) -> str:
@@ -137,17 +139,26 @@ class Sink:
         # The append runs to its end even if the job is cancelled meanwhile (stop, delete, shutdown):
         # the committer would finish it anyway, and this way the rows are counted and a stop returns
         # only after them. (The manager's wait for a cancelled job is bounded.)
-        append = asyncio.ensure_future(self.broker.append_rows(self.stream, rows, project=self.project,
-                                                               stream_id=config.stream_id))
-        try:
-            await asyncio.shield(append)
-        except asyncio.CancelledError:
-            await asyncio.wait({append})
-            if not append.cancelled() and append.exception() is None:
-                self.state.wrote(len(rows))
-            raise
-        self.state.wrote(len(rows))
-        return len(rows)
+        while True:
+            append = asyncio.ensure_future(self.broker.append_rows(self.stream, rows, project=self.project,
+                                                                   stream_id=config.stream_id))
+            try:
+                await asyncio.shield(append)
+            except asyncio.CancelledError:
+                await asyncio.wait({append})
+                if not append.cancelled() and append.exception() is None:
+                    self.state.wrote(len(rows))
+                raise
+            except ClientError as e:
+                # Over the stream's write limit: wait and send the batch again (nothing of it went
+                # in). A source is paced by its target's limit, back-pressuring its origin, rather
+                # than failing and reconnecting.
+                if e.code is not ErrorCode.THROTTLED:
+                    raise
+                await asyncio.sleep(THROTTLED_WAIT_S)
+                continue
+            self.state.wrote(len(rows))
+            return len(rows)
 
 
 def check_target(config: StreamConfig, data_type: str) -> None:

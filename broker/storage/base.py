@@ -17,6 +17,8 @@ can implement it honestly:
   survives.
 * Errors: I/O failures raise `BrokerError` (`STORAGE_FULL` / `UNAVAILABLE`), never a backend
   exception; unknown stream ids raise STREAM_NOT_FOUND (reads) or yield None (appends).
+* `storage_state` says whether writes are being refused (a full disk) - the store recovers by
+  itself once it can, and health reports this state. A store that cannot fill up keeps the default.
 
 tests/storage/test_contract.py and test_stateful.py run over every registered store.
 """
@@ -45,6 +47,13 @@ class Durability(enum.Enum):
     REPLICATED = "replicated"        # the loss of a minority of the replicas of a cluster
 
 
+class StorageState(enum.Enum):
+    """Whether the store takes writes (health and metrics report it)."""
+    OK = "ok"
+    FULL = "full"       # writes refused with STORAGE_FULL until space is freed; reads still work
+    FAILED = "failed"   # writes refused with UNAVAILABLE (an I/O error other than a full disk)
+
+
 @dataclass(frozen=True, slots=True)
 class StoreCapabilities:
     durability: Durability
@@ -54,6 +63,12 @@ class StoreCapabilities:
 @runtime_checkable
 class Store(Protocol):
     capabilities: StoreCapabilities
+
+    @property
+    def storage_state(self) -> StorageState:
+        """OK, or why writes are refused right now; the store leaves FULL/FAILED by itself when
+        writes work again. This default: a store that never refuses them."""
+        return StorageState.OK
 
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS when the

@@ -21,19 +21,28 @@ loop to let go. Measured on the OpenTSDB put (bench/tsdb.py, 1M points, 500 a re
 producers: the Committer's appends are ~50-200 KB): 10-40% more points/s with those appends on the
 loop than with the 4-record budget this replaced. The budget still sends an append of megabytes
 to the thread, where its Python work at least yields the GIL at switch intervals.
+
+A full disk: a mutation failing with STORAGE_FULL (or UNAVAILABLE, another I/O error) moves
+`storage_state` to FULL (FAILED) with one WARNING, and starts a recovery task: every PROBE_EVERY_S it
+asks the engine to recover (rocks_engine.py: a probe write, or a reopen once `room()` shows space
+for it; a failed reopen backs off up to REOPEN_BACKOFF_MAX_S). When that works the state is OK again
+with one INFO line. Meanwhile writes go to the writer thread (none inline), where RocksDB refuses
+them at once - or takes them, if it resumed by itself - and reads go on.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from typing import Any, Callable, Sequence, TypeVar
 
-from broker.errors import ErrorCode, server_error
+from broker.errors import BrokerError, ErrorCode, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.settings import Settings
-from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
+from broker.storage.base import AppendOutcome, Durability, StorageState, Store, StoreCapabilities
 from broker.storage.rocks_engine import FormatMismatch, RocksEngine
 
 __all__ = ["RocksStore", "FormatMismatch", "INLINE_APPEND_RECORDS", "INLINE_READ_RECORDS"]
@@ -47,7 +56,13 @@ _data = itemgetter(1)   # of an AppendBatch item (key, data)
 INLINE_READ_RECORDS = 4
 INLINE_READ_BYTES = 64 * 1024
 
+# While writes are refused: how often the store tries to recover, and the longest wait after a
+# failed reopen (each failure doubles the wait from PROBE_EVERY_S).
+PROBE_EVERY_S = 1.0
+REOPEN_BACKOFF_MAX_S = 30.0
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class RocksStore(Store):
@@ -59,7 +74,11 @@ class RocksStore(Store):
         self._mutating = 0   # mutations queued or running on the writer thread
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        self._state = StorageState.OK
+        self._refused_since = 0.0            # monotonic time writes began to be refused
+        self._recovery: asyncio.Task[None] | None = None
         self.appends_inline = 0    # observability and tests: appends that ran on the event loop
+        self.reopens = 0           # observability and tests: reopens that made the store writable again
 
     @classmethod
     async def from_settings(cls, settings: Settings) -> RocksStore:
@@ -67,7 +86,11 @@ class RocksStore(Store):
         return await asyncio.to_thread(cls, os.path.join(settings.data_dir, "rocksdb"), sync=settings.fsync,
                                        memtable_mb=settings.memtable_mb, block_cache_mb=settings.block_cache_mb)
 
-    async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
+    @property
+    def storage_state(self) -> StorageState:
+        return self._state
+
+    async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
         done = asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -77,8 +100,60 @@ class RocksStore(Store):
         done.add_done_callback(self._mutation_done)
         return await asyncio.shield(done)
 
+    async def _mutate(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self._submit(fn, *args)
+        except BrokerError as exc:
+            self._refused(exc)
+            raise
+
     def _mutation_done(self, _: object) -> None:
         self._mutating -= 1
+
+    # -- a full disk (see the module's docstring) ----------------------------------------------
+
+    def _refused(self, exc: BrokerError) -> None:
+        """A write failed: with STORAGE_FULL, or UNAVAILABLE from I/O (not from a closed store)."""
+        if self._closed or exc.code not in (ErrorCode.STORAGE_FULL, ErrorCode.UNAVAILABLE):
+            return
+        state = StorageState.FULL if exc.code is ErrorCode.STORAGE_FULL else StorageState.FAILED
+        if state is not self._state:
+            if self._state is StorageState.OK:
+                self._refused_since = time.monotonic()
+            self._state = state
+            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+            log.warning("storage %s: writes are refused with %s until %s; retrying every %gs%s", state.value,
+                        exc.code.reason, "space is freed on the data dir's filesystem" if state is StorageState.FULL
+                        else "the store can write again", PROBE_EVERY_S, cause)
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(), name="sluice-store-recovery")
+
+    async def _recover(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff, reopen_at = PROBE_EVERY_S, 0.0
+        while self._state is not StorageState.OK and not self._closed:
+            await asyncio.sleep(PROBE_EVERY_S)
+            may_reopen = False
+            try:
+                free, needed = await asyncio.to_thread(self._engine.room)
+                may_reopen = free >= needed and loop.time() >= reopen_at
+                resumed = await self._submit(self._engine.recover, may_reopen)
+            except BrokerError as exc:
+                if may_reopen:
+                    log.info("reopening the store failed (%s); next try in %gs", exc.__cause__ or exc, backoff)
+                    reopen_at, backoff = loop.time() + backoff, min(backoff * 2, REOPEN_BACKOFF_MAX_S)
+                self._refused(exc)
+                continue
+            except Exception:   # a bug or an unreadable data dir: this task must not end with writes refused
+                log.exception("store recovery step failed; retrying")
+                continue
+            if resumed is None:   # still refused, and no room for a reopen yet
+                continue
+            if not resumed:
+                self.reopens += 1
+            self._state = StorageState.OK
+            log.info("storage writable again after %.1fs: %s", time.monotonic() - self._refused_since,
+                     "RocksDB resumed by itself" if resumed else "the database was reopened")
 
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         return await self._mutate(self._engine.create_stream, config)
@@ -90,17 +165,23 @@ class RocksStore(Store):
         return self._engine.list_streams()   # from the engine's in-memory catalogue
 
     async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
-        if not self._engine.sync and self._mutating == 0 \
+        if not self._engine.sync and self._mutating == 0 and self._state is StorageState.OK \
                 and sum(len(b.items) for b in batches) <= INLINE_APPEND_RECORDS \
                 and sum(sum(map(len, map(_data, b.items))) for b in batches) <= INLINE_APPEND_BYTES \
                 and all(self._engine.hwm_cached(b.stream_id, b.partition) for b in batches):
             self.appends_inline += 1
-            return list(self._engine.append(batches))
+            try:
+                return list(self._engine.append(batches))
+            except BrokerError as exc:
+                self._refused(exc)
+                raise
         return list(await self._mutate(self._engine.append, batches))
 
     async def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
         cached = self._engine.cached_bounds(stream_id, partition)
-        if cached is not None and cached[0] <= start_seq and cached[1] - start_seq <= INLINE_READ_RECORDS \
+        # never inline while writes are refused: a reopen may hold the engine's readers back
+        if cached is not None and self._state is StorageState.OK and cached[0] <= start_seq \
+                and cached[1] - start_seq <= INLINE_READ_RECORDS \
                 and self._engine.in_small_tail_batch(stream_id, partition, start_seq, INLINE_READ_BYTES):
             return self._engine.read(stream_id, partition, start_seq, limit, max_bytes)
         return await asyncio.to_thread(self._engine.read, stream_id, partition, start_seq, limit, max_bytes)
@@ -137,5 +218,7 @@ class RocksStore(Store):
 
     async def _close(self) -> None:
         self._closed = True   # refuse new mutations; those queued run first (one thread, FIFO)
+        if self._recovery is not None:
+            self._recovery.cancel()   # a recovery already on the writer thread finishes first
         await asyncio.get_running_loop().run_in_executor(self._writer, self._engine.close)
         self._writer.shutdown(wait=False)

@@ -7,7 +7,8 @@ Mutations (append, trim, create/drop) take `self._lock`, a plain threading.Lock 
 RocksDB write: the core sends all appends through one writer thread, so the lock is uncontended on
 the hot path and only orders appends against the retention trimmer and admin calls. An asyncio
 lock would not help here - the blocking call must leave the event loop anyway. Reads take no lock:
-RocksDB reads are thread-safe, and the caches they consult are replaced atomically.
+RocksDB reads are thread-safe, and the caches they consult are replaced atomically. They only pass
+a gate (`_using`) that counts them, so a reopen (below) can wait until none holds the database.
 
 Layout: each appended batch is one RocksDB value (broker/storage/keys.py), so reads seek to the
 batch holding their start and skip into it, and a trim drops whole batches only.
@@ -16,6 +17,27 @@ Durability: records and the partition's high-water mark go into one WriteBatch w
 an acknowledged append survives a process crash (SIGKILL). With `sync=True` every commit is also
 fsynced, so it survives power loss too; the core's Committer amortises that fsync over every producer
 waiting at the time.
+
+A full disk: a write that meets ENOSPC fails with STORAGE_FULL, and RocksDB enters its background-
+error state, refusing every later write with the same error. rocksdict (0.3.x) exposes neither
+DB::Resume() nor an SstFileManager. RocksDB's own SstFileManager does resume by itself, polling
+every 5 s, but only once the free space reaches a whole memtable (write_buffer_size) - a disk with
+less than that freed stays refused forever. So `recover()` (called by RocksStore while the store is
+full, once `room()` shows space) first probes with a harmless write (RocksDB may have resumed by
+itself) and otherwise reopens the database: it waits for the readers to leave, closes it, opens it
+again (which replays the WAL into a new SST: `room()` asks for the WAL's size plus a reserve) and
+checks every partition's durable high-water mark against the acknowledged one kept in memory.
+
+What a failed write leaves behind (measured on tmpfs, and read from RocksDB's write path): the
+WAL append itself failed, so the batch never reached the memtable and its WAL record is torn; the
+reopen's point-in-time WAL recovery stops before it, and RocksDB's own resume switches to a new WAL.
+A failed batch is therefore not readable afterwards. The one case where it could be is a WAL record
+written whole whose fsync then failed (--fsync, on a filesystem that reports ENOSPC only at fsync):
+the reopen finds the partition's durable mark ahead of the acknowledged one and deletes those
+records and restores the mark, so sequence numbers stay gap-free and nothing reported failed is
+ever read. A crash before any reopen would replay such a record (nothing remembers it failed).
+Create, drop, trim and metadata writes reported failed are retried by their callers; their
+catalogue in memory is kept as the core knows it.
 """
 from __future__ import annotations
 
@@ -29,7 +51,7 @@ from typing import Iterator, Sequence, cast
 
 import rocksdict
 
-from broker.errors import ErrorCode, client_error, server_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage import keys
 from broker.storage.base import IncompatibleStore
@@ -46,10 +68,17 @@ def _io_errors(what: str) -> Iterator[None]:
         if getattr(exc, "code", None) is not None:  # a BrokerError passing through
             raise
         text = str(exc)
-        log.error("rocksdb %s failed: %s", what, text)
         if "No space left" in text or "ENOSPC" in text:
+            # every write fails so while the disk is full: RocksStore logs the state once instead
+            log.debug("rocksdb %s failed: %s", what, text)
             raise server_error(ErrorCode.STORAGE_FULL) from exc
+        log.error("rocksdb %s failed: %s", what, text)
         raise server_error(ErrorCode.UNAVAILABLE, detail=f"storage {what} failed") from exc
+
+
+# A reopen replays the WAL into a new SST and writes a new MANIFEST, OPTIONS and info LOG: it is
+# tried once the free space covers the WAL and MANIFEST files plus this much.
+REOPEN_RESERVE_BYTES = 1 << 20
 
 
 def _options(memtable_mb: int, block_cache_mb: int) -> rocksdict.Options:
@@ -78,14 +107,19 @@ class FormatMismatch(IncompatibleStore):
 class RocksEngine:
     def __init__(self, path: str, *, sync: bool = False, memtable_mb: int = 32, block_cache_mb: int = 64) -> None:
         os.makedirs(path, exist_ok=True)
-        opts = _options(memtable_mb, block_cache_mb)
+        self._path = path
+        self._opts = _options(memtable_mb, block_cache_mb)
         with _io_errors("open"):
-            self._db = rocksdict.Rdict(path, opts)
+            self._db = rocksdict.Rdict(path, self._opts)
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.sync = sync
         self.sync = sync
         self._lock = threading.Lock()
         self._closed = False
+        self._down = False                    # closed by a reopen that has not succeeded yet
+        self._gate = threading.Condition(threading.Lock())   # readers in; a reopen waits for them to leave
+        self._readers = 0
+        self._reopening = False
         try:
             self._check_format(path)
         except BaseException:
@@ -128,8 +162,31 @@ class RocksEngine:
     def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
         if self._closed:
             raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+        if self._down:
+            raise server_error(ErrorCode.STORAGE_FULL)
         with _io_errors(what):
             self._db.write(batch, self._write_opts)
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """A read of the database: counted, so a reopen waits until no reader holds it (a live
+        iterator keeps RocksDB open, and the reopen would find its lock taken); none starts while
+        a reopen runs. Not nested: a reopen waiting between an outer and an inner one would hang."""
+        with self._gate:
+            while self._reopening:
+                self._gate.wait()
+            if self._closed:
+                raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+            if self._down:
+                raise server_error(ErrorCode.UNAVAILABLE, detail="store is reopening after a full disk")
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._readers -= 1
+                if self._readers == 0 and self._reopening:
+                    self._gate.notify_all()
 
     def create_stream(self, config: StreamConfig) -> StreamConfig:
         with self._lock:
@@ -274,12 +331,13 @@ class RocksEngine:
     def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
         out: list[Record] = []
         total = 0
-        for value, first, lo, hi in self._stored(stream_id, partition, start_seq, limit):
-            records, used = keys.decode_batch(value, first, lo, hi, max_bytes - total, not out)
-            out += records
-            total += used
-            if len(records) < hi - lo:  # max_bytes reached
-                break
+        with self._using():
+            for value, first, lo, hi in self._stored(stream_id, partition, start_seq, limit):
+                records, used = keys.decode_batch(value, first, lo, hi, max_bytes - total, not out)
+                out += records
+                total += used
+                if len(records) < hi - lo:  # max_bytes reached
+                    break
         return out
 
     def read_block(self, stream_id: int, partition: int, start_seq: int, limit: int,
@@ -288,16 +346,17 @@ class RocksEngine:
         data: list[bytes] = []
         times: list[tuple[int, int]] = []
         first_seq, total = start_seq, 0
-        for value, first, lo, hi in self._stored(stream_id, partition, start_seq, limit):
-            if not data:
-                first_seq = first + lo
-            payloads, ts, used = keys.batch_payloads(value, lo, hi, max_bytes - total, not data)
-            data += payloads
-            total += used
-            if payloads:
-                times.append((len(payloads), ts))
-            if len(payloads) < hi - lo:  # max_bytes reached
-                break
+        with self._using():
+            for value, first, lo, hi in self._stored(stream_id, partition, start_seq, limit):
+                if not data:
+                    first_seq = first + lo
+                payloads, ts, used = keys.batch_payloads(value, lo, hi, max_bytes - total, not data)
+                data += payloads
+                total += used
+                if payloads:
+                    times.append((len(payloads), ts))
+                if len(payloads) < hi - lo:  # max_bytes reached
+                    break
         return RecordBlock(first_seq, data, times)
 
     def _stored(self, stream_id: int, partition: int, start_seq: int,
@@ -331,12 +390,22 @@ class RocksEngine:
             it.status()  # the loop also ends on an I/O error: raise it rather than return a short read
 
     def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        if self.cached_bounds(stream_id, partition) is not None:
+            return self._bounds(stream_id, partition)   # memory only
+        with self._using():
+            return self._bounds(stream_id, partition)
+
+    def _bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         self._check_partition(stream_id, partition)
         next_seq, last_ts = self._hwm_of(stream_id, partition)
         return PartitionBounds(min(self._first_of(stream_id, partition), next_seq), next_seq, last_ts)
 
     def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
-        first, next_seq, _ = self.bounds(stream_id, partition)
+        with self._using():
+            return self._seq_at_time(stream_id, partition, timestamp_ms)
+
+    def _seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
+        first, next_seq, _ = self._bounds(stream_id, partition)
         lo, hi = first, next_seq
         with _io_errors("read"):
             ro = self._upper_bound(stream_id, partition)
@@ -381,13 +450,13 @@ class RocksEngine:
     # -- metadata (opaque to the store) ------------------------------------------------------------
 
     def meta_get(self, key: bytes) -> bytes | None:
-        with _io_errors("read"):
+        with self._using(), _io_errors("read"):
             return self._db.get(keys.META + key)  # type: ignore[no-any-return]
 
     def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         ro = rocksdict.ReadOptions()
         ro.set_iterate_upper_bound(keys.prefix_end(keys.META + prefix))
-        with _io_errors("read"):
+        with self._using(), _io_errors("read"):
             items = self._db.items(from_key=keys.META + prefix, read_opt=ro)
             return [(cast(bytes, k)[1:], cast(bytes, v)) for k, v in items]   # raw mode: bytes in, bytes out
 
@@ -401,12 +470,107 @@ class RocksEngine:
         with self._lock:
             self._write(wb, "meta_write")
 
+    # -- a full disk (see the module's docstring) -------------------------------------------------
+
+    def room(self) -> tuple[int, int]:
+        """(free bytes for us on the data's filesystem, bytes a reopen needs)."""
+        st = os.statvfs(self._path)
+        needed = REOPEN_RESERVE_BYTES
+        with os.scandir(self._path) as entries:
+            for entry in entries:
+                if entry.name.endswith(".log") or entry.name.startswith("MANIFEST-"):
+                    with contextlib.suppress(OSError):   # RocksDB may delete one under us
+                        needed += entry.stat().st_size
+        return st.f_bavail * st.f_frsize, needed
+
+    def recover(self, may_reopen: bool) -> bool | None:
+        """Make the store writable again: True when RocksDB had resumed by itself (a probe write
+        went through), False when the database was reopened (only if `may_reopen`), None when it
+        is still refused and no reopen was tried. Raises STORAGE_FULL (or UNAVAILABLE) when the
+        reopen failed; the database is closed then (`_down`) until a later reopen works.
+        Appends wait on the lock meanwhile, and no reader holds the database during a reopen."""
+        with self._lock:
+            if self._closed:
+                raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+            if not self._down:
+                probe = rocksdict.WriteBatch(raw_mode=True)   # rewrites what is there: harmless
+                probe.put(keys.FORMAT_VERSION, keys.U64.pack(keys.FORMAT))
+                with contextlib.suppress(BrokerError):
+                    self._write(probe, "probe")
+                    return True
+            if not may_reopen:
+                return None
+            self._reopen()
+            return False
+
+    def _reopen(self) -> None:
+        with self._gate:
+            self._reopening = True
+            while self._readers:
+                self._gate.wait()
+        try:
+            if not self._down:
+                self._down = True
+                try:
+                    self._db.close()
+                except Exception as exc:   # "Writer has previous error": closed all the same
+                    log.debug("closing rocksdb for a reopen: %s", exc)
+            with _io_errors("reopen"):
+                db = rocksdict.Rdict(self._path, self._opts)
+            try:
+                self._reconcile(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+            self._down = False
+            self._first.clear()   # a trim reported failed may have persisted: reload what is durable
+        finally:
+            with self._gate:
+                self._reopening = False
+                self._gate.notify_all()
+
+    def _reconcile(self, db: rocksdict.Rdict) -> None:
+        """Bring every partition this process appended to back to its acknowledged high-water
+        mark: records past it belong to batches reported failed (module docstring)."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for (sid, p), (next_seq, ts) in list(self._hwm.items()):
+            hwm_key = keys.partition_key(keys.HWM, sid, p)
+            with _io_errors("reopen"):
+                raw = db.get(hwm_key)
+            durable = keys.decode_hwm(raw) if raw else (0, 0)
+            if durable == (next_seq, ts):
+                continue
+            if durable[0] < next_seq:   # never seen: the WAL held every acknowledged write
+                log.error("after reopening rocksdb, stream %d partition %d ends at seq %d, but seq %d was "
+                          "acknowledged", sid, p, durable[0], next_seq)
+                self._hwm[(sid, p)] = durable
+                self._newest.pop((sid, p), None)
+                continue
+            if durable[0] > next_seq:
+                log.warning("after reopening rocksdb: stream %d partition %d held seq %d..%d of a write reported "
+                            "failed; removed them", sid, p, next_seq, durable[0] - 1)
+                wb.delete_range(keys.record_key(sid, p, next_seq), keys.record_key(sid, p, durable[0]))
+            wb.put(hwm_key, keys.encode_hwm(next_seq, ts))   # and the timestamp of a failed empty batch
+        if len(wb):
+            with _io_errors("reopen"):
+                db.write(wb, self._write_opts)
+
     def close(self) -> None:
+        """Flush and close. A flush refused (a full disk) is logged, not raised: everything
+        acknowledged is in the WAL, which the next open replays."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            with _io_errors("close"):
+            if self._down:
+                return
+            try:
                 self._db.flush_wal(True)
                 self._db.flush()
+            except Exception as exc:
+                log.warning("rocksdb flush on close failed (the WAL keeps what was acknowledged): %s", exc)
+            try:
                 self._db.close()
+            except Exception as exc:   # "Writer has previous error": closed all the same
+                log.warning("rocksdb close reported: %s", exc)

@@ -26,6 +26,9 @@ from client._pb.sluice.v1 import sluice_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
+# The load tests write as fast as they can into a few partitions, well past the default write limit
+# per partition: they test crashes and draining, not throttling (tests/limits/), so it is off.
+UNTHROTTLED = ("--partition-records-per-s", "0", "--partition-bytes-per-s", "0")
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def _check_log(conn: Conn, stream: str, partitions: int, acked: list[Acked]) -> 
 @pytest.mark.slow
 def test_sigkill_under_load_loses_no_acknowledged_record(start_broker, tmp_path):
     data_dir = tmp_path / "crash"
-    victim = start_broker(data_dir=data_dir)
+    victim = start_broker(*UNTHROTTLED, data_dir=data_dir)
     partitions = 4
     with Conn(victim.grpc_target) as c:
         c.create("load", partitions)
@@ -342,7 +345,7 @@ def test_sigkill_under_load_loses_no_acknowledged_record(start_broker, tmp_path)
 @pytest.mark.slow
 def test_sigterm_drains_grpc_requests_in_flight(start_broker, tmp_path):
     data_dir = tmp_path / "drain"
-    broker = start_broker(data_dir=data_dir)
+    broker = start_broker(*UNTHROTTLED, data_dir=data_dir)
     with Conn(broker.grpc_target) as c:
         c.create("drain", 4)
     deadline = time.monotonic() + 60
@@ -451,7 +454,9 @@ def test_help_documents_every_option_and_env_var():
     text = out.stdout
     expected = {"data_dir", "host", "grpc_port", "http_port", "store", "fsync", "memtable_mb",
                 "block_cache_mb", "malloc_arenas", "idle_timeout", "body_timeout",
-                "shutdown_grace", "retention_interval", "log_level", "tsdb_stream", "tsdb_project", "tsdb_port"}
+                "shutdown_grace", "retention_interval", "log_level", "tsdb_stream", "tsdb_project", "tsdb_port",
+                "auth_file", "tls_cert", "tls_key", "partition_records_per_s", "partition_bytes_per_s",
+                "max_connections_per_client", "max_requests_per_client", "max_subscriptions_per_client"}
     assert {f.name for f in dataclasses.fields(Settings)} == expected, "a new setting needs a line here"
     for name in expected:
         flag = "--" + name.replace("_", "-")

@@ -28,6 +28,9 @@ from client._pb.sluice.v1 import sluice_pb2_grpc
 from client.client import Client
 
 TIMEOUT = 30.0
+# Brokers these tests load as fast as they can, past the default write limit per partition: they
+# test push delivery under load, not throttling (tests/limits/), so it is off.
+UNTHROTTLED = ("--partition-records-per-s", "0", "--partition-bytes-per-s", "0")
 MB = 1_000_000
 BIG_MESSAGES = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024)]
@@ -121,7 +124,7 @@ def payloads(first_index: int, filler: bytes) -> list[bytes]:
 @pytest.mark.slow
 def test_a_stalled_subscriber_neither_slows_producers_nor_grows_broker_memory(
         start_broker: Callable[..., BrokerProcess], stream_name: str) -> None:
-    broker = start_broker("--log-level", "WARNING")
+    broker = start_broker("--log-level", "WARNING", *UNTHROTTLED)
     assert broker.proc is not None
     pid = broker.proc.pid
     filler = os.urandom(RECORD - 8)
@@ -202,7 +205,7 @@ def test_a_stalled_subscriber_neither_slows_producers_nor_grows_broker_memory(
 
 def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
         start_broker: Callable[..., BrokerProcess], stream_name: str) -> None:
-    broker = start_broker()
+    broker = start_broker(*UNTHROTTLED)
     assert broker.proc is not None
     chan = channel(broker.grpc_target)
     stalled_chan = channel(broker.grpc_target)

@@ -1,0 +1,235 @@
+"""Per-client limits on every door, a client being a peer IP address: open connections, requests in
+progress and open push subscriptions (`--max-connections-per-client`, `--max-requests-per-client`,
+`--max-subscriptions-per-client`). Each door (the HTTP port, `--tsdb-port`, the gRPC port) counts
+on its own `ClientLimits`. What is over a limit is refused with TOO_MANY_REQUESTS (HTTP 429 in
+the body of the door that owns the path, DIS.4305; gRPC RESOURCE_EXHAUSTED with its ErrorInfo).
+
+HTTP connections (http_app's connection handler): a connection past the limit is served one
+answer, a 429 to its first request, and then closed - a client sees why, instead of a reset it
+may retry at once. It is not served more: it holds no request slot, and if it sends nothing the
+idle timeout closes it. Past twice the limit, a flood, a connection is closed at once, unanswered.
+
+HTTP requests (`middleware`): a request past the limit gets 429. A push subscription (`subscriber`:
+the SSE tail, a Timeplus streaming query) counts as a subscription instead of as a request for as
+long as it streams, so long-lived streams do not use up a client's requests.
+
+gRPC (`GrpcLimits`, a server interceptor): calls in progress per peer; Subscribe streams count as
+subscriptions instead. Connections are not counted: HTTP/2 carries every call of a client over
+one connection, and grpc core does not tell the application about connections (the idle timeout
+closes those that carry no call).
+
+Behind a proxy every client is the proxy's address: raise the limits there.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import grpc
+from aiohttp import web
+
+from broker.api.grpc_render import status_code, trailers
+from broker.errors import BrokerError, ErrorCode, client_error
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PeerCounter:
+    """How many of one thing each peer holds, and the most it may."""
+
+    __slots__ = ("limit", "what", "_held")
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self._held: dict[str, int] = {}
+
+    def enter(self, peer: str) -> int:
+        """Count one more (whatever the limit); returns how many the peer holds now."""
+        n = self._held.get(peer, 0) + 1
+        self._held[peer] = n
+        return n
+
+    def leave(self, peer: str) -> None:
+        n = self._held.get(peer, 0) - 1
+        if n > 0:
+            self._held[peer] = n
+        else:
+            self._held.pop(peer, None)
+
+    def try_enter(self, peer: str) -> bool:
+        """Count one more if the peer is below the limit."""
+        if self._held.get(peer, 0) >= self.limit:
+            return False
+        self.enter(peer)
+        return True
+
+    def held(self, peer: str) -> int:
+        return self._held.get(peer, 0)
+
+    def refusal(self) -> BrokerError:
+        return client_error(ErrorCode.TOO_MANY_REQUESTS,
+                            detail=f"a client address may have at most {self.limit} {self.what}")
+
+
+class Slot:
+    """One thing held by a peer, released once however often `release` is called."""
+
+    __slots__ = ("_counter", "_peer")
+
+    def __init__(self, counter: PeerCounter, peer: str) -> None:
+        self._counter: PeerCounter | None = counter
+        self._peer = peer
+
+    def release(self) -> None:
+        if self._counter is not None:
+            self._counter.leave(self._peer)
+            self._counter = None
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    connections: PeerCounter
+    requests: PeerCounter
+    subscriptions: PeerCounter
+
+    @classmethod
+    def of(cls, connections: int, requests: int, subscriptions: int) -> ClientLimits:
+        return cls(PeerCounter(connections, "open connections"), PeerCounter(requests, "requests in progress"),
+                   PeerCounter(subscriptions, "open subscriptions"))
+
+
+CLIENT_LIMITS = web.AppKey("client_limits", ClientLimits)
+_REQUEST_SLOT: Any = web.RequestKey("client_request_slot", Slot) if hasattr(web, "RequestKey") else "sluice.slot"
+
+
+def peer_of(transport: Any) -> str:
+    """A connection's peer IP address ("" when the transport does not say)."""
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    return str(peername[0]) if isinstance(peername, tuple) and peername else ""
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+def middleware(limits: ClientLimits) -> Any:
+    """Refuses the request of a connection over the connection limit (then closes it), and
+    requests past the peer's limit of requests in progress. Sits inside the error middleware, which
+    renders the refusal with the owning door's body."""
+
+    @web.middleware
+    async def client_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if getattr(request.protocol, "over_limit", False):
+            request.protocol.close()   # after this answer
+            raise limits.connections.refusal()
+        peer = request.remote or ""
+        if not limits.requests.try_enter(peer):
+            raise limits.requests.refusal()
+        slot = request[_REQUEST_SLOT] = Slot(limits.requests, peer)
+        try:
+            return await handler(request)
+        finally:
+            slot.release()
+
+    return client_limits
+
+
+def subscriber(handler: Handler) -> Handler:
+    """For a handler that streams a push subscription for as long as it runs: it holds one of the
+    peer's subscription slots (TOO_MANY_REQUESTS when none is left) and gives back its request slot."""
+
+    @functools.wraps(handler)
+    async def limited(request: web.Request) -> web.StreamResponse:
+        limits = request.config_dict.get(CLIENT_LIMITS)
+        if limits is None:
+            return await handler(request)
+        peer = request.remote or ""
+        if not limits.subscriptions.try_enter(peer):
+            raise limits.subscriptions.refusal()
+        request_slot = request.get(_REQUEST_SLOT)
+        if request_slot is not None:
+            request_slot.release()
+        try:
+            return await handler(request)
+        finally:
+            limits.subscriptions.leave(peer)
+
+    return limited
+
+
+class ConnectionCount:
+    """The connection limit of one HTTP connection handler (http_app._RequestHandler)."""
+
+    __slots__ = ("_counter", "_peer")
+
+    def __init__(self, limits: ClientLimits, transport: Any) -> None:
+        self._counter: PeerCounter | None = limits.connections
+        self._peer = peer_of(transport)
+
+    def made(self) -> tuple[bool, bool]:
+        """Count the connection: (over the limit: answer 429 once, a flood: close it now)."""
+        assert self._counter is not None
+        n = self._counter.enter(self._peer)
+        return n > self._counter.limit, n > 2 * self._counter.limit
+
+    def lost(self) -> None:
+        if self._counter is not None:
+            self._counter.leave(self._peer)
+            self._counter = None
+
+
+# -- gRPC -----------------------------------------------------------------------------------------
+
+def grpc_peer(context: grpc.aio.ServicerContext) -> str:
+    """"ipv4:127.0.0.1:5000" -> "127.0.0.1", "ipv6:[::1]:5000" -> "::1"."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
+class GrpcLimits(grpc.aio.ServerInterceptor):
+    """Calls in progress per peer on the methods of `service` (Subscribe streams: subscriptions);
+    health and reflection stay unlimited."""
+
+    def __init__(self, limits: ClientLimits, service: str) -> None:
+        self._limits = limits
+        self._prefix = f"/{service}/"
+        self._wrapped: dict[str, tuple[Any, Any]] = {}   # method -> (its handler, the limited one)
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:   # built once per method, not per call
+            known = self._wrapped[method] = (handler, self._limit(method, handler))
+        return known[1]
+
+    def _limit(self, method: str, handler: Any) -> Any:
+        counter = self._limits.subscriptions if method.endswith("/Subscribe") else self._limits.requests
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_limited(handler.unary_unary, counter),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:   # Subscribe writes with context.write: a coroutine too
+            return grpc.unary_stream_rpc_method_handler(_limited(handler.unary_stream, counter),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def _limited(behavior: Callable[..., Awaitable[Any]], counter: PeerCounter) -> Callable[..., Awaitable[Any]]:
+    async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        peer = grpc_peer(context)
+        if not counter.try_enter(peer):
+            error = counter.refusal()
+            await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
+        try:
+            return await behavior(request, context)
+        finally:
+            counter.leave(peer)
+    return limited

@@ -1,0 +1,241 @@
+"""Per-client limits (broker/api/limits.py) on a real broker process with small limits: the one past
+each limit is refused with the documented code (HTTP 429 + DIS.4305 / TOO_MANY_REQUESTS in the door's
+body, gRPC RESOURCE_EXHAUSTED with reason TOO_MANY_REQUESTS), and giving one back frees a slot.
+No timing assertions: counts and codes, waits with generous deadlines."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import uuid
+from typing import Iterator
+
+import grpc
+import pytest
+
+from broker.launcher import BrokerProcess
+from client import Client
+from client.errors import SluiceError
+from tests.conftest import eventually
+
+CONNECTIONS, REQUESTS, SUBSCRIPTIONS = 4, 2, 2
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(tmp_path_factory.mktemp("limits") / "data", "--store", "memory",
+                         "--max-connections-per-client", str(CONNECTIONS),
+                         "--max-requests-per-client", str(REQUESTS),
+                         "--max-subscriptions-per-client", str(SUBSCRIPTIONS),
+                         "--body-timeout", "60").start()
+    yield proc
+    proc.stop(30)
+
+
+@pytest.fixture
+def stream(limited: BrokerProcess) -> str:
+    name = f"s{uuid.uuid4().hex[:10]}"
+    with Client(limited.grpc_target) as c:
+        c.create_stream(name, 1)
+        c.put_records(name, [b"first"])
+    return name
+
+
+def _connect(proc: BrokerProcess, port: int | None = None) -> socket.socket:
+    return socket.create_connection((proc.host, port or proc.http_port), timeout=30)
+
+
+def _get(sock: socket.socket, path: str) -> tuple[int, dict[str, object], bool]:
+    """One GET on an open socket: (status, JSON body, whether the server closed afterwards)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    body = json.loads(response.read() or b"{}")
+    closed = response.will_close
+    return response.status, body, closed
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+def _stalled_request(proc: BrokerProcess) -> socket.socket:
+    """A request in progress for as long as we like: its body never comes (the body timeout is 60 s)."""
+    sock = _connect(proc)
+    sock.sendall(b"POST /v2/default/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{")
+    return sock
+
+
+class Tail:
+    """An open SSE tail, its first event read (so the broker holds it open)."""
+
+    def __init__(self, proc: BrokerProcess, stream: str) -> None:
+        self.conn = http.client.HTTPConnection(proc.host, proc.http_port, timeout=30)
+        self.conn.request("GET", f"/sluice/v1/tail?stream-name={stream}&partition-id=0&cursor-type=TRIM_HORIZON")
+        self.response = self.conn.getresponse()
+        self.status = self.response.status
+        if self.status == 200:
+            assert self.response.readline().startswith(b"id: ")
+        else:
+            self.body = json.loads(self.response.read())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+def test_subscriptions_past_the_limit_get_429_and_a_closed_one_frees_a_slot(limited: BrokerProcess,
+                                                                           stream: str) -> None:
+    tails = [Tail(limited, stream) for _ in range(SUBSCRIPTIONS)]
+    assert [t.status for t in tails] == [200] * SUBSCRIPTIONS
+    extra = Tail(limited, stream)
+    assert extra.status == 429
+    assert extra.body["error_code"] == "DIS.4305" and extra.body.get("reason") == "TOO_MANY_REQUESTS"
+    extra.close()
+    # open subscriptions are not requests in progress: the client can still make requests
+    with _connect(limited) as sock:
+        assert _get(sock, "/v2/default/streams")[0] == 200
+    tails.pop().close()
+
+    def reopened() -> bool:
+        t = Tail(limited, stream)
+        if t.status == 200:
+            tails.append(t)
+            return True
+        t.close()
+        return False
+
+    eventually(reopened, timeout=30)
+    for t in tails:
+        t.close()
+
+
+def test_a_timeplus_streaming_query_counts_as_a_subscription(limited: BrokerProcess, stream: str) -> None:
+    tails = [Tail(limited, stream) for _ in range(SUBSCRIPTIONS)]
+    try:
+        conn = http.client.HTTPConnection(limited.host, limited.http_port, timeout=30)
+        conn.request("POST", "/default/api/v1beta2/queries", body=json.dumps({"sql": f"SELECT * FROM {stream}"}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 429
+        assert json.loads(response.read())["reason"] == "TOO_MANY_REQUESTS"
+        conn.close()
+    finally:
+        for t in tails:
+            t.close()
+
+
+def test_requests_in_progress_past_the_limit_get_429(limited: BrokerProcess) -> None:
+    stalled = [_stalled_request(limited) for _ in range(REQUESTS)]
+    try:
+        def refused() -> bool:   # once the stalled ones are being handled
+            with _connect(limited) as sock:
+                status, body, _ = _get(sock, "/v2/default/streams")
+            assert status in (200, 429)
+            return status == 429 and body["error_code"] == "DIS.4305"
+
+        eventually(refused, timeout=30)
+        stalled.pop().close()   # the handler sees the connection go: its slot is freed
+
+        def served() -> bool:
+            with _connect(limited) as sock:
+                return _get(sock, "/v2/default/streams")[0] == 200
+
+        eventually(served, timeout=30)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_connections_past_the_limit_are_answered_429_then_closed(limited: BrokerProcess) -> None:
+    held = [_connect(limited) for _ in range(CONNECTIONS)]
+    for sock in held:   # each one served: they are open and counted
+        assert _get(sock, "/v2/default/streams")[0] == 200
+    try:
+        extra = _connect(limited)
+        status, body, _ = _get(extra, "/v2/default/streams")
+        assert status == 429 and body["error_code"] == "DIS.4305"
+        assert _closed_by_peer(extra)
+        extra.close()
+        held.pop().close()
+
+        def served() -> bool:
+            with _connect(limited) as sock:
+                return _get(sock, "/v2/default/streams")[0] == 200
+
+        eventually(served, timeout=30)
+        # a flood past twice the limit is closed at once, unanswered
+        flood = [_connect(limited) for _ in range(CONNECTIONS + 2)]
+        assert _closed_by_peer(flood[-1])
+        for sock in flood:
+            sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+# -- gRPC ------------------------------------------------------------------------------------------
+
+def test_grpc_subscribe_streams_past_the_limit_are_resource_exhausted(limited: BrokerProcess, stream: str) -> None:
+    with Client(limited.grpc_target) as client:
+        subs = [client.subscription(stream, 0, "TRIM_HORIZON") for _ in range(SUBSCRIPTIONS)]
+        for sub in subs:
+            assert next(sub).records
+        extra = client.subscription(stream, 0, "TRIM_HORIZON")
+        with pytest.raises(SluiceError) as refused:
+            next(extra)
+        assert refused.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.reason == "TOO_MANY_REQUESTS" and refused.value.code == "DIS.4305"
+        assert client.list_streams().streams is not None   # other calls are not affected
+        subs.pop().cancel()
+
+        def reopened() -> bool:
+            sub = client.subscription(stream, 0, "TRIM_HORIZON")
+            try:
+                next(sub)
+            except SluiceError as exc:
+                assert exc.reason == "TOO_MANY_REQUESTS"
+                return False
+            subs.append(sub)
+            return True
+
+        eventually(reopened, timeout=30)
+        for sub in subs:
+            sub.cancel()
+
+
+def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: BrokerProcess, stream: str) -> None:
+    with Client(limited.grpc_target) as client:
+        cursor = client.get_cursor(stream, 0, "LATEST")
+        from client._pb.sluice.v1 import sluice_pb2 as pb
+        polls = [client._stub.GetRecords.future(pb.GetRecordsRequest(cursor=cursor, wait_ms=20_000))
+                 for _ in range(REQUESTS)]
+        try:
+            def refused() -> bool:
+                try:
+                    client.list_streams()
+                except SluiceError as exc:
+                    assert exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED and exc.reason == "TOO_MANY_REQUESTS"
+                    return True
+                return False
+
+            eventually(refused, timeout=30)
+            # both long polls answer (the record comes through the HTTP door: its limits are its own)
+            conn = http.client.HTTPConnection(limited.host, limited.http_port, timeout=30)
+            record = {"data": "d2FrZQ==", "partition_id": "0"}   # b"wake"
+            conn.request("POST", "/v2/default/records", headers={"Content-Type": "application/json"},
+                         body=json.dumps({"stream_name": stream, "records": [record]}))
+            assert conn.getresponse().status == 200
+            conn.close()
+            for poll in polls:
+                assert poll.result(timeout=30).data == [b"wake"]
+            polls = []
+            eventually(lambda: not refused(), timeout=30)
+        finally:
+            for poll in polls:
+                poll.cancel()

@@ -11,8 +11,9 @@ Every response of every example is also checked on the spot: an HTTP status < 50
 INTERNAL / UNKNOWN / DEADLINE_EXCEEDED on gRPC, and a socket timeout makes a hang a failure.
 
 Budget: examples are derandomized (the same inputs on every CI run, as the stateful tests do) and
-sized so tests/fuzz takes about a minute on two cores (well under the three minutes allowed). `SLUICE_FUZZ_SCALE=10` multiplies every
-suite's examples, and `SLUICE_FUZZ_RANDOM=1` draws fresh ones, for a longer hunt by hand.
+sized so tests/fuzz takes about a minute on two cores (well under the three minutes allowed).
+`SLUICE_FUZZ_SCALE=10` multiplies every suite's examples, and `SLUICE_FUZZ_RANDOM=1` draws fresh
+ones, for a longer hunt by hand.
 Atheris is not used: it is not in the test dependencies, and its coverage guidance instruments the
 fuzzing process, not a broker in another process; hypothesis drives every door here.
 """

@@ -275,12 +275,21 @@ EXTRA_HEADERS = st.lists(st.tuples(
     st.sampled_from(["100-continue", "100-Continue", "gzip", "application/json"]) | HEADER_TEXT), max_size=3)
 
 
+def _sometimes(strategy: st.SearchStrategy[Any], default: Any) -> st.SearchStrategy[Any]:
+    """`strategy` one time in three, else `default`: odd headers one at a time, mostly."""
+    return st.integers(0, 2).flatmap(lambda i: strategy if i == 0 else st.just(default))
+
+
 def test_bodies_under_odd_headers(fuzz_broker: BrokerProcess) -> None:
     seen: Counter[int] = Counter()
+    for path, body in ((f"/v2/{PID}/streams", {"stream_name": STREAM, "partition_count": 3}),
+                       (f"/v2/{PID}/apps", {"app_name": APP})):   # the fuzz above may have deleted them
+        send(fuzz_broker, "POST", path, json_body(body))
 
     @budget(1000)
-    @given(request=POST_REQUESTS, content_type=CONTENT_TYPES, encoding=ENCODINGS,
-           honest=st.booleans(), chunk=st.none() | st.integers(1, 64), request_id=REQUEST_IDS, extra=EXTRA_HEADERS)
+    @given(request=POST_REQUESTS, content_type=_sometimes(CONTENT_TYPES, "application/json"),
+           encoding=_sometimes(ENCODINGS, None), honest=st.booleans(), chunk=_sometimes(st.integers(1, 64), None),
+           request_id=_sometimes(REQUEST_IDS, None), extra=_sometimes(EXTRA_HEADERS, []))
     def one(request: tuple[str, bytes], content_type: str | None, encoding: str | None, honest: bool,
             chunk: int | None, request_id: bytes | None, extra: list[tuple[str, str]]) -> None:
         path, body = request[0].replace("{project_id}", PID), request[1]
@@ -305,7 +314,7 @@ def test_bodies_under_odd_headers(fuzz_broker: BrokerProcess) -> None:
         seen[reply.status // 100] += 1
 
     one()
-    assert seen[2] >= 5 and seen[4] >= 100, f"strategies too weak to reach both answers: {seen}"
+    assert seen[2] >= 20 and seen[4] >= 100, f"strategies too weak to reach both answers: {seen}"
 
 
 @pytest.mark.parametrize("declared, sent", [(10, b"{}"), (1, b'{"stream_name": "x"}'), (0, b"{}"),

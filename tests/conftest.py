@@ -11,10 +11,11 @@ os.environ["HOME"] = tempfile.mkdtemp(prefix="sluice-test-home-")
 
 import itertools
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
@@ -98,3 +99,23 @@ def eventually(check: Callable[[], bool], timeout: float = 10.0, interval: float
             return
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def in_thread_with_deadline(work: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """`work()`'s result, run in a thread: a client call that blocks forever (the timeplus SDK sets
+    no timeouts) fails the test instead of hanging the suite."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{getattr(work, '__name__', 'the call')} hung"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

@@ -15,16 +15,16 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import grpc
 import pytest
 from certs import Certs, make_certs, other_key
+from conftest import in_thread_with_deadline
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.launcher import BrokerProcess
@@ -175,25 +175,6 @@ def test_official_dis_sdk_over_https_with_the_ca(tls_broker: BrokerProcess, cert
     assert [base64.b64decode(r.data) for r in records] == [b"dis over https"]
 
 
-def in_thread(work: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """work() on a daemon thread with a deadline (the timeplus SDK sets no timeouts)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = work()
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), "the SDK call hung"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
-
-
 def test_timeplus_sdk_over_https_with_the_ca(tls_broker: BrokerProcess, certs: Certs) -> None:
     from timeplus import Environment, Query, Stream
 
@@ -212,7 +193,7 @@ def test_timeplus_sdk_over_https_with_the_ca(tls_broker: BrokerProcess, certs: C
             if event.event == "message":
                 rows.extend(json.loads(event.data))
         return rows
-    assert in_thread(ingest_and_query) == [["hello over https"]]
+    assert in_thread_with_deadline(ingest_and_query) == [["hello over https"]]
 
 
 def test_tsdb_port_serves_https_too(tls_broker: BrokerProcess, certs: Certs) -> None:

@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
+from conftest import in_thread_with_deadline as _in_thread
 from timeplus import Environment, Query, Stream
 
 API_KEY = "k" * 60          # the SDK refuses any key that is not exactly 60 characters
@@ -193,20 +194,5 @@ def runs() -> Iterator[list[QueryRun]]:
 
 
 def in_thread_with_deadline(work: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    """`work()`'s result, run in a thread: an SDK call that blocks forever fails the test instead
-    of hanging the suite."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = work()
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"{getattr(work, '__name__', 'the call')} hung"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
+    """conftest's, with this module's deadline."""
+    return _in_thread(work, timeout)

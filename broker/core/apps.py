@@ -94,8 +94,11 @@ def decode_app(name: str, raw: bytes, stream_names: tuple[str, ...] = ()) -> App
     return AppInfo(name, obj["app_id"], obj["created_ms"], stream_names)
 
 
+CHECKPOINT_KIND = b"C"   # every checkpoint of every project starts with it
+
+
 def checkpoint_prefix(project: str, app: str) -> bytes:
-    return b"C" + project.encode() + b"\0" + app.encode() + b"\0"
+    return CHECKPOINT_KIND + project.encode() + b"\0" + app.encode() + b"\0"
 
 
 def checkpoint_key(project: str, app: str, stream_id: int, partition: int) -> bytes:

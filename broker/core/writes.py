@@ -4,6 +4,7 @@ exception for the whole request."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from operator import itemgetter
 from typing import Callable, Mapping, Sequence
@@ -12,6 +13,7 @@ from broker.core import routing
 from broker.core.catalogue import StreamCatalogue
 from broker.core.limits import HASH_KEY_MAX, Limits
 from broker.core.notify import WriteNotifier
+from broker.core.stats import BrokerStats
 from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error
@@ -34,8 +36,9 @@ def _check_columns(columns: PutColumns) -> None:
 
 class WritePath:
     def __init__(self, catalogue: StreamCatalogue, committer: Committer, notifier: WriteNotifier,
-                 limits: Limits, clock_ms: Callable[[], int]) -> None:
+                 limits: Limits, clock_ms: Callable[[], int], stats: BrokerStats | None = None) -> None:
         self._catalogue = catalogue
+        self._stats = stats if stats is not None else BrokerStats()
         self._committer = committer
         self._notifier = notifier
         self._limits = limits
@@ -54,6 +57,7 @@ class WritePath:
         """Route and append a batch. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST,
         INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL. Records over their
         partition's write limit fail THROTTLED in the result (see _throttle_put)."""
+        began = time.perf_counter()
         config = self._catalogue.get(project, stream_name)
         lim = self._limits
         n = len(entries)
@@ -100,6 +104,7 @@ class WritePath:
             throttled = throttled or refused is not None
         if throttled:
             failures.sort(key=lambda f: f[0])
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, (e for _, e in failures))
         return PutRecordsResult(partitions, seqs, failures)
 
     def _throttle_put(self, stream_id: int, by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]],
@@ -145,6 +150,7 @@ class WritePath:
         the request is acknowledged then). `stream_id`: the
         stream the rows were made for (checked against its schema); a stream recreated under the
         name since then is another stream: STREAM_NOT_FOUND."""
+        began = time.perf_counter()
         config = self._target(project, stream_name, stream_id)
         n = len(rows)
         if not n:
@@ -168,6 +174,7 @@ class WritePath:
         # A partial write would leave the client unable to tell which rows to send again.
         if self._throttle is not None and not self._throttle.admit_all(
                 config.stream_id, [(b.partition, len(b.items), sum(map(len, map(_data, b.items)))) for b in batches]):
+            self._stats.throttled_request(config.stream_id, n)
             raise client_error(ErrorCode.THROTTLED, detail=f"stream [{config.stream_name}] is over its partitions' "
                                f"write limit; send the rows again later")
         outcomes = await self._committer.append(batches)
@@ -178,6 +185,7 @@ class WritePath:
         for first in outcomes:
             if isinstance(first, BrokerError):
                 raise first
+        self._stats.put_request(config.stream_id, time.perf_counter() - began)
         return n
 
     async def append_keyed(self, project: str, stream_name: object, items: Sequence[tuple[int, bytes]],
@@ -204,6 +212,7 @@ class WritePath:
         and the name now holds another stream, or the stream was deleted while queued),
         INVALID_REQUEST (bad project, a hash out of range, timestamps not one per item),
         EMPTY_REQUEST, UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        began = time.perf_counter()
         config = self._target(project, stream_name, stream_id)
         n = len(items)
         if not n:
@@ -240,6 +249,8 @@ class WritePath:
                 continue
             for k, i in enumerate(indices):
                 outcomes[i] = first + k
+        self._stats.put_request(config.stream_id, time.perf_counter() - began,
+                                (o for o in outcomes if isinstance(o, BrokerError)))
         return outcomes
 
     async def append_partitioned(self, project: str, stream_name: object,
@@ -255,6 +266,7 @@ class WritePath:
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
         records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        began = time.perf_counter()
         config = self._target(project, stream_name, stream_id)
         batches = {p: b for p, b in batches.items() if b[0]}
         if not batches:
@@ -268,7 +280,10 @@ class WritePath:
             if biggest > max_record:
                 raise client_error(ErrorCode.INVALID_REQUEST,
                                    detail=f"record size {biggest} exceeds {max_record} bytes")
-        return await self._append_to(config, batches)
+        out = await self._append_to(config, batches)
+        self._stats.put_request(config.stream_id, time.perf_counter() - began,
+                                (e for p, e in out.items() if isinstance(e, BrokerError) for _ in batches[p][0]))
+        return out
 
     async def _append_to(self, config: StreamConfig,
                          batches: Mapping[int, tuple[Sequence[bytes], int]]) -> dict[int, int | BrokerError]:

@@ -154,3 +154,21 @@ def test_metrics_behind_an_auth_file(start_broker: Callable[..., BrokerProcess],
     assert scrape(f"http://127.0.0.1:{proc.metrics_port}")   # open on its own port
     assert get(proc.http_url + "/healthz")[0] == 200        # health stays open
     assert get(proc.http_url + "/readyz")[0] == 200
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics(running: BrokerProcess) -> None:
+    """docs/grafana-dashboard.json: valid JSON, and every metric its queries name is one the broker
+    exports (a family, or a sample of one: _total, _bucket, _count, _sum)."""
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for e in exprs for name in re.findall(r"\bsluice_[a-z_]+", e)}
+    status, text = get(running.http_url + "/metrics")
+    assert status == 200
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        exported |= {family.name, *(family.name + s for s in ("_total", "_bucket", "_count", "_sum"))}
+    assert used and used <= exported, used - exported

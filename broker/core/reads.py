@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from operator import attrgetter
+from operator import itemgetter
 from typing import AsyncGenerator, Callable
 
 from broker.core.apps import CURSOR_KEY
@@ -23,7 +23,7 @@ from broker.errors import ErrorCode, client_error
 from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage.base import Store
 
-_data = attrgetter("data")
+_data = itemgetter(3)   # Record.data: a plain tuple index, faster than the attribute
 
 
 class ReadPath:

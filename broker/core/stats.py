@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Iterable
+from typing import Mapping
 
 from broker.errors import BrokerError
 
@@ -100,20 +100,18 @@ class BrokerStats:
         s.put_records[partition] += records
         s.put_bytes[partition] += payload
 
-    def put_request(self, stream_id: int, seconds: float, failures: Iterable[BrokerError] = ()) -> None:
-        """One put call of any door, answered; `failures`: its per-record (or per-item) failures."""
+    def put_request(self, stream_id: int, seconds: float, failures: Mapping[str, int] | None = None) -> None:
+        """One put call of any door, answered; `failures`: how many of its records (or items) were
+        refused, by catalogue reason (counted per partition or per reason by the caller)."""
         s = self.stream(stream_id)
         s.put_requests += 1
         s.put_latency_ms += seconds * 1000
-        throttled = 0
-        for error in failures:
-            reason = error.code.reason
-            s.failures[reason] += 1
-            if reason == "THROTTLED":
-                throttled += 1
-        if throttled:
-            s.throttled_put_requests += 1
-            s.throttled_records += throttled
+        if failures:
+            s.failures.update(failures)
+            throttled = failures.get("THROTTLED", 0)
+            if throttled:
+                s.throttled_put_requests += 1
+                s.throttled_records += throttled
 
     def throttled_request(self, stream_id: int, records: int) -> None:
         """A put refused as a whole for the write limit (a typed ingest's all-or-nothing)."""

@@ -78,8 +78,14 @@ class WritePath:
         if router is None:
             router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
         partitions, failures, by_partition = self._route_batch(config, entries, router)
-        throttled = self._throttle is not None and self._throttle_put(config.stream_id, by_partition, partitions,
-                                                                        failures)
+        # metrics, per reason: the routing failures took a Python step each already; the others
+        # are counted per partition below, never per record
+        reasons = Counter(e.code.reason for _, e in failures) if failures else Counter()
+        cut = self._throttle_put(config.stream_id, by_partition, partitions, failures) \
+            if self._throttle is not None else 0
+        if cut:
+            reasons["THROTTLED"] += cut
+        throttled = cut > 0
         seqs = [-1] * n
         if by_partition:
             order = list(by_partition.items())
@@ -91,6 +97,7 @@ class WritePath:
             for (_, (indices, _)), first in zip(order, outcomes):
                 if isinstance(first, BrokerError):  # the store refused this partition's batch only
                     refused = first
+                    reasons[first.code.reason] += len(indices)
                     failures.extend((i, first) for i in indices)
                     for i in indices:
                         partitions[i] = -1
@@ -104,23 +111,23 @@ class WritePath:
             throttled = throttled or refused is not None
         if throttled:
             failures.sort(key=lambda f: f[0])
-        self._stats.put_request(config.stream_id, time.perf_counter() - began, (e for _, e in failures))
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return PutRecordsResult(partitions, seqs, failures)
 
     def _throttle_put(self, stream_id: int, by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]],
-                      partitions: list[int], failures: list[tuple[int, BrokerError]]) -> bool:
+                      partitions: list[int], failures: list[tuple[int, BrokerError]]) -> int:
         """Cut each partition's records to what its write limit admits now: the records past that
         fail THROTTLED - a suffix of the partition's records, never one in the middle, so a
-        producer that retries them keeps each key's order. True if any record was refused."""
+        producer that retries them keeps each key's order. Returns how many were refused."""
         assert self._throttle is not None
         throttle = self._throttle
-        cut = False
+        cut = 0
         for p, (indices, items) in list(by_partition.items()):
             sizes = list(map(len, map(_data, items)))
             k = throttle.admit(stream_id, p, sizes, sum(sizes))
             if k == len(items):
                 continue
-            cut = True
+            cut += len(items) - k
             error = throttle.error(p)
             for i in indices[k:]:
                 failures.append((i, error))
@@ -220,6 +227,7 @@ class WritePath:
         if timestamps_ms is not None and len(timestamps_ms) != n:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{len(timestamps_ms)} timestamps for {n} records")
         outcomes: list[int | BrokerError] = [0] * n
+        reasons: Counter[str] = Counter()   # metrics: per item only where an item took a step of its own
         count, max_record = config.partition_count, self._limits.max_record_bytes
         # partition -> (item indices, records, [the latest item time])
         groups: dict[int, tuple[list[int], list[bytes], list[int]]] = {}
@@ -229,6 +237,7 @@ class WritePath:
             if len(data) > max_record:
                 outcomes[i] = client_error(ErrorCode.INVALID_REQUEST,
                                            detail=f"record size {len(data)} exceeds {max_record} bytes")
+                reasons["INVALID_REQUEST"] += 1
                 continue
             p = routing.partition_for_hash(h, count)
             group = groups.get(p)
@@ -244,13 +253,13 @@ class WritePath:
         for p, (indices, _, _) in groups.items():
             first = firsts[p]
             if isinstance(first, BrokerError):   # the store refused this partition's batch only
+                reasons[first.code.reason] += len(indices)
                 for i in indices:
                     outcomes[i] = first
                 continue
             for k, i in enumerate(indices):
                 outcomes[i] = first + k
-        self._stats.put_request(config.stream_id, time.perf_counter() - began,
-                                (o for o in outcomes if isinstance(o, BrokerError)))
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return outcomes
 
     async def append_partitioned(self, project: str, stream_name: object,
@@ -281,8 +290,11 @@ class WritePath:
                 raise client_error(ErrorCode.INVALID_REQUEST,
                                    detail=f"record size {biggest} exceeds {max_record} bytes")
         out = await self._append_to(config, batches)
-        self._stats.put_request(config.stream_id, time.perf_counter() - began,
-                                (e for p, e in out.items() if isinstance(e, BrokerError) for _ in batches[p][0]))
+        reasons: Counter[str] = Counter()
+        for p, first in out.items():
+            if isinstance(first, BrokerError):
+                reasons[first.code.reason] += len(batches[p][0])
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return out
 
     async def _append_to(self, config: StreamConfig,

@@ -164,3 +164,27 @@ async def test_milliseconds_are_accepted(broker: Broker) -> None:
     await put(broker, "s1", 0, [1])
     got = await broker.stream_metrics("s1", "total_put_records_per_stream", None, T0 - MINUTE, T0)
     assert got["total_put_records_per_stream"][-1] == (T0 // MINUTE * 60, 1)
+
+
+async def test_throttled_records_counted_per_partition(store: MemoryStore, clock: FakeClock) -> None:
+    """8 records into a partition that admits 5 a second: 3 fail THROTTLED, counted without a step
+    per record; the DIS series' traffic_control_put counts the request once."""
+    from dataclasses import replace
+
+    from broker.core.limits import DEFAULT_LIMITS
+
+    b = Broker(store, cursor_secret=SECRET, clock_ms=clock,
+               limits=replace(DEFAULT_LIMITS, partition_records_per_s=5, partition_bytes_per_s=0))
+    await b.start()
+    await b.create_stream("s1", 2)
+    result = await b.put_records("s1", [PutEntry(b"x", partition_id="0") for _ in range(8)]
+                                 + [PutEntry(b"y", partition_id="9")])
+    assert result.failed_record_count == 4
+    s1 = b.stats.streams[b.catalogue.get("default", "s1").stream_id]
+    assert dict(s1.failures) == {"THROTTLED": 3, "PARTITION_NOT_FOUND": 1}
+    assert (s1.throttled_records, s1.throttled_put_requests, s1.put_requests) == (3, 1, 1)
+    assert sum(s1.put_records) == 5
+    got = await b.stream_metrics("s1", None, "traffic_control_put,total_put_records_per_stream", s(T0), s(T0))
+    assert {label: points[-1][1] for label, points in got.items()} == {
+        "traffic_control_put": 1, "total_put_records_per_stream": 5}
+    await b.close()

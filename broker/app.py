@@ -83,7 +83,7 @@ async def _series_loop(broker: Broker) -> None:
         try:
             await broker.metric_series.flush(int(time.time() // 60) - 1)
         except Exception:
-            log.exception("storing the monitoring series failed; the counts are kept for the next minute")
+            log.exception("storing the monitoring series failed; the next minute adds its counts")
 
 
 async def _storage_health(broker: Broker, health: HealthServicer, interval: float) -> None:

@@ -25,7 +25,6 @@ A 13-digit value is taken as milliseconds (our spec's reading; both are accepted
 """
 from __future__ import annotations
 
-import copy
 import json
 import struct
 from typing import Any, Callable, Sequence
@@ -95,13 +94,14 @@ def _minus(a: list[int], b: list[int] | None) -> list[int]:
 
 
 def _add_row(row: Row | None, stream: list[int], partitions: dict[int, list[int]]) -> Row:
+    """A new row: `row` (left as it is) plus the given counts."""
     if row is None:
         row = {"s": [0] * len(STREAM_FIELDS), "p": {}}
-    row["s"] = [x + y for x, y in zip(row["s"], stream)]
+    added: dict[str, list[int]] = dict(row["p"])
     for p, values in partitions.items():
-        old = row["p"].get(str(p))
-        row["p"][str(p)] = values if old is None else [x + y for x, y in zip(old, values)]
-    return row
+        old = added.get(str(p))
+        added[str(p)] = list(values) if old is None else [x + y for x, y in zip(old, values)]
+    return {"s": [x + y for x, y in zip(row["s"], stream)], "p": added}
 
 
 def parse_period(start: object, end: object, now_ms: int) -> tuple[int, int]:
@@ -155,36 +155,47 @@ class MetricSeries:
     async def flush(self, minute: int | None = None) -> int:
         """Add every stream's counters since the last flush to `minute` (epoch minutes; default
         the current one) and trim hours past each stream's retention, in one metadata write.
-        Returns how many streams had something to add."""
+        Returns how many streams had something to add. If the write fails (a full disk) nothing
+        is taken: the next flush adds the same counts (to its own minute)."""
         now = self._now()
         minute = now // MINUTE_MS if minute is None else minute
         hour = minute // 60
         changes: dict[bytes, bytes | None] = {}
-        active = 0
+        seen: dict[int, tuple[list[int], dict[int, list[int]]]] = {}
+        blocks: dict[int, tuple[int, Block]] = {}
+        oldest: dict[int, int] = {}
         for config in self._catalogue.all():
             sid = config.stream_id
             stats = self._stats.streams.get(sid)
             if stats is not None:
-                delta = self._take(sid, stats)
+                snapshot = _snapshot(stats)
+                delta = self._delta(sid, snapshot)
                 if delta is not None:
-                    active += 1
-                    block = await self._block(sid, hour)
+                    seen[sid] = snapshot
+                    block = dict(await self._block(sid, hour))   # rows are replaced, never changed
                     key = str(minute % 60)
                     block[key] = _add_row(block.get(key), *delta)
+                    blocks[sid] = (hour, block)
                     changes[series_key(sid, hour)] = json.dumps(block, separators=(",", ":")).encode()
-                    await self._note_hour(sid, hour, changes)
-            await self._trim(config, now, changes)
-        for sid in [s for s in self._seen if self._catalogue.by_id(s) is None]:   # deleted meanwhile
-            self._drop_memory(sid)
+                    first = await self._oldest_hour(sid)
+                    if first is None or hour < first:
+                        oldest[sid] = hour
+                        changes[series_key(sid, 0)] = _U32.pack(hour)
+            await self._trim(config, now, oldest.get(sid), changes, oldest)
         if changes:
             await self._store.meta_write(changes)
-        return active
+        self._seen.update(seen)
+        self._blocks.update(blocks)
+        self._oldest.update(oldest)
+        for sid in [s for s in self._seen if self._catalogue.by_id(s) is None]:   # deleted meanwhile
+            self._drop_memory(sid)
+        return len(seen)
 
-    def _take(self, sid: int, stats: StreamStats) -> tuple[list[int], dict[int, list[int]]] | None:
+    def _delta(self, sid: int, snapshot: tuple[list[int], dict[int, list[int]]]) \
+            -> tuple[list[int], dict[int, list[int]]] | None:
         """The counters' change since the last flush (None: nothing happened)."""
-        stream, partitions = _snapshot(stats)
+        stream, partitions = snapshot
         old_stream, old_partitions = self._seen.get(sid, (None, {}))
-        self._seen[sid] = (stream, partitions)
         d_stream = _minus(stream, old_stream)
         d_parts = {p: d for p, v in partitions.items() if any(d := _minus(v, old_partitions.get(p)))}
         return (d_stream, d_parts) if any(d_stream) or d_parts else None
@@ -195,7 +206,6 @@ class MetricSeries:
             return held[1]
         raw = await self._store.meta_get(series_key(sid, hour))   # a restart within the hour
         block: Block = json.loads(raw) if raw else {}
-        self._blocks[sid] = (hour, block)
         return block
 
     async def _oldest_hour(self, sid: int) -> int | None:
@@ -206,22 +216,18 @@ class MetricSeries:
             self._oldest[sid] = _U32.unpack(raw)[0]
         return self._oldest[sid]
 
-    async def _note_hour(self, sid: int, hour: int, changes: dict[bytes, bytes | None]) -> None:
-        oldest = await self._oldest_hour(sid)
-        if oldest is None or hour < oldest:
-            self._oldest[sid] = hour
-            changes[series_key(sid, 0)] = _U32.pack(hour)
-
-    async def _trim(self, config: StreamConfig, now: int, changes: dict[bytes, bytes | None]) -> None:
+    async def _trim(self, config: StreamConfig, now: int, staged: int | None, changes: dict[bytes, bytes | None],
+                    oldest: dict[int, int]) -> None:
         """Delete the hours wholly before the retention window (the hour holding its start stays)."""
-        oldest = await self._oldest_hour(config.stream_id)
+        sid = config.stream_id
+        first = staged if staged is not None else await self._oldest_hour(sid)
         cutoff = max((now - config.retention_ms) // HOUR_MS, 1)
-        if oldest is None or oldest >= cutoff:
+        if first is None or first >= cutoff:
             return
-        for hour in range(oldest, cutoff):
-            changes[series_key(config.stream_id, hour)] = None
-        self._oldest[config.stream_id] = cutoff
-        changes[series_key(config.stream_id, 0)] = _U32.pack(cutoff)
+        for hour in range(first, cutoff):
+            changes[series_key(sid, hour)] = None
+        oldest[sid] = cutoff
+        changes[series_key(sid, 0)] = _U32.pack(cutoff)
 
     def _drop_memory(self, sid: int) -> None:
         self._seen.pop(sid, None)
@@ -249,7 +255,7 @@ class MetricSeries:
         live = self._pending(config.stream_id)
         if live is not None and first <= now // MINUTE_MS <= last:
             m = now // MINUTE_MS
-            rows[m] = _add_row(copy.deepcopy(rows[m]) if m in rows else None, *live)
+            rows[m] = _add_row(rows.get(m), *live)
         out: dict[str, list[tuple[int, int]]] = {}
         for label in labels:
             points = []

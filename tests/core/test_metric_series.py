@@ -188,3 +188,26 @@ async def test_throttled_records_counted_per_partition(store: MemoryStore, clock
     assert {label: points[-1][1] for label, points in got.items()} == {
         "traffic_control_put": 1, "total_put_records_per_stream": 5}
     await b.close()
+
+
+async def test_a_failed_flush_takes_nothing(store: MemoryStore, clock: FakeClock) -> None:
+    """The store refuses the write (a full disk): the minute's counts are added by the next flush."""
+    b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+    await b.start()
+    await b.create_stream("s1", 1)
+    await put(b, "s1", 0, [1, 1])
+    minute = T0 // MINUTE
+    real_write = store.meta_write
+
+    async def refuse(changes: dict[bytes, bytes | None]) -> None:
+        raise OSError("no space left on device")
+
+    store.meta_write = refuse   # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        await b.metric_series.flush(minute)
+    store.meta_write = real_write   # type: ignore[method-assign]
+    clock.now += MINUTE
+    await b.metric_series.flush(minute + 1)
+    assert await series(b, "s1", "total_put_records_per_stream", T0, clock.now) == [
+        (minute * 60, 0), ((minute + 1) * 60, 2)]
+    await b.close()

@@ -147,7 +147,15 @@ def test_metrics_behind_an_auth_file(start_broker: Callable[..., BrokerProcess],
     assert status == 401 and "DIS.4107" in body
     status, body = get(proc.http_url + "/metrics", {"X-Api-Key": producer})
     assert status == 403 and "DIS.4116" in body
+    from client.errors import PermissionDenied, Unauthenticated
+
+    with Client(f"127.0.0.1:{proc.grpc_port}") as anonymous, pytest.raises(Unauthenticated):
+        anonymous.list_streams()
+    with Client(f"127.0.0.1:{proc.grpc_port}", api_key=producer) as weak, pytest.raises(PermissionDenied):
+        weak.create_stream("nope", 1)
     m = scrape(proc.http_url, {"X-Api-Key": admin})
+    assert value(m, "sluice_auth_failures_total", door="grpc", code="DIS.4101", reason="AUTH_MISSING") == 1
+    assert value(m, "sluice_auth_failures_total", door="grpc", code="DIS.4116", reason="PERMISSION_DENIED") == 1
     assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4101", reason="AUTH_MISSING") == 1
     assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4107", reason="AUTH_UNKNOWN_KEY") == 1
     assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4116", reason="PERMISSION_DENIED") == 1

@@ -39,6 +39,9 @@ from broker.errors import BrokerError, ErrorCode, client_error, server_error
 log = logging.getLogger(__name__)
 
 REQUEST_ID = "X-Request-Id"
+# A client's request id is echoed only when it is a plain token: other bytes (a lone 0x80 went back
+# as an empty header) or kilobytes of text get a fresh id instead.
+_CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _DECIMAL = re.compile(r"-?[0-9]+")
 # What aiohttp's parser decodes (it answers 400 itself for br/zstd when their library is absent).
 # Any other coding would hand the handler bytes that are not what the client meant.
@@ -101,12 +104,17 @@ def json_response(payload: Any, status: int = 200) -> web.Response:
 
 # -- request ids and error responses --------------------------------------------------------------
 
+def client_request_id(headers: Mapping[str, str]) -> str:
+    """The client's `X-Request-Id` if it is 1-128 visible ASCII characters, else a fresh one."""
+    rid = headers.get(REQUEST_ID)
+    return rid if rid is not None and _CLIENT_REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+
+
 def request_id(request: web.Request) -> str:
-    """The client's `X-Request-Id` if it sent one, else a fresh one; the same for the whole request."""
+    """The request's id (client_request_id), the same for the whole request."""
     rid: str | None = request.get(_REQUEST_ID_SLOT)
     if rid is None:
-        rid = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-        request[_REQUEST_ID_SLOT] = rid
+        rid = request[_REQUEST_ID_SLOT] = client_request_id(request.headers)
     return rid
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -33,10 +32,10 @@ from aiohttp.http_exceptions import ContentEncodingError
 from broker.api import dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
     RENDERER,
-    REQUEST_ID,
     HttpConfig,
     Renderer,
     brief,
+    client_request_id,
     error_middleware,
     error_response,
     reset,
@@ -195,10 +194,20 @@ class _RequestHandler(web.RequestHandler):
             super().handle_error(request, status, exc, message)  # for its log line with the traceback
         else:
             log.debug("rejected a malformed HTTP request from %s: %s", request.remote, message or exc)
-        rid = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        rid = client_request_id(request.headers)
         response = error_response(self.renderer, _parser_error(status, exc, message, rid), rid)
         response.force_close()  # the parser's state is unknown: this connection ends here
         return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # A body that does not decode (junk under `Content-Encoding: gzip`, a broken chunked framing)
+        # was answered 400 already; aiohttp meets its error again when it drains the body after the
+        # answer, and would log it at ERROR with a traceback: one per such request, any client's to send.
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError):
+            log.debug("dropped a connection whose request body did not decode: %s", brief(exc))
+            return
+        super().log_exception(*args, **kw)
 
 
 class _Server(web.Server):

@@ -67,7 +67,10 @@ async def tail(request: web.Request) -> web.StreamResponse:
         batch = await anext(batches, None)
         if batch is None:
             raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:   # the consumer left while it waited for its first batch
+            return response
         while batch is not None:
             if batch.records:
                 event = b"id: %d\nevent: records\ndata: " % (batch.records[-1].seq + 1)

@@ -71,6 +71,12 @@ class Typed:
         return self.value is not _NO_VALUE
 
 
+def _as(t: Typed, dtype: pl.DataType) -> Typed:
+    """A NULL-typed operand as a null of `dtype`: Polars refuses string, numeric and logical
+    operations on its untyped null (`abs(null)`, `lower(null)`, `not null` failed at run time)."""
+    return Typed(t.expr.cast(dtype), t.type, t.value) if kind(t.type) == NULL else t
+
+
 def is_aggregate(node: exp.Expression) -> bool:
     return isinstance(node, AGGREGATES) or (
         isinstance(node, exp.Anonymous) and node.name.lower() in DISTINCT_AGGREGATES)
@@ -122,7 +128,7 @@ def cast(t: Typed, target: str) -> Typed:
             out = e.str.strip_chars().cast(dtype, strict=False)
     elif dst in ("datetime64", "datetime"):
         if src in ("int", "uint", "float"):   # numbers are Unix seconds, as toDateTime(n)
-            out = pl.from_epoch((e.cast(pl.Float64) * 1000).cast(pl.Int64), "ms")
+            out = pl.from_epoch((e.cast(pl.Float64) * 1000).cast(pl.Int64, strict=False), "ms")
         elif src in ("datetime64", "datetime", "date", NULL):
             out = e.cast(pl.Datetime("ms"))
         else:
@@ -226,7 +232,7 @@ class ExprCompiler:
         t = self.compile(node)
         k = kind(t.type)
         if k in ("bool", NULL):
-            return t
+            return _as(t, pl.Boolean())
         if is_numeric(t.type):
             return Typed(t.expr != 0, "bool")
         raise _mismatch(f"{node.sql('clickhouse')} is {t.type}, a condition must be bool")
@@ -270,6 +276,8 @@ class ExprCompiler:
             raise _mismatch(f"cannot negate {t.type}")
         if t.is_literal and isinstance(t.value, (int, float)):
             return Typed(pl.lit(-t.value), t.type, -t.value)
+        if kind(t.type) == NULL:
+            return _as(t, pl.Float64())
         if kind(t.type) == "uint":   # Polars cannot negate an unsigned column
             return Typed(-t.expr.cast(pl.Int64, strict=False), "int64")
         return Typed(-t.expr, t.type)
@@ -281,7 +289,9 @@ class ExprCompiler:
             raise _mismatch(f"{op} of {a.type} and {b.type}")
         result = _numeric_result(a.type, b.type)
         dtype = dtypes.polars_dtype(result)
-        x, y = a.expr.cast(dtype), b.expr.cast(dtype)
+        # not strict: a value the result type cannot hold (uint64 2^64-1 in int32 + uint64 -> int64)
+        # is null, as in every other cast here; strict, it failed the whole query at run time
+        x, y = a.expr.cast(dtype, strict=False), b.expr.cast(dtype, strict=False)
         out = {"add": x + y, "sub": x - y, "mul": x * y, "mod": x % y}[op]
         return Typed(out, result)
 
@@ -339,7 +349,7 @@ class ExprCompiler:
             raise _mismatch(f"LIKE needs a string, got {t.type}")
         if not (pattern.is_literal and isinstance(pattern.value, str)):
             raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="LIKE needs a constant pattern")
-        out = t.expr.str.contains(_like_regex(pattern.value, case_insensitive))
+        out = _as(t, pl.String()).expr.str.contains(_like_regex(pattern.value, case_insensitive))
         return Typed(out.not_() if node.args.get("negate") else out, "bool")
 
     def _Like(self, node: exp.Like) -> Typed:
@@ -365,15 +375,19 @@ class ExprCompiler:
             ok = all(isinstance(v, str) for v in values)
         if not ok:
             raise _mismatch(f"IN list does not match {t.type}")
-        if kind(t.type) in ("datetime64", "datetime", "date"):
+        if not values:   # NULLs only: they match nothing (Polars has no is_in of an untyped empty list)
+            found = pl.when(t.expr.is_null()).then(None).otherwise(False)
+        elif kind(t.type) in ("datetime64", "datetime", "date"):
             series = pl.Series(values, dtype=pl.String)
             lit = pl.select(parse_time(pl.lit(series))).to_series()
-            return Typed(t.expr.cast(pl.Datetime("ms")).is_in(lit.implode()), "bool")
-        if k in ("int", "uint", "bool") and any(isinstance(v, float) for v in values):
-            return Typed(t.expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64).implode()),
-                         "bool")
-        dtype = dtypes.polars_dtype(t.type) if values else pl.String()
-        return Typed(t.expr.is_in(pl.Series(values, dtype=dtype, strict=False).implode()), "bool")
+            found = t.expr.cast(pl.Datetime("ms")).is_in(lit.implode())
+        elif k in ("int", "uint", "bool") and any(isinstance(v, float) for v in values):
+            found = t.expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64).implode())
+        else:
+            found = t.expr.is_in(pl.Series(values, dtype=dtypes.polars_dtype(t.type), strict=False).implode())
+        # `1 in (1, 2)`, `abs(-1) in (1)`: Polars does not broadcast is_in of a constant (one row
+        # beside the batch's rows is a ShapeError when the query runs); a scalar broadcasts
+        return Typed(found if found.meta.root_names() else found.first(), "bool")
 
     def _Cast(self, node: exp.Cast) -> Typed:
         return cast(self.compile(node.this), cast_target(node.args["to"]))
@@ -459,13 +473,13 @@ class ExprCompiler:
         t = self.compile(node)
         if kind(t.type) not in ("string", "json", NULL):
             raise _mismatch(f"{name}() takes a string, got {t.type}")
-        return t
+        return _as(t, pl.String())
 
     def _numeric_arg(self, name: str, node: exp.Expression) -> Typed:
         t = self.compile(node)
         if not is_numeric(t.type):
             raise _mismatch(f"{name}() takes a number, got {t.type}")
-        return t
+        return _as(t, pl.Float64())
 
     def _json(self, node: exp.Anonymous) -> Typed:
         column, path = node.expressions

@@ -26,6 +26,8 @@
       limits.py          limits and validation of names, pages and sequence numbers
       throttle.py        PartitionThrottle: write limits per partition (token buckets), THROTTLED for the excess
       queries.py         Queries: streaming SQL queries, one task each over the read path; bounded results
+      stats.py           BrokerStats: plain counters and histograms of the work done (per batch, never per record)
+      metric_series.py   MetricSeries: the DIS monitoring series, one durable row per stream and minute
     storage/
       __init__.py        the registry: open_store(settings) builds the store a setting names
       base.py            the async Store interface, its capabilities, its contract
@@ -49,6 +51,7 @@
       render.py          BrokerError -> DIS, Timeplus and OpenTSDB bodies, HTTP and gRPC statuses
       grpc_service.py    the gRPC door (sluice.v1): @rpc(Action) per RPC; project from the bearer key or sluice-project
       grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
+      metrics.py         Prometheus /metrics (a scrape-time collector over core/stats.py), /healthz, /readyz
     sources/             managed ingest jobs (generator, websocket, NATS, JetStream) appending like any producer
       model.py           SourceDef (durable definition, in the store's metadata) and SourceState (live counters)
       props.py           reading and checking a definition's properties: BAD_SOURCE naming the property

@@ -29,6 +29,8 @@ from broker.startup import StartupError
 def _announce(settings: Settings, auth: Auth) -> Callable[[Running], None]:
     def ready(running: Running) -> None:
         tsdb = f" tsdb={settings.host}:{running.tsdb_port}" if running.tsdb_port is not None else ""
+        if running.metrics_port is not None:
+            tsdb += f" metrics={settings.host}:{running.metrics_port}"
         print(f"sluice ready grpc={settings.host}:{running.grpc_port} http={settings.host}:{running.http_port}"
               + tsdb + (" tls=on" if running.tls else "") + (" auth=on" if auth.enabled else " auth=off"),
               flush=True)

@@ -29,6 +29,7 @@ from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.api.limits import ClientLimits, GrpcLimits
+from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_app
 from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
 from broker.core.limits import DEFAULT_LIMITS
@@ -48,6 +49,7 @@ log = logging.getLogger("sluice")
 _DRAIN_QUIET_S = 0.1
 _TRIM_EVERY_S = 30.0   # freed heap pages go back to the OS at most this late (malloc.py)
 _STORAGE_HEALTH_EVERY_S = 0.5   # health follows the store's state at most this late
+_SERIES_LAG_S = 1.0   # the monitoring series' minute is stored this long after it ends (late commits)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Running:
     http_port: int
     tsdb_port: int | None = None
     tls: bool = False   # the doors serve TLS (--tls-cert/--tls-key)
+    metrics_port: int | None = None   # --metrics-port: /metrics, /healthz and /readyz alone
 
 
 async def _retention_loop(broker: Broker, interval: float) -> None:
@@ -69,6 +72,18 @@ async def _retention_loop(broker: Broker, interval: float) -> None:
                 log.info("retention trimmed %d partitions", moved)
         except Exception:
             log.exception("retention pass failed; will retry")
+
+
+async def _series_loop(broker: Broker) -> None:
+    """Once a minute, just after it ends: store the minute's DIS monitoring row of every active
+    stream and trim the hours past retention (core/metric_series.py)."""
+    while True:
+        now = time.time()
+        await asyncio.sleep(60 - now % 60 + _SERIES_LAG_S)
+        try:
+            await broker.metric_series.flush(int(time.time() // 60) - 1)
+        except Exception:
+            log.exception("storing the monitoring series failed; the next minute adds its counts")
 
 
 async def _storage_health(broker: Broker, health: HealthServicer, interval: float) -> None:
@@ -155,9 +170,13 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     sources = Sources(broker)
 
     tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)
+    health = Health(broker)
+    exporter = Exporter(BrokerCollector(broker, sources, settings.data_dir if settings.store == "rocksdb" else None),
+                        health, auth)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources,
-                                       tsdb_stream=tsdb_stream, auth=auth, client_limits=_client_limits(settings)),
+                                       tsdb_stream=tsdb_stream, auth=auth, client_limits=_client_limits(settings),
+                                       exporter=exporter),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
@@ -165,15 +184,21 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     if settings.tsdb_port is not None:   # the OpenTSDB door alone on its own port, same stream and registry
         runners.append(HttpRunner(build_tsdb_http_app(broker, tsdb_stream, body_timeout_s=settings.body_timeout,
                                                       stall_timeout_s=settings.idle_timeout, auth=auth,
-                                                      client_limits=_client_limits(settings)),
+                                                      client_limits=_client_limits(settings), exporter=exporter),
                                   keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                                   access_log=None, handle_signals=False))
         await runners[-1].setup()
+    metrics_runner: HttpRunner | None = None
+    if settings.metrics_port is not None:   # /metrics, /healthz, /readyz alone (open: see api/metrics.py)
+        metrics_runner = HttpRunner(build_metrics_app(exporter), keepalive_timeout=settings.idle_timeout,
+                                    shutdown_timeout=1.0, access_log=None, handle_signals=False)
+        await metrics_runner.setup()
+        runners.append(metrics_runner)
     server = _grpc_server(settings, max_message)
     servicer = SluiceServicer(broker, sources, auth=auth)
     add_servicer(servicer, server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    grpc_health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(grpc_health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     # definitions loaded (and every source wanted running started) before a door can take a verb
@@ -188,6 +213,11 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             with explain_bind_failure(settings, "tsdb_port"):
                 await Site(runners[1], settings.host, settings.tsdb_port, ssl_context=ssl_context).start()
             tsdb_port = runners[1].addresses[0][1]
+        metrics_port = None
+        if metrics_runner is not None:
+            with explain_bind_failure(settings, "metrics_port"):
+                await Site(metrics_runner, settings.host, settings.metrics_port, ssl_context=ssl_context).start()
+            metrics_port = metrics_runner.addresses[0][1]
         with explain_bind_failure(settings, "grpc_port"):
             probe_port(settings.host, settings.grpc_port)
             address = f"{settings.host}:{settings.grpc_port}"
@@ -202,14 +232,18 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await store.close()
         raise
     for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await grpc_health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health.listening = True
 
     retention = asyncio.create_task(_retention_loop(broker, settings.retention_interval), name="sluice-retention")
     trimming = asyncio.create_task(_trim_loop(_TRIM_EVERY_S), name="sluice-malloc-trim")
-    storage_health = asyncio.create_task(_storage_health(broker, health, _STORAGE_HEALTH_EVERY_S),
+    storage_health = asyncio.create_task(_storage_health(broker, grpc_health, _STORAGE_HEALTH_EVERY_S),
                                          name="sluice-storage-health")
-    running = Running(broker, grpc_port, http_port, tsdb_port, tls is not None)
+    series = asyncio.create_task(_series_loop(broker), name="sluice-metric-series")
+    running = Running(broker, grpc_port, http_port, tsdb_port, tls is not None, metrics_port)
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
+    if metrics_port is not None:
+        tsdb_address += f" metrics={settings.host}:{metrics_port}"
     log.info("sluice ready grpc=%s:%d http=%s:%d%s%s auth=%s data_dir=%s store=%s", settings.host, grpc_port,
              settings.host, http_port, tsdb_address, " tls=on" if tls else "", "on" if auth.enabled else "off",
              settings.data_dir, settings.store)
@@ -222,7 +256,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight requests")
-        await health.enter_graceful_shutdown()
+        health.listening = False   # /readyz answers 503 from now on
+        await grpc_health.enter_graceful_shutdown()
         await sources.close()     # bounded: a stuck job does not hold the stop
         broker.begin_shutdown()   # long polls answer now, subscriptions end
         servicer.start_draining()
@@ -235,7 +270,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
         await asyncio.gather(*(r.cleanup() for r in runners), stop_grpc())
-        for task in (retention, trimming, storage_health):
+        for task in (retention, trimming, storage_health, series):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

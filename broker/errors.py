@@ -21,6 +21,11 @@ class ErrorCode(Enum):
     INVALID_REQUEST        = (400, "INVALID_ARGUMENT",    "DIS.4200",   36, "Invalid request. {detail}")
     INVALID_PARTITION_ID   = (400, "INVALID_ARGUMENT",    "DIS.4201",   36, "Invalid partition_id [{partition_id}]")
     EMPTY_REQUEST          = (400, "INVALID_ARGUMENT",    "DIS.4202",   36, "Empty request. {detail}")
+    # The DIS monitoring API (show_stream_metrics / show_partition_metrics): DIS's own messages.
+    INVALID_METRICS_PERIOD = (400, "INVALID_ARGUMENT",    "DIS.4203",   36, "Invalid monitoring period. {detail}")
+    METRICS_PERIOD_TOO_LONG = (400, "OUT_OF_RANGE",       "DIS.4204",   36,
+                               "The monitoring period cannot be longer than 7 days")
+    INVALID_METRICS_LABEL  = (400, "INVALID_ARGUMENT",    "DIS.4209",   36, "Invalid metrics label. {detail}")
     INVALID_CURSOR_TYPE    = (400, "INVALID_ARGUMENT",    "DIS.4215",   36, "Invalid cursor type [{cursor_type}]")
     INVALID_SEQUENCE       = (400, "INVALID_ARGUMENT",    "DIS.4216",   36, "Invalid sequence_number [{value}]")
     INVALID_CURSOR         = (400, "INVALID_ARGUMENT",    "DIS.4217",   36, "Invalid partition cursor. {detail}")

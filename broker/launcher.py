@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 READY = re.compile(r"sluice ready grpc=(\S+):(\d+) http=(\S+):(\d+)(?: tsdb=\S+:(\d+))?")
+METRICS = re.compile(r" metrics=\S+:(\d+)")
 TLS_ON = re.compile(r" tls=on\b")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,7 @@ class BrokerProcess:
         self.grpc_port = 0
         self.http_port = 0
         self.tsdb_port: int | None = None   # with --tsdb-port: the OpenTSDB door's own port
+        self.metrics_port: int | None = None   # with --metrics-port: /metrics, /healthz, /readyz alone
         self.tls = False                    # with --tls-cert: the doors speak TLS (https://)
         self.stderr_lines: list[str] = []
         self._stderr_reader: threading.Thread | None = None
@@ -68,6 +70,8 @@ class BrokerProcess:
         self.grpc_port, self.http_port = int(found[0].group(2)), int(found[0].group(4))
         self.tsdb_port = int(found[0].group(5)) if found[0].group(5) else None
         self.tls = TLS_ON.search(found[0].string) is not None
+        metrics = METRICS.search(found[0].string)
+        self.metrics_port = int(metrics.group(1)) if metrics else None
         return self
 
     def _drain_stderr(self) -> None:

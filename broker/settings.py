@@ -32,6 +32,7 @@ class Settings:
     tsdb_stream: str = "tsdb"
     tsdb_project: str = "default"
     tsdb_port: int | None = None
+    metrics_port: int | None = None
     auth_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -73,12 +74,15 @@ _HELP = {
     "max_requests_per_client": "requests one client address may have in progress at once on each door; more get "
                                "429 / RESOURCE_EXHAUSTED",
     "max_subscriptions_per_client": "open push subscriptions, tails and streaming queries per client address",
+    "metrics_port": "also serve /metrics (Prometheus, open even with --auth-file), /healthz and /readyz alone on "
+                    "this port (0 = any free port); /metrics on --http-port takes an admin API key when "
+                    "--auth-file is set",
     "tsdb_port": "also serve the OpenTSDB door alone on this port (HiTSDB's convention; 0 = any free port); "
                  "by default it is served on --http-port only",
 }
 
 # Options without a default value: their type.
-_OPTIONAL = {"tsdb_port": int, "auth_file": str, "tls_cert": str, "tls_key": str}
+_OPTIONAL = {"tsdb_port": int, "metrics_port": int, "auth_file": str, "tls_cert": str, "tls_key": str}
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -148,6 +152,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tsdb_project": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,
                      "1-64 characters of A-Z, a-z, 0-9, _ and -"),
     "tsdb_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
+    "metrics_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
     "auth_file": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
     "tls_cert": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
     "tls_key": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
@@ -203,7 +208,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
             flag, env = _flag_name(name), _env_name(name)
             source = flag if _given_on_command_line(flag, argv) or env not in environ else f"environment variable {env}"
             parser.error(f"{source} must be {must_be}, not {value!r}")
-    ports = [(name, getattr(args, name)) for name in ("grpc_port", "http_port", "tsdb_port")]
+    ports = [(name, getattr(args, name)) for name in ("grpc_port", "http_port", "tsdb_port", "metrics_port")]
     for i, (a, port_a) in enumerate(ports):
         for b, port_b in ports[i + 1:]:
             if port_a == port_b and port_a:   # 0 and None never clash

@@ -148,7 +148,8 @@ def explain_store_failure(settings: Settings) -> Iterator[None]:
                            + (f" ({cause})" if cause else "")) from exc
 
 
-_DOORS = {"http_port": "the DIS REST door", "grpc_port": "the gRPC door", "tsdb_port": "the OpenTSDB door"}
+_DOORS = {"http_port": "the DIS REST door", "grpc_port": "the gRPC door", "tsdb_port": "the OpenTSDB door",
+          "metrics_port": "the metrics endpoint"}
 
 
 @contextlib.contextmanager

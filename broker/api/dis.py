@@ -247,6 +247,34 @@ async def delete_checkpoint(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# -- monitoring (spec section 3: show_stream_metrics, show_partition_metrics) ----------------------
+
+def _metrics(series: dict[str, list[tuple[int, int]]]) -> list[dict[str, Any]]:
+    """DIS `Metrics` objects: note the camel-case `dataPoints` (the SDK's attribute_map)."""
+    return [{"label": label, "dataPoints": [{"timestamp": t, "value": v} for t, v in points]}
+            for label, points in series.items()]
+
+
+async def show_stream_metrics(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    q = request.query
+    series = await broker.stream_metrics(request.match_info["stream_name"], q.get("label"), q.get("label_list"),
+                                         q.get("start_time"), q.get("end_time"), project=project)
+    metrics = _metrics(series)
+    return json_response({"metrics": metrics[0], "metrics_list": metrics})
+
+
+async def show_partition_metrics(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    q = request.query
+    series = await broker.stream_metrics(request.match_info["stream_name"], q.get("label"), q.get("label_list"),
+                                         q.get("start_time"), q.get("end_time"),
+                                         request.match_info["partition_id"], project=project)
+    metrics = _metrics(series)
+    # DIS's answer has `metrics` only; with a label_list the others follow in `metrics_list` [ours]
+    return json_response({"metrics": metrics[0], "metrics_list": metrics})
+
+
 # -- credentials (spec section 7) -------------------------------------------------------------------
 
 def signature_guard(auth: Auth) -> Guard:
@@ -290,6 +318,9 @@ ROUTES: list[tuple[str, str, Handler, Action]] = [
     ("GET", "/{project_id}/apps/{app_name}", describe_app, Action.DESCRIBE),
     ("DELETE", "/{project_id}/apps/{app_name}", delete_app, Action.MANAGE),
     ("GET", "/{project_id}/apps/{app_name}/streams/{stream_name}", consumer_state, Action.DESCRIBE),
+    ("GET", "/{project_id}/streams/{stream_name}/metrics", show_stream_metrics, Action.DESCRIBE),
+    ("GET", "/{project_id}/streams/{stream_name}/partitions/{partition_id}/metrics", show_partition_metrics,
+     Action.DESCRIBE),
     ("POST", "/{project_id}/checkpoints", commit_checkpoint, Action.CHECKPOINT),
     ("GET", "/{project_id}/checkpoints", get_checkpoint, Action.READ),
     ("DELETE", "/{project_id}/checkpoints", delete_checkpoint, Action.CHECKPOINT),

@@ -136,13 +136,21 @@ def _bearer_token(value: str | None) -> str | None:
     return token.strip()
 
 
+def _snake(name: str) -> str:
+    """PutRecords -> put_records."""
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
 def rpc(action: Action) -> Callable[[Rpc], Rpc]:
     """`@rpc(Action.X)`: the decode check, who may call (with auth on), the project, and the one
     error mapping for every RPC. Every RPC is exactly one Action (see broker/auth/roles.py)."""
     def decorate(method: Rpc) -> Rpc:
+        verb = _snake(method.__name__)   # metrics: the same verb names as the HTTP doors' routes
+
         @functools.wraps(method)
         async def wrapper(self: SluiceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            error: BrokerError
+            error: BrokerError | None = None
+            began = time.perf_counter()
             self._active += 1
             try:
                 if self._draining:
@@ -164,6 +172,7 @@ def rpc(action: Action) -> Callable[[Rpc], Rpc]:
                 await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
             finally:
                 self._active -= 1
+                self._broker.stats.observe_request("grpc", verb, time.perf_counter() - began, error)
                 # refused calls count too: while clients keep calling, grpc core holds calls it has not
                 # handed over yet, and stopping then would answer those CANCELLED (not retried by
                 # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
@@ -171,7 +172,8 @@ def add_routes(app: web.Application, routes: Sequence[tuple[str, str, Handler, A
     With a guard (auth on) each handler is wrapped in its door's check for that Action; without
     one the handler is registered as it is, so an open broker pays nothing per request."""
     for method, path, handler, action in routes:
-        route = handler if guard is None else guard(handler, action)
+        # wrapped keeps the handler's name and module: metrics label requests by them (api/metrics.py)
+        route = handler if guard is None else functools.update_wrapper(guard(handler, action), handler)
         for prefix in prefixes:
             app.router.add_route(method, prefix + path, route)
 

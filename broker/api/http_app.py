@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from broker.api import dis, limits, tail, timeplus, tsdb
+from broker.api import dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
     RENDERER,
     HttpConfig,
@@ -60,12 +60,14 @@ def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> Ht
 
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
                    sources: Sources | None = None, tsdb_stream: TsdbStream | None = None,
-                   auth: Auth | None = None, client_limits: limits.ClientLimits | None = None) -> web.Application:
+                   auth: Auth | None = None, client_limits: limits.ClientLimits | None = None,
+                   exporter: metrics.Exporter | None = None) -> web.Application:
     """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
-    makes its own, started and closed with the app. `tsdb_stream`: where the OpenTSDB door writes
-    (default: stream `tsdb` of the default project). `auth`: the credentials every door checks
-    (None or not enabled: an open broker, no check at all). `client_limits`: this port's
-    per-client limits (api/limits.py); None: none."""
+    makes its own, started and closed with the app. `exporter`: /metrics, /healthz and /readyz
+    (api/metrics.py; app.py makes one per broker; without it the app makes its own).
+    `tsdb_stream`: where the OpenTSDB door writes (default: stream `tsdb` of the default project).
+    `auth`: the credentials every door checks (None or not enabled: an open broker, no check at all).
+    `client_limits`: this port's per-client limits (api/limits.py); None: none."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
     doors = {dis.PREFIX: dis.build_app(broker, config, auth), tail.PREFIX: tail.build_app(broker, config, auth)}
     owned = sources is None
@@ -76,7 +78,8 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER]), (tsdb.OWNED, TSDB)]
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
-    root = web.Application(middlewares=[error_middleware(owners, FALLBACK), *_limited(client_limits)],
+    root = web.Application(middlewares=[error_middleware(owners, FALLBACK), *_limited(client_limits),
+                                        metrics.request_timer(broker)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
     if client_limits is not None:
@@ -85,6 +88,10 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
         root.add_subapp(prefix, door)
     timeplus.mount(root, tp)   # its paths start with a workspace: matched by rule, not prefix
     tsdb.mount(root, ts)       # beside Timeplus under /api: matched by rule too
+    if exporter is None:
+        exporter = metrics.Exporter(metrics.BrokerCollector(broker, sources), metrics.Health(broker), auth)
+        exporter.health.listening = True   # an app built alone (tests): ready once it serves
+    metrics.add_routes(root, exporter)
     if owned:
         async def start_sources(_: web.Application) -> None:
             await sources.start()
@@ -99,16 +106,21 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
 
 def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout_s: float,
                         stall_timeout_s: float = 60.0, auth: Auth | None = None,
-                        client_limits: limits.ClientLimits | None = None) -> web.Application:
+                        client_limits: limits.ClientLimits | None = None,
+                        exporter: metrics.Exporter | None = None) -> web.Application:
     """The OpenTSDB door alone (the HiTSDB port convention, `--tsdb-port`); every error on this
-    port, unknown paths and parser rejections included, is an OpenTSDB error object."""
+    port, unknown paths and parser rejections included, is an OpenTSDB error object. With
+    `exporter`: /healthz and /readyz too (not /metrics: that is the HTTP port's or --metrics-port's)."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
-    root = web.Application(middlewares=[error_middleware([], TSDB), *_limited(client_limits)],
+    root = web.Application(middlewares=[error_middleware([], TSDB), *_limited(client_limits),
+                                        metrics.request_timer(broker)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
     if client_limits is not None:
         root[limits.CLIENT_LIMITS] = client_limits
     tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream, auth))
+    if exporter is not None:
+        metrics.add_routes(root, exporter, metrics=False)
     return root
 
 

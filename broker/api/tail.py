@@ -19,6 +19,7 @@ waits for the socket to drain, and a write that cannot drain in time ends the st
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import orjson
 from aiohttp import web
@@ -98,5 +99,5 @@ def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> w
     """The tail door, mounted at `PREFIX`; its errors are DIS bodies like its payloads."""
     app = door_app(broker, config, DIS)
     guard = api_key_guard(auth, _project) if auth is not None and auth.enabled else None
-    app.router.add_get("/v1/tail", tail if guard is None else guard(tail, Action.READ))
+    app.router.add_get("/v1/tail", tail if guard is None else functools.update_wrapper(guard(tail, Action.READ), tail))
     return app

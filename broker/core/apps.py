@@ -7,6 +7,9 @@ Metadata key layout (under the store's metadata namespace; see storage/keys.py):
                                                                   JSON {"seq", "metadata", "stream"}
     b"K"                                                          the cursor key (32 random bytes)
 
+Other kinds in the same namespace: b"S" sources (sources/model.py), b"T" tsdb series types
+(tsdb/series.py), b"Z" the DIS monitoring series (core/metric_series.py).
+
 Apps belong to a project, like streams. Checkpoints are keyed by the stream's id, not its name,
 so a deleted-and-recreated stream never inherits the old stream's positions; delete_stream
 removes them. Project and app names are [A-Za-z0-9_-], so the NUL separator cannot occur inside
@@ -94,8 +97,11 @@ def decode_app(name: str, raw: bytes, stream_names: tuple[str, ...] = ()) -> App
     return AppInfo(name, obj["app_id"], obj["created_ms"], stream_names)
 
 
+CHECKPOINT_KIND = b"C"   # every checkpoint of every project starts with it
+
+
 def checkpoint_prefix(project: str, app: str) -> bytes:
-    return b"C" + project.encode() + b"\0" + app.encode() + b"\0"
+    return CHECKPOINT_KIND + project.encode() + b"\0" + app.encode() + b"\0"
 
 
 def checkpoint_key(project: str, app: str, stream_id: int, partition: int) -> bytes:

@@ -16,6 +16,7 @@ returns and which `ErrorCode`s it raises; none blocks the event loop (the store 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import AsyncGenerator, Callable, Mapping, Sequence
 
@@ -25,10 +26,12 @@ from broker.core.consumers import Consumers
 from broker.core.groups import ConsumerGroups
 from broker.core.leases import Leases, LocalLeases
 from broker.core.limits import DEFAULT_LIMITS, Limits
+from broker.core.metric_series import PARTITION_LABELS, STREAM_LABELS, MetricSeries, parse_labels, parse_period
 from broker.core.notify import WriteNotifier
 from broker.core.queries import Queries
 from broker.core.reads import ReadPath
 from broker.core.retention import enforce_retention
+from broker.core.stats import BrokerStats
 from broker.core.writer import Committer
 from broker.core.writes import WritePath
 from broker.errors import BrokerError
@@ -45,6 +48,8 @@ from broker.model import (
 )
 from broker.storage.base import StorageState, Store
 
+log = logging.getLogger(__name__)
+
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -59,10 +64,12 @@ class Broker:
         self._now = clock_ms
         self._cursor_secret = cursor_secret
         self.notifier = WriteNotifier()
-        self.committer = Committer(store)
+        self.stats = BrokerStats()   # plain counters for metrics (core/stats.py)
+        self.committer = Committer(store, self.stats)
         self.catalogue = StreamCatalogue(store, limits, clock_ms)
-        self.writes = WritePath(self.catalogue, self.committer, self.notifier, limits, clock_ms)
-        self.reads = ReadPath(self.catalogue, store, self.notifier, limits, clock_ms)
+        self.writes = WritePath(self.catalogue, self.committer, self.notifier, limits, clock_ms, self.stats)
+        self.reads = ReadPath(self.catalogue, store, self.notifier, limits, clock_ms, self.stats)
+        self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
         # leases: see leases.py for the restart grace that started_ms enables
         self.queries = Queries(self.catalogue, self.reads, store, clock_ms)
@@ -94,6 +101,10 @@ class Broker:
         self.begin_shutdown()
         await self.queries.close()
         await self.committer.close()
+        try:   # the minute so far, so a restart loses none of the monitoring series
+            await self.metric_series.flush()
+        except Exception:
+            log.warning("could not store the last minute of the monitoring series", exc_info=True)
 
     @property
     def commits(self) -> int:
@@ -124,11 +135,13 @@ class Broker:
     async def _delete_stream(self, project: str, stream_name: object) -> None:
         config = await self.catalogue.delete(project, stream_name)
         self.writes.forget(config.stream_id)
+        self.stats.forget(config.stream_id)
         await self.groups.leases.forget_stream(config.stream_id)
         # wake long polls and subscriptions waiting on it: they answer STREAM_NOT_FOUND now,
         # not when their wait runs out
         self.notifier.notify((config.stream_id, p) for p in range(config.partition_count))
         await self.consumers.forget_stream(config)
+        await self.metric_series.forget(config.stream_id)
 
     async def list_streams(self, limit: int | None = None, start_after: str | None = None, *,
                            project: str = DEFAULT_PROJECT) -> StreamPage:
@@ -230,6 +243,21 @@ class Broker:
     async def leave_group(self, app_name: object, stream_name: object, member_id: object, *,
                           project: str = DEFAULT_PROJECT) -> None:
         await self.groups.leave(project, app_name, stream_name, member_id)
+
+    # -- monitoring (DIS show_stream_metrics / show_partition_metrics) ---------------------------
+
+    async def stream_metrics(self, stream_name: object, label: object, label_list: object, start_time: object,
+                             end_time: object, partition_id: object = None, *,
+                             project: str = DEFAULT_PROJECT) -> dict[str, list[tuple[int, int]]]:
+        """Per label asked (`label_list`, comma-separated, wins over `label`), one (minute start
+        in Unix seconds, value) per minute of the period: the stream's, or with `partition_id` one
+        partition's (see core/metric_series.py). Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID,
+        PARTITION_NOT_FOUND, INVALID_METRICS_LABEL, INVALID_METRICS_PERIOD, METRICS_PERIOD_TOO_LONG."""
+        config = self.catalogue.get(project, stream_name)
+        partition = None if partition_id is None else self.catalogue.partition_of(config, partition_id)
+        labels = parse_labels(label, label_list, STREAM_LABELS if partition is None else PARTITION_LABELS)
+        start_s, end_s = parse_period(start_time, end_time, self._now())
+        return await self.metric_series.query(config, partition, labels, start_s, end_s)
 
     # -- retention -----------------------------------------------------------------------------
 

@@ -146,6 +146,26 @@ class Consumers:
         if doomed:
             await self._store.meta_write(doomed)
 
+    async def lag_snapshot(self, max_series: int) -> tuple[list[tuple[str, str, str, int, int]], int]:
+        """Every checkpoint's lag, for metrics: (project, app, stream name, partition, records after
+        the checkpoint), at most `max_series` of them (in key order), and how many were left out.
+        Checkpoints of deleted streams are skipped."""
+        out: list[tuple[str, str, str, int, int]] = []
+        left_out = 0
+        for key, raw in await self._store.meta_scan(apps.CHECKPOINT_KIND):
+            sid, p = apps.checkpoint_ref(key)
+            config = self._catalogue.by_id(sid)
+            if config is None or p >= config.partition_count:
+                continue
+            if len(out) >= max_series:
+                left_out += 1
+                continue
+            project, app = key[1:-12].split(b"\0")[:2]
+            b = await self._store.bounds(sid, p)
+            state = PartitionConsumerState(p, apps.decode_checkpoint(raw), b.first_seq, b.last_seq)
+            out.append((project.decode(), app.decode(), config.stream_name, p, state.lag))
+        return out, left_out
+
     async def consumer_state(self, project: str, app_name: object, stream_name: object,
                              checkpoint_type: object = "LAST_READ", start_after_partition: object = None,
                              limit: int | None = None) -> tuple[list[PartitionConsumerState], bool]:

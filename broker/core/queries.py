@@ -177,6 +177,10 @@ class Queries:
             raise client_error(ErrorCode.QUERY_NOT_FOUND, query_id=query_id)
         return run
 
+    def running(self) -> int:
+        """How many queries of every project are running (for metrics)."""
+        return sum(1 for r in self._runs.values() if r.running)
+
     def runs(self, project: str) -> list[QueryRun]:
         return [r for r in self._runs.values() if r.project == project]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import time
+from operator import itemgetter
 from typing import AsyncGenerator, Callable
 
 from broker.core.apps import CURSOR_KEY
@@ -16,15 +18,19 @@ from broker.core.catalogue import StreamCatalogue
 from broker.core.cursors import CursorPosition, decode_cursor, encode_cursor
 from broker.core.limits import Limits, parse_seq
 from broker.core.notify import WriteNotifier
+from broker.core.stats import BrokerStats
 from broker.errors import ErrorCode, client_error
 from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage.base import Store
 
+_data = itemgetter(3)   # Record.data: a plain tuple index, faster than the attribute
+
 
 class ReadPath:
     def __init__(self, catalogue: StreamCatalogue, store: Store, notifier: WriteNotifier, limits: Limits,
-                 clock_ms: Callable[[], int]) -> None:
+                 clock_ms: Callable[[], int], stats: BrokerStats | None = None) -> None:
         self._catalogue = catalogue
+        self._stats = stats if stats is not None else BrokerStats()
         self._store = store
         self._notifier = notifier
         self._limits = limits
@@ -93,12 +99,15 @@ class ReadPath:
         than max_fetch_bytes (DIS would never return it - a documented deviation). With `wait_ms`
         (long poll) an empty read waits up to that long for a record to be written.
         Raises INVALID_CURSOR, CURSOR_EXPIRED, CURSOR_RECORD_EXPIRED, STREAM_NOT_FOUND."""
+        began = time.perf_counter()
         lim = self._limits
         _, pos = self._open(project, cursor)
         limit = min(max(limit or lim.default_read_limit, 1), lim.max_read_limit)
         max_bytes = min(max(max_fetch_bytes or lim.default_fetch_bytes, 1), lim.max_fetch_bytes)
         wait_s = min(max(wait_ms or 0, 0), lim.max_wait_ms) / 1000
-        return await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
+        result = await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
+        self._stats.get_request(pos.stream_id, time.perf_counter() - began)
+        return result
 
     async def read_block(self, project: str, cursor: object, limit: int,
                          max_bytes: int) -> tuple[RecordBlock, str]:
@@ -150,6 +159,8 @@ class ReadPath:
                     self._notifier.discard(sid, p, waiter)
             if self._catalogue.by_id(sid) is None:
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+        if records:   # what a consumer is handed: counted here, for GetRecords and subscriptions alike
+            self._stats.read(sid, p, len(records), sum(map(len, map(_data, records))))
         next_seq = records[-1].seq + 1 if records else seq
         behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
         cursor = encode_cursor(self.secret, CursorPosition(sid, p, next_seq, self._now()))
@@ -171,20 +182,24 @@ class ReadPath:
         linger = min(max(max_wait_ms or 0, 0), lim.max_wait_ms) / 1000
         sid, p, seq = pos.stream_id, pos.partition, pos.seq
         loop = asyncio.get_running_loop()
-        while not self._notifier.closed:
-            batch = await self._fetch(sid, p, seq, count, lim.max_fetch_bytes, lim.subscribe_heartbeat_ms / 1000)
-            records = batch.records
-            if records and len(records) < count and linger > 0:
-                deadline = loop.time() + linger
-                # not once shutting down: every fetch would return at once, empty - a busy loop
-                while len(records) < count and not self._notifier.closed \
-                        and (remaining := deadline - loop.time()) > 0:
-                    more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
-                                             lim.max_fetch_bytes, remaining)
-                    records = records + more.records
-                    batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest)
-            if records:
-                seq = records[-1].seq + 1
-            elif self._notifier.closed:
-                return
-            yield batch
+        self._stats.subscriptions += 1
+        try:
+            while not self._notifier.closed:
+                batch = await self._fetch(sid, p, seq, count, lim.max_fetch_bytes, lim.subscribe_heartbeat_ms / 1000)
+                records = batch.records
+                if records and len(records) < count and linger > 0:
+                    deadline = loop.time() + linger
+                    # not once shutting down: every fetch would return at once, empty - a busy loop
+                    while len(records) < count and not self._notifier.closed \
+                            and (remaining := deadline - loop.time()) > 0:
+                        more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
+                                                 lim.max_fetch_bytes, remaining)
+                        records = records + more.records
+                        batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest)
+                if records:
+                    seq = records[-1].seq + 1
+                elif self._notifier.closed:
+                    return
+                yield batch
+        finally:   # closed, ended or failed: no longer open
+            self._stats.subscriptions -= 1

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from operator import itemgetter
 from typing import Sequence
 
+from broker.core.stats import BrokerStats
 from broker.errors import BrokerError, ErrorCode, server_error
 from broker.model import AppendBatch
 from broker.storage.base import AppendOutcome, Store
@@ -20,11 +23,13 @@ from broker.storage.base import AppendOutcome, Store
 log = logging.getLogger(__name__)
 
 _Pending = tuple[Sequence[AppendBatch], "asyncio.Future[list[AppendOutcome]]"]
+_data = itemgetter(1)
 
 
 class Committer:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, stats: BrokerStats | None = None) -> None:
         self._store = store
+        self._stats = stats if stats is not None else BrokerStats()
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -55,22 +60,37 @@ class Committer:
                 continue
             pending, self._pending = self._pending, []
             flat = [b for batches, _ in pending for b in batches]
+            began = time.perf_counter()
             try:
                 outcomes = await self._store.append(flat)
             except BrokerError as exc:
+                self._stats.committed(0.0, 0, False)
                 self._fail(pending, exc)
                 continue
             except Exception:  # a bug, not a storage condition: never leave producers hanging
                 log.exception("store append failed")
+                self._stats.committed(0.0, 0, False)
                 self._fail(pending, server_error(ErrorCode.UNAVAILABLE, detail="commit failed"))
                 continue
             self.commits += 1
+            self._count(flat, outcomes, time.perf_counter() - began)
             i = 0
             for batches, future in pending:
                 n = len(batches)
                 if not future.done():
                     future.set_result(outcomes[i:i + n])
                 i += n
+
+    def _count(self, flat: list[AppendBatch], outcomes: list[AppendOutcome], seconds: float) -> None:
+        """Metrics of one commit: per batch written, its records and payload bytes (summed in C)."""
+        stats = self._stats
+        total = 0
+        for batch, outcome in zip(flat, outcomes):
+            if type(outcome) is int:
+                n = len(batch.items)
+                total += n
+                stats.appended(batch.stream_id, batch.partition, n, sum(map(len, map(_data, batch.items))))
+        stats.committed(seconds, total, True)
 
     @staticmethod
     def _fail(pending: list[_Pending], exc: BrokerError) -> None:

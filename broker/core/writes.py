@@ -4,6 +4,7 @@ exception for the whole request."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from operator import itemgetter
 from typing import Callable, Mapping, Sequence
@@ -12,6 +13,7 @@ from broker.core import routing
 from broker.core.catalogue import StreamCatalogue
 from broker.core.limits import HASH_KEY_MAX, Limits
 from broker.core.notify import WriteNotifier
+from broker.core.stats import BrokerStats
 from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error
@@ -34,8 +36,9 @@ def _check_columns(columns: PutColumns) -> None:
 
 class WritePath:
     def __init__(self, catalogue: StreamCatalogue, committer: Committer, notifier: WriteNotifier,
-                 limits: Limits, clock_ms: Callable[[], int]) -> None:
+                 limits: Limits, clock_ms: Callable[[], int], stats: BrokerStats | None = None) -> None:
         self._catalogue = catalogue
+        self._stats = stats if stats is not None else BrokerStats()
         self._committer = committer
         self._notifier = notifier
         self._limits = limits
@@ -54,6 +57,7 @@ class WritePath:
         """Route and append a batch. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST,
         INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL. Records over their
         partition's write limit fail THROTTLED in the result (see _throttle_put)."""
+        began = time.perf_counter()
         config = self._catalogue.get(project, stream_name)
         lim = self._limits
         n = len(entries)
@@ -74,8 +78,14 @@ class WritePath:
         if router is None:
             router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
         partitions, failures, by_partition = self._route_batch(config, entries, router)
-        throttled = self._throttle is not None and self._throttle_put(config.stream_id, by_partition, partitions,
-                                                                        failures)
+        # metrics, per reason: the routing failures took a Python step each already; the others
+        # are counted per partition below, never per record
+        reasons = Counter(e.code.reason for _, e in failures) if failures else Counter()
+        cut = self._throttle_put(config.stream_id, by_partition, partitions, failures) \
+            if self._throttle is not None else 0
+        if cut:
+            reasons["THROTTLED"] += cut
+        throttled = cut > 0
         seqs = [-1] * n
         if by_partition:
             order = list(by_partition.items())
@@ -87,6 +97,7 @@ class WritePath:
             for (_, (indices, _)), first in zip(order, outcomes):
                 if isinstance(first, BrokerError):  # the store refused this partition's batch only
                     refused = first
+                    reasons[first.code.reason] += len(indices)
                     failures.extend((i, first) for i in indices)
                     for i in indices:
                         partitions[i] = -1
@@ -100,22 +111,23 @@ class WritePath:
             throttled = throttled or refused is not None
         if throttled:
             failures.sort(key=lambda f: f[0])
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return PutRecordsResult(partitions, seqs, failures)
 
     def _throttle_put(self, stream_id: int, by_partition: dict[int, tuple[list[int], list[tuple[str | None, bytes]]]],
-                      partitions: list[int], failures: list[tuple[int, BrokerError]]) -> bool:
+                      partitions: list[int], failures: list[tuple[int, BrokerError]]) -> int:
         """Cut each partition's records to what its write limit admits now: the records past that
         fail THROTTLED - a suffix of the partition's records, never one in the middle, so a
-        producer that retries them keeps each key's order. True if any record was refused."""
+        producer that retries them keeps each key's order. Returns how many were refused."""
         assert self._throttle is not None
         throttle = self._throttle
-        cut = False
+        cut = 0
         for p, (indices, items) in list(by_partition.items()):
             sizes = list(map(len, map(_data, items)))
             k = throttle.admit(stream_id, p, sizes, sum(sizes))
             if k == len(items):
                 continue
-            cut = True
+            cut += len(items) - k
             error = throttle.error(p)
             for i in indices[k:]:
                 failures.append((i, error))
@@ -145,6 +157,7 @@ class WritePath:
         the request is acknowledged then). `stream_id`: the
         stream the rows were made for (checked against its schema); a stream recreated under the
         name since then is another stream: STREAM_NOT_FOUND."""
+        began = time.perf_counter()
         config = self._target(project, stream_name, stream_id)
         n = len(rows)
         if not n:
@@ -168,6 +181,7 @@ class WritePath:
         # A partial write would leave the client unable to tell which rows to send again.
         if self._throttle is not None and not self._throttle.admit_all(
                 config.stream_id, [(b.partition, len(b.items), sum(map(len, map(_data, b.items)))) for b in batches]):
+            self._stats.throttled_request(config.stream_id, n)
             raise client_error(ErrorCode.THROTTLED, detail=f"stream [{config.stream_name}] is over its partitions' "
                                f"write limit; send the rows again later")
         outcomes = await self._committer.append(batches)
@@ -178,6 +192,7 @@ class WritePath:
         for first in outcomes:
             if isinstance(first, BrokerError):
                 raise first
+        self._stats.put_request(config.stream_id, time.perf_counter() - began)
         return n
 
     async def append_keyed(self, project: str, stream_name: object, items: Sequence[tuple[int, bytes]],
@@ -204,6 +219,7 @@ class WritePath:
         and the name now holds another stream, or the stream was deleted while queued),
         INVALID_REQUEST (bad project, a hash out of range, timestamps not one per item),
         EMPTY_REQUEST, UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        began = time.perf_counter()
         config = self._target(project, stream_name, stream_id)
         n = len(items)
         if not n:
@@ -211,6 +227,7 @@ class WritePath:
         if timestamps_ms is not None and len(timestamps_ms) != n:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{len(timestamps_ms)} timestamps for {n} records")
         outcomes: list[int | BrokerError] = [0] * n
+        reasons: Counter[str] = Counter()   # metrics: per item only where an item took a step of its own
         count, max_record = config.partition_count, self._limits.max_record_bytes
         # partition -> (item indices, records, [the latest item time])
         groups: dict[int, tuple[list[int], list[bytes], list[int]]] = {}
@@ -220,6 +237,7 @@ class WritePath:
             if len(data) > max_record:
                 outcomes[i] = client_error(ErrorCode.INVALID_REQUEST,
                                            detail=f"record size {len(data)} exceeds {max_record} bytes")
+                reasons["INVALID_REQUEST"] += 1
                 continue
             p = routing.partition_for_hash(h, count)
             group = groups.get(p)
@@ -235,11 +253,13 @@ class WritePath:
         for p, (indices, _, _) in groups.items():
             first = firsts[p]
             if isinstance(first, BrokerError):   # the store refused this partition's batch only
+                reasons[first.code.reason] += len(indices)
                 for i in indices:
                     outcomes[i] = first
                 continue
             for k, i in enumerate(indices):
                 outcomes[i] = first + k
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return outcomes
 
     async def append_partitioned(self, project: str, stream_name: object,
@@ -255,6 +275,7 @@ class WritePath:
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
         records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        began = time.perf_counter()
         config = self._target(project, stream_name, stream_id)
         batches = {p: b for p, b in batches.items() if b[0]}
         if not batches:
@@ -268,7 +289,13 @@ class WritePath:
             if biggest > max_record:
                 raise client_error(ErrorCode.INVALID_REQUEST,
                                    detail=f"record size {biggest} exceeds {max_record} bytes")
-        return await self._append_to(config, batches)
+        out = await self._append_to(config, batches)
+        reasons: Counter[str] = Counter()
+        for p, first in out.items():
+            if isinstance(first, BrokerError):
+                reasons[first.code.reason] += len(batches[p][0])
+        self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
+        return out
 
     async def _append_to(self, config: StreamConfig,
                          batches: Mapping[int, tuple[Sequence[bytes], int]]) -> dict[int, int | BrokerError]:

@@ -146,6 +146,10 @@ class Sources:
         return sorted((Source(d, self._states[k]) for k, d in self._defs.items() if k[0] == project),
                       key=lambda s: s.definition.name)
 
+    def all(self) -> tuple[Source, ...]:
+        """Every project's sources (for metrics)."""
+        return tuple(Source(d, self._states[k]) for k, d in self._defs.items())
+
     def get(self, project: str, ref: object) -> Source:
         """By id, else by name. Raises SOURCE_NOT_FOUND."""
         key = self._key(project, ref)

@@ -420,7 +420,7 @@ def test_fuzz_cursor_and_record_queries(broker, stream):
     ("GET", f"/v2/{PID}/nope", 404),
     ("GET", f"/v2/{PID}/streams/s1/transfer-tasks", 404),
     ("PUT", f"/v3/{PID}/streams/s", 404),
-    ("GET", f"/v2/{PID}/streams/s/partitions/0/metrics", 404),
+    ("GET", f"/v2/{PID}/streams/s/policies", 404),
     ("GET", "/v1/x/streams", 404),
     ("PUT", f"/v2/{PID}/records", 405),
     ("DELETE", f"/v2/{PID}/records", 405),

@@ -1,5 +1,7 @@
 """The HTTP app's routes with and without credentials: with an auth file no route of any door
-escapes its door's check; without one every handler is registered bare (nothing runs per request)."""
+escapes its door's check; without one every handler is registered bare (nothing runs per request).
+The health endpoints stay open on purpose, and /metrics checks for an admin key itself
+(api/metrics.py); they are the broker's, not a door's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +15,7 @@ from broker.core.broker import Broker
 from broker.storage.memory import MemoryStore
 from broker.tsdb.series import TsdbStream
 
+OWN_CHECK = {"/healthz", "/readyz", "/metrics"}
 BARE = {h for table in (dis.ROUTES, timeplus.ROUTES, tsdb.ROUTES) for _, _, h, _ in table} | {tail.tail}
 
 
@@ -26,6 +29,8 @@ def handlers(root: web.Application) -> list[tuple[str, str, object]]:
         for route in app.router.routes():
             if route.method != "HEAD" and not hasattr(route.resource, "_app"):
                 path = route.resource.canonical if route.resource else ""
+                if path in OWN_CHECK:
+                    continue
                 out[(route.method, path, id(route.handler))] = (route.method, path, route.handler)
     return list(out.values())
 
@@ -53,4 +58,16 @@ def test_with_an_auth_file_no_route_escapes_the_check(tmp_path: Path) -> None:
     assert len(routes) > 60 and len(tsdb_only) == 8
     escaped = [r for r in routes + tsdb_only if r[2] in BARE]
     assert escaped == []
-    assert {getattr(h, "__name__", "") for _, _, h in routes + tsdb_only} == {"guarded", "signed"}
+    # each a door's check wrapped around a door's handler (keeping its name: metrics label by it)
+    assert all(getattr(h, "__wrapped__", None) in BARE for _, _, h in routes + tsdb_only)
+    assert {h.__code__.co_name for _, _, h in routes + tsdb_only} == {"guarded", "signed"}  # type: ignore[attr-defined]
+
+
+def test_health_stays_open_and_metrics_asks_for_an_admin(tmp_path: Path) -> None:
+    from broker.api.metrics import Exporter
+
+    root = build_http_app(Broker(MemoryStore()), body_timeout_s=5, auth=auth(tmp_path))
+    own = {r.resource.canonical: r.handler for r in root.router.routes()
+           if r.method == "GET" and r.resource is not None and r.resource.canonical in OWN_CHECK}
+    assert {path: h.__func__ for path, h in own.items()} == {   # type: ignore[attr-defined]
+        "/healthz": Exporter.healthz, "/readyz": Exporter.readyz, "/metrics": Exporter.metrics}

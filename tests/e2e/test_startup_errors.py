@@ -69,7 +69,7 @@ def busy_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-@pytest.mark.parametrize("door", ["http", "grpc", "tsdb"])
+@pytest.mark.parametrize("door", ["http", "grpc", "tsdb", "metrics"])
 @pytest.mark.parametrize("given_by", ["flag", "env"])
 def test_a_port_in_use_names_the_flag_that_sets_it(busy_port: int, tmp_path: Path, door: str, given_by: str) -> None:
     args = ["--data-dir", str(tmp_path / "d")] + [arg for other in ("http", "grpc") if other != door

@@ -1,0 +1,292 @@
+"""Prometheus metrics (`GET /metrics`), liveness (`/healthz`) and readiness (`/readyz`).
+
+The core keeps plain counters (core/stats.py) and knows nothing of Prometheus. `BrokerCollector`
+is a prometheus_client custom collector: at scrape time it builds metric families from those
+counters, so the hot paths pay nothing for Prometheus objects, and it reports only streams that
+exist - a deleted stream's series disappear with it (bounded cardinality). What needs the store
+(consumer lag, the store's size) is gathered by `refresh()` on the event loop just before the
+families are built; lag is bounded to MAX_LAG_SERIES series per scrape.
+
+Where the routes are: the HTTP port and the tsdb port (`add_routes`), and `--metrics-port` serving
+them alone (`build_metrics_app`). With an auth file, `/metrics` on a door's port takes an API key
+of role admin (it shows every project's streams); on `--metrics-port` it is open, like the health
+endpoints everywhere: bind that port where only the scraper reaches it.
+
+The request-latency middleware (`request_timer`) labels a request with its door (the module of
+its handler: dis, timeplus, tsdb, tail) and verb (the handler's name: put_records, ...), a fixed
+set; a path no route matches is verb "unmatched".
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Iterator
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.api.http import Handler, presented_api_key
+from broker.auth import Auth, Role
+from broker.core.broker import Broker
+from broker.core.stats import Histogram
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.sources.manager import Sources
+
+MAX_LAG_SERIES = 10_000        # consumer-lag series per scrape; the rest are counted as left out
+STORE_SIZE_EVERY_S = 30.0      # the data directory is walked at most this often
+_AUTH_REASONS = frozenset(c.reason for c in ErrorCode if c.name.startswith("AUTH_")) | {"PERMISSION_DENIED"}
+
+
+class Health:
+    """Liveness is the process answering. Readiness: the doors listen (app.py sets `listening`),
+    the store takes writes (not FULL / FAILED) and the broker is not shutting down."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.listening = False
+
+    def ready(self) -> tuple[bool, str]:
+        if self.broker.shutting_down:
+            return False, "shutting down"
+        if not self.listening:
+            return False, "starting"
+        state = self.broker.storage_state
+        if state.name != "OK":
+            return False, f"storage {state.name.lower()}"
+        return True, "ready"
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip(h.bounds, h.counts):
+        total += n
+        out.append((repr(float(bound)), total))
+    out.append(("+Inf", h.count))
+    return out
+
+
+class BrokerCollector(Collector):
+    def __init__(self, broker: Broker, sources: Sources | None = None, data_dir: str | None = None) -> None:
+        self.broker = broker
+        self.sources = sources
+        self.data_dir = data_dir
+        self._lag: list[tuple[str, str, str, int, int]] = []
+        self._lag_left_out = 0
+        self._store_size: int | None = None
+        self._sized_at = -STORE_SIZE_EVERY_S
+        self._refreshing = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        """What needs the store, gathered before a scrape: consumer lag, the store's size."""
+        async with self._refreshing:
+            self._lag, self._lag_left_out = await self.broker.consumers.lag_snapshot(MAX_LAG_SERIES)
+            if self.data_dir and time.monotonic() - self._sized_at >= STORE_SIZE_EVERY_S:
+                self._sized_at = time.monotonic()
+                self._store_size = await asyncio.to_thread(_directory_size, self.data_dir)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._streams()
+        yield from self._requests()
+        yield from self._commits()
+        yield from self._consumers()
+        yield from self._sources()
+        yield from self._store()
+
+    def _streams(self) -> Iterator[Metric]:
+        b = self.broker
+        part = ["project", "stream", "partition"]
+        rec_in = CounterMetricFamily("sluice_records_in", "Records appended, per partition", labels=part)
+        bytes_in = CounterMetricFamily("sluice_bytes_in", "Payload bytes appended, per partition", labels=part)
+        rec_out = CounterMetricFamily("sluice_records_out", "Records handed to consumers (GetRecords, "
+                                      "subscriptions, tails, query readers), per partition", labels=part)
+        bytes_out = CounterMetricFamily("sluice_bytes_out", "Payload bytes handed to consumers", labels=part)
+        lab = ["project", "stream"]
+        puts = CounterMetricFamily("sluice_put_requests", "Put calls answered (any door), per stream", labels=lab)
+        gets = CounterMetricFamily("sluice_get_requests", "GetRecords calls answered, per stream", labels=lab)
+        failed = CounterMetricFamily("sluice_record_failures", "Records refused inside an answered put, by "
+                                     "catalogue reason", labels=[*lab, "reason"])
+        throttled = CounterMetricFamily("sluice_throttled_records", "Records refused for the partition write "
+                                        "limit (DIS.4303)", labels=lab)
+        partitions = GaugeMetricFamily("sluice_stream_partitions", "Partitions of each stream", labels=lab)
+        for config in b.catalogue.all():
+            names = [config.project, config.stream_name]
+            partitions.add_metric(names, config.partition_count)
+            s = b.stats.streams.get(config.stream_id)
+            for p in range(config.partition_count):
+                labels = [*names, str(p)]
+                values: tuple[int, ...]
+                if s is None:
+                    values = (0, 0, 0, 0)
+                else:
+                    values = tuple(v[p] if p < len(v) else 0
+                                   for v in (s.put_records, s.put_bytes, s.get_records, s.get_bytes))
+                for family, value in zip((rec_in, bytes_in, rec_out, bytes_out), values):
+                    family.add_metric(labels, value)
+            puts.add_metric(names, s.put_requests if s else 0)
+            gets.add_metric(names, s.get_requests if s else 0)
+            throttled.add_metric(names, s.throttled_records if s else 0)
+            if s is not None:
+                for reason, n in sorted(s.failures.items()):
+                    failed.add_metric([*names, reason], n)
+        yield from (rec_in, bytes_in, rec_out, bytes_out, puts, gets, failed, throttled, partitions)
+
+    def _requests(self) -> Iterator[Metric]:
+        stats = self.broker.stats
+        latency = HistogramMetricFamily("sluice_request_duration_seconds", "Request latency per door and verb",
+                                        labels=["door", "verb"])
+        for (door, verb), h in sorted(stats.requests.items()):
+            latency.add_metric([door, verb], _buckets(h), h.sum)
+        errors = CounterMetricFamily("sluice_request_errors", "Requests answered with an error, by door and "
+                                     "catalogue reason", labels=["door", "reason"])
+        auth = CounterMetricFamily("sluice_auth_failures", "Requests refused by authentication or authorization, "
+                                   "by door and DIS code", labels=["door", "code", "reason"])
+        for (door, reason), n in sorted(stats.request_errors.items()):
+            errors.add_metric([door, reason], n)
+            if reason in _AUTH_REASONS:
+                auth.add_metric([door, ErrorCode[reason].dis_code, reason], n)
+        subs = GaugeMetricFamily("sluice_subscriptions_open", "Open push subscriptions (gRPC Subscribe, SSE "
+                                 "tails, streaming-query readers)", value=stats.subscriptions)
+        queries = GaugeMetricFamily("sluice_queries_running", "Streaming SQL queries running",
+                                    value=self.broker.queries.running())
+        yield from (latency, errors, auth, subs, queries)
+
+    def _commits(self) -> Iterator[Metric]:
+        stats = self.broker.stats
+        seconds = HistogramMetricFamily("sluice_commit_duration_seconds", "One group commit (one store append)")
+        seconds.add_metric([], _buckets(stats.commit_seconds), stats.commit_seconds.sum)
+        records = HistogramMetricFamily("sluice_commit_records", "Records per group commit")
+        records.add_metric([], _buckets(stats.commit_records), stats.commit_records.sum)
+        failures = CounterMetricFamily("sluice_commit_failures", "Group commits the store refused",
+                                       value=stats.commit_failures)
+        yield from (seconds, records, failures)
+
+    def _consumers(self) -> Iterator[Metric]:
+        lag = GaugeMetricFamily("sluice_consumer_lag_records", "Records after an app's checkpoint, per partition",
+                                labels=["project", "app", "stream", "partition"])
+        for project, app, stream, p, n in self._lag:
+            lag.add_metric([project, app, stream, str(p)], n)
+        left = GaugeMetricFamily("sluice_consumer_lag_series_left_out", f"Checkpoints beyond the {MAX_LAG_SERIES} "
+                                 "lag series of one scrape", value=self._lag_left_out)
+        yield from (lag, left)
+
+    def _sources(self) -> Iterator[Metric]:
+        lab = ["project", "source", "type", "stream"]
+        messages = CounterMetricFamily("sluice_source_messages_in", "Messages a source received", labels=lab)
+        rows = CounterMetricFamily("sluice_source_rows_written", "Rows a source appended durably", labels=lab)
+        errors = CounterMetricFamily("sluice_source_errors", "Messages a source skipped and failed attempts",
+                                     labels=lab)
+        status = GaugeMetricFamily("sluice_source_status", "1 for a source's current status",
+                                   labels=[*lab, "status"])
+        for source in self.sources.all() if self.sources is not None else ():
+            d, st = source.definition, source.state
+            names = [d.project, d.name, d.type, d.stream]
+            messages.add_metric(names, st.messages_in)
+            rows.add_metric(names, st.rows_written)
+            errors.add_metric(names, st.errors)
+            status.add_metric([*names, st.status], 1)
+        yield from (messages, rows, errors, status)
+
+    def _store(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily("sluice_storage_state", "1 for the store's current state (ok: writes taken; "
+                                  "full / failed: refused until it recovers)", labels=["state"])
+        current = self.broker.storage_state
+        for s in type(current):   # every state of the store's enum (doors do not import storage)
+            state.add_metric([s.name.lower()], 1 if s is current else 0)
+        yield state
+        if self._store_size is not None:
+            yield GaugeMetricFamily("sluice_store_size_bytes", "Size of the data directory (walked at most every "
+                                    f"{STORE_SIZE_EVERY_S:.0f} s)", value=self._store_size)
+        yield GaugeMetricFamily("sluice_commits", "Group commits since start", value=self.broker.commits)
+
+
+def _directory_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:   # removed while walking (a compaction)
+                pass
+    return total
+
+
+# -- the routes -------------------------------------------------------------------------------------
+
+class Exporter:
+    """One registry holding the broker's collector, and the three handlers."""
+
+    def __init__(self, collector: BrokerCollector, health: Health, auth: Auth | None = None) -> None:
+        self.collector = collector
+        self.health = health
+        self.auth = auth
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+
+    async def metrics(self, request: web.Request, open_: bool = False) -> web.Response:
+        if not open_ and self.auth is not None and self.auth.enabled:
+            who = self.auth.api_key(presented_api_key(request))
+            if who.role is not Role.ADMIN:
+                raise client_error(ErrorCode.PERMISSION_DENIED, detail="/metrics takes an admin API key")
+        await self.collector.refresh()
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def open_metrics(self, request: web.Request) -> web.Response:
+        return await self.metrics(request, open_=True)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, why = self.health.ready()
+        return web.json_response({"status": why}, status=200 if ready else 503)
+
+
+def add_routes(app: web.Application, exporter: Exporter, metrics: bool = True, open_metrics: bool = False) -> None:
+    """/healthz, /readyz and (with `metrics`) /metrics on a root app; `open_metrics`: no key asked."""
+    app.router.add_get("/healthz", exporter.healthz)
+    app.router.add_get("/readyz", exporter.readyz)
+    if metrics:
+        app.router.add_get("/metrics", exporter.open_metrics if open_metrics else exporter.metrics)
+
+
+def build_metrics_app(exporter: Exporter) -> web.Application:
+    """`--metrics-port`: /metrics (open), /healthz and /readyz alone."""
+    app = web.Application()
+    add_routes(app, exporter, open_metrics=True)
+    return app
+
+
+def _door_and_verb(request: web.Request) -> tuple[str, str]:
+    route = request.match_info.route
+    handler: Any = getattr(route, "handler", None)
+    if handler is None or getattr(route, "resource", None) is None:
+        return "http", "unmatched"
+    return handler.__module__.rsplit(".", 1)[-1], handler.__name__
+
+
+def request_timer(broker: Broker) -> Middleware:
+    """Latency of every request per door and verb, and errors by catalogue reason (auth failures
+    among them): plain counters in broker.stats. Inside the error middleware, so it sees the
+    BrokerError before it is rendered."""
+    stats = broker.stats
+
+    @web.middleware
+    async def timed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        began = time.perf_counter()
+        error: BrokerError | None = None
+        try:
+            return await handler(request)
+        except BrokerError as exc:
+            error = exc
+            raise
+        finally:
+            door, verb = _door_and_verb(request)
+            stats.observe_request(door, verb, time.perf_counter() - began, error)
+
+    return timed

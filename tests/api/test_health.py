@@ -1,0 +1,104 @@
+"""/healthz and /readyz in-process: ready only while the doors listen, the store takes writes and
+the broker is not shutting down; /healthz answers throughout. The collector's families in-process:
+verbs of the Timeplus and OpenTSDB doors, open subscriptions, sources' counters and status."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.api import metrics
+from broker.api.http_app import build_http_app
+from broker.core.broker import Broker
+from broker.sources.manager import Sources
+from broker.storage.base import StorageState
+from broker.storage.memory import MemoryStore
+
+
+class SwitchableStore(MemoryStore):
+    """A memory store whose storage state the test sets (a full disk without filling one)."""
+
+    state = StorageState.OK
+
+    @property
+    def storage_state(self) -> StorageState:
+        return self.state
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[SwitchableStore]:
+    s = SwitchableStore()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def broker(store: SwitchableStore) -> AsyncIterator[Broker]:
+    b = Broker(store, cursor_secret=b"health-test")
+    await b.start()
+    yield b
+    await b.close()
+
+
+async def test_readiness_follows_the_store_and_shutdown(broker: Broker, store: SwitchableStore) -> None:
+    health = metrics.Health(broker)
+    exporter = metrics.Exporter(metrics.BrokerCollector(broker), health)
+    async with TestClient(TestServer(build_http_app(broker, body_timeout_s=5, exporter=exporter))) as client:
+        async def status(path: str) -> tuple[int, str]:
+            reply = await client.get(path)
+            return reply.status, (await reply.json())["status"]
+
+        assert await status("/readyz") == (503, "starting")   # doors not listening yet
+        health.listening = True
+        assert await status("/readyz") == (200, "ready")
+        store.state = StorageState.FULL
+        assert await status("/readyz") == (503, "storage full")
+        assert await status("/healthz") == (200, "ok")
+        store.state = StorageState.OK
+        assert await status("/readyz") == (200, "ready")
+        broker.begin_shutdown()
+        assert await status("/readyz") == (503, "shutting down")
+        assert await status("/healthz") == (200, "ok")
+
+
+def families(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_doors_subscriptions_and_sources(broker: Broker) -> None:
+    sources = Sources(broker)
+    await sources.start()
+    app = build_http_app(broker, body_timeout_s=5, sources=sources)
+    async with TestClient(TestServer(app)) as client:
+        await broker.create_stream("typed", 1)
+        reply = await client.post("/api/put", json=[{"metric": "m", "timestamp": 1_700_000_000, "value": 1,
+                                                     "tags": {"h": "a"}}])
+        assert reply.status == 204, await reply.text()
+        reply = await client.get("/api/v1beta2/streams")
+        assert reply.status == 200, await reply.text()
+        source = await sources.create("default", {"name": "gen", "type": "stream_generator", "stream": "typed",
+                                                  "properties": {"template": "iot", "interval": "1s"}})
+        cursor = await broker.get_cursor("typed", "0", "LATEST")
+        subscription = broker.subscribe(cursor, max_wait_ms=0)
+        pending = asyncio.ensure_future(subscription.__anext__())
+        await asyncio.sleep(0)
+        text = await (await client.get("/metrics")).text()
+        m = families(text)
+        assert m[("sluice_subscriptions_open", frozenset())] == 1
+        assert m[("sluice_request_duration_seconds_count", frozenset({("door", "tsdb"), ("verb", "put")}))] == 1
+        assert m[("sluice_request_duration_seconds_count",
+                  frozenset({("door", "timeplus"), ("verb", "list_streams")}))] == 1
+        names = {("project", "default"), ("source", "gen"), ("type", "stream_generator"), ("stream", "typed")}
+        assert ("sluice_source_rows_written_total", frozenset(names)) in m
+        assert sum(v for (n, labels), v in m.items() if n == "sluice_source_status" and ("source", "gen") in labels) \
+            == 1
+        pending.cancel()
+        await subscription.aclose()
+        m = families(await (await client.get("/metrics")).text())
+        assert m[("sluice_subscriptions_open", frozenset())] == 0
+        await sources.delete("default", source.definition.id)
+    await sources.close()

@@ -1,0 +1,182 @@
+"""Prometheus metrics and health end to end: a broker process gets known traffic through the DIS
+door (the official SDK) and the gRPC door (our client), then `/metrics` is scraped and parsed with
+prometheus_client's own parser, and the counters are checked exactly. Also: a deleted stream's
+series disappear, /healthz and /readyz on every HTTP port, `--metrics-port`, and /metrics behind
+an auth file (an admin API key on the HTTP port, open on --metrics-port)."""
+from __future__ import annotations
+
+import base64
+import secrets
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from huaweicloudsdkdis.v2 import (CommitCheckpointReq, CommitCheckpointRequest, ConsumeRecordsRequest, CreateAppReq,
+                                  CreateAppRequest, CreateStreamReq, CreateStreamRequest, DeleteStreamRequest,
+                                  PutRecordsRequest, PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest)
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.launcher import BrokerProcess
+from client import Client
+from tests.conftest import make_dis_client
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(url: str, headers: dict[str, str] | None = None) -> Samples:
+    status, text = get(url + "/metrics", headers)
+    assert status == 200, text
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series_of(samples: Samples, stream: str) -> list[str]:
+    return sorted(name for name, labels in samples if ("stream", stream) in labels)
+
+
+def send(client, stream: str, records: list[tuple[bytes, str]]) -> object:  # type: ignore[no-untyped-def]
+    entries = [PutRecordsRequestEntry(data=base64.b64encode(data).decode(), partition_id=pid) for data, pid in records]
+    return client.send_records(SendRecordsRequest(body=PutRecordsRequest(stream_name=stream, records=entries)))
+
+
+@pytest.fixture
+def running(start_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
+    return start_broker("--metrics-port", "0", "--tsdb-port", "0", "--partition-records-per-s", "0")
+
+
+def test_exact_counters_after_known_traffic(running: BrokerProcess) -> None:
+    dis = make_dis_client(running.http_url, "default")
+    dis.create_stream(CreateStreamRequest(body=CreateStreamReq(stream_name="m1", partition_count=3)))
+    # 4 records (10 + 20 + 30 + 40 bytes) to partition 0, 2 (5 + 5) to partition 2, one to a
+    # partition that does not exist (a per-record failure, PARTITION_NOT_FOUND)
+    reply = send(dis, "m1", [(b"a" * 10, "0"), (b"b" * 20, "0"), (b"c" * 30, "shardId-0000000000"),
+                             (b"d" * 40, "0"), (b"e" * 5, "2"), (b"f" * 5, "2"), (b"g", "7")])
+    assert reply.failed_record_count == 1
+    cursor = dis.show_cursor(ShowCursorRequest(stream_name="m1", partition_id="0",
+                                               cursor_type="TRIM_HORIZON")).partition_cursor
+    assert len(dis.consume_records(ConsumeRecordsRequest(partition_cursor=cursor)).records) == 4
+    dis.create_app(CreateAppRequest(body=CreateAppReq(app_name="reader")))
+    dis.commit_checkpoint(CommitCheckpointRequest(body=CommitCheckpointReq(
+        app_name="reader", checkpoint_type="LAST_READ", stream_name="m1", partition_id="0", sequence_number="1")))
+    with Client(f"127.0.0.1:{running.grpc_port}") as grpc_client:   # the gRPC door: 3 more to partition 1
+        grpc_client.put_records("m1", [b"xyz", b"xy", b"x"], partition_id=1)
+
+    m = scrape(running.http_url)
+    p = {"project": "default", "stream": "m1"}
+    assert [value(m, "sluice_records_in_total", **p, partition=str(i)) for i in range(3)] == [4, 3, 2]
+    assert [value(m, "sluice_bytes_in_total", **p, partition=str(i)) for i in range(3)] == [100, 6, 10]
+    assert [value(m, "sluice_records_out_total", **p, partition=str(i)) for i in range(3)] == [4, 0, 0]
+    assert value(m, "sluice_bytes_out_total", **p, partition="0") == 100
+    assert value(m, "sluice_put_requests_total", **p) == 2
+    assert value(m, "sluice_get_requests_total", **p) == 1
+    assert value(m, "sluice_record_failures_total", **p, reason="PARTITION_NOT_FOUND") == 1
+    assert value(m, "sluice_throttled_records_total", **p) == 0
+    assert value(m, "sluice_stream_partitions", **p) == 3
+    # consumer lag: checkpoint at 1 of 0..3 in partition 0
+    assert value(m, "sluice_consumer_lag_records", **p, app="reader", partition="0") == 2
+    # request latency per door and verb: one of each so far
+    for door, verb in [("dis", "create_stream"), ("dis", "put_records"), ("dis", "get_cursor"),
+                       ("dis", "get_records"), ("dis", "commit_checkpoint"), ("grpc", "put_records")]:
+        assert value(m, "sluice_request_duration_seconds_count", door=door, verb=verb) == 1, (door, verb)
+        assert value(m, "sluice_request_duration_seconds_bucket", door=door, verb=verb, le="+Inf") == 1
+    # group commit: every record written went through a commit
+    assert value(m, "sluice_commit_records_sum") == 9
+    assert value(m, "sluice_commits") == value(m, "sluice_commit_records_count") == 2
+    assert value(m, "sluice_storage_state", state="ok") == 1
+    assert value(m, "sluice_storage_state", state="full") == 0
+    assert value(m, "sluice_store_size_bytes") is not None and value(m, "sluice_store_size_bytes") > 0  # type: ignore[operator]
+    assert value(m, "sluice_subscriptions_open") == 0
+    assert value(m, "sluice_queries_running") == 0
+
+    # the same numbers on --metrics-port
+    assert scrape(f"http://127.0.0.1:{running.metrics_port}") \
+        .get(("sluice_records_in_total", frozenset({**p, "partition": "0"}.items()))) == 4
+
+    # a deleted stream's series are gone (bounded cardinality)
+    dis.delete_stream(DeleteStreamRequest(stream_name="m1"))
+    m = scrape(running.http_url)
+    assert series_of(m, "m1") == []
+    assert value(m, "sluice_request_duration_seconds_count", door="dis", verb="delete_stream") == 1
+
+
+def test_request_errors_by_reason(running: BrokerProcess) -> None:
+    status, _ = get(running.http_url + "/v2/default/streams/nope")
+    assert status == 400
+    m = scrape(running.http_url)
+    assert value(m, "sluice_request_errors_total", door="dis", reason="STREAM_NOT_FOUND") == 1
+    assert value(m, "sluice_request_duration_seconds_count", door="dis", verb="describe_stream") == 1
+
+
+def test_health_on_every_port(running: BrokerProcess) -> None:
+    for base in (running.http_url, f"http://127.0.0.1:{running.tsdb_port}",
+                 f"http://127.0.0.1:{running.metrics_port}"):
+        assert get(base + "/healthz") == (200, '{"status": "ok"}')
+        assert get(base + "/readyz") == (200, '{"status": "ready"}')
+    # the tsdb port has no /metrics: that is the HTTP port's or --metrics-port's
+    assert get(f"http://127.0.0.1:{running.tsdb_port}/metrics")[0] == 404
+
+
+def test_metrics_behind_an_auth_file(start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    admin, producer = secrets.token_hex(30), secrets.token_hex(30)
+    auth = tmp_path / "auth.toml"
+    auth.write_text(f'[[api_keys]]\nkey = "{admin}"\nworkspace = "p1"\nrole = "admin"\n\n'
+                    f'[[api_keys]]\nkey = "{producer}"\nworkspace = "p1"\nrole = "producer"\n')
+    auth.chmod(0o600)
+    proc = start_broker("--auth-file", str(auth), "--metrics-port", "0")
+    status, body = get(proc.http_url + "/metrics")
+    assert status == 401 and "DIS.4101" in body
+    status, body = get(proc.http_url + "/metrics", {"X-Api-Key": "wrong"})
+    assert status == 401 and "DIS.4107" in body
+    status, body = get(proc.http_url + "/metrics", {"X-Api-Key": producer})
+    assert status == 403 and "DIS.4116" in body
+    from client.errors import PermissionDenied, Unauthenticated
+
+    with Client(f"127.0.0.1:{proc.grpc_port}") as anonymous, pytest.raises(Unauthenticated):
+        anonymous.list_streams()
+    with Client(f"127.0.0.1:{proc.grpc_port}", api_key=producer) as weak, pytest.raises(PermissionDenied):
+        weak.create_stream("nope", 1)
+    m = scrape(proc.http_url, {"X-Api-Key": admin})
+    assert value(m, "sluice_auth_failures_total", door="grpc", code="DIS.4101", reason="AUTH_MISSING") == 1
+    assert value(m, "sluice_auth_failures_total", door="grpc", code="DIS.4116", reason="PERMISSION_DENIED") == 1
+    assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4101", reason="AUTH_MISSING") == 1
+    assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4107", reason="AUTH_UNKNOWN_KEY") == 1
+    assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4116", reason="PERMISSION_DENIED") == 1
+    assert scrape(f"http://127.0.0.1:{proc.metrics_port}")   # open on its own port
+    assert get(proc.http_url + "/healthz")[0] == 200        # health stays open
+    assert get(proc.http_url + "/readyz")[0] == 200
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics(running: BrokerProcess) -> None:
+    """docs/grafana-dashboard.json: valid JSON, and every metric its queries name is one the broker
+    exports (a family, or a sample of one: _total, _bucket, _count, _sum)."""
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for e in exprs for name in re.findall(r"\bsluice_[a-z_]+", e)}
+    status, text = get(running.http_url + "/metrics")
+    assert status == 200
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        exported |= {family.name, *(family.name + s for s in ("_total", "_bucket", "_count", "_sum"))}
+    assert used and used <= exported, used - exported

@@ -25,6 +25,19 @@ is an error instead.
 Other errors propagate from `poll()` / iteration, among them `BrokerUnavailable` when the broker
 cannot be reached; the consumer stays usable and the next `poll()` goes on from the same position.
 
+Order across scale events (UpdatePartitionCount): a key's records may move to another partition
+when a stream is rescaled. Each partition's records after a scale event form a *segment* whose
+*parents* are the partitions that held its keys before (DescribeStream: PartitionInfo.segments).
+A consumer with an `app` follows the rule that keeps each key's records in order: it reads into
+a segment only once every parent has been read to its end, as the app's checkpoints on the
+parents show (a parent with no records before its end, or trimmed past it, counts as read). Until
+then `poll()` returns [] (after a short wait) and the position stays at the segment's start. The
+rule applies to segments from the consumer's first position on (a consumer that starts inside a
+segment chose to). The consumer notices a new layout from GetRecords' `layout_ms` and describes
+the stream again. `ordered=False` turns the rule off; without an app the consumer cannot know how
+far the parents were read: pass `parents_done(partition, end_seq) -> bool` to apply it anyway.
+GroupConsumer workers are PartitionConsumers with the group's app, so a group follows it too.
+
 `AsyncPartitionConsumer` is the asyncio flavour, on `AsyncClient` (grpc.aio, no threads):
 cancelling a task in `poll()` cancels the RPC and loses no records.
 """
@@ -36,14 +49,14 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 
 from client.aio import AsyncClient, AsyncSubscription
 from client.client import Client, Record, RecordsPage, Subscription
 from client.errors import CURSOR_GONE, POSITION_GONE, BrokerUnavailable, SluiceError, make_error
-from client.model import PartitionInfo, StreamDescription
+from client.model import PartitionInfo, Segment, StreamDescription
 
 StartPosition = str | tuple[str, int]
 """"TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
@@ -89,6 +102,12 @@ class _ConsumerState:
         self.last_seq: int | None = None     # the last record handed out (poll() or iteration)
         self.committed: int | None = None    # the last checkpoint this consumer committed
         self.resets = 0                      # times the position had been trimmed away
+        # the parent-before-child rule (module docstring)
+        self._layout_ms = 0                  # the layout whose segments are known (0: never rescaled)
+        self._segments: tuple[Segment, ...] = ()
+        self._parents_first: dict[int, int] = {}    # parent -> its first retained seq when described
+        self._parents_read: set[tuple[int, int]] = set()   # (parent, end) known read to its end
+        self._rule_from: int | None = None   # the first position: the rule applies from here on
 
     @property
     def position(self) -> int | None:
@@ -147,8 +166,11 @@ class PartitionConsumer(_ConsumerState):
     def __init__(self, client_or_target: Client | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
                  batch: int = 1000, project: str | None = None, api_key: str | None = None,
-                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
+                 tls_ca: str | bytes | os.PathLike[str] | None = None, ordered: bool = True,
+                 parents_done: Callable[[int, int], bool] | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
+        self._ordered = ordered and (app is not None or parents_done is not None)
+        self._parents_done = parents_done
         self._own_client = isinstance(client_or_target, str)
         self._client = Client(client_or_target, project=project, api_key=api_key, tls_ca=tls_ca) \
             if isinstance(client_or_target, str) else client_or_target
@@ -193,6 +215,9 @@ class PartitionConsumer(_ConsumerState):
             return self._hand_out(records)
         self._open()
         wait = self.wait_ms if wait_ms is None else wait_ms
+        if self._ordered and self._blocked():
+            self._closed.wait(min(wait, 200) / 1000)   # a parent is still being read: look again soon
+            return []
         for _ in range(4):
             try:
                 records = self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait)
@@ -201,6 +226,8 @@ class PartitionConsumer(_ConsumerState):
                     raise
                 self._cursor = None
                 continue
+            if self._ordered and records:
+                records = self._gate(records)
             self._advance(records)
             return self._hand_out(records)
         raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
@@ -211,7 +238,68 @@ class PartitionConsumer(_ConsumerState):
             self._cursor = self._client.get_cursor(self.stream, self.partition, kind, seq, ts)
         page = self._client.get_records(self._cursor, limit=self.batch, wait_ms=wait_ms)
         self._cursor = page.next_cursor
+        self._seen_layout(page.layout_ms)
         return page.records
+
+    # -- the parent-before-child rule -------------------------------------------------------------
+
+    def _seen_layout(self, layout_ms: int) -> None:
+        """A page says the stream's latest scale event is `layout_ms`: learn its segments if new."""
+        if not self._ordered or layout_ms == self._layout_ms:
+            return
+        desc = self._client.describe_stream(self.stream, limit=1000)
+        self._parents_first = {p.partition_id: p.first_seq for p in desc.partitions}
+        mine = [p for p in desc.partitions if p.partition_id == self.partition]
+        self._segments = mine[0].segments if mine else ()
+        self._layout_ms = layout_ms
+
+    def _parent_read(self, parent: int, end: int) -> bool:
+        if end <= 0 or (parent, end) in self._parents_read or self._parents_first.get(parent, 0) >= end:
+            return True
+        if self._parents_done is not None:
+            done = self._parents_done(parent, end)
+        else:
+            mark = self._client.get_checkpoint(self.app, self.stream, parent)  # type: ignore[arg-type]
+            done = mark is not None and mark.seq >= end - 1
+        if done:
+            self._parents_read.add((parent, end))
+        return done
+
+    def _limit(self) -> int | None:
+        """The start of the first segment (from the consumer's first position on) with a parent
+        not read to its end yet: records from there on wait. None: nothing waits."""
+        for segment in self._segments:
+            if self._rule_from is not None and segment.start_seq < self._rule_from:
+                continue
+            if not all(self._parent_read(q, end) for q, end in segment.parents):
+                return segment.start_seq
+        return None
+
+    def _blocked(self) -> bool:
+        """Whether the position is at a segment whose parents are not read yet."""
+        position = self.position
+        if self._rule_from is None:
+            self._rule_from = position
+        if not self._segments or position is None:
+            return False
+        limit = self._limit()
+        return limit is not None and position >= limit
+
+    def _gate(self, records: list[Record]) -> list[Record]:
+        """Cut a fetched page at the first segment that must wait; what is cut is read again."""
+        if self._rule_from is None:
+            self._rule_from = records[0].seq
+        if not self._segments:
+            return records
+        limit = self._limit()
+        if limit is None or records[-1].seq < limit:
+            return records
+        kept = [r for r in records if r.seq < limit]
+        self._next_seq, self._derived = (kept[-1].seq + 1 if kept else records[0].seq), True
+        self._cursor = None
+        if self.mode == "push":
+            self._stop_reader()   # it read past the cut: reopen from the position
+        return kept
 
     def _fetch_push(self, wait_ms: int) -> list[Record]:
         if self._reader is None:
@@ -231,6 +319,7 @@ class PartitionConsumer(_ConsumerState):
         if isinstance(item, BaseException):
             self._stop_reader()      # everything before the error was handed out: reopen from here
             raise item
+        self._seen_layout(item.layout_ms)
         return item.records
 
     @staticmethod

@@ -127,8 +127,24 @@ class Broker:
         await self.groups.leases.forget_stream(config.stream_id)
         # wake long polls and subscriptions waiting on it: they answer STREAM_NOT_FOUND now,
         # not when their wait runs out
-        self.notifier.notify((config.stream_id, p) for p in range(config.partition_count))
+        self.notifier.notify((config.stream_id, p) for p in range(config.readable_partition_count))
         await self.consumers.forget_stream(config)
+
+    async def update_partition_count(self, stream_name: object, target_partition_count: object, *,
+                                     project: str = DEFAULT_PROJECT) -> tuple[StreamConfig, StreamConfig]:
+        """Scale the stream's ACTIVE partitions to `target_partition_count` (see
+        StreamCatalogue.update_partition_count); returns (before, after). Raises STREAM_NOT_FOUND,
+        INVALID_REQUEST, QUOTA_EXCEEDED, UNAVAILABLE, STORAGE_FULL."""
+        before, after = await self.catalogue.update_partition_count(project, stream_name, target_partition_count,
+                                                                    self._drain_writes)
+        if after is not before:
+            self.writes.forget_layout(after.stream_id)
+        return before, after
+
+    async def _drain_writes(self) -> None:
+        """Return once every append queued so far is committed: an empty append queued behind
+        them completes with (or after) the last of them, as the committer commits in order."""
+        await self.committer.append([])
 
     async def list_streams(self, limit: int | None = None, start_after: str | None = None, *,
                            project: str = DEFAULT_PROJECT) -> StreamPage:

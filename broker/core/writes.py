@@ -44,6 +44,10 @@ class WritePath:
         self._routers: dict[int, routing.KeyRouter] = {}   # stream id -> memoised key routing
         self._throttle = throttle_for(limits.partition_records_per_s, limits.partition_bytes_per_s)
 
+    def forget_layout(self, stream_id: int) -> None:
+        """The stream's partitions changed: route by the new layout from now on."""
+        self._routers.pop(stream_id, None)
+
     def forget(self, stream_id: int) -> None:
         self._routers.pop(stream_id, None)
         if self._throttle is not None:
@@ -55,6 +59,8 @@ class WritePath:
         INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL. Records over their
         partition's write limit fail THROTTLED in the result (see _throttle_put)."""
         config = self._catalogue.get(project, stream_name)
+        if self._catalogue.scaling:   # a layout change in progress: route by the new one
+            config = await self._catalogue.settled(config)
         lim = self._limits
         n = len(entries)
         if not n:
@@ -71,7 +77,7 @@ class WritePath:
             raise client_error(ErrorCode.REQUEST_TOO_LARGE,
                                detail=f"total record payload exceeds {lim.max_put_payload_bytes} bytes")
         router = self._routers.get(config.stream_id)
-        if router is None:
+        if router is None or router.partition_count != config.partition_count:
             router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
         partitions, failures, by_partition = self._route_batch(config, entries, router)
         throttled = self._throttle is not None and self._throttle_put(config.stream_id, by_partition, partitions,
@@ -126,10 +132,13 @@ class WritePath:
                 del by_partition[p]
         return cut
 
-    def _target(self, project: str, stream_name: object, stream_id: int | None) -> StreamConfig:
-        """The stream by name; with `stream_id`, only if the name still holds that stream (records
-        made for a stream deleted and recreated under its name since are refused)."""
+    async def _target(self, project: str, stream_name: object, stream_id: int | None) -> StreamConfig:
+        """The stream by name, its layout settled; with `stream_id`, only if the name still holds
+        that stream (records made for a stream deleted and recreated under its name since are
+        refused)."""
         config = self._catalogue.get(project, stream_name)
+        if self._catalogue.scaling:
+            config = await self._catalogue.settled(config)
         if stream_id is not None and config.stream_id != stream_id:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
         return config
@@ -145,7 +154,7 @@ class WritePath:
         the request is acknowledged then). `stream_id`: the
         stream the rows were made for (checked against its schema); a stream recreated under the
         name since then is another stream: STREAM_NOT_FOUND."""
-        config = self._target(project, stream_name, stream_id)
+        config = await self._target(project, stream_name, stream_id)
         n = len(rows)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no rows")
@@ -204,7 +213,7 @@ class WritePath:
         and the name now holds another stream, or the stream was deleted while queued),
         INVALID_REQUEST (bad project, a hash out of range, timestamps not one per item),
         EMPTY_REQUEST, UNAVAILABLE (shutting down, or the store append failed as a whole)."""
-        config = self._target(project, stream_name, stream_id)
+        config = await self._target(project, stream_name, stream_id)
         n = len(items)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
@@ -255,7 +264,7 @@ class WritePath:
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
         records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
-        config = self._target(project, stream_name, stream_id)
+        config = await self._target(project, stream_name, stream_id)
         batches = {p: b for p, b in batches.items() if b[0]}
         if not batches:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
@@ -330,7 +339,7 @@ class WritePath:
                 error = entry.rejected
                 p = -1
                 if error is None:
-                    p, error = self._route(entry, count, spread + i, router)
+                    p, error = self._route(entry, count, spread + i, router, config.readable_partition_count)
                 if error is not None:
                     failures.append((i, error))
                     continue
@@ -363,8 +372,8 @@ class WritePath:
             by_partition[p] = (indices, list(zip(map(keys.__getitem__, indices), map(data.__getitem__, indices))))
         return partitions, [], by_partition
 
-    def _route(self, entry: PutEntry, count: int, spread: int,
-               router: routing.KeyRouter) -> tuple[int, BrokerError | None]:
+    def _route(self, entry: PutEntry, count: int, spread: int, router: routing.KeyRouter,
+               readable: int) -> tuple[int, BrokerError | None]:
         lim = self._limits
         if len(entry.data) > lim.max_record_bytes:
             return -1, client_error(ErrorCode.INVALID_REQUEST,
@@ -378,7 +387,8 @@ class WritePath:
             if p is None:
                 return -1, client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=entry.partition_id)
             if p >= count:
-                return -1, client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=entry.partition_id)
+                code = ErrorCode.PARTITION_NOT_WRITABLE if p < readable else ErrorCode.PARTITION_NOT_FOUND
+                return -1, client_error(code, partition_id=entry.partition_id)
             return p, None
         if entry.explicit_hash_key is not None:
             h = routing.parse_hash_key(entry.explicit_hash_key)

@@ -286,3 +286,33 @@ def test_a_restart_keeps_the_scaled_layout(start_broker: Callable[..., BrokerPro
         assert [p.status for p in again.partitions] == ["ACTIVE"] * 3
         assert [p.next_seq for p in again.partitions] == [p.next_seq + (i == 0) for i, p in
                                                           enumerate(after.partitions)]
+
+
+def test_the_async_consumer_follows_the_rule_too(broker: BrokerProcess, stream_name: str) -> None:
+    import asyncio
+
+    from client import AsyncPartitionConsumer
+
+    with Client(broker.grpc_target) as client:
+        client.create_stream(stream_name, 1)
+        client.put_records(stream_name, [(f"{k}:0".encode(), k) for k in KEYS])
+        client.update_partition_count(stream_name, 2)
+        client.put_records(stream_name, [(f"{k}:1".encode(), k) for k in KEYS])
+
+    async def read() -> list[tuple[str, int]]:
+        app = f"{stream_name}-async"
+        child = AsyncPartitionConsumer(broker.grpc_target, stream_name, 1, app=app, wait_ms=20)
+        parent = AsyncPartitionConsumer(broker.grpc_target, stream_name, 0, app=app, wait_ms=20)
+        seen: list[tuple[str, int]] = []
+        assert await child.poll() == []          # its parent (0) is not read yet
+        for c in (child, parent) * 20:
+            records = await c.poll()
+            if records:
+                seen.extend(map(_key_and_n, records))
+                await c.commit()
+        await child.close()
+        await parent.close()
+        return seen
+
+    seen = asyncio.run(read())
+    _check_order(seen, [(k, n) for k in KEYS for n in (0, 1)])

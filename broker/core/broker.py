@@ -176,12 +176,12 @@ class Broker:
         return await self.writes.append_keyed(project, stream_name, items, timestamps_ms, stream_id)
 
     async def append_partitioned(self, stream_name: object, batches: Mapping[int, tuple[Sequence[bytes], int]], *,
-                                 project: str = DEFAULT_PROJECT,
-                                 stream_id: int | None = None) -> dict[int, int | BrokerError]:
+                                 project: str = DEFAULT_PROJECT, stream_id: int | None = None,
+                                 partition_count: int | None = None) -> dict[int, int | BrokerError]:
         """See WritePath.append_partitioned: records the caller routed, partition -> (records, their
         latest time in ms), one batch per partition; per partition its first seq or the error that
-        refused it."""
-        return await self.writes.append_partitioned(project, stream_name, batches, stream_id)
+        refused it. `partition_count`: the ACTIVE count the caller routed by."""
+        return await self.writes.append_partitioned(project, stream_name, batches, stream_id, partition_count)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

@@ -14,7 +14,7 @@ from broker.core.limits import HASH_KEY_MAX, Limits
 from broker.core.notify import WriteNotifier
 from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
-from broker.errors import BrokerError, ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, StreamConfig
 
 # (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
@@ -253,7 +253,8 @@ class WritePath:
 
     async def append_partitioned(self, project: str, stream_name: object,
                                  batches: Mapping[int, tuple[Sequence[bytes], int]],
-                                 stream_id: int | None = None) -> dict[int, int | BrokerError]:
+                                 stream_id: int | None = None,
+                                 partition_count: int | None = None) -> dict[int, int | BrokerError]:
         """Append records the caller routed already (e.g. by routing.partition_for_hash of a key's
         hash, as append_keyed does): `batches` maps a partition to (its records in order, the
         latest of their own times in ms, 0 for none), one AppendBatch each, timed as append_keyed
@@ -261,10 +262,18 @@ class WritePath:
         the error that refused its batch (THROTTLED: over its write limit; the store's
         STORAGE_FULL/UNAVAILABLE) - the others are written regardless.
 
+        `partition_count`: the stream's ACTIVE partition count the caller routed by; if a scale
+        event changed it since (UpdatePartitionCount), nothing is written: UNAVAILABLE, route again.
+        Records routed by the old layout must not land after the event's boundaries.
+
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
-        records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        records), UNAVAILABLE (shutting down, the store append failed as a whole, the layout
+        changed)."""
         config = await self._target(project, stream_name, stream_id)
+        if partition_count is not None and partition_count != config.partition_count:
+            raise server_error(ErrorCode.UNAVAILABLE, detail=f"the stream now has {config.partition_count} "
+                               f"writable partitions, not {partition_count}: route the records again")
         batches = {p: b for p, b in batches.items() if b[0]}
         if not batches:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")

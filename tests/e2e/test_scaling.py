@@ -316,3 +316,31 @@ def test_the_async_consumer_follows_the_rule_too(broker: BrokerProcess, stream_n
 
     seen = asyncio.run(read())
     _check_order(seen, [(k, n) for k in KEYS for n in (0, 1)])
+
+
+def test_a_group_started_at_latest_does_not_wait_for_records_it_skipped(broker: BrokerProcess,
+                                                                        stream_name: str) -> None:
+    """The group starts at LATEST on a partition with old records and reads nothing there; after a
+    scale event the new partition's parent is that one, ended at those old records - which the
+    group chose to skip, so the child must not wait for them."""
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def handle(partition: int, records: list[Record]) -> None:
+        with lock:
+            seen.extend(map(_key_and_n, records))
+
+    with Client(broker.grpc_target) as client:
+        client.create_stream(stream_name, 1)
+        client.put_records(stream_name, [(f"{k}:0".encode(), k) for k in KEYS])   # skipped by the group
+        member = GroupConsumer(broker.grpc_target, f"{stream_name}-late", stream_name, handle, lease_ms=3000,
+                               wait_ms=100, checkpoint_interval=0.1, start="LATEST").start()
+        try:
+            eventually(lambda: member.assignment == {0}, timeout=30)
+            time.sleep(0.5)   # let the worker pin LATEST (nothing to wait for: no records come)
+            client.update_partition_count(stream_name, 2)
+            client.put_records(stream_name, [(f"{k}:1".encode(), k) for k in KEYS])
+            eventually(lambda: len(seen) >= len(KEYS), timeout=30)
+        finally:
+            member.stop()
+    assert sorted(seen) == sorted((k, 1) for k in KEYS)

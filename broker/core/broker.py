@@ -2,7 +2,7 @@
 
 The rules live in parts, one per path, composed here (not inherited):
 
-    catalogue.py   StreamCatalogue   which streams exist per project; create/list/describe/delete
+    catalogue.py   StreamCatalogue   which streams exist per project; create/list/describe/delete/scale
     writes.py      WritePath         PutRecords: validation, routing, append via the Committer
     reads.py       ReadPath          cursors, GetRecords with long poll, push subscriptions
     consumers.py   Consumers         apps, checkpoints, consumer state (lag)

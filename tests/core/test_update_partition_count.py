@@ -6,6 +6,8 @@ import asyncio
 from typing import AsyncIterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.core import routing
 from broker.core.broker import Broker
@@ -110,3 +112,19 @@ async def test_a_group_is_offered_every_readable_partition() -> None:
     mine, _ = await broker.heartbeat("a", "s", "m1")
     assert sorted(mine) == [0, 1, 2]
     await broker.close()
+
+
+@given(src=st.integers(1, 64), target=st.integers(1, 64), h=st.integers(0, 2**63 - 1))
+def test_a_hash_moves_from_a_parent_to_its_child(src: int, target: int, h: int) -> None:
+    """Whatever the counts: the partition a hash goes to after the event lists, as a parent, the
+    partition it went to before (unless that is the same partition), ended at that boundary."""
+    from broker.model import ScaleEvent, StreamConfig
+
+    boundaries = tuple(range(10, 10 + max(src, target)))
+    config = StreamConfig("s", target, scale_events=(ScaleEvent(1, src, target, boundaries),))
+    old, new = routing.partition_for_hash(h, src), routing.partition_for_hash(h, target)
+    [segment] = routing.segments(config, new)
+    assert segment.start_seq == boundaries[new]
+    if old != new:
+        assert (old, boundaries[old]) in segment.parents
+    assert all(q != new and q < src for q, _ in segment.parents)

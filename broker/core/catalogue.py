@@ -195,8 +195,9 @@ class StreamCatalogue:
         recorded as its boundary (ScaleEvent) - so no record routed by one layout sits on the
         wrong side of it. The new layout is durable (store.update_stream) before any write uses it.
         Sluice relaxes DIS's rate rule (5 a stream per hour, none for an hour after a success):
-        it takes any number. History older than the retention window is dropped with the next
-        event (the partitions it closed hold no records any more).
+        it takes up to `Limits.max_scale_events` within the retention window. History older than
+        the window is dropped with the next event (the partitions it closed hold no records any
+        more).
         Raises STREAM_NOT_FOUND, INVALID_REQUEST, QUOTA_EXCEEDED; UNAVAILABLE/STORAGE_FULL when
         the store cannot persist the layout (nothing changed then)."""
         if not isinstance(target, int) or isinstance(target, bool) or target < 1:
@@ -224,6 +225,10 @@ class StreamCatalogue:
                     boundaries[p] = (await self._store.bounds(sid, p)).next_seq
                 now = self._now()
                 kept = tuple(e for e in config.scale_events if now - e.timestamp_ms < config.retention_ms)
+                if len(kept) >= self._limits.max_scale_events:
+                    raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"stream [{config.stream_name}] was scaled "
+                                       f"{len(kept)} times within its retention period, the most it keeps; try "
+                                       f"again when the oldest of them is {config.retention_hours} hours old")
                 event = ScaleEvent(now, config.partition_count, target, tuple(boundaries))
                 scaled = await self._store.update_stream(replace(config, partition_count=target,
                                                                  scale_events=(*kept, event)))

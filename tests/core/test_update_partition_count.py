@@ -128,3 +128,24 @@ def test_a_hash_moves_from_a_parent_to_its_child(src: int, target: int, h: int) 
     if old != new:
         assert (old, boundaries[old]) in segment.parents
     assert all(q != new and q < src for q, _ in segment.parents)
+
+
+async def test_history_is_bounded_and_forgets_events_past_retention() -> None:
+    from broker.core.limits import Limits
+
+    clock = [1_000_000]
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, limits=Limits(max_scale_events=3),
+                    clock_ms=lambda: clock[0])
+    await broker.start()
+    await broker.create_stream("s", 1)
+    for target in (2, 3, 4):
+        await broker.update_partition_count("s", target)
+    with pytest.raises(BrokerError) as e:
+        await broker.update_partition_count("s", 5)
+    assert e.value.code is ErrorCode.QUOTA_EXCEEDED
+    clock[0] += 24 * 3_600_000   # the retention window later: the old events are forgotten
+    await broker.update_partition_count("s", 1)
+    config = broker.catalogue.get("default", "s")
+    assert [(e.src_partition_count, e.target_partition_count) for e in config.scale_events] == [(4, 1)]
+    assert config.readable_partition_count == 4   # the partitions it just closed are still readable
+    await broker.close()

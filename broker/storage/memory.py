@@ -64,8 +64,9 @@ class MemoryStore(Store):
         if config is None:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {stream_id}")
         del self._streams[config.key]
-        for p in range(config.readable_partition_count):
-            self._partitions.pop((config.stream_id, p), None)
+        # every partition it ever had (a scale event's history may have aged out of the config)
+        for key in [k for k in self._partitions if k[0] == stream_id]:
+            del self._partitions[key]
 
     async def list_streams(self) -> list[StreamConfig]:
         return [self._streams[k] for k in sorted(self._streams)]

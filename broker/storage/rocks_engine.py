@@ -227,10 +227,11 @@ class RocksEngine:
             self._write(wb, "drop_stream")
             del self._streams[config.key]
             del self._by_id[stream_id]
-            for p in range(config.readable_partition_count):
-                self._hwm.pop((config.stream_id, p), None)
-                self._first.pop((config.stream_id, p), None)
-                self._newest.pop((config.stream_id, p), None)
+            # every partition it ever had (a scale event's history may have aged out of the config)
+            for cache in (self._hwm, self._first, self._newest):
+                for key in list(cache):   # one C-level copy: lock-free readers may add keys meanwhile
+                    if key[0] == stream_id:
+                        cache.pop(key, None)
 
     def list_streams(self) -> list[StreamConfig]:
         return [self._streams[k] for k in sorted(self._streams)]

@@ -209,6 +209,16 @@ class StreamCatalogue:
         self.get(project, stream_name)
         return await asyncio.shield(self._scale(project, stream_name, target, drain))
 
+    async def _next_seq(self, sid: int, partition: int) -> int:
+        """A partition's next_seq; 0 for one that never existed. (One past the readable ones may
+        have existed, if the event that closed it has aged out of the history: its numbering goes on.)"""
+        try:
+            return (await self._store.bounds(sid, partition)).next_seq
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.PARTITION_NOT_FOUND:
+                raise
+            return 0
+
     async def _scale(self, project: str, stream_name: object, target: int,
                      drain: Callable[[], Awaitable[None]]) -> tuple[StreamConfig, StreamConfig]:
         async with self._lock:
@@ -219,10 +229,7 @@ class StreamCatalogue:
             done = self._scaling[sid] = asyncio.Event()
             try:
                 await drain()
-                known = config.readable_partition_count
-                boundaries = [0] * max(known, target)
-                for p in range(known):
-                    boundaries[p] = (await self._store.bounds(sid, p)).next_seq
+                boundaries = [await self._next_seq(sid, p) for p in range(max(config.readable_partition_count, target))]
                 now = self._now()
                 kept = tuple(e for e in config.scale_events if now - e.timestamp_ms < config.retention_ms)
                 if len(kept) >= self._limits.max_scale_events:

@@ -148,4 +148,17 @@ async def test_history_is_bounded_and_forgets_events_past_retention() -> None:
     config = broker.catalogue.get("default", "s")
     assert [(e.src_partition_count, e.target_partition_count) for e in config.scale_events] == [(4, 1)]
     assert config.readable_partition_count == 4   # the partitions it just closed are still readable
+    # partition 3 holds records; once its closing event ages out it is gone from the layout, and a
+    # later scale-up that brings it back continues its numbering, its new segment starting there
+    await broker.update_partition_count("s", 4)
+    assert (await broker.put_records("s", [PutEntry(b"x", partition_id="3")])).seqs == [0]
+    await broker.update_partition_count("s", 1)
+    clock[0] += 24 * 3_600_000
+    await broker.update_partition_count("s", 2)
+    assert broker.catalogue.get("default", "s").readable_partition_count == 2
+    clock[0] += 24 * 3_600_000
+    await broker.update_partition_count("s", 4)
+    desc = await broker.describe_stream("s")
+    assert desc.partitions[3].segments[-1].start_seq == 1
+    assert (await broker.put_records("s", [PutEntry(b"y", partition_id="3")])).seqs == [1]
     await broker.close()

@@ -11,7 +11,7 @@
     model.py             plain values shared by core and storage
     core/
       broker.py          Broker: the facade the doors call; composes the parts below
-      catalogue.py       StreamCatalogue: streams per project; create, list, describe, delete
+      catalogue.py       StreamCatalogue: streams per project; create, list, describe, delete, scale (layouts)
       writes.py          WritePath: PutRecords validation, routing, per-record outcomes
       writer.py          Committer: folds concurrent appends into one store append
       reads.py           ReadPath: cursors, GetRecords and long polls, push subscriptions

@@ -42,6 +42,10 @@ class ErrorCode(Enum):
                               "timestamp is expired, timestamp should be larger than {earliest}")
     STREAM_NOT_FOUND       = (400, "NOT_FOUND",           "DIS.4301",   60, "Stream [{stream}] does not exist")
     PARTITION_NOT_FOUND    = (400, "NOT_FOUND",           "DIS.4302",   36, "Partition [{partition_id}] does not exist")
+    # [ours] DIS.4319 ("partition expired") for a write naming a partition a scale-down closed
+    PARTITION_NOT_WRITABLE = (400, "FAILED_PRECONDITION", "DIS.4319",   36,
+                              "Partition [{partition_id}] is DELETED by a scale-down: readable until retention, "
+                              "not writable")
     STREAM_EXISTS          = (400, "ALREADY_EXISTS",      "DIS.4307",   57, "Stream [{stream}] already exists")
     QUOTA_EXCEEDED         = (400, "RESOURCE_EXHAUSTED",  "DIS.4308",   36, "Insufficient quota. {detail}")
     APP_QUOTA_EXCEEDED     = (400, "RESOURCE_EXHAUSTED",  "DIS.4329",   36, "Insufficient app quota. {detail}")

@@ -55,9 +55,39 @@ class StreamSchema:
 
 
 @dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    """One UpdatePartitionCount: the layout changed from `src_partition_count` ACTIVE partitions
+    to `target_partition_count` at `timestamp_ms`. `boundaries[p]` is partition p's next_seq at the
+    event, for every partition that existed then or was created by it (0 for a new one): records
+    below it were routed by the old layout, records from it on by the new one. That is where a
+    parent ends and where a child's new segment starts (see core/routing.segments)."""
+    timestamp_ms: int
+    src_partition_count: int
+    target_partition_count: int
+    boundaries: tuple[int, ...]
+    auto_scale: bool = False
+
+    @staticmethod
+    def from_dict(raw: dict) -> ScaleEvent:
+        return ScaleEvent(**{**raw, "boundaries": tuple(raw["boundaries"])})
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """The records of one partition written under one layout: from `start_seq` on (up to the next
+    segment's start), after a scale event. `parents` are the partitions (other than this one) of
+    the previous layout whose hash ranges overlap this partition's new range, each with the seq
+    where it ended (its next_seq at the event). A key's records keep their order for a reader
+    that reads every parent up to its end before reading this segment."""
+    start_seq: int
+    parents: tuple[tuple[int, int], ...]   # (partition, end seq, exclusive)
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class StreamConfig:
     stream_name: str
-    partition_count: int
+    partition_count: int   # ACTIVE (writable) partitions: always 0..partition_count-1
     retention_hours: int = 24
     data_type: str = "BLOB"
     stream_type: str = "COMMON"
@@ -65,12 +95,24 @@ class StreamConfig:
     stream_id: int = 0  # assigned by the store; never reused, so a recreated name is a new log
     project: str = DEFAULT_PROJECT
     schema: StreamSchema | None = None  # None: a plain log of bytes
+    scale_events: tuple[ScaleEvent, ...] = ()   # UpdatePartitionCount history, oldest first
 
     @staticmethod
     def from_dict(raw: dict) -> StreamConfig:
         """The inverse of dataclasses.asdict, as stores keep configs (JSON)."""
         schema = raw.get("schema")
-        return StreamConfig(**{**raw, "schema": StreamSchema.from_dict(schema) if schema else None})
+        events = tuple(ScaleEvent.from_dict(e) for e in raw.get("scale_events", ()))
+        return StreamConfig(**{**raw, "schema": StreamSchema.from_dict(schema) if schema else None,
+                               "scale_events": events})
+
+    @property
+    def readable_partition_count(self) -> int:
+        """Partitions that exist: ACTIVE ones plus those a scale-down turned DELETED (readable
+        until retention, never written again unless a later scale-up makes them ACTIVE again)."""
+        return max([self.partition_count, *(e.src_partition_count for e in self.scale_events)])
+
+    def is_active(self, partition: int) -> bool:
+        return 0 <= partition < self.partition_count
 
     @property
     def key(self) -> tuple[str, str]:
@@ -173,6 +215,9 @@ class GetRecordsResult:
     records: list[Record]
     next_cursor: str
     millis_behind_latest: int
+    # the time of the stream's latest scale event as of after the read (0: none): a reader that
+    # knows the segments of that layout knows every segment boundary among these records
+    layout_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +226,13 @@ class PartitionInfo:
     hash_lo: int
     hash_hi: int
     bounds: PartitionBounds
+    status: str = "ACTIVE"                # ACTIVE, DELETED (by a scale-down; readable), EXPIRED
+    segments: tuple[Segment, ...] = ()    # its records after each scale event (routing.segments)
+
+    @property
+    def parent_partitions(self) -> tuple[int, ...]:
+        """The parents of its newest segment."""
+        return tuple(q for q, _ in self.segments[-1].parents) if self.segments else ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ from client.model import (
     PutResult,
     Record,
     RecordsPage,
+    ScaleEvent,
+    Segment,
     SourceError,
     SourceInfo,
     SourceStats,
@@ -53,6 +55,7 @@ from client.producer import AsyncProducer, BufferFullError, Producer, ProducerSt
 
 __all__ = ["Client", "AsyncClient", "Subscription", "AsyncSubscription",
            "PutResult", "Record", "RecordsPage", "StreamInfo", "StreamPage", "PartitionInfo", "StreamDescription",
+           "ScaleEvent", "Segment",
            "AppInfo", "AppPage", "Checkpoint", "PartitionConsumerState", "Assignment",
            "SourceInfo", "SourceStats", "SourceError", "SourceThroughput",
            "SluiceError", "NotFound", "StreamNotFound", "AlreadyExists", "InvalidRequest", "CursorInvalid",

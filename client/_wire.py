@@ -32,6 +32,8 @@ from client.model import (
     PutResult,
     Record,
     RecordsPage,
+    ScaleEvent,
+    Segment,
     SourceError,
     SourceInfo,
     SourceStats,
@@ -227,7 +229,10 @@ def stream_info(s: pb.StreamInfo) -> StreamInfo:
     return StreamInfo(s.stream_name, s.partition_count, s.retention_hours,
                       _name(pb.DataType, "DATA_TYPE_", s.data_type),
                       _name(pb.StreamType, "STREAM_TYPE_", s.stream_type), s.created_ms,
-                      _name(pb.StreamStatus, "STREAM_STATUS_", s.status), s.stream_id)
+                      _name(pb.StreamStatus, "STREAM_STATUS_", s.status), s.stream_id,
+                      s.readable_partition_count or s.partition_count,
+                      tuple(ScaleEvent(e.timestamp_ms, e.src_partition_count, e.target_partition_count)
+                            for e in s.scale_events))
 
 
 def stream_page(resp: pb.ListStreamsResponse) -> StreamPage:
@@ -237,7 +242,10 @@ def stream_page(resp: pb.ListStreamsResponse) -> StreamPage:
 def stream_description(resp: pb.DescribeStreamResponse) -> StreamDescription:
     return StreamDescription(stream_info(resp.stream), [
         PartitionInfo(p.partition_id, _name(pb.PartitionStatus, "PARTITION_STATUS_", p.status), p.hash_range_start,
-                      p.hash_range_end, p.first_seq, p.next_seq) for p in resp.partitions], resp.has_more)
+                      p.hash_range_end, p.first_seq, p.next_seq,
+                      tuple(Segment(s.start_seq, tuple((q.partition_id, q.end_seq) for q in s.parents), s.timestamp_ms)
+                            for s in p.segments))
+        for p in resp.partitions], resp.has_more)
 
 
 def put_results(resp: pb.PutRecordsResponse) -> list[PutResult]:
@@ -250,7 +258,7 @@ def put_results(resp: pb.PutRecordsResponse) -> list[PutResult]:
 def records_page(resp: pb.GetRecordsResponse | pb.RecordBatch) -> RecordsPage:
     records = [Record(s, t, d, k or None) for s, t, d, k in
                zip(resp.seqs, resp.timestamps_ms, resp.data, resp.partition_keys)]
-    return RecordsPage(records, resp.next_cursor, resp.millis_behind_latest)
+    return RecordsPage(records, resp.next_cursor, resp.millis_behind_latest, resp.layout_ms)
 
 
 def subscribe_page(resp: pb.SubscribeResponse) -> RecordsPage:
@@ -310,6 +318,10 @@ T = TypeVar("T")
 
 def nothing(_: object) -> None:
     return None
+
+
+def scaled(resp: pb.UpdatePartitionCountResponse) -> tuple[int, int]:
+    return resp.src_partition_count, resp.target_partition_count
 
 
 def same(resp: T) -> T:

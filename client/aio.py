@@ -81,6 +81,11 @@ class AsyncClient:
                                 _wire.describe_stream(stream_name, start_after_partition, limit),
                                 _wire.stream_description)
 
+    async def update_partition_count(self, stream_name: str, target_partition_count: int) -> tuple[int, int]:
+        """See Client.update_partition_count."""
+        return await self._call(self._stub.UpdatePartitionCount, pb.UpdatePartitionCountRequest(
+            stream_name=stream_name, target_partition_count=target_partition_count), _wire.scaled)
+
     async def delete_stream(self, stream_name: str) -> None:
         await self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _wire.nothing)
 

@@ -336,6 +336,9 @@ def _streams(client: Client, args: argparse.Namespace) -> int:
         client.create_stream(args.name, args.partitions)
     elif args.action == "delete":
         client.delete_stream(args.name)
+    elif args.action == "scale":
+        was, now = client.update_partition_count(args.name, args.partitions)
+        print(f"{args.name}: {was} -> {now} writable partitions")
     elif args.action == "list":
         start = ""
         while True:  # one page holds at most 100 names: follow has_more to the end
@@ -350,8 +353,13 @@ def _streams(client: Client, args: argparse.Namespace) -> int:
         while True:  # one page holds at most 100 partitions by default: follow has_more
             desc = client.describe_stream(args.name, start_after_partition=after)
             for p in desc.partitions:
+                # a rescaled stream also shows each partition's status and its newest segment's parents
+                extra = "" if p.status == "ACTIVE" and not p.segments else f"  {p.status}"
+                if p.segments:
+                    parents = ",".join(f"{q}<{end}" for q, end in p.segments[-1].parents) or "-"
+                    extra += f"  from seq {p.segments[-1].start_seq} after parents {parents}"
                 print(f"{p.partition_id}  hash [{p.hash_range_start} : {p.hash_range_end}]  "
-                      f"seq [{p.first_seq} : {p.next_seq - 1}]")
+                      f"seq [{p.first_seq} : {p.next_seq - 1}]{extra}")
             if not desc.has_more or not desc.partitions:
                 break
             after = desc.partitions[-1].partition_id
@@ -577,6 +585,7 @@ exit codes: 0 ok, 1 the broker refused the request (or some records failed),
 
 examples:
   sluice streams create orders --partitions 4
+  sluice streams scale orders 8               # writable partitions 0..7 from now on
   sluice put orders lines.txt                 # one record per line
   sluice put orders events.jsonl --jsonl      # {"data": "...", "partition_key": "k"} per line
   sluice get orders 0 --json
@@ -614,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "started with --tls-cert) [env SLUICE_TLS_CA]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    streams = _add(sub, "streams", "create, list, describe or delete streams")
+    streams = _add(sub, "streams", "create, list, describe, scale or delete streams")
     ssub = streams.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = _add(ssub, "create", "create a stream")
     create.add_argument("name")
@@ -622,6 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(ssub, "list", "list every stream name")
     _add(ssub, "describe", "show each partition's hash range and sequence range").add_argument("name")
     _add(ssub, "delete", "delete a stream and all its records").add_argument("name")
+    scale = _add(ssub, "scale", "change the number of writable partitions (UpdatePartitionCount); a scale-down "
+                                "leaves the highest ids DELETED: readable until retention, not writable")
+    scale.add_argument("name")
+    scale.add_argument("partitions", type=int, help="the new number of writable partitions")
 
     put = _add(sub, "put", "send records from a file or stdin, one record per line",
                epilog="Blank lines are skipped. Records go out in batches of 500. The summary "

@@ -101,6 +101,12 @@ class Client:
         return self._call(self._stub.DescribeStream, _wire.describe_stream(stream_name, start_after_partition, limit),
                           _wire.stream_description)
 
+    def update_partition_count(self, stream_name: str, target_partition_count: int) -> tuple[int, int]:
+        """Scale the stream's writable partitions to 0..target-1 (the highest ids become DELETED
+        on a scale-down: readable until retention). Returns (partition count before, after)."""
+        return self._call(self._stub.UpdatePartitionCount, pb.UpdatePartitionCountRequest(
+            stream_name=stream_name, target_partition_count=target_partition_count), _wire.scaled)
+
     def delete_stream(self, stream_name: str) -> None:
         self._call(self._stub.DeleteStream, pb.DeleteStreamRequest(stream_name=stream_name), _wire.nothing)
 

@@ -25,6 +25,19 @@ is an error instead.
 Other errors propagate from `poll()` / iteration, among them `BrokerUnavailable` when the broker
 cannot be reached; the consumer stays usable and the next `poll()` goes on from the same position.
 
+Order across scale events (UpdatePartitionCount): a key's records may move to another partition
+when a stream is rescaled. Each partition's records after a scale event form a *segment* whose
+*parents* are the partitions that held its keys before (DescribeStream: PartitionInfo.segments).
+A consumer with an `app` follows the rule that keeps each key's records in order: it reads into
+a segment only once every parent has been read to its end, as the app's checkpoints on the
+parents show (a parent with no records before its end, or trimmed past it, counts as read). Until
+then `poll()` returns [] (after a short wait) and the position stays at the segment's start. The
+rule applies to segments from the consumer's first position on (a consumer that starts inside a
+segment chose to). The consumer notices a new layout from GetRecords' `layout_ms` and describes
+the stream again. `ordered=False` turns the rule off; without an app the consumer cannot know how
+far the parents were read: pass `parents_done(partition, end_seq) -> bool` to apply it anyway.
+GroupConsumer workers are PartitionConsumers with the group's app, so a group follows it too.
+
 `AsyncPartitionConsumer` is the asyncio flavour, on `AsyncClient` (grpc.aio, no threads):
 cancelling a task in `poll()` cancels the RPC and loses no records.
 """
@@ -36,14 +49,14 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 
 from client.aio import AsyncClient, AsyncSubscription
 from client.client import Client, Record, RecordsPage, Subscription
 from client.errors import CURSOR_GONE, POSITION_GONE, BrokerUnavailable, SluiceError, make_error
-from client.model import PartitionInfo, StreamDescription
+from client.model import PartitionInfo, Segment, StreamDescription
 
 StartPosition = str | tuple[str, int]
 """"TRIM_HORIZON" | "LATEST" | ("AT_SEQUENCE_NUMBER", n) | ("AFTER_SEQUENCE_NUMBER", n) | ("AT_TIMESTAMP", ms)"""
@@ -89,6 +102,12 @@ class _ConsumerState:
         self.last_seq: int | None = None     # the last record handed out (poll() or iteration)
         self.committed: int | None = None    # the last checkpoint this consumer committed
         self.resets = 0                      # times the position had been trimmed away
+        # the parent-before-child rule (module docstring)
+        self._layout_ms = 0                  # the layout whose segments are known (0: never rescaled)
+        self._segments: tuple[Segment, ...] = ()
+        self._parents_first: dict[int, int] = {}    # parent -> its first retained seq when described
+        self._parents_read: set[tuple[int, int]] = set()   # (parent, end) known read to its end
+        self._rule_from: int | None = None   # the first position: the rule applies from here on
 
     @property
     def position(self) -> int | None:
@@ -113,6 +132,61 @@ class _ConsumerState:
             self.resets += 1
             return True
         return exc.reason in CURSOR_GONE  # expired / no longer valid: same position, new cursor
+
+    # -- the parent-before-child rule (module docstring): what needs no I/O ---------------------------
+
+    def _learn(self, desc: StreamDescription, layout_ms: int) -> None:
+        """A described stream (all partitions) for the layout of `layout_ms`."""
+        self._parents_first = {p.partition_id: p.first_seq for p in desc.partitions}
+        mine = [p for p in desc.partitions if p.partition_id == self.partition]
+        self._segments = mine[0].segments if mine else ()
+        self._layout_ms = layout_ms
+
+    def _check_parents_from(self, first_position: int) -> None:
+        if self._rule_from is None:
+            self._rule_from = first_position
+
+    def _parent_known_read(self, parent: int, end: int) -> bool:
+        """Known read to its end: nothing before the end, trimmed past it, or seen so."""
+        return end <= 0 or (parent, end) in self._parents_read or self._parents_first.get(parent, 0) >= end
+
+    def _unknown_parents(self) -> Iterator[tuple[int, int]]:
+        """The parents to ask about, segment by segment in order (the caller stops at the first
+        that is not read yet: later segments wait for that one anyway)."""
+        for segment in self._segments:
+            if self._rule_from is not None and segment.start_seq < self._rule_from:
+                continue   # the consumer started inside or after this segment
+            for q, end in segment.parents:
+                if not self._parent_known_read(q, end):
+                    yield q, end
+
+    def _limit(self) -> int | None:
+        """The start of the first segment (from the first position on) with a parent not known
+        read: records from there on wait. None: nothing waits."""
+        for segment in self._segments:
+            if self._rule_from is not None and segment.start_seq < self._rule_from:
+                continue
+            if not all(self._parent_known_read(q, end) for q, end in segment.parents):
+                return segment.start_seq
+        return None
+
+    def _waits_at_start(self) -> bool:
+        """Whether the position is at (or past) a segment that must wait."""
+        position = self.position
+        if position is None or not self._segments:
+            return False
+        self._check_parents_from(position)
+        limit = self._limit()
+        return limit is not None and position >= limit
+
+    def _cut(self, records: list[Record]) -> list[Record]:
+        """A fetched page cut at the first segment that must wait; the position moves to the cut."""
+        limit = self._limit()
+        if limit is None or records[-1].seq < limit:
+            return records
+        kept = [r for r in records if r.seq < limit]
+        self._next_seq, self._derived = (kept[-1].seq + 1 if kept else records[0].seq), True
+        return kept
 
     def _hand_out(self, records: list[Record]) -> list[Record]:
         if records:
@@ -147,8 +221,11 @@ class PartitionConsumer(_ConsumerState):
     def __init__(self, client_or_target: Client | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
                  batch: int = 1000, project: str | None = None, api_key: str | None = None,
-                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
+                 tls_ca: str | bytes | os.PathLike[str] | None = None, ordered: bool = True,
+                 parents_done: Callable[[int, int], bool] | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
+        self._ordered = ordered and (app is not None or parents_done is not None)
+        self._parents_done = parents_done
         self._own_client = isinstance(client_or_target, str)
         self._client = Client(client_or_target, project=project, api_key=api_key, tls_ca=tls_ca) \
             if isinstance(client_or_target, str) else client_or_target
@@ -193,6 +270,9 @@ class PartitionConsumer(_ConsumerState):
             return self._hand_out(records)
         self._open()
         wait = self.wait_ms if wait_ms is None else wait_ms
+        if self._ordered and self._blocked():
+            self._closed.wait(min(wait, 200) / 1000)   # a parent is still being read: look again soon
+            return []
         for _ in range(4):
             try:
                 records = self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait)
@@ -201,6 +281,8 @@ class PartitionConsumer(_ConsumerState):
                     raise
                 self._cursor = None
                 continue
+            if self._ordered and records:
+                records = self._gate(records)
             self._advance(records)
             return self._hand_out(records)
         raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
@@ -211,7 +293,43 @@ class PartitionConsumer(_ConsumerState):
             self._cursor = self._client.get_cursor(self.stream, self.partition, kind, seq, ts)
         page = self._client.get_records(self._cursor, limit=self.batch, wait_ms=wait_ms)
         self._cursor = page.next_cursor
+        self._seen_layout(page.layout_ms)
         return page.records
+
+    # -- the parent-before-child rule (I/O half; the rules are _ConsumerState's) ---------------------
+
+    def _seen_layout(self, layout_ms: int) -> None:
+        if self._ordered and layout_ms != self._layout_ms:
+            self._learn(self._client.describe_stream(self.stream, limit=1000), layout_ms)
+
+    def _check_parents(self) -> None:
+        for q, end in self._unknown_parents():
+            if self._parents_done is not None:
+                done = self._parents_done(q, end)
+            else:
+                mark = self._client.get_checkpoint(self.app, self.stream, q)  # type: ignore[arg-type]
+                done = mark is not None and mark.seq >= end - 1
+            if not done:
+                return
+            self._parents_read.add((q, end))
+
+    def _blocked(self) -> bool:
+        if self._waits_at_start():
+            self._check_parents()
+            return self._waits_at_start()
+        return False
+
+    def _gate(self, records: list[Record]) -> list[Record]:
+        self._check_parents_from(records[0].seq)
+        limit = self._limit()
+        if limit is not None and records[-1].seq >= limit:   # ask only when the page reaches a wait
+            self._check_parents()
+        kept = self._cut(records)
+        if len(kept) < len(records):
+            self._cursor = None
+            if self.mode == "push":
+                self._stop_reader()   # it read past the cut: reopen from the position
+        return kept
 
     def _fetch_push(self, wait_ms: int) -> list[Record]:
         if self._reader is None:
@@ -231,6 +349,7 @@ class PartitionConsumer(_ConsumerState):
         if isinstance(item, BaseException):
             self._stop_reader()      # everything before the error was handed out: reopen from here
             raise item
+        self._seen_layout(item.layout_ms)
         return item.records
 
     @staticmethod
@@ -328,8 +447,11 @@ class AsyncPartitionConsumer(_ConsumerState):
     def __init__(self, client_or_target: AsyncClient | str, stream: str, partition: int, *, app: str | None = None,
                  start: StartPosition = "TRIM_HORIZON", mode: str = "pull", wait_ms: int = 1000,
                  batch: int = 1000, timeout: float = 30.0, project: str | None = None, api_key: str | None = None,
-                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
+                 tls_ca: str | bytes | os.PathLike[str] | None = None, ordered: bool = True,
+                 parents_done: Callable[[int, int], bool] | None = None) -> None:
         super().__init__(stream, partition, app, start, mode, wait_ms, batch)
+        self._ordered = ordered and (app is not None or parents_done is not None)
+        self._parents_done = parents_done
         self._own_client = isinstance(client_or_target, str)
         self._client = AsyncClient(client_or_target, project=project, timeout=timeout, api_key=api_key,
                                    tls_ca=tls_ca) if isinstance(client_or_target, str) else client_or_target
@@ -366,6 +488,11 @@ class AsyncPartitionConsumer(_ConsumerState):
             return self._hand_out(records)
         await self._open()
         wait = self.wait_ms if wait_ms is None else wait_ms
+        if self._ordered and self._waits_at_start():
+            await self._check_parents()
+            if self._waits_at_start():
+                await asyncio.sleep(min(wait, 200) / 1000)   # a parent is still being read: look again soon
+                return []
         for _ in range(4):
             try:
                 records = await (self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait))
@@ -374,6 +501,8 @@ class AsyncPartitionConsumer(_ConsumerState):
                     raise
                 self._cursor = None
                 continue
+            if self._ordered and records:
+                records = await self._gate(records)
             self._advance(records)
             return self._hand_out(records)
         raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
@@ -384,7 +513,35 @@ class AsyncPartitionConsumer(_ConsumerState):
             self._cursor = await self._client.get_cursor(self.stream, self.partition, kind, seq, ts)
         page = await self._client.get_records(self._cursor, limit=self.batch, wait_ms=wait_ms)
         self._cursor = page.next_cursor
+        await self._seen_layout(page.layout_ms)
         return page.records
+
+    async def _seen_layout(self, layout_ms: int) -> None:
+        if self._ordered and layout_ms != self._layout_ms:
+            self._learn(await self._client.describe_stream(self.stream, limit=1000), layout_ms)
+
+    async def _check_parents(self) -> None:
+        for q, end in list(self._unknown_parents()):
+            if self._parents_done is not None:
+                done = self._parents_done(q, end)
+            else:
+                mark = await self._client.get_checkpoint(self.app, self.stream, q)  # type: ignore[arg-type]
+                done = mark is not None and mark.seq >= end - 1
+            if not done:
+                return
+            self._parents_read.add((q, end))
+
+    async def _gate(self, records: list[Record]) -> list[Record]:
+        self._check_parents_from(records[0].seq)
+        limit = self._limit()
+        if limit is not None and records[-1].seq >= limit:   # ask only when the page reaches a wait
+            await self._check_parents()
+        kept = self._cut(records)
+        if len(kept) < len(records):
+            self._cursor = None
+            if self.mode == "push":
+                await self._stop_reader()   # it read past the cut: reopen from the position
+        return kept
 
     async def _fetch_push(self, wait_ms: int) -> list[Record]:
         if self._reader is None:
@@ -404,6 +561,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         if isinstance(item, BaseException):
             await self._stop_reader()
             raise item
+        await self._seen_layout(item.layout_ms)
         return item.records
 
     @staticmethod

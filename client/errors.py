@@ -94,6 +94,7 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "TIMESTAMP_EXPIRED": (InvalidRequest, False),
     "STREAM_NOT_FOUND": (StreamNotFound, False),
     "PARTITION_NOT_FOUND": (NotFound, False),
+    "PARTITION_NOT_WRITABLE": (InvalidRequest, False),
     "STREAM_EXISTS": (AlreadyExists, False),
     "QUOTA_EXCEEDED": (SluiceError, False),
     "APP_QUOTA_EXCEEDED": (SluiceError, False),

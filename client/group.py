@@ -23,6 +23,12 @@ every `checkpoint_every` records or `checkpoint_interval` seconds, whichever com
   then), and partitions are claimed again once the broker answers.
 * `stop()` (or the end of `run()`): stop the heartbeats, stop every worker (each commits), then
   LeaveGroup so the partitions are free at once.
+* Scale events (UpdatePartitionCount): every partition that exists - ACTIVE, and DELETED ones
+  still holding records - is shared out; workers follow the parent-before-child rule of
+  client/consumer.py through the app's checkpoints, so each key's records reach `handler` in
+  order across the change. A worker commits where it starts (its `start` or checkpoint) at once,
+  so a child never waits for records the group chose to skip; a partition new to the group whose
+  segment continues a parent the group was reading starts at that segment, not at `start`.
 * An exception from `handler` is fatal: the failing batch is not committed (earlier ones are),
   the consumer stops, and `run()` / `join()` raise it. Transient broker errors in workers are
   retried with backoff.
@@ -260,9 +266,27 @@ class GroupConsumer:
 
     # -- partition workers -----------------------------------------------------------------------
 
+    def _start_for(self, p: int) -> StartPosition:
+        """Where to start on a partition without a checkpoint: `start`, except on a partition a
+        scale event gave records of keys this group was reading (a parent of one of its segments
+        has the app's checkpoint): there from that segment's start, or they would be skipped."""
+        if self.start_position == "TRIM_HORIZON":
+            return self.start_position
+        try:
+            if self._client.get_checkpoint(self.app, self.stream, p) is not None:
+                return self.start_position   # resumes after it
+            desc = self._client.describe_stream(self.stream, limit=1000)
+            info = next((i for i in desc.partitions if i.partition_id == p), None)
+            for segment in info.segments if info is not None else ():
+                if any(self._client.get_checkpoint(self.app, self.stream, q) is not None for q, _ in segment.parents):
+                    return "AT_SEQUENCE_NUMBER", max(segment.start_seq, info.first_seq)  # type: ignore[union-attr]
+        except SluiceError as exc:
+            log.warning("partition %d starts at %r: %s", p, self.start_position, exc)
+        return self.start_position
+
     def _work(self, w: _Worker) -> None:
         p = w.partition
-        consumer = PartitionConsumer(self._client, self.stream, p, app=self.app, start=self.start_position,
+        consumer = PartitionConsumer(self._client, self.stream, p, app=self.app, start=self._start_for(p),
                                      mode=self.mode, wait_ms=self.wait_ms, batch=self.batch)
         handled: int | None = None       # last seq the handler returned for
         committed: int | None = None
@@ -297,6 +321,12 @@ class GroupConsumer:
                     self.handler(p, records)
                     handled = records[-1].seq
                     since_commit += len(records)
+                elif handled is None and consumer.position:
+                    # Where the app starts on this partition (`start`, or its checkpoint): what lies
+                    # before counts as read. Committed, so a child of this partition after a scale
+                    # event does not wait for records the group chose to skip (client/consumer.py).
+                    handled = consumer.position - 1
+                    since_commit += 1
                 if since_commit and (since_commit >= self.checkpoint_every
                                      or time.monotonic() - last_commit >= self.checkpoint_interval):
                     commit(self._fast)

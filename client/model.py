@@ -43,6 +43,7 @@ class RecordsPage:
     records: list[Record]
     next_cursor: str
     millis_behind_latest: int
+    layout_ms: int = 0   # the stream's latest scale event (0: none); newer than known: describe again
 
     @property
     def heartbeat(self) -> bool:
@@ -59,6 +60,25 @@ class StreamInfo:
     created_ms: int
     status: str
     stream_id: int
+    readable_partition_count: int = 0    # ACTIVE + DELETED partitions; partition_count is ACTIVE only
+    scale_events: tuple[ScaleEvent, ...] = ()   # UpdatePartitionCount history, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    timestamp_ms: int
+    src_partition_count: int
+    target_partition_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A partition's records from `start_seq` on, after a scale event. The reading rule that keeps
+    each key's records in order: read every parent (partition_id, end_seq) up to end_seq
+    (exclusive) before reading this segment."""
+    start_seq: int
+    parents: tuple[tuple[int, int], ...]
+    timestamp_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +100,7 @@ class PartitionInfo:
     hash_range_end: int
     first_seq: int      # oldest retained record (== next_seq when empty)
     next_seq: int       # the number the next record will get
+    segments: tuple[Segment, ...] = ()   # after each scale event, oldest first (see Segment)
 
 
 @dataclass(frozen=True, slots=True)

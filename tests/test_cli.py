@@ -83,6 +83,24 @@ def test_streams_create_list_describe_delete(cli, stream_name):
     assert "DIS.4301" in gone.stderr and stream_name in gone.stderr
 
 
+def test_streams_scale_up_and_down(cli, stream_name):
+    ok(cli("streams", "create", stream_name, "--partitions", "2"))
+    assert ok(cli("streams", "scale", stream_name, "3")) == f"{stream_name}: 2 -> 3 writable partitions\n"
+    lines = ok(cli("streams", "describe", stream_name)).splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1", "2"]
+    assert all("ACTIVE  from seq 0 after parents" in line for line in lines), lines
+    assert lines[1].endswith("after parents 0<0") and lines[2].endswith("after parents 1<0")
+    assert ok(cli("streams", "scale", stream_name, "1")) == f"{stream_name}: 3 -> 1 writable partitions\n"
+    lines = ok(cli("streams", "describe", stream_name)).splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1", "2"]
+    assert "9223372036854775807]" in lines[0] and "ACTIVE" in lines[0]
+    assert "DELETED" in lines[1] and "DELETED" in lines[2]
+    refused = cli("put", stream_name, "-", "--jsonl", stdin='{"data": "x", "partition_id": 2}\n')
+    assert refused.returncode == 1 and "PARTITION_NOT_WRITABLE (DIS.4319)" in refused.stderr
+    bad = cli("streams", "scale", stream_name, "0")
+    assert bad.returncode == 1 and "DIS.4200" in bad.stderr
+
+
 def test_put_a_file_and_get_it_back(cli, stream_name, tmp_path):
     ok(cli("streams", "create", stream_name, "--partitions", "1"))
     lines = [f"line {i} ✓ {'x' * (i % 7)}" for i in range(1234)]  # more than two client batches of 500

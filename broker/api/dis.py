@@ -103,15 +103,38 @@ async def describe_stream(request: web.Request) -> web.Response:
     desc = await broker.describe_stream(request.match_info["stream_name"], request.query.get("start_partitionId"),
                                         query_int(request, "limit_partitions"), project=project)
     c = desc.config
-    partitions = [{"partition_id": format_partition_id(p.partition), "status": "ACTIVE",
+    # parent_partitions (undocumented by DIS): the partitions whose ranges before the newest scale
+    # event overlap this partition's range after it, comma-separated ids ("" none) - Sluice's choice
+    partitions = [{"partition_id": format_partition_id(p.partition), "status": p.status,
                    "hash_range": f"[{p.hash_lo} : {p.hash_hi}]",
                    "sequence_number_range": f"[{p.bounds.first_seq} : {p.bounds.last_seq}]",
-                   "parent_partitions": ""}
+                   "parent_partitions": ",".join(map(format_partition_id, p.parent_partitions))}
                   for p in desc.partitions]
-    return json_response({**_stream_info(c), "last_modified_time": c.created_ms, "partitions": partitions,
+    history = [{"create_timestamp": e.timestamp_ms, "src_partition_count": e.src_partition_count,
+                "target_partition_count": e.target_partition_count, "result_code": 0, "result_msg": 0,
+                "auto_scale": e.auto_scale} for e in c.scale_events]
+    modified = c.scale_events[-1].timestamp_ms if c.scale_events else c.created_ms
+    return json_response({**_stream_info(c), "last_modified_time": modified, "partitions": partitions,
                           "has_more_partitions": desc.has_more_partitions,
                           "writable_partition_count": c.partition_count,
-                          "readable_partition_count": c.partition_count, "update_partition_counts": []})
+                          "readable_partition_count": c.readable_partition_count,
+                          "update_partition_counts": history})
+
+
+async def update_partition_count(request: web.Request) -> web.Response:
+    """UpdatePartitionCount (spec 2.5). The SDK's response model has no fields; other DIS SDKs
+    print {stream_name, current_partition_count, target_partition_count}, so that is the body."""
+    broker, project = _door(request)
+    body = await read_json(request)
+    stream_name = request.match_info["stream_name"]
+    named = field(body, "stream_name", str, required=True)
+    if named != stream_name:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream_name [{named:.64}] in the body differs from "
+                                                             f"[{stream_name:.64}] in the path")
+    before, after = await broker.update_partition_count(
+        stream_name, field(body, "target_partition_count", int, required=True), project=project)
+    return json_response({"stream_name": after.stream_name, "current_partition_count": before.partition_count,
+                          "target_partition_count": after.partition_count})
 
 
 async def delete_stream(request: web.Request) -> web.Response:
@@ -310,6 +333,7 @@ ROUTES: list[tuple[str, str, Handler, Action]] = [
     ("GET", "/{project_id}/streams", list_streams, Action.DESCRIBE),
     ("GET", "/{project_id}/streams/{stream_name}", describe_stream, Action.DESCRIBE),
     ("DELETE", "/{project_id}/streams/{stream_name}", delete_stream, Action.MANAGE),
+    ("PUT", "/{project_id}/streams/{stream_name}", update_partition_count, Action.MANAGE),
     ("POST", "/{project_id}/records", put_records, Action.WRITE),
     ("GET", "/{project_id}/records", get_records, Action.READ),
     ("GET", "/{project_id}/cursors", get_cursor, Action.READ),

@@ -48,7 +48,7 @@ from broker.core.apps import AppInfo
 from broker.core.broker import Broker
 from broker.core.limits import check_project
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
-from broker.model import DEFAULT_PROJECT, GetRecordsResult, PutColumns, PutEntry, StreamConfig
+from broker.model import DEFAULT_PROJECT, GetRecordsResult, PartitionInfo, PutColumns, PutEntry, StreamConfig
 from broker.sources.manager import Source, Sources
 from broker.sources.props import bad
 from client._pb.sluice.v1 import sluice_pb2 as pb
@@ -186,6 +186,7 @@ def _fill(out: Any, result: GetRecordsResult) -> Any:
     """The columns of a GetRecordsResponse or RecordBatch (same field names): one extend each."""
     out.next_cursor = result.next_cursor
     out.millis_behind_latest = result.millis_behind_latest
+    out.layout_ms = result.layout_ms
     if result.records:
         seqs, timestamps, keys, data = zip(*result.records)
         out.seqs.extend(seqs)
@@ -214,7 +215,26 @@ def _stream_info(c: StreamConfig) -> pb.StreamInfo:
     return pb.StreamInfo(stream_name=c.stream_name, partition_count=c.partition_count,
                          retention_hours=c.retention_hours, data_type=DATA_TYPES.encode(c.data_type),
                          stream_type=STREAM_TYPES.encode(c.stream_type), created_ms=c.created_ms,
-                         status=pb.STREAM_STATUS_RUNNING, stream_id=c.stream_id)
+                         status=pb.STREAM_STATUS_RUNNING, stream_id=c.stream_id,
+                         readable_partition_count=c.readable_partition_count,
+                         scale_events=[pb.ScaleEvent(timestamp_ms=e.timestamp_ms,
+                                                     src_partition_count=e.src_partition_count,
+                                                     target_partition_count=e.target_partition_count)
+                                       for e in c.scale_events])
+
+
+_PARTITION_STATUSES = {"ACTIVE": pb.PARTITION_STATUS_ACTIVE, "DELETED": pb.PARTITION_STATUS_DELETED,
+                       "EXPIRED": pb.PARTITION_STATUS_EXPIRED}
+
+
+def _partition_info(p: PartitionInfo) -> pb.PartitionInfo:
+    return pb.PartitionInfo(partition_id=p.partition, status=_PARTITION_STATUSES[p.status],
+                            hash_range_start=p.hash_lo, hash_range_end=p.hash_hi,
+                            first_seq=p.bounds.first_seq, next_seq=p.bounds.next_seq,
+                            segments=[pb.Segment(start_seq=s.start_seq, timestamp_ms=s.timestamp_ms,
+                                                 parents=[pb.ParentEnd(partition_id=q, end_seq=end)
+                                                          for q, end in s.parents])
+                                      for s in p.segments])
 
 
 def _optional(request: Any, field: str) -> Any:
@@ -312,10 +332,15 @@ class SluiceServicer:
                                                   request.limit or None, project=project)
         return pb.DescribeStreamResponse(
             stream=_stream_info(desc.config), has_more=desc.has_more_partitions,
-            partitions=[pb.PartitionInfo(partition_id=p.partition, status=pb.PARTITION_STATUS_ACTIVE,
-                                         hash_range_start=p.hash_lo, hash_range_end=p.hash_hi,
-                                         first_seq=p.bounds.first_seq, next_seq=p.bounds.next_seq)
-                        for p in desc.partitions])
+            partitions=[_partition_info(p) for p in desc.partitions])
+
+    @rpc(Action.MANAGE)
+    async def UpdatePartitionCount(self, request: pb.UpdatePartitionCountRequest, context: Any,
+                                   project: str) -> pb.UpdatePartitionCountResponse:
+        before, after = await self._broker.update_partition_count(request.stream_name,
+                                                                  request.target_partition_count, project=project)
+        return pb.UpdatePartitionCountResponse(src_partition_count=before.partition_count,
+                                               target_partition_count=after.partition_count)
 
     @rpc(Action.MANAGE)
     async def DeleteStream(self, request: pb.DeleteStreamRequest, context: Any,

@@ -112,12 +112,13 @@ class BrokerCollector(Collector):
                                      "catalogue reason", labels=[*lab, "reason"])
         throttled = CounterMetricFamily("sluice_throttled_records", "Records refused for the partition write "
                                         "limit (DIS.4303)", labels=lab)
-        partitions = GaugeMetricFamily("sluice_stream_partitions", "Partitions of each stream", labels=lab)
+        partitions = GaugeMetricFamily("sluice_stream_partitions", "ACTIVE (writable) partitions of each stream",
+                                       labels=lab)
         for config in b.catalogue.all():
             names = [config.project, config.stream_name]
             partitions.add_metric(names, config.partition_count)
             s = b.stats.streams.get(config.stream_id)
-            for p in range(config.partition_count):
+            for p in range(config.readable_partition_count):   # DELETED ones too: readable until retention
                 labels = [*names, str(p)]
                 values: tuple[int, ...]
                 if s is None:

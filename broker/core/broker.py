@@ -2,7 +2,7 @@
 
 The rules live in parts, one per path, composed here (not inherited):
 
-    catalogue.py   StreamCatalogue   which streams exist per project; create/list/describe/delete
+    catalogue.py   StreamCatalogue   which streams exist per project; create/list/describe/delete/scale
     writes.py      WritePath         PutRecords: validation, routing, append via the Committer
     reads.py       ReadPath          cursors, GetRecords with long poll, push subscriptions
     consumers.py   Consumers         apps, checkpoints, consumer state (lag)
@@ -139,9 +139,25 @@ class Broker:
         await self.groups.leases.forget_stream(config.stream_id)
         # wake long polls and subscriptions waiting on it: they answer STREAM_NOT_FOUND now,
         # not when their wait runs out
-        self.notifier.notify((config.stream_id, p) for p in range(config.partition_count))
+        self.notifier.notify((config.stream_id, p) for p in range(config.readable_partition_count))
         await self.consumers.forget_stream(config)
         await self.metric_series.forget(config.stream_id)
+
+    async def update_partition_count(self, stream_name: object, target_partition_count: object, *,
+                                     project: str = DEFAULT_PROJECT) -> tuple[StreamConfig, StreamConfig]:
+        """Scale the stream's ACTIVE partitions to `target_partition_count` (see
+        StreamCatalogue.update_partition_count); returns (before, after). Raises STREAM_NOT_FOUND,
+        INVALID_REQUEST, QUOTA_EXCEEDED, UNAVAILABLE, STORAGE_FULL."""
+        before, after = await self.catalogue.update_partition_count(project, stream_name, target_partition_count,
+                                                                    self._drain_writes)
+        if after is not before:
+            self.writes.forget_layout(after.stream_id)
+        return before, after
+
+    async def _drain_writes(self) -> None:
+        """Return once every append queued so far is committed: an empty append queued behind
+        them completes with (or after) the last of them, as the committer commits in order."""
+        await self.committer.append([])
 
     async def list_streams(self, limit: int | None = None, start_after: str | None = None, *,
                            project: str = DEFAULT_PROJECT) -> StreamPage:
@@ -173,12 +189,12 @@ class Broker:
         return await self.writes.append_keyed(project, stream_name, items, timestamps_ms, stream_id)
 
     async def append_partitioned(self, stream_name: object, batches: Mapping[int, tuple[Sequence[bytes], int]], *,
-                                 project: str = DEFAULT_PROJECT,
-                                 stream_id: int | None = None) -> dict[int, int | BrokerError]:
+                                 project: str = DEFAULT_PROJECT, stream_id: int | None = None,
+                                 partition_count: int | None = None) -> dict[int, int | BrokerError]:
         """See WritePath.append_partitioned: records the caller routed, partition -> (records, their
         latest time in ms), one batch per partition; per partition its first seq or the error that
-        refused it."""
-        return await self.writes.append_partitioned(project, stream_name, batches, stream_id)
+        refused it. `partition_count`: the ACTIVE count the caller routed by."""
+        return await self.writes.append_partitioned(project, stream_name, batches, stream_id, partition_count)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from typing import Callable
+from dataclasses import replace
+from typing import Awaitable, Callable
 
 from broker.core import routing
 from broker.core.limits import Limits, check_project, check_stream_name, clip_page
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import PartitionInfo, StreamConfig, StreamDescription, StreamPage, StreamSchema
+from broker.model import PartitionInfo, ScaleEvent, StreamConfig, StreamDescription, StreamPage, StreamSchema
 from broker.storage.base import Store
 
 DATA_TYPES = ("BLOB", "JSON", "CSV")
@@ -27,7 +28,9 @@ class StreamCatalogue:
         self._now = clock_ms
         self._streams: dict[tuple[str, str], StreamConfig] = {}
         self._by_id: dict[int, StreamConfig] = {}
-        self._lock = asyncio.Lock()   # orders creates and deletes
+        self._lock = asyncio.Lock()   # orders creates, deletes and scale events
+        # stream id -> set when its scale event is done: writes to it wait (see update_partition_count)
+        self._scaling: dict[int, asyncio.Event] = {}
 
     async def load(self) -> None:
         for config in await self._store.list_streams():
@@ -121,7 +124,8 @@ class StreamCatalogue:
 
     async def describe(self, project: str, stream_name: object, start_after_partition: object = None,
                        limit: int | None = None) -> StreamDescription:
-        """Config plus a page of partitions with hash ranges and sequence bounds.
+        """Config plus a page of partitions (ACTIVE, then the DELETED ones a scale-down left) with
+        hash ranges, sequence bounds, status and the parents of their newest segment.
         Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, INVALID_REQUEST."""
         config = self.get(project, stream_name)
         limit = clip_page(limit, self._limits.default_partition_page, self._limits.max_partition_page,
@@ -132,17 +136,111 @@ class StreamCatalogue:
             if after is None:
                 raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=start_after_partition)
             start = after + 1
-        chosen = range(start, min(start + limit, config.partition_count))
+        readable = config.readable_partition_count
+        chosen = range(start, min(start + limit, readable))
         ranges = routing.hash_ranges(config.partition_count)
-        partitions = [PartitionInfo(p, *ranges[p], await self._store.bounds(config.stream_id, p)) for p in chosen]
-        return StreamDescription(config, partitions, chosen.stop < config.partition_count)
+        now = self._now()
+        partitions = []
+        for p in chosen:
+            bounds = await self._store.bounds(config.stream_id, p)
+            segments = tuple(routing.segments(config, p))
+            if config.is_active(p):
+                partitions.append(PartitionInfo(p, *ranges[p], bounds, "ACTIVE", segments))
+                continue
+            # a DELETED partition keeps the range it last had; past retention it is EXPIRED
+            closed = [e for e in config.scale_events if e.target_partition_count <= p < e.src_partition_count][-1]
+            lo, hi = routing.hash_ranges(closed.src_partition_count)[p]
+            status = "EXPIRED" if now - closed.timestamp_ms >= config.retention_ms else "DELETED"
+            partitions.append(PartitionInfo(p, lo, hi, bounds, status, segments))
+        return StreamDescription(config, partitions, chosen.stop < readable)
 
     def partition_of(self, config: StreamConfig, partition_id: object) -> int:
-        """A partition id as a door hands it over (int, "2", "shardId-0000000002") -> its index.
+        """A partition id as a door hands it over (int, "2", "shardId-0000000002") -> its index:
+        an ACTIVE partition or a DELETED one (readable until retention).
         Raises INVALID_PARTITION_ID, PARTITION_NOT_FOUND."""
         p = routing.parse_partition_id(partition_id, config.partition_count)
         if p is None:
             raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=partition_id)
-        if p >= config.partition_count:
+        if p >= config.readable_partition_count:
             raise client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=partition_id)
         return p
+
+    # -- scaling -----------------------------------------------------------------------------------
+
+    @property
+    def scaling(self) -> bool:
+        """Whether some stream's layout is changing right now (writes check this first: a bool)."""
+        return bool(self._scaling)
+
+    async def settled(self, config: StreamConfig) -> StreamConfig:
+        """The stream's config once any scale event of it in progress is done; the write path
+        routes with that. Raises STREAM_NOT_FOUND (deleted meanwhile)."""
+        while (done := self._scaling.get(config.stream_id)) is not None:
+            await done.wait()
+        current = self._by_id.get(config.stream_id)
+        if current is None:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+        return current
+
+    async def update_partition_count(self, project: str, stream_name: object, target: object,
+                                     drain: Callable[[], Awaitable[None]]) -> tuple[StreamConfig, StreamConfig]:
+        """Scale the stream to `target` ACTIVE partitions, 0..target-1, the hash space divided
+        evenly again (shared/spec/dis-api.md 2.5). Scale-up adds the next ids (or makes DELETED
+        ones ACTIVE again, their numbering continuing); scale-down turns the highest ids DELETED:
+        readable until retention, never written. Returns (before, after); the same target as now
+        changes nothing (before is after).
+
+        The event is exact: writes to the stream wait while it happens, `drain()` returns once
+        every write routed by the old layout is committed, and then each partition's next_seq is
+        recorded as its boundary (ScaleEvent) - so no record routed by one layout sits on the
+        wrong side of it. The new layout is durable (store.update_stream) before any write uses it.
+        Sluice relaxes DIS's rate rule (5 a stream per hour, none for an hour after a success):
+        it takes up to `Limits.max_scale_events` within the retention window. History older than
+        the window is dropped with the next event (the partitions it closed hold no records any
+        more).
+        Raises STREAM_NOT_FOUND, INVALID_REQUEST, QUOTA_EXCEEDED; UNAVAILABLE/STORAGE_FULL when
+        the store cannot persist the layout (nothing changed then)."""
+        if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"target_partition_count must be a positive "
+                                                                 f"integer, got {target!r:.40}")
+        if target > self._limits.max_partitions:
+            raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"target_partition_count {target} exceeds the "
+                                                                f"quota of {self._limits.max_partitions}")
+        self.get(project, stream_name)
+        return await asyncio.shield(self._scale(project, stream_name, target, drain))
+
+    async def _next_seq(self, sid: int, partition: int) -> int:
+        """A partition's next_seq; 0 for one that never existed. (One past the readable ones may
+        have existed, if the event that closed it has aged out of the history: its numbering goes on.)"""
+        try:
+            return (await self._store.bounds(sid, partition)).next_seq
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.PARTITION_NOT_FOUND:
+                raise
+            return 0
+
+    async def _scale(self, project: str, stream_name: object, target: int,
+                     drain: Callable[[], Awaitable[None]]) -> tuple[StreamConfig, StreamConfig]:
+        async with self._lock:
+            config = self.get(project, stream_name)
+            if target == config.partition_count:
+                return config, config
+            sid = config.stream_id
+            done = self._scaling[sid] = asyncio.Event()
+            try:
+                await drain()
+                boundaries = [await self._next_seq(sid, p) for p in range(max(config.readable_partition_count, target))]
+                now = self._now()
+                kept = tuple(e for e in config.scale_events if now - e.timestamp_ms < config.retention_ms)
+                if len(kept) >= self._limits.max_scale_events:
+                    raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"stream [{config.stream_name}] was scaled "
+                                       f"{len(kept)} times within its retention period, the most it keeps; try "
+                                       f"again when the oldest of them is {config.retention_hours} hours old")
+                event = ScaleEvent(now, config.partition_count, target, tuple(boundaries))
+                scaled = await self._store.update_stream(replace(config, partition_count=target,
+                                                                 scale_events=(*kept, event)))
+                self._remember(scaled)
+            finally:
+                del self._scaling[sid]
+                done.set()
+        return config, scaled

@@ -155,7 +155,7 @@ class Consumers:
         for key, raw in await self._store.meta_scan(apps.CHECKPOINT_KIND):
             sid, p = apps.checkpoint_ref(key)
             config = self._catalogue.by_id(sid)
-            if config is None or p >= config.partition_count:
+            if config is None or p >= config.readable_partition_count:
                 continue
             if len(out) >= max_series:
                 left_out += 1
@@ -176,7 +176,7 @@ class Consumers:
         start = 0
         if start_after_partition not in (None, ""):
             start = self._catalogue.partition_of(config, start_after_partition) + 1
-        chosen = range(start, min(start + limit, config.partition_count))
+        chosen = range(start, min(start + limit, config.readable_partition_count))
         sid = config.stream_id
         marks = {apps.checkpoint_ref(k)[1]: apps.decode_checkpoint(v)
                  for k, v in await self._store.meta_scan(apps.checkpoint_stream_prefix(project, name, sid))}
@@ -186,4 +186,4 @@ class Consumers:
         for p in chosen:
             b = await self._store.bounds(sid, p)
             out.append(PartitionConsumerState(p, marks.get(p), b.first_seq, b.last_seq))
-        return out, chosen.stop < config.partition_count
+        return out, chosen.stop < config.readable_partition_count

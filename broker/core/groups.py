@@ -33,7 +33,7 @@ class ConsumerGroups:
         if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
-        mine = await self.leases.heartbeat(f"{project}/{name}", config.stream_id, config.partition_count,
+        mine = await self.leases.heartbeat(f"{project}/{name}", config.stream_id, config.readable_partition_count,
                                            member_id, set(held), lease, self._now())
         return mine, lease
 

@@ -36,6 +36,11 @@ class Limits:
     # Partitions per stream: DIS's default account quota is 50 COMMON partitions; [ours] a single
     # stream may use up to 256 before we answer DIS.4308.
     max_partitions: int = 256
+    # Scale events a stream keeps (those within its retention window: each holds a boundary per
+    # partition, and readers work through them). DIS allows 5 an hour (120 in a day); Sluice
+    # relaxes the rate but bounds the history: past this, UpdatePartitionCount is QUOTA_EXCEEDED
+    # until the oldest event leaves the retention window.
+    max_scale_events: int = 200
     # Retention: DIS accepts 24..72 hours, default 24.
     min_retention_hours: int = 24
     max_retention_hours: int = 72

@@ -140,11 +140,12 @@ class Queries:
         run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
                        start_ms=self._now(), executor=plan.executor(), raw=config.schema is None)
         # the readers start where the query says, before anything else can be written
-        cursors = [await self._cursor(project, config.stream_name, p, plan) for p in range(config.partition_count)]
+        readable = range(config.readable_partition_count)
+        cursors = [await self._cursor(project, config.stream_name, p, plan) for p in readable]
         ends = None
         if plan.bounded:
             ends = [(await self._store.bounds(config.stream_id, p)).next_seq
-                    for p in range(config.partition_count)]
+                    for p in range(config.readable_partition_count)]
         self._remember(run)
         run.task = asyncio.create_task(self._run(run, cursors, ends), name=f"query {run.id}")
         return run

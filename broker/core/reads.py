@@ -164,7 +164,9 @@ class ReadPath:
         next_seq = records[-1].seq + 1 if records else seq
         behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
         cursor = encode_cursor(self.secret, CursorPosition(sid, p, next_seq, self._now()))
-        return GetRecordsResult(records, cursor, behind)
+        config = self._catalogue.by_id(sid)
+        layout_ms = config.scale_events[-1].timestamp_ms if config is not None and config.scale_events else 0
+        return GetRecordsResult(records, cursor, behind, layout_ms)
 
     async def subscribe(self, project: str, cursor: object, max_records: int | None = None,
                         max_wait_ms: int | None = None) -> AsyncGenerator[GetRecordsResult, None]:
@@ -195,7 +197,7 @@ class ReadPath:
                         more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
                                                  lim.max_fetch_bytes, remaining)
                         records = records + more.records
-                        batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest)
+                        batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest, more.layout_ms)
                 if records:
                     seq = records[-1].seq + 1
                 elif self._notifier.closed:

@@ -14,7 +14,7 @@ async def enforce_retention(store: Store, streams: Iterable[StreamConfig], now_m
     for config in streams:
         cutoff = now_ms - config.retention_ms
         sid = config.stream_id
-        for p in range(config.partition_count):
+        for p in range(config.readable_partition_count):
             try:
                 before = (await store.bounds(sid, p)).first_seq
                 await store.trim(sid, p, await store.seq_at_time(sid, p, cutoff))

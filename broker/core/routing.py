@@ -14,6 +14,7 @@ import re
 from typing import Sequence
 
 from broker.core.limits import HASH_KEY_MAX
+from broker.model import Segment, StreamConfig
 
 _SHARD_ID = re.compile(r"(?:shardId-)?([0-9]{1,10})", re.IGNORECASE)  # ASCII digits only: \d takes "٢"
 
@@ -47,6 +48,23 @@ def hash_ranges(partition_count: int) -> list[tuple[int, int]]:
     ranges = [(0 if i == 0 else i * avg + 1, (i + 1) * avg) for i in range(partition_count)]
     ranges[-1] = (ranges[-1][0], HASH_KEY_MAX)
     return ranges
+
+
+def segments(config: StreamConfig, partition: int) -> list[Segment]:
+    """The partition's segments after scale events, oldest first (none: never rescaled while it
+    was ACTIVE). A segment's parents are the partitions of the layout before the event (other than
+    this one) whose hash ranges overlap the partition's range after it, each with the seq where it
+    ended. The reading rule: read every parent up to its end before reading the segment; then the
+    records of one key come in the order they were written, across any number of scale events."""
+    out = []
+    for e in config.scale_events:
+        if partition >= e.target_partition_count:
+            continue
+        lo, hi = hash_ranges(e.target_partition_count)[partition]
+        parents = tuple((q, e.boundaries[q]) for q, (qlo, qhi) in enumerate(hash_ranges(e.src_partition_count))
+                        if q != partition and qlo <= hi and lo <= qhi)
+        out.append(Segment(e.boundaries[partition], parents, e.timestamp_ms))
+    return out
 
 
 def parse_hash_key(text: str) -> int | None:

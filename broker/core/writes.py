@@ -16,7 +16,7 @@ from broker.core.notify import WriteNotifier
 from broker.core.stats import BrokerStats
 from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
-from broker.errors import BrokerError, ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, StreamConfig
 
 # (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
@@ -47,6 +47,10 @@ class WritePath:
         self._routers: dict[int, routing.KeyRouter] = {}   # stream id -> memoised key routing
         self._throttle = throttle_for(limits.partition_records_per_s, limits.partition_bytes_per_s)
 
+    def forget_layout(self, stream_id: int) -> None:
+        """The stream's partitions changed: route by the new layout from now on."""
+        self._routers.pop(stream_id, None)
+
     def forget(self, stream_id: int) -> None:
         self._routers.pop(stream_id, None)
         if self._throttle is not None:
@@ -59,6 +63,8 @@ class WritePath:
         partition's write limit fail THROTTLED in the result (see _throttle_put)."""
         began = time.perf_counter()
         config = self._catalogue.get(project, stream_name)
+        if self._catalogue.scaling:   # a layout change in progress: route by the new one
+            config = await self._catalogue.settled(config)
         lim = self._limits
         n = len(entries)
         if not n:
@@ -75,7 +81,7 @@ class WritePath:
             raise client_error(ErrorCode.REQUEST_TOO_LARGE,
                                detail=f"total record payload exceeds {lim.max_put_payload_bytes} bytes")
         router = self._routers.get(config.stream_id)
-        if router is None:
+        if router is None or router.partition_count != config.partition_count:
             router = self._routers[config.stream_id] = routing.KeyRouter(config.partition_count)
         partitions, failures, by_partition = self._route_batch(config, entries, router)
         # metrics, per reason: the routing failures took a Python step each already; the others
@@ -138,10 +144,13 @@ class WritePath:
                 del by_partition[p]
         return cut
 
-    def _target(self, project: str, stream_name: object, stream_id: int | None) -> StreamConfig:
-        """The stream by name; with `stream_id`, only if the name still holds that stream (records
-        made for a stream deleted and recreated under its name since are refused)."""
+    async def _target(self, project: str, stream_name: object, stream_id: int | None) -> StreamConfig:
+        """The stream by name, its layout settled; with `stream_id`, only if the name still holds
+        that stream (records made for a stream deleted and recreated under its name since are
+        refused)."""
         config = self._catalogue.get(project, stream_name)
+        if self._catalogue.scaling:
+            config = await self._catalogue.settled(config)
         if stream_id is not None and config.stream_id != stream_id:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
         return config
@@ -158,7 +167,7 @@ class WritePath:
         stream the rows were made for (checked against its schema); a stream recreated under the
         name since then is another stream: STREAM_NOT_FOUND."""
         began = time.perf_counter()
-        config = self._target(project, stream_name, stream_id)
+        config = await self._target(project, stream_name, stream_id)
         n = len(rows)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no rows")
@@ -220,7 +229,7 @@ class WritePath:
         INVALID_REQUEST (bad project, a hash out of range, timestamps not one per item),
         EMPTY_REQUEST, UNAVAILABLE (shutting down, or the store append failed as a whole)."""
         began = time.perf_counter()
-        config = self._target(project, stream_name, stream_id)
+        config = await self._target(project, stream_name, stream_id)
         n = len(items)
         if not n:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
@@ -264,7 +273,8 @@ class WritePath:
 
     async def append_partitioned(self, project: str, stream_name: object,
                                  batches: Mapping[int, tuple[Sequence[bytes], int]],
-                                 stream_id: int | None = None) -> dict[int, int | BrokerError]:
+                                 stream_id: int | None = None,
+                                 partition_count: int | None = None) -> dict[int, int | BrokerError]:
         """Append records the caller routed already (e.g. by routing.partition_for_hash of a key's
         hash, as append_keyed does): `batches` maps a partition to (its records in order, the
         latest of their own times in ms, 0 for none), one AppendBatch each, timed as append_keyed
@@ -272,11 +282,19 @@ class WritePath:
         the error that refused its batch (THROTTLED: over its write limit; the store's
         STORAGE_FULL/UNAVAILABLE) - the others are written regardless.
 
+        `partition_count`: the stream's ACTIVE partition count the caller routed by; if a scale
+        event changed it since (UpdatePartitionCount), nothing is written: UNAVAILABLE, route again.
+        Records routed by the old layout must not land after the event's boundaries.
+
         Raises (whole call, nothing written): STREAM_NOT_FOUND (as append_keyed), INVALID_REQUEST
         (bad project, a partition out of range, a record over the size limit), EMPTY_REQUEST (no
-        records), UNAVAILABLE (shutting down, or the store append failed as a whole)."""
+        records), UNAVAILABLE (shutting down, the store append failed as a whole, the layout
+        changed)."""
         began = time.perf_counter()
-        config = self._target(project, stream_name, stream_id)
+        config = await self._target(project, stream_name, stream_id)
+        if partition_count is not None and partition_count != config.partition_count:
+            raise server_error(ErrorCode.UNAVAILABLE, detail=f"the stream now has {config.partition_count} "
+                               f"writable partitions, not {partition_count}: route the records again")
         batches = {p: b for p, b in batches.items() if b[0]}
         if not batches:
             raise client_error(ErrorCode.EMPTY_REQUEST, detail="no records")
@@ -357,7 +375,7 @@ class WritePath:
                 error = entry.rejected
                 p = -1
                 if error is None:
-                    p, error = self._route(entry, count, spread + i, router)
+                    p, error = self._route(entry, count, spread + i, router, config.readable_partition_count)
                 if error is not None:
                     failures.append((i, error))
                     continue
@@ -390,8 +408,8 @@ class WritePath:
             by_partition[p] = (indices, list(zip(map(keys.__getitem__, indices), map(data.__getitem__, indices))))
         return partitions, [], by_partition
 
-    def _route(self, entry: PutEntry, count: int, spread: int,
-               router: routing.KeyRouter) -> tuple[int, BrokerError | None]:
+    def _route(self, entry: PutEntry, count: int, spread: int, router: routing.KeyRouter,
+               readable: int) -> tuple[int, BrokerError | None]:
         lim = self._limits
         if len(entry.data) > lim.max_record_bytes:
             return -1, client_error(ErrorCode.INVALID_REQUEST,
@@ -405,7 +423,8 @@ class WritePath:
             if p is None:
                 return -1, client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=entry.partition_id)
             if p >= count:
-                return -1, client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=entry.partition_id)
+                code = ErrorCode.PARTITION_NOT_WRITABLE if p < readable else ErrorCode.PARTITION_NOT_FOUND
+                return -1, client_error(code, partition_id=entry.partition_id)
             return p, None
         if entry.explicit_hash_key is not None:
             h = routing.parse_hash_key(entry.explicit_hash_key)

@@ -74,6 +74,12 @@ class Store(Protocol):
         """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS when the
         project already has a stream of that name."""
 
+    async def update_stream(self, config: StreamConfig) -> StreamConfig:
+        """Persist a changed layout of an existing stream (same stream_id, project and name:
+        UpdatePartitionCount's partition_count and scale_events), durably, before returning it.
+        Partitions up to `config.readable_partition_count` exist afterwards - new ones empty,
+        numbered from 0 - and every record already written is kept. Raises STREAM_NOT_FOUND."""
+
     async def drop_stream(self, stream_id: int) -> None:
         """Delete the stream and all its records. Raises STREAM_NOT_FOUND."""
 

@@ -51,13 +51,22 @@ class MemoryStore(Store):
             self._partitions[(stored.stream_id, p)] = _Partition()
         return stored
 
+    async def update_stream(self, config: StreamConfig) -> StreamConfig:
+        if config.stream_id not in self._by_id:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {config.stream_id}")
+        self._streams[config.key] = self._by_id[config.stream_id] = config
+        for p in range(config.readable_partition_count):
+            self._partitions.setdefault((config.stream_id, p), _Partition())
+        return config
+
     async def drop_stream(self, stream_id: int) -> None:
         config = self._by_id.pop(stream_id, None)
         if config is None:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {stream_id}")
         del self._streams[config.key]
-        for p in range(config.partition_count):
-            del self._partitions[(config.stream_id, p)]
+        # every partition it ever had (a scale event's history may have aged out of the config)
+        for key in [k for k in self._partitions if k[0] == stream_id]:
+            del self._partitions[key]
 
     async def list_streams(self) -> list[StreamConfig]:
         return [self._streams[k] for k in sorted(self._streams)]

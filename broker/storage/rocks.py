@@ -158,6 +158,9 @@ class RocksStore(Store):
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         return await self._mutate(self._engine.create_stream, config)
 
+    async def update_stream(self, config: StreamConfig) -> StreamConfig:
+        return await self._mutate(self._engine.update_stream, config)
+
     async def drop_stream(self, stream_id: int) -> None:
         await self._mutate(self._engine.drop_stream, stream_id)
 

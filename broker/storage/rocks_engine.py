@@ -203,6 +203,18 @@ class RocksEngine:
             self._streams[stored.key] = self._by_id[stream_id] = stored
             return stored
 
+    def update_stream(self, config: StreamConfig) -> StreamConfig:
+        """The new layout, in one write of the stream's key; partitions have no key of their own
+        (an unwritten partition is an empty one), so new ones need nothing more."""
+        with self._lock:
+            if config.stream_id not in self._by_id:
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {config.stream_id}")
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.put(keys.stream_key(config.project, config.stream_name), json.dumps(asdict(config)).encode())
+            self._write(wb, "update_stream")
+            self._streams[config.key] = self._by_id[config.stream_id] = config
+            return config
+
     def drop_stream(self, stream_id: int) -> None:
         with self._lock:
             config = self._by_id.get(stream_id)
@@ -215,10 +227,11 @@ class RocksEngine:
             self._write(wb, "drop_stream")
             del self._streams[config.key]
             del self._by_id[stream_id]
-            for p in range(config.partition_count):
-                self._hwm.pop((config.stream_id, p), None)
-                self._first.pop((config.stream_id, p), None)
-                self._newest.pop((config.stream_id, p), None)
+            # every partition it ever had (a scale event's history may have aged out of the config)
+            for cache in (self._hwm, self._first, self._newest):
+                for key in list(cache):   # one C-level copy: lock-free readers may add keys meanwhile
+                    if key[0] == stream_id:
+                        cache.pop(key, None)
 
     def list_streams(self) -> list[StreamConfig]:
         return [self._streams[k] for k in sorted(self._streams)]

@@ -153,7 +153,7 @@ class PutWrite:
         if not batches:
             return
         firsts = await target.broker.append_partitioned(config.stream_name, batches, project=config.project,
-                                                        stream_id=config.stream_id)
+                                                        stream_id=config.stream_id, partition_count=count)
         stored = self.stored
         for p, first in firsts.items():
             if isinstance(first, BrokerError):

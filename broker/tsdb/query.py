@@ -916,7 +916,10 @@ async def _run_sub(broker: Broker, registry: SeriesRegistry, config: StreamConfi
     t = _Target(chosen, prefix, tails, window[0], window[1], keep_text and any(s.type in (STRING, BOOLEAN)
                                                                                  for s in chosen), budget)
     frames: list[pl.DataFrame] = []
-    for p in sorted({series_partition(s.key, config.partition_count) for s in chosen}):
+    # a series' points sit in its partition under every layout the stream had (UpdatePartitionCount)
+    counts = {config.partition_count, *(n for e in config.scale_events
+                                        for n in (e.src_partition_count, e.target_partition_count))}
+    for p in sorted({series_partition(s.key, n) for s in chosen for n in counts}):
         frames += await _read_partition(broker, config, p, t)
     return await asyncio.to_thread(_evaluate, sub, q, t, frames)
 

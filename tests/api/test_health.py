@@ -102,3 +102,26 @@ async def test_doors_subscriptions_and_sources(broker: Broker) -> None:
         assert m[("sluice_subscriptions_open", frozenset())] == 0
         await sources.delete("default", source.definition.id)
     await sources.close()
+
+
+async def test_partition_series_follow_scaling(broker: Broker) -> None:
+    """A scale-down keeps the DELETED partition's series (readable until retention); a scale-up
+    adds the new partition's; the DIS series answers for both."""
+    from broker.model import PutEntry
+
+    async with TestClient(TestServer(build_http_app(broker, body_timeout_s=5))) as client:
+        await broker.create_stream("sc", 3)
+        await broker.put_records("sc", [PutEntry(b"abc", partition_id="2")])
+        await broker.update_partition_count("sc", 2)
+        m = families(await (await client.get("/metrics")).text())
+        labels = {("project", "default"), ("stream", "sc")}
+        assert m[("sluice_stream_partitions", frozenset(labels))] == 2
+        assert m[("sluice_records_in_total", frozenset(labels | {("partition", "2")}))] == 1
+        await broker.update_partition_count("sc", 4)
+        await broker.put_records("sc", [PutEntry(b"abcd", partition_id="3")])
+        m = families(await (await client.get("/metrics")).text())
+        assert m[("sluice_stream_partitions", frozenset(labels))] == 4
+        assert m[("sluice_bytes_in_total", frozenset(labels | {("partition", "3")}))] == 4
+        now_s = int(__import__("time").time())
+        got = await broker.stream_metrics("sc", "total_put_bytes_per_partition", None, now_s - 60, now_s, "3")
+        assert sum(v for _, v in got["total_put_bytes_per_partition"]) == 4

@@ -65,7 +65,8 @@ role = "admin"
 
 # The plan's table, written out here on its own (not read from the servicer): every RPC, one action.
 ACTION = {
-    "CreateStream": "manage", "DeleteStream": "manage", "CreateApp": "manage", "DeleteApp": "manage",
+    "CreateStream": "manage", "DeleteStream": "manage", "UpdatePartitionCount": "manage", "CreateApp": "manage",
+    "DeleteApp": "manage",
     "CreateSource": "manage", "UpdateSource": "manage", "DeleteSource": "manage", "StartSource": "manage",
     "StopSource": "manage",
     "ListStreams": "describe", "DescribeStream": "describe", "ListApps": "describe", "DescribeApp": "describe",

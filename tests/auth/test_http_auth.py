@@ -44,6 +44,8 @@ from huaweicloudsdkdis.v2 import (
     ShowCheckpointRequest,
     ShowCursorRequest,
     ShowStreamRequest,
+    UpdatePartitionCountReq,
+    UpdatePartitionCountRequest,
 )
 from swagger_client.rest import ApiException
 from timeplus import Environment, Query, Stream
@@ -328,6 +330,15 @@ def test_dis_roles(broker: BrokerProcess, keys: Keys) -> None:
     dis_refused(lambda: put(consumer, stream, b"x"), 403, "DIS.4116")
     dis_refused(lambda: create(consumer, name()), 403, "DIS.4116")
     dis_refused(lambda: consumer.delete_app(DeleteAppRequest(app_name=app)), 403, "DIS.4116")
+
+    # scaling is managing: the signed PUT of update_partition_count
+    def scale(who, target: int):  # type: ignore[no-untyped-def]
+        return who.update_partition_count(UpdatePartitionCountRequest(
+            stream_name=stream, body=UpdatePartitionCountReq(stream_name=stream, target_partition_count=target)))
+    dis_refused(lambda: scale(producer, 3), 403, "DIS.4116")
+    dis_refused(lambda: scale(consumer, 3), 403, "DIS.4116")
+    scale(admin, 3)
+    assert admin.show_stream(ShowStreamRequest(stream_name=stream)).writable_partition_count == 3
 
     # admin: everything, including what both refused
     admin.delete_app(DeleteAppRequest(app_name=app))

@@ -25,8 +25,8 @@ from grpc_status import rpc_status
 
 HASH_MAX = 2**63 - 1
 TIMEOUT = 10.0  # every RPC in this module: a hang is a failure, never a stuck suite
-METHODS = ("CreateStream", "ListStreams", "DescribeStream", "DeleteStream", "PutRecords", "GetCursor", "GetRecords",
-           "Subscribe", "CreateApp", "ListApps", "DescribeApp", "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
+METHODS = ("CreateStream", "ListStreams", "DescribeStream", "DeleteStream", "UpdatePartitionCount", "PutRecords",
+           "GetCursor", "GetRecords", "Subscribe", "CreateApp", "ListApps", "DescribeApp", "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
            "DeleteCheckpoint", "GetConsumerState", "Heartbeat", "LeaveGroup", "CreateSource", "ListSources",
            "DescribeSource", "UpdateSource", "DeleteSource", "StartSource", "StopSource", "GetSourceStats")
 

@@ -10,13 +10,14 @@ import asyncio
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import pytest
 
 from broker.errors import BrokerError, ErrorCode
-from broker.model import AppendBatch, ColumnDef, PartitionBounds, Record, StreamConfig, StreamSchema
+from broker.model import AppendBatch, ColumnDef, PartitionBounds, Record, ScaleEvent, StreamConfig, StreamSchema
 from broker.settings import Settings
 from broker.storage import STORES, keys, open_store
 from broker.storage.base import Store
@@ -433,6 +434,32 @@ async def test_meta_is_isolated_from_streams_and_records(store: Store) -> None:
     assert (await store.meta_scan(b"")) == [(b"R", b"r"), (b"Ss", b"cfg?"), (b"ckpt/s", b"7")]
 
 
+async def test_update_stream_adds_partitions_and_keeps_every_record(store: Store) -> None:
+    """UpdatePartitionCount's storage half: a new layout of the same stream; partitions past the
+    old ones exist (empty, numbered from 0), the old ones keep their records and numbering."""
+    s = await store.create_stream(StreamConfig("s", 2))
+    await fill(store, s.stream_id, 1, 3)
+    up = replace(s, partition_count=4, scale_events=(ScaleEvent(5, 2, 4, (0, 3, 0, 0)),))
+    assert await store.update_stream(up) == up
+    assert await store.list_streams() == [up]
+    assert await store.bounds(s.stream_id, 3) == PartitionBounds(0, 0, 0)
+    assert (await store.append([batch(s.stream_id, 3, 9, b"x"), batch(s.stream_id, 1, 9, b"y")])) == [0, 3]
+    assert payloads(await store.read(s.stream_id, 1, 0, BIG, BIG)) == [b"0", b"1", b"2", b"y"]
+    # a scale-down keeps the closed partitions readable: they stay in readable_partition_count
+    down = replace(up, partition_count=1, scale_events=(*up.scale_events, ScaleEvent(6, 4, 1, (0, 4, 0, 1))))
+    await store.update_stream(down)
+    assert down.readable_partition_count == 4
+    assert payloads(await store.read(s.stream_id, 3, 0, BIG, BIG)) == [b"x"]
+    await store.drop_stream(s.stream_id)
+    assert await store.list_streams() == []
+
+
+async def test_update_unknown_stream_is_stream_not_found(store: Store) -> None:
+    with pytest.raises(BrokerError) as e:
+        await store.update_stream(StreamConfig("nope", 2, stream_id=99))
+    assert_code(e, ErrorCode.STREAM_NOT_FOUND)
+
+
 # -- RocksDB only: restarts ------------------------------------------------------------------------
 
 
@@ -463,6 +490,20 @@ async def test_restart_keeps_a_typed_stream_schema(open_rocks: Callable[[], Rock
     await store.close()
     store = open_rocks()
     assert [(c.key, c.schema) for c in await store.list_streams()] == [(("ws", "typed"), schema)]
+
+
+async def test_restart_keeps_a_scaled_layout(open_rocks: Callable[[], RocksStore]) -> None:
+    store = open_rocks()
+    s = await store.create_stream(StreamConfig("scaled", 2))
+    await fill(store, s.stream_id, 0, 2)
+    scaled = await store.update_stream(replace(s, partition_count=3,
+                                               scale_events=(ScaleEvent(7, 2, 3, (2, 0, 0)),)))
+    await fill(store, s.stream_id, 2, 1)
+    await store.close()
+    store = open_rocks()
+    assert await store.list_streams() == [scaled]
+    assert (await store.bounds(s.stream_id, 2)).next_seq == 1
+    assert (await store.append([batch(s.stream_id, 0, 9, b"z")])) == [2]
 
 
 async def test_restart_keeps_streams_records_bounds_and_trim_point(open_rocks: Callable[[], RocksStore]) -> None:

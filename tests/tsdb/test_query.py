@@ -995,3 +995,15 @@ def test_fuzz_query_and_suggest_raise_only_client_errors(tmp_path: Path) -> None
     finally:
         loop.run_until_complete(close_env(e))
         loop.close()
+
+
+async def test_a_series_is_read_across_a_scale_event(env: Env) -> None:
+    """UpdatePartitionCount moves a series to another partition: the query reads its partition
+    under every layout, so points from before and after the event come back together."""
+    half = len(A) // 2
+    await env.put([("cpu", t, v, TAGS_A) for t, v in A[:half]])
+    await env.broker.update_partition_count(STREAM, 3)
+    env.config = env.broker.catalogue.get("default", STREAM)
+    await env.put([("cpu", t, v, TAGS_A) for t, v in A[half:]])
+    [out] = await env.query(body(sub("sum")))
+    assert same(out["dps"], secs({t: float(v) for t, v in A})), out["dps"]

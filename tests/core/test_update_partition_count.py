@@ -1,0 +1,164 @@
+"""UpdatePartitionCount in the core (over the memory store): the layout rules of
+shared/spec/dis-api.md 2.5 and the exactness of a scale event's boundaries under concurrent writes."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.core import routing
+from broker.core.broker import Broker
+from broker.core.leases import LocalLeases
+from broker.errors import BrokerError, ErrorCode
+from broker.model import PutEntry
+from broker.storage.memory import MemoryStore
+
+KEYS = [f"k{i}" for i in range(40)]
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    b = Broker(MemoryStore(), cursor_secret=b"s" * 32)
+    await b.start()
+    yield b
+    await b.close()
+
+
+async def test_every_record_is_on_the_side_of_the_boundary_its_layout_routed_it(broker: Broker) -> None:
+    """Producers write all the time while the stream scales 2 -> 5 -> 3 -> 1 -> 4: below each
+    partition's boundary every record was routed by the old layout, from it on by the new one."""
+    await broker.create_stream("s", 2)
+    stop = asyncio.Event()
+
+    async def produce(offset: int) -> None:
+        i = 0
+        while not stop.is_set():
+            keys = [KEYS[(offset + i + j) % len(KEYS)] for j in range(7)]
+            result = await broker.put_records("s", [PutEntry(k.encode(), k) for k in keys])
+            assert result.failed_record_count == 0
+            i += 7
+            await asyncio.sleep(0)
+
+    producers = [asyncio.create_task(produce(n)) for n in range(3)]
+    for target in (5, 3, 1, 4):
+        await asyncio.sleep(0.02)
+        await broker.update_partition_count("s", target)
+    await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.gather(*producers)
+
+    config = broker.catalogue.get("default", "s")
+    events = config.scale_events
+    assert [(e.src_partition_count, e.target_partition_count) for e in events] == [(2, 5), (5, 3), (3, 1), (1, 4)]
+    for p in range(config.readable_partition_count):
+        records = await broker.store.read(config.stream_id, p, 0, 1 << 30, 1 << 30)
+        for r in records:
+            # the layout in force when the record was written: the last event whose boundary it passed
+            count = events[0].src_partition_count
+            for e in events:
+                if p < len(e.boundaries) and r.seq >= e.boundaries[p]:
+                    count = e.target_partition_count
+                elif p < len(e.boundaries):
+                    break
+            assert routing.partition_for_hash(routing.key_hash(r.partition_key or ""), count) == p
+
+
+async def test_scale_down_leaves_deleted_partitions_readable_and_refuses_writes(broker: Broker) -> None:
+    await broker.create_stream("s", 4)
+    await broker.put_records("s", [PutEntry(k.encode(), k) for k in KEYS])
+    before, after = await broker.update_partition_count("s", 2)
+    assert (before.partition_count, after.partition_count, after.readable_partition_count) == (4, 2, 4)
+    desc = await broker.describe_stream("s")
+    assert [p.status for p in desc.partitions] == ["ACTIVE", "ACTIVE", "DELETED", "DELETED"]
+    assert [(p.hash_lo, p.hash_hi) for p in desc.partitions[:2]] == routing.hash_ranges(2)
+    assert [(p.hash_lo, p.hash_hi) for p in desc.partitions[2:]] == routing.hash_ranges(4)[2:]
+    result = await broker.put_records("s", [PutEntry(b"x", partition_id="3"), PutEntry(b"y", partition_id="4"),
+                                            PutEntry(b"z", explicit_hash_key=str(2**63 - 1))])
+    assert [(i, e.code) for i, e in result.failures] == [(0, ErrorCode.PARTITION_NOT_WRITABLE),
+                                                         (1, ErrorCode.PARTITION_NOT_FOUND)]
+    assert result.partitions[2] == 1
+    cursor = await broker.get_cursor("s", "3", "TRIM_HORIZON")
+    assert (await broker.get_records(cursor)).records
+    # a scale-up makes them ACTIVE again, numbering continuing
+    next_seq = desc.partitions[3].bounds.next_seq
+    await broker.update_partition_count("s", 4)
+    result = await broker.put_records("s", [PutEntry(b"x", partition_id="3")])
+    assert result.seqs == [next_seq]
+
+
+async def test_bad_targets(broker: Broker) -> None:
+    await broker.create_stream("s", 2)
+    for bad, code in ((0, ErrorCode.INVALID_REQUEST), ("3", ErrorCode.INVALID_REQUEST),
+                      (True, ErrorCode.INVALID_REQUEST), (10**6, ErrorCode.QUOTA_EXCEEDED)):
+        with pytest.raises(BrokerError) as e:
+            await broker.update_partition_count("s", bad)
+        assert e.value.code is code
+    with pytest.raises(BrokerError) as e:
+        await broker.update_partition_count("nope", 2)
+    assert e.value.code is ErrorCode.STREAM_NOT_FOUND
+    before, after = await broker.update_partition_count("s", 2)
+    assert before is after and after.scale_events == ()
+
+
+async def test_a_group_is_offered_every_readable_partition() -> None:
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, leases=LocalLeases())   # no restart grace
+    await broker.start()
+    await broker.create_stream("s", 3)
+    await broker.create_app("a")
+    await broker.update_partition_count("s", 1)
+    mine, _ = await broker.heartbeat("a", "s", "m1")
+    assert sorted(mine) == [0, 1, 2]
+    await broker.close()
+
+
+@given(src=st.integers(1, 64), target=st.integers(1, 64), h=st.integers(0, 2**63 - 1))
+def test_a_hash_moves_from_a_parent_to_its_child(src: int, target: int, h: int) -> None:
+    """Whatever the counts: the partition a hash goes to after the event lists, as a parent, the
+    partition it went to before (unless that is the same partition), ended at that boundary."""
+    from broker.model import ScaleEvent, StreamConfig
+
+    boundaries = tuple(range(10, 10 + max(src, target)))
+    config = StreamConfig("s", target, scale_events=(ScaleEvent(1, src, target, boundaries),))
+    old, new = routing.partition_for_hash(h, src), routing.partition_for_hash(h, target)
+    [segment] = routing.segments(config, new)
+    assert segment.start_seq == boundaries[new]
+    if old != new:
+        assert (old, boundaries[old]) in segment.parents
+    assert all(q != new and q < src for q, _ in segment.parents)
+
+
+async def test_history_is_bounded_and_forgets_events_past_retention() -> None:
+    from broker.core.limits import Limits
+
+    clock = [1_000_000]
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, limits=Limits(max_scale_events=3),
+                    clock_ms=lambda: clock[0])
+    await broker.start()
+    await broker.create_stream("s", 1)
+    for target in (2, 3, 4):
+        await broker.update_partition_count("s", target)
+    with pytest.raises(BrokerError) as e:
+        await broker.update_partition_count("s", 5)
+    assert e.value.code is ErrorCode.QUOTA_EXCEEDED
+    clock[0] += 24 * 3_600_000   # the retention window later: the old events are forgotten
+    await broker.update_partition_count("s", 1)
+    config = broker.catalogue.get("default", "s")
+    assert [(e.src_partition_count, e.target_partition_count) for e in config.scale_events] == [(4, 1)]
+    assert config.readable_partition_count == 4   # the partitions it just closed are still readable
+    # partition 3 holds records; once its closing event ages out it is gone from the layout, and a
+    # later scale-up that brings it back continues its numbering, its new segment starting there
+    await broker.update_partition_count("s", 4)
+    assert (await broker.put_records("s", [PutEntry(b"x", partition_id="3")])).seqs == [0]
+    await broker.update_partition_count("s", 1)
+    clock[0] += 24 * 3_600_000
+    await broker.update_partition_count("s", 2)
+    assert broker.catalogue.get("default", "s").readable_partition_count == 2
+    clock[0] += 24 * 3_600_000
+    await broker.update_partition_count("s", 4)
+    desc = await broker.describe_stream("s")
+    assert desc.partitions[3].segments[-1].start_seq == 1
+    assert (await broker.put_records("s", [PutEntry(b"y", partition_id="3")])).seqs == [1]
+    await broker.close()

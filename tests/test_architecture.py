@@ -5,8 +5,11 @@ The core never sees a wire format or a storage engine; only storage/rocks.py imp
 """
 from __future__ import annotations
 
-import ast
+import functools
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -20,14 +23,35 @@ BROKER = Path(__file__).resolve().parents[1] / "broker"
 WIRE = ("grpc", "aiohttp", "google.protobuf", "client", "orjson")
 
 
-def imports_of(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+_IMPORTS = """
+import ast, json, sys
+out = {}
+for name in sys.argv[1:]:
+    found = set()
+    for node in ast.walk(ast.parse(open(name, encoding="utf-8").read())):
         if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+            found.add(node.module)
+    out[name] = sorted(found)
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def _all_imports() -> dict[str, set[str]]:
+    """Every broker module's absolute imports, parsed in a fresh interpreter: CPython 3.11.7's AST
+    converter can be left in a bad state by an earlier RecursionError in this long-lived test
+    process ("SystemError: AST constructor recursion depth mismatch", fixed in later 3.11s), and
+    the layering must not depend on which tests ran before."""
+    files = [str(p) for p in sorted(BROKER.rglob("*.py"))]
+    done = subprocess.run([sys.executable, "-c", _IMPORTS, *files], capture_output=True, text=True, check=True,
+                          timeout=120)
+    return {name: set(found) for name, found in json.loads(done.stdout).items()}
+
+
+def imports_of(path: Path) -> set[str]:
+    return _all_imports()[str(path)]
 
 
 def modules(sub: str) -> list[Path]:

@@ -62,15 +62,21 @@ class AccessKey:
 
 @dataclass(frozen=True)
 class Credentials:
-    access_keys: dict[str, AccessKey]                          # AK -> SK and principal
-    api_keys: dict[bytes, tuple[str, Principal]]               # sha256(key) -> key, principal
+    access_keys: dict[str, AccessKey] = field(repr=False)                 # AK -> SK and principal
+    api_keys: dict[bytes, tuple[str, Principal]] = field(repr=False)      # sha256(key) -> key, principal
 
     def access_key(self, ak: str) -> AccessKey | None:
         return self.access_keys.get(ak)
 
     def api_key(self, key: str) -> Principal | None:
-        found = self.api_keys.get(hashlib.sha256(key.encode()).digest())
-        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
+        # aiohttp hands undecodable header bytes over as lone surrogates: such a key is unknown
+        # (no configured key has them), never an encoding error
+        try:
+            given = key.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:   # a surrogate no byte escapes to: not any key's
+            return None
+        found = self.api_keys.get(hashlib.sha256(given).digest())
+        if found is None or not hmac.compare_digest(found[0].encode(), given):
             return None
         return found[1]
 

@@ -429,6 +429,17 @@ def test_the_other_key_spellings(broker: BrokerProcess, keys: Keys) -> None:
     assert raw(broker.http_port, "GET", "/p1/api/v1beta2/streams", {"Authorization": f"Basic {key}"}).status == 401
 
 
+def test_a_key_of_bytes_that_are_not_utf8_is_just_unknown(broker: BrokerProcess) -> None:
+    """aiohttp hands such header bytes over as lone surrogates: 401 on every API-key door, never a 500."""
+    paths = ["/p1/api/v1beta2/streams", "/api/query?start=1h-ago&m=sum:cpu", "/sluice/v1/tail?stream-name=s",
+             "/metrics"]
+    for value in (b"\xff", b"k\xc3(" * 20, "Bearer ".encode() + b"\xfe\xff"):
+        for path in paths:
+            header = "Authorization" if value.startswith(b"Bearer ") else "X-Api-Key"
+            reply = raw(broker.http_port, "GET", path, {header: value})  # type: ignore[dict-item]
+            assert reply.status == 401, (path, value, reply.status, reply.raw)
+
+
 def test_another_workspace_is_refused(broker: BrokerProcess, keys: Keys) -> None:
     key = keys.api["admin"][0]
     tp_refused(lambda: Stream(tp_env(broker, key, "p2")).list(), 403, 497)

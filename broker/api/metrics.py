@@ -218,6 +218,21 @@ def _directory_size(path: str) -> int:
 
 # -- the routes -------------------------------------------------------------------------------------
 
+class _OneProject(Collector):
+    """The broker's families with only one project's series: a key reaches only its own project
+    (issue 11), so an admin key of p2 must not see p1's streams, apps or sources. Series without a
+    project label (doors, commits, the store) describe the broker, not a project, and stay."""
+
+    def __init__(self, inner: Collector, project: str) -> None:
+        self.inner = inner
+        self.project = project
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            family.samples = [s for s in family.samples if s.labels.get("project", self.project) == self.project]
+            yield family
+
+
 class Exporter:
     """One registry holding the broker's collector, and the three handlers."""
 
@@ -229,12 +244,15 @@ class Exporter:
         self.registry.register(collector)
 
     async def metrics(self, request: web.Request, open_: bool = False) -> web.Response:
+        registry = self.registry
         if not open_ and self.auth is not None and self.auth.enabled:
             who = self.auth.api_key(presented_api_key(request))
             if who.role is not Role.ADMIN:
                 raise client_error(ErrorCode.PERMISSION_DENIED, detail="/metrics takes an admin API key")
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_OneProject(self.collector, who.project))
         await self.collector.refresh()
-        body = generate_latest(self.registry)
+        body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def open_metrics(self, request: web.Request) -> web.Response:

@@ -135,10 +135,11 @@ def test_health_on_every_port(running: BrokerProcess) -> None:
 
 
 def test_metrics_behind_an_auth_file(start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
-    admin, producer = secrets.token_hex(30), secrets.token_hex(30)
+    admin, producer, other = secrets.token_hex(30), secrets.token_hex(30), secrets.token_hex(30)
     auth = tmp_path / "auth.toml"
     auth.write_text(f'[[api_keys]]\nkey = "{admin}"\nworkspace = "p1"\nrole = "admin"\n\n'
-                    f'[[api_keys]]\nkey = "{producer}"\nworkspace = "p1"\nrole = "producer"\n')
+                    f'[[api_keys]]\nkey = "{producer}"\nworkspace = "p1"\nrole = "producer"\n\n'
+                    f'[[api_keys]]\nkey = "{other}"\nworkspace = "p2"\nrole = "admin"\n')
     auth.chmod(0o600)
     proc = start_broker("--auth-file", str(auth), "--metrics-port", "0")
     status, body = get(proc.http_url + "/metrics")
@@ -159,7 +160,18 @@ def test_metrics_behind_an_auth_file(start_broker: Callable[..., BrokerProcess],
     assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4101", reason="AUTH_MISSING") == 1
     assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4107", reason="AUTH_UNKNOWN_KEY") == 1
     assert value(m, "sluice_auth_failures_total", door="metrics", code="DIS.4116", reason="PERMISSION_DENIED") == 1
-    assert scrape(f"http://127.0.0.1:{proc.metrics_port}")   # open on its own port
+    # a key reaches only its own project: p2's admin sees p2's streams and not p1's
+    with Client(f"127.0.0.1:{proc.grpc_port}", api_key=admin) as p1, \
+            Client(f"127.0.0.1:{proc.grpc_port}", api_key=other) as p2:
+        p1.create_stream("mine", 1)
+        p2.create_stream("theirs", 1)
+    theirs = scrape(proc.http_url, {"X-Api-Key": other})
+    seen = {(dict(labels).get("project"), dict(labels).get("stream")) for name, labels in theirs
+            if name == "sluice_stream_partitions"}
+    assert seen == {("p2", "theirs")}, seen
+    assert not any(("project", "p1") in labels for _, labels in theirs)
+    everything = scrape(f"http://127.0.0.1:{proc.metrics_port}")   # open on its own port: every project
+    assert value(everything, "sluice_stream_partitions", project="p1", stream="mine") == 1
     assert get(proc.http_url + "/healthz")[0] == 200        # health stays open
     assert get(proc.http_url + "/readyz")[0] == 200
 

@@ -159,11 +159,17 @@ class RocksEngine:
             config = StreamConfig.from_dict(json.loads(value))
             self._streams[config.key] = self._by_id[config.stream_id] = config
 
-    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+    def _writable(self) -> None:
+        """Refuse a write before it touches the database: while a reopen after a full disk has not
+        succeeded the handle is closed, and reading it (a partition's head) would fail as an I/O
+        error (FAILED) instead of the disk being full."""
         if self._closed:
             raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
         if self._down:
             raise server_error(ErrorCode.STORAGE_FULL)
+
+    def _write(self, batch: rocksdict.WriteBatch, what: str) -> None:
+        self._writable()
         with _io_errors(what):
             self._db.write(batch, self._write_opts)
 
@@ -190,6 +196,7 @@ class RocksEngine:
 
     def create_stream(self, config: StreamConfig) -> StreamConfig:
         with self._lock:
+            self._writable()
             if config.key in self._streams:
                 raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name)
             with _io_errors("read"):
@@ -283,6 +290,7 @@ class RocksEngine:
 
     def append(self, batches: Sequence[AppendBatch]) -> list[int | None]:
         with self._lock:
+            self._writable()
             wb = rocksdict.WriteBatch(raw_mode=True)
             staged: dict[tuple[int, int], tuple[int, int]] = {}
             newest: dict[tuple[int, int], tuple[int, int]] = {}
@@ -440,6 +448,7 @@ class RocksEngine:
 
     def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
         with self._lock:
+            self._writable()
             self._check_partition(stream_id, partition)
             first = self._first_of(stream_id, partition)
             next_seq, _ = self._hwm_of(stream_id, partition)

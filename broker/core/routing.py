@@ -43,11 +43,16 @@ def partition_for_hash(h: int, partition_count: int) -> int:
     return min(i, partition_count - 1)
 
 
-def hash_ranges(partition_count: int) -> list[tuple[int, int]]:
+def hash_range(partition: int, partition_count: int) -> tuple[int, int]:
+    """Partition `partition`'s hash range of `partition_count`: [0, avg], then [i*avg+1, (i+1)*avg],
+    the last one up to the top of the space (spec section 6)."""
     avg = HASH_KEY_MAX // partition_count
-    ranges = [(0 if i == 0 else i * avg + 1, (i + 1) * avg) for i in range(partition_count)]
-    ranges[-1] = (ranges[-1][0], HASH_KEY_MAX)
-    return ranges
+    lo = 0 if partition == 0 else partition * avg + 1
+    return lo, HASH_KEY_MAX if partition == partition_count - 1 else (partition + 1) * avg
+
+
+def hash_ranges(partition_count: int) -> list[tuple[int, int]]:
+    return [hash_range(i, partition_count) for i in range(partition_count)]
 
 
 def segments(config: StreamConfig, partition: int) -> list[Segment]:
@@ -60,9 +65,12 @@ def segments(config: StreamConfig, partition: int) -> list[Segment]:
     for e in config.scale_events:
         if partition >= e.target_partition_count:
             continue
-        lo, hi = hash_ranges(e.target_partition_count)[partition]
-        parents = tuple((q, e.boundaries[q]) for q, (qlo, qhi) in enumerate(hash_ranges(e.src_partition_count))
-                        if q != partition and qlo <= hi and lo <= qhi)
+        # the ranges tile the hash space in order: the old partitions overlapping [lo, hi] are
+        # exactly those from lo's to hi's (arithmetic, not a scan: a describe of 256 partitions
+        # after 200 events must not hold the event loop)
+        lo, hi = hash_range(partition, e.target_partition_count)
+        first, last = partition_for_hash(lo, e.src_partition_count), partition_for_hash(hi, e.src_partition_count)
+        parents = tuple((q, e.boundaries[q]) for q in range(first, last + 1) if q != partition)
         out.append(Segment(e.boundaries[partition], parents, e.timestamp_ms))
     return out
 

@@ -189,3 +189,16 @@ def test_key_router_memo_agrees_with_the_hash_even_when_it_starts_over(keys: lis
     router = routing.KeyRouter(n, max_entries=7)   # tiny: the memo is cleared many times
     for key in keys + keys[::-1]:
         assert router(key) == routing.partition_for_hash(routing.key_hash(key), n)
+
+
+@pytest.mark.parametrize("src", [1, 2, 3, 7, 64, 255, 256])
+def test_segment_parents_are_exactly_the_overlapping_old_partitions(src: int) -> None:
+    """segments() finds parents arithmetically; the definition is every old range overlapping the new one."""
+    from broker.core.routing import hash_range, hash_ranges, partition_for_hash
+
+    for target in (1, 2, 3, 5, 64, 200, 256):
+        for p in range(target):
+            lo, hi = hash_range(p, target)
+            assert (lo, hi) == hash_ranges(target)[p]
+            scanned = [q for q, (qlo, qhi) in enumerate(hash_ranges(src)) if qlo <= hi and lo <= qhi]
+            assert scanned == list(range(partition_for_hash(lo, src), partition_for_hash(hi, src) + 1))

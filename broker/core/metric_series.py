@@ -184,6 +184,12 @@ class MetricSeries:
             await self._trim(config, now, oldest.get(sid), changes, oldest)
         if changes:
             await self._store.meta_write(changes)
+            # a stream deleted while this flush awaited the store: its keys just written would
+            # outlive it (its deletion already removed the older ones), so take them back out
+            gone = {key: None for sid in seen if self._catalogue.by_id(sid) is None
+                    for key in (series_key(sid, blocks[sid][0]), series_key(sid, 0))}
+            if gone:
+                await self._store.meta_write(gone)   # type: ignore[arg-type]
         self._seen.update(seen)
         self._blocks.update(blocks)
         self._oldest.update(oldest)

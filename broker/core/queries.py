@@ -29,7 +29,7 @@ from typing import Any, Callable
 from broker.core.catalogue import StreamCatalogue
 from broker.core.reads import ReadPath
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import ColumnDef, GetRecordsResult, Record, RecordBlock
+from broker.model import ColumnDef, GetRecordsResult, Record, RecordBlock, ScaleEvent, StreamConfig
 from broker.query import QueryPlan, compile_query
 from broker.rows.schema import columns_of
 from broker.storage.base import Store
@@ -134,7 +134,7 @@ class Queries:
             run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
                            start_ms=self._now(), executor=plan.executor())
             self._remember(run)
-            run.task = asyncio.create_task(self._run(run, [], []), name=f"query {run.id}")
+            run.task = asyncio.create_task(self._run(run, [], [], None), name=f"query {run.id}")
             return run
         config = self._catalogue.get(project, plan.stream)
         run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
@@ -147,7 +147,7 @@ class Queries:
             ends = [(await self._store.bounds(config.stream_id, p)).next_seq
                     for p in range(config.readable_partition_count)]
         self._remember(run)
-        run.task = asyncio.create_task(self._run(run, cursors, ends), name=f"query {run.id}")
+        run.task = asyncio.create_task(self._run(run, cursors, ends, config), name=f"query {run.id}")
         return run
 
     def _remember(self, run: QueryRun) -> None:
@@ -221,14 +221,15 @@ class Queries:
 
     # -- the query task ------------------------------------------------------------------------
 
-    async def _run(self, run: QueryRun, cursors: list[str], ends: list[int] | None) -> None:
+    async def _run(self, run: QueryRun, cursors: list[str], ends: list[int] | None,
+                   config: StreamConfig | None) -> None:
         delivered = False
         try:
             if ends is not None:
                 await self._scan(run, cursors, ends)
                 await self._emit(run, run.executor.finish())
             else:
-                await self._follow(run, cursors)
+                await self._follow(run, cursors, config)
             run.end("finished")
             await run.results.put(END)   # after every result row: a slow consumer gets them all
             delivered = True
@@ -303,8 +304,14 @@ class Queries:
         rows = await asyncio.to_thread(run.executor.feed_block, block, run.raw)
         await self._emit(run, rows)
 
-    async def _follow(self, run: QueryRun, cursors: list[str]) -> None:
-        """A streaming query: one subscription per partition feeding one evaluation loop."""
+    async def _follow(self, run: QueryRun, cursors: list[str], config: StreamConfig | None) -> None:
+        """A streaming query: one subscription per partition feeding one evaluation loop.
+        `cursors` start partitions 0..len-1 of `config`, the stream as the query started. The
+        stream may be scaled while the query runs (UpdatePartitionCount): a partition it gains
+        then gets a reader too, from its first record after the event (see _gained) - else the
+        rows a typed ingest spreads over it would never reach the query. Checked when a batch
+        says the layout changed (layout_ms) and on every tick (a batch may never come: rows may
+        go to the new partitions only), so per batch, not per record."""
         inbox: asyncio.Queue[GetRecordsResult | BaseException | None] = asyncio.Queue(len(cursors))
 
         async def read(cursor: str) -> None:
@@ -320,12 +327,30 @@ class Queries:
 
         readers = [asyncio.create_task(read(c)) for c in cursors]
         open_readers = len(readers)
+        # the latest scale event the readers account for (None: none yet), and its time
+        known = config.scale_events[-1] if config is not None and config.scale_events else None
+        layout_ms = known.timestamp_ms if known is not None else 0
+
+        async def follow_new_partitions() -> None:
+            nonlocal known, layout_ms, open_readers
+            now = self._catalogue.by_id(config.stream_id) if config is not None else None
+            if now is None or not now.scale_events or now.scale_events[-1] == known:
+                return   # deleted (the readers report that) or not scaled since
+            for p, seq in _gained(now, known, len(readers)):
+                if self._catalogue.by_id(now.stream_id) is None:   # checked with no await before
+                    return                                          # get_cursor looks the name up
+                cursor = await self._cursor_at(run.project, now.stream_name, p, seq)
+                readers.append(asyncio.create_task(read(cursor)))
+                open_readers += 1
+            known, layout_ms = now.scale_events[-1], now.scale_events[-1].timestamp_ms
+
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + TICK_S
         try:
             while open_readers and not self._limit_reached(run):
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + TICK_S
+                    await follow_new_partitions()
                     await self._tick(run)
                     continue
                 try:
@@ -338,6 +363,8 @@ class Queries:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    if item.layout_ms != layout_ms:
+                        await follow_new_partitions()
                     await self._feed(run, item.records)
         finally:
             for task in readers:
@@ -345,6 +372,35 @@ class Queries:
             for task in readers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    async def _cursor_at(self, project: str, stream_name: str, partition: int, seq: int) -> str:
+        """A cursor at `seq` of the partition; at its oldest record if `seq` has been trimmed
+        already (retention went past it while the query ran)."""
+        try:
+            return await self._reads.get_cursor(project, stream_name, partition, "AT_SEQUENCE_NUMBER", seq)
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.SEQUENCE_OUT_OF_RANGE:
+                raise
+            return await self._reads.get_cursor(project, stream_name, partition, "TRIM_HORIZON")
+
+
+def _gained(config: StreamConfig, known: ScaleEvent | None, followed: int) -> list[tuple[int, int]]:
+    """The partitions of `config` beyond the `followed` ones (0..followed-1, as of scale event
+    `known`; None: before any) that the scale events after `known` made readable, each with the
+    seq its records start at: its boundary in the first of those events that made it ACTIVE -
+    0 for a new partition, its next_seq then for one a scale-down had closed before (or whose
+    closing event has aged out of the history; its numbering goes on). Its records before that
+    boundary were written before the query's layout `known` (it was not readable then), so
+    before anything the query reads.
+    A partition that was readable at `known` is followed already: a reader on a partition a
+    scale-down closes just waits, and gets its rows again if a scale-up reopens it."""
+    events = config.scale_events
+    newer = events[events.index(known) + 1:] if known in events else events   # aged out: all are newer
+    out = []
+    for p in range(followed, config.readable_partition_count):
+        made = next((e for e in newer if e.target_partition_count > p), None)
+        out.append((p, made.boundaries[p] if made is not None else 0))
+    return out
 
 
 def _cut(block: RecordBlock, end: int) -> RecordBlock:

@@ -13,7 +13,7 @@ import pytest
 from broker.core import queries
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode
-from broker.model import ColumnDef, StreamSchema
+from broker.model import ColumnDef, PutEntry, ScaleEvent, StreamConfig, StreamSchema
 from broker.rows.encode import RowEncoder
 from broker.storage.rocks import RocksStore
 
@@ -159,3 +159,64 @@ async def test_a_streaming_query_with_limit_ends_when_rows_and_writes_race(broke
         await broker.append_rows("lim", encoder.compact(["k", "v"], [["a", i] for i in range(5, 12)], 1_000))
         assert await drain(run, timeout=10) == [[0], [2], [4]]
         assert run.status == "finished"
+
+
+async def wait_rows(run: queries.QueryRun, want: int, timeout: float = 10) -> list[list[Any]]:
+    """The next `want` result rows of a running query."""
+    rows: list[list[Any]] = []
+    async with asyncio.timeout(timeout):
+        while len(rows) < want:
+            item = await run.results.get()
+            assert item is not None, f"the query ended: {run.status} {run.message}"
+            rows += item
+    return rows
+
+
+async def test_a_streaming_query_follows_the_partitions_a_scale_up_adds(broker: Broker) -> None:
+    """A streaming query's readers were fixed at its start: after a scale from 2 partitions to 4
+    the rows written to partitions 2 and 3 never reached it."""
+    await broker.create_stream("up", 2, schema=SCHEMA)
+    encoder = RowEncoder(SCHEMA)
+    run = await broker.queries.start("default", "select v from up")
+    await broker.append_rows("up", encoder.compact(["k", "v"], [["a", i] for i in range(4)], 1_000))
+    assert sorted(await wait_rows(run, 4)) == [[i] for i in range(4)]
+    await broker.update_partition_count("up", 4)
+    # rows in the new partitions only: no batch of the old readers tells the query the layout changed
+    result = await broker.put_records("up", [PutEntry(row, partition_id=str(p)) for p, row in
+                                             zip((2, 3), encoder.compact(["k", "v"], [["c", 20], ["c", 21]], 2_000))])
+    assert result.partitions == [2, 3] and not result.failures
+    assert sorted(await wait_rows(run, 2)) == [[20], [21]]
+    # one request spreads its rows over all four partitions
+    await broker.append_rows("up", encoder.compact(["k", "v"], [["b", i] for i in range(10, 18)], 3_000))
+    config = broker.catalogue.get("default", "up")
+    assert [(await broker.store.bounds(config.stream_id, p)).next_seq for p in range(4)] == [4, 4, 3, 3]
+    assert sorted(await wait_rows(run, 8)) == [[i] for i in range(10, 18)]
+    assert run.running
+
+
+async def test_a_streaming_query_goes_on_through_a_scale_down_and_back_up(broker: Broker) -> None:
+    await broker.create_stream("down", 4, schema=SCHEMA)
+    encoder = RowEncoder(SCHEMA)
+    run = await broker.queries.start("default", "select v from down")
+    await broker.update_partition_count("down", 2)        # partitions 2 and 3 DELETED: their readers wait
+    await broker.append_rows("down", encoder.compact(["k", "v"], [["a", i] for i in range(4)], 1_000))
+    assert sorted(await wait_rows(run, 4)) == [[i] for i in range(4)]
+    await broker.update_partition_count("down", 4)        # ACTIVE again: followed already, not twice
+    await broker.append_rows("down", encoder.compact(["k", "v"], [["b", i] for i in range(10, 18)], 2_000))
+    assert sorted(await wait_rows(run, 8)) == [[i] for i in range(10, 18)]
+    await asyncio.sleep(queries.TICK_S * 2)                # a layout check on the tick adds no reader
+    assert run.results.empty() and run.running
+
+
+def test_a_partition_a_scale_makes_readable_is_read_from_its_boundary_in_the_first_such_event() -> None:
+    # the query started after a 1->2 event; then 2->4 made partitions 2 and 3, 4->3 closed 3: they
+    # start where 2->4 made them (0), not at their next_seq at 4->3 (rows of theirs before it)
+    known = ScaleEvent(1_000, 1, 2, (5, 0))
+    config = StreamConfig("s", 3, scale_events=(known, ScaleEvent(2_000, 2, 4, (9, 3, 0, 0)),
+                                                ScaleEvent(3_000, 4, 3, (10, 4, 6, 2))))
+    assert queries._gained(config, known, 2) == [(2, 0), (3, 0)]
+    assert queries._gained(config, config.scale_events[-1], 4) == []
+    # partitions 2 and 3 were closed before the query started, by an event aged out of the history
+    # since (so not readable at its start): reopened, partition 2's numbering goes on
+    reopened = StreamConfig("s", 3, scale_events=(ScaleEvent(4_000, 2, 3, (12, 11, 7)),))
+    assert queries._gained(reopened, None, 2) == [(2, 7)]

@@ -15,7 +15,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from auth_broker import Keys, Reply, dis_client, raw, write_auth_file
+from conftest import in_thread_with_deadline
 from dis_signer import sdk_date, sign
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkdis.v2 import (
@@ -355,26 +355,17 @@ def tp_env(broker: BrokerProcess, key: str, workspace: str | None = "p1") -> Env
 
 def tp_query(env: Environment, sql: str) -> list[list[Any]]:
     """A bounded query's rows, on a thread with a deadline (the SDK sets no timeouts)."""
-    out: dict[str, Any] = {"rows": []}
+    def run() -> list[list[Any]]:
+        rows: list[list[Any]] = []
+        query = Query(env).sql(sql)
+        query.create()
+        for event in query.result():
+            if event.event == "message":
+                rows += json.loads(event.data)
+        return rows
 
-    def run() -> None:
-        try:
-            query = Query(env).sql(sql)
-            query.create()
-            for event in query.result():
-                if event.event == "message":
-                    out["rows"] += json.loads(event.data)
-        except BaseException as exc:
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(DEADLINE)
-    assert not thread.is_alive(), f"query hung: {sql}"
-    if "error" in out:
-        raise out["error"]
-    rows: list[list[Any]] = out["rows"]
-    return rows
+    result: list[list[Any]] = in_thread_with_deadline(run, DEADLINE)
+    return result
 
 
 def tp_refused(call: Callable[[], Any], status: int, code: int) -> None:

@@ -231,13 +231,19 @@ def test_without_the_rule_a_child_can_be_read_before_its_parent(broker: BrokerPr
 
 # -- a consumer group ----------------------------------------------------------------------------
 
-def test_a_consumer_group_keeps_working_across_scale_events(broker: BrokerProcess, stream_name: str) -> None:
+def _collector() -> tuple[list[tuple[str, int]], Callable[[int, list[Record]], None]]:
+    """What a group's handler saw, as (key, n), and the handler (members call it from their threads)."""
     seen: list[tuple[str, int]] = []
     lock = threading.Lock()
 
     def handle(partition: int, records: list[Record]) -> None:
         with lock:
             seen.extend(map(_key_and_n, records))
+    return seen, handle
+
+
+def test_a_consumer_group_keeps_working_across_scale_events(broker: BrokerProcess, stream_name: str) -> None:
+    seen, handle = _collector()
 
     with Client(broker.grpc_target) as client:
         client.create_stream(stream_name, 2)
@@ -325,12 +331,7 @@ def test_a_group_started_at_latest_does_not_wait_for_records_it_skipped(broker: 
     """The group starts at LATEST on a partition with old records and reads nothing there; after a
     scale event the new partition's parent is that one, ended at those old records - which the
     group chose to skip, so the child must not wait for them."""
-    seen: list[tuple[str, int]] = []
-    lock = threading.Lock()
-
-    def handle(partition: int, records: list[Record]) -> None:
-        with lock:
-            seen.extend(map(_key_and_n, records))
+    seen, handle = _collector()
 
     with Client(broker.grpc_target) as client:
         client.create_stream(stream_name, 1)

@@ -291,21 +291,29 @@ class JetStreamStore(Store):
         if tls_ca:
             options["tls"] = ssl.create_default_context(cafile=tls_ca)
 
-        async def quiet(exc: Exception) -> None:   # nats-py logs to stderr by default: one line here
-            log.warning("NATS connection: %s", exc)
+        errors_told: list[bool] = []   # one line per outage, not one per reconnect attempt
+
+        async def quiet(exc: Exception) -> None:   # nats-py would print every error to stderr
+            if not errors_told:
+                errors_told.append(True)
+                log.warning("NATS connection: %s", exc)
 
         async def disconnected() -> None:
             if not closing:
                 log.warning("NATS: disconnected; reconnecting")
 
         async def reconnected() -> None:
+            errors_told.clear()
             log.info("NATS: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
         closing: list[bool] = []   # the store's close() appends: its disconnection is no news
         options.update(error_cb=quiet, disconnected_cb=disconnected, reconnected_cb=reconnected)
         nc = NatsClient()
         try:
-            await nc.connect(**options)
+            # the first connection tries each server a few times and gives up (a broker must not hang
+            # at startup); once connected, reconnects go on for as long as it takes
+            await nc.connect(**{**options, "max_reconnect_attempts": 2})
+            nc.options["max_reconnect_attempts"] = -1
         except Exception as exc:
             await nc.close()
             raise _unavailable(f"cannot connect to {', '.join(servers)}", exc) from exc

@@ -46,14 +46,22 @@ PREFIX_TOKENS bytes is a subject filter (m.61.62.>), a longer one filters the ro
 PREFIX_TOKENS bytes here. Key order is restored by sorting.
 
 meta_write is not atomic on KV (there is no multi-key transaction in JetStream 2.9): its changes
-are published in the order given, pipelined on one connection. This broker's own readers see a
-meta_write whole or not at all (a readers-writer lock in this store); a crash of the broker between
-keys leaves a prefix of the changes applied. The callers (grep meta_write) write one key (sources,
-the cursor key, a checkpoint, an app) or delete doomed keys (an app's checkpoints, a deleted
-stream's checkpoints and monitoring series): deletes are idempotent, and a partial one is finished
-by the next delete of the same thing; the monitoring series' flush writes one key per stream; the
-tsdb registry adds new series types, each a key of its own. None relies on two keys changing
-together. Readers on other brokers may see a multi-key write half done.
+are applied in the order given (runs of puts pipelined on one connection, deletes one at a time),
+so a crash of the broker, or an error, in the middle leaves a prefix of them applied. This broker's
+own readers see a meta_write whole or not at all (a readers-writer lock in this store); readers on
+other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
+* one key: create_app, commit_checkpoint, the cursor key (core/reads.py), a source definition
+  (sources/manager.py);
+* deletes only: delete_app (its checkpoints first, the app key last: a crash leaves the app with
+  fewer checkpoints, and deleting it again finishes), delete_checkpoint, forget_stream (a deleted
+  stream's checkpoints), a deleted stream's monitoring series - deletes are idempotent, so a
+  partial one is finished by the next delete of the same thing;
+* the monitoring series' flush (core/metric_series.py): a row block and the oldest-hour key per
+  stream; the flush that stopped raised, so the next one computes its deltas from the same
+  snapshots again and rewrites whole blocks (rows are replaced, never added to);
+* the tsdb registry's new series types (tsdb/series.py): one independent key per series; a prefix
+  stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
+None needs two keys to change together.
 
 Not this round: other brokers' appends are seen by this broker's reads (they read JetStream), but its
 head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; consumer
@@ -333,6 +341,9 @@ class JetStreamStore(Store):
                 store._configs[config.stream_id] = config
         except Exception as exc:
             await nc.close()
+            if isinstance(exc, nats.js.errors.APIError):   # say what was refused: --replicas too high, ...
+                raise _unavailable(f"creating or reading the KV bucket {prefix}_meta with {replicas} replicas: "
+                                   f"{exc.description} (error {exc.err_code})") from exc
             raise _translate(exc) from exc
         if nc.max_payload < 6 * 1024 * 1024:
             log.warning("NATS max_payload is %d bytes: an append batch larger than that (a PutRecords of up to "
@@ -498,29 +509,40 @@ class JetStreamStore(Store):
         return sorted(configs, key=lambda c: c.key)
 
     async def _scan(self, pattern: str) -> list[tuple[str, bytes]]:
-        """Every live (key, value) of the bucket matching a subject pattern: an ephemeral pull
-        consumer from the last message of each key, drained until nothing is pending."""
+        """Every live (key, value) of the bucket matching a subject pattern: an ephemeral consumer
+        from the last message of each key, pulled with no_wait until JetStream says there is no
+        more (a status message). Not counted by num_pending: nats-server 2.9.10 can overcount it
+        for subjects that were purged, and a fetch would wait for messages that never come."""
         stream = f"KV_{self._kv_bucket}"
-        sub = await self._js.pull_subscribe(
-            f"$KV.{self._kv_bucket}.{pattern}", stream=stream,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-                                  inactive_threshold=30.0, mem_storage=True, num_replicas=1))
+        name = self._nc._nuid.next().decode()   # the id nats-py itself gives ephemeral consumers
+        await self._js.add_consumer(stream, config=ConsumerConfig(
+            name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+            filter_subject=f"$KV.{self._kv_bucket}.{pattern}", inactive_threshold=30.0, mem_storage=True,
+            num_replicas=1))
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
         latest: dict[str, bytes | None] = {}
         cut = len(f"$KV.{self._kv_bucket}.")
+        batch = 1024
         try:
-            pending = (await sub.consumer_info()).num_pending or 0
-            while pending > 0:
-                for msg in await sub.fetch(min(pending, 1024), timeout=REQUEST_TIMEOUT_S):
-                    op = msg.headers.get("KV-Operation") if msg.headers else None
+            while True:
+                await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                                       json.dumps({"batch": batch, "no_wait": True}).encode(), reply=inbox)
+                got = 0
+                while got < batch:
+                    msg = await sub.next_msg(timeout=REQUEST_TIMEOUT_S)
+                    hdr = msg.headers or {}
+                    if hdr.get("Status"):   # 404 no messages / 408: nothing more now
+                        return [(k, v) for k, v in latest.items() if v is not None]
+                    op = hdr.get("KV-Operation")
                     latest[msg.subject[cut:]] = None if op in ("DEL", "PURGE") else msg.data
-                    pending = msg.metadata.num_pending or 0
+                    got += 1
         finally:
-            try:
-                await self._js.delete_consumer(stream, sub._consumer)   # nats-py keeps the consumer's name there
-            except Exception:   # it goes away by itself (inactive_threshold)
-                pass
             await sub.unsubscribe()
-        return [(k, v) for k, v in latest.items() if v is not None]
+            try:
+                await self._js.delete_consumer(stream, name)
+            except Exception:   # it goes away by itself (inactive_threshold)
+                log.debug("deleting scan consumer %s", name, exc_info=True)
 
     # -- the head, the trim point, messages ------------------------------------------------------
 
@@ -593,8 +615,12 @@ class JetStreamStore(Store):
         try:
             return await _guard(call())
         except _Missing:
+            pass
+        try:
             await _guard(self._ensure_partition(config, p))
             return await _guard(call())
+        except _Missing:
+            raise _unavailable(f"partition {sid}/{p}: its JetStream stream is missing") from None
 
     # -- append ------------------------------------------------------------------------------------
 
@@ -760,6 +786,8 @@ class JetStreamStore(Store):
             except (_Unknown, _Missing, BrokerError) as exc:
                 if isinstance(exc, BrokerError) and exc.code is not ErrorCode.UNAVAILABLE:
                     raise
+                if isinstance(exc, _Missing) and sid not in self._configs:
+                    raise   # the stream was deleted: its records are gone either way
                 if time.monotonic() > deadline:
                     self._heads.pop((sid, p), None)   # re-read before the next append
                     raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled in "
@@ -768,6 +796,9 @@ class JetStreamStore(Store):
                 if time.monotonic() > deadline:
                     self._heads.pop((sid, p), None)
                     raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled", exc) from None
+            if self._closed:
+                self._heads.pop((sid, p), None)
+                raise _unavailable(f"partition {sid}/{p}: the store closed while a publish's outcome was unknown")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
@@ -834,8 +865,8 @@ class JetStreamStore(Store):
             got = await asyncio.gather(*(self._get(sid, p, j) for j in range(js, js + window)))
             js += window
             for m in got:
-                if m is None:
-                    continue
+                if m is None:   # purged meanwhile (a trim: always a prefix): what came before is all
+                    return
                 records += m.count
                 seen += 1
                 last = m
@@ -911,10 +942,12 @@ class JetStreamStore(Store):
             first = await self._first_msg(stream_id, partition)
             if first is None:
                 return head.next_seq
-            lo, hi, found = first.js_seq, head.js_last, None
+            lo, hi, found = first.js_seq + 1, head.js_last, None
+            if first.last_ts >= timestamp_ms:   # retention's usual question: nothing has expired yet
+                lo, found = hi + 1, first
             while lo <= hi:
                 mid = (lo + hi) // 2
-                msg = first if mid == first.js_seq else await self._get(stream_id, partition, mid)
+                msg = await self._get(stream_id, partition, mid)
                 if msg is None or msg.last_ts < timestamp_ms:
                     lo = mid + 1
                 else:
@@ -1032,13 +1065,20 @@ class JetStreamStore(Store):
         return revision is None or answer.get("purged", 0) > 0
 
     async def _meta_write(self, changes: dict[bytes, bytes | None]) -> None:
-        async def one(key: bytes, value: bytes | None) -> None:
+        """In the order given, so a crash leaves a prefix applied: a run of puts is pipelined (one
+        connection, one stream: JetStream stores them in the order sent), a delete (a purge, an
+        API request) waits for what came before it and is waited for."""
+        puts: list[Awaitable[int]] = []
+        for key, value in changes.items():
             if value is None:
+                if puts:
+                    await asyncio.gather(*puts)
+                    puts = []
                 await self._kv_erase(meta_kv_key(key))
             else:
-                await self._kv.put(meta_kv_key(key), value)
-        # started in order: the publishes leave on the one connection in the order given
-        await asyncio.gather(*(one(k, v) for k, v in changes.items()))
+                puts.append(self._kv.put(meta_kv_key(key), value))
+        if puts:
+            await asyncio.gather(*puts)
 
     async def close(self) -> None:
         if self._closed:

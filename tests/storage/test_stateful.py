@@ -105,8 +105,8 @@ class StoresAgree(RuleBasedStateMachine):
         mem, other = created
         assert mem is not None and other is not None
         assert (mem.key, mem.partition_count) == (other.key, other.partition_count) == (name, partitions)
-        used = {i for ids in self.live.values() for i in ids[:2]} | {i for ids in self.dead for i in ids}
-        assert mem.stream_id not in used and other.stream_id not in used   # ids are never reused
+        for i, given in enumerate((mem.stream_id, other.stream_id)):   # ids are never reused (per store)
+            assert given not in {ids[i] for ids in self.live.values()} | {ids[i] for ids in self.dead}
         self.live[name] = (mem.stream_id, other.stream_id, partitions)
         for p in range(partitions):
             self.expected_next[(mem.stream_id, p)] = 0

@@ -323,6 +323,7 @@ class JetStreamStore(Store):
             await nc.connect(**{**options, "max_reconnect_attempts": 2})
             nc.options["max_reconnect_attempts"] = -1
         except Exception as exc:
+            closing.append(True)
             await nc.close()
             raise _unavailable(f"cannot connect to {', '.join(servers)}", exc) from exc
         try:
@@ -340,10 +341,11 @@ class JetStreamStore(Store):
             for config in await store.list_streams():
                 store._configs[config.stream_id] = config
         except Exception as exc:
+            closing.append(True)
             await nc.close()
             if isinstance(exc, nats.js.errors.APIError):   # say what was refused: --replicas too high, ...
                 raise _unavailable(f"creating or reading the KV bucket {prefix}_meta with {replicas} replicas: "
-                                   f"{exc.description} (error {exc.err_code})") from exc
+                                   f"{exc.description} (error {exc.err_code})") from None
             raise _translate(exc) from exc
         if nc.max_payload < 6 * 1024 * 1024:
             log.warning("NATS max_payload is %d bytes: an append batch larger than that (a PutRecords of up to "

@@ -1,9 +1,13 @@
 """A broker process with `--store jetstream` on a real single-node nats-server (R=1): records,
 apps, checkpoints and cursors written through one broker are all there when another broker starts
-on an EMPTY data dir against the same NATS; numbering goes on where it stopped."""
+on an EMPTY data dir against the same NATS; numbering goes on where it stopped. And a NATS the
+broker cannot use is one error line at startup."""
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +25,7 @@ from huaweicloudsdkdis.v2 import (
 from broker.launcher import BrokerProcess
 from client import Client
 from tests.conftest import make_dis_client
-from tests.sources.conftest import NatsServer
+from tests.sources.conftest import NatsServer, free_port
 from tests.storage.conftest import nats_config
 
 
@@ -90,3 +94,26 @@ def test_a_broker_restarted_on_an_empty_data_dir_serves_everything(
                                                cursor_type="TRIM_HORIZON")).partition_cursor
     records = dis.consume_records(ConsumeRecordsRequest(partition_cursor=cursor, max_fetch_bytes=1 << 20)).records
     assert [base64.b64decode(r.data) for r in records] == [data for _, data, _ in sorted(expected[2])]
+
+
+def broker_fails(tmp_path: Path, *args: str) -> str:
+    """Start `python -m broker --store jetstream ...args`; it must exit 1 without a traceback: its last line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    out = subprocess.run([sys.executable, "-m", "broker", "--store", "jetstream", "--data-dir", str(tmp_path / "d"),
+                          "--grpc-port", "0", "--http-port", "0", *args], capture_output=True, text=True, timeout=60,
+                         env=env, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "sluice ready" not in out.stdout, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("sluice-broker: error: "), out.stderr
+    return last
+
+
+def test_unreachable_nats_servers_are_one_error_line(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"   # nothing listens there
+    last = broker_fails(tmp_path, "--nats-servers", url)
+    assert f"cannot open the JetStream store on {url}" in last and "cannot connect" in last, last
+
+
+def test_replicas_above_the_cluster_are_one_error_line(nats: NatsServer, tmp_path: Path) -> None:
+    last = broker_fails(tmp_path, "--nats-servers", nats.url, "--replicas", "3")
+    assert "3 replicas" in last and "non-clustered" in last, last

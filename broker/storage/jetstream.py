@@ -659,11 +659,12 @@ class JetStreamStore(Store):
                 return [err] * len(batches)
             limit = self._nc.max_payload - HEADER_ROOM
             outcomes: list[AppendOutcome] = []
-            run: list[AppendBatch] = []
+            run: list[tuple[AppendBatch, bytes]] = []
             size = 0
             for b in batches:
-                need = sum(len(d) + len(k or "") * 4 + 8 for k, d in b.items) + 64   # an upper bound of its value
-                if need > limit and len(_value(b.timestamp_ms, b)) + 4 > limit:
+                value = layout.encode_batch(b.timestamp_ms, b.items)   # stamped again if its time is raised
+                need = len(value) + _FRAME.size
+                if need > limit:
                     if run:
                         outcomes += await self._publish_run(sid, p, run)
                         run, size = [], 0
@@ -674,13 +675,13 @@ class JetStreamStore(Store):
                 if run and size + need > limit:
                     outcomes += await self._publish_run(sid, p, run)
                     run, size = [], 0
-                run.append(b)
+                run.append((b, value))
                 size += need
             if run:
                 outcomes += await self._publish_run(sid, p, run)
             return outcomes
 
-    async def _publish_run(self, sid: int, p: int, run: list[AppendBatch]) -> list[AppendOutcome]:
+    async def _publish_run(self, sid: int, p: int, run: list[tuple[AppendBatch, bytes]]) -> list[AppendOutcome]:
         """Publish `run` (batches of one partition) as one message; per batch its first seq or the
         error (the same for all: one message is stored whole or not at all)."""
         try:
@@ -697,13 +698,14 @@ class JetStreamStore(Store):
         self._state = StorageState.OK
         return list(firsts)
 
-    def _build(self, sid: int, p: int, head: _Head, run: list[AppendBatch]) -> tuple[bytes, dict[str, str], list[int]]:
+    def _build(self, sid: int, p: int, head: _Head,
+               run: list[tuple[AppendBatch, bytes]]) -> tuple[bytes, dict[str, str], list[int]]:
         ts = head.last_ts
         values, firsts = [], []
         seq = head.next_seq
-        for b in run:
+        for b, value in run:
             ts = max(ts, b.timestamp_ms)
-            values.append(_value(ts, b))
+            values.append(value if ts == b.timestamp_ms else _stamp(value, ts))
             firsts.append(seq)
             seq += len(b.items)
         headers = {"Nats-Expected-Last-Sequence": str(head.js_last),
@@ -711,7 +713,7 @@ class JetStreamStore(Store):
                    "S-Seq": str(head.next_seq), "S-N": str(seq - head.next_seq), "S-Ts": str(ts)}
         return _frames(values), headers, firsts
 
-    async def _publish(self, sid: int, p: int, run: list[AppendBatch]) -> list[AppendOutcome]:
+    async def _publish(self, sid: int, p: int, run: list[tuple[AppendBatch, bytes]]) -> list[AppendOutcome]:
         subject = self._subject(sid, p)
         for _ in range(MAX_RENUMBER):
             head = self._heads.get((sid, p))
@@ -1099,8 +1101,12 @@ def _result(out: list[Any], times: list[tuple[int, int]], first: int | None, sta
     return out
 
 
-def _value(ts: int, batch: AppendBatch) -> bytes:
-    return layout.encode_batch(ts, batch.items)
+_TS = struct.Struct(">q")   # a batch value's timestamp: bytes 4..12 of its header (storage/keys.py)
+
+
+def _stamp(value: bytes, ts: int) -> bytes:
+    """The batch value with its timestamp raised to `ts` (the partition's clock)."""
+    return value[:4] + _TS.pack(ts) + value[12:]
 
 
 class _Missing(Exception):

@@ -304,12 +304,11 @@ class _StreamBatches:
     async def answer(self, context: grpc.aio.ServicerContext) -> None:
         """Write each batch's answer, in request order, as soon as it and those before it are done."""
         while (task := await self._queue.get()) is not None:
-            try:
-                response = await task
-            finally:
-                self.unanswered -= 1
-                self.window.release()
-            await context.write(response)
+            await context.write(await task)
+            # answered only once written: a call counts as idle (not holding the drain up) only
+            # when no answer is still on its way
+            self.unanswered -= 1
+            self.window.release()
 
     def cancel(self) -> None:
         """The call is over: drop the batches not answered (an append already handed to the

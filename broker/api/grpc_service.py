@@ -36,8 +36,8 @@ the request stream while that many are, so HTTP/2 flow control holds the client 
 handed to the core in request order (each runs up to the group committer's queue before the next
 starts), so records of one partition are stored in the order they were sent. Each batch is one
 observation of the verb `put_records_stream` in the request metrics. Once the broker is draining,
-the call answers the batches it has and ends with UNAVAILABLE; a call idle in its read does not hold
-the drain up (like a subscription waiting in `context.write`).
+the call answers the batches it has and ends with UNAVAILABLE; a call waiting in its read with no
+batch unanswered does not hold the drain up (like a subscription waiting in `context.write`).
 """
 from __future__ import annotations
 
@@ -291,24 +291,26 @@ def _properties(text: str) -> Any:
 class _StreamBatches:
     """The unanswered batches of one PutRecordsStream call, in request order."""
 
-    def __init__(self) -> None:
+    def __init__(self, servicer: SluiceServicer) -> None:
         self.window = asyncio.Semaphore(PRODUCE_STREAM_WINDOW)   # acquired before a batch is read
-        self.unanswered = 0
+        self._servicer = servicer
         self._queue: asyncio.Queue[asyncio.Task[pb.PutRecordsStreamResponse] | None] = asyncio.Queue()
 
     def add(self, task: asyncio.Task[pb.PutRecordsStreamResponse] | None) -> None:
         """A batch's task; None: no more batches."""
-        self.unanswered += task is not None
+        self._servicer._stream_batches += task is not None
         self._queue.put_nowait(task)
 
     async def answer(self, context: grpc.aio.ServicerContext) -> None:
         """Write each batch's answer, in request order, as soon as it and those before it are done."""
         while (task := await self._queue.get()) is not None:
-            await context.write(await task)
-            # answered only once written: a call counts as idle (not holding the drain up) only
-            # when no answer is still on its way
-            self.unanswered -= 1
-            self.window.release()
+            try:
+                await context.write(await task)
+            finally:
+                # answered only once written: the drain waits for the batches taken until their
+                # answers are on their way
+                self._servicer._stream_batches -= 1
+                self.window.release()
 
     def cancel(self) -> None:
         """The call is over: drop the batches not answered (an append already handed to the
@@ -317,6 +319,7 @@ class _StreamBatches:
             task = self._queue.get_nowait()
             if task is not None:
                 task.cancel()
+                self._servicer._stream_batches -= 1
 
 
 class SluiceServicer:
@@ -330,7 +333,8 @@ class SluiceServicer:
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
         self._pushing = 0                         # of those, Subscribe handlers waiting in context.write
-        self._reading = 0                         # and PutRecordsStream handlers idle, waiting for a batch
+        self._reading = 0                         # and PutRecordsStream handlers waiting for a batch
+        self._stream_batches = 0                  # PutRecordsStream batches taken, not answered yet
         self._last_activity = time.monotonic()    # when one last finished
 
     def start_draining(self) -> None:
@@ -351,7 +355,8 @@ class SluiceServicer:
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            if self._active - self._pushing - self._reading == 0 and now - self._last_activity >= quiet:
+            if self._active - self._pushing - self._reading == 0 and self._stream_batches == 0 \
+                    and now - self._last_activity >= quiet:
                 return True
             if now >= deadline:
                 return False
@@ -430,31 +435,29 @@ class SluiceServicer:
     @rpc(Action.WRITE, observe=False)
     async def PutRecordsStream(self, requests: Any, context: grpc.aio.ServicerContext, project: str) -> None:
         """See the module docstring. `requests`: the call's async iterator of batches."""
-        batches = _StreamBatches()
+        batches = _StreamBatches(self)
         writer = asyncio.create_task(batches.answer(context))
         stream = aiter(requests)
         draining = False
         try:
             while not writer.done():
                 await batches.window.acquire()   # K unanswered: stop reading, the client is held back
-                idle = batches.unanswered == 0
-                self._reading += idle
+                self._reading += 1
                 try:
                     request = await anext(stream)
                 except StopAsyncIteration:
                     break
                 finally:
-                    self._reading -= idle
+                    self._reading -= 1
                 if self._draining:
                     draining = True
                     break
                 batches.add(asyncio.create_task(self._put_batch(request, project)))
             batches.add(None)
             await writer
-        finally:
-            if not writer.done():   # the client went away (or the call was cancelled)
-                writer.cancel()
-                batches.cancel()
+        finally:   # normally a no-op; when the client went away (the call was cancelled) or an answer
+            writer.cancel()        # could not be written: drop what is left
+            batches.cancel()
         if draining:
             raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
 

@@ -228,6 +228,22 @@ def test_broker_restarted_mid_stream_loses_nothing_acknowledged_and_resends_only
         assert stored.count(payload) == 1, payload
 
 
+def test_an_idle_stream_does_not_hold_up_a_graceful_stop(start_broker: Callable[..., BrokerProcess],
+                                                          stream_name: str) -> None:
+    """A producer's open, idle stream waits in its read, like a subscription in its write: the drain
+    does not wait for it (else the stop would take the whole minute of grace)."""
+    proc = start_broker("--shutdown-grace", "60")
+    with Client(proc.grpc_target, timeout=10) as c:
+        c.create_stream(stream_name, 1)
+        producer = Producer(c, stream_name)
+        try:
+            assert producer.send(b"one").result(10).ok
+            assert producer.stats.streams_opened == 1
+            proc.stop(20)
+        finally:
+            producer.close(5)
+
+
 # -- a client that disappears mid-stream ----------------------------------------------------------
 
 CHILD = """
@@ -251,7 +267,7 @@ for answer in stub.PutRecordsStream(batches()):
 
 
 def test_client_killed_mid_stream_frees_its_call(start_broker: Callable[..., BrokerProcess], stream_name: str) -> None:
-    proc = start_broker("--max-subscriptions-per-client", "1")
+    proc = start_broker("--max-subscriptions-per-client", "1", "--shutdown-grace", "60")
     with Client(proc.grpc_target, timeout=10) as c:
         c.create_stream(stream_name, 1)
     child = subprocess.Popen([sys.executable, "-c", CHILD, proc.grpc_target, stream_name], stdin=subprocess.PIPE,
@@ -287,6 +303,7 @@ def test_client_killed_mid_stream_frees_its_call(start_broker: Callable[..., Bro
     for i in acked:   # every acknowledged batch is stored
         assert stored.count(b"c%d" % i) == 10
     assert stored[-1] == b"later"
+    proc.stop(20)   # nothing of the dead call holds the drain up (else: the whole minute of grace)
 
 
 # -- in-process servers: a core that does not answer, a broker without the RPC -----------------------

@@ -26,7 +26,7 @@ from broker.api import grpc_service
 from broker.api.grpc_service import PRODUCE_STREAM_WINDOW, SluiceServicer, add_servicer
 from broker.launcher import BrokerProcess
 from broker.model import PutRecordsResult
-from client import BufferFullError, Client, Producer
+from client import AsyncClient, BufferFullError, Client, Producer, _wire
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
 from conftest import ROOT, eventually
@@ -162,6 +162,20 @@ def test_producer_uses_the_stream_with_a_window_and_keeps_key_order(client: Clie
     for k in range(7):   # without retries, pipelined batches are stored in the order they were sent
         mine = [int(r.split(b":")[1]) for r in stored if r.startswith(f"k{k}:".encode())]
         assert mine == list(range(k, 20_000, 7))
+
+
+async def test_async_client_stream_with_write_and_read(broker: BrokerProcess, client: Client,
+                                                       stream_name: str) -> None:
+    """grpc.aio, as an asyncio service (or the benchmarks) would use it: write batches, read answers."""
+    client.create_stream(stream_name, 1)
+    async with AsyncClient(broker.grpc_target) as aclient:
+        call = aclient.put_records_stream()
+        for i in range(1, 4):
+            await call.write(_wire.put_records_stream(i, stream_name, [(b"a%d" % i, None, 0), (b"b%d" % i, None, 0)]))
+        answers = [await call.read() for _ in range(3)]
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+    assert [(a.batch_id, list(a.result.seqs)) for a in answers] == [(1, [0, 1]), (2, [2, 3]), (3, [4, 5])]
 
 
 # -- a broker killed mid-stream --------------------------------------------------------------------

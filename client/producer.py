@@ -463,7 +463,10 @@ class Producer:
         batch_id = next(self._batch_ids)
         request = _wire.put_records_stream(batch_id, self.stream, [(r.data, r.key, r.partition_id) for r in live])
         with self._cond:
-            if self._streaming:
+            if self._aborted:   # close() gave up while this batch was being built: no new call now
+                closed = PutResult(-1, -1, CLOSED, "producer closed before the record was delivered")
+                done = [(r, closed) for r in live]
+            elif self._streaming:
                 stream = self._stream
                 if stream is None:
                     stream = self._stream = self._open_stream()
@@ -473,7 +476,12 @@ class Producer:
                 self.stats.records_sent += len(live)
                 self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(stream.inflight))
                 return
-        self._send(live)   # the broker turned out not to have the stream meanwhile
+            else:
+                done = []
+        if done:
+            self._resolve(done)
+        else:
+            self._send(live)   # the broker turned out not to have the stream meanwhile
 
     def _open_stream(self) -> _Stream:
         """With the lock held: a new call and its reader thread."""

@@ -31,6 +31,9 @@ PutRecordsStream (streaming produce) is PutRecords over one long-lived call: eac
 with a client-chosen id, handled exactly as a PutRecords request (the same WritePath: routing,
 throttling, per-record failures); each answer carries that id, and answers go out in request order.
 A batch refused as a whole is answered with a BatchError (the catalogue row) and the stream goes on.
+With an auth file each batch is authorized again (the key may have been revoked by a SIGHUP reload
+since the call opened): a batch the key may no longer write is refused with the AUTH_* /
+PERMISSION_DENIED row.
 At most PRODUCE_STREAM_WINDOW batches of a call are unanswered at a time: the handler stops reading
 the request stream while that many are, so HTTP/2 flow control holds the client back. Batches are
 handed to the core in request order (each runs up to the group committer's queue before the next
@@ -452,7 +455,7 @@ class SluiceServicer:
                 if self._draining:
                     draining = True
                     break
-                batches.add(asyncio.create_task(self._put_batch(request, project)))
+                batches.add(asyncio.create_task(self._put_batch(request, context, project)))
             batches.add(None)
             await writer
         finally:   # normally a no-op; when the client went away (the call was cancelled) or an answer
@@ -461,7 +464,8 @@ class SluiceServicer:
         if draining:
             raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
 
-    async def _put_batch(self, request: Any, project: str) -> pb.PutRecordsStreamResponse:
+    async def _put_batch(self, request: Any, context: grpc.aio.ServicerContext,
+                         project: str) -> pb.PutRecordsStreamResponse:
         """One batch of a stream: its answer, a BatchError for a batch refused as a whole."""
         began = time.perf_counter()
         error: BrokerError | None = None
@@ -471,6 +475,8 @@ class SluiceServicer:
         else:
             response = pb.PutRecordsStreamResponse(batch_id=request.batch_id)
             try:
+                if self._auth is not None:   # the call may outlive its key (the auth file is re-read on SIGHUP)
+                    project = authorize(self._auth, context, Action.WRITE)
                 response.result.CopyFrom(await self._put_records(request, project))
             except BrokerError as exc:
                 error = exc

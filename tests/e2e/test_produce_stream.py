@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -176,6 +177,42 @@ async def test_async_client_stream_with_write_and_read(broker: BrokerProcess, cl
         await call.done_writing()
         assert await call.read() == grpc.aio.EOF
     assert [(a.batch_id, list(a.result.seqs)) for a in answers] == [(1, [0, 1]), (2, [2, 3]), (3, [4, 5])]
+
+
+def test_each_batch_is_authorized_so_a_revoked_key_stops_writing(start_broker: Callable[..., BrokerProcess],
+                                                                   tmp_path: Path, stream_name: str) -> None:
+    admin, producer = "a" * 60, "p" * 60
+    keys = {admin: "admin", producer: "producer"}
+
+    def auth_file(names: dict[str, str]) -> str:
+        return "".join(f'[[api_keys]]\nkey = "{k}"\nworkspace = "p1"\nrole = "{r}"\n' for k, r in names.items())
+
+    path = tmp_path / "auth.toml"
+    path.write_text(auth_file(keys))
+    proc = start_broker("--auth-file", str(path))
+    with Client(proc.grpc_target, api_key=admin) as c:
+        c.create_stream(stream_name, 1)
+    requests: queue.SimpleQueue[pb.PutRecordsStreamRequest | None] = queue.SimpleQueue()
+    stub = pb_grpc.SluiceStub(grpc.insecure_channel(proc.grpc_target))
+    call = stub.PutRecordsStream(iter(requests.get, None), metadata=(("authorization", f"Bearer {producer}"),),
+                                 timeout=TIMEOUT)
+    answers = iter(call)
+    requests.put(batch(1, stream_name, [b"allowed"]))
+    assert next(answers).result.failed_record_count == 0
+    path.write_text(auth_file({admin: "admin"}))          # the producer's key is revoked ...
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGHUP)                     # ... and the file re-read, the call still open
+    outcome = None
+    for i in range(2, 200):
+        requests.put(batch(i, stream_name, [b"after %d" % i]))
+        answer = next(answers)
+        if answer.WhichOneof("outcome") == "error":
+            outcome = answer.error
+            break
+        time.sleep(0.05)   # the reload is asynchronous to us
+    requests.put(None)
+    assert outcome is not None and outcome.reason.startswith("AUTH_"), outcome
+    assert outcome.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 # -- a broker killed mid-stream --------------------------------------------------------------------

@@ -160,8 +160,8 @@ def _snake(name: str) -> str:
 def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
     """`@rpc(Action.X)`: the decode check, who may call (with auth on), the project, and the one
     error mapping for every RPC. Every RPC is exactly one Action (see broker/auth/roles.py).
-    `observe=False`: the method observes its own request metrics (one per batch of a stream); the
-    call is observed here only when it ends with an error."""
+    `observe=False`: the method observes its own request metrics (one per batch of a stream); here
+    only the error that ends a call is counted."""
     def decorate(method: Rpc) -> Rpc:
         verb = _snake(method.__name__)   # metrics: the same verb names as the HTTP doors' routes
 
@@ -190,8 +190,10 @@ def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
                 await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
             finally:
                 self._active -= 1
-                if observe or error is not None:
+                if observe:
                     self._broker.stats.observe_request("grpc", verb, time.perf_counter() - began, error)
+                elif error is not None:   # counted, but a long call's duration is no request latency
+                    self._broker.stats.request_errors[("grpc", error.code.reason)] += 1
                 # refused calls count too: while clients keep calling, grpc core holds calls it has not
                 # handed over yet, and stopping then would answer those CANCELLED (not retried by
                 # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
+from conftest import ROOT, eventually
 
 from broker.api import grpc_service
 from broker.api.grpc_service import PRODUCE_STREAM_WINDOW, SluiceServicer, add_servicer
@@ -30,7 +31,6 @@ from broker.model import PutRecordsResult
 from client import AsyncClient, BufferFullError, Client, Producer, _wire
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
-from conftest import ROOT, eventually
 
 TIMEOUT = 30.0
 

@@ -71,6 +71,10 @@ RECORDS_PAGE = 100           # default records per browser page
 MAX_RECORDS_PAGE = 1000
 METRICS_EVERY_S = 1.0        # the query stream's metrics line (and the check that its reader is there)
 SOURCES = web.AppKey("console_sources", Sources)
+# The page loads nothing from elsewhere and runs no inline script; it is not to be framed.
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                                            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"}
 
 
 def _project(request: web.Request) -> str:
@@ -87,7 +91,8 @@ def _guard_project(request: web.Request, who: Principal) -> str:
 
 
 def _counts(values: list[int], n: int) -> list[int]:
-    return values[:n] + [0] * (n - len(values[:n]))
+    """A per-partition counter list (it grows as partitions are written) as exactly n values."""
+    return (values + [0] * n)[:n]
 
 
 # -- the page's files -------------------------------------------------------------------------------
@@ -113,7 +118,7 @@ async def asset(request: web.Request) -> web.Response:
     if found is None:
         raise client_error(ErrorCode.UNKNOWN_ROUTE, method=request.method, path=request.path)
     body, content_type = found
-    return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
+    return web.Response(body=body, content_type=content_type, headers=_PAGE_HEADERS)
 
 
 # -- streams ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def test_static_files_and_the_redirect(console_broker):
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200 and resp.getheader("Content-Type").startswith(ctype), path
+        assert "default-src 'self'" in resp.getheader("Content-Security-Policy")   # nothing from elsewhere
     conn.close()
 
 

@@ -268,3 +268,25 @@ def test_streams_page_rates_banner_delete_and_screenshot(console_broker, new_tab
     row.locator("button:text('confirm delete')").click()
     expect(row).to_have_count(0)
     assert http(console_broker, "GET", f"/console/api/streams/{names[3]}")[0] == 404
+
+
+def test_project_picker_switches_namespace(console_broker, new_tab):
+    stream = _name("elsewhere")
+    status, _ = call_in(console_broker, "team_b", "POST", "/console/api/streams", {"name": stream, "partitions": 1})
+    assert status == 201
+    tab = new_tab(console_broker)
+    page = tab.open("streams")
+    expect(page.locator("#stream-count")).to_have_text(re.compile(r"^\d+ streams?$"))   # default's, listed
+    expect(page.locator(f"#streams tr[data-stream='{stream}']")).to_have_count(0)
+    expect(page.locator("#projects option[value='team_b']")).to_have_count(1)   # offered by the picker
+    page.fill("#project", "team_b")
+    page.dispatch_event("#project", "change")
+    expect(page.locator("#stream-count")).to_have_text("1 stream")
+    expect(page.locator(f"#streams tr[data-stream='{stream}']")).to_have_count(1)
+    page.reload()   # kept for the tab
+    expect(page.locator("#project")).to_have_value("team_b")
+    expect(page.locator("#stream-count")).to_have_text("1 stream")
+
+
+def call_in(proc, project: str, method: str, path: str, body=None):
+    return http(proc, method, f"{path}?project={project}", body)

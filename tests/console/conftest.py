@@ -28,8 +28,11 @@ WAIT_MS = 15_000   # how long an expectation waits for the page (not a timing as
 _HTTP_ERROR = re.compile(r"Failed to load resource: the server responded with a status of (\d+)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Chromium for one module's tests. Not session-wide: Playwright's sync API keeps its event
+    loop marked running in this thread while it is open, and pytest-asyncio's tests of other
+    modules cannot start their own loop then."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: `make chromium` installs it (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright

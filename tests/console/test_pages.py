@@ -200,7 +200,9 @@ def test_sources_page_status_counters_stop_start(console_broker, new_tab):
         "properties": {"template": "iot", "interval": "50ms"}})
     assert status == 201, source
     tab = new_tab(console_broker)
-    page = tab.open("sources")
+    page = tab.open(f"stream/{stream}")   # a typed stream shows its columns
+    expect(page.locator("#columns")).to_contain_text("device string, number float64, time datetime64(3)")
+    tab.go("sources")
     row = page.locator(f"#sources tr[data-source='gen_{stream}']")
     expect(row.locator(".source-status")).to_have_text("running")
     expect(row).to_contain_text("stream_generator")

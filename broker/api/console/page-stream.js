@@ -54,7 +54,9 @@ export function mount(main, name) {
       h("div", { class: "card" }, "Retention", h("b", {}, `${d.retention_hours} h`)),
       h("div", { class: "card" }, "Data type", h("b", {}, d.columns ? "typed" : d.data_type)),
       h("div", { class: "card" }, "Created (UTC)", h("b", {}, fmtTime(d.created_ms))),
-      h("div", { class: "card" }, "Scale events", h("b", {}, d.scale_events)));
+      h("div", { class: "card" }, "Scale events", h("b", {}, d.scale_events)),
+      d.columns ? h("div", { class: "card", id: "columns" }, "Columns",
+        h("b", {}, d.columns.map(([col, type]) => `${col} ${type}`).join(", "))) : "");
     lineChart(inChart, history.in, { label: "rec/s" });
     lineChart(outChart, history.out, { label: "rec/s" });
     tbody.replaceChildren(...d.partition_list.map((p) => h("tr", {},

@@ -1,7 +1,8 @@
 # `make run`  : create .venv, install, generate stubs, install nats-server if missing (apt), start the
 #               broker (RocksDB under ./data)
-# `make test` : create .venv, install with test deps, generate stubs, install nats-server if missing
-#               (apt: the NATS/JetStream source tests run a real one), run the whole suite
+# `make test` : create .venv, install with test deps, generate stubs, install nats-server and chromium
+#               if missing (apt: the NATS/JetStream source tests run a real nats-server, the console
+#               tests drive Chromium through Playwright), run the whole suite
 # `make lint` : ruff (rules in pyproject [tool.ruff]) and mypy ([tool.mypy]) over broker/ and client/
 # `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
 #               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
@@ -30,7 +31,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto nats-server run test lint bench bench-compare bench-memory bench-peers bench-sources \
+.PHONY: install proto nats-server chromium run test lint bench bench-compare bench-memory bench-peers bench-sources \
 	bench-timeplus wheel clean
 
 $(PY):
@@ -56,10 +57,17 @@ nats-server:
 		command -v apt-get >/dev/null || { echo "nats-server missing and no apt-get: install it (https://nats.io)" >&2; exit 1; }; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; }
 
+# Debian's chromium at /usr/bin/chromium: the web console's tests (tests/console) drive it headless
+# through Playwright (a pip package; its own browser download, `playwright install`, is never used)
+chromium:
+	@test -x /usr/bin/chromium || { \
+		command -v apt-get >/dev/null || { echo "/usr/bin/chromium missing and no apt-get: install Chromium" >&2; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 run: proto nats-server
 	$(PY) -m broker $(ARGS)
 
-test: proto nats-server
+test: proto nats-server chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # after proto: mypy reads the generated stubs' .pyi files

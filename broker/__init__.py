@@ -51,9 +51,12 @@
       timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE
       tsdb.py            the OpenTSDB/HiTSDB door: /api/put (flags, sync_timeout, exact bodies), query, suggest
       render.py          BrokerError -> DIS, Timeplus and OpenTSDB bodies, HTTP and gRPC statuses
-      grpc_service.py    the gRPC door (sluice.v1): @rpc(Action) per RPC; project from the bearer key or sluice-project
-      grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer
+      grpc_service.py    the gRPC door (sluice.v1): @rpc(Action) per RPC; project from the bearer key or sluice-project;
+                         PutRecordsStream: batches pipelined into the write path, answered in order, window 8
+      grpc_render.py     the gRPC door's renderer: status + google.rpc.Status/ErrorInfo trailer (and BatchError)
       metrics.py         Prometheus /metrics (a scrape-time collector over core/stats.py), /healthz, /readyz
+      console.py         the web console at /console: its page's files and a thin JSON API (/console/api/...)
+      console/           the page: index.html, style.css, ES modules (no build step, nothing from a CDN)
     sources/             managed ingest jobs (generator, websocket, NATS, JetStream) appending like any producer
       model.py           SourceDef (durable definition, in the store's metadata) and SourceState (live counters)
       props.py           reading and checking a definition's properties: BAD_SOURCE naming the property

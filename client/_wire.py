@@ -141,6 +141,20 @@ def describe_stream(stream_name: str, start_after_partition: int | None, limit: 
 def put_records(stream_name: str, records: Iterable[tuple[bytes, str | None, int | None]]) -> pb.PutRecordsRequest:
     """(payload, partition_key, partition_id) per record. The columnar form (parallel arrays, no
     message per record to build here or parse there) unless only some records name a partition."""
+    request: pb.PutRecordsRequest = _put_batch(pb.PutRecordsRequest(stream_name=stream_name), records)
+    return request
+
+
+def put_records_stream(batch_id: int, stream_name: str,
+                       records: Iterable[tuple[bytes, str | None, int | None]]) -> pb.PutRecordsStreamRequest:
+    """One batch of a PutRecordsStream call: the same fields as put_records, and the batch's id."""
+    request: pb.PutRecordsStreamRequest = _put_batch(
+        pb.PutRecordsStreamRequest(batch_id=batch_id, stream_name=stream_name), records)
+    return request
+
+
+def _put_batch(request: Any, records: Iterable[tuple[bytes, str | None, int | None]]) -> Any:
+    """Fill the `batch` oneof (records | columns) PutRecordsRequest and PutRecordsStreamRequest share."""
     data: list[bytes] = []
     keys: list[str] = []
     partition_ids: list[Any] = []   # int, or None for "not given"
@@ -152,10 +166,16 @@ def put_records(stream_name: str, records: Iterable[tuple[bytes, str | None, int
     if pinned and pinned != len(data):
         entries = [pb.PutRecordsEntry(data=d, partition_key=k, partition_id=p) if p is not None
                    else pb.PutRecordsEntry(data=d, partition_key=k) for d, k, p in zip(data, keys, partition_ids)]
-        return pb.PutRecordsRequest(stream_name=stream_name, records=pb.RecordList(entries=entries))
-    columns = pb.RecordColumns(data=data, partition_keys=keys if any(keys) else (),
-                               partition_ids=partition_ids if pinned else ())
-    return pb.PutRecordsRequest(stream_name=stream_name, columns=columns)
+        request.records.entries.extend(entries)
+        return request
+    columns = request.columns
+    columns.data.extend(data)
+    if any(keys):
+        columns.partition_keys.extend(keys)
+    if pinned:
+        columns.partition_ids.extend(partition_ids)
+    columns.SetInParent()   # an empty batch still says "columns" (the broker refuses it: EMPTY_REQUEST)
+    return request
 
 
 def get_cursor(stream_name: str, partition_id: int, kind: str, starting_seq: int | None,
@@ -246,6 +266,11 @@ def stream_description(resp: pb.DescribeStreamResponse) -> StreamDescription:
                       tuple(Segment(s.start_seq, tuple((q.partition_id, q.end_seq) for q in s.parents), s.timestamp_ms)
                             for s in p.segments))
         for p in resp.partitions], resp.has_more)
+
+
+def batch_failure(error: pb.BatchError, n: int) -> list[PutResult]:
+    """A PutRecordsStream batch of `n` records refused as a whole: the same result for each."""
+    return [PutResult(-1, -1, error.reason, error.message, error.dis_code)] * n
 
 
 def put_results(resp: pb.PutRecordsResponse) -> list[PutResult]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterable, TypeVar
 
 import grpc
 
@@ -99,6 +99,13 @@ class AsyncClient:
     async def put_routed(self, stream_name: str,
                          records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:
         return await self._call(self._stub.PutRecords, _wire.put_records(stream_name, records), _wire.put_results)
+
+    def put_records_stream(self, requests: AsyncIterator[pb.PutRecordsStreamRequest] | None = None) -> Any:
+        """Open a PutRecordsStream call (streaming produce); returns the grpc.aio call. Without
+        `requests`, send with `await call.write(request)` (`client._wire.put_records_stream` builds
+        one) and `await call.done_writing()`; read each batch's PutRecordsStreamResponse, in order,
+        with `await call.read()` or `async for`. No deadline: the call lives as long as the producer."""
+        return self._stub.PutRecordsStream(requests, metadata=self._metadata)
 
     async def get_cursor(self, stream_name: str, partition_id: int, cursor_type: str = "TRIM_HORIZON",
                          starting_seq: int | None = None, timestamp_ms: int | None = None) -> str:

@@ -123,6 +123,13 @@ class Client:
         partition_id); a partition_id wins over the key, neither means the broker spreads it."""
         return self._call(self._stub.PutRecords, _wire.put_records(stream_name, records), _wire.put_results)
 
+    def put_records_stream(self, requests: Iterator[pb.PutRecordsStreamRequest]) -> Any:
+        """Open a PutRecordsStream call (streaming produce) sending `requests`; returns the gRPC
+        call: iterate it for the PutRecordsStreamResponse of each batch, in order (a broken call
+        raises grpc.RpcError; `client.errors.from_rpc_error` translates it). No deadline: the call
+        lives as long as the producer. `Producer` is the friendly way to use it."""
+        return self._stub.PutRecordsStream(requests, metadata=self._metadata)
+
     def get_cursor(self, stream_name: str, partition_id: int, cursor_type: str = "TRIM_HORIZON",
                    starting_seq: int | None = None, timestamp_ms: int | None = None) -> str:
         return self._call(self._stub.GetCursor, _wire.get_cursor(stream_name, partition_id, cursor_type, starting_seq,

@@ -8,7 +8,23 @@
 How it works: `send()` appends the record to a buffer and returns a `concurrent.futures.Future`.
 One sender thread takes batches off the buffer - a batch is sent once it holds
 `max_batch_records` records or `max_batch_bytes` payload bytes, or its oldest record has waited
-`linger_ms` - and sends them with one PutRecords. There is at most one request in flight.
+`linger_ms` - and sends them over one long-lived PutRecordsStream call (streaming produce), each
+batch with an id the broker's answer echoes, so a producer pays no per-request call setup.
+`max_in_flight` batches (default 8; 1 with `ordered=True`, see below) may be unacknowledged at a
+time; the sender waits while that many are, and `send()` blocks once `max_buffered_records` are
+unresolved: memory stays bounded and the caller is held back instead. A reader thread resolves
+each batch's records from its answer, in order.
+
+A broker without PutRecordsStream (an older one: UNIMPLEMENTED) is remembered and the producer
+falls back to one unary PutRecords at a time; `streaming=False` asks for that from the start.
+
+A broken stream (the broker restarted, the connection dropped) fails the batches it had not
+acknowledged like a failed request (retriable: they are retried, see below), and the next batch
+opens a new stream. Only unacknowledged batches are sent again: an acknowledged record is stored
+and never resent. A batch the broker stored but could not acknowledge before the break is stored
+twice, so duplicates are bounded by the unacknowledged window: at most `max_in_flight` batches
+(`max_in_flight * max_batch_records` records) per break. The stream has no deadline; HTTP/2
+keepalive (client/_wire.py) notices a broker host that vanished.
 
 Every future resolves to a `PutResult`, never to an exception:
 
@@ -32,7 +48,9 @@ before it is retried, so a record can be stored twice.
 `ordered=True` keeps the order of records with the same partition key (or partition id): when a
 batch comes back with retriable failures, those records - in their original order - are sent again
 before any newer record, and nothing is sent until their backoff has passed. (Without it, retried
-records may land after newer ones.) The broker fails retriable errors for a whole request, or - a
+records may land after newer ones.) For that an ordered producer has one unacknowledged batch at a
+time (`max_in_flight` is 1): a newer batch already in flight could be written before an older
+batch's retried records. The broker fails retriable errors for a whole request, or - a
 partition over its write limit (THROTTLED) - for a record and every later record of its partition
 in the batch, so a retried record never has a later same-key record of its own batch already
 written ahead of it. Under throttling, give `max_retries` room: a record may wait several rounds.
@@ -46,16 +64,22 @@ thread).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import grpc
+
+from client import _wire
+from client._pb.sluice.v1 import sluice_pb2 as pb
 from client.client import Client, PutResult
-from client.errors import SluiceError, is_retriable
+from client.errors import SluiceError, from_rpc_error, is_retriable
 
 CLOSED = "CLOSED"
 
@@ -66,13 +90,18 @@ class BufferFullError(Exception):
 
 @dataclass
 class ProducerStats:
-    """Counters, for tests and monitoring. `records_sent` counts every attempt of every record."""
+    """Counters, for tests and monitoring. `records_sent` counts every attempt of every record;
+    `requests` every batch sent (PutRecords calls and PutRecordsStream batches alike)."""
     requests: int = 0
     failed_requests: int = 0
     records_sent: int = 0
     retries: int = 0
     delivered: int = 0
     failed: int = 0
+    streams_opened: int = 0     # PutRecordsStream calls opened (1, plus one per broken stream)
+    stream_breaks: int = 0      # of those, ended while batches were unacknowledged
+    resent_batches: int = 0     # unacknowledged batches of a broken stream, to be sent again
+    max_in_flight_seen: int = 0 # the most unacknowledged batches at one time
 
 
 @dataclass
@@ -101,7 +130,30 @@ class _Options:
     max_backoff_s: float
     ordered: bool
     max_buffered_records: int
+    streaming: bool = True
+    max_in_flight: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stream:
+    """One PutRecordsStream call: the requests the gRPC thread sends, and the batches sent and not
+    acknowledged yet, oldest first (answers come in that order)."""
+
+    def __init__(self) -> None:
+        self.requests: queue.SimpleQueue[pb.PutRecordsStreamRequest | None] = queue.SimpleQueue()
+        self.inflight: deque[tuple[int, list[_Pending]]] = deque()
+        self.answered = False     # the broker has the RPC (an UNIMPLEMENTED now is not "absent")
+        self.call: Any = None
+        self.reader: threading.Thread | None = None
+
+    def request_iterator(self) -> Iterator[pb.PutRecordsStreamRequest]:
+        while (request := self.requests.get()) is not None:
+            yield request
+
+    def end(self) -> None:
+        """No more batches: the call ends once the broker answered those sent (and gRPC's request
+        thread, blocked on the queue, finishes)."""
+        self.requests.put(None)
 
 
 class Producer:
@@ -111,15 +163,18 @@ class Producer:
     (the producer opens and closes its own connection, with `project`, `api_key` and `tls_ca`:
     see `Client`).
     `max_buffered_records` bounds the records not yet resolved; `send()` blocks while it is reached.
+    `streaming`: use PutRecordsStream when the broker has it (default); `max_in_flight`: the most
+    unacknowledged batches on it (1 when `ordered`).
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
                  max_batch_bytes: int = 1_000_000, linger_ms: float = 5, max_retries: int = 5,
                  backoff_ms: float = 50, max_backoff_ms: float = 2_000, ordered: bool = False,
-                 max_buffered_records: int = 100_000, project: str | None = None, api_key: str | None = None,
+                 max_buffered_records: int = 100_000, streaming: bool = True, max_in_flight: int = 8,
+                 project: str | None = None, api_key: str | None = None,
                  tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
-        if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1:
-            raise ValueError("batch and buffer limits must be positive")
+        if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1 or max_in_flight < 1:
+            raise ValueError("batch, buffer and in-flight limits must be positive")
         if max_retries < 0 or backoff_ms < 0 or linger_ms < 0:
             raise ValueError("max_retries, backoff_ms and linger_ms must not be negative")
         self._own_client = isinstance(client_or_target, str)
@@ -127,7 +182,8 @@ class Producer:
             if isinstance(client_or_target, str) else client_or_target
         self.stream = stream
         self._opt = _Options(max_batch_records, max_batch_bytes, linger_ms / 1000, max_retries, backoff_ms / 1000,
-                             max(max_backoff_ms, backoff_ms) / 1000, ordered, max_buffered_records)
+                             max(max_backoff_ms, backoff_ms) / 1000, ordered, max_buffered_records, streaming,
+                             1 if ordered else max_in_flight)
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()   # new records (ordered mode: retries go to the front)
         self._queued_bytes = 0
@@ -138,6 +194,9 @@ class Producer:
         self._flushing = 0                       # callers inside flush(): skip the linger
         self._closing = False                    # no new records; drain then stop
         self._aborted = False                    # close() timed out: resolve the rest as CLOSED
+        self._stream: _Stream | None = None       # the open PutRecordsStream call
+        self._streaming = streaming               # False once the broker said UNIMPLEMENTED
+        self._batch_ids = itertools.count(1)
         self.stats = ProducerStats()
         self._thread = threading.Thread(target=self._run, name=f"sluice-producer-{stream}", daemon=True)
         self._thread.start()
@@ -220,11 +279,22 @@ class Producer:
                 self._queue.clear()
                 self._retry.clear()
                 self._queued_bytes = 0
+                if self._stream is not None:   # unacknowledged batches: CLOSED too (the reader skips them)
+                    leftovers.extend(r for _, live in self._stream.inflight for r in live)
+                    self._stream.inflight.clear()
+            stream, self._stream = self._stream, None
             self._cond.notify_all()
         self._resolve([(r, PutResult(-1, -1, CLOSED, "producer closed before the record was delivered"))
                        for r in leftovers])
+        if stream is not None:
+            stream.end()   # everything sent was answered (or given up): the call ends cleanly
+            if self._aborted:
+                stream.call.cancel()
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0.1)
         self._thread.join(remaining)
+        if stream is not None and stream.reader is not None:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.1)
+            stream.reader.join(remaining)
         if self._own_client:
             self._client.close()  # cancels a request still in flight; its records resolve then
 
@@ -242,12 +312,19 @@ class Producer:
                 while True:
                     if self._aborted or (self._closing and not self._unresolved):
                         return
+                    stream = self._stream
+                    if self._streaming and stream is not None and len(stream.inflight) >= self._opt.max_in_flight:
+                        self._cond.wait()   # the window is full: wait for an answer (or the stream's end)
+                        continue
                     now = time.monotonic()
                     batch = self._take_batch(now)
                     if batch:
                         break
                     self._cond.wait(self._wakeup(now))
-            self._send(batch)
+            if self._streaming:
+                self._send_stream(batch)
+            else:
+                self._send(batch)
 
     def _ready(self, now: float) -> bool:
         """Is there a batch worth sending in `_queue` now?"""
@@ -294,7 +371,8 @@ class Producer:
         times.extend(r.due for r in self._retry)
         return max(max(min(times), self._not_before) - now, 0.0) + 0.0005 if times else None
 
-    def _send(self, batch: list[_Pending]) -> None:
+    def _live(self, batch: list[_Pending]) -> list[_Pending]:
+        """The records of `batch` whose futures were not cancelled (marked running now)."""
         live = []
         cancelled = 0
         for r in batch:
@@ -308,6 +386,11 @@ class Producer:
             with self._cond:
                 self._unresolved -= cancelled
                 self._cond.notify_all()
+        return live
+
+    def _send(self, batch: list[_Pending]) -> None:
+        """One unary PutRecords (no stream: the broker lacks it, or `streaming=False`)."""
+        live = self._live(batch)
         if not live:
             return
         retriable: list[bool]
@@ -326,38 +409,168 @@ class Producer:
                 self.stats.failed_requests += 1
             self._fail(live, exc)
             return
+        with self._cond:
+            self.stats.requests += 1
+            self.stats.records_sent += len(live)
+            done = self._settle(live, results, retriable, failed_request)
+        self._resolve(done)
+
+    def _settle(self, live: list[_Pending], results: list[PutResult], retriable: list[bool],
+                failed_request: bool) -> list[tuple[_Pending, PutResult]]:
+        """The outcome of one request (a PutRecords or a stream's batch) for its records, with the
+        lock held: retriable failures go back for a retry (ordered: to the front of the queue, in
+        the same step, so no newer record can be taken in between); returns the records resolved
+        (their futures are set by `_resolve`, outside the lock)."""
         now = time.monotonic()
         done: list[tuple[_Pending, PutResult]] = []
         again_list: list[_Pending] = []
+        self.stats.failed_requests += failed_request
+        for r, res, retry in zip(live, results, retriable):
+            if retry and r.attempts < self._opt.max_retries and not self._aborted:
+                r.attempts += 1
+                r.due = now + min(self._opt.backoff_s * 2 ** (r.attempts - 1), self._opt.max_backoff_s)
+                again_list.append(r)
+            else:
+                done.append((r, res))
+        self.stats.retries += len(again_list)
+        if failed_request and retriable[0]:
+            # the broker is unreachable or refusing everything: pause the whole producer, not
+            # only these records, so new records do not hammer it (and a draining broker
+            # sees the quiet it waits for)
+            self._request_failures += 1
+            pause = min(self._opt.backoff_s * 2 ** (self._request_failures - 1), self._opt.max_backoff_s)
+            self._not_before = max(self._not_before, now + pause)
+        elif not failed_request:
+            self._request_failures = 0
+        if again_list:
+            if self._opt.ordered:
+                for r in reversed(again_list):
+                    self._queue.appendleft(r)
+                    self._queued_bytes += r.size
+                self._not_before = max(self._not_before, max(r.due for r in again_list))
+            else:
+                self._retry.extend(again_list)
+        self._cond.notify_all()
+        return done
+
+    # -- streaming produce -----------------------------------------------------------------------
+
+    def _send_stream(self, batch: list[_Pending]) -> None:
+        """Send one batch on the open PutRecordsStream call (opening one if there is none)."""
+        live = self._live(batch)
+        if not live:
+            return
+        batch_id = next(self._batch_ids)
+        request = _wire.put_records_stream(batch_id, self.stream, [(r.data, r.key, r.partition_id) for r in live])
         with self._cond:
-            self.stats.requests += 1
-            self.stats.failed_requests += failed_request
-            self.stats.records_sent += len(live)
-            for r, res, retry in zip(live, results, retriable):
-                if retry and r.attempts < self._opt.max_retries and not self._aborted:
-                    r.attempts += 1
-                    r.due = now + min(self._opt.backoff_s * 2 ** (r.attempts - 1), self._opt.max_backoff_s)
-                    again_list.append(r)
-                else:
-                    done.append((r, res))
-            self.stats.retries += len(again_list)
-            if failed_request and retriable[0]:
-                # the broker is unreachable or refusing everything: pause the whole producer, not
-                # only these records, so new records do not hammer it (and a draining broker
-                # sees the quiet it waits for)
-                self._request_failures += 1
-                pause = min(self._opt.backoff_s * 2 ** (self._request_failures - 1), self._opt.max_backoff_s)
-                self._not_before = max(self._not_before, now + pause)
-            elif not failed_request:
-                self._request_failures = 0
-            if again_list:
-                if self._opt.ordered:
-                    for r in reversed(again_list):
-                        self._queue.appendleft(r)
-                        self._queued_bytes += r.size
-                    self._not_before = max(self._not_before, max(r.due for r in again_list))
-                else:
-                    self._retry.extend(again_list)
+            if self._aborted:   # close() gave up while this batch was being built: no new call now
+                closed = PutResult(-1, -1, CLOSED, "producer closed before the record was delivered")
+                done = [(r, closed) for r in live]
+            elif self._streaming:
+                stream = self._stream
+                if stream is None:
+                    stream = self._stream = self._open_stream()
+                stream.inflight.append((batch_id, live))
+                stream.requests.put(request)
+                self.stats.requests += 1
+                self.stats.records_sent += len(live)
+                self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(stream.inflight))
+                return
+            else:
+                done = []
+        if done:
+            self._resolve(done)
+        else:
+            self._send(live)   # the broker turned out not to have the stream meanwhile
+
+    def _open_stream(self) -> _Stream:
+        """With the lock held: a new call and its reader thread."""
+        stream = _Stream()
+        stream.call = self._client.put_records_stream(stream.request_iterator())
+        stream.reader = threading.Thread(target=self._read_stream, args=(stream,), daemon=True,
+                                         name=f"sluice-producer-{self.stream}-answers")
+        stream.reader.start()
+        self.stats.streams_opened += 1
+        return stream
+
+    def _read_stream(self, stream: _Stream) -> None:
+        """The reader thread of one call: resolve each batch from its answer, then, when the call
+        ends, hand back what it left unacknowledged."""
+        error: BaseException | None = None
+        try:
+            for response in stream.call:
+                if not self._answered(stream, response):
+                    error = SluiceError(grpc.StatusCode.INTERNAL, "", "answer out of order on the produce stream",
+                                        "INTERNAL")
+                    stream.call.cancel()
+                    break
+        except grpc.RpcError as exc:
+            error = exc
+        self._stream_ended(stream, error)
+
+    def _answered(self, stream: _Stream, response: pb.PutRecordsStreamResponse) -> bool:
+        """One batch's answer; False when it does not match the oldest unacknowledged batch."""
+        with self._cond:
+            if not stream.inflight:   # close() gave up on them (they resolved CLOSED)
+                return True
+            batch_id, live = stream.inflight[0]
+            stream.answered = True
+        if response.batch_id != batch_id:
+            return False
+        results: list[PutResult]
+        if response.WhichOneof("outcome") == "error":
+            results = _wire.batch_failure(response.error, len(live))
+            retriable = [is_retriable(response.error.reason)] * len(live)
+            failed_request = True
+        else:
+            results = _wire.put_results(response.result)
+            if len(results) != len(live):
+                return False
+            retriable = [not res.ok and is_retriable(res.reason) for res in results]
+            failed_request = False
+        with self._cond:
+            if not stream.inflight or stream.inflight[0][0] != batch_id:
+                return True   # close() gave up on it meanwhile
+            stream.inflight.popleft()
+            done = self._settle(live, results, retriable, failed_request)
+        self._resolve(done)
+        return True
+
+    def _stream_ended(self, stream: _Stream, error: BaseException | None) -> None:
+        """The call is over. Its unacknowledged batches: with a broker without the RPC, back to the
+        queue untouched (sent again as PutRecords); else failed like a request that did not get
+        through - retriable, so retried - and nothing acknowledged is sent again."""
+        if isinstance(error, grpc.RpcError):
+            exc = from_rpc_error(error)
+        elif isinstance(error, SluiceError):
+            exc = error
+        else:   # ended without a status while batches were unanswered (a proxy's doing)
+            exc = SluiceError(grpc.StatusCode.UNAVAILABLE, "", "the produce stream ended early", "UNAVAILABLE")
+        absent = isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED \
+            and not stream.answered
+        # the broker cancelling the call (a stop past its grace) is as retriable as its absence
+        again = exc.retriable or exc.reason == "CANCELLED"
+        done: list[tuple[_Pending, PutResult]] = []
+        with self._cond:
+            if self._stream is stream:
+                self._stream = None
+            unacked = [r for _, live in stream.inflight for r in live]
+            batches = len(stream.inflight)
+            stream.inflight.clear()
+            stream.end()   # lets gRPC's request thread finish
+            if absent:
+                self._streaming = False
+                for r in reversed(unacked):
+                    self._queue.appendleft(r)
+                    self._queued_bytes += r.size
+                self._cond.notify_all()
+            elif unacked:
+                self.stats.stream_breaks += 1
+                self.stats.resent_batches += batches
+                result = PutResult(-1, -1, exc.reason, exc.message, exc.code)
+                done = self._settle(unacked, [result] * len(unacked), [again] * len(unacked), True)
+            else:
+                self._cond.notify_all()
         self._resolve(done)
 
     def _resolve(self, done: list[tuple[_Pending, PutResult]]) -> None:

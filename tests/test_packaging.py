@@ -22,6 +22,9 @@ def test_wheel_contains_generated_stubs(tmp_path: Path) -> None:
         assert f"client/_pb/sluice/v1/{stub}" in names
     assert "client/py.typed" in names
     assert any(n.startswith("broker/core/") for n in names)
+    # the web console's page is package data, served from the installed package
+    for asset in ("index.html", "style.css", "app.js", "page-streams.js"):
+        assert f"broker/api/console/{asset}" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "sluice-broker = broker.__main__:main" in text and "sluice = client.cli:main" in text

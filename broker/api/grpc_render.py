@@ -50,3 +50,9 @@ def record_failure(index: int, error: BrokerError) -> pb.RecordFailure:
     """One failed record of a PutRecords batch."""
     return pb.RecordFailure(index=index, reason=reason(error.code), message=error.message,
                             dis_code=error.code.dis_code)
+
+
+def batch_error(error: BrokerError) -> pb.BatchError:
+    """A PutRecordsStream batch refused as a whole: the row as a failed PutRecords call would end."""
+    return pb.BatchError(code=status_code(error).value[0], reason=reason(error.code), message=error.message,
+                         dis_code=error.code.dis_code)

@@ -26,6 +26,21 @@ yet handed to the application when the server stops, and the aio server hands ca
 time, so under load most requests in flight at SIGTERM would be cancelled despite the grace period.
 `start_draining()` keeps the server taking calls but refuses new work with UNAVAILABLE (DIS.5250, as
 the group committer does once closed) and `drained()` waits until the calls already running finish.
+
+PutRecordsStream (streaming produce) is PutRecords over one long-lived call: each request is a batch
+with a client-chosen id, handled exactly as a PutRecords request (the same WritePath: routing,
+throttling, per-record failures); each answer carries that id, and answers go out in request order.
+A batch refused as a whole is answered with a BatchError (the catalogue row) and the stream goes on.
+With an auth file each batch is authorized again (the key may have been revoked by a SIGHUP reload
+since the call opened): a batch the key may no longer write is refused with the AUTH_* /
+PERMISSION_DENIED row.
+At most PRODUCE_STREAM_WINDOW batches of a call are unanswered at a time: the handler stops reading
+the request stream while that many are, so HTTP/2 flow control holds the client back. Batches are
+handed to the core in request order (each runs up to the group committer's queue before the next
+starts), so records of one partition are stored in the order they were sent. Each batch is one
+observation of the verb `put_records_stream` in the request metrics. Once the broker is draining,
+the call answers the batches it has and ends with UNAVAILABLE; a call waiting in its read with no
+batch unanswered does not hold the drain up (like a subscription waiting in `context.write`).
 """
 from __future__ import annotations
 
@@ -42,7 +57,7 @@ import orjson
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError
 
-from broker.api.grpc_render import record_failure, status_code, trailers
+from broker.api.grpc_render import batch_error, record_failure, status_code, trailers
 from broker.auth import Action, Auth
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
@@ -59,6 +74,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sluice"].full_name
 PROJECT_KEY = "sluice-project"
 AUTHORIZATION_KEY = "authorization"
 LAST_READ = "LAST_READ"
+PRODUCE_STREAM_WINDOW = 8   # unanswered batches per PutRecordsStream call (see the module docstring)
 
 
 class _Vocabulary:
@@ -141,9 +157,11 @@ def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
 
 
-def rpc(action: Action) -> Callable[[Rpc], Rpc]:
+def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
     """`@rpc(Action.X)`: the decode check, who may call (with auth on), the project, and the one
-    error mapping for every RPC. Every RPC is exactly one Action (see broker/auth/roles.py)."""
+    error mapping for every RPC. Every RPC is exactly one Action (see broker/auth/roles.py).
+    `observe=False`: the method observes its own request metrics (one per batch of a stream); here
+    only the error that ends a call is counted."""
     def decorate(method: Rpc) -> Rpc:
         verb = _snake(method.__name__)   # metrics: the same verb names as the HTTP doors' routes
 
@@ -172,7 +190,10 @@ def rpc(action: Action) -> Callable[[Rpc], Rpc]:
                 await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
             finally:
                 self._active -= 1
-                self._broker.stats.observe_request("grpc", verb, time.perf_counter() - began, error)
+                if observe:
+                    self._broker.stats.observe_request("grpc", verb, time.perf_counter() - began, error)
+                elif error is not None:   # counted, but a long call's duration is no request latency
+                    self._broker.stats.request_errors[("grpc", error.code.reason)] += 1
                 # refused calls count too: while clients keep calling, grpc core holds calls it has not
                 # handed over yet, and stopping then would answer those CANCELLED (not retried by
                 # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.
@@ -272,6 +293,40 @@ def _properties(text: str) -> Any:
     return value
 
 
+class _StreamBatches:
+    """The unanswered batches of one PutRecordsStream call, in request order."""
+
+    def __init__(self, servicer: SluiceServicer) -> None:
+        self.window = asyncio.Semaphore(PRODUCE_STREAM_WINDOW)   # acquired before a batch is read
+        self._servicer = servicer
+        self._queue: asyncio.Queue[asyncio.Task[pb.PutRecordsStreamResponse] | None] = asyncio.Queue()
+
+    def add(self, task: asyncio.Task[pb.PutRecordsStreamResponse] | None) -> None:
+        """A batch's task; None: no more batches."""
+        self._servicer._stream_batches += task is not None
+        self._queue.put_nowait(task)
+
+    async def answer(self, context: grpc.aio.ServicerContext) -> None:
+        """Write each batch's answer, in request order, as soon as it and those before it are done."""
+        while (task := await self._queue.get()) is not None:
+            try:
+                await context.write(await task)
+            finally:
+                # answered only once written: the drain waits for the batches taken until their
+                # answers are on their way
+                self._servicer._stream_batches -= 1
+                self.window.release()
+
+    def cancel(self) -> None:
+        """The call is over: drop the batches not answered (an append already handed to the
+        committer is shielded there: it completes)."""
+        while not self._queue.empty():
+            task = self._queue.get_nowait()
+            if task is not None:
+                task.cancel()
+                self._servicer._stream_batches -= 1
+
+
 class SluiceServicer:
     def __init__(self, broker: Broker, sources: Sources | None = None, auth: Auth | None = None) -> None:
         """`sources`: the broker's managed sources (app.py starts and closes them); without it, an
@@ -283,6 +338,8 @@ class SluiceServicer:
         self._draining = False
         self._active = 0                          # RPCs inside a handler right now
         self._pushing = 0                         # of those, Subscribe handlers waiting in context.write
+        self._reading = 0                         # and PutRecordsStream handlers waiting for a batch
+        self._stream_batches = 0                  # PutRecordsStream batches taken, not answered yet
         self._last_activity = time.monotonic()    # when one last finished
 
     def start_draining(self) -> None:
@@ -303,7 +360,8 @@ class SluiceServicer:
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
-            if self._active - self._pushing == 0 and now - self._last_activity >= quiet:
+            if self._active - self._pushing - self._reading == 0 and self._stream_batches == 0 \
+                    and now - self._last_activity >= quiet:
                 return True
             if now >= deadline:
                 return False
@@ -352,6 +410,11 @@ class SluiceServicer:
 
     @rpc(Action.WRITE)
     async def PutRecords(self, request: pb.PutRecordsRequest, context: Any, project: str) -> pb.PutRecordsResponse:
+        return await self._put_records(request, project)
+
+    async def _put_records(self, request: pb.PutRecordsRequest | pb.PutRecordsStreamRequest,
+                           project: str) -> pb.PutRecordsResponse:
+        """One batch (the fields PutRecordsRequest and PutRecordsStreamRequest share) into the core."""
         entries: list[PutEntry] | PutColumns
         if request.WhichOneof("batch") == "columns":
             cols = request.columns   # list() copies each repeated field in C: no object per record
@@ -373,6 +436,61 @@ class SluiceServicer:
                 partitions[i] = 0
         return pb.PutRecordsResponse(failed_record_count=result.failed_record_count, partition_ids=partitions,
                                      seqs=result.seqs, failures=[record_failure(i, e) for i, e in result.failures])
+
+    @rpc(Action.WRITE, observe=False)
+    async def PutRecordsStream(self, requests: Any, context: grpc.aio.ServicerContext, project: str) -> None:
+        """See the module docstring. `requests`: the call's async iterator of batches."""
+        batches = _StreamBatches(self)
+        writer = asyncio.create_task(batches.answer(context))
+        stream = aiter(requests)
+        draining = False
+        try:
+            while not writer.done():
+                await batches.window.acquire()   # K unanswered: stop reading, the client is held back
+                self._reading += 1
+                try:
+                    request = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self._reading -= 1
+                if self._draining:
+                    draining = True
+                    break
+                batches.add(asyncio.create_task(self._put_batch(request, context, project)))
+            batches.add(None)
+            await writer
+        finally:   # normally a no-op; when the client went away (the call was cancelled) or an answer
+            writer.cancel()        # could not be written: drop what is left
+            batches.cancel()
+        if draining:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+
+    async def _put_batch(self, request: Any, context: grpc.aio.ServicerContext,
+                         project: str) -> pb.PutRecordsStreamResponse:
+        """One batch of a stream: its answer, a BatchError for a batch refused as a whole."""
+        began = time.perf_counter()
+        error: BrokerError | None = None
+        if isinstance(request, _Undecodable):   # no batch id to echo: 0, and the answer's position says which
+            error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
+            response = pb.PutRecordsStreamResponse()
+        else:
+            response = pb.PutRecordsStreamResponse(batch_id=request.batch_id)
+            try:
+                if self._auth is not None:   # the call may outlive its key (the auth file is re-read on SIGHUP)
+                    project = authorize(self._auth, context, Action.WRITE)
+                response.result.CopyFrom(await self._put_records(request, project))
+            except BrokerError as exc:
+                error = exc
+            except Exception:
+                request_id = uuid.uuid4().hex
+                log.exception("unhandled error in PutRecordsStream, request id %s", request_id)
+                error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+        if error is not None:
+            response.error.CopyFrom(batch_error(error))
+        self._broker.stats.observe_request("grpc", "put_records_stream", time.perf_counter() - began, error)
+        self._last_activity = time.monotonic()
+        return response
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -557,7 +675,12 @@ def add_servicer(servicer: SluiceServicer, server: grpc.aio.Server) -> None:
     for method in pb.DESCRIPTOR.services_by_name["Sluice"].methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        if method.client_streaming:
+            make = grpc.stream_stream_rpc_method_handler   # PutRecordsStream (every client stream answers a stream)
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             getattr(servicer, method.name), request_deserializer=_tolerant(request_cls.FromString),
             response_serializer=response_cls.SerializeToString)

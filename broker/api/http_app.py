@@ -1,9 +1,9 @@
 """Builds the HTTP application: one root app, each door mounted as its own sub-application
 (DIS under `/v2`, the SSE tail under `/sluice`, Timeplus under `[/{workspace}]/api/v1beta2`,
-OpenTSDB on `/api/put|query|suggest`), and the one error middleware of http.py rendering with
-the renderer of the door that owns the path (every other `/api/...` path is OpenTSDB's). With
-`--tsdb-port`, `build_tsdb_http_app` is a second root serving the OpenTSDB door alone, sharing
-the first one's tsdb stream (and so its series registry).
+OpenTSDB on `/api/put|query|suggest`, the web console under `/console`), and the one error
+middleware of http.py rendering with the renderer of the door that owns the path (every other
+`/api/...` path is OpenTSDB's). With `--tsdb-port`, `build_tsdb_http_app` is a second root
+serving the OpenTSDB door alone, sharing the first one's tsdb stream (and so its series registry).
 
 Every response carries `X-Request-Id`, including the answers to requests aiohttp's HTTP parser
 rejects before any handler or middleware runs (duplicate Content-Length, too many or too long
@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from broker.api import dis, limits, metrics, tail, timeplus, tsdb
+from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
     RENDERER,
     HttpConfig,
@@ -76,7 +76,9 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     ts = tsdb.build_app(broker, config, tsdb_stream or TsdbStream(broker, DEFAULT_PROJECT, "tsdb"), auth)
     # Timeplus' paths first: they start with /api too
     owners: list[tuple[str | re.Pattern[str], Renderer]] = [(timeplus.PATHS, tp[RENDERER]), (tsdb.OWNED, TSDB)]
+    doors[console.PREFIX] = console.build_app(broker, config, sources, auth)
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
+    owners.append((re.compile(re.escape(console.PREFIX) + "$"), doors[console.PREFIX][RENDERER]))   # its root
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
     root = web.Application(middlewares=[error_middleware(owners, FALLBACK), *_limited(client_limits),
                                         metrics.request_timer(broker)],

@@ -13,10 +13,10 @@ HTTP requests (`middleware`): a request past the limit gets 429. A push subscrip
 the SSE tail, a Timeplus streaming query) counts as a subscription instead of as a request for as
 long as it streams, so long-lived streams do not use up a client's requests.
 
-gRPC (`GrpcLimits`, a server interceptor): calls in progress per peer; Subscribe streams count as
-subscriptions instead. Connections are not counted: HTTP/2 carries every call of a client over
-one connection, and grpc core does not tell the application about connections (the idle timeout
-closes those that carry no call).
+gRPC (`GrpcLimits`, a server interceptor): calls in progress per peer; Subscribe and PutRecordsStream
+(streaming produce) calls count as subscriptions instead: both are long-lived streams. Connections
+are not counted: HTTP/2 carries every call of a client over one connection, and grpc core does not
+tell the application about connections (the idle timeout closes those that carry no call).
 
 Behind a proxy every client is the proxy's address: raise the limits there.
 """
@@ -191,6 +191,9 @@ def grpc_peer(context: grpc.aio.ServicerContext) -> str:
     return peer
 
 
+_LONG_LIVED = ("/Subscribe", "/PutRecordsStream")   # counted as subscriptions
+
+
 class GrpcLimits(grpc.aio.ServerInterceptor):
     """Calls in progress per peer on the methods of `service` (Subscribe streams: subscriptions);
     health and reflection stay unlimited."""
@@ -212,13 +215,16 @@ class GrpcLimits(grpc.aio.ServerInterceptor):
         return known[1]
 
     def _limit(self, method: str, handler: Any) -> Any:
-        counter = self._limits.subscriptions if method.endswith("/Subscribe") else self._limits.requests
+        counter = self._limits.subscriptions if method.endswith(_LONG_LIVED) else self._limits.requests
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(_limited(handler.unary_unary, counter),
                                                        handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:   # Subscribe writes with context.write: a coroutine too
             return grpc.unary_stream_rpc_method_handler(_limited(handler.unary_stream, counter),
                                                         handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None:   # PutRecordsStream: the same shape, a request iterator
+            return grpc.stream_stream_rpc_method_handler(_limited(handler.stream_stream, counter),
+                                                         handler.request_deserializer, handler.response_serializer)
         return handler
 
 

@@ -38,6 +38,7 @@ from broker.errors import BrokerError
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
+    PartitionBounds,
     PutColumns,
     PutEntry,
     PutRecordsResult,
@@ -163,6 +164,12 @@ class Broker:
                            project: str = DEFAULT_PROJECT) -> StreamPage:
         """One page of the project's streams in name order. Raises INVALID_REQUEST."""
         return self.catalogue.page(project, limit, start_after)
+
+    async def stream_summaries(self, *, project: str = DEFAULT_PROJECT) -> list[tuple[StreamConfig,
+                                                                                    list[PartitionBounds]]]:
+        """Every stream of the project with its partitions' sequence bounds (see
+        StreamCatalogue.summaries). Raises INVALID_REQUEST."""
+        return await self.catalogue.summaries(project)
 
     async def describe_stream(self, stream_name: object, start_after_partition: object = None,
                               limit: int | None = None, *, project: str = DEFAULT_PROJECT) -> StreamDescription:

@@ -14,7 +14,15 @@ from typing import Awaitable, Callable
 from broker.core import routing
 from broker.core.limits import Limits, check_project, check_stream_name, clip_page
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import PartitionInfo, ScaleEvent, StreamConfig, StreamDescription, StreamPage, StreamSchema
+from broker.model import (
+    PartitionBounds,
+    PartitionInfo,
+    ScaleEvent,
+    StreamConfig,
+    StreamDescription,
+    StreamPage,
+    StreamSchema,
+)
 from broker.storage.base import Store
 
 DATA_TYPES = ("BLOB", "JSON", "CSV")
@@ -121,6 +129,26 @@ class StreamCatalogue:
         start = bisect.bisect_right(names, start_after) if start_after else 0
         page = names[start:start + limit]
         return StreamPage(len(names), [self._streams[(project, n)] for n in page], start + limit < len(names))
+
+    async def summaries(self, project: str) -> list[tuple[StreamConfig, list[PartitionBounds]]]:
+        """Every stream of the project in name order with the sequence bounds of each readable
+        partition: what a list of all of them shows, in one call (the console's streams page).
+        A stream deleted while its bounds are read is left out. Raises INVALID_REQUEST."""
+        project = check_project(project)
+        out = []
+        for name in sorted(name for p, name in self._streams if p == project):
+            config = self._streams.get((project, name))
+            if config is None:
+                continue
+            try:
+                bounds = [await self._store.bounds(config.stream_id, p)
+                          for p in range(config.readable_partition_count)]
+            except BrokerError:
+                if config.stream_id in self._by_id:
+                    raise
+                continue
+            out.append((config, bounds))
+        return out
 
     async def describe(self, project: str, stream_name: object, start_after_partition: object = None,
                        limit: int | None = None) -> StreamDescription:

@@ -72,7 +72,7 @@ ACTION = {
     "ListStreams": "describe", "DescribeStream": "describe", "ListApps": "describe", "DescribeApp": "describe",
     "GetConsumerState": "describe", "ListSources": "describe", "DescribeSource": "describe",
     "GetSourceStats": "describe",
-    "PutRecords": "write",
+    "PutRecords": "write", "PutRecordsStream": "write",
     "GetCursor": "read", "GetRecords": "read", "Subscribe": "read", "GetCheckpoint": "read",
     "CommitCheckpoint": "checkpoint", "DeleteCheckpoint": "checkpoint", "Heartbeat": "checkpoint",
     "LeaveGroup": "checkpoint",
@@ -110,6 +110,8 @@ def raw_call(target: str, method: str, request: Any, metadata: tuple[tuple[str, 
     with grpc.insecure_channel(target) as channel:
         call = getattr(pb_grpc.SluiceStub(channel), method)
         try:
+            if method == "PutRecordsStream":   # a stream of requests: this one batch
+                return list(call(iter([request]), metadata=metadata, timeout=10))
             answer = call(request, metadata=metadata, timeout=10)
             return list(answer) if method == "Subscribe" else answer
         except grpc.RpcError as exc:

@@ -1,14 +1,15 @@
 """The HTTP app's routes with and without credentials: with an auth file no route of any door
 escapes its door's check; without one every handler is registered bare (nothing runs per request).
 The health endpoints stay open on purpose, and /metrics checks for an admin key itself
-(api/metrics.py); they are the broker's, not a door's."""
+(api/metrics.py); they are the broker's, not a door's. The web console's page files hold no data
+and are served without a key (its API is checked like any door)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from aiohttp import web
 
-from broker.api import dis, tail, timeplus, tsdb
+from broker.api import console, dis, tail, timeplus, tsdb
 from broker.api.http_app import build_http_app, build_tsdb_http_app
 from broker.auth import Auth
 from broker.core.broker import Broker
@@ -16,7 +17,8 @@ from broker.storage.memory import MemoryStore
 from broker.tsdb.series import TsdbStream
 
 OWN_CHECK = {"/healthz", "/readyz", "/metrics"}
-BARE = {h for table in (dis.ROUTES, timeplus.ROUTES, tsdb.ROUTES) for _, _, h, _ in table} | {tail.tail}
+OPEN_FILES = {console.asset, console.redirect}
+BARE = {h for table in (dis.ROUTES, timeplus.ROUTES, tsdb.ROUTES, console.ROUTES) for _, _, h, _ in table} | {tail.tail}
 
 
 def handlers(root: web.Application) -> list[tuple[str, str, object]]:
@@ -29,7 +31,7 @@ def handlers(root: web.Application) -> list[tuple[str, str, object]]:
         for route in app.router.routes():
             if route.method != "HEAD" and not hasattr(route.resource, "_app"):
                 path = route.resource.canonical if route.resource else ""
-                if path in OWN_CHECK:
+                if path in OWN_CHECK or route.handler in OPEN_FILES:
                     continue
                 out[(route.method, path, id(route.handler))] = (route.method, path, route.handler)
     return list(out.values())

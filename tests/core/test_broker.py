@@ -666,3 +666,24 @@ async def test_a_cancelled_delete_still_drops_checkpoints_and_wakes_long_polls()
         assert await broker.store.meta_scan(b"C") == []    # no checkpoint left behind
     finally:
         await broker.close()
+
+
+# -- every stream of a project at once (the web console's streams page) ---------------------------
+
+async def test_stream_summaries_give_every_stream_and_partition_bounds_of_one_project(broker: Broker,
+                                                                                     clock: FakeClock) -> None:
+    await broker.create_stream("b", 2)
+    await broker.create_stream("a", 1)
+    await broker.create_stream("a", 3, project="other")
+    await put(broker, "b", b"x", b"y", partition_id="1")
+    await put(broker, "a", b"z")
+    clock.advance(25 * HOUR)
+    await put(broker, "a", b"kept")
+    await broker.enforce_retention()   # the first three records expire: first seqs move
+    got = await broker.stream_summaries()
+    assert [(c.stream_name, [(b.first_seq, b.next_seq) for b in bounds]) for c, bounds in got] == \
+        [("a", [(1, 2)]), ("b", [(0, 0), (2, 2)])]
+    other = await broker.stream_summaries(project="other")
+    assert [(c.stream_name, len(bounds)) for c, bounds in other] == [("a", 3)]
+    assert await broker.stream_summaries(project="nobody") == []
+    await raises(broker.stream_summaries(project="bad project"), ErrorCode.INVALID_REQUEST)

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 HASH_MAX = 2**63 - 1
 TIMEOUT = 10.0  # every RPC in this module: a hang is a failure, never a stuck suite
 METHODS = ("CreateStream", "ListStreams", "DescribeStream", "DeleteStream", "UpdatePartitionCount", "PutRecords",
-           "GetCursor", "GetRecords", "Subscribe", "CreateApp", "ListApps", "DescribeApp", "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
+           "PutRecordsStream", "GetCursor", "GetRecords", "Subscribe", "CreateApp", "ListApps", "DescribeApp", "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
            "DeleteCheckpoint", "GetConsumerState", "Heartbeat", "LeaveGroup", "CreateSource", "ListSources",
            "DescribeSource", "UpdateSource", "DeleteSource", "StartSource", "StopSource", "GetSourceStats")
 
@@ -910,6 +910,14 @@ def test_every_method_refuses_garbage(raw_channel, method):
     request_type = pb.DESCRIPTOR.services_by_name["Sluice"].methods_by_name[method].input_type
     first_string = next(f.number for f in request_type.fields if f.type == f.TYPE_STRING)
     bad_utf8 = bytes([first_string << 3 | 2, 1, 0x80])  # that string field, holding a lone continuation byte
+    if method == "PutRecordsStream":   # a bad batch is answered, in its place, and the stream goes on
+        call = raw_channel.stream_stream(f"/sluice.v1.Sluice/{method}", request_serializer=None,
+                                         response_deserializer=pb.PutRecordsStreamResponse.FromString)
+        answers = list(call(iter([b"\x0a\x05ab", bad_utf8]), timeout=TIMEOUT))
+        assert [a.error.reason for a in answers] == ["BAD_BODY", "BAD_BODY"]
+        assert all(a.error.dis_code == "DIS.4300" and "malformed protobuf" in a.error.message for a in answers)
+        assert {a.error.code for a in answers} == {grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+        return
     assert_garbage_refused(raw_method(raw_channel, method), b"\x0a\x05ab")
     assert_garbage_refused(raw_method(raw_channel, method), bad_utf8)
 

@@ -2,7 +2,8 @@
 
 tests/e2e/test_grpc.py already sends random bytes to PutRecords and fixed garbage to every method.
 Here, what it does not reach:
-- random bytes to every method (Subscribe, a server stream, too);
+- random bytes to every method (Subscribe, a server stream, too; PutRecordsStream, a bidirectional
+  one, as two batches: each answered in its place, with its catalogue row when refused);
 - valid protobuf messages of every request type, built from the descriptors, with junk in every
   field: extreme integers, enum numbers outside the enum, odd strings (NUL, unicode), random
   bytes, repeated fields, nested messages; names drawn mostly from real streams, apps and cursors;
@@ -95,6 +96,15 @@ def call(channel: grpc.Channel, method: str, raw: bytes, metadata: tuple[tuple[s
     response_type = pb.DESCRIPTOR.message_types_by_name[SERVICE.methods_by_name[method].output_type.name]
     streaming = SERVICE.methods_by_name[method].server_streaming
     try:
+        if SERVICE.methods_by_name[method].client_streaming:   # PutRecordsStream: the bytes as two batches
+            answers = channel.stream_stream(path, request_serializer=None, response_deserializer=None)(
+                iter([raw, raw]), timeout=TIMEOUT, metadata=metadata)
+            outcomes = [getattr(pb, response_type.name).FromString(message) for message in answers]
+            assert len(outcomes) == 2, (method, raw[:60], outcomes)   # one answer per batch, the call goes on
+            for outcome in outcomes:   # a bad batch is answered with its catalogue row, never INTERNAL
+                if outcome.WhichOneof("outcome") == "error":
+                    assert outcome.error.dis_code and outcome.error.reason != "INTERNAL", (method, raw[:60], outcome)
+            return "ok"
         if streaming:
             stream = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(
                 raw, timeout=1.0, metadata=metadata)

@@ -1,0 +1,387 @@
+"""The web console (issue 12): a single page served at `/console` on the HTTP port, and the small
+JSON API it calls under `/console/api/...`. The page's files are in broker/api/console/ (plain
+HTML, CSS and ES modules: no build step, nothing fetched from elsewhere); they hold no data and
+are served without a key. Every API handler is thin: one or a few Broker (or Sources) calls.
+
+    GET    /console/api/projects                      projects with streams (with auth: the key's own)
+    GET    /console/api/streams                       every stream of the project, ONE call: partitions,
+                                                      sequence bounds, cumulative record counters
+    POST   /console/api/streams                       {"name", "partitions", "retention_hours"}
+    GET    /console/api/streams/{name}                partitions (ranges, status, hash ranges) + counters
+    DELETE /console/api/streams/{name}
+    GET    /console/api/streams/{name}/records        a page of records: partition + cursor_type
+                                                      (+ seq / timestamp), or cursor (the next page)
+    POST   /console/api/streams/{name}/records        {"data" (text), "partition_key" | "partition_id"}
+    GET    /console/api/apps                          apps; POST {"name"} creates, DELETE /apps/{name}
+    GET    /console/api/apps/{name}/lag               checkpoints and lag per partition, per stream
+    GET    /console/api/sources                       status and counters; POST .../{id}/start|stop
+    POST   /console/api/queries                       {"sql"}: NDJSON lines as the query runs
+    POST   /console/api/queries/{id}/cancel
+
+The project is the `project` query parameter (default `default`). With an auth file every API
+route takes an API key (`X-Api-Key` or `Authorization: Bearer K`) of that project whose role
+permits the route's Action, like the Timeplus door. Errors are Timeplus-style bodies
+`{"code", "message", "reason"}` (render.py TIMEPLUS). Live tail: the page reads the SSE tail
+(/sluice/v1/tail) with fetch(), which can send the key where EventSource cannot.
+
+The query stream is NDJSON, one object a line: `{"query": {"id", "header"}}` first, then
+`{"rows": [...]}` as results come, `{"metrics": {...}}` every second, `{"end": {"status",
+"message"}}` last. A client that goes away cancels its query.
+"""
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from broker.api.http import (
+    BROKER,
+    Handler,
+    HttpConfig,
+    add_routes,
+    api_key_guard,
+    door_app,
+    field,
+    json_response,
+    principal,
+    query_int,
+    query_str,
+    read_json,
+    request_id,
+    write_or_drop,
+)
+from broker.api.limits import subscriber
+from broker.api.render import TIMEPLUS
+from broker.auth import Action, Auth, Principal
+from broker.core.broker import Broker
+from broker.errors import BrokerError, ErrorCode, client_error
+from broker.model import DEFAULT_PROJECT, PutEntry, StreamConfig
+from broker.sources.manager import Source, Sources
+
+PREFIX = "/console"
+ASSETS = Path(__file__).with_name("console")   # the page's files (package data)
+_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".png": "image/png",
+          ".svg": "image/svg+xml"}
+RECORDS_PAGE = 100           # default records per browser page
+MAX_RECORDS_PAGE = 1000
+METRICS_EVERY_S = 1.0        # the query stream's metrics line (and the check that its reader is there)
+SOURCES = web.AppKey("console_sources", Sources)
+# The page loads nothing from elsewhere and runs no inline script; it is not to be framed.
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                                            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"}
+
+
+def _project(request: web.Request) -> str:
+    who = principal(request)
+    return request.query.get("project") or (who.project if who is not None else DEFAULT_PROJECT)
+
+
+def _door(request: web.Request) -> tuple[Broker, str]:
+    return request.app[BROKER], _project(request)
+
+
+def _guard_project(request: web.Request, who: Principal) -> str:
+    return request.query.get("project") or who.project
+
+
+def _counts(values: list[int], n: int) -> list[int]:
+    """A per-partition counter list (it grows as partitions are written) as exactly n values."""
+    return (values + [0] * n)[:n]
+
+
+# -- the page's files -------------------------------------------------------------------------------
+
+def _load_assets() -> dict[str, tuple[bytes, str]]:
+    """Every file of the page, read once: name -> (bytes, content type). Only these are served."""
+    return {p.name: (p.read_bytes(), _TYPES[p.suffix]) for p in sorted(ASSETS.iterdir())
+            if p.is_file() and p.suffix in _TYPES}
+
+
+ASSET_FILES = web.AppKey("console_assets", dict)
+
+
+async def redirect(request: web.Request) -> web.Response:
+    """`/console` -> `/console/` (a response, not aiohttp's HTTPFound: the error middleware would
+    render that exception as an error)."""
+    return web.Response(status=302, headers={"Location": PREFIX + "/"})
+
+
+async def asset(request: web.Request) -> web.Response:
+    name = request.match_info.get("name") or "index.html"
+    found = request.app[ASSET_FILES].get(name)
+    if found is None:
+        raise client_error(ErrorCode.UNKNOWN_ROUTE, method=request.method, path=request.path)
+    body, content_type = found
+    return web.Response(body=body, content_type=content_type, headers=_PAGE_HEADERS)
+
+
+# -- streams ---------------------------------------------------------------------------------------
+
+async def list_projects(request: web.Request) -> web.Response:
+    broker = request.app[BROKER]
+    who = principal(request)
+    if who is not None:   # a key sees its own project only
+        return json_response({"projects": [who.project], "key_project": who.project})
+    found = {c.project for c in broker.catalogue.all()} | {DEFAULT_PROJECT}
+    return json_response({"projects": sorted(found), "key_project": None})
+
+
+def _stream_row(broker: Broker, config: StreamConfig, bounds: list[Any]) -> dict[str, Any]:
+    stats = broker.stats.streams.get(config.stream_id)
+    return {"name": config.stream_name, "partitions": config.partition_count,
+            "readable_partitions": config.readable_partition_count, "retention_hours": config.retention_hours,
+            "data_type": config.data_type, "typed": config.schema is not None, "created_ms": config.created_ms,
+            "first_seqs": [b.first_seq for b in bounds], "next_seqs": [b.next_seq for b in bounds],
+            "last_ts": max((b.last_ts for b in bounds), default=0),
+            "put_records": sum(stats.put_records) if stats else 0, "put_bytes": sum(stats.put_bytes) if stats else 0}
+
+
+async def list_streams(request: web.Request) -> web.Response:
+    """Every stream of the project with what the streams table shows, in one answer (1,000
+    streams are one request, not one per stream); the page computes rates from two samples."""
+    broker, project = _door(request)
+    rows = [_stream_row(broker, c, b) for c, b in await broker.stream_summaries(project=project)]
+    return json_response({"project": project, "streams": rows})
+
+
+async def create_stream(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    body = await read_json(request)
+    config = await broker.create_stream(field(body, "name", str, required=True),
+                                        field(body, "partitions", int, required=True),
+                                        field(body, "retention_hours", int), project=project)
+    return json_response({"name": config.stream_name, "partitions": config.partition_count}, status=201)
+
+
+async def delete_stream(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    await broker.delete_stream(request.match_info["name"], project=project)
+    return web.Response(status=204)
+
+
+async def describe_stream(request: web.Request) -> web.Response:
+    """The stream's partitions (first page of up to Limits.max_partition_page) and per partition
+    cumulative records/bytes in and out, sampled by the page for its rate charts."""
+    broker, project = _door(request)
+    d = await broker.describe_stream(request.match_info["name"], limit=broker.limits.max_partition_page,
+                                     project=project)
+    c = d.config
+    stats = broker.stats.streams.get(c.stream_id)
+    n = c.readable_partition_count
+    counters = {"put_records": _counts(stats.put_records, n) if stats else [0] * n,
+                "put_bytes": _counts(stats.put_bytes, n) if stats else [0] * n,
+                "get_records": _counts(stats.get_records, n) if stats else [0] * n,
+                "get_bytes": _counts(stats.get_bytes, n) if stats else [0] * n}
+    partitions = [{"partition": p.partition, "status": p.status, "hash_range": [str(p.hash_lo), str(p.hash_hi)],
+                   "first_seq": p.bounds.first_seq, "next_seq": p.bounds.next_seq, "last_ts": p.bounds.last_ts,
+                   "parents": list(p.parent_partitions)} for p in d.partitions]
+    return json_response({"name": c.stream_name, "partitions": c.partition_count, "readable_partitions": n,
+                          "retention_hours": c.retention_hours, "data_type": c.data_type,
+                          "created_ms": c.created_ms, "scale_events": len(c.scale_events),
+                          "columns": [[col.name, col.type] for col in c.schema.columns] if c.schema else None,
+                          "partition_list": partitions, "has_more_partitions": d.has_more_partitions,
+                          "counters": counters})
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+async def get_records(request: web.Request) -> web.Response:
+    """A page of records (data base64, decoded by the page) and the cursor of the next page. Either
+    `cursor` (from the last page) or `partition` + `cursor_type` (+ `seq` for AT_/AFTER_SEQUENCE_NUMBER,
+    `timestamp` in ms for AT_TIMESTAMP)."""
+    broker, project = _door(request)
+    limit = query_int(request, "limit")
+    limit = RECORDS_PAGE if limit is None else limit
+    if not 1 <= limit <= MAX_RECORDS_PAGE:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"limit must be within [1, {MAX_RECORDS_PAGE}]")
+    cursor = query_str(request, "cursor") or await broker.get_cursor(
+        request.match_info["name"], query_str(request, "partition", required=True),
+        query_str(request, "cursor_type") or "TRIM_HORIZON", query_str(request, "seq"),
+        query_int(request, "timestamp"), project=project)
+    result = await broker.get_records(cursor, limit, project=project)
+    b64 = binascii.b2a_base64
+    records = [{"seq": str(r.seq), "timestamp_ms": r.timestamp_ms, "partition_key": r.partition_key,
+                "data": b64(r.data, newline=False).decode()} for r in result.records]
+    return json_response({"records": records, "next_cursor": result.next_cursor,
+                          "millis_behind_latest": result.millis_behind_latest})
+
+
+async def put_record(request: web.Request) -> web.Response:
+    """One record from the form: its text as UTF-8, routed by partition key or partition id. A
+    refused record is answered with its error (4xx), not a 200 with a failure inside."""
+    broker, project = _door(request)
+    body = await read_json(request)
+    data = field(body, "data", str, required=True)
+    key = field(body, "partition_key", str) or None
+    pid = body.get("partition_id")
+    pid = None if pid in (None, "") else str(field(body, "partition_id", (str, int)))
+    if key is None and pid is None:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="partition_key or partition_id is required")
+    result = await broker.put_records(request.match_info["name"], [PutEntry(data.encode(), key, None, pid)],
+                                      project=project)
+    if result.failures:
+        raise result.failures[0][1]
+    return json_response({"partition": result.partitions[0], "seq": str(result.seqs[0])}, status=201)
+
+
+# -- apps ------------------------------------------------------------------------------------------
+
+async def list_apps(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    out: list[dict[str, Any]] = []
+    start_after = None
+    while True:
+        _, page, more = await broker.list_apps(broker.limits.max_app_page, start_after, project=project)
+        out += ({"name": a.name, "app_id": a.app_id, "created_ms": a.created_ms, "streams": list(a.stream_names)}
+                for a in page)
+        if not more or not page:
+            return json_response({"apps": out})
+        start_after = page[-1].name
+
+
+async def create_app(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    body = await read_json(request)
+    app = await broker.create_app(field(body, "name", str, required=True), project=project)
+    return json_response({"name": app.name, "app_id": app.app_id}, status=201)
+
+
+async def delete_app(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    await broker.delete_app(request.match_info["name"], project=project)
+    return web.Response(status=204)
+
+
+async def app_lag(request: web.Request) -> web.Response:
+    """Per stream the app has checkpoints on: per partition its checkpoint, the retained range
+    and the lag (records after the checkpoint)."""
+    broker, project = _door(request)
+    app = await broker.describe_app(request.match_info["name"], project=project)
+    streams = []
+    for name in app.stream_names:
+        try:
+            states, more = await broker.consumer_state(app.name, name, limit=broker.limits.max_partition_page,
+                                                       project=project)
+        except BrokerError as exc:   # deleted meanwhile, or its checkpoints were
+            if exc.code in (ErrorCode.STREAM_NOT_FOUND, ErrorCode.APP_NO_CHECKPOINT):
+                continue
+            raise
+        streams.append({"stream": name, "has_more_partitions": more, "partitions": [
+            {"partition": s.partition, "checkpoint": None if s.checkpoint is None else str(s.checkpoint.seq),
+             "earliest": str(s.earliest), "latest": str(s.latest), "lag": s.lag} for s in states]})
+    return json_response({"name": app.name, "streams": streams})
+
+
+# -- sources ---------------------------------------------------------------------------------------
+
+def _source_row(source: Source) -> dict[str, Any]:
+    d, st = source.definition, source.state
+    return {"id": d.id, "name": d.name, "type": d.type, "stream": d.stream, "status": st.status,
+            "message": st.message, "messages_in": st.messages_in, "rows_written": st.rows_written,
+            "errors": st.errors, "last_error": st.last_error, "last_event_ms": st.last_event_ms, "lag": st.lag}
+
+
+async def list_sources(request: web.Request) -> web.Response:
+    project = _project(request)
+    return json_response({"sources": [_source_row(s) for s in request.app[SOURCES].list(project)]})
+
+
+async def start_source(request: web.Request) -> web.Response:
+    source = await request.app[SOURCES].start_source(_project(request), request.match_info["id"])
+    return json_response(_source_row(source))
+
+
+async def stop_source(request: web.Request) -> web.Response:
+    source = await request.app[SOURCES].stop_source(_project(request), request.match_info["id"])
+    return json_response(_source_row(source))
+
+
+# -- queries ---------------------------------------------------------------------------------------
+
+def _line(payload: Any) -> bytes:
+    return orjson.dumps(payload) + b"\n"
+
+
+@subscriber   # one of the client's subscriptions while it streams (api/limits.py)
+async def run_query(request: web.Request) -> web.StreamResponse:
+    """Start a streaming (or bounded) query and stream its results as NDJSON as they arrive. A
+    query that does not compile is answered 4xx before any line."""
+    broker, project = _door(request)
+    body = await read_json(request)
+    run = await broker.queries.start(project, field(body, "sql", str, required=True), "console")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
+                                           "X-Request-Id": request_id(request)})
+    try:
+        await response.prepare(request)
+        head = {"id": run.id, "header": [{"name": n, "type": t} for n, t in run.plan.header]}
+        if not await write_or_drop(request, response, _line({"query": head})):
+            return response
+        while True:
+            try:
+                async with asyncio.timeout(METRICS_EVERY_S):   # not wait_for: see core/reads._fetch
+                    rows = await run.results.get()
+            except TimeoutError:
+                if not await write_or_drop(request, response, _line({"metrics": run.metrics()})):
+                    return response
+                continue
+            if rows is None:   # END
+                break
+            if not await write_or_drop(request, response, _line({"rows": rows})):
+                return response
+        await write_or_drop(request, response, _line({"end": {"status": run.status, "message": run.message}}))
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+    finally:
+        if run.running:   # the reader went away (or we are being cancelled): stop the query
+            await broker.queries.cancel(project, run.id)
+        run.release()
+    return response
+
+
+async def cancel_query(request: web.Request) -> web.Response:
+    broker, project = _door(request)
+    await broker.queries.cancel(project, request.match_info["id"])
+    return web.Response(status=204)
+
+
+# -- the sub-application ---------------------------------------------------------------------------
+
+# Every API verb and its Action (broker/auth/roles.py).
+ROUTES: list[tuple[str, str, Handler, Action]] = [
+    ("GET", "/api/projects", list_projects, Action.DESCRIBE),
+    ("GET", "/api/streams", list_streams, Action.DESCRIBE),
+    ("POST", "/api/streams", create_stream, Action.MANAGE),
+    ("GET", "/api/streams/{name}", describe_stream, Action.DESCRIBE),
+    ("DELETE", "/api/streams/{name}", delete_stream, Action.MANAGE),
+    ("GET", "/api/streams/{name}/records", get_records, Action.READ),
+    ("POST", "/api/streams/{name}/records", put_record, Action.WRITE),
+    ("GET", "/api/apps", list_apps, Action.DESCRIBE),
+    ("POST", "/api/apps", create_app, Action.MANAGE),
+    ("DELETE", "/api/apps/{name}", delete_app, Action.MANAGE),
+    ("GET", "/api/apps/{name}/lag", app_lag, Action.DESCRIBE),
+    ("GET", "/api/sources", list_sources, Action.DESCRIBE),
+    ("POST", "/api/sources/{id}/start", start_source, Action.MANAGE),
+    ("POST", "/api/sources/{id}/stop", stop_source, Action.MANAGE),
+    ("POST", "/api/queries", run_query, Action.READ),
+    ("POST", "/api/queries/{id}/cancel", cancel_query, Action.READ),
+]
+
+
+def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth | None = None) -> web.Application:
+    """The console, mounted at `PREFIX`: the page's files (no key) and its API (with `auth`
+    enabled, an API key of the project whose role permits the route's Action)."""
+    app = door_app(broker, config, TIMEPLUS)
+    app[SOURCES] = sources
+    app[ASSET_FILES] = _load_assets()
+    guard = api_key_guard(auth, _guard_project) if auth is not None and auth.enabled else None
+    add_routes(app, ROUTES, guard)
+    app.router.add_get("", redirect)
+    app.router.add_get("/", asset)
+    app.router.add_get("/{name:[A-Za-z0-9_-]+\\.[a-z]+}", asset)
+    return app

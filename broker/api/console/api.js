@@ -1,0 +1,91 @@
+// Calls to the console API (/console/api/...): the project and the API key on every request,
+// catalogue errors ({code, message, reason}) thrown as ApiError for the page's error banner.
+
+const KEY = "sluice.apiKey";
+const PROJECT = "sluice.project";
+
+export const session = {
+  get key() { return sessionStorage.getItem(KEY) || ""; },
+  set key(value) { value ? sessionStorage.setItem(KEY, value) : sessionStorage.removeItem(KEY); },
+  get project() { return sessionStorage.getItem(PROJECT) || "default"; },
+  set project(value) { sessionStorage.setItem(PROJECT, value || "default"); },
+};
+
+export class ApiError extends Error {
+  constructor(status, body) {
+    super(body && body.message ? body.message : `HTTP ${status}`);
+    this.status = status;
+    this.code = body && body.code;
+    this.reason = body && body.reason;
+  }
+}
+
+export function headers(extra = {}) {
+  const out = { ...extra };
+  if (session.key) out["X-Api-Key"] = session.key;
+  return out;
+}
+
+function url(path, query, project = true) {
+  const u = new URL(path, location.origin);
+  if (project) u.searchParams.set("project", session.project);
+  for (const [name, value] of Object.entries(query || {})) {
+    if (value !== undefined && value !== null && value !== "") u.searchParams.set(name, value);
+  }
+  return u;
+}
+
+async function failure(resp) {
+  let body = null;
+  try { body = await resp.json(); } catch { body = { message: `${resp.status} ${resp.statusText}` }; }
+  return new ApiError(resp.status, body);
+}
+
+// A JSON call: api("/streams"), api("/streams", {method: "POST", body: {...}}). `project: false`:
+// no project parameter (the key's own project, or `default` on an open broker).
+export async function api(path, { method = "GET", body, query, signal, project = true } = {}) {
+  const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}), signal };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const resp = await fetch(url("/console/api" + path, query, project), init);
+  if (!resp.ok) throw await failure(resp);
+  return resp.status === 204 ? null : resp.json();
+}
+
+// A streaming answer read as it arrives (fetch + ReadableStream: unlike EventSource it sends the
+// key). `split` cuts the text into items ("\n" for NDJSON, "\n\n" for server-sent events).
+export async function stream(path, { method = "GET", body, query, signal, split = "\n", onItem }) {
+  const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}), signal };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const resp = await fetch(url(path, query), init);
+  if (!resp.ok) throw await failure(resp);
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    pending += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = pending.indexOf(split)) >= 0) {
+      const item = pending.slice(0, cut);
+      pending = pending.slice(cut + split.length);
+      if (item.trim()) onItem(item);
+    }
+  }
+  if (pending.trim()) onItem(pending);
+}
+
+// One server-sent event's fields: {event, data, id} (comment lines, e.g. heartbeats, give none).
+export function parseEvent(text) {
+  const out = { event: "message", data: "", id: null };
+  for (const line of text.split("\n")) {
+    if (line.startsWith(":")) continue;
+    const at = line.indexOf(":");
+    const name = at < 0 ? line : line.slice(0, at);
+    const value = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
+    if (name === "data") out.data += (out.data ? "\n" : "") + value;
+    else if (name === "event") out.event = value;
+    else if (name === "id") out.id = value;
+  }
+  return out;
+}

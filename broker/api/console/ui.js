@@ -1,0 +1,55 @@
+// Small DOM helpers, the error banner and formatting.
+
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
+    else if (name === "class") el.className = value;
+    else if (name in el && typeof value !== "string") el[name] = value;
+    else el.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+  return el;
+}
+
+const banner = () => document.getElementById("banner");
+
+// Every failure is shown, never swallowed: a catalogue error with its reason, a 401 with the key form.
+export function showError(err) {
+  if (err && err.name === "AbortError") return;
+  const text = err && err.reason ? `${err.reason}: ${err.message}` : String((err && err.message) || err);
+  document.getElementById("banner-text").textContent = text;
+  banner().hidden = false;
+  if (err && err.status === 401) document.getElementById("key-form").hidden = false;
+}
+
+export function clearError() { banner().hidden = true; }
+
+export function fmtNumber(n) { return Number(n).toLocaleString("en-US"); }
+
+export function fmtRate(perSecond) {
+  if (perSecond === null || perSecond === undefined) return "–";
+  return perSecond >= 100 ? fmtNumber(Math.round(perSecond)) : perSecond.toFixed(1);
+}
+
+export function fmtTime(ms) {
+  if (!ms) return "–";
+  return new Date(Number(ms)).toISOString().replace("T", " ").replace("Z", "");
+}
+
+// setInterval that also runs at once, skips a tick while the last one runs and reports errors.
+export function every(ms, fn) {
+  let busy = false, stopped = false;
+  const tick = async () => {
+    if (busy || stopped) return;
+    busy = true;
+    try { await fn(); } catch (err) { showError(err); } finally { busy = false; }
+  };
+  tick();
+  const id = setInterval(tick, ms);
+  return () => { stopped = true; clearInterval(id); };
+}

@@ -582,19 +582,21 @@ class JetStreamStore(Store):
         last = await self._last_msg(sid, p)
         if last is not None:
             head = _Head(last.js_seq, last.end, last.last_ts)
-        else:   # empty: never written, or all purged/expired: the trim marker holds the head
+        else:   # empty: never written, or every message expired (max_age): the trim marker holds the head
             head = _Head(0, 0, 0)
-            try:
-                entry = await self._kv.get(f"t.{sid}.{p}")
-                assert entry.value is not None
-                marker = json.loads(entry.value)
-                info = await self._js.stream_info(self._stream_name(sid, p))
-                if info.state.last_seq != marker["js"]:
+            info = await self._js.stream_info(self._stream_name(sid, p))
+            if info.state.last_seq:
+                marker = None
+                try:
+                    entry = await self._kv.get(f"t.{sid}.{p}")
+                    assert entry.value is not None
+                    marker = json.loads(entry.value)
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+                if marker is None or info.state.last_seq != marker["js"]:
                     raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
                                        f"last trim, so its next sequence number is unknown")
                 head = _Head(marker["js"], marker["next"], marker["ts"])
-            except nats.js.errors.KeyNotFoundError:
-                pass
         self._heads[(sid, p)] = head
         return head
 

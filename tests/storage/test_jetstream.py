@@ -197,3 +197,23 @@ async def test_no_server_at_startup_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(BrokerError) as info:
         await JetStreamStore.open([f"nats://127.0.0.1:{free_port()}"], prefix="none")
     assert info.value.code is ErrorCode.UNAVAILABLE and "cannot connect" in info.value.message
+
+
+async def test_numbering_survives_jetstream_expiring_every_message(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """JetStream's max_age backstop may expire a partition's last message, which holds the head.
+    After a trim the KV marker holds it: numbering goes on. Records appended after the last trim and
+    then expired leave the head unknown: appends fail with UNAVAILABLE rather than reuse a seq."""
+    store = await opener()
+    sid = (await store.create_stream(StreamConfig("s", 2))).stream_id
+    await store.append([AppendBatch(sid, 0, 100, [(None, b"a"), (None, b"b")]),
+                        AppendBatch(sid, 1, 100, [(None, b"x")])])
+    await store.trim(sid, 0, 2)                                # everything: the marker holds next_seq 2
+    await store._js.purge_stream(store._stream_name(sid, 0))   # as max_age would: every message gone
+    await store._js.purge_stream(store._stream_name(sid, 1))   # partition 1 was never trimmed
+    fresh = await opener()                                     # a restarted broker: nothing cached
+    assert await fresh.bounds(sid, 0) == (2, 2, 100)
+    assert await fresh.append([AppendBatch(sid, 0, 200, [(None, b"c")])]) == [2]
+    assert [(r.seq, r.data) for r in await fresh.read(sid, 0, 0, 10, BIG)] == [(2, b"c")]
+    (lost,) = await fresh.append([AppendBatch(sid, 1, 200, [(None, b"y")])])
+    assert isinstance(lost, BrokerError) and lost.code is ErrorCode.UNAVAILABLE and "unknown" in lost.message

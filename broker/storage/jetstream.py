@@ -103,6 +103,7 @@ SETTLE_S = 30.0                # how long an unknown publish outcome is retried 
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
 MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the stream's retention
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
+PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 READ_WINDOW = 32               # direct gets in flight for one read
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
 HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
@@ -273,6 +274,7 @@ class JetStreamStore(Store):
         self._resume: dict[tuple[int, int], dict[int, int]] = {}
         self._meta_lock = _RWLock()
         self._state = StorageState.OK
+        self._probe: asyncio.Task[None] | None = None
         self._closed = False
         self._closing_flag: list[bool] = []
         self.publishes = 0     # observability and tests
@@ -691,14 +693,46 @@ class JetStreamStore(Store):
         except _Missing:   # its JetStream stream was deleted meanwhile: the stream is gone
             return [None] * len(run)
         except BrokerError as exc:
-            if exc.code is ErrorCode.STORAGE_FULL:
-                self._state = StorageState.FULL
+            self._refused(exc)
             return [exc] * len(run)
         except Exception as exc:   # a bug: never a raw exception out of the store
             log.exception("JetStream append failed")
             return [_translate(exc)] * len(run)
-        self._state = StorageState.OK
+        if self._state is not StorageState.OK:
+            self._writable_again("a write went through")
         return list(firsts)
+
+    # -- writes refused: health reports it (storage_state) until JetStream answers again ---------
+
+    def _refused(self, exc: BrokerError) -> None:
+        if self._closed or exc.code not in (ErrorCode.STORAGE_FULL, ErrorCode.UNAVAILABLE):
+            return
+        state = StorageState.FULL if exc.code is ErrorCode.STORAGE_FULL else StorageState.FAILED
+        if state is not self._state:
+            self._state = state
+            log.warning("storage %s: JetStream refused a write (%s); probing it every %gs", state.value,
+                        exc.message, PROBE_EVERY_S)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._recover(), name="sluice-jetstream-probe")
+
+    async def _recover(self) -> None:
+        """While writes are refused: JetStream's account info every PROBE_EVERY_S; once it answers,
+        writes are tried again (a write that still fails refuses them again)."""
+        while self._state is not StorageState.OK and not self._closed:
+            await asyncio.sleep(PROBE_EVERY_S)
+            try:
+                info = await self._js.account_info()
+            except Exception:   # still unreachable: probe again
+                continue
+            limit = info.limits.max_storage if info.limits else -1
+            if self._state is StorageState.FULL and limit and limit > 0 and info.storage >= limit:
+                continue
+            self._writable_again("JetStream answers again")
+
+    def _writable_again(self, why: str) -> None:
+        if self._state is not StorageState.OK:
+            log.info("storage ok: %s; writes are taken again", why)
+        self._state = StorageState.OK
 
     def _build(self, sid: int, p: int, head: _Head,
                run: list[tuple[AppendBatch, bytes]]) -> tuple[bytes, dict[str, str], list[int]]:
@@ -1091,6 +1125,8 @@ class JetStreamStore(Store):
             return
         self._closed = True
         self._closing_flag.append(True)
+        if self._probe is not None:
+            self._probe.cancel()
         try:
             await self._nc.close()
         except Exception:

@@ -12,6 +12,7 @@ import pytest
 from broker.errors import BrokerError, ErrorCode
 from broker.model import AppendBatch, StreamConfig
 from broker.storage import jetstream
+from broker.storage.base import StorageState
 from broker.storage.jetstream import JetStreamStore, _Unknown, meta_key_of, meta_kv_key
 from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, nats_config
 
@@ -159,8 +160,8 @@ async def test_a_batch_over_the_servers_max_payload_fails_alone(
 
 async def test_a_server_that_goes_away_gives_catalogued_errors_and_writes_resume(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never a raw nats exception: UNAVAILABLE (retriable) while the server is gone; the same
-    store writes again once it is back."""
+    """Never a raw nats exception: UNAVAILABLE (retriable) while the server is gone, and the
+    storage state FAILED; the same store takes writes again once it is back."""
     monkeypatch.setattr(jetstream, "REQUEST_TIMEOUT_S", 0.5)
     monkeypatch.setattr(jetstream, "SETTLE_S", 1.0)
     server = NatsServer(tmp_path / "store", extra=("-c", str(nats_config(tmp_path)))).start()
@@ -171,16 +172,18 @@ async def test_a_server_that_goes_away_gives_catalogued_errors_and_writes_resume
         server.stop()
         (outcome,) = await store.append([AppendBatch(sid, 0, 2, [(None, b"b")])])
         assert isinstance(outcome, BrokerError) and outcome.code is ErrorCode.UNAVAILABLE, outcome
+        assert store.storage_state is StorageState.FAILED   # health and /readyz report it
         for call in (lambda: store.read(sid, 0, 0, 10, BIG), lambda: store.meta_get(b"k"),
                      lambda: store.create_stream(StreamConfig("t", 1))):
             with pytest.raises(BrokerError) as info:
                 await call()
             assert info.value.code is ErrorCode.UNAVAILABLE
         server.start()
-        for _ in range(100):   # the client reconnects by itself
-            if store._nc.is_connected:
+        for _ in range(100):   # the client reconnects by itself, and the store's probe sees JetStream again
+            if store._nc.is_connected and store.storage_state is StorageState.OK:
                 break
             await asyncio.sleep(0.1)
+        assert store.storage_state is StorageState.OK
         (first,) = await store.append([AppendBatch(sid, 0, 3, [(None, b"c")])])
         records = await store.read(sid, 0, 0, 10, BIG)
         # "b" failed with a retriable error: it may or may not have been stored (the issue allows

@@ -7,7 +7,6 @@ is the store's business.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from operator import itemgetter
@@ -24,6 +23,12 @@ from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, 
 from broker.storage.base import Store
 
 _data = itemgetter(3)   # Record.data: a plain tuple index, faster than the attribute
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    """A long poll's time is up: wake its reader, which then returns what it has (nothing)."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class ReadPath:
@@ -149,11 +154,14 @@ class ReadPath:
                 remaining = deadline - loop.time()
                 if records or waiter is None or remaining <= 0 or self._notifier.closed:
                     break
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
-                # arrives as the waiter completes (a write notified it), and the reader never ends
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await waiter
+                # the waiter itself, resolved by a write or by one timer: not wait_for (on 3.11 it
+                # swallows a cancellation that arrives as the waiter completes, and the reader never
+                # ends) nor asyncio.timeout (a context object, and a task cancellation to undo, per wait)
+                timer = loop.call_at(deadline, _expire, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
             finally:
                 if waiter is not None:
                     self._notifier.discard(sid, p, waiter)

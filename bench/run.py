@@ -17,6 +17,7 @@ nats-py pull consumer. See bench/README.md.
     .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
     .venv/bin/python bench/run.py sources              # a JetStream source into Sluice, 1 KiB JSON (make bench-sources)
     .venv/bin/python bench/run.py sources --quick --ack-policy both                     # a smoke run
+    .venv/bin/python bench/run.py core                 # the core's put -> notify -> push, in process (issue 14)
     .venv/bin/python bench/run.py tsdb --peers yes     # OpenTSDB door: /api/put points/s, /api/query latency,
                                                        # VictoriaMetrics and InfluxDB beside (make bench-tsdb)
 
@@ -46,7 +47,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb")
+COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb", "core")
 
 
 def _say(msg: str) -> None:
@@ -763,6 +764,27 @@ def tsdb_main(argv: list[str]) -> int:
     return tsdb.main(argv)
 
 
+def core_main(argv: list[str]) -> int:
+    """The broker core's share of the trickle path (workloads.core_trickle), in this process."""
+    p = argparse.ArgumentParser(prog="bench/run.py core", description=wl.core_trickle.__doc__)
+    p.add_argument("--records", type=int, default=wl.CORE_RECORDS, help=f"default {wl.CORE_RECORDS:,}")
+    p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    args = p.parse_args(argv)
+    if args.records < 1:
+        p.error("--records must be positive")
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    res = wl.core_trickle(args.records)
+    print(f"core put -> notify -> push, 1 subscriber, {res['records']:,} single-record puts: "
+          f"{res['cpu_us_per_record']:.1f} us CPU/record, {res['wall_us_per_record']:.1f} us wall/record"
+          f"{'' if res['in_order'] else ' FAIL: records lost or out of order'} (load average before "
+          f"{load_before[0]:.2f})")
+    path = _results_path(args, started, "core-")
+    path.write_text(json.dumps({"started_utc": started.isoformat(), "loadavg_before": load_before, **res}, indent=1))
+    print(f"results: {path}")
+    return 0 if res["in_order"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """`run.py [suite] [options]`, `run.py memory|timeplus|sources|tsdb [options]`; the suite is the
     default command."""
@@ -770,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     return {"memory": memory_main, "timeplus": timeplus_main, "sources": sources_main,
-            "tsdb": tsdb_main}.get(command, suite_main)(rest)
+            "tsdb": tsdb_main, "core": core_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

@@ -648,6 +648,57 @@ def trickle_verdicts(rows: list[Row]) -> list[tuple[str, str, str]]:
     return checks
 
 
+# -- core: the broker core's share of the trickle path, in process ------------------------------
+
+CORE_RECORDS = 20_000
+CORE_WARM_UP = 500
+
+
+def core_trickle(records: int = CORE_RECORDS) -> dict[str, Any]:
+    """The core's put -> notify -> push path without a door: a Broker on a RocksStore (WAL) in this
+    process, one push subscriber (`Broker.subscribe`, max_wait 0), and `records` single-record
+    put_records, each awaited until the subscriber got it. CPU (this process: time.process_time)
+    and wall time per record. What W3 costs the broker beyond this is the gRPC door and grpc.aio."""
+    import asyncio
+    import tempfile
+
+    from broker.core.broker import Broker
+    from broker.model import PutEntry
+    from broker.storage.rocks import RocksStore
+
+    async def go(tmp: str) -> dict[str, Any]:
+        broker = Broker(RocksStore(os.path.join(tmp, "db")), cursor_secret=b"k" * 32)
+        await broker.start()
+        try:
+            await broker.create_stream("core", 1)
+            cursor = await broker.get_cursor("core", "0", "LATEST")
+            got: asyncio.Queue[int] = asyncio.Queue()
+
+            async def subscriber() -> None:
+                async for batch in broker.subscribe(cursor, None, 0):
+                    for r in batch.records:
+                        got.put_nowait(r.seq)
+            task = asyncio.ensure_future(subscriber())
+            entry = [PutEntry(os.urandom(W3_RECORD_SIZE), partition_id="0")]
+            seqs = []
+            for n in range(CORE_WARM_UP + records):
+                if n == CORE_WARM_UP:
+                    cpu, wall = time.process_time(), time.perf_counter()
+                await broker.put_records("core", entry)
+                seqs.append(await asyncio.wait_for(got.get(), 10))
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        finally:
+            await broker.close()
+        return {"records": records, "cpu_us_per_record": cpu / records * 1e6, "wall_us_per_record": wall / records * 1e6,
+                "in_order": seqs == list(range(len(seqs)))}
+
+    with tempfile.TemporaryDirectory(prefix="sluice-core-") as tmp:
+        return asyncio.run(go(tmp))
+
+
 # -- memory: the server's RSS with N records stored, then over a W1 loop -----------------------
 
 MEMORY_RECORDS = 1_000_000

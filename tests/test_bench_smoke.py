@@ -112,6 +112,15 @@ def test_trickle_quick(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
 
 
+def test_core_small(tmp_path):
+    """bench/run.py core: the core's trickle path in process, CPU and wall time per record."""
+    out = _bench(tmp_path, "core", "--records", "300")
+    assert "us CPU/record" in out.stdout
+    doc = _result(tmp_path, "core-*.json")
+    assert doc["records"] == 300 and doc["in_order"] and 0 < doc["cpu_us_per_record"] < doc["wall_us_per_record"] * 2
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
 def test_suite_against_a_running_broker(tmp_path):
     """--grpc: the suite on a broker it did not start (fresh stream names, no server CPU figure)."""
     broker = BrokerProcess(tmp_path / "data", "--log-level", "WARNING").start(timeout=60)

@@ -147,7 +147,13 @@ class ReadPath:
         """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        woken = False
         while True:
+            if woken:   # a write (or the deadline) woke us: read first, and register again only if
+                # that finds nothing - a write woke us, so it usually finds the records
+                bounds, records = await self._read(sid, p, seq, limit, max_bytes)
+                if records or deadline <= loop.time() or self._notifier.closed:
+                    break
             waiter = self._notifier.register(sid, p) if wait_s > 0 else None
             try:
                 bounds, records = await self._read(sid, p, seq, limit, max_bytes)
@@ -165,6 +171,7 @@ class ReadPath:
             finally:
                 if waiter is not None:
                     self._notifier.discard(sid, p, waiter)
+            woken = True
             if self._catalogue.by_id(sid) is None:
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
         if records:   # what a consumer is handed: counted here, for GetRecords and subscriptions alike

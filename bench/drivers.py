@@ -1573,7 +1573,7 @@ class _SluiceStreamSender:
 
     def __init__(self, channel: grpc.aio.Channel, stream: str, entry: pb.PutRecordsEntry) -> None:
         self.channel = channel
-        self.call = sluice_pb2_grpc.SluiceStub(channel).PutRecordsStream()  # type: ignore[attr-defined]
+        self.call = sluice_pb2_grpc.SluiceStub(channel).PutRecordsStream()
         self.stream, self.entry = stream, entry
         self.next_id = 1
         self.pending: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
@@ -1607,7 +1607,7 @@ class _SluiceStreamSender:
         batch_id, self.next_id = self.next_id, self.next_id + 1
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append((batch_id, future))
-        make = pb.PutRecordsStreamRequest  # type: ignore[attr-defined]
+        make = pb.PutRecordsStreamRequest
         request = make(batch_id=batch_id, stream_name=self.stream, records=pb.RecordList(entries=[self.entry]))
         request.records.entries[0].data = payload
         async with self.lock:

@@ -1352,10 +1352,10 @@ BROKER_ARGS = ("--log-level", "WARNING", "--partition-records-per-s", "0", "--pa
 
 
 @contextlib.contextmanager
-def sluice_broker(durability: str) -> Iterator[BrokerProcess]:
-    """A fresh `python -m broker` on a temp dir (`--fsync` for fsync), stopped and removed after."""
+def sluice_broker(durability: str, extra: Sequence[str] = ()) -> Iterator[BrokerProcess]:
+    """A fresh `python -m broker` on a temp dir (`--fsync` for fsync, then `extra`), stopped and removed after."""
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    broker = BrokerProcess(tmp / "data", *BROKER_ARGS, *(["--fsync"] if durability == "fsync" else []))
+    broker = BrokerProcess(tmp / "data", *BROKER_ARGS, *(["--fsync"] if durability == "fsync" else []), *extra)
     try:
         broker.start(timeout=60)
         yield broker
@@ -1415,13 +1415,18 @@ def nats_server_version() -> str:
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[Nats]:
-    """`nats-server -js -sd <tmp>` (Debian's package) on a free loopback port."""
+def nats_server(max_payload_mb: int = 0) -> Iterator[Nats]:
+    """`nats-server -js -sd <tmp>` (Debian's package) on a free loopback port; with `max_payload_mb`
+    that max_payload (a Sluice JetStream store's servers need 8 MB: a PutRecords is up to 5 MB)."""
     exe = shutil.which("nats-server", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
     if not exe:
         raise RuntimeError("nats-server not installed (make bench-peers, make bench-sources)")
     tmp, port = Path(tempfile.mkdtemp(prefix="bench-nats-")), _free_port()
-    with _server([exe, "-js", "-sd", str(tmp), "-a", "127.0.0.1", "-p", str(port)], port, tmp) as (port, pid):
+    cmd = [exe, "-js", "-sd", str(tmp / "store"), "-a", "127.0.0.1", "-p", str(port)]
+    if max_payload_mb:
+        (tmp / "nats.conf").write_text(f"max_payload: {max_payload_mb}MB\n")
+        cmd += ["-c", str(tmp / "nats.conf")]
+    with _server(cmd, port, tmp) as (port, pid):
         yield Nats(port, pid)
 
 

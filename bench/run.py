@@ -12,6 +12,8 @@ nats-py pull consumer. See bench/README.md.
     .venv/bin/python bench/run.py --workloads w3 --durability wal     # tail latency only
     .venv/bin/python bench/run.py --compare            # + the peers (make bench-compare installs them)
     .venv/bin/python bench/run.py --grpc HOST:PORT --http HOST:PORT   # a broker already running
+    .venv/bin/python bench/run.py --store rocksdb,jetstream --durability wal --compare --peers nats \
+        --doors grpc --workloads w1,w2                 # Sluice on RocksDB and on JetStream (R=1), nats-py direct
     .venv/bin/python bench/run.py memory               # broker RSS, 1,000,000 records + 5 min (make bench-memory)
     .venv/bin/python bench/run.py timeplus             # Timeplus door T1-T4, ClickHouse beside T1 (make bench-timeplus)
     .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
@@ -104,6 +106,40 @@ def run_driver(driver: Any, args: argparse.Namespace, data: wl.Dataset, bodies: 
     return rows
 
 
+def run_sluice_on_jetstream(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
+    """One broker with --store jetstream on a fresh single-node nats-server (R=1), every door on it;
+    the CPU split of broker and nats-server over all its workloads is printed after."""
+    rows: list[wl.Row] = []
+    try:
+        with drivers.nats_server(max_payload_mb=8) as nats_srv, drivers.sluice_broker("wal", extra=(
+                "--store", "jetstream", "--nats-servers", nats_srv.url, "--replicas", "1")) as broker:
+            assert broker.proc
+            before = (wl.proc_cpu_seconds(broker.proc.pid), wl.proc_cpu_seconds(nats_srv.pid))
+            rows += run_sluice_doors(args, data, {}, broker.grpc_target, broker.http_target, JETSTREAM_MODE,
+                                     broker.proc.pid, "")
+            args.jetstream_cpu = (wl.proc_cpu_seconds(broker.proc.pid) - before[0],
+                                  wl.proc_cpu_seconds(nats_srv.pid) - before[1])
+    except RuntimeError as exc:   # the broker or nats-server did not start
+        rows.append(wl.Row("Sluice", "-", JETSTREAM_MODE, "error", ok=False, note=str(exc)[:300]))
+        _say(f"Sluice/{JETSTREAM_MODE}: {exc}")
+    return rows
+
+
+JETSTREAM_MODE = "jetstream R=1"
+
+
+def jetstream_ratios(rows: list[wl.Row]) -> list[str]:
+    """Sluice on JetStream / JetStream driven directly by nats-py, W1 and W2 (issue 13: W1 >= 0.7x)."""
+    out = []
+    for workload in ("W1 put", "W2 read"):
+        s = [r.rate for r in rows if r.system == "Sluice" and r.durability == JETSTREAM_MODE and r.ok
+             and r.workload == workload and r.door == "gRPC"]
+        p = [r.rate for r in rows if r.system == drivers.Nats.system and r.ok and r.workload == workload]
+        if s and p and p[0] > 0:
+            out.append(f"| {workload} rec/s (gRPC) | {s[0]:,.0f} | {p[0]:,.0f} | {s[0] / p[0]:.2f} |")
+    return out
+
+
 SKIPPED: list[str] = []   # produce modes a tree lacks (printed under the W3/W6 table and in the JSON)
 
 
@@ -137,6 +173,10 @@ def run_trickle(driver: Any, args: argparse.Namespace, w3_stream: str, w6_stream
 def run_sluice(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
     """One fresh broker per durability mode (or the running one of --grpc/--http), every door on it."""
     rows: list[wl.Row] = []
+    if "jetstream" in args.store:
+        rows += run_sluice_on_jetstream(args, data)
+    if "rocksdb" not in args.store:
+        return rows
     bodies: dict[Any, list[Any]] = {}
     for durability in args.durability:
         if args.grpc:   # a broker of someone else's: fresh stream names, its CPU is not ours to read
@@ -209,7 +249,12 @@ def parse_suite(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grpc", metavar="HOST:PORT", help="a running broker's gRPC door instead of fresh brokers")
     p.add_argument("--http", metavar="HOST:PORT", help="with --grpc: that broker's REST door")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
 
     def split(value: str, allowed: set[str], flag: str) -> list[str]:
         items = [x.strip().lower() for x in value.split(",") if x.strip()]
@@ -231,6 +276,9 @@ def parse_suite(argv: list[str]) -> argparse.Namespace:
         p.error("--records, --w3-seconds, --w3-rate, --w6-seconds, --w6-producers and --w6-rate must be positive")
     if args.http and not args.grpc:
         p.error("--http needs --grpc (the REST door's W3 producer is gRPC)")
+    args.store = split(args.store, {"rocksdb", "jetstream"}, "--store")
+    if "jetstream" in args.store and args.grpc:
+        p.error("--store jetstream starts its own broker: not with --grpc")
     if args.grpc:
         if "rest" in args.doors and not args.http:
             p.error("with --grpc, the rest door needs --http (or --doors grpc)")
@@ -274,6 +322,14 @@ def suite_main(argv: list[str]) -> int:
     if rs:
         print("\nSluice (WAL) / peer:")
         print(wl.format_ratios(rs))
+    js_ratios = jetstream_ratios(rows)
+    if js_ratios:
+        print("\nSluice on JetStream / JetStream direct (nats-py):")
+        print("| figure | Sluice on JetStream | JetStream direct | ratio |\n|---|---|---|---|")
+        print("\n".join(js_ratios))
+    if args.jetstream_cpu:
+        print(f"\nSluice on JetStream, CPU over all its workloads: broker {args.jetstream_cpu[0]:.2f} s, "
+              f"nats-server {args.jetstream_cpu[1]:.2f} s")
     path = _results_path(args, started)
     path.write_text(json.dumps({
         "started_utc": started.isoformat(), "command": [sys.executable, *sys.argv],
@@ -285,7 +341,8 @@ def suite_main(argv: list[str]) -> int:
                    "w6_producers": args.w6_producers, "w6_rate": args.w6_rate, "doors": args.doors,
                    "durability": args.durability,
                    "workloads": args.workloads, "compare": args.compare,
-                   "peers": args.peers if args.compare else [], "external": args.grpc},
+                   "peers": args.peers if args.compare else [], "external": args.grpc, "store": args.store},
+        "jetstream_cpu_s": args.jetstream_cpu,
         "rows": [r.as_dict() for r in rows],
         "ratios": [{"figure": f, "peer": p, "sluice": s, "peer_value": v, "ratio": r} for f, p, s, v, r in rs],
         "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks], "skipped": SKIPPED,
@@ -305,7 +362,12 @@ def parse_memory(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=wl.MEMORY_RECORDS,
                    help=f"records stored before the first reading (default {wl.MEMORY_RECORDS:,})")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
     if args.minutes <= 0 or args.records < 1:
         p.error("--minutes and --records must be positive")
     return args
@@ -411,7 +473,12 @@ def parse_timeplus(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http", metavar="HOST:PORT", help="a running broker's HTTP port instead of fresh brokers")
     p.add_argument("--pid", type=int, help="with --http: the broker's pid (server CPU; T4 needs it)")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
     items = [x.strip().lower() for x in args.workloads.split(",") if x.strip()]
     if not items or set(items) - set(TP_WORKLOADS):
         p.error(f"--workloads takes {', '.join(TP_WORKLOADS)}")
@@ -649,7 +716,12 @@ def parse_sources(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the drains (each policy in turn, a fresh broker each time; default 1)")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
     args.messages = args.messages or (wl.S1_QUICK if args.quick else wl.S1_MESSAGES)
     if args.messages < 1 or args.max_ack_pending < 2 or args.rounds < 1:
         p.error("--messages and --rounds must be positive and --max-ack-pending at least 2")

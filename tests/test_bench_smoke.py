@@ -249,3 +249,20 @@ def test_tsdb_bad_options_are_refused(tmp_path):
         out = subprocess.run([sys.executable, RUN, "tsdb", *args], cwd=tmp_path, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args
+
+
+def test_jetstream_store_quick(tmp_path):
+    """--store jetstream: a broker on a fresh single-node nats-server, beside nats-py driving
+    JetStream directly, with the ratio table and the CPU split."""
+    out = _bench(tmp_path, "--quick", "--store", "jetstream", "--doors", "grpc", "--workloads", "w1,w2",
+                 "--compare", "--peers", "nats", timeout=180)
+    rows = _table(out.stdout)
+    for workload in ("W1 put", "W2 read"):
+        row = rows[("gRPC", "jetstream R=1", workload)]
+        assert row["ok"] == "ok" and float(row["rec/s"].replace(",", "")) > 0, row
+        assert rows[("nats", "file (no fsync)", workload)]["ok"] == "ok"
+    assert not any(d == "wal" for _, d, _ in rows)   # --store jetstream alone: no RocksDB broker
+    assert "Sluice on JetStream / JetStream direct (nats-py):" in out.stdout
+    assert "Sluice on JetStream, CPU over all its workloads: broker" in out.stdout
+    data = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert data["config"]["store"] == ["jetstream"] and len(data["jetstream_cpu_s"]) == 2

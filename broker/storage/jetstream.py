@@ -85,7 +85,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.kv import KeyValue
 
@@ -102,13 +102,16 @@ REQUEST_TIMEOUT_S = 5.0        # one JetStream request (a publish's ack, a direc
 SETTLE_S = 30.0                # how long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S)
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
 MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the stream's retention
+OPEN_RETRY_S = 30.0            # opening: how long a JetStream that does not answer (leader elections) is waited for
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
+SCAN_WINDOW = 64               # metadata scans: last-message gets in flight
 READ_WINDOW = 32               # direct gets in flight for one read
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
 HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
 
 _FRAME = struct.Struct(">I")
+_NOT_YET = (nats.errors.TimeoutError, TimeoutError, nats.js.errors.ServiceUnavailableError)   # opening: not yet
 _WRONG_LAST_SEQ = (10071, 10164)
 _NO_SPACE = (10023, 10047, 10028, 10077)   # insufficient resources, resources exceeded, store failed
 _PREFIX_OK = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -328,20 +331,49 @@ class JetStreamStore(Store):
             closing.append(True)
             await nc.close()
             raise _unavailable(f"cannot connect to {', '.join(servers)}", exc) from exc
-        try:
-            js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
-            bucket = f"{prefix}_meta"
+        js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
+        bucket = f"{prefix}_meta"
+        deadline = time.monotonic() + OPEN_RETRY_S
+        while True:   # JetStream not answering yet (a cluster restarted, electing leaders): waited for a while
             try:
-                kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
-                                                              storage=StorageType.FILE))
-            except nats.js.errors.APIError as exc:
-                if exc.err_code != 10058:   # exists with another configuration (replicas): use it as it is
-                    raise
+                return await cls._open_on(nc, js, bucket, prefix, replicas, closing)
+            except _NotYet as not_yet:
+                if time.monotonic() > deadline:
+                    closing.append(True)
+                    await nc.close()
+                    raise _translate(not_yet.cause) from not_yet.cause
+                log.warning("JetStream does not answer yet (%s); retrying for up to %.0f s",
+                            not_yet.cause or "timeout", deadline - time.monotonic())
+                await asyncio.sleep(0.5)
+
+    @classmethod
+    async def _open_on(cls, nc: NatsClient, js: Any, bucket: str, prefix: str, replicas: int,
+                       closing: list[bool]) -> JetStreamStore:
+        try:
+            try:
+                # an existing bucket first: its stream info needs no JetStream meta leader, so a broker
+                # (re)started while a cluster elects one (a node died) does not wait for it here
                 kv = await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
+                                                                  storage=StorageType.FILE))
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != 10058:   # exists with another configuration (replicas): use it as it is
+                        raise
+                    kv = await js.key_value(bucket)
             store = cls(nc, kv, prefix=prefix, replicas=replicas)
             store._closing_flag = closing
             for config in await store.list_streams():
                 store._configs[config.stream_id] = config
+        except _NOT_YET as exc:
+            raise _NotYet(exc) from exc
+        except BrokerError as exc:   # the catalogue's scan, translated by _guard
+            if exc.code is ErrorCode.UNAVAILABLE and isinstance(exc.__cause__, _NOT_YET):
+                raise _NotYet(exc.__cause__) from exc
+            closing.append(True)
+            await nc.close()
+            raise
         except Exception as exc:
             closing.append(True)
             await nc.close()
@@ -513,40 +545,42 @@ class JetStreamStore(Store):
         return sorted(configs, key=lambda c: c.key)
 
     async def _scan(self, pattern: str) -> list[tuple[str, bytes]]:
-        """Every live (key, value) of the bucket matching a subject pattern: an ephemeral consumer
-        from the last message of each key, pulled with no_wait until JetStream says there is no
-        more (a status message). Not counted by num_pending: nats-server 2.9.10 can overcount it
-        for subjects that were purged, and a fetch would wait for messages that never come."""
+        """Every live (key, value) of the bucket matching a subject pattern, in no particular order.
+
+        No consumer: creating one needs the cluster's JetStream meta leader, and an R1 consumer is
+        placed on any peer of the stream, a dead node's too - after a node dies, creations time out
+        at random for a long time (measured on nats-server 2.9.10: about every other one, still 40 s
+        after), so a broker could not start or list while one node of three was down. Instead the
+        bucket's subjects (STREAM.INFO with subjects_filter, paged) and the last message of each
+        (STREAM.MSG.GET last_by_subj: answered by the stream's leader, never a lagging replica),
+        SCAN_WINDOW requests in flight; a key whose last message is a delete or purge marker is gone."""
         stream = f"KV_{self._kv_bucket}"
-        name = self._nc._nuid.next().decode()   # the id nats-py itself gives ephemeral consumers
-        await self._js.add_consumer(stream, config=ConsumerConfig(
-            name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-            filter_subject=f"$KV.{self._kv_bucket}.{pattern}", inactive_threshold=30.0, mem_storage=True,
-            num_replicas=1))
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
-        latest: dict[str, bytes | None] = {}
         cut = len(f"$KV.{self._kv_bucket}.")
-        batch = 1024
-        try:
-            while True:
-                await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
-                                       json.dumps({"batch": batch, "no_wait": True}).encode(), reply=inbox)
-                got = 0
-                while got < batch:
-                    msg = await sub.next_msg(timeout=REQUEST_TIMEOUT_S)
-                    hdr = msg.headers or {}
-                    if hdr.get("Status"):   # 404 no messages / 408: nothing more now
-                        return [(k, v) for k, v in latest.items() if v is not None]
-                    op = hdr.get("KV-Operation")
-                    latest[msg.subject[cut:]] = None if op in ("DEL", "PURGE") else msg.data
-                    got += 1
-        finally:
-            await sub.unsubscribe()
-            try:
-                await self._js.delete_consumer(stream, name)
-            except Exception:   # it goes away by itself (inactive_threshold)
-                log.debug("deleting scan consumer %s", name, exc_info=True)
+        subjects: list[str] = []
+        while True:
+            reply = await self._nc.request(f"$JS.API.STREAM.INFO.{stream}", json.dumps(
+                {"subjects_filter": f"$KV.{self._kv_bucket}.{pattern}", "offset": len(subjects)}).encode(),
+                timeout=REQUEST_TIMEOUT_S)
+            info = json.loads(reply.data)
+            if "error" in info:
+                raise nats.js.errors.APIError.from_error(info["error"])
+            page = list((info.get("state") or {}).get("subjects") or {})
+            subjects += page
+            if not page or len(subjects) >= int(info.get("total") or 0):
+                break
+        rows: list[tuple[str, bytes]] = []
+        for i in range(0, len(subjects), SCAN_WINDOW):
+            window = subjects[i:i + SCAN_WINDOW]
+            got = await asyncio.gather(*(self._js.get_msg(stream, subject=s) for s in window), return_exceptions=True)
+            for subject, msg in zip(window, got):
+                if isinstance(msg, nats.js.errors.NotFoundError):   # deleted meanwhile
+                    continue
+                if isinstance(msg, BaseException):
+                    raise msg
+                if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                    continue
+                rows.append((subject[cut:], msg.data or b""))
+        return rows
 
     # -- the head, the trim point, messages ------------------------------------------------------
 
@@ -1145,6 +1179,14 @@ _TS = struct.Struct(">q")   # a batch value's timestamp: bytes 4..12 of its head
 def _stamp(value: bytes, ts: int) -> bytes:
     """The batch value with its timestamp raised to `ts` (the partition's clock)."""
     return value[:4] + _TS.pack(ts) + value[12:]
+
+
+class _NotYet(Exception):
+    """Opening: JetStream did not answer in time (retried until OPEN_RETRY_S)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _Missing(Exception):

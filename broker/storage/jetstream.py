@@ -70,6 +70,7 @@ group and source leases, cross-broker push and the 3-node tests are the next ste
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -592,14 +593,48 @@ class JetStreamStore(Store):
             raise _Missing() from None
         return _parse(reply)
 
+    async def _leader_get(self, sid: int, p: int, payload: dict[str, Any]) -> _Msg | None:
+        """STREAM.MSG.GET: answered by the stream's leader only, so never behind what was acknowledged.
+        (With allow_direct every replica answers direct gets, and a follower may not have applied the
+        newest messages yet: on a 3-node cluster one answered 404 for the last message of a partition
+        written a moment before, and a broker read a short log.)"""
+        try:
+            reply = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{self._stream_name(sid, p)}",
+                                           json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            raise _Missing() from None
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("code") == 404:
+                if error.get("err_code") == 10059:   # stream not found
+                    raise _Missing()
+                return None
+            raise _api_error(nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
+                                                     description=error.get("description")))
+        message = answer["message"]
+        hdr: dict[str, str] = {}
+        for line in base64.b64decode(message.get("hdrs") or b"").decode().split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                hdr[name.strip()] = value.strip()
+        return _Msg(int(message["seq"]), int(hdr["S-Seq"]), int(hdr["S-N"]), int(hdr["S-Ts"]),
+                    hdr.get("Nats-Msg-Id", ""), base64.b64decode(message.get("data") or b""))
+
     async def _get(self, sid: int, p: int, js_seq: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"seq": js_seq})
+        """A direct get (any replica: cheap, spreads reads); a miss is asked of the leader, since a
+        follower may lag: None only when the message is not stored (purged, or never written)."""
+        msg = await self._direct_get(sid, p, {"seq": js_seq})
+        return msg if msg is not None else await self._leader_get(sid, p, {"seq": js_seq})
 
     async def _first_msg(self, sid: int, p: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"seq": 1, "next_by_subj": self._subject(sid, p)})
+        payload = {"seq": 1, "next_by_subj": self._subject(sid, p)}
+        msg = await self._direct_get(sid, p, payload)
+        return msg if msg is not None else await self._leader_get(sid, p, payload)
 
     async def _last_msg(self, sid: int, p: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"last_by_subj": self._subject(sid, p)})
+        """From the leader: the head numbers the next append, and a lagging replica's is stale."""
+        return await self._leader_get(sid, p, {"last_by_subj": self._subject(sid, p)})
 
     async def _trim_point(self, sid: int, p: int) -> _Trim:
         trim = self._trims.get((sid, p))

@@ -650,24 +650,31 @@ class JetStreamStore(Store):
 
     async def _load_head(self, sid: int, p: int) -> _Head:
         """From the partition's last message (raises _Missing when its JetStream stream is)."""
-        last = await self._last_msg(sid, p)
-        if last is not None:
-            head = _Head(last.js_seq, last.end, last.last_ts)
-        else:   # empty: never written, or every message expired (max_age): the trim marker holds the head
+        for attempt in range(3):
+            last = await self._last_msg(sid, p)
+            if last is not None:
+                head = _Head(last.js_seq, last.end, last.last_ts)
+                break
+            # empty: never written, or every message expired (max_age): the trim marker holds the head
             head = _Head(0, 0, 0)
             info = await self._js.stream_info(self._stream_name(sid, p))
-            if info.state.last_seq:
-                marker = None
-                try:
-                    entry = await self._kv.get(f"t.{sid}.{p}")
-                    assert entry.value is not None
-                    marker = json.loads(entry.value)
-                except nats.js.errors.KeyNotFoundError:
-                    pass
-                if marker is None or info.state.last_seq != marker["js"]:
-                    raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
-                                       f"last trim, so its next sequence number is unknown")
+            if not info.state.last_seq:
+                break
+            marker = None
+            try:
+                entry = await self._kv.get(f"t.{sid}.{p}")
+                assert entry.value is not None
+                marker = json.loads(entry.value)
+            except nats.js.errors.KeyNotFoundError:
+                pass
+            if marker is not None and info.state.last_seq == marker["js"]:
                 head = _Head(marker["js"], marker["next"], marker["ts"])
+                break
+            # or another writer appended between the two reads (two brokers starting on a new
+            # partition): read its last message again before believing the records expired
+            if attempt == 2:
+                raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
+                                   f"last trim, so its next sequence number is unknown")
         self._heads[(sid, p)] = head
         return head
 

@@ -601,8 +601,11 @@ class Producer:
                                         "INTERNAL")
                     stream.call.cancel()
                     break
-        except Exception as exc:   # grpc.RpcError; anything else must not leave batches unresolved
+        except grpc.RpcError as exc:
             error = exc
+        except Exception as exc:   # a bug here must not leave batches unresolved, nor the call open
+            error = exc
+            stream.call.cancel()
         self._stream_ended(stream, error)
 
     def _answered(self, stream: _Stream, response: pb.PutRecordsStreamResponse) -> bool:

@@ -179,9 +179,10 @@ class Broker:
     # -- records -------------------------------------------------------------------------------
 
     async def put_records(self, stream_name: object, entries: Sequence[PutEntry] | PutColumns, *,
-                          project: str = DEFAULT_PROJECT) -> PutRecordsResult:
+                          project: str = DEFAULT_PROJECT,
+                          handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """See WritePath.put_records."""
-        return await self.writes.put_records(project, stream_name, entries)
+        return await self.writes.put_records(project, stream_name, entries, handed)
 
     async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT,
                           stream_id: int | None = None) -> int:

@@ -4,8 +4,9 @@ HTML, CSS and ES modules: no build step, nothing fetched from elsewhere); they h
 are served without a key. Every API handler is thin: one or a few Broker (or Sources) calls.
 
     GET    /console/api/projects                      projects with streams (with auth: the key's own)
-    GET    /console/api/streams                       every stream of the project, ONE call: partitions,
-                                                      sequence bounds, cumulative record counters
+    GET    /console/api/streams                       a page of the project's streams (?offset=&limit=
+                                                      &filter=), ONE call: partitions, records held,
+                                                      the first partitions' ranges, record counters
     POST   /console/api/streams                       {"name", "partitions", "retention_hours"}
     GET    /console/api/streams/{name}                partitions (ranges, status, hash ranges) + counters
     DELETE /console/api/streams/{name}
@@ -59,14 +60,17 @@ from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
 from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
+from broker.core.catalogue import StreamSummary
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import DEFAULT_PROJECT, PutEntry, StreamConfig
+from broker.model import DEFAULT_PROJECT, PutEntry
 from broker.sources.manager import Source, Sources
 
 PREFIX = "/console"
 ASSETS = Path(__file__).with_name("console")   # the page's files (package data)
 _TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".png": "image/png",
           ".svg": "image/svg+xml"}
+STREAMS_PAGE = 100           # default streams per page of the list
+MAX_STREAMS_PAGE = 1000
 RECORDS_PAGE = 100           # default records per browser page
 MAX_RECORDS_PAGE = 1000
 METRICS_EVERY_S = 1.0        # the query stream's metrics line (and the check that its reader is there)
@@ -132,22 +136,39 @@ async def list_projects(request: web.Request) -> web.Response:
     return json_response({"projects": sorted(found), "key_project": None})
 
 
-def _stream_row(broker: Broker, config: StreamConfig, bounds: list[Any]) -> dict[str, Any]:
+def _stream_row(broker: Broker, summary: StreamSummary) -> dict[str, Any]:
+    """A row of the streams table. Sequence numbers and counts of records held are strings
+    (JavaScript's numbers are exact only up to 2^53)."""
+    config = summary.config
     stats = broker.stats.streams.get(config.stream_id)
     return {"name": config.stream_name, "partitions": config.partition_count,
             "readable_partitions": config.readable_partition_count, "retention_hours": config.retention_hours,
             "data_type": config.data_type, "typed": config.schema is not None, "created_ms": config.created_ms,
-            "first_seqs": [b.first_seq for b in bounds], "next_seqs": [b.next_seq for b in bounds],
-            "last_ts": max((b.last_ts for b in bounds), default=0),
+            "records": str(summary.records), "last_ts": summary.last_ts,
+            "ranges": [[str(b.first_seq), str(b.next_seq)] for b in summary.first],
             "put_records": sum(stats.put_records) if stats else 0, "put_bytes": sum(stats.put_bytes) if stats else 0}
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    """Every stream of the project with what the streams table shows, in one answer (1,000
-    streams are one request, not one per stream); the page computes rates from two samples."""
+    """A page of the project's streams (name order; `filter` keeps names containing it, any
+    case; `offset`, `limit` up to MAX_STREAMS_PAGE) with what the streams table shows: records
+    held summed per stream and the ranges of its first partitions (the Stream page has them all).
+    One answer for the page, not one request per stream; the summaries behind it are shared by
+    concurrent callers and kept ~1 s (StreamCatalogue.summaries). The page computes rates from
+    two samples."""
     broker, project = _door(request)
-    rows = [_stream_row(broker, c, b) for c, b in await broker.stream_summaries(project=project)]
-    return json_response({"project": project, "streams": rows})
+    offset, limit = query_int(request, "offset"), query_int(request, "limit")
+    offset = 0 if offset is None else offset
+    limit = STREAMS_PAGE if limit is None else limit
+    if offset < 0 or not 1 <= limit <= MAX_STREAMS_PAGE:
+        raise client_error(ErrorCode.INVALID_REQUEST,
+                           detail=f"offset must be >= 0 and limit within [1, {MAX_STREAMS_PAGE}]")
+    wanted = (query_str(request, "filter") or "").strip().lower()
+    summaries = await broker.stream_summaries(project=project)
+    matched = [s for s in summaries if wanted in s.config.stream_name.lower()] if wanted else summaries
+    rows = [_stream_row(broker, s) for s in matched[offset:offset + limit]]
+    return json_response({"project": project, "total": len(summaries), "matched": len(matched),
+                          "offset": offset, "limit": limit, "streams": rows})
 
 
 async def create_stream(request: web.Request) -> web.Response:

@@ -49,10 +49,29 @@ def test_list_has_what_the_table_shows(console_broker, stream):
     status, body = call(console_broker, "GET", "/console/api/streams")
     assert status == 200 and body["project"] == "default"
     (row,) = [s for s in body["streams"] if s["name"] == stream]
-    assert (row["partitions"], row["first_seqs"], row["next_seqs"], row["put_records"]) == (2, [0, 0], [2, 1], 3)
+    # sequence numbers and records held are strings: exact in JavaScript past 2^53
+    assert (row["partitions"], row["ranges"], row["records"], row["put_records"]) == \
+        (2, [["0", "2"], ["0", "1"]], "3", 3)
     assert row["put_bytes"] == len("onetwothree") and row["last_ts"] > 0 and row["typed"] is False
     names = [s["name"] for s in body["streams"]]
     assert names == sorted(names)
+
+
+def test_list_is_paged_and_filtered_by_the_broker(console_broker):
+    prefix = _name()
+    for i in range(5):
+        created = call(console_broker, "POST", "/console/api/streams", {"name": f"{prefix}_{i}", "partitions": 6})
+        assert created[0] == 201
+    status, body = call(console_broker, "GET", f"/console/api/streams?filter={prefix.upper()}&offset=1&limit=2")
+    assert status == 200
+    assert (body["matched"], body["offset"], body["limit"]) == (5, 1, 2) and body["total"] >= 5
+    assert [s["name"] for s in body["streams"]] == [f"{prefix}_1", f"{prefix}_2"]
+    # at most the first four partitions' ranges in the list; the stream page has them all
+    assert body["streams"][0]["readable_partitions"] == 6 and len(body["streams"][0]["ranges"]) == 4
+    status, body = call(console_broker, "GET", f"/console/api/streams?filter={prefix}&offset=10")
+    assert status == 200 and body["streams"] == [] and body["matched"] == 5
+    status, body = call(console_broker, "GET", f"/console/api/streams?filter={prefix}")
+    assert [s["name"] for s in body["streams"]] == [f"{prefix}_{i}" for i in range(5)]
 
 
 def test_describe_records_and_put(console_broker, stream):
@@ -119,6 +138,10 @@ def test_query_lines(console_broker, stream):
     ("POST", "/console/api/streams", {"name": "bad name!", "partitions": 1}, 400, "INVALID_REQUEST"),
     ("POST", "/console/api/streams", {"name": "{stream}", "partitions": 1}, 400, "STREAM_EXISTS"),
     ("GET", "/console/api/streams?project=bad%20project", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?limit=0", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?limit=1001", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?offset=-1", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?offset=x", None, 400, "INVALID_REQUEST"),
     ("GET", "/console/api/streams/nope_nope", None, 404, "STREAM_NOT_FOUND"),
     ("DELETE", "/console/api/streams/nope_nope", None, 404, "STREAM_NOT_FOUND"),
     ("GET", "/console/api/streams/{stream}/records", None, 400, "INVALID_REQUEST"),

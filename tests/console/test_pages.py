@@ -267,6 +267,7 @@ def test_streams_page_rates_banner_delete_and_screenshot(console_broker, new_tab
 
     row = page.locator(f"#streams tr[data-stream='{names[3]}']")
     row.locator("button:text('delete')").click()
+    page.wait_for_timeout(2500)   # a refresh rebuilds the rows: the delete stays armed
     row.locator("button:text('confirm delete')").click()
     expect(row).to_have_count(0)
     assert http(console_broker, "GET", f"/console/api/streams/{names[3]}")[0] == 404

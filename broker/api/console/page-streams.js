@@ -17,7 +17,7 @@ function seqRange(s) {
 }
 
 export function mount(main) {
-  let rows = [], total = 0, matched = 0, previous = new Map(), rates = new Map(), page = 0, filter = "";
+  let rows = [], total = 0, matched = 0, armed = null, previous = new Map(), rates = new Map(), page = 0, filter = "";
   const count = h("span", { class: "muted", id: "stream-count" }, "loading…");
   const tbody = h("tbody");
   const pager = h("div", { class: "pager" });
@@ -48,12 +48,15 @@ export function mount(main) {
         h("th", {}, "Last write (UTC)"), h("th", {}, ""))),
       tbody));
 
-  async function remove(name, button) {
-    if (button.dataset.armed !== "1") {   // two clicks: no modal dialog
-      button.dataset.armed = "1";
-      button.textContent = "confirm delete";
+  // Two clicks, no modal dialog. The armed stream is page state, not the button's: the 2 s
+  // refresh rebuilds the rows and must not disarm it between the two clicks.
+  async function remove(name) {
+    if (armed !== name) {
+      armed = name;
+      render();
       return;
     }
+    armed = null;
     try {
       await api(`/streams/${encodeURIComponent(name)}`, { method: "DELETE" });
       await refresh();
@@ -73,7 +76,7 @@ export function mount(main) {
       h("td", {}, fmtTime(s.last_ts)),
       h("td", {}, link("browse", s.name, "browse"), " · ", link("tail", s.name, "tail"), " · ",
         link("put", s.name, "put"), " · ",
-        h("button", { class: "link", onclick: (e) => remove(s.name, e.target) }, "delete")))));
+        h("button", { class: "link", onclick: () => remove(s.name) }, armed === s.name ? "confirm delete" : "delete")))));
     pager.replaceChildren(
       h("button", { class: "secondary", id: "prev-streams", disabled: page === 0, onclick: () => { page--; refresh().catch(showError); } }, "‹ prev"),
       h("span", { id: "stream-page" }, `page ${page + 1} of ${pages}`),

@@ -61,6 +61,7 @@ from broker.api.render import TIMEPLUS
 from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.core.catalogue import StreamSummary
+from broker.core.limits import check_project
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import DEFAULT_PROJECT, PutEntry
 from broker.sources.manager import Source, Sources
@@ -309,17 +310,17 @@ def _source_row(source: Source) -> dict[str, Any]:
 
 
 async def list_sources(request: web.Request) -> web.Response:
-    project = _project(request)
+    project = check_project(_project(request))   # like every other route: a bad name is a 400, not []
     return json_response({"sources": [_source_row(s) for s in request.app[SOURCES].list(project)]})
 
 
 async def start_source(request: web.Request) -> web.Response:
-    source = await request.app[SOURCES].start_source(_project(request), request.match_info["id"])
+    source = await request.app[SOURCES].start_source(check_project(_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 
 async def stop_source(request: web.Request) -> web.Response:
-    source = await request.app[SOURCES].stop_source(_project(request), request.match_info["id"])
+    source = await request.app[SOURCES].stop_source(check_project(_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 

@@ -169,6 +169,8 @@ def test_query_lines(console_broker, stream):
     ("POST", "/console/api/apps", {"name": "no spaces allowed"}, 400, "INVALID_REQUEST"),
     ("GET", "/console/api/apps/nope_nope/lag", None, 404, "APP_NOT_FOUND"),
     ("DELETE", "/console/api/apps/nope_nope", None, 404, "APP_NOT_FOUND"),
+    ("GET", "/console/api/sources?project=bad%20p", None, 400, "INVALID_REQUEST"),
+    ("POST", "/console/api/sources/nope/start?project=bad%20p", None, 400, "INVALID_REQUEST"),
     ("POST", "/console/api/sources/nope/start", None, 404, "SOURCE_NOT_FOUND"),
     ("POST", "/console/api/sources/nope/stop", None, 404, "SOURCE_NOT_FOUND"),
     ("POST", "/console/api/queries", {}, 400, "INVALID_REQUEST"),

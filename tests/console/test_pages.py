@@ -293,3 +293,11 @@ def test_project_picker_switches_namespace(console_broker, new_tab):
 
 def call_in(proc, project: str, method: str, path: str, body=None):
     return http(proc, method, f"{path}?project={project}", body)
+
+
+def test_a_malformed_address_is_a_banner_not_an_uncaught_error(console_broker, new_tab):
+    tab = new_tab(console_broker)
+    page = tab.open("stream/%E0%A4%A")
+    expect(page.locator("#banner-text")).to_contain_text("This address cannot be read")
+    tab.go("streams")   # and the console goes on
+    expect(page.locator("#stream-count")).to_have_text(re.compile(r"^\d+ streams?$"))

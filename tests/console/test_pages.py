@@ -301,3 +301,25 @@ def test_a_malformed_address_is_a_banner_not_an_uncaught_error(console_broker, n
     expect(page.locator("#banner-text")).to_contain_text("This address cannot be read")
     tab.go("streams")   # and the console goes on
     expect(page.locator("#stream-count")).to_have_text(re.compile(r"^\d+ streams?$"))
+
+
+def test_leaving_the_tail_while_from_now_is_asked_starts_nothing(console_broker, new_tab):
+    stream = _name("leaving")
+    assert http(console_broker, "POST", "/console/api/streams", {"name": stream, "partitions": 1})[0] == 201
+    tab = new_tab(console_broker)
+    page = tab.open(f"tail/{stream}")
+    expect(page.locator("#tail-form select[name=partition] option")).to_have_count(1)
+    held = []
+    page.route(re.compile(rf".*/console/api/streams/{stream}\?.*"), lambda route: held.append(route))   # held
+    page.click("#tail-start")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the page did not ask for the partition's head"
+    tab.go("apps")   # leave while it is asked
+    expect(page.locator("#apps")).to_be_visible()
+    held[0].continue_()
+    page.wait_for_timeout(500)
+    expect(page.locator("#banner")).to_be_hidden()
+    assert not [r for r in tab.requests if "/sluice/v1/tail" in r]   # no tail was opened for a page gone

@@ -76,10 +76,11 @@ RECORDS_PAGE = 100           # default records per browser page
 MAX_RECORDS_PAGE = 1000
 METRICS_EVERY_S = 1.0        # the query stream's metrics line (and the check that its reader is there)
 SOURCES = web.AppKey("console_sources", Sources)
-# The page loads nothing from elsewhere and runs no inline script; it is not to be framed.
+# The page loads nothing from elsewhere and has no inline script or style; it is not to be
+# framed, takes no <base> and submits forms nowhere else.
 _PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                                            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"}
+                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"}
 
 
 def _project(request: web.Request) -> str:

@@ -41,7 +41,9 @@ def test_static_files_and_the_redirect(console_broker):
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200 and resp.getheader("Content-Type").startswith(ctype), path
-        assert "default-src 'self'" in resp.getheader("Content-Security-Policy")   # nothing from elsewhere
+        csp = resp.getheader("Content-Security-Policy")
+        assert "default-src 'self'" in csp and "style-src 'self';" in csp   # nothing from elsewhere
+        assert "unsafe-inline" not in csp and "base-uri 'none'" in csp and "form-action 'self'" in csp
     conn.close()
 
 

@@ -119,6 +119,8 @@ def test_stream_page_partitions_and_rate_charts(console_broker, new_tab):
         _put(console_broker, stream, f"r{i}", partition=2)
     expect(parts.nth(2).locator("td").nth(5)).to_have_text("5")   # records held
     expect(parts.nth(2).locator("td").nth(4)).to_have_text("4")   # last seq
+    # partition 2's colour (green, as in the charts) from a CSS class: the CSP allows no inline style
+    expect(parts.nth(2).locator(".swatch")).to_have_css("color", "rgb(6, 118, 71)")
     # the in-rate chart's scale rose above its floor of 1 rec/s, and partition 2's line (green) is drawn
     page.wait_for_function("Number(document.getElementById('chart-in').dataset.max) > 1")
     page.wait_for_function("""() => {

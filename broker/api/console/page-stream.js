@@ -60,7 +60,7 @@ export function mount(main, name) {
     lineChart(inChart, history.in, { label: "rec/s" });
     lineChart(outChart, history.out, { label: "rec/s" });
     tbody.replaceChildren(...d.partition_list.map((p) => h("tr", {},
-      h("td", {}, h("span", { style: `color:${COLOURS[p.partition % COLOURS.length]}` }, "■ "), p.partition),
+      h("td", {}, h("span", { class: `swatch swatch-${p.partition % COLOURS.length}` }, "■ "), p.partition),
       h("td", { class: `status-${p.status}` }, p.status),
       h("td", {}, h("code", {}, `${p.hash_range[0]} – ${p.hash_range[1]}`)),
       h("td", { class: "num" }, p.first_seq),

@@ -24,8 +24,8 @@ export function mount(main) {
 
   const create = h("form", { class: "inline", id: "create-stream" },
     h("input", { name: "name", placeholder: "new stream name", required: true, size: 20 }),
-    h("label", {}, "partitions ", h("input", { name: "partitions", type: "number", min: 1, value: 1, style: "width:5rem" })),
-    h("label", {}, "retention (h) ", h("input", { name: "retention", type: "number", min: 1, value: 24, style: "width:5rem" })),
+    h("label", {}, "partitions ", h("input", { name: "partitions", type: "number", min: 1, value: 1, class: "narrow" })),
+    h("label", {}, "retention (h) ", h("input", { name: "retention", type: "number", min: 1, value: 24, class: "narrow" })),
     h("button", { type: "submit" }, "Create stream"));
   create.addEventListener("submit", async (event) => {
     event.preventDefault();

@@ -19,6 +19,10 @@ are served without a key. Every API handler is thin: one or a few Broker (or Sou
     POST   /console/api/queries                       {"sql"}: NDJSON lines as the query runs
     POST   /console/api/queries/{id}/cancel
 
+Write routes (POST, DELETE) take `Content-Type: application/json` (400 BAD_BODY otherwise, even
+without a body) and refuse `Sec-Fetch-Site: cross-site` (403 PERMISSION_DENIED): a page of another
+site cannot send either without a CORS preflight, which this door never grants.
+
 The project is the `project` query parameter (default `default`). With an auth file every API
 route takes an API key (`X-Api-Key` or `Authorization: Bearer K`) of that project whose role
 permits the route's Action, like the Timeplus door. Errors are Timeplus-style bodies
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -396,6 +401,29 @@ ROUTES: list[tuple[str, str, Handler, Action]] = [
 ]
 
 
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _not_cross_site(handler: Handler) -> Handler:
+    """A write route takes only what a page of another site cannot send without the browser's
+    CORS preflight (which this door never answers yes to): `Content-Type: application/json`
+    (BAD_BODY otherwise: a form or a text/plain fetch is a "simple" request, sent at once), and
+    no `Sec-Fetch-Site: cross-site` (PERMISSION_DENIED). The console page sends both right; a
+    script (curl) sends the content type. Only this door: the others take no cookies or ambient
+    credentials a browser would add."""
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise client_error(ErrorCode.PERMISSION_DENIED, detail="a console write from another site is refused")
+        if "Content-Type" not in request.headers or request.content_type != "application/json":
+            raise client_error(ErrorCode.BAD_BODY, detail="the console's write routes take "
+                                                          "Content-Type: application/json")
+        return await handler(request)
+
+    return checked
+
+
 def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth | None = None) -> web.Application:
     """The console, mounted at `PREFIX`: the page's files (no key) and its API (with `auth`
     enabled, an API key of the project whose role permits the route's Action)."""
@@ -403,7 +431,8 @@ def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth |
     app[SOURCES] = sources
     app[ASSET_FILES] = _load_assets()
     guard = api_key_guard(auth, _guard_project) if auth is not None and auth.enabled else None
-    add_routes(app, ROUTES, guard)
+    add_routes(app, [(m, path, _not_cross_site(h) if m in _WRITE_METHODS else h, action)
+                     for m, path, h, action in ROUTES], guard)
     app.router.add_get("", redirect)
     app.router.add_get("/", asset)
     app.router.add_get("/{name:[A-Za-z0-9_-]+\\.[a-z]+}", asset)

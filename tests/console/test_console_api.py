@@ -198,3 +198,52 @@ def test_bad_input_is_a_4xx_with_the_catalogue_row(console_broker, stream, metho
         got, answer = call(console_broker, method, path, body)
     assert (got, answer["reason"]) == (status, reason), answer
     assert isinstance(answer["code"], int) and answer["message"]
+
+
+def _raw(proc, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(proc.host, proc.http_port, timeout=10)
+    try:
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, reason", [
+    # what a page of another site can send without a preflight: a text/plain or form body, or no body
+    ("POST", "/console/api/streams", b'{"name": "csrf_a", "partitions": 1}', {"Content-Type": "text/plain"},
+     400, "BAD_BODY"),
+    ("POST", "/console/api/streams", b"name=csrf_b", {"Content-Type": "application/x-www-form-urlencoded"},
+     400, "BAD_BODY"),
+    ("POST", "/console/api/apps", b'{"name": "csrf_c"}', {}, 400, "BAD_BODY"),
+    ("POST", "/console/api/sources/nope/stop", None, {}, 400, "BAD_BODY"),
+    ("DELETE", "/console/api/streams/{stream}", None, {}, 400, "BAD_BODY"),
+    ("POST", "/console/api/queries", b'{"sql": "select 1"}', {"Content-Type": "text/plain;charset=UTF-8"},
+     400, "BAD_BODY"),
+    # and what a browser marks as coming from another site
+    ("POST", "/console/api/streams", b'{"name": "csrf_d", "partitions": 1}',
+     {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "PERMISSION_DENIED"),
+    ("DELETE", "/console/api/streams/{stream}", None,
+     {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "PERMISSION_DENIED"),
+])
+def test_writes_a_page_of_another_site_could_send_are_refused(console_broker, stream, method, path, body, headers,
+                                                              status, reason):
+    got, answer = _raw(console_broker, method, path.replace("{stream}", stream), body, headers)
+    assert (got, answer.get("reason")) == (status, reason), answer
+    assert call(console_broker, "GET", f"/console/api/streams/{stream}")[0] == 200   # still there
+    names = [s["name"] for s in call(console_broker, "GET", "/console/api/streams?filter=csrf_")[1]["streams"]]
+    assert names == []
+
+
+def test_same_origin_writes_and_cross_site_reads_are_served(console_broker):
+    name = _name()
+    got, _ = _raw(console_broker, "POST", "/console/api/streams", json.dumps({"name": name, "partitions": 1}).encode(),
+                  {"Content-Type": "application/json; charset=utf-8", "Sec-Fetch-Site": "same-origin"})
+    assert got == 201
+    got, body = _raw(console_broker, "GET", f"/console/api/streams/{name}", None, {"Sec-Fetch-Site": "cross-site"})
+    assert got == 200 and body["name"] == name   # a read: the browser does not let the other page see it
+    got, _ = _raw(console_broker, "DELETE", f"/console/api/streams/{name}", None,
+                  {"Content-Type": "application/json"})
+    assert got == 204

@@ -43,8 +43,14 @@ async function failure(resp) {
 
 // A JSON call: api("/streams"), api("/streams", {method: "POST", body: {...}}). `project: false`:
 // no project parameter (the key's own project, or `default` on an open broker).
+// Every write (not GET) says Content-Type: application/json, even without a body: the broker
+// refuses writes without it (what a page of another site could send without a preflight).
+function jsonHeaders(method) {
+  return headers(method === "GET" ? {} : { "Content-Type": "application/json" });
+}
+
 export async function api(path, { method = "GET", body, query, signal, project = true } = {}) {
-  const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}), signal };
+  const init = { method, headers: jsonHeaders(method), signal };
   if (body !== undefined) init.body = JSON.stringify(body);
   const resp = await fetch(url("/console/api" + path, query, project), init);
   if (!resp.ok) throw await failure(resp);
@@ -54,7 +60,7 @@ export async function api(path, { method = "GET", body, query, signal, project =
 // A streaming answer read as it arrives (fetch + ReadableStream: unlike EventSource it sends the
 // key). `split` cuts the text into items ("\n" for NDJSON, "\n\n" for server-sent events).
 export async function stream(path, { method = "GET", body, query, signal, split = "\n", onItem }) {
-  const init = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}), signal };
+  const init = { method, headers: jsonHeaders(method), signal };
   if (body !== undefined) init.body = JSON.stringify(body);
   const resp = await fetch(url(path, query), init);
   if (!resp.ok) throw await failure(resp);

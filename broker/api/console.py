@@ -195,7 +195,8 @@ async def delete_stream(request: web.Request) -> web.Response:
 
 async def describe_stream(request: web.Request) -> web.Response:
     """The stream's partitions (first page of up to Limits.max_partition_page) and per partition
-    cumulative records/bytes in and out, sampled by the page for its rate charts."""
+    cumulative records/bytes in and out, sampled by the page for its rate charts. Sequence
+    numbers are strings, as everywhere in this API (JavaScript's numbers are exact to 2^53 only)."""
     broker, project = _door(request)
     d = await broker.describe_stream(request.match_info["name"], limit=broker.limits.max_partition_page,
                                      project=project)
@@ -207,8 +208,8 @@ async def describe_stream(request: web.Request) -> web.Response:
                 "get_records": _counts(stats.get_records, n) if stats else [0] * n,
                 "get_bytes": _counts(stats.get_bytes, n) if stats else [0] * n}
     partitions = [{"partition": p.partition, "status": p.status, "hash_range": [str(p.hash_lo), str(p.hash_hi)],
-                   "first_seq": p.bounds.first_seq, "next_seq": p.bounds.next_seq, "last_ts": p.bounds.last_ts,
-                   "parents": list(p.parent_partitions)} for p in d.partitions]
+                   "first_seq": str(p.bounds.first_seq), "next_seq": str(p.bounds.next_seq),
+                   "last_ts": p.bounds.last_ts, "parents": list(p.parent_partitions)} for p in d.partitions]
     return json_response({"name": c.stream_name, "partitions": c.partition_count, "readable_partitions": n,
                           "retention_hours": c.retention_hours, "data_type": c.data_type,
                           "created_ms": c.created_ms, "scale_events": len(c.scale_events),
@@ -288,7 +289,7 @@ async def delete_app(request: web.Request) -> web.Response:
 
 async def app_lag(request: web.Request) -> web.Response:
     """Per stream the app has checkpoints on: per partition its checkpoint, the retained range
-    and the lag (records after the checkpoint)."""
+    and the lag (records after the checkpoint), all as strings."""
     broker, project = _door(request)
     app = await broker.describe_app(request.match_info["name"], project=project)
     streams = []
@@ -302,7 +303,7 @@ async def app_lag(request: web.Request) -> web.Response:
             raise
         streams.append({"stream": name, "has_more_partitions": more, "partitions": [
             {"partition": s.partition, "checkpoint": None if s.checkpoint is None else str(s.checkpoint.seq),
-             "earliest": str(s.earliest), "latest": str(s.latest), "lag": s.lag} for s in states]})
+             "earliest": str(s.earliest), "latest": str(s.latest), "lag": str(s.lag)} for s in states]})
     return json_response({"name": app.name, "streams": streams})
 
 
@@ -312,7 +313,8 @@ def _source_row(source: Source) -> dict[str, Any]:
     d, st = source.definition, source.state
     return {"id": d.id, "name": d.name, "type": d.type, "stream": d.stream, "status": st.status,
             "message": st.message, "messages_in": st.messages_in, "rows_written": st.rows_written,
-            "errors": st.errors, "last_error": st.last_error, "last_event_ms": st.last_event_ms, "lag": st.lag}
+            "errors": st.errors, "last_error": st.last_error, "last_event_ms": st.last_event_ms,
+            "lag": None if st.lag is None else str(st.lag)}   # a count of messages at the origin: a string too
 
 
 async def list_sources(request: web.Request) -> web.Response:

@@ -30,8 +30,8 @@ permits the route's Action, like the Timeplus door. Errors are Timeplus-style bo
 (/sluice/v1/tail) with fetch(), which can send the key where EventSource cannot.
 
 The query stream is NDJSON, one object a line: `{"query": {"id", "header"}}` first, then
-`{"rows": [...]}` as results come, `{"metrics": {...}}` every second, `{"end": {"status",
-"message"}}` last. A client that goes away cancels its query.
+`{"rows": [...]}` (at most QUERY_LINE_ROWS a line) as results come, `{"metrics": {...}}` every
+second, `{"end": {"status", "message"}}` last. A client that goes away cancels its query.
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ STREAMS_PAGE = 100           # default streams per page of the list
 MAX_STREAMS_PAGE = 1000
 RECORDS_PAGE = 100           # default records per browser page
 MAX_RECORDS_PAGE = 1000
+QUERY_LINE_ROWS = 1000       # rows a query line holds at most (the page parses a line at a time)
 METRICS_EVERY_S = 1.0        # the query stream's metrics line (and the check that its reader is there)
 SOURCES = web.AppKey("console_sources", Sources)
 # The page loads nothing from elsewhere and has no inline script or style; it is not to be
@@ -362,8 +363,9 @@ async def run_query(request: web.Request) -> web.StreamResponse:
                 continue
             if rows is None:   # END
                 break
-            if not await write_or_drop(request, response, _line({"rows": rows})):
-                return response
+            for at in range(0, len(rows), QUERY_LINE_ROWS):   # a result batch may be 50,000 rows
+                if not await write_or_drop(request, response, _line({"rows": rows[at:at + QUERY_LINE_ROWS]})):
+                    return response
         await write_or_drop(request, response, _line({"end": {"status": run.status, "message": run.message}}))
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()

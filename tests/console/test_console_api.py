@@ -247,3 +247,21 @@ def test_same_origin_writes_and_cross_site_reads_are_served(console_broker):
     got, _ = _raw(console_broker, "DELETE", f"/console/api/streams/{name}", None,
                   {"Content-Type": "application/json"})
     assert got == 204
+
+
+def test_a_big_result_batch_is_split_into_lines_of_at_most_1000_rows(console_broker):
+    from client import Client
+    name = _name()
+    with Client(console_broker.grpc_target) as c:
+        c.create_stream(name, 1)
+        for start in range(0, 2500, 500):
+            c.put_records(name, [f"r{i}".encode() for i in range(start, start + 500)])
+    conn = http.client.HTTPConnection(console_broker.host, console_broker.http_port, timeout=30)
+    conn.request("POST", "/console/api/queries", json.dumps({"sql": f"select raw from table({name})"}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    lines = [json.loads(line) for line in resp.read().splitlines()]
+    conn.close()
+    sizes = [len(line["rows"]) for line in lines if "rows" in line]
+    assert sum(sizes) == 2500 and max(sizes) <= 1000, sizes
+    assert lines[-1]["end"]["status"] == "finished"

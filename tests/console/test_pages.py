@@ -325,3 +325,41 @@ def test_leaving_the_tail_while_from_now_is_asked_starts_nothing(console_broker,
     page.wait_for_timeout(500)
     expect(page.locator("#banner")).to_be_hidden()
     assert not [r for r in tab.requests if "/sluice/v1/tail" in r]   # no tail was opened for a page gone
+
+
+def test_sql_page_keeps_the_newest_1000_rows_of_a_big_result(console_broker, new_tab):
+    from client import Client
+    stream = _name("big")
+    with Client(console_broker.grpc_target) as c:
+        c.create_stream(stream, 1)
+        for start in range(0, 2500, 500):
+            c.put_records(stream, [f"r{i}".encode() for i in range(start, start + 500)])
+    tab = new_tab(console_broker)
+    page = tab.open("sql")
+    page.fill("#sql", f"select raw from table({stream})")
+    page.click("#sql-run")
+    expect(page.locator("#sql-status")).to_contain_text("Query finished after 2,500 rows")
+    rows = page.locator("#sql-rows tbody tr")
+    expect(rows).to_have_count(1000)
+    expect(rows.first).to_have_text("r1500")
+    expect(rows.last).to_have_text("r2499")
+
+
+def test_stream_reader_splits_items_cut_across_chunks(console_broker, new_tab):
+    """api.js stream() searches only the new text of each chunk: a separator cut in two is still found."""
+    tab = new_tab(console_broker)
+    page = tab.open("apps")
+    items = page.evaluate("""async () => {
+        const api = await import('/console/api.js');
+        const chunks = ['one\\n', '\\ntw', 'o\\n\\nthr', 'ee', '\\n', '\\n\\n\\nfour'];
+        const realFetch = window.fetch;
+        window.fetch = async () => new Response(new ReadableStream({ start(c) {
+            for (const part of chunks) c.enqueue(new TextEncoder().encode(part));
+            c.close();
+        } }));
+        const got = [];
+        try { await api.stream('/x', { split: '\\n\\n', onItem: (t) => got.push(t) }); }
+        finally { window.fetch = realFetch; }
+        return got;
+    }""")
+    assert items == ["one", "two", "three", "four"]

@@ -70,13 +70,18 @@ export async function stream(path, { method = "GET", body, query, signal, split 
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
+    // only the new text is searched (and the last few characters, where a separator may have
+    // been cut in two): an item of megabytes arriving in many chunks is read once, not rescanned
+    const from = Math.max(0, pending.length - split.length + 1);
     pending += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = pending.indexOf(split)) >= 0) {
-      const item = pending.slice(0, cut);
-      pending = pending.slice(cut + split.length);
+    let start = 0, cut = pending.indexOf(split, from);
+    while (cut >= 0) {
+      const item = pending.slice(start, cut);
+      start = cut + split.length;
       if (item.trim()) onItem(item);
+      cut = pending.indexOf(split, start);
     }
+    if (start) pending = pending.slice(start);
   }
   if (pending.trim()) onItem(pending);
 }

@@ -107,6 +107,29 @@ def _counts(values: list[int], n: int) -> list[int]:
     return (values + [0] * n)[:n]
 
 
+# -- writes only from the console's own pages ------------------------------------------------------
+
+def _not_cross_site(handler: Handler) -> Handler:
+    """A write route takes only what a page of another site cannot send without the browser's
+    CORS preflight (which this door never answers yes to): `Content-Type: application/json`
+    (BAD_BODY otherwise: a form or a text/plain fetch is a "simple" request, sent at once), and
+    no `Sec-Fetch-Site: cross-site` (PERMISSION_DENIED). The console page sends both right; a
+    script (curl) sends the content type. Only this door. A part of each write handler (not a
+    per-request wrapper added with auth), so it runs on an open broker too."""
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise client_error(ErrorCode.PERMISSION_DENIED, detail="a console write from another site is refused")
+        if "Content-Type" not in request.headers or request.content_type != "application/json":
+            raise client_error(ErrorCode.BAD_BODY, detail="the console's write routes take "
+                                                          "Content-Type: application/json")
+        return await handler(request)
+
+    checked.refuses_cross_site = True   # type: ignore[attr-defined]  # (tests: every write route has it)
+    return checked
+
+
 # -- the page's files -------------------------------------------------------------------------------
 
 def _load_assets() -> dict[str, tuple[bytes, str]]:
@@ -179,6 +202,7 @@ async def list_streams(request: web.Request) -> web.Response:
                           "offset": offset, "limit": limit, "streams": rows})
 
 
+@_not_cross_site
 async def create_stream(request: web.Request) -> web.Response:
     broker, project = _door(request)
     body = await read_json(request)
@@ -188,6 +212,7 @@ async def create_stream(request: web.Request) -> web.Response:
     return json_response({"name": config.stream_name, "partitions": config.partition_count}, status=201)
 
 
+@_not_cross_site
 async def delete_stream(request: web.Request) -> web.Response:
     broker, project = _door(request)
     await broker.delete_stream(request.match_info["name"], project=project)
@@ -242,6 +267,7 @@ async def get_records(request: web.Request) -> web.Response:
                           "millis_behind_latest": result.millis_behind_latest})
 
 
+@_not_cross_site
 async def put_record(request: web.Request) -> web.Response:
     """One record from the form: its text as UTF-8, routed by partition key or partition id. A
     refused record is answered with its error (4xx), not a 200 with a failure inside."""
@@ -275,6 +301,7 @@ async def list_apps(request: web.Request) -> web.Response:
         start_after = page[-1].name
 
 
+@_not_cross_site
 async def create_app(request: web.Request) -> web.Response:
     broker, project = _door(request)
     body = await read_json(request)
@@ -282,6 +309,7 @@ async def create_app(request: web.Request) -> web.Response:
     return json_response({"name": app.name, "app_id": app.app_id}, status=201)
 
 
+@_not_cross_site
 async def delete_app(request: web.Request) -> web.Response:
     broker, project = _door(request)
     await broker.delete_app(request.match_info["name"], project=project)
@@ -323,11 +351,13 @@ async def list_sources(request: web.Request) -> web.Response:
     return json_response({"sources": [_source_row(s) for s in request.app[SOURCES].list(project)]})
 
 
+@_not_cross_site
 async def start_source(request: web.Request) -> web.Response:
     source = await request.app[SOURCES].start_source(check_project(_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 
+@_not_cross_site
 async def stop_source(request: web.Request) -> web.Response:
     source = await request.app[SOURCES].stop_source(check_project(_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
@@ -339,6 +369,7 @@ def _line(payload: Any) -> bytes:
     return orjson.dumps(payload) + b"\n"
 
 
+@_not_cross_site
 @subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def run_query(request: web.Request) -> web.StreamResponse:
     """Start a streaming (or bounded) query and stream its results as NDJSON as they arrive. A
@@ -376,6 +407,7 @@ async def run_query(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@_not_cross_site
 async def cancel_query(request: web.Request) -> web.Response:
     broker, project = _door(request)
     await broker.queries.cancel(project, request.match_info["id"])
@@ -405,29 +437,6 @@ ROUTES: list[tuple[str, str, Handler, Action]] = [
 ]
 
 
-_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def _not_cross_site(handler: Handler) -> Handler:
-    """A write route takes only what a page of another site cannot send without the browser's
-    CORS preflight (which this door never answers yes to): `Content-Type: application/json`
-    (BAD_BODY otherwise: a form or a text/plain fetch is a "simple" request, sent at once), and
-    no `Sec-Fetch-Site: cross-site` (PERMISSION_DENIED). The console page sends both right; a
-    script (curl) sends the content type. Only this door: the others take no cookies or ambient
-    credentials a browser would add."""
-
-    @functools.wraps(handler)
-    async def checked(request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
-            raise client_error(ErrorCode.PERMISSION_DENIED, detail="a console write from another site is refused")
-        if "Content-Type" not in request.headers or request.content_type != "application/json":
-            raise client_error(ErrorCode.BAD_BODY, detail="the console's write routes take "
-                                                          "Content-Type: application/json")
-        return await handler(request)
-
-    return checked
-
-
 def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth | None = None) -> web.Application:
     """The console, mounted at `PREFIX`: the page's files (no key) and its API (with `auth`
     enabled, an API key of the project whose role permits the route's Action)."""
@@ -435,8 +444,7 @@ def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth |
     app[SOURCES] = sources
     app[ASSET_FILES] = _load_assets()
     guard = api_key_guard(auth, _guard_project) if auth is not None and auth.enabled else None
-    add_routes(app, [(m, path, _not_cross_site(h) if m in _WRITE_METHODS else h, action)
-                     for m, path, h, action in ROUTES], guard)
+    add_routes(app, ROUTES, guard)
     app.router.add_get("", redirect)
     app.router.add_get("/", asset)
     app.router.add_get("/{name:[A-Za-z0-9_-]+\\.[a-z]+}", asset)

@@ -237,6 +237,12 @@ def test_writes_a_page_of_another_site_could_send_are_refused(console_broker, st
     assert names == []
 
 
+def test_every_write_route_refuses_cross_site_requests():
+    from broker.api import console
+    writes = [(method, path, h) for method, path, h, _ in console.ROUTES if method != "GET"]
+    assert len(writes) >= 9 and all(getattr(h, "refuses_cross_site", False) for _, _, h in writes), writes
+
+
 def test_same_origin_writes_and_cross_site_reads_are_served(console_broker):
     name = _name()
     got, _ = _raw(console_broker, "POST", "/console/api/streams", json.dumps({"name": name, "partitions": 1}).encode(),

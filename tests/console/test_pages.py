@@ -363,3 +363,35 @@ def test_stream_reader_splits_items_cut_across_chunks(console_broker, new_tab):
         return got;
     }""")
     assert items == ["one", "two", "three", "four"]
+
+
+def test_at_most_three_live_streams_in_the_browser_across_tabs(console_broker, new_tab):
+    """Six open streams would take all six connections a browser opens to a host and freeze the
+    console: the fourth (a query or a tail, in any tab) is refused with a banner until one stops."""
+    stream = _name("busy")
+    assert http(console_broker, "POST", "/console/api/streams", {"name": stream, "partitions": 1})[0] == 201
+    first = new_tab(console_broker)
+    tabs = [first] + [new_tab(console_broker, first.page.context) for _ in range(2)]
+    for tab in tabs:
+        page = tab.open("sql")
+        page.fill("#sql", f"select raw from {stream}")
+        page.click("#sql-run")
+        expect(page.locator("#sql-status")).to_contain_text("Running")
+    fourth = new_tab(console_broker, first.page.context)
+    page = fourth.open(f"tail/{stream}")
+    expect(page.locator("#tail-form select[name=partition] option")).to_have_count(1)
+    page.click("#tail-start")
+    expect(page.locator("#banner-text")).to_contain_text("At most 3 live streams")
+    expect(page.locator("#tail-start")).to_be_enabled()
+    fourth.shot("too-many-streams")
+
+    tabs[0].page.click("#sql-cancel")   # one stops: the slot is free again
+    expect(tabs[0].page.locator("#sql-status")).to_contain_text("Cancelled")
+    page.click("#banner-close")
+    page.click("#tail-start")
+    expect(page.locator("#tail-status")).to_contain_text("Tailing partition 0")
+    _put(console_broker, stream, "through")
+    expect(page.locator("#tail tbody tr")).to_have_count(1)
+    for tab in tabs[1:]:
+        tab.page.click("#sql-cancel")
+    page.click("#tail-stop")

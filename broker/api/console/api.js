@@ -57,9 +57,57 @@ export async function api(path, { method = "GET", body, query, signal, project =
   return resp.status === 204 ? null : resp.json();
 }
 
+// Long-lived streams (live tails, SQL queries) open at once in this browser, across its tabs. A
+// browser opens at most 6 HTTP/1.1 connections to a host: six streams would leave none for
+// anything else and freeze every console tab. The slots are Web Locks (shared by the tabs of
+// this origin, freed when a tab closes); where the browser has none (a page not served from
+// localhost or https), the count is this tab's.
+export const MAX_STREAMS = 3;
+let openHere = 0;
+
+async function streamSlot() {
+  if (navigator.locks) {
+    for (let i = 0; i < MAX_STREAMS; i++) {
+      let release;
+      const held = new Promise((resolve) => { release = resolve; });
+      const got = await new Promise((answer) => {
+        navigator.locks.request(`sluice.console.stream.${i}`, { ifAvailable: true }, (lock) => {
+          answer(lock !== null);
+          return lock ? held : undefined;   // held until released
+        }).catch(() => answer(false));
+      });
+      if (got) return release;
+    }
+    return null;
+  }
+  if (openHere >= MAX_STREAMS) return null;
+  openHere++;
+  let released = false;
+  return () => { if (!released) { released = true; openHere--; } };
+}
+
+export class TooManyStreams extends Error {
+  constructor() {
+    super(`At most ${MAX_STREAMS} live streams (tails, SQL queries) are open at once in this browser: ` +
+      "stop one, here or in another tab (a browser opens only 6 connections to the broker).");
+    this.reason = "TOO_MANY_STREAMS";
+  }
+}
+
 // A streaming answer read as it arrives (fetch + ReadableStream: unlike EventSource it sends the
-// key). `split` cuts the text into items ("\n" for NDJSON, "\n\n" for server-sent events).
-export async function stream(path, { method = "GET", body, query, signal, split = "\n", onItem }) {
+// key), holding one of the MAX_STREAMS slots while it runs. `split` cuts the text into items
+// ("\n" for NDJSON, "\n\n" for server-sent events).
+export async function stream(path, options) {
+  const release = await streamSlot();
+  if (!release) throw new TooManyStreams();
+  try {
+    return await readStream(path, options);
+  } finally {
+    release();
+  }
+}
+
+async function readStream(path, { method = "GET", body, query, signal, split = "\n", onItem }) {
   const init = { method, headers: jsonHeaders(method), signal };
   if (body !== undefined) init.body = JSON.stringify(body);
   const resp = await fetch(url(path, query), init);

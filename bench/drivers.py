@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import http.client
 import json
@@ -211,7 +212,7 @@ def _channel(target: str) -> grpc.Channel:
 
 class SluiceGrpc:
     system, door, read_limit = "Sluice", "gRPC", READ_LIMIT
-    w3_modes: tuple[tuple[str, str], ...] = (("push", "W3 push"), ("poll", "W3 long-poll"))
+    w3_modes: tuple[tuple[str, str], ...] = (("push", "W3t push"), ("poll", "W3t long-poll"))
     w3_producer = "gRPC PutRecords (one record per call)"
 
     def __init__(self, target: str, durability: str, pid: int | None) -> None:
@@ -362,7 +363,7 @@ class _GrpcPoll(Consumer):
 
 class SluiceRest:
     system, door, read_limit = "Sluice", "REST", READ_LIMIT
-    w3_modes: tuple[tuple[str, str], ...] = (("rest", "W3 long-poll"),)
+    w3_modes: tuple[tuple[str, str], ...] = (("rest", "W3t long-poll"),)
     w3_producer = SluiceGrpc.w3_producer
 
     def __init__(self, target: str, grpc_door: SluiceGrpc) -> None:
@@ -599,7 +600,7 @@ def _nats_run(url: str, fn: Callable[[Any], Any]) -> Any:
 class Nats:
     """A JetStream stream per benchmark stream (name upper-cased), file storage, subjects <stream>.<n>."""
     system, door, durability, read_limit = "NATS JetStream", "nats", "file (no fsync)", READ_LIMIT
-    w3_modes: tuple[tuple[str, str], ...] = (("push", "W3 push"), ("poll", "W3 poll (pull, 1 s wait)"))
+    w3_modes: tuple[tuple[str, str], ...] = (("push", "W3t push"), ("poll", "W3t poll (pull, 1 s wait)"))
     w3_producer = "nats-py js.publish (waits for the PubAck)"
 
     def __init__(self, port: int, pid: int) -> None:
@@ -679,6 +680,10 @@ class Nats:
 
     def tail(self, stream: str, partition: int, mode: str, tally: Tally) -> Consumer:
         return _NatsTail(tally, self.url, stream, partition, mode).start()
+
+    def aio(self) -> AioNats:
+        """W3 (asyncio) and W6: this server through nats-py on one event loop."""
+        return AioNats(self.port, self.pid)
 
     def tail_sender(self, stream: str, partition: int) -> tuple[Callable[[bytes], None], Callable[[], None]]:
         """js.publish, which waits for the PubAck, driven on this thread's own event loop."""
@@ -818,7 +823,7 @@ class JetStreamDrain:
 class Kinesalite:
     """Raw HTTP JSON, keep-alive http.client connections. Kinesis has no long poll: W3 polls back to back."""
     system, door, durability, read_limit = "kinesalite", "kinesis-json", "memory", READ_LIMIT
-    w3_modes: tuple[tuple[str, str], ...] = (("poll", "W3 poll (back to back)"),)
+    w3_modes: tuple[tuple[str, str], ...] = (("poll", "W3t poll (back to back)"),)
     w3_producer = "PutRecord over HTTP (one record per call)"
 
     def __init__(self, port: int, pid: int) -> None:
@@ -1340,14 +1345,17 @@ def clickhouse_server(engine: str = "MergeTree") -> Iterator[ClickHouseHttp]:
 
 # Otherwise the broker's defaults (memory settings included). The peers we compare with have no
 # write throttling, so neither does a bench broker: its per-partition limits are off (0).
-BROKER_ARGS = ("--log-level", "WARNING", "--partition-records-per-s", "0", "--partition-bytes-per-s", "0")
+# W6's 200 producers are one client address: with the streaming produce call each holds a stream,
+# which the per-client limits count as a subscription (64 by default).
+BROKER_ARGS = ("--log-level", "WARNING", "--partition-records-per-s", "0", "--partition-bytes-per-s", "0",
+               "--max-subscriptions-per-client", "1024")
 
 
 @contextlib.contextmanager
-def sluice_broker(durability: str) -> Iterator[BrokerProcess]:
-    """A fresh `python -m broker` on a temp dir (`--fsync` for fsync), stopped and removed after."""
+def sluice_broker(durability: str, extra: Sequence[str] = ()) -> Iterator[BrokerProcess]:
+    """A fresh `python -m broker` on a temp dir (`--fsync` for fsync, then `extra`), stopped and removed after."""
     tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    broker = BrokerProcess(tmp / "data", *BROKER_ARGS, *(["--fsync"] if durability == "fsync" else []))
+    broker = BrokerProcess(tmp / "data", *BROKER_ARGS, *(["--fsync"] if durability == "fsync" else []), *extra)
     try:
         broker.start(timeout=60)
         yield broker
@@ -1407,13 +1415,18 @@ def nats_server_version() -> str:
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[Nats]:
-    """`nats-server -js -sd <tmp>` (Debian's package) on a free loopback port."""
+def nats_server(max_payload_mb: int = 0) -> Iterator[Nats]:
+    """`nats-server -js -sd <tmp>` (Debian's package) on a free loopback port; with `max_payload_mb`
+    that max_payload (a Sluice JetStream store's servers need 8 MB: a PutRecords is up to 5 MB)."""
     exe = shutil.which("nats-server", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
     if not exe:
         raise RuntimeError("nats-server not installed (make bench-peers, make bench-sources)")
     tmp, port = Path(tempfile.mkdtemp(prefix="bench-nats-")), _free_port()
-    with _server([exe, "-js", "-sd", str(tmp), "-a", "127.0.0.1", "-p", str(port)], port, tmp) as (port, pid):
+    cmd = [exe, "-js", "-sd", str(tmp / "store"), "-a", "127.0.0.1", "-p", str(port)]
+    if max_payload_mb:
+        (tmp / "nats.conf").write_text(f"max_payload: {max_payload_mb}MB\n")
+        cmd += ["-c", str(tmp / "nats.conf")]
+    with _server(cmd, port, tmp) as (port, pid):
         yield Nats(port, pid)
 
 
@@ -1433,3 +1446,251 @@ PEERS: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "nats": nats_server, "kinesalite": kinesalite_server}
 PEER_NAMES = {"nats": (Nats.system, Nats.door, Nats.durability),
               "kinesalite": (Kinesalite.system, Kinesalite.door, Kinesalite.durability)}
+
+
+# -- W3 and W6 on asyncio: the trickle path (issue 14) ------------------------------------------
+# The producers and the consumer of these two workloads live in one asyncio process, as a Python
+# service would run them: grpc.aio for Sluice, nats-py for JetStream. A driver here has:
+#   produce_modes    (mode, label) of its producers: Sluice "unary" (PutRecords, one record a call)
+#                    and "stream" (PutRecordsStream, one record a batch), JetStream "publish"
+#   create_stream(stream, partitions), stored(stream) -> records stored
+#   sender(stream, mode, partition=, key=) -> AioSender: `send(payload)` returns once the record is
+#                    acknowledged (raises if it is not); several sends may be in flight at once
+#   push(stream, partition, take) -> AioPush: every record written after it returns goes to
+#                    `take(payloads, receive time ns)`, in order
+# Every coroutine runs on the loop of the one `asyncio.run` a workload makes.
+
+AIO_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one HTTP/2 connection per channel
+
+
+def has_produce_stream() -> bool:
+    """Whether this tree's contract has the streaming produce call (issue 14 point 2)."""
+    return "PutRecordsStream" in pb.DESCRIPTOR.services_by_name["Sluice"].methods_by_name
+
+
+class AioSender(Protocol):
+    async def send(self, payload: bytes) -> None: ...
+    async def close(self) -> None: ...
+
+
+class AioPush(Protocol):
+    async def close(self) -> None: ...
+
+
+class AioSluice:
+    """Sluice's gRPC door on grpc.aio: unary PutRecords or the PutRecordsStream bidi call; a
+    Subscribe push consumer (from LATEST, max_wait_ms=0)."""
+    system, door = "Sluice", "gRPC"
+
+    def __init__(self, target: str, durability: str, pid: int | None) -> None:
+        self.target, self.durability, self.pid = target, durability, pid
+        self.produce_modes: tuple[tuple[str, str], ...] = (("unary", "unary put"),) + (
+            (("stream", "stream put"),) if has_produce_stream() else ())
+        self.missing = () if has_produce_stream() else (
+            ("stream", "stream put", "no PutRecordsStream in this tree's sluice.proto (issue 14 point 2)"),)
+
+    def _channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.target, options=AIO_OPTIONS)
+
+    async def create_stream(self, stream: str, partitions: int) -> None:
+        async with self._channel() as channel:
+            await sluice_pb2_grpc.SluiceStub(channel).CreateStream(
+                pb.CreateStreamRequest(stream_name=stream, partition_count=partitions), timeout=CALL_TIMEOUT)
+
+    async def stored(self, stream: str) -> int:
+        async with self._channel() as channel:
+            desc = await sluice_pb2_grpc.SluiceStub(channel).DescribeStream(
+                pb.DescribeStreamRequest(stream_name=stream, limit=1000), timeout=CALL_TIMEOUT)
+        return sum(p.next_seq - p.first_seq for p in desc.partitions)
+
+    async def sender(self, stream: str, mode: str, partition: int | None = None,
+                     key: str | None = None) -> AioSender:
+        channel = self._channel()
+        await channel.channel_ready()
+        entry = pb.PutRecordsEntry(partition_id=partition) if partition is not None \
+            else pb.PutRecordsEntry(partition_key=key)
+        if mode == "stream":
+            return _SluiceStreamSender(channel, stream, entry)
+        return _SluiceUnarySender(channel, stream, entry)
+
+    async def push(self, stream: str, partition: int, take: Callable[[list[bytes], int], None]) -> AioPush:
+        channel = self._channel()
+        stub = sluice_pb2_grpc.SluiceStub(channel)
+        cursor = (await stub.GetCursor(pb.GetCursorRequest(stream_name=stream, partition_id=partition,
+                                                           cursor_type=pb.CURSOR_TYPE_LATEST),
+                                       timeout=CALL_TIMEOUT)).cursor
+        call = stub.Subscribe(pb.SubscribeRequest(cursor=cursor, max_wait_ms=0))
+        clock = time.perf_counter_ns
+
+        async def consume() -> None:
+            async for message in call:
+                now = clock()
+                if message.WhichOneof("event") == "records":   # not a heartbeat
+                    take(message.records.data, now)
+
+        return _AioTask(asyncio.ensure_future(consume()), call.cancel, channel.close)
+
+
+class _AioTask:
+    """A consumer task, and how to stop it."""
+
+    def __init__(self, task: asyncio.Future[None], cancel: Callable[[], Any],
+                 close: Callable[[], Any] | None = None) -> None:
+        self.task, self._cancel, self._close = task, cancel, close
+
+    async def close(self) -> None:
+        self._cancel()
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+        if self._close is not None:
+            res = self._close()
+            if asyncio.iscoroutine(res):
+                await res
+
+
+class _SluiceUnarySender:
+    """One PutRecords call per record; the request object reused, only its payload changes. It is
+    serialised here: grpc.aio serialises a request in the call's own task, after `send` would
+    already have changed the payload for the next, overlapping call."""
+
+    def __init__(self, channel: grpc.aio.Channel, stream: str, entry: pb.PutRecordsEntry) -> None:
+        self.channel = channel
+        self.put = channel.unary_unary("/sluice.v1.Sluice/PutRecords", request_serializer=None,
+                                       response_deserializer=pb.PutRecordsResponse.FromString)
+        self.request = pb.PutRecordsRequest(stream_name=stream, records=pb.RecordList(entries=[entry]))
+        self.entry = self.request.records.entries[0]
+
+    async def send(self, payload: bytes) -> None:
+        self.entry.data = payload
+        resp = await self.put(self.request.SerializeToString(), timeout=CALL_TIMEOUT)
+        if resp.failed_record_count:
+            raise RuntimeError(f"a record failed: {resp.failures[0].reason}")
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class _SluiceStreamSender:
+    """One PutRecordsStream call for the sender's life: each record a batch of its own (batch id
+    1, 2, ...), the answers matched in order by a reader task. Writes are serialised (grpc.aio
+    allows one write at a time on a call)."""
+
+    def __init__(self, channel: grpc.aio.Channel, stream: str, entry: pb.PutRecordsEntry) -> None:
+        self.channel = channel
+        self.call = sluice_pb2_grpc.SluiceStub(channel).PutRecordsStream()
+        self.stream, self.entry = stream, entry
+        self.next_id = 1
+        self.pending: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self.lock = asyncio.Lock()
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for resp in self.call:
+                batch_id, future = self.pending.popleft()
+                if future.done():
+                    continue
+                if resp.batch_id != batch_id:
+                    future.set_exception(RuntimeError(f"answer for batch {resp.batch_id}, expected {batch_id}"))
+                elif resp.WhichOneof("outcome") == "error":
+                    future.set_exception(RuntimeError(f"batch refused: {resp.error.reason} {resp.error.message}"))
+                elif resp.result.failed_record_count:
+                    future.set_exception(RuntimeError(f"a record failed: {resp.result.failures[0].reason}"))
+                else:
+                    future.set_result(None)
+        except Exception as exc:  # the call broke: every batch still waiting fails with it
+            for _, future in self.pending:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for _, future in self.pending:   # the server ended the call
+            if not future.done():
+                future.set_exception(RuntimeError("PutRecordsStream ended with batches unanswered"))
+
+    async def send(self, payload: bytes) -> None:
+        batch_id, self.next_id = self.next_id, self.next_id + 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((batch_id, future))
+        make = pb.PutRecordsStreamRequest
+        request = make(batch_id=batch_id, stream_name=self.stream, records=pb.RecordList(entries=[self.entry]))
+        request.records.entries[0].data = payload
+        async with self.lock:
+            await self.call.write(request)
+        await future
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.call.done_writing()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self.reader, 5)
+        self.call.cancel()
+        await self.channel.close()
+
+
+class AioNats:
+    """NATS JetStream through nats-py: `js.publish` (waits for the PubAck) per record, an ordered
+    push consumer (DeliverPolicy.NEW). Subjects <stream>.<partition>; a key's partition is its
+    CRC-32 modulo the partitions, as W1 routes."""
+    system, door, durability = Nats.system, "nats-py", Nats.durability
+    produce_modes: tuple[tuple[str, str], ...] = (("publish", "js.publish"),)
+    missing: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.url, self.pid = f"nats://127.0.0.1:{port}", pid
+        self.partitions: dict[str, int] = {}
+
+    async def create_stream(self, stream: str, partitions: int) -> None:
+        import nats
+        from nats.js.api import StorageType, StreamConfig
+        nc = await nats.connect(self.url)
+        try:
+            await nc.jetstream().add_stream(StreamConfig(name=stream.upper(), subjects=[f"{stream}.*"],
+                                                         storage=StorageType.FILE))
+        finally:
+            await nc.close()
+        self.partitions[stream] = partitions
+
+    async def stored(self, stream: str) -> int:
+        import nats
+        nc = await nats.connect(self.url)
+        try:
+            return int((await nc.jetstream().stream_info(stream.upper())).state.messages)
+        finally:
+            await nc.close()
+
+    async def sender(self, stream: str, mode: str, partition: int | None = None,
+                     key: str | None = None) -> AioSender:
+        import nats
+        if partition is None:
+            partition = zlib.crc32((key or "").encode()) % self.partitions.get(stream, 1)
+        return _NatsSender(await nats.connect(self.url), f"{stream}.{partition}")
+
+    async def push(self, stream: str, partition: int, take: Callable[[list[bytes], int], None]) -> AioPush:
+        import nats
+        from nats.js.api import DeliverPolicy
+        nc = await nats.connect(self.url)
+        clock = time.perf_counter_ns
+
+        async def cb(msg: Any) -> None:
+            take([msg.data], clock())
+        sub = await nc.jetstream().subscribe(f"{stream}.{partition}", stream=stream.upper(), ordered_consumer=True,
+                                             deliver_policy=DeliverPolicy.NEW, cb=cb)
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            await nc.close()
+        return _AioTask(asyncio.ensure_future(asyncio.sleep(0)), lambda: None, close)
+
+
+class _NatsSender:
+    def __init__(self, nc: Any, subject: str) -> None:
+        self.nc, self.subject = nc, subject
+        self.publish = nc.jetstream().publish
+
+    async def send(self, payload: bytes) -> None:
+        await self.publish(self.subject, payload)   # raises on an error PubAck
+
+    async def close(self) -> None:
+        await self.nc.close()

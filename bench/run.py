@@ -12,11 +12,14 @@ nats-py pull consumer. See bench/README.md.
     .venv/bin/python bench/run.py --workloads w3 --durability wal     # tail latency only
     .venv/bin/python bench/run.py --compare            # + the peers (make bench-compare installs them)
     .venv/bin/python bench/run.py --grpc HOST:PORT --http HOST:PORT   # a broker already running
+    .venv/bin/python bench/run.py --store rocksdb,jetstream --durability wal --compare --peers nats \
+        --doors grpc --workloads w1,w2                 # Sluice on RocksDB and on JetStream (R=1), nats-py direct
     .venv/bin/python bench/run.py memory               # broker RSS, 1,000,000 records + 5 min (make bench-memory)
     .venv/bin/python bench/run.py timeplus             # Timeplus door T1-T4, ClickHouse beside T1 (make bench-timeplus)
     .venv/bin/python bench/run.py timeplus --quick --workloads t1,t2,t3 --clickhouse no   # a smoke run
     .venv/bin/python bench/run.py sources              # a JetStream source into Sluice, 1 KiB JSON (make bench-sources)
     .venv/bin/python bench/run.py sources --quick --ack-policy both                     # a smoke run
+    .venv/bin/python bench/run.py core                 # the core's put -> notify -> push, in process (issue 14)
     .venv/bin/python bench/run.py tsdb --peers yes     # OpenTSDB door: /api/put points/s, /api/query latency,
                                                        # VictoriaMetrics and InfluxDB beside (make bench-tsdb)
 
@@ -46,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb")
+COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb", "core")
 
 
 def _say(msg: str) -> None:
@@ -91,9 +94,9 @@ def run_driver(driver: Any, args: argparse.Namespace, data: wl.Dataset, bodies: 
             _say(f"{name}: W2 read")
             rows.append(wl.w2(driver, w1_stream, data.records))
             _say("  " + _brief(rows[-1]))
-        if "w3" in args.workloads:
-            _say(f"{name}: W3 tail {args.w3_seconds:g} s per mode")
-            w3_rows = wl.w3(driver, w3_stream, args.w3_seconds, args.w3_rate)
+        if "w3t" in args.workloads:
+            _say(f"{name}: W3t tail (threads) {args.w3_seconds:g} s per mode")
+            w3_rows = wl.w3t(driver, w3_stream + "t", args.w3_seconds, args.w3_rate)
             rows.extend(w3_rows)
             _say("  " + "; ".join(_brief(r) for r in w3_rows))
     except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
@@ -103,9 +106,77 @@ def run_driver(driver: Any, args: argparse.Namespace, data: wl.Dataset, bodies: 
     return rows
 
 
+def run_sluice_on_jetstream(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
+    """One broker with --store jetstream on a fresh single-node nats-server (R=1), every door on it;
+    the CPU split of broker and nats-server over all its workloads is printed after."""
+    rows: list[wl.Row] = []
+    try:
+        with drivers.nats_server(max_payload_mb=8) as nats_srv, drivers.sluice_broker("wal", extra=(
+                "--store", "jetstream", "--nats-servers", nats_srv.url, "--replicas", "1")) as broker:
+            assert broker.proc
+            before = (wl.proc_cpu_seconds(broker.proc.pid), wl.proc_cpu_seconds(nats_srv.pid))
+            rows += run_sluice_doors(args, data, {}, broker.grpc_target, broker.http_target, JETSTREAM_MODE,
+                                     broker.proc.pid, "")
+            args.jetstream_cpu = (wl.proc_cpu_seconds(broker.proc.pid) - before[0],
+                                  wl.proc_cpu_seconds(nats_srv.pid) - before[1])
+    except RuntimeError as exc:   # the broker or nats-server did not start
+        rows.append(wl.Row("Sluice", "-", JETSTREAM_MODE, "error", ok=False, note=str(exc)[:300]))
+        _say(f"Sluice/{JETSTREAM_MODE}: {exc}")
+    return rows
+
+
+JETSTREAM_MODE = "jetstream R=1"
+
+
+def jetstream_ratios(rows: list[wl.Row]) -> list[str]:
+    """Sluice on JetStream / JetStream driven directly by nats-py, W1 and W2 (issue 13: W1 >= 0.7x)."""
+    out = []
+    for workload in ("W1 put", "W2 read"):
+        s = [r.rate for r in rows if r.system == "Sluice" and r.durability == JETSTREAM_MODE and r.ok
+             and r.workload == workload and r.door == "gRPC"]
+        p = [r.rate for r in rows if r.system == drivers.Nats.system and r.ok and r.workload == workload]
+        if s and p and p[0] > 0:
+            out.append(f"| {workload} rec/s (gRPC) | {s[0]:,.0f} | {p[0]:,.0f} | {s[0] / p[0]:.2f} |")
+    return out
+
+
+SKIPPED: list[str] = []   # produce modes a tree lacks (printed under the W3/W6 table and in the JSON)
+
+
+def run_trickle(driver: Any, args: argparse.Namespace, w3_stream: str, w6_stream: str) -> list[wl.Row]:
+    """W3 (asyncio, open loop) and W6 on an asyncio driver (drivers.AioSluice, AioNats), every
+    produce mode it has."""
+    name = f"{driver.system} {driver.door}/{driver.durability}"
+    rows: list[wl.Row] = []
+    for _mode, label, why in driver.missing:
+        SKIPPED.append(f"{name} {label}: not run, {why}")
+        _say(f"  {SKIPPED[-1]}")
+    try:
+        if "w3" in args.workloads:
+            _say(f"{name}: W3 push (asyncio, open loop) {args.w3_seconds:g} s per produce mode")
+            got = wl.w3_open(driver, w3_stream, args.w3_seconds, args.w3_rate)
+            rows.extend(got)
+            _say("  " + "; ".join(_brief(r) for r in got))
+        if "w6" in args.workloads:
+            _say(f"{name}: W6 {args.w6_producers} producers x {args.w6_rate:g} requests/s for {args.w6_seconds:g} s "
+                 "per produce mode")
+            got = wl.w6(driver, w6_stream, args.w6_seconds, args.w6_producers, args.w6_rate)
+            rows.extend(got)
+            _say("  " + "; ".join(_brief(r) for r in got))
+    except Exception as exc:  # a failure is reported, not raised
+        rows.append(wl.Row(driver.system, driver.door, driver.durability, "error", ok=False,
+                           note=f"{type(exc).__name__}: {exc}"[:300]))
+        _say(f"  error: {rows[-1].note}")
+    return rows
+
+
 def run_sluice(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
     """One fresh broker per durability mode (or the running one of --grpc/--http), every door on it."""
     rows: list[wl.Row] = []
+    if "jetstream" in args.store:
+        rows += run_sluice_on_jetstream(args, data)
+    if "rocksdb" not in args.store:
+        return rows
     bodies: dict[Any, list[Any]] = {}
     for durability in args.durability:
         if args.grpc:   # a broker of someone else's: fresh stream names, its CPU is not ours to read
@@ -133,6 +204,8 @@ def run_sluice_doors(args: argparse.Namespace, data: wl.Dataset, bodies: dict[An
             rows += run_driver(driver, args, data, bodies, f"w1-{d}{suffix}", f"w3-{d}{suffix}")
     finally:
         grpc_door.close()
+    if {"w3", "w6"} & set(args.workloads) and "grpc" in args.doors:
+        rows += run_trickle(drivers.AioSluice(grpc_target, durability, pid), args, f"w3a{suffix}", f"w6{suffix}")
     return rows
 
 
@@ -142,6 +215,8 @@ def run_peers(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
         try:
             with drivers.PEERS[peer]() as driver:
                 rows += run_driver(driver, args, data, {}, "w1", "w3")
+                if {"w3", "w6"} & set(args.workloads) and hasattr(driver, "aio"):
+                    rows += run_trickle(driver.aio(), args, "w3a", "w6")
         except Exception as exc:  # noqa: BLE001 - not installed, or would not start: a FAIL row
             rows.append(wl.Row(*drivers.PEER_NAMES[peer], "error", ok=False, note=f"{type(exc).__name__}: {exc}"[:300]))
             _say(f"{peer}: error: {rows[-1].note}")
@@ -156,11 +231,17 @@ def parse_suite(argv: list[str]) -> argparse.Namespace:
                    help=f"smoke run: {wl.QUICK['w1_records']:,} W1 records, W3 {wl.QUICK['w3_seconds']:g} s per mode")
     p.add_argument("--doors", default="grpc,rest", help="comma-separated: grpc, rest (default both)")
     p.add_argument("--durability", default="wal,fsync", help="comma-separated: wal, fsync (default both)")
-    p.add_argument("--workloads", default="w1,w2,w3", help="comma-separated: w1, w2, w3 (w2 reads what w1 wrote)")
+    p.add_argument("--workloads", default="w1,w2,w3,w6,w3t",
+                   help="comma-separated: w1, w2, w3, w6, w3t (w2 reads what w1 wrote; w3 and w6 are gRPC only)")
     p.add_argument("--records", type=int, help=f"W1 records (default {wl.W1_RECORDS:,})")
     p.add_argument("--w3-seconds", type=float, help=f"W3 seconds per mode (default {wl.W3_SECONDS:g})")
     p.add_argument("--w3-rate", type=float, default=1 / wl.W3_INTERVAL_S,
                    help=f"W3 records per second (default {1 / wl.W3_INTERVAL_S:g})")
+    p.add_argument("--w6-seconds", type=float, help=f"W6 seconds per produce mode (default {wl.W6_SECONDS:g})")
+    p.add_argument("--w6-producers", type=int, default=wl.W6_PRODUCERS,
+                   help=f"W6 concurrent producers (default {wl.W6_PRODUCERS})")
+    p.add_argument("--w6-rate", type=float, default=wl.W6_RATE,
+                   help=f"W6 requests per second per producer (default {wl.W6_RATE:g})")
     p.add_argument("--compare", action="store_true",
                    help="also run NATS JetStream and kinesalite (installed: see make bench-compare)")
     p.add_argument("--peers", default="nats,kinesalite", help="with --compare: comma-separated nats, kinesalite")
@@ -168,7 +249,12 @@ def parse_suite(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grpc", metavar="HOST:PORT", help="a running broker's gRPC door instead of fresh brokers")
     p.add_argument("--http", metavar="HOST:PORT", help="with --grpc: that broker's REST door")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
 
     def split(value: str, allowed: set[str], flag: str) -> list[str]:
         items = [x.strip().lower() for x in value.split(",") if x.strip()]
@@ -178,16 +264,21 @@ def parse_suite(argv: list[str]) -> argparse.Namespace:
 
     args.doors = split(args.doors, {"grpc", "rest"}, "--doors")
     args.durability = split(args.durability, {"wal", "fsync"}, "--durability")
-    args.workloads = split(args.workloads, {"w1", "w2", "w3"}, "--workloads")
+    args.workloads = split(args.workloads, {"w1", "w2", "w3", "w6", "w3t"}, "--workloads")
     args.peers = split(args.peers, set(drivers.PEERS), "--peers")
     if "w2" in args.workloads and "w1" not in args.workloads:
         p.error("w2 reads what w1 wrote: add w1")
     args.records = args.records or (wl.QUICK["w1_records"] if args.quick else wl.W1_RECORDS)
     args.w3_seconds = args.w3_seconds or (wl.QUICK["w3_seconds"] if args.quick else wl.W3_SECONDS)
-    if args.records < 1 or args.w3_seconds <= 0 or args.w3_rate <= 0:
-        p.error("--records, --w3-seconds and --w3-rate must be positive")
+    args.w6_seconds = args.w6_seconds or (wl.QUICK["w6_seconds"] if args.quick else wl.W6_SECONDS)
+    if args.records < 1 or args.w3_seconds <= 0 or args.w3_rate <= 0 or args.w6_seconds <= 0 \
+            or args.w6_producers < 1 or args.w6_rate <= 0:
+        p.error("--records, --w3-seconds, --w3-rate, --w6-seconds, --w6-producers and --w6-rate must be positive")
     if args.http and not args.grpc:
         p.error("--http needs --grpc (the REST door's W3 producer is gRPC)")
+    args.store = split(args.store, {"rocksdb", "jetstream"}, "--store")
+    if "jetstream" in args.store and args.grpc:
+        p.error("--store jetstream starts its own broker: not with --grpc")
     if args.grpc:
         if "rest" in args.doors and not args.http:
             p.error("with --grpc, the rest door needs --http (or --doors grpc)")
@@ -214,10 +305,31 @@ def suite_main(argv: list[str]) -> int:
     print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f}; started {started:%Y-%m-%d %H:%M:%S} UTC"
           + (f"; broker: external grpc={args.grpc}" + (f" http={args.http}" if args.http else "") if args.grpc else ""))
     print(wl.format_table(rows))
+    trickle = wl.trickle_table(rows)
+    checks = wl.trickle_verdicts(rows)
+    if trickle:
+        print(f"\nW3 (asyncio, open loop, 1 record / {1000 / args.w3_rate:g} ms for {args.w3_seconds:g} s, push "
+              "consumer) "
+              f"and W6 ({args.w6_producers} producers x {args.w6_rate:g} requests/s of 1 record for "
+              f"{args.w6_seconds:g} s), side by side:")
+        print(trickle)
+        for line in SKIPPED:
+            print(line)
+    if checks:
+        print()
+        print(wl.format_verdicts(checks))
     rs = wl.ratios(rows)
     if rs:
         print("\nSluice (WAL) / peer:")
         print(wl.format_ratios(rs))
+    js_ratios = jetstream_ratios(rows)
+    if js_ratios:
+        print("\nSluice on JetStream / JetStream direct (nats-py):")
+        print("| figure | Sluice on JetStream | JetStream direct | ratio |\n|---|---|---|---|")
+        print("\n".join(js_ratios))
+    if args.jetstream_cpu:
+        print(f"\nSluice on JetStream, CPU over all its workloads: broker {args.jetstream_cpu[0]:.2f} s, "
+              f"nats-server {args.jetstream_cpu[1]:.2f} s")
     path = _results_path(args, started)
     path.write_text(json.dumps({
         "started_utc": started.isoformat(), "command": [sys.executable, *sys.argv],
@@ -225,11 +337,15 @@ def suite_main(argv: list[str]) -> int:
         "config": {"records": args.records, "record_size": wl.RECORD_SIZE, "key_ids": wl.KEY_IDS,
                    "partitions": wl.PARTITIONS, "batch": wl.BATCH, "producers": wl.PRODUCERS, "seed": wl.SEED,
                    "w3_interval_s": 1 / args.w3_rate, "w3_seconds": args.w3_seconds,
-                   "w3_record_size": wl.W3_RECORD_SIZE, "doors": args.doors, "durability": args.durability,
+                   "w3_record_size": wl.W3_RECORD_SIZE, "w6_seconds": args.w6_seconds,
+                   "w6_producers": args.w6_producers, "w6_rate": args.w6_rate, "doors": args.doors,
+                   "durability": args.durability,
                    "workloads": args.workloads, "compare": args.compare,
-                   "peers": args.peers if args.compare else [], "external": args.grpc},
+                   "peers": args.peers if args.compare else [], "external": args.grpc, "store": args.store},
+        "jetstream_cpu_s": args.jetstream_cpu,
         "rows": [r.as_dict() for r in rows],
         "ratios": [{"figure": f, "peer": p, "sluice": s, "peer_value": v, "ratio": r} for f, p, s, v, r in rs],
+        "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks], "skipped": SKIPPED,
     }, indent=1))
     print(f"\nresults: {path}")
     return 0 if rows and all(r.ok for r in rows) else 1
@@ -246,7 +362,12 @@ def parse_memory(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--records", type=int, default=wl.MEMORY_RECORDS,
                    help=f"records stored before the first reading (default {wl.MEMORY_RECORDS:,})")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
     if args.minutes <= 0 or args.records < 1:
         p.error("--minutes and --records must be positive")
     return args
@@ -352,7 +473,12 @@ def parse_timeplus(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http", metavar="HOST:PORT", help="a running broker's HTTP port instead of fresh brokers")
     p.add_argument("--pid", type=int, help="with --http: the broker's pid (server CPU; T4 needs it)")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
     items = [x.strip().lower() for x in args.workloads.split(",") if x.strip()]
     if not items or set(items) - set(TP_WORKLOADS):
         p.error(f"--workloads takes {', '.join(TP_WORKLOADS)}")
@@ -590,7 +716,12 @@ def parse_sources(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the drains (each policy in turn, a fresh broker each time; default 1)")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    p.add_argument("--store", default="rocksdb",
+                   help="comma-separated: rocksdb (default; a broker per --durability mode), jetstream (one broker "
+                        "with --store jetstream on a fresh single-node nats-server, R=1); with --compare --peers "
+                        "nats the same W1/W2 driven directly by nats-py run beside them")
     args = p.parse_args(argv)
+    args.jetstream_cpu = None
     args.messages = args.messages or (wl.S1_QUICK if args.quick else wl.S1_MESSAGES)
     if args.messages < 1 or args.max_ack_pending < 2 or args.rounds < 1:
         p.error("--messages and --rounds must be positive and --max-ack-pending at least 2")
@@ -705,6 +836,27 @@ def tsdb_main(argv: list[str]) -> int:
     return tsdb.main(argv)
 
 
+def core_main(argv: list[str]) -> int:
+    """The broker core's share of the trickle path (workloads.core_trickle), in this process."""
+    p = argparse.ArgumentParser(prog="bench/run.py core", description=wl.core_trickle.__doc__)
+    p.add_argument("--records", type=int, default=wl.CORE_RECORDS, help=f"default {wl.CORE_RECORDS:,}")
+    p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
+    args = p.parse_args(argv)
+    if args.records < 1:
+        p.error("--records must be positive")
+    started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    res = wl.core_trickle(args.records)
+    print(f"core put -> notify -> push, 1 subscriber, {res['records']:,} single-record puts: "
+          f"{res['cpu_us_per_record']:.1f} us CPU/record, {res['wall_us_per_record']:.1f} us wall/record"
+          f"{'' if res['in_order'] else ' FAIL: records lost or out of order'} (load average before "
+          f"{load_before[0]:.2f})")
+    path = _results_path(args, started, "core-")
+    path.write_text(json.dumps({"started_utc": started.isoformat(), "loadavg_before": load_before, **res}, indent=1))
+    print(f"results: {path}")
+    return 0 if res["in_order"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """`run.py [suite] [options]`, `run.py memory|timeplus|sources|tsdb [options]`; the suite is the
     default command."""
@@ -712,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     return {"memory": memory_main, "timeplus": timeplus_main, "sources": sources_main,
-            "tsdb": tsdb_main}.get(command, suite_main)(rest)
+            "tsdb": tsdb_main, "core": core_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

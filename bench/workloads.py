@@ -118,7 +118,7 @@ class Row:
     system: str          # Sluice, NATS JetStream, kinesalite
     door: str            # gRPC, REST, nats, kinesis-json
     durability: str      # wal, fsync, file (no fsync), memory
-    workload: str        # W1 put, W2 read, W3 push, W3 long-poll, W3 poll
+    workload: str        # W1 put, W2 read, W3 push (unary put), W6 (...), W3t push, W3t long-poll, ...
     records: int = 0
     seconds: float = 0.0
     rate: float = 0.0             # records/s (W1, W2)
@@ -146,7 +146,7 @@ def _num(v: float, fmt: str) -> str:
     return "-" if math.isnan(v) or v == 0.0 and fmt != ".2f" else format(v, fmt)
 
 
-LATENCY_ROWS = ("W3", "T2")   # rows whose figure is a latency, not a rate
+LATENCY_ROWS = ("W3", "W6", "T2")   # rows whose figure is a latency, not a rate
 
 
 def format_table(rows: list[Row]) -> str:
@@ -200,11 +200,13 @@ def ratios(rows: list[Row]) -> list[tuple[str, str, float, float, float]]:
                 out.append((f"{wl} rec/s (gRPC)", peer, s[0], p[0], s[0] / p[0]))
             if s_rest and p and p[0] > 0:
                 out.append((f"{wl} rec/s (REST)", peer, s_rest[0], p[0], s_rest[0] / p[0]))
-        s3 = [r.p99_ms for r in sluice if r.workload.startswith("W3") and r.door == "gRPC"]
-        p3 = [r.p99_ms for r in peers if r.system == peer and r.workload.startswith("W3")]
-        if s3 and p3:
-            best_s, best_p = min(s3), min(p3)
-            out.append(("W3 best p99 ms (peer/sluice)", peer, best_s, best_p, best_p / best_s if best_s else 0.0))
+        for prefix, name in (("W3 push (", "W3 push (asyncio)"), ("W6 (", "W6"), ("W3t", "W3t (threads)")):
+            s3 = [r.p99_ms for r in sluice if r.workload.startswith(prefix) and r.door == "gRPC"]
+            p3 = [r.p99_ms for r in peers if r.system == peer and r.workload.startswith(prefix)]
+            if s3 and p3:
+                best_s, best_p = min(s3), min(p3)
+                out.append((f"{name} best p99 ms (peer/sluice)", peer, best_s, best_p,
+                            best_p / best_s if best_s else 0.0))
     return out
 
 
@@ -375,8 +377,9 @@ def tail_run(driver: TailDriver, stream: str, partition: int, mode: str, seconds
     return run
 
 
-def w3(driver: Driver, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> list[Row]:
-    """A stream with a partition per consumer mode of the door; the modes run one after the other."""
+def w3t(driver: Driver, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> list[Row]:
+    """W3 on threads (issue 4's, `--workloads w3t`): a stream with a partition per consumer mode of
+    the door; the modes run one after the other."""
     driver.create_stream(stream, len(driver.w3_modes))
     rows = []
     for partition, (mode, label) in enumerate(driver.w3_modes):
@@ -395,6 +398,305 @@ def w3(driver: Driver, stream: str, seconds: float, rate: float = 1 / W3_INTERVA
             row.ok, row.note = False, res.verdict
         rows.append(row)
     return rows
+
+
+# -- W3 and W6 on asyncio: the trickle path (issue 14) -----------------------------------------
+#
+# W3  one producer, open loop: a record every 2 ms for 5 s (+0.2 s uncounted warm-up) to one
+#     partition, each send a task of its own (the next is not held back by the last one's answer),
+#     while a push consumer in the same asyncio process tails the partition. put-to-receive
+#     p50/p99/max, the put's own p50, and the broker's CPU per record.
+# W6  200 producers (a connection each), one record per request at 10 requests/s each for 20 s,
+#     each waiting for its answer (a late answer delays that producer's next request: counted as
+#     late). request latency p50/p99/max, the broker's CPU per record.
+# Both run once per produce mode of the driver (drivers.AioSluice / AioNats: produce_modes).
+
+W6_PRODUCERS = 200
+W6_RATE = 10.0                 # requests/s per producer
+W6_SECONDS = 20.0
+W6_RECORD_SIZE = 100
+W6_PARTITIONS = 4
+QUICK.update({"w6_seconds": 2.0})
+TARGETS = {"w3_p99_x_peer": 1.5, "w6_p99_x_peer": 2.0, "w3_cpu_ms_per_record": 0.25}
+
+
+@dataclass
+class OpenTally:
+    """What an open-loop W3 consumer saw. Records may be acknowledged out of order when puts
+    overlap (open loop over unary calls), so arrival order is counted, not judged; every index
+    must arrive exactly once."""
+    expected: int
+    warm: int
+    latencies: list[int] = field(default_factory=list)
+    received: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    highest: int = -1
+    seen: bytearray = field(default_factory=bytearray)
+    done: Any = None               # an asyncio.Event, made on the workload's loop
+
+    def take(self, payloads: list[bytes], now: int) -> None:
+        seen, unpack = self.seen, HEADER.unpack_from
+        for data in payloads:
+            index, sent = unpack(data)
+            if seen[index]:
+                self.duplicates += 1
+                continue
+            seen[index] = 1
+            if index < self.highest:
+                self.reordered += 1
+            else:
+                self.highest = index
+            self.received += 1
+            if index >= self.warm:
+                self.latencies.append(now - sent)
+        if self.received >= self.expected and self.done is not None:
+            self.done.set()
+
+
+def _cpu_per_record_ms(row: Row, records: int) -> float:
+    return row.server_cpu_s / records * 1000 if records and not math.isnan(row.server_cpu_s) else float("nan")
+
+
+async def _w3_open(driver: Any, stream: str, partition: int, mode: str, label: str, seconds: float,
+                   rate: float) -> Row:
+    import asyncio
+    row = Row(driver.system, driver.door, driver.durability, f"W3 push ({label})")
+    interval_ns = int(1e9 / rate)
+    warm = max(1, int(W3_WARM_UP_S * rate))
+    expected = warm + int(seconds * rate)
+    tally = OpenTally(expected, warm, seen=bytearray(expected), done=asyncio.Event())
+    consumer = await driver.push(stream, partition, tally.take)
+    sender = await driver.sender(stream, mode, partition=partition)
+    pad = os.urandom(W3_RECORD_SIZE - HEADER.size)
+    pack, clock = HEADER.pack, time.perf_counter_ns
+    put_latencies: list[float] = []
+    errors: list[str] = []
+    inflight: set[asyncio.Task[None]] = set()
+    late = 0
+
+    async def put(payload: bytes, sent: int, counted: bool) -> None:
+        try:
+            await sender.send(payload)
+        except Exception as exc:  # a failure is reported, not raised
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if counted:
+            put_latencies.append((clock() - sent) / 1e6)
+
+    meter = CpuMeter(driver.pid)
+    try:
+        start = clock() + 50_000_000
+        meter.start()
+        for i in range(expected):
+            due = start + i * interval_ns
+            now = clock()
+            if due > now:
+                await asyncio.sleep((due - now) / 1e9)
+            elif now - due > interval_ns:
+                late += 1
+            sent = clock()
+            task = asyncio.ensure_future(put(pack(i, sent) + pad, sent, i >= warm))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        if inflight:
+            await asyncio.wait(list(inflight))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await tally.done.wait()
+        meter.stop()
+    finally:
+        await consumer.close()
+        await sender.close()
+    lat = tally.latencies
+    row.records = len(lat)
+    row.measure(meter)
+    row.p50_ms, row.p99_ms = pct(lat, 0.5) / 1e6, pct(lat, 0.99) / 1e6
+    row.extra = {"mode": mode, "sent": expected, "received": tally.received, "rate": rate, "open_loop": True,
+                 "put_p50_ms": pct(put_latencies, 0.5), "put_p99_ms": pct(put_latencies, 0.99),
+                 "p90_ms": pct(lat, 0.9) / 1e6, "max_ms": pct(lat, 1.0) / 1e6, "late_sends": late,
+                 "reordered": tally.reordered, "duplicates": tally.duplicates,
+                 "server_cpu_ms_per_record": _cpu_per_record_ms(row, expected)}
+    if errors:
+        row.ok, row.note = False, f"{len(errors)} puts failed: {errors[0]}"
+    elif tally.received != expected or tally.duplicates:
+        row.ok, row.note = False, f"received {tally.received}/{expected}, {tally.duplicates} duplicates"
+    elif not lat:
+        row.ok, row.note = False, "no records counted"
+    return row
+
+
+def w3_open(driver: Any, stream: str, seconds: float, rate: float = 1 / W3_INTERVAL_S) -> list[Row]:
+    """W3 (asyncio, open loop) per produce mode of the driver, one partition each, one after the other."""
+    import asyncio
+
+    async def go() -> list[Row]:
+        await driver.create_stream(stream, len(driver.produce_modes))
+        return [await _w3_open(driver, stream, n, mode, label, seconds, rate)
+                for n, (mode, label) in enumerate(driver.produce_modes)]
+    return asyncio.run(go())
+
+
+async def _w6(driver: Any, stream: str, mode: str, label: str, producers: int, rate: float,
+              seconds: float) -> Row:
+    import asyncio
+    row = Row(driver.system, driver.door, driver.durability, f"W6 ({label})")
+    senders = await asyncio.gather(*(driver.sender(stream, mode, key=f"dev-{n}") for n in range(producers)))
+    payloads = [os.urandom(W6_RECORD_SIZE) for _ in range(16)]
+    try:
+        # one request per producer before the clock: connections and calls open, first-call costs paid
+        await asyncio.gather(*(s.send(payloads[0]) for s in senders))
+        per = int(seconds * rate)
+        interval = 1 / rate
+        loop = asyncio.get_running_loop()
+        latencies: list[float] = []
+        errors: list[str] = []
+        late = [0]
+        start = loop.time() + 0.1
+
+        async def run(n: int, sender: Any) -> None:
+            phase = start + interval * n / producers   # spread evenly over the interval
+            clock = time.perf_counter
+            for i in range(per):
+                delay = phase + i * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif -delay > interval:
+                    late[0] += 1
+                t = clock()
+                try:
+                    await sender.send(payloads[i & 15])
+                except Exception as exc:  # a failure is reported, not raised
+                    errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    return
+                latencies.append(clock() - t)
+
+        meter = CpuMeter(driver.pid).start()
+        await asyncio.gather(*(run(n, s) for n, s in enumerate(senders)))
+        meter.stop()
+    finally:
+        await asyncio.gather(*(s.close() for s in senders), return_exceptions=True)
+    records = len(latencies)
+    row.records = records
+    row.measure(meter)
+    row.rate = records / meter.wall if meter.wall > 0 else 0.0
+    row.p50_ms, row.p99_ms = pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000
+    row.extra = {"mode": mode, "producers": producers, "rate_per_producer": rate, "requests": records,
+                 "max_ms": pct(latencies, 1.0) * 1000, "p90_ms": pct(latencies, 0.9) * 1000, "late_requests": late[0],
+                 "server_cpu_ms_per_record": _cpu_per_record_ms(row, records)}
+    if errors:
+        row.ok, row.note = False, f"{len(errors)} requests failed: {errors[0]}"
+    elif records != producers * per:
+        row.ok, row.note = False, f"{records}/{producers * per} requests answered"
+    return row
+
+
+def w6(driver: Any, stream: str, seconds: float, producers: int = W6_PRODUCERS, rate: float = W6_RATE) -> list[Row]:
+    """W6 per produce mode of the driver, a stream each (W6_PARTITIONS partitions, producer n's
+    records keyed dev-n); every record (with the warm-up ones) must be stored."""
+    import asyncio
+
+    async def go() -> list[Row]:
+        rows = []
+        for mode, label in driver.produce_modes:
+            name = f"{stream}-{mode}"
+            await driver.create_stream(name, W6_PARTITIONS)
+            row = await _w6(driver, name, mode, label, producers, rate, seconds)
+            stored = await driver.stored(name)
+            row.extra["stored"] = stored
+            if row.ok and stored != row.records + producers:
+                row.ok, row.note = False, f"stored {stored}/{row.records + producers}"
+            rows.append(row)
+        return rows
+    return asyncio.run(go())
+
+
+def trickle_table(rows: list[Row]) -> str:
+    """W3 and W6, every system side by side: latency, the broker's CPU per record."""
+    out = [("system", "door", "durability", "workload", "records", "p50 ms", "p99 ms", "max ms", "put p50 ms",
+            "server cpu ms/rec", "client cpu s", "ok")]
+    for r in rows:
+        if not r.workload.startswith(("W3 push (", "W6 (")):
+            continue
+        e = r.extra
+        out.append((r.system, r.door, r.durability, r.workload, f"{r.records:,}", _num(r.p50_ms, ".2f"),
+                    _num(r.p99_ms, ".2f"), _num(e.get("max_ms", float("nan")), ".2f"),
+                    _num(e.get("put_p50_ms", float("nan")), ".2f"),
+                    _num(e.get("server_cpu_ms_per_record", float("nan")), ".3f"),
+                    _num(r.client_cpu_s, ".2f"), "ok" if r.ok else ("FAIL " + r.note)[:60]))
+    return _plain_table(out) if len(out) > 1 else ""
+
+
+def trickle_verdicts(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """Issue 14's targets, Sluice (WAL) against JetStream in the same run."""
+    def find(system: str, prefix: str) -> list[Row]:
+        return [r for r in rows if r.system == system and r.workload.startswith(prefix) and r.ok
+                and (system != "Sluice" or r.durability == "wal")]
+    checks = []
+    for prefix, key, name in (("W3 push (", "w3_p99_x_peer", "W3 push p99"), ("W6 (", "w6_p99_x_peer", "W6 p99")):
+        peer = find("NATS JetStream", prefix)
+        for r in find("Sluice", prefix):
+            if peer:
+                limit = TARGETS[key] * peer[0].p99_ms
+                checks.append((f"{name} <= {TARGETS[key]:g}x JetStream's ({r.workload})",
+                               f"{r.p99_ms:.2f} ms vs {peer[0].p99_ms:.2f} ms = {r.p99_ms / peer[0].p99_ms:.2f}x",
+                               "met" if r.p99_ms <= limit else "NOT MET"))
+    for r in find("Sluice", "W3 push ("):
+        cpu = r.extra.get("server_cpu_ms_per_record", float("nan"))
+        checks.append((f"W3 broker CPU per record <= {TARGETS['w3_cpu_ms_per_record']:g} ms ({r.workload})",
+                       f"{cpu:.3f} ms", "met" if cpu <= TARGETS["w3_cpu_ms_per_record"] else "NOT MET"))
+    return checks
+
+
+# -- core: the broker core's share of the trickle path, in process ------------------------------
+
+CORE_RECORDS = 20_000
+CORE_WARM_UP = 500
+
+
+def core_trickle(records: int = CORE_RECORDS) -> dict[str, Any]:
+    """The core's put -> notify -> push path without a door: a Broker on a RocksStore (WAL) in this
+    process, one push subscriber (`Broker.subscribe`, max_wait 0), and `records` single-record
+    put_records, each awaited until the subscriber got it. CPU (this process: time.process_time)
+    and wall time per record. What W3 costs the broker beyond this is the gRPC door and grpc.aio."""
+    import asyncio
+    import tempfile
+
+    from broker.core.broker import Broker
+    from broker.model import PutEntry
+    from broker.storage.rocks import RocksStore
+
+    async def go(tmp: str) -> dict[str, Any]:
+        broker = Broker(RocksStore(os.path.join(tmp, "db")), cursor_secret=b"k" * 32)
+        await broker.start()
+        try:
+            await broker.create_stream("core", 1)
+            cursor = await broker.get_cursor("core", "0", "LATEST")
+            got: asyncio.Queue[int] = asyncio.Queue()
+
+            async def subscriber() -> None:
+                async for batch in broker.subscribe(cursor, None, 0):
+                    for r in batch.records:
+                        got.put_nowait(r.seq)
+            task = asyncio.ensure_future(subscriber())
+            entry = [PutEntry(os.urandom(W3_RECORD_SIZE), partition_id="0")]
+            seqs = []
+            for n in range(CORE_WARM_UP + records):
+                if n == CORE_WARM_UP:
+                    cpu, wall = time.process_time(), time.perf_counter()
+                await broker.put_records("core", entry)
+                seqs.append(await asyncio.wait_for(got.get(), 10))
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        finally:
+            await broker.close()
+        return {"records": records, "cpu_us_per_record": cpu / records * 1e6, "wall_us_per_record": wall / records * 1e6,
+                "in_order": seqs == list(range(len(seqs)))}
+
+    with tempfile.TemporaryDirectory(prefix="sluice-core-") as tmp:
+        return asyncio.run(go(tmp))
 
 
 # -- memory: the server's RSS with N records stored, then over a W1 loop -----------------------

@@ -35,6 +35,8 @@
       rocks.py           RocksStore: the embedded default; runs the engine off the event loop
       rocks_engine.py    RocksEngine: the blocking RocksDB engine (the only rocksdict user)
       keys.py            RocksDB key and value layout, format version
+      jetstream.py       JetStreamStore: the log (a JetStream stream per partition, a message per append
+                         batch, numbered by expected-last-sequence) and metadata (a KV bucket) on NATS
     rows/                typed (Timeplus) rows: no I/O, used by the doors and queries
       types.py           column types: parse what users type into one canonical text (ColumnType)
       schema.py          build_schema (the create body -> StreamSchema), columns_of (with _tp_time)

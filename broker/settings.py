@@ -41,6 +41,11 @@ class Settings:
     max_connections_per_client: int = 256
     max_requests_per_client: int = 256
     max_subscriptions_per_client: int = 64
+    nats_servers: str = ""
+    nats_prefix: str = "sluice"
+    replicas: int = 3
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
 
 
 _HELP = {
@@ -48,7 +53,8 @@ _HELP = {
     "host": "address both servers bind to",
     "grpc_port": "gRPC port (0 = any free port; the chosen port is printed in the ready line)",
     "http_port": "HTTP port of the DIS REST API (0 = any free port)",
-    "store": "storage engine: rocksdb (durable, default) or memory (nothing survives a restart)",
+    "store": "storage engine: rocksdb (durable, default), memory (nothing survives a restart) or jetstream "
+             "(records and metadata on a NATS JetStream cluster, --nats-servers; nothing kept in --data-dir)",
     "fsync": "fsync every commit, one per batch of concurrent appends (survives power loss); by default an "
              "acknowledged batch is in the RocksDB write-ahead log, which survives a process crash",
     "memtable_mb": "RocksDB memtable size in MiB; at most two exist at once (one filling, one flushing)",
@@ -79,10 +85,18 @@ _HELP = {
                     "--auth-file is set",
     "tsdb_port": "also serve the OpenTSDB door alone on this port (HiTSDB's convention; 0 = any free port); "
                  "by default it is served on --http-port only",
+    "nats_servers": "--store jetstream: the NATS servers, comma-separated (nats://host:port,...)",
+    "nats_prefix": "--store jetstream: prefix of every JetStream stream, subject and KV bucket of this Sluice "
+                   "deployment (several may share one NATS cluster)",
+    "replicas": "--store jetstream: replicas of every JetStream stream and KV bucket (1 on a single node); an append "
+                "is acknowledged once JetStream stored it on a majority of them",
+    "nats_creds": "--store jetstream: NATS credentials file (JWT + nkey seed) for the connection",
+    "nats_tls_ca": "--store jetstream: PEM CA certificate to verify the NATS servers over TLS (tls:// URLs)",
 }
 
 # Options without a default value: their type.
-_OPTIONAL = {"tsdb_port": int, "metrics_port": int, "auth_file": str, "tls_cert": str, "tls_key": str}
+_OPTIONAL = {"tsdb_port": int, "metrics_port": int, "auth_file": str, "tls_cert": str, "tls_key": str,
+             "nats_creds": str, "nats_tls_ca": str}
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -135,7 +149,7 @@ class _Parser(argparse.ArgumentParser):
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data_dir": (lambda v: v.strip() != "", "a directory path, not empty"),
     "host": (lambda v: v.strip() != "", "an address or host name, not empty"),
-    "store": (lambda v: v in ("rocksdb", "memory"), "rocksdb or memory"),
+    "store": (lambda v: v in ("rocksdb", "memory", "jetstream"), "rocksdb, memory or jetstream"),
     "grpc_port": (lambda v: 0 <= v <= 65535, "within 0..65535"),
     "http_port": (lambda v: 0 <= v <= 65535, "within 0..65535"),
     "memtable_mb": (lambda v: v >= 1, "at least 1"),
@@ -161,6 +175,13 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_connections_per_client": (lambda v: v >= 1, "at least 1"),
     "max_requests_per_client": (lambda v: v >= 1, "at least 1"),
     "max_subscriptions_per_client": (lambda v: v >= 1, "at least 1"),
+    "nats_servers": (lambda v: all(re.fullmatch(r"(nats|tls)://[^\s,/]+", u.strip()) for u in v.split(",")
+                                   if u.strip()), "nats://host:port or tls://host:port URLs, comma-separated"),
+    "nats_prefix": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v) is not None,
+                    "1-32 characters of A-Z, a-z, 0-9, _ and -"),
+    "replicas": (lambda v: 1 <= v <= 5, "within 1..5 (JetStream's limit)"),
+    "nats_creds": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
+    "nats_tls_ca": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
 }
 
 
@@ -213,6 +234,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         for b, port_b in ports[i + 1:]:
             if port_a == port_b and port_a:   # 0 and None never clash
                 parser.error(f"{_flag_name(a)} and {_flag_name(b)} are both {port_a}: each door needs its own port")
+    if args.store == "jetstream" and not args.nats_servers.strip():
+        parser.error("--store jetstream needs --nats-servers (env SLUICE_NATS_SERVERS): nats://host:port,...")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together: give both or neither")
     args.log_level = args.log_level.upper()

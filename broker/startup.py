@@ -135,6 +135,9 @@ def explain_store_failure(settings: Settings) -> Iterator[None]:
         raise _data_dir_error(settings, "cannot open the store in it", exc) from exc
     except BrokerError as exc:
         cause = f"{exc.__cause__}" if exc.__cause__ is not None else ""
+        if settings.store == "jetstream":   # nothing of it is in the data dir
+            raise StartupError(f"cannot open the JetStream store on {settings.nats_servers}: {exc.message}"
+                               + (f" ({cause})" if cause and cause not in exc.message else "")) from exc
         if exc.code is ErrorCode.STORAGE_FULL or "No space left" in cause:
             raise StartupError(f"data dir {settings.data_dir} is full; free some space, or choose another data "
                                f"dir with {option_hint('data_dir')}") from exc

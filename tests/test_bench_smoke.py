@@ -28,7 +28,7 @@ def _bench(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.Compl
 def _table(stdout: str) -> dict[tuple[str, str, str], dict[str, str]]:
     """The printed table: (door, durability, workload) -> {column: cell}."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("system |"))
+    start = next(i for i, line in enumerate(lines) if line.split("|")[0].strip() == "system")
     assert [c.strip() for c in lines[start].split("|")] == list(COLUMNS)
     rows = {}
     for line in lines[start + 2:]:
@@ -47,7 +47,7 @@ def _check_figures(rows: dict[tuple[str, str, str], dict[str, str]]) -> None:
     for key, r in rows.items():
         assert r["ok"] == "ok", key
         assert _num(r["records"]) > 0 and _num(r["wall s"]) > 0, key
-        if key[2].startswith("W3"):
+        if key[2].startswith(("W3", "W6")):
             assert r["rec/s"] == "-" and 0 < _num(r["p50 ms"]) <= _num(r["p99 ms"]), key
         else:
             assert _num(r["rec/s"]) > 0 and _num(r["MB/s"]) > 0, key
@@ -62,15 +62,15 @@ def _result(tmp_path: Path, pattern: str = "*.json") -> dict:
 
 def test_suite_quick_both_doors(tmp_path):
     """make bench's runner, quick and WAL only: W1/W2/W3 over gRPC and REST, a table and a JSON file."""
-    out = _bench(tmp_path, "--quick", "--durability", "wal", "--w3-seconds", "0.5")
+    out = _bench(tmp_path, "--quick", "--durability", "wal", "--w3-seconds", "0.5", "--workloads", "w1,w2,w3t")
     rows = _table(out.stdout)
-    assert set(rows) == {("gRPC", "wal", "W1 put"), ("gRPC", "wal", "W2 read"), ("gRPC", "wal", "W3 push"),
-                         ("gRPC", "wal", "W3 long-poll"), ("REST", "wal", "W1 put"), ("REST", "wal", "W2 read"),
-                         ("REST", "wal", "W3 long-poll")}, out.stdout
+    assert set(rows) == {("gRPC", "wal", "W1 put"), ("gRPC", "wal", "W2 read"), ("gRPC", "wal", "W3t push"),
+                         ("gRPC", "wal", "W3t long-poll"), ("REST", "wal", "W1 put"), ("REST", "wal", "W2 read"),
+                         ("REST", "wal", "W3t long-poll")}, out.stdout
     _check_figures(rows)
     for door in ("gRPC", "REST"):
         assert _num(rows[(door, "wal", "W1 put")]["records"]) == _num(rows[(door, "wal", "W2 read")]["records"]) == 20_000
-        assert _num(rows[(door, "wal", "W3 long-poll")]["records"]) == 250   # 0.5 s at 500 records/s, all received
+        assert _num(rows[(door, "wal", "W3t long-poll")]["records"]) == 250   # 0.5 s at 500 records/s, all received
 
     doc = _result(tmp_path)
     assert {"started_utc", "command", "cpus", "loadavg_before", "config", "rows", "ratios"} <= set(doc)
@@ -82,8 +82,42 @@ def test_suite_quick_both_doors(tmp_path):
         assert r["client_cpu_s"] is not None and r["server_cpu_s"] is not None, r
     w1 = next(r for r in doc["rows"] if r["door"] == "gRPC" and r["workload"] == "W1 put")
     assert w1["extra"] == {"batches": 40, "failed_records": 0, "stored": 20_000} and w1["rate"] > 0
-    push = next(r for r in doc["rows"] if r["workload"] == "W3 push")
+    push = next(r for r in doc["rows"] if r["workload"] == "W3t push")
     assert push["extra"]["sent"] == push["extra"]["received"] == 350 and push["extra"]["put_p50_ms"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
+def test_trickle_quick(tmp_path):
+    """W3 (asyncio, open loop) and W6 at small sizes, Sluice and JetStream in one run (needs
+    nats-server, which `make test` installs): the rows, the side-by-side table, the verdicts."""
+    out = _bench(tmp_path, "--quick", "--durability", "wal", "--doors", "grpc", "--workloads", "w3,w6", "--compare",
+                 "--peers", "nats", "--w3-seconds", "0.5", "--w6-seconds", "1", "--w6-producers", "20")
+    rows = _table(out.stdout)
+    modes = ["unary put"] + (["stream put"] if "PutRecordsStream" in (ROOT / "protos" / "sluice" / "v1" /
+                                                                    "sluice.proto").read_text() else [])
+    want = {("gRPC", "wal", f"W3 push ({m})") for m in modes} | {("gRPC", "wal", f"W6 ({m})") for m in modes} | {
+        ("nats-py", "file (no fsync)", "W3 push (js.publish)"), ("nats-py", "file (no fsync)", "W6 (js.publish)")}
+    assert set(rows) == want, out.stdout
+    _check_figures(rows)
+    assert "side by side" in out.stdout and "server cpu ms/rec" in out.stdout
+    assert "W3 broker CPU per record <= 0.25 ms" in out.stdout and "W6 p99 <= 2x JetStream's" in out.stdout
+    doc = _result(tmp_path)
+    for r in doc["rows"]:
+        assert r["ok"] and r["extra"]["server_cpu_ms_per_record"] > 0, r
+        if r["workload"].startswith("W3"):   # 0.2 s warm-up + 0.5 s at 500 records/s, every one received
+            assert r["extra"]["sent"] == r["extra"]["received"] == 350 and r["records"] == 250, r
+        else:   # 20 producers x 10 requests/s x 1 s, and every record stored (with a warm-up one each)
+            assert r["records"] == 200 and r["extra"]["stored"] == 220, r
+    assert doc["config"]["w6_producers"] == 20 and len(doc["verdicts"]) >= 3
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
+
+
+def test_core_small(tmp_path):
+    """bench/run.py core: the core's trickle path in process, CPU and wall time per record."""
+    out = _bench(tmp_path, "core", "--records", "300")
+    assert "us CPU/record" in out.stdout
+    doc = _result(tmp_path, "core-*.json")
+    assert doc["records"] == 300 and doc["in_order"] and 0 < doc["cpu_us_per_record"] < doc["wall_us_per_record"] * 2
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"
 
 
@@ -215,3 +249,20 @@ def test_tsdb_bad_options_are_refused(tmp_path):
         out = subprocess.run([sys.executable, RUN, "tsdb", *args], cwd=tmp_path, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args
+
+
+def test_jetstream_store_quick(tmp_path):
+    """--store jetstream: a broker on a fresh single-node nats-server, beside nats-py driving
+    JetStream directly, with the ratio table and the CPU split."""
+    out = _bench(tmp_path, "--quick", "--store", "jetstream", "--doors", "grpc", "--workloads", "w1,w2",
+                 "--compare", "--peers", "nats", timeout=180)
+    rows = _table(out.stdout)
+    for workload in ("W1 put", "W2 read"):
+        row = rows[("gRPC", "jetstream R=1", workload)]
+        assert row["ok"] == "ok" and float(row["rec/s"].replace(",", "")) > 0, row
+        assert rows[("nats", "file (no fsync)", workload)]["ok"] == "ok"
+    assert not any(d == "wal" for _, d, _ in rows)   # --store jetstream alone: no RocksDB broker
+    assert "Sluice on JetStream / JetStream direct (nats-py):" in out.stdout
+    assert "Sluice on JetStream, CPU over all its workloads: broker" in out.stdout
+    data = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert data["config"]["store"] == ["jetstream"] and len(data["jetstream_cpu_s"]) == 2

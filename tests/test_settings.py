@@ -80,3 +80,26 @@ def test_tsdb_options_default_set_and_clash() -> None:
     for argv in (["--tsdb-port", "8080"], ["--tsdb-port", "50051"]):   # the defaults of the other doors
         with pytest.raises(SystemExit):
             parse_settings(argv, environ={})
+
+
+def test_jetstream_options() -> None:
+    s = parse_settings(["--store", "jetstream", "--replicas", "1"],
+                       environ={"SLUICE_NATS_SERVERS": "nats://a:4222, tls://b:4223", "SLUICE_NATS_PREFIX": "prod-1"})
+    assert (s.store, s.nats_servers, s.nats_prefix, s.replicas) == ("jetstream", "nats://a:4222, tls://b:4223",
+                                                                     "prod-1", 1)
+    assert (Settings().replicas, Settings().nats_prefix, Settings().nats_creds) == (3, "sluice", None)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--store", "jetstream"], "--store jetstream needs --nats-servers"),
+    (["--store", "jetstream", "--nats-servers", "http://a:1"], "--nats-servers must be"),
+    (["--nats-prefix", "a.b"], "--nats-prefix must be"),
+    (["--replicas", "0"], "--replicas must be"),
+    (["--nats-creds", ""], "--nats-creds must be"),
+])
+def test_bad_jetstream_options_are_one_line(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(argv, environ={})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err

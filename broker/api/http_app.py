@@ -168,25 +168,35 @@ class _RequestHandler(web.RequestHandler):
         """Writing the answer: a client that reads none of it for the idle timeout is dropped, so
         a 10 MiB GetRecords it never reads does not hold its buffer and connection for ever. A
         slow reader is not: the check is whether the transport's write buffer shrank meanwhile.
-        (Streaming answers bound each write themselves: http.write_or_drop.)"""
-        writing = asyncio.ensure_future(super().finish_response(request, resp, start_time))
+        (Streaming answers bound each write themselves: http.write_or_drop.)
+
+        The watchdog is a timer on the loop, not a task: most answers are written at once and
+        the timer is cancelled unfired (one TimerHandle per request, no task, no asyncio.wait).
+        Dropping the client resets the connection, which ends aiohttp's write with a
+        ConnectionError: it then reports the connection closed."""
+        timeout = self._keepalive_timeout
+        if not timeout:
+            return await super().finish_response(request, resp, start_time)
+        loop = asyncio.get_running_loop()
         left: int | None = None   # bytes waiting in the transport at the last check
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal left, timer
+            transport = self.transport
+            now_left = transport.get_write_buffer_size() if transport is not None else 0
+            if transport is None or (left is not None and now_left >= left):
+                log.debug("dropped a client that read none of its answer for %ss", timeout)
+                reset(transport)
+                return
+            left = now_left
+            timer = loop.call_later(timeout, check)
+
+        timer = loop.call_later(timeout, check)
         try:
-            while True:
-                done, _ = await asyncio.wait({writing}, timeout=self._keepalive_timeout or None)
-                if done:
-                    return writing.result()
-                transport = self.transport
-                now_left = transport.get_write_buffer_size() if transport is not None else 0
-                if transport is None or (left is not None and now_left >= left):
-                    break
-                left = now_left
+            return await super().finish_response(request, resp, start_time)
         finally:
-            if not writing.done():
-                writing.cancel()
-        log.debug("dropped a client that read none of its answer for %ss", self._keepalive_timeout)
-        reset(self.transport)
-        return resp, True
+            timer.cancel()
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -84,9 +84,11 @@ class Consumers:
         """Delete an app and all its checkpoints. Raises INVALID_REQUEST, APP_NOT_FOUND."""
         async with self._lock:
             name = await self.app(project, app_name)
-            doomed: dict[bytes, bytes | None] = {apps.app_key(project, name): None}
-            for key, _ in await self._store.meta_scan(apps.checkpoint_prefix(project, name)):
-                doomed[key] = None
+            # the app key last: a store that applies the changes one by one (JetStream's KV) and
+            # stops in the middle leaves the app with fewer checkpoints, never checkpoints without it
+            doomed: dict[bytes, bytes | None] = {
+                key: None for key, _ in await self._store.meta_scan(apps.checkpoint_prefix(project, name))}
+            doomed[apps.app_key(project, name)] = None
             await self._store.meta_write(doomed)
 
     async def forget_stream(self, config: StreamConfig) -> None:

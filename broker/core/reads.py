@@ -7,7 +7,6 @@ is the store's business.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from operator import itemgetter
@@ -24,6 +23,12 @@ from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, 
 from broker.storage.base import Store
 
 _data = itemgetter(3)   # Record.data: a plain tuple index, faster than the attribute
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    """A long poll's time is up: wake its reader, which then returns what it has (nothing)."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class ReadPath:
@@ -142,21 +147,31 @@ class ReadPath:
         """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        woken = False
         while True:
+            if woken:   # a write (or the deadline) woke us: read first, and register again only if
+                # that finds nothing - a write woke us, so it usually finds the records
+                bounds, records = await self._read(sid, p, seq, limit, max_bytes)
+                if records or deadline <= loop.time() or self._notifier.closed:
+                    break
             waiter = self._notifier.register(sid, p) if wait_s > 0 else None
             try:
                 bounds, records = await self._read(sid, p, seq, limit, max_bytes)
                 remaining = deadline - loop.time()
                 if records or waiter is None or remaining <= 0 or self._notifier.closed:
                     break
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
-                # arrives as the waiter completes (a write notified it), and the reader never ends
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await waiter
+                # the waiter itself, resolved by a write or by one timer: not wait_for (on 3.11 it
+                # swallows a cancellation that arrives as the waiter completes, and the reader never
+                # ends) nor asyncio.timeout (a context object, and a task cancellation to undo, per wait)
+                timer = loop.call_at(deadline, _expire, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
             finally:
                 if waiter is not None:
                     self._notifier.discard(sid, p, waiter)
+            woken = True
             if self._catalogue.by_id(sid) is None:
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
         if records:   # what a consumer is handed: counted here, for GetRecords and subscriptions alike

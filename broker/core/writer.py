@@ -47,8 +47,10 @@ class Committer:
         future: asyncio.Future[list[AppendOutcome]] = asyncio.get_running_loop().create_future()
         self._pending.append((batches, future))
         self._wakeup.set()
-        # shield: a producer that goes away must not cancel an append other producers share
-        return await asyncio.shield(future)
+        # no shield: the future is this producer's alone. A producer that goes away cancels it and
+        # nothing else - its batches stay queued and are committed with the others, whose futures
+        # the committer resolves (it skips one that is done)
+        return await future
 
     async def _run(self) -> None:
         while True:

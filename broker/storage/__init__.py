@@ -12,6 +12,7 @@ from broker.storage.base import Store
 STORES = {
     "rocksdb": "broker.storage.rocks:RocksStore",
     "memory": "broker.storage.memory:MemoryStore",
+    "jetstream": "broker.storage.jetstream:JetStreamStore",
 }
 
 

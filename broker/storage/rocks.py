@@ -11,8 +11,10 @@ Where each blocking call runs:
   fsync, which takes milliseconds, and never while a mutation holds the engine's lock on the
   writer thread), and a small tail read (a few records just written, still in the memtable). These
   are most of a trickle producer's and a push subscriber's latency, and a share of a busy door's
-  CPU (below). (Also bounds of cached partitions: one, or up to INLINE_BOUNDS in bounds_many;
-  a bigger bounds_many, the streams listing, is one hop for all of them.)
+  CPU (below). A tail read the engine's tail cache holds (the partition's newest small batches
+  this process appended, rocks_engine.TAIL_BATCHES) does not touch RocksDB at all: no iterator,
+  a decode of the values kept in memory. (Also bounds of cached partitions: one, or up to
+  INLINE_BOUNDS in bounds_many; a bigger bounds_many, the streams listing, is one hop for all.)
 
 The append budget is not "tens of microseconds": rocksdict (0.3.x) holds the GIL through a write
 (its calls do not release it), so an append on the writer thread stops the event loop for as long
@@ -184,8 +186,12 @@ class RocksStore(Store):
         return list(await self._mutate(self._engine.append, batches))
 
     async def read(self, stream_id: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record]:
-        cached = self._engine.cached_bounds(stream_id, partition)
         # never inline while writes are refused: a reopen may hold the engine's readers back
+        if self._state is StorageState.OK:
+            tail = self._engine.read_tail(stream_id, partition, start_seq, limit, max_bytes)
+            if tail is not None:   # from memory: the batches this process appended last
+                return tail
+        cached = self._engine.cached_bounds(stream_id, partition)
         if cached is not None and self._state is StorageState.OK and cached[0] <= start_seq \
                 and cached[1] - start_seq <= INLINE_READ_RECORDS \
                 and self._engine.in_small_tail_batch(stream_id, partition, start_seq, INLINE_READ_BYTES):

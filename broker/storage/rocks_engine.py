@@ -56,6 +56,17 @@ from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, Stre
 from broker.storage import keys
 from broker.storage.base import IncompatibleStore
 
+# The tail cache: the newest small batches each partition appended in this process, kept as the
+# encoded values that were written, so a read of a partition's tail (a push subscriber or a long
+# poll woken by a write) decodes them from memory instead of opening a RocksDB iterator. Per
+# partition at most TAIL_BATCHES batches of TAIL_BYTES together (a bigger batch is not kept: bulk
+# writes are read by bulk readers, from RocksDB); over every partition at most TAIL_TOTAL_BYTES,
+# the partitions appended to longest ago given up first.
+TAIL_BATCHES = 8
+TAIL_BYTES = 16 * 1024
+TAIL_TOTAL_BYTES = 4 * 1024 * 1024
+_Tail = tuple[tuple[tuple[int, int, bytes], ...], int]   # ((first seq, count, value), ...), bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -130,6 +141,10 @@ class RocksEngine:
         self._hwm: dict[tuple[int, int], tuple[int, int]] = {}   # (sid, p) -> (next_seq, last_ts)
         self._first: dict[tuple[int, int], int] = {}             # (sid, p) -> first retained seq
         self._newest: dict[tuple[int, int], tuple[int, int]] = {}  # (sid, p) -> newest batch (first seq, bytes)
+        # (sid, p) -> the tail cache's batches of the partition, oldest partition first (see TAIL_BATCHES).
+        # Changed only under self._lock, each entry replaced whole: lock-free readers see one or the other.
+        self._tail: dict[tuple[int, int], _Tail] = {}
+        self._tail_bytes = 0
         self._load_catalogue()
 
     # -- catalogue -----------------------------------------------------------------------------
@@ -239,6 +254,8 @@ class RocksEngine:
                 for key in list(cache):   # one C-level copy: lock-free readers may add keys meanwhile
                     if key[0] == stream_id:
                         cache.pop(key, None)
+            for key in [k for k in self._tail if k[0] == stream_id]:
+                self._forget_tail(key)
 
     def list_streams(self) -> list[StreamConfig]:
         return [self._streams[k] for k in sorted(self._streams)]
@@ -294,6 +311,7 @@ class RocksEngine:
             wb = rocksdict.WriteBatch(raw_mode=True)
             staged: dict[tuple[int, int], tuple[int, int]] = {}
             newest: dict[tuple[int, int], tuple[int, int]] = {}
+            added: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}
             firsts: list[int | None] = []
             encode, rkey = keys.encode_batch, keys.record_key
             for batch in batches:
@@ -308,6 +326,7 @@ class RocksEngine:
                     value = encode(ts, batch.items)
                     wb.put(rkey(sid, p, next_seq), value)
                     newest[(sid, p)] = (next_seq, len(value))
+                    added.setdefault((sid, p), []).append((next_seq, len(batch.items), value))
                     next_seq += len(batch.items)
                 staged[(sid, p)] = (next_seq, ts)
             for (sid, p), (next_seq, ts) in staged.items():
@@ -316,7 +335,66 @@ class RocksEngine:
                 self._write(wb, "append")
                 self._hwm.update(staged)
                 self._newest.update(newest)
+                self._remember_tail(added)
             return firsts
+
+    # -- the tail cache (TAIL_BATCHES) ----------------------------------------------------------
+
+    def _remember_tail(self, added: dict[tuple[int, int], list[tuple[int, int, bytes]]]) -> None:
+        """After a write (under the lock): the batches just written join their partition's tail."""
+        tail = self._tail
+        for key, new in added.items():
+            old = self._forget_tail(key)   # re-inserted below: the dict's order is the order of appends
+            batches = tuple(new)
+            if old is not None and old[0][-1][0] + old[0][-1][1] == new[0][0]:   # contiguous: extend
+                batches = old[0] + batches
+            size = sum(len(v) for _, _, v in batches)
+            while batches and (len(batches) > TAIL_BATCHES or size > TAIL_BYTES):
+                size -= len(batches[0][2])
+                batches = batches[1:]
+            if batches:
+                tail[key] = (batches, size)
+                self._tail_bytes += size
+        while self._tail_bytes > TAIL_TOTAL_BYTES and tail:
+            self._forget_tail(next(iter(tail)))
+
+    def _forget_tail(self, key: tuple[int, int]) -> _Tail | None:
+        old = self._tail.pop(key, None)
+        if old is not None:
+            self._tail_bytes -= old[1]
+        return old
+
+    def read_tail(self, sid: int, partition: int, start_seq: int, limit: int, max_bytes: int) -> list[Record] | None:
+        """What read() returns, from the tail cache alone (memory, no I/O): None when the cache
+        does not hold the start of the read (the caller reads RocksDB then). Fewer records than
+        are stored past the cached ones is a short read, as max_bytes would make it."""
+        cached = self._tail.get((sid, partition))
+        state, first = self._hwm.get((sid, partition)), self._first.get((sid, partition))
+        if cached is None or state is None or first is None or sid not in self._by_id:
+            return None
+        batches = cached[0]
+        start = max(start_seq, first)
+        if start >= state[0] or limit <= 0:
+            return []
+        last_first, last_count, _ = batches[-1]
+        end = min(state[0], start + limit, last_first + last_count)
+        if start < batches[0][0] or start >= end:
+            return None
+        out: list[Record] = []
+        total = 0
+        decode = keys.decode_batch
+        for batch_first, count, value in batches:
+            if batch_first + count <= start:
+                continue
+            if batch_first >= end:
+                break
+            lo, hi = max(start - batch_first, 0), min(count, end - batch_first)
+            records, used = decode(value, batch_first, lo, hi, max_bytes - total, not out)
+            out += records
+            total += used
+            if len(records) < hi - lo:  # max_bytes reached
+                break
+        return out
 
     @staticmethod
     def _upper_bound(stream_id: int, partition: int, end_seq: int | None = None) -> rocksdict.ReadOptions:
@@ -561,6 +639,8 @@ class RocksEngine:
             self._db = db
             self._down = False
             self._first.clear()   # a trim reported failed may have persisted: reload what is durable
+            for key in list(self._tail):
+                self._forget_tail(key)
         finally:
             with self._gate:
                 self._reopening = False
@@ -582,6 +662,7 @@ class RocksEngine:
                           "acknowledged", sid, p, durable[0], next_seq)
                 self._hwm[(sid, p)] = durable
                 self._newest.pop((sid, p), None)
+                self._forget_tail((sid, p))
                 continue
             if durable[0] > next_seq:
                 log.warning("after reopening rocksdb: stream %d partition %d held seq %d..%d of a write reported "

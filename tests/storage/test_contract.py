@@ -1,7 +1,8 @@
 """The Store contract (broker/storage/base.py), run over every implementation.
 
-`store` is parametrized over the in-memory reference model and the RocksDB store on a real
-directory; every test in the first part runs against both. The last part is RocksDB only: it
+`store` is parametrized over every registered store: the in-memory reference model, the RocksDB
+store on a real directory and the JetStream store on a single-node nats-server (R=1, a prefix of
+its own per test); every test in the first part runs against each. The last part is RocksDB only: it
 closes and reopens the directory and checks that nothing the contract promises was lost.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from broker.settings import Settings
 from broker.storage import STORES, keys, open_store
 from broker.storage.base import Store
 from broker.storage.rocks import RocksStore
+from tests.storage.conftest import delete_prefix, fresh_prefix
 
 BIG = 1 << 30  # a max_bytes / limit that never binds
 
@@ -29,6 +31,15 @@ BIG = 1 << 30  # a max_bytes / limit that never binds
 @pytest.fixture(params=sorted(STORES))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """Every registered store, built through the registry as the broker builds it."""
+    if request.param == "jetstream":
+        url = request.getfixturevalue("jetstream_server").url
+        prefix = fresh_prefix()
+        s = await open_store(Settings(store="jetstream", data_dir=str(tmp_path / "data"), nats_servers=url,
+                                      nats_prefix=prefix, replicas=1))
+        yield s
+        await s.close()
+        await delete_prefix(url, prefix)
+        return
     s = await open_store(Settings(store=request.param, data_dir=str(tmp_path / "data")))
     yield s
     await s.close()

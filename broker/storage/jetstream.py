@@ -1,0 +1,1163 @@
+"""JetStreamStore: the log and the metadata on a NATS JetStream cluster, so a broker keeps nothing
+of its own on disk (issue 13, first step: one broker; the multi-broker coordination comes next).
+
+Layout (every name starts with --nats-prefix, default "sluice"; P below):
+
+    JetStream stream P_<stream_id>_<partition>   one per Sluice partition, subject P.<stream_id>.<partition>,
+                                                 file storage, --replicas, allow_direct, max_age =
+                                                 the stream's retention + MAX_AGE_MARGIN_S (a backstop:
+                                                 the broker's own retention trims first)
+    KV bucket P_meta                             the catalogue and the core's metadata:
+        s.<project>.<stream_name>                JSON StreamConfig (created with kv.create: STREAM_EXISTS is exact)
+        n                                        the next stream id (a compare-and-set counter)
+        t.<stream_id>.<partition>                the trim marker: logical first seq (+ the head when trimmed)
+        m[.<hh>...]                              a core metadata key (meta_get/scan/write), encoded below
+
+Why one JetStream stream per partition (measured, single node, 4 partitions, batches of 10 x 100 B,
+nats-server 2.9.10, one client): appends with Expected-Last-Sequence on a per-partition stream ran
+10.7-12.3k messages/s against 11.1-14.1k with Expected-Last-Subject-Sequence on one stream per
+Sluice stream - about even - but reads were 17.2k messages/s against 4.8k: a partition's JetStream
+sequence numbers are consecutive (only a prefix is ever purged), so a read pipelines direct gets of
+j, j+1, ... at once, where the shared stream must ask `next_by_subj` one message at a time. In a
+cluster a stream per partition also spreads the RAFT leaders (and the write load) over the nodes.
+The price: a JetStream stream (1.3 ms to create on one node) per partition.
+
+One message per Sluice append batch (or per run of batches of one partition in one append call,
+which then commit together): the body is frames of `u32 length + batch value`, the batch value
+being the RocksDB store's compact layout (storage/keys.py: offsets, keys, payloads; no JSON, no
+base64 per record); headers `S-Seq` (first Sluice seq), `S-N` (records) and `S-Ts` (the newest
+timestamp) number it without decoding the body.
+
+Numbering by optimistic concurrency: a publish carries `Nats-Expected-Last-Sequence` = the JetStream
+seq of the partition's last message (a per-partition head cache: last JetStream seq, next Sluice
+seq, last timestamp), so two writers never assign the same Sluice seqs; on a mismatch the head is
+re-read from the last message, the message renumbered and published again. `Nats-Msg-Id` is
+<stream_id>.<partition>.<first seq>.<writer id> (the writer id is this store instance's: another
+writer's message with the same first seq is never taken for ours). A publish whose outcome is
+unknown (a timeout, a reconnect) is settled before anything else is appended to that partition: the
+same message is published again - JetStream answers a duplicate ack with the original seq if the
+first one was stored - or, when the expected-last check refuses it, the message after the expected
+one is read: ours (by msg id) or not stored, ever (its slot is taken). Only when JetStream stays
+unreachable for SETTLE_S does the batch fail with the retriable UNAVAILABLE (see "Not settled").
+
+Metadata keys are bytes; KV keys are `[-/_=.A-Za-z0-9]` tokens. A key is written "m", one hex token
+per byte for its first PREFIX_TOKENS bytes, then the rest as one hex token: a prefix scan of up to
+PREFIX_TOKENS bytes is a subject filter (m.61.62.>), a longer one filters the rows of its first
+PREFIX_TOKENS bytes here. Key order is restored by sorting.
+
+meta_write is not atomic on KV (there is no multi-key transaction in JetStream 2.9): its changes
+are applied in the order given (runs of puts pipelined on one connection, deletes one at a time),
+so a crash of the broker, or an error, in the middle leaves a prefix of them applied. This broker's
+own readers see a meta_write whole or not at all (a readers-writer lock in this store); readers on
+other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
+* one key: create_app, commit_checkpoint, the cursor key (core/reads.py), a source definition
+  (sources/manager.py);
+* deletes only: delete_app (its checkpoints first, the app key last: a crash leaves the app with
+  fewer checkpoints, and deleting it again finishes), delete_checkpoint, forget_stream (a deleted
+  stream's checkpoints), a deleted stream's monitoring series - deletes are idempotent, so a
+  partial one is finished by the next delete of the same thing;
+* the monitoring series' flush (core/metric_series.py): a row block and the oldest-hour key per
+  stream; the flush that stopped raised, so the next one computes its deltas from the same
+  snapshots again and rewrites whole blocks (rows are replaced, never added to);
+* the tsdb registry's new series types (tsdb/series.py): one independent key per series; a prefix
+  stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
+None needs two keys to change together.
+
+Not this round: other brokers' appends are seen by this broker's reads (they read JetStream), but its
+head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; consumer
+group and source leases, cross-broker push and the 3-node tests are the next step (issue 13).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import ssl
+import struct
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import StreamConfig as JsStreamConfig
+from nats.js.kv import KeyValue
+
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
+from broker.settings import Settings
+from broker.storage import keys as layout
+from broker.storage.base import AppendOutcome, Durability, StorageState, Store, StoreCapabilities
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REQUEST_TIMEOUT_S = 5.0        # one JetStream request (a publish's ack, a direct get, an API call)
+SETTLE_S = 30.0                # how long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S)
+DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
+MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the stream's retention
+MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
+PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
+READ_WINDOW = 32               # direct gets in flight for one read
+PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
+HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
+
+_FRAME = struct.Struct(">I")
+_WRONG_LAST_SEQ = (10071, 10164)
+_NO_SPACE = (10023, 10047, 10028, 10077)   # insufficient resources, resources exceeded, store failed
+_PREFIX_OK = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def _unavailable(what: str, exc: BaseException | None = None) -> BrokerError:
+    err = server_error(ErrorCode.UNAVAILABLE, detail=f"JetStream: {what}" + (f" ({exc})" if exc else ""))
+    if exc is not None:
+        err.__cause__ = exc
+    return err
+
+
+def _api_error(exc: nats.js.errors.APIError) -> BrokerError:
+    desc = str(exc.description or "")
+    if exc.err_code in _NO_SPACE or "resources" in desc or "maximum bytes" in desc:
+        err = server_error(ErrorCode.STORAGE_FULL)
+        err.__cause__ = exc
+        return err
+    return _unavailable(desc or f"error {exc.err_code}", None)
+
+
+def _translate(exc: BaseException) -> BrokerError:
+    """Any nats-py failure -> a catalogued BrokerError (never a raw nats exception)."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code:
+        return _api_error(exc)
+    if isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+        return _unavailable("no answer in time", exc)
+    if isinstance(exc, (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError,
+                        nats.js.errors.ServiceUnavailableError)):
+        return _unavailable("no responders", exc)
+    return _unavailable(type(exc).__name__, exc)
+
+
+async def _guard(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except (BrokerError, _Missing):
+        raise
+    except Exception as exc:
+        raise _translate(exc) from exc
+
+
+# -- metadata keys ---------------------------------------------------------------------------------
+
+def meta_kv_key(key: bytes) -> str:
+    h = key.hex()
+    head = "".join("." + h[i:i + 2] for i in range(0, min(len(h), 2 * PREFIX_TOKENS), 2))
+    return "m" + head + ("." + h[2 * PREFIX_TOKENS:] if len(key) > PREFIX_TOKENS else "")
+
+
+def meta_key_of(kv_key: str) -> bytes:
+    return bytes.fromhex(kv_key[1:].replace(".", ""))
+
+
+# -- message bodies --------------------------------------------------------------------------------
+
+def _frames(values: Iterable[bytes]) -> bytes:
+    return b"".join(part for v in values for part in (_FRAME.pack(len(v)), v))
+
+
+def _unframe(body: bytes) -> list[bytes]:
+    out, at, end = [], 0, len(body)
+    while at < end:
+        (n,) = _FRAME.unpack_from(body, at)
+        out.append(body[at + 4:at + 4 + n])
+        at += 4 + n
+    return out
+
+
+@dataclass(slots=True)
+class _Msg:
+    """A partition message as read back: its JetStream seq, Sluice numbering and batch values."""
+    js_seq: int
+    first: int
+    count: int
+    last_ts: int
+    msg_id: str
+    body: bytes
+
+    @property
+    def end(self) -> int:
+        return self.first + self.count
+
+
+def _parse(msg: Msg) -> _Msg | None:
+    """A direct-get answer -> _Msg; None for 404 (no such message)."""
+    hdr = msg.headers or {}
+    status = hdr.get("Status")
+    if status:
+        if status == "404":
+            return None
+        raise _unavailable(f"direct get answered {status} {hdr.get('Description', '')}".strip())
+    return _Msg(int(hdr["Nats-Sequence"]), int(hdr["S-Seq"]), int(hdr["S-N"]), int(hdr["S-Ts"]),
+                hdr.get("Nats-Msg-Id", ""), msg.data)
+
+
+@dataclass(slots=True)
+class _Head:
+    js_last: int   # JetStream seq of the partition's last message (0: none ever)
+    next_seq: int  # the Sluice seq the next record gets
+    last_ts: int
+
+
+@dataclass(slots=True)
+class _Trim:
+    first: int     # logical first retained seq
+    rev: int = 0   # KV revision (compare-and-set)
+
+
+class _RWLock:
+    """Many readers or one writer (meta_get/scan vs meta_write), on the event loop; a waiting
+    writer goes first (readers in a loop would starve it)."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+        self._cond = asyncio.Condition()
+
+    async def read_acquire(self) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and not self._waiting)
+            self._readers += 1
+
+    async def read_release(self) -> None:
+        async with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    async def write_acquire(self) -> None:
+        async with self._cond:
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            finally:
+                self._waiting -= 1
+            self._writer = True
+
+    async def write_release(self) -> None:
+        async with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class JetStreamStore(Store):
+    def __init__(self, nc: NatsClient, kv: KeyValue, *, prefix: str = "sluice", replicas: int = 1) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
+        self._kv = kv
+        self._kv_bucket = f"{prefix}_meta"
+        self._prefix = prefix
+        self._replicas = replicas
+        self.capabilities = StoreCapabilities(Durability.REPLICATED if replicas > 1 else Durability.PROCESS_CRASH,
+                                              shared=True)
+        self._writer_id = uuid.uuid4().hex[:12]
+        self._configs: dict[int, StreamConfig] = {}
+        self._heads: dict[tuple[int, int], _Head] = {}
+        self._trims: dict[tuple[int, int], _Trim] = {}
+        self._locks: dict[tuple[int, int], asyncio.Lock] = {}
+        # where sequential reads resume: (sid, p) -> {sluice seq: JetStream seq of the message holding it}
+        self._resume: dict[tuple[int, int], dict[int, int]] = {}
+        self._meta_lock = _RWLock()
+        self._state = StorageState.OK
+        self._probe: asyncio.Task[None] | None = None
+        self._closed = False
+        self._closing_flag: list[bool] = []
+        self.publishes = 0     # observability and tests
+        self.renumbered = 0    # numbering conflicts resolved
+        self.settled = 0       # unknown publish outcomes settled
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> JetStreamStore:
+        servers = [s.strip() for s in settings.nats_servers.split(",") if s.strip()]
+        return await cls.open(servers, prefix=settings.nats_prefix, replicas=settings.replicas,
+                              creds=settings.nats_creds, tls_ca=settings.nats_tls_ca)
+
+    @classmethod
+    async def open(cls, servers: Sequence[str], *, prefix: str = "sluice", replicas: int = 1,
+                   creds: str | None = None, tls_ca: str | None = None) -> JetStreamStore:
+        if not _PREFIX_OK.fullmatch(prefix):
+            raise ValueError(f"prefix must be 1-32 of A-Z a-z 0-9 _ -, not {prefix!r}")
+        options: dict[str, Any] = {"servers": list(servers), "connect_timeout": 5, "max_reconnect_attempts": -1,
+                                   "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker"}
+        if creds:
+            options["user_credentials"] = creds
+        if tls_ca:
+            options["tls"] = ssl.create_default_context(cafile=tls_ca)
+
+        errors_told: list[bool] = []   # one line per outage, not one per reconnect attempt
+
+        async def quiet(exc: Exception) -> None:   # nats-py would print every error to stderr
+            if not errors_told:
+                errors_told.append(True)
+                log.warning("NATS connection: %s", exc)
+
+        async def disconnected() -> None:
+            if not closing:
+                log.warning("NATS: disconnected; reconnecting")
+
+        async def reconnected() -> None:
+            errors_told.clear()
+            log.info("NATS: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+
+        closing: list[bool] = []   # the store's close() appends: its disconnection is no news
+        options.update(error_cb=quiet, disconnected_cb=disconnected, reconnected_cb=reconnected)
+        nc = NatsClient()
+        try:
+            # the first connection tries each server a few times and gives up (a broker must not hang
+            # at startup); once connected, reconnects go on for as long as it takes
+            await nc.connect(**{**options, "max_reconnect_attempts": 2})
+            nc.options["max_reconnect_attempts"] = -1
+        except Exception as exc:
+            closing.append(True)
+            await nc.close()
+            raise _unavailable(f"cannot connect to {', '.join(servers)}", exc) from exc
+        try:
+            js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
+            bucket = f"{prefix}_meta"
+            try:
+                kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
+                                                              storage=StorageType.FILE))
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != 10058:   # exists with another configuration (replicas): use it as it is
+                    raise
+                kv = await js.key_value(bucket)
+            store = cls(nc, kv, prefix=prefix, replicas=replicas)
+            store._closing_flag = closing
+            for config in await store.list_streams():
+                store._configs[config.stream_id] = config
+        except Exception as exc:
+            closing.append(True)
+            await nc.close()
+            if isinstance(exc, nats.js.errors.APIError):   # say what was refused: --replicas too high, ...
+                raise _unavailable(f"creating or reading the KV bucket {prefix}_meta with {replicas} replicas: "
+                                   f"{exc.description} (error {exc.err_code})") from None
+            raise _translate(exc) from exc
+        if nc.max_payload < 6 * 1024 * 1024:
+            log.warning("NATS max_payload is %d bytes: an append batch larger than that (a PutRecords of up to "
+                        "5 MB to one partition) is refused; set max_payload: 8MB in nats-server's configuration",
+                        nc.max_payload)
+        return store
+
+    @property
+    def storage_state(self) -> StorageState:
+        return self._state
+
+    # -- names -------------------------------------------------------------------------------------
+
+    def _stream_name(self, sid: int, p: int) -> str:
+        return f"{self._prefix}_{sid}_{p}"
+
+    def _subject(self, sid: int, p: int) -> str:
+        return f"{self._prefix}.{sid}.{p}"
+
+    @staticmethod
+    def _name_key(project: str, stream_name: str) -> str:
+        return f"s.{project}.{stream_name}"
+
+    def _lock(self, sid: int, p: int) -> asyncio.Lock:
+        lock = self._locks.get((sid, p))
+        if lock is None:
+            lock = self._locks[(sid, p)] = asyncio.Lock()
+        return lock
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise server_error(ErrorCode.UNAVAILABLE, detail="store is closed")
+
+    # -- the catalogue -----------------------------------------------------------------------------
+
+    async def _ensure_partition(self, config: StreamConfig, p: int) -> None:
+        js_config = JsStreamConfig(
+            name=self._stream_name(config.stream_id, p), subjects=[self._subject(config.stream_id, p)],
+            storage=StorageType.FILE, num_replicas=self._replicas, allow_direct=True,
+            max_age=config.retention_hours * 3600 + MAX_AGE_MARGIN_S, duplicate_window=DUPLICATE_WINDOW_S)
+        try:
+            await self._js.add_stream(js_config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10058:   # already there (another configuration: left as it is)
+                raise
+
+    async def _next_stream_id(self) -> int:
+        while True:
+            try:
+                entry = await self._kv.get("n")
+            except nats.js.errors.KeyNotFoundError:
+                try:
+                    await self._kv.create("n", b"2")
+                    return 1
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+            assert entry.value is not None and entry.revision is not None
+            current = int(entry.value)
+            try:
+                await self._kv.update("n", str(current + 1).encode(), last=entry.revision)
+                return current
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+
+    async def create_stream(self, config: StreamConfig) -> StreamConfig:
+        self._check_open()
+        return await _guard(self._create_stream(config))
+
+    async def _create_stream(self, config: StreamConfig) -> StreamConfig:
+        stored = replace(config, stream_id=await self._next_stream_id())
+        key = self._name_key(stored.project, stored.stream_name)
+        try:
+            await self._kv.create(key, json.dumps(asdict(stored)).encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name) from None
+        try:
+            await asyncio.gather(*(self._ensure_partition(stored, p) for p in range(stored.partition_count)))
+        except BaseException:
+            await asyncio.shield(self._undo_create(stored, key))
+            raise
+        self._configs[stored.stream_id] = stored
+        for p in range(stored.partition_count):
+            self._heads[(stored.stream_id, p)] = _Head(0, 0, 0)
+            self._trims[(stored.stream_id, p)] = _Trim(0)
+        return stored
+
+    async def _undo_create(self, stored: StreamConfig, key: str) -> None:
+        try:
+            await self._kv_erase(key)
+            await self._delete_partitions(stored.stream_id, stored.partition_count)
+        except Exception:
+            log.warning("could not undo the half-created stream %s (id %d)", stored.stream_name, stored.stream_id,
+                        exc_info=True)
+
+    async def _current(self, stream_id: int) -> tuple[StreamConfig, int]:
+        """The stored config of a live stream and its KV revision; STREAM_NOT_FOUND."""
+        config = self._configs.get(stream_id)
+        if config is None:   # another broker may have created it: look again
+            for c in await self.list_streams():
+                self._configs.setdefault(c.stream_id, c)
+            config = self._configs.get(stream_id)
+        if config is not None:
+            try:
+                entry = await self._kv.get(self._name_key(config.project, config.stream_name))
+                assert entry.value is not None and entry.revision is not None
+                stored = StreamConfig.from_dict(json.loads(entry.value))
+                if stored.stream_id == stream_id:
+                    return stored, entry.revision
+            except nats.js.errors.KeyNotFoundError:
+                pass
+            self._forget(stream_id)
+        raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {stream_id}")
+
+    def _forget(self, stream_id: int) -> None:
+        self._configs.pop(stream_id, None)
+        for cache in (self._heads, self._trims, self._resume, self._locks):
+            for k in [k for k in cache if k[0] == stream_id]:
+                del cache[k]   # type: ignore[attr-defined]
+
+    async def update_stream(self, config: StreamConfig) -> StreamConfig:
+        self._check_open()
+        return await _guard(self._update_stream(config))
+
+    async def _update_stream(self, config: StreamConfig) -> StreamConfig:
+        while True:
+            current, revision = await self._current(config.stream_id)
+            try:
+                await self._kv.update(self._name_key(current.project, current.stream_name),
+                                      json.dumps(asdict(config)).encode(), last=revision)
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        self._configs[config.stream_id] = config
+        await asyncio.gather(*(self._ensure_partition(config, p) for p in range(config.readable_partition_count)))
+        return config
+
+    async def drop_stream(self, stream_id: int) -> None:
+        self._check_open()
+        await _guard(self._drop_stream(stream_id))
+
+    async def _drop_stream(self, stream_id: int) -> None:
+        config, revision = await self._current(stream_id)
+        if not await self._kv_erase(self._name_key(config.project, config.stream_name), revision):
+            return await self._drop_stream(stream_id)   # changed meanwhile: decide again
+        self._forget(stream_id)
+        # the name is free and the stream invisible from here on; a crash below leaves JetStream
+        # streams no config points to (garbage, never read: ids are never reused)
+        await self._delete_partitions(stream_id, config.readable_partition_count)
+        await asyncio.gather(*(self._kv_erase(f"t.{stream_id}.{p}") for p in range(config.readable_partition_count)))
+
+    async def _delete_partitions(self, stream_id: int, count: int) -> None:
+        async def one(p: int) -> None:
+            try:
+                await self._js.delete_stream(self._stream_name(stream_id, p))
+            except nats.js.errors.NotFoundError:
+                pass
+        await asyncio.gather(*(one(p) for p in range(count)))
+
+    async def list_streams(self) -> list[StreamConfig]:
+        self._check_open()
+        rows = await _guard(self._scan("s.>"))
+        configs = [StreamConfig.from_dict(json.loads(v)) for _, v in rows]
+        return sorted(configs, key=lambda c: c.key)
+
+    async def _scan(self, pattern: str) -> list[tuple[str, bytes]]:
+        """Every live (key, value) of the bucket matching a subject pattern: an ephemeral consumer
+        from the last message of each key, pulled with no_wait until JetStream says there is no
+        more (a status message). Not counted by num_pending: nats-server 2.9.10 can overcount it
+        for subjects that were purged, and a fetch would wait for messages that never come."""
+        stream = f"KV_{self._kv_bucket}"
+        name = self._nc._nuid.next().decode()   # the id nats-py itself gives ephemeral consumers
+        await self._js.add_consumer(stream, config=ConsumerConfig(
+            name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+            filter_subject=f"$KV.{self._kv_bucket}.{pattern}", inactive_threshold=30.0, mem_storage=True,
+            num_replicas=1))
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        latest: dict[str, bytes | None] = {}
+        cut = len(f"$KV.{self._kv_bucket}.")
+        batch = 1024
+        try:
+            while True:
+                await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                                       json.dumps({"batch": batch, "no_wait": True}).encode(), reply=inbox)
+                got = 0
+                while got < batch:
+                    msg = await sub.next_msg(timeout=REQUEST_TIMEOUT_S)
+                    hdr = msg.headers or {}
+                    if hdr.get("Status"):   # 404 no messages / 408: nothing more now
+                        return [(k, v) for k, v in latest.items() if v is not None]
+                    op = hdr.get("KV-Operation")
+                    latest[msg.subject[cut:]] = None if op in ("DEL", "PURGE") else msg.data
+                    got += 1
+        finally:
+            await sub.unsubscribe()
+            try:
+                await self._js.delete_consumer(stream, name)
+            except Exception:   # it goes away by itself (inactive_threshold)
+                log.debug("deleting scan consumer %s", name, exc_info=True)
+
+    # -- the head, the trim point, messages ------------------------------------------------------
+
+    async def _direct_get(self, sid: int, p: int, payload: dict[str, Any]) -> _Msg | None:
+        try:
+            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{self._stream_name(sid, p)}",
+                                           json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT_S)
+        except nats.errors.NoRespondersError:
+            raise _Missing() from None
+        return _parse(reply)
+
+    async def _get(self, sid: int, p: int, js_seq: int) -> _Msg | None:
+        return await self._direct_get(sid, p, {"seq": js_seq})
+
+    async def _first_msg(self, sid: int, p: int) -> _Msg | None:
+        return await self._direct_get(sid, p, {"seq": 1, "next_by_subj": self._subject(sid, p)})
+
+    async def _last_msg(self, sid: int, p: int) -> _Msg | None:
+        return await self._direct_get(sid, p, {"last_by_subj": self._subject(sid, p)})
+
+    async def _trim_point(self, sid: int, p: int) -> _Trim:
+        trim = self._trims.get((sid, p))
+        if trim is None:
+            try:
+                entry = await self._kv.get(f"t.{sid}.{p}")
+                assert entry.value is not None and entry.revision is not None
+                trim = _Trim(json.loads(entry.value)["first"], entry.revision)
+            except nats.js.errors.KeyNotFoundError:
+                trim = _Trim(0)
+            self._trims[(sid, p)] = trim
+        return trim
+
+    async def _load_head(self, sid: int, p: int) -> _Head:
+        """From the partition's last message (raises _Missing when its JetStream stream is)."""
+        last = await self._last_msg(sid, p)
+        if last is not None:
+            head = _Head(last.js_seq, last.end, last.last_ts)
+        else:   # empty: never written, or every message expired (max_age): the trim marker holds the head
+            head = _Head(0, 0, 0)
+            info = await self._js.stream_info(self._stream_name(sid, p))
+            if info.state.last_seq:
+                marker = None
+                try:
+                    entry = await self._kv.get(f"t.{sid}.{p}")
+                    assert entry.value is not None
+                    marker = json.loads(entry.value)
+                except nats.js.errors.KeyNotFoundError:
+                    pass
+                if marker is None or info.state.last_seq != marker["js"]:
+                    raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
+                                       f"last trim, so its next sequence number is unknown")
+                head = _Head(marker["js"], marker["next"], marker["ts"])
+        self._heads[(sid, p)] = head
+        return head
+
+    async def _head(self, sid: int, p: int) -> _Head:
+        head = self._heads.get((sid, p))
+        return head if head is not None else await self._load_head(sid, p)
+
+    def _partition_known(self, sid: int, p: int) -> StreamConfig:
+        config = self._configs.get(sid)
+        if config is None:
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {sid}")
+        if not 0 <= p < config.readable_partition_count:
+            raise client_error(ErrorCode.PARTITION_NOT_FOUND, partition_id=p)
+        return config
+
+    async def _with_partition(self, sid: int, p: int, call: Any) -> Any:
+        """Run `call()` (reads of the partition's JetStream stream); a missing JetStream stream of a
+        live partition (a crash between the catalogue and its creation) is created, empty."""
+        config = self._partition_known(sid, p)
+        try:
+            return await _guard(call())
+        except _Missing:
+            pass
+        try:
+            await _guard(self._ensure_partition(config, p))
+            return await _guard(call())
+        except _Missing:
+            raise _unavailable(f"partition {sid}/{p}: its JetStream stream is missing") from None
+
+    # -- append ------------------------------------------------------------------------------------
+
+    async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
+        self._check_open()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(batches):
+            groups.setdefault((b.stream_id, b.partition), []).append(i)
+        outcomes: list[AppendOutcome] = [None] * len(batches)
+
+        async def one(key: tuple[int, int], indexes: list[int]) -> None:
+            results = await self._append_partition(key[0], key[1], [batches[i] for i in indexes])
+            for i, r in zip(indexes, results):
+                outcomes[i] = r
+
+        await asyncio.gather(*(one(k, ix) for k, ix in groups.items()))
+        return outcomes
+
+    async def _append_partition(self, sid: int, p: int, batches: list[AppendBatch]) -> list[AppendOutcome]:
+        config = self._configs.get(sid)
+        if config is None or not 0 <= p < config.readable_partition_count:
+            return [None] * len(batches)
+        async with self._lock(sid, p):
+            try:
+                await self._head(sid, p)
+            except _Missing:
+                try:
+                    await _guard(self._ensure_partition(config, p))
+                    await _guard(self._load_head(sid, p))
+                except BrokerError as exc:
+                    return [exc] * len(batches)
+            except Exception as exc:
+                err = _translate(exc)
+                return [err] * len(batches)
+            limit = self._nc.max_payload - HEADER_ROOM
+            outcomes: list[AppendOutcome] = []
+            run: list[tuple[AppendBatch, bytes]] = []
+            size = 0
+            for b in batches:
+                value = layout.encode_batch(b.timestamp_ms, b.items)   # stamped again if its time is raised
+                need = len(value) + _FRAME.size
+                if need > limit:
+                    if run:
+                        outcomes += await self._publish_run(sid, p, run)
+                        run, size = [], 0
+                    outcomes.append(client_error(ErrorCode.REQUEST_TOO_LARGE,
+                                                 detail=f"a batch of {need} bytes is more than the JetStream "
+                                                        f"server's max_payload allows ({self._nc.max_payload})"))
+                    continue
+                if run and size + need > limit:
+                    outcomes += await self._publish_run(sid, p, run)
+                    run, size = [], 0
+                run.append((b, value))
+                size += need
+            if run:
+                outcomes += await self._publish_run(sid, p, run)
+            return outcomes
+
+    async def _publish_run(self, sid: int, p: int, run: list[tuple[AppendBatch, bytes]]) -> list[AppendOutcome]:
+        """Publish `run` (batches of one partition) as one message; per batch its first seq or the
+        error (the same for all: one message is stored whole or not at all)."""
+        try:
+            firsts = await self._publish(sid, p, run)
+        except _Missing:   # its JetStream stream was deleted meanwhile: the stream is gone
+            return [None] * len(run)
+        except BrokerError as exc:
+            self._refused(exc)
+            return [exc] * len(run)
+        except Exception as exc:   # a bug: never a raw exception out of the store
+            log.exception("JetStream append failed")
+            return [_translate(exc)] * len(run)
+        if self._state is not StorageState.OK:
+            self._writable_again("a write went through")
+        return list(firsts)
+
+    # -- writes refused: health reports it (storage_state) until JetStream answers again ---------
+
+    def _refused(self, exc: BrokerError) -> None:
+        if self._closed or exc.code not in (ErrorCode.STORAGE_FULL, ErrorCode.UNAVAILABLE):
+            return
+        state = StorageState.FULL if exc.code is ErrorCode.STORAGE_FULL else StorageState.FAILED
+        if state is not self._state:
+            self._state = state
+            log.warning("storage %s: JetStream refused a write (%s); probing it every %gs", state.value,
+                        exc.message, PROBE_EVERY_S)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._recover(), name="sluice-jetstream-probe")
+
+    async def _recover(self) -> None:
+        """While writes are refused: JetStream's account info every PROBE_EVERY_S; once it answers,
+        writes are tried again (a write that still fails refuses them again)."""
+        while self._state is not StorageState.OK and not self._closed:
+            await asyncio.sleep(PROBE_EVERY_S)
+            try:
+                info = await self._js.account_info()
+            except Exception:   # still unreachable: probe again
+                continue
+            limit = info.limits.max_storage if info.limits else -1
+            if self._state is StorageState.FULL and limit and limit > 0 and info.storage >= limit:
+                continue
+            self._writable_again("JetStream answers again")
+
+    def _writable_again(self, why: str) -> None:
+        if self._state is not StorageState.OK:
+            log.info("storage ok: %s; writes are taken again", why)
+        self._state = StorageState.OK
+
+    def _build(self, sid: int, p: int, head: _Head,
+               run: list[tuple[AppendBatch, bytes]]) -> tuple[bytes, dict[str, str], list[int]]:
+        ts = head.last_ts
+        values, firsts = [], []
+        seq = head.next_seq
+        for b, value in run:
+            ts = max(ts, b.timestamp_ms)
+            values.append(value if ts == b.timestamp_ms else _stamp(value, ts))
+            firsts.append(seq)
+            seq += len(b.items)
+        headers = {"Nats-Expected-Last-Sequence": str(head.js_last),
+                   "Nats-Msg-Id": f"{sid}.{p}.{head.next_seq}.{self._writer_id}",
+                   "S-Seq": str(head.next_seq), "S-N": str(seq - head.next_seq), "S-Ts": str(ts)}
+        return _frames(values), headers, firsts
+
+    async def _publish(self, sid: int, p: int, run: list[tuple[AppendBatch, bytes]]) -> list[AppendOutcome]:
+        subject = self._subject(sid, p)
+        for _ in range(MAX_RENUMBER):
+            head = self._heads.get((sid, p))
+            if head is None:
+                head = await _guard(self._load_head(sid, p))
+            body, headers, firsts = self._build(sid, p, head, run)
+            stored: int | None
+            try:
+                stored = await self._request_publish(subject, body, headers)
+            except _Missing:
+                config = self._configs.get(sid)
+                if config is None:
+                    raise
+                await _guard(self._ensure_partition(config, p))
+                await _guard(self._load_head(sid, p))
+                continue
+            except _Conflict:
+                self.renumbered += 1
+                await _guard(self._load_head(sid, p))
+                continue
+            except _Unknown as unknown:
+                stored = await self._settle(sid, p, subject, body, headers, unknown.cause)
+                if stored is None:   # certainly not stored (another message took the slot): renumber
+                    self.renumbered += 1
+                    await _guard(self._load_head(sid, p))
+                    continue
+            assert stored is not None
+            count = int(headers["S-N"])
+            self._heads[(sid, p)] = _Head(stored, head.next_seq + count, int(headers["S-Ts"]))
+            self._remember(sid, p, head.next_seq, stored)
+            self.publishes += 1
+            return list(firsts)
+        raise _unavailable(f"partition {sid}/{p}: numbering conflicts did not stop after {MAX_RENUMBER} tries")
+
+    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        """The JetStream seq the message was stored at (or had been: a duplicate). Raises _Conflict
+        (the expected last seq is not the partition's), _Unknown (no answer: maybe stored),
+        BrokerError (certainly not stored)."""
+        try:
+            reply = await self._nc.request(subject, body, timeout=REQUEST_TIMEOUT_S, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise _Missing() from None
+        except (TimeoutError, nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+                nats.errors.OutboundBufferLimitError, OSError) as exc:
+            raise _Unknown(exc) from exc
+        ack = json.loads(reply.data)
+        error = ack.get("error")
+        if error is not None:
+            if error.get("err_code") in _WRONG_LAST_SEQ:
+                raise _Conflict()
+            raise _api_error(nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
+                                                     description=error.get("description")))
+        return int(ack["seq"])
+
+    async def _settle(self, sid: int, p: int, subject: str, body: bytes, headers: dict[str, str],
+                      cause: BaseException) -> int | None:
+        """A publish got no answer: stored (its JetStream seq) or certainly not (None). Raises
+        UNAVAILABLE (and forgets the head) when JetStream stays unreachable for SETTLE_S."""
+        deadline = time.monotonic() + SETTLE_S
+        expected = int(headers["Nats-Expected-Last-Sequence"])
+        pause = 0.05
+        log.warning("JetStream publish to %s: outcome unknown (%s); settling it", subject, cause)
+        while True:
+            stored: int | None
+            try:
+                try:
+                    stored = await self._request_publish(subject, body, headers)   # a duplicate if it was stored
+                except _Conflict:
+                    after = await self._get(sid, p, expected + 1)
+                    stored = after.js_seq if after is not None and after.msg_id == headers["Nats-Msg-Id"] else None
+                self.settled += 1
+                return stored
+            except (_Unknown, _Missing, BrokerError) as exc:
+                if isinstance(exc, BrokerError) and exc.code is not ErrorCode.UNAVAILABLE:
+                    raise
+                if isinstance(exc, _Missing) and sid not in self._configs:
+                    raise   # the stream was deleted: its records are gone either way
+                if time.monotonic() > deadline:
+                    self._heads.pop((sid, p), None)   # re-read before the next append
+                    raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled in "
+                                       f"{SETTLE_S:g}s; retry") from None
+            except (TimeoutError, nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError) as exc:
+                if time.monotonic() > deadline:
+                    self._heads.pop((sid, p), None)
+                    raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled", exc) from None
+            if self._closed:
+                self._heads.pop((sid, p), None)
+                raise _unavailable(f"partition {sid}/{p}: the store closed while a publish's outcome was unknown")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    def _remember(self, sid: int, p: int, seq: int, js_seq: int) -> None:
+        """Where `seq` starts (a message boundary): tail reads and sequential readers find it here."""
+        marks = self._resume.setdefault((sid, p), {})
+        marks[seq] = js_seq
+        if len(marks) > 256:
+            for k in sorted(marks)[:128]:
+                del marks[k]
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    async def _locate(self, sid: int, p: int, seq: int, head: _Head) -> _Msg | None:
+        """The message holding `seq` (None when no stored message does)."""
+        marks = self._resume.get((sid, p))
+        if marks:
+            js = marks.get(seq)
+            if js is not None:
+                msg = await self._get(sid, p, js)
+                if msg is not None and msg.first <= seq < msg.end:
+                    return msg
+        first = await self._first_msg(sid, p)
+        if first is None or seq < first.first:
+            return first
+        if seq < first.end:
+            return first
+        lo, hi = first.js_seq + 1, head.js_last   # the answer's JetStream seq is in [lo, hi]
+        found: _Msg | None = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            msg = await self._get(sid, p, mid)
+            if msg is None:   # purged meanwhile
+                lo = mid + 1
+                continue
+            if msg.end <= seq:
+                lo = mid + 1
+            elif msg.first > seq:
+                hi = mid - 1
+                found = msg
+            else:
+                return msg
+        return found
+
+    async def _iter_msgs(self, sid: int, p: int, start: int, limit: int) -> AsyncIterator[tuple[_Msg, int]]:
+        """(message, index of its first wanted record) from `start` on, in order, prefetching the
+        next ones (pipelined direct gets) sized by how many records are still wanted."""
+        head = await self._head(sid, p)
+        trim = await self._trim_point(sid, p)
+        start = max(start, trim.first)
+        if start >= head.next_seq:
+            return
+        msg = await self._locate(sid, p, start, head)
+        if msg is None:
+            return
+        skip = max(0, start - msg.first)
+        records, seen = msg.end - msg.first - skip, 1
+        js = msg.js_seq + 1
+        yield msg, skip
+        last = msg
+        while records < limit and js <= head.js_last:
+            per_msg = max(1, records // seen)
+            window = min(READ_WINDOW, max(1, -(-(limit - records) // per_msg)), head.js_last - js + 1)
+            got = await asyncio.gather(*(self._get(sid, p, j) for j in range(js, js + window)))
+            js += window
+            for m in got:
+                if m is None:   # purged meanwhile (a trim: always a prefix): what came before is all
+                    return
+                records += m.count
+                seen += 1
+                last = m
+                yield m, 0
+            self._remember(sid, p, last.end, last.js_seq + 1)
+
+    async def _collect(self, sid: int, p: int, start: int, limit: int, max_bytes: int, columns: bool) -> Any:
+        out: list[Any] = []   # records, or payloads (columns)
+        times: list[tuple[int, int]] = []
+        first: int | None = None
+        budget = max_bytes
+        async for msg, skip in self._iter_msgs(sid, p, start, limit):
+            seq = msg.first
+            for value in _unframe(msg.body):
+                n, _ = layout.batch_header(value)
+                if skip >= n:
+                    skip -= n
+                    seq += n
+                    continue
+                hi = min(n, skip + limit - len(out))
+                got: list[Any]
+                if columns:
+                    got, ts, used = layout.batch_payloads(value, skip, hi, budget, not out)
+                    if got:
+                        times.append((len(got), ts))
+                else:
+                    got, used = layout.decode_batch(value, seq, skip, hi, budget, not out)
+                if got and first is None:
+                    first = seq + skip
+                out += got
+                budget -= used
+                if len(out) >= limit or len(got) < hi - skip:
+                    self._remember(sid, p, seq + skip + len(got), msg.js_seq)
+                    return _result(out, times, first, start, columns)
+                skip = 0
+                seq += n
+        return _result(out, times, first, start, columns)
+
+    async def read(self, stream_id: int, partition: int, start_seq: int, limit: int,
+                   max_bytes: int) -> list[Record]:
+        self._check_open()
+        records: list[Record] = await self._with_partition(
+            stream_id, partition, lambda: self._collect(stream_id, partition, start_seq, limit, max_bytes, False))
+        return records
+
+    async def read_block(self, stream_id: int, partition: int, start_seq: int, limit: int,
+                         max_bytes: int) -> RecordBlock:
+        self._check_open()
+        block: RecordBlock = await self._with_partition(
+            stream_id, partition, lambda: self._collect(stream_id, partition, start_seq, limit, max_bytes, True))
+        return block
+
+    async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        self._check_open()
+
+        async def get() -> PartitionBounds:
+            head = await self._head(stream_id, partition)
+            trim = await self._trim_point(stream_id, partition)
+            first = min(max(trim.first, 0), head.next_seq)
+            return PartitionBounds(first, head.next_seq, head.last_ts)
+        result: PartitionBounds = await self._with_partition(stream_id, partition, get)
+        return result
+
+    async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
+        self._check_open()
+
+        async def find() -> int:
+            head = await self._head(stream_id, partition)
+            trim = await self._trim_point(stream_id, partition)
+            if head.next_seq <= trim.first or head.last_ts < timestamp_ms:
+                return head.next_seq
+            # the first message whose newest timestamp is >= timestamp_ms
+            first = await self._first_msg(stream_id, partition)
+            if first is None:
+                return head.next_seq
+            lo, hi, found = first.js_seq + 1, head.js_last, None
+            if first.last_ts >= timestamp_ms:   # retention's usual question: nothing has expired yet
+                lo, found = hi + 1, first
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                msg = await self._get(stream_id, partition, mid)
+                if msg is None or msg.last_ts < timestamp_ms:
+                    lo = mid + 1
+                else:
+                    found, hi = msg, mid - 1
+            if found is None:
+                return head.next_seq
+            seq = found.first
+            for value in _unframe(found.body):
+                n, ts = layout.batch_header(value)
+                if ts >= timestamp_ms:
+                    break
+                seq += n
+            return max(seq, trim.first)
+        result: int = await self._with_partition(stream_id, partition, find)
+        return result
+
+    async def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
+        self._check_open()
+        await self._with_partition(stream_id, partition, lambda: self._trim(stream_id, partition, before_seq))
+
+    async def _trim(self, sid: int, p: int, before_seq: int) -> None:
+        async with self._lock(sid, p):
+            head = await self._head(sid, p)
+            trim = await self._trim_point(sid, p)
+            before = min(before_seq, head.next_seq)
+            if before <= trim.first:
+                return
+            marker = json.dumps({"first": before, "next": head.next_seq, "ts": head.last_ts,
+                                 "js": head.js_last}).encode()
+            key = f"t.{sid}.{p}"
+            while True:   # compare-and-set: the logical first seq never moves back
+                try:
+                    rev = await (self._kv.update(key, marker, last=trim.rev) if trim.rev
+                                 else self._kv.create(key, marker))
+                    self._trims[(sid, p)] = _Trim(before, rev)
+                    break
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    self._trims.pop((sid, p), None)
+                    trim = await self._trim_point(sid, p)
+                    if before <= trim.first:
+                        return
+            # purge whole messages below the one holding `before` (the last one always stays: it
+            # holds the head); a message straddling the cut stays, hidden by the marker
+            keep = head.js_last if before >= head.next_seq else \
+                getattr(await self._locate(sid, p, before, head), "js_seq", head.js_last)
+            if keep > 1:
+                await self._js.purge_stream(self._stream_name(sid, p), seq=keep)
+            marks = self._resume.get((sid, p))
+            if marks:
+                for k in [k for k in marks if k < before]:
+                    del marks[k]
+
+    # -- metadata ----------------------------------------------------------------------------------
+
+    async def meta_get(self, key: bytes) -> bytes | None:
+        self._check_open()
+        await self._meta_lock.read_acquire()
+        try:
+            return await _guard(self._meta_get(key))
+        finally:
+            await self._meta_lock.read_release()
+
+    async def _meta_get(self, key: bytes) -> bytes | None:
+        try:
+            entry = await self._kv.get(meta_kv_key(key))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value if entry.value is not None else b""
+
+    async def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        self._check_open()
+        await self._meta_lock.read_acquire()
+        try:
+            return await _guard(self._meta_scan(prefix))
+        finally:
+            await self._meta_lock.read_release()
+
+    async def _meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        rows: list[tuple[bytes, bytes]] = []
+        if len(prefix) <= PREFIX_TOKENS:
+            exact = await self._meta_get(prefix)
+            if exact is not None:
+                rows.append((prefix, exact))
+        pattern = meta_kv_key(prefix[:PREFIX_TOKENS]) + ".>"
+        for k, v in await self._scan(pattern):
+            key = meta_key_of(k)
+            if key.startswith(prefix):
+                rows.append((key, v))
+        rows.sort()
+        return rows
+
+    async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        self._check_open()
+        if not changes:
+            return
+        await self._meta_lock.write_acquire()
+        try:
+            await _guard(self._meta_write(changes))
+        finally:
+            await self._meta_lock.write_release()
+
+    async def _kv_erase(self, key: str, revision: int | None = None) -> bool:
+        """Delete a key by purging its subject from the bucket's stream (history is 1): unlike a KV
+        delete, no tombstone is left for scans to wade through. With `revision`, only if that is
+        still the key's revision (False when the key has moved on)."""
+        request: dict[str, Any] = {"filter": f"$KV.{self._kv_bucket}.{key}"}
+        if revision is not None:
+            request["seq"] = revision + 1   # purges the key's messages below revision + 1
+        reply = await self._nc.request(f"$JS.API.STREAM.PURGE.KV_{self._kv_bucket}", json.dumps(request).encode(),
+                                       timeout=REQUEST_TIMEOUT_S)
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise _api_error(nats.js.errors.APIError(**{k: answer["error"].get(k) for k in
+                                                        ("code", "err_code", "description")}))
+        return revision is None or answer.get("purged", 0) > 0
+
+    async def _meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        """In the order given, so a crash leaves a prefix applied: a run of puts is pipelined (one
+        connection, one stream: JetStream stores them in the order sent), a delete (a purge, an
+        API request) waits for what came before it and is waited for."""
+        puts: list[Awaitable[int]] = []
+        for key, value in changes.items():
+            if value is None:
+                if puts:
+                    await asyncio.gather(*puts)
+                    puts = []
+                await self._kv_erase(meta_kv_key(key))
+            else:
+                puts.append(self._kv.put(meta_kv_key(key), value))
+        if puts:
+            await asyncio.gather(*puts)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing_flag.append(True)
+        if self._probe is not None:
+            self._probe.cancel()
+        try:
+            await self._nc.close()
+        except Exception:
+            log.debug("closing the NATS connection", exc_info=True)
+
+
+def _result(out: list[Any], times: list[tuple[int, int]], first: int | None, start: int, columns: bool) -> Any:
+    if columns:
+        return RecordBlock(first if first is not None else start, out, times)
+    return out
+
+
+_TS = struct.Struct(">q")   # a batch value's timestamp: bytes 4..12 of its header (storage/keys.py)
+
+
+def _stamp(value: bytes, ts: int) -> bytes:
+    """The batch value with its timestamp raised to `ts` (the partition's clock)."""
+    return value[:4] + _TS.pack(ts) + value[12:]
+
+
+class _Missing(Exception):
+    """The partition's JetStream stream does not exist (no responders on its subject)."""
+
+
+class _Conflict(Exception):
+    """The expected last sequence was not the partition's: renumber."""
+
+
+class _Unknown(Exception):
+    """No answer to a publish: it may or may not be stored."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause

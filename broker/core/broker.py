@@ -21,7 +21,7 @@ import time
 from typing import AsyncGenerator, Callable, Mapping, Sequence
 
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
-from broker.core.catalogue import StreamCatalogue
+from broker.core.catalogue import StreamCatalogue, StreamSummary
 from broker.core.consumers import Consumers
 from broker.core.groups import ConsumerGroups
 from broker.core.leases import Leases, LocalLeases
@@ -38,7 +38,6 @@ from broker.errors import BrokerError
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
-    PartitionBounds,
     PutColumns,
     PutEntry,
     PutRecordsResult,
@@ -165,10 +164,9 @@ class Broker:
         """One page of the project's streams in name order. Raises INVALID_REQUEST."""
         return self.catalogue.page(project, limit, start_after)
 
-    async def stream_summaries(self, *, project: str = DEFAULT_PROJECT) -> list[tuple[StreamConfig,
-                                                                                    list[PartitionBounds]]]:
-        """Every stream of the project with its partitions' sequence bounds (see
-        StreamCatalogue.summaries). Raises INVALID_REQUEST."""
+    async def stream_summaries(self, *, project: str = DEFAULT_PROJECT) -> list[StreamSummary]:
+        """Every stream of the project with its records held, newest write and first partitions'
+        sequence bounds (see StreamCatalogue.summaries: shared and kept ~1 s). Raises INVALID_REQUEST."""
         return await self.catalogue.summaries(project)
 
     async def describe_stream(self, stream_name: object, start_after_partition: object = None,

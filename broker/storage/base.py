@@ -28,7 +28,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorCode
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 
 AppendOutcome = int | None | BrokerError
@@ -104,6 +104,21 @@ class Store(Protocol):
 
     async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         """First retained, next to assign, and the newest record's timestamp."""
+
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of many (stream_id, partition) pairs at once, in order: None for a pair whose
+        stream the store no longer has (dropped meanwhile); other errors raise as bounds() does.
+        For a listing of every stream, so a store should answer it in one round trip (one thread
+        hop, one network call), not one per partition. This default asks bounds() for each."""
+        out: list[PartitionBounds | None] = []
+        for stream_id, partition in partitions:
+            try:
+                out.append(await self.bounds(stream_id, partition))
+            except BrokerError as exc:
+                if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                    raise
+                out.append(None)
+        return out
 
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         """The first retained seq whose timestamp is >= timestamp_ms, else next_seq."""

@@ -78,7 +78,7 @@ import struct
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence, TypeVar, cast
 
 import nats
 import nats.errors
@@ -105,6 +105,7 @@ MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 READ_WINDOW = 32               # direct gets in flight for one read
+BOUNDS_IN_FLIGHT = 64          # partitions' bounds asked at once by bounds_many (the streams listing)
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
 HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
 
@@ -969,6 +970,31 @@ class JetStreamStore(Store):
             return PartitionBounds(first, head.next_seq, head.last_ts)
         result: PartitionBounds = await self._with_partition(stream_id, partition, get)
         return result
+
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of many partitions with up to BOUNDS_IN_FLIGHT of them asked at once (one
+        round trip each for a partition whose head is not in memory), not one after another."""
+        self._check_open()
+        out: list[PartitionBounds | None] = []
+
+        async def one(sid: int, p: int) -> PartitionBounds | None:
+            if sid not in self._configs:
+                return None
+            try:
+                return await self.bounds(sid, p)
+            except BrokerError as exc:   # dropped meanwhile
+                if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                    raise
+                return None
+
+        for at in range(0, len(partitions), BOUNDS_IN_FLIGHT):
+            got = await asyncio.gather(*(one(sid, p) for sid, p in partitions[at:at + BOUNDS_IN_FLIGHT]),
+                                       return_exceptions=True)
+            for item in got:
+                if isinstance(item, BaseException):
+                    raise item
+            out += cast(list[PartitionBounds | None], got)
+        return out
 
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         self._check_open()

@@ -111,6 +111,16 @@ class MemoryStore(Store):
         part = self._partition(stream_id, partition)
         return PartitionBounds(part.first_seq, part.next_seq, part.last_ts)
 
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        out: list[PartitionBounds | None] = []
+        for stream_id, partition in partitions:
+            if stream_id not in self._by_id:
+                out.append(None)
+                continue
+            part = self._partition(stream_id, partition)
+            out.append(PartitionBounds(part.first_seq, part.next_seq, part.last_ts))
+        return out
+
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         part = self._partition(stream_id, partition)
         return part.first_seq + bisect.bisect_left(part.timestamps, timestamp_ms)

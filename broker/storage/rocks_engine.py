@@ -494,6 +494,20 @@ class RocksEngine:
         with self._using():
             return self._bounds(stream_id, partition)
 
+    def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of each pair (None for a dropped stream), under one reader count: a caller
+        on a thread reads every uncached one in one hop."""
+        out: list[PartitionBounds | None] = []
+        with self._using():
+            for sid, p in partitions:
+                try:
+                    out.append(self._bounds(sid, p))
+                except BrokerError as exc:   # dropped (maybe while this ran)
+                    if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                        raise
+                    out.append(None)
+        return out
+
     def _bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         self._check_partition(stream_id, partition)
         next_seq, last_ts = self._hwm_of(stream_id, partition)

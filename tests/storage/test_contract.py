@@ -269,6 +269,20 @@ async def test_bounds_track_first_next_and_last_timestamp(store: Store) -> None:
     assert (await store.bounds(sid, 1)) == PartitionBounds(0, 0, 0)
 
 
+async def test_bounds_many_answers_each_pair_in_order_and_none_for_a_dropped_stream(store: Store) -> None:
+    a = (await store.create_stream(StreamConfig("a", 2))).stream_id
+    b = (await store.create_stream(StreamConfig("b", 1))).stream_id
+    gone = (await store.create_stream(StreamConfig("gone", 1))).stream_id
+    await store.append([batch(a, 1, 1000, b"x", b"y"), batch(b, 0, 2000, b"z")])
+    await store.trim(a, 1, 1)
+    await store.drop_stream(gone)
+    pairs = [(b, 0), (a, 1), (gone, 0), (a, 0)]
+    assert await store.bounds_many(pairs) == [PartitionBounds(0, 1, 2000), PartitionBounds(1, 2, 1000), None,
+                                              PartitionBounds(0, 0, 0)]
+    assert await store.bounds_many(pairs * 40) == (await store.bounds_many(pairs)) * 40   # past any inline budget
+    assert await store.bounds_many([]) == []
+
+
 async def test_timestamps_never_decrease_within_a_partition(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 2))).stream_id
     await store.append([batch(sid, 0, 5000, b"a")])

@@ -1089,6 +1089,43 @@ class JetStreamStore(Store):
         finally:
             await self._meta_lock.write_release()
 
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        self._check_open()
+        await self._meta_lock.write_acquire()
+        try:
+            return await _guard(self._meta_cas(meta_kv_key(key), expected, new))
+        finally:
+            await self._meta_lock.write_release()
+
+    async def _meta_cas(self, kv_key: str, expected: bytes | None, new: bytes | None) -> bool:
+        """On the key's KV revision: read it, compare, then write only if the revision is still the
+        one read - kv.create (expected absent), kv.update(last=revision), or a purge of the subject
+        below revision + 1 (a delete: it purges nothing when the key moved on). Another broker's
+        write in between makes the write fail; the value is read again and compared again, so a
+        False is always a value that differed (linearizable, not just a lost race)."""
+        for _ in range(MAX_RENUMBER):
+            try:
+                entry = await self._kv.get(kv_key)
+                current: bytes | None = entry.value if entry.value is not None else b""
+                revision = entry.revision
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):   # (a tombstone: absent,
+                current, revision = None, None                                           # kv.create handles it)
+            if current != expected:
+                return False
+            try:
+                if new is None:
+                    if revision is None or await self._kv_erase(kv_key, revision):
+                        return True
+                elif revision is None:
+                    await self._kv.create(kv_key, new)
+                    return True
+                else:
+                    await self._kv.update(kv_key, new, last=revision)
+                    return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+        raise _unavailable(f"compare-and-set of a metadata key lost {MAX_RENUMBER} races in a row")
+
     async def _kv_erase(self, key: str, revision: int | None = None) -> bool:
         """Delete a key by purging its subject from the bucket's stream (history is 1): unlike a KV
         delete, no tombstone is left for scans to wade through. With `revision`, only if that is

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from broker.errors import ErrorCode, server_error
 from broker.storage.base import Store
@@ -112,19 +112,18 @@ class LeaseTable:
 
     # -- one group's state as plain data (StoreLeases keeps it in the store) ---------------------
 
-    def load(self, app: str, stream_id: int, state: dict[str, dict[str, list[int] | int]]) -> None:
+    def load(self, app: str, stream_id: int, state: dict[str, Any]) -> None:
         """Replace one group's state with `state` (as `dump` gave it)."""
-        members = {m: int(e) for m, e in state.get("members", {}).items()}   # type: ignore[arg-type]
-        owners = {int(p): (str(o[0]), int(o[1])) for p, o in state.get("owners", {}).items()}   # type: ignore[index]
+        members = {str(m): int(e) for m, e in state.get("members", {}).items()}
+        owners = {int(p): (str(o[0]), int(o[1])) for p, o in state.get("owners", {}).items()}
         self._groups[(app, stream_id)] = _Group(members, owners)
 
-    def dump(self, app: str, stream_id: int) -> dict[str, dict[str, list[int] | int]] | None:
+    def dump(self, app: str, stream_id: int) -> dict[str, Any] | None:
         """One group's state as JSON-able data; None when the group is empty."""
         group = self._groups.get((app, stream_id))
         if group is None or not (group.members or group.owners):
             return None
-        return {"members": dict(group.members),   # type: ignore[dict-item]
-                "owners": {str(p): [o, e] for p, (o, e) in group.owners.items()}}  # type: ignore[misc]
+        return {"members": dict(group.members), "owners": {str(p): [o, e] for p, (o, e) in group.owners.items()}}
 
 
 class Leases(Protocol):

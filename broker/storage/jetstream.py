@@ -63,9 +63,14 @@ other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
   stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
 None needs two keys to change together.
 
+meta_cas (compare-and-set of one key) runs on KV revisions: kv.create when the key must be absent,
+kv.update(last=revision) otherwise, a purge below revision + 1 for a delete; a write that lost a race
+reads the key again and compares again. The brokers coordinate through it: the cursor key, consumer
+group leases (core/leases.py StoreLeases), source leases (sources/manager.py), tsdb series types.
+
 Not this round: other brokers' appends are seen by this broker's reads (they read JetStream), but its
-head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; consumer
-group and source leases, cross-broker push and the 3-node tests are the next step (issue 13).
+head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; cross-broker
+push and the 3-node tests are the next step (issue 13).
 """
 from __future__ import annotations
 

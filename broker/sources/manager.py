@@ -81,12 +81,14 @@ def lease_key(project: str, source_id: str) -> bytes:
 
 
 class Sources:
-    def __init__(self, broker: Broker, clock_ms: Callable[[], int] = _now_ms, lease_s: float = LEASE_S) -> None:
+    def __init__(self, broker: Broker, clock_ms: Callable[[], int] = _now_ms, lease_s: float = LEASE_S,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self._now = clock_ms
         # a shared store: sources are leased to one broker (module docstring)
         self._shared = broker.store.capabilities.shared
         self._lease_s = lease_s
+        self._monotonic = monotonic
         self.holder = uuid.uuid4().hex[:16]            # this broker, as a lease owner
         self._leases: dict[tuple[str, str], bytes] = {}  # the leases held: their stored value
         self._renewed: dict[tuple[str, str], float] = {}  # monotonic time of the last claim/renewal
@@ -134,9 +136,9 @@ class Sources:
         tasks = [*self._tasks.values(), *(t for ending in self._ending.values() for t in ending)]
         self._tasks.clear()
         await _cancel(tasks)
-        for key in list(self._leases):
-            with contextlib.suppress(BrokerError):
-                await self._release(key)
+        async with self._lock:   # a round still running (shielded) has finished: no lease is taken after this
+            for key in list(self._leases):
+                await self._release_quietly(key)
 
     async def _mutation(self, body: Callable[[], Awaitable[tuple[Any, Tasks]]]) -> Any:
         """Run a verb's body under the lock, to its end even if the caller goes away (a gRPC
@@ -370,7 +372,7 @@ class Sources:
                     return False
             ok = await self.broker.store.meta_cas(lkey, raw, new)
         if ok:
-            self._leases[key], self._renewed[key] = new, time.monotonic()
+            self._leases[key], self._renewed[key] = new, self._monotonic()
         else:
             self._leases.pop(key, None)
             self._renewed.pop(key, None)
@@ -418,20 +420,23 @@ class Sources:
                     if key not in self._defs:
                         self._states[key] = SourceState()
                     self._defs[key] = d
+            wanted: list[tuple[tuple[str, str], SourceDef]] = []
             for key, d in list(self._defs.items()):
-                if d.wanted != RUNNING:
-                    if key in self._tasks or key in self._leases:   # stopped through another broker
-                        ending += self._end(key)
-                        await self._release_quietly(key)
-                        state = self._states[key]
-                        state.status, state.message, state.lag = STOPPED, "", None
-                    elif self._states[key].status == RUNNING:
-                        self._states[key].status, self._states[key].message = STOPPED, ""
-                    continue
-                try:
-                    mine: bool | None = await self._claim(key)
-                except BrokerError:
-                    mine = None
+                if d.wanted == RUNNING:
+                    wanted.append((key, d))
+                elif key in self._tasks or key in self._leases:   # stopped through another broker
+                    ending += self._end(key)
+                    await self._release_quietly(key)
+                    state = self._states[key]
+                    state.status, state.message, state.lag = STOPPED, "", None
+                elif self._states[key].status == RUNNING:
+                    self._states[key].status, self._states[key].message = STOPPED, ""
+            # every lease at once: a slow store delays them all by one round trip, not one per source
+            claims = await asyncio.gather(*(self._claim(key) for key, _ in wanted), return_exceptions=True)
+            for (key, d), claim in zip(wanted, claims):
+                if isinstance(claim, BaseException) and not isinstance(claim, BrokerError):
+                    raise claim
+                mine = claim if isinstance(claim, bool) else None   # None: the store did not answer
                 if mine:
                     if key not in self._tasks:
                         log.info("source %s/%s: lease taken, running it here", d.project, d.name)
@@ -442,7 +447,7 @@ class Sources:
                                     d.project, d.name)
                         ending += self._end(key)
                     self._states[key].running(ELSEWHERE)
-                elif key in self._tasks and time.monotonic() - self._renewed.get(key, 0.0) > self._lease_s * 0.75:
+                elif key in self._tasks and self._monotonic() - self._renewed.get(key, 0.0) > self._lease_s * 0.75:
                     log.warning("source %s/%s: lease not renewed in time; stopping it here", d.project, d.name)
                     ending += self._end(key)
                     self._leases.pop(key, None)

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 import pytest
 
 from broker.core.broker import Broker
+from broker.errors import ErrorCode, server_error
 from broker.model import ColumnDef, StreamSchema
 from broker.sources.generator import TEMPLATE_COLUMNS
 from broker.sources.manager import ELSEWHERE, Sources, lease_key
@@ -28,17 +29,22 @@ class SharedMemoryStore(MemoryStore):
 
 
 class Clock:
+    """The wall clock (ms) of the leases; `mono` the brokers' monotonic clock (s), moved with it."""
+
     def __init__(self) -> None:
         self.ms = 1_700_000_000_000
 
     def __call__(self) -> int:
         return self.ms
 
+    def mono(self) -> float:
+        return self.ms / 1000
+
 
 class Node:
     def __init__(self, store: SharedMemoryStore, clock: Clock) -> None:
         self.broker = Broker(store, cursor_secret=b"k" * 32)
-        self.sources = Sources(self.broker, clock_ms=clock, lease_s=LEASE_S)
+        self.sources = Sources(self.broker, clock_ms=clock, lease_s=LEASE_S, monotonic=clock.mono)
 
     async def start(self) -> None:
         await self.broker.start()
@@ -135,5 +141,29 @@ async def test_a_broker_closing_hands_its_sources_over_at_once(
     a, b, _, _ = nodes
     await a.sources.create(P, gen("g"))
     await a.sources.close()                      # a clean stop releases the lease
+    await b.sources.tick()
+    assert b.running_here("g")
+
+
+async def test_a_holder_that_cannot_renew_stops_its_job_before_the_lease_runs_out(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, clock, _ = nodes
+    await a.sources.create(P, gen("g"))
+    calls = {"a": 0}
+
+    async def unreachable(*args: object) -> bool:
+        calls["a"] += 1
+        raise server_error(ErrorCode.UNAVAILABLE, detail="JetStream: no answer in time")
+    monkeypatch.setattr(a.sources, "_claim", lambda key: unreachable())
+    clock.ms += int(LEASE_S * 1000 * 0.5)
+    await a.sources.tick()
+    assert a.running_here("g")                   # within 3/4 of the lease: goes on
+    clock.ms += int(LEASE_S * 1000 * 0.3)
+    await a.sources.tick()
+    assert not a.running_here("g")               # stopped itself, before anyone else may take it
+    assert a.sources.get(P, "g").state.status == "failed" and calls["a"] == 2
+    await b.sources.tick()
+    assert not b.running_here("g")               # the lease has not run out yet
+    clock.ms += int(LEASE_S * 1000 * 0.3)
     await b.sources.tick()
     assert b.running_here("g")

@@ -7,7 +7,9 @@ import asyncio
 import random
 
 from broker.core.leases import LeaseTable, StoreLeases, lease_key
+from broker.storage.jetstream import JetStreamStore
 from broker.storage.memory import MemoryStore
+from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, jetstream_server  # noqa: F401
 
 APP, SID, LEASE = "default/app", 7, 1000
 
@@ -56,7 +58,22 @@ async def test_racing_heartbeats_on_two_brokers_never_grant_a_partition_twice() 
     """Members on two brokers heartbeat concurrently for rounds, some dying; after every round no
     partition is granted to two members with current leases, and a settled group covers all."""
     store = YieldingStore()
-    brokers = [StoreLeases(store), StoreLeases(store)]
+    await race([StoreLeases(store), StoreLeases(store)])
+
+
+async def test_the_same_race_on_two_jetstream_stores(jetstream_server: NatsServer) -> None:  # noqa: F811
+    """As above with each broker's own JetStreamStore on one server: meta_cas on KV revisions."""
+    prefix = fresh_prefix()
+    stores = [await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1) for _ in range(2)]
+    try:
+        await race([StoreLeases(s) for s in stores])
+    finally:
+        for s in stores:
+            await s.close()
+        await delete_prefix(jetstream_server.url, prefix)
+
+
+async def race(brokers: list[StoreLeases]) -> None:
     rng = random.Random(13)
     members = {f"m{i}": brokers[i % 2] for i in range(5)}
     held: dict[str, set[int]] = {m: set() for m in members}

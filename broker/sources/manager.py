@@ -171,6 +171,7 @@ class Sources:
 
         async def body_() -> tuple[Any, Tasks]:
             self._refuse_taken(project, name, None)
+            await self._refuse_taken_elsewhere(project, name, None)
             if len(self._defs) >= MAX_SOURCES:
                 raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"at most {MAX_SOURCES} sources per broker")
             await self.broker.store.meta_write({source_key(project, d.id): stored})
@@ -208,6 +209,7 @@ class Sources:
             stream, description, properties = self._fields(project, body, d)
             self._checked(project, d.type, stream, properties)
             self._refuse_taken(project, name, d.id)
+            await self._refuse_taken_elsewhere(project, name, d.id)
             new = d.with_(name=name, stream=stream, description=description, properties=properties,
                           updated_ms=self._now())
             await self.broker.store.meta_write({source_key(project, d.id): _encoded(new)})
@@ -312,6 +314,17 @@ class Sources:
     def _refuse_taken(self, project: str, name: str, own_id: str | None) -> None:
         if any(k[0] == project and d.name == name and d.id != own_id for k, d in self._defs.items()):
             raise client_error(ErrorCode.SOURCE_EXISTS, source=name)
+
+    async def _refuse_taken_elsewhere(self, project: str, name: str, own_id: str | None) -> None:
+        """On a shared store: the name taken by a source created through another broker since
+        this one last looked (a create racing another at the same moment may still both win)."""
+        if not self._shared:
+            return
+        for _, raw in await self.broker.store.meta_scan(source_prefix(project)):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                d = SourceDef.from_json(raw)
+                if d.name == name and d.id != own_id:
+                    raise client_error(ErrorCode.SOURCE_EXISTS, source=name)
 
     def _end(self, key: tuple[str, str]) -> Tasks:
         """Cancel the source's job; it is remembered until it has ended (see _ending)."""

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import pytest
 
 from broker.core.broker import Broker
-from broker.errors import ErrorCode, server_error
+from broker.errors import BrokerError, ErrorCode, server_error
 from broker.model import ColumnDef, StreamSchema
 from broker.sources.generator import TEMPLATE_COLUMNS
 from broker.sources.manager import ELSEWHERE, Sources, lease_key
@@ -167,3 +167,12 @@ async def test_a_holder_that_cannot_renew_stops_its_job_before_the_lease_runs_ou
     clock.ms += int(LEASE_S * 1000 * 0.3)
     await b.sources.tick()
     assert b.running_here("g")
+
+
+async def test_a_name_taken_through_the_other_broker_is_refused_before_its_next_round(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    a, b, _, _ = nodes
+    await a.sources.create(P, gen("g"))
+    with pytest.raises(BrokerError) as e:
+        await b.sources.create(P, gen("g"))      # b has not ticked: it learns of "g" from the store
+    assert e.value.code is ErrorCode.SOURCE_EXISTS

@@ -24,7 +24,7 @@ from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
 from broker.core.catalogue import StreamCatalogue, StreamSummary
 from broker.core.consumers import Consumers
 from broker.core.groups import ConsumerGroups
-from broker.core.leases import Leases, LocalLeases
+from broker.core.leases import Leases, LocalLeases, StoreLeases
 from broker.core.limits import DEFAULT_LIMITS, Limits
 from broker.core.metric_series import PARTITION_LABELS, STREAM_LABELS, MetricSeries, parse_labels, parse_period
 from broker.core.notify import WriteNotifier
@@ -71,10 +71,12 @@ class Broker:
         self.reads = ReadPath(self.catalogue, store, self.notifier, limits, clock_ms, self.stats)
         self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
-        # leases: see leases.py for the restart grace that started_ms enables
         self.queries = Queries(self.catalogue, self.reads, store, clock_ms)
-        self.groups = ConsumerGroups(self.catalogue, self.consumers, leases or LocalLeases(started_ms=clock_ms()),
-                                     limits, clock_ms)
+        # leases: see leases.py for the restart grace that started_ms enables; the brokers of a
+        # shared store keep one table in it
+        if leases is None:
+            leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(started_ms=clock_ms())
+        self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

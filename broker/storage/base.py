@@ -17,6 +17,8 @@ can implement it honestly:
   survives.
 * Errors: I/O failures raise `BrokerError` (`STORAGE_FULL` / `UNAVAILABLE`), never a backend
   exception; unknown stream ids raise STREAM_NOT_FOUND (reads) or yield None (appends).
+* `meta_cas` is the one coordination primitive: brokers of a shared store (`capabilities.shared`)
+  agree through it (the cursor key, consumer-group leases, source leases, tsdb series types).
 * `storage_state` says whether writes are being refused (a full disk) - the store recovers by
   itself once it can, and health reports this state. A store that cannot fill up keeps the default.
 
@@ -135,6 +137,14 @@ class Store(Protocol):
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         """Apply puts (bytes) and deletes (None) atomically."""
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """Compare-and-set one metadata key: if its value is `expected` (None: the key is absent),
+        set it to `new` (None: delete it) and return True; else change nothing and return False.
+        Atomic against every other meta_cas and meta_write of the key - on a shared store, those of
+        every broker - so it is how brokers agree: create-if-absent (expected None), a lease
+        renewed only by its holder, a read-modify-write retried on False. Linearizable: a False
+        means the value differed from `expected` at some moment during the call."""
 
     async def close(self) -> None:
         """Flush and release. Idempotent."""

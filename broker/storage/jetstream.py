@@ -63,9 +63,14 @@ other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
   stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
 None needs two keys to change together.
 
+meta_cas (compare-and-set of one key) runs on KV revisions: kv.create when the key must be absent,
+kv.update(last=revision) otherwise, a purge below revision + 1 for a delete; a write that lost a race
+reads the key again and compares again. The brokers coordinate through it: the cursor key, consumer
+group leases (core/leases.py StoreLeases), source leases (sources/manager.py), tsdb series types.
+
 Not this round: other brokers' appends are seen by this broker's reads (they read JetStream), but its
-head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; consumer
-group and source leases, cross-broker push and the 3-node tests are the next step (issue 13).
+head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; cross-broker
+push and the 3-node tests are the next step (issue 13).
 """
 from __future__ import annotations
 
@@ -1114,6 +1119,43 @@ class JetStreamStore(Store):
             await _guard(self._meta_write(changes))
         finally:
             await self._meta_lock.write_release()
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        self._check_open()
+        await self._meta_lock.write_acquire()
+        try:
+            return await _guard(self._meta_cas(meta_kv_key(key), expected, new))
+        finally:
+            await self._meta_lock.write_release()
+
+    async def _meta_cas(self, kv_key: str, expected: bytes | None, new: bytes | None) -> bool:
+        """On the key's KV revision: read it, compare, then write only if the revision is still the
+        one read - kv.create (expected absent), kv.update(last=revision), or a purge of the subject
+        below revision + 1 (a delete: it purges nothing when the key moved on). Another broker's
+        write in between makes the write fail; the value is read again and compared again, so a
+        False is always a value that differed (linearizable, not just a lost race)."""
+        for _ in range(MAX_RENUMBER):
+            try:
+                entry = await self._kv.get(kv_key)
+                current: bytes | None = entry.value if entry.value is not None else b""
+                revision = entry.revision
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):   # (a tombstone: absent,
+                current, revision = None, None                                           # kv.create handles it)
+            if current != expected:
+                return False
+            try:
+                if new is None:
+                    if revision is None or await self._kv_erase(kv_key, revision):
+                        return True
+                elif revision is None:
+                    await self._kv.create(kv_key, new)
+                    return True
+                else:
+                    await self._kv.update(kv_key, new, last=revision)
+                    return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+        raise _unavailable(f"compare-and-set of a metadata key lost {MAX_RENUMBER} races in a row")
 
     async def _kv_erase(self, key: str, revision: int | None = None) -> bool:
         """Delete a key by purging its subject from the bucket's stream (history is 1): unlike a KV

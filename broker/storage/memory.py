@@ -147,5 +147,14 @@ class MemoryStore(Store):
             else:
                 self._meta[key] = value
 
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        if self._meta.get(key) != expected:
+            return False
+        if new is None:
+            self._meta.pop(key, None)
+        else:
+            self._meta[key] = new
+        return True
+
     async def close(self) -> None:
         pass

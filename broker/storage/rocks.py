@@ -2,7 +2,7 @@
 the async Store interface.
 
 Where each blocking call runs:
-* Mutations (append, trim, create/drop, meta_write) run on one dedicated writer thread, so they
+* Mutations (append, trim, create/drop, meta_write, meta_cas) run on one dedicated writer thread, so they
   are totally ordered and the engine's lock is never contended on the hot path. The core's
   Committer sends one append at a time, folding every producer's batches into it.
 * Reads run on the default thread pool: RocksDB reads are thread-safe and take no lock.
@@ -229,6 +229,9 @@ class RocksStore(Store):
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         await self._mutate(self._engine.meta_write, changes)
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        return await self._mutate(self._engine.meta_cas, key, expected, new)
 
     async def close(self) -> None:
         """Waits for queued mutations, then flushes and closes the database."""

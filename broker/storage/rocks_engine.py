@@ -584,6 +584,21 @@ class RocksEngine:
         with self._lock:
             self._write(wb, "meta_write")
 
+    def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """Read and write under self._lock, which every metadata mutation takes: atomic."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        if new is None:
+            wb.delete(keys.META + key)
+        else:
+            wb.put(keys.META + key, new)
+        with self._lock:
+            with self._using(), _io_errors("read"):
+                current = self._db.get(keys.META + key)
+            if current != expected:
+                return False
+            self._write(wb, "meta_cas")
+            return True
+
     # -- a full disk (see the module's docstring) -------------------------------------------------
 
     def room(self) -> tuple[int, int]:

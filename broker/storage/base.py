@@ -30,7 +30,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-from broker.errors import BrokerError, ErrorCode
+from broker.errors import BrokerError, ErrorCode, ServerError
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 
 AppendOutcome = int | None | BrokerError
@@ -39,6 +39,16 @@ AppendOutcome = int | None | BrokerError
 class IncompatibleStore(Exception):
     """The store holds data this broker must not touch (say, another on-disk format). Raised when
     a store opens; the message says what was found and what to do."""
+
+
+class OutcomeUnknown(ServerError):
+    """An append outcome (UNAVAILABLE, retriable) for a batch the store could not settle: it may
+    or may not have been written. The core fails the whole request with it (a retry may store the
+    batch twice, like any retry of a timed-out request) instead of reporting its records as
+    failed, which would say they were certainly not written."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, detail=detail)
 
 
 class Durability(enum.Enum):

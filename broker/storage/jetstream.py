@@ -32,13 +32,24 @@ Numbering by optimistic concurrency: a publish carries `Nats-Expected-Last-Seque
 seq of the partition's last message (a per-partition head cache: last JetStream seq, next Sluice
 seq, last timestamp), so two writers never assign the same Sluice seqs; on a mismatch the head is
 re-read from the last message, the message renumbered and published again. `Nats-Msg-Id` is
-<stream_id>.<partition>.<first seq>.<writer id> (the writer id is this store instance's: another
-writer's message with the same first seq is never taken for ours). A publish whose outcome is
-unknown (a timeout, a reconnect) is settled before anything else is appended to that partition: the
-same message is published again - JetStream answers a duplicate ack with the original seq if the
-first one was stored - or, when the expected-last check refuses it, the message after the expected
-one is read: ours (by msg id) or not stored, ever (its slot is taken). Only when JetStream stays
-unreachable for SETTLE_S does the batch fail with the retriable UNAVAILABLE (see "Not settled").
+<stream_id>.<partition>.<first seq>.<writer id>.<nonce> (the writer id is this store instance's, the
+nonce made once per built message: no other message, not even one of ours numbered from a stale
+head, is ever taken for it; a duplicate ack outside settling is a numbering conflict). A publish
+whose outcome is unknown (a timeout, a reconnect) is settled before anything else is appended to
+that partition: the same message is published again - JetStream answers a duplicate ack with the
+original seq if the first one was stored - or, when the expected-last check refuses it, the message
+after the expected one is read: ours (by msg id) or not stored, ever (its slot is taken). When
+JetStream stays unreachable for SETTLE_S the batch fails with OutcomeUnknown (UNAVAILABLE; the core
+fails the whole request, retriable, rather than reporting records certainly not written), and before
+the next append to the partition a fence - an empty message (S-N 0) with the same
+Expected-Last-Sequence - takes the slot, so the given-up message can never be stored later (one
+sent just before a disconnect could be flushed after the reconnect). Readers skip empty messages.
+The client keeps no pending buffer (pending_size=0): a publish while disconnected fails at once,
+certainly unsent (plain UNAVAILABLE).
+
+Lookups that decide something - the head, the first message, settling, and any 404 - go to the
+stream leader ($JS.API.STREAM.MSG.GET); reads prefetch with direct gets (any replica answers: one
+behind says 404 for a message that exists, and that 404 is asked of the leader again).
 
 Metadata keys are bytes; KV keys are `[-/_=.A-Za-z0-9]` tokens. A key is written "m", one hex token
 per byte for its first PREFIX_TOKENS bytes, then the rest as one hex token: a prefix scan of up to
@@ -75,6 +86,7 @@ push and the 3-node tests are the next step (issue 13).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -98,7 +110,7 @@ from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.settings import Settings
 from broker.storage import keys as layout
-from broker.storage.base import AppendOutcome, Durability, StorageState, Store, StoreCapabilities
+from broker.storage.base import AppendOutcome, Durability, OutcomeUnknown, StorageState, Store, StoreCapabilities
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -213,6 +225,18 @@ def _parse(msg: Msg) -> _Msg | None:
                 hdr.get("Nats-Msg-Id", ""), msg.data)
 
 
+def _parse_stored(stored: dict[str, Any]) -> _Msg:
+    """A $JS.API.STREAM.MSG.GET answer's message -> _Msg."""
+    hdr: dict[str, str] = {}
+    raw = base64.b64decode(stored.get("hdrs") or b"")
+    for line in raw.decode().split("\r\n")[1:]:   # after "NATS/1.0"
+        name, sep, value = line.partition(":")
+        if sep:
+            hdr[name.strip()] = value.strip()
+    return _Msg(int(stored["seq"]), int(hdr["S-Seq"]), int(hdr["S-N"]), int(hdr["S-Ts"]),
+                hdr.get("Nats-Msg-Id", ""), base64.b64decode(stored.get("data") or b""))
+
+
 @dataclass(slots=True)
 class _Head:
     js_last: int   # JetStream seq of the partition's last message (0: none ever)
@@ -278,6 +302,9 @@ class JetStreamStore(Store):
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         # where sequential reads resume: (sid, p) -> {sluice seq: JetStream seq of the message holding it}
         self._resume: dict[tuple[int, int], dict[int, int]] = {}
+        # partitions with a publish given up on (not settled): the JetStream seq it expected last; a
+        # fence takes the slot after it before the next append (_fence)
+        self._fences: dict[tuple[int, int], int] = {}
         self._meta_lock = _RWLock()
         self._state = StorageState.OK
         self._probe: asyncio.Task[None] | None = None
@@ -301,7 +328,10 @@ class JetStreamStore(Store):
         if not _PREFIX_OK.fullmatch(prefix):
             raise ValueError(f"prefix must be 1-32 of A-Z a-z 0-9 _ -, not {prefix!r}")
         options: dict[str, Any] = {"servers": list(servers), "connect_timeout": 5, "max_reconnect_attempts": -1,
-                                   "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker"}
+                                   "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker",
+                                   # no buffer while disconnected: a publish then fails at once, certainly
+                                   # unsent, instead of being flushed on a reconnect after we gave up on it
+                                   "pending_size": 0}
         if creds:
             options["user_credentials"] = creds
         if tls_ca:
@@ -557,21 +587,46 @@ class JetStreamStore(Store):
     # -- the head, the trim point, messages ------------------------------------------------------
 
     async def _direct_get(self, sid: int, p: int, payload: dict[str, Any]) -> _Msg | None:
+        """A direct get: answered by any replica, so a 404 may be a replica behind the leader."""
+        name = self._stream_name(sid, p)
         try:
-            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{self._stream_name(sid, p)}",
-                                           json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT_S)
+            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{name}", json.dumps(payload).encode(),
+                                           timeout=REQUEST_TIMEOUT_S)
         except nats.errors.NoRespondersError:
             raise _Missing() from None
+        except nats.errors.TimeoutError:   # nats-server 2.9.10 does not answer one to a missing stream
+            try:
+                await self._js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                raise _Missing() from None
+            raise
         return _parse(reply)
 
+    async def _leader_get(self, sid: int, p: int, payload: dict[str, Any]) -> _Msg | None:
+        """The stream leader's answer ($JS.API.STREAM.MSG.GET): never behind, for the head, the first
+        message, settling, and any 404 a direct get gave."""
+        reply = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{self._stream_name(sid, p)}",
+                                       json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT_S)
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == 10037:   # no message found
+                return None
+            if error.get("err_code") == 10059:   # stream not found
+                raise _Missing()
+            raise _api_error(nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
+                                                     description=error.get("description")))
+        return _parse_stored(answer["message"])
+
     async def _get(self, sid: int, p: int, js_seq: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"seq": js_seq})
+        msg = await self._direct_get(sid, p, {"seq": js_seq})
+        return msg if msg is not None else await self._leader_get(sid, p, {"seq": js_seq})
 
     async def _first_msg(self, sid: int, p: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"seq": 1, "next_by_subj": self._subject(sid, p)})
+        return await self._leader_get(sid, p, {"seq": 1, "next_by_subj": self._subject(sid, p)})
 
     async def _last_msg(self, sid: int, p: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"last_by_subj": self._subject(sid, p)})
+        return await self._leader_get(sid, p, {"last_by_subj": self._subject(sid, p)})
 
     async def _trim_point(self, sid: int, p: int) -> _Trim:
         trim = self._trims.get((sid, p))
@@ -623,16 +678,32 @@ class JetStreamStore(Store):
     async def _with_partition(self, sid: int, p: int, call: Any) -> Any:
         """Run `call()` (reads of the partition's JetStream stream); a missing JetStream stream of a
         live partition (a crash between the catalogue and its creation) is created, empty."""
-        config = self._partition_known(sid, p)
+        self._partition_known(sid, p)
         try:
             return await _guard(call())
         except _Missing:
             pass
         try:
-            await _guard(self._ensure_partition(config, p))
+            if not await _guard(self._recreate(sid, p)):
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {sid}")
             return await _guard(call())
         except _Missing:
             raise _unavailable(f"partition {sid}/{p}: its JetStream stream is missing") from None
+
+    async def _recreate(self, sid: int, p: int) -> bool:
+        """A live partition's missing JetStream stream (a crash between the catalogue and its
+        creation), created again, empty - once the catalogue itself (a KV read, not this broker's
+        cache) says the stream still exists: another broker may have dropped it. False: dropped."""
+        try:
+            config, _ = await self._current(sid)
+        except BrokerError as exc:
+            if exc.code is ErrorCode.STREAM_NOT_FOUND:
+                return False
+            raise
+        if not 0 <= p < config.readable_partition_count:
+            return False
+        await self._ensure_partition(config, p)
+        return True
 
     # -- append ------------------------------------------------------------------------------------
 
@@ -660,10 +731,13 @@ class JetStreamStore(Store):
                 await self._head(sid, p)
             except _Missing:
                 try:
-                    await _guard(self._ensure_partition(config, p))
+                    if not await _guard(self._recreate(sid, p)):
+                        return [None] * len(batches)   # dropped (by another broker)
                     await _guard(self._load_head(sid, p))
                 except BrokerError as exc:
                     return [exc] * len(batches)
+                except _Missing:
+                    return [_unavailable(f"partition {sid}/{p}: its JetStream stream is missing")] * len(batches)
             except Exception as exc:
                 err = _translate(exc)
                 return [err] * len(batches)
@@ -751,12 +825,20 @@ class JetStreamStore(Store):
             firsts.append(seq)
             seq += len(b.items)
         headers = {"Nats-Expected-Last-Sequence": str(head.js_last),
-                   "Nats-Msg-Id": f"{sid}.{p}.{head.next_seq}.{self._writer_id}",
+                   "Nats-Msg-Id": f"{sid}.{p}.{head.next_seq}.{self._writer_id}.{uuid.uuid4().hex[:12]}",
                    "S-Seq": str(head.next_seq), "S-N": str(seq - head.next_seq), "S-Ts": str(ts)}
         return _frames(values), headers, firsts
 
     async def _publish(self, sid: int, p: int, run: list[tuple[AppendBatch, bytes]]) -> list[AppendOutcome]:
         subject = self._subject(sid, p)
+        if (sid, p) in self._fences:
+            try:
+                await self._fence(sid, p)
+            except _Missing:   # no JetStream stream: the given-up publish cannot be stored either
+                self._fences.pop((sid, p), None)
+                self._heads.pop((sid, p), None)
+            except OutcomeUnknown as exc:   # nothing of this append was sent: certainly not written
+                raise _unavailable(f"partition {sid}/{p}: fencing a publish given up on", exc) from None
         for _ in range(MAX_RENUMBER):
             head = self._heads.get((sid, p))
             if head is None:
@@ -764,12 +846,12 @@ class JetStreamStore(Store):
             body, headers, firsts = self._build(sid, p, head, run)
             stored: int | None
             try:
-                stored = await self._request_publish(subject, body, headers)
+                stored, duplicate = await self._request_publish(subject, body, headers)
+                if duplicate:   # a msg id is made once per build: another message's, never ours
+                    raise _Conflict()
             except _Missing:
-                config = self._configs.get(sid)
-                if config is None:
+                if not await _guard(self._recreate(sid, p)):
                     raise
-                await _guard(self._ensure_partition(config, p))
                 await _guard(self._load_head(sid, p))
                 continue
             except _Conflict:
@@ -790,17 +872,18 @@ class JetStreamStore(Store):
             return list(firsts)
         raise _unavailable(f"partition {sid}/{p}: numbering conflicts did not stop after {MAX_RENUMBER} tries")
 
-    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
-        """The JetStream seq the message was stored at (or had been: a duplicate). Raises _Conflict
-        (the expected last seq is not the partition's), _Unknown (no answer: maybe stored),
-        BrokerError (certainly not stored)."""
+    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+        """The JetStream seq the message was stored at and whether the ack says duplicate (it had
+        been stored before). Raises _Conflict (the expected last seq is not the partition's),
+        _Unknown (no answer: maybe stored), BrokerError (certainly not stored)."""
         try:
             reply = await self._nc.request(subject, body, timeout=REQUEST_TIMEOUT_S, headers=headers)
         except nats.errors.NoRespondersError:
             raise _Missing() from None
+        except nats.errors.OutboundBufferLimitError as exc:   # disconnected: refused before it was sent
+            raise _unavailable("not connected", exc) from None          # (no pending buffer: pending_size=0)
         except (TimeoutError, nats.errors.ConnectionClosedError,
-                nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
-                nats.errors.OutboundBufferLimitError, OSError) as exc:
+                nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError, OSError) as exc:
             raise _Unknown(exc) from exc
         ack = json.loads(reply.data)
         error = ack.get("error")
@@ -809,12 +892,14 @@ class JetStreamStore(Store):
                 raise _Conflict()
             raise _api_error(nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
                                                      description=error.get("description")))
-        return int(ack["seq"])
+        return int(ack["seq"]), bool(ack.get("duplicate"))
 
     async def _settle(self, sid: int, p: int, subject: str, body: bytes, headers: dict[str, str],
                       cause: BaseException) -> int | None:
         """A publish got no answer: stored (its JetStream seq) or certainly not (None). Raises
-        UNAVAILABLE (and forgets the head) when JetStream stays unreachable for SETTLE_S."""
+        OutcomeUnknown (UNAVAILABLE) when JetStream stays unreachable for SETTLE_S, forgets the head
+        and leaves a fence to publish before the next append (the message may still be stored later:
+        one sent just before a disconnect and flushed after the reconnect)."""
         deadline = time.monotonic() + SETTLE_S
         expected = int(headers["Nats-Expected-Last-Sequence"])
         pause = 0.05
@@ -823,30 +908,58 @@ class JetStreamStore(Store):
             stored: int | None
             try:
                 try:
-                    stored = await self._request_publish(subject, body, headers)   # a duplicate if it was stored
+                    stored, _ = await self._request_publish(subject, body, headers)   # a duplicate if it was stored
                 except _Conflict:
-                    after = await self._get(sid, p, expected + 1)
+                    after = await self._leader_get(sid, p, {"seq": expected + 1})
                     stored = after.js_seq if after is not None and after.msg_id == headers["Nats-Msg-Id"] else None
                 self.settled += 1
                 return stored
             except (_Unknown, _Missing, BrokerError) as exc:
                 if isinstance(exc, BrokerError) and exc.code is not ErrorCode.UNAVAILABLE:
+                    self._heads.pop((sid, p), None)
                     raise
                 if isinstance(exc, _Missing) and sid not in self._configs:
                     raise   # the stream was deleted: its records are gone either way
                 if time.monotonic() > deadline:
-                    self._heads.pop((sid, p), None)   # re-read before the next append
-                    raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled in "
-                                       f"{SETTLE_S:g}s; retry") from None
-            except (TimeoutError, nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError) as exc:
+                    raise self._give_up(sid, p, expected, f"not settled in {SETTLE_S:g}s") from None
+            except (TimeoutError, asyncio.TimeoutError, nats.errors.Error, OSError):   # not connected, no answer
                 if time.monotonic() > deadline:
-                    self._heads.pop((sid, p), None)
-                    raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled", exc) from None
+                    raise self._give_up(sid, p, expected, f"not settled in {SETTLE_S:g}s") from None
+            except Exception as exc:   # a bug or an unforeseen failure: still never a stale head
+                raise self._give_up(sid, p, expected, f"settling failed ({type(exc).__name__}: {exc})") from exc
             if self._closed:
-                self._heads.pop((sid, p), None)
-                raise _unavailable(f"partition {sid}/{p}: the store closed while a publish's outcome was unknown")
+                raise self._give_up(sid, p, expected, "the store closed while settling it")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+    def _give_up(self, sid: int, p: int, expected: int, why: str) -> OutcomeUnknown:
+        """Settling failed: the head is re-read and a fence published before the next append."""
+        self._heads.pop((sid, p), None)
+        self._fences[(sid, p)] = expected
+        return OutcomeUnknown(f"JetStream: partition {sid}/{p}: a publish's outcome is unknown ({why}); retry")
+
+    async def _fence(self, sid: int, p: int) -> None:
+        """After a publish given up on: take the slot after the JetStream seq it expected last with
+        an empty message (S-N 0, same Expected-Last-Sequence), so the given-up one can never be
+        stored later (its expected-last check fails from then on). Readers skip empty messages; the
+        numbering is unaffected. Raises (the fence stays) when JetStream does not answer."""
+        expected = self._fences[(sid, p)]
+        head = await _guard(self._load_head(sid, p))
+        if head.js_last == expected:   # the slot is still free: take it
+            headers = {"Nats-Expected-Last-Sequence": str(expected),
+                       "Nats-Msg-Id": f"{sid}.{p}.fence.{self._writer_id}.{uuid.uuid4().hex[:12]}",
+                       "S-Seq": str(head.next_seq), "S-N": "0", "S-Ts": str(head.last_ts)}
+            subject = self._subject(sid, p)
+            try:
+                await self._request_publish(subject, b"", headers)
+            except _Conflict:   # something else took the slot: as good as a fence
+                pass
+            except _Unknown as unknown:
+                await self._settle(sid, p, subject, b"", headers, unknown.cause)   # raises when given up
+        elif head.js_last < expected:   # never: JetStream seqs only grow (a replica behind?)
+            raise _unavailable(f"partition {sid}/{p}: its last message is older than one published before")
+        self._fences.pop((sid, p), None)
+        self._heads.pop((sid, p), None)   # the next publish reads it again
 
     def _remember(self, sid: int, p: int, seq: int, js_seq: int) -> None:
         """Where `seq` starts (a message boundary): tail reads and sequential readers find it here."""

@@ -4,15 +4,17 @@ goes away, a batch larger than the server takes."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, cast
 
+import nats.js.errors
 import pytest
 
 from broker.errors import BrokerError, ErrorCode
 from broker.model import AppendBatch, StreamConfig
 from broker.storage import jetstream
-from broker.storage.base import StorageState
+from broker.storage.base import OutcomeUnknown, StorageState
 from broker.storage.jetstream import JetStreamStore, _Unknown, meta_key_of, meta_kv_key
 from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, nats_config
 
@@ -254,3 +256,146 @@ async def test_two_brokers_starting_at_once_agree_on_one_cursor_key(
     secrets = {br.reads.secret for br in brokers}
     assert len(secrets) == 1 and len(secrets.pop()) == 32
     assert await stores[0].meta_get(b"K") == brokers[0].reads.secret
+
+
+# -- found in review (the repro scripts r*.py) -----------------------------------------------------
+
+async def test_a_publish_given_up_on_is_fenced_so_it_can_never_land_later(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """r5: a publish whose outcome could not be settled fails the append with OutcomeUnknown (the
+    core fails the request, retriable), and the next append first publishes a fence: the original,
+    flushed late by the client (nats-py's pending buffer after a reconnect), is refused then."""
+    monkeypatch.setattr(jetstream, "SETTLE_S", 0.2)
+    store = await opener()
+    assert store._nc._max_pending_size == 0   # a publish while disconnected fails at once, unsent
+    sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+    assert await store.append([AppendBatch(sid, 0, 1, [(None, b"a")])]) == [0]
+    held: list[tuple[str, bytes, dict[str, str]]] = []
+
+    async def never_answered(subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+        held.append((subject, body, dict(headers)))   # still in the client's buffer, say
+        raise _Unknown(TimeoutError("no answer"))
+
+    monkeypatch.setattr(store, "_request_publish", never_answered)
+    (outcome,) = await store.append([AppendBatch(sid, 0, 2, [(None, b"lost?")])])
+    assert isinstance(outcome, OutcomeUnknown) and outcome.code is ErrorCode.UNAVAILABLE
+    monkeypatch.undo()
+    assert await store.append([AppendBatch(sid, 0, 3, [(None, b"retried")])]) == [1]
+    subject, body, headers = held[0]
+    late = json.loads((await store._nc.request(subject, body, headers=headers, timeout=2)).data)
+    assert late.get("error", {}).get("err_code") == 10071, late   # wrong last sequence: never stored
+    fresh = await opener()
+    assert [(r.seq, r.data) for r in await fresh.read(sid, 0, 0, BIG, BIG)] == [(0, b"a"), (1, b"retried")]
+    assert (await fresh.bounds(sid, 0)).next_seq == 2
+    assert await fresh.append([AppendBatch(sid, 0, 4, [(None, b"c")])]) == [2]
+    assert [r.seq for r in await fresh.read(sid, 0, 1, BIG, BIG)] == [1, 2]   # the fence is skipped
+    assert await fresh.seq_at_time(sid, 0, 2) == 1
+
+
+async def test_a_stale_head_never_makes_a_new_append_a_duplicate_of_an_old_one(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """r12: a head re-read answered by a replica behind (simulated) rebuilt the msg id of a
+    message already stored; JetStream took it as a duplicate and the append was acknowledged
+    but lost. Msg ids carry a nonce per build now, and a duplicate outside settling renumbers."""
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 1))).stream_id
+    b = await opener()
+    assert await a.append([AppendBatch(sid, 0, 1, [(None, b"M1")])]) == [0]
+    assert await a.append([AppendBatch(sid, 0, 2, [(None, b"M2")])]) == [1]
+    assert await b.append([AppendBatch(sid, 0, 3, [(None, b"M3")])]) == [2]
+    real_last = a._last_msg
+    calls: list[int] = []
+
+    async def lagging_last(sid_: int, p: int) -> object:
+        calls.append(1)
+        return await a._get(sid_, p, 1) if len(calls) == 1 else await real_last(sid_, p)
+
+    monkeypatch.setattr(a, "_last_msg", lagging_last)
+    assert await a.append([AppendBatch(sid, 0, 4, [(None, b"NEW")])]) == [3]
+    fresh = await opener()
+    assert [r.data for r in await fresh.read(sid, 0, 0, BIG, BIG)] == [b"M1", b"M2", b"M3", b"NEW"]
+
+
+async def test_a_direct_get_404_from_a_replica_behind_is_asked_of_the_leader(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """r7: direct gets may be answered by a replica behind the leader (simulated: 404s). A read
+    skipped the record, a trim purged records it had to keep; now a 404 is asked of the leader."""
+    s = await opener()
+    sid = (await s.create_stream(StreamConfig("s", 1))).stream_id
+    for i in range(20):
+        await s.append([AppendBatch(sid, 0, i, [(None, b"r%d" % i)])])
+    real = s._direct_get
+    missed: set[int] = set()
+
+    async def mixed(sid_: int, p: int, payload: dict[str, object]) -> object:
+        js = payload.get("seq")
+        if js == 19 and js not in missed:   # the replica behind answers this one
+            missed.add(js)
+            return None
+        return await real(sid_, p, payload)
+
+    monkeypatch.setattr(s, "_direct_get", mixed)
+    s._resume.clear()
+    assert [r.seq for r in await s.read(sid, 0, 18, 10, BIG)] == [18, 19]
+    t = await opener()
+    sid2 = (await t.create_stream(StreamConfig("t", 1))).stream_id
+    for i in range(3):
+        await t.append([AppendBatch(sid2, 0, i, [(None, b"a%d" % i), (None, b"b%d" % i)])])
+    real_t = t._direct_get
+
+    async def behind(sid_: int, p: int, payload: dict[str, object]) -> object:
+        return None if int(cast(int, payload.get("seq", 0))) >= 2 else await real_t(sid_, p, payload)
+
+    monkeypatch.setattr(t, "_direct_get", behind)
+    await t.trim(sid2, 0, 3)   # keep 3..: the message holding 2 and 3 stays
+    fresh = await opener()
+    assert [r.seq for r in await fresh.read(sid2, 0, 0, BIG, BIG)] == [3, 4, 5]
+
+
+async def test_a_stream_dropped_by_another_broker_is_not_created_again(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """r3: broker B (the config cached) appending to a stream broker A dropped re-created its
+    partition streams and reported success; now the catalogue is read first: gone (None)."""
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 2))).stream_id
+    b = await opener()
+    assert await b.append([AppendBatch(sid, 0, 1, [(None, b"x")])]) == [0]
+    await a.drop_stream(sid)
+    assert await b.append([AppendBatch(sid, 0, 1, [(None, b"y")])]) == [None]
+    assert await b.append([AppendBatch(sid, 1, 1, [(None, b"z")])]) == [None]
+    with pytest.raises(BrokerError) as info:
+        await b.read(sid, 1, 0, 10, BIG)
+    assert info.value.code is ErrorCode.STREAM_NOT_FOUND
+    for p in (0, 1):   # not orphaned: no JetStream stream left behind
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await a._js.stream_info(a._stream_name(sid, p))
+
+
+async def test_a_missing_partition_stream_is_found_and_created_again(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """r4: a live partition whose JetStream stream is missing (a crash before add_stream): reads,
+    bounds, bounds_many and appends create it (empty) instead of stalling or raising."""
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 2))).stream_id
+    await a._js.delete_stream(a._stream_name(sid, 1))
+    fresh = await opener()
+    assert await fresh.read(sid, 1, 0, 10, BIG) == []
+    await a._js.delete_stream(a._stream_name(sid, 1))
+    fresh2 = await opener()
+    assert [b and b.next_seq for b in await fresh2.bounds_many([(sid, 0), (sid, 1)])] == [0, 0]
+    await a._js.delete_stream(a._stream_name(sid, 1))
+    fresh3 = await opener()
+    assert await fresh3.append([AppendBatch(sid, 1, 1, [(None, b"x")])]) == [0]
+    assert await fresh3.append([AppendBatch(sid, 1, 1, [(None, b"y")])]) == [1]
+
+
+async def test_a_direct_get_to_a_missing_stream_that_times_out_is_missing(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-server 2.9.10 answers no direct get to a missing stream: the timeout asks stream_info."""
+    from broker.storage.jetstream import _Missing
+    monkeypatch.setattr(jetstream, "REQUEST_TIMEOUT_S", 0.3)
+    s = await opener()
+    sid = (await s.create_stream(StreamConfig("s", 1))).stream_id
+    await s._js.delete_stream(s._stream_name(sid, 0))
+    with pytest.raises(_Missing):
+        await s._direct_get(sid, 0, {"seq": 1})

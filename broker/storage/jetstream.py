@@ -57,8 +57,8 @@ PREFIX_TOKENS bytes is a subject filter (m.61.62.>), a longer one filters the ro
 PREFIX_TOKENS bytes here. Key order is restored by sorting.
 
 meta_write is not atomic on KV (there is no multi-key transaction in JetStream 2.9): its changes
-are applied in the order given (runs of puts pipelined on one connection, deletes one at a time),
-so a crash of the broker, or an error, in the middle leaves a prefix of them applied. This broker's
+are applied one at a time in the order given, each waited for, so a crash of the broker, or an
+error, in the middle leaves a prefix of them applied. This broker's
 own readers see a meta_write whole or not at all (a readers-writer lock in this store); readers on
 other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
 * one key: create_app, commit_checkpoint, the cursor key (core/reads.py), a source definition
@@ -572,8 +572,11 @@ class JetStreamStore(Store):
                 while got < batch:
                     msg = await sub.next_msg(timeout=REQUEST_TIMEOUT_S)
                     hdr = msg.headers or {}
-                    if hdr.get("Status"):   # 404 no messages / 408: nothing more now
+                    status = hdr.get("Status")
+                    if status in ("404", "408"):   # no messages / request timeout: nothing more now
                         return [(k, v) for k, v in latest.items() if v is not None]
+                    if status:   # 409 (consumer deleted, leadership change, ...): not the end
+                        raise _unavailable(f"scanning the KV bucket: {status} {hdr.get('Description', '')}".strip())
                     op = hdr.get("KV-Operation")
                     latest[msg.subject[cut:]] = None if op in ("DEL", "PURGE") else msg.data
                     got += 1
@@ -922,7 +925,7 @@ class JetStreamStore(Store):
                     raise   # the stream was deleted: its records are gone either way
                 if time.monotonic() > deadline:
                     raise self._give_up(sid, p, expected, f"not settled in {SETTLE_S:g}s") from None
-            except (TimeoutError, asyncio.TimeoutError, nats.errors.Error, OSError):   # not connected, no answer
+            except (TimeoutError, nats.errors.Error, OSError):   # not connected, no answer
                 if time.monotonic() > deadline:
                     raise self._give_up(sid, p, expected, f"not settled in {SETTLE_S:g}s") from None
             except Exception as exc:   # a bug or an unforeseen failure: still never a stale head
@@ -1002,9 +1005,11 @@ class JetStreamStore(Store):
                 return msg
         return found
 
-    async def _iter_msgs(self, sid: int, p: int, start: int, limit: int) -> AsyncIterator[tuple[_Msg, int]]:
+    async def _iter_msgs(self, sid: int, p: int, start: int, limit: int,
+                         max_bytes: int) -> AsyncIterator[tuple[_Msg, int]]:
         """(message, index of its first wanted record) from `start` on, in order, prefetching the
-        next ones (pipelined direct gets) sized by how many records are still wanted."""
+        next ones (pipelined direct gets) sized by how many records are still wanted and by how
+        many messages of the average size seen fit in what is left of `max_bytes` (at least 1)."""
         head = await self._head(sid, p)
         trim = await self._trim_point(sid, p)
         start = max(start, trim.first)
@@ -1015,12 +1020,14 @@ class JetStreamStore(Store):
             return
         skip = max(0, start - msg.first)
         records, seen = msg.end - msg.first - skip, 1
+        fetched = len(msg.body)
         js = msg.js_seq + 1
         yield msg, skip
         last = msg
         while records < limit and js <= head.js_last:
             per_msg = max(1, records // seen)
-            window = min(READ_WINDOW, max(1, -(-(limit - records) // per_msg)), head.js_last - js + 1)
+            by_bytes = max(1, (max_bytes - fetched) // max(1, fetched // seen))
+            window = min(READ_WINDOW, max(1, -(-(limit - records) // per_msg)), by_bytes, head.js_last - js + 1)
             got = await asyncio.gather(*(self._get(sid, p, j) for j in range(js, js + window)))
             js += window
             for m in got:
@@ -1028,6 +1035,7 @@ class JetStreamStore(Store):
                     return
                 records += m.count
                 seen += 1
+                fetched += len(m.body)
                 last = m
                 yield m, 0
             self._remember(sid, p, last.end, last.js_seq + 1)
@@ -1037,7 +1045,7 @@ class JetStreamStore(Store):
         times: list[tuple[int, int]] = []
         first: int | None = None
         budget = max_bytes
-        async for msg, skip in self._iter_msgs(sid, p, start, limit):
+        async for msg, skip in self._iter_msgs(sid, p, start, limit, max_bytes):
             seq = msg.first
             for value in _unframe(msg.body):
                 n, _ = layout.batch_header(value)
@@ -1286,20 +1294,14 @@ class JetStreamStore(Store):
         return revision is None or answer.get("purged", 0) > 0
 
     async def _meta_write(self, changes: dict[bytes, bytes | None]) -> None:
-        """In the order given, so a crash leaves a prefix applied: a run of puts is pipelined (one
-        connection, one stream: JetStream stores them in the order sent), a delete (a purge, an
-        API request) waits for what came before it and is waited for."""
-        puts: list[Awaitable[int]] = []
+        """One change at a time, in the order given, each waited for: a crash or an error leaves a
+        prefix applied (pipelined puts could not promise that: after one failed, later ones may
+        have been stored)."""
         for key, value in changes.items():
             if value is None:
-                if puts:
-                    await asyncio.gather(*puts)
-                    puts = []
                 await self._kv_erase(meta_kv_key(key))
             else:
-                puts.append(self._kv.put(meta_kv_key(key), value))
-        if puts:
-            await asyncio.gather(*puts)
+                await self._kv.put(meta_kv_key(key), value)
 
     async def close(self) -> None:
         if self._closed:

@@ -399,3 +399,69 @@ async def test_a_direct_get_to_a_missing_stream_that_times_out_is_missing(
     await s._js.delete_stream(s._stream_name(sid, 0))
     with pytest.raises(_Missing):
         await s._direct_get(sid, 0, {"seq": 1})
+
+
+async def test_a_read_prefetches_no_more_than_its_byte_budget_needs(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """r13: a read with max_bytes 1 MiB over 512 KiB messages fetched READ_WINDOW (32) of them."""
+    s = await opener()
+    sid = (await s.create_stream(StreamConfig("s", 1))).stream_id
+    for i in range(40):
+        await s.append([AppendBatch(sid, 0, i, [(None, bytes([65 + i % 26]) * (512 << 10))])])
+    real = s._direct_get
+    fetched: list[int] = []
+
+    async def counting(sid_: int, p: int, payload: dict[str, object]) -> object:
+        fetched.append(1)
+        return await real(sid_, p, payload)
+
+    monkeypatch.setattr(s, "_direct_get", counting)
+    assert len(await s.read(sid, 0, 0, 1000, 1 << 20)) == 2
+    assert len(fetched) <= 3
+    fetched.clear()
+    assert len(await s.read(sid, 0, 0, 1000, BIG)) == 40   # a large budget still prefetches
+    assert len(fetched) <= 40
+
+
+async def test_a_scan_answered_by_another_status_is_unavailable_not_the_end(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only 404/408 end a KV scan; a 409 (say, the consumer deleted) must not pass for 'no more'."""
+    s = await opener()
+    await s.meta_write({b"k1": b"1", b"k2": b"2"})
+    real_subscribe = s._nc.subscribe
+
+    class Msg409:
+        headers = {"Status": "409", "Description": "Consumer Deleted"}
+        subject, data = "", b""
+
+    async def subscribe(subject: str) -> object:
+        sub = await real_subscribe(subject)
+
+        async def next_msg(timeout: float) -> object:
+            return Msg409()
+        sub.next_msg = next_msg   # type: ignore[method-assign]
+        return sub
+
+    monkeypatch.setattr(s._nc, "subscribe", subscribe)
+    with pytest.raises(BrokerError) as info:
+        await s.meta_scan(b"k")
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    monkeypatch.undo()
+    assert await s.meta_scan(b"k") == [(b"k1", b"1"), (b"k2", b"2")]
+
+
+async def test_a_meta_write_that_fails_midway_leaves_a_prefix(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await opener()
+    real_put = s._kv.put
+
+    async def put(key: str, value: bytes) -> int:
+        if value == b"2":
+            raise TimeoutError("no answer")
+        return await real_put(key, value)
+
+    monkeypatch.setattr(s._kv, "put", put)
+    with pytest.raises(BrokerError):
+        await s.meta_write({b"a": b"1", b"b": b"2", b"c": b"3"})
+    monkeypatch.undo()
+    assert await s.meta_scan(b"") == [(b"a", b"1")]

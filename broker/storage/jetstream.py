@@ -4,9 +4,12 @@ of its own on disk (issue 13, first step: one broker; the multi-broker coordinat
 Layout (every name starts with --nats-prefix, default "sluice"; P below):
 
     JetStream stream P_<stream_id>_<partition>   one per Sluice partition, subject P.<stream_id>.<partition>,
-                                                 file storage, --replicas, allow_direct, max_age =
-                                                 the stream's retention + MAX_AGE_MARGIN_S (a backstop:
-                                                 the broker's own retention trims first)
+                                                 file storage, --replicas, allow_direct, no max_age:
+                                                 the broker's own retention trims (a JetStream expiry
+                                                 of every message written after the last trim would
+                                                 lose the head - the next seq - for good; partitions
+                                                 made by the first version have max_age = retention +
+                                                 a day: `nats stream edit P_<id>_<p> --max-age 0`)
     KV bucket P_meta                             the catalogue and the core's metadata:
         s.<project>.<stream_name>                JSON StreamConfig (created with kv.create: STREAM_EXISTS is exact)
         n                                        the next stream id (a compare-and-set counter)
@@ -52,9 +55,14 @@ stream leader ($JS.API.STREAM.MSG.GET); reads prefetch with direct gets (any rep
 behind says 404 for a message that exists, and that 404 is asked of the leader again).
 
 Metadata keys are bytes; KV keys are `[-/_=.A-Za-z0-9]` tokens. A key is written "m", one hex token
-per byte for its first PREFIX_TOKENS bytes, then the rest as one hex token: a prefix scan of up to
-PREFIX_TOKENS bytes is a subject filter (m.61.62.>), a longer one filters the rows of its first
-PREFIX_TOKENS bytes here. Key order is restored by sorting.
+per byte for its first PREFIX_TOKENS bytes, then one hex token per run of the rest ending in a \\0
+(the core's separator: project\\0app\\0...), then what follows the last \\0: a prefix scan is a subject
+filter of the prefix's whole tokens (m.61.62.>, m.41...6170703100.>: one app's checkpoints, not every
+key sharing 8 bytes), the rows of its last partial token filtered here. A key whose KV key would be
+longer than KV_KEY_MAX characters (a subject past the server's max_control_line closes the
+connection) is stored as its leading tokens up to KV_KEY_KEEP characters + "z<sha256 of the key>",
+its value prefixed with the full key. Key order is restored by sorting. (The first version wrote the
+rest after 8 bytes as one token: open() rewrites such keys once, marked by the KV key "v".)
 
 meta_write is not atomic on KV (there is no multi-key transaction in JetStream 2.9): its changes
 are applied one at a time in the order given, each waited for, so a crash of the broker, or an
@@ -87,6 +95,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -110,7 +119,15 @@ from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.settings import Settings
 from broker.storage import keys as layout
-from broker.storage.base import AppendOutcome, Durability, OutcomeUnknown, StorageState, Store, StoreCapabilities
+from broker.storage.base import (
+    AppendOutcome,
+    Durability,
+    IncompatibleStore,
+    OutcomeUnknown,
+    StorageState,
+    Store,
+    StoreCapabilities,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,12 +135,14 @@ T = TypeVar("T")
 REQUEST_TIMEOUT_S = 5.0        # one JetStream request (a publish's ack, a direct get, an API call)
 SETTLE_S = 30.0                # how long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S)
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
-MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the stream's retention
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 READ_WINDOW = 32               # direct gets in flight for one read
 BOUNDS_IN_FLIGHT = 64          # partitions' bounds asked at once by bounds_many (the streams listing)
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
+KV_KEY_MAX = 1024              # a metadata key whose KV key is longer is stored under a hash: a subject
+KV_KEY_KEEP = 768              # over the server's max_control_line (4 KB) closes the connection; a hashed
+                               # one keeps its leading tokens up to this many characters (prefix scans)
 HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
 
 _FRAME = struct.Struct(">I")
@@ -173,14 +192,67 @@ async def _guard(call: Awaitable[T]) -> T:
 
 # -- metadata keys ---------------------------------------------------------------------------------
 
+def _meta_tokens(key: bytes) -> list[str]:
+    """One hex token per byte of the first PREFIX_TOKENS, then one per run ending in a \\0 (the
+    core's separator: project\\0app\\0...), then the rest."""
+    tokens = [key[i:i + 1].hex() for i in range(min(len(key), PREFIX_TOKENS))]
+    rest, at = key[PREFIX_TOKENS:], 0
+    while at < len(rest):
+        cut = rest.find(b"\0", at)
+        end = len(rest) if cut < 0 else cut + 1
+        tokens.append(rest[at:end].hex())
+        at = end
+    return tokens
+
+
+def _joined(tokens: Iterable[str]) -> str:
+    return "m" + "".join("." + t for t in tokens)
+
+
+def _kept(tokens: list[str]) -> list[str]:
+    """The leading tokens whose KV key stays within KV_KEY_KEEP characters."""
+    size = 1
+    for n, token in enumerate(tokens):
+        size += 1 + len(token)
+        if size > KV_KEY_KEEP:
+            return tokens[:n]
+    return tokens
+
+
 def meta_kv_key(key: bytes) -> str:
-    h = key.hex()
-    head = "".join("." + h[i:i + 2] for i in range(0, min(len(h), 2 * PREFIX_TOKENS), 2))
-    return "m" + head + ("." + h[2 * PREFIX_TOKENS:] if len(key) > PREFIX_TOKENS else "")
+    """The KV key of a metadata key: its tokens, or - when that is longer than KV_KEY_MAX - the
+    leading tokens kept and a hash token ("z" + sha256); such a key's value holds the full key."""
+    tokens = _meta_tokens(key)
+    plain = _joined(tokens)
+    if len(plain) <= KV_KEY_MAX:
+        return plain
+    return _joined(_kept(tokens)) + ".z" + hashlib.sha256(key).hexdigest()
+
+
+def _hashed(kv_key: str) -> bool:
+    return kv_key.rpartition(".")[2].startswith("z")
 
 
 def meta_key_of(kv_key: str) -> bytes:
+    """The metadata key of a KV key that is not hashed (hashed ones: the value holds it)."""
     return bytes.fromhex(kv_key[1:].replace(".", ""))
+
+
+def _meta_pattern(prefix: bytes) -> tuple[str, bool]:
+    """The subject filter a prefix scan reads (the prefix's whole tokens, as kept in hashed keys,
+    + ".>") and whether the prefix itself may be a key it misses (to be got on its own)."""
+    tokens = _meta_tokens(prefix)
+    whole = tokens if len(prefix) <= PREFIX_TOKENS or prefix.endswith(b"\0") else tokens[:-1]
+    return _joined(_kept(whole)) + ".>", len(whole) == len(tokens)
+
+
+def _wrap(key: bytes, value: bytes) -> bytes:
+    return _FRAME.pack(len(key)) + key + value
+
+
+def _unwrap(raw: bytes) -> tuple[bytes, bytes]:
+    (n,) = _FRAME.unpack_from(raw)
+    return raw[4:4 + n], raw[4 + n:]
 
 
 # -- message bodies --------------------------------------------------------------------------------
@@ -310,6 +382,9 @@ class JetStreamStore(Store):
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
         self._closing_flag: list[bool] = []
+        self._options: dict[str, Any] = {}   # how open() connected: a closed connection is opened again so
+        self._reopening: asyncio.Task[None] | None = None
+        self._replicas_told: set[str] = set()   # partition streams found with other replicas (logged once)
         self.publishes = 0     # observability and tests
         self.renumbered = 0    # numbering conflicts resolved
         self.settled = 0       # unknown publish outcomes settled
@@ -350,10 +425,16 @@ class JetStreamStore(Store):
 
         async def reconnected() -> None:
             errors_told.clear()
-            log.info("NATS: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            current = opened[0]._nc if opened else nc
+            log.info("NATS: reconnected to %s", current.connected_url.netloc if current.connected_url else "?")
+
+        async def closed() -> None:   # for good: nats-py gives up after some protocol errors (-ERR)
+            if not closing and opened:
+                opened[0]._connection_closed()
 
         closing: list[bool] = []   # the store's close() appends: its disconnection is no news
-        options.update(error_cb=quiet, disconnected_cb=disconnected, reconnected_cb=reconnected)
+        opened: list[JetStreamStore] = []
+        options.update(error_cb=quiet, disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=closed)
         nc = NatsClient()
         try:
             # the first connection tries each server a few times and gives up (a broker must not hang
@@ -371,13 +452,26 @@ class JetStreamStore(Store):
                 kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
                                                               storage=StorageType.FILE))
             except nats.js.errors.APIError as exc:
-                if exc.err_code != 10058:   # exists with another configuration (replicas): use it as it is
+                if exc.err_code != 10058:   # exists with another configuration
                     raise
-                kv = await js.key_value(bucket)
+                info = await js.stream_info(f"KV_{bucket}")
+                if info.config.num_replicas != replicas:
+                    raise IncompatibleStore(
+                        f"the KV bucket {bucket} has {info.config.num_replicas} replicas, --replicas is {replicas}: "
+                        f"start with --replicas {info.config.num_replicas}, or change the bucket first "
+                        f"(nats stream edit KV_{bucket} --replicas {replicas})") from None
+                kv = await js.key_value(bucket)   # another difference (a setting changed by hand): kept
             store = cls(nc, kv, prefix=prefix, replicas=replicas)
             store._closing_flag = closing
+            store._options = options
+            opened.append(store)
+            await store._migrate_meta_keys()
             for config in await store.list_streams():
                 store._configs[config.stream_id] = config
+        except IncompatibleStore:
+            closing.append(True)
+            await nc.close()
+            raise
         except Exception as exc:
             closing.append(True)
             await nc.close()
@@ -394,6 +488,65 @@ class JetStreamStore(Store):
     @property
     def storage_state(self) -> StorageState:
         return self._state
+
+    def _connection_closed(self) -> None:
+        """The NATS connection closed for good (not by close()): open a new one in the background;
+        calls meanwhile fail UNAVAILABLE (connection closed)."""
+        if self._closed or (self._reopening is not None and not self._reopening.done()):
+            return
+        log.warning("NATS: the connection was closed (%s); opening a new one", self._nc.last_error)
+        self._reopening = asyncio.get_running_loop().create_task(self._reopen(), name="sluice-jetstream-reopen")
+
+    async def _reopen(self) -> None:
+        pause = 0.2
+        while not self._closed:
+            nc = NatsClient()
+            try:
+                await nc.connect(**self._options)
+                js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
+                kv = await js.key_value(self._kv_bucket)
+            except Exception as exc:
+                log.warning("NATS: opening a new connection failed (%s); trying again in %gs", exc, pause)
+                try:
+                    await nc.close()
+                except Exception:
+                    pass
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if self._closed:
+                await nc.close()
+                return
+            self._nc, self._js, self._kv = nc, js, kv
+            self._heads.clear()   # other brokers may have appended meanwhile
+            log.info("NATS: a new connection to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            return
+
+    async def _migrate_meta_keys(self) -> None:
+        """Once per bucket (the KV key "v"): metadata keys the first version wrote (everything past
+        8 bytes one token) rewritten as meta_kv_key writes them now. Brokers of the first version
+        must not run alongside this."""
+        try:
+            await self._kv.get("v")
+            return
+        except nats.js.errors.KeyNotFoundError:
+            pass
+        moved = 0
+        for kv_key, value in await self._scan("m.>"):
+            if _hashed(kv_key):
+                continue
+            key = meta_key_of(kv_key)
+            now = meta_kv_key(key)
+            if now != kv_key:
+                await self._kv.put(now, _wrap(key, value) if _hashed(now) else value)
+                await self._kv_erase(kv_key)
+                moved += 1
+        if moved:
+            log.info("metadata: %d keys rewritten in the current layout", moved)
+        try:
+            await self._kv.create("v", b"2")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
 
     # -- names -------------------------------------------------------------------------------------
 
@@ -423,12 +576,19 @@ class JetStreamStore(Store):
         js_config = JsStreamConfig(
             name=self._stream_name(config.stream_id, p), subjects=[self._subject(config.stream_id, p)],
             storage=StorageType.FILE, num_replicas=self._replicas, allow_direct=True,
-            max_age=config.retention_hours * 3600 + MAX_AGE_MARGIN_S, duplicate_window=DUPLICATE_WINDOW_S)
+            duplicate_window=DUPLICATE_WINDOW_S)   # no max_age: see the module docstring
         try:
             await self._js.add_stream(js_config)
         except nats.js.errors.APIError as exc:
             if exc.err_code != 10058:   # already there (another configuration: left as it is)
                 raise
+            name = js_config.name or ""
+            info = await self._js.stream_info(name)
+            if info.config.num_replicas != self._replicas and name not in self._replicas_told:
+                self._replicas_told.add(name)
+                log.warning("JetStream stream %s has %s replicas, not --replicas %d: left as it is (nats stream edit "
+                            "%s --replicas %d changes it)", name, info.config.num_replicas, self._replicas, name,
+                            self._replicas)
 
     async def _next_stream_id(self) -> int:
         while True:
@@ -660,8 +820,8 @@ class JetStreamStore(Store):
                 except nats.js.errors.KeyNotFoundError:
                     pass
                 if marker is None or info.state.last_seq != marker["js"]:
-                    raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
-                                       f"last trim, so its next sequence number is unknown")
+                    raise _unavailable(f"partition {sid}/{p}: its records expired (a JetStream max_age, set by the "
+                                       f"first version) after the last trim, so its next sequence number is unknown")
                 head = _Head(marker["js"], marker["next"], marker["ts"])
         self._heads[(sid, p)] = head
         return head
@@ -1203,11 +1363,17 @@ class JetStreamStore(Store):
             await self._meta_lock.read_release()
 
     async def _meta_get(self, key: bytes) -> bytes | None:
+        kv_key = meta_kv_key(key)
         try:
-            entry = await self._kv.get(meta_kv_key(key))
+            entry = await self._kv.get(kv_key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return entry.value if entry.value is not None else b""
+        value = entry.value if entry.value is not None else b""
+        if _hashed(kv_key):
+            stored_key, value = _unwrap(value)
+            if stored_key != key:
+                return None
+        return value
 
     async def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         self._check_open()
@@ -1218,18 +1384,20 @@ class JetStreamStore(Store):
             await self._meta_lock.read_release()
 
     async def _meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        rows: list[tuple[bytes, bytes]] = []
-        if len(prefix) <= PREFIX_TOKENS:
+        rows: dict[bytes, bytes] = {}
+        pattern, itself = _meta_pattern(prefix)
+        if itself:
             exact = await self._meta_get(prefix)
             if exact is not None:
-                rows.append((prefix, exact))
-        pattern = meta_kv_key(prefix[:PREFIX_TOKENS]) + ".>"
+                rows[prefix] = exact
         for k, v in await self._scan(pattern):
-            key = meta_key_of(k)
+            if _hashed(k):
+                key, v = _unwrap(v)
+            else:
+                key = meta_key_of(k)
             if key.startswith(prefix):
-                rows.append((key, v))
-        rows.sort()
-        return rows
+                rows[key] = v
+        return sorted(rows.items())
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         self._check_open()
@@ -1245,7 +1413,11 @@ class JetStreamStore(Store):
         self._check_open()
         await self._meta_lock.write_acquire()
         try:
-            return await _guard(self._meta_cas(meta_kv_key(key), expected, new))
+            kv_key = meta_kv_key(key)
+            if _hashed(kv_key):   # the value holds the key: compared and written so
+                expected = None if expected is None else _wrap(key, expected)
+                new = None if new is None else _wrap(key, new)
+            return await _guard(self._meta_cas(kv_key, expected, new))
         finally:
             await self._meta_lock.write_release()
 
@@ -1301,7 +1473,8 @@ class JetStreamStore(Store):
             if value is None:
                 await self._kv_erase(meta_kv_key(key))
             else:
-                await self._kv.put(meta_kv_key(key), value)
+                kv_key = meta_kv_key(key)
+                await self._kv.put(kv_key, _wrap(key, value) if _hashed(kv_key) else value)
 
     async def close(self) -> None:
         if self._closed:
@@ -1310,6 +1483,8 @@ class JetStreamStore(Store):
         self._closing_flag.append(True)
         if self._probe is not None:
             self._probe.cancel()
+        if self._reopening is not None:
+            self._reopening.cancel()
         try:
             await self._nc.close()
         except Exception:

@@ -45,6 +45,9 @@ def test_meta_keys_encode_to_kv_tokens_and_back() -> None:
         assert all(c.isalnum() or c == "." for c in encoded) and not encoded.endswith(".")
     assert meta_kv_key(b"ab") == "m.61.62"
     assert meta_kv_key(b"abcdefghij") == "m.61.62.63.64.65.66.67.68.696a"
+    assert meta_kv_key(b"abcdefghij\0k\0\0l") == "m.61.62.63.64.65.66.67.68.696a00.6b00.00.6c"
+    for key in (b"abcdefgh\0", b"abcdefghi\0\0x\0", bytes(range(256)) + bytes(range(100))):
+        assert meta_key_of(meta_kv_key(key)) == key
 
 
 async def test_two_stores_appending_to_one_partition_never_share_a_seq(
@@ -465,3 +468,109 @@ async def test_a_meta_write_that_fails_midway_leaves_a_prefix(
         await s.meta_write({b"a": b"1", b"b": b"2", b"c": b"3"})
     monkeypatch.undo()
     assert await s.meta_scan(b"") == [(b"a", b"1")]
+
+
+async def test_long_metadata_keys_are_hashed_and_found_by_get_scan_and_cas(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """r14: a key over ~1,990 bytes became a subject past the server's max_control_line: the
+    server closed the connection and every call failed until a restart. Such keys are stored
+    under a hash now (their leading tokens kept for prefix scans), the full key in the value."""
+    s = await opener()
+    sid = (await s.create_stream(StreamConfig("s", 1))).stream_id
+    long1, long2 = b"T\0series\0" + b"x" * 2100, b"T\0series\0" + b"y" * 5000
+    short = b"T\0series\0z"
+    assert len(meta_kv_key(long2)) <= jetstream.KV_KEY_MAX
+    await s.meta_write({long1: b"1", long2: b"2", short: b"3"})
+    assert await s.meta_get(long1) == b"1" and await s.meta_get(long2) == b"2"
+    assert await s.meta_get(long1 + b"x") is None
+    assert await s.meta_scan(b"T\0series\0") == [(long1, b"1"), (long2, b"2"), (short, b"3")]
+    assert await s.meta_scan(b"T\0series\0x") == [(long1, b"1")]
+    assert await s.meta_scan(long2) == [(long2, b"2")]
+    assert await s.meta_cas(long1, b"1", b"11") and not await s.meta_cas(long1, b"1", b"12")
+    assert await s.meta_cas(long2, b"2", None) and await s.meta_get(long2) is None
+    assert await s.meta_cas(long2, None, b"new") and await s.meta_get(long2) == b"new"
+    await s.meta_write({long1: None})
+    assert await s.meta_scan(b"T") == [(long2, b"new"), (short, b"3")]
+    assert s._nc.is_connected
+    assert await s.append([AppendBatch(sid, 0, 1, [(None, b"x")])]) == [0]
+
+
+async def test_a_connection_the_client_closed_for_good_is_opened_again(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """r14b: after a protocol error the server closes the connection for (-ERR) nats-py does not
+    reconnect; the store opens a new connection itself."""
+    s = await opener()
+    await s.meta_write({b"k": b"v"})
+    first = s._nc
+    try:
+        await s._nc.publish("x" * 5000, b"")   # a control line over 4 KB: -ERR, closed
+    except Exception:
+        pass
+    for _ in range(100):
+        if s._nc is not first and s._nc.is_connected:
+            break
+        await asyncio.sleep(0.05)
+    assert first.is_closed and s._nc is not first
+    assert await s.meta_get(b"k") == b"v"
+
+
+async def test_a_checkpoint_scan_reads_only_its_apps_keys(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefix scans filtered on the first 8 bytes only: one app's checkpoint scan read the keys of
+    every app of the project. The tokens now follow the core's \\0 separators."""
+    from broker.core import apps
+    s = await opener()
+    await s.meta_write({apps.checkpoint_key("project1", f"app{i}", 1, p): b"%d" % p for i in range(5) for p in range(3)})
+    real_scan = s._scan
+    seen: list[int] = []
+
+    async def counting(pattern: str) -> list[tuple[str, bytes]]:
+        rows = await real_scan(pattern)
+        seen.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(s, "_scan", counting)
+    rows = await s.meta_scan(apps.checkpoint_prefix("project1", "app3"))
+    assert [v for _, v in rows] == [b"0", b"1", b"2"] and seen == [3]
+
+
+async def test_metadata_keys_of_the_first_layout_are_rewritten_once(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    from broker.core import apps
+    s = await opener()
+    key = apps.app_key("longproject", "app")   # a \0 past 8 bytes: another KV key now
+    old = "m" + "".join("." + key[i:i + 1].hex() for i in range(8)) + "." + key[8:].hex()
+    assert old != meta_kv_key(key)
+    await s._kv.put(old, b"{}")
+    await s._kv_erase("v")
+    fresh = await opener()
+    assert await fresh.meta_get(key) == b"{}"
+    assert await fresh.meta_scan(apps.app_prefix("longproject")) == [(key, b"{}")]
+
+
+async def test_partition_streams_have_no_max_age_and_other_replicas_are_told(
+        opener: Callable[[], Awaitable[JetStreamStore]], jetstream_server: NatsServer,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No JetStream expiry (it could expire every message written after the last trim, and with
+    them the head: the partition dead everywhere); an existing KV bucket or partition stream with
+    other replicas than --replicas (error 10058, simulated: one node refuses replicas > 1 first) is
+    refused at startup (the bucket) or logged (a partition)."""
+    from nats.js.client import JetStreamContext
+
+    from broker.storage.base import IncompatibleStore
+    s = await opener()
+    c = await s.create_stream(StreamConfig("s", 1))
+    info = await s._js.stream_info(s._stream_name(c.stream_id, 0))
+    assert not info.config.max_age and info.config.num_replicas == 1
+
+    async def in_use(*args: object, **kwargs: object) -> None:
+        raise nats.js.errors.APIError(code=400, err_code=10058, description="stream name already in use")
+
+    monkeypatch.setattr(JetStreamContext, "add_stream", in_use)
+    monkeypatch.setattr(JetStreamContext, "create_key_value", in_use)
+    s._replicas = 2   # as if this broker had been started with --replicas 2
+    await s.update_stream(c)
+    assert "has 1 replicas, not --replicas 2" in caplog.text
+    with pytest.raises(IncompatibleStore) as raised:
+        await JetStreamStore.open([jetstream_server.url], prefix=s._prefix, replicas=2)
+    assert "--replicas 1" in str(raised.value)

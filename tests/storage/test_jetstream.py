@@ -434,8 +434,9 @@ async def test_a_scan_answered_by_another_status_is_unavailable_not_the_end(
     real_subscribe = s._nc.subscribe
 
     class Msg409:
-        headers = {"Status": "409", "Description": "Consumer Deleted"}
-        subject, data = "", b""
+        def __init__(self) -> None:
+            self.headers = {"Status": "409", "Description": "Consumer Deleted"}
+            self.subject, self.data = "", b""
 
     async def subscribe(subject: str) -> object:
         sub = await real_subscribe(subject)
@@ -520,7 +521,8 @@ async def test_a_checkpoint_scan_reads_only_its_apps_keys(
     every app of the project. The tokens now follow the core's \\0 separators."""
     from broker.core import apps
     s = await opener()
-    await s.meta_write({apps.checkpoint_key("project1", f"app{i}", 1, p): b"%d" % p for i in range(5) for p in range(3)})
+    await s.meta_write({apps.checkpoint_key("project1", f"app{i}", 1, p): b"%d" % p
+                        for i in range(5) for p in range(3)})
     real_scan = s._scan
     seen: list[int] = []
 
@@ -574,3 +576,49 @@ async def test_partition_streams_have_no_max_age_and_other_replicas_are_told(
     with pytest.raises(IncompatibleStore) as raised:
         await JetStreamStore.open([jetstream_server.url], prefix=s._prefix, replicas=2)
     assert "--replicas 1" in str(raised.value)
+
+
+async def test_settling_that_fails_unexpectedly_forgets_the_head(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception _settle did not list (here from reading the message after the expected one)
+    still drops the head cache and fences: never a stale head, never a raw exception."""
+    store = await opener()
+    sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+    other = await opener()
+    real = store._request_publish
+    calls = 0
+
+    async def lost_while_another_writes(subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            assert await other.append([AppendBatch(sid, 0, 1, [(None, b"theirs")])]) == [0]
+            raise _Unknown(TimeoutError("never arrived"))
+        return await real(subject, body, headers)
+
+    async def broken(*args: object) -> None:
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(store, "_request_publish", lost_while_another_writes)
+    monkeypatch.setattr(store, "_leader_get", broken)
+    (outcome,) = await store.append([AppendBatch(sid, 0, 2, [(None, b"ours")])])
+    assert isinstance(outcome, OutcomeUnknown)
+    assert (sid, 0) not in store._heads and (sid, 0) in store._fences
+    monkeypatch.undo()
+    assert await store.append([AppendBatch(sid, 0, 3, [(None, b"next")])]) == [1]
+    assert [r.data for r in await store.read(sid, 0, 0, BIG, BIG)] == [b"theirs", b"next"]
+
+
+async def test_a_partition_stream_missing_again_while_created_is_an_outcome_not_a_raise(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.storage.jetstream import _Missing
+    store = await opener()
+    sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+
+    async def missing(*args: object) -> None:
+        raise _Missing()
+
+    monkeypatch.setattr(store, "_load_head", missing)
+    store._heads.clear()
+    (outcome,) = await store.append([AppendBatch(sid, 0, 1, [(None, b"x")])])
+    assert isinstance(outcome, BrokerError) and outcome.code is ErrorCode.UNAVAILABLE

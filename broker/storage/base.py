@@ -10,7 +10,8 @@ can implement it honestly:
   of one partition keep their order. Batches for different partitions in one call may succeed and
   fail independently (a store may do better - RocksDB commits a call in one WriteBatch - but the
   core relies on no more). A batch's outcome is its first sequence number, `None` when its
-  stream no longer exists, or the `BrokerError` that refused it.
+  stream no longer exists, or the `BrokerError` that refused it - certainly not written, unless
+  it is an `OutcomeUnknown` (a network store that could not learn whether it was written).
 * Record timestamps never decrease within a partition (the store raises a batch's timestamp to
   the partition's last one), so `seq_at_time` can binary-search.
 * Durability is described by `capabilities`, not by engine flags: what an acknowledged append

@@ -805,12 +805,16 @@ class JetStreamStore(Store):
 
     async def _load_head(self, sid: int, p: int) -> _Head:
         """From the partition's last message (raises _Missing when its JetStream stream is)."""
-        last = await self._last_msg(sid, p)
-        if last is not None:
-            head = _Head(last.js_seq, last.end, last.last_ts)
-        else:   # empty: never written, or every message expired (max_age): the trim marker holds the head
+        for _ in range(3):
+            last = await self._last_msg(sid, p)
+            if last is not None:
+                head = _Head(last.js_seq, last.end, last.last_ts)
+                break
+            # empty: never written, or every message expired (max_age): the trim marker holds the head
             head = _Head(0, 0, 0)
             info = await self._js.stream_info(self._stream_name(sid, p))
+            if info.state.messages:
+                continue   # another writer's first message landed between the two calls: read it
             if info.state.last_seq:
                 marker = None
                 try:
@@ -823,6 +827,9 @@ class JetStreamStore(Store):
                     raise _unavailable(f"partition {sid}/{p}: its records expired (a JetStream max_age, set by the "
                                        f"first version) after the last trim, so its next sequence number is unknown")
                 head = _Head(marker["js"], marker["next"], marker["ts"])
+            break
+        else:
+            raise _unavailable(f"partition {sid}/{p}: its last message could not be read")
         self._heads[(sid, p)] = head
         return head
 

@@ -151,10 +151,13 @@ class BrokerCollector(Collector):
             if reason in _AUTH_REASONS:
                 auth.add_metric([door, ErrorCode[reason].dis_code, reason], n)
         subs = GaugeMetricFamily("sluice_subscriptions_open", "Open push subscriptions (gRPC Subscribe, SSE "
-                                 "tails, streaming-query readers)", value=stats.subscriptions)
+                                 "tails, streaming-query readers); produce streams are not counted here",
+                                 value=stats.subscriptions)
+        produce = GaugeMetricFamily("sluice_produce_streams_open", "Open streaming produce calls (gRPC "
+                                    "PutRecordsStream)", value=stats.produce_streams)
         queries = GaugeMetricFamily("sluice_queries_running", "Streaming SQL queries running",
                                     value=self.broker.queries.running())
-        yield from (latency, errors, auth, subs, queries)
+        yield from (latency, errors, auth, subs, produce, queries)
 
     def _commits(self) -> Iterator[Metric]:
         stats = self.broker.stats

@@ -80,6 +80,7 @@ class BrokerStats:
         self.commit_records = Histogram(BATCH_BUCKETS)
         self.commit_failures = 0
         self.subscriptions = 0          # open push subscriptions (gRPC Subscribe, SSE tails, query readers)
+        self.produce_streams = 0        # open PutRecordsStream calls (streaming produce; not subscriptions)
 
     def stream(self, stream_id: int) -> StreamStats:
         s = self.streams.get(stream_id)

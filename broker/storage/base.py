@@ -10,13 +10,16 @@ can implement it honestly:
   of one partition keep their order. Batches for different partitions in one call may succeed and
   fail independently (a store may do better - RocksDB commits a call in one WriteBatch - but the
   core relies on no more). A batch's outcome is its first sequence number, `None` when its
-  stream no longer exists, or the `BrokerError` that refused it.
+  stream no longer exists, or the `BrokerError` that refused it - certainly not written, unless
+  it is an `OutcomeUnknown` (a network store that could not learn whether it was written).
 * Record timestamps never decrease within a partition (the store raises a batch's timestamp to
   the partition's last one), so `seq_at_time` can binary-search.
 * Durability is described by `capabilities`, not by engine flags: what an acknowledged append
   survives.
 * Errors: I/O failures raise `BrokerError` (`STORAGE_FULL` / `UNAVAILABLE`), never a backend
   exception; unknown stream ids raise STREAM_NOT_FOUND (reads) or yield None (appends).
+* `meta_cas` is the one coordination primitive: brokers of a shared store (`capabilities.shared`)
+  agree through it (the cursor key, consumer-group leases, source leases, tsdb series types).
 * `storage_state` says whether writes are being refused (a full disk) - the store recovers by
   itself once it can, and health reports this state. A store that cannot fill up keeps the default.
 
@@ -28,7 +31,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorCode, ServerError
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 
 AppendOutcome = int | None | BrokerError
@@ -37,6 +40,16 @@ AppendOutcome = int | None | BrokerError
 class IncompatibleStore(Exception):
     """The store holds data this broker must not touch (say, another on-disk format). Raised when
     a store opens; the message says what was found and what to do."""
+
+
+class OutcomeUnknown(ServerError):
+    """An append outcome (UNAVAILABLE, retriable) for a batch the store could not settle: it may
+    or may not have been written. The core fails the whole request with it (a retry may store the
+    batch twice, like any retry of a timed-out request) instead of reporting its records as
+    failed, which would say they were certainly not written."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, detail=detail)
 
 
 class Durability(enum.Enum):
@@ -105,6 +118,21 @@ class Store(Protocol):
     async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         """First retained, next to assign, and the newest record's timestamp."""
 
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of many (stream_id, partition) pairs at once, in order: None for a pair whose
+        stream the store no longer has (dropped meanwhile); other errors raise as bounds() does.
+        For a listing of every stream, so a store should answer it in one round trip (one thread
+        hop, one network call), not one per partition. This default asks bounds() for each."""
+        out: list[PartitionBounds | None] = []
+        for stream_id, partition in partitions:
+            try:
+                out.append(await self.bounds(stream_id, partition))
+            except BrokerError as exc:
+                if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                    raise
+                out.append(None)
+        return out
+
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         """The first retained seq whose timestamp is >= timestamp_ms, else next_seq."""
 
@@ -120,6 +148,14 @@ class Store(Protocol):
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         """Apply puts (bytes) and deletes (None) atomically."""
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """Compare-and-set one metadata key: if its value is `expected` (None: the key is absent),
+        set it to `new` (None: delete it) and return True; else change nothing and return False.
+        Atomic against every other meta_cas and meta_write of the key - on a shared store, those of
+        every broker - so it is how brokers agree: create-if-absent (expected None), a lease
+        renewed only by its holder, a read-modify-write retried on False. Linearizable: a False
+        means the value differed from `expected` at some moment during the call."""
 
     async def close(self) -> None:
         """Flush and release. Idempotent."""

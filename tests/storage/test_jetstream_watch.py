@@ -1,0 +1,153 @@
+"""Two JetStream stores of one deployment (two brokers): what one writes, the other is told of
+through core NATS (storage/base.py StoreEvents) - its appends (the head cache raised, readers woken
+once per burst), its creates, scales and deletes - and `find_stream` / `fresh_bounds` see another
+store's changes before any notification arrives."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import AsyncIterator, Awaitable, Callable, Iterable
+
+import pytest
+
+from broker.model import AppendBatch, StreamConfig
+from broker.storage.jetstream import JetStreamStore
+from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix
+
+BIG = 1 << 30
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Yield to the loop until `check()` holds (the notifications arrive on it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def opener(jetstream_server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[JetStreamStore]]]:
+    prefix = fresh_prefix()
+    opened: list[JetStreamStore] = []
+
+    async def open_() -> JetStreamStore:
+        s = await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        await s.close()
+    await delete_prefix(jetstream_server.url, prefix)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.calls: list[set[tuple[int, int]]] = []
+        self.changed: list[StreamConfig] = []
+        self.dropped: list[int] = []
+
+    def appended(self, partitions: Iterable[tuple[int, int]]) -> None:
+        self.calls.append(set(partitions))
+
+    def stream_changed(self, config: StreamConfig) -> None:
+        self.changed.append(config)
+
+    def stream_dropped(self, stream_id: int) -> None:
+        self.dropped.append(stream_id)
+
+
+async def test_another_stores_appends_raise_the_head_and_wake_once_per_burst(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 2))).stream_id
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    assert (await b.bounds(sid, 0)).next_seq == 0   # b's head cache is loaded (and would stay stale)
+
+    # a burst: 20 appends to partition 0 and one to 1, each its own JetStream message
+    for i in range(20):
+        await a.append([AppendBatch(sid, 0, 1000 + i, [(None, b"x%d" % i)])])
+    await a.append([AppendBatch(sid, 1, 2000, [(None, b"y")])])
+    await eventually(lambda: (sid, 1) in set().union(*events.calls))
+    await eventually(lambda: b.remote_appends >= 2)
+    bounds = await b.bounds(sid, 0)
+    assert (bounds.next_seq, bounds.last_ts) == (20, 1019)          # from the notifications, no read
+    assert (await b.bounds(sid, 1)).next_seq == 1
+    assert [r.data for r in await b.read(sid, 0, 18, BIG, BIG)] == [b"x18", b"x19"]
+    # its own appends are not reported back to it
+    before = len(events.calls)
+    await b.append([AppendBatch(sid, 1, 3000, [(None, b"z")])])
+    await asyncio.sleep(0.2)   # (a negative: give a wrong notification time to arrive)
+    assert len(events.calls) == before
+    assert (await a.fresh_bounds(sid, 1)).next_seq == 2
+    # a burst arriving at once (as under load; fake notifications): one wake for the partition, not one per message
+    wakes = sum((sid, 0) in c for c in events.calls)
+    for i in range(50):
+        await a._nc.publish(f"{a._prefix}.w.{sid}.0", b"%d %d 1 1019 someone" % (21 + i, 20 + i))
+    await eventually(lambda: b._heads[(sid, 0)].next_seq == 70)
+    await asyncio.sleep(0.05)
+    assert 1 <= sum((sid, 0) in c for c in events.calls) - wakes < 5
+
+
+async def test_fresh_bounds_and_find_stream_need_no_notification(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """b does not watch: it learns of a's writes only by asking."""
+    a = await opener()
+    b = await opener()
+    assert await b.find_stream("default", "late") is None
+    config = await a.create_stream(StreamConfig("late", 1))
+    found = await b.find_stream("default", "late")
+    assert found == config
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 0
+    await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"1"), (None, b"2")])])
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 0          # stale: nobody told it
+    fresh = await b.fresh_bounds(config.stream_id, 0)
+    assert (fresh.first_seq, fresh.next_seq, fresh.last_ts) == (0, 2, 5)
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 2          # and the cache moved on
+    (first,) = await b.append([AppendBatch(config.stream_id, 0, 6, [(None, b"3")])])
+    assert first == 2
+
+
+async def test_another_stores_creates_scales_and_deletes_are_reported(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    a = await opener()
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    config = await a.create_stream(StreamConfig("cat", 1))
+    await eventually(lambda: events.changed == [config])
+    scaled = await a.update_stream(replace(config, partition_count=3))
+    await eventually(lambda: events.changed == [config, scaled])
+    assert (await b.bounds(config.stream_id, 2)).next_seq == 0           # b's store knows the new layout
+    await a.drop_stream(config.stream_id)
+    await eventually(lambda: events.dropped == [config.stream_id])
+    again = await a.create_stream(StreamConfig("cat", 1))                # the name with a new stream id
+    await eventually(lambda: events.changed[-1] == again)
+    assert b.remote_stream_changes == 4
+
+
+async def test_a_reconnect_reads_everything_again(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Notifications sent while a store was away are lost: after its reconnect it forgets its heads
+    (reloaded from JetStream), re-reads the catalogue and wakes every reader."""
+    a = await opener()
+    config = await a.create_stream(StreamConfig("gone", 1))
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 0
+    await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"1")])])
+    await eventually(lambda: b.remote_appends == 1)
+    b._heads[(config.stream_id, 0)] = replace(b._heads[(config.stream_id, 0)], next_seq=0, js_last=0)  # as if missed
+    other = await a.create_stream(StreamConfig("other", 1))
+    await eventually(lambda: other in events.changed)
+    b._configs.pop(other.stream_id)   # as if its event was missed
+    events.changed.clear()
+    b._resync_soon("a test")
+    await eventually(lambda: b.resyncs == 1)
+    assert events.changed == [other]
+    assert (config.stream_id, 0) in events.calls[-1]
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 1

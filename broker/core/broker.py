@@ -80,7 +80,7 @@ class Broker:
         self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
         # leases: see leases.py for the restart grace that started_ms enables
-        self.queries = Queries(self.catalogue, self.reads, store, clock_ms)
+        self.queries = Queries(self.catalogue, self.reads, store, clock_ms, known=self._known)
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases or LocalLeases(started_ms=clock_ms()),
                                      limits, clock_ms)
         self._shared = store.capabilities.shared

@@ -151,3 +151,36 @@ async def test_a_reconnect_reads_everything_again(
     assert events.changed == [other]
     assert (config.stream_id, 0) in events.calls[-1]
     assert (await b.bounds(config.stream_id, 0)).next_seq == 1
+
+
+async def test_a_streaming_query_on_one_broker_gets_rows_put_through_another(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Two Brokers in-process on two stores of one deployment: a streaming query on B is woken by
+    A's appends (B's notifier, from A's notification), a bounded one on B counts what A wrote a
+    moment before (fresh bounds), and B's catalogue has A's stream without a restart."""
+    from broker.core.broker import Broker
+    from broker.model import ColumnDef, StreamSchema
+    from broker.rows.encode import RowEncoder
+
+    schema = StreamSchema((ColumnDef("k", "string"), ColumnDef("v", "int64")))
+    encoder = RowEncoder(schema)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(await opener(), cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("typed", 1, schema=schema)
+        await a.append_rows("typed", encoder.compact(["k", "v"], [["x", 1], ["y", 2]], 1_000))
+        bounded = await b.queries.start("default", "select v from table(typed)")   # B never saw 'typed' before
+        rows: list[list[object]] = []
+        while (item := await asyncio.wait_for(bounded.results.get(), 10)) is not None:
+            rows += item
+        assert sorted(rows) == [[1], [2]]
+
+        streaming = await b.queries.start("default", "select v from typed")   # its LATEST cursors are taken
+        await a.append_rows("typed", encoder.compact(["k", "v"], [["z", 3]], 2_000))
+        assert await asyncio.wait_for(streaming.results.get(), 10) == [[3]]
+        assert b.stats.remote_appends >= 1
+        await b.queries.cancel("default", streaming.id)
+    finally:
+        await a.close()
+        await b.close()

@@ -1,5 +1,5 @@
 """JetStreamStore: the log and the metadata on a NATS JetStream cluster, so a broker keeps nothing
-of its own on disk (issue 13, first step: one broker; the multi-broker coordination comes next).
+of its own on disk, and several brokers can serve one deployment (issue 13).
 
 Layout (every name starts with --nats-prefix, default "sluice"; P below):
 
@@ -12,6 +12,8 @@ Layout (every name starts with --nats-prefix, default "sluice"; P below):
         n                                        the next stream id (a compare-and-set counter)
         t.<stream_id>.<partition>                the trim marker: logical first seq (+ the head when trimmed)
         m[.<hh>...]                              a core metadata key (meta_get/scan/write), encoded below
+    core NATS subject P.w.<stream_id>.<part>     an append's notification to the other brokers (see "Several brokers")
+    core NATS subject P.c                        a create, scale or drop of a stream, ditto
 
 Why one JetStream stream per partition (measured, single node, 4 partitions, batches of 10 x 100 B,
 nats-server 2.9.10, one client): appends with Expected-Last-Sequence on a per-partition stream ran
@@ -63,9 +65,27 @@ other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
   stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
 None needs two keys to change together.
 
-Not this round: other brokers' appends are seen by this broker's reads (they read JetStream), but its
-head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; consumer
-group and source leases, cross-broker push and the 3-node tests are the next step (issue 13).
+Several brokers (watch, storage/base.py StoreEvents), over core NATS, at most once:
+* after JetStream acks an append message the store publishes `P.w.<stream_id>.<partition>` =
+  `<js seq> <first seq> <count> <newest ts> <writer id>`; every store subscribes to `P.w.>` and
+  raises its head cache (only forward: two writers' notifications may cross), remembers where the
+  message starts (tail reads), and reports the partition to the broker once per burst (one
+  call_soon for every notification already received), which wakes its long polls, subscriptions
+  and streaming queries. The connection is no_echo: a store is not told of its own appends.
+* after a create, a scale (update_stream) or a drop is in the KV bucket, `P.c` carries the stream
+  id, project and name; a receiver re-reads the name's key (the truth, whatever order events
+  arrive in) and reports the stream as changed or dropped. (A KV watch would not see a drop: the
+  name key is purged, which leaves no message to watch.)
+* a notification can be lost (a broker disconnected, a slow consumer): a reconnect or a dropped
+  message re-reads the catalogue, forgets every head (reloaded from JetStream when needed) and
+  wakes every reader. Until then a reader on this broker may not see another's newest records;
+  it never sees wrong ones, and a cursor (fresh_bounds: one direct get of the last message) and
+  any append of its own (a numbering conflict reloads the head) are always current.
+* find_stream reads a name's key: the broker asks before answering STREAM_NOT_FOUND, so a stream
+  created through another broker a moment ago is found even before its event.
+Known gap: a scale event is exact for the writes of the broker that runs it (core/catalogue.py);
+another broker's writes routed by the old layout in the moment before its event arrives may land
+after the boundary. Consumer-group and source leases are not here (KV compare-and-set, next step).
 """
 from __future__ import annotations
 
@@ -302,7 +322,8 @@ class JetStreamStore(Store):
         if not _PREFIX_OK.fullmatch(prefix):
             raise ValueError(f"prefix must be 1-32 of A-Z a-z 0-9 _ -, not {prefix!r}")
         options: dict[str, Any] = {"servers": list(servers), "connect_timeout": 5, "max_reconnect_attempts": -1,
-                                   "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker"}
+                                   "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker",
+                                   "no_echo": True}   # its own notifications (watch) are not sent back to it
         if creds:
             options["user_credentials"] = creds
         if tls_ca:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 
 from broker.model import AppendBatch, StreamConfig
 from broker.storage.jetstream import JetStreamStore
-from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix
+from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, nats_config
 
 BIG = 1 << 30
 
@@ -184,3 +185,30 @@ async def test_a_streaming_query_on_one_broker_gets_rows_put_through_another(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_after_a_reconnect_the_store_reads_everything_again_and_is_notified_again(tmp_path: Path) -> None:
+    """The NATS server restarts under two stores: the watching one re-reads (resync) once it is back,
+    and notifications flow again on the restored subscriptions."""
+    server = NatsServer(tmp_path / "store", extra=("-c", str(nats_config(tmp_path)))).start()
+    a = b = None
+    try:
+        a = await JetStreamStore.open([server.url], prefix="rc", replicas=1)
+        b = await JetStreamStore.open([server.url], prefix="rc", replicas=1)
+        events = Events()
+        await b.watch(events)
+        config = await a.create_stream(StreamConfig("r", 1))
+        await eventually(lambda: events.changed == [config])
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: b.resyncs == 1 and a._nc.is_connected, timeout=20)
+        assert (config.stream_id, 0) in events.calls[-1]    # every reader woken to re-read
+        (first,) = await a.append([AppendBatch(config.stream_id, 0, 7, [(None, b"after")])])
+        assert first == 0
+        await eventually(lambda: b.remote_appends == 1)      # the append after it, notified again
+        assert (await b.bounds(config.stream_id, 0)).next_seq == 1
+    finally:
+        for s in (a, b):
+            if s is not None:
+                await s.close()
+        server.stop()

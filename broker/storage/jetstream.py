@@ -1224,8 +1224,9 @@ class JetStreamStore(Store):
         return StreamConfig.from_dict(json.loads(entry.value)) if entry.value else None
 
     async def fresh_bounds(self, stream_id: int, partition: int) -> PartitionBounds:
-        """bounds() after one direct get of the partition's last message: current even when another
-        broker's notification of an append is still on its way."""
+        """bounds() after a direct get of the partition's last message and a read of its trim
+        marker: current even when another broker's notification of an append is still on its way,
+        or another broker trimmed it (a TRIM_HORIZON cursor starts at what is still there)."""
         self._check_open()
 
         async def get() -> PartitionBounds:
@@ -1235,6 +1236,7 @@ class JetStreamStore(Store):
                 head = self._heads[(stream_id, partition)] = _Head(last.js_seq, last.end, last.last_ts)
             if head is None:
                 head = await self._load_head(stream_id, partition)
+            self._trims.pop((stream_id, partition), None)   # another broker's retention may have trimmed
             trim = await self._trim_point(stream_id, partition)
             return PartitionBounds(min(max(trim.first, 0), head.next_seq), head.next_seq, head.last_ts)
         result: PartitionBounds = await self._with_partition(stream_id, partition, get)

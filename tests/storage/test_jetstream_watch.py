@@ -110,6 +110,9 @@ async def test_fresh_bounds_and_find_stream_need_no_notification(
     assert (await b.bounds(config.stream_id, 0)).next_seq == 2          # and the cache moved on
     (first,) = await b.append([AppendBatch(config.stream_id, 0, 6, [(None, b"3")])])
     assert first == 2
+    await a.trim(config.stream_id, 0, 2)                                  # a's retention, say
+    assert (await b.bounds(config.stream_id, 0)).first_seq == 0          # b's cached trim point
+    assert (await b.fresh_bounds(config.stream_id, 0)).first_seq == 2    # a cursor asks
 
 
 async def test_another_stores_creates_scales_and_deletes_are_reported(

@@ -41,7 +41,7 @@ from broker.core.retention import enforce_retention
 from broker.core.stats import BrokerStats
 from broker.core.writer import Committer
 from broker.core.writes import WritePath
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorCode
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
@@ -134,9 +134,24 @@ class Broker:
                             data_type: object = None, stream_type: object = None, *,
                             project: str = DEFAULT_PROJECT, schema: StreamSchema | None = None) -> StreamConfig:
         """`schema`: a typed stream (see StreamSchema). Raises INVALID_REQUEST, QUOTA_EXCEEDED,
-        STREAM_EXISTS."""
-        return await self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
-                                           stream_type, schema)
+        STREAM_EXISTS (a shared store: the catalogue knows the existing stream afterwards, even if
+        another broker created it a moment ago)."""
+        try:
+            return await self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
+                                               stream_type, schema)
+        except BrokerError as exc:
+            if exc.code is ErrorCode.STREAM_EXISTS:
+                try:
+                    await self._known(project, stream_name)
+                except BrokerError:
+                    pass   # the answer is STREAM_EXISTS either way
+            raise
+
+    async def stream_config(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> StreamConfig:
+        """The stream's config (a door that works with it directly). Raises INVALID_REQUEST,
+        STREAM_NOT_FOUND."""
+        await self._known(project, stream_name)
+        return self.catalogue.get(project, stream_name)
 
     async def delete_stream(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> None:
         """Delete a stream, its records and its checkpoints. Raises STREAM_NOT_FOUND."""

@@ -9,10 +9,12 @@ would re-read that stale cache and find nothing. B's /metrics counts the wakes
 (sluice_remote_appends_total)."""
 from __future__ import annotations
 
+import json
 import queue
 import re
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Iterator
 
@@ -181,3 +183,25 @@ def test_a_scale_through_a_is_seen_by_b(pair: tuple[BrokerProcess, BrokerProcess
         ca.update_partition_count(name, 1)
         eventually(lambda: cb.describe_stream(name).stream.partition_count == 1)
         assert {r.partition_id for r in cb.put_records(name, [(b"k", f"key-{i}") for i in range(20)])} == {0}
+
+
+def post(proc: BrokerProcess, path: str, body: object) -> int:
+    request = urllib.request.Request(proc.http_url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_typed_rows_ingested_through_b_into_a_stream_just_created_through_a(
+        pair: tuple[BrokerProcess, BrokerProcess], name: str) -> None:
+    a, b = pair
+    create = {"name": name, "columns": [{"name": "v", "type": "int64"}]}
+    assert post(a, "/api/v1beta2/streams", create) == 201
+    assert post(b, f"/api/v1beta2/streams/{name}/ingest", {"columns": ["v"], "data": [[1], [2]]}) < 300
+    assert post(b, "/api/v1beta2/streams", create) in (400, 409)   # it exists
+    with Client(a.grpc_target) as ca:
+        records = ca.get_records(ca.get_cursor(name, 0, "TRIM_HORIZON")).records
+        assert [json.loads(r.data)["v"] for r in records] == [1, 2]

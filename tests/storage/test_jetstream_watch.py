@@ -215,3 +215,47 @@ async def test_after_a_reconnect_the_store_reads_everything_again_and_is_notifie
             if s is not None:
                 await s.close()
         server.stop()
+
+
+async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B never gets A's catalogue events here: every verb that names the stream looks it up in the
+    store before answering STREAM_NOT_FOUND."""
+    from broker.core.broker import Broker
+    from broker.errors import BrokerError, ErrorCode
+    from broker.model import PutEntry
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        for name in (("described", "put", "cursor", "exists", "config", "query")):
+            await a.create_stream(name, 1)
+            assert b.catalogue.lookup("default", name) is None
+            if name == "described":
+                assert (await b.describe_stream(name)).config.stream_name == name
+            elif name == "put":
+                assert (await b.put_records(name, [PutEntry(b"x", partition_id="0")])).failed_record_count == 0
+            elif name == "cursor":
+                await b.get_cursor(name, 0, "LATEST")
+            elif name == "exists":
+                with pytest.raises(BrokerError) as err:
+                    await b.create_stream(name, 1)
+                assert err.value.code is ErrorCode.STREAM_EXISTS
+            elif name == "config":
+                assert (await b.stream_config(name)).stream_name == name
+            else:
+                run = await b.queries.start("default", f"select * from table({name})")
+                await b.queries.cancel("default", run.id)
+            assert b.catalogue.lookup("default", name) is not None, name
+        with pytest.raises(BrokerError) as err:
+            await b.describe_stream("nowhere")
+        assert err.value.code is ErrorCode.STREAM_NOT_FOUND
+    finally:
+        await a.close()
+        await b.close()

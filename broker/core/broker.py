@@ -32,7 +32,7 @@ from broker.core.catalogue import StreamCatalogue
 from broker.core.consumers import Consumers
 from broker.core.groups import ConsumerGroups
 from broker.core.leases import Leases, LocalLeases
-from broker.core.limits import DEFAULT_LIMITS, Limits
+from broker.core.limits import DEFAULT_LIMITS, PROJECT_NAME, STREAM_NAME, Limits
 from broker.core.metric_series import PARTITION_LABELS, STREAM_LABELS, MetricSeries, parse_labels, parse_period
 from broker.core.notify import WriteNotifier
 from broker.core.queries import Queries
@@ -327,8 +327,10 @@ class Broker:
     async def _known(self, project: str, stream_name: object) -> None:
         """A shared store: a name this broker does not know may have been created through another
         broker a moment ago (its event still on the way): look it up in the store once. Costs one
-        flag test and one dict lookup otherwise."""
-        if self._shared and isinstance(stream_name, str) and self.catalogue.lookup(project, stream_name) is None:
+        flag test and one dict lookup otherwise. Names that cannot exist are not looked up: the verb
+        answers them as it always does."""
+        if self._shared and isinstance(stream_name, str) and self.catalogue.lookup(project, stream_name) is None \
+                and STREAM_NAME.fullmatch(stream_name) and PROJECT_NAME.fullmatch(project):
             config = await self.store.find_stream(project, stream_name)
             if config is not None and self.catalogue.by_id(config.stream_id) != config:
                 self._stream_changed(config)

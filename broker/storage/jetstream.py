@@ -1219,7 +1219,7 @@ class JetStreamStore(Store):
     async def _find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
         try:
             entry = await self._kv.get(self._name_key(project, stream_name))
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):   # no such (possible) name
             return None
         return StreamConfig.from_dict(json.loads(entry.value)) if entry.value else None
 

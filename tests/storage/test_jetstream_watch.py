@@ -253,9 +253,13 @@ async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
                 run = await b.queries.start("default", f"select * from table({name})")
                 await b.queries.cancel("default", run.id)
             assert b.catalogue.lookup("default", name) is not None, name
+        for bad in ("nowhere", "no where", "a.>", "*", "x" * 300):   # never a KV key error (UNAVAILABLE)
+            with pytest.raises(BrokerError) as err:
+                await b.describe_stream(bad)
+            assert err.value.code is ErrorCode.STREAM_NOT_FOUND, bad
         with pytest.raises(BrokerError) as err:
-            await b.describe_stream("nowhere")
-        assert err.value.code is ErrorCode.STREAM_NOT_FOUND
+            await b.put_records("x", [PutEntry(b"x")], project="bad project.>")
+        assert err.value.code is ErrorCode.INVALID_REQUEST
     finally:
         await a.close()
         await b.close()

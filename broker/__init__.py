@@ -17,7 +17,8 @@
       reads.py           ReadPath: cursors, GetRecords and long polls, push subscriptions
       consumers.py       Consumers: apps, checkpoints, consumer state (lag)
       groups.py          ConsumerGroups: heartbeats and leave, over the Leases interface
-      leases.py          the lease rules (LeaseTable) and the Leases interface (LocalLeases)
+      leases.py          the lease rules (LeaseTable) and the Leases interface (LocalLeases; StoreLeases: a shared
+                         store's one table, a key per group changed with meta_cas)
       apps.py            metadata key layout and values of apps, checkpoints and the cursor key
       retention.py       trimming expired records
       routing.py         partition choice: partition id, explicit hash key, key hash
@@ -66,7 +67,8 @@
       websocket.py       websocket: a client of a WebSocket server, reconnecting with backoff
       nats.py            nats (core NATS) and nats_jetstream (pull consumer, ack after a durable append)
       registry.py        TYPES: every source type by name
-      manager.py         Sources: create/list/get/update/delete/start/stop; supervised tasks; restart
+      manager.py         Sources: create/list/get/update/delete/start/stop; supervised tasks; restart;
+                         on a shared store a lease per source (meta_cas) so one broker runs it
     tsdb/                OpenTSDB/HiTSDB points over the log (the /api/put and /api/query door)
       series.py          series keys, their partition, the record layout, SeriesRegistry (one type per series,
                          durable), TsdbStream (the points' stream, created on first put, and its registry)

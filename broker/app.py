@@ -32,7 +32,7 @@ from broker.api.limits import ClientLimits, GrpcLimits
 from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_app
 from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
-from broker.core.limits import DEFAULT_LIMITS
+from broker.core.limits import DEFAULT_LIMITS, Limits
 from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
@@ -114,9 +114,19 @@ def _client_limits(settings: Settings) -> ClientLimits:
                            settings.max_subscriptions_per_client)
 
 
-def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
+MIN_PING_INTERVAL_MS = 10_000   # the least time between a client's pings (clients ping every 30 s)
+
+
+def grpc_max_message(limits: Limits) -> int:
+    """The largest gRPC message the broker takes or sends: the largest HTTP body and 1 MB of
+    framing. The client library's `_wire.MAX_MESSAGE` is the same with the default limits."""
+    return limits.max_http_body_bytes + 1024 * 1024
+
+
+def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel options."""
     idle_ms = int(settings.idle_timeout * 1000)
-    return grpc.aio.server(interceptors=[GrpcLimits(_client_limits(settings), SERVICE_NAME)], options=[
+    return [
         ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),   # TLS / HTTP/2 preface
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
@@ -124,8 +134,18 @@ def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
         ("grpc.keepalive_time_ms", 30_000),                 # detect dead peers under long RPCs
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # accept clients' keepalive pings on calls that carry no data for a while (an idle
+        # PutRecordsStream, a quiet Subscribe): the default policy allows one per 5 minutes and
+        # answers the client library's 30 s pings with GOAWAY too_many_pings after two strikes
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
-    ])
+    ]
+
+
+def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
+    return grpc.aio.server(interceptors=[GrpcLimits(_client_limits(settings), SERVICE_NAME)],
+                           options=grpc_options(settings, max_message))
 
 
 def load_auth(settings: Settings) -> Auth:
@@ -166,7 +186,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     except StartupError:
         await store.close()
         raise
-    max_message = broker.limits.max_http_body_bytes + 1024 * 1024
+    max_message = grpc_max_message(broker.limits)
     sources = Sources(broker)
 
     tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)

@@ -10,8 +10,11 @@ Channel options, chosen for a broker that restarts (deploys, crashes) while clie
   take (default 20 s); 1 s is plenty on the networks a broker lives on.
 * keepalive: while calls are open (long polls, subscriptions), ping every 30 s and give up on a
   connection that does not answer within 10 s, so a broker host that vanished without a FIN is
-  noticed. No pings without calls: the broker's default ping policy (one per 5 minutes on an idle
-  connection) would answer those with GOAWAY.
+  noticed. The broker accepts a ping every 10 s on a call that carries no data (an idle produce
+  stream; see broker/app.py). No pings without calls.
+* message size: the broker's limit (13 MB: its largest body and 1 MB), so a request too large for
+  it is refused here, before it is sent (a Producer sends such a batch by PutRecords, which fails
+  it alone, never on its stream, where it would end the call).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ PROJECT_KEY = "sluice-project"
 AUTHORIZATION_KEY = "authorization"
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 DEFAULT_PROJECT = "default"
-MAX_MESSAGE = 16 * 1024 * 1024
+MAX_MESSAGE = 13 * 1024 * 1024   # the broker's (broker/app.py grpc_max_message): its largest body and 1 MB
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),

@@ -57,6 +57,11 @@ class Client:
         self._timeout = timeout
 
     @property
+    def timeout(self) -> float:
+        """Seconds a call may take (a streaming produce batch: until its answer)."""
+        return self._timeout
+
+    @property
     def project(self) -> str | None:
         """The project named on every call; None with an API key and no project: the key's."""
         return _wire.project_of(self._metadata)

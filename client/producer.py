@@ -16,15 +16,23 @@ unresolved: memory stays bounded and the caller is held back instead. A reader t
 each batch's records from its answer, in order.
 
 A broker without PutRecordsStream (an older one: UNIMPLEMENTED) is remembered and the producer
-falls back to one unary PutRecords at a time; `streaming=False` asks for that from the start.
+falls back to one unary PutRecords at a time; `streaming=False` asks for that from the start. A
+broker that refuses to open the stream (TOO_MANY_REQUESTS) gets PutRecords for 30 s, then a stream
+again. Either way the batches handed back keep their place: newer ones go behind them. A stream on
+which nothing was sent for `stream_idle_ms` (60 s) is ended; the next batch opens a new one. A
+batch whose encoded size is over the broker's message limit (`_wire.MAX_MESSAGE`, or less once a
+broker ended a stream RESOURCE_EXHAUSTED for a message too large: then only the largest batch in
+flight fails, the others are retried) is sent by PutRecords, which fails it alone.
 
 A broken stream (the broker restarted, the connection dropped) fails the batches it had not
 acknowledged like a failed request (retriable: they are retried, see below), and the next batch
 opens a new stream. Only unacknowledged batches are sent again: an acknowledged record is stored
 and never resent. A batch the broker stored but could not acknowledge before the break is stored
 twice, so duplicates are bounded by the unacknowledged window: at most `max_in_flight` batches
-(`max_in_flight * max_batch_records` records) per break. The stream has no deadline; HTTP/2
-keepalive (client/_wire.py) notices a broker host that vanished.
+(`max_in_flight * max_batch_records` records) per break. The call has no deadline, but each batch
+has the Client's `timeout`: when the oldest unacknowledged batch has waited that long, the call is
+cancelled and its batches fail DEADLINE_EXCEEDED (retriable, retried as a timed-out PutRecords).
+HTTP/2 keepalive (client/_wire.py) notices a broker host that vanished.
 
 Every future resolves to a `PutResult`, never to an exception:
 
@@ -111,6 +119,7 @@ class _Pending:
     partition_id: int | None
     future: Future[PutResult]
     enqueued: float
+    order: int = 0          # the order send() took it in (records put back keep their place)
     attempts: int = 0       # retries so far
     due: float = 0.0        # monotonic time before which a retry must not be sent
     started: bool = False   # set_running_or_notify_cancel() done
@@ -132,7 +141,20 @@ class _Options:
     max_buffered_records: int
     streaming: bool = True
     max_in_flight: int = 8
+    stream_idle_s: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+UNARY_AFTER_REFUSAL_S = 30.0   # a broker refused to open a stream: PutRecords only for this long
+
+
+@dataclass
+class _Batch:
+    """A batch sent on a stream, not acknowledged yet."""
+    batch_id: int
+    live: list[_Pending]
+    sent: float     # monotonic
+    size: int       # encoded bytes
 
 
 class _Stream:
@@ -141,8 +163,10 @@ class _Stream:
 
     def __init__(self) -> None:
         self.requests: queue.SimpleQueue[pb.PutRecordsStreamRequest | None] = queue.SimpleQueue()
-        self.inflight: deque[tuple[int, list[_Pending]]] = deque()
+        self.inflight: deque[_Batch] = deque()
         self.answered = False     # the broker has the RPC (an UNIMPLEMENTED now is not "absent")
+        self.expired = False      # cancelled by us: the oldest batch went unanswered too long
+        self.last_sent = time.monotonic()
         self.call: Any = None
         self.reader: threading.Thread | None = None
 
@@ -164,26 +188,29 @@ class Producer:
     see `Client`).
     `max_buffered_records` bounds the records not yet resolved; `send()` blocks while it is reached.
     `streaming`: use PutRecordsStream when the broker has it (default); `max_in_flight`: the most
-    unacknowledged batches on it (1 when `ordered`).
+    unacknowledged batches on it (1 when `ordered`); `stream_idle_ms`: end a stream nothing was
+    sent on for that long. An exception opening the stream (a closed Client: ValueError) fails the
+    batch's futures with it, as PutRecords does.
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
                  max_batch_bytes: int = 1_000_000, linger_ms: float = 5, max_retries: int = 5,
                  backoff_ms: float = 50, max_backoff_ms: float = 2_000, ordered: bool = False,
                  max_buffered_records: int = 100_000, streaming: bool = True, max_in_flight: int = 8,
-                 project: str | None = None, api_key: str | None = None,
+                 stream_idle_ms: float = 60_000, project: str | None = None, api_key: str | None = None,
                  tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
         if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1 or max_in_flight < 1:
             raise ValueError("batch, buffer and in-flight limits must be positive")
-        if max_retries < 0 or backoff_ms < 0 or linger_ms < 0:
-            raise ValueError("max_retries, backoff_ms and linger_ms must not be negative")
+        if max_retries < 0 or backoff_ms < 0 or linger_ms < 0 or stream_idle_ms < 0:
+            raise ValueError("max_retries, backoff_ms, linger_ms and stream_idle_ms must not be negative")
         self._own_client = isinstance(client_or_target, str)
         self._client = Client(client_or_target, project=project, api_key=api_key, tls_ca=tls_ca) \
             if isinstance(client_or_target, str) else client_or_target
         self.stream = stream
         self._opt = _Options(max_batch_records, max_batch_bytes, linger_ms / 1000, max_retries, backoff_ms / 1000,
                              max(max_backoff_ms, backoff_ms) / 1000, ordered, max_buffered_records, streaming,
-                             1 if ordered else max_in_flight)
+                             1 if ordered else max_in_flight, stream_idle_ms / 1000)
+        self._timeout = self._client.timeout   # a stream's batch unanswered this long: the call is given up
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()   # new records (ordered mode: retries go to the front)
         self._queued_bytes = 0
@@ -196,7 +223,10 @@ class Producer:
         self._aborted = False                    # close() timed out: resolve the rest as CLOSED
         self._stream: _Stream | None = None       # the open PutRecordsStream call
         self._streaming = streaming               # False once the broker said UNIMPLEMENTED
+        self._unary_until = 0.0                   # PutRecords only until then (the broker refused a stream)
+        self._max_stream_bytes = _wire.MAX_MESSAGE  # larger batches go by PutRecords (lowered by a refusal)
         self._batch_ids = itertools.count(1)
+        self._orders = itertools.count()
         self.stats = ProducerStats()
         self._thread = threading.Thread(target=self._run, name=f"sluice-producer-{stream}", daemon=True)
         self._thread.start()
@@ -232,6 +262,7 @@ class Producer:
                     raise BufferFullError(f"{self._unresolved} records buffered")
                 self._cond.wait(remaining)
             record.enqueued = time.monotonic()
+            record.order = next(self._orders)
             self._queue.append(record)
             self._queued_bytes += record.size
             self._unresolved += 1
@@ -280,7 +311,7 @@ class Producer:
                 self._retry.clear()
                 self._queued_bytes = 0
                 if self._stream is not None:   # unacknowledged batches: CLOSED too (the reader skips them)
-                    leftovers.extend(r for _, live in self._stream.inflight for r in live)
+                    leftovers.extend(r for b in self._stream.inflight for r in b.live)
                     self._stream.inflight.clear()
             stream, self._stream = self._stream, None
             self._cond.notify_all()
@@ -308,23 +339,52 @@ class Producer:
 
     def _run(self) -> None:
         while True:
+            expired: _Stream | None = None
             with self._cond:
                 while True:
                     if self._aborted or (self._closing and not self._unresolved):
                         return
-                    stream = self._stream
-                    if self._streaming and stream is not None and len(stream.inflight) >= self._opt.max_in_flight:
-                        self._cond.wait()   # the window is full: wait for an answer (or the stream's end)
-                        continue
                     now = time.monotonic()
+                    stream = self._stream
+                    if stream is not None:
+                        if stream.expired:   # cancelled: wait for its reader to hand its batches back
+                            self._cond.wait()
+                            continue
+                        if stream.inflight and now - stream.inflight[0].sent >= self._timeout:
+                            stream.expired = True   # no answer in time: give the call up
+                            expired = stream
+                            break
+                        if not stream.inflight and now - stream.last_sent >= self._opt.stream_idle_s:
+                            self._stream = None   # idle: end it (the broker answered everything); the
+                            stream.end()          # next batch opens a new one
+                            continue
+                        if len(stream.inflight) >= self._opt.max_in_flight:
+                            # the window is full: wait for an answer, the stream's end or its deadline
+                            self._cond.wait(self._stream_wakeup(stream, now))
+                            continue
                     batch = self._take_batch(now)
                     if batch:
                         break
-                    self._cond.wait(self._wakeup(now))
-            if self._streaming:
+                    waits = [w for w in (self._wakeup(now), self._stream_wakeup(stream, now)) if w is not None]
+                    self._cond.wait(min(waits) if waits else None)
+                use_stream = self._use_stream(now)
+            if expired is not None:
+                expired.call.cancel()   # its reader ends it: the batches are failed DEADLINE_EXCEEDED
+            elif use_stream:
                 self._send_stream(batch)
             else:
                 self._send(batch)
+
+    def _use_stream(self, now: float) -> bool:
+        return self._streaming and now >= self._unary_until
+
+    def _stream_wakeup(self, stream: _Stream | None, now: float) -> float | None:
+        """Seconds until the open stream's oldest batch times out, or until it counts as idle."""
+        if stream is None:
+            return None
+        if stream.inflight:
+            return max(stream.inflight[0].sent + self._timeout - now, 0.0) + 0.0005
+        return max(stream.last_sent + self._opt.stream_idle_s - now, 0.0) + 0.0005
 
     def _ready(self, now: float) -> bool:
         """Is there a batch worth sending in `_queue` now?"""
@@ -461,27 +521,64 @@ class Producer:
         if not live:
             return
         batch_id = next(self._batch_ids)
-        request = _wire.put_records_stream(batch_id, self.stream, [(r.data, r.key, r.partition_id) for r in live])
+        try:
+            request = _wire.put_records_stream(batch_id, self.stream, [(r.data, r.key, r.partition_id) for r in live])
+            size = request.ByteSize()
+        except Exception as exc:  # a bug or a bad argument: fail these records loudly (as _send does)
+            self._fail(live, exc)
+            return
+        failure: BaseException | None = None
         with self._cond:
+            now = time.monotonic()
             if self._aborted:   # close() gave up while this batch was being built: no new call now
                 closed = PutResult(-1, -1, CLOSED, "producer closed before the record was delivered")
                 done = [(r, closed) for r in live]
-            elif self._streaming:
+            elif not self._use_stream(now):
+                # the stream was refused or found missing meanwhile, and its batches went back to the
+                # queue: this newer one goes back behind them, to be sent by PutRecords in order
+                self._requeue(live)
+                self._cond.notify_all()
+                return
+            elif size > self._max_stream_bytes:
+                done = []   # too large for the broker: PutRecords fails it alone (the stream would end)
+            else:
                 stream = self._stream
                 if stream is None:
-                    stream = self._stream = self._open_stream()
-                stream.inflight.append((batch_id, live))
-                stream.requests.put(request)
-                self.stats.requests += 1
-                self.stats.records_sent += len(live)
-                self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(stream.inflight))
-                return
-            else:
+                    try:
+                        stream = self._stream = self._open_stream()
+                    except Exception as exc:   # e.g. the shared Client was closed: ValueError
+                        failure = exc
+                if stream is not None:
+                    stream.inflight.append(_Batch(batch_id, live, now, size))
+                    stream.last_sent = now
+                    stream.requests.put(request)
+                    self.stats.requests += 1
+                    self.stats.records_sent += len(live)
+                    self.stats.max_in_flight_seen = max(self.stats.max_in_flight_seen, len(stream.inflight))
+                    return
                 done = []
-        if done:
+        if failure is not None:
+            with self._cond:
+                self.stats.requests += 1
+                self.stats.failed_requests += 1
+            self._fail(live, failure)
+        elif done:
             self._resolve(done)
         else:
-            self._send(live)   # the broker turned out not to have the stream meanwhile
+            self._send(live)
+
+    def _requeue(self, records: list[_Pending]) -> None:
+        """With the lock held: put records back into the queue, untouched (no retry counted), in
+        their place: behind the records older than them, ahead of the newer ones."""
+        if not records:
+            return
+        q = self._queue
+        head: list[_Pending] = []
+        while q and q[0].order < records[0].order:
+            head.append(q.popleft())
+        q.extendleft(reversed(records))
+        q.extendleft(reversed(head))
+        self._queued_bytes += sum(r.size for r in records)
 
     def _open_stream(self) -> _Stream:
         """With the lock held: a new call and its reader thread."""
@@ -506,6 +603,9 @@ class Producer:
                     break
         except grpc.RpcError as exc:
             error = exc
+        except Exception as exc:   # a bug here must not leave batches unresolved, nor the call open
+            error = exc
+            stream.call.cancel()
         self._stream_ended(stream, error)
 
     def _answered(self, stream: _Stream, response: pb.PutRecordsStreamResponse) -> bool:
@@ -513,9 +613,10 @@ class Producer:
         with self._cond:
             if not stream.inflight:   # close() gave up on them (they resolved CLOSED)
                 return True
-            batch_id, live = stream.inflight[0]
+            sent = stream.inflight[0]
             stream.answered = True
-        if response.batch_id != batch_id:
+        live = sent.live
+        if response.batch_id != sent.batch_id:
             return False
         results: list[PutResult]
         if response.WhichOneof("outcome") == "error":
@@ -529,46 +630,68 @@ class Producer:
             retriable = [not res.ok and is_retriable(res.reason) for res in results]
             failed_request = False
         with self._cond:
-            if not stream.inflight or stream.inflight[0][0] != batch_id:
+            if not stream.inflight or stream.inflight[0] is not sent:
                 return True   # close() gave up on it meanwhile
             stream.inflight.popleft()
             done = self._settle(live, results, retriable, failed_request)
         self._resolve(done)
         return True
 
-    def _stream_ended(self, stream: _Stream, error: BaseException | None) -> None:
-        """The call is over. Its unacknowledged batches: with a broker without the RPC, back to the
-        queue untouched (sent again as PutRecords); else failed like a request that did not get
-        through - retriable, so retried - and nothing acknowledged is sent again."""
+    def _stream_error(self, stream: _Stream, error: BaseException | None) -> SluiceError:
+        if stream.expired:
+            return SluiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "",
+                               f"no answer on the produce stream within {self._timeout:g}s", "DEADLINE_EXCEEDED")
         if isinstance(error, grpc.RpcError):
-            exc = from_rpc_error(error)
-        elif isinstance(error, SluiceError):
-            exc = error
-        else:   # ended without a status while batches were unanswered (a proxy's doing)
-            exc = SluiceError(grpc.StatusCode.UNAVAILABLE, "", "the produce stream ended early", "UNAVAILABLE")
-        absent = isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED \
-            and not stream.answered
+            return from_rpc_error(error)
+        if isinstance(error, SluiceError):
+            return error
+        if error is not None:
+            return SluiceError(grpc.StatusCode.UNAVAILABLE, "", f"the produce stream failed: {error!r}",
+                               "UNAVAILABLE")
+        # ended without a status while batches were unanswered (a proxy's doing)
+        return SluiceError(grpc.StatusCode.UNAVAILABLE, "", "the produce stream ended early", "UNAVAILABLE")
+
+    def _stream_ended(self, stream: _Stream, error: BaseException | None) -> None:
+        """The call is over. Its unacknowledged batches: with a broker without the RPC, or one that
+        refused to open it (TOO_MANY_REQUESTS), back to the queue untouched (sent as PutRecords:
+        for good, resp. for a while); else failed like a request that did not get through -
+        retriable, so retried - and nothing acknowledged is sent again. A call ended by a message
+        too large for the broker (RESOURCE_EXHAUSTED without the broker's ErrorInfo) fails only
+        the largest batch (for good), the others are retried; and batches that large go by
+        PutRecords from then on."""
+        exc = self._stream_error(stream, error)
+        status = exc.status
+        absent = status == grpc.StatusCode.UNIMPLEMENTED and not stream.answered
+        refused = exc.reason == "TOO_MANY_REQUESTS" and not stream.answered
+        too_large = exc.reason == "RESOURCE_EXHAUSTED"   # the transport's: no ErrorInfo
         # the broker cancelling the call (a stop past its grace) is as retriable as its absence
         again = exc.retriable or exc.reason == "CANCELLED"
         done: list[tuple[_Pending, PutResult]] = []
         with self._cond:
             if self._stream is stream:
                 self._stream = None
-            unacked = [r for _, live in stream.inflight for r in live]
-            batches = len(stream.inflight)
+            sent = list(stream.inflight)
+            unacked = [r for b in sent for r in b.live]
             stream.inflight.clear()
             stream.end()   # lets gRPC's request thread finish
-            if absent:
-                self._streaming = False
-                for r in reversed(unacked):
-                    self._queue.appendleft(r)
-                    self._queued_bytes += r.size
+            if absent or refused:
+                if absent:
+                    self._streaming = False
+                else:
+                    self._unary_until = time.monotonic() + UNARY_AFTER_REFUSAL_S
+                self._requeue(unacked)
                 self._cond.notify_all()
             elif unacked:
                 self.stats.stream_breaks += 1
-                self.stats.resent_batches += batches
+                self.stats.resent_batches += len(sent)
                 result = PutResult(-1, -1, exc.reason, exc.message, exc.code)
-                done = self._settle(unacked, [result] * len(unacked), [again] * len(unacked), True)
+                retriable = [again] * len(unacked)
+                if too_large:
+                    culprit = max(sent, key=lambda b: b.size)
+                    self._max_stream_bytes = min(self._max_stream_bytes, culprit.size - 1)
+                    retriable = [b is not culprit for b in sent for _ in b.live]
+                    self.stats.resent_batches -= 1
+                done = self._settle(unacked, [result] * len(unacked), retriable, True)
             else:
                 self._cond.notify_all()
         self._resolve(done)

@@ -4,8 +4,9 @@ HTML, CSS and ES modules: no build step, nothing fetched from elsewhere); they h
 are served without a key. Every API handler is thin: one or a few Broker (or Sources) calls.
 
     GET    /console/api/projects                      projects with streams (with auth: the key's own)
-    GET    /console/api/streams                       every stream of the project, ONE call: partitions,
-                                                      sequence bounds, cumulative record counters
+    GET    /console/api/streams                       a page of the project's streams (?offset=&limit=
+                                                      &filter=), ONE call: partitions, records held,
+                                                      the first partitions' ranges, record counters
     POST   /console/api/streams                       {"name", "partitions", "retention_hours"}
     GET    /console/api/streams/{name}                partitions (ranges, status, hash ranges) + counters
     DELETE /console/api/streams/{name}
@@ -18,6 +19,10 @@ are served without a key. Every API handler is thin: one or a few Broker (or Sou
     POST   /console/api/queries                       {"sql"}: NDJSON lines as the query runs
     POST   /console/api/queries/{id}/cancel
 
+Write routes (POST, DELETE) take `Content-Type: application/json` (400 BAD_BODY otherwise, even
+without a body) and refuse `Sec-Fetch-Site: cross-site` (403 PERMISSION_DENIED): a page of another
+site cannot send either without a CORS preflight, which this door never grants.
+
 The project is the `project` query parameter (default `default`). With an auth file every API
 route takes an API key (`X-Api-Key` or `Authorization: Bearer K`) of that project whose role
 permits the route's Action, like the Timeplus door. Errors are Timeplus-style bodies
@@ -25,14 +30,15 @@ permits the route's Action, like the Timeplus door. Errors are Timeplus-style bo
 (/sluice/v1/tail) with fetch(), which can send the key where EventSource cannot.
 
 The query stream is NDJSON, one object a line: `{"query": {"id", "header"}}` first, then
-`{"rows": [...]}` as results come, `{"metrics": {...}}` every second, `{"end": {"status",
-"message"}}` last. A client that goes away cancels its query.
+`{"rows": [...]}` (at most QUERY_LINE_ROWS a line) as results come, `{"metrics": {...}}` every
+second, `{"end": {"status", "message"}}` last. A client that goes away cancels its query.
 """
 from __future__ import annotations
 
 import asyncio
 import binascii
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +65,28 @@ from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
 from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
+from broker.core.catalogue import StreamSummary
+from broker.core.limits import check_project
 from broker.errors import BrokerError, ErrorCode, client_error
-from broker.model import DEFAULT_PROJECT, PutEntry, StreamConfig
+from broker.model import DEFAULT_PROJECT, PutEntry
 from broker.sources.manager import Source, Sources
 
 PREFIX = "/console"
 ASSETS = Path(__file__).with_name("console")   # the page's files (package data)
 _TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".png": "image/png",
           ".svg": "image/svg+xml"}
+STREAMS_PAGE = 100           # default streams per page of the list
+MAX_STREAMS_PAGE = 1000
 RECORDS_PAGE = 100           # default records per browser page
 MAX_RECORDS_PAGE = 1000
+QUERY_LINE_ROWS = 1000       # rows a query line holds at most (the page parses a line at a time)
 METRICS_EVERY_S = 1.0        # the query stream's metrics line (and the check that its reader is there)
 SOURCES = web.AppKey("console_sources", Sources)
-# The page loads nothing from elsewhere and runs no inline script; it is not to be framed.
+# The page loads nothing from elsewhere and has no inline script or style; it is not to be
+# framed, takes no <base> and submits forms nowhere else.
 _PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                                            "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"}
+                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"}
 
 
 def _project(request: web.Request) -> str:
@@ -93,6 +105,29 @@ def _guard_project(request: web.Request, who: Principal) -> str:
 def _counts(values: list[int], n: int) -> list[int]:
     """A per-partition counter list (it grows as partitions are written) as exactly n values."""
     return (values + [0] * n)[:n]
+
+
+# -- writes only from the console's own pages ------------------------------------------------------
+
+def _not_cross_site(handler: Handler) -> Handler:
+    """A write route takes only what a page of another site cannot send without the browser's
+    CORS preflight (which this door never answers yes to): `Content-Type: application/json`
+    (BAD_BODY otherwise: a form or a text/plain fetch is a "simple" request, sent at once), and
+    no `Sec-Fetch-Site: cross-site` (PERMISSION_DENIED). The console page sends both right; a
+    script (curl) sends the content type. Only this door. A part of each write handler (not a
+    per-request wrapper added with auth), so it runs on an open broker too."""
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise client_error(ErrorCode.PERMISSION_DENIED, detail="a console write from another site is refused")
+        if "Content-Type" not in request.headers or request.content_type != "application/json":
+            raise client_error(ErrorCode.BAD_BODY, detail="the console's write routes take "
+                                                          "Content-Type: application/json")
+        return await handler(request)
+
+    checked.refuses_cross_site = True   # type: ignore[attr-defined]  # (tests: every write route has it)
+    return checked
 
 
 # -- the page's files -------------------------------------------------------------------------------
@@ -132,24 +167,42 @@ async def list_projects(request: web.Request) -> web.Response:
     return json_response({"projects": sorted(found), "key_project": None})
 
 
-def _stream_row(broker: Broker, config: StreamConfig, bounds: list[Any]) -> dict[str, Any]:
+def _stream_row(broker: Broker, summary: StreamSummary) -> dict[str, Any]:
+    """A row of the streams table. Sequence numbers and counts of records held are strings
+    (JavaScript's numbers are exact only up to 2^53)."""
+    config = summary.config
     stats = broker.stats.streams.get(config.stream_id)
     return {"name": config.stream_name, "partitions": config.partition_count,
             "readable_partitions": config.readable_partition_count, "retention_hours": config.retention_hours,
             "data_type": config.data_type, "typed": config.schema is not None, "created_ms": config.created_ms,
-            "first_seqs": [b.first_seq for b in bounds], "next_seqs": [b.next_seq for b in bounds],
-            "last_ts": max((b.last_ts for b in bounds), default=0),
+            "records": str(summary.records), "last_ts": summary.last_ts,
+            "ranges": [[str(b.first_seq), str(b.next_seq)] for b in summary.first],
             "put_records": sum(stats.put_records) if stats else 0, "put_bytes": sum(stats.put_bytes) if stats else 0}
 
 
 async def list_streams(request: web.Request) -> web.Response:
-    """Every stream of the project with what the streams table shows, in one answer (1,000
-    streams are one request, not one per stream); the page computes rates from two samples."""
+    """A page of the project's streams (name order; `filter` keeps names containing it, any
+    case; `offset`, `limit` up to MAX_STREAMS_PAGE) with what the streams table shows: records
+    held summed per stream and the ranges of its first partitions (the Stream page has them all).
+    One answer for the page, not one request per stream; the summaries behind it are shared by
+    concurrent callers and kept ~1 s (StreamCatalogue.summaries). The page computes rates from
+    two samples."""
     broker, project = _door(request)
-    rows = [_stream_row(broker, c, b) for c, b in await broker.stream_summaries(project=project)]
-    return json_response({"project": project, "streams": rows})
+    offset, limit = query_int(request, "offset"), query_int(request, "limit")
+    offset = 0 if offset is None else offset
+    limit = STREAMS_PAGE if limit is None else limit
+    if offset < 0 or not 1 <= limit <= MAX_STREAMS_PAGE:
+        raise client_error(ErrorCode.INVALID_REQUEST,
+                           detail=f"offset must be >= 0 and limit within [1, {MAX_STREAMS_PAGE}]")
+    wanted = (query_str(request, "filter") or "").strip().lower()
+    summaries = await broker.stream_summaries(project=project)
+    matched = [s for s in summaries if wanted in s.config.stream_name.lower()] if wanted else summaries
+    rows = [_stream_row(broker, s) for s in matched[offset:offset + limit]]
+    return json_response({"project": project, "total": len(summaries), "matched": len(matched),
+                          "offset": offset, "limit": limit, "streams": rows})
 
 
+@_not_cross_site
 async def create_stream(request: web.Request) -> web.Response:
     broker, project = _door(request)
     body = await read_json(request)
@@ -159,6 +212,7 @@ async def create_stream(request: web.Request) -> web.Response:
     return json_response({"name": config.stream_name, "partitions": config.partition_count}, status=201)
 
 
+@_not_cross_site
 async def delete_stream(request: web.Request) -> web.Response:
     broker, project = _door(request)
     await broker.delete_stream(request.match_info["name"], project=project)
@@ -167,7 +221,8 @@ async def delete_stream(request: web.Request) -> web.Response:
 
 async def describe_stream(request: web.Request) -> web.Response:
     """The stream's partitions (first page of up to Limits.max_partition_page) and per partition
-    cumulative records/bytes in and out, sampled by the page for its rate charts."""
+    cumulative records/bytes in and out, sampled by the page for its rate charts. Sequence
+    numbers are strings, as everywhere in this API (JavaScript's numbers are exact to 2^53 only)."""
     broker, project = _door(request)
     d = await broker.describe_stream(request.match_info["name"], limit=broker.limits.max_partition_page,
                                      project=project)
@@ -179,8 +234,8 @@ async def describe_stream(request: web.Request) -> web.Response:
                 "get_records": _counts(stats.get_records, n) if stats else [0] * n,
                 "get_bytes": _counts(stats.get_bytes, n) if stats else [0] * n}
     partitions = [{"partition": p.partition, "status": p.status, "hash_range": [str(p.hash_lo), str(p.hash_hi)],
-                   "first_seq": p.bounds.first_seq, "next_seq": p.bounds.next_seq, "last_ts": p.bounds.last_ts,
-                   "parents": list(p.parent_partitions)} for p in d.partitions]
+                   "first_seq": str(p.bounds.first_seq), "next_seq": str(p.bounds.next_seq),
+                   "last_ts": p.bounds.last_ts, "parents": list(p.parent_partitions)} for p in d.partitions]
     return json_response({"name": c.stream_name, "partitions": c.partition_count, "readable_partitions": n,
                           "retention_hours": c.retention_hours, "data_type": c.data_type,
                           "created_ms": c.created_ms, "scale_events": len(c.scale_events),
@@ -212,6 +267,7 @@ async def get_records(request: web.Request) -> web.Response:
                           "millis_behind_latest": result.millis_behind_latest})
 
 
+@_not_cross_site
 async def put_record(request: web.Request) -> web.Response:
     """One record from the form: its text as UTF-8, routed by partition key or partition id. A
     refused record is answered with its error (4xx), not a 200 with a failure inside."""
@@ -245,6 +301,7 @@ async def list_apps(request: web.Request) -> web.Response:
         start_after = page[-1].name
 
 
+@_not_cross_site
 async def create_app(request: web.Request) -> web.Response:
     broker, project = _door(request)
     body = await read_json(request)
@@ -252,6 +309,7 @@ async def create_app(request: web.Request) -> web.Response:
     return json_response({"name": app.name, "app_id": app.app_id}, status=201)
 
 
+@_not_cross_site
 async def delete_app(request: web.Request) -> web.Response:
     broker, project = _door(request)
     await broker.delete_app(request.match_info["name"], project=project)
@@ -260,7 +318,7 @@ async def delete_app(request: web.Request) -> web.Response:
 
 async def app_lag(request: web.Request) -> web.Response:
     """Per stream the app has checkpoints on: per partition its checkpoint, the retained range
-    and the lag (records after the checkpoint)."""
+    and the lag (records after the checkpoint), all as strings."""
     broker, project = _door(request)
     app = await broker.describe_app(request.match_info["name"], project=project)
     streams = []
@@ -274,7 +332,7 @@ async def app_lag(request: web.Request) -> web.Response:
             raise
         streams.append({"stream": name, "has_more_partitions": more, "partitions": [
             {"partition": s.partition, "checkpoint": None if s.checkpoint is None else str(s.checkpoint.seq),
-             "earliest": str(s.earliest), "latest": str(s.latest), "lag": s.lag} for s in states]})
+             "earliest": str(s.earliest), "latest": str(s.latest), "lag": str(s.lag)} for s in states]})
     return json_response({"name": app.name, "streams": streams})
 
 
@@ -284,21 +342,24 @@ def _source_row(source: Source) -> dict[str, Any]:
     d, st = source.definition, source.state
     return {"id": d.id, "name": d.name, "type": d.type, "stream": d.stream, "status": st.status,
             "message": st.message, "messages_in": st.messages_in, "rows_written": st.rows_written,
-            "errors": st.errors, "last_error": st.last_error, "last_event_ms": st.last_event_ms, "lag": st.lag}
+            "errors": st.errors, "last_error": st.last_error, "last_event_ms": st.last_event_ms,
+            "lag": None if st.lag is None else str(st.lag)}   # a count of messages at the origin: a string too
 
 
 async def list_sources(request: web.Request) -> web.Response:
-    project = _project(request)
+    project = check_project(_project(request))   # like every other route: a bad name is a 400, not []
     return json_response({"sources": [_source_row(s) for s in request.app[SOURCES].list(project)]})
 
 
+@_not_cross_site
 async def start_source(request: web.Request) -> web.Response:
-    source = await request.app[SOURCES].start_source(_project(request), request.match_info["id"])
+    source = await request.app[SOURCES].start_source(check_project(_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 
+@_not_cross_site
 async def stop_source(request: web.Request) -> web.Response:
-    source = await request.app[SOURCES].stop_source(_project(request), request.match_info["id"])
+    source = await request.app[SOURCES].stop_source(check_project(_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 
@@ -308,6 +369,7 @@ def _line(payload: Any) -> bytes:
     return orjson.dumps(payload) + b"\n"
 
 
+@_not_cross_site
 @subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def run_query(request: web.Request) -> web.StreamResponse:
     """Start a streaming (or bounded) query and stream its results as NDJSON as they arrive. A
@@ -332,8 +394,9 @@ async def run_query(request: web.Request) -> web.StreamResponse:
                 continue
             if rows is None:   # END
                 break
-            if not await write_or_drop(request, response, _line({"rows": rows})):
-                return response
+            for at in range(0, len(rows), QUERY_LINE_ROWS):   # a result batch may be 50,000 rows
+                if not await write_or_drop(request, response, _line({"rows": rows[at:at + QUERY_LINE_ROWS]})):
+                    return response
         await write_or_drop(request, response, _line({"end": {"status": run.status, "message": run.message}}))
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
@@ -344,6 +407,7 @@ async def run_query(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@_not_cross_site
 async def cancel_query(request: web.Request) -> web.Response:
     broker, project = _door(request)
     await broker.queries.cancel(project, request.match_info["id"])

@@ -36,8 +36,12 @@ since the call opened): a batch the key may no longer write is refused with the 
 PERMISSION_DENIED row.
 At most PRODUCE_STREAM_WINDOW batches of a call are unanswered at a time: the handler stops reading
 the request stream while that many are, so HTTP/2 flow control holds the client back. Batches are
-handed to the core in request order (each runs up to the group committer's queue before the next
-starts), so records of one partition are stored in the order they were sent. Each batch is one
+handed to the core in request order: each batch waits until the one before it has been handed to
+the group committer (or has failed) before it is routed - also when one waits out a scale event -
+so records of one partition are stored in the order they were sent. The call itself holds no
+per-client slot; each batch holds a request slot until its answer is written (api/limits.py: a
+batch past the limit is answered TOO_MANY_REQUESTS). Open calls are the gauge
+`sluice_produce_streams_open` (not subscriptions). Each batch is one
 observation of the verb `put_records_stream` in the request metrics. Once the broker is draining,
 the call answers the batches it has and ends with UNAVAILABLE; a call waiting in its read with no
 batch unanswered does not hold the drain up (like a subscription waiting in `context.write`).
@@ -58,6 +62,7 @@ from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError
 
 from broker.api.grpc_render import batch_error, record_failure, status_code, trailers
+from broker.api.limits import Refused
 from broker.auth import Action, Auth
 from broker.core.apps import AppInfo
 from broker.core.broker import Broker
@@ -412,9 +417,10 @@ class SluiceServicer:
     async def PutRecords(self, request: pb.PutRecordsRequest, context: Any, project: str) -> pb.PutRecordsResponse:
         return await self._put_records(request, project)
 
-    async def _put_records(self, request: pb.PutRecordsRequest | pb.PutRecordsStreamRequest,
-                           project: str) -> pb.PutRecordsResponse:
-        """One batch (the fields PutRecordsRequest and PutRecordsStreamRequest share) into the core."""
+    async def _put_records(self, request: pb.PutRecordsRequest | pb.PutRecordsStreamRequest, project: str,
+                           handed: asyncio.Future[None] | None = None) -> pb.PutRecordsResponse:
+        """One batch (the fields PutRecordsRequest and PutRecordsStreamRequest share) into the core.
+        `handed` (a stream's batch): set once the batch is with the committer (see WritePath)."""
         entries: list[PutEntry] | PutColumns
         if request.WhichOneof("batch") == "columns":
             cols = request.columns   # list() copies each repeated field in C: no object per record
@@ -428,7 +434,10 @@ class SluiceServicer:
             entries = [PutEntry(r.data, r.partition_key or None, _optional(r, "explicit_hash_key"),
                                 _optional(r, "partition_id"))
                        for r in request.records.entries]
-        result = await self._broker.put_records(request.stream_name, entries, project=project)
+        if handed is None:
+            result = await self._broker.put_records(request.stream_name, entries, project=project)
+        else:
+            result = await self._broker.put_records(request.stream_name, entries, project=project, handed=handed)
         partitions = result.partitions
         if result.failures:  # the core says -1, the wire's uint32 says 0 (and seq -1)
             partitions = list(partitions)
@@ -444,6 +453,10 @@ class SluiceServicer:
         writer = asyncio.create_task(batches.answer(context))
         stream = aiter(requests)
         draining = False
+        stats = self._broker.stats
+        stats.produce_streams += 1
+        loop = asyncio.get_running_loop()
+        previous: asyncio.Future[None] | None = None   # the batch before: handed to the committer yet?
         try:
             while not writer.done():
                 await batches.window.acquire()   # K unanswered: stop reading, the client is held back
@@ -457,35 +470,52 @@ class SluiceServicer:
                 if self._draining:
                     draining = True
                     break
-                batches.add(asyncio.create_task(self._put_batch(request, context, project)))
+                handed: asyncio.Future[None] = loop.create_future()
+                batches.add(asyncio.create_task(self._put_batch(request, context, project, previous, handed)))
+                previous = handed
             batches.add(None)
             await writer
         finally:   # normally a no-op; when the client went away (the call was cancelled) or an answer
             writer.cancel()        # could not be written: drop what is left
             batches.cancel()
+            stats.produce_streams -= 1
         if draining:
             raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
 
-    async def _put_batch(self, request: Any, context: grpc.aio.ServicerContext,
-                         project: str) -> pb.PutRecordsStreamResponse:
-        """One batch of a stream: its answer, a BatchError for a batch refused as a whole."""
+    async def _put_batch(self, request: Any, context: grpc.aio.ServicerContext, project: str,
+                         previous: asyncio.Future[None] | None,
+                         handed: asyncio.Future[None]) -> pb.PutRecordsStreamResponse:
+        """One batch of a stream: its answer, a BatchError for a batch refused as a whole.
+        `previous`: done once the batch before is with the committer (or failed); `handed`: set
+        once this one is, so the next may go on."""
         began = time.perf_counter()
         error: BrokerError | None = None
-        if isinstance(request, _Undecodable):   # no batch id to echo: 0, and the answer's position says which
-            error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
-            response = pb.PutRecordsStreamResponse()
-        else:
-            response = pb.PutRecordsStreamResponse(batch_id=request.batch_id)
-            try:
-                if self._auth is not None:   # the call may outlive its key (the auth file is re-read on SIGHUP)
-                    project = authorize(self._auth, context, Action.WRITE)
-                response.result.CopyFrom(await self._put_records(request, project))
-            except BrokerError as exc:
-                error = exc
-            except Exception:
-                request_id = uuid.uuid4().hex
-                log.exception("unhandled error in PutRecordsStream, request id %s", request_id)
-                error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+        refused = request.error if isinstance(request, Refused) else None
+        if isinstance(request, Refused):   # past the client's limit of requests in progress
+            request = request.request
+        try:
+            if previous is not None:
+                await previous
+            if isinstance(request, _Undecodable):   # no batch id to echo: 0, and the answer's position says which
+                error = client_error(ErrorCode.BAD_BODY, detail=f"malformed protobuf request: {request.reason}")
+                response = pb.PutRecordsStreamResponse()
+            else:
+                response = pb.PutRecordsStreamResponse(batch_id=request.batch_id)
+                try:
+                    if refused is not None:
+                        raise refused
+                    if self._auth is not None:   # the call may outlive its key (the auth file is re-read on SIGHUP)
+                        project = authorize(self._auth, context, Action.WRITE)
+                    response.result.CopyFrom(await self._put_records(request, project, handed))
+                except BrokerError as exc:
+                    error = exc
+                except Exception:
+                    request_id = uuid.uuid4().hex
+                    log.exception("unhandled error in PutRecordsStream, request id %s", request_id)
+                    error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+        finally:
+            if not handed.done():
+                handed.set_result(None)
         if error is not None:
             response.error.CopyFrom(batch_error(error))
         self._broker.stats.observe_request("grpc", "put_records_stream", time.perf_counter() - began, error)

@@ -13,8 +13,12 @@ HTTP requests (`middleware`): a request past the limit gets 429. A push subscrip
 the SSE tail, a Timeplus streaming query) counts as a subscription instead of as a request for as
 long as it streams, so long-lived streams do not use up a client's requests.
 
-gRPC (`GrpcLimits`, a server interceptor): calls in progress per peer; Subscribe and PutRecordsStream
-(streaming produce) calls count as subscriptions instead: both are long-lived streams. Connections
+gRPC (`GrpcLimits`, a server interceptor): calls in progress per peer; a Subscribe call counts as a
+subscription instead, for as long as it streams. A PutRecordsStream call (streaming produce) holds
+nothing while it waits: each of its batches takes a request slot when the broker reads it and gives
+it back once the batch's answer is written, so a producer's stream weighs what its PutRecords calls
+would. A batch past the limit is answered, in its place, with a TOO_MANY_REQUESTS BatchError (the
+producer retries it) and the stream goes on. Connections
 are not counted: HTTP/2 carries every call of a client over one connection, and grpc core does not
 tell the application about connections (the idle timeout closes those that carry no call).
 
@@ -23,6 +27,7 @@ Behind a proxy every client is the proxy's address: raise the limits there.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -191,12 +196,24 @@ def grpc_peer(context: grpc.aio.ServicerContext) -> str:
     return peer
 
 
-_LONG_LIVED = ("/Subscribe", "/PutRecordsStream")   # counted as subscriptions
+_LONG_LIVED = ("/Subscribe",)          # counted as subscriptions
+_PER_BATCH = ("/PutRecordsStream",)    # a request slot per batch, not per call
+
+
+class Refused:
+    """A PutRecordsStream batch refused by the per-client limits: the handler answers it with
+    `error` (a BatchError) in its place, without running it."""
+
+    __slots__ = ("request", "error")
+
+    def __init__(self, request: Any, error: BrokerError) -> None:
+        self.request = request
+        self.error = error
 
 
 class GrpcLimits(grpc.aio.ServerInterceptor):
-    """Calls in progress per peer on the methods of `service` (Subscribe streams: subscriptions);
-    health and reflection stay unlimited."""
+    """Calls in progress per peer on the methods of `service` (Subscribe streams: subscriptions;
+    PutRecordsStream: a request per batch being worked on); health and reflection stay unlimited."""
 
     def __init__(self, limits: ClientLimits, service: str) -> None:
         self._limits = limits
@@ -222,9 +239,11 @@ class GrpcLimits(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:   # Subscribe writes with context.write: a coroutine too
             return grpc.unary_stream_rpc_method_handler(_limited(handler.unary_stream, counter),
                                                         handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream is not None:   # PutRecordsStream: the same shape, a request iterator
-            return grpc.stream_stream_rpc_method_handler(_limited(handler.stream_stream, counter),
-                                                         handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None:   # PutRecordsStream: a request slot per batch
+            behavior = _limited_batches(handler.stream_stream, self._limits.requests) \
+                if method.endswith(_PER_BATCH) else _limited(handler.stream_stream, counter)
+            return grpc.stream_stream_rpc_method_handler(behavior, handler.request_deserializer,
+                                                         handler.response_serializer)
         return handler
 
 
@@ -238,4 +257,60 @@ def _limited(behavior: Callable[..., Awaitable[Any]], counter: PeerCounter) -> C
             return await behavior(request, context)
         finally:
             counter.leave(peer)
+    return limited
+
+
+class _Batches:
+    """A PutRecordsStream call's request iterator that takes a request slot per batch read (a
+    `Refused` stands in for a batch past the limit); `slots` holds them in request order."""
+
+    def __init__(self, requests: Any, counter: PeerCounter, peer: str, slots: deque[Slot | None]) -> None:
+        self._requests = aiter(requests)
+        self._counter = counter
+        self._peer = peer
+        self._slots = slots
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await anext(self._requests)
+        if self._counter.try_enter(self._peer):
+            self._slots.append(Slot(self._counter, self._peer))
+            return request
+        self._slots.append(None)
+        return Refused(request, self._counter.refusal())
+
+
+class _Answers:
+    """The call's context, whose `write` gives back the slot of the batch it answers (answers go
+    out in request order, one per batch); everything else is the real context's."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, slots: deque[Slot | None]) -> None:
+        self._context = context
+        self._slots = slots
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        try:
+            await self._context.write(message)
+        finally:
+            if self._slots:
+                slot = self._slots.popleft()
+                if slot is not None:
+                    slot.release()
+
+
+def _limited_batches(behavior: Callable[..., Awaitable[Any]], counter: PeerCounter) -> Callable[..., Awaitable[Any]]:
+    async def limited(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        slots: deque[Slot | None] = deque()
+        try:
+            return await behavior(_Batches(requests, counter, grpc_peer(context), slots), _Answers(context, slots))
+        finally:   # batches read and never answered (the call was cancelled or failed)
+            for slot in slots:
+                if slot is not None:
+                    slot.release()
+            slots.clear()
     return limited

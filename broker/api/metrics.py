@@ -151,7 +151,10 @@ class BrokerCollector(Collector):
             if reason in _AUTH_REASONS:
                 auth.add_metric([door, ErrorCode[reason].dis_code, reason], n)
         subs = GaugeMetricFamily("sluice_subscriptions_open", "Open push subscriptions (gRPC Subscribe, SSE "
-                                 "tails, streaming-query readers)", value=stats.subscriptions)
+                                 "tails, streaming-query readers); produce streams are not counted here",
+                                 value=stats.subscriptions)
+        produce = GaugeMetricFamily("sluice_produce_streams_open", "Open streaming produce calls (gRPC "
+                                    "PutRecordsStream)", value=stats.produce_streams)
         queries = GaugeMetricFamily("sluice_queries_running", "Streaming SQL queries running",
                                     value=self.broker.queries.running())
         remote = CounterMetricFamily("sluice_remote_appends", "Partitions whose readers another broker's appends "
@@ -160,7 +163,7 @@ class BrokerCollector(Collector):
         changes = CounterMetricFamily("sluice_remote_stream_changes", "Streams another broker created, scaled or "
                                       "deleted, taken into this broker's catalogue (a shared store)",
                                       value=stats.remote_stream_changes)
-        yield from (latency, errors, auth, subs, queries, remote, changes)
+        yield from (latency, errors, auth, subs, produce, queries, remote, changes)
 
     def _commits(self) -> Iterator[Metric]:
         stats = self.broker.stats

@@ -9,8 +9,11 @@ stream, the `{project_id}` of the DIS paths; a cursor is valid only in the proje
 With an auth file the request carries an API key (`X-Api-Key`, `Authorization: ApiKey K` or
 `Bearer K`) whose role may read (broker/auth).
 
-Each batch is one event: `id:` the next sequence number, `event: records`, `data:` the DIS
-GetRecords JSON body. Silence is broken by a `: heartbeat` comment every 15 s. An error after the
+The headers go out at once (with a `: connected` comment when no record is there yet), after the
+cursor is checked: a bad one is still an error response. Each batch is one event: `id:` the next
+sequence number, `event: records`, `data:` the DIS GetRecords JSON body. Silence is broken by a
+`: heartbeat` comment every 15 s; a client that closes the connection during the silence is noticed
+within a second (its subscription slot freed). An error after the
 stream has begun (say, the stream was deleted) is sent as `event: error` with the DIS error body as
 `data:`, and ends the stream; a broker shutdown ends it without one. A consumer that stops
 reading is disconnected after the stall timeout instead of making the broker buffer: each write
@@ -18,6 +21,7 @@ waits for the socket to drain, and a write that cannot drain in time ends the st
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 
@@ -44,6 +48,8 @@ from broker.errors import BrokerError, ErrorCode, server_error
 from broker.model import DEFAULT_PROJECT
 
 PREFIX = "/sluice"
+FIRST_BATCH_S = 0.05   # the headers wait at most this long for the first batch (or a bad cursor's error)
+WATCH_S = 1.0          # while the partition is quiet, how often the tail checks that its client is there
 
 
 @subscriber   # one of the client's subscriptions while it streams (api/limits.py)
@@ -61,34 +67,62 @@ async def tail(request: web.Request) -> web.StreamResponse:
     # The headers go out before the error middleware sees the response, so the request id is set here.
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
-    # subscribe() is an async generator typed as AsyncIterator: closing it ends the subscription now
+    # subscribe() is an async generator typed as AsyncIterator: closing it ends the subscription now.
+    # Each batch is awaited as a task, so that while the partition is quiet the handler can look
+    # every WATCH_S whether its client is still there (aiohttp does not cancel a handler whose
+    # client left): a client leaving a quiet tail frees its subscription slot within a second,
+    # not at the next heartbeat.
     async with contextlib.aclosing(batches):
-        # the first batch before the headers, so a bad cursor still gets a DIS error response
-        batch = await anext(batches, None)
-        if batch is None:
-            raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
+        pending = asyncio.ensure_future(anext(batches, None))
         try:
-            await response.prepare(request)
-        except ConnectionResetError:   # the consumer left while it waited for its first batch
-            return response
-        while batch is not None:
-            if batch.records:
-                event = b"id: %d\nevent: records\ndata: " % (batch.records[-1].seq + 1)
-                event += orjson.dumps(records_body(batch)) + b"\n\n"
-            else:
-                event = b": heartbeat\n\n"
-            if not await write_or_drop(request, response, event):
-                return response  # a stalled or vanished consumer: dropped, and with it what is queued
+            # A bad cursor fails at the generator's first step: give it that (and a batch that is
+            # there at once) before the headers, so it is still an error response with a status.
+            await asyncio.wait({pending}, timeout=FIRST_BATCH_S)
+            if pending.done() and pending.result() is None:
+                raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
             try:
-                batch = await anext(batches, None)
-            except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band
-                if not await write_or_drop(request, response,
-                                           b"event: error\ndata: " + orjson.dumps(DIS.body(exc)) + b"\n\n"):
-                    return response
-                break
+                await response.prepare(request)
+            except ConnectionResetError:   # the consumer left at once
+                return response
+            if not pending.done() and not await write_or_drop(request, response, b": connected\n\n"):
+                return response
+            while True:
+                while not pending.done():
+                    await asyncio.wait({pending}, timeout=WATCH_S)
+                    if not pending.done() and _gone(request):
+                        return response
+                try:
+                    batch = pending.result()
+                except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band
+                    if not await write_or_drop(request, response,
+                                               b"event: error\ndata: " + orjson.dumps(DIS.body(exc)) + b"\n\n"):
+                        return response
+                    break
+                if batch is None:
+                    break
+                if batch.records:
+                    event = b"id: %d\nevent: records\ndata: " % (batch.records[-1].seq + 1)
+                    event += orjson.dumps(records_body(batch)) + b"\n\n"
+                else:
+                    event = b": heartbeat\n\n"
+                if not await write_or_drop(request, response, event):
+                    return response  # a stalled or vanished consumer: dropped, and with it what is queued
+                pending = asyncio.ensure_future(anext(batches, None))
+        finally:
+            if not pending.done():   # stop the generator's wait before aclosing closes it
+                pending.cancel()
+                await asyncio.wait({pending})
+            if not pending.cancelled():
+                pending.exception()   # retrieved (it was raised, or is not wanted)
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client closed the connection (aiohttp drops the protocol's transport then)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _project(request: web.Request, who: Principal) -> str:

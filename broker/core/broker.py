@@ -28,10 +28,10 @@ import time
 from typing import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
-from broker.core.catalogue import StreamCatalogue
+from broker.core.catalogue import StreamCatalogue, StreamSummary
 from broker.core.consumers import Consumers
 from broker.core.groups import ConsumerGroups
-from broker.core.leases import Leases, LocalLeases
+from broker.core.leases import Leases, LocalLeases, StoreLeases
 from broker.core.limits import DEFAULT_LIMITS, PROJECT_NAME, STREAM_NAME, Limits
 from broker.core.metric_series import PARTITION_LABELS, STREAM_LABELS, MetricSeries, parse_labels, parse_period
 from broker.core.notify import WriteNotifier
@@ -45,7 +45,6 @@ from broker.errors import BrokerError, ErrorCode
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
-    PartitionBounds,
     PutColumns,
     PutEntry,
     PutRecordsResult,
@@ -79,10 +78,12 @@ class Broker:
         self.reads = ReadPath(self.catalogue, store, self.notifier, limits, clock_ms, self.stats)
         self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
-        # leases: see leases.py for the restart grace that started_ms enables
         self.queries = Queries(self.catalogue, self.reads, store, clock_ms, known=self._known)
-        self.groups = ConsumerGroups(self.catalogue, self.consumers, leases or LocalLeases(started_ms=clock_ms()),
-                                     limits, clock_ms)
+        # leases: see leases.py for the restart grace that started_ms enables; the brokers of a
+        # shared store keep one table in it
+        if leases is None:
+            leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(started_ms=clock_ms())
+        self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
         self._shared = store.capabilities.shared
         self._chores: set[asyncio.Task[None]] = set()
 
@@ -193,10 +194,9 @@ class Broker:
         """One page of the project's streams in name order. Raises INVALID_REQUEST."""
         return self.catalogue.page(project, limit, start_after)
 
-    async def stream_summaries(self, *, project: str = DEFAULT_PROJECT) -> list[tuple[StreamConfig,
-                                                                                    list[PartitionBounds]]]:
-        """Every stream of the project with its partitions' sequence bounds (see
-        StreamCatalogue.summaries). Raises INVALID_REQUEST."""
+    async def stream_summaries(self, *, project: str = DEFAULT_PROJECT) -> list[StreamSummary]:
+        """Every stream of the project with its records held, newest write and first partitions'
+        sequence bounds (see StreamCatalogue.summaries: shared and kept ~1 s). Raises INVALID_REQUEST."""
         return await self.catalogue.summaries(project)
 
     async def describe_stream(self, stream_name: object, start_after_partition: object = None,
@@ -208,10 +208,11 @@ class Broker:
     # -- records -------------------------------------------------------------------------------
 
     async def put_records(self, stream_name: object, entries: Sequence[PutEntry] | PutColumns, *,
-                          project: str = DEFAULT_PROJECT) -> PutRecordsResult:
+                          project: str = DEFAULT_PROJECT,
+                          handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """See WritePath.put_records."""
         await self._known(project, stream_name)
-        return await self.writes.put_records(project, stream_name, entries)
+        return await self.writes.put_records(project, stream_name, entries, handed)
 
     async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT,
                           stream_id: int | None = None) -> int:
@@ -346,16 +347,18 @@ class Broker:
 
     def _stream_dropped(self, stream_id: int) -> None:
         """As a local delete does in this broker's memory (the store is done already): writes and
-        stats forget it, its groups go, and its long polls and subscriptions wake to STREAM_NOT_FOUND."""
+        stats forget it, its groups go (kept in memory; in the store the deleting broker dropped
+        them), and its long polls and subscriptions wake to STREAM_NOT_FOUND."""
         config = self.catalogue.unlearn(stream_id)
         if config is None:
             return
         self.stats.remote_stream_changes += 1
         self.writes.forget(stream_id)
         self.stats.forget(stream_id)
-        task = asyncio.get_running_loop().create_task(self.groups.leases.forget_stream(stream_id))
-        self._chores.add(task)
-        task.add_done_callback(self._chores.discard)
+        if isinstance(self.groups.leases, LocalLeases):   # StoreLeases: the deleting broker dropped them
+            task = asyncio.get_running_loop().create_task(self.groups.leases.forget_stream(stream_id))
+            self._chores.add(task)
+            task.add_done_callback(self._chores.discard)
         self.notifier.notify((stream_id, p) for p in range(config.readable_partition_count))
 
 

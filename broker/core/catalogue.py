@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 from dataclasses import replace
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, NamedTuple
 
 from broker.core import routing
 from broker.core.limits import Limits, check_project, check_stream_name, clip_page
@@ -28,6 +29,17 @@ from broker.model import (
 from broker.storage.base import Store
 
 DATA_TYPES = ("BLOB", "JSON", "CSV")
+SUMMARY_TTL_S = 1.0          # how long summaries() keeps an answer for later callers
+SUMMARY_YIELD_EVERY = 32     # streams added up between yields to the event loop
+SUMMARY_PARTITIONS = 4       # partitions whose bounds a summary keeps (the rest are summed only)
+
+
+class StreamSummary(NamedTuple):
+    """One stream as a list of every stream shows it (StreamCatalogue.summaries)."""
+    config: StreamConfig
+    records: int                   # records held: sum of next_seq - first_seq over readable partitions
+    last_ts: int                   # the newest write's timestamp, 0 if none
+    first: list[PartitionBounds]   # bounds of partitions 0.. up to SUMMARY_PARTITIONS
 STREAM_TYPES = ("COMMON", "ADVANCED")
 
 
@@ -41,6 +53,8 @@ class StreamCatalogue:
         self._lock = asyncio.Lock()   # orders creates, deletes and scale events
         # stream id -> set when its scale event is done: writes to it wait (see update_partition_count)
         self._scaling: dict[int, asyncio.Event] = {}
+        # project -> (when computed, the computation): summaries() shared by concurrent callers
+        self._summaries: dict[str, tuple[float, asyncio.Task[list[StreamSummary]]]] = {}
 
     async def load(self) -> None:
         """At start. A stream another broker changed meanwhile (learnt from its event) is kept as
@@ -123,6 +137,7 @@ class StreamCatalogue:
                 raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name)
             stored = await self._store.create_stream(config)
             self._remember(stored)
+            self._summaries.pop(config.project, None)
         return stored
 
     async def delete(self, project: str, stream_name: object) -> StreamConfig:
@@ -138,6 +153,7 @@ class StreamCatalogue:
             # answered STREAM_NOT_FOUND - never acknowledged and then lost.
             del self._streams[config.key]
             del self._by_id[config.stream_id]
+            self._summaries.pop(config.project, None)
             try:
                 await self._store.drop_stream(config.stream_id)
             except BrokerError:
@@ -154,24 +170,53 @@ class StreamCatalogue:
         page = names[start:start + limit]
         return StreamPage(len(names), [self._streams[(project, n)] for n in page], start + limit < len(names))
 
-    async def summaries(self, project: str) -> list[tuple[StreamConfig, list[PartitionBounds]]]:
-        """Every stream of the project in name order with the sequence bounds of each readable
-        partition: what a list of all of them shows, in one call (the console's streams page).
-        A stream deleted while its bounds are read is left out. Raises INVALID_REQUEST."""
+    async def summaries(self, project: str) -> list[StreamSummary]:
+        """Every stream of the project in name order with its records held (summed over its
+        readable partitions), newest write and the bounds of its first SUMMARY_PARTITIONS
+        partitions: what a list of all of them shows (the console's streams page). A stream
+        deleted while its bounds are read is left out. Raises INVALID_REQUEST.
+
+        The answer is computed once for every caller asking at the same time, and kept for
+        SUMMARY_TTL_S (a create or delete in the project drops it): a page polled by many tabs
+        costs one computation a second. That one reads every partition's bounds in ONE store
+        call (storage/base.py bounds_many: one thread hop for RocksDB) and yields to the event
+        loop every SUMMARY_YIELD_EVERY streams while it adds them up."""
         project = check_project(project)
+        loop = asyncio.get_running_loop()
+        cached = self._summaries.get(project)
+        if cached is None or (cached[1].done() and loop.time() - cached[0] > SUMMARY_TTL_S):
+            task = loop.create_task(self._summarise(project))
+            cached = self._summaries[project] = (loop.time(), task)
+            task.add_done_callback(functools.partial(self._summarised, project))
+        return await asyncio.shield(cached[1])   # one caller going away does not cancel it for the rest
+
+    def _summarised(self, project: str, task: asyncio.Task[list[StreamSummary]]) -> None:
+        """Kept from when it is done (not from when it began); a failure is not kept at all."""
+        held = self._summaries.get(project)
+        if held is None or held[1] is not task:
+            return
+        if task.cancelled() or task.exception() is not None:
+            del self._summaries[project]
+        else:
+            self._summaries[project] = (asyncio.get_running_loop().time(), task)
+
+    async def _summarise(self, project: str) -> list[StreamSummary]:
+        configs = [self._streams[(project, name)] for name in sorted(name for p, name in self._streams if p == project)]
+        pairs = [(c.stream_id, p) for c in configs for p in range(c.readable_partition_count)]
+        bounds = await self._store.bounds_many(pairs)
         out = []
-        for name in sorted(name for p, name in self._streams if p == project):
-            config = self._streams.get((project, name))
-            if config is None:
+        at = 0
+        for i, config in enumerate(configs):
+            if i and i % SUMMARY_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            n = config.readable_partition_count
+            mine = bounds[at:at + n]
+            at += n
+            if n and any(b is None for b in mine):   # dropped meanwhile
                 continue
-            try:
-                bounds = [await self._store.bounds(config.stream_id, p)
-                          for p in range(config.readable_partition_count)]
-            except BrokerError:
-                if config.stream_id in self._by_id:
-                    raise
-                continue
-            out.append((config, bounds))
+            held = [b for b in mine if b is not None]
+            out.append(StreamSummary(config, sum(b.next_seq - b.first_seq for b in held),
+                                     max((b.last_ts for b in held), default=0), held[:SUMMARY_PARTITIONS]))
         return out
 
     async def describe(self, project: str, stream_name: object, start_after_partition: object = None,

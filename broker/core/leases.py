@@ -16,14 +16,25 @@ answers with the partitions it may work on now, leased until now + lease_ms. Rul
   a partition nobody claimed is not granted - else the first member to heartbeat would be given
   partitions another live member is still working on.
 
-In memory on purpose: leases are only meaningful while a broker is serving, and expire in seconds.
-The core reaches the table through the `Leases` interface below, so a multi-broker mode can keep
-it in the shared store instead.
+Where the table lives is behind the `Leases` interface below:
+* LocalLeases: in one broker's memory, for a store only this broker serves - leases are only
+  meaningful while a broker is serving, and expire in seconds.
+* StoreLeases: in the shared store (`capabilities.shared`, the JetStream store), so members
+  connected to different brokers share one table. Each group's state is one metadata key,
+  read -> LeaseTable rules -> written back with `meta_cas`, retried on a conflict: every heartbeat
+  is applied to the state the previous one left, whichever broker took it, so the rules above hold
+  across brokers exactly as in one. No restart grace: the table outlives any broker. Expiries are
+  each broker's wall clock: brokers' clocks must agree to well within a lease (NTP).
 """
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Callable, Protocol
+
+from broker.errors import ErrorCode, server_error
+from broker.storage.base import Store
 
 
 @dataclass
@@ -99,6 +110,21 @@ class LeaseTable:
         for key in [k for k in self._groups if k[1] == stream_id]:
             del self._groups[key]
 
+    # -- one group's state as plain data (StoreLeases keeps it in the store) ---------------------
+
+    def load(self, app: str, stream_id: int, state: dict[str, Any]) -> None:
+        """Replace one group's state with `state` (as `dump` gave it)."""
+        members = {str(m): int(e) for m, e in state.get("members", {}).items()}
+        owners = {int(p): (str(o[0]), int(o[1])) for p, o in state.get("owners", {}).items()}
+        self._groups[(app, stream_id)] = _Group(members, owners)
+
+    def dump(self, app: str, stream_id: int) -> dict[str, Any] | None:
+        """One group's state as JSON-able data; None when the group is empty."""
+        group = self._groups.get((app, stream_id))
+        if group is None or not (group.members or group.owners):
+            return None
+        return {"members": dict(group.members), "owners": {str(p): [o, e] for p, (o, e) in group.owners.items()}}
+
 
 class Leases(Protocol):
     """Where consumer-group leases live. Today in one broker's memory (LocalLeases); a broker of
@@ -131,3 +157,60 @@ class LocalLeases(Leases):
 
     async def forget_stream(self, stream_id: int) -> None:
         self.table.forget_stream(stream_id)
+
+
+_SID = struct.Struct(">Q")
+LEASE_PREFIX = b"G"   # metadata kind of StoreLeases (core/apps.py lists the kinds)
+MAX_CONFLICTS = 1000  # meta_cas conflicts one call retries before giving up (never in practice)
+
+
+def lease_key(app: str, stream_id: int) -> bytes:
+    """b"G" + stream_id u64 + app: a deleted stream's groups are one prefix scan."""
+    return LEASE_PREFIX + _SID.pack(stream_id) + app.encode()
+
+
+class StoreLeases(Leases):
+    """The LeaseTable rules over state kept in a shared store, one metadata key per group, changed
+    with meta_cas (see the module's docstring)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.conflicts = 0   # observability and tests: heartbeats re-applied after another broker's
+
+    async def _change(self, app: str, stream_id: int, step: Callable[[LeaseTable], list[int]]) -> list[int]:
+        key = lease_key(app, stream_id)
+        for _ in range(MAX_CONFLICTS):
+            raw = await self._store.meta_get(key)
+            table = LeaseTable()
+            if raw is not None:
+                table.load(app, stream_id, json.loads(raw))
+            result = step(table)
+            state = table.dump(app, stream_id)
+            new = None if state is None else json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
+            if new == raw or await self._store.meta_cas(key, raw, new):
+                return result
+            self.conflicts += 1
+        raise server_error(ErrorCode.UNAVAILABLE, detail="consumer-group lease: too many concurrent changes")
+
+    async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
+                        lease_ms: int, now: int) -> list[int]:
+        return await self._change(app, stream_id, lambda t: t.heartbeat(app, stream_id, partition_count, member,
+                                                                         held, lease_ms, now))
+
+    async def leave(self, app: str, stream_id: int, member: str) -> None:
+        def leave(table: LeaseTable) -> list[int]:
+            table.leave(app, stream_id, member)
+            return []
+        await self._change(app, stream_id, leave)
+
+    async def forget_stream(self, stream_id: int) -> None:
+        rows = await self._store.meta_scan(LEASE_PREFIX + _SID.pack(stream_id))
+        if rows:
+            await self._store.meta_write({k: None for k, _ in rows})
+
+    async def owners(self, app: str, stream_id: int) -> dict[int, str]:
+        raw = await self._store.meta_get(lease_key(app, stream_id))
+        table = LeaseTable()
+        if raw is not None:
+            table.load(app, stream_id, json.loads(raw))
+        return table.owners(app, stream_id)

@@ -44,11 +44,16 @@ class ReadPath:
 
     async def load_secret(self) -> None:
         """The key cursors are signed with, created on first use. It lives in the store, so that
-        cursors survive a restart and every broker of a shared store accepts the others'."""
+        cursors survive a restart and every broker of a shared store accepts the others'. Created
+        with meta_cas (create if absent): of two brokers starting at once, one key wins and the
+        other adopts it."""
         secret = await self._store.meta_get(CURSOR_KEY)
-        if secret is None:
-            secret = secrets.token_bytes(32)
-            await self._store.meta_write({CURSOR_KEY: secret})
+        while secret is None:
+            fresh = secrets.token_bytes(32)
+            if await self._store.meta_cas(CURSOR_KEY, None, fresh):
+                secret = fresh
+            else:
+                secret = await self._store.meta_get(CURSOR_KEY)
         self.secret = secret
 
     async def get_cursor(self, project: str, stream_name: object, partition_id: object, cursor_type: object = None,

@@ -80,6 +80,7 @@ class BrokerStats:
         self.commit_records = Histogram(BATCH_BUCKETS)
         self.commit_failures = 0
         self.subscriptions = 0          # open push subscriptions (gRPC Subscribe, SSE tails, query readers)
+        self.produce_streams = 0        # open PutRecordsStream calls (streaming produce; not subscriptions)
         # a shared store: partitions woken by other brokers' appends (one per partition per burst),
         # and their stream creates, scales and deletes taken into the catalogue
         self.remote_appends = 0

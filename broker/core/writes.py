@@ -3,6 +3,7 @@ committer, report per-record outcomes. Per-record problems are failures in the r
 exception for the whole request."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import Counter
@@ -56,11 +57,14 @@ class WritePath:
         if self._throttle is not None:
             self._throttle.forget(stream_id)
 
-    async def put_records(self, project: str, stream_name: object,
-                          entries: Sequence[PutEntry] | PutColumns) -> PutRecordsResult:
+    async def put_records(self, project: str, stream_name: object, entries: Sequence[PutEntry] | PutColumns,
+                          handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """Route and append a batch. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST,
         INVALID_REQUEST, REQUEST_TOO_LARGE, UNAVAILABLE, STORAGE_FULL. Records over their
-        partition's write limit fail THROTTLED in the result (see _throttle_put)."""
+        partition's write limit fail THROTTLED in the result (see _throttle_put).
+        `handed` is set when the batch goes to the committer's queue (with no await in between), so
+        a caller that waits for it before the next batch keeps batches in order even when one waits
+        out a scale event here. The caller sets it when this raises or returns first."""
         began = time.perf_counter()
         config = self._catalogue.get(project, stream_name)
         if self._catalogue.scaling:   # a layout change in progress: route by the new one
@@ -95,6 +99,8 @@ class WritePath:
         seqs = [-1] * n
         if by_partition:
             order = list(by_partition.items())
+            if handed is not None and not handed.done():   # the next batch runs after our append is queued
+                handed.set_result(None)
             outcomes = await self._committer.append(
                 [AppendBatch(config.stream_id, p, self._now(), items) for p, (_, items) in order])
             if any(first is None for first in outcomes):  # deleted while we were queued

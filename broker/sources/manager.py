@@ -16,13 +16,25 @@ Shutdown (`close`) cancels every job and waits at most `STOP_WAIT_S` for them: a
 library call must not hold the broker's stop. Wanted states are left as they are, so every source
 running now runs again after the restart.
 
-Several brokers on one shared store (issue 13) would each run every source; leasing a source to
-one broker belongs with the replicated store and is not done here.
+Several brokers on one shared store (`store.capabilities.shared`, the JetStream store): a source
+wanted running runs on exactly one of them, the holder of its lease - a metadata key
+`b"L" + project + NUL + id` holding {"owner", "until" (wall-clock ms)}, taken and renewed only with
+meta_cas. Every LEASE_S / 4 each broker (1) re-reads the definitions, so sources created, started,
+stopped, updated or deleted through another broker are seen here, (2) renews the leases it holds,
+(3) takes a lease nobody holds or whose holder let it run out (a broker that died: its sources move
+after at most LEASE_S + LEASE_S / 4), and (4) ends the jobs of sources no longer wanted running
+here. A holder that cannot renew (the store unreachable) ends its jobs itself once LEASE_S * 0.75
+has passed since its last renewal, before anyone else may take them; a holder that finds its lease
+taken ends its job at once. Brokers' clocks must agree to well within LEASE_S (NTP). stop and
+delete through a broker that is not the holder return once the definition is stored; the holder
+ends the job at its next tick. A source's live state (status, counters) is the holder's; on the
+other brokers it shows `running` with the message "running on another broker".
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -45,6 +57,9 @@ MAX_DESCRIPTION = 1024
 MAX_SOURCES = 1000        # per broker [ours]: each is a task and maybe a connection
 STOP_WAIT_S = 5.0
 HEALTHY_S = 10.0   # a job that ran this long before failing retries from the shortest backoff
+LEASE_S = 10.0     # a source's lease on a shared store (see the module's docstring)
+LEASE_PREFIX = b"L"
+ELSEWHERE = "running on another broker"
 
 
 Tasks = list[asyncio.Task[None]]   # (a module alias: the class's own `list` verb shadows the builtin)
@@ -61,10 +76,23 @@ class Source:
     state: SourceState
 
 
+def lease_key(project: str, source_id: str) -> bytes:
+    return LEASE_PREFIX + project.encode() + b"\0" + source_id.encode()
+
+
 class Sources:
-    def __init__(self, broker: Broker, clock_ms: Callable[[], int] = _now_ms) -> None:
+    def __init__(self, broker: Broker, clock_ms: Callable[[], int] = _now_ms, lease_s: float = LEASE_S,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self._now = clock_ms
+        # a shared store: sources are leased to one broker (module docstring)
+        self._shared = broker.store.capabilities.shared
+        self._lease_s = lease_s
+        self._monotonic = monotonic
+        self.holder = uuid.uuid4().hex[:16]            # this broker, as a lease owner
+        self._leases: dict[tuple[str, str], bytes] = {}  # the leases held: their stored value
+        self._renewed: dict[tuple[str, str], float] = {}  # monotonic time of the last claim/renewal
+        self._ticker: asyncio.Task[None] | None = None
         self._defs: dict[tuple[str, str], SourceDef] = {}
         self._states: dict[tuple[str, str], SourceState] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -93,14 +121,24 @@ class Sources:
                 self._defs[key] = d
                 self._states[key] = SourceState()
                 if d.wanted == RUNNING:
-                    self._spawn(d)
+                    await self._run(d)
+        if self._shared:
+            self._ticker = asyncio.create_task(self._tick_forever(), name="sluice-source-leases")
 
     async def close(self) -> None:
-        """Stop every job (bounded wait); definitions and wanted states stay as they are."""
+        """Stop every job (bounded wait); definitions and wanted states stay as they are. On a
+        shared store the leases held are given back, so another broker takes the sources at once."""
         self._closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ticker
         tasks = [*self._tasks.values(), *(t for ending in self._ending.values() for t in ending)]
         self._tasks.clear()
         await _cancel(tasks)
+        async with self._lock:   # a round still running (shielded) has finished: no lease is taken after this
+            for key in list(self._leases):
+                await self._release_quietly(key)
 
     async def _mutation(self, body: Callable[[], Awaitable[tuple[Any, Tasks]]]) -> Any:
         """Run a verb's body under the lock, to its end even if the caller goes away (a gRPC
@@ -133,12 +171,13 @@ class Sources:
 
         async def body_() -> tuple[Any, Tasks]:
             self._refuse_taken(project, name, None)
+            await self._refuse_taken_elsewhere(project, name, None)
             if len(self._defs) >= MAX_SOURCES:
                 raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"at most {MAX_SOURCES} sources per broker")
             await self.broker.store.meta_write({source_key(project, d.id): stored})
             key = (project, d.id)
             self._defs[key], self._states[key] = d, SourceState()
-            self._spawn(d)
+            await self._run(d)
             return Source(d, self._states[key]), []
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
@@ -170,6 +209,7 @@ class Sources:
             stream, description, properties = self._fields(project, body, d)
             self._checked(project, d.type, stream, properties)
             self._refuse_taken(project, name, d.id)
+            await self._refuse_taken_elsewhere(project, name, d.id)
             new = d.with_(name=name, stream=stream, description=description, properties=properties,
                           updated_ms=self._now())
             await self.broker.store.meta_write({source_key(project, d.id): _encoded(new)})
@@ -184,7 +224,9 @@ class Sources:
             del self._defs[key]
             state = self._states.pop(key)
             state.status = STOPPED
-            return None, self._end(key)
+            ending = self._end(key)
+            await self._release_quietly(key)
+            return None, ending
         await self._mutation(body_)
 
     async def start_source(self, project: str, ref: object) -> Source:
@@ -198,7 +240,7 @@ class Sources:
                 d = d.with_(wanted=RUNNING, started_ms=self._now())
                 await self.broker.store.meta_write({source_key(project, d.id): d.to_json()})
                 self._defs[key] = d
-                self._spawn(d)
+                await self._run(d)
             return Source(d, self._states[key]), []
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
@@ -214,6 +256,7 @@ class Sources:
                 await self.broker.store.meta_write({source_key(project, d.id): d.to_json()})
                 self._defs[key] = d
                 ending = self._end(key)
+                await self._release_quietly(key)
                 state = self._states[key]
                 state.status, state.message, state.lag = STOPPED, "", None
             return Source(d, self._states[key]), ending
@@ -272,6 +315,17 @@ class Sources:
         if any(k[0] == project and d.name == name and d.id != own_id for k, d in self._defs.items()):
             raise client_error(ErrorCode.SOURCE_EXISTS, source=name)
 
+    async def _refuse_taken_elsewhere(self, project: str, name: str, own_id: str | None) -> None:
+        """On a shared store: the name taken by a source created through another broker since
+        this one last looked (a create racing another at the same moment may still both win)."""
+        if not self._shared:
+            return
+        for _, raw in await self.broker.store.meta_scan(source_prefix(project)):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                d = SourceDef.from_json(raw)
+                if d.name == name and d.id != own_id:
+                    raise client_error(ErrorCode.SOURCE_EXISTS, source=name)
+
     def _end(self, key: tuple[str, str]) -> Tasks:
         """Cancel the source's job; it is remembered until it has ended (see _ending)."""
         task = self._tasks.pop(key, None)
@@ -287,6 +341,133 @@ class Sources:
                 del self._ending[key]
         task.add_done_callback(ended)
         return [task]
+
+    # -- leases on a shared store (module docstring) -----------------------------------------------
+
+    async def _run(self, d: SourceDef) -> None:
+        """Run a source wanted running: at once on a store of this broker's own; on a shared store
+        only if this broker gets its lease (else another broker runs it)."""
+        if not self._shared:
+            self._spawn(d)
+            return
+        key = (d.project, d.id)
+        try:
+            mine = await self._claim(key)
+        except BrokerError as e:   # the store did not answer: the next tick tries again
+            log.info("source %s/%s: lease not taken now (%s)", d.project, d.name, e.message)
+            mine = False
+        if mine:
+            if key not in self._tasks:
+                self._spawn(d)
+        else:
+            self._states[key].running(ELSEWHERE)
+
+    def _lease_value(self) -> bytes:
+        return json.dumps({"owner": self.holder, "until": self._now() + int(self._lease_s * 1000)}).encode()
+
+    async def _claim(self, key: tuple[str, str]) -> bool:
+        """Take or renew the source's lease. False: another broker holds it (and no longer
+        ours, if it was). Raises what the store raises."""
+        lkey = lease_key(*key)
+        held = self._leases.get(key)
+        new = self._lease_value()
+        if held is not None:
+            ok = await self.broker.store.meta_cas(lkey, held, new)
+        else:
+            raw = await self.broker.store.meta_get(lkey)
+            if raw is not None:
+                try:
+                    lease = json.loads(raw)
+                    taken = lease["owner"] != self.holder and int(lease["until"]) >= self._now()
+                except (ValueError, KeyError, TypeError):
+                    taken = False   # unreadable: take it over
+                if taken:
+                    return False
+            ok = await self.broker.store.meta_cas(lkey, raw, new)
+        if ok:
+            self._leases[key], self._renewed[key] = new, self._monotonic()
+        else:
+            self._leases.pop(key, None)
+            self._renewed.pop(key, None)
+        return ok
+
+    async def _release(self, key: tuple[str, str]) -> None:
+        held = self._leases.pop(key, None)
+        self._renewed.pop(key, None)
+        if held is not None:
+            await self.broker.store.meta_cas(lease_key(*key), held, None)
+
+    async def _release_quietly(self, key: tuple[str, str]) -> None:
+        """Give a lease back; if the store does not answer, it runs out by itself."""
+        with contextlib.suppress(BrokerError):
+            await self._release(key)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 4)
+            try:
+                await self.tick()
+            except Exception:   # never let the lease keeper die: the next tick tries again
+                log.warning("source leases: a round failed", exc_info=True)
+
+    async def tick(self) -> None:
+        """One round of the lease keeper (module docstring); the tests call it directly too."""
+        async def body_() -> tuple[Any, Tasks]:
+            ending: Tasks = []
+            try:
+                rows = await self.broker.store.meta_scan(source_prefix())
+            except BrokerError:
+                rows = None   # the store is unreachable: keep the definitions known, renew below (fails)
+            if rows is not None:
+                stored: dict[tuple[str, str], SourceDef] = {}
+                for _, raw in rows:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        d = SourceDef.from_json(raw)
+                        stored[(d.project, d.id)] = d
+                for key in [k for k in self._defs if k not in stored]:   # deleted through another broker
+                    del self._defs[key]
+                    self._states.pop(key, None)
+                    ending += self._end(key)
+                    await self._release_quietly(key)
+                for key, d in stored.items():
+                    if key not in self._defs:
+                        self._states[key] = SourceState()
+                    self._defs[key] = d
+            wanted: list[tuple[tuple[str, str], SourceDef]] = []
+            for key, d in list(self._defs.items()):
+                if d.wanted == RUNNING:
+                    wanted.append((key, d))
+                elif key in self._tasks or key in self._leases:   # stopped through another broker
+                    ending += self._end(key)
+                    await self._release_quietly(key)
+                    state = self._states[key]
+                    state.status, state.message, state.lag = STOPPED, "", None
+                elif self._states[key].status == RUNNING:
+                    self._states[key].status, self._states[key].message = STOPPED, ""
+            # every lease at once: a slow store delays them all by one round trip, not one per source
+            claims = await asyncio.gather(*(self._claim(key) for key, _ in wanted), return_exceptions=True)
+            for (key, d), claim in zip(wanted, claims):
+                if isinstance(claim, BaseException) and not isinstance(claim, BrokerError):
+                    raise claim
+                mine = claim if isinstance(claim, bool) else None   # None: the store did not answer
+                if mine:
+                    if key not in self._tasks:
+                        log.info("source %s/%s: lease taken, running it here", d.project, d.name)
+                        self._spawn(d)
+                elif mine is False:
+                    if key in self._tasks:
+                        log.warning("source %s/%s: its lease was taken by another broker; stopping it here",
+                                    d.project, d.name)
+                        ending += self._end(key)
+                    self._states[key].running(ELSEWHERE)
+                elif key in self._tasks and self._monotonic() - self._renewed.get(key, 0.0) > self._lease_s * 0.75:
+                    log.warning("source %s/%s: lease not renewed in time; stopping it here", d.project, d.name)
+                    ending += self._end(key)
+                    self._leases.pop(key, None)
+                    self._states[key].failed("its lease could not be renewed (the store does not answer)")
+            return None, ending
+        if not self._closed:
+            await self._mutation(body_)
 
     def _spawn(self, d: SourceDef) -> None:
         if self._closed:

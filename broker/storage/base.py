@@ -17,6 +17,8 @@ can implement it honestly:
   survives.
 * Errors: I/O failures raise `BrokerError` (`STORAGE_FULL` / `UNAVAILABLE`), never a backend
   exception; unknown stream ids raise STREAM_NOT_FOUND (reads) or yield None (appends).
+* `meta_cas` is the one coordination primitive: brokers of a shared store (`capabilities.shared`)
+  agree through it (the cursor key, consumer-group leases, source leases, tsdb series types).
 * `storage_state` says whether writes are being refused (a full disk) - the store recovers by
   itself once it can, and health reports this state. A store that cannot fill up keeps the default.
 * A shared store (`capabilities.shared`: several brokers serve it) tells the broker what the others
@@ -34,7 +36,7 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorCode
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 
 AppendOutcome = int | None | BrokerError
@@ -125,6 +127,21 @@ class Store(Protocol):
     async def bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         """First retained, next to assign, and the newest record's timestamp."""
 
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of many (stream_id, partition) pairs at once, in order: None for a pair whose
+        stream the store no longer has (dropped meanwhile); other errors raise as bounds() does.
+        For a listing of every stream, so a store should answer it in one round trip (one thread
+        hop, one network call), not one per partition. This default asks bounds() for each."""
+        out: list[PartitionBounds | None] = []
+        for stream_id, partition in partitions:
+            try:
+                out.append(await self.bounds(stream_id, partition))
+            except BrokerError as exc:
+                if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                    raise
+                out.append(None)
+        return out
+
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         """The first retained seq whose timestamp is >= timestamp_ms, else next_seq."""
 
@@ -155,6 +172,14 @@ class Store(Protocol):
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         """Apply puts (bytes) and deletes (None) atomically."""
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """Compare-and-set one metadata key: if its value is `expected` (None: the key is absent),
+        set it to `new` (None: delete it) and return True; else change nothing and return False.
+        Atomic against every other meta_cas and meta_write of the key - on a shared store, those of
+        every broker - so it is how brokers agree: create-if-absent (expected None), a lease
+        renewed only by its holder, a read-modify-write retried on False. Linearizable: a False
+        means the value differed from `expected` at some moment during the call."""
 
     async def close(self) -> None:
         """Flush and release. Idempotent."""

@@ -65,6 +65,11 @@ other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
   stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
 None needs two keys to change together.
 
+meta_cas (compare-and-set of one key) runs on KV revisions: kv.create when the key must be absent,
+kv.update(last=revision) otherwise, a purge below revision + 1 for a delete; a write that lost a race
+reads the key again and compares again. The brokers coordinate through it: the cursor key, consumer
+group leases (core/leases.py StoreLeases), source leases (sources/manager.py), tsdb series types.
+
 Several brokers (watch, storage/base.py StoreEvents), over core NATS, at most once:
 * after JetStream acks an append message the store publishes `P.w.<stream_id>.<partition>` =
   `<js seq> <first seq> <count> <newest ts> <writer id>`; every store subscribes to `P.w.>` and
@@ -85,7 +90,7 @@ Several brokers (watch, storage/base.py StoreEvents), over core NATS, at most on
   created through another broker a moment ago is found even before its event.
 Known gap: a scale event is exact for the writes of the broker that runs it (core/catalogue.py);
 another broker's writes routed by the old layout in the moment before its event arrives may land
-after the boundary. Consumer-group and source leases are not here (KV compare-and-set, next step).
+after the boundary.
 """
 from __future__ import annotations
 
@@ -98,7 +103,7 @@ import struct
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence, TypeVar, cast
 
 import nats
 import nats.errors
@@ -125,6 +130,7 @@ MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 READ_WINDOW = 32               # direct gets in flight for one read
+BOUNDS_IN_FLIGHT = 64          # partitions' bounds asked at once by bounds_many (the streams listing)
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
 HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
 
@@ -623,12 +629,17 @@ class JetStreamStore(Store):
 
     async def _load_head(self, sid: int, p: int) -> _Head:
         """From the partition's last message (raises _Missing when its JetStream stream is)."""
-        last = await self._last_msg(sid, p)
-        if last is not None:
-            head = _Head(last.js_seq, last.end, last.last_ts)
-        else:   # empty: never written, or every message expired (max_age): the trim marker holds the head
+        for _ in range(3):
+            last = await self._last_msg(sid, p)
+            if last is not None:
+                head = _Head(last.js_seq, last.end, last.last_ts)
+                break
+            # empty: never written, or every message expired (max_age): the trim marker holds the
+            # head - or another writer's first message landed between the two questions
             head = _Head(0, 0, 0)
             info = await self._js.stream_info(self._stream_name(sid, p))
+            if info.state.messages:
+                continue   # not empty after all: ask for its last message again
             if info.state.last_seq:
                 marker = None
                 try:
@@ -641,6 +652,9 @@ class JetStreamStore(Store):
                     raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
                                        f"last trim, so its next sequence number is unknown")
                 head = _Head(marker["js"], marker["next"], marker["ts"])
+            break
+        else:
+            raise _unavailable(f"partition {sid}/{p}: its last message could not be read")
         self._heads[(sid, p)] = head
         return head
 
@@ -1013,6 +1027,31 @@ class JetStreamStore(Store):
         result: PartitionBounds = await self._with_partition(stream_id, partition, get)
         return result
 
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of many partitions with up to BOUNDS_IN_FLIGHT of them asked at once (one
+        round trip each for a partition whose head is not in memory), not one after another."""
+        self._check_open()
+        out: list[PartitionBounds | None] = []
+
+        async def one(sid: int, p: int) -> PartitionBounds | None:
+            if sid not in self._configs:
+                return None
+            try:
+                return await self.bounds(sid, p)
+            except BrokerError as exc:   # dropped meanwhile
+                if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                    raise
+                return None
+
+        for at in range(0, len(partitions), BOUNDS_IN_FLIGHT):
+            got = await asyncio.gather(*(one(sid, p) for sid, p in partitions[at:at + BOUNDS_IN_FLIGHT]),
+                                       return_exceptions=True)
+            for item in got:
+                if isinstance(item, BaseException):
+                    raise item
+            out += cast(list[PartitionBounds | None], got)
+        return out
+
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         self._check_open()
 
@@ -1290,6 +1329,43 @@ class JetStreamStore(Store):
             await _guard(self._meta_write(changes))
         finally:
             await self._meta_lock.write_release()
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        self._check_open()
+        await self._meta_lock.write_acquire()
+        try:
+            return await _guard(self._meta_cas(meta_kv_key(key), expected, new))
+        finally:
+            await self._meta_lock.write_release()
+
+    async def _meta_cas(self, kv_key: str, expected: bytes | None, new: bytes | None) -> bool:
+        """On the key's KV revision: read it, compare, then write only if the revision is still the
+        one read - kv.create (expected absent), kv.update(last=revision), or a purge of the subject
+        below revision + 1 (a delete: it purges nothing when the key moved on). Another broker's
+        write in between makes the write fail; the value is read again and compared again, so a
+        False is always a value that differed (linearizable, not just a lost race)."""
+        for _ in range(MAX_RENUMBER):
+            try:
+                entry = await self._kv.get(kv_key)
+                current: bytes | None = entry.value if entry.value is not None else b""
+                revision = entry.revision
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):   # (a tombstone: absent,
+                current, revision = None, None                                           # kv.create handles it)
+            if current != expected:
+                return False
+            try:
+                if new is None:
+                    if revision is None or await self._kv_erase(kv_key, revision):
+                        return True
+                elif revision is None:
+                    await self._kv.create(kv_key, new)
+                    return True
+                else:
+                    await self._kv.update(kv_key, new, last=revision)
+                    return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+        raise _unavailable(f"compare-and-set of a metadata key lost {MAX_RENUMBER} races in a row")
 
     async def _kv_erase(self, key: str, revision: int | None = None) -> bool:
         """Delete a key by purging its subject from the bucket's stream (history is 1): unlike a KV

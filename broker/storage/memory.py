@@ -111,6 +111,16 @@ class MemoryStore(Store):
         part = self._partition(stream_id, partition)
         return PartitionBounds(part.first_seq, part.next_seq, part.last_ts)
 
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        out: list[PartitionBounds | None] = []
+        for stream_id, partition in partitions:
+            if stream_id not in self._by_id:
+                out.append(None)
+                continue
+            part = self._partition(stream_id, partition)
+            out.append(PartitionBounds(part.first_seq, part.next_seq, part.last_ts))
+        return out
+
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         part = self._partition(stream_id, partition)
         return part.first_seq + bisect.bisect_left(part.timestamps, timestamp_ms)
@@ -136,6 +146,15 @@ class MemoryStore(Store):
                 self._meta.pop(key, None)
             else:
                 self._meta[key] = value
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        if self._meta.get(key) != expected:
+            return False
+        if new is None:
+            self._meta.pop(key, None)
+        else:
+            self._meta[key] = new
+        return True
 
     async def close(self) -> None:
         pass

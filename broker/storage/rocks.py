@@ -2,7 +2,7 @@
 the async Store interface.
 
 Where each blocking call runs:
-* Mutations (append, trim, create/drop, meta_write) run on one dedicated writer thread, so they
+* Mutations (append, trim, create/drop, meta_write, meta_cas) run on one dedicated writer thread, so they
   are totally ordered and the engine's lock is never contended on the hot path. The core's
   Committer sends one append at a time, folding every producer's batches into it.
 * Reads run on the default thread pool: RocksDB reads are thread-safe and take no lock.
@@ -13,7 +13,8 @@ Where each blocking call runs:
   are most of a trickle producer's and a push subscriber's latency, and a share of a busy door's
   CPU (below). A tail read the engine's tail cache holds (the partition's newest small batches
   this process appended, rocks_engine.TAIL_BATCHES) does not touch RocksDB at all: no iterator,
-  a decode of the values kept in memory.
+  a decode of the values kept in memory. (Also bounds of cached partitions: one, or up to
+  INLINE_BOUNDS in bounds_many; a bigger bounds_many, the streams listing, is one hop for all.)
 
 The append budget is not "tens of microseconds": rocksdict (0.3.x) holds the GIL through a write
 (its calls do not release it), so an append on the writer thread stops the event loop for as long
@@ -57,6 +58,8 @@ _data = itemgetter(1)   # of an AppendBatch item (key, data)
 # of at most INLINE_READ_BYTES (a read decodes a whole batch value), runs on the event loop.
 INLINE_READ_RECORDS = 4
 INLINE_READ_BYTES = 64 * 1024
+# bounds_many of at most this many partitions, all of them cached, answers on the event loop
+INLINE_BOUNDS = 64
 
 # While writes are refused: how often the store tries to recover, and the longest wait after a
 # failed reopen (each failure doubles the wait from PROBE_EVERY_S).
@@ -204,6 +207,14 @@ class RocksStore(Store):
             return self._engine.bounds(stream_id, partition)   # memory only: no thread hop
         return await asyncio.to_thread(self._engine.bounds, stream_id, partition)
 
+    async def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """Few and all cached: from memory, on the loop. Otherwise every pair in ONE thread hop
+        (uncached ones read RocksDB; many cached ones would hold the loop for milliseconds)."""
+        engine = self._engine
+        if len(partitions) <= INLINE_BOUNDS and all(engine.cached_bounds(s, p) is not None for s, p in partitions):
+            return [engine.bounds(s, p) for s, p in partitions]
+        return await asyncio.to_thread(engine.bounds_many, partitions)
+
     async def seq_at_time(self, stream_id: int, partition: int, timestamp_ms: int) -> int:
         return await asyncio.to_thread(self._engine.seq_at_time, stream_id, partition, timestamp_ms)
 
@@ -218,6 +229,9 @@ class RocksStore(Store):
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         await self._mutate(self._engine.meta_write, changes)
+
+    async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        return await self._mutate(self._engine.meta_cas, key, expected, new)
 
     async def close(self) -> None:
         """Waits for queued mutations, then flushes and closes the database."""

@@ -494,6 +494,20 @@ class RocksEngine:
         with self._using():
             return self._bounds(stream_id, partition)
 
+    def bounds_many(self, partitions: Sequence[tuple[int, int]]) -> list[PartitionBounds | None]:
+        """bounds() of each pair (None for a dropped stream), under one reader count: a caller
+        on a thread reads every uncached one in one hop."""
+        out: list[PartitionBounds | None] = []
+        with self._using():
+            for sid, p in partitions:
+                try:
+                    out.append(self._bounds(sid, p))
+                except BrokerError as exc:   # dropped (maybe while this ran)
+                    if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                        raise
+                    out.append(None)
+        return out
+
     def _bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         self._check_partition(stream_id, partition)
         next_seq, last_ts = self._hwm_of(stream_id, partition)
@@ -569,6 +583,21 @@ class RocksEngine:
                 wb.put(keys.META + key, value)
         with self._lock:
             self._write(wb, "meta_write")
+
+    def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """Read and write under self._lock, which every metadata mutation takes: atomic."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        if new is None:
+            wb.delete(keys.META + key)
+        else:
+            wb.put(keys.META + key, new)
+        with self._lock:
+            with self._using(), _io_errors("read"):
+                current = self._db.get(keys.META + key)
+            if current != expected:
+                return False
+            self._write(wb, "meta_cas")
+            return True
 
     # -- a full disk (see the module's docstring) -------------------------------------------------
 

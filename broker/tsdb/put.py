@@ -132,18 +132,24 @@ class PutWrite:
                 indices[p].append(i)
                 if ts > latest[p]:
                     latest[p] = ts
+            text = ""
             try:
-                await registry.fix(new)
+                lost = await registry.fix(new)
             except BrokerError as exc:   # points of new series cannot go in without their type
                 if exc.code is ErrorCode.STREAM_NOT_FOUND:
                     raise
-                text = storage_exception(exc)
+                text, lost = storage_exception(exc), {}
+            if text or lost:   # batch again: without the new series' points, or checked against the winners
                 records, indices, latest = [[] for _ in range(count)], [[] for _ in range(count)], [0] * count
-                for i, form, _, ts, record in self._writable:
+                for i, form, kind, ts, record in self._writable:
                     if errors[i] is not None:   # its type refused
                         continue
-                    if form.key in new:
+                    if text and form.key in new:
                         errors[i] = text
+                        continue
+                    won = lost.get(form.key)   # another broker fixed this new series' type first
+                    if won is not None and won != kind and TYPE_OF[won] != TYPE_OF[kind]:
+                        errors[i] = type_conflict(won, kind)
                         continue
                     p = form.partition(count)
                     records[p].append(record)

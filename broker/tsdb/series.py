@@ -11,8 +11,11 @@ Value types: "numeric" (long and double together), "string", "boolean". A series
 by the first point accepted for it and stored in the store's metadata before that point is
 appended, so no restart can let a second type in. (A crash between the two leaves a type with no
 point: a retry of the same type goes in, another type is refused; the point itself was never
-acknowledged.) A numeric series also remembers the kind of its first value (long or double),
-for the put's error message (`series holds double values`); long and double still mix freely.
+acknowledged.) On a shared store (several brokers) a new type is claimed with meta_cas (create if
+absent): of two brokers admitting two types for one new series at once, one claim wins everywhere
+and the other broker refuses its points as a type conflict. A numeric series also remembers the
+kind of its first value (long or double), for the put's error message (`series holds double
+values`); long and double still mix freely.
 
 `TsdbStream` is the one stream points go to (`--tsdb-stream` in `--tsdb-project`): created on
 first use with TSDB_PARTITIONS partitions, recreated if it was deleted, and the registry of its
@@ -147,19 +150,39 @@ class SeriesRegistry:
         it changes under the reader only when `fix` runs (writers hold `lock`)."""
         return self._kinds
 
-    async def fix(self, new: dict[str, str]) -> None:
-        """Store the types (or kinds: LONG, DOUBLE) of series seen for the first time (one metadata
-        write), then know them. Raises what the store raises (STORAGE_FULL, UNAVAILABLE): nothing
-        is known then. Shielded: a caller that goes away cannot leave the store holding a type
-        this registry does not know."""
-        if new:
-            await asyncio.shield(self._fix(dict(new)))
+    async def fix(self, new: dict[str, str]) -> dict[str, str]:
+        """Store the types (or kinds: LONG, DOUBLE) of series seen for the first time, then know
+        them. Returns the series another broker of a shared store claimed first, with the kind it
+        stored (known now too): their points must be checked again against it. Raises what the
+        store raises (STORAGE_FULL, UNAVAILABLE): nothing is known then. Shielded: a caller that
+        goes away cannot leave the store holding a type this registry does not know."""
+        if not new:
+            return {}
+        return await asyncio.shield(self._fix(dict(new)))
 
-    async def _fix(self, new: dict[str, str]) -> None:
+    async def _fix(self, new: dict[str, str]) -> dict[str, str]:
         prefix = _prefix(self.project, self.stream_id)
-        await self.broker.store.meta_write({prefix + k.encode(): _CODE[t] for k, t in new.items()})
+        store = self.broker.store
+        if not store.capabilities.shared:   # this broker alone writes the registry: one metadata write
+            await store.meta_write({prefix + k.encode(): _CODE[t] for k, t in new.items()})
+            for k, t in new.items():
+                self._remember(k, _KIND[_CODE[t]])
+            return {}
+        # several brokers: each type is claimed with a create-if-absent, so the first claim of a
+        # series wins on every broker and a loser adopts the winner's type
+        lost: dict[str, str] = {}
+
+        async def claim(key: str, kind: str) -> None:
+            stored_key = prefix + key.encode()
+            while not await store.meta_cas(stored_key, None, _CODE[kind]):
+                current = await store.meta_get(stored_key)
+                if current is not None:   # (None: deleted meanwhile - its stream was: claim again)
+                    lost[key] = _KIND.get(current, LONG)
+                    return
+        await asyncio.gather(*(claim(k, t) for k, t in new.items()))
         for k, t in new.items():
-            self._remember(k, _KIND[_CODE[t]])
+            self._remember(k, lost.get(k) or _KIND[_CODE[t]])
+        return lost
 
     def metrics(self) -> list[str]:
         return sorted(self._by_metric)

@@ -41,7 +41,9 @@ def test_static_files_and_the_redirect(console_broker):
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200 and resp.getheader("Content-Type").startswith(ctype), path
-        assert "default-src 'self'" in resp.getheader("Content-Security-Policy")   # nothing from elsewhere
+        csp = resp.getheader("Content-Security-Policy")
+        assert "default-src 'self'" in csp and "style-src 'self';" in csp   # nothing from elsewhere
+        assert "unsafe-inline" not in csp and "base-uri 'none'" in csp and "form-action 'self'" in csp
     conn.close()
 
 
@@ -49,17 +51,36 @@ def test_list_has_what_the_table_shows(console_broker, stream):
     status, body = call(console_broker, "GET", "/console/api/streams")
     assert status == 200 and body["project"] == "default"
     (row,) = [s for s in body["streams"] if s["name"] == stream]
-    assert (row["partitions"], row["first_seqs"], row["next_seqs"], row["put_records"]) == (2, [0, 0], [2, 1], 3)
+    # sequence numbers and records held are strings: exact in JavaScript past 2^53
+    assert (row["partitions"], row["ranges"], row["records"], row["put_records"]) == \
+        (2, [["0", "2"], ["0", "1"]], "3", 3)
     assert row["put_bytes"] == len("onetwothree") and row["last_ts"] > 0 and row["typed"] is False
     names = [s["name"] for s in body["streams"]]
     assert names == sorted(names)
+
+
+def test_list_is_paged_and_filtered_by_the_broker(console_broker):
+    prefix = _name()
+    for i in range(5):
+        created = call(console_broker, "POST", "/console/api/streams", {"name": f"{prefix}_{i}", "partitions": 6})
+        assert created[0] == 201
+    status, body = call(console_broker, "GET", f"/console/api/streams?filter={prefix.upper()}&offset=1&limit=2")
+    assert status == 200
+    assert (body["matched"], body["offset"], body["limit"]) == (5, 1, 2) and body["total"] >= 5
+    assert [s["name"] for s in body["streams"]] == [f"{prefix}_1", f"{prefix}_2"]
+    # at most the first four partitions' ranges in the list; the stream page has them all
+    assert body["streams"][0]["readable_partitions"] == 6 and len(body["streams"][0]["ranges"]) == 4
+    status, body = call(console_broker, "GET", f"/console/api/streams?filter={prefix}&offset=10")
+    assert status == 200 and body["streams"] == [] and body["matched"] == 5
+    status, body = call(console_broker, "GET", f"/console/api/streams?filter={prefix}")
+    assert [s["name"] for s in body["streams"]] == [f"{prefix}_{i}" for i in range(5)]
 
 
 def test_describe_records_and_put(console_broker, stream):
     status, d = call(console_broker, "GET", f"/console/api/streams/{stream}")
     assert status == 200
     assert [(p["partition"], p["status"], p["first_seq"], p["next_seq"]) for p in d["partition_list"]] == \
-        [(0, "ACTIVE", 0, 2), (1, "ACTIVE", 0, 1)]
+        [(0, "ACTIVE", "0", "2"), (1, "ACTIVE", "0", "1")]   # sequence numbers as strings
     assert d["counters"]["put_records"] == [2, 1]
     status, page = call(console_broker, "GET", f"/console/api/streams/{stream}/records?partition=0&limit=1")
     assert status == 200 and [r["seq"] for r in page["records"]] == ["0"]
@@ -89,7 +110,7 @@ def test_apps_lag_and_sources(console_broker, stream):
     status, lag = call(console_broker, "GET", f"/console/api/apps/{app}/lag")
     (s,) = lag["streams"]
     assert s["stream"] == stream and s["partitions"][0]["checkpoint"] == "0"
-    assert s["partitions"][0]["lag"] == int(s["partitions"][0]["latest"])
+    assert s["partitions"][0]["lag"] == s["partitions"][0]["latest"]   # a string, like the sequence numbers
     apps = call(console_broker, "GET", "/console/api/apps")[1]["apps"]
     assert any(a["name"] == app and a["streams"] == [stream] for a in apps)
     assert call(console_broker, "DELETE", f"/console/api/apps/{app}")[0] == 204
@@ -119,6 +140,10 @@ def test_query_lines(console_broker, stream):
     ("POST", "/console/api/streams", {"name": "bad name!", "partitions": 1}, 400, "INVALID_REQUEST"),
     ("POST", "/console/api/streams", {"name": "{stream}", "partitions": 1}, 400, "STREAM_EXISTS"),
     ("GET", "/console/api/streams?project=bad%20project", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?limit=0", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?limit=1001", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?offset=-1", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/streams?offset=x", None, 400, "INVALID_REQUEST"),
     ("GET", "/console/api/streams/nope_nope", None, 404, "STREAM_NOT_FOUND"),
     ("DELETE", "/console/api/streams/nope_nope", None, 404, "STREAM_NOT_FOUND"),
     ("GET", "/console/api/streams/{stream}/records", None, 400, "INVALID_REQUEST"),
@@ -146,6 +171,8 @@ def test_query_lines(console_broker, stream):
     ("POST", "/console/api/apps", {"name": "no spaces allowed"}, 400, "INVALID_REQUEST"),
     ("GET", "/console/api/apps/nope_nope/lag", None, 404, "APP_NOT_FOUND"),
     ("DELETE", "/console/api/apps/nope_nope", None, 404, "APP_NOT_FOUND"),
+    ("GET", "/console/api/sources?project=bad%20p", None, 400, "INVALID_REQUEST"),
+    ("POST", "/console/api/sources/nope/start?project=bad%20p", None, 400, "INVALID_REQUEST"),
     ("POST", "/console/api/sources/nope/start", None, 404, "SOURCE_NOT_FOUND"),
     ("POST", "/console/api/sources/nope/stop", None, 404, "SOURCE_NOT_FOUND"),
     ("POST", "/console/api/queries", {}, 400, "INVALID_REQUEST"),
@@ -171,3 +198,76 @@ def test_bad_input_is_a_4xx_with_the_catalogue_row(console_broker, stream, metho
         got, answer = call(console_broker, method, path, body)
     assert (got, answer["reason"]) == (status, reason), answer
     assert isinstance(answer["code"], int) and answer["message"]
+
+
+def _raw(proc, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(proc.host, proc.http_port, timeout=10)
+    try:
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, reason", [
+    # what a page of another site can send without a preflight: a text/plain or form body, or no body
+    ("POST", "/console/api/streams", b'{"name": "csrf_a", "partitions": 1}', {"Content-Type": "text/plain"},
+     400, "BAD_BODY"),
+    ("POST", "/console/api/streams", b"name=csrf_b", {"Content-Type": "application/x-www-form-urlencoded"},
+     400, "BAD_BODY"),
+    ("POST", "/console/api/apps", b'{"name": "csrf_c"}', {}, 400, "BAD_BODY"),
+    ("POST", "/console/api/sources/nope/stop", None, {}, 400, "BAD_BODY"),
+    ("DELETE", "/console/api/streams/{stream}", None, {}, 400, "BAD_BODY"),
+    ("POST", "/console/api/queries", b'{"sql": "select 1"}', {"Content-Type": "text/plain;charset=UTF-8"},
+     400, "BAD_BODY"),
+    # and what a browser marks as coming from another site
+    ("POST", "/console/api/streams", b'{"name": "csrf_d", "partitions": 1}',
+     {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "PERMISSION_DENIED"),
+    ("DELETE", "/console/api/streams/{stream}", None,
+     {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "PERMISSION_DENIED"),
+])
+def test_writes_a_page_of_another_site_could_send_are_refused(console_broker, stream, method, path, body, headers,
+                                                              status, reason):
+    got, answer = _raw(console_broker, method, path.replace("{stream}", stream), body, headers)
+    assert (got, answer.get("reason")) == (status, reason), answer
+    assert call(console_broker, "GET", f"/console/api/streams/{stream}")[0] == 200   # still there
+    names = [s["name"] for s in call(console_broker, "GET", "/console/api/streams?filter=csrf_")[1]["streams"]]
+    assert names == []
+
+
+def test_every_write_route_refuses_cross_site_requests():
+    from broker.api import console
+    writes = [(method, path, h) for method, path, h, _ in console.ROUTES if method != "GET"]
+    assert len(writes) >= 9 and all(getattr(h, "refuses_cross_site", False) for _, _, h in writes), writes
+
+
+def test_same_origin_writes_and_cross_site_reads_are_served(console_broker):
+    name = _name()
+    got, _ = _raw(console_broker, "POST", "/console/api/streams", json.dumps({"name": name, "partitions": 1}).encode(),
+                  {"Content-Type": "application/json; charset=utf-8", "Sec-Fetch-Site": "same-origin"})
+    assert got == 201
+    got, body = _raw(console_broker, "GET", f"/console/api/streams/{name}", None, {"Sec-Fetch-Site": "cross-site"})
+    assert got == 200 and body["name"] == name   # a read: the browser does not let the other page see it
+    got, _ = _raw(console_broker, "DELETE", f"/console/api/streams/{name}", None,
+                  {"Content-Type": "application/json"})
+    assert got == 204
+
+
+def test_a_big_result_batch_is_split_into_lines_of_at_most_1000_rows(console_broker):
+    from client import Client
+    name = _name()
+    with Client(console_broker.grpc_target) as c:
+        c.create_stream(name, 1)
+        for start in range(0, 2500, 500):
+            c.put_records(name, [f"r{i}".encode() for i in range(start, start + 500)])
+    conn = http.client.HTTPConnection(console_broker.host, console_broker.http_port, timeout=30)
+    conn.request("POST", "/console/api/queries", json.dumps({"sql": f"select raw from table({name})"}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    lines = [json.loads(line) for line in resp.read().splitlines()]
+    conn.close()
+    sizes = [len(line["rows"]) for line in lines if "rows" in line]
+    assert sum(sizes) == 2500 and max(sizes) <= 1000, sizes
+    assert lines[-1]["end"]["status"] == "finished"

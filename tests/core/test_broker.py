@@ -681,9 +681,10 @@ async def test_stream_summaries_give_every_stream_and_partition_bounds_of_one_pr
     await put(broker, "a", b"kept")
     await broker.enforce_retention()   # the first three records expire: first seqs move
     got = await broker.stream_summaries()
-    assert [(c.stream_name, [(b.first_seq, b.next_seq) for b in bounds]) for c, bounds in got] == \
-        [("a", [(1, 2)]), ("b", [(0, 0), (2, 2)])]
+    assert [(s.config.stream_name, s.records, [(b.first_seq, b.next_seq) for b in s.first]) for s in got] == \
+        [("a", 1, [(1, 2)]), ("b", 0, [(0, 0), (2, 2)])]
+    assert got[0].last_ts == T0 + 25 * HOUR and got[1].last_ts == T0
     other = await broker.stream_summaries(project="other")
-    assert [(c.stream_name, len(bounds)) for c, bounds in other] == [("a", 3)]
+    assert [(s.config.stream_name, len(s.first)) for s in other] == [("a", 3)]
     assert await broker.stream_summaries(project="nobody") == []
     await raises(broker.stream_summaries(project="bad project"), ErrorCode.INVALID_REQUEST)

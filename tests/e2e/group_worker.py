@@ -6,6 +6,8 @@ Runs a `GroupConsumer` and prints one JSON line per event to stdout, flushed at 
     {"member": M, "assign": P} / {"member": M, "release": P}
     {"member": M, "ready": true}                           heartbeating
 SIGTERM stops it cleanly (workers commit, then LeaveGroup) and it exits 0.
+`--heartbeat-target`: heartbeats and LeaveGroup go to that broker, reads and checkpoints to
+`--target` (members of one group on different brokers of a shared store, their data on one).
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import json
 import signal
 import sys
 import threading
+from typing import Any, Iterable
 
-from client import GroupConsumer, Record
+from client import Client, GroupConsumer, Record
+from client.model import Assignment
 
 _out = threading.Lock()
 
@@ -25,6 +29,21 @@ def emit(**fields: object) -> None:
     with _out:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
+
+
+class SplitClient(Client):
+    """Group membership through another broker's client; everything else through this one."""
+
+    def __init__(self, target: str, groups: Client) -> None:
+        super().__init__(target)
+        self.groups = groups
+
+    def heartbeat(self, app_name: str, stream_name: str, member_id: str, held: Iterable[int] = (),
+                  lease_ms: int = 0) -> Assignment:
+        return self.groups.with_timeout(self._timeout).heartbeat(app_name, stream_name, member_id, held, lease_ms)
+
+    def leave_group(self, app_name: str, stream_name: str, member_id: str) -> None:
+        self.groups.with_timeout(self._timeout).leave_group(app_name, stream_name, member_id)
 
 
 def main() -> None:
@@ -37,6 +56,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--checkpoint-interval", type=float, default=0.2)
     parser.add_argument("--mode", default="pull")
+    parser.add_argument("--heartbeat-target")
     args = parser.parse_args()
     member = args.member
 
@@ -47,7 +67,8 @@ def main() -> None:
                                              "id": int(r.data)}, separators=(",", ":")) + "\n")
             sys.stdout.flush()
 
-    group = GroupConsumer(args.target, args.app, args.stream, handle, member_id=member, lease_ms=args.lease_ms,
+    target: Any = SplitClient(args.target, Client(args.heartbeat_target)) if args.heartbeat_target else args.target
+    group = GroupConsumer(target, args.app, args.stream, handle, member_id=member, lease_ms=args.lease_ms,
                           checkpoint_every=args.checkpoint_every, checkpoint_interval=args.checkpoint_interval,
                           mode=args.mode, batch=50,
                           on_assign=lambda p: emit(member=member, assign=p),

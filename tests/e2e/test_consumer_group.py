@@ -31,11 +31,11 @@ LEASE_MS = 3000
 class Member:
     """One worker process; its stdout events are collected with their arrival time."""
 
-    def __init__(self, name: str, target: str, app: str, stream: str) -> None:
+    def __init__(self, name: str, target: str, app: str, stream: str, *extra: str) -> None:
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), "--target", target, "--app", app, "--stream", stream, "--member", name,
-             "--lease-ms", str(LEASE_MS), "--checkpoint-every", "50", "--checkpoint-interval", "0.5"],
+             "--lease-ms", str(LEASE_MS), "--checkpoint-every", "50", "--checkpoint-interval", "0.5", *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.partial: list[str] = []
@@ -136,14 +136,23 @@ class Writer:
 
 @pytest.mark.slow
 def test_group_survives_a_member_crash(broker: BrokerProcess, stream_name: str, members: list[Member]) -> None:
+    crash_scenario(broker.grpc_target, stream_name, members, [(), (), ()])
+
+
+def crash_scenario(target: str, stream_name: str, members: list[Member], extras: list[tuple[str, ...]],
+                   create: bool = True) -> None:
+    """Three members (m1 the victim; `extras`: each one's extra group_worker.py arguments) on a
+    stream written through `target` (created here unless `create` is False), checked by
+    verify_after_crash."""
     app = f"app-{stream_name}"
-    client = Client(broker.grpc_target, timeout=10)
+    client = Client(target, timeout=10)
     writer = Writer(client, stream_name)
     try:
-        client.create_stream(stream_name, PARTITIONS)
+        if create:
+            client.create_stream(stream_name, PARTITIONS)
         writer.thread.start()
-        for name in ("m0", "m1", "m2"):
-            members.append(Member(name, broker.grpc_target, app, stream_name))
+        for name, extra in zip(("m0", "m1", "m2"), extras):
+            members.append(Member(name, target, app, stream_name, *extra))
 
         # 1. the group settles: two partitions each, all six covered
         def balanced() -> bool:
@@ -188,6 +197,14 @@ def test_group_survives_a_member_crash(broker: BrokerProcess, stream_name: str, 
         client.close()
 
     print(f"takeover after {takeover_s:.2f}s; {len(written)} records written")
+    verify_after_crash(members, victim, survivors, doomed, written, killed_at)
+
+
+def verify_after_crash(members: list[Member], victim: Member, survivors: list[Member], doomed: set[int],
+                       written: dict[tuple[int, int], int], killed_at: float) -> None:
+    """Every record handled with the payload written at its position; in order within each
+    assignment; the only duplicates are the victim's records after its last checkpoint, once more
+    by the one survivor that resumed its partition right after that checkpoint."""
     # every record was handled, and carries the payload written at its position
     all_records = [(m.name, r) for m in members for r in m.records()]
     for _, r in all_records:

@@ -25,9 +25,17 @@ import pytest
 from conftest import ROOT, eventually
 
 from broker.api import grpc_service
+from broker.api.grpc_render import status_code, trailers
 from broker.api.grpc_service import PRODUCE_STREAM_WINDOW, SluiceServicer, add_servicer
+from broker.api.limits import ClientLimits, GrpcLimits
+from broker.app import grpc_max_message, grpc_options
+from broker.core.broker import Broker
+from broker.core.limits import DEFAULT_LIMITS
+from broker.errors import ErrorCode, client_error
 from broker.launcher import BrokerProcess
 from broker.model import PutRecordsResult
+from broker.settings import Settings
+from broker.storage.memory import MemoryStore
 from client import AsyncClient, BufferFullError, Client, Producer, _wire
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc as pb_grpc
@@ -317,6 +325,12 @@ for answer in stub.PutRecordsStream(batches()):
 """
 
 
+def gauge(proc: BrokerProcess, name: str) -> float:
+    with urllib.request.urlopen(proc.http_url + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name + " "))
+
+
 def test_client_killed_mid_stream_frees_its_call(start_broker: Callable[..., BrokerProcess], stream_name: str) -> None:
     proc = start_broker("--max-subscriptions-per-client", "1", "--shutdown-grace", "60")
     with Client(proc.grpc_target, timeout=10) as c:
@@ -340,15 +354,20 @@ def test_client_killed_mid_stream_frees_its_call(start_broker: Callable[..., Bro
             except grpc.RpcError as exc:
                 return exc
 
-        refused = another_stream()   # the child's call holds this address's one stream slot
-        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert gauge(proc, "sluice_produce_streams_open") == 1
+        assert gauge(proc, "sluice_subscriptions_open") == 0   # a produce stream is no subscription ...
+        with Client(proc.grpc_target, timeout=10) as c:        # ... and holds no subscription slot
+            sub = c.subscription(stream_name, 0, "TRIM_HORIZON")
+            assert next(sub).records
+            sub.cancel()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         for pipe in (child.stdin, child.stdout):
             if pipe is not None:
                 pipe.close()
-    eventually(lambda: another_stream() is None, timeout=20)   # the broker freed the call and its slot
+    eventually(lambda: gauge(proc, "sluice_produce_streams_open") == 0, timeout=20)   # the broker freed the call
+    assert another_stream() is None
     with Client(proc.grpc_target, timeout=10) as c:
         stored = read_partition(c, stream_name, 0)
     for i in acked:   # every acknowledged batch is stored
@@ -360,6 +379,8 @@ def test_client_killed_mid_stream_frees_its_call(start_broker: Callable[..., Bro
 # -- in-process servers: a core that does not answer, a broker without the RPC -----------------------
 
 class _Stats:
+    produce_streams = 0
+
     def observe_request(self, *args: Any) -> None:
         pass
 
@@ -375,7 +396,10 @@ class StuckBroker:
         self.records = 0
         self.release: asyncio.Event | None = None
 
-    async def put_records(self, stream_name: str, entries: Any, project: str) -> PutRecordsResult:
+    async def put_records(self, stream_name: str, entries: Any, project: str,
+                          handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
+        if handed is not None and not handed.done():   # "with the committer": the next batch may go on
+            handed.set_result(None)
         if self.release is None:
             self.release = asyncio.Event()
         self.inside += 1
@@ -393,8 +417,10 @@ class StuckBroker:
 class InProcessServer:
     """A grpc.aio server on its own loop thread: the real servicer over `StuckBroker`."""
 
-    def __init__(self, broker: StuckBroker, register: Callable[[SluiceServicer, grpc.aio.Server], None]) -> None:
+    def __init__(self, broker: StuckBroker, register: Callable[[SluiceServicer, grpc.aio.Server], None],
+                 interceptors: tuple[Any, ...] = (), options: tuple[tuple[str, int], ...] = ()) -> None:
         self.broker = broker
+        self.interceptors, self.options = interceptors, options
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -403,7 +429,7 @@ class InProcessServer:
         self.port = self.run(self._start(register))
 
     async def _start(self, register: Callable[[SluiceServicer, grpc.aio.Server], None]) -> int:
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=self.interceptors, options=self.options)
         register(self.servicer, self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
@@ -506,3 +532,270 @@ def test_producer_falls_back_to_put_records_and_remembers() -> None:
         assert server.broker.records == 150   # each record once, by PutRecords
     finally:
         server.close()
+
+
+# -- regressions: limits, sizes, deadlines, keepalive, order, failures -------------------------------
+
+def test_producers_hold_no_subscription_slot(start_broker: Callable[..., BrokerProcess], stream_name: str) -> None:
+    """More producers than the subscription limit all write, over their streams, and a consumer of
+    the same host can still subscribe: a produce stream is no subscription."""
+    proc = start_broker("--max-subscriptions-per-client", "2")
+    with Client(proc.grpc_target, timeout=10) as c:
+        names = [f"{stream_name}-{i}" for i in range(4)]
+        for name in names:
+            c.create_stream(name, 1)
+        producers = [Producer(c, name, max_retries=0) for name in names]
+        try:
+            for p in producers:
+                assert p.send(b"x").result(TIMEOUT).ok
+            assert all(p.stats.streams_opened == 1 for p in producers)   # all streams open at once
+            assert gauge(proc, "sluice_produce_streams_open") == 4
+            sub = c.subscription(names[0], 0, "TRIM_HORIZON")
+            assert [r.data for r in next(sub).records] == [b"x"]
+            sub.cancel()
+        finally:
+            for p in producers:
+                p.close(10)
+
+
+def test_each_stream_batch_takes_a_request_slot_until_answered() -> None:
+    limits = ClientLimits.of(100, 2, 1)
+    server = InProcessServer(StuckBroker(), add_servicer, interceptors=(GrpcLimits(limits, grpc_service.SERVICE_NAME),))
+    try:
+        requests: queue.SimpleQueue[pb.PutRecordsStreamRequest | None] = queue.SimpleQueue()
+        call = pb_grpc.SluiceStub(grpc.insecure_channel(server.target)).PutRecordsStream(
+            iter(requests.get, None), timeout=TIMEOUT)
+        for i in range(1, 5):
+            requests.put(batch(i, "s", [b"r%d" % i]))
+        eventually(lambda: server.broker.inside == 2)
+        eventually(lambda: server.servicer._stream_batches == 4)   # 3 and 4 read, and refused
+        assert limits.requests.held("127.0.0.1") == 2 and limits.subscriptions.held("127.0.0.1") == 0
+        server.release()
+        answers = iter(call)
+        first = [next(answers) for _ in range(4)]
+        assert [a.batch_id for a in first] == [1, 2, 3, 4]
+        assert [a.WhichOneof("outcome") for a in first] == ["result", "result", "error", "error"]
+        assert {a.error.reason for a in first[2:]} == {"TOO_MANY_REQUESTS"}
+        requests.put(batch(5, "s", [b"r5"]))   # the answers gave the slots back
+        assert next(answers).WhichOneof("outcome") == "result"
+        requests.put(None)
+        assert list(answers) == []
+        assert limits.requests.held("127.0.0.1") == 0
+    finally:
+        server.close()
+
+
+def _refusing_stream(servicer: SluiceServicer, server: grpc.aio.Server) -> None:
+    """A broker that refuses to open a PutRecordsStream call (one counting it as a subscription,
+    past its limit): TOO_MANY_REQUESTS; PutRecords works."""
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        error = client_error(ErrorCode.TOO_MANY_REQUESTS, detail="at most 1 open subscriptions")
+        await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
+    stream = grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=pb.PutRecordsStreamRequest.FromString,
+                                                   response_serializer=pb.PutRecordsStreamResponse.SerializeToString)
+    unary = grpc.unary_unary_rpc_method_handler(servicer.PutRecords,
+                                                request_deserializer=pb.PutRecordsRequest.FromString,
+                                                response_serializer=pb.PutRecordsResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        grpc_service.SERVICE_NAME, {"PutRecords": unary, "PutRecordsStream": stream}),))
+
+
+def test_a_refused_stream_makes_the_producer_use_put_records() -> None:
+    server = InProcessServer(StuckBroker(), _refusing_stream)
+    server.release()
+    try:
+        with Producer(server.target, "s", max_batch_records=10, linger_ms=0, max_retries=0) as producer:
+            futures = [producer.send(b"r%d" % i, partition_key="k") for i in range(100)]
+            producer.flush(TIMEOUT)
+        assert all(f.result().ok for f in futures)
+        assert producer.stats.streams_opened == 1 and producer.stats.retries == 0   # not tried again for a while
+        assert server.broker.records == 100
+    finally:
+        server.close()
+
+
+def test_an_idle_stream_is_closed_and_reopened_for_the_next_batch() -> None:
+    server = InProcessServer(StuckBroker(), add_servicer)
+    server.release()
+    try:
+        with Producer(server.target, "s", linger_ms=0, stream_idle_ms=50) as producer:
+            assert producer.send(b"a").result(TIMEOUT).ok
+            eventually(lambda: server.broker.stats.produce_streams == 0)   # the producer ended its call
+            assert producer.send(b"b").result(TIMEOUT).ok
+            assert producer.stats.streams_opened == 2 and producer.stats.stream_breaks == 0
+    finally:
+        server.close()
+
+
+def test_client_and_broker_message_limits_agree() -> None:
+    assert _wire.MAX_MESSAGE == grpc_max_message(DEFAULT_LIMITS)
+    options = dict(grpc_options(Settings(), grpc_max_message(DEFAULT_LIMITS)))
+    assert options["grpc.max_receive_message_length"] == _wire.MAX_MESSAGE
+
+
+def test_the_broker_accepts_the_clients_keepalive_pings() -> None:
+    """An idle stream (no data either way) gets keepalive pings from the client: the broker's ping
+    policy must allow them, or it answers GOAWAY too_many_pings and breaks the stream."""
+    client = dict(_wire.CHANNEL_OPTIONS)
+    server = dict(grpc_options(Settings(), grpc_max_message(DEFAULT_LIMITS)))
+    assert server["grpc.http2.min_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
+    assert server.get("grpc.http2.max_ping_strikes", 2) in (0, 2)
+
+
+def test_a_batch_too_large_for_the_broker_fails_alone() -> None:
+    """The broker takes smaller messages than the client thinks (grpc.aio's default, 4 MB): the
+    stream ends RESOURCE_EXHAUSTED; only the oversized batch fails, the others in flight are
+    retried, and a batch that large goes by PutRecords from then on (failing alone)."""
+    server = InProcessServer(StuckBroker(), add_servicer)
+    try:
+        producer = Producer(server.target, "s", max_batch_records=1, linger_ms=0, max_retries=3, backoff_ms=10)
+        small = [producer.send(b"ok%d" % i) for i in range(3)]
+        eventually(lambda: server.broker.inside == 3)
+        big = producer.send(b"x" * (5 << 20))
+        eventually(lambda: big.done())
+        server.release()
+        producer.flush(TIMEOUT)
+        assert [f.result().ok for f in small] == [True] * 3
+        assert big.result().reason == "RESOURCE_EXHAUSTED"
+        opened = producer.stats.streams_opened
+        again = producer.send(b"y" * (5 << 20))   # by PutRecords now: the stream stays up
+        later = producer.send(b"later")
+        assert again.result(TIMEOUT).reason == "RESOURCE_EXHAUSTED" and later.result(TIMEOUT).ok
+        assert producer.stats.streams_opened == opened and producer.stats.stream_breaks == 1
+        producer.close(5)
+    finally:
+        server.close()
+
+
+def test_a_record_larger_than_any_broker_message_never_goes_on_the_stream() -> None:
+    server = InProcessServer(StuckBroker(), add_servicer, options=(("grpc.max_receive_message_length", 32 << 20),))
+    server.release()
+    try:
+        with Producer(server.target, "s", linger_ms=0, max_retries=0) as producer:
+            assert producer.send(b"before").result(TIMEOUT).ok
+            big = producer.send(b"x" * (_wire.MAX_MESSAGE + 1))
+            after = producer.send(b"after")
+            assert big.result(TIMEOUT).reason == "RESOURCE_EXHAUSTED"   # the client's own refusal, as PutRecords
+            assert after.result(TIMEOUT).ok
+            assert producer.stats.streams_opened == 1 and producer.stats.stream_breaks == 0
+    finally:
+        server.close()
+
+
+def test_a_broker_that_never_answers_times_the_stream_out(stuck: InProcessServer) -> None:
+    with Client(stuck.target, timeout=0.5) as client:
+        producer = Producer(client, "s", linger_ms=0, max_retries=1, backoff_ms=10)
+        try:
+            future = producer.send(b"x")
+            result = future.result(TIMEOUT)   # no timing asserted: only that it resolves at all
+            assert result.reason == "DEADLINE_EXCEEDED" and not result.ok
+            assert producer.stats.streams_opened == 2 and producer.stats.retries == 1   # retried like unary
+        finally:
+            producer.close(1)
+
+
+async def test_batches_of_a_call_stay_in_order_across_a_scale_event() -> None:
+    """Batch 1 waits out a scale event; batch 2 arrives in the loop turn the event ends: it must not
+    overtake batch 1 on its way to the committer (the scale event is ended as update_partition_count
+    ends one)."""
+    core = Broker(MemoryStore(), cursor_secret=b"s" * 32)
+    await core.start()
+    try:
+        await core.create_stream("s", 1)
+        sid = core.catalogue.get("default", "s").stream_id
+        feed: asyncio.Queue[pb.PutRecordsStreamRequest | None] = asyncio.Queue()
+
+        async def requests() -> Any:
+            while (r := await feed.get()) is not None:
+                yield r
+
+        class Context:
+            def __init__(self) -> None:
+                self.out: list[pb.PutRecordsStreamResponse] = []
+
+            def invocation_metadata(self) -> tuple[()]:
+                return ()
+
+            async def write(self, message: pb.PutRecordsStreamResponse) -> None:
+                self.out.append(message)
+
+        context = Context()
+        call = asyncio.create_task(SluiceServicer(core, sources=object())  # type: ignore[arg-type]
+                                   .PutRecordsStream(requests(), context))
+        done = core.catalogue._scaling[sid] = asyncio.Event()
+        feed.put_nowait(batch(1, "s", [b"b1"], [0]))
+        await asyncio.sleep(0.05)   # batch 1 waits in catalogue.settled
+
+        def end_scale() -> None:
+            del core.catalogue._scaling[sid]
+            done.set()
+
+        feed.put_nowait(batch(2, "s", [b"b2"], [0]))
+        asyncio.get_running_loop().call_soon(end_scale)
+        await asyncio.sleep(0.05)
+        feed.put_nowait(None)
+        await call
+        assert [(a.batch_id, list(a.result.seqs)) for a in context.out] == [(1, [0]), (2, [1])]
+    finally:
+        await core.close()
+
+
+def test_a_closed_client_fails_the_records_instead_of_killing_the_sender(stuck: InProcessServer) -> None:
+    stuck.release()
+    client = Client(stuck.target, timeout=5)
+    producer = Producer(client, "s", linger_ms=0, max_retries=1, backoff_ms=10)
+    try:
+        assert producer.send(b"a").result(TIMEOUT).ok
+        client.close()
+        future = producer.send(b"b")
+        producer.flush(TIMEOUT)
+        assert isinstance(future.exception(), ValueError)   # "Channel closed", as PutRecords would raise
+        assert producer._thread.is_alive()
+    finally:
+        producer.close(1)
+
+
+def test_an_error_reading_answers_ends_the_stream_and_the_batch_is_retried(stuck: InProcessServer,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    stuck.release()
+    real = _wire.put_results
+    calls = []
+
+    def broken_once(resp: pb.PutRecordsResponse) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug decoding an answer")
+        return real(resp)
+
+    monkeypatch.setattr(_wire, "put_results", broken_once)
+    with Producer(stuck.target, "s", linger_ms=0, max_retries=2, backoff_ms=10) as producer:
+        assert producer.send(b"a").result(TIMEOUT).ok
+        assert producer.stats.streams_opened == 2 and producer.stats.retries == 1
+
+
+class Recording(StuckBroker):
+    """PutRecords only (see _unary_only); keeps the payloads in the order they were stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[bytes] = []
+
+    async def put_records(self, stream_name: str, entries: Any, project: str,
+                          handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
+        self.got.extend(entries.data)
+        return PutRecordsResult([0] * len(entries), list(range(len(entries))))
+
+
+def test_falling_back_to_put_records_keeps_the_order() -> None:
+    """Batches built while the UNIMPLEMENTED arrives go behind those the failed stream hands back."""
+    for _ in range(20):
+        server = InProcessServer(Recording(), _unary_only)
+        try:
+            with Producer(server.target, "s", max_batch_records=1, linger_ms=0, max_in_flight=1000) as producer:
+                for i in range(200):
+                    producer.send(b"%d" % i, partition_key="k")
+                producer.flush(TIMEOUT)
+            got = [int(x) for x in server.broker.got]  # type: ignore[attr-defined]
+            assert got == list(range(200)) and producer.stats.retries == 0
+        finally:
+            server.close()

@@ -49,7 +49,8 @@ VALID_BODIES = {
 NAMES = st.sampled_from([RAW, RAW, GEN, "missing", "%00", "x" * 300, "a b", "..", "%FF", "fzapp"])
 IDS = st.sampled_from(["@SOURCE@", "nope", "%00", "x" * 300, "", "00000000-0000-0000-0000-000000000000"])
 PARAMS = st.dictionaries(
-    st.sampled_from(["project", "partition", "cursor_type", "seq", "timestamp", "limit", "cursor"]),
+    st.sampled_from(["project", "partition", "cursor_type", "seq", "timestamp", "limit", "cursor", "offset",
+                     "filter"]),
     st.sampled_from(["", "0", "1", "-1", "9" * 30, "9" * 5000, "x", "shardId-0000000000", "TRIM_HORIZON", "LATEST",
                      "AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER", "AT_TIMESTAMP", PROJECT, "default", "bad project",
                      "\x00", "AQAAAAAAAAAB", "ünï"]), max_size=4)

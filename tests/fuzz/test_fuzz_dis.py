@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import socket
 import string
 import time
 import zlib
@@ -352,12 +351,14 @@ def test_an_odd_request_id_is_replaced(fuzz_broker: BrokerProcess, rid: bytes) -
 
 
 def test_a_tail_client_that_leaves_before_its_first_batch(fuzz_broker: BrokerProcess) -> None:
-    """response.prepare() then failed on the closed transport: an unhandled error in the log."""
+    """response.prepare() then failed on the closed transport: an unhandled error in the log. The
+    headers now come at once (api/tail.py), so the client leaves after them, during the silence:
+    the tail notices within a second, and later writes must not fail noisily either."""
     for _ in range(3):
-        with pytest.raises((socket.timeout, TimeoutError)):
-            send(fuzz_broker, "GET", target("/sluice/v1/tail", {"stream-name": STREAM, "partition-id": "0",
-                                                                "cursor-type": "LATEST", "project": PID}),
-                 timeout=0.5)
+        reply = send(fuzz_broker, "GET", target("/sluice/v1/tail", {"stream-name": STREAM, "partition-id": "0",
+                                                                    "cursor-type": "LATEST", "project": PID}),
+                     timeout=0.5)
+        assert reply is not None and reply.status == 200
     # a record makes the abandoned tails try to send: the log check after the suite sees the rest
     send(fuzz_broker, "POST", f"/v2/{PID}/records", json_body({"stream_name": STREAM, "records": [
         {"data": "YQ==", "partition_id": "0"}]}))

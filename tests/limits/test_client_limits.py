@@ -79,11 +79,15 @@ class Tail:
         self.response = self.conn.getresponse()
         self.status = self.response.status
         if self.status == 200:
-            assert self.response.readline().startswith(b"id: ")
+            line = self.response.readline()
+            while line.startswith(b":") or line == b"\n":   # ": connected" when the first batch was not there at once
+                line = self.response.readline()
+            assert line.startswith(b"id: ")
         else:
             self.body = json.loads(self.response.read())
 
     def close(self) -> None:
+        self.response.close()   # the response holds the socket open too
         self.conn.close()
 
 
@@ -113,6 +117,50 @@ def test_subscriptions_past_the_limit_get_429_and_a_closed_one_frees_a_slot(limi
     eventually(reopened, timeout=30)
     for t in tails:
         t.close()
+
+
+def _quiet_tail(proc: BrokerProcess, stream: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A tail from LATEST of a partition nobody writes: no batch comes before the 15 s heartbeat."""
+    conn = http.client.HTTPConnection(proc.host, proc.http_port, timeout=30)
+    conn.request("GET", f"/sluice/v1/tail?stream-name={stream}&partition-id=0&cursor-type=LATEST")
+    return conn, conn.getresponse()
+
+
+def test_a_client_leaving_a_quiet_tail_frees_its_slot_well_before_the_heartbeat(limited: BrokerProcess,
+                                                                                stream: str) -> None:
+    """The headers (and a comment) come at once, and a client closing the connection during the
+    silence is noticed: its slot is free again long before the 15 s heartbeat would tell."""
+    tails: list[tuple[http.client.HTTPConnection, http.client.HTTPResponse]] = []
+
+    def opened() -> bool:   # (an earlier test's subscriptions may still be leaving)
+        conn, response = _quiet_tail(limited, stream)
+        if response.status != 200:
+            response.close()
+            conn.close()
+            return False
+        tails.append((conn, response))
+        return len(tails) == SUBSCRIPTIONS
+
+    eventually(opened, timeout=30, interval=0.2)
+    for _, response in tails:
+        assert response.readline() == b": connected\n"   # the headers and a comment, at once
+    conn, refused = _quiet_tail(limited, stream)
+    assert refused.status == 429
+    refused.read()
+    conn.close()
+    for conn, response in tails:
+        response.close()
+        conn.close()
+
+    def reopened() -> bool:
+        conn, response = _quiet_tail(limited, stream)
+        try:
+            return response.status == 200
+        finally:
+            response.close()
+            conn.close()
+
+    eventually(reopened, timeout=8, interval=0.2)   # a generous bound, still half the heartbeat's
 
 
 def test_a_timeplus_streaming_query_counts_as_a_subscription(limited: BrokerProcess, stream: str) -> None:

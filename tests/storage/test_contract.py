@@ -269,6 +269,20 @@ async def test_bounds_track_first_next_and_last_timestamp(store: Store) -> None:
     assert (await store.bounds(sid, 1)) == PartitionBounds(0, 0, 0)
 
 
+async def test_bounds_many_answers_each_pair_in_order_and_none_for_a_dropped_stream(store: Store) -> None:
+    a = (await store.create_stream(StreamConfig("a", 2))).stream_id
+    b = (await store.create_stream(StreamConfig("b", 1))).stream_id
+    gone = (await store.create_stream(StreamConfig("gone", 1))).stream_id
+    await store.append([batch(a, 1, 1000, b"x", b"y"), batch(b, 0, 2000, b"z")])
+    await store.trim(a, 1, 1)
+    await store.drop_stream(gone)
+    pairs = [(b, 0), (a, 1), (gone, 0), (a, 0)]
+    assert await store.bounds_many(pairs) == [PartitionBounds(0, 1, 2000), PartitionBounds(1, 2, 1000), None,
+                                              PartitionBounds(0, 0, 0)]
+    assert await store.bounds_many(pairs * 40) == (await store.bounds_many(pairs)) * 40   # past any inline budget
+    assert await store.bounds_many([]) == []
+
+
 async def test_timestamps_never_decrease_within_a_partition(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 2))).stream_id
     await store.append([batch(sid, 0, 5000, b"a")])
@@ -337,7 +351,7 @@ async def test_trim_is_idempotent_and_never_moves_backwards(store: Store) -> Non
     assert seqs((await store.read(sid, 0, 0, 100, BIG))) == [6, 7]
 
 
-# -- metadata: meta_get / meta_scan / meta_write -----------------------------------------------------
+# -- metadata: meta_get / meta_scan / meta_write / meta_cas ------------------------------------------
 
 
 async def test_meta_get_of_a_missing_key_is_none_and_a_put_round_trips(store: Store) -> None:
@@ -443,6 +457,60 @@ async def test_meta_is_isolated_from_streams_and_records(store: Store) -> None:
     await store.trim(sid, 0, 4)
     await store.drop_stream(sid)
     assert (await store.meta_scan(b"")) == [(b"R", b"r"), (b"Ss", b"cfg?"), (b"ckpt/s", b"7")]
+
+
+async def test_meta_cas_sets_only_when_the_value_is_the_expected_one(store: Store) -> None:
+    assert await store.meta_cas(b"L", None, b"a")                  # create if absent
+    assert not await store.meta_cas(b"L", None, b"b")              # it exists now
+    assert await store.meta_get(b"L") == b"a"
+    assert not await store.meta_cas(b"L", b"x", b"b")              # another value
+    assert not await store.meta_cas(b"L", b"", b"b")               # empty is a value, not absence
+    assert await store.meta_cas(b"L", b"a", b"b")
+    assert await store.meta_get(b"L") == b"b"
+    assert await store.meta_cas(b"L", b"b", b"")                   # to an empty value
+    assert await store.meta_get(b"L") == b""
+    assert not await store.meta_cas(b"L", None, b"c")
+    assert await store.meta_cas(b"L", b"", b"c")
+    assert not await store.meta_cas(b"L", b"b", None)              # a delete of another value: refused
+    assert await store.meta_cas(b"L", b"c", None)                  # a delete
+    assert await store.meta_get(b"L") is None
+    assert not await store.meta_cas(b"L", b"c", None)              # gone: nothing to compare with
+    assert await store.meta_cas(b"L", None, None)                  # absent stays absent: True, no change
+    assert await store.meta_get(b"L") is None
+    assert await store.meta_cas(b"L", None, b"again")              # created again after a delete
+    assert await store.meta_scan(b"") == [(b"L", b"again")]
+
+
+async def test_meta_cas_sees_meta_write_and_long_binary_keys(store: Store) -> None:
+    key = b"\x00long key \xff" * 4                                   # past the JetStream key's one-token prefix
+    await store.meta_write({key: b"w", b"other": b"o"})
+    assert not await store.meta_cas(key, None, b"c")
+    assert await store.meta_cas(key, b"w", b"c")
+    await store.meta_write({key: None})
+    assert await store.meta_cas(key, None, b"d")
+    assert await store.meta_scan(b"\x00long") == [(key, b"d")]
+    assert await store.meta_get(b"other") == b"o"
+
+
+async def test_meta_cas_read_modify_write_loses_no_update(store: Store) -> None:
+    """Concurrent increments of one counter, each read -> meta_cas -> retry on False: every
+    increment lands exactly once (what leases and registries built on meta_cas rely on)."""
+    tasks, rounds = 6, 15
+
+    async def bump() -> int:
+        conflicts = 0
+        for _ in range(rounds):
+            while True:
+                old = await store.meta_get(b"n")
+                new = str(int(old or b"0") + 1).encode()
+                if await store.meta_cas(b"n", old, new):
+                    break
+                conflicts += 1
+            await asyncio.sleep(0)
+        return conflicts
+
+    await asyncio.gather(*(bump() for _ in range(tasks)))
+    assert await store.meta_get(b"n") == str(tasks * rounds).encode()
 
 
 async def test_update_stream_adds_partitions_and_keeps_every_record(store: Store) -> None:

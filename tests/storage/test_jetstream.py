@@ -220,3 +220,37 @@ async def test_numbering_survives_jetstream_expiring_every_message(
     assert [(r.seq, r.data) for r in await fresh.read(sid, 0, 0, 10, BIG)] == [(2, b"c")]
     (lost,) = await fresh.append([AppendBatch(sid, 1, 200, [(None, b"y")])])
     assert isinstance(lost, BrokerError) and lost.code is ErrorCode.UNAVAILABLE and "unknown" in lost.message
+
+
+async def test_two_stores_racing_meta_cas_lose_no_update(opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Two brokers' stores incrementing one counter with read -> meta_cas -> retry: the KV
+    revision check makes every increment land once, though neither store's lock covers the other."""
+    a, b = await opener(), await opener()
+    conflicts = 0
+
+    async def bump(store: JetStreamStore, rounds: int) -> None:
+        nonlocal conflicts
+        for _ in range(rounds):
+            while True:
+                old = await store.meta_get(b"counter")
+                if await store.meta_cas(b"counter", old, str(int(old or b"0") + 1).encode()):
+                    break
+                conflicts += 1
+
+    await asyncio.gather(*(bump(s, 20) for s in (a, b, a, b)))
+    assert await a.meta_get(b"counter") == b"80" and await b.meta_get(b"counter") == b"80"
+    print(f"conflicts retried: {conflicts}")
+
+
+async def test_two_brokers_starting_at_once_agree_on_one_cursor_key(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """The cursor key is created if absent with meta_cas: brokers starting together on an empty
+    store end with the same key, so each accepts the other's cursors."""
+    from broker.core.broker import Broker
+
+    stores = [await opener() for _ in range(4)]
+    brokers = [Broker(s) for s in stores]
+    await asyncio.gather(*(br.reads.load_secret() for br in brokers))
+    secrets = {br.reads.secret for br in brokers}
+    assert len(secrets) == 1 and len(secrets.pop()) == 32
+    assert await stores[0].meta_get(b"K") == brokers[0].reads.secret

@@ -18,13 +18,20 @@ let cleanup = () => {};
 function route() {
   cleanup();
   clearError();
-  const [name, ...params] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const main = document.getElementById("main");
+  main.replaceChildren();
+  let name, params;
+  try {
+    [name, ...params] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  } catch (err) {   // a malformed %-escape (URIError): say so, show no page
+    cleanup = () => {};
+    showError(new Error(`This address cannot be read (${err.message}): ${location.hash}`));
+    return;
+  }
   const page = ROUTES[name] || streams;
   for (const a of document.querySelectorAll("#nav a")) {
     a.classList.toggle("active", a.getAttribute("href") === `#/${name || "streams"}`);
   }
-  const main = document.getElementById("main");
-  main.replaceChildren();
   try {
     cleanup = page.mount(main, ...params) || (() => {});
   } catch (err) {

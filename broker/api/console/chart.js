@@ -1,4 +1,5 @@
 // A small line chart on <canvas>: series of numbers (newest last), a shared y scale from 0.
+// COLOURS[i] is also the class swatch-i in style.css (the page has no inline styles: CSP).
 
 const COLOURS = ["#2357c6", "#d9480f", "#067647", "#7a5af8", "#c11574", "#0e9384", "#b54708", "#475467"];
 

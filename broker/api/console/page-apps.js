@@ -1,4 +1,5 @@
-// Consumer apps: the list, create/delete, and one app's checkpoints and lag per partition.
+// Consumer apps: the list, create/delete, and one app's checkpoints and lag per partition
+// (sequence numbers and lag are strings from the API, summed as BigInt).
 
 import { api } from "./api.js";
 import { every, fmtNumber, fmtTime, h, showError } from "./ui.js";
@@ -41,7 +42,7 @@ export function mount(main, selected) {
     detail.replaceChildren(h("h2", {}, `Lag of ${lag.name}`),
       lag.streams.length ? "" : h("p", { class: "muted" }, "No checkpoints yet."),
       ...lag.streams.map((s) => h("div", {}, h("h2", {}, "Stream ", h("a", { href: `#/stream/${encodeURIComponent(s.stream)}` }, s.stream),
-        ` — total lag ${fmtNumber(s.partitions.reduce((n, p) => n + p.lag, 0))}`),
+        ` — total lag ${fmtNumber(String(s.partitions.reduce((n, p) => n + BigInt(p.lag), 0n)))}`),
         h("table", { class: "lag", "data-stream": s.stream }, h("thead", {}, h("tr", {}, h("th", {}, "Partition"),
           h("th", { class: "num" }, "Checkpoint"), h("th", { class: "num" }, "Earliest"), h("th", { class: "num" }, "Latest"),
           h("th", { class: "num" }, "Lag"))),

@@ -15,7 +15,7 @@ export function mount(main, name) {
     h("label", {}, "cursor ", h("select", { name: "type" }, TYPES.map((t) => h("option", { value: t }, t)))),
     h("input", { name: "seq", placeholder: "sequence number", size: 16 }),
     h("label", { class: "at-time" }, "UTC ", h("input", { name: "time", type: "datetime-local", step: 1 })),
-    h("label", {}, "limit ", h("input", { name: "limit", type: "number", min: 1, max: 1000, value: 50, style: "width:5rem" })),
+    h("label", {}, "limit ", h("input", { name: "limit", type: "number", min: 1, max: 1000, value: 50, class: "narrow" })),
     h("button", { type: "submit" }, "Read"),
     h("button", { type: "button", class: "secondary", id: "next-page", disabled: true, onclick: () => read(true) }, "Next page"),
     h("label", {}, h("input", { type: "checkbox", name: "hex", onchange: () => render() }), " hex"));

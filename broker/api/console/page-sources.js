@@ -27,7 +27,7 @@ export function mount(main) {
       h("td", { class: `status-${s.status} source-status`, title: s.message }, s.status),
       h("td", { class: "num" }, fmtNumber(s.messages_in)), h("td", { class: "num rows-written" }, fmtNumber(s.rows_written)),
       h("td", { class: "num" }, fmtNumber(s.errors)), h("td", {}, s.last_error || "–"), h("td", {}, fmtTime(s.last_event_ms)),
-      h("td", { class: "num" }, s.lag ?? "–"),
+      h("td", { class: "num" }, s.lag === null || s.lag === undefined ? "–" : fmtNumber(s.lag)),
       h("td", {}, s.status === "stopped"
         ? h("button", { class: "secondary", onclick: () => act(s.id, "start") }, "Start")
         : h("button", { class: "danger", onclick: () => act(s.id, "stop") }, "Stop")))));

@@ -39,8 +39,15 @@ export function mount(main) {
       thead.replaceChildren(h("tr", {}, item.query.header.map((c) => h("th", { title: c.type }, c.name))));
       status.textContent = "Running…";
     } else if (item.rows) {
-      for (const row of item.rows) tbody.append(h("tr", {}, row.map((v) => h("td", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)))));
-      while (tbody.rows.length > KEEP) tbody.firstChild.remove();
+      // only the rows that stay are built: the newest KEEP, older ones dropped from the top
+      const kept = item.rows.length > KEEP ? item.rows.slice(-KEEP) : item.rows;
+      const added = document.createDocumentFragment();
+      for (const row of kept) added.append(h("tr", {}, row.map((v) => h("td", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)))));
+      if (kept.length === KEEP) tbody.replaceChildren(added);
+      else {
+        for (let extra = tbody.rows.length + kept.length - KEEP; extra > 0; extra--) tbody.firstChild.remove();
+        tbody.append(added);
+      }
       received += item.rows.length;
       status.textContent = `Running: ${fmtNumber(received)} rows.`;
     } else if (item.metrics) {

@@ -1,5 +1,6 @@
 // One stream: its partitions (status, hash ranges, sequence ranges, parents) and rate charts of
 // records in and out, per partition, from the broker's cumulative counters sampled every second.
+// Sequence numbers come as strings and are computed with as BigInt (exact past 2^53).
 
 import { api } from "./api.js";
 import { COLOURS, lineChart } from "./chart.js";
@@ -60,12 +61,12 @@ export function mount(main, name) {
     lineChart(inChart, history.in, { label: "rec/s" });
     lineChart(outChart, history.out, { label: "rec/s" });
     tbody.replaceChildren(...d.partition_list.map((p) => h("tr", {},
-      h("td", {}, h("span", { style: `color:${COLOURS[p.partition % COLOURS.length]}` }, "■ "), p.partition),
+      h("td", {}, h("span", { class: `swatch swatch-${p.partition % COLOURS.length}` }, "■ "), p.partition),
       h("td", { class: `status-${p.status}` }, p.status),
       h("td", {}, h("code", {}, `${p.hash_range[0]} – ${p.hash_range[1]}`)),
       h("td", { class: "num" }, p.first_seq),
-      h("td", { class: "num" }, p.next_seq > p.first_seq ? p.next_seq - 1 : "–"),
-      h("td", { class: "num" }, fmtNumber(p.next_seq - p.first_seq)),
+      h("td", { class: "num" }, BigInt(p.next_seq) > BigInt(p.first_seq) ? String(BigInt(p.next_seq) - 1n) : "–"),
+      h("td", { class: "num" }, fmtNumber(String(BigInt(p.next_seq) - BigInt(p.first_seq)))),
       h("td", {}, p.parents.join(", ") || "–"),
       h("td", { class: "num" }, fmtRate(inRate[p.partition])),
       h("td", { class: "num" }, fmtRate(outRate[p.partition])),

@@ -1,5 +1,5 @@
-// Streams: every stream of the project from ONE list call (polled), rates from two samples,
-// filtered and paginated so 1,000 streams render a page of rows, not 1,000.
+// Streams: a page of the project's streams from ONE list call (polled), filtered and paged by the
+// broker (?filter=&offset=&limit=), so 1,000 streams cost a page of rows, not 1,000; rates from two samples.
 
 import { api } from "./api.js";
 import { every, fmtNumber, fmtRate, fmtTime, h, showError } from "./ui.js";
@@ -7,28 +7,25 @@ import { every, fmtNumber, fmtRate, fmtTime, h, showError } from "./ui.js";
 const PAGE = 100;
 const POLL_MS = 2000;
 
-function held(s) {
-  return s.next_seqs.reduce((sum, next, i) => sum + (next - s.first_seqs[i]), 0);
-}
-
-// "first – last" per partition ("–" when empty), the first four partitions and a count of the rest
+// "first – last" per partition ("–" when empty), the first four partitions and a count of the rest.
+// Sequence numbers are strings (exact past 2^53): compared and decremented as BigInt.
 function seqRange(s) {
-  const ranges = s.next_seqs.map((next, i) => (next > s.first_seqs[i] ? `${s.first_seqs[i]} – ${next - 1}` : "–"));
-  if (ranges.length === 1) return ranges[0];
-  const shown = ranges.slice(0, 4).map((r, i) => `p${i}: ${r}`).join(" · ");
-  return ranges.length > 4 ? `${shown} · +${ranges.length - 4} more` : shown;
+  const ranges = s.ranges.map(([first, next]) => (BigInt(next) > BigInt(first) ? `${first} – ${BigInt(next) - 1n}` : "–"));
+  if (s.readable_partitions === 1) return ranges[0];
+  const shown = ranges.map((r, i) => `p${i}: ${r}`).join(" · ");
+  return s.readable_partitions > ranges.length ? `${shown} · +${s.readable_partitions - ranges.length} more` : shown;
 }
 
 export function mount(main) {
-  let rows = [], previous = new Map(), rates = new Map(), page = 0, filter = "";
+  let rows = [], total = 0, matched = 0, armed = null, previous = new Map(), rates = new Map(), page = 0, filter = "";
   const count = h("span", { class: "muted", id: "stream-count" }, "loading…");
   const tbody = h("tbody");
   const pager = h("div", { class: "pager" });
 
   const create = h("form", { class: "inline", id: "create-stream" },
     h("input", { name: "name", placeholder: "new stream name", required: true, size: 20 }),
-    h("label", {}, "partitions ", h("input", { name: "partitions", type: "number", min: 1, value: 1, style: "width:5rem" })),
-    h("label", {}, "retention (h) ", h("input", { name: "retention", type: "number", min: 1, value: 24, style: "width:5rem" })),
+    h("label", {}, "partitions ", h("input", { name: "partitions", type: "number", min: 1, value: 1, class: "narrow" })),
+    h("label", {}, "retention (h) ", h("input", { name: "retention", type: "number", min: 1, value: 24, class: "narrow" })),
     h("button", { type: "submit" }, "Create stream"));
   create.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -42,7 +39,7 @@ export function mount(main) {
   });
 
   const search = h("input", { type: "search", placeholder: "filter by name", id: "stream-filter",
-    oninput: () => { filter = search.value.trim().toLowerCase(); page = 0; render(); } });
+    oninput: () => { filter = search.value.trim().toLowerCase(); page = 0; refresh().catch(showError); } });
 
   main.append(h("h1", {}, "Streams ", count), create, h("div", { class: "toolbar" }, search), pager,
     h("table", { id: "streams" },
@@ -51,16 +48,15 @@ export function mount(main) {
         h("th", {}, "Last write (UTC)"), h("th", {}, ""))),
       tbody));
 
-  function shown() {
-    return filter ? rows.filter((s) => s.name.toLowerCase().includes(filter)) : rows;
-  }
-
-  async function remove(name, button) {
-    if (button.dataset.armed !== "1") {   // two clicks: no modal dialog
-      button.dataset.armed = "1";
-      button.textContent = "confirm delete";
+  // Two clicks, no modal dialog. The armed stream is page state, not the button's: the 2 s
+  // refresh rebuilds the rows and must not disarm it between the two clicks.
+  async function remove(name) {
+    if (armed !== name) {
+      armed = name;
+      render();
       return;
     }
+    armed = null;
     try {
       await api(`/streams/${encodeURIComponent(name)}`, { method: "DELETE" });
       await refresh();
@@ -68,32 +64,39 @@ export function mount(main) {
   }
 
   function render() {
-    const list = shown();
-    const pages = Math.max(1, Math.ceil(list.length / PAGE));
-    page = Math.min(page, pages - 1);
-    count.textContent = `${fmtNumber(rows.length)} stream${rows.length === 1 ? "" : "s"}` + (filter ? `, ${fmtNumber(list.length)} shown` : "");
+    const pages = Math.max(1, Math.ceil(matched / PAGE));
+    count.textContent = `${fmtNumber(total)} stream${total === 1 ? "" : "s"}` + (filter ? `, ${fmtNumber(matched)} shown` : "");
     const link = (where, name, text) => h("a", { href: `#/${where}/${encodeURIComponent(name)}` }, text);
-    tbody.replaceChildren(...list.slice(page * PAGE, (page + 1) * PAGE).map((s) => h("tr", { "data-stream": s.name },
+    tbody.replaceChildren(...rows.map((s) => h("tr", { "data-stream": s.name },
       h("td", {}, link("stream", s.name, s.name), s.typed ? h("span", { class: "muted" }, " typed") : ""),
       h("td", { class: "num" }, s.partitions + (s.readable_partitions > s.partitions ? ` (+${s.readable_partitions - s.partitions} closed)` : "")),
-      h("td", { class: "num" }, fmtNumber(held(s))),
+      h("td", { class: "num" }, fmtNumber(s.records)),
       h("td", {}, seqRange(s)),
       h("td", { class: "num rate" }, fmtRate(rates.get(s.name))),
       h("td", {}, fmtTime(s.last_ts)),
       h("td", {}, link("browse", s.name, "browse"), " · ", link("tail", s.name, "tail"), " · ",
         link("put", s.name, "put"), " · ",
-        h("button", { class: "link", onclick: (e) => remove(s.name, e.target) }, "delete")))));
+        h("button", { class: "link", onclick: () => remove(s.name) }, armed === s.name ? "confirm delete" : "delete")))));
     pager.replaceChildren(
-      h("button", { class: "secondary", id: "prev-streams", disabled: page === 0, onclick: () => { page--; render(); } }, "‹ prev"),
+      h("button", { class: "secondary", id: "prev-streams", disabled: page === 0, onclick: () => { page--; refresh().catch(showError); } }, "‹ prev"),
       h("span", { id: "stream-page" }, `page ${page + 1} of ${pages}`),
-      h("button", { class: "secondary", id: "next-streams", disabled: page >= pages - 1, onclick: () => { page++; render(); } }, "next ›"));
+      h("button", { class: "secondary", id: "next-streams", disabled: page >= pages - 1, onclick: () => { page++; refresh().catch(showError); } }, "next ›"));
   }
 
+  let asked = 0;
   async function refresh() {
+    const mine = ++asked;   // a filter typed or a page turned meanwhile: the newest answer wins
     const now = performance.now();
-    const answer = await api("/streams");
+    const answer = await api("/streams", { query: { offset: page * PAGE, limit: PAGE, filter } });
+    if (mine !== asked) return;
+    if (answer.streams.length === 0 && page > 0 && answer.matched > 0) {   // the page emptied: go back
+      page = Math.max(0, Math.ceil(answer.matched / PAGE) - 1);
+      return refresh();
+    }
     rows = answer.streams;
-    const next = new Map();
+    total = answer.total;
+    matched = answer.matched;
+    const next = new Map(previous);
     for (const s of rows) {
       const before = previous.get(s.name);
       next.set(s.name, { at: now, count: s.put_records });

@@ -9,13 +9,16 @@ import { fmtTime, h, showError } from "./ui.js";
 const KEEP = 500;   // records kept on screen
 
 export function mount(main, name) {
-  let controller = null, shown = 0;
+  // `mounted` is checked after every await: the page may have been left meanwhile (its elements
+  // detached, nothing more to start). The buttons are held, not looked up in the document.
+  let controller = null, shown = 0, mounted = true;
+  const startButton = h("button", { type: "submit", id: "tail-start" }, "Start");
+  const stopButton = h("button", { type: "button", class: "secondary", id: "tail-stop", disabled: true, onclick: () => stop("stopped") }, "Stop");
   const form = h("form", { class: "inline", id: "tail-form" },
     h("label", {}, "partition ", h("select", { name: "partition" })),
     h("label", {}, "from ", h("select", { name: "from" }, h("option", { value: "now" }, "now"),
       h("option", { value: "start" }, "the oldest record"))),
-    h("button", { type: "submit", id: "tail-start" }, "Start"),
-    h("button", { type: "button", class: "secondary", id: "tail-stop", disabled: true, onclick: () => stop("stopped") }, "Stop"));
+    startButton, stopButton);
   const status = h("p", { class: "muted", id: "tail-status" }, "Not tailing.");
   const tbody = h("tbody");
   main.append(h("h1", {}, "Live tail ", h("a", { href: `#/stream/${encodeURIComponent(name)}` }, name)), form, status,
@@ -24,14 +27,15 @@ export function mount(main, name) {
   const f = form.elements;
 
   api(`/streams/${encodeURIComponent(name)}`).then((d) => {
+    if (!mounted) return;
     f.partition.replaceChildren(...d.partition_list.map((p) => h("option", { value: p.partition, "data-next": p.next_seq }, String(p.partition))));
   }).catch(showError);
 
   function stop(text) {
     if (controller) controller.abort();
     controller = null;
-    document.getElementById("tail-start").disabled = false;
-    document.getElementById("tail-stop").disabled = true;
+    startButton.disabled = false;
+    stopButton.disabled = true;
     if (text) status.textContent = text;
   }
 
@@ -54,14 +58,16 @@ export function mount(main, name) {
     const query = { "stream-name": name, "partition-id": partition, "max_wait_ms": 0 };
     if (f.from.value === "now") {   // the head as of now, read fresh
       const d = await api(`/streams/${encodeURIComponent(name)}`);
+      if (!mounted) return;
       const p = d.partition_list.find((x) => String(x.partition) === partition);
+      if (!p) throw new Error(`partition ${partition} is not in the stream any more`);
       Object.assign(query, { "cursor-type": "AT_SEQUENCE_NUMBER", "starting-sequence-number": p.next_seq });
     } else {
       query["cursor-type"] = "TRIM_HORIZON";
     }
     controller = new AbortController();
-    document.getElementById("tail-start").disabled = true;
-    document.getElementById("tail-stop").disabled = false;
+    startButton.disabled = true;
+    stopButton.disabled = false;
     status.textContent = `Tailing partition ${partition} from sequence number ${query["starting-sequence-number"] ?? "of the oldest record"}…`;
     const mine = controller;
     try {
@@ -73,12 +79,12 @@ export function mount(main, name) {
           showError({ reason: body.reason, message: body.error_msg || body.message });
         }
       } });
-      if (controller === mine) stop("The tail ended.");
+      if (mounted && controller === mine) stop("The tail ended.");
     } catch (err) {
-      if (err.name !== "AbortError") { stop("The tail failed."); showError(err); }
+      if (mounted && err.name !== "AbortError") { stop("The tail failed."); showError(err); }
     }
   }
 
   form.addEventListener("submit", (event) => { event.preventDefault(); start().catch(showError); });
-  return () => stop();
+  return () => { mounted = false; stop(); };
 }

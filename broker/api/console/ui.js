@@ -29,7 +29,10 @@ export function showError(err) {
 
 export function clearError() { banner().hidden = true; }
 
-export function fmtNumber(n) { return Number(n).toLocaleString("en-US"); }
+// A number, or a string of digits (sequence numbers, counts of records: exact as BigInt)
+export function fmtNumber(n) {
+  return (typeof n === "string" && /^-?\d+$/.test(n) ? BigInt(n) : Number(n)).toLocaleString("en-US");
+}
 
 export function fmtRate(perSecond) {
   if (perSecond === null || perSecond === undefined) return "–";

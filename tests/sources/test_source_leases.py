@@ -1,0 +1,178 @@
+"""Source leases on a shared store (sources/manager.py): two brokers (two Broker + Sources over one
+store marked shared; a fake wall clock) - a running source runs on exactly one of them, the other
+shows it running elsewhere; it moves when its holder dies (stops renewing) once the lease ran out;
+stop, start and delete through either broker reach the holder at its next tick."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+import pytest
+
+from broker.core.broker import Broker
+from broker.errors import BrokerError, ErrorCode, server_error
+from broker.model import ColumnDef, StreamSchema
+from broker.sources.generator import TEMPLATE_COLUMNS
+from broker.sources.manager import ELSEWHERE, Sources, lease_key
+from broker.sources.model import RUNNING, STOPPED
+from broker.storage.base import Durability, StoreCapabilities
+from broker.storage.memory import MemoryStore
+
+from .conftest import P, eventually
+
+LEASE_S = 1000.0   # the background ticker never runs in a test: the test ticks by hand
+
+
+class SharedMemoryStore(MemoryStore):
+    capabilities = StoreCapabilities(Durability.NONE, shared=True)
+
+
+class Clock:
+    """The wall clock (ms) of the leases; `mono` the brokers' monotonic clock (s), moved with it."""
+
+    def __init__(self) -> None:
+        self.ms = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def mono(self) -> float:
+        return self.ms / 1000
+
+
+class Node:
+    def __init__(self, store: SharedMemoryStore, clock: Clock) -> None:
+        self.broker = Broker(store, cursor_secret=b"k" * 32)
+        self.sources = Sources(self.broker, clock_ms=clock, lease_s=LEASE_S, monotonic=clock.mono)
+
+    async def start(self) -> None:
+        await self.broker.start()
+        await self.sources.start()
+
+    def running_here(self, name: str) -> bool:
+        return any(d.name == name and k in self.sources._tasks for k, d in self.sources._defs.items())
+
+    def crash(self) -> None:
+        """Dies: its jobs end and nothing is renewed or released (no close)."""
+        self.sources._closed = True
+        for t in [self.sources._ticker, *self.sources._tasks.values()]:
+            if t is not None:
+                t.cancel()
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[tuple[Node, Node, Clock, SharedMemoryStore]]:
+    store, clock = SharedMemoryStore(), Clock()
+    a = Node(store, clock)
+    await a.start()
+    await a.broker.create_stream("t", 1, project=P,
+                                 schema=StreamSchema(tuple(ColumnDef(n, c) for n, c in TEMPLATE_COLUMNS["iot"])))
+    b = Node(store, clock)
+    await b.start()   # its catalogue has the stream
+    yield a, b, clock, store
+    for n in (a, b):
+        await n.sources.close()
+        await n.broker.close()
+
+
+def gen(name: str) -> dict[str, object]:
+    return {"name": name, "type": "stream_generator", "stream": "t",
+            "properties": {"template": "iot", "interval": "20ms"}}
+
+
+async def rows(node: Node) -> int:
+    return (await node.broker.store.bounds(node.broker.catalogue.get(P, "t").stream_id, 0)).next_seq
+
+
+async def test_a_source_runs_on_one_broker_and_moves_when_it_dies(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    a, b, clock, store = nodes
+    created = await a.sources.create(P, gen("g"))
+    assert a.running_here("g")
+    await b.sources.tick()                       # b learns of the source and of a's lease
+    assert not b.running_here("g")
+    assert b.sources.get(P, "g").state.status == RUNNING and b.sources.get(P, "g").state.message == ELSEWHERE
+    for _ in range(3):                           # renewals keep it where it is
+        clock.ms += 1000
+        await a.sources.tick()
+        await b.sources.tick()
+        assert a.running_here("g") and not b.running_here("g")
+    await eventually(lambda: rows(a), what="rows from a")
+
+    a.crash()
+    clock.ms += int(LEASE_S * 1000) // 2
+    await b.sources.tick()
+    assert not b.running_here("g")               # the dead broker's lease has not run out yet
+    clock.ms += int(LEASE_S * 1000)
+    await b.sources.tick()
+    assert b.running_here("g")                   # taken over
+    before = await rows(b)
+
+    async def more() -> bool:
+        return await rows(b) > before + 5
+    await eventually(more, what="rows from b after the takeover")
+    lease = await store.meta_get(lease_key(P, created.definition.id))
+    assert lease is not None and json.loads(lease)["owner"] == b.sources.holder
+
+
+async def test_stop_start_and_delete_through_the_other_broker(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    a, b, _, store = nodes
+    created = await a.sources.create(P, gen("g"))
+    await b.sources.tick()
+    await b.sources.stop_source(P, "g")          # b does not run it: the definition changes
+    assert a.running_here("g")
+    await a.sources.tick()                       # a's next round ends its job and gives the lease back
+    assert not a.running_here("g") and a.sources.get(P, "g").state.status == STOPPED
+    assert await store.meta_get(lease_key(P, created.definition.id)) is None
+    await b.sources.start_source(P, "g")         # started through b: b takes the free lease
+    assert b.running_here("g")
+    await a.sources.tick()
+    assert not a.running_here("g") and a.sources.get(P, "g").state.message == ELSEWHERE
+    await a.sources.delete(P, "g")               # deleted through a: b's next round ends it
+    await b.sources.tick()
+    assert not b.running_here("g") and b.sources.list(P) == []
+    await asyncio.sleep(0)
+
+
+async def test_a_broker_closing_hands_its_sources_over_at_once(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    a, b, _, _ = nodes
+    await a.sources.create(P, gen("g"))
+    await a.sources.close()                      # a clean stop releases the lease
+    await b.sources.tick()
+    assert b.running_here("g")
+
+
+async def test_a_holder_that_cannot_renew_stops_its_job_before_the_lease_runs_out(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, clock, _ = nodes
+    await a.sources.create(P, gen("g"))
+    calls = {"a": 0}
+
+    async def unreachable(*args: object) -> bool:
+        calls["a"] += 1
+        raise server_error(ErrorCode.UNAVAILABLE, detail="JetStream: no answer in time")
+    monkeypatch.setattr(a.sources, "_claim", lambda key: unreachable())
+    clock.ms += int(LEASE_S * 1000 * 0.5)
+    await a.sources.tick()
+    assert a.running_here("g")                   # within 3/4 of the lease: goes on
+    clock.ms += int(LEASE_S * 1000 * 0.3)
+    await a.sources.tick()
+    assert not a.running_here("g")               # stopped itself, before anyone else may take it
+    assert a.sources.get(P, "g").state.status == "failed" and calls["a"] == 2
+    await b.sources.tick()
+    assert not b.running_here("g")               # the lease has not run out yet
+    clock.ms += int(LEASE_S * 1000 * 0.3)
+    await b.sources.tick()
+    assert b.running_here("g")
+
+
+async def test_a_name_taken_through_the_other_broker_is_refused_before_its_next_round(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    a, b, _, _ = nodes
+    await a.sources.create(P, gen("g"))
+    with pytest.raises(BrokerError) as e:
+        await b.sources.create(P, gen("g"))      # b has not ticked: it learns of "g" from the store
+    assert e.value.code is ErrorCode.SOURCE_EXISTS

@@ -88,6 +88,8 @@ Several brokers (watch, storage/base.py StoreEvents), over core NATS, at most on
   any append of its own (a numbering conflict reloads the head) are always current.
 * find_stream reads a name's key: the broker asks before answering STREAM_NOT_FOUND, so a stream
   created through another broker a moment ago is found even before its event.
+* update_stream refuses (UNAVAILABLE, retriable) a layout not computed from the one stored
+  (_based_on): two brokers scaling one stream at once cannot write over each other's event.
 Known gap: a scale event is exact for the writes of the broker that runs it (core/catalogue.py);
 another broker's writes routed by the old layout in the moment before its event arrives may land
 after the boundary.
@@ -520,6 +522,10 @@ class JetStreamStore(Store):
     async def _update_stream(self, config: StreamConfig) -> StreamConfig:
         while True:
             current, revision = await self._current(config.stream_id)
+            if not _based_on(config, current):   # another broker scaled it since this one looked
+                self._changed(current)
+                raise _unavailable(f"stream {current.stream_name} was scaled through another broker meanwhile; "
+                                   f"retry against its layout now")
             try:
                 await self._kv.update(self._name_key(current.project, current.stream_name),
                                       json.dumps(asdict(config)).encode(), last=revision)
@@ -1411,6 +1417,21 @@ class JetStreamStore(Store):
             await self._nc.close()
         except Exception:
             log.debug("closing the NATS connection", exc_info=True)
+
+
+def _based_on(config: StreamConfig, current: StreamConfig) -> bool:
+    """Whether `config`, a new layout (one more scale event), was computed from `current`, the
+    stored one: its event starts from current's partition count and it keeps current's events
+    (but those it dropped as older than the retention). Two brokers scaling at once: the second
+    one's layout is refused, not written over the first's."""
+    if config == current or not config.scale_events:
+        return True
+    newest = config.scale_events[-1]
+    if newest in current.scale_events:   # the same event, written again (a retry)
+        return True
+    horizon = newest.timestamp_ms - config.retention_ms
+    return newest.src_partition_count == current.partition_count and \
+        all(e in config.scale_events for e in current.scale_events if e.timestamp_ms > horizon)
 
 
 def _result(out: list[Any], times: list[tuple[int, int]], first: int | None, start: int, columns: bool) -> Any:

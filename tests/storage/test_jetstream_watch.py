@@ -263,3 +263,26 @@ async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """B scales from a layout A has changed meanwhile: refused (UNAVAILABLE, retriable), not written
+    over A's event; B's retry from the layout now stored goes through and keeps A's event."""
+    from broker.errors import BrokerError, ErrorCode
+    from broker.model import ScaleEvent
+
+    a, b = await opener(), await opener()
+    config = await a.create_stream(StreamConfig("sc", 1))
+    assert await b.find_stream("default", "sc") == config
+    by_a = await a.update_stream(replace(config, partition_count=2,
+                                         scale_events=(ScaleEvent(1000, 1, 2, (0, 0)),)))
+    stale = replace(config, partition_count=3, scale_events=(ScaleEvent(1001, 1, 3, (0, 0, 0)),))
+    with pytest.raises(BrokerError) as err:
+        await b.update_stream(stale)
+    assert err.value.code is ErrorCode.UNAVAILABLE and "another broker" in err.value.message
+    assert b._configs[config.stream_id] == by_a          # b has the layout now stored
+    retried = replace(by_a, partition_count=3, scale_events=(*by_a.scale_events, ScaleEvent(1002, 2, 3, (0, 0, 0))))
+    assert await b.update_stream(retried) == retried
+    assert await a.find_stream("default", "sc") == retried
+    assert await b.update_stream(retried) == retried      # the same layout again: a retry, not a conflict

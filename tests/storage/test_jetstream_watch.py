@@ -286,3 +286,29 @@ async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
     assert await b.update_stream(retried) == retried
     assert await a.find_stream("default", "sc") == retried
     assert await b.update_stream(retried) == retried      # the same layout again: a retry, not a conflict
+
+
+async def test_an_at_timestamp_cursor_on_one_broker_sees_another_brokers_newest_records(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:   # no notifications: only the cursor's own question
+        return None
+    monkeypatch.setattr(store_b, "_on_append", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("ts", 1)
+        sid = a.catalogue.get("default", "ts").stream_id
+        await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"old")])])
+        await b.get_records(await b.get_cursor("ts", 0, "TRIM_HORIZON"))    # b's head cached: next 1, ts 1000
+        now = b._now()
+        await a.store.append([AppendBatch(sid, 0, now + 5_000, [(None, b"new")])])
+        cursor = await b.get_cursor("ts", 0, "AT_TIMESTAMP", timestamp_ms=now + 1_000)
+        assert [r.data for r in (await b.get_records(cursor)).records] == [b"new"]
+    finally:
+        await a.close()
+        await b.close()

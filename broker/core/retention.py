@@ -1,15 +1,20 @@
 """Retention: trim records older than each stream's retention window."""
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 from broker.errors import BrokerError, ErrorCode
 from broker.model import StreamConfig
 from broker.storage.base import Store
 
+log = logging.getLogger(__name__)
+
 
 async def enforce_retention(store: Store, streams: Iterable[StreamConfig], now_ms: int) -> int:
-    """Trim every partition of `streams` up to its retention cutoff; returns how many moved."""
+    """Trim every partition of `streams` up to its retention cutoff; returns how many moved. A
+    partition the store fails on (UNAVAILABLE, ...) is logged and skipped: the others are still
+    trimmed, and the next pass tries it again."""
     moved = 0
     for config in streams:
         cutoff = now_ms - config.retention_ms
@@ -20,7 +25,8 @@ async def enforce_retention(store: Store, streams: Iterable[StreamConfig], now_m
                 await store.trim(sid, p, await store.seq_at_time(sid, p, cutoff))
                 moved += (await store.bounds(sid, p)).first_seq != before
             except BrokerError as exc:
-                if exc.code is not ErrorCode.STREAM_NOT_FOUND:  # deleted meanwhile: fine
-                    raise
-                break
+                if exc.code is ErrorCode.STREAM_NOT_FOUND:  # deleted meanwhile: fine
+                    break
+                log.warning("retention: partition %d of stream %s/%s skipped this pass: %s", p, config.project,
+                            config.stream_name, exc.message)
     return moved

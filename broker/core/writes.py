@@ -19,6 +19,7 @@ from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, StreamConfig
+from broker.storage.base import OutcomeUnknown
 
 # (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
 _Routed = tuple[list[int], list[tuple[int, BrokerError]],
@@ -105,6 +106,9 @@ class WritePath:
                 [AppendBatch(config.stream_id, p, self._now(), items) for p, (_, items) in order])
             if any(first is None for first in outcomes):  # deleted while we were queued
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+            for first in outcomes:   # maybe written, maybe not: the request fails (retriable), no record
+                if isinstance(first, OutcomeUnknown):   # is reported as certainly not written
+                    raise first
             refused: BrokerError | None = None
             for (_, (indices, _)), first in zip(order, outcomes):
                 if isinstance(first, BrokerError):  # the store refused this partition's batch only

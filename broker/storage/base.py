@@ -10,7 +10,8 @@ can implement it honestly:
   of one partition keep their order. Batches for different partitions in one call may succeed and
   fail independently (a store may do better - RocksDB commits a call in one WriteBatch - but the
   core relies on no more). A batch's outcome is its first sequence number, `None` when its
-  stream no longer exists, or the `BrokerError` that refused it.
+  stream no longer exists, or the `BrokerError` that refused it - certainly not written, unless
+  it is an `OutcomeUnknown` (a network store that could not learn whether it was written).
 * Record timestamps never decrease within a partition (the store raises a batch's timestamp to
   the partition's last one), so `seq_at_time` can binary-search.
 * Durability is described by `capabilities`, not by engine flags: what an acknowledged append
@@ -36,7 +37,7 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
-from broker.errors import BrokerError, ErrorCode
+from broker.errors import BrokerError, ErrorCode, ServerError
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 
 AppendOutcome = int | None | BrokerError
@@ -45,6 +46,16 @@ AppendOutcome = int | None | BrokerError
 class IncompatibleStore(Exception):
     """The store holds data this broker must not touch (say, another on-disk format). Raised when
     a store opens; the message says what was found and what to do."""
+
+
+class OutcomeUnknown(ServerError):
+    """An append outcome (UNAVAILABLE, retriable) for a batch the store could not settle: it may
+    or may not have been written. The core fails the whole request with it (a retry may store the
+    batch twice, like any retry of a timed-out request) instead of reporting its records as
+    failed, which would say they were certainly not written."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, detail=detail)
 
 
 class Durability(enum.Enum):

@@ -4,9 +4,12 @@ of its own on disk, and several brokers can serve one deployment (issue 13).
 Layout (every name starts with --nats-prefix, default "sluice"; P below):
 
     JetStream stream P_<stream_id>_<partition>   one per Sluice partition, subject P.<stream_id>.<partition>,
-                                                 file storage, --replicas, allow_direct, max_age =
-                                                 the stream's retention + MAX_AGE_MARGIN_S (a backstop:
-                                                 the broker's own retention trims first)
+                                                 file storage, --replicas, allow_direct, no max_age:
+                                                 the broker's own retention trims (a JetStream expiry
+                                                 of every message written after the last trim would
+                                                 lose the head - the next seq - for good; partitions
+                                                 made by the first version have max_age = retention +
+                                                 a day: `nats stream edit P_<id>_<p> --max-age 0`)
     KV bucket P_meta                             the catalogue and the core's metadata:
         s.<project>.<stream_name>                JSON StreamConfig (created with kv.create: STREAM_EXISTS is exact)
         n                                        the next stream id (a compare-and-set counter)
@@ -34,22 +37,38 @@ Numbering by optimistic concurrency: a publish carries `Nats-Expected-Last-Seque
 seq of the partition's last message (a per-partition head cache: last JetStream seq, next Sluice
 seq, last timestamp), so two writers never assign the same Sluice seqs; on a mismatch the head is
 re-read from the last message, the message renumbered and published again. `Nats-Msg-Id` is
-<stream_id>.<partition>.<first seq>.<writer id> (the writer id is this store instance's: another
-writer's message with the same first seq is never taken for ours). A publish whose outcome is
-unknown (a timeout, a reconnect) is settled before anything else is appended to that partition: the
-same message is published again - JetStream answers a duplicate ack with the original seq if the
-first one was stored - or, when the expected-last check refuses it, the message after the expected
-one is read: ours (by msg id) or not stored, ever (its slot is taken). Only when JetStream stays
-unreachable for SETTLE_S does the batch fail with the retriable UNAVAILABLE (see "Not settled").
+<stream_id>.<partition>.<first seq>.<writer id>.<nonce> (the writer id is this store instance's, the
+nonce made once per built message: no other message, not even one of ours numbered from a stale
+head, is ever taken for it; a duplicate ack outside settling is a numbering conflict). A publish
+whose outcome is unknown (a timeout, a reconnect) is settled before anything else is appended to
+that partition: the same message is published again - JetStream answers a duplicate ack with the
+original seq if the first one was stored - or, when the expected-last check refuses it, the message
+after the expected one is read: ours (by msg id) or not stored, ever (its slot is taken). When
+JetStream stays unreachable for SETTLE_S the batch fails with OutcomeUnknown (UNAVAILABLE; the core
+fails the whole request, retriable, rather than reporting records certainly not written), and before
+the next append to the partition a fence - an empty message (S-N 0) with the same
+Expected-Last-Sequence - takes the slot, so the given-up message can never be stored later (one
+sent just before a disconnect could be flushed after the reconnect). Readers skip empty messages.
+The client keeps no pending buffer (pending_size=0): a publish while disconnected fails at once,
+certainly unsent (plain UNAVAILABLE).
+
+Lookups that decide something - the head, the first message, settling, and any 404 - go to the
+stream leader ($JS.API.STREAM.MSG.GET); reads prefetch with direct gets (any replica answers: one
+behind says 404 for a message that exists, and that 404 is asked of the leader again).
 
 Metadata keys are bytes; KV keys are `[-/_=.A-Za-z0-9]` tokens. A key is written "m", one hex token
-per byte for its first PREFIX_TOKENS bytes, then the rest as one hex token: a prefix scan of up to
-PREFIX_TOKENS bytes is a subject filter (m.61.62.>), a longer one filters the rows of its first
-PREFIX_TOKENS bytes here. Key order is restored by sorting.
+per byte for its first PREFIX_TOKENS bytes, then one hex token per run of the rest ending in a \\0
+(the core's separator: project\\0app\\0...), then what follows the last \\0: a prefix scan is a subject
+filter of the prefix's whole tokens (m.61.62.>, m.41...6170703100.>: one app's checkpoints, not every
+key sharing 8 bytes), the rows of its last partial token filtered here. A key whose KV key would be
+longer than KV_KEY_MAX characters (a subject past the server's max_control_line closes the
+connection) is stored as its leading tokens up to KV_KEY_KEEP characters + "z<sha256 of the key>",
+its value prefixed with the full key. Key order is restored by sorting. (The first version wrote the
+rest after 8 bytes as one token: open() rewrites such keys once, marked by the KV key "v".)
 
 meta_write is not atomic on KV (there is no multi-key transaction in JetStream 2.9): its changes
-are applied in the order given (runs of puts pipelined on one connection, deletes one at a time),
-so a crash of the broker, or an error, in the middle leaves a prefix of them applied. This broker's
+are applied one at a time in the order given, each waited for, so a crash of the broker, or an
+error, in the middle leaves a prefix of them applied. This broker's
 own readers see a meta_write whole or not at all (a readers-writer lock in this store); readers on
 other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
 * one key: create_app, commit_checkpoint, the cursor key (core/reads.py), a source definition
@@ -97,6 +116,8 @@ after the boundary.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import re
@@ -120,7 +141,16 @@ from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.settings import Settings
 from broker.storage import keys as layout
-from broker.storage.base import AppendOutcome, Durability, StorageState, Store, StoreCapabilities, StoreEvents
+from broker.storage.base import (
+    AppendOutcome,
+    Durability,
+    IncompatibleStore,
+    OutcomeUnknown,
+    StorageState,
+    Store,
+    StoreCapabilities,
+    StoreEvents,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -128,12 +158,14 @@ T = TypeVar("T")
 REQUEST_TIMEOUT_S = 5.0        # one JetStream request (a publish's ack, a direct get, an API call)
 SETTLE_S = 30.0                # how long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S)
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
-MAX_AGE_MARGIN_S = 24 * 3600   # JetStream's own expiry backstop: a day past the stream's retention
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 READ_WINDOW = 32               # direct gets in flight for one read
 BOUNDS_IN_FLIGHT = 64          # partitions' bounds asked at once by bounds_many (the streams listing)
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
+KV_KEY_MAX = 1024              # a metadata key whose KV key is longer is stored under a hash: a subject
+KV_KEY_KEEP = 768              # over the server's max_control_line (4 KB) closes the connection; a hashed
+                               # one keeps its leading tokens up to this many characters (prefix scans)
 HEADER_ROOM = 1024             # bytes of a message left to the headers under the server's max_payload
 
 _FRAME = struct.Struct(">I")
@@ -183,14 +215,67 @@ async def _guard(call: Awaitable[T]) -> T:
 
 # -- metadata keys ---------------------------------------------------------------------------------
 
+def _meta_tokens(key: bytes) -> list[str]:
+    """One hex token per byte of the first PREFIX_TOKENS, then one per run ending in a \\0 (the
+    core's separator: project\\0app\\0...), then the rest."""
+    tokens = [key[i:i + 1].hex() for i in range(min(len(key), PREFIX_TOKENS))]
+    rest, at = key[PREFIX_TOKENS:], 0
+    while at < len(rest):
+        cut = rest.find(b"\0", at)
+        end = len(rest) if cut < 0 else cut + 1
+        tokens.append(rest[at:end].hex())
+        at = end
+    return tokens
+
+
+def _joined(tokens: Iterable[str]) -> str:
+    return "m" + "".join("." + t for t in tokens)
+
+
+def _kept(tokens: list[str]) -> list[str]:
+    """The leading tokens whose KV key stays within KV_KEY_KEEP characters."""
+    size = 1
+    for n, token in enumerate(tokens):
+        size += 1 + len(token)
+        if size > KV_KEY_KEEP:
+            return tokens[:n]
+    return tokens
+
+
 def meta_kv_key(key: bytes) -> str:
-    h = key.hex()
-    head = "".join("." + h[i:i + 2] for i in range(0, min(len(h), 2 * PREFIX_TOKENS), 2))
-    return "m" + head + ("." + h[2 * PREFIX_TOKENS:] if len(key) > PREFIX_TOKENS else "")
+    """The KV key of a metadata key: its tokens, or - when that is longer than KV_KEY_MAX - the
+    leading tokens kept and a hash token ("z" + sha256); such a key's value holds the full key."""
+    tokens = _meta_tokens(key)
+    plain = _joined(tokens)
+    if len(plain) <= KV_KEY_MAX:
+        return plain
+    return _joined(_kept(tokens)) + ".z" + hashlib.sha256(key).hexdigest()
+
+
+def _hashed(kv_key: str) -> bool:
+    return kv_key.rpartition(".")[2].startswith("z")
 
 
 def meta_key_of(kv_key: str) -> bytes:
+    """The metadata key of a KV key that is not hashed (hashed ones: the value holds it)."""
     return bytes.fromhex(kv_key[1:].replace(".", ""))
+
+
+def _meta_pattern(prefix: bytes) -> tuple[str, bool]:
+    """The subject filter a prefix scan reads (the prefix's whole tokens, as kept in hashed keys,
+    + ".>") and whether the prefix itself may be a key it misses (to be got on its own)."""
+    tokens = _meta_tokens(prefix)
+    whole = tokens if len(prefix) <= PREFIX_TOKENS or prefix.endswith(b"\0") else tokens[:-1]
+    return _joined(_kept(whole)) + ".>", len(whole) == len(tokens)
+
+
+def _wrap(key: bytes, value: bytes) -> bytes:
+    return _FRAME.pack(len(key)) + key + value
+
+
+def _unwrap(raw: bytes) -> tuple[bytes, bytes]:
+    (n,) = _FRAME.unpack_from(raw)
+    return raw[4:4 + n], raw[4 + n:]
 
 
 # -- message bodies --------------------------------------------------------------------------------
@@ -233,6 +318,18 @@ def _parse(msg: Msg) -> _Msg | None:
         raise _unavailable(f"direct get answered {status} {hdr.get('Description', '')}".strip())
     return _Msg(int(hdr["Nats-Sequence"]), int(hdr["S-Seq"]), int(hdr["S-N"]), int(hdr["S-Ts"]),
                 hdr.get("Nats-Msg-Id", ""), msg.data)
+
+
+def _parse_stored(stored: dict[str, Any]) -> _Msg:
+    """A $JS.API.STREAM.MSG.GET answer's message -> _Msg."""
+    hdr: dict[str, str] = {}
+    raw = base64.b64decode(stored.get("hdrs") or b"")
+    for line in raw.decode().split("\r\n")[1:]:   # after "NATS/1.0"
+        name, sep, value = line.partition(":")
+        if sep:
+            hdr[name.strip()] = value.strip()
+    return _Msg(int(stored["seq"]), int(hdr["S-Seq"]), int(hdr["S-N"]), int(hdr["S-Ts"]),
+                hdr.get("Nats-Msg-Id", ""), base64.b64decode(stored.get("data") or b""))
 
 
 @dataclass(slots=True)
@@ -300,11 +397,17 @@ class JetStreamStore(Store):
         self._locks: dict[tuple[int, int], asyncio.Lock] = {}
         # where sequential reads resume: (sid, p) -> {sluice seq: JetStream seq of the message holding it}
         self._resume: dict[tuple[int, int], dict[int, int]] = {}
+        # partitions with a publish given up on (not settled): the JetStream seq it expected last; a
+        # fence takes the slot after it before the next append (_fence)
+        self._fences: dict[tuple[int, int], int] = {}
         self._meta_lock = _RWLock()
         self._state = StorageState.OK
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
         self._closing_flag: list[bool] = []
+        self._options: dict[str, Any] = {}   # how open() connected: a closed connection is opened again so
+        self._reopening: asyncio.Task[None] | None = None
+        self._replicas_told: set[str] = set()   # partition streams found with other replicas (logged once)
         self.publishes = 0     # observability and tests
         self.renumbered = 0    # numbering conflicts resolved
         self.settled = 0       # unknown publish outcomes settled
@@ -331,6 +434,9 @@ class JetStreamStore(Store):
             raise ValueError(f"prefix must be 1-32 of A-Z a-z 0-9 _ -, not {prefix!r}")
         options: dict[str, Any] = {"servers": list(servers), "connect_timeout": 5, "max_reconnect_attempts": -1,
                                    "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker",
+                                   # no buffer while disconnected: a publish then fails at once, certainly
+                                   # unsent, instead of being flushed on a reconnect after we gave up on it
+                                   "pending_size": 0,
                                    "no_echo": True}   # its own notifications (watch) are not sent back to it
         if creds:
             options["user_credentials"] = creds
@@ -338,8 +444,6 @@ class JetStreamStore(Store):
             options["tls"] = ssl.create_default_context(cafile=tls_ca)
 
         errors_told: list[bool] = []   # one line per outage, not one per reconnect attempt
-
-        opened: list[JetStreamStore] = []
 
         async def quiet(exc: Exception) -> None:   # nats-py would print every error to stderr
             if isinstance(exc, nats.errors.SlowConsumerError) and opened:
@@ -355,12 +459,18 @@ class JetStreamStore(Store):
 
         async def reconnected() -> None:
             errors_told.clear()
-            log.info("NATS: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            current = opened[0]._nc if opened else nc
+            log.info("NATS: reconnected to %s", current.connected_url.netloc if current.connected_url else "?")
             if opened:   # notifications sent while this broker was away are lost: read everything again
                 opened[0]._resync_soon("reconnected")
 
+        async def closed() -> None:   # for good: nats-py gives up after some protocol errors (-ERR)
+            if not closing and opened:
+                opened[0]._connection_closed()
+
         closing: list[bool] = []   # the store's close() appends: its disconnection is no news
-        options.update(error_cb=quiet, disconnected_cb=disconnected, reconnected_cb=reconnected)
+        opened: list[JetStreamStore] = []
+        options.update(error_cb=quiet, disconnected_cb=disconnected, reconnected_cb=reconnected, closed_cb=closed)
         nc = NatsClient()
         try:
             # the first connection tries each server a few times and gives up (a broker must not hang
@@ -378,14 +488,26 @@ class JetStreamStore(Store):
                 kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
                                                               storage=StorageType.FILE))
             except nats.js.errors.APIError as exc:
-                if exc.err_code != 10058:   # exists with another configuration (replicas): use it as it is
+                if exc.err_code != 10058:   # exists with another configuration
                     raise
-                kv = await js.key_value(bucket)
+                info = await js.stream_info(f"KV_{bucket}")
+                if info.config.num_replicas != replicas:
+                    raise IncompatibleStore(
+                        f"the KV bucket {bucket} has {info.config.num_replicas} replicas, --replicas is {replicas}: "
+                        f"start with --replicas {info.config.num_replicas}, or change the bucket first "
+                        f"(nats stream edit KV_{bucket} --replicas {replicas})") from None
+                kv = await js.key_value(bucket)   # another difference (a setting changed by hand): kept
             store = cls(nc, kv, prefix=prefix, replicas=replicas)
             store._closing_flag = closing
+            store._options = options
             opened.append(store)
+            await store._migrate_meta_keys()
             for config in await store.list_streams():
                 store._configs[config.stream_id] = config
+        except IncompatibleStore:
+            closing.append(True)
+            await nc.close()
+            raise
         except Exception as exc:
             closing.append(True)
             await nc.close()
@@ -402,6 +524,68 @@ class JetStreamStore(Store):
     @property
     def storage_state(self) -> StorageState:
         return self._state
+
+    def _connection_closed(self) -> None:
+        """The NATS connection closed for good (not by close()): open a new one in the background;
+        calls meanwhile fail UNAVAILABLE (connection closed)."""
+        if self._closed or (self._reopening is not None and not self._reopening.done()):
+            return
+        log.warning("NATS: the connection was closed (%s); opening a new one", self._nc.last_error)
+        self._reopening = asyncio.get_running_loop().create_task(self._reopen(), name="sluice-jetstream-reopen")
+
+    async def _reopen(self) -> None:
+        pause = 0.2
+        while not self._closed:
+            nc = NatsClient()
+            try:
+                await nc.connect(**self._options)
+                js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
+                kv = await js.key_value(self._kv_bucket)
+                if self._events is not None:   # the watch's subscriptions went with the old connection
+                    await self._subscribe(nc)
+            except Exception as exc:
+                log.warning("NATS: opening a new connection failed (%s); trying again in %gs", exc, pause)
+                try:
+                    await nc.close()
+                except Exception:
+                    pass
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if self._closed:
+                await nc.close()
+                return
+            self._nc, self._js, self._kv = nc, js, kv
+            self._heads.clear()   # other brokers may have appended meanwhile
+            log.info("NATS: a new connection to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            self._resync_soon("a new connection")   # what was announced meanwhile is lost
+            return
+
+    async def _migrate_meta_keys(self) -> None:
+        """Once per bucket (the KV key "v"): metadata keys the first version wrote (everything past
+        8 bytes one token) rewritten as meta_kv_key writes them now. Brokers of the first version
+        must not run alongside this."""
+        try:
+            await self._kv.get("v")
+            return
+        except nats.js.errors.KeyNotFoundError:
+            pass
+        moved = 0
+        for kv_key, value in await self._scan("m.>"):
+            if _hashed(kv_key):
+                continue
+            key = meta_key_of(kv_key)
+            now = meta_kv_key(key)
+            if now != kv_key:
+                await self._kv.put(now, _wrap(key, value) if _hashed(now) else value)
+                await self._kv_erase(kv_key)
+                moved += 1
+        if moved:
+            log.info("metadata: %d keys rewritten in the current layout", moved)
+        try:
+            await self._kv.create("v", b"2")
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
 
     # -- names -------------------------------------------------------------------------------------
 
@@ -434,12 +618,19 @@ class JetStreamStore(Store):
         js_config = JsStreamConfig(
             name=self._stream_name(config.stream_id, p), subjects=[self._subject(config.stream_id, p)],
             storage=StorageType.FILE, num_replicas=self._replicas, allow_direct=True,
-            max_age=config.retention_hours * 3600 + MAX_AGE_MARGIN_S, duplicate_window=DUPLICATE_WINDOW_S)
+            duplicate_window=DUPLICATE_WINDOW_S)   # no max_age: see the module docstring
         try:
             await self._js.add_stream(js_config)
         except nats.js.errors.APIError as exc:
             if exc.err_code != 10058:   # already there (another configuration: left as it is)
                 raise
+            name = js_config.name or ""
+            info = await self._js.stream_info(name)
+            if info.config.num_replicas != self._replicas and name not in self._replicas_told:
+                self._replicas_told.add(name)
+                log.warning("JetStream stream %s has %s replicas, not --replicas %d: left as it is (nats stream edit "
+                            "%s --replicas %d changes it)", name, info.config.num_replicas, self._replicas, name,
+                            self._replicas)
 
     async def _next_stream_id(self) -> int:
         while True:
@@ -590,8 +781,11 @@ class JetStreamStore(Store):
                 while got < batch:
                     msg = await sub.next_msg(timeout=REQUEST_TIMEOUT_S)
                     hdr = msg.headers or {}
-                    if hdr.get("Status"):   # 404 no messages / 408: nothing more now
+                    status = hdr.get("Status")
+                    if status in ("404", "408"):   # no messages / request timeout: nothing more now
                         return [(k, v) for k, v in latest.items() if v is not None]
+                    if status:   # 409 (consumer deleted, leadership change, ...): not the end
+                        raise _unavailable(f"scanning the KV bucket: {status} {hdr.get('Description', '')}".strip())
                     op = hdr.get("KV-Operation")
                     latest[msg.subject[cut:]] = None if op in ("DEL", "PURGE") else msg.data
                     got += 1
@@ -605,21 +799,46 @@ class JetStreamStore(Store):
     # -- the head, the trim point, messages ------------------------------------------------------
 
     async def _direct_get(self, sid: int, p: int, payload: dict[str, Any]) -> _Msg | None:
+        """A direct get: answered by any replica, so a 404 may be a replica behind the leader."""
+        name = self._stream_name(sid, p)
         try:
-            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{self._stream_name(sid, p)}",
-                                           json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT_S)
+            reply = await self._nc.request(f"$JS.API.DIRECT.GET.{name}", json.dumps(payload).encode(),
+                                           timeout=REQUEST_TIMEOUT_S)
         except nats.errors.NoRespondersError:
             raise _Missing() from None
+        except nats.errors.TimeoutError:   # nats-server 2.9.10 does not answer one to a missing stream
+            try:
+                await self._js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                raise _Missing() from None
+            raise
         return _parse(reply)
 
+    async def _leader_get(self, sid: int, p: int, payload: dict[str, Any]) -> _Msg | None:
+        """The stream leader's answer ($JS.API.STREAM.MSG.GET): never behind, for the head, the first
+        message, settling, and any 404 a direct get gave."""
+        reply = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{self._stream_name(sid, p)}",
+                                       json.dumps(payload).encode(), timeout=REQUEST_TIMEOUT_S)
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == 10037:   # no message found
+                return None
+            if error.get("err_code") == 10059:   # stream not found
+                raise _Missing()
+            raise _api_error(nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
+                                                     description=error.get("description")))
+        return _parse_stored(answer["message"])
+
     async def _get(self, sid: int, p: int, js_seq: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"seq": js_seq})
+        msg = await self._direct_get(sid, p, {"seq": js_seq})
+        return msg if msg is not None else await self._leader_get(sid, p, {"seq": js_seq})
 
     async def _first_msg(self, sid: int, p: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"seq": 1, "next_by_subj": self._subject(sid, p)})
+        return await self._leader_get(sid, p, {"seq": 1, "next_by_subj": self._subject(sid, p)})
 
     async def _last_msg(self, sid: int, p: int) -> _Msg | None:
-        return await self._direct_get(sid, p, {"last_by_subj": self._subject(sid, p)})
+        return await self._leader_get(sid, p, {"last_by_subj": self._subject(sid, p)})
 
     async def _trim_point(self, sid: int, p: int) -> _Trim:
         trim = self._trims.get((sid, p))
@@ -655,8 +874,8 @@ class JetStreamStore(Store):
                 except nats.js.errors.KeyNotFoundError:
                     pass
                 if marker is None or info.state.last_seq != marker["js"]:
-                    raise _unavailable(f"partition {sid}/{p}: its records expired (JetStream max_age) after the "
-                                       f"last trim, so its next sequence number is unknown")
+                    raise _unavailable(f"partition {sid}/{p}: its records expired (a JetStream max_age, set by the "
+                                       f"first version) after the last trim, so its next sequence number is unknown")
                 head = _Head(marker["js"], marker["next"], marker["ts"])
             break
         else:
@@ -679,16 +898,32 @@ class JetStreamStore(Store):
     async def _with_partition(self, sid: int, p: int, call: Any) -> Any:
         """Run `call()` (reads of the partition's JetStream stream); a missing JetStream stream of a
         live partition (a crash between the catalogue and its creation) is created, empty."""
-        config = self._partition_known(sid, p)
+        self._partition_known(sid, p)
         try:
             return await _guard(call())
         except _Missing:
             pass
         try:
-            await _guard(self._ensure_partition(config, p))
+            if not await _guard(self._recreate(sid, p)):
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {sid}")
             return await _guard(call())
         except _Missing:
             raise _unavailable(f"partition {sid}/{p}: its JetStream stream is missing") from None
+
+    async def _recreate(self, sid: int, p: int) -> bool:
+        """A live partition's missing JetStream stream (a crash between the catalogue and its
+        creation), created again, empty - once the catalogue itself (a KV read, not this broker's
+        cache) says the stream still exists: another broker may have dropped it. False: dropped."""
+        try:
+            config, _ = await self._current(sid)
+        except BrokerError as exc:
+            if exc.code is ErrorCode.STREAM_NOT_FOUND:
+                return False
+            raise
+        if not 0 <= p < config.readable_partition_count:
+            return False
+        await self._ensure_partition(config, p)
+        return True
 
     # -- append ------------------------------------------------------------------------------------
 
@@ -716,10 +951,13 @@ class JetStreamStore(Store):
                 await self._head(sid, p)
             except _Missing:
                 try:
-                    await _guard(self._ensure_partition(config, p))
+                    if not await _guard(self._recreate(sid, p)):
+                        return [None] * len(batches)   # dropped (by another broker)
                     await _guard(self._load_head(sid, p))
                 except BrokerError as exc:
                     return [exc] * len(batches)
+                except _Missing:
+                    return [_unavailable(f"partition {sid}/{p}: its JetStream stream is missing")] * len(batches)
             except Exception as exc:
                 err = _translate(exc)
                 return [err] * len(batches)
@@ -807,12 +1045,20 @@ class JetStreamStore(Store):
             firsts.append(seq)
             seq += len(b.items)
         headers = {"Nats-Expected-Last-Sequence": str(head.js_last),
-                   "Nats-Msg-Id": f"{sid}.{p}.{head.next_seq}.{self._writer_id}",
+                   "Nats-Msg-Id": f"{sid}.{p}.{head.next_seq}.{self._writer_id}.{uuid.uuid4().hex[:12]}",
                    "S-Seq": str(head.next_seq), "S-N": str(seq - head.next_seq), "S-Ts": str(ts)}
         return _frames(values), headers, firsts
 
     async def _publish(self, sid: int, p: int, run: list[tuple[AppendBatch, bytes]]) -> list[AppendOutcome]:
         subject = self._subject(sid, p)
+        if (sid, p) in self._fences:
+            try:
+                await self._fence(sid, p)
+            except _Missing:   # no JetStream stream: the given-up publish cannot be stored either
+                self._fences.pop((sid, p), None)
+                self._heads.pop((sid, p), None)
+            except OutcomeUnknown as exc:   # nothing of this append was sent: certainly not written
+                raise _unavailable(f"partition {sid}/{p}: fencing a publish given up on", exc) from None
         for _ in range(MAX_RENUMBER):
             head = self._heads.get((sid, p))
             if head is None:
@@ -820,12 +1066,12 @@ class JetStreamStore(Store):
             body, headers, firsts = self._build(sid, p, head, run)
             stored: int | None
             try:
-                stored = await self._request_publish(subject, body, headers)
+                stored, duplicate = await self._request_publish(subject, body, headers)
+                if duplicate:   # a msg id is made once per build: another message's, never ours
+                    raise _Conflict()
             except _Missing:
-                config = self._configs.get(sid)
-                if config is None:
+                if not await _guard(self._recreate(sid, p)):
                     raise
-                await _guard(self._ensure_partition(config, p))
                 await _guard(self._load_head(sid, p))
                 continue
             except _Conflict:
@@ -847,17 +1093,18 @@ class JetStreamStore(Store):
             return list(firsts)
         raise _unavailable(f"partition {sid}/{p}: numbering conflicts did not stop after {MAX_RENUMBER} tries")
 
-    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
-        """The JetStream seq the message was stored at (or had been: a duplicate). Raises _Conflict
-        (the expected last seq is not the partition's), _Unknown (no answer: maybe stored),
-        BrokerError (certainly not stored)."""
+    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+        """The JetStream seq the message was stored at and whether the ack says duplicate (it had
+        been stored before). Raises _Conflict (the expected last seq is not the partition's),
+        _Unknown (no answer: maybe stored), BrokerError (certainly not stored)."""
         try:
             reply = await self._nc.request(subject, body, timeout=REQUEST_TIMEOUT_S, headers=headers)
         except nats.errors.NoRespondersError:
             raise _Missing() from None
+        except nats.errors.OutboundBufferLimitError as exc:   # disconnected: refused before it was sent
+            raise _unavailable("not connected", exc) from None          # (no pending buffer: pending_size=0)
         except (TimeoutError, nats.errors.ConnectionClosedError,
-                nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
-                nats.errors.OutboundBufferLimitError, OSError) as exc:
+                nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError, OSError) as exc:
             raise _Unknown(exc) from exc
         ack = json.loads(reply.data)
         error = ack.get("error")
@@ -866,12 +1113,14 @@ class JetStreamStore(Store):
                 raise _Conflict()
             raise _api_error(nats.js.errors.APIError(code=error.get("code"), err_code=error.get("err_code"),
                                                      description=error.get("description")))
-        return int(ack["seq"])
+        return int(ack["seq"]), bool(ack.get("duplicate"))
 
     async def _settle(self, sid: int, p: int, subject: str, body: bytes, headers: dict[str, str],
                       cause: BaseException) -> int | None:
         """A publish got no answer: stored (its JetStream seq) or certainly not (None). Raises
-        UNAVAILABLE (and forgets the head) when JetStream stays unreachable for SETTLE_S."""
+        OutcomeUnknown (UNAVAILABLE) when JetStream stays unreachable for SETTLE_S, forgets the head
+        and leaves a fence to publish before the next append (the message may still be stored later:
+        one sent just before a disconnect and flushed after the reconnect)."""
         deadline = time.monotonic() + SETTLE_S
         expected = int(headers["Nats-Expected-Last-Sequence"])
         pause = 0.05
@@ -880,30 +1129,58 @@ class JetStreamStore(Store):
             stored: int | None
             try:
                 try:
-                    stored = await self._request_publish(subject, body, headers)   # a duplicate if it was stored
+                    stored, _ = await self._request_publish(subject, body, headers)   # a duplicate if it was stored
                 except _Conflict:
-                    after = await self._get(sid, p, expected + 1)
+                    after = await self._leader_get(sid, p, {"seq": expected + 1})
                     stored = after.js_seq if after is not None and after.msg_id == headers["Nats-Msg-Id"] else None
                 self.settled += 1
                 return stored
             except (_Unknown, _Missing, BrokerError) as exc:
                 if isinstance(exc, BrokerError) and exc.code is not ErrorCode.UNAVAILABLE:
+                    self._heads.pop((sid, p), None)
                     raise
                 if isinstance(exc, _Missing) and sid not in self._configs:
                     raise   # the stream was deleted: its records are gone either way
                 if time.monotonic() > deadline:
-                    self._heads.pop((sid, p), None)   # re-read before the next append
-                    raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled in "
-                                       f"{SETTLE_S:g}s; retry") from None
-            except (TimeoutError, nats.errors.ConnectionReconnectingError, nats.errors.ConnectionClosedError) as exc:
+                    raise self._give_up(sid, p, expected, f"not settled in {SETTLE_S:g}s") from None
+            except (TimeoutError, nats.errors.Error, OSError):   # not connected, no answer
                 if time.monotonic() > deadline:
-                    self._heads.pop((sid, p), None)
-                    raise _unavailable(f"partition {sid}/{p}: a publish's outcome could not be settled", exc) from None
+                    raise self._give_up(sid, p, expected, f"not settled in {SETTLE_S:g}s") from None
+            except Exception as exc:   # a bug or an unforeseen failure: still never a stale head
+                raise self._give_up(sid, p, expected, f"settling failed ({type(exc).__name__}: {exc})") from exc
             if self._closed:
-                self._heads.pop((sid, p), None)
-                raise _unavailable(f"partition {sid}/{p}: the store closed while a publish's outcome was unknown")
+                raise self._give_up(sid, p, expected, "the store closed while settling it")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+    def _give_up(self, sid: int, p: int, expected: int, why: str) -> OutcomeUnknown:
+        """Settling failed: the head is re-read and a fence published before the next append."""
+        self._heads.pop((sid, p), None)
+        self._fences[(sid, p)] = expected
+        return OutcomeUnknown(f"JetStream: partition {sid}/{p}: a publish's outcome is unknown ({why}); retry")
+
+    async def _fence(self, sid: int, p: int) -> None:
+        """After a publish given up on: take the slot after the JetStream seq it expected last with
+        an empty message (S-N 0, same Expected-Last-Sequence), so the given-up one can never be
+        stored later (its expected-last check fails from then on). Readers skip empty messages; the
+        numbering is unaffected. Raises (the fence stays) when JetStream does not answer."""
+        expected = self._fences[(sid, p)]
+        head = await _guard(self._load_head(sid, p))
+        if head.js_last == expected:   # the slot is still free: take it
+            headers = {"Nats-Expected-Last-Sequence": str(expected),
+                       "Nats-Msg-Id": f"{sid}.{p}.fence.{self._writer_id}.{uuid.uuid4().hex[:12]}",
+                       "S-Seq": str(head.next_seq), "S-N": "0", "S-Ts": str(head.last_ts)}
+            subject = self._subject(sid, p)
+            try:
+                await self._request_publish(subject, b"", headers)
+            except _Conflict:   # something else took the slot: as good as a fence
+                pass
+            except _Unknown as unknown:
+                await self._settle(sid, p, subject, b"", headers, unknown.cause)   # raises when given up
+        elif head.js_last < expected:   # never: JetStream seqs only grow (a replica behind?)
+            raise _unavailable(f"partition {sid}/{p}: its last message is older than one published before")
+        self._fences.pop((sid, p), None)
+        self._heads.pop((sid, p), None)   # the next publish reads it again
 
     def _remember(self, sid: int, p: int, seq: int, js_seq: int) -> None:
         """Where `seq` starts (a message boundary): tail reads and sequential readers find it here."""
@@ -946,9 +1223,11 @@ class JetStreamStore(Store):
                 return msg
         return found
 
-    async def _iter_msgs(self, sid: int, p: int, start: int, limit: int) -> AsyncIterator[tuple[_Msg, int]]:
+    async def _iter_msgs(self, sid: int, p: int, start: int, limit: int,
+                         max_bytes: int) -> AsyncIterator[tuple[_Msg, int]]:
         """(message, index of its first wanted record) from `start` on, in order, prefetching the
-        next ones (pipelined direct gets) sized by how many records are still wanted."""
+        next ones (pipelined direct gets) sized by how many records are still wanted and by how
+        many messages of the average size seen fit in what is left of `max_bytes` (at least 1)."""
         head = await self._head(sid, p)
         trim = await self._trim_point(sid, p)
         start = max(start, trim.first)
@@ -959,12 +1238,14 @@ class JetStreamStore(Store):
             return
         skip = max(0, start - msg.first)
         records, seen = msg.end - msg.first - skip, 1
+        fetched = len(msg.body)
         js = msg.js_seq + 1
         yield msg, skip
         last = msg
         while records < limit and js <= head.js_last:
             per_msg = max(1, records // seen)
-            window = min(READ_WINDOW, max(1, -(-(limit - records) // per_msg)), head.js_last - js + 1)
+            by_bytes = max(1, (max_bytes - fetched) // max(1, fetched // seen))
+            window = min(READ_WINDOW, max(1, -(-(limit - records) // per_msg)), by_bytes, head.js_last - js + 1)
             got = await asyncio.gather(*(self._get(sid, p, j) for j in range(js, js + window)))
             js += window
             for m in got:
@@ -972,6 +1253,7 @@ class JetStreamStore(Store):
                     return
                 records += m.count
                 seen += 1
+                fetched += len(m.body)
                 last = m
                 yield m, 0
             self._remember(sid, p, last.end, last.js_seq + 1)
@@ -981,7 +1263,7 @@ class JetStreamStore(Store):
         times: list[tuple[int, int]] = []
         first: int | None = None
         budget = max_bytes
-        async for msg, skip in self._iter_msgs(sid, p, start, limit):
+        async for msg, skip in self._iter_msgs(sid, p, start, limit, max_bytes):
             seq = msg.first
             for value in _unframe(msg.body):
                 n, _ = layout.batch_header(value)
@@ -1137,9 +1419,13 @@ class JetStreamStore(Store):
         the server has both subscriptions: what is announced from then on is seen."""
         self._check_open()
         self._events = events
-        await self._nc.subscribe(f"{self._prefix}.w.>", cb=self._on_append)
-        await self._nc.subscribe(f"{self._prefix}.c", cb=self._on_catalogue)
-        await _guard(self._nc.flush(timeout=int(REQUEST_TIMEOUT_S)))
+        await _guard(self._subscribe(self._nc))
+
+    async def _subscribe(self, nc: NatsClient) -> None:
+        """The watch's subscriptions on `nc`, in place at the server when this returns."""
+        await nc.subscribe(f"{self._prefix}.w.>", cb=self._on_append)
+        await nc.subscribe(f"{self._prefix}.c", cb=self._on_catalogue)
+        await nc.flush(timeout=int(REQUEST_TIMEOUT_S))
 
     async def _announce_append(self, sid: int, p: int, js_seq: int, first: int, count: int, ts: str) -> None:
         """After JetStream's ack: tell the other brokers (their head caches and sleeping readers).
@@ -1298,11 +1584,17 @@ class JetStreamStore(Store):
             await self._meta_lock.read_release()
 
     async def _meta_get(self, key: bytes) -> bytes | None:
+        kv_key = meta_kv_key(key)
         try:
-            entry = await self._kv.get(meta_kv_key(key))
+            entry = await self._kv.get(kv_key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return entry.value if entry.value is not None else b""
+        value = entry.value if entry.value is not None else b""
+        if _hashed(kv_key):
+            stored_key, value = _unwrap(value)
+            if stored_key != key:
+                return None
+        return value
 
     async def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         self._check_open()
@@ -1313,18 +1605,20 @@ class JetStreamStore(Store):
             await self._meta_lock.read_release()
 
     async def _meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        rows: list[tuple[bytes, bytes]] = []
-        if len(prefix) <= PREFIX_TOKENS:
+        rows: dict[bytes, bytes] = {}
+        pattern, itself = _meta_pattern(prefix)
+        if itself:
             exact = await self._meta_get(prefix)
             if exact is not None:
-                rows.append((prefix, exact))
-        pattern = meta_kv_key(prefix[:PREFIX_TOKENS]) + ".>"
+                rows[prefix] = exact
         for k, v in await self._scan(pattern):
-            key = meta_key_of(k)
+            if _hashed(k):
+                key, v = _unwrap(v)
+            else:
+                key = meta_key_of(k)
             if key.startswith(prefix):
-                rows.append((key, v))
-        rows.sort()
-        return rows
+                rows[key] = v
+        return sorted(rows.items())
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         self._check_open()
@@ -1340,7 +1634,11 @@ class JetStreamStore(Store):
         self._check_open()
         await self._meta_lock.write_acquire()
         try:
-            return await _guard(self._meta_cas(meta_kv_key(key), expected, new))
+            kv_key = meta_kv_key(key)
+            if _hashed(kv_key):   # the value holds the key: compared and written so
+                expected = None if expected is None else _wrap(key, expected)
+                new = None if new is None else _wrap(key, new)
+            return await _guard(self._meta_cas(kv_key, expected, new))
         finally:
             await self._meta_lock.write_release()
 
@@ -1389,20 +1687,15 @@ class JetStreamStore(Store):
         return revision is None or answer.get("purged", 0) > 0
 
     async def _meta_write(self, changes: dict[bytes, bytes | None]) -> None:
-        """In the order given, so a crash leaves a prefix applied: a run of puts is pipelined (one
-        connection, one stream: JetStream stores them in the order sent), a delete (a purge, an
-        API request) waits for what came before it and is waited for."""
-        puts: list[Awaitable[int]] = []
+        """One change at a time, in the order given, each waited for: a crash or an error leaves a
+        prefix applied (pipelined puts could not promise that: after one failed, later ones may
+        have been stored)."""
         for key, value in changes.items():
             if value is None:
-                if puts:
-                    await asyncio.gather(*puts)
-                    puts = []
                 await self._kv_erase(meta_kv_key(key))
             else:
-                puts.append(self._kv.put(meta_kv_key(key), value))
-        if puts:
-            await asyncio.gather(*puts)
+                kv_key = meta_kv_key(key)
+                await self._kv.put(kv_key, _wrap(key, value) if _hashed(kv_key) else value)
 
     async def close(self) -> None:
         if self._closed:
@@ -1413,6 +1706,8 @@ class JetStreamStore(Store):
             self._probe.cancel()
         if self._resyncing is not None:
             self._resyncing.cancel()
+        if self._reopening is not None:
+            self._reopening.cancel()
         try:
             await self._nc.close()
         except Exception:

@@ -688,3 +688,28 @@ async def test_stream_summaries_give_every_stream_and_partition_bounds_of_one_pr
     assert [(s.config.stream_name, len(s.first)) for s in other] == [("a", 3)]
     assert await broker.stream_summaries(project="nobody") == []
     await raises(broker.stream_summaries(project="bad project"), ErrorCode.INVALID_REQUEST)
+
+
+class UnsettledStore(MemoryStore):
+    """A real store whose append to partition 1 could not be settled (maybe written, maybe not)."""
+
+    async def append(self, batches):  # type: ignore[no-untyped-def]
+        from broker.storage.base import OutcomeUnknown
+        out = await super().append([b for b in batches if b.partition != 1])
+        it = iter(out)
+        return [OutcomeUnknown("not settled") if b.partition == 1 else next(it) for b in batches]
+
+
+async def test_an_unsettled_partition_fails_the_whole_request_as_retriable() -> None:
+    """An outcome the store could not settle is not a per-record failure (that would tell the
+    producer the records were certainly not written): the request fails UNAVAILABLE, retriable."""
+    broker = Broker(UnsettledStore(), cursor_secret=b"k" * 32)
+    await broker.start()
+    try:
+        await broker.create_stream("s", 2)
+        await raises(broker.put_records("s", [PutEntry(b"a", partition_id="0"), PutEntry(b"b", partition_id="1")]),
+                     ErrorCode.UNAVAILABLE)
+        result = await broker.put_records("s", [PutEntry(b"c", partition_id="0")])   # other partitions: as before
+        assert not result.failures
+    finally:
+        await broker.close()

@@ -312,3 +312,20 @@ async def test_an_at_timestamp_cursor_on_one_broker_sees_another_brokers_newest_
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_connection_closed_for_good_is_replaced_with_the_watch_on_it(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """nats-py closing the connection for good (a protocol error) makes the store open a new one:
+    the watch's subscriptions move to it, and what was announced meanwhile is re-read."""
+    a, b = await opener(), await opener()
+    events = Events()
+    await b.watch(events)
+    config = await a.create_stream(StreamConfig("reopened", 1))
+    await eventually(lambda: events.changed == [config])
+    old = b._nc
+    await old.close()                                  # not b.close(): as if the server had refused it
+    await eventually(lambda: b._nc is not old and b._nc.is_connected and b.resyncs == 1)
+    await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"after")])])
+    await eventually(lambda: b.remote_appends == 1)     # notified on the new connection
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 1

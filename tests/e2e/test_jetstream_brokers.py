@@ -205,3 +205,56 @@ def test_typed_rows_ingested_through_b_into_a_stream_just_created_through_a(
     with Client(a.grpc_target) as ca:
         records = ca.get_records(ca.get_cursor(name, 0, "TRIM_HORIZON")).records
         assert [json.loads(r.data)["v"] for r in records] == [1, 2]
+
+
+def test_both_brokers_writing_both_brokers_pushing_every_record_once_in_order(
+        pair: tuple[BrokerProcess, BrokerProcess], name: str) -> None:
+    """Producers on A and on B append to the same two partitions at once (numbering conflicts,
+    notifications crossing local appends); a subscriber per partition on each broker gets every
+    record exactly once, in seq order, the same as a read from the start."""
+    a, b = pair
+    per_producer, partitions = 150, 2
+    with Client(a.grpc_target) as ca, Client(b.grpc_target) as cb:
+        ca.create_stream(name, partitions)
+        subs = {(who, p): client.subscription(cursor=client.get_cursor(name, p, "LATEST"))
+                for who, client in (("a", ca), ("b", cb)) for p in range(partitions)}
+        got: dict[tuple[str, int], list[tuple[int, bytes]]] = {key: [] for key in subs}
+        total = 2 * per_producer   # records per partition
+        threads = []
+        for key, sub in subs.items():
+            def read(key: tuple[str, int] = key, sub: Iterator[RecordsPage] = sub) -> None:
+                for page in sub:
+                    got[key] += [(r.seq, r.data) for r in page.records]
+                    if len(got[key]) >= total:
+                        return
+            threads.append(threading.Thread(target=read, daemon=True))
+        for t in threads:
+            t.start()
+
+        def produce(client: Client, tag: bytes) -> None:
+            for i in range(per_producer):
+                for p in range(partitions):
+                    (r,) = client.put_records(name, [tag + b"-%d" % i], partition_id=p)
+                    assert not r.reason, r
+        producers = [threading.Thread(target=produce, args=(c, t)) for c, t in ((ca, b"a"), (cb, b"b"))]
+        for t in producers:
+            t.start()
+        for t in producers:
+            t.join(60)
+        for t in threads:
+            t.join(WAIT_S)
+        for sub in subs.values():
+            sub.cancel()
+        for p in range(partitions):
+            stored = []
+            cursor = ca.get_cursor(name, p, "TRIM_HORIZON")
+            while page := ca.get_records(cursor, limit=1000):
+                if not page.records:
+                    break
+                stored += [(r.seq, r.data) for r in page.records]
+                cursor = page.next_cursor
+            assert [seq for seq, _ in stored] == list(range(total))              # gap-free, no reuse
+            assert sorted(d for _, d in stored) == sorted([b"a-%d" % i for i in range(per_producer)] +
+                                                          [b"b-%d" % i for i in range(per_producer)])
+            for who in ("a", "b"):
+                assert got[(who, p)] == stored, (who, p)                          # each once, in order

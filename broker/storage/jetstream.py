@@ -859,12 +859,11 @@ class JetStreamStore(Store):
             if last is not None:
                 head = _Head(last.js_seq, last.end, last.last_ts)
                 break
-            # empty: never written, or every message expired (max_age): the trim marker holds the
-            # head - or another writer's first message landed between the two questions
+            # empty: never written, or every message expired (max_age): the trim marker holds the head
             head = _Head(0, 0, 0)
             info = await self._js.stream_info(self._stream_name(sid, p))
             if info.state.messages:
-                continue   # not empty after all: ask for its last message again
+                continue   # another writer's first message landed between the two calls: read it
             if info.state.last_seq:
                 marker = None
                 try:

@@ -32,13 +32,15 @@
       metric_series.py   MetricSeries: the DIS monitoring series, one durable row per stream and minute
     storage/
       __init__.py        the registry: open_store(settings) builds the store a setting names
-      base.py            the async Store interface, its capabilities, its contract
+      base.py            the async Store interface, its capabilities, its contract; StoreEvents (a shared
+                         store reports other brokers' appends and stream changes)
       memory.py          MemoryStore: the reference model; ephemeral brokers
       rocks.py           RocksStore: the embedded default; runs the engine off the event loop
       rocks_engine.py    RocksEngine: the blocking RocksDB engine (the only rocksdict user)
       keys.py            RocksDB key and value layout, format version
       jetstream.py       JetStreamStore: the log (a JetStream stream per partition, a message per append
-                         batch, numbered by expected-last-sequence) and metadata (a KV bucket) on NATS
+                         batch, numbered by expected-last-sequence) and metadata (a KV bucket) on NATS;
+                         other brokers told of appends and stream changes over core NATS (watch)
     rows/                typed (Timeplus) rows: no I/O, used by the doors and queries
       types.py           column types: parse what users type into one canonical text (ColumnType)
       schema.py          build_schema (the create body -> StreamSchema), columns_of (with _tp_time)

@@ -157,7 +157,13 @@ class BrokerCollector(Collector):
                                     "PutRecordsStream)", value=stats.produce_streams)
         queries = GaugeMetricFamily("sluice_queries_running", "Streaming SQL queries running",
                                     value=self.broker.queries.running())
-        yield from (latency, errors, auth, subs, produce, queries)
+        remote = CounterMetricFamily("sluice_remote_appends", "Partitions whose readers another broker's appends "
+                                     "woke (a shared store: one per partition per burst of its notifications)",
+                                     value=stats.remote_appends)
+        changes = CounterMetricFamily("sluice_remote_stream_changes", "Streams another broker created, scaled or "
+                                      "deleted, taken into this broker's catalogue (a shared store)",
+                                      value=stats.remote_stream_changes)
+        yield from (latency, errors, auth, subs, produce, queries, remote, changes)
 
     def _commits(self) -> Iterator[Metric]:
         stats = self.broker.stats

@@ -198,7 +198,7 @@ async def ingest(request: web.Request) -> web.Response:
     maybe recreated) meanwhile, the answer is STREAM_NOT_FOUND and nothing is written."""
     broker, workspace = _door(request)
     name = request.match_info["name"]
-    config = broker.catalogue.get(workspace, name)
+    config = await broker.stream_config(name, project=workspace)
     fmt = choose_format(request.query.get("format"), request.headers.get("Content-Type"))
     body = await read_body(request)
     encoder = request.app[ENCODERS].of(broker, config)

@@ -12,20 +12,27 @@ The rules live in parts, one per path, composed here (not inherited):
 
 A verb that spans parts (deleting a stream) is orchestrated here. Every method documents what it
 returns and which `ErrorCode`s it raises; none blocks the event loop (the store is async).
+
+Several brokers on one shared store (`store.capabilities.shared`): the store reports the others'
+changes (storage/base.py StoreEvents, `_OtherBrokers` below): their appends wake this broker's long
+polls and subscriptions through the WriteNotifier, as a local write does; their creates, scales and
+deletes go into the catalogue (a delete ends this broker's readers of the stream as a local one
+does). A stream name this broker does not know is looked up in the store before a verb answers
+STREAM_NOT_FOUND (created through another broker a moment ago).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncGenerator, Callable, Mapping, Sequence
+from typing import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
 from broker.core.catalogue import StreamCatalogue, StreamSummary
 from broker.core.consumers import Consumers
 from broker.core.groups import ConsumerGroups
 from broker.core.leases import Leases, LocalLeases, StoreLeases
-from broker.core.limits import DEFAULT_LIMITS, Limits
+from broker.core.limits import DEFAULT_LIMITS, PROJECT_NAME, STREAM_NAME, Limits
 from broker.core.metric_series import PARTITION_LABELS, STREAM_LABELS, MetricSeries, parse_labels, parse_period
 from broker.core.notify import WriteNotifier
 from broker.core.queries import Queries
@@ -34,7 +41,7 @@ from broker.core.retention import enforce_retention
 from broker.core.stats import BrokerStats
 from broker.core.writer import Committer
 from broker.core.writes import WritePath
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorCode
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
@@ -46,7 +53,7 @@ from broker.model import (
     StreamPage,
     StreamSchema,
 )
-from broker.storage.base import StorageState, Store
+from broker.storage.base import StorageState, Store, StoreEvents
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +78,20 @@ class Broker:
         self.reads = ReadPath(self.catalogue, store, self.notifier, limits, clock_ms, self.stats)
         self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
-        self.queries = Queries(self.catalogue, self.reads, store, clock_ms)
+        self.queries = Queries(self.catalogue, self.reads, store, clock_ms, known=self._known)
         # leases: see leases.py for the restart grace that started_ms enables; the brokers of a
         # shared store keep one table in it
         if leases is None:
             leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(started_ms=clock_ms())
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
+        self._shared = store.capabilities.shared
+        self._chores: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # other brokers' changes first, then the catalogue: nothing between the two is missed
+        await self.store.watch(_OtherBrokers(self))
         await self.catalogue.load()
         if self._cursor_secret is None:
             await self.reads.load_secret()
@@ -124,9 +135,24 @@ class Broker:
                             data_type: object = None, stream_type: object = None, *,
                             project: str = DEFAULT_PROJECT, schema: StreamSchema | None = None) -> StreamConfig:
         """`schema`: a typed stream (see StreamSchema). Raises INVALID_REQUEST, QUOTA_EXCEEDED,
-        STREAM_EXISTS."""
-        return await self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
-                                           stream_type, schema)
+        STREAM_EXISTS (a shared store: the catalogue knows the existing stream afterwards, even if
+        another broker created it a moment ago)."""
+        try:
+            return await self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
+                                               stream_type, schema)
+        except BrokerError as exc:
+            if exc.code is ErrorCode.STREAM_EXISTS:
+                try:
+                    await self._known(project, stream_name)
+                except BrokerError:
+                    pass   # the answer is STREAM_EXISTS either way
+            raise
+
+    async def stream_config(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> StreamConfig:
+        """The stream's config (a door that works with it directly). Raises INVALID_REQUEST,
+        STREAM_NOT_FOUND."""
+        await self._known(project, stream_name)
+        return self.catalogue.get(project, stream_name)
 
     async def delete_stream(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> None:
         """Delete a stream, its records and its checkpoints. Raises STREAM_NOT_FOUND."""
@@ -135,6 +161,7 @@ class Broker:
         await asyncio.shield(self._delete_stream(project, stream_name))
 
     async def _delete_stream(self, project: str, stream_name: object) -> None:
+        await self._known(project, stream_name)
         config = await self.catalogue.delete(project, stream_name)
         self.writes.forget(config.stream_id)
         self.stats.forget(config.stream_id)
@@ -150,6 +177,7 @@ class Broker:
         """Scale the stream's ACTIVE partitions to `target_partition_count` (see
         StreamCatalogue.update_partition_count); returns (before, after). Raises STREAM_NOT_FOUND,
         INVALID_REQUEST, QUOTA_EXCEEDED, UNAVAILABLE, STORAGE_FULL."""
+        await self._known(project, stream_name)
         before, after = await self.catalogue.update_partition_count(project, stream_name, target_partition_count,
                                                                     self._drain_writes)
         if after is not before:
@@ -174,6 +202,7 @@ class Broker:
     async def describe_stream(self, stream_name: object, start_after_partition: object = None,
                               limit: int | None = None, *, project: str = DEFAULT_PROJECT) -> StreamDescription:
         """Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, INVALID_REQUEST."""
+        await self._known(project, stream_name)
         return await self.catalogue.describe(project, stream_name, start_after_partition, limit)
 
     # -- records -------------------------------------------------------------------------------
@@ -182,6 +211,7 @@ class Broker:
                           project: str = DEFAULT_PROJECT,
                           handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """See WritePath.put_records."""
+        await self._known(project, stream_name)
         return await self.writes.put_records(project, stream_name, entries, handed)
 
     async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT,
@@ -208,6 +238,7 @@ class Broker:
                          starting_seq: object = None, timestamp_ms: object = None, *,
                          project: str = DEFAULT_PROJECT) -> str:
         """See ReadPath.get_cursor."""
+        await self._known(project, stream_name)
         return await self.reads.get_cursor(project, stream_name, partition_id, cursor_type, starting_seq,
                                            timestamp_ms)
 
@@ -240,6 +271,7 @@ class Broker:
     async def commit_checkpoint(self, app_name: object, stream_name: object, partition_id: object, seq: object,
                                 metadata: object = None, checkpoint_type: object = "LAST_READ", *,
                                 project: str = DEFAULT_PROJECT) -> None:
+        await self._known(project, stream_name)
         await self.consumers.commit_checkpoint(project, app_name, stream_name, partition_id, seq, metadata,
                                                checkpoint_type)
 
@@ -255,6 +287,7 @@ class Broker:
     async def consumer_state(self, app_name: object, stream_name: object, checkpoint_type: object = "LAST_READ",
                              start_after_partition: object = None, limit: int | None = None, *,
                              project: str = DEFAULT_PROJECT) -> tuple[list[PartitionConsumerState], bool]:
+        await self._known(project, stream_name)
         return await self.consumers.consumer_state(project, app_name, stream_name, checkpoint_type,
                                                    start_after_partition, limit)
 
@@ -262,6 +295,7 @@ class Broker:
 
     async def heartbeat(self, app_name: object, stream_name: object, member_id: object, held: Sequence[int] = (),
                         lease_ms: int | None = None, *, project: str = DEFAULT_PROJECT) -> tuple[list[int], int]:
+        await self._known(project, stream_name)
         return await self.groups.heartbeat(project, app_name, stream_name, member_id, held, lease_ms)
 
     async def leave_group(self, app_name: object, stream_name: object, member_id: object, *,
@@ -288,3 +322,60 @@ class Broker:
     async def enforce_retention(self) -> int:
         """Trim records older than each stream's retention. Returns how many partitions moved."""
         return await enforce_retention(self.store, self.catalogue.all(), self._now())
+
+    # -- other brokers (a shared store) ------------------------------------------------------------
+
+    async def _known(self, project: str, stream_name: object) -> None:
+        """A shared store: a name this broker does not know may have been created through another
+        broker a moment ago (its event still on the way): look it up in the store once. Costs one
+        flag test and one dict lookup otherwise. Names that cannot exist are not looked up: the verb
+        answers them as it always does."""
+        if self._shared and isinstance(stream_name, str) and self.catalogue.lookup(project, stream_name) is None \
+                and STREAM_NAME.fullmatch(stream_name) and PROJECT_NAME.fullmatch(project):
+            config = await self.store.find_stream(project, stream_name)
+            if config is not None and self.catalogue.by_id(config.stream_id) != config:
+                self._stream_changed(config)
+
+    def _stream_changed(self, config: StreamConfig) -> None:
+        clash = self.catalogue.lookup(config.project, config.stream_name)
+        if clash is not None and clash.stream_id != config.stream_id:   # its delete is still on the way
+            self._stream_dropped(clash.stream_id)
+        before = self.catalogue.learn(config)
+        if before is not None and before != config:
+            self.writes.forget_layout(config.stream_id)
+        self.stats.remote_stream_changes += 1
+
+    def _stream_dropped(self, stream_id: int) -> None:
+        """As a local delete does in this broker's memory (the store is done already): writes and
+        stats forget it, its groups go (kept in memory; in the store the deleting broker dropped
+        them), and its long polls and subscriptions wake to STREAM_NOT_FOUND."""
+        config = self.catalogue.unlearn(stream_id)
+        if config is None:
+            return
+        self.stats.remote_stream_changes += 1
+        self.writes.forget(stream_id)
+        self.stats.forget(stream_id)
+        if isinstance(self.groups.leases, LocalLeases):   # StoreLeases: the deleting broker dropped them
+            task = asyncio.get_running_loop().create_task(self.groups.leases.forget_stream(stream_id))
+            self._chores.add(task)
+            task.add_done_callback(self._chores.discard)
+        self.notifier.notify((stream_id, p) for p in range(config.readable_partition_count))
+
+
+class _OtherBrokers(StoreEvents):
+    """The store's reports of other brokers' changes, applied to one Broker (see the module doc)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def appended(self, partitions: Iterable[tuple[int, int]]) -> None:
+        broker = self._broker
+        refs = list(partitions)
+        broker.stats.remote_appends += len(refs)
+        broker.notifier.notify(refs)
+
+    def stream_changed(self, config: StreamConfig) -> None:
+        self._broker._stream_changed(config)
+
+    def stream_dropped(self, stream_id: int) -> None:
+        self._broker._stream_dropped(stream_id)

@@ -1,8 +1,10 @@
 """The stream catalogue: which streams exist, in which project, with which configuration.
 
-Kept in memory (loaded from the store at start, changed only through here), so resolving a name
-on the write and read paths costs a dict lookup. Creates and deletes are ordered by one lock; the
-store call itself runs outside the event loop's way (it is awaited).
+Kept in memory (loaded from the store at start, changed through here), so resolving a name on the
+write and read paths costs a dict lookup. Creates and deletes are ordered by one lock; the store
+call itself runs outside the event loop's way (it is awaited). With a shared store other brokers
+change it too: the Broker feeds their changes in (`learn`, `unlearn`, from the store's events) and
+looks a name it does not know up in the store before answering STREAM_NOT_FOUND.
 """
 from __future__ import annotations
 
@@ -55,11 +57,33 @@ class StreamCatalogue:
         self._summaries: dict[str, tuple[float, asyncio.Task[list[StreamSummary]]]] = {}
 
     async def load(self) -> None:
+        """At start. A stream another broker changed meanwhile (learnt from its event) is kept as
+        learnt, not replaced by the listing, which may be older."""
         for config in await self._store.list_streams():
-            self._remember(config)
+            if config.stream_id not in self._by_id and config.key not in self._streams:
+                self._remember(config)
 
     def _remember(self, config: StreamConfig) -> None:
         self._streams[config.key] = self._by_id[config.stream_id] = config
+
+    def lookup(self, project: str, stream_name: str) -> StreamConfig | None:
+        """The config this broker knows under that name, or None (no check, no raise)."""
+        return self._streams.get((project, stream_name))
+
+    def learn(self, config: StreamConfig) -> StreamConfig | None:
+        """Another broker created the stream or changed its layout: use `config` from now on;
+        returns the config it replaces (None: a new stream). The caller has unlearnt a different
+        stream holding the same name first."""
+        before = self._by_id.get(config.stream_id)
+        self._remember(config)
+        return before
+
+    def unlearn(self, stream_id: int) -> StreamConfig | None:
+        """Another broker deleted the stream: forget it (nothing in the store); returns what it was."""
+        config = self._by_id.pop(stream_id, None)
+        if config is not None and self._streams.get(config.key) is config:
+            del self._streams[config.key]
+        return config
 
     def get(self, project: str, stream_name: object) -> StreamConfig:
         """The stream's config. Raises INVALID_REQUEST (bad project), STREAM_NOT_FOUND."""

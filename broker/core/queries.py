@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from broker.core.catalogue import StreamCatalogue
 from broker.core.reads import ReadPath
@@ -102,21 +102,28 @@ class QueryRun:
 
 class Queries:
     def __init__(self, catalogue: StreamCatalogue, reads: ReadPath, store: Store,
-                 clock_ms: Callable[[], int]) -> None:
+                 clock_ms: Callable[[], int], known: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+        """`known(project, stream_name)`: lets the catalogue look up a name it does not know (a
+        shared store: created through another broker a moment ago) before a query answers
+        STREAM_NOT_FOUND."""
         self._catalogue = catalogue
+        self._known = known
         self._store = store
         self._reads = reads
         self._now = clock_ms
         self._runs: OrderedDict[str, QueryRun] = OrderedDict()   # id -> run, oldest first (every project)
         self._closed = False
 
-    def compile(self, project: str, sql: object) -> QueryPlan:
+    def compile(self, project: str, sql: object, missing: list[str] | None = None) -> QueryPlan:
         """Parse and check a query against the project's streams. Raises SQL_SYNTAX,
-        UNKNOWN_COLUMN, UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, STREAM_NOT_FOUND."""
+        UNKNOWN_COLUMN, UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, STREAM_NOT_FOUND
+        (the names not found are added to `missing`)."""
         if not isinstance(sql, str) or not sql.strip():
             raise client_error(ErrorCode.INVALID_REQUEST, detail="sql must be a non-empty string")
 
         def lookup(stream_name: str) -> tuple[ColumnDef, ...]:
+            if missing is not None and self._catalogue.lookup(project, stream_name) is None:
+                missing.append(stream_name)
             return columns_of(self._catalogue.get(project, stream_name).schema)
         return compile_query(sql, lookup)
 
@@ -124,7 +131,15 @@ class Queries:
                     tags: list[str] | None = None) -> QueryRun:
         """Compile and start a query; its results come out of `run.results` (END last).
         Raises what compile raises, TOO_MANY_QUERIES, UNAVAILABLE (shutting down)."""
-        plan = self.compile(project, sql)
+        missing: list[str] = []
+        try:
+            plan = self.compile(project, sql, missing)
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.STREAM_NOT_FOUND or not missing or self._known is None:
+                raise
+            for stream_name in missing:
+                await self._known(project, stream_name)
+            plan = self.compile(project, sql)
         if self._closed:
             raise BrokerError(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
         running = sum(r.running for r in self._runs.values())
@@ -144,7 +159,7 @@ class Queries:
         cursors = [await self._cursor(project, config.stream_name, p, plan) for p in readable]
         ends = None
         if plan.bounded:
-            ends = [(await self._store.bounds(config.stream_id, p)).next_seq
+            ends = [(await self._store.fresh_bounds(config.stream_id, p)).next_seq   # incl. other brokers' writes
                     for p in range(config.readable_partition_count)]
         self._remember(run)
         run.task = asyncio.create_task(self._run(run, cursors, ends, config), name=f"query {run.id}")

@@ -75,9 +75,13 @@ class ReadPath:
             earliest = now - config.retention_ms
             if timestamp_ms < earliest:
                 raise client_error(ErrorCode.TIMESTAMP_EXPIRED, earliest=earliest)
+            if self._store.capabilities.shared:   # the head as of now, other brokers' appends included
+                await self._store.fresh_bounds(sid, p)
             seq = await self._store.seq_at_time(sid, p, timestamp_ms)
         else:
-            seq = self._position(kind, await self._store.bounds(sid, p), starting_seq)
+            # fresh: LATEST and the range check include what another broker of a shared store
+            # acknowledged a moment ago (a cursor is taken once per reader, not per read)
+            seq = self._position(kind, await self._store.fresh_bounds(sid, p), starting_seq)
         return encode_cursor(self.secret, CursorPosition(sid, p, seq, now))
 
     @staticmethod

@@ -81,6 +81,10 @@ class BrokerStats:
         self.commit_failures = 0
         self.subscriptions = 0          # open push subscriptions (gRPC Subscribe, SSE tails, query readers)
         self.produce_streams = 0        # open PutRecordsStream calls (streaming produce; not subscriptions)
+        # a shared store: partitions woken by other brokers' appends (one per partition per burst),
+        # and their stream creates, scales and deletes taken into the catalogue
+        self.remote_appends = 0
+        self.remote_stream_changes = 0
 
     def stream(self, stream_id: int) -> StreamStats:
         s = self.streams.get(stream_id)

@@ -22,6 +22,12 @@ can implement it honestly:
   agree through it (the cursor key, consumer-group leases, source leases, tsdb series types).
 * `storage_state` says whether writes are being refused (a full disk) - the store recovers by
   itself once it can, and health reports this state. A store that cannot fill up keeps the default.
+* A shared store (`capabilities.shared`: several brokers serve it) tells the broker what the others
+  changed through `watch(StoreEvents)`: their appends (so long polls and subscriptions wake without
+  polling) and their creates, scales and deletes of streams (so the catalogue stays current);
+  `find_stream` answers a name the catalogue does not know yet, `fresh_bounds` bounds that include
+  every append acknowledged anywhere. A store only one broker writes keeps the defaults (nothing
+  to report; its catalogue and bounds are always current).
 
 tests/storage/test_contract.py and test_stateful.py run over every registered store.
 """
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 from broker.errors import BrokerError, ErrorCode, ServerError
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
@@ -71,6 +77,20 @@ class StorageState(enum.Enum):
 class StoreCapabilities:
     durability: Durability
     shared: bool = False   # several brokers may serve the same store at once
+
+
+class StoreEvents(Protocol):
+    """What a shared store reports of other brokers' changes (the Broker implements it). Called on
+    the event loop, never per record: a burst of appends to one partition is one `appended`."""
+
+    def appended(self, partitions: Iterable[tuple[int, int]]) -> None:
+        """Another broker appended to these (stream_id, partition)s; bounds() shows it already."""
+
+    def stream_changed(self, config: StreamConfig) -> None:
+        """Another broker created this stream or changed its layout (a scale event)."""
+
+    def stream_dropped(self, stream_id: int) -> None:
+        """Another broker deleted this stream."""
 
 
 @runtime_checkable
@@ -138,6 +158,21 @@ class Store(Protocol):
 
     async def trim(self, stream_id: int, partition: int, before_seq: int) -> None:
         """Drop records with seq < before_seq (clamped to next_seq). Numbering is unaffected."""
+
+    async def watch(self, events: StoreEvents) -> None:
+        """Report other brokers' changes to `events` from now on (a shared store). This default: a
+        store nobody else writes has none."""
+
+    async def find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
+        """The stream of that name as stored now (a shared store: another broker may have created
+        it a moment ago), or None. This default: None, the catalogue already knows every stream."""
+        return None
+
+    async def fresh_bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        """bounds() including every append acknowledged so far by any broker (a shared store asks
+        the cluster; bounds() may lag another broker's append by its notification). This default:
+        bounds()."""
+        return await self.bounds(stream_id, partition)
 
     async def meta_get(self, key: bytes) -> bytes | None:
         """A small metadata value (apps, checkpoints, the cursor key: the core owns their

@@ -1,5 +1,5 @@
 """JetStreamStore: the log and the metadata on a NATS JetStream cluster, so a broker keeps nothing
-of its own on disk (issue 13, first step: one broker; the multi-broker coordination comes next).
+of its own on disk, and several brokers can serve one deployment (issue 13).
 
 Layout (every name starts with --nats-prefix, default "sluice"; P below):
 
@@ -15,6 +15,8 @@ Layout (every name starts with --nats-prefix, default "sluice"; P below):
         n                                        the next stream id (a compare-and-set counter)
         t.<stream_id>.<partition>                the trim marker: logical first seq (+ the head when trimmed)
         m[.<hh>...]                              a core metadata key (meta_get/scan/write), encoded below
+    core NATS subject P.w.<stream_id>.<part>     an append's notification to the other brokers (see "Several brokers")
+    core NATS subject P.c                        a create, scale or drop of a stream, ditto
 
 Why one JetStream stream per partition (measured, single node, 4 partitions, batches of 10 x 100 B,
 nats-server 2.9.10, one client): appends with Expected-Last-Sequence on a per-partition stream ran
@@ -87,9 +89,29 @@ kv.update(last=revision) otherwise, a purge below revision + 1 for a delete; a w
 reads the key again and compares again. The brokers coordinate through it: the cursor key, consumer
 group leases (core/leases.py StoreLeases), source leases (sources/manager.py), tsdb series types.
 
-Not this round: other brokers' appends are seen by this broker's reads (they read JetStream), but its
-head cache (bounds) and catalogue learn of them only on a numbering mismatch or a restart; cross-broker
-push and the 3-node tests are the next step (issue 13).
+Several brokers (watch, storage/base.py StoreEvents), over core NATS, at most once:
+* after JetStream acks an append message the store publishes `P.w.<stream_id>.<partition>` =
+  `<js seq> <first seq> <count> <newest ts> <writer id>`; every store subscribes to `P.w.>` and
+  raises its head cache (only forward: two writers' notifications may cross), remembers where the
+  message starts (tail reads), and reports the partition to the broker once per burst (one
+  call_soon for every notification already received), which wakes its long polls, subscriptions
+  and streaming queries. The connection is no_echo: a store is not told of its own appends.
+* after a create, a scale (update_stream) or a drop is in the KV bucket, `P.c` carries the stream
+  id, project and name; a receiver re-reads the name's key (the truth, whatever order events
+  arrive in) and reports the stream as changed or dropped. (A KV watch would not see a drop: the
+  name key is purged, which leaves no message to watch.)
+* a notification can be lost (a broker disconnected, a slow consumer): a reconnect or a dropped
+  message re-reads the catalogue, forgets every head (reloaded from JetStream when needed) and
+  wakes every reader. Until then a reader on this broker may not see another's newest records;
+  it never sees wrong ones, and a cursor (fresh_bounds: one direct get of the last message) and
+  any append of its own (a numbering conflict reloads the head) are always current.
+* find_stream reads a name's key: the broker asks before answering STREAM_NOT_FOUND, so a stream
+  created through another broker a moment ago is found even before its event.
+* update_stream refuses (UNAVAILABLE, retriable) a layout not computed from the one stored
+  (_based_on): two brokers scaling one stream at once cannot write over each other's event.
+Known gap: a scale event is exact for the writes of the broker that runs it (core/catalogue.py);
+another broker's writes routed by the old layout in the moment before its event arrives may land
+after the boundary.
 """
 from __future__ import annotations
 
@@ -127,6 +149,7 @@ from broker.storage.base import (
     StorageState,
     Store,
     StoreCapabilities,
+    StoreEvents,
 )
 
 log = logging.getLogger(__name__)
@@ -411,6 +434,13 @@ class JetStreamStore(Store):
         self.publishes = 0     # observability and tests
         self.renumbered = 0    # numbering conflicts resolved
         self.settled = 0       # unknown publish outcomes settled
+        # other brokers' changes (watch): appends and catalogue events from core NATS
+        self._events: StoreEvents | None = None
+        self._woken: set[tuple[int, int]] = set()   # partitions to wake, once per burst
+        self._resyncing: asyncio.Task[None] | None = None
+        self.remote_appends = 0        # other brokers' append notifications taken
+        self.remote_stream_changes = 0  # other brokers' creates, scales and deletes taken
+        self.resyncs = 0               # full re-reads after a reconnect or dropped notifications
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -429,7 +459,8 @@ class JetStreamStore(Store):
                                    "reconnect_time_wait": 0.5, "allow_reconnect": True, "name": "sluice-broker",
                                    # no buffer while disconnected: a publish then fails at once, certainly
                                    # unsent, instead of being flushed on a reconnect after we gave up on it
-                                   "pending_size": 0}
+                                   "pending_size": 0,
+                                   "no_echo": True}   # its own notifications (watch) are not sent back to it
         if creds:
             options["user_credentials"] = creds
         if tls_ca:
@@ -438,6 +469,9 @@ class JetStreamStore(Store):
         errors_told: list[bool] = []   # one line per outage, not one per reconnect attempt
 
         async def quiet(exc: Exception) -> None:   # nats-py would print every error to stderr
+            if isinstance(exc, nats.errors.SlowConsumerError) and opened:
+                opened[0]._resync_soon("notifications were dropped (slow consumer)")
+                return
             if not errors_told:
                 errors_told.append(True)
                 log.warning("NATS connection: %s", exc)
@@ -450,6 +484,8 @@ class JetStreamStore(Store):
             errors_told.clear()
             current = opened[0]._nc if opened else nc
             log.info("NATS: reconnected to %s", current.connected_url.netloc if current.connected_url else "?")
+            if opened:   # notifications sent while this broker was away are lost: read everything again
+                opened[0]._resync_soon("reconnected")
 
         async def closed() -> None:   # for good: nats-py gives up after some protocol errors (-ERR)
             if not closing and opened:
@@ -540,6 +576,8 @@ class JetStreamStore(Store):
                 await nc.connect(**self._options)
                 js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
                 kv = await js.key_value(self._kv_bucket)
+                if self._events is not None:   # the watch's subscriptions went with the old connection
+                    await self._subscribe(nc)
             except Exception as exc:
                 log.warning("NATS: opening a new connection failed (%s); trying again in %gs", exc, pause)
                 try:
@@ -555,6 +593,7 @@ class JetStreamStore(Store):
             self._nc, self._js, self._kv = nc, js, kv
             self._heads.clear()   # other brokers may have appended meanwhile
             log.info("NATS: a new connection to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            self._resync_soon("a new connection")   # what was announced meanwhile is lost
             return
 
     async def _migrate_meta_keys(self) -> None:
@@ -590,6 +629,9 @@ class JetStreamStore(Store):
 
     def _subject(self, sid: int, p: int) -> str:
         return f"{self._prefix}.{sid}.{p}"
+
+    def _appends_subject(self, sid: int, p: int) -> str:
+        return f"{self._prefix}.w.{sid}.{p}"
 
     @staticmethod
     def _name_key(project: str, stream_name: str) -> str:
@@ -663,6 +705,7 @@ class JetStreamStore(Store):
         for p in range(stored.partition_count):
             self._heads[(stored.stream_id, p)] = _Head(0, 0, 0)
             self._trims[(stored.stream_id, p)] = _Trim(0)
+        await self._announce_stream("put", stored)
         return stored
 
     async def _undo_create(self, stored: StreamConfig, key: str) -> None:
@@ -705,6 +748,10 @@ class JetStreamStore(Store):
     async def _update_stream(self, config: StreamConfig) -> StreamConfig:
         while True:
             current, revision = await self._current(config.stream_id)
+            if not _based_on(config, current):   # another broker scaled it since this one looked
+                self._changed(current)
+                raise _unavailable(f"stream {current.stream_name} was scaled through another broker meanwhile; "
+                                   f"retry against its layout now")
             try:
                 await self._kv.update(self._name_key(current.project, current.stream_name),
                                       json.dumps(asdict(config)).encode(), last=revision)
@@ -713,6 +760,7 @@ class JetStreamStore(Store):
                 continue
         self._configs[config.stream_id] = config
         await asyncio.gather(*(self._ensure_partition(config, p) for p in range(config.readable_partition_count)))
+        await self._announce_stream("put", config)
         return config
 
     async def drop_stream(self, stream_id: int) -> None:
@@ -724,6 +772,7 @@ class JetStreamStore(Store):
         if not await self._kv_erase(self._name_key(config.project, config.stream_name), revision):
             return await self._drop_stream(stream_id)   # changed meanwhile: decide again
         self._forget(stream_id)
+        await self._announce_stream("del", config)
         # the name is free and the stream invisible from here on; a crash below leaves JetStream
         # streams no config points to (garbage, never read: ids are never reused)
         await self._delete_partitions(stream_id, config.readable_partition_count)
@@ -1073,6 +1122,7 @@ class JetStreamStore(Store):
             self._heads[(sid, p)] = _Head(stored, head.next_seq + count, int(headers["S-Ts"]))
             self._remember(sid, p, head.next_seq, stored)
             self.publishes += 1
+            await self._announce_append(sid, p, stored, head.next_seq, count, headers["S-Ts"])
             return list(firsts)
         raise _unavailable(f"partition {sid}/{p}: numbering conflicts did not stop after {MAX_RENUMBER} tries")
 
@@ -1393,6 +1443,169 @@ class JetStreamStore(Store):
                 for k in [k for k in marks if k < before]:
                     del marks[k]
 
+    # -- other brokers: notifications and catalogue events (core NATS) ---------------------------
+
+    async def watch(self, events: StoreEvents) -> None:
+        """Report other brokers' appends and stream changes to `events`: core NATS subscriptions on
+        P.w.> (a message per JetStream append message: `<js seq> <first seq> <count> <ts> <writer>`)
+        and P.c (a JSON line per create, scale or delete, after the KV bucket has it). Returns once
+        the server has both subscriptions: what is announced from then on is seen."""
+        self._check_open()
+        self._events = events
+        await _guard(self._subscribe(self._nc))
+
+    async def _subscribe(self, nc: NatsClient) -> None:
+        """The watch's subscriptions on `nc`, in place at the server when this returns."""
+        await nc.subscribe(f"{self._prefix}.w.>", cb=self._on_append)
+        await nc.subscribe(f"{self._prefix}.c", cb=self._on_catalogue)
+        await nc.flush(timeout=int(REQUEST_TIMEOUT_S))
+
+    async def _announce_append(self, sid: int, p: int, js_seq: int, first: int, count: int, ts: str) -> None:
+        """After JetStream's ack: tell the other brokers (their head caches and sleeping readers).
+        Core NATS, at most once: a lost one costs a reader on another broker its wake-up until the
+        next append (or its reconnect's re-read), never a record."""
+        try:
+            await self._nc.publish(self._appends_subject(sid, p), f"{js_seq} {first} {count} {ts} {self._writer_id}"
+                                   .encode())
+        except Exception:   # reconnecting and its buffer full, closing: the others re-read on reconnect
+            log.debug("announcing an append to %d/%d", sid, p, exc_info=True)
+
+    async def _announce_stream(self, op: str, config: StreamConfig) -> None:
+        try:
+            await self._nc.publish(f"{self._prefix}.c", json.dumps({
+                "op": op, "id": config.stream_id, "project": config.project, "name": config.stream_name,
+                "w": self._writer_id}).encode())
+        except Exception:
+            log.debug("announcing a stream change of %d", config.stream_id, exc_info=True)
+
+    async def _on_append(self, msg: Msg) -> None:
+        """Another broker appended: raise the partition's head (only ever forward: notifications of
+        two writers may cross), remember where the message starts (tail reads find it), and wake the
+        partition's readers once per burst (call_soon after the messages already received)."""
+        try:
+            _, _, sid_s, p_s = msg.subject.rsplit(".", 3)
+            js_s, first_s, count_s, ts_s, writer = msg.data.decode().split()
+            sid, p, js_seq, first = int(sid_s), int(p_s), int(js_s), int(first_s)
+            count, ts = int(count_s), int(ts_s)
+        except ValueError:
+            log.debug("ignoring a malformed append notification on %s", msg.subject)
+            return
+        if writer == self._writer_id:
+            return
+        if sid in self._configs:
+            head = self._heads.get((sid, p))
+            if head is None or js_seq > head.js_last:
+                self._heads[(sid, p)] = _Head(js_seq, first + count, ts)
+                self._remember(sid, p, first, js_seq)
+        if not self._woken:
+            asyncio.get_running_loop().call_soon(self._wake)
+        self._woken.add((sid, p))
+
+    def _wake(self) -> None:
+        woken, self._woken = self._woken, set()
+        self.remote_appends += len(woken)
+        if self._events is not None and not self._closed:
+            self._events.appended(woken)
+
+    async def _on_catalogue(self, msg: Msg) -> None:
+        """Another broker created, scaled or deleted a stream: the KV bucket says what is true now
+        (events may be late or cross each other), and the broker is told what changed."""
+        try:
+            event = json.loads(msg.data)
+            if event.get("w") == self._writer_id or self._closed:
+                return
+            sid = int(event["id"])
+            stored = await _guard(self._find_stream(str(event["project"]), str(event["name"])))
+            self.remote_stream_changes += 1
+            if stored is None or stored.stream_id != sid:
+                self._dropped(sid)
+            if stored is not None:
+                self._changed(stored)
+        except Exception:
+            log.warning("could not take another broker's stream change %r; re-reading the catalogue", msg.data,
+                        exc_info=True)
+            self._resync_soon("a stream change could not be read")
+
+    def _changed(self, config: StreamConfig) -> None:
+        if self._configs.get(config.stream_id) == config:
+            return
+        self._configs[config.stream_id] = config
+        if self._events is not None:
+            self._events.stream_changed(config)
+
+    def _dropped(self, sid: int) -> None:
+        if sid not in self._configs:
+            return
+        self._forget(sid)
+        if self._events is not None:
+            self._events.stream_dropped(sid)
+
+    def _resync_soon(self, why: str) -> None:
+        """Notifications may have been missed (a reconnect, a slow consumer): read the catalogue
+        again, forget every head (reloaded from JetStream when next needed) and wake every reader."""
+        if self._events is None or self._closed or (self._resyncing is not None and not self._resyncing.done()):
+            return
+        log.info("JetStream store: %s; reading the catalogue and partition heads again", why)
+        self._resyncing = asyncio.get_running_loop().create_task(self._resync(), name="sluice-jetstream-resync")
+
+    async def _resync(self) -> None:
+        pause = 0.1
+        while not self._closed:
+            try:
+                listed = {c.stream_id: c for c in await self.list_streams()}
+                break
+            except BrokerError:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        else:
+            return
+        self.resyncs += 1
+        for sid in [sid for sid in self._configs if sid not in listed]:
+            self._dropped(sid)
+        for config in listed.values():
+            self._changed(config)
+        self._heads.clear()
+        self._trims.clear()
+        if self._events is not None:
+            self._events.appended([(c.stream_id, p) for c in listed.values()
+                                   for p in range(c.readable_partition_count)])
+
+    async def find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
+        self._check_open()
+        stored = await _guard(self._find_stream(project, stream_name))
+        if stored is not None:
+            for other in [c.stream_id for c in self._configs.values()
+                          if c.key == stored.key and c.stream_id != stored.stream_id]:
+                self._forget(other)   # that name's previous stream, deleted through another broker
+            self._configs[stored.stream_id] = stored
+        return stored
+
+    async def _find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
+        try:
+            entry = await self._kv.get(self._name_key(project, stream_name))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):   # no such (possible) name
+            return None
+        return StreamConfig.from_dict(json.loads(entry.value)) if entry.value else None
+
+    async def fresh_bounds(self, stream_id: int, partition: int) -> PartitionBounds:
+        """bounds() after a direct get of the partition's last message and a read of its trim
+        marker: current even when another broker's notification of an append is still on its way,
+        or another broker trimmed it (a TRIM_HORIZON cursor starts at what is still there)."""
+        self._check_open()
+
+        async def get() -> PartitionBounds:
+            last = await self._last_msg(stream_id, partition)
+            head = self._heads.get((stream_id, partition))
+            if last is not None and (head is None or last.js_seq > head.js_last):
+                head = self._heads[(stream_id, partition)] = _Head(last.js_seq, last.end, last.last_ts)
+            if head is None:
+                head = await self._load_head(stream_id, partition)
+            self._trims.pop((stream_id, partition), None)   # another broker's retention may have trimmed
+            trim = await self._trim_point(stream_id, partition)
+            return PartitionBounds(min(max(trim.first, 0), head.next_seq), head.next_seq, head.last_ts)
+        result: PartitionBounds = await self._with_partition(stream_id, partition, get)
+        return result
+
     # -- metadata ----------------------------------------------------------------------------------
 
     async def meta_get(self, key: bytes) -> bytes | None:
@@ -1524,12 +1737,29 @@ class JetStreamStore(Store):
         self._closing_flag.append(True)
         if self._probe is not None:
             self._probe.cancel()
+        if self._resyncing is not None:
+            self._resyncing.cancel()
         if self._reopening is not None:
             self._reopening.cancel()
         try:
             await self._nc.close()
         except Exception:
             log.debug("closing the NATS connection", exc_info=True)
+
+
+def _based_on(config: StreamConfig, current: StreamConfig) -> bool:
+    """Whether `config`, a new layout (one more scale event), was computed from `current`, the
+    stored one: its event starts from current's partition count and it keeps current's events
+    (but those it dropped as older than the retention). Two brokers scaling at once: the second
+    one's layout is refused, not written over the first's."""
+    if config == current or not config.scale_events:
+        return True
+    newest = config.scale_events[-1]
+    if newest in current.scale_events:   # the same event, written again (a retry)
+        return True
+    horizon = newest.timestamp_ms - config.retention_ms
+    return newest.src_partition_count == current.partition_count and \
+        all(e in config.scale_events for e in current.scale_events if e.timestamp_ms > horizon)
 
 
 def _result(out: list[Any], times: list[tuple[int, int]], first: int | None, start: int, columns: bool) -> Any:

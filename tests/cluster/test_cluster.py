@@ -39,20 +39,16 @@ LOGS: dict[str, dict[int, list[tuple[int, bytes]]]] = {}   # stream -> partition
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SluiceCluster]:
-    """Broker b starts after the module's streams exist (a broker learns streams created through another
-    one when it starts; the live catalogue watch is K1's part of issue 13, see the xfail tests)."""
+    """Both brokers running, then the module's streams created through broker a (b learns of them
+    from the catalogue events)."""
     try:
         nats_server_exe()
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    made = SluiceCluster(tmp_path_factory.mktemp("cluster"), prefix="cf")
-    made.nats.start()
-    a, b = made.brokers
-    made.start_broker(a)
-    with Client(a.grpc_target, project=PROJECT) as c:
+    made = SluiceCluster(tmp_path_factory.mktemp("cluster"), prefix="cf").start()
+    with Client(made.brokers[0].grpc_target, project=PROJECT) as c:
         for name in ("ab", "nodekill", "failover"):
             c.create_stream(name, PARTITIONS)
-    made.start_broker(b)
     yield made
     made.stop()
 
@@ -77,8 +73,8 @@ _readers = itertools.count(1)
 
 @contextmanager
 def fresh_reader(cluster: SluiceCluster) -> Iterator[Client]:
-    """A client of a broker started now on an empty data dir. Checks read through it: brokers a and b
-    know of each other's appends only once they see them (K1's part), a new broker reads what JetStream has."""
+    """A client of a broker started now on an empty data dir: the checks read what JetStream holds
+    through a broker that took part in nothing (stateless), beside what a and b answer."""
     broker: ClusterBroker = cluster.start_broker(cluster.new_broker(f"reader{next(_readers)}"))
     try:
         with Client(broker.grpc_target, project=PROJECT) as c:
@@ -113,8 +109,6 @@ def test_records_written_through_a_are_read_through_b_in_order(cluster: SluiceCl
     LOGS["ab"] = got
 
 
-@pytest.mark.xfail(reason="needs K1 (issue 13 point 4): broker b's catalogue learns of a stream created "
-                   "through a only when b starts", strict=False)
 def test_a_stream_created_through_a_is_served_by_b_at_once(cluster: SluiceCluster) -> None:
     a, b = cluster.brokers
     with Client(a.grpc_target, project=PROJECT) as ca, Client(b.grpc_target, project=PROJECT) as cb:
@@ -124,8 +118,6 @@ def test_a_stream_created_through_a_is_served_by_b_at_once(cluster: SluiceCluste
         assert [r.data for r in cb.get_records(cb.get_cursor("live", 0)).records] == [b"one"]
 
 
-@pytest.mark.xfail(reason="needs K1 (issue 13 point 4): broker b's head cache of a partition it already "
-                   "read learns of appends through a only on its own next append", strict=False)
 def test_appends_through_a_after_b_read_are_seen_by_b(cluster: SluiceCluster) -> None:
     a, b = cluster.brokers
     with Client(a.grpc_target, project=PROJECT) as ca, Client(b.grpc_target, project=PROJECT) as cb:

@@ -1,0 +1,331 @@
+"""Two JetStream stores of one deployment (two brokers): what one writes, the other is told of
+through core NATS (storage/base.py StoreEvents) - its appends (the head cache raised, readers woken
+once per burst), its creates, scales and deletes - and `find_stream` / `fresh_bounds` see another
+store's changes before any notification arrives."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Iterable
+
+import pytest
+
+from broker.model import AppendBatch, StreamConfig
+from broker.storage.jetstream import JetStreamStore
+from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, nats_config
+
+BIG = 1 << 30
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Yield to the loop until `check()` holds (the notifications arrive on it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def opener(jetstream_server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[JetStreamStore]]]:
+    prefix = fresh_prefix()
+    opened: list[JetStreamStore] = []
+
+    async def open_() -> JetStreamStore:
+        s = await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        await s.close()
+    await delete_prefix(jetstream_server.url, prefix)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.calls: list[set[tuple[int, int]]] = []
+        self.changed: list[StreamConfig] = []
+        self.dropped: list[int] = []
+
+    def appended(self, partitions: Iterable[tuple[int, int]]) -> None:
+        self.calls.append(set(partitions))
+
+    def stream_changed(self, config: StreamConfig) -> None:
+        self.changed.append(config)
+
+    def stream_dropped(self, stream_id: int) -> None:
+        self.dropped.append(stream_id)
+
+
+async def test_another_stores_appends_raise_the_head_and_wake_once_per_burst(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 2))).stream_id
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    assert (await b.bounds(sid, 0)).next_seq == 0   # b's head cache is loaded (and would stay stale)
+
+    # a burst: 20 appends to partition 0 and one to 1, each its own JetStream message
+    for i in range(20):
+        await a.append([AppendBatch(sid, 0, 1000 + i, [(None, b"x%d" % i)])])
+    await a.append([AppendBatch(sid, 1, 2000, [(None, b"y")])])
+    await eventually(lambda: (sid, 1) in set().union(*events.calls))
+    await eventually(lambda: b.remote_appends >= 2)
+    bounds = await b.bounds(sid, 0)
+    assert (bounds.next_seq, bounds.last_ts) == (20, 1019)          # from the notifications, no read
+    assert (await b.bounds(sid, 1)).next_seq == 1
+    assert [r.data for r in await b.read(sid, 0, 18, BIG, BIG)] == [b"x18", b"x19"]
+    # its own appends are not reported back to it
+    before = len(events.calls)
+    await b.append([AppendBatch(sid, 1, 3000, [(None, b"z")])])
+    await asyncio.sleep(0.2)   # (a negative: give a wrong notification time to arrive)
+    assert len(events.calls) == before
+    assert (await a.fresh_bounds(sid, 1)).next_seq == 2
+    # a burst arriving at once (as under load; fake notifications): one wake for the partition, not one per message
+    wakes = sum((sid, 0) in c for c in events.calls)
+    for i in range(50):
+        await a._nc.publish(f"{a._prefix}.w.{sid}.0", b"%d %d 1 1019 someone" % (21 + i, 20 + i))
+    await eventually(lambda: b._heads[(sid, 0)].next_seq == 70)
+    await asyncio.sleep(0.05)
+    assert 1 <= sum((sid, 0) in c for c in events.calls) - wakes < 5
+
+
+async def test_fresh_bounds_and_find_stream_need_no_notification(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """b does not watch: it learns of a's writes only by asking."""
+    a = await opener()
+    b = await opener()
+    assert await b.find_stream("default", "late") is None
+    config = await a.create_stream(StreamConfig("late", 1))
+    found = await b.find_stream("default", "late")
+    assert found == config
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 0
+    await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"1"), (None, b"2")])])
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 0          # stale: nobody told it
+    fresh = await b.fresh_bounds(config.stream_id, 0)
+    assert (fresh.first_seq, fresh.next_seq, fresh.last_ts) == (0, 2, 5)
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 2          # and the cache moved on
+    (first,) = await b.append([AppendBatch(config.stream_id, 0, 6, [(None, b"3")])])
+    assert first == 2
+    await a.trim(config.stream_id, 0, 2)                                  # a's retention, say
+    assert (await b.bounds(config.stream_id, 0)).first_seq == 0          # b's cached trim point
+    assert (await b.fresh_bounds(config.stream_id, 0)).first_seq == 2    # a cursor asks
+
+
+async def test_another_stores_creates_scales_and_deletes_are_reported(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    a = await opener()
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    config = await a.create_stream(StreamConfig("cat", 1))
+    await eventually(lambda: events.changed == [config])
+    scaled = await a.update_stream(replace(config, partition_count=3))
+    await eventually(lambda: events.changed == [config, scaled])
+    assert (await b.bounds(config.stream_id, 2)).next_seq == 0           # b's store knows the new layout
+    await a.drop_stream(config.stream_id)
+    await eventually(lambda: events.dropped == [config.stream_id])
+    again = await a.create_stream(StreamConfig("cat", 1))                # the name with a new stream id
+    await eventually(lambda: events.changed[-1] == again)
+    assert b.remote_stream_changes == 4
+
+
+async def test_a_reconnect_reads_everything_again(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Notifications sent while a store was away are lost: after its reconnect it forgets its heads
+    (reloaded from JetStream), re-reads the catalogue and wakes every reader."""
+    a = await opener()
+    config = await a.create_stream(StreamConfig("gone", 1))
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 0
+    await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"1")])])
+    await eventually(lambda: b.remote_appends == 1)
+    b._heads[(config.stream_id, 0)] = replace(b._heads[(config.stream_id, 0)], next_seq=0, js_last=0)  # as if missed
+    other = await a.create_stream(StreamConfig("other", 1))
+    await eventually(lambda: other in events.changed)
+    b._configs.pop(other.stream_id)   # as if its event was missed
+    events.changed.clear()
+    b._resync_soon("a test")
+    await eventually(lambda: b.resyncs == 1)
+    assert events.changed == [other]
+    assert (config.stream_id, 0) in events.calls[-1]
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 1
+
+
+async def test_a_streaming_query_on_one_broker_gets_rows_put_through_another(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Two Brokers in-process on two stores of one deployment: a streaming query on B is woken by
+    A's appends (B's notifier, from A's notification), a bounded one on B counts what A wrote a
+    moment before (fresh bounds), and B's catalogue has A's stream without a restart."""
+    from broker.core.broker import Broker
+    from broker.model import ColumnDef, StreamSchema
+    from broker.rows.encode import RowEncoder
+
+    schema = StreamSchema((ColumnDef("k", "string"), ColumnDef("v", "int64")))
+    encoder = RowEncoder(schema)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(await opener(), cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("typed", 1, schema=schema)
+        await a.append_rows("typed", encoder.compact(["k", "v"], [["x", 1], ["y", 2]], 1_000))
+        bounded = await b.queries.start("default", "select v from table(typed)")   # B never saw 'typed' before
+        rows: list[list[object]] = []
+        while (item := await asyncio.wait_for(bounded.results.get(), 10)) is not None:
+            rows += item
+        assert sorted(rows) == [[1], [2]]
+
+        streaming = await b.queries.start("default", "select v from typed")   # its LATEST cursors are taken
+        await a.append_rows("typed", encoder.compact(["k", "v"], [["z", 3]], 2_000))
+        assert await asyncio.wait_for(streaming.results.get(), 10) == [[3]]
+        assert b.stats.remote_appends >= 1
+        await b.queries.cancel("default", streaming.id)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_after_a_reconnect_the_store_reads_everything_again_and_is_notified_again(tmp_path: Path) -> None:
+    """The NATS server restarts under two stores: the watching one re-reads (resync) once it is back,
+    and notifications flow again on the restored subscriptions."""
+    server = NatsServer(tmp_path / "store", extra=("-c", str(nats_config(tmp_path)))).start()
+    a = b = None
+    try:
+        a = await JetStreamStore.open([server.url], prefix="rc", replicas=1)
+        b = await JetStreamStore.open([server.url], prefix="rc", replicas=1)
+        events = Events()
+        await b.watch(events)
+        config = await a.create_stream(StreamConfig("r", 1))
+        await eventually(lambda: events.changed == [config])
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: b.resyncs == 1 and a._nc.is_connected, timeout=20)
+        assert (config.stream_id, 0) in events.calls[-1]    # every reader woken to re-read
+        (first,) = await a.append([AppendBatch(config.stream_id, 0, 7, [(None, b"after")])])
+        assert first == 0
+        await eventually(lambda: b.remote_appends == 1)      # the append after it, notified again
+        assert (await b.bounds(config.stream_id, 0)).next_seq == 1
+    finally:
+        for s in (a, b):
+            if s is not None:
+                await s.close()
+        server.stop()
+
+
+async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B never gets A's catalogue events here: every verb that names the stream looks it up in the
+    store before answering STREAM_NOT_FOUND."""
+    from broker.core.broker import Broker
+    from broker.errors import BrokerError, ErrorCode
+    from broker.model import PutEntry
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        for name in (("described", "put", "cursor", "exists", "config", "query")):
+            await a.create_stream(name, 1)
+            assert b.catalogue.lookup("default", name) is None
+            if name == "described":
+                assert (await b.describe_stream(name)).config.stream_name == name
+            elif name == "put":
+                assert (await b.put_records(name, [PutEntry(b"x", partition_id="0")])).failed_record_count == 0
+            elif name == "cursor":
+                await b.get_cursor(name, 0, "LATEST")
+            elif name == "exists":
+                with pytest.raises(BrokerError) as err:
+                    await b.create_stream(name, 1)
+                assert err.value.code is ErrorCode.STREAM_EXISTS
+            elif name == "config":
+                assert (await b.stream_config(name)).stream_name == name
+            else:
+                run = await b.queries.start("default", f"select * from table({name})")
+                await b.queries.cancel("default", run.id)
+            assert b.catalogue.lookup("default", name) is not None, name
+        for bad in ("nowhere", "no where", "a.>", "*", "x" * 300):   # never a KV key error (UNAVAILABLE)
+            with pytest.raises(BrokerError) as err:
+                await b.describe_stream(bad)
+            assert err.value.code is ErrorCode.STREAM_NOT_FOUND, bad
+        with pytest.raises(BrokerError) as err:
+            await b.put_records("x", [PutEntry(b"x")], project="bad project.>")
+        assert err.value.code is ErrorCode.INVALID_REQUEST
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """B scales from a layout A has changed meanwhile: refused (UNAVAILABLE, retriable), not written
+    over A's event; B's retry from the layout now stored goes through and keeps A's event."""
+    from broker.errors import BrokerError, ErrorCode
+    from broker.model import ScaleEvent
+
+    a, b = await opener(), await opener()
+    config = await a.create_stream(StreamConfig("sc", 1))
+    assert await b.find_stream("default", "sc") == config
+    by_a = await a.update_stream(replace(config, partition_count=2,
+                                         scale_events=(ScaleEvent(1000, 1, 2, (0, 0)),)))
+    stale = replace(config, partition_count=3, scale_events=(ScaleEvent(1001, 1, 3, (0, 0, 0)),))
+    with pytest.raises(BrokerError) as err:
+        await b.update_stream(stale)
+    assert err.value.code is ErrorCode.UNAVAILABLE and "another broker" in err.value.message
+    assert b._configs[config.stream_id] == by_a          # b has the layout now stored
+    retried = replace(by_a, partition_count=3, scale_events=(*by_a.scale_events, ScaleEvent(1002, 2, 3, (0, 0, 0))))
+    assert await b.update_stream(retried) == retried
+    assert await a.find_stream("default", "sc") == retried
+    assert await b.update_stream(retried) == retried      # the same layout again: a retry, not a conflict
+
+
+async def test_an_at_timestamp_cursor_on_one_broker_sees_another_brokers_newest_records(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:   # no notifications: only the cursor's own question
+        return None
+    monkeypatch.setattr(store_b, "_on_append", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("ts", 1)
+        sid = a.catalogue.get("default", "ts").stream_id
+        await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"old")])])
+        await b.get_records(await b.get_cursor("ts", 0, "TRIM_HORIZON"))    # b's head cached: next 1, ts 1000
+        now = b._now()
+        await a.store.append([AppendBatch(sid, 0, now + 5_000, [(None, b"new")])])
+        cursor = await b.get_cursor("ts", 0, "AT_TIMESTAMP", timestamp_ms=now + 1_000)
+        assert [r.data for r in (await b.get_records(cursor)).records] == [b"new"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_connection_closed_for_good_is_replaced_with_the_watch_on_it(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """nats-py closing the connection for good (a protocol error) makes the store open a new one:
+    the watch's subscriptions move to it, and what was announced meanwhile is re-read."""
+    a, b = await opener(), await opener()
+    events = Events()
+    await b.watch(events)
+    config = await a.create_stream(StreamConfig("reopened", 1))
+    await eventually(lambda: events.changed == [config])
+    old = b._nc
+    await old.close()                                  # not b.close(): as if the server had refused it
+    await eventually(lambda: b._nc is not old and b._nc.is_connected and b.resyncs == 1)
+    await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"after")])])
+    await eventually(lambda: b.remote_appends == 1)     # notified on the new connection
+    assert (await b.bounds(config.stream_id, 0)).next_seq == 1

@@ -20,6 +20,9 @@
 # `make bench-sources`: rows/s from a JetStream source into Sluice (1 KiB JSON messages) beside a
 #               plain nats-py pull consumer draining the same stream (bench/run.py sources, takes ARGS,
 #               e.g. ARGS='--messages 50000')
+# `make cluster`: a local cluster (issue 13): a 3-node NATS JetStream cluster and two brokers on it
+#               (--store jetstream --replicas 3) on loopback, data under ./cluster-data; prints the
+#               addresses, Ctrl-C stops all (broker/cluster.py; takes ARGS, e.g. ARGS='--dir /tmp/c')
 # `make bench-memory`: broker RSS with 1,000,000 records stored, then over a 5-minute W1 loop
 #               (bench/run.py memory, takes ARGS, e.g. ARGS='--minutes 0.5 --records 400000')
 SHELL := /bin/bash
@@ -31,7 +34,7 @@ STUBS := client/_pb/sluice/v1/sluice_pb2.py
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install proto nats-server chromium run test lint bench bench-compare bench-memory bench-peers bench-sources \
+.PHONY: install proto nats-server chromium run cluster test lint bench bench-compare bench-memory bench-peers bench-sources \
 	bench-timeplus wheel clean
 
 $(PY):
@@ -66,6 +69,9 @@ chromium:
 
 run: proto nats-server
 	$(PY) -m broker $(ARGS)
+
+cluster: proto nats-server
+	$(PY) -m broker.cluster $(ARGS)
 
 test: proto nats-server chromium
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -20,6 +20,8 @@ nats-py pull consumer. See bench/README.md.
     .venv/bin/python bench/run.py sources              # a JetStream source into Sluice, 1 KiB JSON (make bench-sources)
     .venv/bin/python bench/run.py sources --quick --ack-policy both                     # a smoke run
     .venv/bin/python bench/run.py core                 # the core's put -> notify -> push, in process (issue 14)
+    .venv/bin/python bench/run.py cluster              # W1/W2 through 2 brokers on a 3-node JetStream (R=3), beside
+                                                       # the embedded store and nats-py direct (issue 13)
     .venv/bin/python bench/run.py tsdb --peers yes     # OpenTSDB door: /api/put points/s, /api/query latency,
                                                        # VictoriaMetrics and InfluxDB beside (make bench-tsdb)
 
@@ -49,7 +51,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 import drivers
 import workloads as wl
 
-COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb", "core")
+COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb", "core", "cluster")
 
 
 def _say(msg: str) -> None:
@@ -836,6 +838,13 @@ def tsdb_main(argv: list[str]) -> int:
     return tsdb.main(argv)
 
 
+def cluster_main(argv: list[str]) -> int:
+    """W1/W2 through two brokers on a 3-node JetStream cluster (R=3), beside the embedded store and
+    nats-py direct on the same cluster, with the CPU split per process (bench/cluster.py, issue 13)."""
+    import cluster   # bench/cluster.py
+    return cluster.main(argv)
+
+
 def core_main(argv: list[str]) -> int:
     """The broker core's share of the trickle path (workloads.core_trickle), in this process."""
     p = argparse.ArgumentParser(prog="bench/run.py core", description=wl.core_trickle.__doc__)
@@ -864,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "suite"
     rest = argv[1:] if argv and argv[0] in COMMANDS else argv
     return {"memory": memory_main, "timeplus": timeplus_main, "sources": sources_main,
-            "tsdb": tsdb_main, "core": core_main}.get(command, suite_main)(rest)
+            "tsdb": tsdb_main, "core": core_main, "cluster": cluster_main}.get(command, suite_main)(rest)
 
 
 if __name__ == "__main__":

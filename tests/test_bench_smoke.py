@@ -266,3 +266,18 @@ def test_jetstream_store_quick(tmp_path):
     assert "Sluice on JetStream, CPU over all its workloads: broker" in out.stdout
     data = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     assert data["config"]["store"] == ["jetstream"] and len(data["jetstream_cpu_s"]) == 2
+
+
+def test_cluster_quick(tmp_path):
+    """run.py cluster: two brokers and nats-py direct on a 3-node JetStream cluster (R=3), every row ok,
+    the CPU split per process in the JSON; nothing left behind."""
+    out = _bench(tmp_path, "cluster", "--records", "4000", "--systems", "sluice,nats", timeout=240)
+    assert "W1 put: Sluice (2 brokers) on the cluster / nats-py direct = " in out.stdout, out.stdout
+    doc = _result(tmp_path, "cluster-*.json")
+    systems = ("Sluice, 2 brokers, 3-node JetStream R=3", "nats-py direct, 3-node JetStream R=3")
+    assert [(r["label"], r["workload"]) for r in doc["rows"]] == [
+        (system, workload) for system in systems for workload in ("W1 put", "W2 read")]
+    for r in doc["rows"]:
+        assert r["ok"] and r["records"] == 4000 and r["rate"] > 0, r
+        assert set(r["cpu_split_s"]) == {"brokers", "nats", "client"} and r["cpu_split_s"]["nats"] > 0, r
+    assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"

@@ -126,14 +126,14 @@ import struct
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
-from typing import Any, AsyncIterator, Awaitable, Iterable, Sequence, TypeVar, cast
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar, cast
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.kv import KeyValue
 
@@ -160,6 +160,8 @@ SETTLE_S = 30.0                # how long an unknown publish outcome is retried 
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
+OPEN_RETRY_S = 30.0            # opening: how long a JetStream that does not answer (leader elections) is waited for
+SCAN_WINDOW = 64               # metadata scans: last-message gets in flight
 READ_WINDOW = 32               # direct gets in flight for one read
 BOUNDS_IN_FLIGHT = 64          # partitions' bounds asked at once by bounds_many (the streams listing)
 PREFIX_TOKENS = 8              # metadata key bytes written as one token each (prefix scans)
@@ -202,6 +204,27 @@ def _translate(exc: BaseException) -> BrokerError:
                         nats.js.errors.ServiceUnavailableError)):
         return _unavailable("no responders", exc)
     return _unavailable(type(exc).__name__, exc)
+
+
+_NOT_YET = (nats.errors.TimeoutError, TimeoutError, nats.js.errors.ServiceUnavailableError)
+
+
+async def _patiently(call: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """Opening: `call()`, again while JetStream does not answer yet (a restarted cluster electing its
+    leaders) until `deadline` (OPEN_RETRY_S after the start); then its error stands."""
+    told = False
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, BrokerError) and exc.code is ErrorCode.UNAVAILABLE else exc
+            if not isinstance(cause, _NOT_YET) or time.monotonic() > deadline:
+                raise
+            if not told:
+                told = True
+                log.warning("JetStream does not answer yet (%s); retrying for up to %.0f s", cause or "timeout",
+                            deadline - time.monotonic())
+        await asyncio.sleep(0.5)
 
 
 async def _guard(call: Awaitable[T]) -> T:
@@ -484,25 +507,14 @@ class JetStreamStore(Store):
         try:
             js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
             bucket = f"{prefix}_meta"
-            try:
-                kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
-                                                              storage=StorageType.FILE))
-            except nats.js.errors.APIError as exc:
-                if exc.err_code != 10058:   # exists with another configuration
-                    raise
-                info = await js.stream_info(f"KV_{bucket}")
-                if info.config.num_replicas != replicas:
-                    raise IncompatibleStore(
-                        f"the KV bucket {bucket} has {info.config.num_replicas} replicas, --replicas is {replicas}: "
-                        f"start with --replicas {info.config.num_replicas}, or change the bucket first "
-                        f"(nats stream edit KV_{bucket} --replicas {replicas})") from None
-                kv = await js.key_value(bucket)   # another difference (a setting changed by hand): kept
+            deadline = time.monotonic() + OPEN_RETRY_S
+            kv = await _patiently(lambda: cls._open_bucket(js, bucket, replicas), deadline)
             store = cls(nc, kv, prefix=prefix, replicas=replicas)
             store._closing_flag = closing
             store._options = options
             opened.append(store)
-            await store._migrate_meta_keys()
-            for config in await store.list_streams():
+            await _patiently(store._migrate_meta_keys, deadline)
+            for config in await _patiently(store.list_streams, deadline):
                 store._configs[config.stream_id] = config
         except IncompatibleStore:
             closing.append(True)
@@ -520,6 +532,29 @@ class JetStreamStore(Store):
                         "5 MB to one partition) is refused; set max_payload: 8MB in nats-server's configuration",
                         nc.max_payload)
         return store
+
+    @staticmethod
+    async def _open_bucket(js: Any, bucket: str, replicas: int) -> KeyValue:
+        """The metadata bucket, created if missing. An existing one is looked up first: its stream info
+        needs no JetStream meta leader (creating does), so a broker (re)started while a cluster elects
+        one - a node died - opens at once."""
+        try:
+            info = await js.stream_info(f"KV_{bucket}")
+        except nats.js.errors.NotFoundError:
+            try:
+                return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas,
+                                                                storage=StorageType.FILE))
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != 10058:   # exists with another configuration (or another broker made it)
+                    raise
+                info = await js.stream_info(f"KV_{bucket}")
+        if info.config.num_replicas != replicas:
+            raise IncompatibleStore(
+                f"the KV bucket {bucket} has {info.config.num_replicas} replicas, --replicas is {replicas}: "
+                f"start with --replicas {info.config.num_replicas}, or change the bucket first "
+                f"(nats stream edit KV_{bucket} --replicas {replicas})") from None
+        kv: KeyValue = await js.key_value(bucket)   # another difference (a setting changed by hand): kept
+        return kv
 
     @property
     def storage_state(self) -> StorageState:
@@ -758,43 +793,42 @@ class JetStreamStore(Store):
         return sorted(configs, key=lambda c: c.key)
 
     async def _scan(self, pattern: str) -> list[tuple[str, bytes]]:
-        """Every live (key, value) of the bucket matching a subject pattern: an ephemeral consumer
-        from the last message of each key, pulled with no_wait until JetStream says there is no
-        more (a status message). Not counted by num_pending: nats-server 2.9.10 can overcount it
-        for subjects that were purged, and a fetch would wait for messages that never come."""
+        """Every live (key, value) of the bucket matching a subject pattern, in no particular order.
+
+        No consumer: creating one needs the cluster's JetStream meta leader, and an R1 consumer is
+        placed on any peer of the stream, a dead node's too - after a node dies, creations time out
+        at random for a long time (measured on nats-server 2.9.10: about every other one, still 40 s
+        after), so a broker could not start or list while one node of three was down. Instead the
+        bucket's subjects (STREAM.INFO with subjects_filter, paged) and the last message of each
+        (STREAM.MSG.GET last_by_subj: answered by the stream's leader, never a lagging replica),
+        SCAN_WINDOW requests in flight; a key whose last message is a delete or purge marker is gone."""
         stream = f"KV_{self._kv_bucket}"
-        name = self._nc._nuid.next().decode()   # the id nats-py itself gives ephemeral consumers
-        await self._js.add_consumer(stream, config=ConsumerConfig(
-            name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-            filter_subject=f"$KV.{self._kv_bucket}.{pattern}", inactive_threshold=30.0, mem_storage=True,
-            num_replicas=1))
-        inbox = self._nc.new_inbox()
-        sub = await self._nc.subscribe(inbox)
-        latest: dict[str, bytes | None] = {}
         cut = len(f"$KV.{self._kv_bucket}.")
-        batch = 1024
-        try:
-            while True:
-                await self._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
-                                       json.dumps({"batch": batch, "no_wait": True}).encode(), reply=inbox)
-                got = 0
-                while got < batch:
-                    msg = await sub.next_msg(timeout=REQUEST_TIMEOUT_S)
-                    hdr = msg.headers or {}
-                    status = hdr.get("Status")
-                    if status in ("404", "408"):   # no messages / request timeout: nothing more now
-                        return [(k, v) for k, v in latest.items() if v is not None]
-                    if status:   # 409 (consumer deleted, leadership change, ...): not the end
-                        raise _unavailable(f"scanning the KV bucket: {status} {hdr.get('Description', '')}".strip())
-                    op = hdr.get("KV-Operation")
-                    latest[msg.subject[cut:]] = None if op in ("DEL", "PURGE") else msg.data
-                    got += 1
-        finally:
-            await sub.unsubscribe()
-            try:
-                await self._js.delete_consumer(stream, name)
-            except Exception:   # it goes away by itself (inactive_threshold)
-                log.debug("deleting scan consumer %s", name, exc_info=True)
+        subjects: list[str] = []
+        while True:
+            reply = await self._nc.request(f"$JS.API.STREAM.INFO.{stream}", json.dumps(
+                {"subjects_filter": f"$KV.{self._kv_bucket}.{pattern}", "offset": len(subjects)}).encode(),
+                timeout=REQUEST_TIMEOUT_S)
+            info = json.loads(reply.data)
+            if "error" in info:
+                raise nats.js.errors.APIError.from_error(info["error"])
+            page = list((info.get("state") or {}).get("subjects") or {})
+            subjects += page
+            if not page or len(subjects) >= int(info.get("total") or 0):
+                break
+        rows: list[tuple[str, bytes]] = []
+        for i in range(0, len(subjects), SCAN_WINDOW):
+            window = subjects[i:i + SCAN_WINDOW]
+            got = await asyncio.gather(*(self._js.get_msg(stream, subject=s) for s in window), return_exceptions=True)
+            for subject, msg in zip(window, got):
+                if isinstance(msg, nats.js.errors.NotFoundError):   # deleted meanwhile
+                    continue
+                if isinstance(msg, BaseException):
+                    raise msg
+                if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                    continue
+                rows.append((subject[cut:], msg.data or b""))
+        return rows
 
     # -- the head, the trim point, messages ------------------------------------------------------
 

@@ -426,32 +426,29 @@ async def test_a_read_prefetches_no_more_than_its_byte_budget_needs(
     assert len(fetched) <= 40
 
 
-async def test_a_scan_answered_by_another_status_is_unavailable_not_the_end(
+async def test_a_scan_whose_get_fails_is_unavailable_not_a_shorter_list(
         opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only 404/408 end a KV scan; a 409 (say, the consumer deleted) must not pass for 'no more'."""
+    """A KV scan reads each key's last message (no consumer: see _scan): a key deleted meanwhile (not
+    found) is left out, any other failure of a get fails the scan (UNAVAILABLE), never a short list."""
     s = await opener()
-    await s.meta_write({b"k1": b"1", b"k2": b"2"})
-    real_subscribe = s._nc.subscribe
+    await s.meta_write({b"k1": b"1", b"k2": b"2", b"k3": b"3"})
+    real_get_msg = s._js.get_msg
+    failure: list[Exception] = []
 
-    class Msg409:
-        def __init__(self) -> None:
-            self.headers = {"Status": "409", "Description": "Consumer Deleted"}
-            self.subject, self.data = "", b""
+    async def get_msg(stream: str, subject: str | None = None, **kw: object) -> object:
+        if subject is not None and subject.endswith(meta_kv_key(b"k2")) and failure:
+            raise failure[0]
+        return await real_get_msg(stream, subject=subject, **kw)
 
-    async def subscribe(subject: str) -> object:
-        sub = await real_subscribe(subject)
-
-        async def next_msg(timeout: float) -> object:
-            return Msg409()
-        sub.next_msg = next_msg   # type: ignore[method-assign]
-        return sub
-
-    monkeypatch.setattr(s._nc, "subscribe", subscribe)
+    monkeypatch.setattr(s._js, "get_msg", get_msg)
+    failure.append(nats.js.errors.ServiceUnavailableError(code=503, description="leadership change"))
     with pytest.raises(BrokerError) as info:
         await s.meta_scan(b"k")
     assert info.value.code is ErrorCode.UNAVAILABLE
+    failure[0] = nats.js.errors.NotFoundError(code=404, err_code=10037, description="no message found")
+    assert await s.meta_scan(b"k") == [(b"k1", b"1"), (b"k3", b"3")]
     monkeypatch.undo()
-    assert await s.meta_scan(b"k") == [(b"k1", b"1"), (b"k2", b"2")]
+    assert await s.meta_scan(b"k") == [(b"k1", b"1"), (b"k2", b"2"), (b"k3", b"3")]
 
 
 async def test_a_meta_write_that_fails_midway_leaves_a_prefix(

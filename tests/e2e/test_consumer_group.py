@@ -1,11 +1,13 @@
 """Consumer group under a crash: three member processes (tests/e2e/group_worker.py) share a
 6-partition stream while a producer writes continuously; one member is SIGKILLed mid-stream.
 
-Checked: its partitions are taken over within the lease (+2 s); every record is handled at least
+Checked: its partitions are taken over within the lease (+2 s); no two members ever hold a
+partition at the same moment (by the times the members report); every record is handled at least
 once; each member handles a partition in order, without gaps within one assignment; and the only
 records handled twice are ones the killed member handled after its last committed checkpoint."""
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -14,7 +16,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pytest
 
@@ -140,10 +142,11 @@ def test_group_survives_a_member_crash(broker: BrokerProcess, stream_name: str, 
 
 
 def crash_scenario(target: str, stream_name: str, members: list[Member], extras: list[tuple[str, ...]],
-                   create: bool = True) -> None:
+                   create: bool = True, member_targets: Sequence[str] | None = None) -> None:
     """Three members (m1 the victim; `extras`: each one's extra group_worker.py arguments) on a
     stream written through `target` (created here unless `create` is False), checked by
-    verify_after_crash."""
+    verify_after_crash. `member_targets`: the broker each member uses for everything (reads,
+    checkpoints, heartbeats); `target` for all three if None."""
     app = f"app-{stream_name}"
     client = Client(target, timeout=10)
     writer = Writer(client, stream_name)
@@ -151,8 +154,8 @@ def crash_scenario(target: str, stream_name: str, members: list[Member], extras:
         if create:
             client.create_stream(stream_name, PARTITIONS)
         writer.thread.start()
-        for name, extra in zip(("m0", "m1", "m2"), extras):
-            members.append(Member(name, target, app, stream_name, *extra))
+        for name, extra, member_target in zip(("m0", "m1", "m2"), extras, member_targets or [target] * 3):
+            members.append(Member(name, member_target, app, stream_name, *extra))
 
         # 1. the group settles: two partitions each, all six covered
         def balanced() -> bool:
@@ -200,11 +203,39 @@ def crash_scenario(target: str, stream_name: str, members: list[Member], extras:
     verify_after_crash(members, victim, survivors, doomed, written, killed_at)
 
 
+def check_exclusive(members: list[Member], victim: Member, killed_at: float) -> None:
+    """Exclusive ownership at every moment: per partition, the members' holdings - from the time a
+    member reports a grant (after the heartbeat answer) to the time it reports the release (before
+    the partition leaves its heartbeats), or to the kill for the victim - never overlap. The times
+    are the members' own time.monotonic() stamps, one clock for all processes on this host."""
+    spans: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    end = time.monotonic()
+    for m in members:
+        since: dict[int, float] = {}
+        for _, e in m.snapshot():
+            if "assign" in e:
+                assert e["assign"] not in since, f"{m.name} granted p{e['assign']} twice without a release"
+                since[e["assign"]] = e["t"]
+            elif "release" in e:
+                p = e["release"]
+                spans[p].append((since.pop(p), e["t"], m.name))
+        for p, t in since.items():   # still held at the end (or at the kill)
+            spans[p].append((t, killed_at if m is victim else end, m.name))
+    for p, held in sorted(spans.items()):
+        held.sort()
+        for (_, until, before), (start, _, after) in itertools.pairwise(held):
+            assert start >= until, f"p{p}: {after} got it at {start:.3f} while {before} held it until {until:.3f}"
+    print("ownership: " + "; ".join(f"p{p}: " + " ".join(name for _, _, name in sorted(held))
+                                    for p, held in sorted(spans.items())))
+
+
 def verify_after_crash(members: list[Member], victim: Member, survivors: list[Member], doomed: set[int],
                        written: dict[tuple[int, int], int], killed_at: float) -> None:
-    """Every record handled with the payload written at its position; in order within each
-    assignment; the only duplicates are the victim's records after its last checkpoint, once more
-    by the one survivor that resumed its partition right after that checkpoint."""
+    """No partition held by two members at once; every record handled with the payload written at
+    its position; in order within each assignment; the only duplicates are the victim's records
+    after its last checkpoint, once more by the one survivor that resumed its partition right after
+    that checkpoint."""
+    check_exclusive(members, victim, killed_at)
     # every record was handled, and carries the payload written at its position
     all_records = [(m.name, r) for m in members for r in m.records()]
     for _, r in all_records:

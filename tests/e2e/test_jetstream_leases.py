@@ -1,14 +1,15 @@
 """Coordination of several broker processes on one JetStream (`--store jetstream`, one single-node
 nats-server, R=1, distinct data dirs, one --nats-prefix), through the store's meta_cas:
 
-* a consumer group whose members heartbeat through different brokers keeps exclusive ownership
-  and loses nothing when a member is SIGKILLed (the single-broker crash scenario of
-  test_consumer_group.py, with the lease table in the shared store);
+* a consumer group whose members use different brokers - each one its own broker for everything:
+  reads, checkpoints, heartbeats - keeps exclusive ownership and loses nothing when a member is
+  SIGKILLed (the single-broker crash scenario of test_consumer_group.py, with the lease table and
+  the checkpoints in the shared store, and the records written through one broker read through
+  both: the cross-broker append notifications wake the other's long polls);
 * a generator source runs on exactly one broker (the other shows it running elsewhere and writes
   nothing) and moves to the other broker when its holder is SIGKILLed.
 
-The group's reads and checkpoints go through one broker: a broker learning of the other's writes
-at once is issue 13's cross-broker freshness (another branch), not what is tested here.
+tests/cluster/test_consumer_group_cluster.py runs the same group scenario on a 3-node cluster (R=3).
 """
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def test_group_members_on_two_brokers_keep_exclusive_ownership_through_a_crash(
     with Client(a.grpc_target) as ca:
         ca.create_stream(stream_name, PARTITIONS)
     b = start_broker(*js_args(nats), data_dir=tmp_path / "b")   # b's catalogue has the stream
-    # m0 heartbeats through a; m1 (the victim) and m2 through b; all read through a
-    crash_scenario(a.grpc_target, stream_name, members,
-                   [(), ("--heartbeat-target", b.grpc_target), ("--heartbeat-target", b.grpc_target)], create=False)
+    # written through a; m0 uses a, m1 (the victim) and m2 use b: the victim's partitions may go to
+    # a member of the other broker or of its own
+    crash_scenario(a.grpc_target, stream_name, members, [(), (), ()], create=False,
+                   member_targets=[a.grpc_target, b.grpc_target, b.grpc_target])
 
 
 def source_on(c: Client, name: str) -> tuple[str, str, int]:

@@ -2,7 +2,8 @@
 
 `store` is parametrized over every registered store: the in-memory reference model, the RocksDB
 store on a real directory and the JetStream store on a single-node nats-server (R=1, a prefix of
-its own per test); every test in the first part runs against each. The last part is RocksDB only: it
+its own per test); every test in the first part runs against each, and again on a 3-node cluster at
+R=3 in tests/cluster/test_store_contract_cluster.py. The last part is RocksDB only: it
 closes and reopens the directory and checks that nothing the contract promises was lost.
 """
 from __future__ import annotations

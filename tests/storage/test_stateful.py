@@ -5,6 +5,7 @@ test is also closed and reopened at random (JetStream: a new store instance on t
 its caches empty, as a broker restarted on an empty data dir). After every step the bounds of every partition agree, a
 full read agrees, and each partition's sequence numbers run first_seq .. next_seq-1 with no gaps
 (and next_seq / first_seq never go backwards).
+tests/cluster/test_store_contract_cluster.py runs the JetStream machine on a 3-node cluster (R=3).
 """
 from __future__ import annotations
 

@@ -10,7 +10,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+
+
+def without_passwords(urls: Iterable[str]) -> list[str]:
+    """URLs as they may be logged or printed: a password in one (nats://user:pass@host) hidden."""
+    return [re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url) for url in urls]
 
 
 @dataclass(frozen=True)

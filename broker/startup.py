@@ -21,7 +21,7 @@ import sys
 from typing import Iterator
 
 from broker.errors import BrokerError, ErrorCode
-from broker.settings import Settings, option_hint
+from broker.settings import Settings, option_hint, without_passwords
 from broker.storage.base import IncompatibleStore
 
 
@@ -136,7 +136,8 @@ def explain_store_failure(settings: Settings) -> Iterator[None]:
     except BrokerError as exc:
         cause = f"{exc.__cause__}" if exc.__cause__ is not None else ""
         if settings.store == "jetstream":   # nothing of it is in the data dir
-            raise StartupError(f"cannot open the JetStream store on {settings.nats_servers}: {exc.message}"
+            servers = ",".join(without_passwords(settings.nats_servers.split(",")))
+            raise StartupError(f"cannot open the JetStream store on {servers}: {exc.message}"
                                + (f" ({cause})" if cause and cause not in exc.message else "")) from exc
         if exc.code is ErrorCode.STORAGE_FULL or "No space left" in cause:
             raise StartupError(f"data dir {settings.data_dir} is full; free some space, or choose another data "

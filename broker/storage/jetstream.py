@@ -117,6 +117,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -139,7 +140,7 @@ from nats.js.kv import KeyValue
 
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
-from broker.settings import Settings
+from broker.settings import Settings, without_passwords
 from broker.storage import keys as layout
 from broker.storage.base import (
     AppendOutcome,
@@ -161,6 +162,7 @@ DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on part
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 OPEN_RETRY_S = 30.0            # opening: how long a JetStream that does not answer (leader elections) is waited for
+FIRST_CONNECT_S = 20.0         # opening: the first connection, all servers and attempts included
 SCAN_WINDOW = 64               # metadata scans: last-message gets in flight
 READ_WINDOW = 32               # direct gets in flight for one read
 BOUNDS_IN_FLIGHT = 64          # partitions' bounds asked at once by bounds_many (the streams listing)
@@ -467,11 +469,13 @@ class JetStreamStore(Store):
             options["tls"] = ssl.create_default_context(cafile=tls_ca)
 
         errors_told: list[bool] = []   # one line per outage, not one per reconnect attempt
+        last_error: list[Exception] = []
 
         async def quiet(exc: Exception) -> None:   # nats-py would print every error to stderr
             if isinstance(exc, nats.errors.SlowConsumerError) and opened:
                 opened[0]._resync_soon("notifications were dropped (slow consumer)")
                 return
+            last_error[:] = [exc]
             if not errors_told:
                 errors_told.append(True)
                 log.warning("NATS connection: %s", exc)
@@ -498,12 +502,16 @@ class JetStreamStore(Store):
         try:
             # the first connection tries each server a few times and gives up (a broker must not hang
             # at startup); once connected, reconnects go on for as long as it takes
-            await nc.connect(**{**options, "max_reconnect_attempts": 2})
+            # (bounded as a whole too: a TLS handshake that fails - an unknown CA - makes nats-py retry
+            # for ever instead of raising)
+            await asyncio.wait_for(nc.connect(**{**options, "max_reconnect_attempts": 2}), FIRST_CONNECT_S)
             nc.options["max_reconnect_attempts"] = -1
         except Exception as exc:
             closing.append(True)
-            await nc.close()
-            raise _unavailable(f"cannot connect to {', '.join(servers)}", exc) from exc
+            with contextlib.suppress(Exception):
+                await nc.close()
+            cause: BaseException = last_error[-1] if isinstance(exc, TimeoutError) and last_error else exc
+            raise _unavailable(f"cannot connect to {', '.join(without_passwords(servers))}", cause) from exc
         try:
             js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
             bucket = f"{prefix}_meta"

@@ -117,3 +117,35 @@ def test_unreachable_nats_servers_are_one_error_line(tmp_path: Path) -> None:
 def test_replicas_above_the_cluster_are_one_error_line(nats: NatsServer, tmp_path: Path) -> None:
     last = broker_fails(tmp_path, "--nats-servers", nats.url, "--replicas", "3")
     assert "3 replicas" in last and "non-clustered" in last, last
+
+
+def test_a_broker_reaches_jetstream_over_tls_with_a_user_and_password(
+        start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    """`--nats-tls-ca` with a nats-server that requires TLS (a throwaway CA) and a user/password in
+    the `--nats-servers` URL: the broker works; without the CA, or with a wrong password, it is
+    one startup error line."""
+    from tests.auth.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    conf = tmp_path / "nats-tls.conf"
+    conf.write_text(f'max_payload: 8MB\ntls {{\n  cert_file: "{certs.cert}"\n  key_file: "{certs.key}"\n}}\n'
+                    'authorization {\n  user: sluice\n  password: "s3cret-pass"\n}\n')
+    server = NatsServer(tmp_path / "nats-store", extra=("-c", str(conf))).start()
+    try:
+        url = f"nats://sluice:s3cret-pass@127.0.0.1:{server.port}"
+        broker = start_broker("--store", "jetstream", "--nats-servers", url, "--replicas", "1",
+                              "--nats-tls-ca", str(certs.ca), data_dir=tmp_path / "b")
+        with Client(broker.grpc_target) as c:
+            c.create_stream("tls", 1)
+            assert [r.seq for r in c.put_records("tls", [b"a", b"b"], partition_id=0)] == [0, 1]
+            assert [data for _, data, _ in read_all(c, "tls", 0)] == [b"a", b"b"]
+        broker.stop()
+
+        no_ca = broker_fails(tmp_path / "no-ca", "--nats-servers", url, "--replicas", "1")
+        assert "cannot connect" in no_ca and "CERTIFICATE_VERIFY_FAILED" in no_ca, no_ca
+        assert "s3cret-pass" not in no_ca and "sluice:***@" in no_ca, no_ca
+        wrong = broker_fails(tmp_path / "wrong", "--nats-servers", url.replace("s3cret-pass", "nope"),
+                             "--replicas", "1", "--nats-tls-ca", str(certs.ca))
+        assert "cannot connect" in wrong and "nope" not in wrong, wrong
+    finally:
+        server.stop()

@@ -8,11 +8,12 @@ import asyncio
 import itertools
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import nats
 import pytest
 
+from broker.storage.jetstream import JetStreamStore
 from tests.sources.conftest import NatsServer
 
 __all__ = ["NatsServer", "delete_prefix", "delete_prefix_sync", "fresh_prefix", "jetstream_server"]
@@ -53,3 +54,21 @@ async def delete_prefix(url: str, prefix: str) -> None:
 
 def delete_prefix_sync(url: str, prefix: str) -> None:
     asyncio.run(delete_prefix(url, prefix))
+
+
+@pytest.fixture
+async def opener(jetstream_server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[JetStreamStore]]]:
+    """Opens JetStream stores on one fresh prefix (several brokers of one deployment); all closed
+    afterwards and the prefix's streams and bucket deleted."""
+    prefix = fresh_prefix()
+    opened: list[JetStreamStore] = []
+
+    async def open_() -> JetStreamStore:
+        s = await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        await s.close()
+    await delete_prefix(jetstream_server.url, prefix)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, cast
+from typing import Awaitable, Callable, cast
 
 import nats.js.errors
 import pytest
@@ -16,26 +16,9 @@ from broker.model import AppendBatch, StreamConfig
 from broker.storage import jetstream
 from broker.storage.base import OutcomeUnknown, StorageState
 from broker.storage.jetstream import JetStreamStore, _Unknown, meta_key_of, meta_kv_key
-from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, nats_config
+from tests.storage.conftest import NatsServer, nats_config
 
 BIG = 1 << 30
-
-
-@pytest.fixture
-async def opener(jetstream_server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[JetStreamStore]]]:
-    """Opens stores on one fresh prefix (several brokers of one deployment); all closed afterwards."""
-    prefix = fresh_prefix()
-    opened: list[JetStreamStore] = []
-
-    async def open_() -> JetStreamStore:
-        s = await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1)
-        opened.append(s)
-        return s
-
-    yield open_
-    for s in opened:
-        await s.close()
-    await delete_prefix(jetstream_server.url, prefix)
 
 
 def test_meta_keys_encode_to_kv_tokens_and_back() -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import pytest
 
 from broker.model import AppendBatch, StreamConfig
 from broker.storage.jetstream import JetStreamStore
-from tests.storage.conftest import NatsServer, delete_prefix, fresh_prefix, nats_config
+from tests.storage.conftest import NatsServer, nats_config
 
 BIG = 1 << 30
 
@@ -25,22 +25,6 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
     while not check():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def opener(jetstream_server: NatsServer) -> AsyncIterator[Callable[[], Awaitable[JetStreamStore]]]:
-    prefix = fresh_prefix()
-    opened: list[JetStreamStore] = []
-
-    async def open_() -> JetStreamStore:
-        s = await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1)
-        opened.append(s)
-        return s
-
-    yield open_
-    for s in opened:
-        await s.close()
-    await delete_prefix(jetstream_server.url, prefix)
 
 
 class Events:

@@ -913,6 +913,16 @@ class JetStreamStore(Store):
             break
         else:
             raise _unavailable(f"partition {sid}/{p}: its last message could not be read")
+        return self._raise_head(sid, p, head)
+
+    def _raise_head(self, sid: int, p: int, head: _Head) -> _Head:
+        """Set the partition's cached head, only ever forward (by JetStream seq): a late answer
+        (this broker's own publish ack, a direct get) must not hide a newer message another broker
+        announced meanwhile. Returns the head now cached. Where the JetStream stream itself was
+        created again (seqs restart), the caller drops the cached head first."""
+        cached = self._heads.get((sid, p))
+        if cached is not None and cached.js_last >= head.js_last:
+            return cached
         self._heads[(sid, p)] = head
         return head
 
@@ -1105,6 +1115,7 @@ class JetStreamStore(Store):
             except _Missing:
                 if not await _guard(self._recreate(sid, p)):
                     raise
+                self._heads.pop((sid, p), None)   # a new JetStream stream: its seqs start again
                 await _guard(self._load_head(sid, p))
                 continue
             except _Conflict:
@@ -1119,7 +1130,7 @@ class JetStreamStore(Store):
                     continue
             assert stored is not None
             count = int(headers["S-N"])
-            self._heads[(sid, p)] = _Head(stored, head.next_seq + count, int(headers["S-Ts"]))
+            self._raise_head(sid, p, _Head(stored, head.next_seq + count, int(headers["S-Ts"])))
             self._remember(sid, p, head.next_seq, stored)
             self.publishes += 1
             await self._announce_append(sid, p, stored, head.next_seq, count, headers["S-Ts"])
@@ -1493,9 +1504,7 @@ class JetStreamStore(Store):
         if writer == self._writer_id:
             return
         if sid in self._configs:
-            head = self._heads.get((sid, p))
-            if head is None or js_seq > head.js_last:
-                self._heads[(sid, p)] = _Head(js_seq, first + count, ts)
+            if self._raise_head(sid, p, _Head(js_seq, first + count, ts)).js_last == js_seq:
                 self._remember(sid, p, first, js_seq)
         if not self._woken:
             asyncio.get_running_loop().call_soon(self._wake)
@@ -1596,8 +1605,8 @@ class JetStreamStore(Store):
         async def get() -> PartitionBounds:
             last = await self._last_msg(stream_id, partition)
             head = self._heads.get((stream_id, partition))
-            if last is not None and (head is None or last.js_seq > head.js_last):
-                head = self._heads[(stream_id, partition)] = _Head(last.js_seq, last.end, last.last_ts)
+            if last is not None:
+                head = self._raise_head(stream_id, partition, _Head(last.js_seq, last.end, last.last_ts))
             if head is None:
                 head = await self._load_head(stream_id, partition)
             self._trims.pop((stream_id, partition), None)   # another broker's retention may have trimmed

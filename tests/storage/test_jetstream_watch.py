@@ -329,3 +329,33 @@ async def test_a_connection_closed_for_good_is_replaced_with_the_watch_on_it(
     await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"after")])])
     await eventually(lambda: b.remote_appends == 1)     # notified on the new connection
     assert (await b.bounds(config.stream_id, 0)).next_seq == 1
+
+
+async def test_a_late_ack_of_its_own_append_never_moves_the_head_back(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Store a's publish is stored first, b's second; b's notification reaches a before a's own ack.
+    The ack must not lower a's head below b's message (a's bounds and reads would hide it)."""
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 1))).stream_id
+    b = await opener()
+    await a.watch(Events())
+    real = a._request_publish
+    gate = asyncio.Event()
+
+    async def late_ack(subject, body, headers):  # type: ignore[no-untyped-def]
+        out = await real(subject, body, headers)   # stored at JetStream
+        await gate.wait()                          # its ack reaches the caller late
+        return out
+    a._request_publish = late_ack   # type: ignore[method-assign]
+    first = asyncio.create_task(a.append([AppendBatch(sid, 0, 1000, [(None, b"a0")])]))
+    await asyncio.sleep(0.3)
+    await b.append([AppendBatch(sid, 0, 1001, [(None, b"b1")])])   # numbered after a's message
+    await eventually(lambda: a.remote_appends >= 1)
+    gate.set()
+    await first
+    assert (await a.bounds(sid, 0)).next_seq == 2
+    assert [r.data for r in await a.read(sid, 0, 0, BIG, BIG)] == [b"a0", b"b1"]
+    a._request_publish = real   # type: ignore[method-assign]
+    await a.append([AppendBatch(sid, 0, 1002, [(None, b"a2")])])   # numbered after b's
+    assert (await b.fresh_bounds(sid, 0)).next_seq == 3
+    assert [r.data for r in await b.read(sid, 0, 0, BIG, BIG)] == [b"a0", b"b1", b"a2"]

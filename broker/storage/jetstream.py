@@ -1543,8 +1543,8 @@ class JetStreamStore(Store):
             self._events.stream_changed(config)
 
     def _dropped(self, sid: int) -> None:
-        if sid not in self._configs:
-            return
+        """Told always, even when this store forgot the id already (a verb of this broker found it
+        gone): the broker may still know it (stream_dropped is idempotent)."""
         self._forget(sid)
         if self._events is not None:
             self._events.stream_dropped(sid)
@@ -1569,8 +1569,21 @@ class JetStreamStore(Store):
         else:
             return
         self.resyncs += 1
-        for sid in [sid for sid in self._configs if sid not in listed]:
-            self._dropped(sid)
+        # what this store or the broker knows and the listing lacks: dropped, once a read of its
+        # name (after the listing) confirms it (a stream created meanwhile is not in the listing)
+        known = {c.stream_id: c for c in self._configs.values()}
+        known_streams = getattr(self._events, "known_streams", None)
+        if known_streams is not None:
+            known.update((c.stream_id, c) for c in known_streams())
+        for sid, config in known.items():
+            if sid in listed:
+                continue
+            try:
+                stored = await _guard(self._find_stream(config.project, config.stream_name))
+            except BrokerError:
+                continue   # unknown for now: the next resync decides
+            if stored is None or stored.stream_id != sid:
+                self._dropped(sid)
         for config in listed.values():
             self._changed(config)
         self._heads.clear()

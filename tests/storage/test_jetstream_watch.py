@@ -359,3 +359,99 @@ async def test_a_late_ack_of_its_own_append_never_moves_the_head_back(
     await a.append([AppendBatch(sid, 0, 1002, [(None, b"a2")])])   # numbered after b's
     assert (await b.fresh_bounds(sid, 0)).next_seq == 3
     assert [r.data for r in await b.read(sid, 0, 0, BIG, BIG)] == [b"a0", b"b1", b"a2"]
+
+
+async def test_a_stream_deleted_through_two_brokers_at_once_is_gone_from_both(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletes; a client's retry deletes through B before A's event reaches B (STREAM_NOT_FOUND).
+    B must not bring the stream back into its catalogue (a ghost: listed, never deletable)."""
+    from broker.core.broker import Broker
+    from broker.errors import BrokerError, ErrorCode
+
+    store_b = await opener()
+    held: list[object] = []
+    real = store_b._on_catalogue
+
+    async def hold(msg: object) -> None:
+        held.append(msg)
+    monkeypatch.setattr(store_b, "_on_catalogue", hold)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("s", 1)
+        await b.describe_stream("s")   # B knows it
+        await a.delete_stream("s")
+        with pytest.raises(BrokerError) as raised:
+            await b.delete_stream("s")
+        assert raised.value.code is ErrorCode.STREAM_NOT_FOUND
+        assert b.catalogue.all() == []
+        await eventually(lambda: len(held) >= 2)   # A's create and delete events, late
+        for msg in held:
+            await real(msg)   # type: ignore[arg-type]
+        assert b.catalogue.all() == []
+        await b.create_stream("s", 1)
+        await b.delete_stream("s")
+        assert b.catalogue.all() == [] and a.catalogue.all() == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_resync_drops_what_the_broker_knows_and_the_store_lacks(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B misses A's delete and its store forgot the id already (a verb found it gone): a resync
+    still tells B's broker, which knew it; a stream B creates meanwhile is kept."""
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("gone", 1)
+        sid = (await b.describe_stream("gone")).config.stream_id
+        await a.delete_stream("gone")
+        store_b._forget(sid)
+        await b.create_stream("kept", 1)
+        await store_b._resync()
+        assert [c.stream_name for c in b.catalogue.all()] == ["kept"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_delete_while_a_broker_starts_is_not_undone_by_its_older_listing(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B subscribes, then lists the catalogue; A's delete (and its event, handled by B) lands
+    while B's listing, taken before it, is on its way: B must not load the deleted stream."""
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+    real_list = store_b.list_streams
+    listed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_list() -> list[StreamConfig]:
+        listing = await real_list()
+        listed.set()
+        await go_on.wait()
+        return listing
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    try:
+        await a.create_stream("s", 1)
+        monkeypatch.setattr(store_b, "list_streams", slow_list)
+        starting = asyncio.create_task(b.start())
+        await listed.wait()
+        await a.delete_stream("s")
+        await eventually(lambda: store_b.remote_stream_changes >= 1)
+        go_on.set()
+        await starting
+        assert b.catalogue.all() == []
+    finally:
+        await a.close()
+        await b.close()

@@ -323,9 +323,11 @@ class StreamCatalogue:
 
     async def _next_seq(self, sid: int, partition: int) -> int:
         """A partition's next_seq; 0 for one that never existed. (One past the readable ones may
-        have existed, if the event that closed it has aged out of the history: its numbering goes on.)"""
+        have existed, if the event that closed it has aged out of the history: its numbering goes on.)
+        fresh_bounds: a shared store's cached head may lag another broker's acknowledged append,
+        which would then lie after the boundary."""
         try:
-            return (await self._store.bounds(sid, partition)).next_seq
+            return (await self._store.fresh_bounds(sid, partition)).next_seq
         except BrokerError as exc:
             if exc.code is not ErrorCode.PARTITION_NOT_FOUND:
                 raise

@@ -455,3 +455,28 @@ async def test_a_delete_while_a_broker_starts_is_not_undone_by_its_older_listing
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_scale_events_boundaries_include_another_brokers_acknowledged_appends(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's head of partition 0 is cached, B's append notification has not reached A: the scale
+    event A records still puts B's acknowledged record before partition 0's boundary."""
+    from broker.core.broker import Broker
+
+    store_a = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_a, "_on_append", deaf)
+    a = Broker(store_a, cursor_secret=b"k")
+    await a.start()
+    try:
+        sid = (await a.create_stream("s", 1)).stream_id
+        assert (await store_a.bounds(sid, 0)).next_seq == 0   # cached
+        b = await opener()
+        await b.find_stream("default", "s")
+        await b.append([AppendBatch(sid, 0, 1000, [(None, b"acked-by-b")])])
+        _, after = await a.update_partition_count("s", 2)
+        assert after.scale_events[-1].boundaries[0] == 1
+    finally:
+        await a.close()

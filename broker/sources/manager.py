@@ -23,8 +23,9 @@ meta_cas. Every LEASE_S / 4 each broker (1) re-reads the definitions, so sources
 stopped, updated or deleted through another broker are seen here, (2) renews the leases it holds,
 (3) takes a lease nobody holds or whose holder let it run out (a broker that died: its sources move
 after at most LEASE_S + LEASE_S / 4), and (4) ends the jobs of sources no longer wanted running
-here. A holder that cannot renew (the store unreachable) ends its jobs itself once LEASE_S * 0.75
-has passed since its last renewal, before anyone else may take them; a holder that finds its lease
+here. A holder that cannot renew (the store unreachable, or slow to answer) ends its jobs itself once
+LEASE_S * 0.75 has passed since its last successful renewal began (a timer per lease, independent of
+the rounds, which may themselves wait on the store), before anyone else may take them; a holder that finds its lease
 taken ends its job at once. Brokers' clocks must agree to well within LEASE_S (NTP). stop and
 delete through a broker that is not the holder return once the definition is stored; the holder
 ends the job at its next tick. A source's live state (status, counters) is the holder's; on the
@@ -91,7 +92,9 @@ class Sources:
         self._monotonic = monotonic
         self.holder = uuid.uuid4().hex[:16]            # this broker, as a lease owner
         self._leases: dict[tuple[str, str], bytes] = {}  # the leases held: their stored value
-        self._renewed: dict[tuple[str, str], float] = {}  # monotonic time of the last claim/renewal
+        # monotonic time the last successful claim/renewal was sent (its `until` computed after)
+        self._renewed: dict[tuple[str, str], float] = {}
+        self._deadlines: dict[tuple[str, str], asyncio.TimerHandle] = {}  # per held lease: ends its job
         self._ticker: asyncio.Task[None] | None = None
         self._defs: dict[tuple[str, str], SourceDef] = {}
         self._states: dict[tuple[str, str], SourceState] = {}
@@ -129,6 +132,9 @@ class Sources:
         """Stop every job (bounded wait); definitions and wanted states stay as they are. On a
         shared store the leases held are given back, so another broker takes the sources at once."""
         self._closed = True
+        for handle in self._deadlines.values():
+            handle.cancel()
+        self._deadlines.clear()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(BaseException):
@@ -370,6 +376,7 @@ class Sources:
         ours, if it was). Raises what the store raises."""
         lkey = lease_key(*key)
         held = self._leases.get(key)
+        start = self._monotonic()   # before `until` is computed: the deadline below is never later
         new = self._lease_value()
         if held is not None:
             ok = await self.broker.store.meta_cas(lkey, held, new)
@@ -385,15 +392,51 @@ class Sources:
                     return False
             ok = await self.broker.store.meta_cas(lkey, raw, new)
         if ok:
-            self._leases[key], self._renewed[key] = new, self._monotonic()
+            if start >= self._renewed.get(key, start):   # (a claim that began earlier but answered later: not it)
+                self._leases[key], self._renewed[key] = new, start
+                self._arm(key, start)
         else:
             self._leases.pop(key, None)
             self._renewed.pop(key, None)
+            self._disarm(key)
         return ok
+
+    def _arm(self, key: tuple[str, str], start: float) -> None:
+        """The holder's own deadline: LEASE_S * 0.75 after the renewal began, the job ends unless a
+        later renewal succeeded by then - whatever the rounds are doing (a store call that hangs)."""
+        self._disarm(key)
+        if self._closed:
+            return
+        delay = max(0.0, start + self._lease_s * 0.75 - self._monotonic())
+        self._deadlines[key] = asyncio.get_running_loop().call_later(delay, self._deadline_passed, key, start)
+
+    def _disarm(self, key: tuple[str, str]) -> None:
+        handle = self._deadlines.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _deadline_passed(self, key: tuple[str, str], start: float) -> None:
+        if self._deadlines.get(key) is None or self._renewed.get(key) != start:
+            return   # renewed or given back since
+        if self._monotonic() < start + self._lease_s * 0.75:   # an injected clock behind the loop's
+            self._arm(key, start)
+            return
+        del self._deadlines[key]
+        self._leases.pop(key, None)
+        self._renewed.pop(key, None)
+        if key in self._tasks:
+            d = self._defs.get(key)
+            log.warning("source %s/%s: lease not renewed in time; stopping it here", key[0],
+                        d.name if d is not None else key[1])
+            self._end(key)
+            state = self._states.get(key)
+            if state is not None:
+                state.failed("its lease could not be renewed in time (the store does not answer)")
 
     async def _release(self, key: tuple[str, str]) -> None:
         held = self._leases.pop(key, None)
         self._renewed.pop(key, None)
+        self._disarm(key)
         if held is not None:
             await self.broker.store.meta_cas(lease_key(*key), held, None)
 
@@ -464,6 +507,8 @@ class Sources:
                     log.warning("source %s/%s: lease not renewed in time; stopping it here", d.project, d.name)
                     ending += self._end(key)
                     self._leases.pop(key, None)
+                    self._renewed.pop(key, None)
+                    self._disarm(key)
                     self._states[key].failed("its lease could not be renewed (the store does not answer)")
             return None, ending
         if not self._closed:

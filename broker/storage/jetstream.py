@@ -1686,8 +1686,11 @@ class JetStreamStore(Store):
             await self._meta_lock.write_release()
 
     async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """One key, atomic in the KV bucket by itself: only kept out of a multi-key meta_write
+        (shared with readers and other compare-and-sets, so a lease renewal never queues behind
+        them all)."""
         self._check_open()
-        await self._meta_lock.write_acquire()
+        await self._meta_lock.read_acquire()
         try:
             kv_key = meta_kv_key(key)
             if _hashed(kv_key):   # the value holds the key: compared and written so
@@ -1695,7 +1698,7 @@ class JetStreamStore(Store):
                 new = None if new is None else _wrap(key, new)
             return await _guard(self._meta_cas(kv_key, expected, new))
         finally:
-            await self._meta_lock.write_release()
+            await self._meta_lock.read_release()
 
     async def _meta_cas(self, kv_key: str, expected: bytes | None, new: bytes | None) -> bool:
         """On the key's KV revision: read it, compare, then write only if the revision is still the

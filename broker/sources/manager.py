@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from broker.core.broker import Broker
-from broker.errors import BrokerError, ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.sources.base import Backoff, JobContext
 from broker.sources.model import FAILED, RUNNING, STOPPED, SourceDef, SourceState, source_key, source_prefix
 from broker.sources.props import Props, bad
@@ -60,6 +60,7 @@ STOP_WAIT_S = 5.0
 HEALTHY_S = 10.0   # a job that ran this long before failing retries from the shortest backoff
 LEASE_S = 10.0     # a source's lease on a shared store (see the module's docstring)
 LEASE_PREFIX = b"L"
+CAS_TRIES = 5      # a verb's compare-and-set of a definition another broker keeps changing
 ELSEWHERE = "running on another broker"
 
 
@@ -207,26 +208,31 @@ class Sources:
             raise client_error(ErrorCode.BAD_BODY, detail="an update must be a JSON object")
 
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            d = self._defs[key]
-            if d.wanted == RUNNING:
-                raise client_error(ErrorCode.SOURCE_RUNNING, source=d.name)
-            name = d.name if body.get("name") is None else self._name(body["name"])
-            stream, description, properties = self._fields(project, body, d)
-            self._checked(project, d.type, stream, properties)
-            self._refuse_taken(project, name, d.id)
-            await self._refuse_taken_elsewhere(project, name, d.id)
-            new = d.with_(name=name, stream=stream, description=description, properties=properties,
-                          updated_ms=self._now())
-            await self.broker.store.meta_write({source_key(project, d.id): _encoded(new)})
-            self._defs[key] = new
-            return Source(new, self._states[key]), []
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)
+                if d.wanted == RUNNING:
+                    raise client_error(ErrorCode.SOURCE_RUNNING, source=d.name)
+                name = d.name if body.get("name") is None else self._name(body["name"])
+                stream, description, properties = self._fields(project, body, d)
+                self._checked(project, d.type, stream, properties)
+                self._refuse_taken(project, name, d.id)
+                await self._refuse_taken_elsewhere(project, name, d.id)
+                new = d.with_(name=name, stream=stream, description=description, properties=properties,
+                              updated_ms=self._now())
+                if await self._replace(key, raw, _encoded(new)):
+                    self._defs[key] = new
+                    return Source(new, self._states[key]), []
+            raise _contended(d)
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
     async def delete(self, project: str, ref: object) -> None:
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            await self.broker.store.meta_write({source_key(project, key[1]): None})
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)   # deleted elsewhere: forgotten, SOURCE_NOT_FOUND
+                if await self._replace(key, raw, None):
+                    break
+            else:
+                raise _contended(d)
             del self._defs[key]
             state = self._states.pop(key)
             state.status = STOPPED
@@ -239,28 +245,39 @@ class Sources:
         """Start a stopped source (a no-op on a running one). Raises SOURCE_NOT_FOUND, and
         BAD_SOURCE when its stored definition no longer passes the checks (its stream is gone)."""
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            d = self._defs[key]
-            if d.wanted != RUNNING:
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)
+                if d.wanted == RUNNING:   # maybe started through another broker: run here if its lease is free
+                    if key not in self._tasks:
+                        await self._run(d)
+                    return Source(d, self._states[key]), []
                 self._checked(project, d.type, d.stream, d.properties)
-                d = d.with_(wanted=RUNNING, started_ms=self._now())
-                await self.broker.store.meta_write({source_key(project, d.id): d.to_json()})
-                self._defs[key] = d
-                await self._run(d)
-            return Source(d, self._states[key]), []
+                new = d.with_(wanted=RUNNING, started_ms=self._now())
+                if await self._replace(key, raw, new.to_json()):
+                    self._defs[key] = new
+                    await self._run(new)
+                    return Source(new, self._states[key]), []
+            raise _contended(d)
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
     async def stop_source(self, project: str, ref: object) -> Source:
         """Stop a running source (a no-op on a stopped one); returns once its job has ended (or
         after STOP_WAIT_S if the job will not let go)."""
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            d = self._defs[key]
+            changed = False
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)
+                if d.wanted == STOPPED:   # maybe stopped through another broker: still ended here
+                    break
+                new = d.with_(wanted=STOPPED)
+                if await self._replace(key, raw, new.to_json()):
+                    d, changed = new, True
+                    self._defs[key] = d
+                    break
+            else:
+                raise _contended(d)
             ending: Tasks = []
-            if d.wanted != STOPPED:
-                d = d.with_(wanted=STOPPED)
-                await self.broker.store.meta_write({source_key(project, d.id): d.to_json()})
-                self._defs[key] = d
+            if changed or key in self._tasks or key in self._leases:
                 ending = self._end(key)
                 await self._release_quietly(key)
                 state = self._states[key]
@@ -269,6 +286,35 @@ class Sources:
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
     # -- parts ---------------------------------------------------------------------------------------
+
+    async def _fresh(self, project: str, ref: object) -> tuple[tuple[str, str], SourceDef, bytes | None]:
+        """The source's key, definition and stored form for a verb to change. A shared store: read
+        again from the store (another broker may have started, stopped, updated or deleted it since
+        this one's last round; the verb's compare-and-set fails if it changes again meanwhile).
+        Raises SOURCE_NOT_FOUND (also when deleted through another broker: forgotten here then)."""
+        key = self._key(project, ref)
+        if not self._shared:
+            return key, self._defs[key], None
+        raw = await self.broker.store.meta_get(source_key(*key))
+        if raw is None:   # deleted through another broker: as the next round would
+            d = self._defs.pop(key)
+            self._states.pop(key, None)
+            self._end(key)
+            await self._release_quietly(key)
+            raise client_error(ErrorCode.SOURCE_NOT_FOUND, source=d.name)
+        try:
+            d = SourceDef.from_json(raw)
+        except (ValueError, KeyError, TypeError):   # written by another version: the cached one
+            d = self._defs[key]
+        self._defs[key] = d
+        return key, d, raw
+
+    async def _replace(self, key: tuple[str, str], stored: bytes | None, new: bytes | None) -> bool:
+        """Write the definition (None: delete it); on a shared store only if it is still `stored`."""
+        if not self._shared:
+            await self.broker.store.meta_write({source_key(*key): new})
+            return True
+        return await self.broker.store.meta_cas(source_key(*key), stored, new)
 
     def _key(self, project: str, ref: object) -> tuple[str, str]:
         if isinstance(ref, str):
@@ -561,6 +607,11 @@ class Sources:
             if backoff.attempt <= 3 or backoff.attempt % 20 == 0:   # not a log line per retry forever
                 log.info("source %s/%s failed (%s); retrying in %.1fs", d.project, d.name, message, delay)
             await asyncio.sleep(delay)
+
+
+def _contended(d: SourceDef) -> BrokerError:
+    return server_error(ErrorCode.UNAVAILABLE, detail=f"source [{d.name}] kept changing through another broker; "
+                                                      "try again")
 
 
 def _encoded(d: SourceDef) -> bytes:

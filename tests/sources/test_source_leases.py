@@ -233,3 +233,51 @@ async def test_a_holder_renewing_in_time_keeps_its_job_past_the_first_deadline()
     finally:
         await a.close()
         await broker.close()
+
+
+async def test_a_verb_through_a_broker_with_a_stale_view_decides_on_the_stored_definition(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    """b last saw g stopped; a started it since: an update through b is SOURCE_RUNNING (not a
+    write of b's stale copy, which stopped the source), and a stop through b then a start through
+    a leave the stored definition as last asked for."""
+    a, b, _, _ = nodes
+    await a.sources.create(P, gen("g"))
+    await a.sources.stop_source(P, "g")
+    await b.sources.tick()                       # b: g is stopped
+    await a.sources.start_source(P, "g")
+    assert a.running_here("g")
+    with pytest.raises(BrokerError) as raised:
+        await b.sources.update(P, "g", {"description": "new"})
+    assert raised.value.code is ErrorCode.SOURCE_RUNNING
+    await a.sources.tick()
+    assert a.running_here("g") and a.sources.get(P, "g").definition.wanted == RUNNING
+    await b.sources.stop_source(P, "g")          # b's view is fresh now: stored as stopped
+    await a.sources.tick()
+    assert not a.running_here("g") and a.sources.get(P, "g").definition.wanted == STOPPED
+    await b.sources.update(P, "g", {"description": "new"})
+    await a.sources.delete(P, "g")               # a's copy lacks b's update: still deleted
+    with pytest.raises(BrokerError) as raised:
+        await b.sources.start_source(P, "g")     # deleted through a: forgotten by b too
+    assert raised.value.code is ErrorCode.SOURCE_NOT_FOUND
+    assert b.sources.list(P) == []
+
+
+async def test_a_definition_changed_between_read_and_write_is_read_again(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, _, store = nodes
+    await a.sources.create(P, gen("g"))
+    await a.sources.stop_source(P, "g")
+    await b.sources.tick()
+    real = b.sources._replace
+    raced = {"n": 0}
+
+    async def racing(key, stored, new):  # type: ignore[no-untyped-def]
+        if not raced["n"]:   # a starts it between b's read and b's write
+            raced["n"] += 1
+            await a.sources.start_source(P, "g")
+        return await real(key, stored, new)
+    monkeypatch.setattr(b.sources, "_replace", racing)
+    with pytest.raises(BrokerError) as raised:
+        await b.sources.update(P, "g", {"description": "new"})
+    assert raised.value.code is ErrorCode.SOURCE_RUNNING and raced["n"] == 1
+    assert a.running_here("g") and a.sources.get(P, "g").definition.description != "new"

@@ -438,6 +438,7 @@ class JetStreamStore(Store):
         self._events: StoreEvents | None = None
         self._woken: set[tuple[int, int]] = set()   # partitions to wake, once per burst
         self._resyncing: asyncio.Task[None] | None = None
+        self._hints: set[asyncio.Task[None]] = set()
         self.remote_appends = 0        # other brokers' append notifications taken
         self.remote_stream_changes = 0  # other brokers' creates, scales and deletes taken
         self.resyncs = 0               # full re-reads after a reconnect or dropped notifications
@@ -486,6 +487,7 @@ class JetStreamStore(Store):
             log.info("NATS: reconnected to %s", current.connected_url.netloc if current.connected_url else "?")
             if opened:   # notifications sent while this broker was away are lost: read everything again
                 opened[0]._resync_soon("reconnected")
+                opened[0]._hint_soon()   # and its own, sent meanwhile, may be: the others do too
 
         async def closed() -> None:   # for good: nats-py gives up after some protocol errors (-ERR)
             if not closing and opened:
@@ -594,6 +596,7 @@ class JetStreamStore(Store):
             self._heads.clear()   # other brokers may have appended meanwhile
             log.info("NATS: a new connection to %s", nc.connected_url.netloc if nc.connected_url else "?")
             self._resync_soon("a new connection")   # what was announced meanwhile is lost
+            self._hint_soon()   # and so may be what this broker announced: the others read again too
             return
 
     async def _migrate_meta_keys(self) -> None:
@@ -1478,8 +1481,25 @@ class JetStreamStore(Store):
         try:
             await self._nc.publish(self._appends_subject(sid, p), f"{js_seq} {first} {count} {ts} {self._writer_id}"
                                    .encode())
-        except Exception:   # reconnecting and its buffer full, closing: the others re-read on reconnect
+        except Exception:   # reconnecting and its buffer full, closing: tell the others to read again
             log.debug("announcing an append to %d/%d", sid, p, exc_info=True)
+            await self._hint_resync()
+
+    async def _hint_resync(self) -> None:
+        """A notification of this broker's may have been lost (a publish failed, a reconnect): a
+        resync hint on P.c makes every other broker read the catalogue and partition heads again.
+        Best effort: if it cannot be sent now, the reconnect sends it."""
+        if self._closed:
+            return
+        try:
+            await self._nc.publish(f"{self._prefix}.c", json.dumps({"op": "resync", "w": self._writer_id}).encode())
+        except Exception:
+            log.debug("sending a resync hint", exc_info=True)
+
+    def _hint_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._hint_resync(), name="sluice-jetstream-hint")
+        self._hints.add(task)
+        task.add_done_callback(self._hints.discard)
 
     async def _announce_stream(self, op: str, config: StreamConfig) -> None:
         try:
@@ -1522,6 +1542,9 @@ class JetStreamStore(Store):
         try:
             event = json.loads(msg.data)
             if event.get("w") == self._writer_id or self._closed:
+                return
+            if event.get("op") == "resync":
+                self._resync_soon("another broker's notifications may have been lost")
                 return
             sid = int(event["id"])
             stored = await _guard(self._find_stream(str(event["project"]), str(event["name"])))

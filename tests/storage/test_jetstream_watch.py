@@ -480,3 +480,50 @@ async def test_a_scale_events_boundaries_include_another_brokers_acknowledged_ap
         assert after.scale_events[-1].boundaries[0] == 1
     finally:
         await a.close()
+
+
+async def test_a_notification_the_writer_failed_to_send_is_made_up_by_a_resync_hint(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 1))).stream_id
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    assert (await b.bounds(sid, 0)).next_seq == 0   # cached
+    real = a._nc.publish
+
+    async def failing(subject, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        if ".w." in subject:   # a's connection drops just after JetStream's ack
+            raise ConnectionError("simulated: reconnecting, no pending buffer")
+        return await real(subject, payload, **kw)
+    a._nc.publish = failing   # type: ignore[method-assign]
+    await a.append([AppendBatch(sid, 0, 1000, [(None, b"x")])])
+    a._nc.publish = real   # type: ignore[method-assign]
+    await eventually(lambda: b.resyncs >= 1 and any((sid, 0) in c for c in events.calls))
+    assert (await b.bounds(sid, 0)).next_seq == 1
+
+
+async def test_a_long_poll_that_times_out_asks_the_store_itself(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B hears of no append (no notification, no hint): its long poll still returns A's record
+    when its wait runs out (one fresh_bounds per timed-out wait)."""
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_b, "_on_append", deaf)
+    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        sid = (await a.create_stream("s", 1)).stream_id
+        cursor = await b.get_cursor("s", 0, "LATEST")   # b's head cached: next 0
+        await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"unannounced")])])
+        got = await b.get_records(cursor, wait_ms=300)
+        assert [r.data for r in got.records] == [b"unannounced"]
+    finally:
+        await a.close()
+        await b.close()

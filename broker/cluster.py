@@ -43,6 +43,15 @@ def nats_server_exe() -> str:
     return exe
 
 
+class Stopped(RuntimeError):
+    """A wait given up because a stop was asked for (sluice-cluster's signal handler)."""
+
+
+def _check(stopping: threading.Event | None) -> None:
+    if stopping is not None and stopping.is_set():
+        raise Stopped("stop asked for")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,7 +94,9 @@ class NatsNode:
             f"cluster {{ name: {CLUSTER_NAME}, listen: 127.0.0.1:{self.cluster_port}, routes: [{routes}] }}\n")
         return conf
 
-    def start(self, timeout: float = 20.0) -> NatsNode:
+    def start(self, timeout: float = 20.0, stopping: threading.Event | None = None) -> NatsNode:
+        """Return once this process is up: still running and its monitoring port answers with this
+        node's server_name (a port another process holds accepts connections too: that is not it)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([nats_server_exe(), "-c", str(self.config())], stdout=log,
@@ -95,14 +106,29 @@ class NatsNode:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server {self.name} exited with {self.proc.returncode}:\n"
                                    + self.log.read_text()[-2000:])
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nats-server {self.name} not accepting on {self.port} after {timeout}s") \
-                        from None
-                time.sleep(0.02)
+            if self.server_name() == self.name:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                    if self.proc.poll() is None:
+                        return self
+                    continue   # it exited meanwhile: reported above
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server {self.name} not up on {self.port} (monitoring {self.http_port}) "
+                                   f"after {timeout}s; log {self.log}")
+            _check(stopping)
+            time.sleep(0.05)
+
+    def server_name(self) -> str | None:
+        """The server_name the node's monitoring port (/varz) gives, or None (no answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/varz", timeout=1) as resp:
+                doc = json.load(resp)
+        except (OSError, ValueError):
+            return None
+        name = doc.get("server_name") if isinstance(doc, dict) else None
+        return str(name) if name is not None else None
 
     @property
     def running(self) -> bool:
@@ -146,6 +172,7 @@ class NatsCluster:
     def __init__(self, dir_: Path, size: int = 3, ports: Sequence[int] | None = None) -> None:
         """ports: the client ports (cluster and monitoring ports are client + 2000 and + 4000); free ones if None."""
         self.dir = dir_
+        self.stopping: threading.Event | None = None   # set: the waits below give up (Stopped)
         if ports is None:
             clients, routes, https = ([free_port() for _ in range(size)] for _ in range(3))
         else:
@@ -168,7 +195,7 @@ class NatsCluster:
         leader (a restarted cluster elects them again: until then their requests time out)."""
         for node in self.nodes:
             if not node.running:
-                node.start()
+                node.start(stopping=self.stopping)
         self.wait_for_leader(timeout)
         self.wait_for_stream_leaders(timeout)
         return self
@@ -187,6 +214,7 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no JetStream meta leader after {timeout}s (nodes say {leaders}); "
                                    f"logs in {self.dir}")
+            _check(self.stopping)
             time.sleep(0.1)
 
     def leaderless_streams(self) -> set[str]:
@@ -215,6 +243,7 @@ class NatsCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"streams without a leader after {timeout}s: {sorted(missing)[:10]}; "
                                    f"logs in {self.dir}")
+            _check(self.stopping)
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -346,8 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    cluster.nats.stopping = stopping
     try:
         print(f"sluice-cluster: starting {args.nodes} NATS nodes and {args.brokers} brokers under {cluster.dir}",
               flush=True)
@@ -373,10 +403,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     told.add(name)
                     print(f"sluice-cluster: {name} exited with status {proc.returncode} (see its log); "
                           "the others go on", file=sys.stderr, flush=True)
+    except Stopped:
+        pass
     except RuntimeError as exc:
         print(f"sluice-cluster: error: {exc}", file=sys.stderr)
         cluster.stop()
         return 1
+    except BaseException:   # anything else: still no nats-server or broker left behind
+        cluster.stop()
+        raise
     print("sluice-cluster: stopping", flush=True)
     cluster.stop()
     print("sluice-cluster: stopped", flush=True)

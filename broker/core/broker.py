@@ -162,7 +162,14 @@ class Broker:
 
     async def _delete_stream(self, project: str, stream_name: object) -> None:
         await self._known(project, stream_name)
-        config = await self.catalogue.delete(project, stream_name)
+        known = self.catalogue.lookup(project, stream_name) if isinstance(stream_name, str) else None
+        try:
+            config = await self.catalogue.delete(project, stream_name)
+        except BrokerError as exc:
+            if exc.code is ErrorCode.STREAM_NOT_FOUND and known is not None \
+                    and self.catalogue.by_id(known.stream_id) is None:
+                self._forget_dropped(known)   # another broker deleted it first: as its event would
+            raise
         self.writes.forget(config.stream_id)
         self.stats.forget(config.stream_id)
         await self.groups.leases.forget_stream(config.stream_id)
@@ -353,6 +360,10 @@ class Broker:
         if config is None:
             return
         self.stats.remote_stream_changes += 1
+        self._forget_dropped(config)
+
+    def _forget_dropped(self, config: StreamConfig) -> None:
+        stream_id = config.stream_id
         self.writes.forget(stream_id)
         self.stats.forget(stream_id)
         if isinstance(self.groups.leases, LocalLeases):   # StoreLeases: the deleting broker dropped them
@@ -379,3 +390,6 @@ class _OtherBrokers(StoreEvents):
 
     def stream_dropped(self, stream_id: int) -> None:
         self._broker._stream_dropped(stream_id)
+
+    def known_streams(self) -> Iterable[StreamConfig]:
+        return self._broker.catalogue.all()

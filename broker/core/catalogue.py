@@ -55,12 +55,22 @@ class StreamCatalogue:
         self._scaling: dict[int, asyncio.Event] = {}
         # project -> (when computed, the computation): summaries() shared by concurrent callers
         self._summaries: dict[str, tuple[float, asyncio.Task[list[StreamSummary]]]] = {}
+        # while load() runs: the ids another broker deleted meanwhile (the listing may be older)
+        self._unlearnt_while_loading: set[int] | None = None
 
     async def load(self) -> None:
         """At start. A stream another broker changed meanwhile (learnt from its event) is kept as
-        learnt, not replaced by the listing, which may be older."""
-        for config in await self._store.list_streams():
-            if config.stream_id not in self._by_id and config.key not in self._streams:
+        learnt, not replaced by the listing, which may be older; nor is a stream another broker
+        deleted meanwhile (its event handled while the listing was on its way) brought back."""
+        unlearnt: set[int] = set()
+        self._unlearnt_while_loading = unlearnt
+        try:
+            listing = await self._store.list_streams()
+        finally:
+            self._unlearnt_while_loading = None
+        for config in listing:
+            if config.stream_id not in self._by_id and config.key not in self._streams \
+                    and config.stream_id not in unlearnt:
                 self._remember(config)
 
     def _remember(self, config: StreamConfig) -> None:
@@ -80,6 +90,8 @@ class StreamCatalogue:
 
     def unlearn(self, stream_id: int) -> StreamConfig | None:
         """Another broker deleted the stream: forget it (nothing in the store); returns what it was."""
+        if self._unlearnt_while_loading is not None:
+            self._unlearnt_while_loading.add(stream_id)
         config = self._by_id.pop(stream_id, None)
         if config is not None and self._streams.get(config.key) is config:
             del self._streams[config.key]
@@ -156,8 +168,11 @@ class StreamCatalogue:
             self._summaries.pop(config.project, None)
             try:
                 await self._store.drop_stream(config.stream_id)
-            except BrokerError:
-                self._remember(config)
+            except BrokerError as exc:
+                # STREAM_NOT_FOUND: another broker deleted it meanwhile (its event still on the way):
+                # gone either way, never known again
+                if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                    self._remember(config)
                 raise
         return config
 
@@ -308,9 +323,11 @@ class StreamCatalogue:
 
     async def _next_seq(self, sid: int, partition: int) -> int:
         """A partition's next_seq; 0 for one that never existed. (One past the readable ones may
-        have existed, if the event that closed it has aged out of the history: its numbering goes on.)"""
+        have existed, if the event that closed it has aged out of the history: its numbering goes on.)
+        fresh_bounds: a shared store's cached head may lag another broker's acknowledged append,
+        which would then lie after the boundary."""
         try:
-            return (await self._store.bounds(sid, partition)).next_seq
+            return (await self._store.fresh_bounds(sid, partition)).next_seq
         except BrokerError as exc:
             if exc.code is not ErrorCode.PARTITION_NOT_FOUND:
                 raise

@@ -7,6 +7,7 @@ is the store's business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from operator import itemgetter
@@ -18,7 +19,7 @@ from broker.core.cursors import CursorPosition, decode_cursor, encode_cursor
 from broker.core.limits import Limits, parse_seq
 from broker.core.notify import WriteNotifier
 from broker.core.stats import BrokerStats
-from broker.errors import ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage.base import Store
 
@@ -37,6 +38,7 @@ class ReadPath:
         self._catalogue = catalogue
         self._stats = stats if stats is not None else BrokerStats()
         self._store = store
+        self._shared = store.capabilities.shared   # other brokers write too: see _fetch
         self._notifier = notifier
         self._limits = limits
         self._now = clock_ms
@@ -161,6 +163,12 @@ class ReadPath:
             if woken:   # a write (or the deadline) woke us: read first, and register again only if
                 # that finds nothing - a write woke us, so it usually finds the records
                 bounds, records = await self._read(sid, p, seq, limit, max_bytes)
+                if not records and deadline <= loop.time() and self._shared and not self._notifier.closed:
+                    # timed out: another broker's notification may have been lost; ask the store
+                    # itself, once per wait (never per read)
+                    with contextlib.suppress(BrokerError):
+                        if (await self._store.fresh_bounds(sid, p)).next_seq > seq:
+                            bounds, records = await self._read(sid, p, seq, limit, max_bytes)
                 if records or deadline <= loop.time() or self._notifier.closed:
                     break
             waiter = self._notifier.register(sid, p) if wait_s > 0 else None

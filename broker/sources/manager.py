@@ -23,8 +23,9 @@ meta_cas. Every LEASE_S / 4 each broker (1) re-reads the definitions, so sources
 stopped, updated or deleted through another broker are seen here, (2) renews the leases it holds,
 (3) takes a lease nobody holds or whose holder let it run out (a broker that died: its sources move
 after at most LEASE_S + LEASE_S / 4), and (4) ends the jobs of sources no longer wanted running
-here. A holder that cannot renew (the store unreachable) ends its jobs itself once LEASE_S * 0.75
-has passed since its last renewal, before anyone else may take them; a holder that finds its lease
+here. A holder that cannot renew (the store unreachable, or slow to answer) ends its jobs itself once
+LEASE_S * 0.75 has passed since its last successful renewal began (a timer per lease, independent of
+the rounds, which may themselves wait on the store), before anyone else may take them; a holder that finds its lease
 taken ends its job at once. Brokers' clocks must agree to well within LEASE_S (NTP). stop and
 delete through a broker that is not the holder return once the definition is stored; the holder
 ends the job at its next tick. A source's live state (status, counters) is the holder's; on the
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from broker.core.broker import Broker
-from broker.errors import BrokerError, ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.sources.base import Backoff, JobContext
 from broker.sources.model import FAILED, RUNNING, STOPPED, SourceDef, SourceState, source_key, source_prefix
 from broker.sources.props import Props, bad
@@ -59,6 +60,7 @@ STOP_WAIT_S = 5.0
 HEALTHY_S = 10.0   # a job that ran this long before failing retries from the shortest backoff
 LEASE_S = 10.0     # a source's lease on a shared store (see the module's docstring)
 LEASE_PREFIX = b"L"
+CAS_TRIES = 5      # a verb's compare-and-set of a definition another broker keeps changing
 ELSEWHERE = "running on another broker"
 
 
@@ -91,7 +93,9 @@ class Sources:
         self._monotonic = monotonic
         self.holder = uuid.uuid4().hex[:16]            # this broker, as a lease owner
         self._leases: dict[tuple[str, str], bytes] = {}  # the leases held: their stored value
-        self._renewed: dict[tuple[str, str], float] = {}  # monotonic time of the last claim/renewal
+        # monotonic time the last successful claim/renewal was sent (its `until` computed after)
+        self._renewed: dict[tuple[str, str], float] = {}
+        self._deadlines: dict[tuple[str, str], asyncio.TimerHandle] = {}  # per held lease: ends its job
         self._ticker: asyncio.Task[None] | None = None
         self._defs: dict[tuple[str, str], SourceDef] = {}
         self._states: dict[tuple[str, str], SourceState] = {}
@@ -129,6 +133,9 @@ class Sources:
         """Stop every job (bounded wait); definitions and wanted states stay as they are. On a
         shared store the leases held are given back, so another broker takes the sources at once."""
         self._closed = True
+        for handle in self._deadlines.values():
+            handle.cancel()
+        self._deadlines.clear()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(BaseException):
@@ -201,26 +208,31 @@ class Sources:
             raise client_error(ErrorCode.BAD_BODY, detail="an update must be a JSON object")
 
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            d = self._defs[key]
-            if d.wanted == RUNNING:
-                raise client_error(ErrorCode.SOURCE_RUNNING, source=d.name)
-            name = d.name if body.get("name") is None else self._name(body["name"])
-            stream, description, properties = self._fields(project, body, d)
-            self._checked(project, d.type, stream, properties)
-            self._refuse_taken(project, name, d.id)
-            await self._refuse_taken_elsewhere(project, name, d.id)
-            new = d.with_(name=name, stream=stream, description=description, properties=properties,
-                          updated_ms=self._now())
-            await self.broker.store.meta_write({source_key(project, d.id): _encoded(new)})
-            self._defs[key] = new
-            return Source(new, self._states[key]), []
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)
+                if d.wanted == RUNNING:
+                    raise client_error(ErrorCode.SOURCE_RUNNING, source=d.name)
+                name = d.name if body.get("name") is None else self._name(body["name"])
+                stream, description, properties = self._fields(project, body, d)
+                self._checked(project, d.type, stream, properties)
+                self._refuse_taken(project, name, d.id)
+                await self._refuse_taken_elsewhere(project, name, d.id)
+                new = d.with_(name=name, stream=stream, description=description, properties=properties,
+                              updated_ms=self._now())
+                if await self._replace(key, raw, _encoded(new)):
+                    self._defs[key] = new
+                    return Source(new, self._states[key]), []
+            raise _contended(d)
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
     async def delete(self, project: str, ref: object) -> None:
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            await self.broker.store.meta_write({source_key(project, key[1]): None})
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)   # deleted elsewhere: forgotten, SOURCE_NOT_FOUND
+                if await self._replace(key, raw, None):
+                    break
+            else:
+                raise _contended(d)
             del self._defs[key]
             state = self._states.pop(key)
             state.status = STOPPED
@@ -233,28 +245,39 @@ class Sources:
         """Start a stopped source (a no-op on a running one). Raises SOURCE_NOT_FOUND, and
         BAD_SOURCE when its stored definition no longer passes the checks (its stream is gone)."""
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            d = self._defs[key]
-            if d.wanted != RUNNING:
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)
+                if d.wanted == RUNNING:   # maybe started through another broker: run here if its lease is free
+                    if key not in self._tasks:
+                        await self._run(d)
+                    return Source(d, self._states[key]), []
                 self._checked(project, d.type, d.stream, d.properties)
-                d = d.with_(wanted=RUNNING, started_ms=self._now())
-                await self.broker.store.meta_write({source_key(project, d.id): d.to_json()})
-                self._defs[key] = d
-                await self._run(d)
-            return Source(d, self._states[key]), []
+                new = d.with_(wanted=RUNNING, started_ms=self._now())
+                if await self._replace(key, raw, new.to_json()):
+                    self._defs[key] = new
+                    await self._run(new)
+                    return Source(new, self._states[key]), []
+            raise _contended(d)
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
     async def stop_source(self, project: str, ref: object) -> Source:
         """Stop a running source (a no-op on a stopped one); returns once its job has ended (or
         after STOP_WAIT_S if the job will not let go)."""
         async def body_() -> tuple[Any, Tasks]:
-            key = self._key(project, ref)
-            d = self._defs[key]
+            changed = False
+            for _ in range(CAS_TRIES):
+                key, d, raw = await self._fresh(project, ref)
+                if d.wanted == STOPPED:   # maybe stopped through another broker: still ended here
+                    break
+                new = d.with_(wanted=STOPPED)
+                if await self._replace(key, raw, new.to_json()):
+                    d, changed = new, True
+                    self._defs[key] = d
+                    break
+            else:
+                raise _contended(d)
             ending: Tasks = []
-            if d.wanted != STOPPED:
-                d = d.with_(wanted=STOPPED)
-                await self.broker.store.meta_write({source_key(project, d.id): d.to_json()})
-                self._defs[key] = d
+            if changed or key in self._tasks or key in self._leases:
                 ending = self._end(key)
                 await self._release_quietly(key)
                 state = self._states[key]
@@ -263,6 +286,35 @@ class Sources:
         return await self._mutation(body_)  # type: ignore[no-any-return]
 
     # -- parts ---------------------------------------------------------------------------------------
+
+    async def _fresh(self, project: str, ref: object) -> tuple[tuple[str, str], SourceDef, bytes | None]:
+        """The source's key, definition and stored form for a verb to change. A shared store: read
+        again from the store (another broker may have started, stopped, updated or deleted it since
+        this one's last round; the verb's compare-and-set fails if it changes again meanwhile).
+        Raises SOURCE_NOT_FOUND (also when deleted through another broker: forgotten here then)."""
+        key = self._key(project, ref)
+        if not self._shared:
+            return key, self._defs[key], None
+        raw = await self.broker.store.meta_get(source_key(*key))
+        if raw is None:   # deleted through another broker: as the next round would
+            d = self._defs.pop(key)
+            self._states.pop(key, None)
+            self._end(key)
+            await self._release_quietly(key)
+            raise client_error(ErrorCode.SOURCE_NOT_FOUND, source=d.name)
+        try:
+            d = SourceDef.from_json(raw)
+        except (ValueError, KeyError, TypeError):   # written by another version: the cached one
+            d = self._defs[key]
+        self._defs[key] = d
+        return key, d, raw
+
+    async def _replace(self, key: tuple[str, str], stored: bytes | None, new: bytes | None) -> bool:
+        """Write the definition (None: delete it); on a shared store only if it is still `stored`."""
+        if not self._shared:
+            await self.broker.store.meta_write({source_key(*key): new})
+            return True
+        return await self.broker.store.meta_cas(source_key(*key), stored, new)
 
     def _key(self, project: str, ref: object) -> tuple[str, str]:
         if isinstance(ref, str):
@@ -370,6 +422,7 @@ class Sources:
         ours, if it was). Raises what the store raises."""
         lkey = lease_key(*key)
         held = self._leases.get(key)
+        start = self._monotonic()   # before `until` is computed: the deadline below is never later
         new = self._lease_value()
         if held is not None:
             ok = await self.broker.store.meta_cas(lkey, held, new)
@@ -385,15 +438,51 @@ class Sources:
                     return False
             ok = await self.broker.store.meta_cas(lkey, raw, new)
         if ok:
-            self._leases[key], self._renewed[key] = new, self._monotonic()
+            if start >= self._renewed.get(key, start):   # (a claim that began earlier but answered later: not it)
+                self._leases[key], self._renewed[key] = new, start
+                self._arm(key, start)
         else:
             self._leases.pop(key, None)
             self._renewed.pop(key, None)
+            self._disarm(key)
         return ok
+
+    def _arm(self, key: tuple[str, str], start: float) -> None:
+        """The holder's own deadline: LEASE_S * 0.75 after the renewal began, the job ends unless a
+        later renewal succeeded by then - whatever the rounds are doing (a store call that hangs)."""
+        self._disarm(key)
+        if self._closed:
+            return
+        delay = max(0.0, start + self._lease_s * 0.75 - self._monotonic())
+        self._deadlines[key] = asyncio.get_running_loop().call_later(delay, self._deadline_passed, key, start)
+
+    def _disarm(self, key: tuple[str, str]) -> None:
+        handle = self._deadlines.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _deadline_passed(self, key: tuple[str, str], start: float) -> None:
+        if self._deadlines.get(key) is None or self._renewed.get(key) != start:
+            return   # renewed or given back since
+        if self._monotonic() < start + self._lease_s * 0.75:   # an injected clock behind the loop's
+            self._arm(key, start)
+            return
+        del self._deadlines[key]
+        self._leases.pop(key, None)
+        self._renewed.pop(key, None)
+        if key in self._tasks:
+            d = self._defs.get(key)
+            log.warning("source %s/%s: lease not renewed in time; stopping it here", key[0],
+                        d.name if d is not None else key[1])
+            self._end(key)
+            state = self._states.get(key)
+            if state is not None:
+                state.failed("its lease could not be renewed in time (the store does not answer)")
 
     async def _release(self, key: tuple[str, str]) -> None:
         held = self._leases.pop(key, None)
         self._renewed.pop(key, None)
+        self._disarm(key)
         if held is not None:
             await self.broker.store.meta_cas(lease_key(*key), held, None)
 
@@ -464,6 +553,8 @@ class Sources:
                     log.warning("source %s/%s: lease not renewed in time; stopping it here", d.project, d.name)
                     ending += self._end(key)
                     self._leases.pop(key, None)
+                    self._renewed.pop(key, None)
+                    self._disarm(key)
                     self._states[key].failed("its lease could not be renewed (the store does not answer)")
             return None, ending
         if not self._closed:
@@ -516,6 +607,11 @@ class Sources:
             if backoff.attempt <= 3 or backoff.attempt % 20 == 0:   # not a log line per retry forever
                 log.info("source %s/%s failed (%s); retrying in %.1fs", d.project, d.name, message, delay)
             await asyncio.sleep(delay)
+
+
+def _contended(d: SourceDef) -> BrokerError:
+    return server_error(ErrorCode.UNAVAILABLE, detail=f"source [{d.name}] kept changing through another broker; "
+                                                      "try again")
 
 
 def _encoded(d: SourceDef) -> bytes:

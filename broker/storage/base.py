@@ -90,7 +90,13 @@ class StoreEvents(Protocol):
         """Another broker created this stream or changed its layout (a scale event)."""
 
     def stream_dropped(self, stream_id: int) -> None:
-        """Another broker deleted this stream."""
+        """Another broker deleted this stream (may come more than once, or for a stream the
+        broker no longer knows: a no-op then)."""
+
+    def known_streams(self) -> Iterable[StreamConfig]:
+        """The streams the broker knows now: after missed notifications the store reports those
+        it no longer has as dropped."""
+        return ()
 
 
 @runtime_checkable

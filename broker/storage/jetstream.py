@@ -440,6 +440,7 @@ class JetStreamStore(Store):
         self._events: StoreEvents | None = None
         self._woken: set[tuple[int, int]] = set()   # partitions to wake, once per burst
         self._resyncing: asyncio.Task[None] | None = None
+        self._hints: set[asyncio.Task[None]] = set()
         self.remote_appends = 0        # other brokers' append notifications taken
         self.remote_stream_changes = 0  # other brokers' creates, scales and deletes taken
         self.resyncs = 0               # full re-reads after a reconnect or dropped notifications
@@ -490,6 +491,7 @@ class JetStreamStore(Store):
             log.info("NATS: reconnected to %s", current.connected_url.netloc if current.connected_url else "?")
             if opened:   # notifications sent while this broker was away are lost: read everything again
                 opened[0]._resync_soon("reconnected")
+                opened[0]._hint_soon()   # and its own, sent meanwhile, may be: the others do too
 
         async def closed() -> None:   # for good: nats-py gives up after some protocol errors (-ERR)
             if not closing and opened:
@@ -602,6 +604,7 @@ class JetStreamStore(Store):
             self._heads.clear()   # other brokers may have appended meanwhile
             log.info("NATS: a new connection to %s", nc.connected_url.netloc if nc.connected_url else "?")
             self._resync_soon("a new connection")   # what was announced meanwhile is lost
+            self._hint_soon()   # and so may be what this broker announced: the others read again too
             return
 
     async def _migrate_meta_keys(self) -> None:
@@ -921,6 +924,16 @@ class JetStreamStore(Store):
             break
         else:
             raise _unavailable(f"partition {sid}/{p}: its last message could not be read")
+        return self._raise_head(sid, p, head)
+
+    def _raise_head(self, sid: int, p: int, head: _Head) -> _Head:
+        """Set the partition's cached head, only ever forward (by JetStream seq): a late answer
+        (this broker's own publish ack, a direct get) must not hide a newer message another broker
+        announced meanwhile. Returns the head now cached. Where the JetStream stream itself was
+        created again (seqs restart), the caller drops the cached head first."""
+        cached = self._heads.get((sid, p))
+        if cached is not None and cached.js_last >= head.js_last:
+            return cached
         self._heads[(sid, p)] = head
         return head
 
@@ -1113,6 +1126,7 @@ class JetStreamStore(Store):
             except _Missing:
                 if not await _guard(self._recreate(sid, p)):
                     raise
+                self._heads.pop((sid, p), None)   # a new JetStream stream: its seqs start again
                 await _guard(self._load_head(sid, p))
                 continue
             except _Conflict:
@@ -1127,7 +1141,7 @@ class JetStreamStore(Store):
                     continue
             assert stored is not None
             count = int(headers["S-N"])
-            self._heads[(sid, p)] = _Head(stored, head.next_seq + count, int(headers["S-Ts"]))
+            self._raise_head(sid, p, _Head(stored, head.next_seq + count, int(headers["S-Ts"])))
             self._remember(sid, p, head.next_seq, stored)
             self.publishes += 1
             await self._announce_append(sid, p, stored, head.next_seq, count, headers["S-Ts"])
@@ -1475,8 +1489,25 @@ class JetStreamStore(Store):
         try:
             await self._nc.publish(self._appends_subject(sid, p), f"{js_seq} {first} {count} {ts} {self._writer_id}"
                                    .encode())
-        except Exception:   # reconnecting and its buffer full, closing: the others re-read on reconnect
+        except Exception:   # reconnecting and its buffer full, closing: tell the others to read again
             log.debug("announcing an append to %d/%d", sid, p, exc_info=True)
+            await self._hint_resync()
+
+    async def _hint_resync(self) -> None:
+        """A notification of this broker's may have been lost (a publish failed, a reconnect): a
+        resync hint on P.c makes every other broker read the catalogue and partition heads again.
+        Best effort: if it cannot be sent now, the reconnect sends it."""
+        if self._closed:
+            return
+        try:
+            await self._nc.publish(f"{self._prefix}.c", json.dumps({"op": "resync", "w": self._writer_id}).encode())
+        except Exception:
+            log.debug("sending a resync hint", exc_info=True)
+
+    def _hint_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._hint_resync(), name="sluice-jetstream-hint")
+        self._hints.add(task)
+        task.add_done_callback(self._hints.discard)
 
     async def _announce_stream(self, op: str, config: StreamConfig) -> None:
         try:
@@ -1501,9 +1532,7 @@ class JetStreamStore(Store):
         if writer == self._writer_id:
             return
         if sid in self._configs:
-            head = self._heads.get((sid, p))
-            if head is None or js_seq > head.js_last:
-                self._heads[(sid, p)] = _Head(js_seq, first + count, ts)
+            if self._raise_head(sid, p, _Head(js_seq, first + count, ts)).js_last == js_seq:
                 self._remember(sid, p, first, js_seq)
         if not self._woken:
             asyncio.get_running_loop().call_soon(self._wake)
@@ -1521,6 +1550,9 @@ class JetStreamStore(Store):
         try:
             event = json.loads(msg.data)
             if event.get("w") == self._writer_id or self._closed:
+                return
+            if event.get("op") == "resync":
+                self._resync_soon("another broker's notifications may have been lost")
                 return
             sid = int(event["id"])
             stored = await _guard(self._find_stream(str(event["project"]), str(event["name"])))
@@ -1542,8 +1574,8 @@ class JetStreamStore(Store):
             self._events.stream_changed(config)
 
     def _dropped(self, sid: int) -> None:
-        if sid not in self._configs:
-            return
+        """Told always, even when this store forgot the id already (a verb of this broker found it
+        gone): the broker may still know it (stream_dropped is idempotent)."""
         self._forget(sid)
         if self._events is not None:
             self._events.stream_dropped(sid)
@@ -1568,8 +1600,21 @@ class JetStreamStore(Store):
         else:
             return
         self.resyncs += 1
-        for sid in [sid for sid in self._configs if sid not in listed]:
-            self._dropped(sid)
+        # what this store or the broker knows and the listing lacks: dropped, once a read of its
+        # name (after the listing) confirms it (a stream created meanwhile is not in the listing)
+        known = {c.stream_id: c for c in self._configs.values()}
+        known_streams = getattr(self._events, "known_streams", None)
+        if known_streams is not None:
+            known.update((c.stream_id, c) for c in known_streams())
+        for sid, config in known.items():
+            if sid in listed:
+                continue
+            try:
+                stored = await _guard(self._find_stream(config.project, config.stream_name))
+            except BrokerError:
+                continue   # unknown for now: the next resync decides
+            if stored is None or stored.stream_id != sid:
+                self._dropped(sid)
         for config in listed.values():
             self._changed(config)
         self._heads.clear()
@@ -1604,8 +1649,8 @@ class JetStreamStore(Store):
         async def get() -> PartitionBounds:
             last = await self._last_msg(stream_id, partition)
             head = self._heads.get((stream_id, partition))
-            if last is not None and (head is None or last.js_seq > head.js_last):
-                head = self._heads[(stream_id, partition)] = _Head(last.js_seq, last.end, last.last_ts)
+            if last is not None:
+                head = self._raise_head(stream_id, partition, _Head(last.js_seq, last.end, last.last_ts))
             if head is None:
                 head = await self._load_head(stream_id, partition)
             self._trims.pop((stream_id, partition), None)   # another broker's retention may have trimmed
@@ -1672,8 +1717,11 @@ class JetStreamStore(Store):
             await self._meta_lock.write_release()
 
     async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+        """One key, atomic in the KV bucket by itself: only kept out of a multi-key meta_write
+        (shared with readers and other compare-and-sets, so a lease renewal never queues behind
+        them all)."""
         self._check_open()
-        await self._meta_lock.write_acquire()
+        await self._meta_lock.read_acquire()
         try:
             kv_key = meta_kv_key(key)
             if _hashed(kv_key):   # the value holds the key: compared and written so
@@ -1681,7 +1729,7 @@ class JetStreamStore(Store):
                 new = None if new is None else _wrap(key, new)
             return await _guard(self._meta_cas(kv_key, expected, new))
         finally:
-            await self._meta_lock.write_release()
+            await self._meta_lock.read_release()
 
     async def _meta_cas(self, kv_key: str, expected: bytes | None, new: bytes | None) -> bool:
         """On the key's KV revision: read it, compare, then write only if the revision is still the

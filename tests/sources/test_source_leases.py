@@ -176,3 +176,108 @@ async def test_a_name_taken_through_the_other_broker_is_refused_before_its_next_
     with pytest.raises(BrokerError) as e:
         await b.sources.create(P, gen("g"))      # b has not ticked: it learns of "g" from the store
     assert e.value.code is ErrorCode.SOURCE_EXISTS
+
+
+async def test_a_holder_stuck_in_a_slow_round_stops_its_job_before_another_broker_takes_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real clocks, a short lease: a's round waits on the store for longer than a lease (each
+    JetStream request may take REQUEST_TIMEOUT_S); its own deadline (a timer, not the round)
+    ends its job before b, which can reach the store, takes the lease."""
+    lease_s = 0.6
+    store = SharedMemoryStore()
+    a_broker, b_broker = Broker(store, cursor_secret=b"k" * 32), Broker(store, cursor_secret=b"k" * 32)
+    a, b = Sources(a_broker, lease_s=lease_s), Sources(b_broker, lease_s=lease_s)
+    await a_broker.start()
+    await a_broker.create_stream("t", 1, project=P,
+                                 schema=StreamSchema(tuple(ColumnDef(n, c) for n, c in TEMPLATE_COLUMNS["iot"])))
+    await b_broker.start()
+    try:
+        for s in (a, b):
+            await s.start()
+            assert s._ticker is not None
+            s._ticker.cancel()   # rounds by hand
+        await a.create(P, gen("g"))
+        assert any(d.name == "g" for k, d in a._defs.items() if k in a._tasks)
+        seen: dict[str, bool] = {}
+
+        async def slow_unreachable(key: object) -> bool:
+            await asyncio.sleep(lease_s * 1.1)   # past a's until: b may take the lease now
+            await b.tick()
+            seen["a"], seen["b"] = bool(a._tasks), bool(b._tasks)
+            raise server_error(ErrorCode.UNAVAILABLE, detail="JetStream: no answer in time")
+        monkeypatch.setattr(a, "_claim", slow_unreachable)
+        await a.tick()
+        assert seen == {"a": False, "b": True}, seen
+        assert a.get(P, "g").state.status == "failed"
+    finally:
+        for s, br in ((a, a_broker), (b, b_broker)):
+            await s.close()
+            await br.close()
+
+
+async def test_a_holder_renewing_in_time_keeps_its_job_past_the_first_deadline() -> None:
+    """The per-lease timer moves with every renewal: a job renewed each round never stops."""
+    lease_s = 0.4
+    store = SharedMemoryStore()
+    broker = Broker(store, cursor_secret=b"k" * 32)
+    a = Sources(broker, lease_s=lease_s)
+    await broker.start()
+    await broker.create_stream("t", 1, project=P,
+                               schema=StreamSchema(tuple(ColumnDef(n, c) for n, c in TEMPLATE_COLUMNS["iot"])))
+    try:
+        await a.start()
+        await a.create(P, gen("g"))
+        task = next(iter(a._tasks.values()))
+        await asyncio.sleep(lease_s * 3)   # its own ticker renews every lease_s / 4
+        assert not task.done() and a.get(P, "g").state.status == RUNNING
+    finally:
+        await a.close()
+        await broker.close()
+
+
+async def test_a_verb_through_a_broker_with_a_stale_view_decides_on_the_stored_definition(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    """b last saw g stopped; a started it since: an update through b is SOURCE_RUNNING (not a
+    write of b's stale copy, which stopped the source), and a stop through b then a start through
+    a leave the stored definition as last asked for."""
+    a, b, _, _ = nodes
+    await a.sources.create(P, gen("g"))
+    await a.sources.stop_source(P, "g")
+    await b.sources.tick()                       # b: g is stopped
+    await a.sources.start_source(P, "g")
+    assert a.running_here("g")
+    with pytest.raises(BrokerError) as raised:
+        await b.sources.update(P, "g", {"description": "new"})
+    assert raised.value.code is ErrorCode.SOURCE_RUNNING
+    await a.sources.tick()
+    assert a.running_here("g") and a.sources.get(P, "g").definition.wanted == RUNNING
+    await b.sources.stop_source(P, "g")          # b's view is fresh now: stored as stopped
+    await a.sources.tick()
+    assert not a.running_here("g") and a.sources.get(P, "g").definition.wanted == STOPPED
+    await b.sources.update(P, "g", {"description": "new"})
+    await a.sources.delete(P, "g")               # a's copy lacks b's update: still deleted
+    with pytest.raises(BrokerError) as raised:
+        await b.sources.start_source(P, "g")     # deleted through a: forgotten by b too
+    assert raised.value.code is ErrorCode.SOURCE_NOT_FOUND
+    assert b.sources.list(P) == []
+
+
+async def test_a_definition_changed_between_read_and_write_is_read_again(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, _, store = nodes
+    await a.sources.create(P, gen("g"))
+    await a.sources.stop_source(P, "g")
+    await b.sources.tick()
+    real = b.sources._replace
+    raced = {"n": 0}
+
+    async def racing(key, stored, new):  # type: ignore[no-untyped-def]
+        if not raced["n"]:   # a starts it between b's read and b's write
+            raced["n"] += 1
+            await a.sources.start_source(P, "g")
+        return await real(key, stored, new)
+    monkeypatch.setattr(b.sources, "_replace", racing)
+    with pytest.raises(BrokerError) as raised:
+        await b.sources.update(P, "g", {"description": "new"})
+    assert raised.value.code is ErrorCode.SOURCE_RUNNING and raced["n"] == 1
+    assert a.running_here("g") and a.sources.get(P, "g").definition.description != "new"

@@ -313,3 +313,201 @@ async def test_a_connection_closed_for_good_is_replaced_with_the_watch_on_it(
     await a.append([AppendBatch(config.stream_id, 0, 5, [(None, b"after")])])
     await eventually(lambda: b.remote_appends == 1)     # notified on the new connection
     assert (await b.bounds(config.stream_id, 0)).next_seq == 1
+
+
+async def test_a_late_ack_of_its_own_append_never_moves_the_head_back(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """Store a's publish is stored first, b's second; b's notification reaches a before a's own ack.
+    The ack must not lower a's head below b's message (a's bounds and reads would hide it)."""
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 1))).stream_id
+    b = await opener()
+    await a.watch(Events())
+    real = a._request_publish
+    gate = asyncio.Event()
+
+    async def late_ack(subject, body, headers):  # type: ignore[no-untyped-def]
+        out = await real(subject, body, headers)   # stored at JetStream
+        await gate.wait()                          # its ack reaches the caller late
+        return out
+    a._request_publish = late_ack   # type: ignore[method-assign]
+    first = asyncio.create_task(a.append([AppendBatch(sid, 0, 1000, [(None, b"a0")])]))
+    await asyncio.sleep(0.3)
+    await b.append([AppendBatch(sid, 0, 1001, [(None, b"b1")])])   # numbered after a's message
+    await eventually(lambda: a.remote_appends >= 1)
+    gate.set()
+    await first
+    assert (await a.bounds(sid, 0)).next_seq == 2
+    assert [r.data for r in await a.read(sid, 0, 0, BIG, BIG)] == [b"a0", b"b1"]
+    a._request_publish = real   # type: ignore[method-assign]
+    await a.append([AppendBatch(sid, 0, 1002, [(None, b"a2")])])   # numbered after b's
+    assert (await b.fresh_bounds(sid, 0)).next_seq == 3
+    assert [r.data for r in await b.read(sid, 0, 0, BIG, BIG)] == [b"a0", b"b1", b"a2"]
+
+
+async def test_a_stream_deleted_through_two_brokers_at_once_is_gone_from_both(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletes; a client's retry deletes through B before A's event reaches B (STREAM_NOT_FOUND).
+    B must not bring the stream back into its catalogue (a ghost: listed, never deletable)."""
+    from broker.core.broker import Broker
+    from broker.errors import BrokerError, ErrorCode
+
+    store_b = await opener()
+    held: list[object] = []
+    real = store_b._on_catalogue
+
+    async def hold(msg: object) -> None:
+        held.append(msg)
+    monkeypatch.setattr(store_b, "_on_catalogue", hold)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("s", 1)
+        await b.describe_stream("s")   # B knows it
+        await a.delete_stream("s")
+        with pytest.raises(BrokerError) as raised:
+            await b.delete_stream("s")
+        assert raised.value.code is ErrorCode.STREAM_NOT_FOUND
+        assert b.catalogue.all() == []
+        await eventually(lambda: len(held) >= 2)   # A's create and delete events, late
+        for msg in held:
+            await real(msg)   # type: ignore[arg-type]
+        assert b.catalogue.all() == []
+        await b.create_stream("s", 1)
+        await b.delete_stream("s")
+        assert b.catalogue.all() == [] and a.catalogue.all() == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_resync_drops_what_the_broker_knows_and_the_store_lacks(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B misses A's delete and its store forgot the id already (a verb found it gone): a resync
+    still tells B's broker, which knew it; a stream B creates meanwhile is kept."""
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        await a.create_stream("gone", 1)
+        sid = (await b.describe_stream("gone")).config.stream_id
+        await a.delete_stream("gone")
+        store_b._forget(sid)
+        await b.create_stream("kept", 1)
+        await store_b._resync()
+        assert [c.stream_name for c in b.catalogue.all()] == ["kept"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_delete_while_a_broker_starts_is_not_undone_by_its_older_listing(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B subscribes, then lists the catalogue; A's delete (and its event, handled by B) lands
+    while B's listing, taken before it, is on its way: B must not load the deleted stream."""
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+    real_list = store_b.list_streams
+    listed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_list() -> list[StreamConfig]:
+        listing = await real_list()
+        listed.set()
+        await go_on.wait()
+        return listing
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    try:
+        await a.create_stream("s", 1)
+        monkeypatch.setattr(store_b, "list_streams", slow_list)
+        starting = asyncio.create_task(b.start())
+        await listed.wait()
+        await a.delete_stream("s")
+        await eventually(lambda: store_b.remote_stream_changes >= 1)
+        go_on.set()
+        await starting
+        assert b.catalogue.all() == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_scale_events_boundaries_include_another_brokers_acknowledged_appends(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's head of partition 0 is cached, B's append notification has not reached A: the scale
+    event A records still puts B's acknowledged record before partition 0's boundary."""
+    from broker.core.broker import Broker
+
+    store_a = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_a, "_on_append", deaf)
+    a = Broker(store_a, cursor_secret=b"k")
+    await a.start()
+    try:
+        sid = (await a.create_stream("s", 1)).stream_id
+        assert (await store_a.bounds(sid, 0)).next_seq == 0   # cached
+        b = await opener()
+        await b.find_stream("default", "s")
+        await b.append([AppendBatch(sid, 0, 1000, [(None, b"acked-by-b")])])
+        _, after = await a.update_partition_count("s", 2)
+        assert after.scale_events[-1].boundaries[0] == 1
+    finally:
+        await a.close()
+
+
+async def test_a_notification_the_writer_failed_to_send_is_made_up_by_a_resync_hint(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    a = await opener()
+    sid = (await a.create_stream(StreamConfig("s", 1))).stream_id
+    b = await opener()
+    events = Events()
+    await b.watch(events)
+    assert (await b.bounds(sid, 0)).next_seq == 0   # cached
+    real = a._nc.publish
+
+    async def failing(subject, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        if ".w." in subject:   # a's connection drops just after JetStream's ack
+            raise ConnectionError("simulated: reconnecting, no pending buffer")
+        return await real(subject, payload, **kw)
+    a._nc.publish = failing   # type: ignore[method-assign]
+    await a.append([AppendBatch(sid, 0, 1000, [(None, b"x")])])
+    a._nc.publish = real   # type: ignore[method-assign]
+    await eventually(lambda: b.resyncs >= 1 and any((sid, 0) in c for c in events.calls))
+    assert (await b.bounds(sid, 0)).next_seq == 1
+
+
+async def test_a_long_poll_that_times_out_asks_the_store_itself(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B hears of no append (no notification, no hint): its long poll still returns A's record
+    when its wait runs out (one fresh_bounds per timed-out wait)."""
+    from broker.core.broker import Broker
+
+    store_b = await opener()
+
+    async def deaf(msg: object) -> None:
+        return None
+    monkeypatch.setattr(store_b, "_on_append", deaf)
+    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        sid = (await a.create_stream("s", 1)).stream_id
+        cursor = await b.get_cursor("s", 0, "LATEST")   # b's head cached: next 0
+        await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"unannounced")])])
+        got = await b.get_records(cursor, wait_ms=300)
+        assert [r.data for r in got.records] == [b"unannounced"]
+    finally:
+        await a.close()
+        await b.close()

@@ -344,7 +344,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="HTTP port of the first broker; the second gets the next (default 8080); 0 = free ports")
     parser.add_argument("--brokers", type=int, default=2, choices=range(1, 10), metavar="N",
                         help="brokers to start (default 2)")
-    parser.add_argument("--nodes", type=int, default=3, choices=(1, 3, 5), help="NATS nodes (default 3)")
+    parser.add_argument("--nodes", type=int, default=3, choices=(3, 5),
+                        help="NATS nodes (default 3; for one node, run nats-server -js as the README shows)")
     parser.add_argument("--replicas", type=int, default=None,
                         help="--replicas of the brokers (default: the number of nodes)")
     parser.add_argument("--nats-prefix", default="sluice", help="the brokers' --nats-prefix (default sluice)")

@@ -426,6 +426,10 @@ class JetStreamStore(Store):
         # fence takes the slot after it before the next append (_fence)
         self._fences: dict[tuple[int, int], int] = {}
         self._meta_lock = _RWLock()
+        # one compare-and-set at a time per broker: nats-server before 2.9.21 checks a clustered
+        # stream's expected-last-subject-sequence before proposing only (nats-io/nats-server#4320),
+        # so two concurrent updates from the same revision could both succeed
+        self._cas_lock = asyncio.Lock()
         self._state = StorageState.OK
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
@@ -537,6 +541,13 @@ class JetStreamStore(Store):
                 raise _unavailable(f"creating or reading the KV bucket {prefix}_meta with {replicas} replicas: "
                                    f"{exc.description} (error {exc.err_code})") from None
             raise _translate(exc) from exc
+        version = tuple(int(x) for x in re.findall(r"\d+", str(nc._server_info.get("version", "")))[:3])
+        if replicas > 1 and version and version < (2, 9, 21):
+            log.warning("nats-server %s: a clustered key-value update is checked against its expected revision "
+                        "before it is proposed only (nats-io/nats-server#4320, fixed in 2.9.21), so two brokers' "
+                        "concurrent compare-and-sets (consumer-group and source leases, series types) may both "
+                        "succeed; each broker makes one at a time. Upgrade the NATS servers to 2.9.21 or newer",
+                        ".".join(map(str, version)))
         if nc.max_payload < 6 * 1024 * 1024:
             log.warning("NATS max_payload is %d bytes: an append batch larger than that (a PutRecords of up to "
                         "5 MB to one partition) is refused; set max_payload: 8MB in nats-server's configuration",
@@ -1727,7 +1738,8 @@ class JetStreamStore(Store):
             if _hashed(kv_key):   # the value holds the key: compared and written so
                 expected = None if expected is None else _wrap(key, expected)
                 new = None if new is None else _wrap(key, new)
-            return await _guard(self._meta_cas(kv_key, expected, new))
+            async with self._cas_lock:
+                return await _guard(self._meta_cas(kv_key, expected, new))
         finally:
             await self._meta_lock.read_release()
 

@@ -43,6 +43,15 @@ class Events:
         self.dropped.append(stream_id)
 
 
+def deafen(monkeypatch: pytest.MonkeyPatch, store: JetStreamStore, *handlers: str) -> None:
+    """The store hears nothing on these NATS handlers (`_on_append`, `_on_catalogue`): another
+    broker's notifications never reach it."""
+    async def deaf(msg: object) -> None:
+        return None
+    for name in handlers:
+        monkeypatch.setattr(store, name, deaf)
+
+
 async def test_another_stores_appends_raise_the_head_and_wake_once_per_burst(
         opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
     a = await opener()
@@ -211,9 +220,7 @@ async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
 
     store_b = await opener()
 
-    async def deaf(msg: object) -> None:
-        return None
-    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    deafen(monkeypatch, store_b, "_on_catalogue")
     a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
     await a.start()
     await b.start()
@@ -278,9 +285,7 @@ async def test_an_at_timestamp_cursor_on_one_broker_sees_another_brokers_newest_
 
     store_b = await opener()
 
-    async def deaf(msg: object) -> None:   # no notifications: only the cursor's own question
-        return None
-    monkeypatch.setattr(store_b, "_on_append", deaf)
+    deafen(monkeypatch, store_b, "_on_append")
     a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
     await a.start()
     await b.start()
@@ -390,9 +395,7 @@ async def test_a_resync_drops_what_the_broker_knows_and_the_store_lacks(
 
     store_b = await opener()
 
-    async def deaf(msg: object) -> None:
-        return None
-    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    deafen(monkeypatch, store_b, "_on_catalogue")
     a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
     await a.start()
     await b.start()
@@ -449,9 +452,7 @@ async def test_a_scale_events_boundaries_include_another_brokers_acknowledged_ap
 
     store_a = await opener()
 
-    async def deaf(msg: object) -> None:
-        return None
-    monkeypatch.setattr(store_a, "_on_append", deaf)
+    deafen(monkeypatch, store_a, "_on_append")
     a = Broker(store_a, cursor_secret=b"k")
     await a.start()
     try:
@@ -495,10 +496,7 @@ async def test_a_long_poll_that_times_out_asks_the_store_itself(
 
     store_b = await opener()
 
-    async def deaf(msg: object) -> None:
-        return None
-    monkeypatch.setattr(store_b, "_on_append", deaf)
-    monkeypatch.setattr(store_b, "_on_catalogue", deaf)
+    deafen(monkeypatch, store_b, "_on_append", "_on_catalogue")
     a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
     await a.start()
     await b.start()

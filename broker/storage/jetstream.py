@@ -84,10 +84,16 @@ other brokers may see one half done. The callers (grep meta_write, 2026-11-29):
   stores some types, the put that wrote them failed and is retried, and a type once stored is kept.
 None needs two keys to change together.
 
-meta_cas (compare-and-set of one key) runs on KV revisions: kv.create when the key must be absent,
-kv.update(last=revision) otherwise, a purge below revision + 1 for a delete; a write that lost a race
-reads the key again and compares again. The brokers coordinate through it: the cursor key, consumer
+meta_cas (compare-and-set of one key) runs on KV revisions: the key is read from the bucket's leader,
+compared, and written only if still at the revision read (_kv_swap); a write that lost a race reads
+the key again and compares again. The brokers coordinate through it: the cursor key, consumer
 group leases (core/leases.py StoreLeases), source leases (sources/manager.py), tsdb series types.
+The catalogue's own conditional writes (the next stream id, a name's create, scale and drop, a trim
+marker) go through _kv_swap too. On a cluster of nats-server before 2.9.21 a KV revision check is not
+exact (nats-io/nats-server#4320: two concurrent kv.update from one revision both succeeded, 96 of
+144 increments lost in tests/cluster/test_store_contract_cluster.py); there _kv_swap checks the
+bucket's stream-level last sequence instead (cas_on_stream), exact, at the price of a retry whenever
+any key of the bucket changed in between.
 
 Several brokers (watch, storage/base.py StoreEvents), over core NATS, at most once:
 * after JetStream acks an append message the store publishes `P.w.<stream_id>.<partition>` =
@@ -426,10 +432,10 @@ class JetStreamStore(Store):
         # fence takes the slot after it before the next append (_fence)
         self._fences: dict[tuple[int, int], int] = {}
         self._meta_lock = _RWLock()
-        # one compare-and-set at a time per broker: nats-server before 2.9.21 checks a clustered
-        # stream's expected-last-subject-sequence before proposing only (nats-io/nats-server#4320),
-        # so two concurrent updates from the same revision could both succeed
-        self._cas_lock = asyncio.Lock()
+        # compare-and-set on the bucket's stream-level last sequence instead of the key's revision:
+        # set by open() on a cluster before nats-server 2.9.21 (see _meta_cas_on_stream)
+        self.cas_on_stream = False
+        self._cas_lock = asyncio.Lock()   # (then one at a time per broker: they would all conflict)
         self._state = StorageState.OK
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
@@ -543,11 +549,11 @@ class JetStreamStore(Store):
             raise _translate(exc) from exc
         version = tuple(int(x) for x in re.findall(r"\d+", str(nc._server_info.get("version", "")))[:3])
         if replicas > 1 and version and version < (2, 9, 21):
-            log.warning("nats-server %s: a clustered key-value update is checked against its expected revision "
-                        "before it is proposed only (nats-io/nats-server#4320, fixed in 2.9.21), so two brokers' "
-                        "concurrent compare-and-sets (consumer-group and source leases, series types) may both "
-                        "succeed; each broker makes one at a time. Upgrade the NATS servers to 2.9.21 or newer",
-                        ".".join(map(str, version)))
+            store.cas_on_stream = True
+            log.info("nats-server %s checks a clustered key-value update's expected revision before proposing "
+                     "it only (nats-io/nats-server#4320, fixed in 2.9.21): compare-and-sets (leases, series types) "
+                     "are checked on the bucket's last sequence instead, exact but retried when any metadata "
+                     "key changed meanwhile", ".".join(map(str, version)))
         if nc.max_payload < 6 * 1024 * 1024:
             log.warning("NATS max_payload is %d bytes: an append batch larger than that (a PutRecords of up to "
                         "5 MB to one partition) is refused; set max_payload: 8MB in nats-server's configuration",
@@ -690,22 +696,11 @@ class JetStreamStore(Store):
                             self._replicas)
 
     async def _next_stream_id(self) -> int:
-        while True:
-            try:
-                entry = await self._kv.get("n")
-            except nats.js.errors.KeyNotFoundError:
-                try:
-                    await self._kv.create("n", b"2")
-                    return 1
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue
-            assert entry.value is not None and entry.revision is not None
-            current = int(entry.value)
-            try:
-                await self._kv.update("n", str(current + 1).encode(), last=entry.revision)
+        while True:   # exact across brokers: two never get one id (they would share partitions)
+            value, revision = await self._kv_read("n")
+            current = int(value or b"1")
+            if await self._kv_swap("n", revision, str(current + 1).encode()) is not None:
                 return current
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
 
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         self._check_open()
@@ -714,10 +709,8 @@ class JetStreamStore(Store):
     async def _create_stream(self, config: StreamConfig) -> StreamConfig:
         stored = replace(config, stream_id=await self._next_stream_id())
         key = self._name_key(stored.project, stored.stream_name)
-        try:
-            await self._kv.create(key, json.dumps(asdict(stored)).encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name) from None
+        if await self._kv_swap(key, None, json.dumps(asdict(stored)).encode()) is None:
+            raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name)
         try:
             await asyncio.gather(*(self._ensure_partition(stored, p) for p in range(stored.partition_count)))
         except BaseException:
@@ -746,14 +739,11 @@ class JetStreamStore(Store):
                 self._configs.setdefault(c.stream_id, c)
             config = self._configs.get(stream_id)
         if config is not None:
-            try:
-                entry = await self._kv.get(self._name_key(config.project, config.stream_name))
-                assert entry.value is not None and entry.revision is not None
-                stored = StreamConfig.from_dict(json.loads(entry.value))
+            value, revision = await self._kv_read(self._name_key(config.project, config.stream_name))
+            if value is not None and revision is not None:
+                stored = StreamConfig.from_dict(json.loads(value))
                 if stored.stream_id == stream_id:
-                    return stored, entry.revision
-            except nats.js.errors.KeyNotFoundError:
-                pass
+                    return stored, revision
             self._forget(stream_id)
         raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {stream_id}")
 
@@ -774,12 +764,9 @@ class JetStreamStore(Store):
                 self._changed(current)
                 raise _unavailable(f"stream {current.stream_name} was scaled through another broker meanwhile; "
                                    f"retry against its layout now")
-            try:
-                await self._kv.update(self._name_key(current.project, current.stream_name),
-                                      json.dumps(asdict(config)).encode(), last=revision)
+            if await self._kv_swap(self._name_key(current.project, current.stream_name),
+                                   revision, json.dumps(asdict(config)).encode()) is not None:
                 break
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue
         self._configs[config.stream_id] = config
         await asyncio.gather(*(self._ensure_partition(config, p) for p in range(config.readable_partition_count)))
         await self._announce_stream("put", config)
@@ -791,7 +778,7 @@ class JetStreamStore(Store):
 
     async def _drop_stream(self, stream_id: int) -> None:
         config, revision = await self._current(stream_id)
-        if not await self._kv_erase(self._name_key(config.project, config.stream_name), revision):
+        if await self._kv_swap(self._name_key(config.project, config.stream_name), revision, None) is None:
             return await self._drop_stream(stream_id)   # changed meanwhile: decide again
         self._forget(stream_id)
         await self._announce_stream("del", config)
@@ -899,12 +886,8 @@ class JetStreamStore(Store):
     async def _trim_point(self, sid: int, p: int) -> _Trim:
         trim = self._trims.get((sid, p))
         if trim is None:
-            try:
-                entry = await self._kv.get(f"t.{sid}.{p}")
-                assert entry.value is not None and entry.revision is not None
-                trim = _Trim(json.loads(entry.value)["first"], entry.revision)
-            except nats.js.errors.KeyNotFoundError:
-                trim = _Trim(0)
+            value, revision = await self._kv_read(f"t.{sid}.{p}")
+            trim = _Trim(json.loads(value)["first"], revision) if value is not None and revision else _Trim(0)
             self._trims[(sid, p)] = trim
         return trim
 
@@ -926,7 +909,7 @@ class JetStreamStore(Store):
                     entry = await self._kv.get(f"t.{sid}.{p}")
                     assert entry.value is not None
                     marker = json.loads(entry.value)
-                except nats.js.errors.KeyNotFoundError:
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
                     pass
                 if marker is None or info.state.last_seq != marker["js"]:
                     raise _unavailable(f"partition {sid}/{p}: its records expired (a JetStream max_age, set by the "
@@ -1455,16 +1438,14 @@ class JetStreamStore(Store):
                                  "js": head.js_last}).encode()
             key = f"t.{sid}.{p}"
             while True:   # compare-and-set: the logical first seq never moves back
-                try:
-                    rev = await (self._kv.update(key, marker, last=trim.rev) if trim.rev
-                                 else self._kv.create(key, marker))
+                rev = await self._kv_swap(key, trim.rev or None, marker)
+                if rev is not None:
                     self._trims[(sid, p)] = _Trim(before, rev)
                     break
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    self._trims.pop((sid, p), None)
-                    trim = await self._trim_point(sid, p)
-                    if before <= trim.first:
-                        return
+                self._trims.pop((sid, p), None)
+                trim = await self._trim_point(sid, p)
+                if before <= trim.first:
+                    return
             # purge whole messages below the one holding `before` (the last one always stays: it
             # holds the head); a message straddling the cut stays, hidden by the marker
             keep = head.js_last if before >= head.next_seq else \
@@ -1647,7 +1628,8 @@ class JetStreamStore(Store):
     async def _find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
         try:
             entry = await self._kv.get(self._name_key(project, stream_name))
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):   # no such (possible) name
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,   # no such (possible) name
+                nats.js.errors.InvalidKeyError):
             return None
         return StreamConfig.from_dict(json.loads(entry.value)) if entry.value else None
 
@@ -1684,7 +1666,7 @@ class JetStreamStore(Store):
         kv_key = meta_kv_key(key)
         try:
             entry = await self._kv.get(kv_key)
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):   # (a delete marker)
             return None
         value = entry.value if entry.value is not None else b""
         if _hashed(kv_key):
@@ -1738,39 +1720,94 @@ class JetStreamStore(Store):
             if _hashed(kv_key):   # the value holds the key: compared and written so
                 expected = None if expected is None else _wrap(key, expected)
                 new = None if new is None else _wrap(key, new)
-            async with self._cas_lock:
-                return await _guard(self._meta_cas(kv_key, expected, new))
+            return await _guard(self._meta_cas(kv_key, expected, new))
         finally:
             await self._meta_lock.read_release()
 
+    async def _kv_read(self, kv_key: str) -> tuple[bytes | None, int | None]:
+        """A key's value and revision from the bucket's leader (a direct get may be answered by a
+        replica behind it: a compare-and-set would then report a difference that is not there);
+        (None, None) when absent or deleted."""
+        reply = await self._nc.request(f"$JS.API.STREAM.MSG.GET.KV_{self._kv_bucket}", json.dumps(
+            {"last_by_subj": f"$KV.{self._kv_bucket}.{kv_key}"}).encode(), timeout=REQUEST_TIMEOUT_S)
+        answer = json.loads(reply.data)
+        error = answer.get("error")
+        if error is not None:
+            if error.get("err_code") == 10037:   # no message found
+                return None, None
+            raise nats.js.errors.APIError.from_error(error)
+        stored = answer["message"]
+        if b"KV-Operation" in base64.b64decode(stored.get("hdrs") or b""):   # a delete or purge marker
+            return None, None
+        return base64.b64decode(stored.get("data") or b""), int(stored["seq"])
+
     async def _meta_cas(self, kv_key: str, expected: bytes | None, new: bytes | None) -> bool:
-        """On the key's KV revision: read it, compare, then write only if the revision is still the
-        one read - kv.create (expected absent), kv.update(last=revision), or a purge of the subject
-        below revision + 1 (a delete: it purges nothing when the key moved on). Another broker's
-        write in between makes the write fail; the value is read again and compared again, so a
-        False is always a value that differed (linearizable, not just a lost race)."""
+        """Read the key (from the leader), compare, then write only if it is still at the revision
+        read (_kv_swap); another broker's write in between makes the write fail and the value is
+        read and compared again, so a False is always a value that differed (linearizable, not
+        just a lost race)."""
         for _ in range(MAX_RENUMBER):
-            try:
-                entry = await self._kv.get(kv_key)
-                current: bytes | None = entry.value if entry.value is not None else b""
-                revision = entry.revision
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):   # (a tombstone: absent,
-                current, revision = None, None                                           # kv.create handles it)
+            current, revision = await self._kv_read(kv_key)
             if current != expected:
                 return False
+            if new is None and revision is None:   # absent stays absent
+                return True
+            if await self._kv_swap(kv_key, revision, new) is not None:
+                return True
+        raise _unavailable(f"compare-and-set of a metadata key lost {MAX_RENUMBER} races in a row")
+
+    async def _kv_swap(self, kv_key: str, revision: int | None, new: bytes | None) -> int | None:
+        """Write `new` (None: delete) to a key only if it is still at `revision` (None: absent): the
+        new revision (0 for a delete), or None when the key has moved on. Every conditional write of
+        the bucket goes through here.
+
+        On nats-server 2.9.21 and later, or one node: kv.create / kv.update(last=revision), or a purge
+        of the key's subject below revision + 1 (applied in order: it purges nothing when the key
+        moved on). On a cluster before 2.9.21 (cas_on_stream) the per-subject expected sequence is
+        a pre-check only - two updates from one revision proposed together both pass it
+        (nats-io/nats-server#4320) - so the write carries the stream-level Nats-Expected-Last-Sequence
+        instead, which the leader checks against what it has proposed (the log's numbering relies
+        on it): read the bucket's last sequence L, then the key; if the key is still at `revision`,
+        it is so at L, and the write is stored only if nothing at all was written to the bucket
+        since (any key's change, checkpoints included, means read again). A delete is then a purge
+        marker written so (Nats-Rollup: the key's older message goes), itself purged after: a purge
+        stores nothing and leaves L alone, and it only takes away a marker - absent either way."""
+        if not self.cas_on_stream:
             try:
                 if new is None:
-                    if revision is None or await self._kv_erase(kv_key, revision):
-                        return True
-                elif revision is None:
-                    await self._kv.create(kv_key, new)
-                    return True
-                else:
-                    await self._kv.update(kv_key, new, last=revision)
-                    return True
+                    return 0 if revision is None or await self._kv_erase(kv_key, revision) else None
+                if revision is None:
+                    return await self._kv.create(kv_key, new)
+                return await self._kv.update(kv_key, new, last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
-                pass
-        raise _unavailable(f"compare-and-set of a metadata key lost {MAX_RENUMBER} races in a row")
+                return None
+        subject = f"$KV.{self._kv_bucket}.{kv_key}"
+        async with self._cas_lock:
+            for _ in range(MAX_RENUMBER):
+                reply = await self._nc.request(f"$JS.API.STREAM.INFO.KV_{self._kv_bucket}", b"",
+                                               timeout=REQUEST_TIMEOUT_S)
+                info = json.loads(reply.data)
+                if "error" in info:
+                    raise nats.js.errors.APIError.from_error(info["error"])
+                last = int(info["state"]["last_seq"])
+                if (await self._kv_read(kv_key))[1] != revision:
+                    return None
+                if new is None and revision is None:
+                    return 0
+                headers = {"Nats-Expected-Last-Sequence": str(last)}
+                if new is None:
+                    headers.update({"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+                try:
+                    ack = await self._js.publish(subject, new or b"", headers=headers)
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code == 10071:   # wrong last sequence: the bucket moved on
+                        continue
+                    raise
+                if new is None:
+                    await self._kv_erase(kv_key, ack.seq)   # the marker (nothing if the key was written since)
+                    return 0
+                return int(ack.seq)
+        raise _unavailable(f"a conditional write of a metadata key lost {MAX_RENUMBER} races in a row")
 
     async def _kv_erase(self, key: str, revision: int | None = None) -> bool:
         """Delete a key by purging its subject from the bucket's stream (history is 1): unlike a KV

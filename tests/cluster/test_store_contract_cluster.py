@@ -13,6 +13,7 @@ nodes as `make cluster` and tests/cluster/conftest.py.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -86,3 +87,65 @@ def test_jetstream_r3_agrees_with_the_model(nats_cluster: NatsCluster) -> None:
     ClusterAgrees.cluster = nats_cluster
     run_state_machine_as_test(ClusterAgrees, settings=settings(max_examples=R3_EXAMPLES, stateful_step_count=30,
                                                                deadline=None, derandomize=True))
+
+
+# -- compare-and-set across brokers (nats-io/nats-server#4320) --------------------------------------
+
+@pytest.fixture
+async def three_stores(nats_cluster: NatsCluster) -> AsyncIterator[list[JetStreamStore]]:
+    """Three brokers' stores on one prefix, each connected to a node of its own."""
+    prefix = fresh_prefix()
+    stores = [await JetStreamStore.open([url], prefix=prefix, replicas=REPLICAS) for url in nats_cluster.urls]
+    yield stores
+    for s in stores:
+        await s.close()
+    await delete_prefix(nats_cluster.urls[0], prefix)
+
+
+async def test_brokers_racing_meta_cas_lose_no_update(three_stores: list[JetStreamStore]) -> None:
+    """Increments of one counter by read -> meta_cas -> retry from three stores at once, each with
+    several tasks: every increment lands exactly once. On nats-server before 2.9.21 a clustered
+    kv.update(last=revision) is a pre-check only, and this lost updates (the stores then
+    compare-and-set on the bucket's last sequence: cas_on_stream)."""
+    tasks, rounds = 4, 12
+
+    async def bump(store: JetStreamStore) -> None:
+        for _ in range(rounds):
+            while True:
+                old = await store.meta_get(b"n")
+                if await store.meta_cas(b"n", old, str(int(old or b"0") + 1).encode()):
+                    break
+
+    await asyncio.gather(*(bump(s) for s in three_stores for _ in range(tasks)))
+    assert await three_stores[0].meta_get(b"n") == str(3 * tasks * rounds).encode()
+
+
+async def test_brokers_racing_for_one_lease_key_never_both_hold_it(three_stores: list[JetStreamStore]) -> None:
+    """A lease in its barest form: take a key if absent (meta_cas None -> me), hold it, give it
+    back (me -> None). Tasks on three stores race for it; no two ever hold it at once, and every
+    give-back succeeds (the holder's value was never overwritten). Exercises the create-if-absent
+    and delete paths, which the counter above does not."""
+    holders: set[str] = set()
+    overlaps: list[tuple[str, str]] = []
+    taken = 0
+
+    async def contend(store: JetStreamStore, me: str) -> None:
+        nonlocal taken
+        for _ in range(8):
+            while not await store.meta_cas(b"lease", None, me.encode()):
+                await asyncio.sleep(0)
+            overlaps.extend((me, other) for other in holders)
+            holders.add(me)
+            taken += 1
+            await asyncio.sleep(0.002)
+            holders.discard(me)
+            assert await store.meta_cas(b"lease", me.encode(), None), f"{me}'s lease was taken over"
+
+    await asyncio.gather(*(contend(s, f"{i}.{t}") for i, s in enumerate(three_stores) for t in range(3)))
+    assert not overlaps and taken == 3 * 3 * 8
+    assert await three_stores[1].meta_get(b"lease") is None
+
+
+def test_stores_on_a_server_before_2_9_21_compare_and_set_on_the_bucket(three_stores: list[JetStreamStore]) -> None:
+    version = tuple(int(x) for x in three_stores[0]._nc._server_info["version"].split("-")[0].split(".")[:3])
+    assert all(s.cas_on_stream == (version < (2, 9, 21)) for s in three_stores)

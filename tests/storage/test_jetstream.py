@@ -16,6 +16,8 @@ from broker.model import AppendBatch, StreamConfig
 from broker.storage import jetstream
 from broker.storage.base import OutcomeUnknown, StorageState
 from broker.storage.jetstream import JetStreamStore, _Unknown, meta_key_of, meta_kv_key
+from broker.storage.base import Store
+from tests.storage import test_contract as _contract
 from tests.storage.conftest import NatsServer, nats_config
 
 BIG = 1 << 30
@@ -602,3 +604,29 @@ async def test_a_partition_stream_missing_again_while_created_is_an_outcome_not_
     store._heads.clear()
     (outcome,) = await store.append([AppendBatch(sid, 0, 1, [(None, b"x")])])
     assert isinstance(outcome, BrokerError) and outcome.code is ErrorCode.UNAVAILABLE
+
+
+# the contract tests of every conditional write: the catalogue's (next id, name create, scale, drop,
+# trim marker) and meta_cas
+_CONDITIONAL = [getattr(_contract, name) for name in (
+    "test_create_assigns_fresh_ids_and_list_is_sorted_by_name", "test_create_existing_name_is_stream_exists",
+    "test_drop_removes_stream_and_its_partitions", "test_stream_ids_are_never_reused_and_a_recreated_name_starts_empty",
+    "test_trim_is_idempotent_and_never_moves_backwards", "test_update_stream_adds_partitions_and_keeps_every_record",
+    "test_meta_cas_sets_only_when_the_value_is_the_expected_one", "test_meta_cas_sees_meta_write_and_long_binary_keys",
+    "test_meta_cas_read_modify_write_loses_no_update")]
+
+
+@pytest.mark.parametrize("contract_test", _CONDITIONAL, ids=lambda t: t.__name__[5:])
+async def test_conditional_writes_on_the_bucket_sequence_keep_the_contract(
+        opener: Callable[[], Awaitable[JetStreamStore]], contract_test: Callable[[Store], Awaitable[None]]) -> None:
+    """The cas_on_stream path (a cluster before nats-server 2.9.21; exact there, see
+    tests/cluster/test_store_contract_cluster.py) forced on one node: the same answers as the
+    revision checks give."""
+    store = await opener()
+    store.cas_on_stream = True
+    await contract_test(store)
+    stream = f"KV_{store._kv_bucket}"
+    info = await store._js.stream_info(stream, subjects_filter=">")
+    markers = [s for s in info.state.subjects or {}
+               if "KV-Operation" in ((await store._js.get_msg(stream, subject=s)).headers or {})]
+    assert markers == []   # a delete's marker is purged after it

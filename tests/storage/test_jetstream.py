@@ -14,9 +14,8 @@ import pytest
 from broker.errors import BrokerError, ErrorCode
 from broker.model import AppendBatch, StreamConfig
 from broker.storage import jetstream
-from broker.storage.base import OutcomeUnknown, StorageState
+from broker.storage.base import OutcomeUnknown, StorageState, Store
 from broker.storage.jetstream import JetStreamStore, _Unknown, meta_key_of, meta_kv_key
-from broker.storage.base import Store
 from tests.storage import test_contract as _contract
 from tests.storage.conftest import NatsServer, nats_config
 

@@ -21,7 +21,8 @@ InfluxDB 1.x on the same workload in the same run.
          the same query over its whole range (16,667 one-minute buckets), --q2-repeat times.
 
 Systems, each a fresh server on a temp dir on disk, one after the other:
-- Sluice: `drivers.sluice_broker("wal")`: RocksDB, default durability (WAL without fsync; /api/put
+- Sluice: `drivers.sluice_broker("wal")` with `--tsdb-workers 2` (`--tsdb-workers N` here; 0: every
+  put checked in the broker process): RocksDB, default durability (WAL without fsync; /api/put
   answers once the points are appended); `--durability fsync` (or `wal,fsync`) adds a broker with
   `--fsync`, the like of InfluxDB's fsync per write. Points stored: the sequence ranges of the door's
   stream (`tsdb`, project `default`) through the DIS door: every point is one record.
@@ -93,6 +94,7 @@ TARGET_VM, TARGET_INFLUX = 0.3, 1.2         # issue 10: Sluice put >= 0.3x Victo
 CALL_TIMEOUT = 120.0
 PEER_NAMES = {"vm": "VictoriaMetrics", "influxdb": "InfluxDB"}
 WORKLOADS = ("put", "q1", "q2")
+TSDB_WORKERS = 2                            # the broker's --tsdb-workers (bench/run.py tsdb --tsdb-workers)
 
 
 def _say(msg: str) -> None:
@@ -428,8 +430,8 @@ def influxd_exe() -> str | None:
 
 @contextlib.contextmanager
 def sluice_server(durability: str = "wal") -> Iterator[SluiceTsdb]:
-    """A fresh broker (`--fsync` for fsync) on a temp dir."""
-    with drivers.sluice_broker(durability) as broker:
+    """A fresh broker (`--fsync` for fsync, `--tsdb-workers` TSDB_WORKERS) on a temp dir."""
+    with drivers.sluice_broker(durability, ("--tsdb-workers", str(TSDB_WORKERS))) as broker:
         assert broker.proc
         yield SluiceTsdb(broker.host, broker.http_port, broker.proc.pid, durability)
 
@@ -732,6 +734,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="Sluice's: comma-separated wal (the broker's default), fsync (--fsync); a fresh broker each "
                         "(default wal; the verdicts judge wal)")
     p.add_argument("--no-sluice", action="store_true", help="only the peers")
+    p.add_argument("--tsdb-workers", type=int, default=TSDB_WORKERS,
+                   help=f"the broker's --tsdb-workers: processes that check and sort put bodies (default {TSDB_WORKERS})")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     items = [x.strip().lower() for x in args.workloads.split(",") if x.strip()]
@@ -762,7 +766,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TSDB_WORKERS
     args = parse(sys.argv[1:] if argv is None else argv)
+    TSDB_WORKERS = args.tsdb_workers
     started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
     plan = make_plan(args.points, args.q2_points)
@@ -783,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"OpenTSDB /api/put: {args.points:,} points over {SERIES:,} series ({METRICS} metrics x {HOSTS} hosts x "
           f"{DCS} dcs), {BATCH} points a request, {PRODUCERS} producers; q1: sum:{DOWNSAMPLE} of one of those series "
           f"({plan.rounds} points) x {args.q1_repeat}; q2: sum:{DOWNSAMPLE} of one series of {args.q2_points:,} "
-          f"points x {args.q2_repeat}")
+          f"points x {args.q2_repeat}; Sluice with --tsdb-workers {TSDB_WORKERS}")
     print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}, after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
           f"started {started:%Y-%m-%d %H:%M:%S} UTC")
@@ -805,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                    "q2_points": args.q2_points, "d0": plan.d0, "q1_repeat": args.q1_repeat,
                    "q2_repeat": args.q2_repeat, "downsample": DOWNSAMPLE, "aggregator": "sum",
                    "workloads": args.workloads, "peers": args.peers, "sluice": not args.no_sluice,
-                   "durability": [] if args.no_sluice else args.durability},
+                   "durability": [] if args.no_sluice else args.durability, "tsdb_workers": TSDB_WORKERS},
         "rows": [r.as_dict() for r in rows],
         "ratios": [{"figure": f, "peer": p, "sluice": s, "peer_value": v, "ratio": r} for f, p, s, v, r in rs],
         "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],

@@ -74,15 +74,31 @@ def producer_batches(n_batches: int, producer: int, producers: int = PRODUCERS) 
 # -- CPU meters ---------------------------------------------------------------------------------
 
 def proc_cpu_seconds(pid: int | None) -> float:
-    """utime+stime of a process (all its threads), from /proc; nan if unknown."""
+    """utime+stime of a process (all its threads) and of its live children (a broker's
+    --decode-workers), from /proc; nan if unknown."""
     if not pid:
         return float("nan")
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK   # fields 14, 15 of stat(5)
+        total = (int(fields[11]) + int(fields[12])) / _TICK   # fields 14, 15 of stat(5)
     except (OSError, IndexError, ValueError):
         return float("nan")
+    children: list[int] = []
+    try:   # children are listed under the thread that started them
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    for child in children:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 class CpuMeter:

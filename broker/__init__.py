@@ -76,7 +76,9 @@
       series.py          series keys, their partition, the record layout, SeriesRegistry (one type per series,
                          durable), TsdbStream (the points' stream, created on first put, and its registry)
       points.py          checking and normalising put points: the spec's rules in order, its exact error strings
-      put.py             writing checked points: type checks in array order, durable new types, one append_keyed
+      put.py             writing checked points: sorted into partitions against the known types, new types
+                         decided in array order and made durable, one append
+      workers.py         --tsdb-workers: processes that parse, check and sort big put bodies (more cores)
       query.py           /api/query and /api/suggest: OpenTSDB 2.x queries read from the series' partitions, in Polars
     auth/                who may do what: credentials, roles, the DIS signature (no HTTP, no gRPC)
       credentials.py     the auth file (access keys, API keys -> Principal of a project and a role); Auth

@@ -40,6 +40,7 @@ from broker.storage import open_store
 from broker.storage.base import StorageState
 from broker.tls import HANDSHAKE_TIMEOUT_S, Site, Tls, load_tls
 from broker.tsdb.series import TsdbStream
+from broker.tsdb.workers import TsdbWorkers
 
 log = logging.getLogger("sluice")
 
@@ -189,7 +190,16 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     max_message = grpc_max_message(broker.limits)
     sources = Sources(broker)
 
-    tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream)
+    tsdb_workers = TsdbWorkers(settings.tsdb_workers) if settings.tsdb_workers else None
+    if tsdb_workers is not None:
+        try:
+            await tsdb_workers.start()
+        except Exception as exc:
+            await tsdb_workers.close()
+            await broker.close()
+            await store.close()
+            raise StartupError(f"cannot start --tsdb-workers {settings.tsdb_workers}: {exc}") from exc
+    tsdb_stream = TsdbStream(broker, settings.tsdb_project, settings.tsdb_stream, workers=tsdb_workers)
     health = Health(broker)
     exporter = Exporter(BrokerCollector(broker, sources, settings.data_dir if settings.store == "rocksdb" else None),
                         health, auth)
@@ -248,6 +258,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await sources.close()
         for r in runners:
             await r.cleanup()
+        if tsdb_workers is not None:
+            await tsdb_workers.close()
         await broker.close()
         await store.close()
         raise
@@ -290,6 +302,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
             await server.stop(1.0 if quiet else max(settings.shutdown_grace - (time.monotonic() - began), 1.0))
 
         await asyncio.gather(*(r.cleanup() for r in runners), stop_grpc())
+        if tsdb_workers is not None:   # after the doors: no put waits for a worker
+            await tsdb_workers.close()
         for task in (retention, trimming, storage_health, series):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

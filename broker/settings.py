@@ -37,6 +37,7 @@ class Settings:
     tsdb_stream: str = "tsdb"
     tsdb_project: str = "default"
     tsdb_port: int | None = None
+    tsdb_workers: int = 0
     metrics_port: int | None = None
     auth_file: str | None = None
     tls_cert: str | None = None
@@ -88,6 +89,9 @@ _HELP = {
     "metrics_port": "also serve /metrics (Prometheus, open even with --auth-file), /healthz and /readyz alone on "
                     "this port (0 = any free port); /metrics on --http-port takes an admin API key when "
                     "--auth-file is set",
+    "tsdb_workers": "processes that parse, check and sort /api/put bodies of 16 KiB or more, so a put's per-point "
+                    "work runs on more cores than the broker's one (it keeps the series types, the append and the "
+                    "acknowledgement); 0 = all in the broker process",
     "tsdb_port": "also serve the OpenTSDB door alone on this port (HiTSDB's convention; 0 = any free port); "
                  "by default it is served on --http-port only",
     "nats_servers": "--store jetstream: the NATS servers, comma-separated (nats://host:port,...)",
@@ -171,6 +175,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tsdb_project": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,
                      "1-64 characters of A-Z, a-z, 0-9, _ and -"),
     "tsdb_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
+    "tsdb_workers": (lambda v: 0 <= v <= 64, "within 0..64"),
     "metrics_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
     "auth_file": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
     "tls_cert": (lambda v: v is None or v.strip() != "", "a file path, not empty"),

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import unquote_plus
 
 import orjson
@@ -44,9 +44,9 @@ from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
 from broker.tsdb import query as tsdb_query
-from broker.tsdb.points import Checked, check_batch
-from broker.tsdb.put import PutWrite
+from broker.tsdb.put import BadBody, Grouped, PutWrite, group, parse
 from broker.tsdb.series import TsdbStream
+from broker.tsdb.workers import OFFLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +88,9 @@ def _sync_timeout(request: web.Request) -> float | None:
     return ms / 1000 if ms else None
 
 
-class _BadBody(Exception):
-    def __init__(self, message: str, details: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.details = message, details
-
-
-def _parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
-    """(the points as received, per point its error or None, the valid ones made into records:
-    points.check_batch). Raises _BadBody (nothing is stored then)."""
-    if not body.strip():
-        raise _BadBody("Missing request content")
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:   # strict JSON: bare NaN/Infinity are refused here
-        raise _BadBody("Unable to parse the given JSON", str(exc)) from None
-    if isinstance(parsed, dict):
-        raw = [parsed]
-    elif isinstance(parsed, list):
-        raw = parsed
-    else:
-        raise _BadBody("Unable to parse the given JSON", "expected an array of data points or one data point object")
-    if not raw:
-        raise _BadBody("No datapoints found in content")
-    return raw, *check_batch(raw)
+def _points_of(body: bytes) -> list[Any]:
+    parsed = orjson.loads(body)
+    return [parsed] if isinstance(parsed, dict) else parsed
 
 
 async def put(request: web.Request) -> web.StreamResponse:
@@ -119,14 +98,32 @@ async def put(request: web.Request) -> web.StreamResponse:
     details, summary = "details" in flags, "summary" in flags
     timeout = _sync_timeout(request)   # `sync` and `ignoreErrors` are accepted: we always answer durably
     body = await read_body(request)
-    try:
-        raw, errors, checked = await asyncio.to_thread(_parse, body) if len(body) > _INLINE_BYTES else _parse(body)
-    except _BadBody as exc:
-        return _error(exc.message, exc.details)
-    write = PutWrite(errors, checked)
-    if checked:
+    target: TsdbStream = request.app[TARGET]
+    limit = target.broker.limits.max_record_bytes
+    layout = target.layout()   # None (not created or loaded yet, or typed): the write sorts the points
+    grouped: Grouped | BadBody | None = None
+    if layout is not None and target.workers is not None and len(body) >= OFFLOAD_BYTES:
+        config, registry = layout
+        grouped = await target.workers.group(body, registry, config.partition_count, limit)
+    if isinstance(grouped, BadBody):
+        return _error(grouped.message, grouped.details)
+    raw: list[Any] | None = None   # the points as received: parsed here, or again when a worker had them
+    if grouped is None:
+        try:
+            raw, errors, checked = await asyncio.to_thread(parse, body) if len(body) > _INLINE_BYTES else parse(body)
+        except BadBody as exc:
+            return _error(exc.message, exc.details)
+        grouped = (group(errors, checked, layout[0].stream_id, layout[0].partition_count, layout[1].kinds(), limit)
+                   if layout is not None else Grouped(-1, 0, errors, {}, []))
+
+    def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
+        _, errors, checked = parse(body)
+        return group(errors, checked, stream_id, partition_count, known, limit)
+
+    write = PutWrite(grouped, regroup)
+    if write.errors.count(None):
         # runs to its end even if this request goes away: types and points must not part ways
-        task = asyncio.ensure_future(write.run(request.app[TARGET]))
+        task = asyncio.ensure_future(write.run(target))
         try:
             await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:   # the client went away: the write goes on, its failure is logged
@@ -138,7 +135,7 @@ async def put(request: web.Request) -> web.StreamResponse:
             task.add_done_callback(_log_failure)
     timeouts = write.pending
     success = write.success
-    failed = len(raw) - success
+    failed = len(write.errors) - success
     if not failed:
         if details:
             return _json({"success": success, "failed": 0, "errors": []})
@@ -150,8 +147,10 @@ async def put(request: web.Request) -> web.StreamResponse:
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
         pending = f"Storage exception: not durable within sync_timeout ({request.query.get('sync_timeout')} ms)"
-        answer["errors"] = [{"datapoint": raw[i], "error": error if error is not None else pending}
-                            for i, error in enumerate(write.errors) if not write.stored[i]]
+        points = raw if raw is not None else _points_of(body)
+        stored = write.stored
+        answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else pending}
+                            for i, error in enumerate(write.errors) if not stored[i]]
     if timeouts:
         answer["timeouts"] = timeouts
     return _json(answer, 400)

@@ -17,20 +17,51 @@ run to its end even when the request that started it is gone (the door shields i
 registry learns and what the store holds must not part ways.
 
 Speed: points.check_batch hands over each valid point already made into its record, with its
-series' form (key, route); a write costs per point one dict lookup for its series' type and one
-list append into its partition's batch.
+series' form (key, route); `group` then sorts them into their partitions' batches, checking each
+against the types the registry already knows (a known type never changes, so this needs no lock),
+and leaves only the points of series not known yet for the write, which decides them under the
+registry's lock. So the write's own cost is per partition, not per point, and `group` - the
+per-point work - can run in a tsdb worker process (broker/tsdb/workers.py, `--tsdb-workers`)
+while the broker process keeps the registry, the append and the acknowledgement.
 """
 from __future__ import annotations
 
-from operator import itemgetter
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import orjson
 
 from broker.errors import BrokerError, ErrorCode
-from broker.tsdb.points import Checked, Point, type_conflict
+from broker.tsdb.points import Checked, Point, check_batch, type_conflict
 from broker.tsdb.series import TYPE_OF, TsdbStream
 
-_record = itemgetter(4)
+
+class BadBody(Exception):
+    """A body that holds no points to check (section 1): its message and details; nothing stored."""
+
+    def __init__(self, message: str, details: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.details = message, details
+
+
+def parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
+    """(the points as received, per point its error or None, the valid ones made into records:
+    points.check_batch). Raises BadBody."""
+    if not body.strip():
+        raise BadBody("Missing request content")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:   # strict JSON: bare NaN/Infinity are refused here
+        raise BadBody("Unable to parse the given JSON", str(exc)) from None
+    if isinstance(parsed, dict):
+        raw = [parsed]
+    elif isinstance(parsed, list):
+        raw = parsed
+    else:
+        raise BadBody("Unable to parse the given JSON", "expected an array of data points or one data point object")
+    if not raw:
+        raise BadBody("No datapoints found in content")
+    return raw, *check_batch(raw)
 
 
 def encode(point: Point) -> tuple[int, bytes]:
@@ -45,22 +76,93 @@ def storage_exception(error: BrokerError | str) -> str:
     return f"Storage exception: {error.message if isinstance(error, BrokerError) else error}"
 
 
+# A point whose series' type the grouping did not know: (its index in the request, its series key,
+# its kind, its time in ms, its partition, its record). The write decides it under the registry's lock.
+Pending = tuple[int, str, str, int, int, bytes]
+
+
+@dataclass(slots=True)
+class Part:
+    """One partition's points of a put, in array order: their records, their indices in the
+    request, the latest point time."""
+    records: list[bytes]
+    indices: list[int]
+    latest: int
+
+
+@dataclass(slots=True)
+class Grouped:
+    """A put's points checked and sorted for one layout of the tsdb stream (`stream_id`,
+    `partition_count`): per point its error string or None; the parts of the points of series
+    of a known type (type-checked: a conflict is an error already); the points of series not
+    known yet (`pending`), in array order."""
+    stream_id: int
+    partition_count: int
+    errors: list[str | None]
+    parts: dict[int, Part]
+    pending: list[Pending]
+
+
+def group(errors: list[str | None], checked: list[Checked], stream_id: int, partition_count: int,
+          known: Mapping[str, str], max_record_bytes: int) -> Grouped:
+    """points.check_batch's answer sorted into partitions (see Grouped). `known`: series key ->
+    kind, as far as the registry of stream `stream_id` knows (a snapshot or the live map: entries
+    are only ever added). Rules 8-9 in the write's order: a record over `max_record_bytes` is a
+    storage exception before its type is looked at (huge tags never fix a type); a point of a
+    known series of another type is a type conflict."""
+    parts: dict[int, Part] = {}
+    pending: list[Pending] = []
+    kind_of = known.get
+    for i, form, kind, ts, record in checked:
+        if len(record) > max_record_bytes:
+            errors[i] = storage_exception(f"the point's record is {len(record)} bytes, over the record limit of "
+                                          f"{max_record_bytes}")
+            continue
+        p = form.partition(partition_count)
+        have = kind_of(form.key)
+        if have is None:
+            pending.append((i, form.key, kind, ts, p, record))
+            continue
+        if have != kind and TYPE_OF[have] != TYPE_OF[kind]:   # long and double mix
+            errors[i] = type_conflict(have, kind)
+            continue
+        part = parts.get(p)
+        if part is None:
+            parts[p] = Part([record], [i], ts)
+        else:
+            part.records.append(record)
+            part.indices.append(i)
+            if ts > part.latest:
+                part.latest = ts
+    return Grouped(stream_id, partition_count, errors, parts, pending)
+
+
+# Sort a put's points again for a layout: (stream id, partition count, known kinds) -> Grouped.
+Regroup = Callable[[int, int, Mapping[str, str]], Grouped]
+
+
 class PutWrite:
     """The outcome of each point of one put: `errors[i]` its error string (None: none so far) and
     `stored[i]` whether it is durably appended. A point with neither is still pending.
 
-    Made from points.check_batch's answer: `errors` (taken over, not copied) and the valid points."""
+    Made from a Grouped for the layout the door saw, and `regroup`, which sorts the same points
+    for another (the stream was created, scaled, or deleted and created again meanwhile)."""
 
-    def __init__(self, errors: list[str | None], checked: list[Checked]) -> None:
-        self.errors = errors
-        self.checked = checked
-        self.stored = [False] * len(errors)
+    def __init__(self, grouped: Grouped, regroup: Regroup) -> None:
+        self.grouped = grouped
+        self.errors = grouped.errors
+        self._regroup = regroup
+        self._appended: list[list[int]] = []   # the indices of each part appended
+        self.success = 0
         self.done = False
-        self._writable: list[Checked] = checked   # those within the record size limit
 
     @property
-    def success(self) -> int:
-        return sum(self.stored)
+    def stored(self) -> list[bool]:
+        out = [False] * len(self.errors)
+        for indices in self._appended:
+            for i in indices:
+                out[i] = True
+        return out
 
     @property
     def pending(self) -> int:
@@ -68,20 +170,10 @@ class PutWrite:
         return self.errors.count(None) - self.success
 
     async def run(self, target: TsdbStream) -> None:
-        """Check types, fix new ones, append. A stream deleted under us is recreated once (its
-        registry starts empty, so the checks run again); the store's failures (UNAVAILABLE,
-        STORAGE_FULL) are every accepted point's storage exception; a client error of the whole
-        call (the name holds a typed stream) is raised."""
-        limit = target.broker.limits.max_record_bytes
-        checked = self.checked
-        if checked and max(map(len, map(_record, checked))) > limit:   # huge tags: refused before its type is fixed
-            self._writable = []
-            for c in checked:
-                if len(c[4]) > limit:
-                    self.errors[c[0]] = storage_exception(f"the point's record is {len(c[4])} bytes, over the "
-                                                          f"record limit of {limit}")
-                else:
-                    self._writable.append(c)
+        """Check the pending types, fix new ones, append. A stream deleted under us is recreated
+        once (its registry starts empty, so the points are sorted and checked again); the store's
+        failures (UNAVAILABLE, STORAGE_FULL) are every accepted point's storage exception; a client
+        error of the whole call (the name holds a typed stream) is raised."""
         try:
             for attempt in (1, 2):
                 try:
@@ -93,79 +185,90 @@ class PutWrite:
                     if exc.code is not ErrorCode.STREAM_NOT_FOUND or attempt == 2:
                         self._fail_pending(exc)
                         return
-                    for c in self._writable:   # nothing went in: a fresh registry checks them again
-                        self.errors[c[0]] = None
+                    self.grouped.stream_id = -1   # nothing went in: sorted again for the new stream
         finally:
             self.done = True
 
     def _fail_pending(self, error: BrokerError) -> None:
         text = storage_exception(error)
-        errors, stored = self.errors, self.stored
-        for c in self._writable:
-            i = c[0]
-            if errors[i] is None and not stored[i]:
+        errors = self.errors
+        stored = self.stored
+        for i, e in enumerate(errors):
+            if e is None and not stored[i]:
                 errors[i] = text
 
     async def _attempt(self, target: TsdbStream) -> None:
         config, registry = await target.ensure()
-        errors = self.errors
-        # one batch per partition: its records in array order, their indices, the latest point time
-        count = config.partition_count
-        records: list[list[bytes]] = [[] for _ in range(count)]
-        indices: list[list[int]] = [[] for _ in range(count)]
-        latest = [0] * count
-        async with registry.lock:
-            kind_of = registry.kinds().get
-            new: dict[str, str] = {}
-            for i, form, kind, ts, record in self._writable:
-                have = kind_of(form.key)
-                if have is None:
-                    have = new.get(form.key)
+        g = self.grouped
+        if g.stream_id != config.stream_id or g.partition_count != config.partition_count:
+            g = self.grouped = self._regroup(config.stream_id, config.partition_count, registry.kinds())
+            self.errors = g.errors
+        errors = g.errors
+        # the points of series unknown when grouped, in array order: one part each per partition
+        extra: dict[int, Part] = {}
+        if g.pending:
+            async with registry.lock:
+                kind_of = registry.kinds().get
+                new: dict[str, str] = {}
+                for i, key, kind, ts, p, record in g.pending:
+                    have = kind_of(key)
                     if have is None:
-                        have = new[form.key] = kind
-                # long and double mix: the same type is enough
-                if have != kind and TYPE_OF[have] != TYPE_OF[kind]:
-                    errors[i] = type_conflict(have, kind)
-                    continue
-                p = form.partition(count)
-                records[p].append(record)
-                indices[p].append(i)
-                if ts > latest[p]:
-                    latest[p] = ts
-            text = ""
-            try:
-                lost = await registry.fix(new)
-            except BrokerError as exc:   # points of new series cannot go in without their type
-                if exc.code is ErrorCode.STREAM_NOT_FOUND:
-                    raise
-                text, lost = storage_exception(exc), {}
-            if text or lost:   # batch again: without the new series' points, or checked against the winners
-                records, indices, latest = [[] for _ in range(count)], [[] for _ in range(count)], [0] * count
-                for i, form, kind, ts, record in self._writable:
-                    if errors[i] is not None:   # its type refused
+                        have = new.get(key)
+                        if have is None:
+                            have = new[key] = kind
+                    if have != kind and TYPE_OF[have] != TYPE_OF[kind]:   # long and double mix
+                        errors[i] = type_conflict(have, kind)
                         continue
-                    if text and form.key in new:
-                        errors[i] = text
-                        continue
-                    won = lost.get(form.key)   # another broker fixed this new series' type first
-                    if won is not None and won != kind and TYPE_OF[won] != TYPE_OF[kind]:
-                        errors[i] = type_conflict(won, kind)
-                        continue
-                    p = form.partition(count)
-                    records[p].append(record)
-                    indices[p].append(i)
-                    latest[p] = max(latest[p], ts)
-        batches = {p: (records[p], latest[p]) for p in range(count) if records[p]}
-        if not batches:
+                    _add(extra, p, i, ts, record)
+                text = ""
+                try:
+                    lost = await registry.fix(new)
+                except BrokerError as exc:   # points of new series cannot go in without their type
+                    if exc.code is ErrorCode.STREAM_NOT_FOUND:
+                        raise
+                    text, lost = storage_exception(exc), {}
+                if text or lost:   # again: without the new series' points, or checked against the winners
+                    extra = {}
+                    for i, key, kind, ts, p, record in g.pending:
+                        if errors[i] is not None:   # its type refused
+                            continue
+                        if text and key in new:
+                            errors[i] = text
+                            continue
+                        won = lost.get(key)   # another broker fixed this new series' type first
+                        if won is not None and won != kind and TYPE_OF[won] != TYPE_OF[kind]:
+                            errors[i] = type_conflict(won, kind)
+                            continue
+                        _add(extra, p, i, ts, record)
+        parts = g.parts
+        if extra:   # (a series' points are all in one of the two: known or not when grouped)
+            parts = dict(parts)
+            for p, more in extra.items():
+                part = parts.get(p)
+                parts[p] = more if part is None else Part(part.records + more.records, part.indices + more.indices,
+                                                          max(part.latest, more.latest))
+        if not parts:
             return
-        firsts = await target.broker.append_partitioned(config.stream_name, batches, project=config.project,
-                                                        stream_id=config.stream_id, partition_count=count)
-        stored = self.stored
+        firsts = await target.broker.append_partitioned(
+            config.stream_name, {p: (part.records, part.latest) for p, part in parts.items()},
+            project=config.project, stream_id=config.stream_id, partition_count=g.partition_count)
         for p, first in firsts.items():
+            indices = parts[p].indices
             if isinstance(first, BrokerError):
                 text = storage_exception(first)
-                for i in indices[p]:
+                for i in indices:
                     errors[i] = text
             else:
-                for i in indices[p]:
-                    stored[i] = True
+                self._appended.append(indices)
+                self.success += len(indices)
+
+
+def _add(parts: dict[int, Part], p: int, i: int, ts: int, record: bytes) -> None:
+    part = parts.get(p)
+    if part is None:
+        parts[p] = Part([record], [i], ts)
+    else:
+        part.records.append(record)
+        part.indices.append(i)
+        if ts > part.latest:
+            part.latest = ts

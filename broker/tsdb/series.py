@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import orjson
 
@@ -41,6 +41,9 @@ from broker.core.broker import Broker
 from broker.core.routing import key_hash, partition_for_hash
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import StreamConfig
+
+if TYPE_CHECKING:
+    from broker.tsdb.workers import TsdbWorkers
 
 SERIES_PREFIX = b"T"
 NUMERIC, STRING, BOOLEAN = "numeric", "string", "boolean"
@@ -122,6 +125,7 @@ class SeriesRegistry:
     def __init__(self, broker: Broker, project: str, stream_id: int) -> None:
         self.broker, self.project, self.stream_id = broker, project, stream_id
         self._kinds: dict[str, str] = {}
+        self.learned: list[str] = []   # every known series key, in the order learned (tsdb workers are told so)
         self._by_metric: dict[str, dict[str, Series]] = {}
         # writers hold it from checking their points' types to the end of `fix`, so two requests
         # cannot both find a series new and fix two types for it
@@ -133,6 +137,8 @@ class SeriesRegistry:
             self._remember(key[len(prefix):].decode(), _KIND.get(value, LONG))
 
     def _remember(self, key: str, kind: str) -> None:
+        if key not in self._kinds:
+            self.learned.append(key)
         self._kinds[key] = kind
         metric, pairs = orjson.loads(key)
         self._by_metric.setdefault(metric, {})[key] = Series(key, metric, dict(pairs), TYPE_OF[kind])
@@ -198,8 +204,11 @@ class TsdbStream:
     """The stream points go to and the series registry of its current incarnation (by stream id:
     a stream deleted and recreated starts with no series)."""
 
-    def __init__(self, broker: Broker, project: str, stream_name: str, partitions: int = TSDB_PARTITIONS) -> None:
+    def __init__(self, broker: Broker, project: str, stream_name: str, partitions: int = TSDB_PARTITIONS,
+                 workers: TsdbWorkers | None = None) -> None:
+        """`workers`: the processes that check and sort big puts (`--tsdb-workers`; app.py owns them)."""
         self.broker, self.project, self.stream_name, self.partitions = broker, project, stream_name, partitions
+        self.workers = workers
         self._registry: SeriesRegistry | None = None
         self._creating = asyncio.Lock()
         self._loading = asyncio.Lock()
@@ -233,6 +242,15 @@ class TsdbStream:
                                detail=f"stream {self.stream_name} of project {self.project} is a typed stream; data "
                                       f"points go to a schemaless one (--tsdb-stream, --tsdb-project)")
         return config, await self.registry(config)
+
+    def layout(self) -> tuple[StreamConfig, SeriesRegistry] | None:
+        """The stream and its registry as a put is sorted for now, when both are at hand (None: not
+        created or not loaded yet, or a typed stream: the write works it out)."""
+        config = self.config()
+        registry = self._registry
+        if config is None or config.schema is not None or registry is None or registry.stream_id != config.stream_id:
+            return None
+        return config, registry
 
     async def lookup(self) -> tuple[StreamConfig | None, SeriesRegistry | None]:
         """The stream and its registry if the stream exists (for queries: nothing is created)."""

@@ -1,0 +1,213 @@
+"""TsdbWorkers (`--tsdb-workers N`): processes that parse, check and sort big `/api/put` bodies, so
+the per-point work of a put runs on more cores than the broker's one event loop.
+
+A worker gets the body, the layout of the tsdb stream (stream id, partition count, the record size
+limit) and the series types the broker's registry has learned since it last told this worker; it
+answers put.parse + points.check_batch + put.group: per point its error, the points of series of a
+known type sorted into their partitions' batches (records made, type-checked), and the points of
+series it does not know, in array order. Everything that decides or stores stays in the broker
+process (put.PutWrite): the types of new series (under the registry's lock), the append, the
+commit and the acknowledgement after it. So the broker's cost of a put is per partition, plus the
+hop. A known type never changes while its stream lives (a stream deleted and created again has
+another id: the worker forgets what it knew), so a worker's types are never wrong, only behind.
+
+Protocol: one AF_UNIX socketpair per worker (the worker gets its end by `pass_fds` and nobody else
+holds it, so it sees EOF and exits when the broker dies, SIGKILL included); a frame is a 4-byte
+big-endian length, then for a job a pickled header of its own length-prefixed and the body, for an
+answer a pickle (the worker is our own child). One job at a time per worker; jobs wait for an
+idle worker. Bodies under OFFLOAD_BYTES are worked on in the broker (a trickle of small puts pays
+no hop). A worker that dies, answers garbage or takes longer than JOB_TIMEOUT_S is killed and
+replaced, and that put is worked on in the broker: a request never fails for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from typing import Any
+
+from broker.tsdb.put import BadBody, Grouped, Part, group, parse
+from broker.tsdb.series import SeriesRegistry
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_BYTES = 16 * 1024   # smaller bodies are worked on in the broker: the hop costs more than it saves
+JOB_TIMEOUT_S = 60.0
+_LEN = struct.Struct(">I")
+
+
+class _Worker:
+    def __init__(self, proc: subprocess.Popen[bytes], reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.proc, self.reader, self.writer = proc, reader, writer
+        self.registry: SeriesRegistry | None = None   # whose types it was told, and how many
+        self.told = 0
+
+    async def call(self, header: bytes, body: bytes) -> Any:
+        self.writer.write(_LEN.pack(4 + len(header) + len(body)) + _LEN.pack(len(header)) + header)
+        self.writer.write(body)
+        (n,) = _LEN.unpack(await self.reader.readexactly(4))
+        return pickle.loads(await self.reader.readexactly(n))
+
+
+class TsdbWorkers:
+    """N worker processes; `group` hands one a put's body."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._all: list[_Worker] = []
+        self._closing = False
+        self._replacing: set[asyncio.Future[None]] = set()
+        self.jobs = self.fallbacks = self.replaced = 0   # observability and tests
+
+    async def start(self) -> None:
+        for _ in range(self.size):
+            await self._add()
+
+    async def _add(self) -> None:
+        proc, mine = await asyncio.to_thread(_spawn)
+        reader, writer = await asyncio.open_unix_connection(sock=mine, limit=2**22)
+        worker = _Worker(proc, reader, writer)
+        self._all.append(worker)
+        self._idle.put_nowait(worker)
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._all]
+
+    async def group(self, body: bytes, registry: SeriesRegistry, partition_count: int,
+                    max_record_bytes: int) -> Grouped | BadBody | None:
+        """The body checked and sorted by a worker for `registry`'s stream at `partition_count`
+        partitions, BadBody when it holds no points to check, or None when no worker could take it
+        (the caller works on it itself)."""
+        if not self._all:
+            self.fallbacks += 1
+            return None
+        # shielded: a request that goes away must not leave a worker half way through a frame
+        return await asyncio.shield(self._group(body, registry, partition_count, max_record_bytes))
+
+    async def _group(self, body: bytes, registry: SeriesRegistry, partition_count: int,
+                     max_record_bytes: int) -> Grouped | BadBody | None:
+        worker = await self._idle.get()
+        forget = worker.registry is not registry
+        told = 0 if forget else worker.told
+        kinds = registry.kinds()
+        learned = registry.learned
+        news = [(k, kinds[k]) for k in learned[told:]]
+        header = pickle.dumps((registry.stream_id, partition_count, max_record_bytes, forget, news), protocol=5)
+        try:
+            answer = await asyncio.wait_for(worker.call(header, body), JOB_TIMEOUT_S)
+        except (OSError, EOFError, asyncio.IncompleteReadError, pickle.UnpicklingError, TimeoutError) as exc:
+            log.error("tsdb worker %d failed (%s: %s); replacing it", worker.proc.pid, type(exc).__name__, exc)
+            self._drop(worker)
+            self.fallbacks += 1
+            if not self._closing:
+                self.replaced += 1
+                self._replacing.add(task := asyncio.ensure_future(self._replace()))
+                task.add_done_callback(self._replacing.discard)
+            return None
+        worker.registry, worker.told = registry, told + len(news)
+        self._idle.put_nowait(worker)
+        self.jobs += 1
+        if answer[0] == "bad":
+            return BadBody(answer[1], answer[2])
+        _, n, failed, parts, pending = answer
+        errors: list[str | None] = [None] * n
+        for i, error in failed:
+            errors[i] = error
+        return Grouped(registry.stream_id, partition_count, errors,
+                       {p: Part(records, indices, latest) for p, records, indices, latest in parts}, pending)
+
+    async def _replace(self) -> None:
+        try:
+            await self._add()
+        except Exception:
+            log.exception("could not start a tsdb worker; %d left", len(self._all))
+
+    def _drop(self, worker: _Worker) -> None:
+        if worker in self._all:
+            self._all.remove(worker)
+        worker.writer.close()
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+
+    async def close(self) -> None:
+        self._closing = True
+        workers, self._all = self._all, []
+        for w in workers:
+            w.writer.close()   # EOF: the worker exits
+        for w in workers:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(w.proc.wait), 5)
+            except TimeoutError:
+                w.proc.kill()
+                await asyncio.to_thread(w.proc.wait)
+
+
+def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "broker.tsdb.workers", str(theirs.fileno())],
+                                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+    except BaseException:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, mine
+
+
+# -- the worker's side ----------------------------------------------------------------------------
+
+def _work(known: dict[str, str], header: tuple[Any, ...], body: bytes) -> tuple[Any, ...]:
+    stream_id, partition_count, max_record_bytes, _, _ = header
+    try:
+        _, errors, checked = parse(body)
+    except BadBody as exc:
+        return "bad", exc.message, exc.details
+    g = group(errors, checked, stream_id, partition_count, known, max_record_bytes)
+    failed = [] if errors.count(None) == len(errors) else [(i, e) for i, e in enumerate(errors) if e is not None]
+    return ("ok", len(errors), failed, [(p, part.records, part.indices, part.latest) for p, part in g.parts.items()],
+            g.pending)
+
+
+def _serve(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the broker decides when we stop: EOF
+    from broker import malloc
+    # the broker's collector settings: with the defaults the young generation's threshold is
+    # crossed several times per body, and full collections traverse every cached series form
+    malloc.settle_gc()
+    sock = socket.socket(fileno=fd)
+    f = sock.makefile("rb", buffering=1 << 20)
+    send = sock.sendall
+    known: dict[str, str] = {}
+    stream_id = None
+    while True:
+        head = f.read(4)
+        if len(head) < 4:
+            return
+        (n,) = _LEN.unpack(head)
+        frame = f.read(n)
+        if len(frame) < n:
+            return
+        (h,) = _LEN.unpack_from(frame)
+        header = pickle.loads(frame[4:4 + h])
+        if header[3] or header[0] != stream_id:   # another stream (or registry): what was known is not
+            known.clear()
+            stream_id = header[0]
+        known.update(header[4])
+        out = pickle.dumps(_work(known, header, frame[4 + h:]), protocol=5)
+        send(_LEN.pack(len(out)) + out)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))

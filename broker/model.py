@@ -7,8 +7,11 @@ and a tuple is the cheapest Python object that still has names.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from itertools import accumulate, pairwise
+from operator import itemgetter
+from typing import Iterator, NamedTuple, Sequence, overload
 
 from broker.errors import BrokerError
 
@@ -154,12 +157,65 @@ class PartitionBounds(NamedTuple):
         return self.next_seq - 1
 
 
+BATCH_HEADER_BYTES = 13   # storage/keys.py's batch value header (">IqB"), which Packed's offsets count from
+
+
+class Packed(Sequence[tuple[None, bytes]]):
+    """Records without partition keys, packed the way the RocksDB and JetStream stores hold a
+    batch (storage/keys.py, key mode 0): `offsets`, (n + 1) big-endian u32 positions of each
+    payload in the batch value, and `blob`, the payloads back to back. A store appends it with
+    one concatenation, and it crosses a process boundary (tsdb workers) as two bytes objects, not
+    a Python object per record. As a sequence it is (None, data) items, made on demand."""
+
+    __slots__ = ("n", "offsets", "blob", "biggest")
+
+    def __init__(self, n: int, offsets: bytes, blob: bytes, biggest: int) -> None:
+        self.n, self.offsets, self.blob, self.biggest = n, offsets, blob, biggest
+
+    @classmethod
+    def of(cls, datas: list[bytes]) -> Packed:
+        n = len(datas)
+        start = BATCH_HEADER_BYTES + 4 * (n + 1)
+        return cls(n, struct.pack(f">{n + 1}I", *accumulate(map(len, datas), initial=start)), b"".join(datas),
+                   max(map(len, datas), default=0))
+
+    def datas(self) -> list[bytes]:
+        ends = struct.unpack(f">{self.n + 1}I", self.offsets)
+        base, blob = ends[0], self.blob
+        return [blob[a - base:b - base] for a, b in pairwise(ends)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[None, bytes]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[None, bytes]]: ...
+
+    def __getitem__(self, i: int | slice) -> tuple[None, bytes] | list[tuple[None, bytes]]:
+        items = [(None, d) for d in self.datas()]
+        return items[i]
+
+    def __iter__(self) -> Iterator[tuple[None, bytes]]:
+        return ((None, d) for d in self.datas())
+
+
+_data = itemgetter(1)
+
+
+def payload_bytes(items: Sequence[tuple[str | None, bytes]]) -> int:
+    """The payload bytes of an AppendBatch's items."""
+    if type(items) is Packed:
+        return len(items.blob)
+    return sum(map(len, map(_data, items)))
+
+
 class AppendBatch(NamedTuple):
     """Records for one partition, appended atomically with consecutive sequence numbers."""
     stream_id: int
     partition: int
-    timestamp_ms: int                         # the store raises it to keep time monotonic
-    items: list[tuple[str | None, bytes]]     # (partition_key, data)
+    timestamp_ms: int                                    # the store raises it to keep time monotonic
+    items: Sequence[tuple[str | None, bytes]]            # (partition_key, data); a Packed for keyless ones
 
 
 @dataclass(slots=True)

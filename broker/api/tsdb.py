@@ -100,7 +100,7 @@ async def put(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     target: TsdbStream = request.app[TARGET]
     limit = target.broker.limits.max_record_bytes
-    layout = target.layout()   # None (not created or loaded yet, or typed): the write sorts the points
+    layout = await target.layout_now()   # None (not created yet, or typed): the write sorts the points
     grouped: Grouped | BadBody | None = None
     if layout is not None and target.workers is not None and len(body) >= OFFLOAD_BYTES:
         config, registry = layout
@@ -113,8 +113,9 @@ async def put(request: web.Request) -> web.StreamResponse:
             raw, errors, checked = await asyncio.to_thread(parse, body) if len(body) > _INLINE_BYTES else parse(body)
         except BadBody as exc:
             return _error(exc.message, exc.details)
+        # without a layout: checked for size now, sorted again once the stream is there
         grouped = (group(errors, checked, layout[0].stream_id, layout[0].partition_count, layout[1].kinds(), limit)
-                   if layout is not None else Grouped(-1, 0, errors, {}, []))
+                   if layout is not None else group(errors, checked, -1, 1, {}, limit))
 
     def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
         _, errors, checked = parse(body)

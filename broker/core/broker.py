@@ -45,6 +45,7 @@ from broker.errors import BrokerError, ErrorCode
 from broker.model import (
     DEFAULT_PROJECT,
     GetRecordsResult,
+    Packed,
     PutColumns,
     PutEntry,
     PutRecordsResult,
@@ -233,7 +234,8 @@ class Broker:
         partition, per-item outcomes (seq or the error that refused it)."""
         return await self.writes.append_keyed(project, stream_name, items, timestamps_ms, stream_id)
 
-    async def append_partitioned(self, stream_name: object, batches: Mapping[int, tuple[Sequence[bytes], int]], *,
+    async def append_partitioned(self, stream_name: object,
+                                 batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]], *,
                                  project: str = DEFAULT_PROJECT, stream_id: int | None = None,
                                  partition_count: int | None = None) -> dict[int, int | BrokerError]:
         """See WritePath.append_partitioned: records the caller routed, partition -> (records, their

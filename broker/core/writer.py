@@ -17,7 +17,7 @@ from typing import Sequence
 
 from broker.core.stats import BrokerStats
 from broker.errors import BrokerError, ErrorCode, server_error
-from broker.model import AppendBatch
+from broker.model import AppendBatch, payload_bytes
 from broker.storage.base import AppendOutcome, Store
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Committer:
             if type(outcome) is int:
                 n = len(batch.items)
                 total += n
-                stats.appended(batch.stream_id, batch.partition, n, sum(map(len, map(_data, batch.items))))
+                stats.appended(batch.stream_id, batch.partition, n, payload_bytes(batch.items))
         stats.committed(seconds, total, True)
 
     @staticmethod

@@ -18,13 +18,24 @@ from broker.core.stats import BrokerStats
 from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
-from broker.model import AppendBatch, PutColumns, PutEntry, PutRecordsResult, StreamConfig
+from broker.model import AppendBatch, Packed, PutColumns, PutEntry, PutRecordsResult, StreamConfig, payload_bytes
 from broker.storage.base import OutcomeUnknown
 
 # (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
 _Routed = tuple[list[int], list[tuple[int, BrokerError]],
                 dict[int, tuple[list[int], list[tuple[str | None, bytes]]]]]
 _data = itemgetter(1)
+
+
+def _keyless(records: Sequence[bytes] | Packed) -> Sequence[tuple[str | None, bytes]]:
+    """An AppendBatch's items for records without keys: a Packed as it is."""
+    if isinstance(records, Packed):
+        return records
+    return [(None, data) for data in records]
+
+
+def _bytes(records: Sequence[bytes] | Packed) -> int:
+    return len(records.blob) if isinstance(records, Packed) else sum(map(len, records))
 
 
 def _check_columns(columns: PutColumns) -> None:
@@ -199,7 +210,7 @@ class WritePath:
         # (nothing written, nothing spent) when one of its runs is over its partition's limit.
         # A partial write would leave the client unable to tell which rows to send again.
         if self._throttle is not None and not self._throttle.admit_all(
-                config.stream_id, [(b.partition, len(b.items), sum(map(len, map(_data, b.items)))) for b in batches]):
+                config.stream_id, [(b.partition, len(b.items), payload_bytes(b.items)) for b in batches]):
             self._stats.throttled_request(config.stream_id, n)
             raise client_error(ErrorCode.THROTTLED, detail=f"stream [{config.stream_name}] is over its partitions' "
                                f"write limit; send the rows again later")
@@ -282,7 +293,7 @@ class WritePath:
         return outcomes
 
     async def append_partitioned(self, project: str, stream_name: object,
-                                 batches: Mapping[int, tuple[Sequence[bytes], int]],
+                                 batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]],
                                  stream_id: int | None = None,
                                  partition_count: int | None = None) -> dict[int, int | BrokerError]:
         """Append records the caller routed already (e.g. by routing.partition_for_hash of a key's
@@ -313,7 +324,7 @@ class WritePath:
             if not (type(p) is int and 0 <= p < config.partition_count):
                 raise client_error(ErrorCode.INVALID_REQUEST,
                                    detail=f"partition {p!r:.40} out of [0, {config.partition_count - 1}]")
-            biggest = max(map(len, records))
+            biggest = records.biggest if type(records) is Packed else max(map(len, records))
             if biggest > max_record:
                 raise client_error(ErrorCode.INVALID_REQUEST,
                                    detail=f"record size {biggest} exceeds {max_record} bytes")
@@ -326,7 +337,7 @@ class WritePath:
         return out
 
     async def _append_to(self, config: StreamConfig,
-                         batches: Mapping[int, tuple[Sequence[bytes], int]]) -> dict[int, int | BrokerError]:
+                         batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]]) -> dict[int, int | BrokerError]:
         """One AppendBatch per partition (in partition order) timed now or its records' latest
         time, one committer append, the readers of the written partitions woken."""
         now = self._now()
@@ -338,14 +349,14 @@ class WritePath:
             throttle = self._throttle
             for p in order:
                 records = batches[p][0]
-                if not throttle.admit_whole(config.stream_id, p, len(records), sum(map(len, records))):
+                if not throttle.admit_whole(config.stream_id, p, len(records), _bytes(records)):
                     out[p] = throttle.error(p)
             if out:
                 order = [p for p in order if p not in out]
                 if not order:
                     return out
         firsts = await self._committer.append([
-            AppendBatch(config.stream_id, p, max(now, batches[p][1]), [(None, data) for data in batches[p][0]])
+            AppendBatch(config.stream_id, p, max(now, batches[p][1]), _keyless(batches[p][0]))
             for p in order])
         if any(first is None for first in firsts):  # deleted while we were queued
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)

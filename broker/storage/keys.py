@@ -56,7 +56,7 @@ from bisect import bisect_right
 from itertools import accumulate, repeat
 from typing import Iterable, Sequence
 
-from broker.model import Record
+from broker.model import BATCH_HEADER_BYTES, Packed, Record
 
 FORMAT = 2
 FORMAT_VERSION = b"Mformat_version"
@@ -71,6 +71,7 @@ _PART = struct.Struct(">QI")
 _REC = struct.Struct(">QIQ")
 _HWM_VALUE = struct.Struct(">Qq")
 _BATCH_HEADER = struct.Struct(">IqB")
+assert _BATCH_HEADER.size == BATCH_HEADER_BYTES   # Packed counts its offsets from it
 U64 = struct.Struct(">Q")
 
 KEYS_NONE, KEYS_ALL, KEYS_MIXED = 0, 1, 2   # the batch header's key mode
@@ -120,7 +121,10 @@ def decode_hwm(value: bytes) -> tuple[int, int]:
 
 
 def encode_batch(timestamp_ms: int, items: Sequence[tuple[str | None, bytes]]) -> bytes:
-    """One batch value (layout in the module docstring). `items` must not be empty."""
+    """One batch value (layout in the module docstring). `items` must not be empty; a Packed is
+    this layout already, but for its header."""
+    if type(items) is Packed:
+        return b"".join((_BATCH_HEADER.pack(items.n, timestamp_ms, KEYS_NONE), items.offsets, items.blob))
     n = len(items)
     pkeys, datas = zip(*items)
     nones = pkeys.count(None)

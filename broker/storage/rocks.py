@@ -43,7 +43,7 @@ from operator import itemgetter
 from typing import Any, Callable, Sequence, TypeVar
 
 from broker.errors import BrokerError, ErrorCode, server_error
-from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
+from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig, payload_bytes
 from broker.settings import Settings
 from broker.storage.base import AppendOutcome, Durability, StorageState, Store, StoreCapabilities
 from broker.storage.rocks_engine import FormatMismatch, RocksEngine
@@ -175,7 +175,7 @@ class RocksStore(Store):
     async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
         if not self._engine.sync and self._mutating == 0 and self._state is StorageState.OK \
                 and sum(len(b.items) for b in batches) <= INLINE_APPEND_RECORDS \
-                and sum(sum(map(len, map(_data, b.items))) for b in batches) <= INLINE_APPEND_BYTES \
+                and sum(payload_bytes(b.items) for b in batches) <= INLINE_APPEND_BYTES \
                 and all(self._engine.hwm_cached(b.stream_id, b.partition) for b in batches):
             self.appends_inline += 1
             try:

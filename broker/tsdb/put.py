@@ -27,11 +27,14 @@ while the broker process keeps the registry, the append and the acknowledgement.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from itertools import chain
+from operator import itemgetter
+from typing import Any, Callable, Mapping, Sequence
 
 import orjson
 
 from broker.errors import BrokerError, ErrorCode
+from broker.model import Packed
 from broker.tsdb.points import Checked, Point, check_batch, type_conflict
 from broker.tsdb.series import TYPE_OF, TsdbStream
 
@@ -91,6 +94,14 @@ class Part:
 
 
 @dataclass(slots=True)
+class PackedPart:
+    """A Part as a tsdb worker sends it: its records packed, its indices an array."""
+    records: Packed
+    indices: Sequence[int]
+    latest: int
+
+
+@dataclass(slots=True)
 class Grouped:
     """A put's points checked and sorted for one layout of the tsdb stream (`stream_id`,
     `partition_count`): per point its error string or None; the parts of the points of series
@@ -99,7 +110,7 @@ class Grouped:
     stream_id: int
     partition_count: int
     errors: list[str | None]
-    parts: dict[int, Part]
+    parts: Mapping[int, Part | PackedPart]
     pending: list[Pending]
 
 
@@ -152,7 +163,7 @@ class PutWrite:
         self.grouped = grouped
         self.errors = grouped.errors
         self._regroup = regroup
-        self._appended: list[list[int]] = []   # the indices of each part appended
+        self._appended: list[Sequence[int]] = []   # the indices of each part appended
         self.success = 0
         self.done = False
 
@@ -240,13 +251,10 @@ class PutWrite:
                             errors[i] = type_conflict(won, kind)
                             continue
                         _add(extra, p, i, ts, record)
-        parts = g.parts
-        if extra:   # (a series' points are all in one of the two: known or not when grouped)
-            parts = dict(parts)
-            for p, more in extra.items():
-                part = parts.get(p)
-                parts[p] = more if part is None else Part(part.records + more.records, part.indices + more.indices,
-                                                          max(part.latest, more.latest))
+        parts: dict[int, Part | PackedPart] = dict(g.parts)
+        for p, more in extra.items():
+            part = parts.get(p)
+            parts[p] = more if part is None else _merged(part, more)
         if not parts:
             return
         firsts = await target.broker.append_partitioned(
@@ -261,6 +269,14 @@ class PutWrite:
             else:
                 self._appended.append(indices)
                 self.success += len(indices)
+
+
+def _merged(part: Part | PackedPart, more: Part) -> Part:
+    """Two parts of one partition as one, in array order (a partition's records are stored in the
+    order the request gave them, whichever series was known when the points were sorted)."""
+    datas = part.records.datas() if isinstance(part.records, Packed) else part.records
+    rows = sorted(chain(zip(part.indices, datas), zip(more.indices, more.records)), key=itemgetter(0))
+    return Part([r for _, r in rows], [i for i, _ in rows], max(part.latest, more.latest))
 
 
 def _add(parts: dict[int, Part], p: int, i: int, ts: int, record: bytes) -> None:

@@ -252,6 +252,18 @@ class TsdbStream:
             return None
         return config, registry
 
+    async def layout_now(self) -> tuple[StreamConfig, SeriesRegistry] | None:
+        """layout(), the registry loaded first if the stream exists (after a restart, the first puts
+        find it unloaded); None when loading fails (the write raises that)."""
+        config = self.config()
+        if config is not None and config.schema is None and (self._registry is None
+                                                              or self._registry.stream_id != config.stream_id):
+            try:
+                await self.registry(config)
+            except BrokerError:
+                return None
+        return self.layout()
+
     async def lookup(self) -> tuple[StreamConfig | None, SeriesRegistry | None]:
         """The stream and its registry if the stream exists (for queries: nothing is created)."""
         config = self.config()

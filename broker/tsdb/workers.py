@@ -30,15 +30,18 @@ import socket
 import struct
 import subprocess
 import sys
+from array import array
 from typing import Any
 
-from broker.tsdb.put import BadBody, Grouped, Part, group, parse
+from broker.model import Packed
+from broker.tsdb.put import BadBody, Grouped, PackedPart, Part, group, parse
 from broker.tsdb.series import SeriesRegistry
 
 log = logging.getLogger(__name__)
 
 OFFLOAD_BYTES = 16 * 1024   # smaller bodies are worked on in the broker: the hop costs more than it saves
 JOB_TIMEOUT_S = 60.0
+_RECHECK_S = 1.0   # a put waiting for an idle worker looks this often whether any is left
 _LEN = struct.Struct(">I")
 
 
@@ -64,7 +67,7 @@ class TsdbWorkers:
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._all: list[_Worker] = []
         self._closing = False
-        self._replacing: set[asyncio.Future[None]] = set()
+        self._replacing: set[asyncio.Future[Any]] = set()   # replacements starting, workers being reaped
         self.jobs = self.fallbacks = self.replaced = 0   # observability and tests
 
     async def start(self) -> None:
@@ -73,7 +76,15 @@ class TsdbWorkers:
 
     async def _add(self) -> None:
         proc, mine = await asyncio.to_thread(_spawn)
-        reader, writer = await asyncio.open_unix_connection(sock=mine, limit=2**22)
+        try:
+            if self._closing:
+                raise RuntimeError("closing")
+            reader, writer = await asyncio.open_unix_connection(sock=mine, limit=2**22)
+        except BaseException:
+            mine.close()
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            raise
         worker = _Worker(proc, reader, writer)
         self._all.append(worker)
         self._idle.put_nowait(worker)
@@ -86,27 +97,37 @@ class TsdbWorkers:
         """The body checked and sorted by a worker for `registry`'s stream at `partition_count`
         partitions, BadBody when it holds no points to check, or None when no worker could take it
         (the caller works on it itself)."""
-        if not self._all:
-            self.fallbacks += 1
-            return None
         # shielded: a request that goes away must not leave a worker half way through a frame
-        return await asyncio.shield(self._group(body, registry, partition_count, max_record_bytes))
+        answer = await asyncio.shield(self._group(body, registry, partition_count, max_record_bytes))
+        if answer is None:
+            self.fallbacks += 1
+        return answer
+
+    async def _take(self) -> _Worker | None:
+        """An idle worker; None once there is none to wait for (all gone and not replaced, or closing)."""
+        while self._all and not self._closing:
+            try:
+                return await asyncio.wait_for(self._idle.get(), _RECHECK_S)
+            except TimeoutError:
+                continue
+        return None
 
     async def _group(self, body: bytes, registry: SeriesRegistry, partition_count: int,
                      max_record_bytes: int) -> Grouped | BadBody | None:
-        worker = await self._idle.get()
+        worker = await self._take()
+        if worker is None:
+            return None
         forget = worker.registry is not registry
         told = 0 if forget else worker.told
         kinds = registry.kinds()
-        learned = registry.learned
-        news = [(k, kinds[k]) for k in learned[told:]]
+        news = [(k, kinds[k]) for k in registry.learned[told:]]
         header = pickle.dumps((registry.stream_id, partition_count, max_record_bytes, forget, news), protocol=5)
         try:
             answer = await asyncio.wait_for(worker.call(header, body), JOB_TIMEOUT_S)
-        except (OSError, EOFError, asyncio.IncompleteReadError, pickle.UnpicklingError, TimeoutError) as exc:
+            grouped = _grouped(answer, registry.stream_id, partition_count)
+        except Exception as exc:   # died, garbage, too slow: a new one; this put is worked on here
             log.error("tsdb worker %d failed (%s: %s); replacing it", worker.proc.pid, type(exc).__name__, exc)
             self._drop(worker)
-            self.fallbacks += 1
             if not self._closing:
                 self.replaced += 1
                 self._replacing.add(task := asyncio.ensure_future(self._replace()))
@@ -115,20 +136,14 @@ class TsdbWorkers:
         worker.registry, worker.told = registry, told + len(news)
         self._idle.put_nowait(worker)
         self.jobs += 1
-        if answer[0] == "bad":
-            return BadBody(answer[1], answer[2])
-        _, n, failed, parts, pending = answer
-        errors: list[str | None] = [None] * n
-        for i, error in failed:
-            errors[i] = error
-        return Grouped(registry.stream_id, partition_count, errors,
-                       {p: Part(records, indices, latest) for p, records, indices, latest in parts}, pending)
+        return grouped
 
     async def _replace(self) -> None:
         try:
             await self._add()
         except Exception:
-            log.exception("could not start a tsdb worker; %d left", len(self._all))
+            if not self._closing:
+                log.exception("could not start a tsdb worker; %d left", len(self._all))
 
     def _drop(self, worker: _Worker) -> None:
         if worker in self._all:
@@ -136,9 +151,15 @@ class TsdbWorkers:
         worker.writer.close()
         if worker.proc.poll() is None:
             worker.proc.kill()
+        # reaped off the loop (no zombie left behind)
+        self._replacing.add(task := asyncio.ensure_future(asyncio.to_thread(worker.proc.wait)))
+        task.add_done_callback(self._replacing.discard)
 
     async def close(self) -> None:
         self._closing = True
+        # not cancelled: a worker being spawned in a thread would be lost with its socket; each
+        # sees _closing once spawned and stops it
+        await asyncio.gather(*self._replacing, return_exceptions=True)
         workers, self._all = self._all, []
         for w in workers:
             w.writer.close()   # EOF: the worker exits
@@ -148,6 +169,27 @@ class TsdbWorkers:
             except TimeoutError:
                 w.proc.kill()
                 await asyncio.to_thread(w.proc.wait)
+
+
+def _grouped(answer: Any, stream_id: int, partition_count: int) -> Grouped | BadBody:
+    """A worker's answer made a Grouped (or a BadBody); any other shape raises."""
+    if answer[0] == "bad":
+        return BadBody(answer[1], answer[2])
+    tag, n, failed, parts, pending = answer
+    if tag != "ok":
+        raise ValueError(f"a worker's answer tagged {tag!r}")
+    errors: list[str | None] = [None] * n
+    for i, error in failed:
+        errors[i] = error
+    return Grouped(stream_id, partition_count, errors,
+                   {p: PackedPart(Packed(count, offsets, blob, biggest), _indices(indices), latest)
+                    for p, count, offsets, blob, biggest, indices, latest in parts}, pending)
+
+
+def _indices(raw: bytes) -> array[int]:
+    out = array("I")
+    out.frombytes(raw)
+    return out
 
 
 def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
@@ -176,8 +218,13 @@ def _work(known: dict[str, str], header: tuple[Any, ...], body: bytes) -> tuple[
         return "bad", exc.message, exc.details
     g = group(errors, checked, stream_id, partition_count, known, max_record_bytes)
     failed = [] if errors.count(None) == len(errors) else [(i, e) for i, e in enumerate(errors) if e is not None]
-    return ("ok", len(errors), failed, [(p, part.records, part.indices, part.latest) for p, part in g.parts.items()],
-            g.pending)
+    parts = []
+    for p, part in g.parts.items():
+        assert isinstance(part, Part)   # group() makes them so
+        packed = Packed.of(part.records)   # two bytes objects, not one per record
+        parts.append((p, packed.n, packed.offsets, packed.blob, packed.biggest, array("I", part.indices).tobytes(),
+                      part.latest))
+    return "ok", len(errors), failed, parts, g.pending
 
 
 def _serve(fd: int) -> None:

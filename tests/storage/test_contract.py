@@ -19,7 +19,8 @@ from typing import AsyncIterator, Callable
 import pytest
 
 from broker.errors import BrokerError, ErrorCode
-from broker.model import AppendBatch, ColumnDef, PartitionBounds, Record, ScaleEvent, StreamConfig, StreamSchema
+from broker.model import (AppendBatch, ColumnDef, Packed, PartitionBounds, Record, ScaleEvent, StreamConfig, StreamSchema,
+                          payload_bytes)
 from broker.settings import Settings
 from broker.storage import STORES, keys, open_store
 from broker.storage.base import Store
@@ -152,6 +153,21 @@ async def test_append_numbers_from_zero_consecutively_per_partition(store: Store
     assert payloads((await store.read(sid, 0, 0, 10, BIG))) == [b"a", b"b", b"c", b"d"]
     assert payloads((await store.read(sid, 1, 0, 10, BIG))) == [b"p1", b"q1", b"r1"]
     assert (await store.bounds(sid, 2)) == PartitionBounds(0, 0, 0)
+
+
+async def test_a_packed_batch_is_stored_as_its_records(store: Store) -> None:
+    """model.Packed (keyless records in the batch layout, as tsdb workers send them): the same
+    records, numbering and read-back as the (None, data) items it stands for, empty payloads too."""
+    sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+    datas = [b"a", b"", b"ccc" * 100, b"d"]
+    packed = Packed.of(datas)
+    assert packed.datas() == datas and list(packed) == [(None, d) for d in datas] and len(packed) == 4
+    assert payload_bytes(packed) == payload_bytes([(None, d) for d in datas]) == 302 and packed.biggest == 300
+    assert await store.append([AppendBatch(sid, 0, 5, packed), batch(sid, 0, 6, b"e")]) == [0, 4]
+    assert await store.append([AppendBatch(sid, 0, 7, Packed.of([b"f"]))]) == [5]
+    records = await store.read(sid, 0, 0, 10, BIG)
+    assert [(r.seq, r.partition_key, r.data) for r in records] == [(i, None, d) for i, d in enumerate([*datas, b"e", b"f"])]
+    assert payloads(await store.read(sid, 0, 2, 2, BIG)) == [b"ccc" * 100, b"d"]
 
 
 async def test_append_several_batches_for_one_partition_in_one_call(store: Store) -> None:

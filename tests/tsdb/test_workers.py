@@ -216,3 +216,26 @@ def test_a_graceful_stop_takes_the_workers_along(start_broker: Start) -> None:
     assert len(workers) == 3
     assert proc.stop(15) == 0
     assert not [w for w in workers if alive(w)]
+
+
+def test_a_partition_holds_the_points_in_array_order(pair: tuple[BrokerProcess, BrokerProcess]) -> None:
+    """Points of series known when the body was sorted and of new ones, interleaved in one body:
+    every partition stores them in the body's order, with workers and without (found in review:
+    the known series' points went first)."""
+    known = [point("order.known", i, NOW_S, host=f"k{i}") for i in range(300)]
+    both(pair, lambda b: put(b, known))
+    mixed: list[dict[str, Any]] = []
+    for i in range(300):
+        mixed += [point("order.new", i, NOW_S + 1, host=f"n{i}"), point("order.known", i, NOW_S + 1, host=f"k{i}")]
+    both(pair, lambda b: put(b, mixed))
+    order = [(p["metric"], p["tags"]["host"]) for p in mixed]
+    for proc in pair:
+        stored: dict[int, list[tuple[str, str]]] = {}
+        partitions = request(proc, "GET", "/v2/default/streams/tsdb").json["readable_partition_count"]
+        for partition, rec, _ in stream_records(proc, partitions=partitions):
+            if rec["metric"].startswith("order.") and rec["timestamp"] == (NOW_S + 1) * 1000:
+                stored.setdefault(partition, []).append((rec["metric"], rec["tags"]["host"]))
+        assert sum(map(len, stored.values())) == 600
+        assert sum(1 for rows in stored.values() if {m for m, _ in rows} == {"order.new", "order.known"}) >= 2
+        for rows in stored.values():
+            assert rows == sorted(rows, key=order.index)

@@ -137,14 +137,7 @@ def group(errors: list[str | None], checked: list[Checked], stream_id: int, part
         if have != kind and TYPE_OF[have] != TYPE_OF[kind]:   # long and double mix
             errors[i] = type_conflict(have, kind)
             continue
-        part = parts.get(p)
-        if part is None:
-            parts[p] = Part([record], [i], ts)
-        else:
-            part.records.append(record)
-            part.indices.append(i)
-            if ts > part.latest:
-                part.latest = ts
+        _add(parts, p, i, ts, record)
     return Grouped(stream_id, partition_count, errors, parts, pending)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from broker.tsdb import workers as W
 from broker.tsdb.put import Grouped
+from tests.tsdb.test_workers import alive
 
 NOW_S = 1_700_000_000
 
@@ -33,14 +34,6 @@ class Registry:
 def body(n: int = 400) -> bytes:
     return json.dumps([{"metric": "m", "timestamp": NOW_S, "value": i, "tags": {"host": f"h{i}"}}
                        for i in range(n)]).encode()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 async def test_a_worker_answers_and_learns_the_types_it_is_told() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.launcher import BrokerProcess
 from broker.tsdb.workers import OFFLOAD_BYTES
@@ -239,3 +241,25 @@ def test_a_partition_holds_the_points_in_array_order(pair: tuple[BrokerProcess, 
         assert sum(1 for rows in stored.values() if {m for m, _ in rows} == {"order.new", "order.known"}) >= 2
         for rows in stored.values():
             assert rows == sorted(rows, key=order.index)
+
+
+_SCALAR = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
+           | st.sampled_from(["NaN", "1e400", "-0", "", "5", "+5", "温度", "x" * 30_000]))
+_FUZZ_POINT = st.fixed_dictionaries(
+    {"metric": st.sampled_from(["fz.a", "fz.b", "fz c", "温度"]) | _SCALAR,
+     "timestamp": st.sampled_from([NOW_S, NOW_S * 1000, 4_284_767, 10**13, 1.5, "1"]) | _SCALAR,
+     "value": _SCALAR,
+     "tags": st.sampled_from([{"h": "x"}, {"h": "y", "dc": "1"}, {}, {"h": 1}, {"h": ""}]) | st.dictionaries(
+         st.text(max_size=4), _SCALAR, max_size=3)})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(points=st.lists(_FUZZ_POINT | _SCALAR, min_size=1, max_size=6),
+       query=st.sampled_from(["", "?summary", "?details"]))
+def test_fuzzed_points_answer_and_store_the_same(pair: tuple[BrokerProcess, BrokerProcess], points: list[Any],
+                                                 query: str) -> None:
+    """Whatever the points (wild metrics, times, values, tags; the two brokers' series types move
+    together), padded past OFFLOAD_BYTES so the pooled broker's worker takes them."""
+    reply = both(pair, lambda b: put(b, big(points, "fz.fill"), query))
+    assert reply.status < 500
+    assert points_of(pair[0], "fz.a") == points_of(pair[1], "fz.a")

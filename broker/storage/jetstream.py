@@ -433,7 +433,7 @@ class JetStreamStore(Store):
         self._fences: dict[tuple[int, int], int] = {}
         self._meta_lock = _RWLock()
         # compare-and-set on the bucket's stream-level last sequence instead of the key's revision:
-        # set by open() on a cluster before nats-server 2.9.21 (see _meta_cas_on_stream)
+        # set by open() on a cluster before nats-server 2.9.21 (see _kv_swap)
         self.cas_on_stream = False
         self._cas_lock = asyncio.Lock()   # (then one at a time per broker: they would all conflict)
         self._state = StorageState.OK

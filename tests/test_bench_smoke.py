@@ -279,5 +279,9 @@ def test_cluster_quick(tmp_path):
         (system, workload) for system in systems for workload in ("W1 put", "W2 read")]
     for r in doc["rows"]:
         assert r["ok"] and r["records"] == 4000 and r["rate"] > 0, r
-        assert set(r["cpu_split_s"]) == {"brokers", "nats", "client"} and r["cpu_split_s"]["nats"] > 0, r
+        assert set(r["cpu_split_s"]) == {"brokers", "nats", "client"}, r
+        assert all(v >= 0 for v in r["cpu_split_s"].values()), r   # measured (a NaN fails), not missing
+    # the servers' CPU is counted: over the whole run (one row's share can round to 0 ticks - a 4,000
+    # record read on an idle machine did)
+    assert sum(r["cpu_split_s"]["nats"] for r in doc["rows"]) > 0, doc["rows"]
     assert [p.name for p in tmp_path.iterdir()] == ["results"], "the benchmark must clean up after itself"

@@ -5,12 +5,14 @@ store's changes before any notification arrives."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 
+from broker.core.broker import Broker
 from broker.model import AppendBatch, StreamConfig
 from broker.storage.jetstream import JetStreamStore
 from tests.storage.conftest import NatsServer, nats_config
@@ -41,6 +43,23 @@ class Events:
 
     def stream_dropped(self, stream_id: int) -> None:
         self.dropped.append(stream_id)
+
+
+@contextlib.asynccontextmanager
+async def two_brokers(opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch,
+                      *deaf: str) -> AsyncIterator[tuple[Broker, Broker, JetStreamStore]]:
+    """Brokers a and b on two stores of one deployment, b's store deaf to the NATS handlers `deaf`
+    (see deafen); (a, b, b's store), both started, closed after."""
+    store_b = await opener()
+    deafen(monkeypatch, store_b, *deaf)
+    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
+    await a.start()
+    await b.start()
+    try:
+        yield a, b, store_b
+    finally:
+        await a.close()
+        await b.close()
 
 
 def deafen(monkeypatch: pytest.MonkeyPatch, store: JetStreamStore, *handlers: str) -> None:
@@ -214,17 +233,10 @@ async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
         opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
     """B never gets A's catalogue events here: every verb that names the stream looks it up in the
     store before answering STREAM_NOT_FOUND."""
-    from broker.core.broker import Broker
     from broker.errors import BrokerError, ErrorCode
     from broker.model import PutEntry
 
-    store_b = await opener()
-
-    deafen(monkeypatch, store_b, "_on_catalogue")
-    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
-    await a.start()
-    await b.start()
-    try:
+    async with two_brokers(opener, monkeypatch, "_on_catalogue") as (a, b, _):
         for name in (("described", "put", "cursor", "exists", "config", "query")):
             await a.create_stream(name, 1)
             assert b.catalogue.lookup("default", name) is None
@@ -251,9 +263,6 @@ async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
         with pytest.raises(BrokerError) as err:
             await b.put_records("x", [PutEntry(b"x")], project="bad project.>")
         assert err.value.code is ErrorCode.INVALID_REQUEST
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
@@ -281,15 +290,7 @@ async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
 
 async def test_an_at_timestamp_cursor_on_one_broker_sees_another_brokers_newest_records(
         opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker.core.broker import Broker
-
-    store_b = await opener()
-
-    deafen(monkeypatch, store_b, "_on_append")
-    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
-    await a.start()
-    await b.start()
-    try:
+    async with two_brokers(opener, monkeypatch, "_on_append") as (a, b, _):
         await a.create_stream("ts", 1)
         sid = a.catalogue.get("default", "ts").stream_id
         await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"old")])])
@@ -298,9 +299,6 @@ async def test_an_at_timestamp_cursor_on_one_broker_sees_another_brokers_newest_
         await a.store.append([AppendBatch(sid, 0, now + 5_000, [(None, b"new")])])
         cursor = await b.get_cursor("ts", 0, "AT_TIMESTAMP", timestamp_ms=now + 1_000)
         assert [r.data for r in (await b.get_records(cursor)).records] == [b"new"]
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_connection_closed_for_good_is_replaced_with_the_watch_on_it(
@@ -391,15 +389,8 @@ async def test_a_resync_drops_what_the_broker_knows_and_the_store_lacks(
         opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
     """B misses A's delete and its store forgot the id already (a verb found it gone): a resync
     still tells B's broker, which knew it; a stream B creates meanwhile is kept."""
-    from broker.core.broker import Broker
 
-    store_b = await opener()
-
-    deafen(monkeypatch, store_b, "_on_catalogue")
-    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
-    await a.start()
-    await b.start()
-    try:
+    async with two_brokers(opener, monkeypatch, "_on_catalogue") as (a, b, store_b):
         await a.create_stream("gone", 1)
         sid = (await b.describe_stream("gone")).config.stream_id
         await a.delete_stream("gone")
@@ -407,9 +398,6 @@ async def test_a_resync_drops_what_the_broker_knows_and_the_store_lacks(
         await b.create_stream("kept", 1)
         await store_b._resync()
         assert [c.stream_name for c in b.catalogue.all()] == ["kept"]
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_delete_while_a_broker_starts_is_not_undone_by_its_older_listing(
@@ -492,20 +480,10 @@ async def test_a_long_poll_that_times_out_asks_the_store_itself(
         opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
     """B hears of no append (no notification, no hint): its long poll still returns A's record
     when its wait runs out (one fresh_bounds per timed-out wait)."""
-    from broker.core.broker import Broker
 
-    store_b = await opener()
-
-    deafen(monkeypatch, store_b, "_on_append", "_on_catalogue")
-    a, b = Broker(await opener(), cursor_secret=b"k"), Broker(store_b, cursor_secret=b"k")
-    await a.start()
-    await b.start()
-    try:
+    async with two_brokers(opener, monkeypatch, "_on_append", "_on_catalogue") as (a, b, _):
         sid = (await a.create_stream("s", 1)).stream_id
         cursor = await b.get_cursor("s", 0, "LATEST")   # b's head cached: next 0
         await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"unannounced")])])
         got = await b.get_records(cursor, wait_ms=300)
         assert [r.data for r in got.records] == [b"unannounced"]
-    finally:
-        await a.close()
-        await b.close()

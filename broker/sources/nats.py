@@ -113,6 +113,7 @@ MAX_BATCH = 5000               # core NATS: messages per append, at most
 JS_MAX_BATCH = 2000            # JetStream: messages per pull request, at most
 PULL_EXPIRES_S = 2.0           # a pull request waits this long for messages, then is asked again
 PULL_MAX_BYTES = 32 << 20      # and brings at most this much (the server ends it with a 409 status)
+STOP_GRACE_S = 0.5             # a stopping job waits this long past its open request's expiry for the 408
 PULL_GRACE_S = 3.0             # no answer this long after a request expired: it was lost, ask again
 LAG_EVERY_S = 1.0              # consumer info while idle, at most this often
 EPHEMERAL_INACTIVE_S = 30.0    # an ephemeral consumer outlives its job this long
@@ -437,18 +438,42 @@ class _Puller:
         self.fatal: str | None = None
         self.stopping = False
         self.sub: Subscription | None = None
+        self.last: Msg | None = None   # the latest message: its metadata says how many more wait
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
         self.sub = await self.nc.subscribe(self.inbox, cb=self._on_msg, pending_msgs_limit=4 * self.batch + 64)
 
-    async def stop(self) -> None:
-        """Ask no more, and take what is on its way: draining the inbox (UNSUB, then a round trip)
-        makes the server drop the open request and hands over every message it sent before, so
-        they can be given back rather than lost in the closing socket (and wait out ack_wait)."""
+    def ask_no_more(self) -> None:
         self.stopping = True
+
+    async def stop(self) -> None:
+        """Ask no more, wait for the open request to be answered (filled, expired or refused),
+        then drain the inbox (UNSUB, then a round trip), so every message the server sent is taken
+        and can be given back. Unsubscribing while a request is open loses the messages the
+        consumer is sending at that moment: the server counts them delivered, finds no subscriber,
+        and they wait out ack_wait."""
+        self.ask_no_more()
+        until = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S
+        while self._sending() and self.nc.is_connected and (left := until - time.monotonic()) > 0:
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self.wake.wait()
         if self.sub is not None:
             await self.sub.drain()
+
+    def _sending(self) -> bool:
+        """The open request is being answered, or will be: it has brought some messages, or the
+        last message said more are waiting. An idle request is dropped at once (the server checks
+        for a subscriber before it sends, so only a message published at that very moment races)."""
+        if not self.open:
+            return False
+        if self.left < self.batch:
+            return True
+        with contextlib.suppress(Exception):
+            return self.last is not None and self.last.metadata.num_pending > 0
+        return True
 
     def reset(self) -> None:
         """After a reconnect the open request is gone with the old connection."""
@@ -458,6 +483,7 @@ class _Puller:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
             self.buf.append(msg)
+            self.last = msg
             self.left -= 1
             if self.left <= 0:
                 self.open = False
@@ -589,7 +615,9 @@ class JetStreamJob:
                     await asyncio.shield(step)
                 except asyncio.CancelledError:
                     # stopping with a batch in hand: its append is under way, so let it finish and
-                    # be acknowledged (briefly), and a stop neither loses nor duplicates it
+                    # be acknowledged (briefly), and a stop neither loses nor duplicates it; the
+                    # open request runs out meanwhile
+                    puller.ask_no_more()
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(CLOSE_WAIT_S):   # then cancelled, as wait_for did
                             await step
@@ -602,7 +630,7 @@ class JetStreamJob:
             # a restart need not wait for ack_wait
             if puller and link.nc.is_connected:
                 with contextlib.suppress(Exception):
-                    async with asyncio.timeout(CLOSE_WAIT_S):
+                    async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + CLOSE_WAIT_S):
                         await puller.stop()
             unwritten = pulled + (puller.buf if puller else [])
             if unwritten and link.nc.is_connected:

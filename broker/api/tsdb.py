@@ -44,7 +44,7 @@ from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
 from broker.tsdb import query as tsdb_query
-from broker.tsdb.put import BadBody, Grouped, PutWrite, group, parse
+from broker.tsdb.put import BadBody, Grouped, PutWrite, sort
 from broker.tsdb.series import TsdbStream
 from broker.tsdb.workers import OFFLOAD_BYTES
 
@@ -107,19 +107,17 @@ async def put(request: web.Request) -> web.StreamResponse:
         grouped = await target.workers.group(body, registry, config.partition_count, limit)
     if isinstance(grouped, BadBody):
         return _error(grouped.message, grouped.details)
-    raw: list[Any] | None = None   # the points as received: parsed here, or again when a worker had them
     if grouped is None:
+        # without a layout: checked for size now, sorted again once the stream is there
+        how = (layout[0].stream_id, layout[0].partition_count, layout[1].kinds()) if layout is not None else (-1, 1, {})
         try:
-            raw, errors, checked = await asyncio.to_thread(parse, body) if len(body) > _INLINE_BYTES else parse(body)
+            grouped = (await asyncio.to_thread(sort, body, *how, limit) if len(body) > _INLINE_BYTES
+                       else sort(body, *how, limit))
         except BadBody as exc:
             return _error(exc.message, exc.details)
-        # without a layout: checked for size now, sorted again once the stream is there
-        grouped = (group(errors, checked, layout[0].stream_id, layout[0].partition_count, layout[1].kinds(), limit)
-                   if layout is not None else group(errors, checked, -1, 1, {}, limit))
 
     def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
-        _, errors, checked = parse(body)
-        return group(errors, checked, stream_id, partition_count, known, limit)
+        return sort(body, stream_id, partition_count, known, limit)
 
     write = PutWrite(grouped, regroup)
     if write.errors.count(None):
@@ -148,7 +146,7 @@ async def put(request: web.Request) -> web.StreamResponse:
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
         pending = f"Storage exception: not durable within sync_timeout ({request.query.get('sync_timeout')} ms)"
-        points = raw if raw is not None else _points_of(body)
+        points = _points_of(body)
         stored = write.stored
         answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else pending}
                             for i, error in enumerate(write.errors) if not stored[i]]

@@ -43,6 +43,12 @@ shared by the points of a series: read only.
 timestamp and value are plain (an int in range; a float, an int, a boolean or a string value) it
 goes straight to the point's record - one tuple lookup, a few type checks and one bytes format -
 and any other point takes `check_point`, the rules in full, so both give the same verdict.
+
+Faster still, for a whole body of plain points (put.fast_group): msgspec decodes it against `Wire`
+(the four fields and no others, typed; the tags kept as their raw JSON text), and a series is
+found by its metric and that text (`raw_series_form`). Anything msgspec refuses, or any point
+that is not plain, sends the whole body the long way, which gives the same answer: see
+put.fast_group for why the two agree.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
 from broker.tsdb.series import BOOLEAN, DOUBLE, LONG, NUMERIC, STRING, TYPE_OF, SeriesForm, series_key
@@ -89,6 +96,47 @@ _names: dict[str, str] = {}
 _series: dict[tuple[Any, ...], SeriesForm | str] = {}
 # series key -> its form, for points whose names are not remembered as received (a tag value 8080)
 _forms: dict[str, SeriesForm] = {}
+# (metric, the tags object's JSON text as received) -> the series' form; valid series only
+raw_forms: dict[tuple[str, bytes], SeriesForm] = {}
+
+
+class Wire(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """A point as put.fast_group decodes it. An unknown field is refused (the body goes the long
+    way) because msgspec skips unknown fields' values without checking them as orjson does (a
+    1e400 or bad UTF-8 there). The tags are raw: their text is checked by orjson when first seen."""
+
+    metric: str
+    timestamp: int
+    value: float | int | str | bool
+    tags: msgspec.Raw
+
+
+WIRE = msgspec.json.Decoder(list[Wire] | Wire)
+WIRE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def raw_series_form(metric: str, raw_tags: bytes) -> SeriesForm | None:
+    """The form of the series named by `metric` and its tags object's JSON text, when check_point
+    would take the series (rules 1, 4, 5, 6 and the metric's 7); None when it would not or the
+    text is not JSON that orjson reads. Remembered (valid series only)."""
+    key = (metric, raw_tags)
+    form = raw_forms.get(key)
+    if form is None:
+        if not metric:
+            return None
+        try:
+            tags = orjson.loads(raw_tags)
+        except orjson.JSONDecodeError:
+            return None
+        if type(tags) is not dict or not tags or len(tags) > MAX_TAGS:
+            return None
+        verdict = series_form(metric, tags)
+        if type(verdict) is not SeriesForm:
+            return None
+        if len(raw_forms) >= NAME_CACHE:
+            raw_forms.clear()
+        form = raw_forms[key] = verdict
+    return form
 
 
 def illegal_character(name: str) -> str:
@@ -171,6 +219,23 @@ def _number(text: str) -> tuple[int | float | str, str]:
     if math.isinf(f):
         return text, STRING
     return f, DOUBLE
+
+
+def plain_value(value: Any) -> tuple[str, bytes] | None:
+    """(kind, its JSON in the record) of a value that needs no more checks than this: a float, an
+    int within 64 bits, a boolean, a string within the size limit; None for any other (the long
+    way decides it)."""
+    vt = value.__class__
+    if vt is float:
+        return DOUBLE, orjson.dumps(value)
+    if vt is int:
+        return (LONG, b"%d" % value) if _LONG_MIN <= value <= _LONG_MAX else None
+    if vt is bool:
+        return BOOLEAN, b"true" if value else b"false"
+    if vt is str and value and (len(value) <= STRING_MAX_BYTES // 4 or len(value.encode()) <= STRING_MAX_BYTES):
+        typed, kind = _typed_text(value)
+        return kind, orjson.dumps(typed)
+    return None
 
 
 def check_point(raw: Any) -> Point | str:
@@ -305,20 +370,9 @@ def check_batch(raw: list[Any]) -> tuple[list[str | None], list[Checked]]:
                     if ts <= 9_999_999_999:
                         ts *= 1000
                     value = p["value"]
-                    vt = value.__class__
-                    kind: str | None = None
-                    if vt is float:
-                        kind, vj = DOUBLE, dumps(value)
-                    elif vt is int:
-                        if _LONG_MIN <= value <= _LONG_MAX:
-                            kind, vj = LONG, b"%d" % value
-                    elif vt is bool:
-                        kind, vj = BOOLEAN, b"true" if value else b"false"
-                    elif vt is str and value and (len(value) <= STRING_MAX_BYTES // 4
-                                                  or len(value.encode()) <= STRING_MAX_BYTES):
-                        typed, kind = _typed_text(value)
-                        vj = dumps(typed)
-                    if kind is not None:
+                    typed = (DOUBLE, dumps(value)) if value.__class__ is float else plain_value(value)
+                    if typed is not None:
+                        kind, vj = typed
                         # form.record(ts, vj), inline: points of a request mostly share their time
                         if ts != last_ts:
                             last_ts, middle = ts, b'%d,"value":' % ts
@@ -347,6 +401,6 @@ def type_conflict(series_kind: str, kind: str) -> str | None:
     return f"Value type mismatch: series holds {series_kind} values"
 
 
-__all__ = ["Point", "Checked", "check_point", "check_points", "check_batch", "series_form", "type_conflict",
-           "illegal_character", "typed_value",
-           "NUMERIC", "STRING", "BOOLEAN", "LONG", "DOUBLE"]
+__all__ = ["Point", "Checked", "Wire", "WIRE", "WIRE_ERRORS", "raw_forms", "raw_series_form", "plain_value",
+           "check_point", "check_points", "check_batch", "series_form", "type_conflict", "illegal_character",
+           "typed_value", "NUMERIC", "STRING", "BOOLEAN", "LONG", "DOUBLE"]

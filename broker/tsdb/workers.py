@@ -34,7 +34,7 @@ from array import array
 from typing import Any
 
 from broker.model import Packed
-from broker.tsdb.put import BadBody, Grouped, PackedPart, Part, group, parse
+from broker.tsdb.put import BadBody, Grouped, PackedPart, Part, sort
 from broker.tsdb.series import SeriesRegistry
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,10 @@ def _spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
 def _work(known: dict[str, str], header: tuple[Any, ...], body: bytes) -> tuple[Any, ...]:
     stream_id, partition_count, max_record_bytes, _, _ = header
     try:
-        _, errors, checked = parse(body)
+        g = sort(body, stream_id, partition_count, known, max_record_bytes)
     except BadBody as exc:
         return "bad", exc.message, exc.details
-    g = group(errors, checked, stream_id, partition_count, known, max_record_bytes)
+    errors = g.errors
     failed = [] if errors.count(None) == len(errors) else [(i, e) for i, e in enumerate(errors) if e is not None]
     parts = []
     for p, part in g.parts.items():

@@ -56,7 +56,9 @@ log = logging.getLogger("sluice.sources")
 SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")   # Timeplus' rule [docs]
 MAX_DESCRIPTION = 1024
 MAX_SOURCES = 1000        # per broker [ours]: each is a task and maybe a connection
-STOP_WAIT_S = 5.0
+# a job's stop, at most: a JetStream job finishes its batch in hand (2 s), lets its open pull
+# request be answered (2.5 s) and closes its connection (2 s), nats.py
+STOP_WAIT_S = 10.0
 HEALTHY_S = 10.0   # a job that ran this long before failing retries from the shortest backoff
 LEASE_S = 10.0     # a source's lease on a shared store (see the module's docstring)
 LEASE_PREFIX = b"L"

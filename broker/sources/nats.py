@@ -84,7 +84,7 @@ import re
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
@@ -438,7 +438,6 @@ class _Puller:
         self.fatal: str | None = None
         self.stopping = False
         self.sub: Subscription | None = None
-        self.last: Msg | None = None   # the latest message: its metadata says how many more wait
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
@@ -447,33 +446,35 @@ class _Puller:
     def ask_no_more(self) -> None:
         self.stopping = True
 
-    async def stop(self) -> None:
-        """Ask no more, wait for the open request to be answered (filled, expired or refused),
-        then drain the inbox (UNSUB, then a round trip), so every message the server sent is taken
-        and can be given back. Unsubscribing while a request is open loses the messages the
-        consumer is sending at that moment: the server counts them delivered, finds no subscriber,
-        and they wait out ack_wait."""
+    def take_all(self) -> list[Msg]:
+        out, self.buf = self.buf, []
+        return out
+
+    async def stop(self, waiting: Callable[[], Awaitable[int]]) -> None:
+        """Ask no more, let the open request be answered (filled, expired or refused) while the
+        consumer has messages `waiting` for it, then drain the inbox (UNSUB, then a round trip),
+        so every message the server sent is taken and can be given back. Unsubscribing while the
+        consumer is sending loses the messages on their way inside the server: counted delivered,
+        no subscriber found, they wait out ack_wait. With nothing waiting an open request brings
+        nothing (the server looks for a subscriber before it sends), so an idle job stops at once."""
         self.ask_no_more()
         until = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S
-        while self._sending() and self.nc.is_connected and (left := until - time.monotonic()) > 0:
-            self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self.wake.wait()
+        if self.open and self.nc.is_connected and await self._any(waiting):
+            while self.open and self.nc.is_connected and (left := until - time.monotonic()) > 0:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self.wake.wait()
         if self.sub is not None:
             await self.sub.drain()
 
-    def _sending(self) -> bool:
-        """The open request is being answered, or will be: it has brought some messages, or the
-        last message said more are waiting. An idle request is dropped at once (the server checks
-        for a subscriber before it sends, so only a message published at that very moment races)."""
-        if not self.open:
-            return False
-        if self.left < self.batch:
+    @staticmethod
+    async def _any(waiting: Callable[[], Awaitable[int]]) -> bool:
+        try:
+            async with asyncio.timeout(STOP_GRACE_S):
+                return await waiting() > 0
+        except Exception:   # not known: wait for the request, as long as it may take
             return True
-        with contextlib.suppress(Exception):
-            return self.last is not None and self.last.metadata.num_pending > 0
-        return True
 
     def reset(self) -> None:
         """After a reconnect the open request is gone with the old connection."""
@@ -483,7 +484,6 @@ class _Puller:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
             self.buf.append(msg)
-            self.last = msg
             self.left -= 1
             if self.left <= 0:
                 self.open = False
@@ -596,6 +596,10 @@ class JetStreamJob:
             if pending_limit and pending_limit > 0:
                 batch = min(batch, max(1, pending_limit // 2))
             puller = _Puller(nc, stream, info.name, batch, self._wake)
+            name = info.name
+
+            async def waiting() -> int:   # messages the consumer has not delivered yet
+                return (await js.consumer_info(stream, name)).num_pending or 0
             link.on_reconnect = puller.reset
             await puller.start()
             ctx.state.lag = info.num_pending
@@ -627,16 +631,24 @@ class JetStreamJob:
                         pulled = []    # acknowledged, or given back by _deliver
         finally:
             # stopped (or failed) mid-batch: what was pulled and not appended goes back at once, so
-            # a restart need not wait for ack_wait
-            if puller and link.nc.is_connected:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + CLOSE_WAIT_S):
-                        await puller.stop()
-            unwritten = pulled + (puller.buf if puller else [])
-            if unwritten and link.nc.is_connected:
-                with contextlib.suppress(Exception):
-                    await self._nak(unwritten, policy, None)
+            # a restart need not wait for ack_wait - first what is in hand (flushed: given back even
+            # if the broker exits before the open request is answered), then what that brings
+            if puller is not None:
+                puller.ask_no_more()
+                await self._give_back(link, pulled + puller.take_all(), policy)
+                if link.nc.is_connected:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + CLOSE_WAIT_S):
+                            await puller.stop(waiting)
+                await self._give_back(link, puller.take_all(), policy)
             await link.close()
+
+    async def _give_back(self, link: _Link, msgs: list[Msg], policy: AckPolicy) -> None:
+        if msgs and link.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._nak(msgs, policy, None)
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await link.nc.flush()
 
     async def _deliver(self, ctx: JobContext, msgs: list[Msg], policy: AckPolicy) -> None:
         """Append a batch, then acknowledge it; if the append fails, give the batch back (after

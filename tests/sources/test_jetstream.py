@@ -306,6 +306,34 @@ async def test_a_stop_mid_batch_finishes_its_batch_and_hands_back_the_rest(sluic
     await settled(sluice, url, "M", "d")
 
 
+STOPS = 12
+
+
+async def test_stops_while_the_consumer_is_sending_hand_everything_back(sluice: Sluice,
+                                                                       nats_server: NatsServer) -> None:
+    """Stopped again and again mid-drain, each time while pull requests are being answered: every
+    message arrives once, none waits out ack_wait (10 minutes). A job that unsubscribed from its
+    inbox while the consumer was still sending lost those messages until then."""
+    url = nats_server.url
+    await js_stream(url, "R", ["r"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "r", docs(STOPS * 600 + 600))
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="r", durable="d", ack_wait="10m",
+                                                        max_ack_pending=400, prefetch_count=100))
+    for n in range(1, STOPS + 1):
+        await eventually(lambda n=n: sluice.state("j").rows_written >= 500 * n, what=f"{500 * n} rows")
+        await sluice.sources.stop_source("default", "j")
+        await sluice.sources.start_source("default", "j")
+
+    async def everything() -> list[Any] | None:
+        got = await sluice.column("t")
+        return got if set(got) == set(range(STOPS * 600 + 600)) else None
+    await eventually(everything, 30, what="every message (ack_wait is 10 minutes)")
+    await asyncio.sleep(0.3)
+    assert len(await sluice.column("t")) == STOPS * 600 + 600    # none twice
+    await settled(sluice, url, "R", "d")
+
+
 # -- bad definitions ---------------------------------------------------------------------------------
 
 GOOD = {"url": "nats://127.0.0.1:4222", "subject": "a.b", "data_type": "json"}

@@ -22,6 +22,7 @@ replaced, and that put is worked on in the broker: a request never fails for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -106,10 +107,11 @@ class TsdbWorkers:
     async def _take(self) -> _Worker | None:
         """An idle worker; None once there is none to wait for (all gone and not replaced, or closing)."""
         while self._all and not self._closing:
-            try:
-                return await asyncio.wait_for(self._idle.get(), _RECHECK_S)
-            except TimeoutError:
-                continue
+            if not self._idle.empty():   # no timer, no task: the common case under load
+                return self._idle.get_nowait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RECHECK_S):
+                    return await self._idle.get()
         return None
 
     async def _group(self, body: bytes, registry: SeriesRegistry, partition_count: int,
@@ -123,7 +125,8 @@ class TsdbWorkers:
         news = [(k, kinds[k]) for k in registry.learned[told:]]
         header = pickle.dumps((registry.stream_id, partition_count, max_record_bytes, forget, news), protocol=5)
         try:
-            answer = await asyncio.wait_for(worker.call(header, body), JOB_TIMEOUT_S)
+            async with asyncio.timeout(JOB_TIMEOUT_S):
+                answer = await worker.call(header, body)
             grouped = _grouped(answer, registry.stream_id, partition_count)
         except Exception as exc:   # died, garbage, too slow: a new one; this put is worked on here
             log.error("tsdb worker %d failed (%s: %s); replacing it", worker.proc.pid, type(exc).__name__, exc)

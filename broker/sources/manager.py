@@ -57,7 +57,8 @@ SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")   # Timeplus' rule [docs
 MAX_DESCRIPTION = 1024
 MAX_SOURCES = 1000        # per broker [ours]: each is a task and maybe a connection
 # a job's stop, at most: a JetStream job finishes its batch in hand (2 s), lets its open pull
-# request be answered (2.5 s) and closes its connection (2 s), nats.py
+# request be answered and drains its inbox (4.5 s), gives back what it holds and closes its
+# connection (2 s): nats.py. Past this the broker's stop goes on without the job.
 STOP_WAIT_S = 10.0
 HEALTHY_S = 10.0   # a job that ran this long before failing retries from the shortest backoff
 LEASE_S = 10.0     # a source's lease on a shared store (see the module's docstring)

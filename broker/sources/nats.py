@@ -452,10 +452,10 @@ class _Puller:
 
     async def stop(self, waiting: Callable[[], Awaitable[int]]) -> None:
         """Ask no more, let the open request be answered (filled, expired or refused) while the
-        consumer has messages `waiting` for it, then drain the inbox (UNSUB, then a round trip),
+        consumer may still send messages (`waiting`), then drain the inbox (UNSUB, then a round trip),
         so every message the server sent is taken and can be given back. Unsubscribing while the
         consumer is sending loses the messages on their way inside the server: counted delivered,
-        no subscriber found, they wait out ack_wait. With nothing waiting an open request brings
+        no subscriber found, they wait out ack_wait. With nothing to send an open request brings
         nothing (the server looks for a subscriber before it sends), so an idle job stops at once."""
         self.ask_no_more()
         until = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S
@@ -598,8 +598,12 @@ class JetStreamJob:
             puller = _Puller(nc, stream, info.name, batch, self._wake)
             name = info.name
 
-            async def waiting() -> int:   # messages the consumer has not delivered yet
-                return (await js.consumer_info(stream, name)).num_pending or 0
+            async def waiting() -> int:
+                """Messages the consumer may still send us: not delivered yet, or delivered and
+                not acknowledged but not in our hands (on their way, or due for redelivery)."""
+                info = await js.consumer_info(stream, name)
+                held = len(pulled) + len(puller.buf) if puller is not None else 0
+                return (info.num_pending or 0) + max(0, (info.num_ack_pending or 0) - held)
             link.on_reconnect = puller.reset
             await puller.start()
             ctx.state.lag = info.num_pending
@@ -631,24 +635,18 @@ class JetStreamJob:
                         pulled = []    # acknowledged, or given back by _deliver
         finally:
             # stopped (or failed) mid-batch: what was pulled and not appended goes back at once, so
-            # a restart need not wait for ack_wait - first what is in hand (flushed: given back even
-            # if the broker exits before the open request is answered), then what that brings
+            # a restart need not wait for ack_wait - once the open request is over: a message given
+            # back earlier would be sent again into that request, while the stop is deciding
             if puller is not None:
-                puller.ask_no_more()
-                await self._give_back(link, pulled + puller.take_all(), policy)
                 if link.nc.is_connected:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + CLOSE_WAIT_S):
                             await puller.stop(waiting)
-                await self._give_back(link, puller.take_all(), policy)
+                unwritten = pulled + puller.take_all()
+                if unwritten and link.nc.is_connected:
+                    with contextlib.suppress(Exception):
+                        await self._nak(unwritten, policy, None)
             await link.close()
-
-    async def _give_back(self, link: _Link, msgs: list[Msg], policy: AckPolicy) -> None:
-        if msgs and link.nc.is_connected:
-            with contextlib.suppress(Exception):
-                await self._nak(msgs, policy, None)
-                async with asyncio.timeout(CLOSE_WAIT_S):
-                    await link.nc.flush()
 
     async def _deliver(self, ctx: JobContext, msgs: list[Msg], policy: AckPolicy) -> None:
         """Append a batch, then acknowledge it; if the append fails, give the batch back (after

@@ -112,7 +112,9 @@ class Wire(msgspec.Struct, gc=False, forbid_unknown_fields=True):
 
 
 WIRE = msgspec.json.Decoder(list[Wire] | Wire)
-WIRE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+# RecursionError: msgspec's nesting limit (~1000 levels, in a tags value) is below orjson's (1024)
+WIRE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+RAW_TAGS_REMEMBERED = 1024   # longer tags texts (padded with whitespace, say) are not kept as keys
 
 
 def raw_series_form(metric: str, raw_tags: bytes) -> SeriesForm | None:
@@ -133,9 +135,11 @@ def raw_series_form(metric: str, raw_tags: bytes) -> SeriesForm | None:
         verdict = series_form(metric, tags)
         if type(verdict) is not SeriesForm:
             return None
-        if len(raw_forms) >= NAME_CACHE:
-            raw_forms.clear()
-        form = raw_forms[key] = verdict
+        if len(raw_tags) <= RAW_TAGS_REMEMBERED:
+            if len(raw_forms) >= NAME_CACHE:
+                raw_forms.clear()
+            raw_forms[key] = verdict
+        form = verdict
     return form
 
 

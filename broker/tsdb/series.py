@@ -85,7 +85,7 @@ class SeriesForm:
     two pieces of its records (record_parts); the key's hash (routing.key_hash) and, per partition
     count, the partition it routes to (remembered). Read only once made."""
 
-    __slots__ = ("metric", "tags", "key", "head", "tail", "hash", "_count", "_partition")
+    __slots__ = ("metric", "tags", "key", "head", "tail", "hash", "routed")
 
     def __init__(self, metric: str, tags: dict[str, str], key: str | None = None) -> None:
         """`tags` sorted by key, values text; `key` series_key(metric, tags) when the caller has it."""
@@ -93,14 +93,17 @@ class SeriesForm:
         self.key = series_key(metric, tags) if key is None else key
         self.head, self.tail = record_parts(metric, tags)
         self.hash = key_hash(self.key)
-        self._count = self._partition = 0
+        # (partition count, the partition for it): the last count asked, one tuple so that puts
+        # sorted on other threads (big bodies) never read one count's partition for another
+        self.routed = (0, 0)
 
     def partition(self, partition_count: int) -> int:
         """series_partition(key, partition_count), remembered for the last count asked."""
-        if partition_count != self._count:
-            self._partition = partition_for_hash(self.hash, partition_count)
-            self._count = partition_count
-        return self._partition
+        count, partition = self.routed
+        if count != partition_count:
+            partition = partition_for_hash(self.hash, partition_count)
+            self.routed = (partition_count, partition)
+        return partition
 
     def record(self, timestamp_ms: int, value_json: bytes) -> bytes:
         """record_data's bytes for a point of this series; `value_json` the value as orjson writes it."""

@@ -119,8 +119,33 @@ def test_other_bodies_go_the_long_way(body: bytes) -> None:
 
 def test_duplicated_keys_keep_the_last_like_orjson() -> None:
     body = (b'[{"metric":"fg.x","metric":"fg.d","timestamp":1,"timestamp":1700000000,"value":"a","value":2.5,'
-            b'"tags":{"h":"y"},"tags":{"h":"x","h":"x"}}]')
+            b'"tags":{"h":"x","h":"x"}}]')
     assert check(body)
+
+
+@pytest.mark.parametrize("body", [
+    # msgspec skips the value a second "tags" replaces; orjson refuses these bodies
+    b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"tags":{"h":1e400},"tags":{"h":"x"}}]',
+    b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"tags":"\xff","tags":{"h":"x"}}]',
+    b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"tags":-1e999,"tags":{"h":"x"}}]',
+    b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"t\\u0061gs":{"h":1e400},"tags":{"h":"x"}}]',
+    b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"tags":{"h":"y"},"tags":{"h":"x"}}]',   # a valid one
+    # nested deeper than msgspec goes (RecursionError), not as deep as orjson's limit
+    b'[{"metric":"m","timestamp":1700000000,"value":1,"tags":' + b"[" * 1000 + b"]" * 1000 + b"}]",
+    b'[{"metric":"m","timestamp":1700000000,"value":1,"tags":{"h":' + b"[" * 1000 + b"]" * 1000 + b"}}]",
+], ids=range(7))
+def test_what_msgspec_would_not_check_goes_the_long_way(body: bytes) -> None:
+    assert fast_group(body, 7, 4, KNOWN, LIMIT) is None
+    test_other_bodies_go_the_long_way(body)
+
+
+def test_a_long_tags_text_is_sorted_but_not_remembered() -> None:
+    points_module.raw_forms.clear()
+    padded = b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"tags":{"h":"x"' + b" " * 2000 + b"}}]"
+    assert check(padded)
+    assert not points_module.raw_forms
+    assert check(orjson.dumps([p()]))
+    assert len(points_module.raw_forms) == 1
 
 
 def test_a_record_over_the_limit_goes_the_long_way() -> None:

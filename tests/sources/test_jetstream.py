@@ -306,7 +306,7 @@ async def test_a_stop_mid_batch_finishes_its_batch_and_hands_back_the_rest(sluic
     await settled(sluice, url, "M", "d")
 
 
-STOPS = 12
+STOPS = 8
 
 
 async def test_stops_while_the_consumer_is_sending_hand_everything_back(sluice: Sluice,
@@ -317,20 +317,20 @@ async def test_stops_while_the_consumer_is_sending_hand_everything_back(sluice: 
     url = nats_server.url
     await js_stream(url, "R", ["r"])
     await sluice.typed("t", COLUMNS)
-    await js_publish(url, "r", docs(STOPS * 600 + 600))
+    await js_publish(url, "r", docs(STOPS * 400 + 400))
     await sluice.create("j", "nats_jetstream", "t", **js(url, subject="r", durable="d", ack_wait="10m",
                                                         max_ack_pending=400, prefetch_count=100))
     for n in range(1, STOPS + 1):
-        await eventually(lambda n=n: sluice.state("j").rows_written >= 500 * n, what=f"{500 * n} rows")
+        await eventually(lambda n=n: sluice.state("j").rows_written >= 350 * n, what=f"{350 * n} rows")
         await sluice.sources.stop_source("default", "j")
         await sluice.sources.start_source("default", "j")
 
     async def everything() -> list[Any] | None:
         got = await sluice.column("t")
-        return got if set(got) == set(range(STOPS * 600 + 600)) else None
+        return got if set(got) == set(range(STOPS * 400 + 400)) else None
     await eventually(everything, 30, what="every message (ack_wait is 10 minutes)")
     await asyncio.sleep(0.3)
-    assert len(await sluice.column("t")) == STOPS * 600 + 600    # none twice
+    assert len(await sluice.column("t")) == STOPS * 400 + 400    # none twice
     await settled(sluice, url, "R", "d")
 
 

@@ -172,8 +172,9 @@ def fast_group(body: bytes, stream_id: int, partition_count: int, known: Mapping
         return None
     points: list[Wire] = wire if isinstance(wire, list) else [wire]
     # a "tags" key given twice: msgspec skips the first value unchecked (a 1e400 or bad UTF-8 in
-    # it that orjson refuses); a \u escape could spell the key without these bytes
-    if not points or body.count(b'"tags"') != len(points) or b"\\u" in body:
+    # it that orjson refuses); an escape could spell the key without these bytes (a backslash is
+    # found with memchr, ~100 times faster than the two bytes of a \u)
+    if not points or b"\\" in body or body.count(b'"tags"') != len(points):
         return None
     parts: dict[int, Part] = {}
     pending: list[Pending] = []

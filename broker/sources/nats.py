@@ -520,8 +520,7 @@ class _Puller:
             if not self.open and len(self.buf) < self.batch and self.nc.is_connected:
                 await self._ask()
             if self.buf:
-                out, self.buf = self.buf, []
-                return out
+                return self.take_all()
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
@@ -595,15 +594,14 @@ class JetStreamJob:
             batch = min(c.prefetch, JS_MAX_BATCH)
             if pending_limit and pending_limit > 0:
                 batch = min(batch, max(1, pending_limit // 2))
-            puller = _Puller(nc, stream, info.name, batch, self._wake)
-            name = info.name
+            puller = own = _Puller(nc, stream, info.name, batch, self._wake)
 
             async def waiting() -> int:
                 """Messages the consumer may still send us: not delivered yet, or delivered and
                 not acknowledged but not in our hands (on their way, or due for redelivery)."""
-                info = await js.consumer_info(stream, name)
-                held = len(pulled) + len(puller.buf) if puller is not None else 0
-                return (info.num_pending or 0) + max(0, (info.num_ack_pending or 0) - held)
+                now = await js.consumer_info(stream, own.consumer)
+                held = len(pulled) + len(own.buf)
+                return (now.num_pending or 0) + max(0, (now.num_ack_pending or 0) - held)
             link.on_reconnect = puller.reset
             await puller.start()
             ctx.state.lag = info.num_pending

@@ -321,6 +321,15 @@ class _Link:
             for f in (connecting, fatal):
                 if not f.done():
                     f.cancel()
+            if not connecting.done():
+                # nats-py must not go on connecting in the background (3.11's wait_for, which it
+                # uses, can swallow one cancellation when its connection was just made): a socket
+                # opened after our close() would outlive the job
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    async with asyncio.timeout(CLOSE_WAIT_S):
+                        while not connecting.done():
+                            connecting.cancel()
+                            await asyncio.wait({connecting}, timeout=0.1)
         # from now on nats-py reconnects by itself for a while (the first connect tried each server twice)
         self.nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
         self.connected = True
@@ -344,9 +353,17 @@ class _Link:
 
     async def close(self) -> None:
         self.closing = True
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(CLOSE_WAIT_S):
-                await self.nc.close()
+        try:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await self.nc.close()
+        finally:
+            # a close that ran out of time, failed or was cancelled can leave nats-py's socket open:
+            # no connection outlives its job
+            transport = getattr(self.nc, "_transport", None)
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.close()
 
     async def _error(self, e: Exception) -> None:
         if isinstance(e, nats.errors.SlowConsumerError):

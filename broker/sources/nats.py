@@ -93,6 +93,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
+from broker.natsconn import close_for_good
 from broker.sources.base import JobContext, SourceType
 from broker.sources.props import Props, bad
 from broker.sources.sink import DATA_TYPES
@@ -353,17 +354,7 @@ class _Link:
 
     async def close(self) -> None:
         self.closing = True
-        try:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_WAIT_S):
-                    await self.nc.close()
-        finally:
-            # a close that ran out of time, failed or was cancelled can leave nats-py's socket open:
-            # no connection outlives its job
-            transport = getattr(self.nc, "_transport", None)
-            if transport is not None:
-                with contextlib.suppress(Exception):
-                    transport.close()
+        await close_for_good(self.nc, CLOSE_WAIT_S)
 
     async def _error(self, e: Exception) -> None:
         if isinstance(e, nats.errors.SlowConsumerError):

@@ -146,6 +146,7 @@ from nats.js.kv import KeyValue
 
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
+from broker.natsconn import close_for_good
 from broker.settings import Settings, without_passwords
 from broker.storage import keys as layout
 from broker.storage.base import (
@@ -168,6 +169,7 @@ DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on part
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 OPEN_RETRY_S = 30.0            # opening: how long a JetStream that does not answer (leader elections) is waited for
+CLOSE_REOPENING_S = 1.0        # closing a connection being reopened when the store closes
 FIRST_CONNECT_S = 20.0         # opening: the first connection, all servers and attempts included
 SCAN_WINDOW = 64               # metadata scans: last-message gets in flight
 READ_WINDOW = 32               # direct gets in flight for one read
@@ -605,6 +607,9 @@ class JetStreamStore(Store):
                 kv = await js.key_value(self._kv_bucket)
                 if self._events is not None:   # the watch's subscriptions went with the old connection
                     await self._subscribe(nc)
+            except asyncio.CancelledError:   # the store closing: the connection being made goes too
+                await close_for_good(nc, CLOSE_REOPENING_S)
+                raise
             except Exception as exc:
                 log.warning("NATS: opening a new connection failed (%s); trying again in %gs", exc, pause)
                 try:
@@ -1845,7 +1850,8 @@ class JetStreamStore(Store):
         if self._resyncing is not None:
             self._resyncing.cancel()
         if self._reopening is not None:
-            self._reopening.cancel()
+            self._reopening.cancel()   # and waited for: its connection is closed before we return
+            await asyncio.wait({self._reopening}, timeout=2 * CLOSE_REOPENING_S)
         try:
             await self._nc.close()
         except Exception:

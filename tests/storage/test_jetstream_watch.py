@@ -487,3 +487,29 @@ async def test_a_long_poll_that_times_out_asks_the_store_itself(
         await a.store.append([AppendBatch(sid, 0, 1_000, [(None, b"unannounced")])])
         got = await b.get_records(cursor, wait_ms=300)
         assert [r.data for r in got.records] == [b"unannounced"]
+
+
+async def test_a_store_closed_while_it_reopens_its_connection_leaves_no_socket_open(
+        opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
+    """The store closing while it makes a new connection (to a server that accepted it and has not
+    said INFO yet) closes that connection too: no socket outlives the store and its event loop."""
+    accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+    theirs: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        theirs.append(writer)
+        await accepted.put(reader)
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        b = await opener()
+        b._options["servers"] = [f"nats://127.0.0.1:{port}"]
+        await b._nc.close()                     # closed for good: the store opens a new one, here
+        reader = await asyncio.wait_for(accepted.get(), 10)
+        await b.close()
+        assert await asyncio.wait_for(reader.read(), 5) == b""   # EOF: the store's end is closed
+    finally:
+        for w in theirs:
+            w.close()
+        server.close()
+        await server.wait_closed()

@@ -1,9 +1,10 @@
-"""Closing a nats-py connection for good, for the two owners of one (the JetStream store and the
-NATS sources)."""
+"""Opening and closing nats-py connections without leaving a socket behind, for the two owners of
+one (the JetStream store and the NATS sources)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any, Coroutine
 
 from nats.aio.client import Client
 
@@ -22,3 +23,30 @@ async def close_for_good(nc: Client, wait_s: float) -> None:
         if transport is not None:
             with contextlib.suppress(Exception):
                 transport.close()
+
+
+async def connect_or_give_up(connect: Coroutine[Any, Any, None], give_up: asyncio.Event, timeout_s: float,
+                             wait_s: float) -> bool:
+    """Run nats-py's `connect` until it ends, `give_up` is set (a TLS handshake refused: nats-py
+    would retry it for ever, and no retry will pass it) or `timeout_s` passes. True once connected;
+    its exception if it failed; False when given up or out of time.
+
+    Whatever happens, nats-py is not left connecting in the background: a socket it opened after
+    its owner gave up would outlive it. Python 3.11's wait_for, which nats-py uses, can swallow one
+    cancellation when its connection was just made, so it is cancelled until it ends (at most
+    `wait_s`: nats-py can hang in its own clean-up after a failed TLS handshake)."""
+    connecting = asyncio.ensure_future(connect)
+    fatal = asyncio.ensure_future(give_up.wait())
+    try:
+        done, _ = await asyncio.wait({connecting, fatal}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if connecting in done:
+            connecting.result()
+            return True
+        return False
+    finally:
+        fatal.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(wait_s):
+                while not connecting.done():
+                    connecting.cancel()
+                    await asyncio.wait({connecting}, timeout=0.1)

@@ -93,7 +93,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
-from broker.natsconn import close_for_good
+from broker.natsconn import close_for_good, connect_or_give_up
 from broker.sources.base import JobContext, SourceType
 from broker.sources.props import Props, bad
 from broker.sources.sink import DATA_TYPES
@@ -292,23 +292,18 @@ class _Link:
             if self.conn.tls_skip_verify:
                 tls.check_hostname = False
                 tls.verify_mode = ssl.CERT_NONE
-        connecting = asyncio.ensure_future(self.nc.connect(
+        connect = self.nc.connect(
             servers=list(self.conn.urls), name="sluice-source", tls=tls,
             connect_timeout=CONNECT_TIMEOUT_S,  # type: ignore[arg-type]  # nats-py takes seconds
             reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]
             max_reconnect_attempts=1, allow_reconnect=True,
             ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
-            closed_cb=self._closed))
-        # Bounded: nats-py 2.16 can hang in its own clean-up after a failed TLS handshake, and a TLS
-        # failure will not go away by trying the server again.
-        fatal = asyncio.ensure_future(self._tls_failed.wait())
+            closed_cb=self._closed)
+        # Bounded: a TLS failure will not go away by trying the server again
         try:
-            done, _ = await asyncio.wait({connecting, fatal}, timeout=CONNECT_DEADLINE_S * len(self.conn.urls),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if connecting in done:
-                connecting.result()
-            else:
+            if not await connect_or_give_up(connect, self._tls_failed, CONNECT_DEADLINE_S * len(self.conn.urls),
+                                            CLOSE_WAIT_S):
                 raise self.last_error or TimeoutError("no answer")
         except asyncio.CancelledError:
             raise
@@ -318,19 +313,6 @@ class _Link:
                 raise ConnectionError(f"the NATS server at {self._where()} requires TLS and tls.disable is "
                                       "true") from None
             raise ConnectionError(f"cannot connect to NATS at {self._where()}: {_describe(cause)}") from None
-        finally:
-            for f in (connecting, fatal):
-                if not f.done():
-                    f.cancel()
-            if not connecting.done():
-                # nats-py must not go on connecting in the background (3.11's wait_for, which it
-                # uses, can swallow one cancellation when its connection was just made): a socket
-                # opened after our close() would outlive the job
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    async with asyncio.timeout(CLOSE_WAIT_S):
-                        while not connecting.done():
-                            connecting.cancel()
-                            await asyncio.wait({connecting}, timeout=0.1)
         # from now on nats-py reconnects by itself for a while (the first connect tried each server twice)
         self.nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
         self.connected = True

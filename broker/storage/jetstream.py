@@ -123,7 +123,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -146,7 +145,7 @@ from nats.js.kv import KeyValue
 
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
-from broker.natsconn import close_for_good
+from broker.natsconn import close_for_good, connect_or_give_up
 from broker.settings import Settings, without_passwords
 from broker.storage import keys as layout
 from broker.storage.base import (
@@ -169,7 +168,7 @@ DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on part
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
 OPEN_RETRY_S = 30.0            # opening: how long a JetStream that does not answer (leader elections) is waited for
-CLOSE_REOPENING_S = 1.0        # closing a connection being reopened when the store closes
+CLOSE_REOPENING_S = 1.0        # closing a connection being made when the store closes or gives up
 FIRST_CONNECT_S = 20.0         # opening: the first connection, all servers and attempts included
 SCAN_WINDOW = 64               # metadata scans: last-message gets in flight
 READ_WINDOW = 32               # direct gets in flight for one read
@@ -483,12 +482,15 @@ class JetStreamStore(Store):
 
         errors_told: list[bool] = []   # one line per outage, not one per reconnect attempt
         last_error: list[Exception] = []
+        tls_refused = asyncio.Event()
 
         async def quiet(exc: Exception) -> None:   # nats-py would print every error to stderr
             if isinstance(exc, nats.errors.SlowConsumerError) and opened:
                 opened[0]._resync_soon("notifications were dropped (slow consumer)")
                 return
             last_error[:] = [exc]
+            if isinstance(exc, ssl.SSLError):   # an unknown CA: the first connection gives up at once
+                tls_refused.set()
             if not errors_told:
                 errors_told.append(True)
                 log.warning("NATS connection: %s", exc)
@@ -516,14 +518,15 @@ class JetStreamStore(Store):
         try:
             # the first connection tries each server a few times and gives up (a broker must not hang
             # at startup); once connected, reconnects go on for as long as it takes
-            # (bounded as a whole too: a TLS handshake that fails - an unknown CA - makes nats-py retry
-            # for ever instead of raising)
-            await asyncio.wait_for(nc.connect(**{**options, "max_reconnect_attempts": 2}), FIRST_CONNECT_S)
+            # (bounded as a whole too; a TLS handshake that fails - an unknown CA - would make nats-py
+            # retry for ever instead of raising: it ends the attempt at once)
+            if not await connect_or_give_up(nc.connect(**{**options, "max_reconnect_attempts": 2}), tls_refused,
+                                            FIRST_CONNECT_S, CLOSE_REOPENING_S):
+                raise TimeoutError("no answer")
             nc.options["max_reconnect_attempts"] = -1
         except Exception as exc:
             closing.append(True)
-            with contextlib.suppress(Exception):
-                await nc.close()
+            await close_for_good(nc, CLOSE_REOPENING_S)
             cause: BaseException = last_error[-1] if isinstance(exc, TimeoutError) and last_error else exc
             raise _unavailable(f"cannot connect to {', '.join(without_passwords(servers))}", cause) from exc
         try:

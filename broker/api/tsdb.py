@@ -44,7 +44,7 @@ from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
 from broker.tsdb import query as tsdb_query
-from broker.tsdb.put import BadBody, Grouped, PutWrite, sort
+from broker.tsdb.put import BadBody, Grouped, PutWrite, points_of, sort
 from broker.tsdb.series import TsdbStream
 from broker.tsdb.workers import OFFLOAD_BYTES
 
@@ -88,50 +88,67 @@ def _sync_timeout(request: web.Request) -> float | None:
     return ms / 1000 if ms else None
 
 
-def _points_of(body: bytes) -> list[Any]:
-    parsed = orjson.loads(body)
-    return [parsed] if isinstance(parsed, dict) else parsed
-
-
 async def put(request: web.Request) -> web.StreamResponse:
     flags = _flags(request)
     details, summary = "details" in flags, "summary" in flags
     timeout = _sync_timeout(request)   # `sync` and `ignoreErrors` are accepted: we always answer durably
     body = await read_body(request)
+    loop = asyncio.get_running_loop()
+    # sync_timeout bounds the whole write: the wait for a worker and the checks too, not only the append
+    deadline = None if timeout is None else loop.time() + timeout
     target: TsdbStream = request.app[TARGET]
     limit = target.broker.limits.max_record_bytes
     layout = await target.layout_now()   # None (not created yet, or typed): the write sorts the points
-    grouped: Grouped | BadBody | None = None
-    if layout is not None and target.workers is not None and len(body) >= OFFLOAD_BYTES:
-        config, registry = layout
-        grouped = await target.workers.group(body, registry, config.partition_count, limit)
-    if isinstance(grouped, BadBody):
-        return _error(grouped.message, grouped.details)
-    if grouped is None:
+
+    async def sorted_() -> Grouped | BadBody:
+        """The body checked and sorted: by a worker, else off the loop when big, else here."""
+        if layout is not None and target.workers is not None and len(body) >= OFFLOAD_BYTES:
+            config, registry = layout
+            grouped = await target.workers.group(body, registry, config.partition_count, limit)
+            if grouped is not None:
+                return grouped
         # without a layout: checked for size now, sorted again once the stream is there
         how = (layout[0].stream_id, layout[0].partition_count, layout[1].kinds()) if layout is not None else (-1, 1, {})
         try:
-            grouped = (await asyncio.to_thread(sort, body, *how, limit) if len(body) > _INLINE_BYTES
-                       else sort(body, *how, limit))
+            return (await asyncio.to_thread(sort, body, *how, limit) if len(body) > _INLINE_BYTES
+                    else sort(body, *how, limit))
         except BadBody as exc:
-            return _error(exc.message, exc.details)
+            return exc
 
     def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
         return sort(body, stream_id, partition_count, known, limit)
 
-    write = PutWrite(grouped, regroup)
-    if write.errors.count(None):
-        # runs to its end even if this request goes away: types and points must not part ways
-        task = asyncio.ensure_future(write.run(target))
-        try:
-            await asyncio.wait({task}, timeout=timeout)
-        except asyncio.CancelledError:   # the client went away: the write goes on, its failure is logged
-            task.add_done_callback(_log_failure)
-            raise
-        if task.done():
-            task.result()   # a bug in the write is a 500 (the middleware logs it), not pending points
+    made: asyncio.Future[PutWrite | BadBody] = loop.create_future()
+
+    async def work() -> None:
+        grouped = await sorted_()
+        write = grouped if isinstance(grouped, BadBody) else PutWrite(grouped, regroup)
+        made.set_result(write)
+        if isinstance(write, PutWrite) and write.errors.count(None):
+            await write.run(target)
+
+    # runs to its end even if this request goes away: types and points must not part ways
+    task = asyncio.ensure_future(work())
+    try:
+        if deadline is None:   # one wait: this is the hot path
+            await asyncio.wait({task})
         else:
-            task.add_done_callback(_log_failure)
+            either: set[asyncio.Future[Any]] = {made, task}
+            await asyncio.wait(either, timeout=_left(deadline, loop), return_when=asyncio.FIRST_COMPLETED)
+            if made.done() and not task.done():
+                await asyncio.wait({task}, timeout=_left(deadline, loop))
+    except asyncio.CancelledError:   # the client went away: the write goes on, its failure is logged
+        task.add_done_callback(_log_failure)
+        raise
+    if task.done():
+        task.result()   # a bug in the write is a 500 (the middleware logs it), not pending points
+    else:
+        task.add_done_callback(_log_failure)
+    if not made.done():   # still being checked when sync_timeout ran out: every point pending
+        return _timed_out(body, details, summary, request)
+    write = made.result()
+    if isinstance(write, BadBody):
+        return _error(write.message, write.details)
     timeouts = write.pending
     success = write.success
     failed = len(write.errors) - success
@@ -145,13 +162,36 @@ async def put(request: web.Request) -> web.StreamResponse:
         return _json({"error": _POINT_ERRORS}, 400)
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
-        pending = f"Storage exception: not durable within sync_timeout ({request.query.get('sync_timeout')} ms)"
-        points = _points_of(body)
+        points = points_of(body)
         stored = write.stored
-        answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else pending}
+        answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else _pending(request)}
                             for i, error in enumerate(write.errors) if not stored[i]]
     if timeouts:
         answer["timeouts"] = timeouts
+    return _json(answer, 400)
+
+
+def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
+    return None if deadline is None else max(0.0, deadline - loop.time())
+
+
+def _pending(request: web.Request) -> str:
+    return f"Storage exception: not durable within sync_timeout ({request.query.get('sync_timeout')} ms)"
+
+
+def _timed_out(body: bytes, details: bool, summary: bool, request: web.Request) -> web.Response:
+    """The answer when sync_timeout ran out before the points were even checked: each one pending
+    (the write goes on). A body that holds no points is said so, as the checks would have."""
+    try:
+        points = points_of(body)
+    except BadBody as exc:
+        return _error(exc.message, exc.details)
+    if not (details or summary):
+        return _json({"error": _POINT_ERRORS}, 400)
+    answer: dict[str, Any] = {"success": 0, "failed": len(points)}
+    if details:
+        answer["errors"] = [{"datapoint": p, "error": _pending(request)} for p in points]
+    answer["timeouts"] = len(points)
     return _json(answer, 400)
 
 

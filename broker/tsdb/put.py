@@ -61,6 +61,12 @@ class BadBody(Exception):
 def parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
     """(the points as received, per point its error or None, the valid ones made into records:
     points.check_batch). Raises BadBody."""
+    raw = points_of(body)
+    return raw, *check_batch(raw)
+
+
+def points_of(body: bytes) -> list[Any]:
+    """The points of a body as received (one object: a list of it). Raises BadBody."""
     if not body.strip():
         raise BadBody("Missing request content")
     try:
@@ -75,7 +81,7 @@ def parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
         raise BadBody("Unable to parse the given JSON", "expected an array of data points or one data point object")
     if not raw:
         raise BadBody("No datapoints found in content")
-    return raw, *check_batch(raw)
+    return raw
 
 
 def encode(point: Point) -> tuple[int, bytes]:

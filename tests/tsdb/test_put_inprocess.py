@@ -22,6 +22,7 @@ from broker.rows.schema import build_schema
 from broker.storage.base import AppendOutcome
 from broker.storage.memory import MemoryStore
 from broker.tsdb.series import TsdbStream, series_key, series_partition
+from broker.tsdb.workers import OFFLOAD_BYTES
 
 NOW_S = 1_700_000_000
 POINT_ERRORS = {"error": {"code": 400, "message": "One or more data points had errors",
@@ -74,8 +75,13 @@ async def broker(store: ControlledStore) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture
-async def client(broker: Broker) -> AsyncIterator[TestClient]:
-    app = build_http_app(broker, body_timeout_s=10, tsdb_stream=TsdbStream(broker, "default", "tsdb"))
+async def tsdb(broker: Broker) -> TsdbStream:
+    return TsdbStream(broker, "default", "tsdb")
+
+
+@pytest.fixture
+async def client(broker: Broker, tsdb: TsdbStream) -> AsyncIterator[TestClient]:
+    app = build_http_app(broker, body_timeout_s=10, tsdb_stream=tsdb)
     async with TestClient(TestServer(app)) as c:
         yield c
 
@@ -144,6 +150,58 @@ async def test_a_sync_timeout_while_the_stream_is_being_made(client: TestClient,
 
 async def test_a_sync_timeout_long_enough_is_a_normal_answer(client: TestClient) -> None:
     assert await post(client, [point("ok", 1)], "?summary&sync_timeout=600000") == (200, {"success": 1, "failed": 0})
+
+
+class BusyWorkers:
+    """Stands in for a tsdb worker pool whose workers are all busy until `free` is set; then it
+    answers None (no worker), and the broker checks the body itself."""
+
+    def __init__(self) -> None:
+        self.free = asyncio.Event()
+        self.waiting = 0
+
+    async def group(self, *_: Any) -> None:
+        self.waiting += 1
+        await self.free.wait()
+
+
+def big_body(metric: str, n: int) -> list[dict[str, Any]]:
+    """n points of one series, over OFFLOAD_BYTES (so a worker is asked), the 3rd one invalid."""
+    points = [point(metric, i, NOW_S + i, host="h" * 40) for i in range(n)]
+    points[2]["timestamp"] = 0
+    assert len(json.dumps(points)) >= OFFLOAD_BYTES
+    return points
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("?summary&sync_timeout=50", {"success": 0, "failed": 300, "timeouts": 300}),
+    ("?details&sync_timeout=50", {"success": 0, "failed": 300, "timeouts": 300, "errors": [
+        {"datapoint": p, "error": "Storage exception: not durable within sync_timeout (50 ms)"}
+        for p in big_body("busy", 300)]}),
+    ("?sync_timeout=50", POINT_ERRORS),
+])
+async def test_a_sync_timeout_bounds_the_wait_for_a_worker_too(
+        client: TestClient, broker: Broker, tsdb: TsdbStream, query: str, expected: Any) -> None:
+    # sync_timeout is how long the write may take: a put that waited for a busy worker pool was
+    # answered only once a worker (and the append) was done with it, however long that took
+    assert (await post(client, [point("busy", 0, host="h" * 40)]))[0] == 204   # the stream exists
+    tsdb.workers = workers = BusyWorkers()    # type: ignore[assignment]
+    assert await post(client, big_body("busy", 300), query) == (400, expected)
+    assert workers.waiting == 1
+    workers.free.set()     # the write went on: once checked, the valid points are stored
+
+    async def landed() -> bool:
+        return len(await stored(broker, "busy")) == 1 + 299
+    await eventually(landed)
+
+
+async def test_a_body_that_holds_no_points_says_so_even_when_the_wait_runs_out(client: TestClient,
+                                                                              tsdb: TsdbStream) -> None:
+    assert (await post(client, [point("busy", 0)]))[0] == 204
+    tsdb.workers = BusyWorkers()    # type: ignore[assignment]
+    padded = "[" + " " * OFFLOAD_BYTES + "]"
+    resp = await client.post("/api/put?summary&sync_timeout=20", data=io.BytesIO(padded.encode()))
+    assert (resp.status, await resp.json()) == (400, {"error": {"code": 400, "message": "No datapoints found in content"}})
 
 
 # -- storage failures -----------------------------------------------------------------------------

@@ -25,8 +25,8 @@ async def close_for_good(nc: Client, wait_s: float) -> None:
                 transport.close()
 
 
-async def connect_or_give_up(connect: Coroutine[Any, Any, None], give_up: asyncio.Event, timeout_s: float,
-                             wait_s: float) -> bool:
+async def connect_or_give_up(connect: Coroutine[Any, Any, None], give_up: asyncio.Event | None,
+                             timeout_s: float | None, wait_s: float) -> bool:
     """Run nats-py's `connect` until it ends, `give_up` is set (a TLS handshake refused: nats-py
     would retry it for ever, and no retry will pass it) or `timeout_s` passes. True once connected;
     its exception if it failed; False when given up or out of time.
@@ -34,19 +34,29 @@ async def connect_or_give_up(connect: Coroutine[Any, Any, None], give_up: asynci
     Whatever happens, nats-py is not left connecting in the background: a socket it opened after
     its owner gave up would outlive it. Python 3.11's wait_for, which nats-py uses, can swallow one
     cancellation when its connection was just made, so it is cancelled until it ends (at most
-    `wait_s`: nats-py can hang in its own clean-up after a failed TLS handshake)."""
+    `wait_s`: nats-py can hang in its own clean-up after a failed TLS handshake). A cancellation of
+    the caller meanwhile is raised once that is over, never swallowed."""
     connecting = asyncio.ensure_future(connect)
-    fatal = asyncio.ensure_future(give_up.wait())
+    fatal = asyncio.ensure_future(give_up.wait()) if give_up is not None else None
     try:
-        done, _ = await asyncio.wait({connecting, fatal}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {connecting} if fatal is None else {connecting, fatal}
+        done, _ = await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         if connecting in done:
             connecting.result()
             return True
         return False
     finally:
-        fatal.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            async with asyncio.timeout(wait_s):
-                while not connecting.done():
-                    connecting.cancel()
-                    await asyncio.wait({connecting}, timeout=0.1)
+        if fatal is not None:
+            fatal.cancel()
+        cancelled = False
+        until = asyncio.get_running_loop().time() + wait_s
+        while not connecting.done() and asyncio.get_running_loop().time() < until:
+            connecting.cancel()
+            try:
+                await asyncio.wait({connecting}, timeout=0.1)
+            except asyncio.CancelledError:
+                cancelled = True
+        if connecting.done() and not connecting.cancelled():
+            connecting.exception()   # retrieved: its failure is the caller's to tell (last_error)
+        if cancelled:
+            raise asyncio.CancelledError

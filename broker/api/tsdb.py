@@ -98,10 +98,10 @@ async def put(request: web.Request) -> web.StreamResponse:
     deadline = None if timeout is None else loop.time() + timeout
     target: TsdbStream = request.app[TARGET]
     limit = target.broker.limits.max_record_bytes
-    layout = await target.layout_now()   # None (not created yet, or typed): the write sorts the points
 
     async def sorted_() -> Grouped | BadBody:
         """The body checked and sorted: by a worker, else off the loop when big, else here."""
+        layout = await target.layout_now()   # None (not created yet, or typed): the write sorts the points
         if layout is not None and target.workers is not None and len(body) >= OFFLOAD_BYTES:
             config, registry = layout
             grouped = await target.workers.group(body, registry, config.partition_count, limit)
@@ -127,7 +127,7 @@ async def put(request: web.Request) -> web.StreamResponse:
         if isinstance(write, PutWrite) and write.errors.count(None):
             await write.run(target)
 
-    # runs to its end even if this request goes away: types and points must not part ways
+    # once checked, runs to its end even if this request goes away: types and points must not part ways
     task = asyncio.ensure_future(work())
     try:
         if deadline is None:   # one wait: this is the hot path
@@ -144,8 +144,12 @@ async def put(request: web.Request) -> web.StreamResponse:
         task.result()   # a bug in the write is a 500 (the middleware logs it), not pending points
     else:
         task.add_done_callback(_log_failure)
-    if not made.done():   # still being checked when sync_timeout ran out: every point pending
-        return _timed_out(body, details, summary, request)
+    if not made.done():
+        # still being checked (or waiting for a worker) when sync_timeout ran out: nothing is
+        # decided yet, so the put ends here and its body is let go - piled-up puts would hold
+        # their bodies and the workers; every point is a timeout and none is written
+        task.cancel()
+        return await _timed_out(body, details, summary, request)
     write = made.result()
     if isinstance(write, BadBody):
         return _error(write.message, write.details)
@@ -162,7 +166,7 @@ async def put(request: web.Request) -> web.StreamResponse:
         return _json({"error": _POINT_ERRORS}, 400)
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
-        points = points_of(body)
+        points = await _points_of(body)
         stored = write.stored
         answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else _pending(request)}
                             for i, error in enumerate(write.errors) if not stored[i]]
@@ -179,11 +183,16 @@ def _pending(request: web.Request) -> str:
     return f"Storage exception: not durable within sync_timeout ({request.query.get('sync_timeout')} ms)"
 
 
-def _timed_out(body: bytes, details: bool, summary: bool, request: web.Request) -> web.Response:
-    """The answer when sync_timeout ran out before the points were even checked: each one pending
-    (the write goes on). A body that holds no points is said so, as the checks would have."""
+async def _points_of(body: bytes) -> list[Any]:
+    """put.points_of, off the event loop for a big body (as its checks are)."""
+    return await asyncio.to_thread(points_of, body) if len(body) > _INLINE_BYTES else points_of(body)
+
+
+async def _timed_out(body: bytes, details: bool, summary: bool, request: web.Request) -> web.Response:
+    """The answer when sync_timeout ran out before the points were even checked: each one a
+    timeout, none written. A body that holds no points is said so, as the checks would have."""
     try:
-        points = points_of(body)
+        points = await _points_of(body)
     except BadBody as exc:
         return _error(exc.message, exc.details)
     if not (details or summary):

@@ -489,7 +489,7 @@ class JetStreamStore(Store):
                 opened[0]._resync_soon("notifications were dropped (slow consumer)")
                 return
             last_error[:] = [exc]
-            if isinstance(exc, ssl.SSLError):   # an unknown CA: the first connection gives up at once
+            if isinstance(exc, ssl.SSLCertVerificationError):   # an unknown CA: the first connection gives up at once
                 tls_refused.set()
             if not errors_told:
                 errors_told.append(True)
@@ -524,9 +524,11 @@ class JetStreamStore(Store):
                                             FIRST_CONNECT_S, CLOSE_REOPENING_S):
                 raise TimeoutError("no answer")
             nc.options["max_reconnect_attempts"] = -1
-        except Exception as exc:
+        except BaseException as exc:   # cancelled too (a stop during startup): no socket left open
             closing.append(True)
             await close_for_good(nc, CLOSE_REOPENING_S)
+            if not isinstance(exc, Exception):
+                raise
             cause: BaseException = last_error[-1] if isinstance(exc, TimeoutError) and last_error else exc
             raise _unavailable(f"cannot connect to {', '.join(without_passwords(servers))}", cause) from exc
         try:
@@ -541,13 +543,13 @@ class JetStreamStore(Store):
             await _patiently(store._migrate_meta_keys, deadline)
             for config in await _patiently(store.list_streams, deadline):
                 store._configs[config.stream_id] = config
-        except IncompatibleStore:
+        except (IncompatibleStore, asyncio.CancelledError):
             closing.append(True)
-            await nc.close()
+            await close_for_good(nc, CLOSE_REOPENING_S)
             raise
         except Exception as exc:
             closing.append(True)
-            await nc.close()
+            await close_for_good(nc, CLOSE_REOPENING_S)
             if isinstance(exc, nats.js.errors.APIError):   # say what was refused: --replicas too high, ...
                 raise _unavailable(f"creating or reading the KV bucket {prefix}_meta with {replicas} replicas: "
                                    f"{exc.description} (error {exc.err_code})") from None
@@ -605,7 +607,8 @@ class JetStreamStore(Store):
         while not self._closed:
             nc = NatsClient()
             try:
-                await nc.connect(**self._options)
+                # (cancelled by close(): not left connecting in the background)
+                await connect_or_give_up(nc.connect(**self._options), None, None, CLOSE_REOPENING_S)
                 js = nc.jetstream(timeout=REQUEST_TIMEOUT_S)
                 kv = await js.key_value(self._kv_bucket)
                 if self._events is not None:   # the watch's subscriptions went with the old connection
@@ -615,15 +618,12 @@ class JetStreamStore(Store):
                 raise
             except Exception as exc:
                 log.warning("NATS: opening a new connection failed (%s); trying again in %gs", exc, pause)
-                try:
-                    await nc.close()
-                except Exception:
-                    pass
+                await close_for_good(nc, CLOSE_REOPENING_S)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
             if self._closed:
-                await nc.close()
+                await close_for_good(nc, CLOSE_REOPENING_S)
                 return
             self._nc, self._js, self._kv = nc, js, kv
             self._heads.clear()   # other brokers may have appended meanwhile

@@ -98,8 +98,12 @@ class TsdbWorkers:
         """The body checked and sorted by a worker for `registry`'s stream at `partition_count`
         partitions, BadBody when it holds no points to check, or None when no worker could take it
         (the caller works on it itself)."""
-        # shielded: a request that goes away must not leave a worker half way through a frame
-        answer = await asyncio.shield(self._group(body, registry, partition_count, max_record_bytes))
+        # the wait for an idle worker may be cancelled (a put whose sync_timeout ran out drops its
+        # body); the job is shielded: a request that goes away must not leave a worker half way
+        # through a frame
+        worker = await self._take()
+        answer = None if worker is None else \
+            await asyncio.shield(self._group(worker, body, registry, partition_count, max_record_bytes))
         if answer is None:
             self.fallbacks += 1
         return answer
@@ -114,11 +118,8 @@ class TsdbWorkers:
                     return await self._idle.get()
         return None
 
-    async def _group(self, body: bytes, registry: SeriesRegistry, partition_count: int,
+    async def _group(self, worker: _Worker, body: bytes, registry: SeriesRegistry, partition_count: int,
                      max_record_bytes: int) -> Grouped | BadBody | None:
-        worker = await self._take()
-        if worker is None:
-            return None
         forget = worker.registry is not registry
         told = 0 if forget else worker.told
         kinds = registry.kinds()

@@ -8,6 +8,7 @@ closed even when its close is cut short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ import nats
 import orjson
 import pytest
 
+from broker import natsconn
 from broker.errors import BrokerError, ErrorCode
 from broker.sources import nats as nats_source
 from broker.sources.base import Backoff, JobContext
@@ -343,3 +345,24 @@ async def test_a_close_cut_short_still_closes_the_socket(nats_server: NatsServer
     with pytest.raises(asyncio.CancelledError):
         await closing
     assert writer.transport.is_closing()
+
+
+async def test_a_stop_while_a_connect_is_being_ended_is_not_swallowed() -> None:
+    # connect_or_give_up cancels nats-py's connect until it ends; a stop (cancel) of its caller
+    # meanwhile was swallowed, so a stopped source went on as if its connect had merely failed
+    loop = asyncio.get_running_loop()
+
+    async def stubborn() -> None:   # ignores cancels for a while (Python 3.11's wait_for can swallow one)
+        until = loop.time() + 0.5
+        while loop.time() < until:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    refused = asyncio.Event()
+    refused.set()    # given up at once: the clean-up is what takes time
+    caller = asyncio.ensure_future(natsconn.connect_or_give_up(stubborn(), refused, 10, 2))
+    await asyncio.sleep(0.1)
+    assert not caller.done()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller

@@ -89,6 +89,31 @@ async def test_close_while_a_put_waits_for_a_worker_ends_that_wait() -> None:
     assert not alive(worker.proc.pid)
 
 
+async def test_a_put_that_stops_waiting_for_a_worker_costs_the_pool_nothing() -> None:
+    # a put whose sync_timeout runs out while it waits for an idle worker is cancelled: it must let
+    # go of its place in the queue, and the worker it would have had goes to the next put
+    pool = W.TsdbWorkers(1)
+    await pool.start()
+    try:
+        (worker,) = pool._all
+        os.kill(worker.proc.pid, signal.SIGSTOP)   # busy with the first put until continued
+        reg = Registry()
+        first = asyncio.ensure_future(pool.group(body(), reg, 8, 1 << 20))   # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(pool.group(body(), reg, 8, 1 << 20))   # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        os.kill(worker.proc.pid, signal.SIGCONT)
+        assert isinstance(await asyncio.wait_for(first, 30), Grouped)
+        assert isinstance(await asyncio.wait_for(pool.group(body(), reg, 8, 1 << 20), 30),   # type: ignore[arg-type]
+                          Grouped)
+        assert pool._all == [worker] and pool.jobs == 2 and pool.fallbacks == 0
+    finally:
+        await pool.close()
+
+
 async def test_close_during_a_replacement_leaves_no_worker() -> None:
     pool = W.TsdbWorkers(1)
     await pool.start()

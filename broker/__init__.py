@@ -4,9 +4,10 @@
     settings.py          the one Settings dataclass; CLI flags + SLUICE_* environment variables
     app.py               composition root: store -> Broker -> gRPC + HTTP doors; graceful shutdown
     startup.py           startup errors an operator can fix, as one line (StartupError); the data-dir claim
-    launcher.py          start a broker process and wait for its ready line (tests, benchmarks)
+    launcher.py          start a broker process and wait for its ready line (tests, benchmarks); free_port
     cluster.py           `sluice-cluster`/`make cluster`: a 3-node NATS JetStream cluster + two brokers on loopback
     tls.py               --tls-cert/--tls-key checked at startup; HTTPS sites and gRPC server credentials
+    natsconn.py          opening and closing nats-py connections without leaving a socket behind
     malloc.py            memory knobs: glibc arenas capped, freed pages given back, the GC settled once started
     errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
     model.py             plain values shared by core and storage

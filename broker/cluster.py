@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from broker.launcher import BrokerProcess
+from broker.launcher import BrokerProcess, free_port
 
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 CLUSTER_NAME = "sluice"
@@ -50,12 +50,6 @@ class Stopped(RuntimeError):
 def _check(stopping: threading.Event | None) -> None:
     if stopping is not None and stopping.is_set():
         raise Stopped("stop asked for")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -192,12 +186,20 @@ class NatsCluster:
 
     def start(self, timeout: float = 60.0) -> NatsCluster:
         """Start the nodes not running; return once the cluster has its meta leader and every stream a
-        leader (a restarted cluster elects them again: until then their requests time out)."""
-        for node in self.nodes:
-            if not node.running:
-                node.start(stopping=self.stopping)
-        self.wait_for_leader(timeout)
-        self.wait_for_stream_leaders(timeout)
+        leader (a restarted cluster elects them again: until then their requests time out). If that
+        fails, the nodes it started are stopped again: none is left running behind the error."""
+        started: list[NatsNode] = []
+        try:
+            for node in self.nodes:
+                if not node.running:
+                    started.append(node)
+                    node.start(stopping=self.stopping)
+            self.wait_for_leader(timeout)
+            self.wait_for_stream_leaders(timeout)
+        except BaseException:
+            for node in started:
+                node.stop()
+            raise
         return self
 
     def wait_for_leader(self, timeout: float = 60.0) -> str:

@@ -7,8 +7,10 @@ use port 0 (the OS picks free ports, the line says which). Imports nothing else 
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,36 @@ METRICS = re.compile(r" metrics=\S+:(\d+)")
 TLS_ON = re.compile(r" tls=on\b")
 ROOT = Path(__file__).resolve().parents[1]
 
+
+_handed_out: set[int] = set()   # this process never hands the same port out twice
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server started next (nats-server, a test's own server).
+
+    Taken below the kernel's ephemeral range: a freed ephemeral port (bind to 0, close) can be
+    taken by any outgoing connection - a busy test run makes thousands - before the server binds
+    it, and the server then exits with "address already in use"."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(low, 11_000))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:   # hardly possible: the low range is full
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 class BrokerProcess:
     """`python -m broker --data-dir DIR --grpc-port 0 --http-port 0 *extra_args` as a child.

@@ -26,6 +26,7 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from broker.core.broker import Broker
+from broker.launcher import free_port
 from broker.model import ColumnDef, StreamSchema
 from broker.sources import base
 from broker.sources.manager import Sources
@@ -40,12 +41,6 @@ def nats_server_exe() -> str:
     if not exe:
         pytest.fail("nats-server is not installed: `make test` installs it (apt-get install nats-server)")
     return exe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NatsServer:

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import dataclasses
 import json
-import socket
 import ssl
 import subprocess
 import time
@@ -28,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from broker.core.broker import Broker
 from broker.core.limits import DEFAULT_LIMITS, Limits
-from broker.launcher import BrokerProcess
+from broker.launcher import BrokerProcess, free_port
 from broker.model import ColumnDef, StreamSchema
 from broker.rows.encode import RowEncoder
 from broker.sources import websocket
@@ -115,12 +114,6 @@ class WsServer:
                 await asyncio.sleep(0.01)
         except ConnectionClosed:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ same meta leader, a broker when it printed its ready line (broker/launcher.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -198,7 +199,8 @@ class NatsCluster:
             self.wait_for_stream_leaders(timeout)
         except BaseException:
             for node in started:
-                node.stop()
+                with contextlib.suppress(Exception):   # the others still go; the error raised is the start's
+                    node.stop()
             raise
         return self
 

@@ -28,17 +28,20 @@ _handed_out: set[int] = set()   # this process never hands the same port out twi
 def free_port() -> int:
     """A loopback port free now, for a server started next (nats-server, a test's own server).
 
-    Taken below the kernel's ephemeral range: a freed ephemeral port (bind to 0, close) can be
+    Taken outside the kernel's ephemeral range: a freed ephemeral port (bind to 0, close) can be
     taken by any outgoing connection - a busy test run makes thousands - before the server binds
     it, and the server then exits with "address already in use"."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+            low, high = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    # below the range when there is room there (the default: 10000-32767), else above it
+    span = (10_000, low) if low - 10_000 >= 1000 else (high + 1, 65_536) if 65_535 - high >= 1000 else None
     rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(10_000, max(low, 11_000))
+    for _ in range(200 if span else 0):
+        assert span is not None
+        port = rng.randrange(*span)
         if port in _handed_out:
             continue
         with socket.socket() as s:
@@ -48,9 +51,10 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    with socket.socket() as s:   # hardly possible: the low range is full
+    with socket.socket() as s:   # hardly possible: no room outside the range, or none free there
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
 
 class BrokerProcess:
     """`python -m broker --data-dir DIR --grpc-port 0 --http-port 0 *extra_args` as a child.

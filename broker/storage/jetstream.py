@@ -1854,7 +1854,7 @@ class JetStreamStore(Store):
             self._resyncing.cancel()
         if self._reopening is not None:
             self._reopening.cancel()   # and waited for: its connection is closed before we return
-            await asyncio.wait({self._reopening}, timeout=2 * CLOSE_REOPENING_S)
+            await asyncio.wait({self._reopening}, timeout=3 * CLOSE_REOPENING_S)   # its connect's end, its close
         try:
             await self._nc.close()
         except Exception:

@@ -214,7 +214,7 @@ class TsdbStream:
         self.workers = workers
         self._registry: SeriesRegistry | None = None
         self._creating = asyncio.Lock()
-        self._loading = asyncio.Lock()
+        self._loads: dict[int, asyncio.Task[SeriesRegistry]] = {}   # by stream id: one load, shared
 
     def config(self) -> StreamConfig | None:
         """The stream as it is now, or None when it does not exist."""
@@ -275,13 +275,27 @@ class TsdbStream:
         return config, await self.registry(config)
 
     async def registry(self, config: StreamConfig) -> SeriesRegistry:
-        """The registry of this incarnation of the stream, loaded from the store once."""
+        """The registry of this incarnation of the stream, loaded from the store once.
+
+        The load (a scan of every series key: seconds on a big store) is one task that every caller
+        waits for, shielded: a put given up by its sync_timeout must not cut it short, or puts that
+        all give up sooner than it takes would start it again for ever."""
         registry = self._registry
-        if registry is None or registry.stream_id != config.stream_id:
-            async with self._loading:
-                registry = self._registry
-                if registry is None or registry.stream_id != config.stream_id:
-                    registry = SeriesRegistry(self.broker, config.project, config.stream_id)
-                    await registry.load()
-                    self._registry = registry
+        if registry is not None and registry.stream_id == config.stream_id:
+            return registry
+        load = self._loads.get(config.stream_id)
+        if load is None:
+            load = self._loads[config.stream_id] = asyncio.ensure_future(self._load(config))
+            load.add_done_callback(lambda done: self._loaded(config.stream_id, done))
+        return await asyncio.shield(load)
+
+    async def _load(self, config: StreamConfig) -> SeriesRegistry:
+        registry = SeriesRegistry(self.broker, config.project, config.stream_id)
+        await registry.load()
+        self._registry = registry
         return registry
+
+    def _loaded(self, stream_id: int, done: asyncio.Task[SeriesRegistry]) -> None:
+        self._loads.pop(stream_id, None)   # a failed load is tried again by the next caller
+        if not done.cancelled():
+            done.exception()   # retrieved: its callers raise it (all of them may have gone)

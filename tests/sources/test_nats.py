@@ -350,19 +350,20 @@ async def test_a_close_cut_short_still_closes_the_socket(nats_server: NatsServer
 async def test_a_stop_while_a_connect_is_being_ended_is_not_swallowed() -> None:
     # connect_or_give_up cancels nats-py's connect until it ends; a stop (cancel) of its caller
     # meanwhile was swallowed, so a stopped source went on as if its connect had merely failed
-    loop = asyncio.get_running_loop()
+    let_go = asyncio.Event()
 
-    async def stubborn() -> None:   # ignores cancels for a while (Python 3.11's wait_for can swallow one)
-        until = loop.time() + 0.5
-        while loop.time() < until:
+    async def stubborn() -> None:   # ignores cancels until let go (Python 3.11's wait_for can swallow one)
+        while not let_go.is_set():
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.sleep(0.05)
+                await let_go.wait()
 
     refused = asyncio.Event()
     refused.set()    # given up at once: the clean-up is what takes time
-    caller = asyncio.ensure_future(natsconn.connect_or_give_up(stubborn(), refused, 10, 2))
+    caller = asyncio.ensure_future(natsconn.connect_or_give_up(stubborn(), refused, 10, 30))
     await asyncio.sleep(0.1)
     assert not caller.done()
     caller.cancel()
+    await asyncio.sleep(0.1)
+    let_go.set()
     with pytest.raises(asyncio.CancelledError):
         await caller

@@ -38,6 +38,8 @@ class ControlledStore(MemoryStore):
         self.fail_appends = False                  # the whole append raises UNAVAILABLE
         self.fail_meta = False                     # metadata writes raise STORAGE_FULL
         self.slow_create = False
+        self.scan_gate: asyncio.Event | None = None   # set: registry loads wait for it
+        self.scans = 0
 
     async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
         self.entered.set()
@@ -47,6 +49,13 @@ class ControlledStore(MemoryStore):
             raise server_error(ErrorCode.UNAVAILABLE, detail="disk unplugged")
         ok = iter(await super().append([b for b in batches if b.partition not in self.refuse]))
         return [server_error(ErrorCode.STORAGE_FULL) if b.partition in self.refuse else next(ok) for b in batches]
+
+    async def meta_scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        if prefix.startswith(b"T"):   # the series registry's load
+            self.scans += 1
+            if self.scan_gate is not None:
+                await self.scan_gate.wait()
+        return await super().meta_scan(prefix)
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
         if self.fail_meta:
@@ -200,6 +209,23 @@ async def test_a_sync_timeout_bounds_the_wait_for_a_worker_too(
     workers.free.set()
     assert (await post(client, [point("busy", 1, NOW_S + 1, host="h" * 40)]))[0] == 204
     assert sorted(p["value"] for p in await stored(broker, "busy")) == [0, 1]
+
+
+async def test_a_registry_load_outlives_the_puts_that_gave_up_on_it(
+        client: TestClient, store: ControlledStore, tsdb: TsdbStream) -> None:
+    # after a restart the first puts load the series registry (a scan of every series key); a put
+    # whose sync_timeout ran out cancelled that load, so puts that all gave up sooner than it took
+    # started it again, for ever
+    assert (await post(client, [point("reg", 0)]))[0] == 204
+    tsdb._registry = None                      # as after a restart
+    store.scan_gate, store.scans = asyncio.Event(), 0
+    for _ in range(2):
+        status, body = await post(client, [point("reg", 1)], "?summary&sync_timeout=30")
+        assert (status, body) == (400, {"success": 0, "failed": 1, "timeouts": 1})
+    assert store.scans == 1                    # one load, still going, shared
+    store.scan_gate.set()
+    assert (await post(client, [point("reg", 2)], "?summary"))[0] == 200
+    assert store.scans == 1
 
 
 async def test_a_body_that_holds_no_points_says_so_even_when_the_wait_runs_out(client: TestClient,

@@ -39,9 +39,7 @@ def free_port() -> int:
     # below the range when there is room there (the default: 10000-32767), else above it
     span = (10_000, low) if low - 10_000 >= 1000 else (high + 1, 65_536) if 65_535 - high >= 1000 else None
     rng = random.SystemRandom()
-    for _ in range(200 if span else 0):
-        assert span is not None
-        port = rng.randrange(*span)
+    for port in (rng.randrange(*span) for _ in range(200)) if span else ():
         if port in _handed_out:
             continue
         with socket.socket() as s:

@@ -49,8 +49,9 @@ async def connect_or_give_up(connect: Coroutine[Any, Any, None], give_up: asynci
         if fatal is not None:
             fatal.cancel()
         cancelled = False
-        until = asyncio.get_running_loop().time() + wait_s
-        while not connecting.done() and asyncio.get_running_loop().time() < until:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait_s
+        while not connecting.done() and loop.time() < until:
             connecting.cancel()
             try:
                 await asyncio.wait({connecting}, timeout=0.1)

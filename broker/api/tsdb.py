@@ -22,7 +22,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import unquote_plus
 
 import orjson
@@ -153,9 +153,14 @@ async def put(request: web.Request) -> web.StreamResponse:
     write = made.result()
     if isinstance(write, BadBody):
         return _error(write.message, write.details)
-    timeouts = write.pending
-    success = write.success
-    failed = len(write.errors) - success
+    return await _answer(request, body, details, summary, write.errors, lambda: write.stored, write.success)
+
+
+async def _answer(request: web.Request, body: bytes, details: bool, summary: bool, errors: list[str | None],
+                  stored: Callable[[], list[bool]], success: int, points: list[Any] | None = None) -> web.Response:
+    """A put's answer (spec section 4) from each point's outcome: its error string, stored, or
+    neither - pending, which is a timeout. `points`: the body's, when already parsed."""
+    failed = len(errors) - success
     if not failed:
         if details:
             return _json({"success": success, "failed": 0, "errors": []})
@@ -166,10 +171,11 @@ async def put(request: web.Request) -> web.StreamResponse:
         return _json({"error": _POINT_ERRORS}, 400)
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
-        points = await _points_of(body)
-        stored = write.stored
+        points = points if points is not None else await _points_of(body)
+        kept = stored()
         answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else _pending(request)}
-                            for i, error in enumerate(write.errors) if not stored[i]]
+                            for i, error in enumerate(errors) if not kept[i]]
+    timeouts = errors.count(None) - success   # a point is stored, failed or pending, never two of them
     if timeouts:
         answer["timeouts"] = timeouts
     return _json(answer, 400)
@@ -195,13 +201,8 @@ async def _timed_out(body: bytes, details: bool, summary: bool, request: web.Req
         points = await _points_of(body)
     except BadBody as exc:
         return _error(exc.message, exc.details)
-    if not (details or summary):
-        return _json({"error": _POINT_ERRORS}, 400)
-    answer: dict[str, Any] = {"success": 0, "failed": len(points)}
-    if details:
-        answer["errors"] = [{"datapoint": p, "error": _pending(request)} for p in points]
-    answer["timeouts"] = len(points)
-    return _json(answer, 400)
+    n = len(points)
+    return await _answer(request, body, details, summary, [None] * n, lambda: [False] * n, 0, points)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -257,11 +257,6 @@ class PutWrite:
                 out[i] = True
         return out
 
-    @property
-    def pending(self) -> int:
-        # a point is stored, failed or pending, never two of them
-        return self.errors.count(None) - self.success
-
     async def run(self, target: TsdbStream) -> None:
         """Check the pending types, fix new ones, append. A stream deleted under us is recreated
         once (its registry starts empty, so the points are sorted and checked again); the store's

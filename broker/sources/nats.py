@@ -56,8 +56,9 @@ sink and acknowledged with its batch, so it does not come back. When the append 
 negatively acknowledged (redelivered after `nak_delay`, at once without it) and the job raises, so
 the manager backs off. When the job is stopped, the batch being appended is finished and
 acknowledged first (waiting at most `CLOSE_WAIT_S`), so a stop or a graceful broker restart
-duplicates nothing; messages pulled and not yet appended are negatively acknowledged (after the
-pull inbox is drained), so a restart gets them without waiting for `ack_wait`. A crash between an
+duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once the
+open pull request is over and the pull inbox is drained: see `_Puller.stop`), so a restart gets
+them without waiting for `ack_wait`. A crash between an
 append and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending`
 (the server delivers no more than that unacknowledged), nothing is lost. Consumers we create use
 explicit acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover
@@ -440,16 +441,20 @@ class _Puller:
         out, self.buf = self.buf, []
         return out
 
-    async def stop(self, waiting: Callable[[], Awaitable[int]]) -> None:
+    async def stop(self, waiting: Callable[[], Awaitable[int]], holding: bool) -> None:
         """Ask no more, let the open request be answered (filled, expired or refused) while the
-        consumer may still send messages (`waiting`), then drain the inbox (UNSUB, then a round trip),
-        so every message the server sent is taken and can be given back. Unsubscribing while the
-        consumer is sending loses the messages on their way inside the server: counted delivered,
-        no subscriber found, they wait out ack_wait. With nothing to send an open request brings
-        nothing (the server looks for a subscriber before it sends), so an idle job stops at once."""
+        consumer may still send messages (`waiting`) or we hold some to give back (`holding`, or
+        any in `buf`), then drain the inbox (UNSUB, then a round trip), so every message the server
+        sent is taken and can be given back. Unsubscribing while the consumer is sending loses the
+        messages on their way inside the server: counted delivered, no subscriber found, they wait
+        out ack_wait. Given back while the request is still open, they would be sent into it again,
+        and nats-server 2.9 does worse when nobody listens there any more: it drops a redelivery
+        until ack_wait and steps its stream position back, delivering another message twice. With
+        nothing to send and nothing held an open request brings nothing (the server looks for a
+        subscriber before it sends), so an idle job stops at once."""
         self.ask_no_more()
         until = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S
-        if self.open and self.nc.is_connected and await self._any(waiting):
+        if self.open and self.nc.is_connected and (holding or self.buf or await self._any(waiting)):
             while self.open and self.nc.is_connected and (left := until - time.monotonic()) > 0:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -457,6 +462,12 @@ class _Puller:
                         await self.wake.wait()
         if self.sub is not None:
             await self.sub.drain()
+
+    async def request_over(self) -> None:
+        """Returns once no request of ours can be waiting on the server: before messages are given
+        back after `stop`, in case some arrived after it decided not to wait (see `stop`)."""
+        if self.open:
+            await asyncio.sleep(max(0.0, self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S - time.monotonic()))
 
     @staticmethod
     async def _any(waiting: Callable[[], Awaitable[int]]) -> bool:
@@ -629,10 +640,11 @@ class JetStreamJob:
                 if link.nc.is_connected:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + CLOSE_WAIT_S):
-                            await puller.stop(waiting)
+                            await puller.stop(waiting, holding=bool(pulled))
                 unwritten = pulled + puller.take_all()
                 if unwritten and link.nc.is_connected:
                     with contextlib.suppress(Exception):
+                        await puller.request_over()
                         await self._nak(unwritten, policy, None)
             await link.close()
 

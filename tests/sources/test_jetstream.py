@@ -334,6 +334,43 @@ async def test_stops_while_the_consumer_is_sending_hand_everything_back(sluice: 
     await settled(sluice, url, "R", "d")
 
 
+async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(sluice: Sluice,
+                                                                              nats_server: NatsServer,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped while it holds every message delivered, unappended (its append hangs), with its pull
+    request still open: the server has nothing more to send, yet the messages given back would go
+    into that request. Given back after the job unsubscribed, nats-server 2.9 took one of them off
+    its redelivery queue for the request, found nobody listening, dropped it until ack_wait (10
+    minutes here) and stepped its stream position back, so another came twice."""
+    from broker.sources.sink import Sink
+    monkeypatch.setattr(nats_source, "CLOSE_WAIT_S", 0.2)    # the hung append is given up on soon
+    url = nats_server.url
+    await js_stream(url, "H", ["h"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "h", docs(5))
+    hang, write = asyncio.Event(), Sink.write
+
+    async def hung(self: Sink, payloads: Any) -> int:
+        await hang.wait()
+        return await write(self, payloads)
+    monkeypatch.setattr(Sink, "write", hung)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="h", durable="d", ack_wait="10m"))
+
+    async def all_delivered() -> bool:
+        try:
+            info = await consumer_info(url, "H", "d")
+        except nats.js.errors.NotFoundError:    # not created yet
+            return False
+        return info.num_pending == 0 and info.num_ack_pending == 5
+    await eventually(all_delivered, what="the five delivered to the job")
+    await sluice.sources.stop_source("default", "j")
+    monkeypatch.setattr(Sink, "write", write)
+    await sluice.sources.start_source("default", "j")
+    assert sorted(await rows_of(sluice, "t", 5, timeout=15)) == list(range(5))
+    await settled(sluice, url, "H", "d")
+    assert sorted(await sluice.column("t")) == list(range(5))     # none twice
+
+
 # -- bad definitions ---------------------------------------------------------------------------------
 
 GOOD = {"url": "nats://127.0.0.1:4222", "subject": "a.b", "data_type": "json"}

@@ -3,7 +3,8 @@
 # `make test` : create .venv, install with test deps, generate stubs, install nats-server and chromium
 #               if missing (apt: the NATS/JetStream source tests run a real nats-server, the console
 #               tests drive Chromium through Playwright), run the whole suite
-# `make lint` : ruff (rules in pyproject [tool.ruff]) and mypy ([tool.mypy]) over broker/ and client/
+# `make lint` : ruff (rules in pyproject [tool.ruff]) over broker/, client/, tests/ and bench/, and mypy
+#               ([tool.mypy]) over broker/ and client/
 # `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
 #               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
 #               ARGS=--quick, ARGS='--workloads w3 --durability wal' (bench/README.md lists them)
@@ -78,7 +79,7 @@ test: proto nats-server chromium
 
 # after proto: mypy reads the generated stubs' .pyi files
 lint: proto
-	$(PY) -m ruff check broker client
+	$(PY) -m ruff check broker client tests bench
 	$(PY) -m mypy broker client
 
 bench: proto

@@ -178,7 +178,7 @@ class Consumer:
     def _run(self) -> None:
         try:
             self.consume()
-        except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+        except Exception as exc:
             if not self.stopping:
                 self.tally.error = f"{type(exc).__name__}: {exc}"[:300]
         finally:
@@ -737,7 +737,7 @@ class _NatsTail(Consumer):
             await js.subscribe(self.subject, stream=self.jstream, ordered_consumer=True,
                                deliver_policy=DeliverPolicy.NEW, cb=cb)
             self.ready.set()
-            while not done.is_set() and not self.stopping:
+            while not done.is_set() and not self.stopping:  # noqa: ASYNC110 - `stopping` is set from another thread
                 await asyncio.sleep(0.05)
         else:
             sub = await js.pull_subscribe(self.subject, stream=self.jstream, config=ConsumerConfig(
@@ -861,7 +861,8 @@ class Kinesalite:
         raise RuntimeError("stream never became ACTIVE")
 
     def _shards(self, stream: str) -> list[str]:
-        return [s["ShardId"] for s in self.call("DescribeStream", {"StreamName": stream})["StreamDescription"]["Shards"]]
+        described = self.call("DescribeStream", {"StreamName": stream})
+        return [s["ShardId"] for s in described["StreamDescription"]["Shards"]]
 
     def stored(self, stream: str) -> dict[str, int | None]:
         return dict.fromkeys(self._shards(stream))   # Kinesis does not count a shard's records
@@ -948,7 +949,8 @@ class _KinesisPoll(Consumer):
         self.conn, self.it, self.headers = conn, it, headers
 
     def consume(self) -> None:
-        take, clock, done, conn, headers = self.tally.take, time.perf_counter_ns, self.tally.done, self.conn, self.headers
+        take, clock, done = self.tally.take, time.perf_counter_ns, self.tally.done
+        conn, headers = self.conn, self.headers
         it = self.it
         while not done.is_set() and not self.stopping:
             conn.request("POST", "/", body=orjson.dumps({"ShardIterator": it, "Limit": READ_LIMIT}), headers=headers)

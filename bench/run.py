@@ -48,8 +48,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-import drivers
-import workloads as wl
+import drivers  # noqa: E402 - after the sys.path line above
+import workloads as wl  # noqa: E402
 
 COMMANDS = ("suite", "memory", "timeplus", "sources", "tsdb", "core", "cluster")
 
@@ -101,7 +101,7 @@ def run_driver(driver: Any, args: argparse.Namespace, data: wl.Dataset, bodies: 
             w3_rows = wl.w3t(driver, w3_stream + "t", args.w3_seconds, args.w3_rate)
             rows.extend(w3_rows)
             _say("  " + "; ".join(_brief(r) for r in w3_rows))
-    except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+    except Exception as exc:
         rows.append(wl.Row(driver.system, driver.door, driver.durability, "error", ok=False,
                            note=f"{type(exc).__name__}: {exc}"[:300]))
         _say(f"  error: {rows[-1].note}")
@@ -219,7 +219,7 @@ def run_peers(args: argparse.Namespace, data: wl.Dataset) -> list[wl.Row]:
                 rows += run_driver(driver, args, data, {}, "w1", "w3")
                 if {"w3", "w6"} & set(args.workloads) and hasattr(driver, "aio"):
                     rows += run_trickle(driver.aio(), args, "w3a", "w6")
-        except Exception as exc:  # noqa: BLE001 - not installed, or would not start: a FAIL row
+        except Exception as exc:
             rows.append(wl.Row(*drivers.PEER_NAMES[peer], "error", ok=False, note=f"{type(exc).__name__}: {exc}"[:300]))
             _say(f"{peer}: error: {rows[-1].note}")
     return rows
@@ -300,8 +300,9 @@ def suite_main(argv: list[str]) -> int:
         rows += run_sluice(args, data)
     if args.compare:
         rows += run_peers(args, data)
-    title = (f"W1: {args.records:,} records x {wl.RECORD_SIZE} B, keys from {wl.KEY_IDS:,} ids, {wl.PARTITIONS} partitions, "
-             f"batches of {wl.BATCH}, {wl.PRODUCERS} producers; W2: read back from TRIM_HORIZON, 1 reader/partition; "
+    title = (f"W1: {args.records:,} records x {wl.RECORD_SIZE} B, keys from {wl.KEY_IDS:,} ids, "
+             f"{wl.PARTITIONS} partitions, batches of {wl.BATCH}, {wl.PRODUCERS} producers; "
+             f"W2: read back from TRIM_HORIZON, 1 reader/partition; "
              f"W3: 1 record / {1000 / args.w3_rate:g} ms for {args.w3_seconds:g} s")
     print(title)
     print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f}; started {started:%Y-%m-%d %H:%M:%S} UTC"
@@ -397,7 +398,7 @@ def memory_main(argv: list[str]) -> int:
                 driver.create_stream(stream, wl.PARTITIONS)
                 res = wl.memory(driver, stream, bodies, data.records, args.records, args.minutes,
                                 broker.data_dir, _say)
-            except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+            except Exception as exc:
                 _say(f"error: {type(exc).__name__}: {exc}")
                 if broker.stderr_lines:
                     _say("broker log (tail):\n" + "".join(broker.stderr_lines[-20:]))
@@ -834,14 +835,14 @@ def _brief_s1(r: wl.Row) -> str:
 
 def tsdb_main(argv: list[str]) -> int:
     """The OpenTSDB door's put and query figures, with VictoriaMetrics and InfluxDB (bench/tsdb.py)."""
-    import tsdb   # bench/tsdb.py
+    import tsdb  # bench/tsdb.py
     return tsdb.main(argv)
 
 
 def cluster_main(argv: list[str]) -> int:
     """W1/W2 through two brokers on a 3-node JetStream cluster (R=3), beside the embedded store and
     nats-py direct on the same cluster, with the CPU split per process (bench/cluster.py, issue 13)."""
-    import cluster   # bench/cluster.py
+    import cluster  # bench/cluster.py
     return cluster.main(argv)
 
 

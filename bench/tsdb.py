@@ -735,7 +735,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "(default wal; the verdicts judge wal)")
     p.add_argument("--no-sluice", action="store_true", help="only the peers")
     p.add_argument("--tsdb-workers", type=int, default=TSDB_WORKERS,
-                   help=f"the broker's --tsdb-workers: processes that check and sort put bodies (default {TSDB_WORKERS})")
+                   help=f"the broker's --tsdb-workers: processes that check and sort put bodies "
+                        f"(default {TSDB_WORKERS})")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where the JSON goes (default bench/results)")
     args = p.parse_args(argv)
     items = [x.strip().lower() for x in args.workloads.split(",") if x.strip()]

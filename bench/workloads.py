@@ -159,7 +159,7 @@ class Row:
 
 
 def _num(v: float, fmt: str) -> str:
-    return "-" if math.isnan(v) or v == 0.0 and fmt != ".2f" else format(v, fmt)
+    return "-" if math.isnan(v) or (v == 0.0 and fmt != ".2f") else format(v, fmt)
 
 
 LATENCY_ROWS = ("W3", "W6", "T2")   # rows whose figure is a latency, not a rate
@@ -179,7 +179,8 @@ def format_table(rows: list[Row]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
-        out.append(" | ".join(c.ljust(w) if i < 4 or i == len(header) - 1 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        out.append(" | ".join(c.ljust(w) if i < 4 or i == len(header) - 1 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(line, widths))))
         if n == 0:
             out.append("-+-".join("-" * w for w in widths))
     return "\n".join(out)
@@ -243,7 +244,7 @@ def run_threads(fns: list[Callable[[], None]]) -> list[str]:
         try:
             gate.wait()
             fn()
-        except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+        except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
     threads = [threading.Thread(target=wrap, args=(f,), daemon=True) for f in fns]
@@ -385,7 +386,7 @@ def tail_run(driver: TailDriver, stream: str, partition: int, mode: str, seconds
                 put_latencies.append((clock() - sent) / 1e6)
             run.sent += 1
         tally.done.wait(10)
-    except Exception as exc:  # noqa: BLE001 - a failure is reported, not raised
+    except Exception as exc:
         run.error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         consumer.stop()
@@ -708,8 +709,8 @@ def core_trickle(records: int = CORE_RECORDS) -> dict[str, Any]:
                 await task
         finally:
             await broker.close()
-        return {"records": records, "cpu_us_per_record": cpu / records * 1e6, "wall_us_per_record": wall / records * 1e6,
-                "in_order": seqs == list(range(len(seqs)))}
+        return {"records": records, "cpu_us_per_record": cpu / records * 1e6,
+                "wall_us_per_record": wall / records * 1e6, "in_order": seqs == list(range(len(seqs)))}
 
     with tempfile.TemporaryDirectory(prefix="sluice-core-") as tmp:
         return asyncio.run(go(tmp))

@@ -69,7 +69,8 @@ def test_suite_quick_both_doors(tmp_path):
                          ("REST", "wal", "W3t long-poll")}, out.stdout
     _check_figures(rows)
     for door in ("gRPC", "REST"):
-        assert _num(rows[(door, "wal", "W1 put")]["records"]) == _num(rows[(door, "wal", "W2 read")]["records"]) == 20_000
+        put, read = rows[(door, "wal", "W1 put")], rows[(door, "wal", "W2 read")]
+        assert _num(put["records"]) == _num(read["records"]) == 20_000
         assert _num(rows[(door, "wal", "W3t long-poll")]["records"]) == 250   # 0.5 s at 500 records/s, all received
 
     doc = _result(tmp_path)

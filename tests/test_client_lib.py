@@ -10,11 +10,23 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import eventually
 
 from broker.launcher import BrokerProcess
-from client import (AsyncClient, AsyncPartitionConsumer, AsyncProducer, Checkpoint, Client, GroupConsumer,
-                    PartitionConsumer, Producer, PutResult, Record, SluiceError, StreamNotFound)
-from conftest import eventually
+from client import (
+    AsyncClient,
+    AsyncPartitionConsumer,
+    AsyncProducer,
+    Checkpoint,
+    Client,
+    GroupConsumer,
+    PartitionConsumer,
+    Producer,
+    PutResult,
+    Record,
+    SluiceError,
+    StreamNotFound,
+)
 
 
 @pytest.fixture
@@ -519,7 +531,7 @@ def test_group_handler_error_is_fatal_and_not_committed(broker: BrokerProcess, c
     def run() -> None:
         try:
             group.run()
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        except BaseException as exc:
             outcome.append(exc)
 
     runner = threading.Thread(target=run, daemon=True)

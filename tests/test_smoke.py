@@ -1,8 +1,8 @@
 """The README's promise in one test: a record written over REST comes back over REST."""
 import base64
+import urllib.request
 
 import orjson
-import urllib.request
 
 
 def _call(method: str, url: str, body: dict | None = None) -> tuple[int, dict]:

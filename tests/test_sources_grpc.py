@@ -22,15 +22,14 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
+from conftest import eventually
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from broker.launcher import BrokerProcess
-from client import (AlreadyExists, AsyncClient, Client, InvalidRequest, NotFound, SluiceError, SourceInfo,
-                    SourceStats)
+from client import AlreadyExists, AsyncClient, Client, InvalidRequest, NotFound, SluiceError, SourceInfo, SourceStats
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client.cli import _prop_arg
-from conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 10.0

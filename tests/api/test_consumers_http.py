@@ -17,11 +17,10 @@ from typing import Any, Iterator
 from urllib.parse import quote, urlencode
 
 import pytest
+from dis_http import PID, Reply, assert_dis_error, call
+from dis_http import addr as _addr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from dis_http import PID, Reply, addr as _addr, assert_dis_error, call  # noqa: F401
-
 
 # -- helpers -----------------------------------------------------------------------------------
 

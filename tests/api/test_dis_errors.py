@@ -16,11 +16,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from dis_http import PID, Reply, assert_dis_error, call
+from dis_http import addr as _addr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import ErrorCode
-from dis_http import PID, Reply, addr as _addr, assert_dis_error, call  # noqa: F401
+
 MIB = 1024 * 1024
 
 
@@ -474,7 +476,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes, fl
     while time.monotonic() - t0 < seconds:
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionResetError:
             return True, data, time.monotonic() - t0

@@ -17,11 +17,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from dis_http import Reply, addr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import ErrorCode
-from dis_http import Reply, addr
 
 MIB = 1024 * 1024
 TIMEOUT = 10.0   # seconds for any one exchange: a hang fails the test (socket.timeout), never the suite

@@ -264,7 +264,8 @@ def test_the_sdk_tampered_with_after_signing(broker: BrokerProcess, keys: Keys) 
     assert read(admin, cursor(untouched, stream)) == [b"hello"]
 
 
-def test_the_sdk_with_a_clock_20_minutes_off(broker: BrokerProcess, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sdk_with_a_clock_20_minutes_off(broker: BrokerProcess, keys: Keys,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The SDK's own signer on a host whose clock is wrong (its clock faked, its code untouched)."""
     import datetime as real
 
@@ -274,7 +275,7 @@ def test_the_sdk_with_a_clock_20_minutes_off(broker: BrokerProcess, keys: Keys, 
     for skew in (-20, 20):
         class Skewed(real.datetime):
             @classmethod
-            def utcnow(cls) -> real.datetime:  # type: ignore[override]
+            def utcnow(cls, skew: int = skew) -> real.datetime:  # type: ignore[override]
                 return real.datetime.now(real.UTC).replace(tzinfo=None) + real.timedelta(minutes=skew)
 
         monkeypatch.setattr(sdk_signer, "datetime", Skewed)
@@ -424,7 +425,7 @@ def test_a_key_of_bytes_that_are_not_utf8_is_just_unknown(broker: BrokerProcess)
     """aiohttp hands such header bytes over as lone surrogates: 401 on every API-key door, never a 500."""
     paths = ["/p1/api/v1beta2/streams", "/api/query?start=1h-ago&m=sum:cpu", "/sluice/v1/tail?stream-name=s",
              "/metrics"]
-    for value in (b"\xff", b"k\xc3(" * 20, "Bearer ".encode() + b"\xfe\xff"):
+    for value in (b"\xff", b"k\xc3(" * 20, b"Bearer " + b"\xfe\xff"):
         for path in paths:
             header = "Authorization" if value.startswith(b"Bearer ") else "X-Api-Key"
             reply = raw(broker.http_port, "GET", path, {header: value})  # type: ignore[dict-item]

@@ -22,7 +22,7 @@ from tests.e2e.test_consumer_group import PARTITIONS, Member, crash_scenario, me
 
 @pytest.mark.slow
 def test_group_members_on_both_brokers_keep_exclusive_ownership_through_a_member_crash(
-        cluster: SluiceCluster, stream_name: str, members: list[Member]) -> None:  # noqa: F811
+        cluster: SluiceCluster, stream_name: str, members: list[Member]) -> None:
     a, b = cluster.brokers
     with Client(a.grpc_target) as ca:
         ca.create_stream(stream_name, PARTITIONS)   # through a; b learns of it from the catalogue events

@@ -132,7 +132,7 @@ async def test_brokers_racing_for_one_lease_key_never_both_hold_it(three_stores:
     async def contend(store: JetStreamStore, me: str) -> None:
         nonlocal taken
         for _ in range(8):
-            while not await store.meta_cas(b"lease", None, me.encode()):
+            while not await store.meta_cas(b"lease", None, me.encode()):  # noqa: ASYNC110 - contending
                 await asyncio.sleep(0)
             overlaps.extend((me, other) for other in holders)
             holders.add(me)

@@ -117,7 +117,7 @@ async def test_concurrent_producers_get_unique_gap_free_sequence_numbers(broker:
     assert sorted(every_seq) == list(range(total))            # unique and gap-free
     for mine in acked:
         seqs = [seq for seq, _ in mine]
-        assert all(a < b for a, b in zip(seqs, seqs[1:]))     # each producer's own seqs increase
+        assert all(a < b for a, b in itertools.pairwise(seqs))     # each producer's own seqs increase
     assert broker.commits - commits_before < calls            # group commit folded requests together
 
     records, _ = await read_all(broker, await broker.get_cursor("s", "1", "TRIM_HORIZON"))
@@ -331,7 +331,7 @@ async def test_unkeyed_records_spread_evenly_over_all_partitions(broker: Broker)
     await broker.create_stream("s", count)
     one_request = await broker.put_records("s", [PutEntry(b"x") for _ in range(100)])
     assert one_request.failures == []
-    assert Counter(one_request.partitions) == {p: 20 for p in range(count)}
+    assert Counter(one_request.partitions) == dict.fromkeys(range(count), 20)
 
     single = Counter()
     for _ in range(100):                                     # one record per request

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from itertools import pairwise
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -73,7 +74,8 @@ async def test_no_missed_wake_up_under_concurrent_writers_and_readers(broker: Br
     await broker.create_stream("s", partitions)
     loop = asyncio.get_running_loop()
     rng = random.Random(1234)
-    targets = list(range(partitions)) + [rng.randrange(partitions) for _ in range(writers * puts_per_writer - partitions)]
+    targets = list(range(partitions)) + [rng.randrange(partitions)
+                                         for _ in range(writers * puts_per_writer - partitions)]
     rng.shuffle(targets)                              # every partition gets at least one write
     plan = [targets[w::writers] for w in range(writers)]
     pauses = [[rng.uniform(0, 0.004) for _ in range(puts_per_writer)] for _ in range(writers)]
@@ -321,7 +323,7 @@ async def test_subscribe_sends_empty_heartbeats_after_silence(make_broker: MakeB
         batch = await asyncio.wait_for(anext(batches), 5)
         assert batch.records == [] and batch.next_cursor
         stamps.append(loop.time() - started)
-    gaps = [b - a for a, b in zip([0.0] + stamps, stamps)]
+    gaps = [b - a for a, b in pairwise([0.0, *stamps])]
     assert all(0.18 <= g < 1.5 for g in gaps), gaps
     # a heartbeat does not lose the position: the next record still arrives, promptly
     next_batch = asyncio.ensure_future(anext(batches))

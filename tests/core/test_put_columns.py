@@ -95,7 +95,7 @@ def test_an_all_keyed_batch_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch)
     keyed = [(bytes([i]), f"key-{i % 7}", "", "") for i in range(50)]
     check_alike(keyed)
     assert len(calls) == 1          # only the entry form went record by record
-    check_alike(keyed + [(b"x", "", "", "2")])   # a partition id: the columns fall back too
+    check_alike([*keyed, (b"x", "", "", "2")])   # a partition id: the columns fall back too
     assert len(calls) == 3
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from itertools import pairwise
 
 import pytest
 from hypothesis import example, given, settings
@@ -70,7 +71,7 @@ def test_hash_ranges_are_contiguous_over_the_whole_space(count: int) -> None:
     assert len(ranges) == count
     assert ranges[0][0] == 0
     assert ranges[-1][1] == MAX
-    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+    for (lo, hi), (next_lo, _) in pairwise(ranges):
         assert lo <= hi
         assert next_lo == hi + 1
     assert ranges[-1][0] <= ranges[-1][1]

@@ -61,7 +61,7 @@ async def test_racing_heartbeats_on_two_brokers_never_grant_a_partition_twice() 
     await race([StoreLeases(store), StoreLeases(store)])
 
 
-async def test_the_same_race_on_two_jetstream_stores(jetstream_server: NatsServer) -> None:  # noqa: F811
+async def test_the_same_race_on_two_jetstream_stores(jetstream_server: NatsServer) -> None:
     """As above with each broker's own JetStreamStore on one server: meta_cas on KV revisions."""
     prefix = fresh_prefix()
     stores = [await JetStreamStore.open([jetstream_server.url], prefix=prefix, replicas=1) for _ in range(2)]

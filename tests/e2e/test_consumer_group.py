@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pytest
+from conftest import eventually
 
 from broker.launcher import BrokerProcess
 from client import Client, Producer
-from conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("group_worker.py")

@@ -12,14 +12,23 @@ import re
 import time
 import uuid
 from contextlib import contextmanager
+from itertools import pairwise
 from typing import Iterator
 
 import pytest
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkdis.v2 import (ConsumeRecordsRequest, CreateStreamReq, CreateStreamRequest, DeleteStreamRequest,
-                                  ListStreamsRequest, PutRecordsRequest, PutRecordsRequestEntry, SendRecordsRequest,
-                                  ShowCursorRequest, ShowStreamRequest)
-
+from huaweicloudsdkdis.v2 import (
+    ConsumeRecordsRequest,
+    CreateStreamReq,
+    CreateStreamRequest,
+    DeleteStreamRequest,
+    ListStreamsRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+    ShowCursorRequest,
+    ShowStreamRequest,
+)
 
 HASH_MAX = 2**63 - 1
 RANGE = re.compile(r"\[(-?\d+) : (-?\d+)\]")
@@ -186,7 +195,7 @@ def test_describe_hash_ranges_are_contiguous_and_partitions_page(dis_client, str
     assert len(d.partitions) == 5 and d.has_more_partitions is False
     ranges = [parse_range(p.hash_range) for p in d.partitions]
     assert ranges[0][0] == 0 and ranges[-1][1] == HASH_MAX
-    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+    for (lo, hi), (next_lo, _) in pairwise(ranges):
         assert lo <= hi and next_lo == hi + 1
     # exactly the ranges the Java producer computes (spec section 6)
     avg = HASH_MAX // 5

@@ -14,14 +14,26 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
-from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkdis.v2 import (CommitCheckpointReq, CommitCheckpointRequest, CreateAppReq, CreateAppRequest,
-                                  CreateStreamReq, CreateStreamRequest, DeleteAppRequest, DeleteCheckpointRequest,
-                                  DeleteStreamRequest, ListAppRequest, PutRecordsRequest, PutRecordsRequestEntry,
-                                  SendRecordsRequest, ShowAppRequest, ShowCheckpointRequest,
-                                  ShowConsumerStateRequest)
-
 from conftest import make_dis_client
+from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
+from huaweicloudsdkdis.v2 import (
+    CommitCheckpointReq,
+    CommitCheckpointRequest,
+    CreateAppReq,
+    CreateAppRequest,
+    CreateStreamReq,
+    CreateStreamRequest,
+    DeleteAppRequest,
+    DeleteCheckpointRequest,
+    DeleteStreamRequest,
+    ListAppRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+    ShowAppRequest,
+    ShowCheckpointRequest,
+    ShowConsumerStateRequest,
+)
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 LAST_READ = "LAST_READ"

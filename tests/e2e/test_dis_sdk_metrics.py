@@ -11,9 +11,17 @@ from typing import Callable
 
 import pytest
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkdis.v2 import (ConsumeRecordsRequest, CreateStreamReq, CreateStreamRequest, PutRecordsRequest,
-                                  PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest,
-                                  ShowPartitionMetricsRequest, ShowStreamMetricsRequest)
+from huaweicloudsdkdis.v2 import (
+    ConsumeRecordsRequest,
+    CreateStreamReq,
+    CreateStreamRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+    ShowCursorRequest,
+    ShowPartitionMetricsRequest,
+    ShowStreamMetricsRequest,
+)
 
 from broker.launcher import BrokerProcess
 from tests.conftest import make_dis_client

@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import time
+from itertools import pairwise
 from typing import Iterator
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pool
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 HASH_MAX = 2**63 - 1
 TIMEOUT = 10.0  # every RPC in this module: a hang is a failure, never a stuck suite
 METHODS = ("CreateStream", "ListStreams", "DescribeStream", "DeleteStream", "UpdatePartitionCount", "PutRecords",
-           "PutRecordsStream", "GetCursor", "GetRecords", "Subscribe", "CreateApp", "ListApps", "DescribeApp", "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
+           "PutRecordsStream", "GetCursor", "GetRecords", "Subscribe", "CreateApp", "ListApps", "DescribeApp",
+           "DeleteApp", "CommitCheckpoint", "GetCheckpoint",
            "DeleteCheckpoint", "GetConsumerState", "Heartbeat", "LeaveGroup", "CreateSource", "ListSources",
            "DescribeSource", "UpdateSource", "DeleteSource", "StartSource", "StopSource", "GetSourceStats")
 
@@ -155,7 +157,7 @@ def test_create_and_describe_stream(sluice_stub, stream_name):
     # the hash ranges tile [0, 2^63-1] without gap or overlap
     assert parts[0].hash_range_start == 0
     assert parts[-1].hash_range_end == HASH_MAX
-    for prev, nxt in zip(parts, parts[1:]):
+    for prev, nxt in pairwise(parts):
         assert nxt.hash_range_start == prev.hash_range_end + 1
     for p in parts:
         assert p.hash_range_start <= p.hash_range_end
@@ -371,7 +373,8 @@ def filled(sluice_stub, stream_name) -> Iterator[tuple[str, list[bytes], list[in
 def test_trim_horizon_reads_everything_in_order_across_pages(sluice_stub, filled):
     name, payloads, _ = filled
     for limit in (0, 1, 7, 25, 10_000):
-        seqs, data, keys, stamps, _ = drain(sluice_stub, cursor(sluice_stub, name, 1, pb.CURSOR_TYPE_TRIM_HORIZON), limit=limit)
+        seqs, data, keys, stamps, _ = drain(sluice_stub, cursor(sluice_stub, name, 1, pb.CURSOR_TYPE_TRIM_HORIZON),
+                                            limit=limit)
         assert seqs == list(range(25)), limit
         assert data == payloads
         assert keys == ["a"] * 10 + ["b"] * 10 + [""] * 5
@@ -417,7 +420,8 @@ def test_at_timestamp(sluice_stub, filled):
     name, payloads, _ = filled
     _, _, _, stamps, _ = drain(sluice_stub, cursor(sluice_stub, name, 1))
     for first in (0, 10, 20):
-        seqs, data, *_ = drain(sluice_stub, cursor(sluice_stub, name, 1, pb.CURSOR_TYPE_AT_TIMESTAMP, timestamp=stamps[first]))
+        seqs, data, *_ = drain(sluice_stub, cursor(sluice_stub, name, 1, pb.CURSOR_TYPE_AT_TIMESTAMP,
+                                                   timestamp=stamps[first]))
         assert seqs == list(range(first, 25)) and data == payloads[first:]
     # one ms after the first group: starts at the second group
     seqs, *_ = drain(sluice_stub, cursor(sluice_stub, name, 1, pb.CURSOR_TYPE_AT_TIMESTAMP, timestamp=stamps[9] + 1))
@@ -500,7 +504,7 @@ def test_the_columnar_form_routes_numbers_and_fails_like_records(sluice_stub, st
     for p in range(4):
         mine = [d for d, q in zip(data, resp.partition_ids) if q == p]
         assert [s for s, q in zip(resp.seqs, resp.partition_ids) if q == p] == list(range(len(mine)))
-        seqs, got, got_keys, _, _ = drain(sluice_stub, cursor(sluice_stub, stream_name, p))
+        _, got, got_keys, _, _ = drain(sluice_stub, cursor(sluice_stub, stream_name, p))
         assert got == mine and got_keys == [k for k, q in zip(keys, resp.partition_ids) if q == p]
     # hash keys and keys at once, "" = not set, with per-record failures in place
     resp = put_columns(sluice_stub, stream_name,
@@ -656,8 +660,8 @@ def test_put_records_batch_is_a_oneof(sluice_stub, raw_channel, stream_name):
     request.columns.data.append(b"as-columns")   # setting one member clears the other
     assert request.WhichOneof("batch") == "columns" and not request.HasField("records")
     # neither: an empty request
-    expect_error(sluice_stub.PutRecords, pb.PutRecordsRequest(stream_name=stream_name), grpc.StatusCode.INVALID_ARGUMENT,
-                 "DIS.4202", "EMPTY_REQUEST")
+    expect_error(sluice_stub.PutRecords, pb.PutRecordsRequest(stream_name=stream_name),
+                 grpc.StatusCode.INVALID_ARGUMENT, "DIS.4202", "EMPTY_REQUEST")
     # both on the wire (a sender that ignores the oneof): the last one parsed wins, as protobuf says
     as_records = pb.PutRecordsRequest(stream_name=stream_name, records=pb.RecordList(
         entries=[pb.PutRecordsEntry(data=b"first")])).SerializeToString()
@@ -990,8 +994,8 @@ def test_client_wrapper_round_trip(broker, stream_name):
         one = c.get_records(c.get_cursor(stream_name, p, "AT_SEQUENCE_NUMBER", 1), limit=1)
         assert [r.data for r in one.records] == [b"k2"]
         stamp = page.records[0].timestamp_ms
-        assert [r.data for r in c.get_records(c.get_cursor(stream_name, p, "AT_TIMESTAMP", timestamp_ms=stamp)).records] \
-            == [b"k1", b"k2"]
+        at = c.get_cursor(stream_name, p, "AT_TIMESTAMP", timestamp_ms=stamp)
+        assert [r.data for r in c.get_records(at).records] == [b"k1", b"k2"]
 
         with pytest.raises(SluiceError) as info:
             c.create_stream(stream_name, 1)

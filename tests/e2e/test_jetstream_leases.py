@@ -43,7 +43,7 @@ def js_args(nats: NatsServer) -> tuple[str, ...]:
 @pytest.mark.slow
 def test_group_members_on_two_brokers_keep_exclusive_ownership_through_a_crash(
         start_broker: Callable[..., BrokerProcess], nats: NatsServer, tmp_path: Path, stream_name: str,
-        members: list[Member]) -> None:  # noqa: F811
+        members: list[Member]) -> None:
     a = start_broker(*js_args(nats), data_dir=tmp_path / "a")
     with Client(a.grpc_target) as ca:
         ca.create_stream(stream_name, PARTITIONS)

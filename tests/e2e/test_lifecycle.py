@@ -43,7 +43,7 @@ class Conn:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Conn":
+    def __enter__(self) -> Conn:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -407,7 +407,8 @@ class RestProducer(threading.Thread):
                 answer = json.loads(raw)
                 if answer["failed_record_count"]:
                     self.refusals.append(f"partial failure {raw[:200]!r}")
-                self.acked.append(Acked(request_id, [int(r["partition_id"].rsplit("-", 1)[1]) for r in answer["records"]],
+                self.acked.append(Acked(request_id,
+                                        [int(r["partition_id"].rsplit("-", 1)[1]) for r in answer["records"]],
                                         [int(r["sequence_number"]) for r in answer["records"]], payloads))
         finally:
             conn.close()
@@ -435,7 +436,7 @@ def test_sigterm_drains_rest_requests_in_flight(start_broker, tmp_path):
     refusals = [r for t in producers for r in t.refusals]
     # a refused request is a closed connection or a DIS "retry later"; never a 500 or a partial write
     bad = [r for r in refusals if not (r in ("ConnectionRefusedError", "ConnectionResetError", "RemoteDisconnected",
-                                            "BrokenPipeError") or r.startswith("503") and "DIS.5250" in r)]
+                                            "BrokenPipeError") or (r.startswith("503") and "DIS.5250" in r))]
     assert not bad, bad
     acked = [a for t in producers for a in t.acked]
     assert len(acked) >= 8
@@ -454,7 +455,8 @@ def test_help_documents_every_option_and_env_var():
     text = out.stdout
     expected = {"data_dir", "host", "grpc_port", "http_port", "store", "fsync", "memtable_mb",
                 "block_cache_mb", "malloc_arenas", "idle_timeout", "body_timeout",
-                "shutdown_grace", "retention_interval", "log_level", "tsdb_stream", "tsdb_project", "tsdb_port", "tsdb_workers", "metrics_port",
+                "shutdown_grace", "retention_interval", "log_level", "tsdb_stream", "tsdb_project", "tsdb_port",
+                "tsdb_workers", "metrics_port",
                 "auth_file", "tls_cert", "tls_key", "partition_records_per_s", "partition_bytes_per_s",
                 "max_connections_per_client", "max_requests_per_client", "max_subscriptions_per_client",
                 "nats_servers", "nats_prefix", "replicas", "nats_creds", "nats_tls_ca"}

@@ -13,9 +13,20 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from huaweicloudsdkdis.v2 import (CommitCheckpointReq, CommitCheckpointRequest, ConsumeRecordsRequest, CreateAppReq,
-                                  CreateAppRequest, CreateStreamReq, CreateStreamRequest, DeleteStreamRequest,
-                                  PutRecordsRequest, PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest)
+from huaweicloudsdkdis.v2 import (
+    CommitCheckpointReq,
+    CommitCheckpointRequest,
+    ConsumeRecordsRequest,
+    CreateAppReq,
+    CreateAppRequest,
+    CreateStreamReq,
+    CreateStreamRequest,
+    DeleteStreamRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+    ShowCursorRequest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.launcher import BrokerProcess

@@ -38,7 +38,7 @@ BIG_MESSAGES = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
 
 def channel(target: str) -> grpc.Channel:
     """A channel with its own HTTP/2 connection, as a separate client process would have."""
-    return grpc.insecure_channel(target, options=BIG_MESSAGES + [("grpc.use_local_subchannel_pool", 1)])
+    return grpc.insecure_channel(target, options=[*BIG_MESSAGES, ("grpc.use_local_subchannel_pool", 1)])
 
 
 def rss_mb(pid: int) -> float:
@@ -170,9 +170,10 @@ def test_a_stalled_subscriber_neither_slows_producers_nor_grows_broker_memory(
         sampler.join(5)
         after = rss_mb(pid)
         written_mb = STALLED_PUTS * PER_PUT * RECORD / MB
-        peak = max(samples + [after])
+        peak = max([*samples, after])
         print(f"\nstalled subscriber: {written_mb:.0f} MB written in {elapsed:.1f} s "
-              f"({written_mb / elapsed:.0f} MB/s), PutRecords p50 {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms "
+              f"({written_mb / elapsed:.0f} MB/s), "
+              f"PutRecords p50 {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms "
               f"max {max(latencies) * 1000:.0f} ms; broker VmRSS before {before:.0f} MB, peak {peak:.0f} MB "
               f"(+{peak - before:.0f}), after {after:.0f} MB")
         assert max(latencies) < MAX_PUT_S, f"a PutRecords took {max(latencies):.2f} s while a subscriber was stalled"
@@ -270,7 +271,8 @@ def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
         try:
             code = broker.proc.wait(15)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the broker did not exit within 15 s of SIGTERM; open calls: {sorted(ended)}") from None
+            raise AssertionError(f"the broker did not exit within 15 s of SIGTERM; "
+                                 f"open calls: {sorted(ended)}") from None
         exited = time.monotonic() - sent
         for t in threads:
             t.join(5)

@@ -15,9 +15,18 @@ from typing import Callable
 
 import pytest
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkdis.v2 import (ConsumeRecordsRequest, CreateStreamReq, CreateStreamRequest, PutRecordsRequest,
-                                  PutRecordsRequestEntry, SendRecordsRequest, ShowCursorRequest, ShowStreamRequest,
-                                  UpdatePartitionCountReq, UpdatePartitionCountRequest)
+from huaweicloudsdkdis.v2 import (
+    ConsumeRecordsRequest,
+    CreateStreamReq,
+    CreateStreamRequest,
+    PutRecordsRequest,
+    PutRecordsRequestEntry,
+    SendRecordsRequest,
+    ShowCursorRequest,
+    ShowStreamRequest,
+    UpdatePartitionCountReq,
+    UpdatePartitionCountRequest,
+)
 
 from broker.launcher import BrokerProcess
 from client import Client, GroupConsumer, PartitionConsumer, Record
@@ -152,7 +161,8 @@ def _scale_while_producing(client: Client, stream: str, counts: list[int]) -> li
     with KeyedProducer(client, stream) as producer:
         for target in counts:
             before = len(producer.acked)
-            eventually(lambda: len(producer.acked) >= before + 200 or bool(producer.failures), timeout=30)
+            eventually(lambda before=before: len(producer.acked) >= before + 200 or bool(producer.failures),
+                       timeout=30)
             client.update_partition_count(stream, target)
         before = len(producer.acked)
         eventually(lambda: len(producer.acked) >= before + 200 or bool(producer.failures), timeout=30)

@@ -22,8 +22,7 @@ from huaweicloudsdkdis.v2 import (
     ShowStreamRequest,
 )
 from timeplus import Stream
-from timeplus_sdk_helpers import QueryRun, bounded, create_stream, new_name, wait_until
-from timeplus_sdk_helpers import env, runs, ws  # noqa: F401 (fixtures)
+from timeplus_sdk_helpers import QueryRun, bounded, create_stream, env, new_name, runs, wait_until, ws  # noqa: F401 (fixtures)
 
 from client import Client
 

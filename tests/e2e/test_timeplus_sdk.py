@@ -18,9 +18,18 @@ import pytest
 from swagger_client.rest import ApiException
 from timeplus import Query, Stream
 from timeplus.error import TimeplusAPIError
-from timeplus_sdk_helpers import (QueryRun, bounded, create_stream, env_for, in_thread_with_deadline,
-                                  new_name, wait_until)
-from timeplus_sdk_helpers import env, runs, ws  # noqa: F401 (fixtures)
+from timeplus_sdk_helpers import (  # noqa: F401 (fixtures)
+    QueryRun,
+    bounded,
+    create_stream,
+    env,
+    env_for,
+    in_thread_with_deadline,
+    new_name,
+    runs,
+    wait_until,
+    ws,
+)
 
 TP_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}")
 PLUS_2H = dt.timezone(dt.timedelta(hours=2))

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from swagger_client.rest import ApiException
 from timeplus import Source
-from timeplus_sdk_helpers import bounded, create_stream, env_for, new_name, wait_until
-from timeplus_sdk_helpers import env, ws  # noqa: F401 (fixtures)
+from timeplus_sdk_helpers import bounded, create_stream, env, env_for, new_name, wait_until, ws  # noqa: F401 (fixtures)
 
 IOT = [("device", "string"), ("number", "float64"), ("time", "datetime64(3)")]
 

@@ -264,7 +264,7 @@ async def test_a_verb_through_a_broker_with_a_stale_view_decides_on_the_stored_d
 
 async def test_a_definition_changed_between_read_and_write_is_read_again(
         nodes: tuple[Node, Node, Clock, SharedMemoryStore], monkeypatch: pytest.MonkeyPatch) -> None:
-    a, b, _, store = nodes
+    a, b, _, _ = nodes
     await a.sources.create(P, gen("g"))
     await a.sources.stop_source(P, "g")
     await b.sources.tick()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -18,7 +19,6 @@ from broker.sources import base
 from broker.sources.generator import TEMPLATE_COLUMNS
 
 from .conftest import P, Sluice, eventually
-
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ async def test_events_follow_absolute_deadlines_without_gaps_or_drift(h: Sluice)
     rows = await h.rows("t")
     from datetime import datetime
     times = sorted(int(datetime.fromisoformat(r["time"] + "+00:00").timestamp() * 1000) for r in rows)
-    steps = {b - a for a, b in zip(times, times[1:])}
+    steps = {b - a for a, b in pairwise(times)}
     assert steps == {20}, steps                          # one event per interval: none missed, none twice
     assert started - 20 <= times[0] and times[-1] <= stopped
     assert len(rows) <= (stopped - started) // 20 + 1    # never ahead of the schedule

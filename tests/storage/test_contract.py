@@ -19,8 +19,17 @@ from typing import AsyncIterator, Callable
 import pytest
 
 from broker.errors import BrokerError, ErrorCode
-from broker.model import (AppendBatch, ColumnDef, Packed, PartitionBounds, Record, ScaleEvent, StreamConfig, StreamSchema,
-                          payload_bytes)
+from broker.model import (
+    AppendBatch,
+    ColumnDef,
+    Packed,
+    PartitionBounds,
+    Record,
+    ScaleEvent,
+    StreamConfig,
+    StreamSchema,
+    payload_bytes,
+)
 from broker.settings import Settings
 from broker.storage import STORES, keys, open_store
 from broker.storage.base import Store
@@ -76,7 +85,8 @@ async def test_create_assigns_fresh_ids_and_list_is_sorted_by_name(store: Store)
     b = await store.create_stream(StreamConfig("beta", 2, retention_hours=48, data_type="JSON", created_ms=7))
     a = await store.create_stream(StreamConfig("alpha", 1))
     assert a.stream_id > 0 and b.stream_id > 0 and a.stream_id != b.stream_id
-    assert (b.stream_name, b.partition_count, b.retention_hours, b.data_type, b.created_ms) == ("beta", 2, 48, "JSON", 7)
+    assert (b.stream_name, b.partition_count, b.retention_hours, b.data_type, b.created_ms) == \
+        ("beta", 2, 48, "JSON", 7)
     assert (await store.list_streams()) == [a, b]
 
 
@@ -124,7 +134,7 @@ async def test_drop_removes_stream_and_its_partitions(store: Store) -> None:
     with pytest.raises(BrokerError) as exc_info:
         await store.drop_stream(gone.stream_id)
     assert_code(exc_info, ErrorCode.STREAM_NOT_FOUND)
-    assert payloads((await store.read(keep.stream_id, 0, 0, 10, BIG))) == [b"0", b"1"]
+    assert payloads(await store.read(keep.stream_id, 0, 0, 10, BIG)) == [b"0", b"1"]
 
 
 async def test_stream_ids_are_never_reused_and_a_recreated_name_starts_empty(store: Store) -> None:
@@ -149,9 +159,9 @@ async def test_append_numbers_from_zero_consecutively_per_partition(store: Store
     assert (await store.append([batch(sid, 1, 1, b"p1")])) == [0]        # partitions number independently
     assert (await store.append([batch(sid, 0, 1, b"d")])) == [3]
     assert (await store.append([batch(sid, 1, 1, b"q1", b"r1")])) == [1]
-    assert seqs((await store.read(sid, 0, 0, 10, BIG))) == [0, 1, 2, 3]
-    assert payloads((await store.read(sid, 0, 0, 10, BIG))) == [b"a", b"b", b"c", b"d"]
-    assert payloads((await store.read(sid, 1, 0, 10, BIG))) == [b"p1", b"q1", b"r1"]
+    assert seqs(await store.read(sid, 0, 0, 10, BIG)) == [0, 1, 2, 3]
+    assert payloads(await store.read(sid, 0, 0, 10, BIG)) == [b"a", b"b", b"c", b"d"]
+    assert payloads(await store.read(sid, 1, 0, 10, BIG)) == [b"p1", b"q1", b"r1"]
     assert (await store.bounds(sid, 2)) == PartitionBounds(0, 0, 0)
 
 
@@ -166,14 +176,15 @@ async def test_a_packed_batch_is_stored_as_its_records(store: Store) -> None:
     assert await store.append([AppendBatch(sid, 0, 5, packed), batch(sid, 0, 6, b"e")]) == [0, 4]
     assert await store.append([AppendBatch(sid, 0, 7, Packed.of([b"f"]))]) == [5]
     records = await store.read(sid, 0, 0, 10, BIG)
-    assert [(r.seq, r.partition_key, r.data) for r in records] == [(i, None, d) for i, d in enumerate([*datas, b"e", b"f"])]
+    assert [(r.seq, r.partition_key, r.data) for r in records] == \
+        [(i, None, d) for i, d in enumerate([*datas, b"e", b"f"])]
     assert payloads(await store.read(sid, 0, 2, 2, BIG)) == [b"ccc" * 100, b"d"]
 
 
 async def test_append_several_batches_for_one_partition_in_one_call(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 2))).stream_id
-    firsts = (await store.append([batch(sid, 0, 1, b"a", b"b"), batch(sid, 1, 1, b"x"), batch(sid, 0, 1, b"c", b"d", b"e"),
-                           batch(sid, 0, 1, b"f")]))
+    firsts = await store.append([batch(sid, 0, 1, b"a", b"b"), batch(sid, 1, 1, b"x"),
+                                 batch(sid, 0, 1, b"c", b"d", b"e"), batch(sid, 0, 1, b"f")])
     assert firsts == [0, 0, 2, 5]
     recs = await store.read(sid, 0, 0, 100, BIG)
     assert seqs(recs) == list(range(6))
@@ -188,7 +199,7 @@ async def test_append_to_a_dropped_stream_yields_none_and_writes_the_rest(store:
     await store.drop_stream(dead)
     firsts = await store.append([batch(live, 0, 1, b"x"), batch(dead, 0, 1, b"lost"), batch(live, 0, 1, b"y", b"z")])
     assert firsts == [2, None, 3]
-    assert payloads((await store.read(live, 0, 0, 10, BIG))) == [b"0", b"1", b"x", b"y", b"z"]
+    assert payloads(await store.read(live, 0, 0, 10, BIG)) == [b"0", b"1", b"x", b"y", b"z"]
     assert (await store.append([batch(dead, 0, 1, b"lost")])) == [None]
     assert [c.stream_name for c in (await store.list_streams())] == ["live"]  # the dropped stream did not come back
 
@@ -199,10 +210,10 @@ async def test_append_to_a_dropped_stream_yields_none_and_writes_the_rest(store:
 async def test_read_start_and_limit(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
     await fill(store, sid, 0, 10)
-    assert seqs((await store.read(sid, 0, 3, 4, BIG))) == [3, 4, 5, 6]
-    assert payloads((await store.read(sid, 0, 3, 4, BIG))) == [b"3", b"4", b"5", b"6"]
-    assert seqs((await store.read(sid, 0, 8, 100, BIG))) == [8, 9]
-    assert seqs((await store.read(sid, 0, 0, 1, BIG))) == [0]
+    assert seqs(await store.read(sid, 0, 3, 4, BIG)) == [3, 4, 5, 6]
+    assert payloads(await store.read(sid, 0, 3, 4, BIG)) == [b"3", b"4", b"5", b"6"]
+    assert seqs(await store.read(sid, 0, 8, 100, BIG)) == [8, 9]
+    assert seqs(await store.read(sid, 0, 0, 1, BIG)) == [0]
     assert (await store.read(sid, 0, 10, 5, BIG)) == []   # at next_seq
     assert (await store.read(sid, 0, 50, 5, BIG)) == []   # beyond it
 
@@ -210,18 +221,18 @@ async def test_read_start_and_limit(store: Store) -> None:
 async def test_read_max_bytes_stops_before_exceeding(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
     await fill(store, sid, 0, 6, size=10)               # six records of exactly 10 bytes
-    assert seqs((await store.read(sid, 0, 0, 100, 30))) == [0, 1, 2]    # exactly at the limit: included
-    assert seqs((await store.read(sid, 0, 0, 100, 29))) == [0, 1]
-    assert seqs((await store.read(sid, 0, 2, 100, 25))) == [2, 3]
-    assert seqs((await store.read(sid, 0, 0, 2, 1000))) == [0, 1]       # limit binds before max_bytes
+    assert seqs(await store.read(sid, 0, 0, 100, 30)) == [0, 1, 2]    # exactly at the limit: included
+    assert seqs(await store.read(sid, 0, 0, 100, 29)) == [0, 1]
+    assert seqs(await store.read(sid, 0, 2, 100, 25)) == [2, 3]
+    assert seqs(await store.read(sid, 0, 0, 2, 1000)) == [0, 1]       # limit binds before max_bytes
 
 
 async def test_read_returns_one_record_even_when_it_exceeds_max_bytes(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
     await store.append([batch(sid, 0, 1, b"x" * 100, b"y", b"z")])
-    assert payloads((await store.read(sid, 0, 0, 10, 10))) == [b"x" * 100]
-    assert payloads((await store.read(sid, 0, 0, 10, 0))) == [b"x" * 100]
-    assert payloads((await store.read(sid, 0, 1, 10, 1))) == [b"y"]
+    assert payloads(await store.read(sid, 0, 0, 10, 10)) == [b"x" * 100]
+    assert payloads(await store.read(sid, 0, 0, 10, 0)) == [b"x" * 100]
+    assert payloads(await store.read(sid, 0, 1, 10, 1)) == [b"y"]
 
 
 async def test_read_block_is_read_as_columns(store: Store) -> None:
@@ -231,7 +242,7 @@ async def test_read_block_is_read_as_columns(store: Store) -> None:
     for ts, n in ((100, 3), (200, 1), (300, 5)):
         await store.append([batch(sid, 0, ts, *(f"{ts}-{i}".encode().ljust(4 + i, b"+") for i in range(n)))])
     await store.trim(sid, 0, 1)
-    for start in range(0, 11):
+    for start in range(11):
         for limit in (1, 2, 4, 9, 100):
             for max_bytes in (0, 6, 13, 40, BIG):
                 records = await store.read(sid, 0, start, limit, max_bytes)
@@ -254,7 +265,7 @@ async def test_a_typed_stream_keeps_its_schema(store: Store) -> None:
 async def test_read_empty_payloads_never_exceed_max_bytes(store: Store) -> None:
     sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
     await store.append([batch(sid, 0, 1, b"", b"", b"", b"a")])
-    assert payloads((await store.read(sid, 0, 0, 10, 0))) == [b"", b"", b""]
+    assert payloads(await store.read(sid, 0, 0, 10, 0)) == [b"", b"", b""]
 
 
 @pytest.mark.parametrize("key", [None, "", "k", "ключ-🔑", "x" * 256])
@@ -333,8 +344,8 @@ async def test_trim_drops_records_and_keeps_numbering(store: Store) -> None:
     await fill(store, sid, 1, 3, ts=100)
     await store.trim(sid, 0, 4)
     assert (await store.bounds(sid, 0)) == PartitionBounds(4, 10, 100)
-    assert seqs((await store.read(sid, 0, 0, 100, BIG))) == list(range(4, 10))   # start before first: from first
-    assert payloads((await store.read(sid, 0, 4, 1, BIG))) == [b"4"]
+    assert seqs(await store.read(sid, 0, 0, 100, BIG)) == list(range(4, 10))   # start before first: from first
+    assert payloads(await store.read(sid, 0, 4, 1, BIG)) == [b"4"]
     assert (await store.bounds(sid, 1)) == PartitionBounds(0, 3, 100)           # other partition untouched
     assert (await store.append([batch(sid, 0, 200, b"new")])) == [10]
     assert (await store.read(sid, 0, 10, 1, BIG)) == [Record(10, 200, None, b"new")]
@@ -349,7 +360,7 @@ async def test_trim_beyond_next_clamps_and_numbering_continues(store: Store) -> 
     assert (await store.seq_at_time(sid, 0, 0)) == 5
     assert (await store.append([batch(sid, 0, 50, b"a", b"b")])) == [5]
     assert (await store.bounds(sid, 0)) == PartitionBounds(5, 7, 100)
-    assert seqs((await store.read(sid, 0, 0, 100, BIG))) == [5, 6]
+    assert seqs(await store.read(sid, 0, 0, 100, BIG)) == [5, 6]
 
 
 async def test_trim_is_idempotent_and_never_moves_backwards(store: Store) -> None:
@@ -363,9 +374,9 @@ async def test_trim_is_idempotent_and_never_moves_backwards(store: Store) -> Non
     await store.trim(sid, 0, 2)
     await store.trim(sid, 0, 0)
     assert (await store.bounds(sid, 0)).first_seq == 5
-    assert seqs((await store.read(sid, 0, 0, 100, BIG))) == [5, 6, 7]
+    assert seqs(await store.read(sid, 0, 0, 100, BIG)) == [5, 6, 7]
     await store.trim(sid, 0, 6)
-    assert seqs((await store.read(sid, 0, 0, 100, BIG))) == [6, 7]
+    assert seqs(await store.read(sid, 0, 0, 100, BIG)) == [6, 7]
 
 
 # -- metadata: meta_get / meta_scan / meta_write / meta_cas ------------------------------------------
@@ -397,7 +408,7 @@ async def test_meta_write_is_seen_whole_or_not_at_all_by_concurrent_readers(stor
     """Atomicity as a reader sees it: every write sets all of k0..k7 to round i and moves the one
     "d" key from round i-1 to round i; a scan racing the writes must never see a mix of rounds."""
     names = [b"k%d" % i for i in range(8)]
-    await store.meta_write({**{k: b"0" for k in names}, b"d0": b"0"})
+    await store.meta_write({**dict.fromkeys(names, b"0"), b"d0": b"0"})
     done = asyncio.Event()
     torn: list[list[tuple[bytes, bytes]]] = []
     scans = 0
@@ -425,7 +436,7 @@ async def test_meta_write_is_seen_whole_or_not_at_all_by_concurrent_readers(stor
         while (rounds < 1000 or scans <= 50) and time.monotonic() < deadline:
             rounds += 1
             r = str(rounds).encode()
-            await store.meta_write({**{k: r for k in names}, b"d" + str(rounds - 1).encode(): None, b"d" + r: r})
+            await store.meta_write({**dict.fromkeys(names, r), b"d" + str(rounds - 1).encode(): None, b"d" + r: r})
             await asyncio.sleep(0)   # a store that never suspends would otherwise starve the reader
     finally:
         done.set()
@@ -442,11 +453,12 @@ async def test_meta_scan_is_in_key_order_and_bounded_by_the_prefix(store: Store)
     outside = [b"", b"a", b"aa\xff", b"aa\xff\xff", b"a\xff", b"ac", b"ac\x00", b"b", b"AB", b"\xff", b"\xff\xff"]
     await store.meta_write({k: b"v" + k for k in inside + outside})
     assert (await store.meta_scan(b"ab")) == [(k, b"v" + k) for k in sorted(inside)]
-    assert [k for k, _ in (await store.meta_scan(b"ab\xff"))] == [b"ab\xff", b"ab\xff\x00", b"ab\xff\xff", b"ab\xff\xff\xff"]
+    assert [k for k, _ in (await store.meta_scan(b"ab\xff"))] == \
+        [b"ab\xff", b"ab\xff\x00", b"ab\xff\xff", b"ab\xff\xff\xff"]
     assert [k for k, _ in (await store.meta_scan(b"ab\xff\xff"))] == [b"ab\xff\xff", b"ab\xff\xff\xff"]
-    assert [k for k, _ in (await store.meta_scan(b"\xff"))] == [b"\xff", b"\xff\xff"]          # prefix of only 0xff bytes
+    assert [k for k, _ in (await store.meta_scan(b"\xff"))] == [b"\xff", b"\xff\xff"]   # a prefix of only 0xff bytes
     assert [k for k, _ in (await store.meta_scan(b"a"))] == sorted(k for k in inside + outside if k.startswith(b"a"))
-    assert [k for k, _ in (await store.meta_scan(b""))] == sorted(inside + outside)                # everything, in order
+    assert [k for k, _ in (await store.meta_scan(b""))] == sorted(inside + outside)   # everything, in order
     assert (await store.meta_scan(b"abd")) == [] and (await store.meta_scan(b"zzz")) == []
 
 
@@ -459,15 +471,15 @@ async def test_meta_is_isolated_from_streams_and_records(store: Store) -> None:
                   keys.partition_key(keys.HWM, sid, 0), keys.partition_key(keys.TRIM, sid, 0), keys.NEXT_STREAM_ID]
     assert all([(await store.meta_get(k)) is None for k in lookalikes])
     assert (await store.meta_scan(b"")) == []
-    await store.meta_write({k: b"\x00" * 30 for k in lookalikes})
+    await store.meta_write(dict.fromkeys(lookalikes, b"\x00" * 30))
     assert (await store.bounds(sid, 0)) == PartitionBounds(0, 3, 1000)
-    assert payloads((await store.read(sid, 0, 0, 10, BIG))) == [b"0", b"1", b"2"]
-    assert (await store.list_streams())[0].stream_name == "s" and len((await store.list_streams())) == 1
+    assert payloads(await store.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2"]
+    assert (await store.list_streams())[0].stream_name == "s" and len(await store.list_streams()) == 1
     assert (await store.append([batch(sid, 0, 1000, b"3")])) == [3]                  # numbering untouched
     other = await store.create_stream(StreamConfig("t", 1))
     assert other.stream_id != sid
-    await store.meta_write({k: None for k in lookalikes})                          # deleting them spares the log
-    assert payloads((await store.read(sid, 0, 0, 10, BIG))) == [b"0", b"1", b"2", b"3"]
+    await store.meta_write(dict.fromkeys(lookalikes))                          # deleting them spares the log
+    assert payloads(await store.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2", b"3"]
     assert [c.stream_name for c in (await store.list_streams())] == ["s", "t"]
     # and the other way round: dropping or trimming a stream leaves metadata alone
     await store.meta_write({b"R": b"r", b"S" + b"s": b"cfg?", b"ckpt/s": b"7"})
@@ -649,7 +661,7 @@ async def test_restart_many_times_keeps_counting(open_rocks: Callable[[], RocksS
         assert (await s.append([batch(sid, 0, round_, str(round_).encode())])) == [round_]
         await s.close()
         s = open_rocks()
-    assert payloads((await s.read(sid, 0, 0, 10, BIG))) == [b"0", b"1", b"2", b"3", b"4"]
+    assert payloads(await s.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2", b"3", b"4"]
 
 
 async def test_close_is_idempotent(open_rocks: Callable[[], RocksStore]) -> None:
@@ -671,7 +683,7 @@ async def test_restart_keeps_metadata_puts_deletes_and_scan_order(open_rocks: Ca
     s = open_rocks()
     assert (await s.meta_scan(b"")) == [(b"a/1", b"x"), (b"a/3", b"new"), (b"a\xff", b"z"), (b"b", b"w")]
     assert (await s.meta_get(b"a/2")) is None and (await s.meta_get(b"a/3")) == b"new"
-    assert payloads((await s.read(sid, 0, 0, 10, BIG))) == [b"0", b"1"]              # the log is intact beside it
+    assert payloads(await s.read(sid, 0, 0, 10, BIG)) == [b"0", b"1"]              # the log is intact beside it
     await s.meta_write({b"a/1": None})
     await s.close()
     s = open_rocks()
@@ -728,10 +740,10 @@ async def test_cold_cache_read_racing_a_write_never_rolls_the_cache_back(open_ro
     if what == "hwm":
         assert (await s.bounds(sid, 0)) == PartitionBounds(0, 6, 2000)
         assert (await s.append([batch(sid, 0, 2000, b"6")])) == [6]
-        assert payloads((await s.read(sid, 0, 0, 10, BIG))) == [b"0", b"1", b"2", b"3", b"4", b"5", b"6"]
+        assert payloads(await s.read(sid, 0, 0, 10, BIG)) == [b"0", b"1", b"2", b"3", b"4", b"5", b"6"]
     else:
         assert (await s.bounds(sid, 0)) == PartitionBounds(3, 5, 1000)
-        assert seqs((await s.read(sid, 0, 0, 10, BIG))) == [3, 4]
+        assert seqs(await s.read(sid, 0, 0, 10, BIG)) == [3, 4]
 
 
 async def test_rocks_reads_after_close_are_catalogued_errors(tmp_path: Path) -> None:

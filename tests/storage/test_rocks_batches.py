@@ -137,7 +137,7 @@ def test_seq_at_time_binary_searches_batches(store: RocksEngine) -> None:
     stamps = [10, 20, 20, 30, 45, 45, 60]
     fill(store, sid, 0, [1, 5, 2, 7, 3, 1, 4], ts=stamps)   # firsts 0, 1, 6, 8, 15, 18, 19; next 23
     firsts = [0, 1, 6, 8, 15, 18, 19]
-    for t in range(0, 70):
+    for t in range(70):
         expected = next((f for f, s in zip(firsts, stamps) if s >= t), 23)
         assert store.seq_at_time(sid, 0, t) == expected, t
 

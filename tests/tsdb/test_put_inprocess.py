@@ -234,7 +234,8 @@ async def test_a_body_that_holds_no_points_says_so_even_when_the_wait_runs_out(c
     tsdb.workers = BusyWorkers()    # type: ignore[assignment]
     padded = "[" + " " * OFFLOAD_BYTES + "]"
     resp = await client.post("/api/put?summary&sync_timeout=20", data=io.BytesIO(padded.encode()))
-    assert (resp.status, await resp.json()) == (400, {"error": {"code": 400, "message": "No datapoints found in content"}})
+    assert (resp.status, await resp.json()) == \
+        (400, {"error": {"code": 400, "message": "No datapoints found in content"}})
 
 
 # -- storage failures -----------------------------------------------------------------------------

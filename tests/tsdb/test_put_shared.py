@@ -23,7 +23,7 @@ SERIES = 24
 
 
 @pytest.fixture
-async def two_brokers(jetstream_server: NatsServer) -> AsyncIterator[list[tuple[Broker, TestClient]]]:  # noqa: F811
+async def two_brokers(jetstream_server: NatsServer) -> AsyncIterator[list[tuple[Broker, TestClient]]]:
     prefix = fresh_prefix()
     out: list[tuple[Broker, TestClient]] = []
     try:

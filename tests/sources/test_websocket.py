@@ -11,7 +11,9 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
+import re
 import ssl
 import subprocess
 import time
@@ -31,8 +33,11 @@ from broker.launcher import BrokerProcess, free_port
 from broker.model import ColumnDef, StreamSchema
 from broker.rows.encode import RowEncoder
 from broker.sources import websocket
+from broker.sources.base import Backoff, JobContext
 from broker.sources.manager import Sources
 from broker.sources.model import SourceState
+from broker.sources.props import Props
+from broker.sources.sink import Sink
 from broker.sources.websocket import _Inbox
 from broker.storage.rocks import RocksStore
 
@@ -40,6 +45,7 @@ DEADLINE = 30.0
 KV = StreamSchema((ColumnDef("k", "string"), ColumnDef("v", "int64")))
 RAW = StreamSchema((ColumnDef("raw", "string"),))
 PROJECT = "default"
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455's, for an upgrade accepted by hand
 
 
 async def until(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
@@ -493,6 +499,47 @@ async def test_a_handshake_that_never_ends_times_out_and_a_stop_during_it_is_pro
         await env.sources.stop_source(PROJECT, "hs_feed")   # in the middle of a handshake (or a backoff)
         assert state.status == "stopped"
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in accepted)), DEADLINE)   # all closed
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
+async def test_a_close_cut_short_still_closes_the_socket(env: Env) -> None:
+    """A job stopped (its close sends a close frame and waits for the answer, up to CLOSE_TIMEOUT_S)
+    and cancelled again meanwhile (a stop that runs out of time): the library leaves its socket
+    open then, for as long as the server does not answer. The job closes it all the same."""
+    heard, gone = asyncio.Event(), asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Accepts the upgrade by hand, then never answers anything (the close frame included)."""
+        request = await reader.readuntil(b"\r\n\r\n")
+        found = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request)
+        assert found is not None
+        accept = base64.b64encode(hashlib.sha1(found.group(1) + WS_GUID).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        while await reader.read(1 << 16):   # whatever the client sends (its close frame), until EOF
+            heard.set()
+        gone.set()
+        writer.close()
+
+    tcp = await asyncio.start_server(mute, "127.0.0.1", 0)
+    try:
+        port = tcp.sockets[0].getsockname()[1]
+        await env.broker.create_stream("cut", 1, schema=RAW)
+        state = SourceState()
+        ctx = JobContext(Sink(env.broker, PROJECT, "cut", "text", state), state, Backoff())
+        config = websocket.configure(Props({"url": f"ws://127.0.0.1:{port}/", "data_type": "text"}))
+        job = asyncio.ensure_future(websocket.WebSocketJob(config).run(ctx))
+        await until(lambda: state.status == "running", "connected")
+        job.cancel()                    # the stop: the job's close sends its close frame and waits
+        await asyncio.wait_for(heard.wait(), DEADLINE)
+        assert not job.done()
+        job.cancel()                    # cut short
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        # closed at once; before, the socket stayed open as long as the server kept quiet
+        await asyncio.wait_for(gone.wait(), websocket.CLOSE_TIMEOUT_S / 2)
     finally:
         tcp.close()
         await tcp.wait_closed()

@@ -56,11 +56,12 @@ sink and acknowledged with its batch, so it does not come back. When the append 
 negatively acknowledged (redelivered after `nak_delay`, at once without it) and the job raises, so
 the manager backs off. When the job is stopped, the batch being appended is finished and
 acknowledged first (waiting at most `CLOSE_WAIT_S`), so a stop or a graceful broker restart
-duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once the
-open pull request is over and the pull inbox is drained: see `_Puller.stop`), so a restart gets
-them without waiting for `ack_wait`. A crash between an
-append and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending`
-(the server delivers no more than that unacknowledged), nothing is lost. Consumers we create use
+duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once no
+pull request of ours can be waiting on the server and the pull inbox is drained; when that is not
+known they wait out `ack_wait` instead: see `_Puller.stop`), so a restart gets them without
+waiting for `ack_wait`. A crash between an append and its acknowledgement redelivers that batch:
+duplicates are bounded by `max_ack_pending` (the server delivers no more than that
+unacknowledged), nothing is lost. Consumers we create use
 explicit acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover
 messages that another member sharing the consumer, or a run of this source that crashed, had
 pulled and not appended yet (the server redelivers those only after `ack_wait`, while newer ones
@@ -116,6 +117,7 @@ JS_MAX_BATCH = 2000            # JetStream: messages per pull request, at most
 PULL_EXPIRES_S = 2.0           # a pull request waits this long for messages, then is asked again
 PULL_MAX_BYTES = 32 << 20      # and brings at most this much (the server ends it with a 409 status)
 STOP_GRACE_S = 0.5             # a stopping job waits this long past its open request's expiry for the 408
+ANSWER_GRACE_S = 1.5           # and this much longer when what it holds is given back only after the 408
 PULL_GRACE_S = 3.0             # no answer this long after a request expired: it was lost, ask again
 LAG_EVERY_S = 1.0              # consumer info while idle, at most this often
 EPHEMERAL_INACTIVE_S = 30.0    # an ephemeral consumer outlives its job this long
@@ -426,6 +428,9 @@ class _Puller:
         self.open = False          # a request is open (not yet filled, expired or refused)
         self.left = 0              # messages the open request may still bring
         self.asked_at = 0.0
+        # until when a request we stopped following (a reconnect, no answer) may still be waiting
+        # on the server: it is kept by its reply subject, which we subscribe again on a reconnect
+        self.lost_until = 0.0
         self.fatal: str | None = None
         self.stopping = False
         self.sub: Subscription | None = None
@@ -441,21 +446,23 @@ class _Puller:
         out, self.buf = self.buf, []
         return out
 
-    async def stop(self, waiting: Callable[[], Awaitable[int]], holding: bool) -> None:
-        """Ask no more, let the open request be answered (filled, expired or refused) while the
-        consumer may still send messages (`waiting`) or we hold some to give back (`holding`, or
-        any in `buf`), then drain the inbox (UNSUB, then a round trip), so every message the server
-        sent is taken and can be given back. Unsubscribing while the consumer is sending loses the
-        messages on their way inside the server: counted delivered, no subscriber found, they wait
-        out ack_wait. Given back while the request is still open, they would be sent into it again,
-        and nats-server 2.9 does worse when nobody listens there any more: it drops a redelivery
-        until ack_wait and steps its stream position back, delivering another message twice. With
-        nothing to send and nothing held an open request brings nothing (the server looks for a
-        subscriber before it sends), so an idle job stops at once."""
+    async def stop(self, waiting: Callable[[], Awaitable[int]], holding: bool, give_back: bool) -> None:
+        """Ask no more and let our requests end (filled, expired or refused) while the consumer may
+        still send messages (`waiting`) or we hold some to give back (`give_back`, and `holding`
+        some not appended or any in `buf`), then drain the inbox (UNSUB, then a round trip), so
+        every message the server sent is taken and can be given back. Unsubscribing while the
+        consumer is sending loses the messages on their way inside the server: counted delivered,
+        no subscriber found, they wait out ack_wait. Given back while a request is still waiting,
+        they would be sent into it again, and nats-server 2.9 does worse when nobody listens there
+        any more: it drops a redelivery until ack_wait and steps its stream position back,
+        delivering another message twice (so `may_give_back` after this). With nothing to send and
+        nothing held an open request brings nothing (the server looks for a subscriber before it
+        sends), so an idle job stops at once."""
         self.ask_no_more()
-        until = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S
-        if self.open and self.nc.is_connected and (holding or self.buf or await self._any(waiting)):
-            while self.open and self.nc.is_connected and (left := until - time.monotonic()) > 0:
+        extra = ANSWER_GRACE_S if give_back else 0.0   # not seen, a late 408 costs what is held ack_wait
+        if self._waiting_until() > time.monotonic() and self.nc.is_connected \
+                and ((give_back and (holding or self.buf)) or await self._any(waiting)):
+            while self.nc.is_connected and (left := self._waiting_until(extra) - time.monotonic()) > 0:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(left):
@@ -463,11 +470,18 @@ class _Puller:
         if self.sub is not None:
             await self.sub.drain()
 
-    async def request_over(self) -> None:
-        """Returns once no request of ours can be waiting on the server: before messages are given
-        back after `stop`, in case some arrived after it decided not to wait (see `stop`)."""
-        if self.open:
-            await asyncio.sleep(max(0.0, self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S - time.monotonic()))
+    def _waiting_until(self, extra: float = 0.0) -> float:
+        """Until when a request of ours may still be waiting on the server, as far as we know (the
+        open one's answer: `extra` seconds more)."""
+        latest = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S + extra if self.open else 0.0
+        return max(latest, self.lost_until)
+
+    def may_give_back(self) -> bool:
+        """After `stop`: no request of ours can be waiting on the server any more, so what we hold
+        may be negatively acknowledged. False when the open request's end was not seen (`stop` did
+        not wait because nothing was held then, or its answer was late): what we hold then waits
+        out ack_wait rather than risk the loss and the duplicate `stop` describes."""
+        return not self.open and time.monotonic() >= self.lost_until
 
     @staticmethod
     async def _any(waiting: Callable[[], Awaitable[int]]) -> bool:
@@ -478,8 +492,14 @@ class _Puller:
             return True
 
     def reset(self) -> None:
-        """After a reconnect the open request is gone with the old connection."""
-        self.open = False
+        """After a reconnect: the open request is not followed any more (its answer may have been
+        lost with the old connection); it may still be waiting on the server until its expiry."""
+        self._lose()
+
+    def _lose(self) -> None:
+        if self.open:
+            self.open = False
+            self.lost_until = max(self.lost_until, self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S)
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
@@ -517,7 +537,7 @@ class _Puller:
             if self.fatal:
                 raise LookupError(self.fatal)
             if self.open and time.monotonic() - self.asked_at > PULL_EXPIRES_S + PULL_GRACE_S:
-                self.open = False           # never answered (lost in a reconnect): ask again
+                self._lose()                # never answered (lost in a reconnect): ask again
             if not self.open and len(self.buf) < self.batch and self.nc.is_connected:
                 await self._ask()
             if self.buf:
@@ -634,19 +654,22 @@ class JetStreamJob:
                         pulled = []    # acknowledged, or given back by _deliver
         finally:
             # stopped (or failed) mid-batch: what was pulled and not appended goes back at once, so
-            # a restart need not wait for ack_wait - once the open request is over: a message given
-            # back earlier would be sent again into that request, while the stop is deciding
-            if puller is not None:
-                if link.nc.is_connected:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + CLOSE_WAIT_S):
-                            await puller.stop(waiting, holding=bool(pulled))
-                unwritten = pulled + puller.take_all()
-                if unwritten and link.nc.is_connected:
-                    with contextlib.suppress(Exception):
-                        await puller.request_over()
-                        await self._nak(unwritten, policy, None)
-            await link.close()
+            # a restart need not wait for ack_wait - once no request of ours waits on the server
+            # (see _Puller.stop). Not with AckPolicy.NONE (nothing to give back), nor to an
+            # ephemeral consumer (nobody reads it again: the next run makes another).
+            try:
+                if puller is not None:
+                    give_back = policy != AckPolicy.NONE and c.consumer_name is not None
+                    if link.nc.is_connected:
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S + CLOSE_WAIT_S):
+                                await puller.stop(waiting, bool(pulled), give_back)
+                    unwritten = pulled + puller.take_all()
+                    if unwritten and give_back and link.nc.is_connected and puller.may_give_back():
+                        with contextlib.suppress(Exception):
+                            await self._nak(unwritten, policy, None)
+            finally:
+                await link.close()   # also when cancelled again meanwhile (a shutdown right after a stop)
 
     async def _deliver(self, ctx: JobContext, msgs: list[Msg], policy: AckPolicy) -> None:
         """Append a batch, then acknowledge it; if the append fails, give the batch back (after

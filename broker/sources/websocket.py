@@ -182,13 +182,13 @@ class WebSocketJob:
         except ConnectionClosed as e:
             raise ConnectionError(_lost(url, e)) from e
         finally:
-            if reader is not None:
-                reader.cancel()
-                await asyncio.wait([reader])   # its end, not its outcome (it only feeds the inbox)
             try:
+                if reader is not None:
+                    reader.cancel()
+                    await asyncio.wait([reader])   # its end, not its outcome (it only feeds the inbox)
                 await ws.close()   # bounded by CLOSE_TIMEOUT_S; at once when the connection is gone
             finally:
-                # cut short (cancelled again: a stop that ran out of time), the library leaves its
+                # cut short (cancelled again: a shutdown right after a stop), the library leaves its
                 # socket open for as long as the server does not answer the close frame
                 if not ws.transport.is_closing():
                     ws.transport.abort()

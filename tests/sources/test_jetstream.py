@@ -344,6 +344,14 @@ async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(s
     minutes here) and stepped its stream position back, so another came twice."""
     from broker.sources.sink import Sink
     monkeypatch.setattr(nats_source, "CLOSE_WAIT_S", 0.2)    # the hung append is given up on soon
+    # the case needs the request still open at the stop: it runs out later than any of our waits
+    monkeypatch.setattr(nats_source, "PULL_EXPIRES_S", 5.0)
+    stop, open_at_stop = nats_source._Puller.stop, []
+
+    async def watched(self: Any, *args: Any, **kwargs: Any) -> None:
+        open_at_stop.append(self.open)
+        await stop(self, *args, **kwargs)
+    monkeypatch.setattr(nats_source._Puller, "stop", watched)
     url = nats_server.url
     await js_stream(url, "H", ["h"])
     await sluice.typed("t", COLUMNS)
@@ -364,11 +372,38 @@ async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(s
         return info.num_pending == 0 and info.num_ack_pending == 5
     await eventually(all_delivered, what="the five delivered to the job")
     await sluice.sources.stop_source("default", "j")
+    assert open_at_stop == [True]
     monkeypatch.setattr(Sink, "write", write)
     await sluice.sources.start_source("default", "j")
     assert sorted(await rows_of(sluice, "t", 5, timeout=15)) == list(range(5))
     await settled(sluice, url, "H", "d")
     assert sorted(await sluice.column("t")) == list(range(5))     # none twice
+
+
+async def test_a_request_no_longer_followed_after_a_reconnect_is_waited_out(nats_server: NatsServer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a reconnect the job stops following its open request (its answer may be lost), but
+    the server keeps it by its reply subject, which nats-py subscribes again: a stop that holds
+    messages waits it out with the inbox still subscribed, and nothing is given back before."""
+    monkeypatch.setattr(nats_source, "PULL_EXPIRES_S", 1.0)
+    url = nats_server.url
+    await js_stream(url, "L", ["l"])
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_consumer("L", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
+        puller = nats_source._Puller(nc, "L", "d", 10, asyncio.Event())
+        await puller.start()
+        await puller._ask()
+        puller.reset()                  # what a reconnect does
+        lost_until = puller.asked_at + nats_source.PULL_EXPIRES_S + nats_source.STOP_GRACE_S
+        assert not puller.open and not puller.may_give_back()
+
+        async def nothing_waiting() -> int:
+            return 0
+        await puller.stop(nothing_waiting, True, True)
+        assert time.monotonic() >= lost_until and puller.may_give_back()
+    finally:
+        await nc.close()
 
 
 # -- bad definitions ---------------------------------------------------------------------------------

@@ -417,7 +417,10 @@ class NatsJob:
 
 class _Puller:
     """Pull requests to one consumer on an inbox of our own: one request open at a time, the
-    messages handed out as they arrive (no waiting for a request to fill up)."""
+    messages handed out as they arrive (no waiting for a request to fill up). After a reconnect the
+    open request may still wait on the server (see `reset`); no other is asked before it has
+    expired, so every answer (messages carry the stream's subject, not the request's) is the open
+    request's."""
 
     def __init__(self, nc: NATS, stream: str, consumer: str, batch: int, wake: asyncio.Event) -> None:
         self.nc, self.batch, self.wake = nc, batch, wake
@@ -457,18 +460,27 @@ class _Puller:
         any more: it drops a redelivery until ack_wait and steps its stream position back,
         delivering another message twice (so `may_give_back` after this). With nothing to send and
         nothing held an open request brings nothing (the server looks for a subscriber before it
-        sends), so an idle job stops at once."""
+        sends), so an idle job stops at once; so does one that gives nothing back (AckPolicy.NONE,
+        an ephemeral consumer), whatever is on its way."""
         self.ask_no_more()
-        extra = ANSWER_GRACE_S if give_back else 0.0   # not seen, a late 408 costs what is held ack_wait
-        if self._waiting_until() > time.monotonic() and self.nc.is_connected \
-                and ((give_back and (holding or self.buf)) or await self._any(waiting)):
+        extra = ANSWER_GRACE_S   # not seen, a late 408 costs what is held ack_wait
+        if give_back and self._waiting_until(extra) > time.monotonic() and self.nc.is_connected \
+                and (holding or self.buf or await self._any(waiting)):
             while self.nc.is_connected and (left := self._waiting_until(extra) - time.monotonic()) > 0:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(left):
                         await self.wake.wait()
-        if self.sub is not None:
-            await self.sub.drain()
+        if self.sub is None:
+            return
+        if not give_back:   # nothing in flight is wanted: no round trip
+            await self.sub.unsubscribe()
+            return
+        # the drain's round trip waits for a PONG that a server gone away without a word (not
+        # noticed yet) never sends: bounded, and what it would have brought waits out ack_wait
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await self.sub.drain()
 
     def _waiting_until(self, extra: float = 0.0) -> float:
         """Until when a request of ours may still be waiting on the server, as far as we know (the
@@ -493,23 +505,27 @@ class _Puller:
 
     def reset(self) -> None:
         """After a reconnect: the open request is not followed any more (its answer may have been
-        lost with the old connection); it may still be waiting on the server until its expiry."""
+        lost with the old connection), but the server may still hold it, by its reply subject,
+        which nats-py subscribes again: until its expiry (and its answer's grace) it may bring
+        messages, and no other request is asked."""
         self._lose()
 
     def _lose(self) -> None:
         if self.open:
             self.open = False
-            self.lost_until = max(self.lost_until, self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S)
+            self.lost_until = max(self.lost_until,
+                                  self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S)
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
-            self.buf.append(msg)
-            self.left -= 1
-            if self.left <= 0:
-                self.open = False
-                if len(self.buf) < self.batch and self.nc.is_connected and not self.stopping:
-                    await self._ask()   # the next batch comes while this one is appended
+            self.buf.append(msg)   # ours, also from a request no longer followed
+            if self.open:
+                self.left -= 1
+                if self.left <= 0:
+                    self.open = False
+                    if len(self.buf) < self.batch and self.nc.is_connected and not self.stopping:
+                        await self._ask()   # the next batch comes while this one is appended
         elif status == "100":      # idle heartbeat / flow control: nothing to do
             return
         else:
@@ -538,13 +554,16 @@ class _Puller:
                 raise LookupError(self.fatal)
             if self.open and time.monotonic() - self.asked_at > PULL_EXPIRES_S + PULL_GRACE_S:
                 self._lose()                # never answered (lost in a reconnect): ask again
-            if not self.open and len(self.buf) < self.batch and self.nc.is_connected:
+            if not self.open and len(self.buf) < self.batch and self.nc.is_connected \
+                    and time.monotonic() >= self.lost_until:
                 await self._ask()
             if self.buf:
                 return self.take_all()
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
+            if not self.open and self.lost_until > time.monotonic():   # then the next request
+                left = min(left, self.lost_until - time.monotonic())
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, PULL_EXPIRES_S + PULL_GRACE_S)):   # not wait_for: see above

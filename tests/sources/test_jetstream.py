@@ -406,6 +406,39 @@ async def test_a_request_no_longer_followed_after_a_reconnect_is_waited_out(nats
         await nc.close()
 
 
+async def test_after_a_reconnect_no_request_is_asked_until_the_lost_one_has_expired(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request no longer followed after a reconnect may still bring messages, and they carry the
+    stream's subject, not the request's: were another request open meanwhile, they would count
+    against it, and its end would be taken as seen while it still waited on the server."""
+    monkeypatch.setattr(nats_source, "PULL_EXPIRES_S", 1.0)
+    url = nats_server.url
+    await js_stream(url, "L2", ["l2"])
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_consumer("L2", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
+        puller = nats_source._Puller(nc, "L2", "d", 10, asyncio.Event())
+        asks: list[float] = []
+        ask = puller._ask
+
+        async def counted() -> None:
+            asks.append(time.monotonic())
+            await ask()
+        puller._ask = counted           # type: ignore[method-assign]
+        await puller.start()
+        assert await puller.take(0.1) == [] and len(asks) == 1
+        puller.reset()                  # what a reconnect does
+        lost_until = puller.lost_until
+        await js_publish(url, "l2", docs(3))    # brought by the lost request, or by the next one
+        got: list[Any] = []
+        while len(got) < 3:
+            got += await puller.take(10)
+        assert all(at >= lost_until for at in asks[1:]), (asks, lost_until)
+        assert sorted(orjson.loads(m.data)["i"] for m in got) == [0, 1, 2]
+    finally:
+        await nc.close()
+
+
 # -- bad definitions ---------------------------------------------------------------------------------
 
 GOOD = {"url": "nats://127.0.0.1:4222", "subject": "a.b", "data_type": "json"}

@@ -59,10 +59,11 @@ acknowledged first (waiting at most `CLOSE_WAIT_S`), so a stop or a graceful bro
 duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once no
 pull request of ours can be waiting on the server and the pull inbox is drained; when that is not
 known they wait out `ack_wait` instead: see `_Puller.stop`), so a restart gets them without
-waiting for `ack_wait`. A crash between an append and its acknowledgement redelivers that batch:
-duplicates are bounded by `max_ack_pending` (the server delivers no more than that
-unacknowledged), nothing is lost. Consumers we create use
-explicit acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover
+waiting for `ack_wait`; such a stop takes up to ~4 s longer, for that request's end. Nothing is
+given back with AckPolicy.NONE, nor to an ephemeral consumer (the next run makes another). A
+crash between an append and its acknowledgement redelivers that batch: duplicates are bounded by
+`max_ack_pending` (the server delivers no more than that unacknowledged), nothing is lost.
+Consumers we create use explicit acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover
 messages that another member sharing the consumer, or a run of this source that crashed, had
 pulled and not appended yet (the server redelivers those only after `ack_wait`, while newer ones
 flow at once): that would lose them. Explicit acks cost ~8% of the rows/s (`bench/run.py sources
@@ -417,10 +418,10 @@ class NatsJob:
 
 class _Puller:
     """Pull requests to one consumer on an inbox of our own: one request open at a time, the
-    messages handed out as they arrive (no waiting for a request to fill up). After a reconnect the
-    open request may still wait on the server (see `reset`); no other is asked before it has
-    expired, so every answer (messages carry the stream's subject, not the request's) is the open
-    request's."""
+    messages handed out as they arrive (no waiting for a request to fill up). A request no longer
+    followed (a reconnect, no answer in time) may still wait on the server or answer late (see
+    `_lose`); no other is asked until then, since an answer cannot be told apart by request
+    (messages carry the stream's subject, not the request's)."""
 
     def __init__(self, nc: NATS, stream: str, consumer: str, batch: int, wake: asyncio.Event) -> None:
         self.nc, self.batch, self.wake = nc, batch, wake
@@ -431,8 +432,7 @@ class _Puller:
         self.open = False          # a request is open (not yet filled, expired or refused)
         self.left = 0              # messages the open request may still bring
         self.asked_at = 0.0
-        # until when a request we stopped following (a reconnect, no answer) may still be waiting
-        # on the server: it is kept by its reply subject, which we subscribe again on a reconnect
+        # until when a request we stopped following may still wait on the server or answer
         self.lost_until = 0.0
         self.fatal: str | None = None
         self.stopping = False
@@ -452,8 +452,8 @@ class _Puller:
     async def stop(self, waiting: Callable[[], Awaitable[int]], holding: bool, give_back: bool) -> None:
         """Ask no more and let our requests end (filled, expired or refused) while the consumer may
         still send messages (`waiting`) or we hold some to give back (`give_back`, and `holding`
-        some not appended or any in `buf`), then drain the inbox (UNSUB, then a round trip), so
-        every message the server sent is taken and can be given back. Unsubscribing while the
+        some not appended or any in `buf`), then drain the inbox (UNSUB, then a round trip, bounded
+        by CLOSE_WAIT_S), so every message the server sent is taken and can be given back. Unsubscribing while the
         consumer is sending loses the messages on their way inside the server: counted delivered,
         no subscriber found, they wait out ack_wait. Given back while a request is still waiting,
         they would be sent into it again, and nats-server 2.9 does worse when nobody listens there
@@ -461,7 +461,8 @@ class _Puller:
         delivering another message twice (so `may_give_back` after this). With nothing to send and
         nothing held an open request brings nothing (the server looks for a subscriber before it
         sends), so an idle job stops at once; so does one that gives nothing back (AckPolicy.NONE,
-        an ephemeral consumer), whatever is on its way."""
+        an ephemeral consumer), which unsubscribes without the round trip: nothing on its way is
+        wanted."""
         self.ask_no_more()
         extra = ANSWER_GRACE_S   # not seen, a late 408 costs what is held ack_wait
         if give_back and self._waiting_until(extra) > time.monotonic() and self.nc.is_connected \
@@ -511,10 +512,13 @@ class _Puller:
         self._lose()
 
     def _lose(self) -> None:
+        """Stop following the open request. Counted from now, not from when it was asked: nats-py
+        sends what it had not sent yet (a request too) when it reconnects, so the server may have
+        just got it; and an answer that took this long may still come."""
         if self.open:
             self.open = False
             self.lost_until = max(self.lost_until,
-                                  self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S)
+                                  time.monotonic() + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S)
 
     async def _on_msg(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
@@ -529,7 +533,10 @@ class _Puller:
         elif status == "100":      # idle heartbeat / flow control: nothing to do
             return
         else:
-            self.open = False
+            # a 408 this early is not the open request's expiry (the server counts its expiry
+            # from when it got the request): a late answer to one no longer followed
+            if not (status == "408" and time.monotonic() < self.asked_at + PULL_EXPIRES_S / 2):
+                self.open = False
             description = (msg.headers or {}).get("Description", "")
             if status == "409" and ("Deleted" in description or "push" in description.lower()):
                 self.fatal = f"the consumer cannot be read: {description}"
@@ -547,13 +554,14 @@ class _Puller:
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
 
     async def take(self, wait_s: float) -> list[Msg]:
-        """The messages received so far; waits up to `wait_s` for the first. Keeps a request open."""
+        """The messages received so far; waits up to `wait_s` for the first. Keeps a request open
+        (but for a while after one was lost: see `_lose`)."""
         deadline = time.monotonic() + wait_s
         while True:
             if self.fatal:
                 raise LookupError(self.fatal)
-            if self.open and time.monotonic() - self.asked_at > PULL_EXPIRES_S + PULL_GRACE_S:
-                self._lose()                # never answered (lost in a reconnect): ask again
+            if self.open and self.nc.is_connected and time.monotonic() - self.asked_at > PULL_EXPIRES_S + PULL_GRACE_S:
+                self._lose()                # never answered (lost, or the answer is late): ask again later
             if not self.open and len(self.buf) < self.batch and self.nc.is_connected \
                     and time.monotonic() >= self.lost_until:
                 await self._ask()

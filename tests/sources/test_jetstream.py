@@ -21,6 +21,7 @@ import nats
 import nats.js.errors
 import orjson
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from broker.errors import BrokerError, ErrorCode
@@ -394,8 +395,11 @@ async def test_a_request_no_longer_followed_after_a_reconnect_is_waited_out(nats
         puller = nats_source._Puller(nc, "L", "d", 10, asyncio.Event())
         await puller.start()
         await puller._ask()
+        before = time.monotonic()
         puller.reset()                  # what a reconnect does
-        lost_until = puller.asked_at + nats_source.PULL_EXPIRES_S + nats_source.STOP_GRACE_S
+        # from the reset: nats-py sends a request it had not sent yet when it reconnects
+        lost_until = before + nats_source.PULL_EXPIRES_S + nats_source.STOP_GRACE_S + nats_source.ANSWER_GRACE_S
+        assert puller.lost_until >= lost_until
         assert not puller.open and not puller.may_give_back()
 
         async def nothing_waiting() -> int:
@@ -435,6 +439,28 @@ async def test_after_a_reconnect_no_request_is_asked_until_the_lost_one_has_expi
             got += await puller.take(10)
         assert all(at >= lost_until for at in asks[1:]), (asks, lost_until)
         assert sorted(orjson.loads(m.data)["i"] for m in got) == [0, 1, 2]
+    finally:
+        await nc.close()
+
+
+async def test_a_408_before_the_open_request_can_have_expired_does_not_end_it(nats_server: NatsServer) -> None:
+    """The server counts a request's expiry from when it got it: a 408 sooner is a late answer to
+    a request no longer followed, and taken for the open one's it let a second request be asked
+    (two then waiting on the server, one unseen at a stop)."""
+    url = nats_server.url
+    await js_stream(url, "L3", ["l3"])
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_consumer("L3", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
+        puller = nats_source._Puller(nc, "L3", "d", 10, asyncio.Event())
+        await puller.start()
+        await puller._ask()
+        late = Msg(nc, subject=puller.inbox, headers={"Status": "408", "Description": "Request Timeout"})
+        await puller._on_msg(late)
+        assert puller.open
+        await asyncio.sleep(nats_source.PULL_EXPIRES_S / 2)
+        await puller._on_msg(late)      # now it may be the open request's own
+        assert not puller.open
     finally:
         await nc.close()
 

@@ -12,10 +12,11 @@ message arrives, duplicates bounded by max_ack_pending.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import nats
 import nats.js.errors
@@ -381,18 +382,26 @@ async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(s
     assert sorted(await sluice.column("t")) == list(range(5))     # none twice
 
 
+@contextlib.asynccontextmanager
+async def a_puller(url: str, subject: str) -> AsyncIterator[tuple[nats.NATS, nats_source._Puller]]:
+    """A job's puller on its own connection, over a stream of `subject` and a durable consumer."""
+    await js_stream(url, subject.upper(), [subject])
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_consumer(subject.upper(), ConsumerConfig(durable_name="d",
+                                                                          ack_policy=AckPolicy.EXPLICIT))
+        yield nc, nats_source._Puller(nc, subject.upper(), "d", 10, asyncio.Event())
+    finally:
+        await nc.close()
+
+
 async def test_a_request_no_longer_followed_after_a_reconnect_is_waited_out(nats_server: NatsServer,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """After a reconnect the job stops following its open request (its answer may be lost), but
     the server keeps it by its reply subject, which nats-py subscribes again: a stop that holds
     messages waits it out with the inbox still subscribed, and nothing is given back before."""
     monkeypatch.setattr(nats_source, "PULL_EXPIRES_S", 1.0)
-    url = nats_server.url
-    await js_stream(url, "L", ["l"])
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().add_consumer("L", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
-        puller = nats_source._Puller(nc, "L", "d", 10, asyncio.Event())
+    async with a_puller(nats_server.url, "l") as (_, puller):
         await puller.start()
         await puller._ask()
         before = time.monotonic()
@@ -406,8 +415,6 @@ async def test_a_request_no_longer_followed_after_a_reconnect_is_waited_out(nats
             return 0
         await puller.stop(nothing_waiting, True, True)
         assert time.monotonic() >= lost_until and puller.may_give_back()
-    finally:
-        await nc.close()
 
 
 async def test_after_a_reconnect_no_request_is_asked_until_the_lost_one_has_expired(
@@ -416,12 +423,7 @@ async def test_after_a_reconnect_no_request_is_asked_until_the_lost_one_has_expi
     stream's subject, not the request's: were another request open meanwhile, they would count
     against it, and its end would be taken as seen while it still waited on the server."""
     monkeypatch.setattr(nats_source, "PULL_EXPIRES_S", 1.0)
-    url = nats_server.url
-    await js_stream(url, "L2", ["l2"])
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().add_consumer("L2", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
-        puller = nats_source._Puller(nc, "L2", "d", 10, asyncio.Event())
+    async with a_puller(nats_server.url, "l2") as (_, puller):
         asks: list[float] = []
         ask = puller._ask
 
@@ -433,26 +435,19 @@ async def test_after_a_reconnect_no_request_is_asked_until_the_lost_one_has_expi
         assert await puller.take(0.1) == [] and len(asks) == 1
         puller.reset()                  # what a reconnect does
         lost_until = puller.lost_until
-        await js_publish(url, "l2", docs(3))    # brought by the lost request, or by the next one
+        await js_publish(nats_server.url, "l2", docs(3))    # brought by the lost request, or the next one
         got: list[Any] = []
         while len(got) < 3:
             got += await puller.take(10)
         assert all(at >= lost_until for at in asks[1:]), (asks, lost_until)
         assert sorted(orjson.loads(m.data)["i"] for m in got) == [0, 1, 2]
-    finally:
-        await nc.close()
 
 
 async def test_a_408_before_the_open_request_can_have_expired_does_not_end_it(nats_server: NatsServer) -> None:
     """The server counts a request's expiry from when it got it: a 408 sooner is a late answer to
     a request no longer followed, and taken for the open one's it let a second request be asked
     (two then waiting on the server, one unseen at a stop)."""
-    url = nats_server.url
-    await js_stream(url, "L3", ["l3"])
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().add_consumer("L3", ConsumerConfig(durable_name="d", ack_policy=AckPolicy.EXPLICIT))
-        puller = nats_source._Puller(nc, "L3", "d", 10, asyncio.Event())
+    async with a_puller(nats_server.url, "l3") as (nc, puller):
         await puller.start()
         await puller._ask()
         late = Msg(nc, subject=puller.inbox, headers={"Status": "408", "Description": "Request Timeout"})
@@ -461,8 +456,6 @@ async def test_a_408_before_the_open_request_can_have_expired_does_not_end_it(na
         await asyncio.sleep(nats_source.PULL_EXPIRES_S / 2)
         await puller._on_msg(late)      # now it may be the open request's own
         assert not puller.open
-    finally:
-        await nc.close()
 
 
 # -- bad definitions ---------------------------------------------------------------------------------

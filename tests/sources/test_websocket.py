@@ -474,6 +474,17 @@ async def test_an_unreachable_server_fails_and_retries_without_blocking_another_
         await late.stop()
 
 
+@contextlib.asynccontextmanager
+async def raw_server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> AsyncIterator[int]:
+    """A plain TCP server on loopback running `handle` per connection: its port."""
+    tcp = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield tcp.sockets[0].getsockname()[1]
+    finally:
+        tcp.close()
+        await tcp.wait_closed()
+
+
 async def test_a_handshake_that_never_ends_times_out_and_a_stop_during_it_is_prompt(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(websocket, "OPEN_TIMEOUT_S", 0.5)
@@ -486,9 +497,7 @@ async def test_a_handshake_that_never_ends_times_out_and_a_stop_during_it_is_pro
         gone.set()
         writer.close()
 
-    tcp = await asyncio.start_server(silent, "127.0.0.1", 0)
-    try:
-        port = tcp.sockets[0].getsockname()[1]
+    async with raw_server(silent) as port:
         await env.broker.create_stream("hs", 1, schema=RAW)
         state = await env.create("hs_feed", "hs", url=f"ws://127.0.0.1:{port}/", data_type="text")
         await until(lambda: state.status == "failed", "the handshake timed out")
@@ -499,9 +508,6 @@ async def test_a_handshake_that_never_ends_times_out_and_a_stop_during_it_is_pro
         await env.sources.stop_source(PROJECT, "hs_feed")   # in the middle of a handshake (or a backoff)
         assert state.status == "stopped"
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in accepted)), DEADLINE)   # all closed
-    finally:
-        tcp.close()
-        await tcp.wait_closed()
 
 
 async def test_a_close_cut_short_still_closes_the_socket(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -526,9 +532,7 @@ async def test_a_close_cut_short_still_closes_the_socket(env: Env, monkeypatch: 
             gone.set()
             writer.close()
 
-    tcp = await asyncio.start_server(mute, "127.0.0.1", 0)
-    try:
-        port = tcp.sockets[0].getsockname()[1]
+    async with raw_server(mute) as port:
         await env.broker.create_stream("cut", 1, schema=RAW)
         state = SourceState()
         ctx = JobContext(Sink(env.broker, PROJECT, "cut", "text", state), state, Backoff())
@@ -544,9 +548,6 @@ async def test_a_close_cut_short_still_closes_the_socket(env: Env, monkeypatch: 
         # closed at once; before, the socket stayed open as long as the server kept quiet (its
         # keepalive gave up after ~20 s)
         await asyncio.wait_for(gone.wait(), 5)
-    finally:
-        tcp.close()
-        await tcp.wait_closed()
 
 
 async def test_a_server_that_refuses_the_upgrade_is_a_failure(env: Env) -> None:

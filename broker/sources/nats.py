@@ -56,18 +56,18 @@ sink and acknowledged with its batch, so it does not come back. When the append 
 negatively acknowledged (redelivered after `nak_delay`, at once without it) and the job raises, so
 the manager backs off. When the job is stopped, the batch being appended is finished and
 acknowledged first (waiting at most `CLOSE_WAIT_S`), so a stop or a graceful broker restart
-duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once no
-pull request of ours can be waiting on the server and the pull inbox is drained; when that is not
-known they wait out `ack_wait` instead: see `_Puller.stop`), so a restart gets them without
-waiting for `ack_wait`; such a stop takes up to ~4 s longer, for that request's end. Nothing is
-given back with AckPolicy.NONE, nor to an ephemeral consumer (the next run makes another). A
-crash between an append and its acknowledgement redelivers that batch: duplicates are bounded by
-`max_ack_pending` (the server delivers no more than that unacknowledged), nothing is lost.
-Consumers we create use explicit acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover
-messages that another member sharing the consumer, or a run of this source that crashed, had
-pulled and not appended yet (the server redelivers those only after `ack_wait`, while newer ones
-flow at once): that would lose them. Explicit acks cost ~8% of the rows/s (`bench/run.py sources
---ack-policy both`). With an existing consumer its policy is followed:
+duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once no pull
+request of ours can be waiting on the server and the pull inbox is drained; when that is not known
+they wait out `ack_wait` instead: see `_Puller.stop`), so a restart gets them without waiting for
+`ack_wait`; such a stop takes up to ~4 s longer, for that request's end. Nothing is given back with
+AckPolicy.NONE, nor to an ephemeral consumer (the next run makes another). A crash between an append
+and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending` (the
+server delivers no more than that unacknowledged), nothing is lost. Consumers we create use explicit
+acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover messages that
+another member sharing the consumer, or a run of this source that crashed, had pulled and not
+appended yet (the server redelivers those only after `ack_wait`, while newer ones flow at once):
+that would lose them. Explicit acks cost ~8% of the rows/s (`bench/run.py sources --ack-policy
+both`). With an existing consumer its policy is followed:
 `all` acks each batch's last message (so the caveat above is the consumer owner's choice), `none`
 acks nothing (at-most-once).
 `nak_delay` [ours for JetStream] is the redelivery delay of a batch whose append failed;
@@ -453,16 +453,16 @@ class _Puller:
         """Ask no more and let our requests end (filled, expired or refused) while the consumer may
         still send messages (`waiting`) or we hold some to give back (`give_back`, and `holding`
         some not appended or any in `buf`), then drain the inbox (UNSUB, then a round trip, bounded
-        by CLOSE_WAIT_S), so every message the server sent is taken and can be given back. Unsubscribing while the
-        consumer is sending loses the messages on their way inside the server: counted delivered,
-        no subscriber found, they wait out ack_wait. Given back while a request is still waiting,
-        they would be sent into it again, and nats-server 2.9 does worse when nobody listens there
-        any more: it drops a redelivery until ack_wait and steps its stream position back,
-        delivering another message twice (so `may_give_back` after this). With nothing to send and
-        nothing held an open request brings nothing (the server looks for a subscriber before it
-        sends), so an idle job stops at once; so does one that gives nothing back (AckPolicy.NONE,
-        an ephemeral consumer), which unsubscribes without the round trip: nothing on its way is
-        wanted."""
+        by CLOSE_WAIT_S), so every message the server sent is taken and can be given back.
+        Unsubscribing while the consumer is sending loses the messages on their way inside the
+        server: counted delivered, no subscriber found, they wait out ack_wait. Given back while a
+        request is still waiting, they would be sent into it again, and nats-server 2.9 does worse
+        when nobody listens there any more: it drops a redelivery until ack_wait and steps its
+        stream position back, delivering another message twice (so `may_give_back` after this). With
+        nothing to send and nothing held an open request brings nothing (the server looks for a
+        subscriber before it sends), so an idle job stops at once; so does one that gives nothing
+        back (AckPolicy.NONE, an ephemeral consumer), which unsubscribes without the round trip:
+        nothing on its way is wanted."""
         self.ask_no_more()
         extra = ANSWER_GRACE_S   # not seen, a late 408 costs what is held ack_wait
         if give_back and self._waiting_until(extra) > time.monotonic() and self.nc.is_connected \

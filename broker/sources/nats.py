@@ -464,10 +464,9 @@ class _Puller:
         back (AckPolicy.NONE, an ephemeral consumer), which unsubscribes without the round trip:
         nothing on its way is wanted."""
         self.ask_no_more()
-        extra = ANSWER_GRACE_S   # not seen, a late 408 costs what is held ack_wait
-        if give_back and self._waiting_until(extra) > time.monotonic() and self.nc.is_connected \
+        if give_back and self._waiting_until() > time.monotonic() and self.nc.is_connected \
                 and (holding or self.buf or await self._any(waiting)):
-            while self.nc.is_connected and (left := self._waiting_until(extra) - time.monotonic()) > 0:
+            while self.nc.is_connected and (left := self._waiting_until() - time.monotonic()) > 0:
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(left):
@@ -483,10 +482,11 @@ class _Puller:
             async with asyncio.timeout(CLOSE_WAIT_S):
                 await self.sub.drain()
 
-    def _waiting_until(self, extra: float = 0.0) -> float:
+    def _waiting_until(self) -> float:
         """Until when a request of ours may still be waiting on the server, as far as we know (the
-        open one's answer: `extra` seconds more)."""
-        latest = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S + extra if self.open else 0.0
+        open one's answer with ANSWER_GRACE_S more: not seen, a late 408 costs what is held
+        ack_wait)."""
+        latest = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S if self.open else 0.0
         return max(latest, self.lost_until)
 
     def may_give_back(self) -> bool:

@@ -14,6 +14,7 @@ from hypothesis import event, given, reject, settings
 from hypothesis import strategies as st
 
 from broker.tsdb import points as points_module
+from broker.tsdb import put as put_module
 from broker.tsdb.put import BadBody, Grouped, fast_group, group, parse, sort
 from broker.tsdb.series import series_key
 
@@ -139,13 +140,21 @@ def test_what_msgspec_would_not_check_goes_the_long_way(body: bytes) -> None:
     test_other_bodies_go_the_long_way(body)
 
 
+def remembered() -> list[tuple[str, bytes]]:
+    """The (metric, tags text) keys the fast path remembers: its series forms and its layout's entries."""
+    layout = put_module._layout
+    entries = layout.entries if layout else {}
+    return [*points_module.raw_forms, *((metric, tags) for metric, of in entries.items() for tags in of)]
+
+
 def test_a_long_tags_text_is_sorted_but_not_remembered() -> None:
     points_module.raw_forms.clear()
+    put_module._layout = None
     padded = b'[{"metric":"fg.d","timestamp":1700000000,"value":1.5,"tags":{"h":"x"' + b" " * 2000 + b"}}]"
     assert check(padded)
-    assert not points_module.raw_forms
+    assert not remembered()
     assert check(orjson.dumps([p()]))
-    assert len(points_module.raw_forms) == 1
+    assert remembered() == [("fg.d", b'{"h":"x"}')] * 2
 
 
 def test_a_record_over_the_limit_goes_the_long_way() -> None:
@@ -204,3 +213,32 @@ def test_fuzzed_bodies_sort_as_the_long_way_or_are_declined(points: list[dict[st
 def test_fuzzed_plain_bodies_always_take_the_fast_path(values: list[Any], hosts: list[str]) -> None:
     body = orjson.dumps([p("fg.plain." + type(v).__name__, NOW_S + i, v, h=hosts[i]) for i, v in enumerate(values)])
     assert check(body, known={})
+
+
+_HOSTS = [f"h{i}" for i in range(12)]
+# numeric series the registry knows (half of them double, half long), and two it does not
+_NUMERIC_KNOWN = {series_key("fg.v", {"h": h}): ("double", "long")[i % 2] for i, h in enumerate(_HOSTS[:10])}
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**63, 2**63 - 1)
+                       | st.sampled_from([-2**63, 2**63 - 1, 0.0, -0.0, 1e-300, 5e-324, 1.7976931348623157e308]),
+                       min_size=1, max_size=40),
+       hosts=st.lists(st.sampled_from(_HOSTS), min_size=40, max_size=40),
+       times=st.lists(st.sampled_from([NOW_S, NOW_S * 1000 + 1, 4_284_768, 9_999_999_999, 10**10, 10**13 - 1]),
+                      min_size=40, max_size=40),
+       partitions=st.integers(1, 8))
+def test_fuzzed_numbers_of_known_series_take_the_fast_path(values: list[Any], hosts: list[str], times: list[int],
+                                                          partitions: int) -> None:
+    """Bodies of numbers (the columns' path: one orjson call writes every value), over series of
+    known and not yet known types, several partitions, times in seconds and in milliseconds."""
+    body = orjson.dumps([p("fg.v", times[i], v, h=hosts[i]) for i, v in enumerate(values)])
+    assert check(body, partitions, known=_NUMERIC_KNOWN)
+
+
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1, -2**63 - 1])
+def test_a_number_past_64_bits_among_known_numbers_goes_the_long_way(value: int) -> None:
+    body = b"[%s,%s]" % (orjson.dumps(p("fg.v", value=1.5, h="h0")),
+                         orjson.dumps(p("fg.v", value=0, h="h1")).replace(b'"value":0', b'"value":%d' % value))
+    assert fast_group(body, 7, 4, _NUMERIC_KNOWN, LIMIT) is None
+    test_other_bodies_go_the_long_way(body)

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Mapping
 
 import orjson
 
-from broker.core.broker import Broker
 from broker.core.routing import key_hash, partition_for_hash
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import StreamConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # not at run time: a tsdb worker imports this module, and needs none of the core
+    from broker.core.broker import Broker
     from broker.tsdb.workers import TsdbWorkers
 
 SERIES_PREFIX = b"T"

@@ -8,6 +8,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -153,3 +156,82 @@ def children() -> list[int]:
         except OSError:
             pass
     return out
+
+
+def spawn_running(code: str) -> Any:
+    """A stand-in for workers._spawn: a Python process running `code`, the worker's end of the
+    socket pair passed to it (its number in $FD: what it writes there is what the pool reads)."""
+    def spawn() -> tuple[subprocess.Popen[bytes], socket.socket]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),
+                                env={**os.environ, "FD": str(theirs.fileno())})
+        theirs.close()
+        return proc, mine
+    return spawn
+
+
+@pytest.mark.parametrize("code, says", [
+    ("import sys; sys.exit(3)", "did not start (exit status 3)"),                     # dies while starting
+    ("import os, time; os.write(int(os.environ['FD']), b'xxxx'); time.sleep(30)", "not ready"),   # garbage
+])
+async def test_a_worker_that_cannot_start_fails_the_start_and_is_not_left_running(
+        monkeypatch: pytest.MonkeyPatch, code: str, says: str) -> None:
+    spawned: list[int] = []
+    stand_in = spawn_running(code)
+
+    def spy() -> Any:
+        proc, sock = stand_in()
+        spawned.append(proc.pid)
+        return proc, sock
+    monkeypatch.setattr(W, "_spawn", spy)
+    pool = W.TsdbWorkers(1)
+    with pytest.raises(RuntimeError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        await pool.start()
+    assert spawned and not [pid for pid in spawned if alive(pid)]
+    await pool.close()
+
+
+async def test_a_worker_is_taken_only_once_it_says_it_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One that stays silent (slow imports) is not handed a put: start waits for it, and gives up
+    after START_TIMEOUT_S, killing it."""
+    spawned: list[int] = []
+    stand_in = spawn_running("import time; time.sleep(30)")
+
+    def spy() -> Any:
+        proc, sock = stand_in()
+        spawned.append(proc.pid)
+        return proc, sock
+    monkeypatch.setattr(W, "_spawn", spy)
+    monkeypatch.setattr(W, "START_TIMEOUT_S", 1.0)
+    pool = W.TsdbWorkers(1)
+    started = asyncio.ensure_future(pool.start())
+    await asyncio.sleep(0.5)
+    assert not started.done() and pool._idle.empty()   # not ready: not taken
+    with pytest.raises(RuntimeError, match="did not start"):
+        await started
+    assert spawned and not [pid for pid in spawned if alive(pid)]
+    await pool.close()
+
+
+async def test_a_started_pool_answers_its_first_put_at_once() -> None:
+    """start() reads each worker's ready frame, and only that: the first put's answer is read as its own."""
+    pool = W.TsdbWorkers(2)
+    await pool.start()
+    try:
+        assert pool._idle.qsize() == 2
+        for worker in pool._all:   # each has said it is ready and nothing more: nothing left to read
+            assert not worker.reader._buffer   # type: ignore[attr-defined]
+        async with asyncio.timeout(5):
+            assert isinstance(await pool.group(body(), Registry(), 8, 1 << 20), Grouped)   # type: ignore[arg-type]
+    finally:
+        await pool.close()
+
+
+def test_a_worker_imports_none_of_the_core() -> None:
+    """A worker process loads the put path only: not the query engine (Polars, sqlglot), the doors
+    (aiohttp, gRPC) or the core (each would cost every worker its start time and memory)."""
+    heavy = ("polars", "sqlglot", "aiohttp", "grpc", "broker.core.broker")
+    out = subprocess.run([sys.executable, "-c", "import sys, broker.tsdb.workers; "
+                          f"print([m for m in {heavy!r} if m in sys.modules])"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -104,7 +104,8 @@ async def put(request: web.Request) -> web.StreamResponse:
         layout = await target.layout_now()   # None (not created yet, or typed): the write sorts the points
         if layout is not None and target.workers is not None and len(body) >= OFFLOAD_BYTES:
             config, registry = layout
-            grouped = await target.workers.group(body, registry, config.partition_count, limit)
+            grouped = await target.workers.group(body, registry, config.partition_count, limit,
+                                                 cancellable=deadline is not None)
             if grouped is not None:
                 return grouped
         # without a layout: checked for size now, sorted again once the stream is there

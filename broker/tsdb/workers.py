@@ -119,16 +119,18 @@ class TsdbWorkers:
         return [w.proc.pid for w in self._all]
 
     async def group(self, body: bytes, registry: SeriesRegistry, partition_count: int,
-                    max_record_bytes: int) -> Grouped | BadBody | None:
+                    max_record_bytes: int, cancellable: bool = True) -> Grouped | BadBody | None:
         """The body checked and sorted by a worker for `registry`'s stream at `partition_count`
         partitions, BadBody when it holds no points to check, or None when no worker could take it
-        (the caller works on it itself)."""
+        (the caller works on it itself). `cancellable`: whether the caller may be cancelled while
+        a worker has its body (a put with a sync_timeout)."""
         # the wait for an idle worker may be cancelled (a put whose sync_timeout ran out drops its
-        # body); the job is shielded: a request that goes away must not leave a worker half way
-        # through a frame
+        # body); the job of a cancellable caller is shielded: a request that goes away must not
+        # leave a worker half way through a frame. Others save the shield's task (a job cancelled
+        # all the same - at shutdown - costs that worker: it is replaced)
         worker = await self._take()
-        answer = None if worker is None else \
-            await asyncio.shield(self._group(worker, body, registry, partition_count, max_record_bytes))
+        job = None if worker is None else self._group(worker, body, registry, partition_count, max_record_bytes)
+        answer = None if job is None else await (asyncio.shield(job) if cancellable else job)
         if answer is None:
             self.fallbacks += 1
         return answer
@@ -154,18 +156,24 @@ class TsdbWorkers:
             async with asyncio.timeout(JOB_TIMEOUT_S):
                 answer = await worker.call(header, body)
             grouped = _grouped(answer, registry.stream_id, partition_count)
+        except asyncio.CancelledError:   # half way through a frame (an unshielded job): it cannot be trusted
+            self._replace_worker(worker)
+            raise
         except Exception as exc:   # died, garbage, too slow: a new one; this put is worked on here
             log.error("tsdb worker %d failed (%s: %s); replacing it", worker.proc.pid, type(exc).__name__, exc)
-            self._drop(worker)
-            if not self._closing:
-                self.replaced += 1
-                self._replacing.add(task := asyncio.ensure_future(self._replace()))
-                task.add_done_callback(self._replacing.discard)
+            self._replace_worker(worker)
             return None
         worker.registry, worker.told = registry, told + len(news)
         self._idle.put_nowait(worker)
         self.jobs += 1
         return grouped
+
+    def _replace_worker(self, worker: _Worker) -> None:
+        self._drop(worker)
+        if not self._closing:
+            self.replaced += 1
+            self._replacing.add(task := asyncio.ensure_future(self._replace()))
+            task.add_done_callback(self._replacing.discard)
 
     async def _replace(self) -> None:
         try:

@@ -169,8 +169,10 @@ class BusyWorkers:
         self.free = asyncio.Event()
         self.waiting = 0
         self.given_up = 0    # waits cancelled by the put
+        self.cancellable: list[bool] = []   # what each put said: whether it may be cancelled (shielded)
 
-    async def group(self, *_: Any) -> None:
+    async def group(self, *_: Any, cancellable: bool = True) -> None:
+        self.cancellable.append(cancellable)
         self.waiting += 1
         try:
             await self.free.wait()
@@ -206,6 +208,7 @@ async def test_a_sync_timeout_bounds_the_wait_for_a_worker_too(
     async def gave_up() -> bool:
         return workers.given_up == 1
     await eventually(gave_up)
+    assert workers.cancellable == [True]   # its job would have been shielded
     workers.free.set()
     assert (await post(client, [point("busy", 1, NOW_S + 1, host="h" * 40)]))[0] == 204
     assert sorted(p["value"] for p in await stored(broker, "busy")) == [0, 1]
@@ -226,6 +229,15 @@ async def test_a_registry_load_outlives_the_puts_that_gave_up_on_it(
     store.scan_gate.set()
     assert (await post(client, [point("reg", 2)], "?summary"))[0] == 200
     assert store.scans == 1
+
+
+async def test_a_put_without_a_sync_timeout_asks_for_no_shield(client: TestClient, tsdb: TsdbStream) -> None:
+    """It is never cancelled while a worker has its body, so its job saves the shield's task."""
+    assert (await post(client, [point("busy", 0, host="h" * 40)]))[0] == 204
+    tsdb.workers = workers = BusyWorkers()    # type: ignore[assignment]
+    workers.free.set()   # answers None: the broker checks the body itself
+    status, _ = await post(client, big_body("busy", 300), "?summary")
+    assert status == 400 and workers.cancellable == [False]
 
 
 async def test_a_body_that_holds_no_points_says_so_even_when_the_wait_runs_out(client: TestClient,

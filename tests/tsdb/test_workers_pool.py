@@ -235,3 +235,49 @@ def test_a_worker_imports_none_of_the_core() -> None:
                           f"print([m for m in {heavy!r} if m in sys.modules])"],
                          capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+async def test_an_unshielded_job_cancelled_half_way_costs_only_its_worker() -> None:
+    """A put without a sync_timeout is not shielded (it is never cancelled, but at shutdown): if
+    its job is cancelled all the same, that worker, half way through a frame, is replaced, and the
+    pool goes on."""
+    pool = W.TsdbWorkers(1)
+    await pool.start()
+    (first,) = pool._all
+    try:
+        job = asyncio.ensure_future(pool.group(body(100_000), Registry(), 8, 1 << 20,   # type: ignore[arg-type]
+                                               cancellable=False))
+        await asyncio.sleep(0.05)
+        assert pool._idle.empty() and not job.done()   # the worker has the body
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert pool.replaced == 1
+        async with asyncio.timeout(30):
+            await asyncio.gather(*pool._replacing)   # (meanwhile a put is worked on in the broker)
+            answer = await pool.group(body(), Registry(), 8, 1 << 20)   # type: ignore[arg-type]
+        assert isinstance(answer, Grouped) and pool._all[0] is not first
+    finally:
+        await pool.close()
+    await asyncio.sleep(0.5)
+    assert not alive(first.proc.pid) and not [pid for pid in children() if alive(pid)]
+
+
+async def test_a_shielded_job_whose_put_gives_up_finishes_and_keeps_its_worker() -> None:
+    """A put with a sync_timeout may be cancelled while a worker has its body: the job is shielded,
+    so the worker finishes the frame and is idle again, not replaced."""
+    pool = W.TsdbWorkers(1)
+    await pool.start()
+    (first,) = pool._all
+    try:
+        job = asyncio.ensure_future(pool.group(body(100_000), Registry(), 8, 1 << 20))   # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert pool._idle.empty() and not job.done()   # the worker has the body
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        async with asyncio.timeout(30):
+            answer = await pool.group(body(), Registry(), 8, 1 << 20)   # type: ignore[arg-type]
+        assert isinstance(answer, Grouped) and pool._all == [first] and pool.replaced == 0 and pool.jobs == 2
+    finally:
+        await pool.close()

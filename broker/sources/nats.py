@@ -521,7 +521,9 @@ class _Puller:
                                   time.monotonic() + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S)
 
     async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get("Status") if msg.headers else None
+        # nats-py gives a status line as a header named Status, as it would a user's own header of
+        # that name: a status has no reply subject, a delivered message its $JS.ACK one
+        status = msg.headers.get("Status") if msg.headers and not msg.reply else None
         if status is None:
             self.buf.append(msg)   # ours, also from a request no longer followed
             if self.open:

@@ -83,6 +83,26 @@ async def test_rows_arrive_and_are_acknowledged(sluice: Sluice, nats_server: Nat
     assert sorted(map(tuple, rows)) == [(1000 + k, "us") for k in range(5)]
 
 
+async def test_a_message_with_a_header_named_status_is_a_row(sluice: Sluice, nats_server: NatsServer) -> None:
+    """nats-py gives a pull request's status (a 408, a 409, a 503) as a header named Status: a
+    user's own header of that name must not make a message of the stream a status (dropped, or
+    ending the job as 'consumer deleted'). A status has no reply subject; a delivered message has
+    its $JS.ACK one."""
+    url = nats_server.url
+    await js_stream(url, "HDR", ["hdr.>"])
+    await sluice.typed("t", COLUMNS)
+
+    async def publish(js: Any) -> None:
+        for i, status in enumerate(["408", "503", "409", "100", "404", "200"]):
+            await js.publish("hdr.x", orjson.dumps({"i": i, "tag": status}),
+                             headers={"Status": status, "Description": "consumer deleted"})
+    await with_js(url, publish)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="hdr.>", durable="sluice"))
+    assert sorted(await rows_of(sluice, "t", 6)) == list(range(6))
+    info = await settled(sluice, url, "HDR", "sluice")
+    assert info.num_redelivered == 0 and sluice.state("j").status == "running"
+
+
 async def test_subject_and_or_stream(sluice: Sluice, nats_server: NatsServer) -> None:
     url = nats_server.url
     await js_stream(url, "EVENTS", ["ev.*"])

@@ -132,7 +132,9 @@ def raw_series_form(metric: str, raw_tags: bytes) -> SeriesForm | None:
             return None
         if type(tags) is not dict or not tags or len(tags) > MAX_TAGS:
             return None
-        verdict = series_form(metric, tags)
+        # the names checked as series_form does, without its cache keyed by the names as
+        # received: this one (by the tags' text) serves the fast path
+        verdict = _check_names(metric, tags)
         if type(verdict) is not SeriesForm:
             return None
         if len(raw_tags) <= RAW_TAGS_REMEMBERED:

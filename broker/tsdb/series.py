@@ -91,7 +91,9 @@ class SeriesForm:
         """`tags` sorted by key, values text; `key` series_key(metric, tags) when the caller has it."""
         self.metric, self.tags = metric, tags
         self.key = series_key(metric, tags) if key is None else key
-        self.head, self.tail = record_parts(metric, tags)
+        # record_parts, the tags sorted already
+        self.head = b'{"metric":' + orjson.dumps(metric) + b',"timestamp":'
+        self.tail = b',"tags":' + orjson.dumps(tags) + b"}"
         self.hash = key_hash(self.key)
         # (partition count, the partition for it): the last count asked, one tuple so that puts
         # sorted on other threads (big bodies) never read one count's partition for another
@@ -129,7 +131,10 @@ class SeriesRegistry:
         self.broker, self.project, self.stream_id = broker, project, stream_id
         self._kinds: dict[str, str] = {}
         self.learned: list[str] = []   # every known series key, in the order learned (tsdb workers are told so)
+        # the series by metric, for queries: `learned[:_indexed]` of them, the rest added when a
+        # query asks (a put that brings thousands of new series does not pay for it)
         self._by_metric: dict[str, dict[str, Series]] = {}
+        self._indexed = 0
         # writers hold it from checking their points' types to the end of `fix`, so two requests
         # cannot both find a series new and fix two types for it
         self.lock = asyncio.Lock()
@@ -140,11 +145,20 @@ class SeriesRegistry:
             self._remember(key[len(prefix):].decode(), _KIND.get(value, LONG))
 
     def _remember(self, key: str, kind: str) -> None:
-        if key not in self._kinds:
+        known = self._kinds.get(key)
+        if known is None:
             self.learned.append(key)
+        elif known != kind:   # (not seen to happen: a type is fixed once) the index is made again
+            self._by_metric, self._indexed = {}, 0
         self._kinds[key] = kind
-        metric, pairs = orjson.loads(key)
-        self._by_metric.setdefault(metric, {})[key] = Series(key, metric, dict(pairs), TYPE_OF[kind])
+
+    def _index(self) -> dict[str, dict[str, Series]]:
+        learned, by_metric, kinds = self.learned, self._by_metric, self._kinds
+        for key in learned[self._indexed:]:
+            metric, pairs = orjson.loads(key)
+            by_metric.setdefault(metric, {})[key] = Series(key, metric, dict(pairs), TYPE_OF[kinds[key]])
+        self._indexed = len(learned)
+        return by_metric
 
     def type_of(self, key: str) -> str | None:
         kind = self._kinds.get(key)
@@ -194,10 +208,10 @@ class SeriesRegistry:
         return lost
 
     def metrics(self) -> list[str]:
-        return sorted(self._by_metric)
+        return sorted(self._index())
 
     def series_of(self, metric: str) -> list[Series]:
-        return list(self._by_metric.get(metric, {}).values())
+        return list(self._index().get(metric, {}).values())
 
     def __len__(self) -> int:
         return len(self._kinds)

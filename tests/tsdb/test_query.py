@@ -1007,3 +1007,19 @@ async def test_a_series_is_read_across_a_scale_event(env: Env) -> None:
     await env.put([("cpu", t, v, TAGS_A) for t, v in A[half:]])
     [out] = await env.query(body(sub("sum")))
     assert same(out["dps"], secs({t: float(v) for t, v in A})), out["dps"]
+
+
+async def test_the_registry_index_takes_in_series_learned_after_a_query(env: Env) -> None:
+    """The by-metric index is made when a query asks, from the series learned since the last one."""
+    reg = env.registry
+    await reg.fix({series_key("idx.a", {"h": "1"}): NUMERIC})
+    assert reg.metrics() == ["idx.a"]
+    await reg.fix({series_key("idx.a", {"h": "2"}): STRING, series_key("idx.b", {"h": "1"}): BOOLEAN})
+    assert reg.metrics() == ["idx.a", "idx.b"]
+    assert sorted((s.tags["h"], s.type) for s in reg.series_of("idx.a")) == [("1", NUMERIC), ("2", STRING)]
+    assert [(s.metric, s.key) for s in reg.series_of("idx.b")] == [("idx.b", series_key("idx.b", {"h": "1"}))]
+    again = SeriesRegistry(env.broker, "default", env.config.stream_id)   # after a restart: from the store
+    await again.load()
+    assert again.metrics() == reg.metrics()
+    assert sorted((s.key, s.type) for s in again.series_of("idx.a")) == \
+        sorted((s.key, s.type) for s in reg.series_of("idx.a"))

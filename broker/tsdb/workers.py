@@ -62,6 +62,12 @@ class _Worker:
         self.proc, self.reader, self.writer = proc, reader, writer
         self.registry: SeriesRegistry | None = None   # whose types it was told, and how many
         self.told = 0
+        self.killed = False   # for taking longer than JOB_TIMEOUT_S
+
+    def overdue(self) -> None:
+        self.killed = True
+        if self.proc.poll() is None:
+            self.proc.kill()
 
     async def call(self, header: bytes, body: bytes) -> Any:
         self.writer.write(_LEN.pack(4 + len(header) + len(body)) + _LEN.pack(len(header)) + header)
@@ -152,17 +158,22 @@ class TsdbWorkers:
         kinds = registry.kinds()
         news = [(k, kinds[k]) for k in registry.learned[told:]]
         header = pickle.dumps((registry.stream_id, partition_count, max_record_bytes, forget, news), protocol=5)
+        # too slow: killed, so its answer ends (a timer handle per job, not a timeout scope: this is
+        # every put's path)
+        overdue = asyncio.get_running_loop().call_later(JOB_TIMEOUT_S, worker.overdue)
         try:
-            async with asyncio.timeout(JOB_TIMEOUT_S):
-                answer = await worker.call(header, body)
+            answer = await worker.call(header, body)
             grouped = _grouped(answer, registry.stream_id, partition_count)
         except asyncio.CancelledError:   # half way through a frame (an unshielded job): it cannot be trusted
             self._replace_worker(worker)
             raise
         except Exception as exc:   # died, garbage, too slow: a new one; this put is worked on here
-            log.error("tsdb worker %d failed (%s: %s); replacing it", worker.proc.pid, type(exc).__name__, exc)
+            why = f"took longer than {JOB_TIMEOUT_S:g} s" if worker.killed else f"{type(exc).__name__}: {exc}"
+            log.error("tsdb worker %d failed (%s); replacing it", worker.proc.pid, why)
             self._replace_worker(worker)
             return None
+        finally:
+            overdue.cancel()
         worker.registry, worker.told = registry, told + len(news)
         self._idle.put_nowait(worker)
         self.jobs += 1

@@ -281,3 +281,24 @@ async def test_a_shielded_job_whose_put_gives_up_finishes_and_keeps_its_worker()
         assert isinstance(answer, Grouped) and pool._all == [first] and pool.replaced == 0 and pool.jobs == 2
     finally:
         await pool.close()
+
+
+async def test_a_worker_slower_than_the_job_timeout_is_replaced_and_its_put_worked_on_here(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(W, "JOB_TIMEOUT_S", 0.5)
+    pool = W.TsdbWorkers(1)
+    await pool.start()
+    (stuck,) = pool._all
+    os.kill(stuck.proc.pid, signal.SIGSTOP)   # alive, and never answering
+    try:
+        async with asyncio.timeout(10):
+            assert await pool.group(body(), Registry(), 8, 1 << 20) is None   # type: ignore[arg-type]
+        assert pool.replaced == 1 and pool.fallbacks == 1
+        assert f"tsdb worker {stuck.proc.pid} failed (took longer than 0.5 s)" in caplog.text
+        async with asyncio.timeout(30):
+            await asyncio.gather(*pool._replacing)
+            assert isinstance(await pool.group(body(), Registry(), 8, 1 << 20), Grouped)   # type: ignore[arg-type]
+    finally:
+        await pool.close()
+    await asyncio.sleep(0.5)
+    assert not alive(stuck.proc.pid) and not [pid for pid in children() if alive(pid)]

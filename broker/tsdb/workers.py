@@ -16,8 +16,8 @@ holds it, so it sees EOF and exits when the broker dies, SIGKILL included); a fr
 big-endian length, then for a job a pickled header of its own length-prefixed and the body, for an
 answer a pickle (the worker is our own child). A worker's first frame is an empty one, sent once
 its imports are done: it is taken only then (a put must not queue behind a start), and one that
-has not said so within START_TIMEOUT_S is killed. It imports the put path alone, not the core or
-the query engine. One job at a time per worker; jobs wait for an idle worker. Bodies under
+has not said so within START_TIMEOUT_S is killed. It imports the put path alone, not the broker's
+core (broker.core.broker) or the query engine. One job at a time per worker; jobs wait for an idle worker. Bodies under
 OFFLOAD_BYTES are worked on in the broker (a trickle of small puts pays no hop). A worker that
 dies, answers garbage or takes longer than JOB_TIMEOUT_S is killed and replaced, and that put is
 worked on in the broker: a request never fails for it. Workers run at a lower priority (NICENESS).
@@ -85,15 +85,21 @@ class TsdbWorkers:
         self._all: list[_Worker] = []
         self._closing = False
         self._replacing: set[asyncio.Future[Any]] = set()   # replacements starting, workers being reaped
+        self._starting: set[subprocess.Popen[bytes]] = set()   # spawned, not ready yet: close() kills them
         self.jobs = self.fallbacks = self.replaced = 0   # observability and tests
 
     async def start(self) -> None:
-        for _ in range(self.size):
-            await self._add()
+        """Every worker started and ready (they import side by side); raises the first failure,
+        once none is starting any more (the caller closes the pool)."""
+        started = await asyncio.gather(*(self._add() for _ in range(self.size)), return_exceptions=True)
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _add(self) -> None:
         proc, mine = await asyncio.to_thread(_spawn)
         writer: asyncio.StreamWriter | None = None
+        self._starting.add(proc)
         try:
             if self._closing:
                 raise RuntimeError("closing")
@@ -117,6 +123,8 @@ class TsdbWorkers:
             proc.kill()
             await asyncio.to_thread(proc.wait)
             raise
+        finally:
+            self._starting.discard(proc)
         worker = _Worker(proc, reader, writer)
         self._all.append(worker)
         self._idle.put_nowait(worker)
@@ -133,7 +141,7 @@ class TsdbWorkers:
         # the wait for an idle worker may be cancelled (a put whose sync_timeout ran out drops its
         # body); the job of a cancellable caller is shielded: a request that goes away must not
         # leave a worker half way through a frame. Others save the shield's task (a job cancelled
-        # all the same - at shutdown - costs that worker: it is replaced)
+        # all the same costs that worker: it is dropped, and replaced unless the pool is closing)
         worker = await self._take()
         job = None if worker is None else self._group(worker, body, registry, partition_count, max_record_bytes)
         answer = None if job is None else await (asyncio.shield(job) if cancellable else job)
@@ -163,6 +171,8 @@ class TsdbWorkers:
         overdue = asyncio.get_running_loop().call_later(JOB_TIMEOUT_S, worker.overdue)
         try:
             answer = await worker.call(header, body)
+            if worker.killed:   # its answer came in the turn its time ran out: it is dead all the same
+                raise RuntimeError("killed as its answer came")
             grouped = _grouped(answer, registry.stream_id, partition_count)
         except asyncio.CancelledError:   # half way through a frame (an unshielded job): it cannot be trusted
             self._replace_worker(worker)
@@ -206,7 +216,11 @@ class TsdbWorkers:
     async def close(self) -> None:
         self._closing = True
         # not cancelled: a worker being spawned in a thread would be lost with its socket; each
-        # sees _closing once spawned and stops it
+        # sees _closing once spawned and stops it, and one still importing is killed now (its
+        # start ends at once instead of after its imports, or START_TIMEOUT_S)
+        for proc in list(self._starting):
+            if proc.poll() is None:
+                proc.kill()
         await asyncio.gather(*self._replacing, return_exceptions=True)
         workers, self._all = self._all, []
         for w in workers:
@@ -300,7 +314,7 @@ def _serve(fd: int) -> None:
         (h,) = _LEN.unpack_from(frame)
         header = pickle.loads(frame[4:4 + h])
         if header[3] or header[0] != stream_id:   # another stream (or registry): what was known is not
-            known.clear()
+            known = {}   # a new mapping, not the old one emptied: put.fast_group's cache is keyed by it
             stream_id = header[0]
         known.update(header[4])
         out = pickle.dumps(_work(known, header, frame[4 + h:]), protocol=5)

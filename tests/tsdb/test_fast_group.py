@@ -242,3 +242,23 @@ def test_a_number_past_64_bits_among_known_numbers_goes_the_long_way(value: int)
                          orjson.dumps(p("fg.v", value=0, h="h1")).replace(b'"value":0', b'"value":%d' % value))
     assert fast_group(body, 7, 4, _NUMERIC_KNOWN, LIMIT) is None
     test_other_bodies_go_the_long_way(body)
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+def test_series_whose_types_are_learned_between_bodies_sort_as_the_long_way(partitions: int) -> None:
+    """The broker's way: the same `known` mapping gains the types of series the last body brought.
+    The cache held them without a type; the next body must see the types, as the long way does."""
+    known: dict[str, str] = {}
+    hosts = [f"t{i}" for i in range(12)]
+    first = orjson.dumps([p("fg.learn", NOW_S, float(i), h=h) for i, h in enumerate(hosts)])
+    fast = fast_group(first, 7, partitions, known, LIMIT)
+    assert fast is not None and len(fast.pending) == 12 and not fast.parts
+    for i, h in enumerate(hosts[:8]):   # most of them learned, as double or long
+        known[series_key("fg.learn", {"h": h})] = ("double", "long")[i % 2]
+    later = orjson.dumps([p("fg.learn", NOW_S + 10, 2.5, h=h) for h in hosts])
+    assert check(later, partitions, known=known)
+    grouped = fast_group(later, 7, partitions, known, LIMIT)
+    assert grouped is not None and sorted(i for i, *_ in grouped.pending) == list(range(8, 12))
+    known[series_key("fg.learn", {"h": hosts[9]})] = "string"   # learned as a string: numbers conflict
+    assert fast_group(later, 7, partitions, known, LIMIT) is None   # the long way words the conflict
+    assert check(orjson.dumps([p("fg.learn", NOW_S + 20, "up", h=hosts[9])]), partitions, known=known)

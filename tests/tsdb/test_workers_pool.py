@@ -302,3 +302,49 @@ async def test_a_worker_slower_than_the_job_timeout_is_replaced_and_its_put_work
         await pool.close()
     await asyncio.sleep(0.5)
     assert not alive(stuck.proc.pid) and not [pid for pid in children() if alive(pid)]
+
+
+async def test_close_while_a_replacement_is_still_importing_does_not_wait_for_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop right after a worker died: its replacement, not ready yet, is killed by close()
+    instead of being waited for until it has imported everything (or START_TIMEOUT_S)."""
+    pool = W.TsdbWorkers(1)
+    await pool.start()
+    (worker,) = pool._all
+    spawned: list[int] = []
+    stand_in = spawn_running("import time; time.sleep(30)")   # a start that takes its time
+
+    def spy() -> Any:
+        proc, sock = stand_in()
+        spawned.append(proc.pid)
+        return proc, sock
+    monkeypatch.setattr(W, "_spawn", spy)
+    worker.proc.kill()
+    worker.proc.wait()
+    assert await pool.group(body(), Registry(), 8, 1 << 20) is None   # type: ignore[arg-type]
+
+    async with asyncio.timeout(10):
+        while not (spawned and pool._starting):   # noqa: ASYNC110 - polling: the replacement spawned, not ready
+            await asyncio.sleep(0.02)
+    async with asyncio.timeout(10):   # not the replacement's 30 s, not START_TIMEOUT_S
+        await pool.close()
+    assert not pool._all and not [pid for pid in spawned if alive(pid)]
+
+
+async def test_an_answer_that_comes_as_the_job_times_out_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The timer kills the worker in the same turn as its answer completes: the worker is dead,
+    so the put is worked on here and the worker replaced, not handed the next put."""
+    real_call = W._Worker.call
+
+    async def call_then_time_out(self: Any, header: bytes, body: bytes) -> Any:
+        answer = await real_call(self, header, body)
+        self.overdue()
+        return answer
+    monkeypatch.setattr(W._Worker, "call", call_then_time_out)
+    pool = W.TsdbWorkers(1)
+    await pool.start()
+    try:
+        assert await pool.group(body(), Registry(), 8, 1 << 20) is None   # type: ignore[arg-type]
+        assert pool.replaced == 1 and pool.jobs == 0
+    finally:
+        await pool.close()

@@ -74,9 +74,10 @@ def record_data(metric: str, timestamp_ms: int, value: int | float | str | bool,
 def record_parts(metric: str, tags: dict[str, str]) -> tuple[bytes, bytes]:
     """record_data in two pieces that only depend on the series, for writers that make many
     records of one series: `head + b"%d" % timestamp_ms + b',"value":' + orjson.dumps(value) +
-    tail` is byte for byte `record_data(metric, timestamp_ms, value, tags)`."""
+    tail` is byte for byte `record_data(metric, timestamp_ms, value, tags)`. `tags` sorted by key
+    already (SeriesForm's are; sorting them again cost a new series ~0.3 µs)."""
     return (b'{"metric":' + orjson.dumps(metric) + b',"timestamp":',
-            b',"tags":' + orjson.dumps(dict(sorted(tags.items()))) + b"}")
+            b',"tags":' + orjson.dumps(tags) + b"}")
 
 
 class SeriesForm:
@@ -91,9 +92,7 @@ class SeriesForm:
         """`tags` sorted by key, values text; `key` series_key(metric, tags) when the caller has it."""
         self.metric, self.tags = metric, tags
         self.key = series_key(metric, tags) if key is None else key
-        # record_parts, the tags sorted already
-        self.head = b'{"metric":' + orjson.dumps(metric) + b',"timestamp":'
-        self.tail = b',"tags":' + orjson.dumps(tags) + b"}"
+        self.head, self.tail = record_parts(metric, tags)
         self.hash = key_hash(self.key)
         # (partition count, the partition for it): the last count asked, one tuple so that puts
         # sorted on other threads (big bodies) never read one count's partition for another

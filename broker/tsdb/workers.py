@@ -17,10 +17,11 @@ big-endian length, then for a job a pickled header of its own length-prefixed an
 answer a pickle (the worker is our own child). A worker's first frame is an empty one, sent once
 its imports are done: it is taken only then (a put must not queue behind a start), and one that
 has not said so within START_TIMEOUT_S is killed. It imports the put path alone, not the broker's
-core (broker.core.broker) or the query engine. One job at a time per worker; jobs wait for an idle worker. Bodies under
-OFFLOAD_BYTES are worked on in the broker (a trickle of small puts pays no hop). A worker that
-dies, answers garbage or takes longer than JOB_TIMEOUT_S is killed and replaced, and that put is
-worked on in the broker: a request never fails for it. Workers run at a lower priority (NICENESS).
+core (broker.core.broker) or the query engine. One job at a time per worker; jobs wait for an
+idle worker. Bodies under OFFLOAD_BYTES are worked on in the broker (a trickle of small puts pays
+no hop). A worker that dies, answers garbage or takes longer than JOB_TIMEOUT_S is killed and
+replaced, and that put is worked on in the broker: a request never fails for it. Workers run at a
+lower priority (NICENESS).
 """
 from __future__ import annotations
 

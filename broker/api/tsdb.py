@@ -116,7 +116,11 @@ async def put(request: web.Request) -> web.StreamResponse:
         except BadBody as exc:
             return exc
 
-    def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
+    async def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
+        """Sorted again for the stream as it is now (made or scaled since): a big body off the
+        event loop, as the first time (a first put before the stream exists is sorted twice)."""
+        if len(body) > _INLINE_BYTES:
+            return await asyncio.to_thread(sort, body, stream_id, partition_count, known, limit)
         return sort(body, stream_id, partition_count, known, limit)
 
     made: asyncio.Future[PutWrite | BadBody] = loop.create_future()

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Callable, Mapping, Sequence, cast
+from typing import Any, Awaitable, Callable, Mapping, Sequence, cast
 
 import orjson
 
@@ -335,8 +335,12 @@ def sort(body: bytes, stream_id: int, partition_count: int, known: Mapping[str, 
     return grouped
 
 
-# Sort a put's points again for a layout: (stream id, partition count, known kinds) -> Grouped.
-Regroup = Callable[[int, int, Mapping[str, str]], Grouped]
+# Sort a put's points again for a layout: (stream id, partition count, known kinds) -> Grouped (the
+# door's sorts a big body off the event loop, as it did the first time).
+Regroup = Callable[[int, int, Mapping[str, str]], Awaitable[Grouped]]
+# How many times a put tries its append: a stream deleted under it is made again, and a scale event
+# that moved the layout the points were routed by has them routed again; nothing went in either way.
+ATTEMPTS = 3
 
 
 class PutWrite:
@@ -363,24 +367,34 @@ class PutWrite:
         return out
 
     async def run(self, target: TsdbStream) -> None:
-        """Check the pending types, fix new ones, append. A stream deleted under us is recreated
-        once (its registry starts empty, so the points are sorted and checked again); the store's
-        failures (UNAVAILABLE, STORAGE_FULL) are every accepted point's storage exception; a client
-        error of the whole call (the name holds a typed stream) is raised."""
+        """Check the pending types, fix new ones, append. A whole append refused because the stream
+        was deleted under us (it is made again, with an empty registry: the points are sorted and
+        checked again) or because a scale event changed the partition count the points were routed
+        by (they are routed again) is tried again, up to ATTEMPTS in all: nothing of it went in.
+        Otherwise the store's failures (UNAVAILABLE, STORAGE_FULL) are every accepted point's
+        storage exception; a client error of the whole call (the name holds a typed stream) is raised."""
         try:
-            for attempt in (1, 2):
+            for attempt in range(1, ATTEMPTS + 1):
                 try:
                     await self._attempt(target)
                     return
                 except BrokerError as exc:
                     if not exc.is_server_fault and exc.code is not ErrorCode.STREAM_NOT_FOUND:
                         raise   # the request's or the configuration's fault (a typed stream): its error
-                    if exc.code is not ErrorCode.STREAM_NOT_FOUND or attempt == 2:
+                    gone = exc.code is ErrorCode.STREAM_NOT_FOUND
+                    if not (gone or self._moved(target)) or attempt == ATTEMPTS:
                         self._fail_pending(exc)
                         return
-                    self.grouped.stream_id = -1   # nothing went in: sorted again for the new stream
+                    if gone:
+                        self.grouped.stream_id = -1   # sorted again for the new stream
         finally:
             self.done = True
+
+    def _moved(self, target: TsdbStream) -> bool:
+        """Whether the stream is not (or no longer) the layout the points were last sorted for: a
+        whole append refused then was refused for it (core: UNAVAILABLE, route again)."""
+        config, g = target.config(), self.grouped
+        return config is None or config.stream_id != g.stream_id or config.partition_count != g.partition_count
 
     def _fail_pending(self, error: BrokerError) -> None:
         text = storage_exception(error)
@@ -393,9 +407,12 @@ class PutWrite:
     async def _attempt(self, target: TsdbStream) -> None:
         config, registry = await target.ensure()
         g = self.grouped
-        if g.stream_id != config.stream_id or g.partition_count != config.partition_count:
-            g = self.grouped = self._regroup(config.stream_id, config.partition_count, registry.kinds())
+        # sorted for another layout (the stream made, scaled, or deleted and made again since):
+        # sorted again, until the layout it was sorted for is still the stream's after the sort
+        while g.stream_id != config.stream_id or g.partition_count != config.partition_count:
+            g = self.grouped = await self._regroup(config.stream_id, config.partition_count, registry.kinds())
             self.errors = g.errors
+            config, registry = await target.ensure()
         errors = g.errors
         # the points of series unknown when grouped, in array order: one part each per partition
         extra: dict[int, Part] = {}

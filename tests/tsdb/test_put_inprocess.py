@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from typing import Any, AsyncIterator, Sequence
 
 import pytest
@@ -37,6 +38,8 @@ class ControlledStore(MemoryStore):
         self.refuse: set[int] = set()              # partitions answered STORAGE_FULL
         self.fail_appends = False                  # the whole append raises UNAVAILABLE
         self.fail_meta = False                     # metadata writes raise STORAGE_FULL
+        self.types_gate: asyncio.Event | None = None   # set: the registry's type writes wait for it
+        self.types_entered = asyncio.Event()
         self.slow_create = False
         self.scan_gate: asyncio.Event | None = None   # set: registry loads wait for it
         self.scans = 0
@@ -58,6 +61,10 @@ class ControlledStore(MemoryStore):
         return await super().meta_scan(prefix)
 
     async def meta_write(self, changes: dict[bytes, bytes | None]) -> None:
+        if any(k.startswith(b"T") for k in changes):   # the series registry fixing new types
+            self.types_entered.set()
+            if self.types_gate is not None:
+                await self.types_gate.wait()
         if self.fail_meta:
             raise server_error(ErrorCode.STORAGE_FULL)
         await super().meta_write(changes)
@@ -320,6 +327,53 @@ async def test_a_stream_deleted_during_a_put_is_recreated_and_the_put_lands_ther
     # the new incarnation learnt the series' type from that point
     status, body = await post(client, [point("dd", 5, NOW_S + 2)], "?details")
     assert status == 400 and body["errors"][0]["error"] == "Value type mismatch: series holds string values"
+
+
+async def test_a_scale_event_during_a_put_routes_its_points_again(
+        client: TestClient, broker: Broker, store: ControlledStore) -> None:
+    """The stream is scaled after the put sorted its points for 8 partitions, while it fixes a new
+    series' type: the core refuses the append as routed by the old count, nothing of it went in,
+    and the put routes its points again for the new count instead of failing them."""
+    assert (await post(client, [point("sc", 1, host="known")]))[0] == 204
+    store.types_gate = asyncio.Event()
+    store.types_entered.clear()
+    sent = [point("sc", 2, NOW_S + 1, host="known")] + [point("sc", i, NOW_S + 1, host=f"n{i}") for i in range(20)]
+    put = asyncio.ensure_future(post(client, sent, "?details"))
+    await asyncio.wait_for(store.types_entered.wait(), 30)   # sorted for 8 partitions, fixing types
+    await broker.update_partition_count("tsdb", 3)
+    store.types_gate.set()
+    assert await put == (200, {"success": 21, "failed": 0, "errors": []})
+    config = broker.catalogue.get("default", "tsdb")
+    assert config.partition_count == 3
+    for p in range(3):   # each new point in the partition its series routes to at 3
+        cursor = await broker.get_cursor("tsdb", str(p), "AT_SEQUENCE_NUMBER", "0")
+        for r in (await broker.get_records(cursor, 10_000)).records:
+            data = json.loads(r.data)
+            if data["timestamp"] == (NOW_S + 1) * 1000:
+                assert series_partition(series_key("sc", data["tags"]), 3) == p
+    assert sorted(p["value"] for p in await stored(broker, "sc") if p["timestamp"] == (NOW_S + 1) * 1000) == \
+        sorted([2, *range(20)])
+
+
+async def test_a_big_first_put_is_sorted_twice_off_the_event_loop(
+        client: TestClient, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the stream exists a put is sorted for no layout, then again once it is made: a big
+    body both times in a thread, not on the event loop that serves every other request."""
+    from broker.api import tsdb as door
+    threads: list[bool] = []
+    real = door.sort
+
+    def sort(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args)
+
+    monkeypatch.setattr(door, "sort", sort)
+    sent = [point("big1", i, NOW_S, host=f"h{i}", pad="x" * 100) for i in range(3000)]
+    body = json.dumps(sent).encode()
+    assert len(body) > door._INLINE_BYTES
+    assert (await post(client, sent))[0] == 204
+    assert threads == [False, False]   # on the loop, each would be True
+    assert len(await stored(broker, "big1")) == 3000
 
 
 async def test_two_doors_racing_to_create_the_stream_share_it(broker: Broker, store: ControlledStore) -> None:

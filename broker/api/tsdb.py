@@ -174,10 +174,12 @@ async def _answer(request: web.Request, body: bytes, details: bool, summary: boo
         return web.Response(status=204)
     if not (details or summary):
         return _json({"error": _POINT_ERRORS}, 400)
+    # one moment, taken before any await: after a sync_timeout the write goes on, and a part
+    # appended while the body is parsed again must not leave the counts and the list disagreeing
+    errors, kept = list(errors), stored() if details else []
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
         points = points if points is not None else await _points_of(body)
-        kept = stored()
         answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else _pending(request)}
                             for i, error in enumerate(errors) if not kept[i]]
     timeouts = errors.count(None) - success   # a point is stored, failed or pending, never two of them

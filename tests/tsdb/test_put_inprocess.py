@@ -158,6 +158,34 @@ async def test_a_sync_timeout_that_runs_out_answers_400_with_timeouts(
     await eventually(landed)
 
 
+async def test_a_timed_out_answer_describes_one_moment_though_the_write_lands_meanwhile(
+        client: TestClient, broker: Broker, store: ControlledStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync_timeout runs out with the append stalled; while the answer's details are being made
+    (the body parsed again, an await) the append lands. The answer still adds up: every point it
+    counts as failed is listed, as the timeout it was when the time ran out."""
+    from broker.api import tsdb as door
+    assert (await post(client, [point("mo", 0, host="x"), point("mo", 0, host="y")]))[0] == 204
+    store.gate = asyncio.Event()
+    real = door._points_of
+
+    async def points_of_after_landing(body: bytes) -> list[Any]:
+        gate = store.gate
+        assert gate is not None
+        gate.set()   # the write goes on now, while the answer is being made
+
+        async def landed() -> bool:
+            return sorted(p["value"] for p in await stored(broker, "mo")) == [0, 0, 1, 2]
+        await eventually(landed)
+        return await real(body)
+
+    monkeypatch.setattr(door, "_points_of", points_of_after_landing)
+    sent = [point("mo", 1, host="x"), point("mo", 2, host="y")]
+    timeout = "Storage exception: not durable within sync_timeout (50 ms)"
+    assert await post(client, sent, "?details&sync_timeout=50") == (400, {
+        "success": 0, "failed": 2, "timeouts": 2,
+        "errors": [{"datapoint": sent[0], "error": timeout}, {"datapoint": sent[1], "error": timeout}]})
+
+
 async def test_a_sync_timeout_while_the_stream_is_being_made(client: TestClient, store: ControlledStore) -> None:
     store.gate = asyncio.Event()
     status, body = await post(client, [point("first", 1)], "?summary&sync_timeout=20")

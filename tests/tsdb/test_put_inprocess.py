@@ -404,6 +404,34 @@ async def test_a_big_first_put_is_sorted_twice_off_the_event_loop(
     assert len(await stored(broker, "big1")) == 3000
 
 
+async def test_a_scale_event_during_the_second_sort_is_sorted_for_before_the_append(
+        client: TestClient, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first put is sorted again once the stream is made; the stream is scaled while that sort
+    runs (in its thread). The put sorts once more before it appends: the core is only ever asked
+    to append by the layout the stream has, never refused for a stale one."""
+    from broker.api import tsdb as door
+    loop = asyncio.get_running_loop()
+    real_sort, real_append = door.sort, broker.append_partitioned
+    counts: list[int] = []
+
+    def sort(body: bytes, stream_id: int, partition_count: int, *rest: Any) -> Any:
+        if partition_count == 8:   # sorting for the stream just made: scale it meanwhile
+            asyncio.run_coroutine_threadsafe(broker.update_partition_count("tsdb", 3), loop).result(30)
+        return real_sort(body, stream_id, partition_count, *rest)
+
+    async def append_partitioned(*args: Any, **kwargs: Any) -> Any:
+        counts.append(kwargs["partition_count"])
+        return await real_append(*args, **kwargs)
+
+    monkeypatch.setattr(door, "sort", sort)
+    monkeypatch.setattr(broker, "append_partitioned", append_partitioned)
+    sent = [point("sc2", i, NOW_S, host=f"h{i}", pad="x" * 100) for i in range(3000)]
+    assert len(json.dumps(sent)) > door._INLINE_BYTES
+    assert await post(client, sent, "?summary") == (200, {"success": 3000, "failed": 0})
+    assert counts == [3]
+    assert len(await stored(broker, "sc2")) == 3000
+
+
 async def test_two_doors_racing_to_create_the_stream_share_it(broker: Broker, store: ControlledStore) -> None:
     store.slow_create = True
     first, second = TsdbStream(broker, "p1", "tsdb"), TsdbStream(broker, "p1", "tsdb")

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import unquote_plus
 
 import orjson
@@ -111,17 +111,14 @@ async def put(request: web.Request) -> web.StreamResponse:
         # without a layout: checked for size now, sorted again once the stream is there
         how = (layout[0].stream_id, layout[0].partition_count, layout[1].kinds()) if layout is not None else (-1, 1, {})
         try:
-            return (await asyncio.to_thread(sort, body, *how, limit) if len(body) > _INLINE_BYTES
-                    else sort(body, *how, limit))
+            return await _sort(body, *how, limit)
         except BadBody as exc:
             return exc
 
-    async def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Grouped:
-        """Sorted again for the stream as it is now (made or scaled since): a big body off the
-        event loop, as the first time (a first put before the stream exists is sorted twice)."""
-        if len(body) > _INLINE_BYTES:
-            return await asyncio.to_thread(sort, body, stream_id, partition_count, known, limit)
-        return sort(body, stream_id, partition_count, known, limit)
+    def regroup(stream_id: int, partition_count: int, known: Mapping[str, str]) -> Awaitable[Grouped]:
+        # sorted again for the stream as it is now (made or scaled since; a first put before the
+        # stream exists is sorted twice), as the first time
+        return _sort(body, stream_id, partition_count, known, limit)
 
     made: asyncio.Future[PutWrite | BadBody] = loop.create_future()
 
@@ -186,6 +183,15 @@ async def _answer(request: web.Request, body: bytes, details: bool, summary: boo
     if timeouts:
         answer["timeouts"] = timeouts
     return _json(answer, 400)
+
+
+async def _sort(body: bytes, stream_id: int, partition_count: int, known: Mapping[str, str],
+                max_record_bytes: int) -> Grouped:
+    """put.sort, in a thread for a big body: the event loop serves every other request meanwhile.
+    Raises BadBody."""
+    if len(body) > _INLINE_BYTES:
+        return await asyncio.to_thread(sort, body, stream_id, partition_count, known, max_record_bytes)
+    return sort(body, stream_id, partition_count, known, max_record_bytes)
 
 
 def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence, cast
 import orjson
 
 from broker.errors import BrokerError, ErrorCode
-from broker.model import Packed
+from broker.model import Packed, StreamConfig
 from broker.tsdb.points import (
     NAME_CACHE,
     RAW_TAGS_REMEMBERED,
@@ -382,19 +382,15 @@ class PutWrite:
                     if not exc.is_server_fault and exc.code is not ErrorCode.STREAM_NOT_FOUND:
                         raise   # the request's or the configuration's fault (a typed stream): its error
                     gone = exc.code is ErrorCode.STREAM_NOT_FOUND
-                    if not (gone or self._moved(target)) or attempt == ATTEMPTS:
+                    # refused for the layout it was routed by (core: UNAVAILABLE, route again)
+                    moved = not _sorted_for(self.grouped, target.config())
+                    if not (gone or moved) or attempt == ATTEMPTS:
                         self._fail_pending(exc)
                         return
                     if gone:
                         self.grouped.stream_id = -1   # sorted again for the new stream
         finally:
             self.done = True
-
-    def _moved(self, target: TsdbStream) -> bool:
-        """Whether the stream is not (or no longer) the layout the points were last sorted for: a
-        whole append refused then was refused for it (core: UNAVAILABLE, route again)."""
-        config, g = target.config(), self.grouped
-        return config is None or config.stream_id != g.stream_id or config.partition_count != g.partition_count
 
     def _fail_pending(self, error: BrokerError) -> None:
         text = storage_exception(error)
@@ -409,7 +405,7 @@ class PutWrite:
         g = self.grouped
         # sorted for another layout (the stream made, scaled, or deleted and made again since):
         # sorted again, until the layout it was sorted for is still the stream's after the sort
-        while g.stream_id != config.stream_id or g.partition_count != config.partition_count:
+        while not _sorted_for(g, config):
             g = self.grouped = await self._regroup(config.stream_id, config.partition_count, registry.kinds())
             self.errors = g.errors
             config, registry = await target.ensure()
@@ -468,6 +464,12 @@ class PutWrite:
             else:
                 self._appended.append(indices)
                 self.success += len(indices)
+
+
+def _sorted_for(grouped: Grouped, config: StreamConfig | None) -> bool:
+    """Whether `grouped` was sorted for the stream's layout as `config` gives it (None: no stream)."""
+    return config is not None and (grouped.stream_id, grouped.partition_count) == (config.stream_id,
+                                                                                   config.partition_count)
 
 
 def _merged(part: Part | PackedPart, more: Part) -> Part:

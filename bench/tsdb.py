@@ -54,6 +54,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -680,7 +681,7 @@ def format_table(rows: list[wl.Row]) -> str:
 
 def ratios(rows: list[wl.Row]) -> list[tuple[str, str, float, float, float]]:
     """(figure, peer, Sluice, peer, ratio): put points/s Sluice/peer; queries peer p50 / Sluice p50. The
-    figure names Sluice's durability when it is not the default (wal)."""
+    figure names Sluice's durability when it is not the default (wal). Rows of one pass only."""
     ok = [r for r in rows if r.ok]
     out = []
     for peer in ("VictoriaMetrics", "InfluxDB"):
@@ -696,6 +697,25 @@ def ratios(rows: list[wl.Row]) -> list[tuple[str, str, float, float, float]]:
     return out
 
 
+def pass_ratios(rows: list[wl.Row]) -> list[list[tuple[str, str, float, float, float]]]:
+    """ratios() of each pass (rows tagged extra["pass"]): each system's figure beside the peers' of
+    the same pass, measured within a minute or two of each other."""
+    passes = sorted({r.extra.get("pass", 1) for r in rows})
+    return [ratios([r for r in rows if r.extra.get("pass", 1) == n]) for n in passes]
+
+
+def median_ratios(per_pass: list[list[tuple[str, str, float, float, float]]]
+                  ) -> list[tuple[str, str, float, float, float]]:
+    """Per (figure, peer): the medians of Sluice's and the peer's figures and of the passes' ratios
+    (the median of the ratios, not the ratio of the medians: each pass's pair shared its minutes)."""
+    by: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for rs in per_pass:
+        for figure, peer, s, p, ratio in rs:
+            by.setdefault((figure, peer), []).append((s, p, ratio))
+    return [(figure, peer, statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs),
+             statistics.median(x[2] for x in xs)) for (figure, peer), xs in by.items()]
+
+
 def format_ratios(rs: list[tuple[str, str, float, float, float]]) -> str:
     lines = ["| figure | peer | Sluice | peer | ratio |", "|---|---|---|---|---|"]
     for figure, peer, s, p, ratio in rs:
@@ -704,13 +724,22 @@ def format_ratios(rs: list[tuple[str, str, float, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(rs: list[tuple[str, str, float, float, float]]) -> list[tuple[str, str, str]]:
+def verdicts(rs: list[tuple[str, str, float, float, float]],
+             per_pass: list[list[tuple[str, str, float, float, float]]] | None = None) -> list[tuple[str, str, str]]:
+    """The targets, judged on `rs` (one pass's ratios, or median_ratios of several: then `per_pass`
+    lists every pass's ratio beside the median)."""
     out = []
     for figure, peer, s, p, ratio in rs:
         if figure == "put points/s (Sluice/peer)":   # the default durability
             target = TARGET_VM if peer == "VictoriaMetrics" else TARGET_INFLUX
-            out.append((f"put >= {target:g}x {peer}", f"{s:,.0f} / {p:,.0f} points/s = {ratio:.2f}x",
-                        "met" if ratio >= target else "NOT MET"))
+            measured = f"{s:,.0f} / {p:,.0f} points/s = {ratio:.2f}x"
+            if per_pass and len(per_pass) > 1:
+                each = [r for rs_ in per_pass for f, pe, _, _, r in rs_ if f == figure and pe == peer]
+                met = sum(r >= target for r in each)
+                measured = (f"median of {len(each)} passes {ratio:.2f}x (passes: "
+                            f"{', '.join(f'{r:.2f}' for r in each)}; {met} of {len(each)} >= {target:g}x); "
+                            f"medians {s:,.0f} / {p:,.0f} points/s")
+            out.append((f"put >= {target:g}x {peer}", measured, "met" if ratio >= target else "NOT MET"))
     return out
 
 
@@ -734,6 +763,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="Sluice's: comma-separated wal (the broker's default), fsync (--fsync); a fresh broker each "
                         "(default wal; the verdicts judge wal)")
     p.add_argument("--no-sluice", action="store_true", help="only the peers")
+    p.add_argument("--passes", type=int, default=1,
+                   help="run the workloads on every system this many times, the systems in turn (Sluice, the peers, "
+                        "Sluice, ...), each time on a fresh server; ratios per pass, the verdicts on their medians "
+                        "(default 1)")
     p.add_argument("--tsdb-workers", type=int, default=TSDB_WORKERS,
                    help=f"the broker's --tsdb-workers: processes that check and sort put bodies "
                         f"(default {TSDB_WORKERS})")
@@ -759,8 +792,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                           ("q2_repeat", Q2_REPEAT)):
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else default)
-    if min(args.points, args.q2_points, args.q1_repeat, args.q2_repeat) < 1:
-        p.error("--points, --q2-points, --q1-repeat and --q2-repeat must be positive")
+    if min(args.points, args.q2_points, args.q1_repeat, args.q2_repeat, args.passes) < 1:
+        p.error("--points, --q2-points, --q1-repeat, --q2-repeat and --passes must be positive")
     if args.points > SERIES * 8000:
         p.error(f"--points: at most {SERIES * 8000:,} (the put's rounds must stay within its day)")
     return args
@@ -779,24 +812,36 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[wl.Row] = []
     try:
         sluice = [] if args.no_sluice else ["sluice" if d == "wal" else f"sluice-{d}" for d in args.durability]
-        for key in sluice + args.peers:
-            rows += run_system(key, args, plan, data)
+        for n in range(1, args.passes + 1):
+            if args.passes > 1:
+                _say(f"pass {n} of {args.passes}")
+            for key in sluice + args.peers:
+                for row in run_system(key, args, plan, data):
+                    row.extra["pass"] = n
+                    rows.append(row)
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
     load_after = os.getloadavg()
-    rs = ratios(rows)
-    checks = verdicts(rs)
+    per_pass = pass_ratios(rows)
+    rs = per_pass[0] if len(per_pass) == 1 else median_ratios(per_pass)
+    checks = verdicts(rs, per_pass)
     print(f"OpenTSDB /api/put: {args.points:,} points over {SERIES:,} series ({METRICS} metrics x {HOSTS} hosts x "
           f"{DCS} dcs), {BATCH} points a request, {PRODUCERS} producers; q1: sum:{DOWNSAMPLE} of one of those series "
           f"({plan.rounds} points) x {args.q1_repeat}; q2: sum:{DOWNSAMPLE} of one series of {args.q2_points:,} "
-          f"points x {args.q2_repeat}; Sluice with --tsdb-workers {TSDB_WORKERS}")
+          f"points x {args.q2_repeat}; Sluice with --tsdb-workers {TSDB_WORKERS}"
+          + (f"; {args.passes} passes, the systems in turn" if args.passes > 1 else ""))
     print(f"cpus: {os.cpu_count()}; load average before: {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}, after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
           f"started {started:%Y-%m-%d %H:%M:%S} UTC")
     print(format_table(rows))
+    if len(per_pass) > 1:
+        for n, pass_rs in enumerate(per_pass, 1):
+            print(f"\npass {n}: Sluice / peer (queries: peer p50 / Sluice p50, > 1 = Sluice faster):")
+            print(format_ratios(pass_rs))
     if rs:
-        print("\nSluice / peer (queries: peer p50 / Sluice p50, > 1 = Sluice faster):")
+        print("\nSluice / peer (queries: peer p50 / Sluice p50, > 1 = Sluice faster)"
+              + (f", medians of {len(per_pass)} passes:" if len(per_pass) > 1 else ":"))
         print(format_ratios(rs))
     if checks:
         print()
@@ -812,9 +857,12 @@ def main(argv: list[str] | None = None) -> int:
                    "q2_points": args.q2_points, "d0": plan.d0, "q1_repeat": args.q1_repeat,
                    "q2_repeat": args.q2_repeat, "downsample": DOWNSAMPLE, "aggregator": "sum",
                    "workloads": args.workloads, "peers": args.peers, "sluice": not args.no_sluice,
-                   "durability": [] if args.no_sluice else args.durability, "tsdb_workers": TSDB_WORKERS},
+                   "durability": [] if args.no_sluice else args.durability, "tsdb_workers": TSDB_WORKERS,
+                   "passes": args.passes},
         "rows": [r.as_dict() for r in rows],
         "ratios": [{"figure": f, "peer": p, "sluice": s, "peer_value": v, "ratio": r} for f, p, s, v, r in rs],
+        "pass_ratios": [[{"figure": f, "peer": p, "sluice": s, "peer_value": v, "ratio": r} for f, p, s, v, r in x]
+                        for x in per_pass],
         "verdicts": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],
     }, indent=1))
     print(f"\nresults: {path}")

@@ -15,7 +15,8 @@
 #               influxdb (apt) for the OpenTSDB door's figures (bench/run.py tsdb --peers yes)
 # `make bench-tsdb`: the OpenTSDB door (issue 10): /api/put points/s over 10,000 series and the
 #               /api/query latency of one series (bench/run.py tsdb); takes ARGS, e.g. ARGS=--quick,
-#               ARGS='--peers yes' (VictoriaMetrics and InfluxDB beside; make bench-peers installs them)
+#               ARGS='--peers yes' (VictoriaMetrics and InfluxDB beside; make bench-peers installs them),
+#               ARGS='--peers yes --workloads put --passes 5' (issue 10's targets, on medians of 5 passes)
 # `make bench-timeplus`: the Timeplus door's T1-T4 (issue 8) on fresh brokers, ClickHouse beside T1
 #               when clickhouse-server is installed; takes ARGS, e.g. ARGS='--quick', ARGS='--minutes 1'
 # `make bench-sources`: rows/s from a JetStream source into Sluice (1 KiB JSON messages) beside a

@@ -2,6 +2,7 @@
 both doors, WAL only), the suite against an already running broker, and a short memory run."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -246,10 +247,44 @@ def test_tsdb_small(tmp_path):
 
 def test_tsdb_bad_options_are_refused(tmp_path):
     for args in (["--workloads", "q1"], ["--workloads", "q9"], ["--peers", "kafka"], ["--no-sluice"],
-                 ["--points", "0"], ["--durability", "none"]):
+                 ["--points", "0"], ["--durability", "none"], ["--passes", "0"]):
         out = subprocess.run([sys.executable, RUN, "tsdb", *args], cwd=tmp_path, capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 2 and "error:" in out.stderr, args
+
+
+def _bench_tsdb():   # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_tsdb", ROOT / "bench" / "tsdb.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tsdb_passes_are_judged_on_the_median_of_their_ratios():
+    """--passes: a ratio per pass, each Sluice figure beside the peers' of its own pass; the verdict
+    on the median of those ratios (not the ratio of the medians), every pass's ratio listed."""
+    bt = _bench_tsdb()
+
+    def put(system: str, rate: float, n: int, ok: bool = True):   # type: ignore[no-untyped-def]
+        return bt.wl.Row(system, "OpenTSDB HTTP", "wal", "put", rate=rate, ok=ok, extra={"pass": n})
+    rows = [put("Sluice", 500, 1), put("VictoriaMetrics", 2000, 1), put("InfluxDB", 300, 1),   # 0.25x, 1.67x
+            put("Sluice", 300, 2), put("VictoriaMetrics", 900, 2), put("InfluxDB", 300, 2),    # 0.33x, 1.00x
+            put("Sluice", 600, 3), put("VictoriaMetrics", 1900, 3), put("InfluxDB", 400, 3),   # 0.32x, 1.50x
+            put("Sluice", 900, 4), put("VictoriaMetrics", 1, 4, ok=False), put("InfluxDB", 100, 4)]   # -, 9.00x
+    per_pass = bt.pass_ratios(rows)
+    assert [[round(r[4], 2) for r in rs] for rs in per_pass] == [[0.25, 1.67], [0.33, 1.0], [0.32, 1.5], [9.0]]
+    medians = {peer: (s, p, round(ratio, 3)) for _, peer, s, p, ratio in bt.median_ratios(per_pass)}
+    # VictoriaMetrics: 3 passes (its 4th failed); the median ratio 0.32 is no pass's Sluice/VM medians (500/1900)
+    assert medians == {"VictoriaMetrics": (500, 1900, 0.316), "InfluxDB": (550, 300, 1.583)}
+    verdicts = {target: (measured, verdict) for target, measured, verdict in bt.verdicts(bt.median_ratios(per_pass),
+                                                                                       per_pass)}
+    assert verdicts["put >= 0.3x VictoriaMetrics"] == (
+        "median of 3 passes 0.32x (passes: 0.25, 0.33, 0.32; 2 of 3 >= 0.3x); medians 500 / 1,900 points/s", "met")
+    assert verdicts["put >= 1.2x InfluxDB"][1] == "met" and "3 of 4 >= 1.2x" in verdicts["put >= 1.2x InfluxDB"][0]
+    one = bt.verdicts(per_pass[0], per_pass[:1])   # one pass: judged on its own ratio, as before --passes
+    assert one[0] == ("put >= 0.3x VictoriaMetrics", "500 / 2,000 points/s = 0.25x", "NOT MET")
 
 
 def test_jetstream_store_quick(tmp_path):

@@ -174,7 +174,14 @@ def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
         async def wrapper(self: SluiceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             error: BrokerError | None = None
             began = time.perf_counter()
+            counted = False
             self._active += 1
+
+            def count() -> None:
+                if observe:
+                    self._broker.stats.observe_request("grpc", verb, time.perf_counter() - began, error)
+                elif error is not None:   # counted, but a long call's duration is no request latency
+                    self._broker.stats.request_errors[("grpc", error.code.reason)] += 1
             try:
                 if self._draining:
                     error = server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
@@ -192,13 +199,15 @@ def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
                         request_id = uuid.uuid4().hex
                         log.exception("unhandled error in %s, request id %s", method.__name__, request_id)
                         error = server_error(ErrorCode.INTERNAL, request_id=request_id)
+                # counted before the abort: it sends the status before it raises, and a client that
+                # reads the metrics as soon as it has its error must find this call in them
+                count()
+                counted = True
                 await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
             finally:
                 self._active -= 1
-                if observe:
-                    self._broker.stats.observe_request("grpc", verb, time.perf_counter() - began, error)
-                elif error is not None:   # counted, but a long call's duration is no request latency
-                    self._broker.stats.request_errors[("grpc", error.code.reason)] += 1
+                if not counted:
+                    count()
                 # refused calls count too: while clients keep calling, grpc core holds calls it has not
                 # handed over yet, and stopping then would answer those CANCELLED (not retried by
                 # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.

@@ -174,7 +174,6 @@ def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
         async def wrapper(self: SluiceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             error: BrokerError | None = None
             began = time.perf_counter()
-            counted = False
             self._active += 1
 
             def count() -> None:
@@ -202,11 +201,10 @@ def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
                 # counted before the abort: it sends the status before it raises, and a client that
                 # reads the metrics as soon as it has its error must find this call in them
                 count()
-                counted = True
                 await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
             finally:
                 self._active -= 1
-                if not counted:
+                if error is None:   # answered, or cancelled (an error was counted before its abort)
                     count()
                 # refused calls count too: while clients keep calling, grpc core holds calls it has not
                 # handed over yet, and stopping then would answer those CANCELLED (not retried by

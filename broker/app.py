@@ -179,7 +179,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     with explain_store_failure(settings):
         store = await open_store(settings)
     limits = replace(DEFAULT_LIMITS, partition_records_per_s=settings.partition_records_per_s,
-                     partition_bytes_per_s=settings.partition_bytes_per_s)
+                     partition_bytes_per_s=settings.partition_bytes_per_s,
+                     subscribe_heartbeat_ms=round(settings.subscribe_heartbeat * 1000))
     broker = Broker(store, limits=limits)
     try:
         with explain_store_failure(settings):

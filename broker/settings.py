@@ -33,6 +33,7 @@ class Settings:
     body_timeout: float = 30.0
     shutdown_grace: float = 10.0
     retention_interval: float = 60.0
+    subscribe_heartbeat: float = 15.0
     log_level: str = "INFO"
     tsdb_stream: str = "tsdb"
     tsdb_project: str = "default"
@@ -71,6 +72,9 @@ _HELP = {
     "body_timeout": "seconds a client may take to send a request body",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGTERM",
     "retention_interval": "seconds between background trims of expired records",
+    "subscribe_heartbeat": "seconds of silence after which a push subscription (gRPC Subscribe, the SSE tail) gets a "
+                           "heartbeat, so a dead consumer is noticed and proxies keep the connection open; keep it "
+                           "below the idle timeout of any proxy in between",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "tsdb_stream": "stream the OpenTSDB door (/api/put) writes points to; created on first put with 8 partitions",
     "tsdb_project": "project of --tsdb-stream",
@@ -168,6 +172,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "body_timeout": (lambda v: v > 0, "more than 0 seconds"),
     "shutdown_grace": (lambda v: v >= 0, "0 seconds or more"),
     "retention_interval": (lambda v: v > 0, "more than 0 seconds"),
+    "subscribe_heartbeat": (lambda v: 0.1 <= v <= 3600, "within 0.1..3600 seconds"),
     "log_level": (lambda v: v.upper() in _LOG_LEVELS, "one of " + ", ".join(_LOG_LEVELS)),
     # the broker's stream and project name rules (core/limits.py), not imported: settings stand alone
     "tsdb_stream": (lambda v: re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) is not None,

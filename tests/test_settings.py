@@ -1,3 +1,7 @@
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from broker.settings import Settings, option_hint, parse_settings
@@ -27,6 +31,10 @@ def test_env_sets_and_flag_overrides() -> None:
     (["--tsdb-stream", "a b"], {}),
     (["--tsdb-stream", ""], {}),
     ([], {"SLUICE_TSDB_PROJECT": "x/y"}),
+    (["--subscribe-heartbeat", "0"], {}),
+    (["--subscribe-heartbeat", "0.05"], {}),
+    (["--subscribe-heartbeat", "3601"], {}),
+    ([], {"SLUICE_SUBSCRIBE_HEARTBEAT": "nan"}),
 ])
 def test_bad_values_are_usage_errors(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -55,6 +63,20 @@ def test_a_bad_value_is_one_line_naming_where_it_came_from(argv: list[str], env:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sluice-broker: error: "), err
     assert named in err
+
+
+def test_subscribe_heartbeat_in_seconds_from_flag_or_env() -> None:
+    assert Settings().subscribe_heartbeat == 15.0
+    assert parse_settings(["--subscribe-heartbeat", "0.5"], environ={}).subscribe_heartbeat == 0.5
+    assert parse_settings([], environ={"SLUICE_SUBSCRIBE_HEARTBEAT": "30"}).subscribe_heartbeat == 30.0
+
+
+def test_every_option_is_in_the_readme_table() -> None:
+    """The README's table of options names each one's flag and environment variable, once."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| `(SLUICE_[A-Z_]+)` \|", readme, re.MULTILINE)
+    expected = [(f"--{f.name.replace('_', '-')}", f"SLUICE_{f.name.upper()}") for f in fields(Settings)]
+    assert sorted(rows) == sorted(expected)
 
 
 def test_log_level_is_case_insensitive_and_ports_must_differ_unless_zero() -> None:

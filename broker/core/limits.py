@@ -57,7 +57,7 @@ class Limits:
     # official SDK's 120 s read timeout (and our client's 30 s), so a waiting poll never looks dead.
     max_wait_ms: int = 20_000
     # Push subscriptions send an empty message after this much silence so a dead consumer is noticed
-    # and proxies keep the connection open.
+    # and proxies keep the connection open. app.py sets it from --subscribe-heartbeat.
     subscribe_heartbeat_ms: int = 15_000
     # Apps: DIS's default app quota is undocumented; [ours] 1000 per broker.
     max_apps: int = 1000

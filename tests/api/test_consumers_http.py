@@ -563,6 +563,23 @@ def test_deleting_the_stream_ends_an_open_tail_with_an_error_event(broker, strea
     assert body["error_code"] == body["errorCode"] == "DIS.4301" and body["error_msg"] == body["message"]
 
 
+def test_a_quiet_tail_gets_a_heartbeat_comment_every_interval(start_broker):
+    """--subscribe-heartbeat 1: silence is broken by `: heartbeat` comments (the default, 15 s, is
+    past the tail's 10 s read timeout), and a record written after them still comes."""
+    own = start_broker("--store", "memory", "--subscribe-heartbeat", "1")
+    create_stream(own, "quiet", 1)
+    tail = Tail(own, {"partition-cursor": cursor(own, "quiet")})
+    try:
+        events = tail.events()
+        assert next(events) == {"comment": "connected"}
+        assert [next(events), next(events)] == [{"comment": "heartbeat"}] * 2
+        put(own, "quiet", [b"after"])
+        first = next(e for e in events if "data" in e)
+        assert decoded(json.loads(first["data"])) == [b"after"]
+    finally:
+        tail.close()
+
+
 def test_sigterm_ends_open_tails_promptly(start_broker):
     own = start_broker()
     create_stream(own, "s", 2)

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client._pb.sluice.v1 import sluice_pb2 as pb
+from client._pb.sluice.v1 import sluice_pb2_grpc
 
 HASH_MAX = 2**63 - 1
 TIMEOUT = 10.0  # every RPC in this module: a hang is a failure, never a stuck suite
@@ -824,20 +825,23 @@ def test_subscribe_sends_record_batches(sluice_stub, stream_name):
         call.cancel()
 
 
-@pytest.mark.slow
-def test_subscribe_heartbeat_is_its_own_message(sluice_stub, stream_name):
-    """A quiet partition: after the broker's heartbeat interval (15 s) a Heartbeat, not an empty batch."""
-    create(sluice_stub, stream_name, 1)
-    call = sluice_stub.Subscribe(pb.SubscribeRequest(stream_name=stream_name, partition_id=0,
-                                                     cursor_type=pb.CURSOR_TYPE_LATEST), timeout=60)
-    try:
-        beat = next(call)
-        assert beat.WhichOneof("event") == "heartbeat"
-        assert beat.heartbeat.next_cursor and beat.heartbeat.millis_behind_latest == 0
-        to_partition(sluice_stub, stream_name, 0, [b"after"])
-        assert drain(sluice_stub, beat.heartbeat.next_cursor)[1] == [b"after"]
-    finally:
-        call.cancel()
+def test_subscribe_heartbeat_is_its_own_message(start_broker):
+    """A quiet partition: after the broker's heartbeat interval (--subscribe-heartbeat 1; the
+    default is 15 s, past the call's 10 s) a Heartbeat, not an empty batch; then another."""
+    own = start_broker("--store", "memory", "--subscribe-heartbeat", "1")
+    with grpc.insecure_channel(own.grpc_target) as channel:
+        stub = sluice_pb2_grpc.SluiceStub(channel)
+        create(stub, "quiet", 1)
+        call = stub.Subscribe(pb.SubscribeRequest(stream_name="quiet", partition_id=0,
+                                                  cursor_type=pb.CURSOR_TYPE_LATEST), timeout=TIMEOUT)
+        try:
+            beats = [next(call), next(call)]
+            assert [b.WhichOneof("event") for b in beats] == ["heartbeat", "heartbeat"]
+            assert all(b.heartbeat.next_cursor and b.heartbeat.millis_behind_latest == 0 for b in beats)
+            to_partition(stub, "quiet", 0, [b"after"])
+            assert drain(stub, beats[-1].heartbeat.next_cursor)[1] == [b"after"]
+        finally:
+            call.cancel()
 
 
 # -- garbage on the wire -----------------------------------------------------------------------

@@ -81,7 +81,7 @@ test: proto nats-server chromium
 # after proto: mypy reads the generated stubs' .pyi files
 lint: proto
 	$(PY) -m ruff check broker client tests bench
-	$(PY) -m mypy broker client
+	$(PY) -m mypy broker client bench
 
 bench: proto
 	$(PY) bench/run.py $(ARGS)

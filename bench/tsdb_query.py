@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,7 +75,7 @@ async def main() -> None:
         print(f"wrote {args.points:,} points of one series + {noise:,} of others in {time.perf_counter() - t0:.1f} s")
         end_s = (BASE_MS + args.points * 1000) // 1000
         one = {"host": "web01", "dc": "lga"}
-        shapes = {
+        shapes: dict[str, dict[str, Any]] = {
             "sum, raw (every point out)": {"aggregator": "sum", "tags": one},
             "sum:1m-avg": {"aggregator": "sum", "downsample": "1m-avg", "tags": one},
             "sum:1h-max": {"aggregator": "sum", "downsample": "1h-max", "tags": one},

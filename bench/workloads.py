@@ -1049,6 +1049,7 @@ def t4(driver: QueryDriver, stream: str, minutes: float, keys: int, rate: float,
     failure: list[str] = []
 
     def read() -> None:
+        assert q is not None   # started only with a query
         try:
             for name, data, _ in q.events():
                 seen[name] = seen.get(name, 0) + 1

@@ -168,6 +168,7 @@ class Store(Protocol):
     async def watch(self, events: StoreEvents) -> None:
         """Report other brokers' changes to `events` from now on (a shared store). This default: a
         store nobody else writes has none."""
+        return None
 
     async def find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
         """The stream of that name as stored now (a shared store: another broker may have created

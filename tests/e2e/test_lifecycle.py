@@ -455,8 +455,8 @@ def test_help_documents_every_option_and_env_var():
     text = out.stdout
     expected = {"data_dir", "host", "grpc_port", "http_port", "store", "fsync", "memtable_mb",
                 "block_cache_mb", "malloc_arenas", "idle_timeout", "body_timeout",
-                "shutdown_grace", "retention_interval", "log_level", "tsdb_stream", "tsdb_project", "tsdb_port",
-                "tsdb_workers", "metrics_port",
+                "shutdown_grace", "retention_interval", "subscribe_heartbeat", "log_level", "tsdb_stream",
+                "tsdb_project", "tsdb_port", "tsdb_workers", "metrics_port",
                 "auth_file", "tls_cert", "tls_key", "partition_records_per_s", "partition_bytes_per_s",
                 "max_connections_per_client", "max_requests_per_client", "max_subscriptions_per_client",
                 "nats_servers", "nats_prefix", "replicas", "nats_creds", "nats_tls_ca"}

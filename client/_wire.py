@@ -71,6 +71,8 @@ def call_metadata(project: str | None, api_key: str | None) -> tuple[tuple[str, 
     the project only when named (argument or $SLUICE_PROJECT): the broker takes the key's workspace
     otherwise, and refuses a project that is not the key's."""
     project = project or os.environ.get("SLUICE_PROJECT")
+    if project and not (project.isascii() and project.isprintable()):   # gRPC metadata is printable ASCII
+        raise ValueError(f"project must be printable ASCII (names are [A-Za-z0-9_-]), got {project!r:.80}")
     if api_key is None:
         return ((PROJECT_KEY, project or DEFAULT_PROJECT),)
     if not api_key or not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip():

@@ -41,6 +41,41 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_within(low: int, high: int, what: str) -> Any:
+    """An argparse type: an integer within what the wire can carry (the broker judges the rest)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be within {low}..{high}, got {value}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_partition_count = _int_within(0, 2**32 - 1, "a partition count")
+_seq = _int_within(0, 2**63 - 1, "a sequence number")
+_epoch_ms = _int_within(0, 2**63 - 1, "milliseconds since the epoch")
+
+
+def _not_utf8(value: Any) -> str | None:
+    """The first text in a parsed argument that cannot be sent as UTF-8 (bytes that are not UTF-8
+    arrive as lone surrogates), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple)):
+        return next((bad for item in value if (bad := _not_utf8(item)) is not None), None)
+    return None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -123,6 +158,8 @@ def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, int | None]:
         raise ValueError("'data' is required and must be a string")
     if key is not None and not isinstance(key, str):
         raise ValueError("'partition_key' must be a string")
+    if key is not None and _not_utf8(key) is not None:
+        raise ValueError("'partition_key' is not encodable as UTF-8")
     if pid is not None:
         number = None if isinstance(pid, bool) or not isinstance(pid, (str, int)) else parse_partition_id(str(pid))
         if number is None:
@@ -249,7 +286,7 @@ def _record_json(r: Record, **extra: Any) -> str:
 
 
 def _get(client: Client, args: argparse.Namespace) -> int:
-    cursor = client.get_cursor(args.stream, args.partition, args.cursor_type, args.starting_seq)
+    cursor = client.get_cursor(args.stream, args.partition, args.cursor_type, args.starting_seq, args.timestamp)
     shown = 0
     while args.max is None or shown < args.max:
         page = client.get_records(cursor, limit=1000 if args.max is None else min(1000, args.max - shown))
@@ -627,14 +664,14 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = streams.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = _add(ssub, "create", "create a stream")
     create.add_argument("name")
-    create.add_argument("--partitions", type=int, default=1, help="number of partitions (default 1)")
+    create.add_argument("--partitions", type=_partition_count, default=1, help="number of partitions (default 1)")
     _add(ssub, "list", "list every stream name")
     _add(ssub, "describe", "show each partition's hash range and sequence range").add_argument("name")
     _add(ssub, "delete", "delete a stream and all its records").add_argument("name")
     scale = _add(ssub, "scale", "change the number of writable partitions (UpdatePartitionCount); a scale-down "
                                 "leaves the highest ids DELETED: readable until retention, not writable")
     scale.add_argument("name")
-    scale.add_argument("partitions", type=int, help="the new number of writable partitions")
+    scale.add_argument("partitions", type=_partition_count, help="the new number of writable partitions")
 
     put = _add(sub, "put", "send records from a file or stdin, one record per line",
                epilog="Blank lines are skipped. Records go out in batches of 500. The summary "
@@ -653,9 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("stream", help="stream name")
     get.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
     get.add_argument("--cursor-type", default="TRIM_HORIZON", choices=CURSOR_TYPES)
-    get.add_argument("--starting-seq", "--sequence-number", dest="starting_seq", type=int,
+    get.add_argument("--starting-seq", "--sequence-number", dest="starting_seq", type=_seq,
                      help="for AT_/AFTER_SEQUENCE_NUMBER")
-    get.add_argument("--max", type=int, help="stop after this many records")
+    get.add_argument("--timestamp", type=_epoch_ms, metavar="MS",
+                     help="for AT_TIMESTAMP: milliseconds since the epoch; reads from the first record "
+                          "written at or after it")
+    get.add_argument("--max", type=_positive_int, help="stop after this many records")
     get.add_argument("--json", action="store_true", help="one JSON object per record")
 
     tail = _add(sub, "tail", "follow a partition, or every partition of a stream, printing records as they arrive",
@@ -688,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in _CHECKPOINT_ARGS:
         commit.add_argument(name, help=text)
     commit.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
-    commit.add_argument("seq", type=int, help="sequence number of the last record processed")
+    commit.add_argument("seq", type=_seq, help="sequence number of the last record processed")
     commit.add_argument("--metadata", default="", help="free text stored with the checkpoint (<= 1000 chars)")
     cget = _add(csub, "get", "show the committed checkpoint of one partition")
     for name, text in _CHECKPOINT_ARGS:
@@ -760,6 +800,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    bad = _not_utf8(list(vars(args).values()))
+    if bad is not None:
+        parser.error(f"not valid UTF-8 text: {bad!a}")
+    if not args.target.strip():
+        parser.error("--target is empty: give the broker's host:port")
     if args.command == "put":
         try:
             args.source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
@@ -772,7 +817,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except OSError as exc:
         parser.error(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror or exc}")
     except ValueError as exc:   # names the option, never the key
-        parser.error(str(exc).replace("api_key", "--api-key").replace("tls_ca", f"--tls-ca {args.tls_ca}"))
+        parser.error(str(exc).replace("api_key", "--api-key").replace("tls_ca", f"--tls-ca {args.tls_ca}")
+                     .replace("project", "--project"))
     try:
         with client:
             return commands[args.command](client, args)

@@ -216,6 +216,40 @@ def test_usage_errors_exit_2(args):
     assert "usage: sluice" in result.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ("streams", "create", "s", "--partitions", "-1"),
+    ("streams", "create", "s", "--partitions", "99999999999999999999"),
+    ("streams", "scale", "s", "99999999999"),
+    ("checkpoints", "commit", "a", "s", "0", "99999999999999999999"),
+    ("get", "s", "0", "--cursor-type", "AT_SEQUENCE_NUMBER", "--starting-seq", "99999999999999999999999"),
+    ("get", "s", "0", "--cursor-type", "AT_TIMESTAMP", "--timestamp", "-5"),
+    ("get", "s", "0", "--max", "-1"),
+    ("streams", "create", b"a\xff"),                       # bytes that are not UTF-8 (a lone surrogate)
+    ("put", "s", "--key", b"\xff"),
+    ("checkpoints", "commit", "a", "s", "0", "1", "--metadata", b"\xfe"),
+    ("sources", "create", "n", "--type", "x", "--stream", "s", "--properties", '{"a": "\\udc00"}'),
+    ("--target", "", "streams", "list"),
+    ("--project", "\u00fc", "streams", "list"),             # not printable ASCII: no gRPC metadata
+    ("--project", "a\nb", "streams", "list"),
+])
+def test_values_the_wire_cannot_carry_are_usage_errors(args):
+    """Numbers past the proto field's range and text that is not UTF-8 (or not metadata-safe)
+    are refused before any call: a usage error naming the argument, never a traceback."""
+    result = sluice(*args, target=None if "--target" in args else f"127.0.0.1:{closed_port()}", stdin="x\n")
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "error:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_get_at_timestamp_reads_from_the_first_record_at_or_after_it(cli, stream_name):
+    ok(cli("streams", "create", stream_name))
+    before = str(int(time.time() * 1000) - 1000)   # within the retention window: older is TIMESTAMP_EXPIRED
+    ok(cli("put", stream_name, "-", stdin="one\ntwo\n"))
+    assert ok(cli("get", stream_name, "0", "--cursor-type", "AT_TIMESTAMP", "--timestamp", before)).split() == \
+        ["one", "two"]
+    future = str(int(time.time() * 1000) + 3_600_000)
+    assert ok(cli("get", stream_name, "0", "--cursor-type", "AT_TIMESTAMP", "--timestamp", future)) == ""
+
+
 def test_describe_shows_every_partition_not_just_one_page(cli, stream_name):
     """More partitions than one DescribeStream page (100) holds."""
     ok(cli("streams", "create", stream_name, "--partitions", "150"))
@@ -349,15 +383,17 @@ def test_put_jsonl_reports_malformed_lines_and_groups_failures(cli, stream_name,
         json.dumps(["not", "an", "object"]),                         # line 7
         json.dumps({"data": "no such partition", "partition_id": "9"}),  # refused by the broker
         json.dumps({"data": "also one", "partition_id": "shardId-0000000001", "partition_key": "kk"}),
+        '{"data": "lone surrogate key", "partition_key": "\\udc00"}',  # line 10: not UTF-8 encodable
     ])
     put = cli("put", stream_name, str(source), "--jsonl")
     assert put.returncode == 1, put.stderr
     err = put.stderr
-    assert "sent 8 records, 4 failed" in err
-    for line in (2, 4, 7):
+    assert "sent 9 records, 5 failed" in err
+    for line in (2, 4, 7, 10):
         assert f"line {line}:" in err, err
+    assert "line 10: 'partition_key' is not encodable as UTF-8" in err
     assert "line 1:" not in err and "line 3:" not in err and "line 8:" not in err
-    assert "malformed input: 3" in err
+    assert "malformed input: 4" in err
     assert "PARTITION_NOT_FOUND (DIS.4302): 1" in err and "Partition [9] does not exist" in err
     assert "Traceback" not in err
 

@@ -711,3 +711,14 @@ def test_members_reconnect_within_seconds_after_a_long_outage(start_broker: Call
     finally:
         member.stop()
         plain.close()
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"target": ""}, "target"), ({"target": "  "}, "target"), ({"project": "\u00fc"}, "project"),
+    ({"project": "a\nb"}, "project"), ({"project": "x", "api_key": "k\u00e9y"}, "api_key")])
+def test_a_client_refuses_what_grpc_metadata_or_a_channel_cannot_carry(kwargs: dict[str, str], named: str) -> None:
+    """Refused when made (ValueError naming the argument), not as an INTERNAL error on every call."""
+    target = kwargs.pop("target", "127.0.0.1:1")
+    with pytest.raises(ValueError) as err:
+        Client(target, **kwargs)
+    assert str(err.value).startswith(named), err.value

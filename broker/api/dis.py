@@ -229,7 +229,7 @@ async def consumer_state(request: web.Request) -> web.Response:
     rows = []
     for st in states:
         row: dict[str, Any] = {"partition_id": format_partition_id(st.partition), "latest_offset": st.latest,
-                               "earliest_offset": st.earliest, "checkpoint_type": kind, "status": "ACTIVE"}
+                               "earliest_offset": st.earliest, "checkpoint_type": kind, "status": st.status}
         if st.checkpoint is not None:
             row["sequence_number"] = str(st.checkpoint.seq)
         rows.append(row)

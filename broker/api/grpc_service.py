@@ -625,7 +625,7 @@ class SluiceServicer:
                 partition_id=st.partition, has_checkpoint=st.checkpoint is not None,
                 checkpoint_seq=st.checkpoint.seq if st.checkpoint else -1, first_seq=st.earliest,
                 last_seq=st.latest, lag=st.lag, checkpoint_type=CHECKPOINT_TYPES.encode(kind),
-                status=pb.PARTITION_STATUS_ACTIVE) for st in states])
+                status=_PARTITION_STATUSES[st.status]) for st in states])
 
     # -- consumer groups ---------------------------------------------------------------------------
 

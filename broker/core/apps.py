@@ -53,6 +53,7 @@ class PartitionConsumerState:
     checkpoint: Checkpoint | None
     earliest: int        # first retained seq
     latest: int          # newest seq (-1 when nothing was ever written)
+    status: str = "ACTIVE"   # the partition's: ACTIVE, DELETED (a scale-down closed it), EXPIRED (past retention)
 
     @property
     def lag(self) -> int:

@@ -259,12 +259,19 @@ class StreamCatalogue:
             if config.is_active(p):
                 partitions.append(PartitionInfo(p, *ranges[p], bounds, "ACTIVE", segments))
                 continue
-            # a DELETED partition keeps the range it last had; past retention it is EXPIRED
-            closed = [e for e in config.scale_events if e.target_partition_count <= p < e.src_partition_count][-1]
+            # a DELETED partition keeps the range it last had
+            closed = _closing_event(config, p)
             lo, hi = routing.hash_ranges(closed.src_partition_count)[p]
-            status = "EXPIRED" if now - closed.timestamp_ms >= config.retention_ms else "DELETED"
-            partitions.append(PartitionInfo(p, lo, hi, bounds, status, segments))
+            partitions.append(PartitionInfo(p, lo, hi, bounds, self.partition_status(config, p, now), segments))
         return StreamDescription(config, partitions, chosen.stop < readable)
+
+    def partition_status(self, config: StreamConfig, p: int, now_ms: int | None = None) -> str:
+        """ACTIVE (writable), DELETED (closed by a scale-down, readable) or EXPIRED (closed longer
+        than the retention ago: nothing of it is left)."""
+        if config.is_active(p):
+            return "ACTIVE"
+        now = self._now() if now_ms is None else now_ms
+        return "EXPIRED" if now - _closing_event(config, p).timestamp_ms >= config.retention_ms else "DELETED"
 
     def partition_of(self, config: StreamConfig, partition_id: object) -> int:
         """A partition id as a door hands it over (int, "2", "shardId-0000000002") -> its index:
@@ -358,3 +365,8 @@ class StreamCatalogue:
                 del self._scaling[sid]
                 done.set()
         return config, scaled
+
+
+def _closing_event(config: StreamConfig, p: int) -> ScaleEvent:
+    """The scale-down that last closed partition `p` (not ACTIVE, below readable_partition_count)."""
+    return [e for e in config.scale_events if e.target_partition_count <= p < e.src_partition_count][-1]

@@ -187,5 +187,6 @@ class Consumers:
         out = []
         for p in chosen:
             b = await self._store.bounds(sid, p)
-            out.append(PartitionConsumerState(p, marks.get(p), b.first_seq, b.last_seq))
+            out.append(PartitionConsumerState(p, marks.get(p), b.first_seq, b.last_seq,
+                                              self._catalogue.partition_status(config, p)))
         return out, chosen.stop < config.readable_partition_count

@@ -162,3 +162,24 @@ async def test_history_is_bounded_and_forgets_events_past_retention() -> None:
     assert desc.partitions[3].segments[-1].start_seq == 1
     assert (await broker.put_records("s", [PutEntry(b"y", partition_id="3")])).seqs == [1]
     await broker.close()
+
+
+async def test_consumer_state_gives_each_partition_its_status_as_describe_does() -> None:
+    """GetConsumerState (both doors read the core's status): ACTIVE, DELETED after a scale-down,
+    EXPIRED once the scale-down is older than the retention - as DescribeStream says."""
+    clock = [1_000_000]
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, clock_ms=lambda: clock[0])
+    await broker.start()
+    try:
+        await broker.create_stream("s", 4)
+        await broker.create_app("app")
+        await broker.put_records("s", [PutEntry(b"x", partition_id="0")])
+        await broker.commit_checkpoint("app", "s", "0", "0")
+        await broker.update_partition_count("s", 2)
+        for expected in (["ACTIVE", "ACTIVE", "DELETED", "DELETED"], ["ACTIVE", "ACTIVE", "EXPIRED", "EXPIRED"]):
+            states, _ = await broker.consumer_state("app", "s")
+            desc = await broker.describe_stream("s")
+            assert [st.status for st in states] == [p.status for p in desc.partitions] == expected
+            clock[0] += 24 * 3_600_000   # the retention window later
+    finally:
+        await broker.close()

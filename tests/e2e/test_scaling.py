@@ -16,12 +16,17 @@ from typing import Callable
 import pytest
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkdis.v2 import (
+    CommitCheckpointReq,
+    CommitCheckpointRequest,
     ConsumeRecordsRequest,
+    CreateAppReq,
+    CreateAppRequest,
     CreateStreamReq,
     CreateStreamRequest,
     PutRecordsRequest,
     PutRecordsRequestEntry,
     SendRecordsRequest,
+    ShowConsumerStateRequest,
     ShowCursorRequest,
     ShowStreamRequest,
     UpdatePartitionCountReq,
@@ -102,6 +107,16 @@ def test_dis_sdk_update_partition_count_and_describe_stream(dis_client, stream_n
     got = dis.consume_records(ConsumeRecordsRequest(partition_cursor=cursor))
     first, last = desc.partitions[1].sequence_number_range.strip("[]").split(" : ")
     assert len(got.records) == int(last) - int(first) + 1 > 0
+    # an app's consumer state gives each partition the status DescribeStream gives it
+    app = f"{stream_name}-app"
+    dis.create_app(CreateAppRequest(body=CreateAppReq(app_name=app)))
+    dis.commit_checkpoint(CommitCheckpointRequest(body=CommitCheckpointReq(
+        app_name=app, checkpoint_type="LAST_READ", stream_name=stream_name, partition_id=shard(1),
+        sequence_number=first)))
+    state = dis.show_consumer_state(ShowConsumerStateRequest(app_name=app, stream_name=stream_name,
+                                                             checkpoint_type="LAST_READ", limit=10))
+    assert [(s.partition_id, s.status) for s in state.partition_consuming_states] == [
+        (shard(0), "ACTIVE"), (shard(1), "DELETED"), (shard(2), "DELETED")]
 
 
 def test_dis_sdk_update_partition_count_errors(dis_client, stream_name: str) -> None:  # type: ignore[no-untyped-def]

@@ -80,8 +80,8 @@ class Consumers:
         start = bisect.bisect_right([i.name for i in infos], start_after) if start_after else 0
         return len(infos), infos[start:start + limit], start + limit < len(infos)
 
-    async def delete_app(self, project: str, app_name: object) -> None:
-        """Delete an app and all its checkpoints. Raises INVALID_REQUEST, APP_NOT_FOUND."""
+    async def delete_app(self, project: str, app_name: object) -> str:
+        """Delete an app and all its checkpoints; its name. Raises INVALID_REQUEST, APP_NOT_FOUND."""
         async with self._lock:
             name = await self.app(project, app_name)
             # the app key last: a store that applies the changes one by one (JetStream's KV) and
@@ -90,6 +90,7 @@ class Consumers:
                 key: None for key, _ in await self._store.meta_scan(apps.checkpoint_prefix(project, name))}
             doomed[apps.app_key(project, name)] = None
             await self._store.meta_write(doomed)
+        return name
 
     async def forget_stream(self, config: StreamConfig) -> None:
         """Drop every app's checkpoints of a deleted stream, so they do not linger."""

@@ -33,7 +33,7 @@ class ConsumerGroups:
         if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
-        mine = await self.leases.heartbeat(f"{project}/{name}", config.stream_id, config.readable_partition_count,
+        mine = await self.leases.heartbeat(_group(project, name), config.stream_id, config.readable_partition_count,
                                            member_id, set(held), lease, self._now())
         return mine, lease
 
@@ -41,4 +41,14 @@ class ConsumerGroups:
         """Release every lease of a member at once (a clean shutdown, no lease timeout to wait)."""
         name = await self._consumers.app(project, app_name)
         config = self._catalogue.get(project, stream_name)
-        await self.leases.leave(f"{project}/{name}", config.stream_id, str(member_id))
+        await self.leases.leave(_group(project, name), config.stream_id, str(member_id))
+
+    async def forget_app(self, project: str, name: str) -> None:
+        """Drop a deleted app's leases: members of an app made again under its name start afresh,
+        not behind leases the deleted one's members held (up to max_lease_ms)."""
+        await self.leases.forget_app(_group(project, name))
+
+
+def _group(project: str, app_name: str) -> str:
+    """The leases' name of an app's groups: project-qualified, so two projects' groups never meet."""
+    return f"{project}/{app_name}"

@@ -110,6 +110,10 @@ class LeaseTable:
         for key in [k for k in self._groups if k[1] == stream_id]:
             del self._groups[key]
 
+    def forget_app(self, app: str) -> None:
+        for key in [k for k in self._groups if k[0] == app]:
+            del self._groups[key]
+
     # -- one group's state as plain data (StoreLeases keeps it in the store) ---------------------
 
     def load(self, app: str, stream_id: int, state: dict[str, Any]) -> None:
@@ -140,6 +144,9 @@ class Leases(Protocol):
     async def forget_stream(self, stream_id: int) -> None:
         """Drop every group of a deleted stream."""
 
+    async def forget_app(self, app: str) -> None:
+        """Drop every group of a deleted app: an app made again under its name starts with none."""
+
 
 class LocalLeases(Leases):
     """The in-memory LeaseTable behind the Leases interface. `app` is project-qualified by the
@@ -157,6 +164,9 @@ class LocalLeases(Leases):
 
     async def forget_stream(self, stream_id: int) -> None:
         self.table.forget_stream(stream_id)
+
+    async def forget_app(self, app: str) -> None:
+        self.table.forget_app(app)
 
 
 _SID = struct.Struct(">Q")
@@ -207,6 +217,14 @@ class StoreLeases(Leases):
         rows = await self._store.meta_scan(LEASE_PREFIX + _SID.pack(stream_id))
         if rows:
             await self._store.meta_write({k: None for k, _ in rows})
+
+    async def forget_app(self, app: str) -> None:
+        """Every group's key is scanned (they are keyed by stream first): an app's delete is rare."""
+        name = app.encode()
+        doomed: dict[bytes, bytes | None] = {
+            k: None for k, _ in await self._store.meta_scan(LEASE_PREFIX) if k[1 + _SID.size:] == name}
+        if doomed:
+            await self._store.meta_write(doomed)
 
     async def owners(self, app: str, stream_id: int) -> dict[int, str]:
         raw = await self._store.meta_get(lease_key(app, stream_id))

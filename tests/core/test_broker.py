@@ -15,6 +15,7 @@ import pytest
 
 from broker.core import routing
 from broker.core.broker import Broker
+from broker.core.leases import StoreLeases
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import PutEntry, PutRecordsResult, Record
 from broker.storage.memory import MemoryStore
@@ -609,6 +610,30 @@ async def test_apps_checkpoints_and_groups_belong_to_a_project(broker: Broker, c
     await broker.delete_stream("s", project="p2")                # its checkpoints go with it
     await broker.create_stream("s", 2, project="p2")
     assert await broker.get_checkpoint("app", "s", 0, project="p2") is None
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["local leases", "store leases"])
+async def test_a_deleted_apps_group_leases_go_with_it(db_path: str, clock: FakeClock, shared: bool) -> None:
+    """An app deleted and made again under its name: its new members get every partition at once,
+    not what leases of the deleted app's members left over until those run out (up to 5 minutes).
+    The same name's group in another project keeps its leases."""
+    store = RocksStore(db_path)
+    broker = Broker(store, cursor_secret=SECRET, clock_ms=clock, leases=StoreLeases(store) if shared else None)
+    await broker.start()
+    try:
+        for project in ("p1", "p2"):
+            await broker.create_stream("s", 3, project=project)
+            await broker.create_app("app", project=project)
+        clock.advance(6 * MINUTE)                                 # past the leases' restart grace (a lease)
+        for project in ("p1", "p2"):
+            assert (await broker.heartbeat("app", "s", "old", lease_ms=300_000, project=project))[0] == [0, 1, 2]
+        await broker.delete_app("app", project="p1")
+        await broker.create_app("app", project="p1")
+        assert (await broker.heartbeat("app", "s", "new", project="p1"))[0] == [0, 1, 2]
+        assert (await broker.heartbeat("app", "s", "new", project="p2"))[0] == []   # "old" holds them there
+    finally:
+        await broker.close()
+        await store.close()
 
 
 @pytest.mark.parametrize("project", ["", "a/b", "x" * 65, "ü", None, "p\0"])

@@ -210,6 +210,10 @@ def rpc(action: Action, *, observe: bool = True) -> Callable[[Rpc], Rpc]:
                 # handed over yet, and stopping then would answer those CANCELLED (not retried by
                 # clients) instead of UNAVAILABLE. The stop stays bounded by --shutdown-grace.
                 self._last_activity = time.monotonic()
+                # a caught error's traceback holds this frame: left in `error` it would make a
+                # reference cycle keeping the request (a PutRecords of megabytes) alive until a full
+                # garbage collection, which the broker's collector settings make rare
+                error = None
         wrapper.action = action  # type: ignore[attr-defined]   # for tests and per-action hooks
         return wrapper
     return decorate
@@ -527,6 +531,7 @@ class SluiceServicer:
             response.error.CopyFrom(batch_error(error))
         self._broker.stats.observe_request("grpc", "put_records_stream", time.perf_counter() - began, error)
         self._last_activity = time.monotonic()
+        error = None   # no reference cycle through its traceback (see rpc)
         return response
 
     # -- reading -----------------------------------------------------------------------------------

@@ -246,15 +246,21 @@ async def read_body(request: web.Request) -> bytes:
         raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Content-Encoding {encoding!r:.40}")
     try:
         async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch
-            body = await request.read()
+            return await request.read()
     except TimeoutError:
-        raise client_error(ErrorCode.REQUEST_TIMEOUT) from None
+        code, detail = ErrorCode.REQUEST_TIMEOUT, None
     except web.HTTPRequestEntityTooLarge:
-        raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes") from None
+        code, detail = ErrorCode.REQUEST_TOO_LARGE, f"body exceeds {limit} bytes"
     except web.RequestPayloadError as exc:  # e.g. "gzip" that is not gzip; a broken chunked framing
-        detail = f"body could not be read: {brief(exc.__cause__ or exc)}"
-        raise client_error(ErrorCode.BAD_BODY, detail=detail) from None
-    return body
+        code, detail = ErrorCode.BAD_BODY, f"body could not be read: {brief(exc.__cause__ or exc)}"
+    except ConnectionResetError:   # the client closed the connection (or its sending side) mid-body:
+        # nobody will read the answer, but it is the client's doing, not an error of the broker's
+        code, detail = ErrorCode.BAD_BODY, "the connection closed before the body was complete"
+    # raised here, not in the except clauses, and kept in no local: as its context, aiohttp's error
+    # would keep its frames and with them the body read so far (up to the cap, and as much again
+    # decompressed) alive, and a local would hold the error in a reference cycle with its own
+    # traceback - both until the next full garbage collection, rare in the broker (malloc.settle_gc)
+    raise client_error(code, detail=detail)
 
 
 def brief(exc: BaseException | str) -> str:

@@ -14,6 +14,7 @@ the TLS handshake) and `grpc.max_connection_idle_ms` for a connection that carri
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import time
 import uuid
@@ -148,3 +149,30 @@ def test_a_silent_grpc_client_is_closed_while_others_are_served(impatient: Broke
         closed, _ = _closed(silent)
     assert closed
 
+
+
+def _bad_bodies(proc: BrokerProcess) -> float:
+    conn = http.client.HTTPConnection(proc.host, proc.http_port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.search(r'^sluice_request_errors_total\{door="dis",reason="BAD_BODY"\} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("how", ["close", "shutdown"])
+def test_a_client_gone_mid_body_is_a_client_error_not_a_logged_traceback(impatient: BrokerProcess, how: str) -> None:
+    """A client that closes its connection (or only its sending side) partway through a body is
+    counted as BAD_BODY; nothing is logged as an unhandled error (anyone could fill the log)."""
+    logged, before = len(impatient.stderr_lines), _bad_bodies(impatient)
+    with socket.create_connection((impatient.host, impatient.http_port), timeout=10) as gone:
+        gone.sendall(b"POST /v2/default/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"st")
+        if how == "shutdown":
+            gone.shutdown(socket.SHUT_WR)
+            _closed(gone)
+    eventually(lambda: _bad_bodies(impatient) == before + 1, timeout=BOUND)
+    assert not [line for line in impatient.stderr_lines[logged:] if "ERROR" in line or "Traceback" in line], \
+        impatient.stderr_lines[logged:]

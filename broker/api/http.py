@@ -45,7 +45,7 @@ _CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _DECIMAL = re.compile(r"-?[0-9]+")
 # What aiohttp's parser decodes (it answers 400 itself for br/zstd when their library is absent).
 # Any other coding would hand the handler bytes that are not what the client meant.
-_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 _IDENTITY = frozenset({"", "identity"})
 # aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
 _REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
@@ -242,7 +242,7 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes")
     encoding = request.headers.get("Content-Encoding")
-    if encoding is not None and encoding.lower() not in _DECODED and encoding.lower() not in _IDENTITY:
+    if encoding is not None and encoding.lower() not in DECODED and encoding.lower() not in _IDENTITY:
         raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Content-Encoding {encoding!r:.40}")
     try:
         async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch

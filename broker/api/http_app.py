@@ -31,6 +31,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
+    DECODED,
     RENDERER,
     HttpConfig,
     Renderer,
@@ -165,6 +166,20 @@ class _RequestHandler(web.RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await self._finish_response(request, resp, start_time)
+        finally:
+            # A compressed body left unread (refused as too large, or before it was read) is not
+            # drained after the answer as aiohttp drains bodies for up to its lingering time: that
+            # would decompress it on the event loop - a 1 MB gzip body inflates to 1 GB, seconds
+            # of the loop's time per request. The connection ends after the answer instead (the
+            # transport sends what it holds of the answer before it closes).
+            if request.headers.get("Content-Encoding", "").strip().lower() in DECODED \
+                    and not request.content.is_eof():
+                self.force_close()
+
+    async def _finish_response(self, request: Any, resp: web.StreamResponse,
+                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         """Writing the answer: a client that reads none of it for the idle timeout is dropped, so
         a 10 MiB GetRecords it never reads does not hold its buffer and connection for ever. A
         slow reader is not: the check is whether the transport's write buffer shrank meanwhile.

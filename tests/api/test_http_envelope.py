@@ -125,3 +125,29 @@ def test_a_gzip_bomb_is_refused_by_the_body_cap(broker) -> None:
     assert len(bomb) < 100_000
     reply = call(broker, "POST", f"/v2/{PID}/records", bomb, headers={"Content-Encoding": "gzip"})
     assert_dis_error(reply, 413, reason=ErrorCode.REQUEST_TOO_LARGE)
+
+
+def test_a_refused_gzip_bomb_is_not_drained_after_its_answer(broker) -> None:
+    """The rest of a compressed body refused at the cap is not read (and so inflated, on the
+    event loop) after the 413: the connection ends with the answer. Left to aiohttp, it drains
+    the body for up to 10 s and keeps the connection alive."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 31)   # gzip framing
+    zeros = b"0" * (1 << 20)
+    bomb = deflater.compress(b'{"stream_name": "') + b"".join(deflater.compress(zeros) for _ in range(100)) \
+        + deflater.compress(b'"}') + deflater.flush()   # 100 MiB inflated, ~100 KB sent
+    assert len(bomb) < 200_000
+    head = request("POST", f"/v2/{PID}/records", [("Content-Length", str(len(bomb))), ("Content-Encoding", "gzip"),
+                                                  ("Content-Type", "application/json")])
+    with socket.create_connection(addr(broker.http_url), timeout=10) as sock:
+        sock.sendall(head + bomb)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 413
+        resp.read()
+        sock.settimeout(10)   # the broker's idle timeout is 60 s: a connection kept alive is still open then
+        try:
+            rest = sock.recv(1)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+    assert call(broker, "GET", STREAMS).status == 200

@@ -45,6 +45,7 @@ _CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _DECIMAL = re.compile(r"-?[0-9]+")
 # What aiohttp's parser decodes (it answers 400 itself for br/zstd when their library is absent).
 # Any other coding would hand the handler bytes that are not what the client meant.
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 _IDENTITY = frozenset({"", "identity"})
 # aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
@@ -293,16 +294,17 @@ def field(obj: Mapping[str, Any], name: str, kind: type | tuple[type, ...], requ
 def query_int(request: web.Request, name: str) -> int | None:
     """An optional decimal integer query parameter (absent or empty: None). Only ASCII `-?digits`:
     `int()` alone also takes " 5", "+5", "1_0" and non-ASCII digits. Its range is the core's to
-    check (some parameters are clipped, not refused: shared/spec/dis-api.md 2.8)."""
+    check (some parameters are clipped, not refused: shared/spec/dis-api.md 2.8); a value past 64
+    bits is taken as the nearest 64-bit one, which every such check treats alike, and which an
+    answer that echoes it can write (orjson writes no wider integer)."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    if _DECIMAL.fullmatch(raw):
-        try:
-            return int(raw)
-        except ValueError:  # more digits than the interpreter parses (4,300 by default)
-            pass
-    raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be an integer, got {raw!r:.40}")
+    if not _DECIMAL.fullmatch(raw):
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be an integer, got {raw!r:.40}")
+    if len(raw.lstrip("-").lstrip("0")) > 19:   # never hand int() thousands of digits
+        return _INT64_MIN if raw.startswith("-") else _INT64_MAX
+    return min(max(int(raw), _INT64_MIN), _INT64_MAX)
 
 
 def query_str(request: web.Request, name: str, required: bool = False) -> str | None:

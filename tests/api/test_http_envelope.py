@@ -151,3 +151,13 @@ def test_a_refused_gzip_bomb_is_not_drained_after_its_answer(broker) -> None:
             rest = b""
         assert rest == b""
     assert call(broker, "GET", STREAMS).status == 200
+
+
+def test_query_integers_past_64_bits_are_taken_as_the_nearest_64_bit_value(broker) -> None:
+    """Clipped (or refused) by the same rule as any value out of range, never a 500: an offset past
+    any stream count is an empty page, and the answer that echoes it can write it."""
+    console = call(broker, "GET", "/console/api/streams?project=default&offset=18446744073709551616")
+    assert console.status == 200, console.raw[:300]
+    assert console.json["streams"] == [] and console.json["offset"] == 2**63 - 1
+    for limit in ("99999999999999999999", "-9223372036854775809", "1" * 5000):
+        assert_dis_error(call(broker, "GET", f"/v2/{PID}/streams?limit={limit}"), 400, "DIS.4200")

@@ -28,6 +28,7 @@ from broker.api.http import (
     read_json,
     remember_principal,
     required_query,
+    unless_gone,
 )
 from broker.api.render import DIS
 from broker.auth import Action, Auth, signing
@@ -182,9 +183,13 @@ def records_body(result: GetRecordsResult) -> dict[str, Any]:
 async def get_records(request: web.Request) -> web.Response:
     broker, project = _door(request)
     # `wait_ms` is ours (long poll); DIS clients never send it and get an immediate answer.
-    result = await broker.get_records(
-        required_query(request, "partition-cursor"), query_int(request, "limit"),
-        query_int(request, "max_fetch_bytes"), query_int(request, "wait_ms"), project=project)
+    wait_ms = query_int(request, "wait_ms")
+    read = broker.get_records(required_query(request, "partition-cursor"), query_int(request, "limit"),
+                              query_int(request, "max_fetch_bytes"), wait_ms, project=project)
+    # a long poll whose client left ends then, not when its wait does: it holds a request slot
+    result = await (unless_gone(request, read) if wait_ms is not None and wait_ms > 0 else read)
+    if result is None:
+        return web.Response(status=204)   # nobody is there to read it
     return json_response(records_body(result))
 
 

@@ -25,7 +25,7 @@ import socket
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import orjson
 from aiohttp import web
@@ -37,6 +37,7 @@ from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REQUEST_ID = "X-Request-Id"
 # A client's request id is echoed only when it is a plain token: other bytes (a lone 0x80 went back
@@ -262,6 +263,30 @@ async def read_body(request: web.Request) -> bytes:
     # decompressed) alive, and a local would hold the error in a reference cycle with its own
     # traceback - both until the next full garbage collection, rare in the broker (malloc.settle_gc)
     raise client_error(code, detail=detail)
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client closed the connection (aiohttp drops the protocol's transport then)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def unless_gone(request: web.Request, work: Awaitable[T], every_s: float = 1.0) -> T | None:
+    """`work`'s result; None, `work` cancelled, once the client has closed its connection (looked
+    at every `every_s` seconds). aiohttp does not cancel a handler whose client left, so a long
+    wait (a long poll) would otherwise hold the client's request slot (api/limits.py) to its end."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=every_s)
+            if not task.done() and client_gone(request):
+                task.cancel()
+                await asyncio.wait({task})
+                return None
+        return task.result()
+    finally:
+        if not task.done():   # this request itself was cancelled
+            task.cancel()
 
 
 def brief(exc: BaseException | str) -> str:

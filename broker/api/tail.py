@@ -33,6 +33,7 @@ from broker.api.http import (
     BROKER,
     HttpConfig,
     api_key_guard,
+    client_gone,
     door_app,
     principal,
     query_int,
@@ -89,7 +90,7 @@ async def tail(request: web.Request) -> web.StreamResponse:
             while True:
                 while not pending.done():
                     await asyncio.wait({pending}, timeout=WATCH_S)
-                    if not pending.done() and _gone(request):
+                    if not pending.done() and client_gone(request):
                         return response
                 try:
                     batch = pending.result()
@@ -117,12 +118,6 @@ async def tail(request: web.Request) -> web.StreamResponse:
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
-
-
-def _gone(request: web.Request) -> bool:
-    """Whether the client closed the connection (aiohttp drops the protocol's transport then)."""
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 def _project(request: web.Request, who: Principal) -> str:

@@ -287,3 +287,31 @@ def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: B
         finally:
             for poll in polls:
                 poll.cancel()
+
+
+def test_a_client_leaving_its_long_polls_frees_their_slots_before_their_wait_ends(limited: BrokerProcess,
+                                                                                  stream: str) -> None:
+    """Long polls (`wait_ms` 20 s, nothing written) hold request slots; a client that closes them
+    gets its slots back within seconds, not when the waits run out."""
+    with _connect(limited) as sock:
+        status, body, _ = _get(sock, f"/v2/default/cursors?stream-name={stream}&partition-id=0&cursor-type=LATEST")
+    assert status == 200, body
+    polls = [_connect(limited) for _ in range(REQUESTS)]
+    for sock in polls:
+        sock.sendall(f"GET /v2/default/records?partition-cursor={body['partition_cursor']}&wait_ms=20000 "
+                     f"HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    def refused() -> bool:   # once the long polls are being handled
+        with _connect(limited) as sock:
+            status, _, _ = _get(sock, "/v2/default/streams")
+        return status == 429
+
+    eventually(refused, timeout=30)
+    for sock in polls:
+        sock.close()
+
+    def served() -> bool:
+        with _connect(limited) as sock:
+            return _get(sock, "/v2/default/streams")[0] == 200
+
+    eventually(served, timeout=10)   # the waits end 20 s after they began

@@ -251,8 +251,10 @@ def _event(name: str | None, payload: Any) -> bytes:
 @subscriber   # one of the client's subscriptions while it streams (api/limits.py)
 async def create_query(request: web.Request) -> web.StreamResponse:
     """Start a query and stream it as server-sent events: the query object, then row batches
-    honouring the batching policy, `metrics` every second, and for a bounded query the final
-    query object. Errors before any SSE byte are ErrorResponse bodies."""
+    honouring the batching policy, `metrics` every second, and once the query has ended (a
+    bounded query done; a streaming one failed - its stream deleted -, canceled, or stopped by a
+    shutdown) the final query object, whose status and message say why. Errors before any SSE
+    byte are ErrorResponse bodies."""
     broker, workspace = _door(request)
     body = await read_json(request)
     sql = field(body, "sql", str, required=True)
@@ -268,7 +270,7 @@ async def create_query(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         if not await write_or_drop(request, response, _event("query", _query_body(run))):
             return response
-        if await _stream_results(request, response, run, count, linger) and run.plan.bounded:
+        if await _stream_results(request, response, run, count, linger):
             await write_or_drop(request, response, _event("query", _query_body(run)))
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()

@@ -480,7 +480,12 @@ def test_deleting_the_stream_ends_a_running_query(env, runs):
     run.wait_rows(1)
     Stream(env).name(name).delete()
     run.wait_end(10)
-    assert Query(env).id(run.id).get().metadata().status in ("failed", "canceled", "finished")
+    assert Query(env).id(run.id).get().metadata().status == "failed"
+    # the stream itself says why it ended: a last query object, as a bounded query's
+    last_name, last = run.events[-1]
+    assert last_name == "query", run.events[-3:]
+    final = json.loads(last)
+    assert final["status"] == "failed" and final["message"] == f"Stream [{name}] was deleted", final
 
 
 # -- windows and global aggregation through the door ----------------------------------------------

@@ -205,8 +205,8 @@ class Sources:
         return Source(self._defs[key], self._states[key])
 
     async def update(self, project: str, ref: object, body: Any) -> Source:
-        """Change name, description, stream or properties of a stopped source (the fields given).
-        Raises SOURCE_NOT_FOUND, SOURCE_RUNNING, BAD_SOURCE, SOURCE_EXISTS."""
+        """Change name, description, stream or properties of a stopped source (the fields given;
+        `type` may be given, unchanged). Raises SOURCE_NOT_FOUND, SOURCE_RUNNING, BAD_SOURCE, SOURCE_EXISTS."""
         if not isinstance(body, dict):
             raise client_error(ErrorCode.BAD_BODY, detail="an update must be a JSON object")
 
@@ -215,6 +215,9 @@ class Sources:
                 key, d, raw = await self._fresh(project, ref)
                 if d.wanted == RUNNING:
                     raise client_error(ErrorCode.SOURCE_RUNNING, source=d.name)
+                if body.get("type") not in (None, d.type):   # the same type (a whole object sent back) is fine
+                    raise client_error(ErrorCode.BAD_SOURCE, property="type",
+                                       detail=f"a source's type cannot change (it is {d.type}): create another")
                 name = d.name if body.get("name") is None else self._name(body["name"])
                 stream, description, properties = self._fields(project, body, d)
                 self._checked(project, d.type, stream, properties)

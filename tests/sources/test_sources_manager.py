@@ -166,6 +166,10 @@ async def test_update_only_when_stopped_and_checked_like_create(h: Sluice) -> No
     with pytest.raises(BrokerError) as e:
         await h.sources.update(P, "g", {"properties": {"template": "nope"}})
     assert e.value.code is ErrorCode.BAD_SOURCE and "[template]" in e.value.message
+    with pytest.raises(BrokerError) as e:   # refused, not ignored: the answer would show the old type
+        await h.sources.update(P, "g", {"type": "websocket"})
+    assert e.value.code is ErrorCode.BAD_SOURCE and "[type]" in e.value.message
+    assert (await h.sources.update(P, "g", {"type": "stream_generator"})).definition.type == "stream_generator"
     updated = await h.sources.update(P, "g", {"stream": "u", "properties": {"template": "devops", "interval": 5},
                                               "name": "g2", "description": "moved"})
     d = updated.definition

@@ -27,26 +27,32 @@ class ConsumerGroups:
         lim = self._limits
         name = await self._consumers.app(project, app_name)
         config = self._catalogue.get(project, stream_name)
-        if not isinstance(member_id, str) or not 1 <= len(member_id) <= 200:
-            raise client_error(ErrorCode.INVALID_REQUEST, detail="member_id must be 1-200 characters")
+        member = _member(member_id)
         lease = lease_ms or lim.default_lease_ms
         if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
         mine = await self.leases.heartbeat(_group(project, name), config.stream_id, config.readable_partition_count,
-                                           member_id, set(held), lease, self._now())
+                                           member, set(held), lease, self._now())
         return mine, lease
 
     async def leave(self, project: str, app_name: object, stream_name: object, member_id: object) -> None:
         """Release every lease of a member at once (a clean shutdown, no lease timeout to wait)."""
         name = await self._consumers.app(project, app_name)
         config = self._catalogue.get(project, stream_name)
-        await self.leases.leave(_group(project, name), config.stream_id, str(member_id))
+        await self.leases.leave(_group(project, name), config.stream_id, _member(member_id))
 
     async def forget_app(self, project: str, name: str) -> None:
         """Drop a deleted app's leases: members of an app made again under its name start afresh,
         not behind leases the deleted one's members held (up to max_lease_ms)."""
         await self.leases.forget_app(_group(project, name))
+
+
+def _member(member_id: object) -> str:
+    """A member id as heartbeat and leave take it. Raises INVALID_REQUEST."""
+    if not isinstance(member_id, str) or not 1 <= len(member_id) <= 200:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="member_id must be 1-200 characters")
+    return member_id
 
 
 def _group(project: str, app_name: str) -> str:

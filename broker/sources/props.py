@@ -158,6 +158,12 @@ class Props:
             raise bad(key, f"[{text[:200]}] must start with {' or '.join(s + '://' for s in schemes)}")
         if not parts.hostname:
             raise bad(key, f"[{text[:200]}] has no host")
+        if parts.port == 0:
+            raise bad(key, f"[{text[:200]}] names port 0: nothing can be reached there")
+        try:   # what the connection will do with the name (a label past 63 characters fails there)
+            parts.hostname.encode("idna")
+        except UnicodeError as e:
+            raise bad(key, f"[{text[:200]}] has a host name that is not valid: {e}") from None
         return text
 
     def urls(self, key: str, schemes: Sequence[str]) -> list[str]:

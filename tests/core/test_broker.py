@@ -738,3 +738,11 @@ async def test_an_unsettled_partition_fails_the_whole_request_as_retriable() -> 
         assert not result.failures
     finally:
         await broker.close()
+
+
+@pytest.mark.parametrize("member", ["", "x" * 201, None, 7])
+async def test_heartbeat_and_leave_refuse_the_same_member_ids(broker: Broker, member: object) -> None:
+    await broker.create_stream("s", 1)
+    await broker.create_app("app")
+    await raises(broker.heartbeat("app", "s", member), ErrorCode.INVALID_REQUEST)
+    await raises(broker.leave_group("app", "s", member), ErrorCode.INVALID_REQUEST)

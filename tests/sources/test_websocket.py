@@ -686,6 +686,8 @@ GOOD = {"url": "ws://127.0.0.1:9/feed", "data_type": "json"}
     ({**GOOD, "url": 9}, "url"),                                               # not a string
     ({**GOOD, "url": "ws://127.0.0.1:9/feed#part"}, "url"),                    # the library refuses it
     ({**GOOD, "url": "ws://127.0.0.1:99999/"}, "url"),                         # a bad port
+    ({**GOOD, "url": "ws://127.0.0.1:0/"}, "url"),                             # port 0: nothing there
+    ({**GOOD, "url": f"ws://{'a' * 300}.example/"}, "url"),                    # a host label past 63
     ({"url": GOOD["url"]}, "data_type"),                                       # missing data_type
     ({**GOOD, "data_type": "xml"}, "data_type"),                               # unknown data_type
     ({**GOOD, "data_type": 1}, "data_type"),

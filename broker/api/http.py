@@ -282,6 +282,8 @@ async def unless_gone(request: web.Request, work: Awaitable[T], every_s: float =
             if not task.done() and client_gone(request):
                 task.cancel()
                 await asyncio.wait({task})
+                if not task.cancelled():
+                    task.exception()   # retrieved: it ended meanwhile, and nobody is there to be told
                 return None
         return task.result()
     finally:

@@ -14,10 +14,10 @@ cursor is checked: a bad one is still an error response. Each batch is one event
 sequence number, `event: records`, `data:` the DIS GetRecords JSON body. Silence is broken by a
 `: heartbeat` comment every `--subscribe-heartbeat` seconds (15 by default); a client that closes
 the connection during the silence is noticed within a second (its subscription slot freed). An
-error after the stream has begun (say, the stream was deleted) is sent as `event: error` with the DIS error body as
-`data:`, and ends the stream; a broker shutdown ends it without one. A consumer that stops
-reading is disconnected after the stall timeout instead of making the broker buffer: each write
-waits for the socket to drain, and a write that cannot drain in time ends the stream.
+error after the stream has begun (say, the stream was deleted) is sent as `event: error` with the
+DIS error body as `data:`, and ends the stream; a broker shutdown ends it without one. A consumer
+that stops reading is disconnected after the stall timeout instead of making the broker buffer:
+each write waits for the socket to drain, and a write that cannot drain in time ends the stream.
 """
 from __future__ import annotations
 

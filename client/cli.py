@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from client.client import CURSOR_TYPES, Client
 from client.errors import BrokerUnavailable, SluiceError, StreamNotFound
@@ -41,7 +41,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int_within(low: int, high: int, what: str) -> Any:
+def _int_within(low: int, high: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer within what the wire can carry (the broker judges the rest)."""
     def parse(text: str) -> int:
         try:

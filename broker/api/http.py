@@ -47,7 +47,7 @@ _DECIMAL = re.compile(r"-?[0-9]+")
 # What aiohttp's parser decodes (it answers 400 itself for br/zstd when their library is absent).
 # Any other coding would hand the handler bytes that are not what the client meant.
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
-DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 _IDENTITY = frozenset({"", "identity"})
 # aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
 _REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
@@ -235,6 +235,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return obj
 
 
+def content_coding(request: web.Request) -> str:
+    """The request's Content-Encoding as aiohttp's parser matches it ("" when none)."""
+    return request.headers.get("Content-Encoding", "").lower()
+
+
+def decoded(request: web.Request) -> bool:
+    """Whether aiohttp's parser decompresses this request's body (as it arrives)."""
+    return content_coding(request) in _DECODED
+
+
 async def read_body(request: web.Request) -> bytes:
     """The body's bytes (maybe empty). Raises REQUEST_TOO_LARGE (declared or actual size over the
     cap, after decompression), REQUEST_TIMEOUT (not received within the body timeout), BAD_BODY
@@ -243,9 +253,9 @@ async def read_body(request: web.Request) -> bytes:
     limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes")
-    encoding = request.headers.get("Content-Encoding")
-    if encoding is not None and encoding.lower() not in DECODED and encoding.lower() not in _IDENTITY:
-        raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Content-Encoding {encoding!r:.40}")
+    if not decoded(request) and content_coding(request) not in _IDENTITY:
+        raise client_error(ErrorCode.BAD_BODY,
+                           detail=f"unsupported Content-Encoding {request.headers['Content-Encoding']!r:.40}")
     try:
         async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch
             return await request.read()

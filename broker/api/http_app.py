@@ -31,12 +31,12 @@ from aiohttp.http_exceptions import ContentEncodingError
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
-    DECODED,
     RENDERER,
     HttpConfig,
     Renderer,
     brief,
     client_request_id,
+    decoded,
     error_middleware,
     error_response,
     reset,
@@ -174,8 +174,7 @@ class _RequestHandler(web.RequestHandler):
             # would decompress it on the event loop - a 1 MB gzip body inflates to 1 GB, seconds
             # of the loop's time per request. The connection ends after the answer instead (the
             # transport sends what it holds of the answer before it closes).
-            if request.headers.get("Content-Encoding", "").strip().lower() in DECODED \
-                    and not request.content.is_eof():
+            if decoded(request) and not request.content.is_eof():
                 self.force_close()
 
     async def _finish_response(self, request: Any, resp: web.StreamResponse,

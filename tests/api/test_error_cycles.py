@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.api.grpc_service import rpc
@@ -54,7 +55,7 @@ async def client(broker: Broker) -> AsyncIterator[TestClient]:
 
 def _errors_alive() -> list[str]:
     return [type(o).__name__ for o in gc.get_objects()
-            if isinstance(o, (BrokerError, orjson.JSONDecodeError)) or type(o).__name__ == "HTTPRequestEntityTooLarge"]
+            if isinstance(o, (BrokerError, orjson.JSONDecodeError, web.HTTPRequestEntityTooLarge))]
 
 
 @pytest.mark.parametrize("body, headers, status", [

@@ -7,7 +7,8 @@ later; the Producer, the consumers and the CLI all decide from it (`is_retriable
 `exception class`), never from DIS codes or status codes of their own.
 
 A call that never reached the broker (connection refused, deadline) has no ErrorInfo: its reason
-is the gRPC status name ("UNAVAILABLE", "DEADLINE_EXCEEDED") and it raises `BrokerUnavailable`.
+is the gRPC status name ("UNAVAILABLE", "DEADLINE_EXCEEDED", or "CANCELLED" when a stopping broker
+dropped it) and it raises `BrokerUnavailable`.
 """
 from __future__ import annotations
 
@@ -135,6 +136,11 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     # interceptor refused the call before any handler ran and sent no ErrorInfo)
     "UNAUTHENTICATED": (Unauthenticated, False),
     "DEADLINE_EXCEEDED": (BrokerUnavailable, True),
+    # the broker cancelled the call: grpc core does so to calls it had not yet handed to the
+    # broker when a stop's grace ran out. A subscription the caller cancels ends quietly, not
+    # with this error; so it is the broker going away: retry as for UNAVAILABLE. (Closing a
+    # Client under a running call lands here too; a retry then fails on the closed channel.)
+    "CANCELLED": (BrokerUnavailable, True),
 }
 
 # Reasons the consumers act on (their class in ERRORS says the same; named here for readability).

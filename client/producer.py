@@ -664,8 +664,7 @@ class Producer:
         absent = status == grpc.StatusCode.UNIMPLEMENTED and not stream.answered
         refused = exc.reason == "TOO_MANY_REQUESTS" and not stream.answered
         too_large = exc.reason == "RESOURCE_EXHAUSTED"   # the transport's: no ErrorInfo
-        # the broker cancelling the call (a stop past its grace) is as retriable as its absence
-        again = exc.retriable or exc.reason == "CANCELLED"
+        again = exc.retriable   # CANCELLED too: the broker cancels calls when a stop outlasts its grace
         done: list[tuple[_Pending, PutResult]] = []
         with self._cond:
             if self._stream is stream:

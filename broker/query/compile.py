@@ -78,11 +78,13 @@ def _as(t: Typed, dtype: pl.DataType) -> Typed:
 
 
 def is_aggregate(node: exp.Expression) -> bool:
-    return isinstance(node, AGGREGATES) or (
+    return isinstance(node, (*AGGREGATES, exp.ApproxDistinct)) or (
         isinstance(node, exp.Anonymous) and node.name.lower() in DISTINCT_AGGREGATES)
 
 
 def function_name(node: exp.Expression) -> str:
+    if isinstance(node, exp.ApproxDistinct):   # how sqlglot reads ClickHouse's uniq(x)
+        return "uniq"
     return node.name.lower() if isinstance(node, exp.Anonymous) else node.key
 
 
@@ -203,6 +205,33 @@ def _numeric_result(a: str, b: str) -> str:
     return "int64"
 
 
+def _number(value: int | float) -> Typed:
+    """A numeric literal: int64 when it fits, else uint64 (2^63 .. 2^64-1, so a uint64 column
+    compares with it exactly), else float64."""
+    if isinstance(value, int):
+        if -2**63 <= value < 2**63:
+            return Typed(pl.lit(value, pl.Int64), "int64", value)
+        if 0 <= value < 2**64:
+            return Typed(pl.lit(value, pl.UInt64), "uint64", value)
+        value = float(value)
+    return Typed(pl.lit(value, pl.Float64), "float64", value)
+
+
+def _adopted(t: Typed, other: Typed) -> str:
+    """t's type in arithmetic with `other`: a non-negative integer literal beside an unsigned
+    operand counts as unsigned (ClickHouse types `1` as UInt8), so `u + 1` of a uint64 stays uint64."""
+    if t.is_literal and type(t.value) is int and t.value >= 0 and kind(other.type) == "uint":
+        return "uint64"
+    return t.type
+
+
+def _truncated_mod(x: pl.Expr, y: pl.Expr) -> pl.Expr:
+    """x % y with the sign of x, as C and ClickHouse's modulo (-7 % 2 is -1, -7.5 % 2 is -1.5);
+    Polars' % takes the sign of y."""
+    r = x % y
+    return pl.when((r != 0) & ((x < 0) != (y < 0))).then(r - y).otherwise(r)
+
+
 @dataclass
 class ExprCompiler:
     """Compiles expressions over a frame whose columns (and canonical types) are `columns`."""
@@ -252,13 +281,9 @@ class ExprCompiler:
             return Typed(pl.lit(node.this, pl.String), "string", node.this)
         text = node.this
         try:
-            value: int | float = int(text)
-            if not -2**63 <= value < 2**63:
-                raise ValueError(text)
-            return Typed(pl.lit(value, pl.Int64), "int64", value)
+            return _number(int(text))
         except ValueError:
-            value = float(text)
-            return Typed(pl.lit(value, pl.Float64), "float64", value)
+            return _number(float(text))
 
     def _Boolean(self, node: exp.Boolean) -> Typed:
         return Typed(pl.lit(bool(node.this), pl.Boolean), "bool", bool(node.this))
@@ -274,8 +299,8 @@ class ExprCompiler:
         t = self.compile(node.this)
         if not is_numeric(t.type):
             raise _mismatch(f"cannot negate {t.type}")
-        if t.is_literal and isinstance(t.value, (int, float)):
-            return Typed(pl.lit(-t.value), t.type, -t.value)
+        if t.is_literal and isinstance(t.value, (int, float)) and not isinstance(t.value, bool):
+            return _number(-t.value)   # -9223372036854775808 is an int64, not the negation of a uint64
         if kind(t.type) == NULL:
             return _as(t, pl.Float64())
         if kind(t.type) == "uint":   # Polars cannot negate an unsigned column
@@ -287,12 +312,12 @@ class ExprCompiler:
         op = node.key
         if not (is_numeric(a.type) and is_numeric(b.type)):
             raise _mismatch(f"{op} of {a.type} and {b.type}")
-        result = _numeric_result(a.type, b.type)
+        result = _numeric_result(_adopted(a, b), _adopted(b, a))
         dtype = dtypes.polars_dtype(result)
         # not strict: a value the result type cannot hold (uint64 2^64-1 in int32 + uint64 -> int64)
         # is null, as in every other cast here; strict, it failed the whole query at run time
         x, y = a.expr.cast(dtype, strict=False), b.expr.cast(dtype, strict=False)
-        out = {"add": x + y, "sub": x - y, "mul": x * y, "mod": x % y}[op]
+        out = {"add": x + y, "sub": x - y, "mul": x * y, "mod": _truncated_mod(x, y)}[op]
         return Typed(out, result)
 
     def _Div(self, node: exp.Div) -> Typed:
@@ -305,8 +330,16 @@ class ExprCompiler:
         a, b = self.compile(node.this), self.compile(node.expression)
         if not (is_numeric(a.type) and is_numeric(b.type)):
             raise _mismatch(f"integer division of {a.type} and {b.type}")
-        return Typed((a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64)).floor().cast(
-            pl.Int64, strict=False), "int64")
+        result = _numeric_result(_adopted(a, b), _adopted(b, a))
+        if kind(result) == "float":   # the quotient towards zero, as an integer
+            q = a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64)
+            return Typed(pl.when(q < 0).then(q.ceil()).otherwise(q.floor()).cast(pl.Int64, strict=False), "int64")
+        dtype = dtypes.polars_dtype(result)
+        x, y = a.expr.cast(dtype, strict=False), b.expr.cast(dtype, strict=False)
+        # exact in integers (through float64 2^53 + 1 lost its 1), rounded towards zero as C and
+        # ClickHouse's intDiv do; Polars' // rounds down
+        q = x // y
+        return Typed(pl.when((x % y != 0) & ((x < 0) != (y < 0))).then(q + 1).otherwise(q), result)
 
     def _comparable(self, a: Typed, b: Typed) -> tuple[pl.Expr, pl.Expr]:
         ka, kb = kind(a.type), kind(b.type)
@@ -431,7 +464,14 @@ class ExprCompiler:
         if name == "abs":
             arity(1)
             t = self._numeric_arg(name, args[0])
-            return Typed(t.expr.abs(), t.type)
+            if kind(t.type) != "int":
+                return Typed(t.expr.abs(), t.type)
+            # as ClickHouse: the unsigned type of the same width, so abs(-128) of an int8 is 128
+            # (in int8 it stays -128); int64's -2^63 is 2^63 in its bits read unsigned
+            unsigned = "u" + dtypes.base(t.type)
+            if unsigned == "uint64":
+                return Typed(t.expr.abs().reinterpret(signed=False), unsigned)
+            return Typed(t.expr.cast(pl.Int64).abs().cast(dtypes.polars_dtype(unsigned)), unsigned)
         if name == "round":
             arity(1, 2)
             t = self._numeric_arg(name, args[0])

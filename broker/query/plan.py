@@ -344,7 +344,7 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     name = function_name(node)
     arg = node.this if not isinstance(node, exp.Anonymous) else (
         node.expressions[0] if len(node.expressions) == 1 else None)
-    if isinstance(node, exp.Anonymous) and len(node.expressions) != 1:
+    if (isinstance(node, exp.Anonymous) and len(node.expressions) != 1) or node.args.get("accuracy") is not None:
         raise _syntax(f"{name}() takes one argument")
     if isinstance(node, exp.Count):
         if arg is None or isinstance(arg, exp.Star):

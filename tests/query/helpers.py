@@ -14,6 +14,8 @@ STREAMS: dict[str, tuple[ColumnDef, ...]] = {
     "t": (ColumnDef("s", "string"), ColumnDef("i", "int64"), ColumnDef("f", "float64"),
           ColumnDef("b", "bool"), ColumnDef("ts", "datetime64(3)"), ColumnDef("d", "date"),
           ColumnDef("j", "json"), ColumnDef("n", "nullable(int32)"), ColumnDef("u", "uint8"), TP),
+    "w": (ColumnDef("i8", "int8"), ColumnDef("i", "int64"), ColumnDef("u", "uint64"), ColumnDef("f", "float64"),
+          ColumnDef("s", "string"), TP),   # integers at their types' limits
 }
 
 

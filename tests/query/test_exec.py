@@ -314,3 +314,40 @@ def test_pending_partials_do_not_reach_the_group_limit_early() -> None:
     assert ex.state_rows() == 8
     ex.tick(0)
     assert ex.tick(GLOBAL_EMIT_MS) == [["0", 5, 1], ["1", 5, 1], ["2", 5, 1], ["3", 5, 1]]
+
+
+# -- integer semantics as ClickHouse's (found by a differential run against DuckDB) ---------------
+
+def test_modulo_and_integer_division_round_towards_zero() -> None:
+    records = [row(0, T0, i=-7, f=-7.5), row(1, T0, i=7, f=7.5)]
+    assert run("select i % 2, i % -2, f % 2, i div 2, i div -2, f div 2 from w", records) == [
+        [-1, -1, -1.5, -3, 3, -3], [1, 1, 1.5, 3, -3, 3]]
+    assert run("select i from w where i % 2 = -1", records) == [[-7]]
+    assert run("select count(*) from table(w) group by i % 3", records) == [[1], [1]]   # -1 and 1
+    big = [row(0, T0, i=2**53 + 1, u=2**64 - 1), row(1, T0, i=2**63 - 1, u=7)]
+    assert run("select i div 1, u div 2 from w", big) == [[2**53 + 1, 2**63 - 1], [2**63 - 1, 3]]
+
+
+def test_integer_literals_past_int64_are_uint64() -> None:
+    records = [row(n, T0, u=u) for n, u in enumerate((2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1))]
+    assert run("select u from w where u < 9223372036854775808", records) == [[2**63 - 1]]
+    assert run("select u from w where u = 18446744073709551615", records) == [[2**64 - 1]]
+    assert run("select u from w where u in (9223372036854775808)", records) == [[2**63]]
+    assert run("select -9223372036854775808, 18446744073709551615, - -9223372036854775808 from w",
+               records[:1]) == [[-2**63, 2**64 - 1, 2**63]]
+    # beside an unsigned column a non-negative literal is unsigned: uint64 stays uint64
+    assert run("select u + 1, u * 1, 1 + u from w where u = 18446744073709551614", records) == [
+        [2**64 - 1, 2**64 - 2, 2**64 - 1]]
+
+
+def test_abs_of_a_signed_integer_is_its_unsigned_type() -> None:
+    assert run("select abs(i8), abs(i), abs(f), abs(-3) from w", [row(0, T0, i8=-128, i=-2**63, f=-1.5)]) == [
+        [128, 2**63, 1.5, 3]]
+
+
+def test_uniq_counts_distinct_values() -> None:
+    records = [row(n, T0, s=s) for n, s in enumerate("abcab")]
+    assert run("select uniq(s), uniq_exact(s), count_distinct(s), count(distinct s) from table(w)", records) == [
+        [3, 3, 3, 3]]
+    with pytest.raises(ClientError, match="one argument"):
+        run("select uniq(s, i) from table(w)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import grpc
@@ -57,6 +58,7 @@ class Client:
             else grpc.insecure_channel(target, options=_wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SluiceStub(self._channel)
         self._timeout = timeout
+        self._closed = threading.Event()   # shared with the views of with_timeout
 
     @property
     def timeout(self) -> float:
@@ -69,6 +71,7 @@ class Client:
         return _wire.project_of(self._metadata)
 
     def close(self) -> None:
+        self._closed.set()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -159,7 +162,9 @@ class Client:
         try:
             yield from sub
         except SluiceError as exc:
-            if exc.status != grpc.StatusCode.CANCELLED:   # cancelled: by us, or the channel was closed
+            # cancelled by closing this client: the end. By a stopping broker: BrokerUnavailable
+            # (a cancel of our own ends the iteration in Subscription itself)
+            if exc.status != grpc.StatusCode.CANCELLED or not self._closed.is_set():
                 raise
         finally:
             sub.cancel()

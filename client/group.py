@@ -30,8 +30,9 @@ every `checkpoint_every` records or `checkpoint_interval` seconds, whichever com
   so a child never waits for records the group chose to skip; a partition new to the group whose
   segment continues a parent the group was reading starts at that segment, not at `start`.
 * An exception from `handler` is fatal: the failing batch is not committed (earlier ones are),
-  the consumer stops, and `run()` / `join()` raise it. Transient broker errors in workers are
-  retried with backoff.
+  the consumer stops, and `run()` / `join()` raise it. Transient broker errors (every retriable
+  one of client/errors.py: unreachable, stopping, throttled, a full disk) are retried with
+  backoff, in the heartbeats and the workers; the others (the stream deleted, ...) are fatal.
 
 Limits: a handler that runs longer than the lease keeps working on a partition the broker may
 have given to another member meanwhile (nothing can pre-empt it) - keep batches shorter than the
@@ -49,7 +50,7 @@ from typing import Callable
 
 from client.client import Client, Record
 from client.consumer import APP_THERE, PartitionConsumer, StartPosition
-from client.errors import BrokerUnavailable, SluiceError
+from client.errors import SluiceError
 
 log = logging.getLogger(__name__)
 
@@ -224,16 +225,17 @@ class GroupConsumer:
                 granted = self._client.with_timeout(budget).heartbeat(
                     self.app, self.stream, self.member_id, held, self.lease_ms)
                 mine, lease_ms = granted.partition_ids, granted.lease_ms
-            except BrokerUnavailable as exc:
+            except SluiceError as exc:
+                if not exc.retriable:   # e.g. the stream or app was deleted
+                    self._fail(exc)
+                    return
+                # unreachable, throttled, stopping (CANCELLED), full: try again, within the lease
                 if lease_until is not None and time.monotonic() >= lease_until - margin:
                     log.warning("member %s lost its lease (%s): stopping every partition", self.member_id, exc)
                     self._revoke(set(), commit=False)
                     lease_until = None
                 self._wake.wait(min(interval, 0.5))
                 continue
-            except SluiceError as exc:
-                self._fail(exc)
-                return
             except Exception as exc:
                 self._fail(exc)
                 return
@@ -286,8 +288,7 @@ class GroupConsumer:
 
     def _work(self, w: _Worker) -> None:
         p = w.partition
-        consumer = PartitionConsumer(self._client, self.stream, p, app=self.app, start=self._start_for(p),
-                                     mode=self.mode, wait_ms=self.wait_ms, batch=self.batch)
+        consumer: PartitionConsumer | None = None
         handled: int | None = None       # last seq the handler returned for
         committed: int | None = None
         since_commit = 0
@@ -300,7 +301,9 @@ class GroupConsumer:
                 return True
             try:
                 client.commit_checkpoint(self.app, self.stream, p, handled)
-            except BrokerUnavailable as exc:
+            except SluiceError as exc:
+                if not exc.retriable:
+                    raise
                 log.warning("checkpoint of partition %d not committed yet: %s", p, exc)
                 return False
             committed, since_commit, last_commit = handled, 0, time.monotonic()
@@ -309,10 +312,15 @@ class GroupConsumer:
             return True
 
         try:
+            # inside the try: whatever fails here still ends in `finally`, which frees the partition
+            consumer = PartitionConsumer(self._client, self.stream, p, app=self.app, start=self._start_for(p),
+                                         mode=self.mode, wait_ms=self.wait_ms, batch=self.batch)
             while not w.stop.is_set():
                 try:
                     records = consumer.poll()
-                except BrokerUnavailable:
+                except SluiceError as exc:
+                    if not exc.retriable:
+                        raise
                     w.stop.wait(backoff * (0.5 + random.random()))
                     backoff = min(backoff * 2, 1.0)
                     continue
@@ -342,7 +350,8 @@ class GroupConsumer:
                     pass
             self._fail(exc)
         finally:
-            consumer.close()
+            if consumer is not None:
+                consumer.close()
             if self._on_release:   # before it leaves `held`: nobody else can have it yet
                 try:
                     self._on_release(p)

@@ -87,3 +87,36 @@ def test_a_group_member_keeps_going_when_the_broker_cancels_a_heartbeat(
         assert servicer.cancel == 0
     finally:
         member.stop()
+
+
+def test_a_subscription_the_broker_cancels_raises_unless_the_client_was_closed() -> None:
+    """Client.subscribe ended quietly on any CANCELLED, so a broker's stop looked like the end."""
+    release = threading.Event()
+
+    class Subscribing(pb_grpc.SluiceServicer):
+        def Subscribe(self, request: Any, context: Any) -> Any:
+            yield pb.SubscribeResponse(records=pb.RecordBatch(seqs=[0], timestamps_ms=[1], data=[b"a"],
+                                                              partition_keys=["k"], next_cursor="c"))
+            if request.stream_name == "cancelled":
+                context.cancel()
+            else:
+                release.wait(10)
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_SluiceServicer_to_server(Subscribing(), server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        with Client(target, timeout=5) as c:
+            pages = c.subscribe("cancelled", 0, "TRIM_HORIZON")
+            assert [r.data for r in next(pages).records] == [b"a"]
+            with pytest.raises(BrokerUnavailable):
+                next(pages)
+        c = Client(target, timeout=5)
+        pages = c.subscribe("open", 0, "TRIM_HORIZON")
+        assert [r.data for r in next(pages).records] == [b"a"]
+        threading.Timer(0.2, c.close).start()
+        assert list(pages) == []   # closing the client ends it quietly
+    finally:
+        release.set()
+        server.stop(0)

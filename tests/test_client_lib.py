@@ -543,6 +543,30 @@ def test_group_handler_error_is_fatal_and_not_committed(broker: BrokerProcess, c
     assert client.get_checkpoint(app, stream_name, 0) == Checkpoint(9, "")
 
 
+def test_a_throttled_group_member_backs_off_instead_of_stopping(start_broker: Callable[..., BrokerProcess],
+                                                                 stream_name: str) -> None:
+    """Six workers long-polling and the heartbeats, at 4 requests in progress per client: some
+    calls are refused TOO_MANY_REQUESTS (retriable). The member stopped for good on the first one
+    (only BrokerUnavailable was retried); every record must be handled and the member still up."""
+    b = start_broker("--max-requests-per-client", "4")
+    with Client(b.grpc_target, timeout=10) as c:
+        c.create_stream(stream_name, 6)
+        c.put_records(stream_name, [(b"x%d" % i, f"k{i}") for i in range(100)])
+    got: set[bytes] = set()
+    lock = threading.Lock()
+
+    def handle(partition: int, records: list[Record]) -> None:
+        with lock:
+            got.update(r.data for r in records)
+
+    member = GroupConsumer(b.grpc_target, "app", stream_name, handle, lease_ms=3000).start()
+    try:
+        eventually(lambda: len(got) == 100 or member.error is not None, timeout=60)
+        assert member.error is None and len(got) == 100
+    finally:
+        member.stop(10)
+
+
 @pytest.mark.slow
 def test_group_keeps_its_assignment_through_a_broker_restart(start_broker: Callable[..., BrokerProcess],
                                                              tmp_path: Path, stream_name: str) -> None:

@@ -55,9 +55,12 @@ class LeaseTable:
         group.members[member] = now + lease_ms
         for m in [m for m, expiry in group.members.items() if expiry < now]:
             del group.members[m]
+        # A partition at or past `partition_count` is left alone, not dropped: the count is the
+        # calling broker's, and a broker that has not seen a scale-up yet (several brokers on one
+        # store) would free partitions another member was granted through a broker that has. Such
+        # an entry is never renewed (below) and lapses with its lease once the partition is gone.
         for p, (owner, expiry) in list(group.owners.items()):
-            if expiry < now or owner not in group.members or (owner == member and p not in held) \
-                    or p >= partition_count:
+            if expiry < now or owner not in group.members or (owner == member and p not in held):
                 del group.owners[p]
         # Claims after a broker restart, or from a member whose lease just lapsed; and renewal of
         # what the member still owns and holds - a revoked partition it is still finishing must

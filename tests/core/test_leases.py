@@ -152,11 +152,24 @@ def test_fewer_partitions_than_members_and_a_shrinking_partition_count() -> None
     for now in (0, 10, 20, 30):   # join; a is revoked 1; a releases it; b is granted it
         got = {m: hb(table, m, got[m], now=now + i, partitions=2) for i, m in enumerate("abc")}
     assert got == {"a": [0], "b": [1], "c": []}   # shares by member name: the first P members get one
-    # partitions beyond the count are dropped from the table on the next heartbeat
+    # partitions beyond the count are not granted nor renewed, and lapse with their lease
     table = LeaseTable()
     assert hb(table, "a", now=0, partitions=4) == [0, 1, 2, 3]
     assert hb(table, "a", {0, 1, 2, 3}, now=1, partitions=2) == [0, 1]
+    assert hb(table, "a", {0, 1}, now=LEASE + 1, partitions=2) == [0, 1]
     assert table.owners(APP, SID) == {0: "a", 1: "a"}
+
+
+def test_a_heartbeat_through_a_broker_behind_a_scale_up_frees_nothing() -> None:
+    """Brokers on one store: a scale-up 2 -> 4 seen by one broker, not yet by another. A heartbeat
+    through the second one (count 2) dropped the first member's leases on 2 and 3, so the next
+    member through the first broker was granted 3 while its owner still worked on it."""
+    table = LeaseTable()
+    assert hb(table, "m1", now=0, partitions=2) == [0, 1]
+    assert hb(table, "m1", {0, 1}, now=100, partitions=4) == [0, 1, 2, 3]
+    assert hb(table, "m2", now=200, partitions=2) == []           # the broker behind
+    assert hb(table, "m3", now=300, partitions=4) == []           # nothing free: m1 has revocations to finish
+    assert table.owners(APP, SID) == {0: "m1", 1: "m1", 2: "m1", 3: "m1"}
 
 
 # -- the state machine -----------------------------------------------------------------------------

@@ -46,7 +46,11 @@ class Consumers:
             if len(existing) >= self._limits.max_apps:
                 raise client_error(ErrorCode.APP_QUOTA_EXCEEDED, detail=f"at most {self._limits.max_apps} apps")
             info = AppInfo(name, uuid.uuid4().hex, self._now())
-            await self._store.meta_write({apps.app_key(project, name): apps.encode_app(info.app_id, info.created_ms)})
+            # create-if-absent: the lock orders this broker's creations, the compare-and-set those of
+            # every broker on a shared store (two at once both found it absent in the scan above)
+            if not await self._store.meta_cas(apps.app_key(project, name), None,
+                                              apps.encode_app(info.app_id, info.created_ms)):
+                raise client_error(ErrorCode.APP_EXISTS, app=name)
         return info
 
     async def _app_streams(self, project: str, name: str) -> tuple[str, ...]:

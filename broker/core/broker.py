@@ -18,14 +18,18 @@ changes (storage/base.py StoreEvents, `_OtherBrokers` below): their appends wake
 polls and subscriptions through the WriteNotifier, as a local write does; their creates, scales and
 deletes go into the catalogue (a delete ends this broker's readers of the stream as a local one
 does). A stream name this broker does not know is looked up in the store before a verb answers
-STREAM_NOT_FOUND (created through another broker a moment ago).
+STREAM_NOT_FOUND (created through another broker a moment ago). So is a stream the broker knows
+when a verb would refuse it for a partition it lacks (PARTITION_NOT_FOUND, _NOT_WRITABLE: scaled
+through another broker), a create for a name it holds (deleted through another), and a cursor's
+stream it does not know: each is tried once more if the store's config differs.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from typing import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from broker.core.apps import AppInfo, Checkpoint, PartitionConsumerState
 from broker.core.catalogue import StreamCatalogue, StreamSummary
@@ -58,6 +62,13 @@ from broker.storage.base import StorageState, Store, StoreEvents
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+# Refusals a shared store's broker may give from a view of the stream that another broker's
+# change has overtaken (its event still on the way): worth one look at the store.
+_STALE_PARTITION = frozenset({ErrorCode.PARTITION_NOT_FOUND, ErrorCode.PARTITION_NOT_WRITABLE})
+_STALE = _STALE_PARTITION | {ErrorCode.STREAM_NOT_FOUND}
+_GONE_IDS = 10_000   # deleted stream ids remembered (their cursors): a bound, not a cache policy
+
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -86,6 +97,7 @@ class Broker:
             leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(started_ms=clock_ms())
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
         self._shared = store.capabilities.shared
+        self._gone: set[int] = set()   # stream ids of cursors the store does not have (deleted)
         self._chores: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -138,16 +150,20 @@ class Broker:
         """`schema`: a typed stream (see StreamSchema). Raises INVALID_REQUEST, QUOTA_EXCEEDED,
         STREAM_EXISTS (a shared store: the catalogue knows the existing stream afterwards, even if
         another broker created it a moment ago)."""
+        def create() -> Awaitable[StreamConfig]:
+            return self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
+                                         stream_type, schema)
         try:
-            return await self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
-                                               stream_type, schema)
+            return await create()
         except BrokerError as exc:
-            if exc.code is ErrorCode.STREAM_EXISTS:
-                try:
-                    await self._known(project, stream_name)
-                except BrokerError:
-                    pass   # the answer is STREAM_EXISTS either way
-            raise
+            if exc.code is not ErrorCode.STREAM_EXISTS:
+                raise
+            # a shared store: known here but deleted through another broker a moment ago (created
+            # again: the catalogue learns that one, and the answer stays STREAM_EXISTS)
+            if not await self._stale(project, stream_name) or (
+                    isinstance(stream_name, str) and self.catalogue.lookup(project, stream_name)):
+                raise
+        return await create()
 
     async def stream_config(self, stream_name: object, *, project: str = DEFAULT_PROJECT) -> StreamConfig:
         """The stream's config (a door that works with it directly). Raises INVALID_REQUEST,
@@ -220,7 +236,23 @@ class Broker:
                           handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """See WritePath.put_records."""
         await self._known(project, stream_name)
-        return await self.writes.put_records(project, stream_name, entries, handed)
+        result = await self.writes.put_records(project, stream_name, entries, handed)
+        if not self._shared or not result.failures:
+            return result
+        redo = [i for i, error in result.failures if error.code in _STALE_PARTITION]
+        # Records sent to a partition this broker does not know yet (another broker scaled the
+        # stream a moment ago): once more if the stream was. Not within a produce stream (`handed`):
+        # its next batch may be handed over already, and a retry would land after it.
+        if not redo or handed is not None or not await self._stale(project, stream_name):
+            return result
+        listed = entries.entries() if isinstance(entries, PutColumns) else entries
+        again = await self.writes.put_records(project, stream_name, [listed[i] for i in redo])
+        for j, i in enumerate(redo):
+            result.partitions[i], result.seqs[i] = again.partitions[j], again.seqs[j]
+        retried = set(redo)
+        result.failures = sorted([f for f in result.failures if f[0] not in retried]
+                                 + [(redo[j], error) for j, error in again.failures])
+        return result
 
     async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT,
                           stream_id: int | None = None) -> int:
@@ -248,18 +280,32 @@ class Broker:
                          project: str = DEFAULT_PROJECT) -> str:
         """See ReadPath.get_cursor."""
         await self._known(project, stream_name)
-        return await self.reads.get_cursor(project, stream_name, partition_id, cursor_type, starting_seq,
-                                           timestamp_ms)
+        return await self._again(project, stream_name, lambda: self.reads.get_cursor(
+            project, stream_name, partition_id, cursor_type, starting_seq, timestamp_ms))
 
     async def get_records(self, cursor: object, limit: int | None = None, max_fetch_bytes: int | None = None,
                           wait_ms: int | None = None, *, project: str = DEFAULT_PROJECT) -> GetRecordsResult:
         """See ReadPath.get_records."""
+        try:
+            return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms)
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.STREAM_NOT_FOUND or not await self._learn_cursor_stream(cursor):
+                raise
         return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms)
 
     def subscribe(self, cursor: object, max_records: int | None = None, max_wait_ms: int | None = None, *,
                   project: str = DEFAULT_PROJECT) -> AsyncGenerator[GetRecordsResult, None]:
         """See ReadPath.subscribe; an empty batch is a heartbeat."""
-        return self.reads.subscribe(project, cursor, max_records, max_wait_ms)
+        if not self._shared:
+            return self.reads.subscribe(project, cursor, max_records, max_wait_ms)
+        return self._subscribe_shared(project, cursor, max_records, max_wait_ms)
+
+    async def _subscribe_shared(self, project: str, cursor: object, max_records: int | None,
+                                max_wait_ms: int | None) -> AsyncGenerator[GetRecordsResult, None]:
+        await self._learn_cursor_stream(cursor)
+        async with contextlib.aclosing(self.reads.subscribe(project, cursor, max_records, max_wait_ms)) as batches:
+            async for batch in batches:
+                yield batch
 
     # -- apps, checkpoints, consumer state -----------------------------------------------------
 
@@ -281,8 +327,8 @@ class Broker:
                                 metadata: object = None, checkpoint_type: object = "LAST_READ", *,
                                 project: str = DEFAULT_PROJECT) -> None:
         await self._known(project, stream_name)
-        await self.consumers.commit_checkpoint(project, app_name, stream_name, partition_id, seq, metadata,
-                                               checkpoint_type)
+        await self._again(project, stream_name, lambda: self.consumers.commit_checkpoint(
+            project, app_name, stream_name, partition_id, seq, metadata, checkpoint_type))
 
     async def get_checkpoint(self, app_name: object, stream_name: object, partition_id: object,
                              checkpoint_type: object = "LAST_READ", *,
@@ -344,6 +390,56 @@ class Broker:
             config = await self.store.find_stream(project, stream_name)
             if config is not None and self.catalogue.by_id(config.stream_id) != config:
                 self._stream_changed(config)
+
+    async def _stale(self, project: str, stream_name: object) -> bool:
+        """A shared store, after a refusal that this broker's view of the stream may explain
+        (another broker created, scaled or deleted it a moment ago, its event still on the way):
+        the stream read again from the store. True when this broker's view changed, so the call
+        is worth making once more."""
+        if not (self._shared and isinstance(stream_name, str) and STREAM_NAME.fullmatch(stream_name)
+                and PROJECT_NAME.fullmatch(project)):
+            return False
+        config = await self.store.find_stream(project, stream_name)
+        known = self.catalogue.lookup(project, stream_name)
+        if config is None:
+            if known is None:
+                return False
+            self._stream_dropped(known.stream_id)
+            return True
+        if known == config:
+            return False
+        self._stream_changed(config)
+        return True
+
+    async def _again(self, project: str, stream_name: object, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, and once more if it was refused for a stream or partition this broker's view
+        lacked and `_stale` found it out of date."""
+        try:
+            return await call()
+        except BrokerError as exc:
+            if exc.code not in _STALE or not await self._stale(project, stream_name):
+                raise
+        return await call()
+
+    async def _learn_cursor_stream(self, cursor: object) -> bool:
+        """A shared store: a valid cursor of a stream this broker does not know (created through
+        another broker a moment ago) - learn it from the store. True when it did. A stream id the
+        store does not have either was deleted: remembered, so its cursors cost no second look."""
+        if not self._shared:
+            return False
+        stream_id = self.reads.cursor_stream_id(cursor)
+        if stream_id is None or self.catalogue.by_id(stream_id) is not None or stream_id in self._gone:
+            return False
+        named = next((c for c in await self.store.list_streams() if c.stream_id == stream_id), None)
+        # then by its name, which the store remembers as it would a change it was told of
+        config = None if named is None else await self.store.find_stream(named.project, named.stream_name)
+        if config is not None and config.stream_id == stream_id:
+            self._stream_changed(config)
+            return True
+        if len(self._gone) >= _GONE_IDS:
+            self._gone.clear()
+        self._gone.add(stream_id)
+        return False
 
     def _stream_changed(self, config: StreamConfig) -> None:
         clash = self.catalogue.lookup(config.project, config.stream_name)

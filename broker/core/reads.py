@@ -99,6 +99,13 @@ class ReadPath:
                                latest=max(bounds.first_seq, bounds.last_seq))
         return seq
 
+    def cursor_stream_id(self, cursor: object) -> int | None:
+        """The stream id a valid cursor names, known here or not; None for a cursor that is not."""
+        try:
+            return decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms).stream_id
+        except BrokerError:
+            return None
+
     def _open(self, project: str, cursor: object) -> tuple[StreamConfig, CursorPosition]:
         pos = decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms)
         config = self._catalogue.by_id(pos.stream_id)

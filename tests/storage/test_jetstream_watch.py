@@ -265,6 +265,62 @@ async def test_a_broker_finds_a_stream_created_elsewhere_before_its_event(
         assert err.value.code is ErrorCode.INVALID_REQUEST
 
 
+async def test_a_broker_behind_another_brokers_scale_delete_or_create_asks_the_store(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B knows the streams but never gets A's later catalogue events. It answered from its old
+    view with refusals clients take as final: PARTITION_NOT_FOUND for a partition A had just added,
+    STREAM_EXISTS for a name A had just deleted, STREAM_NOT_FOUND for a cursor A had just issued.
+    Each is asked of the store once, and answered from what it holds."""
+    from broker.errors import BrokerError, ErrorCode
+    from broker.model import PutEntry
+
+    async with two_brokers(opener, monkeypatch, "_on_catalogue") as (a, b, store_b):
+        for name in ("put", "cursor", "checkpoint", "deleted"):
+            await a.create_stream(name, 2)
+            await b.describe_stream(name)   # b knows it, at 2 partitions
+        await b.create_app("app")
+        for name in ("put", "cursor", "checkpoint"):
+            await a.update_partition_count(name, 4)
+        put = await b.put_records("put", [PutEntry(b"x", partition_id="0"), PutEntry(b"y", partition_id="3")])
+        assert put.failed_record_count == 0 and put.partitions == [0, 3]
+        assert await b.get_cursor("cursor", 3, "TRIM_HORIZON")
+        await a.put_records("checkpoint", [PutEntry(b"c", partition_id="3")])
+        await b.commit_checkpoint("app", "checkpoint", 3, 0)
+        await a.delete_stream("deleted")
+        assert (await b.create_stream("deleted", 1)).partition_count == 1
+        # a partition that does not exist anywhere is still refused, after one look
+        refused = await b.put_records("put", [PutEntry(b"z", partition_id="9")])
+        assert refused.failures[0][1].code is ErrorCode.PARTITION_NOT_FOUND
+
+        # cursors of a stream b has never heard of: a read and a subscription
+        await a.create_stream("new", 1)
+        await a.put_records("new", [PutEntry(b"r", partition_id="0")])
+        cursor = await a.get_cursor("new", 0, "TRIM_HORIZON")
+        assert [r.data for r in (await b.get_records(cursor)).records] == [b"r"]
+        await a.create_stream("pushed", 1)
+        await a.put_records("pushed", [PutEntry(b"p", partition_id="0")])
+        batches = b.subscribe(await a.get_cursor("pushed", 0, "TRIM_HORIZON"))
+        assert [r.data for r in (await anext(batches)).records] == [b"p"]
+        await batches.aclose()
+        # a deleted stream's cursor: STREAM_NOT_FOUND, and its id is not looked up again
+        await a.create_stream("gone", 1)
+        cursor = await a.get_cursor("gone", 0, "TRIM_HORIZON")
+        await a.delete_stream("gone")
+        listed = 0
+        real = store_b.list_streams
+
+        async def counted() -> list[StreamConfig]:
+            nonlocal listed
+            listed += 1
+            return await real()
+        monkeypatch.setattr(store_b, "list_streams", counted)
+        for _ in range(3):
+            with pytest.raises(BrokerError) as err:
+                await b.get_records(cursor)
+            assert err.value.code is ErrorCode.STREAM_NOT_FOUND
+        assert listed == 1
+
+
 async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
         opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
     """B scales from a layout A has changed meanwhile: refused (UNAVAILABLE, retriable), not written

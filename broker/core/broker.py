@@ -153,6 +153,7 @@ class Broker:
         def create() -> Awaitable[StreamConfig]:
             return self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
                                          stream_type, schema)
+        seen = self._seen(project, stream_name)
         try:
             return await create()
         except BrokerError as exc:
@@ -160,7 +161,7 @@ class Broker:
                 raise
             # a shared store: known here but deleted through another broker a moment ago (created
             # again: the catalogue learns that one, and the answer stays STREAM_EXISTS)
-            if not await self._stale(project, stream_name) or (
+            if not await self._stale(project, stream_name, seen) or (
                     isinstance(stream_name, str) and self.catalogue.lookup(project, stream_name)):
                 raise
         return await create()
@@ -236,6 +237,7 @@ class Broker:
                           handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """See WritePath.put_records."""
         await self._known(project, stream_name)
+        seen = self._seen(project, stream_name)
         result = await self.writes.put_records(project, stream_name, entries, handed)
         if not self._shared or not result.failures:
             return result
@@ -243,7 +245,7 @@ class Broker:
         # Records sent to a partition this broker does not know yet (another broker scaled the
         # stream a moment ago): once more if the stream was. Not within a produce stream (`handed`):
         # its next batch may be handed over already, and a retry would land after it.
-        if not redo or handed is not None or not await self._stale(project, stream_name):
+        if not redo or handed is not None or not await self._stale(project, stream_name, seen):
             return result
         listed = entries.entries() if isinstance(entries, PutColumns) else entries
         again = await self.writes.put_records(project, stream_name, [listed[i] for i in redo])
@@ -391,33 +393,40 @@ class Broker:
             if config is not None and self.catalogue.by_id(config.stream_id) != config:
                 self._stream_changed(config)
 
-    async def _stale(self, project: str, stream_name: object) -> bool:
-        """A shared store, after a refusal that this broker's view of the stream may explain
-        (another broker created, scaled or deleted it a moment ago, its event still on the way):
-        the stream read again from the store. True when this broker's view changed, so the call
-        is worth making once more."""
+    def _seen(self, project: str, stream_name: object) -> StreamConfig | None:
+        """This broker's view of the stream as a call starts (for `_stale` after a refusal)."""
+        if not self._shared or not isinstance(stream_name, str):
+            return None
+        return self.catalogue.lookup(project, stream_name)
+
+    async def _stale(self, project: str, stream_name: object, seen: StreamConfig | None) -> bool:
+        """A shared store, after a refusal that this broker's view of the stream (`seen` as the
+        call started) may explain - another broker created, scaled or deleted it a moment ago, its
+        event still on the way: True when that view has changed since, by the event meanwhile or
+        by reading the stream again from the store now. The call is then worth making once more."""
         if not (self._shared and isinstance(stream_name, str) and STREAM_NAME.fullmatch(stream_name)
                 and PROJECT_NAME.fullmatch(project)):
             return False
-        config = await self.store.find_stream(project, stream_name)
         known = self.catalogue.lookup(project, stream_name)
-        if config is None:
-            if known is None:
-                return False
-            self._stream_dropped(known.stream_id)
+        if known != seen:
             return True
-        if known == config:
-            return False
-        self._stream_changed(config)
-        return True
+        config = await self.store.find_stream(project, stream_name)
+        known = self.catalogue.lookup(project, stream_name)   # the event may have come meanwhile
+        if config is None:
+            if known is not None:
+                self._stream_dropped(known.stream_id)
+        elif known != config:
+            self._stream_changed(config)
+        return config != seen
 
     async def _again(self, project: str, stream_name: object, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, and once more if it was refused for a stream or partition this broker's view
         lacked and `_stale` found it out of date."""
+        seen = self._seen(project, stream_name)
         try:
             return await call()
         except BrokerError as exc:
-            if exc.code not in _STALE or not await self._stale(project, stream_name):
+            if exc.code not in _STALE or not await self._stale(project, stream_name, seen):
                 raise
         return await call()
 

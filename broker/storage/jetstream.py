@@ -162,6 +162,7 @@ from broker.storage.base import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")   # what a KV key may hold (nats-py's rule)
 REQUEST_TIMEOUT_S = 5.0        # one JetStream request (a publish's ack, a direct get, an API call)
 SETTLE_S = 30.0                # how long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S)
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
@@ -1634,12 +1635,14 @@ class JetStreamStore(Store):
         return stored
 
     async def _find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
-        try:
-            entry = await self._kv.get(self._name_key(project, stream_name))
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError,   # no such (possible) name
-                nats.js.errors.InvalidKeyError):
+        """The stream's config from the bucket's leader: a direct get may be answered by a replica
+        behind it, which would not have a stream just created, or would have one just scaled at
+        its old layout - and this lookup decides (an event applied, a refusal made or not)."""
+        key = self._name_key(project, stream_name)
+        if not _KV_KEY.fullmatch(key) or key.endswith(".") or ".." in key:   # no such (possible) name
             return None
-        return StreamConfig.from_dict(json.loads(entry.value)) if entry.value else None
+        value, _ = await self._kv_read(key)
+        return StreamConfig.from_dict(json.loads(value)) if value else None
 
     async def fresh_bounds(self, stream_id: int, partition: int) -> PartitionBounds:
         """bounds() after a direct get of the partition's last message and a read of its trim

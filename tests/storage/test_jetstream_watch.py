@@ -292,6 +292,22 @@ async def test_a_broker_behind_another_brokers_scale_delete_or_create_asks_the_s
         refused = await b.put_records("put", [PutEntry(b"z", partition_id="9")])
         assert refused.failures[0][1].code is ErrorCode.PARTITION_NOT_FOUND
 
+        # the event arrives while the store is asked (the put was refused from the view before it)
+        await a.create_stream("race", 2)
+        await b.describe_stream("race")
+        await a.update_partition_count("race", 4)
+        real_find = store_b.find_stream
+
+        async def event_meanwhile(project: str, name: str) -> StreamConfig | None:
+            found = await real_find(project, name)
+            if found is not None:
+                b._stream_changed(found)   # as _OtherBrokers would, before this answer is read
+            return found
+        monkeypatch.setattr(store_b, "find_stream", event_meanwhile)
+        put = await b.put_records("race", [PutEntry(b"y", partition_id="3")])
+        assert put.failed_record_count == 0 and put.partitions == [3]
+        monkeypatch.setattr(store_b, "find_stream", real_find)
+
         # cursors of a stream b has never heard of: a read and a subscription
         await a.create_stream("new", 1)
         await a.put_records("new", [PutEntry(b"r", partition_id="0")])

@@ -33,6 +33,7 @@ from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_
 from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
 from broker.core.limits import DEFAULT_LIMITS, Limits
+from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.sources.manager import Sources
 from broker.startup import DataDirClaim, StartupError, explain_bind_failure, explain_store_failure, probe_port
@@ -83,6 +84,8 @@ async def _series_loop(broker: Broker) -> None:
         await asyncio.sleep(60 - now % 60 + _SERIES_LAG_S)
         try:
             await broker.metric_series.flush(int(time.time() // 60) - 1)
+        except BrokerError as exc:   # the store unavailable or full: said once a minute, no traceback
+            log.warning("storing the monitoring series failed (%s); the next minute adds its counts", exc.message)
         except Exception:
             log.exception("storing the monitoring series failed; the next minute adds its counts")
 

@@ -47,8 +47,11 @@ after the expected one is read: ours (by msg id) or not stored, ever (its slot i
 JetStream stays unreachable for SETTLE_S the batch fails with OutcomeUnknown (UNAVAILABLE; the core
 fails the whole request, retriable, rather than reporting records certainly not written), and before
 the next append to the partition a fence - an empty message (S-N 0) with the same
-Expected-Last-Sequence - takes the slot, so the given-up message can never be stored later (one
-sent just before a disconnect could be flushed after the reconnect). Readers skip empty messages.
+Expected-Last-Sequence - takes the slot, so the given-up message cannot be stored after any later
+one (one sent just before a disconnect could be flushed after the reconnect). It may still be
+stored first: a leader that had it in its log commits it once a quorum is back, and the fence
+finds the slot taken - its records then exist, in order and numbered, which the request's
+UNAVAILABLE (outcome unknown) allowed. Readers skip empty messages.
 The client keeps no pending buffer (pending_size=0): a publish while disconnected fails at once,
 certainly unsent (plain UNAVAILABLE).
 
@@ -1219,8 +1222,9 @@ class JetStreamStore(Store):
 
     async def _fence(self, sid: int, p: int) -> None:
         """After a publish given up on: take the slot after the JetStream seq it expected last with
-        an empty message (S-N 0, same Expected-Last-Sequence), so the given-up one can never be
-        stored later (its expected-last check fails from then on). Readers skip empty messages; the
+        an empty message (S-N 0, same Expected-Last-Sequence), so the given-up one cannot be stored
+        after anything else (its expected-last check fails from then on; if it holds the slot
+        already, it was stored - in order). Readers skip empty messages; the
         numbering is unaffected. Raises (the fence stays) when JetStream does not answer."""
         expected = self._fences[(sid, p)]
         head = await _guard(self._load_head(sid, p))

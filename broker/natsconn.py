@@ -61,3 +61,12 @@ async def connect_or_give_up(connect: Coroutine[Any, Any, None], give_up: asynci
             connecting.exception()   # retrieved: its failure is the caller's to tell (last_error)
         if cancelled:
             raise asyncio.CancelledError
+
+
+def nats_identity(info: dict[str, Any]) -> frozenset[str]:
+    """A NATS server's identity from its INFO: its id, and its cluster's name (any node of the
+    cluster reaches the same streams)."""
+    out = {f"server {info['server_id']}"} if info.get("server_id") else set()
+    if info.get("cluster"):
+        out.add(f"cluster {info['cluster']}")
+    return frozenset(out)

@@ -47,6 +47,8 @@ class JobContext:
     state: SourceState
     backoff: Backoff
     since: float | None = None   # monotonic time of the last connected(), None: not connected in this run
+    # the servers holding the broker's own data (Store.own_servers): a source must not connect to them
+    own_servers: Callable[[], frozenset[str]] = frozenset
 
     def connected(self, message: str = "") -> None:
         """The job reached its origin and is receiving: status running. The backoff starts from the

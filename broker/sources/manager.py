@@ -588,7 +588,8 @@ class Sources:
             state.failed(f"the stored definition is not valid here: {e.message}")
             return
         backoff = Backoff()
-        ctx = JobContext(Sink(self.broker, d.project, d.stream, stype.data_type(config), state), state, backoff)
+        ctx = JobContext(Sink(self.broker, d.project, d.stream, stype.data_type(config), state), state, backoff,
+                         own_servers=self.broker.store.own_servers)
         while True:
             ctx.since = None
             try:

@@ -96,7 +96,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
-from broker.natsconn import close_for_good, connect_or_give_up
+from broker.natsconn import close_for_good, connect_or_give_up, nats_identity
 from broker.sources.base import JobContext, SourceType
 from broker.sources.props import Props, bad
 from broker.sources.sink import DATA_TYPES
@@ -327,7 +327,15 @@ class _Link:
                                   "does not use TLS")
         if self.conn.tls_disable and info.get("tls_required"):
             raise ConnectionError(f"the NATS server at {self._where()} requires TLS and tls.disable is true")
+        self._refuse_own(info)
         return self.nc
+
+    def _refuse_own(self, info: dict[str, Any]) -> None:
+        """The broker's own NATS (--store jetstream) is no source: through it one project would
+        read every project's records and metadata, and a source on its subjects feeds itself."""
+        if nats_identity(info) & self.ctx.own_servers():
+            raise ConnectionError(f"the NATS server at {self._where()} is the one this broker keeps its data "
+                                  "on (--nats-servers): it cannot be a source")
 
     def check(self) -> None:
         """Raise when nats-py gave up on the connection, or has been reconnecting for too long."""
@@ -358,6 +366,12 @@ class _Link:
             self.ctx.state.failed(f"disconnected from NATS at {self._where()}{why}; reconnecting")
 
     async def _reconnected(self) -> None:
+        info: dict[str, Any] = getattr(self.nc, "_server_info", None) or {}
+        if nats_identity(info) & self.ctx.own_servers():   # another node of the broker's own cluster
+            self.last_error = ConnectionError("reconnected to a NATS server this broker keeps its data on")
+            self.closed = True
+            self._wake()
+            return
         self.down_since = 0.0
         self.ctx.connected()
         self.on_reconnect()

@@ -109,6 +109,12 @@ class Store(Protocol):
         writes work again. This default: a store that never refuses them."""
         return StorageState.OK
 
+    def own_servers(self) -> frozenset[str]:
+        """Who the servers holding this store's data are (a NATS server id, a NATS cluster name),
+        so a source cannot be pointed at them: it would read every project's records and metadata.
+        This default: a store on local disk, none."""
+        return frozenset()
+
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS when the
         project already has a stream of that name."""

@@ -148,7 +148,7 @@ from nats.js.kv import KeyValue
 
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
-from broker.natsconn import close_for_good, connect_or_give_up
+from broker.natsconn import close_for_good, connect_or_give_up, nats_identity
 from broker.settings import Settings, without_passwords
 from broker.storage import keys as layout
 from broker.storage.base import (
@@ -1627,6 +1627,10 @@ class JetStreamStore(Store):
         if self._events is not None:
             self._events.appended([(c.stream_id, p) for c in listed.values()
                                    for p in range(c.readable_partition_count)])
+
+    def own_servers(self) -> frozenset[str]:
+        info: dict[str, Any] = getattr(self._nc, "_server_info", None) or {}
+        return nats_identity(info)
 
     async def find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
         self._check_open()

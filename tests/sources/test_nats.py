@@ -367,3 +367,38 @@ async def test_a_stop_while_a_connect_is_being_ended_is_not_swallowed() -> None:
     let_go.set()
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+async def test_the_nats_the_broker_keeps_its_data_on_cannot_be_a_source(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--store jetstream: a source on the store's own NATS read every project's records and
+    metadata (the catalogue, other projects' source passwords) from the KV bucket and the
+    JetStream API replies, and one on `>` fed itself. Refused when it connects, both source types;
+    the same server for a broker on RocksDB is an ordinary origin (the other tests here)."""
+    from broker.core.broker import Broker
+    from broker.model import ColumnDef, StreamSchema
+    from broker.sources import base
+    from broker.sources.manager import Sources
+    from broker.storage.jetstream import JetStreamStore
+    from sources.conftest import P, _fast_backoff
+
+    monkeypatch.setattr(base.Backoff, "__init__", _fast_backoff)
+    store = await JetStreamStore.open([nats_server.url], prefix="own", replicas=1)
+    broker = Broker(store, cursor_secret=b"k" * 32)
+    await broker.start()
+    sources = Sources(broker)
+    await sources.start()
+    try:
+        await broker.create_stream("t", 1, project=P, schema=StreamSchema((ColumnDef("raw", "string"),)))
+        for name, type_, props in (("core", "nats", {"subject": ">"}),
+                                   ("js", "nats_jetstream", {"stream": "KV_own_meta"})):
+            await sources.create(P, {"name": name, "type": type_, "stream": "t",
+                                     "properties": {"url": nats_server.url, "data_type": "text", **props}})
+            await eventually(lambda n=name: "keeps its data on" in sources.get(P, n).state.last_error,
+                             what=f"{name} refused")
+            assert sources.get(P, name).state.rows_written == 0
+        assert store.own_servers() and all(s.startswith(("server ", "cluster ")) for s in store.own_servers())
+    finally:
+        await sources.close()
+        await broker.close()
+        await store.close()

@@ -98,7 +98,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from broker.natsconn import close_for_good, connect_or_give_up, nats_identity
 from broker.sources.base import JobContext, SourceType
-from broker.sources.props import Props, bad
+from broker.sources.props import Props, bad, shown_url
 from broker.sources.sink import DATA_TYPES
 
 log = logging.getLogger("sluice.sources.nats")
@@ -287,7 +287,7 @@ class _Link:
         self.on_reconnect: Callable[[], None] = lambda: None
 
     def _where(self) -> str:
-        return ", ".join(self.conn.urls)
+        return ", ".join(map(shown_url, self.conn.urls))   # never a password: status messages are shown to every role
 
     async def open(self) -> NATS:
         tls: ssl.SSLContext | None = None
@@ -322,9 +322,8 @@ class _Link:
         self.connected = True
         info: dict[str, Any] = getattr(self.nc, "_server_info", None) or {}
         if self.conn.wants_tls and not info.get("tls_required"):
-            raise ConnectionError(f"the url asks for TLS (tls://) but the NATS server at "
-                                  f"{self.nc.connected_url.netloc if self.nc.connected_url else self._where()} "
-                                  "does not use TLS")
+            at = shown_url(self.nc.connected_url.geturl()) if self.nc.connected_url else self._where()
+            raise ConnectionError(f"the url asks for TLS (tls://) but the NATS server at {at} does not use TLS")
         if self.conn.tls_disable and info.get("tls_required"):
             raise ConnectionError(f"the NATS server at {self._where()} requires TLS and tls.disable is true")
         self._refuse_own(info)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from broker.errors import ClientError, ErrorCode, client_error
 
@@ -184,3 +184,16 @@ class Props:
         if unknown:
             known = ", ".join(sorted(self._read))
             raise bad(unknown[0], f"is not a property of this source type; it takes: {known}")
+
+
+def shown_url(url: str) -> str:
+    """The URL for status messages and logs: a password in it (basic auth) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

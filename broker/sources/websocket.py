@@ -33,7 +33,6 @@ import asyncio
 import collections
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -41,7 +40,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidU
 from websockets.uri import parse_uri
 
 from broker.sources.base import JobContext, SourceType
-from broker.sources.props import MAX_TEXT, Props, bad
+from broker.sources.props import MAX_TEXT, Props, bad, shown_url
 from broker.sources.sink import DATA_TYPES
 
 OPEN_MESSAGE_TYPES = ("text", "binary", "json")
@@ -148,21 +147,12 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _shown(url: str) -> str:
-    """The URL for status messages and logs: a password in it (basic auth) replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
 class WebSocketJob:
     def __init__(self, config: WebSocketConfig) -> None:
         self.config = config
 
     async def run(self, ctx: JobContext) -> None:
-        url = _shown(self.config.url)
+        url = shown_url(self.config.url)
         max_size = MAX_MESSAGE_FACTOR * ctx.sink.broker.limits.max_record_bytes
         try:
             ws = await connect(self.config.url, open_timeout=OPEN_TIMEOUT_S, ping_interval=PING_INTERVAL_S,

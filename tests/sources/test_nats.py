@@ -402,3 +402,16 @@ async def test_the_nats_the_broker_keeps_its_data_on_cannot_be_a_source(
         await sources.close()
         await broker.close()
         await store.close()
+
+
+async def test_a_password_in_the_url_is_never_in_the_status(sluice: Sluice, caplog: pytest.LogCaptureFixture) -> None:
+    """Status messages are shown to every role (and logged): the password was in them."""
+    await sluice.typed("t", COLUMNS)
+    url = f"nats://bob:NATSPASSWORD456@127.0.0.1:{free_port()}"
+    for name, type_, extra in (("core", "nats", {"subject": "a"}), ("js", "nats_jetstream", {"stream": "S"})):
+        await sluice.create(name, type_, "t", url=url, data_type="json", **extra)
+        await eventually(lambda n=name: sluice.state(n).errors > 0, what=f"{name} failed")
+        st = sluice.state(name)
+        assert "bob:***@127.0.0.1" in st.last_error, st.last_error
+        assert "NATSPASSWORD456" not in st.message + st.last_error
+    assert "NATSPASSWORD456" not in caplog.text

@@ -54,11 +54,13 @@ from broker.api.http import (
     door_app,
     field,
     json_response,
+    key_revoked,
     principal,
     query_int,
     query_str,
     read_json,
     request_id,
+    revoked_message,
     write_or_drop,
 )
 from broker.api.limits import subscriber
@@ -385,6 +387,10 @@ async def run_query(request: web.Request) -> web.StreamResponse:
         if not await write_or_drop(request, response, _line({"query": head})):
             return response
         while True:
+            if key_revoked(request):   # asked at least every METRICS_EVERY_S
+                run.end("failed", revoked_message())
+                await broker.queries.cancel(project, run.id)
+                break
             try:
                 async with asyncio.timeout(METRICS_EVERY_S):   # not wait_for: see core/reads._fetch
                     rows = await run.results.get()

@@ -325,7 +325,7 @@ def signature_guard(auth: Auth) -> Guard:
                 raise client_error(ErrorCode.AUTH_PROJECT_MISMATCH,
                                    detail="X-Project-Id differs from the project of the path")
             Auth.check(who, project, action)
-            remember_principal(request, who)
+            remember_principal(request, who, auth)
             return await handler(request)
         return signed
 

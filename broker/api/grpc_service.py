@@ -562,6 +562,9 @@ class SluiceServicer:
         # the core's subscribe is an async generator (typed AsyncIterator): close it with the call
         async with contextlib.aclosing(batches):  # type: ignore[type-var]
             async for batch in batches:
+                if self._auth is not None and authorize(self._auth, context, Action.READ) != project:
+                    # the key was rebound to another project by a reload (a removed one raised)
+                    raise client_error(ErrorCode.PERMISSION_DENIED, detail="the key is bound to another project now")
                 # write() waits for HTTP/2 flow control: a consumer that stops reading stops us here
                 self._pushing += 1
                 try:

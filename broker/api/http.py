@@ -52,6 +52,7 @@ _IDENTITY = frozenset({"", "identity"})
 # aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
 _REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
 _PRINCIPAL_SLOT: Any = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "sluice.principal"
+_AUTH_SLOT: Any = web.RequestKey("auth", Auth) if hasattr(web, "RequestKey") else "sluice.auth"
 _KEY_SCHEMES = ("apikey ", "bearer ")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -201,15 +202,32 @@ def api_key_guard(auth: Auth, project: Callable[[web.Request, Principal], str]) 
         async def guarded(request: web.Request) -> web.StreamResponse:
             who = auth.api_key(presented_api_key(request))
             Auth.check(who, project(request, who), action)
-            remember_principal(request, who)
+            remember_principal(request, who, auth)
             return await handler(request)
         return guarded
 
     return guard
 
 
-def remember_principal(request: web.Request, who: Principal) -> None:
+def remember_principal(request: web.Request, who: Principal, auth: Auth) -> None:
     request[_PRINCIPAL_SLOT] = who
+    request[_AUTH_SLOT] = auth
+
+
+def key_revoked(request: web.Request) -> bool:
+    """Whether the key this request was let in with has been removed or changed since (a SIGHUP
+    reload): a stream that outlives its first check asks this per event and ends when it is."""
+    auth: Auth | None = request.get(_AUTH_SLOT)
+    return auth is not None and not auth.current(principal(request))
+
+
+def revoked_error() -> BrokerError:
+    return client_error(ErrorCode.AUTH_UNKNOWN_KEY)
+
+
+def revoked_message() -> str:
+    """How a stream that can still say something (a query's final status) tells why it ended."""
+    return f"{revoked_error().message}: it was removed or changed while this stream ran"
 
 
 def principal(request: web.Request) -> Principal | None:

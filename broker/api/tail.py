@@ -35,10 +35,12 @@ from broker.api.http import (
     api_key_guard,
     client_gone,
     door_app,
+    key_revoked,
     principal,
     query_int,
     request_id,
     required_query,
+    revoked_error,
     write_or_drop,
 )
 from broker.api.limits import subscriber
@@ -90,9 +92,13 @@ async def tail(request: web.Request) -> web.StreamResponse:
             while True:
                 while not pending.done():
                     await asyncio.wait({pending}, timeout=WATCH_S)
-                    if not pending.done() and client_gone(request):
-                        return response
+                    if not pending.done() and (client_gone(request) or key_revoked(request)):
+                        break
                 try:
+                    if key_revoked(request):   # its key removed or changed by a SIGHUP reload
+                        raise revoked_error()
+                    if not pending.done():   # its client left
+                        return response
                     batch = pending.result()
                 except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band
                     if not await write_or_drop(request, response,

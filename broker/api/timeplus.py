@@ -36,11 +36,13 @@ from broker.api.http import (
     door_app,
     field,
     json_response,
+    key_revoked,
     mount_by_rule,
     principal,
     read_body,
     read_json,
     request_id,
+    revoked_message,
     write_or_drop,
 )
 from broker.api.limits import subscriber
@@ -292,6 +294,11 @@ async def _stream_results(request: web.Request, response: web.StreamResponse, ru
     next_metrics = loop.time() + METRICS_EVERY_S
     ended = False
     while True:
+        if not ended and key_revoked(request):   # asked at least every second (the metrics tick)
+            run.end("failed", revoked_message())
+            broker, workspace = _door(request)
+            await broker.queries.cancel(workspace, run.id)
+            return True   # the final query event says why
         while len(pending) >= count or (pending and (ended or loop.time() >= due)):
             chunk, pending = pending[:count], pending[count:]
             if not await write_or_drop(request, response, _event(None, chunk)):

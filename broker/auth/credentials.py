@@ -17,6 +17,7 @@ and the signature compared in constant time (signing.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -64,6 +65,11 @@ class AccessKey:
 class Credentials:
     access_keys: dict[str, AccessKey] = field(repr=False)                 # AK -> SK and principal
     api_keys: dict[bytes, tuple[str, Principal]] = field(repr=False)      # sha256(key) -> key, principal
+
+    @functools.cached_property
+    def principals(self) -> frozenset[Principal]:
+        """Every key's principal (for `Auth.current`: one set lookup a check)."""
+        return frozenset([a.principal for a in self.access_keys.values()] + [p for _, p in self.api_keys.values()])
 
     def access_key(self, ak: str) -> AccessKey | None:
         return self.access_keys.get(ak)
@@ -197,6 +203,12 @@ class Auth:
         if principal is None:
             raise client_error(ErrorCode.AUTH_UNKNOWN_KEY)
         return principal
+
+    def current(self, principal: Principal | None) -> bool:
+        """Whether a principal checked earlier still holds: its key is in the credentials in force
+        now, with the same project and role (a SIGHUP reload may have removed or changed it). For
+        calls that outlive one check: subscriptions, tails, streaming queries. True when open."""
+        return principal is None or self._credentials is None or principal in self._credentials.principals
 
     @staticmethod
     def check(principal: Principal, project: str, action: Action) -> None:

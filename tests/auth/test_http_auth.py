@@ -557,6 +557,77 @@ def test_sighup_reloads_the_file_and_a_broken_file_keeps_the_old_keys(broker: Br
     write_auth_file(auth_file, good)
 
 
+def _open_stream(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> Any:
+    """A streaming response whose headers and first line have come; read the rest with .read()."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)
+    conn.request(method, path, body=body or None, headers=headers)
+    resp = conn.getresponse()
+    assert resp.status == 200, (path, resp.status, resp.read()[:300])
+    resp.readline()
+    return conn, resp
+
+
+def _rest(opened: Any) -> str:
+    conn, resp = opened
+    try:
+        return in_thread_with_deadline(resp.read, DEADLINE).decode()  # type: ignore[no-any-return]
+    finally:
+        conn.close()
+
+
+def test_a_removed_key_ends_the_streams_it_opened(broker: BrokerProcess, keys: Keys, auth_file: Path) -> None:
+    """A SIGHUP reload that removes a key refused its next requests, but the subscription, tail and
+    streaming queries it had opened went on delivering. Each now ends, saying why in its own way."""
+    from client import Client, Unauthenticated
+
+    key, good = secrets.token_hex(30), auth_file.read_text()
+    write_auth_file(auth_file, good + f'\n[[api_keys]]\nkey = "{key}"\nworkspace = "p1"\nrole = "consumer"\n')
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + DEADLINE
+    while raw(broker.http_port, "GET", "/p1/api/v1beta2/streams", {"X-Api-Key": key}).status != 200:
+        assert time.monotonic() < deadline, "the added key did not work after SIGHUP"
+        time.sleep(0.05)
+    stream = name()
+    with Client(broker.grpc_target, api_key=keys.api["admin"][0], timeout=10) as admin:
+        admin.create_stream(stream, 1)
+        admin.put_records(stream, [b'{"a": 1}'], partition_id=0)
+        port, asked = broker.http_port, {"X-Api-Key": key}
+        sql = json.dumps({"sql": f"select * from {stream} settings seek_to='earliest'"}).encode()
+        json_asked = {**asked, "Content-Type": "application/json"}
+        tail = _open_stream(port, "GET", f"/sluice/v1/tail?stream-name={stream}&partition-id=0"
+                            "&cursor-type=TRIM_HORIZON", asked)
+        query = _open_stream(port, "POST", "/p1/api/v1beta2/queries", json_asked, sql)
+        console = _open_stream(port, "POST", "/console/api/queries?project=p1", json_asked, sql)
+        subscriber = Client(broker.grpc_target, api_key=key, timeout=10)
+        pages = subscriber.subscribe(stream, 0, "TRIM_HORIZON")
+        assert next(pages).records   # open, and delivering
+
+        write_auth_file(auth_file, good)   # the key removed
+        broker.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + DEADLINE
+        while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 401:
+            assert time.monotonic() < deadline, "the key still worked after SIGHUP"
+            time.sleep(0.05)
+        admin.put_records(stream, [b'{"a": 2}'], partition_id=0)   # a batch for the subscription to meet
+
+        tail_text = _rest(tail)
+        assert "event: error" in tail_text and "AUTH_UNKNOWN_KEY" in tail_text, tail_text[-500:]
+        events = _rest(query).strip().split("\n\n")
+        final = json.loads(events[-1].split("data: ", 1)[1])
+        assert events[-1].startswith("event: query") and final["status"] == "failed", events[-1]
+        assert "removed or changed" in final["message"]
+        end = json.loads(_rest(console).strip().splitlines()[-1])
+        assert end["end"]["status"] == "failed" and "removed or changed" in end["end"]["message"], end
+
+        def drain() -> None:
+            for _ in pages:
+                pass
+        with pytest.raises(Unauthenticated):
+            in_thread_with_deadline(drain, DEADLINE)
+        subscriber.close()
+
+
 def test_the_log_holds_no_secret(broker: BrokerProcess, keys: Keys) -> None:
     """Last in the module: the DEBUG log of everything above names no SK and no API key."""
     log = "".join(broker.stderr_lines)

@@ -72,6 +72,7 @@ Bad input: ClientError INVALID_REQUEST whose detail names the field (`queries[0]
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import re
 import zoneinfo
@@ -636,9 +637,30 @@ def _decode_utf8(datas: list[bytes], t: _Target) -> pl.DataFrame:
     return frame.select("sidx", "ts", "v", "vi", *(["vt"] if t.keep_text else [])).collect()
 
 
+def _layout_runs(first_seq: int, n: int, cuts: list[int]) -> list[tuple[int, int, int]]:
+    """A block's records (seqs first_seq ..) as runs written under one layout each: (from, to,
+    layout number: how many scale events came before them, by the partition's `cuts`)."""
+    runs, lo = [], 0
+    layout = bisect.bisect_right(cuts, first_seq)
+    for cut in cuts[layout:]:
+        if cut >= first_seq + n:
+            break
+        if cut - first_seq > lo:
+            runs.append((lo, cut - first_seq, layout))
+            lo = cut - first_seq
+        layout += 1
+    runs.append((lo, n, layout))
+    return runs
+
+
 async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Target) -> list[pl.DataFrame]:
+    """The target's points in partition p, each frame with the number of the layout its records
+    were written under (`layout`): a series written twice at one timestamp is decided by write
+    order, and across layouts that is layout order, not the order partitions are read in."""
     project, name = config.project, config.stream_name
     end = (await broker.store.bounds(config.stream_id, p)).next_seq
+    # where each scale event began a new layout in p (0: p was made by it or later)
+    cuts = [e.boundaries[p] if p < len(e.boundaries) else 0 for e in config.scale_events]
 
     async def at_start() -> str:
         try:
@@ -673,14 +695,15 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
                 if b.scanned > MAX_SCANNED:
                     raise _too_much(f"Sorry, you have attempted to read more than our limit of {MAX_SCANNED} "
                                     f"records. Please try filtering using more tags or decrease your time range.")
-                frame = await asyncio.to_thread(_decode, datas, t)
-                if frame.height:
-                    b.points += frame.height
-                    if b.points > MAX_POINTS:
-                        raise _too_much(f"Sorry, you have attempted to fetch more than our limit of {MAX_POINTS} "
-                                        f"data points. Please try filtering using more tags or decrease your "
-                                        f"time range.")
-                    frames.append(frame)
+                for lo, hi, layout in _layout_runs(block.first_seq, len(datas), cuts):
+                    frame = await asyncio.to_thread(_decode, datas[lo:hi], t)
+                    if frame.height:
+                        b.points += frame.height
+                        if b.points > MAX_POINTS:
+                            raise _too_much(f"Sorry, you have attempted to fetch more than our limit of "
+                                            f"{MAX_POINTS} data points. Please try filtering using more tags or "
+                                            f"decrease your time range.")
+                        frames.append(frame.with_columns(layout=pl.lit(layout, pl.UInt32)))
             if last:
                 return frames
     finally:
@@ -832,9 +855,12 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
     if not frames:
         return []
     df = pl.concat(frames, how="vertical_relaxed")
-    if df.get_column("sidx").n_unique() > 1 or not df.get_column("ts").is_sorted():
-        df = df.sort("sidx", "ts", maintain_order=True)   # one series written in time order needs none
-    # a timestamp written twice in a series: the last write wins (sorting kept the read order)
+    if df.get_column("sidx").n_unique() > 1 or not df.get_column("ts").is_sorted() \
+            or not df.get_column("layout").is_sorted():
+        # one series written in time order under one layout needs none
+        df = df.sort("sidx", "ts", "layout", maintain_order=True)
+    # a timestamp written twice in a series: the last write wins (sorted by layout, then the read
+    # order, which within a partition and a layout is the write order)
     same = (pl.col("sidx") == pl.col("sidx").shift(-1)) & (pl.col("ts") == pl.col("ts").shift(-1))
     df = df.filter(~same.fill_null(False))
     ds = sub.downsample

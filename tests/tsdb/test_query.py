@@ -1009,6 +1009,22 @@ async def test_a_series_is_read_across_a_scale_event(env: Env) -> None:
     assert same(out["dps"], secs({t: float(v) for t, v in A})), out["dps"]
 
 
+@pytest.mark.parametrize("counts", [(3,), (2, 8, 3), (3, 5)])
+async def test_a_timestamp_written_again_after_scale_events_keeps_the_last_write(env: Env,
+                                                                               counts: tuple[int, ...]) -> None:
+    """The last write of a timestamp wins, also across layouts: partitions were read in partition
+    order and the last one read won, so after a scale-down (8 -> 3: partition 5, then 2) the older
+    value came back. Sixteen series, so some move to a lower partition whatever the hash."""
+    hosts = [{"host": f"h{i}"} for i in range(16)]
+    await env.put([("dup", BASE, 0, tags) for tags in hosts])
+    for value, n in enumerate(counts, 1):
+        await env.broker.update_partition_count(STREAM, n)
+        env.config = env.broker.catalogue.get("default", STREAM)
+        await env.put([("dup", BASE, value, tags) for tags in hosts])
+    out = await env.query(body(sub("none", metric="dup")))
+    assert len(out) == 16 and all(o["dps"] == {str(S): len(counts)} for o in out), out
+
+
 async def test_the_registry_index_takes_in_series_learned_after_a_query(env: Env) -> None:
     """The by-metric index is made when a query asks, from the series learned since the last one."""
     reg = env.registry

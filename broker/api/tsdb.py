@@ -4,7 +4,7 @@ points are checked by broker/tsdb/points.py and written by broker/tsdb/put.py in
 stream (broker/tsdb/series.py `TsdbStream`: `--tsdb-stream` in `--tsdb-project`, created on
 first put).
 
-Paths: `/api/put`, `/api/put/`, `/api/query` (GET and POST), `/api/query/`, `/api/suggest`,
+Paths: `/api/put`, `/api/put/`, `/api/query` (GET and POST), `/api/query/`, `/api/suggest` (GET and POST),
 `/api/suggest/`; other methods on them are 405, other `/api/...` paths (not Timeplus') 404, both
 as this door's error object. The Timeplus door owns `[/{workspace}]/api/v1beta2`: this one is a
 rule-matched sub-application too (`mount`), never an `/api` prefix that would shadow it.
@@ -236,8 +236,14 @@ async def query(request: web.Request) -> web.Response:
 
 
 async def suggest(request: web.Request) -> web.Response:
+    """GET with query parameters, or POST with them as a JSON object (as OpenTSDB 2.x takes both)."""
+    params: Any = request.query
+    if request.method == "POST":
+        params = await read_json(request)
+        if not isinstance(params, dict):
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="the body must be a JSON object: type, q, max")
     _, registry = await request.app[TARGET].lookup()
-    return _json(tsdb_query.suggest(registry, request.query))
+    return _json(tsdb_query.suggest(registry, params))
 
 
 # -- the sub-application --------------------------------------------------------------------------
@@ -248,6 +254,7 @@ ROUTES: list[tuple[str, str, Handler, Action]] = [
     ("GET", "/api/query", query, Action.READ),
     ("POST", "/api/query", query, Action.READ),
     ("GET", "/api/suggest", suggest, Action.READ),
+    ("POST", "/api/suggest", suggest, Action.READ),
 ]
 
 

@@ -57,7 +57,7 @@ def test_with_an_auth_file_no_route_escapes_the_check(tmp_path: Path) -> None:
     routes = handlers(build_http_app(broker, body_timeout_s=5, auth=auth(tmp_path)))
     tsdb_only = handlers(build_tsdb_http_app(broker, TsdbStream(broker, "p1", "tsdb"), body_timeout_s=5,
                                              auth=auth(tmp_path)))
-    assert len(routes) > 60 and len(tsdb_only) == 8
+    assert len(routes) > 60 and len(tsdb_only) == 10
     escaped = [r for r in routes + tsdb_only if r[2] in BARE]
     assert escaped == []
     # each a door's check wrapped around a door's handler (keeping its name: metrics label by it)

@@ -389,7 +389,7 @@ def test_trailing_slash_and_the_tsdb_port(broker: BrokerProcess, metric: str) ->
 
 @pytest.mark.parametrize("method, path, status", [
     ("GET", "/api/put", 405), ("PUT", "/api/put", 405), ("DELETE", "/api/put/", 405), ("PATCH", "/api/put", 405),
-    ("PUT", "/api/query", 405), ("DELETE", "/api/query/", 405), ("POST", "/api/suggest", 405),
+    ("PUT", "/api/query", 405), ("DELETE", "/api/query/", 405), ("PUT", "/api/suggest", 405),
     ("GET", "/api/nothing", 404), ("POST", "/api/putx", 404), ("POST", "/api/put/more", 404), ("GET", "/api", 404),
     ("GET", "/api/", 404), ("GET", "/api/query/last", 404),
 ])

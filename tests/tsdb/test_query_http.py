@@ -118,6 +118,11 @@ def test_suggest(broker: BrokerProcess, series: dict[str, Any]) -> None:
     status, headers, body = call(broker, "GET", "/api/suggest?type=nope")
     assert status == 400 and headers["Content-Type"] == JSON_UTF8 and body["error"]["code"] == 400
     assert "type" in body["error"]["message"]
+    # POST with a JSON object, as OpenTSDB 2.x takes it too (it was a 405)
+    assert ok(broker, "POST", "/api/suggest", {"type": "metrics", "q": m[:11], "max": 10}) == [m]
+    for bad, words in (({"type": "metrics", "max": 0}, "max"), ([1], "JSON object"), ({"q": "x"}, "type")):
+        status, _, body = call(broker, "POST", "/api/suggest", bad)
+        assert status == 400 and words in body["error"]["message"], (bad, body)
 
 
 @pytest.mark.parametrize(("method", "path", "payload", "words"), [

@@ -42,7 +42,8 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   `start` is left out when start is not aligned, the one holding `end` is whole (it may count
   points after `end`). `0all-<fn>`: one value over [start, end), at `start`. Fill (none, nan, null,
   zero): missing buckets between start and end of a series that has data become NaN (the JSON string
-  "NaN", as Jackson writes it), null, or 0; aggregations skip NaN/null. Calendar intervals
+  "NaN", as Jackson writes it), null, or 0; aggregations skip NaN/null. A value past the double
+  range (a sum of huge values) is "Infinity" or "-Infinity", as Jackson writes it. Calendar intervals
   (`1dc`) -> 400. Downsampled values are doubles.
 * rate: per-second change between consecutive points (the first point has none); rateOptions
   counter, counterMax (default 2^63-1), resetValue (0: off), dropResets.
@@ -825,6 +826,11 @@ def _pick(floats: list[Any], ints: list[Any], integral: bool, mix: bool, fill: s
     return floats
 
 
+# as Jackson writes them (OpenTSDB's JSON), not null: a sum past the double range is Infinity,
+# which a fill's null must not be mistaken for
+_NON_FINITE = {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}
+
+
 class _Rendered:
     """A frame sorted by an output id, as the Python lists every output's dps are sliced from:
     a list per column for the whole frame, not a frame per output (10,000 groups stay cheap)."""
@@ -832,7 +838,10 @@ class _Rendered:
     def __init__(self, frame: pl.DataFrame, by: str, ms: bool, text: bool) -> None:
         ts = pl.col("ts")
         self.keys = frame.select((ts if ms else ts // 1000).cast(pl.String)).to_series().to_list()
-        self.floats = frame.get_column("v").to_list()
+        v = frame.get_column("v")
+        self.floats = v.to_list()
+        if v.is_infinite().any() or v.is_nan().any():   # an aggregate past the double range (rare)
+            self.floats = [_NON_FINITE.get(repr(x), x) if isinstance(x, float) else x for x in self.floats]
         self.ints = frame.get_column("vi").to_list()
         self.texts = frame.get_column("vt").to_list() if text else []
         self.spans: list[tuple[int, int, int]] = []

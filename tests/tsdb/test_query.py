@@ -1025,6 +1025,16 @@ async def test_a_timestamp_written_again_after_scale_events_keeps_the_last_write
     assert len(out) == 16 and all(o["dps"] == {str(S): len(counts)} for o in out), out
 
 
+async def test_a_sum_past_the_double_range_is_infinity_not_null(env: Env) -> None:
+    """orjson writes inf as null, which a fill's null cannot be told from; Jackson writes Infinity."""
+    big = 1.7976931348623157e308
+    await env.put([("huge", BASE, big, {"host": h}) for h in "ab"] + [("huge", BASE + 10_000, -big, {"host": h})
+                                                                      for h in "ab"])
+    [out] = await env.query(body(sub("sum", metric="huge")))
+    assert out["dps"] == {str(S): "Infinity", str(S + 10): "-Infinity"}, out
+    assert {str(S): big, str(S + 10): -big} in [o["dps"] for o in await env.query(body(sub("none", metric="huge")))]
+
+
 async def test_the_registry_index_takes_in_series_learned_after_a_query(env: Env) -> None:
     """The by-metric index is made when a query asks, from the series learned since the last one."""
     reg = env.registry

@@ -70,7 +70,7 @@ from broker.core.limits import check_project
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import DEFAULT_PROJECT, GetRecordsResult, PartitionInfo, PutColumns, PutEntry, StreamConfig
 from broker.sources.manager import Source, Sources
-from broker.sources.props import bad
+from broker.sources.props import bad, redacted
 from client._pb.sluice.v1 import sluice_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -282,10 +282,12 @@ def _checkpoint_type(number: int) -> str:
     return CHECKPOINT_TYPES.decode(number) or LAST_READ
 
 
-def _source_info(source: Source) -> pb.SourceInfo:
+def _source_info(source: Source, secrets: bool = True) -> pb.SourceInfo:
+    """`secrets` False: the properties as a role that may not manage sources sees them (redacted)."""
     d, st = source.definition, source.state
+    properties = d.properties if secrets else redacted(d.properties)
     info = pb.SourceInfo(source_id=d.id, source_name=d.name, description=d.description, source_type=d.type,
-                         stream_name=d.stream, properties_json=orjson.dumps(d.properties).decode(),
+                         stream_name=d.stream, properties_json=orjson.dumps(properties).decode(),
                          status=SOURCE_STATUSES.encode(st.status.upper()), message=st.message,
                          started_ms=d.started_ms, created_ms=d.created_ms, updated_ms=d.updated_ms,
                          messages_in=st.messages_in, rows_written=st.rows_written, error_count=st.errors,
@@ -665,14 +667,27 @@ class SluiceServicer:
         every = self._sources.list(check_project(project))   # in name order
         after = [s for s in every if s.definition.name > request.start_after] if request.start_after else every
         page = after[:request.limit] if request.limit else after
-        return pb.ListSourcesResponse(total=len(every), sources=[_source_info(s) for s in page],
+        secrets = self._may_manage(context)
+        return pb.ListSourcesResponse(total=len(every), sources=[_source_info(s, secrets) for s in page],
                                       has_more=len(page) < len(after))
 
     @rpc(Action.DESCRIBE)
     async def DescribeSource(self, request: pb.DescribeSourceRequest, context: Any,
                              project: str) -> pb.DescribeSourceResponse:
         return pb.DescribeSourceResponse(source=_source_info(self._sources.get(check_project(project),
-                                                                               request.source)))
+                                                                               request.source),
+                                                             self._may_manage(context)))
+
+    def _may_manage(self, context: Any) -> bool:
+        """Whether the caller's role may manage (without an auth file: anyone). Its key was
+        checked already (the call's own Action)."""
+        if self._auth is None:
+            return True
+        try:
+            authorize(self._auth, context, Action.MANAGE)
+        except BrokerError:
+            return False
+        return True
 
     @rpc(Action.MANAGE)
     async def UpdateSource(self, request: pb.UpdateSourceRequest, context: Any,

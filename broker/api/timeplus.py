@@ -47,7 +47,7 @@ from broker.api.http import (
 )
 from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
-from broker.auth import Action, Auth, Principal
+from broker.auth import Action, Auth, Principal, permits
 from broker.core.broker import Broker
 from broker.core.queries import QueryRun
 from broker.errors import ErrorCode, client_error
@@ -56,6 +56,7 @@ from broker.rows.encode import RowEncoder
 from broker.rows.ingest import choose_format, decode
 from broker.rows.schema import build_schema, columns_of
 from broker.sources.manager import Source, Sources
+from broker.sources.props import redacted
 
 # The paths this door owns, for the error middleware and the sub-application's matching rule.
 PATHS = re.compile(r"/(?:[^/]*/)?api/v1beta[12](?:/|$)")
@@ -359,11 +360,13 @@ async def analyze(request: web.Request) -> web.Response:
 SOURCES = web.AppKey("sources", Sources)
 
 
-def _source_body(source: Source) -> dict[str, Any]:
-    """Source JSON (spec section 6): the fields the SDK's model requires, and our counters."""
+def _source_body(source: Source, secrets: bool = True) -> dict[str, Any]:
+    """Source JSON (spec section 6): the fields the SDK's model requires, and our counters.
+    `secrets` False: the properties as a role that may not manage sources sees them (redacted)."""
     d, st = source.definition, source.state
     return {"id": d.id, "name": d.name, "description": d.description, "type": d.type, "stream": d.stream,
-            "properties": d.properties, "status": st.status, "message": st.message,
+            "properties": d.properties if secrets else redacted(d.properties), "status": st.status,
+            "message": st.message,
             "start_time": d.started_ms // 1000, "created_at": _iso(d.created_ms),
             "last_updated_at": _iso(d.updated_ms), "created_by": {"id": "", "name": ""},
             "last_updated_by": {"id": "", "name": ""}, "stats": _counters(source)}
@@ -384,12 +387,20 @@ async def create_source(request: web.Request) -> web.Response:
 
 async def list_sources(request: web.Request) -> web.Response:
     _, workspace = _door(request)
-    return json_response([_source_body(s) for s in request.app[SOURCES].list(workspace)])
+    secrets = _may_manage(request)
+    return json_response([_source_body(s, secrets) for s in request.app[SOURCES].list(workspace)])
 
 
 async def get_source(request: web.Request) -> web.Response:
     _, workspace = _door(request)
-    return json_response(_source_body(request.app[SOURCES].get(workspace, request.match_info["id"])))
+    return json_response(_source_body(request.app[SOURCES].get(workspace, request.match_info["id"]),
+                                      _may_manage(request)))
+
+
+def _may_manage(request: web.Request) -> bool:
+    """Whether the caller's role may manage (on an open broker: anyone)."""
+    who = principal(request)
+    return who is None or permits(who.role, Action.MANAGE)
 
 
 async def update_source(request: web.Request) -> web.Response:

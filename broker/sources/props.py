@@ -197,3 +197,23 @@ def shown_url(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+SECRET_TEXTS = ("open_message",)   # properties whose whole text may be a credential (a token)
+
+
+def redacted(properties: dict[str, Any]) -> dict[str, Any]:
+    """A source's properties as a role that may not manage sources sees them: URL passwords and
+    the texts of SECRET_TEXTS as ***. (The roles that may manage see them as given: they could
+    set them anyway, and an update round-trips what they read.)"""
+    out: dict[str, Any] = {}
+    for key, value in properties.items():
+        if key in SECRET_TEXTS and value:
+            out[key] = "***"
+        elif isinstance(value, str):
+            out[key] = shown_url(value)
+        elif isinstance(value, list):
+            out[key] = [shown_url(v) if isinstance(v, str) else v for v in value]
+        else:
+            out[key] = value
+    return out

@@ -557,6 +557,37 @@ def test_sighup_reloads_the_file_and_a_broken_file_keeps_the_old_keys(broker: Br
     write_auth_file(auth_file, good)
 
 
+def test_a_source_s_secrets_are_shown_only_to_roles_that_may_manage(broker: BrokerProcess, keys: Keys) -> None:
+    """The producer and consumer roles could list sources and read their URL passwords and
+    opening-message tokens; they see *** now, on the Timeplus door and on gRPC."""
+    from client import Client
+
+    stream, port = name(), broker.http_port
+    admin = {"X-Api-Key": keys.api["admin"][0], "Content-Type": "application/json"}
+    made = raw(port, "POST", "/p1/api/v1beta2/streams", admin,
+               json.dumps({"name": stream, "columns": [{"name": "i", "type": "int64"}]}).encode())
+    assert made.status == 201, made.raw
+    url = "ws://alice:WSPASSWORD123@127.0.0.1:9/feed"
+    created = raw(port, "POST", "/p1/api/v1beta2/sources", admin, json.dumps({
+        "name": f"src_{stream}", "type": "websocket", "stream": stream,
+        "properties": {"url": url, "data_type": "json", "open_message": "token=SECRET-TOKEN"}}).encode())
+    assert created.status == 201, created.raw
+    sid = json.loads(created.raw)["id"]
+    for role in ("producer", "consumer", "admin"):
+        asked = {"X-Api-Key": keys.api[role][0]}
+        one = raw(port, "GET", f"/p1/api/v1beta2/sources/{sid}", asked).json["properties"]
+        every = [s["properties"] for s in raw(port, "GET", "/p1/api/v1beta2/sources", asked).json
+                 if s["id"] == sid]
+        with Client(broker.grpc_target, api_key=keys.api[role][0], timeout=10) as c:
+            described = c.describe_source(f"src_{stream}").properties
+        for shown in (one, *every, described):
+            if role == "admin":
+                assert shown["url"] == url and shown["open_message"] == "token=SECRET-TOKEN", shown
+            else:
+                assert shown["url"] == "ws://alice:***@127.0.0.1:9/feed" and shown["open_message"] == "***", shown
+    raw(port, "DELETE", f"/p1/api/v1beta2/sources/{sid}", admin)
+
+
 def _open_stream(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> Any:
     """A streaming response whose headers and first line have come; read the rest with .read()."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE)

@@ -70,6 +70,12 @@ _STALE = _STALE_PARTITION | {ErrorCode.STREAM_NOT_FOUND}
 _GONE_IDS = 10_000   # deleted stream ids remembered (their cursors): a bound, not a cache policy
 
 
+def _possible(project: str, stream_name: str) -> bool:
+    """Whether the names could be a stream's (others are not looked up in a shared store: the
+    verb answers them as it always does, never with a store key error)."""
+    return bool(STREAM_NAME.fullmatch(stream_name) and PROJECT_NAME.fullmatch(project))
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -388,10 +394,20 @@ class Broker:
         flag test and one dict lookup otherwise. Names that cannot exist are not looked up: the verb
         answers them as it always does."""
         if self._shared and isinstance(stream_name, str) and self.catalogue.lookup(project, stream_name) is None \
-                and STREAM_NAME.fullmatch(stream_name) and PROJECT_NAME.fullmatch(project):
-            config = await self.store.find_stream(project, stream_name)
-            if config is not None and self.catalogue.by_id(config.stream_id) != config:
-                self._stream_changed(config)
+                and _possible(project, stream_name):
+            await self._refresh(project, stream_name)
+
+    async def _refresh(self, project: str, stream_name: str) -> StreamConfig | None:
+        """The stream as the shared store has it now, this broker's view brought in line with it
+        (learnt, changed or dropped) as the other broker's event would."""
+        config = await self.store.find_stream(project, stream_name)
+        known = self.catalogue.lookup(project, stream_name)   # an event may have come meanwhile
+        if config is None:
+            if known is not None:
+                self._stream_dropped(known.stream_id)
+        elif known != config:
+            self._stream_changed(config)
+        return config
 
     def _seen(self, project: str, stream_name: object) -> StreamConfig | None:
         """This broker's view of the stream as a call starts (for `_stale` after a refusal)."""
@@ -404,20 +420,11 @@ class Broker:
         call started) may explain - another broker created, scaled or deleted it a moment ago, its
         event still on the way: True when that view has changed since, by the event meanwhile or
         by reading the stream again from the store now. The call is then worth making once more."""
-        if not (self._shared and isinstance(stream_name, str) and STREAM_NAME.fullmatch(stream_name)
-                and PROJECT_NAME.fullmatch(project)):
+        if not (self._shared and isinstance(stream_name, str) and _possible(project, stream_name)):
             return False
-        known = self.catalogue.lookup(project, stream_name)
-        if known != seen:
+        if self.catalogue.lookup(project, stream_name) != seen:
             return True
-        config = await self.store.find_stream(project, stream_name)
-        known = self.catalogue.lookup(project, stream_name)   # the event may have come meanwhile
-        if config is None:
-            if known is not None:
-                self._stream_dropped(known.stream_id)
-        elif known != config:
-            self._stream_changed(config)
-        return config != seen
+        return await self._refresh(project, stream_name) != seen
 
     async def _again(self, project: str, stream_name: object, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, and once more if it was refused for a stream or partition this broker's view

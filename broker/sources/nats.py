@@ -326,15 +326,17 @@ class _Link:
             raise ConnectionError(f"the url asks for TLS (tls://) but the NATS server at {at} does not use TLS")
         if self.conn.tls_disable and info.get("tls_required"):
             raise ConnectionError(f"the NATS server at {self._where()} requires TLS and tls.disable is true")
-        self._refuse_own(info)
-        return self.nc
-
-    def _refuse_own(self, info: dict[str, Any]) -> None:
-        """The broker's own NATS (--store jetstream) is no source: through it one project would
-        read every project's records and metadata, and a source on its subjects feeds itself."""
-        if nats_identity(info) & self.ctx.own_servers():
+        if self._on_own_server():
             raise ConnectionError(f"the NATS server at {self._where()} is the one this broker keeps its data "
                                   "on (--nats-servers): it cannot be a source")
+        return self.nc
+
+    def _on_own_server(self) -> bool:
+        """Whether the server connected to holds the broker's own data (--store jetstream): no
+        source may read it - through it one project would read every project's records and
+        metadata, and a source on its subjects feeds itself. By server id or cluster name."""
+        info: dict[str, Any] = getattr(self.nc, "_server_info", None) or {}
+        return bool(nats_identity(info) & self.ctx.own_servers())
 
     def check(self) -> None:
         """Raise when nats-py gave up on the connection, or has been reconnecting for too long."""
@@ -365,8 +367,7 @@ class _Link:
             self.ctx.state.failed(f"disconnected from NATS at {self._where()}{why}; reconnecting")
 
     async def _reconnected(self) -> None:
-        info: dict[str, Any] = getattr(self.nc, "_server_info", None) or {}
-        if nats_identity(info) & self.ctx.own_servers():   # another node of the broker's own cluster
+        if self._on_own_server():   # another node of the broker's own cluster
             self.last_error = ConnectionError("reconnected to a NATS server this broker keeps its data on")
             self.closed = True
             self._wake()

@@ -90,6 +90,8 @@ def function_name(node: exp.Expression) -> str:
 
 def cast_target(to: exp.DataType) -> str:
     target = _CAST_TYPES.get(to.this)
+    if target is None and to.sql("clickhouse") == "String":
+        return "string"   # ClickHouse's aliases of String: BLOB, LONGTEXT, TINYBLOB...
     if target is None:
         raise client_error(ErrorCode.UNSUPPORTED_SQL, detail=f"cast to {to.sql('clickhouse')}")
     return target
@@ -498,16 +500,41 @@ class ExprCompiler:
                 args = [node.this, node.args["true"]] + (
                     [node.args["false"]] if node.args.get("false") is not None else [])
             arity(3)
-            cond = self.compile_bool(args[0])
-            a, b = self.compile(args[1]), self.compile(args[2])
-            typ = a.type if kind(a.type) != NULL else b.type
-            if kind(a.type) != kind(b.type) and NULL not in (kind(a.type), kind(b.type)) and not (
-                    is_numeric(a.type) and is_numeric(b.type)):
-                raise _mismatch(f"if() branches are {a.type} and {b.type}")
-            if is_numeric(a.type) and is_numeric(b.type) and kind(a.type) != kind(b.type):
-                typ = _numeric_result(a.type, b.type)
-            return Typed(pl.when(cond.expr).then(a.expr).otherwise(b.expr), typ)
+            return self._branches(name, [(args[0], args[1])], args[2])
+        if name in ("multi_if", "multiif"):
+            if len(args) < 3 or len(args) % 2 == 0:
+                raise client_error(ErrorCode.SQL_SYNTAX,
+                                   detail=f"{name}() takes an odd number of arguments, at least 3: "
+                                          "cond1, then1, [cond2, then2, ...] else")
+            return self._branches(name, list(zip(args[:-1:2], args[1::2], strict=True)), args[-1])
+        if isinstance(node, exp.Case):
+            # CASE [x] WHEN a THEN b ... [ELSE c] END: without ELSE, NULL where no branch holds
+            operand = node.this
+            whens = [(w.this if operand is None else exp.EQ(this=operand.copy(), expression=w.this),
+                      w.args["true"]) for w in node.args["ifs"]]
+            return self._branches("CASE", whens, node.args.get("default") or exp.Null())
         raise client_error(ErrorCode.UNKNOWN_FUNCTION, function=name)
+
+    def _branches(self, name: str, whens: list[tuple[exp.Expression, exp.Expression]],
+                  otherwise: exp.Expression) -> Typed:
+        """if, multi_if and CASE: the first branch whose condition holds. The branches share one
+        type (numbers of different kinds widen as arithmetic does; NULL fits any)."""
+        conds = [self.compile_bool(c) for c, _ in whens]
+        values = [self.compile(v) for _, v in whens] + [self.compile(otherwise)]
+        typ = NULL
+        for t in values:
+            if kind(t.type) == NULL:
+                continue
+            if kind(typ) == NULL:
+                typ = t.type
+            elif kind(t.type) != kind(typ):
+                if not (is_numeric(t.type) and is_numeric(typ)):
+                    raise _mismatch(f"{name} branches are {typ} and {t.type}")
+                typ = _numeric_result(typ, t.type)
+        out: pl.Expr = values[-1].expr
+        for c, v in zip(reversed(conds), reversed(values[:-1]), strict=True):   # the first holds first
+            out = pl.when(c.expr).then(v.expr).otherwise(out)
+        return Typed(out, typ)
 
     def _string_arg(self, name: str, node: exp.Expression) -> Typed:
         t = self.compile(node)

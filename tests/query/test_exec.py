@@ -52,6 +52,38 @@ def test_typed_stream_columns_and_filters() -> None:
     assert run("select i from t where ts > '2024-01-01 00:00:04' and not b", records) == [[5]]
 
 
+def test_case_multi_if_and_if_take_the_first_branch_that_holds() -> None:
+    records = [row(i, T0 + i * 1000, s=f"k{i}", i=i, f=i / 2) for i in range(5)]
+    assert run("select i, case when i < 1 then 'low' when i < 3 then 'mid' else 'high' end from t",
+               records) == [[0, "low"], [1, "mid"], [2, "mid"], [3, "high"], [4, "high"]]
+    # the simple form compares the operand; without ELSE, NULL where no branch holds
+    assert run("select case i when 1 then 'one' when 3 then 'three' end from t", records) == [
+        [None], ["one"], [None], ["three"], [None]]
+    # numbers of different kinds widen as arithmetic does
+    assert run("select multi_if(i = 0, 10, i = 1, f, -1) from t", records) == [
+        [10.0], [0.5], [-1.0], [-1.0], [-1.0]]
+    assert run("select if(i > 2, s, 'small') from t where i in (2, 3)", records) == [["small"], ["k3"]]
+    assert run("select count(*) from t where case when i % 2 = 0 then true else false end",
+               records) == [[3]]
+
+
+@pytest.mark.parametrize(("sql", "message"), [
+    ("select case when i > 1 then s else 1 end from t", "CASE branches are string and int64"),
+    ("select multi_if(i > 1, 1) from t", "multi_if() takes an odd number of arguments"),
+    ("select case when s then 1 end from t", "a condition must be bool"),
+])
+def test_case_and_multi_if_refusals(sql: str, message: str) -> None:
+    with pytest.raises(ClientError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compile_query(sql, lookup)
+
+
+def test_clickhouse_aliases_of_string_cast_to_string() -> None:
+    records = [row(0, T0, i=42)]
+    assert run("select i::blob, cast(i as longtext), cast(i as varchar) from t", records) == [["42", "42", "42"]]
+    with pytest.raises(ClientError, match="cast to UUID"):
+        compile_query("select i::uuid from t", lookup)
+
+
 def test_missing_columns_are_null_and_tp_time_falls_back_to_the_append_time() -> None:
     records = [raw(0, b'{"s":"x"}', ms=T0 + 5), raw(1, b'{"i":"not an int","s":"y"}', ms=T0 + 6)]
     assert run("select s, i, _tp_time from t", records) == [

@@ -26,7 +26,7 @@ import logging
 import re
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
@@ -249,13 +249,29 @@ class _Server(web.Server):
         return handler
 
 
+def _unknown_expectations_ignored(handle: Any) -> Any:
+    """aiohttp answers an `Expect` other than `100-continue` with a text/plain 417 of its own,
+    before any middleware runs: no door's error body, no X-Request-Id. RFC 9110 (10.1.1) lets a
+    server ignore such an expectation instead, and then the request gets its door's own answer."""
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.strip().lower() != "100-continue":
+            headers = request.headers.copy()
+            del headers[hdrs.EXPECT]
+            request = request.clone(headers=headers)
+        return await handle(request)  # type: ignore[no-any-return]
+
+    return handler
+
+
 class HttpRunner(web.AppRunner):
     """`web.AppRunner` whose connections answer parser errors with the body of the root app's
     fallback door (`app[RENDERER]`, set by build_http_app)."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        ours = _Server(server.request_handler, request_factory=server.request_factory,
+        ours = _Server(_unknown_expectations_ignored(server.request_handler), request_factory=server.request_factory,
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
         ours.renderer = self.app.get(RENDERER, FALLBACK)
         ours.client_limits = self.app.get(limits.CLIENT_LIMITS)

@@ -81,6 +81,30 @@ def test_a_client_request_id_header_is_kept_when_the_parser_fails_later(broker) 
     assert reply.headers["X-Request-Id"]
 
 
+@pytest.mark.parametrize("expect", ["foo", "100-continue, foo", ""])
+def test_an_unknown_expectation_is_ignored_and_the_door_answers(broker, expect: str) -> None:
+    """aiohttp's own answer was a text/plain 417 without a request id; RFC 9110 lets a server
+    ignore an expectation it does not know, so the request gets its door's answer."""
+    reply = exchange(broker, request("GET", STREAMS, [("Expect", expect), ("X-Request-Id", "exp-1")]))
+    assert reply.status == 200, reply.raw
+    assert reply.headers["X-Request-Id"] == "exp-1"
+    assert "stream_names" in reply.json
+    reply = exchange(broker, request("POST", "/api/put", [("Expect", expect), ("Content-Length", "2")], b"[]"))
+    assert reply.status == 400
+    assert reply.json == {"error": {"code": 400, "message": "No datapoints found in content"}}
+
+
+def test_100_continue_still_gets_its_interim_answer(broker, stream_name) -> None:
+    body = json.dumps({"stream_name": stream_name, "partition_count": 1}).encode()
+    with socket.create_connection(addr(broker.http_url), timeout=10) as sock:
+        sock.sendall(request("POST", STREAMS, [("Expect", "100-Continue"), ("Content-Length", str(len(body)))]))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        assert resp.status == 201, resp.read()
+
+
 def _put(broker, stream: str, data: bytes, encoding: str, compress) -> Reply:  # type: ignore[no-untyped-def]
     body = json.dumps({"stream_name": stream, "records": [{"data": base64.b64encode(data).decode()}]}).encode()
     return call(broker, "POST", f"/v2/{PID}/records", compress(body), headers={"Content-Encoding": encoding})

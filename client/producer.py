@@ -42,7 +42,8 @@ Every future resolves to a `PutResult`, never to an exception:
 * a retriable one (client/errors.py's table says which: UNAVAILABLE, STORAGE_FULL, INTERNAL, ...),
   per record or for the whole request, including a request that never reached the broker (down,
   restarting, draining) - is retried with exponential backoff (`backoff_ms`, doubling, capped at
-  `max_backoff_ms`) up to `max_retries` times; after that the last failure is the result. When
+  `max_backoff_ms`) up to `max_retries` times; after that the last failure is the result (the
+  defaults wait out about 30 s of outage, more than a broker restart takes). When
   the broker could not be reached the reason is the gRPC status name ("UNAVAILABLE") and there
   is no DIS code.
   A whole request failing that way also pauses the producer (nothing is sent for a backoff that
@@ -194,7 +195,7 @@ class Producer:
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
-                 max_batch_bytes: int = 1_000_000, linger_ms: float = 5, max_retries: int = 5,
+                 max_batch_bytes: int = 1_000_000, linger_ms: float = 5, max_retries: int = 20,
                  backoff_ms: float = 50, max_backoff_ms: float = 2_000, ordered: bool = False,
                  max_buffered_records: int = 100_000, streaming: bool = True, max_in_flight: int = 8,
                  stream_idle_ms: float = 60_000, project: str | None = None, api_key: str | None = None,

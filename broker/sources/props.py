@@ -187,16 +187,22 @@ class Props:
 
 
 def shown_url(url: str) -> str:
-    """The URL for status messages and logs: a password in it (basic auth) replaced by ***."""
+    """The URL for status messages and logs: a password in it (basic auth) replaced by ***; in a
+    comma-separated list (a NATS `url`), in each of its URLs."""
+    if "," in url:
+        return ",".join(map(shown_url, url.split(",")))
     try:
         parts = urlsplit(url)
         password = parts.password
-    except ValueError:
-        return url
+    except ValueError:   # not a URL urlsplit takes (a bad port, a stray bracket): mask by pattern
+        return _USERINFO_PASSWORD.sub(r"\1***@", url)
     if password is None:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+_USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
 
 
 SECRET_TEXTS = ("open_message",)   # properties whose whole text may be a credential (a token)

@@ -568,24 +568,33 @@ def test_a_source_s_secrets_are_shown_only_to_roles_that_may_manage(broker: Brok
                json.dumps({"name": stream, "columns": [{"name": "i", "type": "int64"}]}).encode())
     assert made.status == 201, made.raw
     url = "ws://alice:WSPASSWORD123@127.0.0.1:9/feed"
-    created = raw(port, "POST", "/p1/api/v1beta2/sources", admin, json.dumps({
-        "name": f"src_{stream}", "type": "websocket", "stream": stream,
-        "properties": {"url": url, "data_type": "json", "open_message": "token=SECRET-TOKEN"}}).encode())
-    assert created.status == 201, created.raw
-    sid = json.loads(created.raw)["id"]
+    nats_url = "nats://alice:FIRSTSECRET@127.0.0.1:9,nats://bob:SECONDSECRET@127.0.0.1:10"   # a list: each masked
+    shown_to = {url: "ws://alice:***@127.0.0.1:9/feed",
+                nats_url: "nats://alice:***@127.0.0.1:9,nats://bob:***@127.0.0.1:10"}
+    made_sources = {}
+    for kind, props in (("websocket", {"url": url, "data_type": "json", "open_message": "token=SECRET-TOKEN"}),
+                        ("nats", {"url": nats_url, "subject": "x", "data_type": "json"})):
+        created = raw(port, "POST", "/p1/api/v1beta2/sources", admin, json.dumps({
+            "name": f"{kind}_{stream}", "type": kind, "stream": stream, "properties": props}).encode())
+        assert created.status == 201, created.raw
+        made_sources[json.loads(created.raw)["id"]] = (f"{kind}_{stream}", props)
     for role in ("producer", "consumer", "admin"):
         asked = {"X-Api-Key": keys.api[role][0]}
-        one = raw(port, "GET", f"/p1/api/v1beta2/sources/{sid}", asked).json["properties"]
-        every = [s["properties"] for s in raw(port, "GET", "/p1/api/v1beta2/sources", asked).json
-                 if s["id"] == sid]
-        with Client(broker.grpc_target, api_key=keys.api[role][0], timeout=10) as c:
-            described = c.describe_source(f"src_{stream}").properties
-        for shown in (one, *every, described):
-            if role == "admin":
-                assert shown["url"] == url and shown["open_message"] == "token=SECRET-TOKEN", shown
-            else:
-                assert shown["url"] == "ws://alice:***@127.0.0.1:9/feed" and shown["open_message"] == "***", shown
-    raw(port, "DELETE", f"/p1/api/v1beta2/sources/{sid}", admin)
+        listed = raw(port, "GET", "/p1/api/v1beta2/sources", asked).json
+        for sid, (source, props) in made_sources.items():
+            one = raw(port, "GET", f"/p1/api/v1beta2/sources/{sid}", asked).json["properties"]
+            every = [s["properties"] for s in listed if s["id"] == sid]
+            with Client(broker.grpc_target, api_key=keys.api[role][0], timeout=10) as c:
+                described = c.describe_source(source).properties
+            for shown in (one, *every, described):
+                if role == "admin":
+                    assert shown["url"] == props["url"], shown
+                    assert shown.get("open_message") == props.get("open_message"), shown
+                else:
+                    assert shown["url"] == shown_to[props["url"]], shown
+                    assert shown.get("open_message") == ("***" if "open_message" in props else None), shown
+    for sid in made_sources:
+        raw(port, "DELETE", f"/p1/api/v1beta2/sources/{sid}", admin)
 
 
 def _open_stream(port: int, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> Any:

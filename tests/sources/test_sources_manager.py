@@ -463,3 +463,17 @@ async def test_stored_definitions_this_broker_cannot_run_do_not_stop_it(h: Sluic
     with pytest.raises(BrokerError) as e:
         await h.sources.start_source(P, "alien")
     assert e.value.code is ErrorCode.BAD_SOURCE and "[type]" in e.value.message
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("ws://alice:SECRET@127.0.0.1:9/feed", "ws://alice:***@127.0.0.1:9/feed"),
+    # a NATS url may be a comma-separated list: every URL of it masked, not only the first
+    ("nats://alice:S1@127.0.0.1:1,nats://bob:S2@127.0.0.1:2", "nats://alice:***@127.0.0.1:1,nats://bob:***@127.0.0.1:2"),
+    ("nats://a:S1@[::1:4222", "nats://a:***@[::1:4222"),   # urlsplit refuses it: masked by pattern
+    ("nats://u@h:1,ws://h/x?a=b", "nats://u@h:1,ws://h/x?a=b"),
+])
+def test_shown_urls_mask_every_password(url: str, shown: str) -> None:
+    from broker.sources.props import redacted, shown_url
+
+    assert shown_url(url) == shown
+    assert redacted({"url": url, "servers": [url]}) == {"url": shown, "servers": [shown]}

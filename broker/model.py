@@ -141,6 +141,7 @@ class RecordBlock(NamedTuple):
     first_seq: int
     data: list[bytes]
     times: list[tuple[int, int]]
+    size: int = -1   # the payloads' bytes, when the store had them at hand (-1: not given)
 
     @property
     def next_seq(self) -> int:

@@ -126,7 +126,7 @@ def error_response(renderer: Renderer, error: BrokerError, rid: str) -> web.Resp
                         headers={"Content-Type": renderer.content_type, REQUEST_ID: rid})
 
 
-def _routing_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
+def routing_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
     """aiohttp's own routing and body-size exceptions as catalogue rows."""
     if exc.status == 404:
         return client_error(ErrorCode.UNKNOWN_ROUTE, method=request.method, path=request.path)
@@ -157,7 +157,7 @@ def error_middleware(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fa
         except BrokerError as exc:
             return error_response(renderer_for(request.path), exc, rid)
         except web.HTTPException as exc:
-            return error_response(renderer_for(request.path), _routing_error(request, exc), rid)
+            return error_response(renderer_for(request.path), routing_error(request, exc), rid)
         except Exception:
             log.exception("unhandled error, request id %s", rid)
             return error_response(renderer_for(request.path), server_error(ErrorCode.INTERNAL, request_id=rid), rid)

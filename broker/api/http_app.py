@@ -81,8 +81,8 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     owners += [(prefix + "/", door[RENDERER]) for prefix, door in doors.items()]
     owners.append((re.compile(re.escape(console.PREFIX) + "$"), doors[console.PREFIX][RENDERER]))   # its root
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
-    root = web.Application(middlewares=[error_middleware(owners, FALLBACK), *_limited(client_limits),
-                                        metrics.request_timer(broker)],
+    root = web.Application(middlewares=[error_middleware(owners, FALLBACK), metrics.request_timer(broker),
+                                        *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
     if client_limits is not None:
@@ -115,8 +115,8 @@ def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout
     port, unknown paths and parser rejections included, is an OpenTSDB error object. With
     `exporter`: /healthz and /readyz too (not /metrics: that is the HTTP port's or --metrics-port's)."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
-    root = web.Application(middlewares=[error_middleware([], TSDB), *_limited(client_limits),
-                                        metrics.request_timer(broker)],
+    root = web.Application(middlewares=[error_middleware([], TSDB), metrics.request_timer(broker),
+                                        *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
     if client_limits is not None:

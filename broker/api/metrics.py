@@ -29,11 +29,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.api.http import Handler, presented_api_key
+from broker.api.http import Handler, presented_api_key, routing_error
 from broker.auth import Auth, Role
 from broker.core.broker import Broker
 from broker.core.stats import Histogram
-from broker.errors import BrokerError, ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.sources.manager import Sources
 
 MAX_LAG_SERIES = 10_000        # consumer-lag series per scrape; the rest are counted as left out
@@ -103,7 +103,7 @@ class BrokerCollector(Collector):
         rec_in = CounterMetricFamily("sluice_records_in", "Records appended, per partition", labels=part)
         bytes_in = CounterMetricFamily("sluice_bytes_in", "Payload bytes appended, per partition", labels=part)
         rec_out = CounterMetricFamily("sluice_records_out", "Records handed to consumers (GetRecords, "
-                                      "subscriptions, tails, query readers), per partition", labels=part)
+                                      "subscriptions, tails) and read by queries, per partition", labels=part)
         bytes_out = CounterMetricFamily("sluice_bytes_out", "Payload bytes handed to consumers", labels=part)
         lab = ["project", "stream"]
         puts = CounterMetricFamily("sluice_put_requests", "Put calls answered (any door), per stream", labels=lab)
@@ -301,7 +301,9 @@ def _door_and_verb(request: web.Request) -> tuple[str, str]:
 def request_timer(broker: Broker) -> Middleware:
     """Latency of every request per door and verb, and errors by catalogue reason (auth failures
     among them): plain counters in broker.stats. Inside the error middleware, so it sees the
-    BrokerError before it is rendered."""
+    error before it is rendered, and outside the per-client limits, so their refusals count too.
+    aiohttp's routing exceptions (404, 405, 413) count as the rows the error middleware renders
+    them as, anything unexpected as INTERNAL."""
     stats = broker.stats
 
     @web.middleware
@@ -312,6 +314,13 @@ def request_timer(broker: Broker) -> Middleware:
             return await handler(request)
         except BrokerError as exc:
             error = exc
+            raise
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                error = routing_error(request, exc)
+            raise
+        except Exception:
+            error = server_error(ErrorCode.INTERNAL)
             raise
         finally:
             door, verb = _door_and_verb(request)

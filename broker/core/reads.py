@@ -149,6 +149,8 @@ class ReadPath:
                                earliest=(await self._store.bounds(sid, p)).first_seq)
         if self._catalogue.by_id(sid) is None:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+        if block.data:   # records_out: a bounded query reads as much as a streaming one
+            self._stats.read(sid, p, len(block.data), block.size if block.size >= 0 else sum(map(len, block.data)))
         return block, encode_cursor(self.secret, CursorPosition(sid, p, block.next_seq, self._now()))
 
     async def _read(self, sid: int, p: int, seq: int, limit: int,

@@ -456,7 +456,7 @@ class RocksEngine:
                     times.append((len(payloads), ts))
                 if len(payloads) < hi - lo:  # max_bytes reached
                     break
-        return RecordBlock(first_seq, data, times)
+        return RecordBlock(first_seq, data, times, total)
 
     def _stored(self, stream_id: int, partition: int, start_seq: int,
                 limit: int) -> Iterator[tuple[bytes, int, int, int]]:

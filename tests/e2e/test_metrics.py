@@ -131,9 +131,37 @@ def test_exact_counters_after_known_traffic(running: BrokerProcess) -> None:
 def test_request_errors_by_reason(running: BrokerProcess) -> None:
     status, _ = get(running.http_url + "/v2/default/streams/nope")
     assert status == 400
+    # aiohttp's routing answers count as the rows they are rendered as
+    assert get(running.http_url + "/v2/default/nowhere")[0] == 404
+    request = urllib.request.Request(running.http_url + "/v2/default/records", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 405
+    refused.value.close()
     m = scrape(running.http_url)
     assert value(m, "sluice_request_errors_total", door="dis", reason="STREAM_NOT_FOUND") == 1
     assert value(m, "sluice_request_duration_seconds_count", door="dis", verb="describe_stream") == 1
+    unrouted = {labels: n for (name, labels), n in m.items() if name == "sluice_request_errors_total"
+                and dict(labels)["reason"] in ("UNKNOWN_ROUTE", "METHOD_NOT_ALLOWED")}
+    assert sorted((dict(labels)["reason"], n) for labels, n in unrouted.items()) == [
+        ("METHOD_NOT_ALLOWED", 1), ("UNKNOWN_ROUTE", 1)], unrouted
+
+
+def test_records_read_by_a_bounded_query_count_as_out(running: BrokerProcess) -> None:
+    """A `table()` scan reads the records as a streaming query does; both count in records_out."""
+    with Client(f"127.0.0.1:{running.grpc_port}") as c:
+        c.create_stream("scanned", 1)
+        c.put_records("scanned", [b'{"a":1}', b'{"a":22}', b'{"a":333}'], partition_id=0)
+    request = urllib.request.Request(running.http_url + "/default/api/v1beta2/queries", method="POST",
+                                     data=b'{"sql": "select raw:a from table(scanned)"}',
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        events = reply.read().decode()   # to its end: the query ran whole
+    assert all(f'["{a}"]' in events for a in (1, 22, 333)), events
+    m = scrape(running.http_url)
+    p = {"project": "default", "stream": "scanned", "partition": "0"}
+    assert value(m, "sluice_records_out_total", **p) == 3
+    assert value(m, "sluice_bytes_out_total", **p) == 7 + 8 + 9
 
 
 def test_health_on_every_port(running: BrokerProcess) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import urllib.request
 import uuid
 from typing import Iterator
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.launcher import BrokerProcess
 from client import Client
@@ -178,13 +180,29 @@ def test_a_timeplus_streaming_query_counts_as_a_subscription(limited: BrokerProc
             t.close()
 
 
+def _refusals_counted(broker: BrokerProcess) -> float:
+    """sluice_request_errors_total of the DIS door's TOO_MANY_REQUESTS (the scrape is a request too)."""
+    with urllib.request.urlopen(f"{broker.http_url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "sluice_request_errors_total" and sample.labels == {
+                    "door": "dis", "reason": "TOO_MANY_REQUESTS"}:
+                return sample.value
+    return 0.0
+
+
 def test_requests_in_progress_past_the_limit_get_429(limited: BrokerProcess) -> None:
+    counted_before = _refusals_counted(limited)
+    refusals = 0
     stalled = [_stalled_request(limited) for _ in range(REQUESTS)]
     try:
         def refused() -> bool:   # once the stalled ones are being handled
+            nonlocal refusals
             with _connect(limited) as sock:
                 status, body, _ = _get(sock, "/v2/default/streams")
             assert status in (200, 429)
+            refusals += status == 429
             return status == 429 and body["error_code"] == "DIS.4305"
 
         eventually(refused, timeout=30)
@@ -195,6 +213,8 @@ def test_requests_in_progress_past_the_limit_get_429(limited: BrokerProcess) -> 
                 return _get(sock, "/v2/default/streams")[0] == 200
 
         eventually(served, timeout=30)
+        # the refusals are errors in the metrics, by their reason (the limits sit inside the timer)
+        assert _refusals_counted(limited) - counted_before == refusals >= 1
     finally:
         for s in stalled:
             s.close()

@@ -65,6 +65,7 @@ INLINE_BOUNDS = 64
 # failed reopen (each failure doubles the wait from PROBE_EVERY_S).
 PROBE_EVERY_S = 1.0
 REOPEN_BACKOFF_MAX_S = 30.0
+TELL_ROOM_EVERY_S = 60.0   # how often a store still short of room for its reopen says how much it needs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -135,13 +136,20 @@ class RocksStore(Store):
 
     async def _recover(self) -> None:
         loop = asyncio.get_running_loop()
-        backoff, reopen_at = PROBE_EVERY_S, 0.0
+        backoff, reopen_at, told_at = PROBE_EVERY_S, 0.0, -TELL_ROOM_EVERY_S
         while self._state is not StorageState.OK and not self._closed:
             await asyncio.sleep(PROBE_EVERY_S)
             may_reopen = False
             try:
                 free, needed = await asyncio.to_thread(self._engine.room)
                 may_reopen = free >= needed and loop.time() >= reopen_at
+                if free < needed and loop.time() - told_at >= TELL_ROOM_EVERY_S:
+                    # RocksDB resumes by itself only once a whole memtable is free; below both, an
+                    # operator freeing "some" space would otherwise wait on a silent broker
+                    told_at = loop.time()
+                    log.warning("storage still full: %.1f MiB free for the data dir, reopening the store needs "
+                                "%.1f MiB (its write-ahead log and MANIFEST, replayed, and a reserve); free more",
+                                free / 2**20, needed / 2**20)
                 resumed = await self._submit(self._engine.recover, may_reopen)
             except BrokerError as exc:
                 if may_reopen:

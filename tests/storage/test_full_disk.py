@@ -155,9 +155,10 @@ async def open_store(small_disk: Path) -> AsyncIterator[Callable[..., RocksStore
 
 
 async def test_a_store_refused_for_a_full_disk_reopens_once_space_returns(
-        small_disk: Path, open_store: Callable[..., RocksStore]) -> None:
+        small_disk: Path, open_store: Callable[..., RocksStore], caplog: pytest.LogCaptureFixture) -> None:
     """Less is freed than a memtable (16 MiB), so RocksDB would stay refused for good: the store
-    reopens the database, and goes on numbering where the acknowledged records end."""
+    reopens the database, and goes on numbering where the acknowledged records end. Until there is
+    room for that, it says how much it needs."""
     store = open_store(memtable_mb=16)
     sid = (await store.create_stream(StreamConfig("s", 2))).stream_id
     ledger = Ledger()
@@ -166,8 +167,13 @@ async def test_a_store_refused_for_a_full_disk_reopens_once_space_returns(
     filler = fill_up(small_disk)
     await fill_until_refused(store, ledger, sid, 2)
     await ledger.check(store, sid, 2)         # reads go on while writes are refused
-    await asyncio.sleep(1.5)                  # the store probes meanwhile: still no room
+    with caplog.at_level("WARNING", logger="broker.storage.rocks"):
+        await asyncio.sleep(1.5)              # the store probes meanwhile: still no room
     assert store.storage_state is StorageState.FULL
+    told = [r.getMessage() for r in caplog.records if "reopening the store needs" in r.getMessage()]
+    assert len(told) == 1, caplog.text        # once a minute, not once a probe
+    free, needed = (float(told[0].split(" MiB")[i].split()[-1]) for i in (0, 1))
+    assert free < 1 < needed, told[0]
 
     give_back(filler, 6 * MIB)
     await writable(store)

@@ -125,7 +125,7 @@ class Consumers:
         bounds = await self._store.bounds(config.stream_id, p)
         if not max(bounds.first_seq - 1, 0) <= value <= bounds.last_seq:
             raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=value, earliest=bounds.first_seq,
-                               latest=max(bounds.first_seq, bounds.last_seq))
+                               latest=bounds.last_seq)   # below earliest when no record is held: an empty range
         async with self._lock:   # ordered against delete_app: never a checkpoint of a deleted app
             await self.app(project, name)
             await self._store.meta_write({apps.checkpoint_key(project, name, config.stream_id, p):

@@ -118,4 +118,4 @@ def parse_seq(value: object) -> int:
         seq = int(value)
         if seq <= SEQUENCE_MAX:
             return seq
-    raise client_error(ErrorCode.INVALID_SEQUENCE, value=f"{value!s:.40}")
+    raise client_error(ErrorCode.INVALID_SEQUENCE, value="missing" if value is None else f"{value!s:.40}")

@@ -96,7 +96,7 @@ class ReadPath:
         seq = given + 1 if kind is CursorType.AFTER_SEQUENCE_NUMBER else given
         if not bounds.first_seq <= seq <= bounds.next_seq:
             raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=given, earliest=bounds.first_seq,
-                               latest=max(bounds.first_seq, bounds.last_seq))
+                               latest=bounds.last_seq)   # below earliest when no record is held: an empty range
         return seq
 
     def cursor_stream_id(self, cursor: object) -> int | None:

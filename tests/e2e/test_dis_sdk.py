@@ -518,8 +518,9 @@ def test_cursor_errors(dis_client, stream_name):
     for bad in ("abc", "-1", "1.5", "9223372036854775808", "٣"):
         with dis_error("DIS.4216"):
             cursor(dis_client, stream_name, "0", "AT_SEQUENCE_NUMBER", starting_sequence_number=bad)
-    with dis_error("DIS.4216"):  # AT/AFTER need a sequence number
+    with dis_error("DIS.4216") as caught:  # AT/AFTER need a sequence number
         cursor(dis_client, stream_name, "0", "AFTER_SEQUENCE_NUMBER")
+    assert caught[0].error_msg == "Invalid sequence_number [missing]"   # not Python's [None]
 
     with dis_error("DIS.4224") as caught:
         cursor(dis_client, stream_name, "0", "AT_SEQUENCE_NUMBER", starting_sequence_number="10")
@@ -529,7 +530,11 @@ def test_cursor_errors(dis_client, stream_name):
     assert caught[0].error_msg == "Sequence_number out of range. [3][ should be within ][0][ ][2]"
     with dis_error("DIS.4224") as caught:  # an empty partition
         cursor(dis_client, stream_name, "1", "AT_SEQUENCE_NUMBER", starting_sequence_number="1")
-    assert caught[0].error_msg.startswith("Sequence_number out of range. [1][ should be within ][0][ ][")
+    # no record to be within: the range is empty (latest below earliest), not [0][0], which holds 0
+    assert caught[0].error_msg == "Sequence_number out of range. [1][ should be within ][0][ ][-1]"
+    with dis_error("DIS.4224") as caught:
+        cursor(dis_client, stream_name, "1", "AFTER_SEQUENCE_NUMBER", starting_sequence_number="0")
+    assert caught[0].error_msg == "Sequence_number out of range. [0][ should be within ][0][ ][-1]"
     # the position just after the newest record is valid (and reads nothing yet)
     at_end = cursor(dis_client, stream_name, "0", "AT_SEQUENCE_NUMBER", starting_sequence_number="3")
     assert consume(dis_client, at_end).records == []

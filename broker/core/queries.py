@@ -158,11 +158,16 @@ class Queries:
         readable = range(config.readable_partition_count)
         cursors = [await self._cursor(project, config.stream_name, p, plan) for p in readable]
         ends = None
-        if plan.bounded:
+        if plan.bounded or plan.seek_ms is not None:
             ends = [(await self._store.fresh_bounds(config.stream_id, p)).next_seq   # incl. other brokers' writes
                     for p in range(config.readable_partition_count)]
         self._remember(run)
-        run.task = asyncio.create_task(self._run(run, cursors, ends, config), name=f"query {run.id}")
+        if plan.bounded:
+            task = self._run(run, cursors, ends, config)
+        else:   # a replay (seek_to): the partitions with records to replay hold the watermark back
+            backlog = {p: end for p, end in enumerate(ends or []) if end > (self._reads.cursor_seq(cursors[p]) or 0)}
+            task = self._run(run, cursors, None, config, backlog)
+        run.task = asyncio.create_task(task, name=f"query {run.id}")
         return run
 
     def _remember(self, run: QueryRun) -> None:
@@ -237,14 +242,16 @@ class Queries:
     # -- the query task ------------------------------------------------------------------------
 
     async def _run(self, run: QueryRun, cursors: list[str], ends: list[int] | None,
-                   config: StreamConfig | None) -> None:
+                   config: StreamConfig | None, backlog: dict[int, int] | None = None) -> None:
+        """`ends`: a bounded scan's, where each partition stopped when the query began;
+        `backlog`: a replay's, where each partition with records to replay stopped then."""
         delivered = False
         try:
             if ends is not None:
                 await self._scan(run, cursors, ends)
                 await self._emit(run, run.executor.finish())
             else:
-                await self._follow(run, cursors, config)
+                await self._follow(run, cursors, config, backlog or {})
             run.end("finished")
             await run.results.put(END)   # after every result row: a slow consumer gets them all
             delivered = True
@@ -272,15 +279,15 @@ class Queries:
             run.rows_out += len(rows)
             await run.results.put(rows)
 
-    async def _feed(self, run: QueryRun, records: list[Record]) -> None:
+    async def _feed(self, run: QueryRun, records: list[Record], source: int, caught_up: bool) -> None:
         ex, raw = run.executor, run.raw
         # off the event loop when the work is big (Polars releases the GIL): a large batch, or
         # any batch of an aggregation (its merge grows with its state); a small projection stays
         # inline, where a thread hop would cost more than it (the trickle path)
         if len(records) > _THREAD_ROWS or run.plan.aggregating:
-            rows = await asyncio.to_thread(ex.feed, records, raw)
+            rows = await asyncio.to_thread(ex.feed, records, raw, source, caught_up)
         else:
-            rows = ex.feed(records, raw)
+            rows = ex.feed(records, raw, source, caught_up)
         await self._emit(run, rows)
 
     async def _tick(self, run: QueryRun) -> None:
@@ -319,28 +326,34 @@ class Queries:
         rows = await asyncio.to_thread(run.executor.feed_block, block, run.raw)
         await self._emit(run, rows)
 
-    async def _follow(self, run: QueryRun, cursors: list[str], config: StreamConfig | None) -> None:
+    async def _follow(self, run: QueryRun, cursors: list[str], config: StreamConfig | None,
+                      backlog: dict[int, int]) -> None:
         """A streaming query: one subscription per partition feeding one evaluation loop.
+        `backlog`: in a replay, partition -> the seq its replay ends at (its next_seq when the
+        query began): until a partition has been read that far, it holds the watermark back
+        (exec.py), so the partitions' readers racing one another never make rows late.
         `cursors` start partitions 0..len-1 of `config`, the stream as the query started. The
         stream may be scaled while the query runs (UpdatePartitionCount): a partition it gains
         then gets a reader too, from its first record after the event (see _gained) - else the
         rows a typed ingest spreads over it would never reach the query. Checked when a batch
         says the layout changed (layout_ms) and on every tick (a batch may never come: rows may
         go to the new partitions only), so per batch, not per record."""
-        inbox: asyncio.Queue[GetRecordsResult | BaseException | None] = asyncio.Queue(len(cursors))
+        inbox: asyncio.Queue[tuple[int, GetRecordsResult] | BaseException | None] = asyncio.Queue(len(cursors))
 
-        async def read(cursor: str) -> None:
+        async def read(partition: int, cursor: str) -> None:
             batches = self._reads.subscribe(run.project, cursor, _READ_LIMIT, 0)
             try:
                 async with contextlib.aclosing(batches):
                     async for batch in batches:
                         if batch.records:
-                            await inbox.put(batch)
+                            await inbox.put((partition, batch))
             except BrokerError as exc:
                 await inbox.put(exc)
             await inbox.put(None)
 
-        readers = [asyncio.create_task(read(c)) for c in cursors]
+        for p in backlog:
+            run.executor.hold(p)
+        readers = [asyncio.create_task(read(p, c)) for p, c in enumerate(cursors)]
         open_readers = len(readers)
         # the latest scale event the readers account for (None: none yet), and its time
         known = config.scale_events[-1] if config is not None and config.scale_events else None
@@ -355,7 +368,7 @@ class Queries:
                 if self._catalogue.by_id(now.stream_id) is None:   # checked with no await before
                     return                                          # get_cursor looks the name up
                 cursor = await self._cursor_at(run.project, now.stream_name, p, seq)
-                readers.append(asyncio.create_task(read(cursor)))
+                readers.append(asyncio.create_task(read(p, cursor)))
                 open_readers += 1
             known, layout_ms = now.scale_events[-1], now.scale_events[-1].timestamp_ms
 
@@ -378,9 +391,13 @@ class Queries:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    if item.layout_ms != layout_ms:
+                    p, batch = item
+                    if batch.layout_ms != layout_ms:
                         await follow_new_partitions()
-                    await self._feed(run, item.records)
+                    caught_up = p in backlog and batch.records[-1].seq + 1 >= backlog[p]
+                    if caught_up:
+                        del backlog[p]
+                    await self._feed(run, batch.records, p, caught_up)
         finally:
             for task in readers:
                 task.cancel()

@@ -101,8 +101,17 @@ class ReadPath:
 
     def cursor_stream_id(self, cursor: object) -> int | None:
         """The stream id a valid cursor names, known here or not; None for a cursor that is not."""
+        pos = self._position_of(cursor)
+        return None if pos is None else pos.stream_id
+
+    def cursor_seq(self, cursor: object) -> int | None:
+        """The sequence number a valid cursor reads next; None for a cursor that is not valid."""
+        pos = self._position_of(cursor)
+        return None if pos is None else pos.seq
+
+    def _position_of(self, cursor: object) -> CursorPosition | None:
         try:
-            return decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms).stream_id
+            return decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms)
         except BrokerError:
             return None
 

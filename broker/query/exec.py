@@ -9,7 +9,13 @@ Windows (tumble/hop) are aligned to the epoch and keyed by their start. The wate
 largest event time seen; a window is emitted once, when the watermark reaches its end. A row is
 late when every window it belongs to was already emitted (judged against the watermark of the
 rows before it, so how records are split into batches never changes the result): it is dropped
-and counted in `late_rows`. Rows with a null event time are skipped.
+and counted in `late_rows`. Rows with a null event time are skipped. Two exceptions, so that
+reading partitions one after another (or one ahead of another) never makes rows late:
+- a bounded query (`table(s)`) has no watermark: it emits its windows at the end, every row in;
+- a replay (`seek_to`) holds the watermark back while partitions still have backlog (`hold`):
+  it is then the least of those partitions' largest event times read so far, and a row's own
+  partition counts with its rows before it; once every backlog is read (`feed`'s `caught_up`),
+  it is again the largest event time seen.
 
 State is bounded by `max_groups` (MAX_GROUPS by default) rows of aggregation state (groups, plus
 the distinct values kept for count_distinct). A windowed query over that many emits its oldest
@@ -48,13 +54,21 @@ class Executor:
         self.late_rows = 0
         self.skipped_rows = 0
         self.last_event_time_ms = 0
+        self._source: int | None = None   # the batch being fed: its partition, and whether it
+        self._caught_up = False           # ends that partition's backlog (hold)
         # time columns the filter reads are parsed before it, the others after it (fewer rows)
         self._where_columns = None if plan.where is None else set(plan.where.meta.root_names())
 
-    def feed(self, records: Sequence[Record], raw: bool) -> list[list]:
-        """The result rows of a batch of records (`raw`: of a stream without a schema)."""
+    def hold(self, source: int) -> None:
+        """A replay: source (a partition) has backlog to read; see the module's docstring."""
+
+    def feed(self, records: Sequence[Record], raw: bool, source: int | None = None,
+             caught_up: bool = False) -> list[list]:
+        """The result rows of a batch of records (`raw`: of a stream without a schema), from
+        `source` (a partition), `caught_up`: the last batch of its backlog (see hold)."""
         if self.done or not records:
             return []
+        self._source, self._caught_up = source, caught_up
         return self._feed([r.data for r in records], records[-1].timestamp_ms,
                           lambda: pl.Series("__ts", [r.timestamp_ms for r in records], dtype=pl.Int64), raw)
 
@@ -159,7 +173,9 @@ class AggregateExecutor(Executor):
         self.pending_distinct: dict[int, list[pl.DataFrame]] = {i: [] for i in self.distinct}
         self.pending_rows = 0
         self.min_window: int | None = None   # smallest window start in state and pending
-        self.watermark = -(2**62)      # largest event time seen
+        self.watermark = -(2**62)      # largest event time seen (held back in a replay: hold)
+        self.seen = -(2**62)           # largest event time seen, of any partition
+        self.held: dict[int, int] = {}   # replay: partitions with backlog -> their largest event time
         self.closed_upto = -(2**62)    # windows ending at or before this were emitted early
         self.dirty = False
         self.next_emit_ms: int | None = None
@@ -304,39 +320,57 @@ class AggregateExecutor(Executor):
             return []
         return self._window_batch(stage)
 
+    def hold(self, source: int) -> None:
+        self.held[source] = -(2**62)
+
     def _window_batch(self, stage: pl.DataFrame) -> list[list]:
         assert self.window is not None
         size, step = self.window.size_ms, self.window.step_ms
+        bounded, held, source = self.plan.bounded, self.held, self._source
         null_times = stage.get_column("__t").null_count()
         if null_times:
             self.skipped_rows += null_times
             stage = stage.filter(pl.col("__t").is_not_null())
-        if stage.height == 0:
-            return []
-        mark = max(self.watermark, self.closed_upto)
-        # the watermark each row sees: the largest event time before it
-        stage = stage.with_columns(
-            pl.max_horizontal(pl.col("__t").cum_max().shift(1).fill_null(mark), pl.lit(mark))
-            .alias("__pw"),
-            ((pl.col("__t") // step) * step).alias("__base"))
-        self.late_rows += stage.filter(pl.col("__base") + size <= pl.col("__pw")).height
-        # a row's open windows start at the multiples of step in (max(t, pw) - size, base]: at
-        # most size/step of them (plan.MAX_HOP_WINDOWS), made as a list per row and exploded
-        first = -((size - 1 - pl.max_horizontal("__t", "__pw")) // step) * step
-        pairs = stage.with_columns(first.alias("__first")) \
-            .filter(pl.col("__first") <= pl.col("__base")) \
-            .with_columns(pl.int_ranges("__first", pl.col("__base") + step, step).alias("__w")) \
-            .drop("__first").explode("__w")
-        self.watermark = max(self.watermark, int(stage.get_column("__t").max()))  # type: ignore[arg-type]
-        self._merge(pairs)
-        if self.min_window is None or (self.min_window + size > self.watermark
-                                       and self.state_rows() <= self.max_groups):
+        if stage.height:
+            mark = self.closed_upto if bounded else max(self.watermark, self.closed_upto)
+            # the watermark each row sees: the largest event time before it; in a replay, no
+            # more than the least of the other held partitions' (and its own, if held)
+            own = pl.col("__t").cum_max().shift(1)
+            others = [m for h, m in held.items() if h != source]
+            if bounded:
+                seen = pl.lit(mark)
+            elif not held:
+                seen = own.fill_null(mark)
+            elif source in held:
+                seen = own.fill_null(held[source])
+                seen = pl.min_horizontal(seen, pl.lit(min(others))) if others else seen
+            else:
+                seen = pl.lit(min(others))
+            stage = stage.with_columns(pl.max_horizontal(seen, pl.lit(mark)).alias("__pw"),
+                                       ((pl.col("__t") // step) * step).alias("__base"))
+            self.late_rows += stage.filter(pl.col("__base") + size <= pl.col("__pw")).height
+            # a row's open windows start at the multiples of step in (max(t, pw) - size, base]: at
+            # most size/step of them (plan.MAX_HOP_WINDOWS), made as a list per row and exploded
+            first = -((size - 1 - pl.max_horizontal("__t", "__pw")) // step) * step
+            pairs = stage.with_columns(first.alias("__first")) \
+                .filter(pl.col("__first") <= pl.col("__base")) \
+                .with_columns(pl.int_ranges("__first", pl.col("__base") + step, step).alias("__w")) \
+                .drop("__first").explode("__w")
+            top = int(stage.get_column("__t").max())  # type: ignore[arg-type]
+            self.seen = max(self.seen, top)
+            if source in held:
+                held[source] = max(held[source], top)
+            self._merge(pairs)
+        if self._caught_up:
+            held.pop(source, None)   # type: ignore[arg-type]
+        if not bounded:
+            self.watermark = max(self.watermark, min(held.values()) if held else self.seen)
+        ends = self.closed_upto if bounded else self.watermark
+        if self.min_window is None or (self.min_window + size > ends and self.state_rows() <= self.max_groups):
             return []   # no window ends by the watermark and the state is within bounds
         self._flush()
         if self.state is None:
             return []
-        closed = self.state.get_column("__w") + size <= self.watermark
-        ends = self.watermark
         if self.state_rows() > self.max_groups:   # emit the oldest windows early
             starts = self.state.group_by("__w").len().sort("__w")
             over = self.state_rows() - self.max_groups
@@ -345,7 +379,7 @@ class AggregateExecutor(Executor):
             last = int(starts.get_column("__w")[min(n, starts.height) - 1])
             self.closed_upto = max(self.closed_upto, last + size)
             ends = max(ends, self.closed_upto)
-            closed = self.state.get_column("__w") + size <= ends
+        closed = self.state.get_column("__w") + size <= ends
         if not closed.any():
             return []
         return self._result(self._take(self.state.filter(closed), self.state.filter(~closed)))

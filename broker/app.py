@@ -144,6 +144,10 @@ def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
+        # calls open at once on one connection: no more than a client may run (its request and
+        # subscription slots); grpc's default is unlimited, and a call whose request message never
+        # comes holds its stream without reaching the per-client limits, which count handlers
+        ("grpc.max_concurrent_streams", settings.max_requests_per_client + settings.max_subscriptions_per_client),
     ]
 
 

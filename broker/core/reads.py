@@ -23,6 +23,11 @@ from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage.base import Store
 
+# [ours] a push batch (gRPC Subscribe, SSE tail, query readers) carries at most this much payload:
+# a stalled consumer holds one batch until the stall timeout ends it, so this bounds what each
+# subscription can make the broker hold (GetRecords keeps the 10 MiB of max_fetch_bytes)
+SUBSCRIBE_BATCH_BYTES = 1024 * 1024
+
 _data = itemgetter(3)   # Record.data: a plain tuple index, faster than the attribute
 
 
@@ -232,21 +237,29 @@ class ReadPath:
         _, pos = self._open(project, cursor)
         count = min(max(max_records or lim.default_read_limit, 1), lim.max_read_limit)
         linger = min(max(max_wait_ms or 0, 0), lim.max_wait_ms) / 1000
+        # a batch's bytes: what a stalled consumer makes the broker hold (three copies of it in
+        # a gRPC push: the records, the message, its encoding)
+        budget = min(lim.max_fetch_bytes, SUBSCRIBE_BATCH_BYTES)
         sid, p, seq = pos.stream_id, pos.partition, pos.seq
         loop = asyncio.get_running_loop()
         self._stats.subscriptions += 1
         try:
             while not self._notifier.closed:
-                batch = await self._fetch(sid, p, seq, count, lim.max_fetch_bytes, lim.subscribe_heartbeat_ms / 1000)
+                batch = await self._fetch(sid, p, seq, count, budget, lim.subscribe_heartbeat_ms / 1000)
                 records = batch.records
                 if records and len(records) < count and linger > 0:
                     deadline = loop.time() + linger
+                    held = sum(len(r.data) for r in records)
                     # not once shutting down: every fetch would return at once, empty - a busy loop
-                    while len(records) < count and not self._notifier.closed \
+                    while len(records) < count and held < budget and not self._notifier.closed \
                             and (remaining := deadline - loop.time()) > 0:
                         more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
-                                                 lim.max_fetch_bytes, remaining)
+                                                 budget - held, remaining)
+                        size = sum(len(r.data) for r in more.records)
+                        if held + size > budget:   # one record, given as a read's first: the next batch's
+                            break
                         records = records + more.records
+                        held += size
                         batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest, more.layout_ms)
                 if records:
                     seq = records[-1].seq + 1

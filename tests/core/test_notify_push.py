@@ -253,6 +253,22 @@ async def test_subscribe_max_records_caps_each_batch(broker: Broker) -> None:
     assert [[r.seq for r in b.records] for b in got] == [list(range(10)), list(range(10, 20)), list(range(20, 25))]
 
 
+async def test_subscribe_batches_carry_at_most_subscribe_batch_bytes(broker: Broker) -> None:
+    """What a stalled consumer makes the broker hold is one batch: at most SUBSCRIBE_BATCH_BYTES of
+    payload (the largest record is no larger), also when max_wait_ms collects more."""
+    from broker.core.reads import SUBSCRIBE_BATCH_BYTES
+
+    await broker.create_stream("s", 1)
+    third = SUBSCRIBE_BATCH_BYTES // 3 + 1   # three of them are past the cap, two are not
+    await put(broker, "s", 0, *(bytes([65 + i]) * third for i in range(7)))
+    for wait_ms in (0, 200):
+        batches = broker.subscribe(await broker.get_cursor("s", "0", "TRIM_HORIZON"), max_records=100,
+                                   max_wait_ms=wait_ms)
+        got = await collect(batches, 7)
+        await batches.aclose()
+        assert [len(b.records) for b in got] == [2, 2, 2, 1], wait_ms
+
+
 async def _put_spread(broker: Broker, payloads: list[bytes], gap: float) -> float:
     """Put one record at a time, `gap` seconds apart; returns when the first one was acknowledged."""
     loop = asyncio.get_running_loop()

@@ -249,6 +249,26 @@ def test_connections_past_the_limit_are_answered_429_then_closed(limited: Broker
 
 # -- gRPC ------------------------------------------------------------------------------------------
 
+def test_grpc_advertises_at_most_the_calls_a_client_may_run_per_connection(limited: BrokerProcess) -> None:
+    """grpc's default is no limit: a client opening streams whose request message never comes
+    (so no handler, no per-client count) grew the broker without bound. The server's HTTP/2
+    SETTINGS now carry MAX_CONCURRENT_STREAMS = request slots + subscription slots."""
+    import struct
+
+    with socket.create_connection(("127.0.0.1", limited.grpc_port), timeout=10) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + struct.pack(">I", 0)[1:] + b"\x04\x00" + b"\x00" * 4)
+        head = b""
+        while len(head) < 9:
+            head += sock.recv(9 - len(head))
+        length, kind = int.from_bytes(head[:3], "big"), head[3]
+        assert kind == 4, head   # the server's first frame is its SETTINGS
+        body = b""
+        while len(body) < length:
+            body += sock.recv(length - len(body))
+    settings = dict(struct.unpack(">HI", body[i:i + 6]) for i in range(0, length, 6))
+    assert settings.get(3) == REQUESTS + SUBSCRIPTIONS, settings   # 0x3: SETTINGS_MAX_CONCURRENT_STREAMS
+
+
 def test_grpc_subscribe_streams_past_the_limit_are_resource_exhausted(limited: BrokerProcess, stream: str) -> None:
     with Client(limited.grpc_target) as client:
         subs = [client.subscription(stream, 0, "TRIM_HORIZON") for _ in range(SUBSCRIPTIONS)]

@@ -378,7 +378,8 @@ async def run_query(request: web.Request) -> web.StreamResponse:
     query that does not compile is answered 4xx before any line."""
     broker, project = _door(request)
     body = await read_json(request)
-    run = await broker.queries.start(project, field(body, "sql", str, required=True), "console")
+    run = await broker.queries.start(project, field(body, "sql", str, required=True), "console",
+                                     client=request.remote or "")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
     try:

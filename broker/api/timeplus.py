@@ -265,7 +265,8 @@ async def create_query(request: web.Request) -> web.StreamResponse:
     tags = body.get("tags")
     tags = tags if isinstance(tags, list) else []
     run = await broker.queries.start(workspace, sql, field(body, "name", str) or "",
-                                     field(body, "description", str) or "", [str(t) for t in tags])
+                                     field(body, "description", str) or "", [str(t) for t in tags],
+                                     client=request.remote or "")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
     response.enable_chunked_encoding()  # urllib3 hands nothing over from a close-delimited body

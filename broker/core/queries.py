@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RESULT_QUEUE = 16              # result batches buffered for a slow consumer before readers wait
 MAX_RUNNING = 64               # [ours] running queries per broker: each holds subscriptions and state
+MAX_RUNNING_PER_CLIENT = MAX_RUNNING // 2   # [ours] one client's share: the rest stays for others
 KEEP_ENDED = 100               # ended queries kept per project for list/get
 TICK_S = 0.5                   # how often a streaming query's executor is ticked: a global aggregation
                                # emits its running result every 2 s (exec.py keeps that clock)
@@ -69,6 +70,7 @@ class QueryRun:
     task: asyncio.Task[None] | None = None
     executor: Any = None       # None once ended and released: only `final` is kept
     raw: bool = False          # a stream without a schema: records are seen as one `raw` column
+    client: str = ""           # who started it (the door's peer address), for MAX_RUNNING_PER_CLIENT
     final: dict[str, Any] | None = None   # the metrics at release
 
     @property
@@ -128,8 +130,9 @@ class Queries:
         return compile_query(sql, lookup)
 
     async def start(self, project: str, sql: object, name: str = "", description: str = "",
-                    tags: list[str] | None = None) -> QueryRun:
-        """Compile and start a query; its results come out of `run.results` (END last).
+                    tags: list[str] | None = None, client: str = "") -> QueryRun:
+        """Compile and start a query; its results come out of `run.results` (END last). `client`:
+        the peer that asks (one may run MAX_RUNNING_PER_CLIENT of the MAX_RUNNING at once).
         Raises what compile raises, TOO_MANY_QUERIES, UNAVAILABLE (shutting down)."""
         missing: list[str] = []
         try:
@@ -145,15 +148,18 @@ class Queries:
         running = sum(r.running for r in self._runs.values())
         if running >= MAX_RUNNING:
             raise client_error(ErrorCode.TOO_MANY_QUERIES, detail=f"at most {MAX_RUNNING} queries run at once")
+        if client and sum(r.running and r.client == client for r in self._runs.values()) >= MAX_RUNNING_PER_CLIENT:
+            raise client_error(ErrorCode.TOO_MANY_QUERIES,
+                               detail=f"at most {MAX_RUNNING_PER_CLIENT} queries of one client run at once")
         if not plan.stream:   # `select 1`: one row, no stream
             run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
-                           start_ms=self._now(), executor=plan.executor())
+                           start_ms=self._now(), executor=plan.executor(), client=client)
             self._remember(run)
             run.task = asyncio.create_task(self._run(run, [], [], None), name=f"query {run.id}")
             return run
         config = self._catalogue.get(project, plan.stream)
         run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
-                       start_ms=self._now(), executor=plan.executor(), raw=config.schema is None)
+                       start_ms=self._now(), executor=plan.executor(), raw=config.schema is None, client=client)
         # the readers start where the query says, before anything else can be written
         readable = range(config.readable_partition_count)
         cursors = [await self._cursor(project, config.stream_name, p, plan) for p in readable]

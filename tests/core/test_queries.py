@@ -77,6 +77,26 @@ async def test_limit_0_ends_a_streaming_query_at_once(broker: Broker) -> None:
     assert await drain(run, timeout=5) == [] and run.status == "finished"
 
 
+async def test_one_client_runs_at_most_its_share_of_the_queries(broker: Broker,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that kept every slot locked every other client out: it gets half of them."""
+    monkeypatch.setattr(queries, "MAX_RUNNING", 4)
+    monkeypatch.setattr(queries, "MAX_RUNNING_PER_CLIENT", 2)
+    await typed_stream(broker, "shared", 1)
+    greedy = [await broker.queries.start("default", "select v from shared", client="10.0.0.1") for _ in range(2)]
+    with pytest.raises(BrokerError) as refused:
+        await broker.queries.start("default", "select v from shared", client="10.0.0.1")
+    assert refused.value.code is ErrorCode.TOO_MANY_QUERIES and "of one client" in refused.value.message
+    others = [await broker.queries.start("default", "select v from shared", client="10.0.0.2") for _ in range(2)]
+    with pytest.raises(BrokerError) as full:   # the broker's limit still holds over all clients
+        await broker.queries.start("default", "select v from shared", client="10.0.0.3")
+    assert full.value.code is ErrorCode.TOO_MANY_QUERIES and "of one client" not in full.value.message
+    await broker.queries.cancel("default", greedy[0].id)   # an ended one frees its client's slot
+    again = await broker.queries.start("default", "select v from shared", client="10.0.0.1")
+    for run in (greedy[1], *others, again):
+        await broker.queries.cancel("default", run.id)
+
+
 async def test_an_ended_query_keeps_its_metrics_and_drops_its_state(broker: Broker) -> None:
     await typed_stream(broker, "s", 100)
     run = await broker.queries.start("default", "select k, count(*) from table(s) group by k")

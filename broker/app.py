@@ -228,7 +228,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await runners[-1].setup()
     metrics_runner: HttpRunner | None = None
     if settings.metrics_port is not None:   # /metrics, /healthz, /readyz alone (open: see api/metrics.py)
-        metrics_runner = HttpRunner(build_metrics_app(exporter), keepalive_timeout=settings.idle_timeout,
+        metrics_runner = HttpRunner(build_metrics_app(exporter, _client_limits(settings)),
+                                    keepalive_timeout=settings.idle_timeout,
                                     shutdown_timeout=1.0, access_log=None, handle_signals=False)
         await metrics_runner.setup()
         runners.append(metrics_runner)

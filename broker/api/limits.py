@@ -38,6 +38,9 @@ from broker.api.grpc_render import status_code, trailers
 from broker.errors import BrokerError, ErrorCode, client_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# not requests the limit counts (as gRPC's health service): cheap, and a probe that shares its
+# address with a busy client must not be refused for that client's requests
+HEALTH_PATHS = frozenset(("/healthz", "/readyz"))
 
 
 class PeerCounter:
@@ -127,6 +130,8 @@ def middleware(limits: ClientLimits) -> Any:
         if getattr(request.protocol, "over_limit", False):
             request.protocol.close()   # after this answer
             raise limits.connections.refusal()
+        if request.path in HEALTH_PATHS:   # a liveness probe beside a busy client still answers
+            return await handler(request)
         peer = request.remote or ""
         if not limits.requests.try_enter(peer):
             raise limits.requests.refusal()

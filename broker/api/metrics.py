@@ -29,7 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.api.http import Handler, presented_api_key, routing_error
+from broker.api.http import RENDERER, Handler, error_middleware, presented_api_key, routing_error
+from broker.api.limits import CLIENT_LIMITS, ClientLimits
+from broker.api.limits import middleware as limits_middleware
+from broker.api.render import DIS as RENDERER_OF_UNOWNED
 from broker.auth import Auth, Role
 from broker.core.broker import Broker
 from broker.core.stats import Histogram
@@ -283,9 +286,14 @@ def add_routes(app: web.Application, exporter: Exporter, metrics: bool = True, o
         app.router.add_get("/metrics", exporter.open_metrics if open_metrics else exporter.metrics)
 
 
-def build_metrics_app(exporter: Exporter) -> web.Application:
-    """`--metrics-port`: /metrics (open), /healthz and /readyz alone."""
-    app = web.Application()
+def build_metrics_app(exporter: Exporter, client_limits: ClientLimits | None = None) -> web.Application:
+    """`--metrics-port`: /metrics (open), /healthz and /readyz alone, with the per-client limits
+    of every HTTP port (`client_limits`) and the fallback door's error bodies (unknown paths)."""
+    app = web.Application(middlewares=[error_middleware([], RENDERER_OF_UNOWNED),
+                                       *([] if client_limits is None else [limits_middleware(client_limits)])])
+    app[RENDERER] = RENDERER_OF_UNOWNED
+    if client_limits is not None:
+        app[CLIENT_LIMITS] = client_limits
     add_routes(app, exporter, open_metrics=True)
     return app
 

@@ -29,7 +29,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]
                          "--max-connections-per-client", str(CONNECTIONS),
                          "--max-requests-per-client", str(REQUESTS),
                          "--max-subscriptions-per-client", str(SUBSCRIPTIONS),
-                         "--body-timeout", "60").start()
+                         "--body-timeout", "60", "--metrics-port", "0").start()
     yield proc
     proc.stop(30)
 
@@ -218,6 +218,46 @@ def test_requests_in_progress_past_the_limit_get_429(limited: BrokerProcess) -> 
     finally:
         for s in stalled:
             s.close()
+
+
+def test_health_checks_are_not_requests_the_limit_counts(limited: BrokerProcess) -> None:
+    """A liveness probe from the address of a client using all its request slots still answers
+    (as gRPC's health service, which the limits leave alone)."""
+    stalled = [_stalled_request(limited) for _ in range(REQUESTS)]
+    try:
+        def refused() -> bool:
+            with _connect(limited) as sock:
+                return _get(sock, "/v2/default/streams")[0] == 429
+
+        eventually(refused, timeout=30)
+        for port in (limited.http_port, limited.metrics_port):
+            for path in ("/healthz", "/readyz"):
+                with _connect(limited, port) as sock:
+                    assert _get(sock, path)[:2] == (200, {"status": "ok" if path == "/healthz" else "ready"}), path
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_the_metrics_port_has_the_per_client_limits_and_json_errors(limited: BrokerProcess) -> None:
+    """--metrics-port had neither: one client could open connections until the broker's file
+    descriptors ran out, and an unknown path was aiohttp's text/plain 404."""
+    port = limited.metrics_port
+    with _connect(limited, port) as sock:
+        status, body, _ = _get(sock, "/nowhere")
+    assert status == 404 and body["error_code"] == "DIS.4200" and body["reason"] == "UNKNOWN_ROUTE", body
+    held = [_connect(limited, port) for _ in range(CONNECTIONS)]
+    try:
+        for sock in held:
+            assert _get(sock, "/healthz")[0] == 200
+        extra = _connect(limited, port)
+        status, body, _ = _get(extra, "/healthz")
+        assert status == 429 and body["error_code"] == "DIS.4305", body
+        assert _closed_by_peer(extra)
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_connections_past_the_limit_are_answered_429_then_closed(limited: BrokerProcess) -> None:

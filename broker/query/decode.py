@@ -10,7 +10,8 @@ stream of plain text). Not a JSON object -> skipped and counted; a value that do
 column -> null. A missing
 column is null (not the type's zero: a record put by another door may simply lack it), a missing
 `_tp_time` is the record's append time. A schemaless stream is `raw` (the data as UTF-8, errors
-replaced) and `_tp_time` (the append time).
+replaced) and `_tp_time` (the append time). A query that reads a `json` column takes the lenient
+read always: its text is then the value as stored, not as Polars would write it.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ class BatchDecoder:
         self.narrow = {name: dtypes.polars_dtype(t) for name, t in self.types.items()
                        if not dtypes.is_time(t) and dtypes.polars_dtype(t) != self.wire[name]}
         self.skipped = 0   # records of the last decode() that were not JSON objects
+        # Polars writes a nested value its own way (1.0 as 1, 1e20 in full, spaces after colons):
+        # a json column's text comes from orjson instead, which keeps numbers as they were stored
+        self.nested = any(dtypes.kind(t) == "json" for t in self.types.values())
 
     def decode(self, datas: Sequence[bytes], stamps: Callable[[], pl.Series], raw: bool,
                times_now: Collection[str] | None = None) -> pl.DataFrame:
@@ -87,6 +91,8 @@ class BatchDecoder:
 
     def _parse(self, datas: Sequence[bytes]) -> tuple[pl.DataFrame, pl.Series | None]:
         """Rows of the records and, if any record was skipped, the indexes of those kept."""
+        if self.nested:
+            return self._lenient(datas)
         try:
             df = pl.read_ndjson(io.BytesIO(b"\n".join(datas)), schema=self.wire)
             if df.height == len(datas):

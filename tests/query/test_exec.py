@@ -84,6 +84,15 @@ def test_clickhouse_aliases_of_string_cast_to_string() -> None:
         compile_query("select i::uuid from t", lookup)
 
 
+def test_a_json_column_reads_as_stored_whatever_its_neighbours() -> None:
+    """Polars wrote nested values its own way ({"a": 1} for {"a":1.0}, 1e20 in full) unless a bad
+    record sent the batch down the lenient path: the same row read two ways."""
+    good = raw(0, b'{"j":{"a":1.0,"b":[1e+20,-0.0,0.1]},"i":1}')
+    assert run("select j, i from t", [good]) == [['{"a":1.0,"b":[1e+20,-0.0,0.1]}', 1]]
+    assert run("select j, i from t", [good, raw(1, b"not json")]) == [['{"a":1.0,"b":[1e+20,-0.0,0.1]}', 1]]
+    assert run("select j:a from t", [good]) == [["1.0"]]
+
+
 def test_missing_columns_are_null_and_tp_time_falls_back_to_the_append_time() -> None:
     records = [raw(0, b'{"s":"x"}', ms=T0 + 5), raw(1, b'{"i":"not an int","s":"y"}', ms=T0 + 6)]
     assert run("select s, i, _tp_time from t", records) == [

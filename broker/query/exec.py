@@ -116,6 +116,10 @@ class Executor:
             out = out.head(self.plan.limit - self.emitted)
             self.done = self.emitted + out.height >= self.plan.limit
         self.emitted += out.height
+        if pl.Float32 in out.dtypes:
+            # a float32 as Python's float is its widened binary value (0.10000000149011612):
+            # the shortest text that reads back as it (0.1), as Proton prints a Float32
+            out = out.with_columns(pl.col(pl.Float32).cast(pl.String).cast(pl.Float64))
         return [list(row) for row in out.iter_rows()]
 
 

@@ -93,6 +93,12 @@ def test_a_json_column_reads_as_stored_whatever_its_neighbours() -> None:
     assert run("select j:a from t", [good]) == [["1.0"]]
 
 
+def test_float32_values_come_back_in_their_shortest_form() -> None:
+    records = [raw(0, b'{"x":"0.1"}'), raw(1, b'{"x":"19.3"}'), raw(2, b'{"x":"nope"}')]
+    assert run("select raw:x::float32, raw:x::float64 from foo", records, raw_stream=True) == [
+        [0.1, 0.1], [19.3, 19.3], [None, None]]   # not 0.10000000149011612, 19.299999237060547
+
+
 def test_missing_columns_are_null_and_tp_time_falls_back_to_the_append_time() -> None:
     records = [raw(0, b'{"s":"x"}', ms=T0 + 5), raw(1, b'{"i":"not an int","s":"y"}', ms=T0 + 6)]
     assert run("select s, i, _tp_time from t", records) == [

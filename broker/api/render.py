@@ -38,7 +38,8 @@ DIS = DisRenderer()
 
 
 class TimeplusRenderer:
-    """Timeplus ErrorResponse `{"code", "message"}` (shared/spec/timeplus-api.md section 7); the
+    """Timeplus ErrorResponse `{"code", "message", "system"}` (shared/spec/timeplus-api.md section 7:
+    Timeplus names the component that failed; ours is always the query engine's, "proton"); the
     SDK keeps the raw body of any non-2xx answer and raises ApiException, so extra keys are safe.
     Something that does not exist is a 404 here (the spec's GET stream), where DIS says 400. An
     ingest over its partitions' write limit (THROTTLED, all or nothing) is a 429: plain HTTP's
@@ -53,7 +54,8 @@ class TimeplusRenderer:
         return 404 if error.code.grpc_status == "NOT_FOUND" else error.code.http_status
 
     def body(self, error: BrokerError) -> dict[str, Any]:
-        return {"code": error.code.timeplus_code, "message": error.message, "reason": error.code.reason}
+        return {"code": error.code.timeplus_code, "message": error.message, "system": "proton",
+                "reason": error.code.reason}
 
     def record_failure(self, error: BrokerError) -> dict[str, Any]:
         return self.body(error)

@@ -9,7 +9,7 @@ Workspaces named `v2` or `sluice` are shadowed by the DIS and tail doors' prefix
 
 The SDK sends `Content-Type: application/json` on every request (GET and raw ingest too) and
 the 4-byte body `null` on DELETE and cancel: neither is checked where it means nothing.
-Errors are Timeplus ErrorResponse bodies `{"code", "message"}` (render.py `TIMEPLUS`).
+Errors are Timeplus ErrorResponse bodies `{"code", "message", "system"}` (render.py `TIMEPLUS`).
 
 With an auth file every request carries an API key (`X-Api-Key`, as the SDK sends it, or
 `Authorization: ApiKey K` / `Bearer K`): its workspace must be the path's, and a path without a

@@ -41,7 +41,7 @@ def dis_record_failure(error: BrokerError) -> dict[str, Any]:
 
 
 def timeplus_body(error: BrokerError) -> dict[str, Any]:
-    return {"code": error.code.timeplus_code, "message": error.message, "reason": error.code.name}
+    return {"code": error.code.timeplus_code, "message": error.message, "system": "proton", "reason": error.code.name}
 
 
 def tsdb_body(error: BrokerError) -> dict[str, Any]:

@@ -139,6 +139,8 @@ def test_nullable_mixes_values_and_nulls() -> None:
     ("int32", "12", "send a JSON number"), ("int8", 128, "range -128 .. 127"), ("int8", -129, "range"),
     ("uint8", -1, "range 0 .. 255"), ("uint64", 2**64, "range"), ("int64", 2**63, "range"),
     ("int32", 1.5, "whole numbers"), ("int64", 2.0**60, "whole numbers"), ("int32", [1], "is not a int32"),
+    # JSON integers past 64 bits, which orjson reads as floats: a range error, not "a float"
+    ("int64", -(2.0**63), "outside the int64 range"), ("uint64", 2.0**64, "outside the uint64 range"),
     ("int32", {"a": 1}, "an object"),
     ("float64", "1.5", "send a JSON number"), ("float32", 3.5e38, "range"), ("float64", float("inf"), "range"),
     ("float64", float("nan"), "range"), ("float64", 10**400, "range"), ("float32", [1.0], "an array"),

@@ -78,6 +78,10 @@ def _compact(body: bytes, encoder: RowEncoder, now_ms: int) -> list[bytes]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        try:   # orjson reports bad UTF-8 at position 0, wherever it is
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise _bad_body(f"the body is not valid UTF-8 at byte {bad.start}") from None
         raise _bad_body(f"malformed JSON at byte {_byte_offset(body, e.pos)}: {e.msg}") from None
     if type(doc) is not dict or "columns" not in doc or "data" not in doc:
         raise _bad_body('the compact format is one JSON object {"columns": [...], "data": [[...], ...]}')

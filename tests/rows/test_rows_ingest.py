@@ -145,7 +145,8 @@ def test_empty_body(fmt: str) -> None:
     ("compact", b'{"data": [["x"]]}', "the compact format is one JSON object"),
     ("compact", b'{"columns": ["data"]}', "the compact format is one JSON object"),
     ("compact", b'{"columns": ["data"], "data": [["x"], "y"]}', "row 1 must be a list"),
-    ("compact", b"\xff\xfe", "malformed JSON"),
+    ("compact", b"\xff\xfe", "not valid UTF-8 at byte 0"),
+    ("compact", b'{"columns": ["data"], "data": [["ok\xff"]]}', "not valid UTF-8 at byte 35"),   # not "at byte 0"
     ("streaming", b'{"data":"a"}\n{"data":', "malformed JSON in object 1 at byte 21"),
     ("streaming", '{"data":"é"}\n{"data" "b"}'.encode(), "malformed JSON in object 1 at byte 22"),
     ("streaming", b'{"data":"a"}\n[1, 2]\n', "object 1 at byte 13 is not a JSON object"),

@@ -119,6 +119,7 @@ def _client_limits(settings: Settings) -> ClientLimits:
 
 
 MIN_PING_INTERVAL_MS = 10_000   # the least time between a client's pings (clients ping every 30 s)
+PRODUCE_STREAMS_PER_CONNECTION = 1024   # PutRecordsStream calls (one per Producer) beside the counted calls
 
 
 def grpc_max_message(limits: Limits) -> int:
@@ -144,10 +145,12 @@ def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
-        # calls open at once on one connection: no more than a client may run (its request and
-        # subscription slots); grpc's default is unlimited, and a call whose request message never
-        # comes holds its stream without reaching the per-client limits, which count handlers
-        ("grpc.max_concurrent_streams", settings.max_requests_per_client + settings.max_subscriptions_per_client),
+        # calls open at once on one connection: what a client may run (its request and subscription
+        # slots) and its produce streams, which hold no slot; grpc's default is unlimited, and a call
+        # whose request message never comes holds its stream without reaching the per-client
+        # limits, which count handlers (each such stream costs the broker ~15 KB)
+        ("grpc.max_concurrent_streams", settings.max_requests_per_client + settings.max_subscriptions_per_client
+         + PRODUCE_STREAMS_PER_CONNECTION),
     ]
 
 

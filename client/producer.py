@@ -42,8 +42,11 @@ Every future resolves to a `PutResult`, never to an exception:
 * a retriable one (client/errors.py's table says which: UNAVAILABLE, STORAGE_FULL, INTERNAL, ...),
   per record or for the whole request, including a request that never reached the broker (down,
   restarting, draining) - is retried with exponential backoff (`backoff_ms`, doubling, capped at
-  `max_backoff_ms`) up to `max_retries` times; after that the last failure is the result (the
-  defaults wait out about 30 s of outage, more than a broker restart takes). When
+  `max_backoff_ms`) up to `max_retries` times, and not once `delivery_timeout_ms` has passed since
+  the record was sent to the producer (default 2 minutes, as Kafka's `delivery.timeout.ms`); after
+  that the last failure is the result. The defaults wait out about 30 s of a broker that refuses
+  connections (more than a restart takes); against one that takes calls and never answers, each
+  attempt lasts the client's timeout, and the delivery timeout bounds the whole. When
   the broker could not be reached the reason is the gRPC status name ("UNAVAILABLE") and there
   is no DIS code.
   A whole request failing that way also pauses the producer (nothing is sent for a backoff that
@@ -143,6 +146,7 @@ class _Options:
     streaming: bool = True
     max_in_flight: int = 8
     stream_idle_s: float = 60.0
+    delivery_timeout_s: float = 120.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -191,7 +195,8 @@ class Producer:
     `streaming`: use PutRecordsStream when the broker has it (default); `max_in_flight`: the most
     unacknowledged batches on it (1 when `ordered`); `stream_idle_ms`: end a stream nothing was
     sent on for that long. An exception opening the stream (a closed Client: ValueError) fails the
-    batch's futures with it, as PutRecords does.
+    batch's futures with it, as PutRecords does. `delivery_timeout_ms`: a record that old is not
+    retried again (see the module docstring).
     """
 
     def __init__(self, client_or_target: Client | str, stream: str, *, max_batch_records: int = 500,
@@ -199,9 +204,11 @@ class Producer:
                  backoff_ms: float = 50, max_backoff_ms: float = 2_000, ordered: bool = False,
                  max_buffered_records: int = 100_000, streaming: bool = True, max_in_flight: int = 8,
                  stream_idle_ms: float = 60_000, project: str | None = None, api_key: str | None = None,
-                 tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
+                 tls_ca: str | bytes | os.PathLike[str] | None = None, delivery_timeout_ms: float = 120_000) -> None:
         if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1 or max_in_flight < 1:
             raise ValueError("batch, buffer and in-flight limits must be positive")
+        if not delivery_timeout_ms > 0:
+            raise ValueError("delivery_timeout_ms must be positive")
         if max_retries < 0 or backoff_ms < 0 or linger_ms < 0 or stream_idle_ms < 0:
             raise ValueError("max_retries, backoff_ms, linger_ms and stream_idle_ms must not be negative")
         self._own_client = isinstance(client_or_target, str)
@@ -210,7 +217,7 @@ class Producer:
         self.stream = stream
         self._opt = _Options(max_batch_records, max_batch_bytes, linger_ms / 1000, max_retries, backoff_ms / 1000,
                              max(max_backoff_ms, backoff_ms) / 1000, ordered, max_buffered_records, streaming,
-                             1 if ordered else max_in_flight, stream_idle_ms / 1000)
+                             1 if ordered else max_in_flight, stream_idle_ms / 1000, delivery_timeout_ms / 1000)
         self._timeout = self._client.timeout   # a stream's batch unanswered this long: the call is given up
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()   # new records (ordered mode: retries go to the front)
@@ -487,7 +494,8 @@ class Producer:
         again_list: list[_Pending] = []
         self.stats.failed_requests += failed_request
         for r, res, retry in zip(live, results, retriable):
-            if retry and r.attempts < self._opt.max_retries and not self._aborted:
+            if retry and r.attempts < self._opt.max_retries and not self._aborted \
+                    and now - r.enqueued < self._opt.delivery_timeout_s:
                 r.attempts += 1
                 r.due = now + min(self._opt.backoff_s * 2 ** (r.attempts - 1), self._opt.max_backoff_s)
                 again_list.append(r)

@@ -26,7 +26,7 @@ site cannot send either without a CORS preflight, which this door never grants.
 The project is the `project` query parameter (default `default`). With an auth file every API
 route takes an API key (`X-Api-Key` or `Authorization: Bearer K`) of that project whose role
 permits the route's Action, like the Timeplus door. Errors are Timeplus-style bodies
-`{"code", "message", "reason"}` (render.py TIMEPLUS). Live tail: the page reads the SSE tail
+`{"code", "message", "system", "reason"}` (render.py TIMEPLUS). Live tail: the page reads the SSE tail
 (/sluice/v1/tail) with fetch(), which can send the key where EventSource cannot.
 
 The query stream is NDJSON, one object a line: `{"query": {"id", "header"}}` first, then

@@ -160,14 +160,22 @@ class Queries:
         config = self._catalogue.get(project, plan.stream)
         run = QueryRun(str(uuid.uuid4()), project, str(sql), plan, name, description, list(tags or []),
                        start_ms=self._now(), executor=plan.executor(), raw=config.schema is None, client=client)
-        # the readers start where the query says, before anything else can be written
-        readable = range(config.readable_partition_count)
-        cursors = [await self._cursor(project, config.stream_name, p, plan) for p in readable]
-        ends = None
-        if plan.bounded or plan.seek_ms is not None:
-            ends = [(await self._store.fresh_bounds(config.stream_id, p)).next_seq   # incl. other brokers' writes
-                    for p in range(config.readable_partition_count)]
+        # its slot is taken before the first await, so starts racing each other all count it
         self._remember(run)
+        try:
+            # the readers start where the query says, before anything else can be written
+            readable = range(config.readable_partition_count)
+            cursors = [await self._cursor(project, config.stream_name, p, plan) for p in readable]
+            ends = None
+            if plan.bounded or plan.seek_ms is not None:
+                ends = [(await self._store.fresh_bounds(config.stream_id, p)).next_seq   # incl. other brokers' writes
+                        for p in range(config.readable_partition_count)]
+        except BaseException:
+            self._runs.pop(run.id, None)   # never started: not a query to list
+            raise
+        if not run.running:   # ended meanwhile (the broker shutting down): nothing to run
+            run.results.put_nowait(END)
+            return run
         if plan.bounded:
             task = self._run(run, cursors, ends, config)
         else:   # a replay (seek_to): the partitions with records to replay hold the watermark back
@@ -309,17 +317,15 @@ class Queries:
         both run off the event loop and mostly without the GIL (RocksDB, Polars), so on two
         cores they overlap."""
         for cursor, end in zip(cursors, ends):
-            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES))
+            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES, end))
             try:
                 while True:
                     block, cursor = await fetch
                     last = not block.data or block.next_seq >= end
                     if not last:
                         fetch = asyncio.ensure_future(
-                            self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES))
-                    if block.next_seq > end:   # written after the query started
-                        block = _cut(block, end)
-                    if block.data:
+                            self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES, end))
+                    if block.data:   # none written after the query started: read_block stops at end
                         await self._evaluate(run, block)
                         if self._limit_reached(run):
                             return
@@ -439,15 +445,3 @@ def _gained(config: StreamConfig, known: ScaleEvent | None, followed: int) -> li
         made = next((e for e in newer if e.target_partition_count > p), None)
         out.append((p, made.boundaries[p] if made is not None else 0))
     return out
-
-
-def _cut(block: RecordBlock, end: int) -> RecordBlock:
-    """The block's records before seq `end`."""
-    keep = max(end - block.first_seq, 0)
-    times, left = [], keep
-    for n, ts in block.times:
-        if left <= 0:
-            break
-        times.append((min(n, left), ts))
-        left -= n
-    return RecordBlock(block.first_seq, block.data[:keep], times)

@@ -146,15 +146,19 @@ class ReadPath:
         self._stats.get_request(pos.stream_id, time.perf_counter() - began)
         return result
 
-    async def read_block(self, project: str, cursor: object, limit: int,
-                         max_bytes: int) -> tuple[RecordBlock, str]:
+    async def read_block(self, project: str, cursor: object, limit: int, max_bytes: int,
+                         end: int | None = None) -> tuple[RecordBlock, str]:
         """get_records for a scan inside the broker (a query): the records as columns (no
         object per record; see RecordBlock) and the cursor after them; no waiting. Not bound by
         the GetRecords limits, which are a client's: a scan evaluates bigger blocks faster.
-        Raises what get_records raises."""
+        `end`: no record from this seq on (where the scan stops). Raises what get_records raises."""
         _, pos = self._open(project, cursor)
         limit, max_bytes = max(limit, 1), max(max_bytes, 1)
         sid, p, seq = pos.stream_id, pos.partition, pos.seq
+        if end is not None:
+            limit = min(limit, end - seq)
+            if limit <= 0:
+                return RecordBlock(seq, [], []), encode_cursor(self.secret, CursorPosition(sid, p, seq, self._now()))
         bounds = await self._store.bounds(sid, p)
         block = await self._store.read_block(sid, p, seq, limit, max_bytes) if seq >= bounds.first_seq \
             else RecordBlock(seq, [], [])
@@ -177,8 +181,11 @@ class ReadPath:
                                earliest=(await self._store.bounds(sid, p)).first_seq)
         return bounds, records
 
-    async def _fetch(self, sid: int, p: int, seq: int, limit: int, max_bytes: int, wait_s: float) -> GetRecordsResult:
-        """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py)."""
+    async def _fetch(self, sid: int, p: int, seq: int, limit: int, max_bytes: int, wait_s: float,
+                     counted: bool = True) -> GetRecordsResult:
+        """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py).
+        `counted`: the records are handed to the consumer (records_out); else the caller counts
+        what it hands on."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         woken = False
@@ -214,7 +221,7 @@ class ReadPath:
             woken = True
             if self._catalogue.by_id(sid) is None:
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
-        if records:   # what a consumer is handed: counted here, for GetRecords and subscriptions alike
+        if records and counted:   # what a consumer is handed: counted here, for GetRecords and subscriptions alike
             self._stats.read(sid, p, len(records), sum(map(len, map(_data, records))))
         next_seq = records[-1].seq + 1 if records else seq
         behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
@@ -254,10 +261,12 @@ class ReadPath:
                     while len(records) < count and held < budget and not self._notifier.closed \
                             and (remaining := deadline - loop.time()) > 0:
                         more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
-                                                 budget - held, remaining)
+                                                 budget - held, remaining, counted=False)
                         size = sum(len(r.data) for r in more.records)
                         if held + size > budget:   # one record, given as a read's first: the next batch's
                             break
+                        if more.records:
+                            self._stats.read(sid, p, len(more.records), size)
                         records = records + more.records
                         held += size
                         batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest, more.layout_ms)

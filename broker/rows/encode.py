@@ -290,7 +290,7 @@ class _Codec:
             n = int(v)
         elif t is float:
             # a JSON integer past 64 bits reads as a float (-2^63 - 1 as -2^63: a 64-bit one never does)
-            if v.is_integer() and (not self.lo <= v <= self.hi or abs(v) >= 2**63):
+            if v.is_integer() and (not self.lo <= v <= self.hi or (self.lo < 0 and v <= -2**63)):
                 raise _Bad(f"{_describe(v)} is outside the {self.ctype.text} range {self.lo} .. {self.hi}")
             if not (v.is_integer() and abs(v) <= _FLOAT_EXACT):
                 raise self._refuse(v, " (only whole numbers up to 2^53 are taken from floats)")

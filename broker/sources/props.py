@@ -189,8 +189,10 @@ class Props:
 def shown_url(url: str) -> str:
     """The URL for status messages and logs: a password in it (basic auth) replaced by ***; in a
     comma-separated list (a NATS `url`), in each of its URLs."""
-    if "," in url:
-        return ",".join(map(shown_url, url.split(",")))
+    if "," in url:   # only a comma before a scheme separates URLs: a password may hold one too
+        urls = _NEXT_URL.split(url)
+        if len(urls) > 1:
+            return ",".join(map(shown_url, urls))
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -203,6 +205,7 @@ def shown_url(url: str) -> str:
 
 
 _USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
+_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 SECRET_TEXTS = ("open_message",)   # properties whose whole text may be a credential (a token)

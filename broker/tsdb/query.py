@@ -672,7 +672,7 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
             return await broker.get_cursor(name, p, "TRIM_HORIZON", project=project)
 
     def read(cursor: str) -> asyncio.Future[tuple[RecordBlock, str]]:
-        return asyncio.ensure_future(broker.reads.read_block(project, cursor, _BLOCK_RECORDS, _BLOCK_BYTES))
+        return asyncio.ensure_future(broker.reads.read_block(project, cursor, _BLOCK_RECORDS, _BLOCK_BYTES, end))
 
     frames: list[pl.DataFrame] = []
     fetch = read(await at_start())
@@ -689,7 +689,7 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
             last = not block.data or block.next_seq >= end
             if not last:
                 fetch = read(cursor)
-            datas = block.data if block.next_seq <= end else block.data[:max(end - block.first_seq, 0)]
+            datas = block.data   # read_block stops at end: nothing written after the query began
             if datas:
                 b = t.budget
                 b.scanned += len(datas)

@@ -1,7 +1,7 @@
 """The console's JSON API against a real broker process: what the page reads (one list call with
 every stream's partitions, bounds and counters; a stream's partitions and counters; record pages
 and their cursors; lag per partition; sources; a query's NDJSON lines) and bad input answered 4xx
-with the catalogue's Timeplus-style body `{"code", "message", "reason"}`, never a 5xx."""
+with the catalogue's Timeplus-style body `{"code", "message", "system", "reason"}`, never a 5xx."""
 from __future__ import annotations
 
 import base64

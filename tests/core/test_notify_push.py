@@ -264,9 +264,15 @@ async def test_subscribe_batches_carry_at_most_subscribe_batch_bytes(broker: Bro
     for wait_ms in (0, 200):
         batches = broker.subscribe(await broker.get_cursor("s", "0", "TRIM_HORIZON"), max_records=100,
                                    max_wait_ms=wait_ms)
+        def out() -> int:
+            counts = broker.stats.stream(broker.catalogue.lookup("default", "s").stream_id).get_records
+            return counts[0] if counts else 0
+        before = out()
         got = await collect(batches, 7)
         await batches.aclose()
         assert [len(b.records) for b in got] == [2, 2, 2, 1], wait_ms
+        # records_out counts each record once, also one read past a batch's bytes and read again
+        assert out() - before == 7
 
 
 async def _put_spread(broker: Broker, payloads: list[bytes], gap: float) -> float:

@@ -95,6 +95,15 @@ async def test_one_client_runs_at_most_its_share_of_the_queries(broker: Broker,
     again = await broker.queries.start("default", "select v from shared", client="10.0.0.1")
     for run in (greedy[1], *others, again):
         await broker.queries.cancel("default", run.id)
+    # starts racing one another (each awaits a cursor per partition) all see the slots taken
+    await broker.create_stream("wide", 16, schema=SCHEMA)
+    got = await asyncio.gather(*(broker.queries.start("default", "select v from wide", client="10.0.0.4")
+                                 for _ in range(10)), return_exceptions=True)
+    started = [r for r in got if isinstance(r, queries.QueryRun)]
+    assert len(started) == 2 and all(isinstance(r, BrokerError) for r in got if r not in started), got
+    assert len([r for r in broker.queries.runs("default") if r.running]) == 2
+    for run in started:
+        await broker.queries.cancel("default", run.id)
 
 
 async def test_an_ended_query_keeps_its_metrics_and_drops_its_state(broker: Broker) -> None:
@@ -240,3 +249,17 @@ def test_a_partition_a_scale_makes_readable_is_read_from_its_boundary_in_the_fir
     # since (so not readable at its start): reopened, partition 2's numbering goes on
     reopened = StreamConfig("s", 3, scale_events=(ScaleEvent(4_000, 2, 3, (12, 11, 7)),))
     assert queries._gained(reopened, None, 2) == [(2, 7)]
+
+
+async def test_a_scan_block_stops_at_its_end_and_counts_only_what_it_reads(broker: Broker) -> None:
+    """Records written after a scan began are neither read nor counted in records_out (they were
+    counted, then cut away)."""
+    await typed_stream(broker, "grown", 100)
+    sid = broker.catalogue.lookup("default", "grown").stream_id
+    cursor = await broker.get_cursor("grown", "0", "TRIM_HORIZON")
+    block, after = await broker.reads.read_block("default", cursor, 1000, 1 << 20, end=60)
+    assert (block.first_seq, len(block.data), block.next_seq) == (0, 60, 60)
+    assert broker.stats.stream(sid).get_records == [60]
+    block, again = await broker.reads.read_block("default", after, 1000, 1 << 20, end=60)
+    assert block.data == [] and broker.reads.cursor_seq(again) == 60
+    assert broker.stats.stream(sid).get_records == [60]

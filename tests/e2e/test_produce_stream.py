@@ -773,6 +773,24 @@ def test_an_error_reading_answers_ends_the_stream_and_the_batch_is_retried(stuck
         assert producer.stats.streams_opened == 2 and producer.stats.retries == 1
 
 
+def test_the_delivery_timeout_bounds_retries_against_a_broker_that_never_answers() -> None:
+    """Each attempt lasts the client's timeout: 20 retries of 30 s would keep a record (and close())
+    for ~11 minutes; the delivery timeout ends its retrying instead."""
+    server = InProcessServer(StuckBroker(), add_servicer)
+    try:
+        with Client(server.target, timeout=0.3) as client:
+            producer = Producer(client, "s", linger_ms=0, delivery_timeout_ms=1_000)
+            try:
+                result = producer.send(b"a").result(TIMEOUT)
+            finally:
+                producer.close(TIMEOUT)
+        assert not result.ok and result.reason == "DEADLINE_EXCEEDED", result
+        assert 0 < producer.stats.retries < 20   # gave up on time, not on max_retries (20 by default)
+    finally:
+        server.release()
+        server.close()
+
+
 class Recording(StuckBroker):
     """PutRecords only (see _unary_only); keeps the payloads in the order they were stored."""
 

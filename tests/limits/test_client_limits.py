@@ -15,6 +15,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.app import PRODUCE_STREAMS_PER_CONNECTION
 from broker.launcher import BrokerProcess
 from client import Client
 from client.errors import SluiceError
@@ -292,7 +293,9 @@ def test_connections_past_the_limit_are_answered_429_then_closed(limited: Broker
 def test_grpc_advertises_at_most_the_calls_a_client_may_run_per_connection(limited: BrokerProcess) -> None:
     """grpc's default is no limit: a client opening streams whose request message never comes
     (so no handler, no per-client count) grew the broker without bound. The server's HTTP/2
-    SETTINGS now carry MAX_CONCURRENT_STREAMS = request slots + subscription slots."""
+    SETTINGS now carry MAX_CONCURRENT_STREAMS = request slots + subscription slots + room for
+    produce streams (PutRecordsStream holds no slot: a lower cap starved the 4th Producer of a Client
+    under these limits)."""
     import struct
 
     with socket.create_connection(("127.0.0.1", limited.grpc_port), timeout=10) as sock:
@@ -306,7 +309,24 @@ def test_grpc_advertises_at_most_the_calls_a_client_may_run_per_connection(limit
         while len(body) < length:
             body += sock.recv(length - len(body))
     settings = dict(struct.unpack(">HI", body[i:i + 6]) for i in range(0, length, 6))
-    assert settings.get(3) == REQUESTS + SUBSCRIPTIONS, settings   # 0x3: SETTINGS_MAX_CONCURRENT_STREAMS
+    # 0x3: SETTINGS_MAX_CONCURRENT_STREAMS; produce streams hold no slot, so they have room of their own
+    assert settings.get(3) == REQUESTS + SUBSCRIPTIONS + PRODUCE_STREAMS_PER_CONNECTION, settings
+
+
+def test_more_producers_on_one_client_than_its_slots_all_deliver(limited: BrokerProcess, stream: str) -> None:
+    """Each Producer holds one produce stream open (no per-client slot): more of them than the
+    client's request and subscription slots share its connection."""
+    from client import Producer
+
+    with Client(limited.grpc_target, timeout=10) as client:
+        producers = [Producer(client, stream, linger_ms=0) for _ in range(REQUESTS + SUBSCRIPTIONS + 2)]
+        try:
+            first = [p.send(b"first", partition_id=0).result(20) for p in producers]   # every stream open now
+            again = [p.send(b"again", partition_id=0).result(20) for p in producers]
+        finally:
+            for p in producers:
+                p.close(10)
+    assert all(r.ok for r in first + again), [r.reason for r in first + again if not r.ok]
 
 
 def test_grpc_subscribe_streams_past_the_limit_are_resource_exhausted(limited: BrokerProcess, stream: str) -> None:

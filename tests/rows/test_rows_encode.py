@@ -141,6 +141,7 @@ def test_nullable_mixes_values_and_nulls() -> None:
     ("int32", 1.5, "whole numbers"), ("int64", 2.0**60, "whole numbers"), ("int32", [1], "is not a int32"),
     # JSON integers past 64 bits, which orjson reads as floats: a range error, not "a float"
     ("int64", -(2.0**63), "outside the int64 range"), ("uint64", 2.0**64, "outside the uint64 range"),
+    ("uint64", 1e19, "whole numbers up to 2^53"), ("int64", 2.0**63, "outside the int64 range"),
     ("int32", {"a": 1}, "an object"),
     ("float64", "1.5", "send a JSON number"), ("float32", 3.5e38, "range"), ("float64", float("inf"), "range"),
     ("float64", float("nan"), "range"), ("float64", 10**400, "range"), ("float32", [1.0], "an array"),

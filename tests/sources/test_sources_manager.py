@@ -471,6 +471,8 @@ async def test_stored_definitions_this_broker_cannot_run_do_not_stop_it(h: Sluic
     ("nats://alice:S1@127.0.0.1:1,nats://bob:S2@127.0.0.1:2", "nats://alice:***@127.0.0.1:1,nats://bob:***@127.0.0.1:2"),
     ("nats://a:S1@[::1:4222", "nats://a:***@[::1:4222"),   # urlsplit refuses it: masked by pattern
     ("nats://u@h:1,ws://h/x?a=b", "nats://u@h:1,ws://h/x?a=b"),
+    ("wss://feeduser:s3cr,et@example.com/feed", "wss://feeduser:***@example.com/feed"),   # a comma in a password
+    ("nats://a:p,1@h:1, nats://b:p,2@h:2", "nats://a:***@h:1,nats://b:***@h:2"),
 ])
 def test_shown_urls_mask_every_password(url: str, shown: str) -> None:
     from broker.sources.props import redacted, shown_url

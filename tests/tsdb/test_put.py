@@ -400,12 +400,13 @@ def test_methods_and_unknown_paths_answer_this_doors_error_object(broker: Broker
     assert body["reason"] == ("METHOD_NOT_ALLOWED" if status == 405 else "UNKNOWN_ROUTE")
 
 
-def test_timeplus_paths_are_still_timeplus(broker: BrokerProcess) -> None:
+def test_timeplus_paths_are_still_timeplus(broker: BrokerProcess, metric: str) -> None:
+    assert put(broker, [{"metric": metric, "timestamp": 1_700_000_000, "value": 1, "tags": {"h": "a"}}]).status == 204
     reply = request(broker, "GET", "/api/v1beta2/streams")
     assert reply.status == 200 and isinstance(reply.json, list)
     assert any(s["name"] == "tsdb" for s in reply.json)   # the points' stream, as any other
     missing = request(broker, "GET", "/api/v1beta2/streams/no_such_stream")
-    assert missing.status == 404 and set(missing.json) == {"code", "message", "reason"}
+    assert missing.status == 404 and set(missing.json) == {"code", "message", "system", "reason"}
 
 
 def test_details_echo_points_as_received(broker: BrokerProcess, metric: str) -> None:

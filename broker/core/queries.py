@@ -342,8 +342,9 @@ class Queries:
                       backlog: dict[int, int]) -> None:
         """A streaming query: one subscription per partition feeding one evaluation loop.
         `backlog`: in a replay, partition -> the seq its replay ends at (its next_seq when the
-        query began): until a partition has been read that far, it holds the watermark back
-        (exec.py), so the partitions' readers racing one another never make rows late.
+        query began): until a partition has been read that far, it holds the watermark back; each
+        partition also holds it while it delivers (exec.py), so the partitions' readers racing one
+        another do not make rows late.
         `cursors` start partitions 0..len-1 of `config`, the stream as the query started. The
         stream may be scaled while the query runs (UpdatePartitionCount): a partition it gains
         then gets a reader too, from its first record after the event (see _gained) - else the
@@ -363,8 +364,10 @@ class Queries:
                 await inbox.put(exc)
             await inbox.put(None)
 
-        for p in backlog:
-            run.executor.hold(p)
+        for p in range(len(cursors)):   # each partition holds the watermark back (exec.py)
+            if p in backlog:
+                run.executor.hold(p)
+            run.executor.follow(p)
         readers = [asyncio.create_task(read(p, c)) for p, c in enumerate(cursors)]
         open_readers = len(readers)
         # the latest scale event the readers account for (None: none yet), and its time
@@ -380,6 +383,7 @@ class Queries:
                 if self._catalogue.by_id(now.stream_id) is None:   # checked with no await before
                     return                                          # get_cursor looks the name up
                 cursor = await self._cursor_at(run.project, now.stream_name, p, seq)
+                run.executor.follow(p)
                 readers.append(asyncio.create_task(read(p, cursor)))
                 open_readers += 1
             known, layout_ms = now.scale_events[-1], now.scale_events[-1].timestamp_ms

@@ -5,18 +5,21 @@
 still owes at its end; `done` turns true when LIMIT is reached. Every batch is evaluated with the
 plan's Polars expressions (compiled once); no Python runs per row.
 
-Windows (tumble/hop) are aligned to the epoch and keyed by their start. The watermark is the
-largest event time seen; a window is emitted once, when the watermark reaches its end. A row is
-late when every window it belongs to was already emitted (judged against the watermark of the
-rows before it, so how records are split into batches never changes the result): it is dropped
-and counted in `late_rows`. Rows with a null event time are skipped. Two exceptions, so that
-reading partitions one after another (or one ahead of another) never makes rows late:
-- a bounded query (`table(s)`) has no watermark: it emits its windows at the end, every row in;
-- a replay (`seek_to`) holds the watermark back while partitions still have backlog (`hold`):
-  it is then the least of those partitions' largest event times read so far, and a row's own
-  partition counts with its rows before it; once every backlog is read (`feed`'s `caught_up`),
-  it is again the largest event time seen.
+Windows (tumble/hop) are aligned to the epoch and keyed by their start. A window is emitted
+once, when the watermark reaches its end. A row is late when every window it belongs to was
+already emitted (judged against the watermark of the rows before it, so how records are split
+into batches never changes the result): it is dropped and counted in `late_rows`. Rows with a null
+event time are skipped.
 
+The watermark, when batches say which partition they come from (`feed`'s `source`), is the
+standard one of several inputs: the least, over the partitions that hold it, of each one's
+largest event time read so far - so a partition read behind another (readers woken in any order,
+a replay racing through its backlog) never makes its rows late. A partition holds it while it has
+backlog to replay (`hold`, until `feed`'s `caught_up`), and for IDLE_MS after it last delivered a
+batch or after the query began following it (`follow`): one gone quiet stops holding it back (the
+bounded idleness of Flink's watermarks). With no partition holding, it is the largest event time
+seen. Batches without a source (a single input) keep the largest event time seen. A bounded query
+(`table(s)`) has no watermark: it emits its windows at its end, every row in.
 State is bounded by `max_groups` (MAX_GROUPS by default) rows of aggregation state (groups, plus
 the distinct values kept for count_distinct). A windowed query over that many emits its oldest
 windows early (rows that arrive for them later are late); a global aggregation fails with
@@ -24,6 +27,7 @@ UNSUPPORTED_SQL, since there is nothing it could emit early.
 """
 from __future__ import annotations
 
+import time
 from datetime import UTC
 from typing import Callable, Sequence
 
@@ -41,6 +45,8 @@ GLOBAL_EMIT_MS = 2_000   # a global aggregation emits its running result this of
 MERGE_FRACTION = 8       # batches' partials are merged into the state at 1/8 of its size
 MERGE_MIN_ROWS = 4_096   # ... or at this many rows, whichever is more
 MERGE_MAX_PENDING = 64   # ... and compacted among themselves at this many batches
+IDLE_MS = 2_000          # a partition that delivered nothing this long stops holding the watermark
+_NEVER = -(2**62)        # the largest event time of a partition that has delivered none
 
 
 class Executor:
@@ -61,6 +67,9 @@ class Executor:
 
     def hold(self, source: int) -> None:
         """A replay: source (a partition) has backlog to read; see the module's docstring."""
+
+    def follow(self, source: int) -> None:
+        """A partition the query reads from now on (live); see the module's docstring."""
 
     def feed(self, records: Sequence[Record], raw: bool, source: int | None = None,
              caught_up: bool = False) -> list[list]:
@@ -177,9 +186,12 @@ class AggregateExecutor(Executor):
         self.pending_distinct: dict[int, list[pl.DataFrame]] = {i: [] for i in self.distinct}
         self.pending_rows = 0
         self.min_window: int | None = None   # smallest window start in state and pending
-        self.watermark = -(2**62)      # largest event time seen (held back in a replay: hold)
+        self.watermark = -(2**62)      # see the module's docstring; never moves back
         self.seen = -(2**62)           # largest event time seen, of any partition
-        self.held: dict[int, int] = {}   # replay: partitions with backlog -> their largest event time
+        self.marks: dict[int, int] = {}      # partition -> its largest event time read
+        self.backlog: set[int] = set()       # partitions replaying: they hold the watermark
+        self.active: dict[int, float] = {}   # partition -> until when (clock ms) it holds it
+        self.clock: Callable[[], float] = lambda: time.monotonic() * 1000
         self.closed_upto = -(2**62)    # windows ending at or before this were emitted early
         self.dirty = False
         self.next_emit_ms: int | None = None
@@ -325,31 +337,42 @@ class AggregateExecutor(Executor):
         return self._window_batch(stage)
 
     def hold(self, source: int) -> None:
-        self.held[source] = -(2**62)
+        self.backlog.add(source)
+
+    def follow(self, source: int) -> None:
+        self.active.setdefault(source, self.clock() + IDLE_MS)
+
+    def _holding(self, now: float) -> list[int]:
+        """The partitions holding the watermark now."""
+        return [p for p in {*self.backlog, *self.active} if p in self.backlog or self.active[p] > now]
+
+    def _advance(self, now: float) -> None:
+        holding = self._holding(now)
+        low = min((self.marks.get(p, _NEVER) for p in holding), default=self.seen)
+        self.watermark = max(self.watermark, low)
 
     def _window_batch(self, stage: pl.DataFrame) -> list[list]:
         assert self.window is not None
         size, step = self.window.size_ms, self.window.step_ms
-        bounded, held, source = self.plan.bounded, self.held, self._source
+        bounded, source, now = self.plan.bounded, self._source, self.clock()
         null_times = stage.get_column("__t").null_count()
         if null_times:
             self.skipped_rows += null_times
             stage = stage.filter(pl.col("__t").is_not_null())
         if stage.height:
             mark = self.closed_upto if bounded else max(self.watermark, self.closed_upto)
-            # the watermark each row sees: the largest event time before it; in a replay, no
-            # more than the least of the other held partitions' (and its own, if held)
+            # the watermark each row sees: the largest event time before it; with sources, no
+            # more than the least of the other holding partitions' largest (see the docstring)
             own = pl.col("__t").cum_max().shift(1)
-            others = [m for h, m in held.items() if h != source]
             if bounded:
                 seen = pl.lit(mark)
-            elif not held:
+            elif source is None:
                 seen = own.fill_null(mark)
-            elif source in held:
-                seen = own.fill_null(held[source])
-                seen = pl.min_horizontal(seen, pl.lit(min(others))) if others else seen
             else:
-                seen = pl.lit(min(others))
+                seen = own.fill_null(self.marks.get(source, _NEVER))
+                others = [self.marks.get(p, _NEVER) for p in self._holding(now) if p != source]
+                if others:
+                    seen = pl.min_horizontal(seen, pl.lit(min(others)))
             stage = stage.with_columns(pl.max_horizontal(seen, pl.lit(mark)).alias("__pw"),
                                        ((pl.col("__t") // step) * step).alias("__base"))
             self.late_rows += stage.filter(pl.col("__base") + size <= pl.col("__pw")).height
@@ -362,14 +385,25 @@ class AggregateExecutor(Executor):
                 .drop("__first").explode("__w")
             top = int(stage.get_column("__t").max())  # type: ignore[arg-type]
             self.seen = max(self.seen, top)
-            if source in held:
-                held[source] = max(held[source], top)
+            if source is not None:
+                self.marks[source] = max(self.marks.get(source, _NEVER), top)
             self._merge(pairs)
-        if self._caught_up:
-            held.pop(source, None)   # type: ignore[arg-type]
-        if not bounded:
-            self.watermark = max(self.watermark, min(held.values()) if held else self.seen)
-        ends = self.closed_upto if bounded else self.watermark
+        if source is not None:
+            self.active[source] = now + IDLE_MS
+            if self._caught_up:
+                self.backlog.discard(source)
+        if bounded:
+            return self._closed(self.closed_upto)
+        if source is None:
+            self.watermark = max(self.watermark, self.seen)
+        else:
+            self._advance(now)
+        return self._closed(self.watermark)
+
+    def _closed(self, ends: int) -> list[list]:
+        """Emit the windows ending by `ends` (and the oldest ones, if the state is over its bound)."""
+        assert self.window is not None
+        size = self.window.size_ms
         if self.min_window is None or (self.min_window + size > ends and self.state_rows() <= self.max_groups):
             return []   # no window ends by the watermark and the state is within bounds
         self._flush()
@@ -389,7 +423,13 @@ class AggregateExecutor(Executor):
         return self._result(self._take(self.state.filter(closed), self.state.filter(~closed)))
 
     def tick(self, now_ms: int) -> list[list]:
-        if self.window is not None or self.plan.bounded or self.done:
+        if self.window is not None:   # a partition gone quiet may stop holding the watermark back
+            if self.plan.bounded or self.done or not (self.active or self.backlog):
+                return []
+            before = self.watermark
+            self._advance(self.clock())
+            return self._closed(self.watermark) if self.watermark > before else []
+        if self.plan.bounded or self.done:
             return []
         if self.next_emit_ms is None:
             self.next_emit_ms = now_ms + GLOBAL_EMIT_MS

@@ -6,7 +6,7 @@ import pytest
 
 from broker.errors import ClientError
 from broker.query import compile_query
-from broker.query.exec import GLOBAL_EMIT_MS, AggregateExecutor
+from broker.query.exec import GLOBAL_EMIT_MS, IDLE_MS, AggregateExecutor
 from tests.query.helpers import lookup, raw, row, text
 
 T0 = 1_704_067_200_000   # 2024-01-01 00:00:00 UTC, a multiple of every window size used here
@@ -404,27 +404,61 @@ def test_uniq_counts_distinct_values() -> None:
         run("select uniq(s, i) from table(w)")
 
 
+def _timed(ex: object) -> list[float]:
+    """The executor's clock, moved by hand: [ms]."""
+    now = [0.0]
+    ex.clock = lambda: now[0]  # type: ignore[attr-defined]
+    return now
+
+
+def _at(seconds: list[int]) -> list:
+    return [row(s, T0, ts=f"2024-01-01 00:00:{s:02d}.000") for s in seconds]
+
+
+WINDOWS_5S = "select window_start, count(*) from tumble(t, ts, 5s) group by window_start"
+
+
 def test_a_replay_holds_the_watermark_until_every_backlog_is_read() -> None:
     """Partition 0's backlog (0-4 s, 15-19 s) read whole before partition 1's (5-14 s): while
     partition 1 is held, the watermark stays at what it has read, so none of its rows is late."""
-    sql = "select window_start, count(*) from tumble(t, ts, 5s) group by window_start"
-
-    def rows(seconds: list[int]) -> list:
-        return [row(s, T0, ts=f"2024-01-01 00:00:{s:02d}.000") for s in seconds]
-
-    first, second = rows([*range(5), *range(15, 20)]), rows(list(range(5, 15)))
-    ex = compile_query(sql, lookup).executor()
-    ex.hold(0)
-    ex.hold(1)
+    first, second = _at([*range(5), *range(15, 20)]), _at(list(range(5, 15)))
+    ex = compile_query(WINDOWS_5S, lookup).executor()
+    now = _timed(ex)
+    for p in (0, 1):
+        ex.hold(p)
+        ex.follow(p)
     assert ex.feed(first[:5], False, 0) == []
     assert ex.feed(first[5:], False, 0, caught_up=True) == []    # partition 1 has read nothing yet
     assert ex.feed(second[:5], False, 1) == [["2024-01-01 00:00:00.000", 5]]   # it is at 9 s
-    assert ex.feed(second[5:], False, 1, caught_up=True) == [
-        ["2024-01-01 00:00:05.000", 5], ["2024-01-01 00:00:10.000", 5]]   # released: 19 s
+    assert ex.feed(second[5:], False, 1, caught_up=True) == [["2024-01-01 00:00:05.000", 5]]   # at 14 s
     assert ex.late_rows == 0
-    assert ex.feed(rows([3]), False, 0) == [] and ex.late_rows == 1   # caught up: live rules again
+    assert ex.tick(0) == []                         # both delivered a moment ago: they hold it at 14 s
+    now[0] += IDLE_MS + 1                           # then both go quiet: the largest time seen counts
+    assert ex.tick(0) == [["2024-01-01 00:00:10.000", 5]]
+    assert ex.feed(_at([3]), False, 0) == [] and ex.late_rows == 1   # live rules again
     # without the hold, the same order makes partition 1's rows late
-    ex = compile_query(sql, lookup).executor()
-    ex.feed(first, False, 0)
-    ex.feed(second, False, 1)
+    ex = compile_query(WINDOWS_5S, lookup).executor()
+    ex.feed(first, False)
+    ex.feed(second, False)
     assert ex.late_rows == 10
+
+
+def test_live_partitions_woken_in_any_order_make_no_row_late() -> None:
+    """One ingest's rows spread over two partitions (0-4 s and 5-9 s, then 10-14 s and 15-19 s)
+    and read back in the other order: the earlier partition's rows wait for nothing, none late."""
+    ex = compile_query(WINDOWS_5S, lookup).executor()
+    now = _timed(ex)
+    ex.follow(0)
+    ex.follow(1)
+    assert ex.feed(_at(list(range(5, 10))), False, 1) == []       # partition 0 has not delivered yet
+    assert ex.feed(_at(list(range(5))), False, 0) == []        # watermark: min(4, 9)
+    now[0] += 100
+    assert ex.feed(_at(list(range(15, 20))), False, 1) == []      # min(4, 19)
+    assert ex.feed(_at(list(range(10, 15))), False, 0) == [      # min(14, 19)
+        ["2024-01-01 00:00:00.000", 5], ["2024-01-01 00:00:05.000", 5]]
+    assert ex.late_rows == 0
+    # partition 0 goes quiet: after IDLE_MS it no longer holds the watermark back
+    now[0] += IDLE_MS + 1
+    assert ex.feed(_at([25]), False, 1) == [["2024-01-01 00:00:10.000", 5], ["2024-01-01 00:00:15.000", 5]]
+    assert ex.feed(_at([12]), False, 0) == [] and ex.late_rows == 1   # and its older rows are late
+

@@ -135,7 +135,8 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert "{" not in error.message, "a template placeholder was left unfilled"
     assert TIMEPLUS.status(error) == (404 if code.grpc_status == "NOT_FOUND" else
                                       429 if code is ErrorCode.THROTTLED else code.http_status)
-    assert TIMEPLUS.body(error) == {"code": code.timeplus_code, "message": error.message, "reason": code.name}
+    assert TIMEPLUS.body(error) == {"code": code.timeplus_code, "message": error.message, "system": "proton",
+                                  "reason": code.name}
     assert TSDB.status(error) == code.http_status
     assert TSDB.body(error) == {"error": {"code": code.http_status, "message": error.message}, "reason": code.name}
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_parser import RawRequestMessage
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
@@ -249,20 +251,23 @@ class _Server(web.Server):
         return handler
 
 
-def _unknown_expectations_ignored(handle: Any) -> Any:
+def _unknown_expectations_ignored(make_request: Any) -> Any:
     """aiohttp answers an `Expect` other than `100-continue` with a text/plain 417 of its own,
     before any middleware runs: no door's error body, no X-Request-Id. RFC 9110 (10.1.1) lets a
-    server ignore such an expectation instead, and then the request gets its door's own answer."""
+    server ignore such an expectation instead, and then the request gets its door's own answer.
+    The header is taken out of the parsed message before the request is made of it (not with
+    `request.clone`, which re-encodes every header and fails on one that is not UTF-8)."""
 
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        expect = request.headers.get(hdrs.EXPECT)
+    def factory(message: RawRequestMessage, *args: Any, **kwargs: Any) -> web.BaseRequest:
+        expect = message.headers.get(hdrs.EXPECT)
         if expect is not None and expect.strip().lower() != "100-continue":
-            headers = request.headers.copy()
-            del headers[hdrs.EXPECT]
-            request = request.clone(headers=headers)
-        return await handle(request)  # type: ignore[no-any-return]
+            headers = CIMultiDict(message.headers)
+            headers.popall(hdrs.EXPECT)
+            message = message._replace(headers=CIMultiDictProxy(headers), raw_headers=tuple(
+                (k, v) for k, v in message.raw_headers if k.lower() != b"expect"))
+        return make_request(message, *args, **kwargs)  # type: ignore[no-any-return]
 
-    return handler
+    return factory
 
 
 class HttpRunner(web.AppRunner):
@@ -271,7 +276,7 @@ class HttpRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        ours = _Server(_unknown_expectations_ignored(server.request_handler), request_factory=server.request_factory,
+        ours = _Server(server.request_handler, request_factory=_unknown_expectations_ignored(server.request_factory),
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
         ours.renderer = self.app.get(RENDERER, FALLBACK)
         ours.client_limits = self.app.get(limits.CLIENT_LIMITS)

@@ -94,6 +94,14 @@ def test_an_unknown_expectation_is_ignored_and_the_door_answers(broker, expect: 
     assert reply.json == {"error": {"code": 400, "message": "No datapoints found in content"}}
 
 
+def test_an_unknown_expectation_beside_a_header_that_is_not_utf8(broker) -> None:
+    """The fuzzer's case: removing the Expect header by cloning the request re-encoded every header
+    and raised on this one (a 500 and an ERROR log)."""
+    reply = exchange(broker, request("GET", STREAMS, [("Expect", "foo"), ("X-Bin", "\xff\xfe")]))
+    assert reply.status == 200, reply.raw
+    assert "stream_names" in reply.json
+
+
 def test_100_continue_still_gets_its_interim_answer(broker, stream_name) -> None:
     body = json.dumps({"stream_name": stream_name, "partition_count": 1}).encode()
     with socket.create_connection(addr(broker.http_url), timeout=10) as sock:

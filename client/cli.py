@@ -285,8 +285,20 @@ def _record_json(r: Record, **extra: Any) -> str:
                        "partition_key": r.partition_key, "data": _text(r.data)})
 
 
+def _cursor_type(args: argparse.Namespace) -> str:
+    """--cursor-type, or the one --starting-seq / --timestamp imply; a usage error (exit 2) for an
+    option the cursor type would ignore (it was read from TRIM_HORIZON silently)."""
+    kind = args.cursor_type or ("AT_SEQUENCE_NUMBER" if args.starting_seq is not None else
+                                "AT_TIMESTAMP" if args.timestamp is not None else "TRIM_HORIZON")
+    if args.starting_seq is not None and not kind.endswith("_SEQUENCE_NUMBER"):
+        args.parser.error(f"--starting-seq is for AT_SEQUENCE_NUMBER or AFTER_SEQUENCE_NUMBER, not {kind}")
+    if args.timestamp is not None and kind != "AT_TIMESTAMP":
+        args.parser.error(f"--timestamp is for AT_TIMESTAMP, not {kind}")
+    return kind
+
+
 def _get(client: Client, args: argparse.Namespace) -> int:
-    cursor = client.get_cursor(args.stream, args.partition, args.cursor_type, args.starting_seq, args.timestamp)
+    cursor = client.get_cursor(args.stream, args.partition, _cursor_type(args), args.starting_seq, args.timestamp)
     shown = 0
     while args.max is None or shown < args.max:
         page = client.get_records(cursor, limit=1000 if args.max is None else min(1000, args.max - shown))
@@ -635,6 +647,7 @@ examples:
 """
 
 
+_REF_HELP = "the source's id or its name"
 _PARTITION_HELP = "partition id, e.g. 0 (shardId-0000000000 is accepted too)"
 _CHECKPOINT_ARGS = (("app", "consumer app name"), ("stream", "stream name"))
 
@@ -663,14 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
     streams = _add(sub, "streams", "create, list, describe, scale or delete streams")
     ssub = streams.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = _add(ssub, "create", "create a stream")
-    create.add_argument("name")
+    create.add_argument("name", help="stream name")
     create.add_argument("--partitions", type=_partition_count, default=1, help="number of partitions (default 1)")
     _add(ssub, "list", "list every stream name")
-    _add(ssub, "describe", "show each partition's hash range and sequence range").add_argument("name")
-    _add(ssub, "delete", "delete a stream and all its records").add_argument("name")
+    _add(ssub, "describe", "show each partition's hash range and sequence range") \
+        .add_argument("name", help="stream name")
+    _add(ssub, "delete", "delete a stream and all its records").add_argument("name", help="stream name")
     scale = _add(ssub, "scale", "change the number of writable partitions (UpdatePartitionCount); a scale-down "
                                 "leaves the highest ids DELETED: readable until retention, not writable")
-    scale.add_argument("name")
+    scale.add_argument("name", help="stream name")
     scale.add_argument("partitions", type=_partition_count, help="the new number of writable partitions")
 
     put = _add(sub, "put", "send records from a file or stdin, one record per line",
@@ -689,7 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     get = _add(sub, "get", "read one partition from a cursor to its current end")
     get.add_argument("stream", help="stream name")
     get.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
-    get.add_argument("--cursor-type", default="TRIM_HORIZON", choices=CURSOR_TYPES)
+    get.set_defaults(parser=get)
+    get.add_argument("--cursor-type", choices=CURSOR_TYPES,
+                     help="where to start (default: TRIM_HORIZON; AT_SEQUENCE_NUMBER with --starting-seq, "
+                          "AT_TIMESTAMP with --timestamp)")
     get.add_argument("--starting-seq", "--sequence-number", dest="starting_seq", type=_seq,
                      help="for AT_/AFTER_SEQUENCE_NUMBER")
     get.add_argument("--timestamp", type=_epoch_ms, metavar="MS",
@@ -713,16 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     apps = _add(sub, "apps", "create, list, describe or delete consumer apps")
     asub = apps.add_subparsers(dest="action", required=True, metavar="ACTION")
-    _add(asub, "create", "create an app (1-200 characters of [A-Za-z0-9_-])").add_argument("name")
+    _add(asub, "create", "create an app (1-200 characters of [A-Za-z0-9_-])").add_argument("name", help="app name")
     alist = _add(asub, "list", "list every app name")
     alist.add_argument("--stream", help="only apps with a checkpoint on this stream")
     alist.add_argument("--json", action="store_true", help="one JSON object per app")
     adesc = _add(asub, "describe", "show an app: id, creation time, streams it has checkpoints on")
-    adesc.add_argument("name")
-    adesc.add_argument("--json", action="store_true")
-    _add(asub, "delete", "delete an app and all its checkpoints").add_argument("name")
+    adesc.add_argument("name", help="app name")
+    adesc.add_argument("--json", action="store_true", help="the app as one JSON object")
+    _add(asub, "delete", "delete an app and all its checkpoints").add_argument("name", help="app name")
 
-    cps = _add(sub, "checkpoints", "commit, show or delete an app's checkpoints (type LAST_READ)")
+    cps = _add(sub, "checkpoints", "commit, get or delete an app's checkpoints (type LAST_READ)")
     csub = cps.add_subparsers(dest="action", required=True, metavar="ACTION")
     commit = _add(csub, "commit", "record that APP processed PARTITION up to and including SEQ")
     for name, text in _CHECKPOINT_ARGS:
@@ -734,16 +751,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in _CHECKPOINT_ARGS:
         cget.add_argument(name, help=text)
     cget.add_argument("partition", type=_partition_arg, help=_PARTITION_HELP)
-    cget.add_argument("--json", action="store_true")
+    cget.add_argument("--json", action="store_true", help="the checkpoint as one JSON object")
     cdel = _add(csub, "delete", "delete one partition's checkpoint, or every partition's")
-    cdel.add_argument("app")
+    cdel.add_argument("app", help="app name")
     cdel.add_argument("stream", help="stream name")
     cdel.add_argument("partition", nargs="?", type=_partition_arg, help="default: every partition of the stream")
 
     lag = _add(sub, "lag", "per partition: the app's checkpoint, the retained range and the lag")
-    lag.add_argument("app")
+    lag.add_argument("app", help="app name")
     lag.add_argument("stream", help="stream name")
-    lag.add_argument("--json", action="store_true")
+    lag.add_argument("--json", action="store_true", help="one JSON object per partition")
 
     src = _add(sub, "sources", "create, list, show, update, delete, start or stop the broker's sources",
                epilog="A source is a job of the broker that reads from elsewhere (stream_generator, websocket, "
@@ -763,10 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(rsub, "list", "list the project's sources: name, type, stream, status, rows, errors, id") \
         .add_argument("--json", action="store_true", help="one JSON object per source")
     rget = _add(rsub, "get", "show a source: its definition, status and counters")
-    rget.add_argument("ref", metavar="REF")
-    rget.add_argument("--json", action="store_true")
+    rget.add_argument("ref", metavar="REF", help=_REF_HELP)
+    rget.add_argument("--json", action="store_true", help="the source as one JSON object")
     rupdate = _add(rsub, "update", "change a stopped source (stop it first)")
-    rupdate.add_argument("ref", metavar="REF")
+    rupdate.add_argument("ref", metavar="REF", help=_REF_HELP)
     rupdate.add_argument("--name", help="a new name")
     rupdate.add_argument("--description")
     rupdate.add_argument("--stream", help="another target stream")
@@ -775,12 +792,12 @@ def build_parser() -> argparse.ArgumentParser:
     rupdate.add_argument("--properties", type=_properties_arg, metavar="JSON",
                          help="replace every property (--prop entries are applied on top)")
     rupdate.add_argument("--json", action="store_true", help="print the updated source as JSON")
-    _add(rsub, "delete", "stop and delete a source").add_argument("ref", metavar="REF")
-    _add(rsub, "start", "start a stopped source").add_argument("ref", metavar="REF")
-    _add(rsub, "stop", "stop a source").add_argument("ref", metavar="REF")
+    _add(rsub, "delete", "stop and delete a source").add_argument("ref", metavar="REF", help=_REF_HELP)
+    _add(rsub, "start", "start a stopped source").add_argument("ref", metavar="REF", help=_REF_HELP)
+    _add(rsub, "stop", "stop a source").add_argument("ref", metavar="REF", help=_REF_HELP)
     rstats = _add(rsub, "stats", "a source's counters, throughput and recent errors")
-    rstats.add_argument("ref", metavar="REF")
-    rstats.add_argument("--json", action="store_true")
+    rstats.add_argument("ref", metavar="REF", help=_REF_HELP)
+    rstats.add_argument("--json", action="store_true", help="the counters as one JSON object")
     return parser
 
 

@@ -118,6 +118,8 @@ def test_put_a_file_and_get_it_back(cli, stream_name, tmp_path):
     assert ok(cli("get", stream_name, "0", "--cursor-type", "AFTER_SEQUENCE_NUMBER", "--sequence-number", "1230")) \
         .splitlines() == lines[1231:]
     assert ok(cli("get", stream_name, "0", "--cursor-type", "LATEST")) == ""
+    # --starting-seq alone means AT_SEQUENCE_NUMBER (it was ignored: a read from TRIM_HORIZON)
+    assert ok(cli("get", stream_name, "0", "--starting-seq", "1232")).splitlines() == lines[1232:]
 
     described = ok(cli("streams", "describe", stream_name))
     assert "seq [0 : 1233]" in described
@@ -209,7 +211,10 @@ def test_target_from_environment(broker, stream_name):
 
 
 @pytest.mark.parametrize("args", [(), ("streams",), ("get", "only-stream"), ("get", "s", "0", "--cursor-type", "NOPE"),
-                                  ("streams", "create", "s", "--partitions", "many")])
+                                  ("streams", "create", "s", "--partitions", "many"),
+                                  # an option the cursor type would ignore
+                                  ("get", "s", "0", "--cursor-type", "LATEST", "--starting-seq", "1"),
+                                  ("get", "s", "0", "--starting-seq", "1", "--timestamp", "5")])
 def test_usage_errors_exit_2(args):
     result = sluice(*args, target=f"127.0.0.1:{closed_port()}")
     assert result.returncode == 2, (result.returncode, result.stderr)

@@ -55,7 +55,7 @@ def _int_within(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-_partition_count = _int_within(0, 2**32 - 1, "a partition count")
+_partition_count = _int_within(1, 2**32 - 1, "a partition count")   # 0 is never one: a usage error, as -1
 _seq = _int_within(0, 2**63 - 1, "a sequence number")
 _epoch_ms = _int_within(0, 2**63 - 1, "milliseconds since the epoch")
 

@@ -13,8 +13,8 @@ event time are skipped.
 
 The watermark, when batches say which partition they come from (`feed`'s `source`), is the
 standard one of several inputs: the least, over the partitions that hold it, of each one's
-largest event time read so far - so a partition read behind another (readers woken in any order,
-a replay racing through its backlog) never makes its rows late. A partition holds it while it has
+largest event time read so far - so a partition read a little behind another (readers woken in
+any order, a replay racing through its backlog) does not make its rows late. A partition holds it while it has
 backlog to replay (`hold`, until `feed`'s `caught_up`), and for IDLE_MS after it last delivered a
 batch or after the query began following it (`follow`): one gone quiet stops holding it back (the
 bounded idleness of Flink's watermarks). With no partition holding, it is the largest event time

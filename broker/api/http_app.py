@@ -43,7 +43,7 @@ from broker.api.http import (
     error_response,
     reset,
 )
-from broker.api.render import DIS, TSDB
+from broker.api.render import FALLBACK, TSDB
 from broker.auth import Auth
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
@@ -53,7 +53,6 @@ from broker.tsdb.series import TsdbStream
 
 log = logging.getLogger(__name__)
 
-FALLBACK = DIS  # the renderer for paths no door owns, and for requests the parser rejected
 
 
 def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> HttpConfig:

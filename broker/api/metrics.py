@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from broker.api.http import RENDERER, Handler, error_middleware, presented_api_key, routing_error
 from broker.api.limits import CLIENT_LIMITS, ClientLimits
 from broker.api.limits import middleware as limits_middleware
-from broker.api.render import DIS as RENDERER_OF_UNOWNED
+from broker.api.render import FALLBACK
 from broker.auth import Auth, Role
 from broker.core.broker import Broker
 from broker.core.stats import Histogram
@@ -289,9 +289,9 @@ def add_routes(app: web.Application, exporter: Exporter, metrics: bool = True, o
 def build_metrics_app(exporter: Exporter, client_limits: ClientLimits | None = None) -> web.Application:
     """`--metrics-port`: /metrics (open), /healthz and /readyz alone, with the per-client limits
     of every HTTP port (`client_limits`) and the fallback door's error bodies (unknown paths)."""
-    app = web.Application(middlewares=[error_middleware([], RENDERER_OF_UNOWNED),
+    app = web.Application(middlewares=[error_middleware([], FALLBACK),
                                        *([] if client_limits is None else [limits_middleware(client_limits)])])
-    app[RENDERER] = RENDERER_OF_UNOWNED
+    app[RENDERER] = FALLBACK
     if client_limits is not None:
         app[CLIENT_LIMITS] = client_limits
     add_routes(app, exporter, open_metrics=True)

@@ -35,6 +35,7 @@ class DisRenderer:
 
 
 DIS = DisRenderer()
+FALLBACK = DIS   # the renderer for paths no door owns, and for requests the parser rejected
 
 
 class TimeplusRenderer:

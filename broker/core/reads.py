@@ -24,8 +24,9 @@ from broker.model import CursorType, GetRecordsResult, PartitionBounds, Record, 
 from broker.storage.base import Store
 
 # [ours] a push batch (gRPC Subscribe, SSE tail, query readers) carries at most this much payload:
-# a stalled consumer holds one batch until the stall timeout ends it, so this bounds what each
-# subscription can make the broker hold (GetRecords keeps the 10 MiB of max_fetch_bytes)
+# a stalled consumer holds one batch (a tail until the stall timeout drops it, a gRPC Subscribe
+# until its connection closes), so this bounds what each subscription can make the broker hold
+# (GetRecords keeps the 10 MiB of max_fetch_bytes)
 SUBSCRIBE_BATCH_BYTES = 1024 * 1024
 
 _data = itemgetter(3)   # Record.data: a plain tuple index, faster than the attribute
@@ -184,8 +185,8 @@ class ReadPath:
     async def _fetch(self, sid: int, p: int, seq: int, limit: int, max_bytes: int, wait_s: float,
                      counted: bool = True) -> GetRecordsResult:
         """Read from `seq`; if nothing is there, wait up to `wait_s` for a write (see core/notify.py).
-        `counted`: the records are handed to the consumer (records_out); else the caller counts
-        what it hands on."""
+        `counted`: the records are handed to the consumer (records_out); else the caller (a
+        subscription, whose batch may take several reads) counts what it hands on."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         woken = False
@@ -221,7 +222,7 @@ class ReadPath:
             woken = True
             if self._catalogue.by_id(sid) is None:
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
-        if records and counted:   # what a consumer is handed: counted here, for GetRecords and subscriptions alike
+        if records and counted:   # what a consumer is handed (GetRecords)
             self._stats.read(sid, p, len(records), sum(map(len, map(_data, records))))
         next_seq = records[-1].seq + 1 if records else seq
         behind = max(0, bounds.last_ts - records[-1].timestamp_ms) if records else 0
@@ -252,25 +253,24 @@ class ReadPath:
         self._stats.subscriptions += 1
         try:
             while not self._notifier.closed:
-                batch = await self._fetch(sid, p, seq, count, budget, lim.subscribe_heartbeat_ms / 1000)
+                batch = await self._fetch(sid, p, seq, count, budget, lim.subscribe_heartbeat_ms / 1000, counted=False)
                 records = batch.records
+                held = sum(map(len, map(_data, records)))
                 if records and len(records) < count and linger > 0:
                     deadline = loop.time() + linger
-                    held = sum(len(r.data) for r in records)
                     # not once shutting down: every fetch would return at once, empty - a busy loop
                     while len(records) < count and held < budget and not self._notifier.closed \
                             and (remaining := deadline - loop.time()) > 0:
                         more = await self._fetch(sid, p, records[-1].seq + 1, count - len(records),
                                                  budget - held, remaining, counted=False)
-                        size = sum(len(r.data) for r in more.records)
+                        size = sum(map(len, map(_data, more.records)))
                         if held + size > budget:   # one record, given as a read's first: the next batch's
                             break
-                        if more.records:
-                            self._stats.read(sid, p, len(more.records), size)
                         records = records + more.records
                         held += size
                         batch = GetRecordsResult(records, more.next_cursor, more.millis_behind_latest, more.layout_ms)
-                if records:
+                if records:   # records_out: what this batch hands on, once
+                    self._stats.read(sid, p, len(records), held)
                     seq = records[-1].seq + 1
                 elif self._notifier.closed:
                     return

@@ -689,7 +689,7 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
             last = not block.data or block.next_seq >= end
             if not last:
                 fetch = read(cursor)
-            datas = block.data   # read_block stops at end: nothing written after the query began
+            datas = block.data   # read_block stopped at end: nothing written after the query began
             if datas:
                 b = t.budget
                 b.scanned += len(datas)

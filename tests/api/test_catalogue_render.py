@@ -19,8 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from broker.api.http import RENDERER, REQUEST_ID, Renderer, error_middleware
-from broker.api.http_app import FALLBACK
-from broker.api.render import DIS, TIMEPLUS, TSDB
+from broker.api.render import DIS, FALLBACK, TIMEPLUS, TSDB
 from broker.errors import BrokerError, ErrorCode
 
 # Every placeholder any template uses, so no message keeps a "{...}".

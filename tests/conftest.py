@@ -2,12 +2,16 @@
 its ready line - never a sleep), clients for both doors, and unique stream names."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # The official DIS SDK writes $HOME/.huaweicloud/application_id when imported: keep it out of the
-# real home directory. Must happen before anything imports huaweicloudsdkcore.
+# real home directory. Must happen before anything imports huaweicloudsdkcore. Removed at exit, or
+# every run (and every xdist worker) would leave one behind in /tmp.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="sluice-test-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 import itertools
 import subprocess

@@ -322,10 +322,10 @@ class StreamCatalogue:
         if not isinstance(target, int) or isinstance(target, bool) or target < 1:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"target_partition_count must be a positive "
                                                                  f"integer, got {target!r:.40}")
+        self.get(project, stream_name)   # a missing stream is not found, whatever the target
         if target > self._limits.max_partitions:
             raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"target_partition_count {target} exceeds the "
                                                                 f"quota of {self._limits.max_partitions}")
-        self.get(project, stream_name)
         return await asyncio.shield(self._scale(project, stream_name, target, drain))
 
     async def _next_seq(self, sid: int, partition: int) -> int:

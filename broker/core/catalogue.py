@@ -242,12 +242,7 @@ class StreamCatalogue:
         config = self.get(project, stream_name)
         limit = clip_page(limit, self._limits.default_partition_page, self._limits.max_partition_page,
                           "limit_partitions")
-        start = 0
-        if start_after_partition not in (None, ""):
-            after = routing.parse_partition_id(start_after_partition, config.partition_count)
-            if after is None:
-                raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=start_after_partition)
-            start = after + 1
+        start = self.page_start(config, start_after_partition)
         readable = config.readable_partition_count
         chosen = range(start, min(start + limit, readable))
         ranges = routing.hash_ranges(config.partition_count)
@@ -272,6 +267,18 @@ class StreamCatalogue:
             return "ACTIVE"
         now = self._now() if now_ms is None else now_ms
         return "EXPIRED" if now - _closing_event(config, p).timestamp_ms >= config.retention_ms else "DELETED"
+
+    @staticmethod
+    def page_start(config: StreamConfig, start_after_partition: object) -> int:
+        """The first partition of a page that starts after `start_after_partition` (exclusive; none
+        given: 0). A well-formed id past the last partition gives an empty page, as DIS's paging
+        does. Raises INVALID_PARTITION_ID."""
+        if start_after_partition in (None, ""):
+            return 0
+        after = routing.parse_partition_id(start_after_partition, config.partition_count)
+        if after is None:
+            raise client_error(ErrorCode.INVALID_PARTITION_ID, partition_id=start_after_partition)
+        return after + 1
 
     def partition_of(self, config: StreamConfig, partition_id: object) -> int:
         """A partition id as a door hands it over (int, "2", "shardId-0000000002") -> its index:

@@ -180,9 +180,7 @@ class Consumers:
         STREAM_NOT_FOUND, APP_NO_CHECKPOINT, INVALID_PARTITION_ID, INVALID_REQUEST."""
         name, config = await self._target(project, app_name, stream_name, checkpoint_type)
         limit = clip_page(limit, self._limits.default_partition_page, self._limits.max_partition_page, "limit")
-        start = 0
-        if start_after_partition not in (None, ""):
-            start = self._catalogue.partition_of(config, start_after_partition) + 1
+        start = self._catalogue.page_start(config, start_after_partition)
         chosen = range(start, min(start + limit, config.readable_partition_count))
         sid = config.stream_id
         marks = {apps.checkpoint_ref(k)[1]: apps.decode_checkpoint(v)

@@ -33,6 +33,7 @@ from huaweicloudsdkdis.v2 import (
     ShowAppRequest,
     ShowCheckpointRequest,
     ShowConsumerStateRequest,
+    ShowStreamRequest,
 )
 
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
@@ -366,6 +367,12 @@ def test_consumer_state(dis_client, app_name, stream_name):
     page = consumer_state(dis_client, app_name, stream_name, limit=1, start="0")
     assert [s.partition_id for s in page.partition_consuming_states] == ["shardId-0000000001"]
     assert page.has_more is True
+    # past the last partition: an empty page, as DescribeStream's paging gives
+    for start in ("shardId-0000000002", "shardId-0000000007"):
+        page = consumer_state(dis_client, app_name, stream_name, limit=2, start=start)
+        assert (page.partition_consuming_states, page.has_more) == ([], False)
+    assert dis_client.show_stream(ShowStreamRequest(stream_name=stream_name,
+                                                    start_partition_id="shardId-0000000007")).partitions == []
 
 
 def test_consumer_state_errors(dis_client, app_name, stream_name):

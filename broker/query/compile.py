@@ -18,6 +18,7 @@ own per row; the value, which is what a `::float` or a comparison reads, is the 
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -51,6 +52,7 @@ _CONVERSIONS = {"to_string": "string", "to_int": "int32", "to_int32": "int32",
                 "to_int64": "int64", "to_float": "float32", "to_float32": "float32",
                 "to_float64": "float64", "to_bool": "bool", "to_datetime": "datetime",
                 "to_datetime64": DATETIME64, "to_date": "date"}
+_ASCII_UPPER, _ASCII_LOWER = list(string.ascii_uppercase), list(string.ascii_lowercase)
 _TIME_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
 _COMPARISONS: dict[type, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     exp.EQ: lambda a, b: a == b, exp.NEQ: lambda a, b: a != b, exp.GT: lambda a, b: a > b,
@@ -454,10 +456,16 @@ class ExprCompiler:
         if name in _CONVERSIONS:
             arity(1)
             return cast(self.compile(args[0]), _CONVERSIONS[name])
-        if name in ("lower", "upper"):
+        if name in ("lower", "upper"):   # as ClickHouse's: ASCII letters only (`lower('Ä')` is 'Ä')
             arity(1)
             t = self._string_arg(name, args[0])
-            return Typed(t.expr.str.to_lowercase() if name == "lower" else t.expr.str.to_uppercase(),
+            if name == "lower":
+                return Typed(t.expr.str.replace_many(_ASCII_UPPER, _ASCII_LOWER), "string")
+            return Typed(t.expr.str.replace_many(_ASCII_LOWER, _ASCII_UPPER), "string")
+        if name in ("lower_utf8", "upper_utf8"):   # every letter Unicode maps
+            arity(1)
+            t = self._string_arg(name, args[0])
+            return Typed(t.expr.str.to_lowercase() if name == "lower_utf8" else t.expr.str.to_uppercase(),
                          "string")
         if name == "length":
             arity(1)

@@ -35,6 +35,13 @@ def test_json_paths_casts_and_scalar_functions() -> None:
          "2024-01-01 00:00:01.250"]]
 
 
+def test_lower_and_upper_change_ascii_letters_only_as_clickhouse_the_utf8_ones_every_letter() -> None:
+    records = [raw(0, '{"s":"Àb Straße İx é"}'.encode())]
+    assert run("select lower(raw:s), upper(raw:s), lower_utf8(raw:s), upper_utf8(raw:s), lower(''), "
+               "upper_utf8('ß') from foo", records, raw_stream=True) == [
+        ["Àb straße İx é", "ÀB STRAßE İX é", "àb straße i̇x é", "ÀB STRASSE İX É", "", "SS"]]
+
+
 def test_typed_stream_columns_and_filters() -> None:
     records = [row(i, T0 + i * 1000, s=f"Key{i}", i=i, f=i / 2, b=i % 2 == 0, n=None if i % 3 else i,
                    ts=f"2024-01-01 00:00:0{i}.500", d="2024-01-02", j={"x": i}, u=i)

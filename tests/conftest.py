@@ -8,10 +8,9 @@ import shutil
 import tempfile
 
 # The official DIS SDK writes $HOME/.huaweicloud/application_id when imported: keep it out of the
-# real home directory. Must happen before anything imports huaweicloudsdkcore. Removed at exit, or
-# every run (and every xdist worker) would leave one behind in /tmp.
+# real home directory. Must happen before anything imports huaweicloudsdkcore. Removed at exit
+# (below), or every run and every xdist worker would leave one behind in /tmp.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="sluice-test-home-")
-atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 import itertools
 import subprocess
@@ -25,6 +24,8 @@ import grpc
 import pytest
 
 from broker.launcher import BrokerProcess
+
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -230,13 +230,20 @@ def _timezone(body: Mapping[str, Any]) -> Callable[[], dt.tzinfo]:
     return resolve
 
 
+def _boolean(value: object, where: str) -> bool:
+    """A boolean field as OpenTSDB's Jackson reads it: absent or null is false; besides true and
+    false, the strings "true" and "false" (any case) and an integer (0 is false) are taken."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, int):
+        return value != 0
+    raise _bad(where, f"expected true or false, got {_show(value)}")
+
+
 def _flag(body: Mapping[str, Any], key: str) -> bool:
-    value = body.get(key, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(key, f"expected true or false, got {_show(value)}")
-    return value
+    return _boolean(body.get(key), key)
 
 
 def parse_downsample(text: object, where: str) -> Downsample | None:
@@ -270,11 +277,8 @@ def _rate_options(raw: object, where: str) -> RateOptions:
         return RateOptions()
     if not isinstance(raw, dict):
         raise _bad(where, f"expected an object, got {_show(raw)}")
-    counter = raw.get("counter", False)
-    drop = raw.get("dropResets", False)
-    for key, value in (("counter", counter), ("dropResets", drop)):
-        if not isinstance(value, bool):
-            raise _bad(f"{where}.{key}", f"expected true or false, got {_show(value)}")
+    counter = _boolean(raw.get("counter"), f"{where}.counter")
+    drop = _boolean(raw.get("dropResets"), f"{where}.dropResets")
     numbers = []
     for key, default in (("counterMax", _COUNTER_MAX), ("resetValue", 0)):
         value = raw.get(key, default)
@@ -316,15 +320,14 @@ def _filters(raw: Mapping[str, Any], where: str) -> list[TagFilter]:
             at = f"{where}.filters[{i}]"
             if not isinstance(f, dict):
                 raise _bad(at, f"expected an object, got {_show(f)}")
-            kind, tagk, expr, group_by = f.get("type"), f.get("tagk"), f.get("filter"), f.get("groupBy", False)
+            kind, tagk, expr = f.get("type"), f.get("tagk"), f.get("filter")
             if not isinstance(kind, str) or kind.lower() not in FILTER_TYPES:
                 raise _bad(f"{at}.type", f"expected one of {', '.join(FILTER_TYPES)}, got {_show(kind)}")
             if not isinstance(tagk, str) or not tagk:
                 raise _bad(f"{at}.tagk", f"expected a tag key, got {_show(tagk)}")
             if not isinstance(expr, str):
                 raise _bad(f"{at}.filter", f"expected a string, got {_show(expr)}")
-            if not isinstance(group_by, bool):
-                raise _bad(f"{at}.groupBy", f"expected true or false, got {_show(group_by)}")
+            group_by = _boolean(f.get("groupBy"), f"{at}.groupBy")
             found.append(TagFilter(tagk, kind.lower(), expr, group_by))
     return found
 
@@ -342,17 +345,9 @@ def _sub_query(raw: object, index: int) -> SubQuery:
     if not isinstance(aggregator, str) or aggregator.lower() not in AGGREGATORS:
         raise _bad(f"{where}.aggregator", f"expected one of {', '.join(AGGREGATORS)}, got {_show(aggregator)}")
     downsample = parse_downsample(raw.get("downsample"), f"{where}.downsample")
-    rate = raw.get("rate", False)
-    if rate is None:
-        rate = False
-    if not isinstance(rate, bool):
-        raise _bad(f"{where}.rate", f"expected true or false, got {_show(rate)}")
+    rate = _boolean(raw.get("rate"), f"{where}.rate")
     options = _rate_options(raw.get("rateOptions"), f"{where}.rateOptions") if rate else None
-    explicit = raw.get("explicitTags", False)
-    if explicit is None:
-        explicit = False
-    if not isinstance(explicit, bool):
-        raise _bad(f"{where}.explicitTags", f"expected true or false, got {_show(explicit)}")
+    explicit = _boolean(raw.get("explicitTags"), f"{where}.explicitTags")
     return SubQuery(index, metric, aggregator.lower(), downsample, options, tuple(_filters(raw, where)), explicit)
 
 
@@ -360,9 +355,9 @@ def parse_body(body: object, now_ms: int) -> Query:
     """A POST /api/query body -> Query. Raises ClientError naming the field."""
     if not isinstance(body, dict):
         raise _bad("body", f"expected a JSON object with start and queries, got {_show(body)}")
-    if body.get("delete"):
+    if _boolean(body.get("delete"), "delete"):
         raise _bad("delete", "deleting data through a query is not supported")
-    if body.get("useCalendar"):
+    if _boolean(body.get("useCalendar"), "useCalendar"):
         raise _bad("useCalendar", "calendar downsampling is not supported")
     tz = _timezone(body)
     if body.get("start") is None:

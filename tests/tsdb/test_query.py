@@ -476,6 +476,10 @@ async def test_keys_in_seconds_show_the_last_point_of_a_second(env: Env) -> None
     for flag in ("msResolution", "ms"):
         [out] = await env.query(body(sub("none", "sub"), **{flag: True}))
         assert out["dps"] == {str(BASE + 100): 1, str(BASE + 900): 2, str(BASE + 1500): 3}
+    # a boolean as Jackson reads one: the strings "true"/"false" and integers too
+    for given, ms in (("true", True), ("TRUE", True), (1, True), ("false", False), (0, False), (None, False)):
+        [out] = await env.query(body(sub("none", "sub"), msResolution=given, delete="false", useCalendar=0))
+        assert len(out["dps"]) == (3 if ms else 2), given
 
 
 async def test_a_timestamp_written_twice_keeps_the_last_value(env: Env) -> None:
@@ -714,7 +718,7 @@ async def test_too_many_filled_or_interpolated_values_is_a_413(env: Env, monkeyp
     (body(sub(downsample=60)), "queries[0].downsample"),
     (body(sub(rate="yes")), "queries[0].rate"),
     (body(sub(rate=True, rateOptions=[])), "queries[0].rateOptions"),
-    (body(sub(rate=True, rateOptions={"counter": 1})), "queries[0].rateOptions.counter"),
+    (body(sub(rate=True, rateOptions={"counter": "yes"})), "queries[0].rateOptions.counter"),
     (body(sub(rate=True, rateOptions={"counterMax": -1})), "queries[0].rateOptions.counterMax"),
     (body(sub(rate=True, rateOptions={"resetValue": "0"})), "queries[0].rateOptions.resetValue"),
     (body(sub(tags=["host"])), "queries[0].tags"),

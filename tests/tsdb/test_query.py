@@ -477,9 +477,9 @@ async def test_keys_in_seconds_show_the_last_point_of_a_second(env: Env) -> None
         [out] = await env.query(body(sub("none", "sub"), **{flag: True}))
         assert out["dps"] == {str(BASE + 100): 1, str(BASE + 900): 2, str(BASE + 1500): 3}
     # a boolean as Jackson reads one: the strings "true"/"false" and integers too
-    for given, ms in (("true", True), ("TRUE", True), (1, True), ("false", False), (0, False), (None, False)):
-        [out] = await env.query(body(sub("none", "sub"), msResolution=given, delete="false", useCalendar=0))
-        assert len(out["dps"]) == (3 if ms else 2), given
+    for flag_value, ms in (("true", True), ("TRUE", True), (1, True), ("false", False), (0, False), (None, False)):
+        [out] = await env.query(body(sub("none", "sub"), msResolution=flag_value, delete="false", useCalendar=0))
+        assert len(out["dps"]) == (3 if ms else 2), flag_value
 
 
 async def test_a_timestamp_written_twice_keeps_the_last_value(env: Env) -> None:

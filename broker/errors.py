@@ -26,6 +26,8 @@ class ErrorCode(Enum):
     METRICS_PERIOD_TOO_LONG = (400, "OUT_OF_RANGE",       "DIS.4204",   36,
                                "The monitoring period cannot be longer than 7 days")
     INVALID_METRICS_LABEL  = (400, "INVALID_ARGUMENT",    "DIS.4209",   36, "Invalid metrics label. {detail}")
+    # OpenTSDB's own message for a query of a metric no series has (Grafana and other clients show it)
+    UNKNOWN_METRIC         = (400, "NOT_FOUND",           "DIS.4200",   36, "No such name for 'metrics': '{metric}'")
     INVALID_CURSOR_TYPE    = (400, "INVALID_ARGUMENT",    "DIS.4215",   36, "Invalid cursor type [{cursor_type}]")
     INVALID_SEQUENCE       = (400, "INVALID_ARGUMENT",    "DIS.4216",   36, "Invalid sequence_number [{value}]")
     INVALID_CURSOR         = (400, "INVALID_ARGUMENT",    "DIS.4217",   36, "Invalid partition cursor. {detail}")

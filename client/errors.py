@@ -86,6 +86,7 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "INVALID_METRICS_PERIOD": (InvalidRequest, False),
     "METRICS_PERIOD_TOO_LONG": (InvalidRequest, False),
     "INVALID_METRICS_LABEL": (InvalidRequest, False),
+    "UNKNOWN_METRIC": (NotFound, False),
     "INVALID_SEQUENCE": (InvalidRequest, False),
     "INVALID_CURSOR": (CursorInvalid, False),
     "SEQUENCE_OUT_OF_RANGE": (PositionGone, False),

@@ -125,7 +125,8 @@ def test_every_catalogue_row_renders_on_every_protocol(code: ErrorCode) -> None:
     assert 400 <= code.http_status <= 599
     error = BrokerError(code, detail="d", stream="s", partition_id="p", cursor_type="c", value="v", given=1,
                         earliest=0, latest=2, seq=0, method="GET", path="/x", request_id="r", app="a",
-                        row=3, column="c", function="f", query_id="q", property="p", source="src")
+                        row=3, column="c", function="f", query_id="q", property="p", source="src",
+                        metric="m")
     assert grpc_status(error) in set(grpc.StatusCode)
     assert grpc_status(error) not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
     assert http_status(error) == code.http_status

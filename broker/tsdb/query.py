@@ -933,7 +933,7 @@ async def _run_sub(broker: Broker, registry: SeriesRegistry, config: StreamConfi
     where = f"queries[{sub.index}]"
     known = registry.series_of(sub.metric)
     if not known:
-        raise _bad(f"{where}.metric", f"No such name for 'metrics': '{sub.metric}'")
+        raise client_error(ErrorCode.UNKNOWN_METRIC, metric=sub.metric)
     keep_text = sub.aggregator == "none" and sub.downsample is None and sub.rate is None
     chosen = [s for s in _matching(known, sub.filters, sub.explicit_tags, f"{where}.filters")
               if keep_text or s.type == NUMERIC]

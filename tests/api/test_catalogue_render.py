@@ -26,7 +26,7 @@ from broker.errors import BrokerError, ErrorCode
 FIELDS: dict[str, object] = {"detail": "d", "stream": "s", "partition_id": "p", "cursor_type": "c", "value": "v",
                              "given": 1, "earliest": 0, "latest": 2, "seq": 0, "method": "GET", "path": "/x",
                              "request_id": "r", "app": "a", "row": 3, "column": "c", "function": "f",
-                             "query_id": "q", "property": "p", "source": "src"}
+                             "query_id": "q", "property": "p", "source": "src", "metric": "m"}
 
 
 def dis_body(error: BrokerError) -> dict[str, Any]:

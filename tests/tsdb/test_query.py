@@ -529,8 +529,8 @@ async def test_an_unknown_metric_is_opentsdbs_400(env: Env) -> None:
     await put_abc(env)
     with pytest.raises(ClientError) as err:
         await env.query(body(sub("sum", "cpu"), sub("sum", "nosuch")))
-    assert err.value.code is ErrorCode.INVALID_REQUEST
-    assert "queries[1].metric" in err.value.message and "No such name for 'metrics': 'nosuch'" in err.value.message
+    assert err.value.code is ErrorCode.UNKNOWN_METRIC
+    assert err.value.message == "No such name for 'metrics': 'nosuch'"   # OpenTSDB's words, nothing before them
 
 
 async def test_no_tsdb_stream_yet_answers_nothing(env: Env) -> None:

@@ -141,6 +141,16 @@ def test_errors_are_opentsdb_error_objects(broker: BrokerProcess, series: dict[s
     assert body["error"]["code"] == 400 and words in body["error"]["message"], body
 
 
+def test_an_unknown_metric_is_opentsdbs_own_error_object(broker: BrokerProcess, series: dict[str, Any]) -> None:
+    for method, path, payload in (
+            ("POST", "/api/query", {"start": "1h-ago", "queries": [{"metric": "rt.no.such", "aggregator": "sum"}]}),
+            ("GET", "/api/query?start=1h-ago&m=sum:rt.no.such", None)):
+        status, headers, body = call(broker, method, path, payload)
+        assert (status, headers["Content-Type"]) == (400, JSON_UTF8)
+        assert body == {"error": {"code": 400, "message": "No such name for 'metrics': 'rt.no.such'"},
+                        "reason": "UNKNOWN_METRIC"}
+
+
 def test_a_body_that_is_not_json_is_a_400(broker: BrokerProcess) -> None:
     status, headers, body = call(broker, "POST", "/api/query", raw=b"{not json")
     assert status == 400 and headers["Content-Type"] == JSON_UTF8 and body["error"]["code"] == 400

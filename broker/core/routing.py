@@ -24,10 +24,11 @@ def format_partition_id(partition: int) -> str:
 
 
 def parse_partition_id(text: object, partition_count: int) -> int | None:
-    """2, "2" or "shardId-0000000002" -> 2. None when malformed; the caller checks the range."""
+    """2, "2" or "shardId-0000000002" -> 2. None when malformed (surrounding whitespace too, as a
+    sequence number or hash key with it is); the caller checks the range."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text if 0 <= text <= 9_999_999_999 else None
-    m = _SHARD_ID.fullmatch(text.strip()) if isinstance(text, str) else None
+    m = _SHARD_ID.fullmatch(text) if isinstance(text, str) else None
     return int(m.group(1)) if m else None
 
 

@@ -241,6 +241,7 @@ def test_checkpoint_query_missing_fields(broker, env, method, drop):
 @pytest.mark.parametrize("changes, code", [
     ({"checkpoint_type": "NEWEST"}, "DIS.4200"),
     ({"partition_id": "zz"}, "DIS.4201"),
+    ({"partition_id": " 0"}, "DIS.4201"),      # whitespace is not trimmed, as in a sequence number
     ({"partition_id": "9"}, "DIS.4302"),
     ({"app_name": "bad name"}, "DIS.4200"),
     ({"app_name": "no-such-app-y"}, "DIS.4332"),

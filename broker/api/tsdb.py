@@ -44,7 +44,7 @@ from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
 from broker.tsdb import query as tsdb_query
-from broker.tsdb.put import BadBody, Grouped, PutWrite, points_of, sort
+from broker.tsdb.put import BadBody, Grouped, PutWrite, points_of, raw_points, sort
 from broker.tsdb.series import TsdbStream
 from broker.tsdb.workers import OFFLOAD_BYTES
 
@@ -81,9 +81,11 @@ def _sync_timeout(request: web.Request) -> float | None:
     raw = request.query.get("sync_timeout")
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
+    if not (raw.isascii() and raw.isdigit()):
         raise client_error(ErrorCode.INVALID_REQUEST,
                            detail=f"sync_timeout must be a non-negative integer (milliseconds), got {raw!r:.40}")
+    if len(raw.lstrip("0")) > 15:   # an integer all the same: longer than any wait (~30,000 years)
+        return None
     ms = int(raw)
     return ms / 1000 if ms else None
 
@@ -159,9 +161,9 @@ async def put(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, body: bytes, details: bool, summary: bool, errors: list[str | None],
-                  stored: Callable[[], list[bool]], success: int, points: list[Any] | None = None) -> web.Response:
+                  stored: Callable[[], list[bool]], success: int) -> web.Response:
     """A put's answer (spec section 4) from each point's outcome: its error string, stored, or
-    neither - pending, which is a timeout. `points`: the body's, when already parsed."""
+    neither - pending, which is a timeout. A failed point is echoed as its text was received."""
     failed = len(errors) - success
     if not failed:
         if details:
@@ -176,8 +178,9 @@ async def _answer(request: web.Request, body: bytes, details: bool, summary: boo
     errors, kept = list(errors), stored() if details else []
     answer: dict[str, Any] = {"success": success, "failed": failed}
     if details:
-        points = points if points is not None else await _points_of(body)
-        answer["errors"] = [{"datapoint": points[i], "error": error if error is not None else _pending(request)}
+        raws = await asyncio.to_thread(raw_points, body) if len(body) > _INLINE_BYTES else raw_points(body)
+        answer["errors"] = [{"datapoint": orjson.Fragment(raws[i]),
+                             "error": error if error is not None else _pending(request)}
                             for i, error in enumerate(errors) if not kept[i]]
     timeouts = errors.count(None) - success   # a point is stored, failed or pending, never two of them
     if timeouts:
@@ -215,7 +218,7 @@ async def _timed_out(body: bytes, details: bool, summary: bool, request: web.Req
     except BadBody as exc:
         return _error(exc.message, exc.details)
     n = len(points)
-    return await _answer(request, body, details, summary, [None] * n, lambda: [False] * n, 0, points)
+    return await _answer(request, body, details, summary, [None] * n, lambda: [False] * n, 0)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

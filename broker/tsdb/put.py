@@ -26,11 +26,13 @@ while the broker process keeps the registry, the append and the acknowledgement.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
 from typing import Any, Awaitable, Callable, Mapping, Sequence, cast
 
+import msgspec
 import orjson
 
 from broker.errors import BrokerError, ErrorCode
@@ -83,6 +85,42 @@ def points_of(body: bytes) -> list[Any]:
     if not raw:
         raise BadBody("No datapoints found in content")
     return raw
+
+
+def raw_points(body: bytes) -> list[bytes]:
+    """Each point's JSON text exactly as received (a failed point is echoed so: numbers as they were
+    written, however deep it nests), for a body points_of took. msgspec finds the elements; past
+    its nesting limit (~1000 levels, below orjson's) a scan of the body does."""
+    text = body.strip()
+    if not text.startswith(b"["):
+        return [text]
+    try:
+        return [bytes(raw) for raw in _RAW_POINTS.decode(text)]
+    except (msgspec.DecodeError, RecursionError):
+        return _scanned_elements(text)
+
+
+_RAW_POINTS = msgspec.json.Decoder(list[msgspec.Raw])
+# A string (escapes included) or one structural byte: what _scanned_elements steps over.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)
+
+
+def _scanned_elements(array: bytes) -> list[bytes]:
+    """The top-level elements of a JSON array orjson has accepted, found by its structure."""
+    out: list[bytes] = []
+    depth, start = 0, 1
+    for m in _JSON_TOKEN.finditer(array):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:   # the array's own end
+                out.append(array[start:m.start()].strip())
+        elif token == b"," and depth == 1:
+            out.append(array[start:m.start()].strip())
+            start = m.end()
+    return out
 
 
 def encode(point: Point) -> tuple[int, bytes]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -240,13 +241,22 @@ def test_5_11_flags_are_valueless(broker: BrokerProcess, metric: str, query: str
     assert check_json(put(broker, [point(metric)], query), 200) == body
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "+5", " 5", "1e3", "99999999999999999999999"])
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "+5", " 5", "1e3", "１"])
 def test_a_bad_sync_timeout_refuses_the_whole_request(broker: BrokerProcess, metric: str, value: str) -> None:
-    query = "?details&sync_timeout=" + value.replace(" ", "%20").replace("+", "%2B")
+    query = "?details&sync_timeout=" + quote(value)
     body = check_json(put(broker, [point(metric)], query), 400)
-    assert body["error"]["code"] == 400 and "sync_timeout" in body["error"]["message"], body
-    assert body["reason"] == "INVALID_REQUEST"
+    assert body == {"error": {"code": 400, "message": "Invalid request. sync_timeout must be a non-negative integer "
+                                                      f"(milliseconds), got {value!r}"},
+                    "reason": "INVALID_REQUEST"}
     assert points_of(broker, metric) == []
+
+
+@pytest.mark.parametrize("value", ["0", "007", "999999999999999", "99999999999999999999999"])
+def test_any_non_negative_integer_is_a_sync_timeout(broker: BrokerProcess, metric: str, value: str) -> None:
+    """A sync_timeout past 15 digits is longer than any wait: as none (the spec refuses only
+    non-integers and negatives)."""
+    assert check_json(put(broker, [point(metric)], "?summary&sync_timeout=" + value), 200) == {
+        "success": 1, "failed": 0}
 
 
 def test_5_12_tag_numbers_and_booleans_are_text(broker: BrokerProcess, metric: str) -> None:
@@ -413,6 +423,21 @@ def test_details_echo_points_as_received(broker: BrokerProcess, metric: str) -> 
     weird = {"metric": metric, "timestamp": 1, "value": 1.25, "tags": {"port": 8080}, "extra": [1, {"a": None}]}
     body = check_json(put(broker, [weird], "?details"), 400)
     assert body == {"success": 0, "failed": 1, "errors": [{"datapoint": weird, "error": "Invalid timestamp"}]}
+
+
+@pytest.mark.parametrize("depth", [1, 300, 990, 1010])
+def test_details_echo_a_failed_points_text_byte_for_byte_however_deep(broker: BrokerProcess, metric: str,
+                                                                      depth: int) -> None:
+    """Numbers as written (past 64 bits, exponents), spacing, and nesting orjson cannot write back
+    (past ~250 levels: this was a 500, with the good points stored all the same) or msgspec cannot
+    read (past ~1000)."""
+    good = json.dumps(point(metric, 1, host="good")).encode()
+    bad = (b'{ "metric" : "%s", "timestamp":1E10, "value":1180591620717411303424, "tags":{"h":"a"}, "extra":%s%s}'
+           % (metric.encode(), b"[" * depth, b"]" * depth))
+    reply = put(broker, None, "?details", raw=b"[" + good + b" ,\n " + bad + b"]")
+    assert reply.status == 400 and reply.raw == (b'{"success":1,"failed":1,"errors":[{"datapoint":' + bad +
+                                                 b',"error":"Invalid timestamp"}]}')
+    assert [p["tags"] for p in points_of(broker, metric)] == [{"host": "good"}]
 
 
 # -- what a consumer reads ------------------------------------------------------------------------

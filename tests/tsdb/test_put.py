@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import pytest
 

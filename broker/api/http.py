@@ -137,6 +137,15 @@ def routing_error(request: web.Request, exc: web.HTTPException) -> BrokerError:
     return client_error(ErrorCode.INVALID_REQUEST, detail=exc.reason)
 
 
+def door_renderer(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fallback: Renderer,
+                  path: str) -> Renderer:
+    """The renderer of the door that owns `path` (path prefix or pattern -> renderer), else `fallback`."""
+    for prefix, renderer in doors:
+        if path.startswith(prefix) if isinstance(prefix, str) else prefix.match(path):
+            return renderer
+    return fallback
+
+
 def error_middleware(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fallback: Renderer) -> Middleware:
     """The one error handler of the HTTP app: every response gets `X-Request-Id`; a BrokerError or
     an aiohttp routing error is rendered by the door that owns the path (`doors`: path prefix or
@@ -144,10 +153,7 @@ def error_middleware(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fa
     traceback and answered INTERNAL with the request id - internals never reach the client."""
 
     def renderer_for(path: str) -> Renderer:
-        for prefix, renderer in doors:
-            if path.startswith(prefix) if isinstance(prefix, str) else prefix.match(path):
-                return renderer
-        return fallback
+        return door_renderer(doors, fallback, path)
 
     @web.middleware
     async def errors_and_request_id(request: web.Request, handler: Handler) -> web.StreamResponse:

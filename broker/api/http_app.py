@@ -10,8 +10,11 @@ rejects before any handler or middleware runs (duplicate Content-Length, too man
 headers, a body that does not decode as its Content-Encoding says, a broken chunked framing...).
 aiohttp answers those from `RequestHandler.handle_error` as text/plain and offers no hook for
 them (aio-libs/aiohttp#3287), so `HttpRunner` serves connections with a `RequestHandler`
-subclass whose `handle_error` renders a catalogue row instead. The path of such a request is not
-known (the parser failed), so it gets the fallback door's body: DIS, the broker's first door.
+subclass whose `handle_error` renders a catalogue row instead. aiohttp hands it no path (the
+parser failed), so the handler reads the request line of a request that begins a read itself (a
+client's usual write: its line, headers and body at once) and answers with the body of the door
+that owns that path (an OpenTSDB client on the HTTP port gets OpenTSDB's error object); without
+one, the fallback door's: DIS, the broker's first.
 This leans on aiohttp internals (`AppRunner._make_server`, `Server._loop/_kwargs`, the
 `handle_error` signature, stable through 3.x); tests/api/test_http_envelope.py sends the raw
 bytes, so an aiohttp upgrade that changes them fails there, not in front of a client.
@@ -22,9 +25,10 @@ that does not read its answer for the idle timeout (`finish_response`); tests/li
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
@@ -39,6 +43,7 @@ from broker.api.http import (
     brief,
     client_request_id,
     decoded,
+    door_renderer,
     error_middleware,
     error_response,
     reset,
@@ -85,7 +90,9 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     root = web.Application(middlewares=[error_middleware(owners, FALLBACK), metrics.request_timer(broker),
                                         *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
-    root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, requests the parser rejected
+    root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, parser rejections of no known path
+    path_renderer: Callable[[str], Renderer] = functools.partial(door_renderer, owners, FALLBACK)
+    root[PATH_RENDERER] = path_renderer
     if client_limits is not None:
         root[limits.CLIENT_LIMITS] = client_limits
     for prefix, door in doors.items():
@@ -144,10 +151,16 @@ def _parser_error(status: int, exc: BaseException | None, message: str | None, r
     return client_error(ErrorCode.INVALID_REQUEST, detail=f"malformed HTTP request: {detail}")
 
 
+# The root app's path -> the renderer of the door that owns it (parser errors of a known path).
+PATH_RENDERER: web.AppKey[Callable[[str], Renderer]] = web.AppKey("path_renderer")
+
+
 class _RequestHandler(web.RequestHandler):
-    """aiohttp's connection handler, with the error answer of the fallback door."""
+    """aiohttp's connection handler, with the error answer of the door that owns the path."""
 
     renderer: Renderer = FALLBACK
+    renderer_for: Callable[[str], Renderer] | None = None   # path -> its door's renderer
+    _path: str | None = None   # of the request line that began the last read, if one did
     client_limits: limits.ClientLimits | None = None
     over_limit = False   # past the connection limit: its first request is answered 429 (api/limits.py)
     _connection: limits.ConnectionCount | None = None
@@ -159,6 +172,13 @@ class _RequestHandler(web.RequestHandler):
             self.over_limit, flood = self._connection.made()
             if flood:
                 self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        # a request line begins this read (a bytes test: a body's reads seldom start so); its
+        # path picks the door of a parser error's answer. Bounded to the parser's line limit.
+        if self.renderer_for is not None and b"A" <= data[:1] <= b"Z":
+            self._path = _request_path(data)
+        super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._connection is not None:
@@ -222,7 +242,8 @@ class _RequestHandler(web.RequestHandler):
         else:
             log.debug("rejected a malformed HTTP request from %s: %s", request.remote, message or exc)
         rid = client_request_id(request.headers)
-        response = error_response(self.renderer, _parser_error(status, exc, message, rid), rid)
+        renderer = self.renderer if self._path is None or self.renderer_for is None else self.renderer_for(self._path)
+        response = error_response(renderer, _parser_error(status, exc, message, rid), rid)
         response.force_close()  # the parser's state is unknown: this connection ends here
         return response
 
@@ -237,15 +258,30 @@ class _RequestHandler(web.RequestHandler):
         super().log_exception(*args, **kw)
 
 
+def _request_path(data: bytes) -> str | None:
+    """The path of the request line `data` starts with (`METHOD SP target SP HTTP/1.x CRLF`, found
+    within aiohttp's line limit), its query left out; None when it does not start with one."""
+    end = data.find(b"\r\n", 0, _MAX_LINE)
+    parts = data[:end].split(b" ") if end > 0 else ()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return None
+    return parts[1].split(b"?", 1)[0].decode("latin-1")
+
+
+_MAX_LINE = 8190 + 2   # aiohttp's max_line_size, and its CRLF
+
+
 class _Server(web.Server):
     """aiohttp's low-level server, building `_RequestHandler` connections."""
 
     renderer: Renderer = FALLBACK
+    renderer_for: Callable[[str], Renderer] | None = None
     client_limits: limits.ClientLimits | None = None
 
     def __call__(self) -> web.RequestHandler:
         handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
         handler.renderer = self.renderer
+        handler.renderer_for = self.renderer_for
         handler.client_limits = self.client_limits
         return handler
 
@@ -278,5 +314,6 @@ class HttpRunner(web.AppRunner):
         ours = _Server(server.request_handler, request_factory=_unknown_expectations_ignored(server.request_factory),
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
         ours.renderer = self.app.get(RENDERER, FALLBACK)
+        ours.renderer_for = self.app.get(PATH_RENDERER)
         ours.client_limits = self.app.get(limits.CLIENT_LIMITS)
         return ours

@@ -73,6 +73,25 @@ def test_parser_errors_get_the_dis_json_body(broker, raw: bytes) -> None:
     assert call(broker, "GET", STREAMS).status == 200, "the broker serves on after a malformed request"
 
 
+@pytest.mark.parametrize("path, shape", [
+    ("/api/put?details", {"error", "reason"}),                                  # OpenTSDB's error object
+    ("/api/query", {"error", "reason"}),
+    ("/api/v1beta2/streams/s/ingest", {"code", "message", "system", "reason"}),   # Timeplus'
+    ("/nobody/owns/this", {"error_code", "error_msg", "errorCode", "message", "reason"}),   # the fallback: DIS
+])
+@pytest.mark.parametrize("headers", [[CL, ("Content-Encoding", "br")], [CL, CL], [CL, ("Transfer-Encoding", "chunked")]],
+                         ids=["brotli", "duplicate Content-Length", "Content-Length with chunked"])
+def test_parser_errors_get_the_body_of_the_door_that_owns_the_path(broker, path: str, shape: set[str],
+                                                                    headers: list[tuple[str, str]]) -> None:
+    reply = exchange(broker, request("POST", path, headers, BODY))
+    body = json.loads(reply.raw)
+    assert reply.status == 400 and set(body) == shape, body
+    assert body["reason"] in (ErrorCode.INVALID_REQUEST.reason, ErrorCode.BAD_BODY.reason)
+    if "error" in body:
+        assert reply.headers["Content-Type"] == "application/json; charset=UTF-8" and body["error"]["code"] == 400
+    assert reply.headers["X-Request-Id"]
+
+
 def test_a_client_request_id_header_is_kept_when_the_parser_fails_later(broker) -> None:
     """The parser may fail before it has the headers: then the id is a fresh one, never empty."""
     reply = exchange(broker, request("GET", STREAMS, [("X-Request-Id", "mine")] + [(f"X-H{i}", "1")

@@ -80,7 +80,8 @@ def test_parser_errors_get_the_dis_json_body(broker, raw: bytes) -> None:
     ("/nobody/owns/this", {"error_code", "error_msg", "errorCode", "message", "reason"}),   # the fallback: DIS
 ])
 @pytest.mark.parametrize("headers", [[CL, ("Content-Encoding", "br")], [CL, CL],
-                                     [CL, ("Transfer-Encoding", "chunked")]], ids=["brotli", "duplicate Content-Length", "Content-Length with chunked"])
+                                     [CL, ("Transfer-Encoding", "chunked")]],
+                         ids=["brotli", "duplicate Content-Length", "Content-Length with chunked"])
 def test_parser_errors_get_the_body_of_the_door_that_owns_the_path(broker, path: str, shape: set[str],
                                                                     headers: list[tuple[str, str]]) -> None:
     reply = exchange(broker, request("POST", path, headers, BODY))

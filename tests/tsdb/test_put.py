@@ -132,7 +132,9 @@ def test_5_5_legal_names_are_accepted(broker: BrokerProcess, name: str) -> None:
 
 @pytest.mark.parametrize("ts, stored_ms", [
     (4284768, 4284768000), (9999999999, 9999999999000), (10000000000, 10000000000),
-    (9999999999999, 9999999999999), (1499158925, 1499158925000), (1499158925123, 1499158925123)])
+    (9999999999999, 9999999999999), (1499158925, 1499158925000), (1499158925123, 1499158925123),
+    # the current Alibaba page's bounds, kept as the spec asks: seconds under the required rule
+    (4294968, 4294968000), (4294967295, 4294967295000), (4294967296, 4294967296000)])
 def test_5_6_timestamp_units_by_magnitude(broker: BrokerProcess, metric: str, ts: int, stored_ms: int) -> None:
     assert put(broker, [point(metric, 1, ts)]).status == 204
     assert [p["timestamp"] for p in points_of(broker, metric)] == [stored_ms]
@@ -152,7 +154,9 @@ def test_5_7_mixed_types_on_one_series_in_one_request(broker: BrokerProcess, met
     assert check_json(put(broker, [a, b], "?details"), 400) == {
         "success": 1, "failed": 1, "errors": [{"datapoint": b, "error": "Unable to parse value to a number"}]}
     c, d = point(metric, True, host="b"), point(metric, 2, NOW_S + 1, host="b")
-    assert details(put(broker, [c, d], "?details")) == ["Value type mismatch: series holds boolean values"]
+    assert check_json(put(broker, [c, d], "?details"), 400) == {
+        "success": 1, "failed": 1,
+        "errors": [{"datapoint": d, "error": "Value type mismatch: series holds boolean values"}]}
     e, f = point(metric, 1, host="c"), point(metric, 2.5, NOW_S + 1, host="c")   # long then double: one type
     assert put(broker, [e, f]).status == 204
     assert sorted(p["value"] for p in points_of(broker, metric) if p["tags"] == {"host": "c"}) == [1, 2.5]
@@ -167,6 +171,10 @@ def test_5_7_mixed_types_on_one_series_in_one_request(broker: BrokerProcess, met
     (False, "down", "Value type mismatch: series holds boolean values"),
     (1, "1,5", "Unable to parse value to a number"),
     (1, "down", "Unable to parse value to a number"),
+    (1, "Infinity", "Unable to parse value to a number"),     # NaN: test_5_3
+    (2.5, "-Infinity", "Unable to parse value to a number"),
+    (1, "x" * 20481, "String value too long"),               # rule 7 comes before rule 8
+    (True, "x" * 20481, "String value too long"),
 ])
 def test_type_conflicts_after_the_first_point(broker: BrokerProcess, metric: str, first: Any, then: Any,
                                               error: str) -> None:
@@ -369,6 +377,15 @@ def test_a_single_object_body(broker: BrokerProcess, metric: str) -> None:
     reply = put(broker, point(metric, "x", NOW_S + 1), "?details")
     assert check_json(reply, 400)["errors"] == [{"datapoint": point(metric, "x", NOW_S + 1),
                                                  "error": "Unable to parse value to a number"}]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_the_body_is_json_whatever_its_content_type_says(broker: BrokerProcess, metric: str,
+                                                         content_type: str | None) -> None:
+    """As OpenTSDB, which parses the body without looking at Content-Type (curl -d sends a form type)."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    reply = request(broker, "POST", "/api/put?summary", json.dumps([point(metric)]).encode(), headers)
+    assert check_json(reply, 200) == {"success": 1, "failed": 0}
 
 
 def test_gzip_bodies(broker: BrokerProcess, metric: str) -> None:

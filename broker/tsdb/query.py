@@ -129,6 +129,8 @@ def _show(value: object) -> str:
     """A value quoted in an error message, cut short."""
     if isinstance(value, str):
         text = value
+    elif isinstance(value, int) and not isinstance(value, bool):   # past 64 bits too
+        text = str(value) if value.bit_length() < 10_000 else f"an integer of {value.bit_length()} bits"
     else:
         try:
             text = orjson.dumps(value, default=repr).decode()
@@ -385,7 +387,18 @@ def _all(params: Any, key: str) -> list[str]:
     value = params.get(key) if isinstance(params, Mapping) else None
     if value is None:
         return []
-    return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+    return [_text(v) for v in value] if isinstance(value, list | tuple) else [_text(value)]
+
+
+def _text(value: object) -> str:
+    """A POSTed parameter as a query string would carry it: a string as it is, another JSON value
+    as its JSON (true, not Python's True)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:   # an integer past 64 bits: no JSON parser of ours makes one
+        return str(value)
 
 
 def _one(params: Any, key: str) -> str | None:

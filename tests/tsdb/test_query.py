@@ -829,6 +829,18 @@ async def test_suggest(env: Env) -> None:
         with pytest.raises(ClientError) as err:
             query.suggest(reg, params)
         assert err.value.message.startswith(f"Invalid request. {where}: ")
+    # a POSTed value is named as JSON spells it, not as Python does
+    for given, shown in ((True, "'true'"), (False, "'false'"), ({"n": 1}, "'{\"n\":1}'"), (1.5, "'1.5'")):
+        with pytest.raises(ClientError) as err:
+            query.suggest(reg, {"type": "metrics", "max": given})
+        assert err.value.message.endswith(f"got {shown}"), err.value.message
+
+
+def test_an_out_of_range_time_names_its_number() -> None:
+    for start in ("99999999999999999999", 2**70, 10**13):   # it said "timestamp 'a int'" past 64 bits
+        with pytest.raises(ClientError) as err:
+            query.parse_body(body(sub(), start=start), NOW)
+        assert f"start: timestamp '{start}' out of range" in err.value.message, err.value.message
 
 
 def test_suggest_sorts_and_caps_at_25_by_default() -> None:

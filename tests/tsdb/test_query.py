@@ -830,9 +830,9 @@ async def test_suggest(env: Env) -> None:
             query.suggest(reg, params)
         assert err.value.message.startswith(f"Invalid request. {where}: ")
     # a POSTed value is named as JSON spells it, not as Python does
-    for given, shown in ((True, "'true'"), (False, "'false'"), ({"n": 1}, "'{\"n\":1}'"), (1.5, "'1.5'")):
+    for posted, shown in ((True, "'true'"), (False, "'false'"), ({"n": 1}, "'{\"n\":1}'"), (1.5, "'1.5'")):
         with pytest.raises(ClientError) as err:
-            query.suggest(reg, {"type": "metrics", "max": given})
+            query.suggest(reg, {"type": "metrics", "max": posted})
         assert err.value.message.endswith(f"got {shown}"), err.value.message
 
 

@@ -840,11 +840,22 @@ def _main(argv: Sequence[str] | None) -> int:
         with client:
             return commands[args.command](client, args)
     except BrokerUnavailable as exc:
-        _say(f"cannot reach the broker at {args.target}: {exc.message}")
+        _say(f"cannot reach the broker at {args.target}: {exc.message}{_tls_hint(exc.message, args.tls_ca)}")
         return EXIT_UNREACHABLE
     except SluiceError as exc:
         _say(exc)
         return EXIT_FAILED
+
+
+def _tls_hint(message: str, tls_ca: str | None) -> str:
+    """What a TLS mismatch's grpc message means, said in our options' words ("" for other failures)."""
+    if tls_ca is None and "Socket closed" in message:
+        return " (if the broker serves TLS, give --tls-ca FILE: the CA that signed its certificate)"
+    if tls_ca is not None and "CERTIFICATE_VERIFY_FAILED" in message:
+        return f" (--tls-ca {tls_ca} did not sign the broker's certificate, or it names another host)"
+    if tls_ca is not None and ("ALPN" in message or "WRONG_VERSION_NUMBER" in message):
+        return " (this port does not serve gRPC over TLS: a plaintext broker needs no --tls-ca; or the HTTP port)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -116,6 +116,20 @@ def test_client_refuses_a_broker_its_ca_did_not_sign(tls_broker: BrokerProcess, 
     alive(tls_broker, certs)
 
 
+def test_the_cli_says_what_a_tls_mismatch_means(tls_broker: BrokerProcess, broker: BrokerProcess, certs: Certs,
+                                                tmp_path: Path) -> None:
+    """grpc's words ("Socket closed", CERTIFICATE_VERIFY_FAILED, ALPN) get a hint in ours."""
+    from tests.test_cli import sluice   # its command line (the venv's console script)
+    stranger = make_certs(tmp_path / "other")
+    for target, options, hint in (
+            (tls_broker.grpc_target, [], "if the broker serves TLS, give --tls-ca FILE"),
+            (tls_broker.grpc_target, ["--tls-ca", str(stranger.ca)], f"--tls-ca {stranger.ca} did not sign"),
+            (broker.grpc_target, ["--tls-ca", str(certs.ca)], "this port does not serve gRPC over TLS")):
+        result = sluice(*options, "streams", "list", target=target)
+        assert result.returncode == 3 and hint in result.stderr, (options, result.stderr)
+    assert sluice("--tls-ca", str(certs.ca), "streams", "list", target=tls_broker.grpc_target).returncode == 0
+
+
 def test_client_tls_ca_that_is_not_a_certificate(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(ValueError, match="no PEM certificate"):

@@ -119,7 +119,7 @@ def test_client_refuses_a_broker_its_ca_did_not_sign(tls_broker: BrokerProcess, 
 def test_the_cli_says_what_a_tls_mismatch_means(tls_broker: BrokerProcess, broker: BrokerProcess, certs: Certs,
                                                 tmp_path: Path) -> None:
     """grpc's words ("Socket closed", CERTIFICATE_VERIFY_FAILED, ALPN) get a hint in ours."""
-    from tests.test_cli import sluice   # its command line (the venv's console script)
+    from tests.test_cli import sluice  # its command line (the venv's console script)
     stranger = make_certs(tmp_path / "other")
     for target, options, hint in (
             (tls_broker.grpc_target, [], "if the broker serves TLS, give --tls-ca FILE"),

@@ -31,7 +31,10 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   with types literal_or, iliteral_or, not_literal_or, not_iliteral_or, wildcard, iwildcard, regexp
   (Rust regex syntax, searched in the value; no backreferences); a series lacking the tag key never
   matches a filter on it; filters on one key are ANDed. `explicitTags`: the series' tag keys must be
-  exactly the filtered keys. Unknown tag keys or values just match nothing.
+  exactly the filtered keys. Unknown tag keys or values just match nothing (OpenTSDB: 400 `No such
+  name for 'tagv'`). [ours] A glob's `*` in the middle anchors its ends (OpenTSDB's wildcard
+  anchors only a pattern that starts or ends with `*`: its `web*01` takes `xweb-01x`); `tags` and
+  `filters` together both apply (OpenTSDB keeps whichever its JSON gives last).
 * Unknown metric (a tsdb stream exists but no series of that metric): 400 `No such name for
   'metrics': 'm'`, as OpenTSDB. No tsdb stream yet (config or registry None): [] for any metric.
 * Pipeline per series: points in range -> downsample -> rate -> aggregation across the series of a
@@ -51,7 +54,8 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   Across series, sum/avg/min/max interpolate linearly (lerp) a series that has no point at a
   timestamp another series of the group has - only between the series' own first and last point in
   range, never with points outside the range (OpenTSDB may use points of the scanned hour) and in
-  doubles (OpenTSDB lerps longs with integer division); after `rate` the series' previous value is
+  doubles (OpenTSDB lerps longs with integer division, and its avg of longs divides so too: 1 and
+  2 average 1 there, 1.5 here); after `rate` the series' previous value is
   used instead. zimsum/mimmin/mimmax use no interpolation (actual points only). count is the number
   of series with an actual value at the timestamp (OpenTSDB counts every series between its first
   and last point). With a fill policy every series has every bucket, so nothing is interpolated.
@@ -294,13 +298,15 @@ def _rate_options(raw: object, where: str) -> RateOptions:
 
 def filter_of_value(tagk: str, value: str, group_by: bool) -> TagFilter:
     """A `tags` value (or a GET `{k=v}`) as OpenTSDB 2.2+ reads it: `type(expr)` for a known filter
-    type, a glob when it holds `*`, else literal_or (`a|b`, or one exact value)."""
+    type, a glob when it holds `*` (case-insensitive: OpenTSDB's TagVFilter.getFilter makes it an
+    iwildcard), else literal_or (`a|b`, or one exact value). [ours] `x(y)` of an unknown type x is
+    a literal value, where OpenTSDB refuses it: our put takes parentheses in tag values."""
     if value.endswith(")") and "(" in value:
         kind = value[:value.index("(")].lower()
         if kind in FILTER_TYPES:
             return TagFilter(tagk, kind, value[value.index("(") + 1:-1], group_by)
     if "*" in value:
-        return TagFilter(tagk, "wildcard", value, group_by)
+        return TagFilter(tagk, "iwildcard", value, group_by)
     return TagFilter(tagk, "literal_or", value, group_by)
 
 

@@ -283,6 +283,17 @@ async def test_alternatives_group_by_the_tag_and_filter(env: Env) -> None:
     assert same(outs[1]["dps"], secs(dict(data["c"])))
 
 
+async def test_a_glob_in_tags_ignores_case_as_opentsdbs_does(env: Env) -> None:
+    """OpenTSDB's TagVFilter.getFilter makes a `tags` glob an iwildcard: WEB* finds Web01."""
+    data = await put_series(env)
+    for glob in ("WEB*", "web*", "*EB01", "w*1"):
+        [out] = await env.query(body(sub("sum", "net", tags={"host": glob})))
+        assert out["tags"] == {"dc": "z", "host": "Web01"}, glob
+        assert same(out["dps"], secs(dict(data["e"])))
+    assert await env.query(body(sub("sum", "net", filters=[   # a wildcard filter still minds case
+        {"type": "wildcard", "tagk": "host", "filter": "WEB*"}]))) == []
+
+
 async def test_an_exact_value_filters(env: Env) -> None:
     data = await put_series(env)
     [out] = await env.query(body(sub("sum", "net", tags={"dc": "x"})))
@@ -757,7 +768,7 @@ async def test_an_invalid_regexp_is_a_400(env: Env) -> None:
     ("sum:cpu", {"aggregator": "sum", "metric": "cpu", "filters": []}),
     ("avg:1m-avg-nan:cpu{host=*,dc=x|y}",
      {"aggregator": "avg", "downsample": "1m-avg-nan", "metric": "cpu", "filters": [
-         {"type": "wildcard", "tagk": "host", "filter": "*", "groupBy": True},
+         {"type": "iwildcard", "tagk": "host", "filter": "*", "groupBy": True},
          {"type": "literal_or", "tagk": "dc", "filter": "x|y", "groupBy": True}]}),
     ("sum:rate{counter,100,5}:10s-sum:cpu{host=a}{dc=literal_or(x)}",
      {"aggregator": "sum", "rate": True, "rateOptions": {"counter": True, "dropResets": False, "counterMax": 100,

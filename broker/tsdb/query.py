@@ -37,14 +37,19 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   `filters` together both apply (OpenTSDB keeps whichever its JSON gives last).
 * Unknown metric (a tsdb stream exists but no series of that metric): 400 `No such name for
   'metrics': 'm'`, as OpenTSDB. No tsdb stream yet (config or registry None): [] for any metric.
-* Pipeline per series: points in range -> downsample -> rate -> aggregation across the series of a
-  group (OpenTSDB's order). Duplicate timestamps in a series: the last written wins.
+* What is computed: OpenTSDB's scan, not only the range (`_scan`: whole hours around [start, end],
+  the start first aligned down to the downsample interval, the end past its interval). Pipeline per
+  series over the scan: downsample -> rate -> aggregation across the series of a group (OpenTSDB's
+  order); the answer then keeps the times in [start, end] (its JSON writer's cut). So a series is
+  lerped from a bucket just outside the range, and the first rate in range has the point before
+  it, as there; every series the scan finds has its output, its dps maybe `{}`. Duplicate
+  timestamps in a series: the last written wins.
 * Downsample `<n><unit>-<fn>[-<fill>]`, fn sum, avg, min, max, count, first, last, zimsum, mimmin,
-  mimmax; bucket = timestamp - timestamp % interval (ms, epoch-aligned); buckets from start to end
-  are answered, each over its whole interval (OpenTSDB scans whole intervals): the bucket holding
-  `start` is left out when start is not aligned, the one holding `end` is whole (it may count
-  points after `end`). `0all-<fn>`: one value over [start, end), at `start`. Fill (none, nan, null,
-  zero): missing buckets between start and end of a series that has data become NaN (the JSON string
+  mimmax; bucket = timestamp - timestamp % interval (ms, epoch-aligned), each over its whole
+  interval: the bucket holding an unaligned `start` begins before it and is not answered, the one
+  holding `end` is answered whole (it may count points after `end`). `0all-<fn>`: one value over
+  [start, end), at `start`. Fill (none, nan, null, zero): missing buckets of the scan of a series
+  that has data become NaN (the JSON string
   "NaN", as Jackson writes it), null, or 0; aggregations skip NaN/null. A value past the double
   range (a sum of huge values) is "Infinity" or "-Infinity", as Jackson writes it. Calendar intervals
   (`1dc`) -> 400. Downsampled values are doubles.
@@ -53,8 +58,7 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
 * Aggregators sum, avg, min, max, count, none (and OpenTSDB's zimsum, mimmin, mimmax); others 400.
   Across series, sum/avg/min/max interpolate linearly (lerp) a series that has no point at a
   timestamp another series of the group has - only between the series' own first and last point in
-  range, never with points outside the range (OpenTSDB may use points of the scanned hour) and in
-  doubles (OpenTSDB lerps longs with integer division, and its avg of longs divides so too: 1 and
+  the scan, and in doubles (OpenTSDB lerps longs with integer division, and its avg of longs divides so too: 1 and
   2 average 1 there, 1.5 here); after `rate` the series' previous value is
   used instead. zimsum/mimmin/mimmax use no interpolation (actual points only). count is the number
   of series with an actual value at the timestamp (OpenTSDB counts every series between its first
@@ -63,14 +67,14 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   keeps a pair some series lack), `aggregateTags` (the other keys of its series, sorted), `dps`
   (keys seconds, or milliseconds with `msResolution`/`ms`; in seconds a second holding several
   points shows the last). Groups come sorted by their tag values; `none`: one per series, sorted
-  by series key. A group or series with no point in range is absent.
+  by series key. A group or series with no point in the scan is absent.
 * Values: doubles, except integers where OpenTSDB writes longs: raw points stored as integers
   (aggregator none), sum/min/max/zim* of integer series without downsample, rate or interpolated
   fractions, and count. Integers beyond 2^53 lose precision except with `none`.
 * String and boolean series: answered as they are by `none` without downsample or rate; skipped by
   every aggregation, downsample and rate (a metric may hold both kinds; they are not numbers).
 
-Bounds: at most MAX_POINTS points of matching series in range, MAX_SCANNED records read and
+Bounds: at most MAX_POINTS points of matching series in the scan, MAX_SCANNED records read and
 MAX_CELLS interpolated or filled values per query; past one: 413 (OpenTSDB's own status and words).
 Bad input: ClientError INVALID_REQUEST whose detail names the field (`queries[0].downsample: ...`).
 """
@@ -93,7 +97,7 @@ from broker.model import RecordBlock, StreamConfig
 from broker.tsdb.series import BOOLEAN, NUMERIC, STRING, Series, SeriesRegistry, record_data, series_partition
 
 MAX_SUBQUERIES = 64
-MAX_POINTS = 5_000_000        # points of the matching series in range, held at once
+MAX_POINTS = 5_000_000        # points of the matching series in the scan, held at once
 MAX_SCANNED = 50_000_000      # records read from the partitions
 MAX_CELLS = 10_000_000        # interpolated or filled values (series x timestamps)
 MAX_SUGGEST = 100_000
@@ -604,7 +608,7 @@ def _layout(metric: str, tags: dict[str, str]) -> tuple[bytes, str]:
 @dataclass
 class _Budget:
     scanned: int = 0   # records read
-    points: int = 0    # points of the matching series in range
+    points: int = 0    # points of the matching series in the scan
 
 
 @dataclass
@@ -747,16 +751,29 @@ def _agg_expr(function: str) -> pl.Expr:
     return v.last()
 
 
-def _window(q: Query, ds: Downsample | None) -> tuple[int, int] | None:
-    """The point times [lo, hi] a sub-query needs, None when no bucket lies in the range."""
-    if ds is None:
-        return q.start_ms, q.end_ms
-    if ds.interval_ms == 0:
+_HOUR_S = 3600   # OpenTSDB's row span (Const.MAX_TIMESPAN): it reads whole hours
+
+
+def _scan(q: Query, ds: Downsample | None) -> tuple[int, int]:
+    """The point times [lo, hi] a sub-query reads and computes over, as OpenTSDB's scan bounds
+    (TsdbQuery.getScanStartTimeSeconds / getScanEndTimeSeconds): from the start aligned down to
+    its downsample interval, then to its hour, up to before the hour after the end (with a
+    downsample: after the end's next interval boundary; an end in milliseconds first gains a
+    second, as there). Every bucket, rate and interpolation is computed over that; the answer
+    keeps the times in [start, end] (HttpJsonSerializer). `0all`: [start, end) only."""
+    if ds is not None and ds.interval_ms == 0:
         return q.start_ms, q.end_ms - 1
-    i = ds.interval_ms
-    first = -(-q.start_ms // i) * i
-    last = q.end_ms - q.end_ms % i
-    return (first, last + i - 1) if first <= last else None
+    start_s = q.start_ms // 1000
+    if ds is not None:
+        start_s -= (1000 * start_s) % ds.interval_ms // 1000
+    lo_s = max(start_s - start_s % _HOUR_S, 0)
+    end_s = q.end_ms // 1000 + 1
+    if ds is not None:
+        end_s += (ds.interval_ms - (1000 * end_s) % ds.interval_ms) // 1000
+        hi_s = end_s if end_s % _HOUR_S == 0 else end_s + _HOUR_S - end_s % _HOUR_S
+    else:
+        hi_s = end_s + _HOUR_S - end_s % _HOUR_S
+    return lo_s * 1000, hi_s * 1000 - 1
 
 
 def _downsample(df: pl.DataFrame, q: Query, ds: Downsample) -> pl.DataFrame:
@@ -766,7 +783,8 @@ def _downsample(df: pl.DataFrame, q: Query, ds: Downsample) -> pl.DataFrame:
            .agg(v=_agg_expr(ds.function).cast(pl.Float64)).with_columns(vi=pl.lit(None, pl.Int64)))
     if ds.fill == "none" or ds.interval_ms == 0 or out.is_empty():
         return out
-    first, hi = _window(q, ds) or (0, -1)
+    lo, hi = _scan(q, ds)
+    first = lo - lo % ds.interval_ms
     buckets = range(first, hi + 1, ds.interval_ms)
     present = out.select("sidx").unique()
     if len(buckets) * present.height > MAX_CELLS:
@@ -891,18 +909,24 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
     raw = ds is None and sub.rate is None
     if not t.keep_text:
         df = df.filter(pl.col("v").is_not_null())
+    # every series with a point in the scan has its output, its dps maybe empty (OpenTSDB writes
+    # each group its scan found, whatever its range keeps)
+    present = df.get_column("sidx").unique().sort().to_list()
+    if not present:
+        return []
     if ds is not None:
         df = _downsample(df, q, ds)
     if sub.rate is not None:
         df = _rate(df, sub.rate)
-    if df.is_empty():
-        return []
+    in_range = pl.col("ts").is_between(q.start_ms, q.end_ms)
     series = t.series
     outputs: list[tuple[tuple[str, ...], dict[str, Any]]] = []
     if sub.aggregator == "none":
-        r = _Rendered(df, "sidx", q.ms_resolution, t.keep_text)
-        for sidx, a, b in r.spans:
+        r = _Rendered(df.filter(in_range), "sidx", q.ms_resolution, t.keep_text)
+        spans = {sidx: (a, b) for sidx, a, b in r.spans}
+        for sidx in present:
             s = series[sidx]
+            a, b = spans.get(sidx, (0, 0))
             if s.type == NUMERIC or not raw:
                 values = _pick(r.floats[a:b], r.ints[a:b], raw, True, fill)
             else:
@@ -931,10 +955,12 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
                            else pl.lit(None, pl.Int64))
     group_keys = {gid: key for key, gid in group_of.items()}
     tags_of: dict[int, list[Series]] = {}
-    for gid, sidx in members.iter_rows():
-        tags_of.setdefault(gid, []).append(series[sidx])
-    r = _Rendered(out.sort("g", "ts"), "g", q.ms_resolution, False)
-    for gid, a, b in r.spans:
+    for sidx in present:   # a group's tags: of every series its scan found (OpenTSDB's spans)
+        tags_of.setdefault(gids[sidx], []).append(series[sidx])
+    r = _Rendered(out.filter(in_range).sort("g", "ts"), "g", q.ms_resolution, False)
+    spans = {gid: (a, b) for gid, a, b in r.spans}
+    for gid in tags_of:
+        a, b = spans.get(gid, (0, 0))
         group = tags_of[gid]
         common = dict(group[0].tags)
         for s in group[1:]:
@@ -956,9 +982,9 @@ async def _run_sub(broker: Broker, registry: SeriesRegistry, config: StreamConfi
     keep_text = sub.aggregator == "none" and sub.downsample is None and sub.rate is None
     chosen = [s for s in _matching(known, sub.filters, sub.explicit_tags, f"{where}.filters")
               if keep_text or s.type == NUMERIC]
-    window = _window(q, sub.downsample)
-    if not chosen or window is None:
+    if not chosen:
         return []
+    window = _scan(q, sub.downsample)
     chosen.sort(key=lambda s: s.key)
     prefix = _layout(sub.metric, chosen[0].tags)[0]
     tails = {_layout(sub.metric, s.tags)[1] + "}": i for i, s in enumerate(chosen)}

@@ -363,6 +363,25 @@ async def test_downsample_buckets_are_aligned_and_whole(env: Env, fn: str) -> No
     assert list(out["dps"]) == [str(S + 60), str(S + 120)]
 
 
+async def test_the_edges_are_computed_over_whole_hours_as_opentsdb_scans_them(env: Env) -> None:
+    """OpenTSDB computes over its scan (TsdbQuery.getScanStart/EndTimeSeconds: whole hours around
+    the range, aligned to the downsample interval) and writes only [start, end]: a series is lerped
+    from a bucket before start or after end, and the first rate in range has the point before it.
+    So the answer does not depend on where in its bucket the start falls. (Values worked out from
+    OpenTSDB's source: AggregationIterator, HttpJsonSerializer.)"""
+    t = S + 20   # 20 s past a minute
+    await env.put([("edge", (t + dt) * 1000, v, {"host": "a"}) for dt, v in ((5, 1), (65, 2), (125, 3))]
+                  + [("edge", (t + dt) * 1000, v, {"host": "b"}) for dt, v in ((5, 10), (125, 30))])
+    for start, end in ((t, t + 180), (t - 19, t + 179), (t + 39, t + 100)):   # within the bucket before t+40
+        [out] = await env.query(body(sub("sum", "edge", downsample="1m-avg"), start=start, end=end))
+        assert out["dps"] == {str(t + 40): 22.0, str(t + 100): 33.0}, (start, out["dps"])
+    [out] = await env.query(body(sub("sum", "edge", downsample="1m-avg"), start=t - 20, end=t + 60))
+    assert out["dps"] == {str(t - 20): 11.0, str(t + 40): 22.0}   # b's 20 at t+40: from its bucket after end
+    await env.put([("climb", (S + dt) * 1000, v, {"host": "a"}) for dt, v in ((0, 0), (10, 100), (20, 200))])
+    [out] = await env.query(body(sub("sum", "climb", rate=True), start=S + 5, end=S + 30))
+    assert out["dps"] == {str(S + 10): 10.0, str(S + 20): 10.0}   # S+10's rate has the point at S
+
+
 async def test_downsample_over_several_series_then_aggregate(env: Env) -> None:
     other = [(t, v * 2 + 1) for t, v in DS]
     await env.put([("ds", t, v, {"host": "a"}) for t, v in DS] + [("ds", t, v, {"host": "b"}) for t, v in other])
@@ -556,11 +575,19 @@ async def test_end_may_equal_start(env: Env) -> None:
     assert out["dps"] == {str(S + 10): 2 + 20 + 1.5}
 
 
-async def test_no_points_in_range_answers_nothing(env: Env) -> None:
+async def test_no_points_in_the_hours_read_answers_nothing(env: Env) -> None:
     await put_abc(env)
-    assert await env.query(body(sub("sum"), start=S + 3600)) == []
-    # a downsample interval longer than the range holds no bucket start
-    assert await env.query(body(sub("sum", downsample="1h-sum"), start=S + 1, end=S + 100)) == []
+    assert await env.query(body(sub("sum"), start=S + 3600)) == []   # the next hour holds none
+
+
+async def test_series_the_scan_finds_answer_even_with_no_point_in_range(env: Env) -> None:
+    """OpenTSDB reads whole hours and writes every group they hold, its dps cut to [start, end]:
+    a 1h bucket that begins before start is computed and left out, the group stays, empty."""
+    await put_abc(env)
+    assert await env.query(body(sub("sum", downsample="1h-sum"), start=S + 1, end=S + 100)) == [
+        {"metric": "cpu", "tags": {"env": "prod"}, "aggregateTags": ["dc", "host"], "dps": {}}]
+    outs = await env.query(body(sub("none"), start=S + 51, end=S + 59))   # points at S+50 and before
+    assert [(o["tags"]["host"], o["dps"]) for o in outs] == [("a", {}), ("b", {}), ("c", {})]
 
 
 # -- what is read ---------------------------------------------------------------------------------
@@ -871,7 +898,8 @@ _series = st.lists(st.dictionaries(st.integers(0, 100), st.integers(-1000, 1000)
 def test_random_series_aggregate_as_the_model_says(tmp_path: Path) -> None:
     """Random series (points at whole seconds of 100 s), every lerping and non-lerping aggregator,
     with and without a downsample whose buckets do not align on the start: the engine's dps equal
-    the model's (values compared as numbers)."""
+    the model's (values compared as numbers). As OpenTSDB, the bucket holding the start is computed
+    (and lerped across) but not answered."""
     loop = asyncio.new_event_loop()
     e = loop.run_until_complete(make_env(tmp_path / "db"))
     count = iter(range(10 ** 6))
@@ -887,13 +915,14 @@ def test_random_series_aggregate_as_the_model_says(tmp_path: Path) -> None:
             outs = loop.run_until_complete(e.query(body(sub(agg, metric, downsample=ds), end=S + 100)))
             if ds is not None:
                 interval = int(ds.split("s-")[0]) * 1000
-                first, last = -(-BASE // interval) * interval, (BASE + 100_000) // interval * interval
+                first, last = BASE - BASE % interval, (BASE + 100_000) // interval * interval
                 series = [list(buckets(pts, interval, first, last, ds.split("-")[1]).items()) for pts in series]
                 series = [pts for pts in series if pts]
             model = {"zimsum": "sum", "mimmin": "min", "mimmax": "max"}.get(agg, agg)
-            want = secs(across(series, model, lerp=agg in ("sum", "avg", "min", "max")))
-            if not want:   # every point before the first whole bucket
-                assert outs == []
+            full = across(series, model, lerp=agg in ("sum", "avg", "min", "max"))
+            want = secs({t: v for t, v in full.items() if t >= BASE})
+            if not want:   # every point in the bucket holding the start: the group answers, empty
+                assert [o["dps"] for o in outs] == [{}]
                 return
             [out] = outs
             assert list(out["dps"]) == list(want), (out["dps"], want)

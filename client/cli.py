@@ -854,7 +854,8 @@ def _tls_hint(message: str, tls_ca: str | None) -> str:
     if tls_ca is not None and "CERTIFICATE_VERIFY_FAILED" in message:
         return f" (--tls-ca {tls_ca} did not sign the broker's certificate, or it names another host)"
     if tls_ca is not None and ("ALPN" in message or "WRONG_VERSION_NUMBER" in message):
-        return " (this port does not serve gRPC over TLS: a plaintext broker needs no --tls-ca; or the HTTP port)"
+        return " (this port does not serve gRPC over TLS: it may be a plaintext broker, which needs no --tls-ca, " \
+               "or the HTTP port)"
     return ""
 
 

@@ -11,10 +11,11 @@ headers, a body that does not decode as its Content-Encoding says, a broken chun
 aiohttp answers those from `RequestHandler.handle_error` as text/plain and offers no hook for
 them (aio-libs/aiohttp#3287), so `HttpRunner` serves connections with a `RequestHandler`
 subclass whose `handle_error` renders a catalogue row instead. aiohttp hands it no path (the
-parser failed), so the handler reads the request line of a request that begins a read itself (a
-client's usual write: its line, headers and body at once) and answers with the body of the door
-that owns that path (an OpenTSDB client on the HTTP port gets OpenTSDB's error object); without
-one, the fallback door's: DIS, the broker's first.
+parser failed), so the handler reads the request line itself when a read begins with one (a
+client writes its line first; the reads that continue its headers keep that path) and answers
+with the body of the door that owns the path (an OpenTSDB client on the HTTP port gets OpenTSDB's
+error object); with none seen since the last answer (a request pipelined behind another in one
+read, a request line over the parser's limit), the fallback door's: DIS, the broker's first.
 This leans on aiohttp internals (`AppRunner._make_server`, `Server._loop/_kwargs`, the
 `handle_error` signature, stable through 3.x); tests/api/test_http_envelope.py sends the raw
 bytes, so an aiohttp upgrade that changes them fails there, not in front of a client.
@@ -174,10 +175,13 @@ class _RequestHandler(web.RequestHandler):
                 self.force_close()
 
     def data_received(self, data: bytes) -> None:
-        # a request line begins this read (a bytes test: a body's reads seldom start so); its
-        # path picks the door of a parser error's answer. Bounded to the parser's line limit.
-        if self.renderer_for is not None and b"A" <= data[:1] <= b"Z":
-            self._path = _request_path(data)
+        # a request line that begins this read (after the empty lines RFC 9112 lets a client send
+        # first) names the door of a parser error's answer; a read that continues a request's
+        # headers or body keeps the path found before. One byte test for most reads.
+        if self.renderer_for is not None and (b"A" <= data[:1] <= b"Z" or data[:1] == b"\r"):
+            path = _request_path(data.lstrip(b"\r\n") if data[:1] == b"\r" else data)
+            if path is not None:
+                self._path = path
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -187,6 +191,7 @@ class _RequestHandler(web.RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        self._path = None   # answered: the next request names its own door
         try:
             return await self._finish_response(request, resp, start_time)
         finally:
@@ -306,8 +311,9 @@ def _unknown_expectations_ignored(make_request: Any) -> Any:
 
 
 class HttpRunner(web.AppRunner):
-    """`web.AppRunner` whose connections answer parser errors with the body of the root app's
-    fallback door (`app[RENDERER]`, set by build_http_app)."""
+    """`web.AppRunner` whose connections answer parser errors with the body of the door that owns
+    the request's path (`app[PATH_RENDERER]`), else the root app's fallback door (`app[RENDERER]`;
+    both set by build_http_app)."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

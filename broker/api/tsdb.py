@@ -84,9 +84,10 @@ def _sync_timeout(request: web.Request) -> float | None:
     if not (raw.isascii() and raw.isdigit()):
         raise client_error(ErrorCode.INVALID_REQUEST,
                            detail=f"sync_timeout must be a non-negative integer (milliseconds), got {raw!r:.40}")
-    if len(raw.lstrip("0")) > 15:   # an integer all the same: longer than any wait (~30,000 years)
+    digits = raw.lstrip("0")
+    if len(digits) > 15:   # an integer all the same: longer than any wait (~30,000 years)
         return None
-    ms = int(raw)
+    ms = int(digits or "0")
     return ms / 1000 if ms else None
 
 

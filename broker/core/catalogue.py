@@ -329,7 +329,7 @@ class StreamCatalogue:
         if not isinstance(target, int) or isinstance(target, bool) or target < 1:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"target_partition_count must be a positive "
                                                                  f"integer, got {target!r:.40}")
-        self.get(project, stream_name)   # a missing stream is not found, whatever the target
+        self.get(project, stream_name)   # a missing stream is not found, even for a target over the quota
         if target > self._limits.max_partitions:
             raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"target_partition_count {target} exceeds the "
                                                                 f"quota of {self._limits.max_partitions}")

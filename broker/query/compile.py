@@ -462,10 +462,10 @@ class ExprCompiler:
             if name == "lower":
                 return Typed(t.expr.str.replace_many(_ASCII_UPPER, _ASCII_LOWER), "string")
             return Typed(t.expr.str.replace_many(_ASCII_LOWER, _ASCII_UPPER), "string")
-        if name in ("lower_utf8", "upper_utf8"):   # every letter Unicode maps
+        if name in ("lower_utf8", "upper_utf8", "lowerutf8", "upperutf8"):   # every letter Unicode maps
             arity(1)
             t = self._string_arg(name, args[0])
-            return Typed(t.expr.str.to_lowercase() if name == "lower_utf8" else t.expr.str.to_uppercase(),
+            return Typed(t.expr.str.to_lowercase() if name.startswith("lower") else t.expr.str.to_uppercase(),
                          "string")
         if name == "length":
             arity(1)

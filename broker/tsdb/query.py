@@ -198,7 +198,8 @@ def _time(value: object, where: str, now_ms: int, tz: Callable[[], dt.tzinfo]) -
     if not isinstance(value, str) or not value:
         raise _bad(where, f"expected a timestamp, a relative time like 1h-ago or a date, got {_show(value)}")
     if _DIGITS.fullmatch(value):
-        return _absolute(int(value) if len(value) <= 20 else _MAX_MS + 1, where)
+        digits = value.lstrip("0") or "0"
+        return _absolute(int(digits) if len(digits) <= 20 else value, where)
     if m := _DOTTED.fullmatch(value):
         return int(m.group(1)) * 1000 + int(m.group(2).ljust(3, "0"))
     if value.lower() == "now":
@@ -219,8 +220,9 @@ def _time(value: object, where: str, now_ms: int, tz: Callable[[], dt.tzinfo]) -
                       f"got {_show(value)}")
 
 
-def _absolute(n: int, where: str) -> int:
-    if n < 0 or n > _MAX_MS:
+def _absolute(n: int | str, where: str) -> int:
+    """Seconds or milliseconds by magnitude -> ms; `n` a string: digits too many to be either."""
+    if isinstance(n, str) or n < 0 or n > _MAX_MS:
         raise _bad(where, f"timestamp {_show(n)} out of range (0 to 9999999999 seconds or 10000000000 to "
                           f"9999999999999 milliseconds)")
     return n * 1000 if n <= 9_999_999_999 else n
@@ -240,13 +242,17 @@ def _timezone(body: Mapping[str, Any]) -> Callable[[], dt.tzinfo]:
     return resolve
 
 
+_BOOLEAN_TEXTS = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+
+
 def _boolean(value: object, where: str) -> bool:
     """A boolean field as OpenTSDB's Jackson reads it: absent or null is false; besides true and
-    false, the strings "true" and "false" (any case) and an integer (0 is false) are taken."""
+    false, the strings "true" and "false" (as Jackson spells them: lower, capitalised or upper
+    case) and an integer (0 is false) are taken."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
+    if isinstance(value, str) and value in _BOOLEAN_TEXTS:
+        return _BOOLEAN_TEXTS[value]
     if isinstance(value, int):
         return value != 0
     raise _bad(where, f"expected true or false, got {_show(value)}")
@@ -574,6 +580,8 @@ def _matching(series: Sequence[Series], filters: Sequence[TagFilter], explicit: 
             except Exception:   # Polars raises ComputeError for a pattern the regex crate refuses
                 raise _bad(where, f"invalid regexp {_show(f.expr)} for tag {f.tagk!r}") from None
             ok = [bool(h) for h in hits]
+        elif f.type in ("wildcard", "iwildcard") and not f.expr.strip("*"):   # `*`: any value (the usual)
+            ok = [v is not None for v in values]
         elif f.type in ("wildcard", "iwildcard"):
             expr = f.expr.lower() if f.type == "iwildcard" else f.expr
             ok = [v is not None and _glob(expr, v.lower() if f.type == "iwildcard" else v) for v in values]

@@ -93,6 +93,32 @@ def test_parser_errors_get_the_body_of_the_door_that_owns_the_path(broker, path:
     assert reply.headers["X-Request-Id"]
 
 
+def test_a_parser_error_in_headers_sent_in_many_writes_gets_the_door_of_the_request_line(broker) -> None:
+    """The reads after the request line (headers, an uppercase value) keep its path; after an
+    answer, a new request (here after the empty line RFC 9112 allows) names its own door."""
+    with socket.create_connection(addr(broker.http_url), timeout=10) as sock:
+        sock.sendall(b"GET /api/suggest?type=metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        assert first.status == 200 and first.read()
+        raw = request("POST", STREAMS, [CL, ("X-Token", "A" * 9000)], BODY)
+        sock.sendall(b"\r\n" + raw[:30])   # the empty line, then the request line in its own write
+        for at in range(30, len(raw), 1448):
+            sock.sendall(raw[at:at + 1448])
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        body = json.loads(resp.read())
+    assert resp.status == 400 and body["error_code"] == "DIS.4200", body   # DIS's, not OpenTSDB's
+    with socket.create_connection(addr(broker.http_url), timeout=10) as sock:
+        raw = request("POST", "/api/put", [CL, ("X-Token", "A" * 9000)], BODY)
+        for at in range(0, len(raw), 1448):
+            sock.sendall(raw[at:at + 1448])
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        body = json.loads(resp.read())
+    assert resp.status == 400 and set(body) == {"error", "reason"}, body   # OpenTSDB's
+
+
 def test_a_client_request_id_header_is_kept_when_the_parser_fails_later(broker) -> None:
     """The parser may fail before it has the headers: then the id is a fresh one, never empty."""
     reply = exchange(broker, request("GET", STREAMS, [("X-Request-Id", "mine")] + [(f"X-H{i}", "1")

@@ -875,10 +875,11 @@ async def test_suggest(env: Env) -> None:
 
 
 def test_an_out_of_range_time_names_its_number() -> None:
-    for start in ("99999999999999999999", 2**70, 10**13):   # it said "timestamp 'a int'" past 64 bits
+    for start in ("99999999999999999999", 2**70, 10**13, "9" * 25):   # it said "timestamp 'a int'" past 64 bits
         with pytest.raises(ClientError) as err:
             query.parse_body(body(sub(), start=start), NOW)
         assert f"start: timestamp '{start}' out of range" in err.value.message, err.value.message
+    assert query.parse_body(body(sub(), start="0" * 30 + str(S)), NOW).start_ms == BASE   # leading zeros
 
 
 def test_suggest_sorts_and_caps_at_25_by_default() -> None:

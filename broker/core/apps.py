@@ -102,8 +102,13 @@ def decode_app(name: str, raw: bytes, stream_names: tuple[str, ...] = ()) -> App
 CHECKPOINT_KIND = b"C"   # every checkpoint of every project starts with it
 
 
+def checkpoint_project_prefix(project: str) -> bytes:
+    """Every checkpoint of every app of `project` (names hold no NUL: the prefix is exact)."""
+    return CHECKPOINT_KIND + project.encode() + b"\0"
+
+
 def checkpoint_prefix(project: str, app: str) -> bytes:
-    return CHECKPOINT_KIND + project.encode() + b"\0" + app.encode() + b"\0"
+    return checkpoint_project_prefix(project) + app.encode() + b"\0"
 
 
 def checkpoint_key(project: str, app: str, stream_id: int, partition: int) -> bytes:

@@ -97,11 +97,11 @@ class Consumers:
         return name
 
     async def forget_stream(self, config: StreamConfig) -> None:
-        """Drop every app's checkpoints of a deleted stream, so they do not linger."""
-        doomed: dict[bytes, bytes | None] = {}
-        for key, _ in await self._store.meta_scan(apps.app_prefix(config.project)):
-            prefix = apps.checkpoint_stream_prefix(config.project, apps.app_name_of(key), config.stream_id)
-            doomed.update((k, None) for k, _ in await self._store.meta_scan(prefix))
+        """Drop every app's checkpoints of a deleted stream, so they do not linger: one scan of
+        the project's checkpoints (a scan per app made a delete cost ~0.1 s with 1,000 apps)."""
+        doomed: dict[bytes, bytes | None] = {
+            key: None for key, _ in await self._store.meta_scan(apps.checkpoint_project_prefix(config.project))
+            if apps.checkpoint_ref(key)[0] == config.stream_id}
         if doomed:
             await self._store.meta_write(doomed)
 

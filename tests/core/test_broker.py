@@ -13,7 +13,7 @@ from typing import AsyncIterator, Awaitable
 
 import pytest
 
-from broker.core import routing
+from broker.core import apps, routing
 from broker.core.broker import Broker
 from broker.core.leases import StoreLeases
 from broker.errors import BrokerError, ErrorCode, client_error
@@ -610,6 +610,24 @@ async def test_apps_checkpoints_and_groups_belong_to_a_project(broker: Broker, c
     await broker.delete_stream("s", project="p2")                # its checkpoints go with it
     await broker.create_stream("s", 2, project="p2")
     assert await broker.get_checkpoint("app", "s", 0, project="p2") is None
+
+
+async def test_a_deleted_streams_checkpoints_go_for_every_app_and_only_its_own(broker: Broker) -> None:
+    for project in ("p1", "p2"):
+        for stream in ("s", "t"):
+            await broker.create_stream(stream, 2, project=project)
+            await broker.put_records(stream, [PutEntry(b"x", partition_id=str(p)) for p in (0, 1)], project=project)
+        for app in ("a", "b"):
+            await broker.create_app(app, project=project)
+            for stream in ("s", "t"):
+                for partition in ("0", "1"):
+                    await broker.commit_checkpoint(app, stream, partition, "0", project=project)
+    s_id = broker.catalogue.get("p1", "s").stream_id
+    await broker.delete_stream("s", project="p1")
+    left = [apps.checkpoint_ref(k) for k, _ in await broker.store.meta_scan(apps.checkpoint_project_prefix("p1"))]
+    assert left and all(sid != s_id for sid, _ in left) and len(left) == 4   # a and b on t, 2 partitions each
+    for app in ("a", "b"):   # the other project's stream of the same name keeps its checkpoints
+        assert (await broker.get_checkpoint(app, "s", 1, project="p2")) is not None
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["local leases", "store leases"])

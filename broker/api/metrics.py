@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from aiohttp import web
@@ -93,51 +94,28 @@ class BrokerCollector(Collector):
                 self._store_size = await asyncio.to_thread(_directory_size, self.data_dir)
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._streams()
-        yield from self._requests()
-        yield from self._commits()
-        yield from self._consumers()
-        yield from self._sources()
-        yield from self._store()
+        return self.frozen().collect()
 
-    def _streams(self) -> Iterator[Metric]:
-        b = self.broker
-        part = ["project", "stream", "partition"]
-        rec_in = CounterMetricFamily("sluice_records_in", "Records appended, per partition", labels=part)
-        bytes_in = CounterMetricFamily("sluice_bytes_in", "Payload bytes appended, per partition", labels=part)
-        rec_out = CounterMetricFamily("sluice_records_out", "Records handed to consumers (GetRecords, "
-                                      "subscriptions, tails) and read by queries, per partition", labels=part)
-        bytes_out = CounterMetricFamily("sluice_bytes_out", "Payload bytes handed to consumers", labels=part)
-        lab = ["project", "stream"]
-        puts = CounterMetricFamily("sluice_put_requests", "Put calls answered (any door), per stream", labels=lab)
-        gets = CounterMetricFamily("sluice_get_requests", "GetRecords calls answered, per stream", labels=lab)
-        failed = CounterMetricFamily("sluice_record_failures", "Records refused inside an answered put, by "
-                                     "catalogue reason", labels=[*lab, "reason"])
-        throttled = CounterMetricFamily("sluice_throttled_records", "Records refused for the partition write "
-                                        "limit (DIS.4303)", labels=lab)
-        partitions = GaugeMetricFamily("sluice_stream_partitions", "ACTIVE (writable) partitions of each stream",
-                                       labels=lab)
-        for config in b.catalogue.all():
-            names = [config.project, config.stream_name]
-            partitions.add_metric(names, config.partition_count)
-            s = b.stats.streams.get(config.stream_id)
-            for p in range(config.readable_partition_count):   # DELETED ones too: readable until retention
-                labels = [*names, str(p)]
-                values: tuple[int, ...]
-                if s is None:
-                    values = (0, 0, 0, 0)
-                else:
-                    values = tuple(v[p] if p < len(v) else 0
-                                   for v in (s.put_records, s.put_bytes, s.get_records, s.get_bytes))
-                for family, value in zip((rec_in, bytes_in, rec_out, bytes_out), values):
-                    family.add_metric(labels, value)
-            puts.add_metric(names, s.put_requests if s else 0)
-            gets.add_metric(names, s.get_requests if s else 0)
-            throttled.add_metric(names, s.throttled_records if s else 0)
-            if s is not None:
-                for reason, n in sorted(s.failures.items()):
-                    failed.add_metric([*names, reason], n)
-        yield from (rec_in, bytes_in, rec_out, bytes_out, puts, gets, failed, throttled, partitions)
+    def frozen(self) -> _Frozen:
+        """This moment's families, for a scrape: what is per partition (four series each: tens of
+        thousands on a big broker, seconds of work) as plain copies of its counters, made into
+        families and text by the caller off the event loop; the rest (a few dozen) as families."""
+        return _Frozen(self._stream_rows(), [*self._requests(), *self._commits(), *self._consumers(),
+                                             *self._sources(), *self._store()])
+
+    def _stream_rows(self) -> list[_StreamRow]:
+        """Per stream, copies of what its families show (C-level copies: the loop may change the
+        originals while a thread reads these)."""
+        stats = self.broker.stats.streams
+        rows = []
+        for config in self.broker.catalogue.all():
+            s = stats.get(config.stream_id)
+            counters = () if s is None else (s.put_records[:], s.put_bytes[:], s.get_records[:], s.get_bytes[:])
+            rows.append(_StreamRow(config.project, config.stream_name, config.partition_count,
+                                   config.readable_partition_count, counters,
+                                   (s.put_requests, s.get_requests, s.throttled_records) if s else (0, 0, 0),
+                                   sorted(s.failures.items()) if s else []))
+        return rows
 
     def _requests(self) -> Iterator[Metric]:
         stats = self.broker.stats
@@ -217,6 +195,59 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("sluice_commits", "Group commits since start", value=self.broker.commits)
 
 
+@dataclass
+class _StreamRow:
+    project: str
+    stream: str
+    partition_count: int
+    readable: int
+    counters: tuple[list[int], ...]   # put records, put bytes, get records, get bytes: per partition
+    totals: tuple[int, int, int]      # put requests, get requests, throttled records
+    failures: list[tuple[str, int]]
+
+
+class _Frozen(Collector):
+    """A scrape's families (BrokerCollector.frozen): those per partition made from the rows when
+    collected, in a thread (generate_latest collects as it writes)."""
+
+    def __init__(self, rows: list[_StreamRow], others: list[Metric]) -> None:
+        self.rows, self.others = rows, others
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._streams()
+        yield from self.others
+
+    def _streams(self) -> Iterator[Metric]:
+        part = ["project", "stream", "partition"]
+        rec_in = CounterMetricFamily("sluice_records_in", "Records appended, per partition", labels=part)
+        bytes_in = CounterMetricFamily("sluice_bytes_in", "Payload bytes appended, per partition", labels=part)
+        rec_out = CounterMetricFamily("sluice_records_out", "Records handed to consumers (GetRecords, "
+                                      "subscriptions, tails) and read by queries, per partition", labels=part)
+        bytes_out = CounterMetricFamily("sluice_bytes_out", "Payload bytes handed to consumers", labels=part)
+        lab = ["project", "stream"]
+        puts = CounterMetricFamily("sluice_put_requests", "Put calls answered (any door), per stream", labels=lab)
+        gets = CounterMetricFamily("sluice_get_requests", "GetRecords calls answered, per stream", labels=lab)
+        failed = CounterMetricFamily("sluice_record_failures", "Records refused inside an answered put, by "
+                                     "catalogue reason", labels=[*lab, "reason"])
+        throttled = CounterMetricFamily("sluice_throttled_records", "Records refused for the partition write "
+                                        "limit (DIS.4303)", labels=lab)
+        partitions = GaugeMetricFamily("sluice_stream_partitions", "ACTIVE (writable) partitions of each stream",
+                                       labels=lab)
+        for row in self.rows:
+            names = [row.project, row.stream]
+            partitions.add_metric(names, row.partition_count)
+            for p in range(row.readable):   # DELETED ones too: readable until retention
+                labels = [*names, str(p)]
+                values = tuple(v[p] if p < len(v) else 0 for v in row.counters) if row.counters else (0, 0, 0, 0)
+                for family, value in zip((rec_in, bytes_in, rec_out, bytes_out), values):
+                    family.add_metric(labels, value)
+            for family, value in zip((puts, gets, throttled), row.totals):
+                family.add_metric(names, value)
+            for reason, n in row.failures:
+                failed.add_metric([*names, reason], n)
+        yield from (rec_in, bytes_in, rec_out, bytes_out, puts, gets, failed, throttled, partitions)
+
+
 def _directory_size(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -246,25 +277,27 @@ class _OneProject(Collector):
 
 
 class Exporter:
-    """One registry holding the broker's collector, and the three handlers."""
+    """The broker's collector, and the three handlers."""
 
     def __init__(self, collector: BrokerCollector, health: Health, auth: Auth | None = None) -> None:
         self.collector = collector
         self.health = health
         self.auth = auth
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(collector)
 
     async def metrics(self, request: web.Request, open_: bool = False) -> web.Response:
-        registry = self.registry
+        project: str | None = None   # an admin key sees its own project's series only
         if not open_ and self.auth is not None and self.auth.enabled:
             who = self.auth.api_key(presented_api_key(request))
             if who.role is not Role.ADMIN:
                 raise client_error(ErrorCode.PERMISSION_DENIED, detail="/metrics takes an admin API key")
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_OneProject(self.collector, who.project))
+            project = who.project
         await self.collector.refresh()
-        body = generate_latest(registry)
+        frozen = self.collector.frozen()
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(frozen if project is None else _OneProject(frozen, project))
+        # off the loop: 100,000 partitions are 400,000 series, ~2 s of formatting that would stall
+        # every door (and /healthz) meanwhile
+        body = await asyncio.to_thread(generate_latest, scrape)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def open_metrics(self, request: web.Request) -> web.Response:

@@ -125,3 +125,41 @@ async def test_partition_series_follow_scaling(broker: Broker) -> None:
         now_s = int(__import__("time").time())
         got = await broker.stream_metrics("sc", "total_put_bytes_per_partition", None, now_s - 60, now_s, "3")
         assert sum(v for _, v in got["total_put_bytes_per_partition"]) == 4
+
+
+async def test_a_scrape_of_many_partitions_does_not_stall_the_event_loop() -> None:
+    """/metrics of 20,480 partitions (81,920 series, a few hundred ms of formatting) is made off the
+    event loop: a ticker on the loop keeps ticking while it runs. (It held the loop for the whole
+    scrape: /healthz on the same port waited 0.5 s at 20,000 partitions, 2 s at 100,000.)"""
+    b = Broker(MemoryStore(), cursor_secret=b"scrape-test")
+    await b.start()
+    try:
+        for i in range(80):
+            await b.create_stream(f"s{i}", 256)
+        exporter = metrics.Exporter(metrics.BrokerCollector(b), metrics.Health(b))
+        async with TestClient(TestServer(build_http_app(b, body_timeout_s=5, exporter=exporter))) as client:
+            gaps: list[float] = []
+            done = asyncio.Event()
+
+            async def tick() -> None:
+                loop = asyncio.get_running_loop()
+                last = loop.time()
+                while not done.is_set():
+                    await asyncio.sleep(0.001)
+                    now = loop.time()
+                    gaps.append(now - last)
+                    last = now
+
+            ticker = asyncio.ensure_future(tick())
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            reply = await client.get("/metrics")
+            text = await reply.text()
+            took = loop.time() - began
+            done.set()
+            await ticker
+        assert reply.status == 200 and text.count('sluice_records_in_total{') == 80 * 256
+        # stalled, the longest gap would be the whole scrape; off the loop, a few switch intervals
+        assert max(gaps) < took / 2, (max(gaps), took)
+    finally:
+        await b.close()

@@ -147,6 +147,7 @@ class StreamCatalogue:
         async with self._lock:
             if config.key in self._streams:
                 raise client_error(ErrorCode.STREAM_EXISTS, stream=config.stream_name)
+            self._check_project_partitions(config.project, config.partition_count)
             stored = await self._store.create_stream(config)
             self._remember(stored)
             self._summaries.pop(config.project, None)
@@ -353,6 +354,7 @@ class StreamCatalogue:
             config = self.get(project, stream_name)
             if target == config.partition_count:
                 return config, config
+            self._check_project_partitions(project, target - config.readable_partition_count)
             sid = config.stream_id
             done = self._scaling[sid] = asyncio.Event()
             try:
@@ -372,6 +374,17 @@ class StreamCatalogue:
                 del self._scaling[sid]
                 done.set()
         return config, scaled
+
+
+    def _check_project_partitions(self, project: str, more: int) -> None:
+        """QUOTA_EXCEEDED when `more` readable partitions would take the project past its quota."""
+        if more <= 0:
+            return
+        held = sum(c.readable_partition_count for c in self._by_id.values() if c.project == project)
+        quota = self._limits.max_project_partitions
+        if held + more > quota:
+            raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"project [{project}] holds {held} partitions; "
+                               f"{more} more would pass its quota of {quota}")
 
 
 def _closing_event(config: StreamConfig, p: int) -> ScaleEvent:

@@ -36,6 +36,10 @@ class Limits:
     # Partitions per stream: DIS's default account quota is 50 COMMON partitions; [ours] a single
     # stream may use up to 256 before we answer DIS.4308.
     max_partitions: int = 256
+    # Partitions of a project, every stream's readable ones (DELETED included, until retention):
+    # DIS's default account quota is 60; [ours] 100,000 bounds what one tenant's streams cost the
+    # broker (each is a series of /metrics and a look each retention pass) without DIS's ticket.
+    max_project_partitions: int = 100_000
     # Scale events a stream keeps (those within its retention window: each holds a boundary per
     # partition, and readers work through them). DIS allows 5 an hour (120 in a day); Sluice
     # relaxes the rate but bounds the history: past this, UpdatePartitionCount is QUOTA_EXCEEDED
@@ -59,7 +63,7 @@ class Limits:
     # Push subscriptions send an empty message after this much silence so a dead consumer is noticed
     # and proxies keep the connection open. app.py sets it from --subscribe-heartbeat.
     subscribe_heartbeat_ms: int = 15_000
-    # Apps: DIS's default app quota is undocumented; [ours] 1000 per broker.
+    # Apps: DIS's default app quota is undocumented; [ours] 1000 per project.
     max_apps: int = 1000
     # Consumer-group lease: [ours] 1..300 s, default 10 s; members heartbeat every lease/3.
     min_lease_ms: int = 1_000

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from broker.core import routing
 from broker.core.broker import Broker
 from broker.core.leases import LocalLeases
+from broker.core.limits import Limits
 from broker.errors import BrokerError, ErrorCode
 from broker.model import PutEntry
 from broker.storage.memory import MemoryStore
@@ -132,7 +133,6 @@ def test_a_hash_moves_from_a_parent_to_its_child(src: int, target: int, h: int) 
 
 
 async def test_history_is_bounded_and_forgets_events_past_retention() -> None:
-    from broker.core.limits import Limits
 
     clock = [1_000_000]
     broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, limits=Limits(max_scale_events=3),
@@ -182,5 +182,26 @@ async def test_consumer_state_gives_each_partition_its_status_as_describe_does()
             desc = await broker.describe_stream("s")
             assert [st.status for st in states] == [p.status for p in desc.partitions] == expected
             clock[0] += 24 * 3_600_000   # the retention window later
+    finally:
+        await broker.close()
+
+
+async def test_a_projects_partitions_have_a_quota_deleted_ones_counted_until_retention() -> None:
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, limits=Limits(max_project_partitions=10))
+    await broker.start()
+    try:
+        await broker.create_stream("a", 6)
+        await broker.create_stream("b", 4)
+        for make in (broker.create_stream("c", 1), broker.update_partition_count("a", 7)):
+            with pytest.raises(BrokerError) as e:
+                await make
+            assert e.value.code is ErrorCode.QUOTA_EXCEEDED and "quota of 10" in e.value.message
+        await broker.create_stream("c", 10, project="other")   # a quota per project
+        await broker.update_partition_count("b", 2)   # its 2 closed partitions stay readable: still 10
+        with pytest.raises(BrokerError):
+            await broker.create_stream("c", 1)
+        await broker.update_partition_count("b", 4)   # made ACTIVE again: no more readable ones
+        await broker.delete_stream("b")
+        await broker.create_stream("c", 4)
     finally:
         await broker.close()

@@ -56,7 +56,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import orjson
@@ -132,6 +132,8 @@ def raw_series_form(metric: str, raw_tags: bytes) -> SeriesForm | None:
             return None
         if type(tags) is not dict or not tags or len(tags) > MAX_TAGS:
             return None
+        if float in set(map(type, tags.values())):   # as written, as the long way takes them (numbers_as_written)
+            tags = numbers_as_written({"tags": tags}, lambda _: b'{"tags":' + raw_tags + b"}", 0)["tags"]
         # the names checked as series_form does, without its cache keyed by the names as
         # received: this one (by the tags' text) serves the fast path
         verdict = _check_names(metric, tags)
@@ -355,9 +357,10 @@ def check_points(raw: list[Any]) -> list[Point | str]:
 Checked = tuple[int, SeriesForm, str, int, bytes]
 
 
-def check_batch(raw: list[Any]) -> tuple[list[str | None], list[Checked]]:
+def check_batch(raw: list[Any], texts: Callable[[int], bytes] | None = None) -> tuple[list[str | None], list[Checked]]:
     """Every element of a put checked and, when valid, made into its record: (per element its
-    error string or None; the valid ones in order). The same verdicts as check_point."""
+    error string or None; the valid ones in order). The same verdicts as check_point. `texts`:
+    element i's JSON text as received, for names written as non-integer numbers (numbers_as_written)."""
     errors: list[str | None] = [None] * len(raw)
     ok: list[Checked] = []
     add = ok.append
@@ -386,6 +389,8 @@ def check_batch(raw: list[Any]) -> tuple[list[str | None], list[Checked]]:
                         continue
         except (KeyError, TypeError):   # a field missing, an unhashable tag value: the long way
             pass
+        if texts is not None:
+            p = numbers_as_written(p, texts, i)
         checked = check_point(p)
         if isinstance(checked, str):
             errors[i] = checked
@@ -394,6 +399,33 @@ def check_batch(raw: list[Any]) -> tuple[list[str | None], list[Checked]]:
             assert form is not None
             add((i, form, checked.kind, checked.timestamp_ms, form.record(checked.timestamp_ms, dumps(checked.value))))
     return errors, ok
+
+
+def numbers_as_written(p: Any, texts: Callable[[int], bytes], i: int) -> Any:
+    """Point i with each name written as a non-integer JSON number (a tag value, the metric) as
+    its text was written - `1e20`, `1E2`, `1.50`, an integer past 64 bits - as HiTSDB's Jackson
+    reads a number into a string; Python's float would say `1e+20` (refused for its +), `100.0`,
+    `1.5`. Other points (integers and booleans are spelled alike either way) as they are."""
+    if type(p) is not dict:
+        return p
+    tags, metric = p.get("tags"), p.get("metric")
+    in_tags = type(tags) is dict and float in set(map(type, tags.values()))
+    if not in_tags and type(metric) is not float:
+        return p
+    try:
+        written = _FIELD_TEXTS.decode(texts(i))
+        fixed = dict(p)
+        if type(metric) is float:
+            fixed["metric"] = bytes(written["metric"]).decode()
+        if isinstance(tags, dict) and in_tags:
+            tag_texts = _FIELD_TEXTS.decode(written["tags"])
+            fixed["tags"] = {k: bytes(tag_texts[k]).decode() if type(v) is float else v for k, v in tags.items()}
+        return fixed
+    except (msgspec.DecodeError, KeyError, RecursionError):   # nesting past msgspec's limit: as parsed
+        return p
+
+
+_FIELD_TEXTS = msgspec.json.Decoder(dict[str, msgspec.Raw])   # an object's members, each as written
 
 
 def type_conflict(series_kind: str, kind: str) -> str | None:

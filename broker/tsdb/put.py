@@ -65,7 +65,13 @@ def parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
     """(the points as received, per point its error or None, the valid ones made into records:
     points.check_batch). Raises BadBody."""
     raw = points_of(body)
-    return raw, *check_batch(raw)
+    written: list[list[bytes]] = []   # the points' texts, found only if a name is a float (rare)
+
+    def texts(i: int) -> bytes:
+        if not written:
+            written.append(raw_points(body))
+        return written[0][i]
+    return raw, *check_batch(raw, texts)
 
 
 def points_of(body: bytes) -> list[Any]:

@@ -247,6 +247,8 @@ async def suggest(request: web.Request) -> web.Response:
         if not isinstance(params, dict):
             raise client_error(ErrorCode.INVALID_REQUEST, detail="the body must be a JSON object: type, q, max")
     _, registry = await request.app[TARGET].lookup()
+    if registry is not None:
+        await registry.catch_up()   # a shared store: other brokers' series too
     return _json(tsdb_query.suggest(registry, params))
 
 

@@ -685,7 +685,9 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
     were written under (`layout`): a series written twice at one timestamp is decided by write
     order, and across layouts that is layout order, not the order partitions are read in."""
     project, name = config.project, config.stream_name
-    end = (await broker.store.bounds(config.stream_id, p)).next_seq
+    # every append acknowledged anywhere before the query began (a shared store's cached end may
+    # lag another broker's by its notification)
+    end = (await broker.store.fresh_bounds(config.stream_id, p)).next_seq
     # where each scale event began a new layout in p (0: p was made by it or later)
     cuts = [e.boundaries[p] if p < len(e.boundaries) else 0 for e in config.scale_events]
 
@@ -744,10 +746,13 @@ async def _read_partition(broker: Broker, config: StreamConfig, p: int, t: _Targ
 
 def _agg_expr(function: str) -> pl.Expr:
     v = pl.col("v")
+    # sums added one after another in the group's order (a cumulative sum's last): Polars' sum
+    # adds in blocks whose split varies from run to run, so the same query's answer varied in its
+    # last digit
     if function in ("sum", "zimsum"):
-        return pl.when(v.count() > 0).then(v.sum())
+        return pl.when(v.count() > 0).then(v.drop_nulls().cum_sum().last())
     if function == "avg":
-        return v.mean()
+        return v.drop_nulls().cum_sum().last() / v.count()
     if function in ("min", "mimmin"):
         return v.min()
     if function in ("max", "mimmax"):
@@ -840,7 +845,9 @@ def _interpolate(df: pl.DataFrame, step: bool) -> pl.DataFrame:
         raise _too_much(f"Sorry, aligning these series takes {cells} interpolated values, more than our limit of "
                         f"{MAX_CELLS}. Please downsample or decrease your time range.")
     grid = (spans.select("g", "sidx", r=pl.int_ranges("rlo", pl.col("rhi") + 1)).explode("r")
-            .join(times, on=["g", "r"]).select("g", "sidx", "ts").sort("ts"))
+            .join(times, on=["g", "r"]).select("g", "sidx", "ts").sort("ts", "sidx"))   # ties by series:
+    # a group's values are then summed in one order every time (Polars' sort is not stable, and
+    # a float sum in another order can differ in its last digit)
     points = df.select("g", "sidx", "ts", x0="ts", y0="v").sort("ts")
     out = grid.join_asof(points, on="ts", by=["g", "sidx"], strategy="backward",
                          check_sortedness=False)
@@ -984,6 +991,7 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
 async def _run_sub(broker: Broker, registry: SeriesRegistry, config: StreamConfig, q: Query, sub: SubQuery,
                    budget: _Budget) -> list[dict[str, Any]]:
     where = f"queries[{sub.index}]"
+    await registry.catch_up(sub.metric)   # a shared store: what other brokers' puts made
     known = registry.series_of(sub.metric)
     if not known:
         raise client_error(ErrorCode.UNKNOWN_METRIC, metric=sub.metric)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:   # not at run time: a tsdb worker imports this module, and ne
     from broker.tsdb.workers import TsdbWorkers
 
 SERIES_PREFIX = b"T"
+CATCH_UP_ALL_S = 1.0   # a shared store: how stale /api/suggest's view of other brokers' series may be
 NUMERIC, STRING, BOOLEAN = "numeric", "string", "boolean"
 LONG, DOUBLE = "long", "double"   # the kinds of numeric values
 TSDB_PARTITIONS = 8               # partitions of the tsdb stream when the door creates it
@@ -134,14 +136,34 @@ class SeriesRegistry:
         # query asks (a put that brings thousands of new series does not pay for it)
         self._by_metric: dict[str, dict[str, Series]] = {}
         self._indexed = 0
+        self._caught_up_all = -CATCH_UP_ALL_S   # monotonic time of the last catch_up over every metric
         # writers hold it from checking their points' types to the end of `fix`, so two requests
         # cannot both find a series new and fix two types for it
         self.lock = asyncio.Lock()
 
     async def load(self) -> None:
+        await self._learn(b"")
+
+    async def _learn(self, within: bytes) -> None:
+        """The stored series whose key starts with `within` (all: b""), known from now on."""
         prefix = _prefix(self.project, self.stream_id)
-        for key, value in await self.broker.store.meta_scan(prefix):
+        for key, value in await self.broker.store.meta_scan(prefix + within):
             self._remember(key[len(prefix):].decode(), _KIND.get(value, LONG))
+
+    async def catch_up(self, metric: str | None = None) -> None:
+        """On a shared store, the series other brokers made since this registry last looked (those
+        of `metric` only when given: one prefix scan): a query or suggest through this broker then
+        knows what another broker's put just acknowledged. A store this broker alone writes: nothing
+        to learn. Suggests over every metric look at most every CATCH_UP_ALL_S."""
+        if not self.broker.store.capabilities.shared:
+            return
+        if metric is not None:
+            await self._learn(orjson.dumps([metric])[:-1] + b",")   # `["<metric>",`: its series' keys
+            return
+        now = time.monotonic()
+        if now - self._caught_up_all >= CATCH_UP_ALL_S:
+            self._caught_up_all = now
+            await self._learn(b"")
 
     def _remember(self, key: str, kind: str) -> None:
         known = self._kinds.get(key)

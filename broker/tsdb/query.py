@@ -49,8 +49,8 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   interval: the bucket holding an unaligned `start` begins before it and is not answered, the one
   holding `end` is answered whole (it may count points after `end`). `0all-<fn>`: one value over
   [start, end), at `start`. Fill (none, nan, null, zero): missing buckets of the scan of a series
-  that has data become NaN (the JSON string
-  "NaN", as Jackson writes it), null, or 0; aggregations skip NaN/null. A value past the double
+  that has data become NaN (the JSON string "NaN", as Jackson writes it), null, or 0; aggregations
+  skip NaN/null. A value past the double
   range (a sum of huge values) is "Infinity" or "-Infinity", as Jackson writes it. Calendar intervals
   (`1dc`) -> 400. Downsampled values are doubles.
 * rate: per-second change between consecutive points (the first point has none); rateOptions
@@ -58,8 +58,8 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
 * Aggregators sum, avg, min, max, count, none (and OpenTSDB's zimsum, mimmin, mimmax); others 400.
   Across series, sum/avg/min/max interpolate linearly (lerp) a series that has no point at a
   timestamp another series of the group has - only between the series' own first and last point in
-  the scan, and in doubles (OpenTSDB lerps longs with integer division, and its avg of longs divides so too: 1 and
-  2 average 1 there, 1.5 here); after `rate` the series' previous value is
+  the scan, and in doubles (OpenTSDB lerps longs with integer division, and its avg of longs
+  divides so too: 1 and 2 average 1 there, 1.5 here); after `rate` the series' previous value is
   used instead. zimsum/mimmin/mimmax use no interpolation (actual points only). count is the number
   of series with an actual value at the timestamp (OpenTSDB counts every series between its first
   and last point). With a fill policy every series has every bucket, so nothing is interpolated.

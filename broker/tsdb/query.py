@@ -50,9 +50,9 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   holding `end` is answered whole (it may count points after `end`). `0all-<fn>`: one value over
   [start, end), at `start`. Fill (none, nan, null, zero): missing buckets of the scan of a series
   that has data become NaN (the JSON string "NaN", as Jackson writes it), null, or 0; aggregations
-  skip NaN/null. A value past the double
-  range (a sum of huge values) is "Infinity" or "-Infinity", as Jackson writes it. Calendar intervals
-  (`1dc`) -> 400. Downsampled values are doubles.
+  skip NaN/null. A value past the double range (a sum of huge values) is "Infinity" or
+  "-Infinity", as Jackson writes it. Calendar intervals (`1dc`) -> 400. Downsampled values are
+  doubles. A sum adds its values one after another in series order (the same digits every time).
 * rate: per-second change between consecutive points (the first point has none); rateOptions
   counter, counterMax (default 2^63-1), resetValue (0: off), dropResets.
 * Aggregators sum, avg, min, max, count, none (and OpenTSDB's zimsum, mimmin, mimmax); others 400.

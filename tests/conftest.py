@@ -13,9 +13,12 @@ import tempfile
 os.environ["HOME"] = tempfile.mkdtemp(prefix="sluice-test-home-")
 
 import itertools
+import json
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -94,6 +97,19 @@ def make_dis_client(http_url: str, project_id: str = "proj1"):  # type: ignore[n
 @pytest.fixture
 def dis_client(broker: BrokerProcess):  # type: ignore[no-untyped-def]
     return make_dis_client(broker.http_url)
+
+
+def rest(broker: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """(status, JSON answer or None) of one HTTP request with a JSON body to the broker's HTTP port."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(broker.http_url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -24,7 +24,7 @@ from broker.launcher import BrokerProcess
 from client import Client
 from client.errors import SluiceError
 from client.model import RecordsPage
-from tests.conftest import eventually
+from tests.conftest import eventually, rest
 from tests.sources.conftest import NatsServer
 from tests.storage.conftest import nats_config
 
@@ -260,17 +260,6 @@ def test_both_brokers_writing_both_brokers_pushing_every_record_once_in_order(
                 assert got[(who, p)] == stored, (who, p)                          # each once, in order
 
 
-def _post(proc: BrokerProcess, path: str, body: object) -> tuple[int, object]:
-    request = urllib.request.Request(proc.http_url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_points_put_through_a_are_queried_and_suggested_through_b_at_once(
         pair: tuple[BrokerProcess, BrokerProcess], name: str) -> None:
     """B's series registry catches up with A's series when a query or suggest asks (it loaded them
@@ -281,18 +270,20 @@ def test_points_put_through_a_are_queried_and_suggested_through_b_at_once(
     now = int(time.time())
     metric_name = f"js.{name}"
     first = {"metric": metric_name, "timestamp": now, "value": 1, "tags": {"host": "b"}}
-    assert _post(b, "/api/put", [first])[0] == 204
+    assert rest(b, "POST", "/api/put", [first])[0] == 204
     query = {"start": now - 10, "queries": [{"metric": metric_name, "aggregator": "sum"}]}
-    assert _post(b, "/api/query", query)[1] == [{"metric": metric_name, "tags": {"host": "b"}, "aggregateTags": [],
-                                                 "dps": {str(now): 1}}]   # B's registry is loaded now
+    assert rest(b, "POST", "/api/query", query)[1] == [   # B's registry is loaded now
+        {"metric": metric_name, "tags": {"host": "b"}, "aggregateTags": [], "dps": {str(now): 1}}]
     for i in range(5):   # new series through A, each queried through B right after A's answer
         point = {"metric": metric_name, "timestamp": now, "value": 10 ** (i + 1), "tags": {"host": f"a{i}"}}
-        assert _post(a, "/api/put", [point])[0] == 204
-        status, outs = _post(b, "/api/query", query)
+        assert rest(a, "POST", "/api/put", [point])[0] == 204
+        status, outs = rest(b, "POST", "/api/query", query)
         assert status == 200 and outs[0]["dps"] == {str(now): 1 + sum(10 ** (j + 1) for j in range(i + 1))}, outs
     fresh = f"js.{name}.new"   # a metric only A has written
-    assert _post(a, "/api/put", [{"metric": fresh, "timestamp": now, "value": 7, "tags": {"host": "a"}}])[0] == 204
-    status, outs = _post(b, "/api/query", {"start": now - 10, "queries": [{"metric": fresh, "aggregator": "sum"}]})
+    assert rest(a, "POST", "/api/put", [{"metric": fresh, "timestamp": now, "value": 7, "tags": {"host": "a"}}])[0] \
+        == 204
+    status, outs = rest(b, "POST", "/api/query", {"start": now - 10,
+                                                  "queries": [{"metric": fresh, "aggregator": "sum"}]})
     assert (status, outs[0]["dps"]) == (200, {str(now): 7}), outs
     with urllib.request.urlopen(f"{b.http_url}/api/suggest?type=metrics&q=js.{name}", timeout=10) as resp:
         assert json.loads(resp.read()) == [metric_name, fresh]

@@ -6,8 +6,6 @@ and bad definitions answered 400 with an ErrorResponse naming the property.
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
@@ -15,23 +13,13 @@ from swagger_client.rest import ApiException
 from timeplus import Source
 from timeplus_sdk_helpers import bounded, create_stream, env, env_for, new_name, wait_until, ws  # noqa: F401 (fixtures)
 
+from tests.conftest import rest
+
 IOT = [("device", "string"), ("number", "float64"), ("time", "datetime64(3)")]
 
 
 def count(env: Any, stream: str) -> int:
     return bounded(env, f"select count() from table({stream})").rows[0][0]
-
-
-def rest(broker: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(broker.http_url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_the_sdk_creates_lists_gets_stops_starts_and_deletes_a_source(env):

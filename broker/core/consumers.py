@@ -58,6 +58,20 @@ class Consumers:
         configs = (self._catalogue.by_id(i) for i in {apps.checkpoint_ref(k)[0] for k, _ in keys})
         return tuple(sorted(c.stream_name for c in configs if c is not None))
 
+    async def _streams_by_app(self, project: str) -> dict[str, tuple[str, ...]]:
+        """_app_streams of every app of the project, from one scan of its checkpoints (a scan per
+        app made a list of 1,000 apps cost ~1 s, and the console lists them every 2 s)."""
+        prefix = apps.checkpoint_project_prefix(project)
+        ids: dict[str, set[int]] = {}
+        for key, _ in await self._store.meta_scan(prefix):
+            app = key[len(prefix):key.index(b"\0", len(prefix))].decode()
+            ids.setdefault(app, set()).add(apps.checkpoint_ref(key)[0])
+        out = {}
+        for app, sids in ids.items():
+            configs = (self._catalogue.by_id(i) for i in sids)
+            out[app] = tuple(sorted(c.stream_name for c in configs if c is not None))
+        return out
+
     async def describe_app(self, project: str, app_name: object) -> AppInfo:
         """Raises INVALID_REQUEST, APP_NOT_FOUND."""
         project = check_project(project)
@@ -74,10 +88,11 @@ class Consumers:
         project = check_project(project)
         limit = clip_page(limit, self._limits.default_app_page, self._limits.max_app_page, "limit")
         rows = await self._store.meta_scan(apps.app_prefix(project))
+        streams = await self._streams_by_app(project)
         infos = []
         for key, value in rows:
             name = apps.app_name_of(key)
-            infos.append(apps.decode_app(name, value, await self._app_streams(project, name)))
+            infos.append(apps.decode_app(name, value, streams.get(name, ())))
         if stream_name:
             self._catalogue.get(project, stream_name)
             infos = [i for i in infos if stream_name in i.stream_names]

@@ -158,6 +158,35 @@ def test_apps_page_shows_lag_per_partition(console_broker, new_tab):
     expect(table.locator("tbody tr").nth(1).locator(".lag-value")).to_have_text("1")   # no checkpoint: all
     expect(page.locator("#app-lag")).to_contain_text("total lag 3")
     tab.shot("apps")
+    # a poll of unchanged data keeps the reader's text selection (rows were rebuilt every 2 s)
+    selected = page.evaluate("""() => {
+        const cell = document.querySelector('#apps tbody td');
+        getSelection().selectAllChildren(cell);
+        return getSelection().toString(); }""")
+    page.wait_for_timeout(2500)
+    assert selected and page.evaluate("() => getSelection().toString()") == selected
+    # deleting an app (and every checkpoint of it) takes two clicks, as a stream's
+    row = page.locator("#apps tbody tr", has_text=app)
+    row.locator("button:text('delete')").click()
+    page.wait_for_timeout(2500)   # a refresh in between: still armed
+    row.locator("button:text('confirm delete')").click()
+    expect(page.locator("#apps")).not_to_contain_text(app)
+
+
+def test_a_stream_page_stops_polling_once_its_stream_is_gone(console_broker, new_tab):
+    stream = _name("doomed")
+    assert http(console_broker, "POST", "/console/api/streams", {"name": stream, "partitions": 1})[0] == 201
+    tab = new_tab(console_broker)
+    tab.allowed_statuses.add(404)   # the one poll that finds the stream gone
+    page = tab.open(f"stream/{stream}")
+    expect(page.locator("main")).to_contain_text(stream)
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url) if f"/streams/{stream}" in request.url else None)
+    assert http(console_broker, "DELETE", f"/console/api/streams/{stream}")[0] in (200, 204)
+    expect(page.locator("#banner")).to_contain_text("STREAM_NOT_FOUND")
+    seen = len(asked)
+    page.wait_for_timeout(3000)   # it polled every second for ever
+    assert len(asked) == seen, asked[seen:]
 
 
 def test_sql_rows_arrive_while_records_are_put_and_cancel(console_broker, new_tab):

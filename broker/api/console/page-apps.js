@@ -2,7 +2,7 @@
 // (sequence numbers and lag are strings from the API, summed as BigInt).
 
 import { api } from "./api.js";
-import { every, fmtNumber, fmtTime, h, showError } from "./ui.js";
+import { every, fmtNumber, fmtTime, h, renderIfChanged, showError } from "./ui.js";
 
 const POLL_MS = 2000;
 
@@ -23,7 +23,16 @@ export function mount(main, selected) {
     h("table", { id: "apps" }, h("thead", {}, h("tr", {}, h("th", {}, "App"), h("th", {}, "Created (UTC)"),
       h("th", {}, "Streams with checkpoints"), h("th", {}, ""))), list), detail);
 
+  // Two clicks, as a stream's delete (it drops every checkpoint of the app); the armed app is
+  // page state, so the 2 s refresh does not disarm it between the two clicks.
+  let armed = null, apps = [];
   async function remove(name) {
+    if (armed !== name) {
+      armed = name;
+      render();
+      return;
+    }
+    armed = null;
     try {
       await api(`/apps/${encodeURIComponent(name)}`, { method: "DELETE" });
       if (name === selected) location.hash = "#/apps";
@@ -31,15 +40,19 @@ export function mount(main, selected) {
     } catch (err) { showError(err); }
   }
 
-  async function refresh() {
-    const { apps } = await api("/apps");
-    list.replaceChildren(...apps.map((a) => h("tr", {},
+  function render() {
+    renderIfChanged(list, JSON.stringify([apps, armed]), () => apps.map((a) => h("tr", {},
       h("td", {}, h("a", { href: `#/apps/${encodeURIComponent(a.name)}` }, a.name)), h("td", {}, fmtTime(a.created_ms)),
       h("td", {}, a.streams.join(", ") || "–"),
-      h("td", {}, h("button", { class: "link", onclick: () => remove(a.name) }, "delete")))));
+      h("td", {}, h("button", { class: "link", onclick: () => remove(a.name) }, armed === a.name ? "confirm delete" : "delete")))));
+  }
+
+  async function refresh() {
+    ({ apps } = await api("/apps"));
+    render();
     if (!selected) return;
     const lag = await api(`/apps/${encodeURIComponent(selected)}/lag`);
-    detail.replaceChildren(h("h2", {}, `Lag of ${lag.name}`),
+    renderIfChanged(detail, JSON.stringify(lag), () => [h("h2", {}, `Lag of ${lag.name}`),
       lag.streams.length ? "" : h("p", { class: "muted" }, "No checkpoints yet."),
       ...lag.streams.map((s) => h("div", {}, h("h2", {}, "Stream ", h("a", { href: `#/stream/${encodeURIComponent(s.stream)}` }, s.stream),
         ` — total lag ${fmtNumber(String(s.partitions.reduce((n, p) => n + BigInt(p.lag), 0n)))}`),
@@ -48,7 +61,7 @@ export function mount(main, selected) {
           h("th", { class: "num" }, "Lag"))),
         h("tbody", {}, s.partitions.map((p) => h("tr", {}, h("td", {}, p.partition), h("td", { class: "num" }, p.checkpoint ?? "–"),
           h("td", { class: "num" }, p.earliest), h("td", { class: "num" }, p.latest),
-          h("td", { class: "num lag-value" }, fmtNumber(p.lag)))))))));
+          h("td", { class: "num lag-value" }, fmtNumber(p.lag))))))))]);
   }
 
   return every(POLL_MS, refresh);

@@ -44,15 +44,30 @@ export function fmtTime(ms) {
   return new Date(Number(ms)).toISOString().replace("T", " ").replace("Z", "");
 }
 
-// setInterval that also runs at once, skips a tick while the last one runs and reports errors.
+// What a page shows that is gone for good: polling it again would only fail again.
+const GONE = new Set(["STREAM_NOT_FOUND", "APP_NOT_FOUND", "SOURCE_NOT_FOUND", "QUERY_NOT_FOUND"]);
+
+// setInterval that also runs at once, skips a tick while the last one runs or while the tab is
+// hidden (a background tab costs the broker nothing), reports errors, and stops once what it
+// polls is gone (a stream deleted under its page).
 export function every(ms, fn) {
-  let busy = false, stopped = false;
+  let busy = false, stopped = false, first = true;
+  const stop = () => { stopped = true; clearInterval(id); };
   const tick = async () => {
-    if (busy || stopped) return;
+    if (busy || stopped || (!first && document.hidden)) return;
     busy = true;
-    try { await fn(); } catch (err) { showError(err); } finally { busy = false; }
+    first = false;
+    try { await fn(); } catch (err) { showError(err); if (err && GONE.has(err.reason)) stop(); } finally { busy = false; }
   };
-  tick();
   const id = setInterval(tick, ms);
-  return () => { stopped = true; clearInterval(id); };
+  tick();
+  return stop;
+}
+
+// Replaces a container's children only when what it shows changed (`key`: the data it was made
+// from), so a 2 s poll of unchanged data keeps the reader's text selection and keyboard focus.
+export function renderIfChanged(container, key, make) {
+  if (container.dataset.shown === key) return;
+  container.dataset.shown = key;
+  container.replaceChildren(...make());
 }

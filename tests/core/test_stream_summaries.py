@@ -103,12 +103,17 @@ async def test_a_stream_deleted_while_its_bounds_are_read_is_left_out() -> None:
         await broker.close()
 
 
-async def test_the_loop_gets_a_turn_while_many_streams_are_added_up(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("partitions", [2, 64])
+async def test_the_loop_gets_a_turn_while_many_streams_are_added_up(monkeypatch: pytest.MonkeyPatch,
+                                                                    partitions: int) -> None:
+    """A turn every SUMMARY_YIELD_EVERY partitions, few streams of many partitions too (it was
+    every 32 streams: 32 of 256 partitions held the loop ~20 ms)."""
+    monkeypatch.setattr(catalogue, "SUMMARY_YIELD_EVERY", 128)
     broker = await _broker(MemoryStore())
     try:
-        n = catalogue.SUMMARY_YIELD_EVERY * 8
+        n = catalogue.SUMMARY_YIELD_EVERY * 8 // partitions
         for i in range(n):
-            await broker.create_stream(f"s{i:04d}", 2)
+            await broker.create_stream(f"s{i:04d}", partitions)
         ticks = 0
         stop = False
 
@@ -125,7 +130,7 @@ async def test_the_loop_gets_a_turn_while_many_streams_are_added_up(monkeypatch:
         stop = True
         await task
         assert len(got) == n
-        assert ticks - before >= 7   # a turn for others at least every SUMMARY_YIELD_EVERY streams
+        assert ticks - before >= 7   # a turn for others at least every SUMMARY_YIELD_EVERY partitions
     finally:
         await broker.close()
 

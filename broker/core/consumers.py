@@ -55,7 +55,11 @@ class Consumers:
 
     async def _app_streams(self, project: str, name: str) -> tuple[str, ...]:
         keys = await self._store.meta_scan(apps.checkpoint_prefix(project, name))
-        configs = (self._catalogue.by_id(i) for i in {apps.checkpoint_ref(k)[0] for k, _ in keys})
+        return self._stream_names({apps.checkpoint_ref(k)[0] for k, _ in keys})
+
+    def _stream_names(self, stream_ids: set[int]) -> tuple[str, ...]:
+        """The names of those streams still known, sorted."""
+        configs = (self._catalogue.by_id(i) for i in stream_ids)
         return tuple(sorted(c.stream_name for c in configs if c is not None))
 
     async def _streams_by_app(self, project: str) -> dict[str, tuple[str, ...]]:
@@ -66,11 +70,7 @@ class Consumers:
         for key, _ in await self._store.meta_scan(prefix):
             app = key[len(prefix):key.index(b"\0", len(prefix))].decode()
             ids.setdefault(app, set()).add(apps.checkpoint_ref(key)[0])
-        out = {}
-        for app, sids in ids.items():
-            configs = (self._catalogue.by_id(i) for i in sids)
-            out[app] = tuple(sorted(c.stream_name for c in configs if c is not None))
-        return out
+        return {app: self._stream_names(sids) for app, sids in ids.items()}
 
     async def describe_app(self, project: str, app_name: object) -> AppInfo:
         """Raises INVALID_REQUEST, APP_NOT_FOUND."""

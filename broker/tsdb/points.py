@@ -133,7 +133,7 @@ def raw_series_form(metric: str, raw_tags: bytes) -> SeriesForm | None:
         if type(tags) is not dict or not tags or len(tags) > MAX_TAGS:
             return None
         if float in set(map(type, tags.values())):   # as written, as the long way takes them (numbers_as_written)
-            tags = numbers_as_written({"tags": tags}, lambda _: b'{"tags":' + raw_tags + b"}", 0)["tags"]
+            tags = _tags_as_written(tags, raw_tags)
         # the names checked as series_form does, without its cache keyed by the names as
         # received: this one (by the tags' text) serves the fast path
         verdict = _check_names(metric, tags)
@@ -418,11 +418,17 @@ def numbers_as_written(p: Any, texts: Callable[[int], bytes], i: int) -> Any:
         if type(metric) is float:
             fixed["metric"] = bytes(written["metric"]).decode()
         if isinstance(tags, dict) and in_tags:
-            tag_texts = _FIELD_TEXTS.decode(written["tags"])
-            fixed["tags"] = {k: bytes(tag_texts[k]).decode() if type(v) is float else v for k, v in tags.items()}
+            fixed["tags"] = _tags_as_written(tags, written["tags"])
         return fixed
     except (msgspec.DecodeError, KeyError, RecursionError):   # nesting past msgspec's limit: as parsed
         return p
+
+
+def _tags_as_written(tags: dict[str, Any], tags_text: bytes | msgspec.Raw) -> dict[str, Any]:
+    """`tags` (parsed from `tags_text`) with each float value as its text there. Raises what
+    msgspec raises for a text it cannot read."""
+    texts = _FIELD_TEXTS.decode(tags_text)
+    return {k: bytes(texts[k]).decode() if type(v) is float else v for k, v in tags.items()}
 
 
 _FIELD_TEXTS = msgspec.json.Decoder(dict[str, msgspec.Raw])   # an object's members, each as written

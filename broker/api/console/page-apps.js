@@ -26,6 +26,9 @@ export function mount(main, selected) {
   // Two clicks, as a stream's delete (it drops every checkpoint of the app); the armed app is
   // page state, so the 2 s refresh does not disarm it between the two clicks.
   let armed = null, apps = [];
+  // The app this page shows, once its delete begins: no refresh asks its lag any more (one that
+  // did after the delete got a 404), and the delete waits for a refresh already under way.
+  let gone = null, current = Promise.resolve();
   async function remove(name) {
     if (armed !== name) {
       armed = name;
@@ -33,6 +36,10 @@ export function mount(main, selected) {
       return;
     }
     armed = null;
+    if (name === selected) {
+      gone = name;
+      await current.catch(() => {});
+    }
     try {
       await api(`/apps/${encodeURIComponent(name)}`, { method: "DELETE" });
       if (name === selected) location.hash = "#/apps";
@@ -47,10 +54,15 @@ export function mount(main, selected) {
       h("td", {}, h("button", { class: "link", onclick: () => remove(a.name) }, armed === a.name ? "confirm delete" : "delete")))));
   }
 
-  async function refresh() {
+  function refresh() {
+    current = load();
+    return current;
+  }
+
+  async function load() {
     ({ apps } = await api("/apps"));
     render();
-    if (!selected) return;
+    if (!selected || selected === gone) return;
     const lag = await api(`/apps/${encodeURIComponent(selected)}/lag`);
     renderIfChanged(detail, JSON.stringify(lag), () => [h("h2", {}, `Lag of ${lag.name}`),
       lag.streams.length ? "" : h("p", { class: "muted" }, "No checkpoints yet."),

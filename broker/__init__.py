@@ -50,6 +50,7 @@
     api/                 front doors: thin, decode -> one Broker call -> render
       http.py            shared HTTP plumbing: bodies, typed params, request ids, timeouts, the error middleware
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
+      coding.py          request bodies in a Content-Encoding (gzip, deflate) inflated whole, within the body cap
       limits.py          per-client limits (connections, requests, subscriptions per peer address), HTTP and gRPC
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)

@@ -24,8 +24,8 @@ from broker.api.http import (
     field,
     json_response,
     query_int,
-    read_body,
     read_json,
+    read_raw_body,
     remember_principal,
     required_query,
     unless_gone,
@@ -307,8 +307,9 @@ async def show_partition_metrics(request: web.Request) -> web.Response:
 
 def signature_guard(auth: Auth) -> Guard:
     """The DIS door's check: the Authorization header, its AK and date (before reading the body,
-    so an unsigned request costs no body read), the signature over the raw body (read here, before
-    any parsing; aiohttp keeps the bytes, so the handler's read_json reads the same ones), then
+    so an unsigned request costs no body read), the signature over the body's bytes as received
+    (shared/spec/dis-api.md 7, step 3.6: a compressed body is not inflated before it is known to
+    be the signer's; aiohttp keeps the bytes, so the handler's read_json reads the same ones), then
     `X-Project-Id` against the path (401 DIS.4117), then the AK's project and role (403 DIS.4116)."""
 
     def guard(handler: Handler, action: Action) -> Handler:
@@ -316,7 +317,7 @@ def signature_guard(auth: Auth) -> Guard:
             credentials = auth.credentials
             assert credentials is not None
             found = signing.claim(credentials, request.headers.get, time.time())   # before any body byte
-            body = await read_body(request)
+            body = await read_raw_body(request)
             url = request.rel_url
             who = signing.check(found, request.method, url.raw_path, url.raw_query_string, request.headers.get, body)
             project = request.match_info["project_id"]

@@ -32,6 +32,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_urldispatcher import AbstractRuleMatching, MatchedSubAppResource
 
+from broker.api import coding
 from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
@@ -44,15 +45,16 @@ REQUEST_ID = "X-Request-Id"
 # as an empty header) or kilobytes of text get a fresh id instead.
 _CLIENT_REQUEST_ID = re.compile(r"[!-~]{1,128}")
 _DECIMAL = re.compile(r"-?[0-9]+")
-# What aiohttp's parser decodes (it answers 400 itself for br/zstd when their library is absent).
-# Any other coding would hand the handler bytes that are not what the client meant.
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
-_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
+# The Content-Encodings a body may have (api/coding.py inflates them); any other would hand the
+# handler bytes that are not what the client meant.
 _IDENTITY = frozenset({"", "identity"})
+_FRAMINGS = frozenset({(), ("chunked",)})   # a body's Transfer-Encoding: none, or chunked alone
 # aiohttp >= 3.13 wants typed request keys (and warns on strings); older ones have none.
 _REQUEST_ID_SLOT: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "sluice.request_id"
 _PRINCIPAL_SLOT: Any = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "sluice.principal"
 _AUTH_SLOT: Any = web.RequestKey("auth", Auth) if hasattr(web, "RequestKey") else "sluice.auth"
+_BODY_SLOT: Any = web.RequestKey("body", bytes) if hasattr(web, "RequestKey") else "sluice.body"
 _KEY_SCHEMES = ("apikey ", "bearer ")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -264,22 +266,59 @@ def content_coding(request: web.Request) -> str:
     return request.headers.get("Content-Encoding", "").lower()
 
 
+def _transfer_codings(request: web.Request) -> tuple[str, ...]:
+    """The request's Transfer-Encoding codings, in order (every header line of it)."""
+    lines = request.headers.getall("Transfer-Encoding", ())
+    return tuple(c for c in (part.strip().lower() for line in lines for part in line.split(",")) if c)
+
+
 def decoded(request: web.Request) -> bool:
-    """Whether aiohttp's parser decompresses this request's body (as it arrives)."""
-    return content_coding(request) in _DECODED
+    """Whether this request's body is inflated before it is used (api/coding.py)."""
+    return content_coding(request) in coding.CODINGS
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The body's bytes (maybe empty). Raises REQUEST_TOO_LARGE (declared or actual size over the
-    cap, after decompression), REQUEST_TIMEOUT (not received within the body timeout), BAD_BODY
-    (unsupported Content-Encoding, a body that does not decode as its Content-Encoding says)."""
+    """The body's bytes (maybe empty), inflated when its Content-Encoding says so. Raises what
+    read_raw_body raises, REQUEST_TOO_LARGE (over the cap once inflated) and BAD_BODY (not what
+    its Content-Encoding says: api/coding.py)."""
+    inflated: bytes | None = request.get(_BODY_SLOT)
+    if inflated is not None:   # read before
+        return inflated
+    raw = await read_raw_body(request)
+    how = content_coding(request)
+    if how in _IDENTITY:
+        return raw
+    limit = request.app[CONFIG].max_body_bytes
+    inflation = coding.Inflation(how, raw, limit)
+    del raw
+    try:   # the first MiB here, the rest of a big body off the event loop
+        body = inflation.body() if inflation.step() else await asyncio.to_thread(inflation.rest)
+    except coding.TooLarge:
+        raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes once inflated") from None
+    except coding.BadCoding as exc:
+        raise client_error(ErrorCode.BAD_BODY, detail=f"body could not be read: {exc}") from None
+    request[_BODY_SLOT] = body
+    return body
+
+
+async def read_raw_body(request: web.Request) -> bytes:
+    """The body's bytes as received (still compressed), what a signature covers (aiohttp keeps
+    them: a second read returns the same). Raises REQUEST_TOO_LARGE (declared or actual size over
+    the cap), REQUEST_TIMEOUT (not received within the body timeout), BAD_BODY (an unsupported
+    Content-Encoding or Transfer-Encoding, a broken framing)."""
     config = request.app[CONFIG]
     limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise client_error(ErrorCode.REQUEST_TOO_LARGE, detail=f"body exceeds {limit} bytes")
-    if not decoded(request) and content_coding(request) not in _IDENTITY:
+    how = content_coding(request)
+    if how not in coding.CODINGS and how not in _IDENTITY:
         raise client_error(ErrorCode.BAD_BODY,
                            detail=f"unsupported Content-Encoding {request.headers['Content-Encoding']!r:.40}")
+    if _transfer_codings(request) not in _FRAMINGS:
+        # aiohttp frames `gzip, chunked` as chunked and hands over the gzip bytes as they are
+        # (RFC 9112 6.1: a coding the server does not know is refused)
+        raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Transfer-Encoding "
+                           f"{', '.join(request.headers.getall('Transfer-Encoding'))!r:.40}; only chunked is")
     try:
         async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch
             return await request.read()
@@ -287,15 +326,15 @@ async def read_body(request: web.Request) -> bytes:
         code, detail = ErrorCode.REQUEST_TIMEOUT, None
     except web.HTTPRequestEntityTooLarge:
         code, detail = ErrorCode.REQUEST_TOO_LARGE, f"body exceeds {limit} bytes"
-    except web.RequestPayloadError as exc:  # e.g. "gzip" that is not gzip; a broken chunked framing
+    except web.RequestPayloadError as exc:  # e.g. a broken chunked framing
         code, detail = ErrorCode.BAD_BODY, f"body could not be read: {brief(exc.__cause__ or exc)}"
     except ConnectionResetError:   # the client closed the connection (or its sending side) mid-body:
         # nobody will read the answer, but it is the client's doing, not an error of the broker's
         code, detail = ErrorCode.BAD_BODY, "the connection closed before the body was complete"
     # raised here, not in the except clauses, and kept in no local: as its context, aiohttp's error
-    # would keep its frames and with them the body read so far (up to the cap, and as much again
-    # decompressed) alive, and a local would hold the error in a reference cycle with its own
-    # traceback - both until the next full garbage collection, rare in the broker (malloc.settle_gc)
+    # would keep its frames and with them the body read so far (up to the cap) alive, and a local
+    # would hold the error in a reference cycle with its own traceback - both until the next full
+    # garbage collection, rare in the broker (malloc.settle_gc)
     raise client_error(code, detail=detail)
 
 

@@ -43,7 +43,6 @@ from broker.api.http import (
     Renderer,
     brief,
     client_request_id,
-    decoded,
     door_renderer,
     error_middleware,
     error_response,
@@ -192,16 +191,7 @@ class _RequestHandler(web.RequestHandler):
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         self._path = None   # answered: the next request names its own door
-        try:
-            return await self._finish_response(request, resp, start_time)
-        finally:
-            # A compressed body left unread (refused as too large, or before it was read) is not
-            # drained after the answer as aiohttp drains bodies for up to its lingering time: that
-            # would decompress it on the event loop - a 1 MB gzip body inflates to 1 GB, seconds
-            # of the loop's time per request. The connection ends after the answer instead (the
-            # transport sends what it holds of the answer before it closes).
-            if decoded(request) and not request.content.is_eof():
-                self.force_close()
+        return await self._finish_response(request, resp, start_time)
 
     async def _finish_response(self, request: Any, resp: web.StreamResponse,
                                start_time: float | None) -> tuple[web.StreamResponse, bool]:
@@ -284,7 +274,8 @@ class _Server(web.Server):
     client_limits: limits.ClientLimits | None = None
 
     def __call__(self) -> web.RequestHandler:
-        handler = _RequestHandler(self, loop=self._loop, **self._kwargs)
+        # bodies are inflated by read_body (api/coding.py), which checks that they are whole
+        handler = _RequestHandler(self, loop=self._loop, **{**self._kwargs, "auto_decompress": False})
         handler.renderer = self.renderer
         handler.renderer_for = self.renderer_for
         handler.client_limits = self.client_limits

@@ -9,6 +9,7 @@ One broker serves the module (tests run in file order; the last one reads the lo
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import json
 import secrets
@@ -207,6 +208,24 @@ def test_a_body_changed_after_signing(broker: BrokerProcess, keys: Keys) -> None
               401, "DIS.4100")
     assert read(admin, cursor(admin, stream)) == []
     ok = raw(broker.http_port, "POST", "/v2/p1/records", headers, body)
+    assert ok.status == 200 and ok.json["failed_record_count"] == 0, ok.raw
+    assert read(admin, cursor(admin, stream)) == [b"hello"]
+
+
+def test_a_compressed_body_is_signed_as_sent(broker: BrokerProcess, keys: Keys) -> None:
+    """The payload hash covers the body's bytes exactly as received (shared/spec/dis-api.md 7,
+    step 3.6): for a gzip body, the compressed bytes. It is checked before anything inflates them."""
+    admin, stream = client(broker, keys, "admin"), name()
+    create(admin, stream)
+    body = json.dumps({"stream_name": stream, "records": [{"data": "aGVsbG8=", "partition_id": "0"}]}).encode()
+    sent = gzip.compress(body)
+    for signed_over in (body, gzip.compress(b"{}")):   # the inflated bytes; another gzip body
+        headers = {**signed_headers(broker, keys, "admin", "POST", "/v2/p1/records", body=signed_over),
+                   "Content-Encoding": "gzip"}
+        dis_error(raw(broker.http_port, "POST", "/v2/p1/records", headers, sent), 401, "DIS.4100")
+    assert read(admin, cursor(admin, stream)) == []
+    headers = {**signed_headers(broker, keys, "admin", "POST", "/v2/p1/records", body=sent), "Content-Encoding": "gzip"}
+    ok = raw(broker.http_port, "POST", "/v2/p1/records", headers, sent)
     assert ok.status == 200 and ok.json["failed_record_count"] == 0, ok.raw
     assert read(admin, cursor(admin, stream)) == [b"hello"]
 

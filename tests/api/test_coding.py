@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.api import coding
 from broker.api.coding import BadCoding, Inflation, TooLarge
 
 
@@ -66,3 +67,17 @@ def test_what_is_not_the_coding_says_so() -> None:
     with pytest.raises(BadCoding, match="not deflate data"):
         inflate("deflate", b"not deflate at all" * 10)
     assert inflate("gzip", b"") == b"" and inflate("deflate", b"") == b""
+
+
+def test_many_gzip_members_are_linear_off_the_loop_and_bounded() -> None:
+    """Fed whole, each member's end copied the rest of the body: 2 MiB of empty members held the
+    event loop for 3-4 s (the security probe). Now the loop's step stops after a bounded effort and
+    hands the rest to a thread, and a body of more than MAX_MEMBERS members is refused."""
+    empty = gzip.compress(b"")
+    many = Inflation("gzip", empty * coding.MAX_MEMBERS, 1 << 20)
+    assert not many.step(), "the step on the event loop handed the rest on"
+    assert many.rest() == b""
+    with pytest.raises(BadCoding, match="more than 10,000 gzip members"):
+        Inflation("gzip", empty * (coding.MAX_MEMBERS + 1), 1 << 20).rest()
+    big = gzip.compress(b"x" * 100) * 1000   # a member's end is no longer a copy of what follows
+    assert inflate("gzip", big) == b"x" * 100_000

@@ -282,8 +282,9 @@ def _checkpoint_type(number: int) -> str:
     return CHECKPOINT_TYPES.decode(number) or LAST_READ
 
 
-def _source_info(source: Source, secrets: bool = True) -> pb.SourceInfo:
-    """`secrets` False: the properties as a role that may not manage sources sees them (redacted)."""
+def _source_info(source: Source, secrets: bool) -> pb.SourceInfo:
+    """`secrets` False: the properties as a role that may not manage sources sees them (redacted).
+    No default: every caller says which (GetSourceStats once showed them to every role)."""
     d, st = source.definition, source.state
     properties = d.properties if secrets else redacted(d.properties)
     info = pb.SourceInfo(source_id=d.id, source_name=d.name, description=d.description, source_type=d.type,
@@ -660,7 +661,7 @@ class SluiceServicer:
         body = {"name": request.source_name, "type": request.source_type, "stream": request.stream_name,
                 "properties": _properties(request.properties_json), "description": request.description}
         source = await self._sources.create(check_project(project), body)
-        return pb.CreateSourceResponse(source=_source_info(source))
+        return pb.CreateSourceResponse(source=_source_info(source, secrets=True))   # a managing role's verb
 
     @rpc(Action.DESCRIBE)
     async def ListSources(self, request: pb.ListSourcesRequest, context: Any, project: str) -> pb.ListSourcesResponse:
@@ -700,7 +701,7 @@ class SluiceServicer:
             # given but empty: the manager refuses it ("properties is required"), not "unchanged"
             body["properties"] = _properties(request.properties_json) if request.properties_json else ""
         source = await self._sources.update(check_project(project), request.source, body)
-        return pb.UpdateSourceResponse(source=_source_info(source))
+        return pb.UpdateSourceResponse(source=_source_info(source, secrets=True))   # a managing role's verb
 
     @rpc(Action.MANAGE)
     async def DeleteSource(self, request: pb.DeleteSourceRequest, context: Any,
@@ -711,12 +712,12 @@ class SluiceServicer:
     @rpc(Action.MANAGE)
     async def StartSource(self, request: pb.StartSourceRequest, context: Any, project: str) -> pb.StartSourceResponse:
         source = await self._sources.start_source(check_project(project), request.source)
-        return pb.StartSourceResponse(source=_source_info(source))
+        return pb.StartSourceResponse(source=_source_info(source, secrets=True))   # a managing role's verb
 
     @rpc(Action.MANAGE)
     async def StopSource(self, request: pb.StopSourceRequest, context: Any, project: str) -> pb.StopSourceResponse:
         source = await self._sources.stop_source(check_project(project), request.source)
-        return pb.StopSourceResponse(source=_source_info(source))
+        return pb.StopSourceResponse(source=_source_info(source, secrets=True))   # a managing role's verb
 
     @rpc(Action.DESCRIBE)
     async def GetSourceStats(self, request: pb.GetSourceStatsRequest, context: Any,
@@ -724,7 +725,7 @@ class SluiceServicer:
         source = self._sources.get(check_project(project), request.source)
         st = source.state
         return pb.GetSourceStatsResponse(
-            source=_source_info(source),
+            source=_source_info(source, self._may_manage(context)),
             recent_errors=[pb.SourceError(time_ms=ms, message=m) for ms, m in st.error_log],
             throughput=[pb.SourceThroughput(time_ms=sec * 1000, rows=rows) for sec, rows in st.rates])
 

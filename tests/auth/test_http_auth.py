@@ -605,7 +605,8 @@ def test_a_source_s_secrets_are_shown_only_to_roles_that_may_manage(broker: Brok
             every = [s["properties"] for s in listed if s["id"] == sid]
             with Client(broker.grpc_target, api_key=keys.api[role][0], timeout=10) as c:
                 described = c.describe_source(source).properties
-            for shown in (one, *every, described):
+                stats = c.source_stats(source).source.properties   # showed them to every role
+            for shown in (one, *every, described, stats):
                 if role == "admin":
                     assert shown["url"] == props["url"], shown
                     assert shown.get("open_message") == props.get("open_message"), shown

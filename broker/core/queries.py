@@ -30,7 +30,7 @@ from broker.core.catalogue import StreamCatalogue
 from broker.core.reads import ReadPath
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import ColumnDef, GetRecordsResult, Record, RecordBlock, ScaleEvent, StreamConfig
-from broker.query import QueryPlan, compile_query
+from broker.query import EVALUATION_ERRORS, QueryPlan, compile_query
 from broker.rows.schema import columns_of
 from broker.storage.base import Store
 
@@ -275,7 +275,7 @@ class Queries:
             # the read path names a deleted stream by its id; the query knows its name
             gone = exc.code is ErrorCode.STREAM_NOT_FOUND and run.plan.stream
             run.end("failed", f"Stream [{run.plan.stream}] was deleted" if gone else exc.message)
-        except Exception as exc:   # a bug in evaluation: the query fails, the broker goes on
+        except EVALUATION_ERRORS as exc:   # a bug in evaluation: the query fails, the broker goes on
             log.exception("query %s failed", run.id)
             run.end("failed", f"internal error: {type(exc).__name__}")
         finally:

@@ -117,6 +117,8 @@ def cast(t: Typed, target: str) -> Typed:
             out = e.dt.strftime(_FORMATS[src])
         elif src == "bool":
             out = pl.when(e).then(pl.lit("true")).when(e.not_()).then(pl.lit("false"))
+        elif src == "float":
+            out = _float_text(e)
         else:
             out = e.cast(pl.String, strict=False)
     elif src in ("string", "json"):
@@ -134,7 +136,11 @@ def cast(t: Typed, target: str) -> Typed:
             out = e.str.strip_chars().cast(dtype, strict=False)
     elif dst in ("datetime64", "datetime"):
         if src in ("int", "uint", "float"):   # numbers are Unix seconds, as toDateTime(n)
-            out = pl.from_epoch((e.cast(pl.Float64) * 1000).cast(pl.Int64, strict=False), "ms")
+            # null outside the type's range (proton's, as ingest checks it): far out, Polars'
+            # text of it panicked, and nearer it wrapped to years like -29161
+            ms = e.cast(pl.Float64) * 1000
+            lo, hi = _EPOCH_MS_RANGE[dst]
+            out = pl.when(ms.is_between(lo, hi)).then(pl.from_epoch(ms.cast(pl.Int64, strict=False), "ms"))
         elif src in ("datetime64", "datetime", "date", NULL):
             out = e.cast(pl.Datetime("ms"))
         else:
@@ -154,6 +160,32 @@ def cast(t: Typed, target: str) -> Typed:
     return Typed(out.cast(dtype, strict=False), target)
 
 
+_EXPONENT_FORM = r"^(-?)(\d)(?:\.(\d+))?e([+-]\d+)$"
+
+
+def _float_text(e: pl.Expr) -> pl.Expr:
+    """Floats as ClickHouse's toString writes them: the shortest digits that read back (as Polars'
+    text), in decimal for exponents -6 to 20 and with one outside (`1e21`, `1.5e-7`), a whole
+    number without `.0` (`1`, `-0`), `inf`, `nan`. Polars writes `1.0`, turns to exponents at
+    1e16 and below 1e-5, and writes `1e+16`: `to_string(f) = '1'` never held."""
+    text = e.cast(pl.String)
+    parts = text.str.extract_groups(_EXPONENT_FORM)
+    sign, lead = parts.struct.field("1"), parts.struct.field("2")
+    fraction = parts.struct.field("3").fill_null("")
+    exponent = parts.struct.field("4").cast(pl.Int32)
+    digits = lead + fraction
+    return (pl.when(text == "NaN").then(pl.lit("nan"))
+            .when(lead.is_null()).then(text.str.replace(r"\.0$", ""))
+            # at most 17 significant digits, so an exponent of 16 or more has no fraction left
+            .when(exponent.is_between(16, 20)).then(sign + digits.str.pad_end(exponent + 1, "0"))
+            .when(exponent == -6).then(sign + pl.lit("0.00000") + digits)
+            .otherwise(sign + lead + pl.when(fraction == "").then(pl.lit("")).otherwise("." + fraction)
+                       + "e" + exponent.cast(pl.String)))
+
+
+# The Unix milliseconds each time type holds: datetime64 1900-01-01 .. 2299-12-31 23:59:59.999,
+# datetime 1970-01-01 .. 2106-02-07 06:28:15 (rows/encode.py's ranges)
+_EPOCH_MS_RANGE = {"datetime64": (-2_208_988_800_000, 10_413_791_999_999), "datetime": (0, 4_294_967_295_000)}
 _FORMATS = {"datetime64": "%Y-%m-%d %H:%M:%S%.3f", "datetime": "%Y-%m-%d %H:%M:%S",
             "date": "%Y-%m-%d"}
 
@@ -227,6 +259,13 @@ def _adopted(t: Typed, other: Typed) -> str:
     if t.is_literal and type(t.value) is int and t.value >= 0 and kind(other.type) == "uint":
         return "uint64"
     return t.type
+
+
+def _bits(t: Typed) -> pl.Expr:
+    """An integer as its 64 bits of two's complement (UInt64), for wrapping arithmetic."""
+    if kind(t.type) == "uint":
+        return t.expr.cast(pl.UInt64)
+    return t.expr.cast(pl.Int64).reinterpret(signed=False)
 
 
 def _truncated_mod(x: pl.Expr, y: pl.Expr) -> pl.Expr:
@@ -307,8 +346,8 @@ class ExprCompiler:
             return _number(-t.value)   # -9223372036854775808 is an int64, not the negation of a uint64
         if kind(t.type) == NULL:
             return _as(t, pl.Float64())
-        if kind(t.type) == "uint":   # Polars cannot negate an unsigned column
-            return Typed(-t.expr.cast(pl.Int64, strict=False), "int64")
+        if kind(t.type) == "uint":   # ClickHouse's Int64, wrapping: -(2^64 - 1) is 1
+            return Typed((pl.lit(0, pl.UInt64) - t.expr.cast(pl.UInt64)).reinterpret(signed=True), "int64")
         return Typed(-t.expr, t.type)
 
     def _arithmetic(self, node: exp.Binary) -> Typed:
@@ -316,7 +355,16 @@ class ExprCompiler:
         op = node.key
         if not (is_numeric(a.type) and is_numeric(b.type)):
             raise _mismatch(f"{op} of {a.type} and {b.type}")
-        result = _numeric_result(_adopted(a, b), _adopted(b, a))
+        ta, tb = _adopted(a, b), _adopted(b, a)
+        result = _numeric_result(ta, tb)
+        if op == "sub" and result == "uint64":   # ClickHouse: UInt - UInt is signed (`length(s) - 3` is -1)
+            result = "int64"
+        if op != "mod" and result == "int64" and "uint" in (kind(ta), kind(tb)) and NULL not in (kind(ta), kind(tb)):
+            # signed and unsigned: in 64-bit two's complement, wrapping as ClickHouse's Int64 does
+            # (through a cast to int64, an unsigned operand past 2^63 - 1 was null)
+            x, y = _bits(a), _bits(b)
+            out = {"add": x + y, "sub": x - y, "mul": x * y}[op]
+            return Typed(out.reinterpret(signed=True), result)
         dtype = dtypes.polars_dtype(result)
         # not strict: a value the result type cannot hold (uint64 2^64-1 in int32 + uint64 -> int64)
         # is null, as in every other cast here; strict, it failed the whole query at run time

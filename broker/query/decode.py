@@ -3,11 +3,13 @@
 A typed stream's record is a JSON object (broker/rows): the batch is parsed by `pl.read_ndjson`
 over the joined record data with an explicit schema of the needed columns only. If that parse
 fails (a record that is not a JSON object, a value of the wrong type, a record spanning lines),
-the whole batch is read once more, leniently: each record by `orjson.loads` into Python lists, one
-per needed column, and the frame built once from them (~2 ms per 2000 records; bisecting down to
-the bad records and building a frame per record cost ~1.3 s when every record was bad, as on a
-stream of plain text). Not a JSON object -> skipped and counted; a value that does not fit its
-column -> null. A missing
+the records that are JSON objects are parsed that way once more, without the others (so a value
+reads the same whatever shares its batch), and if that fails too the batch is read leniently:
+each record by `orjson.loads` into Python lists, one per needed column, and the frame built once
+from them, a string column's non-string value as orjson's text, not Polars' (~2 ms per 2000
+records; bisecting down to the bad records and building a frame per record cost ~1.3 s when
+every record was bad, as on a stream of plain text). Not a JSON object -> skipped and counted; a
+value that does not fit its column -> null. A missing
 column is null (not the type's zero: a record put by another door may simply lack it), a missing
 `_tp_time` is the record's append time. A schemaless stream is `raw` (the data as UTF-8, errors
 replaced) and `_tp_time` (the append time). A query that reads a `json` column takes the lenient
@@ -93,31 +95,45 @@ class BatchDecoder:
         """Rows of the records and, if any record was skipped, the indexes of those kept."""
         if self.nested:
             return self._lenient(datas)
+        df = self._fast(datas)
+        return (df, None) if df is not None else self._lenient(datas)
+
+    def _fast(self, datas: Sequence[bytes]) -> pl.DataFrame | None:
         try:
             df = pl.read_ndjson(io.BytesIO(b"\n".join(datas)), schema=self.wire)
             if df.height == len(datas):
-                return df, None
+                return df
         except (Exception, pl.exceptions.PanicException):
             pass
-        return self._lenient(datas)
+        return None
 
     def _lenient(self, datas: Sequence[bytes]) -> tuple[pl.DataFrame, pl.Series | None]:
-        columns: dict[str, list] = {name: [] for name in self.wire}
-        fill = [(name, columns[name].append, _coercer(dtype)) for name, dtype in self.wire.items()]
+        objs: list[dict] = []
         keep: list[int] = []
         for i, data in enumerate(datas):
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
                 continue
-            if not isinstance(obj, dict):
-                continue
-            keep.append(i)
-            for name, append, coerce in fill:
-                append(coerce(obj.get(name)))
+            if isinstance(obj, dict):
+                keep.append(i)
+                objs.append(obj)
         self.skipped += len(datas) - len(keep)
+        kept = None if len(keep) == len(datas) else pl.Series(keep, dtype=pl.UInt32)
+        if kept is not None and not self.nested:
+            # what is left read as the fast read reads it: a string column holding another JSON
+            # value (put by another door) is written Polars' way there, 1.0 as "1", and a value
+            # must not depend on whether a record that is not JSON shares its batch
+            df = self._fast([datas[i] for i in keep])
+            if df is not None:
+                return df, kept
+        columns: dict[str, list] = {name: [] for name in self.wire}
+        fill = [(columns[name].append, name, _coercer(dtype)) for name, dtype in self.wire.items()]
+        for append, name, coerce in fill:
+            for obj in objs:
+                append(coerce(obj.get(name)))
         df = pl.DataFrame(columns, schema=self.wire, strict=False)
-        return df, None if len(keep) == len(datas) else pl.Series(keep, dtype=pl.UInt32)
+        return df, kept
 
     def _raw(self, datas: Sequence[bytes], stamps: Callable[[], pl.Series]) -> pl.DataFrame:
         cols: dict[str, pl.Series] = {}

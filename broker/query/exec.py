@@ -149,8 +149,9 @@ class ProjectExecutor(Executor):
     def finish(self) -> list[list]:
         if self.plan.stream or self.emitted or self.done:
             return []
-        # no FROM: one row of constants
-        return self._project(pl.DataFrame({NOW_COLUMN: [_now()]}, schema={NOW_COLUMN: pl.Datetime("ms")}))
+        # no FROM: one row of constants, if WHERE keeps it (`select 1 where 0` is no row)
+        df = pl.DataFrame({NOW_COLUMN: [_now()]}, schema={NOW_COLUMN: pl.Datetime("ms")})
+        return self._project(df if self.plan.where is None else df.filter(self.plan.where))
 
 
 class AggregateExecutor(Executor):
@@ -195,7 +196,10 @@ class AggregateExecutor(Executor):
         self.closed_upto = -(2**62)    # windows ending at or before this were emitted early
         self.dirty = False
         self.next_emit_ms: int | None = None
-        empty = pl.DataFrame(schema={n: dtypes.polars_dtype(plan.columns[n]) for n in plan.needed})
+        schema = {n: dtypes.polars_dtype(plan.columns[n]) for n in plan.needed}
+        if plan.uses_now:   # as _feed adds it to every batch (`min(now())` failed here)
+            schema[NOW_COLUMN] = pl.Datetime("ms")
+        empty = pl.DataFrame(schema=schema)
         self.empty_stage = empty.select(_ROW, *self.stage).drop("__row")
 
     def _spec(self, i: int, fn: str, type_text: str) -> None:

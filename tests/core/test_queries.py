@@ -8,12 +8,14 @@ import asyncio
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import polars as pl
 import pytest
 
 from broker.core import queries
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode
 from broker.model import ColumnDef, PutEntry, ScaleEvent, StreamConfig, StreamSchema
+from broker.query import Executor
 from broker.rows.encode import RowEncoder
 from broker.storage.rocks import RocksStore
 
@@ -154,6 +156,21 @@ async def test_rows_checked_against_a_stream_never_reach_its_successor(broker: B
     assert info.value.code is ErrorCode.STREAM_NOT_FOUND
     run = await broker.queries.start("default", "select * from table(rc)")
     assert await drain(run) == []
+
+
+async def test_a_polars_panic_fails_its_query(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A panic is a BaseException: caught as an Exception alone, its query stayed "running"."""
+    await typed_stream(broker, "panics", 10)
+
+    def panic(*_: Any) -> None:
+        raise pl.exceptions.PanicException("invalid or out-of-range datetime")
+
+    monkeypatch.setattr(Executor, "feed_block", panic)
+    monkeypatch.setattr(Executor, "feed", panic)
+    for sql in ("select v from table(panics)", "select count(*) from table(panics)"):
+        run = await broker.queries.start("default", sql)
+        assert await drain(run) == []
+        assert run.status == "failed" and run.message == "internal error: PanicException", (sql, run.status)
 
 
 async def test_a_deleted_stream_fails_its_query_by_name(broker: Broker) -> None:

@@ -336,6 +336,17 @@ def test_numbers_outside_a_time_types_range_are_null_times() -> None:
          None, "2106-02-07 06:28:15", None]]
 
 
+def test_floats_as_text_as_clickhouse_to_string() -> None:
+    """Polars wrote 1.0, 1e+20 and -0.0: `to_string(f) = '1'` never held."""
+    records = [row(n, T0, f=f) for n, f in enumerate(
+        (1.0, 1e20, -0.0, 1e16, 0.1, 1e21, 1e-7, 1e-6, 1.234e-6, 2.5e-5, 123456789.125, 1.5e300, -9.87e18))]
+    assert [r[0] for r in run("select to_string(f) from w", records)] == [
+        "1", "100000000000000000000", "-0", "10000000000000000", "0.1", "1e21", "1e-7", "0.000001", "0.000001234",
+        "0.000025", "123456789.125", "1.5e300", "-9870000000000000000"]
+    assert run("select concat('v=', f), f::string, to_string(to_float32(16777216)) from w where to_string(f) = '1'",
+               records) == [["v=1", "1", "16777216"]]
+
+
 def test_round_as_clickhouse() -> None:
     records = [row(0, T0, i=25, f=2.5, u=250)]
     assert run("select round(15, -1), round(-15, -1), round(14, -1), round(i, -1), round(i, 1), "

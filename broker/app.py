@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker import malloc
-from broker.api.grpc_service import SERVICE_NAME, SluiceServicer, add_servicer
+from broker.api.grpc_service import SERVICE_NAME, AuthGate, SluiceServicer, add_servicer
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.api.limits import ClientLimits, GrpcLimits
 from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_app
@@ -154,8 +154,10 @@ def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:
     ]
 
 
-def _grpc_server(settings: Settings, max_message: int) -> grpc.aio.Server:
-    return grpc.aio.server(interceptors=[GrpcLimits(_client_limits(settings), SERVICE_NAME)],
+def _grpc_server(settings: Settings, max_message: int, broker: Broker, auth: Auth) -> grpc.aio.Server:
+    # the gate first: a call without a known key is refused before anything counts or reads it
+    gate = [AuthGate(auth, broker.stats, SERVICE_NAME)] if auth.enabled else []
+    return grpc.aio.server(interceptors=[*gate, GrpcLimits(_client_limits(settings), SERVICE_NAME)],
                            options=grpc_options(settings, max_message))
 
 
@@ -236,7 +238,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
                                     shutdown_timeout=1.0, access_log=None, handle_signals=False)
         await metrics_runner.setup()
         runners.append(metrics_runner)
-    server = _grpc_server(settings, max_message)
+    server = _grpc_server(settings, max_message, broker, auth)
     servicer = SluiceServicer(broker, sources, auth=auth)
     add_servicer(servicer, server)
     grpc_health = HealthServicer()

@@ -147,6 +147,39 @@ def authorize(auth: Auth, context: grpc.aio.ServicerContext, action: Action) -> 
     return principal.project
 
 
+class AuthGate(grpc.aio.ServerInterceptor):
+    """With an auth file: a call of `service` without a known API key is refused as soon as its
+    metadata arrives, before grpc reads its request message. Refused in the handler alone (the
+    `rpc` wrapper), it came only once the whole message had: a caller with no credential held 30
+    calls of 10 MiB each in the broker's memory until it closed (the security probe). The role and
+    the project are checked in the handler still (`authorize`), which knows the method's Action."""
+
+    def __init__(self, auth: Auth, stats: Any, service: str) -> None:
+        self._auth, self._stats = auth, stats
+        self._prefix = f"/{service}/"
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        method: str = details.method  # type: ignore[attr-defined]
+        if self._auth.enabled and method.startswith(self._prefix):
+            bearer = next((str(v) for k, v in details.invocation_metadata or ()  # type: ignore[attr-defined]
+                           if k == AUTHORIZATION_KEY), None)
+            try:
+                self._auth.api_key(_bearer_token(bearer))
+            except BrokerError as exc:
+                self._stats.observe_request("grpc", _snake(method[len(self._prefix):]), 0.0, exc)
+                return _refused(exc)
+        return await continuation(details)
+
+
+def _refused(error: BrokerError) -> grpc.RpcMethodHandler:
+    """A handler that answers `error` at once: a request-streaming one, so that no message is
+    awaited first (a unary handler receives its request before its behavior runs)."""
+    async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
 def _bearer_token(value: str | None) -> str | None:
     """`Bearer KEY` -> KEY; None when absent. Another scheme is AUTH_MALFORMED (never echoed)."""
     if value is None:

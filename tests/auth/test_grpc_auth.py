@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -147,6 +149,62 @@ def test_missing_unknown_or_malformed_key_is_unauthenticated_with_error_info(tar
     info = error_info(exc)
     assert (info.reason, info.domain, info.metadata["dis_code"]) == (reason, "sluice", dis_code)
     assert ADMIN not in (exc.details() or "")
+
+
+def _h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream_id) + payload
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    """A header as an HPACK literal without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
+    n, v = name.encode(), value.encode()
+    assert len(n) < 127 and len(v) < 127
+    return b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v
+
+
+def _unary_call_ends_before_its_message(target: str, metadata: tuple[tuple[str, str], ...], wait: float) -> bool:
+    """Over raw HTTP/2: a PutRecords call whose message announces 10 MiB and sends 1 KB of it.
+    Whether the broker ends the call (trailers or a reset) within `wait` seconds."""
+    host, port = target.rsplit(":", 1)
+    headers = b"".join(_hpack_literal(k, v) for k, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", f"/{pb.DESCRIPTOR.services_by_name['Sluice'].full_name}"
+                                                          "/PutRecords"),
+        (":authority", target), ("content-type", "application/grpc"), ("te", "trailers"), *metadata))
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0)            # preface, SETTINGS
+                     + _h2_frame(1, 4, 1, headers)                                     # HEADERS, END_HEADERS
+                     + _h2_frame(0, 0, 1, b"\x00" + struct.pack(">I", 10 << 20) + b"\x00" * 1000))   # DATA
+        deadline = time.monotonic() + wait
+        buffer = b""
+        while time.monotonic() < deadline:
+            try:
+                got = sock.recv(65536)
+            except TimeoutError:
+                return False
+            if not got:
+                return True   # the connection closed: the call ended too
+            buffer += got
+            while len(buffer) >= 9:
+                length = int.from_bytes(buffer[:3], "big")
+                if len(buffer) < 9 + length:
+                    break
+                kind, flags, stream_id = buffer[3], buffer[4], int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+                buffer = buffer[9 + length:]
+                if kind == 4 and not flags & 1:
+                    sock.sendall(_h2_frame(4, 1, 0))   # SETTINGS ACK
+                if stream_id == 1 and (kind == 3 or (kind == 1 and flags & 1)):   # RST_STREAM, or END_STREAM
+                    return True
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+        return False
+
+
+def test_a_call_without_a_known_key_is_refused_before_its_message_arrives(target: str) -> None:
+    """Refused in the handler, it came only once grpc had the whole message: a caller with no
+    credential held 10 MiB per call in the broker until it closed (the security probe). The gate
+    answers when the metadata arrives; a call with a key is taken and waits for its message."""
+    for metadata in ((), bearer("x" * 60), (("authorization", "Basic zzz"),)):
+        assert _unary_call_ends_before_its_message(target, metadata, wait=10), metadata
+    assert not _unary_call_ends_before_its_message(target, bearer(ADMIN), wait=1.5)
 
 
 def test_right_key_works_and_scheme_is_case_insensitive(target: str, stream: str) -> None:

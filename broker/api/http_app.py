@@ -235,7 +235,8 @@ class _RequestHandler(web.RequestHandler):
         if status >= 500:
             super().handle_error(request, status, exc, message)  # for its log line with the traceback
         else:
-            log.debug("rejected a malformed HTTP request from %s: %s", request.remote, message or exc)
+            # brief: aiohttp's message ends in the offending line's bytes, which may hold a key
+            log.debug("rejected a malformed HTTP request from %s: %s", request.remote, brief(message or exc or ""))
         rid = client_request_id(request.headers)
         renderer = self.renderer if self._path is None or self.renderer_for is None else self.renderer_for(self._path)
         response = error_response(renderer, _parser_error(status, exc, message, rid), rid)

@@ -58,6 +58,30 @@ def canonical_query(raw_query: str) -> str:
     return "&".join(f"{_encode(n)}={_encode(v)}" for n, v in sorted(pairs))
 
 
+def check_query_pinned(raw_query: str) -> None:
+    """A signed query must mean one thing to the signature and to the handler: the canonical
+    query sorts pairs and keeps `+`, the handler takes the first of a name and reads `+` as a
+    space, and undecodable escapes all decode alike. So one whose pairs could be reordered or
+    respelled without changing the signature - a name twice, a raw `+`, an escape that is not
+    UTF-8 - is refused (the SDK never sends one: it encodes with RFC 3986 rules, one value a name).
+    Raises INVALID_REQUEST."""
+    names: set[str] = set()
+    for item in raw_query.split("&"):
+        if not item:
+            continue
+        if "+" in item:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="a signed query spells a space %20 and a plus %2B")
+        name, _, value = item.partition("=")
+        try:
+            name, _ = unquote(name, errors="strict"), unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail="a signed query's escapes must be UTF-8") from None
+        if name in names:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"a signed query names each parameter once: {name[:40]!r} is twice")
+        names.add(name)
+
+
 def canonical_request(method: str, raw_path: str, raw_query: str, signed: list[str], header: HeaderLookup,
                       payload_hash: str) -> str:
     lines = []
@@ -147,7 +171,9 @@ def claim(credentials: Credentials, header: HeaderLookup, now: float) -> Claim:
 
 def check(found: Claim, method: str, raw_path: str, raw_query: str, header: HeaderLookup, body: bytes) -> Principal:
     """Steps 3 to 5: the signature recomputed over the request and compared in constant time.
-    Raises AUTH_MALFORMED (a signed header is absent) or AUTH_BAD_SIGNATURE."""
+    Raises INVALID_REQUEST (check_query_pinned), AUTH_MALFORMED (a signed header is absent) or
+    AUTH_BAD_SIGNATURE."""
+    check_query_pinned(raw_query)
     payload = _payload_hash(found.signed, header, body)
     request = canonical_request(method, raw_path, raw_query, found.signed, header, payload)
     expected = signature(found.key.sk, string_to_sign(found.date, request))

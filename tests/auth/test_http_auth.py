@@ -243,6 +243,21 @@ def test_a_query_changed_after_signing(broker: BrokerProcess, keys: Keys) -> Non
     dis_error(raw(broker.http_port, "GET", f"/v2/p2/cursors?{query}", headers), 401, "DIS.4100")
 
 
+def test_a_signed_query_that_could_be_respelled_is_refused(broker: BrokerProcess, keys: Keys) -> None:
+    """The canonical query sorts pairs, keeps `+` and decodes bad escapes alike: `limit=5&limit=1`
+    signed was taken as `limit=1&limit=5` (the handler reads the first), `x%2By` as `x+y` (a
+    space to the handler), `%fe` as `%ff`. The SDK never sends such a query; it is refused."""
+    admin, stream = client(broker, keys, "admin"), name()
+    create(admin, stream)
+    base = f"cursor-type=TRIM_HORIZON&partition-id=0&stream-name={stream}"
+    for query in (f"{base}&limit=5&limit=1", f"{base}&x=a+b", f"{base}&x=%fe"):
+        headers = signed_headers(broker, keys, "admin", "GET", "/v2/p1/cursors", query)
+        dis_error(raw(broker.http_port, "GET", f"/v2/p1/cursors?{query}", headers), 400, "DIS.4200")
+    query = f"{base}&x=a%2Bb%20c%C3%A9"   # as the SDK encodes a value: signed and taken
+    headers = signed_headers(broker, keys, "admin", "GET", "/v2/p1/cursors", query)
+    assert raw(broker.http_port, "GET", f"/v2/p1/cursors?{query}", headers).status == 200
+
+
 def sdk_with_request_hook(broker: BrokerProcess, keys: Keys, hook: Callable[..., None]):  # type: ignore[no-untyped-def]
     """The official SDK as `client` makes it, plus a request handler: the SDK's own public hook
     (`HttpHandler.add_request_handler`), which it calls after signing, just before sending."""

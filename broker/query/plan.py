@@ -340,6 +340,20 @@ def _select_items(tree: exp.Select, columns: dict[str, str]) -> list[tuple[str, 
     return items
 
 
+def _unaliased(node: exp.Expression, named: dict[str, exp.Expression], columns: dict[str, str],
+               seen: tuple[str, ...] = ()) -> exp.Expression:
+    """`node` with each name of a select alias that is not a stream column replaced by the aliased
+    expression (a column of that name wins: ClickHouse's prefer_column_name_to_alias); an alias
+    that leads back to itself is an error, as ClickHouse's cyclic aliases."""
+    def swap(n: exp.Expression) -> exp.Expression:
+        if not isinstance(n, exp.Column) or n.table or n.name in columns or n.name not in named:
+            return n
+        if n.name in seen:
+            raise _syntax(f"cyclic aliases: {' -> '.join((*seen, n.name))}")
+        return _unaliased(named[n.name].copy(), named, columns, (*seen, n.name))
+    return node.copy().transform(swap)
+
+
 def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     name = function_name(node)
     arg = node.this if not isinstance(node, exp.Anonymous) else (
@@ -385,9 +399,14 @@ def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryP
     tree = _parse(sql)
     plan = _source_plan(sql, tree, lookup)
     items = _select_items(tree, plan.columns)
+    named = {node.alias: node.this for node in tree.expressions if isinstance(node, exp.Alias)}
+    if named:   # an alias may be used in WHERE and in the other select items, as in ClickHouse
+        items = [(name, _unaliased(node, named, plan.columns)) for name, node in items]
     inputs = ExprCompiler(plan.columns, plan.stream)
     where_node = tree.args.get("where")
     if where_node is not None:
+        if named:
+            where_node = _unaliased(where_node, named, plan.columns)
         if any(is_aggregate(n) for n in where_node.walk()):
             raise _unsupported("aggregates in WHERE (use HAVING)")
         plan.where = inputs.compile_bool(where_node.this).expr

@@ -262,6 +262,21 @@ def test_now_inside_an_aggregate() -> None:
     assert run("select s, count(*) from t where ts < now() group by s", records) == [["a", 1]]
 
 
+def test_aliases_reach_where_and_the_other_select_items() -> None:
+    """As in ClickHouse (a 400 before); a stream column of the same name wins, as GROUP BY's."""
+    records = [row(0, T0, i=2, s="x"), row(1, T0, i=4, s="y")]
+    assert run("select i * 2 as x, x + 1 from t where x > 5", records) == [[8, 9]]
+    assert run("select raw:key1 as k1 from foo where k1 = 'a'",
+               [raw(0, b'{"key1":"a"}'), raw(1, b'{"key1":"b"}')], raw_stream=True) == [["a"]]
+    assert sorted(run("select s as k, count(*) as c, c * 10 from t group by k having c > 1", records + records)) == [
+        ["x", 2, 20], ["y", 2, 20]]
+    assert run("select i as s, s from t where s = 'y'", records) == [[4, "y"]]
+    with pytest.raises(ClientError, match="cyclic aliases: x -> y -> x"):
+        run("select x + 1 as y, y + 1 as x from t")
+    with pytest.raises(ClientError, match="aggregates in WHERE"):
+        run("select count(*) as c from t where c > 1")
+
+
 def test_bounded_queries_do_not_emit_on_tick() -> None:
     ex = compile_query("select count(*) from table(t)", lookup).executor()
     ex.tick(0)

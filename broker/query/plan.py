@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import polars as pl
 import sqlglot
@@ -403,7 +403,7 @@ def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryP
     if named:   # an alias may be used in WHERE and in the other select items, as in ClickHouse
         items = [(name, _unaliased(node, named, plan.columns)) for name, node in items]
     inputs = ExprCompiler(plan.columns, plan.stream)
-    where_node = tree.args.get("where")
+    where_node: Any = tree.args.get("where")
     if where_node is not None:
         if named:
             where_node = _unaliased(where_node, named, plan.columns)

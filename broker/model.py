@@ -80,7 +80,8 @@ class Segment:
     """The records of one partition written under one layout: from `start_seq` on (up to the next
     segment's start), after a scale event. `parents` are the partitions (other than this one) of
     the previous layout whose hash ranges overlap this partition's new range, each with the seq
-    where it ended (its next_seq at the event). A key's records keep their order for a reader
+    where it ended (its next_seq at the event), and those inherited through a parent's segment
+    that holds no record (core/routing.segments). A key's records keep their order for a reader
     that reads every parent up to its end before reading this segment."""
     start_seq: int
     parents: tuple[tuple[int, int], ...]   # (partition, end seq, exclusive)

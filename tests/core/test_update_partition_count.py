@@ -6,7 +6,7 @@ import asyncio
 from typing import AsyncIterator
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.core import routing
@@ -130,6 +130,55 @@ def test_a_hash_moves_from_a_parent_to_its_child(src: int, target: int, h: int) 
     if old != new:
         assert (old, boundaries[old]) in segment.parents
     assert all(q != new and q < src for q, _ in segment.parents)
+
+
+_KEY_HASHES = [(2**63 - 1) * k // 7 for k in range(7)]   # spread over the hash space
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.one_of(st.tuples(st.just("write"), st.integers(0, 6)),
+                              st.tuples(st.just("scale"), st.integers(1, 6))), max_size=40),
+       first=st.integers(1, 6))
+def test_the_reading_rule_orders_every_key_across_any_scale_events(ops: list[tuple[str, int]], first: int) -> None:
+    """A model of the stream (writes routed by the layout of their time, scale events with their
+    boundaries) and of the reading rule as the client applies it: a record waits for the parents
+    of every segment of its partition that starts at or before it, a parent being read to its end
+    meaning its records below the end were read. Then each key's records are read in write order.
+    Through a partition that got no record between two events, the rule lost a key's order: 3 -> 1
+    -> 2 over two events, its record on 3 came after its next one on 2 (the scaling probe)."""
+    from broker.model import ScaleEvent, StreamConfig
+
+    count, next_seq, events = first, [0] * first, []
+    written: list[tuple[int, int, int]] = []   # (key, partition, seq) in write order
+    for op, arg in ops:
+        if op == "write":
+            p = routing.partition_for_hash(_KEY_HASHES[arg], count)
+            written.append((arg, p, next_seq[p]))
+            next_seq[p] += 1
+        elif arg != count:
+            next_seq += [0] * (arg - len(next_seq))
+            events.append(ScaleEvent(len(events) + 1, count, arg, tuple(next_seq[:max(count, arg)])))
+            count = arg
+    config = StreamConfig("s", count, scale_events=tuple(events))
+    segments = {p: routing.segments(config, p) for p in range(len(next_seq))}
+    before: dict[tuple[int, int], set[tuple[int, int]]] = {}
+
+    def read_before(p: int, s: int) -> set[tuple[int, int]]:
+        """Every record the rule has a reader read before record (p, s)."""
+        if (p, s) not in before:
+            direct = {(p, s - 1)} if s else set()
+            direct |= {(q, end - 1) for seg in segments[p] if seg.start_seq <= s for q, end in seg.parents if end}
+            found = set(direct)
+            for r in direct:
+                found |= read_before(*r)
+            before[(p, s)] = found
+        return before[(p, s)]
+
+    last: dict[int, tuple[int, int]] = {}
+    for key, p, s in written:
+        if key in last:
+            assert last[key] in read_before(p, s), (key, last[key], (p, s), events)
+        last[key] = (p, s)
 
 
 async def test_history_is_bounded_and_forgets_events_past_retention() -> None:

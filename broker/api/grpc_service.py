@@ -78,6 +78,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Sluice"].full_name
 PROJECT_KEY = "sluice-project"
 AUTHORIZATION_KEY = "authorization"
+# What context.write raises once the call has ended under it (the peer's connection dropped; the
+# context says neither cancelled nor done yet): grpc's own class, not public API.
+try:
+    from grpc._cython.cygrpc import ExecuteBatchError as _CALL_ENDED
+except ImportError:   # another grpc build: such a write is counted as an error, as before
+    _CALL_ENDED = ()  # type: ignore[assignment,misc]
 LAST_READ = "LAST_READ"
 PRODUCE_STREAM_WINDOW = 8   # unanswered batches per PutRecordsStream call (see the module docstring)
 
@@ -605,6 +611,8 @@ class SluiceServicer:
                 self._pushing += 1
                 try:
                     await context.write(_subscribe_response(batch))
+                except _CALL_ENDED:   # the consumer went away (its connection dropped): not an error
+                    return
                 finally:
                     self._pushing -= 1
         raise server_error(ErrorCode.UNAVAILABLE, detail="broker is shutting down")

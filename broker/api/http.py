@@ -445,7 +445,7 @@ async def write_or_drop(request: web.Request, response: web.StreamResponse, data
     try:
         async with asyncio.timeout(request.app[CONFIG].stall_timeout_s):
             await response.write(data)
-    except (TimeoutError, ConnectionResetError):
+    except (TimeoutError, ConnectionError):   # aiohttp's "Connection lost" is a bare ConnectionError
         reset(request.transport)
         return False
     return True

@@ -15,14 +15,17 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from typing import Callable
 
 import grpc
 import pytest
+from conftest import eventually
 
-from broker.launcher import BrokerProcess
+from broker.launcher import ROOT, BrokerProcess
 from client._pb.sluice.v1 import sluice_pb2 as pb
 from client._pb.sluice.v1 import sluice_pb2_grpc
 from client.client import Client
@@ -298,3 +301,43 @@ def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(
     finally:
         chan.close()
         stalled_chan.close()
+
+
+_GONE_CONSUMERS = """
+import sys, time, urllib.request
+from client import Client
+target, http, kind = sys.argv[1:4]
+if kind == "grpc":
+    next(iter(Client(target).subscription("gone", 0, "TRIM_HORIZON")))
+else:
+    urllib.request.urlopen(f"{http}/sluice/v1/tail?stream-name=gone&partition-id=0&cursor-type=TRIM_HORIZON").read(1000)
+print("READY", flush=True)
+time.sleep(3600)   # reads no more: the broker's writes wait on flow control
+"""
+
+
+def _metrics(broker: BrokerProcess) -> str:
+    return urllib.request.urlopen(f"{broker.http_url}/metrics", timeout=TIMEOUT).read().decode()  # type: ignore[no-any-return]
+
+
+def test_a_push_consumer_that_dies_mid_stream_is_no_broker_error(start_broker: Callable[..., BrokerProcess]) -> None:
+    """A Subscribe and a tail whose consumer stops reading and is then killed: the broker's blocked
+    write fails. It was logged as an unhandled error with a traceback and counted INTERNAL (the
+    scaling and gRPC probes): a consumer going away is not the broker's error."""
+    broker = start_broker(*UNTHROTTLED)
+    with Client(broker.grpc_target, timeout=TIMEOUT) as c:
+        c.create_stream("gone", 1)
+        for _ in range(10):   # 20 MB: more than the sockets' buffers hold
+            c.put_records("gone", [b"x" * 20_000] * 100, partition_id=0)
+    for kind in ("grpc", "tail"):
+        consumer = subprocess.Popen([sys.executable, "-c", _GONE_CONSUMERS, broker.grpc_target, broker.http_url, kind],
+                                    stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert consumer.stdout is not None and consumer.stdout.readline().strip() == "READY"
+            time.sleep(1)   # the broker's next write blocks on the unread connection
+        finally:
+            consumer.kill()
+            consumer.communicate()
+    eventually(lambda: "sluice_subscriptions_open 0.0" in _metrics(broker), timeout=TIMEOUT)   # both ended
+    assert 'reason="INTERNAL"' not in _metrics(broker)
+    assert not [line for line in broker.stderr_lines if "unhandled error" in line or "Traceback" in line]

@@ -26,13 +26,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker import malloc
-from broker.api.grpc_service import SERVICE_NAME, AuthGate, SluiceServicer, add_servicer
+from broker.api.grpc_service import SERVICE_NAME, AuthGate, SluiceServicer, add_servicer, grpc_max_message
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.api.limits import ClientLimits, GrpcLimits
 from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_app
 from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
-from broker.core.limits import DEFAULT_LIMITS, Limits
+from broker.core.limits import DEFAULT_LIMITS
 from broker.errors import BrokerError
 from broker.settings import Settings
 from broker.sources.manager import Sources
@@ -120,12 +120,6 @@ def _client_limits(settings: Settings) -> ClientLimits:
 
 MIN_PING_INTERVAL_MS = 10_000   # the least time between a client's pings (clients ping every 30 s)
 PRODUCE_STREAMS_PER_CONNECTION = 1024   # PutRecordsStream calls (one per Producer) beside the counted calls
-
-
-def grpc_max_message(limits: Limits) -> int:
-    """The largest gRPC message the broker takes or sends: the largest HTTP body and 1 MB of
-    framing. The client library's `_wire.MAX_MESSAGE` is the same with the default limits."""
-    return limits.max_http_body_bytes + 1024 * 1024
 
 
 def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:

@@ -128,7 +128,8 @@ class BrokerError(Exception):
         self.code = code
         self.fields = fields
         try:
-            message = code.template.format(**fields)
+            message = code.template.format(**{k: _short(v, DETAIL_CHARS if k == "detail" else ECHO_CHARS)
+                                              for k, v in fields.items()})
         except (KeyError, IndexError):  # a missing field must not turn one error into another
             message = code.template
         self.message = message.replace(". {detail}", ".").strip() if "{detail}" in message else message
@@ -137,6 +138,20 @@ class BrokerError(Exception):
     @property
     def is_server_fault(self) -> bool:
         return self.code.http_status >= 500
+
+
+# A value the client gave, echoed in a message (a stream's name in "Stream [...] does not exist"),
+# is cut here: echoed whole, a 6,000-character name made the gRPC status trailers pass the
+# client's metadata limit (8 KiB), which then saw RESOURCE_EXHAUSTED and no error details. A
+# detail is ours, and quotes client text cut already; it is bounded all the same.
+ECHO_CHARS = 256   # every name the broker takes is shorter: a partition key is at most 256
+DETAIL_CHARS = 1000
+
+
+def _short(value: object, limit: int) -> object:
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}... ({len(value)} characters)"
+    return value
 
 
 class ClientError(BrokerError):

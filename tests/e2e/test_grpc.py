@@ -173,6 +173,17 @@ def test_create_and_describe_stream(sluice_stub, stream_name):
         [(0, 1), (0, 0), (0, 0), (0, 3), (0, 0)]
 
 
+@pytest.mark.parametrize("length", [257, 6_000, 20_000])
+def test_a_long_unknown_name_is_not_found_with_its_details(sluice_stub, length):
+    """The name was echoed whole in the message and its details trailer: past ~5,000 characters
+    the client's metadata limit turned STREAM_NOT_FOUND into RESOURCE_EXHAUSTED with no details."""
+    with pytest.raises(grpc.RpcError) as caught:
+        sluice_stub.DescribeStream(pb.DescribeStreamRequest(stream_name="a" * length), timeout=TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value
+    assert error_info(caught.value).reason == "STREAM_NOT_FOUND"
+    assert caught.value.details() == f"Stream [{'a' * 256}... ({length} characters)] does not exist"
+
+
 def test_create_stream_options(sluice_stub, stream_name):
     sluice_stub.CreateStream(pb.CreateStreamRequest(stream_name=stream_name, partition_count=2, retention_hours=72,
                                                     data_type=pb.DATA_TYPE_JSON, stream_type=pb.STREAM_TYPE_ADVANCED),
@@ -369,6 +380,33 @@ def filled(sluice_stub, stream_name) -> Iterator[tuple[str, list[bytes], list[in
     seqs += to_partition(sluice_stub, stream_name, 1, payloads[20:])
     assert seqs == list(range(25))
     yield stream_name, payloads, seqs
+
+
+def test_a_page_of_long_partition_keys_fits_in_one_grpc_message(sluice_stub, broker, stream_name):
+    """max_fetch_bytes counts payloads: 10,000 records of 400 bytes with 256-character keys of 4-byte
+    characters made a 14 MB answer, past the 13 MB grpc sends (RESOURCE_EXHAUSTED, no details, on
+    every retry; the gRPC probe). The page is shorter instead, and the next one goes on from it."""
+    from client import Client
+
+    sluice_stub.CreateStream(pb.CreateStreamRequest(stream_name=stream_name, partition_count=1), timeout=TIMEOUT)
+    key = "\U0001F600" * 256
+    for _ in range(3):
+        put = sluice_stub.PutRecords(pb.PutRecordsRequest(stream_name=stream_name, columns=pb.RecordColumns(
+            data=[b"d" * 400] * 3_400, partition_keys=[key] * 3_400)), timeout=TIMEOUT)
+        assert put.failed_record_count == 0
+    cursor = sluice_stub.GetCursor(pb.GetCursorRequest(stream_name=stream_name, partition_id=0,
+                                                       cursor_type=pb.CURSOR_TYPE_TRIM_HORIZON), timeout=TIMEOUT).cursor
+    seqs: list[int] = []
+    pages: list[int] = []
+    with Client(broker.grpc_target, timeout=TIMEOUT) as client:
+        while len(seqs) < 10_200:
+            page = client.get_records(cursor, limit=10_000, max_fetch_bytes=10 << 20)
+            assert page.records and all(r.partition_key == key for r in page.records)
+            seqs += [r.seq for r in page.records]
+            pages.append(len(page.records))
+            cursor = page.next_cursor
+    assert seqs == list(range(10_200))
+    assert 5_000 < pages[0] < 10_000, pages   # cut to what one message holds, not to a trickle
 
 
 def test_trim_horizon_reads_everything_in_order_across_pages(sluice_stub, filled):

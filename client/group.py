@@ -28,7 +28,11 @@ every `checkpoint_every` records or `checkpoint_interval` seconds, whichever com
   client/consumer.py through the app's checkpoints, so each key's records reach `handler` in
   order across the change. A worker commits where it starts (its `start` or checkpoint) at once,
   so a child never waits for records the group chose to skip; a partition new to the group whose
-  segment continues a parent the group was reading starts at that segment, not at `start`.
+  segment continues a parent the group was reading, or that a scale event made after the app was
+  created, starts at that segment, not at `start`.
+* Retention: a checkpoint of records trimmed while they were handled is refused by the broker
+  (SEQUENCE_OUT_OF_RANGE); it is dropped with a warning and the worker goes on (a consumer that
+  resumes before the oldest record moves to it).
 * An exception from `handler` is fatal: the failing batch is not committed (earlier ones are),
   the consumer stops, and `run()` / `join()` raise it. Transient broker errors (every retriable
   one of client/errors.py: unreachable, stopping, throttled, a full disk) are retried with
@@ -269,9 +273,11 @@ class GroupConsumer:
     # -- partition workers -----------------------------------------------------------------------
 
     def _start_for(self, p: int) -> StartPosition:
-        """Where to start on a partition without a checkpoint: `start`, except on a partition a
-        scale event gave records of keys this group was reading (a parent of one of its segments
-        has the app's checkpoint): there from that segment's start, or they would be skipped."""
+        """Where to start on a partition without a checkpoint: `start`, except from the first
+        segment a scale event made after the app was created (its records were all written
+        while the group read: at LATEST, a partition a scale-up added was started after the
+        records written to it before its worker began, 180 of 400 in the scaling probe), or
+        that gave records of keys this group was reading (a parent has the app's checkpoint)."""
         if self.start_position == "TRIM_HORIZON":
             return self.start_position
         try:
@@ -279,9 +285,12 @@ class GroupConsumer:
                 return self.start_position   # resumes after it
             desc = self._client.describe_stream(self.stream, limit=1000)
             info = next((i for i in desc.partitions if i.partition_id == p), None)
-            for segment in info.segments if info is not None else ():
-                if any(self._client.get_checkpoint(self.app, self.stream, q) is not None for q, _ in segment.parents):
-                    return "AT_SEQUENCE_NUMBER", max(segment.start_seq, info.first_seq)  # type: ignore[union-attr]
+            if info is not None and info.segments:
+                since = self._client.describe_app(self.app).created_ms   # broker time, as a segment's
+                for segment in info.segments:
+                    if segment.timestamp_ms >= since or any(self._client.get_checkpoint(self.app, self.stream, q)
+                                                            is not None for q, _ in segment.parents):
+                        return "AT_SEQUENCE_NUMBER", max(segment.start_seq, info.first_seq)
         except SluiceError as exc:
             log.warning("partition %d starts at %r: %s", p, self.start_position, exc)
         return self.start_position
@@ -302,6 +311,13 @@ class GroupConsumer:
             try:
                 client.commit_checkpoint(self.app, self.stream, p, handled)
             except SluiceError as exc:
+                if exc.reason == "SEQUENCE_OUT_OF_RANGE":
+                    # retention trimmed what was handled meanwhile: that checkpoint is past use (a
+                    # consumer resuming before the oldest record moves to it, client/consumer.py).
+                    # Fatal before: lagging members - those near the edge - stopped.
+                    log.warning("checkpoint %d of partition %d not kept: %s", handled, p, exc)
+                    committed, since_commit, last_commit = handled, 0, time.monotonic()
+                    return True
                 if not exc.retriable:
                     raise
                 log.warning("checkpoint of partition %d not committed yet: %s", p, exc)
@@ -329,6 +345,8 @@ class GroupConsumer:
                     self.handler(p, records)
                     handled = records[-1].seq
                     since_commit += len(records)
+                    if w.stop.is_set() and not w.commit_on_exit:
+                        break   # the lease was lost meanwhile: another member may own it, and commit
                 elif handled is None and consumer.position:
                     # Where the app starts on this partition (`start`, or its checkpoint): what lies
                     # before counts as read. Committed, so a child of this partition after a scale

@@ -785,7 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     lag = _add(sub, "lag", "per partition: the app's checkpoint, the retained range and the lag")
     lag.add_argument("app", help="app name")
     lag.add_argument("stream", help="stream name")
-    lag.add_argument("--json", action="store_true", help="one JSON object: the app, the stream, its partitions and the total lag")
+    lag.add_argument("--json", action="store_true",
+                     help="one JSON object: the app, the stream, its partitions and the total lag")
 
     src = _add(sub, "sources", "create, list, show, update, delete, start or stop the broker's sources",
                epilog="A source is a job of the broker that reads from elsewhere (stream_generator, websocket, "

@@ -44,6 +44,12 @@ def kind(type_text: str) -> str:
     return b
 
 
+def is_nullable(type_text: str) -> bool:
+    """`nullable(T)`, or the NULL literal's type."""
+    text = type_text.strip().lower()
+    return text == NULL or _NULLABLE.match(text) is not None
+
+
 def is_numeric(type_text: str) -> bool:
     return kind(type_text) in ("int", "uint", "float", NULL)
 

@@ -28,7 +28,7 @@ UNSUPPORTED_SQL, since there is nothing it could emit early.
 from __future__ import annotations
 
 import time
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Callable, Sequence
 
 import polars as pl
@@ -133,6 +133,10 @@ class Executor:
 
 
 _ROW = pl.int_range(pl.len()).alias("__row")
+_EPOCH = datetime(1970, 1, 1)
+# A type's default, ClickHouse's value of an aggregate of no row (min, max)
+_DEFAULTS: dict[str, object] = {"int": 0, "uint": 0, "float": 0.0, "string": "", "bool": False,
+                                "date": _EPOCH.date(), "datetime": _EPOCH, "datetime64": _EPOCH}
 
 
 def _now() -> object:
@@ -209,7 +213,12 @@ class AggregateExecutor(Executor):
         elif fn == "count":
             self.partials.append(c.count().cast(pl.UInt64).alias(a))
         elif fn == "sum":
-            self.partials.append(c.cast(dtypes.polars_dtype(type_text)).sum().alias(a))
+            total = c.cast(dtypes.polars_dtype(type_text)).sum()
+            if dtypes.is_nullable(type_text):   # null while no value was: a partial, and the merge
+                self.partials.append(pl.when(c.count() > 0).then(total).alias(a))
+                self.merges.append(pl.when(pl.col(a).count() > 0).then(pl.col(a).sum()))
+                return
+            self.partials.append(total.alias(a))
         elif fn == "avg":
             self.partials += [c.cast(pl.Float64).sum().alias(a + "_s"),
                               c.count().cast(pl.UInt64).alias(a + "_n")]
@@ -323,9 +332,14 @@ class AggregateExecutor(Executor):
         if self.state is None:
             if self.key_names:
                 return []
-            # no row yet: the aggregates of nothing (count 0, sum 0, the rest null)
+            # no row yet: the aggregates of nothing, as ClickHouse's: count and sum 0, min and max
+            # their type's default (a null under a type that is not nullable before), avg null
+            # (ClickHouse's nan, which JSON writes as null), a nullable one null
             groups = self.empty_stage.select(self.partials).with_columns(
-                pl.lit(0, pl.Int8).alias("__g"))
+                pl.lit(0, pl.Int8).alias("__g"),
+                *(pl.lit(_DEFAULTS[dtypes.kind(a.type)], dtypes.polars_dtype(a.type)).alias(f"__a{i}")
+                  for i, a in enumerate(self.plan.aggregates)
+                  if a.fn in ("min", "max") and not dtypes.is_nullable(a.type) and dtypes.kind(a.type) in _DEFAULTS))
             return self._result(self._take(groups, None))
         return self._result(self._take(self.state, None))
 

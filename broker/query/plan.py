@@ -381,8 +381,9 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
         if name == "avg":
             return Aggregate("avg", t, "float64")
         k = kind(t.type)
-        return Aggregate("sum", t, "float64" if k in ("float", NULL) else
-                         "uint64" if k == "uint" else "int64")
+        total = "float64" if k in ("float", NULL) else "uint64" if k == "uint" else "int64"
+        # ClickHouse: the sum of a Nullable is Nullable, NULL when no value was not null
+        return Aggregate("sum", t, f"nullable({total})" if dtypes.is_nullable(t.type) else total)
     if kind(t.type) == "json":
         raise client_error(ErrorCode.TYPE_MISMATCH, detail=f"{name}() of json")
     return Aggregate(name, t, t.type)

@@ -237,8 +237,22 @@ def test_global_group_by_and_having() -> None:
 
 
 def test_bounded_aggregation_over_nothing() -> None:
-    assert run("select count(*), sum(i), max(i) from table(t)") == [[0, 0, None]]
+    """As ClickHouse: count and sum 0, min and max their type's default (they were null under a
+    type that is not nullable), avg null (nan), a nullable's aggregates null."""
+    assert run("select count(*), sum(i), max(i) from table(t)") == [[0, 0, 0]]
     assert run("select count(*) from table(t)") == [[0]]
+    assert run("select avg(i), min(s), min(f), max(b), min(ts), max(d), min(n), sum(n) from table(t)") == [
+        [None, "", 0.0, False, "1970-01-01 00:00:00.000", "1970-01-01", None, None]]
+
+
+def test_the_sum_of_a_nullable_is_null_where_every_value_is() -> None:
+    """It was 0 (ClickHouse's sum of a Nullable is Nullable, NULL when no value was there)."""
+    records = [row(0, T0, s="a", n=None, i=1), row(1, T0, s="a", n=None, i=2), row(2, T0, s="b", n=3, i=1),
+               row(3, T0, s="b", n=None, i=1)]
+    assert sorted(run("select s, sum(n), sum(i), sum(null) from t group by s", records)) == [
+        ["a", None, 3, None], ["b", 3, 2, None]]
+    plan = compile_query("select sum(n), sum(i) from t", lookup)
+    assert [t for _, t in plan.header] == ["nullable(int64)", "int64"]
 
 
 def test_constant_outputs_give_one_row_per_input_row() -> None:
@@ -258,7 +272,7 @@ def test_now_inside_an_aggregate() -> None:
     records = [row(0, T0, s="a", ts=text(T0)), row(1, T0, s="b", ts="2999-01-01 00:00:00")]
     assert run("select min(now()) > ts, count_distinct(now()), max(ts < now()), min(ts < now()) from t group by ts",
                records[:1]) == [[True, 1, True, True]]
-    assert run("select count_distinct(now()), max(ts < now()) from table(t)") == [[0, None]]
+    assert run("select count_distinct(now()), max(ts < now()) from table(t)") == [[0, False]]
     assert run("select s, count(*) from t where ts < now() group by s", records) == [["a", 1]]
 
 

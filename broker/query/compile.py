@@ -261,6 +261,48 @@ def _adopted(t: Typed, other: Typed) -> str:
     return t.type
 
 
+def _common_type(name: str, typed: list[Typed]) -> str:
+    """The one type of values that may come from any of `types` (if, multi_if, CASE, coalesce), as
+    ClickHouse's supertype: NULL fits any; numbers of different kinds widen as arithmetic does,
+    except UInt64 beside a signed integer (no type holds both: ClickHouse's NO_COMMON_TYPE); string
+    and json are string; any other mix is a type mismatch. The header said the first branch's type
+    while the others' values came out unconverted (floats or strings under nullable(int64)). A
+    literal `0` beside a uint64 is unsigned, as ClickHouse types it (see _adopted)."""
+    name = name if name.isupper() else f"{name}()"   # CASE, if()
+    unsigned = any(dtypes.base(t.type) == "uint64" for t in typed)
+    types = ["uint64" if unsigned and t.is_literal and type(t.value) is int and t.value >= 0 else t.type
+             for t in typed]
+    common = NULL
+    for t in types:
+        if kind(t) == NULL or t == common:
+            continue
+        if kind(common) == NULL:
+            common = t
+        elif is_numeric(t) and is_numeric(common):
+            if {dtypes.base(t), dtypes.base(common)} & {"uint64"} and "int" in (kind(t), kind(common)):
+                raise _mismatch(f"{name} has no type for both {common} and {t} (uint64 beside a signed integer)")
+            same = kind(t) == kind(common) and dtypes.base(t) == dtypes.base(common)
+            common = t if same else _numeric_result(common, t)
+        elif {kind(t), kind(common)} <= {"string", "json"}:
+            common = "string"
+        elif kind(t) == kind(common):
+            continue   # the same kind (datetime64 and its precisions, nullable or not): the first's
+        else:
+            raise _mismatch(f"{name} has no type for both {common} and {t}")
+    return common
+
+
+def _to(t: Typed, type_text: str) -> pl.Expr:
+    """t's values as `type_text` (a common type of t's): unchanged when it already is."""
+    if t.type == type_text or kind(type_text) == NULL:
+        return t.expr
+    if kind(t.type) == NULL:
+        return t.expr.cast(dtypes.polars_dtype(type_text))
+    if kind(t.type) == kind(type_text) and kind(t.type) not in ("int", "uint", "float"):
+        return t.expr
+    return cast(t, type_text).expr
+
+
 def _bits(t: Typed) -> pl.Expr:
     """An integer as its 64 bits of two's complement (UInt64), for wrapping arithmetic."""
     if kind(t.type) == "uint":
@@ -549,8 +591,8 @@ class ExprCompiler:
             return Typed(pl.concat_str(parts), "string")
         if name == "coalesce":
             ts = [self.compile(a) for a in args]
-            typ = next((t.type for t in ts if kind(t.type) != NULL), NULL)
-            return Typed(pl.coalesce([t.expr for t in ts]), typ)
+            typ = _common_type(name, ts)
+            return Typed(pl.coalesce([_to(t, typ) for t in ts]), typ)
         if name in ("if", "iff"):
             if isinstance(node, exp.If):
                 args = [node.this, node.args["true"]] + (
@@ -577,19 +619,10 @@ class ExprCompiler:
         type (numbers of different kinds widen as arithmetic does; NULL fits any)."""
         conds = [self.compile_bool(c) for c, _ in whens]
         values = [self.compile(v) for _, v in whens] + [self.compile(otherwise)]
-        typ = NULL
-        for t in values:
-            if kind(t.type) == NULL:
-                continue
-            if kind(typ) == NULL:
-                typ = t.type
-            elif kind(t.type) != kind(typ):
-                if not (is_numeric(t.type) and is_numeric(typ)):
-                    raise _mismatch(f"{name} branches are {typ} and {t.type}")
-                typ = _numeric_result(typ, t.type)
-        out: pl.Expr = values[-1].expr
+        typ = _common_type(name, values)
+        out: pl.Expr = _to(values[-1], typ)
         for c, v in zip(reversed(conds), reversed(values[:-1]), strict=True):   # the first holds first
-            out = pl.when(c.expr).then(v.expr).otherwise(out)
+            out = pl.when(c.expr).then(_to(v, typ)).otherwise(out)
         return Typed(out, typ)
 
     def _string_arg(self, name: str, node: exp.Expression) -> Typed:

@@ -129,7 +129,7 @@ class StreamCatalogue:
         retention = lim.default_retention_hours if retention_hours is None else retention_hours
         if not isinstance(retention, int) or isinstance(retention, bool) or \
                 not lim.min_retention_hours <= retention <= lim.max_retention_hours:
-            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"data_duration must be within "
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"the retention (data_duration) must be within "
                                f"[{lim.min_retention_hours}, {lim.max_retention_hours}] hours, got {retention!r:.40}")
         data_type = data_type or ("JSON" if schema is not None else "BLOB")
         stream_type = stream_type or "COMMON"
@@ -244,7 +244,7 @@ class StreamCatalogue:
         Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID, INVALID_REQUEST."""
         config = self.get(project, stream_name)
         limit = clip_page(limit, self._limits.default_partition_page, self._limits.max_partition_page,
-                          "limit_partitions")
+                          "the partition page size (limit_partitions)")
         start = self.page_start(config, start_after_partition)
         readable = config.readable_partition_count
         chosen = range(start, min(start + limit, readable))

@@ -78,8 +78,9 @@ class ReadPath:
         sid = config.stream_id
         if kind is CursorType.AT_TIMESTAMP:
             if not isinstance(timestamp_ms, int) or isinstance(timestamp_ms, bool) or timestamp_ms < 0:
-                raise client_error(ErrorCode.INVALID_REQUEST,
-                                   detail="AT_TIMESTAMP needs timestamp, milliseconds since epoch")
+                given = "none" if timestamp_ms is None else f"{timestamp_ms!r:.40}"
+                raise client_error(ErrorCode.INVALID_REQUEST, detail="AT_TIMESTAMP needs a timestamp in "
+                                   f"milliseconds since the epoch, 0 or more; got {given}")
             earliest = now - config.retention_ms
             if timestamp_ms < earliest:
                 raise client_error(ErrorCode.TIMESTAMP_EXPIRED, earliest=earliest)

@@ -476,6 +476,11 @@ def test_at_timestamp(sluice_stub, filled):
     expect_error(sluice_stub.GetCursor, pb.GetCursorRequest(stream_name=name, partition_id=1,
                                                             cursor_type=pb.CURSOR_TYPE_AT_TIMESTAMP),
                  grpc.StatusCode.INVALID_ARGUMENT, "DIS.4200")
+    # a negative one is named as given (it was said to be missing)
+    with pytest.raises(grpc.RpcError) as negative:
+        sluice_stub.GetCursor(pb.GetCursorRequest(stream_name=name, partition_id=1, timestamp_ms=-1,
+                                                  cursor_type=pb.CURSOR_TYPE_AT_TIMESTAMP), timeout=TIMEOUT)
+    assert negative.value.details().endswith("0 or more; got -1"), negative.value.details()
 
 
 def test_get_records_limit_and_fetch_bytes(sluice_stub, stream_name):

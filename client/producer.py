@@ -94,6 +94,9 @@ from client.client import Client, PutResult
 from client.errors import SluiceError, from_rpc_error, is_retriable
 
 CLOSED = "CLOSED"
+# The broker's PutRecords limits (README, broker/core/limits.py): a batch past either is refused whole.
+PUT_MAX_RECORDS = 10_000
+PUT_MAX_BYTES = 5 * 1024 * 1024
 
 
 class BufferFullError(Exception):
@@ -207,6 +210,10 @@ class Producer:
                  tls_ca: str | bytes | os.PathLike[str] | None = None, delivery_timeout_ms: float = 120_000) -> None:
         if max_batch_records < 1 or max_batch_bytes < 1 or max_buffered_records < 1 or max_in_flight < 1:
             raise ValueError("batch, buffer and in-flight limits must be positive")
+        if max_batch_records > PUT_MAX_RECORDS or max_batch_bytes > PUT_MAX_BYTES:
+            # a bigger batch is refused whole by the broker: its records failed, good ones too
+            raise ValueError(f"a batch holds at most {PUT_MAX_RECORDS} records and {PUT_MAX_BYTES} payload bytes "
+                             "(the broker's PutRecords limits): max_batch_records, max_batch_bytes")
         if not delivery_timeout_ms > 0:
             raise ValueError("delivery_timeout_ms must be positive")
         if max_retries < 0 or backoff_ms < 0 or linger_ms < 0 or stream_idle_ms < 0:

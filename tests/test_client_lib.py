@@ -746,3 +746,15 @@ def test_a_client_refuses_what_grpc_metadata_or_a_channel_cannot_carry(kwargs: d
     with pytest.raises(ValueError) as err:
         Client(target, **kwargs)
     assert str(err.value).startswith(named), err.value
+
+
+@pytest.mark.parametrize("kwargs", [{"max_batch_bytes": 5 * 1024 * 1024 + 1}, {"max_batch_records": 10_001}])
+def test_a_producer_refuses_batches_past_the_brokers_put_limits(kwargs: dict[str, int]) -> None:
+    """Such a batch is refused whole: with max_batch_bytes=20 MB, 14 good records of 1 MiB failed
+    as one batch (the gRPC probe). Refused when made, naming the arguments."""
+    from client import Producer
+
+    with Client("127.0.0.1:1") as client:
+        with pytest.raises(ValueError, match="max_batch_records, max_batch_bytes"):
+            Producer(client, "s", **kwargs)
+        Producer(client, "s", max_batch_records=10_000, max_batch_bytes=5 * 1024 * 1024).close()

@@ -402,7 +402,6 @@ class SluiceServicer:
         unstarted set of its own (tests of the other verbs). `auth`: the broker's credentials;
         None (or an Auth without a file) leaves every RPC open, as without --auth-file."""
         self._broker = broker
-        self._max_message = grpc_max_message(broker.limits)
         self._auth = auth if auth is not None and auth.enabled else None
         self._sources = sources or Sources(broker)
         self._draining = False
@@ -603,7 +602,7 @@ class SluiceServicer:
 
     @rpc(Action.READ)
     async def GetRecords(self, request: pb.GetRecordsRequest, context: Any, project: str) -> pb.GetRecordsResponse:
-        limit = request.limit or None
+        limit, largest = request.limit or None, grpc_max_message(self._broker.limits)
         while True:
             result = await self._broker.get_records(request.cursor, limit, request.max_fetch_bytes or None,
                                                     request.wait_ms or None, project=project)
@@ -612,12 +611,12 @@ class SluiceServicer:
             # max_fetch_bytes counts payloads: with long partition keys a page in range can pass the
             # largest message grpc sends (RESOURCE_EXHAUSTED, no details). Then it is read again,
             # shorter, from the same cursor (reads take nothing; a rare page of ~10,000 keys of ~1 KiB)
-            if n <= 1 or sum(map(len, response.data)) + n * _RECORD_OVERHEAD_MAX <= self._max_message:
+            if n <= 1 or sum(map(len, response.data)) + n * _RECORD_OVERHEAD_MAX <= largest:
                 return response
             size = response.ByteSize()
-            if size <= self._max_message:
+            if size <= largest:
                 return response
-            limit = max(1, n * self._max_message // size * 9 // 10)
+            limit = max(1, n * largest // size * 9 // 10)
 
     @rpc(Action.READ)
     async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext, project: str) -> None:

@@ -441,6 +441,9 @@ class ExprCompiler:
             return a.expr, b.expr
         if ka in ("string", "json") and kb in ("string", "json"):
             return a.expr, b.expr
+        if {ka, kb} <= {"bool", "int", "uint", "float"}:   # ClickHouse's Bool is a UInt8: true = 1
+            return tuple(t.expr.cast(pl.UInt8) if kind(t.type) == "bool" else t.expr  # type: ignore[return-value]
+                         for t in (a, b))
         times = ("datetime64", "datetime", "date")
         if ka in times and (kb in times or (b.is_literal and kb == "string")):
             return a.expr.cast(pl.Datetime("ms")), cast(b, DATETIME64).expr

@@ -74,6 +74,11 @@ def test_case_multi_if_and_if_take_the_first_branch_that_holds() -> None:
                records) == [[3]]
 
 
+def test_a_bool_compares_with_numbers_as_clickhouse_uint8() -> None:
+    assert run("select true = 1, b = 1, b > 0, 2 > true from t", [row(0, T0, b=True), row(1, T0, b=False)]) == [
+        [True, True, True, True], [True, False, False, True]]
+
+
 def test_branches_and_coalesce_take_one_common_type() -> None:
     """The header said the first argument's type while the others' values came out as they were:
     floats under nullable(int32), a uint64 past int64 under int64 (the SQL probe)."""

@@ -40,6 +40,7 @@ WINDOW_COLUMNS = ("window_start", "window_end")
 MAX_SQL_BYTES = 64 * 1024
 MAX_PAREN_DEPTH = 32
 MAX_DEPTH = 128
+MAX_ALIAS_NODES = 4096   # expression nodes a query's aliases may expand to (see _Aliases)
 MAX_HOP_WINDOWS = 1000               # windows per row of hop(): size / step
 MAX_INTERVAL_MS = 3650 * 86_400_000   # windows of at most ten years: no int64 overflow
 _INTERVAL_UNITS = {"millisecond": 1, "second": 1000, "minute": 60_000, "hour": 3_600_000,
@@ -340,18 +341,50 @@ def _select_items(tree: exp.Select, columns: dict[str, str]) -> list[tuple[str, 
     return items
 
 
-def _unaliased(node: exp.Expression, named: dict[str, exp.Expression], columns: dict[str, str],
-               seen: tuple[str, ...] = ()) -> exp.Expression:
-    """`node` with each name of a select alias that is not a stream column replaced by the aliased
-    expression (a column of that name wins: ClickHouse's prefer_column_name_to_alias); an alias
-    that leads back to itself is an error, as ClickHouse's cyclic aliases."""
-    def swap(n: exp.Expression) -> exp.Expression:
-        if not isinstance(n, exp.Column) or n.table or n.name in columns or n.name not in named:
-            return n
-        if n.name in seen:
-            raise _syntax(f"cyclic aliases: {' -> '.join((*seen, n.name))}")
-        return _unaliased(named[n.name].copy(), named, columns, (*seen, n.name))
-    return node.copy().transform(swap)
+class _Aliases:
+    """Select aliases used elsewhere in the query (WHERE, other items): each name of an alias that
+    is not a stream column stands for the aliased expression, as in ClickHouse (where the alias
+    wins over a column of its name by default, prefer_column_name_to_alias = 0; here the column
+    does, as GROUP BY has it). An alias that leads back to itself is an error, as ClickHouse's
+    cyclic aliases; one that expands past MAX_ALIAS_NODES expression nodes too (`1 as a0, a0 + a0
+    as a1, ...`: each use copies the tree, 2^n nodes, and compiling them held the event loop for
+    seconds - ClickHouse's max_expanded_ast_elements)."""
+
+    def __init__(self, named: dict[str, exp.Expression], columns: dict[str, str]) -> None:
+        self.named, self.columns = named, columns
+        self._sizes: dict[str, int] = {}
+        self._expanded: dict[str, exp.Expression] = {}
+
+    def _refs(self, node: exp.Expression) -> list[str]:
+        return [c.name for c in node.find_all(exp.Column)
+                if not c.table and c.name not in self.columns and c.name in self.named]
+
+    def size(self, node: exp.Expression, seen: tuple[str, ...] = ()) -> int:
+        """Expression nodes of `node` once its aliases are expanded (not built: counted)."""
+        total = sum(1 for _ in node.walk())
+        for name in self._refs(node):
+            if name in seen:
+                raise _syntax(f"cyclic aliases: {' -> '.join((*seen, name))}")
+            if name not in self._sizes:
+                self._sizes[name] = self.size(self.named[name], (*seen, name))
+            total += self._sizes[name] - 1
+            if total > MAX_ALIAS_NODES:
+                break
+        return total
+
+    def expand(self, node: exp.Expression) -> exp.Expression:
+        if self.size(node) > MAX_ALIAS_NODES:
+            raise _unsupported(f"the query's aliases expand to more than {MAX_ALIAS_NODES} expression nodes")
+        return self._expand(node)
+
+    def _expand(self, node: exp.Expression) -> exp.Expression:
+        def swap(n: exp.Expression) -> exp.Expression:
+            if not isinstance(n, exp.Column) or n.table or n.name in self.columns or n.name not in self.named:
+                return n
+            if n.name not in self._expanded:
+                self._expanded[n.name] = self._expand(self.named[n.name])
+            return self._expanded[n.name].copy()
+        return node.copy().transform(swap)
 
 
 def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
@@ -401,13 +434,14 @@ def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryP
     plan = _source_plan(sql, tree, lookup)
     items = _select_items(tree, plan.columns)
     named = {node.alias: node.this for node in tree.expressions if isinstance(node, exp.Alias)}
+    aliases = _Aliases(named, plan.columns)
     if named:   # an alias may be used in WHERE and in the other select items, as in ClickHouse
-        items = [(name, _unaliased(node, named, plan.columns)) for name, node in items]
+        items = [(name, aliases.expand(node)) for name, node in items]
     inputs = ExprCompiler(plan.columns, plan.stream)
     where_node: Any = tree.args.get("where")
     if where_node is not None:
         if named:
-            where_node = _unaliased(where_node, named, plan.columns)
+            where_node = aliases.expand(where_node)
         if any(is_aggregate(n) for n in where_node.walk()):
             raise _unsupported("aggregates in WHERE (use HAVING)")
         plan.where = inputs.compile_bool(where_node.this).expr

@@ -308,6 +308,12 @@ def test_aliases_reach_where_and_the_other_select_items() -> None:
         run("select x + 1 as y, y + 1 as x from t")
     with pytest.raises(ClientError, match="aggregates in WHERE"):
         run("select count(*) as c from t where c > 1")
+    # each use copies the aliased tree: 2^n nodes from n aliases (16 held the broker 17 s, the review)
+    doubling = "select 1 as a0, " + ", ".join(f"a{i} + a{i} as a{i + 1}" for i in range(16)) + " from t"
+    with pytest.raises(ClientError, match="aliases expand to more than 4096 expression nodes"):
+        compile_query(doubling, lookup)
+    assert run("select 1 as a0, " + ", ".join(f"a{i} + a{i} as a{i + 1}" for i in range(8)) + " from t",
+               [row(0, T0)]) == [[2**i for i in range(9)]]
 
 
 def test_bounded_queries_do_not_emit_on_tick() -> None:

@@ -28,8 +28,8 @@ every `checkpoint_every` records or `checkpoint_interval` seconds, whichever com
   client/consumer.py through the app's checkpoints, so each key's records reach `handler` in
   order across the change. A worker commits where it starts (its `start` or checkpoint) at once,
   so a child never waits for records the group chose to skip; a partition new to the group whose
-  segment continues a parent the group was reading, or that a scale event made after the app was
-  created, starts at that segment, not at `start`.
+  segment continues a parent the group was reading, or (at LATEST or AT_TIMESTAMP) that a scale
+  event made after this member started, starts at that segment, not at `start`.
 * Retention: a checkpoint of records trimmed while they were handled is refused by the broker
   (SEQUENCE_OUT_OF_RANGE); it is dropped with a warning and the worker goes on (a consumer that
   resumes before the oldest record moves to it).
@@ -114,6 +114,7 @@ class GroupConsumer:
         self._error: BaseException | None = None
         self._heartbeats: threading.Thread | None = None
         self._started = False
+        self._began_ms = 0
         self._stopped = False
         self.last_heartbeat: float | None = None   # time.monotonic() when the last answered one was sent
 
@@ -135,6 +136,10 @@ class GroupConsumer:
         if self._started:
             raise RuntimeError("already started")
         self._started = True
+        # this member's start, on its own clock (the broker's is not at hand): what a partition's
+        # segment made later holds was written while the member read (clock skew moves the line
+        # by as much: a few records of a new partition read, or skipped, at LATEST)
+        self._began_ms = int(time.time() * 1000)
         try:
             self._client.create_app(self.app)
         except SluiceError as exc:
@@ -274,22 +279,26 @@ class GroupConsumer:
 
     def _start_for(self, p: int) -> StartPosition:
         """Where to start on a partition without a checkpoint: `start`, except from the first
-        segment a scale event made after the app was created (its records were all written
-        while the group read: at LATEST, a partition a scale-up added was started after the
-        records written to it before its worker began, 180 of 400 in the scaling probe), or
-        that gave records of keys this group was reading (a parent has the app's checkpoint)."""
-        if self.start_position == "TRIM_HORIZON":
-            return self.start_position
+        segment a scale event made after this member started (and after an AT_TIMESTAMP start):
+        its records were all written while the member read - at LATEST, a partition a scale-up
+        added was started after the records written to it before its worker began, 180 of 400
+        in the scaling probe; or from one that gave records of keys the group was reading (a
+        parent has the app's checkpoint)."""
+        start = self.start_position
+        if start == "TRIM_HORIZON":
+            return start
         try:
             if self._client.get_checkpoint(self.app, self.stream, p) is not None:
                 return self.start_position   # resumes after it
             desc = self._client.describe_stream(self.stream, limit=1000)
             info = next((i for i in desc.partitions if i.partition_id == p), None)
             if info is not None and info.segments:
-                since = self._client.describe_app(self.app).created_ms   # broker time, as a segment's
+                since = self._began_ms if start == "LATEST" else \
+                    max(self._began_ms, start[1]) if isinstance(start, tuple) and start[0] == "AT_TIMESTAMP" else None
                 for segment in info.segments:
-                    if segment.timestamp_ms >= since or any(self._client.get_checkpoint(self.app, self.stream, q)
-                                                            is not None for q, _ in segment.parents):
+                    later = since is not None and segment.timestamp_ms >= since
+                    if later or any(self._client.get_checkpoint(self.app, self.stream, q) is not None
+                                    for q, _ in segment.parents):
                         return "AT_SEQUENCE_NUMBER", max(segment.start_seq, info.first_seq)
         except SluiceError as exc:
             log.warning("partition %d starts at %r: %s", p, self.start_position, exc)

@@ -69,54 +69,78 @@ def segments(config: StreamConfig, partition: int) -> list[Segment]:
     events = config.scale_events
     if not events:
         return []
-    cached = _SEGMENTS.get(id(events))
-    if cached is None or cached[0] is not events:   # the tuple is kept: its id is not reused meanwhile
-        made = _all_segments(events)
-        size = sum(map(len, made.values()))
-        while _SEGMENTS and sum(c[2] for c in _SEGMENTS.values()) + size > _SEGMENTS_CACHED:
-            del _SEGMENTS[next(iter(_SEGMENTS))]   # the oldest first
-        cached = _SEGMENTS[id(events)] = (events, made, size)
-    return list(cached[1].get(partition, ()))
+    return list(_history(events).out.get(partition, ()))
 
 
-# Every partition's segments of a history, computed once per history (a config is immutable, and a
-# describe asks for each of its partitions: at 256 partitions and 200 events, 0.2-0.4 s once, then
-# 2 ms a describe), for the recent histories holding at most this many segments in all (a history
-# bigger than that is kept alone).
-_SEGMENTS: dict[int, tuple[tuple[ScaleEvent, ...], dict[int, list[Segment]], int]] = {}
-_SEGMENTS_CACHED = 200_000
+class _History:
+    """Every partition's segments after `events`, and what a next event needs to add its own: for
+    each partition, the parents its current segment's reader waits for (`waited`: {partition:
+    (end, lo, hi)}, `lo..hi` the part of the hash space through which that wait matters, a hull
+    when several) and where that segment began (`began`). Extended in place (`add`): only the
+    cache holds one, and it takes it out first."""
 
+    __slots__ = ("events", "out", "waited", "began", "size")
 
-def _all_segments(events: Sequence[ScaleEvent]) -> dict[int, list[Segment]]:
-    """One pass over the events. For each partition, the parents its current segment's reader
-    waited for, as {partition: (end, lo, hi)}: its latest end there and the hull of the hash ranges
-    it had where it ended (an entry inherited from an empty segment is kept only if that hull
-    overlaps the inheritor's range; a hull over-approximates, which only adds a wait)."""
-    waited: dict[int, dict[int, tuple[int, int, int]]] = {}   # partition -> its current segment's parents
-    began: dict[int, int] = {}                                 # partition -> where that segment began
-    out: dict[int, list[Segment]] = {}
-    for e in events:
+    def __init__(self) -> None:
+        self.events: tuple[ScaleEvent, ...] = ()
+        self.out: dict[int, list[Segment]] = {}
+        self.waited: dict[int, dict[int, tuple[int, int, int]]] = {}
+        self.began: dict[int, int] = {}
+        self.size = 0   # segments
+
+    def add(self, events: Sequence[ScaleEvent]) -> None:
+        for e in events:
+            self._add(e)
+        self.events = (*self.events, *events)
+
+    def _add(self, e: ScaleEvent) -> None:
+        src, target = e.src_partition_count, e.target_partition_count
         made = {}
-        for p in range(e.target_partition_count):
-            lo, hi = hash_range(p, e.target_partition_count)
+        for p in range(target):
+            lo, hi = hash_range(p, target)
             parents: dict[int, tuple[int, int, int]] = {}
             # the ranges tile the hash space in order: the old partitions overlapping [lo, hi] are
             # exactly those from lo's to hi's (arithmetic, not a scan)
-            first, last = partition_for_hash(lo, e.src_partition_count), partition_for_hash(hi, e.src_partition_count)
-            for q in range(first, last + 1):
+            for q in range(partition_for_hash(lo, src), partition_for_hash(hi, src) + 1):
                 end = e.boundaries[q]
-                _merge(parents, q, end, *hash_range(q, e.src_partition_count))
-                if began.get(q, 0) == end:   # q's segment before this event holds no record
-                    for r, (r_end, r_lo, r_hi) in waited.get(q, {}).items():
-                        if r_lo <= hi and lo <= r_hi:
-                            _merge(parents, r, r_end, r_lo, r_hi)
+                q_lo, q_hi = hash_range(q, src)
+                _merge(parents, q, end, max(lo, q_lo), min(hi, q_hi))
+                if self.began.get(q, 0) == end:   # q's segment before this event holds no record
+                    for r, (r_end, r_lo, r_hi) in self.waited.get(q, {}).items():
+                        # an end of 0 waits for nothing (client/consumer.py: read)
+                        if r_end > 0 and r_lo <= hi and lo <= r_hi:
+                            _merge(parents, r, r_end, max(lo, r_lo), min(hi, r_hi))
             parents.pop(p, None)   # its own earlier records come before in its own order
             made[p] = parents
-            out.setdefault(p, []).append(Segment(e.boundaries[p], tuple(sorted((r, v[0]) for r, v in parents.items())),
-                                                 e.timestamp_ms))
-        for p, parents in made.items():
-            waited[p], began[p] = parents, e.boundaries[p]
-    return out
+            self.out.setdefault(p, []).append(Segment(e.boundaries[p], tuple(sorted(
+                (r, v[0]) for r, v in parents.items())), e.timestamp_ms))
+        for p, parents in made.items():   # after the loop: the event's parents are the old layout's
+            self.waited[p], self.began[p] = parents, e.boundaries[p]
+        self.size += target
+
+
+def _history(events: tuple[ScaleEvent, ...]) -> _History:
+    """The segments of `events`, from the cache: a stream's next history extends the one cached
+    for it (found by its first event), so a scale event costs the work of that event alone, not
+    of the whole history again."""
+    key = id(events[0])   # its history is kept in the entry: the id is not reused meanwhile
+    h = _HISTORIES.get(key)
+    if h is not None and (h.events is events or h.events == events):
+        return h
+    h = _HISTORIES.pop(key, None)
+    if h is None or len(h.events) > len(events) or h.events != events[:len(h.events)]:
+        h = _History()   # another history (or an older config than the one cached): from the start
+    h.add(events[len(h.events):])
+    while _HISTORIES and sum(c.size for c in _HISTORIES.values()) + h.size > _SEGMENTS_CACHED:
+        del _HISTORIES[next(iter(_HISTORIES))]   # the least recently made first
+    _HISTORIES[key] = h
+    return h
+
+
+# Histories cached, by the id of their first event: the recent ones holding at most this many
+# segments in all (a history bigger than that is kept alone).
+_HISTORIES: dict[int, _History] = {}
+_SEGMENTS_CACHED = 200_000
 
 
 def _merge(into: dict[int, tuple[int, int, int]], r: int, end: int, lo: int, hi: int) -> None:

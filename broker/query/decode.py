@@ -5,10 +5,10 @@ over the joined record data with an explicit schema of the needed columns only. 
 fails (a record that is not a JSON object, a value of the wrong type, a record spanning lines),
 the records that are JSON objects are parsed that way once more, without the others (so a value
 reads the same whatever shares its batch), and if that fails too the batch is read leniently:
-each record by `orjson.loads` into Python lists, one per needed column, and the frame built once
-from them, a string column's non-string value as orjson's text, not Polars' (~2 ms per 2000
-records; bisecting down to the bad records and building a frame per record cost ~1.3 s when
-every record was bad, as on a stream of plain text). Not a JSON object -> skipped and counted; a
+each record by `orjson.loads` into Python lists, one per needed column that is not a string, and
+the frame built once from them; string columns are still read by Polars, which writes another
+JSON value put in one its own way (~2 ms per 2000 records; bisecting down to the bad records and
+building a frame per record cost ~1.3 s when every record was bad, as on a stream of plain text). Not a JSON object -> skipped and counted; a
 value that does not fit its column -> null. A missing
 column is null (not the type's zero: a record put by another door may simply lack it), a missing
 `_tp_time` is the record's append time. A schemaless stream is `raw` (the data as UTF-8, errors
@@ -98,9 +98,10 @@ class BatchDecoder:
         df = self._fast(datas)
         return (df, None) if df is not None else self._lenient(datas)
 
-    def _fast(self, datas: Sequence[bytes]) -> pl.DataFrame | None:
+    def _fast(self, datas: Sequence[bytes], schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame | None:
+        """The records read by Polars with `schema` (the wire's), None if it cannot."""
         try:
-            df = pl.read_ndjson(io.BytesIO(b"\n".join(datas)), schema=self.wire)
+            df = pl.read_ndjson(io.BytesIO(b"\n".join(datas)), schema=schema or self.wire)
             if df.height == len(datas):
                 return df
         except (Exception, pl.exceptions.PanicException):
@@ -120,19 +121,28 @@ class BatchDecoder:
                 objs.append(obj)
         self.skipped += len(datas) - len(keep)
         kept = None if len(keep) == len(datas) else pl.Series(keep, dtype=pl.UInt32)
+        good = datas if kept is None else [datas[i] for i in keep]
         if kept is not None and not self.nested:
-            # what is left read as the fast read reads it: a string column holding another JSON
-            # value (put by another door) is written Polars' way there, 1.0 as "1", and a value
-            # must not depend on whether a record that is not JSON shares its batch
-            df = self._fast([datas[i] for i in keep])
+            # what is left read as the fast read reads it: a value must not depend on whether a
+            # record that is not JSON shares its batch
+            df = self._fast(good)
             if df is not None:
                 return df, kept
-        columns: dict[str, list] = {name: [] for name in self.wire}
-        fill = [(columns[name].append, name, _coercer(dtype)) for name, dtype in self.wire.items()]
-        for append, name, coerce in fill:
-            for obj in objs:
-                append(coerce(obj.get(name)))
-        df = pl.DataFrame(columns, schema=self.wire, strict=False)
+        # A value that does not fit its typed column: those columns are read here, and the
+        # string columns still the fast way - Polars writes another JSON value put in one (by
+        # another door) its own way, 1.0 as "1", and orjson would write it as it was stored: a
+        # value read beside such a record read otherwise than alone (the review)
+        strings = {} if self.nested else {n: d for n, d in self.wire.items() if d == pl.String()}
+        fast_strings = self._fast(good, strings) if strings else None
+        columns: dict[str, list] = {}
+        for name, dtype in self.wire.items():
+            if fast_strings is None or name not in strings:
+                coerce = _coercer(dtype)
+                columns[name] = [coerce(obj.get(name)) for obj in objs]
+        df = pl.DataFrame(columns, schema={n: self.wire[n] for n in columns}, strict=False)
+        if fast_strings is not None:
+            df = fast_strings if not columns else \
+                pl.concat([df, fast_strings], how="horizontal").select(list(self.wire))
         return df, kept
 
     def _raw(self, datas: Sequence[bytes], stamps: Callable[[], pl.Series]) -> pl.DataFrame:

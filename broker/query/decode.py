@@ -8,9 +8,9 @@ reads the same whatever shares its batch), and if that fails too the batch is re
 each record by `orjson.loads` into Python lists, one per needed column that is not a string, and
 the frame built once from them; string columns are still read by Polars, which writes another
 JSON value put in one its own way (~2 ms per 2000 records; bisecting down to the bad records and
-building a frame per record cost ~1.3 s when every record was bad, as on a stream of plain text). Not a JSON object -> skipped and counted; a
-value that does not fit its column -> null. A missing
-column is null (not the type's zero: a record put by another door may simply lack it), a missing
+building a frame per record cost ~1.3 s when every record was bad, as on a stream of plain
+text). Not a JSON object -> skipped and counted; a value that does not fit its column -> null. A
+missing column is null (not the type's zero: a record put by another door may simply lack it), a missing
 `_tp_time` is the record's append time. A schemaless stream is `raw` (the data as UTF-8, errors
 replaced) and `_tp_time` (the append time). A query that reads a `json` column takes the lenient
 read always: its text is then the value as stored, not as Polars would write it.

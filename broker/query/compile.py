@@ -267,11 +267,20 @@ def _common_type(name: str, typed: list[Typed]) -> str:
     except UInt64 beside a signed integer (no type holds both: ClickHouse's NO_COMMON_TYPE); string
     and json are string; any other mix is a type mismatch. The header said the first branch's type
     while the others' values came out unconverted (floats or strings under nullable(int64)). A
-    literal `0` beside a uint64 is unsigned, as ClickHouse types it (see _adopted)."""
+    literal `0` beside a uint64 is unsigned, as ClickHouse types it (see _adopted). A 64-bit
+    integer beside a float has no common type either: no float holds every such value
+    (ClickHouse's NO_COMMON_TYPE); a literal is as wide as its value needs, as ClickHouse types it,
+    so `if(c, f, 0)` is a float64."""
     name = name if name.isupper() else f"{name}()"   # CASE, if()
     unsigned = any(dtypes.base(t.type) == "uint64" for t in typed)
     types = ["uint64" if unsigned and t.is_literal and type(t.value) is int and t.value >= 0 else t.type
              for t in typed]
+    wide = [t.type for t in typed if kind(t.type) in ("int", "uint") and (
+        not (-2**31 <= t.value < 2**32) if t.is_literal and type(t.value) is int
+        else dtypes.base(t.type) in ("int64", "uint64"))]
+    floats = [t for t in types if kind(t) == "float"]
+    if wide and floats:
+        raise _mismatch(f"{name} has no type for both {wide[0]} and {floats[0]} (no float holds every 64-bit integer)")
     common = NULL
     for t in types:
         if kind(t) == NULL or t == common:

@@ -83,10 +83,9 @@ def test_branches_and_coalesce_take_one_common_type() -> None:
     """The header said the first argument's type while the others' values came out as they were:
     floats under nullable(int32), a uint64 past int64 under int64 (the SQL probe)."""
     records = [row(0, T0, n=None, f=1.5, i=2, u=3), row(1, T0, n=5, f=2.5, i=1, u=0)]
-    plan = compile_query("select coalesce(n, f), if(i > 1, i, 1.5), if(u > 0, u, 0), coalesce(n, 7) from t", lookup)
-    assert [t for _, t in plan.header] == ["float64", "float64", "int64", "int64"]
-    assert run("select coalesce(n, f), if(i > 1, i, 1.5), if(u > 0, u, 0), coalesce(n, 7) from t", records) == [
-        [1.5, 2.0, 3, 7], [5.0, 1.5, 0, 5]]
+    sql = "select coalesce(n, f), if(i > 1, n, 1.5), if(u > 0, u, 0), coalesce(n, 7), if(i > 1, f, 0) from t"
+    assert [t for _, t in compile_query(sql, lookup).header] == ["float64", "float64", "int64", "int64", "float64"]
+    assert run(sql, records) == [[1.5, None, 3, 7, 1.5], [5.0, 1.5, 0, 5, 0.0]]
     big = [row(0, T0, u=2**64 - 1)]
     assert run("select if(u > 0, u, 0), coalesce(u, 5) from w", big) == [[2**64 - 1, 2**64 - 1]]
 
@@ -95,6 +94,8 @@ def test_branches_and_coalesce_take_one_common_type() -> None:
     ("select case when i > 1 then s else 1 end from t", "CASE has no type for both string and int64"),
     ("select coalesce(n, 'x') from t", "coalesce() has no type for both nullable(int32) and string"),
     ("select if(u > 0, u, -1) from w", "if() has no type for both uint64 and int64"),
+    ("select if(i > 0, i, 1.5) from t", "if() has no type for both int64 and float64"),   # ClickHouse's too
+    ("select coalesce(f, 9999999999) from t", "coalesce() has no type for both int64 and float64"),
     ("select multi_if(i > 1, 1) from t", "multi_if() takes an odd number of arguments"),
     ("select case when s then 1 end from t", "a condition must be bool"),
 ])

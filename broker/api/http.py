@@ -272,11 +272,6 @@ def _transfer_codings(request: web.Request) -> tuple[str, ...]:
     return tuple(c for c in (part.strip().lower() for line in lines for part in line.split(",")) if c)
 
 
-def decoded(request: web.Request) -> bool:
-    """Whether this request's body is inflated before it is used (api/coding.py)."""
-    return content_coding(request) in coding.CODINGS
-
-
 async def read_body(request: web.Request) -> bytes:
     """The body's bytes (maybe empty), inflated when its Content-Encoding says so. Raises what
     read_raw_body raises, REQUEST_TOO_LARGE (over the cap once inflated) and BAD_BODY (not what

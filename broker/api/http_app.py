@@ -7,7 +7,7 @@ serving the OpenTSDB door alone, sharing the first one's tsdb stream (and so its
 
 Every response carries `X-Request-Id`, including the answers to requests aiohttp's HTTP parser
 rejects before any handler or middleware runs (duplicate Content-Length, too many or too long
-headers, a body that does not decode as its Content-Encoding says, a broken chunked framing...).
+headers, a broken chunked framing...; bodies in a Content-Encoding are http.read_body's).
 aiohttp answers those from `RequestHandler.handle_error` as text/plain and offers no hook for
 them (aio-libs/aiohttp#3287), so `HttpRunner` serves connections with a `RequestHandler`
 subclass whose `handle_error` renders a catalogue row instead. aiohttp hands it no path (the
@@ -32,7 +32,6 @@ import re
 from typing import Any, Callable
 
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.http_parser import RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -146,8 +145,6 @@ def _parser_error(status: int, exc: BaseException | None, message: str | None, r
     if status >= 500:
         return server_error(ErrorCode.INTERNAL, request_id=rid)
     detail = brief(message or exc or "malformed HTTP request")
-    if isinstance(exc, ContentEncodingError):
-        return client_error(ErrorCode.BAD_BODY, detail=f"body does not decode: {detail}")
     return client_error(ErrorCode.INVALID_REQUEST, detail=f"malformed HTTP request: {detail}")
 
 
@@ -244,9 +241,9 @@ class _RequestHandler(web.RequestHandler):
         return response
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
-        # A body that does not decode (junk under `Content-Encoding: gzip`, a broken chunked framing)
-        # was answered 400 already; aiohttp meets its error again when it drains the body after the
-        # answer, and would log it at ERROR with a traceback: one per such request, any client's to send.
+        # A body whose framing is broken (chunked) was answered 400 already; aiohttp meets its
+        # error again when it drains the body after the answer, and would log it at ERROR with a
+        # traceback: one per such request, any client's to send.
         exc = kw.get("exc_info")
         if isinstance(exc, web.RequestPayloadError):
             log.debug("dropped a connection whose request body did not decode: %s", brief(exc))

@@ -47,8 +47,8 @@ def parse_duration_ms(value: Any, prop: str) -> int:
     """A Go duration string or an integer of milliseconds -> whole milliseconds (> 0)."""
     if isinstance(value, bool) or value is None:
         raise bad(prop, f"must be a duration such as \"200ms\" or \"1m30s\", not {_kind(value)}")
-    if isinstance(value, int):
-        ms = float(value)
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        ms = float(value)   # a float: a JSON integer past 64 bits reads as one (orjson), so a range error below
     elif isinstance(value, str) and _GO_DURATION.fullmatch(value.strip()):
         ms = sum(float(n) * _UNIT_MS[u] for n, u in _DURATION_PART.findall(value.strip()))
     else:
@@ -131,8 +131,11 @@ class Props:
             return default
         if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
             value = int(value.strip())
+        if isinstance(value, float) and value.is_integer():
+            # a JSON integer past 64 bits reads as a float (orjson): a range error, not a type error
+            value = int(value) if abs(value) < 2**63 else (hi + 1 if value > 0 else lo - 1)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad(key, f"must be a whole number, not {_kind(value)}")
+            raise bad(key, f"must be a whole number, not {'a fraction' if isinstance(value, float) else _kind(value)}")
         if not lo <= value <= hi:
             raise bad(key, f"must be within [{lo}, {hi}]")
         return value

@@ -479,3 +479,18 @@ def test_shown_urls_mask_every_password(url: str, shown: str) -> None:
 
     assert shown_url(url) == shown
     assert redacted({"url": url, "servers": [url]}) == {"url": shown, "servers": [shown]}
+
+
+def test_integers_past_64_bits_are_out_of_range_not_of_another_type() -> None:
+    """orjson reads a JSON integer past 64 bits as a float: "[1e+23] is not a duration" and "must
+    be a whole number, not a number" (the gRPC probe). They are out of range, as they are."""
+    from broker.sources.props import Props, parse_duration_ms
+
+    with pytest.raises(BrokerError, match="must be at most a week"):
+        parse_duration_ms(1e23, "interval")
+    assert parse_duration_ms(250.0, "interval") == 250
+    for value, words in ((1e23, r"must be within \[1, 10\]"), (-1e23, r"must be within \[1, 10\]"),
+                         (2.5, "not a fraction"), ("x", "not a string")):
+        with pytest.raises(BrokerError, match=words):
+            Props({"n": value}).integer("n", 1, 1, 10)
+    assert Props({"n": 7.0}).integer("n", 1, 1, 10) == 7

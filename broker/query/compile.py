@@ -275,9 +275,11 @@ def _common_type(name: str, typed: list[Typed]) -> str:
     unsigned = any(dtypes.base(t.type) == "uint64" for t in typed)
     types = ["uint64" if unsigned and t.is_literal and type(t.value) is int and t.value >= 0 else t.type
              for t in typed]
+    # a literal by its value; a column by its declared type; other integer expressions (u + 1 of a
+    # uint8, length(s)) this engine types 64-bit where ClickHouse widens one step: not refused
     wide = [t.type for t in typed if kind(t.type) in ("int", "uint") and (
         not (-2**31 <= t.value < 2**32) if t.is_literal and type(t.value) is int
-        else dtypes.base(t.type) in ("int64", "uint64"))]
+        else dtypes.base(t.type) in ("int64", "uint64") and t.expr.meta.is_column())]
     floats = [t for t in types if kind(t) == "float"]
     if wide and floats:
         raise _mismatch(f"{name} has no type for both {wide[0]} and {floats[0]} (no float holds every 64-bit integer)")

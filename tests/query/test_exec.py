@@ -88,6 +88,9 @@ def test_branches_and_coalesce_take_one_common_type() -> None:
     assert run(sql, records) == [[1.5, None, 3, 7, 1.5], [5.0, 1.5, 0, 5, 0.0]]
     big = [row(0, T0, u=2**64 - 1)]
     assert run("select if(u > 0, u, 0), coalesce(u, 5) from w", big) == [[2**64 - 1, 2**64 - 1]]
+    # a small integer's arithmetic beside a float (ClickHouse widens u + 1 of a uint8 one step)
+    assert run("select if(b, f, u + 1), if(b, f, 1 - 2), if(b, f, abs(-1)) from t", [row(0, T0, b=False, u=2)]) == [
+        [3.0, -1.0, 1.0]]
 
 
 @pytest.mark.parametrize(("sql", "message"), [
@@ -96,6 +99,7 @@ def test_branches_and_coalesce_take_one_common_type() -> None:
     ("select if(u > 0, u, -1) from w", "if() has no type for both uint64 and int64"),
     ("select if(i > 0, i, 1.5) from t", "if() has no type for both int64 and float64"),   # ClickHouse's too
     ("select coalesce(f, 9999999999) from t", "coalesce() has no type for both int64 and float64"),
+    ("select if(b, f, count(*)) from t group by b, f", "if() has no type for both uint64 and float64"),
     ("select multi_if(i > 1, 1) from t", "multi_if() takes an odd number of arguments"),
     ("select case when s then 1 end from t", "a condition must be bool"),
 ])

@@ -458,6 +458,14 @@ def test_a_value_reads_the_same_whatever_shares_its_batch() -> None:
     alone = run("select s, i from t", records)
     assert run("select s, i from t", [*records, raw(3, b"not json")]) == alone
     assert run("select s, i from t", [raw(3, b"[]"), *records]) == alone
+    # a record spanning lines beside them: read as if on one line (orjson's text before)
+    assert run("select s, i from t", [raw(5, b'{\n"s": 2.0}'), *records]) == [["2", None], *alone]
+    # a record of two JSON lines and an empty one: each is skipped, nothing shifts (the rows after
+    # the first read a line too late before, the second review)
+    ex = compile_query("select s, i from t", lookup).executor()
+    assert ex.feed([raw(6, b'{"s":"a","i":1}\n{"s":"b","i":2}'), raw(7, b'{"s":"c","i":3}'), raw(8, b"")],
+                   False) == [["c", 3]]
+    assert ex.skipped_rows == 2
     # beside a record whose typed column holds what does not fit (the review): the same strings
     assert run("select s, i from t", [*records, raw(4, b'{"s": "x", "i": "seven"}')]) == [*alone, ["x", None]]
     assert [r[0] for r in alone] == ['{"a": 1}', "1", "100000000000000000000"]

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO, Callable, Sequence
 
 from client.client import CURSOR_TYPES, Client
-from client.errors import ERRORS, BrokerUnavailable, SluiceError, StreamNotFound
+from client.errors import BrokerUnavailable, SluiceError, StreamNotFound, is_retriable
 from client.model import AppInfo, Record, SourceInfo
 
 BATCH = 500                       # records per PutRecords call
@@ -226,10 +226,6 @@ class _PutStats:
 RETRY_FIRST_S, RETRY_MAX_S, RETRY_FOR_S = 0.05, 2.0, 60.0
 
 
-def _retriable(reason: str) -> bool:
-    return ERRORS.get(reason, (SluiceError, False))[1]
-
-
 def _send(client: Client, stream: str, batch: list[_Item], stats: _PutStats) -> None:
     """PutRecords for the batch, each record with its own route (key and/or partition); records
     refused for a retriable reason are sent again (see RETRY_FOR_S). The CLI counted a throttled
@@ -252,7 +248,7 @@ def _send(client: Client, stream: str, batch: list[_Item], stats: _PutStats) -> 
             for item, r in zip(batch, results):
                 if r.ok:
                     stats.sent += 1
-                elif _retriable(r.reason) and time.monotonic() + pause < deadline:
+                elif is_retriable(r.reason) and time.monotonic() + pause < deadline:
                     again.append(item)
                 else:
                     stats.fail(_failure_group(r.reason, r.dis_code), r.message)

@@ -141,25 +141,19 @@ _RECORD_OVERHEAD_MAX = 256 * 4 + 40
 
 
 def project_of(context: grpc.aio.ServicerContext) -> str:
-    """The "sluice-project" request metadata, "default" when absent (the core validates it)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == PROJECT_KEY:
-            return str(value)
-    return DEFAULT_PROJECT
+    """The "sluice-project" request metadata, "default" when absent (the core validates it); the
+    last one when given twice, as `authorize` reads it."""
+    asked = _last(context.invocation_metadata() or (), PROJECT_KEY)
+    return DEFAULT_PROJECT if asked is None else asked
 
 
 def authorize(auth: Auth, context: grpc.aio.ServicerContext, action: Action) -> str:
     """With an auth file: the caller's project, from its `authorization: Bearer KEY` metadata.
     The key's workspace is the project; a "sluice-project" naming another one is refused (as is a
     role that may not do `action`). Raises the catalogue's AUTH_* / PERMISSION_DENIED rows."""
-    bearer: str | None = None
-    asked: str | None = None
-    for key, value in context.invocation_metadata() or ():
-        if key == AUTHORIZATION_KEY:
-            bearer = str(value)
-        elif key == PROJECT_KEY:
-            asked = str(value)
-    principal = auth.api_key(_bearer_token(bearer))
+    metadata = context.invocation_metadata() or ()
+    asked = _last(metadata, PROJECT_KEY)
+    principal = auth.api_key(_bearer_token(_last(metadata, AUTHORIZATION_KEY)))
     Auth.check(principal, principal.project if asked is None else asked, action)
     return principal.project
 
@@ -179,8 +173,7 @@ class AuthGate(grpc.aio.ServerInterceptor):
                                 details: grpc.HandlerCallDetails) -> Any:
         method: str = details.method  # type: ignore[attr-defined]
         if self._auth.enabled and method.startswith(self._prefix):
-            bearer = next((str(v) for k, v in details.invocation_metadata or ()  # type: ignore[attr-defined]
-                           if k == AUTHORIZATION_KEY), None)
+            bearer = _last(details.invocation_metadata or (), AUTHORIZATION_KEY)  # type: ignore[attr-defined]
             try:
                 self._auth.api_key(_bearer_token(bearer))
             except BrokerError as exc:
@@ -195,6 +188,15 @@ def _refused(error: BrokerError) -> grpc.RpcMethodHandler:
     async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
     return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _last(metadata: Any, key: str) -> str | None:
+    """The last value of `key` in a call's metadata (the gate and the handler read the same one)."""
+    found = None
+    for k, v in metadata:
+        if k == key:
+            found = str(v)
+    return found
 
 
 def _bearer_token(value: str | None) -> str | None:

@@ -309,11 +309,12 @@ async def read_raw_body(request: web.Request) -> bytes:
     if how not in coding.CODINGS and how not in _IDENTITY:
         raise client_error(ErrorCode.BAD_BODY,
                            detail=f"unsupported Content-Encoding {request.headers['Content-Encoding']!r:.40}")
-    if _transfer_codings(request) not in _FRAMINGS:
+    framing = _transfer_codings(request)
+    if framing not in _FRAMINGS:
         # aiohttp frames `gzip, chunked` as chunked and hands over the gzip bytes as they are
         # (RFC 9112 6.1: a coding the server does not know is refused)
-        raise client_error(ErrorCode.BAD_BODY, detail=f"unsupported Transfer-Encoding "
-                           f"{', '.join(request.headers.getall('Transfer-Encoding'))!r:.40}; only chunked is")
+        raise client_error(ErrorCode.BAD_BODY,
+                           detail=f"unsupported Transfer-Encoding {', '.join(framing)!r:.40}; only chunked is")
     try:
         async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch
             return await request.read()

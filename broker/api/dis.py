@@ -149,6 +149,7 @@ async def put_records(request: web.Request) -> web.Response:
     body = await read_json(request)
     stream_name = field(body, "stream_name", str, required=True)
     records = field(body, "records", list, required=True)
+    await broker.check_put(stream_name, len(records), project=project)
     result = await broker.put_records(stream_name, [_decode_entry(r) for r in records], project=project)
     out: list[dict[str, Any]] = [{"partition_id": format_partition_id(p), "sequence_number": str(s)}
                                  for p, s in zip(result.partitions, result.seqs)]

@@ -488,7 +488,11 @@ class SluiceServicer:
         """One batch (the fields PutRecordsRequest and PutRecordsStreamRequest share) into the core.
         `handed` (a stream's batch): set once the batch is with the committer (see WritePath)."""
         entries: list[PutEntry] | PutColumns
-        if request.WhichOneof("batch") == "columns":
+        columnar = request.WhichOneof("batch") == "columns"
+        # refused by its count before a Python object is made per record
+        count = len(request.columns.data) if columnar else len(request.records.entries)
+        await self._broker.check_put(request.stream_name, count, project=project)
+        if columnar:
             cols = request.columns   # list() copies each repeated field in C: no object per record
             pids = cols.partition_ids
             entries = PutColumns(list(cols.data), list(cols.partition_keys) or None,

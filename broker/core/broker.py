@@ -262,6 +262,12 @@ class Broker:
                                  + [(redo[j], error) for j, error in again.failures])
         return result
 
+    async def check_put(self, stream_name: object, count: int, *, project: str = DEFAULT_PROJECT) -> None:
+        """Whether put_records would take a batch of `count` records by its stream and count alone
+        (see WritePath.check_count): for a door to ask before it decodes the records."""
+        await self._known(project, stream_name)
+        self.writes.check_count(project, stream_name, count)
+
     async def append_rows(self, stream_name: object, rows: Sequence[bytes], *, project: str = DEFAULT_PROJECT,
                           stream_id: int | None = None) -> int:
         """See WritePath.append_rows: unkeyed rows spread over the partitions, one batch each."""

@@ -69,6 +69,18 @@ class WritePath:
         if self._throttle is not None:
             self._throttle.forget(stream_id)
 
+    def check_count(self, project: str, stream_name: object, n: int) -> StreamConfig:
+        """The stream, if a batch of `n` records may go to it. Raises STREAM_NOT_FOUND,
+        EMPTY_REQUEST, INVALID_REQUEST. A door asks before it decodes its records: a body of millions
+        of empty records must be refused for its count, not decoded first."""
+        config = self._catalogue.get(project, stream_name)
+        if not n:
+            raise client_error(ErrorCode.EMPTY_REQUEST, detail="records must not be empty")
+        if n > self._limits.max_records_per_put:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"at most {self._limits.max_records_per_put} records per request, got {n}")
+        return config
+
     async def put_records(self, project: str, stream_name: object, entries: Sequence[PutEntry] | PutColumns,
                           handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         """Route and append a batch. Raises (whole request): STREAM_NOT_FOUND, EMPTY_REQUEST,
@@ -78,16 +90,11 @@ class WritePath:
         a caller that waits for it before the next batch keeps batches in order even when one waits
         out a scale event here. The caller sets it when this raises or returns first."""
         began = time.perf_counter()
-        config = self._catalogue.get(project, stream_name)
+        n = len(entries)
+        config = self.check_count(project, stream_name, n)
         if self._catalogue.scaling:   # a layout change in progress: route by the new one
             config = await self._catalogue.settled(config)
         lim = self._limits
-        n = len(entries)
-        if not n:
-            raise client_error(ErrorCode.EMPTY_REQUEST, detail="records must not be empty")
-        if n > lim.max_records_per_put:
-            raise client_error(ErrorCode.INVALID_REQUEST,
-                               detail=f"at most {lim.max_records_per_put} records per request, got {n}")
         if isinstance(entries, PutColumns):
             _check_columns(entries)
             payload = sum(map(len, entries.data))

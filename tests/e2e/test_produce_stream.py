@@ -396,6 +396,9 @@ class StuckBroker:
         self.records = 0
         self.release: asyncio.Event | None = None
 
+    async def check_put(self, stream_name: str, count: int, project: str) -> None:
+        pass
+
     async def put_records(self, stream_name: str, entries: Any, project: str,
                           handed: asyncio.Future[None] | None = None) -> PutRecordsResult:
         if handed is not None and not handed.done():   # "with the committer": the next batch may go on

@@ -90,10 +90,11 @@ class ErrorCode(Enum):
     # Timeplus 497 is proton's ACCESS_DENIED.
     PERMISSION_DENIED      = (403, "PERMISSION_DENIED",   "DIS.4116",  497, "Operation not permitted. {detail}")
     # Throttling: a partition's write limit (per record, retriable: DIS.4303, "traffic control
-    # limit exceeded") and one client's share of the broker (connections, requests, subscriptions).
+    # limit exceeded") and one client's share of the broker (connections, requests, subscriptions:
+    # the same DIS code, retriable too, in a 400 on the DIS door, see render.DisRenderer).
     THROTTLED              = (400, "RESOURCE_EXHAUSTED",  "DIS.4303",  202,
                               "Traffic control limit exceeded, retry later. {detail}")
-    TOO_MANY_REQUESTS      = (429, "RESOURCE_EXHAUSTED",  "DIS.4305",  202, "Too many requests. {detail}")
+    TOO_MANY_REQUESTS      = (429, "RESOURCE_EXHAUSTED",  "DIS.4303",  202, "Too many requests. {detail}")
     # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
     REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300",   36, "Request too large. {detail}")
     # [ours] unknown routes and methods; DIS has no code of its own for these.

@@ -86,9 +86,9 @@ _HELP = {
                                "beyond it fail with the retriable throttling error (DIS.4303); 0 = no limit",
     "partition_bytes_per_s": "write limit per partition in payload bytes per second (DIS ADVANCED: 5 MB); 0 = no limit",
     "max_connections_per_client": "open HTTP connections one client address may hold on each HTTP port; more are "
-                                  "answered 429 and closed",
+                                  "answered TOO_MANY_REQUESTS and closed",
     "max_requests_per_client": "requests one client address may have in progress at once on each door; more get "
-                               "429 / RESOURCE_EXHAUSTED",
+                               "TOO_MANY_REQUESTS (HTTP 429, 400 on the DIS door; gRPC RESOURCE_EXHAUSTED)",
     "max_subscriptions_per_client": "open push subscriptions, tails and streaming queries per client address",
     "metrics_port": "also serve /metrics (Prometheus, open even with --auth-file), /healthz and /readyz alone on "
                     "this port (0 = any free port); /metrics on --http-port takes an admin API key when "

@@ -2,7 +2,8 @@
 progress and open push subscriptions (`--max-connections-per-client`, `--max-requests-per-client`,
 `--max-subscriptions-per-client`). Each door (the HTTP port, `--tsdb-port`, the gRPC port) counts
 on its own `ClientLimits`. What is over a limit is refused with TOO_MANY_REQUESTS (HTTP 429 in
-the body of the door that owns the path, DIS.4305; gRPC RESOURCE_EXHAUSTED with its ErrorInfo).
+the body of the door that owns the path, a 400 on the DIS door, DIS.4303; gRPC RESOURCE_EXHAUSTED
+with its ErrorInfo).
 
 HTTP connections (http_app's connection handler): a connection past the limit is served one
 answer, a 429 to its first request, and then closed - a client sees why, instead of a reset it

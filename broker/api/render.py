@@ -15,12 +15,20 @@ from broker.errors import BrokerError, ErrorCode
 
 
 class DisRenderer:
-    """DIS error bodies (shared/spec/dis-api.md section 1) and PutRecords failed entries (2.6)."""
+    """DIS error bodies (shared/spec/dis-api.md section 1) and PutRecords failed entries (2.6).
+    `sdk_door`: the DIS door itself, where a row whose status is 429 (a client over its share of
+    the broker) is a 400: the official SDK never reads a 429's body (spec section 4), so its callers
+    would see "429" and no code; DIS itself signals throttling as a 400 with its code. Elsewhere
+    (paths no door owns, our SSE tail, the metrics port) plain HTTP's 429 stays."""
 
     content_type = "application/json"
 
+    def __init__(self, sdk_door: bool) -> None:
+        self.sdk_door = sdk_door
+
     def status(self, error: BrokerError) -> int:
-        return error.code.http_status
+        status = error.code.http_status
+        return 400 if status == 429 and self.sdk_door else status
 
     def body(self, error: BrokerError) -> dict[str, Any]:
         """All four code/message keys: the v3 Python SDK reads error_code/error_msg, the Java SDK
@@ -34,8 +42,9 @@ class DisRenderer:
         return {"error_code": error.code.dis_code, "error_message": error.message, "reason": error.code.reason}
 
 
-DIS = DisRenderer()
-FALLBACK = DIS   # the renderer for paths no door owns, and for requests the parser rejected
+DIS = DisRenderer(sdk_door=True)
+DIS_SHAPED = DisRenderer(sdk_door=False)   # our own HTTP paths (the SSE tail) in DIS's shape
+FALLBACK = DIS_SHAPED   # the renderer for paths no door owns, and for requests the parser rejected
 
 
 class TimeplusRenderer:

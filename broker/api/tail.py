@@ -44,7 +44,7 @@ from broker.api.http import (
     write_or_drop,
 )
 from broker.api.limits import subscriber
-from broker.api.render import DIS
+from broker.api.render import DIS_SHAPED
 from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, server_error
@@ -102,7 +102,7 @@ async def tail(request: web.Request) -> web.StreamResponse:
                     batch = pending.result()
                 except BrokerError as exc:  # e.g. the stream was deleted: too late for a status, say it in-band
                     if not await write_or_drop(request, response,
-                                               b"event: error\ndata: " + orjson.dumps(DIS.body(exc)) + b"\n\n"):
+                                               b"event: error\ndata: " + orjson.dumps(DIS_SHAPED.body(exc)) + b"\n\n"):
                         return response
                     break
                 if batch is None:
@@ -132,7 +132,7 @@ def _project(request: web.Request, who: Principal) -> str:
 
 def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> web.Application:
     """The tail door, mounted at `PREFIX`; its errors are DIS bodies like its payloads."""
-    app = door_app(broker, config, DIS)
+    app = door_app(broker, config, DIS_SHAPED)
     guard = api_key_guard(auth, _project) if auth is not None and auth.enabled else None
     app.router.add_get("/v1/tail", tail if guard is None else functools.update_wrapper(guard(tail, Action.READ), tail))
     return app

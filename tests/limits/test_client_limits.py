@@ -1,6 +1,7 @@
 """Per-client limits (broker/api/limits.py) on a real broker process with small limits: the one past
-each limit is refused with the documented code (HTTP 429 + DIS.4305 / TOO_MANY_REQUESTS in the door's
-body, gRPC RESOURCE_EXHAUSTED with reason TOO_MANY_REQUESTS), and giving one back frees a slot.
+each limit is refused with the documented code (DIS.4303 / TOO_MANY_REQUESTS in the door's body: HTTP
+400 on the DIS door, whose SDK never reads a 429's body, 429 elsewhere; gRPC RESOURCE_EXHAUSTED with
+reason TOO_MANY_REQUESTS), and giving one back frees a slot.
 No timing assertions: counts and codes, waits with generous deadlines."""
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def test_subscriptions_past_the_limit_get_429_and_a_closed_one_frees_a_slot(limi
     tails = [Tail(limited, stream) for _ in range(SUBSCRIPTIONS)]
     assert [t.status for t in tails] == [200] * SUBSCRIPTIONS
     extra = Tail(limited, stream)
-    assert extra.status == 429
-    assert extra.body["error_code"] == "DIS.4305" and extra.body.get("reason") == "TOO_MANY_REQUESTS"
+    assert extra.status == 429   # our SSE tail: plain HTTP's status
+    assert extra.body["error_code"] == "DIS.4303" and extra.body.get("reason") == "TOO_MANY_REQUESTS"
     extra.close()
     # open subscriptions are not requests in progress: the client can still make requests
     with _connect(limited) as sock:
@@ -193,7 +194,7 @@ def _refusals_counted(broker: BrokerProcess) -> float:
     return 0.0
 
 
-def test_requests_in_progress_past_the_limit_get_429(limited: BrokerProcess) -> None:
+def test_requests_in_progress_past_the_limit_are_refused(limited: BrokerProcess) -> None:
     counted_before = _refusals_counted(limited)
     refusals = 0
     stalled = [_stalled_request(limited) for _ in range(REQUESTS)]
@@ -202,9 +203,9 @@ def test_requests_in_progress_past_the_limit_get_429(limited: BrokerProcess) -> 
             nonlocal refusals
             with _connect(limited) as sock:
                 status, body, _ = _get(sock, "/v2/default/streams")
-            assert status in (200, 429)
-            refusals += status == 429
-            return status == 429 and body["error_code"] == "DIS.4305"
+            assert status in (200, 400)
+            refusals += status == 400
+            return status == 400 and body["error_code"] == "DIS.4303" and body["reason"] == "TOO_MANY_REQUESTS"
 
         eventually(refused, timeout=30)
         stalled.pop().close()   # the handler sees the connection go: its slot is freed
@@ -228,7 +229,7 @@ def test_health_checks_are_not_requests_the_limit_counts(limited: BrokerProcess)
     try:
         def refused() -> bool:
             with _connect(limited) as sock:
-                return _get(sock, "/v2/default/streams")[0] == 429
+                return _get(sock, "/v2/default/streams")[0] == 400
 
         eventually(refused, timeout=30)
         for port in (limited.http_port, limited.metrics_port):
@@ -253,7 +254,7 @@ def test_the_metrics_port_has_the_per_client_limits_and_json_errors(limited: Bro
             assert _get(sock, "/healthz")[0] == 200
         extra = _connect(limited, port)
         status, body, _ = _get(extra, "/healthz")
-        assert status == 429 and body["error_code"] == "DIS.4305", body
+        assert status == 429 and body["error_code"] == "DIS.4303", body
         assert _closed_by_peer(extra)
         extra.close()
     finally:
@@ -261,14 +262,14 @@ def test_the_metrics_port_has_the_per_client_limits_and_json_errors(limited: Bro
             sock.close()
 
 
-def test_connections_past_the_limit_are_answered_429_then_closed(limited: BrokerProcess) -> None:
+def test_connections_past_the_limit_are_answered_then_closed(limited: BrokerProcess) -> None:
     held = [_connect(limited) for _ in range(CONNECTIONS)]
     for sock in held:   # each one served: they are open and counted
         assert _get(sock, "/v2/default/streams")[0] == 200
     try:
         extra = _connect(limited)
         status, body, _ = _get(extra, "/v2/default/streams")
-        assert status == 429 and body["error_code"] == "DIS.4305"
+        assert status == 400 and body["error_code"] == "DIS.4303" and body["reason"] == "TOO_MANY_REQUESTS"
         assert _closed_by_peer(extra)
         extra.close()
         held.pop().close()
@@ -338,7 +339,7 @@ def test_grpc_subscribe_streams_past_the_limit_are_resource_exhausted(limited: B
         with pytest.raises(SluiceError) as refused:
             next(extra)
         assert refused.value.status is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused.value.reason == "TOO_MANY_REQUESTS" and refused.value.code == "DIS.4305"
+        assert refused.value.reason == "TOO_MANY_REQUESTS" and refused.value.code == "DIS.4303"
         assert client.list_streams().streams is not None   # other calls are not affected
         subs.pop().cancel()
 
@@ -389,6 +390,28 @@ def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: B
                 poll.cancel()
 
 
+def test_the_official_sdk_reads_the_refusal_of_a_client_over_its_limit(limited: BrokerProcess) -> None:
+    """The SDK never reads a 429's body (its callers saw error_code "429" and urllib3's message):
+    the DIS door's refusal is a 400 whose DIS code and message the SDK hands over."""
+    from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
+    from huaweicloudsdkdis.v2 import ListStreamsRequest
+
+    from tests.auth.auth_broker import dis_client
+
+    held = [_connect(limited) for _ in range(CONNECTIONS)]
+    try:
+        for sock in held:
+            assert _get(sock, "/v2/default/streams")[0] == 200
+        client = dis_client(limited.http_url, "ak", "sk", "default")   # no --auth-file: signatures unread
+        with pytest.raises(ClientRequestException) as refused:   # its connection is one past the limit
+            client.list_streams(ListStreamsRequest())
+        assert (refused.value.status_code, refused.value.error_code) == (400, "DIS.4303")
+        assert "Too many requests" in refused.value.error_msg
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_client_leaving_its_long_polls_frees_their_slots_before_their_wait_ends(limited: BrokerProcess,
                                                                                   stream: str) -> None:
     """Long polls (`wait_ms` 20 s, nothing written) hold request slots; a client that closes them
@@ -404,7 +427,7 @@ def test_a_client_leaving_its_long_polls_frees_their_slots_before_their_wait_end
     def refused() -> bool:   # once the long polls are being handled
         with _connect(limited) as sock:
             status, _, _ = _get(sock, "/v2/default/streams")
-        return status == 429
+        return status == 400
 
     eventually(refused, timeout=30)
     for sock in polls:

@@ -112,14 +112,16 @@ def check_project(project: object) -> str:
 
 
 def parse_seq(value: object) -> int:
-    """A sequence number as a door hands it over: an int, or a decimal string of ASCII digits.
-    Raises INVALID_SEQUENCE for anything else, including values past SEQUENCE_MAX - checked on the
-    text's length first, so a 5,000-digit string never reaches int() (whose digit limit raises)."""
+    """A sequence number as a door hands it over: an int, or a decimal string of ASCII digits
+    (leading zeros allowed, as Java's Long.parseLong takes them). Raises INVALID_SEQUENCE for
+    anything else, including values past SEQUENCE_MAX - checked on the digits' length first, so a
+    5,000-digit string never reaches int() (whose digit limit raises)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if 0 <= value <= SEQUENCE_MAX:
             return value
-    elif isinstance(value, str) and 0 < len(value) <= 19 and value.isascii() and value.isdigit():
-        seq = int(value)
+    elif isinstance(value, str) and value and value.isascii() and value.isdigit():
+        digits = value.lstrip("0")
+        seq = int(digits or "0") if len(digits) <= 19 else SEQUENCE_MAX + 1
         if seq <= SEQUENCE_MAX:
             return seq
     raise client_error(ErrorCode.INVALID_SEQUENCE, value="missing" if value is None else f"{value!s:.40}")

@@ -173,10 +173,14 @@ def _merge(into: dict[int, tuple[int, int, int]], r: int, end: int, lo: int, hi:
 
 
 def parse_hash_key(text: str) -> int | None:
-    """Decimal 0..2^63-1, else None."""
-    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 19:
+    """Decimal 0..2^63-1, leading zeros allowed (Java's Long.parseLong, which DIS's producers
+    route by, takes them), else None."""
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit():
         return None
-    value = int(text)
+    digits = text.lstrip("0")
+    if len(digits) > 19:   # never hand int() thousands of digits
+        return None
+    value = int(digits or "0")
     return value if value <= HASH_KEY_MAX else None
 
 

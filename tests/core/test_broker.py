@@ -263,6 +263,12 @@ async def test_get_cursor_rejects_bad_arguments(broker: Broker) -> None:
         assert err.code.dis_code == dis
     # next_seq itself is a valid AT position (the same as LATEST)
     await broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "2")
+    # leading zeros, as Java's Long.parseLong reads them; the digits still bound the number
+    at = await broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "0" * 30 + "1")
+    assert [r.seq for r in (await broker.get_records(at)).records] == [1]
+    err = await raises(broker.get_cursor("s", "0", "AT_SEQUENCE_NUMBER", "0" * 3 + "9" * 5000),
+                       ErrorCode.INVALID_SEQUENCE)
+    assert err.code.dis_code == "DIS.4216"
     await raises(broker.get_cursor("s", "2", "TRIM_HORIZON"), ErrorCode.PARTITION_NOT_FOUND)
     await raises(broker.get_cursor("s", "x", "TRIM_HORIZON"), ErrorCode.INVALID_PARTITION_ID)
     await raises(broker.get_cursor("nope", "0", "TRIM_HORIZON"), ErrorCode.STREAM_NOT_FOUND)

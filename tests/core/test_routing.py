@@ -159,6 +159,9 @@ def test_parse_partition_id_takes_ints_and_rejects_other_non_strings() -> None:
     ("9223372036854775808", None), ("18446744073709551615", None), ("99999999999999999999", None),
     ("-1", None), ("abc", None), ("", None), (" 1", None), ("1 ", None), ("+1", None), ("1.0", None),
     ("0x10", None), ("٣", None), ("１", None),
+    # leading zeros, as Java's Long.parseLong reads them (DIS producers route by it)
+    ("0000000000000000000005", 5), ("00", 0), ("0" * 5000 + "9223372036854775807", MAX),
+    ("0" * 30 + "9223372036854775808", None), ("0" * 4 + "1" * 5000, None),
 ])
 def test_parse_hash_key_edges(text: str, expected: int | None) -> None:
     assert routing.parse_hash_key(text) == expected

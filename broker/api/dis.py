@@ -147,7 +147,8 @@ async def delete_stream(request: web.Request) -> web.Response:
 async def put_records(request: web.Request) -> web.Response:
     broker, project = _door(request)
     body = await read_json(request)
-    stream_name = field(body, "stream_name", str, required=True)
+    stream_name = await broker.name_or_id(field(body, "stream_name", str, required=True), body.get("stream_id"),
+                                          project=project)
     records = field(body, "records", list, required=True)
     await broker.check_put(stream_name, len(records), project=project)
     result = await broker.put_records(stream_name, [_decode_entry(r) for r in records], project=project)

@@ -262,6 +262,21 @@ class Broker:
                                  + [(redo[j], error) for j, error in again.failures])
         return result
 
+    async def name_or_id(self, stream_name: object, stream_id: object, *, project: str = DEFAULT_PROJECT) -> object:
+        """`stream_name`, unless the project has no stream of that name and `stream_id` (a decimal
+        text or an int) is the id of one of its streams: then that stream's name. DIS's PutRecords
+        falls back to its `stream_id` this way (shared/spec/dis-api.md 2.6); ids of other
+        projects' streams are not followed."""
+        await self._known(project, stream_name)
+        if stream_id is None or not isinstance(stream_name, str) or \
+                self.catalogue.lookup(project, stream_name) is not None:
+            return stream_name
+        text = str(stream_id) if isinstance(stream_id, int) and not isinstance(stream_id, bool) else stream_id
+        if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 19:
+            return stream_name
+        config = self.catalogue.by_id(int(text))
+        return config.stream_name if config is not None and config.project == project else stream_name
+
     async def check_put(self, stream_name: object, count: int, *, project: str = DEFAULT_PROJECT) -> None:
         """Whether put_records would take a batch of `count` records by its stream and count alone
         (see WritePath.check_count): for a door to ask before it decodes the records."""

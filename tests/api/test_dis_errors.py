@@ -284,6 +284,29 @@ def test_unknown_stream_everywhere(broker):
     assert_dis_error(put(broker, name, [{"data": "YQ=="}]), 400, "DIS.4301")
 
 
+def test_put_records_falls_back_to_stream_id_in_its_project(broker, stream):
+    """Spec 2.6: `stream_id` is the lookup when no stream has the name; only the project's own."""
+    sid = call(broker, "GET", f"/v2/{PID}/streams/{stream}").json["stream_id"]
+    ghost = f"ghost-{uuid.uuid4().hex[:8]}"
+    for sid_given in (sid, int(sid)):
+        body = {"stream_name": ghost, "stream_id": sid_given, "records": [{"data": "YQ==", "partition_id": "2"}]}
+        reply = call(broker, "POST", f"/v2/{PID}/records", body)
+        assert reply.status == 200 and reply.json["failed_record_count"] == 0, reply.raw
+    read = call(broker, "GET", f"/v2/{PID}/records", query={"partition-cursor": get_cursor(broker, stream, "2")})
+    assert [r["data"] for r in read.json["records"]] == ["YQ==", "YQ=="]
+    # the name wins when it names a stream; ids that are no stream of this project are not followed
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    create(broker, other, 1)
+    reply = call(broker, "POST", f"/v2/{PID}/records",
+                 {"stream_name": other, "stream_id": sid, "records": [{"data": "YQ==", "partition_id": "2"}]})
+    assert reply.json["records"][0]["error_code"] == "DIS.4302"   # `other` has one partition
+    for bad in ("999999999999", "-1", "abc", "0" * 30, True, None, [sid]):
+        assert_dis_error(call(broker, "POST", f"/v2/{PID}/records",
+                              {"stream_name": ghost, "stream_id": bad, "records": [{"data": "YQ=="}]}), 400, "DIS.4301")
+    assert_dis_error(call(broker, "POST", "/v2/another-project/records",
+                          {"stream_name": ghost, "stream_id": sid, "records": [{"data": "YQ=="}]}), 400, "DIS.4301")
+
+
 @pytest.mark.parametrize("query", [
     {"limit_partitions": "abc"}, {"limit_partitions": "1.5"}, {"limit_partitions": "0"},
     {"limit_partitions": "1001"}, {"limit_partitions": "-3"}, {"limit_partitions": "1_0"},

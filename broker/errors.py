@@ -95,6 +95,7 @@ class ErrorCode(Enum):
     THROTTLED              = (400, "RESOURCE_EXHAUSTED",  "DIS.4303",  202,
                               "Traffic control limit exceeded, retry later. {detail}")
     TOO_MANY_REQUESTS      = (429, "RESOURCE_EXHAUSTED",  "DIS.4303",  202, "Too many requests. {detail}")
+    TOO_MANY_TAGS          = (400, "INVALID_ARGUMENT",    "DIS.4601",   36, "Too many tags. {detail}")
     # [ours] DIS's API gateway answers 413 for oversize bodies; the DIS code is our choice.
     REQUEST_TOO_LARGE      = (413, "RESOURCE_EXHAUSTED",  "DIS.4300",   36, "Request too large. {detail}")
     # [ours] unknown routes and methods; DIS has no code of its own for these.

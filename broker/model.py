@@ -100,6 +100,10 @@ class StreamConfig:
     project: str = DEFAULT_PROJECT
     schema: StreamSchema | None = None  # None: a plain log of bytes
     scale_events: tuple[ScaleEvent, ...] = ()   # UpdatePartitionCount history, oldest first
+    # (key, value) labels given at creation, kept and reported (DIS's tags and sys_tags); a config
+    # stored before they existed has none
+    tags: tuple[tuple[str, str], ...] = ()
+    sys_tags: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
     def from_dict(raw: dict) -> StreamConfig:
@@ -107,7 +111,9 @@ class StreamConfig:
         schema = raw.get("schema")
         events = tuple(ScaleEvent.from_dict(e) for e in raw.get("scale_events", ()))
         return StreamConfig(**{**raw, "schema": StreamSchema.from_dict(schema) if schema else None,
-                               "scale_events": events})
+                               "scale_events": events,
+                               "tags": tuple((k, v) for k, v in raw.get("tags", ())),
+                               "sys_tags": tuple((k, v) for k, v in raw.get("sys_tags", ()))})
 
     @property
     def readable_partition_count(self) -> int:

@@ -126,6 +126,7 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "PERMISSION_DENIED": (PermissionDenied, False),
     "THROTTLED": (Throttled, True),
     "TOO_MANY_REQUESTS": (Throttled, True),
+    "TOO_MANY_TAGS": (InvalidRequest, False),
     "REQUEST_TOO_LARGE": (InvalidRequest, False),
     "UNKNOWN_ROUTE": (SluiceError, False),
     "METHOD_NOT_ALLOWED": (SluiceError, False),

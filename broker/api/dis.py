@@ -69,7 +69,8 @@ def _stream_info(c: StreamConfig) -> dict[str, Any]:
     return {"stream_name": c.stream_name, "stream_id": str(c.stream_id), "create_time": c.created_ms,
             "retention_period": c.retention_hours, "status": "RUNNING", "stream_type": c.stream_type,
             "data_type": c.data_type, "partition_count": c.partition_count, "auto_scale_enabled": False,
-            "tags": [], "sys_tags": []}
+            "tags": [{"key": k, "value": v} for k, v in c.tags],
+            "sys_tags": [{"key": k, "value": v} for k, v in c.sys_tags]}
 
 
 # -- routes ------------------------------------------------------------------------------------
@@ -81,12 +82,18 @@ def _door(request: web.Request) -> tuple[Broker, str]:
 
 
 async def create_stream(request: web.Request) -> web.Response:
+    """CreateStream (spec 2.1). Sluice does not scale by itself: `auto_scale_enabled` true is
+    refused rather than dropped (scale with UpdatePartitionCount); the min/max counts matter only
+    with it, as in DIS, and are not kept."""
     broker, project = _door(request)
     body = await read_json(request)
+    if field(body, "auto_scale_enabled", bool):
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="auto_scale_enabled: Sluice does not scale streams "
+                                                             "by itself; scale with UpdatePartitionCount")
     await broker.create_stream(
         field(body, "stream_name", str, required=True), field(body, "partition_count", int, required=True),
         field(body, "data_duration", int), field(body, "data_type", str), field(body, "stream_type", str),
-        project=project)
+        project=project, tags=body.get("tags"), sys_tags=body.get("sys_tags"))
     return web.Response(status=201)
 
 

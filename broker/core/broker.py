@@ -152,13 +152,15 @@ class Broker:
 
     async def create_stream(self, stream_name: object, partition_count: object, retention_hours: object = None,
                             data_type: object = None, stream_type: object = None, *,
-                            project: str = DEFAULT_PROJECT, schema: StreamSchema | None = None) -> StreamConfig:
-        """`schema`: a typed stream (see StreamSchema). Raises INVALID_REQUEST, QUOTA_EXCEEDED,
-        STREAM_EXISTS (a shared store: the catalogue knows the existing stream afterwards, even if
-        another broker created it a moment ago)."""
+                            project: str = DEFAULT_PROJECT, schema: StreamSchema | None = None,
+                            tags: object = None, sys_tags: object = None) -> StreamConfig:
+        """`schema`: a typed stream (see StreamSchema); `tags`, `sys_tags`: DIS's, see
+        limits.check_tags. Raises INVALID_REQUEST, TOO_MANY_TAGS, QUOTA_EXCEEDED, STREAM_EXISTS
+        (a shared store: the catalogue knows the existing stream afterwards, even if another
+        broker created it a moment ago)."""
         def create() -> Awaitable[StreamConfig]:
             return self.catalogue.create(project, stream_name, partition_count, retention_hours, data_type,
-                                         stream_type, schema)
+                                         stream_type, schema, tags, sys_tags)
         seen = self._seen(project, stream_name)
         try:
             return await create()

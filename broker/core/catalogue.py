@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Awaitable, Callable, NamedTuple
 
 from broker.core import routing
-from broker.core.limits import Limits, check_project, check_stream_name, clip_page
+from broker.core.limits import Limits, check_project, check_stream_name, check_tags, clip_page
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import (
     PartitionBounds,
@@ -113,10 +113,11 @@ class StreamCatalogue:
 
     async def create(self, project: str, stream_name: object, partition_count: object,
                      retention_hours: object = None, data_type: object = None,
-                     stream_type: object = None, schema: StreamSchema | None = None) -> StreamConfig:
+                     stream_type: object = None, schema: StreamSchema | None = None, tags: object = None,
+                     sys_tags: object = None) -> StreamConfig:
         """`schema` makes a typed stream (validated by its door: broker/rows/schema.py); its
-        records are JSON objects, so its data_type is JSON. Raises INVALID_REQUEST,
-        QUOTA_EXCEEDED, STREAM_EXISTS."""
+        records are JSON objects, so its data_type is JSON. `tags`, `sys_tags`: see
+        limits.check_tags. Raises INVALID_REQUEST, TOO_MANY_TAGS, QUOTA_EXCEEDED, STREAM_EXISTS."""
         lim = self._limits
         project = check_project(project)
         stream_name = check_stream_name(stream_name)
@@ -138,7 +139,8 @@ class StreamCatalogue:
         if stream_type not in STREAM_TYPES:
             raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream_type must be one of {STREAM_TYPES}")
         config = StreamConfig(stream_name, partition_count, retention, str(data_type), str(stream_type),
-                              self._now(), project=project, schema=schema)
+                              self._now(), project=project, schema=schema, tags=check_tags(tags),
+                              sys_tags=check_tags(sys_tags, "sys_tags"))
         # shielded: a caller that goes away (gRPC deadline) must not leave the store holding a
         # stream the catalogue does not know
         return await asyncio.shield(self._create(config))

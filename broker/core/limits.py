@@ -104,6 +104,42 @@ def check_stream_name(name: object) -> str:
     return name
 
 
+MAX_TAGS = 10                 # a resource's tags (DIS: 10)
+TAG_KEY_CHARS, TAG_VALUE_CHARS = 36, 43
+SYS_TAG_KEY = "_sys_enterprise_project_id"   # the one system tag DIS knows; its value is a UUID
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII)
+
+
+def check_tags(raw: object, name: str = "tags") -> tuple[tuple[str, str], ...]:
+    """A stream's tags as given, `[{"key", "value"}, ...]` (None: none), checked as DIS checks
+    them: keys of 1-36 and values of 0-43 printable characters, no key twice, at most 10
+    (TOO_MANY_TAGS); `sys_tags` hold only `_sys_enterprise_project_id` with a UUID. Raises
+    INVALID_REQUEST."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name} must be a list of {{key, value}} objects")
+    if len(raw) > MAX_TAGS:
+        raise client_error(ErrorCode.TOO_MANY_TAGS, detail=f"at most {MAX_TAGS} {name}, got {len(raw)}")
+    tags: dict[str, str] = {}
+    for i, tag in enumerate(raw):
+        key, value = (tag.get("key"), tag.get("value", "")) if isinstance(tag, dict) else (None, None)
+        value = "" if value is None else value
+        if not isinstance(key, str) or not 1 <= len(key) <= TAG_KEY_CHARS or not key.isprintable():
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name}[{i}]: key must be 1-{TAG_KEY_CHARS} "
+                                                                 f"printable characters, got {key!r:.60}")
+        if not isinstance(value, str) or len(value) > TAG_VALUE_CHARS or not value.isprintable():
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name}[{i}]: value must be 0-{TAG_VALUE_CHARS} "
+                                                                 f"printable characters, got {value!r:.60}")
+        if name == "sys_tags" and (key != SYS_TAG_KEY or not _UUID.fullmatch(value)):
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"sys_tags[{i}]: the key must be {SYS_TAG_KEY} "
+                                                                 "and the value a UUID")
+        if key in tags:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"{name}[{i}]: key [{key}] is given twice")
+        tags[key] = value
+    return tuple(tags.items())
+
+
 def check_project(project: object) -> str:
     if not isinstance(project, str) or not PROJECT_NAME.fullmatch(project):
         raise client_error(ErrorCode.INVALID_REQUEST,

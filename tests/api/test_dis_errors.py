@@ -110,6 +110,24 @@ def stream(broker, stream_name):  # type: ignore[no-untyped-def]
     ({"stream_name": "ok-name", "partition_count": 1, "data_type": "XML"}, "DIS.4200"),
     ({"stream_name": "ok-name", "partition_count": 1, "data_type": 1}, "DIS.4200"),
     ({"stream_name": "ok-name", "partition_count": 1, "stream_type": "TURBO"}, "DIS.4200"),
+    # tags (spec 2.1): keys 1-36, values 0-43 characters, at most 10, no key twice
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": {"key": "a"}}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": ["a"]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"value": "v"}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": ""}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": "k" * 37}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": "k", "value": "v" * 44}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": "k", "value": 1}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": "k\n"}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": "k"}, {"key": "k"}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "tags": [{"key": f"k{i}"} for i in range(11)]},
+     "DIS.4601"),
+    ({"stream_name": "ok-name", "partition_count": 1, "sys_tags": [{"key": "other", "value": "x"}]}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1,
+      "sys_tags": [{"key": "_sys_enterprise_project_id", "value": "not-a-uuid"}]}, "DIS.4200"),
+    # Sluice does not scale by itself: refused, not dropped
+    ({"stream_name": "ok-name", "partition_count": 1, "auto_scale_enabled": True}, "DIS.4200"),
+    ({"stream_name": "ok-name", "partition_count": 1, "auto_scale_enabled": "false"}, "DIS.4200"),
 ])
 def test_create_stream_rejects_bad_bodies(broker, body, code):
     if isinstance(body, dict) and body.get("stream_name") == "ok-name":
@@ -119,6 +137,20 @@ def test_create_stream_rejects_bad_bodies(broker, body, code):
         # nothing was created
         assert_dis_error(call(broker, "GET", f"/v2/{PID}/streams/{quote(body['stream_name'], safe='')}"), 400,
                          "DIS.4301")
+
+
+def test_create_stream_keeps_its_tags(broker, stream_name):
+    tags = [{"key": "team", "value": "payments"}, {"key": "k" * 36, "value": "v" * 43}, {"key": "empty", "value": ""},
+            {"key": "键", "value": "值"}]
+    sys_tags = [{"key": "_sys_enterprise_project_id", "value": str(uuid.uuid4())}]
+    reply = call(broker, "POST", f"/v2/{PID}/streams", {"stream_name": stream_name, "partition_count": 1,
+                                                       "tags": tags, "sys_tags": sys_tags,
+                                                       "auto_scale_enabled": False})
+    assert reply.status == 201, reply.raw
+    shown = call(broker, "GET", f"/v2/{PID}/streams/{stream_name}").json
+    assert (shown["tags"], shown["sys_tags"], shown["auto_scale_enabled"]) == (tags, sys_tags, False)
+    listed = call(broker, "GET", f"/v2/{PID}/streams", query={"limit": 100}).json["stream_info_list"]
+    assert [(i["tags"], i["sys_tags"]) for i in listed if i["stream_name"] == stream_name] == [(tags, sys_tags)]
 
 
 def test_create_stream_limits_are_inclusive(broker):

@@ -155,6 +155,31 @@ def test_create_returns_201_and_describe_shows_the_stream(dis_client, stream_nam
     assert d.has_more_partitions is False
 
 
+def test_tags_given_at_creation_are_shown_after_a_restart(start_broker, tmp_path):
+    """Spec 2.1/2.3: CreateStream's tags and sys_tags come back from ShowStream and ListStreams,
+    through the SDK's own models, and are kept with the stream (RocksDB, across a restart)."""
+    from huaweicloudsdkdis.v2 import SysTag, Tag
+
+    broker = start_broker(data_dir=tmp_path / "data")
+    client = make_dis_client(broker.http_url)
+    project_uuid = str(uuid.uuid4())
+    client.create_stream(CreateStreamRequest(body=CreateStreamReq(
+        stream_name="tagged", partition_count=1, tags=[Tag(key="team", value="payments"), Tag(key="tier", value="")],
+        sys_tags=[SysTag(key="_sys_enterprise_project_id", value=project_uuid)])))
+    broker.stop()
+    client = make_dis_client(start_broker(data_dir=tmp_path / "data").http_url)
+    shown = describe(client, "tagged")
+    assert [(t.key, t.value) for t in shown.tags] == [("team", "payments"), ("tier", "")]
+    assert [(t.key, t.value) for t in shown.sys_tags] == [("_sys_enterprise_project_id", project_uuid)]
+    info = client.list_streams(ListStreamsRequest()).stream_info_list
+    assert [[(t.key, t.value) for t in i.tags] for i in info] == [[("team", "payments"), ("tier", "")]]
+    with pytest.raises(ClientRequestException) as refused:   # Sluice does not scale by itself
+        client.create_stream(CreateStreamRequest(body=CreateStreamReq(
+            stream_name="auto", partition_count=1, auto_scale_enabled=True,
+            auto_scale_min_partition_count=1, auto_scale_max_partition_count=4)))
+    assert refused.value.error_code == "DIS.4200" and "UpdatePartitionCount" in refused.value.error_msg
+
+
 def test_list_streams_pages_in_name_order(start_broker):
     client = make_dis_client(start_broker("--store", "memory").http_url)
     names = [f"list-{i:02d}" for i in range(7)]

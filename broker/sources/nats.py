@@ -81,7 +81,10 @@ the URL work: nats-py reads them from it).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import functools
+import itertools
 import logging
 import re
 import ssl
@@ -114,6 +117,12 @@ MAX_OUTSTANDING_PINGS = 2
 CLOSE_WAIT_S = 2.0             # closing the connection at the end of a job, at most
 API_TIMEOUT_S = 5.0            # a JetStream API request (consumer info/create, stream lookup)
 MAX_BATCH = 5000               # core NATS: messages per append, at most
+MAX_BATCH_BYTES = 4 << 20      # and payload bytes per append (one message more than that alone)
+# core NATS: what a job holds beyond nats-py's own queue, at most (then it holds nats-py's delivery,
+# whose queue fills up to PENDING_BYTES and then drops as a slow consumer: core NATS is at most
+# once). By count alone (prefetch_count, 524,288 by default) a flood of big messages held gigabytes.
+BUFFER_BYTES = 16 << 20
+PENDING_BYTES = 64 << 20       # nats-py's queue of one subscription (its default, said here)
 JS_MAX_BATCH = 2000            # JetStream: messages per pull request, at most
 PULL_EXPIRES_S = 2.0           # a pull request waits this long for messages, then is asked again
 PULL_MAX_BYTES = 32 << 20      # and brings at most this much (the server ends it with a 409 status)
@@ -272,6 +281,18 @@ def _describe(e: BaseException) -> str:
     return text if text and not text.startswith("nats: ") else (text[6:] if text else type(e).__name__)
 
 
+@functools.lru_cache(maxsize=2)
+def _tls_context(skip_verify: bool) -> ssl.SSLContext:
+    """One client context per verify mode, shared by every connection: each made anew loaded the
+    system's CA store again (~0.8 MB a running source, and RSS crept up with sources made and
+    deleted). A context is not changed once made, so sharing it is safe."""
+    tls = ssl.create_default_context()
+    if skip_verify:
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+    return tls
+
+
 class _Link:
     """One nats-py connection for one job, and what the source's status says about it."""
 
@@ -290,12 +311,7 @@ class _Link:
         return ", ".join(map(shown_url, self.conn.urls))   # never a password: status messages are shown to every role
 
     async def open(self) -> NATS:
-        tls: ssl.SSLContext | None = None
-        if not self.conn.tls_disable:
-            tls = ssl.create_default_context()
-            if self.conn.tls_skip_verify:
-                tls.check_hostname = False
-                tls.verify_mode = ssl.CERT_NONE
+        tls = None if self.conn.tls_disable else _tls_context(self.conn.tls_skip_verify)
         connect = self.nc.connect(
             servers=list(self.conn.urls), name="sluice-source", tls=tls,
             connect_timeout=CONNECT_TIMEOUT_S,  # type: ignore[arg-type]  # nats-py takes seconds
@@ -388,16 +404,28 @@ class NatsJob:
     def __init__(self, config: NatsConfig) -> None:
         self.config = config
         self._buf: list[bytes] = []
+        self._held = 0   # payload bytes in _buf
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
 
     async def _on_msg(self, msg: Msg) -> None:
         self._buf.append(msg.data)
+        self._held += len(msg.data)
         self._wake.set()
-        if len(self._buf) >= self.config.prefetch:   # full: hold nats-py's delivery until we caught up
+        # full: hold nats-py's delivery until we caught up
+        if len(self._buf) >= self.config.prefetch or self._held >= BUFFER_BYTES:
             self._room.clear()
             await self._room.wait()
+
+    def _take(self) -> list[bytes]:
+        """The next batch off the buffer: up to MAX_BATCH messages and MAX_BATCH_BYTES (at least one)."""
+        ends = list(itertools.accumulate(map(len, itertools.islice(self._buf, MAX_BATCH))))
+        n = max(1, bisect.bisect_right(ends, MAX_BATCH_BYTES))
+        batch = self._buf[:n]
+        del self._buf[:n]
+        self._held -= ends[n - 1]
+        return batch
 
     async def run(self, ctx: JobContext) -> None:
         c = self.config
@@ -405,7 +433,7 @@ class NatsJob:
         try:
             nc = await link.open()
             sub: Subscription = await nc.subscribe(c.subject, queue=c.queue or "", cb=self._on_msg,
-                                                   pending_msgs_limit=c.prefetch)
+                                                   pending_msgs_limit=c.prefetch, pending_bytes_limit=PENDING_BYTES)
             await nc.flush(timeout=int(API_TIMEOUT_S))
             ctx.connected()
             while True:
@@ -416,8 +444,7 @@ class NatsJob:
                         await self._wake.wait()
                 self._wake.clear()
                 while self._buf:
-                    batch = self._buf[:MAX_BATCH]
-                    del self._buf[:MAX_BATCH]
+                    batch = self._take()
                     self._room.set()
                     ctx.state.lag = len(self._buf) + sub.pending_msgs
                     await ctx.sink.write(batch)

@@ -125,6 +125,43 @@ async def test_prefetch_count_bounds_the_buffer_and_drops_are_counted(sluice: Sl
     assert len(await sluice.column("t")) == st.rows_written
 
 
+async def test_a_flood_of_big_messages_is_bounded_in_bytes_not_only_in_count(nats_server: NatsServer) -> None:
+    """A writer that cannot keep up (here: stuck) and big messages: the job holds at most
+    BUFFER_BYTES beyond nats-py's own bounded queue, and appends at most MAX_BATCH_BYTES at once.
+    By count alone (prefetch_count's 524,288) a flood of 32 KiB messages drove a broker past 3 GB."""
+    size, count = 512 << 10, 120   # 60 MiB published, under nats-py's own 64 MiB queue
+    taken: list[list[bytes]] = []
+    release = asyncio.Event()
+
+    class StuckSink:
+        async def write(self, batch: list[bytes]) -> None:
+            taken.append(batch)
+            await release.wait()
+
+    ctx = JobContext(sink=StuckSink(), state=SourceState(), backoff=Backoff())  # type: ignore[arg-type]
+    config = nats_source.NatsConfig(nats_source.Connection((nats_server.url,), True, False), "big", "text", None,
+                                    None, nats_source.DEFAULT_PREFETCH)
+    job = nats_source.NatsJob(config)
+    running = asyncio.ensure_future(job.run(ctx))
+    try:
+        await eventually(lambda: ctx.state.status == "running", what="subscribed")
+        await publish(nats_server.url, "big", [bytes([65 + i % 26]) * size for i in range(count)])
+        held = lambda: sum(map(len, job._buf))  # noqa: E731
+        # the job's buffer fills up to its bound, and then waits: nats-py keeps the rest
+        await eventually(lambda: held() >= nats_source.BUFFER_BYTES, what="the buffer full")
+        await asyncio.sleep(0.5)
+        assert held() < nats_source.BUFFER_BYTES + size
+        assert len(taken) == 1 and sum(map(len, taken[0])) <= nats_source.MAX_BATCH_BYTES
+        release.set()   # the writer catches up: every message comes through, in order, none dropped
+        await eventually(lambda: sum(map(len, taken)) == count, what="every message written")
+        assert [m for batch in taken for m in batch] == [bytes([65 + i % 26]) * size for i in range(count)]
+        assert all(sum(map(len, b)) <= nats_source.MAX_BATCH_BYTES for b in taken)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
 async def test_stop_means_no_rows_and_start_means_rows_again(sluice: Sluice, nats_server: NatsServer) -> None:
     await sluice.typed("t", COLUMNS)
     await sluice.create("n", "nats", "t", url=nats_server.url, subject="s", data_type="json")
@@ -345,6 +382,29 @@ async def test_a_close_cut_short_still_closes_the_socket(nats_server: NatsServer
     with pytest.raises(asyncio.CancelledError):
         await closing
     assert writer.transport.is_closing()
+
+
+async def test_connections_share_one_tls_context(nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connect made its own SSLContext, loading the system's CA store again: ~0.8 MB a running
+    source, and RSS crept up as sources were made and deleted (the sources probe)."""
+    nats_source._tls_context.cache_clear()
+    made: list[ssl.SSLContext] = []
+    real = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(nats_source.ssl, "create_default_context", counted)
+    links = []
+    for _ in range(5):
+        ctx = JobContext(sink=None, state=SourceState(), backoff=Backoff())  # type: ignore[arg-type]
+        link = nats_source._Link(nats_source.Connection((nats_server.url,), False, False), ctx, lambda: None)
+        await link.open()
+        links.append(link)
+    for link in links:
+        await link.close()
+    assert len(made) == 1
 
 
 async def test_a_stop_while_a_connect_is_being_ended_is_not_swallowed() -> None:

@@ -45,7 +45,9 @@ JetStream (`nats_jetstream`). Which consumer:
   retrying (the consumer may be created later). A push consumer is refused the same way.
 - neither `durable` nor `queue`: an ephemeral consumer (the server removes it after
   `EPHEMERAL_INACTIVE_S` without us). Within one run of the source (start to stop) a retry resumes
-  after the last message appended; a stop/start or a broker restart starts again per `deliver`.
+  after the last message appended (from the first message when the stream was made again
+  meanwhile); a stop/start or a broker restart starts again per `deliver` (spec: only a durable
+  consumer's position survives restarts).
 - `deliver`: all | last | new, for a consumer being created.
 
 Delivery: messages are pulled in batches (requests of `min(max_ack_pending / 2, prefetch_count,
@@ -221,11 +223,13 @@ def configure_nats(props: Props) -> NatsConfig:
 
 
 class _Position:
-    """Where an ephemeral consumer's job got to (the next stream sequence), kept across the
-    retries of one run of the source: the config object lives as long as that run."""
+    """Where an ephemeral consumer's job got to (the next stream sequence) in which stream (its
+    creation time: a stream deleted and made again numbers its messages from 1 again), kept across
+    the retries of one run of the source: the config object lives as long as that run."""
 
     def __init__(self) -> None:
         self.next_seq = 0
+        self.stream_created: object = None
 
 
 @dataclass(frozen=True)
@@ -653,13 +657,29 @@ class JetStreamJob:
             max_ack_pending=c.max_ack_pending, filter_subject=c.subject, deliver_policy=DELIVER[c.deliver])
         if not name:
             config.inactive_threshold = EPHEMERAL_INACTIVE_S
-            if c.position.next_seq:   # a retry of this run: on from the last message appended
-                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-                config.opt_start_seq = c.position.next_seq
+            await self._resume(js, stream, config)
         try:
             return await js.add_consumer(stream, config)
         except nats.js.errors.NotFoundError:
             raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+
+    async def _resume(self, js: Any, stream: str, config: ConsumerConfig) -> None:
+        """An ephemeral consumer on a retry of this run: on from the last message appended, unless
+        the stream is not the one it was (made again since, or a memory stream the server lost in
+        a restart): then every message of the new one, none of which this run has read."""
+        position = self.config.position
+        try:
+            info = await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+        if position.next_seq:
+            if info.created == position.stream_created and position.next_seq <= info.state.last_seq + 1:
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = position.next_seq
+            else:
+                config.deliver_policy = DeliverPolicy.ALL
+                position.next_seq = 0
+        position.stream_created = info.created
 
     async def run(self, ctx: JobContext) -> None:
         c = self.config

@@ -308,6 +308,28 @@ async def test_an_ephemeral_consumer_resumes_across_a_retry(sluice: Sluice, nats
     assert sluice.state("j").status == "running"
 
 
+async def test_an_ephemeral_consumer_reads_a_stream_made_again_from_its_start(sluice: Sluice,
+                                                                             nats_server: NatsServer) -> None:
+    """The upstream stream deleted and made again under a running source without `durable`: its
+    retry resumed at the old stream's next sequence, skipping the new stream's first messages for
+    good while showing `running` (the sources probe: 150 of 250 rows)."""
+    url = nats_server.url
+    await js_stream(url, "E", ["e"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "e", docs(100))
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="e"))
+    await rows_of(sluice, "t", 100)
+    await with_js(url, lambda j: j.delete_stream("E"))
+    await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
+    await js_stream(url, "E", ["e"])
+    await js_publish(url, "e", docs(100, 100))   # sequences 1-100 again
+    await js_publish(url, "e", docs(50, 200))
+    await rows_of(sluice, "t", 250)
+    await asyncio.sleep(0.3)
+    assert sorted(await sluice.column("t")) == list(range(250))
+    assert sluice.state("j").status == "running"
+
+
 async def test_a_stop_mid_batch_finishes_its_batch_and_hands_back_the_rest(sluice: Sluice,
                                                                            nats_server: NatsServer) -> None:
     url = nats_server.url

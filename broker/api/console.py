@@ -350,7 +350,7 @@ def _source_row(source: Source) -> dict[str, Any]:
 
 async def list_sources(request: web.Request) -> web.Response:
     project = check_project(_project(request))   # like every other route: a bad name is a 400, not []
-    return json_response({"sources": [_source_row(s) for s in request.app[SOURCES].list(project)]})
+    return json_response({"sources": [_source_row(s) for s in await request.app[SOURCES].find_all(project)]})
 
 
 @_not_cross_site

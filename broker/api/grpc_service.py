@@ -734,7 +734,7 @@ class SluiceServicer:
 
     @rpc(Action.DESCRIBE)
     async def ListSources(self, request: pb.ListSourcesRequest, context: Any, project: str) -> pb.ListSourcesResponse:
-        every = self._sources.list(check_project(project))   # in name order
+        every = await self._sources.find_all(check_project(project))   # in name order
         after = [s for s in every if s.definition.name > request.start_after] if request.start_after else every
         page = after[:request.limit] if request.limit else after
         secrets = self._may_manage(context)
@@ -744,7 +744,7 @@ class SluiceServicer:
     @rpc(Action.DESCRIBE)
     async def DescribeSource(self, request: pb.DescribeSourceRequest, context: Any,
                              project: str) -> pb.DescribeSourceResponse:
-        return pb.DescribeSourceResponse(source=_source_info(self._sources.get(check_project(project),
+        return pb.DescribeSourceResponse(source=_source_info(await self._sources.find(check_project(project),
                                                                                request.source),
                                                              self._may_manage(context)))
 
@@ -791,7 +791,7 @@ class SluiceServicer:
     @rpc(Action.DESCRIBE)
     async def GetSourceStats(self, request: pb.GetSourceStatsRequest, context: Any,
                              project: str) -> pb.GetSourceStatsResponse:
-        source = self._sources.get(check_project(project), request.source)
+        source = await self._sources.find(check_project(project), request.source)
         st = source.state
         return pb.GetSourceStatsResponse(
             source=_source_info(source, self._may_manage(context)),

@@ -389,12 +389,12 @@ async def create_source(request: web.Request) -> web.Response:
 async def list_sources(request: web.Request) -> web.Response:
     _, workspace = _door(request)
     secrets = _may_manage(request)
-    return json_response([_source_body(s, secrets) for s in request.app[SOURCES].list(workspace)])
+    return json_response([_source_body(s, secrets) for s in await request.app[SOURCES].find_all(workspace)])
 
 
 async def get_source(request: web.Request) -> web.Response:
     _, workspace = _door(request)
-    return json_response(_source_body(request.app[SOURCES].get(workspace, request.match_info["id"]),
+    return json_response(_source_body(await request.app[SOURCES].find(workspace, request.match_info["id"]),
                                       _may_manage(request)))
 
 
@@ -433,7 +433,7 @@ async def source_stats(request: web.Request) -> web.Response:
     broker's run of the source, plus our counters. The time-range parameters are accepted; the
     log and the throughput cover what is kept (the last 20 errors, the last 60 seconds)."""
     _, workspace = _door(request)
-    source = request.app[SOURCES].get(workspace, request.match_info["id"])
+    source = await request.app[SOURCES].find(workspace, request.match_info["id"])
     st = source.state
     return json_response({"errors": [{"message": m, "time": _iso(ms)} for ms, m in st.error_log],
                           "failure_count": st.errors, "success_count": st.rows_written,

@@ -200,9 +200,39 @@ class Sources:
         return tuple(Source(d, self._states[k]) for k, d in self._defs.items())
 
     def get(self, project: str, ref: object) -> Source:
-        """By id, else by name. Raises SOURCE_NOT_FOUND."""
+        """By id, else by name, as this broker knows it. Raises SOURCE_NOT_FOUND."""
         key = self._key(project, ref)
         return Source(self._defs[key], self._states[key])
+
+    async def find(self, project: str, ref: object) -> Source:
+        """`get`, after looking in a shared store when this broker does not know the source: one
+        created through another broker a moment ago (before this one's next round) is found, as
+        a stream is. Raises SOURCE_NOT_FOUND."""
+        await self._known(project, ref)
+        return self.get(project, ref)
+
+    async def find_all(self, project: str) -> tuple[Source, ...]:
+        """`list`, with what a shared store holds for the project that this broker has not learnt."""
+        if self._shared:
+            await self._learn(project)
+        return tuple(self.list(project))
+
+    async def _known(self, project: str, ref: object) -> None:
+        if self._shared and isinstance(ref, str) and not self._has(project, ref):
+            await self._learn(project)
+
+    def _has(self, project: str, ref: str) -> bool:
+        return (project, ref) in self._defs or any(k[0] == project and d.name == ref for k, d in self._defs.items())
+
+    async def _learn(self, project: str) -> None:
+        """The project's definitions in the shared store that this broker does not know yet, as its
+        next round would learn them (that round also forgets what was deleted elsewhere)."""
+        for _, raw in await self.broker.store.meta_scan(source_prefix(project)):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                d = SourceDef.from_json(raw)
+                key = (d.project, d.id)
+                if key not in self._defs and not self._closed:
+                    self._defs[key], self._states[key] = d, SourceState()
 
     async def update(self, project: str, ref: object, body: Any) -> Source:
         """Change name, description, stream or properties of a stopped source (the fields given;
@@ -298,6 +328,7 @@ class Sources:
         again from the store (another broker may have started, stopped, updated or deleted it since
         this one's last round; the verb's compare-and-set fails if it changes again meanwhile).
         Raises SOURCE_NOT_FOUND (also when deleted through another broker: forgotten here then)."""
+        await self._known(project, ref)
         key = self._key(project, ref)
         if not self._shared:
             return key, self._defs[key], None

@@ -178,6 +178,26 @@ async def test_a_name_taken_through_the_other_broker_is_refused_before_its_next_
     assert e.value.code is ErrorCode.SOURCE_EXISTS
 
 
+async def test_a_source_created_through_the_other_broker_is_found_before_its_next_round(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    """Behind a load balancer the verb after a create may reach the other broker: it answered
+    SOURCE_NOT_FOUND until its next round (~2.5 s; the sources probe, 10 of 10 tries)."""
+    a, b, _, _ = nodes
+    created = await a.sources.create(P, gen("g"))
+    assert (await b.sources.find(P, "g")).definition == created.definition           # by name
+    await a.sources.create(P, gen("h"))
+    assert [s.definition.name for s in await b.sources.find_all(P)] == ["g", "h"]
+    made = await a.sources.create(P, gen("k"))
+    assert (await b.sources.find(P, made.definition.id)).definition.name == "k"      # by id
+    await a.sources.create(P, gen("s"))
+    stopped = await b.sources.stop_source(P, "s")   # a verb through b, before b's round
+    assert stopped.definition.wanted == STOPPED
+    with pytest.raises(BrokerError) as e:
+        await b.sources.find(P, "nothing")
+    assert e.value.code is ErrorCode.SOURCE_NOT_FOUND
+    assert not b.running_here("g")   # learnt, not run: the lease is a's (b's round says "elsewhere")
+
+
 async def test_a_holder_stuck_in_a_slow_round_stops_its_job_before_another_broker_takes_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Real clocks, a short lease: a's round waits on the store for longer than a lease (each

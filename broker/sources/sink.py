@@ -72,6 +72,10 @@ class Sink:
                     continue
                 objects.append(value)
             return await self._append_objects(objects)
+        config = self.target()
+        if config.schema is None:   # a plain log: a text message's bytes as they are, UTF-8 or not
+            return await self._append(config, [p if isinstance(p, bytes) else p.encode(errors="surrogatepass")
+                                               for p in payloads])
         texts: list[str] = []
         for p in payloads:
             if isinstance(p, bytes):

@@ -26,6 +26,7 @@ from broker.sources.base import Backoff, JobContext
 from broker.sources.model import SourceState
 from sources.conftest import (
     NatsServer,
+    P,
     Sluice,
     dis_read_all,
     docs,
@@ -102,6 +103,26 @@ async def test_text_messages_and_a_bad_json_message(sluice: Sluice, nats_server:
     st = sluice.state("j")
     assert (st.status, st.messages_in, st.rows_written, st.errors) == ("running", 4, 2, 2)
     assert "not JSON" in st.error_log[0][1] and "not a JSON object" in st.last_error
+
+
+async def test_a_stream_without_a_schema_takes_text_messages_as_their_bytes(sluice: Sluice,
+                                                                           nats_server: NatsServer) -> None:
+    """sink.py and the README: a plain log takes a `text` message's bytes as they are. Bytes that
+    are not UTF-8 were counted as errors and skipped."""
+    await sluice.broker.create_stream("plain", 1, project=P)
+    await sluice.create("x", "nats", "plain", url=nats_server.url, subject="bytes", data_type="text")
+    await subscribed(sluice, "x")
+    sent = [b"\xff\xfe binary", "caf\u00e9".encode(), b"", b"\x00\x01"]
+    await publish(nats_server.url, "bytes", sent)
+
+    async def stored() -> list[bytes] | None:
+        cursor = await sluice.broker.get_cursor("plain", 0, "TRIM_HORIZON", project=P)
+        got = [r.data for r in (await sluice.broker.get_records(cursor, 100, project=P)).records]
+        return got if len(got) >= len(sent) else None
+    assert await eventually(stored, what="every message stored") == sent
+    await eventually(lambda: sluice.state("x").rows_written == 4, what="the rows counted")   # once the append returned
+    st = sluice.state("x")
+    assert (st.messages_in, st.rows_written, st.errors) == (4, 4, 0)
 
 
 async def _texts(s: Sluice) -> list[str] | None:

@@ -9,7 +9,8 @@ each record by `orjson.loads` into Python lists, one per needed column that is n
 the frame built once from them; string columns are still read by Polars, which writes another
 JSON value put in one its own way (~2 ms per 2000 records; bisecting down to the bad records and
 building a frame per record cost ~1.3 s when every record was bad, as on a stream of plain
-text). Not a JSON object -> skipped and counted; a value that does not fit its column -> null. A
+text). Not a JSON object -> skipped and counted (a query reading no column too: count(*) counts
+the rows `select *` shows); a value that does not fit its column -> null. A
 missing column is null (not the type's zero: a record put by another door may simply lack it), a missing
 `_tp_time` is the record's append time. A schemaless stream is `raw` (the data as UTF-8, errors
 replaced) and `_tp_time` (the append time). A query that reads a `json` column takes the lenient
@@ -51,8 +52,8 @@ class BatchDecoder:
         self.skipped = 0
         if raw:
             return self._raw(datas, stamps)
-        if not self.types:   # count(*) and the like: no column is read, every record is a row
-            return pl.DataFrame(height=len(datas))
+        if not self.types:   # count(*) and the like: no column is read, and a row is still a
+            return pl.DataFrame(height=self._objects(datas))   # record that is a JSON object
         df, keep = self._parse(datas)
         now = self.times if times_now is None else [n for n in self.times if n in times_now]
         if now:
@@ -112,6 +113,22 @@ class BatchDecoder:
         except (Exception, pl.exceptions.PanicException):
             pass
         return None
+
+    def _objects(self, datas: Sequence[bytes]) -> int:
+        """How many of the records are JSON objects (the others counted as skipped): Polars' line
+        reader checks that with a column to read (none read: it checks nothing), and only a batch
+        it refuses is looked at record by record. A count(*) then counts the rows a `select *`
+        shows (it counted every record)."""
+        if self._fast(datas, {TP_TIME: pl.String()}) is not None:
+            return len(datas)
+        objects = 0
+        for data in datas:
+            try:
+                objects += isinstance(orjson.loads(data), dict)
+            except orjson.JSONDecodeError:
+                pass
+        self.skipped += len(datas) - objects
+        return objects
 
     def _lenient(self, datas: Sequence[bytes]) -> tuple[pl.DataFrame, pl.Series | None]:
         objs: list[dict] = []

@@ -166,6 +166,7 @@ def test_records_that_are_not_json_objects_are_skipped_and_counted(env, dis, run
         return bool(metrics) and metrics[-1].get("skipped_rows") == 3
     wait_until(skipped, what="metrics counting the 3 skipped records")
     assert bounded(env, f"select n, s from table({name})").rows == [[7, "ok"], [8, "next"]]
+    assert bounded(env, f"select count(*) from table({name})").rows == [[2]]   # the rows shown, not 5
 
 
 def test_windows_over_partitions_read_one_after_another_lose_no_row(broker, env, dis, ws, runs):

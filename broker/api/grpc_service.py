@@ -796,7 +796,7 @@ class SluiceServicer:
         return pb.GetSourceStatsResponse(
             source=_source_info(source, self._may_manage(context)),
             recent_errors=[pb.SourceError(time_ms=ms, message=m) for ms, m in st.error_log],
-            throughput=[pb.SourceThroughput(time_ms=sec * 1000, rows=rows) for sec, rows in st.rates])
+            throughput=[pb.SourceThroughput(time_ms=sec * 1000, rows=rows) for sec, rows in st.throughput()])
 
 
 def add_servicer(servicer: SluiceServicer, server: grpc.aio.Server) -> None:

@@ -437,7 +437,7 @@ async def source_stats(request: web.Request) -> web.Response:
     st = source.state
     return json_response({"errors": [{"message": m, "time": _iso(ms)} for ms, m in st.error_log],
                           "failure_count": st.errors, "success_count": st.rows_written,
-                          "throughput": [{"time": _iso(sec * 1000), "value": rows} for sec, rows in st.rates],
+                          "throughput": [{"time": _iso(sec * 1000), "value": rows} for sec, rows in st.throughput()],
                           "status": st.status, "message": st.message, **_counters(source)})
 
 

@@ -98,6 +98,13 @@ class SourceState:
     def running(self, message: str = "") -> None:
         self.status, self.message = RUNNING, message
 
+    def throughput(self) -> list[tuple[int, int]]:
+        """(second, rows) of the last THROUGHPUT_WINDOW seconds that had writes. The deque keeps
+        that many entries, one per second with writes: a slow source's oldest could be minutes
+        old (the sources probe: 96 s in a "last 60 s" at a 3 s interval)."""
+        since = time.time_ns() // 1_000_000_000 - THROUGHPUT_WINDOW
+        return [(second, rows) for second, rows in self.rates if second > since]
+
     def wrote(self, rows: int) -> None:
         now = time.time_ns() // 1_000_000
         self.rows_written += rows

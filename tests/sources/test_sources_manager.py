@@ -494,3 +494,21 @@ def test_integers_past_64_bits_are_out_of_range_not_of_another_type() -> None:
         with pytest.raises(BrokerError, match=words):
             Props({"n": value}).integer("n", 1, 1, 10)
     assert Props({"n": 7.0}).integer("n", 1, 1, 10) == 7
+
+
+def test_throughput_covers_the_last_minute_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window kept 60 entries, one per second with writes: a source writing every 3 s showed
+    a 96 s old entry in its "last 60 seconds" (the sources probe)."""
+    from broker.sources import model
+    from broker.sources.model import SourceState
+
+    now_ns = [1_700_000_000 * 10**9]
+    monkeypatch.setattr(model.time, "time_ns", lambda: now_ns[0])
+    state = SourceState()
+    for _ in range(40):   # a write every 3 s for 120 s
+        state.wrote(1)
+        now_ns[0] += 3 * 10**9
+    now = now_ns[0] // 10**9
+    seconds = [second for second, _ in state.throughput()]
+    assert seconds and all(now - 60 < s <= now for s in seconds), (now, seconds)
+    assert len(seconds) == 19 and sum(rows for _, rows in state.throughput()) == 19   # 63 s .. 117 s

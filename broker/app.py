@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker import malloc
 from broker.api.grpc_service import SERVICE_NAME, AuthGate, SluiceServicer, add_servicer, grpc_max_message
+from broker.api.http import drop_waiting_writes
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.api.limits import ClientLimits, GrpcLimits
 from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_app
@@ -300,6 +301,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await grpc_health.enter_graceful_shutdown()
         await sources.close()     # bounded: a stuck job does not hold the stop
         broker.begin_shutdown()   # long polls answer now, subscriptions end
+        drop_waiting_writes()     # and the streams whose consumers do not read do not hold the stop
         servicer.start_draining()
 
         async def stop_grpc() -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from broker.api.http import (
     add_routes,
     api_key_guard,
     door_app,
+    end_or_drop,
     field,
     json_response,
     key_revoked,
@@ -405,8 +405,7 @@ async def run_query(request: web.Request) -> web.StreamResponse:
                 if not await write_or_drop(request, response, _line({"rows": rows[at:at + QUERY_LINE_ROWS]})):
                     return response
         await write_or_drop(request, response, _line({"end": {"status": run.status, "message": run.message}}))
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
+        await end_or_drop(request, response)
     finally:
         if run.running:   # the reader went away (or we are being cancelled): stop the query
             await broker.queries.cancel(project, run.id)

@@ -434,17 +434,50 @@ def reset(transport: asyncio.BaseTransport | None) -> None:
     transport.abort()   # type: ignore[attr-defined]
 
 
+# Once the broker stops, how long a streaming write may wait for its client: a consumer that does
+# not read held a stop for its stall timeout (60 s), past the grace, twice over (aiohttp waits the
+# grace for the handler, cancels the request - not our write - and waits the grace again).
+SHUTDOWN_WRITE_S = 1.0
+_WAITING: set[asyncio.BaseTransport] = set()   # the clients streaming writes wait on now
+
+
 async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
     """Write one piece of a streaming response. A client that does not read for the stall
     timeout (or is gone) is disconnected instead of making the broker buffer for it; returns
     False then, and the handler should return."""
+    return await _bounded(request, response.write(data))
+
+
+async def end_or_drop(request: web.Request, response: web.StreamResponse) -> None:
+    """End a streaming response, bounded as write_or_drop: write_eof waits for the client to
+    read what is buffered, and a client that never reads held the handler for ever."""
+    await _bounded(request, response.write_eof())
+
+
+async def _bounded(request: web.Request, write: Awaitable[None]) -> bool:
+    transport = request.transport
+    broker = request.app.get(BROKER)
+    limit = SHUTDOWN_WRITE_S if broker is not None and broker.shutting_down else request.app[CONFIG].stall_timeout_s
+    if transport is not None:
+        _WAITING.add(transport)
     try:
-        async with asyncio.timeout(request.app[CONFIG].stall_timeout_s):
-            await response.write(data)
+        async with asyncio.timeout(limit):
+            await write
     except (TimeoutError, ConnectionError):   # aiohttp's "Connection lost" is a bare ConnectionError
-        reset(request.transport)
+        reset(transport)
         return False
+    finally:
+        _WAITING.discard(transport)
     return True
+
+
+def drop_waiting_writes() -> int:
+    """A stop begins: the clients that streaming writes wait on now are dropped (writes begun
+    from now on wait SHUTDOWN_WRITE_S at most). Returns how many."""
+    waiting = list(_WAITING)
+    for transport in waiting:
+        reset(transport)
+    return len(waiting)
 
 
 # -- doors whose paths an aiohttp prefix cannot express -------------------------------------------

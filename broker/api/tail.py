@@ -35,6 +35,7 @@ from broker.api.http import (
     api_key_guard,
     client_gone,
     door_app,
+    end_or_drop,
     key_revoked,
     principal,
     query_int,
@@ -121,8 +122,7 @@ async def tail(request: web.Request) -> web.StreamResponse:
                 await asyncio.wait({pending})
             if not pending.cancelled():
                 pending.exception()   # retrieved (it was raised, or is not wanted)
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
+    await end_or_drop(request, response)
     return response
 
 

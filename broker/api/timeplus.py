@@ -18,7 +18,6 @@ workspace means the key's own (not `default`); its role must permit the route's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from broker.api.http import (
     add_routes,
     api_key_guard,
     door_app,
+    end_or_drop,
     field,
     json_response,
     key_revoked,
@@ -276,8 +276,7 @@ async def create_query(request: web.Request) -> web.StreamResponse:
             return response
         if await _stream_results(request, response, run, count, linger):
             await write_or_drop(request, response, _event("query", _query_body(run)))
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
+        await end_or_drop(request, response)
     finally:
         if run.running:   # the consumer went away (or we are being cancelled): stop the query
             await broker.queries.cancel(workspace, run.id)

@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -205,6 +207,52 @@ def test_a_stalled_subscriber_neither_slows_producers_nor_grows_broker_memory(
 
 
 # -- SIGTERM -----------------------------------------------------------------------------------------
+
+
+def test_sigterm_is_not_held_by_http_streams_whose_consumers_do_not_read(
+        start_broker: Callable[..., BrokerProcess]) -> None:
+    """An SSE tail and a Timeplus streaming query whose clients stopped reading: their last write
+    (write_eof drains too) waited for the client, so a stop took twice --shutdown-grace (21.8 s
+    with grace 10: aiohttp waits the grace, cancels the request - not the write - and waits
+    again). At a stop, writes waiting for their clients are dropped."""
+    grace, stream_name = 10, "stalled"   # a name SQL takes as it is
+    broker = start_broker(*UNTHROTTLED, "--shutdown-grace", str(grace))
+    assert broker.proc is not None
+    chan = channel(broker.grpc_target)
+    stub = sluice_pb2_grpc.SluiceStub(chan)
+    readers: list[socket.socket] = []
+    try:
+        stub.CreateStream(pb.CreateStreamRequest(stream_name=stream_name, partition_count=1), timeout=TIMEOUT)
+        filler = b"x" * (RECORD - 8)   # text: the query's raw column is the record itself
+        for i in range(10):   # ~40 MB: far more than the sockets and the broker's buffers hold
+            put(stub, stream_name, 0, payloads(i * PER_PUT, filler))
+        query = json.dumps({"sql": f"select * from {stream_name} settings seek_to='earliest'"}).encode()
+        for request in (f"GET /sluice/v1/tail?stream-name={stream_name}&partition-id=0&cursor-type=TRIM_HORIZON "
+                        "HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                        b"POST /api/v1beta2/queries HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(query), query)):
+            reader = socket.socket()
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect((broker.host, broker.http_port))
+            reader.sendall(request)
+            readers.append(reader)
+            head = reader.recv(12)
+            assert head.startswith(b"HTTP/1.1 200"), (request[:60], head)   # the stream began; then nothing is read
+        time.sleep(1)   # the broker's writes fill the socket and wait
+        sent = time.monotonic()
+        broker.proc.send_signal(signal.SIGTERM)
+        try:
+            code = broker.proc.wait(4 * grace)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the broker did not exit within {4 * grace} s of SIGTERM") from None
+        exited = time.monotonic() - sent
+        print(f"\nSIGTERM with two stalled HTTP streams: exit {code} after {exited:.2f} s (grace {grace} s)")
+        assert code == 0
+        assert exited < grace, f"the broker took {exited:.1f} s to exit, past its grace of {grace} s"
+    finally:
+        for reader in readers:
+            reader.close()
+        chan.close()
 
 
 def test_sigterm_ends_open_subscriptions_with_unavailable_and_exits_promptly(

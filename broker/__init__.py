@@ -9,6 +9,7 @@
     tls.py               --tls-cert/--tls-key checked at startup; HTTPS sites and gRPC server credentials
     natsconn.py          opening and closing nats-py connections without leaving a socket behind
     malloc.py            memory knobs: glibc arenas capped, freed pages given back, the GC settled once started
+    process.py           the process's open-files limit raised; accept failures logged at a bounded rate
     errors.py            the error catalogue: one row per error (its name is its reason), a column per protocol
     model.py             plain values shared by core and storage
     core/

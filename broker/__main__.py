@@ -22,6 +22,7 @@ from typing import Callable
 from broker import malloc
 from broker.app import Running, load_auth, serve
 from broker.auth import Auth
+from broker.process import LoopErrors, raise_open_files_limit
 from broker.settings import Settings, parse_settings
 from broker.startup import StartupError
 
@@ -41,6 +42,7 @@ async def _main(settings: Settings) -> None:
     auth = load_auth(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrors())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if auth.enabled:   # Auth.reload logs what happened (counts or the file's problem, never a secret)
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     malloc.limit_arenas(settings.malloc_arenas)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_files_limit()
     try:
         asyncio.run(_main(settings))
     except StartupError as exc:

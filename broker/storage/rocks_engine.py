@@ -605,11 +605,14 @@ class RocksEngine:
         """(free bytes for us on the data's filesystem, bytes a reopen needs)."""
         st = os.statvfs(self._path)
         needed = REOPEN_RESERVE_BYTES
-        with os.scandir(self._path) as entries:
-            for entry in entries:
-                if entry.name.endswith(".log") or entry.name.startswith("MANIFEST-"):
-                    with contextlib.suppress(OSError):   # RocksDB may delete one under us
-                        needed += entry.stat().st_size
+        try:
+            with os.scandir(self._path) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".log") or entry.name.startswith("MANIFEST-"):
+                        with contextlib.suppress(OSError):   # RocksDB may delete one under us
+                            needed += entry.stat().st_size
+        except OSError:   # no descriptor left (EMFILE): the reserve alone, the next step looks again
+            pass
         return st.f_bavail * st.f_frsize, needed
 
     def recover(self, may_reopen: bool) -> bool | None:

@@ -101,6 +101,7 @@ class Sources:
         self._deadlines: dict[tuple[str, str], asyncio.TimerHandle] = {}  # per held lease: ends its job
         self._ticker: asyncio.Task[None] | None = None
         self._defs: dict[tuple[str, str], SourceDef] = {}
+        self._forgotten = 0   # how many definitions were dropped from _defs: _learn must not bring one back
         self._states: dict[tuple[str, str], SourceState] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         # jobs cancelled but not yet ended (a library slow to let go): a new run of the same source
@@ -226,13 +227,22 @@ class Sources:
 
     async def _learn(self, project: str) -> None:
         """The project's definitions in the shared store that this broker does not know yet, as its
-        next round would learn them (that round also forgets what was deleted elsewhere)."""
-        for _, raw in await self.broker.store.meta_scan(source_prefix(project)):
+        next round would learn them (that round also forgets what was deleted elsewhere). Nothing
+        is learnt when a definition was dropped while the store was read: the read may be from
+        before a delete that has returned since, and would bring the source back."""
+        forgotten = self._forgotten
+        rows = await self.broker.store.meta_scan(source_prefix(project))
+        if forgotten != self._forgotten or self._closed:
+            return
+        for _, raw in rows:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 d = SourceDef.from_json(raw)
                 key = (d.project, d.id)
-                if key not in self._defs and not self._closed:
-                    self._defs[key], self._states[key] = d, SourceState()
+                if key not in self._defs:
+                    state = self._states[key] = SourceState()
+                    if d.wanted == RUNNING:   # where it runs is for the next round to see: not here
+                        state.running(ELSEWHERE)
+                    self._defs[key] = d
 
     async def update(self, project: str, ref: object, body: Any) -> Source:
         """Change name, description, stream or properties of a stopped source (the fields given;
@@ -270,6 +280,7 @@ class Sources:
             else:
                 raise _contended(d)
             del self._defs[key]
+            self._forgotten += 1
             state = self._states.pop(key)
             state.status = STOPPED
             ending = self._end(key)
@@ -335,6 +346,7 @@ class Sources:
         raw = await self.broker.store.meta_get(source_key(*key))
         if raw is None:   # deleted through another broker: as the next round would
             d = self._defs.pop(key)
+            self._forgotten += 1
             self._states.pop(key, None)
             self._end(key)
             await self._release_quietly(key)
@@ -552,6 +564,7 @@ class Sources:
                         stored[(d.project, d.id)] = d
                 for key in [k for k in self._defs if k not in stored]:   # deleted through another broker
                     del self._defs[key]
+                    self._forgotten += 1
                     self._states.pop(key, None)
                     ending += self._end(key)
                     await self._release_quietly(key)

@@ -230,6 +230,7 @@ class _Position:
     def __init__(self) -> None:
         self.next_seq = 0
         self.stream_created: object = None
+        self.no_stream_info = False   # STREAM.INFO went unanswered once (not permitted): not asked again
 
 
 @dataclass(frozen=True)
@@ -666,20 +667,31 @@ class JetStreamJob:
     async def _resume(self, js: Any, stream: str, config: ConsumerConfig) -> None:
         """An ephemeral consumer on a retry of this run: on from the last message appended, unless
         the stream is not the one it was (made again since, or a memory stream the server lost in
-        a restart): then every message of the new one, none of which this run has read."""
+        a restart): then every message of the new one, none of which this run has read. Looking
+        at the stream is best effort: a user allowed to make consumers may not be allowed to ask
+        about streams (STREAM.INFO), and then a retry resumes at its position, as it always did."""
         position = self.config.position
-        try:
-            info = await js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+        info = None
+        if not position.no_stream_info:
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+            except (nats.errors.Error, TimeoutError):   # not permitted (no answer) or not answered in time
+                position.no_stream_info = True
+        created = info.created if info is not None else None
         if position.next_seq:
-            if info.created == position.stream_created and position.next_seq <= info.state.last_seq + 1:
-                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-                config.opt_start_seq = position.next_seq
-            else:
+            made_again = info is not None and (
+                (created is not None and position.stream_created is not None and created != position.stream_created)
+                or position.next_seq > info.state.last_seq + 1)
+            if made_again:
                 config.deliver_policy = DeliverPolicy.ALL
                 position.next_seq = 0
-        position.stream_created = info.created
+            else:
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = position.next_seq
+        if info is not None:
+            position.stream_created = created
 
     async def run(self, ctx: JobContext) -> None:
         c = self.config

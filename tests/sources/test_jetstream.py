@@ -330,6 +330,49 @@ async def test_an_ephemeral_consumer_reads_a_stream_made_again_from_its_start(sl
     assert sluice.state("j").status == "running"
 
 
+PERMISSIONS = """
+authorization {
+  users = [
+    { user: admin, password: admin }
+    { user: reader, password: reader, permissions: {
+        publish: { allow: ["$JS.API.INFO", "$JS.API.CONSUMER.CREATE.S", "$JS.API.CONSUMER.CREATE.S.>",
+                           "$JS.API.CONSUMER.INFO.S.>", "$JS.API.CONSUMER.MSG.NEXT.S.>", "$JS.ACK.S.>",
+                           "$JS.API.CONSUMER.DELETE.S.>"] }
+        subscribe: { allow: ["_INBOX.>"] } } }
+  ]
+}
+"""
+
+
+async def test_an_ephemeral_consumer_needs_no_stream_info_permission(sluice: Sluice, tmp_path: Path) -> None:
+    """A user allowed to make and pull consumers, not to ask about streams: looking at the stream
+    before an ephemeral consumer (is it the stream of this run's position?) is best effort; the
+    source ran, and a retry resumes at its position (the review: it failed for ever before)."""
+    conf = tmp_path / "perm.conf"
+    conf.write_text(PERMISSIONS)
+    server = NatsServer(tmp_path / "perm-store", extra=("-c", str(conf))).start()
+    try:
+        admin = f"nats://admin:admin@127.0.0.1:{server.port}"
+        await js_stream(admin, "S", ["s.>"])
+        await js_publish(admin, "s.a", docs(5))
+        await sluice.typed("t", COLUMNS)
+        await sluice.create("j", "nats_jetstream", "t", **js(f"nats://reader:reader@127.0.0.1:{server.port}",
+                                                            stream="S"))
+        await rows_of(sluice, "t", 5)
+
+        async def names(j: Any) -> list[str]:
+            return [c.name for c in await j.consumers_info("S")]
+        [ephemeral] = await with_js(admin, names)
+        await with_js(admin, lambda j: j.delete_consumer("S", ephemeral))   # the job fails and is run again
+        await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
+        await js_publish(admin, "s.a", docs(5, 5))
+        await rows_of(sluice, "t", 10)
+        await asyncio.sleep(0.3)
+        assert sorted(await sluice.column("t")) == list(range(10))   # on from where it was: none twice
+    finally:
+        server.stop()
+
+
 async def test_a_stop_mid_batch_finishes_its_batch_and_hands_back_the_rest(sluice: Sluice,
                                                                            nats_server: NatsServer) -> None:
     url = nats_server.url

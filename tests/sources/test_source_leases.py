@@ -195,7 +195,34 @@ async def test_a_source_created_through_the_other_broker_is_found_before_its_nex
     with pytest.raises(BrokerError) as e:
         await b.sources.find(P, "nothing")
     assert e.value.code is ErrorCode.SOURCE_NOT_FOUND
-    assert not b.running_here("g")   # learnt, not run: the lease is a's (b's round says "elsewhere")
+    assert not b.running_here("g")   # learnt, not run: the lease is a's
+    # what b shows of it before its round: running, elsewhere (a fresh state said "stopped")
+    seen = await b.sources.find(P, "h")
+    assert (seen.state.status, seen.state.message) == (RUNNING, ELSEWHERE)
+
+
+async def test_a_list_racing_a_delete_does_not_bring_the_source_back(
+        nodes: tuple[Node, Node, Clock, SharedMemoryStore]) -> None:
+    """A list's read of the store from before a delete, returning after it: the deleted source
+    was learnt again and listed after its DELETE had returned (the review)."""
+    a, b, _, store = nodes
+    await a.sources.create(P, gen("g"))
+    await b.sources.tick()                      # b knows g
+    real_scan = store.meta_scan
+    gate = asyncio.Event()
+
+    async def slow_scan(prefix: bytes) -> list[tuple[bytes, bytes]]:
+        rows = await real_scan(prefix)          # read before the delete lands...
+        await gate.wait()                       # ...and handed back after it
+        return rows
+    store.meta_scan = slow_scan  # type: ignore[method-assign]
+    lister = asyncio.ensure_future(b.sources.find_all(P))
+    await asyncio.sleep(0)
+    store.meta_scan = real_scan  # type: ignore[method-assign]
+    await b.sources.delete(P, "g")
+    gate.set()
+    await lister
+    assert await b.sources.find_all(P) == ()
 
 
 async def test_a_holder_stuck_in_a_slow_round_stops_its_job_before_another_broker_takes_it(

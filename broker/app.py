@@ -301,7 +301,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await grpc_health.enter_graceful_shutdown()
         await sources.close()     # bounded: a stuck job does not hold the stop
         broker.begin_shutdown()   # long polls answer now, subscriptions end
-        drop_waiting_writes()     # and the streams whose consumers do not read do not hold the stop
+        drop_waiting_writes(broker)   # and the streams whose consumers do not read do not hold the stop
         servicer.start_draining()
 
         async def stop_grpc() -> None:

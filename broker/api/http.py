@@ -24,6 +24,7 @@ import re
 import socket
 import struct
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
@@ -438,7 +439,8 @@ def reset(transport: asyncio.BaseTransport | None) -> None:
 # not read held a stop for its stall timeout (60 s), past the grace, twice over (aiohttp waits the
 # grace for the handler, cancels the request - not our write - and waits the grace again).
 SHUTDOWN_WRITE_S = 1.0
-_WAITING: set[asyncio.BaseTransport] = set()   # the clients streaming writes wait on now
+# per broker (several may run in one process), the clients its streaming writes wait on now
+_WAITING: weakref.WeakKeyDictionary[Broker, set[asyncio.BaseTransport]] = weakref.WeakKeyDictionary()
 
 
 async def write_or_drop(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
@@ -458,8 +460,9 @@ async def _bounded(request: web.Request, write: Awaitable[None]) -> bool:
     transport = request.transport
     broker = request.app.get(BROKER)
     limit = SHUTDOWN_WRITE_S if broker is not None and broker.shutting_down else request.app[CONFIG].stall_timeout_s
-    if transport is not None:
-        _WAITING.add(transport)
+    waiting = _WAITING.setdefault(broker, set()) if broker is not None and transport is not None else None
+    if waiting is not None:
+        waiting.add(transport)   # type: ignore[arg-type]
     try:
         async with asyncio.timeout(limit):
             await write
@@ -467,17 +470,25 @@ async def _bounded(request: web.Request, write: Awaitable[None]) -> bool:
         reset(transport)
         return False
     finally:
-        _WAITING.discard(transport)
+        if waiting is not None:
+            waiting.discard(transport)   # type: ignore[arg-type]
     return True
 
 
-def drop_waiting_writes() -> int:
-    """A stop begins: the clients that streaming writes wait on now are dropped (writes begun
-    from now on wait SHUTDOWN_WRITE_S at most). Returns how many."""
-    waiting = list(_WAITING)
-    for transport in waiting:
-        reset(transport)
+def drop_waiting_writes(broker: Broker) -> int:
+    """The broker's stop begins: the streaming writes that wait for their clients now get
+    SHUTDOWN_WRITE_S more, as writes begun from now on do, and then their clients are dropped (a
+    reader only briefly behind still gets its stream's end). Returns how many are waiting."""
+    waiting = _WAITING.get(broker, set())
+    loop = asyncio.get_running_loop()
+    for transport in list(waiting):
+        loop.call_later(SHUTDOWN_WRITE_S, _drop_if_waiting, waiting, transport)
     return len(waiting)
+
+
+def _drop_if_waiting(waiting: set[asyncio.BaseTransport], transport: asyncio.BaseTransport) -> None:
+    if transport in waiting:
+        reset(transport)
 
 
 # -- doors whose paths an aiohttp prefix cannot express -------------------------------------------

@@ -36,7 +36,13 @@ def raise_open_files_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
         except (ValueError, OSError) as exc:
-            log.warning("could not raise the open-files limit from %d to %d: %s", soft, wanted, exc)
+            try:   # an unlimited hard limit still stops at the kernel's fs.nr_open
+                with open("/proc/sys/fs/nr_open") as f:
+                    wanted = min(wanted, int(f.read()))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError):
+                log.warning("could not raise the open-files limit from %d to %d: %s", soft, wanted, exc)
     if soft != resource.RLIM_INFINITY and soft < LOW_OPEN_FILES:
         log.warning("the open-files limit is %d: every connection and store file takes one, and a few hundred "
                     "clients can use them up; raise it (ulimit -n, LimitNOFILE= in a systemd unit)", soft)

@@ -269,9 +269,10 @@ class Broker:
         text or an int) is the id of one of its streams: then that stream's name. DIS's PutRecords
         falls back to its `stream_id` this way (shared/spec/dis-api.md 2.6); ids of other
         projects' streams are not followed."""
+        if stream_id is None:   # the common case: no lookup here (check_put looks the name up)
+            return stream_name
         await self._known(project, stream_name)
-        if stream_id is None or not isinstance(stream_name, str) or \
-                self.catalogue.lookup(project, stream_name) is not None:
+        if not isinstance(stream_name, str) or self.catalogue.lookup(project, stream_name) is not None:
             return stream_name
         text = str(stream_id) if isinstance(stream_id, int) and not isinstance(stream_id, bool) else stream_id
         if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 19:

@@ -286,22 +286,35 @@ async def test_the_server_restarting_shows_failed_then_running(sluice: Sluice, n
     assert sorted(await sluice.column("t")) == list(range(50))
 
 
-async def test_an_ephemeral_consumer_resumes_across_a_retry(sluice: Sluice, nats_server: NatsServer) -> None:
-    url = nats_server.url
+async def ephemeral_source(sluice: Sluice, url: str, messages: int) -> None:
+    """Source j without durable (an ephemeral consumer) from JetStream stream E (subject e) into
+    typed stream t, once the first `messages` published are rows."""
     await js_stream(url, "E", ["e"])
     await sluice.typed("t", COLUMNS)
-    await js_publish(url, "e", docs(10))
+    await js_publish(url, "e", docs(messages))
     await sluice.create("j", "nats_jetstream", "t", **js(url, subject="e"))
-    await rows_of(sluice, "t", 10)
+    await rows_of(sluice, "t", messages)
 
-    async def names(j: Any) -> list[str]:
-        return [c.name for c in await j.consumers_info("E")]
-    [ephemeral] = await with_js(url, names)
-    await with_js(url, lambda j: j.delete_consumer("E", ephemeral))   # the job fails and is run again
+
+async def consumer_names(j: Any, stream: str) -> list[str]:
+    return [c.name for c in await j.consumers_info(stream)]
+
+
+async def fail_the_ephemeral_consumer(sluice: Sluice, url: str, stream: str) -> str:
+    """Delete source j's one (ephemeral) consumer: its job fails and is run again. Its name."""
+    [ephemeral] = await with_js(url, lambda j: consumer_names(j, stream))
+    await with_js(url, lambda j: j.delete_consumer(stream, ephemeral))
     await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
+    return str(ephemeral)
+
+
+async def test_an_ephemeral_consumer_resumes_across_a_retry(sluice: Sluice, nats_server: NatsServer) -> None:
+    url = nats_server.url
+    await ephemeral_source(sluice, url, 10)
+    ephemeral = await fail_the_ephemeral_consumer(sluice, url, "E")
     await js_publish(url, "e", docs(5, 10))
     await rows_of(sluice, "t", 15)
-    [again] = await eventually(lambda: with_js(url, names), what="a new consumer")
+    [again] = await eventually(lambda: with_js(url, lambda j: consumer_names(j, "E")), what="a new consumer")
     assert again != ephemeral
     await asyncio.sleep(0.3)
     assert sorted(await sluice.column("t")) == list(range(15))     # on from where it was: none twice
@@ -314,11 +327,7 @@ async def test_an_ephemeral_consumer_reads_a_stream_made_again_from_its_start(sl
     retry resumed at the old stream's next sequence, skipping the new stream's first messages for
     good while showing `running` (the sources probe: 150 of 250 rows)."""
     url = nats_server.url
-    await js_stream(url, "E", ["e"])
-    await sluice.typed("t", COLUMNS)
-    await js_publish(url, "e", docs(100))
-    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="e"))
-    await rows_of(sluice, "t", 100)
+    await ephemeral_source(sluice, url, 100)
     await with_js(url, lambda j: j.delete_stream("E"))
     await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
     await js_stream(url, "E", ["e"])
@@ -359,12 +368,7 @@ async def test_an_ephemeral_consumer_needs_no_stream_info_permission(sluice: Slu
         await sluice.create("j", "nats_jetstream", "t", **js(f"nats://reader:reader@127.0.0.1:{server.port}",
                                                             stream="S"))
         await rows_of(sluice, "t", 5)
-
-        async def names(j: Any) -> list[str]:
-            return [c.name for c in await j.consumers_info("S")]
-        [ephemeral] = await with_js(admin, names)
-        await with_js(admin, lambda j: j.delete_consumer("S", ephemeral))   # the job fails and is run again
-        await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
+        await fail_the_ephemeral_consumer(sluice, admin, "S")
         await js_publish(admin, "s.a", docs(5, 5))
         await rows_of(sluice, "t", 10)
         await asyncio.sleep(0.3)

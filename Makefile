@@ -4,7 +4,7 @@
 #               if missing (apt: the NATS/JetStream source tests run a real nats-server, the console
 #               tests drive Chromium through Playwright), run the whole suite
 # `make lint` : ruff (rules in pyproject [tool.ruff]) over broker/, client/, tests/ and bench/, and mypy
-#               ([tool.mypy]) over broker/ and client/
+#               ([tool.mypy]) over broker/, client/ and bench/
 # `make bench`: bench/run.py, the one benchmark: W1/W2/W3 (issue 4) against fresh brokers, both
 #               doors, WAL and fsync; a table + bench/results/<time>.json. Takes ARGS, e.g.
 #               ARGS=--quick, ARGS='--workloads w3 --durability wal' (bench/README.md lists them)

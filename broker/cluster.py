@@ -353,7 +353,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=None,
                         help="--replicas of the brokers (default: the number of nodes)")
     parser.add_argument("--nats-prefix", default="sluice", help="the brokers' --nats-prefix (default sluice)")
-    parser.add_argument("broker_args", nargs="*", help="more broker options, after `--` (e.g. -- --durability fsync)")
+    parser.add_argument("broker_args", nargs="*", help="more broker options, after `--` (e.g. -- --fsync)")
     args = parser.parse_args(argv)
     if args.replicas is None:
         args.replicas = args.nodes

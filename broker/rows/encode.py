@@ -466,7 +466,7 @@ class RowEncoder:
             raise client_error(ErrorCode.BAD_ROW, row=row, column=self.names[index], detail=detail)
         if self.raw_only:
             return self._raw_records(out[self.names.index(RAW)])
-        out[self._tp_index] = self._tp_times(out[self._tp_index], out, n, now_ms)
+        out[self._tp_index] = self._tp_times(out[self._tp_index], out, values, n, now_ms)
         names = self.names
         try:
             # copied out of orjson's buffer at once: a bytes object orjson returns keeps the ~4 KiB
@@ -475,15 +475,18 @@ class RowEncoder:
         except orjson.JSONEncodeError:
             raise self._unwritable(out) from None
 
-    def _tp_times(self, given: list, out: list[list], n: int, now_ms: int) -> list:
-        """_tp_time per row: the given value, else the event-time column's, else the ingest time."""
+    def _tp_times(self, given: list, out: list[list], values: dict[str, _Column], n: int, now_ms: int) -> list:
+        """_tp_time per row: the given value, else the event-time column's as sent (not the
+        default a null or missing one is stored as: rows were stamped 1970), else the ingest time."""
         if n and given.count(None) == 0:
             return given
         now = format_ms(now_ms)
         fallback: Sequence[Any] = [now] * n
         event = self._event
         if event is not None:
-            times = out[self._codecs.index(event)]
+            sent = values.get(event.name)
+            times = [None] * n if sent is None else \
+                [None if s is None else t for s, t in zip(sent, out[self._codecs.index(event)])]
             if event.ctype.kind == "datetime":   # stored to the second; _tp_time keeps milliseconds
                 times = [None if t is None else t + ".000" for t in times]
             fallback = [now if t is None else t for t in times]

@@ -221,6 +221,15 @@ def test_tp_time_from_the_event_time_column() -> None:
     enc = encoder(("t", "datetime"), event_time="t")
     assert orjson.loads(enc.compact(["t"], [["2024-01-01 10:00:00.999"]], NOW)[0])["_tp_time"] == \
         "2024-01-01 10:00:00.000"
+    # a column that is not nullable stores its default (the epoch) for null or missing; the row's
+    # time is still the ingest time, not 1970 (the Timeplus probe: windows took such rows as late)
+    enc = encoder(("t", "datetime64(3)"), ("a", "string"), event_time="t")
+    rows = [orjson.loads(r) for r in enc.objects([{"t": None, "a": "x"}, {"a": "y"}, {"t": "2024-01-01"}], NOW)]
+    assert [(r["t"], r["_tp_time"]) for r in rows] == [
+        ("1970-01-01 00:00:00.000", NOW_TEXT), ("1970-01-01 00:00:00.000", NOW_TEXT),
+        ("2024-01-01 00:00:00.000", "2024-01-01 00:00:00.000")]
+    rows = [orjson.loads(r) for r in enc.compact(["a"], [["only a"]], NOW)]   # the column not sent at all
+    assert rows[0]["_tp_time"] == NOW_TEXT
 
 
 def test_a_declared_tp_time_keeps_its_place() -> None:

@@ -37,9 +37,13 @@ from broker.storage.base import Store
 log = logging.getLogger(__name__)
 
 RESULT_QUEUE = 16              # result batches buffered for a slow consumer before readers wait
+# rows per result batch at most: a scan's 50,000-row blocks went into the queue whole, so a reader
+# that stopped reading had the broker hold 16 of them (+1.1 GB for ten such readers; the probe)
+RESULT_ROWS = 4096
 MAX_RUNNING = 64               # [ours] running queries per broker: each holds subscriptions and state
 MAX_RUNNING_PER_CLIENT = MAX_RUNNING // 2   # [ours] one client's share: the rest stays for others
 KEEP_ENDED = 100               # ended queries kept per project for list/get
+KEEP_ENDED_TOTAL = 10_000      # and in all (an ended query keeps its text and final metrics)
 TICK_S = 0.5                   # how often a streaming query's executor is ticked: a global aggregation
                                # emits its running result every 2 s (exec.py keeps that clock)
 _READ_LIMIT = 10_000           # records per subscription batch
@@ -92,9 +96,14 @@ class QueryRun:
                 "response_time": elapsed_ms, "scanned_rows": ex.scanned_rows, "scanned_bytes": ex.scanned_bytes,
                 "late_rows": ex.late_rows, "skipped_rows": ex.skipped_rows}
 
+    @property
+    def done_with(self) -> bool:
+        """Ended, and its consumer has taken END (or let go): nothing of it is waited for."""
+        return not self.running and self.results.empty()
+
     def release(self) -> None:
-        """Once ended and its consumer is done: drop the results not read and the executor's
-        state, keep the final metrics (an ended query stays listable)."""
+        """Its consumer is done (the consumer calls it): drop the results not read and the
+        executor's state, keep the final metrics (an ended query stays listable)."""
         if not self.running and self.executor is not None:
             self.final = self.metrics()
             self.executor = None
@@ -185,10 +194,20 @@ class Queries:
         return run
 
     def _remember(self, run: QueryRun) -> None:
+        """Keep `run`, and forget the oldest ended queries past KEEP_ENDED of its project (and
+        KEEP_ENDED_TOTAL in all): only those whose consumer is done with them. A consumer still
+        reading an ended query's results lost them and never saw its end (the probe: another
+        tenant's 101 queries ended a scan's stream 15,882 rows into 60,000)."""
         self._runs[run.id] = run
+        ended = [qid for qid, r in self._runs.items() if not r.running and r.project == run.project]
+        self._forget(ended[:max(len(ended) - KEEP_ENDED, 0)])
         ended = [qid for qid, r in self._runs.items() if not r.running]
-        for qid in ended[:max(len(ended) - KEEP_ENDED, 0)]:
-            self._runs.pop(qid).release()
+        self._forget(ended[:max(len(ended) - KEEP_ENDED_TOTAL, 0)])
+
+    def _forget(self, ids: list[str]) -> None:
+        for qid in ids:
+            if self._runs[qid].done_with:
+                self._runs.pop(qid).release()
 
     async def _cursor(self, project: str, stream_name: str, partition: int, plan: QueryPlan) -> str:
         """Where a partition's reading starts: `table(s)` and seek_to='earliest' at the oldest
@@ -225,9 +244,10 @@ class Queries:
         run = self.get(project, query_id)
         run.end("canceled")
         await self._stop(run)
-        if forget:
+        if forget:   # a consumer still reading gets what is queued, then END: it releases the run
             self._runs.pop(query_id, None)
-            run.release()
+            if run.done_with:
+                run.release()
 
     def shutdown(self) -> None:
         """Refuse new queries and end every running one: its consumer sees its results end now,
@@ -291,7 +311,8 @@ class Queries:
             if run.plan.limit is not None:
                 rows = rows[:max(run.plan.limit - run.rows_out, 0)]
             run.rows_out += len(rows)
-            await run.results.put(rows)
+            for at in range(0, len(rows), RESULT_ROWS):
+                await run.results.put(rows[at:at + RESULT_ROWS] if len(rows) > RESULT_ROWS else rows)
 
     async def _feed(self, run: QueryRun, records: list[Record], source: int, caught_up: bool) -> None:
         ex, raw = run.executor, run.raw

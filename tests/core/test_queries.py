@@ -120,20 +120,65 @@ async def test_an_ended_query_keeps_its_metrics_and_drops_its_state(broker: Brok
     assert broker.queries.get("default", run.id) is run        # still listable
 
 
-async def test_ended_queries_are_forgotten_oldest_first_across_projects(broker: Broker,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_ended_queries_are_forgotten_oldest_first_per_project(broker: Broker,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """KEEP_ENDED a project, as documented (one tenant's queries evicted another's, and with them
+    a stream still being read), and KEEP_ENDED_TOTAL in all."""
     monkeypatch.setattr(queries, "KEEP_ENDED", 3)
+    monkeypatch.setattr(queries, "KEEP_ENDED_TOTAL", 8)
+    other = await broker.queries.start("quiet", "select 1")
+    assert await drain(other) == [[1]]
     runs = []
-    for i in range(6):
-        run = await broker.queries.start(f"ws{i}", "select 1")
+    for _ in range(6):
+        run = await broker.queries.start("busy", "select 1")
         assert await drain(run) == [[1]]
         runs.append(run)
-    kept = [r for r in runs if any(x is r for x in broker.queries.runs(r.project))]
-    # at most KEEP_ENDED ended queries kept in all (the newest start counts before it ends)
+    kept = [r for r in runs if any(x is r for x in broker.queries.runs("busy"))]
+    # at most KEEP_ENDED ended queries kept (the newest start counts before it ends)
     assert len(kept) <= 4 and runs[-1] in kept and runs[0] not in kept
     with pytest.raises(BrokerError) as info:
-        broker.queries.get("ws0", runs[0].id)
+        broker.queries.get("busy", runs[0].id)
     assert info.value.code is ErrorCode.QUERY_NOT_FOUND
+    assert broker.queries.get("quiet", other.id) is other        # another project's: kept
+    for i in range(10):                                          # the total bound: the oldest go
+        assert await drain(await broker.queries.start(f"p{i}", "select 1")) == [[1]]
+    assert len([r for p in ["quiet", "busy", *(f"p{i}" for i in range(10))] for r in broker.queries.runs(p)]) <= 9
+    assert not broker.queries.runs("quiet")
+
+
+async def test_an_ended_query_still_being_read_is_neither_forgotten_nor_cut_short(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished scan whose consumer is behind: other queries ending (eviction) and a DELETE
+    of it emptied its queue, END included; the consumer lost the rows and its stream never ended
+    (the Timeplus probe)."""
+    monkeypatch.setattr(queries, "KEEP_ENDED", 1)
+    monkeypatch.setattr(queries, "RESULT_QUEUE", 64)
+    await typed_stream(broker, "lag", 20_000)
+    behind = await broker.queries.start("default", "select v from table(lag)")
+    deleted = await broker.queries.start("default", "select v from table(lag)")
+    while behind.running or deleted.running:   # noqa: ASYNC110 - both scans done, nothing read yet
+        await asyncio.sleep(0.01)
+    for _ in range(3):                         # ended queries of the project: past KEEP_ENDED
+        assert await drain(await broker.queries.start("default", "select 1")) == [[1]]
+    await broker.queries.cancel("default", deleted.id, forget=True)   # DELETE /queries/{id}
+    assert [r[0] for r in await drain(behind)] == list(range(20_000))
+    assert [r[0] for r in await drain(deleted)] == list(range(20_000))
+    with pytest.raises(BrokerError):
+        broker.queries.get("default", deleted.id)
+    behind.release()
+    deleted.release()
+
+
+async def test_result_batches_hold_at_most_result_rows(broker: Broker) -> None:
+    """A scan's 50,000-record blocks went into the queue whole: 16 of them held for a reader that
+    stopped reading (+1.1 GB for ten such readers)."""
+    await typed_stream(broker, "wide", 12_000)
+    run = await broker.queries.start("default", "select v from table(wide)")
+    sizes = []
+    while (item := await asyncio.wait_for(run.results.get(), 20)) is not None:
+        sizes.append(len(item))
+    assert sum(sizes) == 12_000 and max(sizes) <= queries.RESULT_ROWS
+    run.release()
 
 
 async def test_a_query_is_not_found_in_another_project(broker: Broker) -> None:

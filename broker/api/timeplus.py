@@ -108,15 +108,37 @@ async def create_stream(request: web.Request) -> web.Response:
                                                              "with a letter")
     shards = field(body, "shards", int)
     retention_ms = field(body, "logstore_retention_ms", int)
-    hours = None
-    if retention_ms is not None and retention_ms > 0:
-        if retention_ms % 3_600_000:
-            raise client_error(ErrorCode.INVALID_REQUEST, detail="logstore_retention_ms must be whole hours")
-        hours = retention_ms // 3_600_000
+    hours = _hours(retention_ms) if retention_ms is not None and retention_ms > 0 else None
     schema = build_schema(body)
     config = await broker.create_stream(name, DEFAULT_SHARDS if shards is None else shards, hours,
                                         project=workspace, schema=schema)
     return json_response(_stream_body(config), status=201)
+
+
+def _hours(retention_ms: int) -> int:
+    if retention_ms % 3_600_000:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="logstore_retention_ms must be whole hours")
+    return retention_ms // 3_600_000
+
+
+async def update_stream(request: web.Request) -> web.Response:
+    """PATCH (spec section 3; the SDK's UpdateStreamRequest): the retention-related settings and
+    the description; each field given changes, one left out or null stays. logstore_retention_ms
+    sets the retention (whole hours within the broker's bounds; 0 or below: the broker's default,
+    as at creation); a stream made by another door (no schema) takes only that. 204."""
+    broker, workspace = _door(request)
+    body = await read_json(request)
+    changes: dict[str, object] = {}
+    for name in ("description", "ttl_expression"):
+        if (text := field(body, name, str)) is not None:
+            changes[name] = text
+    if (retention_bytes := field(body, "logstore_retention_bytes", int)) is not None:
+        changes["logstore_retention_bytes"] = retention_bytes
+    retention_ms = field(body, "logstore_retention_ms", int)   # the stream's own retention, not the schema's
+    hours = None if retention_ms is None else \
+        _hours(retention_ms) if retention_ms > 0 else broker.limits.default_retention_hours
+    await broker.update_stream(request.match_info["name"], project=workspace, retention_hours=hours, **changes)
+    return web.Response(status=204)
 
 
 async def list_streams(request: web.Request) -> web.Response:
@@ -448,6 +470,7 @@ ROUTES: list[tuple[str, str, Handler, Action]] = [
     ("GET", "/v1beta2/streams", list_streams, Action.DESCRIBE),
     ("GET", "/v1beta2/streams/{name}", get_stream, Action.DESCRIBE),
     ("DELETE", "/v1beta2/streams/{name}", delete_stream, Action.MANAGE),
+    ("PATCH", "/v1beta2/streams/{name}", update_stream, Action.MANAGE),
     ("GET", "/v1beta2/streams/{name}/stats", stream_stats, Action.DESCRIBE),
     ("POST", "/v1beta2/streams/{name}/ingest", ingest, Action.WRITE),
     ("POST", "/v1beta1/streams/{name}/ingest", ingest, Action.WRITE),   # the older docs' path

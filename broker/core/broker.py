@@ -205,6 +205,15 @@ class Broker:
         await self.consumers.forget_stream(config)
         await self.metric_series.forget(config.stream_id)
 
+    async def update_stream(self, stream_name: object, *, project: str = DEFAULT_PROJECT,
+                            retention_hours: object = None, **schema_fields: object) -> StreamConfig:
+        """Change a stream's retention and (typed streams) its schema's settings: see
+        StreamCatalogue.update_settings. Raises STREAM_NOT_FOUND, INVALID_REQUEST, UNAVAILABLE,
+        STORAGE_FULL."""
+        await self._known(project, stream_name)
+        return await asyncio.shield(self.catalogue.update_settings(project, stream_name, retention_hours,
+                                                                   **schema_fields))
+
     async def update_partition_count(self, stream_name: object, target_partition_count: object, *,
                                      project: str = DEFAULT_PROJECT) -> tuple[StreamConfig, StreamConfig]:
         """Scale the stream's ACTIVE partitions to `target_partition_count` (see

@@ -127,11 +127,7 @@ class StreamCatalogue:
         if partition_count > lim.max_partitions:
             raise client_error(ErrorCode.QUOTA_EXCEEDED,
                                detail=f"partition_count {partition_count} exceeds the quota of {lim.max_partitions}")
-        retention = lim.default_retention_hours if retention_hours is None else retention_hours
-        if not isinstance(retention, int) or isinstance(retention, bool) or \
-                not lim.min_retention_hours <= retention <= lim.max_retention_hours:
-            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"the retention (data_duration) must be within "
-                               f"[{lim.min_retention_hours}, {lim.max_retention_hours}] hours, got {retention!r:.40}")
+        retention = self._retention(lim.default_retention_hours if retention_hours is None else retention_hours)
         data_type = data_type or ("JSON" if schema is not None else "BLOB")
         stream_type = stream_type or "COMMON"
         if data_type not in DATA_TYPES:
@@ -144,6 +140,39 @@ class StreamCatalogue:
         # shielded: a caller that goes away (gRPC deadline) must not leave the store holding a
         # stream the catalogue does not know
         return await asyncio.shield(self._create(config))
+
+    def _retention(self, hours: object) -> int:
+        lim = self._limits
+        if not isinstance(hours, int) or isinstance(hours, bool) or \
+                not lim.min_retention_hours <= hours <= lim.max_retention_hours:
+            raise client_error(ErrorCode.INVALID_REQUEST, detail=f"the retention (data_duration) must be within "
+                               f"[{lim.min_retention_hours}, {lim.max_retention_hours}] hours, got {hours!r:.40}")
+        return hours
+
+    async def update_settings(self, project: str, stream_name: object, retention_hours: object = None,
+                              **schema_fields: object) -> StreamConfig:
+        """Change a stream's retention (None: as it is) and, of a typed stream, the StreamSchema
+        fields given (description, ttl_expression, logstore_retention_bytes, logstore_retention_ms:
+        what Timeplus lets a PATCH change; the caller checked their types). Durable before it
+        returns (store.update_stream). Raises STREAM_NOT_FOUND, INVALID_REQUEST (a schema field of
+        a stream without a schema), UNAVAILABLE, STORAGE_FULL."""
+        retention = None if retention_hours is None else self._retention(retention_hours)
+        async with self._lock:
+            config = self.get(project, stream_name)
+            schema = config.schema
+            if schema_fields:
+                if schema is None:
+                    raise client_error(ErrorCode.INVALID_REQUEST, detail=f"stream [{config.stream_name}] has no "
+                                       f"schema (made by another door): only its retention can change")
+                schema = replace(schema, **schema_fields)  # type: ignore[arg-type]
+            changed = replace(config, retention_hours=config.retention_hours if retention is None else retention,
+                              schema=schema)
+            if changed == config:
+                return config
+            stored = await self._store.update_stream(changed)
+            self._remember(stored)
+            self._summaries.pop(project, None)
+            return stored
 
     async def _create(self, config: StreamConfig) -> StreamConfig:
         async with self._lock:

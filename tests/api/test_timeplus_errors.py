@@ -276,6 +276,46 @@ def test_create_existing_stream_is_400_code_57(door, typed):
     assert typed in body["message"]
 
 
+# -- streams: PATCH (spec section 3: the retention settings and the description) ---------------
+
+def test_patch_changes_the_retention_settings_and_the_description(door, typed):
+    assert door.call("PATCH", f"/streams/{typed}", {"description": "new", "logstore_retention_ms": 48 * 3_600_000,
+                                                    "ttl_expression": "to_datetime(t) + INTERVAL 1 DAY",
+                                                    "logstore_retention_bytes": 1 << 30}).status == 204
+    shown = door.call("GET", f"/streams/{typed}").json
+    assert (shown["description"], shown["logstore_retention_ms"], shown["ttl_expression"],
+            shown["logstore_retention_bytes"]) == ("new", 48 * 3_600_000, "to_datetime(t) + INTERVAL 1 DAY", 1 << 30)
+    # what is left out or null stays; 0 or below is the broker's default retention
+    assert door.call("PATCH", f"/streams/{typed}", {"description": None, "logstore_retention_ms": 0}).status == 204
+    shown = door.call("GET", f"/streams/{typed}").json
+    assert (shown["description"], shown["logstore_retention_ms"]) == ("new", 24 * 3_600_000)
+    assert [c["name"] for c in shown["columns"]] == [c["name"] for c in TYPED] + ["_tp_time"]
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"logstore_retention_ms": 3_600_001}, 400), ({"logstore_retention_ms": 23 * 3_600_000}, 400),
+    ({"logstore_retention_ms": 73 * 3_600_000}, 400), ({"logstore_retention_ms": "48h"}, 400),
+    ({"description": 5}, 400), ({"ttl_expression": []}, 400), ({"logstore_retention_bytes": 1.5}, 400),
+    ([], 400), ("null", 400), ("{", 400),
+])
+def test_bad_patch_bodies_are_4xx_and_change_nothing(door, typed, body, status):
+    before = door.call("GET", f"/streams/{typed}").json
+    tp_error(door.call("PATCH", f"/streams/{typed}", body), status)
+    assert door.call("GET", f"/streams/{typed}").json == before
+
+
+def test_patch_of_a_stream_without_a_schema_takes_only_the_retention(door):
+    name = new_name("plain")
+    reply = call(door.broker, "POST", f"/v2/{door.ws}/streams", {"stream_name": name, "partition_count": 1})
+    assert reply.status == 201, reply.raw
+    assert door.call("PATCH", f"/streams/{name}", {"logstore_retention_ms": 72 * 3_600_000}).status == 204
+    assert call(door.broker, "GET", f"/v2/{door.ws}/streams/{name}").json["retention_period"] == 72
+    body = tp_error(door.call("PATCH", f"/streams/{name}", {"description": "x"}), 400, ErrorCode.INVALID_REQUEST)
+    assert "no schema" in body["message"]
+    tp_error(door.call("PATCH", f"/streams/{new_name('missing')}", {"description": "x"}), 404,
+             ErrorCode.STREAM_NOT_FOUND)
+
+
 # -- ingest refusals: clear, and nothing written -----------------------------------------------
 
 GOOD = {"columns": ["name", "n", "x", "ok", "time"], "data": [["ok", 1, 1.0, True, "2024-05-01 00:00:00.000"]]}
@@ -587,13 +627,23 @@ def test_schema_survives_a_restart(start_broker, tmp_path):
     columns = [{"name": "name", "type": "string"}, {"name": "n", "type": "Int16"},
                {"name": "t", "type": "DateTime64(3)"}, {"name": "maybe", "type": "nullable(float)"}]
     door.create("durable", columns)
+    # a PATCH through the unmodified SDK's own call is kept too
+    import swagger_client
+    from swagger_client.models.update_stream_request import UpdateStreamRequest
+    from swagger_client.timeplus.streams_v1beta2_api import StreamsV1beta2Api
+
+    from tests.e2e.timeplus_sdk_helpers import env_for
+    StreamsV1beta2Api(swagger_client.ApiClient(env_for(first.http_url, "wsr")._conf())).v1beta2_streams_name_patch(
+        UpdateStreamRequest(description="patched", logstore_retention_ms=72 * 3_600_000), "durable")
     before = json.loads(door.call("GET", "/streams/durable").raw)
+    assert (before["description"], before["logstore_retention_ms"]) == ("patched", 72 * 3_600_000)
     assert door.ingest("durable", {"columns": ["name", "n"], "data": [["a", 1]]}).status == 200
     first.stop(15)
 
     second = start_broker(data_dir=data)
     door = Door(second, "wsr")
     after = json.loads(door.call("GET", "/streams/durable").raw)
+    assert (after["description"], after["logstore_retention_ms"]) == ("patched", 72 * 3_600_000)
     assert [(c["name"], c["type"]) for c in after["columns"]] == [(c["name"], c["type"]) for c in before["columns"]]
     assert [(c["name"], c["type"]) for c in after["columns"]] == [
         ("name", "string"), ("n", "int16"), ("t", "datetime64(3)"), ("maybe", "nullable(float32)"),

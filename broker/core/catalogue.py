@@ -167,9 +167,13 @@ class StreamCatalogue:
                 schema = replace(schema, **schema_fields)  # type: ignore[arg-type]
             changed = replace(config, retention_hours=config.retention_hours if retention is None else retention,
                               schema=schema)
-            if changed == config:
+            # written even when this broker's view has it already (a shared store's may not), and
+            # only what is asked for: what another broker stored meanwhile (a layout, another
+            # setting) stays
+            fields = ("retention_hours",) * (retention is not None) + ("schema",) * bool(schema_fields)
+            if not fields:
                 return config
-            stored = await self._store.update_stream(changed)
+            stored = await self._store.update_stream(changed, fields)
             self._remember(stored)
             self._summaries.pop(project, None)
             return stored
@@ -401,7 +405,8 @@ class StreamCatalogue:
                                        f"again when the oldest of them is {config.retention_hours} hours old")
                 event = ScaleEvent(now, config.partition_count, target, tuple(boundaries))
                 scaled = await self._store.update_stream(replace(config, partition_count=target,
-                                                                 scale_events=(*kept, event)))
+                                                                 scale_events=(*kept, event)),
+                                                         ("partition_count", "scale_events"))
                 self._remember(scaled)
             finally:
                 del self._scaling[sid]

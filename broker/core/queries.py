@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from broker.core.catalogue import StreamCatalogue
@@ -43,7 +43,7 @@ RESULT_ROWS = 4096
 MAX_RUNNING = 64               # [ours] running queries per broker: each holds subscriptions and state
 MAX_RUNNING_PER_CLIENT = MAX_RUNNING // 2   # [ours] one client's share: the rest stays for others
 KEEP_ENDED = 100               # ended queries kept per project for list/get
-KEEP_ENDED_TOTAL = 10_000      # and in all (an ended query keeps its text and final metrics)
+KEEP_ENDED_TOTAL = 1_000       # and in all (an ended query keeps its text, header and final metrics)
 TICK_S = 0.5                   # how often a streaming query's executor is ticked: a global aggregation
                                # emits its running result every 2 s (exec.py keeps that clock)
 _READ_LIMIT = 10_000           # records per subscription batch
@@ -107,6 +107,10 @@ class QueryRun:
         if not self.running and self.executor is not None:
             self.final = self.metrics()
             self.executor = None
+            # what list/get show (header, analysis, time columns) stays; the compiled expressions
+            # go (~850 kB for an 8 KB query of 500 expressions; the review)
+            self.plan = replace(self.plan, columns={}, where=None, outputs=[], window=None, keys=[], aggregates=[],
+                                having=None)
             while not self.results.empty():
                 self.results.get_nowait()
 

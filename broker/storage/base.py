@@ -34,7 +34,7 @@ tests/storage/test_contract.py and test_stateful.py run over every registered st
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 from broker.errors import BrokerError, ErrorCode, ServerError
@@ -119,11 +119,14 @@ class Store(Protocol):
         """Persist a new stream, assigning a fresh `stream_id`. Raises STREAM_EXISTS when the
         project already has a stream of that name."""
 
-    async def update_stream(self, config: StreamConfig) -> StreamConfig:
-        """Persist a changed layout of an existing stream (same stream_id, project and name:
-        UpdatePartitionCount's partition_count and scale_events), durably, before returning it.
-        Partitions up to `config.readable_partition_count` exist afterwards - new ones empty,
-        numbered from 0 - and every record already written is kept. Raises STREAM_NOT_FOUND."""
+    async def update_stream(self, config: StreamConfig, fields: Sequence[str] | None = None) -> StreamConfig:
+        """Persist a change of an existing stream (same stream_id, project and name), durably,
+        before returning the config now stored: a layout (UpdatePartitionCount's partition_count
+        and scale_events) or settings (retention_hours, schema). `fields`: the fields of `config`
+        the change sets; the others are kept as stored, so on a shared store a change computed
+        from a view behind another broker's does not undo that one (None: every field).
+        Partitions up to `readable_partition_count` exist afterwards - new ones empty, numbered
+        from 0 - and every record already written is kept. Raises STREAM_NOT_FOUND."""
 
     async def drop_stream(self, stream_id: int) -> None:
         """Delete the stream and all its records. Raises STREAM_NOT_FOUND."""
@@ -207,3 +210,8 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Flush and release. Idempotent."""
+
+
+def changed_fields(stored: StreamConfig, config: StreamConfig, fields: Sequence[str] | None) -> StreamConfig:
+    """`stored` with the `fields` of `config` (all of `config` when None): Store.update_stream's rule."""
+    return config if fields is None else replace(stored, **{f: getattr(config, f) for f in fields})

@@ -160,6 +160,7 @@ from broker.storage.base import (
     Store,
     StoreCapabilities,
     StoreEvents,
+    changed_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -765,13 +766,14 @@ class JetStreamStore(Store):
             for k in [k for k in cache if k[0] == stream_id]:
                 del cache[k]   # type: ignore[attr-defined]
 
-    async def update_stream(self, config: StreamConfig) -> StreamConfig:
+    async def update_stream(self, config: StreamConfig, fields: Sequence[str] | None = None) -> StreamConfig:
         self._check_open()
-        return await _guard(self._update_stream(config))
+        return await _guard(self._update_stream(config, fields))
 
-    async def _update_stream(self, config: StreamConfig) -> StreamConfig:
+    async def _update_stream(self, given: StreamConfig, fields: Sequence[str] | None) -> StreamConfig:
         while True:
-            current, revision = await self._current(config.stream_id)
+            current, revision = await self._current(given.stream_id)
+            config = changed_fields(current, given, fields)   # on what is stored now, not this broker's view
             if not _based_on(config, current):   # another broker scaled it since this one looked
                 self._changed(current)
                 raise _unavailable(f"stream {current.stream_name} was scaled through another broker meanwhile; "

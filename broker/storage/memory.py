@@ -13,7 +13,7 @@ from typing import Sequence
 from broker.errors import ErrorCode, client_error
 from broker.model import AppendBatch, PartitionBounds, Record, StreamConfig
 from broker.settings import Settings
-from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities
+from broker.storage.base import AppendOutcome, Durability, Store, StoreCapabilities, changed_fields
 
 
 class _Partition:
@@ -51,9 +51,11 @@ class MemoryStore(Store):
             self._partitions[(stored.stream_id, p)] = _Partition()
         return stored
 
-    async def update_stream(self, config: StreamConfig) -> StreamConfig:
-        if config.stream_id not in self._by_id:
+    async def update_stream(self, config: StreamConfig, fields: Sequence[str] | None = None) -> StreamConfig:
+        stored = self._by_id.get(config.stream_id)
+        if stored is None:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {config.stream_id}")
+        config = changed_fields(stored, config, fields)
         self._streams[config.key] = self._by_id[config.stream_id] = config
         for p in range(config.readable_partition_count):
             self._partitions.setdefault((config.stream_id, p), _Partition())

@@ -171,8 +171,8 @@ class RocksStore(Store):
     async def create_stream(self, config: StreamConfig) -> StreamConfig:
         return await self._mutate(self._engine.create_stream, config)
 
-    async def update_stream(self, config: StreamConfig) -> StreamConfig:
-        return await self._mutate(self._engine.update_stream, config)
+    async def update_stream(self, config: StreamConfig, fields: Sequence[str] | None = None) -> StreamConfig:
+        return await self._mutate(self._engine.update_stream, config, fields)
 
     async def drop_stream(self, stream_id: int) -> None:
         await self._mutate(self._engine.drop_stream, stream_id)

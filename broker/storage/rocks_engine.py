@@ -54,7 +54,7 @@ import rocksdict
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
 from broker.model import AppendBatch, PartitionBounds, Record, RecordBlock, StreamConfig
 from broker.storage import keys
-from broker.storage.base import IncompatibleStore
+from broker.storage.base import IncompatibleStore, changed_fields
 
 # The tail cache: the newest small batches each partition appended in this process, kept as the
 # encoded values that were written, so a read of a partition's tail (a push subscriber or a long
@@ -225,12 +225,14 @@ class RocksEngine:
             self._streams[stored.key] = self._by_id[stream_id] = stored
             return stored
 
-    def update_stream(self, config: StreamConfig) -> StreamConfig:
-        """The new layout, in one write of the stream's key; partitions have no key of their own
-        (an unwritten partition is an empty one), so new ones need nothing more."""
+    def update_stream(self, config: StreamConfig, fields: Sequence[str] | None = None) -> StreamConfig:
+        """The new layout or settings, in one write of the stream's key; partitions have no key of
+        their own (an unwritten partition is an empty one), so new ones need nothing more."""
         with self._lock:
-            if config.stream_id not in self._by_id:
+            stored = self._by_id.get(config.stream_id)
+            if stored is None:
                 raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"id {config.stream_id}")
+            config = changed_fields(stored, config, fields)
             wb = rocksdict.WriteBatch(raw_mode=True)
             wb.put(keys.stream_key(config.project, config.stream_name), json.dumps(asdict(config)).encode())
             self._write(wb, "update_stream")

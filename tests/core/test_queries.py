@@ -114,8 +114,11 @@ async def test_an_ended_query_keeps_its_metrics_and_drops_its_state(broker: Brok
     rows = await drain(run)
     assert sorted(rows) == sorted([f"k{i}", len(range(i, 100, 7))] for i in range(7))
     before = run.metrics()
+    header = run.plan.header
     run.release()
     assert run.executor is None and run.results.empty()
+    # the compiled plan goes too; what list/get show stays
+    assert (run.plan.aggregates, run.plan.keys, run.plan.outputs, run.plan.header) == ([], [], [], header)
     assert run.metrics() == before and before["scanned_rows"] == 100 and before["count"] == 7
     assert broker.queries.get("default", run.id) is run        # still listable
 

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 import pytest
 
 from broker.core.broker import Broker
-from broker.model import AppendBatch, StreamConfig
+from broker.model import AppendBatch, ColumnDef, PutEntry, StreamConfig, StreamSchema
 from broker.storage.jetstream import JetStreamStore
 from tests.storage.conftest import NatsServer, nats_config
 
@@ -585,3 +585,30 @@ async def test_a_store_closed_while_it_reopens_its_connection_leaves_no_socket_o
             w.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_change_through_a_broker_behind_keeps_what_another_broker_stored(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """b has not heard of a's changes yet. A PATCH through b wrote b's whole view: a's scale was
+    undone (partition 1's records unreachable through a) and a's retention set back; a scale
+    through b set a's PATCHed retention back too (the review). Each change now writes its own
+    fields onto what is stored."""
+    schema = StreamSchema((ColumnDef("v", "int64"),))
+    async with two_brokers(opener, monkeypatch, "_on_catalogue") as (a, b, store_b):
+        await a.create_stream("s", 1, schema=schema)
+        await b.describe_stream("s")                         # b's view: 1 partition, 24 hours
+        await a.update_partition_count("s", 2)
+        assert (await a.put_records("s", [PutEntry(b'{"v": 1}', partition_id="1")])).failed_record_count == 0
+        await b.update_stream("s", retention_hours=48)       # PATCH through b
+        stored = await store_b.find_stream("default", "s")
+        assert stored is not None and (stored.partition_count, stored.retention_hours) == (2, 48)
+        await a.update_stream("s", retention_hours=72)
+        await b.update_stream("s", description="hello")      # b's view still says 48 hours
+        stored = await store_b.find_stream("default", "s")
+        assert stored is not None and stored.schema is not None
+        assert (stored.retention_hours, stored.schema.description, stored.partition_count) == (72, "hello", 2)
+        await b.update_partition_count("s", 3)               # b asks the store for the layout first
+        stored = await store_b.find_stream("default", "s")
+        assert stored is not None and (stored.partition_count, stored.retention_hours) == (3, 72)
+        cursor = await a.get_cursor("s", 1, "TRIM_HORIZON")
+        assert [r.data for r in (await a.get_records(cursor)).records] == [b'{"v": 1}']

@@ -121,16 +121,12 @@ class BatchDecoder:
         shows (it counted every record)."""
         if self._fast(datas, {TP_TIME: pl.String()}) is not None:
             return len(datas)
-        objects = 0
-        for data in datas:
-            try:
-                objects += isinstance(orjson.loads(data), dict)
-            except orjson.JSONDecodeError:
-                pass
-        self.skipped += len(datas) - objects
-        return objects
+        keep, _ = self._json_objects(datas)
+        return len(keep)
 
-    def _lenient(self, datas: Sequence[bytes]) -> tuple[pl.DataFrame, pl.Series | None]:
+    def _json_objects(self, datas: Sequence[bytes]) -> tuple[list[int], list[dict]]:
+        """The indexes of the records that are JSON objects, and the objects; the others are
+        counted as skipped."""
         objs: list[dict] = []
         keep: list[int] = []
         for i, data in enumerate(datas):
@@ -142,6 +138,10 @@ class BatchDecoder:
                 keep.append(i)
                 objs.append(obj)
         self.skipped += len(datas) - len(keep)
+        return keep, objs
+
+    def _lenient(self, datas: Sequence[bytes]) -> tuple[pl.DataFrame, pl.Series | None]:
+        keep, objs = self._json_objects(datas)
         kept = None if len(keep) == len(datas) else pl.Series(keep, dtype=pl.UInt32)
         good = datas if kept is None else [datas[i] for i in keep]
         # line breaks in a JSON object lie between its tokens (a string holds them escaped): as

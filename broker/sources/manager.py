@@ -219,11 +219,8 @@ class Sources:
         return tuple(self.list(project))
 
     async def _known(self, project: str, ref: object) -> None:
-        if self._shared and isinstance(ref, str) and not self._has(project, ref):
+        if self._shared and isinstance(ref, str) and self._lookup(project, ref) is None:
             await self._learn(project)
-
-    def _has(self, project: str, ref: str) -> bool:
-        return (project, ref) in self._defs or any(k[0] == project and d.name == ref for k, d in self._defs.items())
 
     async def _learn(self, project: str) -> None:
         """The project's definitions in the shared store that this broker does not know yet, as its
@@ -366,13 +363,20 @@ class Sources:
         return await self.broker.store.meta_cas(source_key(*key), stored, new)
 
     def _key(self, project: str, ref: object) -> tuple[str, str]:
+        key = self._lookup(project, ref)
+        if key is None:
+            raise client_error(ErrorCode.SOURCE_NOT_FOUND, source=str(ref)[:200])
+        return key
+
+    def _lookup(self, project: str, ref: object) -> tuple[str, str] | None:
+        """The key of the project's source with id `ref`, else with name `ref`; None if none."""
         if isinstance(ref, str):
             if (project, ref) in self._defs:
                 return project, ref
             for key, d in self._defs.items():
                 if key[0] == project and d.name == ref:
                     return key
-        raise client_error(ErrorCode.SOURCE_NOT_FOUND, source=str(ref)[:200])
+        return None
 
     @staticmethod
     def _name(value: object) -> str:

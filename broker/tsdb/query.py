@@ -900,10 +900,22 @@ class _Rendered:
     def dps(self, a: int, b: int, values: list[Any]) -> dict[str, Any]:
         return dict(zip(self.keys[a:b], values))
 
-    def text_values(self, a: int, b: int, series: Series) -> list[Any]:
+    def text_dps(self, a: int, b: int, series: Series) -> dict[str, Any]:
+        """A string or boolean series' points, each value as stored. A record another door wrote
+        into the stream with a value not of the series' type (not JSON, a number in a string
+        series) is not one of its points, as a numeric series skips a value that is not a number."""
+        keys, texts = self.keys[a:b], self.texts[a:b]
         if series.type == BOOLEAN:
-            return [t == "true" for t in self.texts[a:b]]
-        return [orjson.loads(t) for t in self.texts[a:b]]
+            return {k: t == "true" for k, t in zip(keys, texts) if t in ("true", "false")}
+        out = {}
+        for k, t in zip(keys, texts):
+            try:
+                value = orjson.loads(t)
+            except orjson.JSONDecodeError:
+                continue
+            if type(value) is str:
+                out[k] = value
+        return out
 
 
 def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -> list[dict[str, Any]]:
@@ -924,6 +936,9 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
     raw = ds is None and sub.rate is None
     if not t.keep_text:
         df = df.filter(pl.col("v").is_not_null())
+    else:   # a numeric series' value that is not a number is no point (text series: _Rendered.text_dps)
+        texts = [i for i, s in enumerate(t.series) if s.type != NUMERIC]
+        df = df.filter(pl.col("v").is_not_null() | pl.col("sidx").is_in(texts))
     # every series with a point in the scan has its output, its dps maybe empty (OpenTSDB writes
     # each group its scan found, whatever its range keeps)
     present = df.get_column("sidx").unique().sort().to_list()
@@ -943,11 +958,11 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
             s = series[sidx]
             a, b = spans.get(sidx, (0, 0))
             if s.type == NUMERIC or not raw:
-                values = _pick(r.floats[a:b], r.ints[a:b], raw, True, fill)
+                dps = r.dps(a, b, _pick(r.floats[a:b], r.ints[a:b], raw, True, fill))
             else:
-                values = r.text_values(a, b, s)
+                dps = r.text_dps(a, b, s)
             outputs.append(((s.key,), {"metric": sub.metric, "tags": dict(sorted(s.tags.items())),
-                                       "aggregateTags": [], "dps": r.dps(a, b, values)}))
+                                       "aggregateTags": [], "dps": dps}))
         return [o for _, o in sorted(outputs, key=lambda kv: kv[0])]
     keys = sorted({f.tagk for f in sub.filters if f.group_by})
     group_of: dict[tuple[str, ...], int] = {}

@@ -679,6 +679,25 @@ async def test_records_of_the_stream_not_written_as_points_are_ignored(env: Env)
     assert out["dps"] == {str(S): 1}
 
 
+async def test_values_of_another_type_written_by_another_door_are_skipped(env: Env) -> None:
+    """A string or boolean series skips a record whose value is not of its type, as a numeric series
+    skips one that is not a number: a DIS write of `"value":nope` into a string series' partition
+    made every `none` query of the metric a 500 (orjson.loads of the stored text)."""
+    await env.put([("st", BASE, "up", {"k": "s"}), ("st", BASE, True, {"k": "b"}), ("st", BASE, 7, {"k": "n"})])
+    later = BASE + 1000
+    for k, values in (("s", [b"nope", b"5", b'{"a":1}', b'"unterminated', b"null", b'"a\\"']),
+                      ("b", [b"nope", b"1", b'"true"', b"null"]), ("n", [b"nope", b'"7"', b"true"])):
+        layout, tail = query._layout("st", {"k": k})
+        await env.put_raw([(layout + str(later).encode() + b',"value":' + v + b',"tags":' + tail.encode() + b"}",
+                            series_key("st", {"k": k})) for v in values])
+    await env.put([("st", later + 1000, "down", {"k": "s"}), ("st", later + 1000, False, {"k": "b"})])
+    outs = await env.query(body(sub("none", "st")))
+    assert [(o["tags"], o["dps"]) for o in outs] == [
+        ({"k": "b"}, {str(S): True, str(S + 2): False}),
+        ({"k": "n"}, {str(S): 7}),
+        ({"k": "s"}, {str(S): "up", str(S + 2): "down"})]
+
+
 def test_the_record_layout_is_what_the_decoder_expects() -> None:
     tags = {"b": "2", "a": "温"}
     prefix, tail = query._layout("m.x", tags)

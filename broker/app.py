@@ -26,7 +26,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from broker import malloc
-from broker.api.grpc_service import SERVICE_NAME, AuthGate, SluiceServicer, add_servicer, grpc_max_message
+from broker.api.grpc_service import (
+    SERVICE_NAME,
+    AuthGate,
+    SluiceServicer,
+    add_servicer,
+    grpc_max_message,
+    grpc_verb,
+)
 from broker.api.http import drop_waiting_writes
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.api.limits import ClientLimits, GrpcLimits
@@ -152,7 +159,11 @@ def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:
 def _grpc_server(settings: Settings, max_message: int, broker: Broker, auth: Auth) -> grpc.aio.Server:
     # the gate first: a call without a known key is refused before anything counts or reads it
     gate = [AuthGate(auth, broker.stats, SERVICE_NAME)] if auth.enabled else []
-    return grpc.aio.server(interceptors=[*gate, GrpcLimits(_client_limits(settings), SERVICE_NAME)],
+
+    def refused(method: str, error: BrokerError) -> None:
+        broker.stats.observe_request("grpc", grpc_verb(method), 0.0, error)
+
+    return grpc.aio.server(interceptors=[*gate, GrpcLimits(_client_limits(settings), SERVICE_NAME, refused)],
                            options=grpc_options(settings, max_message))
 
 

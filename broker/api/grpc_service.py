@@ -177,7 +177,7 @@ class AuthGate(grpc.aio.ServerInterceptor):
             try:
                 self._auth.api_key(_bearer_token(bearer))
             except BrokerError as exc:
-                self._stats.observe_request("grpc", _snake(method[len(self._prefix):]), 0.0, exc)
+                self._stats.observe_request("grpc", grpc_verb(method[len(self._prefix):]), 0.0, exc)
                 return _refused(exc)
         return await continuation(details)
 
@@ -207,6 +207,15 @@ def _bearer_token(value: str | None) -> str | None:
     if scheme.lower() != "bearer":
         raise client_error(ErrorCode.AUTH_MALFORMED, detail="expected the metadata authorization: Bearer <API key>")
     return token.strip()
+
+
+_METHODS = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["Sluice"].methods)
+
+
+def grpc_verb(name: str) -> str:
+    """A method's metrics verb: put_records for PutRecords; "unmatched" for a name the service
+    does not have (callers choose it: one series each would grow /metrics without bound)."""
+    return _snake(name) if name in _METHODS else "unmatched"
 
 
 def _snake(name: str) -> str:

@@ -221,9 +221,13 @@ class GrpcLimits(grpc.aio.ServerInterceptor):
     """Calls in progress per peer on the methods of `service` (Subscribe streams: subscriptions;
     PutRecordsStream: a request per batch being worked on); health and reflection stay unlimited."""
 
-    def __init__(self, limits: ClientLimits, service: str) -> None:
+    def __init__(self, limits: ClientLimits, service: str,
+                 refused: Callable[[str, BrokerError], None] | None = None) -> None:
+        """`refused(method name, error)`: told of each call refused (metrics count them, as the
+        HTTP doors' refusals)."""
         self._limits = limits
         self._prefix = f"/{service}/"
+        self._refused = refused
         self._wrapped: dict[str, tuple[Any, Any]] = {}   # method -> (its handler, the limited one)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -239,25 +243,30 @@ class GrpcLimits(grpc.aio.ServerInterceptor):
 
     def _limit(self, method: str, handler: Any) -> Any:
         counter = self._limits.subscriptions if method.endswith(_LONG_LIVED) else self._limits.requests
+        told = self._refused
+        refused = None if told is None else functools.partial(told, method[len(self._prefix):])
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_limited(handler.unary_unary, counter),
+            return grpc.unary_unary_rpc_method_handler(_limited(handler.unary_unary, counter, refused),
                                                        handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream is not None:   # Subscribe writes with context.write: a coroutine too
-            return grpc.unary_stream_rpc_method_handler(_limited(handler.unary_stream, counter),
+            return grpc.unary_stream_rpc_method_handler(_limited(handler.unary_stream, counter, refused),
                                                         handler.request_deserializer, handler.response_serializer)
         if handler.stream_stream is not None:   # PutRecordsStream: a request slot per batch
             behavior = _limited_batches(handler.stream_stream, self._limits.requests) \
-                if method.endswith(_PER_BATCH) else _limited(handler.stream_stream, counter)
+                if method.endswith(_PER_BATCH) else _limited(handler.stream_stream, counter, refused)
             return grpc.stream_stream_rpc_method_handler(behavior, handler.request_deserializer,
                                                          handler.response_serializer)
         return handler
 
 
-def _limited(behavior: Callable[..., Awaitable[Any]], counter: PeerCounter) -> Callable[..., Awaitable[Any]]:
+def _limited(behavior: Callable[..., Awaitable[Any]], counter: PeerCounter,
+             refused: Callable[[BrokerError], None] | None) -> Callable[..., Awaitable[Any]]:
     async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
         peer = grpc_peer(context)
         if not counter.try_enter(peer):
             error = counter.refusal()
+            if refused is not None:
+                refused(error)
             await context.abort(status_code(error), error.message, trailing_metadata=trailers(error))
         try:
             return await behavior(request, context)

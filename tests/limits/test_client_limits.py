@@ -182,14 +182,14 @@ def test_a_timeplus_streaming_query_counts_as_a_subscription(limited: BrokerProc
             t.close()
 
 
-def _refusals_counted(broker: BrokerProcess) -> float:
-    """sluice_request_errors_total of the DIS door's TOO_MANY_REQUESTS (the scrape is a request too)."""
+def _refusals_counted(broker: BrokerProcess, door: str = "dis") -> float:
+    """sluice_request_errors_total of a door's TOO_MANY_REQUESTS (the scrape is a request too)."""
     with urllib.request.urlopen(f"{broker.http_url}/metrics", timeout=30) as reply:
         text = reply.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "sluice_request_errors_total" and sample.labels == {
-                    "door": "dis", "reason": "TOO_MANY_REQUESTS"}:
+                    "door": door, "reason": "TOO_MANY_REQUESTS"}:
                 return sample.value
     return 0.0
 
@@ -359,6 +359,8 @@ def test_grpc_subscribe_streams_past_the_limit_are_resource_exhausted(limited: B
 
 
 def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: BrokerProcess, stream: str) -> None:
+    counted_before = _refusals_counted(limited, "grpc")
+    refusals = 0
     with Client(limited.grpc_target) as client:
         cursor = client.get_cursor(stream, 0, "LATEST")
         from client._pb.sluice.v1 import sluice_pb2 as pb
@@ -366,10 +368,12 @@ def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: B
                  for _ in range(REQUESTS)]
         try:
             def refused() -> bool:
+                nonlocal refusals
                 try:
                     client.list_streams()
                 except SluiceError as exc:
                     assert exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED and exc.reason == "TOO_MANY_REQUESTS"
+                    refusals += 1
                     return True
                 return False
 
@@ -385,6 +389,8 @@ def test_grpc_calls_in_progress_past_the_limit_are_resource_exhausted(limited: B
                 assert poll.result(timeout=30).data == [b"wake"]
             polls = []
             eventually(lambda: not refused(), timeout=30)
+            # counted as the HTTP doors' refusals are (they were not: the limits sit before the handler's timer)
+            assert _refusals_counted(limited, "grpc") - counted_before == refusals >= 1
         finally:
             for poll in polls:
                 poll.cancel()

@@ -176,6 +176,23 @@ def error_middleware(doors: Sequence[tuple[str | re.Pattern[str], Renderer]], fa
     return errors_and_request_id
 
 
+# -- browsers ---------------------------------------------------------------------------------------
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def refuse_cross_site(request: web.Request) -> None:
+    """A write a browser sends for a page of another site (`Sec-Fetch-Site: cross-site`, which every
+    current browser sets and no SDK or script does) is PERMISSION_DENIED, on every door. On an open
+    broker a page anywhere on the web could otherwise create streams, put records and start sources
+    through a visitor's browser: a text/plain fetch or form post is a "simple" request, sent without
+    the CORS preflight this broker never grants. Reads are let through: the page cannot read the
+    answer. (The console's write routes also want `Content-Type: application/json`: console.py.)"""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and request.method not in _SAFE_METHODS and site.strip().lower() == "cross-site":
+        raise client_error(ErrorCode.PERMISSION_DENIED, detail="a write sent by a page of another site is refused")
+
+
 # -- credentials (issue 11) -----------------------------------------------------------------------
 
 def add_routes(app: web.Application, routes: Sequence[tuple[str, str, Handler, Action]], guard: Guard | None,

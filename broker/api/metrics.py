@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.api.http import RENDERER, Handler, error_middleware, presented_api_key, routing_error
+from broker.api.http import RENDERER, Handler, error_middleware, presented_api_key, refuse_cross_site, routing_error
 from broker.api.limits import CLIENT_LIMITS, ClientLimits
 from broker.api.limits import middleware as limits_middleware
 from broker.api.render import FALLBACK
@@ -352,6 +352,7 @@ def request_timer(broker: Broker) -> Middleware:
         began = time.perf_counter()
         error: BrokerError | None = None
         try:
+            refuse_cross_site(request)   # here, not a middleware of its own: one less per request
             return await handler(request)
         except BrokerError as exc:
             error = exc

@@ -308,3 +308,34 @@ def test_query_integers_past_64_bits_are_taken_as_the_nearest_64_bit_value(broke
     assert console.json["streams"] == [] and console.json["offset"] == 2**63 - 1
     for limit in ("99999999999999999999", "-9223372036854775809", "1" * 5000):
         assert_dis_error(call(broker, "GET", f"/v2/{PID}/streams?limit={limit}"), 400, "DIS.4200")
+
+
+# -- writes a browser sends for another site --------------------------------------------------------
+
+CROSS_SITE_WRITES = {   # path -> (body, content type): each a "simple" request a page may send at once
+    "dis create": (STREAMS, b'{"stream_name": "csrf", "partition_count": 1}', "text/plain"),
+    "opentsdb put": ("/api/put", b'{"metric":"csrf","timestamp":1700000000,"value":1,"tags":{"h":"a"}}',
+                     "text/plain"),
+    "timeplus create": ("/api/v1beta2/streams", b'{"name":"csrf","columns":[{"name":"a","type":"int32"}]}',
+                        "text/plain"),
+    "timeplus source": ("/api/v1beta2/sources", b'{"name":"csrf","type":"random","properties":{"stream":"x"}}',
+                        "application/x-www-form-urlencoded"),
+}
+
+
+@pytest.mark.parametrize(("path", "body", "content_type"), CROSS_SITE_WRITES.values(), ids=CROSS_SITE_WRITES.keys())
+def test_a_write_a_browser_sends_for_another_site_is_refused_on_every_door(broker, path, body, content_type) -> None:
+    """On an open broker any web page could create streams, put points and start sources through a
+    visitor's browser (the operations probe, headless Chromium: a text/plain fetch or a form post
+    needs no CORS preflight). Browsers mark such a request `Sec-Fetch-Site: cross-site`; it is 403
+    in the door's own error body, and nothing is written."""
+    reply = call(broker, "POST", path, body, headers={"Content-Type": content_type, "Sec-Fetch-Site": "cross-site"})
+    assert reply.status == 403, (reply.status, reply.raw[:300])
+    assert b"another site" in reply.raw
+    listed = call(broker, "GET", STREAMS)
+    assert b'"csrf"' not in listed.raw, listed.raw[:300]
+    # the same site (the console's page), a browser's address bar, or no browser at all: served
+    same = call(broker, "POST", STREAMS, b'{"stream_name": "csrf-same", "partition_count": 1}',
+                headers={"Sec-Fetch-Site": "same-origin"})
+    assert same.status in (201, 400), (same.status, same.raw[:300])   # 400: made by an earlier parameter
+    assert call(broker, "GET", STREAMS, headers={"Sec-Fetch-Site": "cross-site"}).status == 200

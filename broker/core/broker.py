@@ -310,11 +310,18 @@ class Broker:
     async def append_partitioned(self, stream_name: object,
                                  batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]], *,
                                  project: str = DEFAULT_PROJECT, stream_id: int | None = None,
-                                 partition_count: int | None = None) -> dict[int, int | BrokerError]:
+                                 partition_count: int | None = None,
+                                 admitted: bool = False) -> dict[int, int | BrokerError]:
         """See WritePath.append_partitioned: records the caller routed, partition -> (records, their
         latest time in ms), one batch per partition; per partition its first seq or the error that
-        refused it. `partition_count`: the ACTIVE count the caller routed by."""
-        return await self.writes.append_partitioned(project, stream_name, batches, stream_id, partition_count)
+        refused it. `partition_count`: the ACTIVE count the caller routed by. `admitted`: the
+        write limit said yes already (`admit`)."""
+        return await self.writes.append_partitioned(project, stream_name, batches, stream_id, partition_count,
+                                                    admitted)
+
+    def admit(self, config: StreamConfig, sizes: Mapping[int, tuple[int, int]]) -> dict[int, BrokerError]:
+        """See WritePath.admit: partition -> (records, bytes); those the write limit refuses now."""
+        return self.writes.admit(config, sizes)
 
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,

@@ -299,16 +299,30 @@ class WritePath:
         self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return outcomes
 
+    def admit(self, config: StreamConfig, sizes: Mapping[int, tuple[int, int]]) -> dict[int, BrokerError]:
+        """The write limit's verdict now on records about to be appended with `admitted=True`, per
+        partition (their count, their bytes): the partitions over their limit, each with its
+        THROTTLED error (the others' records are counted against it as written). For a caller
+        with something to do only for what will be written: the OpenTSDB door fixes a new series'
+        type only when its points are let in."""
+        throttle = self._throttle
+        if throttle is None:
+            return {}
+        return {p: throttle.error(p) for p, (n, size) in sorted(sizes.items())
+                if n and not throttle.admit_whole(config.stream_id, p, n, size)}
+
     async def append_partitioned(self, project: str, stream_name: object,
                                  batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]],
-                                 stream_id: int | None = None,
-                                 partition_count: int | None = None) -> dict[int, int | BrokerError]:
+                                 stream_id: int | None = None, partition_count: int | None = None,
+                                 admitted: bool = False) -> dict[int, int | BrokerError]:
         """Append records the caller routed already (e.g. by routing.partition_for_hash of a key's
         hash, as append_keyed does): `batches` maps a partition to (its records in order, the
         latest of their own times in ms, 0 for none), one AppendBatch each, timed as append_keyed
         says. The records carry no partition key. Per partition: the first seq of its records, or
         the error that refused its batch (THROTTLED: over its write limit; the store's
         STORAGE_FULL/UNAVAILABLE) - the others are written regardless.
+
+        `admitted`: the write limit was asked already (`admit`), not again.
 
         `partition_count`: the stream's ACTIVE partition count the caller routed by; if a scale
         event changed it since (UpdatePartitionCount), nothing is written: UNAVAILABLE, route again.
@@ -335,7 +349,7 @@ class WritePath:
             if biggest > max_record:
                 raise client_error(ErrorCode.INVALID_REQUEST,
                                    detail=f"record size {biggest} exceeds {max_record} bytes")
-        out = await self._append_to(config, batches)
+        out = await self._append_to(config, batches, admitted)
         reasons: Counter[str] = Counter()
         for p, first in out.items():
             if isinstance(first, BrokerError):
@@ -343,14 +357,14 @@ class WritePath:
         self._stats.put_request(config.stream_id, time.perf_counter() - began, reasons)
         return out
 
-    async def _append_to(self, config: StreamConfig,
-                         batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]]) -> dict[int, int | BrokerError]:
+    async def _append_to(self, config: StreamConfig, batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]],
+                         admitted: bool = False) -> dict[int, int | BrokerError]:
         """One AppendBatch per partition (in partition order) timed now or its records' latest
         time, one committer append, the readers of the written partitions woken."""
         now = self._now()
         order = sorted(batches)
         out: dict[int, int | BrokerError] = {}
-        if self._throttle is not None:
+        if self._throttle is not None and not admitted:
             # per partition, all or nothing: a partition over its limit fails as a whole (its
             # items each get THROTTLED, e.g. an OpenTSDB point's "Storage exception"), the others go in
             throttle = self._throttle

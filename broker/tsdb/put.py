@@ -456,20 +456,37 @@ class PutWrite:
         errors = g.errors
         # the points of series unknown when grouped, in array order: one part each per partition
         extra: dict[int, Part] = {}
+        parts: dict[int, Part | PackedPart] = dict(g.parts)
+        admitted = False
         if g.pending:
             async with registry.lock:
                 kind_of = registry.kinds().get
                 new: dict[str, str] = {}
+                partition_of: dict[str, int] = {}
                 for i, key, kind, ts, p, record in g.pending:
                     have = kind_of(key)
                     if have is None:
                         have = new.get(key)
                         if have is None:
                             have = new[key] = kind
+                            partition_of[key] = p
                     if have != kind and TYPE_OF[have] != TYPE_OF[kind]:   # long and double mix
                         errors[i] = type_conflict(have, kind)
                         continue
                     _add(extra, p, i, ts, record)
+                # a type is fixed by the first point accepted (spec section 2): the write limit is
+                # asked first, and a new series whose partition it refuses gets no type (a series'
+                # points are all in one partition)
+                refused = target.broker.admit(config, {p: _size(parts.get(p), extra.get(p)) for p in
+                                                       parts.keys() | extra.keys()})
+                admitted = True
+                for p, error in refused.items():
+                    text = storage_exception(error)
+                    for part in (parts.pop(p, None), extra.pop(p, None)):
+                        for i in part.indices if part is not None else ():
+                            errors[i] = text
+                if refused:
+                    new = {k: t for k, t in new.items() if partition_of[k] not in refused}
                 text = ""
                 try:
                     lost = await registry.fix(new)
@@ -490,7 +507,6 @@ class PutWrite:
                             errors[i] = type_conflict(won, kind)
                             continue
                         _add(extra, p, i, ts, record)
-        parts: dict[int, Part | PackedPart] = dict(g.parts)
         for p, more in extra.items():
             part = parts.get(p)
             parts[p] = more if part is None else _merged(part, more)
@@ -498,7 +514,8 @@ class PutWrite:
             return
         firsts = await target.broker.append_partitioned(
             config.stream_name, {p: (part.records, part.latest) for p, part in parts.items()},
-            project=config.project, stream_id=config.stream_id, partition_count=g.partition_count)
+            project=config.project, stream_id=config.stream_id, partition_count=g.partition_count,
+            admitted=admitted)
         for p, first in firsts.items():
             indices = parts[p].indices
             if isinstance(first, BrokerError):
@@ -514,6 +531,17 @@ def _sorted_for(grouped: Grouped, config: StreamConfig | None) -> bool:
     """Whether `grouped` was sorted for the stream's layout as `config` gives it (None: no stream)."""
     return config is not None and (grouped.stream_id, grouped.partition_count) == (config.stream_id,
                                                                                    config.partition_count)
+
+
+def _size(*parts: Part | PackedPart | None) -> tuple[int, int]:
+    """How many records a partition's parts hold, and their bytes: what the write limit counts."""
+    n = size = 0
+    for part in parts:
+        if part is not None:
+            n += len(part.indices)
+            records = part.records
+            size += len(records.blob) if isinstance(records, Packed) else sum(map(len, records))
+    return n, size
 
 
 def _merged(part: Part | PackedPart, more: Part) -> Part:

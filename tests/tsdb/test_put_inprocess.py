@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.api.http_app import build_http_app
 from broker.core.broker import Broker
+from broker.core.throttle import PartitionThrottle
 from broker.errors import ErrorCode, server_error
 from broker.model import AppendBatch
 from broker.rows.schema import build_schema
@@ -478,3 +479,31 @@ async def test_a_known_series_point_over_the_record_limit_fails_alone(client: Te
         values += [json.loads(r.data)["value"] for r in batch.records]
         cursor = batch.next_cursor
     assert values == ["s", "t"]
+
+
+# -- the write limit and new series' types ----------------------------------------------------------
+
+async def test_a_point_the_write_limit_refuses_does_not_fix_its_series_type(broker: Broker, client: TestClient) -> None:
+    """A type is fixed by the first point accepted (spec section 2). The types of new series were
+    stored before the append, which the write limit could then refuse: the series held "string"
+    with no point, and a number put later was a type mismatch (the tsdb probe). The limit is asked
+    first now; a series whose partition it refuses gets no type."""
+    now = [0.0]
+    throttle = broker.writes._throttle = PartitionThrottle(5, 0, lambda: now[0])
+    key = series_key("th", {"s": "0"})
+    p = series_partition(key, 8)
+    assert await post(client, [point("th", 1, host="warm")]) == (204, None)   # the stream is made
+    config = broker.catalogue.get("default", "tsdb")
+    # the bucket of series th{s=0}'s partition taken into debt: its points are refused
+    assert throttle.admit_whole(config.stream_id, p, 100, 100)
+    assert not throttle.admit_whole(config.stream_id, p, 1, 1)
+    status, body = await post(client, [point("th", "down", s="0"), point("th", "up", s="0")], "?details")
+    assert status == 400 and body["success"] == 0
+    assert [e["error"] for e in body["errors"]] == [body["errors"][0]["error"]] * 2
+    assert body["errors"][0]["error"].startswith("Storage exception: ")
+    now[0] += 100   # the buckets refill
+    status, body = await post(client, [point("th", 42, s="0")], "?details")
+    assert (status, body) == (200, {"success": 1, "failed": 0, "errors": []})
+    assert [r["value"] for r in await stored(broker, "th") if r["tags"] == {"s": "0"}] == [42]
+    status, body = await post(client, [point("th", "later", s="0")], "?details")
+    assert body["errors"][0]["error"] == "Unable to parse value to a number", body   # the number's type holds

@@ -190,7 +190,8 @@ class Props:
 
 
 def shown_url(url: str) -> str:
-    """The URL for status messages and logs: a password in it (basic auth) replaced by ***; in a
+    """The URL for status messages and logs: a password in it (basic auth) and the value of each
+    query parameter (`?token=...`: feeds take credentials there too) replaced by ***; in a
     comma-separated list (a NATS `url`), in each of its URLs."""
     if "," in url:   # only a comma before a scheme separates URLs: a password may hold one too
         urls = _NEXT_URL.split(url)
@@ -200,14 +201,19 @@ def shown_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:   # not a URL urlsplit takes (a bad port, a stray bracket): mask by pattern
-        return _USERINFO_PASSWORD.sub(r"\1***@", url)
-    if password is None:
+        return _QUERY_VALUE.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
+    if password is None and not parts.query:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if password is not None:
+        parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
+    if parts.query:
+        parts = parts._replace(query="&".join(f"{name}=***" if sep else "***" for name, sep, _ in
+                                              (piece.partition("=") for piece in parts.query.split("&"))))
+    return urlunsplit(parts)
 
 
 _USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
+_QUERY_VALUE = re.compile(r"([?&][^=&#]*=)[^&#]*")
 _NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
 
 

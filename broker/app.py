@@ -308,7 +308,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
         await stop.wait()
     finally:
         log.info("shutting down: draining in-flight requests")
-        health.listening = False   # /readyz answers 503 from now on
+        health.stopping = True   # /readyz answers 503 "shutting down" from now on
         await grpc_health.enter_graceful_shutdown()
         await sources.close()     # bounded: a stuck job does not hold the stop
         broker.begin_shutdown()   # long polls answer now, subscriptions end

@@ -52,9 +52,10 @@ class Health:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.listening = False
+        self.stopping = False   # app.py: a stop began (before the broker's own shutdown does)
 
     def ready(self) -> tuple[bool, str]:
-        if self.broker.shutting_down:
+        if self.stopping or self.broker.shutting_down:
             return False, "shutting down"
         if not self.listening:
             return False, "starting"

@@ -503,6 +503,8 @@ class JetStreamStore(Store):
         async def disconnected() -> None:
             if not closing:
                 log.warning("NATS: disconnected; reconnecting")
+                if opened:   # health says so now, not at the next write refused (an idle broker stayed "ready")
+                    opened[0]._refused(server_error(ErrorCode.UNAVAILABLE, detail="disconnected from NATS"))
 
         async def reconnected() -> None:
             errors_told.clear()

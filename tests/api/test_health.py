@@ -59,6 +59,9 @@ async def test_readiness_follows_the_store_and_shutdown(broker: Broker, store: S
         assert await status("/healthz") == (200, "ok")
         store.state = StorageState.OK
         assert await status("/readyz") == (200, "ready")
+        health.stopping = True   # app.py's first step at a stop (it said "starting" until the broker's)
+        assert await status("/readyz") == (503, "shutting down")
+        health.stopping = False
         broker.begin_shutdown()
         assert await status("/readyz") == (503, "shutting down")
         assert await status("/healthz") == (200, "ok")

@@ -629,3 +629,30 @@ async def test_conditional_writes_on_the_bucket_sequence_keep_the_contract(
     markers = [s for s in info.state.subjects or {}
                if "KV-Operation" in ((await store._js.get_msg(stream, subject=s)).headers or {})]
     assert markers == []   # a delete's marker is purged after it
+
+
+async def test_a_disconnected_store_is_failed_before_any_write_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/readyz said ready on a broker cut off from NATS until a record write had been refused (the
+    JetStream probe: a load balancer kept sending it traffic). A disconnection is FAILED at once;
+    OK again once JetStream answers."""
+    monkeypatch.setattr(jetstream, "REQUEST_TIMEOUT_S", 0.5)
+    server = NatsServer(tmp_path / "store", extra=("-c", str(nats_config(tmp_path)))).start()
+    store = await JetStreamStore.open([server.url], prefix="idle", replicas=1)
+    try:
+        assert store.storage_state is StorageState.OK
+        server.stop()
+        for _ in range(100):   # no call to the store meanwhile
+            if store.storage_state is StorageState.FAILED:
+                break
+            await asyncio.sleep(0.1)
+        assert store.storage_state is StorageState.FAILED
+        server.start()
+        for _ in range(100):
+            if store.storage_state is StorageState.OK:
+                break
+            await asyncio.sleep(0.1)
+        assert store.storage_state is StorageState.OK
+    finally:
+        await store.close()
+        server.stop()

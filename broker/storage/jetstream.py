@@ -168,7 +168,10 @@ T = TypeVar("T")
 
 _KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")   # what a KV key may hold (nats-py's rule)
 REQUEST_TIMEOUT_S = 5.0        # one JetStream request (a publish's ack, a direct get, an API call)
-SETTLE_S = 30.0                # how long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S)
+# How long an unknown publish outcome is retried (< DUPLICATE_WINDOW_S). With the publish's own
+# REQUEST_TIMEOUT_S before it, a request answers within ~25 s: before a client's usual 30 s deadline
+# (at 30 s the answer came after ~36 s, and the client saw DEADLINE_EXCEEDED, not UNAVAILABLE).
+SETTLE_S = 20.0
 DUPLICATE_WINDOW_S = 120.0     # JetStream's msg-id deduplication window on partition streams
 MAX_RENUMBER = 1000            # numbering conflicts one append retries before giving up (UNAVAILABLE)
 PROBE_EVERY_S = 1.0            # while writes are refused: how often JetStream is asked whether it answers
@@ -1158,12 +1161,13 @@ class JetStreamStore(Store):
             return list(firsts)
         raise _unavailable(f"partition {sid}/{p}: numbering conflicts did not stop after {MAX_RENUMBER} tries")
 
-    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+    async def _request_publish(self, subject: str, body: bytes, headers: dict[str, str],
+                               timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, bool]:
         """The JetStream seq the message was stored at and whether the ack says duplicate (it had
         been stored before). Raises _Conflict (the expected last seq is not the partition's),
         _Unknown (no answer: maybe stored), BrokerError (certainly not stored)."""
         try:
-            reply = await self._nc.request(subject, body, timeout=REQUEST_TIMEOUT_S, headers=headers)
+            reply = await self._nc.request(subject, body, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise _Missing() from None
         except nats.errors.OutboundBufferLimitError as exc:   # disconnected: refused before it was sent
@@ -1194,7 +1198,9 @@ class JetStreamStore(Store):
             stored: int | None
             try:
                 try:
-                    stored, _ = await self._request_publish(subject, body, headers)   # a duplicate if it was stored
+                    # a duplicate if it was stored; the last try ends with the deadline
+                    left = min(REQUEST_TIMEOUT_S, max(deadline - time.monotonic(), 0.5))
+                    stored, _ = await self._request_publish(subject, body, headers, left)
                 except _Conflict:
                     after = await self._leader_get(sid, p, {"seq": expected + 1})
                     stored = after.js_seq if after is not None and after.msg_id == headers["Nats-Msg-Id"] else None

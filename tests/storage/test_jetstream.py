@@ -72,9 +72,9 @@ async def test_an_unknown_outcome_that_was_stored_is_settled_by_its_duplicate(
     real = store._request_publish
     calls: list[dict[str, str]] = []
 
-    async def ack_lost(subject: str, body: bytes, headers: dict[str, str]) -> int:
+    async def ack_lost(subject: str, body: bytes, headers: dict[str, str], *_: float) -> int:
         calls.append(dict(headers))
-        seq = await real(subject, body, headers)
+        seq = await real(subject, body, headers, *_)
         if len(calls) == 1:
             raise _Unknown(TimeoutError("ack lost"))
         return seq
@@ -95,12 +95,12 @@ async def test_an_unknown_outcome_that_was_not_stored_is_published_once(
     real = store._request_publish
     calls = 0
 
-    async def lost_on_the_way(subject: str, body: bytes, headers: dict[str, str]) -> int:
+    async def lost_on_the_way(subject: str, body: bytes, headers: dict[str, str], *_: float) -> int:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise _Unknown(TimeoutError("never arrived"))
-        return await real(subject, body, headers)
+        return await real(subject, body, headers, *_)
 
     monkeypatch.setattr(store, "_request_publish", lost_on_the_way)
     assert await store.append([AppendBatch(sid, 0, 2, [(None, b"x")])]) == [0]
@@ -118,13 +118,13 @@ async def test_an_unknown_outcome_whose_slot_another_writer_took_is_renumbered(
     real = store._request_publish
     calls = 0
 
-    async def lost_while_another_writes(subject: str, body: bytes, headers: dict[str, str]) -> int:
+    async def lost_while_another_writes(subject: str, body: bytes, headers: dict[str, str], *_: float) -> int:
         nonlocal calls
         calls += 1
         if calls == 1:
             assert await other.append([AppendBatch(sid, 0, 1, [(None, b"theirs")])]) == [0]
             raise _Unknown(TimeoutError("never arrived"))
-        return await real(subject, body, headers)
+        return await real(subject, body, headers, *_)
 
     monkeypatch.setattr(store, "_request_publish", lost_while_another_writes)
     assert await store.append([AppendBatch(sid, 0, 2, [(None, b"ours1"), (None, b"ours2")])]) == [1]
@@ -259,7 +259,7 @@ async def test_a_publish_given_up_on_is_fenced_so_it_can_never_land_later(
     assert await store.append([AppendBatch(sid, 0, 1, [(None, b"a")])]) == [0]
     held: list[tuple[str, bytes, dict[str, str]]] = []
 
-    async def never_answered(subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+    async def never_answered(subject: str, body: bytes, headers: dict[str, str], *_: float) -> tuple[int, bool]:
         held.append((subject, body, dict(headers)))   # still in the client's buffer, say
         raise _Unknown(TimeoutError("no answer"))
 
@@ -277,6 +277,30 @@ async def test_a_publish_given_up_on_is_fenced_so_it_can_never_land_later(
     assert await fresh.append([AppendBatch(sid, 0, 4, [(None, b"c")])]) == [2]
     assert [r.seq for r in await fresh.read(sid, 0, 1, BIG, BIG)] == [1, 2]   # the fence is skipped
     assert await fresh.seq_at_time(sid, 0, 2) == 1
+
+
+async def test_settling_ends_with_its_deadline(opener: Callable[[], Awaitable[JetStreamStore]],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish with no answer is settled for SETTLE_S, each try waiting at most what is left of
+    it: with the publish's own timeout before, a request answers before a client's usual 30 s
+    deadline (it took ~36 s: the last try began just before the deadline and waited 5 s more)."""
+    assert jetstream.REQUEST_TIMEOUT_S + jetstream.SETTLE_S <= 25.0   # the broker's own bound, with room
+    monkeypatch.setattr(jetstream, "SETTLE_S", 1.2)
+    store = await opener()
+    sid = (await store.create_stream(StreamConfig("s", 1))).stream_id
+    waits: list[float] = []
+
+    async def times_out(subject: str, body: bytes, headers: dict[str, str],
+                        timeout: float = jetstream.REQUEST_TIMEOUT_S) -> tuple[int, bool]:
+        waits.append(timeout)
+        await asyncio.sleep(min(timeout, 0.4))   # time passes as it would (shortened)
+        raise _Unknown(TimeoutError("no answer"))
+
+    monkeypatch.setattr(store, "_request_publish", times_out)
+    (outcome,) = await store.append([AppendBatch(sid, 0, 1, [(None, b"x")])])
+    assert isinstance(outcome, OutcomeUnknown)
+    assert waits[0] == jetstream.REQUEST_TIMEOUT_S and len(waits) >= 3
+    assert all(w <= 1.2 for w in waits[1:]), waits   # never the whole 5 s past the settling deadline
 
 
 async def test_a_stale_head_never_makes_a_new_append_a_duplicate_of_an_old_one(
@@ -569,13 +593,14 @@ async def test_settling_that_fails_unexpectedly_forgets_the_head(
     real = store._request_publish
     calls = 0
 
-    async def lost_while_another_writes(subject: str, body: bytes, headers: dict[str, str]) -> tuple[int, bool]:
+    async def lost_while_another_writes(subject: str, body: bytes, headers: dict[str, str],
+                                        *_: float) -> tuple[int, bool]:
         nonlocal calls
         calls += 1
         if calls == 1:
             assert await other.append([AppendBatch(sid, 0, 1, [(None, b"theirs")])]) == [0]
             raise _Unknown(TimeoutError("never arrived"))
-        return await real(subject, body, headers)
+        return await real(subject, body, headers, *_)
 
     async def broken(*args: object) -> None:
         raise ValueError("unexpected")

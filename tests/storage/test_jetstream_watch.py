@@ -401,8 +401,8 @@ async def test_a_late_ack_of_its_own_append_never_moves_the_head_back(
     real = a._request_publish
     gate = asyncio.Event()
 
-    async def late_ack(subject, body, headers):  # type: ignore[no-untyped-def]
-        out = await real(subject, body, headers)   # stored at JetStream
+    async def late_ack(subject, body, headers, *_):  # type: ignore[no-untyped-def]
+        out = await real(subject, body, headers, *_)   # stored at JetStream
         await gate.wait()                          # its ack reaches the caller late
         return out
     a._request_publish = late_ack   # type: ignore[method-assign]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -64,6 +65,7 @@ class NatsNode:
     http_port: int
     routes: list[int] = field(default_factory=list)   # the other nodes' cluster ports
     proc: subprocess.Popen[bytes] | None = None
+    hold: int | None = None   # sluice-cluster's lock on its --dir (hold_dir), which the node keeps too
 
     @property
     def url(self) -> str:
@@ -95,7 +97,8 @@ class NatsNode:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([nats_server_exe(), "-c", str(self.config())], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         pass_fds=() if self.hold is None else (self.hold,))
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -362,6 +365,35 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+LOCK_FILE = ".sluice-cluster.lock"
+
+
+def hold_dir(dir_: Path) -> int:
+    """Lock `dir_` for one sluice-cluster: an flock on <dir>/.sluice-cluster.lock, whose descriptor
+    the NATS nodes inherit, so the lock lasts while any of them runs - a sluice-cluster killed with
+    SIGKILL leaves its nodes running, and a second one on the same --dir would start another
+    nats-server on each JetStream store dir (nats-server does not refuse it). Returns the
+    descriptor; raises RuntimeError naming the processes that hold it (their pids, as written)."""
+    dir_.mkdir(parents=True, exist_ok=True)
+    path = dir_ / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holders = " ".join(path.read_text().split()) or "?"
+        raise RuntimeError(f"{dir_} is in use by another sluice-cluster or by the NATS nodes of one that was "
+                           f"killed (pids {holders}); stop them first") from None
+    note_holders(fd, [os.getpid()])
+    return fd
+
+
+def note_holders(fd: int, pids: Sequence[int]) -> None:
+    """The pids a refused hold_dir names."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, " ".join(map(str, pids)).encode() + b"\n", 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -375,6 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster = SluiceCluster(Path(args.dir).resolve(), nodes=args.nodes, brokers=args.brokers,
                             replicas=args.replicas, prefix=args.nats_prefix, nats_ports=nats_ports,
                             broker_ports=broker_ports, broker_args=args.broker_args)
+    try:
+        hold = hold_dir(cluster.dir)
+    except RuntimeError as exc:
+        print(f"sluice-cluster: error: {exc}", file=sys.stderr)
+        return 1
+    for node in cluster.nats.nodes:
+        node.hold = hold
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -397,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster.start_broker(broker)
             print(f"  broker {broker.name}: grpc={broker.grpc_target} http={broker.http_url}  "
                   f"(data {broker.data_dir}, log {broker.log_path})", flush=True)
+        note_holders(hold, [os.getpid(), *(n.proc.pid for n in cluster.nats.nodes if n.proc is not None),
+                            *(b.proc.pid for b in cluster.brokers if b.proc is not None)])
         if not stopping.is_set():
             print(f"sluice cluster ready: --nats-servers {cluster.nats.servers}; failover gRPC target "
                   f"{cluster.failover_target}; Ctrl-C stops everything", flush=True)

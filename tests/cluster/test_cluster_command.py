@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from broker.cluster import hold_dir, note_holders
 from client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,3 +80,23 @@ def test_the_command_starts_serves_stops_and_keeps_its_data(tmp_path: Path) -> N
     finally:
         if proc.poll() is None:
             stop(proc)
+
+
+def test_a_dir_stays_held_while_a_node_that_inherited_the_lock_runs(tmp_path: Path) -> None:
+    """sluice-cluster SIGKILLed leaves its nats-servers running (the JetStream probe); run again on
+    the same --dir it started a second nats-server on each store dir. The nodes inherit the lock
+    on the dir, so it holds until the last of them is gone, and a second run is refused, naming them."""
+    fd = hold_dir(tmp_path)
+    node = subprocess.Popen(["sleep", "60"], pass_fds=(fd,))   # a node started with the lock
+    note_holders(fd, [os.getpid(), node.pid])
+    os.close(fd)   # the supervisor killed: its descriptors closed
+    try:
+        try:
+            hold_dir(tmp_path)
+            raise AssertionError("the dir was taken while a node still held it")
+        except RuntimeError as exc:
+            assert f"{node.pid}" in str(exc) and "in use" in str(exc), exc
+    finally:
+        node.kill()
+        node.wait()
+    os.close(hold_dir(tmp_path))   # free once the node is gone

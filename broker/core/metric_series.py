@@ -149,6 +149,9 @@ class MetricSeries:
         self._seen: dict[int, tuple[list[int], dict[int, list[int]]]] = {}   # stream id -> last flushed snapshot
         self._blocks: dict[int, tuple[int, Block]] = {}   # stream id -> (hour, its block as stored)
         self._oldest: dict[int, int] = {}                 # stream id -> oldest hour maybe stored
+        # several brokers of a shared store add to the same rows: each adds its counts with a
+        # compare-and-set of the hour's block, and reads blocks from the store, not from a copy
+        self._shared = store.capabilities.shared
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -163,6 +166,7 @@ class MetricSeries:
         changes: dict[bytes, bytes | None] = {}
         seen: dict[int, tuple[list[int], dict[int, list[int]]]] = {}
         blocks: dict[int, tuple[int, Block]] = {}
+        added: dict[int, tuple[list[int], dict[int, list[int]]]] = {}   # shared: added to the stored block
         oldest: dict[int, int] = {}
         for config in self._catalogue.all():
             sid = config.stream_id
@@ -172,22 +176,29 @@ class MetricSeries:
                 delta = self._delta(sid, snapshot)
                 if delta is not None:
                     seen[sid] = snapshot
-                    block = dict(await self._block(sid, hour))   # rows are replaced, never changed
-                    key = str(minute % 60)
-                    block[key] = _add_row(block.get(key), *delta)
-                    blocks[sid] = (hour, block)
-                    changes[series_key(sid, hour)] = json.dumps(block, separators=(",", ":")).encode()
+                    if self._shared:
+                        added[sid] = delta
+                    else:
+                        block = dict(await self._block(sid, hour))   # rows are replaced, never changed
+                        key = str(minute % 60)
+                        block[key] = _add_row(block.get(key), *delta)
+                        blocks[sid] = (hour, block)
+                        changes[series_key(sid, hour)] = json.dumps(block, separators=(",", ":")).encode()
                     first = await self._oldest_hour(sid)
                     if first is None or hour < first:
                         oldest[sid] = hour
                         changes[series_key(sid, 0)] = _U32.pack(hour)
             await self._trim(config, now, oldest.get(sid), changes, oldest)
-        if changes:
-            await self._store.meta_write(changes)
+        if changes or added:
+            if changes:
+                await self._store.meta_write(changes)
+            for sid, delta in added.items():
+                await self._add_shared(sid, minute, delta)
+                self._seen[sid] = seen[sid]   # added: a failure of the next is not added twice
             # a stream deleted while this flush awaited the store: its keys just written would
             # outlive it (its deletion already removed the older ones), so take them back out
             gone = {key: None for sid in seen if self._catalogue.by_id(sid) is None
-                    for key in (series_key(sid, blocks[sid][0]), series_key(sid, 0))}
+                    for key in (series_key(sid, hour), series_key(sid, 0))}
             if gone:
                 await self._store.meta_write(gone)   # type: ignore[arg-type]
         self._seen.update(seen)
@@ -196,6 +207,16 @@ class MetricSeries:
         for sid in [s for s in self._seen if self._catalogue.by_id(s) is None]:   # deleted meanwhile
             self._drop_memory(sid)
         return len(seen)
+
+    async def _add_shared(self, sid: int, minute: int, delta: tuple[list[int], dict[int, list[int]]]) -> None:
+        """This broker's counts added to the minute's row as stored, whatever other brokers added."""
+        key, field = series_key(sid, minute // 60), str(minute % 60)
+        while True:
+            raw = await self._store.meta_get(key)
+            block: Block = json.loads(raw) if raw else {}
+            block[field] = _add_row(block.get(field), *delta)
+            if await self._store.meta_cas(key, raw, json.dumps(block, separators=(",", ":")).encode()):
+                return
 
     def _delta(self, sid: int, snapshot: tuple[list[int], dict[int, list[int]]]) \
             -> tuple[list[int], dict[int, list[int]]] | None:
@@ -285,7 +306,7 @@ class MetricSeries:
         if first > last:
             return rows
         for hour in range(first // 60, last // 60 + 1):
-            held = self._blocks.get(sid)
+            held = None if self._shared else self._blocks.get(sid)
             if held is not None and held[0] == hour:
                 block = held[1]
             else:

@@ -255,6 +255,11 @@ def _request_path(data: bytes) -> str | None:
     """The path of the request line `data` starts with (`METHOD SP target SP HTTP/1.x CRLF`, found
     within aiohttp's line limit), its query left out; None when it does not start with one."""
     end = data.find(b"\r\n", 0, _MAX_LINE)
+    if end < 0:   # a line past the limit (aiohttp refuses it): its door is its path's, as far as it goes
+        method, space, target = data[:_MAX_LINE].partition(b" ")
+        if not (space and method.isalpha() and method.isupper() and target.startswith(b"/")):
+            return None
+        return target.split(b"?", 1)[0].split(b" ", 1)[0].decode("latin-1")
     parts = data[:end].split(b" ") if end > 0 else ()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         return None

@@ -92,6 +92,20 @@ def test_parser_errors_get_the_body_of_the_door_that_owns_the_path(broker, path:
     assert reply.headers["X-Request-Id"]
 
 
+@pytest.mark.parametrize(("path", "shape"), [
+    ("/api/query?start=1h-ago&m=sum:" + "a" * 9_000, {"error", "reason"}),   # OpenTSDB's error object
+    ("/api/v1beta2/streams/s" + "x" * 9_000, {"code", "message", "system", "reason"}),
+    ("/v2/" + "a" * 10_000, {"error_code", "error_msg", "errorCode", "message", "reason"}),
+])
+def test_a_request_line_past_the_limit_gets_the_body_of_the_door_of_its_path(broker, path: str,
+                                                                              shape: set[str]) -> None:
+    """A GET /api/query with a long `m=` got the DIS body on the HTTP port (the tsdb probe): with no
+    line end within the limit, no path was found."""
+    reply = exchange(broker, request("GET", path, []))
+    body = json.loads(reply.raw)
+    assert 400 <= reply.status < 500 and set(body) == shape, body
+
+
 def test_a_parser_error_logs_no_header_value(start_broker) -> None:  # type: ignore[no-untyped-def]
     """At --log-level debug the parser's message was logged whole: it ends in the offending header
     line, a key followed by one bad byte (README: secrets are never logged)."""

@@ -93,6 +93,8 @@ class Renderer(Protocol):
 BROKER = web.AppKey("broker", Broker)
 CONFIG = web.AppKey("http_config", HttpConfig)
 RENDERER = web.AppKey("renderer", Renderer)  # type: ignore[type-abstract]
+# Told of each request aiohttp's parser refuses, before any middleware (metrics count them).
+PARSER_REJECTED: web.AppKey[Callable[[BrokerError], None]] = web.AppKey("parser_rejected")
 
 
 def door_app(broker: Broker, config: HttpConfig, renderer: Renderer) -> web.Application:

@@ -37,6 +37,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.http import (
+    PARSER_REJECTED,
     RENDERER,
     HttpConfig,
     Renderer,
@@ -90,6 +91,7 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
                                         *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, parser rejections of no known path
+    metrics.count_rejections(root, broker)
     path_renderer: Callable[[str], Renderer] = functools.partial(door_renderer, owners, FALLBACK)
     root[PATH_RENDERER] = path_renderer
     if client_limits is not None:
@@ -126,6 +128,7 @@ def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout
                                         *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
+    metrics.count_rejections(root, broker)
     if client_limits is not None:
         root[limits.CLIENT_LIMITS] = client_limits
     tsdb.mount(root, tsdb.build_app(broker, config, tsdb_stream, auth))
@@ -157,6 +160,7 @@ class _RequestHandler(web.RequestHandler):
 
     renderer: Renderer = FALLBACK
     renderer_for: Callable[[str], Renderer] | None = None   # path -> its door's renderer
+    rejected: Callable[[BrokerError], None] | None = None   # told of each request the parser refuses
     _path: str | None = None   # of the request line that began the last read, if one did
     client_limits: limits.ClientLimits | None = None
     over_limit = False   # past the connection limit: its first request is answered 429 (api/limits.py)
@@ -236,7 +240,10 @@ class _RequestHandler(web.RequestHandler):
             log.debug("rejected a malformed HTTP request from %s: %s", request.remote, brief(message or exc or ""))
         rid = client_request_id(request.headers)
         renderer = self.renderer if self._path is None or self.renderer_for is None else self.renderer_for(self._path)
-        response = error_response(renderer, _parser_error(status, exc, message, rid), rid)
+        error = _parser_error(status, exc, message, rid)
+        if self.rejected is not None:
+            self.rejected(error)
+        response = error_response(renderer, error, rid)
         response.force_close()  # the parser's state is unknown: this connection ends here
         return response
 
@@ -274,6 +281,7 @@ class _Server(web.Server):
 
     renderer: Renderer = FALLBACK
     renderer_for: Callable[[str], Renderer] | None = None
+    rejected: Callable[[BrokerError], None] | None = None
     client_limits: limits.ClientLimits | None = None
 
     def __call__(self) -> web.RequestHandler:
@@ -281,6 +289,7 @@ class _Server(web.Server):
         handler = _RequestHandler(self, loop=self._loop, **{**self._kwargs, "auto_decompress": False})
         handler.renderer = self.renderer
         handler.renderer_for = self.renderer_for
+        handler.rejected = self.rejected
         handler.client_limits = self.client_limits
         return handler
 
@@ -315,5 +324,6 @@ class HttpRunner(web.AppRunner):
                        handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
         ours.renderer = self.app.get(RENDERER, FALLBACK)
         ours.renderer_for = self.app.get(PATH_RENDERER)
+        ours.rejected = self.app.get(PARSER_REJECTED)
         ours.client_limits = self.app.get(limits.CLIENT_LIMITS)
         return ours

@@ -30,7 +30,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.api.http import RENDERER, Handler, error_middleware, presented_api_key, refuse_cross_site, routing_error
+from broker.api.http import (
+    PARSER_REJECTED,
+    RENDERER,
+    Handler,
+    error_middleware,
+    presented_api_key,
+    refuse_cross_site,
+    routing_error,
+)
 from broker.api.limits import CLIENT_LIMITS, ClientLimits
 from broker.api.limits import middleware as limits_middleware
 from broker.api.render import FALLBACK
@@ -323,13 +331,26 @@ def add_routes(app: web.Application, exporter: Exporter, metrics: bool = True, o
 def build_metrics_app(exporter: Exporter, client_limits: ClientLimits | None = None) -> web.Application:
     """`--metrics-port`: /metrics (open), /healthz and /readyz alone, with the per-client limits
     of every HTTP port (`client_limits`) and the fallback door's error bodies (unknown paths)."""
-    app = web.Application(middlewares=[error_middleware([], FALLBACK),
+    broker = exporter.health.broker
+    app = web.Application(middlewares=[error_middleware([], FALLBACK), request_timer(broker),
                                        *([] if client_limits is None else [limits_middleware(client_limits)])])
     app[RENDERER] = FALLBACK
+    count_rejections(app, broker)
     if client_limits is not None:
         app[CLIENT_LIMITS] = client_limits
     add_routes(app, exporter, open_metrics=True)
     return app
+
+
+def count_rejections(app: web.Application, broker: Broker) -> None:
+    """The requests aiohttp's parser refuses on this app's port (before any middleware): errors
+    of door "http", verb "malformed"."""
+    stats = broker.stats
+
+    def rejected(error: BrokerError) -> None:
+        stats.observe_request("http", "malformed", 0.0, error)
+
+    app[PARSER_REJECTED] = rejected
 
 
 def _door_and_verb(request: web.Request) -> tuple[str, str]:

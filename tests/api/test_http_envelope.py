@@ -353,3 +353,19 @@ def test_a_write_a_browser_sends_for_another_site_is_refused_on_every_door(broke
                 headers={"Sec-Fetch-Site": "same-origin"})
     assert same.status in (201, 400), (same.status, same.raw[:300])   # 400: made by an earlier parameter
     assert call(broker, "GET", STREAMS, headers={"Sec-Fetch-Site": "cross-site"}).status == 200
+
+
+def _errors_counted(broker, door: str, reason: str) -> float:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+    text = call(broker, "GET", "/metrics").raw.decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "sluice_request_errors_total" and s.labels == {"door": door, "reason": reason})
+
+
+def test_requests_the_parser_refuses_are_counted(broker) -> None:
+    """They were answered in the door's body but not counted in sluice_request_errors_total (the
+    operations probe): they never reach a middleware."""
+    before = _errors_counted(broker, "http", ErrorCode.INVALID_REQUEST.reason)
+    for raw in (PARSER_ERRORS["duplicate Content-Length"], PARSER_ERRORS["bad chunk size"]):
+        assert exchange(broker, raw).status == 400
+    assert _errors_counted(broker, "http", ErrorCode.INVALID_REQUEST.reason) - before == 2

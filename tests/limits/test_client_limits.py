@@ -241,6 +241,24 @@ def test_health_checks_are_not_requests_the_limit_counts(limited: BrokerProcess)
             s.close()
 
 
+def test_the_metrics_ports_requests_are_timed_and_counted(limited: BrokerProcess) -> None:
+    """Nothing on --metrics-port was timed or counted (the operations probe): scrapes, 404s."""
+    def counts() -> tuple[float, float]:
+        with urllib.request.urlopen(f"http://{limited.host}:{limited.metrics_port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        scrapes = sum(s.value for s in samples if s.name == "sluice_request_duration_seconds_count"
+                      and s.labels == {"door": "metrics", "verb": "open_metrics"})
+        unknown = sum(s.value for s in samples if s.name == "sluice_request_errors_total"
+                      and s.labels == {"door": "http", "reason": "UNKNOWN_ROUTE"})
+        return scrapes, unknown
+
+    scrapes, unknown = counts()
+    with _connect(limited, limited.metrics_port) as sock:
+        assert _get(sock, "/nowhere")[0] == 404
+    assert counts() == (scrapes + 1, unknown + 1)   # the first scrape counted, and the 404
+
+
 def test_the_metrics_port_has_the_per_client_limits_and_json_errors(limited: BrokerProcess) -> None:
     """--metrics-port had neither: one client could open connections until the broker's file
     descriptors ran out, and an unknown path was aiohttp's text/plain 404."""

@@ -533,21 +533,14 @@ def suggest(registry: SeriesRegistry | None, params: Any) -> list[str]:
         limit = int(raw_max)
     if registry is None:
         return []
-    metrics = registry.metrics()
-    if kind == "metrics":
-        names = metrics
-    else:
-        found: set[str] = set()
-        for metric in metrics:
-            for s in registry.series_of(metric):
-                found.update(s.tags if kind == "tagk" else s.tags.values())
-        names = sorted(found)
+    # sorted: the names starting with `prefix` are the run from where it would be inserted
+    names = registry.names(kind)
     out = []
-    for name in names:
-        if name.startswith(prefix):
-            out.append(name)
-            if len(out) >= limit:
-                break
+    at = bisect.bisect_left(names, prefix)
+    for name in names[at:at + limit]:
+        if not name.startswith(prefix):
+            break
+        out.append(name)
     return out
 
 

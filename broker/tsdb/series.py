@@ -34,7 +34,7 @@ import asyncio
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import orjson
 
@@ -125,6 +125,33 @@ class Series:
     type: str
 
 
+class _Names:
+    """Distinct names, kept sorted for /api/suggest's prefix lookups (bisect: O(log n + max) a
+    lookup). A name seen for the first time waits in `_new` until the next lookup merges every new
+    one at once: `list.sort` of the sorted list with a sorted tail is one linear merge (Timsort
+    finds the two runs), not a sort of everything on every call."""
+
+    __slots__ = ("_seen", "_sorted", "_new")
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._sorted: list[str] = []
+        self._new: list[str] = []
+
+    def add(self, name: str) -> None:
+        if name not in self._seen:
+            self._seen.add(name)
+            self._new.append(name)
+
+    def sorted(self) -> list[str]:
+        if self._new:
+            self._new.sort()
+            self._sorted += self._new
+            self._sorted.sort()
+            self._new = []
+        return self._sorted
+
+
 class SeriesRegistry:
     """Every known series of one tsdb stream, in memory, backed by the store's metadata."""
 
@@ -136,6 +163,9 @@ class SeriesRegistry:
         # query asks (a put that brings thousands of new series does not pay for it)
         self._by_metric: dict[str, dict[str, Series]] = {}
         self._indexed = 0
+        # the distinct metric names, tag keys and tag values of the indexed series, for suggest;
+        # kept across a rebuild of the index (the same keys give the same names: none is added twice)
+        self._names: dict[str, _Names] = {"metrics": _Names(), "tagk": _Names(), "tagv": _Names()}
         self._caught_up_all = -CATCH_UP_ALL_S   # monotonic time of the last catch_up over every metric
         # writers hold it from checking their points' types to the end of `fix`, so two requests
         # cannot both find a series new and fix two types for it
@@ -175,9 +205,17 @@ class SeriesRegistry:
 
     def _index(self) -> dict[str, dict[str, Series]]:
         learned, by_metric, kinds = self.learned, self._by_metric, self._kinds
+        add_metric, add_tagk, add_tagv = (self._names[k].add for k in ("metrics", "tagk", "tagv"))
         for key in learned[self._indexed:]:
             metric, pairs = orjson.loads(key)
-            by_metric.setdefault(metric, {})[key] = Series(key, metric, dict(pairs), TYPE_OF[kinds[key]])
+            of_metric = by_metric.get(metric)
+            if of_metric is None:
+                of_metric = by_metric[metric] = {}
+                add_metric(metric)
+            of_metric[key] = Series(key, metric, dict(pairs), TYPE_OF[kinds[key]])
+            for k, v in pairs:
+                add_tagk(k)
+                add_tagv(v)
         self._indexed = len(learned)
         return by_metric
 
@@ -229,7 +267,15 @@ class SeriesRegistry:
         return lost
 
     def metrics(self) -> list[str]:
-        return sorted(self._index())
+        return list(self.names("metrics"))
+
+    def names(self, kind: str) -> Sequence[str]:
+        """`kind` metrics, tagk or tagv: every distinct metric name, tag key or tag value of the
+        known series, sorted - the registry's own list, read only, good until the next call. Costs
+        what was learned since the last call (indexed, then merged in), never a walk over every
+        series or a sort of every name."""
+        self._index()
+        return self._names[kind].sorted()
 
     def series_of(self, metric: str) -> list[Series]:
         return list(self._index().get(metric, {}).values())

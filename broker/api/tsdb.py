@@ -19,12 +19,15 @@ writes, a query or suggest reads.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import operator
 import re
 import time
 from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import unquote_plus
 
+import msgspec
 import orjson
 from aiohttp import web
 
@@ -44,7 +47,7 @@ from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import ErrorCode, client_error
 from broker.tsdb import query as tsdb_query
-from broker.tsdb.put import BadBody, Grouped, PutWrite, points_of, raw_points, sort
+from broker.tsdb.put import BadBody, Grouped, PutWrite, point_texts, points_of, sort
 from broker.tsdb.series import TsdbStream
 from broker.tsdb.workers import OFFLOAD_BYTES
 
@@ -177,16 +180,54 @@ async def _answer(request: web.Request, body: bytes, details: bool, summary: boo
     # one moment, taken before any await: after a sync_timeout the write goes on, and a part
     # appended while the body is parsed again must not leave the counts and the list disagreeing
     errors, kept = list(errors), stored() if details else []
-    answer: dict[str, Any] = {"success": success, "failed": failed}
-    if details:
-        raws = await asyncio.to_thread(raw_points, body) if len(body) > _INLINE_BYTES else raw_points(body)
-        answer["errors"] = [{"datapoint": orjson.Fragment(raws[i]),
-                             "error": error if error is not None else _pending(request)}
-                            for i, error in enumerate(errors) if not kept[i]]
     timeouts = errors.count(None) - success   # a point is stored, failed or pending, never two of them
+    if details:
+        how = (body, success, failed, errors, kept, _pending(request), timeouts)
+        text = await asyncio.to_thread(_details, *how) if len(body) > _INLINE_BYTES else _details(*how)
+        return web.Response(body=text, status=400, headers={"Content-Type": CONTENT_TYPE})
+    answer: dict[str, Any] = {"success": success, "failed": failed}
     if timeouts:
         answer["timeouts"] = timeouts
     return _json(answer, 400)
+
+
+_DATAPOINT = b'{"datapoint":'
+_DETAILS_CHUNK = 4096   # points joined at once: a few hundred KiB of pieces, the GIL let go between
+_NO_TEXTS: list[bytes | msgspec.Raw] = [b""] * _DETAILS_CHUNK
+
+
+def _details(body: bytes, success: int, failed: int, errors: list[str | None], kept: list[bool], pending: str,
+             timeouts: int) -> bytearray:
+    """The `details` answer, byte for byte what orjson makes of `{"success", "failed", "errors":
+    [{"datapoint": <the point's text as received>, "error": <its error, `pending` for None>} for
+    each point not `kept`], "timeouts" (when any)}` - joined from pieces instead: the points'
+    texts and each distinct error encoded once, no object per point (a 12 MB body of 6M bare
+    numbers made 6M dicts, a 2 GB peak). Touches nothing of the loop's: runs in a thread for a
+    big body."""
+    texts = point_texts(body)
+    ends: dict[str | None, bytes] = {}   # an error -> `,"error":"<it>"},`, what follows a point's text
+    out = bytearray(b'{"success":%d,"failed":%d,"errors":[' % (success, failed))
+    for lo in range(0, len(errors), _DETAILS_CHUNK):
+        hi = lo + _DETAILS_CHUNK
+        listed = list(map(operator.not_, kept[lo:hi]))
+        failures = list(itertools.compress(errors[lo:hi], listed))
+        if failures:
+            for error in set(failures).difference(ends):
+                ends[error] = b',"error":' + orjson.dumps(pending if error is None else error) + b"},"
+            pieces: list[bytes | msgspec.Raw] = [_DATAPOINT] * (3 * len(failures))
+            pieces[1::3] = itertools.compress(texts[lo:hi], listed)
+            pieces[2::3] = map(ends.__getitem__, failures)
+            out += b"".join(pieces)
+            del pieces
+        # the texts let go as the answer grows: the peak is about the larger of the two, not both
+        texts[lo:hi] = _NO_TEXTS[:len(listed)]
+    if out.endswith(b","):
+        del out[-1]
+    out += b"]"
+    if timeouts:
+        out += b',"timeouts":%d' % timeouts
+    out += b"}"
+    return out
 
 
 async def _sort(body: bytes, stream_id: int, partition_count: int, known: Mapping[str, str],

@@ -97,13 +97,20 @@ def raw_points(body: bytes) -> list[bytes]:
     """Each point's JSON text exactly as received (a failed point is echoed so: numbers as they were
     written, however deep it nests), for a body points_of took. msgspec finds the elements; past
     its nesting limit (~1000 levels, below orjson's) a scan of the body does."""
+    return [bytes(text) for text in point_texts(body)]
+
+
+def point_texts(body: bytes) -> list[bytes | msgspec.Raw]:
+    """raw_points without a copy of each text: where msgspec finds the elements, its Raw views
+    into the body (bytes-like: b"".join takes them). A body of millions of small points makes
+    millions of objects either way; this makes one per point, not two."""
     text = body.strip()
     if not text.startswith(b"["):
         return [text]
     try:
-        return [bytes(raw) for raw in _RAW_POINTS.decode(text)]
+        return cast(list[bytes | msgspec.Raw], _RAW_POINTS.decode(text))
     except (msgspec.DecodeError, RecursionError):
-        return _scanned_elements(text)
+        return cast(list[bytes | msgspec.Raw], _scanned_elements(text))
 
 
 _RAW_POINTS = msgspec.json.Decoder(list[msgspec.Raw])

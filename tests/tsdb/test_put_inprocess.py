@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import random
 import threading
 from typing import Any, AsyncIterator, Sequence
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -23,6 +25,7 @@ from broker.model import AppendBatch
 from broker.rows.schema import build_schema
 from broker.storage.base import AppendOutcome
 from broker.storage.memory import MemoryStore
+from broker.tsdb.put import raw_points
 from broker.tsdb.series import TsdbStream, series_key, series_partition
 from broker.tsdb.workers import OFFLOAD_BYTES
 
@@ -284,6 +287,90 @@ async def test_a_body_that_holds_no_points_says_so_even_when_the_wait_runs_out(c
     resp = await client.post("/api/put?summary&sync_timeout=20", data=io.BytesIO(padded.encode()))
     assert (resp.status, await resp.json()) == \
         (400, {"error": {"code": 400, "message": "No datapoints found in content"}})
+
+
+# -- the details answer -----------------------------------------------------------------------------
+
+def details_as_a_dict_per_point(body: bytes, success: int, failed: int, errors: list[str | None],
+                                kept: list[bool], pending: str, timeouts: int) -> bytes:
+    """The details answer as the door made it before: a dict per failed point, one orjson.dumps."""
+    raws = raw_points(body)
+    answer: dict[str, Any] = {"success": success, "failed": failed}
+    answer["errors"] = [{"datapoint": orjson.Fragment(raws[i]), "error": error if error is not None else pending}
+                        for i, error in enumerate(errors) if not kept[i]]
+    if timeouts:
+        answer["timeouts"] = timeouts
+    return orjson.dumps(answer)
+
+
+def test_the_details_answer_is_byte_for_byte_what_a_dict_per_point_gave() -> None:
+    """The details answer is joined from pieces (each point's text, each distinct error encoded
+    once), byte for byte what a dict per failed point gave: spacing, escapes, nesting too deep
+    for msgspec, one object for a body, points past a chunk, timeouts or not."""
+    from broker.api import tsdb as door
+    rnd = random.Random(5)
+    texts = [b"1", b' {"metric" : "a" ,\n "value":  1.50e3, "tags": {}} ', b'"x\\u00e9\\"\xc3\xa9"', b"[ ]", b"null",
+             b"true", b"-0.0", b'{"metric":"\xe6\xb8\xa9","value":"\\ud83d\\ude00"}']
+    error_texts = [None, "Metric name was empty", 'Invalid tag value: "a\\b"\u2028\u00e9', "Invalid timestamp"]
+    bodies: list[tuple[bytes, int]] = [
+        (b"[" + b",".join(texts) + b"]", len(texts)),
+        (b' \n{"metric": "one" } \t', 1),
+        (b"[" + b"[" * 1500 + b"]" * 1500 + b", 2 ]", 2),   # past msgspec's nesting limit: scanned
+    ]
+    many = [rnd.choice(texts) for _ in range(3 * door._DETAILS_CHUNK + 17)]
+    bodies.append((b"[" + b" , ".join(many) + b"]", len(many)))
+    for body, n in bodies:
+        for _ in range(6):
+            kept = [rnd.random() < 0.3 for _ in range(n)]
+            errors = [None if k else rnd.choice(error_texts) for k in kept]
+            success = sum(kept)
+            timeouts = errors.count(None) - success
+            how = (body, success, n - success, errors, kept, "Storage exception: not durable within sync_timeout "
+                   "(5 ms)", timeouts)
+            assert bytes(door._details(*how)) == details_as_a_dict_per_point(*how)
+        every = [True] * n   # (every point stored: not answered so, but well formed all the same)
+        how = (body, n, 0, [None] * n, every, "p", 0)
+        assert bytes(door._details(*how)) == details_as_a_dict_per_point(*how) == \
+            b'{"success":%d,"failed":0,"errors":[]}' % n
+
+
+async def test_a_big_bodys_details_answer_is_made_off_the_event_loop(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST /api/put?details of a body of bare numbers: each point fails and is echoed. The door
+    built a dict per failed point and encoded the answer on the event loop (a 12 MB body: a 2.2 GB
+    peak and every door held ~4-6 s). Past _INLINE_BYTES the answer is made on a worker thread:
+    nothing the loop's thread encodes is the answer, and the answer is what it was."""
+    from broker.api import tsdb as door
+    loop_thread = threading.get_ident()
+    encoded: list[tuple[int, int]] = []   # (thread, bytes) of every orjson.dumps of the door
+    built: list[int] = []                 # the threads the details answer was built on
+
+    class RecordingOrjson:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(orjson, name)
+
+        def dumps(self, *args: Any, **kwargs: Any) -> bytes:
+            out = orjson.dumps(*args, **kwargs)
+            encoded.append((threading.get_ident(), len(out)))
+            return out
+
+    monkeypatch.setattr(door, "orjson", RecordingOrjson())
+    real = getattr(door, "_details", None)
+    if real is not None:
+        def recording_details(*args: Any) -> bytearray:
+            built.append(threading.get_ident())
+            return real(*args)
+        monkeypatch.setattr(door, "_details", recording_details)
+    n = door._INLINE_BYTES // 2 + 1000
+    body = b"[" + b",".join([b"1"] * n) + b"]"
+    assert len(body) > door._INLINE_BYTES
+    resp = await client.post("/api/put?details", data=io.BytesIO(body))
+    answer = await resp.read()
+    assert resp.status == 400 and resp.headers["Content-Type"] == "application/json; charset=UTF-8"
+    assert answer == b'{"success":0,"failed":%d,"errors":[%s]}' % (
+        n, b",".join([b'{"datapoint":1,"error":"Metric name was empty"}'] * n))
+    assert [size for thread, size in encoded if thread == loop_thread and size > 1000] == []
+    assert built and loop_thread not in built
 
 
 # -- storage failures -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Metadata key layout (under the store's metadata namespace; see storage/keys.py):
 
     b"A" + project + b"\\0" + app name                                JSON {"app_id", "created_ms"}
     b"C" + project + b"\\0" + app name + b"\\0" + stream_id u64 + part u32
-                                                                  JSON {"seq", "metadata", "stream"}
+                                                        JSON {"seq", "metadata", "stream", "app_id"}
     b"K"                                                          the cursor key (32 random bytes)
 
 Other kinds in the same namespace: b"S" sources (sources/model.py), b"L" their leases on a shared
@@ -16,6 +16,13 @@ so a deleted-and-recreated stream never inherits the old stream's positions; del
 removes them. Project and app names are [A-Za-z0-9_-], so the NUL separator cannot occur inside
 one. The cursor key lives in the store, not beside it, so every broker of a shared store issues
 cursors the others accept. Pure functions and values; core/consumers.py does the I/O.
+
+A checkpoint carries the `app_id` of the app it was committed for (the app's incarnation: a new id
+each time the name is created), and one of another id is read as absent (`checkpoint_of`). On a
+shared store a commit through one broker can land after another broker's delete of the app has
+scanned its checkpoints - one broker's lock orders only its own calls - and an app made again
+under the name must not inherit it. Checkpoints stored before ids were have none and are read as
+the app's that holds the name.
 """
 from __future__ import annotations
 
@@ -78,8 +85,11 @@ def check_checkpoint_type(kind: object) -> str:
 CURSOR_KEY = b"K"
 
 
+APP_KIND = b"A"   # every app of every project starts with it
+
+
 def app_prefix(project: str) -> bytes:
-    return b"A" + project.encode() + b"\0"
+    return APP_KIND + project.encode() + b"\0"
 
 
 def app_key(project: str, name: str) -> bytes:
@@ -125,10 +135,26 @@ def checkpoint_ref(key: bytes) -> tuple[int, int]:
     return stream_id, partition
 
 
-def encode_checkpoint(seq: int, metadata: str, stream: str) -> bytes:
-    return json.dumps({"seq": seq, "metadata": metadata, "stream": stream}).encode()
+def encode_checkpoint(seq: int, metadata: str, stream: str, app_id: str) -> bytes:
+    return json.dumps({"seq": seq, "metadata": metadata, "stream": stream, "app_id": app_id}).encode()
 
 
-def decode_checkpoint(raw: bytes) -> Checkpoint:
+def checkpoint_app_id(raw: bytes) -> str | None:
+    """The app_id a checkpoint was committed for; None for one stored before ids were."""
+    app_id = json.loads(raw).get("app_id")
+    return app_id if isinstance(app_id, str) else None
+
+
+def checkpoint_of(raw: bytes, app_id: str | None) -> Checkpoint | None:
+    """The checkpoint, if it belongs to the app whose id is `app_id` (None: no such app now):
+    one committed for another incarnation of the name is None."""
     obj = json.loads(raw)
+    stored = obj.get("app_id")
+    if app_id is None or (stored is not None and stored != app_id):
+        return None
     return Checkpoint(obj["seq"], obj["metadata"])
+
+
+def belongs(raw: bytes, app_id: str | None) -> bool:
+    """Whether a stored checkpoint is the app's (see checkpoint_of)."""
+    return checkpoint_of(raw, app_id) is not None

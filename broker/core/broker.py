@@ -369,7 +369,8 @@ class Broker:
         return await self.consumers.list_apps(project, limit, start_after, stream_name)
 
     async def delete_app(self, app_name: object, *, project: str = DEFAULT_PROJECT) -> None:
-        await self.groups.forget_app(project, await self.consumers.delete_app(project, app_name))
+        name, app_id = await self.consumers.delete_app(project, app_name)
+        await self.groups.forget_app(project, name, app_id)
 
     async def commit_checkpoint(self, app_name: object, stream_name: object, partition_id: object, seq: object,
                                 metadata: object = None, checkpoint_type: object = "LAST_READ", *,

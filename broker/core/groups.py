@@ -25,27 +25,29 @@ class ConsumerGroups:
         """A member's heartbeat. Returns (partitions it may work on now, lease_ms).
         Raises APP_NOT_FOUND, STREAM_NOT_FOUND, INVALID_REQUEST."""
         lim = self._limits
-        name = await self._consumers.app(project, app_name)
+        name, app_id = await self._consumers.incarnation(project, app_name)
         config = self._catalogue.get(project, stream_name)
         member = _member(member_id)
         lease = lease_ms or lim.default_lease_ms
         if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
-        mine = await self.leases.heartbeat(_group(project, name), config.stream_id, config.readable_partition_count,
-                                           member, set(held), lease, self._now())
+        mine = await self.leases.heartbeat(_group(project, name, app_id), config.stream_id,
+                                           config.readable_partition_count, member, set(held), lease, self._now())
         return mine, lease
 
     async def leave(self, project: str, app_name: object, stream_name: object, member_id: object) -> None:
         """Release every lease of a member at once (a clean shutdown, no lease timeout to wait)."""
-        name = await self._consumers.app(project, app_name)
+        name, app_id = await self._consumers.incarnation(project, app_name)
         config = self._catalogue.get(project, stream_name)
-        await self.leases.leave(_group(project, name), config.stream_id, _member(member_id))
+        await self.leases.leave(_group(project, name, app_id), config.stream_id, _member(member_id))
 
-    async def forget_app(self, project: str, name: str) -> None:
+    async def forget_app(self, project: str, name: str, app_id: str) -> None:
         """Drop a deleted app's leases: members of an app made again under its name start afresh,
-        not behind leases the deleted one's members held (up to max_lease_ms)."""
-        await self.leases.forget_app(_group(project, name))
+        not behind leases the deleted one's members held (up to max_lease_ms). (A heartbeat through
+        another broker that found the app before it went may write its group after this: that group
+        is the deleted app's - its id is in the group's name - and no member of a new app meets it.)"""
+        await self.leases.forget_app(_group(project, name, app_id))
 
 
 def _member(member_id: object) -> str:
@@ -55,6 +57,8 @@ def _member(member_id: object) -> str:
     return member_id
 
 
-def _group(project: str, app_name: str) -> str:
-    """The leases' name of an app's groups: project-qualified, so two projects' groups never meet."""
-    return f"{project}/{app_name}"
+def _group(project: str, app_name: str, app_id: str) -> str:
+    """The leases' name of an app's groups: project-qualified, so two projects' groups never meet,
+    and with the app's id, so an app deleted and made again under its name (another id) starts with
+    none of the deleted one's leases, on a shared store too."""
+    return f"{project}/{app_name}/{app_id}"

@@ -175,6 +175,10 @@ class Consumers:
                                detail=f"metadata must be a string of at most {apps.MAX_METADATA_CHARS} characters")
         value = parse_seq(seq)
         bounds = await self._store.bounds(config.stream_id, p)
+        if value > bounds.last_seq and self._shared:
+            # past this broker's cached head: another broker may have acknowledged the record a
+            # moment ago (its notification still on the way), so the store is asked before a refusal
+            bounds = await self._store.fresh_bounds(config.stream_id, p)
         if not max(bounds.first_seq - 1, 0) <= value <= bounds.last_seq:
             raise client_error(ErrorCode.SEQUENCE_OUT_OF_RANGE, given=value, earliest=bounds.first_seq,
                                latest=bounds.last_seq)   # below earliest when no record is held: an empty range

@@ -164,3 +164,22 @@ async def test_a_heartbeat_landing_after_another_brokers_delete_holds_nothing_of
         monkeypatch.setattr(store_b, "meta_cas", real_cas)
 
         assert (await a.heartbeat("app", "s", "m2"))[0] == [0, 1, 2, 3]
+
+
+async def test_a_commit_through_a_broker_not_yet_told_of_the_record_is_taken(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b has not heard of a's append yet (its notification on the way; here never): a checkpoint
+    at the record a just acknowledged was refused SEQUENCE_OUT_OF_RANGE - final for a client - from
+    b's cached partition head. b now asks the store before it refuses."""
+    async with two_brokers(opener, monkeypatch, "_on_append") as (a, b, _):
+        await a.create_stream("rw", 1)
+        await a.create_app("app")
+        await _records(a, "rw", 1)
+        await b.commit_checkpoint("app", "rw", 0, 0)          # b's head of the partition: 1 record
+        await _records(a, "rw", 1)
+        await b.commit_checkpoint("app", "rw", 0, 1)
+        checkpoint = await a.get_checkpoint("app", "rw", 0)
+        assert checkpoint is not None and checkpoint.seq == 1
+        with pytest.raises(BrokerError) as err:                 # past every broker's records: refused
+            await b.commit_checkpoint("app", "rw", 0, 2)
+        assert err.value.code is ErrorCode.SEQUENCE_OUT_OF_RANGE

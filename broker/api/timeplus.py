@@ -50,7 +50,7 @@ from broker.api.render import TIMEPLUS
 from broker.auth import Action, Auth, Principal, permits
 from broker.core.broker import Broker
 from broker.core.queries import QueryRun
-from broker.errors import ErrorCode, client_error
+from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import DEFAULT_PROJECT, StreamConfig
 from broker.rows.encode import RowEncoder
 from broker.rows.ingest import choose_format, decode
@@ -222,12 +222,30 @@ ENCODERS = web.AppKey("row_encoders", _Encoders)
 async def ingest(request: web.Request) -> web.Response:
     """Rows in one of the four formats, checked against the schema, appended as one batch per
     partition. The rows go to the stream they were checked against: if it was deleted (and
-    maybe recreated) meanwhile, the answer is STREAM_NOT_FOUND and nothing is written."""
+    maybe recreated) meanwhile, the answer is STREAM_NOT_FOUND and nothing is written. On a store
+    several brokers share, a refusal (rows that do not fit the schema, a stream the store no longer
+    has) may come from this broker's view of a stream deleted and made again through another broker
+    a moment ago, its event still on the way: the rows are then checked against the stream the name
+    holds now (Broker.stream_again) and go to it."""
     broker, workspace = _door(request)
     name = request.match_info["name"]
     config = await broker.stream_config(name, project=workspace)
     fmt = choose_format(request.query.get("format"), request.headers.get("Content-Type"))
     body = await read_body(request)
+    try:
+        await _ingest_into(request, broker, config, fmt, body)
+    except BrokerError as exc:
+        if exc.code not in (ErrorCode.INVALID_REQUEST, ErrorCode.STREAM_NOT_FOUND):
+            raise
+        again = await broker.stream_again(config)
+        if again is None:
+            raise
+        await _ingest_into(request, broker, again, fmt, body)
+    return web.Response(status=200)
+
+
+async def _ingest_into(request: web.Request, broker: Broker, config: StreamConfig, fmt: str, body: bytes) -> None:
+    """The body's rows checked against `config`'s schema and appended to that stream (see ingest)."""
     encoder = request.app[ENCODERS].of(broker, config)
     now_ms = time.time_ns() // 1_000_000
     if len(body) > _INLINE_DECODE_BYTES:
@@ -235,8 +253,7 @@ async def ingest(request: web.Request) -> web.Response:
     else:
         rows = decode(fmt, body, encoder, now_ms)
     if rows:
-        await broker.append_rows(name, rows, project=workspace, stream_id=config.stream_id)
-    return web.Response(status=200)
+        await broker.append_rows(config.stream_name, rows, project=config.project, stream_id=config.stream_id)
 
 
 # -- queries --------------------------------------------------------------------------------------

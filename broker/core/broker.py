@@ -20,8 +20,11 @@ deletes go into the catalogue (a delete ends this broker's readers of the stream
 does). A stream name this broker does not know is looked up in the store before a verb answers
 STREAM_NOT_FOUND (created through another broker a moment ago). So is a stream the broker knows
 when a verb would refuse it for a partition it lacks (PARTITION_NOT_FOUND, _NOT_WRITABLE: scaled
-through another broker), a create for a name it holds (deleted through another), and a cursor's
-stream it does not know: each is tried once more if the store's config differs.
+through another broker), a create for a name it holds (deleted through another), a write the
+store refuses STREAM_NOT_FOUND for the stream the broker holds under the name (deleted and maybe
+made again through another; a Timeplus ingest's rows are checked again against the new schema, see
+`stream_again`), and a cursor's stream it does not know: each is tried once more if the store's
+config differs.
 """
 from __future__ import annotations
 
@@ -255,7 +258,17 @@ class Broker:
         """See WritePath.put_records."""
         await self._known(project, stream_name)
         seen = self._seen(project, stream_name)
-        result = await self.writes.put_records(project, stream_name, entries, handed)
+        try:
+            result = await self.writes.put_records(project, stream_name, entries, handed)
+        except BrokerError as exc:
+            # The store no longer has the stream this broker holds under the name: deleted through
+            # another broker, maybe made again, its event still on the way. Once more against what
+            # the store holds now (nothing of the request was acknowledged). Not within a produce
+            # stream, as below.
+            if exc.code is not ErrorCode.STREAM_NOT_FOUND or seen is None or handed is not None \
+                    or not await self._stale(project, stream_name, seen):
+                raise
+            return await self.writes.put_records(project, stream_name, entries)
         if not self._shared or not result.failures:
             return result
         redo = [i for i, error in result.failures if error.code in _STALE_PARTITION]
@@ -272,6 +285,17 @@ class Broker:
         result.failures = sorted([f for f in result.failures if f[0] not in retried]
                                  + [(redo[j], error) for j, error in again.failures])
         return result
+
+    async def stream_again(self, config: StreamConfig) -> StreamConfig | None:
+        """A shared store, after a refusal that an old view of the stream may explain (rows checked
+        against `config`'s schema, or a write refused STREAM_NOT_FOUND because the store no longer
+        has `config`'s stream): the stream the name holds now if that is not `config` - deleted
+        through another broker and maybe made again, its event still on the way - else None (the
+        refusal stands; always None on a store only this broker serves). Raises STREAM_NOT_FOUND
+        when the name holds no stream any more."""
+        if not await self._stale(config.project, config.stream_name, config):
+            return None
+        return self.catalogue.get(config.project, config.stream_name)
 
     async def name_or_id(self, stream_name: object, stream_id: object, *, project: str = DEFAULT_PROJECT) -> object:
         """`stream_name`, unless the project has no stream of that name and `stream_id` (a decimal

@@ -337,6 +337,73 @@ async def test_a_broker_behind_another_brokers_scale_delete_or_create_asks_the_s
         assert listed == 1
 
 
+async def test_a_write_through_a_broker_behind_a_delete_and_create_goes_to_the_new_stream(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """b knows the stream (it wrote to it) and never hears that a deleted it and made it again. Its
+    puts were refused STREAM_NOT_FOUND - final for a client - as the store no longer has the stream
+    b holds under the name (the probe's t4c: 8 of 20, b only a moment behind). b now learns the
+    stream from the store and puts once more, into the new one."""
+    from broker.errors import BrokerError, ErrorCode
+
+    async with two_brokers(opener, monkeypatch, "_on_catalogue") as (a, b, _):
+        for name, entry in (("by-id", PutEntry(b"new", partition_id="0")), ("by-key", PutEntry(b"new", "k"))):
+            await a.create_stream(name, 1)
+            assert (await b.put_records(name, [PutEntry(b"old", partition_id="0")])).failed_record_count == 0
+            await a.delete_stream(name)
+            await a.create_stream(name, 1)
+            put = await b.put_records(name, [entry])
+            assert put.failed_record_count == 0 and put.seqs == [0], name
+            cursor = await a.get_cursor(name, 0, "TRIM_HORIZON")
+            assert [r.data for r in (await a.get_records(cursor)).records] == [b"new"]
+            assert b.catalogue.lookup("default", name) == a.catalogue.lookup("default", name)
+        # deleted and not made again: still STREAM_NOT_FOUND, after one look
+        await a.create_stream("gone", 1)
+        assert (await b.put_records("gone", [PutEntry(b"old", partition_id="0")])).failed_record_count == 0
+        await a.delete_stream("gone")
+        with pytest.raises(BrokerError) as err:
+            await b.put_records("gone", [PutEntry(b"x", partition_id="0")])
+        assert err.value.code is ErrorCode.STREAM_NOT_FOUND
+        assert b.catalogue.lookup("default", "gone") is None
+
+
+@pytest.mark.parametrize("column", [("new", "string", "x"), ("old", "int", 2)], ids=["another schema", "same schema"])
+async def test_typed_rows_through_a_broker_behind_a_delete_and_create_go_to_the_new_stream(
+        opener: Callable[[], Awaitable[JetStreamStore]], monkeypatch: pytest.MonkeyPatch,
+        column: tuple[str, str, object]) -> None:
+    """A Timeplus ingest through b, which never hears that a deleted the typed stream and made it
+    again: the rows were checked against the deleted stream's schema (400 for another schema's
+    columns: the probe's t4d, 8 of 16) or written to the deleted stream (STREAM_NOT_FOUND). They
+    are checked against the stream the name holds now and go to it."""
+    import json
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from broker.api.http_app import build_http_app
+
+    name, kind, value = column
+    async with two_brokers(opener, monkeypatch, "_on_catalogue") as (a, b, _), \
+            TestClient(TestServer(build_http_app(a, body_timeout_s=5))) as via_a, \
+            TestClient(TestServer(build_http_app(b, body_timeout_s=5))) as via_b:
+        async def status(client: TestClient, method: str, path: str, body: object = None) -> int:
+            resp = await client.request(method, path, json=body)
+            assert resp.status < 300, (method, path, resp.status, await resp.text())
+            return resp.status
+
+        streams, ingest = "/api/v1beta2/streams", "/api/v1beta2/streams/ev/ingest"
+        assert await status(via_a, "POST", streams, {"name": "ev", "columns": [{"name": "old", "type": "int"}]}) == 201
+        assert await status(via_b, "POST", ingest, {"columns": ["old"], "data": [[1]]}) == 200
+        assert await status(via_a, "DELETE", f"{streams}/ev") == 204
+        assert await status(via_a, "POST", streams, {"name": "ev", "columns": [{"name": name, "type": kind}]}) == 201
+        assert await status(via_b, "POST", ingest, {"columns": [name], "data": [[value]]}) == 200
+        records = []
+        for p in range(a.catalogue.get("default", "ev").partition_count):
+            records += (await a.get_records(await a.get_cursor("ev", p, "TRIM_HORIZON"))).records
+        assert [json.loads(r.data)[name] for r in records] == [value]
+        # rows that fit neither schema are refused as before (after one look at the store)
+        resp = await via_b.post(ingest, json={"columns": ["nope"], "data": [[1]]})
+        assert resp.status == 400
+
+
 async def test_two_brokers_scaling_one_stream_at_once_never_lose_an_event(
         opener: Callable[[], Awaitable[JetStreamStore]]) -> None:
     """B scales from a layout A has changed meanwhile: refused (UNAVAILABLE, retriable), not written

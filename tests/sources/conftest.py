@@ -56,7 +56,11 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> NatsServer:
+        """Returns once this process serves: it said "Server is ready" (one more time than the log
+        held before), so a restart is never taken for done because something else holds the port -
+        with two test workers another's nats-server may get a port freed by a stop()."""
         cmd = [nats_server_exe(), "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port), *self.extra]
+        ready_before = self.log.read_bytes().count(b"Server is ready") if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -64,6 +68,8 @@ class NatsServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
             try:
+                if self.log.read_bytes().count(b"Server is ready") <= ready_before:
+                    raise OSError("not ready yet")
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self
             except OSError:

@@ -184,15 +184,29 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def refuse_cross_site(request: web.Request) -> None:
-    """A write a browser sends for a page of another site (`Sec-Fetch-Site: cross-site`, which every
-    current browser sets and no SDK or script does) is PERMISSION_DENIED, on every door. On an open
-    broker a page anywhere on the web could otherwise create streams, put records and start sources
-    through a visitor's browser: a text/plain fetch or form post is a "simple" request, sent without
-    the CORS preflight this broker never grants. Reads are let through: the page cannot read the
-    answer. (The console's write routes also want `Content-Type: application/json`: console.py.)"""
-    site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and request.method not in _SAFE_METHODS and site.strip().lower() == "cross-site":
-        raise client_error(ErrorCode.PERMISSION_DENIED, detail="a write sent by a page of another site is refused")
+    """A write a browser sends for a page of another origin is PERMISSION_DENIED, on every door.
+    On an open broker a page anywhere on the web could otherwise create streams, put records and
+    start sources through a visitor's browser: a text/plain fetch or form post is a "simple"
+    request, sent without the CORS preflight this broker never grants. Reads are let through: the
+    page cannot read the answer. (The console's write routes also want `Content-Type:
+    application/json`: console.py.)
+
+    As Go's CrossOriginProtection decides: `Sec-Fetch-Site` when the browser sends it (same-origin
+    and none pass; same-site does not: another port of localhost is another site's page here);
+    else, for browsers that send it only to https and localhost (a broker reached over plain HTTP
+    by address or name), `Origin` against `Host`. SDKs and scripts send neither."""
+    if request.method in _SAFE_METHODS:
+        return
+    headers = request.headers
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None:
+        if site.strip().lower() in ("same-origin", "none"):
+            return
+    else:
+        origin = headers.get("Origin")
+        if origin is None or origin.partition("://")[2].rstrip("/").lower() == headers.get("Host", "").lower():
+            return
+    raise client_error(ErrorCode.PERMISSION_DENIED, detail="a write sent by a page of another site is refused")
 
 
 # -- credentials (issue 11) -----------------------------------------------------------------------

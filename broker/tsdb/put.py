@@ -493,6 +493,11 @@ class PutWrite:
                         for i in part.indices if part is not None else ():
                             errors[i] = text
                 if refused:
+                    # a point refused for a type that a refused point of this request gave its new
+                    # series: that series holds no type, the partition's refusal is its error
+                    for i, key, _, _, p, _ in g.pending:
+                        if p in refused and key in new:
+                            errors[i] = storage_exception(refused[p])
                     new = {k: t for k, t in new.items() if partition_of[k] not in refused}
                 text = ""
                 try:

@@ -584,8 +584,9 @@ async def test_a_point_the_write_limit_refuses_does_not_fix_its_series_type(brok
     # the bucket of series th{s=0}'s partition taken into debt: its points are refused
     assert throttle.admit_whole(config.stream_id, p, 100, 100)
     assert not throttle.admit_whole(config.stream_id, p, 1, 1)
-    status, body = await post(client, [point("th", "down", s="0"), point("th", "up", s="0")], "?details")
+    status, body = await post(client, [point("th", "down", s="0"), point("th", 5, s="0")], "?details")
     assert status == 400 and body["success"] == 0
+    # both the partition's refusal: the number was not refused for a type the series never got
     assert [e["error"] for e in body["errors"]] == [body["errors"][0]["error"]] * 2
     assert body["errors"][0]["error"].startswith("Storage exception: ")
     now[0] += 100   # the buckets refill

@@ -150,23 +150,24 @@ class Props:
         if not isinstance(text, str):
             raise bad(key, f"must be a URL string, not {_kind(text)}")
         text = text.strip()
+        shown = shown_url(text)[:200]   # an error becomes a status message every role reads
         if _CONTROL_OR_SPACE.search(text):
-            raise bad(key, f"[{text[:200]!r}] holds a space or a control character; a URL cannot")
+            raise bad(key, f"[{shown!r}] holds a space or a control character; a URL cannot")
         try:
             parts = urlsplit(text)
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as e:
-            raise bad(key, f"[{text[:200]}] is not a valid URL: {e}") from None
+            raise bad(key, f"[{shown}] is not a valid URL: {e}") from None
         if parts.scheme.lower() not in schemes:
-            raise bad(key, f"[{text[:200]}] must start with {' or '.join(s + '://' for s in schemes)}")
+            raise bad(key, f"[{shown}] must start with {' or '.join(s + '://' for s in schemes)}")
         if not parts.hostname:
-            raise bad(key, f"[{text[:200]}] has no host")
+            raise bad(key, f"[{shown}] has no host")
         if parts.port == 0:
-            raise bad(key, f"[{text[:200]}] names port 0: nothing can be reached there")
+            raise bad(key, f"[{shown}] names port 0: nothing can be reached there")
         try:   # what the connection will do with the name (a label past 63 characters fails there)
             parts.hostname.encode("idna")
         except UnicodeError as e:
-            raise bad(key, f"[{text[:200]}] has a host name that is not valid: {e}") from None
+            raise bad(key, f"[{shown}] has a host name that is not valid: {e}") from None
         return text
 
     def urls(self, key: str, schemes: Sequence[str]) -> list[str]:
@@ -229,9 +230,9 @@ def redacted(properties: dict[str, Any]) -> dict[str, Any]:
         if key in SECRET_TEXTS and value:
             out[key] = "***"
         elif isinstance(value, str):
-            out[key] = shown_url(value)
+            out[key] = shown_url(value) if "://" in value else value   # a subject `a.b?c=d` is no URL
         elif isinstance(value, list):
-            out[key] = [shown_url(v) if isinstance(v, str) else v for v in value]
+            out[key] = [shown_url(v) if isinstance(v, str) and "://" in v else v for v in value]
         else:
             out[key] = value
     return out

@@ -65,8 +65,8 @@ def configure(props: Props) -> WebSocketConfig:
     url = props.url("url", ("ws", "wss"))
     try:
         parse_uri(url)   # what the library itself will refuse (a fragment, credentials it cannot send)
-    except InvalidURI as e:
-        raise bad("url", str(e)) from None
+    except InvalidURI as e:   # its text holds the URL: as every role may read it, passwords masked
+        raise bad("url", str(e).replace(url, shown_url(url))) from None
     data_type = props.choice("data_type", DATA_TYPES, required=True)
     message_type = props.choice("open_message_type", OPEN_MESSAGE_TYPES, default="text")
     open_message = _open_message(props.raw("open_message"), message_type)

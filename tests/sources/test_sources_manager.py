@@ -485,6 +485,20 @@ def test_shown_urls_mask_every_password(url: str, shown: str) -> None:
     assert redacted({"url": url, "servers": [url]}) == {"url": shown, "servers": [shown]}
 
 
+@pytest.mark.parametrize("url", ["wss://u:PW1@h/feed?token=TK2#frag", "ws://u:PW1@h:0/x?token=TK2",
+                                 "ftp://u:PW1@h/x?token=TK2", "ws://u:PW1@h:99999/x?token=TK2"])
+def test_a_refused_url_is_named_masked(url: str) -> None:
+    """The review: a definition invalid on this broker (stored by another version) becomes a status
+    message every role reads, and validation errors echoed the URL whole."""
+    from broker.sources import websocket
+    from broker.sources.props import Props, redacted
+
+    with pytest.raises(BrokerError) as err:
+        websocket.configure(Props({"url": url, "data_type": "json"}))
+    assert "PW1" not in err.value.message and "TK2" not in err.value.message, err.value.message
+    assert redacted({"subject": "a.b?c=d"}) == {"subject": "a.b?c=d"}   # not a URL: as given
+
+
 def test_integers_past_64_bits_are_out_of_range_not_of_another_type() -> None:
     """orjson reads a JSON integer past 64 bits as a float: "[1e+23] is not a duration" and "must
     be a whole number, not a number" (the gRPC probe). They are out of range, as they are."""

@@ -25,6 +25,7 @@ A 13-digit value is taken as milliseconds (our spec's reading; both are accepted
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from typing import Any, Callable, Sequence
@@ -152,6 +153,9 @@ class MetricSeries:
         # several brokers of a shared store add to the same rows: each adds its counts with a
         # compare-and-set of the hour's block, and reads blocks from the store, not from a copy
         self._shared = store.capabilities.shared
+        # a flush and a query's read of rows plus the counts not flushed yet, one at a time: a flush
+        # landing between the two made the answer count a minute twice (or not at all)
+        self._lock = asyncio.Lock()
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -159,7 +163,13 @@ class MetricSeries:
         """Add every stream's counters since the last flush to `minute` (epoch minutes; default
         the current one) and trim hours past each stream's retention, in one metadata write.
         Returns how many streams had something to add. If the write fails (a full disk) nothing
-        is taken: the next flush adds the same counts (to its own minute)."""
+        is taken: the next flush adds the same counts (to its own minute). On a shared store a
+        stream's counts are added by a compare-and-set of its own; one whose answer is lost (a
+        timeout that did apply) is added again by the next flush."""
+        async with self._lock:
+            return await self._flush(minute)
+
+    async def _flush(self, minute: int | None) -> int:
         now = self._now()
         minute = now // MINUTE_MS if minute is None else minute
         hour = minute // 60
@@ -278,8 +288,9 @@ class MetricSeries:
         # every minute that overlaps the period, the stream's life and its retention window
         first = max(start_s * 1000, config.created_ms, now - config.retention_ms) // MINUTE_MS
         last = min(end_s * 1000, now) // MINUTE_MS
-        rows = await self._rows(config.stream_id, first, last)
-        live = self._pending(config.stream_id)
+        async with self._lock:
+            rows = await self._rows(config.stream_id, first, last)
+            live = self._pending(config.stream_id)
         if live is not None and first <= now // MINUTE_MS <= last:
             m = now // MINUTE_MS
             rows[m] = _add_row(rows.get(m), *live)

@@ -211,3 +211,39 @@ async def test_a_failed_flush_takes_nothing(store: MemoryStore, clock: FakeClock
     assert await series(b, "s1", "total_put_records_per_stream", T0, clock.now) == [
         (minute * 60, 0), ((minute + 1) * 60, 2)]
     await b.close()
+
+
+async def test_a_query_during_a_shared_flush_counts_each_record_once(clock: FakeClock) -> None:
+    """On a shared store a flush adds a stream's counts with a compare-and-set; a query reading the
+    rows while it was applied but before the flush noted it also added the same counts as not
+    flushed yet: 200 for 100 records (the review). Flushes and queries take turns now."""
+    import asyncio
+
+    from broker.storage.base import Durability, StoreCapabilities
+
+    class SharedStore(MemoryStore):
+        capabilities = StoreCapabilities(Durability.NONE, shared=True)
+        gate: asyncio.Event | None = None
+
+        async def meta_cas(self, key: bytes, expected: bytes | None, new: bytes | None) -> bool:
+            applied = await super().meta_cas(key, expected, new)
+            if self.gate is not None and key.startswith(PREFIX):
+                await self.gate.wait()   # applied, its answer not back yet
+            return applied
+
+    store = SharedStore()
+    broker = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+    await broker.start()
+    try:
+        await broker.create_stream("s", 1)
+        await put(broker, "s", 0, [1] * 100)
+        store.gate = asyncio.Event()
+        flushing = asyncio.ensure_future(broker.metric_series.flush(T0 // MINUTE))
+        await asyncio.sleep(0.05)
+        asking = asyncio.ensure_future(series(broker, "s", "total_put_records_per_stream", T0, T0))
+        await asyncio.sleep(0.05)
+        store.gate.set()
+        await flushing
+        assert await asking == [(T0 // MINUTE * 60, 100)]
+    finally:
+        await broker.close()

@@ -370,8 +370,8 @@ LOCK_FILE = ".sluice-cluster.lock"
 
 def hold_dir(dir_: Path) -> int:
     """Lock `dir_` for one sluice-cluster: an flock on <dir>/.sluice-cluster.lock, whose descriptor
-    the NATS nodes inherit, so the lock lasts while any of them runs - a sluice-cluster killed with
-    SIGKILL leaves its nodes running, and a second one on the same --dir would start another
+    the NATS nodes and brokers inherit, so the lock lasts while any of them runs - a sluice-cluster
+    killed with SIGKILL leaves them running, and a second one on the same --dir would start another
     nats-server on each JetStream store dir (nats-server does not refuse it). Returns the
     descriptor; raises RuntimeError naming the processes that hold it (their pids, as written)."""
     dir_.mkdir(parents=True, exist_ok=True)
@@ -382,7 +382,7 @@ def hold_dir(dir_: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         holders = " ".join(path.read_text().split()) or "?"
-        raise RuntimeError(f"{dir_} is in use by another sluice-cluster or by the NATS nodes of one that was "
+        raise RuntimeError(f"{dir_} is in use by another sluice-cluster or by the processes of one that was "
                            f"killed (pids {holders}); stop them first") from None
     note_holders(fd, [os.getpid()])
     return fd
@@ -414,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for node in cluster.nats.nodes:
         node.hold = hold
+    for broker in cluster.brokers:   # they outlive a SIGKILL too
+        broker.pass_fds = (hold,)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -74,12 +74,13 @@ class BrokerProcess:
         self.tls = False                    # with --tls-cert: the doors speak TLS (https://)
         self.stderr_lines: list[str] = []
         self._stderr_reader: threading.Thread | None = None
+        self.pass_fds: tuple[int, ...] = ()   # descriptors the broker inherits (sluice-cluster's dir lock)
 
     def start(self, timeout: float = 30.0) -> BrokerProcess:
         cmd = [sys.executable, "-m", "broker", "--data-dir", str(self.data_dir), "--grpc-port", "0",
                "--http-port", "0", *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **self.env})
+                                     env={**os.environ, **self.env}, pass_fds=self.pass_fds)
         self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
         self._stderr_reader.start()
         found: list[re.Match[str]] = []

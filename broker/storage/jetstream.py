@@ -507,7 +507,8 @@ class JetStreamStore(Store):
             if not closing:
                 log.warning("NATS: disconnected; reconnecting")
                 if opened:   # health says so now, not at the next write refused (an idle broker stayed "ready")
-                    opened[0]._refused(server_error(ErrorCode.UNAVAILABLE, detail="disconnected from NATS"))
+                    opened[0]._refused(server_error(ErrorCode.UNAVAILABLE, detail="disconnected from NATS"),
+                                       "the connection to NATS was lost")
 
         async def reconnected() -> None:
             errors_told.clear()
@@ -1071,14 +1072,13 @@ class JetStreamStore(Store):
 
     # -- writes refused: health reports it (storage_state) until JetStream answers again ---------
 
-    def _refused(self, exc: BrokerError) -> None:
+    def _refused(self, exc: BrokerError, what: str = "JetStream refused a write") -> None:
         if self._closed or exc.code not in (ErrorCode.STORAGE_FULL, ErrorCode.UNAVAILABLE):
             return
         state = StorageState.FULL if exc.code is ErrorCode.STORAGE_FULL else StorageState.FAILED
         if state is not self._state:
             self._state = state
-            log.warning("storage %s: JetStream refused a write (%s); probing it every %gs", state.value,
-                        exc.message, PROBE_EVERY_S)
+            log.warning("storage %s: %s (%s); probing it every %gs", state.value, what, exc.message, PROBE_EVERY_S)
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._recover(), name="sluice-jetstream-probe")
 

@@ -263,8 +263,8 @@ class Broker:
         except BrokerError as exc:
             # The store no longer has the stream this broker holds under the name: deleted through
             # another broker, maybe made again, its event still on the way. Once more against what
-            # the store holds now (nothing of the request was acknowledged). Not within a produce
-            # stream, as below.
+            # the store holds now (nothing of the request was written: see writes._deleted_under).
+            # Not within a produce stream, as below.
             if exc.code is not ErrorCode.STREAM_NOT_FOUND or seen is None or handed is not None \
                     or not await self._stale(project, stream_name, seen):
                 raise

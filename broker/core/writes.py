@@ -38,6 +38,19 @@ def _bytes(records: Sequence[bytes] | Packed) -> int:
     return len(records.blob) if isinstance(records, Packed) else sum(map(len, records))
 
 
+def _deleted_under(config: StreamConfig, outcomes: Sequence[object]) -> BrokerError:
+    """The error of an append the store found the stream gone for (None outcomes). Nothing of it
+    written: STREAM_NOT_FOUND, which a broker whose view was behind may try again against the
+    stream the name holds now (Broker.put_records). Some partitions written first (a store that
+    appends partitions apart, JetStream: another broker deleted the stream in between): those went
+    to the deleted stream, and a retry here would store them twice for a reader that saw them
+    there - UNAVAILABLE, the client sends the request again."""
+    if any(type(first) is int for first in outcomes):
+        return server_error(ErrorCode.UNAVAILABLE, detail=f"stream [{config.stream_name}] was deleted while this "
+                            "request was written, some of it into the deleted stream; send it again")
+    return client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+
+
 def _check_columns(columns: PutColumns) -> None:
     n = len(columns.data)
     for name in ("partition_keys", "explicit_hash_keys", "partition_ids"):
@@ -123,7 +136,7 @@ class WritePath:
             outcomes = await self._committer.append(
                 [AppendBatch(config.stream_id, p, self._now(), items) for p, (_, items) in order])
             if any(first is None for first in outcomes):  # deleted while we were queued
-                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+                raise _deleted_under(config, outcomes)
             for first in outcomes:   # maybe written, maybe not: the request fails (retriable), no record
                 if isinstance(first, OutcomeUnknown):   # is reported as certainly not written
                     raise first
@@ -223,7 +236,7 @@ class WritePath:
                                f"write limit; send the rows again later")
         outcomes = await self._committer.append(batches)
         if any(first is None for first in outcomes):  # deleted while we were queued
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+            raise _deleted_under(config, outcomes)
         written = [b.partition for b, first in zip(batches, outcomes) if not isinstance(first, BrokerError)]
         self._notifier.notify((config.stream_id, p) for p in written)
         for first in outcomes:
@@ -380,7 +393,7 @@ class WritePath:
             AppendBatch(config.stream_id, p, max(now, batches[p][1]), _keyless(batches[p][0]))
             for p in order])
         if any(first is None for first in firsts):  # deleted while we were queued
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=config.stream_name)
+            raise _deleted_under(config, firsts)
         for p, first in zip(order, firsts):
             assert first is not None
             out[p] = first

@@ -48,6 +48,7 @@ class ConsumerGroups:
         another broker that found the app before it went may write its group after this: that group
         is the deleted app's - its id is in the group's name - and no member of a new app meets it.)"""
         await self.leases.forget_app(_group(project, name, app_id))
+        await self.leases.forget_app(f"{project}/{name}")   # its table from before groups had app ids
 
 
 def _member(member_id: object) -> str:

@@ -197,6 +197,8 @@ class StoreLeases(Leases):
             table = LeaseTable()
             if raw is not None:
                 table.load(app, stream_id, json.loads(raw))
+            elif (before := await self._legacy(app, stream_id)) is not None:
+                table.load(app, stream_id, before)
             result = step(table)
             state = table.dump(app, stream_id)
             new = None if state is None else json.dumps(state, separators=(",", ":"), sort_keys=True).encode()
@@ -204,6 +206,16 @@ class StoreLeases(Leases):
                 return result
             self.conflicts += 1
         raise server_error(ErrorCode.UNAVAILABLE, detail="consumer-group lease: too many concurrent changes")
+
+    async def _legacy(self, app: str, stream_id: int) -> dict[str, Any] | None:
+        """A group named `project/app/app_id` with no table yet starts from the table its app's
+        members kept before groups were named by app id (`project/app`): members live across that
+        upgrade keep their leases (no restart grace here: a fresh table would grant another member
+        a partition a live one still works on). Expired leases in it are nobody's."""
+        if app.count("/") != 2:
+            return None
+        raw = await self._store.meta_get(lease_key(app.rsplit("/", 1)[0], stream_id))
+        return None if raw is None else dict(json.loads(raw))
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
                         lease_ms: int, now: int) -> list[int]:

@@ -116,3 +116,26 @@ def test_dump_and_load_round_trip_a_group() -> None:
     u.load(APP, SID, state)
     assert u.owners(APP, SID) == t.owners(APP, SID) and u.dump(APP, SID) == state
     assert LeaseTable().dump(APP, SID) is None
+
+
+async def test_a_group_named_by_app_id_starts_from_its_table_from_before() -> None:
+    """Group names gained the app's id (an app made again never meets the old one's leases); on a
+    shared store, whose table has no restart grace, the renamed group started empty across the
+    upgrade and granted a live member's partitions to another (the second review: m1 got all four
+    while m2 still worked on 2 and 3). The first change of a renamed group starts from the old table."""
+    store = MemoryStore()
+    old, new = StoreLeases(store), StoreLeases(store)
+    assert await old.heartbeat("default/app", SID, 4, "m1", set(), LEASE, 0) == [0, 1, 2, 3]
+    assert await old.heartbeat("default/app", SID, 4, "m2", set(), LEASE, 10) == []
+    assert await old.heartbeat("default/app", SID, 4, "m1", {0, 1, 2, 3}, LEASE, 20) == [0, 1]
+    assert await old.heartbeat("default/app", SID, 4, "m1", {0, 1}, LEASE, 30) == [0, 1]
+    assert await old.heartbeat("default/app", SID, 4, "m2", set(), LEASE, 40) == [2, 3]
+    # the brokers upgraded: the same app's group is now default/app/<id>
+    renamed = "default/app/a1b2"
+    assert await new.heartbeat(renamed, SID, 4, "m1", {0, 1}, LEASE, 100) == [0, 1]   # not m2's
+    assert await new.heartbeat(renamed, SID, 4, "m2", {2, 3}, LEASE, 110) == [2, 3]
+    assert await new.owners(renamed, SID) == {0: "m1", 1: "m1", 2: "m2", 3: "m2"}
+    # past the old leases, a renamed group of another id (the app made again) inherits nobody
+    assert await new.heartbeat("default/app/c3d4", SID, 4, "m9", set(), LEASE, 5000) == [0, 1, 2, 3]
+    await new.forget_app("default/app")   # the delete of the app drops the old table too
+    assert await store.meta_get(lease_key("default/app", SID)) is None

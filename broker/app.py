@@ -31,8 +31,8 @@ from broker.api.grpc_service import (
     AuthGate,
     SluiceServicer,
     add_servicer,
+    count_refused,
     grpc_max_message,
-    grpc_verb,
 )
 from broker.api.http import drop_waiting_writes
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
@@ -158,11 +158,8 @@ def grpc_options(settings: Settings, max_message: int) -> list[tuple[str, int]]:
 
 def _grpc_server(settings: Settings, max_message: int, broker: Broker, auth: Auth) -> grpc.aio.Server:
     # the gate first: a call without a known key is refused before anything counts or reads it
-    gate = [AuthGate(auth, broker.stats, SERVICE_NAME)] if auth.enabled else []
-
-    def refused(method: str, error: BrokerError) -> None:
-        broker.stats.observe_request("grpc", grpc_verb(method), 0.0, error)
-
+    refused = count_refused(broker.stats)
+    gate = [AuthGate(auth, refused, SERVICE_NAME)] if auth.enabled else []
     return grpc.aio.server(interceptors=[*gate, GrpcLimits(_client_limits(settings), SERVICE_NAME, refused)],
                            options=grpc_options(settings, max_message))
 

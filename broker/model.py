@@ -211,6 +211,11 @@ class Packed(Sequence[tuple[None, bytes]]):
 _data = itemgetter(1)
 
 
+def records_bytes(records: Sequence[bytes] | Packed) -> int:
+    """The payload bytes of records without keys (a list of datas, or Packed)."""
+    return len(records.blob) if type(records) is Packed else sum(map(len, records))
+
+
 def payload_bytes(items: Sequence[tuple[str | None, bytes]]) -> int:
     """The payload bytes of an AppendBatch's items."""
     if type(items) is Packed:

@@ -165,8 +165,9 @@ class AuthGate(grpc.aio.ServerInterceptor):
     calls of 10 MiB each in the broker's memory until it closed (the security probe). The role and
     the project are checked in the handler still (`authorize`), which knows the method's Action."""
 
-    def __init__(self, auth: Auth, stats: Any, service: str) -> None:
-        self._auth, self._stats = auth, stats
+    def __init__(self, auth: Auth, refused: Callable[[str, BrokerError], None], service: str) -> None:
+        """`refused(method name, error)`: told of each call refused (count_refused)."""
+        self._auth, self._refused = auth, refused
         self._prefix = f"/{service}/"
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -177,7 +178,7 @@ class AuthGate(grpc.aio.ServerInterceptor):
             try:
                 self._auth.api_key(_bearer_token(bearer))
             except BrokerError as exc:
-                self._stats.observe_request("grpc", grpc_verb(method[len(self._prefix):]), 0.0, exc)
+                self._refused(method[len(self._prefix):], exc)
                 return _refused(exc)
         return await continuation(details)
 
@@ -216,6 +217,14 @@ def grpc_verb(name: str) -> str:
     """A method's metrics verb: put_records for PutRecords; "unmatched" for a name the service
     does not have (callers choose it: one series each would grow /metrics without bound)."""
     return _snake(name) if name in _METHODS else "unmatched"
+
+
+def count_refused(stats: Any) -> Callable[[str, BrokerError], None]:
+    """What the interceptors call for a call they refuse before its handler (AuthGate, the
+    per-client limits): counted in the metrics as the handler's own errors are."""
+    def refused(method: str, error: BrokerError) -> None:
+        stats.observe_request("grpc", grpc_verb(method), 0.0, error)
+    return refused
 
 
 def _snake(name: str) -> str:

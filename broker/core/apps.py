@@ -139,12 +139,6 @@ def encode_checkpoint(seq: int, metadata: str, stream: str, app_id: str) -> byte
     return json.dumps({"seq": seq, "metadata": metadata, "stream": stream, "app_id": app_id}).encode()
 
 
-def checkpoint_app_id(raw: bytes) -> str | None:
-    """The app_id a checkpoint was committed for; None for one stored before ids were."""
-    app_id = json.loads(raw).get("app_id")
-    return app_id if isinstance(app_id, str) else None
-
-
 def checkpoint_of(raw: bytes, app_id: str | None) -> Checkpoint | None:
     """The checkpoint, if it belongs to the app whose id is `app_id` (None: no such app now):
     one committed for another incarnation of the name is None."""

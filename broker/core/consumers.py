@@ -145,7 +145,7 @@ class Consumers:
     async def _checkpoints_of(self, project: str, name: str, app_id: str) -> dict[bytes, bytes]:
         """The stored checkpoints (key -> value) of the app of that name and id."""
         return {k: v for k, v in await self._store.meta_scan(apps.checkpoint_prefix(project, name))
-                if apps.checkpoint_app_id(v) in (None, app_id)}
+                if apps.belongs(v, app_id)}
 
     async def forget_stream(self, config: StreamConfig) -> None:
         """Drop every app's checkpoints of a deleted stream, so they do not linger: one scan of

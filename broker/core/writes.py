@@ -18,7 +18,16 @@ from broker.core.stats import BrokerStats
 from broker.core.throttle import throttle_for
 from broker.core.writer import Committer
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
-from broker.model import AppendBatch, Packed, PutColumns, PutEntry, PutRecordsResult, StreamConfig, payload_bytes
+from broker.model import (
+    AppendBatch,
+    Packed,
+    PutColumns,
+    PutEntry,
+    PutRecordsResult,
+    StreamConfig,
+    payload_bytes,
+    records_bytes,
+)
 from broker.storage.base import OutcomeUnknown
 
 # (partition per record or -1, per-record failures, partition -> (record indices, (key, data) items))
@@ -32,10 +41,6 @@ def _keyless(records: Sequence[bytes] | Packed) -> Sequence[tuple[str | None, by
     if isinstance(records, Packed):
         return records
     return [(None, data) for data in records]
-
-
-def _bytes(records: Sequence[bytes] | Packed) -> int:
-    return len(records.blob) if isinstance(records, Packed) else sum(map(len, records))
 
 
 def _deleted_under(config: StreamConfig, outcomes: Sequence[object]) -> BrokerError:
@@ -383,7 +388,7 @@ class WritePath:
             throttle = self._throttle
             for p in order:
                 records = batches[p][0]
-                if not throttle.admit_whole(config.stream_id, p, len(records), _bytes(records)):
+                if not throttle.admit_whole(config.stream_id, p, len(records), records_bytes(records)):
                     out[p] = throttle.error(p)
             if out:
                 order = [p for p in order if p not in out]

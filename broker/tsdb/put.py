@@ -36,7 +36,7 @@ import msgspec
 import orjson
 
 from broker.errors import BrokerError, ErrorCode
-from broker.model import Packed, StreamConfig
+from broker.model import Packed, StreamConfig, records_bytes
 from broker.tsdb.points import (
     NAME_CACHE,
     RAW_TAGS_REMEMBERED,
@@ -487,17 +487,17 @@ class PutWrite:
                 refused = target.broker.admit(config, {p: _size(parts.get(p), extra.get(p)) for p in
                                                        parts.keys() | extra.keys()})
                 admitted = True
-                for p, error in refused.items():
-                    text = storage_exception(error)
-                    for part in (parts.pop(p, None), extra.pop(p, None)):
-                        for i in part.indices if part is not None else ():
-                            errors[i] = text
                 if refused:
+                    texts = {p: storage_exception(error) for p, error in refused.items()}
+                    for p, text in texts.items():
+                        for part in (parts.pop(p, None), extra.pop(p, None)):
+                            for i in part.indices if part is not None else ():
+                                errors[i] = text
                     # a point refused for a type that a refused point of this request gave its new
                     # series: that series holds no type, the partition's refusal is its error
                     for i, key, _, _, p, _ in g.pending:
-                        if p in refused and key in new:
-                            errors[i] = storage_exception(refused[p])
+                        if p in texts and key in new:
+                            errors[i] = texts[p]
                     new = {k: t for k, t in new.items() if partition_of[k] not in refused}
                 text = ""
                 try:
@@ -551,8 +551,7 @@ def _size(*parts: Part | PackedPart | None) -> tuple[int, int]:
     for part in parts:
         if part is not None:
             n += len(part.indices)
-            records = part.records
-            size += len(records.blob) if isinstance(records, Packed) else sum(map(len, records))
+            size += records_bytes(part.records)
     return n, size
 
 

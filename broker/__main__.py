@@ -1,7 +1,8 @@
 """`python -m broker` / `sluice-broker`: parse settings, run until SIGTERM/SIGINT. Signals live here only.
 
 Prints one line `sluice ready grpc=HOST:PORT http=HOST:PORT` (then ` tsdb=HOST:PORT` with
---tsdb-port, ` tls=on` with --tls-cert, then ` auth=on` or ` auth=off`) on stdout once the doors
+--tsdb-port, ` metrics=HOST:PORT` with --metrics-port, ` tls=on` with --tls-cert, then ` auth=on` or
+` auth=off`) on stdout once the doors
 accept connections (tests and scripts wait for it instead of sleeping). With --auth-file, SIGHUP
 re-reads the file: a file that cannot be used keeps the keys in force (the log says why, never
 naming a secret).

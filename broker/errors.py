@@ -3,7 +3,8 @@
 Every error a client can see is a row of `ErrorCode`: HTTP status, gRPC status *name* (a string,
 so the core never imports grpc), DIS error code, Timeplus (proton) error number and a message
 template. The front doors read the
-protocol columns in exactly one place each (`broker/api/render.py`). Nothing in here imports from
+protocol columns in exactly one place each (`broker/api/render.py` for the HTTP doors,
+`broker/api/grpc_render.py` for gRPC). Nothing in here imports from
 the rest of the broker.
 
 DIS codes and their meanings come from shared/spec/dis-api.md section 4. DIS answers HTTP 400 for

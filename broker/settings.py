@@ -59,7 +59,8 @@ _HELP = {
     "data_dir": "directory of the RocksDB store (created if missing)",
     "host": "address both servers bind to",
     "grpc_port": "gRPC port (0 = any free port; the chosen port is printed in the ready line)",
-    "http_port": "HTTP port of the DIS REST API (0 = any free port)",
+    "http_port": "HTTP port of every HTTP door: DIS REST, Timeplus, OpenTSDB, the SSE tail, the console, "
+                 "/metrics (0 = any free port)",
     "store": "storage engine: rocksdb (durable, default), memory (nothing survives a restart) or jetstream "
              "(records and metadata on a NATS JetStream cluster, --nats-servers; nothing kept in --data-dir)",
     "fsync": "fsync every commit, one per batch of concurrent appends (survives power loss); by default an "
@@ -213,7 +214,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
     parser = _Parser(
-        prog="sluice-broker", description="Sluice: a partitioned record-stream broker with gRPC and DIS REST APIs.",
+        prog="sluice-broker", description="Sluice: a partitioned record-stream broker with gRPC, DIS REST, Timeplus "
+                                         "and OpenTSDB APIs.",
         epilog="Every option can also be set by the environment variable shown; a flag wins over it. "
                "SIGTERM or SIGINT stops the broker gracefully.")
     defaults = Settings()

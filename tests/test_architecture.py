@@ -1,7 +1,7 @@
 """The layering and the error catalogue, checked rather than hoped for.
 
-Import direction: api -> core -> storage.base <- storage.rocks|memory; model and errors under all.
-The core never sees a wire format or a storage engine; only storage/rocks.py imports rocksdict.
+Import direction: api -> core -> storage.base <- storage.rocks|memory|jetstream; model and errors under
+all. The core never sees a wire format or a storage engine; only storage/rocks_engine.py imports rocksdict.
 """
 from __future__ import annotations
 

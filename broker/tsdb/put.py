@@ -3,7 +3,7 @@ value types checked in array order, the types of new series stored durably, then
 point appended in one `Broker.append_partitioned`, each in the partition its series key's hash
 routes to (series.SeriesForm.partition: routing.partition_for_hash of routing.key_hash).
 
-Record times (core/writes.py append_keyed): a partition's batch is stored at the write time, or at
+Record times (core/writes.py append_partitioned): a partition's batch is stored at the write time, or at
 its latest point's time when that is later, so `seq_at_time(start)` is a safe lower bound for
 every point timed `start` or later (what the query reads from). Consequences, by decision: the
 stream's retention counts from when points were written (a backfill of old points is kept like any

@@ -5,7 +5,7 @@ into one by `body_from_params`) and `/api/suggest`, answered from the points sto
 Reading. A sub-query's candidate series come from the SeriesRegistry (metric, then tag filters);
 only the partitions holding them are read (`series_partition`), each from `AT_TIMESTAMP` at the
 query's first needed time - the put path stores a batch at the time of its newest point or later
-(Broker.append_keyed), so every record before that position holds points older than the start -
+(Broker.append_partitioned), so every record before that position holds points older than the start -
 up to the partition's end when the query began (`next_seq`), in blocks of columns (`read_block`,
 no object per record). A block is decoded vectorised in Polars: records are picked by their
 exact bytes, as `record_data` lays them out (`{"metric":M,"timestamp":T,"value":V,"tags":{sorted

@@ -5,7 +5,7 @@ A series key is `metric` plus the sorted tag pairs, encoded as compact JSON
 (`["sys.cpu",[["dc","lga"],["host","web01"]]]`): tag keys and values may hold `,` and `=`, so a
 joined text would be ambiguous; JSON is not. It may be longer than the DIS partition-key limit,
 so points are routed by the key's hash (routing.key_hash, the same MD5 the DIS door uses for
-partition keys) through `Broker.append_keyed`, never by a truncated key.
+partition keys) through `Broker.append_partitioned` (put.py), never by a truncated key.
 
 Value types: "numeric" (long and double together), "string", "boolean". A series' type is fixed
 by the first point accepted for it and stored in the store's metadata before that point is

@@ -186,18 +186,6 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def format_markdown(rows: list[Row]) -> str:
-    out = [("| system | door | durability | workload | records | rec/s | MB/s | p50 ms | p99 ms | client cpu s "
-           "| server cpu s | ok |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        w3 = r.workload.startswith("W3")
-        out.append(f"| {r.system} | {r.door} | {r.durability} | {r.workload} | {r.records:,} | "
-                   f"{'-' if w3 else f'{r.rate:,.0f}'} | {'-' if w3 else f'{r.mb_s:.2f}'} | "
-                   f"{_num(r.p50_ms, '.2f')} | {_num(r.p99_ms, '.2f')} | {_num(r.client_cpu_s, '.2f')} | "
-                   f"{_num(r.server_cpu_s, '.2f')} | {'ok' if r.ok else 'FAIL ' + r.note[:60]} |")
-    return "\n".join(out)
-
-
 def ratios(rows: list[Row]) -> list[tuple[str, str, float, float, float]]:
     """(workload, peer, sluice figure, peer figure, sluice/peer) for Sluice WAL vs each peer.
 

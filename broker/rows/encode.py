@@ -386,7 +386,6 @@ class RowEncoder:
         tp = self._by_name[TP_TIME]
         # _tp_time is filled in, never defaulted to the epoch: convert it as if nullable
         tp.default = None
-        self._tp = tp
         self._tp_index = self.names.index(TP_TIME)
         event = schema.event_time_column if schema is not None else ""
         self._event = self._by_name.get(event) if event and event != TP_TIME else None

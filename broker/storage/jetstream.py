@@ -452,7 +452,6 @@ class JetStreamStore(Store):
         self._options: dict[str, Any] = {}   # how open() connected: a closed connection is opened again so
         self._reopening: asyncio.Task[None] | None = None
         self._replicas_told: set[str] = set()   # partition streams found with other replicas (logged once)
-        self.publishes = 0     # observability and tests
         self.renumbered = 0    # numbering conflicts resolved
         self.settled = 0       # unknown publish outcomes settled
         # other brokers' changes (watch): appends and catalogue events from core NATS
@@ -1156,7 +1155,6 @@ class JetStreamStore(Store):
             count = int(headers["S-N"])
             self._raise_head(sid, p, _Head(stored, head.next_seq + count, int(headers["S-Ts"])))
             self._remember(sid, p, head.next_seq, stored)
-            self.publishes += 1
             await self._announce_append(sid, p, stored, head.next_seq, count, headers["S-Ts"])
             return list(firsts)
         raise _unavailable(f"partition {sid}/{p}: numbering conflicts did not stop after {MAX_RENUMBER} tries")

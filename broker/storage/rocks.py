@@ -83,7 +83,6 @@ class RocksStore(Store):
         self._state = StorageState.OK
         self._refused_since = 0.0            # monotonic time writes began to be refused
         self._recovery: asyncio.Task[None] | None = None
-        self.appends_inline = 0    # observability and tests: appends that ran on the event loop
         self.reopens = 0           # observability and tests: reopens that made the store writable again
 
     @classmethod
@@ -185,7 +184,6 @@ class RocksStore(Store):
                 and sum(len(b.items) for b in batches) <= INLINE_APPEND_RECORDS \
                 and sum(payload_bytes(b.items) for b in batches) <= INLINE_APPEND_BYTES \
                 and all(self._engine.hwm_cached(b.stream_id, b.partition) for b in batches):
-            self.appends_inline += 1
             try:
                 return list(self._engine.append(batches))
             except BrokerError as exc:

@@ -54,9 +54,11 @@ from broker.api.http import (
     end_or_drop,
     field,
     json_response,
+    key_project,
     key_revoked,
     principal,
     query_int,
+    query_project,
     query_str,
     read_json,
     request_id,
@@ -65,7 +67,7 @@ from broker.api.http import (
 )
 from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
-from broker.auth import Action, Auth, Principal
+from broker.auth import Action, Auth
 from broker.core.broker import Broker
 from broker.core.catalogue import StreamSummary
 from broker.core.limits import check_project
@@ -91,17 +93,8 @@ _PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff
                                             "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"}
 
 
-def _project(request: web.Request) -> str:
-    who = principal(request)
-    return request.query.get("project") or (who.project if who is not None else DEFAULT_PROJECT)
-
-
 def _door(request: web.Request) -> tuple[Broker, str]:
-    return request.app[BROKER], _project(request)
-
-
-def _guard_project(request: web.Request, who: Principal) -> str:
-    return request.query.get("project") or who.project
+    return request.app[BROKER], query_project(request)
 
 
 def _counts(values: list[int], n: int) -> list[int]:
@@ -349,19 +342,19 @@ def _source_row(source: Source) -> dict[str, Any]:
 
 
 async def list_sources(request: web.Request) -> web.Response:
-    project = check_project(_project(request))   # like every other route: a bad name is a 400, not []
+    project = check_project(query_project(request))   # like every other route: a bad name is a 400, not []
     return json_response({"sources": [_source_row(s) for s in await request.app[SOURCES].find_all(project)]})
 
 
 @_not_cross_site
 async def start_source(request: web.Request) -> web.Response:
-    source = await request.app[SOURCES].start_source(check_project(_project(request)), request.match_info["id"])
+    source = await request.app[SOURCES].start_source(check_project(query_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 
 @_not_cross_site
 async def stop_source(request: web.Request) -> web.Response:
-    source = await request.app[SOURCES].stop_source(check_project(_project(request)), request.match_info["id"])
+    source = await request.app[SOURCES].stop_source(check_project(query_project(request)), request.match_info["id"])
     return json_response(_source_row(source))
 
 
@@ -449,7 +442,7 @@ def build_app(broker: Broker, config: HttpConfig, sources: Sources, auth: Auth |
     app = door_app(broker, config, TIMEPLUS)
     app[SOURCES] = sources
     app[ASSET_FILES] = _load_assets()
-    guard = api_key_guard(auth, _guard_project) if auth is not None and auth.enabled else None
+    guard = api_key_guard(auth, key_project) if auth is not None and auth.enabled else None
     add_routes(app, ROUTES, guard)
     app.router.add_get("", redirect)
     app.router.add_get("/", asset)

@@ -37,6 +37,7 @@ from broker.api import coding
 from broker.auth import Action, Auth, Principal
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, client_error, server_error
+from broker.model import DEFAULT_PROJECT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -276,6 +277,19 @@ def principal(request: web.Request) -> Principal | None:
     """Who made the request, when the broker checks credentials (None on an open broker)."""
     found: Principal | None = request.get(_PRINCIPAL_SLOT)
     return found
+
+
+def key_project(request: web.Request, who: Principal) -> str:
+    """The project a request names in `?project=P`, else its API key's own (the console's and the
+    tail's rule; what `api_key_guard` checks the key against)."""
+    return request.query.get("project") or who.project
+
+
+def query_project(request: web.Request) -> str:
+    """The project a request acts in: `?project=P`, else the key's own, else `default` on an open
+    broker (the console and the tail)."""
+    who = principal(request)
+    return key_project(request, who) if who is not None else request.query.get("project") or DEFAULT_PROJECT
 
 
 # -- request bodies -------------------------------------------------------------------------------

@@ -36,9 +36,10 @@ from broker.api.http import (
     client_gone,
     door_app,
     end_or_drop,
+    key_project,
     key_revoked,
-    principal,
     query_int,
+    query_project,
     request_id,
     required_query,
     revoked_error,
@@ -46,10 +47,9 @@ from broker.api.http import (
 )
 from broker.api.limits import subscriber
 from broker.api.render import DIS_SHAPED
-from broker.auth import Action, Auth, Principal
+from broker.auth import Action, Auth
 from broker.core.broker import Broker
 from broker.errors import BrokerError, ErrorCode, server_error
-from broker.model import DEFAULT_PROJECT
 
 PREFIX = "/sluice"
 FIRST_BATCH_S = 0.05   # the headers wait at most this long for the first batch (or a bad cursor's error)
@@ -60,8 +60,7 @@ WATCH_S = 1.0          # while the partition is quiet, how often the tail checks
 async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query
-    who = principal(request)
-    project = q.get("project") or (who.project if who is not None else DEFAULT_PROJECT)
+    project = query_project(request)
     cursor = q.get("partition-cursor") or await broker.get_cursor(
         required_query(request, "stream-name"), required_query(request, "partition-id"),
         q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), query_int(request, "timestamp"),
@@ -126,13 +125,9 @@ async def tail(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _project(request: web.Request, who: Principal) -> str:
-    return request.query.get("project") or who.project
-
-
 def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> web.Application:
     """The tail door, mounted at `PREFIX`; its errors are DIS bodies like its payloads."""
     app = door_app(broker, config, DIS_SHAPED)
-    guard = api_key_guard(auth, _project) if auth is not None and auth.enabled else None
+    guard = api_key_guard(auth, key_project) if auth is not None and auth.enabled else None
     app.router.add_get("/v1/tail", tail if guard is None else functools.update_wrapper(guard(tail, Action.READ), tail))
     return app

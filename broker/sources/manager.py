@@ -174,7 +174,7 @@ class Sources:
         if not isinstance(type_name, str) or type_name not in TYPES:
             raise bad("type", f"[{str(type_name)[:64]}] is not a source type here; use one of: {', '.join(TYPES)}")
         stream, description, properties = self._fields(project, body, None)
-        self._checked(project, type_name, stream, properties)
+        await self._checked(project, type_name, stream, properties)
         now = self._now()
         d = SourceDef(project, str(uuid.uuid4()), name, type_name, stream, description, properties, RUNNING,
                       now, now, now)
@@ -257,7 +257,7 @@ class Sources:
                                        detail=f"a source's type cannot change (it is {d.type}): create another")
                 name = d.name if body.get("name") is None else self._name(body["name"])
                 stream, description, properties = self._fields(project, body, d)
-                self._checked(project, d.type, stream, properties)
+                await self._checked(project, d.type, stream, properties)
                 self._refuse_taken(project, name, d.id)
                 await self._refuse_taken_elsewhere(project, name, d.id)
                 new = d.with_(name=name, stream=stream, description=description, properties=properties,
@@ -295,7 +295,7 @@ class Sources:
                     if key not in self._tasks:
                         await self._run(d)
                     return Source(d, self._states[key]), []
-                self._checked(project, d.type, d.stream, d.properties)
+                await self._checked(project, d.type, d.stream, d.properties)
                 new = d.with_(wanted=RUNNING, started_ms=self._now())
                 if await self._replace(key, raw, new.to_json()):
                     self._defs[key] = new
@@ -402,15 +402,18 @@ class Sources:
             raise bad("properties", "is required: an object of the source type's properties")
         return stream, description, properties
 
-    def _checked(self, project: str, type_name: str, stream: str, properties: dict[str, Any]) -> Any:
-        """The type's config, after every check: properties, then the target stream."""
+    async def _checked(self, project: str, type_name: str, stream: str, properties: dict[str, Any]) -> Any:
+        """The type's config, after every check: properties, then the target stream (on a shared
+        store, one created through another broker a moment ago too)."""
         stype = TYPES.get(type_name)
         if stype is None:   # stored by a broker that knew more types
             raise bad("type", f"[{type_name[:64]}] is not a source type here; use one of: {', '.join(TYPES)}")
         config = stype.configure(Props(properties))
         try:
-            target = self.broker.catalogue.get(project, stream)
-        except BrokerError:
+            target = await self.broker.stream_config(stream, project=project)
+        except BrokerError as exc:
+            if exc.code not in (ErrorCode.STREAM_NOT_FOUND, ErrorCode.INVALID_REQUEST):
+                raise   # the store unavailable: not a verdict on the stream
             raise bad("stream", f"stream [{stream[:200]}] does not exist in project [{project}]; create it "
                                 "first") from None
         check_target(target, stype.data_type(config))

@@ -47,9 +47,10 @@ class Sink:
         self._encoder: RowEncoder | None = None
         self._stream_id = -1
 
-    def target(self) -> StreamConfig:
-        """The target stream now; STREAM_NOT_FOUND when it is gone (the job fails and retries)."""
-        return self.broker.catalogue.get(self.project, self.stream)
+    async def target(self) -> StreamConfig:
+        """The target stream now; STREAM_NOT_FOUND when it is gone (the job fails and retries). On a
+        shared store, one created through another broker is found there (its event may be late)."""
+        return await self.broker.stream_config(self.stream, project=self.project)
 
     def _encoder_for(self, config: StreamConfig) -> RowEncoder:
         if self._encoder is None or self._stream_id != config.stream_id:
@@ -72,7 +73,7 @@ class Sink:
                     continue
                 objects.append(value)
             return await self._append_objects(objects)
-        config = self.target()
+        config = await self.target()
         if config.schema is None:   # a plain log: a text message's bytes as they are, UTF-8 or not
             return await self._append(config, [p if isinstance(p, bytes) else p.encode(errors="surrogatepass")
                                                for p in payloads])
@@ -95,7 +96,7 @@ class Sink:
     async def _append_objects(self, objects: list[dict]) -> int:
         if not objects:
             return 0
-        config = self.target()
+        config = await self.target()
         now_ms = time.time_ns() // 1_000_000
         if config.schema is None:   # a plain log: the object itself is the record
             return await self._append(config, [orjson.dumps(o) for o in objects])
@@ -109,7 +110,7 @@ class Sink:
     async def _append_texts(self, texts: list[str]) -> int:
         if not texts:
             return 0
-        config = self.target()
+        config = await self.target()
         now_ms = time.time_ns() // 1_000_000
         encoder = self._encoder_for(config)
         if not encoder.takes_text:   # the stream was recreated without `raw`: a failure, not bad messages

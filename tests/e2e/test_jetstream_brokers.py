@@ -207,6 +207,23 @@ def test_typed_rows_ingested_through_b_into_a_stream_just_created_through_a(
         assert [json.loads(r.data)["v"] for r in records] == [1, 2]
 
 
+def test_a_source_created_through_b_on_a_stream_just_created_through_a(
+        pair: tuple[BrokerProcess, BrokerProcess], name: str) -> None:
+    """B checked a source's stream in its own catalogue only: "stream [x] does not exist" until
+    A's event came (the audit, from the code); B's sink did the same."""
+    a, b = pair
+    columns = [{"name": "device", "type": "string"}, {"name": "number", "type": "float64"},
+               {"name": "time", "type": "datetime64(3)"}]
+    assert post(a, "/api/v1beta2/streams", {"name": name, "columns": columns}) == 201
+    source = {"name": name, "type": "stream_generator", "stream": name,
+              "properties": {"template": "iot", "interval": "20ms"}}
+    status, answer = rest(b, "POST", "/api/v1beta2/sources", source)
+    assert status == 201, answer
+    with Client(a.grpc_target) as ca:
+        eventually(lambda: len(ca.get_records(ca.get_cursor(name, 0, "TRIM_HORIZON")).records) >= 3)
+    assert rest(b, "DELETE", f"/api/v1beta2/sources/{answer['id']}")[0] in (200, 204)
+
+
 def test_both_brokers_writing_both_brokers_pushing_every_record_once_in_order(
         pair: tuple[BrokerProcess, BrokerProcess], name: str) -> None:
     """Producers on A and on B append to the same two partitions at once (numbering conflicts,

@@ -40,6 +40,11 @@ class ErrorCode(Enum):
     CURSOR_RECORD_EXPIRED  = (400, "OUT_OF_RANGE",        "DIS.4226",   36,
                               "The record the cursor points at has expired [{seq}], the earliest retained is "
                               "[{earliest}]; get a new cursor")
+    # An OpenTSDB put whose body holds no points to check (shared/spec/tsdb-put.md section 4):
+    # OpenTSDB's own messages; what did not parse is the `details` the OpenTSDB door shows beside
+    PUT_NO_CONTENT         = (400, "INVALID_ARGUMENT",    "DIS.4202",   36, "Missing request content")
+    PUT_BAD_JSON           = (400, "INVALID_ARGUMENT",    "DIS.4300",  117, "Unable to parse the given JSON")
+    PUT_NO_POINTS          = (400, "INVALID_ARGUMENT",    "DIS.4202",   36, "No datapoints found in content")
     BAD_BODY               = (400, "INVALID_ARGUMENT",    "DIS.4300",  117, "Request error. {detail}")
     TIMESTAMP_EXPIRED      = (400, "OUT_OF_RANGE",        "DIS.4300",   36,
                               "timestamp is expired, timestamp should be larger than {earliest}")

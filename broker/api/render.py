@@ -76,9 +76,9 @@ TIMEPLUS = TimeplusRenderer()
 
 class TsdbRenderer:
     """OpenTSDB error objects `{"error": {"code": <HTTP status>, "message"}}` plus the row's `reason`
-    (shared/spec/tsdb-put.md section 4), as `application/json; charset=UTF-8`. The put's own
-    answers (points with errors, a body that does not parse) are built by the door with the spec's
-    exact strings; this spells the catalogue rows (routing, body size and timeout, query errors).
+    (shared/spec/tsdb-put.md section 4), as `application/json; charset=UTF-8`, and `details` when
+    the error has them (a put's body that does not parse). The put's report of points with errors
+    is built by the door with the spec's exact strings, as are its summary and details answers.
     A failed point of a put whose storage refused it: rule 9's `Storage exception: <reason>`."""
 
     content_type = "application/json; charset=UTF-8"
@@ -87,7 +87,11 @@ class TsdbRenderer:
         return error.code.http_status
 
     def body(self, error: BrokerError) -> dict[str, Any]:
-        return {"error": {"code": error.code.http_status, "message": error.message}, "reason": error.code.reason}
+        inner: dict[str, Any] = {"code": error.code.http_status, "message": error.message}
+        details = error.fields.get("details")
+        if details is not None:   # what OpenTSDB says beside its message (a put's body that did not parse)
+            inner["details"] = details
+        return {"error": inner, "reason": error.code.reason}
 
     def record_failure(self, error: BrokerError) -> dict[str, Any]:
         return {"error": f"Storage exception: {error.message}", "reason": error.code.reason}

@@ -67,13 +67,6 @@ def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, headers={"Content-Type": CONTENT_TYPE})
 
 
-def _error(message: str, details: str | None = None, status: int = 400) -> web.Response:
-    error: dict[str, Any] = {"code": status, "message": message}
-    if details is not None:
-        error["details"] = details
-    return _json({"error": error}, status)
-
-
 def _flags(request: web.Request) -> set[str]:
     """The names in the raw query string: flags are valueless (`?summary`, `?summary=false` are on)."""
     return {unquote_plus(part.split("=", 1)[0]) for part in request.rel_url.raw_query_string.split("&") if part}
@@ -160,7 +153,7 @@ async def put(request: web.Request) -> web.StreamResponse:
         return await _timed_out(body, details, summary, request)
     write = made.result()
     if isinstance(write, BadBody):
-        return _error(write.message, write.details)
+        raise write.error()
     return await _answer(request, body, details, summary, write.errors, lambda: write.stored, write.success)
 
 
@@ -258,7 +251,7 @@ async def _timed_out(body: bytes, details: bool, summary: bool, request: web.Req
     try:
         points = await _points_of(body)
     except BadBody as exc:
-        return _error(exc.message, exc.details)
+        raise exc.error() from None
     n = len(points)
     return await _answer(request, body, details, summary, [None] * n, lambda: [False] * n, 0)
 

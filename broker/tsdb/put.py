@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence, cast
 import msgspec
 import orjson
 
-from broker.errors import BrokerError, ErrorCode
+from broker.errors import BrokerError, ClientError, ErrorCode, client_error
 from broker.model import Packed, StreamConfig, records_bytes
 from broker.tsdb.points import (
     NAME_CACHE,
@@ -54,11 +54,15 @@ from broker.tsdb.series import DOUBLE, NUMERIC, TYPE_OF, SeriesForm, TsdbStream
 
 
 class BadBody(Exception):
-    """A body that holds no points to check (section 1): its message and details; nothing stored."""
+    """A body that holds no points to check (section 1), nothing stored: its catalogue row and what
+    did not parse. A value (a worker sends it back as such), made the door's error by `error()`."""
 
-    def __init__(self, message: str, details: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.details = message, details
+    def __init__(self, code: ErrorCode, details: str | None = None) -> None:
+        super().__init__(code.template)
+        self.code, self.details = code, details
+
+    def error(self) -> ClientError:
+        return client_error(self.code) if self.details is None else client_error(self.code, details=self.details)
 
 
 def parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
@@ -77,19 +81,19 @@ def parse(body: bytes) -> tuple[list[Any], list[str | None], list[Checked]]:
 def points_of(body: bytes) -> list[Any]:
     """The points of a body as received (one object: a list of it). Raises BadBody."""
     if not body.strip():
-        raise BadBody("Missing request content")
+        raise BadBody(ErrorCode.PUT_NO_CONTENT)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:   # strict JSON: bare NaN/Infinity are refused here
-        raise BadBody("Unable to parse the given JSON", str(exc)) from None
+        raise BadBody(ErrorCode.PUT_BAD_JSON, str(exc)) from None
     if isinstance(parsed, dict):
         raw = [parsed]
     elif isinstance(parsed, list):
         raw = parsed
     else:
-        raise BadBody("Unable to parse the given JSON", "expected an array of data points or one data point object")
+        raise BadBody(ErrorCode.PUT_BAD_JSON, "expected an array of data points or one data point object")
     if not raw:
-        raise BadBody("No datapoints found in content")
+        raise BadBody(ErrorCode.PUT_NO_POINTS)
     return raw
 
 

@@ -38,6 +38,7 @@ import sys
 from array import array
 from typing import Any
 
+from broker.errors import ErrorCode
 from broker.model import Packed
 from broker.tsdb.put import BadBody, Grouped, PackedPart, Part, sort
 from broker.tsdb.series import SeriesRegistry
@@ -237,7 +238,7 @@ class TsdbWorkers:
 def _grouped(answer: Any, stream_id: int, partition_count: int) -> Grouped | BadBody:
     """A worker's answer made a Grouped (or a BadBody); any other shape raises."""
     if answer[0] == "bad":
-        return BadBody(answer[1], answer[2])
+        return BadBody(ErrorCode[answer[1]], answer[2])
     tag, n, failed, parts, pending = answer
     if tag != "ok":
         raise ValueError(f"a worker's answer tagged {tag!r}")
@@ -278,7 +279,7 @@ def _work(known: dict[str, str], header: tuple[Any, ...], body: bytes) -> tuple[
     try:
         g = sort(body, stream_id, partition_count, known, max_record_bytes)
     except BadBody as exc:
-        return "bad", exc.message, exc.details
+        return "bad", exc.code.name, exc.details
     errors = g.errors
     failed = [] if errors.count(None) == len(errors) else [(i, e) for i, e in enumerate(errors) if e is not None]
     parts = []

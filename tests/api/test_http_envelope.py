@@ -162,7 +162,8 @@ def test_an_unknown_expectation_is_ignored_and_the_door_answers(broker, expect: 
     assert "stream_names" in reply.json
     reply = exchange(broker, request("POST", "/api/put", [("Expect", expect), ("Content-Length", "2")], b"[]"))
     assert reply.status == 400
-    assert reply.json == {"error": {"code": 400, "message": "No datapoints found in content"}}
+    assert reply.json == {"error": {"code": 400, "message": "No datapoints found in content"},
+                          "reason": "PUT_NO_POINTS"}
 
 
 def test_an_unknown_expectation_beside_a_header_that_is_not_utf8(broker) -> None:

@@ -147,6 +147,18 @@ def test_request_errors_by_reason(running: BrokerProcess) -> None:
         ("METHOD_NOT_ALLOWED", 1), ("UNKNOWN_ROUTE", 1)], unrouted
 
 
+def test_an_opentsdb_put_whose_body_holds_no_points_is_a_request_error(running: BrokerProcess) -> None:
+    """The door built these answers itself: they were neither rows of the catalogue nor counted."""
+    for body in (b"[]", b"{not json", b"[]"):
+        request = urllib.request.Request(running.http_url + "/api/put", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 400
+        refused.value.close()
+    m = scrape(running.http_url)
+    assert value(m, "sluice_request_errors_total", door="tsdb", reason="PUT_NO_POINTS") == 2
+    assert value(m, "sluice_request_errors_total", door="tsdb", reason="PUT_BAD_JSON") == 1
+
 def test_records_read_by_a_bounded_query_count_as_out(running: BrokerProcess) -> None:
     """A `table()` scan reads the records as a streaming query does; both count in records_out."""
     with Client(f"127.0.0.1:{running.grpc_port}") as c:

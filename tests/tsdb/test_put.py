@@ -204,9 +204,13 @@ def test_5_8_bad_bodies_store_nothing(broker: BrokerProcess, query: str, raw: by
     reply = put(broker, None, query, raw=raw)
     body = check_json(reply, 400)
     assert body["error"]["code"] == 400 and body["error"]["message"] == message, body
+    reason = {"Missing request content": "PUT_NO_CONTENT", "No datapoints found in content": "PUT_NO_POINTS",
+              "Unable to parse the given JSON": "PUT_BAD_JSON"}[message]
     if message != "Unable to parse the given JSON":
-        assert body == {"error": {"code": 400, "message": message}}
-    assert set(body) == {"error"}
+        assert body == {"error": {"code": 400, "message": message}, "reason": reason}
+    else:   # what did not parse, beside OpenTSDB's message
+        assert set(body["error"]) == {"code", "message", "details"} and body["error"]["details"]
+    assert set(body) == {"error", "reason"} and body["reason"] == reason
     assert [p for p in points_of(broker, "m") if p["tags"] == {"h": "a"}] == []
 
 

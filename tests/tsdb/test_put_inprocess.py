@@ -286,7 +286,7 @@ async def test_a_body_that_holds_no_points_says_so_even_when_the_wait_runs_out(c
     padded = "[" + " " * OFFLOAD_BYTES + "]"
     resp = await client.post("/api/put?summary&sync_timeout=20", data=io.BytesIO(padded.encode()))
     assert (resp.status, await resp.json()) == \
-        (400, {"error": {"code": 400, "message": "No datapoints found in content"}})
+        (400, {"error": {"code": 400, "message": "No datapoints found in content"}, "reason": "PUT_NO_POINTS"})
 
 
 # -- the details answer -----------------------------------------------------------------------------

@@ -216,10 +216,30 @@ _DIGITS = re.compile(r"[0-9]{1,30}")   # int() of more digits than 4300 is a Val
 _NUMBER = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,12})?")
 
 
+# The one database a Timeplus workspace has: `default.s` is the workspace's `s`.
+WORKSPACE_DATABASE = "default"
+
+
+def _stream_name(node: exp.Column | exp.Table | exp.Identifier) -> str:
+    """A stream's name as the query names it. A qualified name must name the workspace's own
+    database (`default.s`): any other qualifier (`p1.s`, another project's name) is an unknown
+    stream, never the workspace's `s` read in its place - a query reads its own workspace only."""
+    if isinstance(node, exp.Column):
+        parts = [node.args.get("catalog"), node.args.get("db"), node.args.get("table")]
+    elif isinstance(node, exp.Table):
+        parts = [node.args.get("catalog"), node.args.get("db")]
+    else:
+        parts = []
+    qualifiers = [p.name for p in parts if p is not None]
+    if qualifiers and qualifiers != [WORKSPACE_DATABASE]:
+        raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=".".join([*qualifiers, node.name])[:200])
+    return node.name
+
+
 def _stream_arg(node: exp.Expression) -> tuple[str, bool]:
     """`s` or `table(s)` -> (name, bounded)."""
     if isinstance(node, (exp.Column, exp.Table, exp.Identifier)) and node.name:
-        return node.name, False
+        return _stream_name(node), False
     if isinstance(node, exp.Anonymous) and node.name.lower() == "table" and len(node.expressions) == 1:
         return _stream_arg(node.expressions[0])[0], True
     raise _syntax(f"expected a stream name, got {node.sql('clickhouse')}")
@@ -235,7 +255,7 @@ def _source(tree: exp.Select) -> tuple[str, bool, exp.Anonymous | None]:
         raise _unsupported(f"FROM {table.sql('clickhouse')}")
     inner = table.this
     if isinstance(inner, exp.Identifier):
-        return inner.name, False, None
+        return _stream_name(table), False, None
     if isinstance(inner, exp.Anonymous):
         name = inner.name.lower()
         if name == "table":

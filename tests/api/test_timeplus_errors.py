@@ -175,6 +175,23 @@ def test_a_stream_of_another_workspace_is_unknown(broker, door, typed):
     tp_error(other.call("POST", "/queries", {"sql": f"select n from {typed}"}), code=ErrorCode.STREAM_NOT_FOUND)
 
 
+@pytest.mark.parametrize("src", ["{ws}.{s}", "table({ws}.{s})", "tumble({ws}.{s}, 5s)", "`{ws}.{s}`",
+                                 "table(x.default.{s})"])
+def test_a_stream_named_with_another_workspace_is_unknown_not_this_one(broker, door, typed, src):
+    """Each workspace has a stream of the name: one naming the other's (`ws.s`) reads neither -
+    never this workspace's `s` in the other's place; `default.s` (the workspace's database) is its own."""
+    other = Door(broker, new_name("ws"))
+    other.create(typed, TYPED)
+    assert other.ingest(typed, {"columns": ["name"], "data": [["mine"]]}).status == 200
+    assert door.ingest(typed, {"columns": ["name"], "data": [["theirs"]]}).status == 200
+    sql = f"select name from {src.format(ws=door.ws, s=typed)}"
+    if "tumble" in sql:
+        sql = f"select count(*) from {src.format(ws=door.ws, s=typed)} group by window_start"
+    body = tp_error(other.call("POST", "/queries", {"sql": sql}), code=ErrorCode.STREAM_NOT_FOUND)
+    assert typed in body["message"]
+    assert other.rows(f"select name from table(default.{typed})") == [["mine"]]
+
+
 @pytest.mark.parametrize("sql", ["select nope from {s}", "select n from {s} where nope > 1",
                                  "select n, upper(nope) as u from {s}", "select n from table({s}) where nope = 'x'"])
 def test_unknown_column_is_a_4xx_naming_it(door, typed, sql):

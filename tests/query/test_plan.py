@@ -132,9 +132,21 @@ def test_aggregate_types_and_names() -> None:
     ("select s from t where s like s", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t union all select * from t", ErrorCode.UNSUPPORTED_SQL),
     ("select * from nowhere", ErrorCode.STREAM_NOT_FOUND),
+    # a qualifier other than the workspace's database `default` names another workspace's stream
+    ("select * from p1.t", ErrorCode.STREAM_NOT_FOUND),
+    ("select * from table(p1.t)", ErrorCode.STREAM_NOT_FOUND),
+    ("select count(*) from tumble(p1.t, 5s) group by window_start", ErrorCode.STREAM_NOT_FOUND),
+    ("select * from c.default.t", ErrorCode.STREAM_NOT_FOUND),
+    ("select * from `p1.t`", ErrorCode.STREAM_NOT_FOUND),
 ])
 def test_errors(sql: str, code: ErrorCode) -> None:
     assert error(sql) == code
+
+
+def test_the_workspace_database_qualifier_names_the_stream() -> None:
+    for sql in ("select * from default.t", "select * from table(default.t)",
+                "select count(*) from tumble(default.t, 5s) group by window_start"):
+        assert plan(sql).stream == "t", sql
 
 
 def test_select_without_from() -> None:

@@ -249,7 +249,16 @@ class StreamCatalogue:
         if task.cancelled() or task.exception() is not None:
             del self._summaries[project]
         else:
-            self._summaries[project] = (asyncio.get_running_loop().time(), task)
+            loop = asyncio.get_running_loop()
+            self._summaries[project] = (loop.time(), task)
+            # dropped once stale (the next caller computes it again anyway): a project name is
+            # anything a request names, so entries kept for good would grow without bound
+            loop.call_later(SUMMARY_TTL_S, self._expire, project, task)
+
+    def _expire(self, project: str, task: asyncio.Task[list[StreamSummary]]) -> None:
+        held = self._summaries.get(project)
+        if held is not None and held[1] is task:
+            del self._summaries[project]
 
     async def _summarise(self, project: str) -> list[StreamSummary]:
         configs = [self._streams[(project, name)] for name in sorted(name for p, name in self._streams if p == project)]

@@ -87,6 +87,27 @@ async def test_one_store_call_shared_by_concurrent_callers_and_kept_until_a_chan
         await broker.close()
 
 
+async def test_answers_of_projects_nobody_asks_again_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The project is any name a request gives (the console's `?project=`): an answer is dropped
+    once stale, so asking for many names grows nothing for good."""
+    monkeypatch.setattr(catalogue, "SUMMARY_TTL_S", 0.05)
+    store = CountingStore()
+    broker = await _broker(store)
+    try:
+        await broker.create_stream("s", 1, project="kept")
+        for i in range(100):
+            assert await broker.stream_summaries(project=f"nobody{i}") == []
+        assert len(broker.catalogue._summaries) == 100
+        await asyncio.sleep(0.2)
+        assert broker.catalogue._summaries == {}
+        before = store.many
+        assert [s.config.stream_name for s in await broker.stream_summaries(project="kept")] == ["s"]
+        assert [s.config.stream_name for s in await broker.stream_summaries(project="kept")] == ["s"]
+        assert store.many == before + 1   # still shared within the TTL
+    finally:
+        await broker.close()
+
+
 async def test_a_stream_deleted_while_its_bounds_are_read_is_left_out() -> None:
     store = CountingStore()
     broker = await _broker(store)

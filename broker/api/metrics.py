@@ -94,10 +94,11 @@ class BrokerCollector(Collector):
         self._sized_at = -STORE_SIZE_EVERY_S
         self._refreshing = asyncio.Lock()
 
-    async def refresh(self) -> None:
-        """What needs the store, gathered before a scrape: consumer lag, the store's size."""
+    async def refresh(self, project: str | None = None) -> None:
+        """What needs the store, gathered before a scrape: consumer lag (of `project` only, when
+        given: a key's scrape shows its own project's), the store's size."""
         async with self._refreshing:
-            self._lag, self._lag_left_out = await self.broker.consumers.lag_snapshot(MAX_LAG_SERIES)
+            self._lag, self._lag_left_out = await self.broker.consumers.lag_snapshot(MAX_LAG_SERIES, project)
             if self.data_dir and time.monotonic() - self._sized_at >= STORE_SIZE_EVERY_S:
                 self._sized_at = time.monotonic()
                 self._store_size = await asyncio.to_thread(_directory_size, self.data_dir)
@@ -300,8 +301,8 @@ class Exporter:
             if who.role is not Role.ADMIN:
                 raise client_error(ErrorCode.PERMISSION_DENIED, detail="/metrics takes an admin API key")
             project = who.project
-        await self.collector.refresh()
-        frozen = self.collector.frozen()
+        await self.collector.refresh(project)
+        frozen = self.collector.frozen()   # at once, no await between: the lag just gathered for `project`
         scrape = CollectorRegistry(auto_describe=False)
         scrape.register(frozen if project is None else _OneProject(frozen, project))
         # off the loop: 100,000 partitions are 400,000 series, ~2 s of formatting that would stall

@@ -217,21 +217,25 @@ class Consumers:
         if doomed:
             await self._store.meta_write(doomed)
 
-    async def lag_snapshot(self, max_series: int) -> tuple[list[tuple[str, str, str, int, int]], int]:
+    async def lag_snapshot(self, max_series: int, project: str | None = None,
+                           ) -> tuple[list[tuple[str, str, str, int, int]], int]:
         """Every checkpoint's lag, for metrics: (project, app, stream name, partition, records after
         the checkpoint), at most `max_series` of them (in key order), and how many were left out.
-        Checkpoints of deleted streams are skipped."""
+        With `project`, that project's checkpoints only (a key's scrape: other projects' neither
+        take its series' places nor count as left out). Checkpoints of deleted streams are skipped."""
         out: list[tuple[str, str, str, int, int]] = []
         left_out = 0
+        app_scan = apps.APP_KIND if project is None else apps.app_prefix(project)
+        checkpoint_scan = apps.CHECKPOINT_KIND if project is None else apps.checkpoint_project_prefix(project)
         app_ids = {key[1:]: apps.decode_app("", raw).app_id   # project \0 name -> app_id
-                   for key, raw in await self._store.meta_scan(apps.APP_KIND)}
-        for key, raw in await self._store.meta_scan(apps.CHECKPOINT_KIND):
+                   for key, raw in await self._store.meta_scan(app_scan)}
+        for key, raw in await self._store.meta_scan(checkpoint_scan):
             sid, p = apps.checkpoint_ref(key)
             config = self._catalogue.by_id(sid)
             if config is None or p >= config.readable_partition_count:
                 continue
-            project, app = key[1:-12].split(b"\0")[:2]
-            checkpoint = apps.checkpoint_of(raw, app_ids.get(project + b"\0" + app))
+            owner, app = key[1:-12].split(b"\0")[:2]
+            checkpoint = apps.checkpoint_of(raw, app_ids.get(owner + b"\0" + app))
             if checkpoint is None:   # of an app deleted (maybe made again) through another broker
                 continue
             if len(out) >= max_series:
@@ -239,7 +243,7 @@ class Consumers:
                 continue
             b = await self._store.bounds(sid, p)
             state = PartitionConsumerState(p, checkpoint, b.first_seq, b.last_seq)
-            out.append((project.decode(), app.decode(), config.stream_name, p, state.lag))
+            out.append((owner.decode(), app.decode(), config.stream_name, p, state.lag))
         return out, left_out
 
     async def consumer_state(self, project: str, app_name: object, stream_name: object,

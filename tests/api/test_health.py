@@ -4,6 +4,7 @@ verbs of the Timeplus and OpenTSDB doors, open subscriptions, sources' counters 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.api import metrics
 from broker.api.http_app import build_http_app
 from broker.core.broker import Broker
+from broker.model import PutEntry
 from broker.sources.manager import Sources
 from broker.storage.base import StorageState
 from broker.storage.memory import MemoryStore
@@ -110,8 +112,6 @@ async def test_doors_subscriptions_and_sources(broker: Broker) -> None:
 async def test_partition_series_follow_scaling(broker: Broker) -> None:
     """A scale-down keeps the DELETED partition's series (readable until retention); a scale-up
     adds the new partition's; the DIS series answers for both."""
-    from broker.model import PutEntry
-
     async with TestClient(TestServer(build_http_app(broker, body_timeout_s=5))) as client:
         await broker.create_stream("sc", 3)
         await broker.put_records("sc", [PutEntry(b"abc", partition_id="2")])
@@ -166,3 +166,27 @@ async def test_a_scrape_of_many_partitions_does_not_stall_the_event_loop() -> No
         assert max(gaps) < took / 2, (max(gaps), took)
     finally:
         await b.close()
+
+
+async def test_an_admin_key_s_lag_series_are_its_project_s_whatever_other_projects_hold(
+        broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lag series are capped per scrape: the cap (and the count left out) is over the scraping
+    key's project, so other projects' checkpoints neither crowd its series out nor show in the count."""
+    from broker.auth import Auth
+
+    monkeypatch.setattr(metrics, "MAX_LAG_SERIES", 2)
+    auth_file = tmp_path / "auth.toml"
+    auth_file.write_text('[[api_keys]]\nkey = "key-of-p2"\nworkspace = "p2"\nrole = "admin"\n')
+    for project, partitions in (("a", 3), ("p2", 1)):   # "a" sorts first in the store
+        await broker.create_stream("s", partitions, project=project)
+        await broker.create_app("app", project=project)
+        for p in range(partitions):
+            await broker.put_records("s", [PutEntry(b"x", partition_id=str(p))] * 2, project=project)
+            await broker.commit_checkpoint("app", "s", str(p), "0", project=project)
+    async with TestClient(TestServer(build_http_app(broker, body_timeout_s=5, auth=Auth(str(auth_file))))) as client:
+        reply = await client.get("/metrics", headers={"X-Api-Key": "key-of-p2"})
+        assert reply.status == 200, await reply.text()
+        m = families(await reply.text())
+    lag = {labels: v for (n, labels), v in m.items() if n == "sluice_consumer_lag_records"}
+    assert lag == {frozenset({("project", "p2"), ("app", "app"), ("stream", "s"), ("partition", "0")}): 1}
+    assert m[("sluice_consumer_lag_series_left_out", frozenset())] == 0

@@ -592,8 +592,11 @@ class SluiceServicer:
                 try:
                     if refused is not None:
                         raise refused
-                    if self._auth is not None:   # the call may outlive its key (the auth file is re-read on SIGHUP)
-                        project = authorize(self._auth, context, Action.WRITE)
+                    # the call may outlive its key (the auth file is re-read on SIGHUP): a removed key
+                    # raises, and one bound to another project now must not write there (as Subscribe)
+                    if self._auth is not None and authorize(self._auth, context, Action.WRITE) != project:
+                        raise client_error(ErrorCode.PERMISSION_DENIED,
+                                           detail="the key is bound to another project now")
                     response.result.CopyFrom(await self._put_records(request, project, handed))
                 except BrokerError as exc:
                     error = exc

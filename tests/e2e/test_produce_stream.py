@@ -223,6 +223,46 @@ def test_each_batch_is_authorized_so_a_revoked_key_stops_writing(start_broker: C
     assert outcome.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
+def test_a_key_rebound_to_another_project_stops_writing_not_writes_there(
+        start_broker: Callable[..., BrokerProcess], tmp_path: Path, stream_name: str) -> None:
+    """The call was opened in the key's project p1: after a reload binds the key to p2 (which has a
+    stream of the same name), its batches are refused, never appended to p2's stream."""
+    producer, admins = "p" * 60, {"1" * 60: "p1", "2" * 60: "p2"}
+
+    def auth_file(workspace: str) -> str:
+        return "".join([f'[[api_keys]]\nkey = "{k}"\nworkspace = "{w}"\nrole = "admin"\n' for k, w in admins.items()]
+                       + [f'[[api_keys]]\nkey = "{producer}"\nworkspace = "{workspace}"\nrole = "producer"\n'])
+
+    path = tmp_path / "auth.toml"
+    path.write_text(auth_file("p1"))
+    proc = start_broker("--auth-file", str(path))
+    for key in admins:
+        with Client(proc.grpc_target, api_key=key) as c:
+            c.create_stream(stream_name, 1)
+    requests: queue.SimpleQueue[pb.PutRecordsStreamRequest | None] = queue.SimpleQueue()
+    stub = pb_grpc.SluiceStub(grpc.insecure_channel(proc.grpc_target))
+    call = stub.PutRecordsStream(iter(requests.get, None), metadata=(("authorization", f"Bearer {producer}"),),
+                                 timeout=TIMEOUT)
+    answers = iter(call)
+    requests.put(batch(1, stream_name, [b"for p1"]))
+    assert next(answers).result.failed_record_count == 0
+    path.write_text(auth_file("p2"))                          # the producer's key now belongs to p2 ...
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGHUP)                     # ... and the file re-read, the call still open
+    outcome = None
+    for i in range(2, 200):
+        requests.put(batch(i, stream_name, [b"after %d" % i]))
+        answer = next(answers)
+        if answer.WhichOneof("outcome") == "error":
+            outcome = answer.error
+            break
+        time.sleep(0.05)   # the reload is asynchronous to us
+    requests.put(None)
+    assert outcome is not None and outcome.reason == "PERMISSION_DENIED", outcome
+    with Client(proc.grpc_target, api_key="2" * 60) as p2:
+        assert p2.get_records(p2.get_cursor(stream_name, 0, "TRIM_HORIZON")).records == []
+
+
 # -- a broker killed mid-stream --------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -333,7 +333,9 @@ def _get(client: Client, args: argparse.Namespace) -> int:
 
 
 def _follow(client: Client, partition: int, cursor: str, out: queue.Queue[tuple], stop: threading.Event) -> None:
-    """One partition's push subscription, feeding `out`; ends when the channel is closed."""
+    """One partition's push subscription, feeding `out`; ends when the channel is closed. Each
+    layout (a page's `layout_ms`: the stream's latest scale event) it meets is reported before
+    the records that came with it, so the tail of every partition can follow the ones it adds."""
     def put(item: tuple) -> None:
         while not stop.is_set():
             try:
@@ -343,9 +345,13 @@ def _follow(client: Client, partition: int, cursor: str, out: queue.Queue[tuple]
                 continue
 
     try:
+        layout: int | None = None
         for page in client.subscribe(cursor=cursor):
             if stop.is_set():
                 return
+            if page.layout_ms != layout:
+                layout = page.layout_ms
+                put(("layout", partition, layout))
             if page.records:
                 put(("records", partition, page.records))
         put(("end", partition, None))
@@ -361,9 +367,15 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
     _say(f"tailing {args.stream} ({which}) from {args.start}; Ctrl-C to stop")
     out: queue.Queue[tuple] = queue.Queue(maxsize=max(8, 2 * len(cursors)))
     stop = threading.Event()
-    for partition, cursor in cursors:
+
+    def follow(partition: int, cursor: str) -> None:
         threading.Thread(target=_follow, args=(client, partition, cursor, out, stop), daemon=True,
                          name=f"tail-{partition}").start()
+
+    for partition, cursor in cursors:
+        follow(partition, cursor)
+    followed = set(partitions)
+    layouts: set[int] = set()   # the layouts whose partitions are followed
     shown, live = 0, len(cursors)
     last = time.monotonic()
     try:
@@ -382,6 +394,18 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             if kind == "end":
                 live -= 1
+                continue
+            if kind == "layout":
+                # A scale event (or one before the first page): the tail of every partition
+                # follows the partitions it added too, from their start - none existed when the
+                # tail began, so all their records are new (a partition it closed stays followed).
+                if args.partition is None and payload not in layouts:
+                    layouts.add(payload)
+                    for p in _all_partitions(client, args.stream):
+                        if p not in followed:
+                            followed.add(p)
+                            follow(p, client.get_cursor(args.stream, p, "TRIM_HORIZON"))
+                            live += 1
                 continue
             for r in payload:
                 if args.json:
@@ -738,7 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tail = _add(sub, "tail", "follow a partition, or every partition of a stream, printing records as they arrive",
                 epilog="Human output prefixes each record with [partition id]; records of different "
-                       "partitions interleave in arrival order. Runs until Ctrl-C, --max or --timeout.")
+                       "partitions interleave in arrival order. Without a partition id it follows every "
+                       "partition, and those a scale-up adds while it runs, from their start. Runs until "
+                       "Ctrl-C, --max or --timeout.")
     tail.add_argument("stream", help="stream name")
     tail.add_argument("partition", nargs="?", type=_partition_arg, help="one partition id (e.g. 0); default: all")
     tail.add_argument("--from", dest="start", default="LATEST", choices=("TRIM_HORIZON", "LATEST"),

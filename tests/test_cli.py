@@ -532,6 +532,20 @@ def test_tail_one_partition_latest(cli, background, stream_name):
         [(1, "p1-1", 0), (1, "p1-3", 1)]
 
 
+def test_tail_of_every_partition_follows_the_partitions_a_scale_up_adds(cli, background, stream_name):
+    ok(cli("streams", "create", stream_name, "--partitions", "1"))
+    tail = background("tail", stream_name, "--json", "--max", "3", "--timeout", "8")
+    tail.wait_for_stderr("tailing")                                 # following partition 0 only
+    ok(cli("streams", "scale", stream_name, "3"))
+    # the new partitions' records first: they were written before the tail heard of the scale
+    ok(cli("put", stream_name, "--jsonl", stdin="".join(
+        json.dumps({"data": f"p{p}", "partition_id": str(p)}) + "\n" for p in (1, 2, 0))))
+    code, out, err = tail.finish()
+    assert code == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    assert sorted((r["partition_id"], r["data"], r["seq"]) for r in got) == [(0, "p0", 0), (1, "p1", 0), (2, "p2", 0)]
+
+
 def test_tail_ctrl_c_exits_130_quietly(background, stream_name, cli):
     ok(cli("streams", "create", stream_name, "--partitions", "2"))
     tail = background("tail", stream_name)

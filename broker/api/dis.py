@@ -280,7 +280,9 @@ async def get_checkpoint(request: web.Request) -> web.Response:
 async def delete_checkpoint(request: web.Request) -> web.Response:
     broker, project = _door(request)
     app, stream, kind = _checkpoint_query(request)
-    await broker.delete_checkpoint(app, stream, request.query.get("partition_id") or None, kind, project=project)
+    # absent: every partition's; an empty value is a bad partition id, not "all" (a client bug
+    # must not delete every checkpoint of the app)
+    await broker.delete_checkpoint(app, stream, request.query.get("partition_id"), kind, project=project)
     return web.Response(status=204)
 
 

@@ -253,6 +253,16 @@ def test_checkpoint_query_bad_values(broker, env, method, changes, code):
     assert_dis_error(call(broker, method, f"/v2/{PID}/checkpoints", query=q), 400, code)
 
 
+def test_delete_checkpoint_with_an_empty_partition_id_deletes_nothing(broker, env):
+    """`partition_id=` deleted every partition's checkpoint, as if absent (the consumer probe)."""
+    q = {"app_name": env["app"], "stream_name": env["stream"], "checkpoint_type": "LAST_READ"}
+    before = ok(call(broker, "GET", f"/v2/{PID}/checkpoints", query={**q, "partition_id": "0"})).json
+    assert "sequence_number" in before
+    body = assert_dis_error(call(broker, "DELETE", f"/v2/{PID}/checkpoints", query={**q, "partition_id": ""}),
+                            400, "DIS.4201")
+    assert "partition_id" in body["error_msg"]
+    assert ok(call(broker, "GET", f"/v2/{PID}/checkpoints", query={**q, "partition_id": "0"})).json == before
+
 def test_get_checkpoint_needs_a_partition(broker, env):
     q = {"app_name": env["app"], "stream_name": env["stream"], "checkpoint_type": "LAST_READ"}
     body = assert_dis_error(call(broker, "GET", f"/v2/{PID}/checkpoints", query=q), 400, "DIS.4200")

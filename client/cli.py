@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO, Callable, Sequence
 
 from client.client import CURSOR_TYPES, Client
-from client.errors import BrokerUnavailable, SluiceError, StreamNotFound, is_retriable
+from client.errors import BrokerUnavailable, CursorInvalid, SluiceError, StreamNotFound, is_retriable
 from client.model import AppInfo, Record, SourceInfo
 
 BATCH = 500                       # records per PutRecords call
@@ -332,10 +332,19 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(client: Client, partition: int, cursor: str, out: queue.Queue[tuple], stop: threading.Event) -> None:
+TAIL_BACKOFF_S = (0.2, 5.0)   # the first and the longest wait before a tail subscribes again
+
+
+def _follow(client: Client, stream: str, partition: int, cursor: str, start: str, out: queue.Queue[tuple],
+            stop: threading.Event) -> None:
     """One partition's push subscription, feeding `out`; ends when the channel is closed. Each
     layout (a page's `layout_ms`: the stream's latest scale event) it meets is reported before
-    the records that came with it, so the tail of every partition can follow the ones it adds."""
+    the records that came with it, so the tail of every partition can follow the ones it adds.
+
+    A broker that goes away (a restart, a network cut) does not end it: it subscribes again, after
+    the last record it showed (before any, at its first cursor, or at `start` once that cursor is
+    no longer valid - a memory store's restart), waiting longer each time up to 5 s; `retrying`
+    is reported once per outage."""
     def put(item: tuple) -> None:
         while not stop.is_set():
             try:
@@ -344,19 +353,45 @@ def _follow(client: Client, partition: int, cursor: str, out: queue.Queue[tuple]
             except queue.Full:
                 continue
 
-    try:
-        layout: int | None = None
-        for page in client.subscribe(cursor=cursor):
-            if stop.is_set():
+    layout: int | None = None
+    last_seq: int | None = None
+    backoff, down = TAIL_BACKOFF_S[0], False
+    while not stop.is_set():
+        try:
+            if last_seq is not None:
+                pages = client.subscribe(stream, partition, "AFTER_SEQUENCE_NUMBER", starting_seq=last_seq)
+            elif cursor:
+                pages = client.subscribe(cursor=cursor)
+            else:
+                pages = client.subscribe(stream, partition, start)
+            for page in pages:
+                if stop.is_set():
+                    return
+                if down:
+                    put(("back", partition, None))
+                    backoff, down = TAIL_BACKOFF_S[0], False
+                if page.layout_ms != layout:
+                    layout = page.layout_ms
+                    put(("layout", partition, layout))
+                if page.records:
+                    last_seq = page.records[-1].seq
+                    put(("records", partition, page.records))
+            put(("end", partition, None))
+            return
+        except BrokerUnavailable as exc:
+            if not down:
+                put(("retrying", partition, exc))
+                down = True
+            stop.wait(backoff)
+            backoff = min(backoff * 2, TAIL_BACKOFF_S[1])
+        except CursorInvalid:
+            if last_seq is not None or not cursor:
+                put(("error", partition, sys.exc_info()[1]))
                 return
-            if page.layout_ms != layout:
-                layout = page.layout_ms
-                put(("layout", partition, layout))
-            if page.records:
-                put(("records", partition, page.records))
-        put(("end", partition, None))
-    except Exception as exc:  # the main thread reports it: never a silent thread death
-        put(("error", partition, exc))
+            cursor = ""   # its secret changed with the broker's restart: from `start` again
+        except Exception as exc:  # the main thread reports it: never a silent thread death
+            put(("error", partition, exc))
+            return
 
 
 def _tail(client: Client, args: argparse.Namespace) -> int:
@@ -368,12 +403,13 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
     out: queue.Queue[tuple] = queue.Queue(maxsize=max(8, 2 * len(cursors)))
     stop = threading.Event()
 
-    def follow(partition: int, cursor: str) -> None:
-        threading.Thread(target=_follow, args=(client, partition, cursor, out, stop), daemon=True,
-                         name=f"tail-{partition}").start()
+    def follow(partition: int, cursor: str, start: str) -> None:
+        threading.Thread(target=_follow, args=(client, args.stream, partition, cursor, start, out, stop),
+                         daemon=True, name=f"tail-{partition}").start()
 
     for partition, cursor in cursors:
-        follow(partition, cursor)
+        follow(partition, cursor, args.start)
+    unreachable: set[int] = set()   # partitions whose subscription waits for the broker
     followed = set(partitions)
     layouts: set[int] = set()   # the layouts whose partitions are followed
     shown, live = 0, len(cursors)
@@ -395,6 +431,16 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
             if kind == "end":
                 live -= 1
                 continue
+            if kind == "retrying":
+                if not unreachable:
+                    _say(f"lost the broker ({payload.reason}: {payload.message}); subscribing again when it is back")
+                unreachable.add(partition)
+                continue
+            if kind == "back":
+                unreachable.discard(partition)
+                if not unreachable:
+                    _say("the broker is back; following again")
+                continue
             if kind == "layout":
                 # A scale event (or one before the first page): the tail of every partition
                 # follows the partitions it added too, from their start - none existed when the
@@ -404,7 +450,7 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
                     for p in _all_partitions(client, args.stream):
                         if p not in followed:
                             followed.add(p)
-                            follow(p, client.get_cursor(args.stream, p, "TRIM_HORIZON"))
+                            follow(p, client.get_cursor(args.stream, p, "TRIM_HORIZON"), "TRIM_HORIZON")
                             live += 1
                 continue
             for r in payload:
@@ -763,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail = _add(sub, "tail", "follow a partition, or every partition of a stream, printing records as they arrive",
                 epilog="Human output prefixes each record with [partition id]; records of different "
                        "partitions interleave in arrival order. Without a partition id it follows every "
-                       "partition, and those a scale-up adds while it runs, from their start. Runs until "
+                       "partition, and those a scale-up adds while it runs, from their start. A broker "
+                       "restart does not end it: it subscribes again after the last record shown. Runs until "
                        "Ctrl-C, --max or --timeout.")
     tail.add_argument("stream", help="stream name")
     tail.add_argument("partition", nargs="?", type=_partition_arg, help="one partition id (e.g. 0); default: all")

@@ -546,6 +546,37 @@ def test_tail_of_every_partition_follows_the_partitions_a_scale_up_adds(cli, bac
     assert sorted((r["partition_id"], r["data"], r["seq"]) for r in got) == [(0, "p0", 0), (1, "p1", 0), (2, "p2", 0)]
 
 
+@pytest.mark.parametrize("kill", [False, True])
+def test_tail_rides_out_a_broker_restart(start_broker, tmp_path, stream_name, kill):  # type: ignore[no-untyped-def]
+    """The tail ended with exit 3 when its broker restarted (the consumer probe); the Python
+    consumers reconnect. Now it subscribes again after the last record it showed: none twice."""
+    data = tmp_path / "restarted"
+    first = start_broker(data_dir=data)
+    ok(sluice("streams", "create", stream_name, "--partitions", "2", target=first.grpc_target))
+    ok(sluice("put", stream_name, "--jsonl", target=first.grpc_target, stdin="".join(
+        json.dumps({"data": f"a{i}", "partition_id": str(i % 2)}) + "\n" for i in range(4))))
+    tail = Background(tmp_path, first.grpc_target, "tail", stream_name, "--from", "TRIM_HORIZON", "--json",
+                      "--max", "8", "--timeout", "60")
+    try:
+        tail.wait_for_stderr("tailing")
+        if kill:
+            first.proc.kill()
+            first.proc.wait(10)
+        else:
+            first.stop(15)
+        tail.wait_for_stderr("lost the broker")
+        second = start_broker("--grpc-port", str(first.grpc_port), data_dir=data)
+        ok(sluice("put", stream_name, "--jsonl", target=second.grpc_target, stdin="".join(
+            json.dumps({"data": f"b{i}", "partition_id": str(i % 2)}) + "\n" for i in range(4))))
+        code, out, err = tail.finish(timeout=60)
+    finally:
+        tail.stop()
+    assert code == 0, err
+    got = sorted((r["partition_id"], r["seq"], r["data"]) for r in map(json.loads, out.splitlines()))
+    assert got == [(0, 0, "a0"), (0, 1, "a2"), (0, 2, "b0"), (0, 3, "b2"),
+                   (1, 0, "a1"), (1, 1, "a3"), (1, 2, "b1"), (1, 3, "b3")], err
+    assert "Traceback" not in err
+
 def test_tail_ctrl_c_exits_130_quietly(background, stream_name, cli):
     ok(cli("streams", "create", stream_name, "--partitions", "2"))
     tail = background("tail", stream_name)

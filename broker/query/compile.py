@@ -321,6 +321,32 @@ def _bits(t: Typed) -> pl.Expr:
     return t.expr.cast(pl.Int64).reinterpret(signed=False)
 
 
+_FLIPPED: dict[type, type] = {exp.EQ: exp.EQ, exp.NEQ: exp.NEQ, exp.GT: exp.LT, exp.GTE: exp.LTE,
+                             exp.LT: exp.GT, exp.LTE: exp.GTE}
+_FLOAT_CLAMP = 2.0**100   # beyond every 64-bit integer, and exact in a float64 and in an Int128
+
+
+def _int_float_comparison(op: type, i: pl.Expr, f: pl.Expr) -> pl.Expr:
+    """`i op f` of an integer and a float, exactly, as ClickHouse's accurate comparison: Polars
+    compares them as float64, where a 64-bit integer rounds (2^64 - 1 equalled 2^64, and
+    `i64 >= 9223372036854775807.0` held for 2^63 - 1). For an integer, i < f is i < ceil(f), and
+    i <= f is i <= floor(f); the float is clamped to +-2^100 first (inf too). NaN is the caller's."""
+    g = f.cast(pl.Float64).clip(-_FLOAT_CLAMP, _FLOAT_CLAMP)
+    lo = g.floor().cast(pl.Int128, strict=False)
+    hi = g.ceil().cast(pl.Int128, strict=False)
+    x = i.cast(pl.Int128)
+    if op in (exp.EQ, exp.NEQ):
+        eq = (lo == hi) & (x == lo)
+        return eq if op is exp.EQ else eq.not_()
+    bounds: dict[type, pl.Expr] = {exp.LT: x < hi, exp.LTE: x <= lo, exp.GT: x > lo, exp.GTE: x >= hi}
+    return bounds[op]
+
+
+def _mixed_signs(a: str, b: str) -> bool:
+    """A signed and an unsigned integer: no 64-bit type holds both (int64 beside a uint64)."""
+    return {kind(a), kind(b)} == {"int", "uint"}
+
+
 def _truncated_mod(x: pl.Expr, y: pl.Expr) -> pl.Expr:
     """x % y with the sign of x, as C and ClickHouse's modulo (-7 % 2 is -1, -7.5 % 2 is -1.5);
     Polars' % takes the sign of y."""
@@ -418,6 +444,11 @@ class ExprCompiler:
             x, y = _bits(a), _bits(b)
             out = {"add": x + y, "sub": x - y, "mul": x * y}[op]
             return Typed(out.reinterpret(signed=True), result)
+        if op == "mod" and _mixed_signs(ta, tb):
+            # in 128 bits: a uint64 past 2^63 - 1 cast to int64 was null, so `-50 % u` of
+            # u = 2^64 - 1 was null, not -50; the remainder always fits the int64 result
+            x, y = a.expr.cast(pl.Int128), b.expr.cast(pl.Int128)
+            return Typed(_truncated_mod(x, y).cast(pl.Int64, strict=False), result)
         dtype = dtypes.polars_dtype(result)
         # not strict: a value the result type cannot hold (uint64 2^64-1 in int32 + uint64 -> int64)
         # is null, as in every other cast here; strict, it failed the whole query at run time
@@ -439,12 +470,19 @@ class ExprCompiler:
         if kind(result) == "float":   # the quotient towards zero, as an integer
             q = a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64)
             return Typed(pl.when(q < 0).then(q.ceil()).otherwise(q.floor()).cast(pl.Int64, strict=False), "int64")
-        dtype = dtypes.polars_dtype(result)
+        wide = _mixed_signs(_adopted(a, b), _adopted(b, a))
+        # signed and unsigned in 128 bits (a uint64 past 2^63 - 1 cast to int64 was null, so
+        # `u div 2` beside an int of u = 2^64 - 1 was null), the quotient wrapped to int64 as
+        # ClickHouse's Int64 does (`u div -1`)
+        dtype = pl.Int128() if wide else dtypes.polars_dtype(result)
         x, y = a.expr.cast(dtype, strict=False), b.expr.cast(dtype, strict=False)
         # exact in integers (through float64 2^53 + 1 lost its 1), rounded towards zero as C and
         # ClickHouse's intDiv do; Polars' // rounds down
         q = x // y
-        return Typed(pl.when((x % y != 0) & ((x < 0) != (y < 0))).then(q + 1).otherwise(q), result)
+        q = pl.when((x % y != 0) & ((x < 0) != (y < 0))).then(q + 1).otherwise(q)
+        if wide:
+            q = (q % pl.lit(2**64, pl.Int128)).cast(pl.UInt64).reinterpret(signed=True)
+        return Typed(q, result)
 
     def _comparable(self, a: Typed, b: Typed) -> tuple[pl.Expr, pl.Expr]:
         ka, kb = kind(a.type), kind(b.type)
@@ -465,7 +503,25 @@ class ExprCompiler:
     def _comparison(self, node: exp.Binary) -> Typed:
         a, b = self.compile(node.this), self.compile(node.expression)
         x, y = self._comparable(a, b)
-        return Typed(_COMPARISONS[type(node)](x, y), "bool")
+        op = type(node)
+        ka, kb = kind(a.type), kind(b.type)
+        if "float" not in (ka, kb):
+            return Typed(_COMPARISONS[op](x, y), "bool")
+        if ka in ("int", "uint"):
+            out = _int_float_comparison(op, x, y)
+        elif kb in ("int", "uint"):
+            out = _int_float_comparison(_FLIPPED[op], y, x)
+        else:
+            out = _COMPARISONS[op](x, y)
+        # IEEE, as ClickHouse: NaN (0/0) equals nothing, not itself, and is neither above nor below
+        # anything; Polars orders it above every number and equal to itself (`x / y > 100` held for
+        # 0 / 0, `0/0 = 0/0` was true)
+        nan = pl.lit(False)
+        for t, e in ((a, x), (b, y)):
+            if kind(t.type) == "float":
+                nan = nan | e.is_nan()
+        nulls = x.is_null() | y.is_null()
+        return Typed(pl.when(nulls).then(None).when(nan).then(pl.lit(op is exp.NEQ)).otherwise(out), "bool")
 
     def _And(self, node: exp.And) -> Typed:
         return Typed(self.compile_bool(node.this).expr & self.compile_bool(node.expression).expr,

@@ -537,6 +537,31 @@ def test_modulo_and_integer_division_round_towards_zero() -> None:
     assert run("select i div 1, u div 2 from w", big) == [[2**53 + 1, 2**63 - 1], [2**63 - 1, 3]]
 
 
+def test_modulo_and_integer_division_of_mixed_signs_past_int64() -> None:
+    """A signed integer beside a uint64 past 2^63 - 1: the uint64 was cast to int64, as null, so
+    `i % u` and `u div i` were null where the result fits (ClickHouse: -50 % (2^64 - 1) is -50);
+    a quotient past int64 wraps, as ClickHouse's Int64 (`u div -1`)."""
+    records = [row(0, T0, i=-50, u=2**64 - 1), row(1, T0, i=7, u=2**63)]
+    assert run("select i % u, u % i, u div i, i div u, u div -1, i div 0, u % 0 from w", records) == [
+        [-50, 15, -368934881474191032, 0, 1, None, None],
+        [7, 1, 1317624576693539401, 0, -2**63, None, None]]
+    assert run("select i from w where u % i = 1", records) == [[7]]
+
+
+def test_float_comparisons_are_ieee_and_exact_beside_64_bit_integers() -> None:
+    """ClickHouse compares an integer with a float exactly; Polars did it in float64, where
+    2^64 - 1 is 2^64 and 2^63 - 1 is 2^63. NaN (0 / 0) equals nothing and orders with nothing;
+    Polars held it equal to itself and above every number, so `x / y >= 1` kept 0 / 0."""
+    records = [row(0, T0, i=2**63 - 1, u=2**64 - 1, f=0.0), row(1, T0, i=2**53, u=2, f=1.5)]
+    assert run("select u = 18446744073709551615.0, u >= 1.8446744073709552e19, i >= 9223372036854775807.0, "
+               "i = 9007199254740992.0, 9007199254740992.0 < i, u > 2.5, u <= 2.5, f < i from w", records) == [
+        [False, False, False, False, True, True, False, True],
+        [False, False, False, True, False, False, True, True]]
+    assert run("select f / f = f / f, f / f != f / f, f / f > 1, f / f < 1, 0 / 0 = 0 / 0 from w", records) == [
+        [False, True, False, False, False], [True, False, False, False, False]]
+    assert run("select f from w where f / f >= 1", records) == [[1.5]]
+
+
 def test_integer_literals_past_int64_are_uint64() -> None:
     records = [row(n, T0, u=u) for n, u in enumerate((2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1))]
     assert run("select u from w where u < 9223372036854775808", records) == [[2**63 - 1]]

@@ -392,7 +392,7 @@ async def analyze(request: web.Request) -> web.Response:
     """SQLAnalyzeResult: what the dbapi reads (is_streaming, query_type) and the rest."""
     broker, workspace = _door(request)
     body = await read_json(request)
-    plan = broker.queries.compile(workspace, field(body, "sql", str, required=True))
+    plan = await broker.queries.compile_known(workspace, field(body, "sql", str, required=True))
     return json_response(plan.analysis)
 
 

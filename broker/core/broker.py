@@ -406,10 +406,12 @@ class Broker:
     async def get_checkpoint(self, app_name: object, stream_name: object, partition_id: object,
                              checkpoint_type: object = "LAST_READ", *,
                              project: str = DEFAULT_PROJECT) -> Checkpoint | None:
+        await self._known(project, stream_name)
         return await self.consumers.get_checkpoint(project, app_name, stream_name, partition_id, checkpoint_type)
 
     async def delete_checkpoint(self, app_name: object, stream_name: object, partition_id: object = None,
                                 checkpoint_type: object = "LAST_READ", *, project: str = DEFAULT_PROJECT) -> None:
+        await self._known(project, stream_name)
         await self.consumers.delete_checkpoint(project, app_name, stream_name, partition_id, checkpoint_type)
 
     async def consumer_state(self, app_name: object, stream_name: object, checkpoint_type: object = "LAST_READ",
@@ -439,6 +441,7 @@ class Broker:
         in Unix seconds, value) per minute of the period: the stream's, or with `partition_id` one
         partition's (see core/metric_series.py). Raises STREAM_NOT_FOUND, INVALID_PARTITION_ID,
         PARTITION_NOT_FOUND, INVALID_METRICS_LABEL, INVALID_METRICS_PERIOD, METRICS_PERIOD_TOO_LONG."""
+        await self._known(project, stream_name)
         config = self.catalogue.get(project, stream_name)
         partition = None if partition_id is None else self.catalogue.partition_of(config, partition_id)
         labels = parse_labels(label, label_list, STREAM_LABELS if partition is None else PARTITION_LABELS)

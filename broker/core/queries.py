@@ -142,20 +142,25 @@ class Queries:
             return columns_of(self._catalogue.get(project, stream_name).schema)
         return compile_query(sql, lookup)
 
+    async def compile_known(self, project: str, sql: object) -> QueryPlan:
+        """`compile`, once more after the catalogue has looked up in a shared store the streams it
+        did not know (created through another broker a moment ago). Raises what compile raises."""
+        missing: list[str] = []
+        try:
+            return self.compile(project, sql, missing)
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.STREAM_NOT_FOUND or not missing or self._known is None:
+                raise
+        for stream_name in missing:
+            await self._known(project, stream_name)
+        return self.compile(project, sql)
+
     async def start(self, project: str, sql: object, name: str = "", description: str = "",
                     tags: list[str] | None = None, client: str = "") -> QueryRun:
         """Compile and start a query; its results come out of `run.results` (END last). `client`:
         the peer that asks (one may run MAX_RUNNING_PER_CLIENT of the MAX_RUNNING at once).
         Raises what compile raises, TOO_MANY_QUERIES, UNAVAILABLE (shutting down)."""
-        missing: list[str] = []
-        try:
-            plan = self.compile(project, sql, missing)
-        except BrokerError as exc:
-            if exc.code is not ErrorCode.STREAM_NOT_FOUND or not missing or self._known is None:
-                raise
-            for stream_name in missing:
-                await self._known(project, stream_name)
-            plan = self.compile(project, sql)
+        plan = await self.compile_known(project, sql)
         if self._closed:
             raise BrokerError(ErrorCode.UNAVAILABLE, detail="broker is shutting down")
         running = sum(r.running for r in self._runs.values())

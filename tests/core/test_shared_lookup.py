@@ -1,0 +1,80 @@
+"""Verbs on a store several brokers share, of a stream created through another broker a moment
+ago (its event still on the way): each looks the name up in the store (Broker._known) as every
+other stream verb does, instead of answering STREAM_NOT_FOUND from its own catalogue. Two Brokers
+over one MemoryStore marked shared, which delivers no events: the second never hears of the stream
+but by looking it up."""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from broker.api.http_app import build_http_app
+from broker.core.broker import Broker
+from broker.model import ColumnDef, PutEntry, StreamConfig, StreamSchema
+from broker.storage.base import Durability, StoreCapabilities
+from broker.storage.memory import MemoryStore
+
+P = "p"
+
+
+class SharedMemoryStore(MemoryStore):
+    capabilities = StoreCapabilities(Durability.NONE, shared=True)
+
+    async def find_stream(self, project: str, stream_name: str) -> StreamConfig | None:
+        return next((c for c in await self.list_streams() if (c.project, c.stream_name) == (project, stream_name)),
+                    None)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Broker, Broker]]:
+    store = SharedMemoryStore()
+    a, b = Broker(store, cursor_secret=b"k" * 32), Broker(store, cursor_secret=b"k" * 32)
+    await a.start()
+    await b.start()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def _made_through_a(a: Broker, b: Broker) -> None:
+    await a.create_stream("s", 2, project=P, schema=StreamSchema((ColumnDef("n", "int64"),)))
+    await a.create_app("app", project=P)
+    await a.put_records("s", [PutEntry(b'{"n":1}', partition_id="0")], project=P)
+    await a.commit_checkpoint("app", "s", "0", "0", project=P)
+    assert b.catalogue.lookup(P, "s") is None   # B has not heard of it
+
+
+async def test_get_checkpoint(pair: tuple[Broker, Broker]) -> None:
+    a, b = pair
+    await _made_through_a(a, b)
+    checkpoint = await b.get_checkpoint("app", "s", "0", project=P)
+    assert checkpoint is not None and checkpoint.seq == 0
+
+
+async def test_delete_checkpoint(pair: tuple[Broker, Broker]) -> None:
+    a, b = pair
+    await _made_through_a(a, b)
+    await b.delete_checkpoint("app", "s", "0", project=P)
+    assert await a.get_checkpoint("app", "s", "0", project=P) is None
+
+
+async def test_stream_metrics(pair: tuple[Broker, Broker]) -> None:
+    a, b = pair
+    await _made_through_a(a, b)
+    now_s = int(time.time())
+    series = await b.stream_metrics("s", "total_put_records_per_stream", None, str(now_s - 60), str(now_s + 60),
+                                    project=P)
+    assert "total_put_records_per_stream" in series
+
+
+async def test_timeplus_sql_analyze(pair: tuple[Broker, Broker]) -> None:
+    """The timeplus SDK's dbapi analyzes a query before it runs it: the run looked the stream up
+    (Queries.start), the analysis did not."""
+    a, b = pair
+    await _made_through_a(a, b)
+    async with TestClient(TestServer(build_http_app(b, body_timeout_s=5))) as client:
+        reply = await client.post(f"/{P}/api/v1beta2/sqlanalyze", json={"sql": "select n from table(s)"})
+        assert reply.status == 200, await reply.text()

@@ -5,6 +5,7 @@ over one MemoryStore marked shared, which delivers no events: the second never h
 but by looking it up."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator
 
@@ -78,3 +79,28 @@ async def test_timeplus_sql_analyze(pair: tuple[Broker, Broker]) -> None:
     async with TestClient(TestServer(build_http_app(b, body_timeout_s=5))) as client:
         reply = await client.post(f"/{P}/api/v1beta2/sqlanalyze", json={"sql": "select n from table(s)"})
         assert reply.status == 200, await reply.text()
+
+
+async def test_a_source_created_through_b_runs_and_writes(pair: tuple[Broker, Broker]) -> None:
+    """4ae6821's fix, without the race of tests/e2e/test_jetstream_brokers.py (there A's event may
+    reach B before B is asked, and the test passes without the fix): B's check of the stream and
+    B's sink both look it up."""
+    from broker.sources.generator import TEMPLATE_COLUMNS
+    from broker.sources.manager import Sources
+
+    a, b = pair
+    await a.create_stream("t", 1, project=P,
+                          schema=StreamSchema(tuple(ColumnDef(n, c) for n, c in TEMPLATE_COLUMNS["iot"])))
+    sources = Sources(b)
+    await sources.start()
+    try:
+        await sources.create(P, {"name": "g", "type": "stream_generator", "stream": "t",
+                                 "properties": {"template": "iot", "interval": "10ms"}})
+        stream_id = a.catalogue.get(P, "t").stream_id
+        for _ in range(500):
+            if (await a.store.bounds(stream_id, 0)).next_seq >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert (await a.store.bounds(stream_id, 0)).next_seq >= 3, sources.get(P, "g").state
+    finally:
+        await sources.close()

@@ -349,8 +349,14 @@ class TsdbStream:
         return self.layout()
 
     async def lookup(self) -> tuple[StreamConfig | None, SeriesRegistry | None]:
-        """The stream and its registry if the stream exists (for queries: nothing is created)."""
-        config = self.config()
+        """The stream and its registry if the stream exists (for queries: nothing is created). On a
+        shared store, a stream another broker's first put created a moment ago is found there."""
+        try:
+            config: StreamConfig | None = await self.broker.stream_config(self.stream_name, project=self.project)
+        except BrokerError as exc:
+            if exc.code is not ErrorCode.STREAM_NOT_FOUND:
+                raise
+            config = None
         if config is None or config.schema is not None:
             return None, None
         return config, await self.registry(config)

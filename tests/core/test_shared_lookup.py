@@ -104,3 +104,21 @@ async def test_a_source_created_through_b_runs_and_writes(pair: tuple[Broker, Br
         assert (await a.store.bounds(stream_id, 0)).next_seq >= 3, sources.get(P, "g").state
     finally:
         await sources.close()
+
+
+async def test_an_opentsdb_query_through_b_of_points_put_through_a(pair: tuple[Broker, Broker]) -> None:
+    """A's first put creates the tsdb stream; B's query found no stream in its own catalogue and
+    answered [] (its series registry catches up with other brokers' series, its stream lookup did not)."""
+    from broker.tsdb.series import TsdbStream
+
+    a, b = pair
+    point = {"metric": "m", "timestamp": 1_700_000_000, "value": 1, "tags": {"h": "a"}}
+    apps = [build_http_app(x, body_timeout_s=5, tsdb_stream=TsdbStream(x, "default", "tsdb")) for x in (a, b)]
+    async with TestClient(TestServer(apps[0])) as ca, TestClient(TestServer(apps[1])) as cb:
+        assert (await ca.post("/api/put", json=[point])).status == 204
+        assert b.catalogue.lookup("default", "tsdb") is None   # B has not heard of it
+        reply = await cb.get("/api/query?start=1699999000&end=1700001000&m=sum:m")
+        assert reply.status == 200, await reply.text()
+        assert [s["dps"] for s in await reply.json()] == [{"1700000000": 1}]
+        reply = await cb.get("/api/suggest?type=metrics&q=")
+        assert await reply.json() == ["m"]

@@ -283,6 +283,7 @@ async def suggest(request: web.Request) -> web.Response:
     _, registry = await request.app[TARGET].lookup()
     if registry is not None:
         await registry.catch_up()   # a shared store: other brokers' series too
+        await registry.indexed()
     return _json(tsdb_query.suggest(registry, params))
 
 

@@ -1000,6 +1000,7 @@ async def _run_sub(broker: Broker, registry: SeriesRegistry, config: StreamConfi
                    budget: _Budget) -> list[dict[str, Any]]:
     where = f"queries[{sub.index}]"
     await registry.catch_up(sub.metric)   # a shared store: what other brokers' puts made
+    await registry.indexed()
     known = registry.series_of(sub.metric)
     if not known:
         raise client_error(ErrorCode.UNKNOWN_METRIC, metric=sub.metric)

@@ -14,6 +14,9 @@ integer beyond 64 bits as a float. (Keeping the exact source text would need a J
 own per row; the value, which is what a `::float` or a comparison reads, is the same.)
 `round(x, n)` is ClickHouse's: floats round half to even, integers half away from zero at n < 0
 (`round(15, -1)` is 20; a result that does not fit the integer type is null).
+Nullability is typed as ClickHouse's: an operator or function of a nullable operand or NULL is
+`nullable(T)` (`n + 1`, `n = 1` a `nullable(bool)`), if/multi_if/CASE when a result is, coalesce
+when every argument is; IS NULL, count and casts (`::`, cast, to_*) are not.
 """
 from __future__ import annotations
 
@@ -77,6 +80,13 @@ def _as(t: Typed, dtype: pl.DataType) -> Typed:
     """A NULL-typed operand as a null of `dtype`: Polars refuses string, numeric and logical
     operations on its untyped null (`abs(null)`, `lower(null)`, `not null` failed at run time)."""
     return Typed(t.expr.cast(dtype), t.type, t.value) if kind(t.type) == NULL else t
+
+
+def _of(type_text: str, *operands: Typed) -> str:
+    """The type of a result that is NULL where an operand is: `nullable(T)` when any operand is
+    nullable or the NULL literal, as ClickHouse types functions and operators of Nullable
+    arguments (`n + 1` of a nullable(int32) is nullable(int64), `n = 1` nullable(bool))."""
+    return dtypes.nullable(type_text, any(dtypes.is_nullable(t.type) for t in operands))
 
 
 def is_aggregate(node: exp.Expression) -> bool:
@@ -261,7 +271,7 @@ def _adopted(t: Typed, other: Typed) -> str:
     return t.type
 
 
-def _common_type(name: str, typed: list[Typed]) -> str:
+def _common_type(name: str, typed: list[Typed], nullable_if_all: bool = False) -> str:
     """The one type of values that may come from any of `types` (if, multi_if, CASE, coalesce), as
     ClickHouse's supertype: NULL fits any; numbers of different kinds widen as arithmetic does,
     except UInt64 beside a signed integer (no type holds both: ClickHouse's NO_COMMON_TYPE); string
@@ -270,7 +280,9 @@ def _common_type(name: str, typed: list[Typed]) -> str:
     literal `0` beside a uint64 is unsigned, as ClickHouse types it (see _adopted). A 64-bit
     integer beside a float has no common type either: no float holds every such value
     (ClickHouse's NO_COMMON_TYPE); a literal is as wide as its value needs, as ClickHouse types it,
-    so `if(c, f, 0)` is a float64."""
+    so `if(c, f, 0)` is a float64. The type is nullable, as ClickHouse's, when any of the values is
+    nullable or NULL (if, multi_if, CASE: an absent ELSE is NULL), or, `nullable_if_all` (coalesce),
+    when every one is."""
     name = name if name.isupper() else f"{name}()"   # CASE, if()
     unsigned = any(dtypes.base(t.type) == "uint64" for t in typed)
     types = ["uint64" if unsigned and t.is_literal and type(t.value) is int and t.value >= 0 else t.type
@@ -297,15 +309,18 @@ def _common_type(name: str, typed: list[Typed]) -> str:
         elif {kind(t), kind(common)} <= {"string", "json"}:
             common = "string"
         elif kind(t) == kind(common):
-            continue   # the same kind (datetime64 and its precisions, nullable or not): the first's
+            continue   # the same kind (datetime64 and its precisions): the first's (nullable or not: below)
         else:
             raise _mismatch(f"{name} has no type for both {common} and {t}")
-    return common
+    if kind(common) == NULL:
+        return common
+    nulls = [dtypes.is_nullable(t.type) for t in typed]
+    return dtypes.nullable(dtypes.non_nullable(common), all(nulls) if nullable_if_all else any(nulls))
 
 
 def _to(t: Typed, type_text: str) -> pl.Expr:
     """t's values as `type_text` (a common type of t's): unchanged when it already is."""
-    if t.type == type_text or kind(type_text) == NULL:
+    if dtypes.non_nullable(t.type) == dtypes.non_nullable(type_text) or kind(type_text) == NULL:
         return t.expr
     if kind(t.type) == NULL:
         return t.expr.cast(dtypes.polars_dtype(type_text))
@@ -385,7 +400,7 @@ class ExprCompiler:
         if k in ("bool", NULL):
             return _as(t, pl.Boolean())
         if is_numeric(t.type):
-            return Typed(t.expr != 0, "bool")
+            return Typed(t.expr != 0, _of("bool", t))
         raise _mismatch(f"{node.sql('clickhouse')} is {t.type}, a condition must be bool")
 
     # leaves
@@ -426,7 +441,7 @@ class ExprCompiler:
         if kind(t.type) == NULL:
             return _as(t, pl.Float64())
         if kind(t.type) == "uint":   # ClickHouse's Int64, wrapping: -(2^64 - 1) is 1
-            return Typed((pl.lit(0, pl.UInt64) - t.expr.cast(pl.UInt64)).reinterpret(signed=True), "int64")
+            return Typed((pl.lit(0, pl.UInt64) - t.expr.cast(pl.UInt64)).reinterpret(signed=True), _of("int64", t))
         return Typed(-t.expr, t.type)
 
     def _arithmetic(self, node: exp.Binary) -> Typed:
@@ -443,24 +458,24 @@ class ExprCompiler:
             # (through a cast to int64, an unsigned operand past 2^63 - 1 was null)
             x, y = _bits(a), _bits(b)
             out = {"add": x + y, "sub": x - y, "mul": x * y}[op]
-            return Typed(out.reinterpret(signed=True), result)
+            return Typed(out.reinterpret(signed=True), _of(result, a, b))
         if op == "mod" and _mixed_signs(ta, tb):
             # in 128 bits: a uint64 past 2^63 - 1 cast to int64 was null, so `-50 % u` of
             # u = 2^64 - 1 was null, not -50; the remainder always fits the int64 result
             x, y = a.expr.cast(pl.Int128), b.expr.cast(pl.Int128)
-            return Typed(_truncated_mod(x, y).cast(pl.Int64, strict=False), result)
+            return Typed(_truncated_mod(x, y).cast(pl.Int64, strict=False), _of(result, a, b))
         dtype = dtypes.polars_dtype(result)
         # not strict: a value the result type cannot hold (uint64 2^64-1 in int32 + uint64 -> int64)
         # is null, as in every other cast here; strict, it failed the whole query at run time
         x, y = a.expr.cast(dtype, strict=False), b.expr.cast(dtype, strict=False)
         out = {"add": x + y, "sub": x - y, "mul": x * y, "mod": _truncated_mod(x, y)}[op]
-        return Typed(out, result)
+        return Typed(out, _of(result, a, b))
 
     def _Div(self, node: exp.Div) -> Typed:
         a, b = self.compile(node.this), self.compile(node.expression)
         if not (is_numeric(a.type) and is_numeric(b.type)):
             raise _mismatch(f"division of {a.type} and {b.type}")
-        return Typed(a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64), "float64")
+        return Typed(a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64), _of("float64", a, b))
 
     def _IntDiv(self, node: exp.IntDiv) -> Typed:
         a, b = self.compile(node.this), self.compile(node.expression)
@@ -469,7 +484,8 @@ class ExprCompiler:
         result = _numeric_result(_adopted(a, b), _adopted(b, a))
         if kind(result) == "float":   # the quotient towards zero, as an integer
             q = a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64)
-            return Typed(pl.when(q < 0).then(q.ceil()).otherwise(q.floor()).cast(pl.Int64, strict=False), "int64")
+            return Typed(pl.when(q < 0).then(q.ceil()).otherwise(q.floor()).cast(pl.Int64, strict=False),
+                         _of("int64", a, b))
         wide = _mixed_signs(_adopted(a, b), _adopted(b, a))
         # signed and unsigned in 128 bits (a uint64 past 2^63 - 1 cast to int64 was null, so
         # `u div 2` beside an int of u = 2^64 - 1 was null), the quotient wrapped to int64 as
@@ -482,7 +498,7 @@ class ExprCompiler:
         q = pl.when((x % y != 0) & ((x < 0) != (y < 0))).then(q + 1).otherwise(q)
         if wide:
             q = (q % pl.lit(2**64, pl.Int128)).cast(pl.UInt64).reinterpret(signed=True)
-        return Typed(q, result)
+        return Typed(q, _of(result, a, b))
 
     def _comparable(self, a: Typed, b: Typed) -> tuple[pl.Expr, pl.Expr]:
         ka, kb = kind(a.type), kind(b.type)
@@ -505,8 +521,9 @@ class ExprCompiler:
         x, y = self._comparable(a, b)
         op = type(node)
         ka, kb = kind(a.type), kind(b.type)
+        typ = _of("bool", a, b)   # ClickHouse's Nullable(UInt8) beside a nullable operand
         if "float" not in (ka, kb):
-            return Typed(_COMPARISONS[op](x, y), "bool")
+            return Typed(_COMPARISONS[op](x, y), typ)
         if ka in ("int", "uint"):
             out = _int_float_comparison(op, x, y)
         elif kb in ("int", "uint"):
@@ -521,18 +538,21 @@ class ExprCompiler:
             if kind(t.type) == "float":
                 nan = nan | e.is_nan()
         nulls = x.is_null() | y.is_null()
-        return Typed(pl.when(nulls).then(None).when(nan).then(pl.lit(op is exp.NEQ)).otherwise(out), "bool")
+        return Typed(pl.when(nulls).then(None).when(nan).then(pl.lit(op is exp.NEQ)).otherwise(out), typ)
 
+    # three-valued (`NULL AND false` is false, `NULL OR false` NULL): nullable beside a nullable
+    # operand, as newer ClickHouse's (18.16 typed `n OR 0` UInt8)
     def _And(self, node: exp.And) -> Typed:
-        return Typed(self.compile_bool(node.this).expr & self.compile_bool(node.expression).expr,
-                     "bool")
+        a, b = self.compile_bool(node.this), self.compile_bool(node.expression)
+        return Typed(a.expr & b.expr, _of("bool", a, b))
 
     def _Or(self, node: exp.Or) -> Typed:
-        return Typed(self.compile_bool(node.this).expr | self.compile_bool(node.expression).expr,
-                     "bool")
+        a, b = self.compile_bool(node.this), self.compile_bool(node.expression)
+        return Typed(a.expr | b.expr, _of("bool", a, b))
 
     def _Not(self, node: exp.Not) -> Typed:
-        return Typed(self.compile_bool(node.this).expr.not_(), "bool")
+        t = self.compile_bool(node.this)
+        return Typed(t.expr.not_(), _of("bool", t))
 
     def _Is(self, node: exp.Is) -> Typed:
         if not isinstance(node.expression, exp.Null):
@@ -547,7 +567,7 @@ class ExprCompiler:
         if not (pattern.is_literal and isinstance(pattern.value, str)):
             raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="LIKE needs a constant pattern")
         out = _as(t, pl.String()).expr.str.contains(_like_regex(pattern.value, case_insensitive))
-        return Typed(out.not_() if node.args.get("negate") else out, "bool")
+        return Typed(out.not_() if node.args.get("negate") else out, _of("bool", t))
 
     def _Like(self, node: exp.Like) -> Typed:
         return self._like(node, False)
@@ -584,7 +604,8 @@ class ExprCompiler:
             found = t.expr.is_in(pl.Series(values, dtype=dtypes.polars_dtype(t.type), strict=False).implode())
         # `1 in (1, 2)`, `abs(-1) in (1)`: Polars does not broadcast is_in of a constant (one row
         # beside the batch's rows is a ShapeError when the query runs); a scalar broadcasts
-        return Typed(found if found.meta.root_names() else found.first(), "bool")
+        # NULL where the operand is (three-valued, see the README; ClickHouse answers 0, a UInt8)
+        return Typed(found if found.meta.root_names() else found.first(), _of("bool", t))
 
     def _Cast(self, node: exp.Cast) -> Typed:
         return cast(self.compile(node.this), cast_target(node.args["to"]))
@@ -620,17 +641,17 @@ class ExprCompiler:
             arity(1)
             t = self._string_arg(name, args[0])
             if name == "lower":
-                return Typed(t.expr.str.replace_many(_ASCII_UPPER, _ASCII_LOWER), "string")
-            return Typed(t.expr.str.replace_many(_ASCII_LOWER, _ASCII_UPPER), "string")
+                return Typed(t.expr.str.replace_many(_ASCII_UPPER, _ASCII_LOWER), _of("string", t))
+            return Typed(t.expr.str.replace_many(_ASCII_LOWER, _ASCII_UPPER), _of("string", t))
         if name in ("lower_utf8", "upper_utf8", "lowerutf8", "upperutf8"):   # every letter Unicode maps
             arity(1)
             t = self._string_arg(name, args[0])
             return Typed(t.expr.str.to_lowercase() if name.startswith("lower") else t.expr.str.to_uppercase(),
-                         "string")
+                         _of("string", t))
         if name == "length":
             arity(1)
-            return Typed(self._string_arg(name, args[0]).expr.str.len_bytes().cast(pl.UInt64),
-                         "uint64")
+            t = self._string_arg(name, args[0])
+            return Typed(t.expr.str.len_bytes().cast(pl.UInt64), _of("uint64", t))
         if name == "abs":
             arity(1)
             t = self._numeric_arg(name, args[0])
@@ -640,8 +661,8 @@ class ExprCompiler:
             # (in int8 it stays -128); int64's -2^63 is 2^63 in its bits read unsigned
             unsigned = "u" + dtypes.base(t.type)
             if unsigned == "uint64":
-                return Typed(t.expr.abs().reinterpret(signed=False), unsigned)
-            return Typed(t.expr.cast(pl.Int64).abs().cast(dtypes.polars_dtype(unsigned)), unsigned)
+                return Typed(t.expr.abs().reinterpret(signed=False), _of(unsigned, t))
+            return Typed(t.expr.cast(pl.Int64).abs().cast(dtypes.polars_dtype(unsigned)), _of(unsigned, t))
         if name == "round":
             arity(1, 2)
             t = self._numeric_arg(name, args[0])
@@ -657,11 +678,12 @@ class ExprCompiler:
             self.uses_now = True
             return Typed(pl.col(NOW_COLUMN).dt.truncate("1s"), "datetime")
         if name in ("concat",):
-            parts = [cast(self.compile(a), "string").expr for a in args]
-            return Typed(pl.concat_str(parts), "string")
+            ts = [self.compile(a) for a in args]
+            # NULL where any part is (ClickHouse's concat of a Nullable is Nullable)
+            return Typed(pl.concat_str([cast(t, "string").expr for t in ts]), _of("string", *ts))
         if name == "coalesce":
             ts = [self.compile(a) for a in args]
-            typ = _common_type(name, ts)
+            typ = _common_type(name, ts, nullable_if_all=True)   # NULL only where every argument is
             return Typed(pl.coalesce([_to(t, typ) for t in ts]), typ)
         if name in ("if", "iff"):
             if isinstance(node, exp.If):

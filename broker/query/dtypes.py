@@ -21,6 +21,7 @@ _SIMPLE: dict[str, pl.DataType] = {
     NULL: pl.Null(),
 }
 _NULLABLE = re.compile(r"^nullable\((.*)\)$")
+_NULLABLE_ANY_CASE = re.compile(r"^nullable\((.*)\)$", re.IGNORECASE)
 
 
 def base(type_text: str) -> str:
@@ -48,6 +49,20 @@ def is_nullable(type_text: str) -> bool:
     """`nullable(T)`, or the NULL literal's type."""
     text = type_text.strip().lower()
     return text == NULL or _NULLABLE.match(text) is not None
+
+
+def non_nullable(type_text: str) -> str:
+    """The type without `nullable(...)`, otherwise as written (datetime64's precision and zone kept)."""
+    m = _NULLABLE_ANY_CASE.match(type_text.strip())
+    return m.group(1).strip() if m else type_text
+
+
+def nullable(type_text: str, wrap: bool = True) -> str:
+    """`nullable(T)` of T, canonical: a nullable type or the NULL literal's is as it is; with
+    `wrap` false, T as it is (for the types of expressions that are nullable when an operand is)."""
+    if not wrap or is_nullable(type_text):
+        return type_text
+    return f"nullable({type_text})"
 
 
 def is_numeric(type_text: str) -> bool:

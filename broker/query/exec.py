@@ -334,7 +334,8 @@ class AggregateExecutor(Executor):
                 return []
             # no row yet: the aggregates of nothing, as ClickHouse's: count and sum 0, min and max
             # their type's default (a null under a type that is not nullable before), avg null
-            # (ClickHouse's nan, which JSON writes as null), a nullable one null
+            # (ClickHouse's nan, which JSON writes as null), one of a nullable (a nullable column or
+            # an expression of one: `min(n + 1)`) null
             groups = self.empty_stage.select(self.partials).with_columns(
                 pl.lit(0, pl.Int8).alias("__g"),
                 *(pl.lit(_DEFAULTS[dtypes.kind(a.type)], dtypes.polars_dtype(a.type)).alias(f"__a{i}")

@@ -436,12 +436,14 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     if name in ("sum", "avg"):
         if not dtypes.is_numeric(t.type):
             raise client_error(ErrorCode.TYPE_MISMATCH, detail=f"{name}() of {t.type}")
+        # ClickHouse: the sum and avg of a Nullable (a nullable column, or an expression of one:
+        # `n + 1`) are Nullable, NULL when no value was not null
+        nullable = dtypes.is_nullable(t.type)
         if name == "avg":
-            return Aggregate("avg", t, "float64")
+            return Aggregate("avg", t, dtypes.nullable("float64", nullable))
         k = kind(t.type)
         total = "float64" if k in ("float", NULL) else "uint64" if k == "uint" else "int64"
-        # ClickHouse: the sum of a Nullable is Nullable, NULL when no value was not null
-        return Aggregate("sum", t, f"nullable({total})" if dtypes.is_nullable(t.type) else total)
+        return Aggregate("sum", t, dtypes.nullable(total, nullable))
     if kind(t.type) == "json":
         raise client_error(ErrorCode.TYPE_MISMATCH, detail=f"{name}() of json")
     return Aggregate(name, t, t.type)

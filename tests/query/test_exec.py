@@ -84,7 +84,9 @@ def test_branches_and_coalesce_take_one_common_type() -> None:
     floats under nullable(int32), a uint64 past int64 under int64 (the SQL probe)."""
     records = [row(0, T0, n=None, f=1.5, i=2, u=3), row(1, T0, n=5, f=2.5, i=1, u=0)]
     sql = "select coalesce(n, f), if(i > 1, n, 1.5), if(u > 0, u, 0), coalesce(n, 7), if(i > 1, f, 0) from t"
-    assert [t for _, t in compile_query(sql, lookup).header] == ["float64", "float64", "int64", "int64", "float64"]
+    # if(i > 1, n, 1.5): nullable, as ClickHouse's Nullable(Float64); coalesce(n, f) is not
+    assert [t for _, t in compile_query(sql, lookup).header] == [
+        "float64", "nullable(float64)", "int64", "int64", "float64"]
     assert run(sql, records) == [[1.5, None, 3, 7, 1.5], [5.0, 1.5, 0, 5, 0.0]]
     big = [row(0, T0, u=2**64 - 1)]
     assert run("select if(u > 0, u, 0), coalesce(u, 5) from w", big) == [[2**64 - 1, 2**64 - 1]]
@@ -293,6 +295,32 @@ def test_the_sum_of_a_nullable_is_null_where_every_value_is() -> None:
         ["a", None, 3, None], ["b", 3, 2, None]]
     plan = compile_query("select sum(n), sum(i) from t", lookup)
     assert [t for _, t in plan.header] == ["nullable(int64)", "int64"]
+
+
+def test_aggregates_of_a_nullable_expression_where_every_value_is_null() -> None:
+    """As ClickHouse's: sum, min, max and avg of a nullable expression (n + 1 of a nullable n) with
+    no value are NULL, count 0. The expression was typed as not nullable: its sum answered 0, and
+    its min and max over no row their type's default 0."""
+    nulls = [row(0, T0, s="a", n=None, i=1), row(1, T0 + 1000, s="a", n=None, i=2),
+             row(2, T0 + 2000, s="b", n=3, i=1), row(3, T0 + 3000, s="b", n=None, i=1)]
+    aggs = "sum(n + 1), min(n + 1), max(n * 2), avg(n + 1), count(n + 1), sum(-n), min(abs(n))"
+    assert run(f"select {aggs}, sum(i) from table(t)", nulls[:2]) == [[None, None, None, None, 0, None, None, 3]]
+    assert run(f"select {aggs}, sum(i) from table(t)") == [[None, None, None, None, 0, None, None, 0]]
+    assert sorted(run(f"select s, {aggs} from table(t) group by s", nulls)) == [
+        ["a", None, None, None, None, 0, None, None], ["b", 4, 4, 6, 4.0, 1, -3, 3]]
+    assert run(f"select window_start, {aggs} from tumble(table(t), 2s) group by window_start", nulls) == [
+        [text(T0), None, None, None, None, 0, None, None], [text(T0 + 2000), 4, 4, 6, 4.0, 1, -3, 3]]
+    # a global streaming aggregation's running result, before any value
+    ex = compile_query(f"select {aggs} from t", lookup).executor()
+    ex.tick(0)
+    ex.feed(nulls[:1], False)
+    assert ex.tick(GLOBAL_EMIT_MS) == [[None, None, None, None, 0, None, None]]
+
+
+def test_nullable_expressions_give_their_nulls() -> None:
+    records = [row(0, T0, n=None, i=1, b=True, s="x"), row(1, T0, n=2, i=1, b=False, s="x")]
+    assert run("select n + 1, n = 2, if(b, n, 0), coalesce(n, 7), concat(n, s), n in (2), n or false from t",
+               records) == [[None, None, None, 7, None, None, None], [3, True, 0, 2, "2x", True, True]]
 
 
 def test_constant_outputs_give_one_row_per_input_row() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import ClientError, ErrorCode
+from broker.model import ColumnDef
 from broker.query import compile_query
 from broker.query.sqltext import rewrite
-from tests.query.helpers import lookup
+from tests.query.helpers import TP, lookup
 
 
 def plan(sql: str):
@@ -63,6 +64,63 @@ def test_expression_types(sql: str, expected: list[str] | None) -> None:
         assert error(sql) == ErrorCode.UNSUPPORTED_SQL   # a join
         return
     assert [t for _, t in plan(sql).header] == expected
+
+
+NB = "nullable(bool)"
+
+
+@pytest.mark.parametrize("sql, expected", [
+    # n is nullable(int32); each type's nullability as ClickHouse 18.16's toTypeName says, except
+    # where noted (widths as this engine always gave them: `n % 2`, `n div 2` are 64-bit here; `bool`
+    # for ClickHouse's UInt8)
+    ("select n + 1, -n, n / 2, n div 2, n % 2, n * 1.5, n + u, u - n, -(n + u) from t",
+     ["nullable(int64)", "nullable(int32)", "nullable(float64)", "nullable(int64)", "nullable(int64)",
+      "nullable(float64)", "nullable(int64)", "nullable(int64)", "nullable(int64)"]),
+    # comparisons and logic of a nullable operand; IS NULL never is NULL. `n or 0`: three-valued, as
+    # newer ClickHouse's (18.16: UInt8). IN: NULL for a NULL operand (three-valued, the README), so
+    # nullable here (ClickHouse: 0, a UInt8)
+    ("select n = 1, n < i, n > f, b and n > 0, not n > 0, n or 0, n in (1, 2), n is null, i = 1 from t",
+     [NB] * 7 + ["bool", "bool"]),
+    ("select abs(n), abs(-n), round(n), round(n, -1), concat(n, 'x'), lower(if(b, s, null)), "
+     "upper(if(b, s, null)), length(if(b, s, null)), if(b, s, null) like 'a%', concat(s, 'x'), abs(i) from t",
+     ["nullable(uint32)", "nullable(uint32)", "nullable(int32)", "nullable(int32)", "nullable(string)",
+      "nullable(string)", "nullable(string)", "nullable(uint64)", NB, "string", "uint64"]),
+    # branches: nullable when any result is (an absent ELSE is NULL); not for a nullable condition,
+    # whose NULL is false, as newer ClickHouse's (18.16's `if(n > 0, 1, 2)` was NULL, Nullable(UInt8))
+    ("select if(b, n, 0), if(b, 1, null), multi_if(b, n, b, 2, 3), case when b then 1 end, "
+     "case when b then i else n end, if(b, i, 2), if(n > 0, 1, 2), if(b, n, 1.5) from t",
+     ["nullable(int64)"] * 5 + ["int64", "int64", "nullable(float64)"]),
+    # coalesce: nullable only when every argument is
+    ("select coalesce(n, 1), coalesce(n, f), coalesce(n, null), coalesce(null, n), coalesce(i, n), "
+     "coalesce(n, n) from t",
+     ["int64", "float64", "nullable(int32)", "nullable(int32)", "int64", "nullable(int32)"]),
+    # a NULL operand (ClickHouse: Nullable(Nothing); here the type the operation would have)
+    ("select null + 1, 1 = null, lower(null), i + null from t",
+     ["nullable(int64)", NB, "nullable(string)", "nullable(int64)"]),
+    # aggregates of a nullable expression: NULL when no value is; count and count_distinct 0, as
+    # newer ClickHouse's uniq (18.16: Nullable(UInt64))
+    ("select sum(n + 1), min(n + 1), max(-n), avg(n), avg(n + 1), count(n + 1), count_distinct(n), "
+     "sum(i + 1), avg(i), sum(n) + 1 from t",
+     ["nullable(int64)", "nullable(int64)", "nullable(int32)", "nullable(float64)", "nullable(float64)",
+      "uint64", "uint64", "int64", "float64", "nullable(int64)"]),
+    ("select n + 1 as k, count(*), max(k) > 1 from t group by k", ["nullable(int64)", "uint64", NB]),
+])
+def test_nullability_propagates_as_clickhouse(sql: str, expected: list[str]) -> None:
+    """Expressions of a nullable column were typed as if it were not (`n + 1` int64): the header
+    said int64 for a column of NULLs, and sum(n + 1) of NULLs answered 0."""
+    p = plan(sql)
+    assert [t for _, t in p.header] == expected
+    assert [c["column_type"] for c in p.analysis["result_columns"]] == expected
+
+
+def test_nullable_branches_keep_the_exact_type() -> None:
+    """A nullable datetime64 beside another: the first's type, its zone as written, nullable."""
+    columns = (ColumnDef("nt", "nullable(datetime64(3, 'UTC'))"), ColumnDef("ts", "datetime64(3)"),
+               ColumnDef("b", "bool"), TP)
+    p = compile_query("select if(b, nt, ts), if(b, ts, nt), coalesce(nt, ts), coalesce(nt, nt), nt > ts from s",
+                      lambda _: columns)
+    assert [t for _, t in p.header] == ["nullable(datetime64(3, 'UTC'))", "nullable(datetime64(3))",
+                                        "datetime64(3, 'UTC')", "nullable(datetime64(3, 'UTC'))", NB]
 
 
 def test_table_seek_to_and_limit() -> None:

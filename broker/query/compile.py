@@ -15,8 +15,8 @@ own per row; the value, which is what a `::float` or a comparison reads, is the 
 `round(x, n)` is ClickHouse's: floats round half to even, integers half away from zero at n < 0
 (`round(15, -1)` is 20; a result that does not fit the integer type is null).
 Nullability is typed as ClickHouse's: an operator or function of a nullable operand or NULL is
-`nullable(T)` (`n + 1`, `n = 1` a `nullable(bool)`), if/multi_if/CASE when a result is, coalesce
-when every argument is; IS NULL, count and casts (`::`, cast, to_*) are not.
+`nullable(T)` (`n + 1`, `n = 1` a `nullable(bool)`, `n::string`), if/multi_if/CASE when a result
+is, coalesce when every argument is; IS NULL and count are not.
 """
 from __future__ import annotations
 
@@ -168,6 +168,14 @@ def cast(t: Typed, target: str) -> Typed:
     else:
         raise _mismatch(f"cannot cast {t.type} to {target}")
     return Typed(out.cast(dtype, strict=False), target)
+
+
+def _converted(t: Typed, target: str) -> Typed:
+    """A cast or to_* as written in a query: NULL where its operand is, so nullable when that is
+    (ClickHouse's toString of a Nullable is Nullable; its CAST of a NULL to a non-Nullable type
+    fails, where this engine's casts answer NULL)."""
+    out = cast(t, target)
+    return Typed(out.expr, _of(out.type, t))
 
 
 _EXPONENT_FORM = r"^(-?)(\d)(?:\.(\d+))?e([+-]\d+)$"
@@ -608,7 +616,7 @@ class ExprCompiler:
         return Typed(found if found.meta.root_names() else found.first(), _of("bool", t))
 
     def _Cast(self, node: exp.Cast) -> Typed:
-        return cast(self.compile(node.this), cast_target(node.args["to"]))
+        return _converted(self.compile(node.this), cast_target(node.args["to"]))
 
     def _TryCast(self, node: exp.TryCast) -> Typed:
         return self._Cast(node)
@@ -636,7 +644,7 @@ class ExprCompiler:
 
         if name in _CONVERSIONS:
             arity(1)
-            return cast(self.compile(args[0]), _CONVERSIONS[name])
+            return _converted(self.compile(args[0]), _CONVERSIONS[name])
         if name in ("lower", "upper"):   # as ClickHouse's: ASCII letters only (`lower('Ä')` is 'Ä')
             arity(1)
             t = self._string_arg(name, args[0])

@@ -104,6 +104,11 @@ NB = "nullable(bool)"
      ["nullable(int64)", "nullable(int64)", "nullable(int32)", "nullable(float64)", "nullable(float64)",
       "uint64", "uint64", "int64", "float64", "nullable(int64)"]),
     ("select n + 1 as k, count(*), max(k) > 1 from t group by k", ["nullable(int64)", "uint64", NB]),
+    # casts: NULL where the operand is (ClickHouse's toString of a Nullable is Nullable(String))
+    ("select to_string(n), n::float64, cast(n as string), to_int64(s), concat(to_string(n), s), "
+     "cast(null as int64) from t",
+     ["nullable(string)", "nullable(float64)", "nullable(string)", "int64", "nullable(string)",
+      "nullable(int64)"]),
 ])
 def test_nullability_propagates_as_clickhouse(sql: str, expected: list[str]) -> None:
     """Expressions of a nullable column were typed as if it were not (`n + 1` int64): the header

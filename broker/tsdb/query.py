@@ -894,21 +894,22 @@ class _Rendered:
         return dict(zip(self.keys[a:b], values))
 
     def text_dps(self, a: int, b: int, series: Series) -> dict[str, Any]:
-        """A string or boolean series' points, each value as stored. A record another door wrote
-        into the stream with a value not of the series' type (not JSON, a number in a string
-        series) is not one of its points, as a numeric series skips a value that is not a number."""
-        keys, texts = self.keys[a:b], self.texts[a:b]
-        if series.type == BOOLEAN:
-            return {k: t == "true" for k, t in zip(keys, texts) if t in ("true", "false")}
-        out = {}
-        for k, t in zip(keys, texts):
-            try:
-                value = orjson.loads(t)
-            except orjson.JSONDecodeError:
-                continue
-            if type(value) is str:
-                out[k] = value
-        return out
+        """A string or boolean series' points, each value as stored (every one of its type:
+        _evaluate kept no other)."""
+        return {k: _text_value(series.type, t) for k, t in zip(self.keys[a:b], self.texts[a:b])}
+
+
+def _text_value(kind: str, text: str) -> str | bool | None:
+    """The value a string or boolean series' record holds, None when it is not of that type: a
+    record another door wrote into the stream (not JSON, a number in a string series) is not one
+    of its points, as a numeric series skips a value that is not a number."""
+    if kind == BOOLEAN:
+        return text == "true" if text in ("true", "false") else None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if type(value) is str else None
 
 
 def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -> list[dict[str, Any]]:
@@ -929,9 +930,13 @@ def _evaluate(sub: SubQuery, q: Query, t: _Target, frames: list[pl.DataFrame]) -
     raw = ds is None and sub.rate is None
     if not t.keep_text:
         df = df.filter(pl.col("v").is_not_null())
-    else:   # a numeric series' value that is not a number is no point (text series: _Rendered.text_dps)
+    else:   # a point holds a value of its series' type: a text series' row is read one by one
         texts = [i for i, s in enumerate(t.series) if s.type != NUMERIC]
-        df = df.filter(pl.col("v").is_not_null() | pl.col("sidx").is_in(texts))
+        is_text = pl.col("sidx").is_in(texts)
+        df = df.with_row_index("_r")
+        good = [r for r, i, vt in df.filter(is_text).select("_r", "sidx", "vt").iter_rows()
+                if _text_value(t.series[i].type, vt) is not None]
+        df = df.filter((pl.col("v").is_not_null() & ~is_text) | pl.col("_r").is_in(good)).drop("_r")
     # every series with a point in the scan has its output, its dps maybe empty (OpenTSDB writes
     # each group its scan found, whatever its range keeps)
     present = df.get_column("sidx").unique().sort().to_list()

@@ -699,6 +699,25 @@ async def test_values_of_another_type_written_by_another_door_are_skipped(env: E
         ({"k": "s"}, {str(S): "up", str(S + 2): "down"})]
 
 
+async def test_a_series_whose_records_in_range_are_all_of_another_type_drops_out(env: Env) -> None:
+    """A series with no point of its type in the scan is not answered, whatever its type: a string
+    or boolean series whose only records there were written by another door with a value of
+    another type was answered with empty dps, where a numeric series dropped out."""
+    early = BASE - 7_200_000   # two hours before: outside the scan of a query from S
+    await env.put([("wt", early, "up", {"k": "s"}), ("wt", early, True, {"k": "b"}), ("wt", early, 7, {"k": "n"}),
+                   ("wt", early, "up", {"k": "z"})])
+    later = env.clock[0] = BASE + 1000   # the records are stored at their time
+    for k, v in (("s", b"5"), ("b", b"nope"), ("n", b'"7"'), ("z", b'"a\\q"')):
+        layout, tail = query._layout("wt", {"k": k})
+        await env.put_raw([(layout + str(later).encode() + b',"value":' + v + b',"tags":' + tail.encode() + b"}",
+                            series_key("wt", {"k": k}))])
+    assert await env.query(body(sub("none", "wt"))) == []
+    outs = await env.query(body(sub("none", "wt"), start=S - 7200))
+    e = str(S - 7200)
+    assert [(o["tags"], o["dps"]) for o in outs] == [
+        ({"k": "b"}, {e: True}), ({"k": "n"}, {e: 7}), ({"k": "s"}, {e: "up"}), ({"k": "z"}, {e: "up"})]
+
+
 def test_the_record_layout_is_what_the_decoder_expects() -> None:
     tags = {"b": "2", "a": "温"}
     prefix, tail = query._layout("m.x", tags)

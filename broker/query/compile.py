@@ -402,14 +402,16 @@ class ExprCompiler:
         raise client_error(ErrorCode.UNSUPPORTED_SQL,
                            detail=f"{node.key} ({node.sql('clickhouse')}) is not supported")
 
-    def compile_bool(self, node: exp.Expression) -> Typed:
+    def compile_bool(self, node: exp.Expression, text: str | None = None) -> Typed:
+        """`node` as a condition: a number is true when not 0; `text` names it in an error
+        (default: its SQL)."""
         t = self.compile(node)
         k = kind(t.type)
         if k in ("bool", NULL):
             return _as(t, pl.Boolean())
         if is_numeric(t.type):
             return Typed(t.expr != 0, _of("bool", t))
-        raise _mismatch(f"{node.sql('clickhouse')} is {t.type}, a condition must be bool")
+        raise _mismatch(f"{text or node.sql('clickhouse')} is {t.type}, a condition must be bool")
 
     # leaves
     def _Column(self, node: exp.Column) -> Typed:

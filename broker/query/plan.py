@@ -552,7 +552,7 @@ def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[st
             return aliases[n.name].copy()
         return n
 
-    def compile_outer(node: exp.Expression, resolve_aliases: bool = False) -> Typed:
+    def compile_outer(node: exp.Expression, resolve_aliases: bool = False, condition: bool = False) -> Typed:
         if resolve_aliases:
             node = node.copy().transform(unalias)
         rewritten = node.copy().transform(replace)
@@ -560,12 +560,17 @@ def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[st
             if col.name not in out_columns:
                 inputs.compile(col)   # an unknown column is reported as such
                 raise _unsupported(f"column {col.name} must be in GROUP BY or inside an aggregate")
+        # HAVING is a condition as WHERE is: a number is true when not 0, anything else not bool a
+        # TYPE_MISMATCH (`having count(*)` compiled as its UInt64 and failed every batch in Polars'
+        # filter, an internal error and a traceback in the log)
+        if condition:
+            return outputs.compile_bool(rewritten, text=node.sql("clickhouse"))
         return outputs.compile(rewritten)
 
     result_types = [_add_output(plan, compile_outer(node)) for _, node in items]
     having_node = tree.args.get("having")
     if having_node is not None:
-        plan.having = compile_outer(having_node.this, resolve_aliases=True).expr
+        plan.having = compile_outer(having_node.this, resolve_aliases=True, condition=True).expr
         if outputs.uses_now:
             raise _unsupported("now() in HAVING")
     if outputs.uses_now:

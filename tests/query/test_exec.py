@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.errors import ClientError
+from broker.errors import ClientError, ErrorCode
 from broker.query import compile_query
 from broker.query.exec import GLOBAL_EMIT_MS, IDLE_MS, AggregateExecutor
 from tests.query.helpers import lookup, raw, row, text
@@ -276,6 +276,21 @@ def test_global_group_by_and_having() -> None:
     ex.tick(0)
     ex.feed(records, False)
     assert ex.tick(2000) == [["a", 2, 2], ["b", 2, 3]]
+
+
+def test_having_is_a_condition_as_where_is() -> None:
+    """A number in HAVING is true when not 0 and NULL false, as in WHERE; a string there is a
+    TYPE_MISMATCH before any row is read. `having count(*)` was compiled as its UInt64 and failed
+    in Polars' filter at run time: an internal error, a traceback in the log."""
+    records = [row(n, T0, s=k, i=n) for n, k in enumerate("abb")]
+    assert run("select count(*) from table(t) having count(*)", records) == [[3]]
+    assert run("select s, count(*) from table(t) group by s having count(*) - 1", records) == [["b", 2]]
+    assert run("select s from table(t) group by s having 1", records) == [["a"], ["b"]]
+    assert run("select s from table(t) group by s having 0", records) == []
+    assert run("select s from table(t) group by s having null", records) == []
+    with pytest.raises(ClientError) as e:
+        compile_query("select s, max(s) as m from t group by s having m", lookup)
+    assert e.value.code == ErrorCode.TYPE_MISMATCH and "max(s) is string" in str(e.value)
 
 
 def test_bounded_aggregation_over_nothing() -> None:

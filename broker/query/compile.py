@@ -62,6 +62,8 @@ _COMPARISONS: dict[type, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     exp.GTE: lambda a, b: a >= b, exp.LT: lambda a, b: a < b, exp.LTE: lambda a, b: a <= b,
 }
 AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max)
+# the arguments of a sqlglot function node that ExprCompiler._args reads, in order after `this`
+_READ_ARGS = ("this", "expressions", "expression", "decimals")
 DISTINCT_AGGREGATES = ("count_distinct", "uniq", "uniq_exact")   # aggregates sqlglot does not know
 
 
@@ -628,7 +630,7 @@ class ExprCompiler:
         if isinstance(node, exp.Anonymous):
             return list(node.expressions)
         args = [node.this] if node.this is not None else []
-        for key in ("expression", "decimals"):
+        for key in _READ_ARGS[2:]:
             if node.args.get(key) is not None:
                 args.append(node.args[key])
         return args + list(node.expressions)
@@ -638,9 +640,13 @@ class ExprCompiler:
         if name == JSON_FN:
             return self._json(node)  # type: ignore[arg-type]
         args = self._args(node)
+        # arguments sqlglot keeps under names of their own, which _args does not read: an
+        # argument too many (`round(f, 1, 2)` is Round(truncate=2)) must not vanish
+        unread = not isinstance(node, (exp.If, exp.Case)) and any(
+            isinstance(v, exp.Expression) for k, v in node.args.items() if k not in _READ_ARGS)
 
         def arity(*allowed: int) -> None:
-            if len(args) not in allowed:
+            if unread or len(args) not in allowed:
                 raise client_error(ErrorCode.SQL_SYNTAX,
                                    detail=f"{name}() takes {' or '.join(map(str, allowed))} arguments")
 

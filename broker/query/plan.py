@@ -416,7 +416,10 @@ def _aggregate_of(node: exp.Expression, compiler: ExprCompiler) -> Aggregate:
     name = function_name(node)
     arg = node.this if not isinstance(node, exp.Anonymous) else (
         node.expressions[0] if len(node.expressions) == 1 else None)
-    if (isinstance(node, exp.Anonymous) and len(node.expressions) != 1) or node.args.get("accuracy") is not None:
+    # min(i, 100) is Min(this=i, expressions=[100]): the 100 was dropped, the answer min(i);
+    # count(a, b) ClickHouse takes (it counts the rows)
+    if (isinstance(node, exp.Anonymous) and len(node.expressions) != 1) or node.args.get("accuracy") is not None \
+            or (not isinstance(node, (exp.Anonymous, exp.Count)) and node.args.get("expressions")):
         raise _syntax(f"{name}() takes one argument")
     if isinstance(node, exp.Count):
         if arg is None or isinstance(arg, exp.Star):

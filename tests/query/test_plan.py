@@ -177,6 +177,11 @@ def test_aggregate_types_and_names() -> None:
     ("select count(*) from tumble(t, nope, 5s) group by window_start", ErrorCode.UNKNOWN_COLUMN),
     ("select window_start from t", ErrorCode.UNKNOWN_COLUMN),
     ("select frobnicate(s) from t", ErrorCode.UNKNOWN_FUNCTION),
+    # an argument too many is an error, as ClickHouse's, not dropped: these answered round(f, 1)
+    # and max(i) (sqlglot keeps the extra argument where the compiler did not look)
+    ("select round(f, 1, 2) from t", ErrorCode.SQL_SYNTAX),
+    ("select max(i, 100) from t", ErrorCode.SQL_SYNTAX),
+    ("select s, min(s, 'a') from t group by s", ErrorCode.SQL_SYNTAX),
     ("select s + 1 from t", ErrorCode.TYPE_MISMATCH),
     ("select * from t where s > 1", ErrorCode.TYPE_MISMATCH),
     ("select * from t where s", ErrorCode.TYPE_MISMATCH),

@@ -20,6 +20,7 @@ is, coalesce when every argument is; IS NULL and count are not.
 """
 from __future__ import annotations
 
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -379,6 +380,22 @@ def _truncated_mod(x: pl.Expr, y: pl.Expr) -> pl.Expr:
     return pl.when((r != 0) & ((x < 0) != (y < 0))).then(r - y).otherwise(r)
 
 
+def _in_integers(t: Typed, values: list) -> pl.Expr:
+    """`t IN (values)` of an integer or bool operand, as ClickHouse converts the list to the
+    operand's type: a constant the type does not hold exactly matches nothing (1.5; 2^63 as a float
+    beside an int64; 2 or -1 beside a bool, a UInt8 that is 0 or 1). The list was compared as
+    float64, where 9223372036854775807 equals 2^63, and cast to Boolean, where 2 is true."""
+    k = kind(t.type)
+    bits = 8 if k == "bool" else int(dtypes.base(t.type).removeprefix("u").removeprefix("int"))
+    lo, hi = (0, 2**bits - 1) if k in ("uint", "bool") else (-2**(bits - 1), 2**(bits - 1) - 1)
+    exact = sorted({int(v) for v in values if isinstance(v, int) or (math.isfinite(v) and v == int(v))})
+    exact = [v for v in exact if lo <= v <= hi]
+    if not exact:
+        return pl.when(t.expr.is_null()).then(None).otherwise(False)
+    operand, dtype = (t.expr.cast(pl.UInt8), pl.UInt8()) if k == "bool" else (t.expr, dtypes.polars_dtype(t.type))
+    return operand.is_in(pl.Series(exact, dtype=dtype).implode())
+
+
 @dataclass
 class ExprCompiler:
     """Compiles expressions over a frame whose columns (and canonical types) are `columns`."""
@@ -610,8 +627,8 @@ class ExprCompiler:
             series = pl.Series(values, dtype=pl.String)
             lit = pl.select(parse_time(pl.lit(series))).to_series()
             found = t.expr.cast(pl.Datetime("ms")).is_in(lit.implode())
-        elif k in ("int", "uint", "bool") and any(isinstance(v, float) for v in values):
-            found = t.expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64).implode())
+        elif k in ("int", "uint", "bool"):
+            found = _in_integers(t, values)
         else:
             found = t.expr.is_in(pl.Series(values, dtype=dtypes.polars_dtype(t.type), strict=False).implode())
         # `1 in (1, 2)`, `abs(-1) in (1)`: Polars does not broadcast is_in of a constant (one row

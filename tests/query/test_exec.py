@@ -605,6 +605,20 @@ def test_float_comparisons_are_ieee_and_exact_beside_64_bit_integers() -> None:
     assert run("select f from w where f / f >= 1", records) == [[1.5]]
 
 
+def test_in_matches_an_integer_or_bool_exactly_as_its_comparison_does() -> None:
+    """The list is converted to the operand's type, as ClickHouse's: a constant the type does not
+    hold exactly matches nothing. A float in the list made the whole list float64, where 2^63 - 1
+    is 2^63, and a bool read the list as Boolean, where 2 and -1 are true: `IN` held where `=` did not."""
+    records = [row(0, T0, i=2**63 - 1, u=2**64 - 1, i8=-128), row(1, T0, i=1, u=2, i8=1)]
+    assert run("select i in (9223372036854775808.0), i = 9223372036854775808.0, u in (18446744073709551616.0), "
+               "i in (1.0, 2.5), i8 in (-128.0, 300), u in (2, 1e0) from w", records) == [
+        [False, False, False, False, True, False], [False, False, False, True, False, True]]
+    bools = [row(0, T0, b=True), row(1, T0, b=False), row(2, T0)]
+    assert run("select b in (2), b in (-1), b = 2, b in (1.0), b in (0, 7), true in (2) from t", bools) == [
+        [False, False, False, True, False, False], [False, False, False, False, True, False],
+        [None, None, None, None, None, False]]
+
+
 def test_integer_literals_past_int64_are_uint64() -> None:
     records = [row(n, T0, u=u) for n, u in enumerate((2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1))]
     assert run("select u from w where u < 9223372036854775808", records) == [[2**63 - 1]]

@@ -156,6 +156,41 @@ def _check_tree(tree: exp.Expr) -> None:
         stack.extend((child, depth + 1) for child in node.iter_expressions())
 
 
+# ClickHouse's comparison operators (=, !=, <, <=, >, >=, [NOT] LIKE, [NOT] ILIKE, IN) share one
+# precedence and group left to right: `a = b < c` is `(a = b) < c`, `a != b IN (1)` is
+# `(a != b) IN (1)`. sqlglot gives = and != a lower precedence than < and >, and those a lower one
+# than IN and LIKE, so it read both as `a = (b < c)` - another answer.
+_EQUALITY_LEVEL = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)
+_COMPARISON_LEVEL = (*_EQUALITY_LEVEL, exp.Like, exp.ILike, exp.In)
+
+
+def _grouped_right(node: exp.Expr) -> bool:
+    """An operator of the comparison level on the right of another: `NOT IN` is Not(In) (a NOT
+    there can be no other: ClickHouse refuses `a = NOT b`)."""
+    right = node.expression
+    return isinstance(node, _EQUALITY_LEVEL) and (isinstance(right, _COMPARISON_LEVEL) or (
+        isinstance(right, exp.Not) and isinstance(right.this, exp.In)))
+
+
+def _regroup(node: exp.Expr) -> exp.Expr:
+    """`a op (b op2 c)` as sqlglot parsed it (no parentheses written) -> `(a op b) op2 c`."""
+    while _grouped_right(node):
+        top = node.expression.copy()
+        right = top.this if isinstance(top, exp.Not) else top
+        left = node.copy()
+        left.set("expression", right.this)
+        right.set("this", _regroup(left))
+        node = top
+    return node
+
+
+def _comparisons_left_to_right(tree: exp.Expr) -> None:
+    """Regroups every chain of comparisons as ClickHouse does (above), children first, in place."""
+    for node in reversed(list(tree.walk(bfs=False))):
+        if _grouped_right(node):
+            node.replace(_regroup(node))
+
+
 def _parse(sql: str) -> exp.Select:
     size = len(sql.encode("utf-8", "surrogatepass"))
     if size > MAX_SQL_BYTES:
@@ -174,6 +209,7 @@ def _parse(sql: str) -> exp.Select:
     tree = statements[0]
     assert tree is not None
     _check_tree(tree)
+    _comparisons_left_to_right(tree)
     if not isinstance(tree, exp.Select):
         if isinstance(tree, (exp.Insert, exp.Create, exp.Drop, exp.Delete, exp.Update, exp.Alter, exp.Command,
                              exp.SetOperation)):

@@ -619,6 +619,20 @@ def test_in_matches_an_integer_or_bool_exactly_as_its_comparison_does() -> None:
         [None, None, None, None, None, False]]
 
 
+def test_comparisons_share_one_precedence_and_group_left_to_right_as_clickhouse() -> None:
+    """=, !=, <, >, [NOT] IN and [NOT] LIKE are one level in ClickHouse, read left to right:
+    `a = b < c` is `(a = b) < c`. sqlglot read it `a = (b < c)` (and `a != b IN (..)` as
+    `a != (b IN (..))`), another answer. Expected values: ClickHouse's for the same text."""
+    assert run("select 1 = 2 < 3, 0 = 0 < 1, 1 < 2 = 0, 3 = 3 in (1), 1 != 1 in (0), 2 > 1 > 0, "
+               "0 < 1 = 1 < 2, 2 = 2 = 1, 1 = 0 = 0, 2 = 2 not in (2), 1 = (2 < 3), 0 = (0 < 1)") == [
+        [True, False, False, True, True, True, True, True, True, True, True, False]]
+    records = [row(0, T0, i=2, u=1, f=0.5, b=True), row(1, T0, i=1, u=3, f=2.0, b=True)]
+    assert run("select i = u < f, i = (u < f), b = u > 2, b = (u > 2) from t", records) == [
+        [True, False, False, False], [True, False, False, True]]
+    with pytest.raises(ClientError, match="LIKE needs a string"):   # (s = 'abc') LIKE 'x', as ClickHouse
+        run("select s = 'abc' like 'x' from t")
+
+
 def test_integer_literals_past_int64_are_uint64() -> None:
     records = [row(n, T0, u=u) for n, u in enumerate((2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1))]
     assert run("select u from w where u < 9223372036854775808", records) == [[2**63 - 1]]

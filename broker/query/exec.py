@@ -46,6 +46,7 @@ MERGE_FRACTION = 8       # batches' partials are merged into the state at 1/8 of
 MERGE_MIN_ROWS = 4_096   # ... or at this many rows, whichever is more
 MERGE_MAX_PENDING = 64   # ... and compacted among themselves at this many batches
 IDLE_MS = 2_000          # a partition that delivered nothing this long stops holding the watermark
+MAX_WINDOW_ROWS = 262_144  # (row, window) pairs of hop() a batch makes at once (see _window_batch)
 _NEVER = -(2**62)        # the largest event time of a partition that has delivered none
 
 
@@ -396,17 +397,20 @@ class AggregateExecutor(Executor):
                                        ((pl.col("__t") // step) * step).alias("__base"))
             self.late_rows += stage.filter(pl.col("__base") + size <= pl.col("__pw")).height
             # a row's open windows start at the multiples of step in (max(t, pw) - size, base]: at
-            # most size/step of them (plan.MAX_HOP_WINDOWS), made as a list per row and exploded
+            # most size/step of them (plan.MAX_HOP_WINDOWS), made as a list per row and exploded,
+            # MAX_WINDOW_ROWS (row, window) pairs at a time: a 50,000-record scan block of
+            # hop(s, 1ms, 1s) exploded in one go was 50M rows, 2-6 GB at once
             first = -((size - 1 - pl.max_horizontal("__t", "__pw")) // step) * step
-            pairs = stage.with_columns(first.alias("__first")) \
-                .filter(pl.col("__first") <= pl.col("__base")) \
-                .with_columns(pl.int_ranges("__first", pl.col("__base") + step, step).alias("__w")) \
-                .drop("__first").explode("__w")
+            rows = max(1, MAX_WINDOW_ROWS // -(-size // step))
+            for offset in range(0, stage.height, rows):
+                self._merge(stage.slice(offset, rows).with_columns(first.alias("__first"))
+                            .filter(pl.col("__first") <= pl.col("__base"))
+                            .with_columns(pl.int_ranges("__first", pl.col("__base") + step, step).alias("__w"))
+                            .drop("__first").explode("__w"))
             top = int(stage.get_column("__t").max())  # type: ignore[arg-type]
             self.seen = max(self.seen, top)
             if source is not None:
                 self.marks[source] = max(self.marks.get(source, _NEVER), top)
-            self._merge(pairs)
         if source is not None:
             self.active[source] = now + IDLE_MS
             if self._caught_up:

@@ -352,6 +352,25 @@ _FLIPPED: dict[type, type] = {exp.EQ: exp.EQ, exp.NEQ: exp.NEQ, exp.GT: exp.LT, 
 _FLOAT_CLAMP = 2.0**100   # beyond every 64-bit integer, and exact in a float64 and in an Int128
 
 
+def _parsed_times(texts: list[str], beside: str) -> pl.Series:
+    """Time literals compared with a `beside` value, parsed once: one that does not parse is a
+    TYPE_MISMATCH, as ClickHouse's `Cannot parse datetime` (it was NULL, so `ts > '2024-01-01 10:00'`
+    or a typo silently matched no row, and `ts = 'x'`, typed bool, answered NULL)."""
+    parsed = pl.select(parse_time(pl.lit(pl.Series(texts, dtype=pl.String)))).to_series()
+    for text, value in zip(texts, parsed, strict=True):
+        if value is None:
+            raise _mismatch(f"cannot read {text[:100]!r} as a time to compare with {beside} "
+                            "(write 'YYYY-MM-DD[ hh:mm:ss[.fff]]')")
+    return parsed
+
+
+def _time_operand(t: Typed, beside: str) -> pl.Expr:
+    """A time or a string literal (parsed here, see _parsed_times) as Datetime(ms)."""
+    if kind(t.type) in ("datetime64", "datetime", "date"):
+        return t.expr.cast(pl.Datetime("ms"))
+    return pl.lit(_parsed_times([str(t.value)], beside)[0], pl.Datetime("ms"))
+
+
 def _int_float_comparison(op: type, i: pl.Expr, f: pl.Expr) -> pl.Expr:
     """`i op f` of an integer and a float, exactly, as ClickHouse's accurate comparison: Polars
     compares them as float64, where a 64-bit integer rounds (2^64 - 1 equalled 2^64, and
@@ -540,9 +559,9 @@ class ExprCompiler:
                          for t in (a, b))
         times = ("datetime64", "datetime", "date")
         if ka in times and (kb in times or (b.is_literal and kb == "string")):
-            return a.expr.cast(pl.Datetime("ms")), cast(b, DATETIME64).expr
+            return a.expr.cast(pl.Datetime("ms")), _time_operand(b, a.type)
         if kb in times and (ka in times or (a.is_literal and ka == "string")):
-            return cast(a, DATETIME64).expr, b.expr.cast(pl.Datetime("ms"))
+            return _time_operand(a, b.type), b.expr.cast(pl.Datetime("ms"))
         raise _mismatch(f"cannot compare {a.type} with {b.type}")
 
     def _comparison(self, node: exp.Binary) -> Typed:
@@ -624,8 +643,7 @@ class ExprCompiler:
         if not values:   # NULLs only: they match nothing (Polars has no is_in of an untyped empty list)
             found = pl.when(t.expr.is_null()).then(None).otherwise(False)
         elif kind(t.type) in ("datetime64", "datetime", "date"):
-            series = pl.Series(values, dtype=pl.String)
-            lit = pl.select(parse_time(pl.lit(series))).to_series()
+            lit = _parsed_times([str(v) for v in values], t.type)
             found = t.expr.cast(pl.Datetime("ms")).is_in(lit.implode())
         elif k in ("int", "uint", "bool"):
             found = _in_integers(t, values)

@@ -189,6 +189,12 @@ def test_aggregate_types_and_names() -> None:
     ("select lower(i) from t", ErrorCode.TYPE_MISMATCH),
     ("select sum(s) from t", ErrorCode.TYPE_MISMATCH),
     ("select * from t where i in ('a')", ErrorCode.TYPE_MISMATCH),
+    # a time literal that does not parse is an error, as ClickHouse's `Cannot parse datetime`:
+    # it was NULL, and the filter matched no row without a word
+    ("select * from t where ts > '2024-01-01 10:00'", ErrorCode.TYPE_MISMATCH),
+    ("select * from t where 'garbage' <= _tp_time", ErrorCode.TYPE_MISMATCH),
+    ("select ts = '' from t", ErrorCode.TYPE_MISMATCH),
+    ("select * from t where d in ('2024-01-01', 'x')", ErrorCode.TYPE_MISMATCH),
     ("select count(*) from tumble(t, s, 5s) group by window_start", ErrorCode.TYPE_MISMATCH),
     ("insert into t values (1)", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t order by i", ErrorCode.UNSUPPORTED_SQL),

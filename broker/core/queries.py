@@ -52,6 +52,20 @@ _READ_LIMIT = 10_000           # records per subscription batch
 _SCAN_RECORDS = 50_000
 _SCAN_BYTES = 16 * 1024 * 1024
 _THREAD_ROWS = 2_000           # batches bigger than this are evaluated off the event loop
+_MIN_READ = 500                # records per read at least, however many windows a row is in
+
+
+def _records_per_read(plan: QueryPlan, records: int) -> int:
+    """`records` per read, over the windows a row of the query is in: a hop(s, 1ms, 1s) row is in
+    1000, so a 50,000-record scan block was 50M (row, window) pairs, and the state bound, the
+    output and a cancel act only between blocks: such a block ran minutes after its query was
+    cancelled, its state past 500,000 groups to several GB (the SQL probe)."""
+    window = plan.window
+    if window is None:
+        return records
+    # at least _MIN_READ: smaller blocks cost more per record than they save (50-record blocks
+    # of hop(s, 1ms, 1s) scanned 6x slower than 500-record ones, which are 500,000 pairs)
+    return min(records, max(_MIN_READ, records // -(-window.size_ms // window.step_ms)))
 END = None                     # the result queue's last item
 
 
@@ -346,15 +360,16 @@ class Queries:
         read as columns (no object per record). The next read runs while a block is evaluated:
         both run off the event loop and mostly without the GIL (RocksDB, Polars), so on two
         cores they overlap."""
+        records = _records_per_read(run.plan, _SCAN_RECORDS)
         for cursor, end in zip(cursors, ends):
-            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES, end))
+            fetch = asyncio.ensure_future(self._reads.read_block(run.project, cursor, records, _SCAN_BYTES, end))
             try:
                 while True:
                     block, cursor = await fetch
                     last = not block.data or block.next_seq >= end
                     if not last:
                         fetch = asyncio.ensure_future(
-                            self._reads.read_block(run.project, cursor, _SCAN_RECORDS, _SCAN_BYTES, end))
+                            self._reads.read_block(run.project, cursor, records, _SCAN_BYTES, end))
                     if block.data:   # none written after the query started: read_block stops at end
                         await self._evaluate(run, block)
                         if self._limit_reached(run):
@@ -384,7 +399,7 @@ class Queries:
         inbox: asyncio.Queue[tuple[int, GetRecordsResult] | BaseException | None] = asyncio.Queue(len(cursors))
 
         async def read(partition: int, cursor: str) -> None:
-            batches = self._reads.subscribe(run.project, cursor, _READ_LIMIT, 0)
+            batches = self._reads.subscribe(run.project, cursor, _records_per_read(run.plan, _READ_LIMIT), 0)
             try:
                 async with contextlib.aclosing(batches):
                     async for batch in batches:

@@ -328,3 +328,26 @@ async def test_a_scan_block_stops_at_its_end_and_counts_only_what_it_reads(broke
     block, again = await broker.reads.read_block("default", after, 1000, 1 << 20, end=60)
     assert block.data == [] and broker.reads.cursor_seq(again) == 60
     assert broker.stats.stream(sid).get_records == [60]
+
+
+async def test_a_hop_query_reads_blocks_of_fewer_records_the_more_windows_a_row_is_in(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row of hop(s, 1ms, 1s) is in 1000 windows: a scan read 50,000-record blocks, 50M (row,
+    window) pairs each, and the state bound, the output and a cancel act between blocks only - one
+    such block ran for minutes after its query was cancelled, its state several GB. Blocks (and a
+    live query's batches) now hold records / windows-per-row records (at least 500), the same answer."""
+    await typed_stream(broker, "hops", 3_000)
+    blocks: list[int] = []
+    feed_block = Executor.feed_block
+
+    def counted(self: Executor, block: Any, raw: bool) -> list[list]:
+        blocks.append(len(block.data))
+        return feed_block(self, block, raw)
+    monkeypatch.setattr(Executor, "feed_block", counted)
+    run = await broker.queries.start("default", "select count(*) from hop(table(hops), 1ms, 1s) group by window_start")
+    rows = await drain(run)
+    assert sum(blocks) == 3_000 and max(blocks) == 500   # queries._MIN_READ (50,000 / 1000 is less)
+    assert len(rows) == 1 + 999 and sum(r[0] for r in rows) == 3_000 * 1000   # all in one ms: 1000 windows
+    blocks.clear()
+    run = await broker.queries.start("default", "select count(*) from tumble(table(hops), 1s) group by window_start")
+    assert await drain(run) == [[3_000]] and blocks == [3_000]   # one window a row: blocks as before

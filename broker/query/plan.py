@@ -498,6 +498,7 @@ def compile_query(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> Q
 def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:
     tree = _parse(sql)
     plan = _source_plan(sql, tree, lookup)
+    _check_qualifiers(tree, plan.stream)
     items = _select_items(tree, plan.columns)
     named = {node.alias: node.this for node in tree.expressions if isinstance(node, exp.Alias)}
     aliases = _Aliases(named, plan.columns)
@@ -524,6 +525,22 @@ def _compile(sql: str, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryP
     plan.header = [(name, t) for (name, _), t in zip(items, result_types)]
     _describe(plan, items, has_aggr, group_names)
     return plan
+
+
+def _check_qualifiers(tree: exp.Select, stream: str) -> None:
+    """A qualified column (`t.i`, `default.t.i`, `x.i` of `FROM t AS x`) names the query's stream or
+    its alias; any other qualifier is an unknown column, as ClickHouse's `Missing columns: 'x.i'`
+    (it was dropped, and `select nope.i from t` read t's i)."""
+    source = tree.args.get("from_")
+    alias = source.this.alias if source is not None else ""
+    for col in tree.find_all(exp.Column):
+        if not col.table or col.find_ancestor(exp.From) is not None:
+            continue
+        db, catalog = col.text("db"), col.text("catalog")
+        if catalog or db not in ("", WORKSPACE_DATABASE) or col.table not in (stream, alias) \
+                or (db and col.table != stream):
+            raise client_error(ErrorCode.UNKNOWN_COLUMN, column=col.sql("clickhouse")[:200],
+                               detail=f"the query reads {stream or 'no stream'}" + (f" as {alias}" if alias else ""))
 
 
 def _source_plan(sql: str, tree: exp.Select, lookup: Callable[[str], tuple[ColumnDef, ...]]) -> QueryPlan:

@@ -174,6 +174,11 @@ def test_aggregate_types_and_names() -> None:
     ("select count(*) from hop(t, 1ms, 10s) group by window_start", ErrorCode.UNSUPPORTED_SQL),
     ("select nope from t", ErrorCode.UNKNOWN_COLUMN),
     ("select * from t where nope > 1", ErrorCode.UNKNOWN_COLUMN),
+    # a qualifier other than the stream's name or alias, as ClickHouse's Missing columns: it was
+    # dropped, and nope.i read t's i
+    ("select nope.i from t", ErrorCode.UNKNOWN_COLUMN),
+    ("select i from t as x where t2.i > 1", ErrorCode.UNKNOWN_COLUMN),
+    ("select other.t.i from t", ErrorCode.UNKNOWN_COLUMN),
     ("select count(*) from tumble(t, nope, 5s) group by window_start", ErrorCode.UNKNOWN_COLUMN),
     ("select window_start from t", ErrorCode.UNKNOWN_COLUMN),
     ("select frobnicate(s) from t", ErrorCode.UNKNOWN_FUNCTION),
@@ -221,6 +226,10 @@ def test_the_workspace_database_qualifier_names_the_stream() -> None:
     for sql in ("select * from default.t", "select * from table(default.t)",
                 "select count(*) from tumble(default.t, 5s) group by window_start"):
         assert plan(sql).stream == "t", sql
+    # its columns qualified by the stream's name, the workspace database or the FROM alias
+    for sql in ("select t.i from t", "select default.t.i from t", "select x.i from t as x",
+                "select t.i, count(*) from tumble(t, 5s) group by t.i"):
+        assert plan(sql).header[0] == ("i", "int64"), sql
 
 
 def test_select_without_from() -> None:

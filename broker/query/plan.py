@@ -573,10 +573,10 @@ def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[st
     key_nodes: list[exp.Expression] = []
     group_names: list[str] = []
     for g in (group.expressions if group else []):
+        if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
+            g = aliases[g.name]   # before the window's check: `window_start as w ... group by w`
         if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:
             continue   # the window is always a key
-        if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
-            g = aliases[g.name]
         if any(is_aggregate(n) for n in g.walk()):
             raise _unsupported("aggregates in GROUP BY")
         key_nodes.append(g)

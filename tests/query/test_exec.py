@@ -215,6 +215,18 @@ def test_late_rows_are_dropped_and_counted_out_of_order_rows_are_not() -> None:
     assert ex.finish() == [["2024-01-01 00:00:05.000", 2, 20]]
 
 
+def test_the_window_may_be_grouped_by_its_alias() -> None:
+    """`window_start as w ... group by w` is the window, as in ClickHouse; the alias was resolved
+    after the check for the window's columns, so w was compiled as the stream's column
+    window_start: UNKNOWN_COLUMN."""
+    records = [row(0, T0 + 1000, s="a"), row(1, T0 + 2000, s="b"), row(2, T0 + 6000, s="a")]
+    assert run("select window_start as w, count(*) from tumble(table(t), 5s) group by w", records) == [
+        ["2024-01-01 00:00:00.000", 2], ["2024-01-01 00:00:05.000", 1]]
+    assert run("select window_end as e, s, count(*) as c from tumble(table(t), 5s) group by e, s having c > 0",
+               records) == [["2024-01-01 00:00:05.000", "a", 1], ["2024-01-01 00:00:05.000", "b", 1],
+                            ["2024-01-01 00:00:10.000", "a", 1]]
+
+
 def test_hop_exact_aggregates() -> None:
     sql = ("select window_start, window_end, count(*), sum(i), avg(i) from hop(t, 2s, 6s) "
            "group by window_start")

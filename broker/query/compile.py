@@ -468,7 +468,11 @@ class ExprCompiler:
         try:
             return _number(int(text))
         except ValueError:
+            pass
+        try:
             return _number(float(text))
+        except ValueError:   # sqlglot reads `1e` and `1.5e` as numbers (a 500 here); ClickHouse refuses them
+            raise client_error(ErrorCode.SQL_SYNTAX, detail=f"bad number {text[:100]}") from None
 
     def _Boolean(self, node: exp.Boolean) -> Typed:
         return Typed(pl.lit(bool(node.this), pl.Boolean), "bool", bool(node.this))

@@ -424,6 +424,10 @@ class ExprCompiler:
     uses_now: bool = False
 
     def compile(self, node: exp.Expression) -> Typed:
+        if not isinstance(node, exp.Expression):
+            # sqlglot fills an argument it did not find with a Python value: `b ? 1` (no `: c`) is
+            # If(false=False), and compiling the bool was an AttributeError, a 500
+            raise client_error(ErrorCode.SQL_SYNTAX, detail="incomplete expression")
         handler = getattr(self, f"_{type(node).__name__}", None)
         if handler is not None:
             result: Typed = handler(node)
@@ -742,6 +746,8 @@ class ExprCompiler:
             return Typed(pl.coalesce([_to(t, typ) for t in ts]), typ)
         if name in ("if", "iff"):
             if isinstance(node, exp.If):
+                if isinstance(node.args.get("false"), bool):
+                    raise client_error(ErrorCode.SQL_SYNTAX, detail="the ternary a ? b : c needs its ': c'")
                 args = [node.this, node.args["true"]] + (
                     [node.args["false"]] if node.args.get("false") is not None else [])
             arity(3)

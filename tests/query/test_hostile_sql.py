@@ -45,6 +45,9 @@ def outcome(sql: str) -> ErrorCode | None:
     # sqlglot tokenizes these as numbers; float() of them was a ValueError: a 500
     ("select 1e from t", ErrorCode.SQL_SYNTAX),
     ("select * from t where f > 1.5e", ErrorCode.SQL_SYNTAX),
+    # ClickHouse's ternary without its `: c`: sqlglot's If(false=False), a bool compiled: a 500
+    ("select b ? 1 from t", ErrorCode.SQL_SYNTAX),
+    ("select i ? + 1 from t", ErrorCode.SQL_SYNTAX),
     ("select __json(s, '$..x') from t", ErrorCode.SQL_SYNTAX),
     ("select 1 from t where s = '" + "x" * MAX_SQL_BYTES + "'", ErrorCode.UNSUPPORTED_SQL),
 ])
@@ -65,7 +68,7 @@ TOKENS = ["select", "from", "where", "group", "by", "having", "limit", "settings
           "*", "/", "%", "and", "or", "not", "=", "<", ">=", "like", "ilike", "in", "is", "null",
           "::int", "::string", "cast(", "as", "int", "'x'", "''", "1", "0", "1.5", "5s", "2ms",
           BIG[:30], "interval", "second", "now()", "lower(", "round(", "length(", "if(", ";",
-          "__json(", "__interval(", "seek_to='earliest'", "--", "/*", "*/", '"', "`", "'", "1e", "2.5e"]
+          "__json(", "__interval(", "seek_to='earliest'", "--", "/*", "*/", '"', "`", "'", "1e", "2.5e", "?", ":"]
 
 
 def nested(wrappers: list[str], depth: int, core: str) -> str:

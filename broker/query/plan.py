@@ -217,12 +217,34 @@ def _parse(sql: str) -> exp.Select:
         raise _syntax(f"expected a SELECT query: {sql.strip()[:40]!r}")   # `selec x` parses as an alias
     if not tree.expressions:
         raise _syntax("the select list is empty")
-    for key in ("joins", "with_", "order", "offset", "distinct", "laterals", "qualify", "windows"):
+    for key in ("joins", "with_", "order", "offset", "distinct", "laterals", "qualify", "windows", "prewhere"):
         if tree.args.get(key):
             raise _unsupported(f"{key.rstrip('_').upper()} is not supported")
+    _check_modifiers(tree)
     if tree.find(exp.Subquery, exp.Window, exp.Union) is not None:
         raise _unsupported("subqueries, window functions (OVER) and UNION are not supported")
     return tree
+
+
+# Clauses sqlglot keeps beside the ones the compiler reads, each of which changes the answer; they
+# were dropped without a word (`select * except (i)` listed i, `limit 1 by b` was `limit 1`,
+# `with rollup` had no subtotal rows, `prewhere i > 1` kept every row)
+_MODIFIERS = (("group", "rollup", "WITH ROLLUP"), ("group", "cube", "WITH CUBE"), ("group", "totals", "WITH TOTALS"),
+              ("group", "all", "GROUP BY ALL"), ("group", "grouping_sets", "GROUPING SETS"),
+              ("limit", "expressions", "LIMIT ... BY"), ("limit", "limit_options", "LIMIT ... WITH TIES"))
+
+
+def _check_modifiers(tree: exp.Select) -> None:
+    for clause, key, text in _MODIFIERS:
+        node = tree.args.get(clause)
+        if node is not None and node.args.get(key):
+            raise _unsupported(f"{text} is not supported")
+    source = tree.args.get("from_")
+    if source is not None and source.this.args.get("sample") is not None:
+        raise _unsupported("SAMPLE is not supported")
+    for star in tree.expressions:
+        if isinstance(star, exp.Star) and any(star.args.get(k) for k in ("except_", "replace", "rename")):
+            raise _unsupported("* EXCEPT / REPLACE is not supported")
 
 
 def _interval_ms(node: exp.Expression) -> int:

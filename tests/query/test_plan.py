@@ -203,6 +203,18 @@ def test_aggregate_types_and_names() -> None:
     ("select count(*) from tumble(t, s, 5s) group by window_start", ErrorCode.TYPE_MISMATCH),
     ("insert into t values (1)", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t order by i", ErrorCode.UNSUPPORTED_SQL),
+    # clauses that change the answer were dropped without a word: * EXCEPT listed i, LIMIT 1 BY
+    # was LIMIT 1, WITH ROLLUP had no subtotals, PREWHERE kept every row
+    ("select * except (i) from t", ErrorCode.UNSUPPORTED_SQL),
+    ("select * replace (i + 1 as i) from t", ErrorCode.UNSUPPORTED_SQL),
+    ("select s from t limit 1 by s", ErrorCode.UNSUPPORTED_SQL),
+    ("select s from t limit 1 with ties", ErrorCode.UNSUPPORTED_SQL),
+    ("select s, count(*) from t group by s with rollup", ErrorCode.UNSUPPORTED_SQL),
+    ("select s, count(*) from t group by s with cube", ErrorCode.UNSUPPORTED_SQL),
+    ("select s, count(*) from t group by s with totals", ErrorCode.UNSUPPORTED_SQL),
+    ("select s, count(*) from t group by all", ErrorCode.UNSUPPORTED_SQL),
+    ("select i from t prewhere i > 1", ErrorCode.UNSUPPORTED_SQL),
+    ("select i from t sample 0.1", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t join t as u on t.i = u.i", ErrorCode.UNSUPPORTED_SQL),
     ("select * from (select * from t)", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t where i in (select i from t)", ErrorCode.UNSUPPORTED_SQL),

@@ -70,6 +70,7 @@ class ErrorCode(Enum):
     UNKNOWN_FUNCTION       = (400, "INVALID_ARGUMENT",    "DIS.4200",   46, "Unknown function [{function}]")
     TYPE_MISMATCH          = (400, "INVALID_ARGUMENT",    "DIS.4200",   53, "Type mismatch. {detail}")
     UNSUPPORTED_SQL        = (400, "UNIMPLEMENTED",       "DIS.4200",   48, "Not supported. {detail}")
+    ILLEGAL_DIVISION       = (400, "INVALID_ARGUMENT",    "DIS.4200",  153, "Division by zero. {detail}")
     QUERY_NOT_FOUND        = (404, "NOT_FOUND",           "DIS.4200",   36, "Query [{query_id}] does not exist")
     TOO_MANY_QUERIES       = (429, "RESOURCE_EXHAUSTED",  "DIS.4200",  202, "Too many running queries. {detail}")
     # Sources (managed ingest jobs; the Timeplus door first). [ours] DIS has no sources: DIS.4200.

@@ -112,6 +112,7 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "UNKNOWN_FUNCTION": (InvalidRequest, False),
     "TYPE_MISMATCH": (InvalidRequest, False),
     "UNSUPPORTED_SQL": (InvalidRequest, False),
+    "ILLEGAL_DIVISION": (InvalidRequest, False),
     "QUERY_NOT_FOUND": (NotFound, False),
     "TOO_MANY_QUERIES": (SluiceError, False),
     "BAD_SOURCE": (InvalidRequest, False),

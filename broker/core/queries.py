@@ -145,7 +145,7 @@ class Queries:
 
     def compile(self, project: str, sql: object, missing: list[str] | None = None) -> QueryPlan:
         """Parse and check a query against the project's streams. Raises SQL_SYNTAX,
-        UNKNOWN_COLUMN, UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, STREAM_NOT_FOUND
+        UNKNOWN_COLUMN, UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, ILLEGAL_DIVISION, STREAM_NOT_FOUND
         (the names not found are added to `missing`)."""
         if not isinstance(sql, str) or not sql.strip():
             raise client_error(ErrorCode.INVALID_REQUEST, detail="sql must be a non-empty string")

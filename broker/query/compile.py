@@ -387,6 +387,14 @@ def _int_float_comparison(op: type, i: pl.Expr, f: pl.Expr) -> pl.Expr:
     return bounds[op]
 
 
+def _no_zero_divisor(divisor: Typed, op: str) -> None:
+    """An integer `%` or `div` by a constant 0 is ClickHouse's ILLEGAL_DIVISION, raised before any
+    row (every row would fail it); it answered NULL for every row of a type that is not nullable.
+    A divisor that is 0 on some rows only still gives NULL there (see the README)."""
+    if divisor.is_literal and isinstance(divisor.value, (int, float)) and divisor.value == 0:
+        raise client_error(ErrorCode.ILLEGAL_DIVISION, detail=f"{op} by the constant 0")
+
+
 def _mixed_signs(a: str, b: str) -> bool:
     """A signed and an unsigned integer: no 64-bit type holds both (int64 beside a uint64)."""
     return {kind(a), kind(b)} == {"int", "uint"}
@@ -507,6 +515,8 @@ class ExprCompiler:
             raise _mismatch(f"{op} of {a.type} and {b.type}")
         ta, tb = _adopted(a, b), _adopted(b, a)
         result = _numeric_result(ta, tb)
+        if op == "mod" and kind(result) != "float":
+            _no_zero_divisor(b, "%")
         if op == "sub" and result == "uint64":   # ClickHouse: UInt - UInt is signed (`length(s) - 3` is -1)
             result = "int64"
         if op != "mod" and result == "int64" and "uint" in (kind(ta), kind(tb)) and NULL not in (kind(ta), kind(tb)):
@@ -537,6 +547,7 @@ class ExprCompiler:
         a, b = self.compile(node.this), self.compile(node.expression)
         if not (is_numeric(a.type) and is_numeric(b.type)):
             raise _mismatch(f"integer division of {a.type} and {b.type}")
+        _no_zero_divisor(b, "div")
         result = _numeric_result(_adopted(a, b), _adopted(b, a))
         if kind(result) == "float":   # the quotient towards zero, as an integer
             q = a.expr.cast(pl.Float64) / b.expr.cast(pl.Float64)

@@ -2,7 +2,7 @@
 resolve the stream and its columns, type-check and compile every expression once.
 
 Every error a user can make is raised here, before any data is read: SQL_SYNTAX, UNKNOWN_COLUMN,
-UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, and STREAM_NOT_FOUND from `lookup`. Hostile text
+UNKNOWN_FUNCTION, TYPE_MISMATCH, UNSUPPORTED_SQL, ILLEGAL_DIVISION, and STREAM_NOT_FOUND from `lookup`. Hostile text
 is a client error too, never another exception: the text is at most MAX_SQL_BYTES, parentheses
 nest at most MAX_PAREN_DEPTH deep (sqlglot's parser spends ~20 Python frames per level), the
 parsed tree is at most MAX_DEPTH deep (a chain `a AND b AND ...` of n terms is n deep: the

@@ -188,6 +188,10 @@ def test_aggregate_types_and_names() -> None:
     ("select max(i, 100) from t", ErrorCode.SQL_SYNTAX),
     ("select s, min(s, 'a') from t group by s", ErrorCode.SQL_SYNTAX),
     ("select s + 1 from t", ErrorCode.TYPE_MISMATCH),
+    # an integer % or div by the constant 0, as ClickHouse's: it was NULL on every row
+    ("select i % 0 from t", ErrorCode.ILLEGAL_DIVISION),
+    ("select i div 0 from t", ErrorCode.ILLEGAL_DIVISION),
+    ("select * from t where u % -0 = 1", ErrorCode.ILLEGAL_DIVISION),
     ("select * from t where s > 1", ErrorCode.TYPE_MISMATCH),
     ("select * from t where s", ErrorCode.TYPE_MISMATCH),
     ("select i:key from t", ErrorCode.TYPE_MISMATCH),

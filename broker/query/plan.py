@@ -137,8 +137,46 @@ def _check_tokens(text: str) -> None:
         if (before.token_type == TokenType.COMMA and after.token_type in _NOT_AFTER_COMMA) or \
                 (after.token_type == TokenType.COMMA and before.token_type in _NOT_BEFORE_COMMA):
             raise _syntax(f"unexpected ',' near line {after.line}, column {after.col}")
+    _check_dropped_arguments(tokens)
     if tokens and tokens[-1].token_type == TokenType.COMMA:
         raise _syntax("the query ends with ','")
+
+
+# Calls whose arguments sqlglot's parser drops without a word, so only the tokens show them:
+# `length(s, 1)` parses as length(s); `and(b)` / `or(b)` (the function forms of AND and OR, which
+# take two or more) as `(b)`, so `select and(s)` answered s. ClickHouse refuses all three.
+_EXPRESSION_START = {TokenType.SELECT, TokenType.WHERE, TokenType.HAVING, TokenType.COMMA, TokenType.L_PAREN,
+                     TokenType.NOT, TokenType.WHEN, TokenType.THEN, TokenType.ELSE, TokenType.AND, TokenType.OR,
+                     TokenType.EQ, TokenType.NEQ, TokenType.LT, TokenType.LTE, TokenType.GT, TokenType.GTE,
+                     TokenType.PLUS, TokenType.DASH, TokenType.SLASH, TokenType.MOD}
+
+
+def _argument_count(tokens: list, open_at: int) -> int:
+    """The arguments of the call whose `(` is tokens[open_at]: its top-level commas + 1 (0 if empty)."""
+    depth, commas = 0, 0
+    for i in range(open_at, len(tokens)):
+        kind = tokens[i].token_type
+        if kind == TokenType.L_PAREN:
+            depth += 1
+        elif kind == TokenType.R_PAREN:
+            depth -= 1
+            if depth == 0:
+                return commas + 1 if i > open_at + 1 else 0
+        elif kind == TokenType.COMMA and depth == 1:
+            commas += 1
+    return commas + 1
+
+
+def _check_dropped_arguments(tokens: list) -> None:
+    for i in range(len(tokens) - 1):
+        token, kind = tokens[i], tokens[i].token_type
+        if tokens[i + 1].token_type != TokenType.L_PAREN:
+            continue
+        if kind == TokenType.VAR and token.text.lower() == "length" and _argument_count(tokens, i + 1) > 1:
+            raise _syntax("length() takes 1 argument")
+        if kind in (TokenType.AND, TokenType.OR) and (i == 0 or tokens[i - 1].token_type in _EXPRESSION_START) \
+                and _argument_count(tokens, i + 1) < 2:
+            raise _syntax(f"{token.text.lower()}() takes at least 2 arguments")
 
 
 def _check_tree(tree: exp.Expr) -> None:

@@ -186,6 +186,10 @@ def test_aggregate_types_and_names() -> None:
     # and max(i) (sqlglot keeps the extra argument where the compiler did not look)
     ("select round(f, 1, 2) from t", ErrorCode.SQL_SYNTAX),
     ("select max(i, 100) from t", ErrorCode.SQL_SYNTAX),
+    # arguments sqlglot's parser drops: length(s, 1) was length(s), and(b) was (b)
+    ("select length(s, 1) from t", ErrorCode.SQL_SYNTAX),
+    ("select and(s) from t", ErrorCode.SQL_SYNTAX),
+    ("select * from t where or(b)", ErrorCode.SQL_SYNTAX),
     ("select s, min(s, 'a') from t group by s", ErrorCode.SQL_SYNTAX),
     ("select s + 1 from t", ErrorCode.TYPE_MISMATCH),
     # an integer % or div by the constant 0, as ClickHouse's: it was NULL on every row
@@ -246,6 +250,13 @@ def test_the_workspace_database_qualifier_names_the_stream() -> None:
     for sql in ("select t.i from t", "select default.t.i from t", "select x.i from t as x",
                 "select t.i, count(*) from tumble(t, 5s) group by t.i"):
         assert plan(sql).header[0] == ("i", "int64"), sql
+
+
+def test_and_or_and_length_keep_their_usual_forms() -> None:
+    for sql in ("select * from t where b and (i > 0)", "select * from t where (b) or (b)",
+                "select and(b, i > 0), or(b, b, b), length (s) from t",
+                "select case when b then 1 end and (b) from t", "select * from t where n is null and (b)"):
+        assert plan(sql).stream == "t", sql
 
 
 def test_select_without_from() -> None:

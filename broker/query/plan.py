@@ -186,6 +186,11 @@ def _check_tree(tree: exp.Expr) -> None:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise _too_deep("expressions", MAX_DEPTH)
+        if isinstance(node, exp.Alias) and isinstance(node.args.get("alias"), exp.Placeholder):
+            # `raw :a`, `t.raw:a`, `raw:a:b`, `raw:1a` are not the pre-pass's JSON access, and
+            # sqlglot reads `x :a` as x with the alias `a`: the whole record came back, named a
+            raise _syntax("JSON access is written column:key or column:a.b (no spaces, no stream before the "
+                          "column, a key starting with a letter or _)")
         if isinstance(node, exp.Anonymous) and node.name == JSON_FN:
             args = node.expressions
             if not (len(args) == 2 and isinstance(args[0], exp.Column) and isinstance(args[1], exp.Literal)

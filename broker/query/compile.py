@@ -674,6 +674,10 @@ class ExprCompiler:
         return Typed(found if found.meta.root_names() else found.first(), _of("bool", t))
 
     def _Cast(self, node: exp.Cast) -> Typed:
+        extra = [k for k, v in node.args.items() if k not in ("this", "to") and isinstance(v, exp.Expression)]
+        if extra:   # CAST(x AS T FORMAT f) / DEFAULT d: not ClickHouse's; they were dropped, so the
+            # DEFAULT's value never came (NULL instead) and the FORMAT was not applied
+            raise client_error(ErrorCode.UNSUPPORTED_SQL, detail=f"CAST ... {extra[0].upper()}")
         return _converted(self.compile(node.this), cast_target(node.args["to"]))
 
     def _TryCast(self, node: exp.TryCast) -> Typed:

@@ -229,6 +229,8 @@ def test_aggregate_types_and_names() -> None:
     ("select s, count(*) from t group by all", ErrorCode.UNSUPPORTED_SQL),
     ("select i from t prewhere i > 1", ErrorCode.UNSUPPORTED_SQL),
     ("select i from t sample 0.1", ErrorCode.UNSUPPORTED_SQL),
+    ("select cast(s as int default 0) from t", ErrorCode.UNSUPPORTED_SQL),   # was NULL, not 0
+    ("select cast(ts as string format 'YYYY') from t", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t join t as u on t.i = u.i", ErrorCode.UNSUPPORTED_SQL),
     ("select * from (select * from t)", ErrorCode.UNSUPPORTED_SQL),
     ("select * from t where i in (select i from t)", ErrorCode.UNSUPPORTED_SQL),

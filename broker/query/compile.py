@@ -633,7 +633,13 @@ class ExprCompiler:
             raise _mismatch(f"LIKE needs a string, got {t.type}")
         if not (pattern.is_literal and isinstance(pattern.value, str)):
             raise client_error(ErrorCode.UNSUPPORTED_SQL, detail="LIKE needs a constant pattern")
-        out = _as(t, pl.String()).expr.str.contains(_like_regex(pattern.value, case_insensitive))
+        regex = _like_regex(pattern.value, case_insensitive)
+        try:   # compiled here once: a pattern past the regex engine's size limit ('_' x 60,000) failed
+            pl.select(pl.lit("").str.contains(regex))   # every batch at run time, an internal error
+        except pl.exceptions.PolarsError:
+            raise client_error(ErrorCode.UNSUPPORTED_SQL,
+                               detail=f"the LIKE pattern is too complex ({len(pattern.value)} characters)") from None
+        out = _as(t, pl.String()).expr.str.contains(regex)
         return Typed(out.not_() if node.args.get("negate") else out, _of("bool", t))
 
     def _Like(self, node: exp.Like) -> Typed:

@@ -192,6 +192,20 @@ def test_a_stream_named_with_another_workspace_is_unknown_not_this_one(broker, d
     assert other.rows(f"select name from table(default.{typed})") == [["mine"]]
 
 
+@pytest.mark.parametrize("ws", ["x" * 65, quote("é"), "a%20b", "a.b"])
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/queries", {"sql": "select 1"}), ("GET", "/queries", None), ("POST", "/sqlanalyze", {"sql": "select 1"}),
+    ("GET", "/sources", None), ("GET", "/sources/x", None), ("GET", "/streams", None),
+])
+def test_a_workspace_that_is_no_project_name_is_a_400_on_every_route(broker, ws, method, path, body):
+    """A workspace the streams routes (and DIS, gRPC, the console) refuse as a project name was taken
+    by the query and source routes: `select 1` ran in workspace `é` (200, an SSE stream), the query
+    and source lists answered [] for it, where /streams said 400."""
+    body = tp_error(call(broker, method, f"/{ws}/api/v1beta2{path}", body), status=400,
+                    code=ErrorCode.INVALID_REQUEST)
+    assert "project must be" in body["message"]
+
+
 @pytest.mark.parametrize("sql", ["select nope from {s}", "select n from {s} where nope > 1",
                                  "select n, upper(nope) as u from {s}", "select n from table({s}) where nope = 'x'"])
 def test_unknown_column_is_a_4xx_naming_it(door, typed, sql):

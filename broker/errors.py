@@ -141,7 +141,8 @@ class BrokerError(Exception):
                                               for k, v in fields.items()})
         except (KeyError, IndexError):  # a missing field must not turn one error into another
             message = code.template
-        self.message = message.replace(". {detail}", ".").strip() if "{detail}" in message else message
+        message = message.replace(". {detail}", ".").strip() if "{detail}" in message else message
+        self.message = _writable(message)
         super().__init__(self.message)
 
     @property
@@ -155,6 +156,21 @@ class BrokerError(Exception):
 # detail is ours, and quotes client text cut already; it is bounded all the same.
 ECHO_CHARS = 256   # every name the broker takes is shorter: a partition key is at most 256
 DETAIL_CHARS = 1000
+
+
+def _writable(text: str) -> str:
+    """`text` as every door can write it (UTF-8: JSON bodies, gRPC details). A header byte that is
+    not UTF-8 reaches a message as aiohttp hands it over, a lone surrogate (surrogateescape), and
+    orjson refused to write it: a bad Content-Type made the error body a 500. Such a byte is
+    quoted as `\\xff`, any other lone surrogate as `\\udXXX`."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
+                       f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
 
 
 def _short(value: object, limit: int) -> object:

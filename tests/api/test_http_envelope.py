@@ -174,6 +174,21 @@ def test_an_unknown_expectation_beside_a_header_that_is_not_utf8(broker) -> None
     assert "stream_names" in reply.json
 
 
+def test_a_header_value_that_is_not_utf8_quoted_in_an_error_is_escaped_not_a_500(broker, stream_name) -> None:
+    """aiohttp hands a header byte that is not UTF-8 over as a lone surrogate (surrogateescape); the
+    Timeplus ingest quoted an unknown `format=` of the Content-Type in its message as it came, and
+    writing the error body (orjson) raised on the surrogate: a 500 INTERNAL and an ERROR log for a
+    bad header. Now the byte is quoted as an escape in the door's 400 body."""
+    assert call(broker, "POST", STREAMS, {"stream_name": stream_name, "partition_count": 1}).status == 201
+    body = b'{"columns": ["raw"], "data": [["x"]]}'
+    reply = exchange(broker, request("POST", f"/{PID}/api/v1beta2/streams/{stream_name}/ingest",
+                                     [("Content-Type", "text/plain; format=\xff\xfe"),
+                                      ("Content-Length", str(len(body)))], body))
+    assert reply.status == 400, reply.raw
+    assert reply.json["reason"] == "INVALID_REQUEST" and reply.json["code"] == ErrorCode.INVALID_REQUEST.timeplus_code
+    assert "[\\xff\\xfe]" in reply.json["message"], reply.json
+
+
 def test_100_continue_still_gets_its_interim_answer(broker, stream_name) -> None:
     body = json.dumps({"stream_name": stream_name, "partition_count": 1}).encode()
     with socket.create_connection(addr(broker.http_url), timeout=10) as sock:

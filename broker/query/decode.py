@@ -19,6 +19,7 @@ read always: its text is then the value as stored, not as Polars would write it.
 from __future__ import annotations
 
 import io
+import re
 from typing import Callable, Collection, Sequence
 
 import orjson
@@ -29,6 +30,7 @@ from broker.query.compile import parse_time
 from broker.rows.schema import RAW, TP_TIME
 
 STORED_TIME = "%Y-%m-%d %H:%M:%S%.3f"   # how broker/rows writes datetime64(3) values
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")   # `\ud800`..`\udfff` in a JSON string
 
 
 class BatchDecoder:
@@ -96,15 +98,22 @@ class BatchDecoder:
         """Rows of the records and, if any record was skipped, the indexes of those kept."""
         if self.nested:
             return self._lenient(datas)
-        df = self._fast(datas)
+        df = self._fast(datas, checked=False)
         return (df, None) if df is not None else self._lenient(datas)
 
-    def _fast(self, datas: Sequence[bytes], schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame | None:
-        """The records read by Polars with `schema` (the wire's), None if it cannot."""
+    def _fast(self, datas: Sequence[bytes], schema: dict[str, pl.DataType] | None = None,
+              checked: bool = True) -> pl.DataFrame | None:
+        """The records read by Polars with `schema` (the wire's), None if it cannot. `checked`:
+        orjson has read every record as an object (_json_objects)."""
         joined = b"\n".join(datas)
         if joined.count(b"\n") != len(datas) - 1 or b"\r" in joined:
             # a record holding a line break: its lines would be rows of their own, and with an empty
             # record beside it the count could still match, every row after it shifted (the review)
+            return None
+        if not checked and _SURROGATE_ESCAPE.search(joined):
+            # Polars reads a lone surrogate (`"\ud800x"`) as a NUL ("\x00x"), where orjson finds
+            # the record not JSON: whether it was a row depended on what shared its batch. Such a
+            # batch is first sorted by orjson; a pair (an escaped emoji) reads alike either way.
             return None
         try:
             df = pl.read_ndjson(io.BytesIO(joined), schema=schema or self.wire)
@@ -119,7 +128,7 @@ class BatchDecoder:
         reader checks that with a column to read (none read: it checks nothing), and only a batch
         it refuses is looked at record by record. A count(*) then counts the rows a `select *`
         shows (it counted every record)."""
-        if self._fast(datas, {TP_TIME: pl.String()}) is not None:
+        if self._fast(datas, {TP_TIME: pl.String()}, checked=False) is not None:
             return len(datas)
         keep, _ = self._json_objects(datas)
         return len(keep)
@@ -147,9 +156,9 @@ class BatchDecoder:
         # line breaks in a JSON object lie between its tokens (a string holds them escaped): as
         # spaces, a record spanning lines reads the fast way too, as it would written on one line
         good = [d.replace(b"\r", b" ").replace(b"\n", b" ") if b"\n" in d or b"\r" in d else d for d in good]
-        if kept is not None and not self.nested:
+        if not self.nested and (kept is not None or any(map(_SURROGATE_ESCAPE.search, good))):
             # what is left read as the fast read reads it: a value must not depend on whether a
-            # record that is not JSON shares its batch
+            # record that is not JSON shares its batch (nor the fast read passed over for a `\ud83d`)
             df = self._fast(good)
             if df is not None:
                 return df, kept

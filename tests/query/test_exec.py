@@ -561,6 +561,25 @@ def test_a_value_reads_the_same_whatever_shares_its_batch() -> None:
     assert [r[0] for r in alone] == ['{"a": 1}', "1", "100000000000000000000"]
 
 
+def test_a_record_with_a_lone_surrogate_escape_is_not_json_in_every_batch() -> None:
+    """`"\\ud800"` (a lone surrogate, put by another door) is no UTF-8 text: orjson refuses the
+    record, so beside a record that is not JSON (the lenient read) it was skipped, but alone Polars
+    read it, as a NUL (`"\\ud800x"` gave "\\x00x") - a corrupted value, and count(*) counted it
+    while select showed no row for it beside a bad value. Now it is a record that is not JSON in
+    every batch; a surrogate pair stays the character it spells."""
+    lone = raw(0, b'{"s": "\\ud800x", "i": 1}')
+    pair = raw(1, b'{"s": "\\ud83d\\ude00", "i": 2}')
+    good = raw(2, b'{"s": "a", "i": 3}')
+    for batch in ([lone, pair, good], [lone, pair, good, raw(3, b"not json")],
+                  [lone, pair, good, raw(4, b'{"s": "x", "i": "seven"}')]):
+        ex = compile_query("select s, i from t", lookup).executor()
+        rows = ex.feed(batch, False)
+        assert rows[:2] == [["\U0001f600", 2], ["a", 3]], (batch, rows)
+        assert ex.skipped_rows == len(batch) - len(rows), (batch, rows)
+        assert run("select count(*) from t", batch) == [[len(rows)]]
+    assert run("select count(*) from t", [lone]) == [[0]]
+
+
 def test_lenient_values() -> None:
     records = [raw(0, b'{"i":9223372036854775808,"u":256,"f":true,"b":1,"s":{"x":[1, 2]},"n":7}'),
                raw(1, b'{"i":-5,"u":3,"f":2,"b":false,"s":5,"n":2147483648}'), raw(2, b"[]"),

@@ -79,7 +79,7 @@ class BatchDecoder:
 
     def _times(self, df: pl.DataFrame, names: Sequence[str]) -> pl.DataFrame:
         """Parse time columns: one strict format first (what broker/rows stores), the general
-        parse (ISO `T`, `Z`, other precisions, from other doors) only if a value needed it."""
+        parse (written_time: what ingest takes, from other doors) only if a value needed it."""
         fast = []
         for name in names:
             fmt = "%Y-%m-%d" if dtypes.kind(self.types[name]) == "date" else STORED_TIME
@@ -90,7 +90,7 @@ class BatchDecoder:
                 if parsed.get_column(name).null_count() != df.get_column(name).null_count()]
         if slow:
             parsed = parsed.with_columns(df.select(
-                parse_time(pl.col(name)) if dtypes.kind(self.types[name]) != "date"
+                written_time(pl.col(name)) if dtypes.kind(self.types[name]) != "date"
                 else parse_time(pl.col(name)).dt.date() for name in slow))
         return df.with_columns(parsed)
 
@@ -190,6 +190,28 @@ class BatchDecoder:
         if TP_TIME in self.types:
             cols[TP_TIME] = pl.from_epoch(stamps().alias(TP_TIME), "ms")
         return pl.DataFrame(cols) if cols else pl.DataFrame(height=len(datas))
+
+
+_ZONED_FORMATS = ("%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%d %H:%M%z")
+_NUMBER = r"^\s*-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?\s*$"
+_EPOCH_MS_FROM = 100_000_000_000   # as broker/rows/encode.py: a smaller number is seconds
+_MS_RANGE = (-2_208_988_800_000, 10_413_791_999_999)   # datetime64's, as ingest checks it
+
+
+def written_time(text: pl.Expr) -> pl.Expr:
+    """A time column's text as another door wrote it -> Datetime(ms), read as Timeplus ingest reads
+    a time (broker/rows/encode.py): parse_time's ISO forms, an offset (`+05:00`, converted to UTC)
+    or none of the seconds (`12:30`), and a JSON number as epoch time (seconds below 1e11, else
+    milliseconds; null outside datetime64's range). Ingest wrote every one of these as its UTC
+    text; put through DIS or gRPC they read as NULL, the same object another value by its door."""
+    norm = text.str.strip_chars().str.replace("T", " ", literal=True).str.strip_suffix("Z")
+    zoned = [norm.str.strptime(pl.Datetime("ms", "UTC"), f, strict=False).dt.replace_time_zone(None)
+             for f in _ZONED_FORMATS]
+    number = pl.when(text.str.contains(_NUMBER)).then(text.str.strip_chars().cast(pl.Float64, strict=False))
+    ms = pl.when(number.abs() < _EPOCH_MS_FROM).then((number * 1_000_000).round(0) // 1000).otherwise(number.floor())
+    epoch = pl.when(ms.is_between(*_MS_RANGE)).then(pl.from_epoch(ms.cast(pl.Int64, strict=False), "ms"))
+    return pl.coalesce([parse_time(text), norm.str.strptime(pl.Datetime("ms"), "%Y-%m-%d %H:%M", strict=False),
+                        *zoned, epoch])
 
 
 _INT_RANGES: dict[pl.DataType, tuple[int, int]] = {   # the wire's integers (8/16 bits read wide)

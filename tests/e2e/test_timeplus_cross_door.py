@@ -198,3 +198,25 @@ def test_windows_over_partitions_read_one_after_another_lose_no_row(broker, env,
     assert all(m.get("late_rows") == 0 for m in replay.named("metrics"))
     dis_put(dis, name, rows(range(21, 22)), partition_id="1")   # watermark 21 s: [15, 20) is due
     assert replay.wait_rows(4) == every
+
+
+TIMES = ["2024-05-01T12:00:00+05:00", "2024-05-01 12:00:00.250-02:30", "2024-05-01T12:30", "2024-05-01T12:30+01:00",
+         "2024-05-01T12:00:00Z", "2024-05-01", 1714564800, 1714564800.5, 1714564800123]
+
+
+def test_a_time_reads_the_same_whether_ingested_or_put_by_dis(env, dis):
+    """Ingest takes ISO 8601 with an offset or without seconds, and epoch numbers, for a time column
+    (broker/rows/encode.py); the same object put through DIS read as NULL in that column (and, for
+    _tp_time, as the append time): the query's parse knew neither offsets, `HH:MM` nor numbers. The
+    same value must read the same through either door."""
+    name = new_name()
+    stream = create_stream(env, name, [("i", "int32"), ("t", "datetime64(3)"), ("s", "datetime")])
+    objects = [{"i": i, "t": v, "s": v, TP_TIME: v} for i, v in enumerate(TIMES)]
+    stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
+    dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
+    rows = bounded(env, f"select i, t, s, {TP_TIME} from table({name})").rows
+    ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
+    put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
+    assert len(ingested) == len(put) == len(TIMES)
+    assert put == ingested
+    assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]

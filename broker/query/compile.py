@@ -219,7 +219,9 @@ def _round(t: Typed, digits: int) -> pl.Expr:
     at -1 digits); integers are unchanged by digits >= 0."""
     if kind(t.type) in ("float", NULL):
         if digits >= 0:
-            return t.expr.round(digits)
+            # a float with no fraction left at that scale is itself: Polars' round there is not
+            # exact (round(1.5, 30) was 1.5000000000000002, round(2.5, 24) 2.4999999999999996)
+            return pl.when(t.expr.abs() * 10.0**digits >= 2.0**52).then(t.expr).otherwise(t.expr.round(digits))
         return (t.expr / 10**-digits).round(0) * 10**-digits
     if digits >= 0:
         return t.expr

@@ -491,6 +491,16 @@ def test_round_as_clickhouse() -> None:
                records) == [[20, -20, 10, 30, 25, 2.0, 4.0, 20.0, 0, 2.5]]
 
 
+def test_round_to_more_digits_than_a_float_holds_leaves_it_unchanged() -> None:
+    """Polars' round to many digits is not exact: round(1.5, 30) was 1.5000000000000002 and
+    round(2.5, 24) 2.4999999999999996 (and round(x, 10**9), cut to 30 digits, the same) - a value
+    that has no digit there to round must come back as it is."""
+    records = [row(0, T0, f=1.5), row(1, T0, f=2.5), row(2, T0, f=123.456), row(3, T0, f=-0.1)]
+    assert run("select round(f, 30), round(f, 24), round(f, 27), round(f, 9999999999), round(f, 2) from t",
+               records) == [[1.5, 1.5, 1.5, 1.5, 1.5], [2.5, 2.5, 2.5, 2.5, 2.5],
+                            [123.456, 123.456, 123.456, 123.456, 123.46], [-0.1, -0.1, -0.1, -0.1, -0.1]]
+
+
 def test_json_access_is_json_extract_string() -> None:
     records = [raw(0, b'{"k":1.50}'), raw(1, b'{"k":null}'), raw(2, b'{"k": [1, 2]}'),
                raw(3, b'{"k":"a\\"b"}'), raw(4, b'{"k":true}'), raw(5, b"{}"), raw(6, b'{"k":""}'),

@@ -18,6 +18,7 @@ read always: its text is then the value as stored, not as Polars would write it.
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 from typing import Callable, Collection, Sequence
@@ -225,10 +226,26 @@ def _coercer(dtype: pl.DataType) -> Callable[[object], object]:
     if dtype == pl.String():
         return lambda v: v if isinstance(v, str) or v is None else orjson.dumps(v).decode()
     if dtype == pl.Boolean():
-        return lambda v: v if isinstance(v, bool) else None
+        return lambda v: v if isinstance(v, bool) else v == 1 if type(v) is int and v in (0, 1) else None
     if dtype.is_integer():
         lo, hi = _INT_RANGES.get(dtype, (-2**63, 2**63))
-        return lambda v: v if type(v) is int and lo <= v < hi else None
+        return functools.partial(_integer, lo, hi)
     if dtype.is_float():
-        return lambda v: v if type(v) in (int, float) else None
+        return lambda v: v if type(v) in (int, float) else float(v) if type(v) is bool else None
     return lambda v: None
+
+
+_FLOAT_EXACT = 2**53
+
+
+def _integer(lo: int, hi: int, v: object) -> int | None:
+    """An integer column's value as ingest takes it (broker/rows/encode.py): an integer, true/false
+    as 1/0, a whole float up to 2^53 (what pandas sends); None for anything else or out of range."""
+    if isinstance(v, float):
+        if not (v.is_integer() and abs(v) <= _FLOAT_EXACT):
+            return None
+        v = int(v)
+    elif not isinstance(v, int):   # bool is an int: true/false are 1/0
+        return None
+    n = int(v)
+    return n if lo <= n < hi else None

@@ -590,13 +590,27 @@ def test_a_record_with_a_lone_surrogate_escape_is_not_json_in_every_batch() -> N
     assert run("select count(*) from t", [lone]) == [[0]]
 
 
+def test_values_ingest_takes_read_the_same_from_another_door() -> None:
+    """Ingest takes a whole float up to 2^53 (what pandas sends) and true/false for an integer
+    column, true/false for a float one and 0/1 for a bool one (broker/rows/encode.py); the same JSON
+    put through DIS or gRPC read as NULL there, so a row's value depended on the door that wrote it.
+    What ingest refuses still reads as NULL (1.5, 2^53 + 2, 2 for a bool, 300 for a uint8)."""
+    records = [raw(0, b'{"i": 3.0, "f": true, "b": 1, "u": 7.0}'), raw(1, b'{"i": true, "f": false, "b": 0}'),
+               raw(2, b'{"i": -0.0, "b": true, "u": false}'),
+               raw(3, b'{"i": 1.5, "f": "1", "b": 2, "u": 300.0}'), raw(4, b'{"i": 9007199254740994.0, "b": 1.0}')]
+    assert run("select i, f, b, u from t", records) == [
+        [3, 1.0, True, 7], [1, 0.0, False, None], [0, None, True, 0], [None, None, None, None],
+        [None, None, None, None]]
+
+
 def test_lenient_values() -> None:
     records = [raw(0, b'{"i":9223372036854775808,"u":256,"f":true,"b":1,"s":{"x":[1, 2]},"n":7}'),
                raw(1, b'{"i":-5,"u":3,"f":2,"b":false,"s":5,"n":2147483648}'), raw(2, b"[]"),
                raw(3, b'{"i":"bad"}')]
     ex = compile_query("select i, u, f, b, s, n from t", lookup).executor()
-    # a string column holding another JSON value reads as the fast read writes it, batch or not
-    assert ex.feed(records, False) == [[None, None, None, None, '{"x": [1, 2]}', 7],
+    # a string column holding another JSON value reads as the fast read writes it, batch or not;
+    # true for a float and 1 for a bool read as ingest takes them
+    assert ex.feed(records, False) == [[None, None, 1.0, True, '{"x": [1, 2]}', 7],
                                        [-5, 3, 2.0, False, "5", None],
                                        [None, None, None, None, None, None]]
     assert ex.skipped_rows == 1

@@ -179,6 +179,11 @@ def test_query_lines(console_broker, stream):
     ("POST", "/console/api/queries", {"sql": "selec"}, 400, "SQL_SYNTAX"),
     ("POST", "/console/api/queries", {"sql": "select nope from {stream}"}, 400, "UNKNOWN_COLUMN"),
     ("POST", "/console/api/queries/nope/cancel", None, 404, "QUERY_NOT_FOUND"),
+    # a project that is no project name: every route refuses it (the query routes ran `select 1` in
+    # it and answered its rows, 200)
+    ("POST", "/console/api/queries?project=bad%20p", {"sql": "select 1"}, 400, "INVALID_REQUEST"),
+    ("POST", "/console/api/queries/nope/cancel?project=bad%20p", None, 400, "INVALID_REQUEST"),
+    ("GET", "/console/api/apps?project=bad%20p", None, 400, "INVALID_REQUEST"),
     ("GET", "/console/api/nothing", None, 404, "UNKNOWN_ROUTE"),
     ("PUT", "/console/api/streams", {}, 405, "METHOD_NOT_ALLOWED"),
     ("GET", "/console/nothing.js", None, 404, "UNKNOWN_ROUTE"),

@@ -55,7 +55,7 @@ from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import DEFAULT_PROJECT, StreamConfig
 from broker.rows.encode import RowEncoder
 from broker.rows.ingest import choose_format, decode
-from broker.rows.schema import build_schema, columns_of
+from broker.rows.schema import bounded_text, build_schema, columns_of
 from broker.sources.manager import Source, Sources
 from broker.sources.props import redacted
 
@@ -134,7 +134,7 @@ async def update_stream(request: web.Request) -> web.Response:
     changes: dict[str, object] = {}
     for name in ("description", "ttl_expression"):
         if (text := field(body, name, str)) is not None:
-            changes[name] = text
+            changes[name] = bounded_text(name, text)
     if (retention_bytes := field(body, "logstore_retention_bytes", int)) is not None:
         changes["logstore_retention_bytes"] = retention_bytes
     retention_ms = field(body, "logstore_retention_ms", int)   # the stream's own retention, not the schema's

@@ -297,6 +297,31 @@ def test_bad_create_stream_bodies_are_4xx(door, body):
         assert door.call("GET", f"/streams/{quote(body['name'], safe='')}").status != 200
 
 
+LONG = "d" * 1025
+
+
+@pytest.mark.parametrize("body", [
+    {"columns": TYPED, "description": LONG}, {"columns": TYPED, "ttl_expression": LONG},
+    {"columns": [{"name": "a", "type": "string", "default": LONG}]},
+])
+def test_a_stream_definition_text_past_1024_characters_is_refused(door, body):
+    """A stream's description, ttl_expression and column defaults were taken at any length (the
+    12 MiB body): kept in one store value, on a JetStream store a 10 MB description was answered
+    503 UNAVAILABLE 'retry later' (NATS' maximum payload), a retry failing the same way for ever.
+    They are bounded as a source's description is: a 400 naming the field, nothing created."""
+    name = new_name()
+    body = tp_error(door.call("POST", "/streams", {"name": name, **body}), 400, ErrorCode.INVALID_REQUEST)
+    assert "1024" in body["message"]
+    tp_error(door.call("GET", f"/streams/{name}"), 404, ErrorCode.STREAM_NOT_FOUND)
+    assert door.call("POST", "/streams", {"name": name, "columns": TYPED, "description": LONG[1:]}).status == 201
+
+
+@pytest.mark.parametrize("field_name", ["description", "ttl_expression"])
+def test_a_patch_with_a_text_past_1024_characters_is_refused(door, typed, field_name):
+    tp_error(door.call("PATCH", f"/streams/{typed}", {field_name: LONG}), 400, ErrorCode.INVALID_REQUEST)
+    assert door.call("GET", f"/streams/{typed}").json[field_name] == ""
+
+
 def test_get_unknown_stream_is_404(door):
     missing = new_name("missing")
     assert missing in tp_error(door.call("GET", f"/streams/{missing}"), 404, ErrorCode.STREAM_NOT_FOUND)["message"]

@@ -351,3 +351,34 @@ async def test_a_hop_query_reads_blocks_of_fewer_records_the_more_windows_a_row_
     blocks.clear()
     run = await broker.queries.start("default", "select count(*) from tumble(table(hops), 1s) group by window_start")
     assert await drain(run) == [[3_000]] and blocks == [3_000]   # one window a row: blocks as before
+
+
+async def test_compiling_a_long_query_leaves_the_event_loop_turning(broker: Broker) -> None:
+    """A query's SQL may be 64 KiB: compiling 3,000 select items (sqlglot, then an expression
+    each) took ~0.5-1 s, all of it on the event loop, so one client's sqlanalyze or query of such
+    SQL held every door of the broker that long (a /healthz ping waited 0.58 s; a few in parallel,
+    seconds). It is compiled off the loop; the loop's longest gap meanwhile stays short."""
+    await typed_stream(broker, "wide", 1)
+    sql = "select " + ", ".join(f"concat(k, '{i}')" for i in range(3_000)) + " from table(wide)"
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = False
+
+    async def tick() -> None:
+        last = loop.time()
+        while not done:
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    began = loop.time()
+    try:
+        plan = await broker.queries.compile_known("default", sql)
+    finally:
+        done = True
+        await ticker
+    took = loop.time() - began
+    assert len(plan.header) == 3_000
+    assert gaps and max(gaps) < max(0.15, took / 3), (gaps[-3:], took)   # the loop turned while it compiled

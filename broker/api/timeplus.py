@@ -306,10 +306,7 @@ async def create_query(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     sql = field(body, "sql", str, required=True)
     count, linger = _batching(body)
-    tags = body.get("tags")
-    tags = tags if isinstance(tags, list) else []
-    run = await broker.queries.start(workspace, sql, field(body, "name", str) or "",
-                                     field(body, "description", str) or "", [str(t) for t in tags],
+    run = await broker.queries.start(workspace, sql, body.get("name"), body.get("description"), body.get("tags"),
                                      client=request.remote or "")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})

@@ -70,6 +70,28 @@ END = None                     # the result queue's last item
 INLINE_SQL_CHARS = 4096        # longer SQL is compiled off the event loop (~4 KiB: a few ms)
 
 
+MAX_LABEL_CHARS = 1024         # [ours] a query's name, description and each tag: kept with it until
+MAX_TAGS = 32                  # it is forgotten (KEEP_ENDED_TOTAL), so bounded, as a source's description
+
+
+def _labels(name: object, description: object, tags: object) -> tuple[str, str, list[str]]:
+    """A query's name, description (None: "") and tags (None: none), checked: strings of at most
+    MAX_LABEL_CHARS, at most MAX_TAGS tags. Taken at any size, a thousand ended queries of 10 MB
+    each were 10 GB of memory. Raises INVALID_REQUEST."""
+    tags = [] if tags is None else tags
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"tags must be a list of at most {MAX_TAGS} strings")
+
+    def label(what: str, text: object) -> str:
+        if not isinstance(text, str) or len(text) > MAX_LABEL_CHARS:
+            raise client_error(ErrorCode.INVALID_REQUEST,
+                               detail=f"{what} must be a string of at most {MAX_LABEL_CHARS} characters")
+        return text
+    return (label("name", "" if name is None else name),
+            label("description", "" if description is None else description),
+            [label(f"tags[{i}]", tag) for i, tag in enumerate(tags)])
+
+
 @dataclass
 class QueryRun:
     """One query: what list/get report, and the queue its results come out of."""
@@ -177,11 +199,13 @@ class Queries:
             return await asyncio.to_thread(self.compile, project, sql, missing)
         return self.compile(project, sql, missing)
 
-    async def start(self, project: str, sql: object, name: str = "", description: str = "",
-                    tags: list[str] | None = None, client: str = "") -> QueryRun:
+    async def start(self, project: str, sql: object, name: object = "", description: object = "",
+                    tags: object = None, client: str = "") -> QueryRun:
         """Compile and start a query; its results come out of `run.results` (END last). `client`:
         the peer that asks (one may run MAX_RUNNING_PER_CLIENT of the MAX_RUNNING at once).
-        Raises what compile raises, TOO_MANY_QUERIES, UNAVAILABLE (shutting down)."""
+        Raises INVALID_REQUEST (_labels), what compile raises, TOO_MANY_QUERIES, UNAVAILABLE
+        (shutting down)."""
+        name, description, tags = _labels(name, description, tags)
         plan = await self.compile_known(project, sql)
         if self._closed:
             raise BrokerError(ErrorCode.UNAVAILABLE, detail="broker is shutting down")

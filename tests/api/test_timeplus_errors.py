@@ -322,6 +322,27 @@ def test_a_patch_with_a_text_past_1024_characters_is_refused(door, typed, field_
     assert door.call("GET", f"/streams/{typed}").json[field_name] == ""
 
 
+@pytest.mark.parametrize("extra", [
+    {"description": "d" * 1025}, {"name": "n" * 1025}, {"tags": ["t" * 1025]}, {"tags": ["t"] * 33},
+    {"tags": [{"x": 1}]}, {"tags": [5]}, {"tags": "one-tag"},
+])
+def test_a_query_name_description_or_tags_past_their_bounds_is_refused(door, extra):
+    """A query keeps its name, description and tags until it is forgotten (up to 1,000 ended
+    queries): they were taken at any size, so twenty `select 1` with 10 MB of description and tags
+    grew the broker by 255 MB and the query list to 210 MB (a thousand: an out-of-memory kill).
+    Tags that were no strings were kept as Python's repr ("{'x': 1}"), a tags that was no list
+    dropped. Now each is a 400 before any SSE byte."""
+    tp_error(door.call("POST", "/queries", {"sql": "select 1", **extra}), 400, ErrorCode.INVALID_REQUEST)
+
+
+def test_a_query_with_name_description_and_tags_in_bounds_keeps_them(door):
+    reply = door.call("POST", "/queries", {"sql": "select 1", "name": "n" * 1024, "description": "d" * 1024,
+                                          "tags": ["t" * 1024] + ["x"] * 31})
+    assert reply.status == 200, reply.raw[:300]
+    query = json.loads(reply.raw.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    assert (len(query["name"]), len(query["description"]), len(query["tags"])) == (1024, 1024, 32)
+
+
 def test_get_unknown_stream_is_404(door):
     missing = new_name("missing")
     assert missing in tp_error(door.call("GET", f"/streams/{missing}"), 404, ErrorCode.STREAM_NOT_FOUND)["message"]

@@ -381,4 +381,6 @@ async def test_compiling_a_long_query_leaves_the_event_loop_turning(broker: Brok
         await ticker
     took = loop.time() - began
     assert len(plan.header) == 3_000
-    assert gaps and max(gaps) < max(0.15, took / 3), (gaps[-3:], took)   # the loop turned while it compiled
+    # the loop turned while it compiled: turns, not times (a busy machine stretches every gap); on
+    # the loop, the ticker did not run until the compile was over
+    assert len(gaps) >= 3, (gaps[-3:], took)

@@ -1276,4 +1276,6 @@ async def test_matching_many_filters_leaves_the_event_loop_turning(env: Env) -> 
         await ticker
     took = loop.time() - began
     assert outs == []
-    assert gaps and max(gaps) < max(0.15, took / 3), (max(gaps), took)
+    # turns, not times (a busy machine stretches every gap): on the loop, the matching ran in one
+    # go and the ticker woke once, after it
+    assert len(gaps) >= 3, (gaps, took)

@@ -110,6 +110,8 @@ async def create_stream(request: web.Request) -> web.Response:
         raise client_error(ErrorCode.INVALID_REQUEST, detail="name must be 1-64 letters, digits or _, starting "
                                                              "with a letter")
     shards = field(body, "shards", int)
+    if shards is not None and shards < 1:   # named as the client wrote it, not the core's partition_count
+        raise client_error(ErrorCode.INVALID_REQUEST, detail=f"shards must be a positive integer, got {shards}")
     retention_ms = field(body, "logstore_retention_ms", int)
     hours = _hours(retention_ms) if retention_ms is not None and retention_ms > 0 else None
     schema = build_schema(body)

@@ -297,6 +297,15 @@ def test_bad_create_stream_bodies_are_4xx(door, body):
         assert door.call("GET", f"/streams/{quote(body['name'], safe='')}").status != 200
 
 
+@pytest.mark.parametrize("shards", [0, -1, 1.5, "2", True])
+def test_a_bad_shard_count_is_a_400_naming_shards(door, shards):
+    """The door's field is `shards`: the core's `partition_count` meant nothing to a Timeplus client."""
+    name = new_name()
+    body = tp_error(door.call("POST", "/streams", {"name": name, "columns": TYPED, "shards": shards}))
+    assert "shards" in body["message"] and "partition_count" not in body["message"], body
+    assert door.call("GET", f"/streams/{name}").status != 200
+
+
 LONG = "d" * 1025
 
 

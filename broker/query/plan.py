@@ -638,6 +638,10 @@ def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[st
     key_nodes: list[exp.Expression] = []
     group_names: list[str] = []
     for g in (group.expressions if group else []):
+        if isinstance(g, exp.Literal) and not g.is_string:   # `group by 1`: positional, as ClickHouse's
+            if not (g.this.isdigit() and 1 <= int(g.this) <= len(items)):
+                raise _syntax(f"GROUP BY {g.this[:20]}: a position is 1 to {len(items)}, the select items")
+            g = items[int(g.this) - 1][1]
         if isinstance(g, exp.Column) and g.name not in columns and g.name in aliases:
             g = aliases[g.name]   # before the window's check: `window_start as w ... group by w`
         if window and isinstance(g, exp.Column) and g.name in WINDOW_COLUMNS:

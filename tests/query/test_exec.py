@@ -227,6 +227,23 @@ def test_the_window_may_be_grouped_by_its_alias() -> None:
                             ["2024-01-01 00:00:10.000", "a", 1]]
 
 
+def test_group_by_a_position_is_that_select_item() -> None:
+    """`group by 1` is the first select item, as ClickHouse's positional arguments (on by default):
+    it was the constant 1, so `select s, count(*) ... group by 1` said s must be in GROUP BY and
+    `select count(*) ... group by 1` counted every row in one group without a word."""
+    records = [row(0, T0 + 1000, s="a"), row(1, T0 + 2000, s="b"), row(2, T0 + 6000, s="a")]
+    assert run("select s, count(*) from table(t) group by 1", records) == [["a", 2], ["b", 1]]
+    assert run("select count(*) as c, s from table(t) group by 2", records) == [[2, "a"], [1, "b"]]
+    assert run("select window_start, count(*) from tumble(table(t), 5s) group by 1", records) == [
+        ["2024-01-01 00:00:00.000", 2], ["2024-01-01 00:00:05.000", 1]]
+    for sql, code in (("select s, count(*) from table(t) group by 3", ErrorCode.SQL_SYNTAX),
+                      ("select s, count(*) from table(t) group by 0", ErrorCode.SQL_SYNTAX),
+                      ("select count(*) from table(t) group by 1", ErrorCode.UNSUPPORTED_SQL)):
+        with pytest.raises(ClientError) as err:
+            run(sql, records)
+        assert err.value.code is code, (sql, err.value)
+
+
 def test_hop_exact_aggregates() -> None:
     sql = ("select window_start, window_end, count(*), sum(i), avg(i) from hop(t, 2s, 6s) "
            "group by window_start")

@@ -28,6 +28,7 @@ from broker.api.http import (
     read_raw_body,
     remember_principal,
     required_query,
+    revoked_error,
     unless_gone,
 )
 from broker.api.render import DIS
@@ -321,7 +322,9 @@ def signature_guard(auth: Auth) -> Guard:
     so an unsigned request costs no body read), the signature over the body's bytes as received
     (shared/spec/dis-api.md 7, step 3.6: a compressed body is not inflated before it is known to
     be the signer's; aiohttp keeps the bytes, so the handler's read_json reads the same ones), then
-    `X-Project-Id` against the path (401 DIS.4117), then the AK's project and role (403 DIS.4116)."""
+    `X-Project-Id` against the path (401 DIS.4117), then the AK's project and role (403 DIS.4116).
+    The AK is asked for again once the body is in: one a SIGHUP reload removed or changed while
+    the body came is 401 DIS.4107, as for a request that came after the reload."""
 
     def guard(handler: Handler, action: Action) -> Handler:
         async def signed(request: web.Request) -> web.StreamResponse:
@@ -331,6 +334,8 @@ def signature_guard(auth: Auth) -> Guard:
             body = await read_raw_body(request)
             url = request.rel_url
             who = signing.check(found, request.method, url.raw_path, url.raw_query_string, request.headers.get, body)
+            if not auth.current(who):   # the AK was removed or changed by a reload while the body came
+                raise revoked_error()
             project = request.match_info["project_id"]
             claimed = request.headers.get("X-Project-Id")
             if claimed is not None and claimed != project:

@@ -348,7 +348,8 @@ async def read_raw_body(request: web.Request) -> bytes:
     """The body's bytes as received (still compressed), what a signature covers (aiohttp keeps
     them: a second read returns the same). Raises REQUEST_TOO_LARGE (declared or actual size over
     the cap), REQUEST_TIMEOUT (not received within the body timeout), BAD_BODY (an unsupported
-    Content-Encoding or Transfer-Encoding, a broken framing)."""
+    Content-Encoding or Transfer-Encoding, a broken framing), AUTH_UNKNOWN_KEY (the request's API
+    key was removed or changed by a reload while its body came)."""
     config = request.app[CONFIG]
     limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -365,7 +366,7 @@ async def read_raw_body(request: web.Request) -> bytes:
                            detail=f"unsupported Transfer-Encoding {', '.join(framing)!r:.40}; only chunked is")
     try:
         async with asyncio.timeout(config.body_timeout_s):   # not wait_for: see core/reads._fetch
-            return await request.read()
+            body = await request.read()
     except TimeoutError:
         code, detail = ErrorCode.REQUEST_TIMEOUT, None
     except web.HTTPRequestEntityTooLarge:
@@ -375,6 +376,12 @@ async def read_raw_body(request: web.Request) -> bytes:
     except ConnectionResetError:   # the client closed the connection (or its sending side) mid-body:
         # nobody will read the answer, but it is the client's doing, not an error of the broker's
         code, detail = ErrorCode.BAD_BODY, "the connection closed before the body was complete"
+    else:
+        # the key was checked when the head arrived; a SIGHUP reload may have removed it while the
+        # body came (up to the body timeout): such a request must not act in the key's name
+        if key_revoked(request):
+            raise revoked_error()
+        return body
     # raised here, not in the except clauses, and kept in no local: as its context, aiohttp's error
     # would keep its frames and with them the body read so far (up to the cap) alive, and a local
     # would hold the error in a reference cycle with its own traceback - both until the next full

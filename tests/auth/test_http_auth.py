@@ -14,6 +14,7 @@ import http.client
 import json
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -701,6 +702,81 @@ def test_a_removed_key_ends_the_streams_it_opened(broker: BrokerProcess, keys: K
         with pytest.raises(Unauthenticated):
             in_thread_with_deadline(drain, DEADLINE)
         subscriber.close()
+
+
+def _half_sent(port: int, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[socket.socket, bytes]:
+    """A request whose head and first bytes of body are sent; send the rest with the returned bytes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:5])
+    return sock, body[5:]
+
+
+def _finish(sent: tuple[socket.socket, bytes]) -> tuple[int, Any]:
+    sock, rest = sent
+    with sock:
+        sock.sendall(rest)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_key_removed_while_its_request_s_body_comes_writes_nothing(broker: BrokerProcess, keys: Keys,
+                                                                    auth_file: Path) -> None:
+    """A key was checked when a request's head arrived: one removed by a SIGHUP reload while the
+    body was still coming (up to the body timeout) wrote anyway - a DIS PutRecords, an /api/put and
+    a Timeplus ingest each answered 200 after the key had stopped working for every new request.
+    The key is asked again once the body is in: 401 in each door's body, nothing written."""
+    ak, sk, api_key = f"AKLATE{secrets.token_hex(4)}", secrets.token_urlsafe(24), secrets.token_hex(30)
+    good = auth_file.read_text()
+    write_auth_file(auth_file, good + f'\n[[access_keys]]\nak = "{ak}"\nsk = "{sk}"\nproject_id = "p1"\n'
+                    f'role = "producer"\n[[api_keys]]\nkey = "{api_key}"\nworkspace = "p1"\nrole = "producer"\n')
+    keys.aks["late"], keys.api["late-producer"] = (ak, sk, "p1"), (api_key, "p1")   # for the log check
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    port, asked = broker.http_port, {"X-Api-Key": api_key}
+    deadline = time.monotonic() + DEADLINE
+    while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 200:
+        assert time.monotonic() < deadline, "the added key did not work after SIGHUP"
+        time.sleep(0.05)
+    admin = client(broker, keys, "admin")
+    dis_stream, tp_stream, metric = name(), name(), f"late.{uuid.uuid4().hex[:8]}"
+    create(admin, dis_stream)
+    made = raw(port, "POST", "/p1/api/v1beta2/streams", {"X-Api-Key": keys.api["admin"][0]},
+               json.dumps({"name": tp_stream, "columns": [{"name": "i", "type": "int64"}]}).encode())
+    assert made.status == 201, made.raw
+
+    records = json.dumps({"stream_name": dis_stream, "records": [{"data": "bGF0ZQ==", "partition_id": "0"}]}).encode()
+    headers = {"Content-Type": "application/json", "Host": broker.http_target, "X-Project-Id": "p1",
+               "X-Sdk-Date": sdk_date()}
+    dis_put = _half_sent(port, "POST", "/v2/p1/records", sign(ak, sk, "POST", "/v2/p1/records", "", headers, records),
+                         records)
+    points = json.dumps([{"metric": metric, "timestamp": 1764400000, "value": 1, "tags": {"h": "a"}}]).encode()
+    tsdb_put = _half_sent(port, "POST", "/api/put?details", {**asked, "Host": broker.http_target}, points)
+    rows = json.dumps({"columns": ["i"], "data": [[1]]}).encode()
+    ingest = _half_sent(port, "POST", f"/p1/api/v1beta2/streams/{tp_stream}/ingest",
+                        {**asked, "Host": broker.http_target, "Content-Type": "application/json"}, rows)
+
+    write_auth_file(auth_file, good)   # both keys removed
+    broker.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + DEADLINE
+    while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 401:
+        assert time.monotonic() < deadline, "the key still worked after SIGHUP"
+        time.sleep(0.05)
+
+    status, body = _finish(dis_put)
+    assert (status, body.get("error_code"), body.get("reason")) == (401, "DIS.4107", "AUTH_UNKNOWN_KEY"), body
+    status, body = _finish(tsdb_put)
+    assert (status, body.get("reason")) == (401, "AUTH_UNKNOWN_KEY"), body
+    status, body = _finish(ingest)
+    assert (status, body.get("code")) == (401, 516), body
+    assert read(admin, cursor(admin, dis_stream)) == []
+    stats = raw(port, "GET", f"/p1/api/v1beta2/streams/{tp_stream}/stats", {"X-Api-Key": keys.api["admin"][0]})
+    assert stats.status == 200 and stats.json["row_count"] == 0, stats.raw
+    suggested = raw(port, "GET", f"/api/suggest?type=metrics&q={metric}", {"X-Api-Key": keys.api["admin"][0]})
+    assert suggested.status == 200 and suggested.json == [], suggested.raw
 
 
 def test_the_log_holds_no_secret(broker: BrokerProcess, keys: Keys) -> None:

@@ -23,6 +23,7 @@ from broker.api.http import (
     door_app,
     field,
     json_response,
+    key_revoked,
     query_int,
     read_json,
     read_raw_body,
@@ -200,6 +201,8 @@ async def get_records(request: web.Request) -> web.Response:
     result = await (unless_gone(request, read) if wait_ms is not None and wait_ms > 0 else read)
     if result is None:
         return web.Response(status=204)   # nobody is there to read it
+    if key_revoked(request):   # removed or changed by a reload while the long poll waited
+        raise revoked_error()
     return json_response(records_body(result))
 
 

@@ -779,6 +779,61 @@ def test_a_key_removed_while_its_request_s_body_comes_writes_nothing(broker: Bro
     assert suggested.status == 200 and suggested.json == [], suggested.raw
 
 
+def test_a_long_poll_of_a_key_removed_while_it_waits_reads_nothing(broker: BrokerProcess, keys: Keys,
+                                                                   auth_file: Path) -> None:
+    """A long poll (DIS GetRecords and gRPC GetRecords with wait_ms, up to 20 s) was checked when it
+    began: a SIGHUP reload that removed its key while it waited left it waiting, and a record put
+    after the key was gone was handed to it (200 / a page with the record). It is asked again once
+    the wait ends: DIS 401 DIS.4107, gRPC UNAUTHENTICATED, no record."""
+    import grpc
+
+    from client._pb.sluice.v1 import sluice_pb2 as pb
+    from client._pb.sluice.v1 import sluice_pb2_grpc
+
+    ak, sk, api_key = f"AKPOLL{secrets.token_hex(4)}", secrets.token_urlsafe(24), secrets.token_hex(30)
+    good = auth_file.read_text()
+    write_auth_file(auth_file, good + f'\n[[access_keys]]\nak = "{ak}"\nsk = "{sk}"\nproject_id = "p1"\n'
+                    f'role = "consumer"\n[[api_keys]]\nkey = "{api_key}"\nworkspace = "p1"\nrole = "consumer"\n')
+    keys.aks["poll"], keys.api["poll-consumer"] = (ak, sk, "p1"), (api_key, "p1")   # for the log check
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    port, asked = broker.http_port, {"X-Api-Key": api_key}
+    deadline = time.monotonic() + DEADLINE
+    while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 200:
+        assert time.monotonic() < deadline, "the added key did not work after SIGHUP"
+        time.sleep(0.05)
+    admin, stream = client(broker, keys, "admin"), name()
+    create(admin, stream)
+    latest = str(admin.show_cursor(ShowCursorRequest(stream_name=stream, partition_id="0",
+                                                     cursor_type="LATEST")).partition_cursor)
+    query = f"partition-cursor={latest}&wait_ms=20000"
+    headers = {"Content-Type": "application/json", "Host": broker.http_target, "X-Project-Id": "p1",
+               "X-Sdk-Date": sdk_date()}
+    signed = sign(ak, sk, "GET", "/v2/p1/records", query, headers)
+    metadata = [("authorization", f"Bearer {api_key}")]
+    with grpc.insecure_channel(broker.grpc_target) as channel:
+        stub = sluice_pb2_grpc.SluiceStub(channel)
+        dis_poll = _half_sent(port, "GET", f"/v2/p1/records?{query}", signed, b"")   # all of it: a GET
+        grpc_poll = stub.GetRecords.future(pb.GetRecordsRequest(cursor=latest, wait_ms=20000), metadata=metadata,
+                                           timeout=DEADLINE)
+        # calls made after the polls, answered: the polls were let in with the key before it went
+        # (the gRPC one on the same connection, the DIS one sent before this request was)
+        stub.ListStreams(pb.ListStreamsRequest(), metadata=metadata, timeout=DEADLINE)
+        assert raw(port, "GET", "/p1/api/v1beta2/streams", asked).status == 200
+        write_auth_file(auth_file, good)   # both keys removed
+        broker.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + DEADLINE
+        while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 401:
+            assert time.monotonic() < deadline, "the key still worked after SIGHUP"
+            time.sleep(0.05)
+        put(admin, stream, b"after the key was removed")   # wakes both polls
+        status, body = _finish(dis_poll)
+        assert (status, body.get("error_code"), body.get("reason")) == (401, "DIS.4107", "AUTH_UNKNOWN_KEY"), body
+        with pytest.raises(grpc.RpcError) as info:
+            grpc_poll.result(DEADLINE)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, info.value
+
+
 def test_the_log_holds_no_secret(broker: BrokerProcess, keys: Keys) -> None:
     """Last in the module: the DEBUG log of everything above names no SK and no API key."""
     log = "".join(broker.stderr_lines)

@@ -36,7 +36,7 @@ from broker.api.grpc_service import (
 )
 from broker.api.http import drop_waiting_writes
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
-from broker.api.limits import ClientLimits, GrpcLimits
+from broker.api.limits import CLIENT_LIMITS, ClientLimits, GrpcLimits, tls_accept
 from broker.api.metrics import BrokerCollector, Exporter, Health, build_metrics_app
 from broker.auth import Auth, CredentialsError
 from broker.core.broker import Broker
@@ -124,6 +124,12 @@ def _client_limits(settings: Settings) -> ClientLimits:
     """One door's per-client limits (api/limits.py): each port counts on its own."""
     return ClientLimits.of(settings.max_connections_per_client, settings.max_requests_per_client,
                            settings.max_subscriptions_per_client)
+
+
+def _accept(runner: HttpRunner) -> Callable[[asyncio.BaseTransport], Callable[[], None] | None] | None:
+    """A TLS port's count of connections in their handshake (tls.Site), by the port's own limits."""
+    limits = runner.app.get(CLIENT_LIMITS)
+    return None if limits is None else tls_accept(limits)
 
 
 MIN_PING_INTERVAL_MS = 10_000   # the least time between a client's pings (clients ping every 30 s)
@@ -253,17 +259,20 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     ssl_context = tls.context if tls else None
     try:
         with explain_bind_failure(settings, "http_port"):
-            await Site(runner, settings.host, settings.http_port, ssl_context=ssl_context).start()
+            await Site(runner, settings.host, settings.http_port, ssl_context=ssl_context,
+                       accept=_accept(runner)).start()
         http_port = runner.addresses[0][1]
         tsdb_port = None
         if settings.tsdb_port is not None:
             with explain_bind_failure(settings, "tsdb_port"):
-                await Site(runners[1], settings.host, settings.tsdb_port, ssl_context=ssl_context).start()
+                await Site(runners[1], settings.host, settings.tsdb_port, ssl_context=ssl_context,
+                           accept=_accept(runners[1])).start()
             tsdb_port = runners[1].addresses[0][1]
         metrics_port = None
         if metrics_runner is not None:
             with explain_bind_failure(settings, "metrics_port"):
-                await Site(metrics_runner, settings.host, settings.metrics_port, ssl_context=ssl_context).start()
+                await Site(metrics_runner, settings.host, settings.metrics_port, ssl_context=ssl_context,
+                           accept=_accept(metrics_runner)).start()
             metrics_port = metrics_runner.addresses[0][1]
         with explain_bind_failure(settings, "grpc_port"):
             probe_port(settings.host, settings.grpc_port)

@@ -6,13 +6,15 @@ StartupError naming the flag (one line, exit 1). Both doors then serve the same 
 
 A client that opens a connection and never finishes the handshake is dropped after
 `HANDSHAKE_TIMEOUT_S` on every door (asyncio's default is 60 s; grpc core's 120 s); after the
-handshake the doors' usual idle and body timeouts apply.
+handshake the doors' usual idle and body timeouts apply. On the HTTP doors a connection counts
+against its client's connection limit from its accept, handshake included (`Site`'s `accept`).
 """
 from __future__ import annotations
 
 import asyncio
 import ssl
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import grpc
 from aiohttp import web
@@ -84,10 +86,101 @@ def load_tls(settings: Settings) -> Tls | None:
     return Tls(context, chain, key)
 
 
+# Counts an accepted connection against its client's limit: the release, or None to close it at once.
+Accept = Callable[[asyncio.BaseTransport], "Callable[[], None] | None"]
+
+
+class _Handshake(asyncio.Protocol):
+    """One TLS connection, from its accept: counted by `accept` until the HTTP handler (`factory`)
+    has it, then passing everything on to that handler. asyncio's own TLS server hands a connection
+    to its protocol only once the handshake is done, so connections that never finished one were
+    counted by nothing (a client could hold any number of them, 10 s each). Bytes the TLS layer
+    hands over before the handler has the connection (a request that came with the handshake's
+    last flight) are kept for it."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], context: ssl.SSLContext,
+                 accept: Accept | None) -> None:
+        self._factory, self._context, self._accept = factory, context, accept
+        self._release: Callable[[], None] | None = None
+        self._app: asyncio.Protocol | None = None
+        self._early: list[bytes] = []
+        self._eof = False
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._accept is not None:
+            self._release = self._accept(transport)
+            if self._release is None:   # a flood: closed at once, as on a plain port
+                transport.abort()   # type: ignore[attr-defined]
+                return
+        transport.pause_reading()   # type: ignore[attr-defined]   # start_tls reads on from here
+        self._task = asyncio.ensure_future(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                transport, self, self._context, server_side=True,   # type: ignore[arg-type]
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, EOFError, asyncio.CancelledError, RuntimeError):
+            transport.abort()   # type: ignore[attr-defined]
+            return
+        finally:
+            self._released()
+        if secured is None:
+            transport.abort()   # type: ignore[attr-defined]
+            return
+        app = self._app = self._factory()   # counts the connection itself (http_app._RequestHandler)
+        app.connection_made(secured)
+        for data in self._early:
+            app.data_received(data)
+        self._early.clear()
+        if self._eof:
+            app.eof_received()
+
+    def _released(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._app is None:
+            self._early.append(data)
+        else:
+            self._app.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._app is None:
+            self._eof = True
+            return None
+        return self._app.eof_received()
+
+    def pause_writing(self) -> None:
+        if self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._app is not None:
+            self._app.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._released()
+        if self._app is not None:
+            self._app.connection_lost(exc)
+        elif self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
 class Site(web.TCPSite):
-    """`web.TCPSite` that, with TLS, also bounds the handshake (TCPSite has no parameter for it).
-    No __slots__ here: the instance keeps a __dict__, so setting `_bound_port` works on aiohttp
-    releases whose TCPSite has no such slot."""
+    """`web.TCPSite` that, with TLS, also bounds the handshake (TCPSite has no parameter for it)
+    and, given `accept`, counts each connection from its accept (see _Handshake). No __slots__
+    here: the instance keeps a __dict__, so setting `_bound_port` works on aiohttp releases whose
+    TCPSite has no such slot."""
+
+    def __init__(self, runner: web.BaseRunner, host: str | None = None, port: int | None = None, *,
+                 ssl_context: ssl.SSLContext | None = None,
+                 accept: Accept | None = None, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, **kwargs)
+        self._accept = accept
 
     async def start(self) -> None:
         if self._ssl_context is None:
@@ -96,9 +189,9 @@ class Site(web.TCPSite):
         await web.BaseSite.start(self)   # registers the site with its runner (what TCPSite.start does first)
         server = self._runner.server
         assert server is not None
+        context, accept = self._ssl_context, self._accept
         self._server = await asyncio.get_running_loop().create_server(
-            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            lambda: _Handshake(server, context, accept), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

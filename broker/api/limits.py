@@ -189,6 +189,22 @@ class ConnectionCount:
             self._counter = None
 
 
+def tls_accept(limits: ClientLimits) -> Callable[[Any], Callable[[], None] | None]:
+    """For a TLS port (broker/tls.Site): counts a connection from its accept until the handshake is
+    done, when the HTTP handler counts it (ConnectionCount). Returns its release, or None for a
+    flood (past twice the limit), to close at once, as a plain port does."""
+
+    def accept(transport: Any) -> Callable[[], None] | None:
+        count = ConnectionCount(limits, transport)
+        _, flood = count.made()
+        if flood:
+            count.lost()
+            return None
+        return count.lost
+
+    return accept
+
+
 # -- gRPC -----------------------------------------------------------------------------------------
 
 def grpc_peer(context: grpc.aio.ServicerContext) -> str:

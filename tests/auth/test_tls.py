@@ -256,6 +256,35 @@ def test_a_handshake_that_never_comes_is_dropped(tls_broker: BrokerProcess, cert
     alive(tls_broker, certs)
 
 
+def test_connections_in_their_handshake_count_against_the_client_s_limit(tmp_path: Path, certs: Certs) -> None:
+    """asyncio's TLS server hands a connection to the HTTP handler, which counts it against
+    --max-connections-per-client, only once its handshake is done: a client holding connections
+    that never finish one was counted for none of them (any number, 10 s each, where a plain port
+    closes them past twice the limit) and was served beside them. They count from their accept
+    now: with the limit's worth held, the client's next connection is answered 429; past twice the
+    limit one is closed unanswered."""
+    broker = BrokerProcess(tmp_path / "data", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
+                           "--max-connections-per-client", "2").start()
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(2):   # the limit's worth, each in its handshake for as long as it stays silent
+            silent.append(socket.create_connection((broker.host, broker.http_port), timeout=10))
+        status, _ = get_json(f"{broker.http_url}/v2/proj1/streams", certs)
+        assert status == 400, status   # the DIS door's TOO_MANY_REQUESTS (its SDK reads no 429 body)
+        for _ in range(2):
+            silent.append(socket.create_connection((broker.host, broker.http_port), timeout=10))
+        flooded = socket.create_connection((broker.host, broker.http_port), timeout=10)   # the fifth: a flood
+        with flooded:
+            try:
+                assert flooded.recv(1024) == b""   # closed by the broker at once
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in silent:
+            sock.close()
+        broker.stop(15)
+
+
 # -- startup errors --------------------------------------------------------------------------------
 
 def start_error(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

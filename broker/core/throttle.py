@@ -91,6 +91,16 @@ class PartitionThrottle:
             self._take(b, count, total)
         return True
 
+    def refund(self, stream_id: int, partition: int, count: int, total: int) -> None:
+        """Give back the tokens `count` records of `total` payload bytes took when they were
+        admitted and then not written (their append refused as a whole before it was made): at
+        most up to a full bucket."""
+        bucket = self._buckets.get((stream_id, partition))
+        if bucket is None:
+            return
+        bucket[0] = min(bucket[0] + count, self.records_per_s)
+        bucket[1] = min(bucket[1] + total, self.bytes_per_s)
+
     def _fits(self, bucket: list[float], count: int, total: int) -> bool:
         records_ok = not self.records_per_s or bucket[0] >= count or bucket[0] >= self.records_per_s
         bytes_ok = not self.bytes_per_s or bucket[1] >= total or bucket[1] >= self.bytes_per_s

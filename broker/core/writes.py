@@ -340,7 +340,8 @@ class WritePath:
         the error that refused its batch (THROTTLED: over its write limit; the store's
         STORAGE_FULL/UNAVAILABLE) - the others are written regardless.
 
-        `admitted`: the write limit was asked already (`admit`), not again.
+        `admitted`: the write limit was asked already (`admit`), not again; refused for a changed
+        layout, what that took is given back (the caller routes the records again and is asked anew).
 
         `partition_count`: the stream's ACTIVE partition count the caller routed by; if a scale
         event changed it since (UpdatePartitionCount), nothing is written: UNAVAILABLE, route again.
@@ -353,6 +354,9 @@ class WritePath:
         began = time.perf_counter()
         config = await self._target(project, stream_name, stream_id)
         if partition_count is not None and partition_count != config.partition_count:
+            if admitted and self._throttle is not None:   # routed again, they are admitted again: once is
+                for p, (records, _) in batches.items():   # what they cost (a partition's own id is its bucket)
+                    self._throttle.refund(config.stream_id, p, len(records), records_bytes(records))
             raise server_error(ErrorCode.UNAVAILABLE, detail=f"the stream now has {config.partition_count} "
                                f"writable partitions, not {partition_count}: route the records again")
         batches = {p: b for p, b in batches.items() if b[0]}

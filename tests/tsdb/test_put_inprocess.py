@@ -471,6 +471,32 @@ async def test_a_scale_event_during_a_put_routes_its_points_again(
         sorted([2, *range(20)])
 
 
+async def test_a_put_routed_again_after_a_scale_event_is_charged_once(
+        client: TestClient, broker: Broker, store: ControlledStore) -> None:
+    """The write limit was asked when the put was sorted; a scale event refused the append (nothing
+    went in) and the put, routed again, was asked for the same points once more: a partition's
+    whole second's worth put once failed against its own refused first try ("Storage exception:
+    ... write limit"), though nothing of it had been written. The refused try's tokens go back."""
+    now = [0.0]
+    throttle = broker.writes._throttle = PartitionThrottle(5, 0, lambda: now[0])
+    assert (await post(client, [point("rc", 1, host="warm")]))[0] == 204   # the stream is made
+    now[0] += 100   # every bucket full again
+    key = series_key("rc", {"host": "new"})
+    p = series_partition(key, 8)
+    target = next(n for n in range(2, 257) if n != 8 and series_partition(key, n) == p)   # the same partition
+    store.types_gate = asyncio.Event()
+    store.types_entered.clear()
+    sent = [point("rc", i, NOW_S + i, host="new") for i in range(5)]   # the partition's whole second's worth
+    put = asyncio.ensure_future(post(client, sent, "?details"))
+    await asyncio.wait_for(store.types_entered.wait(), 30)   # admitted and sorted for 8 partitions
+    await broker.update_partition_count("tsdb", target)
+    store.types_gate.set()
+    assert await put == (200, {"success": 5, "failed": 0, "errors": []})
+    assert sorted(r["value"] for r in await stored(broker, "rc") if r["tags"] == {"host": "new"}) == list(range(5))
+    config = broker.catalogue.get("default", "tsdb")
+    assert not throttle.admit_whole(config.stream_id, p, 1, 1)   # and the bucket holds what they took, once
+
+
 async def test_a_big_first_put_is_sorted_twice_off_the_event_loop(
         client: TestClient, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the stream exists a put is sorted for no layout, then again once it is made: a big

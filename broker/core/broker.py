@@ -347,6 +347,10 @@ class Broker:
         """See WritePath.admit: partition -> (records, bytes); those the write limit refuses now."""
         return self.writes.admit(config, sizes)
 
+    def refund(self, config: StreamConfig, sizes: Mapping[int, tuple[int, int]]) -> None:
+        """See WritePath.refund: give back what `admit` took for records not appended after all."""
+        self.writes.refund(config, sizes)
+
     async def get_cursor(self, stream_name: object, partition_id: object, cursor_type: object = None,
                          starting_seq: object = None, timestamp_ms: object = None, *,
                          project: str = DEFAULT_PROJECT) -> str:

@@ -329,6 +329,16 @@ class WritePath:
         return {p: throttle.error(p) for p, (n, size) in sorted(sizes.items())
                 if n and not throttle.admit_whole(config.stream_id, p, n, size)}
 
+    def refund(self, config: StreamConfig, sizes: Mapping[int, tuple[int, int]]) -> None:
+        """Give back what `admit` took for records that will not be appended after all (a caller
+        that drops some of them), per partition (their count, their bytes)."""
+        throttle = self._throttle
+        if throttle is None:
+            return
+        for p, (n, size) in sorted(sizes.items()):
+            if n:
+                throttle.refund(config.stream_id, p, n, size)
+
     async def append_partitioned(self, project: str, stream_name: object,
                                  batches: Mapping[int, tuple[Sequence[bytes] | Packed, int]],
                                  stream_id: int | None = None, partition_count: int | None = None,
@@ -354,9 +364,8 @@ class WritePath:
         began = time.perf_counter()
         config = await self._target(project, stream_name, stream_id)
         if partition_count is not None and partition_count != config.partition_count:
-            if admitted and self._throttle is not None:   # routed again, they are admitted again: once is
-                for p, (records, _) in batches.items():   # what they cost (a partition's own id is its bucket)
-                    self._throttle.refund(config.stream_id, p, len(records), records_bytes(records))
+            if admitted:   # routed again, they are admitted again: once is what they cost
+                self.refund(config, {p: (len(records), records_bytes(records)) for p, (records, _) in batches.items()})
             raise server_error(ErrorCode.UNAVAILABLE, detail=f"the stream now has {config.partition_count} "
                                f"writable partitions, not {partition_count}: route the records again")
         batches = {p: b for p, b in batches.items() if b[0]}

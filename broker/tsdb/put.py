@@ -511,6 +511,7 @@ class PutWrite:
                         raise
                     text, lost = storage_exception(exc), {}
                 if text or lost:   # again: without the new series' points, or checked against the winners
+                    taken = {p: _size(part) for p, part in extra.items()}   # what the write limit let in
                     extra = {}
                     for i, key, kind, ts, p, record in g.pending:
                         if errors[i] is not None:   # its type refused
@@ -523,6 +524,10 @@ class PutWrite:
                             errors[i] = type_conflict(won, kind)
                             continue
                         _add(extra, p, i, ts, record)
+                    # the points dropped give back what they took (a failed type write: sent again,
+                    # they would meet their own charge)
+                    target.broker.refund(config, {p: (n - _size(extra.get(p))[0], size - _size(extra.get(p))[1])
+                                                  for p, (n, size) in taken.items()})
         for p, more in extra.items():
             part = parts.get(p)
             parts[p] = more if part is None else _merged(part, more)

@@ -497,6 +497,25 @@ async def test_a_put_routed_again_after_a_scale_event_is_charged_once(
     assert not throttle.admit_whole(config.stream_id, p, 1, 1)   # and the bucket holds what they took, once
 
 
+async def test_points_whose_type_write_failed_give_back_their_write_limit(
+        client: TestClient, broker: Broker, store: ControlledStore) -> None:
+    """The write limit is asked for a put's new series before their types are written; when that
+    write failed, their points were refused (Storage exception) but what they took stayed taken, so
+    sending them again once the store took writes failed on the write limit, though none had been
+    written. What they took goes back."""
+    now = [0.0]
+    broker.writes._throttle = PartitionThrottle(5, 0, lambda: now[0])
+    assert (await post(client, [point("tf", 1, host="warm")]))[0] == 204   # the stream is made
+    now[0] += 100   # every bucket full again
+    sent = [point("tf", i, NOW_S + i, host="new") for i in range(5)]   # one partition's whole second's worth
+    store.fail_meta = True
+    status, body = await post(client, sent, "?details")
+    assert status == 400 and body["success"] == 0
+    assert {e["error"] for e in body["errors"]} == {"Storage exception: Storage is full, retry later"}
+    store.fail_meta = False
+    assert await post(client, sent, "?details") == (200, {"success": 5, "failed": 0, "errors": []})
+
+
 async def test_a_big_first_put_is_sorted_twice_off_the_event_loop(
         client: TestClient, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the stream exists a put is sorted for no layout, then again once it is made: a big

@@ -8,7 +8,7 @@ import itertools
 import time
 from collections import Counter
 from operator import itemgetter
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, Sized
 
 from broker.core import routing
 from broker.core.catalogue import StreamCatalogue
@@ -146,10 +146,11 @@ class WritePath:
                 if isinstance(first, OutcomeUnknown):   # is reported as certainly not written
                     raise first
             refused: BrokerError | None = None
-            for (_, (indices, _)), first in zip(order, outcomes):
+            for (p, (indices, items)), first in zip(order, outcomes):
                 if isinstance(first, BrokerError):  # the store refused this partition's batch only
                     refused = first
                     reasons[first.code.reason] += len(indices)
+                    self._unspend(first, config, p, items, (len(data) for _, data in items))
                     failures.extend((i, first) for i in indices)
                     for i in indices:
                         partitions[i] = -1
@@ -244,6 +245,9 @@ class WritePath:
             raise _deleted_under(config, outcomes)
         written = [b.partition for b, first in zip(batches, outcomes) if not isinstance(first, BrokerError)]
         self._notifier.notify((config.stream_id, p) for p in written)
+        for b, first in zip(batches, outcomes):
+            if isinstance(first, BrokerError):
+                self._unspend(first, config, b.partition, b.items, (len(data) for _, data in b.items))
         for first in outcomes:
             if isinstance(first, BrokerError):
                 raise first
@@ -328,6 +332,14 @@ class WritePath:
             return {}
         return {p: throttle.error(p) for p, (n, size) in sorted(sizes.items())
                 if n and not throttle.admit_whole(config.stream_id, p, n, size)}
+
+    def _unspend(self, error: BrokerError, config: StreamConfig, p: int, records: Sized,
+                 sizes: Iterable[int]) -> None:
+        """A partition's batch the store refused (`error`; nothing of it written: STORAGE_FULL, ...)
+        gives back what it took of the write limit; one whose outcome is unknown (maybe written)
+        keeps it."""
+        if self._throttle is not None and not isinstance(error, OutcomeUnknown):
+            self._throttle.refund(config.stream_id, p, len(records), sum(sizes))
 
     def refund(self, config: StreamConfig, sizes: Mapping[int, tuple[int, int]]) -> None:
         """Give back what `admit` took for records that will not be appended after all (a caller
@@ -415,6 +427,9 @@ class WritePath:
         for p, first in zip(order, firsts):
             assert first is not None
             out[p] = first
+            if isinstance(first, BrokerError):
+                records = batches[p][0]
+                self._unspend(first, config, p, records, (records_bytes(records),))
         self._notifier.notify((config.stream_id, p) for p, first in out.items() if not isinstance(first, BrokerError))
         return out
 

@@ -4,7 +4,7 @@ appends) over a memory store with that clock."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import pytest
 
@@ -12,8 +12,9 @@ from broker.core import routing
 from broker.core.broker import Broker
 from broker.core.limits import DEFAULT_LIMITS
 from broker.core.throttle import PartitionThrottle
-from broker.errors import BrokerError, ErrorCode
-from broker.model import PutColumns, PutEntry
+from broker.errors import BrokerError, ErrorCode, server_error
+from broker.model import AppendBatch, PutColumns, PutEntry
+from broker.storage.base import AppendOutcome
 from broker.storage.memory import MemoryStore
 
 
@@ -153,6 +154,48 @@ async def test_routed_appends_fail_per_partition(broker: Broker) -> None:
     second = await broker.append_partitioned("s", {0: ([b"p"], 0), 1: ([b"q"] * 3, 0)})
     assert isinstance(second[0], BrokerError) and second[0].code is ErrorCode.THROTTLED
     assert second[1] == 3
+
+
+class RefusingStore(MemoryStore):
+    """Answers STORAGE_FULL for the partitions in `refuse` (nothing of their batches written)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: set[int] = set()
+
+    async def append(self, batches: Sequence[AppendBatch]) -> list[AppendOutcome]:
+        ok = iter(await super().append([b for b in batches if b.partition not in self.refuse]))
+        return [server_error(ErrorCode.STORAGE_FULL) if b.partition in self.refuse else next(ok) for b in batches]
+
+
+async def test_what_the_store_refused_gives_back_its_write_limit() -> None:
+    """A partition's batch the store refused (STORAGE_FULL: nothing of it written) kept what it took
+    of the write limit: a PutRecords or an ingest sent again once the store took writes failed
+    THROTTLED, against records never written. What they took goes back."""
+    store = RefusingStore()
+    b = Broker(store, cursor_secret=b"s", limits=replace(DEFAULT_LIMITS, partition_records_per_s=10,
+                                                          partition_bytes_per_s=1000))
+    await b.start()
+    try:
+        clock = b.writes._throttle._clock = Clock()   # type: ignore[union-attr]   # refills when told
+        await b.create_stream("s", 2)
+        store.refuse = {0}
+        with pytest.raises(BrokerError) as refused:   # the partition's whole second's worth
+            await b.put_records("s", [PutEntry(b"r", partition_id="0")] * 10)
+        assert refused.value.code is ErrorCode.STORAGE_FULL
+        store.refuse = set()
+        again = await b.put_records("s", [PutEntry(b"r", partition_id="0")] * 10)
+        assert again.failures == [] and again.seqs == list(range(10))
+        clock.now += 1
+        store.refuse = {0, 1}
+        with pytest.raises(BrokerError) as refused:
+            await b.append_rows("s", [b"r"] * 20)   # 10 a partition: each one's whole second's worth
+        assert refused.value.code is ErrorCode.STORAGE_FULL
+        store.refuse = set()
+        assert await b.append_rows("s", [b"r"] * 20) == 20
+    finally:
+        await b.close()
+        await store.close()
 
 
 async def test_limits_off_admit_everything() -> None:

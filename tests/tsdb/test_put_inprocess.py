@@ -516,6 +516,24 @@ async def test_points_whose_type_write_failed_give_back_their_write_limit(
     assert await post(client, sent, "?details") == (200, {"success": 5, "failed": 0, "errors": []})
 
 
+async def test_points_the_store_refused_give_back_their_write_limit(
+        client: TestClient, broker: Broker, store: ControlledStore) -> None:
+    """Points of a partition whose append the store refused (STORAGE_FULL: nothing of it written)
+    kept what they took of the write limit: sent again once the store took writes, they failed on
+    the write limit. What they took goes back."""
+    now = [0.0]
+    broker.writes._throttle = PartitionThrottle(5, 0, lambda: now[0])
+    assert (await post(client, [point("sf", 1, host="a")]))[0] == 204   # the stream made, the series typed
+    now[0] += 100   # every bucket full again
+    store.refuse.add(series_partition(series_key("sf", {"host": "a"}), 8))
+    sent = [point("sf", i, NOW_S + i, host="a") for i in range(5)]   # the partition's whole second's worth
+    status, body = await post(client, sent, "?details")
+    assert status == 400 and body["success"] == 0
+    assert {e["error"] for e in body["errors"]} == {"Storage exception: Storage is full, retry later"}
+    store.refuse.clear()
+    assert await post(client, sent, "?details") == (200, {"success": 5, "failed": 0, "errors": []})
+
+
 async def test_a_big_first_put_is_sorted_twice_off_the_event_loop(
         client: TestClient, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the stream exists a put is sorted for no layout, then again once it is made: a big

@@ -11,8 +11,9 @@ write limit (THROTTLED) is sent again after a short wait instead: the source slo
 
 Typed streams: `json` messages are rows by column name (like ingest `format=streaming`: missing
 columns take their defaults, unknown keys are ignored); `text` messages fill the string column
-`raw`. A stream without a schema (made by the DIS door) takes a `json` message's object as the
-record's data and a `text` message's bytes as they are.
+`raw`. A stream without a schema (made by the DIS door) takes a `json` message that is an object
+as the record's data as it was sent (surrounding whitespace cut), and a `text` message's bytes as
+they are.
 
 The batch is encoded as a whole (the column-wise encoder is fast); only when that refuses is each
 message encoded alone, to find the bad ones.
@@ -62,6 +63,7 @@ class Sink:
         self.state.messages_in += len(payloads)
         if self.data_type == "json":
             objects: list[dict] = []
+            sent: list[bytes] = []   # each object's message as it came: a plain log stores that
             for p in payloads:
                 try:
                     value = orjson.loads(p)
@@ -72,7 +74,8 @@ class Sink:
                     self.state.error(f"a message is {_kind(value)}, not a JSON object; skipped")
                     continue
                 objects.append(value)
-            return await self._append_objects(objects)
+                sent.append((p if isinstance(p, bytes) else p.encode()).strip())
+            return await self._append_objects(objects, sent)
         config = await self.target()
         if config.schema is None:   # a plain log: a text message's bytes as they are, UTF-8 or not
             return await self._append(config, [p if isinstance(p, bytes) else p.encode(errors="surrogatepass")
@@ -93,13 +96,16 @@ class Sink:
         self.state.messages_in += len(objects)
         return await self._append_objects(objects)
 
-    async def _append_objects(self, objects: list[dict]) -> int:
+    async def _append_objects(self, objects: list[dict], sent: list[bytes] | None = None) -> int:
+        """`sent`: each object's message as received. A plain log stores it as it is: orjson's
+        re-encoding of what it read turns an integer past 64 bits into a float and cuts a decimal's
+        digits (1.00000000000000000001 -> 1.0), so the record would not be what was sent."""
         if not objects:
             return 0
         config = await self.target()
         now_ms = time.time_ns() // 1_000_000
         if config.schema is None:   # a plain log: the object itself is the record
-            return await self._append(config, [orjson.dumps(o) for o in objects])
+            return await self._append(config, sent if sent is not None else [orjson.dumps(o) for o in objects])
         encoder = self._encoder_for(config)
         try:
             rows = encoder.objects(objects, now_ms)

@@ -242,6 +242,25 @@ async def test_a_bad_message_is_counted_skipped_and_acknowledged(sluice: Sluice,
     assert "[i]" in st.last_error
 
 
+async def test_an_object_nested_deeper_than_orjson_writes_is_stored_in_a_plain_log(sluice: Sluice,
+                                                                                  nats_server: NatsServer) -> None:
+    """Into a stream without a schema the sink wrote orjson's re-encoding of each JSON message,
+    and orjson reads 1,024 levels but writes 255: a message nested 300 deep raised a TypeError
+    out of the sink, so its batch was given back and came again, failing the source for good and
+    holding back every message after it. The message is stored as it was sent."""
+    url = nats_server.url
+    await js_stream(url, "DEEP", ["deep"])
+    await sluice.broker.create_stream("plain", 1, project="default")
+    deep = '{"a": ' + "[" * 300 + "]" * 300 + "}"
+    await js_publish(url, "deep", ['{"i": 1}', deep, '{"i": 2}'])
+    await sluice.create("j", "nats_jetstream", "plain", **js(url, subject="deep", durable="d"))
+    await eventually(lambda: sluice.state("j").rows_written == 3, what="the three messages stored")
+    cursor = await sluice.broker.get_cursor("plain", 0, "TRIM_HORIZON", project="default")
+    got = [r.data for r in (await sluice.broker.get_records(cursor, 10, project="default")).records]
+    assert got == [b'{"i": 1}', deep.encode(), b'{"i": 2}']
+    assert sluice.state("j").errors == 0
+
+
 async def test_a_failed_append_is_not_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
     # ack_wait 10 s, not the default 30: a message in a pull request still open when the failing job
     # stops waits out ack_wait (documented in broker/sources/nats.py), and this test is not about that

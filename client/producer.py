@@ -259,6 +259,11 @@ class Producer:
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
         if partition_key is not None and not isinstance(partition_key, str):
             raise TypeError("partition_key must be a str")
+        if partition_key is not None and not partition_key.isascii():
+            try:   # a lone surrogate cannot go on the wire: refused here, not with the whole batch it joins
+                partition_key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("partition_key is not encodable as UTF-8 (it holds a lone surrogate)") from None
         if partition_id is not None and (not isinstance(partition_id, int) or isinstance(partition_id, bool)):
             raise TypeError("partition_id must be an int")
         if partition_id is not None and not 0 <= partition_id < 2**32:

@@ -134,6 +134,20 @@ def test_send_type_checks_and_closed_producer(client: Client, stream_name: str) 
         producer.send(b"late")
 
 
+def test_a_partition_key_that_is_not_utf8_is_refused_by_send_alone(client: Client, stream_name: str) -> None:
+    """A key with a lone surrogate (bytes that were not UTF-8, as os.fsdecode hands them over) cannot
+    go on the wire. send() took it, and the batch it joined failed whole when the request was
+    built: the good records beside it resolved with UnicodeEncodeError, 10 of 10 in the probe."""
+    client.create_stream(stream_name, 2)
+    with Producer(client, stream_name, linger_ms=60_000) as producer:
+        good = [producer.send(b"good-%d" % i, partition_key=f"k{i}") for i in range(5)]
+        with pytest.raises(ValueError, match="partition_key"):
+            producer.send(b"bad", partition_key="\udcff")
+        good += [producer.send(b"more-%d" % i, partition_key=f"k{i}") for i in range(5)]
+        producer.flush(timeout=30)
+    assert all(f.result().ok for f in good)
+
+
 def restartable_broker(start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> tuple[BrokerProcess, Callable]:
     """A broker whose restart (same data dir, same gRPC port) returns a new BrokerProcess."""
     data = tmp_path / "restartable"

@@ -130,6 +130,13 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
+def _write_line(data: bytes) -> None:
+    """One record's bytes and a newline on stdout as they are: `put` takes any bytes per line, so
+    `get` gives the file back (decoded, a line that is not UTF-8 came out as U+FFFD), and no text
+    encoding of stdout can refuse a character (a UnicodeEncodeError traceback under an ASCII one)."""
+    sys.stdout.buffer.write(data + b"\n")
+
+
 # -- put ---------------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -324,7 +331,10 @@ def _get(client: Client, args: argparse.Namespace) -> int:
     while args.max is None or shown < args.max:
         page = client.get_records(cursor, limit=1000 if args.max is None else min(1000, args.max - shown))
         for r in page.records:
-            print(_record_json(r) if args.json else _text(r.data))
+            if args.json:
+                print(_record_json(r))
+            else:
+                _write_line(r.data)
             shown += 1
         cursor = page.next_cursor
         if not page.records:
@@ -457,7 +467,7 @@ def _tail(client: Client, args: argparse.Namespace) -> int:
                 if args.json:
                     print(_record_json(r, stream=args.stream, partition_id=partition))
                 else:
-                    print(f"[{partition}] {_text(r.data)}")
+                    _write_line(b"[%d] %s" % (partition, r.data))
                 shown += 1
                 if args.max is not None and shown >= args.max:
                     sys.stdout.flush()

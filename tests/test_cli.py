@@ -125,6 +125,27 @@ def test_put_a_file_and_get_it_back(cli, stream_name, tmp_path):
     assert "seq [0 : 1233]" in described
 
 
+def test_get_and_tail_write_each_record_as_its_bytes(broker, stream_name, tmp_path):
+    """put reads lines as bytes, any bytes; get and tail printed each record decoded with
+    replacement characters, so a line that is not UTF-8 came back as U+FFFD (put then get did not
+    give the file back), and under a stdout that cannot encode a character (PYTHONIOENCODING=ascii,
+    a Latin-1 locale) a record with one ended the command in a UnicodeEncodeError traceback."""
+    ok(sluice("streams", "create", stream_name, "--partitions", "1", target=broker.grpc_target))
+    lines = [b"caf\xc3\xa9 \xe2\x82\xac", b"\xff\xfe binary \x00", b"plain"]
+    source = tmp_path / "records.bin"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    ok(sluice("put", stream_name, str(source), target=broker.grpc_target))
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
+    env["PYTHONIOENCODING"] = "ascii"
+    for args, want in ((("get", stream_name, "0"), lines),
+                       (("tail", stream_name, "0", "--from", "TRIM_HORIZON", "--max", "3"),
+                        [b"[0] " + line for line in lines])):
+        got = subprocess.run([*COMMAND, "--target", broker.grpc_target, *args], capture_output=True, timeout=60,
+                             cwd=ROOT, env=env)
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout.split(b"\n")[:-1] == want
+
+
 def test_put_retries_throttled_records_in_order(start_broker, tmp_path):
     """A partition's write limit (here 2,000 records/s) refuses records with THROTTLED, which
     client/errors.py marks retriable: the CLI counted them failed at once (48,270 of 80,000 lines

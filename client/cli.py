@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO, Callable, Sequence
 
 from client.client import CURSOR_TYPES, Client
-from client.errors import BrokerUnavailable, CursorInvalid, SluiceError, StreamNotFound, is_retriable
+from client.errors import BrokerUnavailable, CursorInvalid, SluiceError, StreamNotFound, Throttled, is_retriable
 from client.model import AppInfo, Record, SourceInfo
 
 BATCH = 500                       # records per PutRecords call
 BATCH_BYTES = 4 * 1024 * 1024     # payload per call: stays under the broker's 5 MiB request cap
 PROGRESS_EVERY_S = 0.2            # how often the TTY progress line is redrawn
 MALFORMED = "malformed input"     # the failure group of lines `put --jsonl` could not parse
+TOO_MANY_REQUESTS = "TOO_MANY_REQUESTS"   # a per-client limit of the broker (tail: its subscriptions)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -343,6 +344,7 @@ def _get(client: Client, args: argparse.Namespace) -> int:
 
 
 TAIL_BACKOFF_S = (0.2, 5.0)   # the first and the longest wait before a tail subscribes again
+TAIL_POLL_S = (0.1, 1.0)      # a polled partition: the first and the longest wait after an empty read
 
 
 def _follow(client: Client, stream: str, partition: int, cursor: str, start: str, out: queue.Queue[tuple],
@@ -354,7 +356,13 @@ def _follow(client: Client, stream: str, partition: int, cursor: str, start: str
     A broker that goes away (a restart, a network cut) does not end it: it subscribes again, after
     the last record it showed (before any, at its first cursor, or at `start` once that cursor is
     no longer valid - a memory store's restart), waiting longer each time up to 5 s; `retrying`
-    is reported once per outage."""
+    is reported once per outage.
+
+    A partition the broker refuses a subscription for (TOO_MANY_REQUESTS: a client address holds
+    at most --max-subscriptions-per-client, 64 by default, and a stream may have 256 partitions)
+    is polled instead: GetRecords without a wait, which holds no slot between reads, waiting
+    0.1 s after an empty read and up to 1 s while the partition stays quiet. A tail of a
+    100-partition stream ended with exit 1 after the first 64 partitions' records."""
     def put(item: tuple) -> None:
         while not stop.is_set():
             try:
@@ -366,8 +374,30 @@ def _follow(client: Client, stream: str, partition: int, cursor: str, start: str
     layout: int | None = None
     last_seq: int | None = None
     backoff, down = TAIL_BACKOFF_S[0], False
+    polling, fresh, idle = False, False, TAIL_POLL_S[0]   # fresh: the cursor was made for this read
     while not stop.is_set():
         try:
+            if polling:
+                fresh = not cursor
+                if fresh:
+                    cursor = client.get_cursor(stream, partition, "AFTER_SEQUENCE_NUMBER", last_seq) \
+                        if last_seq is not None else client.get_cursor(stream, partition, start)
+                page = client.get_records(cursor, limit=1000)
+                cursor = page.next_cursor
+                if down:
+                    put(("back", partition, None))
+                    backoff, down = TAIL_BACKOFF_S[0], False
+                if page.layout_ms != layout:
+                    layout = page.layout_ms
+                    put(("layout", partition, layout))
+                if page.records:
+                    last_seq = page.records[-1].seq
+                    put(("records", partition, page.records))
+                    idle = TAIL_POLL_S[0]
+                else:
+                    stop.wait(idle)
+                    idle = min(idle * 2, TAIL_POLL_S[1])
+                continue
             if last_seq is not None:
                 pages = client.subscribe(stream, partition, "AFTER_SEQUENCE_NUMBER", starting_seq=last_seq)
             elif cursor:
@@ -394,7 +424,21 @@ def _follow(client: Client, stream: str, partition: int, cursor: str, start: str
                 down = True
             stop.wait(backoff)
             backoff = min(backoff * 2, TAIL_BACKOFF_S[1])
+        except Throttled as exc:
+            if exc.reason != TOO_MANY_REQUESTS:
+                put(("error", partition, exc))
+                return
+            if polling:   # a read refused by the per-client request limit: a little later
+                stop.wait(idle)
+                idle = min(idle * 2, TAIL_POLL_S[1])
+            else:         # one subscription too many for the broker: this partition is polled
+                polling = True
+                if last_seq is not None:
+                    cursor = ""   # after the last record shown
         except CursorInvalid:
+            if polling and not fresh:   # a broker restart (a memory store's): a new cursor at the position
+                cursor = ""
+                continue
             if last_seq is not None or not cursor:
                 put(("error", partition, sys.exc_info()[1]))
                 return

@@ -1,6 +1,7 @@
 """The `sluice` console script, run as a real subprocess against a real broker."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -565,6 +566,20 @@ def test_tail_of_every_partition_follows_the_partitions_a_scale_up_adds(cli, bac
     assert code == 0, err
     got = [json.loads(line) for line in out.splitlines()]
     assert sorted((r["partition_id"], r["data"], r["seq"]) for r in got) == [(0, "p0", 0), (1, "p1", 0), (2, "p2", 0)]
+
+
+def test_tail_of_more_partitions_than_the_brokers_subscriptions_per_client(start_broker, stream_name):
+    """A tail of every partition opened one Subscribe per partition, and the broker takes at most
+    --max-subscriptions-per-client (64 by default; a stream may have 256 partitions): a tail of a
+    100-partition stream printed what the first 64 had and ended with exit 1, TOO_MANY_REQUESTS.
+    Partitions past the limit are now read by polling."""
+    broker = start_broker("--max-subscriptions-per-client", "2")
+    run = functools.partial(sluice, target=broker.grpc_target)
+    ok(run("streams", "create", stream_name, "--partitions", "5"))
+    ok(run("put", stream_name, "--jsonl", stdin="".join(
+        json.dumps({"data": f"p{p}-{i}", "partition_id": str(p)}) + "\n" for p in range(5) for i in range(3))))
+    out = ok(run("tail", stream_name, "--from", "TRIM_HORIZON", "--max", "15", "--timeout", "20"))
+    assert sorted(out.splitlines()) == sorted(f"[{p}] p{p}-{i}" for p in range(5) for i in range(3))
 
 
 @pytest.mark.parametrize("kill", [False, True])

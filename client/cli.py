@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -951,6 +952,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Text stdout's encoding cannot hold (a Latin-1 locale and a euro sign in a checkpoint's
+    # metadata or a source's description) is written as an escape, as Python does on stderr, not
+    # a UnicodeEncodeError traceback; records are written as their bytes (_write_line).
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return _main(argv)
     except KeyboardInterrupt:

@@ -676,6 +676,27 @@ def test_apps_list_pages_through_everything(start_broker):
     assert ok(sluice("apps", "list", target=own.grpc_target)).splitlines() == names
 
 
+def test_text_a_stdout_cannot_encode_is_escaped_not_a_traceback(cli, client, stream_name):
+    """Free text the broker keeps (a checkpoint's metadata, a source's description) printed by
+    the human formats ended the command in a UnicodeEncodeError traceback when stdout's encoding
+    could not hold a character (PYTHONIOENCODING=ascii, a Latin-1 locale and a euro sign)."""
+    app = f"app-{uuid.uuid4().hex[:10]}"
+    client.create_app(app)
+    client.create_stream(stream_name, 1)
+    client.put_records(stream_name, [b"x"], partition_id=0)
+    ok(cli("checkpoints", "commit", app, stream_name, "0", "0", "--metadata", "caf\u00e9 \u20ac"))
+    source = f"s{uuid.uuid4().hex[:10]}"
+    ok(cli("sources", "create", source, "--type", "stream_generator", "--stream", stream_name, "--prop",
+           "template=iot", "--prop", "interval=1h", "--description", "Temp\u00e9rature"))
+    try:
+        for args, shown in ((("checkpoints", "get", app, stream_name, "0"), "metadata  caf\\xe9 \\u20ac"),
+                            (("sources", "get", source), "Temp\\xe9rature")):
+            out = ok(cli(*args, env={"PYTHONIOENCODING": "ascii"}))
+            assert shown in out, out
+    finally:
+        ok(cli("sources", "delete", source))
+
+
 def test_checkpoints_commands(cli, client, stream_name):
     app = f"app-{uuid.uuid4().hex[:10]}"
     client.create_app(app)

@@ -86,7 +86,10 @@ def _open_message(value: Any, message_type: str) -> str | bytes | None:
                                           "object, an array or a JSON text") from None
             text = value
         else:
-            text = orjson.dumps(value).decode()
+            try:
+                text = orjson.dumps(value).decode()
+            except orjson.JSONEncodeError as e:   # nested deeper than orjson writes (it reads deeper)
+                raise bad("open_message", f"cannot be written as JSON ({e})") from None
     elif isinstance(value, str):
         text = value
     else:

@@ -679,6 +679,13 @@ async def test_through_the_rest_routes_rows_reach_the_dis_door(broker: BrokerPro
 GOOD = {"url": "ws://127.0.0.1:9/feed", "data_type": "json"}
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(("properties", "prop"), [
     ({"data_type": "json"}, "url"),                                            # missing url
     ({**GOOD, "url": "http://127.0.0.1:9/feed"}, "url"),                       # not ws:// or wss://
@@ -696,6 +703,8 @@ GOOD = {"url": "ws://127.0.0.1:9/feed", "data_type": "json"}
     ({**GOOD, "open_message": ["a"], "open_message_type": "binary"}, "open_message"),
     ({**GOOD, "open_message": "{not json", "open_message_type": "json"}, "open_message"),
     ({**GOOD, "open_message": 5}, "open_message"),
+    # deeper than orjson writes (255 levels; it reads 1,024): a 500 INTERNAL with a traceback
+    ({**GOOD, "open_message": _nested(300), "open_message_type": "json"}, "open_message"),
     ({**GOOD, "intreval": "1s"}, "intreval"),                                  # an unknown key
     ({**GOOD, "tls": {"disable": True}}, "tls.disable"),
 ])

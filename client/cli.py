@@ -303,6 +303,10 @@ def _put(client: Client, args: argparse.Namespace) -> int:
         if stats.sent:
             stats.summary()  # what was acknowledged before the request that failed
         raise
+    except KeyboardInterrupt:   # exit 130, saying how many lines (the first ones, in order) are in
+        progress.clear()
+        stats.summary()
+        raise
     progress.clear()
     stats.summary()
     return EXIT_FAILED if stats.failed else EXIT_OK

@@ -625,6 +625,31 @@ def test_tail_ctrl_c_exits_130_quietly(background, stream_name, cli):
     assert out == "" and "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+def test_put_ctrl_c_says_what_was_sent(broker, client, stream_name):
+    """Ctrl-C ended put with exit 130 and not a word: how many lines the broker had acknowledged
+    (the first N, in order: where to go on from) was not said, as it is when put stops on an
+    error."""
+    client.create_stream(stream_name, 1)
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
+    proc = subprocess.Popen([*COMMAND, "--target", broker.grpc_target, "put", stream_name], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"".join(b"line %d\n" % i for i in range(501)))   # the 501st sends the first 500
+        proc.stdin.flush()
+        for _ in range(600):   # until the broker holds them (bounded by count, not by a time)
+            if client.describe_stream(stream_name).partitions[0].next_seq == 500:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert b"sent 500 records, 0 failed" in err and b"Traceback" not in err, err
+
+
 def test_tail_ends_with_exit_1_when_the_stream_is_deleted(background, stream_name, cli):
     ok(cli("streams", "create", stream_name, "--partitions", "2"))
     tail = background("tail", stream_name, "--timeout", "20")

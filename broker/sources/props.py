@@ -173,8 +173,8 @@ class Props:
     def urls(self, key: str, schemes: Sequence[str]) -> list[str]:
         """A list of URLs, one URL, or URLs separated by commas (spec section 4)."""
         value = self._get(key, True)
-        if isinstance(value, str):
-            items: list[Any] = [u for u in value.split(",") if u.strip()]
+        if isinstance(value, str):   # only a comma before a scheme separates URLs: a password may hold one
+            items: list[Any] = [u for u in (u.strip().rstrip(",").strip() for u in _NEXT_URL.split(value)) if u]
         elif isinstance(value, list):
             items = value
         else:

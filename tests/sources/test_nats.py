@@ -24,6 +24,7 @@ from broker.errors import BrokerError, ErrorCode
 from broker.sources import nats as nats_source
 from broker.sources.base import Backoff, JobContext
 from broker.sources.model import SourceState
+from broker.sources.props import Props
 from sources.conftest import (
     NatsServer,
     P,
@@ -370,6 +371,19 @@ async def test_good_spellings_are_taken(sluice: Sluice) -> None:
         await sluice.create("x", "nats", "t", url="nats://h:1", subject="a", data_type="text")
     assert "property [data_type]" in e.value.message
     await sluice.create("x", "nats", "raw", url="nats://h:1", subject="a", data_type="text")
+
+
+def test_a_password_with_a_comma_is_one_url() -> None:
+    """A comma may be in a URL's password (RFC 3986 userinfo), and shown_url splits a url string
+    only at a comma before a scheme; the property itself was cut at every comma, so
+    nats://bob:pa,ss@host was refused at create ("[ss@host:4222] must start with nats://"), and a
+    list string with such a password named the password's tail in the message."""
+    one = "nats://bob:pa,ss@127.0.0.1:4222"
+    config = nats_source.configure_nats(Props({"url": one, "subject": "a", "data_type": "json"}))
+    assert config.conn.urls == (one,)
+    config = nats_source.configure_nats(Props({"url": f"{one}, tls://127.0.0.1:2", "subject": "a",
+                                               "data_type": "json"}))
+    assert config.conn.urls == (one, "tls://127.0.0.1:2")
 
 
 # -- over a broker process: REST, the Timeplus query, the DIS door -------------------------------------

@@ -220,11 +220,14 @@ def consumer_state(app_name: str, stream_name: str, start_after_partition: int |
 
 def properties_json(properties: Any) -> str:
     """A source's properties object as the JSON text the wire carries (ints stay ints).
-    ValueError for what JSON cannot say (NaN, infinities, non-string keys of other types)."""
+    ValueError for what JSON cannot say (NaN, infinities, non-string keys of other types, nesting
+    deeper than the encoder goes: a RecursionError)."""
     try:
         return json.dumps(properties, allow_nan=False, ensure_ascii=False)
     except TypeError as exc:
         raise ValueError(f"source properties must be JSON values: {exc}") from None
+    except RecursionError:
+        raise ValueError("source properties are nested too deeply to be written as JSON") from None
 
 
 def create_source(source_name: str, source_type: str, stream_name: str, properties: Any,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Callable, Sequence
 
+from client._wire import properties_json
 from client.client import CURSOR_TYPES, Client
 from client.errors import BrokerUnavailable, CursorInvalid, SluiceError, StreamNotFound, Throttled, is_retriable
 from client.model import AppInfo, Record, SourceInfo
@@ -64,17 +65,20 @@ _epoch_ms = _int_within(0, 2**63 - 1, "milliseconds since the epoch")
 
 def _not_utf8(value: Any) -> str | None:
     """The first text in a parsed argument that cannot be sent as UTF-8 (bytes that are not UTF-8
-    arrive as lone surrogates), else None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value
-        return None
-    if isinstance(value, dict):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, (list, tuple)):
-        return next((bad for item in value if (bad := _not_utf8(item)) is not None), None)
+    arrive as lone surrogates), else None. A walk with a stack of its own: a --properties value
+    nested 900 deep (which json reads) overflowed Python's stack when this recursed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack += reversed([*item.keys(), *item.values()])
+        elif isinstance(item, (list, tuple)):
+            stack += reversed(item)
     return None
 
 
@@ -658,9 +662,9 @@ def _prop_arg(text: str) -> tuple[str, Any]:
     key, eq, raw = text.partition("=")
     if not eq or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:   # NaN / Infinity are not JSON: kept as text
+    try:   # NaN / Infinity are not JSON: kept as text; so is JSON nested past what json reads
         return key, json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
-    except ValueError:
+    except (ValueError, RecursionError):
         return key, raw
 
 
@@ -669,18 +673,21 @@ def _no_constant(name: str) -> Any:
 
 
 def _finite(text: str) -> float:
-    """1e400 is valid JSON but not a number JSON can carry back: kept as text."""
+    """1e400 is valid JSON but not a number JSON can carry back: kept as text (--prop), refused
+    (--properties)."""
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(text)
+        raise ValueError(f"{text} is out of a number's range")
     return value
 
 
 def _properties_arg(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("nested too deeply to be read as JSON") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"template\": \"iot\"}'")
     return value
@@ -719,10 +726,20 @@ def _counter_pairs(s: SourceInfo) -> list[tuple[str, object]]:
             ("last_event_at", _when(s.last_event_ms)), ("lag", s.lag)]
 
 
+def _sendable(args: argparse.Namespace, properties: dict[str, Any]) -> dict[str, Any]:
+    """The properties, or a usage error (exit 2) when the wire's JSON cannot carry them (nested
+    deeper than json writes: a ValueError traceback)."""
+    try:
+        properties_json(properties)
+    except ValueError as exc:
+        args.parser.error(f"--properties / --prop: {exc}")
+    return properties
+
+
 def _sources(client: Client, args: argparse.Namespace) -> int:
     if args.action == "create":
-        info = client.create_source(args.name, args.type, args.stream, _merged(args.properties, args.prop),
-                                    description=args.description)
+        info = client.create_source(args.name, args.type, args.stream,
+                                    _sendable(args, _merged(args.properties, args.prop)), description=args.description)
         print(json.dumps(_source_dict(info)) if args.json else info.source_id)
     elif args.action == "list":
         sources = client.list_sources()
@@ -747,7 +764,7 @@ def _sources(client: Client, args: argparse.Namespace) -> int:
         if args.properties is not None or args.prop:
             # --prop alone changes those keys of the stored properties; --properties replaces them
             base = args.properties if args.properties is not None else client.describe_source(args.ref).properties
-            properties = _merged(base, args.prop)
+            properties = _sendable(args, _merged(base, args.prop))
         info = client.update_source(args.ref, source_name=args.name, description=args.description,
                                     stream_name=args.stream, properties=properties)
         if args.json:
@@ -931,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="every property as one JSON object (--prop entries are applied on top)")
     rcreate.add_argument("--description", default="")
     rcreate.add_argument("--json", action="store_true", help="print the whole source as JSON")
+    rcreate.set_defaults(parser=rcreate)
     _add(rsub, "list", "list the project's sources: name, type, stream, status, rows, errors, id") \
         .add_argument("--json", action="store_true", help="one JSON object per source")
     rget = _add(rsub, "get", "show a source: its definition, status and counters")
@@ -946,6 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
     rupdate.add_argument("--properties", type=_properties_arg, metavar="JSON",
                          help="replace every property (--prop entries are applied on top)")
     rupdate.add_argument("--json", action="store_true", help="print the updated source as JSON")
+    rupdate.set_defaults(parser=rupdate)
     _add(rsub, "delete", "stop and delete a source").add_argument("ref", metavar="REF", help=_REF_HELP)
     _add(rsub, "start", "start a stopped source").add_argument("ref", metavar="REF", help=_REF_HELP)
     _add(rsub, "stop", "stop a source").add_argument("ref", metavar="REF", help=_REF_HELP)

@@ -505,6 +505,19 @@ def test_cli_sources_errors_and_projects(broker):
         usage = sluice(broker, "sources", "create", name, "--type", "stream_generator", "--stream", stream, *args)
         assert usage.returncode == 2, (args, usage.stderr)
     assert sluice(broker, "sources", "create", name, "--stream", stream).returncode == 2      # --type is required
+    # JSON the wire cannot carry (an infinite number, nesting past what Python's json reads) and
+    # nesting that the CLI's own checks recursed through ended in ValueError / RecursionError
+    # tracebacks (exit 1)
+    deep_read, deep = "[" * 5000, "[" * 900 + "]" * 900
+    for args in (["--properties", '{"template": "iot", "interval": 1e400}'],
+                 ["--properties", '{"a": ' + deep_read + "}"]):
+        usage = sluice(broker, "sources", "create", name, "--type", "stream_generator", "--stream", stream, *args)
+        assert usage.returncode == 2 and "Traceback" not in usage.stderr, (args[:2], usage.stderr[-500:])
+    for args in (["--properties", '{"template": "iot", "a": ' + deep + "}"],
+                 ["--prop", "template=iot", "--prop", "a=" + deep],
+                 ["--prop", "template=iot", "--prop", "a=" + deep_read]):   # not JSON: kept as text
+        refused = sluice(broker, "sources", "create", name, "--type", "stream_generator", "--stream", stream, *args)
+        assert refused.returncode in (1, 2) and "Traceback" not in refused.stderr, (args[:2], refused.stderr[-500:])
     missing = sluice(broker, "sources", "stop", new_name("nosource"))
     assert missing.returncode == 1 and "SOURCE_NOT_FOUND" in missing.stderr
 

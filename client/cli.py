@@ -164,6 +164,8 @@ def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, int | None]:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
+    except RecursionError:   # a line nested deeper than json reads: malformed like the rest
+        raise ValueError("nested too deeply to be read as JSON") from None
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object with a 'data' string")
     data, key, pid = obj.get("data"), obj.get("partition_key"), obj.get("partition_id")

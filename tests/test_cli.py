@@ -425,16 +425,17 @@ def test_put_jsonl_reports_malformed_lines_and_groups_failures(cli, stream_name,
         json.dumps({"data": "no such partition", "partition_id": "9"}),  # refused by the broker
         json.dumps({"data": "also one", "partition_id": "shardId-0000000001", "partition_key": "kk"}),
         '{"data": "lone surrogate key", "partition_key": "\\udc00"}',  # line 10: not UTF-8 encodable
-    ])
+        "[" * 5000,                                                  # line 11: deeper than json reads (it
+    ])                                                               # was a RecursionError traceback)
     put = cli("put", stream_name, str(source), "--jsonl")
     assert put.returncode == 1, put.stderr
     err = put.stderr
-    assert "sent 9 records, 5 failed" in err
-    for line in (2, 4, 7, 10):
+    assert "sent 10 records, 6 failed" in err
+    for line in (2, 4, 7, 10, 11):
         assert f"line {line}:" in err, err
     assert "line 10: 'partition_key' is not encodable as UTF-8" in err
     assert "line 1:" not in err and "line 3:" not in err and "line 8:" not in err
-    assert "malformed input: 4" in err
+    assert "malformed input: 5" in err
     assert "PARTITION_NOT_FOUND (DIS.4302): 1" in err and "Partition [9] does not exist" in err
     assert "Traceback" not in err
 

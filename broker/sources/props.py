@@ -25,6 +25,9 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 MAX_DURATION_MS = 7 * 24 * 3_600_000   # a week: beyond it a duration is a typo, not a plan
 MAX_TEXT = 64 * 1024                   # any one string property
+# servers of one url property (a NATS cluster's seeds): 300,000 were taken, their checks holding the
+# event loop ~5 s and the definition 7.8 MB
+MAX_URLS = 100
 
 
 def bad(prop: str, detail: str) -> ClientError:
@@ -149,6 +152,8 @@ class Props:
         text = value if value is not None else self.text(key, required=True)
         if not isinstance(text, str):
             raise bad(key, f"must be a URL string, not {_kind(text)}")
+        if len(text) > MAX_TEXT:   # one of a list: not read by text()
+            raise bad(key, f"holds a URL longer than {MAX_TEXT} characters")
         text = text.strip()
         shown = shown_url(text)[:200]   # an error becomes a status message every role reads
         if _CONTROL_OR_SPACE.search(text):
@@ -181,6 +186,8 @@ class Props:
             raise bad(key, f"must be a URL or a list of URLs, not {_kind(value)}")
         if not items:
             raise bad(key, "must name at least one server")
+        if len(items) > MAX_URLS:
+            raise bad(key, f"names {len(items)} servers; at most {MAX_URLS}")
         return [self.url(key, schemes, value=u) for u in items]
 
     def finish(self) -> None:

@@ -330,6 +330,11 @@ GOOD = {"url": "nats://127.0.0.1:4222", "subject": "a.b", "data_type": "json"}
     ({**GOOD, "url": []}, "url"),
     ({**GOOD, "url": ["nats://a:4222", "ws://b:80"]}, "url"),
     ({**GOOD, "url": "nats://a:99999"}, "url"),
+    # a server list past 100: 300,000 were taken, their checks holding the event loop ~5 s (every
+    # door waited), and GET answered the 7.8 MB definition
+    ({**GOOD, "url": [f"nats://127.0.0.1:{10000 + i}" for i in range(101)]}, "url"),
+    ({**GOOD, "url": ",".join(f"nats://127.0.0.1:{10000 + i}" for i in range(101))}, "url"),
+    ({**GOOD, "url": ["nats://127.0.0.1:4222/" + "a" * 70_000]}, "url"),   # every string property: 64 KiB
     ({k: v for k, v in GOOD.items() if k != "subject"}, "subject"),
     ({**GOOD, "subject": ""}, "subject"),
     ({**GOOD, "subject": "a..b"}, "subject"),

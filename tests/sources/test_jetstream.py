@@ -261,6 +261,48 @@ async def test_an_object_nested_deeper_than_orjson_writes_is_stored_in_a_plain_l
     assert sluice.state("j").errors == 0
 
 
+async def test_an_append_that_waits_past_ack_wait_is_not_delivered_twice(sluice: Sluice, nats_server: NatsServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append may wait long: a throttled target makes the sink wait its write limit out (README:
+    the source slows to the limit). The batch being appended and the next one pulled meanwhile
+    outlived ack_wait, the server delivered them again, and both copies were written: through a
+    broker at --partition-records-per-s 10 with ack_wait 1s, 460 messages became 843 rows. The
+    job now tells the server they are in progress (+WPI) while the append waits."""
+    url = nats_server.url
+    await js_stream(url, "SLOW", ["slow"])
+    await sluice.typed("t", COLUMNS)
+    appending = asyncio.Event()
+    release = asyncio.Event()
+    real = sluice.broker.append_rows
+
+    async def held(*args: Any, **kwargs: Any) -> int:
+        if not release.is_set():   # the first append waits, as a throttled one does
+            appending.set()
+            await release.wait()
+        return await real(*args, **kwargs)
+    monkeypatch.setattr(sluice.broker, "append_rows", held)
+    await js_publish(url, "slow", docs(10))   # one pull batch: every message is in the held append
+    await sluice.create("j", "nats_jetstream", "t", **js(url, stream="SLOW", durable="d", ack_wait="2s",
+                                                          prefetch_count=10))
+    await asyncio.wait_for(appending.wait(), 30)
+    await asyncio.sleep(6)   # three times ack_wait, the append still held
+    # a pull of our own on the consumer now: it got the messages again (they were due for
+    # redelivery, and the source would have met them too), where marked in progress it gets none
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().pull_subscribe_bind("d", "SLOW")
+        with pytest.raises(nats.errors.TimeoutError):
+            got = await sub.fetch(10, timeout=1)
+            await asyncio.gather(*(m.nak() for m in got))
+    finally:
+        await nc.close()
+    release.set()
+    info = await settled(sluice, url, "SLOW", "d")
+    rows = await sluice.column("t")
+    assert sorted(rows) == list(range(10)), sorted(rows)
+    assert info.num_redelivered == 0
+
+
 async def test_a_failed_append_is_not_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
     # ack_wait 10 s, not the default 30: a message in a pull request still open when the failing job
     # stops waits out ack_wait (documented in broker/sources/nats.py), and this test is not about that

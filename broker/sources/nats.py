@@ -367,7 +367,10 @@ class _Link:
         if self.down_since and time.monotonic() - self.down_since > RECONNECT_GIVE_UP_S:
             lost = True
         if lost:
-            why = f": {_describe(self.last_error)}" if self.last_error else ""
+            # a protocol error the server closed the connection for (-ERR) nats-py keeps as its own
+            # last error, without calling error_cb: the status said no more than "lost"
+            error = self.last_error or self.nc.last_error
+            why = f": {_describe(error)}" if error else ""
             raise ConnectionError(f"lost the connection to NATS at {self._where()}{why}")
 
     async def close(self) -> None:

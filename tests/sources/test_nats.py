@@ -220,6 +220,18 @@ async def test_stop_means_no_rows_and_start_means_rows_again(sluice: Sluice, nat
     assert sorted(await sluice.column("t")) == [0, 1, 2, 3, 4, 200, 201, 202, 203, 204]
 
 
+async def test_a_server_error_that_ends_the_connection_is_named_in_the_status(sluice: Sluice,
+                                                                              nats_server: NatsServer) -> None:
+    """nats-py keeps a protocol error the server closes the connection for (-ERR) as its own last
+    error and calls no error callback, so the source said only 'lost the connection to NATS at
+    ...' - here for a subject past the server's 4 KiB control line, which create takes (the
+    server's limit can be raised) and no retry will ever get past."""
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("long", "nats", "t", url=nats_server.url, subject="a" * 5000, data_type="json")
+    st = await eventually(lambda: sluice.state("long").errors > 0 and sluice.state("long"), what="a failure")
+    assert "maximum control line exceeded" in st.last_error.lower(), st.last_error
+
+
 async def test_the_server_going_away_shows_failed_then_running(sluice: Sluice, nats_server: NatsServer) -> None:
     await sluice.typed("t", COLUMNS)
     await sluice.create("n", "nats", "t", url=nats_server.url, subject="s", data_type="json")

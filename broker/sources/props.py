@@ -21,7 +21,7 @@ from broker.errors import ClientError, ErrorCode, client_error
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_DURATION = re.compile(f"(?:{_DURATION_PART.pattern})+")
 _UNIT_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
-_DIGITS = re.compile(r"[0-9]{1,18}")
+_DIGITS = re.compile(r"[0-9]+")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 MAX_DURATION_MS = 7 * 24 * 3_600_000   # a week: beyond it a duration is a typo, not a plan
 MAX_TEXT = 64 * 1024                   # any one string property
@@ -133,7 +133,8 @@ class Props:
         if value is None:
             return default
         if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-            value = int(value.strip())
+            digits = value.strip().lstrip("0") or "0"   # past 18 digits: out of range, not "a string"
+            value = int(digits) if len(digits) <= 18 else hi + 1
         if isinstance(value, float) and value.is_integer():
             # a JSON integer past 64 bits reads as a float (orjson): a range error, not a type error
             value = int(value) if abs(value) < 2**63 else (hi + 1 if value > 0 else lo - 1)

@@ -512,6 +512,11 @@ def test_integers_past_64_bits_are_out_of_range_not_of_another_type() -> None:
         with pytest.raises(BrokerError, match=words):
             Props({"n": value}).integer("n", 1, 1, 10)
     assert Props({"n": 7.0}).integer("n", 1, 1, 10) == 7
+    # digits as a string are a number ("7" is taken): past 18 of them they were "not a string"
+    assert Props({"n": "0000000000000000000007"}).integer("n", 1, 1, 10) == 7
+    for text in ("99999999999999999999", "9" * 5000):   # 5,000 digits: past int()'s own limit too
+        with pytest.raises(BrokerError, match=r"must be within \[1, 10\]"):
+            Props({"n": text}).integer("n", 1, 1, 10)
 
 
 def test_throughput_covers_the_last_minute_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -385,6 +385,20 @@ def _follow(client: Client, stream: str, partition: int, cursor: str, start: str
     layout: int | None = None
     last_seq: int | None = None
     backoff, down = TAIL_BACKOFF_S[0], False
+
+    def show(page: Any) -> None:
+        """A page read (pushed or polled): back after an outage, its layout, its records."""
+        nonlocal layout, last_seq, backoff, down
+        if down:
+            put(("back", partition, None))
+            backoff, down = TAIL_BACKOFF_S[0], False
+        if page.layout_ms != layout:
+            layout = page.layout_ms
+            put(("layout", partition, layout))
+        if page.records:
+            last_seq = page.records[-1].seq
+            put(("records", partition, page.records))
+
     polling, fresh, idle = False, False, TAIL_POLL_S[0]   # fresh: the cursor was made for this read
     while not stop.is_set():
         try:
@@ -395,15 +409,8 @@ def _follow(client: Client, stream: str, partition: int, cursor: str, start: str
                         if last_seq is not None else client.get_cursor(stream, partition, start)
                 page = client.get_records(cursor, limit=1000)
                 cursor = page.next_cursor
-                if down:
-                    put(("back", partition, None))
-                    backoff, down = TAIL_BACKOFF_S[0], False
-                if page.layout_ms != layout:
-                    layout = page.layout_ms
-                    put(("layout", partition, layout))
+                show(page)
                 if page.records:
-                    last_seq = page.records[-1].seq
-                    put(("records", partition, page.records))
                     idle = TAIL_POLL_S[0]
                 else:
                     stop.wait(idle)
@@ -418,15 +425,7 @@ def _follow(client: Client, stream: str, partition: int, cursor: str, start: str
             for page in pages:
                 if stop.is_set():
                     return
-                if down:
-                    put(("back", partition, None))
-                    backoff, down = TAIL_BACKOFF_S[0], False
-                if page.layout_ms != layout:
-                    layout = page.layout_ms
-                    put(("layout", partition, layout))
-                if page.records:
-                    last_seq = page.records[-1].seq
-                    put(("records", partition, page.records))
+                show(page)
             put(("end", partition, None))
             return
         except BrokerUnavailable as exc:

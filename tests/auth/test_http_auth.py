@@ -658,12 +658,8 @@ def test_a_removed_key_ends_the_streams_it_opened(broker: BrokerProcess, keys: K
 
     key, good = secrets.token_hex(30), auth_file.read_text()
     write_auth_file(auth_file, good + f'\n[[api_keys]]\nkey = "{key}"\nworkspace = "p1"\nrole = "consumer"\n')
+    reload_until(broker, key)
     assert broker.proc is not None
-    broker.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + DEADLINE
-    while raw(broker.http_port, "GET", "/p1/api/v1beta2/streams", {"X-Api-Key": key}).status != 200:
-        assert time.monotonic() < deadline, "the added key did not work after SIGHUP"
-        time.sleep(0.05)
     stream = name()
     with Client(broker.grpc_target, api_key=keys.api["admin"][0], timeout=10) as admin:
         admin.create_stream(stream, 1)
@@ -680,11 +676,7 @@ def test_a_removed_key_ends_the_streams_it_opened(broker: BrokerProcess, keys: K
         assert next(pages).records   # open, and delivering
 
         write_auth_file(auth_file, good)   # the key removed
-        broker.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + DEADLINE
-        while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 401:
-            assert time.monotonic() < deadline, "the key still worked after SIGHUP"
-            time.sleep(0.05)
+        reload_until(broker, asked["X-Api-Key"], 401)
         admin.put_records(stream, [b'{"a": 2}'], partition_id=0)   # a batch for the subscription to meet
 
         tail_text = _rest(tail)
@@ -723,24 +715,39 @@ def _finish(sent: tuple[socket.socket, bytes]) -> tuple[int, Any]:
     return int(head.split()[1]), json.loads(body)
 
 
+def reload_until(broker: BrokerProcess, api_key: str, status: int = 200) -> None:
+    """SIGHUP, then wait until `api_key` (of p1) gets `status`: 200 once a key the auth file now
+    holds is let in, 401 once one it no longer holds is refused."""
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + DEADLINE
+    while raw(broker.http_port, "GET", "/p1/api/v1beta2/streams", {"X-Api-Key": api_key}).status != status:
+        assert time.monotonic() < deadline, f"the key did not get {status} after SIGHUP"
+        time.sleep(0.05)
+
+
+def added_keys(broker: BrokerProcess, keys: Keys, auth_file: Path, tag: str, role: str) -> tuple[str, str, str]:
+    """An AK/SK and an API key of `role` in p1, added to the auth file and loaded by SIGHUP:
+    (ak, sk, api_key), once the API key works."""
+    ak, sk, api_key = f"AK{tag.upper()}{secrets.token_hex(4)}", secrets.token_urlsafe(24), secrets.token_hex(30)
+    write_auth_file(auth_file, auth_file.read_text() + f'\n[[access_keys]]\nak = "{ak}"\nsk = "{sk}"\n'
+                    f'project_id = "p1"\nrole = "{role}"\n[[api_keys]]\nkey = "{api_key}"\nworkspace = "p1"\n'
+                    f'role = "{role}"\n')
+    keys.aks[tag], keys.api[f"{tag}-{role}"] = (ak, sk, "p1"), (api_key, "p1")   # for the log check
+    reload_until(broker, api_key)
+    return ak, sk, api_key
+
+
 def test_a_key_removed_while_its_request_s_body_comes_writes_nothing(broker: BrokerProcess, keys: Keys,
                                                                     auth_file: Path) -> None:
     """A key was checked when a request's head arrived: one removed by a SIGHUP reload while the
     body was still coming (up to the body timeout) wrote anyway - a DIS PutRecords, an /api/put and
     a Timeplus ingest each answered 200 after the key had stopped working for every new request.
     The key is asked again once the body is in: 401 in each door's body, nothing written."""
-    ak, sk, api_key = f"AKLATE{secrets.token_hex(4)}", secrets.token_urlsafe(24), secrets.token_hex(30)
     good = auth_file.read_text()
-    write_auth_file(auth_file, good + f'\n[[access_keys]]\nak = "{ak}"\nsk = "{sk}"\nproject_id = "p1"\n'
-                    f'role = "producer"\n[[api_keys]]\nkey = "{api_key}"\nworkspace = "p1"\nrole = "producer"\n')
-    keys.aks["late"], keys.api["late-producer"] = (ak, sk, "p1"), (api_key, "p1")   # for the log check
+    ak, sk, api_key = added_keys(broker, keys, auth_file, "late", "producer")
     assert broker.proc is not None
-    broker.proc.send_signal(signal.SIGHUP)
     port, asked = broker.http_port, {"X-Api-Key": api_key}
-    deadline = time.monotonic() + DEADLINE
-    while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 200:
-        assert time.monotonic() < deadline, "the added key did not work after SIGHUP"
-        time.sleep(0.05)
     admin = client(broker, keys, "admin")
     dis_stream, tp_stream, metric = name(), name(), f"late.{uuid.uuid4().hex[:8]}"
     create(admin, dis_stream)
@@ -760,11 +767,7 @@ def test_a_key_removed_while_its_request_s_body_comes_writes_nothing(broker: Bro
                         {**asked, "Host": broker.http_target, "Content-Type": "application/json"}, rows)
 
     write_auth_file(auth_file, good)   # both keys removed
-    broker.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + DEADLINE
-    while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 401:
-        assert time.monotonic() < deadline, "the key still worked after SIGHUP"
-        time.sleep(0.05)
+    reload_until(broker, asked["X-Api-Key"], 401)
 
     status, body = _finish(dis_put)
     assert (status, body.get("error_code"), body.get("reason")) == (401, "DIS.4107", "AUTH_UNKNOWN_KEY"), body
@@ -790,18 +793,10 @@ def test_a_long_poll_of_a_key_removed_while_it_waits_reads_nothing(broker: Broke
     from client._pb.sluice.v1 import sluice_pb2 as pb
     from client._pb.sluice.v1 import sluice_pb2_grpc
 
-    ak, sk, api_key = f"AKPOLL{secrets.token_hex(4)}", secrets.token_urlsafe(24), secrets.token_hex(30)
     good = auth_file.read_text()
-    write_auth_file(auth_file, good + f'\n[[access_keys]]\nak = "{ak}"\nsk = "{sk}"\nproject_id = "p1"\n'
-                    f'role = "consumer"\n[[api_keys]]\nkey = "{api_key}"\nworkspace = "p1"\nrole = "consumer"\n')
-    keys.aks["poll"], keys.api["poll-consumer"] = (ak, sk, "p1"), (api_key, "p1")   # for the log check
+    ak, sk, api_key = added_keys(broker, keys, auth_file, "poll", "consumer")
     assert broker.proc is not None
-    broker.proc.send_signal(signal.SIGHUP)
     port, asked = broker.http_port, {"X-Api-Key": api_key}
-    deadline = time.monotonic() + DEADLINE
-    while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 200:
-        assert time.monotonic() < deadline, "the added key did not work after SIGHUP"
-        time.sleep(0.05)
     admin, stream = client(broker, keys, "admin"), name()
     create(admin, stream)
     latest = str(admin.show_cursor(ShowCursorRequest(stream_name=stream, partition_id="0",
@@ -821,11 +816,7 @@ def test_a_long_poll_of_a_key_removed_while_it_waits_reads_nothing(broker: Broke
         stub.ListStreams(pb.ListStreamsRequest(), metadata=metadata, timeout=DEADLINE)
         assert raw(port, "GET", "/p1/api/v1beta2/streams", asked).status == 200
         write_auth_file(auth_file, good)   # both keys removed
-        broker.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + DEADLINE
-        while raw(port, "GET", "/p1/api/v1beta2/streams", asked).status != 401:
-            assert time.monotonic() < deadline, "the key still worked after SIGHUP"
-            time.sleep(0.05)
+        reload_until(broker, asked["X-Api-Key"], 401)
         put(admin, stream, b"after the key was removed")   # wakes both polls
         status, body = _finish(dis_poll)
         assert (status, body.get("error_code"), body.get("reason")) == (401, "DIS.4107", "AUTH_UNKNOWN_KEY"), body

@@ -18,7 +18,6 @@ read always: its text is then the value as stored, not as Polars would write it.
 """
 from __future__ import annotations
 
-import functools
 import io
 import re
 from typing import Callable, Collection, Sequence
@@ -28,7 +27,9 @@ import polars as pl
 
 from broker.query import dtypes
 from broker.query.compile import parse_time
+from broker.rows.encode import EPOCH_MS_FROM, taken_value
 from broker.rows.schema import RAW, TP_TIME
+from broker.rows.types import parse_type
 
 STORED_TIME = "%Y-%m-%d %H:%M:%S%.3f"   # how broker/rows writes datetime64(3) values
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")   # `\ud800`..`\udfff` in a JSON string
@@ -172,7 +173,7 @@ class BatchDecoder:
         columns: dict[str, list] = {}
         for name, dtype in self.wire.items():
             if fast_strings is None or name not in strings:
-                coerce = _coercer(dtype)
+                coerce = _coercer(dtype, self.types[name])
                 columns[name] = [coerce(obj.get(name)) for obj in objs]
         df = pl.DataFrame(columns, schema={n: self.wire[n] for n in columns}, strict=False)
         if fast_strings is not None:
@@ -195,7 +196,6 @@ class BatchDecoder:
 
 _ZONED_FORMATS = ("%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%d %H:%M%z")
 _NUMBER = r"^\s*-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?\s*$"
-_EPOCH_MS_FROM = 100_000_000_000   # as broker/rows/encode.py: a smaller number is seconds
 _MS_RANGE = (-2_208_988_800_000, 10_413_791_999_999)   # datetime64's, as ingest checks it
 
 
@@ -209,43 +209,18 @@ def written_time(text: pl.Expr) -> pl.Expr:
     zoned = [norm.str.strptime(pl.Datetime("ms", "UTC"), f, strict=False).dt.replace_time_zone(None)
              for f in _ZONED_FORMATS]
     number = pl.when(text.str.contains(_NUMBER)).then(text.str.strip_chars().cast(pl.Float64, strict=False))
-    ms = pl.when(number.abs() < _EPOCH_MS_FROM).then((number * 1_000_000).round(0) // 1000).otherwise(number.floor())
+    ms = pl.when(number.abs() < EPOCH_MS_FROM).then((number * 1_000_000).round(0) // 1000).otherwise(number.floor())
     epoch = pl.when(ms.is_between(*_MS_RANGE)).then(pl.from_epoch(ms.cast(pl.Int64, strict=False), "ms"))
     return pl.coalesce([parse_time(text), norm.str.strptime(pl.Datetime("ms"), "%Y-%m-%d %H:%M", strict=False),
                         *zoned, epoch])
 
 
-_INT_RANGES: dict[pl.DataType, tuple[int, int]] = {   # the wire's integers (8/16 bits read wide)
-    pl.Int32(): (-2**31, 2**31), pl.Int64(): (-2**63, 2**63), pl.UInt32(): (0, 2**32),
-    pl.UInt64(): (0, 2**64)}
-
-
-def _coercer(dtype: pl.DataType) -> Callable[[object], object]:
-    """JSON value -> the value of a column of `dtype`, None where it does not fit (1.5 or "5" for
-    an int, an int out of range; a string column takes any value, non-strings as JSON text)."""
+def _coercer(dtype: pl.DataType, type_text: str) -> Callable[[object], object]:
+    """JSON value -> the value of a column of `dtype` (the wire's for `type_text`): a string column
+    takes any value, non-strings as JSON text; a number or bool column what ingest takes
+    (encode.taken_value: 3.0 or true in an int column), None where ingest refuses it."""
     if dtype == pl.String():
         return lambda v: v if isinstance(v, str) or v is None else orjson.dumps(v).decode()
-    if dtype == pl.Boolean():
-        return lambda v: v if isinstance(v, bool) else v == 1 if type(v) is int and v in (0, 1) else None
-    if dtype.is_integer():
-        lo, hi = _INT_RANGES.get(dtype, (-2**63, 2**63))
-        return functools.partial(_integer, lo, hi)
-    if dtype.is_float():
-        return lambda v: v if type(v) in (int, float) else float(v) if type(v) is bool else None
+    if dtype == pl.Boolean() or dtype.is_integer() or dtype.is_float():
+        return taken_value(parse_type(type_text))
     return lambda v: None
-
-
-_FLOAT_EXACT = 2**53
-
-
-def _integer(lo: int, hi: int, v: object) -> int | None:
-    """An integer column's value as ingest takes it (broker/rows/encode.py): an integer, true/false
-    as 1/0, a whole float up to 2^53 (what pandas sends); None for anything else or out of range."""
-    if isinstance(v, float):
-        if not (v.is_integer() and abs(v) <= _FLOAT_EXACT):
-            return None
-        v = int(v)
-    elif not isinstance(v, int):   # bool is an int: true/false are 1/0
-        return None
-    n = int(v)
-    return n if lo <= n < hi else None

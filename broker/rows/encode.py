@@ -63,7 +63,7 @@ _DATETIME_RANGE = (_EPOCH, datetime(2106, 2, 7, 6, 28, 15))
 _DATE_RANGE = (date(1970, 1, 1), date(2149, 6, 6))
 _FLOAT32_MAX = 3.4028234663852886e38
 _FLOAT_EXACT = 2.0**53            # integral floats beyond this do not name one integer
-_EPOCH_MS_FROM = 1e11             # |epoch number| at and above which it is milliseconds
+EPOCH_MS_FROM = 1e11              # |epoch number| at and above which it is milliseconds
 _DT_TEXT = re.compile(r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?)?(?:Z|[+-]\d\d(?::?\d\d)?)?",
                       re.ASCII)
 _CANONICAL_MS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", re.ASCII)
@@ -158,7 +158,7 @@ class _Times:
     def number(self, n: float) -> str:
         if not math.isfinite(n):
             raise _Bad(f"{n} is not a datetime")
-        if abs(n) < _EPOCH_MS_FROM:
+        if abs(n) < EPOCH_MS_FROM:
             ms = n * 1000 if type(n) is int else round(n * 1_000_000) // 1000
         else:
             ms = n if type(n) is int else math.floor(n)
@@ -513,6 +513,23 @@ class RowEncoder:
                     return client_error(ErrorCode.BAD_ROW, row=i, column=name,
                                         detail=f"the value cannot be written as JSON ({e})")
         return client_error(ErrorCode.BAD_BODY, detail="a row cannot be written as JSON")  # pragma: no cover
+
+
+def taken_value(ctype: ColumnType) -> Callable[[Any], Any]:
+    """A JSON value -> what ingest stores for it in a column of `ctype` (an int, float or bool
+    column: its number or bool), None where ingest would refuse it. The query side reads records
+    other doors wrote with it, so one object reads alike whichever door wrote it."""
+    codec = _Codec("", ctype)
+    one = codec._one
+
+    def take(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return one(value)
+        except _Bad:
+            return None
+    return take
 
 
 def _encodable(s: str) -> bool:

@@ -49,13 +49,13 @@ from broker.api.limits import subscriber
 from broker.api.render import TIMEPLUS
 from broker.auth import Action, Auth, Principal, permits
 from broker.core.broker import Broker
-from broker.core.limits import check_project
+from broker.core.limits import check_project, check_text
 from broker.core.queries import QueryRun
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import DEFAULT_PROJECT, StreamConfig
 from broker.rows.encode import RowEncoder
 from broker.rows.ingest import choose_format, decode
-from broker.rows.schema import bounded_text, build_schema, columns_of
+from broker.rows.schema import build_schema, columns_of
 from broker.sources.manager import Source, Sources
 from broker.sources.props import redacted
 
@@ -136,7 +136,7 @@ async def update_stream(request: web.Request) -> web.Response:
     changes: dict[str, object] = {}
     for name in ("description", "ttl_expression"):
         if (text := field(body, name, str)) is not None:
-            changes[name] = bounded_text(name, text)
+            changes[name] = check_text(name, text)
     if (retention_bytes := field(body, "logstore_retention_bytes", int)) is not None:
         changes["logstore_retention_bytes"] = retention_bytes
     retention_ms = field(body, "logstore_retention_ms", int)   # the stream's own retention, not the schema's

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from broker.core.catalogue import StreamCatalogue
+from broker.core.limits import check_text
 from broker.core.reads import ReadPath
 from broker.errors import BrokerError, ErrorCode, client_error
 from broker.model import ColumnDef, GetRecordsResult, Record, RecordBlock, ScaleEvent, StreamConfig
@@ -53,6 +54,9 @@ _SCAN_RECORDS = 50_000
 _SCAN_BYTES = 16 * 1024 * 1024
 _THREAD_ROWS = 2_000           # batches bigger than this are evaluated off the event loop
 _MIN_READ = 500                # records per read at least, however many windows a row is in
+END = None                     # the result queue's last item
+INLINE_SQL_CHARS = 4096        # longer SQL is compiled off the event loop (~4 KiB: a few ms)
+MAX_TAGS = 32                  # [ours] a query's tags: kept with it until it is forgotten (KEEP_ENDED_TOTAL)
 
 
 def _records_per_read(plan: QueryPlan, records: int) -> int:
@@ -66,30 +70,17 @@ def _records_per_read(plan: QueryPlan, records: int) -> int:
     # at least _MIN_READ: smaller blocks cost more per record than they save (50-record blocks
     # of hop(s, 1ms, 1s) scanned 6x slower than 500-record ones, which are 500,000 pairs)
     return min(records, max(_MIN_READ, records // -(-window.size_ms // window.step_ms)))
-END = None                     # the result queue's last item
-INLINE_SQL_CHARS = 4096        # longer SQL is compiled off the event loop (~4 KiB: a few ms)
-
-
-MAX_LABEL_CHARS = 1024         # [ours] a query's name, description and each tag: kept with it until
-MAX_TAGS = 32                  # it is forgotten (KEEP_ENDED_TOTAL), so bounded, as a source's description
 
 
 def _labels(name: object, description: object, tags: object) -> tuple[str, str, list[str]]:
-    """A query's name, description (None: "") and tags (None: none), checked: strings of at most
-    MAX_LABEL_CHARS, at most MAX_TAGS tags. Taken at any size, a thousand ended queries of 10 MB
-    each were 10 GB of memory. Raises INVALID_REQUEST."""
+    """A query's name, description (None: "") and tags (None: none), checked: short texts
+    (limits.check_text), at most MAX_TAGS tags. Raises INVALID_REQUEST."""
     tags = [] if tags is None else tags
     if not isinstance(tags, list) or len(tags) > MAX_TAGS:
         raise client_error(ErrorCode.INVALID_REQUEST, detail=f"tags must be a list of at most {MAX_TAGS} strings")
-
-    def label(what: str, text: object) -> str:
-        if not isinstance(text, str) or len(text) > MAX_LABEL_CHARS:
-            raise client_error(ErrorCode.INVALID_REQUEST,
-                               detail=f"{what} must be a string of at most {MAX_LABEL_CHARS} characters")
-        return text
-    return (label("name", "" if name is None else name),
-            label("description", "" if description is None else description),
-            [label(f"tags[{i}]", tag) for i, tag in enumerate(tags)])
+    return (check_text("name", "" if name is None else name),
+            check_text("description", "" if description is None else description),
+            [check_text(f"tags[{i}]", tag) for i, tag in enumerate(tags)])
 
 
 @dataclass

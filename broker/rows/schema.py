@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.core.limits import check_text
 from broker.errors import ErrorCode, client_error
 from broker.model import ColumnDef, StreamSchema
 from broker.rows.types import parse_type
@@ -29,9 +30,6 @@ TP_TIME_DEFAULT = "now64(3, 'UTC')"   # how Timeplus reports the implicit column
 RAW = "raw"
 MAX_COLUMNS = 1000   # [ours] bounds the per-row work of every ingest
 MAX_NAME_CHARS = 255
-# [ours] a description, ttl_expression or column default, as a source's description: the whole
-# definition is one store value (a JetStream message: a 10 MB description was a 503 'retry later')
-MAX_TEXT_CHARS = 1024
 
 _TP_TIME_COLUMN = ColumnDef(TP_TIME, TP_TIME_TYPE, TP_TIME_DEFAULT)
 # What the typed doors see in a stream without a schema (a plain log of bytes).
@@ -107,7 +105,7 @@ def _column(i: int, raw: Any) -> ColumnDef:
     default = raw.get("default")
     if default is not None and not isinstance(default, str):
         raise _invalid(f"the default of column [{name}] must be a string")
-    return ColumnDef(name, ctype.text, bounded_text(f"the default of column [{name[:64]}]", default or ""))
+    return ColumnDef(name, ctype.text, check_text(f"the default of column [{name[:64]}]", default or ""))
 
 
 def _text(body: dict, key: str) -> str:
@@ -116,14 +114,7 @@ def _text(body: dict, key: str) -> str:
         return ""
     if not isinstance(value, str):
         raise _invalid(f"{key} must be a string")
-    return bounded_text(key, value)
-
-
-def bounded_text(what: str, value: str) -> str:
-    """A text setting of a stream (create or PATCH), at most MAX_TEXT_CHARS; INVALID_REQUEST past it."""
-    if len(value) > MAX_TEXT_CHARS:
-        raise _invalid(f"{what} must be at most {MAX_TEXT_CHARS} characters, not {len(value)}")
-    return value
+    return check_text(key, value)
 
 
 def _int(body: dict, key: str) -> int:

@@ -63,7 +63,7 @@ class Sink:
         self.state.messages_in += len(payloads)
         if self.data_type == "json":
             objects: list[dict] = []
-            sent: list[bytes] = []   # each object's message as it came: a plain log stores that
+            sent: list[bytes | str] = []   # each object's message as it came: a plain log stores that
             for p in payloads:
                 try:
                     value = orjson.loads(p)
@@ -74,7 +74,7 @@ class Sink:
                     self.state.error(f"a message is {_kind(value)}, not a JSON object; skipped")
                     continue
                 objects.append(value)
-                sent.append((p if isinstance(p, bytes) else p.encode()).strip())
+                sent.append(p)
             return await self._append_objects(objects, sent)
         config = await self.target()
         if config.schema is None:   # a plain log: a text message's bytes as they are, UTF-8 or not
@@ -96,7 +96,7 @@ class Sink:
         self.state.messages_in += len(objects)
         return await self._append_objects(objects)
 
-    async def _append_objects(self, objects: list[dict], sent: list[bytes] | None = None) -> int:
+    async def _append_objects(self, objects: list[dict], sent: list[bytes | str] | None = None) -> int:
         """`sent`: each object's message as received. A plain log stores it as it is: orjson's
         re-encoding of what it read turns an integer past 64 bits into a float and cuts a decimal's
         digits (1.00000000000000000001 -> 1.0), so the record would not be what was sent."""
@@ -105,7 +105,8 @@ class Sink:
         config = await self.target()
         now_ms = time.time_ns() // 1_000_000
         if config.schema is None:   # a plain log: the object itself is the record
-            return await self._append(config, sent if sent is not None else [orjson.dumps(o) for o in objects])
+            return await self._append(config, [orjson.dumps(o) for o in objects] if sent is None else
+                                      [(p if isinstance(p, bytes) else p.encode()).strip() for p in sent])
         encoder = self._encoder_for(config)
         try:
             rows = encoder.objects(objects, now_ms)

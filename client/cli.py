@@ -6,6 +6,8 @@ Exit codes: 0 success, 1 the broker refused (or some records failed), 2 usage er
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import io
 import json
@@ -132,10 +134,6 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
-
-
 def _write_line(data: bytes) -> None:
     """One record's bytes and a newline on stdout as they are: `put` takes any bytes per line, so
     `get` gives the file back (decoded, a line that is not UTF-8 came out as U+FFFD), and no text
@@ -169,8 +167,18 @@ def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, int | None]:
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object with a 'data' string")
     data, key, pid = obj.get("data"), obj.get("partition_key"), obj.get("partition_id")
-    if not isinstance(data, str):
-        raise ValueError("'data' is required and must be a string")
+    encoded = obj.get("data_base64")
+    if encoded is not None and data is not None:
+        raise ValueError("give 'data' or 'data_base64', not both")
+    if encoded is not None:
+        if not isinstance(encoded, str):
+            raise ValueError("'data_base64' must be a string")
+        try:
+            payload = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("'data_base64' is not valid base64") from None
+    elif not isinstance(data, str):
+        raise ValueError("'data' (a string) or 'data_base64' is required")
     if key is not None and not isinstance(key, str):
         raise ValueError("'partition_key' must be a string")
     if key is not None and _not_utf8(key) is not None:
@@ -180,10 +188,11 @@ def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, int | None]:
         if number is None:
             raise ValueError("'partition_id' must be a partition id: 3, \"3\" or \"shardId-0000000003\"")
         pid = number
-    try:
-        payload = data.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a \udxxx escape
-        raise ValueError("'data' is not encodable as UTF-8") from None
+    if isinstance(data, str):
+        try:
+            payload = data.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \udxxx escape
+            raise ValueError("'data' is not encodable as UTF-8") from None
     return payload, key, pid
 
 
@@ -321,8 +330,14 @@ def _put(client: Client, args: argparse.Namespace) -> int:
 # -- get and tail ------------------------------------------------------------------------------
 
 def _record_json(r: Record, **extra: Any) -> str:
-    return json.dumps({**extra, "seq": r.seq, "timestamp_ms": r.timestamp_ms,
-                       "partition_key": r.partition_key, "data": _text(r.data)})
+    """A record as one JSON line. Its data is `data`, text, when it is UTF-8, else `data_base64`:
+    replacement characters would lose the bytes, and `put --jsonl` takes either back."""
+    try:
+        data = {"data": r.data.decode("utf-8")}
+    except UnicodeDecodeError:
+        data = {"data_base64": base64.b64encode(r.data).decode("ascii")}
+    return json.dumps({**extra, "seq": r.seq, "timestamp_ms": r.timestamp_ms, "partition_key": r.partition_key,
+                       **data})
 
 
 def _cursor_type(args: argparse.Namespace) -> str:
@@ -863,8 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("stream", help="stream name")
     put.add_argument("file", nargs="?", default="-", help="file to read, or - for stdin (the default)")
     put.add_argument("--jsonl", action="store_true",
-                     help="each line is a JSON object: data (string, sent as UTF-8) and optional partition_key "
-                          "and partition_id; malformed lines are reported with their line number and skipped")
+                     help="each line is a JSON object: data (string, sent as UTF-8) or data_base64 (any bytes, as "
+                          "get --json writes data that is not UTF-8) and optional partition_key and partition_id; "
+                          "malformed lines are reported with their line number and skipped")
     put.add_argument("--key", help="partition key for records that name no partition of their own "
                                    "(default: spread over partitions)")
 
@@ -881,7 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for AT_TIMESTAMP: milliseconds since the epoch; reads from the first record "
                           "written at or after it")
     get.add_argument("--max", type=_positive_int, help="stop after this many records")
-    get.add_argument("--json", action="store_true", help="one JSON object per record")
+    get.add_argument("--json", action="store_true",
+                     help="one JSON object per record: seq, timestamp_ms, partition_key and data (text), or "
+                          "data_base64 for data that is not UTF-8")
 
     tail = _add(sub, "tail", "follow a partition, or every partition of a stream, printing records as they arrive",
                 epilog="Human output prefixes each record with [partition id]; records of different "
@@ -897,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--timeout", type=_positive_float, metavar="S", help="stop after S seconds without a record")
     tail.add_argument("--json", action="store_true",
                       help="one JSON object per record: stream, partition_id, seq, timestamp_ms, "
-                           "partition_key, data")
+                           "partition_key, data (or data_base64 for data that is not UTF-8)")
 
     apps = _add(sub, "apps", "create, list, describe or delete consumer apps")
     asub = apps.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -1,6 +1,7 @@
 """The `sluice` console script, run as a real subprocess against a real broker."""
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -145,6 +146,42 @@ def test_get_and_tail_write_each_record_as_its_bytes(broker, stream_name, tmp_pa
                              cwd=ROOT, env=env)
         assert got.returncode == 0, got.stderr[-2000:]
         assert got.stdout.split(b"\n")[:-1] == want
+
+
+def test_json_lines_carry_any_bytes_back_to_put(broker, stream_name, tmp_path):
+    """get --json wrote data that is not UTF-8 with replacement characters (U+FFFD): the bytes were
+    lost, and put --jsonl of that output stored other records. Such data is `data_base64` now,
+    UTF-8 data stays `data`, and put --jsonl takes either: get --json, then put --jsonl into
+    another stream, stores the same bytes."""
+    copy = stream_name + "-copy"
+    for name in (stream_name, copy):
+        ok(sluice("streams", "create", name, "--partitions", "1", target=broker.grpc_target))
+    lines = [b"caf\xc3\xa9", b"\xff\xfe binary \x00\x80", b"plain"]
+    source = tmp_path / "records.bin"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    ok(sluice("put", stream_name, str(source), target=broker.grpc_target))
+    exported = ok(sluice("get", stream_name, "0", "--json", target=broker.grpc_target))
+    rows = [json.loads(line) for line in exported.splitlines()]
+    assert [set(r) & {"data", "data_base64"} for r in rows] == [{"data"}, {"data_base64"}, {"data"}]
+    assert rows[0]["data"] == "café" and base64.b64decode(rows[1]["data_base64"]) == lines[1]
+    tailed = ok(sluice("tail", stream_name, "0", "--from", "TRIM_HORIZON", "--max", "3", "--json",
+                       target=broker.grpc_target))
+    assert [json.loads(line).get("data_base64") for line in tailed.splitlines()] == [None, rows[1]["data_base64"],
+                                                                                     None]
+    ok(sluice("put", copy, "-", "--jsonl", stdin=exported, target=broker.grpc_target))
+    got = subprocess.run([*COMMAND, "--target", broker.grpc_target, "get", copy, "0"], capture_output=True,
+                         timeout=60, cwd=ROOT)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.split(b"\n")[:-1] == lines
+    # what put --jsonl refuses of it, each line with its reason; the good line still goes in
+    bad = [json.dumps({"data": "x", "data_base64": "eA=="}), json.dumps({"data_base64": "not base64!"}),
+           json.dumps({"data_base64": 7}), json.dumps({"data_base64": "eQ=="})]
+    put = sluice("put", copy, "-", "--jsonl", stdin="\n".join(bad) + "\n", target=broker.grpc_target)
+    assert put.returncode == 1 and "sent 4 records, 3 failed" in put.stderr, put.stderr
+    for line, why in ((1, "give 'data' or 'data_base64', not both"), (2, "'data_base64' is not valid base64"),
+                      (3, "'data_base64' must be a string")):
+        assert f"line {line}: {why}" in put.stderr, put.stderr
+    assert ok(sluice("get", copy, "0", "--starting-seq", "3", target=broker.grpc_target)) == "y\n"
 
 
 def test_put_retries_throttled_records_in_order(start_broker, tmp_path):

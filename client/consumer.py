@@ -81,6 +81,9 @@ def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
                      f"('AFTER_SEQUENCE_NUMBER', n) or ('AT_TIMESTAMP', ms)")
 
 
+_UINT32_MAX = 2**32 - 1   # the wire's limit fields; the broker caps them at its own maximum
+
+
 class _ConsumerState:
     """What both flavours share: the position, the unyielded records, and the error rules."""
 
@@ -88,6 +91,11 @@ class _ConsumerState:
                  wait_ms: int, batch: int) -> None:
         if mode not in ("pull", "push"):
             raise ValueError("mode must be 'pull' or 'push'")
+        # checked here, not at the first poll, where a bad one failed with protobuf's uint32 range error
+        if type(batch) is not int or not 1 <= batch <= _UINT32_MAX:
+            raise ValueError(f"batch must be a positive integer (records per read), not {batch!r}")
+        if type(wait_ms) is not int or not 0 <= wait_ms <= _UINT32_MAX:
+            raise ValueError(f"wait_ms must be a non-negative integer (milliseconds), not {wait_ms!r}")
         self.stream = stream
         self.partition = partition
         self.app = app

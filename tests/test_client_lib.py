@@ -321,6 +321,12 @@ def test_partition_consumer_start_positions(client: Client, stream_name: str, mo
         assert got == [b"new0", b"new1", b"new2"]
     with pytest.raises(ValueError):
         PartitionConsumer(client, stream_name, 0, start="SOMEWHERE")
+    # refused when made, naming the argument: a negative batch failed at the first poll with
+    # protobuf's "Value out of range" for the wire's uint32
+    for bad in ({"batch": -1}, {"batch": 0}, {"batch": 2**32}, {"batch": 1.5}, {"batch": True}, {"wait_ms": -1},
+                {"wait_ms": "5"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PartitionConsumer(client, stream_name, 0, mode=mode, **bad)  # type: ignore[arg-type]
     with PartitionConsumer(client, stream_name, 0, start=("AT_SEQUENCE_NUMBER", 99), mode=mode) as c:
         with pytest.raises(SluiceError) as err:
             c.poll(300)

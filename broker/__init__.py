@@ -53,6 +53,7 @@
       http_app.py        the HTTP application: mounts each door as a sub-app; parser errors as JSON
       coding.py          request bodies in a Content-Encoding (gzip, deflate) inflated whole, within the body cap
       limits.py          per-client limits (connections, requests, subscriptions per peer address), HTTP and gRPC
+      hosts.py           the Host names the HTTP ports answer to (--allowed-hosts): DNS rebinding refused
       dis.py             the DIS v2 REST door
       tail.py            server-sent-events tail (push over HTTP)
       timeplus.py        the Timeplus v1beta2 REST door: typed streams, ingest, queries over SSE

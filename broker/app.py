@@ -34,6 +34,7 @@ from broker.api.grpc_service import (
     count_refused,
     grpc_max_message,
 )
+from broker.api.hosts import AllowedHosts
 from broker.api.http import drop_waiting_writes
 from broker.api.http_app import HttpRunner, build_http_app, build_tsdb_http_app
 from broker.api.limits import CLIENT_LIMITS, ClientLimits, GrpcLimits, tls_accept
@@ -225,10 +226,12 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     health = Health(broker)
     exporter = Exporter(BrokerCollector(broker, sources, settings.data_dir if settings.store == "rocksdb" else None),
                         health, auth)
+    # one policy for every HTTP port (api/hosts.py): the check is on for an open broker on loopback
+    allowed_hosts = AllowedHosts.of(settings.allowed_hosts, bind=settings.host, auth=auth.enabled)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources,
                                        tsdb_stream=tsdb_stream, auth=auth, client_limits=_client_limits(settings),
-                                       exporter=exporter),
+                                       exporter=exporter, allowed_hosts=allowed_hosts),
                         keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                         access_log=None, handle_signals=False)
     await runner.setup()
@@ -236,13 +239,14 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     if settings.tsdb_port is not None:   # the OpenTSDB door alone on its own port, same stream and registry
         runners.append(HttpRunner(build_tsdb_http_app(broker, tsdb_stream, body_timeout_s=settings.body_timeout,
                                                       stall_timeout_s=settings.idle_timeout, auth=auth,
-                                                      client_limits=_client_limits(settings), exporter=exporter),
+                                                      client_limits=_client_limits(settings), exporter=exporter,
+                                                      allowed_hosts=allowed_hosts),
                                   keepalive_timeout=settings.idle_timeout, shutdown_timeout=settings.shutdown_grace,
                                   access_log=None, handle_signals=False))
         await runners[-1].setup()
     metrics_runner: HttpRunner | None = None
     if settings.metrics_port is not None:   # /metrics, /healthz, /readyz alone (open: see api/metrics.py)
-        metrics_runner = HttpRunner(build_metrics_app(exporter, _client_limits(settings)),
+        metrics_runner = HttpRunner(build_metrics_app(exporter, _client_limits(settings), allowed_hosts),
                                     keepalive_timeout=settings.idle_timeout,
                                     shutdown_timeout=1.0, access_log=None, handle_signals=False)
         await metrics_runner.setup()

@@ -41,6 +41,7 @@ class Settings:
     tsdb_workers: int = 0
     metrics_port: int | None = None
     auth_file: str | None = None
+    allowed_hosts: str = ""
     tls_cert: str | None = None
     tls_key: str | None = None
     partition_records_per_s: int = 20_000
@@ -94,6 +95,11 @@ _HELP = {
     "metrics_port": "also serve /metrics (Prometheus, open even with --auth-file), /healthz and /readyz alone on "
                     "this port (0 = any free port); /metrics on --http-port takes an admin API key when "
                     "--auth-file is set",
+    "allowed_hosts": "host names the HTTP ports answer to besides IP addresses and localhost, comma-separated "
+                     "(.example.com: the domain and its subdomains; *: any); other Host headers are refused "
+                     "(403), so a page cannot reach the broker through a name it made resolve to it (DNS "
+                     "rebinding). Empty (the default): any name, except on an open broker (no --auth-file) bound "
+                     "to a loopback address, which answers only to addresses and localhost",
     "tsdb_workers": "processes that parse, check and sort /api/put bodies of 16 KiB or more, so a put's per-point "
                     "work runs on more cores than the broker's one (it keeps the series types, the append and the "
                     "acknowledgement); 0 = all in the broker process",
@@ -159,6 +165,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_HOST_NAME = re.compile(r"\*|\.?[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
 # name -> (check, what the value must be); checked whichever way the value was given
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data_dir": (lambda v: v.strip() != "", "a directory path, not empty"),
@@ -184,6 +192,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tsdb_workers": (lambda v: 0 <= v <= 64, "within 0..64"),
     "metrics_port": (lambda v: v is None or 0 <= v <= 65535, "within 0..65535"),
     "auth_file": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
+    "allowed_hosts": (lambda v: all(_HOST_NAME.fullmatch(n.strip()) for n in v.split(",")) if v.strip() else True,
+                      "host names, comma-separated (letters, digits, - and _ between dots; .name for a domain "
+                      "and its subdomains; * for any), no ports"),
     "tls_cert": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
     "tls_key": (lambda v: v is None or v.strip() != "", "a file path, not empty"),
     "partition_records_per_s": (lambda v: v >= 0, "0 (no limit) or more"),

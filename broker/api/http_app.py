@@ -36,6 +36,8 @@ from aiohttp.http_parser import RawRequestMessage
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
+from broker.api.hosts import AllowedHosts
+from broker.api.hosts import middleware as hosts_middleware
 from broker.api.http import (
     PARSER_REJECTED,
     RENDERER,
@@ -68,13 +70,15 @@ def _config(broker: Broker, body_timeout_s: float, stall_timeout_s: float) -> Ht
 def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: float = 60.0,
                    sources: Sources | None = None, tsdb_stream: TsdbStream | None = None,
                    auth: Auth | None = None, client_limits: limits.ClientLimits | None = None,
-                   exporter: metrics.Exporter | None = None) -> web.Application:
+                   exporter: metrics.Exporter | None = None, allowed_hosts: AllowedHosts | None = None
+                   ) -> web.Application:
     """`sources`: the broker's managed sources (app.py owns their lifecycle); without it the app
     makes its own, started and closed with the app. `exporter`: /metrics, /healthz and /readyz
     (api/metrics.py; app.py makes one per broker; without it the app makes its own).
     `tsdb_stream`: where the OpenTSDB door writes (default: stream `tsdb` of the default project).
     `auth`: the credentials every door checks (None or not enabled: an open broker, no check at all).
-    `client_limits`: this port's per-client limits (api/limits.py); None: none."""
+    `client_limits`: this port's per-client limits (api/limits.py); None: none. `allowed_hosts`: the
+    Host names answered (api/hosts.py); None: any."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
     doors = {dis.PREFIX: dis.build_app(broker, config, auth), tail.PREFIX: tail.build_app(broker, config, auth)}
     owned = sources is None
@@ -88,7 +92,7 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     owners.append((re.compile(re.escape(console.PREFIX) + "$"), doors[console.PREFIX][RENDERER]))   # its root
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
     root = web.Application(middlewares=[error_middleware(owners, FALLBACK), metrics.request_timer(broker),
-                                        *_limited(client_limits)],
+                                        *_guarded(allowed_hosts), *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, parser rejections of no known path
     metrics.count_rejections(root, broker)
@@ -119,13 +123,14 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
 def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout_s: float,
                         stall_timeout_s: float = 60.0, auth: Auth | None = None,
                         client_limits: limits.ClientLimits | None = None,
-                        exporter: metrics.Exporter | None = None) -> web.Application:
+                        exporter: metrics.Exporter | None = None,
+                        allowed_hosts: AllowedHosts | None = None) -> web.Application:
     """The OpenTSDB door alone (the HiTSDB port convention, `--tsdb-port`); every error on this
     port, unknown paths and parser rejections included, is an OpenTSDB error object. With
     `exporter`: /healthz and /readyz too (not /metrics: that is the HTTP port's or --metrics-port's)."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
     root = web.Application(middlewares=[error_middleware([], TSDB), metrics.request_timer(broker),
-                                        *_limited(client_limits)],
+                                        *_guarded(allowed_hosts), *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
     metrics.count_rejections(root, broker)
@@ -139,6 +144,10 @@ def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout
 
 def _limited(client_limits: limits.ClientLimits | None) -> list[Any]:
     return [] if client_limits is None else [limits.middleware(client_limits)]
+
+
+def _guarded(allowed_hosts: AllowedHosts | None) -> list[Any]:
+    return [] if allowed_hosts is None else [hosts_middleware(allowed_hosts)]
 
 
 # -- errors of aiohttp's own HTTP parser -----------------------------------------------------------

@@ -30,6 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.api.hosts import AllowedHosts
+from broker.api.hosts import middleware as hosts_middleware
 from broker.api.http import (
     PARSER_REJECTED,
     RENDERER,
@@ -329,11 +331,14 @@ def add_routes(app: web.Application, exporter: Exporter, metrics: bool = True, o
         app.router.add_get("/metrics", exporter.open_metrics if open_metrics else exporter.metrics)
 
 
-def build_metrics_app(exporter: Exporter, client_limits: ClientLimits | None = None) -> web.Application:
+def build_metrics_app(exporter: Exporter, client_limits: ClientLimits | None = None,
+                      allowed_hosts: AllowedHosts | None = None) -> web.Application:
     """`--metrics-port`: /metrics (open), /healthz and /readyz alone, with the per-client limits
-    of every HTTP port (`client_limits`) and the fallback door's error bodies (unknown paths)."""
+    and Host names of every HTTP port (`client_limits`, `allowed_hosts`) and the fallback door's
+    error bodies (unknown paths)."""
     broker = exporter.health.broker
     app = web.Application(middlewares=[error_middleware([], FALLBACK), request_timer(broker),
+                                       *([] if allowed_hosts is None else [hosts_middleware(allowed_hosts)]),
                                        *([] if client_limits is None else [limits_middleware(client_limits)])])
     app[RENDERER] = FALLBACK
     count_rejections(app, broker)

@@ -231,7 +231,7 @@ def test_http_body_over_12_mib_is_413_without_reading_it(broker):
     """A declared Content-Length over the 12 MiB gateway cap is refused at once."""
     with socket.create_connection(_addr(broker.http_url), timeout=10) as sock:
         t0 = time.monotonic()
-        sock.sendall(b"POST /v2/%s/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v2/%s/records HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n{\"stream_name\": " % (PID.encode(), 12 * MIB + 1))
         resp = _raw_response(sock)
         reply = Reply(resp.status, resp.headers, resp.read())
@@ -248,7 +248,7 @@ def test_http_body_over_12_mib_is_413(broker, stream):
 def test_chunked_body_over_12_mib_is_413(broker):
     """No Content-Length to check up front: the cap applies while reading."""
     with socket.create_connection(_addr(broker.http_url), timeout=10) as sock:
-        sock.sendall(b"POST /v2/%s/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v2/%s/streams HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n" % PID.encode())
         chunk = b" " * MIB
         for _ in range(13):
@@ -555,7 +555,7 @@ def test_silent_connection_is_closed_after_idle_timeout(impatient_broker):
 
 def test_partial_headers_are_dropped_after_idle_timeout(impatient_broker):
     with socket.create_connection(_addr(impatient_broker.http_url), timeout=5) as sock:
-        sock.sendall(b"GET /v2/p/streams HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /v2/p/streams HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         closed, data, elapsed = _closed_within(sock, 6)
     assert closed and elapsed < 4
     assert not data.startswith(b"HTTP/1.1 5")
@@ -577,7 +577,7 @@ def test_idle_keep_alive_connection_is_closed(impatient_broker):
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_partial_body_gets_408_within_body_timeout(impatient_broker, framing):
     create(impatient_broker, "slow", 1)
-    head = f"POST /v2/{PID}/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = f"POST /v2/{PID}/records HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     if framing == "content-length":
         head += "Content-Length: 1000\r\n\r\n" + '{"stream_name": "slow", "rec'
     else:

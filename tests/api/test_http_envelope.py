@@ -31,7 +31,7 @@ def exchange(broker, raw: bytes) -> Reply:  # type: ignore[no-untyped-def]
 
 
 def request(method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: sluice\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
     return head.encode("latin-1") + b"\r\n" + body
 
 
@@ -52,8 +52,8 @@ PARSER_ERRORS = {
     "request line too long": request("GET", "/v2/" + "a" * 10_000, []),
     "bad header name": request("GET", STREAMS, [("X\x01Y", "1")]),
     "header without colon": request("GET", STREAMS, [("Broken", "")]).replace(b"Broken: \r\n", b"Broken\r\n"),
-    "bad HTTP version": b"GET /v2/p/streams HTTP/9.9\r\nHost: x\r\n\r\n",
-    "bad method": b"G\x00T /v2/p/streams HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad HTTP version": b"GET /v2/p/streams HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+    "bad method": b"G\x00T /v2/p/streams HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     "TLS on the plain port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",
     "bad chunk size": request("POST", STREAMS, [("Transfer-Encoding", "chunked")], b"zz\r\n{}\r\n0\r\n\r\n"),
     "5,000-digit chunk size": request("POST", STREAMS, [("Transfer-Encoding", "chunked")],
@@ -112,7 +112,8 @@ def test_a_parser_error_logs_no_header_value(start_broker) -> None:  # type: ign
     debug = start_broker("--log-level", "debug")
     secret = "k3y-" + "9" * 40
     for line in (f"X-Api-Key: {secret}\x7f", f"Authorization: Bearer {secret}\x01"):
-        reply = exchange(debug, f"GET /api/v1beta2/streams HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode("latin-1"))
+        head = f"GET /api/v1beta2/streams HTTP/1.1\r\nHost: 127.0.0.1\r\n{line}\r\n\r\n"
+        reply = exchange(debug, head.encode("latin-1"))
         assert reply.status == 400
     eventually(lambda: sum("rejected a malformed HTTP request" in x for x in debug.stderr_lines) >= 2)
     assert not [x for x in debug.stderr_lines if secret in x]
@@ -122,7 +123,7 @@ def test_a_parser_error_in_headers_sent_in_many_writes_gets_the_door_of_the_requ
     """The reads after the request line (headers, an uppercase value) keep its path; after an
     answer, a new request (here after the empty line RFC 9112 allows) names its own door."""
     with socket.create_connection(addr(broker.http_url), timeout=10) as sock:
-        sock.sendall(b"GET /api/suggest?type=metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /api/suggest?type=metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         first = http.client.HTTPResponse(sock)
         first.begin()
         assert first.status == 200 and first.read()

@@ -529,7 +529,7 @@ def test_oversize_ingest_body_is_413_and_writes_nothing(door, typed):
 
 def test_declared_oversize_body_is_413_without_reading_it(door, typed):
     with socket.create_connection(addr(door.broker.http_url), timeout=TIMEOUT) as sock:
-        sock.sendall(b"POST %s/streams/%s/ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST %s/streams/%s/ingest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n{\"columns\": " % (door.base.encode(), typed.encode(), 12 * MIB + 1))
         resp = http.client.HTTPResponse(sock)
         resp.begin()

@@ -457,7 +457,7 @@ def test_help_documents_every_option_and_env_var():
                 "block_cache_mb", "malloc_arenas", "idle_timeout", "body_timeout",
                 "shutdown_grace", "retention_interval", "subscribe_heartbeat", "log_level", "tsdb_stream",
                 "tsdb_project", "tsdb_port", "tsdb_workers", "metrics_port",
-                "auth_file", "tls_cert", "tls_key", "partition_records_per_s", "partition_bytes_per_s",
+                "auth_file", "allowed_hosts", "tls_cert", "tls_key", "partition_records_per_s", "partition_bytes_per_s",
                 "max_connections_per_client", "max_requests_per_client", "max_subscriptions_per_client",
                 "nats_servers", "nats_prefix", "replicas", "nats_creds", "nats_tls_ca"}
     assert {f.name for f in dataclasses.fields(Settings)} == expected, "a new setting needs a line here"

@@ -228,8 +228,8 @@ def test_sigterm_is_not_held_by_http_streams_whose_consumers_do_not_read(
             put(stub, stream_name, 0, payloads(i * PER_PUT, filler))
         query = json.dumps({"sql": f"select * from {stream_name} settings seek_to='earliest'"}).encode()
         for request in (f"GET /sluice/v1/tail?stream-name={stream_name}&partition-id=0&cursor-type=TRIM_HORIZON "
-                        "HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
-                        b"POST /api/v1beta2/queries HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        "HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(),
+                        b"POST /api/v1beta2/queries HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(query), query)):
             reader = socket.socket()
             reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

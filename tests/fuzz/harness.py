@@ -75,7 +75,7 @@ def http_request(host: str, port: int, method: str, target: str, body: bytes = b
     may be any bytes), plus `Host`, `Connection: close` and a true Content-Length (unless the
     caller sends its own or `content_length` is False). None when the broker closed the connection
     without an answer. A 200 `text/event-stream` answer is not read (it may never end)."""
-    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: fuzz"]
+    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: 127.0.0.1"]
     names = {name.lower() for name, _ in headers}
     for name, value in headers:
         lines.append(name.encode() + b": " + (value if isinstance(value, bytes) else value.encode()))

@@ -74,7 +74,7 @@ role = "consumer"
 # Where the spec leaves the answer open (a second Authorization header after a genuine one, the
 # scheme's case): success or a refusal, but never a 5xx.
 LENIENT = frozenset({"duplicate-authorization", "lowercase-scheme"})
-HOST = "fuzz"   # the Host header http_request sends: it is signed
+HOST = "127.0.0.1"   # the Host header http_request sends: it is signed
 UNRESERVED = "-_.~"
 
 

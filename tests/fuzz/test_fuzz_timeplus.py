@@ -71,7 +71,8 @@ def bounded_rows(proc: BrokerProcess, sql: str, timeout: float = 15) -> list[lis
     """Every row of a bounded query, read to the end of its SSE body within `timeout`."""
     with socket.create_connection((proc.host, proc.http_port), timeout=timeout) as sock:
         body = json_body({"sql": sql})
-        sock.sendall(b"POST %s/queries HTTP/1.1\r\nHost: x\r\nX-Api-Key: %s\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST %s/queries HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Api-Key: %s\r\n"
+                     b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (BASE.encode(), KEY[1].encode(),
                                                                               len(body), body))
         resp = http.client.HTTPResponse(sock)

@@ -51,7 +51,7 @@ def _connect(proc: BrokerProcess, port: int | None = None) -> socket.socket:
 
 def _get(sock: socket.socket, path: str) -> tuple[int, dict[str, object], bool]:
     """One GET on an open socket: (status, JSON body, whether the server closed afterwards)."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     response = http.client.HTTPResponse(sock)
     response.begin()
     body = json.loads(response.read() or b"{}")
@@ -69,7 +69,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 def _stalled_request(proc: BrokerProcess) -> socket.socket:
     """A request in progress for as long as we like: its body never comes (the body timeout is 60 s)."""
     sock = _connect(proc)
-    sock.sendall(b"POST /v2/default/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v2/default/streams HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{")
     return sock
 
@@ -446,7 +446,7 @@ def test_a_client_leaving_its_long_polls_frees_their_slots_before_their_wait_end
     polls = [_connect(limited) for _ in range(REQUESTS)]
     for sock in polls:
         sock.sendall(f"GET /v2/default/records?partition-cursor={body['partition_cursor']}&wait_ms=20000 "
-                     f"HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                     f"HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
 
     def refused() -> bool:   # once the long polls are being handled
         with _connect(limited) as sock:

@@ -75,7 +75,7 @@ def _ports(proc: BrokerProcess) -> dict[str, tuple[int, str]]:
             "tsdb": (proc.tsdb_port, "/api/suggest?type=metrics")}
 
 
-HALF_HEAD = b"GET /v2/default/streams HTTP/1.1\r\nHost: x\r\n"
+HALF_HEAD = b"GET /v2/default/streams HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
 
 @pytest.mark.parametrize("door", ["http", "tsdb"])
@@ -104,7 +104,7 @@ def test_half_a_body_gets_408_within_the_body_timeout(impatient: BrokerProcess, 
         conn.close()
         path = f"/default/api/v1beta2/streams/{name}/ingest"
     with socket.create_connection((impatient.host, port), timeout=BOUND) as slow:
-        slow.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slow.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      f"Content-Length: 1000\r\n\r\n[{{".encode())
         answered, data = _closed(slow, until_head=True)
     assert answered
@@ -124,7 +124,7 @@ def test_a_client_that_never_reads_its_answer_is_dropped(impatient: BrokerProces
     reader.connect((impatient.host, impatient.http_port))
     try:
         reader.sendall(f"GET /v2/default/records?partition-cursor={cursor}&max_fetch_bytes=10485760 HTTP/1.1\r\n"
-                       f"Host: x\r\n\r\n".encode())
+                       f"Host: 127.0.0.1\r\n\r\n".encode())
         # never read: the broker's write waits, then gives up and resets the connection
         eventually(lambda: _tcp_state(reader) == TCP_CLOSE, timeout=BOUND)
         assert _served(impatient, impatient.http_port, "/v2/default/streams") == 200
@@ -168,7 +168,7 @@ def test_a_client_gone_mid_body_is_a_client_error_not_a_logged_traceback(impatie
     counted as BAD_BODY; nothing is logged as an unhandled error (anyone could fill the log)."""
     logged, before = len(impatient.stderr_lines), _bad_bodies(impatient)
     with socket.create_connection((impatient.host, impatient.http_port), timeout=10) as gone:
-        gone.sendall(b"POST /v2/default/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        gone.sendall(b"POST /v2/default/records HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"st")
         if how == "shutdown":
             gone.shutdown(socket.SHUT_WR)

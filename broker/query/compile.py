@@ -32,7 +32,7 @@ from sqlglot import exp
 from broker.errors import ErrorCode, client_error
 from broker.query import dtypes
 from broker.query.dtypes import DATETIME64, NULL, is_numeric, kind
-from broker.query.sqltext import JSON_FN
+from broker.query.sqltext import INTERVAL_FN, JSON_FN
 
 NOW_COLUMN = "__now"   # the decoder adds it per batch when a query calls now()
 
@@ -425,6 +425,61 @@ def _in_integers(t: Typed, values: list) -> pl.Expr:
     return operand.is_in(pl.Series(exact, dtype=dtype).implode())
 
 
+# INTERVAL n UNIT -> (multiplier, Polars offset unit); the shorthand `5s` arrives as __interval(ms)
+_OFFSET_UNITS = {"millisecond": (1, "ms"), "second": (1, "s"), "minute": (1, "m"), "hour": (1, "h"),
+                 "day": (1, "d"), "week": (1, "w"), "month": (1, "mo"), "quarter": (3, "mo"), "year": (1, "y")}
+_SHORTHAND_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
+_MAX_OFFSET = 10**12   # far past any time a datetime64 holds (a bigger count overflowed Polars' offset parser)
+
+
+def shown(node: exp.Expression, limit: int = 100) -> str:
+    """An expression's SQL as the query wrote it, near enough for an error: `__interval(3600000)`
+    (the rewritten shorthand) as `3600s`-style text in its largest whole unit."""
+    return _SHOWN_INTERVAL.sub(_shorthand, node.sql("clickhouse"))[:limit]
+
+
+def _shorthand(m: re.Match[str]) -> str:
+    ms = int(m.group(1))
+    unit, size = next((u, size) for u, size in _SHORTHAND_UNITS if ms % size == 0)
+    return f"{ms // size}{unit}"
+
+
+_SHOWN_INTERVAL = re.compile(re.escape(INTERVAL_FN) + r"\((\d{1,30})\)")
+
+
+def _is_interval(node: object) -> bool:
+    return isinstance(node, exp.Interval) or (isinstance(node, exp.Anonymous) and node.name == INTERVAL_FN)
+
+
+def _interval_offset(node: exp.Expression) -> tuple[int, str]:
+    """(count, Polars offset unit) of a constant interval: `1h` (as __interval(3600000)) or
+    `INTERVAL 2 DAY`; anything else is an error naming it."""
+    text = shown(node)
+    value: str | None
+    if isinstance(node, exp.Anonymous):
+        arg = node.expressions[0] if len(node.expressions) == 1 else None
+        ms = arg.this if isinstance(arg, exp.Literal) and not arg.is_string and arg.this.isdigit() else None
+        if ms is None:
+            raise _mismatch(f"{text}: an interval is a constant whole number of its unit")
+        # in the largest unit it is a whole number of: `7d` moves a date, a calendar day of a time
+        multiplier, unit = next((1, u) for u, size in _SHORTHAND_UNITS if int(ms) % size == 0)
+        value = str(int(ms) // dict(_SHORTHAND_UNITS)[unit])
+    else:
+        name = node.text("unit").lower()
+        name = name[:-1] if name.endswith("s") else name
+        if name not in _OFFSET_UNITS:
+            raise client_error(ErrorCode.UNSUPPORTED_SQL, detail=f"interval unit {name[:30] or '(none)'} in {text}")
+        multiplier, unit = _OFFSET_UNITS[name]
+        value = node.this.this if isinstance(node.this, exp.Literal) else None
+    if not (isinstance(value, str) and value.strip().isdigit()):
+        raise _mismatch(f"{text}: an interval is a constant whole number of its unit")
+    digits = value.strip().lstrip("0") or "0"   # never int() of thousands of digits
+    n = int(digits) * multiplier if len(digits) <= 13 else _MAX_OFFSET + 1
+    if n > _MAX_OFFSET:
+        raise _mismatch(f"{text}: an interval of at most {_MAX_OFFSET:,} units")
+    return n, unit
+
+
 @dataclass
 class ExprCompiler:
     """Compiles expressions over a frame whose columns (and canonical types) are `columns`."""
@@ -444,8 +499,14 @@ class ExprCompiler:
             return result
         if isinstance(node, tuple(_COMPARISONS)):
             return self._comparison(node)  # type: ignore[arg-type]
+        if isinstance(node, (exp.Add, exp.Sub)) and (_is_interval(node.this) or _is_interval(node.expression)):
+            return self._shifted(node)
         if isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Mod)):
             return self._arithmetic(node)
+        if _is_interval(node):   # `__interval` was an unknown function; INTERVAL 1 HOUR "not supported"
+            raise client_error(ErrorCode.UNSUPPORTED_SQL,
+                               detail="an interval (1h, INTERVAL 1 HOUR) is a window's size, or added to or "
+                                      "subtracted from a time")
         if is_aggregate(node):
             raise client_error(ErrorCode.UNSUPPORTED_SQL,
                                detail=f"aggregate {node.sql('clickhouse')} is not allowed here")
@@ -538,6 +599,22 @@ class ExprCompiler:
         x, y = a.expr.cast(dtype, strict=False), b.expr.cast(dtype, strict=False)
         out = {"add": x + y, "sub": x - y, "mul": x * y, "mod": _truncated_mod(x, y)}[op]
         return Typed(out, _of(result, a, b))
+
+    def _shifted(self, node: exp.Add | exp.Sub) -> Typed:
+        """A time plus or minus an interval (`now() - 1h`, `_tp_time + INTERVAL 90 SECOND`,
+        `1d + d`): the time's type, calendar units (month, quarter, year) by the calendar."""
+        time_node, interval = (node.expression, node.this) if _is_interval(node.this) else (node.this, node.expression)
+        if _is_interval(time_node) or (isinstance(node, exp.Sub) and time_node is node.expression):
+            raise _mismatch(f"{shown(node)}: an interval is added to or subtracted from a time")
+        t = self.compile(time_node)
+        k = kind(t.type)
+        if k not in ("datetime64", "datetime", "date"):
+            raise _mismatch(f"{shown(node)}: an interval is added to a time, not to {t.type}")
+        n, unit = _interval_offset(interval)
+        if k == "date" and unit not in ("d", "w", "mo", "y"):
+            raise _mismatch(f"{shown(node)}: a date moves by whole days (use to_datetime)")
+        offset = f"{-n if isinstance(node, exp.Sub) else n}{unit}"
+        return Typed(t.expr.dt.offset_by(offset), t.type)
 
     def _Div(self, node: exp.Div) -> Typed:
         a, b = self.compile(node.this), self.compile(node.expression)

@@ -809,3 +809,40 @@ def test_live_partitions_woken_in_any_order_make_no_row_late() -> None:
     assert ex.feed(_at([25]), False, 1) == [["2024-01-01 00:00:10.000", 5], ["2024-01-01 00:00:15.000", 5]]
     assert ex.feed(_at([12]), False, 0) == [] and ex.late_rows == 1   # and its older rows are late
 
+
+
+def test_a_time_plus_or_minus_an_interval() -> None:
+    """`now() - 1h`, the usual Timeplus filter, was "Unknown function [__interval]" (the shorthand's
+    rewritten name) and `INTERVAL 1 HOUR` "not supported" outside a window's size. A time plus or
+    minus a constant interval keeps the time's type; months and years go by the calendar; a date
+    moves by whole days."""
+    ms = T0 + 1_500   # 2024-01-01 00:00:01.500
+    records = [row(0, ms, ts=text(ms), d="2024-01-31", i=1), row(1, ms, ts=text(ms - 7_200_000), d="2024-02-29", i=2)]
+    sql = ("select ts + 1h, ts - interval 90 second, 1d + ts, ts + interval 500 millisecond, d + interval 1 month, "
+           "d - 7d, interval 1 year + d, ts - interval 1 quarter from t where ts > to_datetime('2024-01-01 00:00:00') "
+           "- interval 30 minute")
+    assert run(sql, records) == [["2024-01-01 01:00:01.500", "2023-12-31 23:58:31.500", "2024-01-02 00:00:01.500",
+                                  "2024-01-01 00:00:02.000", "2024-02-29", "2024-01-24", "2025-01-31",
+                                  "2023-10-01 00:00:01.500"]]
+    assert run("select i from t where _tp_time > now() - 1h", records) == []   # 2024 is more than an hour ago
+    assert run("select i from t where _tp_time > now() - interval 1000 week", records) == [[1], [2]]
+    assert run("select window_start + 1h, count() from tumble(t, 5s) group by window_start", records) == [
+        [text(T0 + 3_600_000), 2]]
+
+
+@pytest.mark.parametrize(("sql", "code", "says"), [
+    ("select 1h from t", ErrorCode.UNSUPPORTED_SQL, "a window's size, or added to or subtracted from a time"),
+    ("select i + 1h from t", ErrorCode.TYPE_MISMATCH, "i + 1h: an interval is added to a time, not to int64"),
+    ("select 1h - ts from t", ErrorCode.TYPE_MISMATCH, "1h - ts: an interval is added to or subtracted from"),
+    ("select 1h + 2h from t", ErrorCode.TYPE_MISMATCH, "an interval is added to or subtracted from a time"),
+    ("select d + 1h from t", ErrorCode.TYPE_MISMATCH, "d + 1h: a date moves by whole days"),
+    ("select ts - interval 1.5 hour from t", ErrorCode.TYPE_MISMATCH, "a constant whole number of its unit"),
+    ("select ts - interval i hour from t", ErrorCode.TYPE_MISMATCH, "a constant whole number of its unit"),
+    ("select ts - interval 1 fortnight from t", ErrorCode.UNSUPPORTED_SQL, "interval unit fortnight"),
+    ("select ts - interval 99999999999999999999 year from t", ErrorCode.TYPE_MISMATCH, "at most"),
+])
+def test_what_an_interval_cannot_be(sql: str, code: ErrorCode, says: str) -> None:
+    with pytest.raises(ClientError) as err:
+        compile_query(sql, lookup)
+    assert err.value.code is code and says in err.value.message, err.value.message
+    assert "__interval" not in err.value.message

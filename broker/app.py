@@ -226,8 +226,8 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     health = Health(broker)
     exporter = Exporter(BrokerCollector(broker, sources, settings.data_dir if settings.store == "rocksdb" else None),
                         health, auth)
-    # one policy for every HTTP port (api/hosts.py): the check is on for an open broker on loopback
-    allowed_hosts = AllowedHosts.of(settings.allowed_hosts, bind=settings.host, auth=auth.enabled)
+    # one policy for every HTTP port (api/hosts.py): by default the check is on for a loopback bind
+    allowed_hosts = AllowedHosts.of(settings.allowed_hosts, bind=settings.host)
     runner = HttpRunner(build_http_app(broker, body_timeout_s=settings.body_timeout,
                                        stall_timeout_s=settings.idle_timeout, sources=sources,
                                        tsdb_stream=tsdb_stream, auth=auth, client_limits=_client_limits(settings),
@@ -311,6 +311,10 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
              settings.data_dir, settings.store)
     if not auth.enabled:
         log.warning("no --auth-file: every door is open to anyone")
+        if allowed_hosts is None and not settings.allowed_hosts.strip():   # not loopback, no names, no *
+            log.warning("--host %s is not a loopback address and --allowed-hosts names no host: a web page can "
+                        "reach this open broker through its visitors' browsers by a name it makes resolve to it "
+                        "(DNS rebinding); list the names it is reached by", settings.host)
     malloc.settle_gc()   # started: what is loaded by now stays
     if on_ready:
         on_ready(running)

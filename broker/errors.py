@@ -96,6 +96,9 @@ class ErrorCode(Enum):
     # A valid key asking for what its role or its project does not allow (DIS's RBAC code);
     # Timeplus 497 is proton's ACCESS_DENIED.
     PERMISSION_DENIED      = (403, "PERMISSION_DENIED",   "DIS.4116",  497, "Operation not permitted. {detail}")
+    # A request naming a host the port does not answer to (api/hosts.py: DNS rebinding); not an
+    # authorization failure, so not counted with them (sluice_auth_failures_total).
+    HOST_NOT_ALLOWED       = (403, "PERMISSION_DENIED",   "DIS.4116",  497, "Host not allowed. {detail}")
     # Throttling: a partition's write limit (per record, retriable: DIS.4303, "traffic control
     # limit exceeded") and one client's share of the broker (connections, requests, subscriptions:
     # the same DIS code, retriable too, in a 400 on the DIS door, see render.DisRenderer).

@@ -95,11 +95,11 @@ _HELP = {
     "metrics_port": "also serve /metrics (Prometheus, open even with --auth-file), /healthz and /readyz alone on "
                     "this port (0 = any free port); /metrics on --http-port takes an admin API key when "
                     "--auth-file is set",
-    "allowed_hosts": "host names the HTTP ports answer to besides IP addresses and localhost, comma-separated "
-                     "(.example.com: the domain and its subdomains; *: any); other Host headers are refused "
-                     "(403), so a page cannot reach the broker through a name it made resolve to it (DNS "
-                     "rebinding). Empty (the default): any name, except on an open broker (no --auth-file) bound "
-                     "to a loopback address, which answers only to addresses and localhost",
+    "allowed_hosts": "host names the HTTP ports answer to besides IP addresses, localhost and *.localhost, "
+                     "comma-separated (.example.com: the domain and its subdomains; *: any); other Host headers "
+                     "are refused (403), so a page cannot reach the broker through a name it made resolve to it "
+                     "(DNS rebinding). Empty (the default): a broker bound to a loopback address answers only "
+                     "those; one bound to another address answers any name",
     "tsdb_workers": "processes that parse, check and sort /api/put bodies of 16 KiB or more, so a put's per-point "
                     "work runs on more cores than the broker's one (it keeps the series types, the append and the "
                     "acknowledgement); 0 = all in the broker process",

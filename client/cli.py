@@ -165,7 +165,7 @@ def _parse_jsonl(raw: bytes) -> tuple[bytes, str | None, int | None]:
     except RecursionError:   # a line nested deeper than json reads: malformed like the rest
         raise ValueError("nested too deeply to be read as JSON") from None
     if not isinstance(obj, dict):
-        raise ValueError("expected a JSON object with a 'data' string")
+        raise ValueError("expected a JSON object with 'data' (a string) or 'data_base64'")
     data, key, pid = obj.get("data"), obj.get("partition_key"), obj.get("partition_id")
     encoded = obj.get("data_base64")
     if encoded is not None and data is not None:

@@ -44,6 +44,7 @@ cancelling a task in `poll()` cancels the RPC and loses no records.
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
 import queue
 import threading
@@ -84,6 +85,25 @@ def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
 _UINT32_MAX = 2**32 - 1   # the wire's limit fields; the broker caps them at its own maximum
 
 
+def checked_batch(batch: object) -> int:
+    return _checked("batch", batch, 1, "a positive integer (records per read)")
+
+
+def _checked(name: str, value: object, least: int, what: str) -> int:
+    """An integer argument within least..2^32-1 (any integer type, not a bool); else ValueError naming it."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None   # type: ignore[arg-type]
+    except TypeError:
+        number = None
+    if number is None or not least <= number <= _UINT32_MAX:
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+    return number
+
+
+def checked_wait(wait_ms: object) -> int:
+    return _checked("wait_ms", wait_ms, 0, "a non-negative integer (milliseconds)")
+
+
 class _ConsumerState:
     """What both flavours share: the position, the unyielded records, and the error rules."""
 
@@ -92,10 +112,8 @@ class _ConsumerState:
         if mode not in ("pull", "push"):
             raise ValueError("mode must be 'pull' or 'push'")
         # checked here, not at the first poll, where a bad one failed with protobuf's uint32 range error
-        if type(batch) is not int or not 1 <= batch <= _UINT32_MAX:
-            raise ValueError(f"batch must be a positive integer (records per read), not {batch!r}")
-        if type(wait_ms) is not int or not 0 <= wait_ms <= _UINT32_MAX:
-            raise ValueError(f"wait_ms must be a non-negative integer (milliseconds), not {wait_ms!r}")
+        batch = checked_batch(batch)
+        wait_ms = checked_wait(wait_ms)
         self.stream = stream
         self.partition = partition
         self.app = app
@@ -277,7 +295,7 @@ class PartitionConsumer(_ConsumerState):
             records, self._buffer = list(self._buffer), deque()
             return self._hand_out(records)
         self._open()
-        wait = self.wait_ms if wait_ms is None else wait_ms
+        wait = self.wait_ms if wait_ms is None else checked_wait(wait_ms)
         if self._ordered and self._blocked():
             self._closed.wait(min(wait, 200) / 1000)   # a parent is still being read: look again soon
             return []
@@ -495,7 +513,7 @@ class AsyncPartitionConsumer(_ConsumerState):
             records, self._buffer = list(self._buffer), deque()
             return self._hand_out(records)
         await self._open()
-        wait = self.wait_ms if wait_ms is None else wait_ms
+        wait = self.wait_ms if wait_ms is None else checked_wait(wait_ms)
         if self._ordered and self._waits_at_start():
             await self._check_parents()
             if self._waits_at_start():

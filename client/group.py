@@ -53,7 +53,7 @@ import uuid
 from typing import Callable
 
 from client.client import Client, Record
-from client.consumer import APP_THERE, PartitionConsumer, StartPosition
+from client.consumer import APP_THERE, PartitionConsumer, StartPosition, checked_batch, checked_wait
 from client.errors import SluiceError
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ class GroupConsumer:
         self.checkpoint_interval = checkpoint_interval
         self.mode = mode
         self.start_position = start
-        self.batch = batch
-        self.wait_ms = wait_ms if wait_ms is not None else max(50, min(1000, lease_ms // 4))
+        # checked now, not in a partition's worker thread (a fatal error there, raised from run())
+        self.batch = checked_batch(batch)
+        self.wait_ms = checked_wait(wait_ms) if wait_ms is not None else max(50, min(1000, lease_ms // 4))
         self._on_assign = on_assign
         self._on_release = on_release
         self._on_commit = on_commit

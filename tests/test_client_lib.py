@@ -324,9 +324,14 @@ def test_partition_consumer_start_positions(client: Client, stream_name: str, mo
     # refused when made, naming the argument: a negative batch failed at the first poll with
     # protobuf's "Value out of range" for the wire's uint32
     for bad in ({"batch": -1}, {"batch": 0}, {"batch": 2**32}, {"batch": 1.5}, {"batch": True}, {"wait_ms": -1},
-                {"wait_ms": "5"}):
+                {"wait_ms": "5"}, {"wait_ms": 200.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             PartitionConsumer(client, stream_name, 0, mode=mode, **bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=next(iter(bad))):   # not in a worker thread, at run()
+            GroupConsumer(client, "app", stream_name, lambda p, r: None, **bad)  # type: ignore[arg-type]
+    with PartitionConsumer(client, stream_name, 0, mode=mode, wait_ms=10) as c:   # and each poll's own wait
+        with pytest.raises(ValueError, match="wait_ms"):
+            c.poll(-1)
     with PartitionConsumer(client, stream_name, 0, start=("AT_SEQUENCE_NUMBER", 99), mode=mode) as c:
         with pytest.raises(SluiceError) as err:
             c.poll(300)

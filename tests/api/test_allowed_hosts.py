@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import eventually
 
 from broker.api.hosts import AllowedHosts
 from broker.settings import parse_settings
@@ -41,7 +42,8 @@ def test_an_open_broker_on_loopback_answers_addresses_and_localhost_only(broker,
     port = broker.http_port
     status, raw = send(port, "GET", path, f"{EVIL}:{port}")
     assert status == 403, (status, raw[:300])
-    assert b"does not answer to the host" in raw and EVIL.encode() in raw and b"--allowed-hosts" in raw
+    assert b"Host not allowed" in raw and b"'rebind.example' is not a name this broker answers to" in raw \
+        and b"--allowed-hosts" in raw
     for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST.", f"app.localhost:{port}",
                  f"[::1]:{port}", "[::1]", "10.1.2.3:80", None):
         status, raw = send(port, "GET", path, host)
@@ -57,7 +59,7 @@ def test_the_refusal_is_each_doors_error_body_and_writes_nothing(broker, stream_
                        b'{"metric":"rebind","timestamp":1700000000,"value":1,"tags":{"h":"a"}}')
     assert status == 403 and json.loads(raw)["error"]["code"] == 403, raw
     status, raw = send(port, "GET", "/api/v1beta2/streams", EVIL)
-    assert status == 403 and json.loads(raw)["reason"] == "PERMISSION_DENIED", raw
+    assert status == 403 and json.loads(raw)["reason"] == "HOST_NOT_ALLOWED", raw
     status, raw = send(port, "GET", "/v2/default/streams", f"127.0.0.1:{port}")
     assert status == 200 and stream_name.encode() not in raw
 
@@ -76,16 +78,41 @@ def test_allowed_hosts_names_the_others_on_every_port(start_broker) -> None:
             assert status == 403 and b"--allowed-hosts" in raw, (port, host, status, raw[:300])
 
 
-def test_a_broker_with_an_auth_file_or_a_star_answers_any_name(start_broker, tmp_path: Path) -> None:
-    """With an auth file a rebinding page has no key to send; `*` is the operator's choice."""
+def test_an_auth_file_does_not_turn_the_check_off_a_star_does(start_broker, tmp_path: Path) -> None:
+    """With an auth file /metrics on --metrics-port and /healthz, /readyz on every port still answer
+    without a key: a rebinding page read the stream names in /metrics (the review). Only `*` (the
+    operator's choice) answers any name on loopback."""
     auth = tmp_path / "auth.toml"
     auth.write_text('[[api_keys]]\nkey = "k"\nworkspace = "default"\nrole = "admin"\n')
     auth.chmod(0o600)
-    for args in (("--auth-file", str(auth)), ("--allowed-hosts", "*")):
-        proc = start_broker(*args, data_dir=tmp_path / args[0].strip("-"))
-        status, raw = send(proc.http_port, "GET", "/healthz", EVIL)
-        assert status == 200, (args, status, raw[:300])
-        proc.stop()
+    guarded = start_broker("--auth-file", str(auth), "--metrics-port", "0", data_dir=tmp_path / "auth")
+    assert guarded.metrics_port is not None
+    for port, path in ((guarded.metrics_port, "/metrics"), (guarded.http_port, "/healthz"),
+                       (guarded.http_port, "/readyz")):
+        status, raw = send(port, "GET", path, f"{EVIL}:{port}")
+        assert status == 403 and b"--allowed-hosts" in raw, (port, path, status, raw[:300])
+        assert send(port, "GET", path, f"localhost:{port}")[0] == 200
+    guarded.stop()
+    star = start_broker("--allowed-hosts", "*", data_dir=tmp_path / "star")
+    status, raw = send(star.http_port, "GET", "/healthz", EVIL)
+    assert status == 200, (status, raw[:300])
+
+
+def test_a_refusal_is_counted_as_itself_not_as_an_auth_failure(broker) -> None:
+    """Host refusals were PERMISSION_DENIED, and alerts on sluice_auth_failures_total fired on a
+    broker without auth (the review): they are HOST_NOT_ALLOWED now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counted() -> tuple[float, float]:
+        text = send(broker.http_port, "GET", "/metrics", "127.0.0.1")[1].decode()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        return (sum(s.value for s in samples if s.name == "sluice_request_errors_total"
+                    and s.labels.get("reason") == "HOST_NOT_ALLOWED"),
+                sum(s.value for s in samples if s.name == "sluice_auth_failures_total"))
+    before = counted()
+    assert send(broker.http_port, "GET", "/v2/default/streams", EVIL)[0] == 403
+    after = counted()
+    assert after[0] == before[0] + 1 and after[1] == before[1]
 
 
 def test_a_bad_allowed_hosts_is_a_usage_error(capsys) -> None:
@@ -96,11 +123,18 @@ def test_a_bad_allowed_hosts_is_a_usage_error(capsys) -> None:
     assert parse_settings(["--allowed-hosts", " a.example , .b.example,*"]).allowed_hosts
 
 
-@pytest.mark.parametrize(("setting", "bind", "auth", "checked"), [
-    ("", "127.0.0.1", False, True), ("", "::1", False, True), ("", "localhost", False, True),
-    ("", "127.0.0.2", False, True), ("", "0.0.0.0", False, False), ("", "10.0.0.5", False, False),
-    ("", "127.0.0.1", True, False), ("a.example", "0.0.0.0", True, True), ("*", "127.0.0.1", False, False),
-    ("a.example,*", "127.0.0.1", False, False),
+@pytest.mark.parametrize(("setting", "bind", "checked"), [
+    ("", "127.0.0.1", True), ("", "::1", True), ("", "[::1]", True), ("", "localhost", True),
+    ("", "127.0.0.2", True), ("", "::ffff:127.0.0.1", True), ("", "0.0.0.0", False), ("", "10.0.0.5", False),
+    ("", "::", False), ("", "no-such-host.invalid", False), ("a.example", "0.0.0.0", True),
+    ("*", "127.0.0.1", False), ("a.example,*", "127.0.0.1", False),
 ])
-def test_when_the_check_is_on(setting: str, bind: str, auth: bool, checked: bool) -> None:
-    assert (AllowedHosts.of(setting, bind=bind, auth=auth) is not None) is checked
+def test_when_the_check_is_on(setting: str, bind: str, checked: bool) -> None:
+    assert (AllowedHosts.of(setting, bind=bind) is not None) is checked
+
+
+def test_an_open_broker_on_another_address_says_it_is_reachable_by_rebinding(start_broker) -> None:
+    quiet = start_broker("--host", "0.0.0.0", "--allowed-hosts", "broker.internal")
+    warned = start_broker("--host", "0.0.0.0", data_dir=quiet.data_dir.parent / "warned")
+    eventually(lambda: any("DNS rebinding" in line for line in warned.stderr_lines))
+    assert not any("DNS rebinding" in line for line in quiet.stderr_lines)

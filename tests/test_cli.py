@@ -688,6 +688,39 @@ def test_put_ctrl_c_says_what_was_sent(broker, client, stream_name):
     assert b"sent 500 records, 0 failed" in err and b"Traceback" not in err, err
 
 
+def test_put_ctrl_c_while_a_batch_is_in_flight_says_what_the_broker_holds(start_broker):
+    """Ctrl-C raised at once, in the request or half way through counting its answer: put said
+    fewer records than the broker held (sent 139 of 500 stored, the test above under load), and
+    going on from there stores the rest twice. Now it waits for the batch in flight, counts it and
+    ends: here a throttled partition keeps the batch in its retries when Ctrl-C comes."""
+    broker = start_broker("--partition-records-per-s", "100")
+    client = Client(broker.grpc_target)
+    try:
+        client.create_stream("slow", 1)
+        env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
+        proc = subprocess.Popen([*COMMAND, "--target", broker.grpc_target, "put", "slow"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"".join(b"line %d\n" % i for i in range(501)))   # one batch of 500, retried
+            proc.stdin.flush()
+            for _ in range(600):   # the first try is in: the rest of the batch waits for tokens
+                if client.describe_stream("slow").partitions[0].next_seq > 0:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        held = client.describe_stream("slow").partitions[0].next_seq
+    finally:
+        client.close()
+    assert proc.returncode == 130, err
+    assert b"waiting for the answer to the batch in flight" in err and b"Traceback" not in err, err
+    assert 0 < held < 500 and f"sent {held} records, 0 failed".encode() in err, (held, err)
+
+
 def test_tail_ends_with_exit_1_when_the_stream_is_deleted(background, stream_name, cli):
     ok(cli("streams", "create", stream_name, "--partitions", "2"))
     tail = background("tail", stream_name, "--timeout", "20")

@@ -243,6 +243,7 @@ class Producer:
         self._batch_ids = itertools.count(1)
         self._orders = itertools.count()
         self.stats = ProducerStats()
+        self._own = threading.local()   # .thread set on the producer's threads, where callbacks run
         self._thread = threading.Thread(target=self._run, name=f"sluice-producer-{stream}", daemon=True)
         self._thread.start()
 
@@ -253,8 +254,9 @@ class Producer:
         """Queue one record; the future resolves to its `PutResult`. With `partition_id` the record
         goes to that partition (wins over the key); with only `partition_key` the broker hashes the
         key; with neither it spreads records. Blocks while the buffer is full - at most `timeout`
-        seconds, then raises `BufferFullError`. Raises RuntimeError once the producer is closed, and
-        TypeError / ValueError for arguments no broker could take (a partition id is a uint32)."""
+        seconds (in a record's done-callback: not at all), then raises `BufferFullError`. Raises
+        RuntimeError once the producer is closed, and TypeError / ValueError for arguments no
+        broker could take (a partition id is a uint32)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
         if partition_key is not None and not isinstance(partition_key, str):
@@ -277,6 +279,9 @@ class Producer:
                     raise RuntimeError("producer is closed")
                 if self._unresolved < self._opt.max_buffered_records:
                     break
+                if getattr(self._own, "thread", False):   # a callback: waiting would wait for itself
+                    raise BufferFullError(f"{self._unresolved} records buffered, and a record's done-callback "
+                                          "cannot wait for room")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise BufferFullError(f"{self._unresolved} records buffered")
@@ -297,7 +302,9 @@ class Producer:
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything buffered now (no linger) and wait until every record sent so far has
-        its outcome. Raises TimeoutError if some are still pending after `timeout` seconds."""
+        its outcome. Raises TimeoutError if some are still pending after `timeout` seconds, and
+        RuntimeError in a record's done-callback (the producer's thread, which it would wait for)."""
+        self._not_in_callback("flush")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._flushing += 1
@@ -313,7 +320,9 @@ class Producer:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (waiting at most `timeout` seconds), then stop the sender thread. Records still
-        undelivered when the timeout runs out resolve with reason "CLOSED". Idempotent."""
+        undelivered when the timeout runs out resolve with reason "CLOSED". Idempotent. Not from
+        a record's done-callback (RuntimeError, as flush)."""
+        self._not_in_callback("close")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._closing = True
@@ -349,6 +358,13 @@ class Producer:
         if self._own_client:
             self._client.close()  # cancels a request still in flight; its records resolve then
 
+    def _not_in_callback(self, call: str) -> None:
+        # a future's callbacks run on the thread that resolves it: waiting there for the producer
+        # to resolve records waited for itself, for ever
+        if getattr(self._own, "thread", False):
+            raise RuntimeError(f"{call}() in a record's done-callback would wait for itself: "
+                               "call it from another thread")
+
     def __enter__(self) -> Producer:
         return self
 
@@ -358,6 +374,7 @@ class Producer:
     # -- sender thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._own.thread = True
         while True:
             expired: _Stream | None = None
             with self._cond:
@@ -614,6 +631,7 @@ class Producer:
     def _read_stream(self, stream: _Stream) -> None:
         """The reader thread of one call: resolve each batch from its answer, then, when the call
         ends, hand back what it left unacknowledged."""
+        self._own.thread = True
         error: BaseException | None = None
         try:
             for response in stream.call:

@@ -17,6 +17,7 @@ from client import (
     AsyncClient,
     AsyncPartitionConsumer,
     AsyncProducer,
+    BufferFullError,
     Checkpoint,
     Client,
     GroupConsumer,
@@ -97,6 +98,56 @@ def test_flush_does_not_wait_for_the_linger(client: Client, stream_name: str) ->
         producer.flush(5)
         assert time.monotonic() - started < 5
         assert [f.result().seq for f in futures] == [0, 1]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_flush_or_close_in_a_records_callback_is_refused_not_a_hang(client: Client, stream_name: str,
+                                                                    streaming: bool) -> None:
+    # A done-callback runs on the producer's own thread, which flush() would wait for: it waited
+    # forever (or until its timeout, saying "1 records still pending" of a record already done).
+    client.create_stream(stream_name, 1)
+    outcomes: list[str] = []
+    called = threading.Event()
+
+    def callback(_: object) -> None:
+        for call in (lambda: producer.flush(), lambda: producer.close()):
+            try:
+                call()
+                outcomes.append("returned")
+            except RuntimeError as exc:
+                outcomes.append(str(exc))
+        called.set()
+
+    with Producer(client, stream_name, streaming=streaming) as producer:
+        future = producer.send(b"a")
+        future.add_done_callback(callback)
+        assert called.wait(30)
+        assert future.result().ok
+        assert producer.send(b"b").result(10).seq == 1   # the producer goes on
+    assert len(outcomes) == 2 and all("callback" in o for o in outcomes), outcomes
+
+
+def test_send_in_a_records_callback_with_the_buffer_full_is_refused_not_a_hang(client: Client,
+                                                                               stream_name: str) -> None:
+    # the record resolving still counts as buffered while its callbacks run, on the thread that
+    # would free the buffer: send() blocked there for ever
+    client.create_stream(stream_name, 1)
+    outcomes: list[BaseException | None] = []
+    called = threading.Event()
+
+    def callback(_: object) -> None:
+        try:
+            producer.send(b"from the callback")
+            outcomes.append(None)
+        except BufferFullError as exc:
+            outcomes.append(exc)
+        called.set()
+
+    with Producer(client, stream_name, max_buffered_records=1) as producer:
+        producer.send(b"a").add_done_callback(callback)
+        assert called.wait(30)
+        assert producer.send(b"b", timeout=10).result(10).ok
+    assert len(outcomes) == 1 and isinstance(outcomes[0], BufferFullError) and "callback" in str(outcomes[0])
 
 
 def test_non_retriable_failures_resolve_at_once_and_the_rest_is_written(client: Client, stream_name: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import grpc
 
@@ -141,6 +141,24 @@ def describe_stream(stream_name: str, start_after_partition: int | None, limit: 
     if start_after_partition is not None:
         request.start_after_partition = start_after_partition
     return request
+
+
+Payload = bytes | bytearray | memoryview
+
+
+def keyed(records: Iterable[Payload | tuple[Payload, str]],
+          partition_id: int | None) -> Iterator[tuple[bytes, str | None, int | None]]:
+    """`put_records`' items (a payload, or (payload, partition_key)) as `put_routed`'s. Any
+    bytes-like payload, as Producer.send takes: a bytearray was taken for a pair (its first byte
+    the payload), failing "expected bytes, int found"."""
+    for item in records:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            yield bytes(item), None, partition_id
+        elif isinstance(item, str):   # unpacked as a pair, it failed "too many values to unpack"
+            raise TypeError("a record's payload must be bytes, not str")
+        else:
+            data, key = item
+            yield bytes(data) if isinstance(data, (bytearray, memoryview)) else data, key, partition_id
 
 
 def put_records(stream_name: str, records: Iterable[tuple[bytes, str | None, int | None]]) -> pb.PutRecordsRequest:

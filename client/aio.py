@@ -91,10 +91,9 @@ class AsyncClient:
 
     # -- writing and reading -------------------------------------------------------------------
 
-    async def put_records(self, stream_name: str, records: Iterable[bytes | tuple[bytes, str]],
+    async def put_records(self, stream_name: str, records: Iterable[_wire.Payload | tuple[_wire.Payload, str]],
                           *, partition_id: int | None = None) -> list[PutResult]:
-        return await self.put_routed(stream_name, ((item, None, partition_id) if isinstance(item, bytes)
-                                                   else (item[0], item[1], partition_id) for item in records))
+        return await self.put_routed(stream_name, _wire.keyed(records, partition_id))
 
     async def put_routed(self, stream_name: str,
                          records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:

@@ -122,11 +122,10 @@ class Client:
 
     # -- writing and reading -------------------------------------------------------------------
 
-    def put_records(self, stream_name: str, records: Iterable[bytes | tuple[bytes, str]],
+    def put_records(self, stream_name: str, records: Iterable[_wire.Payload | tuple[_wire.Payload, str]],
                     *, partition_id: int | None = None) -> list[PutResult]:
         """Send one batch: each item is a payload, or (payload, partition_key)."""
-        return self.put_routed(stream_name, ((item, None, partition_id) if isinstance(item, bytes)
-                                             else (item[0], item[1], partition_id) for item in records))
+        return self.put_routed(stream_name, _wire.keyed(records, partition_id))
 
     def put_routed(self, stream_name: str, records: Iterable[tuple[bytes, str | None, int | None]]) -> list[PutResult]:
         """Send one batch whose entries each choose their own route: (payload, partition_key,

@@ -724,6 +724,17 @@ def test_clients_return_their_own_dataclasses(broker: BrokerProcess, stream_name
     assert 0 in answers[8].partition_ids and answers[8].lease_ms == 3000
 
 
+async def test_put_records_takes_any_bytes_like_payload(broker: BrokerProcess, client: Client,
+                                                        stream_name: str) -> None:
+    # a bytearray or memoryview was taken for a (payload, key) pair: "expected bytes, int found"
+    client.create_stream(stream_name, 1)
+    payloads = [bytearray(b"ba"), memoryview(b"mv"), (bytearray(b"keyed"), "k")]
+    assert all(r.ok for r in client.put_records(stream_name, payloads))
+    async with AsyncClient(broker.grpc_target, timeout=10) as c:
+        assert all(r.ok for r in await c.put_records(stream_name, [bytearray(b"async"), memoryview(b"amv")]))
+    assert [r.data for r in read_partition(client, stream_name, 0)] == [b"ba", b"mv", b"keyed", b"async", b"amv"]
+
+
 async def test_async_client_mirrors_the_client(broker: BrokerProcess, stream_name: str) -> None:
     from client import AlreadyExists, PositionGone
 

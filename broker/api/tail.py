@@ -11,7 +11,9 @@ With an auth file the request carries an API key (`X-Api-Key`, `Authorization: A
 
 The headers go out at once (with a `: connected` comment when no record is there yet), after the
 cursor is checked: a bad one is still an error response. Each batch is one event: `id:` the next
-sequence number, `event: records`, `data:` the DIS GetRecords JSON body. Silence is broken by a
+sequence number, `event: records`, `data:` the DIS GetRecords JSON body. A request with a
+`Last-Event-ID` header (an EventSource reconnecting) starts at that sequence number of the same
+partition, whatever start the URL names. Silence is broken by a
 `: heartbeat` comment every `--subscribe-heartbeat` seconds (15 by default); a client that closes
 the connection during the silence is noticed within a second (its subscription slot freed). An
 error after the stream has begun (say, the stream was deleted) is sent as `event: error` with the
@@ -49,7 +51,7 @@ from broker.api.limits import subscriber
 from broker.api.render import DIS_SHAPED
 from broker.auth import Action, Auth
 from broker.core.broker import Broker
-from broker.errors import BrokerError, ErrorCode, server_error
+from broker.errors import BrokerError, ErrorCode, client_error, server_error
 
 PREFIX = "/sluice"
 FIRST_BATCH_S = 0.05   # the headers wait at most this long for the first batch (or a bad cursor's error)
@@ -61,10 +63,21 @@ async def tail(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     q = request.query
     project = query_project(request)
-    cursor = q.get("partition-cursor") or await broker.get_cursor(
-        required_query(request, "stream-name"), required_query(request, "partition-id"),
-        q.get("cursor-type") or "LATEST", q.get("starting-sequence-number"), query_int(request, "timestamp"),
-        project=project)
+    # An EventSource reconnecting sends the `id:` of the last event it had (the next sequence
+    # number): it goes on from there, not from the URL's start again (records lost or read twice).
+    resume = request.headers.get("Last-Event-ID") or None   # empty: no last id (SSE's reset), as absent
+    if resume is not None and not (resume.isascii() and resume.isdigit()):
+        raise client_error(ErrorCode.INVALID_REQUEST, detail="Last-Event-ID must be the id of a tail event "
+                           f"(a sequence number), got {resume!r:.40}")
+    cursor = q.get("partition-cursor")
+    if cursor and resume is not None:
+        cursor = await broker.cursor_at(cursor, resume, project=project)
+    elif not cursor:
+        cursor = await broker.get_cursor(
+            required_query(request, "stream-name"), required_query(request, "partition-id"),
+            "AT_SEQUENCE_NUMBER" if resume is not None else q.get("cursor-type") or "LATEST",
+            resume if resume is not None else q.get("starting-sequence-number"), query_int(request, "timestamp"),
+            project=project)
     batches = broker.subscribe(cursor, query_int(request, "max_records"), query_int(request, "max_wait_ms"),
                                project=project)
     # The headers go out before the error middleware sees the response, so the request id is set here.

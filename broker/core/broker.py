@@ -359,6 +359,11 @@ class Broker:
         return await self._again(project, stream_name, lambda: self.reads.get_cursor(
             project, stream_name, partition_id, cursor_type, starting_seq, timestamp_ms))
 
+    async def cursor_at(self, cursor: object, seq: object, *, project: str = DEFAULT_PROJECT) -> str:
+        """See ReadPath.cursor_at."""
+        await self._learn_cursor_stream(cursor)   # a shared store: made through another broker a moment ago
+        return await self.reads.cursor_at(project, cursor, seq)
+
     async def get_records(self, cursor: object, limit: int | None = None, max_fetch_bytes: int | None = None,
                           wait_ms: int | None = None, *, project: str = DEFAULT_PROJECT) -> GetRecordsResult:
         """See ReadPath.get_records."""

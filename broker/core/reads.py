@@ -106,6 +106,12 @@ class ReadPath:
                                latest=bounds.last_seq)   # below earliest when no record is held: an empty range
         return seq
 
+    async def cursor_at(self, project: str, cursor: object, seq: object) -> str:
+        """A cursor at `seq` in the partition `cursor` reads (an SSE tail resuming at its client's
+        Last-Event-ID). Raises what get_cursor (AT_SEQUENCE_NUMBER) and get_records raise."""
+        config, pos = self._open(project, cursor)
+        return await self.get_cursor(project, config.stream_name, pos.partition, "AT_SEQUENCE_NUMBER", seq)
+
     def cursor_stream_id(self, cursor: object) -> int | None:
         """The stream id a valid cursor names, known here or not; None for a cursor that is not."""
         pos = self._position_of(cursor)

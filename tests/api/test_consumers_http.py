@@ -383,9 +383,11 @@ class Tail:
     """An open GET /sluice/v1/tail: reads the response and parses server-sent events. The streams
     of these tests live in project PID (the DIS paths' `{project_id}`), so the tail is told so."""
 
-    def __init__(self, broker, query: dict[str, Any], timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, broker, query: dict[str, Any], timeout: float = 10,  # type: ignore[no-untyped-def]
+                 headers: dict[str, str] | None = None) -> None:
         self.conn = http.client.HTTPConnection(*_addr(broker.http_url), timeout=timeout)
-        self.conn.request("GET", "/sluice/v1/tail?" + urlencode({"project": PID, **query}, quote_via=quote))
+        self.conn.request("GET", "/sluice/v1/tail?" + urlencode({"project": PID, **query}, quote_via=quote),
+                          headers=headers or {})
         self.resp: http.client.HTTPResponse | None = None
 
     def response(self) -> http.client.HTTPResponse:
@@ -486,6 +488,55 @@ def test_tail_by_stream_name_from_trim_horizon_in_batches(broker, stream_name):
     assert [[base64.b64decode(r["data"]) for r in body["records"]] for _, body in events] == \
         [[b"r0", b"r1"], [b"r2", b"r3"], [b"r4"]]
     assert [e["id"] for e, _ in events] == ["2", "4", "5"]
+
+
+@pytest.mark.parametrize("start", ["LATEST", "TRIM_HORIZON", "cursor"])
+def test_a_reconnecting_tail_resumes_at_its_last_event_id(broker, stream_name, start):
+    """An EventSource that lost its connection (a network blip, a broker restart) opens the same URL
+    again with `Last-Event-ID`: the `id:` of the last event it had, the next sequence number. The tail
+    goes on from there: no record written in the gap lost (a LATEST URL), none read twice (a
+    TRIM_HORIZON one, or a cursor's). The header used to be ignored, and the URL's start taken again."""
+    create_stream(broker, stream_name, 1)
+    put(broker, stream_name, [b"r0", b"r1"])
+    query = {"partition-cursor": cursor(broker, stream_name, kind="TRIM_HORIZON")} if start == "cursor" else \
+        {"stream-name": stream_name, "partition-id": "0", "cursor-type": start}
+    first = Tail(broker, query)
+    try:
+        if start == "LATEST":
+            assert next(first.events()) == {"comment": "connected"}
+            put(broker, stream_name, [b"r2"])
+        events = record_events(first, 1)
+    finally:
+        first.close()
+    last_id = events[-1][0]["id"]
+    put(broker, stream_name, [b"gap-0", b"gap-1"])   # while it was away
+    again = Tail(broker, query, headers={"Last-Event-ID": last_id})
+    got: list[dict[str, Any]] = []
+    try:
+        assert again.response().status == 200
+        put(broker, stream_name, [b"end"])
+        for event in again.events():
+            got += json.loads(event["data"])["records"] if "data" in event else []
+            if got and base64.b64decode(got[-1]["data"]) == b"end":
+                break
+    finally:
+        again.close()
+    assert [base64.b64decode(r["data"]) for r in got] == [b"gap-0", b"gap-1", b"end"]
+    assert got[0]["sequence_number"] == last_id
+
+
+@pytest.mark.parametrize("last_id, code", [("x1", "DIS.4200"), ("-1", "DIS.4200"), ("99", "DIS.4224")])
+def test_a_tail_refuses_a_last_event_id_it_cannot_resume_at(broker, env, last_id, code):
+    """Not one of its ids, or past the partition's end: an error response (EventSource then stops
+    reconnecting), not a tail that starts somewhere else."""
+    tail = Tail(broker, {"stream-name": env["stream"], "partition-id": "0", "cursor-type": "LATEST"},
+                headers={"Last-Event-ID": last_id})
+    try:
+        resp = tail.response()
+        reply = Reply(resp.status, resp.headers, resp.read())
+    finally:
+        tail.close()
+    assert_dis_error(reply, 400, code)
 
 
 @pytest.mark.parametrize("query, code", [

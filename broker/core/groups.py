@@ -33,7 +33,8 @@ class ConsumerGroups:
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
         mine = await self.leases.heartbeat(_group(project, name, app_id), config.stream_id,
-                                           config.readable_partition_count, member, set(held), lease, self._now())
+                                           config.readable_partition_count, member, set(held), lease, self._now(),
+                                           config.partition_count)
         return mine, lease
 
     async def leave(self, project: str, app_name: object, stream_name: object, member_id: object) -> None:

@@ -5,7 +5,8 @@ answers with the partitions it may work on now, leased until now + lease_ms. Rul
 
 * A member that misses its lease is dead: its partitions become free.
 * The target is a sticky balance: every live member gets floor or ceil of P/n partitions, and a
-  partition stays with its current owner while that owner is within its share.
+  partition stays with its current owner while that owner is within its share. Written (ACTIVE)
+  partitions and those a scale-down closed are balanced each on their own.
 * Hand-over is clean: a partition moving away from a live member is first *revoked* (left out of
   that member's answer) and stays owned until the member heartbeats without it in `held` - it has
   stopped and committed its checkpoint - or its lease runs out. Only then is it granted to the new
@@ -49,8 +50,10 @@ class LeaseTable:
         self._started_ms = started_ms   # None: no restart grace (a table that starts empty for sure)
 
     def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                  lease_ms: int, now: int) -> list[int]:
-        """Record a heartbeat; return the partitions `member` may work on, sorted."""
+                  lease_ms: int, now: int, active: int | None = None) -> list[int]:
+        """Record a heartbeat; return the partitions `member` may work on, sorted. `active`: the
+        partitions below it are written (ACTIVE), the rest up to `partition_count` closed by a
+        scale-down (None: all written)."""
         group = self._groups.setdefault((app, stream_id), _Group())
         group.members[member] = now + lease_ms
         for m in [m for m, expiry in group.members.items() if expiry < now]:
@@ -68,7 +71,7 @@ class LeaseTable:
         for p in held:
             if 0 <= p < partition_count and group.owners.get(p, (member,))[0] == member:
                 group.owners[p] = (member, now + lease_ms)
-        target = self._target(group, partition_count)
+        target = self._target(group, partition_count, partition_count if active is None else active)
         recovering = self._started_ms is not None and now < self._started_ms + lease_ms
         mine = []
         for p in range(partition_count):
@@ -81,19 +84,37 @@ class LeaseTable:
         return mine
 
     @staticmethod
-    def _target(group: _Group, partition_count: int) -> dict[int, str]:
+    def _target(group: _Group, partition_count: int, active: int) -> dict[int, str]:
+        """Written partitions and closed ones (a scale-down's, readable until retention) balanced
+        each on their own: counted as one, the member that had the closed ones kept just those,
+        idle once it drained them, while another was given every written one."""
         live = sorted(group.members)
-        n = len(live)
-        share = {m: partition_count // n + (1 if i < partition_count % n else 0) for i, m in enumerate(live)}
+        written = min(active, partition_count)
+        target = LeaseTable._balance(group, live, range(written))
+        given = dict.fromkeys(live, 0)
+        for m in target.values():
+            given[m] += 1
+        # the closed ones' remainder goes first to the members given fewer written ones
+        target.update(LeaseTable._balance(group, sorted(live, key=lambda m: (given[m], m)),
+                                          range(written, partition_count)))
+        return target
+
+    @staticmethod
+    def _balance(group: _Group, order: list[str], partitions: range) -> dict[int, str]:
+        """A sticky balance of `partitions` over the live members in `order`: each gets floor or
+        ceil of the share (the first ones the ceil), and a partition stays with its owner while
+        the owner is within its share."""
+        n = len(order)
+        share = {m: len(partitions) // n + (1 if i < len(partitions) % n else 0) for i, m in enumerate(order)}
         target: dict[int, str] = {}
-        count = dict.fromkeys(live, 0)
-        for p in range(partition_count):
+        count = dict.fromkeys(order, 0)
+        for p in partitions:
             owner = group.owners.get(p)
             if owner and count[owner[0]] < share[owner[0]]:
                 target[p] = owner[0]
                 count[owner[0]] += 1
-        hungry = [m for m in live for _ in range(share[m] - count[m])]
-        free = [p for p in range(partition_count) if p not in target]
+        hungry = [m for m in order for _ in range(share[m] - count[m])]
+        free = [p for p in partitions if p not in target]
         for p, m in zip(free, hungry):
             target[p] = m
         return target
@@ -138,8 +159,9 @@ class Leases(Protocol):
     a shared, replicated store will keep them in that store, so every broker sees one table."""
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                        lease_ms: int, now: int) -> list[int]:
-        """Record a heartbeat; return the partitions `member` may work on, sorted."""
+                        lease_ms: int, now: int, active: int | None = None) -> list[int]:
+        """Record a heartbeat; return the partitions `member` may work on, sorted (see
+        LeaseTable.heartbeat)."""
 
     async def leave(self, app: str, stream_id: int, member: str) -> None:
         """Release every lease of the member at once."""
@@ -159,8 +181,8 @@ class LocalLeases(Leases):
         self.table = LeaseTable(started_ms)
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                        lease_ms: int, now: int) -> list[int]:
-        return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now)
+                        lease_ms: int, now: int, active: int | None = None) -> list[int]:
+        return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
 
     async def leave(self, app: str, stream_id: int, member: str) -> None:
         self.table.leave(app, stream_id, member)
@@ -218,9 +240,9 @@ class StoreLeases(Leases):
         return None if raw is None else dict(json.loads(raw))
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                        lease_ms: int, now: int) -> list[int]:
+                        lease_ms: int, now: int, active: int | None = None) -> list[int]:
         return await self._change(app, stream_id, lambda t: t.heartbeat(app, stream_id, partition_count, member,
-                                                                         held, lease_ms, now))
+                                                                         held, lease_ms, now, active))
 
     async def leave(self, app: str, stream_id: int, member: str) -> None:
         def leave(table: LeaseTable) -> list[int]:

@@ -172,6 +172,30 @@ def test_a_heartbeat_through_a_broker_behind_a_scale_up_frees_nothing() -> None:
     assert table.owners(APP, SID) == {0: "m1", 1: "m1", 2: "m1", 3: "m1"}
 
 
+def test_after_a_scale_down_the_written_partitions_are_shared_not_left_to_one_member() -> None:
+    """Scale-down 4 -> 2: partitions 2 and 3 are closed (readable until retention, never written
+    again). They were balanced as work like the rest, so the member that owned them kept them and
+    nothing more - idle once it drained them - while the other got both written ones. Written and
+    closed partitions are now shared out each on their own."""
+    table = LeaseTable()
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for now in (0, 10, 20, 30):
+        got = {m: hb(table, m, got[m], now=now + i) for i, m in enumerate("ab")}
+    assert got == {"a": [0, 1], "b": [2, 3]}
+
+    def step(now: int) -> dict[str, list[int]]:
+        return {m: table.heartbeat(APP, SID, 4, m, set(got[m]), LEASE, now + i, active=2)
+                for i, m in enumerate("ab")}
+    for now in (100, 110, 120, 130):   # a is revoked 1, releases it; b is revoked 3, releases it; grants
+        got = step(now)
+    assert got == {"a": [0, 3], "b": [1, 2]}   # one written, one closed each; each kept what it could
+    # 3 written, 1 closed: the closed one goes to the member given fewer written ones
+    table, got = LeaseTable(), {"a": [], "b": []}
+    for now in (0, 10, 20, 30):
+        got = {m: table.heartbeat(APP, SID, 4, m, set(got[m]), LEASE, now + i, active=3) for i, m in enumerate("ab")}
+    assert got == {"a": [0, 1], "b": [2, 3]}
+
+
 # -- the state machine -----------------------------------------------------------------------------
 
 MEMBER_NAMES = tuple(f"m{i}" for i in range(8))

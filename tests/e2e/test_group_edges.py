@@ -140,3 +140,28 @@ def test_a_member_that_lost_its_lease_does_not_commit_what_its_handler_finished_
             eventually(lambda: group.assignment == set(), timeout=TIMEOUT)   # the worker ended
             assert handled.count() == 10
             assert c.get_checkpoint("zombie-app", stream_name, 0) is None
+
+
+def test_after_a_scale_down_both_members_get_a_written_partition(broker: BrokerProcess, stream_name: str) -> None:
+    """Scale-down 4 -> 2 with two members: the one that had partitions 2 and 3 kept just those -
+    closed, never written again - and went idle once it drained them, while the other did all the
+    work. Written and closed partitions are shared out each on their own (heartbeats counted in
+    rounds, no clock: each round is every member's heartbeat with what it was given)."""
+    with Client(broker.grpc_target, timeout=TIMEOUT) as c:
+        c.create_stream(stream_name, 4)
+        c.create_app(stream_name)
+        # past the restart grace of a broker that just started (nothing granted for one lease)
+        eventually(lambda: bool(c.heartbeat(stream_name, stream_name, "w").partition_ids), timeout=TIMEOUT)
+        c.leave_group(stream_name, stream_name, "w")
+        got: dict[str, list[int]] = {"a": [], "b": []}
+
+        def rounds(n: int) -> None:
+            for _ in range(n):
+                for m in got:
+                    got[m] = c.heartbeat(stream_name, stream_name, m, got[m]).partition_ids
+        rounds(3)
+        assert got == {"a": [0, 1], "b": [2, 3]}
+        assert c.update_partition_count(stream_name, 2) == (4, 2)
+        rounds(3)
+    assert sorted(got["a"] + got["b"]) == [0, 1, 2, 3]
+    assert [p for p in got["a"] if p < 2] and [p for p in got["b"] if p < 2], got

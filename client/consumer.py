@@ -288,9 +288,18 @@ class PartitionConsumer(_ConsumerState):
 
     def poll(self, wait_ms: int | None = None) -> list[Record]:
         """The next records in order (at most `batch`), waiting up to `wait_ms` (default: the
-        consumer's) for some; [] if none came. They count as handed out: `commit()` commits the last."""
+        consumer's) for some; [] if none came, or if `close()` was called meanwhile. They count as
+        handed out: `commit()` commits the last."""
         if self._closed.is_set():
             raise RuntimeError("consumer is closed")
+        try:
+            return self._poll(wait_ms)
+        except (SluiceError, ValueError):
+            if self._closed.is_set():   # close() ended the call (an own client's channel: CANCELLED)
+                return []
+            raise
+
+    def _poll(self, wait_ms: int | None) -> list[Record]:
         if self._buffer:
             records, self._buffer = list(self._buffer), deque()
             return self._hand_out(records)
@@ -303,7 +312,7 @@ class PartitionConsumer(_ConsumerState):
             try:
                 records = self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait)
             except SluiceError as exc:
-                if not self._recoverable(exc) or self._closed.is_set():
+                if self._closed.is_set() or not self._recoverable(exc):
                     raise
                 self._cursor = None
                 continue
@@ -509,6 +518,20 @@ class AsyncPartitionConsumer(_ConsumerState):
         """See `PartitionConsumer.poll`. Cancelling it loses no records."""
         if self._closed:
             raise RuntimeError("consumer is closed")
+        try:
+            return await self._poll(wait_ms)
+        except (SluiceError, ValueError):
+            if self._closed:
+                return []
+            raise
+        except asyncio.CancelledError:
+            # grpc.aio raises it from a call whose channel close() closed: not this task's cancellation
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                return []
+            raise
+
+    async def _poll(self, wait_ms: int | None) -> list[Record]:
         if self._buffer:
             records, self._buffer = list(self._buffer), deque()
             return self._hand_out(records)
@@ -523,7 +546,7 @@ class AsyncPartitionConsumer(_ConsumerState):
             try:
                 records = await (self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait))
             except SluiceError as exc:
-                if not self._recoverable(exc) or self._closed:
+                if self._closed or not self._recoverable(exc):
                     raise
                 self._cursor = None
                 continue

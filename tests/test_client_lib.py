@@ -518,6 +518,63 @@ async def test_async_partition_consumer_raises_broker_errors(broker: BrokerProce
             await c.poll(100)
 
 
+def test_close_from_another_thread_ends_a_waiting_poll_quietly(broker: BrokerProcess, client: Client,
+                                                               stream_name: str) -> None:
+    # closing a consumer with its own client closed the channel under the long poll: poll() raised
+    # BrokerUnavailable "CANCELLED: Channel closed!" though the broker was fine
+    client.create_stream(stream_name, 1)
+    consumer = PartitionConsumer(broker.grpc_target, stream_name, 0, start="LATEST", wait_ms=20_000)
+    polling = threading.Event()
+    real = consumer._client.get_records
+
+    def get_records(*args: object, **kwargs: object) -> object:
+        polling.set()
+        return real(*args, **kwargs)   # type: ignore[arg-type]
+
+    consumer._client.get_records = get_records  # type: ignore[method-assign,assignment]
+    outcome: list[object] = []
+    poller = threading.Thread(target=lambda: outcome.append(_outcome(consumer.poll)))
+    poller.start()
+    assert polling.wait(10)
+    time.sleep(0.2)   # let the call reach the broker (the assertion holds either way)
+    consumer.close()
+    poller.join(10)
+    assert outcome == [[]]
+    with pytest.raises(RuntimeError, match="closed"):
+        consumer.poll()
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+async def test_async_close_from_another_task_ends_a_waiting_poll_quietly(broker: BrokerProcess, client: Client,
+                                                                         stream_name: str) -> None:
+    # grpc.aio raises CancelledError from a call whose channel is closed: poll() raised it in a
+    # task nobody cancelled (asyncio then takes the task for cancelled)
+    client.create_stream(stream_name, 1)
+    consumer = AsyncPartitionConsumer(broker.grpc_target, stream_name, 0, start="LATEST", wait_ms=20_000)
+    polling = asyncio.Event()
+    real = consumer._client.get_records
+
+    async def get_records(*args: object, **kwargs: object) -> object:
+        polling.set()
+        return await real(*args, **kwargs)   # type: ignore[arg-type]
+
+    consumer._client.get_records = get_records  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(consumer.poll())
+    await asyncio.wait_for(polling.wait(), 10)
+    await asyncio.sleep(0.2)
+    await consumer.close()
+    assert await asyncio.wait_for(task, 10) == []
+    assert not task.cancelled()
+    with pytest.raises(RuntimeError, match="closed"):
+        await consumer.poll()
+
+
 # -- GroupConsumer (in process; the multi-process crash test is tests/e2e/test_consumer_group.py) ---
 
 class Collector:

@@ -171,11 +171,26 @@ class GroupConsumer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop heartbeats and workers (each commits its checkpoint), then leave the group.
-        Idempotent; may be called from any thread but a worker's."""
+        Idempotent: a call while another is stopping waits for it (at most `timeout`). From the
+        handler or a callback (the member's own threads) it returns at once, the stop going on
+        on a thread of its own."""
+        me = threading.current_thread()
         with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
+            own = me is self._heartbeats or any(w.thread is me for w in self._workers.values())
+            already, self._stopped = self._stopped, True
+        if already:
+            if not own:
+                self._done.wait(timeout)
+            return
+        if own:
+            # joining its own thread failed ("cannot join current thread"): that was the group's
+            # fatal error, and the member was left half stopped, its other workers running
+            threading.Thread(target=self._stop, args=(timeout,), name=f"sluice-stop-{self.member_id}",
+                             daemon=True).start()
+            return
+        self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
@@ -193,9 +208,9 @@ class GroupConsumer:
                 self._fast.leave_group(self.app, self.stream, self.member_id)
             except SluiceError as exc:
                 log.warning("leave_group failed (the lease will run out instead): %s", exc)
-        self._done.set()
         if self._own_client:
             self._client.close()
+        self._done.set()   # last: a stop() waiting for this one returns with everything closed
 
     def __enter__(self) -> GroupConsumer:
         return self.start()

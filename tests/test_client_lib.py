@@ -676,6 +676,38 @@ def test_group_handler_error_is_fatal_and_not_committed(broker: BrokerProcess, c
     assert client.get_checkpoint(app, stream_name, 0) == Checkpoint(9, "")
 
 
+def test_group_stop_from_its_handler_stops_cleanly(broker: BrokerProcess, client: Client, stream_name: str) -> None:
+    # stop() from the handler joined its own thread: RuntimeError "cannot join current thread" became
+    # the group's fatal error, the other worker thread was left running and nothing was committed
+    client.create_stream(stream_name, 2)
+    fill(client, stream_name, 0, 10)
+    fill(client, stream_name, 1, 10)
+    app = f"app-{stream_name}"
+    handled: dict[int, int] = {}
+
+    def handle(partition: int, records: list[Record]) -> None:
+        handled[partition] = records[-1].seq
+        group.stop()
+
+    group = GroupConsumer(broker.grpc_target, app, stream_name, handle, lease_ms=1500,
+                          checkpoint_every=1000, checkpoint_interval=60)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            group.run()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(20)
+    assert not runner.is_alive() and outcome == [] and group.error is None
+    assert handled and not [t.name for t in threading.enumerate() if t.name.startswith("sluice-group")]
+    for partition, seq in handled.items():   # what the handler finished is committed
+        assert client.get_checkpoint(app, stream_name, partition) == Checkpoint(seq, "")
+
+
 def test_a_throttled_group_member_backs_off_instead_of_stopping(start_broker: Callable[..., BrokerProcess],
                                                                  stream_name: str) -> None:
     """Six workers long-polling and the heartbeats, at 4 requests in progress per client: some

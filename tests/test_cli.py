@@ -269,6 +269,16 @@ def test_unreachable_broker_exit_3(args):
     assert "Traceback" not in result.stderr
 
 
+def test_target_port_out_of_range_is_a_usage_error(broker):
+    # gRPC takes a port modulo 65536: "--target 127.0.0.1:<port + 65536>" talked to the broker on <port>
+    port = int(broker.grpc_target.rsplit(":", 1)[1])
+    for target in (f"127.0.0.1:{port + 65536}", "127.0.0.1:0", f"[::1]:{port + 65536}"):
+        result = sluice("streams", "list", target=target)
+        assert result.returncode == 2 and "port" in result.stderr and "1..65535" in result.stderr, \
+            (target, result.returncode, result.stderr)
+    ok(sluice("streams", "list", target=broker.grpc_target))
+
+
 def test_target_from_environment(broker, stream_name):
     result = sluice("streams", "create", stream_name, env={"SLUICE_TARGET": broker.grpc_target})
     assert result.returncode == 0, result.stderr

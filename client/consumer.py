@@ -104,6 +104,10 @@ def checked_wait(wait_ms: object) -> int:
     return _checked("wait_ms", wait_ms, 0, "a non-negative integer (milliseconds)")
 
 
+def checked_lease(lease_ms: object) -> int:
+    return _checked("lease_ms", lease_ms, 1, "a positive integer (milliseconds)")
+
+
 class _ConsumerState:
     """What both flavours share: the position, the unyielded records, and the error rules."""
 

@@ -53,7 +53,7 @@ import uuid
 from typing import Callable
 
 from client.client import Client, Record
-from client.consumer import APP_THERE, PartitionConsumer, StartPosition, checked_batch, checked_wait
+from client.consumer import APP_THERE, PartitionConsumer, StartPosition, checked_batch, checked_lease, checked_wait
 from client.errors import SluiceError
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class GroupConsumer:
                  api_key: str | None = None, tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
         if checkpoint_every < 1 or checkpoint_interval < 0:
             raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval >= 0")
+        # before the Client is made: 0 made the heartbeat interval 0 (hundreds a second), and a value
+        # past the wire's uint32 failed in the heartbeat thread with protobuf's range error
+        lease_ms = checked_lease(lease_ms)
         self._own_client = isinstance(target, str)
         self._client = Client(target, project=project, api_key=api_key, tls_ca=tls_ca) if isinstance(target, str) \
             else target

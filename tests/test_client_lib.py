@@ -934,3 +934,12 @@ def test_a_producer_refuses_batches_past_the_brokers_put_limits(kwargs: dict[str
         with pytest.raises(ValueError, match="max_batch_records, max_batch_bytes"):
             Producer(client, "s", **kwargs)
         Producer(client, "s", max_batch_records=10_000, max_batch_bytes=5 * 1024 * 1024).close()
+
+
+@pytest.mark.parametrize("lease_ms", [0, -5, 2**32, True, 1.5])
+def test_a_group_refuses_a_lease_that_is_not_a_positive_uint32(lease_ms: object) -> None:
+    """lease_ms=0 made the heartbeat interval 0: ~700 heartbeats a second to the broker; a negative
+    or too large one failed later, in the heartbeat thread, with protobuf's range error. Refused
+    when made, naming the argument."""
+    with pytest.raises(ValueError, match="lease_ms"):
+        GroupConsumer("127.0.0.1:1", "app", "s", lambda p, r: None, lease_ms=lease_ms)  # type: ignore[arg-type]

@@ -264,7 +264,7 @@ class PartitionConsumer(_ConsumerState):
         # push mode: a reader thread fills a one-page queue from one Subscription
         self._sub: Subscription | None = None
         self._reader: threading.Thread | None = None
-        self._pages: queue.Queue[RecordsPage | BaseException] = queue.Queue(maxsize=1)
+        self._pages: queue.Queue[RecordsPage | BaseException | None] = queue.Queue(maxsize=1)   # None: closed
         self._reader_stop = threading.Event()
 
     # -- opening -------------------------------------------------------------------------------
@@ -385,6 +385,8 @@ class PartitionConsumer(_ConsumerState):
             item = self._pages.get(timeout=wait_ms / 1000)
         except queue.Empty:
             return []
+        if item is None:   # close() woke us
+            return []
         if isinstance(item, BaseException):
             self._stop_reader()      # everything before the error was handed out: reopen from here
             raise item
@@ -392,7 +394,7 @@ class PartitionConsumer(_ConsumerState):
         return item.records
 
     @staticmethod
-    def _read_subscription(sub: Subscription, pages: queue.Queue[RecordsPage | BaseException],
+    def _read_subscription(sub: Subscription, pages: queue.Queue[RecordsPage | BaseException | None],
                            stop: threading.Event) -> None:
         def put(item: RecordsPage | BaseException) -> None:
             while not stop.is_set():
@@ -467,6 +469,10 @@ class PartitionConsumer(_ConsumerState):
         """Stop reading (a push subscription is cancelled). Safe from another thread."""
         self._closed.set()
         self._stop_reader()
+        try:   # a poll() waiting for a page would wait out its whole wait_ms
+            self._pages.put_nowait(None)
+        except queue.Full:   # a page is there: a waiting poll() takes it
+            pass
         if self._own_client:
             self._client.close()
 

@@ -544,6 +544,28 @@ def test_close_from_another_thread_ends_a_waiting_poll_quietly(broker: BrokerPro
         consumer.poll()
 
 
+def test_close_from_another_thread_wakes_a_push_poll(broker: BrokerProcess, client: Client,
+                                                     stream_name: str) -> None:
+    # push mode waited on its page queue for the whole wait_ms after close(): a minute here
+    client.create_stream(stream_name, 1)
+    consumer = PartitionConsumer(client, stream_name, 0, start="LATEST", mode="push", wait_ms=60_000)
+    subscribed = threading.Event()
+    real = client.subscription
+
+    def subscription(*args: object, **kwargs: object) -> object:
+        subscribed.set()
+        return real(*args, **kwargs)   # type: ignore[arg-type]
+
+    client.subscription = subscription  # type: ignore[method-assign,assignment]
+    outcome: list[object] = []
+    poller = threading.Thread(target=lambda: outcome.append(_outcome(consumer.poll)), daemon=True)
+    poller.start()
+    assert subscribed.wait(10)
+    consumer.close()
+    poller.join(20)
+    assert not poller.is_alive() and outcome == [[]]
+
+
 def _outcome(call: Callable[[], object]) -> object:
     try:
         return call()

@@ -104,6 +104,13 @@ def checked_wait(wait_ms: object) -> int:
     return _checked("wait_ms", wait_ms, 0, "a non-negative integer (milliseconds)")
 
 
+def checked_mode_and_start(mode: str, start: StartPosition) -> None:
+    """ValueError for a mode or start position no consumer could use."""
+    if mode not in ("pull", "push"):
+        raise ValueError("mode must be 'pull' or 'push'")
+    _parse_start(start)
+
+
 def checked_lease(lease_ms: object) -> int:
     return _checked("lease_ms", lease_ms, 1, "a positive integer (milliseconds)")
 
@@ -113,8 +120,7 @@ class _ConsumerState:
 
     def __init__(self, stream: str, partition: int, app: str | None, start: StartPosition, mode: str,
                  wait_ms: int, batch: int) -> None:
-        if mode not in ("pull", "push"):
-            raise ValueError("mode must be 'pull' or 'push'")
+        checked_mode_and_start(mode, start)
         # checked here, not at the first poll, where a bad one failed with protobuf's uint32 range error
         batch = checked_batch(batch)
         wait_ms = checked_wait(wait_ms)

@@ -53,7 +53,15 @@ import uuid
 from typing import Callable
 
 from client.client import Client, Record
-from client.consumer import APP_THERE, PartitionConsumer, StartPosition, checked_batch, checked_lease, checked_wait
+from client.consumer import (
+    APP_THERE,
+    PartitionConsumer,
+    StartPosition,
+    checked_batch,
+    checked_lease,
+    checked_mode_and_start,
+    checked_wait,
+)
 from client.errors import SluiceError
 
 log = logging.getLogger(__name__)
@@ -90,6 +98,7 @@ class GroupConsumer:
         # before the Client is made: 0 made the heartbeat interval 0 (hundreds a second), and a value
         # past the wire's uint32 failed in the heartbeat thread with protobuf's range error
         lease_ms = checked_lease(lease_ms)
+        checked_mode_and_start(mode, start)   # else only a worker found out, after the member joined
         self._own_client = isinstance(target, str)
         self._client = Client(target, project=project, api_key=api_key, tls_ca=tls_ca) if isinstance(target, str) \
             else target

@@ -965,3 +965,11 @@ def test_a_group_refuses_a_lease_that_is_not_a_positive_uint32(lease_ms: object)
     when made, naming the argument."""
     with pytest.raises(ValueError, match="lease_ms"):
         GroupConsumer("127.0.0.1:1", "app", "s", lambda p, r: None, lease_ms=lease_ms)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "bogus"}, {"start": "EARLIEST"}, {"start": ("AT_TIMESTAMP", "x")}])
+def test_a_group_refuses_a_bad_mode_or_start_when_made(kwargs: dict[str, object]) -> None:
+    """They failed only in a partition's worker, after the member had created the app and joined:
+    a member granted no partition never said so. Refused when made, as PartitionConsumer does."""
+    with pytest.raises(ValueError, match=r"^(mode|bad start)"):
+        GroupConsumer("127.0.0.1:1", "app", "s", lambda p, r: None, **kwargs)  # type: ignore[arg-type]

@@ -510,7 +510,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         self._closed = False
         self._sub: AsyncSubscription | None = None   # push: the Subscribe call
         self._reader: asyncio.Task[None] | None = None
-        self._pages: asyncio.Queue[RecordsPage | BaseException] | None = None
+        self._pages: asyncio.Queue[RecordsPage | BaseException | None] | None = None   # None in it: closed
 
     async def _open(self) -> None:
         if self._opened:
@@ -623,6 +623,8 @@ class AsyncPartitionConsumer(_ConsumerState):
                 item = await self._pages.get()
         except TimeoutError:
             return []
+        if item is None:   # close() woke us
+            return []
         if isinstance(item, BaseException):
             await self._stop_reader()
             raise item
@@ -630,7 +632,7 @@ class AsyncPartitionConsumer(_ConsumerState):
         return item.records
 
     @staticmethod
-    async def _read(sub: AsyncSubscription, pages: asyncio.Queue[RecordsPage | BaseException]) -> None:
+    async def _read(sub: AsyncSubscription, pages: asyncio.Queue[RecordsPage | BaseException | None]) -> None:
         try:
             async for page in sub:
                 if page.records:   # empty pages are the broker's heartbeats
@@ -685,6 +687,11 @@ class AsyncPartitionConsumer(_ConsumerState):
     async def close(self) -> None:
         self._closed = True
         await self._stop_reader()
+        if self._pages is not None:
+            try:   # a poll() waiting for a page would wait out its whole wait_ms
+                self._pages.put_nowait(None)
+            except asyncio.QueueFull:   # a page is there: a waiting poll() takes it
+                pass
         if self._own_client:
             await self._client.close()
 

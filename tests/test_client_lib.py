@@ -566,6 +566,26 @@ def test_close_from_another_thread_wakes_a_push_poll(broker: BrokerProcess, clie
     assert not poller.is_alive() and outcome == [[]]
 
 
+async def test_async_close_from_another_task_wakes_a_push_poll(broker: BrokerProcess, client: Client,
+                                                               stream_name: str) -> None:
+    # as the thread flavour: a push poll() waited out its wait_ms after close()
+    client.create_stream(stream_name, 1)
+    consumer = AsyncPartitionConsumer(broker.grpc_target, stream_name, 0, start="LATEST", mode="push",
+                                      wait_ms=60_000)
+    subscribed = asyncio.Event()
+    real = consumer._client.subscribe
+
+    def subscribe(*args: object, **kwargs: object) -> object:
+        subscribed.set()
+        return real(*args, **kwargs)   # type: ignore[arg-type]
+
+    consumer._client.subscribe = subscribe  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(consumer.poll())
+    await asyncio.wait_for(subscribed.wait(), 10)
+    await consumer.close()
+    assert await asyncio.wait_for(task, 20) == []
+
+
 def _outcome(call: Callable[[], object]) -> object:
     try:
         return call()

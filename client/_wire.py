@@ -161,6 +161,22 @@ def keyed(records: Iterable[Payload | tuple[Payload, str]],
             yield bytes(data) if isinstance(data, (bytearray, memoryview)) else data, key, partition_id
 
 
+def check_target(target: str) -> None:
+    """A ValueError for a target no broker is at: empty, or a host:port / [v6]:port whose port is
+    outside 1..65535 - gRPC takes it modulo 65536, so ":99999" dialled port 34463 and
+    "127.0.0.1:<port + 65536>" reached a broker on <port>. URI-style targets and bare IPv6
+    addresses are gRPC's to read."""
+    if not target.strip():
+        raise ValueError("target must be the broker's host:port, not empty")
+    host, sep, port = target.rpartition(":")
+    if not sep or "/" in target or not (port.isascii() and port.isdigit()):
+        return
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return
+    if len(port.lstrip("0")) > 5 or not 1 <= int(port) <= 65535:   # no int() of 5,000 digits
+        raise ValueError(f"{target!r:.100}: the port must be within 1..65535, got {port:.20}")
+
+
 def put_records(stream_name: str, records: Iterable[tuple[bytes, str | None, int | None]]) -> pb.PutRecordsRequest:
     """(payload, partition_key, partition_id) per record. The columnar form (parallel arrays, no
     message per record to build here or parse there) unless only some records name a partition."""

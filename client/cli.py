@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
-from client._wire import properties_json
+from client._wire import check_target, properties_json
 from client.client import CURSOR_TYPES, Client
 from client.errors import BrokerUnavailable, CursorInvalid, SluiceError, StreamNotFound, Throttled, is_retriable
 from client.model import AppInfo, Record, SourceInfo
@@ -1059,17 +1059,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _target_port(target: str) -> str | None:
-    """The port of a host:port or [v6]:port target (not of a URI-style gRPC target or a bare IPv6
-    address). Checked because gRPC takes it modulo 65536: ":99999" dialled port 34463."""
-    host, sep, port = target.rpartition(":")
-    if not sep or "/" in target or not (port.isascii() and port.isdigit()):
-        return None
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        return None
-    return port
-
-
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1078,9 +1067,10 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(f"not valid UTF-8 text: {bad!a}")
     if not args.target.strip():
         parser.error("--target is empty: give the broker's host:port")
-    port = _target_port(args.target)
-    if port is not None and not 1 <= int(port) <= 65535:
-        parser.error(f"--target {args.target!r}: the port must be within 1..65535, got {port}")
+    try:
+        check_target(args.target)
+    except ValueError as exc:
+        parser.error(f"--target: {exc}")
     if args.command == "put":
         try:
             args.source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")

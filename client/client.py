@@ -50,8 +50,7 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, project: str | None = None, timeout: float = 30.0,
                  api_key: str | None = None, tls_ca: str | bytes | os.PathLike[str] | None = None) -> None:
-        if not target.strip():
-            raise ValueError("target must be the broker's host:port, not empty")
+        _wire.check_target(target)
         self._metadata = _wire.call_metadata(project, api_key)
         credentials = _wire.channel_credentials(tls_ca)
         self._channel = grpc.secure_channel(target, credentials, options=_wire.CHANNEL_OPTIONS) if credentials \

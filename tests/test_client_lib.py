@@ -993,3 +993,17 @@ def test_a_group_refuses_a_bad_mode_or_start_when_made(kwargs: dict[str, object]
     a member granted no partition never said so. Refused when made, as PartitionConsumer does."""
     with pytest.raises(ValueError, match=r"^(mode|bad start)"):
         GroupConsumer("127.0.0.1:1", "app", "s", lambda p, r: None, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_target_port_outside_the_range_is_refused_when_the_client_is_made(broker: BrokerProcess) -> None:
+    """gRPC takes a target's port modulo 65536: Client("127.0.0.1:99999") dialled port 34463, and
+    <port + 65536> reached the broker on <port> as if nothing was wrong (the CLI checked it, the
+    library did not)."""
+    port = int(broker.grpc_target.rsplit(":", 1)[1])
+    for target in (f"127.0.0.1:{port + 65536}", "127.0.0.1:0", f"[::1]:{port + 65536}", "h:" + "9" * 5000, " "):
+        with pytest.raises(ValueError, match=r"port must be within 1\.\.65535|not empty"):
+            Client(target)
+        with pytest.raises(ValueError, match=r"port must be within 1\.\.65535|not empty"):
+            AsyncClient(target)
+    for target in ("localhost:50051", "[::1]:50051", "dns:///localhost:50051", "unix:/tmp/x.sock"):
+        Client(target).close()   # left to gRPC: nothing dialled yet

@@ -16,6 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import pytest
@@ -675,28 +676,36 @@ def test_tail_ctrl_c_exits_130_quietly(background, stream_name, cli):
     assert out == "" and "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
+def _put_interrupted(target: str, stream: str, client: Client, held: Callable[[int], bool]) -> tuple[int, bytes]:
+    """`sluice put` of 501 lines (the 501st sends the first 500), Ctrl-C once the partition's
+    next sequence number satisfies `held` (bounded by a count of looks, not by a time): its exit
+    code and stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
+    proc = subprocess.Popen([*COMMAND, "--target", target, "put", stream], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"".join(b"line %d\n" % i for i in range(501)))
+        proc.stdin.flush()
+        for _ in range(600):
+            if held(client.describe_stream(stream).partitions[0].next_seq):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 def test_put_ctrl_c_says_what_was_sent(broker, client, stream_name):
     """Ctrl-C ended put with exit 130 and not a word: how many lines the broker had acknowledged
     (the first N, in order: where to go on from) was not said, as it is when put stops on an
     error."""
     client.create_stream(stream_name, 1)
-    env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
-    proc = subprocess.Popen([*COMMAND, "--target", broker.grpc_target, "put", stream_name], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(b"".join(b"line %d\n" % i for i in range(501)))   # the 501st sends the first 500
-        proc.stdin.flush()
-        for _ in range(600):   # until the broker holds them (bounded by count, not by a time)
-            if client.describe_stream(stream_name).partitions[0].next_seq == 500:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    code, err = _put_interrupted(broker.grpc_target, stream_name, client, lambda n: n == 500)
+    assert code == 130, err
     assert b"sent 500 records, 0 failed" in err and b"Traceback" not in err, err
 
 
@@ -704,31 +713,14 @@ def test_put_ctrl_c_while_a_batch_is_in_flight_says_what_the_broker_holds(start_
     """Ctrl-C raised at once, in the request or half way through counting its answer: put said
     fewer records than the broker held (sent 139 of 500 stored, the test above under load), and
     going on from there stores the rest twice. Now it waits for the batch in flight, counts it and
-    ends: here a throttled partition keeps the batch in its retries when Ctrl-C comes."""
+    ends: here a throttled partition keeps the batch in its retries when Ctrl-C comes (the first
+    try is in, the rest of the batch waits for tokens)."""
     broker = start_broker("--partition-records-per-s", "100")
-    client = Client(broker.grpc_target)
-    try:
+    with Client(broker.grpc_target) as client:
         client.create_stream("slow", 1)
-        env = {k: v for k, v in os.environ.items() if k != "SLUICE_TARGET"}
-        proc = subprocess.Popen([*COMMAND, "--target", broker.grpc_target, "put", "slow"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(b"".join(b"line %d\n" % i for i in range(501)))   # one batch of 500, retried
-            proc.stdin.flush()
-            for _ in range(600):   # the first try is in: the rest of the batch waits for tokens
-                if client.describe_stream("slow").partitions[0].next_seq > 0:
-                    break
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        code, err = _put_interrupted(broker.grpc_target, "slow", client, lambda n: n > 0)
         held = client.describe_stream("slow").partitions[0].next_seq
-    finally:
-        client.close()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert b"waiting for the answer to the batch in flight" in err and b"Traceback" not in err, err
     assert 0 < held < 500 and f"sent {held} records, 0 failed".encode() in err, (held, err)
 

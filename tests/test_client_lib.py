@@ -30,6 +30,34 @@ from client import (
 )
 
 
+def _signal_on_call(obj: object, name: str, event: threading.Event | asyncio.Event) -> None:
+    """Wrap obj.<name> so that each call sets `event` first: the test knows the call has begun."""
+    real = getattr(obj, name)
+
+    def called(*args: object, **kwargs: object) -> object:
+        event.set()
+        return real(*args, **kwargs)
+
+    setattr(obj, name, called)
+
+
+def run_until_it_ends(group: GroupConsumer, timeout: float) -> list[BaseException]:
+    """group.run() on a thread until it returns (asserted within `timeout`); what it raised."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            group.run()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout)
+    assert not runner.is_alive(), "run() did not return"
+    return outcome
+
+
 @pytest.fixture
 def client(broker: BrokerProcess) -> Iterator[Client]:
     with Client(broker.grpc_target, timeout=10) as c:
@@ -525,13 +553,7 @@ def test_close_from_another_thread_ends_a_waiting_poll_quietly(broker: BrokerPro
     client.create_stream(stream_name, 1)
     consumer = PartitionConsumer(broker.grpc_target, stream_name, 0, start="LATEST", wait_ms=20_000)
     polling = threading.Event()
-    real = consumer._client.get_records
-
-    def get_records(*args: object, **kwargs: object) -> object:
-        polling.set()
-        return real(*args, **kwargs)   # type: ignore[arg-type]
-
-    consumer._client.get_records = get_records  # type: ignore[method-assign,assignment]
+    _signal_on_call(consumer._client, "get_records", polling)
     outcome: list[object] = []
     poller = threading.Thread(target=lambda: outcome.append(_outcome(consumer.poll)))
     poller.start()
@@ -550,13 +572,7 @@ def test_close_from_another_thread_wakes_a_push_poll(broker: BrokerProcess, clie
     client.create_stream(stream_name, 1)
     consumer = PartitionConsumer(client, stream_name, 0, start="LATEST", mode="push", wait_ms=60_000)
     subscribed = threading.Event()
-    real = client.subscription
-
-    def subscription(*args: object, **kwargs: object) -> object:
-        subscribed.set()
-        return real(*args, **kwargs)   # type: ignore[arg-type]
-
-    client.subscription = subscription  # type: ignore[method-assign,assignment]
+    _signal_on_call(client, "subscription", subscribed)
     outcome: list[object] = []
     poller = threading.Thread(target=lambda: outcome.append(_outcome(consumer.poll)), daemon=True)
     poller.start()
@@ -573,13 +589,7 @@ async def test_async_close_from_another_task_wakes_a_push_poll(broker: BrokerPro
     consumer = AsyncPartitionConsumer(broker.grpc_target, stream_name, 0, start="LATEST", mode="push",
                                       wait_ms=60_000)
     subscribed = asyncio.Event()
-    real = consumer._client.subscribe
-
-    def subscribe(*args: object, **kwargs: object) -> object:
-        subscribed.set()
-        return real(*args, **kwargs)   # type: ignore[arg-type]
-
-    consumer._client.subscribe = subscribe  # type: ignore[method-assign,assignment]
+    _signal_on_call(consumer._client, "subscribe", subscribed)
     task = asyncio.create_task(consumer.poll())
     await asyncio.wait_for(subscribed.wait(), 10)
     await consumer.close()
@@ -701,18 +711,7 @@ def test_group_handler_error_is_fatal_and_not_committed(broker: BrokerProcess, c
 
     group = GroupConsumer(broker.grpc_target, app, stream_name, handle, lease_ms=1500, batch=10,
                           checkpoint_every=1000, checkpoint_interval=60)
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            group.run()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    runner.join(15)
-    assert not runner.is_alive()
+    outcome = run_until_it_ends(group, 15)
     assert isinstance(outcome[0], KeyError) and calls == [0, 10]
     # the first batch (0..9) was handled and committed; the failed one (10..19) was not
     assert client.get_checkpoint(app, stream_name, 0) == Checkpoint(9, "")
@@ -733,18 +732,8 @@ def test_group_stop_from_its_handler_stops_cleanly(broker: BrokerProcess, client
 
     group = GroupConsumer(broker.grpc_target, app, stream_name, handle, lease_ms=1500,
                           checkpoint_every=1000, checkpoint_interval=60)
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            group.run()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    runner.join(20)
-    assert not runner.is_alive() and outcome == [] and group.error is None
+    outcome = run_until_it_ends(group, 20)
+    assert outcome == [] and group.error is None
     assert handled and not [t.name for t in threading.enumerate() if t.name.startswith("sluice-group")]
     for partition, seq in handled.items():   # what the handler finished is committed
         assert client.get_checkpoint(app, stream_name, partition) == Checkpoint(seq, "")

@@ -146,21 +146,12 @@ _BAD_NAME = re.compile(r"[\s.*>/\\]")    # JetStream stream and consumer names
 
 # -- properties ---------------------------------------------------------------------------------
 
-# A subject longer was taken at create, and the server then refused the subscription ("maximum
-# control line exceeded", its default max_control_line being 4,096 bytes: SUB, the subject, a
-# queue group of up to 255 and a sid); half of that leaves room for both.
-MAX_SUBJECT_BYTES = 2048
-
-
 def _subject(props: Props, key: str, required: bool) -> str | None:
     """A NATS subject: dot-separated non-empty tokens without spaces; `*` and `>` only as whole
     tokens, `>` only last."""
     value = props.text(key, required=required)
     if value is None:
         return None
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_SUBJECT_BYTES:
-        raise bad(key, f"[{value[:200]}...] is not a NATS subject this source can use: at most {MAX_SUBJECT_BYTES:,} "
-                       "bytes (a server reads a subscription's subject within its 4 KiB control line)")
     tokens = value.split(".")
     if any(not t or re.search(r"\s", t) for t in tokens):
         raise bad(key, f"[{value[:200]}] is not a NATS subject: tokens separated by dots, none empty, no spaces")

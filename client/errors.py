@@ -128,6 +128,7 @@ ERRORS: dict[str, tuple[type[SluiceError], bool]] = {
     "AUTH_UNKNOWN_KEY": (Unauthenticated, False),
     "AUTH_PROJECT_MISMATCH": (Unauthenticated, False),
     "PERMISSION_DENIED": (PermissionDenied, False),
+    "HOST_NOT_ALLOWED": (PermissionDenied, False),   # an HTTP port's (api/hosts.py); gRPC never sends it
     "THROTTLED": (Throttled, True),
     "TOO_MANY_REQUESTS": (Throttled, True),
     "TOO_MANY_TAGS": (InvalidRequest, False),

@@ -429,7 +429,11 @@ def _in_integers(t: Typed, values: list) -> pl.Expr:
 _OFFSET_UNITS = {"millisecond": (1, "ms"), "second": (1, "s"), "minute": (1, "m"), "hour": (1, "h"),
                  "day": (1, "d"), "week": (1, "w"), "month": (1, "mo"), "quarter": (3, "mo"), "year": (1, "y")}
 _SHORTHAND_UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1))
-_MAX_OFFSET = 10**12   # far past any time a datetime64 holds (a bigger count overflowed Polars' offset parser)
+# An interval's span is at most 1,000 years: a time shifted out of the range Polars formats
+# (10**12 days was taken) panicked in the query's output, and the query failed at its first row.
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000,
+            "mo": 2_629_746_000, "y": 31_556_952_000}   # a month and a year: the Gregorian averages
+_MAX_SPAN_MS = 1000 * _UNIT_MS["y"]
 
 
 def shown(node: exp.Expression, limit: int = 100) -> str:
@@ -439,9 +443,14 @@ def shown(node: exp.Expression, limit: int = 100) -> str:
 
 
 def _shorthand(m: re.Match[str]) -> str:
-    ms = int(m.group(1))
+    count, unit = _largest_unit(int(m.group(1)))
+    return f"{count}{unit}"
+
+
+def _largest_unit(ms: int) -> tuple[int, str]:
+    """Milliseconds as a count of the largest unit they are a whole number of: 7d, 90s."""
     unit, size = next((u, size) for u, size in _SHORTHAND_UNITS if ms % size == 0)
-    return f"{ms // size}{unit}"
+    return ms // size, unit
 
 
 _SHOWN_INTERVAL = re.compile(re.escape(INTERVAL_FN) + r"\((\d{1,30})\)")
@@ -455,15 +464,10 @@ def _interval_offset(node: exp.Expression) -> tuple[int, str]:
     """(count, Polars offset unit) of a constant interval: `1h` (as __interval(3600000)) or
     `INTERVAL 2 DAY`; anything else is an error naming it."""
     text = shown(node)
-    value: str | None
-    if isinstance(node, exp.Anonymous):
+    if isinstance(node, exp.Anonymous):   # the shorthand, in ms: `7d` comes back a count of days
         arg = node.expressions[0] if len(node.expressions) == 1 else None
-        ms = arg.this if isinstance(arg, exp.Literal) and not arg.is_string and arg.this.isdigit() else None
-        if ms is None:
-            raise _mismatch(f"{text}: an interval is a constant whole number of its unit")
-        # in the largest unit it is a whole number of: `7d` moves a date, a calendar day of a time
-        multiplier, unit = next((1, u) for u, size in _SHORTHAND_UNITS if int(ms) % size == 0)
-        value = str(int(ms) // dict(_SHORTHAND_UNITS)[unit])
+        value = arg.this if isinstance(arg, exp.Literal) and not arg.is_string else None
+        multiplier, unit = 1, "ms"
     else:
         name = node.text("unit").lower()
         name = name[:-1] if name.endswith("s") else name
@@ -473,10 +477,12 @@ def _interval_offset(node: exp.Expression) -> tuple[int, str]:
         value = node.this.this if isinstance(node.this, exp.Literal) else None
     if not (isinstance(value, str) and value.strip().isdigit()):
         raise _mismatch(f"{text}: an interval is a constant whole number of its unit")
-    digits = value.strip().lstrip("0") or "0"   # never int() of thousands of digits
-    n = int(digits) * multiplier if len(digits) <= 13 else _MAX_OFFSET + 1
-    if n > _MAX_OFFSET:
-        raise _mismatch(f"{text}: an interval of at most {_MAX_OFFSET:,} units")
+    digits = value.strip().lstrip("0") or "0"
+    if len(digits) > 30 or int(digits) * multiplier * _UNIT_MS[unit] > _MAX_SPAN_MS:   # no int() of 5,000 digits
+        raise _mismatch(f"{text}: an interval spans at most 1,000 years")
+    n = int(digits) * multiplier
+    if unit == "ms":   # in the largest unit it is a whole number of: `7d` moves a date, a calendar day of a time
+        n, unit = _largest_unit(n)
     return n, unit
 
 

@@ -104,11 +104,12 @@ def checked_wait(wait_ms: object) -> int:
     return _checked("wait_ms", wait_ms, 0, "a non-negative integer (milliseconds)")
 
 
-def checked_mode_and_start(mode: str, start: StartPosition) -> None:
-    """ValueError for a mode or start position no consumer could use."""
+def checked_mode_and_start(mode: str, start: StartPosition) -> tuple[str, int | None, int | None]:
+    """The start position parsed (see _parse_start); ValueError for a mode or start position no
+    consumer could use."""
     if mode not in ("pull", "push"):
         raise ValueError("mode must be 'pull' or 'push'")
-    _parse_start(start)
+    return _parse_start(start)
 
 
 def checked_lease(lease_ms: object) -> int:
@@ -120,7 +121,7 @@ class _ConsumerState:
 
     def __init__(self, stream: str, partition: int, app: str | None, start: StartPosition, mode: str,
                  wait_ms: int, batch: int) -> None:
-        checked_mode_and_start(mode, start)
+        parsed_start = checked_mode_and_start(mode, start)
         # checked here, not at the first poll, where a bad one failed with protobuf's uint32 range error
         batch = checked_batch(batch)
         wait_ms = checked_wait(wait_ms)
@@ -130,7 +131,7 @@ class _ConsumerState:
         self.mode = mode
         self.wait_ms = wait_ms
         self.batch = batch
-        self._start = _parse_start(start)
+        self._start = parsed_start
         self._next_seq: int | None = None   # next record to read, once known
         self._derived = False                # _next_seq came from progress or a checkpoint, not `start`
         self._opened = False

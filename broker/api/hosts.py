@@ -66,6 +66,11 @@ class AllowedHosts:
         return True
 
 
+def middlewares(hosts: AllowedHosts | None) -> list[Middleware]:
+    """What a port's application adds for `hosts`: nothing when any host is answered."""
+    return [] if hosts is None else [middleware(hosts)]
+
+
 def middleware(hosts: AllowedHosts) -> Middleware:
     @web.middleware
     async def allowed_host(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -37,7 +37,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api import console, dis, limits, metrics, tail, timeplus, tsdb
 from broker.api.hosts import AllowedHosts
-from broker.api.hosts import middleware as hosts_middleware
+from broker.api.hosts import middlewares as host_checks
 from broker.api.http import (
     PARSER_REJECTED,
     RENDERER,
@@ -92,7 +92,7 @@ def build_http_app(broker: Broker, *, body_timeout_s: float, stall_timeout_s: fl
     owners.append((re.compile(re.escape(console.PREFIX) + "$"), doors[console.PREFIX][RENDERER]))   # its root
     # the body cap is the root's: aiohttp builds every request with the root app's client_max_size
     root = web.Application(middlewares=[error_middleware(owners, FALLBACK), metrics.request_timer(broker),
-                                        *_guarded(allowed_hosts), *_limited(client_limits)],
+                                        *host_checks(allowed_hosts), *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = FALLBACK  # for what no door owns: unknown paths, parser rejections of no known path
     metrics.count_rejections(root, broker)
@@ -130,7 +130,7 @@ def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout
     `exporter`: /healthz and /readyz too (not /metrics: that is the HTTP port's or --metrics-port's)."""
     config = _config(broker, body_timeout_s, stall_timeout_s)
     root = web.Application(middlewares=[error_middleware([], TSDB), metrics.request_timer(broker),
-                                        *_guarded(allowed_hosts), *_limited(client_limits)],
+                                        *host_checks(allowed_hosts), *_limited(client_limits)],
                            client_max_size=config.max_body_bytes)
     root[RENDERER] = TSDB
     metrics.count_rejections(root, broker)
@@ -144,10 +144,6 @@ def build_tsdb_http_app(broker: Broker, tsdb_stream: TsdbStream, *, body_timeout
 
 def _limited(client_limits: limits.ClientLimits | None) -> list[Any]:
     return [] if client_limits is None else [limits.middleware(client_limits)]
-
-
-def _guarded(allowed_hosts: AllowedHosts | None) -> list[Any]:
-    return [] if allowed_hosts is None else [hosts_middleware(allowed_hosts)]
 
 
 # -- errors of aiohttp's own HTTP parser -----------------------------------------------------------

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from broker.api.hosts import AllowedHosts
-from broker.api.hosts import middleware as hosts_middleware
+from broker.api.hosts import middlewares as host_checks
 from broker.api.http import (
     PARSER_REJECTED,
     RENDERER,
@@ -338,7 +338,7 @@ def build_metrics_app(exporter: Exporter, client_limits: ClientLimits | None = N
     error bodies (unknown paths)."""
     broker = exporter.health.broker
     app = web.Application(middlewares=[error_middleware([], FALLBACK), request_timer(broker),
-                                       *([] if allowed_hosts is None else [hosts_middleware(allowed_hosts)]),
+                                       *host_checks(allowed_hosts),
                                        *([] if client_limits is None else [limits_middleware(client_limits)])])
     app[RENDERER] = FALLBACK
     count_rejections(app, broker)

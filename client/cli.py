@@ -48,6 +48,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# The broker's limit on a partition key (broker/core/limits.py; DIS leaves it undocumented, Kinesis allows
+# 256): a --key over it would fail every record, so it is a usage error up front.
+PARTITION_KEY_MAX_CHARS = 256
+
+
+def _partition_key(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (leave --key out to spread records over partitions)")
+    if len(text) > PARTITION_KEY_MAX_CHARS:
+        raise argparse.ArgumentTypeError(f"at most {PARTITION_KEY_MAX_CHARS} characters, got {len(text)}")
+    return text
+
+
 def _int_within(low: int, high: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer within what the wire can carry (the broker judges the rest)."""
     def parse(text: str) -> int:
@@ -929,8 +942,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="each line is a JSON object: data (string, sent as UTF-8) or data_base64 (any bytes, as "
                           "get --json writes data that is not UTF-8) and optional partition_key and partition_id; "
                           "malformed lines are reported with their line number and skipped")
-    put.add_argument("--key", help="partition key for records that name no partition of their own "
-                                   "(default: spread over partitions)")
+    put.add_argument("--key", type=_partition_key,
+                     help="partition key (1-256 characters) for records that name no partition of their own "
+                          "(default: spread over partitions)")
 
     get = _add(sub, "get", "read one partition from a cursor to its current end")
     get.add_argument("stream", help="stream name")

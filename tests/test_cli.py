@@ -224,6 +224,18 @@ def test_put_from_stdin_spreads_without_key(cli, stream_name):
     assert sorted(got) == sorted(f"r{i}" for i in range(30))
 
 
+def test_put_with_the_longest_key_the_broker_takes_keeps_one_partition(cli, stream_name):
+    from broker.core.limits import Limits
+    from client.cli import PARTITION_KEY_MAX_CHARS
+    assert PARTITION_KEY_MAX_CHARS == Limits().max_partition_key_chars   # the CLI checks the broker's limit
+    ok(cli("streams", "create", stream_name, "--partitions", "3"))
+    put = cli("put", stream_name, "--key", "\u00e9" * PARTITION_KEY_MAX_CHARS,
+              stdin="".join(f"r{i}\n" for i in range(20)))
+    assert put.returncode == 0 and "sent 20 records, 0 failed" in put.stderr, put.stderr
+    parts = [ok(cli("get", stream_name, str(p))).splitlines() for p in range(3)]
+    assert sorted(map(len, parts)) == [0, 0, 20] and [f"r{i}" for i in range(20)] in parts
+
+
 def test_failed_records_exit_1(cli, stream_name, tmp_path):
     ok(cli("streams", "create", stream_name))
     source = tmp_path / "big.txt"
@@ -317,6 +329,8 @@ def test_usage_errors_exit_2(args):
     ("get", "s", "0", "--max", "-1"),
     ("streams", "create", b"a\xff"),                       # bytes that are not UTF-8 (a lone surrogate)
     ("put", "s", "--key", b"\xff"),
+    ("put", "s", "--key", "k" * 257),                      # past the broker's partition key limit: every
+    ("put", "s", "--key", ""),                             # record would fail; empty is no key at all
     ("checkpoints", "commit", "a", "s", "0", "1", "--metadata", b"\xfe"),
     ("sources", "create", "n", "--type", "x", "--stream", "s", "--properties", '{"a": "\\udc00"}'),
     ("--target", "", "streams", "list"),

@@ -398,8 +398,10 @@ class Sources:
         properties = body.get("properties")
         if properties is None and old:
             properties = old.properties
-        if not isinstance(properties, dict) or not properties:
+        if properties is None:
             raise bad("properties", "is required: an object of the source type's properties")
+        if not isinstance(properties, dict):   # {} goes on: the type names the property it needs
+            raise bad("properties", "must be an object of the source type's properties")
         return stream, description, properties
 
     async def _checked(self, project: str, type_name: str, stream: str, properties: dict[str, Any]) -> Any:

@@ -258,7 +258,7 @@ async def test_a_stream_without_schema_takes_the_objects_as_records(h: Sluice) -
     ({"name": "g", "type": "stream_generator", "stream": "missing", "properties": {"template": "iot"}}, "stream"),
     ({"name": "g", "type": "stream_generator", "stream": "t"}, "properties"),
     ({"name": "g", "type": "stream_generator", "stream": "t", "properties": []}, "properties"),
-    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {}}, "properties"),
+    ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {}}, "template"),   # the one it needs
     ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {"interval": "1s"}}, "template"),
     ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {"template": "weather"}}, "template"),
     ({"name": "g", "type": "stream_generator", "stream": "t", "properties": {"template": 3}}, "template"),

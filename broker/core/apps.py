@@ -9,7 +9,8 @@ Metadata key layout (under the store's metadata namespace; see storage/keys.py):
 
 Other kinds in the same namespace: b"S" sources (sources/model.py), b"L" their leases on a shared
 store (sources/manager.py), b"T" tsdb series types (tsdb/series.py), b"Z" the DIS monitoring series
-(core/metric_series.py), b"G" consumer-group leases on a shared store (core/leases.py).
+(core/metric_series.py), b"G" consumer-group leases on a shared store and b"H" the horizons of one
+broker's (core/leases.py).
 
 Apps belong to a project, like streams. Checkpoints are keyed by the stream's id, not its name,
 so a deleted-and-recreated stream never inherits the old stream's positions; delete_stream

@@ -100,10 +100,10 @@ class Broker:
         self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
         self.queries = Queries(self.catalogue, self.reads, store, clock_ms, known=self._known)
-        # leases: see leases.py for the restart grace that started_ms enables; the brokers of a
-        # shared store keep one table in it
+        # leases: one broker's table in memory, with the horizons of its restart grace in the store
+        # (see leases.py); the brokers of a shared store keep one table in it
         if leases is None:
-            leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(started_ms=clock_ms())
+            leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(store)
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
         self._shared = store.capabilities.shared
         self._gone: set[int] = set()   # stream ids of cursors the store does not have (deleted)

@@ -13,9 +13,12 @@ answers with the partitions it may work on now, leased until now + lease_ms. Rul
   owner, so two live members never work on one partition at once (at-least-once, order kept).
 * After a broker restart the table is empty; a member's `held` claims re-establish its leases.
   Members still working on what they held before the restart re-claim it with their first
-  heartbeat, which comes within a lease; so for one lease after the broker started (`started_ms`)
-  a partition nobody claimed is not granted - else the first member to heartbeat would be given
-  partitions another live member is still working on.
+  heartbeat, which comes within their lease; so until every lease granted before the restart has
+  run out (the group's `grace`) a partition nobody claimed is not granted - else the first member
+  to heartbeat would be given partitions another live member is still working on. That moment is
+  the latest expiry the table granted, which the members' leases decide (1 s to 5 min, each its
+  own), so LocalLeases keeps it in the store ahead of every grant (`horizon`, below); a group
+  with no horizon stored, or one in the past, had no live lease and waits for nothing.
 
 Where the table lives is behind the `Leases` interface below:
 * LocalLeases: in one broker's memory, for a store only this broker serves - leases are only
@@ -29,6 +32,7 @@ Where the table lives is behind the `Leases` interface below:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
@@ -45,9 +49,13 @@ class _Group:
 
 
 class LeaseTable:
-    def __init__(self, started_ms: int | None = None) -> None:
+    def __init__(self) -> None:
         self._groups: dict[tuple[str, int], _Group] = {}
-        self._started_ms = started_ms   # None: no restart grace (a table that starts empty for sure)
+        # group -> wall ms until which a partition nobody claimed is not granted (the restart grace)
+        self._grace: dict[tuple[str, int], int] = {}
+
+    def set_grace(self, app: str, stream_id: int, until_ms: int) -> None:
+        self._grace[(app, stream_id)] = until_ms
 
     def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
                   lease_ms: int, now: int, active: int | None = None) -> list[int]:
@@ -72,7 +80,7 @@ class LeaseTable:
             if 0 <= p < partition_count and group.owners.get(p, (member,))[0] == member:
                 group.owners[p] = (member, now + lease_ms)
         target = self._target(group, partition_count, partition_count if active is None else active)
-        recovering = self._started_ms is not None and now < self._started_ms + lease_ms
+        recovering = now < self._grace.get((app, stream_id), 0)
         mine = []
         for p in range(partition_count):
             current = group.owners.get(p)
@@ -133,10 +141,14 @@ class LeaseTable:
     def forget_stream(self, stream_id: int) -> None:
         for key in [k for k in self._groups if k[1] == stream_id]:
             del self._groups[key]
+        for key in [k for k in self._grace if k[1] == stream_id]:
+            del self._grace[key]
 
     def forget_app(self, app: str) -> None:
         for key in [k for k in self._groups if k[0] == app]:
             del self._groups[key]
+        for key in [k for k in self._grace if k[0] == app]:
+            del self._grace[key]
 
     # -- one group's state as plain data (StoreLeases keeps it in the store) ---------------------
 
@@ -175,27 +187,79 @@ class Leases(Protocol):
 
 class LocalLeases(Leases):
     """The in-memory LeaseTable behind the Leases interface. `app` is project-qualified by the
-    caller, so groups of two projects never meet."""
+    caller, so groups of two projects never meet.
 
-    def __init__(self, started_ms: int | None = None) -> None:
-        self.table = LeaseTable(started_ms)
+    With a `store`, each group's horizon - a wall-clock ms no lease granted so far outlasts - is
+    kept in it (b"H" keys, 8 bytes), written before the answer that would pass it, two leases
+    ahead so it is written about once a lease, not at every heartbeat. A broker restarted on the
+    store reads it at a group's first heartbeat as that group's restart grace."""
+
+    def __init__(self, store: Store | None = None) -> None:
+        self.table = LeaseTable()
+        self._store = store
+        self._horizons: dict[tuple[str, int], int] = {}   # loaded groups: the horizon stored
+        self._writing = asyncio.Lock()   # horizon writes in order: a later one never stored under an earlier
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
                         lease_ms: int, now: int, active: int | None = None) -> list[int]:
-        return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
+        if self._store is None:
+            return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
+        group = (app, stream_id)
+        if group not in self._horizons:
+            raw = await self._store.meta_get(horizon_key(app, stream_id))
+            if group not in self._horizons:   # not loaded by a heartbeat that ran during the read
+                stored = _MS.unpack(raw)[0] if raw is not None and len(raw) == _MS.size else 0
+                self._horizons[group] = stored
+                self.table.set_grace(app, stream_id, stored)
+        mine = self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
+        if now + lease_ms > self._horizons[group]:
+            await self._advance(group, now + 2 * lease_ms)
+        return mine
+
+    async def _advance(self, group: tuple[str, int], until: int) -> None:
+        assert self._store is not None
+        async with self._writing:
+            if until <= self._horizons.get(group, until):   # passed by another heartbeat's write
+                return
+            await self._store.meta_write({horizon_key(*group): _MS.pack(until)})
+            if group in self._horizons:   # not forgotten (a deleted stream or app) during the write
+                self._horizons[group] = until
 
     async def leave(self, app: str, stream_id: int, member: str) -> None:
         self.table.leave(app, stream_id, member)
 
     async def forget_stream(self, stream_id: int) -> None:
         self.table.forget_stream(stream_id)
+        for group in [g for g in self._horizons if g[1] == stream_id]:
+            del self._horizons[group]
+        if self._store is not None:
+            async with self._writing:
+                rows = await self._store.meta_scan(HORIZON_PREFIX + _SID.pack(stream_id))
+                if rows:
+                    await self._store.meta_write({k: None for k, _ in rows})
 
     async def forget_app(self, app: str) -> None:
         self.table.forget_app(app)
+        for group in [g for g in self._horizons if g[0] == app]:
+            del self._horizons[group]
+        if self._store is not None:
+            name = app.encode()
+            async with self._writing:
+                doomed: dict[bytes, bytes | None] = {
+                    k: None for k, _ in await self._store.meta_scan(HORIZON_PREFIX) if k[1 + _SID.size:] == name}
+                if doomed:
+                    await self._store.meta_write(doomed)
 
 
 _SID = struct.Struct(">Q")
+_MS = struct.Struct(">Q")
 LEASE_PREFIX = b"G"   # metadata kind of StoreLeases (core/apps.py lists the kinds)
+HORIZON_PREFIX = b"H"   # metadata kind of LocalLeases' horizons
+
+
+def horizon_key(app: str, stream_id: int) -> bytes:
+    """b"H" + stream_id u64 + app, as lease_key."""
+    return HORIZON_PREFIX + _SID.pack(stream_id) + app.encode()
 MAX_CONFLICTS = 1000  # meta_cas conflicts one call retries before giving up (never in practice)
 
 

@@ -608,7 +608,6 @@ async def test_apps_checkpoints_and_groups_belong_to_a_project(broker: Broker, c
     assert [a.name for a in (await broker.list_apps(project="p1"))[1]] == ["app"]
     assert (await broker.list_apps())[0] == 0
     # one member id in two projects' groups: two groups, each hands out all its partitions
-    clock.advance(MINUTE)                                        # past the leases' restart grace
     assert (await broker.heartbeat("app", "s", "m", project="p1"))[0] == [0, 1]
     assert (await broker.heartbeat("app", "s", "m", project="p2"))[0] == [0, 1]
     await broker.delete_app("app", project="p1")
@@ -648,7 +647,6 @@ async def test_a_deleted_apps_group_leases_go_with_it(db_path: str, clock: FakeC
         for project in ("p1", "p2"):
             await broker.create_stream("s", 3, project=project)
             await broker.create_app("app", project=project)
-        clock.advance(6 * MINUTE)                                 # past the leases' restart grace (a lease)
         for project in ("p1", "p2"):
             assert (await broker.heartbeat("app", "s", "old", lease_ms=300_000, project=project))[0] == [0, 1, 2]
         await broker.delete_app("app", project="p1")
@@ -658,6 +656,92 @@ async def test_a_deleted_apps_group_leases_go_with_it(db_path: str, clock: FakeC
     finally:
         await broker.close()
         await store.close()
+
+
+async def _reopened(db_path: str, clock: FakeClock) -> tuple[Broker, RocksStore]:
+    store = RocksStore(db_path)
+    b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
+    await b.start()
+    return b, store
+
+
+async def test_after_a_restart_no_partition_a_longer_lease_may_still_cover_is_granted(
+        db_path: str, clock: FakeClock) -> None:
+    """Members choose their leases (1 s to 5 min). A member with a 60 s lease holds both
+    partitions; the broker restarts. A member with a 1 s lease must not be given them once its own
+    lease has passed since the start: the first member may work on them for up to 60 s more, and
+    re-claims them with its next heartbeat (the grace was the calling member's lease)."""
+    b, store = await _reopened(db_path, clock)
+    try:
+        await b.create_stream("s", 2)
+        await b.create_app("app")
+        assert (await b.heartbeat("app", "s", "long", lease_ms=60 * SECOND))[0] == [0, 1]
+    finally:
+        await b.close()
+        await store.close()
+    clock.advance(2 * SECOND)
+    b, store = await _reopened(db_path, clock)
+    try:
+        for _ in range(10):   # every 1.5 s: a heartbeat each third of its lease would be closer
+            assert (await b.heartbeat("app", "s", "short", lease_ms=SECOND))[0] == []
+            clock.advance(1500)
+        assert (await b.heartbeat("app", "s", "long", [0, 1], lease_ms=60 * SECOND))[0] == [0, 1]
+        clock.advance(2 * MINUTE)          # every lease granted before the restart is over by now
+        assert (await b.heartbeat("app", "s", "long", [0, 1], lease_ms=60 * SECOND))[0] == [0, 1]
+        assert (await b.heartbeat("app", "s", "short", lease_ms=SECOND))[0] == []   # "long" is revoked one
+        assert (await b.heartbeat("app", "s", "long", [0, 1], lease_ms=60 * SECOND))[0] == [0]
+        assert (await b.heartbeat("app", "s", "long", [0], lease_ms=60 * SECOND))[0] == [0]
+        assert (await b.heartbeat("app", "s", "short", lease_ms=SECOND))[0] == [1]
+    finally:
+        await b.close()
+        await store.close()
+
+
+async def test_after_a_restart_a_group_with_no_live_lease_is_served_at_once(db_path: str, clock: FakeClock) -> None:
+    """No grace to wait where no lease from before the restart can still run: a group that never
+    had a member, and one whose leases ran out while the broker was down."""
+    b, store = await _reopened(db_path, clock)
+    try:
+        await b.create_stream("s", 2)
+        await b.create_app("old")
+        await b.create_app("new")
+        assert (await b.heartbeat("old", "s", "m", lease_ms=10 * SECOND))[0] == [0, 1]
+    finally:
+        await b.close()
+        await store.close()
+    clock.advance(MINUTE)   # down for longer than the old group's horizon (two of its leases)
+    b, store = await _reopened(db_path, clock)
+    try:
+        assert (await b.heartbeat("new", "s", "first", lease_ms=10 * SECOND))[0] == [0, 1]
+        assert (await b.heartbeat("old", "s", "other", lease_ms=10 * SECOND))[0] == [0, 1]
+    finally:
+        await b.close()
+        await store.close()
+
+
+async def test_the_restart_grace_is_stored_about_once_a_lease_and_goes_with_its_stream_and_app(
+        broker: Broker, clock: FakeClock) -> None:
+    from broker.core.leases import HORIZON_PREFIX
+    await broker.create_stream("s", 1)
+    await broker.create_stream("t", 1)
+    await broker.create_app("a")
+    await broker.create_app("b")
+    horizons = []
+    for _ in range(9):   # three leases' worth of heartbeats, one each third of a lease
+        await broker.heartbeat("a", "s", "m", [0], lease_ms=30 * SECOND)
+        [(_, value)] = await broker.store.meta_scan(HORIZON_PREFIX)
+        horizons.append(int.from_bytes(value, "big"))
+        assert horizons[-1] >= clock() + 30 * SECOND   # never behind a lease it granted
+        clock.advance(10 * SECOND)
+    assert len(set(horizons)) == 3, horizons
+    await broker.heartbeat("b", "s", "m", lease_ms=30 * SECOND)
+    await broker.heartbeat("a", "t", "m", lease_ms=30 * SECOND)
+    assert len(await broker.store.meta_scan(HORIZON_PREFIX)) == 3
+    await broker.delete_stream("t")
+    await asyncio.sleep(0.05)   # the delete's chores (the leases of the stream's groups)
+    assert len(await broker.store.meta_scan(HORIZON_PREFIX)) == 2
+    await broker.delete_app("a")
+    assert len(await broker.store.meta_scan(HORIZON_PREFIX)) == 1
 
 
 @pytest.mark.parametrize("project", ["", "a/b", "x" * 65, "ü", None, "p\0"])

@@ -125,7 +125,7 @@ def test_held_claims_re_establish_leases_that_lapsed_or_were_lost() -> None:
     assert hb(table, "b", {2, 3}, now=20 + 3 * LEASE) == [2, 3]
     assert table.owners(APP, SID) == {0: "a", 1: "a", 2: "b", 3: "b"}
     assert hb(table, "a", {0, 1}, now=20 + 3 * LEASE + 1, lease=long) == [0, 1]
-    # an empty table (no restart grace, started_ms=None): a claim is granted even where the
+    # an empty table (no restart grace): a claim is granted even where the
     # balance would not put it, and a newcomer gets nothing that is claimed
     table = LeaseTable()
     assert hb(table, "b", {2, 3}, now=0, partitions=6) == [0, 1, 2, 3, 4, 5]   # alone: claims + the free rest

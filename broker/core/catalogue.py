@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Awaitable, Callable, NamedTuple
 
@@ -43,6 +44,9 @@ class StreamSummary(NamedTuple):
 STREAM_TYPES = ("COMMON", "ADVANCED")
 
 
+GONE_NAMES = 1024   # names of deleted streams remembered for errors (a cursor lives 5 minutes)
+
+
 class StreamCatalogue:
     def __init__(self, store: Store, limits: Limits, clock_ms: Callable[[], int]) -> None:
         self._store = store
@@ -57,6 +61,9 @@ class StreamCatalogue:
         self._summaries: dict[str, tuple[float, asyncio.Task[list[StreamSummary]]]] = {}
         # while load() runs: the ids another broker deleted meanwhile (the listing may be older)
         self._unlearnt_while_loading: set[int] | None = None
+        # stream id -> name of the streams deleted lately, for errors about their cursors (which
+        # hold the id only): the last GONE_NAMES, not kept across a restart
+        self._gone: OrderedDict[int, str] = OrderedDict()
 
     async def load(self) -> None:
         """At start. A stream another broker changed meanwhile (learnt from its event) is kept as
@@ -95,7 +102,20 @@ class StreamCatalogue:
         config = self._by_id.pop(stream_id, None)
         if config is not None and self._streams.get(config.key) is config:
             del self._streams[config.key]
+        if config is not None:
+            self._note_gone(config)
         return config
+
+    def _note_gone(self, config: StreamConfig) -> None:
+        self._gone[config.stream_id] = config.stream_name
+        while len(self._gone) > GONE_NAMES:
+            self._gone.popitem(last=False)
+
+    def gone(self, stream_id: int) -> str:
+        """How errors name a stream that is no longer here (a cursor of it): its name and id when
+        it was deleted lately - the name may be a new stream's by now - else the id alone."""
+        name = self._gone.get(stream_id)
+        return f"(deleted stream {stream_id})" if name is None else f"{name} (deleted stream {stream_id})"
 
     def get(self, project: str, stream_name: object) -> StreamConfig:
         """The stream's config. Raises INVALID_REQUEST (bad project), STREAM_NOT_FOUND."""
@@ -202,6 +222,7 @@ class StreamCatalogue:
             del self._streams[config.key]
             del self._by_id[config.stream_id]
             self._summaries.pop(config.project, None)
+            self._note_gone(config)
             try:
                 await self._store.drop_stream(config.stream_id)
             except BrokerError as exc:

@@ -132,7 +132,7 @@ class ReadPath:
         pos = decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms)
         config = self._catalogue.by_id(pos.stream_id)
         if config is None:
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {pos.stream_id})")
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=self._catalogue.gone(pos.stream_id))
         if config.project != project:
             raise client_error(ErrorCode.INVALID_CURSOR, detail="the cursor belongs to a stream of another project")
         return config, pos
@@ -174,7 +174,7 @@ class ReadPath:
             raise client_error(ErrorCode.CURSOR_RECORD_EXPIRED, seq=seq,
                                earliest=(await self._store.bounds(sid, p)).first_seq)
         if self._catalogue.by_id(sid) is None:
-            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+            raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=self._catalogue.gone(sid))
         if block.data:   # records_out: a bounded query reads as much as a streaming one
             self._stats.read(sid, p, len(block.data), block.size if block.size >= 0 else sum(map(len, block.data)))
         return block, encode_cursor(self.secret, CursorPosition(sid, p, block.next_seq, self._now()))
@@ -228,7 +228,7 @@ class ReadPath:
                     self._notifier.discard(sid, p, waiter)
             woken = True
             if self._catalogue.by_id(sid) is None:
-                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=f"(deleted stream {sid})")
+                raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=self._catalogue.gone(sid))
         if records and counted:   # what a consumer is handed (GetRecords)
             self._stats.read(sid, p, len(records), sum(map(len, map(_data, records))))
         next_seq = records[-1].seq + 1 if records else seq

@@ -286,9 +286,11 @@ def test_delete_stream_frees_the_name_and_the_log(sluice_stub, stream_name):
     assert drain(sluice_stub, cursor(sluice_stub, stream_name, 1))[0] == []
     assert to_partition(sluice_stub, stream_name, 1, [b"new"]) == [0]  # numbering restarts at 0
     assert drain(sluice_stub, cursor(sluice_stub, stream_name, 1))[1] == [b"new"]
-    # a cursor of the deleted stream stays dead even though the name lives again
-    expect_error(sluice_stub.GetRecords, pb.GetRecordsRequest(cursor=old_cursor),
-                 grpc.StatusCode.NOT_FOUND, "DIS.4301")
+    # a cursor of the deleted stream stays dead even though the name lives again; the error names
+    # it by its name and the id that tells it from the new stream
+    err = expect_error(sluice_stub.GetRecords, pb.GetRecordsRequest(cursor=old_cursor),
+                       grpc.StatusCode.NOT_FOUND, "DIS.4301")
+    assert err.details() == f"Stream [{stream_name} (deleted stream {old_id})] does not exist", err.details()
 
 
 # -- writing: routing --------------------------------------------------------------------------

@@ -23,8 +23,10 @@ Rules in order (section 3), and what the spec leaves open [ours]:
    `Invalid tag value: empty string`; a null tag value is an empty one [ours]; a number or
    boolean becomes its JSON text (`8080`, `1.5`, `true`); an object or array ->
    `Invalid tag value: must be a string, number or boolean` [ours].
-7. metric over 255 bytes of UTF-8 -> `Metric name too long`; a string value over 20480 bytes of
-   UTF-8 -> `String value too long`.
+7. metric over 255 bytes of UTF-8 -> `Metric name too long`; then each tag key or value over 255
+   bytes -> `Tag name too long` / `Tag value too long` (the spec limits them "like metric"; the
+   strings are [ours]; unbounded, a series' key - routed, stored in the series registry - would be
+   as long as the body); a string value over 20480 bytes of UTF-8 -> `String value too long`.
 
 Value typing (section 2): a JSON integer within signed 64 bits is a long, any other JSON number a
 double; true/false a boolean; a string that is a plain decimal literal (`-?digits`, optional
@@ -81,6 +83,8 @@ EMPTY_TAG_NAME = "Invalid tag name: empty string"
 EMPTY_TAG_VALUE = "Invalid tag value: empty string"
 TAG_VALUE_NOT_TEXT = "Invalid tag value: must be a string, number or boolean"
 METRIC_TOO_LONG = "Metric name too long"
+TAG_NAME_TOO_LONG = "Tag name too long"
+TAG_VALUE_TOO_LONG = "Tag value too long"
 STRING_TOO_LONG = "String value too long"
 NOT_A_NUMBER = "Unable to parse value to a number"
 
@@ -310,6 +314,11 @@ def series_form(metric: str, tags: dict[Any, Any]) -> SeriesForm | str:
     return verdict
 
 
+def _too_long(name: str) -> bool:
+    """Over METRIC_MAX_BYTES of UTF-8 (a character is at most 4 bytes: short names need no encoding)."""
+    return len(name) > METRIC_MAX_BYTES // 4 and len(name.encode()) > METRIC_MAX_BYTES
+
+
 def _check_names(metric: str, tags: dict[str, Any]) -> SeriesForm | str:
     """Rules 6 and the metric's 7 over the names: the series' form, or the error."""
     bad = illegal_character(metric)
@@ -334,8 +343,13 @@ def _check_names(metric: str, tags: dict[str, Any]) -> SeriesForm | str:
         if bad:
             return f'Invalid tag value ("{v}"): illegal character: {bad}'
         clean[k] = v
-    if len(metric) > METRIC_MAX_BYTES // 4 and len(metric.encode()) > METRIC_MAX_BYTES:
+    if _too_long(metric):
         return METRIC_TOO_LONG
+    for k, v in clean.items():
+        if _too_long(k):
+            return TAG_NAME_TOO_LONG
+        if _too_long(v):
+            return TAG_VALUE_TOO_LONG
     if len(clean) > 1:
         clean = dict(sorted(clean.items()))
     key = series_key(metric, clean)

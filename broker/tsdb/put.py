@@ -192,8 +192,8 @@ def group(errors: list[str | None], checked: list[Checked], stream_id: int, part
     """points.check_batch's answer sorted into partitions (see Grouped). `known`: series key ->
     kind, as far as the registry of stream `stream_id` knows (a snapshot or the live map: entries
     are only ever added). Rules 8-9 in the write's order: a record over `max_record_bytes` is a
-    storage exception before its type is looked at (huge tags never fix a type); a point of a
-    known series of another type is a type conflict."""
+    storage exception before its type is looked at (a defence: points.py's limits keep a valid
+    point's record under ~30 KB); a point of a known series of another type is a type conflict."""
     parts: dict[int, Part] = {}
     pending: list[Pending] = []
     kind_of = known.get

@@ -316,6 +316,14 @@ BAD = {"metric": "", "timestamp": 0, "value": None, "tags": {}}
     ({"metric": "m" * 256, "timestamp": NOW_S, "value": "x" * 30000, "tags": {"h": "a"}}, "Metric name too long"),
     ({"metric": "温" * 86, "timestamp": NOW_S, "value": 1, "tags": {"h": "a"}}, "Metric name too long"),  # 258 bytes
     ({"metric": "mm", "timestamp": NOW_S, "value": "温" * 6827, "tags": {"h": "a"}}, "String value too long"),
+    # tag keys and values are limited like the metric: 255 bytes, after it, in the order received
+    ({"metric": "m" * 256, "timestamp": NOW_S, "value": 1, "tags": {"h" * 256: "a"}}, "Metric name too long"),
+    ({"metric": "m", "timestamp": NOW_S, "value": 1, "tags": {"a": "v" * 256, "h" * 256: "a"}},
+     "Tag value too long"),
+    ({"metric": "m", "timestamp": NOW_S, "value": 1, "tags": {"h" * 256: "a", "a": "v" * 256}},
+     "Tag name too long"),
+    ({"metric": "m", "timestamp": NOW_S, "value": 1, "tags": {"h": "温" * 86}}, "Tag value too long"),   # 258 bytes
+    ({"metric": "m", "timestamp": NOW_S, "value": "x" * 30000, "tags": {"h": "v" * 300}}, "Tag value too long"),
 ])
 def test_the_first_failing_rule_wins(broker: BrokerProcess, p: dict[str, Any], error: str) -> None:
     assert one_error(broker, p) == error
@@ -326,8 +334,10 @@ def test_limits_at_their_bounds_are_accepted(broker: BrokerProcess, metric: str)
     long_metric = metric + "." + "温" * ((255 - len(metric) - 1) // 3)
     long_metric += "x" * (255 - len(long_metric.encode()))
     assert len(long_metric.encode()) == 255
-    assert put(broker, [point(metric, 1, **sixteen), point(long_metric, 1)]).status == 204
-    assert len(points_of(broker, metric)) == 1 and len(points_of(broker, long_metric)) == 1
+    long_tag = "温" * 85   # 255 bytes
+    assert put(broker, [point(metric, 1, **sixteen), point(long_metric, 1),
+                        point(metric, 2, **{long_tag: long_tag})]).status == 204
+    assert len(points_of(broker, metric)) == 2 and len(points_of(broker, long_metric)) == 1
 
 
 def test_elements_that_are_not_objects_fail_alone(broker: BrokerProcess, metric: str) -> None:

@@ -135,13 +135,13 @@ def test_gzipped_bodies_answer_the_same(pair: tuple[BrokerProcess, BrokerProcess
     both(pair, lambda b: put(b, body, "?details", gzipped=True))
 
 
-def test_oversized_records_and_a_scaled_stream_answer_the_same(pair: tuple[BrokerProcess, BrokerProcess]) -> None:
-    """A point whose record is over the record limit is refused before its type is fixed; after the
+def test_oversized_tags_and_a_scaled_stream_answer_the_same(pair: tuple[BrokerProcess, BrokerProcess]) -> None:
+    """A point with a tag value over its limit is refused before its type is fixed; after the
     tsdb stream is scaled the points are sorted for the new layout (the worker's grouping for the
     old one is done again in the broker)."""
     huge = point("pool.huge", 1, host="h" * 1_100_000)   # tags longer than a record may be (1 MiB)
     reply = both(pair, lambda b: put(b, big([huge, point("pool.huge", "s", host="ok")], "pool.hg"), "?details"))
-    assert details(reply)[0].startswith("Storage exception: the point's record is")
+    assert details(reply)[0] == "Tag value too long"
     for proc in pair:
         scaled = request(proc, "PUT", "/v2/default/streams/tsdb", json.dumps(
             {"stream_name": "tsdb", "target_partition_count": 12}).encode())

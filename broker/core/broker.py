@@ -103,7 +103,8 @@ class Broker:
         # leases: one broker's table in memory, with the horizons of its restart grace in the store
         # (see leases.py); the brokers of a shared store keep one table in it
         if leases is None:
-            leases = StoreLeases(store) if store.capabilities.shared else LocalLeases(store)
+            leases = StoreLeases(store) if store.capabilities.shared \
+                else LocalLeases(store, grace_cap_ms=clock_ms() + 2 * limits.max_lease_ms)
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
         self._shared = store.capabilities.shared
         self._gone: set[int] = set()   # stream ids of cursors the store does not have (deleted)

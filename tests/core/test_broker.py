@@ -719,6 +719,27 @@ async def test_after_a_restart_a_group_with_no_live_lease_is_served_at_once(db_p
         await store.close()
 
 
+async def test_a_clock_set_back_at_a_restart_holds_partitions_no_longer_than_two_of_the_longest_leases(
+        db_path: str, clock: FakeClock) -> None:
+    b, store = await _reopened(db_path, clock)
+    try:
+        await b.create_stream("s", 1)
+        await b.create_app("app")
+        assert (await b.heartbeat("app", "s", "m", lease_ms=5 * MINUTE))[0] == [0]
+    finally:
+        await b.close()
+        await store.close()
+    clock.advance(-HOUR)   # the horizon stored is an hour and ten minutes away on the new clock
+    b, store = await _reopened(db_path, clock)
+    try:
+        assert (await b.heartbeat("app", "s", "other", lease_ms=5 * MINUTE))[0] == []
+        clock.advance(10 * MINUTE)
+        assert (await b.heartbeat("app", "s", "other", lease_ms=5 * MINUTE))[0] == [0]
+    finally:
+        await b.close()
+        await store.close()
+
+
 async def test_the_restart_grace_is_stored_about_once_a_lease_and_goes_with_its_stream_and_app(
         broker: Broker, clock: FakeClock) -> None:
     from broker.core.leases import HORIZON_PREFIX

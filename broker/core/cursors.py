@@ -38,8 +38,9 @@ def encode_cursor(secret: bytes, pos: CursorPosition) -> str:
     return base64.urlsafe_b64encode(body + tag).rstrip(b"=").decode()
 
 
-def decode_cursor(secret: bytes, token: object, now_ms: int, ttl_ms: int) -> CursorPosition:
-    """Raises INVALID_CURSOR (malformed or forged) or CURSOR_EXPIRED."""
+def decode_cursor(secret: bytes, token: object, now_ms: int, ttl_ms: int | None) -> CursorPosition:
+    """Raises INVALID_CURSOR (malformed or forged) or CURSOR_EXPIRED (`ttl_ms` None: never, for a
+    cursor that only names its partition, the position coming from elsewhere)."""
     if not isinstance(token, str) or len(token) > 512 or not _TOKEN.fullmatch(token):
         raise client_error(ErrorCode.INVALID_CURSOR, detail="cursor is missing or malformed")
     try:
@@ -52,6 +53,6 @@ def decode_cursor(secret: bytes, token: object, now_ms: int, ttl_ms: int) -> Cur
     if not hmac.compare_digest(tag, hmac.digest(secret, body, "sha256")[:_TAG_LEN]):
         raise client_error(ErrorCode.INVALID_CURSOR, detail="cursor was not issued by this broker")
     _, stream_id, partition, seq, issued_ms = _BODY.unpack(body)
-    if now_ms - issued_ms > ttl_ms:
+    if ttl_ms is not None and now_ms - issued_ms > ttl_ms:
         raise client_error(ErrorCode.CURSOR_EXPIRED)
     return CursorPosition(stream_id, partition, seq, issued_ms)

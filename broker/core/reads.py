@@ -108,8 +108,10 @@ class ReadPath:
 
     async def cursor_at(self, project: str, cursor: object, seq: object) -> str:
         """A cursor at `seq` in the partition `cursor` reads (an SSE tail resuming at its client's
-        Last-Event-ID). Raises what get_cursor (AT_SEQUENCE_NUMBER) and get_records raise."""
-        config, pos = self._open(project, cursor)
+        Last-Event-ID). `cursor` may have expired: it only names the partition here (an EventSource
+        reconnects with its URL's cursor, minutes or hours after it was issued). Raises what
+        get_cursor (AT_SEQUENCE_NUMBER) and get_records raise, but CURSOR_EXPIRED."""
+        config, pos = self._open(project, cursor, expiring=False)
         return await self.get_cursor(project, config.stream_name, pos.partition, "AT_SEQUENCE_NUMBER", seq)
 
     def cursor_stream_id(self, cursor: object) -> int | None:
@@ -128,8 +130,8 @@ class ReadPath:
         except BrokerError:
             return None
 
-    def _open(self, project: str, cursor: object) -> tuple[StreamConfig, CursorPosition]:
-        pos = decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms)
+    def _open(self, project: str, cursor: object, expiring: bool = True) -> tuple[StreamConfig, CursorPosition]:
+        pos = decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms if expiring else None)
         config = self._catalogue.by_id(pos.stream_id)
         if config is None:
             raise client_error(ErrorCode.STREAM_NOT_FOUND, stream=self._catalogue.gone(pos.stream_id))

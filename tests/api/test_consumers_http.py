@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote, urlencode
 
@@ -21,6 +23,8 @@ from dis_http import PID, Reply, assert_dis_error, call
 from dis_http import addr as _addr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+CLOCK = Path(__file__).parents[1] / "e2e" / "clock"   # its sitecustomize.py moves a broker's wall clock
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -665,3 +669,35 @@ def test_sigterm_ends_open_tails_promptly(start_broker):
     assert own.proc.wait(10) == 0
     streaming.close()
     waiting.close()
+
+
+def test_a_tail_resumes_at_its_last_event_id_after_its_cursor_has_expired(start_broker, tmp_path):
+    """An EventSource opened with a `partition-cursor` reconnects with that same URL: when the
+    connection drops after the cursor's 5 minutes (a tail is long-lived, so almost always), the
+    cursor only names the partition - `Last-Event-ID` is the position. The reconnect was refused
+    CURSOR_EXPIRED (DIS.4225), and an EventSource gives up on an error response: the tail was lost."""
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    own = start_broker("--store", "memory", env={
+        "PYTHONPATH": os.pathsep.join([str(CLOCK), os.environ.get("PYTHONPATH", "")]),
+        "SLUICE_TEST_CLOCK_FILE": str(clock)})
+    create_stream(own, "long", 1)
+    put(own, "long", [b"r0", b"r1"])
+    query = {"partition-cursor": cursor(own, "long", kind="TRIM_HORIZON")}
+    first = Tail(own, query)
+    try:
+        last_id = record_events(first, 2)[-1][0]["id"]
+    finally:
+        first.close()
+    clock.write_text("0.1")   # six minutes on: the URL's cursor has expired
+    own.proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)           # the signal is handled at the broker's next bytecode; checked just below
+    assert_dis_error(get_records(own, query["partition-cursor"]), 400, "DIS.4225")   # it has (the clock moved)
+    put(own, "long", [b"gap"])
+    again = Tail(own, query, headers={"Last-Event-ID": last_id})
+    try:
+        assert again.response().status == 200, again.response().read()[:300]
+        event = next(e for e in again.events() if "data" in e)
+    finally:
+        again.close()
+    assert decoded(json.loads(event["data"])) == [b"gap"] and event["id"] == "3"

@@ -322,13 +322,18 @@ class PartitionConsumer(_ConsumerState):
         for _ in range(4):
             try:
                 records = self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait)
-            except SluiceError as exc:
-                if self._closed.is_set() or not self._recoverable(exc):
-                    raise
+                if self._ordered and records:
+                    records = self._gate(records)   # may ask the broker (parents' checkpoints)
+            except BaseException as exc:
+                # Nothing read is handed out: the next read starts at the position again. The cursor
+                # or the subscription had moved past a page whose layout or parents could not be
+                # looked up, and the next poll() went on after it (the page lost).
                 self._cursor = None
+                if self.mode == "push":
+                    self._stop_reader()
+                if not isinstance(exc, SluiceError) or self._closed.is_set() or not self._recoverable(exc):
+                    raise
                 continue
-            if self._ordered and records:
-                records = self._gate(records)
             self._advance(records)
             return self._hand_out(records)
         raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")
@@ -562,13 +567,15 @@ class AsyncPartitionConsumer(_ConsumerState):
         for _ in range(4):
             try:
                 records = await (self._fetch_pull(wait) if self.mode == "pull" else self._fetch_push(wait))
-            except SluiceError as exc:
-                if self._closed or not self._recoverable(exc):
-                    raise
+                if self._ordered and records:
+                    records = await self._gate(records)   # may ask the broker (parents' checkpoints)
+            except BaseException as exc:   # a cancellation too: nothing read is handed out (see PartitionConsumer)
                 self._cursor = None
+                if self.mode == "push":
+                    await self._stop_reader()
+                if not isinstance(exc, SluiceError) or self._closed or not self._recoverable(exc):
+                    raise
                 continue
-            if self._ordered and records:
-                records = await self._gate(records)
             self._advance(records)
             return self._hand_out(records)
         raise SluiceError(grpc.StatusCode.UNKNOWN, "", "could not position the consumer")

@@ -449,6 +449,36 @@ def test_partition_consumer_resumes_after_its_checkpoint(client: Client, stream_
             PartitionConsumer(client, stream_name, 0).commit()
 
 
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_a_page_whose_parents_could_not_be_checked_is_read_again(client: Client, stream_name: str,
+                                                                  mode: str) -> None:
+    """After a scale event a consumer with an app asks the app's checkpoints on a segment's parents
+    once a page reaches it. When that call failed (here the app was deleted meanwhile; a broker
+    restarting at that moment fails it the same way), poll() raised and the page was lost: the
+    cursor (pull) or the subscription (push) had moved past it, so the next poll() went on after it
+    and the partition's first records never came. The position stays where the page began."""
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 5)                        # partition 0 holds 0..4 when it is split
+    assert client.update_partition_count(stream_name, 2) == (1, 2)
+    app = f"app-{stream_name}"
+    with PartitionConsumer(client, stream_name, 1, app=app, mode=mode, wait_ms=300) as c:
+        assert c.poll() == []                              # opened (the app made), nothing to read yet
+        payloads = fill(client, stream_name, 1, 5, "child")  # partition 1's segment: parent 0, ended at 5
+        client.delete_app(app)
+        with pytest.raises(SluiceError) as err:
+            for _ in range(20):                            # push: until the page has come
+                c.poll()
+        assert err.value.reason == "APP_NOT_FOUND"
+        client.create_app(app)
+        client.commit_checkpoint(app, stream_name, 0, 4)   # the parent is read to its end
+        got: list[Record] = []
+        for _ in range(20):
+            got += c.poll()
+            if len(got) >= 5:
+                break
+        assert [r.data for r in got] == payloads
+
+
 def test_breaking_out_of_iteration_loses_nothing(client: Client, stream_name: str) -> None:
     client.create_stream(stream_name, 1)
     fill(client, stream_name, 0, 50)
@@ -531,6 +561,32 @@ async def test_async_partition_consumer(broker: BrokerProcess, client: Client, s
     async with AsyncPartitionConsumer(broker.grpc_target, stream_name, 1, app=app, mode=mode) as c:
         assert await c.poll(200) == []
     assert client.get_checkpoint(app, stream_name, 1) == Checkpoint(1202, "")
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_async_a_page_whose_parents_could_not_be_checked_is_read_again(broker: BrokerProcess, client: Client,
+                                                                             stream_name: str, mode: str) -> None:
+    """test_a_page_whose_parents_could_not_be_checked_is_read_again, for AsyncPartitionConsumer."""
+    client.create_stream(stream_name, 1)
+    fill(client, stream_name, 0, 5)
+    assert client.update_partition_count(stream_name, 2) == (1, 2)
+    app = f"app-{stream_name}"
+    async with AsyncPartitionConsumer(broker.grpc_target, stream_name, 1, app=app, mode=mode, wait_ms=300) as c:
+        assert await c.poll() == []
+        payloads = fill(client, stream_name, 1, 5, "child")
+        client.delete_app(app)
+        with pytest.raises(SluiceError) as err:
+            for _ in range(20):
+                await c.poll()
+        assert err.value.reason == "APP_NOT_FOUND"
+        client.create_app(app)
+        client.commit_checkpoint(app, stream_name, 0, 4)
+        got: list[Record] = []
+        for _ in range(20):
+            got += await c.poll()
+            if len(got) >= 5:
+                break
+        assert [r.data for r in got] == payloads
 
 
 async def test_async_partition_consumer_raises_broker_errors(broker: BrokerProcess, client: Client,

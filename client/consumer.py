@@ -13,7 +13,9 @@ or ("AT_TIMESTAMP", ms_since_epoch).
 `mode="pull"` reads with long-poll GetRecords (each call waits up to `wait_ms` for data);
 `mode="push"` keeps one Subscribe stream open, read by a small reader thread into a one-page
 queue (so `poll()` can time out and `close()` can stop it; the broker still only sends as fast as
-we take pages). Both modes keep the position (the next sequence number) themselves, so a cursor
+we take pages). A Subscribe the broker refuses TOO_MANY_REQUESTS (the client address holds
+--max-subscriptions-per-client already) turns the consumer to `mode="pull"` for good.
+Both modes keep the position (the next sequence number) themselves, so a cursor
 that expired (CURSOR_EXPIRED, cursors live 5 minutes) or stopped being valid (INVALID_CURSOR) is
 replaced by
 one at the same position, and a broken subscription is reopened where it stopped. If the position
@@ -66,6 +68,9 @@ APP_EXISTS = "APP_EXISTS"
 # What creating the app may meet and go on: it exists, or the API key's role (consumer) may not
 # create apps - then an admin made it, or the first checkpoint call says APP_NOT_FOUND.
 APP_THERE = frozenset({APP_EXISTS, "PERMISSION_DENIED"})
+# A refused Subscribe: the client address holds as many push subscriptions as the broker takes
+# (--max-subscriptions-per-client, 64 by default). The partition is long-polled instead.
+TOO_MANY_REQUESTS = "TOO_MANY_REQUESTS"
 
 
 def _parse_start(start: StartPosition) -> tuple[str, int | None, int | None]:
@@ -401,6 +406,9 @@ class PartitionConsumer(_ConsumerState):
             return []
         if isinstance(item, BaseException):
             self._stop_reader()      # everything before the error was handed out: reopen from here
+            if isinstance(item, SluiceError) and item.reason == TOO_MANY_REQUESTS:
+                self.mode = "pull"   # one subscription too many for the broker: poll from here on
+                return self._fetch_pull(wait_ms)
             raise item
         self._seen_layout(item.layout_ms)
         return item.records
@@ -635,6 +643,9 @@ class AsyncPartitionConsumer(_ConsumerState):
             return []
         if isinstance(item, BaseException):
             await self._stop_reader()
+            if isinstance(item, SluiceError) and item.reason == TOO_MANY_REQUESTS:
+                self.mode = "pull"   # one subscription too many for the broker: poll from here on
+                return await self._fetch_pull(wait_ms)
             raise item
         await self._seen_layout(item.layout_ms)
         return item.records

@@ -819,6 +819,33 @@ def test_a_throttled_group_member_backs_off_instead_of_stopping(start_broker: Ca
         member.stop(10)
 
 
+def test_a_push_group_reads_the_partitions_past_the_brokers_subscription_limit(
+        start_broker: Callable[..., BrokerProcess], stream_name: str) -> None:
+    """A client address holds at most --max-subscriptions-per-client push subscriptions (64 by
+    default; a stream may have 256 partitions, and a host may run several members). A push member's
+    worker whose Subscribe was refused TOO_MANY_REQUESTS (retriable) retried it forever: it held the
+    partition's lease and never read it, without a word. That partition is long-polled instead, as
+    `sluice tail` does."""
+    b = start_broker("--store", "memory", "--max-subscriptions-per-client", "2")
+    with Client(b.grpc_target, timeout=10) as c:
+        c.create_stream(stream_name, 3)
+        for p in range(3):
+            fill(c, stream_name, p, 5)
+    got: dict[int, list[int]] = defaultdict(list)
+    lock = threading.Lock()
+
+    def handle(partition: int, records: list[Record]) -> None:
+        with lock:
+            got[partition] += [r.seq for r in records]
+
+    member = GroupConsumer(b.grpc_target, "app", stream_name, handle, mode="push", lease_ms=1000).start()
+    try:
+        eventually(lambda: sum(map(len, got.values())) == 15 or member.error is not None, timeout=20)
+        assert member.error is None and dict(got) == {p: list(range(5)) for p in range(3)}
+    finally:
+        member.stop(10)
+
+
 @pytest.mark.slow
 def test_group_keeps_its_assignment_through_a_broker_restart(start_broker: Callable[..., BrokerProcess],
                                                              tmp_path: Path, stream_name: str) -> None:

@@ -83,6 +83,10 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
 class Broker:
     def __init__(self, store: Store, *, cursor_secret: bytes | None = None, limits: Limits = DEFAULT_LIMITS,
                  clock_ms: Callable[[], int] = wall_clock_ms, leases: Leases | None = None) -> None:
@@ -100,12 +104,16 @@ class Broker:
         self.metric_series = MetricSeries(self.catalogue, store, self.stats, clock_ms)
         self.consumers = Consumers(self.catalogue, store, limits, clock_ms)
         self.queries = Queries(self.catalogue, self.reads, store, clock_ms, known=self._known)
-        # leases: one broker's table in memory, with the horizons of its restart grace in the store
-        # (see leases.py); the brokers of a shared store keep one table in it
+        # leases: the brokers of a shared store keep one table in it, in wall-clock time. A table in
+        # this broker's memory runs on its monotonic clock - a step of the wall clock (NTP, a VM
+        # resumed) ended or stretched every lease at once - with the horizons of its restart grace
+        # in the store in wall-clock time (see leases.py). An injected clock (tests) drives both.
+        local = (leases is None and not store.capabilities.shared) or isinstance(leases, LocalLeases)
+        lease_clock = monotonic_ms if local and clock_ms is wall_clock_ms else clock_ms
         if leases is None:
             leases = StoreLeases(store) if store.capabilities.shared \
-                else LocalLeases(store, grace_cap_ms=clock_ms() + 2 * limits.max_lease_ms)
-        self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, clock_ms)
+                else LocalLeases(store, wall_ms=clock_ms, grace_cap_ms=clock_ms() + 2 * limits.max_lease_ms)
+        self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, lease_clock)
         self._shared = store.capabilities.shared
         self._gone: set[int] = set()   # stream ids of cursors the store does not have (deleted)
         self._chores: set[asyncio.Task[None]] = set()

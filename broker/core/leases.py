@@ -189,16 +189,20 @@ class LocalLeases(Leases):
     """The in-memory LeaseTable behind the Leases interface. `app` is project-qualified by the
     caller, so groups of two projects never meet.
 
-    With a `store`, each group's horizon - a wall-clock ms no lease granted so far outlasts - is
-    kept in it (b"H" keys, 8 bytes), written before the answer that would pass it, two leases
-    ahead so it is written about once a lease, not at every heartbeat. A broker restarted on the
-    store reads it at a group's first heartbeat as that group's restart grace."""
+    The heartbeats' `now` is the caller's lease clock (the broker's monotonic clock: see Broker).
+    With a `store`, each group's horizon - a wall-clock ms (`wall_ms`) no lease granted so far
+    outlasts - is kept in it (b"H" keys, 8 bytes), written before the answer that would pass it,
+    two leases ahead so it is written about once a lease, not at every heartbeat. A broker
+    restarted on the store reads it at a group's first heartbeat as that group's restart grace."""
 
-    def __init__(self, store: Store | None = None, grace_cap_ms: int | None = None) -> None:
+    def __init__(self, store: Store | None = None, wall_ms: Callable[[], int] | None = None,
+                 grace_cap_ms: int | None = None) -> None:
         self.table = LeaseTable()
         self._store = store
-        # no grace past this (the start + two of the longest leases: a horizon written two leases
-        # ahead ends by then), whatever was stored: a clock set back at the restart would stretch it
+        self._wall = wall_ms
+        # no grace past this wall-clock ms (the start + two of the longest leases: a horizon written
+        # two leases ahead ends by then), whatever was stored: a clock set back at the restart
+        # would stretch it
         self._cap = grace_cap_ms
         self._horizons: dict[tuple[str, int], int] = {}   # loaded groups: the horizon stored
         self._writing = asyncio.Lock()   # horizon writes in order: a later one never stored under an earlier
@@ -213,10 +217,13 @@ class LocalLeases(Leases):
             if group not in self._horizons:   # not loaded by a heartbeat that ran during the read
                 stored = _MS.unpack(raw)[0] if raw is not None and len(raw) == _MS.size else 0
                 self._horizons[group] = stored
-                self.table.set_grace(app, stream_id, stored if self._cap is None else min(stored, self._cap))
+                until = stored if self._cap is None else min(stored, self._cap)
+                wall = self._wall() if self._wall else now
+                self.table.set_grace(app, stream_id, now + until - wall)   # on the lease clock
         mine = self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
-        if now + lease_ms > self._horizons[group]:
-            await self._advance(group, now + 2 * lease_ms)
+        wall = self._wall() if self._wall else now
+        if wall + lease_ms > self._horizons[group]:
+            await self._advance(group, wall + 2 * lease_ms)
         return mine
 
     async def _advance(self, group: tuple[str, int], until: int) -> None:

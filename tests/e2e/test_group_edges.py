@@ -164,3 +164,38 @@ def test_after_a_scale_down_both_members_get_a_written_partition(broker: BrokerP
         rounds(3)
     assert sorted(got["a"] + got["b"]) == [0, 1, 2, 3]
     assert [p for p in got["a"] if p < 2] and [p for p in got["b"] if p < 2], got
+
+
+def test_a_step_of_the_brokers_wall_clock_moves_no_lease(start_broker: Callable[..., BrokerProcess],
+                                                         tmp_path: Path) -> None:
+    """A broker that serves its store alone keeps the group leases in its memory, and their expiries
+    were its wall clock. Stepped forward (NTP setting a clock right, a VM resumed), every live
+    member's lease looked run out: the next member to heartbeat was given the others' partitions
+    while they still worked on them - two live members on one partition. Stepped back, a member that
+    had stopped kept its partitions for as long as the step, not one lease."""
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    broker = start_broker(env={"PYTHONPATH": os.pathsep.join([str(CLOCK), os.environ.get("PYTHONPATH", "")]),
+                               "SLUICE_TEST_CLOCK_FILE": str(clock)})
+    assert broker.proc is not None
+
+    def jump(hours: float) -> None:
+        clock.write_text(str(hours))
+        broker.proc.send_signal(signal.SIGUSR1)   # type: ignore[union-attr]
+        time.sleep(0.5)   # handled at the broker's next bytecode
+
+    with Client(broker.grpc_target, timeout=TIMEOUT) as c:
+        c.create_stream("steps", 2)
+        c.create_app("steps")
+        # a works on 0, b on 1: a alone gets both, and lets 1 go for b
+        assert c.heartbeat("steps", "steps", "a", [], 30_000).partition_ids == [0, 1]
+        assert c.heartbeat("steps", "steps", "b", [], 30_000).partition_ids == []
+        assert c.heartbeat("steps", "steps", "a", [0, 1], 30_000).partition_ids == [0]   # 1 revoked
+        assert c.heartbeat("steps", "steps", "a", [0], 30_000).partition_ids == [0]
+        assert c.heartbeat("steps", "steps", "b", [], 30_000).partition_ids == [1]
+        jump(1)
+        assert c.heartbeat("steps", "steps", "a", [0], 30_000).partition_ids == [0], "b is alive: 1 is b's"
+        assert c.heartbeat("steps", "steps", "b", [1], 1_000).partition_ids == [1]   # b's last heartbeat
+        jump(0)
+        time.sleep(1.0)   # b's lease has run out
+        assert c.heartbeat("steps", "steps", "a", [0], 1_000).partition_ids == [0, 1], "b stopped a lease ago"

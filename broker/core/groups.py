@@ -32,9 +32,11 @@ class ConsumerGroups:
         if not lim.min_lease_ms <= lease <= lim.max_lease_ms:
             raise client_error(ErrorCode.INVALID_REQUEST,
                                detail=f"lease_ms must be within [{lim.min_lease_ms}, {lim.max_lease_ms}]")
-        mine = await self.leases.heartbeat(_group(project, name, app_id), config.stream_id,
-                                           config.readable_partition_count, member, set(held), lease, self._now(),
-                                           config.partition_count)
+        readable = config.readable_partition_count
+        expired = frozenset(p for p in range(config.partition_count, readable)
+                            if self._catalogue.partition_status(config, p) == "EXPIRED")
+        mine = await self.leases.heartbeat(_group(project, name, app_id), config.stream_id, readable, member,
+                                           set(held), lease, self._now(), config.partition_count, expired)
         return mine, lease
 
     async def leave(self, project: str, app_name: object, stream_name: object, member_id: object) -> None:

@@ -36,7 +36,7 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from broker.errors import ErrorCode, server_error
 from broker.storage.base import Store
@@ -58,10 +58,12 @@ class LeaseTable:
         self._grace[(app, stream_id)] = until_ms
 
     def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                  lease_ms: int, now: int, active: int | None = None) -> list[int]:
+                  lease_ms: int, now: int, active: int | None = None,
+                  expired: frozenset[int] = frozenset()) -> list[int]:
         """Record a heartbeat; return the partitions `member` may work on, sorted. `active`: the
         partitions below it are written (ACTIVE), the rest up to `partition_count` closed by a
-        scale-down (None: all written)."""
+        scale-down (None: all written). `expired`: closed ones past the retention, nothing of them
+        left, given to nobody (a reader of each would idle until the stream's next scale event)."""
         group = self._groups.setdefault((app, stream_id), _Group())
         group.members[member] = now + lease_ms
         for m in [m for m, expiry in group.members.items() if expiry < now]:
@@ -79,7 +81,7 @@ class LeaseTable:
         for p in held:
             if 0 <= p < partition_count and group.owners.get(p, (member,))[0] == member:
                 group.owners[p] = (member, now + lease_ms)
-        target = self._target(group, partition_count, partition_count if active is None else active)
+        target = self._target(group, partition_count, partition_count if active is None else active, expired)
         recovering = now < self._grace.get((app, stream_id), 0)
         mine = []
         for p in range(partition_count):
@@ -92,7 +94,7 @@ class LeaseTable:
         return mine
 
     @staticmethod
-    def _target(group: _Group, partition_count: int, active: int) -> dict[int, str]:
+    def _target(group: _Group, partition_count: int, active: int, expired: frozenset[int]) -> dict[int, str]:
         """Written partitions and closed ones (a scale-down's, readable until retention) balanced
         each on their own: counted as one, the member that had the closed ones kept just those,
         idle once it drained them, while another was given every written one."""
@@ -103,12 +105,12 @@ class LeaseTable:
         for m in target.values():
             given[m] += 1
         # the closed ones' remainder goes first to the members given fewer written ones
-        target.update(LeaseTable._balance(group, sorted(live, key=lambda m: (given[m], m)),
-                                          range(written, partition_count)))
+        closed = [p for p in range(written, partition_count) if p not in expired]
+        target.update(LeaseTable._balance(group, sorted(live, key=lambda m: (given[m], m)), closed))
         return target
 
     @staticmethod
-    def _balance(group: _Group, order: list[str], partitions: range) -> dict[int, str]:
+    def _balance(group: _Group, order: list[str], partitions: Sequence[int]) -> dict[int, str]:
         """A sticky balance of `partitions` over the live members in `order`: each gets floor or
         ceil of the share (the first ones the ceil), and a partition stays with its owner while
         the owner is within its share."""
@@ -171,7 +173,8 @@ class Leases(Protocol):
     a shared, replicated store will keep them in that store, so every broker sees one table."""
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                        lease_ms: int, now: int, active: int | None = None) -> list[int]:
+                        lease_ms: int, now: int, active: int | None = None,
+                        expired: frozenset[int] = frozenset()) -> list[int]:
         """Record a heartbeat; return the partitions `member` may work on, sorted (see
         LeaseTable.heartbeat)."""
 
@@ -208,9 +211,10 @@ class LocalLeases(Leases):
         self._writing = asyncio.Lock()   # horizon writes in order: a later one never stored under an earlier
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                        lease_ms: int, now: int, active: int | None = None) -> list[int]:
+                        lease_ms: int, now: int, active: int | None = None,
+                        expired: frozenset[int] = frozenset()) -> list[int]:
         if self._store is None:
-            return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
+            return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active, expired)
         group = (app, stream_id)
         if group not in self._horizons:
             raw = await self._store.meta_get(horizon_key(app, stream_id))
@@ -220,7 +224,7 @@ class LocalLeases(Leases):
                 until = stored if self._cap is None else min(stored, self._cap)
                 wall = self._wall() if self._wall else now
                 self.table.set_grace(app, stream_id, now + until - wall)   # on the lease clock
-        mine = self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active)
+        mine = self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active, expired)
         wall = self._wall() if self._wall else now
         if wall + lease_ms > self._horizons[group]:
             await self._advance(group, wall + 2 * lease_ms)
@@ -314,9 +318,10 @@ class StoreLeases(Leases):
         return None if raw is None else dict(json.loads(raw))
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
-                        lease_ms: int, now: int, active: int | None = None) -> list[int]:
+                        lease_ms: int, now: int, active: int | None = None,
+                        expired: frozenset[int] = frozenset()) -> list[int]:
         return await self._change(app, stream_id, lambda t: t.heartbeat(app, stream_id, partition_count, member,
-                                                                         held, lease_ms, now, active))
+                                                                         held, lease_ms, now, active, expired))
 
     async def leave(self, app: str, stream_id: int, member: str) -> None:
         def leave(table: LeaseTable) -> list[int]:

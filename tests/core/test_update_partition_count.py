@@ -116,6 +116,36 @@ async def test_a_group_is_offered_every_readable_partition() -> None:
     await broker.close()
 
 
+async def test_a_group_is_not_offered_partitions_closed_longer_than_the_retention_ago() -> None:
+    """EXPIRED partitions: nothing of them is left, and they are never written again unless a
+    scale-up opens them. Given out, each was a reader idling until the stream's next scale event
+    (after 256 -> 1, 255 of them)."""
+    now = [1_700_000_000_000]
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, clock_ms=lambda: now[0])
+    await broker.start()
+    try:
+        await broker.create_stream("s", 4, retention_hours=24)
+        await broker.create_app("a")
+        await broker.update_partition_count("s", 3)            # 3 closed now
+        now[0] += 12 * 3_600_000
+        await broker.update_partition_count("s", 1)            # 1 and 2 closed 12 h later
+        assert (await broker.heartbeat("a", "s", "m1", [0, 1, 2, 3]))[0] == [0, 1, 2, 3]
+        now[0] += 12 * 3_600_000 + 1                          # 3 has been closed for a day and a ms
+        assert (await broker.heartbeat("a", "s", "m1", [0, 1, 2, 3]))[0] == [0, 1, 2]   # revoked
+        assert (await broker.heartbeat("a", "s", "m2"))[0] == []   # m1 still holds 1 and 2: revoked first
+        assert (await broker.heartbeat("a", "s", "m1", [0, 1, 2]))[0] == [0, 1]
+        assert (await broker.heartbeat("a", "s", "m1", [0, 1]))[0] == [0, 1]
+        assert (await broker.heartbeat("a", "s", "m2"))[0] == [2]   # 3 goes to nobody
+        now[0] += 12 * 3_600_000
+        assert (await broker.heartbeat("a", "s", "m1", [0, 1]))[0] == [0]
+        assert (await broker.heartbeat("a", "s", "m2", [2]))[0] == []
+        await broker.update_partition_count("s", 4)            # a scale-up opens them all again
+        assert sorted((await broker.heartbeat("a", "s", "m1", [0]))[0] + (await broker.heartbeat("a", "s", "m2"))[0]) \
+            == [0, 1, 2, 3]
+    finally:
+        await broker.close()
+
+
 @given(src=st.integers(1, 64), target=st.integers(1, 64), h=st.integers(0, 2**63 - 1))
 def test_a_hash_moves_from_a_parent_to_its_child(src: int, target: int, h: int) -> None:
     """Whatever the counts: the partition a hash goes to after the event lists, as a parent, the

@@ -439,10 +439,12 @@ class PartitionConsumer(_ConsumerState):
 
     def _stop_reader(self) -> None:
         self._reader_stop.set()
-        if self._sub is not None:
-            self._sub.cancel()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(5)
+        # read once: close() in another thread may stop the reader (and clear these) meanwhile
+        sub, reader = self._sub, self._reader
+        if sub is not None:
+            sub.cancel()
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(5)
         self._reader = None
         self._sub = None
 

@@ -199,9 +199,10 @@ class Props:
 
 
 def shown_url(url: str) -> str:
-    """The URL for status messages and logs: a password in it (basic auth) and the value of each
-    query parameter (`?token=...`: feeds take credentials there too) replaced by ***; in a
-    comma-separated list (a NATS `url`), in each of its URLs."""
+    """The URL for status messages and logs: a password in it (basic auth), a user without a
+    password (NATS's token form `nats://TOKEN@host`: nats-py sends it as the auth_token) and the
+    value of each query parameter (`?token=...`: feeds take credentials there too) replaced by ***;
+    in a comma-separated list (a NATS `url`), in each of its URLs."""
     if "," in url:   # only a comma before a scheme separates URLs: a password may hold one too
         urls = _NEXT_URL.split(url)
         if len(urls) > 1:
@@ -210,11 +211,14 @@ def shown_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:   # not a URL urlsplit takes (a bad port, a stray bracket): mask by pattern
-        return _QUERY_VALUE.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
-    if password is None and not parts.query:
+        masked = _USERINFO_TOKEN.sub(r"\1***@", _USERINFO_PASSWORD.sub(r"\1***@", url))
+        return _QUERY_VALUE.sub(r"\1***", masked)
+    if "@" not in parts.netloc and not parts.query:
         return url
     if password is not None:
         parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
+    elif "@" in parts.netloc:   # a user alone: NATS's token
+        parts = parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}")
     if parts.query:
         parts = parts._replace(query="&".join(f"{name}=***" if sep else "***" for name, sep, _ in
                                               (piece.partition("=") for piece in parts.query.split("&"))))
@@ -222,6 +226,7 @@ def shown_url(url: str) -> str:
 
 
 _USERINFO_PASSWORD = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
+_USERINFO_TOKEN = re.compile(r"(//)[^/?#@:]+@")
 _QUERY_VALUE = re.compile(r"([?&][^=&#]*=)[^&#]*")
 _NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
 

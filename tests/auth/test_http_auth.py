@@ -603,9 +603,11 @@ def test_a_source_s_secrets_are_shown_only_to_roles_that_may_manage(broker: Brok
                json.dumps({"name": stream, "columns": [{"name": "i", "type": "int64"}]}).encode())
     assert made.status == 201, made.raw
     url = "ws://alice:WSPASSWORD123@127.0.0.1:9/feed"
-    nats_url = "nats://alice:FIRSTSECRET@127.0.0.1:9,nats://bob:SECONDSECRET@127.0.0.1:10"   # a list: each masked
+    # a list: each masked; the third is NATS's token form (nats-py sends a user without a password
+    # as the server's auth_token)
+    nats_url = "nats://alice:FIRSTSECRET@127.0.0.1:9,nats://bob:SECONDSECRET@127.0.0.1:10,nats://NATSTOKEN@127.0.0.1:11"
     shown_to = {url: "ws://alice:***@127.0.0.1:9/feed",
-                nats_url: "nats://alice:***@127.0.0.1:9,nats://bob:***@127.0.0.1:10"}
+                nats_url: "nats://alice:***@127.0.0.1:9,nats://bob:***@127.0.0.1:10,nats://***@127.0.0.1:11"}
     made_sources = {}
     for kind, props in (("websocket", {"url": url, "data_type": "json", "open_message": "token=SECRET-TOKEN"}),
                         ("nats", {"url": nats_url, "subject": "x", "data_type": "json"})):

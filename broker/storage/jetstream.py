@@ -420,6 +420,12 @@ class _RWLock:
             self._cond.notify_all()
 
 
+def _server_address(url: Any) -> str:
+    """Where a NATS connection went, for a log line: host and port, never the user, password or
+    token of its `--nats-servers` URL (nats-py's connected_url keeps them in its netloc)."""
+    return "?" if url is None else str(url.netloc).rpartition("@")[2]
+
+
 class JetStreamStore(Store):
     def __init__(self, nc: NatsClient, kv: KeyValue, *, prefix: str = "sluice", replicas: int = 1) -> None:
         self._nc = nc
@@ -512,7 +518,7 @@ class JetStreamStore(Store):
         async def reconnected() -> None:
             errors_told.clear()
             current = opened[0]._nc if opened else nc
-            log.info("NATS: reconnected to %s", current.connected_url.netloc if current.connected_url else "?")
+            log.info("NATS: reconnected to %s", _server_address(current.connected_url))
             if opened:   # notifications sent while this broker was away are lost: read everything again
                 opened[0]._resync_soon("reconnected")
                 opened[0]._hint_soon()   # and its own, sent meanwhile, may be: the others do too
@@ -637,7 +643,7 @@ class JetStreamStore(Store):
                 return
             self._nc, self._js, self._kv = nc, js, kv
             self._heads.clear()   # other brokers may have appended meanwhile
-            log.info("NATS: a new connection to %s", nc.connected_url.netloc if nc.connected_url else "?")
+            log.info("NATS: a new connection to %s", _server_address(nc.connected_url))
             self._resync_soon("a new connection")   # what was announced meanwhile is lost
             self._hint_soon()   # and so may be what this broker announced: the others read again too
             return

@@ -155,3 +155,28 @@ def test_a_broker_reaches_jetstream_over_tls_with_a_user_and_password(
         assert "cannot connect" in wrong and "nope" not in wrong, wrong
     finally:
         server.stop()
+
+
+def test_a_reconnect_to_nats_logs_no_password(start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    """The broker logs where it reconnected to after NATS comes back: the URL's host, never the
+    user's password (or a token) of `--nats-servers` (nats-py's connected_url holds them both)."""
+    conf = tmp_path / "nats-auth.conf"
+    conf.write_text('max_payload: 8MB\nauthorization {\n  user: sluice\n  password: "s3cret-pass"\n}\n')
+    server = NatsServer(tmp_path / "nats-store", extra=("-c", str(conf))).start()
+    try:
+        url = f"nats://sluice:s3cret-pass@127.0.0.1:{server.port}"
+        broker = start_broker("--store", "jetstream", "--nats-servers", url, "--replicas", "1",
+                              data_dir=tmp_path / "b")
+        with Client(broker.grpc_target) as c:
+            c.create_stream("before", 1)
+        server.stop()
+        server.start()
+        deadline = time.monotonic() + 30
+        while not any("reconnected" in line or "a new connection" in line for line in broker.stderr_lines):
+            assert time.monotonic() < deadline, broker.stderr_lines[-20:]
+            time.sleep(0.2)
+        told = "\n".join(line for line in broker.stderr_lines if "NATS" in line)
+        assert "s3cret-pass" not in told, told
+        assert f"127.0.0.1:{server.port}" in told, told
+    finally:
+        server.stop()

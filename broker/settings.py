@@ -14,8 +14,10 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 
 def without_passwords(urls: Iterable[str]) -> list[str]:
-    """URLs as they may be logged or printed: a password in one (nats://user:pass@host) hidden."""
-    return [re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url) for url in urls]
+    """URLs as they may be logged or printed: a password in one (nats://user:pass@host) hidden, and
+    a user without a password (nats://TOKEN@host: NATS's token form, which nats-py sends as the
+    auth_token)."""
+    return [re.sub(r"//[^:/@]+@", "//***@", re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)) for url in urls]
 
 
 @dataclass(frozen=True)

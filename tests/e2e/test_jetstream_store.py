@@ -116,6 +116,15 @@ def test_unreachable_nats_servers_are_one_error_line(tmp_path: Path) -> None:
     assert f"cannot open the JetStream store on {url}" in last and "cannot connect" in last, last
 
 
+def test_a_nats_token_is_not_in_the_error_line(tmp_path: Path) -> None:
+    """`nats://TOKEN@host` is NATS's token form (nats-py sends the user of a URL without a
+    password as the auth_token): masked in the startup error as a password is."""
+    port = free_port()   # nothing listens there
+    last = broker_fails(tmp_path, "--nats-servers", f"nats://S3CRETTOKEN@127.0.0.1:{port},nats://u:PW@127.0.0.1:{port}")
+    assert "S3CRETTOKEN" not in last and "PW" not in last, last
+    assert f"nats://***@127.0.0.1:{port},nats://u:***@127.0.0.1:{port}" in last, last
+
+
 def test_replicas_above_the_cluster_are_one_error_line(nats: NatsServer, tmp_path: Path) -> None:
     last = broker_fails(tmp_path, "--nats-servers", nats.url, "--replicas", "3")
     assert "3 replicas" in last and "non-clustered" in last, last

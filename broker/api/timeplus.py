@@ -185,7 +185,8 @@ async def stream_stats(request: web.Request) -> web.Response:
                 rows += held
                 last_ts = max(last_ts, p.bounds.last_ts)
                 cursor = await broker.get_cursor(name, p.partition, "TRIM_HORIZON", project=workspace)
-                oldest = (await broker.get_records(cursor, 1, project=workspace)).records
+                # a look, not a consumer's read: neither records_out nor a GetRecords in the metrics
+                oldest = (await broker.get_records(cursor, 1, project=workspace, counted=False)).records
                 if oldest:
                     first_ts = min(first_ts or oldest[0].timestamp_ms, oldest[0].timestamp_ms)
         if not page.has_more_partitions:

@@ -374,14 +374,15 @@ class Broker:
         return await self.reads.cursor_at(project, cursor, seq)
 
     async def get_records(self, cursor: object, limit: int | None = None, max_fetch_bytes: int | None = None,
-                          wait_ms: int | None = None, *, project: str = DEFAULT_PROJECT) -> GetRecordsResult:
+                          wait_ms: int | None = None, *, project: str = DEFAULT_PROJECT,
+                          counted: bool = True) -> GetRecordsResult:
         """See ReadPath.get_records."""
         try:
-            return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms)
+            return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms, counted)
         except BrokerError as exc:
             if exc.code is not ErrorCode.STREAM_NOT_FOUND or not await self._learn_cursor_stream(cursor):
                 raise
-        return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms)
+        return await self.reads.get_records(project, cursor, limit, max_fetch_bytes, wait_ms, counted)
 
     def subscribe(self, cursor: object, max_records: int | None = None, max_wait_ms: int | None = None, *,
                   project: str = DEFAULT_PROJECT) -> AsyncGenerator[GetRecordsResult, None]:

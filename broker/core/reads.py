@@ -140,20 +140,24 @@ class ReadPath:
         return config, pos
 
     async def get_records(self, project: str, cursor: object, limit: int | None = None,
-                          max_fetch_bytes: int | None = None, wait_ms: int | None = None) -> GetRecordsResult:
+                          max_fetch_bytes: int | None = None, wait_ms: int | None = None,
+                          counted: bool = True) -> GetRecordsResult:
         """Records from the cursor on, and the cursor after them. `limit` and `max_fetch_bytes` are
         clipped into range; at least one record is returned when one exists, even if it is larger
         than max_fetch_bytes (DIS would never return it - a documented deviation). With `wait_ms`
-        (long poll) an empty read waits up to that long for a record to be written.
-        Raises INVALID_CURSOR, CURSOR_EXPIRED, CURSOR_RECORD_EXPIRED, STREAM_NOT_FOUND."""
+        (long poll) an empty read waits up to that long for a record to be written. `counted`
+        False: a look inside the broker (a stream's stats), neither records_out nor a GetRecords
+        call in the metrics. Raises INVALID_CURSOR, CURSOR_EXPIRED, CURSOR_RECORD_EXPIRED,
+        STREAM_NOT_FOUND."""
         began = time.perf_counter()
         lim = self._limits
         _, pos = self._open(project, cursor)
         limit = min(max(limit or lim.default_read_limit, 1), lim.max_read_limit)
         max_bytes = min(max(max_fetch_bytes or lim.default_fetch_bytes, 1), lim.max_fetch_bytes)
         wait_s = min(max(wait_ms or 0, 0), lim.max_wait_ms) / 1000
-        result = await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s)
-        self._stats.get_request(pos.stream_id, time.perf_counter() - began)
+        result = await self._fetch(pos.stream_id, pos.partition, pos.seq, limit, max_bytes, wait_s, counted)
+        if counted:
+            self._stats.get_request(pos.stream_id, time.perf_counter() - began)
         return result
 
     async def read_block(self, project: str, cursor: object, limit: int, max_bytes: int,

@@ -176,6 +176,26 @@ def test_records_read_by_a_bounded_query_count_as_out(running: BrokerProcess) ->
     assert value(m, "sluice_bytes_out_total", **p) == 7 + 8 + 9
 
 
+def test_a_timeplus_stream_s_stats_are_no_consumer_read(running: BrokerProcess) -> None:
+    """GET .../streams/{name}/stats (a describe: its oldest record's time) reads a record of each
+    partition that holds any; it counted as a consumer's GetRecords, so every look at a stream's
+    stats added to records_out, get_requests and the DIS series a console draws its rates from."""
+    with Client(f"127.0.0.1:{running.grpc_port}") as c:
+        c.create_stream("looked", 2)
+        c.put_records("looked", [b'{"a":1}', b'{"a":22}'], partition_id=0)
+        c.put_records("looked", [b'{"a":333}'], partition_id=1)
+    for _ in range(3):
+        status, body = get(running.http_url + "/default/api/v1beta2/streams/looked/stats")
+        assert status == 200 and '"row_count":3' in body, body
+    m = scrape(running.http_url)
+    for p in ("0", "1"):
+        labels = {"project": "default", "stream": "looked", "partition": p}
+        assert value(m, "sluice_records_out_total", **labels) == 0
+        assert value(m, "sluice_bytes_out_total", **labels) == 0
+    assert value(m, "sluice_get_requests_total", project="default", stream="looked") == 0
+    assert value(m, "sluice_records_in_total", project="default", stream="looked", partition="0") == 2
+
+
 def test_health_on_every_port(running: BrokerProcess) -> None:
     for base in (running.http_url, f"http://127.0.0.1:{running.tsdb_port}",
                  f"http://127.0.0.1:{running.metrics_port}"):

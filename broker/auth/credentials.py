@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _PROJECT = re.compile(r"[A-Za-z0-9_-]{1,64}")   # core/limits.PROJECT_NAME (auth sits beside the core)
 _MAX_SECRET = 1024
+_AK_BREAKS = re.compile(r"[\s,]", re.ASCII)   # what signing._AUTHORIZATION ends an AK at
 
 
 class CredentialsError(ValueError):
@@ -128,6 +129,9 @@ def parse_credentials(doc: dict[str, Any], source: str) -> Credentials:
         if extra:
             raise CredentialsError(f"{where}: unknown key(s) {', '.join(extra)}")
         ak = _text(entry, "ak", where)
+        if _AK_BREAKS.search(ak):   # no request could name it
+            raise CredentialsError(f"{where}: `ak` holds a space or a comma, which the Authorization header "
+                                   "cannot carry")
         if ak in access:
             raise CredentialsError(f"{where}: access key {ak} appears twice")
         access[ak] = AccessKey(_text(entry, "sk", where, secret=True),
@@ -141,6 +145,8 @@ def parse_credentials(doc: dict[str, Any], source: str) -> Credentials:
         if extra:
             raise CredentialsError(f"{where}: unknown key(s) {', '.join(extra)}")
         key = _text(entry, "key", where, secret=True)
+        if key != key.strip():   # every door strips a header's (and gRPC metadata's) surrounding whitespace
+            raise CredentialsError(f"{where}: `key` begins or ends with whitespace, which no request can send")
         digest = hashlib.sha256(key.encode()).digest()
         if digest in api:
             raise CredentialsError(f"{where}: the same API key appears twice")

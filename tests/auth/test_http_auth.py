@@ -853,6 +853,11 @@ def test_an_open_broker_says_so(start_broker: Callable[..., BrokerProcess]) -> N
     ("[[access_keys]]\nak = \"A\"\n", "`sk` must be a non-empty string"),
     ("this is = not toml [", "not valid TOML"),
     ("", "nobody could use the broker"),
+    # keys no request could present: HTTP parsers and the doors strip a header's surrounding
+    # whitespace, and the DIS Authorization header ends an AK at a space or a comma
+    ('[[api_keys]]\nkey = "k-with-a-trailing-space "\nworkspace = "p1"\n', "`key` begins or ends with whitespace"),
+    ('[[access_keys]]\nak = "AK ONE"\nsk = "S"\nproject_id = "p1"\n', "`ak` holds a space or a comma"),
+    ('[[access_keys]]\nak = "AK,1"\nsk = "S"\nproject_id = "p1"\n', "`ak` holds a space or a comma"),
 ])
 def test_a_bad_auth_file_is_one_line_and_exit_1(tmp_path: Path, content: str | None, needle: str) -> None:
     path = tmp_path / "auth.toml"

@@ -142,5 +142,8 @@ def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> w
     """The tail door, mounted at `PREFIX`; its errors are DIS bodies like its payloads."""
     app = door_app(broker, config, DIS_SHAPED)
     guard = api_key_guard(auth, key_project) if auth is not None and auth.enabled else None
-    app.router.add_get("/v1/tail", tail if guard is None else functools.update_wrapper(guard(tail, Action.READ), tail))
+    # GET only: aiohttp would serve a HEAD with this handler, whose events then follow the headers
+    # on a keep-alive connection, read by the client (or a proxy's pooled connection) as its next answer
+    app.router.add_get("/v1/tail", tail if guard is None else functools.update_wrapper(guard(tail, Action.READ), tail),
+                       allow_head=False)
     return app

@@ -701,3 +701,25 @@ def test_a_tail_resumes_at_its_last_event_id_after_its_cursor_has_expired(start_
     finally:
         again.close()
     assert decoded(json.loads(event["data"])) == [b"gap"] and event["id"] == "3"
+
+
+def test_a_head_of_the_tail_sends_no_body_after_its_headers(broker, stream_name):
+    """HEAD /sluice/v1/tail was served as the GET: headers without a length, then the stream's
+    events (': connected', records, heartbeats) on the keep-alive connection, where the client (or a
+    proxy that pools its connections to the broker) reads them as the start of the next answer.
+    Now a HEAD is no tail: 405, and the connection's next answer is that answer."""
+    import socket
+
+    create_stream(broker, stream_name, 1)
+    put(broker, stream_name, [b"held"])
+    host, port = _addr(broker.http_url)
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"HEAD /sluice/v1/tail?stream-name={stream_name}&partition-id=0&cursor-type=TRIM_HORIZON"
+                     f"&project={PID} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+                     f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), got[:300]
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'{"status": "ok"}'), got[:600]

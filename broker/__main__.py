@@ -5,7 +5,7 @@ Prints one line `sluice ready grpc=HOST:PORT http=HOST:PORT` (then ` tsdb=HOST:P
 ` auth=off`) on stdout once the doors
 accept connections (tests and scripts wait for it instead of sleeping). With --auth-file, SIGHUP
 re-reads the file: a file that cannot be used keeps the keys in force (the log says why, never
-naming a secret).
+naming a secret); without one, SIGHUP is logged and changes nothing.
 
 Exit status: 0 after a graceful stop; 2 for a bad flag or SLUICE_* value (settings.py); 1 when the
 broker cannot start for a reason its operator can fix (startup.StartupError: a port in use, a data dir
@@ -39,6 +39,10 @@ def _announce(settings: Settings, auth: Auth) -> Callable[[Running], None]:
     return ready
 
 
+def _nothing_to_reload() -> None:
+    logging.getLogger("sluice").info("SIGHUP: no --auth-file to re-read; the broker goes on")
+
+
 async def _main(settings: Settings) -> None:
     auth = load_auth(settings)
     stop = asyncio.Event()
@@ -46,8 +50,10 @@ async def _main(settings: Settings) -> None:
     loop.set_exception_handler(LoopErrors())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if auth.enabled:   # Auth.reload logs what happened (counts or the file's problem, never a secret)
-        loop.add_signal_handler(signal.SIGHUP, auth.reload)
+    # Auth.reload logs what happened (counts or the file's problem, never a secret). Handled without
+    # a file too: the signal's default would end the process at once (no drain), where a broker with
+    # a file goes on - `systemctl reload`, or the terminal it was started from closing
+    loop.add_signal_handler(signal.SIGHUP, auth.reload if auth.enabled else _nothing_to_reload)
     await serve(settings, stop, _announce(settings, auth), auth=auth)
 
 

@@ -838,6 +838,22 @@ def test_the_log_holds_no_secret(broker: BrokerProcess, keys: Keys) -> None:
 
 # -- without an auth file, and with a broken one --------------------------------------------------------
 
+def test_sighup_leaves_an_open_broker_serving(start_broker: Callable[..., BrokerProcess]) -> None:
+    """SIGHUP re-reads the auth file; without one it was not handled at all, so the signal's
+    default ended the process at once (no drain; `systemctl reload`, or the terminal it was
+    started from closing), where a broker with an auth file goes on. Now both go on."""
+    proc = start_broker()
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + DEADLINE
+    while not any("SIGHUP" in line for line in proc.stderr_lines):
+        assert proc.proc.poll() is None, f"SIGHUP ended the broker (status {proc.proc.returncode})"
+        assert time.monotonic() < deadline, proc.stderr_lines[-5:]
+        time.sleep(0.05)
+    assert raw(proc.http_port, "GET", "/v2/p1/streams").status == 200
+    assert proc.stop() == 0
+
+
 def test_an_open_broker_says_so(start_broker: Callable[..., BrokerProcess]) -> None:
     proc = start_broker()
     assert any("sluice ready" in line and " auth=off " in line for line in proc.stderr_lines), proc.stderr_lines

@@ -11,7 +11,7 @@ Rule 3: one event loop writes these (no lock); a scrape reads them on the same l
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Mapping
 
 from broker.errors import BrokerError
@@ -68,6 +68,9 @@ class StreamStats:
         self.failures: Counter[str] = Counter()   # per-record failures by catalogue reason
 
 
+FORGOTTEN_REMEMBERED = 1024   # deleted streams' ids kept, for the requests still in flight at the delete
+
+
 class BrokerStats:
     """Every counter of one broker. The doors record request latency (`observe_request`); the core
     records the rest. Streams are keyed by stream id; `forget` drops a deleted stream's."""
@@ -85,15 +88,23 @@ class BrokerStats:
         # and their stream creates, scales and deletes taken into the catalogue
         self.remote_appends = 0
         self.remote_stream_changes = 0
+        # the streams forgotten last (ids are never reused): a read or put in flight when its stream
+        # went counts into a scratch StreamStats, not a new entry nobody would ever drop
+        self._forgotten: OrderedDict[int, None] = OrderedDict()
 
     def stream(self, stream_id: int) -> StreamStats:
         s = self.streams.get(stream_id)
         if s is None:
+            if stream_id in self._forgotten:
+                return StreamStats()
             s = self.streams[stream_id] = StreamStats()
         return s
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._forgotten[stream_id] = None
+        while len(self._forgotten) > FORGOTTEN_REMEMBERED:
+            self._forgotten.popitem(last=False)
 
     # -- the write path ---------------------------------------------------------------------------
 

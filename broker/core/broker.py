@@ -370,7 +370,8 @@ class Broker:
 
     async def cursor_at(self, cursor: object, seq: object, *, project: str = DEFAULT_PROJECT) -> str:
         """See ReadPath.cursor_at."""
-        await self._learn_cursor_stream(cursor)   # a shared store: made through another broker a moment ago
+        # a shared store: made through another broker a moment ago (the cursor may have expired)
+        await self._learn_cursor_stream(cursor, expiring=False)
         return await self.reads.cursor_at(project, cursor, seq)
 
     async def get_records(self, cursor: object, limit: int | None = None, max_fetch_bytes: int | None = None,
@@ -524,13 +525,14 @@ class Broker:
                 raise
         return await call()
 
-    async def _learn_cursor_stream(self, cursor: object) -> bool:
+    async def _learn_cursor_stream(self, cursor: object, expiring: bool = True) -> bool:
         """A shared store: a valid cursor of a stream this broker does not know (created through
         another broker a moment ago) - learn it from the store. True when it did. A stream id the
-        store does not have either was deleted: remembered, so its cursors cost no second look."""
+        store does not have either was deleted: remembered, so its cursors cost no second look.
+        `expiring` False: an expired cursor is valid here (see cursor_at)."""
         if not self._shared:
             return False
-        stream_id = self.reads.cursor_stream_id(cursor)
+        stream_id = self.reads.cursor_stream_id(cursor, expiring)
         if stream_id is None or self.catalogue.by_id(stream_id) is not None or stream_id in self._gone:
             return False
         named = next((c for c in await self.store.list_streams() if c.stream_id == stream_id), None)

@@ -114,9 +114,10 @@ class ReadPath:
         config, pos = self._open(project, cursor, expiring=False)
         return await self.get_cursor(project, config.stream_name, pos.partition, "AT_SEQUENCE_NUMBER", seq)
 
-    def cursor_stream_id(self, cursor: object) -> int | None:
-        """The stream id a valid cursor names, known here or not; None for a cursor that is not."""
-        pos = self._position_of(cursor)
+    def cursor_stream_id(self, cursor: object, expiring: bool = True) -> int | None:
+        """The stream id a valid cursor names, known here or not; None for a cursor that is not
+        (`expiring` False: an expired one is valid, as cursor_at takes it)."""
+        pos = self._position_of(cursor, expiring)
         return None if pos is None else pos.stream_id
 
     def cursor_seq(self, cursor: object) -> int | None:
@@ -124,9 +125,9 @@ class ReadPath:
         pos = self._position_of(cursor)
         return None if pos is None else pos.seq
 
-    def _position_of(self, cursor: object) -> CursorPosition | None:
+    def _position_of(self, cursor: object, expiring: bool = True) -> CursorPosition | None:
         try:
-            return decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms)
+            return decode_cursor(self.secret, cursor, self._now(), self._limits.cursor_ttl_ms if expiring else None)
         except BrokerError:
             return None
 

@@ -13,6 +13,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 import pytest
 
 from broker.core.broker import Broker
+from broker.core.cursors import decode_cursor, encode_cursor
 from broker.model import AppendBatch, ColumnDef, PutEntry, StreamConfig, StreamSchema
 from broker.storage.jetstream import JetStreamStore
 from tests.storage.conftest import NatsServer, nats_config
@@ -318,6 +319,16 @@ async def test_a_broker_behind_another_brokers_scale_delete_or_create_asks_the_s
         batches = b.subscribe(await a.get_cursor("pushed", 0, "TRIM_HORIZON"))
         assert [r.data for r in (await anext(batches)).records] == [b"p"]
         await batches.aclose()
+        # an SSE tail resuming (Last-Event-ID) with its URL's cursor, expired by now, of a stream b
+        # has never heard of: the cursor only names the partition, so b learns the stream from it
+        await a.create_stream("resumed", 1)
+        await a.put_records("resumed", [PutEntry(b"q", partition_id="0")])
+        old = decode_cursor(b"k", await a.get_cursor("resumed", 0, "TRIM_HORIZON"), 0, None)
+        expired = encode_cursor(b"k", old._replace(issued_ms=old.issued_ms - 10 * 60_000))
+        with pytest.raises(BrokerError) as err:
+            await b.get_records(expired)
+        assert err.value.code is ErrorCode.CURSOR_EXPIRED
+        assert [r.data for r in (await b.get_records(await b.cursor_at(expired, 0))).records] == [b"q"]
         # a deleted stream's cursor: STREAM_NOT_FOUND, and its id is not looked up again
         await a.create_stream("gone", 1)
         cursor = await a.get_cursor("gone", 0, "TRIM_HORIZON")

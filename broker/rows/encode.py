@@ -68,6 +68,9 @@ _DT_TEXT = re.compile(r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?)?(
                       re.ASCII)
 _CANONICAL_MS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", re.ASCII)
 _DATE_TEXT = re.compile(r"\d{4}-\d\d-\d\d", re.ASCII)
+# a date then an offset: fromisoformat takes any character after a date for the separator, so it
+# read `2024-05-01+05:00` as 05:00 (the offset as the time of day); it is midnight at that offset
+_DATE_OFFSET = re.compile(r"(\d{4}-\d\d-\d\d)(Z|[+-].*)", re.ASCII)
 _CACHE_MAX = 100_000              # parsed datetime texts kept per column type
 
 NoneType = type(None)
@@ -131,8 +134,9 @@ class _Times:
         if _DT_TEXT.fullmatch(s) is None:
             raise _Bad(f"{_describe(s)} is not a datetime: use ISO 8601 (2024-05-01T12:00:00.123Z) or "
                        "YYYY-MM-DD HH:MM:SS[.fff]")
+        date_offset = _DATE_OFFSET.fullmatch(s)
         try:
-            dt = datetime.fromisoformat(s)
+            dt = datetime.fromisoformat(f"{date_offset[1]}T00:00{date_offset[2]}" if date_offset else s)
             if dt.tzinfo is not None:
                 dt = dt.astimezone(UTC_ZONE).replace(tzinfo=None)
         except (ValueError, OverflowError) as e:

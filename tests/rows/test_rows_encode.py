@@ -99,6 +99,22 @@ def test_datetime_seconds(given: Any, stored: str) -> None:
     assert one("datetime", given) == stored
 
 
+@pytest.mark.parametrize(("given", "stored"), [
+    ("2024-05-01+05:00", "2024-04-30 19:00:00.000"),
+    ("2024-05-01+0530", "2024-04-30 18:30:00.000"),
+    ("2024-05-01+05", "2024-04-30 19:00:00.000"),
+    ("2024-05-01-02:00", "2024-05-01 02:00:00.000"),
+    ("2024-05-01Z", "2024-05-01 00:00:00.000"),
+])
+def test_a_date_with_an_offset_is_its_midnight_there(given: str, stored: str) -> None:
+    """`YYYY-MM-DD` then an offset (the documented grammar allows it; XML Schema's xs:date form) is
+    midnight at that offset. Python's fromisoformat reads any character after the date as the
+    separator, so `2024-05-01+05:00` was stored as 05:00 UTC (the offset taken for the time of day),
+    ten hours off, and `2024-05-01Z` was refused."""
+    assert one("datetime64(3)", given) == stored
+    assert one("datetime", given) == stored[:-4]
+
+
 def test_naive_text_is_utc_whatever_the_column_zone() -> None:
     """Records hold UTC text: reading naive input in the zone would shift a re-ingested record."""
     assert one("datetime64(3, 'Asia/Shanghai')", "2024-05-01 20:00:00.000") == "2024-05-01 20:00:00.000"

@@ -220,3 +220,25 @@ def test_a_time_reads_the_same_whether_ingested_or_put_by_dis(env, dis):
     assert len(ingested) == len(put) == len(TIMES)
     assert put == ingested
     assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]
+
+
+HOUR_OFFSET_TIMES = ["2024-05-01 12:00:00+05", "2024-05-01T12:00:00.250-03", "2024-05-01 12:00+05",
+                     "2024-05-01+05:00", "2024-05-01-0330", "2024-05-01Z"]
+
+
+def test_a_time_with_an_hour_offset_or_a_dated_offset_reads_the_same_through_dis(env, dis):
+    """An offset of hours only (`+05`, as PostgreSQL writes a timestamptz) and a date with an offset
+    are taken by ingest; the same object put through DIS read NULL in a time column (and, for
+    _tp_time, the append time): the query's parse knew only `+HH:MM` / `+HHMM` after a time."""
+    name = new_name()
+    stream = create_stream(env, name, [("i", "int32"), ("t", "datetime64(3)"), ("s", "datetime")])
+    objects = [{"i": i, "t": v, "s": v, TP_TIME: v} for i, v in enumerate(HOUR_OFFSET_TIMES)]
+    stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
+    dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
+    rows = bounded(env, f"select i, t, s, {TP_TIME} from table({name})").rows
+    ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
+    put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
+    assert len(ingested) == len(put) == len(HOUR_OFFSET_TIMES)
+    assert put == ingested
+    assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]
+    assert ingested[3] == ["2024-04-30 19:00:00.000", "2024-04-30 19:00:00", "2024-04-30 19:00:00.000"]

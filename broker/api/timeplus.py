@@ -241,7 +241,7 @@ async def ingest(request: web.Request) -> web.Response:
     try:
         await _ingest_into(request, broker, config, fmt, body)
     except BrokerError as exc:
-        if exc.code not in (ErrorCode.INVALID_REQUEST, ErrorCode.STREAM_NOT_FOUND):
+        if exc.code not in (ErrorCode.INVALID_REQUEST, ErrorCode.BAD_ROW, ErrorCode.STREAM_NOT_FOUND):
             raise
         again = await broker.stream_again(config)
         if again is None:

@@ -242,3 +242,25 @@ def test_a_time_with_an_hour_offset_or_a_dated_offset_reads_the_same_through_dis
     assert put == ingested
     assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]
     assert ingested[3] == ["2024-04-30 19:00:00.000", "2024-04-30 19:00:00", "2024-04-30 19:00:00.000"]
+
+
+def test_a_datetime_column_put_through_dis_holds_whole_seconds_as_ingest_stores_them(env, dis):
+    """A `datetime` column keeps seconds: ingest stores 12:00:00.999 as 12:00:00. The same object
+    put through DIS kept its milliseconds inside the engine (only its text hid them), so the value
+    read back by the other door compared, grouped and converted otherwise: `s = '... 12:00:00'` was
+    false, GROUP BY s made a group per millisecond under one shown time, to_datetime64(s) showed
+    .999."""
+    name = new_name()
+    stream = create_stream(env, name, [("i", "int32"), ("s", "datetime")])
+    objects = [{"i": 0, "s": "2024-05-01 12:00:00.999"}, {"i": 1, "s": "2024-05-01T12:00:00.5+00:00"},
+               {"i": 2, "s": 1714564800.7}, {"i": 3, "s": 1714564800250}]
+    stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
+    dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
+    rows = bounded(env, f"select i, s, to_datetime64(s), s = '2024-05-01 12:00:00' from table({name})").rows
+    ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
+    put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
+    assert len(ingested) == len(put) == len(objects)
+    assert all(v == ["2024-05-01 12:00:00", "2024-05-01 12:00:00.000", True] for v in ingested.values()), ingested
+    assert put == ingested
+    groups = bounded(env, f"select s, count(*), count_distinct(s) from table({name}) group by s").rows
+    assert groups == [["2024-05-01 12:00:00", 8, 1]]

@@ -201,6 +201,7 @@ class BatchDecoder:
 
 # `%#z`: an offset of hours only (`+05`, as PostgreSQL writes one) too
 _ZONED_FORMATS = ("%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M%#z")
+_DECIMAL_COMMA = r"(:\d\d),(\d)"   # 12:00:00,25: ISO 8601's decimal comma, which ingest takes
 _DATE_OFFSET = r"^(\d{4}-\d\d-\d\d)([+-]\d)"   # a date with an offset: its midnight there, as ingest reads it
 _NUMBER = r"^\s*-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?\s*$"
 _MS_RANGE = (-2_208_988_800_000, 10_413_791_999_999)   # datetime64's, as ingest checks it
@@ -212,6 +213,7 @@ def written_time(text: pl.Expr) -> pl.Expr:
     or none of the seconds (`12:30`), and a JSON number as epoch time (seconds below 1e11, else
     milliseconds; null outside datetime64's range). Ingest wrote every one of these as its UTC
     text; put through DIS or gRPC they read as NULL, the same object another value by its door."""
+    text = text.str.replace(_DECIMAL_COMMA, "${1}.${2}")
     norm = text.str.strip_chars().str.replace("T", " ", literal=True).str.strip_suffix("Z") \
         .str.replace(_DATE_OFFSET, "${1} 00:00${2}")
     zoned = [norm.str.strptime(pl.Datetime("ms", "UTC"), f, strict=False).dt.replace_time_zone(None)

@@ -608,7 +608,8 @@ class ExprCompiler:
 
     def _shifted(self, node: exp.Add | exp.Sub) -> Typed:
         """A time plus or minus an interval (`now() - 1h`, `_tp_time + INTERVAL 90 SECOND`,
-        `1d + d`): the time's type, calendar units (month, quarter, year) by the calendar."""
+        `1d + d`): the time's type (a datetime moved by a part of a second: datetime64(3)),
+        calendar units (month, quarter, year) by the calendar."""
         time_node, interval = (node.expression, node.this) if _is_interval(node.this) else (node.this, node.expression)
         if _is_interval(time_node) or (isinstance(node, exp.Sub) and time_node is node.expression):
             raise _mismatch(f"{shown(node)}: an interval is added to or subtracted from a time")
@@ -620,6 +621,8 @@ class ExprCompiler:
         if k == "date" and unit not in ("d", "w", "mo", "y"):
             raise _mismatch(f"{shown(node)}: a date moves by whole days (use to_datetime)")
         offset = f"{-n if isinstance(node, exp.Sub) else n}{unit}"
+        if k == "datetime" and unit == "ms":   # not whole seconds: a datetime64(3), as ClickHouse's
+            return Typed(t.expr.dt.offset_by(offset), _of(DATETIME64, t))   # DateTime + milliseconds
         return Typed(t.expr.dt.offset_by(offset), t.type)
 
     def _Div(self, node: exp.Div) -> Typed:

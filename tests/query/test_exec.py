@@ -833,6 +833,20 @@ def test_a_time_plus_or_minus_an_interval() -> None:
         ["3024-01-01 00:00:01.500", "1024-01-02 00:00:01.500"]]   # 1,000 years back are 365,243 days
 
 
+def test_a_datetime_plus_milliseconds_is_a_datetime64() -> None:
+    """A `datetime` holds whole seconds; plus or minus an interval that is not whole seconds it is
+    a datetime64(3), as ClickHouse's DateTime + INTERVAL n MILLISECOND. It stayed a `datetime` that
+    held the milliseconds unseen: shown as 00:00:01 while it compared as 00:00:01.500."""
+    records = [row(0, T0, ts=text(T0), i=1)]
+    sql = ("select to_datetime(ts) + 1500ms, to_datetime(ts) + interval 500 millisecond = to_datetime(ts), "
+           "to_string(to_datetime(ts) - interval 1 millisecond), to_datetime(ts) - interval 2000 millisecond, "
+           "to_datetime(ts) + 2s from t")
+    assert run(sql, records) == [["2024-01-01 00:00:01.500", False, "2023-12-31 23:59:59.999",
+                                  "2023-12-31 23:59:58", "2024-01-01 00:00:02"]]
+    assert [t for _, t in compile_query(sql, lookup).header] == [
+        "datetime64(3, 'UTC')", "bool", "string", "datetime", "datetime"]
+
+
 @pytest.mark.parametrize(("sql", "code", "says"), [
     ("select 1h from t", ErrorCode.UNSUPPORTED_SQL, "a window's size, or added to or subtracted from a time"),
     ("select i + 1h from t", ErrorCode.TYPE_MISMATCH, "i + 1h: an interval is added to a time, not to int64"),

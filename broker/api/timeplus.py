@@ -315,7 +315,10 @@ async def create_query(request: web.Request) -> web.StreamResponse:
                                            "X-Request-Id": request_id(request)})
     response.enable_chunked_encoding()  # urllib3 hands nothing over from a close-delimited body
     try:
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:   # the consumer left at once: not the broker's error
+            return response
         if not await write_or_drop(request, response, _event("query", _query_body(run))):
             return response
         if await _stream_results(request, response, run, count, linger):

@@ -266,6 +266,41 @@ def test_client_disconnect_ends_a_streaming_query(door, typed):
     assert status != "running", "the query kept running after its client went away"
 
 
+def test_a_client_gone_before_the_first_event_is_no_broker_error(start_broker):
+    """A client that sends a query and goes away at once (killed, timed out, Ctrl-C in
+    Query.create()): the SSE headers met a closed transport, and aiohttp's ClientConnectionResetError
+    escaped the handler, logged as an unhandled error with a traceback and counted INTERNAL. A
+    consumer going away is not the broker's error (the tail door already knew); its query ends."""
+    import struct
+    import urllib.request
+
+    broker = start_broker()
+    door = Door(broker, new_name("ws"))
+    name = new_name()
+    door.create(name, TYPED)
+    logged = len(broker.stderr_lines)
+    for sql in (f"select n from {name}", f"select n from table({name})"):
+        for _ in range(5):
+            body = json.dumps({"sql": sql}).encode()
+            gone = socket.create_connection(addr(broker.http_url), timeout=TIMEOUT)
+            gone.sendall(b"POST %s/queries HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"X-Api-Key: %s\r\nContent-Length: %d\r\n\r\n%s"
+                         % (door.base.encode(), KEY["X-Api-Key"].encode(), len(body), body))
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST
+            gone.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        listed = json.loads(door.call("GET", "/queries").raw)
+        if len(listed) == 10 and not any(q["status"] == "running" for q in listed):
+            break
+        time.sleep(0.1)
+    assert len(listed) == 10 and not any(q["status"] == "running" for q in listed), listed
+    metrics = urllib.request.urlopen(f"{broker.http_url}/metrics", timeout=TIMEOUT).read().decode()
+    assert 'reason="INTERNAL"' not in metrics
+    assert not [line for line in broker.stderr_lines[logged:] if "ERROR" in line or "Traceback" in line], \
+        broker.stderr_lines[logged:][:20]
+
+
 def test_delete_stream_with_null_body(door):
     name = new_name()
     door.create(name, TYPED)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from datetime import UTC as UTC_ZONE
 from datetime import date, datetime, timedelta
 from typing import Any, Callable, Sequence
@@ -92,8 +93,14 @@ class _BadAt(Exception):
 
 
 def _describe(value: Any) -> str:
-    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if _dumpable(value) else repr(value)
+    text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if _dumpable(value) else _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# what orjson cannot write (a lone surrogate, nesting past 255 levels) described by reprlib, whose
+# depth is bounded: repr() of a value nested ~1000 deep raised RecursionError, a 500 for a bad row
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 60, 80, 80
 
 
 def _dumpable(value: Any) -> bool:

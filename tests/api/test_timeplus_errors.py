@@ -495,6 +495,22 @@ def test_malformed_ingest_is_a_4xx_and_writes_nothing(door, typed, fmt, content_
     assert door.rows(f"select name, n from table({typed})") == [["ok", 1]]
 
 
+DEEP = "[" * 1000 + "]" * 1000   # nested past Python's recursion limit, within orjson's 1024 levels
+
+
+@pytest.mark.parametrize("fmt,body", [(None, '{"columns":["n"],"data":[[' + DEEP + "]]}"),
+                                      (None, '{"columns":["time"],"data":[[' + DEEP + "]]}"),
+                                      ("streaming", '{"name":"a","n":' + DEEP + "}")],
+                         ids=["compact int", "compact datetime", "streaming int"])
+def test_a_deeply_nested_value_in_a_typed_column_is_a_bad_row(door, typed, fmt, body):
+    """The refusal's message describes the value; one orjson cannot write (nested past 255 levels)
+    was described by repr(), which raised RecursionError past ~1000 levels: a 500 INTERNAL with a
+    traceback for a client's bad value."""
+    reply = tp_error(door.ingest(typed, body, fmt), 400, ErrorCode.BAD_ROW)
+    assert "an array [[[" in reply["message"], reply
+    assert door.rows(f"select name from table({typed})") == []
+
+
 @pytest.mark.parametrize("row,column", [(["b", "two", 2.0, True, "2024-05-01 00:00:00"], "n"),
                                         (["b", 2, 2.0, True, "yesterday"], "time"),
                                         (["b", 2, 2.0, 3, "2024-05-01 00:00:00"], "ok"),

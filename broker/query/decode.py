@@ -230,7 +230,19 @@ def _coercer(dtype: pl.DataType, type_text: str) -> Callable[[object], object]:
     takes any value, non-strings as JSON text; a number or bool column what ingest takes
     (encode.taken_value: 3.0 or true in an int column), None where ingest refuses it."""
     if dtype == pl.String():
-        return lambda v: v if isinstance(v, str) or v is None else orjson.dumps(v).decode()
+        return _text_of
     if dtype == pl.Boolean() or dtype.is_integer() or dtype.is_float():
         return taken_value(parse_type(type_text))
     return lambda v: None
+
+
+def _text_of(value: object) -> str | None:
+    """A string column's value: a string as it is, any other JSON value as its JSON text; NULL for
+    one orjson cannot write (nested past 255 levels, which ingest refuses too): its JSONEncodeError
+    failed the whole query."""
+    if isinstance(value, str) or value is None:
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return None

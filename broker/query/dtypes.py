@@ -25,12 +25,15 @@ _NULLABLE_ANY_CASE = re.compile(r"^nullable\((.*)\)$", re.IGNORECASE)
 
 
 def base(type_text: str) -> str:
-    """The type without `nullable(...)`, datetime64's precision/zone folded to `datetime64`."""
+    """The type without `nullable(...)`, datetime64's precision/zone folded to `datetime64`, and
+    datetime's zone to `datetime` (`datetime('UTC')` was an unknown type, read as text)."""
     text = type_text.strip().lower()
     m = _NULLABLE.match(text)
     if m:
         text = m.group(1).strip()
-    return "datetime64" if text.startswith("datetime64") else text
+    if text.startswith("datetime64"):
+        return "datetime64"
+    return "datetime" if text.startswith("datetime(") else text
 
 
 def kind(type_text: str) -> str:

@@ -147,6 +147,20 @@ def test_compact_ingest_coerces_values_and_fills_tp_time(env):
         assert before - 60_000 <= tp_ms(row[5]) <= after + 60_000, row
 
 
+def test_a_datetime_column_with_a_zone_is_a_time_in_queries(env):
+    """`datetime('Europe/Berlin')` (and `DateTime('UTC')`) is a type create takes and ingest
+    checks; the query engine did not know it as a time (its type text carries the zone) and read it
+    as an unknown type: comparing it with a time, tumble() over it, adding 1h or casting it to a
+    number were 400 TYPE_MISMATCH."""
+    name = new_name()
+    stream = create_stream(env, name, [("i", "int32"), ("at", "datetime('Europe/Berlin')"), ("u", "DateTime('UTC')")])
+    stream.ingest(["i", "at", "u"], [[1, "2024-05-01 12:00:00", "2024-05-01T12:00:00Z"], [2, 1714564801, 1714564801]])
+    assert bounded(env, f"select i, at + 1h, to_int64(u), u = to_datetime(1714564801) from table({name}) "
+                        "where at > '2024-05-01 12:00:00'").rows == [[2, "2024-05-01 13:00:01", 1714564801, True]]
+    windows = bounded(env, f"select window_start, count(*) from tumble(table({name}), at, 1s) group by window_start")
+    assert windows.rows == [["2024-05-01 12:00:00.000", 1], ["2024-05-01 12:00:01.000", 1]]
+
+
 def test_compact_ingest_of_a_column_subset_gives_defaults(env):
     name = new_name()
     stream = create_stream(env, name, [("name", "string"), ("n", "int32"), ("maybe", "nullable(int32)")])

@@ -101,7 +101,10 @@ class Executor:
         df = self.decoder.decode(datas, stamps, raw, self._where_columns)
         self.skipped_rows += self.decoder.skipped
         if self.plan.uses_now:
-            df = df.with_columns(pl.lit(_now(), pl.Datetime("ms")).alias(NOW_COLUMN))
+            # a column of its own, not a broadcast literal: Polars keeps that as a scalar column, and
+            # a constant compared with it ('x' = to_string(now())) was one value, not one per row
+            now = pl.Series(NOW_COLUMN, [_now()], dtype=pl.Datetime("ms")).new_from_index(0, df.height)
+            df = df.with_columns(now)
         if where is not None:
             df = df.filter(where)
             df = self.decoder.parse_times(df, self.plan.needed)   # of the rows kept only

@@ -833,6 +833,18 @@ def test_a_time_plus_or_minus_an_interval() -> None:
         ["3024-01-01 00:00:01.500", "1024-01-02 00:00:01.500"]]   # 1,000 years back are 365,243 days
 
 
+def test_a_constant_beside_now_is_one_value_per_row() -> None:
+    """now() was a literal broadcast into each batch, which Polars keeps as a scalar column: a
+    constant compared with a text of it (`'x' = to_string(now())`) came out as one value, not one
+    per row, and the query failed at its first batch ('internal error: ShapeError')."""
+    records = [row(0, T0, s="a", i=1), row(1, T0, s="b", i=2)]
+    assert run("select i, 'x' = to_string(now()), to_string(1) = to_string(now()) from t", records) == [
+        [1, False, False], [2, False, False]]
+    assert run("select i from t where 'x' != to_string(now())", records) == [[1], [2]]
+    assert run("select s, count(*), max('x' = to_string(now())) from t group by s", records) == [
+        ["a", 1, False], ["b", 1, False]]
+
+
 def test_a_datetime_plus_milliseconds_is_a_datetime64() -> None:
     """A `datetime` holds whole seconds; plus or minus an interval that is not whole seconds it is
     a datetime64(3), as ClickHouse's DateTime + INTERVAL n MILLISECOND. It stayed a `datetime` that

@@ -530,7 +530,7 @@ class ExprCompiler:
             return _as(t, pl.Boolean())
         if is_numeric(t.type):
             return Typed(t.expr != 0, _of("bool", t))
-        raise _mismatch(f"{text or node.sql('clickhouse')} is {t.type}, a condition must be bool")
+        raise _mismatch(f"{text or shown(node, 300)} is {t.type}, a condition must be bool")
 
     # leaves
     def _Column(self, node: exp.Column) -> Typed:

@@ -28,7 +28,15 @@ from sqlglot.tokens import TokenType
 from broker.errors import ErrorCode, client_error
 from broker.model import ColumnDef
 from broker.query import dtypes
-from broker.query.compile import DISTINCT_AGGREGATES, ExprCompiler, Typed, function_name, is_aggregate, output_expr
+from broker.query.compile import (
+    DISTINCT_AGGREGATES,
+    ExprCompiler,
+    Typed,
+    function_name,
+    is_aggregate,
+    output_expr,
+    shown,
+)
 from broker.query.dtypes import DATETIME64, NULL, kind
 from broker.query.sqltext import INTERVAL_FN, JSON_FN, JSON_PATH, rewrite
 from broker.rows.schema import RAW, TP_TIME
@@ -689,7 +697,7 @@ def _compile_aggregation(plan: QueryPlan, tree: exp.Select, items: list[tuple[st
         # TYPE_MISMATCH (`having count(*)` compiled as its UInt64 and failed every batch in Polars'
         # filter, an internal error and a traceback in the log)
         if condition:
-            return outputs.compile_bool(rewritten, text=node.sql("clickhouse"))
+            return outputs.compile_bool(rewritten, text=shown(node, 300))
         return outputs.compile(rewritten)
 
     result_types = [_add_output(plan, compile_outer(node)) for _, node in items]

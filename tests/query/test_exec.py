@@ -872,6 +872,9 @@ def test_a_datetime_plus_milliseconds_is_a_datetime64() -> None:
     ("select ts - interval 1001 year from t", ErrorCode.TYPE_MISMATCH, "at most 1,000 years"),
     ("select ts + 365243d from t", ErrorCode.TYPE_MISMATCH, "at most 1,000 years"),
     ("select ts - interval 12001 month from t", ErrorCode.TYPE_MISMATCH, "at most 1,000 years"),
+    ("select i from t where now() - 1h", ErrorCode.TYPE_MISMATCH, "now() - 1h is datetime, a condition must be"),
+    ("select i from t where ts + 90s", ErrorCode.TYPE_MISMATCH, "ts + 90s is datetime64(3), a condition"),
+    ("select s from t group by s having max(ts) + 1h", ErrorCode.TYPE_MISMATCH, "max(ts) + 1h is datetime64(3)"),
 ])
 def test_what_an_interval_cannot_be(sql: str, code: ErrorCode, says: str) -> None:
     with pytest.raises(ClientError) as err:

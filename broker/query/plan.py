@@ -410,6 +410,9 @@ def _window(call: exp.Anonymous, columns: dict[str, str]) -> Window:
     return Window("hop", time_column, size, step)
 
 
+_DATE_WITH_OFFSET = re.compile(r"(\d{4}-\d\d-\d\d)(Z|[+-].*)", re.ASCII)   # midnight at that offset
+
+
 def _settings(tree: exp.Select) -> tuple[str | None, int | None]:
     seek_to: str | None = None
     for item in tree.args.get("settings") or []:
@@ -424,8 +427,10 @@ def _settings(tree: exp.Select) -> tuple[str | None, int | None]:
         return seek_to, None
     if seek_to.lower() == "earliest":
         return seek_to, 0
+    text = seek_to.strip()
+    dated = _DATE_WITH_OFFSET.fullmatch(text)   # fromisoformat read the offset as the time of day
     try:
-        when = datetime.fromisoformat(seek_to.strip().replace(" ", "T", 1))
+        when = datetime.fromisoformat(f"{dated[1]}T00:00{dated[2]}" if dated else text.replace(" ", "T", 1))
     except ValueError:
         raise _syntax(f"seek_to='{seek_to}': expected 'earliest', 'latest' or an ISO 8601 time") from None
     if when.tzinfo is None:

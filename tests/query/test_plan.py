@@ -135,6 +135,9 @@ def test_table_seek_to_and_limit() -> None:
     assert plan("select * from t settings seek_to='2024-01-01T00:00:01Z'").seek_ms == 1704067201000
     assert plan("select * from t settings seek_to='2024-01-01 00:00:01.5'").seek_ms == 1704067201500
     assert plan("select * from t settings seek_to='latest'").seek_ms is None
+    # a date with an offset is its midnight there (fromisoformat read the offset as the time of day)
+    assert plan("select * from t settings seek_to='2024-01-02+05:00'").seek_ms == 1704135600000   # 01-01 19:00 UTC
+    assert plan("select * from t settings seek_to='2024-01-01Z'").seek_ms == 1704067200000
     assert plan("select * from t settings max_threads=2").seek_to is None   # others: ignored
 
 

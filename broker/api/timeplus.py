@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from broker.api.http import (
     BROKER,
@@ -313,7 +313,8 @@ async def create_query(request: web.Request) -> web.StreamResponse:
                                      client=request.remote or "")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
-    response.enable_chunked_encoding()  # urllib3 hands nothing over from a close-delimited body
+    if request.version >= HttpVersion11:   # HTTP/1.0 has no chunks (aiohttp refused: a 500); its body ends
+        response.enable_chunked_encoding()  # at the close, and urllib3 hands nothing over from such a body
     try:
         try:
             await response.prepare(request)

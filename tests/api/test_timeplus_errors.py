@@ -301,6 +301,26 @@ def test_a_client_gone_before_the_first_event_is_no_broker_error(start_broker):
         broker.stderr_lines[logged:][:20]
 
 
+def test_an_http_1_0_client_gets_its_query_close_delimited(door, typed):
+    """The SSE answer was always chunked (urllib3 needs it), and aiohttp refuses chunked encoding
+    to an HTTP/1.0 client (nginx's default proxy_http_version, curl -0): RuntimeError, a 500
+    INTERNAL with a traceback for every query. HTTP/1.0 gets the events with the body delimited by
+    the connection's close; HTTP/1.1 stays chunked."""
+    assert door.ingest(typed, GOOD).status == 200
+    body = json.dumps({"sql": f"select name, n from table({typed})"}).encode()
+    with socket.create_connection(addr(door.broker.http_url), timeout=TIMEOUT) as conn:
+        conn.sendall(b"POST %s/queries HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"X-Api-Key: %s\r\nContent-Length: %d\r\n\r\n%s"
+                     % (door.base.encode(), KEY["X-Api-Key"].encode(), len(body), body))
+        raw = b""
+        while chunk := conn.recv(65536):   # the bounded query's end closes the connection
+            raw += chunk
+    head, _, events = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), raw[:300]
+    assert b"transfer-encoding" not in head.lower() and b"text/event-stream" in head, head
+    assert b'data: [["ok",1]]' in events and events.count(b"event: query") == 2, events[-300:]
+
+
 def test_delete_stream_with_null_body(door):
     name = new_name()
     door.create(name, TYPED)

@@ -378,7 +378,10 @@ async def run_query(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache",
                                            "X-Request-Id": request_id(request)})
     try:
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionResetError:   # the tab went away at once: not the broker's error (finally ends it)
+            return response
         head = {"id": run.id, "header": [{"name": n, "type": t} for n, t in run.plan.header]}
         if not await write_or_drop(request, response, _line({"query": head})):
             return response

@@ -276,3 +276,39 @@ def test_a_big_result_batch_is_split_into_lines_of_at_most_1000_rows(console_bro
     sizes = [len(line["rows"]) for line in lines if "rows" in line]
     assert sum(sizes) == 2500 and max(sizes) <= 1000, sizes
     assert lines[-1]["end"]["status"] == "finished"
+
+
+def test_a_client_gone_before_the_first_line_is_no_broker_error(console_broker, stream):
+    """A query posted by a tab closed at once: the NDJSON headers met a closed transport, and
+    aiohttp's ClientConnectionResetError escaped the handler, logged with a traceback and counted
+    INTERNAL (the Timeplus door's create_query had the same). Its query ends all the same."""
+    import socket
+    import struct
+    import time
+    import urllib.request
+
+    def metric(part: str) -> list[str]:
+        text = urllib.request.urlopen(f"{console_broker.http_url}/metrics", timeout=10).read().decode()
+        return [line for line in text.splitlines() if part in line and not line.startswith("#")]
+
+    def internal() -> list[str]:
+        return metric('reason="INTERNAL"')
+
+    def answered() -> float:   # the console's requests, each counted once its handler is done
+        return sum(float(line.split()[-1]) for line in metric('sluice_request_duration_seconds_count{door="console"'))
+
+    before, logged, done = internal(), len(console_broker.stderr_lines), answered()
+    body = json.dumps({"sql": f"select raw from {stream}"}).encode()
+    for _ in range(10):
+        gone = socket.create_connection((console_broker.host, console_broker.http_port), timeout=10)
+        gone.sendall(b"POST /console/api/queries HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST
+        gone.close()
+    deadline = time.monotonic() + 20
+    while answered() < done + 10 and time.monotonic() < deadline:   # the handlers meet the closed connections
+        time.sleep(0.1)
+    assert answered() >= done + 10
+    assert internal() == before
+    assert not [line for line in console_broker.stderr_lines[logged:] if "ERROR" in line or "Traceback" in line], \
+        console_broker.stderr_lines[logged:][:20]

@@ -72,7 +72,11 @@ _DATE_TEXT = re.compile(r"\d{4}-\d\d-\d\d", re.ASCII)
 # a date then an offset: fromisoformat takes any character after a date for the separator, so it
 # read `2024-05-01+05:00` as 05:00 (the offset as the time of day); it is midnight at that offset
 _DATE_OFFSET = re.compile(r"(\d{4}-\d\d-\d\d)(Z|[+-].*)", re.ASCII)
-_CACHE_MAX = 100_000              # parsed datetime texts kept per column type
+_CACHE_MAX = 100_000              # parsed datetime texts kept per column kind, for every stream at once
+# text -> stored form, one map for datetime (True) and one for datetime64 columns, shared by every
+# stream's encoder: a map per column held up to ~19 MB each (distinct texts such as isoformat()'s),
+# for the broker's life, times every typed stream ingested into
+_PARSED: dict[bool, dict[str, str]] = {True: {}, False: {}}
 
 NoneType = type(None)
 
@@ -130,7 +134,7 @@ class _Times:
         self.seconds = ctype.kind == "datetime"
         self.lo, self.hi = _DATETIME_RANGE if self.seconds else _DATETIME64_RANGE
         self.spec = "seconds" if self.seconds else "milliseconds"
-        self.cache: dict[str, str] = {}
+        self.cache = _PARSED[self.seconds]
         # the common case: text already in the stored form needs only a calendar check
         self.canonical_ok = not self.seconds
 

@@ -350,3 +350,23 @@ def test_large_batches_take_the_column_paths() -> None:
     with pytest.raises(ClientError) as info:
         enc.compact(["s", "i", "f", "b", "t"], rows, NOW)
     assert (info.value.fields["row"], info.value.fields["column"]) == (1500, "i")
+
+
+def test_parsed_datetime_texts_are_held_once_for_every_stream_not_per_column() -> None:
+    """Each column kept its own map of up to 100,000 texts (~19 MB of distinct isoformat() values),
+    for the broker's life, in every typed stream ingested into: 50 streams of two time columns held
+    50 x 2 maps. One bounded map per kind (datetime, datetime64) holds them now."""
+    from datetime import datetime, timedelta
+
+    from broker.rows import encode
+
+    start = datetime(2024, 5, 1)
+    encoders = [encoder(("t", "datetime64(3)"), ("s", "datetime")) for _ in range(50)]
+    for i, enc in enumerate(encoders):
+        times = [(start + timedelta(seconds=i * 4000 + j)).isoformat() + "Z" for j in range(4000)]
+        rows = enc.compact(["t", "s"], [[t, t] for t in times], NOW)
+        assert orjson.loads(rows[-1])["s"] == (start + timedelta(seconds=i * 4000 + 3999)).isoformat(" ")
+    held = {id(m) for m in encode._PARSED.values()}
+    maps = {id(c.times.cache): c.times.cache for enc in encoders for c in enc._codecs if c.times is not None}
+    assert set(maps) == held                        # every column's map is one of the two shared ones
+    assert sum(map(len, maps.values())) <= 2 * encode._CACHE_MAX < 50 * 2 * 4000

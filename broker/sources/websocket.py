@@ -25,7 +25,8 @@ Properties [spec section 3, ours where noted]: `url` (ws:// or wss://; wss uses 
 context), `data_type` (json | text), `open_message` (a string; with `open_message_type: json` also
 an object or array, sent as its JSON text; an empty string means none [ours]),
 `open_message_type` (text | binary | json, default text; binary sends the string's UTF-8 bytes as
-a binary frame, json a text frame, a string given for json must be valid JSON [ours]).
+a binary frame, json a text frame, a string given for json must be valid JSON [ours]; an object or
+array is nested at most `MAX_OPEN_MESSAGE_DEPTH` levels [ours]).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ MAX_MESSAGE_FACTOR = 2     # messages up to 2 x the record limit are received (a
 BATCH_MESSAGES = 1000      # one append at most
 BATCH_BYTES = 1024 * 1024
 INBOX_BYTES = 4 * 1024 * 1024   # received and not yet written; beyond it the reader waits
+# an open_message object's nesting, at most [ours]: the definition is shown inside more levels (GET
+# /sources: a list of sources, each with its properties), and orjson writes no more than 255 in all
+MAX_OPEN_MESSAGE_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def _open_message(value: Any, message_type: str) -> str | bytes | None:
     if value is None or value == "":
         return None
     if message_type == "json":
+        if _depth(value) > MAX_OPEN_MESSAGE_DEPTH:   # before orjson: it refuses past 255 levels alone
+            raise bad("open_message", f"is nested more than {MAX_OPEN_MESSAGE_DEPTH} levels deep")
         if isinstance(value, str):
             try:
                 orjson.loads(value)
@@ -98,6 +104,18 @@ def _open_message(value: Any, message_type: str) -> str | bytes | None:
     if len(text) > MAX_TEXT:
         raise bad("open_message", f"is longer than {MAX_TEXT} characters")
     return text.encode() if message_type == "binary" else text
+
+
+def _depth(value: Any) -> int:
+    """How many arrays and objects deep a JSON value is nested (a scalar: 0), without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        v, d = level.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is not None:
+            deepest = max(deepest, d)
+            level.extend((c, d + 1) for c in children)
+    return deepest
 
 
 class _Inbox:

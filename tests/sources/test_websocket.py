@@ -705,6 +705,9 @@ def _nested(depth: int) -> list:
     ({**GOOD, "open_message": 5}, "open_message"),
     # deeper than orjson writes (255 levels; it reads 1,024): a 500 INTERNAL with a traceback
     ({**GOOD, "open_message": _nested(300), "open_message_type": "json"}, "open_message"),
+    # orjson writes it alone, and the stored definition, but not GET /sources' list around it: that
+    # answered 500 INTERNAL for every source of the workspace from then on
+    ({**GOOD, "open_message": _nested(251), "open_message_type": "json"}, "open_message"),
     ({**GOOD, "intreval": "1s"}, "intreval"),                                  # an unknown key
     ({**GOOD, "tls": {"disable": True}}, "tls.disable"),
 ])

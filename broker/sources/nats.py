@@ -51,7 +51,8 @@ JetStream (`nats_jetstream`). Which consumer:
 - `deliver`: all | last | new, for a consumer being created.
 
 Delivery: messages are pulled in batches (requests of `min(max_ack_pending / 2, prefetch_count,
-JS_MAX_BATCH)` messages, one request open at a time, the next asked for while a batch is being
+JS_MAX_BATCH)` messages, within an existing consumer's own max_batch, max_bytes and max_expires,
+which the server refuses a request past; one request open at a time, the next asked for while a batch is being
 appended), every batch goes to `ctx.sink.write` and is acknowledged only after the write returned,
 i.e. after the append is durable; while the append waits (a throttled target: the sink waits its
 limit out), the batch and the messages pulled meanwhile are marked in progress (+WPI) every
@@ -98,6 +99,7 @@ from typing import Any, Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -474,8 +476,12 @@ class _Puller:
     `_lose`); no other is asked until then, since an answer cannot be told apart by request
     (messages carry the stream's subject, not the request's)."""
 
-    def __init__(self, nc: NATS, stream: str, consumer: str, batch: int, wake: asyncio.Event) -> None:
+    def __init__(self, nc: NATS, stream: str, consumer: str, batch: int, wake: asyncio.Event,
+                 max_bytes: int | None = None, expires_s: float | None = None) -> None:
         self.nc, self.batch, self.wake = nc, batch, wake
+        # a request's bounds: ours, or the consumer's own when lower (`_pull_limits`)
+        self.max_bytes = PULL_MAX_BYTES if max_bytes is None else max_bytes
+        self.expires_s = PULL_EXPIRES_S if expires_s is None else expires_s
         self.consumer = consumer
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.inbox = ""
@@ -537,7 +543,7 @@ class _Puller:
         """Until when a request of ours may still be waiting on the server, as far as we know (the
         open one's answer with ANSWER_GRACE_S more: not seen, a late 408 costs what is held
         ack_wait)."""
-        latest = self.asked_at + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S if self.open else 0.0
+        latest = self.asked_at + self.expires_s + STOP_GRACE_S + ANSWER_GRACE_S if self.open else 0.0
         return max(latest, self.lost_until)
 
     def may_give_back(self) -> bool:
@@ -569,7 +575,7 @@ class _Puller:
         if self.open:
             self.open = False
             self.lost_until = max(self.lost_until,
-                                  time.monotonic() + PULL_EXPIRES_S + STOP_GRACE_S + ANSWER_GRACE_S)
+                                  time.monotonic() + self.expires_s + STOP_GRACE_S + ANSWER_GRACE_S)
 
     async def _on_msg(self, msg: Msg) -> None:
         # nats-py gives a status line as a header named Status, as it would a user's own header of
@@ -588,11 +594,15 @@ class _Puller:
         else:
             # a 408 this early is not the open request's expiry (the server counts its expiry
             # from when it got the request): a late answer to one no longer followed
-            if not (status == "408" and time.monotonic() < self.asked_at + PULL_EXPIRES_S / 2):
+            if not (status == "408" and time.monotonic() < self.asked_at + self.expires_s / 2):
                 self.open = False
             description = (msg.headers or {}).get("Description", "")
             if status == "409" and ("Deleted" in description or "push" in description.lower()):
                 self.fatal = f"the consumer cannot be read: {description}"
+            elif status == "409" and description.startswith("Exceeded MaxRequest"):
+                # the consumer's own bound on a request (changed since the job read it): every
+                # request would be refused; the job fails, and its next run reads the bounds again
+                self.fatal = f"consumer [{self.consumer}] refuses the pull request: {description}"
             elif status == "503":
                 self.fatal = f"pull requests get no answer: consumer [{self.consumer}] was deleted or JetStream is gone"
             elif status not in ("404", "408", "409"):   # 409: max_bytes reached, among others
@@ -603,7 +613,7 @@ class _Puller:
         if self.stopping:
             return
         self.open, self.left, self.asked_at = True, self.batch, time.monotonic()
-        body = b'{"batch":%d,"max_bytes":%d,"expires":%d}' % (self.batch, PULL_MAX_BYTES, int(PULL_EXPIRES_S * 1e9))
+        body = b'{"batch":%d,"max_bytes":%d,"expires":%d}' % (self.batch, self.max_bytes, int(self.expires_s * 1e9))
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
 
     async def take(self, wait_s: float) -> list[Msg]:
@@ -613,7 +623,7 @@ class _Puller:
         while True:
             if self.fatal:
                 raise LookupError(self.fatal)
-            if self.open and self.nc.is_connected and time.monotonic() - self.asked_at > PULL_EXPIRES_S + PULL_GRACE_S:
+            if self.open and self.nc.is_connected and time.monotonic() - self.asked_at > self.expires_s + PULL_GRACE_S:
                 self._lose()                # never answered (lost, or the answer is late): ask again later
             if not self.open and len(self.buf) < self.batch and self.nc.is_connected \
                     and time.monotonic() >= self.lost_until:
@@ -627,7 +637,7 @@ class _Puller:
                 left = min(left, self.lost_until - time.monotonic())
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, PULL_EXPIRES_S + PULL_GRACE_S)):   # not wait_for: see above
+                async with asyncio.timeout(min(left, self.expires_s + PULL_GRACE_S)):   # not wait_for: see above
                     await self.wake.wait()
 
 
@@ -646,12 +656,13 @@ class JetStreamJob:
         except nats.js.errors.NotFoundError:
             raise LookupError(f"no JetStream stream holds subject [{c.subject}]; create one or set stream") from None
 
-    async def _consumer(self, js: Any, stream: str) -> ConsumerInfo:
+    async def _consumer(self, js: Any, stream: str) -> tuple[ConsumerInfo, bool]:
+        """The consumer to read, and whether it existed (True) or was made here."""
         c = self.config
         name = c.consumer_name
         if name:
             try:
-                return await js.consumer_info(stream, name)
+                return await js.consumer_info(stream, name), True
             except nats.js.errors.NotFoundError as e:
                 if e.err_code == STREAM_NOT_FOUND:
                     raise LookupError(f"JetStream stream [{stream}] does not exist") from None
@@ -665,7 +676,7 @@ class JetStreamJob:
             config.inactive_threshold = EPHEMERAL_INACTIVE_S
             await self._resume(js, stream, config)
         try:
-            return await js.add_consumer(stream, config)
+            return await js.add_consumer(stream, config), False
         except nats.js.errors.NotFoundError:
             raise LookupError(f"JetStream stream [{stream}] does not exist") from None
 
@@ -709,7 +720,7 @@ class JetStreamJob:
             js = nc.jetstream(timeout=API_TIMEOUT_S)
             try:
                 stream = await self._stream(js)
-                info = await self._consumer(js, stream)
+                info, existing = await self._consumer(js, stream)
             except nats.js.errors.ServiceUnavailableError:
                 raise ConnectionError("JetStream is not enabled on the NATS server") from None
             except nats.errors.NoRespondersError:
@@ -723,7 +734,11 @@ class JetStreamJob:
             batch = min(c.prefetch, JS_MAX_BATCH)
             if pending_limit and pending_limit > 0:
                 batch = min(batch, max(1, pending_limit // 2))
-            puller = own = _Puller(nc, stream, info.name, batch, self._wake)
+            # one made here has no such bounds; an existing one may (its owner's settings)
+            max_batch, max_bytes, max_expires_s = await _pull_limits(nc, stream, info.name) if existing else (0, 0, 0.0)
+            puller = own = _Puller(nc, stream, info.name, min(batch, max_batch or batch), self._wake,
+                                   min(PULL_MAX_BYTES, max_bytes or PULL_MAX_BYTES),
+                                   min(PULL_EXPIRES_S, max_expires_s or PULL_EXPIRES_S))
 
             async def waiting() -> int:
                 """Messages the consumer may still send us: not delivered yet, or delivered and
@@ -811,6 +826,20 @@ class JetStreamJob:
         for m in msgs:
             with contextlib.suppress(nats.errors.Error):
                 await m.nak(delay=delay)
+
+
+async def _pull_limits(nc: NATS, stream: str, consumer: str) -> tuple[int, int, float]:
+    """The consumer's own bounds on one pull request - max_batch, max_bytes, max_expires (seconds);
+    0: none - which nats-py's ConsumerInfo leaves out. The server refuses a request past one (409
+    "Exceeded MaxRequest...") every time, so the job must ask within them. Not known (no answer, not
+    permitted): none; a refusal then fails the job with the server's reason."""
+    try:
+        reply = await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", b"", timeout=API_TIMEOUT_S)
+        config = orjson.loads(reply.data).get("config") or {}
+        return (max(0, int(config.get("max_batch") or 0)), max(0, int(config.get("max_bytes") or 0)),
+                max(0, int(config.get("max_expires") or 0)) / 1e9)
+    except (nats.errors.Error, TimeoutError, ValueError, TypeError, AttributeError):
+        return 0, 0, 0.0
 
 
 async def _in_progress(batch: list[Msg], puller: _Puller, ack_wait_s: float) -> None:

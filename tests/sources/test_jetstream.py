@@ -228,6 +228,51 @@ async def test_pull_requests_ended_by_max_bytes_go_on(sluice: Sluice, nats_serve
     await settled(sluice, url, "BIG", "d")
 
 
+async def test_a_consumer_s_own_pull_request_limits_are_kept(sluice: Sluice, nats_server: NatsServer) -> None:
+    """An existing consumer may bound the pull requests it takes (max_batch, max_bytes,
+    max_expires; nats-py's ConsumerInfo leaves them out): the server refuses a request past one
+    (409 "Exceeded MaxRequest..."), every time, so the job read nothing and showed running with no
+    error, for good."""
+    url = nats_server.url
+    await js_stream(url, "L", ["l"])
+    limits = {"b": {"max_batch": 10}, "y": {"max_bytes": 100_000}, "e": {"max_expires": 1_000_000_000}}
+
+    async def make(j: Any) -> None:
+        for name, limit in limits.items():   # through the API itself: nats-py's ConsumerConfig has no such fields
+            config = {"durable_name": name, "ack_policy": "explicit", "deliver_policy": "all", **limit}
+            reply = await j._nc.request(f"$JS.API.CONSUMER.DURABLE.CREATE.L.{name}",
+                                        orjson.dumps({"stream_name": "L", "config": config}))
+            assert b'"error"' not in reply.data, reply.data
+    await with_js(url, make)
+    await js_publish(url, "l", docs(50))
+    for name in limits:
+        await sluice.typed(f"t{name}", COLUMNS)
+        await sluice.create(f"j{name}", "nats_jetstream", f"t{name}", **js(url, stream="L", durable=name, bind=True))
+    for name in limits:
+        assert sorted(await rows_of(sluice, f"t{name}", 50, timeout=15)) == list(range(50)), name
+        await settled(sluice, url, "L", name)
+
+
+async def test_a_pull_request_the_consumer_refuses_fails_the_source_with_the_reason(
+        sluice: Sluice, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer's bounds not known (changed since they were read): the refusal is the status,
+    not a silent loop of refused requests."""
+    async def unknown(*_: Any) -> tuple[int, int, float]:
+        return 0, 0, 0.0
+    monkeypatch.setattr(nats_source, "_pull_limits", unknown)
+    url = nats_server.url
+    await js_stream(url, "L", ["l"])
+
+    async def make(j: Any) -> None:
+        config = {"durable_name": "b", "ack_policy": "explicit", "max_batch": 10}
+        await j._nc.request("$JS.API.CONSUMER.DURABLE.CREATE.L.b", orjson.dumps({"stream_name": "L", "config": config}))
+    await with_js(url, make)
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, stream="L", durable="b", bind=True))
+    st = await eventually(lambda: "Exceeded MaxRequestBatch" in sluice.state("j").last_error and sluice.state("j"))
+    assert "consumer [b]" in st.last_error, st.last_error
+
+
 async def test_a_bad_message_is_counted_skipped_and_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
     url = nats_server.url
     await js_stream(url, "X", ["x"])

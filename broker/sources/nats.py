@@ -45,9 +45,9 @@ JetStream (`nats_jetstream`). Which consumer:
   retrying (the consumer may be created later). A push consumer is refused the same way.
 - neither `durable` nor `queue`: an ephemeral consumer (the server removes it after
   `EPHEMERAL_INACTIVE_S` without us). Within one run of the source (start to stop) a retry resumes
-  after the last message appended (from the first message when the stream was made again
-  meanwhile); a stop/start or a broker restart starts again per `deliver` (spec: only a durable
-  consumer's position survives restarts).
+  after the last message appended, or where the run's first consumer started if none was (from the
+  first message when the stream was made again meanwhile); a stop/start or a broker restart starts
+  again per `deliver` (spec: only a durable consumer's position survives restarts).
 - `deliver`: all | last | new, for a consumer being created.
 
 Delivery: messages are pulled in batches (requests of `min(max_ack_pending / 2, prefetch_count,
@@ -676,9 +676,15 @@ class JetStreamJob:
             config.inactive_threshold = EPHEMERAL_INACTIVE_S
             await self._resume(js, stream, config)
         try:
-            return await js.add_consumer(stream, config), False
+            info = await js.add_consumer(stream, config)
         except nats.js.errors.NotFoundError:
             raise LookupError(f"JetStream stream [{stream}] does not exist") from None
+        position = c.position
+        if not name and not position.next_seq and info.delivered is not None:
+            # where this run starts: a retry before anything was appended resumes here too, not per
+            # `deliver` again (new, or last on an empty stream, would skip what came meanwhile)
+            position.next_seq = (info.delivered.stream_seq or 0) + 1
+        return info, False
 
     async def _resume(self, js: Any, stream: str, config: ConsumerConfig) -> None:
         """An ephemeral consumer on a retry of this run: on from the last message appended, unless

@@ -427,6 +427,28 @@ async def test_an_ephemeral_consumer_resumes_across_a_retry(sluice: Sluice, nats
     assert sluice.state("j").status == "running"
 
 
+@pytest.mark.parametrize("deliver", ["new", "last"])
+async def test_an_ephemeral_consumer_s_retry_before_its_first_message_skips_nothing(
+        sluice: Sluice, nats_server: NatsServer, deliver: str) -> None:
+    """A retry before the run appended anything made its consumer per `deliver` again: with new (or
+    last, on an empty stream) what was published between the failure and the retry was skipped."""
+    url = nats_server.url
+    await js_stream(url, "E", ["e"])
+    await sluice.typed("t", COLUMNS)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="e", deliver=deliver))
+    [ephemeral] = await eventually(lambda: with_js(url, lambda j: consumer_names(j, "E")), what="its consumer")
+
+    async def fail_and_publish(j: Any) -> None:   # published before the retry can have made another
+        await j.delete_consumer("E", ephemeral)
+        for doc in docs(5):
+            await j.publish("e", doc)
+    await with_js(url, fail_and_publish)
+    await eventually(lambda: sluice.state("j").errors >= 1, what="the job failing")
+    assert sorted(await rows_of(sluice, "t", 5, timeout=10)) == list(range(5))
+    await asyncio.sleep(0.3)
+    assert sorted(await sluice.column("t")) == list(range(5))     # none twice
+
+
 async def test_an_ephemeral_consumer_reads_a_stream_made_again_from_its_start(sluice: Sluice,
                                                                              nats_server: NatsServer) -> None:
     """The upstream stream deleted and made again under a running source without `durable`: its

@@ -302,6 +302,9 @@ def _tls_context(skip_verify: bool) -> ssl.SSLContext:
     return tls
 
 
+_VIOLATION = re.compile(r'permissions violation for (?:subscription|publish) to "([^"]*)"', re.IGNORECASE)
+
+
 class _Link:
     """One nats-py connection for one job, and what the source's status says about it."""
 
@@ -315,6 +318,10 @@ class _Link:
         self.down_since = 0.0          # when the connection was lost; 0 while it is up
         self._tls_failed = asyncio.Event()
         self.on_reconnect: Callable[[], None] = lambda: None
+        # whether the job needs a subject (subscribes or publishes to it); the server refusing one
+        # (a permissions violation: -ERR, and the connection stays up) fails the job: `check`
+        self.needs: Callable[[str], bool] = lambda subject: False
+        self.refused = ""
 
     def _where(self) -> str:
         return ", ".join(map(shown_url, self.conn.urls))   # never a password: status messages are shown to every role
@@ -368,6 +375,8 @@ class _Link:
         lost = self.closed or self.nc.is_closed
         if self.down_since and time.monotonic() - self.down_since > RECONNECT_GIVE_UP_S:
             lost = True
+        if self.refused:
+            raise PermissionError(f"the NATS server at {self._where()} refuses it: {self.refused}")
         if lost:
             # a protocol error the server closed the connection for (-ERR) nats-py keeps as its own
             # last error, without calling error_cb: the status said no more than "lost"
@@ -383,6 +392,11 @@ class _Link:
         if isinstance(e, nats.errors.SlowConsumerError):
             self.ctx.state.error("slow consumer: the source fell behind and NATS dropped a message")
             return
+        # nats-py gives the server's text in lower case, the subject too
+        violation = _VIOLATION.search(str(e))
+        if violation and self.needs(violation.group(1)):
+            self.refused = _describe(e)
+            self._wake()
         self.last_error = e
         if isinstance(e, ssl.SSLError) and not self.connected:
             self._tls_failed.set()
@@ -442,11 +456,13 @@ class NatsJob:
     async def run(self, ctx: JobContext) -> None:
         c = self.config
         link = _Link(c.conn, ctx, self._wake.set)
+        link.needs = lambda subject: subject == c.subject.lower()
         try:
             nc = await link.open()
             sub: Subscription = await nc.subscribe(c.subject, queue=c.queue or "", cb=self._on_msg,
                                                    pending_msgs_limit=c.prefetch, pending_bytes_limit=PENDING_BYTES)
             await nc.flush(timeout=int(API_TIMEOUT_S))
+            link.check()   # a refused subscription is answered before the flush's PONG
             ctx.connected()
             while True:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
@@ -753,6 +769,10 @@ class JetStreamJob:
                 held = len(pulled) + len(own.buf)
                 return (now.num_pending or 0) + max(0, (now.num_ack_pending or 0) - held)
             link.on_reconnect = puller.reset
+            # its pull requests, their inbox and its acknowledgements (refused: it would read nothing,
+            # or have every message delivered again)
+            link.needs = lambda subject: subject in (own.inbox.lower(), own.next_subject.lower()) or \
+                subject.startswith("$js.ack.")
             await puller.start()
             ctx.state.lag = info.num_pending
             ctx.connected()

@@ -33,6 +33,7 @@ from sources.conftest import (
     docs,
     eventually,
     free_port,
+    js_stream,
     publish,
     rest,
     tp_query,
@@ -546,3 +547,55 @@ async def test_a_password_in_the_url_is_never_in_the_status(sluice: Sluice, capl
         assert "bob:***@127.0.0.1" in st.last_error, st.last_error
         assert "NATSPASSWORD456" not in st.message + st.last_error
     assert "NATSPASSWORD456" not in caplog.text
+
+
+async def test_a_token_in_the_url_is_never_in_the_status(sluice: Sluice, caplog: pytest.LogCaptureFixture) -> None:
+    """nats://TOKEN@host is NATS's token auth (nats-py sends a user without a password as the
+    token): it was shown as given in status messages, logs, and to the roles that may not manage."""
+    from broker.sources.props import redacted
+
+    await sluice.typed("t", COLUMNS)
+    url = f"nats://NATSTOKEN789@127.0.0.1:{free_port()}"
+    for name, type_, extra in (("core", "nats", {"subject": "a"}), ("js", "nats_jetstream", {"stream": "S"})):
+        await sluice.create(name, type_, "t", url=url, data_type="json", **extra)
+        await eventually(lambda n=name: sluice.state(n).errors > 0, what=f"{name} failed")
+        st = sluice.state(name)
+        assert "nats://***@127.0.0.1" in st.last_error, st.last_error
+        assert "NATSTOKEN789" not in st.message + st.last_error
+    assert "NATSTOKEN789" not in caplog.text
+    assert "NATSTOKEN789" not in str(redacted({"url": url})) + str(redacted({"url": [url, url]}))
+
+
+DENIED = """
+authorization {
+  users = [
+    { user: admin, password: admin }
+    { user: limited, password: limited, permissions: {
+        subscribe: { deny: ["secret.>"] }, publish: { deny: ["$JS.API.CONSUMER.MSG.NEXT.>"] } } }
+  ]
+}
+"""
+
+
+async def test_a_subscription_or_pull_the_server_refuses_fails_the_source_with_the_reason(
+        sluice: Sluice, tmp_path: Path) -> None:
+    """A permissions violation on what the job needs (its subject; a JetStream job's pull
+    requests): the server answers -ERR and keeps the connection, and the source showed running
+    with no error, receiving nothing, for good."""
+    conf = tmp_path / "denied.conf"
+    conf.write_text(DENIED)
+    server = NatsServer(tmp_path / "denied-store", extra=("-c", str(conf))).start()
+    try:
+        await js_stream(f"nats://admin:admin@127.0.0.1:{server.port}", "S", ["s.>"])
+        url = f"nats://limited:limited@127.0.0.1:{server.port}"
+        await sluice.typed("t", COLUMNS)
+        await sluice.create("core", "nats", "t", url=url, data_type="json", subject="secret.x")
+        await sluice.create("js", "nats_jetstream", "t", url=url, data_type="json", stream="S", durable="d")
+        for name, what in (("core", 'subscription to "secret.x"'), ("js", "publish to")):
+            st = await eventually(lambda n=name: sluice.state(n).status == "failed" and sluice.state(n),
+                                  what=f"{name} failed")
+            assert "permissions violation" in st.message.lower() and what in st.message.lower(), st.message
+            assert "limited:***@" in st.message and "limited:limited" not in st.message
+    finally:
+        server.stop()
+

@@ -14,6 +14,7 @@ restarts from the bottom once a run has lasted a while), `ctx.state` for counter
 """
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass
@@ -49,11 +50,22 @@ class JobContext:
     since: float | None = None   # monotonic time of the last connected(), None: not connected in this run
     # the servers holding the broker's own data (Store.own_servers): a source must not connect to them
     own_servers: Callable[[], frozenset[str]] = frozenset
+    task: asyncio.Task[None] | None = None   # the task running the job (the manager's)
+
+    @property
+    def ending(self) -> bool:
+        """The job is being stopped (its task cancelled: stop, delete, shutdown): the status is the
+        manager's now, and what its library reports while the job winds down (a connection lost
+        or made again) must not set it again."""
+        return self.task is not None and (self.task.cancelling() > 0 or self.task.done())
 
     def connected(self, message: str = "") -> None:
         """The job reached its origin and is receiving: status running. The backoff starts from the
         bottom again only if this run then lasts HEALTHY_S (manager.py): a server that accepts and
-        drops every connection at once is retried ever more slowly, not in a tight loop."""
+        drops every connection at once is retried ever more slowly, not in a tight loop. Nothing
+        once the job is `ending`."""
+        if self.ending:
+            return
         self.state.running(message)
         if self.since is None:
             self.since = time.monotonic()

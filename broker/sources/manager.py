@@ -642,7 +642,7 @@ class Sources:
             return
         backoff = Backoff()
         ctx = JobContext(Sink(self.broker, d.project, d.stream, stype.data_type(config), state), state, backoff,
-                         own_servers=self.broker.store.own_servers)
+                         own_servers=self.broker.store.own_servers, task=asyncio.current_task())
         while True:
             ctx.since = None
             try:

@@ -403,7 +403,7 @@ class _Link:
         log.debug("nats: %s", _describe(e))
 
     async def _disconnected(self) -> None:
-        if not self.closing and not self.nc.is_closed:
+        if not self.closing and not self.nc.is_closed and not self.ctx.ending:   # (a stopped source: stopped)
             self.down_since = self.down_since or time.monotonic()
             why = f" ({_describe(self.last_error)})" if self.last_error else ""
             self.ctx.state.failed(f"disconnected from NATS at {self._where()}{why}; reconnecting")

@@ -602,6 +602,38 @@ async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(s
     assert sorted(await sluice.column("t")) == list(range(5))     # none twice
 
 
+async def test_a_stopped_source_shows_stopped_whatever_its_server_does_while_the_job_ends(
+        sluice: Sluice, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop returns once the job has ended, and a JetStream job ends slowly (its batch in hand,
+    its open request): the server going away and coming back meanwhile made nats-py's callbacks
+    set the status again - failed ("disconnected ... reconnecting"), then running - so a stopped
+    source showed failed or running, for good."""
+    from broker.sources.sink import Sink
+    url = nats_server.url
+    await js_stream(url, "H", ["h"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "h", docs(5))
+    hang, write = asyncio.Event(), Sink.write
+
+    async def hung(self: Sink, payloads: Any) -> int:
+        await hang.wait()
+        return await write(self, payloads)
+    monkeypatch.setattr(Sink, "write", hung)
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="h", durable="d"))
+    await eventually(lambda: sluice.state("j").messages_in == 0 and sluice.state("j").status == "running")
+    await asyncio.sleep(0.5)   # the batch is in hand, its append hung
+    stop = asyncio.ensure_future(sluice.sources.stop_source("default", "j"))
+    await asyncio.sleep(0.3)
+    assert not stop.done()
+    nats_server.stop()         # while the job ends
+    await asyncio.sleep(0.3)
+    nats_server.start()
+    await stop
+    await asyncio.sleep(1.5)   # nats-py's reconnect, had the job not closed the connection yet
+    assert sluice.state("j").status == "stopped", sluice.state("j")
+    assert sluice.state("j").message == ""
+
+
 @contextlib.asynccontextmanager
 async def a_puller(url: str, subject: str) -> AsyncIterator[tuple[nats.NATS, nats_source._Puller]]:
     """A job's puller on its own connection, over a stream of `subject` and a durable consumer."""

@@ -59,8 +59,9 @@ limit out), the batch and the messages pulled meanwhile are marked in progress (
 `ack_wait / 4`, so the server does not deliver them again. A message that cannot be a row (bad
 JSON) is counted by the sink and acknowledged with its batch, so it does not come back. When the
 append fails the batch is negatively acknowledged (redelivered after `nak_delay`, at once without
-it) and the job raises, so the manager backs off. When the job is stopped, the batch being appended is finished and
-acknowledged first (waiting at most `CLOSE_WAIT_S`), so a stop or a graceful broker restart
+it) and the job raises, so the manager backs off. When the job is stopped, the batch being
+appended is finished and acknowledged first (waiting at most `CLOSE_WAIT_S`; an append still under
+way then runs on and is acknowledged once it lands), so a stop or a graceful broker restart
 duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once no pull
 request of ours can be waiting on the server and the pull inbox is drained; when that is not known
 they wait out `ack_wait` instead: see `_Puller.stop`), so a restart gets them without waiting for
@@ -829,6 +830,12 @@ class JetStreamJob:
         nak_delay) and raise."""
         try:
             await ctx.sink.write([m.data for m in msgs])
+        except asyncio.CancelledError:
+            # given up on by a stop (CLOSE_WAIT_S) while its append ran on to its end: the rows are
+            # durable, so acknowledged rather than given back and written again by the next run
+            if ctx.sink.landed:
+                await self._ack(ctx, msgs, policy)
+            raise
         except Exception:
             await self._nak(msgs, policy, self.config.nak_delay_ms)
             raise

@@ -47,6 +47,9 @@ class Sink:
         self.state = state
         self._encoder: RowEncoder | None = None
         self._stream_id = -1
+        # the last write's append completed (its rows are durable), even if the write was cancelled
+        # meanwhile and raised CancelledError: a job that acknowledges its origin still may
+        self.landed = False
 
     async def target(self) -> StreamConfig:
         """The target stream now; STREAM_NOT_FOUND when it is gone (the job fails and retries). On a
@@ -60,6 +63,7 @@ class Sink:
 
     async def write(self, payloads: Sequence[bytes | str]) -> int:
         """Map and append one batch of raw messages; returns the rows written."""
+        self.landed = False
         self.state.messages_in += len(payloads)
         if self.data_type == "json":
             objects: list[dict] = []
@@ -160,6 +164,7 @@ class Sink:
                 await asyncio.wait({append})
                 if not append.cancelled() and append.exception() is None:
                     self.state.wrote(len(rows))
+                    self.landed = True
                 raise
             except ClientError as e:
                 # Over the stream's write limit: wait and send the batch again (nothing of it went
@@ -170,6 +175,7 @@ class Sink:
                 await asyncio.sleep(THROTTLED_WAIT_S)
                 continue
             self.state.wrote(len(rows))
+            self.landed = True
             return len(rows)
 
 

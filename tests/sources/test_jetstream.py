@@ -602,6 +602,35 @@ async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(s
     assert sorted(await sluice.column("t")) == list(range(5))     # none twice
 
 
+async def test_a_stop_during_an_append_slower_than_its_wait_acknowledges_what_it_wrote(
+        sluice: Sluice, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop lets the batch in hand finish for CLOSE_WAIT_S; an append still under way then runs to
+    its end (the committer finishes it) and its rows are durable, but the batch was given back as
+    unwritten: the next start wrote it a second time (5 messages became 10 rows)."""
+    monkeypatch.setattr(nats_source, "CLOSE_WAIT_S", 0.3)   # an append slower than the stop's wait
+    url = nats_server.url
+    await js_stream(url, "SL", ["sl"])
+    await sluice.typed("t", COLUMNS)
+    appending, real = asyncio.Event(), sluice.broker.append_rows
+
+    async def slow(*args: Any, **kwargs: Any) -> int:
+        appending.set()
+        await asyncio.sleep(1.0)
+        return await real(*args, **kwargs)
+    monkeypatch.setattr(sluice.broker, "append_rows", slow)
+    await js_publish(url, "sl", docs(5))
+    await sluice.create("j", "nats_jetstream", "t", **js(url, stream="SL", durable="d", ack_wait="10m"))
+    await asyncio.wait_for(appending.wait(), 30)
+    await sluice.sources.stop_source("default", "j")
+    assert sorted(await sluice.column("t")) == list(range(5))    # written, though the stop gave up waiting
+    monkeypatch.setattr(sluice.broker, "append_rows", real)
+    await sluice.sources.start_source("default", "j")
+    await eventually(lambda: sluice.state("j").status == "running")
+    await asyncio.sleep(1.5)
+    assert sorted(await sluice.column("t")) == list(range(5))    # none twice
+    await settled(sluice, url, "SL", "d")
+
+
 async def test_a_stopped_source_shows_stopped_whatever_its_server_does_while_the_job_ends(
         sluice: Sluice, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop returns once the job has ended, and a JetStream job ends slowly (its batch in hand,

@@ -52,34 +52,34 @@ JetStream (`nats_jetstream`). Which consumer:
 
 Delivery: messages are pulled in batches (requests of `min(max_ack_pending / 2, prefetch_count,
 JS_MAX_BATCH)` messages, within an existing consumer's own max_batch, max_bytes and max_expires,
-which the server refuses a request past; one request open at a time, the next asked for while a batch is being
-appended), every batch goes to `ctx.sink.write` and is acknowledged only after the write returned,
-i.e. after the append is durable; while the append waits (a throttled target: the sink waits its
-limit out), the batch and the messages pulled meanwhile are marked in progress (+WPI) every
-`ack_wait / 4`, so the server does not deliver them again. A message that cannot be a row (bad
-JSON) is counted by the sink and acknowledged with its batch, so it does not come back. When the
-append fails the batch is negatively acknowledged (redelivered after `nak_delay`, at once without
-it) and the job raises, so the manager backs off. When the job is stopped, the batch being
-appended is finished and acknowledged first (waiting at most `CLOSE_WAIT_S`; an append still under
-way then runs on and is acknowledged once it lands), so a stop or a graceful broker restart
-duplicates nothing; messages pulled and not yet appended are negatively acknowledged (once no pull
-request of ours can be waiting on the server and the pull inbox is drained; when that is not known
-they wait out `ack_wait` instead: see `_Puller.stop`), so a restart gets them without waiting for
-`ack_wait`; such a stop takes up to ~4 s longer, for that request's end. Nothing is given back with
-AckPolicy.NONE, nor to an ephemeral consumer (the next run makes another). A crash between an append
-and its acknowledgement redelivers that batch: duplicates are bounded by `max_ack_pending` (the
-server delivers no more than that unacknowledged), nothing is lost. Consumers we create use explicit
-acks [ours]: an AckPolicy.ALL ack covers every lower sequence, so it would also cover messages that
-another member sharing the consumer, or a run of this source that crashed, had pulled and not
-appended yet (the server redelivers those only after `ack_wait`, while newer ones flow at once):
-that would lose them. Explicit acks cost ~8% of the rows/s (`bench/run.py sources --ack-policy
-both`). With an existing consumer its policy is followed:
+which the server refuses a request past; a message bigger than our byte bound is asked for alone,
+unbounded, and one bigger than the consumer's fails the source; one request open at a time, the next
+asked for while a batch is being appended), every batch goes to `ctx.sink.write` and is acknowledged
+only after the write returned, i.e. after the append is durable; while the append waits (a throttled
+target: the sink waits its limit out), the batch and the messages pulled meanwhile are marked in
+progress (+WPI) every `ack_wait / 4`, so the server does not deliver them again. A message that
+cannot be a row (bad JSON) is counted by the sink and acknowledged with its batch, so it does not
+come back. When the append fails the batch is negatively acknowledged (redelivered after
+`nak_delay`, at once without it) and the job raises, so the manager backs off. When the job is
+stopped, the batch being appended is finished and acknowledged first (waiting at most
+`CLOSE_WAIT_S`; an append still under way then runs on and is acknowledged once it lands), so a stop
+or a graceful broker restart duplicates nothing; messages pulled and not yet appended are negatively
+acknowledged (once no pull request of ours can be waiting on the server and the pull inbox is
+drained; when that is not known they wait out `ack_wait` instead: see `_Puller.stop`), so a restart
+gets them without waiting for `ack_wait`; such a stop takes up to ~4 s longer, for that request's
+end. Nothing is given back with AckPolicy.NONE, nor to an ephemeral consumer (the next run makes
+another). A crash between an append and its acknowledgement redelivers that batch: duplicates are
+bounded by `max_ack_pending` (the server delivers no more than that unacknowledged), nothing is
+lost. Consumers we create use explicit acks [ours]: an AckPolicy.ALL ack covers every lower
+sequence, so it would also cover messages that another member sharing the consumer, or a run of this
+source that crashed, had pulled and not appended yet (the server redelivers those only after
+`ack_wait`, while newer ones flow at once): that would lose them. Explicit acks cost ~8% of the
+rows/s (`bench/run.py sources --ack-policy both`). With an existing consumer its policy is followed:
 `all` acks each batch's last message (so the caveat above is the consumer owner's choice), `none`
-acks nothing (at-most-once).
-`nak_delay` [ours for JetStream] is the redelivery delay of a batch whose append failed;
-`prefetch_count` [ours] bounds the pull batch. Lag: the consumer's pending count (`num_pending`)
-from each batch's last message, and from the consumer's info at most every `LAG_EVERY_S` while
-idle.
+acks nothing (at-most-once). `nak_delay` [ours for JetStream] is the redelivery delay of a batch
+whose append failed; `prefetch_count` [ours] bounds the pull batch. Lag: the consumer's pending
+count (`num_pending`) from each batch's last message, and from the consumer's info at most every
+`LAG_EVERY_S` while idle.
 
 Not supported: JetStream domains/API prefixes other than `$JS.API`, credentials (user/password in
 the URL work: nats-py reads them from it).
@@ -494,11 +494,14 @@ class _Puller:
     (messages carry the stream's subject, not the request's)."""
 
     def __init__(self, nc: NATS, stream: str, consumer: str, batch: int, wake: asyncio.Event,
-                 max_bytes: int | None = None, expires_s: float | None = None) -> None:
+                 max_bytes: int | None = None, expires_s: float | None = None, consumer_max_bytes: int = 0) -> None:
         self.nc, self.batch, self.wake = nc, batch, wake
         # a request's bounds: ours, or the consumer's own when lower (`_pull_limits`)
         self.max_bytes = PULL_MAX_BYTES if max_bytes is None else max_bytes
         self.expires_s = PULL_EXPIRES_S if expires_s is None else expires_s
+        self.consumer_max_bytes = consumer_max_bytes   # the consumer's own bound (0: none)
+        self.requested = batch       # messages the open request asked for
+        self.one_unbounded = False   # the next request: one message, no byte bound
         self.consumer = consumer
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.inbox = ""
@@ -609,6 +612,7 @@ class _Puller:
         elif status == "100":      # idle heartbeat / flow control: nothing to do
             return
         else:
+            brought_nothing = self.open and self.left == self.requested
             # a 408 this early is not the open request's expiry (the server counts its expiry
             # from when it got the request): a late answer to one no longer followed
             if not (status == "408" and time.monotonic() < self.asked_at + self.expires_s / 2):
@@ -620,6 +624,15 @@ class _Puller:
                 # the consumer's own bound on a request (changed since the job read it): every
                 # request would be refused; the job fails, and its next run reads the bounds again
                 self.fatal = f"consumer [{self.consumer}] refuses the pull request: {description}"
+            elif status == "409" and "Exceeds MaxBytes" in description and brought_nothing:
+                # its first message alone is bigger than the request's max_bytes: asked again the
+                # same way, it never comes, nor anything after it. Ours: that one is asked for alone,
+                # unbounded (the sink skips it if over the record limit). The consumer's own: failed.
+                if self.consumer_max_bytes:
+                    self.fatal = (f"a message on consumer [{self.consumer}] is bigger than its max_bytes "
+                                  f"({self.consumer_max_bytes}): it cannot be pulled")
+                else:
+                    self.one_unbounded = True
             elif status == "503":
                 self.fatal = f"pull requests get no answer: consumer [{self.consumer}] was deleted or JetStream is gone"
             elif status not in ("404", "408", "409"):   # 409: max_bytes reached, among others
@@ -629,8 +642,14 @@ class _Puller:
     async def _ask(self) -> None:
         if self.stopping:
             return
-        self.open, self.left, self.asked_at = True, self.batch, time.monotonic()
-        body = b'{"batch":%d,"max_bytes":%d,"expires":%d}' % (self.batch, self.max_bytes, int(self.expires_s * 1e9))
+        expires = int(self.expires_s * 1e9)
+        if self.one_unbounded:   # a message bigger than max_bytes: alone
+            self.one_unbounded = False
+            self.requested, body = 1, b'{"batch":1,"expires":%d}' % expires
+        else:
+            self.requested = self.batch
+            body = b'{"batch":%d,"max_bytes":%d,"expires":%d}' % (self.batch, self.max_bytes, expires)
+        self.open, self.left, self.asked_at = True, self.requested, time.monotonic()
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
 
     async def take(self, wait_s: float) -> list[Msg]:
@@ -761,7 +780,7 @@ class JetStreamJob:
             max_batch, max_bytes, max_expires_s = await _pull_limits(nc, stream, info.name) if existing else (0, 0, 0.0)
             puller = own = _Puller(nc, stream, info.name, min(batch, max_batch or batch), self._wake,
                                    min(PULL_MAX_BYTES, max_bytes or PULL_MAX_BYTES),
-                                   min(PULL_EXPIRES_S, max_expires_s or PULL_EXPIRES_S))
+                                   min(PULL_EXPIRES_S, max_expires_s or PULL_EXPIRES_S), max_bytes)
 
             async def waiting() -> int:
                 """Messages the consumer may still send us: not delivered yet, or delivered and

@@ -273,6 +273,32 @@ async def test_a_pull_request_the_consumer_refuses_fails_the_source_with_the_rea
     assert "consumer [b]" in st.last_error, st.last_error
 
 
+async def test_a_message_over_a_pull_request_s_byte_bound_is_still_read(sluice: Sluice, nats_server: NatsServer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message bigger than a request's max_bytes (PULL_MAX_BYTES, 32 MiB: a server's max_payload
+    may be up to 64 MiB) is never delivered into it (409 "Message Size Exceeds MaxBytes" and
+    nothing else), and the next request was the same: the source stopped there for good, showing
+    running with no error, every later message held behind it."""
+    monkeypatch.setattr(nats_source, "PULL_MAX_BYTES", 3500)
+    url = nats_server.url
+    await js_stream(url, "BIG", ["big"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "big", [*docs(2), *docs(1, 2, tag="x" * 5000), *docs(2, 3)])
+    await sluice.create("j", "nats_jetstream", "t", **js(url, subject="big", durable="d"))
+    assert sorted(await rows_of(sluice, "t", 5, timeout=15)) == list(range(5))
+    await settled(sluice, url, "BIG", "d")
+
+    # bigger than a consumer's own max_bytes: it cannot be pulled, and the status says so
+    async def make(j: Any) -> None:
+        config = {"durable_name": "small", "ack_policy": "explicit", "max_bytes": 3000}
+        await j._nc.request("$JS.API.CONSUMER.DURABLE.CREATE.BIG.small",
+                            orjson.dumps({"stream_name": "BIG", "config": config}))
+    await with_js(url, make)
+    await sluice.create("s", "nats_jetstream", "t", **js(url, stream="BIG", durable="small", bind=True))
+    st = await eventually(lambda: "bigger than its max_bytes" in sluice.state("s").last_error and sluice.state("s"))
+    assert "consumer [small]" in st.last_error and "(3000)" in st.last_error, st.last_error
+
+
 async def test_a_bad_message_is_counted_skipped_and_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
     url = nats_server.url
     await js_stream(url, "X", ["x"])

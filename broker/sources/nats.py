@@ -135,6 +135,7 @@ PULL_EXPIRES_S = 2.0           # a pull request waits this long for messages, th
 PULL_MAX_BYTES = 32 << 20      # and brings at most this much (the server ends it with a 409 status)
 STOP_GRACE_S = 0.5             # a stopping job waits this long past its open request's expiry for the 408
 ANSWER_GRACE_S = 1.5           # and this much longer when what it holds is given back only after the 408
+REFUSED_WAIT_S = 0.5           # a request refused for want of room (max_waiting): the next this much later
 PULL_GRACE_S = 3.0             # no answer this long after a request expired: it was lost, ask again
 LAG_EVERY_S = 1.0              # consumer info while idle, at most this often
 EPHEMERAL_INACTIVE_S = 30.0    # an ephemeral consumer outlives its job this long
@@ -501,6 +502,7 @@ class _Puller:
         self.expires_s = PULL_EXPIRES_S if expires_s is None else expires_s
         self.consumer_max_bytes = consumer_max_bytes   # the consumer's own bound (0: none)
         self.requested = batch       # messages the open request asked for
+        self.ask_after = 0.0         # no request before (the last one was refused for want of room)
         self.one_unbounded = False   # the next request: one message, no byte bound
         self.consumer = consumer
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -633,6 +635,10 @@ class _Puller:
                                   f"({self.consumer_max_bytes}): it cannot be pulled")
                 else:
                     self.one_unbounded = True
+            elif status == "409" and "MaxWaiting" in description:
+                # the consumer holds as many requests as it takes (other members', other clients'):
+                # asked again at once, it refuses again at once, thousands of times a second
+                self.ask_after = time.monotonic() + REFUSED_WAIT_S
             elif status == "503":
                 self.fatal = f"pull requests get no answer: consumer [{self.consumer}] was deleted or JetStream is gone"
             elif status not in ("404", "408", "409"):   # 409: max_bytes reached, among others
@@ -661,16 +667,16 @@ class _Puller:
                 raise LookupError(self.fatal)
             if self.open and self.nc.is_connected and time.monotonic() - self.asked_at > self.expires_s + PULL_GRACE_S:
                 self._lose()                # never answered (lost, or the answer is late): ask again later
-            if not self.open and len(self.buf) < self.batch and self.nc.is_connected \
-                    and time.monotonic() >= self.lost_until:
+            next_at = max(self.lost_until, self.ask_after)
+            if not self.open and len(self.buf) < self.batch and self.nc.is_connected and time.monotonic() >= next_at:
                 await self._ask()
             if self.buf:
                 return self.take_all()
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
-            if not self.open and self.lost_until > time.monotonic():   # then the next request
-                left = min(left, self.lost_until - time.monotonic())
+            if not self.open and next_at > time.monotonic():   # then the next request
+                left = min(left, next_at - time.monotonic())
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(left, self.expires_s + PULL_GRACE_S)):   # not wait_for: see above

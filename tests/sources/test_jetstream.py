@@ -299,6 +299,35 @@ async def test_a_message_over_a_pull_request_s_byte_bound_is_still_read(sluice: 
     assert "consumer [small]" in st.last_error and "(3000)" in st.last_error, st.last_error
 
 
+async def test_a_consumer_with_no_room_for_another_request_is_not_asked_in_a_tight_loop(
+        sluice: Sluice, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer that holds max_waiting pull requests already (here 1, and two members of a queue
+    group) refuses another at once (409 "Exceeded MaxWaiting"): the job asked again at once, ~6,000
+    requests a second, half a core, for as long as the other's waited."""
+    url = nats_server.url
+    await js_stream(url, "W", ["w"])
+
+    async def make(j: Any) -> None:
+        config = {"durable_name": "q", "ack_policy": "explicit", "max_waiting": 1}
+        await j._nc.request("$JS.API.CONSUMER.DURABLE.CREATE.W.q", orjson.dumps({"stream_name": "W", "config": config}))
+    await with_js(url, make)
+    asks, ask = [0], nats_source._Puller._ask
+
+    async def counted(self: nats_source._Puller) -> None:
+        asks[0] += 1
+        await ask(self)
+    monkeypatch.setattr(nats_source._Puller, "_ask", counted)
+    await sluice.typed("t", COLUMNS)
+    for name in ("a", "b"):
+        await sluice.create(name, "nats_jetstream", "t", **js(url, stream="W", queue="q"))
+    await asyncio.sleep(1)
+    before = asks[0]
+    await asyncio.sleep(3)
+    assert asks[0] - before < 100, asks[0] - before
+    await js_publish(url, "w", docs(20))
+    assert sorted(await rows_of(sluice, "t", 20)) == list(range(20))
+
+
 async def test_a_bad_message_is_counted_skipped_and_acknowledged(sluice: Sluice, nats_server: NatsServer) -> None:
     url = nats_server.url
     await js_stream(url, "X", ["x"])

@@ -875,7 +875,8 @@ class JetStreamJob:
             await msgs[-1].ack()
         if self.config.consumer_name is None:
             self.config.position.next_seq = max(m.metadata.sequence.stream for m in msgs) + 1
-        ctx.state.lag = msgs[-1].metadata.num_pending
+        if not ctx.ending:   # a stopped source shows no lag (its batch in hand is acknowledged as it stops)
+            ctx.state.lag = msgs[-1].metadata.num_pending
 
     async def _nak(self, msgs: list[Msg], policy: AckPolicy, delay_ms: int | None) -> None:
         if policy == AckPolicy.NONE:

@@ -678,6 +678,7 @@ async def test_a_stop_during_an_append_slower_than_its_wait_acknowledges_what_it
     await asyncio.wait_for(appending.wait(), 30)
     await sluice.sources.stop_source("default", "j")
     assert sorted(await sluice.column("t")) == list(range(5))    # written, though the stop gave up waiting
+    assert sluice.state("j").status == "stopped" and sluice.state("j").lag is None   # no lag shown when stopped
     monkeypatch.setattr(sluice.broker, "append_rows", real)
     await sluice.sources.start_source("default", "j")
     await eventually(lambda: sluice.state("j").status == "running")

@@ -246,7 +246,7 @@ def test_bad_definitions_are_refused_with_invalid_argument_naming_the_property(c
         ("stream_generator", stream, {"template": "weather"}, "template"),
         ("stream_generator", stream, {"template": "iot", "interval": "soon"}, "interval"),
         ("stream_generator", stream, {"template": "iot", "intreval": "1s"}, "intreval"),
-        ("stream_generator", stream, {}, "properties"),
+        ("stream_generator", stream, {}, "template"),   # empty: the type names what it needs
         ("stream_generator", new_name("missing"), {"template": "iot"}, "stream"),
         ("stream_generator", "", {"template": "iot"}, "stream"),
     ]

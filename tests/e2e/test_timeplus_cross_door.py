@@ -210,17 +210,24 @@ def test_a_time_reads_the_same_whether_ingested_or_put_by_dis(env, dis):
     (broker/rows/encode.py); the same object put through DIS read as NULL in that column (and, for
     _tp_time, as the append time): the query's parse knew neither offsets, `HH:MM` nor numbers. The
     same value must read the same through either door."""
+    ingested = _times_both_ways(env, dis, TIMES)
+    assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]
+
+
+def _times_both_ways(env, dis, times: list[str]) -> dict[int, list[str]]:
+    """Each time ingested and the same object put through DIS, into datetime64, datetime and
+    _tp_time columns; asserts both doors' rows read the same, and returns them by position."""
     name = new_name()
     stream = create_stream(env, name, [("i", "int32"), ("t", "datetime64(3)"), ("s", "datetime")])
-    objects = [{"i": i, "t": v, "s": v, TP_TIME: v} for i, v in enumerate(TIMES)]
+    objects = [{"i": i, "t": v, "s": v, TP_TIME: v} for i, v in enumerate(times)]
     stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
     dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
     rows = bounded(env, f"select i, t, s, {TP_TIME} from table({name})").rows
     ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
     put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
-    assert len(ingested) == len(put) == len(TIMES)
+    assert len(ingested) == len(put) == len(times)
     assert put == ingested
-    assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]
+    return ingested
 
 
 HOUR_OFFSET_TIMES = ["2024-05-01 12:00:00+05", "2024-05-01T12:00:00.250-03", "2024-05-01 12:00+05",
@@ -231,16 +238,7 @@ def test_a_time_with_an_hour_offset_or_a_dated_offset_reads_the_same_through_dis
     """An offset of hours only (`+05`, as PostgreSQL writes a timestamptz) and a date with an offset
     are taken by ingest; the same object put through DIS read NULL in a time column (and, for
     _tp_time, the append time): the query's parse knew only `+HH:MM` / `+HHMM` after a time."""
-    name = new_name()
-    stream = create_stream(env, name, [("i", "int32"), ("t", "datetime64(3)"), ("s", "datetime")])
-    objects = [{"i": i, "t": v, "s": v, TP_TIME: v} for i, v in enumerate(HOUR_OFFSET_TIMES)]
-    stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
-    dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
-    rows = bounded(env, f"select i, t, s, {TP_TIME} from table({name})").rows
-    ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
-    put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
-    assert len(ingested) == len(put) == len(HOUR_OFFSET_TIMES)
-    assert put == ingested
+    ingested = _times_both_ways(env, dis, HOUR_OFFSET_TIMES)
     assert ingested[0] == ["2024-05-01 07:00:00.000", "2024-05-01 07:00:00", "2024-05-01 07:00:00.000"]
     assert ingested[3] == ["2024-04-30 19:00:00.000", "2024-04-30 19:00:00", "2024-04-30 19:00:00.000"]
 

@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import nats
 import nats.js.errors
@@ -631,15 +631,7 @@ async def test_a_stop_holding_everything_gives_it_back_after_its_request_ended(s
         await stop(self, *args, **kwargs)
     monkeypatch.setattr(nats_source._Puller, "stop", watched)
     url = nats_server.url
-    await js_stream(url, "H", ["h"])
-    await sluice.typed("t", COLUMNS)
-    await js_publish(url, "h", docs(5))
-    hang, write = asyncio.Event(), Sink.write
-
-    async def hung(self: Sink, payloads: Any) -> int:
-        await hang.wait()
-        return await write(self, payloads)
-    monkeypatch.setattr(Sink, "write", hung)
+    write = await _five_messages_and_writes_that_hang(sluice, url, monkeypatch)
     await sluice.create("j", "nats_jetstream", "t", **js(url, subject="h", durable="d", ack_wait="10m"))
 
     async def all_delivered() -> bool:
@@ -694,17 +686,8 @@ async def test_a_stopped_source_shows_stopped_whatever_its_server_does_while_the
     its open request): the server going away and coming back meanwhile made nats-py's callbacks
     set the status again - failed ("disconnected ... reconnecting"), then running - so a stopped
     source showed failed or running, for good."""
-    from broker.sources.sink import Sink
     url = nats_server.url
-    await js_stream(url, "H", ["h"])
-    await sluice.typed("t", COLUMNS)
-    await js_publish(url, "h", docs(5))
-    hang, write = asyncio.Event(), Sink.write
-
-    async def hung(self: Sink, payloads: Any) -> int:
-        await hang.wait()
-        return await write(self, payloads)
-    monkeypatch.setattr(Sink, "write", hung)
+    await _five_messages_and_writes_that_hang(sluice, url, monkeypatch)
     await sluice.create("j", "nats_jetstream", "t", **js(url, subject="h", durable="d"))
     await eventually(lambda: sluice.state("j").messages_in == 0 and sluice.state("j").status == "running")
     await asyncio.sleep(0.5)   # the batch is in hand, its append hung
@@ -993,3 +976,20 @@ def test_a_broker_crash_loses_nothing_and_duplicates_are_bounded(start_broker: A
     assert sorted(r[0] for r in rows) == sorted(seen)                # the query sees the same rows
     info = asyncio.run(consumer_info(url, "CRASH", "sluice"))
     assert info.num_pending == 0
+
+
+async def _five_messages_and_writes_that_hang(sluice: Sluice, url: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """JetStream stream H (subject h) holding 5 messages, a typed stream t, and every Sink.write
+    hung for good; returns the real Sink.write (to set back)."""
+    from broker.sources.sink import Sink
+    await js_stream(url, "H", ["h"])
+    await sluice.typed("t", COLUMNS)
+    await js_publish(url, "h", docs(5))
+    write = Sink.write
+
+    async def hung(self: Sink, payloads: Any) -> int:
+        await asyncio.Event().wait()
+        return await write(self, payloads)
+    monkeypatch.setattr(Sink, "write", hung)
+    return write

@@ -218,14 +218,22 @@ def _times_both_ways(env, dis, times: list[str]) -> dict[int, list[str]]:
     """Each time ingested and the same object put through DIS, into datetime64, datetime and
     _tp_time columns; asserts both doors' rows read the same, and returns them by position."""
     name = new_name()
-    stream = create_stream(env, name, [("i", "int32"), ("t", "datetime64(3)"), ("s", "datetime")])
     objects = [{"i": i, "t": v, "s": v, TP_TIME: v} for i, v in enumerate(times)]
+    return _both_ways(env, dis, name, [("i", "int32"), ("t", "datetime64(3)"), ("s", "datetime")], objects,
+                      f"select i, t, s, {TP_TIME} from table({name})")
+
+
+def _both_ways(env, dis, name: str, columns: list[tuple[str, str]], objects: list[dict], sql: str) -> dict:
+    """`objects` (each with a small int `i`) ingested into a new stream `name` and put through DIS
+    with i + 100; `sql` selects i first. Asserts both doors' rows read the same; returns the
+    ingested ones by i."""
+    stream = create_stream(env, name, columns)
     stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
     dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
-    rows = bounded(env, f"select i, t, s, {TP_TIME} from table({name})").rows
+    rows = bounded(env, sql).rows
     ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
     put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
-    assert len(ingested) == len(put) == len(times)
+    assert len(ingested) == len(put) == len(objects)
     assert put == ingested
     return ingested
 
@@ -250,17 +258,11 @@ def test_a_datetime_column_put_through_dis_holds_whole_seconds_as_ingest_stores_
     false, GROUP BY s made a group per millisecond under one shown time, to_datetime64(s) showed
     .999."""
     name = new_name()
-    stream = create_stream(env, name, [("i", "int32"), ("s", "datetime")])
     objects = [{"i": 0, "s": "2024-05-01 12:00:00.999"}, {"i": 1, "s": "2024-05-01T12:00:00.5+00:00"},
                {"i": 2, "s": 1714564800.7}, {"i": 3, "s": 1714564800250}]
-    stream.ingest(payload="\n".join(json.dumps(o) for o in objects), format="streaming")
-    dis_put(dis, name, [json.dumps({**o, "i": o["i"] + 100}).encode() for o in objects])
-    rows = bounded(env, f"select i, s, to_datetime64(s), s = '2024-05-01 12:00:00' from table({name})").rows
-    ingested = {r[0]: r[1:] for r in rows if r[0] < 100}
-    put = {r[0] - 100: r[1:] for r in rows if r[0] >= 100}
-    assert len(ingested) == len(put) == len(objects)
+    ingested = _both_ways(env, dis, name, [("i", "int32"), ("s", "datetime")], objects,
+                          f"select i, s, to_datetime64(s), s = '2024-05-01 12:00:00' from table({name})")
     assert all(v == ["2024-05-01 12:00:00", "2024-05-01 12:00:00.000", True] for v in ingested.values()), ingested
-    assert put == ingested
     groups = bounded(env, f"select s, count(*), count_distinct(s) from table({name}) group by s").rows
     assert groups == [["2024-05-01 12:00:00", 8, 1]]
 

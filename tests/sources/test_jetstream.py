@@ -237,13 +237,8 @@ async def test_a_consumer_s_own_pull_request_limits_are_kept(sluice: Sluice, nat
     await js_stream(url, "L", ["l"])
     limits = {"b": {"max_batch": 10}, "y": {"max_bytes": 100_000}, "e": {"max_expires": 1_000_000_000}}
 
-    async def make(j: Any) -> None:
-        for name, limit in limits.items():   # through the API itself: nats-py's ConsumerConfig has no such fields
-            config = {"durable_name": name, "ack_policy": "explicit", "deliver_policy": "all", **limit}
-            reply = await j._nc.request(f"$JS.API.CONSUMER.DURABLE.CREATE.L.{name}",
-                                        orjson.dumps({"stream_name": "L", "config": config}))
-            assert b'"error"' not in reply.data, reply.data
-    await with_js(url, make)
+    for name, limit in limits.items():
+        await raw_consumer(url, "L", name, **limit)
     await js_publish(url, "l", docs(50))
     for name in limits:
         await sluice.typed(f"t{name}", COLUMNS)
@@ -262,11 +257,7 @@ async def test_a_pull_request_the_consumer_refuses_fails_the_source_with_the_rea
     monkeypatch.setattr(nats_source, "_pull_limits", unknown)
     url = nats_server.url
     await js_stream(url, "L", ["l"])
-
-    async def make(j: Any) -> None:
-        config = {"durable_name": "b", "ack_policy": "explicit", "max_batch": 10}
-        await j._nc.request("$JS.API.CONSUMER.DURABLE.CREATE.L.b", orjson.dumps({"stream_name": "L", "config": config}))
-    await with_js(url, make)
+    await raw_consumer(url, "L", "b", max_batch=10)
     await sluice.typed("t", COLUMNS)
     await sluice.create("j", "nats_jetstream", "t", **js(url, stream="L", durable="b", bind=True))
     st = await eventually(lambda: "Exceeded MaxRequestBatch" in sluice.state("j").last_error and sluice.state("j"))
@@ -289,11 +280,7 @@ async def test_a_message_over_a_pull_request_s_byte_bound_is_still_read(sluice: 
     await settled(sluice, url, "BIG", "d")
 
     # bigger than a consumer's own max_bytes: it cannot be pulled, and the status says so
-    async def make(j: Any) -> None:
-        config = {"durable_name": "small", "ack_policy": "explicit", "max_bytes": 3000}
-        await j._nc.request("$JS.API.CONSUMER.DURABLE.CREATE.BIG.small",
-                            orjson.dumps({"stream_name": "BIG", "config": config}))
-    await with_js(url, make)
+    await raw_consumer(url, "BIG", "small", max_bytes=3000)
     await sluice.create("s", "nats_jetstream", "t", **js(url, stream="BIG", durable="small", bind=True))
     st = await eventually(lambda: "bigger than its max_bytes" in sluice.state("s").last_error and sluice.state("s"))
     assert "consumer [small]" in st.last_error and "(3000)" in st.last_error, st.last_error
@@ -306,11 +293,7 @@ async def test_a_consumer_with_no_room_for_another_request_is_not_asked_in_a_tig
     requests a second, half a core, for as long as the other's waited."""
     url = nats_server.url
     await js_stream(url, "W", ["w"])
-
-    async def make(j: Any) -> None:
-        config = {"durable_name": "q", "ack_policy": "explicit", "max_waiting": 1}
-        await j._nc.request("$JS.API.CONSUMER.DURABLE.CREATE.W.q", orjson.dumps({"stream_name": "W", "config": config}))
-    await with_js(url, make)
+    await raw_consumer(url, "W", "q", max_waiting=1)
     asks, ask = [0], nats_source._Puller._ask
 
     async def counted(self: nats_source._Puller) -> None:
@@ -993,3 +976,14 @@ async def _five_messages_and_writes_that_hang(sluice: Sluice, url: str,
         return await write(self, payloads)
     monkeypatch.setattr(Sink, "write", hung)
     return write
+
+
+async def raw_consumer(url: str, stream: str, durable: str, **limits: int) -> None:
+    """A durable consumer with explicit acks and server-side `limits` (max_batch, max_bytes,
+    max_waiting, ...: nats-py's ConsumerConfig leaves some out), made by the raw API request."""
+    async def make(j: Any) -> None:
+        config = {"durable_name": durable, "ack_policy": "explicit", **limits}
+        reply = await j._nc.request(f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+                                    orjson.dumps({"stream_name": stream, "config": config}))
+        assert b'"error"' not in reply.data, reply.data
+    await with_js(url, make)

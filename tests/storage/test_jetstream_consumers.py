@@ -159,7 +159,9 @@ async def test_a_heartbeat_landing_after_another_brokers_delete_holds_nothing_of
                 await a.create_app("app")
             return await real_cas(key, expected, new)
         monkeypatch.setattr(store_b, "meta_cas", delete_first)
-        await b.heartbeat("app", "s", "m1", held=[0, 1, 2, 3])
+        # another lease: the state written differs even within the first heartbeat's millisecond
+        # (an unchanged state is not written, and the delete would never have fired)
+        await b.heartbeat("app", "s", "m1", held=[0, 1, 2, 3], lease_ms=20_000)
         assert fired
         monkeypatch.setattr(store_b, "meta_cas", real_cas)
 

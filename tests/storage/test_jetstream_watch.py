@@ -217,7 +217,9 @@ async def test_after_a_reconnect_the_store_reads_everything_again_and_is_notifie
         await eventually(lambda: events.changed == [config])
         await asyncio.to_thread(server.stop)
         await asyncio.to_thread(server.start)
-        await eventually(lambda: b.resyncs == 1 and a._nc.is_connected, timeout=20)
+        # at least once: a's hint after its own reconnect ("notifications may have been lost") can
+        # make b read again after its first re-read has ended (a loaded machine spreads them out)
+        await eventually(lambda: b.resyncs >= 1 and a._nc.is_connected, timeout=20)
         assert (config.stream_id, 0) in events.calls[-1]    # every reader woken to re-read
         (first,) = await a.append([AppendBatch(config.stream_id, 0, 7, [(None, b"after")])])
         assert first == 0

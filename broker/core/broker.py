@@ -112,7 +112,8 @@ class Broker:
         lease_clock = monotonic_ms if local and clock_ms is wall_clock_ms else clock_ms
         if leases is None:
             leases = StoreLeases(store) if store.capabilities.shared \
-                else LocalLeases(store, wall_ms=clock_ms, grace_cap_ms=clock_ms() + 2 * limits.max_lease_ms)
+                else LocalLeases(store, wall_ms=clock_ms, grace_cap_ms=clock_ms() + 2 * limits.max_lease_ms,
+                                 started_ms=lease_clock())
         self.groups = ConsumerGroups(self.catalogue, self.consumers, leases, limits, lease_clock)
         self._shared = store.capabilities.shared
         self._gone: set[int] = set()   # stream ids of cursors the store does not have (deleted)

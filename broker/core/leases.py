@@ -17,8 +17,11 @@ answers with the partitions it may work on now, leased until now + lease_ms. Rul
   run out (the group's `grace`) a partition nobody claimed is not granted - else the first member
   to heartbeat would be given partitions another live member is still working on. That moment is
   the latest expiry the table granted, which the members' leases decide (1 s to 5 min, each its
-  own), so LocalLeases keeps it in the store ahead of every grant (`horizon`, below); a group
-  with no horizon stored, or one in the past, had no live lease and waits for nothing.
+  own), so LocalLeases keeps it in the store ahead of every grant (`horizon`, below). A group that
+  had members before (a horizon stored) also waits one lease of the calling member after the
+  start, even when every lease ran out while the broker was down: its members come back within it
+  and re-claim what they hold, so they get the balance they had, not whatever the first to return
+  was given alone. A group with no horizon stored never had a member and waits for nothing.
 
 Where the table lives is behind the `Leases` interface below:
 * LocalLeases: in one broker's memory, for a store only this broker serves - leases are only
@@ -51,11 +54,15 @@ class _Group:
 class LeaseTable:
     def __init__(self) -> None:
         self._groups: dict[tuple[str, int], _Group] = {}
-        # group -> wall ms until which a partition nobody claimed is not granted (the restart grace)
-        self._grace: dict[tuple[str, int], int] = {}
+        # group -> (ms until which a partition nobody claimed is not granted, the start of the table
+        # or None): the restart grace, on the heartbeats' clock
+        self._grace: dict[tuple[str, int], tuple[int, int | None]] = {}
 
-    def set_grace(self, app: str, stream_id: int, until_ms: int) -> None:
-        self._grace[(app, stream_id)] = until_ms
+    def set_grace(self, app: str, stream_id: int, until_ms: int, started_ms: int | None = None) -> None:
+        """No partition nobody claims is granted before `until_ms`, nor, with `started_ms`, before one
+        of the calling member's leases after it: the group's members had time to come back and
+        re-claim what they hold, so the balance they get is the one they had."""
+        self._grace[(app, stream_id)] = (until_ms, started_ms)
 
     def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
                   lease_ms: int, now: int, active: int | None = None,
@@ -82,7 +89,8 @@ class LeaseTable:
             if 0 <= p < partition_count and group.owners.get(p, (member,))[0] == member:
                 group.owners[p] = (member, now + lease_ms)
         target = self._target(group, partition_count, partition_count if active is None else active, expired)
-        recovering = now < self._grace.get((app, stream_id), 0)
+        until, started = self._grace.get((app, stream_id), (0, None))
+        recovering = now < until or (started is not None and now < started + lease_ms)
         mine = []
         for p in range(partition_count):
             current = group.owners.get(p)
@@ -199,7 +207,7 @@ class LocalLeases(Leases):
     restarted on the store reads it at a group's first heartbeat as that group's restart grace."""
 
     def __init__(self, store: Store | None = None, wall_ms: Callable[[], int] | None = None,
-                 grace_cap_ms: int | None = None) -> None:
+                 grace_cap_ms: int | None = None, started_ms: int | None = None) -> None:
         self.table = LeaseTable()
         self._store = store
         self._wall = wall_ms
@@ -208,6 +216,7 @@ class LocalLeases(Leases):
         # would stretch it
         self._cap = grace_cap_ms
         self._horizons: dict[tuple[str, int], int] = {}   # loaded groups: the horizon stored
+        self._started = started_ms   # the broker's start on the lease clock (None: its first heartbeat)
         self._writing = asyncio.Lock()   # horizon writes in order: a later one never stored under an earlier
 
     async def heartbeat(self, app: str, stream_id: int, partition_count: int, member: str, held: set[int],
@@ -216,6 +225,8 @@ class LocalLeases(Leases):
         if self._store is None:
             return self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active, expired)
         group = (app, stream_id)
+        if self._started is None:
+            self._started = now
         if group not in self._horizons:
             raw = await self._store.meta_get(horizon_key(app, stream_id))
             if group not in self._horizons:   # not loaded by a heartbeat that ran during the read
@@ -223,7 +234,8 @@ class LocalLeases(Leases):
                 self._horizons[group] = stored
                 until = stored if self._cap is None else min(stored, self._cap)
                 wall = self._wall() if self._wall else now
-                self.table.set_grace(app, stream_id, now + until - wall)   # on the lease clock
+                # a group that had members before: they get a lease to come back, as well
+                self.table.set_grace(app, stream_id, now + until - wall, self._started if stored else None)
         mine = self.table.heartbeat(app, stream_id, partition_count, member, held, lease_ms, now, active, expired)
         wall = self._wall() if self._wall else now
         if wall + lease_ms > self._horizons[group]:

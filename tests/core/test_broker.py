@@ -697,9 +697,11 @@ async def test_after_a_restart_no_partition_a_longer_lease_may_still_cover_is_gr
         await store.close()
 
 
-async def test_after_a_restart_a_group_with_no_live_lease_is_served_at_once(db_path: str, clock: FakeClock) -> None:
-    """No grace to wait where no lease from before the restart can still run: a group that never
-    had a member, and one whose leases ran out while the broker was down."""
+async def test_after_a_restart_a_new_group_is_served_at_once_and_an_old_one_after_a_lease(
+        db_path: str, clock: FakeClock) -> None:
+    """A group that never had a member waits for nothing. One that had members, whose leases all
+    ran out while the broker was down, waits one lease of the caller: its members come back within
+    it and get the balance they had, not whatever the first to return was given alone."""
     b, store = await _reopened(db_path, clock)
     try:
         await b.create_stream("s", 2)
@@ -713,7 +715,12 @@ async def test_after_a_restart_a_group_with_no_live_lease_is_served_at_once(db_p
     b, store = await _reopened(db_path, clock)
     try:
         assert (await b.heartbeat("new", "s", "first", lease_ms=10 * SECOND))[0] == [0, 1]
-        assert (await b.heartbeat("old", "s", "other", lease_ms=10 * SECOND))[0] == [0, 1]
+        assert (await b.heartbeat("old", "s", "b", lease_ms=10 * SECOND))[0] == []
+        clock.advance(3 * SECOND)
+        assert (await b.heartbeat("old", "s", "a", lease_ms=10 * SECOND))[0] == []
+        clock.advance(7 * SECOND)   # a lease after the start: both back, each its share
+        assert (await b.heartbeat("old", "s", "a", lease_ms=10 * SECOND))[0] == [0]
+        assert (await b.heartbeat("old", "s", "b", lease_ms=10 * SECOND))[0] == [1]
     finally:
         await b.close()
         await store.close()

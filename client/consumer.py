@@ -394,10 +394,12 @@ class PartitionConsumer(_ConsumerState):
             self._pages = queue.Queue(maxsize=1)
             self._sub = self._client.subscription(self.stream, self.partition, kind, starting_seq=seq,
                                                   timestamp_ms=ts, max_records=self.batch)
-            self._reader = threading.Thread(target=self._read_subscription,
-                                            args=(self._sub, self._pages, self._reader_stop),
-                                            name=f"sluice-push-{self.stream}-{self.partition}", daemon=True)
-            self._reader.start()
+            reader = threading.Thread(target=self._read_subscription, args=(self._sub, self._pages, self._reader_stop),
+                                      name=f"sluice-push-{self.stream}-{self.partition}", daemon=True)
+            reader.start()
+            # started before it is seen: close() in another thread joins it, and a join of a thread
+            # not started yet raises
+            self._reader = reader
         try:
             item = self._pages.get(timeout=wait_ms / 1000)
         except queue.Empty:

@@ -6,6 +6,7 @@ precedence and spread, per-record failures, delete/recreate, draining on close, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import Counter
 from pathlib import Path
@@ -658,11 +659,17 @@ async def test_a_deleted_apps_group_leases_go_with_it(db_path: str, clock: FakeC
         await store.close()
 
 
-async def _reopened(db_path: str, clock: FakeClock) -> tuple[Broker, RocksStore]:
+@contextlib.asynccontextmanager
+async def _reopened(db_path: str, clock: FakeClock) -> AsyncIterator[Broker]:
+    """A broker (re)started on the store at `db_path`, closed with it after."""
     store = RocksStore(db_path)
     b = Broker(store, cursor_secret=SECRET, clock_ms=clock)
     await b.start()
-    return b, store
+    try:
+        yield b
+    finally:
+        await b.close()
+        await store.close()
 
 
 async def test_after_a_restart_no_partition_a_longer_lease_may_still_cover_is_granted(
@@ -671,17 +678,12 @@ async def test_after_a_restart_no_partition_a_longer_lease_may_still_cover_is_gr
     partitions; the broker restarts. A member with a 1 s lease must not be given them once its own
     lease has passed since the start: the first member may work on them for up to 60 s more, and
     re-claims them with its next heartbeat (the grace was the calling member's lease)."""
-    b, store = await _reopened(db_path, clock)
-    try:
+    async with _reopened(db_path, clock) as b:
         await b.create_stream("s", 2)
         await b.create_app("app")
         assert (await b.heartbeat("app", "s", "long", lease_ms=60 * SECOND))[0] == [0, 1]
-    finally:
-        await b.close()
-        await store.close()
     clock.advance(2 * SECOND)
-    b, store = await _reopened(db_path, clock)
-    try:
+    async with _reopened(db_path, clock) as b:
         for _ in range(10):   # every 1.5 s: a heartbeat each third of its lease would be closer
             assert (await b.heartbeat("app", "s", "short", lease_ms=SECOND))[0] == []
             clock.advance(1500)
@@ -692,9 +694,6 @@ async def test_after_a_restart_no_partition_a_longer_lease_may_still_cover_is_gr
         assert (await b.heartbeat("app", "s", "long", [0, 1], lease_ms=60 * SECOND))[0] == [0]
         assert (await b.heartbeat("app", "s", "long", [0], lease_ms=60 * SECOND))[0] == [0]
         assert (await b.heartbeat("app", "s", "short", lease_ms=SECOND))[0] == [1]
-    finally:
-        await b.close()
-        await store.close()
 
 
 async def test_after_a_restart_a_new_group_is_served_at_once_and_an_old_one_after_a_lease(
@@ -702,18 +701,13 @@ async def test_after_a_restart_a_new_group_is_served_at_once_and_an_old_one_afte
     """A group that never had a member waits for nothing. One that had members, whose leases all
     ran out while the broker was down, waits one lease of the caller: its members come back within
     it and get the balance they had, not whatever the first to return was given alone."""
-    b, store = await _reopened(db_path, clock)
-    try:
+    async with _reopened(db_path, clock) as b:
         await b.create_stream("s", 2)
         await b.create_app("old")
         await b.create_app("new")
         assert (await b.heartbeat("old", "s", "m", lease_ms=10 * SECOND))[0] == [0, 1]
-    finally:
-        await b.close()
-        await store.close()
     clock.advance(MINUTE)   # down for longer than the old group's horizon (two of its leases)
-    b, store = await _reopened(db_path, clock)
-    try:
+    async with _reopened(db_path, clock) as b:
         assert (await b.heartbeat("new", "s", "first", lease_ms=10 * SECOND))[0] == [0, 1]
         assert (await b.heartbeat("old", "s", "b", lease_ms=10 * SECOND))[0] == []
         clock.advance(3 * SECOND)
@@ -721,30 +715,19 @@ async def test_after_a_restart_a_new_group_is_served_at_once_and_an_old_one_afte
         clock.advance(7 * SECOND)   # a lease after the start: both back, each its share
         assert (await b.heartbeat("old", "s", "a", lease_ms=10 * SECOND))[0] == [0]
         assert (await b.heartbeat("old", "s", "b", lease_ms=10 * SECOND))[0] == [1]
-    finally:
-        await b.close()
-        await store.close()
 
 
 async def test_a_clock_set_back_at_a_restart_holds_partitions_no_longer_than_two_of_the_longest_leases(
         db_path: str, clock: FakeClock) -> None:
-    b, store = await _reopened(db_path, clock)
-    try:
+    async with _reopened(db_path, clock) as b:
         await b.create_stream("s", 1)
         await b.create_app("app")
         assert (await b.heartbeat("app", "s", "m", lease_ms=5 * MINUTE))[0] == [0]
-    finally:
-        await b.close()
-        await store.close()
     clock.advance(-HOUR)   # the horizon stored is an hour and ten minutes away on the new clock
-    b, store = await _reopened(db_path, clock)
-    try:
+    async with _reopened(db_path, clock) as b:
         assert (await b.heartbeat("app", "s", "other", lease_ms=5 * MINUTE))[0] == []
         clock.advance(10 * MINUTE)
         assert (await b.heartbeat("app", "s", "other", lease_ms=5 * MINUTE))[0] == [0]
-    finally:
-        await b.close()
-        await store.close()
 
 
 async def test_the_restart_grace_is_stored_about_once_a_lease_and_goes_with_its_stream_and_app(

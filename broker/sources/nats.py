@@ -75,7 +75,7 @@ sequence, so it would also cover messages that another member sharing the consum
 source that crashed, had pulled and not appended yet (the server redelivers those only after
 `ack_wait`, while newer ones flow at once): that would lose them. Explicit acks cost ~8% of the
 rows/s (`bench/run.py sources --ack-policy both`). With an existing consumer its policy is followed:
-`all` acks each batch's last message (so the caveat above is the consumer owner's choice), `none`
+`all` acks each batch's highest stream sequence (so the caveat above is the consumer owner's choice), `none`
 acks nothing (at-most-once). `nak_delay` [ours for JetStream] is the redelivery delay of a batch
 whose append failed; `prefetch_count` [ours] bounds the pull batch. Lag: the consumer's pending
 count (`num_pending`) from each batch's last message, and from the consumer's info at most every
@@ -871,8 +871,10 @@ class JetStreamJob:
         if policy == AckPolicy.EXPLICIT:
             for m in msgs:
                 await m.ack()
-        elif policy == AckPolicy.ALL:   # covers the lower sequences: the batch, in stream order
-            await msgs[-1].ack()
+        elif policy == AckPolicy.ALL:
+            # covers every lower stream sequence: the batch's highest, wherever it is (a message
+            # redelivered while the batch was pulled can come after newer ones)
+            await max(msgs, key=_stream_seq).ack()
         if self.config.consumer_name is None:
             self.config.position.next_seq = max(m.metadata.sequence.stream for m in msgs) + 1
         if not ctx.ending:   # a stopped source shows no lag (its batch in hand is acknowledged as it stops)
@@ -885,6 +887,10 @@ class JetStreamJob:
         for m in msgs:
             with contextlib.suppress(nats.errors.Error):
                 await m.nak(delay=delay)
+
+
+def _stream_seq(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)
 
 
 async def _pull_limits(nc: NATS, stream: str, consumer: str) -> tuple[int, int, float]:

@@ -27,6 +27,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from broker.errors import BrokerError, ErrorCode
 from broker.sources import nats as nats_source
+from broker.sources.base import Backoff, JobContext
+from broker.sources.model import SourceState
+from broker.sources.props import Props
 from sources.conftest import (
     NatsServer,
     Sluice,
@@ -196,6 +199,31 @@ async def test_bind_to_an_existing_consumer_and_to_a_missing_one(sluice: Sluice,
     await add("later", AckPolicy.EXPLICIT)          # the manager keeps retrying: it attaches once it exists
     assert sorted(await rows_of(sluice, "u", 4)) == [0, 1, 2, 3]
     assert sluice.state("missing").status == "running"
+
+
+async def test_an_ack_all_consumer_s_batch_is_acknowledged_up_to_its_highest_sequence(
+        nats_server: NatsServer) -> None:
+    """With an existing AckPolicy.ALL consumer one ack covers every lower stream sequence, so the
+    batch's highest one is acknowledged, wherever it is in the batch: a redelivered message last
+    (one whose ack_wait ran out while the batch was pulled) acked only up to itself, and the newer
+    messages before it came back after ack_wait, written twice."""
+    url = nats_server.url
+    await js_stream(url, "AA", ["aa"])
+    await js_publish(url, "aa", docs(3))
+    await with_js(url, lambda j: j.add_consumer("AA", ConsumerConfig(durable_name="all", ack_policy=AckPolicy.ALL)))
+    props = Props({"url": url, "stream": "AA", "durable": "all", "bind": "true", "data_type": "json"})
+    job = nats_source.JetStreamJob(nats_source.configure_jetstream(props))
+    ctx = JobContext(sink=None, state=SourceState(), backoff=Backoff())  # type: ignore[arg-type]
+    nc = await nats.connect(url)
+    try:
+        msgs = await (await nc.jetstream().pull_subscribe_bind("all", "AA")).fetch(3, timeout=10)
+        assert [m.metadata.sequence.stream for m in msgs] == [1, 2, 3]
+        await job._ack(ctx, [msgs[1], msgs[2], msgs[0]], AckPolicy.ALL)
+        await nc.flush()
+    finally:
+        await nc.close()
+    info = await consumer_info(url, "AA", "all")
+    assert info.ack_floor.stream_seq == 3 and info.num_ack_pending == 0, info
 
 
 async def test_a_queue_group_shares_one_durable_consumer(sluice: Sluice, nats_server: NatsServer) -> None:

@@ -121,6 +121,13 @@ class StreamConfig:
         until retention, never written again unless a later scale-up makes them ACTIVE again)."""
         return max([self.partition_count, *(e.src_partition_count for e in self.scale_events)])
 
+    def held_partition_count(self, now_ms: int) -> int:
+        """What the stream holds against its project's partition quota: the ACTIVE partitions and
+        those closed within the retention window (EXPIRED ones hold nothing; they stay readable as
+        empty until the next scale event forgets them)."""
+        recent = (e.src_partition_count for e in self.scale_events if now_ms - e.timestamp_ms < self.retention_ms)
+        return max(self.partition_count, *recent, 0)
+
     def is_active(self, partition: int) -> bool:
         return 0 <= partition < self.partition_count
 

@@ -421,7 +421,7 @@ class StreamCatalogue:
             config = self.get(project, stream_name)
             if target == config.partition_count:
                 return config, config
-            self._check_project_partitions(project, target - config.readable_partition_count)
+            self._check_project_partitions(project, target - config.held_partition_count(self._now()))
             sid = config.stream_id
             done = self._scaling[sid] = asyncio.Event()
             try:
@@ -448,7 +448,8 @@ class StreamCatalogue:
         """QUOTA_EXCEEDED when `more` readable partitions would take the project past its quota."""
         if more <= 0:
             return
-        held = sum(c.readable_partition_count for c in self._by_id.values() if c.project == project)
+        now = self._now()
+        held = sum(c.held_partition_count(now) for c in self._by_id.values() if c.project == project)
         quota = self._limits.max_project_partitions
         if held + more > quota:
             raise client_error(ErrorCode.QUOTA_EXCEEDED, detail=f"project [{project}] holds {held} partitions; "

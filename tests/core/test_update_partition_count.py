@@ -266,7 +266,9 @@ async def test_consumer_state_gives_each_partition_its_status_as_describe_does()
 
 
 async def test_a_projects_partitions_have_a_quota_deleted_ones_counted_until_retention() -> None:
-    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, limits=Limits(max_project_partitions=10))
+    clock = [1_000_000]
+    broker = Broker(MemoryStore(), cursor_secret=b"s" * 32, limits=Limits(max_project_partitions=10),
+                    clock_ms=lambda: clock[0])
     await broker.start()
     try:
         await broker.create_stream("a", 6)
@@ -282,6 +284,11 @@ async def test_a_projects_partitions_have_a_quota_deleted_ones_counted_until_ret
         await broker.update_partition_count("b", 4)   # made ACTIVE again: no more readable ones
         await broker.delete_stream("b")
         await broker.create_stream("c", 4)
+        await broker.update_partition_count("c", 2)   # a-6, c-2 + 2 closed: 10
+        with pytest.raises(BrokerError):
+            await broker.create_stream("d", 1)
+        clock[0] += 24 * 3_600_000   # the retention window later: c's closed partitions are EXPIRED, held by none
+        await broker.create_stream("d", 2)
     finally:
         await broker.close()
 

@@ -306,15 +306,16 @@ async def _serve(settings: Settings, stop: asyncio.Event, on_ready: Callable[[Ru
     tsdb_address = f" tsdb={settings.host}:{tsdb_port}" if tsdb_port is not None else ""
     if metrics_port is not None:
         tsdb_address += f" metrics={settings.host}:{metrics_port}"
-    log.info("sluice ready grpc=%s:%d http=%s:%d%s%s auth=%s data_dir=%s store=%s", settings.host, grpc_port,
-             settings.host, http_port, tsdb_address, " tls=on" if tls else "", "on" if auth.enabled else "off",
-             settings.data_dir, settings.store)
     if not auth.enabled:
         log.warning("no --auth-file: every door is open to anyone")
         if allowed_hosts is None and not settings.allowed_hosts.strip():   # not loopback, no names, no *
             log.warning("--host %s is not a loopback address and --allowed-hosts names no host: a web page can "
                         "reach this open broker through its visitors' browsers by a name it makes resolve to it "
                         "(DNS rebinding); list the names it is reached by", settings.host)
+    # the last line of the startup log (launcher.BrokerProcess.startup_log waits for it)
+    log.info("sluice ready grpc=%s:%d http=%s:%d%s%s auth=%s data_dir=%s store=%s", settings.host, grpc_port,
+             settings.host, http_port, tsdb_address, " tls=on" if tls else "", "on" if auth.enabled else "off",
+             settings.data_dir, settings.store)
     malloc.settle_gc()   # started: what is loaded by now stays
     if on_ready:
         on_ready(running)

@@ -74,6 +74,7 @@ class BrokerProcess:
         self.tls = False                    # with --tls-cert: the doors speak TLS (https://)
         self.stderr_lines: list[str] = []
         self._stderr_reader: threading.Thread | None = None
+        self._startup_logged = threading.Event()   # the stderr reader has read the logged ready line (or EOF)
         self.pass_fds: tuple[int, ...] = ()   # descriptors the broker inherits (sluice-cluster's dir lock)
 
     def start(self, timeout: float = 30.0) -> BrokerProcess:
@@ -113,6 +114,18 @@ class BrokerProcess:
         assert self.proc and self.proc.stderr
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
+            if "sluice ready" in line:
+                self._startup_logged.set()
+        self._startup_logged.set()
+
+    def startup_log(self, timeout: float = 30.0) -> list[str]:
+        """The log up to the broker's logged ready line, its last line of startup (at INFO): the
+        broker writes it before the ready line on stdout that start() waits for, but stderr is
+        read by another thread, so stderr_lines may not hold it yet when start() returns."""
+        self._startup_logged.wait(timeout)
+        lines = list(self.stderr_lines)
+        ready = next((i for i, line in enumerate(lines) if "sluice ready" in line), len(lines) - 1)
+        return lines[:ready + 1]
 
     @property
     def http_url(self) -> str:

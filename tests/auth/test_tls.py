@@ -73,7 +73,7 @@ def alive(broker: BrokerProcess, certs: Certs) -> None:
 
 def test_ready_line_says_tls_and_the_launcher_uses_https(tls_broker: BrokerProcess) -> None:
     assert tls_broker.tls and tls_broker.http_url.startswith("https://")
-    assert any("sluice ready" in line and " tls=on" in line for line in tls_broker.stderr_lines)
+    assert " tls=on" in tls_broker.startup_log()[-1]
 
 
 # -- our client ------------------------------------------------------------------------------------

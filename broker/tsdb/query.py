@@ -64,7 +64,8 @@ Semantics, as OpenTSDB 2.x has them unless said otherwise:
   of series with an actual value at the timestamp (OpenTSDB counts every series between its first
   and last point). With a fill policy every series has every bucket, so nothing is interpolated.
 * Output per group: `metric`, `tags` (pairs every series of the group has alike; OpenTSDB also
-  keeps a pair some series lack), `aggregateTags` (the other keys of its series, sorted), `dps`
+  keeps a pair some series lack), `aggregateTags` (the other keys of its series, sorted), with
+  `showQuery` (GET `show_query`) `query` (the sub-query as given plus its `index`), `dps`
   (keys seconds, or milliseconds with `msResolution`/`ms`; in seconds a second holding several
   points shows the last). Groups come sorted by their tag values; `none`: one per series, sorted
   by series key. A group or series with no point in the scan is absent.
@@ -190,6 +191,7 @@ class Query:
     end_ms: int
     ms_resolution: bool
     subs: tuple[SubQuery, ...]
+    show_query: bool = False   # each output carries its sub-query as given, with its index
 
 
 def _time(value: object, where: str, now_ms: int, tz: Callable[[], dt.tzinfo]) -> int:
@@ -392,7 +394,7 @@ def parse_body(body: object, now_ms: int) -> Query:
         raise _bad("queries", f"at most {MAX_SUBQUERIES} sub-queries, got {len(queries)}")
     subs = tuple(_sub_query(q, i) for i, q in enumerate(queries))
     ms = _flag(body, "msResolution") or _flag(body, "ms")
-    return Query(start, end, ms, subs)
+    return Query(start, end, ms, subs, _flag(body, "showQuery"))
 
 
 # -- GET /api/query and /api/suggest ------------------------------------------------------------
@@ -499,8 +501,9 @@ def _m_rate_options(spec: str, where: str) -> dict[str, Any]:
 
 def body_from_params(params: Any) -> dict[str, Any]:
     """GET /api/query parameters -> the POST body run_query takes: `start`, `end`, `tz`, `m`
-    (repeatable), and the valueless flags `ms`/`msResolution` (present means true). Raises
-    ClientError naming `m` for a sub-query it cannot read; the rest is checked by run_query."""
+    (repeatable), and the valueless flags `ms`/`msResolution` and `show_query` (present means
+    true). Raises ClientError naming `m` for a sub-query it cannot read; the rest is checked by
+    run_query."""
     body: dict[str, Any] = {}
     for key, name in (("start", "start"), ("end", "end"), ("tz", "timezone"), ("timezone", "timezone")):
         value = _one(params, key)
@@ -508,6 +511,8 @@ def body_from_params(params: Any) -> dict[str, Any]:
             body[name] = value
     if _all(params, "ms") or _all(params, "msResolution"):
         body["msResolution"] = True
+    if _all(params, "show_query") or _all(params, "showQuery"):
+        body["showQuery"] = True
     ms = _all(params, "m")
     if not ms:
         if _all(params, "tsuid"):
@@ -1047,5 +1052,10 @@ async def run_query(broker: Broker, registry: SeriesRegistry | None, config: Str
     budget = _Budget()
     out: list[dict[str, Any]] = []
     for sub in q.subs:
-        out += await _run_sub(broker, registry, config, q, sub, budget)
+        outputs = await _run_sub(broker, registry, config, q, sub, budget)
+        if q.show_query:   # OpenTSDB's showQuery: how a client maps outputs to its sub-queries
+            shown = {**body["queries"][sub.index], "index": sub.index}
+            for o in outputs:
+                o["query"] = shown
+        out += outputs
     return out

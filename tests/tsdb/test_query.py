@@ -890,6 +890,23 @@ async def test_get_and_post_answer_alike(env: Env) -> None:
     assert len(await env.query(get)) == 2
 
 
+async def test_show_query_gives_each_output_its_sub_query_and_index(env: Env) -> None:
+    """OpenTSDB 2.x `showQuery` (GET: `show_query`): every output carries the sub-query it answers,
+    with its `index` in the request - how a client of several sub-queries maps the outputs back to
+    them (Grafana's OpenTSDB data source at version 2.3 asks for it and reads `query.index` of each
+    output). It was ignored: no output had a `query`."""
+    await put_abc(env)
+    by_host, by_dc = sub("sum", tags={"host": "*"}), sub("max", tags={"dc": "x"})
+    got = await env.query(body(by_host, by_dc, showQuery=True))
+    assert [(o["query"]["index"], o["tags"].get("host", o["tags"]["dc"])) for o in got] == \
+        [(0, "a"), (0, "b"), (0, "c"), (1, "x")]
+    assert got[0]["query"] == {**by_host, "index": 0} and got[3]["query"] == {**by_dc, "index": 1}
+    assert all("query" not in o for o in await env.query(body(by_host, by_dc)))
+    get = query.body_from_params(MultiDict([("start", str(S)), ("m", "sum:cpu{host=*}"), ("m", "max:cpu{dc=x}"),
+                                            ("show_query", "")]))
+    assert [o["query"]["index"] for o in await env.query(get)] == [0, 0, 0, 1]
+
+
 # -- suggest --------------------------------------------------------------------------------------
 
 async def test_suggest(env: Env) -> None:

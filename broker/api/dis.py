@@ -9,6 +9,7 @@ Note the mixed parameter naming is DIS's own: cursors use hyphens (`stream-name`
 from __future__ import annotations
 
 import binascii
+import re
 import time
 from typing import Any
 
@@ -381,5 +382,17 @@ def build_app(broker: Broker, config: HttpConfig, auth: Auth | None = None) -> w
     older DIS clients append one. With `auth` (enabled), every verb needs a signed request."""
     app = door_app(broker, config, DIS)
     guard = signature_guard(auth) if auth is not None and auth.enabled else None
-    add_routes(app, [(m, p + tail, h, a) for m, p, h, a in ROUTES for tail in ("", "/")], guard)
+    add_routes(app, [(m, _any_segment(p + tail), h, a) for m, p, h, a in ROUTES for tail in ("", "/")], guard)
     return app
+
+
+_VARIABLE = re.compile(r"\{(\w+)\}")
+
+
+def _any_segment(path: str) -> str:
+    """`path` with each `{name}` matching any one segment. aiohttp's own pattern for a variable
+    refuses `{` and `}`, so the official SDK built without a project id, which sends the literal
+    `/v2/%7Bproject_id%7D/streams` (spec section 8), matched no route and was told
+    "Unsupported operation"; now the core's check of the project (or stream, or app) says what
+    is wrong with it."""
+    return _VARIABLE.sub(r"{\1:[^/]+}", path)

@@ -491,6 +491,19 @@ def test_unknown_route_and_wrong_method(broker, method, path, status):
     assert method in body["error_msg"]
 
 
+def test_a_path_segment_with_braces_reaches_its_route(broker):
+    """The official SDK built without a project id sends the literal `/v2/%7Bproject_id%7D/...`
+    (spec section 8): that is a request for a verb the door has, with a project id that is no
+    project id, not an "Unsupported operation" 404. Likewise a stream or app name with braces."""
+    body = assert_dis_error(call(broker, "GET", "/v2/%7Bproject_id%7D/streams"), 400, "DIS.4200")
+    assert "project" in body["error_msg"] and "{project_id}" in body["error_msg"], body
+    assert_dis_error(call(broker, "POST", "/v2/%7Bproject_id%7D/records", {"stream_name": "s", "records": []}),
+                     400, "DIS.4200")
+    body = assert_dis_error(call(broker, "GET", f"/v2/{PID}/streams/%7Bstream_name%7D"), 400, "DIS.4301")
+    assert "{stream_name}" in body["error_msg"], body
+    assert_dis_error(call(broker, "DELETE", f"/v2/{PID}/apps/%7Bapp%7D"), 400, "DIS.4200")
+
+
 def test_trailing_slash_routes(broker, stream_name):
     base = f"/v2/{PID}"
     reply = call(broker, "POST", f"{base}/streams/", {"stream_name": stream_name, "partition_count": 2})

@@ -876,7 +876,7 @@ class JetStreamJob:
             # redelivered while the batch was pulled can come after newer ones)
             await max(msgs, key=_stream_seq).ack()
         if self.config.consumer_name is None:
-            self.config.position.next_seq = max(m.metadata.sequence.stream for m in msgs) + 1
+            self.config.position.next_seq = max(map(_stream_seq, msgs)) + 1
         if not ctx.ending:   # a stopped source shows no lag (its batch in hand is acknowledged as it stops)
             ctx.state.lag = msgs[-1].metadata.num_pending
 
